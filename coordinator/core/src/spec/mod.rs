@@ -1,0 +1,295 @@
+//! Job specs: the TOML a user writes (DESIGN §3), parsed and validated into typed structs.
+//!
+//! ```text
+//!   job.toml ──toml──▶ RawJobSpec ──validate()──▶ JobSpec ──serde──▶ canonical TOML / JSON
+//!            (unknown fields refused)   (defaults filled, every range checked, all errors at once)
+//! ```
+//!
+//! A `JobSpec` is always valid: the only way to get one from outside is [`JobSpec::from_toml_str`]
+//! or [`JobSpec::validated`], and its canonical TOML (`to_toml`) parses back to the same value.
+//! The limits below are the contract; each error names the field, the value and the range.
+
+mod raw;
+pub mod uri;
+mod validate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use uri::{DataUri, SyntheticKind, SyntheticSpec, UriError};
+
+/// Longest spec file accepted, in bytes. A spec is a few hundred bytes; this bounds parsing work
+/// on input that arrives over the API.
+pub const SPEC_LEN_MAX_BYTES: usize = 64 * 1024;
+/// Job and model names: 1 to this many characters (they become object-store prefixes and
+/// cloud tags, whose values are limited to 63 characters on some providers).
+pub const NAME_LEN_MAX: usize = 63;
+/// Priorities lie in `-PRIORITY_ABS_MAX ..= PRIORITY_ABS_MAX`; higher runs first.
+pub const PRIORITY_ABS_MAX: i64 = 1000;
+/// Hidden layers of an MLP at most.
+pub const MLP_LAYERS_MAX: usize = 16;
+/// Units in one hidden layer at most.
+pub const MLP_WIDTH_MAX: i64 = 65_536;
+/// Convolution blocks of a CNN at most (each halves the image; 28 px allows 4).
+pub const CNN_BLOCKS_MAX: usize = 4;
+/// Channels in one convolution block at most.
+pub const CNN_CHANNELS_MAX: i64 = 1024;
+/// Largest validation fraction: at least 10% of the data must remain for training.
+pub const VALIDATION_FRACTION_MAX: f64 = 0.9;
+pub const EPOCHS_MAX: i64 = 100_000;
+pub const STEPS_MAX: i64 = 1_000_000_000;
+/// Per-worker batch size at most.
+pub const BATCH_SIZE_MAX: i64 = 65_536;
+/// Learning rates lie in (0, LEARNING_RATE_MAX].
+pub const LEARNING_RATE_MAX: f64 = 10.0;
+/// Workers in one gang at most.
+pub const WORKERS_MAX: i64 = 1024;
+/// GPUs per worker at most (the largest instances carry 8, some 16).
+pub const GPUS_PER_WORKER_MAX: i64 = 16;
+/// Instance types one job may list at most.
+pub const INSTANCE_TYPES_MAX: usize = 32;
+/// Price cap per instance at most, USD per hour (the largest GPU instances cost ~100 $/h).
+pub const PRICE_USD_PER_HOUR_MAX: f64 = 1_000.0;
+/// Budget of one job at most, USD.
+pub const BUDGET_USD_MAX: f64 = 10_000_000.0;
+pub const MAX_FAILURES_MAX: i64 = 1_000;
+pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
+/// Checkpoints kept at most.
+pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
+
+/// A validated job spec, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub name: String,
+    /// Higher runs first; FIFO within one priority.
+    pub priority: i32,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub workers: WorkersSpec,
+    pub capacity: CapacitySpec,
+    pub checkpoint: CheckpointSpec,
+    pub output: OutputSpec,
+}
+
+/// The architecture to train, chosen by `model.kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ModelSpec {
+    /// A multi-layer perceptron with ReLU between the `hidden` layers.
+    Mlp { hidden: Vec<u32> },
+    /// A small convolutional net for 28x28 (or 8x8) single-channel images: one 3x3
+    /// conv + ReLU + 2x2 max-pool block per entry of `channels`, then a linear classifier.
+    Cnn { channels: Vec<u32> },
+}
+
+impl ModelSpec {
+    pub const KINDS: [&'static str; 2] = ["mlp", "cnn"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSpec::Mlp { .. } => "mlp",
+            ModelSpec::Cnn { .. } => "cnn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// One sample per line: the label, then the features. Optionally gzip-compressed.
+    Csv,
+    /// MNIST's IDX files (an images file; labels in the sibling `*labels*` file).
+    Idx,
+    /// Generated from `synthetic:` parameters.
+    Synthetic,
+}
+
+impl DataFormat {
+    pub const NAMES: [&'static str; 3] = ["csv", "idx", "synthetic"];
+}
+
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataFormat::Csv => "csv",
+            DataFormat::Idx => "idx",
+            DataFormat::Synthetic => "synthetic",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSpec {
+    pub train: DataUri,
+    /// A separate validation set; when absent, `validation_fraction` of `train` is held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<DataUri>,
+    pub format: DataFormat,
+    /// Fraction of `train` held out for validation (0 when `validation` is set).
+    pub validation_fraction: f64,
+}
+
+/// How long to train: whole passes over the training split, or optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainLength {
+    Epochs(u32),
+    Steps(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "optimizer", rename_all = "lowercase")]
+pub enum OptimizerSpec {
+    Sgd { momentum: f64 },
+    Adam,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    #[serde(flatten)]
+    pub length: TrainLength,
+    /// Samples per worker per step; the global batch is `batch_size x world size`.
+    pub batch_size: u32,
+    #[serde(flatten)]
+    pub optimizer: OptimizerSpec,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Seeds weight initialisation and the data order (a pure function of seed and epoch).
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkersSpec {
+    /// The job runs only when this many workers are assigned together (gang scheduling).
+    pub min: u32,
+    /// With `max > min` the job is elastic: it grows up to `max` when capacity allows.
+    pub max: u32,
+    /// GPUs per worker; 0 trains on CPUs.
+    pub gpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapacitySpec {
+    pub spot: bool,
+    /// When spot capacity is refused, buy on-demand instead of waiting.
+    pub on_demand_fallback: bool,
+    /// Allowed instance types; empty means the provider's defaults.
+    pub instance_types: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_price_usd_per_hour: Option<f64>,
+    /// The job stops, checkpointed, before it would spend more than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_usd: Option<f64>,
+    /// Failures without progress before the job is marked Failed (preemptions never count).
+    pub max_failures: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointSpec {
+    pub every_steps: u64,
+    /// Newest verified checkpoints kept; the newest one is never deleted.
+    pub keep: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Model-registry name the finished model is published under (default: the job name).
+    pub register_as: String,
+}
+
+/// One problem with one field. `field` is the dotted path as written in TOML (`workers.min`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    /// Not TOML, an unknown field, or a value of the wrong type. The message carries the line.
+    #[error("job spec is not valid TOML for this format: {0}")]
+    Syntax(String),
+    /// Well-formed, but values are missing or out of range. Every problem found is listed.
+    #[error("job spec is invalid:\n{}", list(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n")
+}
+
+impl SpecError {
+    /// The fields this error is about (empty for syntax errors).
+    pub fn fields(&self) -> Vec<&str> {
+        match self {
+            SpecError::Syntax(_) => Vec::new(),
+            SpecError::Invalid(errors) => errors.iter().map(|e| e.field.as_str()).collect(),
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a TOML spec. Relative data paths stay relative; see
+    /// [`JobSpec::resolve_relative_paths`].
+    pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
+        if text.len() > SPEC_LEN_MAX_BYTES {
+            return Err(SpecError::Invalid(vec![FieldError {
+                field: "(file)".into(),
+                message: format!("is {} bytes; a spec may have at most {SPEC_LEN_MAX_BYTES}", text.len()),
+            }]));
+        }
+        let raw: raw::RawJobSpec = toml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
+        validate::validate(raw)
+    }
+
+    /// Re-checks a spec that arrived from elsewhere (the API, a snapshot) by sending it
+    /// through the same validator as a file.
+    pub fn validated(self) -> Result<JobSpec, SpecError> {
+        let text = self.to_toml();
+        JobSpec::from_toml_str(&text)
+    }
+
+    /// The canonical TOML form: every default written out, fields in a fixed order.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobSpec holds only TOML-representable values")
+    }
+
+    /// Makes every relative data path absolute under `base_dir` (the spec file's folder).
+    pub fn resolve_relative_paths(&mut self, base_dir: &str) {
+        self.data.train = self.data.train.resolve_relative(base_dir);
+        if let Some(validation) = &self.data.validation {
+            self.data.validation = Some(validation.resolve_relative(base_dir));
+        }
+    }
+
+    /// Data URIs that are still relative paths (a coordinator refuses such a spec: it cannot
+    /// know what they were relative to).
+    pub fn unresolved_paths(&self) -> Vec<FieldError> {
+        let mut out = Vec::new();
+        let uris = [("data.train", Some(&self.data.train)), ("data.validation", self.data.validation.as_ref())];
+        for (field, uri) in uris {
+            if let Some(uri) = uri.filter(|u| !u.is_resolved()) {
+                out.push(FieldError {
+                    field: field.into(),
+                    message: format!(
+                        "`{uri}` is a relative path, which only the CLI can resolve; submit with \
+                         `flotilla submit` or use an absolute path, file://, s3:// or synthetic:"
+                    ),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

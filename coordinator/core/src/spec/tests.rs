@@ -1,0 +1,369 @@
+//! Table and property tests of the spec validator: every rejected case names its field.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+name = "t"
+model = { kind = "mlp" }
+data = { train = "data/x.csv" }
+workers = { min = 1 }
+"#;
+
+/// The DESIGN §3 example, verbatim apart from the data path.
+const FULL: &str = r#"
+name = "mnist-mlp"
+priority = 0
+
+[model]
+kind = "mlp"
+hidden = [256, 128]
+
+[data]
+train = "data/mnist_5k.csv.gz"
+format = "csv"
+validation_fraction = 0.2
+
+[train]
+epochs = 3
+batch_size = 64
+optimizer = "adam"
+learning_rate = 0.001
+seed = 42
+
+[workers]
+min = 2
+max = 2
+gpus = 0
+
+[capacity]
+spot = true
+instance_types = ["g5.xlarge", "g4dn.xlarge"]
+max_price_usd_per_hour = 1.5
+budget_usd = 50.0
+max_failures = 3
+
+[checkpoint]
+every_steps = 100
+keep = 3
+
+[output]
+register_as = "mnist-mlp"
+"#;
+
+/// `MINIMAL` with one line replaced or added: `(table, key = value)`.
+fn with(line: &str) -> String {
+    format!("{MINIMAL}\n{line}\n")
+}
+
+fn invalid_fields(text: &str) -> Vec<String> {
+    match JobSpec::from_toml_str(text) {
+        Ok(spec) => panic!("accepted but should not be:\n{text}\n=> {spec:?}"),
+        Err(e) => e.fields().into_iter().map(str::to_string).collect(),
+    }
+}
+
+#[test]
+fn the_design_example_parses_with_its_values() {
+    let spec = JobSpec::from_toml_str(FULL).expect("the DESIGN example is valid");
+    assert_eq!(spec.name, "mnist-mlp");
+    assert_eq!(spec.model, ModelSpec::Mlp { hidden: vec![256, 128] });
+    assert_eq!(spec.data.format, DataFormat::Csv);
+    assert_eq!(spec.train.length, TrainLength::Epochs(3));
+    assert_eq!(spec.workers, WorkersSpec { min: 2, max: 2, gpus: 0 });
+    assert_eq!(spec.capacity.instance_types, ["g5.xlarge", "g4dn.xlarge"]);
+    assert_eq!(spec.capacity.budget_usd, Some(50.0));
+    assert_eq!(spec.checkpoint, CheckpointSpec { every_steps: 100, keep: 3 });
+}
+
+#[test]
+fn defaults_are_filled_in() {
+    let spec = JobSpec::from_toml_str(MINIMAL).expect("minimal spec is valid");
+    assert_eq!(spec.priority, 0);
+    assert_eq!(spec.model, ModelSpec::Mlp { hidden: vec![256, 128] });
+    assert_eq!(spec.data.validation_fraction, 0.2);
+    assert_eq!(spec.train.length, TrainLength::Epochs(1));
+    assert_eq!(spec.train.batch_size, 64);
+    assert_eq!(spec.train.optimizer, OptimizerSpec::Adam);
+    assert_eq!(spec.train.learning_rate, 0.001);
+    assert_eq!(spec.workers, WorkersSpec { min: 1, max: 1, gpus: 0 });
+    assert!(spec.capacity.spot && spec.capacity.on_demand_fallback);
+    assert_eq!(spec.capacity.max_failures, 3);
+    assert_eq!(spec.output.register_as, "t");
+    let sgd = JobSpec::from_toml_str(&with("[train]\noptimizer = \"sgd\"")).expect("sgd");
+    assert_eq!(sgd.train.optimizer, OptimizerSpec::Sgd { momentum: 0.9 });
+    assert_eq!(sgd.train.learning_rate, 0.01);
+    let cnn = JobSpec::from_toml_str(&MINIMAL.replace("kind = \"mlp\"", "kind = \"cnn\"")).expect("cnn");
+    assert_eq!(cnn.model, ModelSpec::Cnn { channels: vec![16, 32] });
+}
+
+#[test]
+fn canonical_toml_parses_back_to_the_same_spec() {
+    for text in [MINIMAL, FULL] {
+        let spec = JobSpec::from_toml_str(text).expect("valid");
+        let again = JobSpec::from_toml_str(&spec.to_toml()).expect("canonical form is valid");
+        assert_eq!(spec, again, "canonical:\n{}", spec.to_toml());
+        let json = serde_json::to_string(&spec).expect("json");
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).expect("json back"), spec);
+    }
+}
+
+/// Every rejected case from the foundation issue, and the field its error must name.
+#[test]
+fn every_rejected_case_names_its_field() {
+    let cases: &[(&str, String, &[&str])] = &[
+        ("min > max", with("workers = { min = 4, max = 2 }").replace("workers = { min = 1 }\n", ""), &["workers.min"]),
+        ("batch size 0", with("[train]\nbatch_size = 0"), &["train.batch_size"]),
+        ("batch size negative", with("[train]\nbatch_size = -8"), &["train.batch_size"]),
+        ("batch size too big", with("[train]\nbatch_size = 65537"), &["train.batch_size"]),
+        ("negative price", with("[capacity]\nmax_price_usd_per_hour = -1.0"), &["capacity.max_price_usd_per_hour"]),
+        ("zero price", with("[capacity]\nmax_price_usd_per_hour = 0.0"), &["capacity.max_price_usd_per_hour"]),
+        ("nan price", with("[capacity]\nmax_price_usd_per_hour = nan"), &["capacity.max_price_usd_per_hour"]),
+        ("negative budget", with("[capacity]\nbudget_usd = -5.0"), &["capacity.budget_usd"]),
+        ("infinite budget", with("[capacity]\nbudget_usd = inf"), &["capacity.budget_usd"]),
+        ("unknown model", MINIMAL.replace("\"mlp\"", "\"resnet\""), &["model.kind"]),
+        ("bad scheme gs", MINIMAL.replace("data/x.csv", "gs://b/x.csv"), &["data.train"]),
+        ("bad scheme http", MINIMAL.replace("data/x.csv", "https://x/y.csv"), &["data.train"]),
+        ("relative file uri", MINIMAL.replace("data/x.csv", "file://x.csv"), &["data.train"]),
+        ("unknown synthetic", MINIMAL.replace("data/x.csv", "synthetic:spiral"), &["data.train"]),
+        ("empty name", MINIMAL.replace("name = \"t\"", "name = \"\""), &["name"]),
+        ("name with space", MINIMAL.replace("name = \"t\"", "name = \"my job\""), &["name"]),
+        ("name too long", MINIMAL.replace("name = \"t\"", &format!("name = \"{}\"", "a".repeat(64))), &["name"]),
+        ("missing name", MINIMAL.replace("name = \"t\"", ""), &["name"]),
+        ("missing model", MINIMAL.replace("model = { kind = \"mlp\" }", ""), &["model"]),
+        ("missing model kind", MINIMAL.replace("{ kind = \"mlp\" }", "{ hidden = [4] }"), &["model.kind"]),
+        ("missing data", MINIMAL.replace("data = { train = \"data/x.csv\" }", ""), &["data"]),
+        ("missing data.train", MINIMAL.replace("train = \"data/x.csv\"", "format = \"csv\""), &["data.train"]),
+        ("missing workers", MINIMAL.replace("workers = { min = 1 }", ""), &["workers"]),
+        ("workers.min 0", MINIMAL.replace("min = 1", "min = 0"), &["workers.min"]),
+        ("workers.max too big", MINIMAL.replace("min = 1", "min = 1, max = 5000"), &["workers.max"]),
+        ("gpus negative", MINIMAL.replace("min = 1", "min = 1, gpus = -1"), &["workers.gpus"]),
+        ("priority out of range", with("priority = 5000"), &["priority"]),
+        ("hidden empty", MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", hidden = [] }"), &["model.hidden"]),
+        (
+            "hidden zero width",
+            MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", hidden = [8, 0] }"),
+            &["model.hidden[1]"],
+        ),
+        (
+            "channels on mlp",
+            MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", channels = [8] }"),
+            &["model.channels"],
+        ),
+        ("hidden on cnn", MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"cnn\", hidden = [8] }"), &["model.hidden"]),
+        (
+            "too many cnn blocks",
+            MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"cnn\", channels = [1,2,3,4,5] }"),
+            &["model.channels"],
+        ),
+        (
+            "unknown format",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"data/x.csv\", format = \"parquet\""),
+            &["data.format"],
+        ),
+        ("format not inferable", MINIMAL.replace("data/x.csv", "data/x.bin"), &["data.format"]),
+        (
+            "synthetic format on a file",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"data/x.csv\", format = \"synthetic\""),
+            &["data.format"],
+        ),
+        (
+            "csv format on synthetic",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"synthetic:blobs\", format = \"csv\""),
+            &["data.format"],
+        ),
+        (
+            "validation fraction 1",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"data/x.csv\", validation_fraction = 1.0"),
+            &["data.validation_fraction"],
+        ),
+        (
+            "validation fraction negative",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"data/x.csv\", validation_fraction = -0.1"),
+            &["data.validation_fraction"],
+        ),
+        (
+            "validation set and fraction",
+            MINIMAL.replace(
+                "train = \"data/x.csv\"",
+                "train = \"a.csv\", validation = \"b.csv\", validation_fraction = 0.2",
+            ),
+            &["data.validation_fraction"],
+        ),
+        (
+            "validation of another format",
+            MINIMAL.replace("train = \"data/x.csv\"", "train = \"a.csv\", validation = \"synthetic:blobs\""),
+            &["data.validation"],
+        ),
+        ("epochs and steps", with("[train]\nepochs = 1\nsteps = 10"), &["train.epochs"]),
+        ("epochs 0", with("[train]\nepochs = 0"), &["train.epochs"]),
+        ("steps 0", with("[train]\nsteps = 0"), &["train.steps"]),
+        ("unknown optimizer", with("[train]\noptimizer = \"lion\""), &["train.optimizer"]),
+        ("learning rate 0", with("[train]\nlearning_rate = 0.0"), &["train.learning_rate"]),
+        ("learning rate huge", with("[train]\nlearning_rate = 11.0"), &["train.learning_rate"]),
+        ("momentum with adam", with("[train]\nmomentum = 0.9"), &["train.momentum"]),
+        ("momentum 1", with("[train]\noptimizer = \"sgd\"\nmomentum = 1.0"), &["train.momentum"]),
+        ("negative seed", with("[train]\nseed = -1"), &["train.seed"]),
+        ("bad instance type", with("[capacity]\ninstance_types = [\"G5 XL\"]"), &["capacity.instance_types[0]"]),
+        (
+            "duplicate instance type",
+            with("[capacity]\ninstance_types = [\"g5.xlarge\", \"g5.xlarge\"]"),
+            &["capacity.instance_types"],
+        ),
+        ("negative max_failures", with("[capacity]\nmax_failures = -1"), &["capacity.max_failures"]),
+        ("checkpoint every 0", with("[checkpoint]\nevery_steps = 0"), &["checkpoint.every_steps"]),
+        ("checkpoint keep 0", with("[checkpoint]\nkeep = 0"), &["checkpoint.keep"]),
+        ("bad register_as", with("[output]\nregister_as = \"a/b\""), &["output.register_as"]),
+    ];
+    for (what, text, expected) in cases {
+        let fields = invalid_fields(text);
+        for field in *expected {
+            assert!(fields.iter().any(|f| f == field), "{what}: expected an error on {field}, got {fields:?}");
+        }
+        let message = JobSpec::from_toml_str(text).expect_err(what).to_string();
+        assert!(message.contains(expected[0]), "{what}: message does not name the field: {message}");
+    }
+}
+
+#[test]
+fn the_min_max_message_names_both_fields_and_the_fix() {
+    let text = MINIMAL.replace("workers = { min = 1 }", "workers = { min = 4, max = 2 }");
+    let message = JobSpec::from_toml_str(&text).expect_err("min > max").to_string();
+    assert!(message.contains("workers.min") && message.contains("workers.max"), "{message}");
+    assert!(message.contains('4') && message.contains('2'), "{message}");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = r#"
+        name = "bad name"
+        model = { kind = "transformer" }
+        data = { train = "ftp://x/y" }
+        workers = { min = 0 }
+        train = { batch_size = 0 }
+    "#;
+    let fields = invalid_fields(text);
+    for field in ["name", "model.kind", "data.train", "workers.min", "train.batch_size"] {
+        assert!(fields.iter().any(|f| f == field), "missing {field} in {fields:?}");
+    }
+}
+
+#[test]
+fn syntax_errors_and_unknown_fields_are_refused_with_the_line() {
+    let cases = [
+        ("unknown top-level field", with("colour = \"red\""), "colour"),
+        ("unknown nested field", MINIMAL.replace("min = 1", "min = 1, minimum = 2"), "minimum"),
+        ("misspelled table", with("[trian]\nepochs = 1"), "trian"),
+        ("wrong type", with("[train]\nbatch_size = \"big\""), "batch_size"),
+        ("not toml", "name = ".to_string(), "line 1"),
+    ];
+    for (what, text, needle) in cases {
+        match JobSpec::from_toml_str(&text) {
+            Err(SpecError::Syntax(message)) => assert!(message.contains(needle), "{what}: {message}"),
+            other => panic!("{what}: expected a syntax error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn oversized_specs_are_refused_before_parsing() {
+    let text = format!("{MINIMAL}\n#{}\n", "x".repeat(SPEC_LEN_MAX_BYTES));
+    assert_eq!(invalid_fields(&text), ["(file)"]);
+}
+
+#[test]
+fn relative_paths_are_resolved_and_reported() {
+    let mut spec = JobSpec::from_toml_str(MINIMAL).expect("valid");
+    assert_eq!(spec.unresolved_paths().len(), 1);
+    spec.resolve_relative_paths("/srv/jobs");
+    assert_eq!(spec.data.train.to_string(), "file:///srv/jobs/data/x.csv");
+    assert!(spec.unresolved_paths().is_empty());
+    assert_eq!(spec.clone().validated().expect("still valid"), spec);
+}
+
+fn int_field_case() -> impl Strategy<Value = (&'static str, &'static str, i64, i64)> {
+    prop_oneof![
+        Just(("train", "batch_size", 1, BATCH_SIZE_MAX)),
+        Just(("train", "epochs", 1, EPOCHS_MAX)),
+        Just(("train", "seed", 0, i64::MAX)),
+        Just(("checkpoint", "every_steps", 1, CHECKPOINT_EVERY_STEPS_MAX)),
+        Just(("checkpoint", "keep", 1, CHECKPOINT_KEEP_MAX)),
+        Just(("capacity", "max_failures", 0, MAX_FAILURES_MAX)),
+    ]
+}
+
+proptest! {
+    /// Any integer in a bounded field is accepted exactly when it lies in the documented range,
+    /// and a rejection names that field.
+    #[test]
+    fn integer_fields_accept_exactly_their_range(
+        (table, key, min, max) in int_field_case(),
+        value in prop_oneof![any::<i64>(), -10i64..10, (0i64..3).prop_map(|d| BATCH_SIZE_MAX - 1 + d)],
+    ) {
+        let text = with(&format!("[{table}]\n{key} = {value}"));
+        let result = JobSpec::from_toml_str(&text);
+        let field = format!("{table}.{key}");
+        if (min..=max).contains(&value) {
+            prop_assert!(result.is_ok(), "{field} = {value} refused: {result:?}");
+        } else {
+            let err = result.expect_err("out of range");
+            prop_assert_eq!(err.fields(), vec![field.as_str()]);
+        }
+    }
+
+    /// Worker counts: accepted exactly when 1 <= min <= max <= WORKERS_MAX.
+    #[test]
+    fn worker_bounds(min in -2i64..1030, max in -2i64..1030) {
+        let text = MINIMAL.replace("workers = { min = 1 }", &format!("workers = {{ min = {min}, max = {max} }}"));
+        let ok = 1 <= min && min <= max && max <= WORKERS_MAX;
+        let result = JobSpec::from_toml_str(&text);
+        prop_assert_eq!(result.is_ok(), ok, "min={} max={} => {:?}", min, max, result);
+        if let Err(e) = result {
+            prop_assert!(e.fields().iter().all(|f| f.starts_with("workers.")), "{e}");
+        }
+    }
+
+    /// Prices and budgets: accepted exactly when finite and in (0, max].
+    #[test]
+    fn money_fields(price in prop_oneof![any::<f64>(), -2.0f64..2.0, Just(0.0)], budget in prop_oneof![any::<f64>(), -2.0f64..2.0]) {
+        let text = with(&format!("[capacity]\nmax_price_usd_per_hour = {price:?}\nbudget_usd = {budget:?}"));
+        let price_ok = price.is_finite() && price > 0.0 && price <= PRICE_USD_PER_HOUR_MAX;
+        let budget_ok = budget.is_finite() && budget > 0.0 && budget <= BUDGET_USD_MAX;
+        match JobSpec::from_toml_str(&text) {
+            Ok(spec) => {
+                prop_assert!(price_ok && budget_ok);
+                prop_assert_eq!(spec.capacity.max_price_usd_per_hour, Some(price));
+            }
+            Err(e) => {
+                let fields = e.fields();
+                prop_assert_eq!(fields.contains(&"capacity.max_price_usd_per_hour"), !price_ok);
+                prop_assert_eq!(fields.contains(&"capacity.budget_usd"), !budget_ok);
+            }
+        }
+    }
+
+    /// Every valid spec survives its canonical TOML form unchanged.
+    #[test]
+    fn canonical_form_round_trips(
+        hidden in prop::collection::vec(1u32..2048, 1..5),
+        epochs in prop::option::of(1i64..100),
+        lr in 1e-6f64..1.0,
+        sgd in any::<bool>(),
+        min in 1u32..8, extra in 0u32..8,
+        fraction in 0.0f64..0.9,
+        budget in prop::option::of(0.01f64..1e6),
+    ) {
+        let length = epochs.map_or("steps = 500".to_string(), |e| format!("epochs = {e}"));
+        let optimizer = if sgd { "optimizer = \"sgd\"\nmomentum = 0.5" } else { "optimizer = \"adam\"" };
+        let budget = budget.map_or(String::new(), |b| format!("budget_usd = {b:?}"));
+        let text = format!(
+            "name = \"p\"\n[model]\nkind = \"mlp\"\nhidden = {hidden:?}\n[data]\ntrain = \"synthetic:blobs?classes=3\"\n\
+             validation_fraction = {fraction:?}\n[train]\n{length}\n{optimizer}\nlearning_rate = {lr:?}\n\
+             [workers]\nmin = {min}\nmax = {}\n[capacity]\n{budget}\n", min + extra
+        );
+        let spec = JobSpec::from_toml_str(&text).expect("generated spec is valid");
+        let again = JobSpec::from_toml_str(&spec.to_toml()).expect("canonical form is valid");
+        prop_assert_eq!(spec, again);
+    }
+}

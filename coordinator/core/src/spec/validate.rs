@@ -1,0 +1,314 @@
+//! Raw spec -> validated `JobSpec`: defaults, ranges, cross-field rules.
+//!
+//! Every check appends to one list instead of returning early, so a user fixes all problems
+//! in one edit. Messages say the value, the allowed range and, where useful, the fix.
+
+use super::raw::*;
+use super::*;
+
+/// Collects field errors while the spec is built.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(FieldError { field: field.to_string(), message: message.into() });
+    }
+
+    /// An integer in `[min, max]`, or `default` when absent.
+    fn int(&mut self, field: &str, value: Option<i64>, default: i64, min: i64, max: i64) -> i64 {
+        let Some(v) = value else { return default };
+        if (min..=max).contains(&v) {
+            v
+        } else {
+            self.fail(field, format!("{v} is out of range; allowed: {min} to {max}"));
+            default.clamp(min, max)
+        }
+    }
+
+    /// A finite float in `(min, max]` (`min_inclusive` = false) or `[min, max]`.
+    fn float(&mut self, field: &str, value: Option<f64>, default: f64, range: (f64, f64), min_inclusive: bool) -> f64 {
+        let Some(v) = value else { return default };
+        let (min, max) = range;
+        let above_min = if min_inclusive { v >= min } else { v > min };
+        if v.is_finite() && above_min && v <= max {
+            v
+        } else {
+            let open = if min_inclusive { '[' } else { '(' };
+            self.fail(field, format!("{v} is out of range; allowed: {open}{min}, {max}]"));
+            default
+        }
+    }
+
+    fn required<T>(&mut self, field: &str, value: Option<T>, hint: &str) -> Option<T> {
+        if value.is_none() {
+            self.fail(field, format!("is required; {hint}"));
+        }
+        value
+    }
+
+    fn name(&mut self, field: &str, value: &str) {
+        let ok = !value.is_empty()
+            && value.len() <= NAME_LEN_MAX
+            && value.as_bytes()[0].is_ascii_alphanumeric()
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            self.fail(
+                field,
+                format!(
+                    "`{value}` is not a valid name; use 1 to {NAME_LEN_MAX} letters, digits, '-', '_' \
+                     or '.', starting with a letter or digit"
+                ),
+            );
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
+    let mut c = Checker::default();
+    let name = c.required("name", raw.name, "give the job a name, e.g. name = \"mnist-mlp\"");
+    if let Some(name) = &name {
+        c.name("name", name);
+    }
+    let name = name.unwrap_or_default();
+    let priority = c.int("priority", raw.priority, 0, -PRIORITY_ABS_MAX, PRIORITY_ABS_MAX);
+    let model = model(&mut c, raw.model);
+    let data = data(&mut c, raw.data);
+    let train = train(&mut c, raw.train.unwrap_or_default());
+    let workers = workers(&mut c, raw.workers);
+    let capacity = capacity(&mut c, raw.capacity.unwrap_or_default());
+    let checkpoint = checkpoint(&mut c, raw.checkpoint.unwrap_or_default());
+    let output = output(&mut c, raw.output.unwrap_or_default(), &name);
+
+    match (c.errors.is_empty(), model, data, workers) {
+        (true, Some(model), Some(data), Some(workers)) => Ok(JobSpec {
+            name,
+            priority: i32::try_from(priority).expect("priority was range-checked"),
+            model,
+            data,
+            train,
+            workers,
+            capacity,
+            checkpoint,
+            output,
+        }),
+        _ => Err(SpecError::Invalid(c.errors)),
+    }
+}
+
+fn model(c: &mut Checker, raw: Option<RawModel>) -> Option<ModelSpec> {
+    let raw = c.required("model", raw, "add a [model] table with kind = \"mlp\" or \"cnn\"")?;
+    let kind = c.required("model.kind", raw.kind, "one of: mlp, cnn")?;
+    let layers =
+        |c: &mut Checker, field: &str, given: Option<Vec<i64>>, default: &[u32], max_len: usize, max_width: i64| {
+            let Some(values) = given else { return default.to_vec() };
+            if values.is_empty() || values.len() > max_len {
+                c.fail(field, format!("has {} entries; allowed: 1 to {max_len}", values.len()));
+            }
+            let mut out = Vec::with_capacity(values.len());
+            for (i, v) in values.into_iter().enumerate() {
+                if (1..=max_width).contains(&v) {
+                    out.push(u32::try_from(v).expect("width was range-checked"));
+                } else {
+                    c.fail(&format!("{field}[{i}]"), format!("{v} is out of range; allowed: 1 to {max_width}"));
+                }
+            }
+            out
+        };
+    match kind.as_str() {
+        "mlp" => {
+            if raw.channels.is_some() {
+                c.fail("model.channels", "applies only to kind = \"cnn\"; use model.hidden for an mlp");
+            }
+            let hidden = layers(c, "model.hidden", raw.hidden, &[256, 128], MLP_LAYERS_MAX, MLP_WIDTH_MAX);
+            Some(ModelSpec::Mlp { hidden })
+        }
+        "cnn" => {
+            if raw.hidden.is_some() {
+                c.fail("model.hidden", "applies only to kind = \"mlp\"; use model.channels for a cnn");
+            }
+            let channels = layers(c, "model.channels", raw.channels, &[16, 32], CNN_BLOCKS_MAX, CNN_CHANNELS_MAX);
+            Some(ModelSpec::Cnn { channels })
+        }
+        other => {
+            c.fail("model.kind", format!("`{other}` is not a known model; allowed: {}", ModelSpec::KINDS.join(", ")));
+            None
+        }
+    }
+}
+
+fn data(c: &mut Checker, raw: Option<RawData>) -> Option<DataSpec> {
+    let raw = c.required("data", raw, "add a [data] table with train = \"path/to/train.csv\"")?;
+    let train_text = c.required("data.train", raw.train, "a path, file://, s3:// or synthetic: URI")?;
+    let parse = |c: &mut Checker, field: &str, text: &str| match text.parse::<DataUri>() {
+        Ok(uri) => Some(uri),
+        Err(e) => {
+            c.fail(field, e.0);
+            None
+        }
+    };
+    let train = parse(c, "data.train", &train_text);
+    let validation = raw.validation.as_deref().and_then(|t| parse(c, "data.validation", t));
+    let format = match raw.format.as_deref() {
+        Some("csv") => Some(DataFormat::Csv),
+        Some("idx") => Some(DataFormat::Idx),
+        Some("synthetic") => Some(DataFormat::Synthetic),
+        Some(other) => {
+            c.fail(
+                "data.format",
+                format!("`{other}` is not a known format; allowed: {}", DataFormat::NAMES.join(", ")),
+            );
+            None
+        }
+        None => None,
+    };
+    let train = train?;
+    let implied = train.implied_format();
+    let format = match (format, implied) {
+        (Some(given), _) => {
+            let synthetic_uri = implied == Some(DataFormat::Synthetic);
+            if (given == DataFormat::Synthetic) != synthetic_uri {
+                c.fail(
+                    "data.format",
+                    format!("is \"{given}\" but data.train is `{train}`; format = \"synthetic\" goes with synthetic: URIs, and only with them"),
+                );
+            }
+            given
+        }
+        (None, Some(implied)) => implied,
+        (None, None) => {
+            c.fail("data.format", format!("cannot be inferred from `{train}`; set format = \"csv\" or \"idx\""));
+            DataFormat::Csv
+        }
+    };
+    if let Some(v) = &validation {
+        let v_format = v.implied_format();
+        if (v_format == Some(DataFormat::Synthetic)) != (format == DataFormat::Synthetic) {
+            c.fail("data.validation", format!("`{v}` is not of the train data's format ({format})"));
+        }
+    }
+    let fraction_default = if validation.is_some() { 0.0 } else { 0.2 };
+    let validation_fraction = c.float(
+        "data.validation_fraction",
+        raw.validation_fraction,
+        fraction_default,
+        (0.0, VALIDATION_FRACTION_MAX),
+        true,
+    );
+    if validation.is_some() && validation_fraction != 0.0 {
+        c.fail("data.validation_fraction", "must be 0 (or absent) when data.validation names a separate set");
+    }
+    Some(DataSpec { train, validation, format, validation_fraction })
+}
+
+fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
+    let length = match (raw.epochs, raw.steps) {
+        (Some(_), Some(_)) => {
+            c.fail("train.epochs", "and train.steps are mutually exclusive; keep one");
+            TrainLength::Epochs(1)
+        }
+        (None, Some(_)) => TrainLength::Steps(c.int("train.steps", raw.steps, 1, 1, STEPS_MAX) as u64),
+        (epochs, None) => TrainLength::Epochs(c.int("train.epochs", epochs, 1, 1, EPOCHS_MAX) as u32),
+    };
+    let batch_size = c.int("train.batch_size", raw.batch_size, 64, 1, BATCH_SIZE_MAX) as u32;
+    let optimizer = match raw.optimizer.as_deref().unwrap_or("adam") {
+        "adam" => {
+            if raw.momentum.is_some() {
+                c.fail("train.momentum", "applies only to optimizer = \"sgd\" (adam keeps its own moments)");
+            }
+            OptimizerSpec::Adam
+        }
+        "sgd" => OptimizerSpec::Sgd { momentum: c.float("train.momentum", raw.momentum, 0.9, (0.0, 0.999), true) },
+        other => {
+            c.fail("train.optimizer", format!("`{other}` is not a known optimizer; allowed: sgd, adam"));
+            OptimizerSpec::Adam
+        }
+    };
+    let lr_default = match optimizer {
+        OptimizerSpec::Adam => 0.001,
+        OptimizerSpec::Sgd { .. } => 0.01,
+    };
+    TrainSpec {
+        length,
+        batch_size,
+        optimizer,
+        learning_rate: c.float("train.learning_rate", raw.learning_rate, lr_default, (0.0, LEARNING_RATE_MAX), false),
+        weight_decay: c.float("train.weight_decay", raw.weight_decay, 0.0, (0.0, 0.999), true),
+        seed: c.int("train.seed", raw.seed, 42, 0, i64::MAX) as u64,
+    }
+}
+
+fn workers(c: &mut Checker, raw: Option<RawWorkers>) -> Option<WorkersSpec> {
+    let raw = c.required("workers", raw, "add a [workers] table, e.g. workers = { min = 2, max = 2 }")?;
+    let min = c.int("workers.min", raw.min, 1, 1, WORKERS_MAX);
+    let max = c.int("workers.max", raw.max, min, 1, WORKERS_MAX);
+    if min > max {
+        c.fail(
+            "workers.min",
+            format!("{min} is greater than workers.max = {max}; raise workers.max or lower workers.min"),
+        );
+    }
+    let gpus = c.int("workers.gpus", raw.gpus, 0, 0, GPUS_PER_WORKER_MAX);
+    Some(WorkersSpec { min: min as u32, max: max as u32, gpus: gpus as u32 })
+}
+
+fn capacity(c: &mut Checker, raw: RawCapacity) -> CapacitySpec {
+    let instance_types = raw.instance_types.unwrap_or_default();
+    if instance_types.len() > INSTANCE_TYPES_MAX {
+        c.fail(
+            "capacity.instance_types",
+            format!("has {} entries; at most {INSTANCE_TYPES_MAX}", instance_types.len()),
+        );
+    }
+    for (i, t) in instance_types.iter().enumerate() {
+        let ok = (3..=64).contains(&t.len())
+            && t.split_once('.').is_some_and(|(family, size)| !family.is_empty() && !size.is_empty())
+            && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !ok {
+            c.fail(
+                &format!("capacity.instance_types[{i}]"),
+                format!("`{t}` is not an instance type; expected FAMILY.SIZE such as \"g5.xlarge\""),
+            );
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in &instance_types {
+        if !seen.insert(t) {
+            c.fail("capacity.instance_types", format!("lists `{t}` twice"));
+        }
+    }
+    let positive = |c: &mut Checker, field: &str, v: Option<f64>, max: f64| {
+        v.map(|v| c.float(field, Some(v), max, (0.0, max), false))
+    };
+    CapacitySpec {
+        spot: raw.spot.unwrap_or(true),
+        on_demand_fallback: raw.on_demand_fallback.unwrap_or(true),
+        instance_types,
+        max_price_usd_per_hour: positive(
+            c,
+            "capacity.max_price_usd_per_hour",
+            raw.max_price_usd_per_hour,
+            PRICE_USD_PER_HOUR_MAX,
+        ),
+        budget_usd: positive(c, "capacity.budget_usd", raw.budget_usd, BUDGET_USD_MAX),
+        max_failures: c.int("capacity.max_failures", raw.max_failures, 3, 0, MAX_FAILURES_MAX) as u32,
+    }
+}
+
+fn checkpoint(c: &mut Checker, raw: RawCheckpoint) -> CheckpointSpec {
+    CheckpointSpec {
+        every_steps: c.int("checkpoint.every_steps", raw.every_steps, 100, 1, CHECKPOINT_EVERY_STEPS_MAX) as u64,
+        keep: c.int("checkpoint.keep", raw.keep, 3, 1, CHECKPOINT_KEEP_MAX) as u32,
+    }
+}
+
+fn output(c: &mut Checker, raw: RawOutput, job_name: &str) -> OutputSpec {
+    let raw_given = raw.register_as.is_some();
+    let register_as = raw.register_as.unwrap_or_else(|| job_name.to_string());
+    if raw_given || !job_name.is_empty() {
+        c.name("output.register_as", &register_as);
+    }
+    OutputSpec { register_as }
+}

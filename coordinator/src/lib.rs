@@ -1,0 +1,9 @@
+//! flotilla-coordinator: the control plane's I/O shell around `flotilla-core`.
+//!
+//! Will own (DESIGN §2, §6, §8): the raft-rs `RawNode` driver and its redb-backed durable log,
+//! the peer transport, the gRPC services of `flotilla-proto` (jobs, cluster, registry,
+//! inference), the HTTP dashboard and `/metrics`, and the capacity providers (local, ec2, sim).
+//!
+//! Must not own decisions: what to schedule, scale or charge is computed by `flotilla-core`
+//! from inputs; this crate feeds it time, messages and cloud answers and carries out what it
+//! returns. Nothing is implemented here yet; the Raft coordinator issue fills it in.

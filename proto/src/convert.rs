@@ -1,0 +1,191 @@
+//! Conversions between wire messages (`v1::*`) and core types.
+//!
+//! Incoming specs are re-validated by the same validator as `flotilla validate`
+//! ([`JobSpec::validated`]), so the API accepts exactly what a spec file may say, and errors
+//! name the same fields.
+
+use flotilla_core::spec::{
+    CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, ModelSpec, OptimizerSpec,
+    OutputSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
+};
+
+use crate::v1;
+
+pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
+    let model = match &spec.model {
+        ModelSpec::Mlp { hidden } => v1::model_spec::Kind::Mlp(v1::MlpSpec { hidden: hidden.clone() }),
+        ModelSpec::Cnn { channels } => v1::model_spec::Kind::Cnn(v1::CnnSpec { channels: channels.clone() }),
+    };
+    let format = match spec.data.format {
+        DataFormat::Csv => v1::DataFormat::Csv,
+        DataFormat::Idx => v1::DataFormat::Idx,
+        DataFormat::Synthetic => v1::DataFormat::Synthetic,
+    };
+    let length = match spec.train.length {
+        TrainLength::Epochs(n) => v1::train_spec::Length::Epochs(n),
+        TrainLength::Steps(n) => v1::train_spec::Length::Steps(n),
+    };
+    let optimizer = match spec.train.optimizer {
+        OptimizerSpec::Sgd { momentum } => v1::train_spec::Optimizer::Sgd(v1::SgdSpec { momentum }),
+        OptimizerSpec::Adam => v1::train_spec::Optimizer::Adam(v1::AdamSpec {}),
+    };
+    v1::JobSpec {
+        name: spec.name.clone(),
+        priority: spec.priority,
+        model: Some(v1::ModelSpec { kind: Some(model) }),
+        data: Some(v1::DataSpec {
+            train: spec.data.train.to_string(),
+            validation: spec.data.validation.as_ref().map(ToString::to_string),
+            format: format.into(),
+            validation_fraction: spec.data.validation_fraction,
+        }),
+        train: Some(v1::TrainSpec {
+            length: Some(length),
+            batch_size: spec.train.batch_size,
+            optimizer: Some(optimizer),
+            learning_rate: spec.train.learning_rate,
+            weight_decay: spec.train.weight_decay,
+            seed: spec.train.seed,
+        }),
+        workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
+        capacity: Some(v1::CapacitySpec {
+            spot: spec.capacity.spot,
+            on_demand_fallback: spec.capacity.on_demand_fallback,
+            instance_types: spec.capacity.instance_types.clone(),
+            max_price_usd_per_hour: spec.capacity.max_price_usd_per_hour,
+            budget_usd: spec.capacity.budget_usd,
+            max_failures: spec.capacity.max_failures,
+        }),
+        checkpoint: Some(v1::CheckpointSpec { every_steps: spec.checkpoint.every_steps, keep: spec.checkpoint.keep }),
+        output: Some(v1::OutputSpec { register_as: spec.output.register_as.clone() }),
+    }
+}
+
+fn missing(field: &str) -> SpecError {
+    SpecError::Invalid(vec![FieldError { field: field.into(), message: "is required".into() }])
+}
+
+fn uri(field: &str, text: &str) -> Result<DataUri, SpecError> {
+    text.parse().map_err(|e: flotilla_core::spec::UriError| {
+        SpecError::Invalid(vec![FieldError { field: field.into(), message: e.0 }])
+    })
+}
+
+/// A wire spec -> a validated core spec. Errors name the TOML field (`workers.min`).
+pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
+    let model = match pb.model.and_then(|m| m.kind).ok_or_else(|| missing("model.kind"))? {
+        v1::model_spec::Kind::Mlp(m) => ModelSpec::Mlp { hidden: m.hidden },
+        v1::model_spec::Kind::Cnn(c) => ModelSpec::Cnn { channels: c.channels },
+    };
+    let data = pb.data.ok_or_else(|| missing("data"))?;
+    let format = match v1::DataFormat::try_from(data.format) {
+        Ok(v1::DataFormat::Csv) => DataFormat::Csv,
+        Ok(v1::DataFormat::Idx) => DataFormat::Idx,
+        Ok(v1::DataFormat::Synthetic) => DataFormat::Synthetic,
+        Ok(v1::DataFormat::Unspecified) | Err(_) => return Err(missing("data.format")),
+    };
+    let train = pb.train.ok_or_else(|| missing("train"))?;
+    let length = match train.length.ok_or_else(|| missing("train.epochs"))? {
+        v1::train_spec::Length::Epochs(n) => TrainLength::Epochs(n),
+        v1::train_spec::Length::Steps(n) => TrainLength::Steps(n),
+    };
+    let optimizer = match train.optimizer.ok_or_else(|| missing("train.optimizer"))? {
+        v1::train_spec::Optimizer::Sgd(s) => OptimizerSpec::Sgd { momentum: s.momentum },
+        v1::train_spec::Optimizer::Adam(_) => OptimizerSpec::Adam,
+    };
+    let workers = pb.workers.ok_or_else(|| missing("workers"))?;
+    let capacity = pb.capacity.ok_or_else(|| missing("capacity"))?;
+    let checkpoint = pb.checkpoint.ok_or_else(|| missing("checkpoint"))?;
+    let output = pb.output.ok_or_else(|| missing("output"))?;
+    let spec = JobSpec {
+        name: pb.name,
+        priority: pb.priority,
+        model,
+        data: DataSpec {
+            train: uri("data.train", &data.train)?,
+            validation: data.validation.as_deref().map(|v| uri("data.validation", v)).transpose()?,
+            format,
+            validation_fraction: data.validation_fraction,
+        },
+        train: TrainSpec {
+            length,
+            batch_size: train.batch_size,
+            optimizer,
+            learning_rate: train.learning_rate,
+            weight_decay: train.weight_decay,
+            seed: train.seed,
+        },
+        workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
+        capacity: CapacitySpec {
+            spot: capacity.spot,
+            on_demand_fallback: capacity.on_demand_fallback,
+            instance_types: capacity.instance_types,
+            max_price_usd_per_hour: capacity.max_price_usd_per_hour,
+            budget_usd: capacity.budget_usd,
+            max_failures: capacity.max_failures,
+        },
+        checkpoint: CheckpointSpec { every_steps: checkpoint.every_steps, keep: checkpoint.keep },
+        output: OutputSpec { register_as: output.register_as },
+    };
+    spec.validated()
+}
+
+/// The state's name as users see it in `status` (DESIGN §8): `Pending`, `Running`, ...
+pub fn job_state_name(state: v1::JobState) -> &'static str {
+    match state {
+        v1::JobState::Unspecified => "Unknown",
+        v1::JobState::Pending => "Pending",
+        v1::JobState::Provisioning => "Provisioning",
+        v1::JobState::Running => "Running",
+        v1::JobState::Recovering => "Recovering",
+        v1::JobState::Succeeded => "Succeeded",
+        v1::JobState::Failed => "Failed",
+        v1::JobState::Cancelled => "Cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPECS: [&str; 3] = [
+        "name = \"a\"\nmodel = { kind = \"mlp\", hidden = [32] }\ndata = { train = \"/d/x.csv.gz\" }\nworkers = { min = 2, max = 4 }\n",
+        "name = \"b\"\nmodel = { kind = \"cnn\" }\ndata = { train = \"s3://bkt/x.idx\", validation = \"s3://bkt/v.idx\" }\n\
+         workers = { min = 1 }\ntrain = { steps = 10, optimizer = \"sgd\", momentum = 0.5 }\n\
+         capacity = { budget_usd = 3.5, instance_types = [\"g5.xlarge\"] }\n",
+        "name = \"c\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs?classes=4\" }\nworkers = { min = 1 }\n",
+    ];
+
+    #[test]
+    fn specs_round_trip_through_the_wire() {
+        for text in SPECS {
+            let spec = JobSpec::from_toml_str(text).expect("valid");
+            assert_eq!(spec_from_proto(spec_to_proto(&spec)).expect("round trip"), spec);
+        }
+    }
+
+    #[test]
+    fn invalid_wire_specs_name_the_field() {
+        let spec = JobSpec::from_toml_str(SPECS[0]).expect("valid");
+        let mut pb = spec_to_proto(&spec);
+        pb.workers = Some(v1::WorkersSpec { min: 4, max: 2, gpus: 0 });
+        let err = spec_from_proto(pb).expect_err("min > max");
+        assert!(err.fields().contains(&"workers.min"), "{err}");
+
+        let mut pb = spec_to_proto(&spec);
+        pb.model = None;
+        assert_eq!(spec_from_proto(pb).expect_err("no model").fields(), ["model.kind"]);
+
+        let mut pb = spec_to_proto(&spec);
+        if let Some(d) = pb.data.as_mut() {
+            d.train = "ftp://x/y.csv".into();
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("bad scheme").fields(), ["data.train"]);
+
+        let mut pb = spec_to_proto(&spec);
+        if let Some(t) = pb.train.as_mut() {
+            t.batch_size = 0;
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("batch 0").fields(), ["train.batch_size"]);
+    }
+}

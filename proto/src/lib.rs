@@ -1,0 +1,27 @@
+//! flotilla-proto: the wire contract between the CLI, coordinators and workers.
+//!
+//! Owns the gRPC services (generated from `flotilla/v1/*.proto` by protox + tonic), the
+//! conversions between wire messages and core types ([`convert`]), the one mapping from error
+//! kinds to `tonic::Code` ([`error`]), bearer-token metadata ([`auth`]) and the size limits every
+//! endpoint enforces ([`limits`]). The ID newtypes are defined in `flotilla-core` (the state
+//! machine keys its maps by them) and re-exported here with their wire form.
+//!
+//! Must not hold logic: a handler decodes with [`convert`], calls the layer below, and maps the
+//! error with [`error::ApiError`].
+
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod limits;
+
+pub use error::{ApiError, ErrorKind};
+pub use flotilla_core::ids::{IdParseError, JobId, NodeId, WorkerId};
+
+/// Generated messages and services of package `flotilla.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("flotilla.v1");
+}
+
+/// The wire package version, carried in the package name (`flotilla.v1`).
+pub const PROTO_VERSION: &str = "v1";

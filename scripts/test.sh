@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one test command: formatting, lints with warnings denied, then every test.
+# What CI runs (.ci/run) is exactly this; run it the same way on your machine.
+#
+# Environment:
+#   CARGO_TARGET_DIR  where to build (default: ./target). CI keeps one outside the clone so
+#                     dependencies are not rebuilt on every run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo is not installed; install Rust 1.95 or newer from https://rustup.rs" >&2
+  exit 1
+fi
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    step "installing the $component component"
+    rustup component add "$component"
+  fi
+done
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings denied)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "all checks passed"

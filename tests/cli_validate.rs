@@ -1,0 +1,98 @@
+//! `flotilla validate`, driven as a user drives it: the real binary on real files.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn flotilla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("the flotilla binary runs")
+}
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+#[test]
+fn every_shipped_example_validates() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(examples()).expect("examples/ exists") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = flotilla(&["validate", path.to_str().expect("utf-8 path")]);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "expected at least mnist-mlp, mnist-cnn and digits-mlp, found {seen}");
+}
+
+#[test]
+fn validate_prints_the_normalised_spec_with_resolved_paths() {
+    let spec = examples().join("mnist-mlp.toml");
+    let out = flotilla(&["validate", spec.to_str().expect("utf-8")]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let data = examples().join("data/mnist_5k.csv.gz").canonicalize().expect("data ships with the examples");
+    assert!(text.contains(&format!("train = \"file://{}\"", data.display())), "{text}");
+    assert!(text.contains("on_demand_fallback = true"), "defaults are written out: {text}");
+
+    let out = flotilla(&["validate", spec.to_str().expect("utf-8"), "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["spec"]["workers"]["min"], 2);
+    assert_eq!(json["spec"]["model"]["kind"], "mlp");
+}
+
+fn write_spec(dir: &Path, body: &str) -> String {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body).expect("write spec");
+    path.to_str().expect("utf-8").to_string()
+}
+
+#[test]
+fn min_greater_than_max_fails_and_names_both_fields() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(
+        dir.path(),
+        "name = \"x\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 4, max = 2 }\n",
+    );
+    let out = flotilla(&["validate", &spec]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("workers.min") && stderr.contains("workers.max"), "{stderr}");
+
+    let out = flotilla(&["--output", "json", "validate", &spec]);
+    assert!(!out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON errors");
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["errors"][0]["field"], "workers.min");
+}
+
+#[test]
+fn missing_data_files_and_missing_specs_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(
+        dir.path(),
+        "name = \"x\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"nowhere.csv\" }\nworkers = { min = 1 }\n",
+    );
+    let out = flotilla(&["validate", &spec]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("data.train") && stderr.contains("does not exist"), "{stderr}");
+
+    let out = flotilla(&["validate", "/no/such/job.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read job spec"));
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(
+        dir.path(),
+        "name = \"x\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 1 }\n[train]\nepoch = 3\n",
+    );
+    let out = flotilla(&["validate", &spec]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("epoch") && stderr.contains("line 6"), "{stderr}");
+}
