@@ -3,6 +3,7 @@
 //! This file only declares the command line and dispatches; each subcommand lives in
 //! `commands/` and does its I/O there. Subcommands appear here only once they really work.
 
+mod cluster_file;
 mod commands;
 mod output;
 
@@ -20,20 +21,43 @@ struct Cli {
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
 
+    /// Coordinator address(es), host:port[,host:port]; default: FLOTILLA_COORDINATOR, then
+    /// $FLOTILLA_HOME/cluster.toml or ./.flotilla/cluster.toml.
+    #[arg(long, global = true)]
+    coordinator: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a local cluster in the background (data and cluster.toml under ./.flotilla).
+    Up(commands::cluster::UpArgs),
+    /// Stop the local cluster started by `up` (its data is kept unless --purge).
+    Down(commands::cluster::DownArgs),
+    /// Submit a job; prints the job id on the last line.
+    Submit(commands::jobs::SubmitArgs),
+    /// Show one job, or every job.
+    Status(commands::jobs::StatusArgs),
     /// Check a job spec and print it normalised, with every default filled in.
     Validate(commands::validate::Args),
+    /// Run one coordinator node in the foreground (what `up` starts).
+    Coordinator(commands::coordinator::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
+    let coordinator = cli.coordinator.as_deref();
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
+        Command::Up(args) => done(commands::cluster::up(args, cli.output)),
+        Command::Down(args) => done(commands::cluster::down(args, cli.output)),
+        Command::Submit(args) => done(commands::jobs::submit(args, coordinator, cli.output)),
+        Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Validate(args) => commands::validate::run(args, cli.output),
+        Command::Coordinator(args) => done(commands::coordinator::run(args)),
     };
     match result {
         Ok(code) => code,
@@ -42,4 +66,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: info for flotilla, warn otherwise).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flotilla=info,flotilla_coordinator=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

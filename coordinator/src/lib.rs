@@ -6,4 +6,8 @@
 //!
 //! Must not own decisions: what to schedule, scale or charge is computed by `flotilla-core`
 //! from inputs; this crate feeds it time, messages and cloud answers and carries out what it
-//! returns. Nothing is implemented here yet; the Raft coordinator issue fills it in.
+//! returns.
+
+pub mod api;
+pub mod raft;
+pub mod server;

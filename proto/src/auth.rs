@@ -46,6 +46,23 @@ pub fn check(metadata: &MetadataMap, expected: &str, what: &str) -> Result<(), A
     }
 }
 
+/// A tonic interceptor that adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerAuth(AsciiMetadataValue);
+
+impl BearerAuth {
+    pub fn new(token: &str) -> Result<BearerAuth, ApiError> {
+        bearer_value(token).map(BearerAuth)
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(AUTHORIZATION_KEY, self.0.clone());
+        Ok(request)
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

@@ -189,3 +189,49 @@ mod tests {
         assert_eq!(spec_from_proto(pb).expect_err("batch 0").fields(), ["train.batch_size"]);
     }
 }
+
+/// A core job state -> its wire enum.
+pub fn job_state_to_proto(state: flotilla_core::state::JobState) -> v1::JobState {
+    use flotilla_core::state::JobState as S;
+    match state {
+        S::Pending => v1::JobState::Pending,
+        S::Provisioning => v1::JobState::Provisioning,
+        S::Running => v1::JobState::Running,
+        S::Recovering => v1::JobState::Recovering,
+        S::Succeeded => v1::JobState::Succeeded,
+        S::Failed => v1::JobState::Failed,
+        S::Cancelled => v1::JobState::Cancelled,
+    }
+}
+
+/// A replicated job -> what `status` shows. Live progress (not replicated) is added by the
+/// caller where it has it.
+pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
+    let total_steps = match job.spec.train.length {
+        TrainLength::Steps(n) => n,
+        TrainLength::Epochs(_) => 0, // known once the worker has read the data set
+    };
+    v1::JobStatus {
+        id: job.id.to_string(),
+        name: job.spec.name.clone(),
+        state: job_state_to_proto(job.state).into(),
+        reason: job.reason.clone(),
+        step: job.step,
+        total_steps,
+        world_size: 0,
+        generation: job.generation,
+        recoveries: job.recoveries,
+        steps_lost: job.steps_lost,
+        metrics: Some(v1::JobMetrics::default()),
+        cost_usd: 0.0,
+        spec: Some(spec_to_proto(&job.spec)),
+        submitted_at_unix_ms: job.submitted_at_unix_ms,
+        updated_at_unix_ms: job.updated_at_unix_ms,
+        latest_checkpoint: None,
+        events: job
+            .events
+            .iter()
+            .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
+            .collect(),
+    }
+}

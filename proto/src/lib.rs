@@ -10,6 +10,7 @@
 //! error with [`error::ApiError`].
 
 pub mod auth;
+pub mod client;
 pub mod convert;
 pub mod error;
 pub mod limits;

@@ -1,4 +1,8 @@
-//! One module per subcommand: argument struct + `run`. Shared helpers for reading job specs.
+//! One module per subcommand (or group): argument structs + `run` functions. Shared helpers
+//! for reading job specs live in `spec_file`.
 
+pub mod cluster;
+pub mod coordinator;
+pub mod jobs;
 pub mod spec_file;
 pub mod validate;

@@ -10,6 +10,7 @@
 
 pub mod ids;
 pub mod spec;
+pub mod state;
 
 pub use ids::{IdParseError, JobId, NodeId, WorkerId};
 pub use spec::{JobSpec, SpecError};

@@ -1,0 +1,23 @@
+//! The replicated state machine: every node applies the same commands in the same order and
+//! reaches the same `State`.
+//!
+//! ```text
+//!   leader: validate request ─▶ Envelope{version, at_unix_ms, Command} ─▶ raft log
+//!   every node:   committed entry ─▶ apply(&mut State, index, Envelope) ─▶ Applied | Rejected
+//! ```
+//!
+//! Deterministic by construction: BTreeMaps only, no clock (the leader stamps `at_unix_ms`
+//! into the envelope), no randomness, no I/O. Commands, envelopes and snapshots carry a version
+//! so nodes of neighbouring versions can share a log during a rolling upgrade.
+//!
+//! Only coarse facts are replicated (job submitted, cancelled, worker registered or lost);
+//! heartbeats and per-step progress stay in the leader's memory (DESIGN §2).
+
+mod apply;
+mod types;
+
+pub use apply::apply;
+pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,103 @@
+use super::*;
+use crate::ids::{JobId, WorkerId};
+use crate::spec::JobSpec;
+
+fn spec(name: &str) -> JobSpec {
+    JobSpec::from_toml_str(&format!(
+        "name = \"{name}\"\nmodel = {{ kind = \"mlp\" }}\ndata = {{ train = \"synthetic:blobs\" }}\nworkers = {{ min = 1 }}\n"
+    ))
+    .expect("valid spec")
+}
+
+fn submit(state: &mut State, index: u64, request: &str) -> Result<Applied, Rejected> {
+    apply(
+        state,
+        index,
+        Envelope::new(1000 + index, Command::SubmitJob { spec: spec("j"), client_request_id: request.into() }),
+    )
+}
+
+#[test]
+fn submissions_get_dense_ids_and_retries_are_deduplicated() {
+    let mut state = State::default();
+    assert_eq!(submit(&mut state, 1, "a"), Ok(Applied::JobSubmitted { job_id: JobId(1), duplicate: false }));
+    assert_eq!(submit(&mut state, 2, "b"), Ok(Applied::JobSubmitted { job_id: JobId(2), duplicate: false }));
+    assert_eq!(submit(&mut state, 3, "a"), Ok(Applied::JobSubmitted { job_id: JobId(1), duplicate: true }));
+    assert_eq!(state.jobs.len(), 2);
+    let job = &state.jobs[&JobId(2)];
+    assert_eq!((job.state, job.submitted_at_unix_ms, job.submitted_index), (JobState::Pending, 1002, 2));
+    assert_eq!(submit(&mut state, 4, ""), Err(Rejected::BadRequestId));
+    assert_eq!(submit(&mut state, 5, &"x".repeat(CLIENT_REQUEST_ID_LEN_MAX + 1)), Err(Rejected::BadRequestId));
+}
+
+#[test]
+fn cancel_moves_unfinished_jobs_only() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let cancel = |state: &mut State, id| {
+        apply(state, 9, Envelope::new(5, Command::CancelJob { job_id: JobId(id), reason: String::new() }))
+    };
+    assert_eq!(cancel(&mut state, 1), Ok(Applied::JobCancelled { job_id: JobId(1) }));
+    assert_eq!(state.jobs[&JobId(1)].state, JobState::Cancelled);
+    assert_eq!(state.jobs[&JobId(1)].events.len(), 1);
+    assert_eq!(cancel(&mut state, 1), Err(Rejected::JobFinished { job_id: JobId(1), state: "Cancelled" }));
+    assert_eq!(cancel(&mut state, 7), Err(Rejected::JobNotFound(JobId(7))));
+}
+
+#[test]
+fn workers_register_and_are_lost() {
+    let mut state = State::default();
+    let info = WorkerInfo {
+        cpus: 2,
+        gpus: 0,
+        memory_bytes: 1 << 30,
+        instance_id: "local-1".into(),
+        instance_type: "local".into(),
+        zone: "local".into(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:9000".into(),
+    };
+    let registered = apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info }));
+    assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
+    let lost = apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1) }));
+    assert_eq!(lost, Ok(Applied::WorkerLost { worker_id: WorkerId(1) }));
+    assert_eq!(state.workers[&WorkerId(1)].lost_at_unix_ms, Some(20));
+    let unknown = apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9) }));
+    assert_eq!(unknown, Err(Rejected::WorkerNotFound(WorkerId(9))));
+}
+
+#[test]
+fn snapshots_and_envelopes_round_trip_and_refuse_newer_versions() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let restored = State::from_snapshot(&state.to_snapshot()).expect("decodes");
+    assert_eq!(restored, state);
+    assert_eq!(State::from_snapshot(&[]).expect("empty is the initial state"), State::default());
+    assert!(State::from_snapshot(b"{not json").is_err());
+    let mut newer = state.clone();
+    newer.version = STATE_VERSION + 1;
+    assert!(matches!(State::from_snapshot(&newer.to_snapshot()), Err(SnapshotError::TooNew { .. })));
+
+    let envelope = Envelope::new(7, Command::CancelJob { job_id: JobId(3), reason: "r".into() });
+    assert_eq!(Envelope::decode(&envelope.encode()).expect("decodes"), envelope);
+    assert!(Envelope::decode(b"\x00\x01").is_err());
+}
+
+#[test]
+fn the_same_commands_give_the_same_state() {
+    let run = || {
+        let mut state = State::default();
+        for i in 0..50u64 {
+            let _ = submit(&mut state, i + 1, &format!("r{}", i % 17));
+            if i % 5 == 0 {
+                let _ = apply(
+                    &mut state,
+                    i + 1,
+                    Envelope::new(i, Command::CancelJob { job_id: JobId(i / 3 + 1), reason: "x".into() }),
+                );
+            }
+        }
+        state.to_snapshot()
+    };
+    assert_eq!(run(), run());
+}

@@ -1,0 +1,225 @@
+//! Data of the state machine: jobs, workers, commands and their outcomes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, WorkerId};
+use crate::spec::JobSpec;
+
+/// Version of commands, envelopes and snapshots written by this build.
+pub const STATE_VERSION: u32 = 1;
+/// Jobs kept in the state at most (active and finished). A submission beyond it is refused
+/// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
+pub const JOBS_MAX: usize = 100_000;
+/// Workers registered at most.
+pub const WORKERS_MAX: usize = 10_000;
+/// Longest client request id, in bytes.
+pub const CLIENT_REQUEST_ID_LEN_MAX: usize = 128;
+/// Longest free-text reason kept on a job, in bytes (longer ones are cut).
+pub const REASON_LEN_MAX: usize = 1024;
+/// Events kept per job; older ones are dropped first.
+pub const JOB_EVENTS_MAX: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    Pending,
+    Provisioning,
+    Running,
+    Recovering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Pending => "Pending",
+            JobState::Provisioning => "Provisioning",
+            JobState::Running => "Running",
+            JobState::Recovering => "Recovering",
+            JobState::Succeeded => "Succeeded",
+            JobState::Failed => "Failed",
+            JobState::Cancelled => "Cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub at_unix_ms: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why the job is Pending/Failed/Cancelled; empty otherwise.
+    pub reason: String,
+    pub client_request_id: String,
+    pub submitted_at_unix_ms: u64,
+    pub updated_at_unix_ms: u64,
+    /// Raft index of the entry that created the job (its place in the total order).
+    pub submitted_index: u64,
+    /// Last step recorded through Raft (checkpoints, finish); live progress is not replicated.
+    pub step: u64,
+    pub generation: u64,
+    pub recoveries: u32,
+    pub steps_lost: u64,
+    pub events: Vec<JobEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub cpus: u32,
+    pub gpus: u32,
+    pub memory_bytes: u64,
+    pub instance_id: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub hostname: String,
+    /// Where the worker accepts collective connections.
+    pub data_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub info: WorkerInfo,
+    pub registered_at_unix_ms: u64,
+    /// Set when the leader declared the worker's lease expired.
+    pub lost_at_unix_ms: Option<u64>,
+}
+
+/// The whole replicated state. Serialised as the Raft snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub next_job_id: u64,
+    pub next_worker_id: u64,
+    pub jobs: BTreeMap<JobId, Job>,
+    /// client_request_id -> job, so a retried submission returns the job it created.
+    pub request_ids: BTreeMap<String, JobId>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            version: STATE_VERSION,
+            next_job_id: 1,
+            next_worker_id: 1,
+            jobs: BTreeMap::new(),
+            request_ids: BTreeMap::new(),
+            workers: BTreeMap::new(),
+        }
+    }
+}
+
+/// Errors of snapshot encoding and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is not valid: {0}")]
+    Decode(String),
+    #[error("snapshot version {found} is newer than this build understands ({STATE_VERSION}); upgrade this node")]
+    TooNew { found: u32 },
+}
+
+impl State {
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the state holds only JSON-representable values")
+    }
+
+    pub fn from_snapshot(bytes: &[u8]) -> Result<State, SnapshotError> {
+        if bytes.is_empty() {
+            return Ok(State::default());
+        }
+        let state: State = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if state.version > STATE_VERSION {
+            return Err(SnapshotError::TooNew { found: state.version });
+        }
+        Ok(state)
+    }
+}
+
+/// What a node proposes: a versioned command with the leader's clock reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u32,
+    /// Stamped by the proposing leader; the only source of time in the state machine.
+    pub at_unix_ms: u64,
+    pub command: Command,
+}
+
+impl Envelope {
+    pub fn new(at_unix_ms: u64, command: Command) -> Envelope {
+        Envelope { version: STATE_VERSION, at_unix_ms, command }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("commands hold only JSON-representable values")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
+        let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if envelope.version > STATE_VERSION {
+            return Err(SnapshotError::TooNew { found: envelope.version });
+        }
+        Ok(envelope)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Command {
+    SubmitJob { spec: JobSpec, client_request_id: String },
+    CancelJob { job_id: JobId, reason: String },
+    RegisterWorker { info: WorkerInfo },
+    WorkerLost { worker_id: WorkerId },
+}
+
+/// The outcome of an applied command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// `duplicate`: the request id had already created this job.
+    JobSubmitted {
+        job_id: JobId,
+        duplicate: bool,
+    },
+    JobCancelled {
+        job_id: JobId,
+    },
+    WorkerRegistered {
+        worker_id: WorkerId,
+    },
+    WorkerLost {
+        worker_id: WorkerId,
+    },
+}
+
+/// Why a command changed nothing. Every node rejects the same commands.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("{0} does not exist")]
+    JobNotFound(JobId),
+    #[error("{0} does not exist")]
+    WorkerNotFound(WorkerId),
+    #[error("{job_id} is already {state}; only unfinished jobs can be cancelled")]
+    JobFinished { job_id: JobId, state: &'static str },
+    #[error("the cluster holds {limit} jobs, its limit; delete finished jobs first")]
+    TooManyJobs { limit: usize },
+    #[error("the cluster has {limit} workers registered, its limit")]
+    TooManyWorkers { limit: usize },
+    #[error("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes")]
+    BadRequestId,
+    #[error("entry could not be decoded: {0}")]
+    Undecodable(String),
+}

@@ -1,0 +1,194 @@
+//! `JobService`: submit, get, list, cancel and watch jobs. Writes go through Raft on the
+//! leader (followers answer `NotLeader` with the leader's address); reads are linearizable
+//! (ReadIndex) and served by any node, which reports itself in `served_by`.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::state::{Applied, Command, JobState, State};
+use flotilla_proto::convert::{job_to_proto, spec_from_proto};
+use flotilla_proto::limits::{CLIENT_REQUEST_ID_LEN_MAX, LIST_JOBS_LIMIT_DEFAULT, LIST_JOBS_LIMIT_MAX};
+use flotilla_proto::v1::job_service_server::JobService;
+use flotilla_proto::v1::{self, *};
+use flotilla_proto::{ApiError, ErrorKind, auth};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::raft::node::NodeHandle;
+
+/// Updates buffered per watch stream; a slow client skips intermediate states, not the last.
+const WATCH_BUFFER: usize = 16;
+/// A watch re-reads the job at least this often even without a change notification.
+const WATCH_POLL: Duration = Duration::from_secs(1);
+
+pub struct JobApi {
+    pub node: NodeHandle,
+    pub api_token: String,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidArgument, message)
+}
+
+fn parse_job_id(text: &str) -> Result<JobId, Status> {
+    text.parse::<JobId>().map_err(|e| status(invalid(format!("job_id: {e}"))))
+}
+
+fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
+    state
+        .jobs
+        .get(&id)
+        .map(job_to_proto)
+        .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))
+}
+
+impl JobApi {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
+    }
+}
+
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<JobUpdate, Status>> + Send>>;
+type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLines, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let request_id = request.client_request_id;
+        if request_id.is_empty() || request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
+            return Err(status(invalid(format!("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes"))));
+        }
+        let spec = spec_from_proto(request.spec.ok_or_else(|| status(invalid("spec is required")))?).map_err(status)?;
+        let unresolved = spec.unresolved_paths();
+        if let Some(problem) = unresolved.first() {
+            return Err(status(invalid(problem.to_string())));
+        }
+        let command = Command::SubmitJob { spec, client_request_id: request_id };
+        match self.node.propose(command).await.map_err(status)? {
+            Applied::JobSubmitted { job_id, duplicate } => {
+                Ok(Response::new(SubmitJobResponse { job_id: job_id.to_string(), duplicate, served_by: self.node.id }))
+            }
+            other => Err(status(ApiError::new(ErrorKind::Internal, format!("submit produced {other:?}")))),
+        }
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
+        self.authorize(&request)?;
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        Ok(Response::new(GetJobResponse { job: Some(job), served_by: self.node.id }))
+    }
+
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => LIST_JOBS_LIMIT_DEFAULT,
+            n => n.min(LIST_JOBS_LIMIT_MAX),
+        } as usize;
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(parse_job_id(token)?),
+        };
+        let mut states = Vec::new();
+        for s in &request.states {
+            match v1::JobState::try_from(*s) {
+                Ok(v1::JobState::Unspecified) | Err(_) => {
+                    return Err(status(invalid(format!("states: {s} is not a job state"))));
+                }
+                Ok(state) => states.push(state),
+            }
+        }
+        let (jobs, next) = self
+            .node
+            .read(move |state| {
+                let start = after.map_or(JobId(0), |id| JobId(id.0 + 1));
+                let mut page: Vec<v1::JobStatus> = state
+                    .jobs
+                    .range(start..)
+                    .map(|(_, job)| job_to_proto(job))
+                    .filter(|job| states.is_empty() || states.iter().any(|s| *s as i32 == job.state))
+                    .take(limit + 1)
+                    .collect();
+                let next = if page.len() > limit {
+                    page.truncate(limit);
+                    page.last().map(|j| j.id.clone())
+                } else {
+                    None
+                };
+                (page, next)
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListJobsResponse { jobs, next_page_token: next.unwrap_or_default(), served_by: self.node.id }))
+    }
+
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let id = parse_job_id(&request.job_id)?;
+        let reason: String = request.reason.chars().take(flotilla_core::state::REASON_LEN_MAX).collect();
+        self.node.propose(Command::CancelJob { job_id: id, reason }).await.map_err(status)?;
+        let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        Ok(Response::new(CancelJobResponse { job: Some(job) }))
+    }
+
+    type WatchJobStream = WatchStream;
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<WatchStream>, Status> {
+        self.authorize(&request)?;
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let first = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(watch_loop(self.node.clone(), id, first, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetLogsStream = LogStream;
+
+    async fn get_logs(&self, request: Request<GetLogsRequest>) -> Result<Response<LogStream>, Status> {
+        self.authorize(&request)?;
+        Err(Status::unimplemented(
+            "job logs are written by worker agents, which this coordinator build does not run yet",
+        ))
+    }
+}
+
+async fn watch_loop(
+    mut node: NodeHandle,
+    id: JobId,
+    first: v1::JobStatus,
+    tx: mpsc::Sender<Result<JobUpdate, Status>>,
+) {
+    let mut last = first.clone();
+    if tx.send(Ok(JobUpdate { job: Some(first), progress: None })).await.is_err() {
+        return;
+    }
+    loop {
+        let terminal = [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+            .iter()
+            .any(|s| flotilla_proto::convert::job_state_to_proto(*s) as i32 == last.state);
+        if terminal {
+            return;
+        }
+        let _ = tokio::time::timeout(WATCH_POLL, node.changed()).await;
+        let job = match node.read_local(move |state| find_job(state, id)).await {
+            Ok(Ok(job)) => job,
+            Ok(Err(e)) | Err(e) => {
+                let _ = tx.send(Err(status(e))).await;
+                return;
+            }
+        };
+        if job != last {
+            last = job.clone();
+            if tx.send(Ok(JobUpdate { job: Some(job), progress: None })).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! One coordinator's Raft replica: a `RawNode` over the durable log plus the state machine.
+//!
+//! Pure with respect to time and the network: the caller ticks it, feeds it messages and
+//! proposals, and sends what [`Replica::advance`] returns. The async node and the deterministic
+//! simulation drive this same code, so the simulation tests what production runs.
+//!
+//! Ready handling follows raft-rs's order: send messages; apply an incoming snapshot; apply
+//! committed entries; persist snapshot + entries + HardState in one transaction (one fsync);
+//! send persisted messages; advance; then the LightReady's commit index, messages and entries.
+
+use std::collections::VecDeque;
+
+use flotilla_core::state::{self, Applied, Envelope, Rejected, State};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{Config, RawNode, ReadState, StateRole, Storage};
+
+use super::storage::{RaftStore, StoreError};
+
+/// Ticks without a heartbeat before a follower campaigns (randomised up to twice this).
+pub const ELECTION_TICKS: usize = 10;
+/// Ticks between leader heartbeats.
+pub const HEARTBEAT_TICKS: usize = 2;
+/// Applied entries between state-machine snapshots (and log compactions).
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
+/// Bytes of entries in one append message at most.
+const MAX_SIZE_PER_MSG_BYTES: u64 = 1024 * 1024;
+/// Append messages in flight per follower at most.
+const MAX_INFLIGHT_MSGS: usize = 256;
+/// Bytes of proposed-but-uncommitted entries the leader accepts at most (back-pressure).
+const MAX_UNCOMMITTED_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Identifies a proposal so the proposer can find its outcome among the committed entries.
+/// `incarnation` is chosen at process start, so entries proposed before a restart never match
+/// waiters after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProposalId {
+    pub node: u64,
+    pub incarnation: u64,
+    pub sequence: u64,
+}
+
+impl ProposalId {
+    fn encode(self) -> Vec<u8> {
+        [self.node, self.incarnation, self.sequence].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<ProposalId> {
+        if bytes.len() != 24 {
+            return None;
+        }
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8-byte slice"));
+        Some(ProposalId { node: word(0), incarnation: word(1), sequence: word(2) })
+    }
+}
+
+/// A committed command and its outcome, in log order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub index: u64,
+    pub term: u64,
+    /// Set when this replica proposed the entry (in this incarnation).
+    pub proposal: Option<ProposalId>,
+    pub outcome: Result<Applied, Rejected>,
+}
+
+/// What one call to [`Replica::advance`] produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Raft messages to deliver to peers (in order).
+    pub messages: Vec<Message>,
+    pub committed: Vec<Committed>,
+    /// Confirmed read indexes: a read with this context may be served once `applied_index`
+    /// reaches `index`.
+    pub reads: Vec<ReadState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("state-machine snapshot: {0}")]
+    Snapshot(#[from] state::SnapshotError),
+}
+
+/// Static configuration of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    /// Every voter's id, this one included.
+    pub voters: Vec<u64>,
+    pub snapshot_every_entries: u64,
+}
+
+pub struct Replica {
+    node: RawNode<RaftStore>,
+    state: State,
+    applied_index: u64,
+    snapshot_index: u64,
+    snapshot_every_entries: u64,
+}
+
+impl Replica {
+    /// Starts a replica over `store`: restores the state machine from the stored snapshot; the
+    /// committed entries after it are re-applied through the first Readys.
+    pub fn open(config: &ReplicaConfig, store: RaftStore) -> Result<Replica, ReplicaError> {
+        store.bootstrap(&config.voters)?;
+        let snapshot = store.snapshot_with_data()?;
+        let state = State::from_snapshot(snapshot.get_data())?;
+        let snapshot_index = snapshot.get_metadata().index;
+        let raft_config = Config {
+            id: config.id,
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            applied: snapshot_index,
+            max_size_per_msg: MAX_SIZE_PER_MSG_BYTES,
+            max_inflight_msgs: MAX_INFLIGHT_MSGS,
+            max_uncommitted_size: MAX_UNCOMMITTED_BYTES,
+            check_quorum: true,
+            pre_vote: true,
+            ..Config::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&raft_config, store, &logger)?;
+        Ok(Replica {
+            node,
+            state,
+            applied_index: snapshot_index,
+            snapshot_index,
+            snapshot_every_entries: config.snapshot_every_entries.max(1),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.node.raft.id
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// The leader this replica knows of, if any.
+    pub fn leader_id(&self) -> Option<u64> {
+        Some(self.node.raft.leader_id).filter(|&id| id != raft::INVALID_ID)
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.node.raft.raft_log.committed
+    }
+
+    /// The raft core, for simulation hooks (seeded election timeouts).
+    pub fn raft_mut(&mut self) -> &mut raft::Raft<RaftStore> {
+        &mut self.node.raft
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// Feeds a message from a peer. Messages for another node or from an unknown one are the
+    /// caller's to filter; raft-rs ignores stale terms itself.
+    pub fn step(&mut self, message: Message) -> Result<(), ReplicaError> {
+        match self.node.step(message) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Proposes a command. Only the leader proposes; callers check [`Replica::is_leader`].
+    pub fn propose(&mut self, id: ProposalId, envelope: &Envelope) -> Result<(), ReplicaError> {
+        self.node.propose(id.encode(), envelope.encode())?;
+        Ok(())
+    }
+
+    /// Asks for a linearizable read point; the answer arrives in [`Output::reads`].
+    pub fn read_index(&mut self, context: Vec<u8>) {
+        self.node.read_index(context);
+    }
+
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.node.report_unreachable(peer);
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
+    /// Handles one Ready completely (see the module docs for the order).
+    pub fn advance(&mut self) -> Result<Output, ReplicaError> {
+        let mut out = Output::default();
+        if !self.node.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.node.ready();
+        out.messages.extend(ready.take_messages());
+        let incoming = if ready.snapshot().get_metadata().index > 0 { Some(ready.snapshot().clone()) } else { None };
+        if let Some(snapshot) = &incoming {
+            self.restore(snapshot)?;
+        }
+        self.apply_entries(ready.take_committed_entries(), &mut out.committed);
+        self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
+        out.messages.extend(ready.take_persisted_messages());
+        out.reads.extend(ready.take_read_states());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.node.store().set_commit(commit);
+        }
+        out.messages.extend(light.take_messages());
+        self.apply_entries(light.take_committed_entries(), &mut out.committed);
+        self.node.advance_apply_to(self.applied_index);
+        self.maybe_snapshot()?;
+        Ok(out)
+    }
+
+    /// Simulates a crash in the middle of a Ready: the messages raft-rs allows to be sent
+    /// before persisting go out, then the process dies and nothing of this Ready is persisted.
+    /// Returns those messages and the durable log as the crash left it.
+    pub fn crash_before_persist(mut self) -> (Vec<Message>, RaftStore) {
+        let messages = if self.node.has_ready() { self.node.ready().take_messages() } else { Vec::new() };
+        (messages, self.into_store())
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), ReplicaError> {
+        self.state = State::from_snapshot(snapshot.get_data())?;
+        self.applied_index = snapshot.get_metadata().index;
+        self.snapshot_index = self.applied_index;
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<Committed>) {
+        let me = self.id();
+        for entry in entries {
+            if entry.index <= self.applied_index {
+                continue;
+            }
+            self.applied_index = entry.index;
+            if entry.data.is_empty() {
+                continue; // the empty entry a new leader appends
+            }
+            if entry.get_entry_type() != EntryType::EntryNormal {
+                // Membership is static (from config); no conf changes are proposed.
+                continue;
+            }
+            let proposal = ProposalId::decode(&entry.context).filter(|p| p.node == me);
+            let outcome = match Envelope::decode(&entry.data) {
+                Ok(envelope) => state::apply(&mut self.state, entry.index, envelope),
+                Err(e) => Err(Rejected::Undecodable(e.to_string())),
+            };
+            out.push(Committed { index: entry.index, term: entry.term, proposal, outcome });
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
+        if self.applied_index >= self.snapshot_index + self.snapshot_every_entries {
+            let data = self.state.to_snapshot();
+            self.node.store().compact_to_snapshot(self.applied_index, &data)?;
+            self.snapshot_index = self.applied_index;
+        }
+        Ok(())
+    }
+
+    /// Voters as the log records them.
+    pub fn conf_state(&self) -> ConfState {
+        self.node.store().initial_state().map(|s| s.conf_state).unwrap_or_default()
+    }
+
+    /// Entries still in the log, for invariant checks: (index, term, data) of `[low, high)`.
+    pub fn log_entries(&self, low: u64, high: u64) -> Vec<(u64, u64, Vec<u8>)> {
+        let store = self.node.store();
+        let first = store.first_index().unwrap_or(1).max(low);
+        let last = store.last_index().unwrap_or(0).min(high.saturating_sub(1));
+        if first > last {
+            return Vec::new();
+        }
+        store
+            .entries(first, last + 1, None, raft::GetEntriesContext::empty(false))
+            .map(|es| es.into_iter().map(|e| (e.index, e.term, e.data.to_vec())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Hands back the durable log (what survives a crash).
+    pub fn into_store(self) -> RaftStore {
+        let Replica { node, .. } = self;
+        let RawNode { raft, .. } = node;
+        raft.r.raft_log.store
+    }
+}
+
+/// Messages queued for peers, grouped by destination, in order.
+pub fn group_by_destination(messages: Vec<Message>) -> Vec<(u64, Vec<Message>)> {
+    let mut groups: Vec<(u64, Vec<Message>)> = Vec::new();
+    for message in messages {
+        match groups.iter_mut().find(|(to, _)| *to == message.to) {
+            Some((_, list)) => list.push(message),
+            None => groups.push((message.to, vec![message])),
+        }
+    }
+    groups
+}
+
+/// A FIFO of read requests waiting for their read index to be applied.
+#[derive(Debug)]
+pub struct PendingReads<T> {
+    waiting: VecDeque<(u64, T)>,
+}
+
+impl<T> Default for PendingReads<T> {
+    fn default() -> Self {
+        PendingReads { waiting: VecDeque::new() }
+    }
+}
+
+impl<T> PendingReads<T> {
+    pub fn push(&mut self, index: u64, item: T) {
+        self.waiting.push_back((index, item));
+    }
+
+    /// Reads whose index has been applied.
+    pub fn ready(&mut self, applied_index: u64) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::new();
+        for (index, item) in self.waiting.drain(..) {
+            if index <= applied_index { out.push(item) } else { keep.push_back((index, item)) }
+        }
+        self.waiting = keep;
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}

@@ -1,0 +1,104 @@
+//! Peer transport: raft messages to other coordinators over gRPC (`RaftService.Send`).
+//!
+//! One background task per peer drains a bounded queue, encodes messages with raft-rs's own
+//! codec and sends them as one batch. A message that cannot be queued or sent is dropped: Raft
+//! retransmits what matters, and the node is told the peer is unreachable so it backs off.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_proto::auth::BearerAuth;
+use flotilla_proto::limits::RAFT_MESSAGE_BYTES_MAX;
+use flotilla_proto::v1::RaftBatch;
+use flotilla_proto::v1::raft_service_client::RaftServiceClient;
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use super::node::{NodeHandle, Outbox};
+
+/// Batches queued per peer at most; beyond it messages are dropped (Raft retransmits).
+const PEER_QUEUE_MAX: usize = 1024;
+/// Bytes of encoded messages in one batch at most (below the receiver's decode limit).
+const BATCH_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX / 2;
+/// A send that takes longer counts as a failure.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause after a failed send before the next attempt (drops what queued meanwhile beyond it).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+pub struct PeerTransport {
+    queues: BTreeMap<u64, mpsc::Sender<Vec<Message>>>,
+}
+
+impl PeerTransport {
+    /// Starts one sender task per peer (`peers` excludes this node).
+    pub fn start(
+        node: NodeHandle,
+        cluster_id: String,
+        peers: &BTreeMap<u64, String>,
+        peer_token: &str,
+    ) -> Result<PeerTransport, String> {
+        let auth = BearerAuth::new(peer_token).map_err(|e| format!("peer token: {e}"))?;
+        let mut queues = BTreeMap::new();
+        for (&id, addr) in peers {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| format!("peer {id} address `{addr}`: {e}"))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(SEND_TIMEOUT)
+                .tcp_nodelay(true);
+            let client = RaftServiceClient::with_interceptor(endpoint.connect_lazy(), auth.clone())
+                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+            tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), client, rx));
+            queues.insert(id, tx);
+        }
+        Ok(PeerTransport { queues })
+    }
+}
+
+impl Outbox for PeerTransport {
+    fn send(&mut self, to: u64, messages: Vec<Message>) {
+        if let Some(queue) = self.queues.get(&to) {
+            let _ = queue.try_send(messages);
+        }
+    }
+}
+
+type Client = RaftServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerAuth>>;
+
+async fn peer_loop(
+    to: u64,
+    node: NodeHandle,
+    cluster_id: String,
+    mut client: Client,
+    mut rx: mpsc::Receiver<Vec<Message>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut encoded = Vec::new();
+        let mut bytes = encode_into(first, &mut encoded);
+        while bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(more) => bytes += encode_into(more, &mut encoded),
+                Err(_) => break,
+            }
+        }
+        let batch = RaftBatch { cluster_id: cluster_id.clone(), from: node.id, to, messages: encoded };
+        if client.send(batch).await.is_err() {
+            node.report_unreachable(to);
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+}
+
+/// Encodes `messages` onto `out`; returns the bytes added.
+fn encode_into(messages: Vec<Message>, out: &mut Vec<Vec<u8>>) -> usize {
+    let mut bytes = 0;
+    for message in messages {
+        let encoded = message.write_to_bytes().expect("encoding a raft message into memory cannot fail");
+        bytes += encoded.len();
+        out.push(encoded);
+    }
+    bytes
+}

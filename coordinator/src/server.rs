@@ -1,0 +1,108 @@
+//! Runs one coordinator node: opens the durable log, starts the Raft node task and the peer
+//! transport, and serves the gRPC API until shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use flotilla_proto::limits::{API_MESSAGE_BYTES_MAX, RAFT_MESSAGE_BYTES_MAX};
+use flotilla_proto::v1::job_service_server::JobServiceServer;
+use flotilla_proto::v1::raft_service_server::RaftServiceServer;
+
+use crate::api::jobs::JobApi;
+use crate::api::raft_service::RaftApi;
+use crate::raft::node::{self, now_unix_ms};
+use crate::raft::replica::{Replica, ReplicaConfig, ReplicaError, SNAPSHOT_EVERY_ENTRIES};
+use crate::raft::storage::RaftStore;
+use crate::raft::transport::PeerTransport;
+
+/// File name of the durable Raft log inside the data directory.
+pub const RAFT_LOG_FILE: &str = "raft.redb";
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// Every node's id and API/peer address, this one included.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub cluster_id: String,
+    pub api_token: String,
+    pub peer_token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("serving on {addr}: {source}")]
+    Serve { addr: SocketAddr, source: tonic::transport::Error },
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        if self.id == 0 {
+            return Err(CoordinatorError::Config("--id must be 1 or more (raft reserves 0)".into()));
+        }
+        if !self.peers.contains_key(&self.id) {
+            return Err(CoordinatorError::Config(format!("--peers must include this node's id {}", self.id)));
+        }
+        if self.peers.len() % 2 == 0 {
+            tracing::warn!(
+                nodes = self.peers.len(),
+                "an even number of coordinators tolerates no more failures than one fewer"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs the node until `shutdown` resolves or a fatal error occurs.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    let store = RaftStore::open(&config.data_dir.join(RAFT_LOG_FILE)).map_err(ReplicaError::from)?;
+    let voters: Vec<u64> = config.peers.keys().copied().collect();
+    let replica_config = ReplicaConfig { id: config.id, voters, snapshot_every_entries: SNAPSHOT_EVERY_ENTRIES };
+    let replica = Replica::open(&replica_config, store)?;
+    let incarnation = now_unix_ms() ^ (u64::from(std::process::id()) << 40);
+    let (handle, task) = node::channel(replica, config.peers.clone(), incarnation);
+    let others: BTreeMap<u64, String> =
+        config.peers.iter().filter(|(id, _)| **id != config.id).map(|(k, v)| (*k, v.clone())).collect();
+    let transport = PeerTransport::start(handle.clone(), config.cluster_id.clone(), &others, &config.peer_token)
+        .map_err(CoordinatorError::Config)?;
+    let node_task = tokio::spawn(task.run(transport));
+
+    let jobs = JobServiceServer::new(JobApi { node: handle.clone(), api_token: config.api_token.clone() })
+        .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let raft = RaftServiceServer::new(RaftApi {
+        node: handle.clone(),
+        cluster_id: config.cluster_id.clone(),
+        peer_token: config.peer_token.clone(),
+        peers: others.keys().copied().collect::<BTreeSet<u64>>(),
+    })
+    .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    tracing::info!(id = config.id, listen = %config.listen, peers = ?config.peers, "coordinator starting");
+    let server = tonic::transport::Server::builder()
+        .add_service(jobs)
+        .add_service(raft)
+        .serve_with_shutdown(config.listen, shutdown);
+    tokio::select! {
+        served = server => served.map_err(|source| CoordinatorError::Serve { addr: config.listen, source }),
+        finished = node_task => match finished {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(join) => Err(CoordinatorError::Config(format!("node task failed: {join}"))),
+        },
+    }
+}

@@ -1,0 +1,162 @@
+//! A client of the coordinator API that fails over between coordinators.
+//!
+//! Given one or more addresses (`host:port`, comma-separated, `http://` accepted), it sends
+//! each call to the node it last succeeded with, follows `NotLeader` hints, moves to the next
+//! address when a node is unreachable, and retries retryable errors with capped backoff, all
+//! within a deadline. Calls must be idempotent (submissions carry a client request id).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::BearerAuth;
+use crate::error::{ApiError, ErrorKind};
+use crate::limits::API_MESSAGE_BYTES_MAX;
+use crate::v1::job_service_client::JobServiceClient;
+
+/// Addresses one client accepts at most.
+pub const ADDRESSES_MAX: usize = 16;
+/// A call (all retries together) gives up after this long by default.
+pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
+/// One attempt gives up after this long.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Parses `host:port[,host:port...]`, accepting an `http://` prefix on each.
+pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
+    let addresses: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/').to_string())
+        .collect();
+    if addresses.is_empty() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            "no coordinator address given; expected host:port[,host:port]",
+        ));
+    }
+    if addresses.len() > ADDRESSES_MAX {
+        return Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!("{} addresses; at most {ADDRESSES_MAX}", addresses.len()),
+        ));
+    }
+    for a in &addresses {
+        let valid = a.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("coordinator address `{a}` is not host:port"),
+            ));
+        }
+    }
+    Ok(addresses)
+}
+
+pub struct ApiClient {
+    addresses: Vec<String>,
+    clients: Vec<JobClient>,
+    auth: BearerAuth,
+    /// Index of the address to try first (the last one that answered, or the leader).
+    preferred: usize,
+    pub deadline: Duration,
+}
+
+impl ApiClient {
+    pub fn new(addresses: &str, token: &str) -> Result<ApiClient, ApiError> {
+        let auth = BearerAuth::new(token)?;
+        let mut client = ApiClient {
+            addresses: Vec::new(),
+            clients: Vec::new(),
+            auth,
+            preferred: 0,
+            deadline: CALL_DEADLINE_DEFAULT,
+        };
+        for address in parse_addresses(addresses)? {
+            client.add(address)?;
+        }
+        Ok(client)
+    }
+
+    fn add(&mut self, address: String) -> Result<usize, ApiError> {
+        if let Some(i) = self.addresses.iter().position(|a| *a == address) {
+            return Ok(i);
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, format!("coordinator address `{address}`: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(ATTEMPT_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = JobServiceClient::with_interceptor(endpoint.connect_lazy(), self.auth.clone())
+            .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+        self.addresses.push(address);
+        self.clients.push(client);
+        Ok(self.clients.len() - 1)
+    }
+
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// Runs `call` against the coordinators until it succeeds, fails for good, or the deadline
+    /// passes. `call` gets a fresh client handle each attempt.
+    pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, ApiError>
+    where
+        F: FnMut(JobClient) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let mut backoff = BACKOFF_FIRST;
+        let mut last_error;
+        loop {
+            let index = self.preferred % self.clients.len();
+            match call(self.clients[index].clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => last_error = ApiError::from(status),
+            }
+            if !last_error.kind.is_retryable() {
+                return Err(last_error);
+            }
+            match last_error.leader_hint.clone() {
+                Some(hint) if last_error.kind == ErrorKind::NotLeader && self.addresses.len() < ADDRESSES_MAX => {
+                    self.preferred = self.add(hint)?;
+                }
+                _ => self.preferred = (index + 1) % self.clients.len(),
+            }
+            if started.elapsed() + backoff > self.deadline {
+                let tried = self.addresses.join(", ");
+                last_error.message =
+                    format!("{} (gave up after {:?}; tried {tried})", last_error.message, self.deadline);
+                return Err(last_error);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_with_and_without_scheme() {
+        assert_eq!(
+            parse_addresses("127.0.0.1:7001, http://localhost:7002/ ,").expect("valid"),
+            ["127.0.0.1:7001", "localhost:7002"]
+        );
+        for bad in ["", ",", "localhost", "host:port", ":7001", "h:70000"] {
+            assert!(parse_addresses(bad).is_err(), "{bad}");
+        }
+        let many = vec!["h:1"; ADDRESSES_MAX + 1].join(",");
+        assert!(parse_addresses(&many).is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! `.flotilla/cluster.toml`: how CLI commands find the local cluster (DESIGN §8).
+//!
+//! Written by `flotilla up`, read by every client command. Holds the coordinators' addresses,
+//! the API, join and peer tokens, and the pids of the processes `up` started. The file is
+//! created with mode 0600 because it holds secrets.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+pub const CLUSTER_FILE: &str = "cluster.toml";
+/// Largest cluster file accepted, in bytes.
+const CLUSTER_FILE_LEN_MAX: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub cluster_id: String,
+    pub api_token: String,
+    pub join_token: String,
+    pub peer_token: String,
+    pub coordinators: Vec<CoordinatorEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorEntry {
+    pub id: u64,
+    pub address: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    /// Set while the process `up` started is meant to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl ClusterFile {
+    pub fn addresses(&self) -> String {
+        self.coordinators.iter().map(|c| c.address.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn load(home: &Path) -> anyhow::Result<Option<ClusterFile>> {
+        let path = home.join(CLUSTER_FILE);
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if meta.len() > CLUSTER_FILE_LEN_MAX {
+            bail!("{} is {} bytes; at most {CLUSTER_FILE_LEN_MAX}", path.display(), meta.len());
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file = toml::from_str(&text).with_context(|| format!("{} is not a valid cluster file", path.display()))?;
+        Ok(Some(file))
+    }
+
+    pub fn save(&self, home: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
+        let path = home.join(CLUSTER_FILE);
+        let temp = home.join(format!("{CLUSTER_FILE}.tmp"));
+        let text = toml::to_string(self).context("cluster file encodes as TOML")?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        std::fs::rename(&temp, &path).with_context(|| format!("cannot replace {}", path.display()))
+    }
+}
+
+/// The folder holding the local cluster: `FLOTILLA_HOME`, else `./.flotilla`.
+pub fn home() -> PathBuf {
+    std::env::var_os("FLOTILLA_HOME").map_or_else(|| PathBuf::from(".flotilla"), PathBuf::from)
+}
+
+/// Where a client command connects, and with which token.
+pub struct Target {
+    pub addresses: String,
+    pub token: String,
+}
+
+/// Resolves the cluster to talk to: `--coordinator`, then `FLOTILLA_COORDINATOR`, then the
+/// cluster file; the token from `FLOTILLA_TOKEN`, then the cluster file.
+pub fn resolve(flag: Option<&str>) -> anyhow::Result<Target> {
+    let env_addresses = std::env::var("FLOTILLA_COORDINATOR").ok().filter(|s| !s.is_empty());
+    let env_token = std::env::var("FLOTILLA_TOKEN").ok().filter(|s| !s.is_empty());
+    let home = home();
+    let file = ClusterFile::load(&home)?;
+    let addresses =
+        flag.map(str::to_string).or(env_addresses).or_else(|| file.as_ref().map(ClusterFile::addresses)).with_context(
+            || {
+                format!(
+                    "no coordinator to talk to: pass --coordinator host:port, set FLOTILLA_COORDINATOR, \
+                 or start a local cluster with `flotilla up` (looked for {})",
+                    home.join(CLUSTER_FILE).display()
+                )
+            },
+        )?;
+    let token = env_token
+        .or_else(|| file.map(|f| f.api_token))
+        .context("no API token: set FLOTILLA_TOKEN (the local cluster's token is in .flotilla/cluster.toml)")?;
+    Ok(Target { addresses, token })
+}

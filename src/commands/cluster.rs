@@ -1,0 +1,216 @@
+//! `flotilla up` / `flotilla down`: a local cluster of coordinator processes on this machine.
+//!
+//! `up` starts the processes in the background (own process group, logs under
+//! `.flotilla/logs/`), writes `.flotilla/cluster.toml`, and returns once the cluster answers.
+//! Running `up` again after `down` restarts the same nodes on the same data, so jobs survive.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::v1::ListJobsRequest;
+use serde_json::json;
+
+use crate::cluster_file::{self, ClusterFile, CoordinatorEntry};
+use crate::output::{OutputFormat, print_json};
+
+/// Coordinators `up` starts at most on one machine.
+const LOCAL_COORDINATORS_MAX: u32 = 7;
+/// How long `up` waits for the cluster to elect a leader and answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `down` waits for a process to exit after SIGTERM before it sends SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures).
+    #[arg(long, default_value_t = 1)]
+    pub coordinators: u32,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DownArgs {
+    /// Also delete the cluster's data (jobs, logs, tokens).
+    #[arg(long)]
+    pub purge: bool,
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom for a token")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(listener.local_addr().context("cannot read the bound port")?.port())
+}
+
+/// True when `pid` is alive and is a flotilla process.
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("flotilla"))
+}
+
+fn new_cluster(home: &Path, coordinators: u32) -> anyhow::Result<ClusterFile> {
+    let mut entries = Vec::new();
+    for id in 1..=u64::from(coordinators) {
+        entries.push(CoordinatorEntry {
+            id,
+            address: format!("127.0.0.1:{}", free_port()?),
+            data_dir: home.join(format!("coordinator-{id}")),
+            log: home.join("logs").join(format!("coordinator-{id}.log")),
+            pid: None,
+        });
+    }
+    Ok(ClusterFile {
+        cluster_id: format!("local-{}", random_hex(4)?),
+        api_token: random_hex(16)?,
+        join_token: random_hex(16)?,
+        peer_token: random_hex(16)?,
+        coordinators: entries,
+    })
+}
+
+fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let peers: Vec<String> = cluster.coordinators.iter().map(|c| format!("{}={}", c.id, c.address)).collect();
+    if let Some(dir) = entry.log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&entry.log)
+        .with_context(|| format!("cannot open {}", entry.log.display()))?;
+    let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
+    let child = Command::new(exe)
+        .arg("coordinator")
+        .args(["--id", &entry.id.to_string(), "--listen", &entry.address, "--peers", &peers.join(",")])
+        .arg("--data-dir")
+        .arg(&entry.data_dir)
+        .args(["--cluster-id", &cluster.cluster_id])
+        .env("FLOTILLA_TOKEN", &cluster.api_token)
+        .env("FLOTILLA_PEER_TOKEN", &cluster.peer_token)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("cannot share the log file")?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start a coordinator process")?;
+    Ok(child.id())
+}
+
+pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
+    if args.coordinators == 0 || args.coordinators > LOCAL_COORDINATORS_MAX {
+        bail!(
+            "--coordinators must be 1 to {LOCAL_COORDINATORS_MAX} (3 or 5 tolerate failures), got {}",
+            args.coordinators
+        );
+    }
+    let home = cluster_file::home();
+    let mut cluster = match ClusterFile::load(&home)? {
+        Some(existing) => {
+            if existing.coordinators.iter().any(|c| c.pid.is_some_and(is_running)) {
+                bail!("a cluster is already running from {} (stop it with `flotilla down`)", home.display());
+            }
+            if existing.coordinators.len() != args.coordinators as usize {
+                bail!(
+                    "the cluster in {} has {} coordinators; run `flotilla up --coordinators {}` or delete it with \
+                     `flotilla down --purge`",
+                    home.display(),
+                    existing.coordinators.len(),
+                    existing.coordinators.len()
+                );
+            }
+            existing
+        }
+        None => new_cluster(&home, args.coordinators)?,
+    };
+    for i in 0..cluster.coordinators.len() {
+        let pid = spawn_coordinator(&cluster, &cluster.coordinators[i])?;
+        cluster.coordinators[i].pid = Some(pid);
+    }
+    cluster.save(&home)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(wait_ready(&cluster))?;
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid})).collect::<Vec<_>>(),
+            "address": cluster.addresses(),
+            "cluster_file": home.join(cluster_file::CLUSTER_FILE),
+        })),
+        OutputFormat::Text => {
+            println!("cluster up: {} coordinator(s), data in {}", cluster.coordinators.len(), home.display());
+            println!("API: {}", cluster.addresses());
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(cluster: &ClusterFile) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut client = ApiClient::new(&cluster.addresses(), &cluster.api_token).map_err(anyhow::Error::from)?;
+    client.deadline = READY_TIMEOUT;
+    let ready =
+        client.call(|mut c| async move { c.list_jobs(ListJobsRequest { limit: 1, ..Default::default() }).await }).await;
+    if let Err(e) = ready {
+        let logs: Vec<String> = cluster.coordinators.iter().map(|c| c.log.display().to_string()).collect();
+        bail!("the cluster did not answer within {:?}: {e}; see {}", started.elapsed(), logs.join(", "));
+    }
+    Ok(())
+}
+
+pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
+    let home = cluster_file::home();
+    let Some(mut cluster) = ClusterFile::load(&home)? else {
+        bail!("no local cluster in {} (nothing to stop)", home.display());
+    };
+    let mut stopped = Vec::new();
+    for entry in &mut cluster.coordinators {
+        if let Some(pid) = entry.pid.take().filter(|&pid| is_running(pid)) {
+            stop(pid)?;
+            stopped.push(pid);
+        }
+    }
+    if args.purge {
+        std::fs::remove_dir_all(&home).with_context(|| format!("cannot delete {}", home.display()))?;
+    } else {
+        cluster.save(&home)?;
+    }
+    match output {
+        OutputFormat::Json => print_json(&json!({ "stopped_pids": stopped, "purged": args.purge })),
+        OutputFormat::Text => println!(
+            "stopped {} process(es){}",
+            stopped.len(),
+            if args.purge { "; cluster data deleted" } else { "; data kept (`flotilla up` resumes it)" }
+        ),
+    }
+    Ok(())
+}
+
+fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status =
+        Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().context("cannot run kill")?;
+    if !status.success() && is_running(pid) {
+        bail!("could not send SIG{name} to {pid}");
+    }
+    Ok(())
+}
+
+fn stop(pid: u32) -> anyhow::Result<()> {
+    signal(pid, "TERM")?;
+    let started = Instant::now();
+    while is_running(pid) && started.elapsed() < STOP_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if is_running(pid) {
+        signal(pid, "KILL")?;
+    }
+    Ok(())
+}

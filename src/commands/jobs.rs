@@ -1,0 +1,172 @@
+//! `flotilla submit` and `flotilla status`: the job API from the command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::convert::{job_state_name, spec_to_proto};
+use flotilla_proto::v1::{self, GetJobRequest, ListJobsRequest, SubmitJobRequest};
+use serde_json::{Value, json};
+
+use super::spec_file::{self, LoadError};
+use crate::cluster_file;
+use crate::output::{OutputFormat, print_json};
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// Path to the job spec (TOML).
+    pub spec: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// A job id (`job-7` or `7`); without it, every job.
+    pub job: Option<String>,
+}
+
+/// A client for the resolved cluster; call inside a tokio runtime context (channels connect lazily).
+fn client(coordinator: Option<&str>) -> anyhow::Result<ApiClient> {
+    let target = cluster_file::resolve(coordinator)?;
+    ApiClient::new(&target.addresses, &target.token).map_err(anyhow::Error::from)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let spec = match spec_file::load(&args.spec) {
+        Ok(spec) => spec,
+        Err(LoadError::Io(e)) => return Err(e),
+        Err(LoadError::Spec(e)) => anyhow::bail!("{}: {e}", args.spec.display()),
+    };
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let mut client = client(coordinator)?;
+    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec)), client_request_id: request_id()? };
+    let response = runtime
+        .block_on(client.call(|mut c| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        }))
+        .map_err(anyhow::Error::from)?;
+    if output == OutputFormat::Json {
+        print_json(&json!({ "id": response.job_id, "duplicate": response.duplicate, "served_by": response.served_by }));
+    }
+    // The contract (DESIGN §8): the job id alone on the last line of stdout.
+    println!("{}", response.job_id);
+    Ok(())
+}
+
+/// A fresh id for one submission; retries inside the client reuse it, so a submission whose
+/// answer was lost is not applied twice.
+fn request_id() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let mut client = client(coordinator)?;
+    match args.job {
+        Some(job) => {
+            let request = GetJobRequest { job_id: job };
+            let response = runtime
+                .block_on(client.call(|mut c| {
+                    let request = request.clone();
+                    async move { c.get_job(request).await }
+                }))
+                .map_err(anyhow::Error::from)?;
+            let job = response.job.context("the coordinator answered without a job")?;
+            match output {
+                OutputFormat::Json => print_json(&status_json(&job, response.served_by)),
+                OutputFormat::Text => print_table(&[job], response.served_by),
+            }
+        }
+        None => {
+            let (jobs, served_by) = runtime.block_on(list_all(&mut client))?;
+            match output {
+                OutputFormat::Json => {
+                    print_json(&Value::Array(jobs.iter().map(|j| status_json(j, served_by)).collect()))
+                }
+                OutputFormat::Text => print_table(&jobs, served_by),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pages through every job (the server caps each page).
+async fn list_all(client: &mut ApiClient) -> anyhow::Result<(Vec<v1::JobStatus>, u64)> {
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListJobsRequest { page_token: page_token.clone(), ..Default::default() };
+        let page = client
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.list_jobs(request).await }
+            })
+            .await
+            .map_err(anyhow::Error::from)?;
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return Ok((jobs, page.served_by));
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn state_name(job: &v1::JobStatus) -> &'static str {
+    v1::JobState::try_from(job.state).map_or("Unknown", job_state_name)
+}
+
+/// The `status --output json` object (DESIGN §8 names these keys; scripts rely on them).
+pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
+    let metrics = job.metrics.clone().unwrap_or_default();
+    json!({
+        "id": job.id,
+        "name": job.name,
+        "state": state_name(job),
+        "reason": job.reason,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "world_size": job.world_size,
+        "generation": job.generation,
+        "recoveries": job.recoveries,
+        "steps_lost": job.steps_lost,
+        "metrics": {
+            "val_accuracy": metrics.val_accuracy,
+            "val_loss": metrics.val_loss,
+            "train_loss": metrics.train_loss,
+            "samples_per_s": metrics.samples_per_s,
+        },
+        "cost_usd": job.cost_usd,
+        "served_by": served_by,
+        "submitted_at_unix_ms": job.submitted_at_unix_ms,
+        "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
+    println!("{:<10} {:<24} {:<12} {:>12} {:>6}  REASON", "ID", "NAME", "STATE", "STEP", "WORLD");
+    for job in jobs {
+        let steps =
+            if job.total_steps > 0 { format!("{}/{}", job.step, job.total_steps) } else { job.step.to_string() };
+        println!(
+            "{:<10} {:<24} {:<12} {:>12} {:>6}  {}",
+            job.id,
+            job.name,
+            state_name(job),
+            steps,
+            job.world_size,
+            job.reason
+        );
+    }
+    println!("({} job(s), served by coordinator node {served_by})", jobs.len());
+}
