@@ -40,10 +40,15 @@ enum Command {
     Submit(commands::jobs::SubmitArgs),
     /// Show one job, or every job.
     Status(commands::jobs::StatusArgs),
+    /// Cancel a job that has not finished.
+    Cancel(commands::jobs::CancelArgs),
     /// Check a job spec and print it normalised, with every default filled in.
     Validate(commands::validate::Args),
     /// Run one coordinator node in the foreground (what `up` starts).
     Coordinator(commands::coordinator::Args),
+    /// Load generator for scripts/bench/coordinator.sh.
+    #[command(hide = true)]
+    BenchSubmit(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,8 +61,10 @@ fn main() -> ExitCode {
         Command::Down(args) => done(commands::cluster::down(args, cli.output)),
         Command::Submit(args) => done(commands::jobs::submit(args, coordinator, cli.output)),
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
+        Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
         Command::Validate(args) => commands::validate::run(args, cli.output),
         Command::Coordinator(args) => done(commands::coordinator::run(args)),
+        Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
     };
     match result {
         Ok(code) => code,
@@ -72,5 +79,6 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flotilla=info,flotilla_coordinator=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }

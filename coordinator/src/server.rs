@@ -52,7 +52,7 @@ impl CoordinatorConfig {
         if !self.peers.contains_key(&self.id) {
             return Err(CoordinatorError::Config(format!("--peers must include this node's id {}", self.id)));
         }
-        if self.peers.len() % 2 == 0 {
+        if self.peers.len().is_multiple_of(2) {
             tracing::warn!(
                 nodes = self.peers.len(),
                 "an even number of coordinators tolerates no more failures than one fewer"

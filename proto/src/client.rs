@@ -24,7 +24,8 @@ pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Kept short: during an election the next node is usually ready within a few ticks.
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 

@@ -162,7 +162,12 @@ impl From<Status> for ApiError {
             .get(ERROR_KIND_KEY)
             .and_then(|v| v.to_str().ok())
             .and_then(|name| ErrorKind::ALL.into_iter().find(|k| k.name() == name));
-        let kind = named.unwrap_or_else(|| ErrorKind::from_code(status.code()));
+        let kind = named.unwrap_or_else(|| match status.code() {
+            // No kind attached: the status came from the transport (a connection reset mid-call,
+            // a peer that died), not from a coordinator's answer. Another node may serve it.
+            Code::Unknown | Code::Cancelled => ErrorKind::Unavailable,
+            code => ErrorKind::from_code(code),
+        });
         let leader_hint = metadata.get(LEADER_HINT_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
         ApiError { kind, message: status.message().to_string(), leader_hint }
     }
@@ -208,6 +213,7 @@ mod tests {
     fn foreign_statuses_map_by_code() {
         assert_eq!(ApiError::from(Status::unavailable("x")).kind, ErrorKind::Unavailable);
         assert_eq!(ApiError::from(Status::unimplemented("x")).kind, ErrorKind::Internal);
+        assert_eq!(ApiError::from(Status::unknown("transport error")).kind, ErrorKind::Unavailable);
         assert!(!ErrorKind::InvalidArgument.is_retryable());
     }
 }

@@ -128,7 +128,7 @@ fn state_name(job: &v1::JobStatus) -> &'static str {
 
 /// The `status --output json` object (DESIGN §8 names these keys; scripts rely on them).
 pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
-    let metrics = job.metrics.clone().unwrap_or_default();
+    let metrics = job.metrics.unwrap_or_default();
     json!({
         "id": job.id,
         "name": job.name,
@@ -169,4 +169,32 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
         );
     }
     println!("({} job(s), served by coordinator node {served_by})", jobs.len());
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// The job to cancel (`job-7` or `7`).
+    pub job: String,
+    /// Why; shown in `status`.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let mut client = client(coordinator)?;
+    let request = v1::CancelJobRequest { job_id: args.job, reason: args.reason };
+    let response = runtime
+        .block_on(client.call(|mut c| {
+            let request = request.clone();
+            async move { c.cancel_job(request).await }
+        }))
+        .map_err(anyhow::Error::from)?;
+    let job = response.job.context("the coordinator answered without a job")?;
+    match output {
+        OutputFormat::Json => print_json(&status_json(&job, 0)),
+        OutputFormat::Text => println!("{} {}", job.id, state_name(&job)),
+    }
+    Ok(())
 }

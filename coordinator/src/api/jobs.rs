@@ -68,7 +68,7 @@ impl JobService for JobApi {
         if let Some(problem) = unresolved.first() {
             return Err(status(invalid(problem.to_string())));
         }
-        let command = Command::SubmitJob { spec, client_request_id: request_id };
+        let command = Command::SubmitJob { spec: Box::new(spec), client_request_id: request_id };
         match self.node.propose(command).await.map_err(status)? {
             Applied::JobSubmitted { job_id, duplicate } => {
                 Ok(Response::new(SubmitJobResponse { job_id: job_id.to_string(), duplicate, served_by: self.node.id }))

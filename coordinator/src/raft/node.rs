@@ -47,6 +47,11 @@ pub enum Request {
     LocalRead(ReadFn),
     Raft(Vec<Message>),
     Unreachable(u64),
+    /// How sending a snapshot to a peer ended (raft-rs pauses the peer until it knows).
+    SnapshotSent {
+        peer: u64,
+        delivered: bool,
+    },
 }
 
 /// What the node publishes about itself after every round.
@@ -119,6 +124,10 @@ impl NodeHandle {
 
     pub fn report_unreachable(&self, peer: u64) {
         let _ = self.requests.try_send(Request::Unreachable(peer));
+    }
+
+    pub fn report_snapshot(&self, peer: u64, delivered: bool) {
+        let _ = self.requests.try_send(Request::SnapshotSent { peer, delivered });
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -205,7 +214,7 @@ impl NodeTask {
                 }
             }
             while self.replica.has_ready() {
-                let output = self.replica.advance()?;
+                let output = self.replica.advance_sending(&mut |messages| send_grouped(&mut outbox, messages))?;
                 self.dispatch(output, &mut outbox);
             }
             self.after_round();
@@ -223,6 +232,10 @@ impl NodeTask {
                 }
             }
             Request::Unreachable(peer) => self.replica.report_unreachable(peer),
+            Request::SnapshotSent { peer, delivered } => {
+                let status = if delivered { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+                self.replica.report_snapshot(peer, status);
+            }
         }
         Ok(())
     }
@@ -271,9 +284,7 @@ impl NodeTask {
     }
 
     fn dispatch(&mut self, output: Output, outbox: &mut impl Outbox) {
-        for (to, messages) in group_by_destination(output.messages) {
-            outbox.send(to, messages);
-        }
+        send_grouped(outbox, output.messages);
         for committed in output.committed {
             let Some(reply) = committed.proposal.and_then(|id| self.proposals.remove(&id)) else { continue };
             let _ = reply.send(committed.outcome.map_err(rejected_to_api));
@@ -327,6 +338,12 @@ impl NodeTask {
 
     fn not_leader(&self) -> ApiError {
         ApiError::not_leader(self.replica.leader_id().and_then(|id| self.addresses.get(&id).cloned()))
+    }
+}
+
+fn send_grouped(outbox: &mut impl Outbox, messages: Vec<Message>) {
+    for (to, messages) in group_by_destination(messages) {
+        outbox.send(to, messages);
     }
 }
 

@@ -195,18 +195,40 @@ impl Replica {
         self.node.report_unreachable(peer);
     }
 
+    /// Tells raft-rs how sending a `MsgSnapshot` to `peer` ended. The transport must report
+    /// every snapshot it was handed: until it does, the leader sends that peer nothing else, so
+    /// a lost snapshot would stall the peer until the leadership changes.
+    pub fn report_snapshot(&mut self, peer: u64, status: raft::SnapshotStatus) {
+        self.node.report_snapshot(peer, status);
+    }
+
     pub fn has_ready(&self) -> bool {
         self.node.has_ready()
     }
 
-    /// Handles one Ready completely (see the module docs for the order).
+    /// Handles one Ready completely (see the module docs for the order); every message is
+    /// returned in [`Output::messages`].
     pub fn advance(&mut self) -> Result<Output, ReplicaError> {
+        let mut early = Vec::new();
+        let mut out = self.advance_sending(&mut |messages| early.extend(messages))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// Like [`Replica::advance`], but hands the messages raft-rs allows to go out before
+    /// persisting (a leader's appends) to `send_now` first, so the followers' fsyncs overlap
+    /// the leader's own.
+    pub fn advance_sending(&mut self, send_now: &mut dyn FnMut(Vec<Message>)) -> Result<Output, ReplicaError> {
         let mut out = Output::default();
         if !self.node.has_ready() {
             return Ok(out);
         }
         let mut ready = self.node.ready();
-        out.messages.extend(ready.take_messages());
+        let early = ready.take_messages();
+        if !early.is_empty() {
+            send_now(early);
+        }
         let incoming = if ready.snapshot().get_metadata().index > 0 { Some(ready.snapshot().clone()) } else { None };
         if let Some(snapshot) = &incoming {
             self.restore(snapshot)?;

@@ -160,8 +160,7 @@ impl RaftStore {
         if !self.cache().conf_state.voters.is_empty() {
             return Ok(());
         }
-        let mut conf_state = ConfState::default();
-        conf_state.voters = voters.to_vec();
+        let conf_state = ConfState { voters: voters.to_vec(), ..Default::default() };
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert(KEY_CONF_STATE, encode(&conf_state).as_slice())?;
         txn.commit()?;
@@ -177,8 +176,18 @@ impl RaftStore {
         entries: &[Entry],
         hard_state: Option<&HardState>,
     ) -> Result<(), StoreError> {
-        if snapshot.is_none() && entries.is_empty() && hard_state.is_none() {
-            return Ok(());
+        if snapshot.is_none() && entries.is_empty() {
+            let mut cache = self.cache();
+            match hard_state {
+                None => return Ok(()),
+                // Only the commit index moved: no fsync on the commit path. A lower commit
+                // index after a crash is safe (the leader re-sends it); term and vote are not.
+                Some(hs) if hs.term == cache.hard_state.term && hs.vote == cache.hard_state.vote => {
+                    cache.hard_state.commit = cache.hard_state.commit.max(hs.commit);
+                    return Ok(());
+                }
+                Some(_) => {}
+            }
         }
         let mut next = self.cache().clone();
         let txn = self.db.begin_write()?;
@@ -242,10 +251,8 @@ impl RaftStore {
         if index <= next.snapshot.index {
             return Ok(());
         }
-        let mut meta_value = SnapshotMetadata::default();
-        meta_value.index = index;
-        meta_value.term = term;
-        meta_value.set_conf_state(next.conf_state.clone());
+        let meta_value =
+            SnapshotMetadata { index, term, conf_state: Some(next.conf_state.clone()).into(), ..Default::default() };
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -367,11 +374,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry { index, term, data: format!("e{index}").into_bytes().into(), ..Default::default() }
     }
 
     #[test]
@@ -381,10 +384,7 @@ mod tests {
         {
             let store = RaftStore::open(&path).expect("open");
             store.bootstrap(&[1, 2, 3]).expect("bootstrap");
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.vote = 1;
-            hs.commit = 2;
+            let hs = HardState { term: 2, vote: 1, commit: 2, ..Default::default() };
             store.persist(None, &[entry(1, 1), entry(2, 1), entry(3, 2)], Some(&hs)).expect("persist");
             // A new leader overwrites index 3 onwards.
             store.persist(None, &[entry(3, 3), entry(4, 3)], None).expect("overwrite");

@@ -30,6 +30,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct PeerTransport {
     queues: BTreeMap<u64, mpsc::Sender<Vec<Message>>>,
+    node: NodeHandle,
 }
 
 impl PeerTransport {
@@ -54,14 +55,20 @@ impl PeerTransport {
             tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), client, rx));
             queues.insert(id, tx);
         }
-        Ok(PeerTransport { queues })
+        Ok(PeerTransport { queues, node })
     }
 }
 
 impl Outbox for PeerTransport {
     fn send(&mut self, to: u64, messages: Vec<Message>) {
-        if let Some(queue) = self.queues.get(&to) {
-            let _ = queue.try_send(messages);
+        let Some(queue) = self.queues.get(&to) else { return };
+        if let Err(full) = queue.try_send(messages) {
+            let dropped = match full {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            for m in dropped.iter().filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot) {
+                self.node.report_snapshot(m.to, false);
+            }
         }
     }
 }
@@ -77,25 +84,33 @@ async fn peer_loop(
 ) {
     while let Some(first) = rx.recv().await {
         let mut encoded = Vec::new();
-        let mut bytes = encode_into(first, &mut encoded);
+        let mut snapshots = 0;
+        let mut bytes = encode_into(first, &mut encoded, &mut snapshots);
         while bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
-                Ok(more) => bytes += encode_into(more, &mut encoded),
+                Ok(more) => bytes += encode_into(more, &mut encoded, &mut snapshots),
                 Err(_) => break,
             }
         }
         let batch = RaftBatch { cluster_id: cluster_id.clone(), from: node.id, to, messages: encoded };
-        if client.send(batch).await.is_err() {
+        let delivered = client.send(batch).await.is_ok();
+        for _ in 0..snapshots {
+            node.report_snapshot(to, delivered);
+        }
+        if !delivered {
             node.report_unreachable(to);
             tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 }
 
-/// Encodes `messages` onto `out`; returns the bytes added.
-fn encode_into(messages: Vec<Message>, out: &mut Vec<Vec<u8>>) -> usize {
+/// Encodes `messages` onto `out`; returns the bytes added and counts snapshots in `snapshots`.
+fn encode_into(messages: Vec<Message>, out: &mut Vec<Vec<u8>>, snapshots: &mut usize) -> usize {
     let mut bytes = 0;
     for message in messages {
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            *snapshots += 1;
+        }
         let encoded = message.write_to_bytes().expect("encoding a raft message into memory cannot fail");
         bytes += encoded.len();
         out.push(encoded);

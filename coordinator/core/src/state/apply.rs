@@ -24,7 +24,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 job_id,
                 Job {
                     id: job_id,
-                    spec,
+                    spec: *spec,
                     state: JobState::Pending,
                     reason: "waiting for workers".to_string(),
                     client_request_id,

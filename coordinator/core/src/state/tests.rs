@@ -13,7 +13,10 @@ fn submit(state: &mut State, index: u64, request: &str) -> Result<Applied, Rejec
     apply(
         state,
         index,
-        Envelope::new(1000 + index, Command::SubmitJob { spec: spec("j"), client_request_id: request.into() }),
+        Envelope::new(
+            1000 + index,
+            Command::SubmitJob { spec: Box::new(spec("j")), client_request_id: request.into() },
+        ),
     )
 }
 

@@ -180,7 +180,7 @@ impl Envelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
-    SubmitJob { spec: JobSpec, client_request_id: String },
+    SubmitJob { spec: Box<JobSpec>, client_request_id: String },
     CancelJob { job_id: JobId, reason: String },
     RegisterWorker { info: WorkerInfo },
     WorkerLost { worker_id: WorkerId },

@@ -1,0 +1,247 @@
+//! The coordinator's gRPC surface under bad input: a real single-node coordinator on loopback
+//! receives garbage, truncated, oversized and unauthenticated requests, refuses each with a
+//! clear error, and keeps serving.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_coordinator::server::{self, CoordinatorConfig};
+use flotilla_core::spec::JobSpec;
+use flotilla_proto::auth::BearerAuth;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::convert::spec_to_proto;
+use flotilla_proto::v1::raft_service_client::RaftServiceClient;
+use flotilla_proto::v1::{GetJobRequest, ListJobsRequest, RaftBatch, SubmitJobRequest};
+use flotilla_proto::{ApiError, ErrorKind};
+use protobuf::Message as _;
+use tonic::Code;
+
+const TOKEN: &str = "api-token";
+const PEER_TOKEN: &str = "peer-token";
+
+struct Node {
+    address: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn free_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    listener.local_addr().expect("local addr")
+}
+
+/// A node of a 3-node configuration whose other peers (2, 3) never answer; it is a follower,
+/// which is enough to exercise decoding and authentication. With `single`, a 1-node cluster.
+async fn start(single: bool) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = free_address();
+    let mut peers = BTreeMap::from([(1, listen.to_string())]);
+    if !single {
+        peers.insert(2, free_address().to_string());
+        peers.insert(3, free_address().to_string());
+    }
+    let config = CoordinatorConfig {
+        id: 1,
+        listen,
+        peers,
+        data_dir: dir.path().to_path_buf(),
+        cluster_id: "test".into(),
+        api_token: TOKEN.into(),
+        peer_token: PEER_TOKEN.into(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(server::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let node = Node { address: listen.to_string(), _dir: dir, stop: Some(stop) };
+    let mut client = ApiClient::new(&node.address, TOKEN).expect("client");
+    client.deadline = Duration::from_secs(10);
+    if single {
+        client.call(|mut c| async move { c.list_jobs(ListJobsRequest::default()).await }).await.expect("node answers");
+    }
+    node
+}
+
+fn spec() -> JobSpec {
+    JobSpec::from_toml_str(
+        "name = \"t\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 1 }\n",
+    )
+    .expect("valid spec")
+}
+
+async fn raft_client(
+    address: &str,
+    token: &str,
+) -> RaftServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerAuth>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("endpoint");
+    let mut attempts = 0;
+    let channel = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            // The server starts in the background; give it up to 5 s.
+            Err(e) if attempts < 100 => {
+                attempts += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("coordinator never listened on {address}: {e}"),
+        }
+    };
+    RaftServiceClient::with_interceptor(channel, BearerAuth::new(token).expect("token"))
+        .max_encoding_message_size(usize::MAX)
+}
+
+fn batch(messages: Vec<Vec<u8>>) -> RaftBatch {
+    RaftBatch { cluster_id: "test".into(), from: 2, to: 1, messages }
+}
+
+fn heartbeat() -> Vec<u8> {
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    m.from = 2;
+    m.to = 1;
+    m.term = 1;
+    m.write_to_bytes().expect("encode")
+}
+
+#[tokio::test]
+async fn bad_peer_messages_are_refused_and_the_node_keeps_serving() {
+    let node = start(false).await;
+    let mut peer = raft_client(&node.address, PEER_TOKEN).await;
+    let cases: Vec<(&str, RaftBatch, Code)> = vec![
+        ("garbage bytes", batch(vec![vec![0xff, 0xfe, 0x01, 0x80]]), Code::InvalidArgument),
+        ("truncated message", batch(vec![heartbeat()[..3].to_vec()]), Code::InvalidArgument),
+        ("wrong recipient", RaftBatch { to: 9, ..batch(vec![heartbeat()]) }, Code::InvalidArgument),
+        ("unknown sender", RaftBatch { from: 7, ..batch(vec![heartbeat()]) }, Code::InvalidArgument),
+        ("other cluster", RaftBatch { cluster_id: "x".into(), ..batch(vec![heartbeat()]) }, Code::PermissionDenied),
+        ("oversized batch", batch(vec![vec![0u8; 65 * 1024 * 1024]]), Code::OutOfRange),
+    ];
+    for (what, request, code) in cases {
+        let status = peer.send(request).await.expect_err(what);
+        let expected =
+            if code == Code::OutOfRange { [Code::OutOfRange, Code::ResourceExhausted] } else { [code, code] };
+        assert!(expected.contains(&status.code()), "{what}: {status:?}");
+    }
+    let mut stranger = raft_client(&node.address, "wrong").await;
+    assert_eq!(stranger.send(batch(vec![heartbeat()])).await.expect_err("bad token").code(), Code::Unauthenticated);
+    // A well-formed message is still accepted after all of that.
+    peer.send(batch(vec![heartbeat()])).await.expect("valid heartbeat accepted");
+}
+
+#[tokio::test]
+async fn bad_api_requests_are_refused_with_the_field_named() {
+    let node = start(true).await;
+    let mut client = ApiClient::new(&node.address, TOKEN).expect("client");
+    let submit = |request: SubmitJobRequest| {
+        move |mut c: flotilla_proto::client::JobClient| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        }
+    };
+    let mut bad = spec_to_proto(&spec());
+    bad.workers = Some(flotilla_proto::v1::WorkersSpec { min: 4, max: 2, gpus: 0 });
+    let err: ApiError = client
+        .call(submit(SubmitJobRequest { spec: Some(bad), client_request_id: "r1".into() }))
+        .await
+        .expect_err("min > max");
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    assert!(err.message.contains("workers.min"), "{err}");
+
+    let mut relative = spec_to_proto(&spec());
+    relative.data.as_mut().expect("data").train = "data/x.csv".into();
+    relative.data.as_mut().expect("data").format = flotilla_proto::v1::DataFormat::Csv.into();
+    let err = client
+        .call(submit(SubmitJobRequest { spec: Some(relative), client_request_id: "r2".into() }))
+        .await
+        .expect_err("relative path");
+    assert!(err.message.contains("data.train") && err.message.contains("relative"), "{err}");
+
+    let err = client
+        .call(submit(SubmitJobRequest { spec: None, client_request_id: "r3".into() }))
+        .await
+        .expect_err("no spec");
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    let err = client
+        .call(submit(SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: String::new() }))
+        .await
+        .expect_err("no request id");
+    assert!(err.message.contains("client_request_id"), "{err}");
+
+    let mut huge = spec_to_proto(&spec());
+    huge.name = "x".repeat(5 * 1024 * 1024);
+    let err = client
+        .call(submit(SubmitJobRequest { spec: Some(huge), client_request_id: "r4".into() }))
+        .await
+        .expect_err("oversized request");
+    assert!(
+        matches!(err.kind, ErrorKind::InvalidArgument | ErrorKind::ResourceExhausted | ErrorKind::Internal),
+        "{err:?}"
+    );
+
+    let err = client
+        .call(|mut c| async move { c.get_job(GetJobRequest { job_id: "job-x".into() }).await })
+        .await
+        .expect_err("bad id");
+    assert!(err.message.contains("job_id"), "{err}");
+
+    let mut stranger = ApiClient::new(&node.address, "wrong").expect("client");
+    let err =
+        stranger.call(|mut c| async move { c.list_jobs(ListJobsRequest::default()).await }).await.expect_err("token");
+    assert_eq!(err.kind, ErrorKind::Unauthenticated);
+
+    // Still serving, and idempotent: the same request id gives the same job.
+    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: "ok".into() };
+    let first = client.call(submit(request.clone())).await.expect("submit");
+    let again = client.call(submit(request)).await.expect("resubmit");
+    assert_eq!((first.job_id.as_str(), first.duplicate), ("job-1", false));
+    assert_eq!((again.job_id.as_str(), again.duplicate), ("job-1", true));
+    let jobs = client.call(|mut c| async move { c.list_jobs(ListJobsRequest::default()).await }).await.expect("list");
+    assert_eq!(jobs.jobs.len(), 1);
+}
+
+#[tokio::test]
+async fn watch_streams_changes_until_the_job_ends() {
+    use flotilla_proto::v1::{CancelJobRequest, WatchJobRequest};
+    let node = start(true).await;
+    let mut client = ApiClient::new(&node.address, TOKEN).expect("client");
+    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: "w".into() };
+    let job = client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        })
+        .await
+        .expect("submit");
+    let job_id = job.job_id.clone();
+    let mut stream = client
+        .call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.watch_job(WatchJobRequest { job_id }).await }
+        })
+        .await
+        .expect("watch");
+    let first = stream.message().await.expect("stream").expect("first update");
+    assert_eq!(first.job.expect("job").state, flotilla_proto::v1::JobState::Pending as i32);
+    let job_id = job.job_id.clone();
+    client
+        .call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.cancel_job(CancelJobRequest { job_id, reason: "done".into() }).await }
+        })
+        .await
+        .expect("cancel");
+    let update = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("update in time");
+    let update = update.expect("stream").expect("second update");
+    assert_eq!(update.job.expect("job").state, flotilla_proto::v1::JobState::Cancelled as i32);
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("end in time");
+    assert!(end.expect("clean end").is_none(), "the stream ends with the job");
+}

@@ -1,0 +1,141 @@
+//! `flotilla bench-submit` (hidden): load generator for `scripts/bench/coordinator.sh`.
+//!
+//! Submits jobs from N concurrent clients against the resolved cluster and prints one JSON line
+//! with throughput and latency percentiles. With `--kill-leader`, one client keeps submitting
+//! while the leader named in the last acknowledgement is killed with SIGKILL (its pid from
+//! `.flotilla/cluster.toml`); the line then reports the time to the next acknowledged write.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_core::spec::JobSpec;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::convert::spec_to_proto;
+use flotilla_proto::v1::{SubmitJobRequest, SubmitJobResponse};
+use serde_json::json;
+
+use crate::cluster_file::{self, ClusterFile};
+
+/// Concurrent clients at most.
+const CLIENTS_MAX: usize = 256;
+/// Submissions in one run at most.
+const OPS_MAX: usize = 1_000_000;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub ops: usize,
+    /// Measure failover instead: kill the leader mid-run and time the next acknowledged write.
+    #[arg(long)]
+    pub kill_leader: bool,
+}
+
+fn spec() -> JobSpec {
+    JobSpec::from_toml_str(
+        "name = \"bench\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 1 }\n",
+    )
+    .expect("the benchmark's spec is valid")
+}
+
+async fn submit(client: &mut ApiClient, request_id: String) -> anyhow::Result<SubmitJobResponse> {
+    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: request_id };
+    client
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        })
+        .await
+        .map_err(anyhow::Error::from)
+}
+
+fn percentile_ms(sorted: &[Duration], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
+    if args.clients == 0 || args.clients > CLIENTS_MAX || args.ops == 0 || args.ops > OPS_MAX {
+        bail!("--clients must be 1 to {CLIENTS_MAX} and --ops 1 to {OPS_MAX}");
+    }
+    let target = cluster_file::resolve(coordinator)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _context = runtime.enter();
+    let run_id = format!("{}", flotilla_coordinator::raft::node::now_unix_ms());
+    if args.kill_leader {
+        return runtime.block_on(failover(target, run_id));
+    }
+    let target = Arc::new(target);
+    let started = Instant::now();
+    let per_client = args.ops.div_ceil(args.clients);
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let target = target.clone();
+            let run_id = run_id.clone();
+            tokio::spawn(async move {
+                let mut client = ApiClient::new(&target.addresses, &target.token)?;
+                let mut latencies = Vec::with_capacity(per_client);
+                for i in 0..per_client {
+                    let t = Instant::now();
+                    submit(&mut client, format!("bench-{run_id}-{c}-{i}")).await?;
+                    latencies.push(t.elapsed());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(runtime.block_on(task).context("client task")??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    println!(
+        "{}",
+        json!({
+            "bench": "coordinator_submit",
+            "clients": args.clients,
+            "ops": latencies.len(),
+            "seconds": elapsed.as_secs_f64(),
+            "ops_per_s": latencies.len() as f64 / elapsed.as_secs_f64(),
+            "p50_ms": percentile_ms(&latencies, 0.50),
+            "p99_ms": percentile_ms(&latencies, 0.99),
+        })
+    );
+    Ok(())
+}
+
+async fn failover(target: cluster_file::Target, run_id: String) -> anyhow::Result<()> {
+    let cluster =
+        ClusterFile::load(&cluster_file::home())?.context("--kill-leader needs a local cluster (flotilla up)")?;
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut leader = 0;
+    for i in 0..50 {
+        leader = submit(&mut client, format!("failover-{run_id}-warm-{i}")).await?.served_by;
+    }
+    let pid = cluster
+        .coordinators
+        .iter()
+        .find(|c| c.id == leader)
+        .and_then(|c| c.pid)
+        .with_context(|| format!("no pid recorded for leader node {leader}"))?;
+    let killed_at = Instant::now();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().context("cannot run kill")?;
+    let response = submit(&mut client, format!("failover-{run_id}-after")).await?;
+    let failover = killed_at.elapsed();
+    println!(
+        "{}",
+        json!({
+            "bench": "coordinator_failover",
+            "killed_node": leader,
+            "new_leader": response.served_by,
+            "failover_ms": failover.as_secs_f64() * 1000.0,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `flotilla up / submit / status / down` as a user runs them: the real binary, a 3-node local
+//! cluster in a temporary FLOTILLA_HOME.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn flotilla(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env("FLOTILLA_HOME", home)
+        .env_remove("FLOTILLA_COORDINATOR")
+        .env_remove("FLOTILLA_TOKEN")
+        .output()
+        .expect("the flotilla binary runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Stops the cluster even when an assertion fails.
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = flotilla(self.0, &["down", "--purge"]);
+    }
+}
+
+#[test]
+fn up_submit_status_down_and_up_again_keeps_jobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let up = ok(flotilla(&home, &["up", "--coordinators", "3", "--output", "json"]));
+    let up: serde_json::Value = serde_json::from_str(&up).expect("up prints JSON");
+    assert_eq!(up["coordinators"].as_array().map(Vec::len), Some(3));
+    assert!(home.join("cluster.toml").exists());
+
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mnist-mlp.toml");
+    let submitted = ok(flotilla(&home, &["submit", example.to_str().expect("utf-8")]));
+    let job_id = submitted.lines().last().expect("the job id is on the last line").trim().to_string();
+    assert_eq!(job_id, "job-1");
+
+    let status = ok(flotilla(&home, &["status", &job_id, "--output", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status prints one JSON object");
+    for key in [
+        "id",
+        "name",
+        "state",
+        "reason",
+        "step",
+        "total_steps",
+        "world_size",
+        "generation",
+        "recoveries",
+        "steps_lost",
+        "metrics",
+        "cost_usd",
+        "served_by",
+    ] {
+        assert!(status.get(key).is_some(), "status JSON lacks `{key}`: {status}");
+    }
+    assert_eq!(status["state"], "Pending");
+    assert_eq!(status["name"], "mnist-mlp");
+    assert!(status["metrics"].get("val_accuracy").is_some());
+
+    let missing = flotilla(&home, &["status", "job-42"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("job-42 does not exist"));
+
+    let cancelled = ok(flotilla(&home, &["cancel", &job_id, "--reason", "test over"]));
+    assert_eq!(cancelled.trim(), "job-1 Cancelled");
+    let again = flotilla(&home, &["cancel", &job_id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already Cancelled"), "cancelling twice is refused");
+
+    ok(flotilla(&home, &["down"]));
+    ok(flotilla(&home, &["up", "--coordinators", "3"]));
+    let all = ok(flotilla(&home, &["status", "--output", "json"]));
+    let all: serde_json::Value = serde_json::from_str(&all).expect("status prints an array");
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "the job survived down/up: {all}");
+    let again = flotilla(&home, &["up", "--coordinators", "3"]);
+    assert!(!again.status.success(), "a second `up` on a running cluster is refused");
+}
