@@ -44,11 +44,19 @@ enum Command {
     Cancel(commands::jobs::CancelArgs),
     /// Check a job spec and print it normalised, with every default filled in.
     Validate(commands::validate::Args),
+    /// Train a job standalone on this machine with N local worker processes.
+    Train(commands::train::Args),
+    /// One rank of `flotilla train` (started by it).
+    #[command(hide = true)]
+    TrainRank(commands::train::RankArgs),
     /// Run one coordinator node in the foreground (what `up` starts).
     Coordinator(commands::coordinator::Args),
     /// Load generator for scripts/bench/coordinator.sh.
     #[command(hide = true)]
     BenchSubmit(commands::bench::Args),
+    /// All-reduce bandwidth benchmark for scripts/bench/allreduce.sh.
+    #[command(hide = true)]
+    BenchAllreduce(commands::bench_collective::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,8 +71,11 @@ fn main() -> ExitCode {
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
         Command::Validate(args) => commands::validate::run(args, cli.output),
+        Command::Train(args) => done(commands::train::run(args, cli.output)),
+        Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),
         Command::Coordinator(args) => done(commands::coordinator::run(args)),
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
+        Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,8 @@ pub mod limits;
 
 pub use error::{ApiError, ErrorKind};
 pub use flotilla_core::ids::{IdParseError, JobId, NodeId, WorkerId};
+/// The job-spec types (defined in the pure core), re-exported so workers need only this crate.
+pub use flotilla_core::spec;
 
 /// Generated messages and services of package `flotilla.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -2,8 +2,10 @@
 //! for reading job specs live in `spec_file`.
 
 pub mod bench;
+pub mod bench_collective;
 pub mod cluster;
 pub mod coordinator;
 pub mod jobs;
 pub mod spec_file;
+pub mod train;
 pub mod validate;

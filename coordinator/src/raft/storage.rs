@@ -253,11 +253,15 @@ impl RaftStore {
         }
         let meta_value =
             SnapshotMetadata { index, term, conf_state: Some(next.conf_state.clone()).into(), ..Default::default() };
+        // The HardState on disk must not end below the snapshot (raft-rs refuses to start with
+        // a commit index under the first log index); the cached commit may not be on disk yet.
+        next.hard_state.commit = next.hard_state.commit.max(index);
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(KEY_SNAPSHOT_META, encode(&meta_value).as_slice())?;
             meta.insert(KEY_SNAPSHOT_DATA, data)?;
+            meta.insert(KEY_HARD_STATE, encode(&next.hard_state).as_slice())?;
             txn.open_table(ENTRIES)?.retain_in(..=index, |_, _| false)?;
         }
         txn.commit()?;

@@ -1,0 +1,175 @@
+//! The checkpoint format: named parts under an object-store prefix, and a MANIFEST written last.
+//!
+//! ```text
+//!   <prefix>/model      flat parameters (f32, little-endian, module order)
+//!   <prefix>/optim      optimizer state
+//!   <prefix>/meta       JSON: step, data cursor, metrics, spec fingerprint
+//!   <prefix>/MANIFEST   JSON: format version, and each part's size and SHA-256  <- written last
+//! ```
+//!
+//! A checkpoint exists only once its MANIFEST exists: a crash in the middle of a save leaves
+//! parts without a manifest, which [`read`] refuses as partial. Reading verifies every part's
+//! size and checksum, so a truncated or corrupted part is refused with the part named, never
+//! loaded. Which checkpoints count for resume is decided elsewhere (the coordinator records
+//! them through Raft); this module only writes and verifies bytes.
+
+pub mod state;
+pub mod store;
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Format written by this build; readers accept it and refuse newer ones.
+pub const FORMAT: &str = "flotilla-checkpoint-v1";
+pub const MANIFEST: &str = "MANIFEST";
+/// Parts in one checkpoint at most.
+pub const PARTS_MAX: usize = 64;
+/// Bytes of one part at most (16 GiB: a 4-billion-parameter model in f32).
+pub const PART_BYTES_MAX: u64 = 16 << 30;
+/// Bytes of a MANIFEST at most.
+const MANIFEST_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartEntry {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the part's bytes.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub parts: Vec<PartEntry>,
+}
+
+impl Manifest {
+    pub fn total_bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.size_bytes).sum()
+    }
+
+    /// Hex SHA-256 of the manifest itself: identifies the whole checkpoint.
+    pub fn fingerprint(&self) -> String {
+        hex(&Sha256::digest(self.encode()))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a manifest is plain data")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint at {prefix} is partial: it has no {MANIFEST} (the save did not finish)")]
+    Partial { prefix: String },
+    #[error("checkpoint at {prefix} is corrupt: {reason}")]
+    Corrupt { prefix: String, reason: String },
+    #[error("checkpoint at {prefix} has format `{found}`; this build reads {FORMAT}")]
+    Format { prefix: String, found: String },
+    #[error("checkpoint store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("checkpoint URI `{uri}`: {reason}")]
+    Uri { uri: String, reason: String },
+    #[error("invalid checkpoint: {0}")]
+    Invalid(String),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn part_path(prefix: &Path, name: &str) -> Path {
+    prefix.clone().join(name)
+}
+
+/// Writes `parts` under `prefix`, then the MANIFEST. Returns the manifest written.
+pub async fn write(store: &dyn ObjectStore, prefix: &Path, parts: &[(&str, Bytes)]) -> Result<Manifest, CheckpointError> {
+    if parts.is_empty() || parts.len() > PARTS_MAX {
+        return Err(CheckpointError::Invalid(format!("{} parts; 1 to {PARTS_MAX} allowed", parts.len())));
+    }
+    let mut entries = Vec::with_capacity(parts.len());
+    for (name, bytes) in parts {
+        let valid = !name.is_empty() && *name != MANIFEST && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid || bytes.len() as u64 > PART_BYTES_MAX {
+            return Err(CheckpointError::Invalid(format!("part `{name}` ({} bytes)", bytes.len())));
+        }
+        entries.push(PartEntry {
+            name: name.to_string(),
+            size_bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(bytes)),
+        });
+        store.put(&part_path(prefix, name), PutPayload::from_bytes(bytes.clone())).await?;
+    }
+    let manifest = Manifest { format: FORMAT.to_string(), parts: entries };
+    store.put(&part_path(prefix, MANIFEST), PutPayload::from(manifest.encode())).await?;
+    Ok(manifest)
+}
+
+/// Reads and verifies the checkpoint under `prefix`: every part named by the MANIFEST, with
+/// its size and checksum checked.
+pub async fn read(store: &dyn ObjectStore, prefix: &Path) -> Result<(Manifest, BTreeMap<String, Bytes>), CheckpointError> {
+    let manifest = read_manifest(store, prefix).await?;
+    let mut parts = BTreeMap::new();
+    for entry in &manifest.parts {
+        let corrupt = |reason: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason };
+        let bytes = match store.get(&part_path(prefix, &entry.name)).await {
+            Ok(got) => got.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Err(corrupt(format!("part `{}` is missing", entry.name))),
+            Err(e) => return Err(e.into()),
+        };
+        if bytes.len() as u64 != entry.size_bytes {
+            return Err(corrupt(format!("part `{}` has {} bytes, the manifest says {}", entry.name, bytes.len(), entry.size_bytes)));
+        }
+        if hex(&Sha256::digest(&bytes)) != entry.sha256 {
+            return Err(corrupt(format!("part `{}` does not match its checksum", entry.name)));
+        }
+        parts.insert(entry.name.clone(), bytes);
+    }
+    Ok((manifest, parts))
+}
+
+/// Reads and checks the MANIFEST alone (cheap: used to find the newest complete checkpoint).
+pub async fn read_manifest(store: &dyn ObjectStore, prefix: &Path) -> Result<Manifest, CheckpointError> {
+    let bytes = match store.get(&part_path(prefix, MANIFEST)).await {
+        Ok(got) => got.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Err(CheckpointError::Partial { prefix: prefix.to_string() }),
+        Err(e) => return Err(e.into()),
+    };
+    let corrupt = |reason: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason };
+    if bytes.len() > MANIFEST_BYTES_MAX {
+        return Err(corrupt(format!("{MANIFEST} is {} bytes", bytes.len())));
+    }
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("{MANIFEST}: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(CheckpointError::Format { prefix: prefix.to_string(), found: manifest.format });
+    }
+    if manifest.parts.is_empty() || manifest.parts.len() > PARTS_MAX {
+        return Err(corrupt(format!("{MANIFEST} lists {} parts", manifest.parts.len())));
+    }
+    Ok(manifest)
+}
+
+/// f32 values as little-endian bytes (the `model` and `optim` part encoding).
+pub fn f32_to_bytes(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// The inverse of [`f32_to_bytes`]; `what` names the part in the error.
+pub fn bytes_to_f32(bytes: &[u8], what: &str) -> Result<Vec<f32>, CheckpointError> {
+    if bytes.len() % 4 != 0 {
+        return Err(CheckpointError::Invalid(format!("part `{what}` is {} bytes, not a whole number of f32", bytes.len())));
+    }
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+use super::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().build().expect("runtime")
+}
+
+fn parts() -> Vec<(&'static str, Bytes)> {
+    vec![
+        ("model", f32_to_bytes(&[1.0, -2.5, 3.25])),
+        ("optim", f32_to_bytes(&[0.0; 7])),
+        ("meta", Bytes::from_static(b"{\"step\":7}")),
+    ]
+}
+
+#[test]
+fn a_written_checkpoint_reads_back_verified() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, prefix) = store::open(dir.path().to_str().expect("utf-8")).expect("store");
+    let prefix = prefix.join("ckpt").join("7");
+    let rt = runtime();
+    let written = rt.block_on(write(store.as_ref(), &prefix, &parts())).expect("write");
+    assert_eq!(written.total_bytes(), 12 + 28 + 10);
+    let (manifest, read_parts) = rt.block_on(read(store.as_ref(), &prefix)).expect("read");
+    assert_eq!(manifest, written);
+    assert_eq!(bytes_to_f32(&read_parts["model"], "model").expect("f32"), [1.0, -2.5, 3.25]);
+    assert!(dir.path().join("ckpt/7/MANIFEST").exists());
+}
+
+#[test]
+fn partial_truncated_and_corrupted_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, root) = store::open(dir.path().to_str().expect("utf-8")).expect("store");
+    let rt = runtime();
+    let prefix = root.clone().join("c");
+    rt.block_on(write(store.as_ref(), &prefix, &parts())).expect("write");
+    let on_disk = dir.path().join("c");
+
+    // Corrupt one byte of a part: refused, and the part is named.
+    let model = on_disk.join("model");
+    let mut bytes = std::fs::read(&model).expect("read part");
+    bytes[0] ^= 0xff;
+    std::fs::write(&model, &bytes).expect("corrupt");
+    let err = rt.block_on(read(store.as_ref(), &prefix)).expect_err("corrupt part");
+    assert!(err.to_string().contains("`model` does not match its checksum"), "{err}");
+
+    // Truncate it: refused with the sizes.
+    std::fs::write(&model, &bytes[..5]).expect("truncate");
+    let err = rt.block_on(read(store.as_ref(), &prefix)).expect_err("truncated part");
+    assert!(err.to_string().contains("has 5 bytes"), "{err}");
+
+    // Delete the manifest: the checkpoint is partial.
+    std::fs::remove_file(on_disk.join(MANIFEST)).expect("remove manifest");
+    let err = rt.block_on(read(store.as_ref(), &prefix)).expect_err("no manifest");
+    assert!(matches!(err, CheckpointError::Partial { .. }), "{err}");
+
+    // A garbage manifest is corrupt, not a panic.
+    std::fs::write(on_disk.join(MANIFEST), b"{not json").expect("garbage");
+    assert!(matches!(rt.block_on(read_manifest(store.as_ref(), &prefix)), Err(CheckpointError::Corrupt { .. })));
+    assert!(bytes_to_f32(&[1, 2, 3], "model").is_err());
+}
+
+#[test]
+fn bad_part_names_and_uris_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, root) = store::open(dir.path().to_str().expect("utf-8")).expect("store");
+    let rt = runtime();
+    for name in ["", "MANIFEST", "a/b", "x y"] {
+        let err = rt.block_on(write(store.as_ref(), &root, &[(name, Bytes::new())])).expect_err(name);
+        assert!(matches!(err, CheckpointError::Invalid(_)), "{name}: {err}");
+    }
+    for uri in ["relative/dir", "file://relative", "gs://bucket/x"] {
+        assert!(store::open(uri).is_err(), "{uri}");
+    }
+}

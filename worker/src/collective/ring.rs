@@ -1,0 +1,404 @@
+//! Ring all-reduce over TCP: the CPU backend of [`Communicator`].
+//!
+//! ```text
+//!   rank 0 ──▶ rank 1 ──▶ rank 2 ──▶ ... ──▶ rank W-1 ──┐
+//!     ▲                                                 │
+//!     └─────────────────────────────────────────────────┘
+//! ```
+//!
+//! Each rank holds one connection to its successor (`next`, written) and one from its
+//! predecessor (`prev`, read). The buffer is cut into W chunks. Reduce-scatter: in W-1 steps
+//! each rank forwards a partial sum and adds what it receives, until rank r holds the full sum of
+//! chunk r+1. All-gather: in W-1 more steps the full sums travel around the ring and overwrite.
+//! Each rank sends and receives 2(W-1)/W of the buffer: the bandwidth-optimal schedule.
+//!
+//! Pipelining: chunks move in segments. A sender thread writes whatever the receiving thread
+//! hands it while the receiver reads and sums the next segment, so sending, receiving and
+//! summing overlap. The receiver forwards each segment as soon as it is reduced.
+//!
+//! Determinism: chunk c is summed along the ring in one fixed order (starting at rank c) and
+//! then copied, so every rank holds bit-identical results, run after run.
+//!
+//! Failure: every socket read and write has the operation timeout; a peer that dies resets
+//! its connections (immediate `PeerLost`), one that stalls times out (`Timeout`). Each
+//! operation starts with a header (operation, length) checked against the predecessor's, so
+//! ranks that disagree fail loudly instead of mixing data.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+
+use super::{CollectiveError, Communicator};
+
+/// Bytes per pipelined segment: large enough to amortise syscalls, small enough that the
+/// next rank starts forwarding early.
+const SEGMENT_BYTES: usize = 256 * 1024;
+/// Socket send/receive buffer size requested from the kernel.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Ranks in one ring at most.
+pub const WORLD_MAX: usize = 1024;
+/// Elements in one all-reduce or broadcast at most (4 GiB of f32).
+pub const ELEMENTS_MAX: usize = 1 << 30;
+/// Pause between connection attempts while peers start up.
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
+const HANDSHAKE_MAGIC: u64 = 0x464c_4f54_5249_4e47; // "FLOTRING"
+
+const OP_ALL_REDUCE: u32 = 1;
+const OP_BROADCAST: u32 = 2;
+
+/// Where each rank of the gang listens, and how long any operation may take.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    pub rank: usize,
+    /// Listening address of every rank, in rank order.
+    pub addresses: Vec<SocketAddr>,
+    /// Identifies this gang generation; connections from another generation are refused.
+    pub gang_id: u64,
+    pub timeout: Duration,
+}
+
+pub struct RingCommunicator {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// Connection to rank + 1 (None when the world has one rank).
+    next: Option<TcpStream>,
+    /// Connection from rank - 1.
+    prev: Option<TcpStream>,
+}
+
+fn lost(operation: &'static str, peer: usize, err: &std::io::Error, timeout: Duration) -> CollectiveError {
+    match err.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            CollectiveError::Timeout { operation, peer, timeout }
+        }
+        _ => CollectiveError::PeerLost { operation, peer, reason: err.to_string() },
+    }
+}
+
+fn tune(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let socket = SockRef::from(stream);
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+    Ok(())
+}
+
+impl RingCommunicator {
+    /// Joins the ring: connects to rank + 1 and accepts rank - 1 on `listener` (which must be
+    /// bound to `config.addresses[config.rank]`), within `config.timeout`.
+    pub fn connect(listener: TcpListener, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+        let world = config.addresses.len();
+        if world == 0 || world > WORLD_MAX || config.rank >= world {
+            return Err(CollectiveError::Invalid(format!("rank {} in a world of {world} (1..={WORLD_MAX})", config.rank)));
+        }
+        let mut ring =
+            RingCommunicator { rank: config.rank, world, timeout: config.timeout, next: None, prev: None };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let deadline = Instant::now() + config.timeout;
+        let next_rank = (config.rank + 1) % world;
+        let prev_rank = (config.rank + world - 1) % world;
+        let next = connect_next(config.addresses[next_rank], deadline, config.timeout)?;
+        let mut hello = Vec::with_capacity(24);
+        hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
+        hello.extend_from_slice(&config.gang_id.to_le_bytes());
+        hello.extend_from_slice(&(config.rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
+        let prev = accept_prev(&listener, deadline, &config, prev_rank, world)?;
+        ring.next = Some(next);
+        ring.prev = Some(prev);
+        Ok(ring)
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Element range of chunk `c` of a buffer of `len` elements.
+    fn chunk(&self, c: usize, len: usize) -> std::ops::Range<usize> {
+        let c = c % self.world;
+        (c * len / self.world)..((c + 1) * len / self.world)
+    }
+
+    /// Sends and checks the operation header, so mismatched calls fail instead of mixing data.
+    fn exchange_header(&mut self, op: u32, len: usize, root: usize, operation: &'static str) -> Result<(), CollectiveError> {
+        let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&op.to_le_bytes());
+        header[4..12].copy_from_slice(&(len as u64).to_le_bytes());
+        header[12..].copy_from_slice(&(root as u32).to_le_bytes());
+        let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
+        next.write_all(&header).map_err(|e| lost(operation, next_rank, &e, timeout))?;
+        let mut theirs = [0u8; 16];
+        let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
+        prev.read_exact(&mut theirs).map_err(|e| lost(operation, prev_rank, &e, timeout))?;
+        if theirs != header {
+            return Err(CollectiveError::Invalid(format!(
+                "rank {prev_rank} called a different collective (op/length/root {:?} vs ours {:?})",
+                decode_header(&theirs),
+                decode_header(&header)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `receive` on this thread while a scoped thread writes every segment it is handed
+    /// (the first ones from `initial`) to the successor.
+    fn pipelined<R>(
+        &mut self,
+        operation: &'static str,
+        initial: Vec<Vec<u8>>,
+        receive: impl FnOnce(&mut TcpStream, &mpsc::Sender<Vec<u8>>) -> Result<R, CollectiveError>,
+    ) -> Result<R, CollectiveError> {
+        let (timeout, next_rank) = (self.timeout, self.next_rank());
+        let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
+        let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let sender = scope.spawn(move || -> Result<(), CollectiveError> {
+                for segment in rx {
+                    next.write_all(&segment).map_err(|e| lost(operation, next_rank, &e, timeout))?;
+                }
+                Ok(())
+            });
+            for segment in initial {
+                tx.send(segment).expect("the sender thread lives until the channel closes");
+            }
+            let received = receive(prev, &tx);
+            drop(tx);
+            let sent = sender.join().unwrap_or_else(|_| {
+                Err(CollectiveError::PeerLost { operation, peer: next_rank, reason: "sender thread panicked".into() })
+            });
+            let value = received?;
+            sent?;
+            Ok(value)
+        })
+    }
+}
+
+fn decode_header(h: &[u8; 16]) -> (u32, u64, u32) {
+    let op = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
+    let root = u32::from_le_bytes(h[12..].try_into().expect("4 bytes"));
+    (op, len, root)
+}
+
+fn connect_next(address: SocketAddr, deadline: Instant, timeout: Duration) -> Result<TcpStream, CollectiveError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match TcpStream::connect_timeout(&address, left.max(Duration::from_millis(1))) {
+            Ok(stream) => {
+                tune(&stream, timeout).map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
+                return Ok(stream);
+            }
+            Err(e) if Instant::now() + CONNECT_RETRY < deadline => {
+                let _ = e;
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            Err(e) => {
+                return Err(CollectiveError::Rendezvous(format!("cannot connect to the next rank at {address}: {e}")));
+            }
+        }
+    }
+}
+
+fn accept_prev(
+    listener: &TcpListener,
+    deadline: Instant,
+    config: &RingConfig,
+    prev_rank: usize,
+    world: usize,
+) -> Result<TcpStream, CollectiveError> {
+    listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
+    loop {
+        match listener.accept() {
+            Ok((stream, from)) => {
+                stream.set_nonblocking(false).map_err(|e| CollectiveError::Rendezvous(format!("socket: {e}")))?;
+                tune(&stream, config.timeout).map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
+                let mut hello = [0u8; 24];
+                if (&stream).read_exact(&mut hello).is_err() {
+                    continue; // not a ring peer (a port scan, a stale generation that hung up)
+                }
+                let magic = u64::from_le_bytes(hello[..8].try_into().expect("8 bytes"));
+                let gang = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
+                let rank = u32::from_le_bytes(hello[16..20].try_into().expect("4 bytes")) as usize;
+                let their_world = u32::from_le_bytes(hello[20..].try_into().expect("4 bytes")) as usize;
+                if magic == HANDSHAKE_MAGIC && gang == config.gang_id && rank == prev_rank && their_world == world {
+                    return Ok(stream);
+                }
+                tracing_free_log(&format!(
+                    "ring rank {}: refused a connection from {from} (gang {gang}, rank {rank}, world {their_world})",
+                    config.rank
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(CollectiveError::Timeout { operation: "rendezvous", peer: prev_rank, timeout: config.timeout });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(CollectiveError::Rendezvous(format!("accept: {e}"))),
+        }
+    }
+}
+
+/// Stale or foreign connections are worth a line on stderr; the worker has no logger here.
+fn tracing_free_log(message: &str) {
+    eprintln!("{message}");
+}
+
+// The wire format is little-endian f32; on little-endian hosts (every platform Flotilla
+// targets) buffers are sent and received in place, without conversion.
+const _: () = assert!(cfg!(target_endian = "little"), "the ring's wire format assumes a little-endian host");
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice::<f32, u8>(values).to_vec()
+}
+
+fn segments(values: &[f32]) -> Vec<Vec<u8>> {
+    values.chunks(SEGMENT_BYTES / 4).map(to_bytes).collect()
+}
+
+/// How a received segment is merged into the local buffer.
+#[derive(Clone, Copy)]
+enum Combine {
+    /// Reduce-scatter: add the partial sum.
+    Add,
+    /// All-gather and broadcast: take the value.
+    Copy,
+}
+
+/// Reads `target.len()` floats from `prev` segment by segment, merges each into `target`,
+/// then forwards the merged segment when `forward` is set.
+fn receive_chunk(
+    prev: &mut TcpStream,
+    target: &mut [f32],
+    forward: Option<&mpsc::Sender<Vec<u8>>>,
+    combine: Combine,
+    on_error: &dyn Fn(std::io::Error) -> CollectiveError,
+) -> Result<(), CollectiveError> {
+    let mut scratch = vec![0f32; SEGMENT_BYTES / 4];
+    for part in target.chunks_mut(SEGMENT_BYTES / 4) {
+        match combine {
+            Combine::Copy => prev.read_exact(bytemuck::cast_slice_mut::<f32, u8>(part)).map_err(on_error)?,
+            Combine::Add => {
+                let incoming = &mut scratch[..part.len()];
+                prev.read_exact(bytemuck::cast_slice_mut::<f32, u8>(incoming)).map_err(on_error)?;
+                for (t, v) in part.iter_mut().zip(incoming.iter()) {
+                    *t += *v;
+                }
+            }
+        }
+        if let Some(tx) = forward {
+            tx.send(to_bytes(part)).map_err(|_| {
+                on_error(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sending side stopped"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+impl Communicator for RingCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        if buffer.len() > ELEMENTS_MAX {
+            return Err(CollectiveError::Invalid(format!("{} elements; at most {ELEMENTS_MAX}", buffer.len())));
+        }
+        self.exchange_header(OP_ALL_REDUCE, buffer.len(), 0, "all_reduce")?;
+        let (rank, world, len, timeout, prev_rank) =
+            (self.rank, self.world, buffer.len(), self.timeout, self.prev_rank());
+        let chunk = |c: usize| self.chunk(c, len);
+        let ranges: Vec<_> = (0..world).map(chunk).collect();
+        let initial = segments(&buffer[ranges[rank].clone()]);
+        let on_error = move |e: std::io::Error| lost("all_reduce", prev_rank, &e, timeout);
+        self.pipelined("all_reduce", initial, |prev, tx| {
+            // Reduce-scatter: at step s receive chunk r-s-1, add, forward (the last one is the
+            // first all-gather send).
+            for step in 0..world - 1 {
+                let c = (rank + 2 * world - step - 1) % world;
+                receive_chunk(prev, &mut buffer[ranges[c].clone()], Some(tx), Combine::Add, &on_error)?;
+            }
+            // All-gather: at step t receive the full chunk r-t, keep it, forward all but the last.
+            for step in 0..world - 1 {
+                let c = (rank + world - step) % world;
+                let forward = (step < world - 2).then_some(tx);
+                receive_chunk(prev, &mut buffer[ranges[c].clone()], forward, Combine::Copy, &on_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if root >= self.world {
+            return Err(CollectiveError::Invalid(format!("broadcast root {root} in a world of {}", self.world)));
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.exchange_header(OP_BROADCAST, buffer.len(), root, "broadcast")?;
+        let (timeout, prev_rank) = (self.timeout, self.prev_rank());
+        let on_error = move |e: std::io::Error| lost("broadcast", prev_rank, &e, timeout);
+        let last = (root + self.world - 1) % self.world;
+        if self.rank == root {
+            let initial = segments(buffer);
+            return self.pipelined("broadcast", initial, |_, _| Ok(()));
+        }
+        let forward = self.rank != last;
+        self.pipelined("broadcast", Vec::new(), |prev, tx| {
+            receive_chunk(prev, buffer, forward.then_some(tx), Combine::Copy, &on_error)
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        let mut token = [0.0f32];
+        self.all_reduce_sum(&mut token)
+    }
+}
+
+/// Forms a ring of `world` ranks on loopback inside this process (tests and benchmarks): binds
+/// one listener per rank, then connects them all from separate threads.
+pub fn loopback_gang(world: usize, timeout: Duration) -> Result<Vec<RingCommunicator>, CollectiveError> {
+    let mut listeners = Vec::with_capacity(world);
+    let mut addresses = Vec::with_capacity(world);
+    for _ in 0..world {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| CollectiveError::Rendezvous(format!("bind loopback: {e}")))?;
+        addresses.push(listener.local_addr().map_err(|e| CollectiveError::Rendezvous(e.to_string()))?);
+        listeners.push(listener);
+    }
+    let gang_id = u64::from(std::process::id()) << 32 | addresses.first().map_or(0, |a| u64::from(a.port()));
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let config = RingConfig { rank, addresses: addresses.clone(), gang_id, timeout };
+            std::thread::spawn(move || RingCommunicator::connect(listener, config))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Rendezvous("a rank's thread panicked".into()))))
+        .collect()
+}

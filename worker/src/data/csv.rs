@@ -1,0 +1,115 @@
+//! The CSV reader: one sample per line, the label first, then the features; no header.
+//!
+//! Owns: line splitting (bounded), number parsing, column-count and label checks, with errors
+//! that name the line and the 1-based column (column 1 is the label).
+//! Must not touch: fetching or decompressing (it reads any `Read`), scaling.
+//! Blank lines are skipped; `\r\n` line ends are accepted; fields may have surrounding spaces.
+
+use std::io::{self, BufRead, BufReader, Read};
+
+use super::{CLASSES_MAX, DataError, RawData, check_limits};
+
+/// Longest line accepted, in bytes: 100,000 features of up to ~10 characters each.
+pub const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
+
+/// Parses CSV text from `input` (already decompressed). `uri` names the source in errors.
+pub fn parse(uri: &str, input: impl Read) -> Result<RawData, DataError> {
+    let mut reader = BufReader::new(input);
+    let mut line = Vec::new();
+    let mut line_number = 0u64;
+    let mut first_line = 0u64;
+    let mut data = RawData { values: Vec::new(), labels: Vec::new(), features_per_row: 0 };
+    loop {
+        line_number += 1;
+        line.clear();
+        let read = (&mut reader)
+            .take(LINE_LEN_MAX_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| read_error(uri, line_number, &e))?;
+        if read == 0 {
+            break;
+        }
+        if line.len() as u64 > LINE_LEN_MAX_BYTES {
+            return Err(DataError::TooLarge {
+                uri: uri.to_string(),
+                what: "the length of a line in bytes",
+                value: line.len() as u64,
+                limit: LINE_LEN_MAX_BYTES,
+            });
+        }
+        let text = std::str::from_utf8(&line).map_err(|_| field_error(uri, line_number, 1, "is not UTF-8 text"))?;
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.trim().is_empty() {
+            continue;
+        }
+        if first_line == 0 {
+            first_line = line_number;
+        }
+        parse_line(uri, line_number, first_line, text, &mut data)?;
+        check_limits(uri, data.labels.len(), data.features_per_row)?;
+    }
+    if data.labels.is_empty() {
+        return Err(DataError::Empty { uri: uri.to_string() });
+    }
+    Ok(data)
+}
+
+fn parse_line(uri: &str, line: u64, first_line: u64, text: &str, data: &mut RawData) -> Result<(), DataError> {
+    let columns = text.split(',').count();
+    if data.labels.is_empty() {
+        if columns < 2 {
+            return Err(DataError::ColumnCount { uri: uri.to_string(), line, found: columns, expected: 2, first_line: line });
+        }
+        data.features_per_row = columns - 1;
+        check_limits(uri, 1, data.features_per_row)?;
+    } else if columns != data.features_per_row + 1 {
+        return Err(DataError::ColumnCount {
+            uri: uri.to_string(),
+            line,
+            found: columns,
+            expected: data.features_per_row + 1,
+            first_line,
+        });
+    }
+    let mut fields = text.split(',');
+    let label_text = fields.next().expect("split yields at least one field").trim();
+    data.labels.push(parse_label(uri, line, label_text)?);
+    for (index, field) in fields.enumerate() {
+        let value = field.trim().parse::<f32>().map_err(|_| {
+            let hint = if line == first_line { " (a header row is not supported)" } else { "" };
+            field_error(uri, line, index + 2, &format!("`{}` is not a number{hint}", field.trim()))
+        })?;
+        if !value.is_finite() {
+            return Err(field_error(uri, line, index + 2, &format!("`{}` is not a finite number", field.trim())));
+        }
+        data.values.push(value);
+    }
+    Ok(())
+}
+
+fn parse_label(uri: &str, line: u64, text: &str) -> Result<u32, DataError> {
+    match text.parse::<i64>() {
+        Ok(label) if (0..CLASSES_MAX as i64).contains(&label) => Ok(label as u32),
+        Ok(_) => Err(DataError::LabelOutOfRange { uri: uri.to_string(), line, label: text.to_string(), limit: CLASSES_MAX }),
+        Err(_) => {
+            let hint = if line == 1 { " (a header row is not supported)" } else { "" };
+            Err(field_error(uri, line, 1, &format!("label `{text}` is not a whole number{hint}")))
+        }
+    }
+}
+
+fn field_error(uri: &str, line: u64, column: usize, reason: &str) -> DataError {
+    DataError::Field { uri: uri.to_string(), line, column, reason: reason.to_string() }
+}
+
+fn read_error(uri: &str, line: u64, error: &io::Error) -> DataError {
+    match error.kind() {
+        io::ErrorKind::FileTooLarge => DataError::TooLarge {
+            uri: uri.to_string(),
+            what: "the decompressed size in bytes",
+            value: super::DECOMPRESSED_SIZE_MAX_BYTES + 1,
+            limit: super::DECOMPRESSED_SIZE_MAX_BYTES,
+        },
+        _ => DataError::Truncated { uri: uri.to_string(), location: format!("line {line}"), reason: error.to_string() },
+    }
+}

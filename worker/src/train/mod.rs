@@ -1,0 +1,119 @@
+//! The built-in burn trainer: data-parallel training with our own gradient exchange (DESIGN §4).
+//!
+//! Owns: the model ([`model`]), flat parameter/gradient buffers ([`flat`]), the optimizers
+//! ([`optim`]), and the step loop ([`Trainer`]). Must not touch: collectives' internals (it only
+//! calls [`Communicator`]), checkpoint storage (the caller persists [`TrainState`] from the
+//! `on_step` callback of [`Trainer::run`]), data loading (it receives a [`Dataset`]).
+//!
+//! One step, on every rank:
+//!
+//! ```text
+//!   cursor ─plan─▶ my rows of the epoch order ─▶ forward + cross-entropy (summed) ─▶ backward
+//!     ─▶ gradients flattened in module order + [loss sum] ─▶ all_reduce_sum
+//!     ─▶ divide by the step's global sample count (= mean over the global batch)
+//!     ─▶ optimizer step on the flat parameters (ours: SGD+momentum / Adam) ─▶ written back
+//!     ─▶ cursor advanced
+//! ```
+//!
+//! Dividing the summed gradient by the global sample count (rather than by the world size) is
+//! the same thing when every rank has `batch_size` rows, and stays exact on the short last step
+//! of an epoch, where ranks have fewer (or none). The state that makes a resume bit-identical is
+//! [`TrainState`]: flat parameters, optimizer state, cursor, step — no burn records involved.
+
+pub mod flat;
+pub mod model;
+pub mod optim;
+mod trainer;
+
+use serde::{Deserialize, Serialize};
+
+use crate::collective::CollectiveError;
+pub use crate::collective::Communicator;
+use crate::data::Cursor;
+pub use crate::data::Dataset;
+pub use optim::OptimizerState;
+pub use trainer::Trainer;
+
+/// Version of the [`TrainState`] layout; bumped when a field's meaning changes.
+pub const TRAIN_STATE_FORMAT_VERSION: u32 = 1;
+
+/// Why training could not start or continue.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The model cannot be built for this data (not square for a CNN, too many pool blocks...).
+    #[error("model and data do not fit: {0}")]
+    Shape(String),
+    /// A saved state does not belong to this job, model or data.
+    #[error("cannot resume from this training state: {0}")]
+    Resume(String),
+    /// The ranks do not start from the same state (weights, optimizer, cursor or data differ).
+    #[error("ranks disagree at start-up: {0}")]
+    Disagreement(String),
+    /// The loss became NaN or infinite; training stops rather than continue with garbage.
+    #[error("loss is {loss} at step {step}; stopping (lower train.learning_rate or check the data)")]
+    NonFiniteLoss { step: u64, loss: f32 },
+    /// A collective failed (a peer was lost or timed out): retry in a new gang generation.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    /// The communicator does not describe the gang this trainer was built for.
+    #[error("communicator mismatch: {0}")]
+    Communicator(String),
+    /// The tensor backend failed or is not built in (e.g. `workers.gpus > 0` without `cuda`).
+    #[error("tensor backend: {0}")]
+    Backend(String),
+    /// A bug of ours: an invariant between the layout and the module did not hold.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl TrainError {
+    /// Whether a new gang generation may succeed where this one failed (lost peers do; a bad
+    /// model, bad data or a NaN loss will fail again).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, TrainError::Collective(_))
+    }
+}
+
+/// Everything needed to continue training bit-identically, at any world size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Where the next step starts in the global sample order.
+    pub cursor: Cursor,
+    /// All float parameters, flattened in module order.
+    pub params: Vec<f32>,
+    pub optimizer: OptimizerState,
+    /// Fingerprint of the parameter shapes: refuses a state from another architecture.
+    pub layout_fingerprint: u64,
+    /// The job seed and the train rows the sample order was drawn with (the order is a function
+    /// of both, so a resume with other values would not continue the same order).
+    pub seed: u64,
+    pub train_rows: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Steps completed, including this one.
+    pub step: u64,
+    /// The epoch this step's samples came from.
+    pub epoch: u64,
+    /// Mean cross-entropy over the step's global batch (before the update).
+    pub loss: f32,
+    /// Samples in the global batch (all ranks).
+    pub samples: u64,
+    /// Global samples per second of this step, on this rank's clock.
+    pub samples_per_s: f64,
+}
+
+/// Quality on a held-out set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    /// Fraction of rows whose highest logit is the label, in `0..=1`.
+    pub val_accuracy: f64,
+    /// Mean cross-entropy.
+    pub val_loss: f64,
+    pub rows: usize,
+}

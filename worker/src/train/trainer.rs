@@ -1,0 +1,381 @@
+//! [`Trainer`]: the step loop of one rank. See the parent module for the picture.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use flotilla_proto::spec::{JobSpec, ModelSpec, TrainLength, TrainSpec};
+
+use super::flat::{self, Fnv64, ParamLayout};
+use super::model::Network;
+use super::optim::{Hyper, OptimizerState};
+use super::{Communicator, Dataset, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
+use crate::data::{Cursor, epoch_order, order::ORDER_ROWS_MAX};
+
+/// Rows evaluated per forward pass: bounds activation memory (a 512 x 32 x 28 x 28 CNN map is
+/// 51 MB) independently of the validation set's size.
+pub const EVAL_BATCH_ROWS: usize = 512;
+
+/// One rank's training: model, flat parameters, optimizer state and cursor.
+pub struct Trainer {
+    train_spec: TrainSpec,
+    hyper: Hyper,
+    data: Arc<Dataset>,
+    device: Device,
+    /// The burn module; its parameters always equal `params` (written back after every update).
+    model: Network,
+    layout: ParamLayout,
+    params: Vec<f32>,
+    optimizer: OptimizerState,
+    cursor: Cursor,
+    step: u64,
+    rank: usize,
+    world_size: usize,
+    /// The epoch order in use, cached: `(epoch, order)`.
+    order: (u64, Arc<Vec<u32>>),
+}
+
+impl Trainer {
+    /// Builds the model for `spec` and `data` (the training split), starting fresh from the seeded
+    /// initial weights or from `resume`, and checks with the other ranks (through `comm`) that
+    /// every rank starts from the same state.
+    pub fn new(
+        spec: &JobSpec,
+        data: impl Into<Arc<Dataset>>,
+        comm: &mut dyn Communicator,
+        resume: Option<TrainState>,
+    ) -> Result<Trainer, TrainError> {
+        let data = data.into();
+        if data.rows == 0 || data.rows > ORDER_ROWS_MAX || data.labels.len() != data.rows {
+            return Err(TrainError::Shape(format!("the training set has {} rows", data.rows)));
+        }
+        let device = training_device(spec.workers.gpus)?;
+        let network = Network::new(&spec.model, data.features_per_row, data.classes, &device)?;
+        let layout = ParamLayout::of(&network);
+        let train = &spec.train;
+        let state = match resume {
+            Some(state) => check_resume(state, &layout, train, &data)?,
+            None => fresh_state(&layout, train, &data),
+        };
+        let model = flat::write_params(network, &state.params, &layout);
+        let order = (state.cursor.epoch, Arc::new(epoch_order(train.seed, state.cursor.epoch, data.rows)));
+        let trainer = Trainer {
+            train_spec: train.clone(),
+            hyper: Hyper {
+                optimizer: train.optimizer,
+                learning_rate: train.learning_rate as f32,
+                weight_decay: train.weight_decay as f32,
+            },
+            data,
+            device,
+            model,
+            layout,
+            params: state.params,
+            optimizer: state.optimizer,
+            cursor: state.cursor,
+            step: state.step,
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            order,
+        };
+        trainer.agree_with_peers(comm)?;
+        Ok(trainer)
+    }
+
+    /// Every rank contributes a checksum of its starting state (parameters, optimizer state,
+    /// cursor, step, data shape and labels) in its own slots of a zeroed buffer; after the
+    /// all-reduce every slot must hold the same value.
+    fn agree_with_peers(&self, comm: &mut dyn Communicator) -> Result<(), TrainError> {
+        const PIECES: usize = 4;
+        let mut buffer = vec![0.0f32; PIECES * self.world_size];
+        let slot = PIECES * self.rank;
+        buffer[slot..slot + PIECES].copy_from_slice(&flat::u64_to_f32_pieces(self.state_checksum()));
+        comm.all_reduce_sum(&mut buffer)?;
+        let sums: Vec<u64> = buffer.chunks_exact(PIECES).map(flat::f32_pieces_to_u64).collect();
+        if sums.iter().any(|&s| s != sums[0]) {
+            let listed: Vec<String> = sums.iter().enumerate().map(|(r, s)| format!("rank {r}: {s:016x}")).collect();
+            return Err(TrainError::Disagreement(format!(
+                "the starting states differ ({}); every rank must use the same spec, data and checkpoint",
+                listed.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn state_checksum(&self) -> u64 {
+        let mut hash = Fnv64::new();
+        hash.write_f32s(&self.params);
+        match &self.optimizer {
+            OptimizerState::Sgd { velocity } => hash.write_f32s(velocity),
+            OptimizerState::Adam { first_moment, second_moment, updates } => {
+                hash.write_f32s(first_moment);
+                hash.write_f32s(second_moment);
+                hash.write(&updates.to_le_bytes());
+            }
+        }
+        for value in [self.cursor.epoch, self.cursor.global_sample_offset, self.step] {
+            hash.write(&value.to_le_bytes());
+        }
+        for value in [self.data.rows, self.data.features_per_row, self.data.classes] {
+            hash.write(&(value as u64).to_le_bytes());
+        }
+        self.data.labels.iter().for_each(|l| hash.write(&l.to_le_bytes()));
+        hash.finish()
+    }
+
+    /// Runs one optimizer step over the next global batch. All ranks must call it together.
+    pub fn step(&mut self, comm: &mut dyn Communicator) -> Result<StepReport, TrainError> {
+        if (comm.rank(), comm.world_size()) != (self.rank, self.world_size) {
+            return Err(TrainError::Communicator(format!(
+                "built as rank {} of {}, called with rank {} of {}",
+                self.rank,
+                self.world_size,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        let started = Instant::now();
+        let rows = self.data.rows as u64;
+        let plan = self.cursor.plan(rows, u64::from(self.train_spec.batch_size), self.rank, self.world_size);
+        if self.order.0 != plan.epoch {
+            self.order = (plan.epoch, Arc::new(epoch_order(self.train_spec.seed, plan.epoch, self.data.rows)));
+        }
+        let local_rows = &self.order.1[plan.local.start as usize..plan.local.end as usize];
+        let mut buffer = if local_rows.is_empty() {
+            vec![0.0; self.layout.len + 1] // nothing to add on the short last step: zeros
+        } else {
+            self.local_gradient_sum(local_rows)?
+        };
+        comm.all_reduce_sum(&mut buffer)?;
+        let global_samples = plan.global_samples();
+        let loss_sum = buffer.pop().expect("the buffer ends with the loss sum");
+        let loss = loss_sum / global_samples as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss });
+        }
+        let scale = 1.0 / global_samples as f32;
+        buffer.iter_mut().for_each(|g| *g *= scale);
+        self.optimizer.step(&self.hyper, &mut self.params, &buffer);
+        self.model = flat::write_params(self.model.clone(), &self.params, &self.layout);
+        self.cursor = self.cursor.advanced(&plan, rows);
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StepReport {
+            step: self.step,
+            epoch: plan.epoch,
+            loss,
+            samples: global_samples,
+            samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
+        })
+    }
+
+    /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
+    fn local_gradient_sum(&self, rows: &[u32]) -> Result<Vec<f32>, TrainError> {
+        let (features, labels) = self.data.gather(rows.iter().copied());
+        let logits = self.model.forward(self.input(features, rows.len()));
+        let loss_sum = summed_cross_entropy(logits, &labels, &self.device);
+        let loss_value = flat::tensor_values(loss_sum.clone())?.first().copied().unwrap_or(f32::NAN);
+        let mut grads = loss_sum.backward();
+        let mut buffer = flat::flatten_gradients(&self.model, &mut grads, &self.layout, 1)?;
+        *buffer.last_mut().expect("one extra slot was requested") = loss_value;
+        Ok(buffer)
+    }
+
+    fn input(&self, features: Vec<f32>, rows: usize) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(features, [rows, self.data.features_per_row]), &self.device)
+    }
+
+    /// Accuracy and mean loss of the current weights on `data` (a validation set of the same
+    /// shape). Local to this rank: no collective.
+    pub fn evaluate(&self, data: &Dataset) -> Result<Metrics, TrainError> {
+        if data.features_per_row != self.data.features_per_row || data.labels.iter().any(|&l| l as usize >= self.data.classes) {
+            return Err(TrainError::Shape(format!(
+                "{} has {} features and labels up to {}; the model takes {} features and {} classes",
+                data.source,
+                data.features_per_row,
+                data.labels.iter().max().copied().unwrap_or(0),
+                self.data.features_per_row,
+                self.data.classes
+            )));
+        }
+        let model = self.model.valid();
+        let device = self.device.clone().without_autodiff();
+        let (mut correct, mut loss_sum) = (0usize, 0.0f64);
+        for start in (0..data.rows).step_by(EVAL_BATCH_ROWS) {
+            let end = (start + EVAL_BATCH_ROWS).min(data.rows);
+            let (features, labels) = data.gather(start as u32..end as u32);
+            let input = Tensor::from_data(TensorData::new(features, [end - start, data.features_per_row]), &device);
+            let logits = flat::tensor_values(model.forward(input))?;
+            for (row, &label) in logits.chunks_exact(self.data.classes).zip(&labels) {
+                let (best, log_sum_exp) = argmax_and_log_sum_exp(row);
+                correct += usize::from(best == label as usize);
+                loss_sum += log_sum_exp - f64::from(row[label as usize]);
+            }
+        }
+        let rows = data.rows.max(1) as f64;
+        Ok(Metrics { val_accuracy: correct as f64 / rows, val_loss: loss_sum / rows, rows: data.rows })
+    }
+
+    /// Trains until the spec's epochs or steps are done, or `on_step` says to stop (e.g. to drain
+    /// on a preemption notice). `on_step` sees the trainer after each step, so it can checkpoint
+    /// with [`Trainer::state`]. Returns the last step's report (`None` when nothing was left).
+    pub fn run(
+        &mut self,
+        comm: &mut dyn Communicator,
+        mut on_step: impl FnMut(&Trainer, &StepReport) -> ControlFlow<()>,
+    ) -> Result<Option<StepReport>, TrainError> {
+        let mut last = None;
+        while !self.is_finished() {
+            let report = self.step(comm)?;
+            last = Some(report);
+            if on_step(self, &report).is_break() {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// Everything needed to continue from here, bit-identically (see [`TrainState`]).
+    pub fn state(&self) -> TrainState {
+        TrainState {
+            format_version: TRAIN_STATE_FORMAT_VERSION,
+            step: self.step,
+            cursor: self.cursor,
+            params: self.params.clone(),
+            optimizer: self.optimizer.clone(),
+            layout_fingerprint: self.layout.fingerprint(),
+            seed: self.train_spec.seed,
+            train_rows: self.data.rows as u64,
+        }
+    }
+
+    /// Whether the spec's epochs (or steps) are done.
+    pub fn is_finished(&self) -> bool {
+        match self.train_spec.length {
+            TrainLength::Epochs(epochs) => self.cursor.epoch >= u64::from(epochs),
+            TrainLength::Steps(steps) => self.step >= steps,
+        }
+    }
+
+    /// The step count at which training ends: `train.steps`, or for `train.epochs` the steps done
+    /// plus those left at the current world size (an elastic resize changes it).
+    pub fn total_steps(&self) -> u64 {
+        match self.train_spec.length {
+            TrainLength::Steps(steps) => steps,
+            TrainLength::Epochs(epochs) if self.cursor.epoch >= u64::from(epochs) => self.step,
+            TrainLength::Epochs(epochs) => {
+                let rows = self.data.rows as u64;
+                let global_batch = u64::from(self.train_spec.batch_size) * self.world_size as u64;
+                let full_epochs_left = u64::from(epochs) - self.cursor.epoch - 1;
+                self.step + self.cursor.steps_left_in_epoch(rows, global_batch) + full_epochs_left * rows.div_ceil(global_batch)
+            }
+        }
+    }
+
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// The current parameters, flattened in module order.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+}
+
+/// `-sum(log_softmax(logits)[label])` over the batch, as a one-element tensor.
+fn summed_cross_entropy(logits: Tensor<2>, labels: &[u32], device: &Device) -> Tensor<1> {
+    let targets: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [labels.len(), 1]), device);
+    log_softmax(logits, 1).gather(1, targets).sum().neg()
+}
+
+/// Index of the largest value (first on ties) and `ln(sum(exp(row)))`, computed stably in f64.
+fn argmax_and_log_sum_exp(row: &[f32]) -> (usize, f64) {
+    let (best, max) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+        if v > bv { (i, v) } else { (bi, bv) }
+    });
+    let max = f64::from(max);
+    let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+    (best, max + sum.ln())
+}
+
+fn training_device(gpus: u32) -> Result<Device, TrainError> {
+    if gpus == 0 {
+        return Ok(Device::flex().autodiff());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Device::cuda(0).autodiff())
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(TrainError::Backend(format!(
+        "workers.gpus = {gpus}, but this worker was built without the `cuda` feature"
+    )))
+}
+
+fn fresh_state(layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> TrainState {
+    TrainState {
+        format_version: TRAIN_STATE_FORMAT_VERSION,
+        step: 0,
+        cursor: Cursor::default(),
+        params: layout.initial_values(train.seed),
+        optimizer: OptimizerState::new(train.optimizer, layout.len),
+        layout_fingerprint: layout.fingerprint(),
+        seed: train.seed,
+        train_rows: data.rows as u64,
+    }
+}
+
+fn check_resume(state: TrainState, layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> Result<TrainState, TrainError> {
+    let problem = if state.format_version != TRAIN_STATE_FORMAT_VERSION {
+        Some(format!("format version {} (this worker reads {TRAIN_STATE_FORMAT_VERSION})", state.format_version))
+    } else if state.layout_fingerprint != layout.fingerprint() || state.params.len() != layout.len {
+        Some(format!("it holds {} parameters of another architecture; the model has {}", state.params.len(), layout.len))
+    } else if !state.optimizer.matches(train.optimizer, layout.len) {
+        Some("its optimizer state is not for train.optimizer of this spec".to_string())
+    } else if state.seed != train.seed || state.train_rows != data.rows as u64 {
+        Some(format!(
+            "it was trained with seed {} on {} rows; this job has seed {} and {} rows, so the sample order differs",
+            state.seed, state.train_rows, train.seed, data.rows
+        ))
+    } else if state.cursor.global_sample_offset >= data.rows as u64 {
+        Some(format!("its cursor offset {} is past the {} rows", state.cursor.global_sample_offset, data.rows))
+    } else {
+        None
+    };
+    match problem {
+        Some(reason) => Err(TrainError::Resume(reason)),
+        None => Ok(state),
+    }
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", &model_kind(&self.model))
+            .field("params", &self.layout.len)
+            .field("step", &self.step)
+            .field("cursor", &self.cursor)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn model_kind(model: &Network) -> &'static str {
+    match model {
+        Network::Mlp(_) => ModelSpec::KINDS[0],
+        Network::Cnn(_) => ModelSpec::KINDS[1],
+    }
+}

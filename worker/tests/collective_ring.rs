@@ -1,0 +1,157 @@
+//! The TCP ring all-reduce on real loopback sockets: sums, identical results, broadcast,
+//! barrier, and failure within the timeout when a peer dies or stalls.
+
+use std::time::{Duration, Instant};
+
+use flotilla_worker::collective::ring::{RingCommunicator, loopback_gang};
+use flotilla_worker::collective::{CollectiveError, Communicator};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A value every rank can compute: small integers, so float sums are exact in any order.
+fn value(rank: usize, index: usize) -> f32 {
+    ((index * 7 + rank * 13) % 1000) as f32
+}
+
+/// Runs `f` on every rank in its own thread; returns the results in rank order.
+fn on_every_rank<T: Send + 'static>(
+    gang: Vec<RingCommunicator>,
+    f: impl Fn(&mut RingCommunicator) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let handles: Vec<_> = gang
+        .into_iter()
+        .map(|mut comm| {
+            let f = f.clone();
+            std::thread::spawn(move || f(&mut comm))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+}
+
+#[test]
+fn all_reduce_equals_the_sequential_sum_on_every_rank() {
+    for world in 1..=4 {
+        for len in [0usize, 1, 2, 3, 10_007, 262_147] {
+            let gang = loopback_gang(world, TIMEOUT).expect("gang forms");
+            let results = on_every_rank(gang, move |comm| {
+                let mut buffer: Vec<f32> = (0..len).map(|i| value(comm.rank(), i)).collect();
+                comm.all_reduce_sum(&mut buffer).expect("all-reduce");
+                buffer
+            });
+            let expected: Vec<f32> = (0..len).map(|i| (0..world).map(|r| value(r, i)).sum()).collect();
+            for (rank, result) in results.iter().enumerate() {
+                assert!(result == &expected, "world {world}, len {len}: rank {rank} differs from the sequential sum");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_reduce_of_64_mib_is_exact_and_identical_across_ranks() {
+    const LEN: usize = 64 * 1024 * 1024 / 4;
+    for world in [2, 4] {
+        let gang = loopback_gang(world, TIMEOUT).expect("gang forms");
+        let results = on_every_rank(gang, |comm| {
+            let mut buffer: Vec<f32> = (0..LEN).map(|i| value(comm.rank(), i)).collect();
+            comm.all_reduce_sum(&mut buffer).expect("all-reduce");
+            buffer
+        });
+        for (i, got) in results[0].iter().enumerate().step_by(4099) {
+            let expected: f32 = (0..world).map(|r| value(r, i)).sum();
+            assert_eq!(*got, expected, "world {world}: element {i}");
+        }
+        assert!(results.iter().all(|r| r == &results[0]), "world {world}: ranks differ");
+    }
+}
+
+#[test]
+fn non_integer_sums_are_bit_identical_across_ranks_and_runs() {
+    let run = || {
+        let gang = loopback_gang(3, TIMEOUT).expect("gang forms");
+        on_every_rank(gang, |comm| {
+            let mut buffer: Vec<f32> = (0..5000).map(|i| ((i as f32) * 0.1 + comm.rank() as f32).sin() / 3.0).collect();
+            comm.all_reduce_sum(&mut buffer).expect("all-reduce");
+            buffer.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        })
+    };
+    let first = run();
+    assert!(first.iter().all(|r| r == &first[0]), "ranks differ");
+    assert_eq!(run(), first, "a second run differs");
+}
+
+#[test]
+fn broadcast_and_barrier_work_from_any_root() {
+    for world in 1..=4 {
+        for root in 0..world {
+            let gang = loopback_gang(world, TIMEOUT).expect("gang forms");
+            let results = on_every_rank(gang, move |comm| {
+                let mut buffer: Vec<f32> = (0..70_001).map(|i| value(comm.rank(), i)).collect();
+                comm.broadcast(&mut buffer, root).expect("broadcast");
+                comm.barrier().expect("barrier");
+                buffer
+            });
+            let expected: Vec<f32> = (0..70_001).map(|i| value(root, i)).collect();
+            assert!(results.iter().all(|r| r == &expected), "world {world} root {root}");
+        }
+    }
+}
+
+#[test]
+fn a_dead_peer_fails_the_others_quickly() {
+    let mut gang = loopback_gang(3, TIMEOUT).expect("gang forms");
+    drop(gang.pop()); // rank 2 dies: its sockets close
+    let started = Instant::now();
+    let results = on_every_rank(gang, |comm| {
+        let mut buffer = vec![1.0f32; 100_000];
+        comm.all_reduce_sum(&mut buffer)
+    });
+    for result in results {
+        assert!(matches!(result, Err(CollectiveError::PeerLost { .. })), "{result:?}");
+    }
+    assert!(started.elapsed() < TIMEOUT, "failure took {:?}", started.elapsed());
+}
+
+#[test]
+fn a_stalled_peer_fails_the_others_within_the_timeout() {
+    let timeout = Duration::from_millis(500);
+    let mut gang = loopback_gang(3, timeout).expect("gang forms");
+    let stalled = gang.pop().expect("rank 2"); // alive, connections open, never calls
+    let started = Instant::now();
+    let results = on_every_rank(gang, |comm| {
+        let mut buffer = vec![1.0f32; 1000];
+        comm.all_reduce_sum(&mut buffer)
+    });
+    for result in &results {
+        assert!(
+            matches!(result, Err(CollectiveError::Timeout { .. }) | Err(CollectiveError::PeerLost { .. })),
+            "{result:?}"
+        );
+    }
+    assert!(started.elapsed() < timeout * 6, "failure took {:?}", started.elapsed());
+    drop(stalled);
+}
+
+#[test]
+fn ranks_that_disagree_on_the_length_fail_instead_of_mixing_data() {
+    let gang = loopback_gang(2, TIMEOUT).expect("gang forms");
+    let results = on_every_rank(gang, |comm| {
+        let mut buffer = vec![1.0f32; 100 + comm.rank()];
+        comm.all_reduce_sum(&mut buffer)
+    });
+    assert!(results.iter().all(|r| matches!(r, Err(CollectiveError::Invalid(_)))), "{results:?}");
+}
+
+#[test]
+fn rendezvous_times_out_when_a_rank_never_comes() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let me = listener.local_addr().expect("addr");
+    let absent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let config = flotilla_worker::collective::ring::RingConfig {
+        rank: 0,
+        addresses: vec![me, absent],
+        gang_id: 1,
+        timeout: Duration::from_millis(300),
+    };
+    let err = RingCommunicator::connect(listener, config).err().expect("no peer, no ring");
+    assert!(matches!(err, CollectiveError::Rendezvous(_) | CollectiveError::Timeout { .. }), "{err}");
+}

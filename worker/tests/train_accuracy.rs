@@ -1,0 +1,105 @@
+//! The trainer learns the shipped real data sets: accuracy thresholds on held-out rows.
+//!
+//! Each test loads the data through the real loader (object_store, gzip, scaling, seeded split),
+//! trains with the real trainer on one rank, and asserts the validation accuracy the training
+//! engine issue promises. Seeds are fixed (printed), so a failure reproduces exactly.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use flotilla_proto::spec::JobSpec;
+use flotilla_worker::collective::local::LocalCommunicator;
+use flotilla_worker::data::load_job_data;
+use flotilla_worker::train::{Metrics, Trainer};
+
+fn data_path(name: &str) -> String {
+    format!("{}/../examples/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn spec(model: &str, data: &str, train: &str) -> JobSpec {
+    let text = format!(
+        "name = \"test\"\n[model]\n{model}\n[data]\ntrain = \"{}\"\nvalidation_fraction = 0.2\n[train]\n{train}\n\
+         [workers]\nmin = 1\nmax = 1\n",
+        data_path(data)
+    );
+    JobSpec::from_toml_str(&text).expect("test spec is valid")
+}
+
+/// Trains `spec` to the end on one rank and evaluates on its held-out split.
+fn train_and_validate(spec: &JobSpec) -> Metrics {
+    println!("seed = {}", spec.train.seed);
+    let started = Instant::now();
+    let splits = load_job_data(&spec.data, spec.train.seed).expect("shipped data loads");
+    let validation = splits.validation.expect("validation_fraction > 0 holds rows out");
+    let mut comm = LocalCommunicator;
+    let mut trainer = Trainer::new(spec, splits.train, &mut comm, None).expect("trainer builds");
+    let total = trainer.total_steps();
+    let mut losses = Vec::new();
+    let last = trainer
+        .run(&mut comm, |_, report| {
+            losses.push(report.loss);
+            ControlFlow::Continue(())
+        })
+        .expect("training runs")
+        .expect("at least one step");
+    assert_eq!(last.step, total, "run() stops exactly at total_steps()");
+    assert!(trainer.is_finished());
+    let metrics = trainer.evaluate(&validation).expect("validation set fits the model");
+    println!(
+        "{}: {} steps, first loss {:.3}, last loss {:.3}, val accuracy {:.4}, val loss {:.4}, {:.1} s",
+        spec.model.kind(),
+        total,
+        losses[0],
+        last.loss,
+        metrics.val_accuracy,
+        metrics.val_loss,
+        started.elapsed().as_secs_f64()
+    );
+    metrics
+}
+
+#[test]
+fn digits_mlp_reaches_95_percent() {
+    let spec = spec(
+        "kind = \"mlp\"\nhidden = [64]",
+        "digits.csv",
+        "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 42",
+    );
+    let metrics = train_and_validate(&spec);
+    assert_eq!(metrics.rows, 359);
+    assert!(metrics.val_accuracy >= 0.95, "digits mlp: {metrics:?}");
+}
+
+#[test]
+fn mnist_mlp_reaches_90_percent() {
+    let spec = spec(
+        "kind = \"mlp\"\nhidden = [256, 128]",
+        "mnist_5k.csv.gz",
+        "epochs = 3\nbatch_size = 64\noptimizer = \"adam\"\nlearning_rate = 0.001\nseed = 42",
+    );
+    let metrics = train_and_validate(&spec);
+    assert_eq!(metrics.rows, 1000);
+    assert!(metrics.val_accuracy >= 0.90, "mnist mlp: {metrics:?}");
+}
+
+#[test]
+fn digits_cnn_learns() {
+    let spec = spec(
+        "kind = \"cnn\"\nchannels = [8, 16]",
+        "digits.csv",
+        "epochs = 10\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 7",
+    );
+    let metrics = train_and_validate(&spec);
+    assert!(metrics.val_accuracy >= 0.90, "digits cnn: {metrics:?}");
+}
+
+#[test]
+fn synthetic_blobs_with_sgd_momentum_learn() {
+    let text = "name = \"blobs\"\n[model]\nkind = \"mlp\"\nhidden = [32]\n[data]\n\
+                train = \"synthetic:blobs?samples=2000&features=20&classes=5&noise=0.5&seed=7\"\n\
+                validation_fraction = 0.2\n[train]\nsteps = 150\nbatch_size = 32\noptimizer = \"sgd\"\n\
+                momentum = 0.9\nlearning_rate = 0.05\nweight_decay = 0.0001\nseed = 3\n[workers]\nmin = 1\n";
+    let spec = JobSpec::from_toml_str(text).expect("valid");
+    let metrics = train_and_validate(&spec);
+    assert!(metrics.val_accuracy >= 0.95, "blobs sgd: {metrics:?}");
+}

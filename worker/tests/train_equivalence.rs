@@ -1,0 +1,234 @@
+//! What makes preemptible training safe: a resumed run equals an uninterrupted one bit for bit,
+//! and W workers with batch B equal one worker with batch W x B (within float rounding).
+//!
+//! Data-parallel tests run every rank in its own thread over the real TCP ring on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::spec::JobSpec;
+use flotilla_worker::collective::local::LocalCommunicator;
+use flotilla_worker::collective::ring::loopback_gang;
+use flotilla_worker::collective::Communicator;
+use flotilla_worker::data::{Dataset, load_job_data};
+use flotilla_worker::train::{TrainError, TrainState, Trainer};
+
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Float tolerance for data-parallel equivalence: W ranks sum per-rank gradient sums in another
+/// order than one rank sums its batch, so results differ by rounding (~1e-7 relative per step);
+/// after 20-50 optimizer steps the largest parameter difference stays far below this.
+const DATA_PARALLEL_TOLERANCE: f32 = 1e-5;
+
+fn data_path(name: &str) -> String {
+    format!("{}/../examples/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn spec(model: &str, train_uri: &str, validation_fraction: f64, train: &str, workers: usize) -> JobSpec {
+    let text = format!(
+        "name = \"test\"\n[model]\n{model}\n[data]\ntrain = \"{train_uri}\"\nvalidation_fraction = {validation_fraction}\n\
+         [train]\n{train}\n[workers]\nmin = {workers}\nmax = {workers}\n"
+    );
+    JobSpec::from_toml_str(&text).expect("test spec is valid")
+}
+
+fn digits_spec(model: &str, train: &str, workers: usize) -> JobSpec {
+    spec(model, &data_path("digits.csv"), 0.2, train, workers)
+}
+
+fn train_set(spec: &JobSpec) -> Arc<Dataset> {
+    Arc::new(load_job_data(&spec.data, spec.train.seed).expect("data loads").train)
+}
+
+/// Trains on one rank from `resume` for `steps` steps; returns the final state.
+fn train_alone(spec: &JobSpec, data: &Arc<Dataset>, resume: Option<TrainState>, steps: u64) -> TrainState {
+    let mut comm = LocalCommunicator;
+    let mut trainer = Trainer::new(spec, data.clone(), &mut comm, resume).expect("trainer builds");
+    for _ in 0..steps {
+        trainer.step(&mut comm).expect("step");
+    }
+    trainer.state()
+}
+
+/// Trains `world` ranks (one thread each, over the loopback ring) for `steps` steps from
+/// `resume`; returns every rank's final state.
+fn train_gang(spec: &JobSpec, data: &Arc<Dataset>, world: usize, resume: Option<TrainState>, steps: u64) -> Vec<TrainState> {
+    let gang = loopback_gang(world, COLLECTIVE_TIMEOUT).expect("loopback gang forms");
+    let handles: Vec<_> = gang
+        .into_iter()
+        .map(|mut comm| {
+            let (spec, data, resume) = (spec.clone(), data.clone(), resume.clone());
+            std::thread::spawn(move || {
+                let mut trainer = Trainer::new(&spec, data, &mut comm, resume).expect("trainer builds");
+                for _ in 0..steps {
+                    trainer.step(&mut comm).expect("step");
+                }
+                trainer.state()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// K steps, export (through JSON, as a checkpoint would), rebuild, K more steps: bit-identical to
+/// 2K uninterrupted steps. K is chosen so the run crosses an epoch boundary (and its short step).
+fn assert_resume_is_bit_identical(spec: &JobSpec, k: u64) {
+    let data = train_set(spec);
+    let uninterrupted = train_alone(spec, &data, None, 2 * k);
+    let halfway = train_alone(spec, &data, None, k);
+    let json = serde_json::to_string(&halfway).expect("state serialises");
+    let restored: TrainState = serde_json::from_str(&json).expect("state deserialises");
+    assert_eq!(bits(&restored.params), bits(&halfway.params), "JSON round trip is exact");
+    let resumed = train_alone(spec, &data, Some(restored), k);
+    assert!(uninterrupted.cursor.epoch >= 1, "the run crossed an epoch boundary: {:?}", uninterrupted.cursor);
+    assert_eq!(resumed.step, 2 * k);
+    assert_eq!(resumed.cursor, uninterrupted.cursor);
+    assert_eq!(bits(&resumed.params), bits(&uninterrupted.params), "weights are bit-identical");
+    assert_eq!(resumed.optimizer, uninterrupted.optimizer, "optimizer state is identical");
+}
+
+#[test]
+fn resume_mlp_adam_is_bit_identical() {
+    // 1438 train rows / 32 = 45 steps per epoch (the 45th has 30 rows): 2 x 30 steps crosses it.
+    let spec = digits_spec(
+        "kind = \"mlp\"\nhidden = [32]",
+        "epochs = 5\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 11",
+        1,
+    );
+    assert_resume_is_bit_identical(&spec, 30);
+}
+
+#[test]
+fn resume_cnn_sgd_momentum_is_bit_identical() {
+    // 1438 / 64 = 23 steps per epoch: 2 x 12 steps crosses it.
+    let spec = digits_spec(
+        "kind = \"cnn\"\nchannels = [4, 8]",
+        "epochs = 2\nbatch_size = 64\noptimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05\nseed = 5",
+        1,
+    );
+    assert_resume_is_bit_identical(&spec, 12);
+}
+
+#[test]
+fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
+    for optimizer in ["optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05", "optimizer = \"adam\"\nlearning_rate = 0.01"]
+    {
+        let one = digits_spec("kind = \"mlp\"\nhidden = [32]", &format!("steps = 50\nbatch_size = 32\n{optimizer}\nseed = 9"), 1);
+        let two = digits_spec("kind = \"mlp\"\nhidden = [32]", &format!("steps = 50\nbatch_size = 16\n{optimizer}\nseed = 9"), 2);
+        let data = train_set(&one);
+        let single = train_alone(&one, &data, None, 50);
+        let ranks = train_gang(&two, &data, 2, None, 50);
+        assert_eq!(bits(&ranks[0].params), bits(&ranks[1].params), "ranks hold bit-identical weights");
+        assert_eq!(ranks[0].cursor, single.cursor, "both consumed the same samples");
+        let diff = max_abs_diff(&ranks[0].params, &single.params);
+        println!("{}: max |w(2 x B16) - w(1 x B32)| after 50 steps = {diff:e}", optimizer.lines().next().unwrap_or(""));
+        assert!(diff < DATA_PARALLEL_TOLERANCE, "max abs diff {diff:e}");
+    }
+}
+
+#[test]
+fn three_workers_match_one_through_a_short_last_step_where_a_rank_gets_nothing() {
+    // 100 rows, global batch 48: steps of 48, 48 and 4 rows; on the third, ranks 1 and 2 are idle.
+    let blobs = "synthetic:blobs?samples=100&features=8&classes=3&noise=0.5&seed=1";
+    let model = "kind = \"mlp\"\nhidden = [16]";
+    let one = spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 48\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 1);
+    let three = spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 16\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 3);
+    let data = train_set(&one);
+    let single = train_alone(&one, &data, None, 9);
+    let ranks = train_gang(&three, &data, 3, None, 9);
+    assert_eq!(single.cursor.epoch, 3);
+    assert_eq!(ranks[2].cursor, single.cursor);
+    let diff = max_abs_diff(&ranks[2].params, &single.params);
+    assert!(diff < DATA_PARALLEL_TOLERANCE, "max abs diff {diff:e}");
+}
+
+#[test]
+fn resume_at_another_world_size_continues_the_same_run() {
+    // 2 workers x B16 for 25 steps, checkpoint, then 1 worker x B32 for 25 more: the same global
+    // batches as 50 steps of 1 worker x B32, so the same weights within rounding.
+    let train = |batch: u32| format!("steps = 50\nbatch_size = {batch}\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 4");
+    let one = digits_spec("kind = \"mlp\"\nhidden = [32]", &train(32), 1);
+    let two = digits_spec("kind = \"mlp\"\nhidden = [32]", &train(16), 2);
+    let data = train_set(&one);
+    let uninterrupted = train_alone(&one, &data, None, 50);
+    let checkpoint = train_gang(&two, &data, 2, None, 25).remove(0);
+    let resumed = train_alone(&one, &data, Some(checkpoint), 25);
+    assert_eq!(resumed.cursor, uninterrupted.cursor);
+    let diff = max_abs_diff(&resumed.params, &uninterrupted.params);
+    assert!(diff < DATA_PARALLEL_TOLERANCE, "max abs diff {diff:e}");
+}
+
+#[test]
+fn ranks_that_start_differently_refuse_to_train() {
+    let base = "steps = 5\nbatch_size = 16\noptimizer = \"adam\"\nlearning_rate = 0.01";
+    let specs = [
+        digits_spec("kind = \"mlp\"\nhidden = [8]", &format!("{base}\nseed = 1"), 2),
+        digits_spec("kind = \"mlp\"\nhidden = [8]", &format!("{base}\nseed = 2"), 2),
+    ];
+    let data = train_set(&specs[0]);
+    let gang = loopback_gang(2, COLLECTIVE_TIMEOUT).expect("gang");
+    let handles: Vec<_> = gang
+        .into_iter()
+        .map(|mut comm| {
+            let (spec, data) = (specs[comm.rank()].clone(), data.clone());
+            std::thread::spawn(move || Trainer::new(&spec, data, &mut comm, None).map(|_| ()))
+        })
+        .collect();
+    for handle in handles {
+        let err = handle.join().expect("rank thread").expect_err("different seeds disagree");
+        assert!(matches!(err, TrainError::Disagreement(_)), "{err}");
+        assert!(err.to_string().contains("rank 0") && err.to_string().contains("rank 1"), "{err}");
+    }
+}
+
+#[test]
+fn a_state_from_another_job_is_refused() {
+    let mlp = digits_spec("kind = \"mlp\"\nhidden = [8]", "steps = 2\nbatch_size = 16\nseed = 1", 1);
+    let data = train_set(&mlp);
+    let state = train_alone(&mlp, &data, None, 1);
+    let cases = [
+        (digits_spec("kind = \"mlp\"\nhidden = [9]", "steps = 2\nbatch_size = 16\nseed = 1", 1), "architecture"),
+        (digits_spec("kind = \"mlp\"\nhidden = [8]", "steps = 2\nbatch_size = 16\nseed = 2", 1), "seed"),
+        (digits_spec("kind = \"mlp\"\nhidden = [8]", "steps = 2\noptimizer = \"sgd\"\nseed = 1", 1), "optimizer"),
+    ];
+    for (other, needle) in cases {
+        let err = Trainer::new(&other, data.clone(), &mut LocalCommunicator, Some(state.clone())).expect_err(needle);
+        assert!(matches!(err, TrainError::Resume(_)) && err.to_string().contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn a_non_square_cnn_input_and_a_non_finite_loss_are_errors() {
+    let blobs = "synthetic:blobs?samples=200&features=10&classes=3&seed=1";
+    let cnn = spec("kind = \"cnn\"\nchannels = [4]", blobs, 0.0, "steps = 1", 1);
+    let err = Trainer::new(&cnn, train_set(&cnn), &mut LocalCommunicator, None).expect_err("10 is not square");
+    assert!(matches!(err, TrainError::Shape(_)) && err.to_string().contains("square"), "{err}");
+
+    // Finite but huge features (signed, so not rescaled) overflow the logits to infinity: NaN.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge.csv");
+    let rows: String = (0..40).map(|i| format!("{},3e38,-3e38,3e38,1\n", i % 2)).collect();
+    std::fs::write(&path, rows).expect("write");
+    let wild = spec(
+        "kind = \"mlp\"\nhidden = [16]",
+        path.to_str().expect("utf-8 path"),
+        0.0,
+        "steps = 5\nbatch_size = 8\nseed = 1",
+        1,
+    );
+    let mut comm = LocalCommunicator;
+    let mut trainer = Trainer::new(&wild, train_set(&wild), &mut comm, None).expect("builds");
+    let err = trainer.run(&mut comm, |_, _| std::ops::ControlFlow::Continue(())).expect_err("diverges");
+    let TrainError::NonFiniteLoss { step, .. } = &err else { panic!("expected NonFiniteLoss, got {err}") };
+    assert_eq!(*step, trainer.steps_done() + 1, "the error names the step that failed");
+    assert!(err.to_string().contains(&format!("at step {step}")), "{err}");
+}
