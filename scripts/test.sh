@@ -27,6 +27,9 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "GPU code compiles (NCCL through cudarc; no GPU needed, it fails cleanly at run time)"
+cargo clippy -p flotilla-worker --features cuda --all-targets --locked -- -D warnings
+
 step "cargo test"
 cargo test --workspace --locked
 

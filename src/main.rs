@@ -57,6 +57,9 @@ enum Command {
     /// All-reduce bandwidth benchmark for scripts/bench/allreduce.sh.
     #[command(hide = true)]
     BenchAllreduce(commands::bench_collective::Args),
+    /// Training throughput benchmark for scripts/bench/train.sh.
+    #[command(hide = true)]
+    BenchTrain(commands::bench_train::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Coordinator(args) => done(commands::coordinator::run(args)),
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
+        Command::BenchTrain(args) => done(commands::bench_train::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -75,7 +75,7 @@ fn mnist_mlp_reaches_90_percent() {
     let spec = spec(
         "kind = \"mlp\"\nhidden = [256, 128]",
         "mnist_5k.csv.gz",
-        "epochs = 3\nbatch_size = 64\noptimizer = \"adam\"\nlearning_rate = 0.001\nseed = 42",
+        "epochs = 5\nbatch_size = 64\noptimizer = \"adam\"\nlearning_rate = 0.001\nseed = 42",
     );
     let metrics = train_and_validate(&spec);
     assert_eq!(metrics.rows, 1000);
@@ -102,4 +102,61 @@ fn synthetic_blobs_with_sgd_momentum_learn() {
     let spec = JobSpec::from_toml_str(text).expect("valid");
     let metrics = train_and_validate(&spec);
     assert!(metrics.val_accuracy >= 0.95, "blobs sgd: {metrics:?}");
+}
+
+/// Loads `examples/NAME` as the CLI would (relative paths resolved against its folder).
+fn example_spec(name: &str) -> JobSpec {
+    let folder = format!("{}/../examples", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(format!("{folder}/{name}")).expect("example exists");
+    let mut spec = JobSpec::from_toml_str(&text).expect("example is valid");
+    spec.resolve_relative_paths(&folder);
+    spec
+}
+
+/// Trains `spec` on `world` ranks (threads over the loopback ring); returns rank 0's metrics.
+fn train_gang_and_validate(spec: &JobSpec, world: usize) -> Metrics {
+    println!("seed = {}", spec.train.seed);
+    let started = Instant::now();
+    let splits = load_job_data(&spec.data, spec.train.seed).expect("shipped data loads");
+    let (train, validation) = (std::sync::Arc::new(splits.train), splits.validation.expect("held out"));
+    let gang =
+        flotilla_worker::collective::ring::loopback_gang(world, std::time::Duration::from_secs(60)).expect("gang");
+    let handles: Vec<_> = gang
+        .into_iter()
+        .map(|mut comm| {
+            let (spec, train, validation) = (spec.clone(), train.clone(), validation.clone());
+            std::thread::spawn(move || {
+                let mut trainer = Trainer::new(&spec, train, &mut comm, None).expect("trainer builds");
+                trainer.run(&mut comm, |_, _| ControlFlow::Continue(())).expect("training runs");
+                (trainer.total_steps(), trainer.evaluate(&validation).expect("fits"))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("rank thread")).collect();
+    assert!(results.iter().all(|r| r == &results[0]), "every rank ends with the same model");
+    let (steps, metrics) = results[0];
+    println!("{} on {world} workers: {steps} steps, {metrics:?}, {:.1} s", spec.name, started.elapsed().as_secs_f64());
+    metrics
+}
+
+#[test]
+fn example_mnist_mlp_on_two_workers_reaches_90_percent() {
+    let spec = example_spec("mnist-mlp.toml");
+    assert_eq!(spec.workers.min, 2);
+    let metrics = train_gang_and_validate(&spec, 2);
+    assert!(metrics.val_accuracy >= 0.90, "{metrics:?}");
+}
+
+#[test]
+fn example_mnist_cnn_on_two_workers_learns() {
+    let spec = example_spec("mnist-cnn.toml");
+    let metrics = train_gang_and_validate(&spec, 2);
+    assert!(metrics.val_accuracy >= 0.90, "{metrics:?}");
+}
+
+#[test]
+fn example_digits_mlp_reaches_95_percent() {
+    let spec = example_spec("digits-mlp.toml");
+    let metrics = train_gang_and_validate(&spec, 1);
+    assert!(metrics.val_accuracy >= 0.95, "{metrics:?}");
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::spec::JobSpec;
+use flotilla_worker::collective::Communicator;
 use flotilla_worker::collective::local::LocalCommunicator;
 use flotilla_worker::collective::ring::loopback_gang;
-use flotilla_worker::collective::Communicator;
 use flotilla_worker::data::{Dataset, load_job_data};
 use flotilla_worker::train::{TrainError, TrainState, Trainer};
 
@@ -52,7 +52,13 @@ fn train_alone(spec: &JobSpec, data: &Arc<Dataset>, resume: Option<TrainState>, 
 
 /// Trains `world` ranks (one thread each, over the loopback ring) for `steps` steps from
 /// `resume`; returns every rank's final state.
-fn train_gang(spec: &JobSpec, data: &Arc<Dataset>, world: usize, resume: Option<TrainState>, steps: u64) -> Vec<TrainState> {
+fn train_gang(
+    spec: &JobSpec,
+    data: &Arc<Dataset>,
+    world: usize,
+    resume: Option<TrainState>,
+    steps: u64,
+) -> Vec<TrainState> {
     let gang = loopback_gang(world, COLLECTIVE_TIMEOUT).expect("loopback gang forms");
     let handles: Vec<_> = gang
         .into_iter()
@@ -120,10 +126,19 @@ fn resume_cnn_sgd_momentum_is_bit_identical() {
 
 #[test]
 fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
-    for optimizer in ["optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05", "optimizer = \"adam\"\nlearning_rate = 0.01"]
+    for optimizer in
+        ["optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05", "optimizer = \"adam\"\nlearning_rate = 0.01"]
     {
-        let one = digits_spec("kind = \"mlp\"\nhidden = [32]", &format!("steps = 50\nbatch_size = 32\n{optimizer}\nseed = 9"), 1);
-        let two = digits_spec("kind = \"mlp\"\nhidden = [32]", &format!("steps = 50\nbatch_size = 16\n{optimizer}\nseed = 9"), 2);
+        let one = digits_spec(
+            "kind = \"mlp\"\nhidden = [32]",
+            &format!("steps = 50\nbatch_size = 32\n{optimizer}\nseed = 9"),
+            1,
+        );
+        let two = digits_spec(
+            "kind = \"mlp\"\nhidden = [32]",
+            &format!("steps = 50\nbatch_size = 16\n{optimizer}\nseed = 9"),
+            2,
+        );
         let data = train_set(&one);
         let single = train_alone(&one, &data, None, 50);
         let ranks = train_gang(&two, &data, 2, None, 50);
@@ -140,8 +155,10 @@ fn three_workers_match_one_through_a_short_last_step_where_a_rank_gets_nothing()
     // 100 rows, global batch 48: steps of 48, 48 and 4 rows; on the third, ranks 1 and 2 are idle.
     let blobs = "synthetic:blobs?samples=100&features=8&classes=3&noise=0.5&seed=1";
     let model = "kind = \"mlp\"\nhidden = [16]";
-    let one = spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 48\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 1);
-    let three = spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 16\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 3);
+    let one =
+        spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 48\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 1);
+    let three =
+        spec(model, blobs, 0.0, "epochs = 3\nbatch_size = 16\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 2", 3);
     let data = train_set(&one);
     let single = train_alone(&one, &data, None, 9);
     let ranks = train_gang(&three, &data, 3, None, 9);
@@ -155,7 +172,8 @@ fn three_workers_match_one_through_a_short_last_step_where_a_rank_gets_nothing()
 fn resume_at_another_world_size_continues_the_same_run() {
     // 2 workers x B16 for 25 steps, checkpoint, then 1 worker x B32 for 25 more: the same global
     // batches as 50 steps of 1 worker x B32, so the same weights within rounding.
-    let train = |batch: u32| format!("steps = 50\nbatch_size = {batch}\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 4");
+    let train =
+        |batch: u32| format!("steps = 50\nbatch_size = {batch}\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 4");
     let one = digits_spec("kind = \"mlp\"\nhidden = [32]", &train(32), 1);
     let two = digits_spec("kind = \"mlp\"\nhidden = [32]", &train(16), 2);
     let data = train_set(&one);

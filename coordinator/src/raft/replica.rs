@@ -175,7 +175,12 @@ impl Replica {
     /// caller's to filter; raft-rs ignores stale terms itself.
     pub fn step(&mut self, message: Message) -> Result<(), ReplicaError> {
         match self.node.step(message) {
-            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            // Harmless for a peer message: an unknown sender, a local message type, or a
+            // proposal forwarded to a node that cannot take it (the proposer retries).
+            Ok(())
+            | Err(raft::Error::StepPeerNotFound)
+            | Err(raft::Error::StepLocalMsg)
+            | Err(raft::Error::ProposalDropped) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

@@ -145,4 +145,17 @@ impl Network {
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
+
+    /// The messages in flight, one line each, for failure messages.
+    pub fn describe_in_flight(&self) -> Vec<String> {
+        let mut packets: Vec<&Packet> = self.in_flight.iter().collect();
+        packets.sort_by_key(|p| (p.deliver_at, p.order));
+        packets
+            .iter()
+            .map(|p| {
+                let m = &p.message;
+                format!("    at step {}: {:?} {} -> {} term {}", p.deliver_at, m.get_msg_type(), m.from, m.to, m.term)
+            })
+            .collect()
+    }
 }

@@ -338,6 +338,7 @@ impl Sim {
             if let Some(replica) = self.replica_mut(sender) {
                 replica.report_snapshot(peer, status);
                 self.after_op(sender);
+                self.trace(|| format!("node {sender} told its snapshot to {peer}: {status:?}"));
             }
         }
         let delivery = self.net.take_due(self.now, limit);
@@ -353,6 +354,7 @@ impl Sim {
             replica.step(message).unwrap_or_else(|e| panic!("node {to}: step failed: {e}"));
             self.after_op(to);
             if snapshot {
+                self.trace(|| format!("node {to} received a snapshot from {from}"));
                 self.snapshot_reports.push((from, to, SnapshotStatus::Finish));
             }
         }
@@ -491,6 +493,7 @@ impl Sim {
     /// One line per node, for failure messages.
     pub fn describe(&mut self) -> String {
         let mut lines = vec![format!("step {}, {} messages in flight", self.now, self.net.in_flight())];
+        lines.extend(self.net.describe_in_flight());
         for node in &mut self.nodes {
             let id = node.config.id;
             let Some(replica) = node.replica.as_mut() else {

@@ -89,6 +89,10 @@ impl NcclCommunicator {
     }
 }
 
+// SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap;
+// every call here takes `&mut self`, so at most one thread uses it at a time.
+unsafe impl Send for NcclCommunicator {}
+
 impl Communicator for NcclCommunicator {
     fn rank(&self) -> usize {
         self.comm.rank()

@@ -58,7 +58,13 @@ fn parse_line(uri: &str, line: u64, first_line: u64, text: &str, data: &mut RawD
     let columns = text.split(',').count();
     if data.labels.is_empty() {
         if columns < 2 {
-            return Err(DataError::ColumnCount { uri: uri.to_string(), line, found: columns, expected: 2, first_line: line });
+            return Err(DataError::ColumnCount {
+                uri: uri.to_string(),
+                line,
+                found: columns,
+                expected: 2,
+                first_line: line,
+            });
         }
         data.features_per_row = columns - 1;
         check_limits(uri, 1, data.features_per_row)?;
@@ -90,7 +96,9 @@ fn parse_line(uri: &str, line: u64, first_line: u64, text: &str, data: &mut RawD
 fn parse_label(uri: &str, line: u64, text: &str) -> Result<u32, DataError> {
     match text.parse::<i64>() {
         Ok(label) if (0..CLASSES_MAX as i64).contains(&label) => Ok(label as u32),
-        Ok(_) => Err(DataError::LabelOutOfRange { uri: uri.to_string(), line, label: text.to_string(), limit: CLASSES_MAX }),
+        Ok(_) => {
+            Err(DataError::LabelOutOfRange { uri: uri.to_string(), line, label: text.to_string(), limit: CLASSES_MAX })
+        }
         Err(_) => {
             let hint = if line == 1 { " (a header row is not supported)" } else { "" };
             Err(field_error(uri, line, 1, &format!("label `{text}` is not a whole number{hint}")))

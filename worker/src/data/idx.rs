@@ -31,7 +31,10 @@ pub fn load(images: &DataUri) -> Result<RawData, DataError> {
     let (image_dims, pixels) = parse(&images_name, &image_bytes)?;
     let (label_dims, label_values) = parse(&labels_name, &label_bytes)?;
     if image_dims.len() < 2 {
-        return Err(mismatch(&images_name, format!("declares {} dimension(s); images need at least 2", image_dims.len())));
+        return Err(mismatch(
+            &images_name,
+            format!("declares {} dimension(s); images need at least 2", image_dims.len()),
+        ));
     }
     if label_dims.len() != 1 {
         return Err(mismatch(&labels_name, format!("declares {} dimensions; labels need exactly 1", label_dims.len())));
@@ -125,10 +128,8 @@ pub fn parse<'a>(uri: &str, bytes: &'a [u8]) -> Result<(Vec<usize>, &'a [u8]), D
     let Some(header) = bytes.get(4..header_len) else {
         return Err(truncated(bytes.len(), format!("the header needs {header_len} bytes")));
     };
-    let dims: Vec<usize> = header
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        header.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).unwrap_or(usize::MAX);
     let payload = &bytes[header_len..];
     if payload.len() < expected {
@@ -138,7 +139,10 @@ pub fn parse<'a>(uri: &str, bytes: &'a [u8]) -> Result<(Vec<usize>, &'a [u8]), D
         ));
     }
     if payload.len() > expected {
-        return Err(truncated(header_len + expected, format!("{} unexpected bytes after the data", payload.len() - expected)));
+        return Err(truncated(
+            header_len + expected,
+            format!("{} unexpected bytes after the data", payload.len() - expected),
+        ));
     }
     Ok((dims, payload))
 }

@@ -82,9 +82,7 @@ pub enum DataError {
     Unsupported { uri: String, reason: String },
     #[error("{uri}: {reason}")]
     Mismatch { uri: String, reason: String },
-    #[error(
-        "data loading blocks; it was called from inside an async runtime (use spawn_blocking or a plain thread)"
-    )]
+    #[error("data loading blocks; it was called from inside an async runtime (use spawn_blocking or a plain thread)")]
     InsideAsyncRuntime,
 }
 
@@ -252,10 +250,7 @@ pub fn split(all: Dataset, fraction: f64, seed: u64) -> Result<Splits, DataError
     if held_out >= all.rows {
         return Err(DataError::Mismatch {
             uri: all.source.clone(),
-            reason: format!(
-                "validation_fraction {fraction} of {} rows leaves no row to train on",
-                all.rows
-            ),
+            reason: format!("validation_fraction {fraction} of {} rows leaves no row to train on", all.rows),
         });
     }
     let mut shuffled: Vec<u32> = (0..all.rows as u32).collect();

@@ -39,9 +39,9 @@ pub fn fetch(uri: &DataUri) -> Result<Vec<u8>, DataError> {
             "s3:// is not built into this worker yet (object_store's `aws` feature is off); copy the \
              data to the worker and use file://",
         )),
-        DataUri::Relative(_) => Err(unsupported(
-            "is a relative path; resolve it against the spec file first (`flotilla submit` does)",
-        )),
+        DataUri::Relative(_) => {
+            Err(unsupported("is a relative path; resolve it against the spec file first (`flotilla submit` does)"))
+        }
         DataUri::Synthetic(_) => Err(unsupported("synthetic data is generated, not fetched")),
     }
 }
@@ -66,10 +66,10 @@ fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, DataError> {
     if tokio::runtime::Handle::try_current().is_ok() {
         return Err(DataError::InsideAsyncRuntime);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DataError::Read { uri: "(runtime)".into(), reason: format!("cannot start a tokio runtime: {e}") })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| DataError::Read {
+        uri: "(runtime)".into(),
+        reason: format!("cannot start a tokio runtime: {e}"),
+    })?;
     Ok(runtime.block_on(future))
 }
 

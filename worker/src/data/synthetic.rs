@@ -24,7 +24,7 @@ pub fn blobs(spec: &SyntheticSpec) -> Result<RawData, DataError> {
     let features = usize::try_from(spec.features).unwrap_or(usize::MAX);
     let classes = usize::try_from(spec.classes).unwrap_or(usize::MAX);
     check_limits(&uri, rows, features)?;
-    if classes > super::CLASSES_MAX || classes < 2 {
+    if !(2..=super::CLASSES_MAX).contains(&classes) {
         return Err(DataError::Unsupported {
             uri,
             reason: format!("classes = {classes}; 2 to {} are supported", super::CLASSES_MAX),

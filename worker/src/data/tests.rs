@@ -190,7 +190,12 @@ fn shipped_data_sets_load() {
 #[test]
 fn validation_split_is_seeded_disjoint_and_covers_every_class() {
     let digits = load(&repo_data("digits.csv"), DataFormat::Csv).expect("digits");
-    let spec = DataSpec { train: repo_data("digits.csv"), validation: None, format: DataFormat::Csv, validation_fraction: 0.2 };
+    let spec = DataSpec {
+        train: repo_data("digits.csv"),
+        validation: None,
+        format: DataFormat::Csv,
+        validation_fraction: 0.2,
+    };
     let splits = load_job_data(&spec, 42).expect("split");
     let validation = splits.validation.clone().expect("held out");
     assert_eq!(validation.rows, 359);
@@ -233,13 +238,12 @@ fn synthetic_blobs_are_deterministic() {
     assert_eq!((a.rows, a.features_per_row, a.classes, a.feature_scale), (200, 5, 4, 1.0));
     assert_eq!(&a.labels[..5], &[0, 1, 2, 3, 0]);
     // Low noise: every sample is nearest to its own class's mean.
-    let mut means = vec![0.0f32; 4 * 5];
+    let mut means = [0.0f32; 4 * 5];
     for r in 0..200 {
         a.row(r).iter().enumerate().for_each(|(f, v)| means[(r % 4) * 5 + f] += v / 50.0);
     }
-    let distance = |r: usize, c: usize| {
-        a.row(r).iter().zip(&means[c * 5..(c + 1) * 5]).map(|(x, m)| (x - m).powi(2)).sum::<f32>()
-    };
+    let distance =
+        |r: usize, c: usize| a.row(r).iter().zip(&means[c * 5..(c + 1) * 5]).map(|(x, m)| (x - m).powi(2)).sum::<f32>();
     for r in 0..200 {
         let own = r % 4;
         assert!((0..4).filter(|&c| c != own).all(|c| distance(r, own) < distance(r, c)), "row {r}");

@@ -49,9 +49,7 @@ impl Trainer {
         resume: Option<TrainState>,
     ) -> Result<Trainer, TrainError> {
         let data = data.into();
-        if data.rows == 0 || data.rows > ORDER_ROWS_MAX || data.labels.len() != data.rows {
-            return Err(TrainError::Shape(format!("the training set has {} rows", data.rows)));
-        }
+        check_inputs(spec, &data, comm)?;
         let device = training_device(spec.workers.gpus)?;
         let network = Network::new(&spec.model, data.features_per_row, data.classes, &device)?;
         let layout = ParamLayout::of(&network);
@@ -191,7 +189,9 @@ impl Trainer {
     /// Accuracy and mean loss of the current weights on `data` (a validation set of the same
     /// shape). Local to this rank: no collective.
     pub fn evaluate(&self, data: &Dataset) -> Result<Metrics, TrainError> {
-        if data.features_per_row != self.data.features_per_row || data.labels.iter().any(|&l| l as usize >= self.data.classes) {
+        if data.features_per_row != self.data.features_per_row
+            || data.labels.iter().any(|&l| l as usize >= self.data.classes)
+        {
             return Err(TrainError::Shape(format!(
                 "{} has {} features and labels up to {}; the model takes {} features and {} classes",
                 data.source,
@@ -270,7 +270,9 @@ impl Trainer {
                 let rows = self.data.rows as u64;
                 let global_batch = u64::from(self.train_spec.batch_size) * self.world_size as u64;
                 let full_epochs_left = u64::from(epochs) - self.cursor.epoch - 1;
-                self.step + self.cursor.steps_left_in_epoch(rows, global_batch) + full_epochs_left * rows.div_ceil(global_batch)
+                self.step
+                    + self.cursor.steps_left_in_epoch(rows, global_batch)
+                    + full_epochs_left * rows.div_ceil(global_batch)
             }
         }
     }
@@ -302,9 +304,8 @@ fn summed_cross_entropy(logits: Tensor<2>, labels: &[u32], device: &Device) -> T
 
 /// Index of the largest value (first on ties) and `ln(sum(exp(row)))`, computed stably in f64.
 fn argmax_and_log_sum_exp(row: &[f32]) -> (usize, f64) {
-    let (best, max) = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-        if v > bv { (i, v) } else { (bi, bv) }
-    });
+    let (best, max) =
+        row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
     let max = f64::from(max);
     let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     (best, max + sum.ln())
@@ -319,9 +320,32 @@ fn training_device(gpus: u32) -> Result<Device, TrainError> {
         Ok(Device::cuda(0).autodiff())
     }
     #[cfg(not(feature = "cuda"))]
-    Err(TrainError::Backend(format!(
-        "workers.gpus = {gpus}, but this worker was built without the `cuda` feature"
-    )))
+    Err(TrainError::Backend(format!("workers.gpus = {gpus}, but this worker was built without the `cuda` feature")))
+}
+
+/// What the types cannot promise: a usable data set, a batch size, a sane communicator.
+fn check_inputs(spec: &JobSpec, data: &Dataset, comm: &dyn Communicator) -> Result<(), TrainError> {
+    let consistent = data.labels.len() == data.rows
+        && data.features.len() == data.rows.saturating_mul(data.features_per_row)
+        && data.labels.iter().all(|&l| (l as usize) < data.classes);
+    if data.rows == 0 || data.rows > ORDER_ROWS_MAX || !consistent {
+        return Err(TrainError::Shape(format!(
+            "{}: {} rows (1 to {ORDER_ROWS_MAX} needed), {} labels, {} feature values for {} per row, {} classes",
+            data.source,
+            data.rows,
+            data.labels.len(),
+            data.features.len(),
+            data.features_per_row,
+            data.classes
+        )));
+    }
+    if spec.train.batch_size == 0 {
+        return Err(TrainError::Shape("train.batch_size is 0".into()));
+    }
+    if comm.world_size() == 0 || comm.rank() >= comm.world_size() {
+        return Err(TrainError::Communicator(format!("rank {} of {}", comm.rank(), comm.world_size())));
+    }
+    Ok(())
 }
 
 fn fresh_state(layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> TrainState {
@@ -337,11 +361,20 @@ fn fresh_state(layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> Train
     }
 }
 
-fn check_resume(state: TrainState, layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> Result<TrainState, TrainError> {
+fn check_resume(
+    state: TrainState,
+    layout: &ParamLayout,
+    train: &TrainSpec,
+    data: &Dataset,
+) -> Result<TrainState, TrainError> {
     let problem = if state.format_version != TRAIN_STATE_FORMAT_VERSION {
         Some(format!("format version {} (this worker reads {TRAIN_STATE_FORMAT_VERSION})", state.format_version))
     } else if state.layout_fingerprint != layout.fingerprint() || state.params.len() != layout.len {
-        Some(format!("it holds {} parameters of another architecture; the model has {}", state.params.len(), layout.len))
+        Some(format!(
+            "it holds {} parameters of another architecture; the model has {}",
+            state.params.len(),
+            layout.len
+        ))
     } else if !state.optimizer.matches(train.optimizer, layout.len) {
         Some("its optimizer state is not for train.optimizer of this spec".to_string())
     } else if state.seed != train.seed || state.train_rows != data.rows as u64 {
@@ -359,6 +392,12 @@ fn check_resume(state: TrainState, layout: &ParamLayout, train: &TrainSpec, data
         None => Ok(state),
     }
 }
+
+// The agent moves a trainer into a blocking task: it must stay `Send`.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Trainer>();
+};
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
