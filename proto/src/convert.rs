@@ -144,52 +144,6 @@ pub fn job_state_name(state: v1::JobState) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SPECS: [&str; 3] = [
-        "name = \"a\"\nmodel = { kind = \"mlp\", hidden = [32] }\ndata = { train = \"/d/x.csv.gz\" }\nworkers = { min = 2, max = 4 }\n",
-        "name = \"b\"\nmodel = { kind = \"cnn\" }\ndata = { train = \"s3://bkt/x.idx\", validation = \"s3://bkt/v.idx\" }\n\
-         workers = { min = 1 }\ntrain = { steps = 10, optimizer = \"sgd\", momentum = 0.5 }\n\
-         capacity = { budget_usd = 3.5, instance_types = [\"g5.xlarge\"] }\n",
-        "name = \"c\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs?classes=4\" }\nworkers = { min = 1 }\n",
-    ];
-
-    #[test]
-    fn specs_round_trip_through_the_wire() {
-        for text in SPECS {
-            let spec = JobSpec::from_toml_str(text).expect("valid");
-            assert_eq!(spec_from_proto(spec_to_proto(&spec)).expect("round trip"), spec);
-        }
-    }
-
-    #[test]
-    fn invalid_wire_specs_name_the_field() {
-        let spec = JobSpec::from_toml_str(SPECS[0]).expect("valid");
-        let mut pb = spec_to_proto(&spec);
-        pb.workers = Some(v1::WorkersSpec { min: 4, max: 2, gpus: 0 });
-        let err = spec_from_proto(pb).expect_err("min > max");
-        assert!(err.fields().contains(&"workers.min"), "{err}");
-
-        let mut pb = spec_to_proto(&spec);
-        pb.model = None;
-        assert_eq!(spec_from_proto(pb).expect_err("no model").fields(), ["model.kind"]);
-
-        let mut pb = spec_to_proto(&spec);
-        if let Some(d) = pb.data.as_mut() {
-            d.train = "ftp://x/y.csv".into();
-        }
-        assert_eq!(spec_from_proto(pb).expect_err("bad scheme").fields(), ["data.train"]);
-
-        let mut pb = spec_to_proto(&spec);
-        if let Some(t) = pb.train.as_mut() {
-            t.batch_size = 0;
-        }
-        assert_eq!(spec_from_proto(pb).expect_err("batch 0").fields(), ["train.batch_size"]);
-    }
-}
-
 /// A core job state -> its wire enum.
 pub fn job_state_to_proto(state: flotilla_core::state::JobState) -> v1::JobState {
     use flotilla_core::state::JobState as S;
@@ -233,5 +187,51 @@ pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
             .iter()
             .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPECS: [&str; 3] = [
+        "name = \"a\"\nmodel = { kind = \"mlp\", hidden = [32] }\ndata = { train = \"/d/x.csv.gz\" }\nworkers = { min = 2, max = 4 }\n",
+        "name = \"b\"\nmodel = { kind = \"cnn\" }\ndata = { train = \"s3://bkt/x.idx\", validation = \"s3://bkt/v.idx\" }\n\
+         workers = { min = 1 }\ntrain = { steps = 10, optimizer = \"sgd\", momentum = 0.5 }\n\
+         capacity = { budget_usd = 3.5, instance_types = [\"g5.xlarge\"] }\n",
+        "name = \"c\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs?classes=4\" }\nworkers = { min = 1 }\n",
+    ];
+
+    #[test]
+    fn specs_round_trip_through_the_wire() {
+        for text in SPECS {
+            let spec = JobSpec::from_toml_str(text).expect("valid");
+            assert_eq!(spec_from_proto(spec_to_proto(&spec)).expect("round trip"), spec);
+        }
+    }
+
+    #[test]
+    fn invalid_wire_specs_name_the_field() {
+        let spec = JobSpec::from_toml_str(SPECS[0]).expect("valid");
+        let mut pb = spec_to_proto(&spec);
+        pb.workers = Some(v1::WorkersSpec { min: 4, max: 2, gpus: 0 });
+        let err = spec_from_proto(pb).expect_err("min > max");
+        assert!(err.fields().contains(&"workers.min"), "{err}");
+
+        let mut pb = spec_to_proto(&spec);
+        pb.model = None;
+        assert_eq!(spec_from_proto(pb).expect_err("no model").fields(), ["model.kind"]);
+
+        let mut pb = spec_to_proto(&spec);
+        if let Some(d) = pb.data.as_mut() {
+            d.train = "ftp://x/y.csv".into();
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("bad scheme").fields(), ["data.train"]);
+
+        let mut pb = spec_to_proto(&spec);
+        if let Some(t) = pb.train.as_mut() {
+            t.batch_size = 0;
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("batch 0").fields(), ["train.batch_size"]);
     }
 }

@@ -96,7 +96,13 @@ fn free_addresses(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
     listeners.iter().map(|l| l.local_addr().context("reading a bound port")).collect()
 }
 
-fn spawn_rank(args: &Args, rank: usize, addresses: &[SocketAddr], gang_id: u64, output: OutputFormat) -> anyhow::Result<Child> {
+fn spawn_rank(
+    args: &Args,
+    rank: usize,
+    addresses: &[SocketAddr],
+    gang_id: u64,
+    output: OutputFormat,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
     let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
     let mut command = Command::new(exe);
@@ -157,7 +163,12 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     }
     let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
-    let config = RingConfig { rank: args.rank, addresses: args.addresses.clone(), gang_id: args.gang_id, timeout: COLLECTIVE_TIMEOUT };
+    let config = RingConfig {
+        rank: args.rank,
+        addresses: args.addresses.clone(),
+        gang_id: args.gang_id,
+        timeout: COLLECTIVE_TIMEOUT,
+    };
     let mut comm = RingCommunicator::connect(listener, config).context("joining the ring")?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let resume = match &args.job.resume_from {
@@ -227,7 +238,10 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         OutputFormat::Text => {
             let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
             let loss = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_loss));
-            println!("done: step {} on {world} worker(s), val_accuracy {accuracy}, val_loss {loss}", trainer.steps_done());
+            println!(
+                "done: step {} on {world} worker(s), val_accuracy {accuracy}, val_loss {loss}",
+                trainer.steps_done()
+            );
             if let Some(uri) = summary["checkpoint"].as_str() {
                 println!("checkpoint: {uri}");
             }

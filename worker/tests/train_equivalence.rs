@@ -250,3 +250,11 @@ fn a_non_square_cnn_input_and_a_non_finite_loss_are_errors() {
     assert_eq!(*step, trainer.steps_done() + 1, "the error names the step that failed");
     assert!(err.to_string().contains(&format!("at step {step}")), "{err}");
 }
+
+#[test]
+fn a_gpu_job_is_refused_with_a_reason_until_the_cuda_backend_is_built_in() {
+    let gpu = spec("kind = \"mlp\"\nhidden = [8]", &data_path("digits.csv"), 0.2, "steps = 1", 1);
+    let gpu = JobSpec { workers: flotilla_proto::spec::WorkersSpec { gpus: 1, ..gpu.workers }, ..gpu };
+    let err = Trainer::new(&gpu, train_set(&gpu), &mut LocalCommunicator, None).expect_err("no CUDA backend");
+    assert!(matches!(err, TrainError::Backend(_)) && err.to_string().contains("workers.gpus = 1"), "{err}");
+}

@@ -88,13 +88,18 @@ fn part_path(prefix: &Path, name: &str) -> Path {
 }
 
 /// Writes `parts` under `prefix`, then the MANIFEST. Returns the manifest written.
-pub async fn write(store: &dyn ObjectStore, prefix: &Path, parts: &[(&str, Bytes)]) -> Result<Manifest, CheckpointError> {
+pub async fn write(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    parts: &[(&str, Bytes)],
+) -> Result<Manifest, CheckpointError> {
     if parts.is_empty() || parts.len() > PARTS_MAX {
         return Err(CheckpointError::Invalid(format!("{} parts; 1 to {PARTS_MAX} allowed", parts.len())));
     }
     let mut entries = Vec::with_capacity(parts.len());
     for (name, bytes) in parts {
-        let valid = !name.is_empty() && *name != MANIFEST && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let valid =
+            !name.is_empty() && *name != MANIFEST && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid || bytes.len() as u64 > PART_BYTES_MAX {
             return Err(CheckpointError::Invalid(format!("part `{name}` ({} bytes)", bytes.len())));
         }
@@ -112,18 +117,28 @@ pub async fn write(store: &dyn ObjectStore, prefix: &Path, parts: &[(&str, Bytes
 
 /// Reads and verifies the checkpoint under `prefix`: every part named by the MANIFEST, with
 /// its size and checksum checked.
-pub async fn read(store: &dyn ObjectStore, prefix: &Path) -> Result<(Manifest, BTreeMap<String, Bytes>), CheckpointError> {
+pub async fn read(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+) -> Result<(Manifest, BTreeMap<String, Bytes>), CheckpointError> {
     let manifest = read_manifest(store, prefix).await?;
     let mut parts = BTreeMap::new();
     for entry in &manifest.parts {
         let corrupt = |reason: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason };
         let bytes = match store.get(&part_path(prefix, &entry.name)).await {
             Ok(got) => got.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => return Err(corrupt(format!("part `{}` is missing", entry.name))),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(corrupt(format!("part `{}` is missing", entry.name)));
+            }
             Err(e) => return Err(e.into()),
         };
         if bytes.len() as u64 != entry.size_bytes {
-            return Err(corrupt(format!("part `{}` has {} bytes, the manifest says {}", entry.name, bytes.len(), entry.size_bytes)));
+            return Err(corrupt(format!(
+                "part `{}` has {} bytes, the manifest says {}",
+                entry.name,
+                bytes.len(),
+                entry.size_bytes
+            )));
         }
         if hex(&Sha256::digest(&bytes)) != entry.sha256 {
             return Err(corrupt(format!("part `{}` does not match its checksum", entry.name)));
@@ -137,7 +152,9 @@ pub async fn read(store: &dyn ObjectStore, prefix: &Path) -> Result<(Manifest, B
 pub async fn read_manifest(store: &dyn ObjectStore, prefix: &Path) -> Result<Manifest, CheckpointError> {
     let bytes = match store.get(&part_path(prefix, MANIFEST)).await {
         Ok(got) => got.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Err(CheckpointError::Partial { prefix: prefix.to_string() }),
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(CheckpointError::Partial { prefix: prefix.to_string() });
+        }
         Err(e) => return Err(e.into()),
     };
     let corrupt = |reason: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason };
@@ -165,8 +182,11 @@ pub fn f32_to_bytes(values: &[f32]) -> Bytes {
 
 /// The inverse of [`f32_to_bytes`]; `what` names the part in the error.
 pub fn bytes_to_f32(bytes: &[u8], what: &str) -> Result<Vec<f32>, CheckpointError> {
-    if bytes.len() % 4 != 0 {
-        return Err(CheckpointError::Invalid(format!("part `{what}` is {} bytes, not a whole number of f32", bytes.len())));
+    if !bytes.len().is_multiple_of(4) {
+        return Err(CheckpointError::Invalid(format!(
+            "part `{what}` is {} bytes, not a whole number of f32",
+            bytes.len()
+        )));
     }
     Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }

@@ -61,7 +61,12 @@ pub struct NcclCommunicator {
 
 impl NcclCommunicator {
     /// Joins the NCCL clique `unique_id` as `rank` of `world` on GPU `device`.
-    pub fn new(device: usize, rank: usize, world: usize, unique_id: &[u8]) -> Result<NcclCommunicator, CollectiveError> {
+    pub fn new(
+        device: usize,
+        rank: usize,
+        world: usize,
+        unique_id: &[u8],
+    ) -> Result<NcclCommunicator, CollectiveError> {
         probe()?;
         let bytes: [u8; UNIQUE_ID_BYTES] = unique_id.try_into().map_err(|_| {
             CollectiveError::Invalid(format!("an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {}", unique_id.len()))
@@ -69,7 +74,8 @@ impl NcclCommunicator {
         let context = CudaContext::new(device).map_err(|e| nccl_error(&format!("opening GPU {device}"), e))?;
         let stream = context.default_stream();
         let id = Id::uninit(bytes.map(|b| b as std::ffi::c_char));
-        let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| nccl_error("joining the NCCL clique", e))?;
+        let comm =
+            Comm::from_rank(stream.clone(), rank, world, id).map_err(|e| nccl_error("joining the NCCL clique", e))?;
         Ok(NcclCommunicator { comm, stream })
     }
 

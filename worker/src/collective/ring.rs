@@ -95,10 +95,12 @@ impl RingCommunicator {
     pub fn connect(listener: TcpListener, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
         let world = config.addresses.len();
         if world == 0 || world > WORLD_MAX || config.rank >= world {
-            return Err(CollectiveError::Invalid(format!("rank {} in a world of {world} (1..={WORLD_MAX})", config.rank)));
+            return Err(CollectiveError::Invalid(format!(
+                "rank {} in a world of {world} (1..={WORLD_MAX})",
+                config.rank
+            )));
         }
-        let mut ring =
-            RingCommunicator { rank: config.rank, world, timeout: config.timeout, next: None, prev: None };
+        let mut ring = RingCommunicator { rank: config.rank, world, timeout: config.timeout, next: None, prev: None };
         if world == 1 {
             return Ok(ring);
         }
@@ -133,7 +135,13 @@ impl RingCommunicator {
     }
 
     /// Sends and checks the operation header, so mismatched calls fail instead of mixing data.
-    fn exchange_header(&mut self, op: u32, len: usize, root: usize, operation: &'static str) -> Result<(), CollectiveError> {
+    fn exchange_header(
+        &mut self,
+        op: u32,
+        len: usize,
+        root: usize,
+        operation: &'static str,
+    ) -> Result<(), CollectiveError> {
         let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&op.to_le_bytes());
@@ -226,7 +234,8 @@ fn accept_prev(
         match listener.accept() {
             Ok((stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| CollectiveError::Rendezvous(format!("socket: {e}")))?;
-                tune(&stream, config.timeout).map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
+                tune(&stream, config.timeout)
+                    .map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
                 let mut hello = [0u8; 24];
                 if (&stream).read_exact(&mut hello).is_err() {
                     continue; // not a ring peer (a port scan, a stale generation that hung up)
@@ -245,7 +254,11 @@ fn accept_prev(
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    return Err(CollectiveError::Timeout { operation: "rendezvous", peer: prev_rank, timeout: config.timeout });
+                    return Err(CollectiveError::Timeout {
+                        operation: "rendezvous",
+                        peer: prev_rank,
+                        timeout: config.timeout,
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }

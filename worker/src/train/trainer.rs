@@ -311,16 +311,18 @@ fn argmax_and_log_sum_exp(row: &[f32]) -> (usize, f64) {
     (best, max + sum.ln())
 }
 
+/// The device a rank trains on. CPU only for now: burn's CUDA backend (`burn/cuda`) is not
+/// enabled, because its build (cubecl-cuda -> cubecl-llvm -> tracel-llvm-bundler) downloads an
+/// LLVM bundle, which a fresh machine or CI cannot. The worker's `cuda` feature covers NCCL
+/// collectives only; a GPU job gets a clear error here instead of a CPU run it did not ask for.
 fn training_device(gpus: u32) -> Result<Device, TrainError> {
     if gpus == 0 {
         return Ok(Device::flex().autodiff());
     }
-    #[cfg(feature = "cuda")]
-    {
-        Ok(Device::cuda(0).autodiff())
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(TrainError::Backend(format!("workers.gpus = {gpus}, but this worker was built without the `cuda` feature")))
+    Err(TrainError::Backend(format!(
+        "workers.gpus = {gpus}, but this worker trains on CPUs only (burn's CUDA backend is not built in); \
+         set workers.gpus = 0"
+    )))
 }
 
 /// What the types cannot promise: a usable data set, a batch size, a sane communicator.
