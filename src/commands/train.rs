@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_core::spec::{JobSpec, TrainLength};
+use flotilla_worker::checkpoint::store::Access;
 use flotilla_worker::checkpoint::{self, state};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
@@ -173,7 +174,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let resume = match &args.job.resume_from {
         Some(uri) => {
-            let (store, prefix) = checkpoint::store::open(uri)?;
+            let (store, prefix) = checkpoint::store::open(uri, Access::Read)?;
             let (state, _) = runtime.block_on(state::load(store.as_ref(), &prefix))?;
             Some(state)
         }
@@ -181,7 +182,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     };
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;
     let store = match (&args.job.checkpoint_dir, args.rank) {
-        (Some(uri), 0) => Some(checkpoint::store::open(uri)?),
+        (Some(uri), 0) => Some(checkpoint::store::open(uri, Access::Write)?),
         _ => None,
     };
     let progress = Progress { rank: args.rank, output, total: trainer.total_steps(), started: Instant::now() };
