@@ -131,7 +131,8 @@ mod tests {
     fn train_states_round_trip_exactly() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, root) =
-            super::super::store::open(dir.path().to_str().expect("utf-8"), store::Access::Write).expect("store");
+            super::super::store::open(dir.path().to_str().expect("utf-8"), super::super::store::Access::Write)
+                .expect("store");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         for optimizer in [
             OptimizerState::Sgd { velocity: vec![0.1, 0.2, 0.3] },
