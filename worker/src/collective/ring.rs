@@ -168,24 +168,27 @@ impl RingCommunicator {
         &mut self,
         operation: &'static str,
         initial: Vec<Vec<u8>>,
-        receive: impl FnOnce(&mut TcpStream, &mpsc::Sender<Vec<u8>>) -> Result<R, CollectiveError>,
+        receive: impl FnOnce(&mut TcpStream, &Forward) -> Result<R, CollectiveError>,
     ) -> Result<R, CollectiveError> {
         let (timeout, next_rank) = (self.timeout, self.next_rank());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
         std::thread::scope(|scope| {
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
             let sender = scope.spawn(move || -> Result<(), CollectiveError> {
                 for segment in rx {
                     next.write_all(&segment).map_err(|e| lost(operation, next_rank, &e, timeout))?;
+                    let _ = pool_tx.send(segment); // reused by the receiver: no allocation per segment
                 }
                 Ok(())
             });
             for segment in initial {
                 tx.send(segment).expect("the sender thread lives until the channel closes");
             }
-            let received = receive(prev, &tx);
-            drop(tx);
+            let forward = Forward { tx, pool: pool_rx };
+            let received = receive(prev, &forward);
+            drop(forward);
             let sent = sender.join().unwrap_or_else(|_| {
                 Err(CollectiveError::PeerLost { operation, peer: next_rank, reason: "sender thread panicked".into() })
             });
@@ -293,12 +296,28 @@ enum Combine {
     Copy,
 }
 
+/// The receiver's handle on the sender thread: segments to write, and written segments coming
+/// back for reuse (large allocations are mmap'd and page-faulted afresh each time otherwise).
+pub(crate) struct Forward {
+    tx: mpsc::Sender<Vec<u8>>,
+    pool: mpsc::Receiver<Vec<u8>>,
+}
+
+impl Forward {
+    fn send(&self, values: &[f32]) -> Result<(), ()> {
+        let mut segment = self.pool.try_recv().unwrap_or_default();
+        segment.clear();
+        segment.extend_from_slice(bytemuck::cast_slice::<f32, u8>(values));
+        self.tx.send(segment).map_err(|_| ())
+    }
+}
+
 /// Reads `target.len()` floats from `prev` segment by segment, merges each into `target`,
 /// then forwards the merged segment when `forward` is set.
 fn receive_chunk(
     prev: &mut TcpStream,
     target: &mut [f32],
-    forward: Option<&mpsc::Sender<Vec<u8>>>,
+    forward: Option<&Forward>,
     combine: Combine,
     on_error: &dyn Fn(std::io::Error) -> CollectiveError,
 ) -> Result<(), CollectiveError> {
@@ -314,8 +333,8 @@ fn receive_chunk(
                 }
             }
         }
-        if let Some(tx) = forward {
-            tx.send(to_bytes(part)).map_err(|_| {
+        if let Some(forward) = forward {
+            forward.send(part).map_err(|()| {
                 on_error(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sending side stopped"))
             })?;
         }
