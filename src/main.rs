@@ -60,6 +60,9 @@ enum Command {
     /// Training throughput benchmark for scripts/bench/train.sh.
     #[command(hide = true)]
     BenchTrain(commands::bench_train::Args),
+    /// Gang-scheduler placement benchmark for scripts/bench/scheduler.sh.
+    #[command(hide = true)]
+    BenchScheduler(commands::bench_scheduler::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
+        Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_collective;
+pub mod bench_scheduler;
 pub mod bench_train;
 pub mod cluster;
 pub mod coordinator;

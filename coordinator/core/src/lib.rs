@@ -9,6 +9,7 @@
 //! decision reproducible in the deterministic simulation tests (DESIGN §9).
 
 pub mod ids;
+pub mod scheduler;
 pub mod spec;
 pub mod state;
 

@@ -1,0 +1,125 @@
+//! The gang scheduler: which pending jobs start now, and on which free workers.
+//!
+//! Pure: it takes the pending jobs and the free workers as data and returns placements and,
+//! for every job it could not place, the reason (shown by `status`). No clock, no randomness:
+//! the same input always gives the same output, on every coordinator.
+//!
+//! Rules
+//! - Order: higher `priority` first, then FIFO (`submitted_index`, the job's Raft log index).
+//! - Gang: a job is placed only when at least `min` fitting workers are free together, and
+//!   gets at most `max` of them. A worker fits when it has at least the job's GPUs per worker.
+//! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
+//!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool with
+//!   the most fitting free workers (ties: the pool's name), taking workers in id order.
+//! - Backfill: a job that cannot be placed does not hold back smaller jobs behind it. (A
+//!   reservation for blocked large jobs is the autoscaler's business: it buys their capacity.)
+//! - A worker is never placed twice: each placement removes its workers from the free set.
+
+use std::collections::BTreeMap;
+
+use crate::ids::{JobId, WorkerId};
+
+/// Jobs considered in one scheduling pass at most (the rest wait for the next pass).
+pub const PENDING_JOBS_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingJob {
+    pub id: JobId,
+    pub priority: i32,
+    /// Raft index of the submission: FIFO order within a priority.
+    pub submitted_index: u64,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub gpus_per_worker: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreeWorker {
+    pub id: WorkerId,
+    pub gpus: u32,
+    pub instance_type: String,
+    pub zone: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub job: JobId,
+    /// In rank order.
+    pub workers: Vec<WorkerId>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub placements: Vec<Placement>,
+    /// Why each unplaced job waits.
+    pub waiting: BTreeMap<JobId, String>,
+}
+
+/// Free workers of one pool, sorted by (gpus, id) so "how many have >= g GPUs" is a search.
+#[derive(Debug, Default)]
+struct Pool {
+    workers: Vec<(u32, WorkerId)>,
+}
+
+impl Pool {
+    fn fitting(&self, gpus: u32) -> usize {
+        self.workers.len() - self.workers.partition_point(|(g, _)| *g < gpus)
+    }
+
+    /// Takes up to `count` fitting workers, the least-equipped first (keeps big GPUs for jobs
+    /// that need them), returned in id order.
+    fn take(&mut self, gpus: u32, count: usize) -> Vec<WorkerId> {
+        let start = self.workers.partition_point(|(g, _)| *g < gpus);
+        let taken: Vec<(u32, WorkerId)> = self.workers.drain(start..start + count).collect();
+        let mut ids: Vec<WorkerId> = taken.into_iter().map(|(_, id)| id).collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Places `pending` jobs on `free` workers (see the module docs for the rules).
+pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
+    let mut pools: BTreeMap<(&str, &str), Pool> = BTreeMap::new();
+    for w in free {
+        pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default().workers.push((w.gpus, w.id));
+    }
+    for pool in pools.values_mut() {
+        pool.workers.sort();
+        pool.workers.dedup_by_key(|(_, id)| *id);
+    }
+    let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
+    order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
+    let mut plan = Plan::default();
+    for job in order {
+        let min = job.min_workers.max(1) as usize;
+        let best = pools
+            .iter()
+            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker), *name))
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+        match best {
+            Some((fitting, name)) if fitting >= min => {
+                let count = fitting.min(job.max_workers.max(job.min_workers) as usize);
+                let pool = pools.get_mut(&name).expect("the pool was just found");
+                plan.placements.push(Placement { job: job.id, workers: pool.take(job.gpus_per_worker, count) });
+            }
+            best => {
+                let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
+                let gpus = if job.gpus_per_worker > 0 {
+                    format!(" with >= {} GPU(s)", job.gpus_per_worker)
+                } else {
+                    String::new()
+                };
+                plan.waiting.insert(
+                    job.id,
+                    format!(
+                        "waiting for {min} free worker(s){gpus} in one pool; the largest such group has {largest} ({pool})"
+                    ),
+                );
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
+    PendingJob {
+        id: JobId(id),
+        priority,
+        submitted_index: id,
+        min_workers: min,
+        max_workers: max,
+        gpus_per_worker: gpus,
+    }
+}
+
+fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
+    FreeWorker { id: WorkerId(id), gpus, instance_type: pool.to_string(), zone: "z".to_string() }
+}
+
+#[test]
+fn a_gang_starts_only_with_min_workers_together() {
+    let free: Vec<_> = (1..=3).map(|i| worker(i, 0, "local")).collect();
+    let plan = schedule(&[job(1, 0, 4, 4, 0)], &free);
+    assert!(plan.placements.is_empty());
+    assert!(plan.waiting[&JobId(1)].contains("waiting for 4 free worker(s)"), "{:?}", plan.waiting);
+    assert!(plan.waiting[&JobId(1)].contains("has 3"), "{:?}", plan.waiting);
+    let plan = schedule(&[job(1, 0, 2, 3, 0)], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: vec![WorkerId(1), WorkerId(2), WorkerId(3)] }]);
+}
+
+#[test]
+fn priority_then_fifo_then_backfill() {
+    let free: Vec<_> = (1..=4).map(|i| worker(i, 0, "local")).collect();
+    let jobs = [job(1, 0, 2, 2, 0), job(2, 5, 3, 3, 0), job(3, 0, 8, 8, 0), job(4, 0, 1, 1, 0)];
+    let plan = schedule(&jobs, &free);
+    let placed: Vec<JobId> = plan.placements.iter().map(|p| p.job).collect();
+    // Job 2 (priority 5) first; job 1 needs 2 but only 1 is left; job 3 can never fit; job 4 backfills.
+    assert_eq!(placed, [JobId(2), JobId(4)]);
+    assert_eq!(plan.waiting.keys().copied().collect::<Vec<_>>(), [JobId(1), JobId(3)]);
+}
+
+#[test]
+fn gpu_jobs_get_gpu_workers_from_one_pool() {
+    let free =
+        vec![worker(1, 0, "cpu"), worker(2, 1, "g5"), worker(3, 1, "g4dn"), worker(4, 1, "g5"), worker(5, 4, "g5")];
+    let plan = schedule(&[job(1, 0, 2, 2, 1)], &free);
+    // g5 has three fitting workers; the least-equipped two are taken (the 4-GPU one is kept).
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: vec![WorkerId(2), WorkerId(4)] }]);
+    let plan = schedule(&[job(1, 0, 2, 2, 2)], &free);
+    assert!(plan.waiting[&JobId(1)].contains(">= 2 GPU(s)"), "{:?}", plan.waiting);
+}
+
+#[test]
+fn nothing_to_place_on_an_empty_cluster() {
+    let plan = schedule(&[job(1, 0, 1, 1, 0)], &[]);
+    assert!(plan.waiting[&JobId(1)].contains("has 0 (none)"));
+    assert_eq!(schedule(&[], &[worker(1, 0, "x")]), Plan::default());
+}
+
+fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
+    let jobs = prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3), 0..30);
+    let workers = prop::collection::vec((0u64..80, 0u32..4, 0usize..3), 0..40);
+    (jobs, workers).prop_map(|(jobs, workers)| {
+        let pools = ["a", "b", "c"];
+        let jobs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (index, priority, min, extra, gpus))| PendingJob {
+                id: JobId(i as u64 + 1),
+                priority,
+                submitted_index: index,
+                min_workers: min,
+                max_workers: min + extra,
+                gpus_per_worker: gpus,
+            })
+            .collect();
+        // Worker ids are unique in a real cluster.
+        let workers = workers
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, gpus, pool))| worker(i as u64 + 1, gpus, pools[pool]))
+            .collect();
+        (jobs, workers)
+    })
+}
+
+proptest! {
+    /// Over random clusters: no worker is used twice, every gang fits its spec and one pool, and
+    /// a job waits only when no pool could hold its gang at its turn.
+    #[test]
+    fn placements_are_valid_and_complete((jobs, workers) in arb_state()) {
+        let plan = schedule(&jobs, &workers);
+        let mut used = BTreeSet::new();
+        for placement in &plan.placements {
+            let job = jobs.iter().find(|j| j.id == placement.job).expect("placed jobs exist");
+            let n = placement.workers.len() as u32;
+            prop_assert!(n >= job.min_workers && n <= job.max_workers.max(job.min_workers), "{job:?} got {n}");
+            let mut pools = BTreeSet::new();
+            for id in &placement.workers {
+                prop_assert!(used.insert(*id), "{id} placed twice");
+                let w = workers.iter().find(|w| w.id == *id).expect("placed workers exist");
+                prop_assert!(w.gpus >= job.gpus_per_worker);
+                pools.insert((&w.instance_type, &w.zone));
+            }
+            prop_assert_eq!(pools.len(), 1, "a gang spans pools");
+        }
+        prop_assert_eq!(plan.placements.len() + plan.waiting.len(), jobs.len());
+        // Replaying in the scheduler's order, a waiting job had no pool with `min` fitting free workers.
+        let mut order: Vec<&PendingJob> = jobs.iter().collect();
+        order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
+        let mut taken: BTreeSet<WorkerId> = BTreeSet::new();
+        for job in order {
+            match plan.placements.iter().find(|p| p.job == job.id) {
+                Some(p) => taken.extend(p.workers.iter().copied()),
+                None => {
+                    let mut per_pool: BTreeMap<(&str, &str), BTreeSet<WorkerId>> = BTreeMap::new();
+                    for w in workers.iter().filter(|w| !taken.contains(&w.id) && w.gpus >= job.gpus_per_worker) {
+                        per_pool.entry((&w.instance_type, &w.zone)).or_default().insert(w.id);
+                    }
+                    let largest = per_pool.values().map(BTreeSet::len).max().unwrap_or(0);
+                    prop_assert!(largest < job.min_workers as usize, "{job:?} waits though a pool had {largest}");
+                }
+            }
+        }
+    }
+
+    /// The same input gives the same plan (every coordinator computes the same thing).
+    #[test]
+    fn deterministic((jobs, workers) in arb_state()) {
+        prop_assert_eq!(schedule(&jobs, &workers), schedule(&jobs, &workers));
+    }
+}
