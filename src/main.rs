@@ -42,6 +42,10 @@ enum Command {
     Status(commands::jobs::StatusArgs),
     /// Cancel a job that has not finished.
     Cancel(commands::jobs::CancelArgs),
+    /// List the workers registered with the cluster.
+    Workers(commands::workers::ListArgs),
+    /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
+    Worker(commands::workers::WorkerArgs),
     /// Check a job spec and print it normalised, with every default filled in.
     Validate(commands::validate::Args),
     /// Train a job standalone on this machine with N local worker processes.
@@ -76,6 +80,8 @@ fn main() -> ExitCode {
         Command::Submit(args) => done(commands::jobs::submit(args, coordinator, cli.output)),
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
+        Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
+        Command::Worker(args) => done(commands::workers::run_agent(args, coordinator)),
         Command::Validate(args) => commands::validate::run(args, cli.output),
         Command::Train(args) => done(commands::train::run(args, cli.output)),
         Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),

@@ -9,5 +9,6 @@
 //! returns.
 
 pub mod api;
+pub mod leases;
 pub mod raft;
 pub mod server;

@@ -7,11 +7,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use flotilla_proto::limits::{API_MESSAGE_BYTES_MAX, RAFT_MESSAGE_BYTES_MAX};
+use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use flotilla_proto::v1::raft_service_server::RaftServiceServer;
 
+use crate::api::cluster::ClusterApi;
 use crate::api::jobs::JobApi;
 use crate::api::raft_service::RaftApi;
+use crate::leases::{self, Leases};
 use crate::raft::node::{self, now_unix_ms};
 use crate::raft::replica::{Replica, ReplicaConfig, ReplicaError, SNAPSHOT_EVERY_ENTRIES};
 use crate::raft::storage::RaftStore;
@@ -30,6 +33,8 @@ pub struct CoordinatorConfig {
     pub cluster_id: String,
     pub api_token: String,
     pub peer_token: String,
+    /// Token workers present to register; `None` refuses every worker.
+    pub join_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,16 @@ pub async fn run(
     let jobs = JobServiceServer::new(JobApi { node: handle.clone(), api_token: config.api_token.clone() })
         .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let leases = std::sync::Arc::new(Leases::default());
+    tokio::spawn(leases::expire_loop(handle.clone(), leases.clone()));
+    let cluster = ClusterServiceServer::new(ClusterApi {
+        node: handle.clone(),
+        api_token: config.api_token.clone(),
+        join_token: config.join_token.clone(),
+        leases,
+    })
+    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let raft = RaftServiceServer::new(RaftApi {
         node: handle.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -95,6 +110,7 @@ pub async fn run(
     tracing::info!(id = config.id, listen = %config.listen, peers = ?config.peers, "coordinator starting");
     let server = tonic::transport::Server::builder()
         .add_service(jobs)
+        .add_service(cluster)
         .add_service(raft)
         .serve_with_shutdown(config.listen, shutdown);
     tokio::select! {

@@ -57,6 +57,7 @@ async fn start(single: bool) -> Node {
         cluster_id: "test".into(),
         api_token: TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
+        join_token: Some("join-token".into()),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

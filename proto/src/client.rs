@@ -14,6 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::BearerAuth;
 use crate::error::{ApiError, ErrorKind};
 use crate::limits::API_MESSAGE_BYTES_MAX;
+use crate::v1::cluster_service_client::ClusterServiceClient;
 use crate::v1::job_service_client::JobServiceClient;
 
 /// Addresses one client accepts at most.
@@ -28,6 +29,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Parses `host:port[,host:port...]`, accepting an `http://` prefix on each.
 pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
@@ -63,7 +65,7 @@ pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
 
 pub struct ApiClient {
     addresses: Vec<String>,
-    clients: Vec<JobClient>,
+    channels: Vec<Channel>,
     auth: BearerAuth,
     /// Index of the address to try first (the last one that answered, or the leader).
     preferred: usize,
@@ -75,7 +77,7 @@ impl ApiClient {
         let auth = BearerAuth::new(token)?;
         let mut client = ApiClient {
             addresses: Vec::new(),
-            clients: Vec::new(),
+            channels: Vec::new(),
             auth,
             preferred: 0,
             deadline: CALL_DEADLINE_DEFAULT,
@@ -95,31 +97,59 @@ impl ApiClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(ATTEMPT_TIMEOUT)
             .tcp_nodelay(true);
-        let client = JobServiceClient::with_interceptor(endpoint.connect_lazy(), self.auth.clone())
-            .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
         self.addresses.push(address);
-        self.clients.push(client);
-        Ok(self.clients.len() - 1)
+        self.channels.push(endpoint.connect_lazy());
+        Ok(self.channels.len() - 1)
     }
 
     pub fn addresses(&self) -> &[String] {
         &self.addresses
     }
 
-    /// Runs `call` against the coordinators until it succeeds, fails for good, or the deadline
-    /// passes. `call` gets a fresh client handle each attempt.
+    /// Runs `call` against the coordinators' JobService until it succeeds, fails for good, or
+    /// the deadline passes. `call` gets a fresh client handle each attempt.
     pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, ApiError>
     where
         F: FnMut(JobClient) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_with(|channel, auth| {
+            call(
+                JobServiceClient::with_interceptor(channel, auth)
+                    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(API_MESSAGE_BYTES_MAX),
+            )
+        })
+        .await
+    }
+
+    /// Like [`ApiClient::call`], for the worker-facing ClusterService.
+    pub async fn call_cluster<T, F, Fut>(&mut self, mut call: F) -> Result<T, ApiError>
+    where
+        F: FnMut(ClusterClient) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_with(|channel, auth| {
+            call(
+                ClusterServiceClient::with_interceptor(channel, auth)
+                    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(API_MESSAGE_BYTES_MAX),
+            )
+        })
+        .await
+    }
+
+    async fn call_with<T, F, Fut>(&mut self, mut call: F) -> Result<T, ApiError>
+    where
+        F: FnMut(Channel, BearerAuth) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
         let mut backoff = BACKOFF_FIRST;
         let mut last_error;
         loop {
-            let index = self.preferred % self.clients.len();
-            match call(self.clients[index].clone()).await {
+            let index = self.preferred % self.channels.len();
+            match call(self.channels[index].clone(), self.auth.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => last_error = ApiError::from(status),
             }
@@ -130,7 +160,7 @@ impl ApiClient {
                 Some(hint) if last_error.kind == ErrorKind::NotLeader && self.addresses.len() < ADDRESSES_MAX => {
                     self.preferred = self.add(hint)?;
                 }
-                _ => self.preferred = (index + 1) % self.clients.len(),
+                _ => self.preferred = (index + 1) % self.channels.len(),
             }
             if started.elapsed() + backoff > self.deadline {
                 let tried = self.addresses.join(", ");

@@ -97,6 +97,7 @@ fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow:
         .args(["--cluster-id", &cluster.cluster_id])
         .env("FLOTILLA_TOKEN", &cluster.api_token)
         .env("FLOTILLA_PEER_TOKEN", &cluster.peer_token)
+        .env("FLOTILLA_JOIN_TOKEN", &cluster.join_token)
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("cannot share the log file")?)
         .stderr(log)

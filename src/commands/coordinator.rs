@@ -27,6 +27,9 @@ pub struct Args {
     /// Bearer token every API call must carry.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// Token workers present to register (without it, no worker is accepted).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     /// Token coordinators present to each other (default: the API token).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
@@ -65,6 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         cluster_id: args.cluster_id,
         peer_token: args.peer_token.unwrap_or_else(|| args.token.clone()),
+        join_token: args.join_token,
         api_token: args.token,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

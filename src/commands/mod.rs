@@ -11,3 +11,4 @@ pub mod jobs;
 pub mod spec_file;
 pub mod train;
 pub mod validate;
+pub mod workers;

@@ -8,6 +8,7 @@
 //! Must not import coordinator crates: it talks to the control plane only through
 //! `flotilla-proto`.
 
+pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;

@@ -1,6 +1,7 @@
 //! gRPC services of the coordinator. Handlers are thin: authenticate, decode with
 //! `flotilla_proto::convert`, call the node, map the error with `ApiError`.
 
+pub mod cluster;
 pub mod jobs;
 pub mod raft_service;
 

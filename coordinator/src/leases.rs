@@ -1,0 +1,97 @@
+//! Worker leases: liveness tracked in the leader's memory, never in the Raft log (DESIGN §2).
+//!
+//! A worker renews its lease with every heartbeat. When the leader has not heard from a worker
+//! for [`LEASE`], it proposes `WorkerLost` through Raft, so every node agrees the worker is gone.
+//! A new leader starts every known live worker with a full lease (it cannot know when the old
+//! leader last heard from them), so a leader change never declares a healthy worker lost.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flotilla_core::WorkerId;
+use flotilla_core::state::{Command, State};
+
+use crate::raft::node::{NodeHandle, now_unix_ms};
+
+/// How long a worker stays alive without a heartbeat.
+pub const LEASE: Duration = Duration::from_secs(5);
+/// How often workers are asked to heartbeat (several per lease, so one lost packet is harmless).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the leader looks for expired leases.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct Table {
+    /// The term in which this node built the table as leader; 0 when it is not the leader.
+    term: u64,
+    expires: HashMap<WorkerId, Instant>,
+    last_heartbeat_unix_ms: HashMap<WorkerId, u64>,
+}
+
+#[derive(Default)]
+pub struct Leases {
+    table: Mutex<Table>,
+}
+
+impl Leases {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("the lease lock is never held across a panic")
+    }
+
+    pub fn renew(&self, worker: WorkerId) {
+        let mut table = self.table();
+        table.expires.insert(worker, Instant::now() + LEASE);
+        table.last_heartbeat_unix_ms.insert(worker, now_unix_ms());
+    }
+
+    pub fn last_heartbeat_unix_ms(&self, worker: WorkerId) -> u64 {
+        self.table().last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0)
+    }
+
+    /// Starts every live worker of `state` with a full lease, for leadership in `term`.
+    fn adopt(&self, term: u64, state: &State) {
+        let mut table = self.table();
+        let deadline = Instant::now() + LEASE;
+        table.term = term;
+        table.expires =
+            state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| (w.id, deadline)).collect();
+    }
+
+    fn expired(&self) -> Vec<WorkerId> {
+        let now = Instant::now();
+        self.table().expires.iter().filter(|(_, at)| **at <= now).map(|(id, _)| *id).collect()
+    }
+
+    fn forget(&self, worker: WorkerId) {
+        self.table().expires.remove(&worker);
+    }
+}
+
+/// Runs on every node; acts only while this node leads.
+pub async fn expire_loop(node: NodeHandle, leases: std::sync::Arc<Leases>) {
+    let mut ticker = tokio::time::interval(CHECK_EVERY);
+    loop {
+        ticker.tick().await;
+        let status = node.status();
+        if status.leader_id != Some(node.id) {
+            leases.table().term = 0;
+            continue;
+        }
+        if leases.table().term != status.term {
+            match node.read_local(|state| state.clone()).await {
+                Ok(state) => leases.adopt(status.term, &state),
+                Err(_) => continue,
+            }
+        }
+        for worker in leases.expired() {
+            match node.propose(Command::WorkerLost { worker_id: worker }).await {
+                Ok(_) => {
+                    tracing::warn!(%worker, "worker lease expired; marked lost");
+                    leases.forget(worker);
+                }
+                Err(e) => tracing::debug!(%worker, error = %e, "could not record a lost worker yet"),
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `flotilla worker` (run an agent on this machine) and `flotilla workers` (list them).
+
+use anyhow::Context;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::v1::{self, ListWorkersRequest};
+use flotilla_worker::agent;
+use serde_json::{Value, json};
+
+use crate::cluster_file::{self, ClusterFile};
+use crate::output::{OutputFormat, print_json};
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Token the cluster's coordinators accept from workers (default: the local cluster file's).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// This machine's instance id (cloud id, or the local provider's); default: local-<pid>.
+    #[arg(long)]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {}
+
+pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _context = runtime.enter();
+    let home = cluster_file::home();
+    let file = ClusterFile::load(&home)?;
+    let addresses = coordinator
+        .map(str::to_string)
+        .or_else(|| std::env::var("FLOTILLA_COORDINATOR").ok().filter(|s| !s.is_empty()))
+        .or_else(|| file.as_ref().map(ClusterFile::addresses))
+        .context("no coordinator: pass --coordinator host:port or set FLOTILLA_COORDINATOR")?;
+    let join_token = args
+        .join_token
+        .or_else(|| file.map(|f| f.join_token))
+        .context("no join token: pass --join-token or set FLOTILLA_JOIN_TOKEN")?;
+    let mut client = ApiClient::new(&addresses, &join_token)?;
+    let instance_id = args.instance_id.unwrap_or_else(|| format!("local-{}", std::process::id()));
+    let capabilities = agent::local_capabilities(&instance_id, "");
+    runtime.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler succeeds on Unix");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        agent::run(&mut client, capabilities, shutdown, |id| tracing::info!(worker = id, "registered")).await
+    })?;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+fn state_name(worker: &v1::WorkerInfo) -> &'static str {
+    match v1::WorkerState::try_from(worker.state) {
+        Ok(v1::WorkerState::Idle) => "Idle",
+        Ok(v1::WorkerState::Busy) => "Busy",
+        Ok(v1::WorkerState::Draining) => "Draining",
+        Ok(v1::WorkerState::Lost) => "Lost",
+        _ => "Unknown",
+    }
+}
+
+fn worker_json(worker: &v1::WorkerInfo) -> Value {
+    let caps = worker.capabilities.clone().unwrap_or_default();
+    json!({
+        "id": worker.id,
+        "state": state_name(worker),
+        "instance_id": caps.instance_id,
+        "instance_type": caps.instance_type,
+        "zone": caps.zone,
+        "cpus": caps.cpus,
+        "gpus": caps.gpus,
+        "hostname": caps.hostname,
+        "job_id": worker.job_id,
+        "last_heartbeat_unix_ms": worker.last_heartbeat_unix_ms,
+    })
+}
+
+pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let _context = runtime.enter();
+    let target = cluster_file::resolve(coordinator)?;
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let response = runtime
+        .block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))
+        .map_err(anyhow::Error::from)?;
+    match output {
+        OutputFormat::Json => print_json(&Value::Array(response.workers.iter().map(worker_json).collect())),
+        OutputFormat::Text => {
+            println!("{:<10} {:<9} {:<16} {:<10} {:>5} {:>5}", "ID", "STATE", "INSTANCE", "TYPE", "CPUS", "GPUS");
+            for w in &response.workers {
+                let caps = w.capabilities.clone().unwrap_or_default();
+                println!(
+                    "{:<10} {:<9} {:<16} {:<10} {:>5} {:>5}",
+                    w.id,
+                    state_name(w),
+                    caps.instance_id,
+                    caps.instance_type,
+                    caps.cpus,
+                    caps.gpus
+                );
+            }
+            println!("({} worker(s), served by coordinator node {})", response.workers.len(), response.served_by);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Worker agents against a real local cluster: registration with the join token, heartbeats
+//! keeping the lease, a worker killed with SIGKILL declared Lost after its lease, and a wrong
+//! join token refused.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn flotilla(home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command.env("FLOTILLA_HOME", home).env_remove("FLOTILLA_COORDINATOR").env_remove("FLOTILLA_TOKEN");
+    command.env_remove("FLOTILLA_JOIN_TOKEN");
+    command
+}
+
+fn run(home: &Path, args: &[&str]) -> Output {
+    flotilla(home).args(args).output().expect("the flotilla binary runs")
+}
+
+struct Cleanup<'a> {
+    home: &'a Path,
+    workers: Vec<Child>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let _ = run(self.home, &["down", "--purge"]);
+    }
+}
+
+fn workers(home: &Path) -> Vec<serde_json::Value> {
+    let out = run(home, &["workers", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON").as_array().cloned().unwrap_or_default()
+}
+
+fn wait_for(
+    home: &Path,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let list = workers(home);
+        if done(&list) {
+            return list;
+        }
+        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}: {list:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn workers_register_keep_their_lease_and_are_lost_when_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let mut cleanup = Cleanup { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    for _ in 0..2 {
+        let child = flotilla(&home).arg("worker").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("worker");
+        cleanup.workers.push(child);
+    }
+    let state = |w: &serde_json::Value| w["state"].as_str().unwrap_or_default().to_string();
+    wait_for(&home, "two idle workers", Duration::from_secs(20), |l| {
+        l.len() == 2 && l.iter().all(|w| state(w) == "Idle")
+    });
+
+    // Heartbeats keep both alive well past one lease (5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(workers(&home).iter().all(|w| state(w) == "Idle"), "a heartbeating worker was declared lost");
+
+    let mut killed = cleanup.workers.remove(0);
+    killed.kill().expect("SIGKILL");
+    killed.wait().expect("reap");
+    let list = wait_for(&home, "the killed worker declared lost", Duration::from_secs(20), |l| {
+        l.iter().filter(|w| state(w) == "Lost").count() == 1
+    });
+    assert_eq!(list.iter().filter(|w| state(w) == "Idle").count(), 1, "{list:?}");
+
+    let refused = flotilla(&home).args(["worker", "--join-token", "wrong"]).output().expect("worker");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("wrong join token"));
+}
+
+#[test]
+fn workers_follow_a_new_leader_and_keep_their_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let mut cleanup = Cleanup { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--coordinators", "3"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let child = flotilla(&home).arg("worker").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("worker");
+    cleanup.workers.push(child);
+    let state = |w: &serde_json::Value| w["state"].as_str().unwrap_or_default().to_string();
+    wait_for(&home, "one idle worker", Duration::from_secs(20), |l| l.len() == 1 && state(&l[0]) == "Idle");
+
+    // Find the leader (writes are served by it) and kill it without warning.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/digits-mlp.toml");
+    let submitted = run(&home, &["submit", example.to_str().expect("utf-8"), "-o", "json"]);
+    let first_line = String::from_utf8_lossy(&submitted.stdout).lines().next().unwrap_or_default().to_string();
+    let leader = serde_json::from_str::<serde_json::Value>(&first_line).expect("submit JSON")["served_by"]
+        .as_u64()
+        .expect("leader id");
+    let cluster = std::fs::read_to_string(home.join("cluster.toml")).expect("cluster file");
+    let cluster: toml::Value = toml::from_str(&cluster).expect("cluster TOML");
+    let pid = cluster["coordinators"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["id"].as_integer() == Some(leader as i64)))
+        .and_then(|c| c["pid"].as_integer())
+        .expect("the leader's pid");
+    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
+    assert!(killed.success());
+
+    // Well past a lease later, the worker is still alive: it heartbeats to the new leader.
+    std::thread::sleep(Duration::from_secs(8));
+    let list = workers(&home);
+    assert!(list.len() == 1 && state(&list[0]) == "Idle", "after the leader died: {list:?}");
+}

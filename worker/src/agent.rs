@@ -1,0 +1,102 @@
+//! The worker agent's control loop: register with the cluster's join token, then heartbeat on
+//! the lease the coordinator hands out, re-registering if the coordinator declared this worker
+//! lost. Follows the leader through the failover client. Stops cleanly on `shutdown`.
+//!
+//! Assignments (training a job's rank), progress reports and preemption notices build on this
+//! loop in the agents issue.
+
+use std::future::Future;
+use std::time::Duration;
+
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::v1::{HeartbeatRequest, RegisterWorkerRequest, WorkerCapabilities};
+use flotilla_proto::{ApiError, ErrorKind};
+
+/// Heartbeat interval used if the coordinator names none (or an absurd one).
+const HEARTBEAT_FALLBACK: Duration = Duration::from_secs(1);
+const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The cluster refused this worker (wrong join token, no workers accepted): retrying will
+    /// not help.
+    #[error("the cluster refused this worker: {0}")]
+    Refused(ApiError),
+    #[error("coordinator: {0}")]
+    Api(ApiError),
+}
+
+impl From<ApiError> for AgentError {
+    fn from(e: ApiError) -> Self {
+        match e.kind {
+            ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => AgentError::Refused(e),
+            _ => AgentError::Api(e),
+        }
+    }
+}
+
+/// What this machine offers, as sent at registration.
+pub fn local_capabilities(instance_id: &str, data_addr: &str) -> WorkerCapabilities {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024);
+    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    WorkerCapabilities {
+        cpus,
+        gpus: 0,
+        memory_bytes,
+        instance_id: instance_id.to_string(),
+        instance_type: "local".to_string(),
+        zone: "local".to_string(),
+        hostname,
+        data_addr: data_addr.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Registers and heartbeats until `shutdown` resolves. `on_registered` sees each worker id.
+pub async fn run(
+    client: &mut ApiClient,
+    capabilities: WorkerCapabilities,
+    shutdown: impl Future<Output = ()>,
+    mut on_registered: impl FnMut(&str),
+) -> Result<(), AgentError> {
+    tokio::pin!(shutdown);
+    loop {
+        let request = RegisterWorkerRequest { capabilities: Some(capabilities.clone()) };
+        let registered = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = client.call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.register_worker(request).await }
+            }) => r?,
+        };
+        on_registered(&registered.worker_id);
+        let interval = Duration::from_millis(registered.heartbeat_interval_ms);
+        let interval = if interval < HEARTBEAT_MIN { HEARTBEAT_FALLBACK } else { interval };
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let request = HeartbeatRequest { worker_id: registered.worker_id.clone() };
+            let answer = client
+                .call_cluster(|mut c| {
+                    let request = request.clone();
+                    async move { c.heartbeat(request).await }
+                })
+                .await;
+            match answer {
+                Ok(beat) if beat.unknown_worker => break, // declared lost: register again
+                Ok(_) => {}
+                Err(e) => match AgentError::from(e) {
+                    refused @ AgentError::Refused(_) => return Err(refused),
+                    AgentError::Api(e) => eprintln!("heartbeat failed, retrying: {e}"),
+                },
+            }
+        }
+    }
+}
