@@ -9,6 +9,22 @@ pub mod cluster;
 pub mod coordinator;
 pub mod jobs;
 pub mod spec_file;
+
+/// Resolves on SIGTERM or Ctrl-C: how the long-running roles (coordinator, worker) stop cleanly.
+pub async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
 pub mod train;
 pub mod validate;
 pub mod workers;

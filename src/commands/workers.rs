@@ -40,15 +40,8 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     let instance_id = args.instance_id.unwrap_or_else(|| format!("local-{}", std::process::id()));
     let capabilities = agent::local_capabilities(&instance_id, "");
     runtime.block_on(async move {
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler succeeds on Unix");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        };
-        agent::run(&mut client, capabilities, shutdown, |id| tracing::info!(worker = id, "registered")).await
+        agent::run(&mut client, capabilities, super::shutdown_signal(), |id| tracing::info!(worker = id, "registered"))
+            .await
     })?;
     tracing::info!("worker stopped");
     Ok(())
