@@ -11,4 +11,5 @@
 pub mod api;
 pub mod leases;
 pub mod raft;
+pub mod scheduling;
 pub mod server;

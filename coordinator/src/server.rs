@@ -92,6 +92,7 @@ pub async fn run(
         .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let leases = std::sync::Arc::new(Leases::default());
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone()));
+    tokio::spawn(crate::scheduling::schedule_loop(handle.clone()));
     let cluster = ClusterServiceServer::new(ClusterApi {
         node: handle.clone(),
         api_token: config.api_token.clone(),

@@ -63,6 +63,7 @@ pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
     Ok(addresses)
 }
 
+#[derive(Clone)]
 pub struct ApiClient {
     addresses: Vec<String>,
     channels: Vec<Channel>,

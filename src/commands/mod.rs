@@ -1,6 +1,7 @@
 //! One module per subcommand (or group): argument structs + `run` functions. Shared helpers
 //! for reading job specs live in `spec_file`.
 
+pub mod assignments;
 pub mod bench;
 pub mod bench_collective;
 pub mod bench_scheduler;

@@ -17,6 +17,10 @@ pub struct WorkerArgs {
     /// This machine's instance id (cloud id, or the local provider's); default: local-<pid>.
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Address for gradient exchange with the other ranks of a gang (port 0: any free port).
+    /// Must be reachable from the other workers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub data_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,10 +42,17 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
         .context("no join token: pass --join-token or set FLOTILLA_JOIN_TOKEN")?;
     let mut client = ApiClient::new(&addresses, &join_token)?;
     let instance_id = args.instance_id.unwrap_or_else(|| format!("local-{}", std::process::id()));
-    let capabilities = agent::local_capabilities(&instance_id, "");
+    let listener = std::net::TcpListener::bind(args.data_addr).context("binding the data port")?;
+    let data_addr = listener.local_addr().context("reading the data port")?;
+    let capabilities = agent::local_capabilities(&instance_id, &data_addr.to_string());
+    let (registered_tx, registered_rx) = tokio::sync::watch::channel(None);
+    runtime.spawn(super::assignments::follow(client.clone(), registered_rx, listener));
     runtime.block_on(async move {
-        agent::run(&mut client, capabilities, super::shutdown_signal(), |id| tracing::info!(worker = id, "registered"))
-            .await
+        agent::run(&mut client, capabilities, super::shutdown_signal(), |id| {
+            tracing::info!(worker = id, "registered");
+            let _ = registered_tx.send(Some(id.to_string()));
+        })
+        .await
     })?;
     tracing::info!("worker stopped");
     Ok(())

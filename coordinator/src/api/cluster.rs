@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use flotilla_core::WorkerId;
-use flotilla_core::state::{Applied, Command, Worker, WorkerInfo as CoreWorkerInfo};
+use std::time::Duration;
+
+use flotilla_core::state::{Applied, Command, FinalMetrics, JobState, State, Worker, WorkerInfo as CoreWorkerInfo};
+use flotilla_core::{JobId, WorkerId};
+use flotilla_proto::convert::spec_to_proto;
 use flotilla_proto::v1::cluster_service_server::ClusterService;
 use flotilla_proto::v1::*;
 use flotilla_proto::{ApiError, ErrorKind, auth};
@@ -16,6 +19,12 @@ use crate::raft::node::NodeHandle;
 
 /// Longest text field in a worker's capabilities.
 const CAPABILITY_TEXT_MAX: usize = 256;
+/// Assignments buffered per worker stream.
+const ASSIGNMENT_BUFFER: usize = 8;
+/// A stream re-reads the state at least this often even without a change notification.
+const ASSIGNMENT_POLL: Duration = Duration::from_millis(200);
+/// Longest error text a worker may report.
+const REPORT_TEXT_MAX: usize = 4096;
 
 pub struct ClusterApi {
     pub node: NodeHandle,
@@ -145,7 +154,10 @@ impl ClusterService for ClusterApi {
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         self.authorize_worker(&request)?;
-        Err(unimplemented_yet("assignments"))
+        let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(ASSIGNMENT_BUFFER);
+        tokio::spawn(assignment_loop(self.node.clone(), id, tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn report_progress(&self, request: Request<ProgressReport>) -> Result<Response<Ack>, Status> {
@@ -165,7 +177,24 @@ impl ClusterService for ClusterApi {
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {
         self.authorize_worker(&request)?;
-        Err(unimplemented_yet("finish reports"))
+        let report = request.into_inner();
+        let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
+        let metrics = report.metrics.map(|m| FinalMetrics {
+            val_accuracy: m.val_accuracy,
+            val_loss: m.val_loss,
+            train_loss: m.train_loss,
+        });
+        let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
+        let command = Command::JobFinished {
+            job_id,
+            generation: report.generation,
+            success: report.success,
+            reason,
+            step: report.step,
+            metrics,
+        };
+        self.node.propose(command).await.map_err(status)?;
+        Ok(Response::new(Ack {}))
     }
 
     async fn list_workers(
@@ -182,5 +211,88 @@ impl ClusterService for ClusterApi {
             .await
             .map_err(status)?;
         Ok(Response::new(ListWorkersResponse { workers, served_by: self.node.id }))
+    }
+}
+
+/// What a worker should be doing, by the replicated state.
+#[derive(Debug, Clone, PartialEq)]
+enum Desired {
+    /// Unknown or declared lost: it must stop and register again.
+    Gone,
+    Idle,
+    /// Train `job` in `generation`; carries the assignment to send.
+    Train {
+        job: JobId,
+        generation: u64,
+        assignment: Box<TrainAssignment>,
+    },
+}
+
+fn desired(state: &State, id: WorkerId) -> Desired {
+    let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
+    let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
+        return Desired::Idle;
+    };
+    let peers: Vec<Peer> = job
+        .gang
+        .iter()
+        .enumerate()
+        .map(|(rank, w)| Peer {
+            rank: rank as u32,
+            worker_id: w.to_string(),
+            data_addr: state.workers.get(w).map(|w| w.info.data_addr.clone()).unwrap_or_default(),
+        })
+        .collect();
+    let rank = job.gang.iter().position(|w| *w == id).unwrap_or(0) as u32;
+    let assignment = TrainAssignment {
+        job_id: job.id.to_string(),
+        spec: Some(spec_to_proto(&job.spec)),
+        generation: job.generation,
+        rank,
+        world_size: job.gang.len() as u32,
+        peers,
+        nccl_unique_id: Vec::new(),
+        resume_from: None,
+        job_prefix: format!("jobs/{}", job.id),
+    };
+    Desired::Train { job: job.id, generation: job.generation, assignment: Box::new(assignment) }
+}
+
+/// Streams a worker's assignments: a `TrainAssignment` when its gang forms, `StopJob` when the
+/// job ends or is cancelled under it, `Drain` when it is no longer a member of the cluster.
+async fn assignment_loop(
+    mut node: NodeHandle,
+    id: WorkerId,
+    tx: tokio::sync::mpsc::Sender<Result<Assignment, Status>>,
+) {
+    let mut current: Option<(JobId, u64)> = None;
+    loop {
+        let Ok(want) = node.read_local(move |state| desired(state, id)).await else { return };
+        let message = match (&want, current) {
+            (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
+            (Desired::Train { job, generation, .. }, Some(now)) if now == (*job, *generation) => None,
+            (Desired::Train { job, generation, assignment }, _) => {
+                current = Some((*job, *generation));
+                Some(assignment::Kind::Train(assignment.as_ref().clone()))
+            }
+            (Desired::Idle, Some((job, generation))) => {
+                current = None;
+                Some(assignment::Kind::Stop(StopJob {
+                    job_id: job.to_string(),
+                    generation,
+                    reason: "the job ended".into(),
+                }))
+            }
+            (Desired::Idle, None) => None,
+        };
+        if let Some(kind) = message
+            && tx.send(Ok(Assignment { kind: Some(kind) })).await.is_err()
+        {
+            return;
+        }
+        if want == Desired::Gone {
+            return;
+        }
+        let _ = tokio::time::timeout(ASSIGNMENT_POLL, node.changed()).await;
     }
 }

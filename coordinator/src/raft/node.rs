@@ -350,9 +350,12 @@ fn send_grouped(outbox: &mut impl Outbox, messages: Vec<Message>) {
 fn rejected_to_api(rejected: Rejected) -> ApiError {
     let kind = match rejected {
         Rejected::JobNotFound(_) | Rejected::WorkerNotFound(_) => ErrorKind::NotFound,
-        Rejected::JobFinished { .. } => ErrorKind::FailedPrecondition,
+        Rejected::JobFinished { .. }
+        | Rejected::NotPending { .. }
+        | Rejected::WorkerUnavailable(_)
+        | Rejected::StaleGeneration { .. } => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
-        Rejected::BadRequestId => ErrorKind::InvalidArgument,
+        Rejected::BadRequestId | Rejected::BadGang { .. } => ErrorKind::InvalidArgument,
         Rejected::Undecodable(_) => ErrorKind::Internal,
     };
     ApiError::new(kind, rejected.to_string())

@@ -104,3 +104,74 @@ fn the_same_commands_give_the_same_state() {
     };
     assert_eq!(run(), run());
 }
+
+fn register(state: &mut State, index: u64) -> WorkerId {
+    let info = WorkerInfo {
+        cpus: 2,
+        gpus: 0,
+        memory_bytes: 0,
+        instance_id: format!("i-{index}"),
+        instance_type: "local".into(),
+        zone: "local".into(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:1".into(),
+    };
+    match apply(state, index, Envelope::new(index, Command::RegisterWorker { info })) {
+        Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
+        other => panic!("register: {other:?}"),
+    }
+}
+
+#[test]
+fn a_gang_runs_finishes_and_frees_its_workers() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let (w1, w2) = (register(&mut state, 2), register(&mut state, 3));
+    let assign = |state: &mut State, workers: Vec<WorkerId>| {
+        apply(state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers }))
+    };
+    assert_eq!(assign(&mut state, vec![w1, w1]), Err(Rejected::BadGang { limit: 1024 }));
+    assert_eq!(assign(&mut state, vec![w1, w2]), Ok(Applied::GangAssigned { job_id: JobId(1), generation: 1 }));
+    assert_eq!(state.jobs[&JobId(1)].state, JobState::Running);
+    assert_eq!(state.workers[&w1].job, Some(JobId(1)));
+    assert!(matches!(assign(&mut state, vec![w1, w2]), Err(Rejected::NotPending { .. })));
+
+    let finish = |generation| Command::JobFinished {
+        job_id: JobId(1),
+        generation,
+        success: true,
+        reason: String::new(),
+        step: 192,
+        metrics: Some(FinalMetrics { val_accuracy: Some(0.92), val_loss: Some(0.3), train_loss: None }),
+    };
+    assert!(matches!(apply(&mut state, 5, Envelope::new(5, finish(7))), Err(Rejected::StaleGeneration { .. })));
+    assert_eq!(apply(&mut state, 6, Envelope::new(6, finish(1))), Ok(Applied::JobFinished { job_id: JobId(1) }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.step, job.world_size), (JobState::Succeeded, 192, 2));
+    assert_eq!(job.metrics.and_then(|m| m.val_accuracy), Some(0.92));
+    assert!(state.workers.values().all(|w| w.job.is_none()), "workers are free again");
+}
+
+#[test]
+fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let (w1, w2) = (register(&mut state, 2), register(&mut state, 3));
+    apply(&mut state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }))
+        .expect("assign");
+    apply(&mut state, 5, Envelope::new(5, Command::WorkerLost { worker_id: w2 })).expect("lost");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.recoveries), (JobState::Pending, 1));
+    assert!(job.reason.contains("worker-2 was lost"), "{}", job.reason);
+    assert_eq!(state.workers[&w1].job, None, "the survivor is freed");
+    let busy = apply(&mut state, 6, Envelope::new(6, Command::AssignGang { job_id: JobId(1), workers: vec![w2] }));
+    assert_eq!(busy, Err(Rejected::WorkerUnavailable(w2)), "a lost worker is never assigned");
+
+    apply(&mut state, 7, Envelope::new(7, Command::AssignGang { job_id: JobId(1), workers: vec![w1] }))
+        .expect("assign");
+    apply(&mut state, 8, Envelope::new(8, Command::CancelJob { job_id: JobId(1), reason: String::new() }))
+        .expect("cancel");
+    assert_eq!(state.workers[&w1].job, None, "cancel frees the gang");
+    let reason = Command::SetPendingReason { job_id: JobId(1), reason: "x".into() };
+    assert!(matches!(apply(&mut state, 9, Envelope::new(9, reason)), Err(Rejected::NotPending { .. })));
+}

@@ -75,6 +75,24 @@ pub struct Job {
     pub recoveries: u32,
     pub steps_lost: u64,
     pub events: Vec<JobEvent>,
+    /// The current gang, in rank order (empty unless Running).
+    #[serde(default)]
+    pub gang: Vec<WorkerId>,
+    /// Size of the latest gang (kept after the job ends, for `status`).
+    #[serde(default)]
+    pub world_size: u32,
+    /// Final metrics, reported when the job finished.
+    #[serde(default)]
+    pub metrics: Option<FinalMetrics>,
+}
+
+/// What a finished job reports about its model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FinalMetrics {
+    /// Fraction in 0..=1.
+    pub val_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub train_loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +115,9 @@ pub struct Worker {
     pub registered_at_unix_ms: u64,
     /// Set when the leader declared the worker's lease expired.
     pub lost_at_unix_ms: Option<u64>,
+    /// The job this worker is assigned to, if any.
+    #[serde(default)]
+    pub job: Option<JobId>,
 }
 
 /// The whole replicated state. Serialised as the Raft snapshot.
@@ -180,10 +201,39 @@ impl Envelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
-    SubmitJob { spec: Box<JobSpec>, client_request_id: String },
-    CancelJob { job_id: JobId, reason: String },
-    RegisterWorker { info: WorkerInfo },
-    WorkerLost { worker_id: WorkerId },
+    SubmitJob {
+        spec: Box<JobSpec>,
+        client_request_id: String,
+    },
+    CancelJob {
+        job_id: JobId,
+        reason: String,
+    },
+    RegisterWorker {
+        info: WorkerInfo,
+    },
+    WorkerLost {
+        worker_id: WorkerId,
+    },
+    /// The scheduler placed a pending job on these idle workers (rank order).
+    AssignGang {
+        job_id: JobId,
+        workers: Vec<WorkerId>,
+    },
+    /// The scheduler's explanation of why a pending job waits (proposed only when it changes).
+    SetPendingReason {
+        job_id: JobId,
+        reason: String,
+    },
+    /// Rank 0 of generation `generation` reports the end of training.
+    JobFinished {
+        job_id: JobId,
+        generation: u64,
+        success: bool,
+        reason: String,
+        step: u64,
+        metrics: Option<FinalMetrics>,
+    },
 }
 
 /// The outcome of an applied command.
@@ -202,6 +252,16 @@ pub enum Applied {
     },
     WorkerLost {
         worker_id: WorkerId,
+    },
+    GangAssigned {
+        job_id: JobId,
+        generation: u64,
+    },
+    JobFinished {
+        job_id: JobId,
+    },
+    ReasonSet {
+        job_id: JobId,
     },
 }
 
@@ -222,4 +282,12 @@ pub enum Rejected {
     BadRequestId,
     #[error("entry could not be decoded: {0}")]
     Undecodable(String),
+    #[error("{job_id} is {state}; only Pending jobs can be assigned")]
+    NotPending { job_id: JobId, state: &'static str },
+    #[error("{0} is lost or already busy")]
+    WorkerUnavailable(WorkerId),
+    #[error("{job_id} is in generation {current}, the report is for {reported}")]
+    StaleGeneration { job_id: JobId, current: u64, reported: u64 },
+    #[error("a gang needs 1 to {limit} distinct workers")]
+    BadGang { limit: usize },
 }

@@ -1,0 +1,83 @@
+//! The leader's scheduling loop: feeds pending jobs and idle workers to the pure gang
+//! scheduler (`flotilla_core::scheduler`) and proposes each placement as `AssignGang`.
+//!
+//! Runs on every node and acts only while this node leads. Placements go through Raft, so a
+//! new leader sees exactly which workers are taken; a proposal that loses a race (a worker
+//! was lost meanwhile) is rejected by the state machine and retried on the next pass.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::scheduler::{FreeWorker, PendingJob, schedule};
+use flotilla_core::state::{Command, JobState, State};
+
+use crate::raft::node::NodeHandle;
+
+/// Time between scheduling passes.
+const PASS_EVERY: Duration = Duration::from_millis(300);
+
+/// The scheduler's input, read from the replicated state.
+pub fn scheduler_input(state: &State) -> (Vec<PendingJob>, Vec<FreeWorker>) {
+    let pending = state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| PendingJob {
+            id: j.id,
+            priority: j.spec.priority,
+            submitted_index: j.submitted_index,
+            min_workers: j.spec.workers.min,
+            max_workers: j.spec.workers.max,
+            gpus_per_worker: j.spec.workers.gpus,
+        })
+        .collect();
+    let free = state
+        .workers
+        .values()
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none())
+        .map(|w| FreeWorker {
+            id: w.id,
+            gpus: w.info.gpus,
+            instance_type: w.info.instance_type.clone(),
+            zone: w.info.zone.clone(),
+        })
+        .collect();
+    (pending, free)
+}
+
+pub async fn schedule_loop(node: NodeHandle) {
+    let mut ticker = tokio::time::interval(PASS_EVERY);
+    loop {
+        ticker.tick().await;
+        if node.status().leader_id != Some(node.id) {
+            continue;
+        }
+        let Ok((pending, free, reasons)) = node
+            .read_local(|state| {
+                let (pending, free) = scheduler_input(state);
+                let reasons: BTreeMap<JobId, String> =
+                    state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
+                (pending, free, reasons)
+            })
+            .await
+        else {
+            continue;
+        };
+        if pending.is_empty() {
+            continue;
+        }
+        let plan = schedule(&pending, &free);
+        for (job_id, reason) in plan.waiting {
+            if reasons.get(&job_id) != Some(&reason) {
+                let _ = node.propose(Command::SetPendingReason { job_id, reason }).await;
+            }
+        }
+        for placement in plan.placements {
+            let command = Command::AssignGang { job_id: placement.job, workers: placement.workers };
+            if let Err(e) = node.propose(command).await {
+                tracing::debug!(job = %placement.job, error = %e, "placement not recorded; next pass retries");
+            }
+        }
+    }
+}

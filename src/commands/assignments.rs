@@ -1,0 +1,180 @@
+//! The agent's work: follow this worker's assignment stream and train the assigned rank.
+//!
+//! A `TrainAssignment` starts training in a blocking thread (the same engine as `flotilla
+//! train`: data, ring all-reduce over the peers' data addresses, burn trainer); `StopJob`
+//! stops it at the next step boundary; rank 0 reports the end of training (with validation
+//! metrics) through `ReportFinished`, which the coordinator records through Raft.
+
+use std::net::{SocketAddr, TcpListener};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::convert::spec_from_proto;
+use flotilla_proto::v1::{FinishedReport, JobMetrics, TrainAssignment, WatchAssignmentsRequest, assignment};
+use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
+use flotilla_worker::data;
+use flotilla_worker::train::Trainer;
+use tokio::sync::watch;
+
+/// Time for a gang to form and for any one collective operation.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause before re-opening a broken assignment stream.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// A training run in progress on this worker.
+struct Running {
+    job_id: String,
+    generation: u64,
+    stop: Arc<AtomicBool>,
+}
+
+/// Follows the assignment stream of whichever worker id `registered` holds, until the process
+/// ends. `listener` is this worker's data port (advertised at registration).
+pub async fn follow(mut client: ApiClient, mut registered: watch::Receiver<Option<String>>, listener: TcpListener) {
+    let listener = Arc::new(listener);
+    let mut running: Option<Running> = None;
+    loop {
+        let Some(worker_id) = registered.borrow_and_update().clone() else {
+            if registered.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let request = WatchAssignmentsRequest { worker_id };
+        let stream = client
+            .call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.watch_assignments(request).await }
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch assignments; retrying");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+        };
+        while let Ok(Some(message)) = stream.message().await {
+            match message.kind {
+                Some(assignment::Kind::Train(train)) => {
+                    if let Some(old) = running.take() {
+                        old.stop.store(true, Ordering::Relaxed);
+                    }
+                    let stop = Arc::new(AtomicBool::new(false));
+                    running = Some(Running {
+                        job_id: train.job_id.clone(),
+                        generation: train.generation,
+                        stop: stop.clone(),
+                    });
+                    tokio::spawn(train_and_report(client.clone(), train, listener.clone(), stop));
+                }
+                Some(assignment::Kind::Stop(stop)) => {
+                    if let Some(run) = running.take_if(|r| r.job_id == stop.job_id && r.generation == stop.generation) {
+                        run.stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(assignment::Kind::Drain(_)) | Some(assignment::Kind::CheckpointNow(_)) | None => {}
+            }
+        }
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
+async fn train_and_report(
+    mut client: ApiClient,
+    train: TrainAssignment,
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+) {
+    let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
+    tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
+    // A plain thread, not spawn_blocking: the data loader runs its own runtime and refuses to
+    // start inside another one.
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(run_rank(train, &listener, &stop));
+    });
+    let outcome = outcome.await;
+    let report = match outcome {
+        Ok(Ok(None)) => return, // stopped, or not rank 0
+        Ok(Ok(Some(report))) => report,
+        Ok(Err(e)) => {
+            tracing::error!(job = %job_id, error = %format!("{e:#}"), "training failed");
+            if rank != 0 {
+                return;
+            }
+            FinishedReport {
+                job_id: job_id.clone(),
+                generation,
+                success: false,
+                error: format!("{e:#}"),
+                ..Default::default()
+            }
+        }
+        Err(_) => {
+            tracing::error!(job = %job_id, "training thread panicked");
+            return;
+        }
+    };
+    let sent = client
+        .call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_finished(report).await }
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(job = %job_id, error = %e, "could not report the end of training");
+    }
+}
+
+/// Trains this rank to the end (or until `stop`). Rank 0 returns the report to send.
+fn run_rank(
+    train: TrainAssignment,
+    listener: &TcpListener,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<FinishedReport>> {
+    let spec = spec_from_proto(train.spec.clone().context("the assignment has no spec")?)?;
+    let mut peers = train.peers.clone();
+    peers.sort_by_key(|p| p.rank);
+    let addresses: Vec<SocketAddr> = peers
+        .iter()
+        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
+        .collect::<anyhow::Result<_>>()?;
+    let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
+    let job_number: u64 = train.job_id.trim_start_matches("job-").parse().unwrap_or(0);
+    let config = RingConfig {
+        rank: train.rank as usize,
+        addresses,
+        gang_id: job_number << 24 | (train.generation & 0xff_ffff),
+        timeout: COLLECTIVE_TIMEOUT,
+    };
+    let mut comm = RingCommunicator::connect(listener.try_clone().context("data port")?, config)?;
+    let mut trainer = Trainer::new(&spec, splits.train, &mut comm, None)?;
+    let last = trainer.run(&mut comm, |_, _| {
+        if stop.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })?;
+    if stop.load(Ordering::Relaxed) || train.rank != 0 {
+        return Ok(None);
+    }
+    let metrics = splits.validation.as_ref().map(|v| trainer.evaluate(v)).transpose()?;
+    Ok(Some(FinishedReport {
+        worker_id: String::new(),
+        job_id: train.job_id,
+        generation: train.generation,
+        success: true,
+        error: String::new(),
+        metrics: Some(JobMetrics {
+            val_accuracy: metrics.map(|m| m.val_accuracy),
+            val_loss: metrics.map(|m| m.val_loss),
+            train_loss: last.map(|r| f64::from(r.loss)),
+            samples_per_s: last.map(|r| r.samples_per_s),
+        }),
+        step: trainer.steps_done(),
+        final_checkpoint: None,
+    }))
+}

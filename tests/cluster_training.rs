@@ -1,0 +1,167 @@
+//! The product loop, end to end with the real binary: `up` with 3 coordinators, worker agents,
+//! `submit` the MNIST example, and the job trains data-parallel on the workers to Succeeded with
+//! validation accuracy >= 90% in `status --output json`, even when the leader coordinator is
+//! killed during training. A job needing more workers than exist waits with a reason and starts
+//! when capacity is added; `cancel` stops a running job and frees its workers.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn flotilla(home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    command.env("FLOTILLA_HOME", home).env_remove("FLOTILLA_COORDINATOR").env_remove("FLOTILLA_TOKEN");
+    command.env_remove("FLOTILLA_JOIN_TOKEN");
+    command
+}
+
+fn run(home: &Path, args: &[&str]) -> Output {
+    flotilla(home).args(args).output().expect("the flotilla binary runs")
+}
+
+fn json(out: Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(text.lines().last().expect("output")).expect("JSON")
+}
+
+struct Cluster<'a> {
+    home: &'a Path,
+    workers: Vec<Child>,
+}
+
+impl Cluster<'_> {
+    fn add_worker(&mut self) {
+        let child =
+            flotilla(self.home).arg("worker").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("worker");
+        self.workers.push(child);
+    }
+
+    fn submit(&self, spec: &Path) -> String {
+        let out = run(self.home, &["submit", spec.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("job id").trim().to_string()
+    }
+
+    fn status(&self, job: &str) -> serde_json::Value {
+        json(run(self.home, &["status", job, "-o", "json"]))
+    }
+
+    fn wait_state(&self, job: &str, states: &[&str], limit: Duration) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let status = self.status(job);
+            if states.iter().any(|s| status["state"] == *s) {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "{job} not in {states:?} after {limit:?}: {status}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn leader_pid(&self, leader: u64) -> i64 {
+        let text = std::fs::read_to_string(self.home.join("cluster.toml")).expect("cluster file");
+        let cluster: toml::Value = toml::from_str(&text).expect("cluster TOML");
+        cluster["coordinators"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["id"].as_integer() == Some(leader as i64)))
+            .and_then(|c| c["pid"].as_integer())
+            .expect("the leader's pid")
+    }
+}
+
+impl Drop for Cluster<'_> {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let _ = run(self.home, &["down", "--purge"]);
+    }
+}
+
+#[test]
+fn mnist_trains_on_the_cluster_through_a_leader_failure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let mut cluster = Cluster { home: &home, workers: Vec::new() };
+    assert!(run(&home, &["up", "--coordinators", "3"]).status.success());
+    cluster.add_worker();
+    cluster.add_worker();
+    // The shipped example, trained longer so that the leader dies mid-training.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mnist-mlp.toml");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
+    let text = std::fs::read_to_string(&example).expect("example").replace("epochs = 6", "epochs = 16");
+    let text = text.replace("\"data/mnist_5k.csv.gz\"", &format!("\"{}\"", data.display()));
+    let spec = dir.path().join("mnist-long.toml");
+    std::fs::write(&spec, text).expect("spec");
+    let job = cluster.submit(&spec);
+    let running = cluster.wait_state(&job, &["Running", "Succeeded"], Duration::from_secs(60));
+    assert_eq!(running["state"], "Running", "the job finished before the leader could be killed: {running}");
+    assert_eq!(running["world_size"], 2);
+
+    // Kill the leader coordinator while the gang trains: the job must still finish.
+    // The leader is whoever acknowledges a write (`served_by` of a JSON submit).
+    let submitted = run(&home, &["submit", example.to_str().expect("utf-8"), "-o", "json"]);
+    let first = String::from_utf8_lossy(&submitted.stdout).lines().next().unwrap_or_default().to_string();
+    let leader =
+        serde_json::from_str::<serde_json::Value>(&first).expect("submit JSON")["served_by"].as_u64().expect("leader");
+    let pid = cluster.leader_pid(leader);
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
+
+    let done = cluster.wait_state(&job, &["Succeeded", "Failed"], Duration::from_secs(180));
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("validation accuracy");
+    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+    assert_eq!(done["world_size"], 2);
+    assert!(done["step"].as_u64().unwrap_or(0) > 0);
+}
+
+#[test]
+fn a_job_too_big_waits_with_a_reason_then_starts_and_cancel_frees_workers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let mut cluster = Cluster { home: &home, workers: Vec::new() };
+    assert!(run(&home, &["up"]).status.success());
+    cluster.add_worker();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = dir.path().join("big.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"big\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 100000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    let job = cluster.submit(&spec);
+    let started = Instant::now();
+    let waiting = loop {
+        let status = cluster.status(&job);
+        if status["reason"].as_str().unwrap_or_default().contains("waiting for 2 free worker(s)") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no scheduler reason: {status}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(waiting["state"], "Pending");
+
+    cluster.add_worker(); // capacity arrives: the job starts
+    cluster.wait_state(&job, &["Running"], Duration::from_secs(60));
+    let cancelled = run(&home, &["cancel", &job]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    let started = Instant::now();
+    loop {
+        let workers = json(run(&home, &["workers", "-o", "json"]));
+        let idle = workers
+            .as_array()
+            .map_or(0, |ws| ws.iter().filter(|w| w["state"] == "Idle" && w["job_id"].is_null()).count());
+        if idle == 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "workers not freed: {workers}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(cluster.status(&job)["state"], "Cancelled");
+}
