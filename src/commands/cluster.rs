@@ -9,9 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flotilla_coordinator::provider::local::LocalProvider;
+use flotilla_coordinator::provider::{InstanceState, LaunchSpec, Provider};
 use flotilla_proto::client::ApiClient;
-use flotilla_proto::v1::ListJobsRequest;
+use flotilla_proto::v1::{ListJobsRequest, ListWorkersRequest};
 use serde_json::json;
+use std::collections::BTreeMap;
 
 use crate::cluster_file::{self, ClusterFile, CoordinatorEntry};
 use crate::output::{OutputFormat, print_json};
@@ -28,6 +31,60 @@ pub struct UpArgs {
     /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures).
     #[arg(long, default_value_t = 1)]
     pub coordinators: u32,
+    /// Worker agents to launch on this machine (through the local provider).
+    #[arg(long, default_value_t = 0)]
+    pub workers: u32,
+}
+
+/// Tag that marks the instances of one cluster.
+const CLUSTER_TAG: &str = "flotilla-cluster";
+/// How long `up` waits for launched workers to register.
+const WORKERS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn local_provider(home: &Path, cluster: &ClusterFile) -> anyhow::Result<LocalProvider> {
+    let home = std::path::absolute(home).context("resolving the cluster folder")?;
+    let env = [
+        ("FLOTILLA_COORDINATOR", cluster.addresses()),
+        ("FLOTILLA_JOIN_TOKEN", cluster.join_token.clone()),
+        ("FLOTILLA_HOME", home.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
+    Ok(LocalProvider { home, exe, env })
+}
+
+fn cluster_tags(cluster: &ClusterFile) -> BTreeMap<String, String> {
+    BTreeMap::from([(CLUSTER_TAG.to_string(), cluster.cluster_id.clone())])
+}
+
+async fn launch_workers(home: &Path, cluster: &ClusterFile, count: u32) -> anyhow::Result<()> {
+    let provider = local_provider(home, cluster)?;
+    let spec = LaunchSpec {
+        instance_type: "local".into(),
+        spot: false,
+        count,
+        tags: cluster_tags(cluster),
+        client_token: random_hex(8)?,
+    };
+    provider.launch(&spec).await?;
+    let mut client = ApiClient::new(&cluster.addresses(), &cluster.api_token).map_err(anyhow::Error::from)?;
+    let started = Instant::now();
+    loop {
+        let listed = client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }).await?;
+        let live = listed.workers.iter().filter(|w| w.state == flotilla_proto::v1::WorkerState::Idle as i32).count();
+        if live >= count as usize {
+            return Ok(());
+        }
+        if started.elapsed() > WORKERS_READY_TIMEOUT {
+            bail!(
+                "only {live} of {count} workers registered within {WORKERS_READY_TIMEOUT:?}; see {}",
+                home.join("logs").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +197,9 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     cluster.save(&home)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(wait_ready(&cluster))?;
+    if args.workers > 0 {
+        runtime.block_on(launch_workers(&home, &cluster, args.workers))?;
+    }
     match output {
         OutputFormat::Json => print_json(&json!({
             "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid})).collect::<Vec<_>>(),
@@ -147,7 +207,12 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
             "cluster_file": home.join(cluster_file::CLUSTER_FILE),
         })),
         OutputFormat::Text => {
-            println!("cluster up: {} coordinator(s), data in {}", cluster.coordinators.len(), home.display());
+            println!(
+                "cluster up: {} coordinator(s), {} worker(s), data in {}",
+                cluster.coordinators.len(),
+                args.workers,
+                home.display()
+            );
             println!("API: {}", cluster.addresses());
         }
     }
@@ -173,6 +238,12 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
         bail!("no local cluster in {} (nothing to stop)", home.display());
     };
     let mut stopped = Vec::new();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let provider = local_provider(&home, &cluster)?;
+    let workers = runtime.block_on(provider.describe(&cluster_tags(&cluster)))?;
+    let running: Vec<String> =
+        workers.into_iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id).collect();
+    runtime.block_on(provider.terminate(&running))?;
     for entry in &mut cluster.coordinators {
         if let Some(pid) = entry.pid.take().filter(|&pid| is_running(pid)) {
             stop(pid)?;
@@ -185,10 +256,13 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
         cluster.save(&home)?;
     }
     match output {
-        OutputFormat::Json => print_json(&json!({ "stopped_pids": stopped, "purged": args.purge })),
+        OutputFormat::Json => {
+            print_json(&json!({ "stopped_pids": stopped, "stopped_workers": running, "purged": args.purge }))
+        }
         OutputFormat::Text => println!(
-            "stopped {} process(es){}",
+            "stopped {} coordinator(s) and {} worker(s){}",
             stopped.len(),
+            running.len(),
             if args.purge { "; cluster data deleted" } else { "; data kept (`flotilla up` resumes it)" }
         ),
     }
