@@ -1,5 +1,5 @@
-//! The product loop, end to end with the real binary: `up` with 3 coordinators, worker agents,
-//! `submit` the MNIST example, and the job trains data-parallel on the workers to Succeeded with
+//! The product loop, end to end with the real binary: `up` with 3 coordinators and 2 workers
+//! (local provider), `submit` the MNIST example, and the job trains data-parallel on the workers to Succeeded with
 //! validation accuracy >= 90% in `status --output json`, even when the leader coordinator is
 //! killed during training. A job needing more workers than exist waits with a reason and starts
 //! when capacity is added; `cancel` stops a running job and frees its workers.
@@ -84,10 +84,9 @@ impl Drop for Cluster<'_> {
 fn mnist_trains_on_the_cluster_through_a_leader_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
-    let mut cluster = Cluster { home: &home, workers: Vec::new() };
-    assert!(run(&home, &["up", "--coordinators", "3"]).status.success());
-    cluster.add_worker();
-    cluster.add_worker();
+    let cluster = Cluster { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--coordinators", "3", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     // The shipped example, trained longer so that the leader dies mid-training.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mnist-mlp.toml");
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
@@ -115,6 +114,14 @@ fn mnist_trains_on_the_cluster_through_a_leader_failure() {
     assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
     assert_eq!(done["world_size"], 2);
     assert!(done["step"].as_u64().unwrap_or(0) > 0);
+
+    // `submit --follow` shows progress and returns when the job ends, the id on stdout's last line.
+    let followed = run(&home, &["submit", example.to_str().expect("utf-8"), "--follow"]);
+    assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));
+    let stderr = String::from_utf8_lossy(&followed.stderr);
+    assert!(stderr.contains("Succeeded") && stderr.contains("world 2") && stderr.contains("val_accuracy"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&followed.stdout);
+    assert!(stdout.lines().last().is_some_and(|l| l.starts_with("job-")), "{stdout}");
 }
 
 #[test]

@@ -87,9 +87,14 @@ pub async fn run(
         .map_err(CoordinatorError::Config)?;
     let node_task = tokio::spawn(task.run(transport));
 
-    let jobs = JobServiceServer::new(JobApi { node: handle.clone(), api_token: config.api_token.clone() })
-        .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let progress = std::sync::Arc::new(crate::progress::Progress::default());
+    let jobs = JobServiceServer::new(JobApi {
+        node: handle.clone(),
+        api_token: config.api_token.clone(),
+        progress: progress.clone(),
+    })
+    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let leases = std::sync::Arc::new(Leases::default());
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone()));
     tokio::spawn(crate::scheduling::schedule_loop(handle.clone()));
@@ -98,6 +103,7 @@ pub async fn run(
         api_token: config.api_token.clone(),
         join_token: config.join_token.clone(),
         leases,
+        progress: progress.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);

@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::convert::spec_from_proto;
-use flotilla_proto::v1::{FinishedReport, JobMetrics, TrainAssignment, WatchAssignmentsRequest, assignment};
+use flotilla_proto::v1::{
+    FinishedReport, JobMetrics, ProgressReport, TrainAssignment, WatchAssignmentsRequest, assignment,
+};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
 use flotilla_worker::train::Trainer;
@@ -24,6 +26,10 @@ use tokio::sync::watch;
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before re-opening a broken assignment stream.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// Rank 0 reports live progress at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Progress reports queued at most; older ones are dropped when the coordinator is slow.
+const PROGRESS_QUEUE_MAX: usize = 4;
 
 /// A training run in progress on this worker.
 struct Running {
@@ -96,8 +102,20 @@ async fn train_and_report(
     // A plain thread, not spawn_blocking: the data loader runs its own runtime and refuses to
     // start inside another one.
     let (done, outcome) = tokio::sync::oneshot::channel();
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<ProgressReport>(PROGRESS_QUEUE_MAX);
     std::thread::spawn(move || {
-        let _ = done.send(run_rank(train, &listener, &stop));
+        let _ = done.send(run_rank(train, &listener, &stop, &progress_tx));
+    });
+    let mut reporter = client.clone();
+    tokio::spawn(async move {
+        while let Some(report) = progress_rx.recv().await {
+            let _ = reporter
+                .call_cluster(|mut c| {
+                    let report = report.clone();
+                    async move { c.report_progress(report).await }
+                })
+                .await;
+        }
     });
     let outcome = outcome.await;
     let report = match outcome {
@@ -137,6 +155,7 @@ fn run_rank(
     train: TrainAssignment,
     listener: &TcpListener,
     stop: &AtomicBool,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
 ) -> anyhow::Result<Option<FinishedReport>> {
     let spec = spec_from_proto(train.spec.clone().context("the assignment has no spec")?)?;
     let mut peers = train.peers.clone();
@@ -155,7 +174,27 @@ fn run_rank(
     };
     let mut comm = RingCommunicator::connect(listener.try_clone().context("data port")?, config)?;
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, None)?;
-    let last = trainer.run(&mut comm, |_, _| {
+    let started = std::time::Instant::now();
+    let first_step = trainer.steps_done();
+    let mut last_report: Option<std::time::Instant> = None;
+    let last = trainer.run(&mut comm, |trainer, report| {
+        if train.rank == 0 && last_report.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            last_report = Some(std::time::Instant::now());
+            let done = report.step.saturating_sub(first_step).max(1);
+            let left = trainer.total_steps().saturating_sub(report.step);
+            let eta_ms = (started.elapsed().as_millis() as u64 / done) * left;
+            let _ = progress.try_send(ProgressReport {
+                job_id: train.job_id.clone(),
+                generation: train.generation,
+                rank: 0,
+                step: report.step,
+                loss: f64::from(report.loss),
+                samples_per_s: report.samples_per_s,
+                total_steps: trainer.total_steps(),
+                eta_ms,
+                ..Default::default()
+            });
+        }
         if stop.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     })?;
     if stop.load(Ordering::Relaxed) || train.rank != 0 {

@@ -16,6 +16,10 @@ use crate::output::{OutputFormat, print_json};
 pub struct SubmitArgs {
     /// Path to the job spec (TOML).
     pub spec: PathBuf,
+    /// Follow the job: a live progress line on stderr until it ends (exit status 1 unless it
+    /// succeeds).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,9 +57,90 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
     if output == OutputFormat::Json {
         print_json(&json!({ "id": response.job_id, "duplicate": response.duplicate, "served_by": response.served_by }));
     }
+    let final_state = if args.follow { Some(runtime.block_on(follow(&mut client, &response.job_id))?) } else { None };
     // The contract (DESIGN §8): the job id alone on the last line of stdout.
     println!("{}", response.job_id);
-    Ok(())
+    match final_state {
+        Some(job) if job.state != v1::JobState::Succeeded as i32 => {
+            anyhow::bail!("{} ended {}: {}", job.id, state_name(&job), job.reason)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Streams the job's progress to stderr until it ends; returns its final status.
+async fn follow(client: &mut ApiClient, job_id: &str) -> anyhow::Result<v1::JobStatus> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut last_printed: Option<(String, std::time::Instant)> = None;
+    loop {
+        let request = v1::WatchJobRequest { job_id: job_id.to_string() };
+        let mut stream = client
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.watch_job(request).await }
+            })
+            .await?;
+        // A stream that breaks (leader change, restart) is opened again; the job decides the end.
+        while let Ok(Some(update)) = stream.message().await {
+            let Some(job) = update.job else { continue };
+            let line = progress_line(&job, update.progress.as_ref());
+            let due = last_printed.as_ref().is_none_or(|(text, at)| {
+                !text.starts_with(&line[..line.find("step").unwrap_or(line.len())]) || at.elapsed().as_secs() >= 1
+            });
+            let ended = [v1::JobState::Succeeded, v1::JobState::Failed, v1::JobState::Cancelled]
+                .iter()
+                .any(|s| *s as i32 == job.state);
+            if due || ended {
+                let mut err = std::io::stderr();
+                let _ = if tty { write!(err, "\r\x1b[2K{line}") } else { writeln!(err, "{line}") };
+                last_printed = Some((line, std::time::Instant::now()));
+            }
+            if ended {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(job);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// `job-1 Running gen 1 world 2 step 120/192 [######----] 62% loss 0.2345 9000 samples/s ETA 3s`
+fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String {
+    let mut line = format!("{} {} gen {} world {}", job.id, state_name(job), job.generation, job.world_size);
+    let metrics = job.metrics.unwrap_or_default();
+    if job.total_steps > 0 {
+        let fraction = (job.step as f64 / job.total_steps as f64).clamp(0.0, 1.0);
+        let filled = (fraction * 20.0).round() as usize;
+        line += &format!(
+            " step {}/{} [{}{}] {:>3.0}%",
+            job.step,
+            job.total_steps,
+            "#".repeat(filled),
+            "-".repeat(20 - filled),
+            fraction * 100.0
+        );
+    } else if job.step > 0 {
+        line += &format!(" step {}", job.step);
+    }
+    if let Some(loss) = metrics.train_loss {
+        line += &format!(" loss {loss:.4}");
+    }
+    if let Some(rate) = metrics.samples_per_s {
+        line += &format!(" {rate:.0} samples/s");
+    }
+    if let Some(eta) = live.map(|p| p.eta_ms).filter(|ms| *ms > 0) {
+        line += &format!(" ETA {}s", eta.div_ceil(1000));
+    }
+    if let Some(accuracy) = metrics.val_accuracy {
+        line += &format!(" val_accuracy {accuracy:.4}");
+    }
+    if !job.reason.is_empty() {
+        line += &format!(" ({})", job.reason);
+    }
+    line
 }
 
 /// A fresh id for one submission; retries inside the client reuse it, so a submission whose

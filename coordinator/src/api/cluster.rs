@@ -32,6 +32,7 @@ pub struct ClusterApi {
     /// `None`: this cluster accepts no workers.
     pub join_token: Option<String>,
     pub leases: Arc<Leases>,
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 fn invalid(message: String) -> Status {
@@ -162,7 +163,21 @@ impl ClusterService for ClusterApi {
 
     async fn report_progress(&self, request: Request<ProgressReport>) -> Result<Response<Ack>, Status> {
         self.authorize_worker(&request)?;
-        Err(unimplemented_yet("progress reports"))
+        self.require_leader()?;
+        let report = request.into_inner();
+        let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
+        self.progress.record(
+            job_id,
+            LiveProgress {
+                step: report.step,
+                loss: report.loss,
+                samples_per_s: report.samples_per_s,
+                eta_ms: report.eta_ms,
+                total_steps: report.total_steps,
+                generation: report.generation,
+            },
+        );
+        Ok(Response::new(Ack {}))
     }
 
     async fn report_checkpoint(&self, request: Request<CheckpointReport>) -> Result<Response<Ack>, Status> {

@@ -3,6 +3,7 @@
 //! (ReadIndex) and served by any node, which reports itself in `served_by`.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::JobId;
@@ -17,16 +18,33 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::status;
+use crate::progress::Progress;
 use crate::raft::node::NodeHandle;
 
 /// Updates buffered per watch stream; a slow client skips intermediate states, not the last.
 const WATCH_BUFFER: usize = 16;
 /// A watch re-reads the job at least this often even without a change notification.
-const WATCH_POLL: Duration = Duration::from_secs(1);
+const WATCH_POLL: Duration = Duration::from_millis(500);
 
 pub struct JobApi {
     pub node: NodeHandle,
     pub api_token: String,
+    /// Live progress reported to this node while it leads (not replicated).
+    pub progress: Arc<Progress>,
+}
+
+/// Adds live progress (when this node has it) to a job's replicated status.
+fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Option<LiveProgress>) {
+    let live = job.id.parse::<JobId>().ok().and_then(|id| progress.get(id, job.generation));
+    if let Some(p) = live.filter(|_| job.state == v1::JobState::Running as i32) {
+        job.step = p.step;
+        job.total_steps = p.total_steps;
+        let metrics = job.metrics.get_or_insert_with(Default::default);
+        metrics.train_loss = Some(p.loss);
+        metrics.samples_per_s = Some(p.samples_per_s);
+        return (job, Some(p));
+    }
+    (job, None)
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -81,6 +99,7 @@ impl JobService for JobApi {
         self.authorize(&request)?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        let (job, _) = with_live(job, &self.progress);
         Ok(Response::new(GetJobResponse { job: Some(job), served_by: self.node.id }))
     }
 
@@ -125,6 +144,7 @@ impl JobService for JobApi {
             })
             .await
             .map_err(status)?;
+        let jobs = jobs.into_iter().map(|j| with_live(j, &self.progress).0).collect();
         Ok(Response::new(ListJobsResponse { jobs, next_page_token: next.unwrap_or_default(), served_by: self.node.id }))
     }
 
@@ -145,7 +165,7 @@ impl JobService for JobApi {
         let id = parse_job_id(&request.get_ref().job_id)?;
         let first = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(watch_loop(self.node.clone(), id, first, tx));
+        tokio::spawn(watch_loop(self.node.clone(), self.progress.clone(), id, first, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -161,18 +181,20 @@ impl JobService for JobApi {
 
 async fn watch_loop(
     mut node: NodeHandle,
+    progress: Arc<Progress>,
     id: JobId,
     first: v1::JobStatus,
     tx: mpsc::Sender<Result<JobUpdate, Status>>,
 ) {
-    let mut last = first.clone();
-    if tx.send(Ok(JobUpdate { job: Some(first), progress: None })).await.is_err() {
+    let (first, live) = with_live(first, &progress);
+    let mut last = (first.clone(), live);
+    if tx.send(Ok(JobUpdate { job: Some(first), progress: live })).await.is_err() {
         return;
     }
     loop {
         let terminal = [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
             .iter()
-            .any(|s| flotilla_proto::convert::job_state_to_proto(*s) as i32 == last.state);
+            .any(|s| flotilla_proto::convert::job_state_to_proto(*s) as i32 == last.0.state);
         if terminal {
             return;
         }
@@ -184,9 +206,10 @@ async fn watch_loop(
                 return;
             }
         };
-        if job != last {
-            last = job.clone();
-            if tx.send(Ok(JobUpdate { job: Some(job), progress: None })).await.is_err() {
+        let current = with_live(job, &progress);
+        if current != last {
+            last = current.clone();
+            if tx.send(Ok(JobUpdate { job: Some(current.0), progress: current.1 })).await.is_err() {
                 return;
             }
         }

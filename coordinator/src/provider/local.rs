@@ -116,11 +116,10 @@ impl Provider for LocalProvider {
         if !earlier.is_empty() {
             return Ok(earlier); // idempotent: this token already launched these
         }
-        let mut next = records.len() + 1;
+        let first = records.len() + 1;
         let mut launched = Vec::new();
-        for _ in 0..spec.count {
-            let id = format!("local-{next}");
-            next += 1;
+        for number in first..first + spec.count as usize {
+            let id = format!("local-{number}");
             let pid = self.spawn(&id)?;
             let instance = Instance {
                 id,
