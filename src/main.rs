@@ -58,6 +58,9 @@ enum Command {
     /// Load generator for scripts/bench/coordinator.sh.
     #[command(hide = true)]
     BenchSubmit(commands::bench::Args),
+    /// Submit-to-first-step latency for scripts/bench/first_step.sh.
+    #[command(hide = true)]
+    BenchFirstStep(commands::bench::FirstStepArgs),
     /// All-reduce bandwidth benchmark for scripts/bench/allreduce.sh.
     #[command(hide = true)]
     BenchAllreduce(commands::bench_collective::Args),
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),
         Command::Coordinator(args) => done(commands::coordinator::run(args)),
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
+        Command::BenchFirstStep(args) => done(commands::bench::first_step(args, coordinator)),
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),

@@ -139,3 +139,69 @@ async fn failover(target: cluster_file::Target, run_id: String) -> anyhow::Resul
     );
     Ok(())
 }
+
+/// `flotilla bench-first-step` (hidden): submit-to-first-step latency on the local cluster.
+#[derive(Debug, clap::Args)]
+pub struct FirstStepArgs {
+    /// Jobs to time, one after another.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+}
+
+/// A 2-worker job on synthetic data (nothing to download; the data-loading cost is small).
+const FIRST_STEP_SPEC: &str = "name = \"first-step\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+    data = { train = \"synthetic:blobs?samples=2000&features=64&classes=4\" }\n\
+    train = { steps = 200, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n";
+
+pub fn first_step(args: FirstStepArgs, coordinator: Option<&str>) -> anyhow::Result<()> {
+    use flotilla_proto::v1::GetJobRequest;
+    let target = cluster_file::resolve(coordinator)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _context = runtime.enter();
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let spec = JobSpec::from_toml_str(FIRST_STEP_SPEC).expect("the benchmark's spec is valid");
+    let run_id = flotilla_coordinator::raft::node::now_unix_ms();
+    for round in 0..args.rounds.max(1) {
+        let request =
+            SubmitJobRequest { spec: Some(spec_to_proto(&spec)), client_request_id: format!("first-{run_id}-{round}") };
+        let started = Instant::now();
+        let job = runtime.block_on(client.call(|mut c| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        }))?;
+        let submitted = started.elapsed();
+        let (mut running, mut first_step) = (None, None);
+        while first_step.is_none() {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("{} did not take a step within 60 s", job.job_id);
+            }
+            let request = GetJobRequest { job_id: job.job_id.clone() };
+            let status = runtime.block_on(client.call(|mut c| {
+                let request = request.clone();
+                async move { c.get_job(request).await }
+            }))?;
+            let status = status.job.context("no job in the answer")?;
+            if running.is_none() && status.generation > 0 {
+                running = Some(started.elapsed());
+            }
+            if status.step >= 1 {
+                first_step = Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        println!(
+            "{}",
+            json!({
+                "bench": "submit_to_first_step",
+                "job": job.job_id,
+                "submit_ack_ms": submitted.as_secs_f64() * 1000.0,
+                "submit_to_running_ms": ms(running),
+                "submit_to_first_step_ms": ms(first_step),
+            })
+        );
+        // Let the job finish so the next one finds both workers free.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    Ok(())
+}
