@@ -42,6 +42,8 @@ enum Command {
     Status(commands::jobs::StatusArgs),
     /// Cancel a job that has not finished.
     Cancel(commands::jobs::CancelArgs),
+    /// Print a job's log (written by its rank 0); -f follows it until the job ends.
+    Logs(commands::jobs::LogsArgs),
     /// List the workers registered with the cluster.
     Workers(commands::workers::ListArgs),
     /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => done(commands::jobs::submit(args, coordinator, cli.output)),
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
+        Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Worker(args) => done(commands::workers::run_agent(args, coordinator)),
         Command::Validate(args) => commands::validate::run(args, cli.output),

@@ -115,6 +115,12 @@ fn mnist_trains_on_the_cluster_through_a_leader_failure() {
     assert_eq!(done["world_size"], 2);
     assert!(done["step"].as_u64().unwrap_or(0) > 0);
 
+    // Rank 0's log, read back through the coordinator (`logs -f` returns once the job has ended).
+    let logs = run(&home, &["logs", "-f", &job]);
+    assert!(logs.status.success(), "{}", String::from_utf8_lossy(&logs.stderr));
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("training on 2 worker(s)") && logs.contains("finished at step"), "{logs}");
+
     // `submit --follow` shows progress and returns when the job ends, the id on stdout's last line.
     let followed = run(&home, &["submit", example.to_str().expect("utf-8"), "--follow"]);
     assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));

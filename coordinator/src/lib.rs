@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod leases;
+pub mod logs;
 pub mod progress;
 pub mod provider;
 pub mod raft;

@@ -35,6 +35,9 @@ pub struct CoordinatorConfig {
     pub peer_token: String,
     /// Token workers present to register; `None` refuses every worker.
     pub join_token: Option<String>,
+    /// Absolute local folder of the cluster's object store (job logs; later checkpoints and
+    /// models). Every coordinator of a cluster and every worker must see the same one.
+    pub store_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +95,7 @@ pub async fn run(
         node: handle.clone(),
         api_token: config.api_token.clone(),
         progress: progress.clone(),
+        store_dir: config.store_dir.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
@@ -104,6 +108,7 @@ pub async fn run(
         join_token: config.join_token.clone(),
         leases,
         progress: progress.clone(),
+        store_dir: config.store_dir.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);

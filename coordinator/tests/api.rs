@@ -58,6 +58,7 @@ async fn start(single: bool) -> Node {
         api_token: TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
+        store_dir: dir.path().join("store"),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

@@ -19,6 +19,7 @@ use flotilla_proto::v1::{
 };
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
+use flotilla_worker::joblog::JobLog;
 use flotilla_worker::train::Trainer;
 use tokio::sync::watch;
 
@@ -172,6 +173,24 @@ fn run_rank(
         gang_id: job_number << 24 | (train.generation & 0xff_ffff),
         timeout: COLLECTIVE_TIMEOUT,
     };
+    let mut log = (train.rank == 0 && !train.job_prefix.is_empty())
+        .then(|| JobLog::open(&train.job_prefix))
+        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
+    let mut log_line = |text: String, flush: bool| {
+        if let Some(log) = log.as_mut() {
+            let written = log.line(&text).and_then(|()| if flush { log.flush() } else { Ok(()) });
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "could not write the job log");
+            }
+        }
+    };
+    log_line(
+        format!(
+            "generation {}: training on {} worker(s), {} train rows",
+            train.generation, train.world_size, splits.train.rows
+        ),
+        true,
+    );
     let mut comm = RingCommunicator::connect(listener.try_clone().context("data port")?, config)?;
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, None)?;
     let started = std::time::Instant::now();
@@ -183,6 +202,17 @@ fn run_rank(
             let done = report.step.saturating_sub(first_step).max(1);
             let left = trainer.total_steps().saturating_sub(report.step);
             let eta_ms = (started.elapsed().as_millis() as u64 / done) * left;
+            log_line(
+                format!(
+                    "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
+                    report.step,
+                    trainer.total_steps(),
+                    report.epoch,
+                    report.loss,
+                    report.samples_per_s
+                ),
+                true,
+            );
             let _ = progress.try_send(ProgressReport {
                 job_id: train.job_id.clone(),
                 generation: train.generation,
@@ -201,6 +231,8 @@ fn run_rank(
         return Ok(None);
     }
     let metrics = splits.validation.as_ref().map(|v| trainer.evaluate(v)).transpose()?;
+    let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
+    log_line(format!("finished at step {}: val_accuracy {accuracy}", trainer.steps_done()), true);
     Ok(Some(FinishedReport {
         worker_id: String::new(),
         job_id: train.job_id,

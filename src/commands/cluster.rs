@@ -134,6 +134,12 @@ fn new_cluster(home: &Path, coordinators: u32) -> anyhow::Result<ClusterFile> {
     })
 }
 
+/// The local cluster's object store: `store/` beside the coordinators' data folders.
+fn store_dir(coordinator_data_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let home = coordinator_data_dir.parent().unwrap_or(Path::new("."));
+    std::path::absolute(home.join("store")).context("resolving the store folder")
+}
+
 fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let peers: Vec<String> = cluster.coordinators.iter().map(|c| format!("{}={}", c.id, c.address)).collect();
@@ -151,6 +157,8 @@ fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow:
         .args(["--id", &entry.id.to_string(), "--listen", &entry.address, "--peers", &peers.join(",")])
         .arg("--data-dir")
         .arg(&entry.data_dir)
+        .arg("--store-dir")
+        .arg(store_dir(&entry.data_dir)?)
         .args(["--cluster-id", &cluster.cluster_id])
         .env("FLOTILLA_TOKEN", &cluster.api_token)
         .env("FLOTILLA_PEER_TOKEN", &cluster.peer_token)

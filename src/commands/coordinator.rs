@@ -30,6 +30,10 @@ pub struct Args {
     /// Token workers present to register (without it, no worker is accepted).
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// The cluster's object store folder (job logs), the same for every coordinator and worker
+    /// (default: <data-dir>/store, fine for a single node).
+    #[arg(long)]
+    pub store_dir: Option<PathBuf>,
     /// Token coordinators present to each other (default: the API token).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
@@ -65,10 +69,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         id: args.id,
         listen: args.listen,
         peers,
-        data_dir: args.data_dir,
+        data_dir: args.data_dir.clone(),
         cluster_id: args.cluster_id,
         peer_token: args.peer_token.unwrap_or_else(|| args.token.clone()),
         join_token: args.join_token,
+        store_dir: match args.store_dir {
+            Some(dir) => std::path::absolute(dir).context("resolving --store-dir")?,
+            None => std::path::absolute(args.data_dir.join("store")).context("resolving the data dir")?,
+        },
         api_token: args.token,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

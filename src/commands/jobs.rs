@@ -283,3 +283,36 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    /// The job whose log to print.
+    pub job: String,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+pub fn logs(args: LogsArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let mut client = client(coordinator)?;
+    let request = v1::GetLogsRequest { job_id: args.job, follow: args.follow, from_offset: 0 };
+    runtime.block_on(async move {
+        let mut stream = client
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.get_logs(request).await }
+            })
+            .await?;
+        while let Some(chunk) = stream.message().await.map_err(flotilla_proto::ApiError::from)? {
+            for line in chunk.lines {
+                match output {
+                    OutputFormat::Json => print_json(&json!({ "line": line })),
+                    OutputFormat::Text => println!("{line}"),
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}

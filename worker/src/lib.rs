@@ -12,4 +12,5 @@ pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod joblog;
 pub mod train;

@@ -33,6 +33,8 @@ pub struct ClusterApi {
     pub join_token: Option<String>,
     pub leases: Arc<Leases>,
     pub progress: Arc<crate::progress::Progress>,
+    /// The cluster's object store folder (job prefixes handed to workers live under it).
+    pub store_dir: std::path::PathBuf,
 }
 
 fn invalid(message: String) -> Status {
@@ -157,7 +159,8 @@ impl ClusterService for ClusterApi {
         self.authorize_worker(&request)?;
         let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(ASSIGNMENT_BUFFER);
-        tokio::spawn(assignment_loop(self.node.clone(), id, tx));
+        let store = format!("file://{}", self.store_dir.display());
+        tokio::spawn(assignment_loop(self.node.clone(), id, store, tx));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
@@ -243,7 +246,7 @@ enum Desired {
     },
 }
 
-fn desired(state: &State, id: WorkerId) -> Desired {
+fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
     let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
         return Desired::Idle;
@@ -268,7 +271,7 @@ fn desired(state: &State, id: WorkerId) -> Desired {
         peers,
         nccl_unique_id: Vec::new(),
         resume_from: None,
-        job_prefix: format!("jobs/{}", job.id),
+        job_prefix: format!("{store}/jobs/{}", job.id),
     };
     Desired::Train { job: job.id, generation: job.generation, assignment: Box::new(assignment) }
 }
@@ -278,11 +281,13 @@ fn desired(state: &State, id: WorkerId) -> Desired {
 async fn assignment_loop(
     mut node: NodeHandle,
     id: WorkerId,
+    store: String,
     tx: tokio::sync::mpsc::Sender<Result<Assignment, Status>>,
 ) {
     let mut current: Option<(JobId, u64)> = None;
     loop {
-        let Ok(want) = node.read_local(move |state| desired(state, id)).await else { return };
+        let store = store.clone();
+        let Ok(want) = node.read_local(move |state| desired(state, id, &store)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
             (Desired::Train { job, generation, .. }, Some(now)) if now == (*job, *generation) => None,

@@ -31,6 +31,8 @@ pub struct JobApi {
     pub api_token: String,
     /// Live progress reported to this node while it leads (not replicated).
     pub progress: Arc<Progress>,
+    /// The cluster's object store folder: job logs are under `jobs/<job>/logs/`.
+    pub store_dir: std::path::PathBuf,
 }
 
 /// Adds live progress (when this node has it) to a job's replicated status.
@@ -173,9 +175,13 @@ impl JobService for JobApi {
 
     async fn get_logs(&self, request: Request<GetLogsRequest>) -> Result<Response<LogStream>, Status> {
         self.authorize(&request)?;
-        Err(Status::unimplemented(
-            "job logs are written by worker agents, which this coordinator build does not run yet",
-        ))
+        let request = request.into_inner();
+        let id = parse_job_id(&request.job_id)?;
+        self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let logs = crate::logs::JobLogs::open(&self.store_dir, id).map_err(status)?;
+        tokio::spawn(crate::logs::stream(self.node.clone(), logs, request.from_offset, request.follow, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

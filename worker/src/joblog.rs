@@ -1,0 +1,71 @@
+//! A job's log in the object store: rank 0 appends lines, written as numbered segments
+//! (`<job prefix>/logs/<seq:08>.log`, objects are immutable), which `flotilla logs` reads back
+//! in order. One segment per flush keeps a crash from losing more than the unflushed lines.
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::checkpoint::CheckpointError;
+use crate::checkpoint::store::{self, Access};
+
+/// Bytes buffered before a flush is forced.
+const BUFFER_BYTES_MAX: usize = 64 * 1024;
+/// Length of one line at most (longer lines are cut).
+pub const LINE_BYTES_MAX: usize = 4096;
+
+pub struct JobLog {
+    store: std::sync::Arc<dyn ObjectStore>,
+    prefix: Path,
+    next_segment: u64,
+    buffer: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// The object holding segment `seq` under a job prefix.
+pub fn segment_path(job_prefix: &Path, seq: u64) -> Path {
+    job_prefix.clone().join("logs").join(format!("{seq:08}.log"))
+}
+
+impl JobLog {
+    /// Opens the log under `job_uri` (file:///.../jobs/<job>), continuing after existing segments.
+    pub fn open(job_uri: &str) -> Result<JobLog, CheckpointError> {
+        let (store, prefix) = store::open(job_uri, Access::Write)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| CheckpointError::Invalid(format!("log runtime: {e}")))?;
+        let mut next_segment = 0;
+        while runtime.block_on(store.head(&segment_path(&prefix, next_segment))).is_ok() {
+            next_segment += 1;
+        }
+        Ok(JobLog { store, prefix, next_segment, buffer: String::new(), runtime })
+    }
+
+    pub fn line(&mut self, text: &str) -> Result<(), CheckpointError> {
+        let mut cut = text.len().min(LINE_BYTES_MAX);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.buffer.push_str(&text[..cut]);
+        self.buffer.push('\n');
+        if self.buffer.len() >= BUFFER_BYTES_MAX { self.flush() } else { Ok(()) }
+    }
+
+    /// Writes buffered lines as the next segment.
+    pub fn flush(&mut self) -> Result<(), CheckpointError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let path = segment_path(&self.prefix, self.next_segment);
+        let bytes = Bytes::from(std::mem::take(&mut self.buffer));
+        self.runtime.block_on(self.store.put(&path, PutPayload::from_bytes(bytes)))?;
+        self.next_segment += 1;
+        Ok(())
+    }
+}
+
+impl Drop for JobLog {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
