@@ -48,6 +48,11 @@ enum Command {
     Workers(commands::workers::ListArgs),
     /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
     Worker(commands::workers::WorkerArgs),
+    /// Give a local worker a spot interruption notice now (or kill it without notice: --hard).
+    Preempt(commands::workers::PreemptArgs),
+    /// A local instance-metadata endpoint (IMDSv2), started by the local provider.
+    #[command(hide = true)]
+    Imds(commands::workers::ImdsArgs),
     /// Check a job spec and print it normalised, with every default filled in.
     Validate(commands::validate::Args),
     /// Train a job standalone on this machine with N local worker processes.
@@ -88,6 +93,8 @@ fn main() -> ExitCode {
         Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Worker(args) => done(commands::workers::run_agent(args, coordinator)),
+        Command::Preempt(args) => done(commands::workers::preempt(args, coordinator, cli.output)),
+        Command::Imds(args) => done(commands::workers::run_imds(args)),
         Command::Validate(args) => commands::validate::run(args, cli.output),
         Command::Train(args) => done(commands::train::run(args, cli.output)),
         Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),

@@ -34,6 +34,12 @@ pub struct UpArgs {
     /// Worker agents to launch on this machine (through the local provider).
     #[arg(long, default_value_t = 0)]
     pub workers: u32,
+    /// Random spot interruptions for demos and tests: mean notices per worker-hour.
+    #[arg(long, default_value_t = 0.0)]
+    pub spot_interruptions_per_hour: f64,
+    /// Seed of those interruptions (the same seed replays the same times).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Tag that marks the instances of one cluster.
@@ -41,7 +47,7 @@ const CLUSTER_TAG: &str = "flotilla-cluster";
 /// How long `up` waits for launched workers to register.
 const WORKERS_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn local_provider(home: &Path, cluster: &ClusterFile) -> anyhow::Result<LocalProvider> {
+pub fn local_provider(home: &Path, cluster: &ClusterFile) -> anyhow::Result<LocalProvider> {
     let home = std::path::absolute(home).context("resolving the cluster folder")?;
     let env = [
         ("FLOTILLA_COORDINATOR", cluster.addresses()),
@@ -52,15 +58,18 @@ fn local_provider(home: &Path, cluster: &ClusterFile) -> anyhow::Result<LocalPro
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
-    Ok(LocalProvider { home, exe, env })
+    Ok(LocalProvider { home, exe, env, interruptions_per_hour: 0.0, seed: 0 })
 }
 
 fn cluster_tags(cluster: &ClusterFile) -> BTreeMap<String, String> {
     BTreeMap::from([(CLUSTER_TAG.to_string(), cluster.cluster_id.clone())])
 }
 
-async fn launch_workers(home: &Path, cluster: &ClusterFile, count: u32) -> anyhow::Result<()> {
-    let provider = local_provider(home, cluster)?;
+async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> anyhow::Result<()> {
+    let count = args.workers;
+    let mut provider = local_provider(home, cluster)?;
+    provider.interruptions_per_hour = args.spot_interruptions_per_hour;
+    provider.seed = args.seed;
     let spec = LaunchSpec {
         instance_type: "local".into(),
         spot: false,
@@ -173,6 +182,9 @@ fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow:
 }
 
 pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
+    if !(0.0..=3600.0).contains(&args.spot_interruptions_per_hour) {
+        bail!("--spot-interruptions-per-hour must be 0 to 3600, got {}", args.spot_interruptions_per_hour);
+    }
     if args.coordinators == 0 || args.coordinators > LOCAL_COORDINATORS_MAX {
         bail!(
             "--coordinators must be 1 to {LOCAL_COORDINATORS_MAX} (3 or 5 tolerate failures), got {}",
@@ -206,7 +218,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(wait_ready(&cluster))?;
     if args.workers > 0 {
-        runtime.block_on(launch_workers(&home, &cluster, args.workers))?;
+        runtime.block_on(launch_workers(&home, &cluster, &args))?;
     }
     match output {
         OutputFormat::Json => print_json(&json!({
@@ -250,8 +262,11 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
     let provider = local_provider(&home, &cluster)?;
     let workers = runtime.block_on(provider.describe(&cluster_tags(&cluster)))?;
     let running: Vec<String> =
-        workers.into_iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id).collect();
-    runtime.block_on(provider.terminate(&running))?;
+        workers.iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id.clone()).collect();
+    // Every instance, not only the running ones: a worker killed without notice may have left
+    // its metadata endpoint behind.
+    let all: Vec<String> = workers.into_iter().map(|i| i.id).collect();
+    runtime.block_on(provider.terminate(&all))?;
     for entry in &mut cluster.coordinators {
         if let Some(pid) = entry.pid.take().filter(|&pid| is_running(pid)) {
             stop(pid)?;

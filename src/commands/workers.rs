@@ -47,6 +47,10 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     let capabilities = agent::local_capabilities(&instance_id, &data_addr.to_string());
     let (registered_tx, registered_rx) = tokio::sync::watch::channel(None);
     runtime.spawn(super::assignments::follow(client.clone(), registered_rx, listener));
+    let imds = std::env::var("FLOTILLA_IMDS_ENDPOINT").ok().filter(|e| !e.is_empty());
+    if let Some(endpoint) = imds {
+        runtime.spawn(watch_interruptions(endpoint));
+    }
     runtime.block_on(async move {
         agent::run(&mut client, capabilities, super::shutdown_signal(), |id| {
             tracing::info!(worker = id, "registered");
@@ -110,6 +114,102 @@ pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) ->
             }
             println!("({} worker(s), served by coordinator node {})", response.workers.len(), response.served_by);
         }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImdsArgs {
+    #[arg(long)]
+    pub instance_id: String,
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// When this file holds a Unix time in ms, an interruption is announced for it.
+    #[arg(long)]
+    pub action_file: std::path::PathBuf,
+    /// Announce an interruption this long after start (seeded by `up`).
+    #[arg(long)]
+    pub interrupt_after_ms: Option<u64>,
+}
+
+/// `flotilla imds` (hidden): the local provider's per-instance metadata endpoint (IMDSv2).
+pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
+    use flotilla_coordinator::provider::imds::{self, ImdsConfig};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.context("binding the metadata endpoint")?;
+        let config = ImdsConfig {
+            instance_id: args.instance_id,
+            action_file: args.action_file,
+            interrupt_after: args.interrupt_after_ms.map(std::time::Duration::from_millis),
+        };
+        tokio::select! {
+            _ = imds::serve(listener, config) => {}
+            _ = super::shutdown_signal() => {}
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// How often the agent polls the metadata endpoint for a spot notice (EC2 gives 2 minutes).
+const IMDS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Polls the instance-metadata endpoint and logs the spot interruption notice once.
+/// (Checkpointing and draining on the notice is the preemption work.)
+async fn watch_interruptions(endpoint: String) {
+    let mut client = flotilla_worker::imds::ImdsClient::new(&endpoint);
+    let mut warned_unreachable = false;
+    loop {
+        match client.instance_action().await {
+            Ok(Some(notice)) => {
+                tracing::warn!(notice = %notice.trim(), "spot interruption notice received");
+                return;
+            }
+            Ok(None) => {}
+            Err(e) if !warned_unreachable => {
+                tracing::warn!(error = %e, "cannot poll the instance metadata endpoint");
+                warned_unreachable = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(IMDS_POLL).await;
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PreemptArgs {
+    /// The worker to preempt (`worker-3`), as `flotilla workers` lists it.
+    pub worker: String,
+    /// Kill it without notice (a hard loss) instead of giving the 2-minute spot notice.
+    #[arg(long)]
+    pub hard: bool,
+}
+
+/// `flotilla preempt WORKER [--hard]`: a spot interruption on a local worker, now.
+pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let _context = runtime.enter();
+    let target = cluster_file::resolve(coordinator)?;
+    let home = cluster_file::home();
+    let cluster = ClusterFile::load(&home)?.context("preempt works on the local cluster (flotilla up)")?;
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let listed =
+        runtime.block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))?;
+    let worker =
+        listed.workers.iter().find(|w| w.id == args.worker).with_context(|| format!("no worker `{}`", args.worker))?;
+    let instance = worker.capabilities.clone().unwrap_or_default().instance_id;
+    let provider = super::cluster::local_provider(&home, &cluster)?;
+    let at_unix_ms = flotilla_coordinator::raft::node::now_unix_ms()
+        + flotilla_coordinator::provider::imds::NOTICE.as_millis() as u64;
+    if args.hard {
+        provider.kill(&instance)?;
+    } else {
+        provider.schedule_interruption(&instance, at_unix_ms)?;
+    }
+    match output {
+        OutputFormat::Json => print_json(&json!({ "worker": args.worker, "instance": instance, "hard": args.hard })),
+        OutputFormat::Text if args.hard => println!("{} ({instance}) killed without notice", args.worker),
+        OutputFormat::Text => println!("{} ({instance}) given a spot interruption notice", args.worker),
     }
     Ok(())
 }

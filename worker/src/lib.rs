@@ -12,5 +12,6 @@ pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod imds;
 pub mod joblog;
 pub mod train;

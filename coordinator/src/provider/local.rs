@@ -26,6 +26,24 @@ pub struct LocalProvider {
     pub exe: PathBuf,
     /// Environment every worker gets (coordinator addresses, join token, FLOTILLA_HOME).
     pub env: BTreeMap<String, String>,
+    /// Random spot interruptions for demos and tests: mean rate per instance-hour (0: none),
+    /// drawn from `seed` so a run can be replayed.
+    pub interruptions_per_hour: f64,
+    pub seed: u64,
+}
+
+/// The time until instance `number`'s interruption: exponential with the given rate, from a
+/// seeded SplitMix64 draw (no thread RNG: replayable).
+pub fn interruption_after(per_hour: f64, seed: u64, number: u64) -> Option<Duration> {
+    if per_hour <= 0.0 || !per_hour.is_finite() {
+        return None;
+    }
+    let mut z = seed.wrapping_add(number.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let uniform = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64; // in (0, 1)
+    Some(Duration::from_secs_f64(-uniform.ln() / per_hour * 3600.0))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +51,9 @@ struct Record {
     instance: Instance,
     pid: u32,
     client_token: String,
+    /// The instance's metadata endpoint process.
+    #[serde(default)]
+    imds_pid: Option<u32>,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> ProviderError {
@@ -59,6 +80,9 @@ impl LocalProvider {
         let mut records = Vec::new();
         for entry in entries.take(RECORDS_MAX) {
             let path = entry.map_err(|e| failed("reading instance records", e))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue; // `.action` files of scheduled interruptions live beside the records
+            }
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
             match serde_json::from_str::<Record>(&text) {
                 Ok(mut record) => {
@@ -82,7 +106,38 @@ impl LocalProvider {
             .map_err(|e| failed("saving an instance", e))
     }
 
-    fn spawn(&self, id: &str) -> Result<u32, ProviderError> {
+    /// The file `flotilla preempt` writes to schedule an instance's interruption.
+    pub fn action_file(&self, id: &str) -> PathBuf {
+        self.records_dir().join(format!("{id}.action"))
+    }
+
+    /// Starts the instance's metadata endpoint; returns its pid and address.
+    fn spawn_imds(&self, id: &str, number: u64) -> Result<(u32, String), ProviderError> {
+        use std::os::unix::process::CommandExt;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| failed("finding a port for the metadata endpoint", e))?
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let mut command = Command::new(&self.exe);
+        command
+            .args(["imds", "--instance-id", id, "--listen", &address])
+            .arg("--action-file")
+            .arg(self.action_file(id));
+        if let Some(after) = interruption_after(self.interruptions_per_hour, self.seed, number) {
+            command.args(["--interrupt-after-ms", &after.as_millis().to_string()]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| failed("starting a metadata endpoint", e))?;
+        Ok((child.id(), address))
+    }
+
+    fn spawn(&self, id: &str, imds: &str) -> Result<u32, ProviderError> {
         use std::os::unix::process::CommandExt;
         let logs = self.home.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| failed("creating the log folder", e))?;
@@ -95,6 +150,7 @@ impl LocalProvider {
         let child = Command::new(&self.exe)
             .args(["worker", "--instance-id", id])
             .envs(&self.env)
+            .env("FLOTILLA_IMDS_ENDPOINT", imds)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)
@@ -120,7 +176,8 @@ impl Provider for LocalProvider {
         let mut launched = Vec::new();
         for number in first..first + spec.count as usize {
             let id = format!("local-{number}");
-            let pid = self.spawn(&id)?;
+            let (imds_pid, imds) = self.spawn_imds(&id, number as u64)?;
+            let pid = self.spawn(&id, &imds)?;
             let instance = Instance {
                 id,
                 instance_type: spec.instance_type.clone(),
@@ -130,7 +187,13 @@ impl Provider for LocalProvider {
                 tags: spec.tags.clone(),
                 launched_at_unix_ms: now_unix_ms(),
             };
-            self.save(&Record { instance: instance.clone(), pid, client_token: spec.client_token.clone() })?;
+            let record = Record {
+                instance: instance.clone(),
+                pid,
+                client_token: spec.client_token.clone(),
+                imds_pid: Some(imds_pid),
+            };
+            self.save(&record)?;
             launched.push(instance);
         }
         Ok(launched)
@@ -148,6 +211,9 @@ impl Provider for LocalProvider {
                 if is_running(record.pid) {
                     signal(record.pid, "KILL")?;
                 }
+            }
+            if let Some(imds) = record.imds_pid.filter(|p| is_running(*p)) {
+                signal(imds, "KILL")?;
             }
             let mut stopped = record.clone();
             stopped.instance.state = InstanceState::Terminated;
@@ -175,4 +241,45 @@ fn signal(pid: u32, name: &str) -> Result<(), ProviderError> {
         return Err(ProviderError::Failed(format!("could not send SIG{name} to {pid}")));
     }
     Ok(())
+}
+
+impl LocalProvider {
+    /// The worker process of a running instance (for `flotilla preempt --hard`).
+    pub fn worker_pid(&self, id: &str) -> Result<Option<u32>, ProviderError> {
+        Ok(self.records()?.into_iter().find(|r| r.instance.id == id && is_running(r.pid)).map(|r| r.pid))
+    }
+
+    /// Schedules a spot interruption notice for `id`: its metadata endpoint announces
+    /// termination at `at_unix_ms` from now on.
+    pub fn schedule_interruption(&self, id: &str, at_unix_ms: u64) -> Result<(), ProviderError> {
+        if !self.records()?.iter().any(|r| r.instance.id == id) {
+            return Err(ProviderError::Invalid(format!("no local instance `{id}`")));
+        }
+        std::fs::write(self.action_file(id), at_unix_ms.to_string())
+            .map_err(|e| failed("scheduling the interruption", e))
+    }
+
+    /// Kills the worker process of `id` without notice (a hard loss).
+    pub fn kill(&self, id: &str) -> Result<(), ProviderError> {
+        match self.worker_pid(id)? {
+            Some(pid) => signal(pid, "KILL"),
+            None => Err(ProviderError::Invalid(format!("no running local instance `{id}`"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interruptions_are_seeded_and_follow_the_rate() {
+        assert_eq!(interruption_after(0.0, 1, 1), None);
+        assert_eq!(interruption_after(6.0, 7, 3), interruption_after(6.0, 7, 3), "replayable");
+        assert_ne!(interruption_after(6.0, 7, 3), interruption_after(6.0, 7, 4));
+        let n = 20_000u64;
+        let mean_s: f64 =
+            (0..n).filter_map(|i| interruption_after(6.0, 42, i)).map(|d| d.as_secs_f64()).sum::<f64>() / n as f64;
+        assert!((mean_s - 600.0).abs() < 30.0, "mean {mean_s} s for 6 per hour (expected 600 s)");
+    }
 }

@@ -4,6 +4,7 @@
 //! `describe` by tag (how a restarted coordinator finds what is already running). `local`
 //! starts worker processes on this machine; `ec2` and `sim` implement the same trait.
 
+pub mod imds;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,213 @@
+//! A local instance-metadata endpoint that speaks IMDSv2, served next to each local worker so
+//! that the agent polls preemption notices through the same code path as on EC2.
+//!
+//! ```text
+//!   PUT /latest/api/token                       X-aws-ec2-metadata-token-ttl-seconds: 1..21600
+//!   GET /latest/meta-data/instance-id           X-aws-ec2-metadata-token: <token>
+//!   GET /latest/meta-data/spot/instance-action  404 until an interruption is scheduled, then
+//!                                               {"action":"terminate","time":"<RFC 3339>"}
+//! ```
+//!
+//! An interruption is scheduled by writing the action file (`flotilla preempt`), or drawn at
+//! start from a seeded exponential clock (`up --spot-interruptions-per-hour`). Requests without
+//! a valid token get 401, as on EC2. Every request is size-bounded.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bytes of one request (line + headers) at most.
+const REQUEST_BYTES_MAX: usize = 8 * 1024;
+/// A connection that sends nothing for this long is closed.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Token lifetimes accepted, as on EC2.
+const TTL_SECONDS_MAX: u64 = 21_600;
+/// Tokens remembered at most (the oldest are dropped).
+const TOKENS_MAX: usize = 1024;
+/// Notice given before the instance is taken, as on EC2.
+pub const NOTICE: Duration = Duration::from_secs(120);
+
+pub struct ImdsConfig {
+    pub instance_id: String,
+    /// When this file exists, its content (a Unix time in ms) is the scheduled interruption.
+    pub action_file: PathBuf,
+    /// An interruption drawn in advance (seeded), as an offset from start.
+    pub interrupt_after: Option<Duration>,
+}
+
+struct Server {
+    config: ImdsConfig,
+    started: Instant,
+    tokens: Mutex<HashMap<String, Instant>>,
+    next_token: Mutex<u64>,
+}
+
+/// Serves IMDSv2 on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, config: ImdsConfig) {
+    let server = Arc::new(Server {
+        config,
+        started: Instant::now(),
+        tokens: Mutex::new(HashMap::new()),
+        next_token: Mutex::new(crate::raft::node::now_unix_ms()),
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _ = server.handle(stream).await;
+        });
+    }
+}
+
+/// The parts of a request this endpoint looks at.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// Parses a request head (`METHOD PATH HTTP/1.1` + headers). `None` when malformed.
+pub fn parse_request(head: &str) -> Option<Request> {
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, path, version) = (first.next()?, first.next()?, first.next()?);
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let mut headers = HashMap::new();
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':')?;
+        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+    }
+    Some(Request { method: method.to_string(), path: path.to_string(), headers })
+}
+
+fn rfc3339(unix_ms: u64) -> String {
+    // Civil-from-days (H. Hinnant), to avoid a date dependency for one format.
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl Server {
+    async fn handle(&self, mut stream: TcpStream) -> std::io::Result<()> {
+        let mut buffer = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+            if buffer.len() > REQUEST_BYTES_MAX {
+                return respond(&mut stream, 400, "request too large").await;
+            }
+            let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk)).await.unwrap_or(Ok(0))?;
+            if n == 0 {
+                return Ok(());
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+        }
+        let head = String::from_utf8_lossy(&buffer);
+        let Some(request) = parse_request(&head) else { return respond(&mut stream, 400, "bad request").await };
+        let (status, body) = self.answer(&request);
+        respond(&mut stream, status, &body).await
+    }
+
+    fn answer(&self, request: &Request) -> (u16, String) {
+        if request.method == "PUT" && request.path == "/latest/api/token" {
+            let ttl = request.headers.get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|t| t.parse::<u64>().ok());
+            let Some(ttl) = ttl.filter(|t| (1..=TTL_SECONDS_MAX).contains(t)) else {
+                return (400, "X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600".into());
+            };
+            return (200, self.issue_token(Duration::from_secs(ttl)));
+        }
+        if request.method != "GET" {
+            return (405, "method not allowed".into());
+        }
+        let token = request.headers.get("x-aws-ec2-metadata-token").cloned().unwrap_or_default();
+        if !self.token_valid(&token) {
+            return (401, "unauthorized".into());
+        }
+        match request.path.as_str() {
+            "/latest/meta-data/instance-id" => (200, self.config.instance_id.clone()),
+            "/latest/meta-data/spot/instance-action" => match self.action_at_unix_ms() {
+                Some(at) => (200, format!("{{\"action\":\"terminate\",\"time\":\"{}\"}}", rfc3339(at))),
+                None => (404, "not found".into()),
+            },
+            _ => (404, "not found".into()),
+        }
+    }
+
+    fn issue_token(&self, ttl: Duration) -> String {
+        let mut next = self.next_token.lock().expect("token counter lock");
+        *next = next.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let token = format!("{:016x}{:016x}", *next, self.started.elapsed().as_nanos() as u64);
+        let mut tokens = self.tokens.lock().expect("token lock");
+        if tokens.len() >= TOKENS_MAX {
+            tokens.retain(|_, expires| *expires > Instant::now());
+        }
+        if tokens.len() < TOKENS_MAX {
+            tokens.insert(token.clone(), Instant::now() + ttl);
+        }
+        token
+    }
+
+    fn token_valid(&self, token: &str) -> bool {
+        self.tokens.lock().expect("token lock").get(token).is_some_and(|expires| *expires > Instant::now())
+    }
+
+    /// When the instance will be taken, if an interruption is scheduled and due to be announced.
+    fn action_at_unix_ms(&self) -> Option<u64> {
+        if let Ok(text) = std::fs::read_to_string(&self.config.action_file)
+            && let Ok(at) = text.trim().parse::<u64>()
+        {
+            return Some(at);
+        }
+        let after = self.config.interrupt_after?;
+        let elapsed = self.started.elapsed();
+        (elapsed >= after).then(|| crate::raft::node::now_unix_ms() + NOTICE.as_millis() as u64)
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_dates_format() {
+        let head = "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: abc\r\nHost: x\r\n\r\n";
+        let request = parse_request(head).expect("valid");
+        assert_eq!((request.method.as_str(), request.path.as_str()), ("GET", "/latest/meta-data/instance-id"));
+        assert_eq!(request.headers["x-aws-ec2-metadata-token"], "abc");
+        assert!(parse_request("garbage").is_none());
+        assert!(parse_request("GET / SPDY/3\r\n\r\n").is_none());
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_948_491_458), "2026-11-29T10:34:51Z");
+    }
+}

@@ -1,0 +1,121 @@
+//! The local instance-metadata endpoint (IMDSv2) and `flotilla preempt`: the agent's poller and
+//! the endpoint speak real HTTP over loopback, as they would against EC2.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use flotilla_coordinator::provider::imds::{ImdsConfig, serve};
+use flotilla_worker::imds::ImdsClient;
+
+fn raw(address: &str, request: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
+#[test]
+fn the_endpoint_speaks_imdsv2_and_announces_a_scheduled_interruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let action = dir.path().join("i-1.action");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let config = ImdsConfig { instance_id: "i-1".into(), action_file: action.clone(), interrupt_after: None };
+    runtime.spawn(serve(listener, config));
+
+    let mut client = ImdsClient::new(&format!("http://{address}"));
+    assert_eq!(runtime.block_on(client.instance_id()).expect("instance id").as_deref(), Some("i-1"));
+    assert_eq!(runtime.block_on(client.instance_action()).expect("no notice yet"), None);
+    std::fs::write(&action, "1795949931013").expect("schedule");
+    let notice = runtime.block_on(client.instance_action()).expect("notice").expect("a notice");
+    assert!(notice.contains("\"action\":\"terminate\"") && notice.contains("2026-11-29T"), "{notice}");
+
+    let without_token = raw(&address, "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(without_token.starts_with("HTTP/1.1 401"), "{without_token}");
+    let bad_ttl = raw(&address, "PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 0\r\n\r\n");
+    assert!(bad_ttl.starts_with("HTTP/1.1 400"), "{bad_ttl}");
+    let huge = format!("GET /{} HTTP/1.1\r\n", "a".repeat(20_000));
+    assert!(raw(&address, &huge).starts_with("HTTP/1.1 400"));
+    let garbage = raw(&address, "\x00\x01\x02 nonsense\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+}
+
+fn flotilla(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .env("FLOTILLA_HOME", home)
+        .env_remove("FLOTILLA_COORDINATOR")
+        .env_remove("FLOTILLA_TOKEN")
+        .env_remove("FLOTILLA_JOIN_TOKEN")
+        .output()
+        .expect("the flotilla binary runs")
+}
+
+struct Down<'a>(&'a Path);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = flotilla(self.0, &["down", "--purge"]);
+    }
+}
+
+fn wait_for_log(home: &Path, instance: &str, needle: &str, limit: Duration) {
+    let started = Instant::now();
+    let path = home.join("logs").join(format!("{instance}.log"));
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(started.elapsed() < limit, "`{needle}` not in {} within {limit:?}:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn preempt_gives_a_notice_or_kills_and_random_interruptions_arrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    // 3600 per hour: a mean of one second before each worker's (seeded) notice.
+    let up = flotilla(&home, &["up", "--workers", "2", "--spot-interruptions-per-hour", "3600", "--seed", "7"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    for instance in ["local-1", "local-2"] {
+        wait_for_log(&home, instance, "spot interruption notice received", Duration::from_secs(30));
+    }
+    let hard = flotilla(&home, &["preempt", "worker-1", "--hard"]);
+    assert!(hard.status.success(), "{}", String::from_utf8_lossy(&hard.stderr));
+    let started = Instant::now();
+    loop {
+        let out = flotilla(&home, &["workers", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        if list.as_array().is_some_and(|l| l.iter().any(|w| w["id"] == "worker-1" && w["state"] == "Lost")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "worker-1 not lost: {list}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let unknown = flotilla(&home, &["preempt", "worker-9"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no worker `worker-9`"));
+}
+
+#[test]
+fn preempt_without_hard_announces_the_notice_to_that_worker_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let up = flotilla(&home, &["up", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let out = flotilla(&home, &["preempt", "worker-2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let instance = String::from_utf8_lossy(&out.stdout).split(['(', ')']).nth(1).unwrap_or_default().to_string();
+    wait_for_log(&home, &instance, "spot interruption notice received", Duration::from_secs(20));
+    let other = if instance == "local-1" { "local-2" } else { "local-1" };
+    let text = std::fs::read_to_string(home.join("logs").join(format!("{other}.log"))).unwrap_or_default();
+    assert!(!text.contains("spot interruption notice"), "the other worker got a notice too:\n{text}");
+}
