@@ -178,3 +178,51 @@ fn a_job_too_big_waits_with_a_reason_then_starts_and_cancel_frees_workers() {
     }
     assert_eq!(cluster.status(&job)["state"], "Cancelled");
 }
+
+#[test]
+fn a_killed_worker_costs_at_most_one_checkpoint_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let mut cluster = Cluster { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
+    let spec = dir.path().join("mnist-ckpt.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"mnist-ckpt\"\nmodel = {{ kind = \"mlp\", hidden = [256, 128] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ epochs = 16, batch_size = 64 }}\nworkers = {{ min = 2, max = 2 }}\ncheckpoint = {{ every_steps = 20 }}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    let job = cluster.submit(&spec);
+    let started = Instant::now();
+    let checkpointed = loop {
+        let status = cluster.status(&job);
+        if status["latest_checkpoint"]["step"].as_u64().unwrap_or(0) >= 40 {
+            break status["latest_checkpoint"]["step"].as_u64().unwrap_or(0);
+        }
+        assert!(status["state"] != "Succeeded", "finished before the kill: {status}");
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint recorded: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = run(&home, &["preempt", "worker-1", "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    cluster.add_worker(); // replacement capacity
+    let done = cluster.wait_state(&job, &["Succeeded", "Failed"], Duration::from_secs(180));
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    assert!(done["generation"].as_u64().unwrap_or(0) >= 2, "a new generation formed: {done}");
+    assert!(done["recoveries"].as_u64().unwrap_or(0) >= 1, "{done}");
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("validation accuracy");
+    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+    let logs = String::from_utf8_lossy(&run(&home, &["logs", &job]).stdout).to_string();
+    let resumed: u64 = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming from the checkpoint of step "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the new generation did not resume from a checkpoint:\n{logs}"));
+    assert!(resumed >= checkpointed, "resumed at {resumed}, an older checkpoint than {checkpointed}");
+}

@@ -186,7 +186,13 @@ pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
         spec: Some(spec_to_proto(&job.spec)),
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
-        latest_checkpoint: None,
+        latest_checkpoint: job.latest_checkpoint.as_ref().map(|c| v1::CheckpointRef {
+            step: c.step,
+            uri: c.uri.clone(),
+            size_bytes: c.size_bytes,
+            manifest_sha256: c.manifest_sha256.clone(),
+            cursor: Some(v1::DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
+        }),
         events: job
             .events
             .iter()

@@ -15,8 +15,10 @@ use anyhow::Context;
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::convert::spec_from_proto;
 use flotilla_proto::v1::{
-    FinishedReport, JobMetrics, ProgressReport, TrainAssignment, WatchAssignmentsRequest, assignment,
+    CheckpointRef, CheckpointReport, DataCursor, FinishedReport, JobMetrics, ProgressReport, TrainAssignment,
+    WatchAssignmentsRequest, assignment,
 };
+use flotilla_worker::checkpoint::{self, store::Access};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
 use flotilla_worker::joblog::JobLog;
@@ -104,8 +106,23 @@ async fn train_and_report(
     // start inside another one.
     let (done, outcome) = tokio::sync::oneshot::channel();
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<ProgressReport>(PROGRESS_QUEUE_MAX);
+    let (saved_tx, mut saved_rx) = tokio::sync::mpsc::channel::<CheckpointReport>(PROGRESS_QUEUE_MAX);
     std::thread::spawn(move || {
-        let _ = done.send(run_rank(train, &listener, &stop, &progress_tx));
+        let _ = done.send(run_rank(train, &listener, &stop, &progress_tx, &saved_tx));
+    });
+    let mut recorder = client.clone();
+    tokio::spawn(async move {
+        while let Some(report) = saved_rx.recv().await {
+            let sent = recorder
+                .call_cluster(|mut c| {
+                    let report = report.clone();
+                    async move { c.report_checkpoint(report).await }
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "checkpoint not recorded by the coordinator");
+            }
+        }
     });
     let mut reporter = client.clone();
     tokio::spawn(async move {
@@ -157,6 +174,7 @@ fn run_rank(
     listener: &TcpListener,
     stop: &AtomicBool,
     progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    saved: &tokio::sync::mpsc::Sender<CheckpointReport>,
 ) -> anyhow::Result<Option<FinishedReport>> {
     let spec = spec_from_proto(train.spec.clone().context("the assignment has no spec")?)?;
     let mut peers = train.peers.clone();
@@ -173,6 +191,7 @@ fn run_rank(
         gang_id: job_number << 24 | (train.generation & 0xff_ffff),
         timeout: COLLECTIVE_TIMEOUT,
     };
+    let io = tokio::runtime::Builder::new_current_thread().enable_all().build().context("checkpoint runtime")?;
     let mut log = (train.rank == 0 && !train.job_prefix.is_empty())
         .then(|| JobLog::open(&train.job_prefix))
         .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
@@ -192,7 +211,19 @@ fn run_rank(
         true,
     );
     let mut comm = RingCommunicator::connect(listener.try_clone().context("data port")?, config)?;
-    let mut trainer = Trainer::new(&spec, splits.train, &mut comm, None)?;
+    let resume = match &train.resume_from {
+        Some(reference) => {
+            let (store, prefix) = checkpoint::store::open(&reference.uri, Access::Read)?;
+            let (state, _) = io.block_on(checkpoint::state::load(store.as_ref(), &prefix))?;
+            log_line(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri), true);
+            Some(state)
+        }
+        None => None,
+    };
+    let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;
+    let checkpoints = (train.rank == 0 && !train.job_prefix.is_empty())
+        .then(|| checkpoint::store::open(&train.job_prefix, Access::Write))
+        .transpose()?;
     let started = std::time::Instant::now();
     let first_step = trainer.steps_done();
     let mut last_report: Option<std::time::Instant> = None;
@@ -224,6 +255,34 @@ fn run_rank(
                 eta_ms,
                 ..Default::default()
             });
+        }
+        if let Some((store, root)) = &checkpoints
+            && report.step % spec.checkpoint.every_steps == 0
+            && !trainer.is_finished()
+        {
+            let prefix = checkpoint::state::step_prefix(root, report.step);
+            match io.block_on(checkpoint::state::save(store.as_ref(), &prefix, &trainer.state(), None)) {
+                Ok(manifest) => {
+                    let cursor = trainer.cursor();
+                    let _ = saved.try_send(CheckpointReport {
+                        worker_id: String::new(),
+                        job_id: train.job_id.clone(),
+                        generation: train.generation,
+                        checkpoint: Some(CheckpointRef {
+                            step: report.step,
+                            uri: format!("{}/{prefix}", train.job_prefix.trim_end_matches('/')),
+                            size_bytes: manifest.total_bytes(),
+                            manifest_sha256: manifest.fingerprint(),
+                            cursor: Some(DataCursor {
+                                epoch: cursor.epoch as u32,
+                                global_sample_offset: cursor.global_sample_offset,
+                            }),
+                        }),
+                    });
+                    log_line(format!("checkpoint at step {}", report.step), true);
+                }
+                Err(e) => tracing::warn!(error = %e, step = report.step, "checkpoint failed; training continues"),
+            }
         }
         if stop.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     })?;

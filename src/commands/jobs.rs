@@ -232,6 +232,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
             "samples_per_s": metrics.samples_per_s,
         },
         "cost_usd": job.cost_usd,
+        "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({ "step": c.step, "uri": c.uri })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
         "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use flotilla_core::state::{Applied, Command, FinalMetrics, JobState, State, Worker, WorkerInfo as CoreWorkerInfo};
+use flotilla_core::state::{
+    Applied, CheckpointRecord, Command, FinalMetrics, JobState, State, Worker, WorkerInfo as CoreWorkerInfo,
+};
 use flotilla_core::{JobId, WorkerId};
 use flotilla_proto::convert::spec_to_proto;
 use flotilla_proto::v1::cluster_service_server::ClusterService;
@@ -185,7 +187,27 @@ impl ClusterService for ClusterApi {
 
     async fn report_checkpoint(&self, request: Request<CheckpointReport>) -> Result<Response<Ack>, Status> {
         self.authorize_worker(&request)?;
-        Err(unimplemented_yet("checkpoint reports"))
+        let report = request.into_inner();
+        let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
+        let reference = report.checkpoint.ok_or_else(|| invalid("checkpoint is required".into()))?;
+        if reference.uri.is_empty()
+            || reference.uri.len() > CAPABILITY_TEXT_MAX * 8
+            || reference.manifest_sha256.len() > 64
+        {
+            return Err(invalid("checkpoint.uri and checkpoint.manifest_sha256 must be given and short".into()));
+        }
+        let cursor = reference.cursor.unwrap_or_default();
+        let checkpoint = CheckpointRecord {
+            step: reference.step,
+            uri: reference.uri,
+            size_bytes: reference.size_bytes,
+            manifest_sha256: reference.manifest_sha256,
+            epoch: u64::from(cursor.epoch),
+            global_sample_offset: cursor.global_sample_offset,
+            generation: report.generation,
+        };
+        self.node.propose(Command::RecordCheckpoint { job_id, checkpoint }).await.map_err(status)?;
+        Ok(Response::new(Ack {}))
     }
 
     async fn report_interruption(&self, request: Request<InterruptionReport>) -> Result<Response<Ack>, Status> {
@@ -270,7 +292,13 @@ fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
         world_size: job.gang.len() as u32,
         peers,
         nccl_unique_id: Vec::new(),
-        resume_from: None,
+        resume_from: job.latest_checkpoint.as_ref().map(|c| CheckpointRef {
+            step: c.step,
+            uri: c.uri.clone(),
+            size_bytes: c.size_bytes,
+            manifest_sha256: c.manifest_sha256.clone(),
+            cursor: Some(DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
+        }),
         job_prefix: format!("{store}/jobs/{}", job.id),
     };
     Desired::Train { job: job.id, generation: job.generation, assignment: Box::new(assignment) }

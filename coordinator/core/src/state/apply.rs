@@ -39,6 +39,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     gang: Vec::new(),
                     world_size: 0,
                     metrics: None,
+                    latest_checkpoint: None,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -78,6 +79,25 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::WorkerLost { worker_id })
         }
         Command::AssignGang { job_id, workers } => assign_gang(state, job_id, workers, now),
+        Command::RecordCheckpoint { job_id, checkpoint } => {
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            if job.state.is_terminal() {
+                return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+            }
+            // The checkpoint step never decreases: a late report from an old generation is dropped.
+            if job.latest_checkpoint.as_ref().is_some_and(|c| c.step >= checkpoint.step) {
+                return Err(Rejected::StaleGeneration {
+                    job_id,
+                    current: job.generation,
+                    reported: checkpoint.generation,
+                });
+            }
+            let step = checkpoint.step;
+            job.step = job.step.max(step);
+            job.latest_checkpoint = Some(checkpoint);
+            job.updated_at_unix_ms = now;
+            Ok(Applied::CheckpointRecorded { job_id, step })
+        }
         Command::SetPendingReason { job_id, reason } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state != JobState::Pending {

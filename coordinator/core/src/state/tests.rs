@@ -175,3 +175,26 @@ fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
     let reason = Command::SetPendingReason { job_id: JobId(1), reason: "x".into() };
     assert!(matches!(apply(&mut state, 9, Envelope::new(9, reason)), Err(Rejected::NotPending { .. })));
 }
+
+#[test]
+fn recorded_checkpoints_only_move_forward() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let record = |step| CheckpointRecord {
+        step,
+        uri: format!("file:///store/jobs/job-1/ckpt/{step:012}"),
+        size_bytes: 10,
+        manifest_sha256: "ab".into(),
+        epoch: 0,
+        global_sample_offset: step * 64,
+        generation: 1,
+    };
+    let recorded =
+        apply(&mut state, 2, Envelope::new(2, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(40) }));
+    assert_eq!(recorded, Ok(Applied::CheckpointRecorded { job_id: JobId(1), step: 40 }));
+    let older =
+        apply(&mut state, 3, Envelope::new(3, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(20) }));
+    assert!(older.is_err(), "an older checkpoint never replaces a newer one");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.step, job.latest_checkpoint.as_ref().map(|c| c.step)), (40, Some(40)));
+}

@@ -84,6 +84,22 @@ pub struct Job {
     /// Final metrics, reported when the job finished.
     #[serde(default)]
     pub metrics: Option<FinalMetrics>,
+    /// The newest checkpoint recorded through Raft: where a new generation resumes.
+    #[serde(default)]
+    pub latest_checkpoint: Option<CheckpointRecord>,
+}
+
+/// A completed checkpoint (its MANIFEST was written) as the coordinator records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    /// Object-store prefix of the checkpoint.
+    pub uri: String,
+    pub size_bytes: u64,
+    pub manifest_sha256: String,
+    pub epoch: u64,
+    pub global_sample_offset: u64,
+    pub generation: u64,
 }
 
 /// What a finished job reports about its model.
@@ -220,6 +236,11 @@ pub enum Command {
         job_id: JobId,
         workers: Vec<WorkerId>,
     },
+    /// A gang member wrote a complete checkpoint; a new generation may resume from it.
+    RecordCheckpoint {
+        job_id: JobId,
+        checkpoint: CheckpointRecord,
+    },
     /// The scheduler's explanation of why a pending job waits (proposed only when it changes).
     SetPendingReason {
         job_id: JobId,
@@ -262,6 +283,10 @@ pub enum Applied {
     },
     ReasonSet {
         job_id: JobId,
+    },
+    CheckpointRecorded {
+        job_id: JobId,
+        step: u64,
     },
 }
 
