@@ -2,17 +2,10 @@
 //! cluster in a temporary FLOTILLA_HOME.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn flotilla(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .env("FLOTILLA_HOME", home)
-        .env_remove("FLOTILLA_COORDINATOR")
-        .env_remove("FLOTILLA_TOKEN")
-        .output()
-        .expect("the flotilla binary runs")
-}
+mod common;
+use common::{Down, run as flotilla};
 
 fn ok(out: Output) -> String {
     assert!(
@@ -22,15 +15,6 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-/// Stops the cluster even when an assertion fails.
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = flotilla(self.0, &["down", "--purge"]);
-    }
 }
 
 #[test]

@@ -3,19 +3,11 @@
 //! join token refused.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn flotilla(home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    command.env("FLOTILLA_HOME", home).env_remove("FLOTILLA_COORDINATOR").env_remove("FLOTILLA_TOKEN");
-    command.env_remove("FLOTILLA_JOIN_TOKEN");
-    command
-}
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    flotilla(home).args(args).output().expect("the flotilla binary runs")
-}
+mod common;
+use common::{command as flotilla, run};
 
 struct Cleanup<'a> {
     home: &'a Path,

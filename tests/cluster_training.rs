@@ -8,16 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn flotilla(home: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    command.env("FLOTILLA_HOME", home).env_remove("FLOTILLA_COORDINATOR").env_remove("FLOTILLA_TOKEN");
-    command.env_remove("FLOTILLA_JOIN_TOKEN");
-    command
-}
-
-fn run(home: &Path, args: &[&str]) -> Output {
-    flotilla(home).args(args).output().expect("the flotilla binary runs")
-}
+mod common;
+use common::{command as flotilla, run};
 
 fn json(out: Output) -> serde_json::Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -3,8 +3,10 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{Down, run as flotilla};
 
 use flotilla_coordinator::provider::imds::{ImdsConfig, serve};
 use flotilla_worker::imds::ImdsClient;
@@ -42,25 +44,6 @@ fn the_endpoint_speaks_imdsv2_and_announces_a_scheduled_interruption() {
     assert!(raw(&address, &huge).starts_with("HTTP/1.1 400"));
     let garbage = raw(&address, "\x00\x01\x02 nonsense\r\n\r\n");
     assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
-}
-
-fn flotilla(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .env("FLOTILLA_HOME", home)
-        .env_remove("FLOTILLA_COORDINATOR")
-        .env_remove("FLOTILLA_TOKEN")
-        .env_remove("FLOTILLA_JOIN_TOKEN")
-        .output()
-        .expect("the flotilla binary runs")
-}
-
-struct Down<'a>(&'a Path);
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = flotilla(self.0, &["down", "--purge"]);
-    }
 }
 
 fn wait_for_log(home: &Path, instance: &str, needle: &str, limit: Duration) {
