@@ -49,13 +49,12 @@ impl Leases {
         self.table().last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0)
     }
 
-    /// Starts every live worker of `state` with a full lease, for leadership in `term`.
-    fn adopt(&self, term: u64, state: &State) {
+    /// Starts every live worker with a full lease, for leadership in `term`.
+    fn adopt(&self, term: u64, live: Vec<WorkerId>) {
         let mut table = self.table();
         let deadline = Instant::now() + LEASE;
         table.term = term;
-        table.expires =
-            state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| (w.id, deadline)).collect();
+        table.expires = live.into_iter().map(|id| (id, deadline)).collect();
     }
 
     fn expired(&self) -> Vec<WorkerId> {
@@ -66,6 +65,10 @@ impl Leases {
     fn forget(&self, worker: WorkerId) {
         self.table().expires.remove(&worker);
     }
+}
+
+fn live_workers(state: &State) -> Vec<WorkerId> {
+    state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.id).collect()
 }
 
 /// Runs on every node; acts only while this node leads.
@@ -79,8 +82,8 @@ pub async fn expire_loop(node: NodeHandle, leases: std::sync::Arc<Leases>) {
             continue;
         }
         if leases.table().term != status.term {
-            match node.read_local(|state| state.clone()).await {
-                Ok(state) => leases.adopt(status.term, &state),
+            match node.read_local(live_workers).await {
+                Ok(live) => leases.adopt(status.term, live),
                 Err(_) => continue,
             }
         }

@@ -18,7 +18,7 @@ use flotilla_proto::v1::{
     CheckpointRef, CheckpointReport, DataCursor, FinishedReport, JobMetrics, ProgressReport, TrainAssignment,
     WatchAssignmentsRequest, assignment,
 };
-use flotilla_worker::checkpoint::{self, store::Access};
+use flotilla_worker::checkpoint::state::{self, Checkpointer};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
 use flotilla_worker::joblog::JobLog;
@@ -184,14 +184,13 @@ fn run_rank(
         .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
         .collect::<anyhow::Result<_>>()?;
     let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
-    let job_number: u64 = train.job_id.trim_start_matches("job-").parse().unwrap_or(0);
+    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_err(anyhow::Error::from)?.0;
     let config = RingConfig {
         rank: train.rank as usize,
         addresses,
         gang_id: job_number << 24 | (train.generation & 0xff_ffff),
         timeout: COLLECTIVE_TIMEOUT,
     };
-    let io = tokio::runtime::Builder::new_current_thread().enable_all().build().context("checkpoint runtime")?;
     let mut log = (train.rank == 0 && !train.job_prefix.is_empty())
         .then(|| JobLog::open(&train.job_prefix))
         .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
@@ -213,17 +212,15 @@ fn run_rank(
     let mut comm = RingCommunicator::connect(listener.try_clone().context("data port")?, config)?;
     let resume = match &train.resume_from {
         Some(reference) => {
-            let (store, prefix) = checkpoint::store::open(&reference.uri, Access::Read)?;
-            let (state, _) = io.block_on(checkpoint::state::load(store.as_ref(), &prefix))?;
+            let (state, _) = state::load_uri(&reference.uri)?;
             log_line(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri), true);
             Some(state)
         }
         None => None,
     };
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;
-    let checkpoints = (train.rank == 0 && !train.job_prefix.is_empty())
-        .then(|| checkpoint::store::open(&train.job_prefix, Access::Write))
-        .transpose()?;
+    let checkpointer =
+        (train.rank == 0 && !train.job_prefix.is_empty()).then(|| Checkpointer::open(&train.job_prefix)).transpose()?;
     let started = std::time::Instant::now();
     let first_step = trainer.steps_done();
     let mut last_report: Option<std::time::Instant> = None;
@@ -256,13 +253,12 @@ fn run_rank(
                 ..Default::default()
             });
         }
-        if let Some((store, root)) = &checkpoints
+        if let Some(checkpointer) = &checkpointer
             && report.step % spec.checkpoint.every_steps == 0
             && !trainer.is_finished()
         {
-            let prefix = checkpoint::state::step_prefix(root, report.step);
-            match io.block_on(checkpoint::state::save(store.as_ref(), &prefix, &trainer.state(), None)) {
-                Ok(manifest) => {
+            match checkpointer.save(&trainer.state(), None) {
+                Ok((uri, manifest)) => {
                     let cursor = trainer.cursor();
                     let _ = saved.try_send(CheckpointReport {
                         worker_id: String::new(),
@@ -270,7 +266,7 @@ fn run_rank(
                         generation: train.generation,
                         checkpoint: Some(CheckpointRef {
                             step: report.step,
-                            uri: format!("{}/{prefix}", train.job_prefix.trim_end_matches('/')),
+                            uri,
                             size_bytes: manifest.total_bytes(),
                             manifest_sha256: manifest.fingerprint(),
                             cursor: Some(DataCursor {

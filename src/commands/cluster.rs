@@ -9,22 +9,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use flotilla_coordinator::provider::local::LocalProvider;
+use flotilla_coordinator::provider::local::{LocalProvider, is_running, stop_process};
 use flotilla_coordinator::provider::{InstanceState, LaunchSpec, Provider};
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{ListJobsRequest, ListWorkersRequest};
 use serde_json::json;
 use std::collections::BTreeMap;
 
-use crate::cluster_file::{self, ClusterFile, CoordinatorEntry};
+use crate::cluster_file::{self, ClusterFile, CoordinatorEntry, random_hex};
 use crate::output::{OutputFormat, print_json};
 
 /// Coordinators `up` starts at most on one machine.
 const LOCAL_COORDINATORS_MAX: u32 = 7;
 /// How long `up` waits for the cluster to elect a leader and answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long `down` waits for a process to exit after SIGTERM before it sends SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -103,24 +101,9 @@ pub struct DownArgs {
     pub purge: bool,
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .context("cannot read /dev/urandom for a token")?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
     Ok(listener.local_addr().context("cannot read the bound port")?.port())
-}
-
-/// True when `pid` is alive and is a flotilla process.
-pub fn is_running(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("flotilla"))
 }
 
 fn new_cluster(home: &Path, coordinators: u32) -> anyhow::Result<ClusterFile> {
@@ -269,7 +252,7 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
     runtime.block_on(provider.terminate(&all))?;
     for entry in &mut cluster.coordinators {
         if let Some(pid) = entry.pid.take().filter(|&pid| is_running(pid)) {
-            stop(pid)?;
+            runtime.block_on(stop_process(pid))?;
             stopped.push(pid);
         }
     }
@@ -288,27 +271,6 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
             running.len(),
             if args.purge { "; cluster data deleted" } else { "; data kept (`flotilla up` resumes it)" }
         ),
-    }
-    Ok(())
-}
-
-fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status =
-        Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().context("cannot run kill")?;
-    if !status.success() && is_running(pid) {
-        bail!("could not send SIG{name} to {pid}");
-    }
-    Ok(())
-}
-
-fn stop(pid: u32) -> anyhow::Result<()> {
-    signal(pid, "TERM")?;
-    let started = Instant::now();
-    while is_running(pid) && started.elapsed() < STOP_TIMEOUT {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if is_running(pid) {
-        signal(pid, "KILL")?;
     }
     Ok(())
 }

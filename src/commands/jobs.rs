@@ -47,7 +47,8 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
-    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec)), client_request_id: request_id()? };
+    let request =
+        SubmitJobRequest { spec: Some(spec_to_proto(&spec)), client_request_id: cluster_file::random_hex(16)? };
     let response = runtime
         .block_on(client.call(|mut c| {
             let request = request.clone();
@@ -141,17 +142,6 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
         line += &format!(" ({})", job.reason);
     }
     line
-}
-
-/// A fresh id for one submission; retries inside the client reuse it, so a submission whose
-/// answer was lost is not applied twice.
-fn request_id() -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("cannot read /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_core::spec::{JobSpec, TrainLength};
-use flotilla_worker::checkpoint::store::Access;
-use flotilla_worker::checkpoint::{self, state};
+use flotilla_worker::checkpoint::state::{self, Checkpointer};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
 use flotilla_worker::data;
 use flotilla_worker::train::{StepReport, Trainer};
@@ -171,18 +170,10 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         timeout: COLLECTIVE_TIMEOUT,
     };
     let mut comm = RingCommunicator::connect(listener, config).context("joining the ring")?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
-    let resume = match &args.job.resume_from {
-        Some(uri) => {
-            let (store, prefix) = checkpoint::store::open(uri, Access::Read)?;
-            let (state, _) = runtime.block_on(state::load(store.as_ref(), &prefix))?;
-            Some(state)
-        }
-        None => None,
-    };
+    let resume = args.job.resume_from.as_deref().map(state::load_uri).transpose()?.map(|(state, _)| state);
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;
-    let store = match (&args.job.checkpoint_dir, args.rank) {
-        (Some(uri), 0) => Some(checkpoint::store::open(uri, Access::Write)?),
+    let checkpointer = match (&args.job.checkpoint_dir, args.rank) {
+        (Some(uri), 0) => Some(Checkpointer::open(uri)?),
         _ => None,
     };
     let progress = Progress { rank: args.rank, output, total: trainer.total_steps(), started: Instant::now() };
@@ -194,12 +185,11 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
             progress.print(report);
             last_print = Instant::now();
         }
-        if let Some((store, root)) = &store
+        if let Some(checkpointer) = &checkpointer
             && report.step % spec.checkpoint.every_steps == 0
         {
-            let prefix = state::step_prefix(root, report.step);
-            match runtime.block_on(state::save(store.as_ref(), &prefix, &trainer.state(), None)) {
-                Ok(_) => last_checkpoint = Some(prefix),
+            match checkpointer.save(&trainer.state(), None) {
+                Ok((uri, _)) => last_checkpoint = Some(uri),
                 Err(e) => {
                     save_error = Some(e);
                     return ControlFlow::Break(());
@@ -215,13 +205,11 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         return Ok(());
     }
     let metrics = splits.validation.as_ref().map(|v| trainer.evaluate(v)).transpose()?;
-    if let Some((store, root)) = &store {
-        let prefix = state::step_prefix(root, trainer.steps_done());
+    if let Some(checkpointer) = &checkpointer {
         let values = metrics.map(|m| (m.val_accuracy, m.val_loss));
-        runtime.block_on(state::save(store.as_ref(), &prefix, &trainer.state(), values)).context("final checkpoint")?;
-        last_checkpoint = Some(prefix);
+        let (uri, _) = checkpointer.save(&trainer.state(), values).context("final checkpoint")?;
+        last_checkpoint = Some(uri);
     }
-    let checkpoint_uri = last_checkpoint.map(|p| checkpoint_uri(args.job.checkpoint_dir.as_deref().unwrap_or(""), &p));
     let summary = json!({
         "step": trainer.steps_done(),
         "total_steps": trainer.total_steps(),
@@ -232,7 +220,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
             "train_loss": last.map(|r| r.loss),
             "samples_per_s": last.map(|r| r.samples_per_s),
         },
-        "checkpoint": checkpoint_uri,
+        "checkpoint": last_checkpoint,
     });
     match output {
         OutputFormat::Json => println!("{summary}"),
@@ -249,12 +237,6 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn checkpoint_uri(root_uri: &str, prefix: &object_store::path::Path) -> String {
-    let root = root_uri.trim_end_matches('/');
-    let root = if root.starts_with("file://") { root.to_string() } else { format!("file://{root}") };
-    format!("{root}/{prefix}")
 }
 
 struct Progress {

@@ -129,12 +129,15 @@ impl JobService for JobApi {
             .node
             .read(move |state| {
                 let start = after.map_or(JobId(0), |id| JobId(id.0 + 1));
+                let wanted = |job: &flotilla_core::state::Job| {
+                    states.is_empty() || states.contains(&flotilla_proto::convert::job_state_to_proto(job.state))
+                };
                 let mut page: Vec<v1::JobStatus> = state
                     .jobs
                     .range(start..)
-                    .map(|(_, job)| job_to_proto(job))
-                    .filter(|job| states.is_empty() || states.iter().any(|s| *s as i32 == job.state))
+                    .filter(|(_, job)| wanted(job))
                     .take(limit + 1)
+                    .map(|(_, job)| job_to_proto(job))
                     .collect();
                 let next = if page.len() > limit {
                     page.truncate(limit);

@@ -202,16 +202,7 @@ impl Provider for LocalProvider {
     async fn terminate(&self, ids: &[String]) -> Result<(), ProviderError> {
         let records = self.records()?;
         for record in records.iter().filter(|r| ids.contains(&r.instance.id)) {
-            if is_running(record.pid) {
-                signal(record.pid, "TERM")?;
-                let started = Instant::now();
-                while is_running(record.pid) && started.elapsed() < STOP_TIMEOUT {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                if is_running(record.pid) {
-                    signal(record.pid, "KILL")?;
-                }
-            }
+            stop_process(record.pid).await?;
             if let Some(imds) = record.imds_pid.filter(|p| is_running(*p)) {
                 signal(imds, "KILL")?;
             }
@@ -232,7 +223,24 @@ impl Provider for LocalProvider {
     }
 }
 
-fn signal(pid: u32, name: &str) -> Result<(), ProviderError> {
+/// SIGTERM, then SIGKILL if the process has not exited within [`STOP_TIMEOUT`].
+pub async fn stop_process(pid: u32) -> Result<(), ProviderError> {
+    if !is_running(pid) {
+        return Ok(());
+    }
+    signal(pid, "TERM")?;
+    let started = Instant::now();
+    while is_running(pid) && started.elapsed() < STOP_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if is_running(pid) {
+        signal(pid, "KILL")?;
+    }
+    Ok(())
+}
+
+/// Sends SIG`name` to `pid` (an error only if the process is still there afterwards).
+pub fn signal(pid: u32, name: &str) -> Result<(), ProviderError> {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()

@@ -110,6 +110,46 @@ pub fn step_prefix(root: &Path, step: u64) -> Path {
     root.clone().join("ckpt").join(format!("{step:012}"))
 }
 
+/// The blocking front end the synchronous training loop uses: a store opened once, its own
+/// small runtime, and URIs of what it wrote.
+pub struct Checkpointer {
+    store: std::sync::Arc<dyn ObjectStore>,
+    root: Path,
+    /// The URI the store was opened from, without a trailing slash.
+    root_uri: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CheckpointError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CheckpointError::Invalid(format!("checkpoint runtime: {e}")))
+}
+
+impl Checkpointer {
+    /// Opens (creating it if needed) the checkpoint root `uri` (file:///dir or /dir).
+    pub fn open(uri: &str) -> Result<Checkpointer, CheckpointError> {
+        let (store, root) = super::store::open(uri, super::store::Access::Write)?;
+        let trimmed = uri.trim_end_matches('/');
+        let root_uri = if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") };
+        Ok(Checkpointer { store, root, root_uri, runtime: runtime()? })
+    }
+
+    /// Saves `state` as the checkpoint of its step; returns the checkpoint's URI and manifest.
+    pub fn save(&self, state: &TrainState, metrics: Option<(f64, f64)>) -> Result<(String, Manifest), CheckpointError> {
+        let prefix = step_prefix(&self.root, state.step);
+        let manifest = self.runtime.block_on(save(self.store.as_ref(), &prefix, state, metrics))?;
+        Ok((format!("{}/{prefix}", self.root_uri), manifest))
+    }
+}
+
+/// Reads and verifies the checkpoint at `uri` (blocking): what a resuming rank calls.
+pub fn load_uri(uri: &str) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
+    let (store, prefix) = super::store::open(uri, super::store::Access::Read)?;
+    runtime()?.block_on(load(store.as_ref(), &prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
