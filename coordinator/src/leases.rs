@@ -71,8 +71,14 @@ fn live_workers(state: &State) -> Vec<WorkerId> {
     state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.id).collect()
 }
 
-/// Runs on every node; acts only while this node leads.
-pub async fn expire_loop(node: NodeHandle, leases: std::sync::Arc<Leases>) {
+/// Runs on every node; acts only while this node leads. A lost worker's job learns how far its
+/// generation got from `progress`; `replacer` launches a new worker for a lost local one.
+pub async fn expire_loop(
+    node: NodeHandle,
+    leases: std::sync::Arc<Leases>,
+    progress: std::sync::Arc<crate::progress::Progress>,
+    replacer: Option<std::sync::Arc<crate::replace::Replacer>>,
+) {
     let mut ticker = tokio::time::interval(CHECK_EVERY);
     loop {
         ticker.tick().await;
@@ -88,10 +94,28 @@ pub async fn expire_loop(node: NodeHandle, leases: std::sync::Arc<Leases>) {
             }
         }
         for worker in leases.expired() {
-            match node.propose(Command::WorkerLost { worker_id: worker }).await {
+            let progress = progress.clone();
+            let Ok(seen) = node
+                .read_local(move |state| {
+                    let w = state.workers.get(&worker);
+                    let step = w
+                        .and_then(|w| w.job)
+                        .and_then(|j| state.jobs.get(&j).and_then(|job| progress.get(j, job.generation)))
+                        .map_or(0, |p| p.step);
+                    (step, w.map(|w| w.info.instance_id.clone()))
+                })
+                .await
+            else {
+                continue;
+            };
+            let (last_step_seen, instance) = seen;
+            match node.propose(Command::WorkerLost { worker_id: worker, last_step_seen }).await {
                 Ok(_) => {
                     tracing::warn!(%worker, "worker lease expired; marked lost");
                     leases.forget(worker);
+                    if let (Some(replacer), Some(instance)) = (&replacer, instance) {
+                        replacer.replace(worker, instance);
+                    }
                 }
                 Err(e) => tracing::debug!(%worker, error = %e, "could not record a lost worker yet"),
             }

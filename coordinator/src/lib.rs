@@ -14,5 +14,7 @@ pub mod logs;
 pub mod progress;
 pub mod provider;
 pub mod raft;
+pub mod replace;
+pub mod retention;
 pub mod scheduling;
 pub mod server;

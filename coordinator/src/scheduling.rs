@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_core::JobId;
+use flotilla_core::{JobId, WorkerId};
 use flotilla_core::scheduler::{FreeWorker, PendingJob, schedule};
 use flotilla_core::state::{Command, JobState, State};
 
@@ -20,8 +20,9 @@ const PASS_EVERY: Duration = Duration::from_millis(300);
 /// freed): fast reaction without a pass per committed write under load.
 const PASS_MIN_GAP: Duration = Duration::from_millis(20);
 
-/// The scheduler's input, read from the replicated state.
-pub fn scheduler_input(state: &State) -> (Vec<PendingJob>, Vec<FreeWorker>) {
+/// The scheduler's input, read from the replicated state; `heard_at` is the leader's clock at
+/// each worker's last heartbeat (in memory, not replicated).
+pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Vec<PendingJob>, Vec<FreeWorker>) {
     let pending = state
         .jobs
         .values()
@@ -33,14 +34,16 @@ pub fn scheduler_input(state: &State) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             min_workers: j.spec.workers.min,
             max_workers: j.spec.workers.max,
             gpus_per_worker: j.spec.workers.gpus,
+            heard_after_unix_ms: j.interrupted_at_unix_ms.unwrap_or(0),
         })
         .collect();
     let free = state
         .workers
         .values()
-        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none())
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining)
         .map(|w| FreeWorker {
             id: w.id,
+            heard_at_unix_ms: heard_at(w.id),
             gpus: w.info.gpus,
             instance_type: w.info.instance_type.clone(),
             zone: w.info.zone.clone(),
@@ -49,16 +52,17 @@ pub fn scheduler_input(state: &State) -> (Vec<PendingJob>, Vec<FreeWorker>) {
     (pending, free)
 }
 
-pub async fn schedule_loop(mut node: NodeHandle) {
+pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::leases::Leases>) {
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
         tokio::time::sleep(PASS_MIN_GAP).await;
         if node.status().leader_id != Some(node.id) {
             continue;
         }
+        let heard = leases.clone();
         let Ok((pending, free, reasons)) = node
-            .read_local(|state| {
-                let (pending, free) = scheduler_input(state);
+            .read_local(move |state| {
+                let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> =
                     state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
                 (pending, free, reasons)

@@ -38,6 +38,42 @@ pub struct CoordinatorConfig {
     /// Absolute local folder of the cluster's object store (job logs; later checkpoints and
     /// models). Every coordinator of a cluster and every worker must see the same one.
     pub store_dir: PathBuf,
+    /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
+    pub local_workers: Option<LocalWorkers>,
+}
+
+/// The local provider's settings, for replacement workers.
+#[derive(Debug, Clone)]
+pub struct LocalWorkers {
+    /// The cluster folder (instance records, logs).
+    pub home: PathBuf,
+    /// Random spot interruptions of the replacements (as `up --spot-interruptions-per-hour`).
+    pub interruptions_per_hour: f64,
+    pub seed: u64,
+}
+
+fn replacer(config: &CoordinatorConfig) -> Result<Option<std::sync::Arc<crate::replace::Replacer>>, CoordinatorError> {
+    let (Some(local), Some(join_token)) = (&config.local_workers, &config.join_token) else { return Ok(None) };
+    let exe = std::env::current_exe()
+        .map_err(|e| CoordinatorError::Config(format!("cannot find the flotilla executable: {e}")))?;
+    let addresses: Vec<&str> = config.peers.values().map(String::as_str).collect();
+    let env = [
+        ("FLOTILLA_COORDINATOR", addresses.join(",")),
+        ("FLOTILLA_JOIN_TOKEN", join_token.clone()),
+        ("FLOTILLA_HOME", local.home.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let provider = crate::provider::local::LocalProvider {
+        home: local.home.clone(),
+        exe,
+        env,
+        interruptions_per_hour: local.interruptions_per_hour,
+        seed: local.seed,
+    };
+    let tags = BTreeMap::from([(crate::provider::CLUSTER_TAG.to_string(), config.cluster_id.clone())]);
+    Ok(Some(std::sync::Arc::new(crate::replace::Replacer { provider, tags })))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,8 +136,10 @@ pub async fn run(
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let leases = std::sync::Arc::new(Leases::default());
-    tokio::spawn(leases::expire_loop(handle.clone(), leases.clone()));
-    tokio::spawn(crate::scheduling::schedule_loop(handle.clone()));
+    let replacer = replacer(&config)?;
+    tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
+    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
+    tokio::spawn(crate::retention::retention_loop(handle.clone(), config.store_dir.clone()));
     let cluster = ClusterServiceServer::new(ClusterApi {
         node: handle.clone(),
         api_token: config.api_token.clone(),
@@ -109,6 +147,7 @@ pub async fn run(
         leases,
         progress: progress.clone(),
         store_dir: config.store_dir.clone(),
+        replacer,
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);

@@ -59,6 +59,7 @@ async fn start(single: bool) -> Node {
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_dir: dir.path().join("store"),
+        local_workers: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

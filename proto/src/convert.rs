@@ -198,6 +198,9 @@ pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
             .iter()
             .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
             .collect(),
+        preemptions: job.preemptions,
+        failures: job.failures,
+        checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count() as u32,
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_coordinator::provider::local::{LocalProvider, is_running, stop_process};
-use flotilla_coordinator::provider::{InstanceState, LaunchSpec, Provider};
+use flotilla_coordinator::provider::{CLUSTER_TAG, InstanceState, LaunchSpec, Provider};
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{ListJobsRequest, ListWorkersRequest};
 use serde_json::json;
@@ -40,8 +40,6 @@ pub struct UpArgs {
     pub seed: u64,
 }
 
-/// Tag that marks the instances of one cluster.
-const CLUSTER_TAG: &str = "flotilla-cluster";
 /// How long `up` waits for launched workers to register.
 const WORKERS_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -132,7 +130,7 @@ fn store_dir(coordinator_data_dir: &Path) -> anyhow::Result<std::path::PathBuf> 
     std::path::absolute(home.join("store")).context("resolving the store folder")
 }
 
-fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow::Result<u32> {
+fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry, home: &Path, args: &UpArgs) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let peers: Vec<String> = cluster.coordinators.iter().map(|c| format!("{}={}", c.id, c.address)).collect();
     if let Some(dir) = entry.log.parent() {
@@ -152,6 +150,10 @@ fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry) -> anyhow:
         .arg("--store-dir")
         .arg(store_dir(&entry.data_dir)?)
         .args(["--cluster-id", &cluster.cluster_id])
+        .arg("--local-workers-home")
+        .arg(std::path::absolute(home).context("resolving the cluster folder")?)
+        .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
+        .args(["--local-seed", &args.seed.to_string()])
         .env("FLOTILLA_TOKEN", &cluster.api_token)
         .env("FLOTILLA_PEER_TOKEN", &cluster.peer_token)
         .env("FLOTILLA_JOIN_TOKEN", &cluster.join_token)
@@ -194,7 +196,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         None => new_cluster(&home, args.coordinators)?,
     };
     for i in 0..cluster.coordinators.len() {
-        let pid = spawn_coordinator(&cluster, &cluster.coordinators[i])?;
+        let pid = spawn_coordinator(&cluster, &cluster.coordinators[i], &home, &args)?;
         cluster.coordinators[i].pid = Some(pid);
     }
     cluster.save(&home)?;

@@ -37,6 +37,16 @@ pub struct Args {
     /// Token coordinators present to each other (default: the API token).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
+    /// Replace interrupted or lost workers that the local provider launched in this cluster
+    /// folder (`flotilla up` sets it).
+    #[arg(long)]
+    pub local_workers_home: Option<PathBuf>,
+    /// Random spot interruptions of replacement workers, per worker-hour (with --local-workers-home).
+    #[arg(long, default_value_t = 0.0)]
+    pub local_interruptions_per_hour: f64,
+    /// Seed of those interruptions.
+    #[arg(long, default_value_t = 0)]
+    pub local_seed: u64,
 }
 
 /// Peers given at most (Raft clusters beyond 7 voters only add latency).
@@ -78,6 +88,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => std::path::absolute(args.data_dir.join("store")).context("resolving the data dir")?,
         },
         api_token: args.token,
+        local_workers: match args.local_workers_home {
+            Some(home) => Some(server::LocalWorkers {
+                home: std::path::absolute(home).context("resolving --local-workers-home")?,
+                interruptions_per_hour: args.local_interruptions_per_hour,
+                seed: args.local_seed,
+            }),
+            None => None,
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

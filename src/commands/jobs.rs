@@ -214,6 +214,9 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
         "world_size": job.world_size,
         "generation": job.generation,
         "recoveries": job.recoveries,
+        "preemptions": job.preemptions,
+        "failures": job.failures,
+        "checkpoints": job.checkpoints,
         "steps_lost": job.steps_lost,
         "metrics": {
             "val_accuracy": metrics.val_accuracy,

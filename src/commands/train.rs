@@ -163,12 +163,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     }
     let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
-    let config = RingConfig {
-        rank: args.rank,
-        addresses: args.addresses.clone(),
-        gang_id: args.gang_id,
-        timeout: COLLECTIVE_TIMEOUT,
-    };
+    let config = RingConfig::new(args.rank, args.addresses.clone(), args.gang_id, COLLECTIVE_TIMEOUT);
     let mut comm = RingCommunicator::connect(listener, config).context("joining the ring")?;
     let resume = args.job.resume_from.as_deref().map(state::load_uri).transpose()?.map(|(state, _)| state);
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;

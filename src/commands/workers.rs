@@ -1,7 +1,14 @@
 //! `flotilla worker` (run an agent on this machine) and `flotilla workers` (list them).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use anyhow::Context;
 use flotilla_proto::client::ApiClient;
+use tokio::sync::watch;
+
+use super::assignments::AgentShared;
 use flotilla_proto::v1::{self, ListWorkersRequest};
 use flotilla_worker::agent;
 use serde_json::{Value, json};
@@ -46,13 +53,15 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     let data_addr = listener.local_addr().context("reading the data port")?;
     let capabilities = agent::local_capabilities(&instance_id, &data_addr.to_string());
     let (registered_tx, registered_rx) = tokio::sync::watch::channel(None);
-    runtime.spawn(super::assignments::follow(client.clone(), registered_rx, listener));
+    let shared = Arc::new(AgentShared::default());
+    runtime.spawn(super::assignments::follow(client.clone(), registered_rx.clone(), listener, shared.clone()));
     let imds = std::env::var("FLOTILLA_IMDS_ENDPOINT").ok().filter(|e| !e.is_empty());
     if let Some(endpoint) = imds {
-        runtime.spawn(watch_interruptions(endpoint));
+        runtime.spawn(watch_interruptions(endpoint, client.clone(), registered_rx.clone(), shared.clone()));
     }
+    let stopping = stop_when_told(client.clone(), registered_rx, shared.clone());
     runtime.block_on(async move {
-        agent::run(&mut client, capabilities, super::shutdown_signal(), |id| {
+        agent::run(&mut client, capabilities, stopping, &shared.beat_now, |id| {
             tracing::info!(worker = id, "registered");
             let _ = registered_tx.send(Some(id.to_string()));
         })
@@ -60,6 +69,54 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     })?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Longest wait for a running generation to checkpoint after SIGTERM (EC2 gives 2 minutes).
+const CHECKPOINT_GRACE: Duration = Duration::from_secs(100);
+/// How long an interruption report is retried before the worker stops on its own anyway.
+const REPORT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Resolves when the agent should exit: on SIGTERM (after the running generation checkpointed),
+/// or when the coordinator drains this worker (after its notice) and it is idle.
+async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<String>>, shared: Arc<AgentShared>) {
+    tokio::select! {
+        _ = super::shutdown_signal() => {
+            tracing::warn!("SIGTERM: checkpointing the running generation before stopping");
+            interrupt(client, registered, &shared, v1::InterruptionKind::Sigterm).await;
+        }
+        _ = shared.drained.notified() => {}
+    }
+    let mut busy = shared.busy.subscribe();
+    let idle = busy.wait_for(|b| !*b);
+    if tokio::time::timeout(CHECKPOINT_GRACE, idle).await.is_err() {
+        tracing::warn!("the running generation did not stop within {CHECKPOINT_GRACE:?}; stopping anyway");
+    }
+}
+
+/// Reports an interruption to the coordinator (so it drains this worker and knows why the
+/// gang stops), then votes the running generation to a stop at the next step boundary.
+async fn interrupt(
+    mut client: ApiClient,
+    registered: watch::Receiver<Option<String>>,
+    shared: &AgentShared,
+    kind: v1::InterruptionKind,
+) {
+    if shared.interrupted.load(Ordering::Relaxed) {
+        return;
+    }
+    let worker_id = registered.borrow().clone().unwrap_or_default();
+    let report = v1::InterruptionReport { worker_id, kind: kind.into(), action_at_unix_ms: None };
+    client.deadline = REPORT_DEADLINE;
+    let sent = client
+        .call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_interruption(report).await }
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "the coordinator did not hear of the interruption; stopping the gang anyway");
+    }
+    shared.interrupted.store(true, Ordering::Relaxed);
 }
 
 fn state_name(worker: &v1::WorkerInfo) -> &'static str {
@@ -152,17 +209,23 @@ pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
 }
 
 /// How often the agent polls the metadata endpoint for a spot notice (EC2 gives 2 minutes).
-const IMDS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+const IMDS_POLL: Duration = Duration::from_secs(1);
 
-/// Polls the instance-metadata endpoint and logs the spot interruption notice once.
-/// (Checkpointing and draining on the notice is the preemption work.)
-async fn watch_interruptions(endpoint: String) {
+/// Polls the instance-metadata endpoint; on a spot interruption notice, reports it and stops
+/// the running generation at a checkpoint (the coordinator then drains this worker).
+async fn watch_interruptions(
+    endpoint: String,
+    api: ApiClient,
+    registered: watch::Receiver<Option<String>>,
+    shared: Arc<AgentShared>,
+) {
     let mut client = flotilla_worker::imds::ImdsClient::new(&endpoint);
     let mut warned_unreachable = false;
     loop {
         match client.instance_action().await {
             Ok(Some(notice)) => {
                 tracing::warn!(notice = %notice.trim(), "spot interruption notice received");
+                interrupt(api, registered, &shared, v1::InterruptionKind::SpotNotice).await;
                 return;
             }
             Ok(None) => {}

@@ -58,10 +58,13 @@ pub fn local_capabilities(instance_id: &str, data_addr: &str) -> WorkerCapabilit
 }
 
 /// Registers and heartbeats until `shutdown` resolves. `on_registered` sees each worker id.
+/// `beat_now` sends the next heartbeat at once (after a broken gang, so the coordinator knows
+/// this worker is alive before it regroups).
 pub async fn run(
     client: &mut ApiClient,
     capabilities: WorkerCapabilities,
     shutdown: impl Future<Output = ()>,
+    beat_now: &tokio::sync::Notify,
     mut on_registered: impl FnMut(&str),
 ) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
@@ -81,6 +84,7 @@ pub async fn run(
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep(interval) => {}
+                _ = beat_now.notified() => {}
             }
             let request = HeartbeatRequest { worker_id: registered.worker_id.clone() };
             let answer = client

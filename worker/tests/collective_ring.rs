@@ -146,12 +146,32 @@ fn rendezvous_times_out_when_a_rank_never_comes() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let me = listener.local_addr().expect("addr");
     let absent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let config = flotilla_worker::collective::ring::RingConfig {
-        rank: 0,
-        addresses: vec![me, absent],
-        gang_id: 1,
-        timeout: Duration::from_millis(300),
-    };
+    let config = flotilla_worker::collective::ring::RingConfig::new(0, vec![me, absent], 1, Duration::from_millis(300));
     let err = RingCommunicator::connect(listener, config).err().expect("no peer, no ring");
     assert!(matches!(err, CollectiveError::Rendezvous(_) | CollectiveError::Timeout { .. }), "{err}");
+}
+
+#[test]
+fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let me = listener.local_addr().expect("addr");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let mut config = flotilla_worker::collective::ring::RingConfig::new(0, vec![me, dead], 1, Duration::from_secs(60));
+    config.refused_grace = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let err = RingCommunicator::connect(listener.try_clone().expect("clone"), config).err().expect("dead peer");
+    assert!(matches!(err, CollectiveError::PeerLost { peer: 1, .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "not the whole timeout: {:?}", started.elapsed());
+
+    // Waiting for a predecessor that never comes: the abort flag ends the wait.
+    let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut config =
+        flotilla_worker::collective::ring::RingConfig::new(0, vec![me, live.local_addr().expect("addr")], 1, Duration::from_secs(60));
+    let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    config.abort = Some(abort.clone());
+    let waiting = std::thread::spawn(move || RingCommunicator::connect(listener, config).err());
+    std::thread::sleep(Duration::from_millis(100));
+    abort.store(true, std::sync::atomic::Ordering::Relaxed);
+    let err = waiting.join().expect("thread").expect("aborted");
+    assert!(matches!(err, CollectiveError::Rendezvous(ref m) if m.contains("aborted")), "{err}");
 }

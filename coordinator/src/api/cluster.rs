@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::state::{
-    Applied, CheckpointRecord, Command, FinalMetrics, JobState, State, Worker, WorkerInfo as CoreWorkerInfo,
+    Applied, CheckpointRecord, Command, FinalMetrics, GenerationEnd as CoreEnd, JobState, State, Worker,
+    WorkerInfo as CoreWorkerInfo,
 };
 use flotilla_core::{JobId, WorkerId};
 use flotilla_proto::convert::spec_to_proto;
@@ -37,6 +38,9 @@ pub struct ClusterApi {
     pub progress: Arc<crate::progress::Progress>,
     /// The cluster's object store folder (job prefixes handed to workers live under it).
     pub store_dir: std::path::PathBuf,
+    /// Replaces workers that get an interruption notice (the local provider; EC2 is the
+    /// autoscaler's). `None`: replacements are someone else's business.
+    pub replacer: Option<Arc<crate::replace::Replacer>>,
 }
 
 fn invalid(message: String) -> Status {
@@ -88,7 +92,12 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
 }
 
 fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64) -> WorkerInfo {
-    let state = if worker.lost_at_unix_ms.is_some() { WorkerState::Lost } else { WorkerState::Idle };
+    let state = match (worker.lost_at_unix_ms, worker.draining, worker.job) {
+        (Some(_), _, _) => WorkerState::Lost,
+        (None, true, _) => WorkerState::Draining,
+        (None, false, Some(_)) => WorkerState::Busy,
+        (None, false, None) => WorkerState::Idle,
+    };
     let info = &worker.info;
     WorkerInfo {
         id: worker.id.to_string(),
@@ -104,16 +113,10 @@ fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64) -> WorkerInfo {
             data_addr: info.data_addr.clone(),
             version: String::new(),
         }),
-        job_id: None,
+        job_id: worker.job.map(|j| j.to_string()),
         rank: None,
         last_heartbeat_unix_ms,
     }
-}
-
-fn unimplemented_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} arrives with the worker agents; this coordinator build does not assign work yet"
-    ))
 }
 
 #[tonic::async_trait]
@@ -205,6 +208,7 @@ impl ClusterService for ClusterApi {
             epoch: u64::from(cursor.epoch),
             global_sample_offset: cursor.global_sample_offset,
             generation: report.generation,
+            deleting: false,
         };
         self.node.propose(Command::RecordCheckpoint { job_id, checkpoint }).await.map_err(status)?;
         Ok(Response::new(Ack {}))
@@ -212,7 +216,28 @@ impl ClusterService for ClusterApi {
 
     async fn report_interruption(&self, request: Request<InterruptionReport>) -> Result<Response<Ack>, Status> {
         self.authorize_worker(&request)?;
-        Err(unimplemented_yet("interruption reports"))
+        let report = request.into_inner();
+        let worker_id: WorkerId = report.worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
+        let kind = match InterruptionKind::try_from(report.kind) {
+            Ok(InterruptionKind::SpotNotice) => "spot interruption",
+            Ok(InterruptionKind::Rebalance) => "rebalance recommendation",
+            Ok(InterruptionKind::Sigterm) => "SIGTERM",
+            _ => return Err(invalid(format!("kind {} is not an interruption kind", report.kind))),
+        };
+        let applied =
+            self.node.propose(Command::WorkerInterrupted { worker_id, kind: kind.into() }).await.map_err(status)?;
+        tracing::warn!(worker = %worker_id, kind, outcome = ?applied, "interruption notice");
+        if let Some(replacer) = &self.replacer {
+            let instance = self
+                .node
+                .read_local(move |state| state.workers.get(&worker_id).map(|w| w.info.instance_id.clone()))
+                .await
+                .map_err(status)?;
+            if let Some(instance) = instance {
+                replacer.replace(worker_id, instance);
+            }
+        }
+        Ok(Response::new(Ack {}))
     }
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {
@@ -225,13 +250,19 @@ impl ClusterService for ClusterApi {
             train_loss: m.train_loss,
         });
         let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
-        let command = Command::JobFinished {
-            job_id,
-            generation: report.generation,
-            success: report.success,
-            reason,
-            step: report.step,
-            metrics,
+        let (generation, step) = (report.generation, report.step);
+        let ended = |end| Command::GenerationEnded { job_id, generation, end, step };
+        let command = match GenerationEnd::try_from(report.end) {
+            Ok(GenerationEnd::Finished) => {
+                Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics }
+            }
+            Ok(GenerationEnd::Checkpointed) => ended(CoreEnd::Checkpointed),
+            Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),
+            Ok(GenerationEnd::CheckpointUnusable) => {
+                ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })
+            }
+            Ok(GenerationEnd::RetryableError) => ended(CoreEnd::Error { reason }),
+            Err(_) => return Err(invalid(format!("end {} is not a generation end", report.end))),
         };
         self.node.propose(command).await.map_err(status)?;
         Ok(Response::new(Ack {}))
@@ -260,18 +291,22 @@ enum Desired {
     /// Unknown or declared lost: it must stop and register again.
     Gone,
     Idle,
-    /// Train `job` in `generation`; carries the assignment to send.
+    /// Interrupted and without work: it should exit (the instance is going away).
+    Drain,
+    /// Train `job` in `generation`; carries the assignment to send, and whether the gang must
+    /// checkpoint at its next step boundary.
     Train {
         job: JobId,
         generation: u64,
         assignment: Box<TrainAssignment>,
+        checkpoint_now: bool,
     },
 }
 
 fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
     let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
-        return Desired::Idle;
+        return if worker.draining { Desired::Drain } else { Desired::Idle };
     };
     let peers: Vec<Peer> = job
         .gang
@@ -301,7 +336,12 @@ fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
         }),
         job_prefix: format!("{store}/jobs/{}", job.id),
     };
-    Desired::Train { job: job.id, generation: job.generation, assignment: Box::new(assignment) }
+    Desired::Train {
+        job: job.id,
+        generation: job.generation,
+        assignment: Box::new(assignment),
+        checkpoint_now: job.checkpoint_requested.is_some(),
+    }
 }
 
 /// Streams a worker's assignments: a `TrainAssignment` when its gang forms, `StopJob` when the
@@ -313,16 +353,29 @@ async fn assignment_loop(
     tx: tokio::sync::mpsc::Sender<Result<Assignment, Status>>,
 ) {
     let mut current: Option<(JobId, u64)> = None;
+    let mut checkpoint_sent = false;
+    let mut drain_sent = false;
     loop {
         let store = store.clone();
         let Ok(want) = node.read_local(move |state| desired(state, id, &store)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
-            (Desired::Train { job, generation, .. }, Some(now)) if now == (*job, *generation) => None,
-            (Desired::Train { job, generation, assignment }, _) => {
+            (Desired::Train { job, generation, checkpoint_now, .. }, Some(now)) if now == (*job, *generation) => {
+                (*checkpoint_now && !std::mem::replace(&mut checkpoint_sent, true)).then(|| {
+                    assignment::Kind::CheckpointNow(CheckpointNow { job_id: job.to_string(), generation: *generation })
+                })
+            }
+            (Desired::Train { job, generation, assignment, .. }, _) => {
                 current = Some((*job, *generation));
+                checkpoint_sent = false;
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))
             }
+            (Desired::Drain, _) if !drain_sent => {
+                drain_sent = true;
+                current = None;
+                Some(assignment::Kind::Drain(Drain { reason: format!("{id} was interrupted; it gets no more work") }))
+            }
+            (Desired::Drain, _) => None,
             (Desired::Idle, Some((job, generation))) => {
                 current = None;
                 Some(assignment::Kind::Stop(StopJob {

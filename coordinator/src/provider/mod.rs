@@ -9,6 +9,9 @@ pub mod local;
 
 use std::collections::BTreeMap;
 
+/// Tag that marks the instances of one cluster (its value: the cluster id).
+pub const CLUSTER_TAG: &str = "flotilla-cluster";
+
 /// Instances one launch call may ask for at most.
 pub const LAUNCH_COUNT_MAX: u32 = 256;
 

@@ -353,7 +353,9 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         Rejected::JobFinished { .. }
         | Rejected::NotPending { .. }
         | Rejected::WorkerUnavailable(_)
-        | Rejected::StaleGeneration { .. } => ErrorKind::FailedPrecondition,
+        | Rejected::StaleGeneration { .. }
+        | Rejected::NotRunning { .. }
+        | Rejected::CheckpointNotDeletable { .. } => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
         Rejected::BadRequestId | Rejected::BadGang { .. } => ErrorKind::InvalidArgument,
         Rejected::Undecodable(_) => ErrorKind::Internal,

@@ -77,6 +77,17 @@ pub enum CheckpointError {
     Uri { uri: String, reason: String },
     #[error("invalid checkpoint: {0}")]
     Invalid(String),
+    /// Written, but the coordinator did not record it (so it will not be resumed from).
+    #[error("checkpoint written but not recorded: {0}")]
+    NotRecorded(String),
+}
+
+impl CheckpointError {
+    /// The checkpoint itself is bad (half-written, corrupt, unknown format): reading it again
+    /// will not help; resume from an older one.
+    pub fn is_unusable(&self) -> bool {
+        matches!(self, CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Format { .. })
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

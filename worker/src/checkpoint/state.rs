@@ -118,6 +118,9 @@ pub struct Checkpointer {
     /// The URI the store was opened from, without a trailing slash.
     root_uri: String,
     runtime: tokio::runtime::Runtime,
+    /// Appended to each checkpoint's name (`ckpt/<step>-<suffix>`): the cluster passes the
+    /// generation, so two generations never write the same prefix.
+    suffix: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CheckpointError> {
@@ -133,14 +136,135 @@ impl Checkpointer {
         let (store, root) = super::store::open(uri, super::store::Access::Write)?;
         let trimmed = uri.trim_end_matches('/');
         let root_uri = if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") };
-        Ok(Checkpointer { store, root, root_uri, runtime: runtime()? })
+        Ok(Checkpointer { store, root, root_uri, runtime: runtime()?, suffix: None })
+    }
+
+    /// Names checkpoints `ckpt/<step>-<suffix>` (letters, digits, `-`; at most 32).
+    pub fn with_suffix(mut self, suffix: &str) -> Result<Checkpointer, CheckpointError> {
+        let valid = !suffix.is_empty()
+            && suffix.len() <= 32
+            && suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(CheckpointError::Invalid(format!("checkpoint name suffix `{suffix}`")));
+        }
+        self.suffix = Some(suffix.to_string());
+        Ok(self)
     }
 
     /// Saves `state` as the checkpoint of its step; returns the checkpoint's URI and manifest.
     pub fn save(&self, state: &TrainState, metrics: Option<(f64, f64)>) -> Result<(String, Manifest), CheckpointError> {
-        let prefix = step_prefix(&self.root, state.step);
+        let prefix = match &self.suffix {
+            Some(suffix) => self.root.clone().join("ckpt").join(format!("{:012}-{suffix}", state.step)),
+            None => step_prefix(&self.root, state.step),
+        };
         let manifest = self.runtime.block_on(save(self.store.as_ref(), &prefix, state, metrics))?;
         Ok((format!("{}/{prefix}", self.root_uri), manifest))
+    }
+}
+
+/// A checkpoint written by [`BackgroundCheckpointer`] and accepted by its `on_saved` hook.
+#[derive(Debug, Clone)]
+pub struct Saved {
+    pub step: u64,
+    pub cursor: Cursor,
+    pub uri: String,
+    pub manifest: Manifest,
+    /// Time to write it and run the hook (the part that overlaps training).
+    pub background_ms: f64,
+}
+
+type SaveResult = Result<Saved, CheckpointError>;
+
+/// Asynchronous saving: the training loop hands over a snapshot (already copied to host
+/// memory) and continues; one background thread writes it and then calls `on_saved` (the
+/// agent records it with the coordinator there). At most one save is in flight: handing over
+/// another waits for the previous one, so memory stays bounded at one extra copy of the state.
+pub struct BackgroundCheckpointer {
+    snapshots: Option<std::sync::mpsc::SyncSender<(TrainState, Option<(f64, f64)>)>>,
+    results: std::sync::mpsc::Receiver<SaveResult>,
+    in_flight: Option<u64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundCheckpointer {
+    pub fn start(
+        checkpointer: Checkpointer,
+        mut on_saved: impl FnMut(&Saved) -> Result<(), String> + Send + 'static,
+    ) -> BackgroundCheckpointer {
+        let (snapshots, inbox) = std::sync::mpsc::sync_channel::<(TrainState, Option<(f64, f64)>)>(1);
+        let (outbox, results) = std::sync::mpsc::sync_channel::<SaveResult>(1);
+        let thread = std::thread::spawn(move || {
+            for (state, metrics) in inbox {
+                let started = std::time::Instant::now();
+                let saved = checkpointer.save(&state, metrics).and_then(|(uri, manifest)| {
+                    let mut saved =
+                        Saved { step: state.step, cursor: state.cursor, uri, manifest, background_ms: 0.0 };
+                    on_saved(&saved).map_err(CheckpointError::NotRecorded)?;
+                    saved.background_ms = started.elapsed().as_secs_f64() * 1e3;
+                    Ok(saved)
+                });
+                if outbox.send(saved).is_err() {
+                    return;
+                }
+            }
+        });
+        BackgroundCheckpointer { snapshots: Some(snapshots), results, in_flight: None, thread: Some(thread) }
+    }
+
+    /// The step of the save in progress, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.in_flight
+    }
+
+    /// Starts saving `state` (with validation accuracy and loss, if measured). If a save is
+    /// still in flight, waits for it first and returns its outcome.
+    pub fn submit(&mut self, state: TrainState, metrics: Option<(f64, f64)>) -> Option<SaveResult> {
+        let previous = self.finish();
+        let step = state.step;
+        let sent = self.snapshots.as_ref().is_some_and(|s| s.send((state, metrics)).is_ok());
+        if sent {
+            self.in_flight = Some(step);
+            previous
+        } else {
+            Some(Err(CheckpointError::Invalid("the checkpoint writer thread stopped".into())))
+        }
+    }
+
+    /// The outcome of the save in flight if it is done, without waiting.
+    pub fn poll(&mut self) -> Option<SaveResult> {
+        self.in_flight?;
+        match self.results.try_recv() {
+            Ok(result) => {
+                self.in_flight = None;
+                Some(result)
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                self.in_flight = None;
+                Some(Err(CheckpointError::Invalid("the checkpoint writer thread stopped".into())))
+            }
+        }
+    }
+
+    /// Waits for the save in flight, if any, and returns its outcome.
+    pub fn finish(&mut self) -> Option<SaveResult> {
+        self.in_flight?;
+        self.in_flight = None;
+        Some(
+            self.results
+                .recv()
+                .unwrap_or_else(|_| Err(CheckpointError::Invalid("the checkpoint writer thread stopped".into()))),
+        )
+    }
+}
+
+impl Drop for BackgroundCheckpointer {
+    fn drop(&mut self) {
+        let _ = self.finish();
+        self.snapshots = None; // ends the thread's loop
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -186,5 +310,33 @@ mod tests {
             assert_eq!(meta.val_accuracy, Some(0.93));
         }
         assert!(dir.path().join("ckpt/000000000042/MANIFEST").exists());
+    }
+
+    #[test]
+    fn background_saves_are_written_then_handed_to_the_hook_one_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let checkpointer = Checkpointer::open(dir.path().to_str().expect("utf-8"))
+            .and_then(|c| c.with_suffix("g3"))
+            .expect("checkpointer");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook_seen = seen.clone();
+        let mut background = BackgroundCheckpointer::start(checkpointer, move |saved| {
+            // The hook runs after the write: the checkpoint must be complete and loadable.
+            let (loaded, _) = load_uri(&saved.uri).map_err(|e| e.to_string())?;
+            hook_seen.lock().map_err(|e| e.to_string())?.push(loaded.step);
+            if saved.step == 3 { Err("the coordinator refused it".into()) } else { Ok(()) }
+        });
+        let mut first = state(OptimizerState::Sgd { velocity: vec![0.1, 0.2, 0.3] });
+        first.step = 1;
+        assert!(background.submit(first.clone(), None).is_none(), "nothing was in flight");
+        assert_eq!(background.in_flight(), Some(1));
+        first.step = 2;
+        let previous = background.submit(first.clone(), None).expect("waited for step 1");
+        assert!(previous.expect("saved").uri.ends_with("ckpt/000000000001-g3"));
+        first.step = 3;
+        let _ = background.submit(first, None);
+        assert!(matches!(background.finish(), Some(Err(CheckpointError::NotRecorded(_)))));
+        assert!(background.finish().is_none(), "nothing in flight any more");
+        assert_eq!(*seen.lock().expect("lock"), [1, 2, 3]);
     }
 }

@@ -58,6 +58,23 @@ pub struct RingConfig {
     /// Identifies this gang generation; connections from another generation are refused.
     pub gang_id: u64,
     pub timeout: Duration,
+    /// How long a refused connection to the next rank is retried. Agents bind their data port
+    /// for their whole life, so among agents a refusal means the peer process is gone: a short
+    /// grace fails the rendezvous in about a second instead of the whole timeout.
+    pub refused_grace: Duration,
+    /// Set from outside to give up a rendezvous in progress (the generation was superseded).
+    pub abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl RingConfig {
+    /// A config that retries refused connections for the whole timeout and cannot be aborted.
+    pub fn new(rank: usize, addresses: Vec<SocketAddr>, gang_id: u64, timeout: Duration) -> RingConfig {
+        RingConfig { rank, addresses, gang_id, timeout, refused_grace: timeout, abort: None }
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 pub struct RingCommunicator {
@@ -107,7 +124,7 @@ impl RingCommunicator {
         let deadline = Instant::now() + config.timeout;
         let next_rank = (config.rank + 1) % world;
         let prev_rank = (config.rank + world - 1) % world;
-        let next = connect_next(config.addresses[next_rank], deadline, config.timeout)?;
+        let next = connect_next(config.addresses[next_rank], deadline, &config)?;
         let mut hello = Vec::with_capacity(24);
         hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
         hello.extend_from_slice(&config.gang_id.to_le_bytes());
@@ -206,16 +223,27 @@ fn decode_header(h: &[u8; 16]) -> (u32, u64, u32) {
     (op, len, root)
 }
 
-fn connect_next(address: SocketAddr, deadline: Instant, timeout: Duration) -> Result<TcpStream, CollectiveError> {
+fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> Result<TcpStream, CollectiveError> {
+    let started = Instant::now();
     loop {
+        if config.aborted() {
+            return Err(CollectiveError::Rendezvous("aborted: this generation was superseded".into()));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match TcpStream::connect_timeout(&address, left.max(Duration::from_millis(1))) {
             Ok(stream) => {
-                tune(&stream, timeout).map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
+                tune(&stream, config.timeout)
+                    .map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
                 return Ok(stream);
             }
-            Err(e) if Instant::now() + CONNECT_RETRY < deadline => {
-                let _ = e;
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && started.elapsed() >= config.refused_grace => {
+                return Err(CollectiveError::PeerLost {
+                    operation: "rendezvous",
+                    peer: (config.rank + 1) % config.addresses.len(),
+                    reason: format!("{address} refuses connections for {:?}: {e}", config.refused_grace),
+                });
+            }
+            Err(_) if Instant::now() + CONNECT_RETRY < deadline => {
                 std::thread::sleep(CONNECT_RETRY);
             }
             Err(e) => {
@@ -256,6 +284,9 @@ fn accept_prev(
                 ));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if config.aborted() {
+                    return Err(CollectiveError::Rendezvous("aborted: this generation was superseded".into()));
+                }
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::Timeout {
                         operation: "rendezvous",
@@ -425,7 +456,7 @@ pub fn loopback_gang(world: usize, timeout: Duration) -> Result<Vec<RingCommunic
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let config = RingConfig { rank, addresses: addresses.clone(), gang_id, timeout };
+            let config = RingConfig::new(rank, addresses.clone(), gang_id, timeout);
             std::thread::spawn(move || RingCommunicator::connect(listener, config))
         })
         .collect();

@@ -106,6 +106,8 @@ pub struct StepReport {
     pub samples: u64,
     /// Global samples per second of this step, on this rank's clock.
     pub samples_per_s: f64,
+    /// Some rank voted to stop after this step ([`Trainer::vote_stop`]); all ranks see it.
+    pub stop_agreed: bool,
 }
 
 /// Quality on a held-out set.

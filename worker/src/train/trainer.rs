@@ -36,6 +36,8 @@ pub struct Trainer {
     world_size: usize,
     /// The epoch order in use, cached: `(epoch, order)`.
     order: (u64, Arc<Vec<u32>>),
+    /// This rank asks the gang to stop after the next step (see [`Trainer::vote_stop`]).
+    stop_vote: bool,
 }
 
 impl Trainer {
@@ -78,6 +80,7 @@ impl Trainer {
             rank: comm.rank(),
             world_size: comm.world_size(),
             order,
+            stop_vote: false,
         };
         trainer.agree_with_peers(comm)?;
         Ok(trainer)
@@ -147,7 +150,11 @@ impl Trainer {
         } else {
             self.local_gradient_sum(local_rows)?
         };
+        // The stop vote rides in the gradient all-reduce: no extra round trip, and every rank
+        // sees the same sum, so all ranks stop after the same step.
+        buffer.push(if std::mem::take(&mut self.stop_vote) { 1.0 } else { 0.0 });
         comm.all_reduce_sum(&mut buffer)?;
+        let stop_agreed = buffer.pop().expect("the buffer ends with the stop votes") > 0.0;
         let global_samples = plan.global_samples();
         let loss_sum = buffer.pop().expect("the buffer ends with the loss sum");
         let loss = loss_sum / global_samples as f32;
@@ -167,7 +174,15 @@ impl Trainer {
             loss,
             samples: global_samples,
             samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
+            stop_agreed,
         })
+    }
+
+    /// Asks the gang to stop: the next step carries this rank's vote, and every rank's report
+    /// of that step has `stop_agreed` set, so all ranks stop at the same step boundary (e.g. to
+    /// checkpoint on a preemption notice that reached one worker).
+    pub fn vote_stop(&mut self) {
+        self.stop_vote = true;
     }
 
     /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
@@ -219,19 +234,20 @@ impl Trainer {
         Ok(Metrics { val_accuracy: correct as f64 / rows, val_loss: loss_sum / rows, rows: data.rows })
     }
 
-    /// Trains until the spec's epochs or steps are done, or `on_step` says to stop (e.g. to drain
-    /// on a preemption notice). `on_step` sees the trainer after each step, so it can checkpoint
-    /// with [`Trainer::state`]. Returns the last step's report (`None` when nothing was left).
+    /// Trains until the spec's epochs or steps are done, `on_step` says to stop, or the gang
+    /// agreed to stop ([`Trainer::vote_stop`]; `on_step` still sees that step first, so it can
+    /// checkpoint with [`Trainer::state`]). Returns the last step's report (`None` when nothing
+    /// was left).
     pub fn run(
         &mut self,
         comm: &mut dyn Communicator,
-        mut on_step: impl FnMut(&Trainer, &StepReport) -> ControlFlow<()>,
+        mut on_step: impl FnMut(&mut Trainer, &StepReport) -> ControlFlow<()>,
     ) -> Result<Option<StepReport>, TrainError> {
         let mut last = None;
         while !self.is_finished() {
             let report = self.step(comm)?;
             last = Some(report);
-            if on_step(self, &report).is_break() {
+            if on_step(self, &report).is_break() || report.stop_agreed {
                 break;
             }
         }

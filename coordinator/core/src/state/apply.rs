@@ -40,6 +40,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     world_size: 0,
                     metrics: None,
                     latest_checkpoint: None,
+                    checkpoints: Vec::new(),
+                    checkpoint_requested: None,
+                    preemptions: 0,
+                    failures: 0,
+                    failure_step: 0,
+                    interrupted_at_unix_ms: None,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -66,17 +72,75 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             state.next_worker_id += 1;
             state.workers.insert(
                 worker_id,
-                Worker { id: worker_id, info, registered_at_unix_ms: now, lost_at_unix_ms: None, job: None },
+                Worker {
+                    id: worker_id,
+                    info,
+                    registered_at_unix_ms: now,
+                    lost_at_unix_ms: None,
+                    job: None,
+                    draining: false,
+                },
             );
             Ok(Applied::WorkerRegistered { worker_id })
         }
-        Command::WorkerLost { worker_id } => {
+        Command::WorkerLost { worker_id, last_step_seen } => {
             let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
             worker.lost_at_unix_ms.get_or_insert(now);
             if let Some(job_id) = worker.job.take() {
-                requeue_after_loss(state, job_id, worker_id, now);
+                requeue_after_loss(state, job_id, worker_id, last_step_seen, now);
             }
             Ok(Applied::WorkerLost { worker_id })
+        }
+        Command::WorkerInterrupted { worker_id, kind } => {
+            let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
+            if worker.lost_at_unix_ms.is_some() {
+                return Err(Rejected::WorkerUnavailable(worker_id));
+            }
+            worker.draining = true;
+            let job_id = worker.job;
+            let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
+            let job = match running {
+                Some(job) => {
+                    job.checkpoint_requested = Some(StopReason::Preemption);
+                    job.updated_at_unix_ms = now;
+                    let message = format!("{worker_id} got a {kind} notice; checkpointing at the next step");
+                    push_event(job, now, "preemption_notice", message);
+                    Some(job.id)
+                }
+                None => None,
+            };
+            Ok(Applied::WorkerInterrupted { worker_id, job })
+        }
+        Command::RequestCheckpoint { job_id, generation, reason } => {
+            let job = running_generation(state, job_id, generation)?;
+            if job.checkpoint_requested.is_none() {
+                job.checkpoint_requested = Some(reason);
+                push_event(job, now, "checkpoint_requested", format!("{}: checkpointing at the next step", reason.name()));
+            }
+            Ok(Applied::CheckpointRequested { job_id })
+        }
+        Command::GenerationEnded { job_id, generation, end, step } => {
+            generation_ended(state, job_id, generation, end, step, now)
+        }
+        Command::CheckpointDeleting { job_id, uri } => {
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            let newest = job.latest_checkpoint.as_ref().map(|c| c.uri.clone());
+            match job.checkpoints.iter_mut().find(|c| c.uri == uri) {
+                // The newest usable checkpoint is never deleted by retention.
+                Some(record) if Some(&uri) != newest.as_ref() => record.deleting = true,
+                _ => return Err(Rejected::CheckpointNotDeletable { job_id, uri }),
+            }
+            refresh_latest(job);
+            Ok(Applied::CheckpointDeletionChanged { job_id })
+        }
+        Command::CheckpointDeleted { job_id, uri } => {
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            let before = job.checkpoints.len();
+            job.checkpoints.retain(|c| !(c.uri == uri && c.deleting));
+            if job.checkpoints.len() == before {
+                return Err(Rejected::CheckpointNotDeletable { job_id, uri });
+            }
+            Ok(Applied::CheckpointDeletionChanged { job_id })
         }
         Command::AssignGang { job_id, workers } => assign_gang(state, job_id, workers, now),
         Command::RecordCheckpoint { job_id, checkpoint } => {
@@ -84,8 +148,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
             }
-            // The checkpoint step never decreases: a late report from an old generation is dropped.
-            if job.latest_checkpoint.as_ref().is_some_and(|c| c.step >= checkpoint.step) {
+            // A superseded generation's late save is dropped (the new one resumed from an older
+            // checkpoint and will write its own), and the checkpoint step never decreases.
+            if checkpoint.generation < job.generation
+                || job.latest_checkpoint.as_ref().is_some_and(|c| c.step >= checkpoint.step)
+            {
                 return Err(Rejected::StaleGeneration {
                     job_id,
                     current: job.generation,
@@ -94,7 +161,15 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             let step = checkpoint.step;
             job.step = job.step.max(step);
-            job.latest_checkpoint = Some(checkpoint);
+            if step > job.failure_step {
+                job.failures = 0; // progress since the last failure
+            }
+            if job.checkpoints.len() >= CHECKPOINTS_RECORDED_MAX {
+                // Retention should have removed old ones long ago; never grow without bound.
+                job.checkpoints.remove(0);
+            }
+            job.checkpoints.push(checkpoint);
+            refresh_latest(job);
             job.updated_at_unix_ms = now;
             Ok(Applied::CheckpointRecorded { job_id, step })
         }
@@ -115,6 +190,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 return Err(Rejected::StaleGeneration { job_id, current: job.generation, reported: generation });
             }
             job.state = if success { JobState::Succeeded } else { JobState::Failed };
+            job.checkpoint_requested = None;
             job.reason = bounded(reason);
             job.step = step;
             job.metrics = metrics;
@@ -138,7 +214,8 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
         return Err(Rejected::NotPending { job_id, state: job.state.name() });
     }
     for id in &workers {
-        let free = state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none());
+        let free =
+            state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
         if !free {
             return Err(Rejected::WorkerUnavailable(*id));
         }
@@ -152,6 +229,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.generation += 1;
     job.state = JobState::Running;
     job.reason.clear();
+    job.checkpoint_requested = None;
     job.updated_at_unix_ms = now;
     let message = format!("generation {} on {} worker(s)", job.generation, workers.len());
     job.world_size = workers.len() as u32;
@@ -169,20 +247,125 @@ fn release(state: &mut State, gang: &[WorkerId]) {
     }
 }
 
-/// A gang member was lost: the job goes back to Pending (a new generation will form) and the
-/// survivors are freed. Resuming from the newest checkpoint is the preemption issue's work.
-fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, now: u64) {
+/// A gang member's lease expired while the job ran (nobody reported the break earlier): the
+/// job goes back to Pending, to resume from its newest checkpoint in a new generation.
+fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_step_seen: u64, now: u64) {
     let Some(job) = state.jobs.get_mut(&job_id) else { return };
-    if job.state.is_terminal() {
+    if job.state != JobState::Running {
         return;
     }
+    let lost_steps = last_step_seen.saturating_sub(resume_step(job));
     job.state = JobState::Pending;
     job.reason = format!("{lost} was lost; waiting for workers to form a new generation");
     job.recoveries += 1;
+    job.steps_lost += lost_steps;
+    job.checkpoint_requested = None;
+    job.interrupted_at_unix_ms = Some(now);
     job.updated_at_unix_ms = now;
-    push_event(job, now, "worker_lost", job.reason.clone());
+    push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
     let gang = std::mem::take(&mut job.gang);
     release(state, &gang);
+}
+
+fn running_generation(state: &mut State, job_id: JobId, generation: u64) -> Result<&mut Job, Rejected> {
+    let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.state != JobState::Running {
+        return Err(Rejected::NotRunning { job_id, state: job.state.name() });
+    }
+    if job.generation != generation {
+        return Err(Rejected::StaleGeneration { job_id, current: job.generation, reported: generation });
+    }
+    Ok(job)
+}
+
+/// The step a new generation resumes from.
+fn resume_step(job: &Job) -> u64 {
+    job.latest_checkpoint.as_ref().map_or(0, |c| c.step)
+}
+
+fn refresh_latest(job: &mut Job) {
+    job.latest_checkpoint = job.checkpoints.iter().rev().find(|c| !c.deleting).cloned();
+}
+
+fn generation_ended(
+    state: &mut State,
+    job_id: JobId,
+    generation: u64,
+    end: GenerationEnd,
+    step: u64,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    let job = running_generation(state, job_id, generation)?;
+    let requested = job.checkpoint_requested.take();
+    match &end {
+        GenerationEnd::Checkpointed => {
+            let lost = step.saturating_sub(resume_step(job));
+            job.steps_lost += lost;
+            if requested == Some(StopReason::Preemption) {
+                job.preemptions += 1;
+            }
+            let why = requested.map_or("stop", StopReason::name);
+            push_event(
+                job,
+                now,
+                "checkpointed",
+                format!("generation {generation} stopped for {why} at step {step}; {lost} step(s) lost"),
+            );
+            job.reason = format!("{why}: waiting for workers to resume from step {}", resume_step(job));
+        }
+        GenerationEnd::PeerLost { reason } => {
+            let lost = step.saturating_sub(resume_step(job));
+            job.steps_lost += lost;
+            job.recoveries += 1;
+            job.interrupted_at_unix_ms = Some(now);
+            let message = format!("generation {generation} broke at step {step}; {lost} step(s) lost: {reason}");
+            push_event(job, now, "peer_lost", bounded(message));
+            job.reason = format!("a worker was lost; resuming from step {}", resume_step(job));
+        }
+        GenerationEnd::CheckpointUnusable { step: bad, reason } => {
+            for record in job.checkpoints.iter_mut().filter(|c| c.step == *bad) {
+                record.deleting = true; // never resumed from again; retention removes its objects
+            }
+            refresh_latest(job);
+            let message = format!(
+                "checkpoint of step {bad} is unusable ({reason}); falling back to {}",
+                job.latest_checkpoint.as_ref().map_or("a fresh start".to_string(), |c| format!("step {}", c.step))
+            );
+            push_event(job, now, "checkpoint_corrupt", bounded(message));
+            job.reason = format!("resuming from step {}", resume_step(job));
+        }
+        GenerationEnd::Error { reason } => {
+            if job.step > job.failure_step {
+                job.failures = 0;
+            }
+            job.failures += 1;
+            job.failure_step = job.step;
+            let limit = job.spec.capacity.max_failures;
+            push_event(
+                job,
+                now,
+                "failure",
+                bounded(format!("generation {generation} failed ({} of {limit}): {reason}", job.failures)),
+            );
+            if job.failures >= limit {
+                job.state = JobState::Failed;
+                job.reason = bounded(format!(
+                    "failed {} time(s) without progress (capacity.max_failures = {limit}); last: {reason}",
+                    job.failures
+                ));
+                job.updated_at_unix_ms = now;
+                let gang = std::mem::take(&mut job.gang);
+                release(state, &gang);
+                return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
+            }
+            job.reason = bounded(format!("retrying after a failure: {reason}"));
+        }
+    }
+    job.state = JobState::Pending;
+    job.updated_at_unix_ms = now;
+    let gang = std::mem::take(&mut job.gang);
+    release(state, &gang);
+    Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
 }
 
 fn bounded(mut text: String) -> String {

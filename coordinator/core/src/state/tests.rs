@@ -62,10 +62,10 @@ fn workers_register_and_are_lost() {
     };
     let registered = apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info }));
     assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
-    let lost = apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1) }));
+    let lost = apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0 }));
     assert_eq!(lost, Ok(Applied::WorkerLost { worker_id: WorkerId(1) }));
     assert_eq!(state.workers[&WorkerId(1)].lost_at_unix_ms, Some(20));
-    let unknown = apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9) }));
+    let unknown = apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9), last_step_seen: 0 }));
     assert_eq!(unknown, Err(Rejected::WorkerNotFound(WorkerId(9))));
 }
 
@@ -159,7 +159,7 @@ fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
     let (w1, w2) = (register(&mut state, 2), register(&mut state, 3));
     apply(&mut state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }))
         .expect("assign");
-    apply(&mut state, 5, Envelope::new(5, Command::WorkerLost { worker_id: w2 })).expect("lost");
+    apply(&mut state, 5, Envelope::new(5, Command::WorkerLost { worker_id: w2, last_step_seen: 0 })).expect("lost");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, job.recoveries), (JobState::Pending, 1));
     assert!(job.reason.contains("worker-2 was lost"), "{}", job.reason);
@@ -188,6 +188,7 @@ fn recorded_checkpoints_only_move_forward() {
         epoch: 0,
         global_sample_offset: step * 64,
         generation: 1,
+        deleting: false,
     };
     let recorded =
         apply(&mut state, 2, Envelope::new(2, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(40) }));
@@ -197,4 +198,165 @@ fn recorded_checkpoints_only_move_forward() {
     assert!(older.is_err(), "an older checkpoint never replaces a newer one");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.step, job.latest_checkpoint.as_ref().map(|c| c.step)), (40, Some(40)));
+}
+
+fn running_job(state: &mut State, max_failures: u32) -> (WorkerId, WorkerId) {
+    let mut job_spec = spec("j");
+    job_spec.capacity.max_failures = max_failures;
+    apply(
+        state,
+        1,
+        Envelope::new(1, Command::SubmitJob { spec: Box::new(job_spec), client_request_id: "r".into() }),
+    )
+    .expect("submit");
+    let (w1, w2) = (register(state, 2), register(state, 3));
+    apply(state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] })).expect("assign");
+    (w1, w2)
+}
+
+fn checkpoint(state: &mut State, step: u64, generation: u64) -> Result<Applied, Rejected> {
+    let checkpoint = CheckpointRecord {
+        step,
+        uri: format!("file:///s/ckpt/{step:012}-g{generation}"),
+        size_bytes: 10,
+        manifest_sha256: "ab".into(),
+        epoch: 0,
+        global_sample_offset: step * 64,
+        generation,
+        deleting: false,
+    };
+    apply(state, 10 + step, Envelope::new(10 + step, Command::RecordCheckpoint { job_id: JobId(1), checkpoint }))
+}
+
+fn end(state: &mut State, generation: u64, end: GenerationEnd, step: u64) -> Result<Applied, Rejected> {
+    apply(state, 500, Envelope::new(500, Command::GenerationEnded { job_id: JobId(1), generation, end, step }))
+}
+
+#[test]
+fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let notice = Command::WorkerInterrupted { worker_id: w2, kind: "spot".into() };
+    assert_eq!(
+        apply(&mut state, 5, Envelope::new(5, notice)),
+        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)) })
+    );
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Preemption));
+    checkpoint(&mut state, 37, 1).expect("checkpoint");
+    assert_eq!(end(&mut state, 1, GenerationEnd::Checkpointed, 37), Ok(Applied::GenerationEnded {
+        job_id: JobId(1),
+        state: JobState::Pending
+    }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.preemptions, job.steps_lost, job.failures, job.recoveries), (1, 0, 0, 0));
+    assert_eq!(job.checkpoint_requested, None);
+    assert!(job.interrupted_at_unix_ms.is_none(), "an orderly stop needs no fresh heartbeats");
+    assert!(state.workers[&w2].draining && state.workers[&w2].job.is_none());
+    assert!(matches!(end(&mut state, 1, GenerationEnd::Checkpointed, 37), Err(Rejected::NotRunning { .. })));
+    // The draining worker is never given new work; the other one is.
+    let again = |state: &mut State, workers| {
+        apply(state, 600, Envelope::new(600, Command::AssignGang { job_id: JobId(1), workers }))
+    };
+    assert_eq!(again(&mut state, vec![w2]), Err(Rejected::WorkerUnavailable(w2)));
+    assert_eq!(again(&mut state, vec![w1]), Ok(Applied::GangAssigned { job_id: JobId(1), generation: 2 }));
+}
+
+#[test]
+fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+    assert!(matches!(end(&mut state, 2, lost.clone(), 27), Err(Rejected::StaleGeneration { .. })));
+    end(&mut state, 1, lost.clone(), 27).expect("end");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.steps_lost, job.recoveries, job.failures), (JobState::Pending, 7, 1, 0));
+    assert_eq!(job.interrupted_at_unix_ms, Some(500));
+    assert!(end(&mut state, 1, lost, 27).is_err(), "the other survivor's report changes nothing");
+}
+
+#[test]
+fn an_unusable_checkpoint_falls_back_to_the_previous_one_with_an_event() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    checkpoint(&mut state, 40, 1).expect("checkpoint");
+    let bad = GenerationEnd::CheckpointUnusable { step: 40, reason: "part `model` does not match its checksum".into() };
+    end(&mut state, 1, bad, 40).expect("end");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.latest_checkpoint.as_ref().map(|c| c.step), Some(20));
+    assert!(job.checkpoints.iter().any(|c| c.step == 40 && c.deleting), "marked for deletion");
+    let event = job.events.last().expect("event");
+    assert_eq!(event.kind, "checkpoint_corrupt");
+    assert!(event.message.contains("step 40") && event.message.contains("falling back to step 20"), "{event:?}");
+    assert_eq!(job.failures, 0, "a bad checkpoint is not the job's failure");
+    // The next generation may record step 40 again (under another name).
+    apply(&mut state, 700, Envelope::new(700, Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1)] }))
+        .expect("assign");
+    checkpoint(&mut state, 40, 2).expect("a fresh checkpoint of the same step");
+    assert_eq!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().map(|c| c.generation), Some(2));
+}
+
+#[test]
+fn failures_without_progress_fail_the_job_and_progress_resets_the_count() {
+    let mut state = State::default();
+    running_job(&mut state, 2);
+    let error = || GenerationEnd::Error { reason: "cannot read the data".into() };
+    let reassign = |state: &mut State, index| {
+        apply(state, index, Envelope::new(index, Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1)] }))
+            .expect("assign");
+    };
+    end(&mut state, 1, error(), 0).expect("first failure");
+    assert_eq!((state.jobs[&JobId(1)].state, state.jobs[&JobId(1)].failures), (JobState::Pending, 1));
+    reassign(&mut state, 600);
+    checkpoint(&mut state, 20, 2).expect("progress");
+    assert_eq!(state.jobs[&JobId(1)].failures, 0, "progress resets the count");
+    end(&mut state, 2, error(), 25).expect("failure after progress");
+    reassign(&mut state, 601);
+    assert_eq!(end(&mut state, 3, error(), 20), Ok(Applied::GenerationEnded {
+        job_id: JobId(1),
+        state: JobState::Failed
+    }));
+    let job = &state.jobs[&JobId(1)];
+    assert!(job.reason.contains("capacity.max_failures = 2"), "{}", job.reason);
+    assert!(state.workers.values().all(|w| w.job.is_none()), "capacity released");
+}
+
+#[test]
+fn retention_deletes_in_two_steps_and_never_the_newest_checkpoint() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    for step in [10, 20, 30] {
+        checkpoint(&mut state, step, 1).expect("checkpoint");
+    }
+    let uri = |step: u64| format!("file:///s/ckpt/{step:012}-g1");
+    let deleting = |state: &mut State, step| {
+        apply(state, 800, Envelope::new(800, Command::CheckpointDeleting { job_id: JobId(1), uri: uri(step) }))
+    };
+    let deleted = |state: &mut State, step| {
+        apply(state, 801, Envelope::new(801, Command::CheckpointDeleted { job_id: JobId(1), uri: uri(step) }))
+    };
+    assert!(matches!(deleting(&mut state, 30), Err(Rejected::CheckpointNotDeletable { .. })), "newest kept");
+    assert!(deleted(&mut state, 10).is_err(), "only a checkpoint marked deleting can be dropped");
+    deleting(&mut state, 10).expect("mark");
+    deleting(&mut state, 10).expect("marking twice is harmless (a retried deletion)");
+    deleted(&mut state, 10).expect("drop");
+    let steps: Vec<u64> = state.jobs[&JobId(1)].checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(steps, [20, 30]);
+    assert_eq!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().map(|c| c.step), Some(30));
+}
+
+#[test]
+fn the_retention_plan_keeps_the_newest_k() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    state.jobs.get_mut(&JobId(1)).expect("job").spec.checkpoint.keep = 2;
+    for step in [10, 20, 30, 40] {
+        checkpoint(&mut state, step, 1).expect("checkpoint");
+    }
+    let uri = |step: u64| format!("file:///s/ckpt/{step:012}-g1");
+    assert_eq!(state.jobs[&JobId(1)].retention_plan(), (vec![uri(10), uri(20)], vec![]));
+    apply(&mut state, 900, Envelope::new(900, Command::CheckpointDeleting { job_id: JobId(1), uri: uri(10) }))
+        .expect("mark");
+    assert_eq!(state.jobs[&JobId(1)].retention_plan(), (vec![uri(20)], vec![uri(10)]));
 }

@@ -20,6 +20,9 @@ pub const CLIENT_REQUEST_ID_LEN_MAX: usize = 128;
 pub const REASON_LEN_MAX: usize = 1024;
 /// Events kept per job; older ones are dropped first.
 pub const JOB_EVENTS_MAX: usize = 64;
+/// Checkpoint records kept per job at most (retention keeps far fewer; this bounds the state
+/// if deletion cannot keep up).
+pub const CHECKPOINTS_RECORDED_MAX: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -84,9 +87,86 @@ pub struct Job {
     /// Final metrics, reported when the job finished.
     #[serde(default)]
     pub metrics: Option<FinalMetrics>,
-    /// The newest checkpoint recorded through Raft: where a new generation resumes.
+    /// The newest usable checkpoint recorded through Raft: where a new generation resumes.
+    /// Always the newest entry of `checkpoints` that is not being deleted.
     #[serde(default)]
     pub latest_checkpoint: Option<CheckpointRecord>,
+    /// Every recorded checkpoint still in the store, oldest first. Retention keeps the newest
+    /// `checkpoint.keep`; the others are marked `deleting`, removed, then dropped.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Why the current generation was told to checkpoint at its next step boundary and stop
+    /// (a preemption notice, or an elastic resize); `None` when no such order is out.
+    #[serde(default)]
+    pub checkpoint_requested: Option<StopReason>,
+    /// Generations ended in order by a preemption notice (checkpointed, nothing lost).
+    #[serde(default)]
+    pub preemptions: u32,
+    /// Failures since the job last made progress (a checkpoint beyond `failure_step`).
+    #[serde(default)]
+    pub failures: u32,
+    /// `step` at the last failure: a later checkpoint past it resets `failures`.
+    #[serde(default)]
+    pub failure_step: u64,
+    /// When the last generation broke (a worker lost without notice). Only workers heard from
+    /// after this moment may form the next generation, so a dead worker whose lease has not
+    /// expired yet is never put back into the gang.
+    #[serde(default)]
+    pub interrupted_at_unix_ms: Option<u64>,
+}
+
+impl Job {
+    /// Retention: the recorded checkpoints to mark for deletion now (all but the newest
+    /// `checkpoint.keep` usable ones; never the newest), and those already marked, whose objects
+    /// must be removed before their records are dropped.
+    pub fn retention_plan(&self) -> (Vec<String>, Vec<String>) {
+        let keep = (self.spec.checkpoint.keep as usize).max(1);
+        let usable: Vec<&CheckpointRecord> = self.checkpoints.iter().filter(|c| !c.deleting).collect();
+        let excess = usable.len().saturating_sub(keep);
+        let newest = self.latest_checkpoint.as_ref().map(|c| c.uri.as_str());
+        let mark = usable
+            .iter()
+            .take(excess)
+            .filter(|c| Some(c.uri.as_str()) != newest)
+            .map(|c| c.uri.clone())
+            .collect();
+        let remove = self.checkpoints.iter().filter(|c| c.deleting).map(|c| c.uri.clone()).collect();
+        (mark, remove)
+    }
+}
+
+/// Why a running generation is asked to stop at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// A gang member received a spot interruption notice (or SIGTERM).
+    Preemption,
+    /// Elastic job: more workers are free; regroup at a larger world size.
+    Grow,
+}
+
+impl StopReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Preemption => "preemption",
+            StopReason::Grow => "grow",
+        }
+    }
+}
+
+/// How a generation ended without finishing the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "end")]
+pub enum GenerationEnd {
+    /// Stopped in order at a checkpoint of the step reported (after `checkpoint_requested`).
+    Checkpointed,
+    /// A collective failed: a peer died or stalled. Not the job's fault; never a failure.
+    PeerLost { reason: String },
+    /// The checkpoint the generation was told to resume from is unreadable (corrupt or
+    /// half-written): it is dropped and the next generation resumes from the one before.
+    CheckpointUnusable { step: u64, reason: String },
+    /// The training failed in a way a new generation may not repeat (counts toward
+    /// `capacity.max_failures`).
+    Error { reason: String },
 }
 
 /// A completed checkpoint (its MANIFEST was written) as the coordinator records it.
@@ -100,6 +180,9 @@ pub struct CheckpointRecord {
     pub epoch: u64,
     pub global_sample_offset: u64,
     pub generation: u64,
+    /// Retention decided to delete it: never resumed from again; its objects are being removed.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 /// What a finished job reports about its model.
@@ -134,6 +217,10 @@ pub struct Worker {
     /// The job this worker is assigned to, if any.
     #[serde(default)]
     pub job: Option<JobId>,
+    /// It received an interruption notice (spot, rebalance, SIGTERM): it finishes its current
+    /// generation at a checkpoint and is never given new work.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The whole replicated state. Serialised as the Raft snapshot.
@@ -230,6 +317,40 @@ pub enum Command {
     },
     WorkerLost {
         worker_id: WorkerId,
+        /// The last training step the leader heard of from the worker's job (live progress),
+        /// for `steps_lost` when nobody else reports how far the generation got.
+        #[serde(default)]
+        last_step_seen: u64,
+    },
+    /// A worker got an interruption notice (`kind`: spot, rebalance, sigterm): it drains, and
+    /// its gang is told to checkpoint at the next step boundary.
+    WorkerInterrupted {
+        worker_id: WorkerId,
+        kind: String,
+    },
+    /// The leader asks a running generation to checkpoint and stop (elastic growth).
+    RequestCheckpoint {
+        job_id: JobId,
+        generation: u64,
+        reason: StopReason,
+    },
+    /// A generation ended without finishing the job; `step` is the last step it completed.
+    GenerationEnded {
+        job_id: JobId,
+        generation: u64,
+        end: GenerationEnd,
+        step: u64,
+    },
+    /// Retention: the checkpoint at `uri` will be deleted (first step of the crash-safe
+    /// deletion: from now on it is never resumed from).
+    CheckpointDeleting {
+        job_id: JobId,
+        uri: String,
+    },
+    /// Its objects are gone: drop the record (last step).
+    CheckpointDeleted {
+        job_id: JobId,
+        uri: String,
     },
     /// The scheduler placed a pending job on these idle workers (rank order).
     AssignGang {
@@ -288,6 +409,22 @@ pub enum Applied {
         job_id: JobId,
         step: u64,
     },
+    /// `job`: the job whose gang must checkpoint now (if the worker was training).
+    WorkerInterrupted {
+        worker_id: WorkerId,
+        job: Option<JobId>,
+    },
+    CheckpointRequested {
+        job_id: JobId,
+    },
+    /// `state`: where the job went (Pending for a new generation, or Failed).
+    GenerationEnded {
+        job_id: JobId,
+        state: JobState,
+    },
+    CheckpointDeletionChanged {
+        job_id: JobId,
+    },
 }
 
 /// Why a command changed nothing. Every node rejects the same commands.
@@ -315,4 +452,8 @@ pub enum Rejected {
     StaleGeneration { job_id: JobId, current: u64, reported: u64 },
     #[error("a gang needs 1 to {limit} distinct workers")]
     BadGang { limit: usize },
+    #[error("{job_id} is {state}; only a Running generation can end or be asked to checkpoint")]
+    NotRunning { job_id: JobId, state: &'static str },
+    #[error("{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept)")]
+    CheckpointNotDeletable { job_id: JobId, uri: String },
 }

@@ -1,0 +1,163 @@
+//! Checkpoint retention and garbage collection, run by the leader.
+//!
+//! Crash-safe deletion in three steps, each one durable before the next:
+//!
+//! ```text
+//!   CheckpointDeleting{uri} (Raft: never resumed from again) ─▶ remove the objects ─▶
+//!   CheckpointDeleted{uri} (Raft: drop the record)
+//! ```
+//!
+//! Whatever crashes in between, the next pass (on this or a new leader) sees the record marked
+//! `deleting` and repeats the removal, which is idempotent: no record ever points at missing
+//! data that could be resumed from, and no recorded checkpoint's objects leak. Objects that
+//! were never recorded (a save cut short by a kill, a late save of a superseded generation)
+//! are swept once a newer checkpoint of the job is recorded.
+//!
+//! The store here is the cluster's local folder (`file://`); other schemes are left alone.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::state::{Command, State};
+
+use crate::raft::node::NodeHandle;
+
+/// How often the leader looks for checkpoints to delete.
+const PASS_EVERY: Duration = Duration::from_secs(1);
+/// Deletions started per pass at most (bounds one pass's work on a big backlog).
+const DELETIONS_PER_PASS_MAX: usize = 64;
+
+/// What one pass must do, read from the replicated state.
+#[derive(Debug, Default)]
+struct Work {
+    /// (job, uri) to mark deleting.
+    mark: Vec<(JobId, String)>,
+    /// (job, uri) marked: remove objects, then drop the record.
+    remove: Vec<(JobId, String)>,
+    /// Per job: recorded URIs, the newest recorded step, and whether the job has ended.
+    jobs: Vec<(JobId, BTreeSet<String>, u64, bool)>,
+}
+
+fn plan(state: &State) -> Work {
+    let mut work = Work::default();
+    for job in state.jobs.values() {
+        let (mark, remove) = job.retention_plan();
+        work.mark.extend(mark.into_iter().map(|uri| (job.id, uri)));
+        work.remove.extend(remove.into_iter().map(|uri| (job.id, uri)));
+        let recorded = job.checkpoints.iter().map(|c| c.uri.clone()).collect();
+        let newest = job.latest_checkpoint.as_ref().map_or(0, |c| c.step);
+        work.jobs.push((job.id, recorded, newest, job.state.is_terminal()));
+    }
+    work.mark.truncate(DELETIONS_PER_PASS_MAX);
+    work.remove.truncate(DELETIONS_PER_PASS_MAX);
+    work
+}
+
+/// The folder of a `file://` checkpoint URI, if it lies inside `store_dir`.
+fn local_folder(uri: &str, store_dir: &Path) -> Option<PathBuf> {
+    let path = PathBuf::from(uri.strip_prefix("file://")?);
+    (path.is_absolute() && path.starts_with(store_dir) && !path.components().any(|c| c.as_os_str() == ".."))
+        .then_some(path)
+}
+
+fn remove_folder(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Runs on every node; acts only while this node leads.
+pub async fn retention_loop(mut node: NodeHandle, store_dir: PathBuf) {
+    loop {
+        let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if node.status().leader_id != Some(node.id) {
+            continue;
+        }
+        let Ok(work) = node.read_local(plan).await else { continue };
+        for (job_id, uri) in work.mark {
+            if let Err(e) = node.propose(Command::CheckpointDeleting { job_id, uri: uri.clone() }).await {
+                tracing::debug!(%job_id, uri, error = %e, "could not mark a checkpoint for deletion yet");
+            }
+        }
+        let Ok(work) = node.read_local(plan).await else { continue };
+        for (job_id, uri) in work.remove {
+            let Some(folder) = local_folder(&uri, &store_dir) else {
+                tracing::warn!(%job_id, uri, "not in this cluster's local store; left for its owner");
+                continue;
+            };
+            if let Err(e) = remove_folder(&folder) {
+                tracing::warn!(%job_id, uri, error = %e, "could not delete a checkpoint; retrying later");
+                continue;
+            }
+            if let Err(e) = node.propose(Command::CheckpointDeleted { job_id, uri: uri.clone() }).await {
+                tracing::debug!(%job_id, uri, error = %e, "checkpoint deleted; its record will be dropped next pass");
+            } else {
+                tracing::info!(%job_id, uri, "checkpoint deleted (retention)");
+            }
+        }
+        for (job_id, recorded, newest, ended) in work.jobs {
+            sweep_unrecorded(&store_dir, job_id, &recorded, newest, ended);
+        }
+    }
+}
+
+/// Removes checkpoint folders of `job_id` that no record names and that can no longer be
+/// recorded: older than the newest recorded step (or any, once the job has ended).
+fn sweep_unrecorded(store_dir: &Path, job_id: JobId, recorded: &BTreeSet<String>, newest: u64, ended: bool) {
+    let root = store_dir.join("jobs").join(job_id.to_string()).join("ckpt");
+    let Ok(entries) = std::fs::read_dir(&root) else { return };
+    for entry in entries.flatten().take(10_000) {
+        let path = entry.path();
+        let uri = format!("file://{}", path.display());
+        if recorded.contains(&uri) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().to_string();
+        let step = name.get(..12).and_then(|digits| digits.parse::<u64>().ok());
+        let stale = step.is_some_and(|s| s < newest || (ended && newest > 0));
+        if stale && remove_folder(&path).is_ok() {
+            tracing::info!(%job_id, uri, "removed an unrecorded checkpoint");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_folders_inside_the_store_are_ever_deleted() {
+        let store = Path::new("/data/store");
+        assert_eq!(
+            local_folder("file:///data/store/jobs/job-1/ckpt/000000000020-g1", store),
+            Some(PathBuf::from("/data/store/jobs/job-1/ckpt/000000000020-g1"))
+        );
+        assert_eq!(local_folder("file:///etc/passwd", store), None);
+        assert_eq!(local_folder("file:///data/store/../etc", store), None);
+        assert_eq!(local_folder("s3://bucket/jobs/job-1/ckpt/1", store), None);
+        assert_eq!(local_folder("file://relative/path", store), None);
+    }
+
+    #[test]
+    fn the_sweep_removes_only_unrecorded_older_folders() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("jobs/job-1/ckpt");
+        for name in ["000000000010-g1", "000000000020-g1", "000000000030-g2", "000000000040-g2"] {
+            std::fs::create_dir_all(root.join(name)).expect("folder");
+        }
+        let uri = |name: &str| format!("file://{}", root.join(name).display());
+        let recorded: BTreeSet<String> = [uri("000000000020-g1"), uri("000000000030-g2")].into();
+        sweep_unrecorded(dir.path(), JobId(1), &recorded, 30, false);
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        // 10: unrecorded and older than the newest: swept. 40: may still be being recorded: kept.
+        assert_eq!(left, ["000000000020-g1", "000000000030-g2", "000000000040-g2"]);
+    }
+}
