@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_core::{JobId, WorkerId};
 use flotilla_core::scheduler::{FreeWorker, PendingJob, schedule};
 use flotilla_core::state::{Command, JobState, State};
+use flotilla_core::{JobId, WorkerId};
 
 use crate::raft::node::NodeHandle;
 
@@ -21,7 +21,8 @@ const PASS_EVERY: Duration = Duration::from_millis(300);
 const PASS_MIN_GAP: Duration = Duration::from_millis(20);
 
 /// The scheduler's input, read from the replicated state; `heard_at` is the leader's clock at
-/// each worker's last heartbeat (in memory, not replicated).
+/// each worker's last heartbeat (in memory, not replicated). A worker whose gang broke is
+/// left out until heard from since the break: it may be dead with a lease not yet expired.
 pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Vec<PendingJob>, Vec<FreeWorker>) {
     let pending = state
         .jobs
@@ -34,16 +35,15 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             min_workers: j.spec.workers.min,
             max_workers: j.spec.workers.max,
             gpus_per_worker: j.spec.workers.gpus,
-            heard_after_unix_ms: j.interrupted_at_unix_ms.unwrap_or(0),
         })
         .collect();
     let free = state
         .workers
         .values()
         .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining)
+        .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .map(|w| FreeWorker {
             id: w.id,
-            heard_at_unix_ms: heard_at(w.id),
             gpus: w.info.gpus,
             instance_type: w.info.instance_type.clone(),
             zone: w.info.zone.clone(),
@@ -86,5 +86,51 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
                 tracing::debug!(job = %placement.job, error = %e, "placement not recorded; next pass retries");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_core::state::{Command, Envelope, GenerationEnd, WorkerInfo, apply};
+
+    use super::*;
+
+    #[test]
+    fn members_of_a_broken_gang_wait_to_be_heard_from() {
+        let mut state = State::default();
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
+        )
+        .expect("spec");
+        let mut at = 0;
+        let mut step = |state: &mut State, command| {
+            at += 100;
+            apply(state, at, Envelope::new(at, command)).expect("applies")
+        };
+        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
+        for i in 1..=3 {
+            let info = WorkerInfo {
+                cpus: 1,
+                gpus: 0,
+                memory_bytes: 0,
+                instance_id: format!("i-{i}"),
+                instance_type: "local".into(),
+                zone: "local".into(),
+                hostname: "h".into(),
+                data_addr: "127.0.0.1:1".into(),
+            };
+            step(&mut state, Command::RegisterWorker { info });
+        }
+        let job_id = JobId(1);
+        step(&mut state, Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+        step(&mut state, Command::GenerationEnded { job_id, generation: 1, end, step: 5 });
+        let broke_at = state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
+        // worker-1 heartbeat after the break, worker-2 (dead) did not; worker-3 was not involved.
+        let heard = |w: WorkerId| if w == WorkerId(1) { broke_at + 5 } else { broke_at - 500 };
+        let (pending, free) = scheduler_input(&state, heard);
+        assert_eq!(pending.len(), 1);
+        let ids: Vec<WorkerId> = free.iter().map(|w| w.id).collect();
+        assert_eq!(ids, [WorkerId(1), WorkerId(3)]);
     }
 }

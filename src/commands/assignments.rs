@@ -130,7 +130,9 @@ pub async fn follow(
                     tokio::spawn(train_and_report(context, train, listener.clone()));
                 }
                 Some(assignment::Kind::CheckpointNow(order)) => {
-                    if let Some(run) = running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation) {
+                    if let Some(run) =
+                        running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
+                    {
                         run.checkpoint_now.store(true, Ordering::Relaxed);
                     }
                 }
@@ -352,17 +354,20 @@ fn run_rank(
     };
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
-        let opened = Checkpointer::open(&train.job_prefix)
-            .and_then(|c| c.with_suffix(&format!("g{}", train.generation)));
+        let opened =
+            Checkpointer::open(&train.job_prefix).and_then(|c| c.with_suffix(&format!("g{}", train.generation)));
         match opened {
-            Ok(checkpointer) => background = Some(BackgroundCheckpointer::start(checkpointer, recorder(context, &train, runtime))),
+            Ok(checkpointer) => {
+                background = Some(BackgroundCheckpointer::start(checkpointer, recorder(context, &train, runtime)))
+            }
             Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
         }
     }
     let every = spec.checkpoint.every_steps.max(1);
     let lag = every / 4;
     let cadence = every - lag;
-    let mut saves = SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0 };
+    let mut saves =
+        SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0 };
     let started = Instant::now();
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
@@ -452,9 +457,17 @@ fn run_rank(
     }
     if last.is_some_and(|r| r.stop_agreed) && !trainer.is_finished() {
         if let Some(e) = save_failed {
-            return broken(GenerationEnd::RetryableError, trainer.steps_done(), format!("checkpoint before stopping: {e}"));
+            return broken(
+                GenerationEnd::RetryableError,
+                trainer.steps_done(),
+                format!("checkpoint before stopping: {e}"),
+            );
         }
-        log.line(format!("stopped at step {} for a checkpoint (generation {})", trainer.steps_done(), train.generation));
+        log.line(format!(
+            "stopped at step {} for a checkpoint (generation {})",
+            trainer.steps_done(),
+            train.generation
+        ));
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0 };
     }
     if !rank0 {

@@ -28,7 +28,6 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             min_workers: 1 + (i % 8) as u32,
             max_workers: 1 + (i % 8) as u32 + (i % 2) as u32,
             gpus_per_worker: u32::from(i % 4 == 0),
-            heard_after_unix_ms: 0,
         })
         .collect();
     let free = (0..workers as u64)
@@ -37,7 +36,6 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             gpus: (i % 3) as u32,
             instance_type: ["g5.xlarge", "g4dn.xlarge"][(i % 2) as usize].to_string(),
             zone: ["a", "b"][((i / 2) % 2) as usize].to_string(),
-            heard_at_unix_ms: 0,
         })
         .collect();
     (pending, free)

@@ -130,7 +130,12 @@ fn store_dir(coordinator_data_dir: &Path) -> anyhow::Result<std::path::PathBuf> 
     std::path::absolute(home.join("store")).context("resolving the store folder")
 }
 
-fn spawn_coordinator(cluster: &ClusterFile, entry: &CoordinatorEntry, home: &Path, args: &UpArgs) -> anyhow::Result<u32> {
+fn spawn_coordinator(
+    cluster: &ClusterFile,
+    entry: &CoordinatorEntry,
+    home: &Path,
+    args: &UpArgs,
+) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let peers: Vec<String> = cluster.coordinators.iter().map(|c| format!("{}={}", c.id, c.address)).collect();
     if let Some(dir) = entry.log.parent() {

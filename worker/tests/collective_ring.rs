@@ -165,8 +165,12 @@ fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it()
 
     // Waiting for a predecessor that never comes: the abort flag ends the wait.
     let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let mut config =
-        flotilla_worker::collective::ring::RingConfig::new(0, vec![me, live.local_addr().expect("addr")], 1, Duration::from_secs(60));
+    let mut config = flotilla_worker::collective::ring::RingConfig::new(
+        0,
+        vec![me, live.local_addr().expect("addr")],
+        1,
+        Duration::from_secs(60),
+    );
     let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     config.abort = Some(abort.clone());
     let waiting = std::thread::spawn(move || RingCommunicator::connect(listener, config).err());

@@ -86,7 +86,10 @@ impl CheckpointError {
     /// The checkpoint itself is bad (half-written, corrupt, unknown format): reading it again
     /// will not help; resume from an older one.
     pub fn is_unusable(&self) -> bool {
-        matches!(self, CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Format { .. })
+        matches!(
+            self,
+            CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Format { .. }
+        )
     }
 }
 

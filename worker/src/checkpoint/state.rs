@@ -141,9 +141,8 @@ impl Checkpointer {
 
     /// Names checkpoints `ckpt/<step>-<suffix>` (letters, digits, `-`; at most 32).
     pub fn with_suffix(mut self, suffix: &str) -> Result<Checkpointer, CheckpointError> {
-        let valid = !suffix.is_empty()
-            && suffix.len() <= 32
-            && suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let valid =
+            !suffix.is_empty() && suffix.len() <= 32 && suffix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !valid {
             return Err(CheckpointError::Invalid(format!("checkpoint name suffix `{suffix}`")));
         }
@@ -197,8 +196,7 @@ impl BackgroundCheckpointer {
             for (state, metrics) in inbox {
                 let started = std::time::Instant::now();
                 let saved = checkpointer.save(&state, metrics).and_then(|(uri, manifest)| {
-                    let mut saved =
-                        Saved { step: state.step, cursor: state.cursor, uri, manifest, background_ms: 0.0 };
+                    let mut saved = Saved { step: state.step, cursor: state.cursor, uri, manifest, background_ms: 0.0 };
                     on_saved(&saved).map_err(CheckpointError::NotRecorded)?;
                     saved.background_ms = started.elapsed().as_secs_f64() * 1e3;
                     Ok(saved)

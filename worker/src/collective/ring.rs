@@ -236,7 +236,9 @@ fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> 
                     .map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
                 return Ok(stream);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && started.elapsed() >= config.refused_grace => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused && started.elapsed() >= config.refused_grace =>
+            {
                 return Err(CollectiveError::PeerLost {
                     operation: "rendezvous",
                     peer: (config.rank + 1) % config.addresses.len(),

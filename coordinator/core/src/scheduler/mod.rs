@@ -14,8 +14,6 @@
 //! - Backfill: a job that cannot be placed does not hold back smaller jobs behind it. (A
 //!   reservation for blocked large jobs is the autoscaler's business: it buys their capacity.)
 //! - A worker is never placed twice: each placement removes its workers from the free set.
-//! - After a hard loss, a job takes only workers heard from since the break
-//!   (`heard_after_unix_ms`): a dead worker whose lease has not expired yet is never regrouped.
 
 use std::collections::BTreeMap;
 
@@ -33,16 +31,12 @@ pub struct PendingJob {
     pub min_workers: u32,
     pub max_workers: u32,
     pub gpus_per_worker: u32,
-    /// Only workers whose last heartbeat is at or after this time may join (0: any).
-    pub heard_after_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FreeWorker {
     pub id: WorkerId,
     pub gpus: u32,
-    /// The leader's clock at the worker's last heartbeat (0: not heard from by this leader).
-    pub heard_at_unix_ms: u64,
     pub instance_type: String,
     pub zone: String,
 }
@@ -64,38 +58,20 @@ pub struct Plan {
 /// Free workers of one pool, sorted by (gpus, id) so "how many have >= g GPUs" is a search.
 #[derive(Debug, Default)]
 struct Pool {
-    /// (gpus, id, heard_at_unix_ms), sorted.
-    workers: Vec<(u32, WorkerId, u64)>,
+    workers: Vec<(u32, WorkerId)>,
 }
 
 impl Pool {
-    /// Fitting workers heard from at or after `heard_after` (a search when unconstrained).
-    fn fitting(&self, gpus: u32, heard_after: u64) -> usize {
-        let start = self.workers.partition_point(|(g, _, _)| *g < gpus);
-        if heard_after == 0 {
-            return self.workers.len() - start;
-        }
-        self.workers[start..].iter().filter(|(_, _, heard)| *heard >= heard_after).count()
+    fn fitting(&self, gpus: u32) -> usize {
+        self.workers.len() - self.workers.partition_point(|(g, _)| *g < gpus)
     }
 
     /// Takes up to `count` fitting workers, the least-equipped first (keeps big GPUs for jobs
     /// that need them), returned in id order.
-    fn take(&mut self, gpus: u32, heard_after: u64, count: usize) -> Vec<WorkerId> {
-        let start = self.workers.partition_point(|(g, _, _)| *g < gpus);
-        if heard_after == 0 {
-            let mut ids: Vec<WorkerId> = self.workers.drain(start..start + count).map(|(_, id, _)| id).collect();
-            ids.sort();
-            return ids;
-        }
-        let mut ids = Vec::with_capacity(count);
-        let mut i = start;
-        while ids.len() < count && i < self.workers.len() {
-            if self.workers[i].2 >= heard_after {
-                ids.push(self.workers.remove(i).1);
-            } else {
-                i += 1;
-            }
-        }
+    fn take(&mut self, gpus: u32, count: usize) -> Vec<WorkerId> {
+        let start = self.workers.partition_point(|(g, _)| *g < gpus);
+        let taken: Vec<(u32, WorkerId)> = self.workers.drain(start..start + count).collect();
+        let mut ids: Vec<WorkerId> = taken.into_iter().map(|(_, id)| id).collect();
         ids.sort();
         ids
     }
@@ -105,15 +81,11 @@ impl Pool {
 pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     let mut pools: BTreeMap<(&str, &str), Pool> = BTreeMap::new();
     for w in free {
-        pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default().workers.push((
-            w.gpus,
-            w.id,
-            w.heard_at_unix_ms,
-        ));
+        pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default().workers.push((w.gpus, w.id));
     }
     for pool in pools.values_mut() {
         pool.workers.sort();
-        pool.workers.dedup_by_key(|(_, id, _)| *id);
+        pool.workers.dedup_by_key(|(_, id)| *id);
     }
     let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
     order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
@@ -122,14 +94,13 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
         let min = job.min_workers.max(1) as usize;
         let best = pools
             .iter()
-            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker, job.heard_after_unix_ms), *name))
+            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker), *name))
             .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
         match best {
             Some((fitting, name)) if fitting >= min => {
                 let count = fitting.min(job.max_workers.max(job.min_workers) as usize);
                 let pool = pools.get_mut(&name).expect("the pool was just found");
-                let workers = pool.take(job.gpus_per_worker, job.heard_after_unix_ms, count);
-                plan.placements.push(Placement { job: job.id, workers });
+                plan.placements.push(Placement { job: job.id, workers: pool.take(job.gpus_per_worker, count) });
             }
             best => {
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));

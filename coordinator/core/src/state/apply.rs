@@ -45,7 +45,6 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     preemptions: 0,
                     failures: 0,
                     failure_step: 0,
-                    interrupted_at_unix_ms: None,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -79,6 +78,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     lost_at_unix_ms: None,
                     job: None,
                     draining: false,
+                    suspect_since_unix_ms: None,
                 },
             );
             Ok(Applied::WorkerRegistered { worker_id })
@@ -115,7 +115,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job = running_generation(state, job_id, generation)?;
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
-                push_event(job, now, "checkpoint_requested", format!("{}: checkpointing at the next step", reason.name()));
+                push_event(
+                    job,
+                    now,
+                    "checkpoint_requested",
+                    format!("{}: checkpointing at the next step", reason.name()),
+                );
             }
             Ok(Applied::CheckpointRequested { job_id })
         }
@@ -214,8 +219,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
         return Err(Rejected::NotPending { job_id, state: job.state.name() });
     }
     for id in &workers {
-        let free =
-            state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
+        let free = state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
         if !free {
             return Err(Rejected::WorkerUnavailable(*id));
         }
@@ -236,6 +240,15 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.gang = workers;
     push_event(job, now, "gang", message);
     Ok(Applied::GangAssigned { job_id, generation: job.generation })
+}
+
+/// Members of a gang that broke without notice: any of them may be dead.
+fn suspect(state: &mut State, gang: &[WorkerId], now: u64) {
+    for id in gang {
+        if let Some(worker) = state.workers.get_mut(id) {
+            worker.suspect_since_unix_ms = Some(now);
+        }
+    }
 }
 
 /// Frees the gang's workers that are still assigned.
@@ -260,11 +273,11 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
     job.recoveries += 1;
     job.steps_lost += lost_steps;
     job.checkpoint_requested = None;
-    job.interrupted_at_unix_ms = Some(now);
     job.updated_at_unix_ms = now;
     push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
     let gang = std::mem::take(&mut job.gang);
     release(state, &gang);
+    suspect(state, &gang, now);
 }
 
 fn running_generation(state: &mut State, job_id: JobId, generation: u64) -> Result<&mut Job, Rejected> {
@@ -317,7 +330,6 @@ fn generation_ended(
             let lost = step.saturating_sub(resume_step(job));
             job.steps_lost += lost;
             job.recoveries += 1;
-            job.interrupted_at_unix_ms = Some(now);
             let message = format!("generation {generation} broke at step {step}; {lost} step(s) lost: {reason}");
             push_event(job, now, "peer_lost", bounded(message));
             job.reason = format!("a worker was lost; resuming from step {}", resume_step(job));
@@ -365,6 +377,9 @@ fn generation_ended(
     job.updated_at_unix_ms = now;
     let gang = std::mem::take(&mut job.gang);
     release(state, &gang);
+    if matches!(end, GenerationEnd::PeerLost { .. }) {
+        suspect(state, &gang, now);
+    }
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
 }
 

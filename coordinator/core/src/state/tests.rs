@@ -62,10 +62,12 @@ fn workers_register_and_are_lost() {
     };
     let registered = apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info }));
     assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
-    let lost = apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0 }));
+    let lost =
+        apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0 }));
     assert_eq!(lost, Ok(Applied::WorkerLost { worker_id: WorkerId(1) }));
     assert_eq!(state.workers[&WorkerId(1)].lost_at_unix_ms, Some(20));
-    let unknown = apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9), last_step_seen: 0 }));
+    let unknown =
+        apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9), last_step_seen: 0 }));
     assert_eq!(unknown, Err(Rejected::WorkerNotFound(WorkerId(9))));
 }
 
@@ -203,12 +205,8 @@ fn recorded_checkpoints_only_move_forward() {
 fn running_job(state: &mut State, max_failures: u32) -> (WorkerId, WorkerId) {
     let mut job_spec = spec("j");
     job_spec.capacity.max_failures = max_failures;
-    apply(
-        state,
-        1,
-        Envelope::new(1, Command::SubmitJob { spec: Box::new(job_spec), client_request_id: "r".into() }),
-    )
-    .expect("submit");
+    apply(state, 1, Envelope::new(1, Command::SubmitJob { spec: Box::new(job_spec), client_request_id: "r".into() }))
+        .expect("submit");
     let (w1, w2) = (register(state, 2), register(state, 3));
     apply(state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] })).expect("assign");
     (w1, w2)
@@ -243,14 +241,14 @@ fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Preemption));
     checkpoint(&mut state, 37, 1).expect("checkpoint");
-    assert_eq!(end(&mut state, 1, GenerationEnd::Checkpointed, 37), Ok(Applied::GenerationEnded {
-        job_id: JobId(1),
-        state: JobState::Pending
-    }));
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 37),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.preemptions, job.steps_lost, job.failures, job.recoveries), (1, 0, 0, 0));
     assert_eq!(job.checkpoint_requested, None);
-    assert!(job.interrupted_at_unix_ms.is_none(), "an orderly stop needs no fresh heartbeats");
+    assert!(state.workers.values().all(|w| w.suspect_since_unix_ms.is_none()), "an orderly stop suspects nobody");
     assert!(state.workers[&w2].draining && state.workers[&w2].job.is_none());
     assert!(matches!(end(&mut state, 1, GenerationEnd::Checkpointed, 37), Err(Rejected::NotRunning { .. })));
     // The draining worker is never given new work; the other one is.
@@ -271,7 +269,7 @@ fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
     end(&mut state, 1, lost.clone(), 27).expect("end");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, job.steps_lost, job.recoveries, job.failures), (JobState::Pending, 7, 1, 0));
-    assert_eq!(job.interrupted_at_unix_ms, Some(500));
+    assert!(state.workers.values().all(|w| w.suspect_since_unix_ms == Some(500)), "the whole gang is suspect");
     assert!(end(&mut state, 1, lost, 27).is_err(), "the other survivor's report changes nothing");
 }
 
@@ -313,10 +311,10 @@ fn failures_without_progress_fail_the_job_and_progress_resets_the_count() {
     assert_eq!(state.jobs[&JobId(1)].failures, 0, "progress resets the count");
     end(&mut state, 2, error(), 25).expect("failure after progress");
     reassign(&mut state, 601);
-    assert_eq!(end(&mut state, 3, error(), 20), Ok(Applied::GenerationEnded {
-        job_id: JobId(1),
-        state: JobState::Failed
-    }));
+    assert_eq!(
+        end(&mut state, 3, error(), 20),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Failed })
+    );
     let job = &state.jobs[&JobId(1)];
     assert!(job.reason.contains("capacity.max_failures = 2"), "{}", job.reason);
     assert!(state.workers.values().all(|w| w.job.is_none()), "capacity released");

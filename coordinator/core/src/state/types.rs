@@ -108,11 +108,6 @@ pub struct Job {
     /// `step` at the last failure: a later checkpoint past it resets `failures`.
     #[serde(default)]
     pub failure_step: u64,
-    /// When the last generation broke (a worker lost without notice). Only workers heard from
-    /// after this moment may form the next generation, so a dead worker whose lease has not
-    /// expired yet is never put back into the gang.
-    #[serde(default)]
-    pub interrupted_at_unix_ms: Option<u64>,
 }
 
 impl Job {
@@ -124,12 +119,8 @@ impl Job {
         let usable: Vec<&CheckpointRecord> = self.checkpoints.iter().filter(|c| !c.deleting).collect();
         let excess = usable.len().saturating_sub(keep);
         let newest = self.latest_checkpoint.as_ref().map(|c| c.uri.as_str());
-        let mark = usable
-            .iter()
-            .take(excess)
-            .filter(|c| Some(c.uri.as_str()) != newest)
-            .map(|c| c.uri.clone())
-            .collect();
+        let mark =
+            usable.iter().take(excess).filter(|c| Some(c.uri.as_str()) != newest).map(|c| c.uri.clone()).collect();
         let remove = self.checkpoints.iter().filter(|c| c.deleting).map(|c| c.uri.clone()).collect();
         (mark, remove)
     }
@@ -221,6 +212,11 @@ pub struct Worker {
     /// generation at a checkpoint and is never given new work.
     #[serde(default)]
     pub draining: bool,
+    /// When a gang it belonged to broke without notice. It may have died with it: the
+    /// scheduler gives it work again only once the leader has heard from it since (survivors
+    /// heartbeat at once; a dead worker never does, until its lease expires).
+    #[serde(default)]
+    pub suspect_since_unix_ms: Option<u64>,
 }
 
 /// The whole replicated state. Serialised as the Raft snapshot.
