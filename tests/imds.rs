@@ -59,6 +59,19 @@ fn wait_for_log(home: &Path, instance: &str, needle: &str, limit: Duration) {
     }
 }
 
+fn wait_lost(home: &Path, id: &str) {
+    let started = Instant::now();
+    loop {
+        let out = flotilla(home, &["workers", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        if list.as_array().is_some_and(|l| l.iter().any(|w| w["id"] == id && w["state"] == "Lost")) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{id} not lost: {list}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn preempt_gives_a_notice_or_kills_and_random_interruptions_arrive() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -70,21 +83,33 @@ fn preempt_gives_a_notice_or_kills_and_random_interruptions_arrive() {
     for instance in ["local-1", "local-2"] {
         wait_for_log(&home, instance, "spot interruption notice received", Duration::from_secs(30));
     }
-    let hard = flotilla(&home, &["preempt", "worker-1", "--hard"]);
-    assert!(hard.status.success(), "{}", String::from_utf8_lossy(&hard.stderr));
+    // Noticed workers drain and exit; the coordinator launches replacements (which get their
+    // own seeded notices in turn). A hard kill of a live one is detected by its lease.
     let started = Instant::now();
     loop {
         let out = flotilla(&home, &["workers", "-o", "json"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        if list.as_array().is_some_and(|l| l.iter().any(|w| w["id"] == "worker-1" && w["state"] == "Lost")) {
-            break;
+        let workers = list.as_array().cloned().unwrap_or_default();
+        let gone =
+            |id: &str| workers.iter().any(|w| w["id"] == id && (w["state"] == "Draining" || w["state"] == "Lost"));
+        let replacement =
+            workers.iter().find(|w| w["state"] == "Idle" && w["id"] != "worker-1" && w["id"] != "worker-2");
+        if gone("worker-1")
+            && gone("worker-2")
+            && let Some(replacement) = replacement
+        {
+            let id = replacement["id"].as_str().expect("id").to_string();
+            if flotilla(&home, &["preempt", &id, "--hard"]).status.success() {
+                wait_lost(&home, &id);
+                break;
+            }
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "worker-1 not lost: {list}");
-        std::thread::sleep(Duration::from_millis(250));
+        assert!(started.elapsed() < Duration::from_secs(30), "no drain and replacement: {list}");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let unknown = flotilla(&home, &["preempt", "worker-9"]);
+    let unknown = flotilla(&home, &["preempt", "worker-999"]);
     assert!(!unknown.status.success());
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no worker `worker-9`"));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no worker `worker-999`"));
 }
 
 #[test]

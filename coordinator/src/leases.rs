@@ -102,7 +102,8 @@ pub async fn expire_loop(
                         .and_then(|w| w.job)
                         .and_then(|j| state.jobs.get(&j).and_then(|job| progress.get(j, job.generation)))
                         .map_or(0, |p| p.step);
-                    (step, w.map(|w| w.info.instance_id.clone()))
+                    // A draining worker was replaced at its notice, or stopped on purpose.
+                    (step, w.filter(|w| !w.draining).map(|w| w.info.instance_id.clone()))
                 })
                 .await
             else {

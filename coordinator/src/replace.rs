@@ -18,6 +18,8 @@ pub struct Replacer {
     pub provider: LocalProvider,
     /// Tags of the cluster's instances (and of the replacements).
     pub tags: BTreeMap<String, String>,
+    /// One launch at a time: the local provider numbers instances by counting its records.
+    pub launching: tokio::sync::Mutex<()>,
 }
 
 impl Replacer {
@@ -25,6 +27,7 @@ impl Replacer {
     pub fn replace(self: &Arc<Self>, worker: WorkerId, instance_id: String) {
         let this = self.clone();
         tokio::spawn(async move {
+            let _one_at_a_time = this.launching.lock().await;
             let ours = match this.provider.describe(&this.tags).await {
                 Ok(instances) => instances.iter().any(|i| i.id == instance_id),
                 Err(e) => {

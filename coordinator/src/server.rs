@@ -73,7 +73,7 @@ fn replacer(config: &CoordinatorConfig) -> Result<Option<std::sync::Arc<crate::r
         seed: local.seed,
     };
     let tags = BTreeMap::from([(crate::provider::CLUSTER_TAG.to_string(), config.cluster_id.clone())]);
-    Ok(Some(std::sync::Arc::new(crate::replace::Replacer { provider, tags })))
+    Ok(Some(std::sync::Arc::new(crate::replace::Replacer { provider, tags, launching: Default::default() })))
 }
 
 #[derive(Debug, thiserror::Error)]

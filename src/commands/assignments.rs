@@ -170,7 +170,7 @@ impl RankContext {
 /// How a rank's run ended.
 enum RankEnd {
     /// Training is done. Rank 0 carries the report (with metrics); other ranks `None`.
-    Finished(Option<FinishedReport>),
+    Finished(Option<Box<FinishedReport>>),
     /// Stopped in order after `step` (vote); rank 0 saved and recorded that step.
     Checkpointed { step: u64, rank0: bool },
     /// Superseded (StopJob, or a newer assignment): report nothing.
@@ -220,7 +220,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     };
     let base = FinishedReport { worker_id, job_id: job_id.clone(), generation, ..Default::default() };
     let report = match end {
-        RankEnd::Finished(Some(report)) => Some(report),
+        RankEnd::Finished(Some(report)) => Some(*report),
         RankEnd::Finished(None) | RankEnd::Superseded => None,
         RankEnd::Checkpointed { step, rank0 } => {
             rank0.then(|| FinishedReport { end: GenerationEnd::Checkpointed.into(), step, ..base })
@@ -367,7 +367,7 @@ fn run_rank(
     let lag = every / 4;
     let cadence = every - lag;
     let mut saves =
-        SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0 };
+        SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0, count: 0 };
     let started = Instant::now();
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
@@ -425,6 +425,7 @@ fn run_rank(
             match outcome {
                 Ok(saved) => {
                     saves.last_saved = saved.step;
+                    saves.count += 1;
                     log.line(format!(
                         "checkpoint at step {} ({} bytes in {:.1} ms in the background; stall so far {:.1} ms)",
                         saved.step,
@@ -490,11 +491,15 @@ fn run_rank(
     }
     let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
     log.line(format!(
-        "finished at step {}: val_accuracy {accuracy}; checkpoint stall {:.1} ms in all",
+        "finished at step {}: val_accuracy {accuracy}; this generation: {} steps in {:.3} s, {} checkpoint(s), \
+         checkpoint stall {:.1} ms",
         trainer.steps_done(),
+        trainer.steps_done() - first_step,
+        started.elapsed().as_secs_f64(),
+        saves.count,
         saves.stall_ms
     ));
-    RankEnd::Finished(Some(FinishedReport {
+    RankEnd::Finished(Some(Box::new(FinishedReport {
         worker_id: context.worker_id.clone(),
         job_id: train.job_id,
         generation: train.generation,
@@ -510,7 +515,7 @@ fn run_rank(
         final_checkpoint: None,
         end: GenerationEnd::Finished.into(),
         unusable_checkpoint_step: 0,
-    }))
+    })))
 }
 
 /// Rank 0's bookkeeping of its checkpoints.
@@ -521,6 +526,8 @@ struct SaveTracker {
     last_saved: u64,
     /// Time the step loop spent on checkpoints (snapshot copies and waits), in ms.
     stall_ms: f64,
+    /// Checkpoints written and recorded.
+    count: u64,
 }
 
 /// The background writer's hook: record the written checkpoint with the coordinator (through

@@ -263,6 +263,14 @@ pub fn down(args: DownArgs, output: OutputFormat) -> anyhow::Result<()> {
             stopped.push(pid);
         }
     }
+    // A coordinator may have launched a replacement worker while the others were stopping.
+    let late: Vec<String> = runtime
+        .block_on(provider.describe(&cluster_tags(&cluster)))?
+        .into_iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .map(|i| i.id)
+        .collect();
+    runtime.block_on(provider.terminate(&late))?;
     if args.purge {
         std::fs::remove_dir_all(&home).with_context(|| format!("cannot delete {}", home.display()))?;
     } else {

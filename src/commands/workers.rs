@@ -200,8 +200,10 @@ pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
             action_file: args.action_file,
             interrupt_after: args.interrupt_after_ms.map(std::time::Duration::from_millis),
         };
+        let taken = imds::taken_at_action_time(&config);
         tokio::select! {
-            _ = imds::serve(listener, config) => {}
+            _ = imds::serve(listener, config.clone()) => {}
+            _ = taken => {}
             _ = super::shutdown_signal() => {}
         }
         anyhow::Ok(())

@@ -227,7 +227,10 @@ impl ClusterService for ClusterApi {
         let applied =
             self.node.propose(Command::WorkerInterrupted { worker_id, kind: kind.into() }).await.map_err(status)?;
         tracing::warn!(worker = %worker_id, kind, outcome = ?applied, "interruption notice");
-        if let Some(replacer) = &self.replacer {
+        // A notice means the cloud takes the machine: replace it. SIGTERM is an operator's
+        // (or `flotilla down`'s) decision to stop this worker: no replacement.
+        let taken = !matches!(InterruptionKind::try_from(report.kind), Ok(InterruptionKind::Sigterm));
+        if let Some(replacer) = self.replacer.as_ref().filter(|_| taken) {
             let instance = self
                 .node
                 .read_local(move |state| state.workers.get(&worker_id).map(|w| w.info.instance_id.clone()))

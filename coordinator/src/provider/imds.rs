@@ -31,6 +31,7 @@ const TOKENS_MAX: usize = 1024;
 /// Notice given before the instance is taken, as on EC2.
 pub const NOTICE: Duration = Duration::from_secs(120);
 
+#[derive(Debug, Clone)]
 pub struct ImdsConfig {
     pub instance_id: String,
     /// When this file exists, its content (a Unix time in ms) is the scheduled interruption.
@@ -42,14 +43,44 @@ pub struct ImdsConfig {
 struct Server {
     config: ImdsConfig,
     started: Instant,
+    /// The seeded interruption's action time, fixed at start.
+    drawn_action_at_unix_ms: Option<u64>,
     tokens: Mutex<HashMap<String, Instant>>,
     next_token: Mutex<u64>,
 }
 
+/// Resolves at the scheduled interruption's action time, after killing the instance's worker
+/// process (its pid from the instance record beside the action file), as EC2 takes the machine
+/// two minutes after the notice. Never resolves while no interruption is scheduled.
+pub async fn taken_at_action_time(config: &ImdsConfig) {
+    let started = crate::raft::node::now_unix_ms();
+    let drawn = config.interrupt_after.map(|after| started + (after + NOTICE).as_millis() as u64);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let scheduled = std::fs::read_to_string(&config.action_file).ok().and_then(|t| t.trim().parse::<u64>().ok());
+        let Some(at) = scheduled.or(drawn) else { continue };
+        if crate::raft::node::now_unix_ms() < at {
+            continue;
+        }
+        let record = config.action_file.with_extension("json");
+        let pid = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|r| r["pid"].as_u64());
+        if let Some(pid) = pid.filter(|p| super::local::is_running(*p as u32)) {
+            let _ = super::local::signal(pid as u32, "KILL");
+        }
+        return;
+    }
+}
+
 /// Serves IMDSv2 on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, config: ImdsConfig) {
+    let drawn_action_at_unix_ms =
+        config.interrupt_after.map(|after| crate::raft::node::now_unix_ms() + (after + NOTICE).as_millis() as u64);
     let server = Arc::new(Server {
         config,
+        drawn_action_at_unix_ms,
         started: Instant::now(),
         tokens: Mutex::new(HashMap::new()),
         next_token: Mutex::new(crate::raft::node::now_unix_ms()),
@@ -174,8 +205,7 @@ impl Server {
             return Some(at);
         }
         let after = self.config.interrupt_after?;
-        let elapsed = self.started.elapsed();
-        (elapsed >= after).then(|| crate::raft::node::now_unix_ms() + NOTICE.as_millis() as u64)
+        (self.started.elapsed() >= after).then_some(self.drawn_action_at_unix_ms).flatten()
     }
 }
 

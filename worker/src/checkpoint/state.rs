@@ -173,13 +173,15 @@ pub struct Saved {
 }
 
 type SaveResult = Result<Saved, CheckpointError>;
+/// A snapshot to save, with validation (accuracy, loss) when measured.
+type Snapshot = (TrainState, Option<(f64, f64)>);
 
 /// Asynchronous saving: the training loop hands over a snapshot (already copied to host
 /// memory) and continues; one background thread writes it and then calls `on_saved` (the
 /// agent records it with the coordinator there). At most one save is in flight: handing over
 /// another waits for the previous one, so memory stays bounded at one extra copy of the state.
 pub struct BackgroundCheckpointer {
-    snapshots: Option<std::sync::mpsc::SyncSender<(TrainState, Option<(f64, f64)>)>>,
+    snapshots: Option<std::sync::mpsc::SyncSender<Snapshot>>,
     results: std::sync::mpsc::Receiver<SaveResult>,
     in_flight: Option<u64>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -190,7 +192,7 @@ impl BackgroundCheckpointer {
         checkpointer: Checkpointer,
         mut on_saved: impl FnMut(&Saved) -> Result<(), String> + Send + 'static,
     ) -> BackgroundCheckpointer {
-        let (snapshots, inbox) = std::sync::mpsc::sync_channel::<(TrainState, Option<(f64, f64)>)>(1);
+        let (snapshots, inbox) = std::sync::mpsc::sync_channel::<Snapshot>(1);
         let (outbox, results) = std::sync::mpsc::sync_channel::<SaveResult>(1);
         let thread = std::thread::spawn(move || {
             for (state, metrics) in inbox {
