@@ -318,3 +318,101 @@ fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
 }
+
+#[test]
+fn an_elastic_job_continues_on_the_survivor_and_grows_back() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let up = run(&home, &["up", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let spec = write_spec(dir.path(), "elastic", 40, 20);
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("min = 2, max = 2", "min = 1, max = 2");
+    std::fs::write(&spec, text).expect("spec");
+    let job = submit(&home, &spec);
+    wait_for(&home, &job, Duration::from_secs(60), "progress on 2 workers", |s| {
+        s["state"] == "Running" && s["world_size"] == 2 && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let victim = gang(&home, &job).pop().expect("a gang");
+    assert!(run(&home, &["preempt", &victim, "--hard"]).status.success());
+    // No spare: the survivor carries on alone at once, then the replacement joins.
+    wait_for(&home, &job, Duration::from_secs(30), "the survivor alone", |s| {
+        s["state"] == "Running" && s["world_size"] == 1
+    });
+    wait_for(&home, &job, Duration::from_secs(60), "growth back to 2", |s| {
+        (s["state"] == "Running" && s["world_size"] == 2 && s["generation"].as_u64().unwrap_or(0) >= 3)
+            || s["state"] == "Succeeded"
+    });
+    let done = wait_for(&home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    let worlds: Vec<u64> =
+        events(&done, "gang").iter().filter_map(|m| m.split(" on ").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    assert!(worlds.windows(3).any(|w| w == [2, 1, 2]), "world sizes {worlds:?}: {done}");
+    assert!(events(&done, "checkpointed").iter().any(|m| m.contains("for grow")), "{done}");
+    assert_eq!(done["preemptions"], 0, "growing is not a preemption: {done}");
+    assert!(done["steps_lost"].as_u64().unwrap_or(u64::MAX) <= 20, "{done}");
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+}
+
+#[test]
+fn failures_stop_a_job_with_the_reason_and_release_its_workers() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let up = run(&home, &["up", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+
+    // A loss that turns NaN fails at once: retrying would diverge the same way. (Finite but
+    // huge features overflow the logits.)
+    let huge = dir.path().join("huge.csv");
+    let rows: String = (0..64).map(|i| format!("{},3e38,-3e38,3e38,1\n", i % 2)).collect();
+    std::fs::write(&huge, rows).expect("data");
+    let nan = dir.path().join("nan.toml");
+    std::fs::write(
+        &nan,
+        format!(
+            "name = \"nan\"\nmodel = {{ kind = \"mlp\", hidden = [16] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 5, batch_size = 8 }}\nworkers = {{ min = 2, max = 2 }}\n",
+            huge.display()
+        ),
+    )
+    .expect("spec");
+    let job = submit(&home, &nan);
+    let failed = wait_until_ended(&home, &job);
+    assert_eq!(failed["state"], "Failed", "{failed}");
+    assert!(failed["reason"].as_str().unwrap_or_default().contains("loss is"), "{failed}");
+    assert_eq!(failed["generation"], 1, "not retried: {failed}");
+
+    // A bad data set: each generation fails to read it; after capacity.max_failures failures
+    // without progress the job stops with the last error.
+    let data = dir.path().join("broken.csv.gz");
+    std::fs::write(&data, b"this is not gzip").expect("data");
+    let spec = write_spec(dir.path(), "broken", 5, 20);
+    let text = std::fs::read_to_string(&spec)
+        .expect("spec")
+        .replace(&mnist().display().to_string(), &data.display().to_string())
+        .replace("keep = 3 }", "keep = 3 }\ncapacity = { max_failures = 2 }");
+    std::fs::write(&spec, text).expect("spec");
+    let job = submit(&home, &spec);
+    let failed = wait_until_ended(&home, &job);
+    assert_eq!(failed["state"], "Failed", "{failed}");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("capacity.max_failures = 2") && reason.contains("broken.csv.gz"), "{failed}");
+    assert_eq!(failed["failures"], 2, "{failed}");
+    let workers = json(&home, &["workers", "-o", "json"]);
+    assert!(workers.as_array().is_some_and(|ws| ws.iter().all(|w| w["job_id"].is_null())), "released: {workers}");
+}
+
+fn wait_until_ended(home: &Path, job: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let s = status(home, job);
+        if ["Succeeded", "Failed", "Cancelled"].iter().any(|e| s["state"] == *e) {
+            return s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{job} did not end: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -32,6 +32,9 @@ struct Table {
 #[derive(Default)]
 pub struct Leases {
     table: Mutex<Table>,
+    /// Notified when a worker under suspicion (its gang broke) is heard from: the scheduler
+    /// can regroup at once instead of at its next periodic pass.
+    pub suspect_heard: tokio::sync::Notify,
 }
 
 impl Leases {
@@ -39,10 +42,18 @@ impl Leases {
         self.table.lock().expect("the lease lock is never held across a panic")
     }
 
-    pub fn renew(&self, worker: WorkerId) {
-        let mut table = self.table();
-        table.expires.insert(worker, Instant::now() + LEASE);
-        table.last_heartbeat_unix_ms.insert(worker, now_unix_ms());
+    /// Renews `worker`'s lease. `suspect_since`: when its gang broke, if it did; hearing from
+    /// it for the first time since then wakes the scheduler.
+    pub fn renew(&self, worker: WorkerId, suspect_since: Option<u64>) {
+        let now = now_unix_ms();
+        let previous = {
+            let mut table = self.table();
+            table.expires.insert(worker, Instant::now() + LEASE);
+            table.last_heartbeat_unix_ms.insert(worker, now).unwrap_or(0)
+        };
+        if suspect_since.is_some_and(|since| previous < since && now >= since) {
+            self.suspect_heard.notify_one();
+        }
     }
 
     pub fn last_heartbeat_unix_ms(&self, worker: WorkerId) -> u64 {

@@ -5,11 +5,11 @@
 //! new leader sees exactly which workers are taken; a proposal that loses a race (a worker
 //! was lost meanwhile) is rejected by the state machine and retried on the next pass.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
-use flotilla_core::scheduler::{FreeWorker, PendingJob, schedule};
-use flotilla_core::state::{Command, JobState, State};
+use flotilla_core::scheduler::{FreeWorker, PendingJob, RunningJob, grow, schedule};
+use flotilla_core::state::{Command, JobState, State, StopReason};
 use flotilla_core::{JobId, WorkerId};
 
 use crate::raft::node::NodeHandle;
@@ -19,6 +19,32 @@ const PASS_EVERY: Duration = Duration::from_millis(300);
 /// ... and at the earliest this long after it, when the state changes (a submission, a worker
 /// freed): fast reaction without a pass per committed write under load.
 const PASS_MIN_GAP: Duration = Duration::from_millis(20);
+
+/// An elastic generation runs at least this long before it is regrown.
+const GROW_AFTER: Duration = Duration::from_secs(3);
+
+/// Running elastic jobs below their `max`, not already asked to checkpoint.
+fn growable(state: &State) -> Vec<RunningJob> {
+    state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running && j.checkpoint_requested.is_none())
+        .filter(|j| (j.gang.len() as u32) < j.spec.workers.max)
+        .filter_map(|j| {
+            let first = state.workers.get(j.gang.first()?)?;
+            Some(RunningJob {
+                id: j.id,
+                generation: j.generation,
+                priority: j.spec.priority,
+                submitted_index: j.submitted_index,
+                world: j.gang.len() as u32,
+                max_workers: j.spec.workers.max,
+                gpus_per_worker: j.spec.workers.gpus,
+                pool: (first.info.instance_type.clone(), first.info.zone.clone()),
+            })
+        })
+        .collect()
+}
 
 /// The scheduler's input, read from the replicated state; `heard_at` is the leader's clock at
 /// each worker's last heartbeat (in memory, not replicated). A worker whose gang broke is
@@ -53,24 +79,46 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
 }
 
 pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::leases::Leases>) {
+    let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
     loop {
-        let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
+        tokio::select! {
+            _ = tokio::time::timeout(PASS_EVERY, node.changed()) => {}
+            _ = leases.suspect_heard.notified() => {}
+        }
         tokio::time::sleep(PASS_MIN_GAP).await;
         if node.status().leader_id != Some(node.id) {
             continue;
         }
         let heard = leases.clone();
-        let Ok((pending, free, reasons)) = node
+        let Ok((pending, free, reasons, running)) = node
             .read_local(move |state| {
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> =
                     state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
-                (pending, free, reasons)
+                (pending, free, reasons, growable(state))
             })
             .await
         else {
             continue;
         };
+        // Elastic growth, once a generation has run a while (a regroup costs a checkpoint and
+        // a rendezvous; never thrash).
+        running_since
+            .retain(|job, (generation, _)| running.iter().any(|r| r.id == *job && r.generation == *generation));
+        for job in &running {
+            running_since.entry(job.id).or_insert((job.generation, Instant::now()));
+        }
+        let settled: Vec<RunningJob> = running
+            .into_iter()
+            .filter(|j| running_since.get(&j.id).is_some_and(|(_, since)| since.elapsed() >= GROW_AFTER))
+            .collect();
+        for (job_id, generation) in grow(&settled, &free, !pending.is_empty()) {
+            let command = Command::RequestCheckpoint { job_id, generation, reason: StopReason::Grow };
+            match node.propose(command).await {
+                Ok(_) => tracing::info!(job = %job_id, generation, "free workers: regrouping the elastic job larger"),
+                Err(e) => tracing::debug!(job = %job_id, error = %e, "growth not requested"),
+            }
+        }
         if pending.is_empty() {
             continue;
         }

@@ -33,7 +33,7 @@ use flotilla_proto::v1::{
 use flotilla_worker::checkpoint::CheckpointError;
 use flotilla_worker::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
 use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
-use flotilla_worker::data;
+use flotilla_worker::data::{self, Dataset};
 use flotilla_worker::joblog::JobLog;
 use flotilla_worker::train::{TrainError, Trainer};
 use tokio::sync::watch;
@@ -298,8 +298,8 @@ fn run_rank(
         Ok(a) => a,
         Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
     };
-    let splits = match data::load_job_data(&spec.data, spec.train.seed).context("loading the training data") {
-        Ok(splits) => splits,
+    let (train_set, validation_set) = match job_data(&spec) {
+        Ok(sets) => sets,
         Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
     };
     let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
@@ -319,7 +319,7 @@ fn run_rank(
     );
     log.line(format!(
         "generation {}: training on {} worker(s), {} train rows",
-        train.generation, train.world_size, splits.train.rows
+        train.generation, train.world_size, train_set.rows
     ));
     let listener = match listener.try_clone() {
         Ok(l) => l,
@@ -348,7 +348,7 @@ fn run_rank(
         },
         None => None,
     };
-    let mut trainer = match Trainer::new(&spec, splits.train, &mut comm, resume) {
+    let mut trainer = match Trainer::new(&spec, train_set, &mut comm, resume) {
         Ok(trainer) => trainer,
         Err(e) => return broken(train_error_end(&e), resume_step, e),
     };
@@ -474,7 +474,7 @@ fn run_rank(
     if !rank0 {
         return RankEnd::Finished(None);
     }
-    let metrics = match splits.validation.as_ref().map(|v| trainer.evaluate(v)).transpose() {
+    let metrics = match validation_set.as_deref().map(|v| trainer.evaluate(v)).transpose() {
         Ok(metrics) => metrics,
         Err(e) => return broken(GenerationEnd::RetryableError, trainer.steps_done(), e),
     };
@@ -516,6 +516,29 @@ fn run_rank(
         end: GenerationEnd::Finished.into(),
         unusable_checkpoint_step: 0,
     })))
+}
+
+/// A job's data sets: (train, validation).
+type JobData = (Arc<Dataset>, Option<Arc<Dataset>>);
+
+/// The data of the last job this worker trained, kept across its generations: regrouping after
+/// a preemption does not reload and re-parse the data set (a few hundred ms for MNIST 5k).
+static DATA_CACHE: std::sync::Mutex<Option<(String, JobData)>> = std::sync::Mutex::new(None);
+
+fn job_data(spec: &flotilla_proto::spec::JobSpec) -> anyhow::Result<JobData> {
+    let key = format!("{:?}/{}", spec.data, spec.train.seed);
+    if let Ok(cache) = DATA_CACHE.lock()
+        && let Some((cached, sets)) = cache.as_ref()
+        && *cached == key
+    {
+        return Ok(sets.clone());
+    }
+    let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
+    let sets = (Arc::new(splits.train), splits.validation.map(Arc::new));
+    if let Ok(mut cache) = DATA_CACHE.lock() {
+        *cache = Some((key, sets.clone()));
+    }
+    Ok(sets)
 }
 
 /// Rank 0's bookkeeping of its checkpoints.

@@ -129,7 +129,7 @@ impl ClusterService for ClusterApi {
         let info = capabilities(request.into_inner().capabilities)?;
         match self.node.propose(Command::RegisterWorker { info }).await.map_err(status)? {
             Applied::WorkerRegistered { worker_id } => {
-                self.leases.renew(worker_id);
+                self.leases.renew(worker_id, None);
                 Ok(Response::new(RegisterWorkerResponse {
                     worker_id: worker_id.to_string(),
                     lease_ms: LEASE.as_millis() as u64,
@@ -144,13 +144,16 @@ impl ClusterService for ClusterApi {
         self.authorize_worker(&request)?;
         self.require_leader()?;
         let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
-        let live = self
+        let worker = self
             .node
-            .read_local(move |state| state.workers.get(&id).is_some_and(|w| w.lost_at_unix_ms.is_none()))
+            .read_local(move |state| {
+                state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.suspect_since_unix_ms)
+            })
             .await
             .map_err(status)?;
-        if live {
-            self.leases.renew(id);
+        let live = worker.is_some();
+        if let Some(suspect_since) = worker {
+            self.leases.renew(id, suspect_since);
         }
         Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live }))
     }

@@ -14,6 +14,8 @@
 //! - Backfill: a job that cannot be placed does not hold back smaller jobs behind it. (A
 //!   reservation for blocked large jobs is the autoscaler's business: it buys their capacity.)
 //! - A worker is never placed twice: each placement removes its workers from the free set.
+//! - Elastic growth ([`grow`]): when no job waits, a running job below `max` whose pool has
+//!   free fitting workers is asked to checkpoint and regroup larger.
 
 use std::collections::BTreeMap;
 
@@ -119,6 +121,48 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
         }
     }
     plan
+}
+
+/// A running job that may grow (`world < max`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    pub id: JobId,
+    pub generation: u64,
+    pub priority: i32,
+    pub submitted_index: u64,
+    pub world: u32,
+    pub max_workers: u32,
+    pub gpus_per_worker: u32,
+    /// (instance type, zone) of its gang.
+    pub pool: (String, String),
+}
+
+/// Elastic growth: which running jobs to regroup at a larger world size, given the workers left
+/// free after this pass's placements. Only when no job is waiting (pending jobs come first);
+/// each free worker is promised to one job at most, in priority then FIFO order.
+pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> Vec<(JobId, u64)> {
+    if any_waiting {
+        return Vec::new();
+    }
+    let mut order: Vec<&RunningJob> = running.iter().filter(|j| j.world < j.max_workers).collect();
+    order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
+    let mut taken = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for job in order {
+        let want = (job.max_workers - job.world) as usize;
+        let fitting: Vec<WorkerId> = free
+            .iter()
+            .filter(|w| (w.instance_type.as_str(), w.zone.as_str()) == (job.pool.0.as_str(), job.pool.1.as_str()))
+            .filter(|w| w.gpus >= job.gpus_per_worker && !taken.contains(&w.id))
+            .map(|w| w.id)
+            .take(want)
+            .collect();
+        if !fitting.is_empty() {
+            taken.extend(fitting);
+            out.push((job.id, job.generation));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -132,3 +132,22 @@ proptest! {
         prop_assert_eq!(schedule(&jobs, &workers), schedule(&jobs, &workers));
     }
 }
+
+#[test]
+fn elastic_jobs_grow_only_into_free_workers_of_their_pool_when_nobody_waits() {
+    let running = |id: u64, world, max, pool: &str| RunningJob {
+        id: JobId(id),
+        generation: 3,
+        priority: 0,
+        submitted_index: id,
+        world,
+        max_workers: max,
+        gpus_per_worker: 0,
+        pool: (pool.to_string(), "z".to_string()),
+    };
+    let free = [worker(7, 0, "a")];
+    let jobs = [running(1, 2, 2, "a"), running(2, 1, 4, "b"), running(3, 1, 2, "a"), running(4, 1, 2, "a")];
+    assert_eq!(grow(&jobs, &free, false), [(JobId(3), 3)], "full, wrong pool, and the one free worker promised once");
+    assert!(grow(&jobs, &free, true).is_empty(), "waiting jobs come first");
+    assert!(grow(&jobs, &[], false).is_empty());
+}
