@@ -1,6 +1,6 @@
 //! Preemption never loses work, end to end with the real binary on a local cluster:
 //!
-//! - spot notices (`flotilla preempt`): every interrupted generation stops at a checkpoint of
+//! - spot notices (`flotilla preempt`) and SIGTERM: every interrupted generation stops at a checkpoint of
 //!   the last step it completed, and the next one resumes exactly there (zero steps lost);
 //! - hard kills (SIGKILL of random gang members at random moments, 5 in one job): the job
 //!   succeeds, each kill costs at most one checkpoint interval, accuracy stays >= 90%, and the
@@ -90,6 +90,22 @@ fn gang(home: &Path, job: &str) -> Vec<String> {
     ids
 }
 
+/// The process id of a worker's agent, from its local instance record.
+fn worker_pid(home: &Path, worker: &str) -> u64 {
+    let workers = json(home, &["workers", "-o", "json"]);
+    let instance = workers
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["id"] == worker))
+        .and_then(|w| w["instance_id"].as_str())
+        .expect("the worker's instance")
+        .to_string();
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(home.join("instances").join(format!("{instance}.json"))).expect("instance record"),
+    )
+    .expect("record JSON");
+    record["pid"].as_u64().expect("pid")
+}
+
 fn logs(home: &Path, job: &str) -> String {
     String::from_utf8_lossy(&run(home, &["logs", job]).stdout).to_string()
 }
@@ -119,7 +135,7 @@ fn spot_notices_lose_zero_steps() {
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     let job = submit(&home, &write_spec(dir.path(), "notice", 24, 20));
 
-    for generation in 1..=2u64 {
+    for generation in 1..=3u64 {
         let running = wait_for(&home, &job, Duration::from_secs(60), "progress", |s| {
             s["state"] == "Running" && s["generation"] == generation && s["step"].as_u64().unwrap_or(0) > 0
         });
@@ -127,14 +143,22 @@ fn spot_notices_lose_zero_steps() {
         assert_eq!(members.len(), 2, "{members:?}: {running}");
         // Alternate the doomed rank: rank 0 (the checkpoint writer) first, then the other.
         let doomed = &members[(generation as usize - 1) % 2];
-        let preempted = run(&home, &["preempt", doomed]);
-        assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+        if generation < 3 {
+            let preempted = run(&home, &["preempt", doomed]);
+            assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+        } else {
+            // SIGTERM (an operator, or the machine shutting down) is handled like a notice.
+            let pid = worker_pid(&home, doomed);
+            assert!(
+                std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success()
+            );
+        }
         wait_for(&home, &job, Duration::from_secs(30), "a new generation", |s| {
             s["generation"].as_u64().unwrap_or(0) > generation || s["state"] == "Succeeded"
         });
     }
     let done = wait_for(&home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
-    assert_eq!(done["preemptions"], 2, "{done}");
+    assert_eq!(done["preemptions"], 3, "{done}");
     assert_eq!(done["steps_lost"], 0, "{done}");
     assert_eq!(done["recoveries"], 0, "a notice is not a loss: {done}");
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
@@ -145,18 +169,19 @@ fn spot_notices_lose_zero_steps() {
     let log = logs(&home, &job);
     let stopped = numbers_after(&log, "stopped at step ");
     let resumed = numbers_after(&log, "resuming from the checkpoint of step ");
-    assert_eq!(stopped.len(), 2, "{log}");
+    assert_eq!(stopped.len(), 3, "{log}");
     assert_eq!(stopped, resumed, "every generation resumes where the previous one stopped:\n{log}");
     let checkpointed = events(&done, "checkpointed");
-    assert_eq!(checkpointed.len(), 2, "{done}");
+    assert_eq!(checkpointed.len(), 3, "{done}");
     for (message, step) in checkpointed.iter().zip(&stopped) {
         assert!(message.contains(&format!("at step {step}; 0 step(s) lost")), "{message}");
     }
-    // The notified workers drained and exited; replacements were launched in their place.
+    // The interrupted workers drained and exited; the two that got a spot notice were
+    // replaced, the one stopped by SIGTERM was not.
     let workers = json(&home, &["workers", "-o", "json"]);
     let count = |state: &str| workers.as_array().map_or(0, |ws| ws.iter().filter(|w| w["state"] == state).count());
-    assert_eq!(count("Draining") + count("Lost"), 2, "{workers}");
-    assert!(count("Idle") >= 3, "replacements joined: {workers}");
+    assert_eq!(count("Draining") + count("Lost"), 3, "{workers}");
+    assert_eq!(count("Idle"), 2, "3 + 2 replacements - 3 interrupted: {workers}");
 }
 
 /// A small deterministic generator for kill targets and moments.

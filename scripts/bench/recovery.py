@@ -66,7 +66,21 @@ def emit(record):
     print(json.dumps(record), flush=True)
 
 
+def wait_idle_workers(count, limit_s=60):
+    """Each round starts with a spare (the previous round's replacement has joined), so the
+    figures measure recovery, not waiting for capacity."""
+    started = time.monotonic()
+    while True:
+        workers = json.loads(cli("workers", "-o", "json").strip().splitlines()[-1])
+        if sum(1 for w in workers if w["state"] == "Idle") >= count:
+            return
+        if time.monotonic() - started > limit_s:
+            raise SystemExit(f"fewer than {count} idle workers after {limit_s} s: {workers}")
+        time.sleep(0.2)
+
+
 def recovery(kind, round_no):
+    wait_idle_workers(3)
     job = submit(f"{kind}-{round_no}", epochs=40)
     running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100)
     generation = running["generation"]

@@ -182,7 +182,7 @@ enum RankEnd {
 async fn train_and_report(context: RankContext, train: TrainAssignment, listener: Arc<TcpListener>) {
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
     tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
-    let _ = context.shared.busy.send(true);
+    let _ = context.shared.busy.send_replace(true);
     let mut client = context.client.clone();
     let worker_id = context.worker_id.clone();
     let shared = context.shared.clone();
@@ -246,7 +246,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     // Heartbeat at once: after a broken gang, the coordinator regroups only workers it has heard
     // from since the break.
     shared.beat_now.notify_one();
-    let _ = shared.busy.send(false);
+    let _ = shared.busy.send_replace(false);
 }
 
 /// Writes a line to the job log (rank 0 only; a log that cannot be written is not fatal).

@@ -224,10 +224,23 @@ async fn watch_interruptions(
     let mut client = flotilla_worker::imds::ImdsClient::new(&endpoint);
     let mut warned_unreachable = false;
     loop {
-        match client.instance_action().await {
-            Ok(Some(notice)) => {
-                tracing::warn!(notice = %notice.trim(), "spot interruption notice received");
-                interrupt(api, registered, &shared, v1::InterruptionKind::SpotNotice).await;
+        let polled = match client.instance_action().await {
+            Ok(Some(notice)) => Ok(Some((notice, v1::InterruptionKind::SpotNotice))),
+            Ok(None) => client
+                .rebalance_recommendation()
+                .await
+                .map(|r| r.map(|notice| (notice, v1::InterruptionKind::Rebalance))),
+            Err(e) => Err(e),
+        };
+        match polled {
+            Ok(Some((notice, kind))) => {
+                let what = if kind == v1::InterruptionKind::SpotNotice {
+                    "spot interruption notice"
+                } else {
+                    "rebalance recommendation"
+                };
+                tracing::warn!(notice = %notice.trim(), "{what} received");
+                interrupt(api, registered, &shared, kind).await;
                 return;
             }
             Ok(None) => {}

@@ -100,4 +100,10 @@ impl ImdsClient {
     pub async fn instance_action(&mut self) -> Result<Option<String>, ImdsError> {
         self.get("/latest/meta-data/spot/instance-action").await
     }
+
+    /// EC2's rebalance recommendation (`{"noticeTime": ...}`): the instance is at elevated risk
+    /// of interruption, often well before the two-minute notice.
+    pub async fn rebalance_recommendation(&mut self) -> Result<Option<String>, ImdsError> {
+        self.get("/latest/meta-data/events/recommendations/rebalance").await
+    }
 }

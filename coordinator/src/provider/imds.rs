@@ -4,6 +4,7 @@
 //! ```text
 //!   PUT /latest/api/token                       X-aws-ec2-metadata-token-ttl-seconds: 1..21600
 //!   GET /latest/meta-data/instance-id           X-aws-ec2-metadata-token: <token>
+//!   GET /latest/meta-data/events/recommendations/rebalance   404 (no rebalance simulation yet)
 //!   GET /latest/meta-data/spot/instance-action  404 until an interruption is scheduled, then
 //!                                               {"action":"terminate","time":"<RFC 3339>"}
 //! ```
