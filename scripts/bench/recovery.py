@@ -93,6 +93,7 @@ def recovery(kind, round_no):
     resume_step = (regrouped["latest_checkpoint"] or {}).get("step", resume_step)
     first, t_first = wait(job, lambda s: s["generation"] > generation and s["step"] > resume_step)
     cli("cancel", job)
+    breaks = [e["message"] for e in first["events"] if e["kind"] in ("peer_lost", "worker_lost")]
     emit({
         "bench": f"recovery_{kind}",
         "round": round_no,
@@ -101,6 +102,8 @@ def recovery(kind, round_no):
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
         "steps_lost": first["steps_lost"],
         "resumed_from_step": resume_step,
+        "generations": first["generation"] - generation,
+        "breaks": breaks,
     })
 
 

@@ -125,6 +125,7 @@ fn state_name(worker: &v1::WorkerInfo) -> &'static str {
         Ok(v1::WorkerState::Busy) => "Busy",
         Ok(v1::WorkerState::Draining) => "Draining",
         Ok(v1::WorkerState::Lost) => "Lost",
+        Ok(v1::WorkerState::Suspect) => "Suspect",
         _ => "Unknown",
     }
 }

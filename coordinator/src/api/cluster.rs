@@ -92,10 +92,12 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
 }
 
 fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64) -> WorkerInfo {
+    let suspect = worker.suspect_since_unix_ms.is_some_and(|since| last_heartbeat_unix_ms < since);
     let state = match (worker.lost_at_unix_ms, worker.draining, worker.job) {
         (Some(_), _, _) => WorkerState::Lost,
         (None, true, _) => WorkerState::Draining,
         (None, false, Some(_)) => WorkerState::Busy,
+        (None, false, None) if suspect => WorkerState::Suspect,
         (None, false, None) => WorkerState::Idle,
     };
     let info = &worker.info;
