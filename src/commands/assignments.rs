@@ -54,7 +54,10 @@ const PROGRESS_QUEUE_MAX: usize = 4;
 /// coordinator's order to drain.
 #[derive(Default)]
 pub struct AgentShared {
-    /// Set on a spot notice or SIGTERM (after the coordinator heard of it): the running
+    /// Set on a spot notice or SIGTERM, before it is reported: a Drain from the coordinator
+    /// is obeyed only then.
+    pub noticed: AtomicBool,
+    /// Set once the coordinator heard of the interruption (or could not be told): the running
     /// generation votes to stop at the next step boundary.
     pub interrupted: AtomicBool,
     /// True while a training thread runs on this worker.
@@ -142,8 +145,15 @@ pub async fn follow(
                     }
                 }
                 Some(assignment::Kind::Drain(drain)) => {
-                    tracing::warn!(reason = %drain.reason, "the coordinator drains this worker");
-                    shared.drained.notify_one();
+                    // Exit only after our own interruption (notice, SIGTERM): a coordinator
+                    // that does not know this worker id (lease expired, lagging node) is
+                    // answered by registering again, in the heartbeat loop.
+                    if shared.noticed.load(Ordering::Relaxed) {
+                        tracing::warn!(reason = %drain.reason, "the coordinator drains this worker");
+                        shared.drained.notify_one();
+                    } else {
+                        tracing::info!(reason = %drain.reason, "drain ignored: this worker was not interrupted");
+                    }
                 }
                 None => {}
             }

@@ -101,7 +101,7 @@ async fn interrupt(
     shared: &AgentShared,
     kind: v1::InterruptionKind,
 ) {
-    if shared.interrupted.load(Ordering::Relaxed) {
+    if shared.noticed.swap(true, Ordering::Relaxed) {
         return;
     }
     let worker_id = registered.borrow().clone().unwrap_or_default();
