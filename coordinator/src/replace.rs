@@ -40,8 +40,10 @@ impl Replacer {
             }
             let spec = LaunchSpec {
                 instance_type: "local".into(),
+                zone: None,
                 spot: true,
                 count: 1,
+                on_demand_base: 0,
                 tags: this.tags.clone(),
                 client_token: format!("replace-{instance_id}"),
             };

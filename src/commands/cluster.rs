@@ -68,8 +68,10 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
     provider.seed = args.seed;
     let spec = LaunchSpec {
         instance_type: "local".into(),
+        zone: None,
         spot: false,
         count,
+        on_demand_base: 0,
         tags: cluster_tags(cluster),
         client_token: random_hex(8)?,
     };

@@ -8,7 +8,9 @@
 //! values stamped into commands by the Raft leader, randomness as seeds. This keeps every
 //! decision reproducible in the deterministic simulation tests (DESIGN §9).
 
+pub mod autoscale;
 pub mod ids;
+pub mod market;
 pub mod scheduler;
 pub mod spec;
 pub mod state;

@@ -163,6 +163,39 @@ impl LocalProvider {
 
 impl Provider for LocalProvider {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Instance>, ProviderError> {
+        self.launch_now(spec)
+    }
+
+    async fn terminate(&self, ids: &[String]) -> Result<(), ProviderError> {
+        {
+            let records = self.records()?;
+            for record in records.iter().filter(|r| ids.contains(&r.instance.id)) {
+                stop_process(record.pid).await?;
+                if let Some(imds) = record.imds_pid.filter(|p| is_running(*p)) {
+                    signal(imds, "KILL")?;
+                }
+                let mut stopped = record.clone();
+                stopped.instance.state = InstanceState::Terminated;
+                self.save(&stopped)?;
+            }
+            Ok(())
+        }
+    }
+
+    async fn describe(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Instance>, ProviderError> {
+        {
+            Ok(self
+                .records()?
+                .into_iter()
+                .map(|r| r.instance)
+                .filter(|i| tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+                .collect())
+        }
+    }
+}
+
+impl LocalProvider {
+    fn launch_now(&self, spec: &LaunchSpec) -> Result<Vec<Instance>, ProviderError> {
         if spec.count == 0 || spec.count > LAUNCH_COUNT_MAX {
             return Err(ProviderError::Invalid(format!("count {} (1 to {LAUNCH_COUNT_MAX})", spec.count)));
         }
@@ -178,13 +211,15 @@ impl Provider for LocalProvider {
             let id = format!("local-{number}");
             let (imds_pid, imds) = self.spawn_imds(&id, number as u64)?;
             let pid = self.spawn(&id, &imds)?;
+            let mut tags = spec.tags.clone();
+            tags.insert(super::LAUNCH_TOKEN_TAG.to_string(), spec.client_token.clone());
             let instance = Instance {
                 id,
                 instance_type: spec.instance_type.clone(),
                 zone: "local".to_string(),
                 spot: spec.spot,
                 state: InstanceState::Running,
-                tags: spec.tags.clone(),
+                tags,
                 launched_at_unix_ms: now_unix_ms(),
             };
             let record = Record {
@@ -197,29 +232,6 @@ impl Provider for LocalProvider {
             launched.push(instance);
         }
         Ok(launched)
-    }
-
-    async fn terminate(&self, ids: &[String]) -> Result<(), ProviderError> {
-        let records = self.records()?;
-        for record in records.iter().filter(|r| ids.contains(&r.instance.id)) {
-            stop_process(record.pid).await?;
-            if let Some(imds) = record.imds_pid.filter(|p| is_running(*p)) {
-                signal(imds, "KILL")?;
-            }
-            let mut stopped = record.clone();
-            stopped.instance.state = InstanceState::Terminated;
-            self.save(&stopped)?;
-        }
-        Ok(())
-    }
-
-    async fn describe(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Instance>, ProviderError> {
-        Ok(self
-            .records()?
-            .into_iter()
-            .map(|r| r.instance)
-            .filter(|i| tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
-            .collect())
     }
 }
 

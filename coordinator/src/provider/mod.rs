@@ -19,8 +19,12 @@ pub const LAUNCH_COUNT_MAX: u32 = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {
     pub instance_type: String,
+    /// The availability zone (a gang's instances share one); `None`: the provider chooses.
+    pub zone: Option<String>,
     pub spot: bool,
     pub count: u32,
+    /// Of `count`, how many are on-demand even when `spot` is set (a stable base).
+    pub on_demand_base: u32,
     /// Tags put on every instance (cluster id, job id, ...), used by `describe`.
     pub tags: BTreeMap<String, String>,
     /// A retried or repeated launch with the same token launches nothing new.
@@ -57,10 +61,78 @@ pub enum ProviderError {
     Failed(String),
 }
 
-#[allow(async_fn_in_trait)] // used with static dispatch only
+/// Tag every launched instance carries with its launch's client token: a repeated launch finds
+/// what the first one started by describing this tag, even where the cloud (or moto) ignores
+/// client tokens.
+pub const LAUNCH_TOKEN_TAG: &str = "flotilla-launch-token";
+
+/// A source of machines. Futures are `Send` so that a coordinator can drive any provider from
+/// its tasks (see [`DynProvider`]).
 pub trait Provider {
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Instance>, ProviderError>;
-    async fn terminate(&self, ids: &[String]) -> Result<(), ProviderError>;
+    /// Launches `spec.count` instances. Idempotent by `spec.client_token`: a repeated call
+    /// returns the instances the first one launched. A partly fulfilled request returns what
+    /// was launched; nothing launched for lack of capacity is [`ProviderError::Capacity`].
+    fn launch(&self, spec: &LaunchSpec) -> impl Future<Output = Result<Vec<Instance>, ProviderError>> + Send;
+    fn terminate(&self, ids: &[String]) -> impl Future<Output = Result<(), ProviderError>> + Send;
     /// Instances carrying every tag in `tags` (all states).
-    async fn describe(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Instance>, ProviderError>;
+    fn describe(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Vec<Instance>, ProviderError>> + Send;
+}
+
+/// A boxed future, for providers behind `dyn`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Provider`] as a trait object: what the coordinator holds, whichever provider it runs with.
+pub trait DynProvider: Send + Sync {
+    fn launch_dyn<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>>;
+    fn terminate_dyn<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>>;
+    fn describe_dyn<'a>(
+        &'a self,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>>;
+}
+
+impl<P: Provider + Send + Sync> DynProvider for P {
+    fn launch_dyn<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(self.launch(spec))
+    }
+
+    fn terminate_dyn<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.terminate(ids))
+    }
+
+    fn describe_dyn<'a>(
+        &'a self,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(self.describe(tags))
+    }
+}
+
+/// What a reconciliation did: instances of this cluster the state knows (adopted) and those it
+/// does not (orphans: launched by a leader that died before recording them, or left over),
+/// which were terminated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub adopted: Vec<Instance>,
+    pub orphans_terminated: Vec<String>,
+}
+
+/// After a restart or a leader change: lists the running instances tagged with `cluster_tags`,
+/// keeps those `known` (by id) and terminates the rest.
+pub async fn reconcile(
+    provider: &dyn DynProvider,
+    cluster_tags: &BTreeMap<String, String>,
+    known: &std::collections::BTreeSet<String>,
+) -> Result<Reconciled, ProviderError> {
+    let running: Vec<Instance> =
+        provider.describe_dyn(cluster_tags).await?.into_iter().filter(|i| i.state == InstanceState::Running).collect();
+    let (adopted, orphans): (Vec<Instance>, Vec<Instance>) = running.into_iter().partition(|i| known.contains(&i.id));
+    let orphans_terminated: Vec<String> = orphans.into_iter().map(|i| i.id).collect();
+    if !orphans_terminated.is_empty() {
+        provider.terminate_dyn(&orphans_terminated).await?;
+    }
+    Ok(Reconciled { adopted, orphans_terminated })
 }

@@ -1,0 +1,307 @@
+//! The autoscaling policy: which capacity to buy for the gangs that wait, and which idle
+//! instances to give back. Pure: prices, instances and time come in as values; decisions go
+//! out (the coordinator records them through Raft before a provider carries them out).
+//!
+//! ```text
+//!   waiting gangs ─┐
+//!   held instances ├─▶ plan() ─▶ Launch{job, pool, spot, count} / Terminate{id} + reasons
+//!   price quotes  ─┤
+//!   limits, back-off ┘
+//! ```
+//!
+//! Rules
+//! - Gangs in priority then FIFO order. A gang's instances share one pool (instance type +
+//!   zone, DESIGN §6): idle instances already in a pool count toward it, the rest is bought
+//!   in the same pool.
+//! - Pool choice: the lowest *risk-adjusted* hourly price among the pools the job allows
+//!   (`capacity.instance_types`, `max_price_usd_per_hour`, enough GPUs). A spot price is
+//!   weighed by its pool's interruption rate times the hours an interruption costs
+//!   ([`Limits::interruption_cost_hours`]: replacement + restart; Flotilla checkpoints at the
+//!   notice, so no work is lost). A small penalty per instance already held in a pool spreads
+//!   gangs over pools (diversification: one pool's reclaim takes fewer gangs down at once).
+//! - Spot first for `capacity.spot` jobs; on-demand only when every allowed spot pool is in
+//!   back-off after capacity errors and `on_demand_fallback` is set (or the job is not spot).
+//! - Hard caps: never more than `max_instances` held, never more than `max_usd_per_hour` for
+//!   the cluster; a job whose budget is spent gets nothing.
+//! - Scale-down: an idle instance that no waiting gang can use is terminated once it has been
+//!   idle for `idle_cooldown_ms`; with no work, the fleet goes to zero.
+//! - Back-off ([`Backoff`]): capacity or quota errors block a (pool, spot) pair for a time that
+//!   doubles per failure (capped), never a tight retry loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ids::JobId;
+
+#[cfg(test)]
+mod tests;
+
+/// An instance type in one zone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PoolKey {
+    pub instance_type: String,
+    pub zone: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.instance_type, self.zone)
+    }
+}
+
+/// What a pool costs now, and how often its spot instances are taken back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quote {
+    pub pool: PoolKey,
+    pub gpus: u32,
+    pub spot_usd_per_hour: f64,
+    pub on_demand_usd_per_hour: f64,
+    /// Spot interruptions per instance-hour (from history or a trace).
+    pub interruptions_per_hour: f64,
+}
+
+/// A gang waiting for capacity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gang {
+    pub job: JobId,
+    pub priority: i32,
+    /// FIFO order within a priority (the submission's Raft index).
+    pub order: u64,
+    pub workers: u32,
+    pub gpus_per_worker: u32,
+    /// Allowed instance types; empty: any.
+    pub instance_types: Vec<String>,
+    pub spot: bool,
+    pub on_demand_fallback: bool,
+    pub max_price_usd_per_hour: Option<f64>,
+    /// What is left of the job's budget; `None`: no budget.
+    pub budget_left_usd: Option<f64>,
+}
+
+/// An instance the cluster holds (running, or requested and not yet registered).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub id: String,
+    pub pool: PoolKey,
+    pub gpus: u32,
+    pub spot: bool,
+    pub usd_per_hour: f64,
+    /// Training a gang now.
+    pub busy: bool,
+    /// Bought for this job (it gets it first).
+    pub reserved_for: Option<JobId>,
+    /// Since when it has had nothing to do (`None` while busy or still starting).
+    pub idle_since_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_instances: u32,
+    pub max_usd_per_hour: f64,
+    pub idle_cooldown_ms: u64,
+    /// Hours of instance time one spot interruption costs (replacement and restart).
+    pub interruption_cost_hours: f64,
+    /// Price penalty per instance already held in a pool (0.02: 2% per instance).
+    pub diversification: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_instances: 64,
+            max_usd_per_hour: 100.0,
+            idle_cooldown_ms: 5 * 60 * 1000,
+            interruption_cost_hours: 0.1,
+            diversification: 0.02,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Launch { job: JobId, pool: PoolKey, spot: bool, count: u32, usd_per_hour: f64 },
+    Terminate { id: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub decisions: Vec<Decision>,
+    /// Why each gang still waits (capacity is being bought, or cannot be).
+    pub waiting: BTreeMap<JobId, String>,
+}
+
+/// Capacity errors per (pool, spot): no new request there before `until_ms`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Backoff {
+    blocked: BTreeMap<(PoolKey, bool), (u64, u32)>,
+}
+
+/// First back-off after a capacity error, and the most it grows to.
+pub const BACKOFF_FIRST_MS: u64 = 30_000;
+pub const BACKOFF_MAX_MS: u64 = 30 * 60 * 1000;
+
+impl Backoff {
+    /// Records a capacity or quota error for `pool` (spot or on-demand) at `now_ms`.
+    pub fn failed(&mut self, pool: &PoolKey, spot: bool, now_ms: u64) {
+        let entry = self.blocked.entry((pool.clone(), spot)).or_insert((0, 0));
+        entry.1 = entry.1.saturating_add(1);
+        let delay = BACKOFF_FIRST_MS.saturating_mul(1 << (entry.1 - 1).min(16)).min(BACKOFF_MAX_MS);
+        entry.0 = now_ms.saturating_add(delay);
+    }
+
+    /// A launch there succeeded: forget its failures.
+    pub fn succeeded(&mut self, pool: &PoolKey, spot: bool) {
+        self.blocked.remove(&(pool.clone(), spot));
+    }
+
+    pub fn is_blocked(&self, pool: &PoolKey, spot: bool, now_ms: u64) -> bool {
+        self.blocked.get(&(pool.clone(), spot)).is_some_and(|(until, _)| now_ms < *until)
+    }
+}
+
+/// Hourly price of a pool for a purchase option, weighed by its interruption risk.
+fn risk_adjusted(quote: &Quote, spot: bool, limits: &Limits) -> f64 {
+    if spot {
+        quote.spot_usd_per_hour * (1.0 + quote.interruptions_per_hour.max(0.0) * limits.interruption_cost_hours)
+    } else {
+        quote.on_demand_usd_per_hour
+    }
+}
+
+fn price(quote: &Quote, spot: bool) -> f64 {
+    if spot { quote.spot_usd_per_hour } else { quote.on_demand_usd_per_hour }
+}
+
+fn allowed(gang: &Gang, quote: &Quote, spot: bool) -> bool {
+    let typed = gang.instance_types.is_empty() || gang.instance_types.contains(&quote.pool.instance_type);
+    let p = price(quote, spot);
+    typed
+        && quote.gpus >= gang.gpus_per_worker
+        && p.is_finite()
+        && p >= 0.0
+        && gang.max_price_usd_per_hour.is_none_or(|cap| p <= cap)
+}
+
+/// Decides launches and terminations (see the module docs for the rules).
+pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits: &Limits, backoff: &Backoff) -> Plan {
+    let mut plan = Plan::default();
+    let mut order: Vec<&Gang> = gangs.iter().collect();
+    order.sort_by_key(|g| (std::cmp::Reverse(g.priority), g.order, g.job));
+    // Idle capacity not yet promised in this pass, by pool.
+    let mut free: BTreeMap<PoolKey, Vec<&Held>> = BTreeMap::new();
+    for h in held.iter().filter(|h| !h.busy) {
+        free.entry(h.pool.clone()).or_default().push(h);
+    }
+    let mut count = held.len() as u64;
+    let mut hourly: f64 = held.iter().map(|h| h.usd_per_hour).sum();
+    let mut in_pool: BTreeMap<PoolKey, u32> = BTreeMap::new();
+    for h in held {
+        *in_pool.entry(h.pool.clone()).or_default() += 1;
+    }
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    for gang in order {
+        let workers = gang.workers.max(1);
+        // Already covered by idle instances of one pool (its own reservations first)?
+        let usable = |h: &&Held, gang: &Gang| {
+            !used.contains(&h.id) && h.gpus >= gang.gpus_per_worker && h.reserved_for.is_none_or(|j| j == gang.job)
+        };
+        let best_idle = free
+            .iter()
+            .map(|(pool, hs)| (pool.clone(), hs.iter().filter(|h| usable(h, gang)).count() as u32))
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)));
+        if let Some((pool, n)) = &best_idle
+            && *n >= workers
+        {
+            let mut taken: Vec<&Held> = free[pool].iter().copied().filter(|h| usable(h, gang)).collect();
+            taken.sort_by_key(|h| (h.reserved_for != Some(gang.job), h.id.clone()));
+            used.extend(taken.into_iter().take(workers as usize).map(|h| h.id.clone()));
+            continue;
+        }
+        if gang.budget_left_usd.is_some_and(|left| left <= 0.0) {
+            plan.waiting.insert(gang.job, "its budget (capacity.budget_usd) is spent".into());
+            continue;
+        }
+        // Cheapest way to complete the gang in one pool: idle there + bought there.
+        let mut best: Option<(f64, &Quote, bool, u32)> = None;
+        let spot_open =
+            gang.spot && quotes.iter().any(|q| allowed(gang, q, true) && !backoff.is_blocked(&q.pool, true, now_ms));
+        for quote in quotes {
+            for spot in [true, false] {
+                let permitted = if spot { gang.spot } else { !gang.spot || (gang.on_demand_fallback && !spot_open) };
+                if !permitted || !allowed(gang, quote, spot) || backoff.is_blocked(&quote.pool, spot, now_ms) {
+                    continue;
+                }
+                let idle = free
+                    .get(&quote.pool)
+                    .map_or(0, |hs| hs.iter().filter(|h| usable(h, gang) && h.spot == spot).count() as u32);
+                let buy = workers.saturating_sub(idle);
+                let crowd = 1.0 + limits.diversification * f64::from(*in_pool.get(&quote.pool).unwrap_or(&0));
+                let score = risk_adjusted(quote, spot, limits) * crowd * f64::from(buy);
+                let better = best.is_none_or(|(s, q, sp, _)| {
+                    score < s || (score == s && (quote.pool.clone(), !spot) < (q.pool.clone(), !sp))
+                });
+                if better {
+                    best = Some((score, quote, spot, buy));
+                }
+            }
+        }
+        let Some((_, quote, spot, buy)) = best else {
+            let why = if gang.spot && !gang.on_demand_fallback && quotes.iter().any(|q| allowed(gang, q, true)) {
+                "every allowed spot pool is backing off after capacity errors (no on-demand fallback)"
+            } else {
+                "no allowed pool fits (instance_types, GPUs, max_price_usd_per_hour)"
+            };
+            plan.waiting.insert(gang.job, why.into());
+            continue;
+        };
+        let usd_per_hour = price(quote, spot);
+        if count + u64::from(buy) > u64::from(limits.max_instances) {
+            plan.waiting.insert(
+                gang.job,
+                format!("{buy} more instance(s) would pass the cluster's limit of {}", limits.max_instances),
+            );
+            continue;
+        }
+        if hourly + usd_per_hour * f64::from(buy) > limits.max_usd_per_hour + 1e-9 {
+            plan.waiting.insert(
+                gang.job,
+                format!(
+                    "{buy} x {usd_per_hour:.3} $/h would pass the cluster's budget of {:.2} $/h",
+                    limits.max_usd_per_hour
+                ),
+            );
+            continue;
+        }
+        if let Some(hs) = free.get(&quote.pool) {
+            let mut taken: Vec<&Held> = hs.iter().copied().filter(|h| usable(h, gang) && h.spot == spot).collect();
+            taken.sort_by_key(|h| h.id.clone());
+            used.extend(taken.into_iter().take((workers - buy) as usize).map(|h| h.id.clone()));
+        }
+        if buy > 0 {
+            count += u64::from(buy);
+            hourly += usd_per_hour * f64::from(buy);
+            *in_pool.entry(quote.pool.clone()).or_default() += buy;
+            plan.decisions.push(Decision::Launch {
+                job: gang.job,
+                pool: quote.pool.clone(),
+                spot,
+                count: buy,
+                usd_per_hour,
+            });
+            plan.waiting.insert(
+                gang.job,
+                format!(
+                    "buying {buy} {} instance(s) in {} at {usd_per_hour:.3} $/h",
+                    if spot { "spot" } else { "on-demand" },
+                    quote.pool
+                ),
+            );
+        }
+    }
+    // Scale-down: idle past the cooldown and not promised to a gang in this pass.
+    for h in held.iter().filter(|h| !h.busy && !used.contains(&h.id)) {
+        if h.idle_since_ms.is_some_and(|since| now_ms.saturating_sub(since) >= limits.idle_cooldown_ms) {
+            plan.decisions.push(Decision::Terminate { id: h.id.clone() });
+        }
+    }
+    plan
+}

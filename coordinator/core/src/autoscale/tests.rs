@@ -1,0 +1,221 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn pool(t: &str, z: &str) -> PoolKey {
+    PoolKey { instance_type: t.into(), zone: z.into() }
+}
+
+fn quote(t: &str, z: &str, spot: f64, on_demand: f64, rate: f64) -> Quote {
+    Quote {
+        pool: pool(t, z),
+        gpus: 1,
+        spot_usd_per_hour: spot,
+        on_demand_usd_per_hour: on_demand,
+        interruptions_per_hour: rate,
+    }
+}
+
+fn gang(job: u64, workers: u32) -> Gang {
+    Gang {
+        job: JobId(job),
+        priority: 0,
+        order: job,
+        workers,
+        gpus_per_worker: 1,
+        instance_types: Vec::new(),
+        spot: true,
+        on_demand_fallback: true,
+        max_price_usd_per_hour: None,
+        budget_left_usd: None,
+    }
+}
+
+fn held(id: &str, p: PoolKey, busy: bool, idle_since: Option<u64>) -> Held {
+    Held {
+        id: id.into(),
+        pool: p,
+        gpus: 1,
+        spot: true,
+        usd_per_hour: 0.5,
+        busy,
+        reserved_for: None,
+        idle_since_ms: idle_since,
+    }
+}
+
+fn launches(plan: &Plan) -> Vec<(JobId, PoolKey, bool, u32)> {
+    plan.decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Launch { job, pool, spot, count, .. } => Some((*job, pool.clone(), *spot, *count)),
+            Decision::Terminate { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_gang_buys_the_cheapest_risk_adjusted_spot_pool_in_one_piece() {
+    let quotes = [
+        quote("g5.xlarge", "a", 0.40, 1.0, 2.0), // cheap but reclaimed twice an hour: 0.40 x 1.2 = 0.48
+        quote("g4dn.xlarge", "b", 0.45, 0.9, 0.1), // 0.45 x 1.01 = 0.4545
+    ];
+    let plan = plan(0, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&plan), [(JobId(1), pool("g4dn.xlarge", "b"), true, 4)]);
+    assert!(plan.waiting[&JobId(1)].contains("buying 4 spot"), "{:?}", plan.waiting);
+}
+
+#[test]
+fn idle_instances_count_and_the_rest_is_bought_in_their_pool() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0), quote("g4dn.xlarge", "b", 0.45, 0.9, 0.0)];
+    let idle =
+        [held("i-1", pool("g5.xlarge", "a"), false, Some(0)), held("i-2", pool("g5.xlarge", "a"), false, Some(0))];
+    let plan = plan(1, &[gang(1, 3)], &idle, &quotes, &Limits::default(), &Backoff::default());
+    // 1 more g5 (0.5) is cheaper than 3 g4dn (1.35).
+    assert_eq!(launches(&plan), [(JobId(1), pool("g5.xlarge", "a"), true, 1)]);
+    let covered = plan_for(&[gang(1, 2)], &idle, &quotes);
+    assert!(covered.decisions.is_empty(), "two idle instances cover a gang of two: {covered:?}");
+}
+
+fn plan_for(gangs: &[Gang], held: &[Held], quotes: &[Quote]) -> Plan {
+    plan(1, gangs, held, quotes, &Limits::default(), &Backoff::default())
+}
+
+#[test]
+fn on_demand_only_after_spot_capacity_errors_and_only_with_fallback() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0)];
+    let mut backoff = Backoff::default();
+    backoff.failed(&pool("g5.xlarge", "a"), true, 1000);
+    let plan1 = plan(1000, &[gang(1, 2)], &[], &quotes, &Limits::default(), &backoff);
+    assert_eq!(launches(&plan1), [(JobId(1), pool("g5.xlarge", "a"), false, 2)]);
+    let mut strict = gang(1, 2);
+    strict.on_demand_fallback = false;
+    let plan2 = plan(1000, &[strict], &[], &quotes, &Limits::default(), &backoff);
+    assert!(plan2.decisions.is_empty());
+    assert!(plan2.waiting[&JobId(1)].contains("backing off"), "{:?}", plan2.waiting);
+    // The back-off expires, doubles on the next failure, and is capped.
+    assert!(!backoff.is_blocked(&pool("g5.xlarge", "a"), true, 1000 + BACKOFF_FIRST_MS));
+    backoff.failed(&pool("g5.xlarge", "a"), true, 100_000);
+    assert!(backoff.is_blocked(&pool("g5.xlarge", "a"), true, 100_000 + 2 * BACKOFF_FIRST_MS - 1));
+    for _ in 0..40 {
+        backoff.failed(&pool("g5.xlarge", "a"), true, 0);
+    }
+    assert!(!backoff.is_blocked(&pool("g5.xlarge", "a"), true, BACKOFF_MAX_MS));
+}
+
+#[test]
+fn caps_types_prices_and_budgets_are_respected_with_a_reason() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0), quote("p3.2xlarge", "a", 0.9, 3.0, 0.0)];
+    let mut typed = gang(1, 2);
+    typed.instance_types = vec!["p3.2xlarge".into()];
+    assert_eq!(launches(&plan_for(&[typed.clone()], &[], &quotes)), [(JobId(1), pool("p3.2xlarge", "a"), true, 2)]);
+    typed.max_price_usd_per_hour = Some(0.6);
+    let capped = plan_for(&[typed], &[], &quotes);
+    assert!(capped.decisions.is_empty() && capped.waiting[&JobId(1)].contains("no allowed pool"), "{capped:?}");
+    let mut broke = gang(2, 1);
+    broke.budget_left_usd = Some(0.0);
+    assert!(plan_for(&[broke], &[], &quotes).waiting[&JobId(2)].contains("budget"));
+    let limits = Limits { max_usd_per_hour: 0.9, ..Limits::default() };
+    let over = plan(0, &[gang(3, 2)], &[], &quotes, &limits, &Backoff::default());
+    assert!(over.decisions.is_empty() && over.waiting[&JobId(3)].contains("0.90 $/h"), "{over:?}");
+}
+
+#[test]
+fn gangs_spread_over_pools_when_prices_are_close() {
+    let quotes = [quote("g5.xlarge", "a", 0.50, 1.0, 0.0), quote("g5.xlarge", "b", 0.51, 1.0, 0.0)];
+    let plan = plan_for(&[gang(1, 4), gang(2, 4)], &[], &quotes);
+    let pools: Vec<String> = launches(&plan).iter().map(|l| l.1.zone.clone()).collect();
+    assert_eq!(pools, ["a", "b"], "the second gang goes to the other zone: {plan:?}");
+}
+
+#[test]
+fn idle_instances_go_after_the_cooldown_and_the_fleet_reaches_zero() {
+    let limits = Limits::default();
+    let fleet = [
+        held("i-1", pool("g5.xlarge", "a"), false, Some(0)),
+        held("i-2", pool("g5.xlarge", "a"), false, Some(limits.idle_cooldown_ms)),
+        held("i-3", pool("g5.xlarge", "a"), true, None),
+    ];
+    let early = plan(limits.idle_cooldown_ms, &[], &fleet, &[], &limits, &Backoff::default());
+    assert_eq!(early.decisions, [Decision::Terminate { id: "i-1".into() }]);
+    let later = plan(2 * limits.idle_cooldown_ms, &[], &fleet[..2], &[], &limits, &Backoff::default());
+    assert_eq!(later.decisions.len(), 2, "no work: every idle instance goes");
+}
+
+fn arb_world() -> impl Strategy<Value = (Vec<Gang>, Vec<Held>, Vec<Quote>, Limits, u64)> {
+    let gangs =
+        prop::collection::vec((1u32..6, any::<bool>(), any::<bool>(), prop::option::of(0.0f64..5.0), -1i32..2), 0..6);
+    let fleet =
+        prop::collection::vec((0usize..3, any::<bool>(), prop::option::of(0u64..1_000_000), 0.1f64..2.0), 0..10);
+    let quotes = prop::collection::vec((0.05f64..3.0, 0.5f64..6.0, 0.0f64..3.0), 1..4);
+    let limits = (1u32..24, 0.5f64..30.0, 0u64..600_000);
+    (gangs, fleet, quotes, limits, 0u64..2_000_000).prop_map(|(gangs, fleet, quotes, (max_i, max_usd, cool), now)| {
+        let zones = ["a", "b", "c"];
+        let quotes: Vec<Quote> =
+            quotes.into_iter().enumerate().map(|(i, (s, o, r))| quote("g5.xlarge", zones[i % 3], s, o, r)).collect();
+        let gangs = gangs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (w, spot, fallback, budget, prio))| Gang {
+                spot,
+                on_demand_fallback: fallback,
+                budget_left_usd: budget,
+                priority: prio,
+                ..gang(i as u64 + 1, w)
+            })
+            .collect();
+        let fleet = fleet
+            .into_iter()
+            .enumerate()
+            .map(|(i, (z, busy, idle, usd))| Held {
+                usd_per_hour: usd,
+                ..held(&format!("i-{i}"), pool("g5.xlarge", zones[z]), busy, if busy { None } else { idle })
+            })
+            .collect();
+        let limits =
+            Limits { max_instances: max_i, max_usd_per_hour: max_usd, idle_cooldown_ms: cool, ..Limits::default() };
+        (gangs, fleet, quotes, limits, now)
+    })
+}
+
+proptest! {
+    #[test]
+    fn never_past_the_instance_or_budget_caps((gangs, held, quotes, limits, now) in arb_world()) {
+        let plan = plan(now, &gangs, &held, &quotes, &limits, &Backoff::default());
+        let held_count = held.len() as u64;
+        let held_usd: f64 = held.iter().map(|h| h.usd_per_hour).sum();
+        let (mut n, mut usd) = (0u64, 0.0f64);
+        for d in &plan.decisions {
+            if let Decision::Launch { count, usd_per_hour, job, .. } = d {
+                n += u64::from(*count);
+                usd += usd_per_hour * f64::from(*count);
+                let g = gangs.iter().find(|g| g.job == *job).expect("a launch is for a waiting gang");
+                prop_assert!(g.budget_left_usd.is_none_or(|b| b > 0.0), "a spent budget buys nothing");
+            }
+        }
+        // Launches never take the fleet past a cap (a fleet already past one only shrinks).
+        prop_assert!(n == 0 || held_count + n <= u64::from(limits.max_instances));
+        prop_assert!(n == 0 || held_usd + usd <= limits.max_usd_per_hour + 1e-9);
+    }
+
+    #[test]
+    fn with_no_work_every_instance_idle_past_the_cooldown_goes((_, held, quotes, limits, now) in arb_world()) {
+        let plan = plan(now, &[], &held, &quotes, &limits, &Backoff::default());
+        let gone: BTreeSet<&str> = plan.decisions.iter().filter_map(|d| match d {
+            Decision::Terminate { id } => Some(id.as_str()),
+            Decision::Launch { .. } => None,
+        }).collect();
+        prop_assert_eq!(plan.decisions.len(), gone.len(), "terminations only, each once");
+        for h in &held {
+            let expired = !h.busy && h.idle_since_ms.is_some_and(|s| now.saturating_sub(s) >= limits.idle_cooldown_ms);
+            prop_assert_eq!(gone.contains(h.id.as_str()), expired, "{:?}", h);
+        }
+    }
+
+    #[test]
+    fn plans_are_deterministic((gangs, held, quotes, limits, now) in arb_world()) {
+        let a = plan(now, &gangs, &held, &quotes, &limits, &Backoff::default());
+        let b = plan(now, &gangs, &held, &quotes, &limits, &Backoff::default());
+        prop_assert_eq!(a, b);
+    }
+}

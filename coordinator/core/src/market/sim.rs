@@ -1,0 +1,427 @@
+//! A training workload on a replayed spot market, minute by minute, under one purchasing policy.
+//!
+//! - `on_demand`: every gang on on-demand instances of the cheapest on-demand pool.
+//! - `naive_spot`: one instance type in one zone (the cheapest spot pool at the start), spot
+//!   only, no fallback; like a framework that restarts from the user's last periodic checkpoint,
+//!   it loses the work since that checkpoint at each interruption.
+//! - `flotilla`: the [`crate::autoscale`] policy (risk-adjusted pool choice over every pool,
+//!   diversification, back-off on capacity errors, on-demand fallback) and Flotilla's notice
+//!   path: a spot interruption is announced, the gang checkpoints at the next step, no work is
+//!   lost; idle instances are reused by the next gang.
+//!
+//! Time a gang spends restarting (replacement provisioning, rendezvous, resume) is paid for and
+//! delays the job in every policy. Cost is billed per minute at the pool's current price.
+
+use std::collections::BTreeMap;
+
+use super::{PoolKey, Trace};
+use crate::autoscale::{self, Backoff, Decision, Gang, Held, Limits};
+use crate::ids::JobId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    OnDemand,
+    NaiveSpot,
+    Flotilla,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::OnDemand, Policy::NaiveSpot, Policy::Flotilla];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::OnDemand => "on_demand",
+            Policy::NaiveSpot => "naive_spot",
+            Policy::Flotilla => "flotilla",
+        }
+    }
+}
+
+/// One training job of the workload: a gang of `workers` for `work_hours` of training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimJob {
+    pub workers: u32,
+    pub work_hours: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimParams {
+    pub step_minutes: f64,
+    /// Launch to a registered worker.
+    pub provision_minutes: f64,
+    /// Gang start (rendezvous, data, resume) before training makes progress again.
+    pub restart_minutes: f64,
+    /// The periodic checkpoint interval: what an interruption without notice handling loses.
+    pub checkpoint_every_hours: f64,
+    pub steps_per_hour: f64,
+    pub limits: Limits,
+    /// The simulation stops here even if jobs remain (they count as unfinished).
+    pub horizon_hours: f64,
+    pub seed: u64,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        SimParams {
+            step_minutes: 1.0,
+            provision_minutes: 3.0,
+            restart_minutes: 2.0,
+            checkpoint_every_hours: 0.5,
+            steps_per_hour: 3600.0,
+            limits: Limits {
+                max_instances: 32,
+                max_usd_per_hour: 1000.0,
+                idle_cooldown_ms: 10 * 60_000,
+                ..Limits::default()
+            },
+            horizon_hours: 500.0,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub policy: &'static str,
+    pub cost_usd: f64,
+    pub makespan_h: f64,
+    pub preemptions: u64,
+    pub steps_lost: u64,
+    /// Compute paid for work that was lost and redone.
+    pub lost_work_usd: f64,
+    pub instance_hours: f64,
+    pub finished_jobs: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Inst {
+    id: u64,
+    pool: PoolKey,
+    spot: bool,
+    ready_at_h: f64,
+    /// Bought for, or assigned to, this job.
+    job: Option<usize>,
+    idle_since_h: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Waiting,
+    Starting { until_h: f64 },
+    Running,
+    Done { at_h: f64 },
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    spec: SimJob,
+    progress_h: f64,
+    checkpoint_h: f64,
+    phase: Phase,
+}
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+struct World<'a> {
+    trace: &'a Trace,
+    params: SimParams,
+    policy: Policy,
+    jobs: Vec<Job>,
+    alive: Vec<Inst>,
+    next_id: u64,
+    out: Outcome,
+    backoff: Backoff,
+    rng: SplitMix,
+}
+
+impl World<'_> {
+    fn price(&self, pool: &PoolKey, spot: bool, hour: f64) -> f64 {
+        self.trace.at(pool, hour).map_or(0.0, |s| if spot { s.spot_usd_per_hour } else { s.on_demand_usd_per_hour })
+    }
+
+    fn gang_hourly(&self, job: usize, hour: f64) -> f64 {
+        self.alive.iter().filter(|i| i.job == Some(job)).map(|i| self.price(&i.pool, i.spot, hour)).sum()
+    }
+
+    /// An instance is taken back: its gang (if training) stops; work since the last
+    /// checkpoint is lost unless the policy checkpoints at the notice.
+    fn reclaim(&mut self, index: usize, hour: f64) {
+        let inst = self.alive.remove(index);
+        let Some(j) = inst.job else { return };
+        let phase = self.jobs[j].phase;
+        if !matches!(phase, Phase::Running | Phase::Starting { .. }) {
+            return;
+        }
+        self.out.preemptions += 1;
+        let lost_h = match (phase, self.policy) {
+            (Phase::Running, Policy::NaiveSpot | Policy::OnDemand) => {
+                self.jobs[j].progress_h - self.jobs[j].checkpoint_h
+            }
+            _ => 0.0,
+        };
+        if self.policy == Policy::Flotilla {
+            self.jobs[j].checkpoint_h = self.jobs[j].progress_h; // checkpoint at the notice
+        }
+        self.out.steps_lost += (lost_h * self.params.steps_per_hour).round() as u64;
+        self.out.lost_work_usd += lost_h * (self.gang_hourly(j, hour) + self.price(&inst.pool, inst.spot, hour));
+        self.jobs[j].progress_h = self.jobs[j].checkpoint_h;
+        self.jobs[j].phase = Phase::Waiting;
+        // The survivors stay: reserved for the job (naive, on-demand) or free for any gang.
+        for other in self.alive.iter_mut().filter(|i| i.job == Some(j)) {
+            other.idle_since_h = Some(hour);
+            if self.policy == Policy::Flotilla {
+                other.job = None;
+            }
+        }
+    }
+
+    fn launch(&mut self, job: usize, pool: &PoolKey, spot: bool, count: u32, hour: f64) {
+        for _ in 0..count {
+            self.next_id += 1;
+            self.alive.push(Inst {
+                id: self.next_id,
+                pool: pool.clone(),
+                spot,
+                ready_at_h: hour + self.params.provision_minutes / 60.0,
+                job: Some(job),
+                idle_since_h: None,
+            });
+        }
+    }
+
+    fn spot_room(&self, pool: &PoolKey, hour: f64) -> u32 {
+        let capacity = self.trace.at(pool, hour).map_or(0, |s| s.spot_capacity);
+        let held = self.alive.iter().filter(|i| i.spot && i.pool == *pool).count() as u32;
+        capacity.saturating_sub(held)
+    }
+
+    /// Forms gangs from ready instances: the job's own first, then (Flotilla) free ones.
+    fn form_gangs(&mut self, hour: f64) {
+        for j in 0..self.jobs.len() {
+            if self.jobs[j].phase != Phase::Waiting {
+                continue;
+            }
+            let workers = self.jobs[j].spec.workers as usize;
+            let mut by_pool: BTreeMap<PoolKey, Vec<usize>> = BTreeMap::new();
+            for (index, inst) in self.alive.iter().enumerate() {
+                let usable = inst.ready_at_h <= hour && (inst.job == Some(j) || inst.job.is_none());
+                if usable {
+                    by_pool.entry(inst.pool.clone()).or_default().push(index);
+                }
+            }
+            let Some(members) = by_pool
+                .values()
+                .filter(|m| m.len() >= workers)
+                .max_by_key(|m| m.iter().filter(|&&i| self.alive[i].job == Some(j)).count())
+            else {
+                continue;
+            };
+            let mut members = members.clone();
+            members.sort_by_key(|&i| (self.alive[i].job != Some(j), self.alive[i].id));
+            for &i in members.iter().take(workers) {
+                self.alive[i].job = Some(j);
+                self.alive[i].idle_since_h = None;
+            }
+            self.jobs[j].phase = Phase::Starting { until_h: hour + self.params.restart_minutes / 60.0 };
+        }
+    }
+
+    fn buy(&mut self, hour: f64) {
+        let waiting: Vec<usize> = (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
+        match self.policy {
+            Policy::OnDemand | Policy::NaiveSpot => {
+                let quotes = self.trace.quotes(hour);
+                let spot = self.policy == Policy::NaiveSpot;
+                let pool = if spot {
+                    // One pool, fixed at the start: the cheapest spot price at hour 0.
+                    self.trace
+                        .quotes(0.0)
+                        .into_iter()
+                        .min_by(|a, b| a.spot_usd_per_hour.total_cmp(&b.spot_usd_per_hour))
+                } else {
+                    quotes.into_iter().min_by(|a, b| a.on_demand_usd_per_hour.total_cmp(&b.on_demand_usd_per_hour))
+                }
+                .map(|q| q.pool);
+                let Some(pool) = pool else { return };
+                for j in waiting {
+                    let have = self.alive.iter().filter(|i| i.job == Some(j)).count() as u32;
+                    let need = self.jobs[j].spec.workers.saturating_sub(have);
+                    let total = self.alive.len() as u32;
+                    if need == 0 || total + need > self.params.limits.max_instances {
+                        continue;
+                    }
+                    if spot && self.spot_room(&pool, hour) < need {
+                        continue; // no capacity: try again next minute
+                    }
+                    self.launch(j, &pool, spot, need, hour);
+                }
+                // Nothing left to wait for: give idle capacity back at once.
+                let keep: Vec<bool> = self
+                    .alive
+                    .iter()
+                    .map(|i| i.job.is_some_and(|j| !matches!(self.jobs[j].phase, Phase::Done { .. })))
+                    .collect();
+                let mut k = keep.into_iter();
+                self.alive.retain(|_| k.next().unwrap_or(true));
+            }
+            Policy::Flotilla => {
+                let now_ms = (hour * 3_600_000.0) as u64;
+                let gangs: Vec<Gang> = waiting
+                    .iter()
+                    .map(|&j| Gang {
+                        job: JobId(j as u64),
+                        priority: 0,
+                        order: j as u64,
+                        workers: self.jobs[j].spec.workers,
+                        gpus_per_worker: 1,
+                        instance_types: Vec::new(),
+                        spot: true,
+                        on_demand_fallback: true,
+                        max_price_usd_per_hour: None,
+                        budget_left_usd: None,
+                    })
+                    .collect();
+                let held: Vec<Held> = self
+                    .alive
+                    .iter()
+                    .map(|i| {
+                        let busy = i
+                            .job
+                            .is_some_and(|j| matches!(self.jobs[j].phase, Phase::Running | Phase::Starting { .. }));
+                        Held {
+                            id: i.id.to_string(),
+                            pool: i.pool.clone(),
+                            gpus: 1,
+                            spot: i.spot,
+                            usd_per_hour: self.price(&i.pool, i.spot, hour),
+                            busy,
+                            reserved_for: if busy { None } else { i.job.map(|j| JobId(j as u64)) },
+                            idle_since_ms: i.idle_since_h.map(|h| (h * 3_600_000.0) as u64),
+                        }
+                    })
+                    .collect();
+                let plan = autoscale::plan(
+                    now_ms,
+                    &gangs,
+                    &held,
+                    &self.trace.quotes(hour),
+                    &self.params.limits,
+                    &self.backoff,
+                );
+                for decision in plan.decisions {
+                    match decision {
+                        Decision::Launch { job, pool, spot, count, .. } => {
+                            if spot && self.spot_room(&pool, hour) < count {
+                                self.backoff.failed(&pool, true, now_ms); // a capacity error
+                                continue;
+                            }
+                            self.backoff.succeeded(&pool, spot);
+                            self.launch(job.0 as usize, &pool, spot, count, hour);
+                        }
+                        Decision::Terminate { id } => self.alive.retain(|i| i.id.to_string() != id),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `jobs` (all submitted at hour 0, FIFO) on `trace` under `policy`.
+pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParams) -> Outcome {
+    let mut world = World {
+        trace,
+        params,
+        policy,
+        jobs: jobs
+            .iter()
+            .map(|&spec| Job { spec, progress_h: 0.0, checkpoint_h: 0.0, phase: Phase::Waiting })
+            .collect(),
+        alive: Vec::new(),
+        next_id: 0,
+        out: Outcome {
+            policy: policy.name(),
+            cost_usd: 0.0,
+            makespan_h: 0.0,
+            preemptions: 0,
+            steps_lost: 0,
+            lost_work_usd: 0.0,
+            instance_hours: 0.0,
+            finished_jobs: 0,
+        },
+        backoff: Backoff::default(),
+        rng: SplitMix(params.seed),
+    };
+    let dt = params.step_minutes.max(0.01) / 60.0;
+    let mut hour = 0.0;
+    while hour < params.horizon_hours && world.jobs.iter().any(|j| !matches!(j.phase, Phase::Done { .. })) {
+        // Billing.
+        for i in &world.alive {
+            world.out.cost_usd += world.price(&i.pool, i.spot, hour) * dt;
+            world.out.instance_hours += dt;
+        }
+        // The market takes instances back: random interruptions, and capacity shrinking below
+        // what is held (the newest instances go first).
+        let mut index = 0;
+        while index < world.alive.len() {
+            let inst = &world.alive[index];
+            let rate = world.trace.at(&inst.pool, hour).map_or(0.0, |s| s.interruptions_per_hour);
+            if inst.spot && world.rng.unit() < rate * dt {
+                world.reclaim(index, hour);
+            } else {
+                index += 1;
+            }
+        }
+        let pools: Vec<PoolKey> = world.trace.pools().cloned().collect();
+        for pool in pools {
+            let capacity = world.trace.at(&pool, hour).map_or(0, |s| s.spot_capacity) as usize;
+            loop {
+                let held: Vec<usize> =
+                    (0..world.alive.len()).filter(|&i| world.alive[i].spot && world.alive[i].pool == pool).collect();
+                if held.len() <= capacity {
+                    break;
+                }
+                let newest = *held.iter().max_by_key(|&&i| world.alive[i].id).expect("more held than capacity");
+                world.reclaim(newest, hour);
+            }
+        }
+        // Training.
+        for j in 0..world.jobs.len() {
+            match world.jobs[j].phase {
+                Phase::Starting { until_h } if hour >= until_h => world.jobs[j].phase = Phase::Running,
+                Phase::Running => {
+                    let job = &mut world.jobs[j];
+                    job.progress_h += dt;
+                    if job.progress_h - job.checkpoint_h >= params.checkpoint_every_hours {
+                        job.checkpoint_h = job.progress_h;
+                    }
+                    if job.progress_h >= job.spec.work_hours {
+                        job.phase = Phase::Done { at_h: hour + dt };
+                        world.out.finished_jobs += 1;
+                        for i in world.alive.iter_mut().filter(|i| i.job == Some(j)) {
+                            i.job = None;
+                            i.idle_since_h = Some(hour + dt);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        world.form_gangs(hour);
+        world.buy(hour);
+        world.form_gangs(hour);
+        hour += dt;
+    }
+    world.out.makespan_h =
+        world.jobs.iter().map(|j| if let Phase::Done { at_h } = j.phase { at_h } else { hour }).fold(0.0, f64::max);
+    world.out
+}

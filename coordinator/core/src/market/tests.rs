@@ -1,0 +1,61 @@
+use super::*;
+
+const TRACE: &str = "\
+# two pools: a cheap volatile one, a steady one
+hour,instance_type,zone,spot_usd_per_hour,on_demand_usd_per_hour,interruptions_per_hour,spot_capacity
+0,g5.xlarge,a,0.30,1.00,0.6,40
+0,g4dn.xlarge,b,0.40,0.80,0.02,40
+5,g5.xlarge,a,0.30,1.00,0.6,0   # the cheap pool runs dry for 4 hours
+9,g5.xlarge,a,0.30,1.00,0.6,40
+";
+
+fn jobs() -> Vec<SimJob> {
+    vec![
+        SimJob { workers: 4, work_hours: 6.0 },
+        SimJob { workers: 2, work_hours: 4.0 },
+        SimJob { workers: 4, work_hours: 8.0 },
+    ]
+}
+
+#[test]
+fn traces_parse_with_step_functions_and_refuse_bad_rows() {
+    let trace = Trace::parse(TRACE).expect("trace");
+    let pool = PoolKey { instance_type: "g5.xlarge".into(), zone: "a".into() };
+    assert_eq!(trace.at(&pool, 4.9).map(|s| s.spot_capacity), Some(40));
+    assert_eq!(trace.at(&pool, 5.0).map(|s| s.spot_capacity), Some(0));
+    assert_eq!(trace.quotes(0.0).len(), 2);
+    let bad = Trace::parse("hour,a\n0,g5.xlarge,a,x,1,0,1\n").expect_err("not a number");
+    assert_eq!(bad.line, 2);
+    assert!(bad.message.contains("spot_usd_per_hour"), "{bad}");
+    assert!(Trace::parse("0,g5.xlarge,a,-1,1,0,1\n").is_err(), "negative prices are refused");
+    assert!(Trace::parse("3,g5.xlarge,a,1,1,0,1\n").expect_err("late start").message.contains("hour 0"));
+    assert!(Trace::parse("").is_err());
+}
+
+#[test]
+fn every_policy_finishes_the_work_and_the_simulation_is_seeded() {
+    let trace = Trace::parse(TRACE).expect("trace");
+    for policy in Policy::ALL {
+        let a = simulate(&trace, &jobs(), policy, SimParams::default());
+        let b = simulate(&trace, &jobs(), policy, SimParams::default());
+        assert_eq!(a, b, "{}: replayable", policy.name());
+        assert_eq!(a.finished_jobs, 3, "{a:?}");
+        assert!(a.makespan_h >= 8.0 && a.cost_usd > 0.0, "{a:?}");
+    }
+}
+
+#[test]
+fn on_demand_is_never_interrupted_and_flotilla_loses_no_work() {
+    let trace = Trace::parse(TRACE).expect("trace");
+    let on_demand = simulate(&trace, &jobs(), Policy::OnDemand, SimParams::default());
+    assert_eq!((on_demand.preemptions, on_demand.steps_lost), (0, 0));
+    let naive = simulate(&trace, &jobs(), Policy::NaiveSpot, SimParams::default());
+    let flotilla = simulate(&trace, &jobs(), Policy::Flotilla, SimParams::default());
+    assert_eq!(flotilla.steps_lost, 0, "checkpoints at the notice: {flotilla:?}");
+    assert!(naive.preemptions > 0 && naive.steps_lost > 0, "{naive:?}");
+    assert!(flotilla.cost_usd < on_demand.cost_usd, "{flotilla:?} vs {on_demand:?}");
+    assert!(
+        flotilla.makespan_h < naive.makespan_h,
+        "the naive pool runs dry from hour 5 to 9: {flotilla:?} vs {naive:?}"
+    );
+}
