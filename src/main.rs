@@ -77,6 +77,9 @@ enum Command {
     /// Gang-scheduler placement benchmark for scripts/bench/scheduler.sh.
     #[command(hide = true)]
     BenchScheduler(commands::bench_scheduler::Args),
+    /// Spot cost simulation for scripts/bench/spot_cost.sh.
+    #[command(hide = true)]
+    BenchSpotCost(commands::bench_spot::Args),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
+        Command::BenchSpotCost(args) => done(commands::bench_spot::run(args)),
     };
     match result {
         Ok(code) => code,

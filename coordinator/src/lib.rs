@@ -9,6 +9,7 @@
 //! returns.
 
 pub mod api;
+pub mod autoscaling;
 pub mod leases;
 pub mod logs;
 pub mod progress;

@@ -158,9 +158,9 @@ pub fn job_state_to_proto(state: flotilla_core::state::JobState) -> v1::JobState
     }
 }
 
-/// A replicated job -> what `status` shows. Live progress (not replicated) is added by the
-/// caller where it has it.
-pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
+/// A replicated job -> what `status` shows, with its cost up to `now_unix_ms`. Live progress
+/// (not replicated) is added by the caller where it has it.
+pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::JobStatus {
     let total_steps = match job.spec.train.length {
         TrainLength::Steps(n) => n,
         TrainLength::Epochs(_) => 0, // known once the worker has read the data set
@@ -182,7 +182,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
             train_loss: m.train_loss,
             samples_per_s: None,
         })),
-        cost_usd: 0.0,
+        cost_usd: job.cost_usd_at(now_unix_ms),
         spec: Some(spec_to_proto(&job.spec)),
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
@@ -201,6 +201,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job) -> v1::JobStatus {
         preemptions: job.preemptions,
         failures: job.failures,
         checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count() as u32,
+        lost_work_usd: job.lost_work_usd,
     }
 }
 

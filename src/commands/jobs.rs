@@ -225,6 +225,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
             "samples_per_s": metrics.samples_per_s,
         },
         "cost_usd": job.cost_usd,
+        "lost_work_usd": job.lost_work_usd,
         "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({ "step": c.step, "uri": c.uri })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,

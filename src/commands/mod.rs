@@ -5,6 +5,7 @@ pub mod assignments;
 pub mod bench;
 pub mod bench_collective;
 pub mod bench_scheduler;
+pub mod bench_spot;
 pub mod bench_train;
 pub mod cluster;
 pub mod coordinator;

@@ -61,7 +61,7 @@ fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
     state
         .jobs
         .get(&id)
-        .map(job_to_proto)
+        .map(|job| job_to_proto(job, crate::raft::node::now_unix_ms()))
         .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))
 }
 
@@ -137,7 +137,7 @@ impl JobService for JobApi {
                     .range(start..)
                     .filter(|(_, job)| wanted(job))
                     .take(limit + 1)
-                    .map(|(_, job)| job_to_proto(job))
+                    .map(|(_, job)| job_to_proto(job, crate::raft::node::now_unix_ms()))
                     .collect();
                 let next = if page.len() > limit {
                     page.truncate(limit);

@@ -6,6 +6,7 @@
 
 pub mod imds;
 pub mod local;
+pub mod sim;
 
 use std::collections::BTreeMap;
 

@@ -355,7 +355,9 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::WorkerUnavailable(_)
         | Rejected::StaleGeneration { .. }
         | Rejected::NotRunning { .. }
-        | Rejected::CheckpointNotDeletable { .. } => ErrorKind::FailedPrecondition,
+        | Rejected::CheckpointNotDeletable { .. }
+        | Rejected::RequestNotOutstanding(_)
+        | Rejected::DuplicateRequest(_) => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
         Rejected::BadRequestId | Rejected::BadGang { .. } => ErrorKind::InvalidArgument,
         Rejected::Undecodable(_) => ErrorKind::Internal,

@@ -45,6 +45,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     preemptions: 0,
                     failures: 0,
                     failure_step: 0,
+                    cost_usd: 0.0,
+                    lost_work_usd: 0.0,
+                    generation_started_at_unix_ms: 0,
+                    generation_start_step: 0,
+                    gang_usd_per_hour: 0.0,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -53,6 +58,10 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+            }
+            if job.state == JobState::Running {
+                let step = job.step;
+                charge_generation(job, now, step, 0);
             }
             job.state = JobState::Cancelled;
             job.reason = bounded(if reason.is_empty() { "cancelled by user".to_string() } else { reason });
@@ -148,6 +157,93 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::CheckpointDeletionChanged { job_id })
         }
         Command::AssignGang { job_id, workers } => assign_gang(state, job_id, workers, now),
+        Command::RequestInstances { request_id, job, instance_type, zone, spot, count, usd_per_hour } => {
+            if request_id.is_empty() || request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
+                return Err(Rejected::BadRequestId);
+            }
+            if state.instance_requests.contains_key(&request_id) {
+                return Err(Rejected::DuplicateRequest(request_id));
+            }
+            if state.instance_requests.len() >= INSTANCE_REQUESTS_MAX {
+                let settled = state
+                    .instance_requests
+                    .values()
+                    .filter(|r| r.state != RequestState::Requested)
+                    .min_by_key(|r| r.requested_at_unix_ms)
+                    .map(|r| r.request_id.clone());
+                match settled {
+                    Some(oldest) => {
+                        state.instance_requests.remove(&oldest);
+                    }
+                    None => return Err(Rejected::TooManyJobs { limit: INSTANCE_REQUESTS_MAX }),
+                }
+            }
+            let request = InstanceRequest {
+                request_id: request_id.clone(),
+                job,
+                instance_type,
+                zone,
+                spot,
+                count,
+                usd_per_hour,
+                requested_at_unix_ms: now,
+                state: RequestState::Requested,
+                reason: String::new(),
+            };
+            state.instance_requests.insert(request_id, request);
+            Ok(Applied::InstancesChanged)
+        }
+        Command::InstancesLaunched { request_id, instances } => {
+            let request = state
+                .instance_requests
+                .get_mut(&request_id)
+                .filter(|r| r.state == RequestState::Requested)
+                .ok_or_else(|| Rejected::RequestNotOutstanding(request_id.clone()))?;
+            request.state = RequestState::Launched;
+            let request = request.clone();
+            for launched in instances {
+                if state.instances.len() >= INSTANCES_MAX {
+                    let oldest = state
+                        .instances
+                        .values()
+                        .filter(|i| i.terminated_at_unix_ms.is_some())
+                        .min_by_key(|i| i.launched_at_unix_ms)
+                        .map(|i| i.id.clone());
+                    if let Some(oldest) = oldest {
+                        state.instances.remove(&oldest);
+                    }
+                }
+                state.instances.entry(launched.id.clone()).or_insert(InstanceRecord {
+                    id: launched.id,
+                    request_id: request.request_id.clone(),
+                    instance_type: request.instance_type.clone(),
+                    zone: launched.zone,
+                    spot: launched.spot,
+                    usd_per_hour: request.usd_per_hour,
+                    launched_at_unix_ms: now,
+                    terminated_at_unix_ms: None,
+                });
+            }
+            Ok(Applied::InstancesChanged)
+        }
+        Command::LaunchFailed { request_id, reason, capacity } => {
+            let request = state
+                .instance_requests
+                .get_mut(&request_id)
+                .filter(|r| r.state == RequestState::Requested)
+                .ok_or_else(|| Rejected::RequestNotOutstanding(request_id.clone()))?;
+            request.state = RequestState::Failed;
+            request.reason = bounded(if capacity { format!("no capacity: {reason}") } else { reason });
+            Ok(Applied::InstancesChanged)
+        }
+        Command::InstancesTerminated { ids } => {
+            for id in ids {
+                if let Some(instance) = state.instances.get_mut(&id) {
+                    instance.terminated_at_unix_ms.get_or_insert(now);
+                }
+            }
+            Ok(Applied::InstancesChanged)
+        }
         Command::RecordCheckpoint { job_id, checkpoint } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
@@ -194,6 +290,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.generation != generation {
                 return Err(Rejected::StaleGeneration { job_id, current: job.generation, reported: generation });
             }
+            charge_generation(job, now, step, 0);
             job.state = if success { JobState::Succeeded } else { JobState::Failed };
             job.checkpoint_requested = None;
             job.reason = bounded(reason);
@@ -229,7 +326,16 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
             worker.job = Some(job_id);
         }
     }
+    let gang_usd_per_hour: f64 = workers
+        .iter()
+        .filter_map(|w| state.workers.get(w))
+        .filter_map(|w| state.instances.get(&w.info.instance_id))
+        .map(|i| i.usd_per_hour)
+        .sum();
     let job = state.jobs.get_mut(&job_id).expect("the job was just found");
+    job.generation_started_at_unix_ms = now;
+    job.generation_start_step = resume_step(job);
+    job.gang_usd_per_hour = gang_usd_per_hour;
     job.generation += 1;
     job.state = JobState::Running;
     job.reason.clear();
@@ -268,6 +374,7 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
         return;
     }
     let lost_steps = last_step_seen.saturating_sub(resume_step(job));
+    charge_generation(job, now, last_step_seen, lost_steps);
     job.state = JobState::Pending;
     job.reason = format!("{lost} was lost; waiting for workers to form a new generation");
     job.recoveries += 1;
@@ -291,6 +398,18 @@ fn running_generation(state: &mut State, job_id: JobId, generation: u64) -> Resu
     Ok(job)
 }
 
+/// Charges the generation that ends now to the job: its gang's price times its run time, and
+/// the share of it that paid for `lost_steps` of the steps it made.
+fn charge_generation(job: &mut Job, now: u64, step_reached: u64, lost_steps: u64) {
+    let cost = job.gang_usd_per_hour * now.saturating_sub(job.generation_started_at_unix_ms) as f64 / 3_600_000.0;
+    let made = step_reached.saturating_sub(job.generation_start_step);
+    job.cost_usd += cost;
+    if made > 0 {
+        job.lost_work_usd += cost * (lost_steps.min(made) as f64 / made as f64);
+    }
+    job.gang_usd_per_hour = 0.0;
+}
+
 /// The step a new generation resumes from.
 fn resume_step(job: &Job) -> u64 {
     job.latest_checkpoint.as_ref().map_or(0, |c| c.step)
@@ -310,7 +429,26 @@ fn generation_ended(
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
     let requested = job.checkpoint_requested.take();
+    let lost_steps = match &end {
+        GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. } => step.saturating_sub(resume_step(job)),
+        _ => 0,
+    };
+    charge_generation(job, now, step, lost_steps);
     match &end {
+        GenerationEnd::Checkpointed if requested == Some(StopReason::Budget) => {
+            let budget = job.spec.capacity.budget_usd.unwrap_or(0.0);
+            job.state = JobState::Failed;
+            job.reason = format!(
+                "budget spent: {:.2} USD of capacity.budget_usd = {budget:.2}; stopped at the checkpoint of step {}",
+                job.cost_usd,
+                resume_step(job)
+            );
+            job.updated_at_unix_ms = now;
+            push_event(job, now, "budget", job.reason.clone());
+            let gang = std::mem::take(&mut job.gang);
+            release(state, &gang);
+            return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
+        }
         GenerationEnd::Checkpointed => {
             let lost = step.saturating_sub(resume_step(job));
             job.steps_lost += lost;

@@ -105,12 +105,37 @@ pub struct Job {
     /// Failures since the job last made progress (a checkpoint beyond `failure_step`).
     #[serde(default)]
     pub failures: u32,
+    /// Compute charged to the job for its ended generations, USD (the running one is added
+    /// by [`Job::cost_usd_at`]).
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// Of that, what paid for work that was lost and redone.
+    #[serde(default)]
+    pub lost_work_usd: f64,
+    /// The current generation: when it started, at which step, and its gang's hourly price
+    /// (from the instances' prices at launch; 0 for workers without an instance record).
+    #[serde(default)]
+    pub generation_started_at_unix_ms: u64,
+    #[serde(default)]
+    pub generation_start_step: u64,
+    #[serde(default)]
+    pub gang_usd_per_hour: f64,
     /// `step` at the last failure: a later checkpoint past it resets `failures`.
     #[serde(default)]
     pub failure_step: u64,
 }
 
 impl Job {
+    /// What the job has cost until `now_unix_ms`, the running generation included.
+    pub fn cost_usd_at(&self, now_unix_ms: u64) -> f64 {
+        let running = if self.state == JobState::Running {
+            self.gang_usd_per_hour * now_unix_ms.saturating_sub(self.generation_started_at_unix_ms) as f64 / 3_600_000.0
+        } else {
+            0.0
+        };
+        self.cost_usd + running
+    }
+
     /// Retention: the recorded checkpoints to mark for deletion now (all but the newest
     /// `checkpoint.keep` usable ones; never the newest), and those already marked, whose objects
     /// must be removed before their records are dropped.
@@ -133,6 +158,8 @@ pub enum StopReason {
     Preemption,
     /// Elastic job: more workers are free; regroup at a larger world size.
     Grow,
+    /// The job reached `capacity.budget_usd`: it stops at a checkpoint and does not resume.
+    Budget,
 }
 
 impl StopReason {
@@ -140,6 +167,7 @@ impl StopReason {
         match self {
             StopReason::Preemption => "preemption",
             StopReason::Grow => "grow",
+            StopReason::Budget => "budget",
         }
     }
 }
@@ -229,6 +257,14 @@ pub struct State {
     /// client_request_id -> job, so a retried submission returns the job it created.
     pub request_ids: BTreeMap<String, JobId>,
     pub workers: BTreeMap<WorkerId, Worker>,
+    /// Capacity the autoscaler asked a provider for, by request id (= the launch's client
+    /// token): recorded *before* the launch, so a new leader repeats an unfinished one with the
+    /// same token instead of deciding anew.
+    #[serde(default)]
+    pub instance_requests: BTreeMap<String, InstanceRequest>,
+    /// Instances launched for those requests, by instance id (kept after termination for cost).
+    #[serde(default)]
+    pub instances: BTreeMap<String, InstanceRecord>,
 }
 
 impl Default for State {
@@ -240,8 +276,67 @@ impl Default for State {
             jobs: BTreeMap::new(),
             request_ids: BTreeMap::new(),
             workers: BTreeMap::new(),
+            instance_requests: BTreeMap::new(),
+            instances: BTreeMap::new(),
         }
     }
+}
+
+/// Instance requests kept at most (finished ones are dropped oldest first beyond it).
+pub const INSTANCE_REQUESTS_MAX: usize = 10_000;
+/// Instance records kept at most (terminated ones are dropped oldest first beyond it).
+pub const INSTANCES_MAX: usize = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestState {
+    /// Recorded; the launch may or may not have happened yet.
+    Requested,
+    Launched,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRequest {
+    pub request_id: String,
+    /// The job it was bought for (it gets the instances first), if any.
+    pub job: Option<JobId>,
+    pub instance_type: String,
+    pub zone: String,
+    pub spot: bool,
+    pub count: u32,
+    pub usd_per_hour: f64,
+    pub requested_at_unix_ms: u64,
+    pub state: RequestState,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub request_id: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub spot: bool,
+    /// The price at launch, USD per hour: what the instance is charged at.
+    pub usd_per_hour: f64,
+    pub launched_at_unix_ms: u64,
+    pub terminated_at_unix_ms: Option<u64>,
+}
+
+impl InstanceRecord {
+    /// What it has cost until `now_unix_ms` (or its termination).
+    pub fn cost_usd(&self, now_unix_ms: u64) -> f64 {
+        let end = self.terminated_at_unix_ms.unwrap_or(now_unix_ms);
+        self.usd_per_hour * end.saturating_sub(self.launched_at_unix_ms) as f64 / 3_600_000.0
+    }
+}
+
+/// An instance a provider reported launched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchedInstance {
+    pub id: String,
+    pub zone: String,
+    pub spot: bool,
 }
 
 /// Errors of snapshot encoding and decoding.
@@ -358,6 +453,31 @@ pub enum Command {
         job_id: JobId,
         checkpoint: CheckpointRecord,
     },
+    /// The autoscaler decided to buy capacity (recorded before the provider is called).
+    RequestInstances {
+        request_id: String,
+        job: Option<JobId>,
+        instance_type: String,
+        zone: String,
+        spot: bool,
+        count: u32,
+        usd_per_hour: f64,
+    },
+    /// The provider launched these for the request.
+    InstancesLaunched {
+        request_id: String,
+        instances: Vec<LaunchedInstance>,
+    },
+    /// The provider refused the request (`capacity`: no capacity of that kind now).
+    LaunchFailed {
+        request_id: String,
+        reason: String,
+        capacity: bool,
+    },
+    /// These instances are gone (terminated by us, or taken back by the cloud).
+    InstancesTerminated {
+        ids: Vec<String>,
+    },
     /// The scheduler's explanation of why a pending job waits (proposed only when it changes).
     SetPendingReason {
         job_id: JobId,
@@ -421,6 +541,7 @@ pub enum Applied {
     CheckpointDeletionChanged {
         job_id: JobId,
     },
+    InstancesChanged,
 }
 
 /// Why a command changed nothing. Every node rejects the same commands.
@@ -450,6 +571,10 @@ pub enum Rejected {
     BadGang { limit: usize },
     #[error("{job_id} is {state}; only a Running generation can end or be asked to checkpoint")]
     NotRunning { job_id: JobId, state: &'static str },
+    #[error("instance request `{0}` is not outstanding (unknown, or already settled)")]
+    RequestNotOutstanding(String),
+    #[error("instance request `{0}` already exists")]
+    DuplicateRequest(String),
     #[error("{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept)")]
     CheckpointNotDeletable { job_id: JobId, uri: String },
 }

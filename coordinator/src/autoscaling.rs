@@ -1,0 +1,377 @@
+//! The leader's autoscaling loop: buys capacity for the gangs that wait, gives idle capacity
+//! back, stops jobs at their budget, and keeps the provider and the replicated state in step.
+//!
+//! ```text
+//!   every pass (leader only):
+//!     1. requests recorded but not settled (a previous leader may have died mid-way):
+//!          launch again with the same client token (idempotent) -> InstancesLaunched / LaunchFailed
+//!     2. running jobs past capacity.budget_usd -> RequestCheckpoint{Budget}
+//!     3. autoscale::plan(gangs, held instances, market quotes, limits, back-off)
+//!          Launch    -> RequestInstances (Raft) -> provider.launch(token = request id) -> step 1's outcome
+//!          Terminate -> provider.terminate -> InstancesTerminated
+//!     4. every RECONCILE_EVERY: describe by cluster tag -> terminate orphans (ours, unknown, not
+//!          an unsettled request's); record instances the cloud took back
+//! ```
+//!
+//! Every decision is recorded through Raft *before* it is carried out, and carried out with an
+//! idempotent token, so whatever crashes where, a new leader finishes it and nothing is
+//! launched twice. Back-off and idle timers are the leader's memory (a new leader starts them
+//! afresh: conservative). The pass is generic over [`Control`], so the simulation test drives it
+//! against a plain state machine with injected leader crashes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::autoscale::{self, Backoff, Decision, Gang, Held, Limits, PoolKey};
+use flotilla_core::market::Trace;
+use flotilla_core::state::{
+    Applied, Command, InstanceRequest, JobState, LaunchedInstance, RequestState, State, StopReason,
+};
+use flotilla_proto::ApiError;
+
+use crate::provider::{DynProvider, InstanceState, LaunchSpec, ProviderError};
+
+/// How often the leader runs a pass.
+pub const PASS_EVERY: Duration = Duration::from_secs(2);
+/// How often the cloud's view is compared with the state (orphans, instances taken back).
+pub const RECONCILE_EVERY_MS: u64 = 30_000;
+/// An instance whose worker has not registered this long after launch counts as idle (a broken
+/// image never holds capacity forever).
+pub const REGISTER_TIMEOUT_MS: u64 = 10 * 60_000;
+
+pub struct AutoscaleConfig {
+    pub limits: Limits,
+    /// Prices and capacity per pool: a trace (replayed from the coordinator's start) or a
+    /// one-row-per-pool price list.
+    pub market: Trace,
+    /// Tags on every instance of this cluster (`flotilla-cluster=<id>`).
+    pub cluster_tags: BTreeMap<String, String>,
+    /// Prefix of request ids (the cluster id).
+    pub cluster_id: String,
+    /// When the market's hour 0 is, in Unix ms.
+    pub market_start_unix_ms: u64,
+}
+
+/// What a pass needs from the replicated state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Input {
+    pub gangs: Vec<Gang>,
+    /// Instances held (with `idle_since_ms` not yet filled: the leader's memory does that).
+    pub held: Vec<Held>,
+    /// Of `held`, those idle now (a worker without a job, or never registered in time).
+    pub idle: BTreeSet<String>,
+    pub outstanding: Vec<InstanceRequest>,
+    /// (job, generation) of running jobs that reached their budget.
+    pub over_budget: Vec<(JobId, u64)>,
+    /// Instances the state believes alive.
+    pub known: BTreeSet<String>,
+}
+
+/// Reads a pass's input from the state (pure).
+pub fn input(state: &State, now_ms: u64) -> Input {
+    let mut out = Input::default();
+    let live_workers: Vec<_> = state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).collect();
+    for request in state.instance_requests.values().filter(|r| r.state == RequestState::Requested) {
+        out.outstanding.push(request.clone());
+    }
+    for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
+        out.known.insert(instance.id.clone());
+        let worker = live_workers.iter().find(|w| w.info.instance_id == instance.id);
+        let busy = worker.is_some_and(|w| w.job.is_some());
+        let registered = worker.is_some();
+        let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
+        if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue {
+            out.idle.insert(instance.id.clone());
+        }
+        let reserved_for =
+            if registered { None } else { state.instance_requests.get(&instance.request_id).and_then(|r| r.job) };
+        out.held.push(Held {
+            id: instance.id.clone(),
+            pool: PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() },
+            gpus: worker.map_or(0, |w| w.info.gpus).max(1),
+            spot: instance.spot,
+            usd_per_hour: instance.usd_per_hour,
+            busy: busy || worker.is_some_and(|w| w.draining),
+            reserved_for,
+            idle_since_ms: None,
+        });
+    }
+    // Requested instances not launched yet hold their place (so nothing is bought twice).
+    for request in &out.outstanding {
+        for n in 0..request.count {
+            out.held.push(Held {
+                id: format!("{}#{n}", request.request_id),
+                pool: PoolKey { instance_type: request.instance_type.clone(), zone: request.zone.clone() },
+                gpus: 1,
+                spot: request.spot,
+                usd_per_hour: request.usd_per_hour,
+                busy: false,
+                reserved_for: request.job,
+                idle_since_ms: None,
+            });
+        }
+    }
+    // Workers without an instance record (started by hand, the local provider): capacity too.
+    for worker in live_workers.iter().filter(|w| !state.instances.contains_key(&w.info.instance_id)) {
+        out.held.push(Held {
+            id: format!("worker:{}", worker.id),
+            pool: PoolKey { instance_type: worker.info.instance_type.clone(), zone: worker.info.zone.clone() },
+            gpus: worker.info.gpus.max(1),
+            spot: false,
+            usd_per_hour: 0.0,
+            busy: worker.job.is_some() || worker.draining,
+            reserved_for: None,
+            idle_since_ms: None,
+        });
+    }
+    for job in state.jobs.values() {
+        let budget_left = job.spec.capacity.budget_usd.map(|b| b - job.cost_usd_at(now_ms));
+        match job.state {
+            JobState::Pending => out.gangs.push(Gang {
+                job: job.id,
+                priority: job.spec.priority,
+                order: job.submitted_index,
+                workers: job.spec.workers.min,
+                gpus_per_worker: job.spec.workers.gpus,
+                instance_types: job.spec.capacity.instance_types.clone(),
+                spot: job.spec.capacity.spot,
+                on_demand_fallback: job.spec.capacity.on_demand_fallback,
+                max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
+                budget_left_usd: budget_left,
+            }),
+            JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
+                out.over_budget.push((job.id, job.generation));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How a pass reads the state and records decisions: Raft in production.
+pub trait Control {
+    fn input(&mut self, now_ms: u64) -> impl Future<Output = Result<Input, ApiError>> + Send;
+    fn propose(&mut self, command: Command) -> impl Future<Output = Result<Applied, ApiError>> + Send;
+}
+
+impl Control for crate::raft::node::NodeHandle {
+    async fn input(&mut self, now_ms: u64) -> Result<Input, ApiError> {
+        self.read_local(move |state| input(state, now_ms)).await
+    }
+
+    async fn propose(&mut self, command: Command) -> Result<Applied, ApiError> {
+        crate::raft::node::NodeHandle::propose(self, command).await
+    }
+}
+
+/// The leader's memory between passes.
+#[derive(Debug, Default)]
+pub struct Memory {
+    pub backoff: Backoff,
+    /// Instance id -> when this leader first saw it idle.
+    idle_since: BTreeMap<String, u64>,
+    requests_made: u64,
+    last_reconcile_ms: u64,
+}
+
+/// What a pass did (for logs and tests).
+#[derive(Debug, Default, PartialEq)]
+pub struct PassReport {
+    pub launched: Vec<String>,
+    pub terminated: Vec<String>,
+    pub orphans_terminated: Vec<String>,
+    pub budget_stops: Vec<JobId>,
+}
+
+fn launch_spec(config: &AutoscaleConfig, request: &InstanceRequest) -> LaunchSpec {
+    let mut tags = config.cluster_tags.clone();
+    if let Some(job) = request.job {
+        tags.insert("flotilla-job".into(), job.to_string());
+    }
+    LaunchSpec {
+        instance_type: request.instance_type.clone(),
+        zone: Some(request.zone.clone()),
+        spot: request.spot,
+        count: request.count,
+        on_demand_base: 0,
+        tags,
+        client_token: request.request_id.clone(),
+    }
+}
+
+/// Carries out a recorded request and records the outcome.
+async fn settle<C: Control>(
+    control: &mut C,
+    provider: &dyn DynProvider,
+    config: &AutoscaleConfig,
+    memory: &mut Memory,
+    request: &InstanceRequest,
+    now_ms: u64,
+    report: &mut PassReport,
+) -> Result<(), ApiError> {
+    let pool = PoolKey { instance_type: request.instance_type.clone(), zone: request.zone.clone() };
+    let command = match provider.launch_dyn(&launch_spec(config, request)).await {
+        Ok(instances) => {
+            memory.backoff.succeeded(&pool, request.spot);
+            report.launched.extend(instances.iter().map(|i| i.id.clone()));
+            Command::InstancesLaunched {
+                request_id: request.request_id.clone(),
+                instances: instances
+                    .into_iter()
+                    .map(|i| LaunchedInstance { id: i.id, zone: i.zone, spot: i.spot })
+                    .collect(),
+            }
+        }
+        Err(ProviderError::Capacity(reason)) => {
+            memory.backoff.failed(&pool, request.spot, now_ms);
+            Command::LaunchFailed { request_id: request.request_id.clone(), reason, capacity: true }
+        }
+        Err(e) => {
+            Command::LaunchFailed { request_id: request.request_id.clone(), reason: e.to_string(), capacity: false }
+        }
+    };
+    control.propose(command).await.map(|_| ())
+}
+
+/// One autoscaling pass at `now_ms` (see the module docs).
+pub async fn pass<C: Control>(
+    control: &mut C,
+    provider: &dyn DynProvider,
+    config: &AutoscaleConfig,
+    memory: &mut Memory,
+    now_ms: u64,
+) -> Result<PassReport, ApiError> {
+    let mut report = PassReport::default();
+    let input = control.input(now_ms).await?;
+    for request in &input.outstanding {
+        settle(control, provider, config, memory, request, now_ms, &mut report).await?;
+    }
+    for (job_id, generation) in &input.over_budget {
+        control
+            .propose(Command::RequestCheckpoint {
+                job_id: *job_id,
+                generation: *generation,
+                reason: StopReason::Budget,
+            })
+            .await?;
+        report.budget_stops.push(*job_id);
+    }
+    let input = if input.outstanding.is_empty() { input } else { control.input(now_ms).await? };
+    memory.idle_since.retain(|id, _| input.idle.contains(id));
+    for id in &input.idle {
+        memory.idle_since.entry(id.clone()).or_insert(now_ms);
+    }
+    let held: Vec<Held> = input
+        .held
+        .iter()
+        .cloned()
+        .map(|mut h| {
+            h.idle_since_ms = memory.idle_since.get(&h.id).copied();
+            h
+        })
+        .collect();
+    let hour = now_ms.saturating_sub(config.market_start_unix_ms) as f64 / 3_600_000.0;
+    let plan =
+        autoscale::plan(now_ms, &input.gangs, &held, &config.market.quotes(hour), &config.limits, &memory.backoff);
+    for decision in plan.decisions {
+        match decision {
+            Decision::Launch { job, pool, spot, count, usd_per_hour } => {
+                memory.requests_made += 1;
+                let request_id = format!("{}-{now_ms:x}-{}", config.cluster_id, memory.requests_made);
+                let command = Command::RequestInstances {
+                    request_id: request_id.clone(),
+                    job: Some(job),
+                    instance_type: pool.instance_type.clone(),
+                    zone: pool.zone.clone(),
+                    spot,
+                    count,
+                    usd_per_hour,
+                };
+                control.propose(command).await?;
+                let request = InstanceRequest {
+                    request_id,
+                    job: Some(job),
+                    instance_type: pool.instance_type,
+                    zone: pool.zone,
+                    spot,
+                    count,
+                    usd_per_hour,
+                    requested_at_unix_ms: now_ms,
+                    state: RequestState::Requested,
+                    reason: String::new(),
+                };
+                settle(control, provider, config, memory, &request, now_ms, &mut report).await?;
+            }
+            Decision::Terminate { id } if input.known.contains(&id) => {
+                if let Err(e) = provider.terminate_dyn(std::slice::from_ref(&id)).await {
+                    tracing::warn!(instance = id, error = %e, "could not terminate an idle instance; retrying later");
+                    continue;
+                }
+                control.propose(Command::InstancesTerminated { ids: vec![id.clone()] }).await?;
+                memory.idle_since.remove(&id);
+                report.terminated.push(id);
+            }
+            Decision::Terminate { .. } => {} // a worker without an instance record: not ours to stop
+        }
+    }
+    if now_ms.saturating_sub(memory.last_reconcile_ms) >= RECONCILE_EVERY_MS || memory.last_reconcile_ms == 0 {
+        memory.last_reconcile_ms = now_ms.max(1);
+        let input = control.input(now_ms).await?;
+        let cloud = match provider.describe_dyn(&config.cluster_tags).await {
+            Ok(cloud) => cloud,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the cluster's instances; reconciling later");
+                return Ok(report);
+            }
+        };
+        let pending_tokens: BTreeSet<&str> = input.outstanding.iter().map(|r| r.request_id.as_str()).collect();
+        let orphans: Vec<String> = cloud
+            .iter()
+            .filter(|i| i.state == InstanceState::Running && !input.known.contains(&i.id))
+            .filter(|i| {
+                i.tags.get(crate::provider::LAUNCH_TOKEN_TAG).is_none_or(|t| !pending_tokens.contains(t.as_str()))
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        if !orphans.is_empty() && provider.terminate_dyn(&orphans).await.is_ok() {
+            report.orphans_terminated = orphans;
+        }
+        let running: BTreeSet<&str> =
+            cloud.iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id.as_str()).collect();
+        let gone: Vec<String> = input.known.iter().filter(|id| !running.contains(id.as_str())).cloned().collect();
+        if !gone.is_empty() {
+            control.propose(Command::InstancesTerminated { ids: gone }).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// Runs on every node; acts only while this node leads.
+pub async fn autoscale_loop(
+    mut node: crate::raft::node::NodeHandle,
+    provider: std::sync::Arc<dyn DynProvider>,
+    config: AutoscaleConfig,
+) {
+    let mut memory = Memory::default();
+    let mut was_leader = false;
+    loop {
+        tokio::time::sleep(PASS_EVERY).await;
+        let leader = node.status().leader_id == Some(node.id);
+        if !leader {
+            was_leader = false;
+            continue;
+        }
+        if !was_leader {
+            memory = Memory::default(); // a new term: timers and back-off start afresh
+            was_leader = true;
+        }
+        let now = crate::raft::node::now_unix_ms();
+        match pass(&mut node, provider.as_ref(), &config, &mut memory, now).await {
+            Ok(report) if report != PassReport::default() => tracing::info!(?report, "autoscaling"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "autoscaling pass cut short; the next one continues"),
+        }
+    }
+}
