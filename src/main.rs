@@ -61,7 +61,7 @@ enum Command {
     #[command(hide = true)]
     TrainRank(commands::train::RankArgs),
     /// Run one coordinator node in the foreground (what `up` starts).
-    Coordinator(commands::coordinator::Args),
+    Coordinator(Box<commands::coordinator::Args>),
     /// Load generator for scripts/bench/coordinator.sh.
     #[command(hide = true)]
     BenchSubmit(commands::bench::Args),
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => commands::validate::run(args, cli.output),
         Command::Train(args) => done(commands::train::run(args, cli.output)),
         Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),
-        Command::Coordinator(args) => done(commands::coordinator::run(args)),
+        Command::Coordinator(args) => done(commands::coordinator::run(*args)),
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
         Command::BenchFirstStep(args) => done(commands::bench::first_step(args, coordinator)),
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),

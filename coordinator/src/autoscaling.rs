@@ -41,6 +41,7 @@ pub const RECONCILE_EVERY_MS: u64 = 30_000;
 /// image never holds capacity forever).
 pub const REGISTER_TIMEOUT_MS: u64 = 10 * 60_000;
 
+#[derive(Debug, Clone)]
 pub struct AutoscaleConfig {
     pub limits: Limits,
     /// Prices and capacity per pool: a trace (replayed from the coordinator's start) or a

@@ -40,6 +40,21 @@ pub struct CoordinatorConfig {
     pub store_dir: PathBuf,
     /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
     pub local_workers: Option<LocalWorkers>,
+    /// Buy and release capacity with a provider (EC2, simulated): the autoscaling loop.
+    pub capacity: Option<Capacity>,
+}
+
+/// A provider and the autoscaler's settings.
+#[derive(Clone)]
+pub struct Capacity {
+    pub provider: std::sync::Arc<dyn crate::provider::DynProvider>,
+    pub config: crate::autoscaling::AutoscaleConfig,
+}
+
+impl std::fmt::Debug for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capacity").field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 /// The local provider's settings, for replacement workers.
@@ -140,6 +155,9 @@ pub async fn run(
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
     tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), config.store_dir.clone()));
+    if let Some(capacity) = config.capacity.clone() {
+        tokio::spawn(crate::autoscaling::autoscale_loop(handle.clone(), capacity.provider, capacity.config));
+    }
     let cluster = ClusterServiceServer::new(ClusterApi {
         node: handle.clone(),
         api_token: config.api_token.clone(),

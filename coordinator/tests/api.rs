@@ -60,6 +60,7 @@ async fn start(single: bool) -> Node {
         join_token: Some("join-token".into()),
         store_dir: dir.path().join("store"),
         local_workers: None,
+        capacity: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

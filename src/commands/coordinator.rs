@@ -47,6 +47,140 @@ pub struct Args {
     /// Seed of those interruptions.
     #[arg(long, default_value_t = 0)]
     pub local_seed: u64,
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+}
+
+/// Where the leader buys workers for waiting gangs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    /// None: workers join by themselves (`flotilla worker`, `flotilla up --workers`).
+    None,
+    /// Amazon EC2 (spot fleets with on-demand fallback); credentials and region from the
+    /// standard AWS configuration, AWS_ENDPOINT_URL honoured.
+    Ec2,
+    /// A simulated cloud on the --market trace (to try the autoscaler without one).
+    Sim,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CapacityArgs {
+    /// Capacity provider of the autoscaler.
+    #[arg(long, value_enum, default_value = "none")]
+    pub provider: ProviderKind,
+    /// Prices, interruption rates and spot capacity per pool (the trace format of
+    /// examples/traces/README.md; one row per pool at hour 0 is a price list). Required with
+    /// --provider.
+    #[arg(long)]
+    pub market: Option<PathBuf>,
+    /// Instances the cluster holds at most.
+    #[arg(long, default_value_t = 16)]
+    pub max_instances: u32,
+    /// What the cluster's instances may cost together, USD per hour.
+    #[arg(long, default_value_t = 50.0)]
+    pub max_usd_per_hour: f64,
+    /// An idle instance is released after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub idle_cooldown_s: u64,
+    /// EC2: the AMI workers boot (with `flotilla` installed).
+    #[arg(long)]
+    pub ec2_image_id: Option<String>,
+    /// EC2: ZONE=SUBNET, repeatable (default: the default VPC's subnets).
+    #[arg(long)]
+    pub ec2_subnet: Vec<String>,
+    /// EC2: security group ids for workers, repeatable.
+    #[arg(long)]
+    pub ec2_security_group: Vec<String>,
+    /// EC2: an SSH key pair name for workers.
+    #[arg(long)]
+    pub ec2_key_name: Option<String>,
+}
+
+/// Instances the autoscaler may hold at most, whatever the flag says.
+const MAX_INSTANCES_LIMIT: u32 = 10_000;
+
+fn capacity(
+    args: &CapacityArgs,
+    cluster_id: &str,
+    peers: &BTreeMap<u64, String>,
+    join_token: Option<&str>,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Option<server::Capacity>> {
+    use flotilla_coordinator::provider::DynProvider;
+    if args.provider == ProviderKind::None {
+        return Ok(None);
+    }
+    let market_path = args.market.as_ref().context("--market is required with --provider (prices per pool)")?;
+    let text = std::fs::read_to_string(market_path).with_context(|| format!("reading {}", market_path.display()))?;
+    let market =
+        flotilla_core::market::Trace::parse(&text).with_context(|| format!("--market {}", market_path.display()))?;
+    if args.max_instances == 0 || args.max_instances > MAX_INSTANCES_LIMIT {
+        bail!("--max-instances must be 1 to {MAX_INSTANCES_LIMIT}, got {}", args.max_instances);
+    }
+    if !args.max_usd_per_hour.is_finite() || args.max_usd_per_hour <= 0.0 {
+        bail!("--max-usd-per-hour must be a positive number of USD, got {}", args.max_usd_per_hour);
+    }
+    let provider: std::sync::Arc<dyn DynProvider> = match args.provider {
+        ProviderKind::None => return Ok(None),
+        ProviderKind::Sim => std::sync::Arc::new(flotilla_coordinator::provider::sim::SimProvider::new(market.clone())),
+        ProviderKind::Ec2 => ec2_provider(args, cluster_id, peers, join_token, runtime)?,
+    };
+    let config = flotilla_coordinator::autoscaling::AutoscaleConfig {
+        limits: flotilla_core::autoscale::Limits {
+            max_instances: args.max_instances,
+            max_usd_per_hour: args.max_usd_per_hour,
+            idle_cooldown_ms: args.idle_cooldown_s.saturating_mul(1000),
+            ..Default::default()
+        },
+        market,
+        cluster_tags: BTreeMap::from([(
+            flotilla_coordinator::provider::CLUSTER_TAG.to_string(),
+            cluster_id.to_string(),
+        )]),
+        cluster_id: cluster_id.to_string(),
+        market_start_unix_ms: flotilla_coordinator::raft::node::now_unix_ms(),
+    };
+    Ok(Some(server::Capacity { provider, config }))
+}
+
+#[cfg(feature = "ec2")]
+fn ec2_provider(
+    args: &CapacityArgs,
+    cluster_id: &str,
+    peers: &BTreeMap<u64, String>,
+    join_token: Option<&str>,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
+    let image_id = args.ec2_image_id.clone().context("--ec2-image-id is required with --provider ec2")?;
+    let join_token = join_token.context("--provider ec2 needs a join token for the workers it starts")?;
+    let mut subnets = BTreeMap::new();
+    for pair in &args.ec2_subnet {
+        let (zone, subnet) =
+            pair.split_once('=').with_context(|| format!("--ec2-subnet `{pair}` is not ZONE=SUBNET"))?;
+        subnets.insert(zone.trim().to_string(), subnet.trim().to_string());
+    }
+    let coordinators: Vec<&str> = peers.values().map(String::as_str).collect();
+    let config = flotilla_ec2::Ec2Config {
+        cluster_id: cluster_id.to_string(),
+        image_id,
+        subnets,
+        security_group_ids: args.ec2_security_group.clone(),
+        key_name: args.ec2_key_name.clone(),
+        user_data: flotilla_ec2::worker_user_data(&coordinators.join(","), join_token),
+    };
+    let provider = runtime.block_on(flotilla_ec2::Ec2Provider::connect(config, flotilla_ec2::Connection::default()))?;
+    Ok(std::sync::Arc::new(provider))
+}
+
+#[cfg(not(feature = "ec2"))]
+fn ec2_provider(
+    _: &CapacityArgs,
+    _: &str,
+    _: &BTreeMap<u64, String>,
+    _: Option<&str>,
+    _: &tokio::runtime::Runtime,
+) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
+    bail!("this flotilla was built without the `ec2` feature; rebuild with default features for --provider ec2")
 }
 
 /// Peers given at most (Raft clusters beyond 7 voters only add latency).
@@ -96,8 +230,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }),
             None => None,
         },
+        capacity: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let config = CoordinatorConfig {
+        capacity: capacity(&args.capacity, &config.cluster_id, &config.peers, config.join_token.as_deref(), &runtime)?,
+        ..config
+    };
     runtime.block_on(async move {
         let shutdown = async {
             super::shutdown_signal().await;
