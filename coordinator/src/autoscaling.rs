@@ -6,7 +6,8 @@
 //!     1. requests recorded but not settled (a previous leader may have died mid-way):
 //!          launch again with the same client token (idempotent) -> InstancesLaunched / LaunchFailed
 //!     2. running jobs past capacity.budget_usd -> RequestCheckpoint{Budget}
-//!     3. autoscale::plan(gangs, held instances, market quotes, limits, back-off)
+//!     3. autoscale::plan(gangs, held instances, market quotes (spot prices refreshed from the
+//!          provider every 5 min where it has them), limits, back-off)
 //!          Launch    -> RequestInstances (Raft) -> provider.launch(token = request id) -> step 1's outcome
 //!          Terminate -> provider.terminate -> InstancesTerminated
 //!     4. every RECONCILE_EVERY: describe by cluster tag -> terminate orphans (ours, unknown, not
@@ -37,6 +38,8 @@ use crate::provider::{DynProvider, InstanceState, LaunchSpec, ProviderError};
 pub const PASS_EVERY: Duration = Duration::from_secs(2);
 /// How often the cloud's view is compared with the state (orphans, instances taken back).
 pub const RECONCILE_EVERY_MS: u64 = 30_000;
+/// How often live spot prices are read from the provider (where it has them).
+pub const PRICES_EVERY_MS: u64 = 5 * 60_000;
 /// An instance whose worker has not registered this long after launch counts as idle (a broken
 /// image never holds capacity forever).
 pub const REGISTER_TIMEOUT_MS: u64 = 10 * 60_000;
@@ -175,6 +178,9 @@ pub struct Memory {
     idle_since: BTreeMap<String, u64>,
     requests_made: u64,
     last_reconcile_ms: u64,
+    /// Live spot prices per (type, zone) from the provider, over the market file's.
+    spot_prices: BTreeMap<(String, String), f64>,
+    last_prices_ms: u64,
 }
 
 /// What a pass did (for logs and tests).
@@ -273,9 +279,28 @@ pub async fn pass<C: Control>(
             h
         })
         .collect();
+    if now_ms.saturating_sub(memory.last_prices_ms) >= PRICES_EVERY_MS || memory.last_prices_ms == 0 {
+        memory.last_prices_ms = now_ms.max(1);
+        let types: BTreeSet<String> = config.market.pools().map(|p| p.instance_type.clone()).collect();
+        match provider.spot_prices_dyn(&types.into_iter().collect::<Vec<_>>()).await {
+            Ok(prices) => memory.spot_prices = prices,
+            Err(e) => tracing::warn!(error = %e, "cannot read spot prices; using the last known ones"),
+        }
+    }
     let hour = now_ms.saturating_sub(config.market_start_unix_ms) as f64 / 3_600_000.0;
-    let plan =
-        autoscale::plan(now_ms, &input.gangs, &held, &config.market.quotes(hour), &config.limits, &memory.backoff);
+    let quotes: Vec<autoscale::Quote> = config
+        .market
+        .quotes(hour)
+        .into_iter()
+        .map(|mut q| {
+            let key = (q.pool.instance_type.clone(), q.pool.zone.clone());
+            if let Some(price) = memory.spot_prices.get(&key).filter(|p| p.is_finite() && **p > 0.0) {
+                q.spot_usd_per_hour = *price;
+            }
+            q
+        })
+        .collect();
+    let plan = autoscale::plan(now_ms, &input.gangs, &held, &quotes, &config.limits, &memory.backoff);
     for decision in plan.decisions {
         match decision {
             Decision::Launch { job, pool, spot, count, usd_per_hour } => {

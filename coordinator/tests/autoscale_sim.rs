@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use flotilla_coordinator::autoscaling::{self, AutoscaleConfig, Control, Input, Memory, REGISTER_TIMEOUT_MS};
 use flotilla_coordinator::provider::sim::SimProvider;
 use flotilla_coordinator::provider::{
-    BoxFuture, CLUSTER_TAG, DynProvider, Instance, InstanceState, LaunchSpec, Provider, ProviderError,
+    BoxFuture, CLUSTER_TAG, DynProvider, Instance, InstanceState, LaunchSpec, Provider, ProviderError, SpotPrices,
 };
 use flotilla_core::autoscale::Limits;
 use flotilla_core::market::Trace;
@@ -73,9 +73,15 @@ impl Control for Local {
 struct Crashing {
     cloud: Arc<SimProvider>,
     fuse: Fuse,
+    /// Live spot prices the "cloud" reports (empty: the market file's stand).
+    prices: SpotPrices,
 }
 
 impl DynProvider for Crashing {
+    fn spot_prices_dyn<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<SpotPrices, ProviderError>> {
+        Box::pin(async { Ok(self.prices.clone()) })
+    }
+
     fn launch_dyn<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         Box::pin(async move {
             if !self.fuse.burn() {
@@ -161,7 +167,7 @@ fn run_seed(seed: u64) -> (usize, usize) {
     for _term in 0..rng.below(6) + 1 {
         let fuse = Fuse(Arc::new(AtomicI64::new(rng.below(14) as i64)));
         let mut control = Local { state, index, now, fuse: fuse.clone() };
-        let provider = Crashing { cloud: cloud.clone(), fuse };
+        let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
         let mut memory = Memory::default();
         for _ in 0..3 {
             now += 2_000 + rng.below(5_000);
@@ -186,7 +192,7 @@ fn run_seed(seed: u64) -> (usize, usize) {
         .count();
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
     let mut control = Local { state, index, now, fuse: fuse.clone() };
-    let provider = Crashing { cloud: cloud.clone(), fuse };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     for _ in 0..4 {
         now += 40_000;
@@ -261,7 +267,7 @@ fn a_capacity_error_backs_off_and_falls_back_to_on_demand() {
     apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
     let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
-    let provider = Crashing { cloud: cloud.clone(), fuse };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     let mut now = 1000;
     for _ in 0..6 {
@@ -274,4 +280,21 @@ fn a_capacity_error_backs_off_and_falls_back_to_on_demand() {
     let on_demand = cloud.all().iter().filter(|i| !i.spot && i.state == InstanceState::Running).count();
     assert_eq!(on_demand, 9, "after the spot pools back off, on-demand: {:?}", cloud.all());
     assert!(failed <= 4, "back-off, not a tight retry loop: {failed} failed requests");
+}
+
+#[test]
+fn live_spot_prices_from_the_provider_override_the_market_file() {
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let command = Command::SubmitJob { spec: Box::new(job("j", 2, true)), client_request_id: "r".into() };
+    apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    // By the file, g4dn.xlarge/a is cheapest (0.20 x 1.05); the cloud says g5.xlarge/b is at 0.05 now.
+    let prices = SpotPrices::from([(("g5.xlarge".to_string(), "b".to_string()), 0.05)]);
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices };
+    let mut memory = Memory::default();
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let request = control.state.instance_requests.values().next().expect("a request");
+    assert_eq!((request.instance_type.as_str(), request.zone.as_str(), request.usd_per_hour), ("g5.xlarge", "b", 0.05));
 }

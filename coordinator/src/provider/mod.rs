@@ -80,7 +80,18 @@ pub trait Provider {
         &self,
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<Vec<Instance>, ProviderError>> + Send;
+    /// Current spot prices per (instance type, zone), USD per hour, where the provider knows
+    /// them (EC2's price history); empty otherwise, and the market file's prices stand.
+    fn spot_prices(
+        &self,
+        _instance_types: &[String],
+    ) -> impl Future<Output = Result<SpotPrices, ProviderError>> + Send {
+        async { Ok(BTreeMap::new()) }
+    }
 }
+
+/// Spot prices per (instance type, zone), USD per hour.
+pub type SpotPrices = BTreeMap<(String, String), f64>;
 
 /// A boxed future, for providers behind `dyn`.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -93,6 +104,7 @@ pub trait DynProvider: Send + Sync {
         &'a self,
         tags: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>>;
+    fn spot_prices_dyn<'a>(&'a self, instance_types: &'a [String]) -> BoxFuture<'a, Result<SpotPrices, ProviderError>>;
 }
 
 impl<P: Provider + Send + Sync> DynProvider for P {
@@ -109,6 +121,10 @@ impl<P: Provider + Send + Sync> DynProvider for P {
         tags: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, Result<Vec<Instance>, ProviderError>> {
         Box::pin(self.describe(tags))
+    }
+
+    fn spot_prices_dyn<'a>(&'a self, instance_types: &'a [String]) -> BoxFuture<'a, Result<SpotPrices, ProviderError>> {
+        Box::pin(self.spot_prices(instance_types))
     }
 }
 
