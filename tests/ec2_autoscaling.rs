@@ -127,6 +127,26 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
     let ec2 = ec2(&cluster, &runtime);
     wait_until("fleet of 3", Duration::from_secs(30), || running(&ec2, &cluster, &runtime).len() == 3);
     let fleet = running(&ec2, &cluster, &runtime);
+    // `flotilla instances` lists what was bought, at the price recorded at launch.
+    let listed = common::command(&home)
+        .args(["--coordinator", &address, "instances", "-o", "json"])
+        .env("FLOTILLA_TOKEN", TOKEN)
+        .output()
+        .expect("instances");
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let mut ids: Vec<String> = listed["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| {
+            assert_eq!((i["instance_type"].as_str(), i["spot"].as_bool()), (Some("g5.xlarge"), Some(true)), "{i}");
+            assert!(i["usd_per_hour"].as_f64().is_some_and(|p| p > 0.0), "{i}");
+            i["id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, fleet, "{listed}");
 
     // Kill the coordinator; meanwhile an instance with the cluster's tag appears that no
     // recorded request launched (as if a leader died between launching and recording).

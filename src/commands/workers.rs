@@ -292,3 +292,67 @@ pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputForma
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct InstancesArgs {
+    /// Also list terminated instances.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `flotilla instances`: what the autoscaler bought, and what each instance has cost.
+pub fn instances(args: InstancesArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let _context = runtime.enter();
+    let target = cluster_file::resolve(coordinator)?;
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let request = v1::ListInstancesRequest { all: args.all };
+    let answer = runtime
+        .block_on(client.call_cluster(|mut c| async move { c.list_instances(request).await }))
+        .map_err(anyhow::Error::from)?;
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "instances": answer.instances.iter().map(|i| json!({
+                "id": i.id,
+                "request_id": i.request_id,
+                "instance_type": i.instance_type,
+                "zone": i.zone,
+                "spot": i.spot,
+                "usd_per_hour": i.usd_per_hour,
+                "launched_at_unix_ms": i.launched_at_unix_ms,
+                "terminated_at_unix_ms": i.terminated_at_unix_ms,
+                "cost_usd": i.cost_usd,
+                "worker_id": i.worker_id,
+                "job_id": i.job_id,
+            })).collect::<Vec<_>>(),
+            "total_cost_usd": answer.total_cost_usd,
+            "served_by": answer.served_by,
+        })),
+        OutputFormat::Text => {
+            println!(
+                "{:<22} {:<13} {:<12} {:<9} {:>8} {:>10} {:<10} JOB",
+                "ID", "TYPE", "ZONE", "MARKET", "$/H", "COST $", "WORKER"
+            );
+            for i in &answer.instances {
+                println!(
+                    "{:<22} {:<13} {:<12} {:<9} {:>8.3} {:>10.2} {:<10} {}",
+                    i.id,
+                    i.instance_type,
+                    i.zone,
+                    if i.spot { "spot" } else { "on-demand" },
+                    i.usd_per_hour,
+                    i.cost_usd,
+                    i.worker_id.as_deref().unwrap_or("-"),
+                    i.job_id.as_deref().unwrap_or("-")
+                );
+            }
+            println!(
+                "({} instance(s); {:.2} USD in all; served by coordinator node {})",
+                answer.instances.len(),
+                answer.total_cost_usd,
+                answer.served_by
+            );
+        }
+    }
+    Ok(())
+}

@@ -276,6 +276,18 @@ impl ClusterService for ClusterApi {
         Ok(Response::new(Ack {}))
     }
 
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        let all = request.get_ref().all;
+        let now = crate::raft::node::now_unix_ms();
+        let mut answer = self.node.read(move |state| instances_to_proto(state, all, now)).await.map_err(status)?;
+        answer.served_by = self.node.id;
+        Ok(Response::new(answer))
+    }
+
     async fn list_workers(
         &self,
         request: Request<ListWorkersRequest>,
@@ -291,6 +303,36 @@ impl ClusterService for ClusterApi {
             .map_err(status)?;
         Ok(Response::new(ListWorkersResponse { workers, served_by: self.node.id }))
     }
+}
+
+/// Instances listed at most (newest first).
+const INSTANCES_LISTED_MAX: usize = 1000;
+
+fn instances_to_proto(state: &State, all: bool, now_unix_ms: u64) -> ListInstancesResponse {
+    let mut records: Vec<_> = state.instances.values().filter(|i| all || i.terminated_at_unix_ms.is_none()).collect();
+    records.sort_by_key(|i| std::cmp::Reverse((i.launched_at_unix_ms, i.id.clone())));
+    let instances = records
+        .into_iter()
+        .take(INSTANCES_LISTED_MAX)
+        .map(|i| {
+            let worker = state.workers.values().find(|w| w.info.instance_id == i.id && w.lost_at_unix_ms.is_none());
+            InstanceInfo {
+                id: i.id.clone(),
+                request_id: i.request_id.clone(),
+                instance_type: i.instance_type.clone(),
+                zone: i.zone.clone(),
+                spot: i.spot,
+                usd_per_hour: i.usd_per_hour,
+                launched_at_unix_ms: i.launched_at_unix_ms,
+                terminated_at_unix_ms: i.terminated_at_unix_ms,
+                cost_usd: i.cost_usd(now_unix_ms),
+                worker_id: worker.map(|w| w.id.to_string()),
+                job_id: worker.and_then(|w| w.job).map(|j| j.to_string()),
+            }
+        })
+        .collect();
+    let total_cost_usd = state.instances.values().map(|i| i.cost_usd(now_unix_ms)).sum();
+    ListInstancesResponse { instances, total_cost_usd, served_by: 0 }
 }
 
 /// What a worker should be doing, by the replicated state.
