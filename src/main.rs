@@ -48,6 +48,9 @@ enum Command {
     Workers(commands::workers::ListArgs),
     /// Instances the autoscaler bought, with their prices and costs (--all: terminated too).
     Instances(commands::workers::InstancesArgs),
+    /// The model registry: list, show, alias, download trained models.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
     /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
     Worker(commands::workers::WorkerArgs),
     /// Give a local worker a spot interruption notice now (or kill it without notice: --hard).
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Instances(args) => done(commands::workers::instances(args, coordinator, cli.output)),
+        Command::Models(command) => done(commands::models::run(command, coordinator, cli.output)),
         Command::Worker(args) => done(commands::workers::run_agent(args, coordinator)),
         Command::Preempt(args) => done(commands::workers::preempt(args, coordinator, cli.output)),
         Command::Imds(args) => done(commands::workers::run_imds(args)),

@@ -10,6 +10,7 @@ use flotilla_proto::limits::{API_MESSAGE_BYTES_MAX, RAFT_MESSAGE_BYTES_MAX};
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use flotilla_proto::v1::raft_service_server::RaftServiceServer;
+use flotilla_proto::v1::registry_service_server::RegistryServiceServer;
 
 use crate::api::cluster::ClusterApi;
 use crate::api::jobs::JobApi;
@@ -169,6 +170,13 @@ pub async fn run(
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let registry = RegistryServiceServer::new(crate::api::registry::RegistryApi {
+        node: handle.clone(),
+        api_token: config.api_token.clone(),
+        store_dir: config.store_dir.clone(),
+    })
+    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let raft = RaftServiceServer::new(RaftApi {
         node: handle.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -180,6 +188,7 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .add_service(jobs)
         .add_service(cluster)
+        .add_service(registry)
         .add_service(raft)
         .serve_with_shutdown(config.listen, shutdown);
     tokio::select! {

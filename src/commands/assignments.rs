@@ -358,7 +358,7 @@ fn run_rank(
         },
         None => None,
     };
-    let mut trainer = match Trainer::new(&spec, train_set, &mut comm, resume) {
+    let mut trainer = match Trainer::new(&spec, train_set.clone(), &mut comm, resume) {
         Ok(trainer) => trainer,
         Err(e) => return broken(train_error_end(&e), resume_step, e),
     };
@@ -499,6 +499,23 @@ fn run_rank(
             }
         }
     }
+    // The model for the registry: safetensors beside the checkpoints, and the data's fingerprint.
+    let (artifact_uri, dataset_sha256) = if train.job_prefix.is_empty() {
+        (String::new(), String::new())
+    } else {
+        let exported = flotilla_worker::train::export::safetensors(&spec.model, trainer.layout(), trainer.params())
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| {
+                Ok(state::write_artifact(&format!("{}/model", train.job_prefix), "model.safetensors", bytes)?)
+            });
+        match exported {
+            Ok(uri) => (uri, flotilla_worker::train::export::dataset_sha256(&train_set)),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the model could not be exported; it will not be registered");
+                (String::new(), String::new())
+            }
+        }
+    };
     let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
     log.line(format!(
         "finished at step {}: val_accuracy {accuracy}; this generation: {} steps in {:.3} s, {} checkpoint(s), \
@@ -525,6 +542,8 @@ fn run_rank(
         final_checkpoint: None,
         end: GenerationEnd::Finished.into(),
         unusable_checkpoint_step: 0,
+        artifact_uri,
+        dataset_sha256,
     })))
 }
 

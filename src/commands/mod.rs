@@ -10,6 +10,7 @@ pub mod bench_train;
 pub mod cluster;
 pub mod coordinator;
 pub mod jobs;
+pub mod models;
 pub mod spec_file;
 
 /// Resolves on SIGTERM or Ctrl-C: how the long-running roles (coordinator, worker) stop cleanly.

@@ -262,7 +262,13 @@ impl ClusterService for ClusterApi {
         let ended = |end| Command::GenerationEnded { job_id, generation, end, step };
         let command = match GenerationEnd::try_from(report.end) {
             Ok(GenerationEnd::Finished) => {
-                Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics }
+                let artifact = (!report.artifact_uri.is_empty()
+                    && report.artifact_uri.len() <= CAPABILITY_TEXT_MAX * 8)
+                    .then(|| flotilla_core::state::ModelArtifact {
+                        artifact_uri: report.artifact_uri.clone(),
+                        dataset_sha256: report.dataset_sha256.chars().take(64).collect(),
+                    });
+                Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics, artifact }
             }
             Ok(GenerationEnd::Checkpointed) => ended(CoreEnd::Checkpointed),
             Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod jobs;
 pub mod raft_service;
+pub mod registry;
 
 use flotilla_proto::ApiError;
 use tonic::Status;

@@ -349,7 +349,7 @@ fn send_grouped(outbox: &mut impl Outbox, messages: Vec<Message>) {
 
 fn rejected_to_api(rejected: Rejected) -> ApiError {
     let kind = match rejected {
-        Rejected::JobNotFound(_) | Rejected::WorkerNotFound(_) => ErrorKind::NotFound,
+        Rejected::JobNotFound(_) | Rejected::WorkerNotFound(_) | Rejected::Model(_) => ErrorKind::NotFound,
         Rejected::JobFinished { .. }
         | Rejected::NotPending { .. }
         | Rejected::WorkerUnavailable(_)
@@ -359,7 +359,8 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::RequestNotOutstanding(_)
         | Rejected::DuplicateRequest(_) => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
-        Rejected::BadRequestId | Rejected::BadGang { .. } => ErrorKind::InvalidArgument,
+        Rejected::BadRequestId | Rejected::BadGang { .. } | Rejected::BadAlias(_) => ErrorKind::InvalidArgument,
+        Rejected::TooManyAliases { .. } => ErrorKind::ResourceExhausted,
         Rejected::Undecodable(_) => ErrorKind::Internal,
     };
     ApiError::new(kind, rejected.to_string())

@@ -268,6 +268,17 @@ impl Drop for BackgroundCheckpointer {
     }
 }
 
+/// Writes `bytes` as `<prefix_uri>/<name>` (blocking); returns the object's URI.
+pub fn write_artifact(prefix_uri: &str, name: &str, bytes: Vec<u8>) -> Result<String, CheckpointError> {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let (store, prefix) = super::store::open(prefix_uri, super::store::Access::Write)?;
+    let path = prefix.clone().join(name);
+    runtime()?.block_on(store.put(&path, PutPayload::from(bytes)))?;
+    let trimmed = prefix_uri.trim_end_matches('/');
+    let root = if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") };
+    Ok(format!("{root}/{name}"))
+}
+
 /// Reads and verifies the checkpoint at `uri` (blocking): what a resuming rank calls.
 pub fn load_uri(uri: &str) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
     let (store, prefix) = super::store::open(uri, super::store::Access::Read)?;

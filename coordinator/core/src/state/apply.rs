@@ -1,5 +1,7 @@
 //! `apply`: one command against the state. Pure and total: every input gives an outcome.
 
+use std::collections::BTreeMap;
+
 use super::types::*;
 use crate::ids::{JobId, WorkerId};
 
@@ -282,7 +284,23 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.reason = bounded(reason);
             Ok(Applied::ReasonSet { job_id })
         }
-        Command::JobFinished { job_id, generation, success, reason, step, metrics } => {
+        Command::SetModelAlias { name, version, alias } => {
+            let valid = !alias.is_empty()
+                && alias.len() <= 63
+                && alias.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+                && !alias.bytes().all(|b| b.is_ascii_digit());
+            if !valid {
+                return Err(Rejected::BadAlias(alias));
+            }
+            state.resolve_model(&format!("{name}@{version}"))?;
+            let model = state.models.get_mut(&name).expect("the model was just resolved");
+            if !model.aliases.contains_key(&alias) && model.aliases.len() >= MODEL_ALIASES_MAX {
+                return Err(Rejected::TooManyAliases { name, limit: MODEL_ALIASES_MAX });
+            }
+            model.aliases.insert(alias, version);
+            Ok(Applied::ModelChanged { name, version })
+        }
+        Command::JobFinished { job_id, generation, success, reason, step, metrics, artifact } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
@@ -301,6 +319,9 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             push_event(job, now, kind, format!("generation {generation} finished at step {step}"));
             let gang = std::mem::take(&mut job.gang);
             release(state, &gang);
+            if success && let Some(artifact) = artifact {
+                register_model(state, job_id, artifact, now);
+            }
             Ok(Applied::JobFinished { job_id })
         }
     }
@@ -346,6 +367,40 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.gang = workers;
     push_event(job, now, "gang", message);
     Ok(Applied::GangAssigned { job_id, generation: job.generation })
+}
+
+/// A successful job's model becomes the next version of `output.register_as`.
+fn register_model(state: &mut State, job_id: JobId, artifact: ModelArtifact, now: u64) {
+    let Some(job) = state.jobs.get_mut(&job_id) else { return };
+    let name = job.spec.output.register_as.clone();
+    if name.is_empty() || (!state.models.contains_key(&name) && state.models.len() >= MODELS_MAX) {
+        return;
+    }
+    let model = state.models.entry(name.clone()).or_insert_with(|| Model {
+        name: name.clone(),
+        versions: Vec::new(),
+        aliases: BTreeMap::new(),
+    });
+    if model.versions.len() >= MODEL_VERSIONS_MAX {
+        push_event(job, now, "registry", format!("model `{name}` has {MODEL_VERSIONS_MAX} versions; not registered"));
+        return;
+    }
+    let version = model.versions.last().map_or(1, |v| v.version + 1);
+    model.versions.push(ModelVersion {
+        version,
+        job_id,
+        checkpoint: job.latest_checkpoint.clone(),
+        dataset_sha256: artifact.dataset_sha256,
+        artifact_uri: artifact.artifact_uri,
+        spec: job.spec.clone(),
+        metrics: job.metrics,
+        preemptions: job.preemptions,
+        recoveries: job.recoveries,
+        steps_lost: job.steps_lost,
+        cost_usd: job.cost_usd,
+        created_at_unix_ms: now,
+    });
+    push_event(job, now, "registered", format!("model {name} version {version}"));
 }
 
 /// Members of a gang that broke without notice: any of them may be dead.

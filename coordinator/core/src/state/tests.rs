@@ -145,6 +145,7 @@ fn a_gang_runs_finishes_and_frees_its_workers() {
         reason: String::new(),
         step: 192,
         metrics: Some(FinalMetrics { val_accuracy: Some(0.92), val_loss: Some(0.3), train_loss: None }),
+        artifact: None,
     };
     assert!(matches!(apply(&mut state, 5, Envelope::new(5, finish(7))), Err(Rejected::StaleGeneration { .. })));
     assert_eq!(apply(&mut state, 6, Envelope::new(6, finish(1))), Ok(Applied::JobFinished { job_id: JobId(1) }));
@@ -357,4 +358,56 @@ fn the_retention_plan_keeps_the_newest_k() {
     apply(&mut state, 900, Envelope::new(900, Command::CheckpointDeleting { job_id: JobId(1), uri: uri(10) }))
         .expect("mark");
     assert_eq!(state.jobs[&JobId(1)].retention_plan(), (vec![uri(20)], vec![uri(10)]));
+}
+
+#[test]
+fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
+    let mut state = State::default();
+    let finish = |state: &mut State, job: u64, request: &str| {
+        apply(
+            state,
+            job * 10,
+            Envelope::new(
+                job * 10,
+                Command::SubmitJob { spec: Box::new(spec("j")), client_request_id: request.into() },
+            ),
+        )
+        .expect("submit");
+        let worker = register(state, job * 10 + 1);
+        apply(state, job * 10 + 2, Envelope::new(5, Command::AssignGang { job_id: JobId(job), workers: vec![worker] }))
+            .expect("assign");
+        let done = Command::JobFinished {
+            job_id: JobId(job),
+            generation: 1,
+            success: true,
+            reason: String::new(),
+            step: 100,
+            metrics: Some(FinalMetrics { val_accuracy: Some(0.9), val_loss: None, train_loss: None }),
+            artifact: Some(ModelArtifact {
+                artifact_uri: format!("file:///s/jobs/job-{job}/model/model.safetensors"),
+                dataset_sha256: "ab".repeat(32),
+            }),
+        };
+        apply(state, job * 10 + 3, Envelope::new(job * 100, done)).expect("finish");
+    };
+    finish(&mut state, 1, "a");
+    finish(&mut state, 2, "b");
+    let (model, latest) = state.resolve_model("j").expect("latest");
+    assert_eq!((model.versions.len(), latest.version, latest.job_id), (2, 2, JobId(2)));
+    assert_eq!(latest.metrics.and_then(|m| m.val_accuracy), Some(0.9));
+    assert_eq!(latest.spec.name, "j");
+    let alias = |state: &mut State, version, alias: &str| {
+        apply(state, 99, Envelope::new(99, Command::SetModelAlias { name: "j".into(), version, alias: alias.into() }))
+    };
+    alias(&mut state, 1, "production").expect("alias");
+    assert_eq!(state.resolve_model("j@production").map(|(_, v)| v.version), Ok(1));
+    assert_eq!(state.resolve_model("j@2").map(|(_, v)| v.version), Ok(2));
+    assert!(matches!(alias(&mut state, 7, "staging"), Err(Rejected::Model(ModelRefError::NoVersion { .. }))));
+    assert!(matches!(alias(&mut state, 1, "Bad Alias"), Err(Rejected::BadAlias(_))));
+    assert!(matches!(alias(&mut state, 1, "12"), Err(Rejected::BadAlias(_))), "an alias is not a version");
+    assert_eq!(
+        state.resolve_model("j@canary").map(|(_, v)| v.version),
+        Err(ModelRefError::NoAlias { name: "j".into(), alias: "canary".into(), known: "production".into() })
+    );
+    assert!(matches!(state.resolve_model("nope"), Err(ModelRefError::NoModel(_))));
 }

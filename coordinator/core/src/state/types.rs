@@ -265,6 +265,9 @@ pub struct State {
     /// Instances launched for those requests, by instance id (kept after termination for cost).
     #[serde(default)]
     pub instances: BTreeMap<String, InstanceRecord>,
+    /// The model registry: trained models by name, their versions and aliases.
+    #[serde(default)]
+    pub models: BTreeMap<String, Model>,
 }
 
 impl Default for State {
@@ -278,7 +281,88 @@ impl Default for State {
             workers: BTreeMap::new(),
             instance_requests: BTreeMap::new(),
             instances: BTreeMap::new(),
+            models: BTreeMap::new(),
         }
+    }
+}
+
+/// Models in the registry at most, and versions per model.
+pub const MODELS_MAX: usize = 10_000;
+pub const MODEL_VERSIONS_MAX: usize = 10_000;
+/// Aliases per model at most.
+pub const MODEL_ALIASES_MAX: usize = 64;
+
+/// A registered model: its versions (1, 2, ...) and aliases (`production` -> 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    pub name: String,
+    pub versions: Vec<ModelVersion>,
+    pub aliases: BTreeMap<String, u32>,
+}
+
+/// One trained model with its lineage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    pub version: u32,
+    pub job_id: JobId,
+    /// The job's final checkpoint (the exact training state the model came from).
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Hex SHA-256 of the training data's content.
+    pub dataset_sha256: String,
+    /// The safetensors file.
+    pub artifact_uri: String,
+    /// The job's spec: model, data, hyper-parameters.
+    pub spec: JobSpec,
+    pub metrics: Option<FinalMetrics>,
+    pub preemptions: u32,
+    pub recoveries: u32,
+    pub steps_lost: u64,
+    pub cost_usd: f64,
+    pub created_at_unix_ms: u64,
+}
+
+/// What a successful rank 0 exported for the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelArtifact {
+    pub artifact_uri: String,
+    pub dataset_sha256: String,
+}
+
+/// Why a model reference does not resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelRefError {
+    #[error("no model named `{0}` (see `flotilla models list`)")]
+    NoModel(String),
+    #[error("model `{name}` has no version {version} (it has 1 to {latest})")]
+    NoVersion { name: String, version: u32, latest: u32 },
+    #[error("model `{name}` has no alias `{alias}` (aliases: {known})")]
+    NoAlias { name: String, alias: String, known: String },
+}
+
+impl State {
+    /// Resolves `NAME` (its newest version), `NAME@VERSION` or `NAME@ALIAS`.
+    pub fn resolve_model(&self, reference: &str) -> Result<(&Model, &ModelVersion), ModelRefError> {
+        let (name, selector) = match reference.split_once('@') {
+            Some((name, selector)) => (name, Some(selector)),
+            None => (reference, None),
+        };
+        let model = self.models.get(name).ok_or_else(|| ModelRefError::NoModel(name.to_string()))?;
+        let latest = model.versions.last().map_or(0, |v| v.version);
+        let version = match selector {
+            None => latest,
+            Some(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().unwrap_or(u32::MAX),
+            Some(alias) => *model.aliases.get(alias).ok_or_else(|| ModelRefError::NoAlias {
+                name: name.to_string(),
+                alias: alias.to_string(),
+                known: if model.aliases.is_empty() {
+                    "none".to_string()
+                } else {
+                    model.aliases.keys().cloned().collect::<Vec<_>>().join(", ")
+                },
+            })?,
+        };
+        let found = model.versions.iter().find(|v| v.version == version);
+        found.map(|v| (model, v)).ok_or(ModelRefError::NoVersion { name: name.to_string(), version, latest })
     }
 }
 
@@ -483,7 +567,8 @@ pub enum Command {
         job_id: JobId,
         reason: String,
     },
-    /// Rank 0 of generation `generation` reports the end of training.
+    /// Rank 0 of generation `generation` reports the end of training; a successful job with
+    /// an `artifact` is registered as a new version of `output.register_as`.
     JobFinished {
         job_id: JobId,
         generation: u64,
@@ -491,6 +576,14 @@ pub enum Command {
         reason: String,
         step: u64,
         metrics: Option<FinalMetrics>,
+        #[serde(default)]
+        artifact: Option<ModelArtifact>,
+    },
+    /// Points `alias` of model `name` at `version`.
+    SetModelAlias {
+        name: String,
+        version: u32,
+        alias: String,
     },
 }
 
@@ -542,6 +635,10 @@ pub enum Applied {
         job_id: JobId,
     },
     InstancesChanged,
+    ModelChanged {
+        name: String,
+        version: u32,
+    },
 }
 
 /// Why a command changed nothing. Every node rejects the same commands.
@@ -571,6 +668,12 @@ pub enum Rejected {
     BadGang { limit: usize },
     #[error("{job_id} is {state}; only a Running generation can end or be asked to checkpoint")]
     NotRunning { job_id: JobId, state: &'static str },
+    #[error(transparent)]
+    Model(#[from] ModelRefError),
+    #[error("alias `{0}`: 1 to 63 characters of a-z, 0-9, `-`, `_`, not only digits")]
+    BadAlias(String),
+    #[error("model `{name}` has {limit} aliases, its limit")]
+    TooManyAliases { name: String, limit: usize },
     #[error("instance request `{0}` is not outstanding (unknown, or already settled)")]
     RequestNotOutstanding(String),
     #[error("instance request `{0}` already exists")]

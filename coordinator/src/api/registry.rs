@@ -1,0 +1,153 @@
+//! `RegistryService`: the model registry. Versions are created by the state machine when a job
+//! succeeds (`JobFinished` with its artifact); this service lists and resolves them
+//! (`NAME`, `NAME@VERSION`, `NAME@ALIAS`), sets aliases through Raft, and streams artifacts
+//! from the cluster's store.
+
+use flotilla_core::state::{Applied, Command, Model, ModelVersion as CoreVersion, State};
+use flotilla_proto::convert::spec_to_proto;
+use flotilla_proto::v1::registry_service_server::RegistryService;
+use flotilla_proto::v1::*;
+use flotilla_proto::{ApiError, ErrorKind, auth};
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::raft::node::NodeHandle;
+
+/// Bytes per streamed artifact chunk.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Longest model reference accepted.
+const REFERENCE_LEN_MAX: usize = 256;
+/// Versions listed at most.
+const LISTED_MAX: usize = 10_000;
+
+pub struct RegistryApi {
+    pub node: NodeHandle,
+    pub api_token: String,
+    /// The cluster's store folder: artifacts are served only from inside it.
+    pub store_dir: std::path::PathBuf,
+}
+
+fn to_proto(model: &Model, v: &CoreVersion) -> ModelVersion {
+    ModelVersion {
+        name: model.name.clone(),
+        version: v.version,
+        aliases: model.aliases.iter().filter(|(_, n)| **n == v.version).map(|(a, _)| a.clone()).collect(),
+        job_id: v.job_id.to_string(),
+        source_checkpoint: v.checkpoint.as_ref().map(|c| CheckpointRef {
+            step: c.step,
+            uri: c.uri.clone(),
+            size_bytes: c.size_bytes,
+            manifest_sha256: c.manifest_sha256.clone(),
+            cursor: Some(DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
+        }),
+        dataset_sha256: v.dataset_sha256.clone(),
+        spec: Some(spec_to_proto(&v.spec)),
+        metrics: v.metrics.map(|m| JobMetrics {
+            val_accuracy: m.val_accuracy,
+            val_loss: m.val_loss,
+            train_loss: m.train_loss,
+            samples_per_s: None,
+        }),
+        preemptions_survived: v.preemptions,
+        cost_usd: v.cost_usd,
+        artifact_uri: v.artifact_uri.clone(),
+        created_at_unix_ms: v.created_at_unix_ms,
+    }
+}
+
+fn resolve(state: &State, reference: &str) -> Result<ModelVersion, ApiError> {
+    state
+        .resolve_model(reference)
+        .map(|(model, version)| to_proto(model, version))
+        .map_err(|e| ApiError::new(ErrorKind::NotFound, e.to_string()))
+}
+
+fn reference(text: &str) -> Result<String, Status> {
+    if text.is_empty() || text.len() > REFERENCE_LEN_MAX {
+        return Err(status(ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!("reference must be NAME, NAME@VERSION or NAME@ALIAS (1 to {REFERENCE_LEN_MAX} bytes)"),
+        )));
+    }
+    Ok(text.to_string())
+}
+
+#[tonic::async_trait]
+impl RegistryService for RegistryApi {
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        let name = request.into_inner().name;
+        let versions = self
+            .node
+            .read(move |state| {
+                state
+                    .models
+                    .values()
+                    .filter(|m| name.is_empty() || m.name == name)
+                    .flat_map(|m| m.versions.iter().map(move |v| to_proto(m, v)))
+                    .take(LISTED_MAX)
+                    .collect()
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelVersion>, Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        let reference = reference(&request.get_ref().reference)?;
+        let version = self.node.read(move |state| resolve(state, &reference)).await.map_err(status)?.map_err(status)?;
+        Ok(Response::new(version))
+    }
+
+    async fn set_alias(&self, request: Request<SetAliasRequest>) -> Result<Response<Ack>, Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        let r = request.into_inner();
+        match self.node.propose(Command::SetModelAlias { name: r.name, version: r.version, alias: r.alias }).await {
+            Ok(Applied::ModelChanged { .. }) => Ok(Response::new(Ack {})),
+            Ok(other) => Err(status(ApiError::new(ErrorKind::Internal, format!("alias produced {other:?}")))),
+            Err(e) => Err(status(e)),
+        }
+    }
+
+    type DownloadModelStream = tokio_stream::wrappers::ReceiverStream<Result<ArtifactChunk, Status>>;
+
+    async fn download_model(
+        &self,
+        request: Request<DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        let r = request.into_inner();
+        if ArtifactFormat::try_from(r.format) != Ok(ArtifactFormat::Safetensors) {
+            return Err(status(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "format: safetensors is the artifact format registered models have (the exact training \\
+                 state is the version's source checkpoint)",
+            )));
+        }
+        let reference = reference(&r.reference)?;
+        let version = self.node.read(move |state| resolve(state, &reference)).await.map_err(status)?.map_err(status)?;
+        let path = std::path::PathBuf::from(version.artifact_uri.strip_prefix("file://").unwrap_or_default());
+        let inside = path.is_absolute()
+            && path.starts_with(&self.store_dir)
+            && !path.components().any(|c| c.as_os_str() == "..");
+        if !inside {
+            return Err(status(ApiError::new(
+                ErrorKind::FailedPrecondition,
+                format!("artifact {} is not in this cluster's store", version.artifact_uri),
+            )));
+        }
+        let bytes = tokio::fs::read(&path).await.map_err(|e| {
+            status(ApiError::new(ErrorKind::NotFound, format!("artifact {}: {e}", version.artifact_uri)))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(CHUNK_BYTES) {
+                if tx.send(Ok(ArtifactChunk { data: chunk.to_vec() })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,144 @@
+//! `flotilla models`: the model registry. `list [NAME]`, `show NAME[@VERSION|@ALIAS]`,
+//! `alias NAME VERSION ALIAS`, `download NAME[@...] --format safetensors -f FILE`.
+
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::v1::{self, ArtifactFormat};
+use serde_json::{Value, json};
+
+use crate::cluster_file;
+use crate::output::{OutputFormat, print_json};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// Every version of every model (or of NAME), with its lineage.
+    List { name: Option<String> },
+    /// One version: NAME (the newest), NAME@VERSION or NAME@ALIAS.
+    Show { reference: String },
+    /// Points ALIAS (e.g. production, staging) of NAME at VERSION.
+    Alias {
+        name: String,
+        #[arg(value_name = "VERSION")]
+        number: u32,
+        alias: String,
+    },
+    /// Writes a version's weights to a file.
+    Download {
+        reference: String,
+        /// Artifact format: safetensors (PyTorch names and layouts).
+        #[arg(long, default_value = "safetensors")]
+        format: String,
+        /// The file to write (`-o` is the CLI's output format everywhere, so the file is `-f`).
+        #[arg(short = 'f', long)]
+        file: std::path::PathBuf,
+    },
+}
+
+fn version_json(v: &v1::ModelVersion) -> Value {
+    let metrics = v.metrics.unwrap_or_default();
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "name": v.name,
+        "version": v.version,
+        "aliases": v.aliases,
+        "job_id": v.job_id,
+        "source_checkpoint": v.source_checkpoint.as_ref().map(|c| json!({"step": c.step, "uri": c.uri})),
+        "dataset_sha256": v.dataset_sha256,
+        "metrics": {"val_accuracy": metrics.val_accuracy, "val_loss": metrics.val_loss, "train_loss": metrics.train_loss},
+        "preemptions_survived": v.preemptions_survived,
+        "cost_usd": v.cost_usd,
+        "artifact_uri": v.artifact_uri,
+        "created_at_unix_ms": v.created_at_unix_ms,
+        "spec_toml": flotilla_proto::convert::spec_from_proto(spec).map(|s| s.to_toml()).unwrap_or_default(),
+    })
+}
+
+pub fn run(command: ModelsCommand, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let _context = runtime.enter();
+    let target = cluster_file::resolve(coordinator)?;
+    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    match command {
+        ModelsCommand::List { name } => {
+            let request = v1::ListModelsRequest { name: name.unwrap_or_default() };
+            let answer = runtime.block_on(client.call_registry(|mut c| {
+                let request = request.clone();
+                async move { c.list_models(request).await }
+            }))?;
+            match output {
+                OutputFormat::Json => print_json(&Value::Array(answer.versions.iter().map(version_json).collect())),
+                OutputFormat::Text => {
+                    println!(
+                        "{:<24} {:>7} {:<10} {:>12} {:>11} {:>9}  ALIASES",
+                        "NAME", "VERSION", "JOB", "VAL_ACC", "PREEMPTED", "COST $"
+                    );
+                    for v in &answer.versions {
+                        let accuracy = v.metrics.and_then(|m| m.val_accuracy).map_or("-".into(), |a| format!("{a:.4}"));
+                        println!(
+                            "{:<24} {:>7} {:<10} {:>12} {:>11} {:>9.2}  {}",
+                            v.name,
+                            v.version,
+                            v.job_id,
+                            accuracy,
+                            v.preemptions_survived,
+                            v.cost_usd,
+                            v.aliases.join(",")
+                        );
+                    }
+                    println!("({} version(s))", answer.versions.len());
+                }
+            }
+        }
+        ModelsCommand::Show { reference } => {
+            let request = v1::GetModelRequest { reference };
+            let v = runtime.block_on(client.call_registry(|mut c| {
+                let request = request.clone();
+                async move { c.get_model(request).await }
+            }))?;
+            let shown = version_json(&v);
+            match output {
+                OutputFormat::Json => print_json(&shown),
+                OutputFormat::Text => println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default()),
+            }
+        }
+        ModelsCommand::Alias { name, number: version, alias } => {
+            let request = v1::SetAliasRequest { name: name.clone(), version, alias: alias.clone() };
+            runtime.block_on(client.call_registry(|mut c| {
+                let request = request.clone();
+                async move { c.set_alias(request).await }
+            }))?;
+            match output {
+                OutputFormat::Json => print_json(&json!({"name": name, "version": version, "alias": alias})),
+                OutputFormat::Text => println!("{name}@{alias} -> version {version}"),
+            }
+        }
+        ModelsCommand::Download { reference, format, file: path } => {
+            if format != "safetensors" {
+                bail!("--format {format}: the registry serves safetensors (PyTorch-loadable weights)");
+            }
+            let request = v1::DownloadModelRequest { reference, format: ArtifactFormat::Safetensors.into() };
+            let bytes = runtime.block_on(async {
+                let mut stream = client
+                    .call_registry(|mut c| {
+                        let request = request.clone();
+                        async move { c.download_model(request).await }
+                    })
+                    .await?;
+                let mut bytes = Vec::new();
+                while let Some(chunk) = stream.message().await.map_err(flotilla_proto::ApiError::from)? {
+                    bytes.extend_from_slice(&chunk.data);
+                }
+                anyhow::Ok(bytes)
+            })?;
+            let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(&bytes).with_context(|| format!("writing {}", path.display()))?;
+            match output {
+                OutputFormat::Json => print_json(&json!({"file": path, "bytes": bytes.len()})),
+                OutputFormat::Text => println!("{} ({} bytes)", path.display(), bytes.len()),
+            }
+        }
+    }
+    Ok(())
+}
