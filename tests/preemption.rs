@@ -14,13 +14,40 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Down, run};
+use common::run;
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// A local cluster of `workers` in a temporary FLOTILLA_HOME, one test at a time; stopped and
+/// deleted when dropped, even when an assertion fails.
+struct Local {
+    home: PathBuf,
+    dir: tempfile::TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Local {
+    fn up(workers: u32) -> Local {
+        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join(".flotilla");
+        let up = run(&home, &["up", "--workers", &workers.to_string()]);
+        let local = Local { home, dir, _serial: serial };
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        local
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = run(&self.home, &["down", "--purge"]);
+    }
+}
+
+fn assert_accurate(done: &Value) {
+    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
 }
 
 fn json(home: &Path, args: &[&str]) -> Value {
@@ -127,46 +154,41 @@ fn events<'a>(status: &'a Value, kind: &str) -> Vec<&'a str> {
 
 #[test]
 fn spot_notices_lose_zero_steps() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    let up = run(&home, &["up", "--workers", "3"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let job = submit(&home, &write_spec(dir.path(), "notice", 24, 20));
+    let cluster = Local::up(3);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let job = submit(home, &write_spec(dir, "notice", 24, 20));
 
     for generation in 1..=3u64 {
-        let running = wait_for(&home, &job, Duration::from_secs(60), "progress", |s| {
+        let running = wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
             s["state"] == "Running" && s["generation"] == generation && s["step"].as_u64().unwrap_or(0) > 0
         });
-        let members = gang(&home, &job);
+        let members = gang(home, &job);
         assert_eq!(members.len(), 2, "{members:?}: {running}");
         // Alternate the doomed rank: rank 0 (the checkpoint writer) first, then the other.
         let doomed = &members[(generation as usize - 1) % 2];
         if generation < 3 {
-            let preempted = run(&home, &["preempt", doomed]);
+            let preempted = run(home, &["preempt", doomed]);
             assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
         } else {
             // SIGTERM (an operator, or the machine shutting down) is handled like a notice.
-            let pid = worker_pid(&home, doomed);
+            let pid = worker_pid(home, doomed);
             assert!(
                 std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success()
             );
         }
-        wait_for(&home, &job, Duration::from_secs(30), "a new generation", |s| {
+        wait_for(home, &job, Duration::from_secs(30), "a new generation", |s| {
             s["generation"].as_u64().unwrap_or(0) > generation || s["state"] == "Succeeded"
         });
     }
-    let done = wait_for(&home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
     assert_eq!(done["preemptions"], 3, "{done}");
     assert_eq!(done["steps_lost"], 0, "{done}");
     assert_eq!(done["recoveries"], 0, "a notice is not a loss: {done}");
-    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+    assert_accurate(&done);
 
     // Each interrupted generation stopped right after a step and checkpointed exactly that step;
     // the next generation resumed from it.
-    let log = logs(&home, &job);
+    let log = logs(home, &job);
     let stopped = numbers_after(&log, "stopped at step ");
     let resumed = numbers_after(&log, "resuming from the checkpoint of step ");
     assert_eq!(stopped.len(), 3, "{log}");
@@ -178,7 +200,7 @@ fn spot_notices_lose_zero_steps() {
     }
     // The interrupted workers drained and exited; the two that got a spot notice were
     // replaced, the one stopped by SIGTERM was not.
-    let workers = json(&home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "-o", "json"]);
     let count = |state: &str| workers.as_array().map_or(0, |ws| ws.iter().filter(|w| w["state"] == state).count());
     assert_eq!(count("Draining") + count("Lost"), 3, "{workers}");
     assert_eq!(count("Idle"), 2, "3 + 2 replacements - 3 interrupted: {workers}");
@@ -214,39 +236,35 @@ fn part_hashes(folder: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    let up = run(&home, &["up", "--workers", "4"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let cluster = Local::up(4);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let every_steps = 20;
-    let spec = write_spec(dir.path(), "chaos", 40, every_steps);
-    let job = submit(&home, &spec);
+    let spec = write_spec(dir, "chaos", 40, every_steps);
+    let job = submit(home, &spec);
 
     let seed = std::env::var("FLOTILLA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261129);
     let mut rng = SplitMix(seed);
     let kills = 5;
     let mut killed_generation = 0;
     for kill in 1..=kills {
-        let running = wait_for(&home, &job, Duration::from_secs(90), "a running generation", |s| {
+        let running = wait_for(home, &job, Duration::from_secs(90), "a running generation", |s| {
             s["state"] == "Running" && s["generation"].as_u64().unwrap_or(0) > killed_generation
         });
         // A random moment: from the gang's start-up (data loading, rendezvous) to well inside training.
         std::thread::sleep(Duration::from_millis(rng.next() % 1500));
-        let members = gang(&home, &job);
+        let members = gang(home, &job);
         if members.is_empty() {
-            panic!("kill {kill} (seed {seed}): the gang is gone before the kill: {}", status(&home, &job));
+            panic!("kill {kill} (seed {seed}): the gang is gone before the kill: {}", status(home, &job));
         }
         let victim = &members[(rng.next() % members.len() as u64) as usize];
         killed_generation = running["generation"].as_u64().unwrap_or(0);
-        let killed = run(&home, &["preempt", victim, "--hard"]);
+        let killed = run(home, &["preempt", victim, "--hard"]);
         assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
-        wait_for(&home, &job, Duration::from_secs(60), "a new generation", |s| {
+        wait_for(home, &job, Duration::from_secs(60), "a new generation", |s| {
             s["generation"].as_u64().unwrap_or(0) > killed_generation || s["state"] == "Succeeded"
         });
     }
-    let done = wait_for(&home, &job, Duration::from_secs(300), "the end", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &job, Duration::from_secs(300), "the end", |s| s["state"] == "Succeeded");
     assert!(done["recoveries"].as_u64().unwrap_or(0) >= kills, "seed {seed}: {done}");
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.90, "seed {seed}: validation accuracy {accuracy}: {done}");
@@ -271,9 +289,9 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
 
     // Determinism: the same job trained without interruption (2 ranks, same engine) ends with
     // bit-identical weights and optimizer state.
-    let reference = dir.path().join("reference");
+    let reference = dir.join("reference");
     let trained = run(
-        &home,
+        home,
         &[
             "train",
             spec.to_str().expect("utf-8"),
@@ -299,21 +317,15 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
 
 #[test]
 fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
     // No spare worker: after the kill the job waits for the replacement (lease expiry + launch),
     // which leaves time to damage its checkpoints.
-    let up = run(&home, &["up", "--workers", "2"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let job = submit(&home, &write_spec(dir.path(), "corrupt", 24, 20));
-    wait_for(&home, &job, Duration::from_secs(60), "three checkpoints", |s| {
-        s["checkpoints"].as_u64().unwrap_or(0) >= 3
-    });
-    let victim = gang(&home, &job).pop().expect("a gang");
-    assert!(run(&home, &["preempt", &victim, "--hard"]).status.success());
-    let pending = wait_for(&home, &job, Duration::from_secs(30), "the broken gang", |s| s["state"] == "Pending");
+    let cluster = Local::up(2);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let job = submit(home, &write_spec(dir, "corrupt", 24, 20));
+    wait_for(home, &job, Duration::from_secs(60), "three checkpoints", |s| s["checkpoints"].as_u64().unwrap_or(0) >= 3);
+    let victim = gang(home, &job).pop().expect("a gang");
+    assert!(run(home, &["preempt", &victim, "--hard"]).status.success());
+    let pending = wait_for(home, &job, Duration::from_secs(30), "the broken gang", |s| s["state"] == "Pending");
     let newest = PathBuf::from(
         pending["latest_checkpoint"]["uri"].as_str().expect("a checkpoint").trim_start_matches("file://"),
     );
@@ -331,70 +343,60 @@ fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
     let previous = folders.pop().expect("an older checkpoint");
     std::fs::remove_file(previous.join("MANIFEST")).expect("delete the manifest");
 
-    let done = wait_for(&home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
     let corrupt = events(&done, "checkpoint_corrupt");
     assert_eq!(corrupt.len(), 2, "{done}");
     assert!(corrupt[0].contains(&format!("checkpoint of step {newest_step} is unusable")), "{}", corrupt[0]);
     assert!(corrupt[0].contains("model"), "names the damaged part: {}", corrupt[0]);
     assert!(corrupt[1].contains("MANIFEST") || corrupt[1].contains("partial"), "{}", corrupt[1]);
-    let resumed = numbers_after(&logs(&home, &job), "resuming from the checkpoint of step ");
+    let resumed = numbers_after(&logs(home, &job), "resuming from the checkpoint of step ");
     let fallback = *resumed.last().expect("a resume");
     assert!(fallback < newest_step, "resumed from {fallback}, not older than the damaged {newest_step}");
-    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+    assert_accurate(&done);
 }
 
 #[test]
 fn an_elastic_job_continues_on_the_survivor_and_grows_back() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    let up = run(&home, &["up", "--workers", "2"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let spec = write_spec(dir.path(), "elastic", 40, 20);
+    let cluster = Local::up(2);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "elastic", 40, 20);
     let text = std::fs::read_to_string(&spec).expect("spec").replace("min = 2, max = 2", "min = 1, max = 2");
     std::fs::write(&spec, text).expect("spec");
-    let job = submit(&home, &spec);
-    wait_for(&home, &job, Duration::from_secs(60), "progress on 2 workers", |s| {
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress on 2 workers", |s| {
         s["state"] == "Running" && s["world_size"] == 2 && s["step"].as_u64().unwrap_or(0) > 20
     });
-    let victim = gang(&home, &job).pop().expect("a gang");
-    assert!(run(&home, &["preempt", &victim, "--hard"]).status.success());
+    let victim = gang(home, &job).pop().expect("a gang");
+    assert!(run(home, &["preempt", &victim, "--hard"]).status.success());
     // No spare: the survivor carries on alone at once, then the replacement joins.
-    wait_for(&home, &job, Duration::from_secs(30), "the survivor alone", |s| {
+    wait_for(home, &job, Duration::from_secs(30), "the survivor alone", |s| {
         s["state"] == "Running" && s["world_size"] == 1
     });
-    wait_for(&home, &job, Duration::from_secs(60), "growth back to 2", |s| {
+    wait_for(home, &job, Duration::from_secs(60), "growth back to 2", |s| {
         (s["state"] == "Running" && s["world_size"] == 2 && s["generation"].as_u64().unwrap_or(0) >= 3)
             || s["state"] == "Succeeded"
     });
-    let done = wait_for(&home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
     let worlds: Vec<u64> =
         events(&done, "gang").iter().filter_map(|m| m.split(" on ").nth(1)?.split(' ').next()?.parse().ok()).collect();
     assert!(worlds.windows(3).any(|w| w == [2, 1, 2]), "world sizes {worlds:?}: {done}");
     assert!(events(&done, "checkpointed").iter().any(|m| m.contains("for grow")), "{done}");
     assert_eq!(done["preemptions"], 0, "growing is not a preemption: {done}");
     assert!(done["steps_lost"].as_u64().unwrap_or(u64::MAX) <= 20, "{done}");
-    let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
-    assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
+    assert_accurate(&done);
 }
 
 #[test]
 fn failures_stop_a_job_with_the_reason_and_release_its_workers() {
-    let _serial = serial();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    let up = run(&home, &["up", "--workers", "2"]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let cluster = Local::up(2);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
 
     // A loss that turns NaN fails at once: retrying would diverge the same way. (Finite but
     // huge features overflow the logits.)
-    let huge = dir.path().join("huge.csv");
+    let huge = dir.join("huge.csv");
     let rows: String = (0..64).map(|i| format!("{},3e38,-3e38,3e38,1\n", i % 2)).collect();
     std::fs::write(&huge, rows).expect("data");
-    let nan = dir.path().join("nan.toml");
+    let nan = dir.join("nan.toml");
     std::fs::write(
         &nan,
         format!(
@@ -404,29 +406,29 @@ fn failures_stop_a_job_with_the_reason_and_release_its_workers() {
         ),
     )
     .expect("spec");
-    let job = submit(&home, &nan);
-    let failed = wait_until_ended(&home, &job);
+    let job = submit(home, &nan);
+    let failed = wait_until_ended(home, &job);
     assert_eq!(failed["state"], "Failed", "{failed}");
     assert!(failed["reason"].as_str().unwrap_or_default().contains("loss is"), "{failed}");
     assert_eq!(failed["generation"], 1, "not retried: {failed}");
 
     // A bad data set: each generation fails to read it; after capacity.max_failures failures
     // without progress the job stops with the last error.
-    let data = dir.path().join("broken.csv.gz");
+    let data = dir.join("broken.csv.gz");
     std::fs::write(&data, b"this is not gzip").expect("data");
-    let spec = write_spec(dir.path(), "broken", 5, 20);
+    let spec = write_spec(dir, "broken", 5, 20);
     let text = std::fs::read_to_string(&spec)
         .expect("spec")
         .replace(&mnist().display().to_string(), &data.display().to_string())
         .replace("keep = 3 }", "keep = 3 }\ncapacity = { max_failures = 2 }");
     std::fs::write(&spec, text).expect("spec");
-    let job = submit(&home, &spec);
-    let failed = wait_until_ended(&home, &job);
+    let job = submit(home, &spec);
+    let failed = wait_until_ended(home, &job);
     assert_eq!(failed["state"], "Failed", "{failed}");
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("capacity.max_failures = 2") && reason.contains("broken.csv.gz"), "{failed}");
     assert_eq!(failed["failures"], 2, "{failed}");
-    let workers = json(&home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "-o", "json"]);
     assert!(workers.as_array().is_some_and(|ws| ws.iter().all(|w| w["job_id"].is_null())), "released: {workers}");
 }
 
