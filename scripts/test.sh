@@ -30,7 +30,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings denied)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features ec2 -- -D warnings
 
 step "GPU code compiles (NCCL through cudarc; no GPU needed, it fails cleanly at run time)"
 cargo clippy -p flotilla-worker --features cuda --all-targets --locked -- -D warnings
@@ -59,6 +59,6 @@ PY
 export FLOTILLA_MOTO_ENDPOINT="http://127.0.0.1:$moto_port"
 
 step "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --features ec2
 
 step "all checks passed"

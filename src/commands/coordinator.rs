@@ -180,7 +180,7 @@ fn ec2_provider(
     _: Option<&str>,
     _: &tokio::runtime::Runtime,
 ) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
-    bail!("this flotilla was built without the `ec2` feature; rebuild with default features for --provider ec2")
+    bail!("this flotilla was built without the EC2 provider; rebuild with `cargo build --release --features ec2`")
 }
 
 /// Peers given at most (Raft clusters beyond 7 voters only add latency).
