@@ -40,6 +40,8 @@ pub const PASS_EVERY: Duration = Duration::from_secs(2);
 pub const RECONCILE_EVERY_MS: u64 = 30_000;
 /// How often live spot prices are read from the provider (where it has them).
 pub const PRICES_EVERY_MS: u64 = 5 * 60_000;
+/// An instance is believed gone only when a describe misses it this long after its launch.
+pub const DESCRIBE_GRACE_MS: u64 = 5 * 60_000;
 /// An instance whose worker has not registered this long after launch counts as idle (a broken
 /// image never holds capacity forever).
 pub const REGISTER_TIMEOUT_MS: u64 = 10 * 60_000;
@@ -71,6 +73,8 @@ pub struct Input {
     pub over_budget: Vec<(JobId, u64)>,
     /// Instances the state believes alive.
     pub known: BTreeSet<String>,
+    /// Their launch times.
+    pub launched_at: BTreeMap<String, u64>,
 }
 
 /// Reads a pass's input from the state (pure).
@@ -82,6 +86,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
     }
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         out.known.insert(instance.id.clone());
+        out.launched_at.insert(instance.id.clone(), instance.launched_at_unix_ms);
         let worker = live_workers.iter().find(|w| w.info.instance_id == instance.id);
         let busy = worker.is_some_and(|w| w.job.is_some());
         let registered = worker.is_some();
@@ -236,6 +241,8 @@ async fn settle<C: Control>(
             Command::LaunchFailed { request_id: request.request_id.clone(), reason, capacity: true }
         }
         Err(e) => {
+            // Never a tight retry loop, whatever the error.
+            memory.backoff.failed(&pool, request.spot, now_ms);
             Command::LaunchFailed { request_id: request.request_id.clone(), reason: e.to_string(), capacity: false }
         }
     };
@@ -366,7 +373,11 @@ pub async fn pass<C: Control>(
         }
         let running: BTreeSet<&str> =
             cloud.iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id.as_str()).collect();
-        let gone: Vec<String> = input.known.iter().filter(|id| !running.contains(id.as_str())).cloned().collect();
+        // Describe is eventually consistent: a just-launched instance may not show yet.
+        let young =
+            |id: &str| input.launched_at.get(id).is_some_and(|at| now_ms.saturating_sub(*at) < DESCRIBE_GRACE_MS);
+        let gone: Vec<String> =
+            input.known.iter().filter(|id| !running.contains(id.as_str()) && !young(id)).cloned().collect();
         if !gone.is_empty() {
             control.propose(Command::InstancesTerminated { ids: gone }).await?;
         }

@@ -55,11 +55,14 @@ fn plan(state: &State) -> Work {
     work
 }
 
-/// The folder of a `file://` checkpoint URI, if it lies inside `store_dir`.
-fn local_folder(uri: &str, store_dir: &Path) -> Option<PathBuf> {
+/// The folder of a `file://` checkpoint URI, if it is one folder of `job_id`'s checkpoint area
+/// (`<store>/jobs/<job>/ckpt/<name>`): nothing else is ever deleted.
+fn local_folder(uri: &str, store_dir: &Path, job_id: JobId) -> Option<PathBuf> {
     let path = PathBuf::from(uri.strip_prefix("file://")?);
-    (path.is_absolute() && path.starts_with(store_dir) && !path.components().any(|c| c.as_os_str() == ".."))
-        .then_some(path)
+    let area = store_dir.join("jobs").join(job_id.to_string()).join("ckpt");
+    let name = path.file_name()?.to_str()?;
+    let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (plain && path.parent() == Some(area.as_path())).then_some(path)
 }
 
 fn remove_folder(path: &Path) -> std::io::Result<()> {
@@ -85,7 +88,7 @@ pub async fn retention_loop(mut node: NodeHandle, store_dir: PathBuf) {
         }
         let Ok(work) = node.read_local(plan).await else { continue };
         for (job_id, uri) in work.remove {
-            let Some(folder) = local_folder(&uri, &store_dir) else {
+            let Some(folder) = local_folder(&uri, &store_dir, job_id) else {
                 tracing::warn!(%job_id, uri, "not in this cluster's local store; left for its owner");
                 continue;
             };
@@ -130,16 +133,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_folders_inside_the_store_are_ever_deleted() {
+    fn only_folders_of_the_jobs_checkpoint_area_are_ever_deleted() {
         let store = Path::new("/data/store");
+        let job = JobId(1);
         assert_eq!(
-            local_folder("file:///data/store/jobs/job-1/ckpt/000000000020-g1", store),
+            local_folder("file:///data/store/jobs/job-1/ckpt/000000000020-g1", store, job),
             Some(PathBuf::from("/data/store/jobs/job-1/ckpt/000000000020-g1"))
         );
-        assert_eq!(local_folder("file:///etc/passwd", store), None);
-        assert_eq!(local_folder("file:///data/store/../etc", store), None);
-        assert_eq!(local_folder("s3://bucket/jobs/job-1/ckpt/1", store), None);
-        assert_eq!(local_folder("file://relative/path", store), None);
+        for bad in [
+            "file:///etc/passwd",
+            "file:///data/store",
+            "file:///data/store/jobs/job-2/ckpt/000000000020-g1",
+            "file:///data/store/jobs/job-1/ckpt",
+            "file:///data/store/jobs/job-1/ckpt/../../job-2",
+            "file:///data/store/jobs/job-1/ckpt/a/b",
+            "s3://bucket/jobs/job-1/ckpt/1",
+            "file://relative/path",
+        ] {
+            assert_eq!(local_folder(bad, store, job), None, "{bad}");
+        }
     }
 
     #[test]

@@ -60,8 +60,8 @@ pub struct AgentShared {
     /// Set once the coordinator heard of the interruption (or could not be told): the running
     /// generation votes to stop at the next step boundary.
     pub interrupted: AtomicBool,
-    /// True while a training thread runs on this worker.
-    pub busy: watch::Sender<bool>,
+    /// Training runs in progress on this worker (a superseded one may still be ending).
+    pub busy: watch::Sender<usize>,
     /// The coordinator told this worker to drain: no more work will come.
     pub drained: tokio::sync::Notify,
     /// Wakes the heartbeat loop (after a broken gang, so the coordinator can regroup at once).
@@ -113,6 +113,10 @@ pub async fn follow(
         while let Ok(Some(message)) = stream.message().await {
             match message.kind {
                 Some(assignment::Kind::Train(train)) => {
+                    // A re-opened stream repeats the current assignment: keep training.
+                    if running.as_ref().is_some_and(|r| r.job_id == train.job_id && r.generation == train.generation) {
+                        continue;
+                    }
                     if let Some(old) = running.take() {
                         old.stop.store(true, Ordering::Relaxed);
                     }
@@ -192,7 +196,7 @@ enum RankEnd {
 async fn train_and_report(context: RankContext, train: TrainAssignment, listener: Arc<TcpListener>) {
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
     tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
-    let _ = context.shared.busy.send_replace(true);
+    context.shared.busy.send_modify(|runs| *runs += 1);
     let mut client = context.client.clone();
     let worker_id = context.worker_id.clone();
     let shared = context.shared.clone();
@@ -256,7 +260,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     // Heartbeat at once: after a broken gang, the coordinator regroups only workers it has heard
     // from since the break.
     shared.beat_now.notify_one();
-    let _ = shared.busy.send_replace(false);
+    shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
 }
 
 /// Writes a line to the job log (rank 0 only; a log that cannot be written is not fatal).
@@ -393,7 +397,7 @@ fn run_rank(
             last_report = Some(Instant::now());
             let done = report.step.saturating_sub(first_step).max(1);
             let left = trainer.total_steps().saturating_sub(report.step);
-            let eta_ms = (started.elapsed().as_millis() as u64 / done) * left;
+            let eta_ms = (started.elapsed().as_millis() as u64 / done).saturating_mul(left);
             log.line(format!(
                 "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
                 report.step,

@@ -87,7 +87,7 @@ async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<St
         _ = shared.drained.notified() => {}
     }
     let mut busy = shared.busy.subscribe();
-    let idle = busy.wait_for(|b| !*b);
+    let idle = busy.wait_for(|runs| *runs == 0);
     if tokio::time::timeout(CHECKPOINT_GRACE, idle).await.is_err() {
         tracing::warn!("the running generation did not stop within {CHECKPOINT_GRACE:?}; stopping anyway");
     }

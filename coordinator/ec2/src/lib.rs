@@ -400,8 +400,32 @@ impl Provider for Ec2Provider {
             if !errors.is_empty() {
                 tracing::warn!(launched = ids.len(), wanted = spec.count, errors = ?errors, "fleet partly fulfilled");
             }
-            let filter = aws_sdk_ec2::types::Filter::builder().name("instance-id").set_values(Some(ids)).build();
-            self.describe_filtered(vec![filter]).await
+            // Describe is eventually consistent: what it does not show yet comes from the
+            // fleet's answer (never an error: these instances run and must be recorded).
+            let filter =
+                aws_sdk_ec2::types::Filter::builder().name("instance-id").set_values(Some(ids.clone())).build();
+            let mut launched = self.describe_filtered(vec![filter]).await.unwrap_or_default();
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let mut tags = spec.tags.clone();
+            tags.insert(LAUNCH_TOKEN_TAG.to_string(), spec.client_token.clone());
+            for fleet_instance in answer.instances() {
+                let spot = fleet_instance.lifecycle().is_some_and(|l| l.as_str() == "spot");
+                for id in fleet_instance.instance_ids() {
+                    if !launched.iter().any(|i| i.id == *id) {
+                        launched.push(Instance {
+                            id: id.clone(),
+                            instance_type: spec.instance_type.clone(),
+                            zone: spec.zone.clone().unwrap_or_default(),
+                            spot,
+                            state: InstanceState::Running,
+                            tags: tags.clone(),
+                            launched_at_unix_ms: now_ms,
+                        });
+                    }
+                }
+            }
+            Ok(launched)
         }
     }
 

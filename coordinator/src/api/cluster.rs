@@ -198,11 +198,17 @@ impl ClusterService for ClusterApi {
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
         let reference = report.checkpoint.ok_or_else(|| invalid("checkpoint is required".into()))?;
-        if reference.uri.is_empty()
-            || reference.uri.len() > CAPABILITY_TEXT_MAX * 8
-            || reference.manifest_sha256.len() > 64
-        {
-            return Err(invalid("checkpoint.uri and checkpoint.manifest_sha256 must be given and short".into()));
+        if reference.manifest_sha256.len() > 64 {
+            return Err(invalid("checkpoint.manifest_sha256 must be at most 64 characters".into()));
+        }
+        // Only a folder of this job's checkpoint area: retention deletes what is recorded.
+        let area = format!("file://{}/jobs/{job_id}/ckpt/", self.store_dir.display());
+        let name = reference.uri.strip_prefix(&area).unwrap_or_default();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_name {
+            return Err(invalid(format!("checkpoint.uri must be one folder under {area}, got `{}`", reference.uri)));
         }
         let cursor = reference.cursor.unwrap_or_default();
         let checkpoint = CheckpointRecord {

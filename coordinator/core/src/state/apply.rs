@@ -112,7 +112,10 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
             let job = match running {
                 Some(job) => {
-                    job.checkpoint_requested = Some(StopReason::Preemption);
+                    // A budget stop stays a budget stop (the job must not resume).
+                    if job.checkpoint_requested != Some(StopReason::Budget) {
+                        job.checkpoint_requested = Some(StopReason::Preemption);
+                    }
                     job.updated_at_unix_ms = now;
                     let message = format!("{worker_id} got a {kind} notice; checkpointing at the next step");
                     push_event(job, now, "preemption_notice", message);
@@ -305,9 +308,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
             }
-            if job.generation != generation {
-                return Err(Rejected::StaleGeneration { job_id, current: job.generation, reported: generation });
-            }
+            let job = running_generation(state, job_id, generation)?;
             charge_generation(job, now, step, 0);
             job.state = if success { JobState::Succeeded } else { JobState::Failed };
             job.checkpoint_requested = None;
@@ -490,7 +491,8 @@ fn generation_ended(
     };
     charge_generation(job, now, step, lost_steps);
     match &end {
-        GenerationEnd::Checkpointed if requested == Some(StopReason::Budget) => {
+        // Over budget, however the generation ended: stop, keeping the checkpoints.
+        _ if requested == Some(StopReason::Budget) => {
             let budget = job.spec.capacity.budget_usd.unwrap_or(0.0);
             job.state = JobState::Failed;
             job.reason = format!(

@@ -411,3 +411,30 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
     );
     assert!(matches!(state.resolve_model("nope"), Err(ModelRefError::NoModel(_))));
 }
+
+#[test]
+fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_generation() {
+    let mut state = State::default();
+    let (_, w2) = running_job(&mut state, 3);
+    let request = Command::RequestCheckpoint { job_id: JobId(1), generation: 1, reason: StopReason::Budget };
+    apply(&mut state, 5, Envelope::new(5, request)).expect("budget stop");
+    apply(&mut state, 6, Envelope::new(6, Command::WorkerInterrupted { worker_id: w2, kind: "spot".into() }))
+        .expect("notice");
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Budget), "not downgraded");
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+    assert_eq!(end(&mut state, 1, lost, 9), Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Failed }));
+    assert!(state.jobs[&JobId(1)].reason.contains("budget spent"), "{}", state.jobs[&JobId(1)].reason);
+
+    // A job that is not running cannot be finished (nor register a model).
+    submit(&mut state, 20, "other").expect("submit");
+    let finish = Command::JobFinished {
+        job_id: JobId(2),
+        generation: 0,
+        success: true,
+        reason: String::new(),
+        step: 1,
+        metrics: None,
+        artifact: None,
+    };
+    assert!(matches!(apply(&mut state, 21, Envelope::new(21, finish)), Err(Rejected::NotRunning { .. })));
+}
