@@ -83,13 +83,11 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
-    /// The checkpoint itself is bad (half-written, corrupt, unknown format): reading it again
-    /// will not help; resume from an older one.
+    /// The checkpoint itself is bad (half-written or corrupt): reading it again will not help;
+    /// resume from an older one. A format this build does not read is not "bad" (an older
+    /// worker during an upgrade): that is a retryable failure, never a reason to delete it.
     pub fn is_unusable(&self) -> bool {
-        matches!(
-            self,
-            CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Format { .. }
-        )
+        matches!(self, CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. })
     }
 }
 

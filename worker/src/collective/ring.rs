@@ -264,6 +264,10 @@ fn accept_prev(
 ) -> Result<TcpStream, CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
     loop {
+        // A superseded generation must not take (and drop) the next one's connection.
+        if config.aborted() {
+            return Err(CollectiveError::Rendezvous("aborted: this generation was superseded".into()));
+        }
         match listener.accept() {
             Ok((stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| CollectiveError::Rendezvous(format!("socket: {e}")))?;
