@@ -32,7 +32,7 @@ use flotilla_core::state::{
 };
 use flotilla_proto::ApiError;
 
-use crate::provider::{DynProvider, InstanceState, LaunchSpec, ProviderError};
+use crate::provider::{DynProvider, Instance, LaunchSpec, ProviderError};
 
 /// How often the leader runs a pass.
 pub const PASS_EVERY: Duration = Duration::from_secs(2);
@@ -352,27 +352,20 @@ pub async fn pass<C: Control>(
     if now_ms.saturating_sub(memory.last_reconcile_ms) >= RECONCILE_EVERY_MS || memory.last_reconcile_ms == 0 {
         memory.last_reconcile_ms = now_ms.max(1);
         let input = control.input(now_ms).await?;
-        let cloud = match provider.describe_dyn(&config.cluster_tags).await {
-            Ok(cloud) => cloud,
+        let pending_tokens: BTreeSet<&str> = input.outstanding.iter().map(|r| r.request_id.as_str()).collect();
+        let ours = |i: &Instance| {
+            input.known.contains(&i.id)
+                || i.tags.get(crate::provider::LAUNCH_TOKEN_TAG).is_some_and(|t| pending_tokens.contains(t.as_str()))
+        };
+        let reconciled = match crate::provider::reconcile(provider, &config.cluster_tags, &ours).await {
+            Ok(reconciled) => reconciled,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list the cluster's instances; reconciling later");
+                tracing::warn!(error = %e, "cannot reconcile with the cloud; trying again later");
                 return Ok(report);
             }
         };
-        let pending_tokens: BTreeSet<&str> = input.outstanding.iter().map(|r| r.request_id.as_str()).collect();
-        let orphans: Vec<String> = cloud
-            .iter()
-            .filter(|i| i.state == InstanceState::Running && !input.known.contains(&i.id))
-            .filter(|i| {
-                i.tags.get(crate::provider::LAUNCH_TOKEN_TAG).is_none_or(|t| !pending_tokens.contains(t.as_str()))
-            })
-            .map(|i| i.id.clone())
-            .collect();
-        if !orphans.is_empty() && provider.terminate_dyn(&orphans).await.is_ok() {
-            report.orphans_terminated = orphans;
-        }
-        let running: BTreeSet<&str> =
-            cloud.iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id.as_str()).collect();
+        report.orphans_terminated = reconciled.orphans_terminated;
+        let running: BTreeSet<&str> = reconciled.adopted.iter().map(|i| i.id.as_str()).collect();
         // Describe is eventually consistent: a just-launched instance may not show yet.
         let young =
             |id: &str| input.launched_at.get(id).is_some_and(|at| now_ms.saturating_sub(*at) < DESCRIBE_GRACE_MS);

@@ -158,6 +158,17 @@ pub fn job_state_to_proto(state: flotilla_core::state::JobState) -> v1::JobState
     }
 }
 
+/// A recorded checkpoint as the wire names it (status, assignments' resume point, registry).
+pub fn checkpoint_to_proto(c: &flotilla_core::state::CheckpointRecord) -> v1::CheckpointRef {
+    v1::CheckpointRef {
+        step: c.step,
+        uri: c.uri.clone(),
+        size_bytes: c.size_bytes,
+        manifest_sha256: c.manifest_sha256.clone(),
+        cursor: Some(v1::DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
+    }
+}
+
 /// A replicated job -> what `status` shows, with its cost up to `now_unix_ms`. Live progress
 /// (not replicated) is added by the caller where it has it.
 pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::JobStatus {
@@ -186,13 +197,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         spec: Some(spec_to_proto(&job.spec)),
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
-        latest_checkpoint: job.latest_checkpoint.as_ref().map(|c| v1::CheckpointRef {
-            step: c.step,
-            uri: c.uri.clone(),
-            size_bytes: c.size_bytes,
-            manifest_sha256: c.manifest_sha256.clone(),
-            cursor: Some(v1::DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
-        }),
+        latest_checkpoint: job.latest_checkpoint.as_ref().map(checkpoint_to_proto),
         events: job
             .events
             .iter()

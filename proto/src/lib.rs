@@ -17,6 +17,7 @@ pub mod limits;
 
 pub use error::{ApiError, ErrorKind};
 pub use flotilla_core::ids::{IdParseError, JobId, NodeId, WorkerId};
+pub use flotilla_core::rand;
 /// The job-spec types (defined in the pure core), re-exported so workers need only this crate.
 pub use flotilla_core::spec;
 

@@ -11,6 +11,7 @@
 pub mod autoscale;
 pub mod ids;
 pub mod market;
+pub mod rand;
 pub mod scheduler;
 pub mod spec;
 pub mod state;

@@ -114,7 +114,7 @@ async fn orphans_are_terminated_and_recorded_instances_adopted() {
     let orphan = ec2.launch(&spec(&cluster, "tok-orphan", 1, 0)).await.expect("launch");
     let known: BTreeSet<String> = recorded.iter().map(|i| i.id.clone()).collect();
     let dyn_ec2: &dyn DynProvider = &ec2;
-    let done = reconcile(dyn_ec2, &tags(&cluster), &known).await.expect("reconcile");
+    let done = reconcile(dyn_ec2, &tags(&cluster), &|i| known.contains(&i.id)).await.expect("reconcile");
     assert_eq!(done.adopted.iter().map(|i| i.id.clone()).collect::<BTreeSet<_>>(), known);
     assert_eq!(done.orphans_terminated, [orphan[0].id.clone()]);
     let after = ec2.describe(&tags(&cluster)).await.expect("describe");

@@ -389,13 +389,7 @@ fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
         world_size: job.gang.len() as u32,
         peers,
         nccl_unique_id: Vec::new(),
-        resume_from: job.latest_checkpoint.as_ref().map(|c| CheckpointRef {
-            step: c.step,
-            uri: c.uri.clone(),
-            size_bytes: c.size_bytes,
-            manifest_sha256: c.manifest_sha256.clone(),
-            cursor: Some(DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
-        }),
+        resume_from: job.latest_checkpoint.as_ref().map(flotilla_proto::convert::checkpoint_to_proto),
         job_prefix: format!("{store}/jobs/{}", job.id),
     };
     Desired::Train {

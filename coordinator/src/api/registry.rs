@@ -33,13 +33,7 @@ fn to_proto(model: &Model, v: &CoreVersion) -> ModelVersion {
         version: v.version,
         aliases: model.aliases.iter().filter(|(_, n)| **n == v.version).map(|(a, _)| a.clone()).collect(),
         job_id: v.job_id.to_string(),
-        source_checkpoint: v.checkpoint.as_ref().map(|c| CheckpointRef {
-            step: c.step,
-            uri: c.uri.clone(),
-            size_bytes: c.size_bytes,
-            manifest_sha256: c.manifest_sha256.clone(),
-            cursor: Some(DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
-        }),
+        source_checkpoint: v.checkpoint.as_ref().map(flotilla_proto::convert::checkpoint_to_proto),
         dataset_sha256: v.dataset_sha256.clone(),
         spec: Some(spec_to_proto(&v.spec)),
         metrics: v.metrics.map(|m| JobMetrics {

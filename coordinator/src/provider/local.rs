@@ -38,10 +38,11 @@ pub fn interruption_after(per_hour: f64, seed: u64, number: u64) -> Option<Durat
     if per_hour <= 0.0 || !per_hour.is_finite() {
         return None;
     }
-    let mut z = seed.wrapping_add(number.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
+    // The number-th draw of the seed's stream (SplitMix64 advances by the golden ratio).
+    let z = flotilla_core::rand::SplitMix64::new(
+        seed.wrapping_add(number.wrapping_sub(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+    )
+    .next_u64();
     let uniform = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64; // in (0, 1)
     Some(Duration::from_secs_f64(-uniform.ln() / per_hour * 3600.0))
 }

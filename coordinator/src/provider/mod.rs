@@ -128,25 +128,25 @@ impl<P: Provider + Send + Sync> DynProvider for P {
     }
 }
 
-/// What a reconciliation did: instances of this cluster the state knows (adopted) and those it
-/// does not (orphans: launched by a leader that died before recording them, or left over),
-/// which were terminated.
+/// What a reconciliation did: running instances of this cluster that are kept (known to the
+/// state, or about to be), and those that are not (orphans: launched by a leader that died
+/// before recording them, or left over), which were terminated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconciled {
     pub adopted: Vec<Instance>,
     pub orphans_terminated: Vec<String>,
 }
 
-/// After a restart or a leader change: lists the running instances tagged with `cluster_tags`,
-/// keeps those `known` (by id) and terminates the rest.
+/// After a restart or a leader change, and periodically: lists the running instances tagged
+/// with `cluster_tags`, keeps those `keep` accepts and terminates the rest.
 pub async fn reconcile(
     provider: &dyn DynProvider,
     cluster_tags: &BTreeMap<String, String>,
-    known: &std::collections::BTreeSet<String>,
+    keep: &(dyn Fn(&Instance) -> bool + Sync),
 ) -> Result<Reconciled, ProviderError> {
     let running: Vec<Instance> =
         provider.describe_dyn(cluster_tags).await?.into_iter().filter(|i| i.state == InstanceState::Running).collect();
-    let (adopted, orphans): (Vec<Instance>, Vec<Instance>) = running.into_iter().partition(|i| known.contains(&i.id));
+    let (adopted, orphans): (Vec<Instance>, Vec<Instance>) = running.into_iter().partition(|i| keep(i));
     let orphans_terminated: Vec<String> = orphans.into_iter().map(|i| i.id).collect();
     if !orphans_terminated.is_empty() {
         provider.terminate_dyn(&orphans_terminated).await?;

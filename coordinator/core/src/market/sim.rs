@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use super::{PoolKey, Trace};
 use crate::autoscale::{self, Backoff, Decision, Gang, Held, Limits};
 use crate::ids::JobId;
+use crate::rand::SplitMix64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -120,18 +121,6 @@ struct Job {
     phase: Phase,
 }
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 struct World<'a> {
     trace: &'a Trace,
     params: SimParams,
@@ -141,7 +130,7 @@ struct World<'a> {
     next_id: u64,
     out: Outcome,
     backoff: Backoff,
-    rng: SplitMix,
+    rng: SplitMix64,
 }
 
 impl World<'_> {
@@ -359,7 +348,7 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
             finished_jobs: 0,
         },
         backoff: Backoff::default(),
-        rng: SplitMix(params.seed),
+        rng: SplitMix64::new(params.seed),
     };
     let dt = params.step_minutes.max(0.01) / 60.0;
     let mut hour = 0.0;
@@ -375,7 +364,7 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
         while index < world.alive.len() {
             let inst = &world.alive[index];
             let rate = world.trace.at(&inst.pool, hour).map_or(0.0, |s| s.interruptions_per_hour);
-            if inst.spot && world.rng.unit() < rate * dt {
+            if inst.spot && world.rng.next_f64() < rate * dt {
                 world.reclaim(index, hour);
             } else {
                 index += 1;
