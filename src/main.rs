@@ -51,6 +51,8 @@ enum Command {
     /// The model registry: list, show, alias, download trained models.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
+    /// Batch inference: predict a CSV file with a registered model on the cluster's workers.
+    Infer(commands::infer::InferArgs),
     /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
     Worker(commands::workers::WorkerArgs),
     /// Give a local worker a spot interruption notice now (or kill it without notice: --hard).
@@ -82,6 +84,9 @@ enum Command {
     /// Gang-scheduler placement benchmark for scripts/bench/scheduler.sh.
     #[command(hide = true)]
     BenchScheduler(commands::bench_scheduler::Args),
+    /// In-process inference baseline for scripts/bench/infer.sh.
+    #[command(hide = true)]
+    BenchInfer(commands::bench_infer::Args),
     /// Spot cost simulation for scripts/bench/spot_cost.sh.
     #[command(hide = true)]
     BenchSpotCost(commands::bench_spot::Args),
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Instances(args) => done(commands::workers::instances(args, coordinator, cli.output)),
         Command::Models(command) => done(commands::models::run(command, coordinator, cli.output)),
+        Command::Infer(args) => done(commands::infer::run(args, coordinator, cli.output)),
         Command::Worker(args) => done(commands::workers::run_agent(args, coordinator)),
         Command::Preempt(args) => done(commands::workers::preempt(args, coordinator, cli.output)),
         Command::Imds(args) => done(commands::workers::run_imds(args)),
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
+        Command::BenchInfer(args) => done(commands::bench_infer::run(args, coordinator)),
         Command::BenchSpotCost(args) => done(commands::bench_spot::run(args)),
     };
     match result {

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::run;
+use common::{run, worker_pid};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -115,22 +115,6 @@ fn gang(home: &Path, job: &str) -> Vec<String> {
         .collect();
     ids.sort();
     ids
-}
-
-/// The process id of a worker's agent, from its local instance record.
-fn worker_pid(home: &Path, worker: &str) -> u64 {
-    let workers = json(home, &["workers", "-o", "json"]);
-    let instance = workers
-        .as_array()
-        .and_then(|ws| ws.iter().find(|w| w["id"] == worker))
-        .and_then(|w| w["instance_id"].as_str())
-        .expect("the worker's instance")
-        .to_string();
-    let record: Value = serde_json::from_slice(
-        &std::fs::read(home.join("instances").join(format!("{instance}.json"))).expect("instance record"),
-    )
-    .expect("record JSON");
-    record["pid"].as_u64().expect("pid")
 }
 
 fn logs(home: &Path, job: &str) -> String {

@@ -1,6 +1,10 @@
 //! The leader's scheduling loop: feeds pending jobs and idle workers to the pure gang
 //! scheduler (`flotilla_core::scheduler`) and proposes each placement as `AssignGang`.
 //!
+//! Inference jobs are served after training: they take the idle workers left once every
+//! placeable gang is placed (`JoinInference`), one shard at a time, and give each back when no
+//! shard is left for it, so they backfill and never hold a gang's workers for long.
+//!
 //! Runs on every node and acts only while this node leads. Placements go through Raft, so a
 //! new leader sees exactly which workers are taken; a proposal that loses a race (a worker
 //! was lost meanwhile) is rejected by the state machine and retried on the next pass.
@@ -90,12 +94,14 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
             continue;
         }
         let heard = leases.clone();
-        let Ok((pending, free, reasons, running)) = node
+        let Ok((pending, free, reasons, running, inference)) = node
             .read_local(move |state| {
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> =
                     state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
-                (pending, free, reasons, growable(state))
+                let inference: Vec<(JobId, usize)> =
+                    state.inferences.values().map(|j| (j.id, j.wants_workers())).filter(|(_, n)| *n > 0).collect();
+                (pending, free, reasons, growable(state), inference)
             })
             .await
         else {
@@ -119,22 +125,41 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
                 Err(e) => tracing::debug!(job = %job_id, error = %e, "growth not requested"),
             }
         }
-        if pending.is_empty() {
-            continue;
-        }
-        let plan = schedule(&pending, &free);
-        for (job_id, reason) in plan.waiting {
-            if reasons.get(&job_id) != Some(&reason) {
-                let _ = node.propose(Command::SetPendingReason { job_id, reason }).await;
+        let mut taken = Vec::new();
+        if !pending.is_empty() {
+            let plan = schedule(&pending, &free);
+            for (job_id, reason) in plan.waiting {
+                if reasons.get(&job_id) != Some(&reason) {
+                    let _ = node.propose(Command::SetPendingReason { job_id, reason }).await;
+                }
+            }
+            for placement in plan.placements {
+                taken.extend(placement.workers.iter().copied());
+                let command = Command::AssignGang { job_id: placement.job, workers: placement.workers };
+                if let Err(e) = node.propose(command).await {
+                    tracing::debug!(job = %placement.job, error = %e, "placement not recorded; next pass retries");
+                }
             }
         }
-        for placement in plan.placements {
-            let command = Command::AssignGang { job_id: placement.job, workers: placement.workers };
-            if let Err(e) = node.propose(command).await {
-                tracing::debug!(job = %placement.job, error = %e, "placement not recorded; next pass retries");
+        let left: Vec<WorkerId> = free.iter().map(|w| w.id).filter(|w| !taken.contains(w)).collect();
+        for (job_id, workers) in inference_joins(&inference, &left) {
+            if let Err(e) = node.propose(Command::JoinInference { job_id, workers }).await {
+                tracing::debug!(job = %job_id, error = %e, "inference workers not recorded; next pass retries");
             }
         }
     }
+}
+
+/// Gives idle workers to inference jobs, oldest job first, as many as each still wants.
+pub fn inference_joins(wants: &[(JobId, usize)], idle: &[WorkerId]) -> Vec<(JobId, Vec<WorkerId>)> {
+    let mut idle = idle.iter().copied();
+    wants
+        .iter()
+        .filter_map(|&(job, want)| {
+            let workers: Vec<WorkerId> = idle.by_ref().take(want).collect();
+            (!workers.is_empty()).then_some((job, workers))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -142,6 +167,14 @@ mod tests {
     use flotilla_core::state::{Command, Envelope, GenerationEnd, WorkerInfo, apply};
 
     use super::*;
+
+    #[test]
+    fn inference_takes_the_idle_workers_oldest_job_first() {
+        let idle = [WorkerId(4), WorkerId(5), WorkerId(6)];
+        let joins = inference_joins(&[(JobId(2), 2), (JobId(3), 5), (JobId(9), 1)], &idle);
+        assert_eq!(joins, vec![(JobId(2), vec![WorkerId(4), WorkerId(5)]), (JobId(3), vec![WorkerId(6)])]);
+        assert!(inference_joins(&[(JobId(2), 2)], &[]).is_empty());
+    }
 
     #[test]
     fn members_of_a_broken_gang_wait_to_be_heard_from() {

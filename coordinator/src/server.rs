@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use flotilla_proto::limits::{API_MESSAGE_BYTES_MAX, RAFT_MESSAGE_BYTES_MAX};
 use flotilla_proto::v1::cluster_service_server::ClusterServiceServer;
+use flotilla_proto::v1::inference_service_server::InferenceServiceServer;
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use flotilla_proto::v1::raft_service_server::RaftServiceServer;
 use flotilla_proto::v1::registry_service_server::RegistryServiceServer;
@@ -156,6 +157,7 @@ pub async fn run(
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
     tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), config.store_dir.clone()));
+    tokio::spawn(crate::inference::finalize_loop(handle.clone()));
     if let Some(capacity) = config.capacity.clone() {
         tokio::spawn(crate::autoscaling::autoscale_loop(handle.clone(), capacity.provider, capacity.config));
     }
@@ -177,6 +179,13 @@ pub async fn run(
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    let inference = InferenceServiceServer::new(crate::api::inference::InferenceApi {
+        node: handle.clone(),
+        api_token: config.api_token.clone(),
+        join_token: config.join_token.clone(),
+    })
+    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let raft = RaftServiceServer::new(RaftApi {
         node: handle.clone(),
         cluster_id: config.cluster_id.clone(),
@@ -189,6 +198,7 @@ pub async fn run(
         .add_service(jobs)
         .add_service(cluster)
         .add_service(registry)
+        .add_service(inference)
         .add_service(raft)
         .serve_with_shutdown(config.listen, shutdown);
     tokio::select! {

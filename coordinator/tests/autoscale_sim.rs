@@ -298,3 +298,66 @@ fn live_spot_prices_from_the_provider_override_the_market_file() {
     let request = control.state.instance_requests.values().next().expect("a request");
     assert_eq!((request.instance_type.as_str(), request.zone.as_str(), request.usd_per_hour), ("g5.xlarge", "b", 0.05));
 }
+
+#[test]
+fn an_inference_job_buys_workers_for_its_shards() {
+    use flotilla_core::state::{InferenceRequest, ModelArtifact, ModelShape, WorkerInfo};
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let mut at = 0;
+    let mut step = |state: &mut State, command| {
+        at += 1;
+        apply(state, at, Envelope::new(at, command)).expect("applies")
+    };
+    // A trained and registered model (its trainer is gone since).
+    step(&mut state, Command::SubmitJob { spec: Box::new(job("m", 1, true)), client_request_id: "t".into() });
+    let info = WorkerInfo {
+        cpus: 1,
+        gpus: 1,
+        memory_bytes: 0,
+        instance_id: "gone".into(),
+        instance_type: "g5.xlarge".into(),
+        zone: "a".into(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:1".into(),
+    };
+    let Applied::WorkerRegistered { worker_id } = step(&mut state, Command::RegisterWorker { info }) else { panic!() };
+    let job_id = flotilla_core::JobId(1);
+    step(&mut state, Command::AssignGang { job_id, workers: vec![worker_id] });
+    let artifact = ModelArtifact {
+        artifact_uri: "file:///s/model.safetensors".into(),
+        dataset_sha256: String::new(),
+        shape: ModelShape { features_per_row: 4, classes: 2, feature_scale: 1.0 },
+    };
+    let finish = Command::JobFinished {
+        job_id,
+        generation: 1,
+        success: true,
+        reason: String::new(),
+        step: 1,
+        metrics: None,
+        artifact: Some(artifact),
+    };
+    step(&mut state, finish);
+    step(&mut state, Command::WorkerLost { worker_id, last_step_seen: 0 });
+    let request = InferenceRequest {
+        model: "m".into(),
+        version: 1,
+        input_uri: "file:///in.csv".into(),
+        output_uri: "file:///out".into(),
+        workers: 2,
+        batch_size: 0,
+        shard_rows: 0,
+        rows: 1000,
+        labelled: false,
+    };
+    step(&mut state, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 100, now: 1000, fuse: fuse.clone() };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let mut memory = Memory::default();
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let requests: Vec<_> = control.state.instance_requests.values().collect();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!((requests[0].count, requests[0].spot, requests[0].job), (2, true, Some(flotilla_core::JobId(2))));
+}

@@ -15,6 +15,7 @@ use crate::auth::BearerAuth;
 use crate::error::{ApiError, ErrorKind};
 use crate::limits::API_MESSAGE_BYTES_MAX;
 use crate::v1::cluster_service_client::ClusterServiceClient;
+use crate::v1::inference_service_client::InferenceServiceClient;
 use crate::v1::job_service_client::JobServiceClient;
 use crate::v1::registry_service_client::RegistryServiceClient;
 
@@ -32,6 +33,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type ClusterClient = ClusterServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type RegistryClient = RegistryServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type InferenceClient = InferenceServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Parses `host:port[,host:port...]`, accepting an `http://` prefix on each.
 pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
@@ -151,6 +153,22 @@ impl ApiClient {
         self.call_with(|channel, auth| {
             call(
                 RegistryServiceClient::with_interceptor(channel, auth)
+                    .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(API_MESSAGE_BYTES_MAX),
+            )
+        })
+        .await
+    }
+
+    /// Like [`ApiClient::call`], for batch inference (users submit, workers lease shards).
+    pub async fn call_inference<T, F, Fut>(&mut self, mut call: F) -> Result<T, ApiError>
+    where
+        F: FnMut(InferenceClient) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_with(|channel, auth| {
+            call(
+                InferenceServiceClient::with_interceptor(channel, auth)
                     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(API_MESSAGE_BYTES_MAX),
             )

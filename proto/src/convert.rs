@@ -11,11 +11,23 @@ use flotilla_core::spec::{
 
 use crate::v1;
 
-pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
-    let model = match &spec.model {
+pub fn model_to_proto(model: &ModelSpec) -> v1::ModelSpec {
+    let kind = match model {
         ModelSpec::Mlp { hidden } => v1::model_spec::Kind::Mlp(v1::MlpSpec { hidden: hidden.clone() }),
         ModelSpec::Cnn { channels } => v1::model_spec::Kind::Cnn(v1::CnnSpec { channels: channels.clone() }),
     };
+    v1::ModelSpec { kind: Some(kind) }
+}
+
+/// A wire model -> a core model (`None` when the kind is missing).
+pub fn model_from_proto(model: v1::ModelSpec) -> Option<ModelSpec> {
+    Some(match model.kind? {
+        v1::model_spec::Kind::Mlp(m) => ModelSpec::Mlp { hidden: m.hidden },
+        v1::model_spec::Kind::Cnn(c) => ModelSpec::Cnn { channels: c.channels },
+    })
+}
+
+pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
     let format = match spec.data.format {
         DataFormat::Csv => v1::DataFormat::Csv,
         DataFormat::Idx => v1::DataFormat::Idx,
@@ -32,7 +44,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
     v1::JobSpec {
         name: spec.name.clone(),
         priority: spec.priority,
-        model: Some(v1::ModelSpec { kind: Some(model) }),
+        model: Some(model_to_proto(&spec.model)),
         data: Some(v1::DataSpec {
             train: spec.data.train.to_string(),
             validation: spec.data.validation.as_ref().map(ToString::to_string),
@@ -73,10 +85,7 @@ fn uri(field: &str, text: &str) -> Result<DataUri, SpecError> {
 
 /// A wire spec -> a validated core spec. Errors name the TOML field (`workers.min`).
 pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
-    let model = match pb.model.and_then(|m| m.kind).ok_or_else(|| missing("model.kind"))? {
-        v1::model_spec::Kind::Mlp(m) => ModelSpec::Mlp { hidden: m.hidden },
-        v1::model_spec::Kind::Cnn(c) => ModelSpec::Cnn { channels: c.channels },
-    };
+    let model = pb.model.and_then(model_from_proto).ok_or_else(|| missing("model.kind"))?;
     let data = pb.data.ok_or_else(|| missing("data"))?;
     let format = match v1::DataFormat::try_from(data.format) {
         Ok(v1::DataFormat::Csv) => DataFormat::Csv,
@@ -207,6 +216,52 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         failures: job.failures,
         checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count() as u32,
         lost_work_usd: job.lost_work_usd,
+    }
+}
+
+/// An inference job's status, with its throughput as of `now_unix_ms`.
+pub fn inference_to_proto(job: &flotilla_core::state::InferenceJob, now_unix_ms: u64) -> v1::InferenceStatus {
+    use flotilla_core::state::ShardState;
+    let totals = job.totals();
+    let start = job.started_at_unix_ms.unwrap_or(now_unix_ms);
+    v1::InferenceStatus {
+        id: job.id.to_string(),
+        state: job_state_to_proto(job.state).into(),
+        reason: job.reason.clone(),
+        shards_total: job.shards.len() as u32,
+        shards_done: job.shards_done() as u32,
+        rows_done: totals.rows,
+        rows_per_s: job.rows_per_s(now_unix_ms),
+        accuracy: (totals.labelled_rows > 0).then(|| totals.correct as f64 / totals.labelled_rows as f64),
+        served_by: 0,
+        model: job.request.model.clone(),
+        model_version: job.request.version,
+        input_uri: job.request.input_uri.clone(),
+        output_uri: job.request.output_uri.clone(),
+        rows_total: job.request.rows,
+        labelled: job.request.labelled,
+        workers_max: job.request.workers,
+        workers: job.members.iter().map(ToString::to_string).collect(),
+        leases: job
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(index, shard)| match shard.state {
+                ShardState::Leased { worker, attempt, .. } => {
+                    Some(v1::ShardLeaseInfo { index: index as u32, worker_id: worker.to_string(), attempt })
+                }
+                _ => None,
+            })
+            .collect(),
+        retries: job.retries(),
+        events: job
+            .events
+            .iter()
+            .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
+            .collect(),
+        submitted_at_unix_ms: job.submitted_at_unix_ms,
+        elapsed_ms: job.finished_at_unix_ms.unwrap_or(now_unix_ms).saturating_sub(start),
+        class_counts: totals.class_counts,
     }
 }
 

@@ -6,6 +6,7 @@
 //!        rank stops after the same step ─▶ rank 0 saves + records it ─▶ GenerationEnded
 //!   StopJob / a newer TrainAssignment ─▶ stop at once (no report)
 //!   Drain ─▶ the process exits once idle (the instance is going away)
+//!   InferAssignment ─▶ lease, predict and commit shards until released (`infer_worker`)
 //! ```
 //!
 //! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
@@ -88,6 +89,8 @@ pub async fn follow(
 ) {
     let listener = Arc::new(listener);
     let mut running: Option<Running> = None;
+    // The inference job this worker works on, and its stop flag.
+    let mut inferring: Option<(String, Arc<AtomicBool>)> = None;
     loop {
         let Some(worker_id) = registered.borrow_and_update().clone() else {
             if registered.changed().await.is_err() {
@@ -147,6 +150,29 @@ pub async fn follow(
                     if let Some(run) = running.take_if(|r| r.job_id == stop.job_id && r.generation == stop.generation) {
                         run.stop.store(true, Ordering::Relaxed);
                     }
+                    if let Some((_, flag)) = inferring.take_if(|(job, _)| *job == stop.job_id) {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(assignment::Kind::Infer(infer)) => {
+                    // A re-opened stream repeats the membership of a loop still running.
+                    if inferring
+                        .as_ref()
+                        .is_some_and(|(job, flag)| *job == infer.job_id && !flag.load(Ordering::Relaxed))
+                    {
+                        continue;
+                    }
+                    let stop = Arc::new(AtomicBool::new(false));
+                    if let Some((_, old)) = inferring.replace((infer.job_id.clone(), stop.clone())) {
+                        old.store(true, Ordering::Relaxed);
+                    }
+                    tokio::spawn(super::infer_worker::infer_and_commit(
+                        client.clone(),
+                        worker_id.clone(),
+                        infer,
+                        stop,
+                        shared.clone(),
+                    ));
                 }
                 Some(assignment::Kind::Drain(drain)) => {
                     // Exit only after our own interruption (notice, SIGTERM): a coordinator
@@ -548,6 +574,9 @@ fn run_rank(
         unusable_checkpoint_step: 0,
         artifact_uri,
         dataset_sha256,
+        features_per_row: train_set.features_per_row as u32,
+        classes: train_set.classes as u32,
+        feature_scale: train_set.feature_scale,
     })))
 }
 

@@ -150,13 +150,19 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
     let mut client = client(coordinator)?;
     match args.job {
         Some(job) => {
-            let request = GetJobRequest { job_id: job };
-            let response = runtime
-                .block_on(client.call(|mut c| {
-                    let request = request.clone();
-                    async move { c.get_job(request).await }
-                }))
-                .map_err(anyhow::Error::from)?;
+            let request = GetJobRequest { job_id: job.clone() };
+            let response = runtime.block_on(client.call(|mut c| {
+                let request = request.clone();
+                async move { c.get_job(request).await }
+            }));
+            let response = match response {
+                // Not a training job: it may be an inference job (they share the id space).
+                Err(e) if e.kind == flotilla_proto::ErrorKind::NotFound => {
+                    return super::infer::status(&mut client, &runtime, &job, output)
+                        .map_err(|inference| anyhow::anyhow!("{e} ({inference:#})"));
+                }
+                other => other.map_err(anyhow::Error::from)?,
+            };
             let job = response.job.context("the coordinator answered without a job")?;
             match output {
                 OutputFormat::Json => print_json(&status_json(&job, response.served_by)),
@@ -169,7 +175,13 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
                 OutputFormat::Json => {
                     print_json(&Value::Array(jobs.iter().map(|j| status_json(j, served_by)).collect()))
                 }
-                OutputFormat::Text => print_table(&jobs, served_by),
+                OutputFormat::Text => {
+                    print_table(&jobs, served_by);
+                    let inferences = runtime.block_on(client.call_inference(|mut c| async move {
+                        c.list_inferences(v1::ListInferencesRequest {}).await
+                    }))?;
+                    super::infer::print_table(&inferences.inferences);
+                }
             }
         }
     }

@@ -4,11 +4,14 @@
 pub mod assignments;
 pub mod bench;
 pub mod bench_collective;
+pub mod bench_infer;
 pub mod bench_scheduler;
 pub mod bench_spot;
 pub mod bench_train;
 pub mod cluster;
 pub mod coordinator;
+pub mod infer;
+pub mod infer_worker;
 pub mod jobs;
 pub mod models;
 pub mod spec_file;

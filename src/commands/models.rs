@@ -51,6 +51,9 @@ fn version_json(v: &v1::ModelVersion) -> Value {
         "cost_usd": v.cost_usd,
         "artifact_uri": v.artifact_uri,
         "created_at_unix_ms": v.created_at_unix_ms,
+        "features_per_row": v.features_per_row,
+        "classes": v.classes,
+        "feature_scale": v.feature_scale,
         "spec_toml": flotilla_proto::convert::spec_from_proto(spec).map(|s| s.to_toml()).unwrap_or_default(),
     })
 }

@@ -29,3 +29,23 @@ impl Drop for Down<'_> {
         let _ = run(self.0, &["down", "--purge"]);
     }
 }
+
+/// The process id of a local worker's agent, from its instance record (`flotilla workers`
+/// names the instance; the local provider records the pid).
+pub fn worker_pid(home: &Path, worker: &str) -> u64 {
+    let out = run(home, &["workers", "-o", "json"]);
+    assert!(out.status.success(), "workers: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let workers: serde_json::Value = serde_json::from_str(text.lines().last().expect("output")).expect("JSON");
+    let instance = workers
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["id"] == worker))
+        .and_then(|w| w["instance_id"].as_str())
+        .expect("the worker's instance")
+        .to_string();
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.join("instances").join(format!("{instance}.json"))).expect("instance record"),
+    )
+    .expect("record JSON");
+    record["pid"].as_u64().expect("pid")
+}

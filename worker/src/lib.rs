@@ -2,8 +2,8 @@
 //!
 //! Owns (DESIGN §4, §5, §7): the collectives (`collective`: TCP ring on CPUs, NCCL through
 //! cudarc on GPUs), the data readers and the global sample order (`data`), the burn trainer
-//! (`train`), and the checkpoint format (`checkpoint`). Later: the agent (register, heartbeat,
-//! assignments, preemption notices) and the batch-inference runner.
+//! (`train`), the checkpoint format (`checkpoint`), the agent's pieces (`agent`, `imds`) and
+//! batch inference (`infer`).
 //!
 //! Must not import coordinator crates: it talks to the control plane only through
 //! `flotilla-proto`.
@@ -13,5 +13,6 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod imds;
+pub mod infer;
 pub mod joblog;
 pub mod train;

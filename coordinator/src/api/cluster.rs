@@ -273,6 +273,11 @@ impl ClusterService for ClusterApi {
                     .then(|| flotilla_core::state::ModelArtifact {
                         artifact_uri: report.artifact_uri.clone(),
                         dataset_sha256: report.dataset_sha256.chars().take(64).collect(),
+                        shape: flotilla_core::state::ModelShape {
+                            features_per_row: report.features_per_row,
+                            classes: report.classes,
+                            feature_scale: report.feature_scale,
+                        },
                     });
                 Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics, artifact }
             }
@@ -363,10 +368,34 @@ enum Desired {
         assignment: Box<TrainAssignment>,
         checkpoint_now: bool,
     },
+    /// Run inference shards of `job` (a member of it). `joins` changes whenever workers join
+    /// it: the assignment is sent again, and an agent whose loop ended (released) restarts it.
+    Infer {
+        job: JobId,
+        joins: u64,
+        assignment: Box<InferAssignment>,
+    },
+}
+
+fn infer_assignment(job: &flotilla_core::state::InferenceJob) -> InferAssignment {
+    InferAssignment {
+        job_id: job.id.to_string(),
+        model: Some(flotilla_proto::convert::model_to_proto(&job.model_spec)),
+        model_artifact_uri: job.artifact_uri.clone(),
+        features_per_row: job.shape.features_per_row,
+        classes: job.shape.classes,
+        feature_scale: job.shape.feature_scale,
+        input_uri: job.request.input_uri.clone(),
+        output_uri: job.request.output_uri.clone(),
+        batch_size: job.request.batch_size,
+    }
 }
 
 fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
     let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
+    if let Some(job) = worker.job.and_then(|j| state.inferences.get(&j)).filter(|j| j.state == JobState::Running) {
+        return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
+    }
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
         return if worker.draining { Desired::Drain } else { Desired::Idle };
     };
@@ -425,6 +454,11 @@ async fn assignment_loop(
                 current = Some((*job, *generation));
                 checkpoint_sent = false;
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))
+            }
+            (Desired::Infer { job, joins, .. }, Some(now)) if now == (*job, *joins) => None,
+            (Desired::Infer { job, joins, assignment }, _) => {
+                current = Some((*job, *joins));
+                Some(assignment::Kind::Infer(assignment.as_ref().clone()))
             }
             (Desired::Drain, _) if !drain_sent => {
                 drain_sent = true;

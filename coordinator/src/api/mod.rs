@@ -2,6 +2,7 @@
 //! `flotilla_proto::convert`, call the node, map the error with `ApiError`.
 
 pub mod cluster;
+pub mod inference;
 pub mod jobs;
 pub mod raft_service;
 pub mod registry;

@@ -46,6 +46,9 @@ fn to_proto(model: &Model, v: &CoreVersion) -> ModelVersion {
         cost_usd: v.cost_usd,
         artifact_uri: v.artifact_uri.clone(),
         created_at_unix_ms: v.created_at_unix_ms,
+        features_per_row: v.shape.features_per_row,
+        classes: v.shape.classes,
+        feature_scale: v.shape.feature_scale,
     }
 }
 

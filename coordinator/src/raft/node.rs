@@ -349,7 +349,10 @@ fn send_grouped(outbox: &mut impl Outbox, messages: Vec<Message>) {
 
 fn rejected_to_api(rejected: Rejected) -> ApiError {
     let kind = match rejected {
-        Rejected::JobNotFound(_) | Rejected::WorkerNotFound(_) | Rejected::Model(_) => ErrorKind::NotFound,
+        Rejected::JobNotFound(_) | Rejected::WorkerNotFound(_) | Rejected::Model(_) | Rejected::NoShard { .. } => {
+            ErrorKind::NotFound
+        }
+        Rejected::ShardDone { .. } => ErrorKind::AlreadyExists,
         Rejected::JobFinished { .. }
         | Rejected::NotPending { .. }
         | Rejected::WorkerUnavailable(_)
@@ -359,7 +362,11 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::RequestNotOutstanding(_)
         | Rejected::DuplicateRequest(_) => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
-        Rejected::BadRequestId | Rejected::BadGang { .. } | Rejected::BadAlias(_) => ErrorKind::InvalidArgument,
+        Rejected::BadRequestId
+        | Rejected::BadGang { .. }
+        | Rejected::BadAlias(_)
+        | Rejected::BadInference(_)
+        | Rejected::BadShardReport { .. } => ErrorKind::InvalidArgument,
         Rejected::TooManyAliases { .. } => ErrorKind::ResourceExhausted,
         Rejected::Undecodable(_) => ErrorKind::Internal,
     };

@@ -14,10 +14,21 @@ pub const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
 
 /// Parses CSV text from `input` (already decompressed). `uri` names the source in errors.
 pub fn parse(uri: &str, input: impl Read) -> Result<RawData, DataError> {
+    parse_with(uri, input, true)
+}
+
+/// Parses rows of numbers only (no label column): every column is a feature, `labels` stays
+/// empty. What inference reads before it decides whether the first column is a label.
+pub fn parse_unlabelled(uri: &str, input: impl Read) -> Result<RawData, DataError> {
+    parse_with(uri, input, false)
+}
+
+fn parse_with(uri: &str, input: impl Read, labelled: bool) -> Result<RawData, DataError> {
     let mut reader = BufReader::new(input);
     let mut line = Vec::new();
     let mut line_number = 0u64;
     let mut first_line = 0u64;
+    let mut rows = 0usize;
     let mut data = RawData { values: Vec::new(), labels: Vec::new(), features_per_row: 0 };
     loop {
         line_number += 1;
@@ -45,48 +56,62 @@ pub fn parse(uri: &str, input: impl Read) -> Result<RawData, DataError> {
         if first_line == 0 {
             first_line = line_number;
         }
-        parse_line(uri, line_number, first_line, text, &mut data)?;
-        check_limits(uri, data.labels.len(), data.features_per_row)?;
+        parse_line(uri, line_number, first_line, text, labelled, rows, &mut data)?;
+        rows += 1;
+        check_limits(uri, rows, data.features_per_row)?;
     }
-    if data.labels.is_empty() {
+    if rows == 0 {
         return Err(DataError::Empty { uri: uri.to_string() });
     }
     Ok(data)
 }
 
-fn parse_line(uri: &str, line: u64, first_line: u64, text: &str, data: &mut RawData) -> Result<(), DataError> {
+/// Parses one line into `data`; `rows` is the number of rows parsed before it.
+fn parse_line(
+    uri: &str,
+    line: u64,
+    first_line: u64,
+    text: &str,
+    labelled: bool,
+    rows: usize,
+    data: &mut RawData,
+) -> Result<(), DataError> {
     let columns = text.split(',').count();
-    if data.labels.is_empty() {
-        if columns < 2 {
+    let label_columns = usize::from(labelled);
+    if rows == 0 {
+        if columns < label_columns + 1 {
             return Err(DataError::ColumnCount {
                 uri: uri.to_string(),
                 line,
                 found: columns,
-                expected: 2,
+                expected: label_columns + 1,
                 first_line: line,
             });
         }
-        data.features_per_row = columns - 1;
+        data.features_per_row = columns - label_columns;
         check_limits(uri, 1, data.features_per_row)?;
-    } else if columns != data.features_per_row + 1 {
+    } else if columns != data.features_per_row + label_columns {
         return Err(DataError::ColumnCount {
             uri: uri.to_string(),
             line,
             found: columns,
-            expected: data.features_per_row + 1,
+            expected: data.features_per_row + label_columns,
             first_line,
         });
     }
     let mut fields = text.split(',');
-    let label_text = fields.next().expect("split yields at least one field").trim();
-    data.labels.push(parse_label(uri, line, label_text)?);
+    if labelled {
+        let label_text = fields.next().expect("split yields at least one field").trim();
+        data.labels.push(parse_label(uri, line, label_text)?);
+    }
     for (index, field) in fields.enumerate() {
+        let column = index + 1 + label_columns;
         let value = field.trim().parse::<f32>().map_err(|_| {
             let hint = if line == first_line { " (a header row is not supported)" } else { "" };
-            field_error(uri, line, index + 2, &format!("`{}` is not a number{hint}", field.trim()))
+            field_error(uri, line, column, &format!("`{}` is not a number{hint}", field.trim()))
         })?;
         if !value.is_finite() {
-            return Err(field_error(uri, line, index + 2, &format!("`{}` is not a finite number", field.trim())));
+            return Err(field_error(uri, line, column, &format!("`{}` is not a finite number", field.trim())));
         }
         data.values.push(value);
     }

@@ -15,6 +15,13 @@ use super::{Dataset, TrainError};
 
 /// The safetensors file of `params` (flat, in `layout` order) for a model of `spec`.
 pub fn safetensors(spec: &ModelSpec, layout: &ParamLayout, params: &[f32]) -> Result<Vec<u8>, TrainError> {
+    Ok(encode(&named_tensors(spec, layout, params)?))
+}
+
+/// (PyTorch name, PyTorch shape, values) of every parameter tensor, in layout order.
+type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+fn named_tensors(spec: &ModelSpec, layout: &ParamLayout, params: &[f32]) -> Result<Vec<NamedTensor>, TrainError> {
     let (layers, prefix): (usize, &str) = match spec {
         ModelSpec::Mlp { hidden } => (hidden.len(), "hidden"),
         ModelSpec::Cnn { channels } => (channels.len(), "blocks"),
@@ -27,7 +34,7 @@ pub fn safetensors(spec: &ModelSpec, layout: &ParamLayout, params: &[f32]) -> Re
             spec.kind()
         )));
     }
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut tensors: Vec<NamedTensor> = Vec::new();
     let mut offset = 0;
     for (index, shape) in layout.shapes.iter().enumerate() {
         let count: usize = shape.iter().product();
@@ -51,12 +58,63 @@ pub fn safetensors(spec: &ModelSpec, layout: &ParamLayout, params: &[f32]) -> Re
         };
         tensors.push((format!("{module}.{role}"), shape, values));
     }
-    Ok(encode(&tensors))
+    Ok(tensors)
+}
+
+/// The flat parameters (in `layout` order) of a safetensors file written by [`safetensors`] for a
+/// model of `spec`: the inverse of the export, checking every name, dtype and shape.
+pub fn load_safetensors(spec: &ModelSpec, layout: &ParamLayout, bytes: &[u8]) -> Result<Vec<f32>, TrainError> {
+    let bad = |reason: String| TrainError::Resume(format!("model file: {reason}"));
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad("shorter than its 8-byte header length".into()))?;
+    let data_start = 8usize.checked_add(header_len).filter(|&end| end <= bytes.len());
+    let data_start = data_start.ok_or_else(|| bad(format!("header of {header_len} bytes runs past the file")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data = &bytes[data_start..];
+    // The export's names, shapes and values of a zero model of this layout tell what to expect.
+    let expected = named_tensors(spec, layout, &vec![0.0; layout.len])?;
+    let mut params = Vec::with_capacity(layout.len);
+    for ((name, shape, _), layout_shape) in expected.iter().zip(&layout.shapes) {
+        let entry = &header[name.as_str()];
+        if entry["dtype"] != "F32" {
+            return Err(bad(format!("tensor `{name}` is missing or not F32")));
+        }
+        let found: Vec<usize> =
+            entry["shape"].as_array().into_iter().flatten().filter_map(|d| d.as_u64().map(|d| d as usize)).collect();
+        if found != *shape {
+            return Err(bad(format!("tensor `{name}` has shape {found:?}; this model needs {shape:?}")));
+        }
+        let offsets: Vec<usize> = entry["data_offsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64().map(|d| d as usize))
+            .collect();
+        let count: usize = shape.iter().product();
+        let raw = match offsets.as_slice() {
+            [start, end] if end.checked_sub(*start) == Some(count * 4) && *end <= data.len() => &data[*start..*end],
+            _ => return Err(bad(format!("tensor `{name}` has bad data offsets {offsets:?}"))),
+        };
+        let values: Vec<f32> = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        match layout_shape.as_slice() {
+            [d_in, d_out] => {
+                // PyTorch's [out, in] back to burn's [in, out].
+                for i in 0..*d_in {
+                    params.extend((0..*d_out).map(|o| values[o * d_in + i]));
+                }
+            }
+            _ => params.extend(values),
+        }
+    }
+    Ok(params)
 }
 
 /// safetensors encoding: u64 LE header length, JSON header (offsets into the data), padding to
 /// 8 bytes, then the little-endian f32 data.
-fn encode(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+fn encode(tensors: &[NamedTensor]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt", "producer": "flotilla" }));
     let mut start = 0usize;
@@ -117,5 +175,10 @@ mod tests {
         assert_eq!((at("hidden.0.weight", 0), at("hidden.0.weight", 1), at("hidden.0.weight", 2)), (0.0, 3.0, 1.0));
         assert_eq!(at("hidden.0.bias", 2), 8.0);
         assert!(safetensors(&ModelSpec::Mlp { hidden: vec![3, 4] }, &layout, &params).is_err(), "shape mismatch");
+        assert_eq!(load_safetensors(&spec, &layout, &bytes).expect("load"), params, "loading inverts the export");
+        let wider = ParamLayout { shapes: vec![vec![2, 4], vec![4], vec![4, 2], vec![2]], len: 8 + 4 + 8 + 2 };
+        let error = load_safetensors(&ModelSpec::Mlp { hidden: vec![4] }, &wider, &bytes).expect_err("shape");
+        assert!(error.to_string().contains("hidden.0.weight` has shape [3, 2]"), "{error}");
+        assert!(load_safetensors(&spec, &layout, &bytes[..40]).is_err(), "truncated");
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::inference;
 use super::types::*;
 use crate::ids::{JobId, WorkerId};
 
@@ -16,7 +17,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if let Some(&job_id) = state.request_ids.get(&client_request_id) {
                 return Ok(Applied::JobSubmitted { job_id, duplicate: true });
             }
-            if state.jobs.len() >= JOBS_MAX {
+            if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
                 return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
             }
             let job_id = JobId(state.next_job_id);
@@ -55,6 +56,15 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
+        }
+        Command::CancelJob { job_id, reason } if state.inferences.contains_key(&job_id) => {
+            let job = &state.inferences[&job_id];
+            if job.state.is_terminal() {
+                return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+            }
+            let reason = if reason.is_empty() { "cancelled by user".to_string() } else { reason };
+            inference::end(state, job_id, JobState::Cancelled, reason, now);
+            Ok(Applied::JobCancelled { job_id })
         }
         Command::CancelJob { job_id, reason } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
@@ -97,8 +107,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         Command::WorkerLost { worker_id, last_step_seen } => {
             let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
             worker.lost_at_unix_ms.get_or_insert(now);
-            if let Some(job_id) = worker.job.take() {
-                requeue_after_loss(state, job_id, worker_id, last_step_seen, now);
+            match worker.job.take() {
+                Some(job_id) if state.inferences.contains_key(&job_id) => {
+                    inference::member_lost(state, job_id, worker_id, now)
+                }
+                Some(job_id) => requeue_after_loss(state, job_id, worker_id, last_step_seen, now),
+                None => {}
             }
             Ok(Applied::WorkerLost { worker_id })
         }
@@ -162,6 +176,20 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::CheckpointDeletionChanged { job_id })
         }
         Command::AssignGang { job_id, workers } => assign_gang(state, job_id, workers, now),
+        Command::SubmitInference { request, client_request_id } => {
+            inference::submit(state, index, *request, client_request_id, now)
+        }
+        Command::JoinInference { job_id, workers } => inference::join(state, job_id, workers, now),
+        Command::LeaseShard { job_id, worker_id } => inference::lease(state, job_id, worker_id, now),
+        Command::CommitShard { job_id, worker_id, index, attempt, object, stats } => {
+            inference::commit(state, job_id, worker_id, index, attempt, object, stats, now)
+        }
+        Command::FailShard { job_id, worker_id: _, index, attempt, error } => {
+            inference::fail(state, job_id, index, attempt, error, now)
+        }
+        Command::InferenceFinished { job_id, success, reason } => {
+            inference::finished(state, job_id, success, reason, now)
+        }
         Command::RequestInstances { request_id, job, instance_type, zone, spot, count, usd_per_hour } => {
             if request_id.is_empty() || request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
                 return Err(Rejected::BadRequestId);
@@ -400,6 +428,7 @@ fn register_model(state: &mut State, job_id: JobId, artifact: ModelArtifact, now
         steps_lost: job.steps_lost,
         cost_usd: job.cost_usd,
         created_at_unix_ms: now,
+        shape: artifact.shape,
     });
     push_event(job, now, "registered", format!("model {name} version {version}"));
 }
@@ -578,7 +607,7 @@ fn generation_ended(
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
 }
 
-fn bounded(mut text: String) -> String {
+pub(super) fn bounded(mut text: String) -> String {
     if text.len() > REASON_LEN_MAX {
         let mut cut = REASON_LEN_MAX;
         while !text.is_char_boundary(cut) {

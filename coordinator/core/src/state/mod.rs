@@ -14,9 +14,14 @@
 //! heartbeats and per-step progress stay in the leader's memory (DESIGN §2).
 
 mod apply;
+mod inference;
 mod types;
 
 pub use apply::apply;
+pub use inference::{
+    INFERENCE_BATCH_DEFAULT, INFERENCE_BATCH_MAX, INFERENCE_SHARDS_MAX, INFERENCE_URI_LEN_MAX, INFERENCE_WORKERS_MAX,
+    InferenceJob, InferenceRequest, SHARD_FAILURES_MAX, Shard, ShardLease, ShardState, ShardStats, plan_shards,
+};
 pub use types::*;
 
 #[cfg(test)]

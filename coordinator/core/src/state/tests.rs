@@ -386,6 +386,7 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
             artifact: Some(ModelArtifact {
                 artifact_uri: format!("file:///s/jobs/job-{job}/model/model.safetensors"),
                 dataset_sha256: "ab".repeat(32),
+                shape: ModelShape { features_per_row: 4, classes: 3, feature_scale: 255.0 },
             }),
         };
         apply(state, job * 10 + 3, Envelope::new(job * 100, done)).expect("finish");
@@ -437,4 +438,172 @@ fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_ge
         artifact: None,
     };
     assert!(matches!(apply(&mut state, 21, Envelope::new(21, finish)), Err(Rejected::NotRunning { .. })));
+}
+
+fn at(state: &mut State, t: u64, command: Command) -> Result<Applied, Rejected> {
+    apply(state, t, Envelope::new(t, command))
+}
+
+/// A registered model `m` version 1 (4 features, 3 classes) and an inference job over `rows`
+/// rows with up to 2 workers; returns the job id and two idle workers.
+fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, WorkerId, WorkerId) {
+    at(state, 1, Command::SubmitJob { spec: Box::new(spec("m")), client_request_id: "train".into() }).expect("submit");
+    let trainer = register(state, 2);
+    at(state, 3, Command::AssignGang { job_id: JobId(1), workers: vec![trainer] }).expect("assign");
+    let artifact = ModelArtifact {
+        artifact_uri: "file:///s/jobs/job-1/model/model.safetensors".into(),
+        dataset_sha256: String::new(),
+        shape: ModelShape { features_per_row: 4, classes: 3, feature_scale: 1.0 },
+    };
+    let done = Command::JobFinished {
+        job_id: JobId(1),
+        generation: 1,
+        success: true,
+        reason: String::new(),
+        step: 10,
+        metrics: None,
+        artifact: Some(artifact),
+    };
+    at(state, 4, done).expect("finish");
+    let request = InferenceRequest {
+        model: "m".into(),
+        version: 1,
+        input_uri: "file:///in.csv".into(),
+        output_uri: "file:///out".into(),
+        workers: 2,
+        batch_size: 0,
+        shard_rows,
+        rows,
+        labelled: true,
+    };
+    let submitted =
+        at(state, 5, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
+    let Ok(Applied::JobSubmitted { job_id, duplicate: false }) = submitted else { panic!("{submitted:?}") };
+    (job_id, register(state, 6), register(state, 7))
+}
+
+fn stats(rows: u64, correct: u64) -> ShardStats {
+    ShardStats { rows, labelled_rows: rows, correct, class_counts: vec![rows, 0, 0] }
+}
+
+fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId) -> Option<ShardLease> {
+    match at(state, 50, Command::LeaseShard { job_id, worker_id }) {
+        Ok(Applied::ShardLeased { lease, .. }) => lease,
+        other => panic!("lease: {other:?}"),
+    }
+}
+
+#[test]
+fn shards_cover_every_row_once_within_the_limits() {
+    for (rows, workers, shard_rows) in [(1, 1, 0), (1000, 2, 0), (1001, 3, 0), (10_000_000, 1, 0), (999, 2, 100)] {
+        let shards = plan_shards(rows, workers, shard_rows).expect("plan");
+        assert!(shards.len() <= INFERENCE_SHARDS_MAX);
+        let mut next = 0;
+        for shard in &shards {
+            assert_eq!(shard.first_row, next, "contiguous");
+            assert!(shard.rows > 0);
+            next += shard.rows;
+        }
+        assert_eq!(next, rows, "every row once");
+    }
+    assert_eq!(plan_shards(1000, 2, 0).expect("plan").len(), 8, "about 4 shards per worker");
+    assert!(plan_shards(0, 1, 0).is_err());
+    let refused = plan_shards(1_000_000, 1, 1).expect_err("too many shards");
+    assert!(refused.contains("--shard-rows 100"), "{refused}");
+}
+
+#[test]
+fn an_inference_job_leases_commits_and_finishes_exactly_once() {
+    let mut state = State::default();
+    let (job, w1, w2) = inference_job(&mut state, 250, 100);
+    assert_eq!(state.inferences[&job].shards.len(), 3);
+    assert_eq!(state.inferences[&job].request.batch_size, INFERENCE_BATCH_DEFAULT);
+    assert!(at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w1] }).is_err());
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+    assert_eq!(state.inferences[&job].state, JobState::Running);
+    let a = lease(&mut state, job, w1).expect("shard 0");
+    assert_eq!(lease(&mut state, job, w1), Some(a), "a repeated lease gets the same shard");
+    let b = lease(&mut state, job, w2).expect("shard 1");
+    assert_eq!((a.index, b.index, b.first_row, b.rows), (0, 1, 100, 100));
+    let commit = |state: &mut State, l: ShardLease, worker_id, correct| {
+        at(
+            state,
+            60,
+            Command::CommitShard {
+                job_id: job,
+                worker_id,
+                index: l.index,
+                attempt: l.attempt,
+                object: format!("file:///out/_attempts/part-{}-a{}.csv", l.index, l.attempt),
+                stats: stats(l.rows, correct),
+            },
+        )
+    };
+    let wrong = at(
+        &mut state,
+        60,
+        Command::CommitShard {
+            job_id: job,
+            worker_id: w1,
+            index: 0,
+            attempt: a.attempt,
+            object: "x".into(),
+            stats: stats(99, 0),
+        },
+    );
+    assert!(matches!(wrong, Err(Rejected::BadShardReport { .. })), "{wrong:?}");
+    assert_eq!(commit(&mut state, a, w1, 90), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
+    assert!(matches!(commit(&mut state, a, w1, 90), Err(Rejected::ShardDone { .. })), "the first commit wins");
+    // w2 is lost holding shard 1: it goes back to the queue and w1 takes it.
+    at(&mut state, 70, Command::WorkerLost { worker_id: w2, last_step_seen: 0 }).expect("lost");
+    let job_state = &state.inferences[&job];
+    assert_eq!(job_state.shards[1].state, ShardState::Pending);
+    assert_eq!(job_state.members, vec![w1]);
+    assert!(job_state.events.iter().any(|e| e.kind == "worker_lost"));
+    let c = lease(&mut state, job, w1).expect("shard 1 again");
+    assert_eq!((c.index, c.attempt > b.attempt), (1, true));
+    // The lost worker's late commit of the old attempt still counts (its object is complete);
+    // the retry's commit is then refused, so its object is never promoted.
+    assert_eq!(commit(&mut state, b, w2, 80), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
+    assert!(matches!(commit(&mut state, c, w1, 80), Err(Rejected::ShardDone { .. })));
+    let d = lease(&mut state, job, w1).expect("shard 2");
+    assert!(matches!(
+        at(&mut state, 80, Command::InferenceFinished { job_id: job, success: true, reason: String::new() }),
+        Err(Rejected::BadInference(_))
+    ));
+    assert_eq!(commit(&mut state, d, w1, 45), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
+    assert_eq!(lease(&mut state, job, w1), None, "nothing left: released");
+    assert_eq!(state.workers[&w1].job, None);
+    let totals = state.inferences[&job].totals();
+    assert_eq!((totals.rows, totals.correct, totals.class_counts[0]), (250, 215, 250));
+    assert_eq!(state.inferences[&job].retries(), 1);
+    at(&mut state, 90, Command::InferenceFinished { job_id: job, success: true, reason: String::new() }).expect("end");
+    assert_eq!(state.inferences[&job].state, JobState::Succeeded);
+    assert!(matches!(
+        at(&mut state, 91, Command::CancelJob { job_id: job, reason: String::new() }),
+        Err(Rejected::JobFinished { .. })
+    ));
+}
+
+#[test]
+fn a_shard_failing_too_often_fails_the_job_and_cancel_frees_members() {
+    let mut state = State::default();
+    let (job, w1, _) = inference_job(&mut state, 10, 0);
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1] }).expect("join");
+    for failure in 1..=SHARD_FAILURES_MAX {
+        let l = lease(&mut state, job, w1).expect("lease");
+        let error = "line 3, column 2: `x` is not a number".to_string();
+        at(&mut state, 9, Command::FailShard { job_id: job, worker_id: w1, index: l.index, attempt: l.attempt, error })
+            .expect("fail");
+        assert_eq!(state.inferences[&job].state == JobState::Failed, failure == SHARD_FAILURES_MAX);
+    }
+    assert!(state.inferences[&job].reason.contains("`x` is not a number"), "{}", state.inferences[&job].reason);
+    assert_eq!(state.workers[&w1].job, None, "members are freed");
+
+    let mut state = State::default();
+    let (job, w1, _) = inference_job(&mut state, 10, 0);
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1] }).expect("join");
+    lease(&mut state, job, w1).expect("lease");
+    at(&mut state, 9, Command::CancelJob { job_id: job, reason: String::new() }).expect("cancel");
+    assert_eq!((state.inferences[&job].state, state.workers[&w1].job), (JobState::Cancelled, None));
 }

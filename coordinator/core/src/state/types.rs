@@ -268,6 +268,9 @@ pub struct State {
     /// The model registry: trained models by name, their versions and aliases.
     #[serde(default)]
     pub models: BTreeMap<String, Model>,
+    /// Batch-inference jobs (ids share the jobs' counter and request ids).
+    #[serde(default)]
+    pub inferences: BTreeMap<JobId, super::inference::InferenceJob>,
 }
 
 impl Default for State {
@@ -282,6 +285,7 @@ impl Default for State {
             instance_requests: BTreeMap::new(),
             instances: BTreeMap::new(),
             models: BTreeMap::new(),
+            inferences: BTreeMap::new(),
         }
     }
 }
@@ -319,13 +323,27 @@ pub struct ModelVersion {
     pub steps_lost: u64,
     pub cost_usd: f64,
     pub created_at_unix_ms: u64,
+    /// What the model takes and gives (zero for versions registered before it was recorded).
+    #[serde(default)]
+    pub shape: ModelShape,
+}
+
+/// A model's inputs and outputs: `features_per_row` values, divided by `feature_scale` as the
+/// training data was, give scores for `classes` classes.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub features_per_row: u32,
+    pub classes: u32,
+    pub feature_scale: f32,
 }
 
 /// What a successful rank 0 exported for the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelArtifact {
     pub artifact_uri: String,
     pub dataset_sha256: String,
+    #[serde(default)]
+    pub shape: ModelShape,
 }
 
 /// Why a model reference does not resolve.
@@ -585,6 +603,44 @@ pub enum Command {
         version: u32,
         alias: String,
     },
+    /// A batch-inference job (the leader counted the input's rows).
+    SubmitInference {
+        request: Box<super::inference::InferenceRequest>,
+        client_request_id: String,
+    },
+    /// The scheduler gives an inference job these idle workers.
+    JoinInference {
+        job_id: JobId,
+        workers: Vec<WorkerId>,
+    },
+    /// A member asks for the next shard.
+    LeaseShard {
+        job_id: JobId,
+        worker_id: WorkerId,
+    },
+    /// A member wrote `object` for the shard's `attempt`.
+    CommitShard {
+        job_id: JobId,
+        worker_id: WorkerId,
+        index: u32,
+        attempt: u64,
+        object: String,
+        stats: super::inference::ShardStats,
+    },
+    /// A member could not process the shard.
+    FailShard {
+        job_id: JobId,
+        worker_id: WorkerId,
+        index: u32,
+        attempt: u64,
+        error: String,
+    },
+    /// The leader finalized the output (or could not).
+    InferenceFinished {
+        job_id: JobId,
+        success: bool,
+        reason: String,
+    },
 }
 
 /// The outcome of an applied command.
@@ -639,6 +695,19 @@ pub enum Applied {
         name: String,
         version: u32,
     },
+    InferenceChanged {
+        job_id: JobId,
+    },
+    /// `released`: no shard is left for the worker; it is idle again.
+    ShardLeased {
+        lease: Option<super::inference::ShardLease>,
+        released: bool,
+    },
+    /// `complete`: every shard of the job is committed.
+    ShardCommitted {
+        job_id: JobId,
+        complete: bool,
+    },
 }
 
 /// Why a command changed nothing. Every node rejects the same commands.
@@ -680,4 +749,12 @@ pub enum Rejected {
     DuplicateRequest(String),
     #[error("{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept)")]
     CheckpointNotDeletable { job_id: JobId, uri: String },
+    #[error("inference: {0}")]
+    BadInference(String),
+    #[error("{job_id} has no shard {index}")]
+    NoShard { job_id: JobId, index: u32 },
+    #[error("shard {index} of {job_id} is already committed (attempt {attempt})")]
+    ShardDone { job_id: JobId, index: u32, attempt: u64 },
+    #[error("shard {index}: {reason}")]
+    BadShardReport { index: u32, reason: String },
 }

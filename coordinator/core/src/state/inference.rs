@@ -1,0 +1,500 @@
+//! Batch inference in the state machine: an inference job is a model version, an input of
+//! `rows` rows split into shards (row ranges), and an output prefix.
+//!
+//! ```text
+//!   SubmitInference ─▶ shards planned (Pending) ─▶ JoinInference (idle workers become members)
+//!   member: LeaseShard ─▶ Leased{worker, attempt} ─▶ writes its attempt object ─▶ CommitShard
+//!        ─▶ Done{attempt, object, stats}      (the first commit of a shard wins; later ones
+//!                                             are refused, their objects are never promoted)
+//!   member lost ─▶ its leased shards go back to Pending (another member retries them)
+//!   FailShard ─▶ Pending again; the SHARD_FAILURES_MAX-th failure of one shard fails the job
+//!   every shard Done ─▶ the leader promotes the committed objects, writes the summary
+//!        ─▶ InferenceFinished
+//! ```
+//!
+//! A member asking for work when none is pending is released (back to idle); if a shard comes
+//! back later, the scheduler lets an idle worker join again.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::*;
+use crate::ids::{JobId, WorkerId};
+use crate::spec::ModelSpec;
+
+/// Shards per inference job at most (bounds the state: ~200 bytes a shard).
+pub const INFERENCE_SHARDS_MAX: usize = 10_000;
+/// Rows per shard at most when the coordinator chooses (a shard is one lease: small enough
+/// that a lost one costs little).
+pub const SHARD_ROWS_DEFAULT_MAX: u64 = 50_000;
+/// Shards per worker the coordinator aims for (so a slow or lost worker is balanced out).
+pub const SHARDS_PER_WORKER: u64 = 4;
+/// Failures of one shard after which the job fails.
+pub const SHARD_FAILURES_MAX: u32 = 3;
+/// Workers of one inference job at most.
+pub const INFERENCE_WORKERS_MAX: u32 = 1024;
+/// Rows per forward pass at most, and the default.
+pub const INFERENCE_BATCH_MAX: u32 = 65_536;
+pub const INFERENCE_BATCH_DEFAULT: u32 = 256;
+/// Rows in one inference input at most.
+pub const INFERENCE_ROWS_MAX: u64 = 1_000_000_000;
+/// Longest input or output URI, and longest object name, in bytes.
+pub const INFERENCE_URI_LEN_MAX: usize = 1024;
+
+/// What a user asked for, with what the leader learnt from the input (its rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceRequest {
+    /// The model's name and the version the reference resolved to at submission.
+    pub model: String,
+    pub version: u32,
+    pub input_uri: String,
+    pub output_uri: String,
+    pub workers: u32,
+    /// 0: [`INFERENCE_BATCH_DEFAULT`].
+    pub batch_size: u32,
+    /// 0: chosen by [`plan_shards`].
+    pub shard_rows: u64,
+    /// Data rows in the input (counted by the leader).
+    pub rows: u64,
+    /// Rows carry a leading label (one column more than the model's features).
+    pub labelled: bool,
+}
+
+/// What a shard's attempt found.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub rows: u64,
+    pub labelled_rows: u64,
+    pub correct: u64,
+    /// Predicted rows per class.
+    pub class_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state")]
+pub enum ShardState {
+    Pending,
+    Leased {
+        worker: WorkerId,
+        attempt: u64,
+        since_unix_ms: u64,
+    },
+    /// Committed: `object` holds the attempt's output; the leader promotes it at the end.
+    Done {
+        attempt: u64,
+        object: String,
+        stats: ShardStats,
+        worker: WorkerId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub first_row: u64,
+    pub rows: u64,
+    pub state: ShardState,
+    /// Attempts leased so far, and of those, the ones that failed.
+    pub attempts: u32,
+    pub failures: u32,
+}
+
+/// A leased shard, as the worker gets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLease {
+    pub index: u32,
+    pub attempt: u64,
+    pub first_row: u64,
+    pub rows: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceJob {
+    pub id: JobId,
+    pub request: InferenceRequest,
+    /// Copied from the model version at submission (an alias moving later changes nothing).
+    pub artifact_uri: String,
+    pub model_spec: ModelSpec,
+    pub shape: ModelShape,
+    pub state: JobState,
+    pub reason: String,
+    pub client_request_id: String,
+    pub submitted_at_unix_ms: u64,
+    /// Raft index of the submission (its place in the FIFO order of waiting work).
+    pub submitted_index: u64,
+    pub updated_at_unix_ms: u64,
+    /// When the first shard was leased, and when the job ended.
+    pub started_at_unix_ms: Option<u64>,
+    pub finished_at_unix_ms: Option<u64>,
+    pub shards: Vec<Shard>,
+    /// Workers working on it now.
+    pub members: Vec<WorkerId>,
+    /// `JoinInference` commands applied: a member's assignment is re-sent when it changes, so
+    /// a worker released and joined again restarts its shard loop.
+    #[serde(default)]
+    pub joins: u64,
+    pub next_attempt: u64,
+    pub events: Vec<JobEvent>,
+}
+
+impl InferenceJob {
+    pub fn shards_done(&self) -> usize {
+        self.shards.iter().filter(|s| matches!(s.state, ShardState::Done { .. })).count()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.shards.iter().all(|s| matches!(s.state, ShardState::Done { .. }))
+    }
+
+    /// The committed shards' statistics, summed.
+    pub fn totals(&self) -> ShardStats {
+        let mut total = ShardStats { class_counts: vec![0; self.shape.classes as usize], ..Default::default() };
+        for shard in &self.shards {
+            if let ShardState::Done { stats, .. } = &shard.state {
+                total.rows += stats.rows;
+                total.labelled_rows += stats.labelled_rows;
+                total.correct += stats.correct;
+                for (sum, count) in total.class_counts.iter_mut().zip(&stats.class_counts) {
+                    *sum += count;
+                }
+            }
+        }
+        total
+    }
+
+    /// The workers whose attempts were committed.
+    pub fn workers_used(&self) -> Vec<WorkerId> {
+        let mut used: Vec<WorkerId> = self
+            .shards
+            .iter()
+            .filter_map(|s| match s.state {
+                ShardState::Done { worker, .. } => Some(worker),
+                _ => None,
+            })
+            .collect();
+        used.sort();
+        used.dedup();
+        used
+    }
+
+    /// Attempts beyond the first of each shard.
+    pub fn retries(&self) -> u64 {
+        self.shards.iter().map(|s| u64::from(s.attempts.saturating_sub(1))).sum()
+    }
+
+    /// Rows per second from the first lease to the end (or `now`).
+    pub fn rows_per_s(&self, now_unix_ms: u64) -> f64 {
+        let Some(start) = self.started_at_unix_ms else { return 0.0 };
+        let end = self.finished_at_unix_ms.unwrap_or(now_unix_ms);
+        let seconds = end.saturating_sub(start).max(1) as f64 / 1000.0;
+        self.totals().rows as f64 / seconds
+    }
+
+    /// Members it can still take.
+    pub fn wants_workers(&self) -> usize {
+        let open = self.shards.iter().filter(|s| s.state == ShardState::Pending).count();
+        let room = (self.request.workers as usize).saturating_sub(self.members.len());
+        if self.state.is_terminal() { 0 } else { open.min(room) }
+    }
+
+    fn push_event(&mut self, at_unix_ms: u64, kind: &str, message: String) {
+        if self.events.len() >= JOB_EVENTS_MAX {
+            self.events.remove(0);
+        }
+        self.events.push(JobEvent { at_unix_ms, kind: kind.to_string(), message });
+    }
+}
+
+/// Splits `rows` rows into shards: `shard_rows` each when given, else about
+/// [`SHARDS_PER_WORKER`] per worker, at most [`SHARD_ROWS_DEFAULT_MAX`] rows each, and never
+/// more than [`INFERENCE_SHARDS_MAX`] shards.
+pub fn plan_shards(rows: u64, workers: u32, shard_rows: u64) -> Result<Vec<Shard>, String> {
+    if rows == 0 {
+        return Err("the input has no data rows".into());
+    }
+    let fewest = rows.div_ceil(INFERENCE_SHARDS_MAX as u64);
+    let size = if shard_rows > 0 {
+        if shard_rows < fewest {
+            return Err(format!(
+                "shard_rows {shard_rows} makes {} shards of {rows} rows; at most {INFERENCE_SHARDS_MAX} are \
+                 allowed (use --shard-rows {fewest} or more)",
+                rows.div_ceil(shard_rows)
+            ));
+        }
+        shard_rows
+    } else {
+        let aim = rows.div_ceil(u64::from(workers.max(1)) * SHARDS_PER_WORKER);
+        aim.min(SHARD_ROWS_DEFAULT_MAX).max(fewest).max(1)
+    };
+    Ok((0..rows.div_ceil(size))
+        .map(|i| Shard {
+            first_row: i * size,
+            rows: size.min(rows - i * size),
+            state: ShardState::Pending,
+            attempts: 0,
+            failures: 0,
+        })
+        .collect())
+}
+
+pub(super) fn submit(
+    state: &mut State,
+    index: u64,
+    request: InferenceRequest,
+    client_request_id: String,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    if client_request_id.is_empty() || client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
+        return Err(Rejected::BadRequestId);
+    }
+    if let Some(&job_id) = state.request_ids.get(&client_request_id) {
+        return Ok(Applied::JobSubmitted { job_id, duplicate: true });
+    }
+    if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
+        return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
+    }
+    let bad = |message: String| Err(Rejected::BadInference(message));
+    let reference = format!("{}@{}", request.model, request.version);
+    let (_, version) = state.resolve_model(&reference)?;
+    if version.shape.features_per_row == 0 || version.shape.classes < 2 {
+        return bad(format!(
+            "model {reference} was registered without its input shape (by an older flotilla); train it again"
+        ));
+    }
+    if !(1..=INFERENCE_WORKERS_MAX).contains(&request.workers) {
+        return bad(format!("workers is {}; use 1 to {INFERENCE_WORKERS_MAX}", request.workers));
+    }
+    if request.batch_size > INFERENCE_BATCH_MAX {
+        return bad(format!("batch_size is {}; at most {INFERENCE_BATCH_MAX}", request.batch_size));
+    }
+    if request.rows > INFERENCE_ROWS_MAX {
+        return bad(format!("the input has {} rows; at most {INFERENCE_ROWS_MAX}", request.rows));
+    }
+    for (field, uri) in [("input", &request.input_uri), ("output", &request.output_uri)] {
+        if uri.is_empty() || uri.len() > INFERENCE_URI_LEN_MAX {
+            return bad(format!("{field} must be 1 to {INFERENCE_URI_LEN_MAX} bytes"));
+        }
+    }
+    let shards = plan_shards(request.rows, request.workers, request.shard_rows).map_err(Rejected::BadInference)?;
+    let (artifact_uri, model_spec, shape) = (version.artifact_uri.clone(), version.spec.model.clone(), version.shape);
+    let job_id = JobId(state.next_job_id);
+    state.next_job_id += 1;
+    state.request_ids.insert(client_request_id.clone(), job_id);
+    let mut job = InferenceJob {
+        id: job_id,
+        request: InferenceRequest {
+            batch_size: if request.batch_size == 0 { INFERENCE_BATCH_DEFAULT } else { request.batch_size },
+            ..request
+        },
+        artifact_uri,
+        model_spec,
+        shape,
+        state: JobState::Pending,
+        reason: "waiting for workers".into(),
+        client_request_id,
+        submitted_at_unix_ms: now,
+        submitted_index: index,
+        updated_at_unix_ms: now,
+        started_at_unix_ms: None,
+        finished_at_unix_ms: None,
+        shards,
+        members: Vec::new(),
+        joins: 0,
+        next_attempt: 1,
+        events: Vec::new(),
+    };
+    let message = format!("{reference}: {} rows in {} shards", job.request.rows, job.shards.len());
+    job.push_event(now, "submitted", message);
+    state.inferences.insert(job_id, job);
+    Ok(Applied::JobSubmitted { job_id, duplicate: false })
+}
+
+pub(super) fn join(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u64) -> Result<Applied, Rejected> {
+    let job = state.inferences.get(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.state.is_terminal() {
+        return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+    }
+    let mut unique = workers.clone();
+    unique.sort();
+    unique.dedup();
+    if workers.is_empty() || unique.len() != workers.len() || workers.len() > job.wants_workers() {
+        return Err(Rejected::BadGang { limit: job.wants_workers() });
+    }
+    for id in &workers {
+        let worker = state.workers.get(id).ok_or(Rejected::WorkerNotFound(*id))?;
+        if worker.lost_at_unix_ms.is_some() || worker.job.is_some() || worker.draining {
+            return Err(Rejected::WorkerUnavailable(*id));
+        }
+    }
+    for id in &workers {
+        if let Some(worker) = state.workers.get_mut(id) {
+            worker.job = Some(job_id);
+        }
+    }
+    let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    job.members.extend(&workers);
+    job.joins += 1;
+    job.state = JobState::Running;
+    job.reason.clear();
+    job.updated_at_unix_ms = now;
+    Ok(Applied::InferenceChanged { job_id })
+}
+
+pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: u64) -> Result<Applied, Rejected> {
+    let worker = state.workers.get(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
+    let draining = worker.draining;
+    let live = worker.lost_at_unix_ms.is_none();
+    let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    let released = Ok(Applied::ShardLeased { lease: None, released: true });
+    if job.state != JobState::Running || !job.members.contains(&worker_id) || !live {
+        return released;
+    }
+    // A retried lease (its answer was lost) gets the same shard.
+    let held =
+        job.shards.iter().position(|s| matches!(s.state, ShardState::Leased { worker, .. } if worker == worker_id));
+    let next = if draining { None } else { job.shards.iter().position(|s| s.state == ShardState::Pending) };
+    let Some(index) = held.or(next) else {
+        job.members.retain(|w| *w != worker_id);
+        if let Some(worker) = state.workers.get_mut(&worker_id) {
+            worker.job = None;
+        }
+        return released;
+    };
+    let shard = &mut job.shards[index];
+    let attempt = match shard.state {
+        ShardState::Leased { attempt, .. } => attempt,
+        _ => {
+            let attempt = job.next_attempt;
+            job.next_attempt += 1;
+            shard.attempts += 1;
+            shard.state = ShardState::Leased { worker: worker_id, attempt, since_unix_ms: now };
+            attempt
+        }
+    };
+    let lease = ShardLease { index: index as u32, attempt, first_row: shard.first_row, rows: shard.rows };
+    job.started_at_unix_ms.get_or_insert(now);
+    job.updated_at_unix_ms = now;
+    Ok(Applied::ShardLeased { lease: Some(lease), released: false })
+}
+
+#[allow(clippy::too_many_arguments)] // one per field of the command
+pub(super) fn commit(
+    state: &mut State,
+    job_id: JobId,
+    worker: WorkerId,
+    index: u32,
+    attempt: u64,
+    object: String,
+    stats: ShardStats,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.state != JobState::Running {
+        return Err(Rejected::NotRunning { job_id, state: job.state.name() });
+    }
+    let classes = job.shape.classes as usize;
+    let shard = job.shards.get_mut(index as usize).ok_or(Rejected::NoShard { job_id, index })?;
+    if let ShardState::Done { attempt: first, .. } = shard.state {
+        return Err(Rejected::ShardDone { job_id, index, attempt: first });
+    }
+    let bad = |reason: String| Err(Rejected::BadShardReport { index, reason });
+    if stats.rows != shard.rows {
+        return bad(format!("reports {} rows; the shard has {}", stats.rows, shard.rows));
+    }
+    if (stats.labelled_rows != 0 && stats.labelled_rows != stats.rows) || stats.correct > stats.labelled_rows {
+        return bad(format!("{} correct of {} labelled rows is not possible", stats.correct, stats.labelled_rows));
+    }
+    if stats.class_counts.len() != classes || stats.class_counts.iter().sum::<u64>() != stats.rows {
+        return bad(format!("class counts must be {classes} numbers that sum to the rows"));
+    }
+    if object.is_empty() || object.len() > INFERENCE_URI_LEN_MAX {
+        return bad(format!("the object name must be 1 to {INFERENCE_URI_LEN_MAX} bytes"));
+    }
+    shard.state = ShardState::Done { attempt, object, stats, worker };
+    job.updated_at_unix_ms = now;
+    Ok(Applied::ShardCommitted { job_id, complete: job.is_complete() })
+}
+
+pub(super) fn fail(
+    state: &mut State,
+    job_id: JobId,
+    index: u32,
+    attempt: u64,
+    error: String,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    let shard = job.shards.get_mut(index as usize).ok_or(Rejected::NoShard { job_id, index })?;
+    if !matches!(shard.state, ShardState::Leased { attempt: a, .. } if a == attempt) {
+        return Err(Rejected::BadShardReport { index, reason: format!("attempt {attempt} does not hold the lease") });
+    }
+    shard.state = ShardState::Pending;
+    shard.failures += 1;
+    let (first, last, failures) = (shard.first_row, shard.first_row + shard.rows, shard.failures);
+    let error = super::apply::bounded(error);
+    job.push_event(now, "shard_failed", format!("shard {index} (rows {first}..{last}), attempt {attempt}: {error}"));
+    if failures >= SHARD_FAILURES_MAX {
+        let reason =
+            format!("shard {index} (rows {first}..{last}) failed {failures} times (the limit); last error: {error}");
+        end(state, job_id, JobState::Failed, reason, now);
+    }
+    Ok(Applied::InferenceChanged { job_id })
+}
+
+/// The leader promoted every committed object and wrote the summary (success), or gave up.
+pub(super) fn finished(
+    state: &mut State,
+    job_id: JobId,
+    success: bool,
+    reason: String,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    let job = state.inferences.get(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.state != JobState::Running {
+        return Err(Rejected::NotRunning { job_id, state: job.state.name() });
+    }
+    if success && !job.is_complete() {
+        return Err(Rejected::BadInference(format!("{job_id} has shards that are not committed")));
+    }
+    let to = if success { JobState::Succeeded } else { JobState::Failed };
+    end(state, job_id, to, reason, now);
+    Ok(Applied::InferenceChanged { job_id })
+}
+
+/// Ends the job (`Succeeded`, `Failed` or `Cancelled`) and frees its members.
+pub(super) fn end(state: &mut State, job_id: JobId, to: JobState, reason: String, now: u64) {
+    let Some(job) = state.inferences.get_mut(&job_id) else { return };
+    job.state = to;
+    job.reason = super::apply::bounded(reason);
+    job.updated_at_unix_ms = now;
+    job.finished_at_unix_ms = Some(now);
+    let message = if job.reason.is_empty() { to.name().to_string() } else { job.reason.clone() };
+    job.push_event(now, &to.name().to_ascii_lowercase(), message);
+    for shard in &mut job.shards {
+        if matches!(shard.state, ShardState::Leased { .. }) {
+            shard.state = ShardState::Pending;
+        }
+    }
+    let members = std::mem::take(&mut job.members);
+    for id in members {
+        if let Some(worker) = state.workers.get_mut(&id).filter(|w| w.job == Some(job_id)) {
+            worker.job = None;
+        }
+    }
+}
+
+/// A member was lost: the shards it held go back to the queue.
+pub(super) fn member_lost(state: &mut State, job_id: JobId, lost: WorkerId, now: u64) {
+    let Some(job) = state.inferences.get_mut(&job_id) else { return };
+    job.members.retain(|w| *w != lost);
+    let mut returned = Vec::new();
+    for (index, shard) in job.shards.iter_mut().enumerate() {
+        if matches!(shard.state, ShardState::Leased { worker, .. } if worker == lost) {
+            shard.state = ShardState::Pending;
+            returned.push(index.to_string());
+        }
+    }
+    if !returned.is_empty() {
+        let message = format!("{lost} was lost; shard(s) {} returned to the queue", returned.join(", "));
+        job.push_event(now, "worker_lost", message);
+        job.updated_at_unix_ms = now;
+    }
+}

@@ -1,0 +1,241 @@
+//! `InferenceService`: users submit and follow batch-inference jobs (API token); workers lease,
+//! commit and fail shards (join token). Writes go through Raft on the leader; the input's shape
+//! is read by the leader at submission, so a wrong column count is refused before any worker
+//! starts.
+
+use flotilla_core::state::{Applied, Command, InferenceRequest, ShardStats};
+use flotilla_core::{JobId, WorkerId};
+use flotilla_proto::convert::inference_to_proto;
+use flotilla_proto::limits::CLIENT_REQUEST_ID_LEN_MAX;
+use flotilla_proto::v1::inference_service_server::InferenceService;
+use flotilla_proto::v1::*;
+use flotilla_proto::{ApiError, ErrorKind, auth};
+use tonic::{Request, Response, Status};
+
+use super::status;
+use crate::inference::{attempt_object, check_output, local_path, read_input_shape};
+use crate::raft::node::{NodeHandle, now_unix_ms};
+
+/// Longest model reference and error text accepted.
+const REFERENCE_LEN_MAX: usize = 256;
+const ERROR_LEN_MAX: usize = 4096;
+/// Inference jobs listed at most (newest first).
+const LISTED_MAX: usize = 1000;
+
+pub struct InferenceApi {
+    pub node: NodeHandle,
+    pub api_token: String,
+    pub join_token: Option<String>,
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    status(ApiError::new(ErrorKind::InvalidArgument, message))
+}
+
+fn parse<T: std::str::FromStr>(field: &str, text: &str) -> Result<T, Status>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse::<T>().map_err(|e| invalid(format!("{field}: {e}")))
+}
+
+/// `file:///abs` for a `file://` URI or an absolute path.
+fn normalized(uri: &str) -> String {
+    let trimmed = uri.trim_end_matches('/');
+    if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") }
+}
+
+impl InferenceApi {
+    fn authorize_user<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
+    }
+
+    fn authorize_worker<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let token = self
+            .join_token
+            .as_ref()
+            .ok_or_else(|| status(ApiError::new(ErrorKind::PermissionDenied, "this cluster accepts no workers")))?;
+        auth::check(request.metadata(), token, "join token").map_err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl InferenceService for InferenceApi {
+    async fn submit_inference(
+        &self,
+        request: Request<SubmitInferenceRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        self.authorize_user(&request)?;
+        let r = request.into_inner();
+        if r.client_request_id.is_empty() || r.client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
+            return Err(invalid(format!("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes")));
+        }
+        if r.model.is_empty() || r.model.len() > REFERENCE_LEN_MAX {
+            return Err(invalid(format!(
+                "model must be NAME, NAME@VERSION or NAME@ALIAS (1 to {REFERENCE_LEN_MAX} bytes)"
+            )));
+        }
+        // A retried submission returns the job it created (before the output check, which the
+        // first attempt's output would now fail).
+        let request_id = r.client_request_id.clone();
+        let existing =
+            self.node.read(move |state| state.request_ids.get(&request_id).copied()).await.map_err(status)?;
+        if let Some(job_id) = existing {
+            return Ok(Response::new(SubmitJobResponse {
+                job_id: job_id.to_string(),
+                duplicate: true,
+                served_by: self.node.id,
+            }));
+        }
+        let reference = r.model.clone();
+        let resolved = self
+            .node
+            .read(move |state| {
+                state.resolve_model(&reference).map(|(m, v)| (m.name.clone(), v.version, v.shape.features_per_row))
+            })
+            .await
+            .map_err(status)?
+            .map_err(|e| status(ApiError::new(ErrorKind::NotFound, e.to_string())))?;
+        let (name, version, features) = resolved;
+        let (input, output) = (r.input_uri.clone(), r.output_uri.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            check_output(&output)?;
+            read_input_shape(&input)
+        })
+        .await
+        .map_err(|e| status(ApiError::new(ErrorKind::Internal, format!("reading the input: {e}"))))?;
+        let shape = checked.map_err(invalid)?;
+        let labelled = match shape.columns {
+            c if c == features as usize => false,
+            c if c == features as usize + 1 => true,
+            c => {
+                return Err(invalid(format!(
+                    "input has {c} columns per row, but {name}@{version} takes {features} features (or {} with a \
+                     leading label)",
+                    features + 1
+                )));
+            }
+        };
+        let request = InferenceRequest {
+            model: name,
+            version,
+            input_uri: normalized(&r.input_uri),
+            output_uri: normalized(&r.output_uri),
+            workers: r.workers,
+            batch_size: r.batch_size,
+            shard_rows: r.shard_rows,
+            rows: shape.rows,
+            labelled,
+        };
+        let command = Command::SubmitInference { request: Box::new(request), client_request_id: r.client_request_id };
+        match self.node.propose(command).await.map_err(status)? {
+            Applied::JobSubmitted { job_id, duplicate } => {
+                Ok(Response::new(SubmitJobResponse { job_id: job_id.to_string(), duplicate, served_by: self.node.id }))
+            }
+            other => Err(status(ApiError::new(ErrorKind::Internal, format!("submit produced {other:?}")))),
+        }
+    }
+
+    async fn get_inference(&self, request: Request<GetJobRequest>) -> Result<Response<InferenceStatus>, Status> {
+        self.authorize_user(&request)?;
+        let id: JobId = parse("job_id", &request.get_ref().job_id)?;
+        let now = now_unix_ms();
+        let found = self
+            .node
+            .read(move |state| state.inferences.get(&id).map(|j| inference_to_proto(j, now)))
+            .await
+            .map_err(status)?;
+        let mut job = found.ok_or_else(|| {
+            status(ApiError::new(ErrorKind::NotFound, format!("{id} is not an inference job (see `flotilla status`)")))
+        })?;
+        job.served_by = self.node.id;
+        Ok(Response::new(job))
+    }
+
+    async fn list_inferences(
+        &self,
+        request: Request<ListInferencesRequest>,
+    ) -> Result<Response<ListInferencesResponse>, Status> {
+        self.authorize_user(&request)?;
+        let now = now_unix_ms();
+        let inferences = self
+            .node
+            .read(move |state| {
+                state.inferences.values().rev().take(LISTED_MAX).map(|j| inference_to_proto(j, now)).collect()
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListInferencesResponse { inferences, served_by: self.node.id }))
+    }
+
+    async fn lease_shard(&self, request: Request<LeaseShardRequest>) -> Result<Response<LeaseShardResponse>, Status> {
+        self.authorize_worker(&request)?;
+        let r = request.into_inner();
+        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        let applied = self.node.propose(Command::LeaseShard { job_id, worker_id }).await.map_err(status)?;
+        let Applied::ShardLeased { lease, released } = applied else {
+            return Err(status(ApiError::new(ErrorKind::Internal, format!("lease produced {applied:?}"))));
+        };
+        let Some(lease) = lease else { return Ok(Response::new(LeaseShardResponse { shard: None, released })) };
+        let job = self
+            .node
+            .read_local(move |state| state.inferences.get(&job_id).map(|j| (j.request.clone(), j.artifact_uri.clone())))
+            .await
+            .map_err(status)?;
+        let (job, artifact) = job.ok_or_else(|| status(ApiError::new(ErrorKind::NotFound, format!("{job_id}"))))?;
+        let shard = Shard {
+            job_id: job_id.to_string(),
+            index: lease.index,
+            input_uri: job.input_uri,
+            first_row: lease.first_row,
+            rows: lease.rows,
+            model_artifact_uri: artifact,
+            output_uri: attempt_object(&job.output_uri, lease.index, lease.attempt),
+            attempt: lease.attempt,
+        };
+        Ok(Response::new(LeaseShardResponse { shard: Some(shard), released: false }))
+    }
+
+    async fn commit_shard(&self, request: Request<CommitShardRequest>) -> Result<Response<Ack>, Status> {
+        self.authorize_worker(&request)?;
+        let r = request.into_inner();
+        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        // Only the attempt's own object may be committed: the finalizer renames what is recorded.
+        let output = self
+            .node
+            .read_local(move |state| state.inferences.get(&job_id).map(|j| j.request.output_uri.clone()))
+            .await
+            .map_err(status)?
+            .ok_or_else(|| status(ApiError::new(ErrorKind::NotFound, format!("{job_id} is not an inference job"))))?;
+        let expected = attempt_object(&output, r.index, r.attempt);
+        if r.output_object != expected || local_path(&r.output_object).is_none() {
+            return Err(invalid(format!("output_object must be {expected}, got `{}`", r.output_object)));
+        }
+        let stats = ShardStats {
+            rows: r.rows,
+            labelled_rows: r.labelled_rows,
+            correct: r.correct,
+            class_counts: r.class_counts,
+        };
+        let command = Command::CommitShard {
+            job_id,
+            worker_id,
+            index: r.index,
+            attempt: r.attempt,
+            object: r.output_object,
+            stats,
+        };
+        self.node.propose(command).await.map_err(status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn fail_shard(&self, request: Request<FailShardRequest>) -> Result<Response<Ack>, Status> {
+        self.authorize_worker(&request)?;
+        let r = request.into_inner();
+        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        let error: String = r.error.chars().take(ERROR_LEN_MAX).collect();
+        let command = Command::FailShard { job_id, worker_id, index: r.index, attempt: r.attempt, error };
+        self.node.propose(command).await.map_err(status)?;
+        Ok(Response::new(Ack {}))
+    }
+}

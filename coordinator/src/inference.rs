@@ -1,0 +1,259 @@
+//! Batch inference, the leader's I/O: reading an input's shape at submission, and committing
+//! a finished job's output.
+//!
+//! Output layout under the job's output folder:
+//!
+//! ```text
+//!   _attempts/part-00003-a7.csv   written by a worker for attempt 7 of shard 3, then committed
+//!   part-00003.csv                the committed attempt, promoted (renamed) by the leader
+//!   _SUMMARY.json                 rows, throughput, class distribution, accuracy (labelled input)
+//!   _SUCCESS                      written last: the folder is complete
+//! ```
+//!
+//! Workers never write a `part-*` file: a shard retried after a lost worker leaves at most a
+//! stray attempt under `_attempts/`, which is removed, so readers of `part-*` see every row
+//! exactly once. Promotion is idempotent (a rename that already happened is skipped), so a new
+//! leader redoes an interrupted one. Only `file://` outputs are supported (a folder every
+//! worker and coordinator sees, like the cluster store).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::state::{Command, InferenceJob, JobState, ShardState, State};
+
+use crate::raft::node::NodeHandle;
+
+/// Largest input read, in bytes (compressed size for gzip), as the worker's data loader.
+pub const INPUT_SIZE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Longest input line, in bytes.
+const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
+/// How often the leader looks for complete jobs.
+const PASS_EVERY: Duration = Duration::from_millis(300);
+/// Name of the folder of uncommitted attempts, and of the summary and marker files.
+pub const ATTEMPTS_DIR: &str = "_attempts";
+pub const SUMMARY_FILE: &str = "_SUMMARY.json";
+pub const SUCCESS_FILE: &str = "_SUCCESS";
+
+/// The local path of a `file://` URI or an absolute path; `None` for anything else.
+pub fn local_path(uri: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
+    (path.is_absolute() && !path.components().any(|c| c.as_os_str() == "..")).then_some(path)
+}
+
+/// The object a worker writes for `attempt` of shard `index`.
+pub fn attempt_object(output_uri: &str, index: u32, attempt: u64) -> String {
+    format!("{}/{ATTEMPTS_DIR}/part-{index:05}-a{attempt}.csv", output_uri.trim_end_matches('/'))
+}
+
+/// The promoted name of shard `index`.
+pub fn part_name(index: usize) -> String {
+    format!("part-{index:05}.csv")
+}
+
+/// What the input holds: data rows (non-blank lines) and columns per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputShape {
+    pub rows: u64,
+    pub columns: usize,
+}
+
+/// Counts an input's rows and checks every row has the first row's column count. Reads CSV
+/// text, gzip-compressed or not. `name` is used in errors.
+pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
+    let mut reader = BufReader::new(input);
+    let mut line = Vec::new();
+    let (mut rows, mut columns, mut number) = (0u64, 0usize, 0u64);
+    loop {
+        number += 1;
+        line.clear();
+        let read = (&mut reader)
+            .take(LINE_LEN_MAX_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("{name}: line {number}: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        if line.len() as u64 > LINE_LEN_MAX_BYTES {
+            return Err(format!("{name}: line {number} is longer than {LINE_LEN_MAX_BYTES} bytes"));
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let found = line.iter().filter(|&&b| b == b',').count() + 1;
+        if rows == 0 {
+            columns = found;
+        } else if found != columns {
+            return Err(format!("{name}: line {number} has {found} columns, but the first row has {columns}"));
+        }
+        rows += 1;
+    }
+    if rows == 0 {
+        return Err(format!("{name}: contains no data rows"));
+    }
+    Ok(InputShape { rows, columns })
+}
+
+/// Reads the shape of the input at `uri` (blocking).
+pub fn read_input_shape(uri: &str) -> Result<InputShape, String> {
+    let path = local_path(uri).ok_or_else(|| format!("input `{uri}` must be a file:// URI or an absolute path"))?;
+    let file = std::fs::File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
+    let size = file.metadata().map_err(|e| format!("input {}: {e}", path.display()))?.len();
+    if size > INPUT_SIZE_MAX_BYTES {
+        return Err(format!("input {} is {size} bytes; at most {INPUT_SIZE_MAX_BYTES}", path.display()));
+    }
+    let mut head = [0u8; 2];
+    let gzip = {
+        let mut probe = std::fs::File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
+        probe.read(&mut head).is_ok_and(|n| n == 2 && head == [0x1f, 0x8b])
+    };
+    let name = path.display().to_string();
+    if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) }
+}
+
+/// Checks that the output folder is new or empty (an inference never overwrites results).
+pub fn check_output(uri: &str) -> Result<PathBuf, String> {
+    let path = local_path(uri).ok_or_else(|| format!("output `{uri}` must be a file:// URI or an absolute path"))?;
+    match std::fs::read_dir(&path).map(|mut entries| entries.next().is_some()) {
+        Ok(true) => Err(format!(
+            "output {} already holds files; choose a new folder (results are never overwritten)",
+            path.display()
+        )),
+        Ok(_) => Ok(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path),
+        Err(e) => Err(format!("output {}: {e}", path.display())),
+    }
+}
+
+/// The `_SUMMARY.json` of a complete job, as of `now_unix_ms`.
+pub fn summary(job: &InferenceJob, now_unix_ms: u64) -> serde_json::Value {
+    let totals = job.totals();
+    let start = job.started_at_unix_ms.unwrap_or(job.submitted_at_unix_ms);
+    let seconds = now_unix_ms.saturating_sub(start).max(1) as f64 / 1000.0;
+    let accuracy = (totals.labelled_rows > 0).then(|| totals.correct as f64 / totals.labelled_rows as f64);
+    serde_json::json!({
+        "job_id": job.id.to_string(),
+        "model": job.request.model,
+        "model_version": job.request.version,
+        "input": job.request.input_uri,
+        "output": job.request.output_uri,
+        "rows": totals.rows,
+        "labelled_rows": totals.labelled_rows,
+        "correct": totals.correct,
+        "accuracy": accuracy,
+        "class_counts": totals.class_counts,
+        "shards": job.shards.len(),
+        "shard_retries": job.retries(),
+        "workers_used": job.workers_used().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "parts": (0..job.shards.len()).map(part_name).collect::<Vec<_>>(),
+        "seconds": seconds,
+        "rows_per_s": totals.rows as f64 / seconds,
+        "workers_max": job.request.workers,
+        "batch_size": job.request.batch_size,
+    })
+}
+
+/// Promotes every committed attempt of `job` to its `part-*` name, removes stray attempts and
+/// writes the summary and `_SUCCESS`. Idempotent. Blocking.
+pub fn finalize(job: &InferenceJob, now_unix_ms: u64) -> Result<serde_json::Value, String> {
+    let out = local_path(&job.request.output_uri)
+        .ok_or_else(|| format!("output `{}` is not a local folder", job.request.output_uri))?;
+    for (index, shard) in job.shards.iter().enumerate() {
+        let ShardState::Done { object, .. } = &shard.state else {
+            return Err(format!("shard {index} is not committed"));
+        };
+        let source = local_path(object).filter(|p| p.parent() == Some(out.join(ATTEMPTS_DIR).as_path()));
+        let source = source.ok_or_else(|| format!("shard {index}: committed object {object} is not an attempt"))?;
+        let target = out.join(part_name(index));
+        match std::fs::rename(&source, &target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {} // done before
+            Err(e) => return Err(format!("shard {index}: promoting {}: {e}", source.display())),
+        }
+    }
+    match std::fs::remove_dir_all(out.join(ATTEMPTS_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("removing {}: {e}", out.join(ATTEMPTS_DIR).display()));
+        }
+        _ => {}
+    }
+    let summary = summary(job, now_unix_ms);
+    write_atomically(&out.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
+    write_atomically(&out.join(SUCCESS_FILE), b"")?;
+    Ok(summary)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn complete_jobs(state: &State) -> Vec<InferenceJob> {
+    state.inferences.values().filter(|j| j.state == JobState::Running && j.is_complete()).cloned().collect()
+}
+
+/// Runs on every node; acts only while this node leads: finalizes complete inference jobs.
+pub async fn finalize_loop(mut node: NodeHandle) {
+    loop {
+        let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
+        if node.status().leader_id != Some(node.id) {
+            continue;
+        }
+        let Ok(jobs) = node.read_local(complete_jobs).await else { continue };
+        for job in jobs {
+            let job_id: JobId = job.id;
+            let now = crate::raft::node::now_unix_ms();
+            let outcome = tokio::task::spawn_blocking(move || finalize(&job, now))
+                .await
+                .unwrap_or_else(|e| Err(format!("the finalizer panicked: {e}")));
+            let (success, reason) = match outcome {
+                Ok(summary) => {
+                    let rows = summary["rows"].as_u64().unwrap_or(0);
+                    let rate = summary["rows_per_s"].as_f64().unwrap_or(0.0);
+                    let accuracy = summary["accuracy"].as_f64().map_or(String::new(), |a| format!(", accuracy {a:.4}"));
+                    (true, format!("{rows} rows at {rate:.0} rows/s{accuracy}"))
+                }
+                Err(e) => (false, format!("committing the output: {e}")),
+            };
+            if let Err(e) = node.propose(Command::InferenceFinished { job_id, success, reason }).await {
+                tracing::debug!(job = %job_id, error = %e, "inference end not recorded; next pass retries");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_input_shape_counts_data_rows_and_checks_columns() {
+        let text = "1,2,3\n\n4,5,6\r\n  \n7,8,9";
+        assert_eq!(input_shape("in", text.as_bytes()), Ok(InputShape { rows: 3, columns: 3 }));
+        let error = input_shape("in", "1,2,3\n4,5\n".as_bytes()).expect_err("ragged");
+        assert!(error.contains("line 2 has 2 columns"), "{error}");
+        assert!(input_shape("in", "\n\n".as_bytes()).expect_err("empty").contains("no data rows"));
+    }
+
+    #[test]
+    fn only_local_absolute_paths_are_accepted() {
+        assert_eq!(local_path("file:///data/in.csv"), Some(PathBuf::from("/data/in.csv")));
+        assert_eq!(local_path("/data/in.csv"), Some(PathBuf::from("/data/in.csv")));
+        assert_eq!(local_path("s3://bucket/in.csv"), None);
+        assert_eq!(local_path("file:///data/../etc/passwd"), None);
+        assert_eq!(attempt_object("file:///o/", 3, 7), "file:///o/_attempts/part-00003-a7.csv");
+    }
+
+    #[test]
+    fn an_output_folder_with_files_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(check_output(dir.path().join("new").to_str().expect("utf-8")).is_ok());
+        assert!(check_output(dir.path().to_str().expect("utf-8")).is_ok(), "empty");
+        std::fs::write(dir.path().join("part-00000.csv"), "x").expect("write");
+        let error = check_output(&format!("file://{}", dir.path().display())).expect_err("not empty");
+        assert!(error.contains("choose a new folder"), "{error}");
+    }
+}

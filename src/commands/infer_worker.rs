@@ -1,0 +1,185 @@
+//! The agent's batch-inference loop: while this worker is a member of an inference job, lease a
+//! shard, predict its rows, write the attempt's object, commit it; until no shard is left.
+//!
+//! ```text
+//!   InferAssignment ─▶ thread: LeaseShard ─▶ (first shard: fetch the model, load the input)
+//!        ─▶ predict rows first_row..+rows ─▶ put <output>/_attempts/part-NNNNN-aK.csv
+//!        ─▶ CommitShard (the first commit of a shard wins) ─▶ LeaseShard ... ─▶ released
+//!   a shard that cannot be done ─▶ FailShard (retried elsewhere; the 3rd failure fails the job)
+//!   StopJob (cancelled, ended) ─▶ stop before the next shard
+//! ```
+//!
+//! The model and the parsed input are loaded once per job and kept while the worker works on
+//! it; a worker that rejoins the same job reuses them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::v1::{CommitShardRequest, FailShardRequest, InferAssignment, LeaseShardRequest, Shard};
+use flotilla_proto::{ErrorKind, spec::DataUri};
+use flotilla_worker::checkpoint::state::write_artifact;
+use flotilla_worker::data::store;
+use flotilla_worker::infer::{InputText, Predictor, run_shard};
+
+use super::assignments::AgentShared;
+
+/// Pause before asking again after a failed call (the client already retried within its deadline).
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// The model and indexed input of the job this worker last inferred for.
+struct Loaded {
+    job_id: String,
+    predictor: Arc<Predictor>,
+    input: Arc<InputText>,
+}
+
+static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
+
+/// Runs the inference loop for `assignment` on a plain thread (data loading blocks) until the
+/// worker is released or `stop` is set.
+pub async fn infer_and_commit(
+    client: ApiClient,
+    worker_id: String,
+    assignment: InferAssignment,
+    stop: Arc<AtomicBool>,
+    shared: Arc<AgentShared>,
+) {
+    shared.busy.send_modify(|runs| *runs += 1);
+    let runtime = tokio::runtime::Handle::current();
+    let job_id = assignment.job_id.clone();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let committed = shard_loop(client, &worker_id, &assignment, &stop, &runtime);
+        // Marks the loop ended: the next assignment for this job starts a new one.
+        stop.store(true, Ordering::Relaxed);
+        let _ = done.send(committed);
+    });
+    match finished.await {
+        Ok(shards) => tracing::info!(job = %job_id, shards, "inference: released"),
+        Err(_) => tracing::error!(job = %job_id, "the inference thread panicked"),
+    }
+    shared.beat_now.notify_one();
+    shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+}
+
+/// Leases and commits shards until released or stopped; returns the shards committed.
+fn shard_loop(
+    mut client: ApiClient,
+    worker_id: &str,
+    assignment: &InferAssignment,
+    stop: &AtomicBool,
+    runtime: &tokio::runtime::Handle,
+) -> u64 {
+    let mut committed = 0;
+    let request = LeaseShardRequest { worker_id: worker_id.to_string(), job_id: assignment.job_id.clone() };
+    while !stop.load(Ordering::Relaxed) {
+        let leased = runtime.block_on(client.call_inference(|mut c| {
+            let request = request.clone();
+            async move { c.lease_shard(request).await }
+        }));
+        let shard = match leased {
+            Ok(answer) if answer.released => return committed,
+            Ok(answer) => answer.shard,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lease a shard; retrying");
+                std::thread::sleep(RETRY_PAUSE);
+                continue;
+            }
+        };
+        let Some(shard) = shard else {
+            std::thread::sleep(RETRY_PAUSE);
+            continue;
+        };
+        match infer_shard(assignment, &shard) {
+            Ok(output) => {
+                let commit = CommitShardRequest {
+                    worker_id: worker_id.to_string(),
+                    job_id: shard.job_id.clone(),
+                    index: shard.index,
+                    output_object: shard.output_uri.clone(),
+                    rows: output.rows,
+                    labelled_rows: output.labelled_rows,
+                    correct: output.correct,
+                    attempt: shard.attempt,
+                    class_counts: output.class_counts,
+                };
+                let sent = runtime.block_on(client.call_inference(|mut c| {
+                    let commit = commit.clone();
+                    async move { c.commit_shard(commit).await }
+                }));
+                match sent {
+                    Ok(_) => committed += 1,
+                    // Another attempt of this shard committed first: ours is never promoted.
+                    Err(e) if e.kind == ErrorKind::AlreadyExists => tracing::info!(shard = shard.index, "{e}"),
+                    Err(e) => tracing::warn!(shard = shard.index, error = %e, "commit failed; the shard is retried"),
+                }
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(shard = shard.index, error = %error, "shard failed");
+                let fail = FailShardRequest {
+                    worker_id: worker_id.to_string(),
+                    job_id: shard.job_id.clone(),
+                    index: shard.index,
+                    attempt: shard.attempt,
+                    error,
+                };
+                let _ = runtime.block_on(client.call_inference(|mut c| {
+                    let fail = fail.clone();
+                    async move { c.fail_shard(fail).await }
+                }));
+            }
+        }
+    }
+    committed
+}
+
+/// One shard: predictions written to the attempt's object (not committed yet).
+fn infer_shard(assignment: &InferAssignment, shard: &Shard) -> anyhow::Result<flotilla_worker::infer::ShardOutput> {
+    let (predictor, text) = loaded(assignment)?;
+    let first_row = usize::try_from(shard.first_row).context("first_row")?;
+    let input = text.shard(first_row, usize::try_from(shard.rows).context("rows")?, predictor.features_per_row)?;
+    let output = run_shard(&predictor, &input, first_row, assignment.batch_size.max(1) as usize)?;
+    let (prefix, name) = shard.output_uri.rsplit_once('/').context("the shard's output URI has no folder")?;
+    write_artifact(prefix, name, output.csv.clone().into_bytes())
+        .with_context(|| format!("writing {}", shard.output_uri))?;
+    Ok(output)
+}
+
+/// The job's model and input, loaded on first use.
+fn loaded(assignment: &InferAssignment) -> anyhow::Result<(Arc<Predictor>, Arc<InputText>)> {
+    if let Ok(cache) = LOADED.lock()
+        && let Some(l) = cache.as_ref().filter(|l| l.job_id == assignment.job_id)
+    {
+        return Ok((l.predictor.clone(), l.input.clone()));
+    }
+    let model = assignment
+        .model
+        .clone()
+        .and_then(flotilla_proto::convert::model_from_proto)
+        .context("the assignment names no model architecture")?;
+    let artifact = fetch(&assignment.model_artifact_uri).context("fetching the model")?;
+    let predictor = Predictor::load(
+        &model,
+        assignment.features_per_row as usize,
+        assignment.classes as usize,
+        assignment.feature_scale,
+        &artifact,
+    )
+    .with_context(|| format!("loading the model {}", assignment.model_artifact_uri))?;
+    let bytes = fetch(&assignment.input_uri).context("fetching the input")?;
+    let input = InputText::index(&assignment.input_uri, &bytes)?;
+    let (predictor, input) = (Arc::new(predictor), Arc::new(input));
+    if let Ok(mut cache) = LOADED.lock() {
+        *cache = Some(Loaded { job_id: assignment.job_id.clone(), predictor: predictor.clone(), input: input.clone() });
+    }
+    Ok((predictor, input))
+}
+
+fn fetch(uri: &str) -> anyhow::Result<Vec<u8>> {
+    let parsed: DataUri = uri.parse().map_err(|e: flotilla_proto::spec::UriError| anyhow::anyhow!("{uri}: {}", e.0))?;
+    Ok(store::fetch(&parsed)?)
+}

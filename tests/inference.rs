@@ -1,0 +1,293 @@
+//! Batch inference end to end with the real binary on a local cluster:
+//!
+//! - an MLP trained on 4,000 MNIST rows and validated on a held-out 1,000 is registered; `infer`
+//!   over the held-out file with 2 workers writes every row exactly once, and the accuracy
+//!   computed from the output equals the training job's `val_accuracy` (same rows, same
+//!   scaling, same arg-max); unlabelled rows get the same predictions; bad inputs and an
+//!   existing output folder are refused with the reason;
+//! - a worker SIGKILLed while it holds a shard: the shard goes back to the queue and the job
+//!   still writes every row exactly once.
+//!
+//! The tests share the 2 CPUs, so they run one at a time.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{Down, run, worker_pid};
+use serde_json::Value;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn json(home: &Path, args: &[&str]) -> Value {
+    let out = run(home, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let start = text.find('{').expect("a JSON object");
+    serde_json::from_str(&text[start..]).expect("JSON")
+}
+
+/// The shipped MNIST 5k rows (label first), as text lines.
+fn mnist_rows() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("mnist")).read_to_string(&mut text).expect("gunzip");
+    text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+/// Writes train.csv (4 of every 5 rows) and heldout.csv (every 5th row), returns their paths.
+fn split(dir: &Path) -> (PathBuf, PathBuf) {
+    let rows = mnist_rows();
+    let (train, heldout) = (dir.join("train.csv"), dir.join("heldout.csv"));
+    let pick = |keep: fn(usize) -> bool| {
+        rows.iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, r)| format!("{r}\n")).collect::<String>()
+    };
+    std::fs::write(&train, pick(|i| i % 5 != 0)).expect("train");
+    std::fs::write(&heldout, pick(|i| i % 5 == 0)).expect("heldout");
+    (train, heldout)
+}
+
+/// Trains and registers `mnist-mlp` version 1; returns the job's status.
+fn train(home: &Path, dir: &Path, train: &Path, heldout: &Path) -> Value {
+    let spec = dir.join("mnist.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"mnist-mlp\"\nmodel = {{ kind = \"mlp\", hidden = [64] }}\n\
+             data = {{ train = \"{}\", validation = \"{}\" }}\n\
+             train = {{ epochs = 2, batch_size = 64, seed = 3 }}\nworkers = {{ min = 2, max = 2 }}\n\
+             output = {{ register_as = \"mnist-mlp\" }}\n",
+            train.display(),
+            heldout.display()
+        ),
+    )
+    .expect("spec");
+    let followed = run(home, &["submit", spec.to_str().expect("utf-8"), "--follow"]);
+    assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));
+    let job = String::from_utf8_lossy(&followed.stdout).lines().last().expect("job id").trim().to_string();
+    json(home, &["status", &job, "-o", "json"])
+}
+
+/// Every output row: row id -> (predicted, the rest of the line), checking each id appears once.
+fn read_output(out: &Path) -> BTreeMap<u64, (u32, String)> {
+    assert!(out.join("_SUCCESS").exists(), "no _SUCCESS in {}", out.display());
+    assert!(!out.join("_attempts").exists(), "uncommitted attempts are removed");
+    let mut rows = BTreeMap::new();
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(out)
+        .expect("output folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("part-")))
+        .collect();
+    parts.sort();
+    assert!(!parts.is_empty());
+    for part in parts {
+        let text = std::fs::read_to_string(&part).expect("part");
+        let mut lines = text.lines();
+        assert!(lines.next().expect("header").starts_with("row,predicted"), "{}", part.display());
+        for line in lines {
+            let mut fields = line.splitn(3, ',');
+            let row: u64 = fields.next().expect("row").parse().expect("row id");
+            let predicted: u32 = fields.next().expect("predicted").parse().expect("class");
+            let rest = fields.next().unwrap_or_default().to_string();
+            assert!(rows.insert(row, (predicted, rest)).is_none(), "row {row} written twice ({})", part.display());
+        }
+    }
+    rows
+}
+
+#[test]
+fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validation_accuracy() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    assert!(run(&home, &["up", "--workers", "2"]).status.success());
+    let (train_file, heldout) = split(dir.path());
+    let job = train(&home, dir.path(), &train_file, &heldout);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let val_accuracy = job["metrics"]["val_accuracy"].as_f64().expect("val_accuracy");
+    let model = json(&home, &["models", "show", "mnist-mlp", "-o", "json"]);
+    assert_eq!((model["features_per_row"].as_u64(), model["classes"].as_u64()), (Some(784), Some(10)), "{model}");
+    assert_eq!(model["job_id"], job["id"], "lineage");
+
+    let out = dir.path().join("predictions");
+    let out_arg = out.to_str().expect("utf-8");
+    let heldout_arg = heldout.to_str().expect("utf-8");
+    let args =
+        ["infer", "--model", "mnist-mlp@1", "--input", heldout_arg, "--output-prefix", out_arg, "--workers", "2"];
+    let done = json(&home, &[&args[..], &["-o", "json"]].concat());
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    assert_eq!(done["rows_done"], 1000, "{done}");
+
+    let rows = read_output(&out);
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), (0..1000).collect::<Vec<u64>>(), "every row exactly once");
+    let labels: Vec<u32> = std::fs::read_to_string(&heldout)
+        .expect("heldout")
+        .lines()
+        .map(|l| l.split(',').next().expect("label").parse().expect("label"))
+        .collect();
+    let correct = rows.iter().filter(|(row, (predicted, _))| labels[**row as usize] == *predicted).count();
+    let accuracy = correct as f64 / 1000.0;
+    assert!((accuracy - val_accuracy).abs() < 1e-12, "output accuracy {accuracy} != val_accuracy {val_accuracy}");
+    assert!(accuracy > 0.85, "the model learnt: {accuracy}");
+
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(out.join("_SUMMARY.json")).expect("summary")).expect("summary JSON");
+    assert_eq!(summary["rows"], 1000);
+    assert!((summary["accuracy"].as_f64().expect("accuracy") - accuracy).abs() < 1e-12, "{summary}");
+    let counts: u64 = summary["class_counts"].as_array().expect("counts").iter().map(|c| c.as_u64().expect("n")).sum();
+    assert_eq!(counts, 1000);
+    assert_eq!(summary["workers_used"].as_array().map(Vec::len), Some(2), "both workers served shards: {summary}");
+    assert!(summary["rows_per_s"].as_f64().expect("rate") > 0.0);
+    let shown = json(&home, &["status", done["id"].as_str().expect("id"), "-o", "json"]);
+    assert_eq!(
+        (shown["kind"].as_str(), shown["shards_done"].clone()),
+        (Some("inference"), done["shards_total"].clone())
+    );
+
+    // The same rows without labels get the same predictions (and no accuracy).
+    let unlabelled = dir.path().join("unlabelled.csv");
+    let text: String = std::fs::read_to_string(&heldout)
+        .expect("heldout")
+        .lines()
+        .take(100)
+        .map(|l| format!("{}\n", l.split_once(',').expect("label").1))
+        .collect();
+    std::fs::write(&unlabelled, text).expect("unlabelled");
+    let out2 = dir.path().join("unlabelled-out");
+    let plain = json(
+        &home,
+        &[
+            "infer",
+            "--model",
+            "mnist-mlp",
+            "--input",
+            unlabelled.to_str().expect("utf-8"),
+            "--output-prefix",
+            out2.to_str().expect("utf-8"),
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!((plain["state"].as_str(), plain["accuracy"].is_null()), (Some("Succeeded"), true), "{plain}");
+    for (row, (predicted, _)) in read_output(&out2) {
+        assert_eq!(predicted, rows[&row].0, "row {row}");
+    }
+
+    // Refused with the reason, before any worker starts.
+    let again = run(&home, &args);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("choose a new folder"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let narrow = dir.path().join("narrow.csv");
+    std::fs::write(&narrow, "1,2,3\n").expect("narrow");
+    let refused = run(
+        &home,
+        &[
+            "infer",
+            "--model",
+            "mnist-mlp",
+            "--input",
+            narrow.to_str().expect("utf-8"),
+            "--output-prefix",
+            out2.join("x").to_str().expect("utf-8"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success());
+    assert!(stderr.contains("input has 3 columns per row, but mnist-mlp@1 takes 784 features (or 785"), "{stderr}");
+    let unknown = run(
+        &home,
+        &[
+            "infer",
+            "--model",
+            "mnist-mlp@production",
+            "--input",
+            heldout_arg,
+            "--output-prefix",
+            out2.join("y").to_str().expect("utf-8"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("has no alias `production`"));
+}
+
+#[test]
+fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    assert!(run(&home, &["up", "--workers", "2"]).status.success());
+    let (train_file, heldout) = split(dir.path());
+    assert_eq!(train(&home, dir.path(), &train_file, &heldout)["state"], "Succeeded");
+
+    let out = dir.path().join("predictions");
+    let submitted = run(
+        &home,
+        &[
+            "infer",
+            "--model",
+            "mnist-mlp",
+            "--input",
+            heldout.to_str().expect("utf-8"),
+            "--output-prefix",
+            out.to_str().expect("utf-8"),
+            "--workers",
+            "2",
+            "--shard-rows",
+            "10",
+            "--batch-size",
+            "1",
+            "--detach",
+        ],
+    );
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    // Freeze a worker that holds a lease (SIGSTOP: it cannot commit meanwhile), then kill it.
+    let started = Instant::now();
+    let victim = loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "never caught a worker holding a shard");
+        let status = json(&home, &["status", &job, "-o", "json"]);
+        assert_eq!(
+            status["state"].as_str().map(|s| s != "Succeeded"),
+            Some(true),
+            "finished before the kill: {status}"
+        );
+        let Some(lease) = status["leases"].as_array().and_then(|l| l.first()).cloned() else { continue };
+        let worker = lease["worker"].as_str().expect("worker").to_string();
+        let pid = worker_pid(&home, &worker).to_string();
+        assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+        let frozen = json(&home, &["status", &job, "-o", "json"]);
+        if frozen["leases"].as_array().is_some_and(|l| l.iter().any(|l| l["worker"] == worker.as_str())) {
+            assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().expect("kill").success());
+            break worker;
+        }
+        assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
+    };
+    let done = loop {
+        let status = json(&home, &["status", &job, "-o", "json"]);
+        if status["state"] != "Running" && status["state"] != "Pending" {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "inference did not finish: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    let lost: Vec<&str> = done["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "worker_lost")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(lost.iter().any(|m| m.contains(&victim) && m.contains("returned to the queue")), "{done}");
+    assert!(done["shard_retries"].as_u64().unwrap_or(0) >= 1, "{done}");
+    let rows = read_output(&out);
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), (0..1000).collect::<Vec<u64>>(), "every row exactly once");
+}
