@@ -215,6 +215,35 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
         ],
     );
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("has no alias `production`"));
+
+    // A value that is not a number fails its shard on every attempt: the job fails, naming it.
+    let bad = dir.path().join("bad.csv");
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(&heldout).expect("heldout").lines().take(20).map(str::to_string).collect();
+    lines[13] = lines[13].replacen(",0,", ",x,", 1);
+    std::fs::write(&bad, lines.join("\n") + "\n").expect("bad");
+    let failed = run(
+        &home,
+        &[
+            "infer",
+            "--model",
+            "mnist-mlp",
+            "--input",
+            bad.to_str().expect("utf-8"),
+            "--output-prefix",
+            out2.join("bad").to_str().expect("utf-8"),
+            "--workers",
+            "2",
+            "--shard-rows",
+            "10",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&failed.stderr).to_string();
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("shard 1 (rows 10..20) failed 3 times") && stderr.contains("`x` is not a number"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -25,8 +25,13 @@ use flotilla_core::state::{Command, InferenceJob, JobState, ShardState, State};
 
 use crate::raft::node::NodeHandle;
 
-/// Largest input read, in bytes (compressed size for gzip), as the worker's data loader.
+/// Largest input read, in bytes (compressed size for gzip), and largest decompressed stream:
+/// the worker's data loader's limits.
 pub const INPUT_SIZE_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+pub const INPUT_DECOMPRESSED_MAX_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+/// Feature values one shard holds in memory at most on a worker (1 GiB of f32), as the
+/// worker's data loader.
+pub const SHARD_VALUES_MAX: u64 = 256 * 1024 * 1024;
 /// Longest input line, in bytes.
 const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
 /// How often the leader looks for complete jobs.
@@ -60,9 +65,11 @@ pub struct InputShape {
 }
 
 /// Counts an input's rows and checks every row has the first row's column count. Reads CSV
-/// text, gzip-compressed or not. `name` is used in errors.
+/// text (decompressed). A data row is a line that is not all ASCII whitespace: the rule the
+/// workers' readers use, so both count the same rows. `name` is used in errors.
 pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
-    let mut reader = BufReader::new(input);
+    let mut reader = BufReader::new(input.take(INPUT_DECOMPRESSED_MAX_BYTES + 1));
+    let mut total = 0u64;
     let mut line = Vec::new();
     let (mut rows, mut columns, mut number) = (0u64, 0usize, 0u64);
     loop {
@@ -74,6 +81,10 @@ pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
             .map_err(|e| format!("{name}: line {number}: {e}"))?;
         if read == 0 {
             break;
+        }
+        total += read as u64;
+        if total > INPUT_DECOMPRESSED_MAX_BYTES {
+            return Err(format!("{name}: decompresses to more than {INPUT_DECOMPRESSED_MAX_BYTES} bytes"));
         }
         if line.len() as u64 > LINE_LEN_MAX_BYTES {
             return Err(format!("{name}: line {number} is longer than {LINE_LEN_MAX_BYTES} bytes"));
@@ -104,11 +115,13 @@ pub fn read_input_shape(uri: &str) -> Result<InputShape, String> {
         return Err(format!("input {} is {size} bytes; at most {INPUT_SIZE_MAX_BYTES}", path.display()));
     }
     let mut head = [0u8; 2];
-    let gzip = {
+    let magic = {
         let mut probe = std::fs::File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
         probe.read(&mut head).is_ok_and(|n| n == 2 && head == [0x1f, 0x8b])
     };
     let name = path.display().to_string();
+    // The workers' rule: gzip by its magic bytes or by a `.gz` name.
+    let gzip = magic || name.to_ascii_lowercase().ends_with(".gz");
     if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) }
 }
 
@@ -154,38 +167,61 @@ pub fn summary(job: &InferenceJob, now_unix_ms: u64) -> serde_json::Value {
     })
 }
 
-/// Promotes every committed attempt of `job` to its `part-*` name, removes stray attempts and
-/// writes the summary and `_SUCCESS`. Idempotent. Blocking.
-pub fn finalize(job: &InferenceJob, now_unix_ms: u64) -> Result<serde_json::Value, String> {
+/// Why finalizing did not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinalizeError {
+    /// I/O that may succeed on the next pass (a busy disk, a racing finalizer): retried.
+    Retry(String),
+    /// A committed output is gone: the job fails with this reason.
+    Fatal(String),
+}
+
+/// Promotes every committed attempt of `job` to its `part-*` name, removes stray attempts
+/// (best effort) and writes the summary and `_SUCCESS`. Idempotent, and safe to run twice at
+/// once (a deposed leader that has not noticed yet). Blocking.
+pub fn finalize(job: &InferenceJob, now_unix_ms: u64) -> Result<serde_json::Value, FinalizeError> {
     let out = local_path(&job.request.output_uri)
-        .ok_or_else(|| format!("output `{}` is not a local folder", job.request.output_uri))?;
+        .ok_or_else(|| FinalizeError::Fatal(format!("output `{}` is not a local folder", job.request.output_uri)))?;
     for (index, shard) in job.shards.iter().enumerate() {
         let ShardState::Done { object, .. } = &shard.state else {
-            return Err(format!("shard {index} is not committed"));
+            return Err(FinalizeError::Retry(format!("shard {index} is not committed")));
         };
         let source = local_path(object).filter(|p| p.parent() == Some(out.join(ATTEMPTS_DIR).as_path()));
-        let source = source.ok_or_else(|| format!("shard {index}: committed object {object} is not an attempt"))?;
+        let source = source.ok_or_else(|| {
+            FinalizeError::Fatal(format!("shard {index}: committed object {object} is not an attempt"))
+        })?;
         let target = out.join(part_name(index));
         match std::fs::rename(&source, &target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {} // done before
-            Err(e) => return Err(format!("shard {index}: promoting {}: {e}", source.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(FinalizeError::Fatal(format!(
+                    "shard {index}: the committed output {} is gone",
+                    source.display()
+                )));
+            }
+            Err(e) => return Err(FinalizeError::Retry(format!("shard {index}: promoting {}: {e}", source.display()))),
         }
     }
-    match std::fs::remove_dir_all(out.join(ATTEMPTS_DIR)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("removing {}: {e}", out.join(ATTEMPTS_DIR).display()));
-        }
-        _ => {}
+    // Stray attempts (retried shards, a lost worker's late write) are removed; a failure here
+    // leaves clutter under `_attempts/`, never a wrong `part-*`.
+    if let Err(e) = std::fs::remove_dir_all(out.join(ATTEMPTS_DIR))
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(job = %job.id, error = %e, "stray attempts not removed");
     }
     let summary = summary(job, now_unix_ms);
-    write_atomically(&out.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes())?;
-    write_atomically(&out.join(SUCCESS_FILE), b"")?;
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    write_atomically(&out.join(SUMMARY_FILE), text.as_bytes()).map_err(FinalizeError::Retry)?;
+    write_atomically(&out.join(SUCCESS_FILE), b"").map_err(FinalizeError::Retry)?;
     Ok(summary)
 }
 
+/// Writes `bytes` to a temporary name unique to this process and call, then renames it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let temporary = path.with_extension("tmp");
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     std::fs::write(&temporary, bytes)
         .and_then(|()| std::fs::rename(&temporary, path))
         .map_err(|e| format!("writing {}: {e}", path.display()))
@@ -208,7 +244,7 @@ pub async fn finalize_loop(mut node: NodeHandle) {
             let now = crate::raft::node::now_unix_ms();
             let outcome = tokio::task::spawn_blocking(move || finalize(&job, now))
                 .await
-                .unwrap_or_else(|e| Err(format!("the finalizer panicked: {e}")));
+                .unwrap_or_else(|e| Err(FinalizeError::Retry(format!("the finalizer panicked: {e}"))));
             let (success, reason) = match outcome {
                 Ok(summary) => {
                     let rows = summary["rows"].as_u64().unwrap_or(0);
@@ -216,7 +252,11 @@ pub async fn finalize_loop(mut node: NodeHandle) {
                     let accuracy = summary["accuracy"].as_f64().map_or(String::new(), |a| format!(", accuracy {a:.4}"));
                     (true, format!("{rows} rows at {rate:.0} rows/s{accuracy}"))
                 }
-                Err(e) => (false, format!("committing the output: {e}")),
+                Err(FinalizeError::Retry(e)) => {
+                    tracing::warn!(job = %job_id, error = %e, "finalizing the output; retrying next pass");
+                    continue;
+                }
+                Err(FinalizeError::Fatal(e)) => (false, format!("committing the output: {e}")),
             };
             if let Err(e) = node.propose(Command::InferenceFinished { job_id, success, reason }).await {
                 tracing::debug!(job = %job_id, error = %e, "inference end not recorded; next pass retries");
@@ -236,6 +276,75 @@ mod tests {
         let error = input_shape("in", "1,2,3\n4,5\n".as_bytes()).expect_err("ragged");
         assert!(error.contains("line 2 has 2 columns"), "{error}");
         assert!(input_shape("in", "\n\n".as_bytes()).expect_err("empty").contains("no data rows"));
+    }
+
+    #[test]
+    fn finalizing_promotes_committed_attempts_once_and_is_idempotent() {
+        use flotilla_core::state::{InferenceRequest, ModelShape, Shard, ShardState, ShardStats};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = format!("file://{}", dir.path().join("out").display());
+        let attempts = dir.path().join("out").join(ATTEMPTS_DIR);
+        std::fs::create_dir_all(&attempts).expect("mkdir");
+        let shard = |index: u32, attempt: u64| {
+            std::fs::write(
+                attempts.join(format!("part-{index:05}-a{attempt}.csv")),
+                format!("row,predicted\n{index},1\n"),
+            )
+            .expect("attempt");
+            Shard {
+                first_row: u64::from(index),
+                rows: 1,
+                state: ShardState::Done {
+                    attempt,
+                    object: attempt_object(&out, index, attempt),
+                    stats: ShardStats { rows: 1, labelled_rows: 0, correct: 0, class_counts: vec![0, 1] },
+                    worker: flotilla_core::WorkerId(1),
+                },
+                attempts: 1,
+                failures: 0,
+                last_failed_by: None,
+            }
+        };
+        // Attempt 3 of shard 1 lost the race: written, never committed.
+        std::fs::write(attempts.join("part-00001-a3.csv"), "stale").expect("stray");
+        let job = InferenceJob {
+            id: JobId(4),
+            request: InferenceRequest {
+                model: "m".into(),
+                version: 1,
+                input_uri: "file:///in".into(),
+                output_uri: out.clone(),
+                workers: 2,
+                batch_size: 1,
+                shard_rows: 1,
+                rows: 2,
+                labelled: false,
+            },
+            artifact_uri: String::new(),
+            model_spec: flotilla_core::spec::ModelSpec::Mlp { hidden: vec![] },
+            shape: ModelShape { features_per_row: 1, classes: 2, feature_scale: 1.0 },
+            state: JobState::Running,
+            reason: String::new(),
+            client_request_id: "r".into(),
+            submitted_at_unix_ms: 0,
+            submitted_index: 1,
+            updated_at_unix_ms: 0,
+            started_at_unix_ms: Some(1000),
+            finished_at_unix_ms: None,
+            shards: vec![shard(0, 1), shard(1, 2)],
+            members: vec![],
+            joins: 1,
+            next_attempt: 4,
+            events: vec![],
+        };
+        let summary = finalize(&job, 3000).expect("finalize");
+        assert_eq!((summary["rows"].as_u64(), summary["rows_per_s"].as_f64()), (Some(2), Some(1.0)));
+        let folder = dir.path().join("out");
+        assert_eq!(std::fs::read_to_string(folder.join("part-00001.csv")).expect("part"), "row,predicted\n1,1\n");
+        assert!(folder.join(SUCCESS_FILE).exists() && !attempts.exists(), "stray attempts removed");
+        assert!(finalize(&job, 3000).is_ok(), "a second run (a new leader) finds the work done");
+        std::fs::remove_file(folder.join("part-00000.csv")).expect("rm");
+        assert!(matches!(finalize(&job, 3000), Err(FinalizeError::Fatal(_))), "a committed output is gone");
     }
 
     #[test]

@@ -89,8 +89,8 @@ pub async fn follow(
 ) {
     let listener = Arc::new(listener);
     let mut running: Option<Running> = None;
-    // The inference job this worker works on, and its stop flag.
-    let mut inferring: Option<(String, Arc<AtomicBool>)> = None;
+    // The inference loop: (worker id, job id, its control).
+    let mut inferring: Option<(String, String, Arc<super::infer_worker::LoopControl>)> = None;
     loop {
         let Some(worker_id) = registered.borrow_and_update().clone() else {
             if registered.changed().await.is_err() {
@@ -150,27 +150,29 @@ pub async fn follow(
                     if let Some(run) = running.take_if(|r| r.job_id == stop.job_id && r.generation == stop.generation) {
                         run.stop.store(true, Ordering::Relaxed);
                     }
-                    if let Some((_, flag)) = inferring.take_if(|(job, _)| *job == stop.job_id) {
-                        flag.store(true, Ordering::Relaxed);
+                    if let Some((_, _, control)) = inferring.take_if(|(_, job, _)| *job == stop.job_id) {
+                        control.stop();
                     }
                 }
                 Some(assignment::Kind::Infer(infer)) => {
-                    // A re-opened stream repeats the membership of a loop still running.
+                    // A re-sent membership (a re-opened stream, or joined again after a
+                    // release) goes to the loop still running for it.
                     if inferring
                         .as_ref()
-                        .is_some_and(|(job, flag)| *job == infer.job_id && !flag.load(Ordering::Relaxed))
+                        .is_some_and(|(w, job, control)| *w == worker_id && *job == infer.job_id && control.rejoin())
                     {
                         continue;
                     }
-                    let stop = Arc::new(AtomicBool::new(false));
-                    if let Some((_, old)) = inferring.replace((infer.job_id.clone(), stop.clone())) {
-                        old.store(true, Ordering::Relaxed);
+                    let control = super::infer_worker::LoopControl::start();
+                    let run = (worker_id.clone(), infer.job_id.clone(), control.clone());
+                    if let Some((_, _, old)) = inferring.replace(run) {
+                        old.stop();
                     }
                     tokio::spawn(super::infer_worker::infer_and_commit(
                         client.clone(),
                         worker_id.clone(),
                         infer,
-                        stop,
+                        control,
                         shared.clone(),
                     ));
                 }

@@ -9,8 +9,14 @@
 //!   StopJob (cancelled, ended) ─▶ stop before the next shard
 //! ```
 //!
-//! The model and the parsed input are loaded once per job and kept while the worker works on
+//! The model and the indexed input are loaded once per job and kept while the worker works on
 //! it; a worker that rejoins the same job reuses them.
+//!
+//! Release and re-join can cross: the coordinator may release this worker (nothing left to
+//! lease) and let it join again before the loop has exited. [`LoopControl`] makes that safe:
+//! a re-sent assignment for the running loop counts as a re-join, and the loop exits on
+//! "released" only if no re-join arrived since it asked, under one lock, so the worker is never
+//! a member without a loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,13 +44,70 @@ struct Loaded {
 
 static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
 
+/// Shared between the agent and one shard loop.
+pub struct LoopControl {
+    /// Stop before the next shard (the job ended, or this worker re-registered).
+    stop: AtomicBool,
+    /// (loop running, re-joins seen by the agent).
+    state: Mutex<(bool, u64)>,
+}
+
+impl LoopControl {
+    pub fn start() -> Arc<LoopControl> {
+        Arc::new(LoopControl { stop: AtomicBool::new(false), state: Mutex::new((true, 0)) })
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// The coordinator (re-)sent the assignment: true if the running loop takes it (it will
+    /// not exit on a release it asked for before now); false if the loop has ended.
+    pub fn rejoin(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 && !self.stop.load(Ordering::Relaxed) {
+            state.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn rejoins(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    /// Released by the coordinator after `seen` re-joins: exit (false) unless one came since.
+    fn stay_after_release(&self, seen: u64) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.1 != seen {
+            return true;
+        }
+        state.0 = false;
+        false
+    }
+
+    fn ended(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = false;
+    }
+}
+
+/// Marks the loop ended however it ends (a panic included).
+struct Ended(Arc<LoopControl>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
 /// Runs the inference loop for `assignment` on a plain thread (data loading blocks) until the
-/// worker is released or `stop` is set.
+/// worker is released or `control` stops it.
 pub async fn infer_and_commit(
     client: ApiClient,
     worker_id: String,
     assignment: InferAssignment,
-    stop: Arc<AtomicBool>,
+    control: Arc<LoopControl>,
     shared: Arc<AgentShared>,
 ) {
     shared.busy.send_modify(|runs| *runs += 1);
@@ -52,10 +115,8 @@ pub async fn infer_and_commit(
     let job_id = assignment.job_id.clone();
     let (done, finished) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let committed = shard_loop(client, &worker_id, &assignment, &stop, &runtime);
-        // Marks the loop ended: the next assignment for this job starts a new one.
-        stop.store(true, Ordering::Relaxed);
-        let _ = done.send(committed);
+        let _ended = Ended(control.clone());
+        let _ = done.send(shard_loop(client, &worker_id, &assignment, &control, &runtime));
     });
     match finished.await {
         Ok(shards) => tracing::info!(job = %job_id, shards, "inference: released"),
@@ -70,18 +131,24 @@ fn shard_loop(
     mut client: ApiClient,
     worker_id: &str,
     assignment: &InferAssignment,
-    stop: &AtomicBool,
+    control: &LoopControl,
     runtime: &tokio::runtime::Handle,
 ) -> u64 {
     let mut committed = 0;
     let request = LeaseShardRequest { worker_id: worker_id.to_string(), job_id: assignment.job_id.clone() };
-    while !stop.load(Ordering::Relaxed) {
+    while !control.stop.load(Ordering::Relaxed) {
+        let seen = control.rejoins();
         let leased = runtime.block_on(client.call_inference(|mut c| {
             let request = request.clone();
             async move { c.lease_shard(request).await }
         }));
         let shard = match leased {
-            Ok(answer) if answer.released => return committed,
+            Ok(answer) if answer.released => {
+                if control.stay_after_release(seen) {
+                    continue; // joined again meanwhile
+                }
+                return committed;
+            }
             Ok(answer) => answer.shard,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lease a shard; retrying");
@@ -93,7 +160,12 @@ fn shard_loop(
             std::thread::sleep(RETRY_PAUSE);
             continue;
         };
-        match infer_shard(assignment, &shard) {
+        // A panic (a bug, or the tensor backend) fails this attempt instead of the loop.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| infer_shard(assignment, &shard)))
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!("the inference of this shard panicked (a bug; see the worker's log)"))
+            });
+        let failed = match outcome {
             Ok(output) => {
                 let commit = CommitShardRequest {
                     worker_id: worker_id.to_string(),
@@ -111,27 +183,40 @@ fn shard_loop(
                     async move { c.commit_shard(commit).await }
                 }));
                 match sent {
-                    Ok(_) => committed += 1,
+                    Ok(_) => {
+                        committed += 1;
+                        None
+                    }
                     // Another attempt of this shard committed first: ours is never promoted.
-                    Err(e) if e.kind == ErrorKind::AlreadyExists => tracing::info!(shard = shard.index, "{e}"),
-                    Err(e) => tracing::warn!(shard = shard.index, error = %e, "commit failed; the shard is retried"),
+                    Err(e) if e.kind == ErrorKind::AlreadyExists => {
+                        tracing::info!(shard = shard.index, "{e}");
+                        None
+                    }
+                    // Refused for what it reported: retrying the same attempt would repeat it.
+                    Err(e) if matches!(e.kind, ErrorKind::InvalidArgument | ErrorKind::NotFound) => {
+                        Some(format!("the commit was refused: {e}"))
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = shard.index, error = %e, "commit failed; leasing again retries it");
+                        None
+                    }
                 }
             }
-            Err(e) => {
-                let error = format!("{e:#}");
-                tracing::warn!(shard = shard.index, error = %error, "shard failed");
-                let fail = FailShardRequest {
-                    worker_id: worker_id.to_string(),
-                    job_id: shard.job_id.clone(),
-                    index: shard.index,
-                    attempt: shard.attempt,
-                    error,
-                };
-                let _ = runtime.block_on(client.call_inference(|mut c| {
-                    let fail = fail.clone();
-                    async move { c.fail_shard(fail).await }
-                }));
-            }
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(error) = failed {
+            tracing::warn!(shard = shard.index, error = %error, "shard failed");
+            let fail = FailShardRequest {
+                worker_id: worker_id.to_string(),
+                job_id: shard.job_id.clone(),
+                index: shard.index,
+                attempt: shard.attempt,
+                error,
+            };
+            let _ = runtime.block_on(client.call_inference(|mut c| {
+                let fail = fail.clone();
+                async move { c.fail_shard(fail).await }
+            }));
         }
     }
     committed

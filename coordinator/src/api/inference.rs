@@ -13,7 +13,7 @@ use flotilla_proto::{ApiError, ErrorKind, auth};
 use tonic::{Request, Response, Status};
 
 use super::status;
-use crate::inference::{attempt_object, check_output, local_path, read_input_shape};
+use crate::inference::{SHARD_VALUES_MAX, attempt_object, check_output, local_path, read_input_shape};
 use crate::raft::node::{NodeHandle, now_unix_ms};
 
 /// Longest model reference and error text accepted.
@@ -105,9 +105,10 @@ impl InferenceService for InferenceApi {
         .await
         .map_err(|e| status(ApiError::new(ErrorKind::Internal, format!("reading the input: {e}"))))?;
         let shape = checked.map_err(invalid)?;
+        let features = features as usize;
         let labelled = match shape.columns {
-            c if c == features as usize => false,
-            c if c == features as usize + 1 => true,
+            c if c == features => false,
+            c if c == features + 1 => true,
             c => {
                 return Err(invalid(format!(
                     "input has {c} columns per row, but {name}@{version} takes {features} features (or {} with a \
@@ -116,6 +117,25 @@ impl InferenceService for InferenceApi {
                 )));
             }
         };
+        // A shard is parsed whole on one worker: keep it within the worker's memory limit.
+        let rows_cap = (SHARD_VALUES_MAX / shape.columns.max(1) as u64).max(1);
+        let shard_rows = match r.shard_rows {
+            0 => {
+                let planned = flotilla_core::state::plan_shards(shape.rows, r.workers.max(1), 0)
+                    .ok()
+                    .and_then(|s| s.first().map(|s| s.rows))
+                    .unwrap_or(0);
+                if planned > rows_cap { rows_cap } else { 0 }
+            }
+            n if n > rows_cap => {
+                return Err(invalid(format!(
+                    "shard_rows {n} x {} columns is more than the {SHARD_VALUES_MAX} values a worker holds; use \
+                     --shard-rows {rows_cap} or fewer",
+                    shape.columns
+                )));
+            }
+            n => n,
+        };
         let request = InferenceRequest {
             model: name,
             version,
@@ -123,7 +143,7 @@ impl InferenceService for InferenceApi {
             output_uri: normalized(&r.output_uri),
             workers: r.workers,
             batch_size: r.batch_size,
-            shard_rows: r.shard_rows,
+            shard_rows,
             rows: shape.rows,
             labelled,
         };

@@ -3,7 +3,7 @@
 //! Owns: line splitting (bounded), number parsing, column-count and label checks, with errors
 //! that name the line and the 1-based column (column 1 is the label).
 //! Must not touch: fetching or decompressing (it reads any `Read`), scaling.
-//! Blank lines are skipped; `\r\n` line ends are accepted; fields may have surrounding spaces.
+//! Blank lines (all ASCII whitespace) are skipped; `\r\n` line ends are accepted; fields may have surrounding spaces.
 
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -50,7 +50,8 @@ fn parse_with(uri: &str, input: impl Read, labelled: bool) -> Result<RawData, Da
         }
         let text = std::str::from_utf8(&line).map_err(|_| field_error(uri, line_number, 1, "is not UTF-8 text"))?;
         let text = text.trim_end_matches(['\n', '\r']);
-        if text.trim().is_empty() {
+        // Blank = all ASCII whitespace: the rule the coordinator counts inference rows by.
+        if text.bytes().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
         if first_line == 0 {

@@ -62,6 +62,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
             }
+            if job.state == JobState::Running && job.is_complete() {
+                return Err(Rejected::BadInference(format!(
+                    "{job_id} has every shard committed and is writing its summary; it cannot be cancelled now"
+                )));
+            }
             let reason = if reason.is_empty() { "cancelled by user".to_string() } else { reason };
             inference::end(state, job_id, JobState::Cancelled, reason, now);
             Ok(Applied::JobCancelled { job_id })
@@ -184,8 +189,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         Command::CommitShard { job_id, worker_id, index, attempt, object, stats } => {
             inference::commit(state, job_id, worker_id, index, attempt, object, stats, now)
         }
-        Command::FailShard { job_id, worker_id: _, index, attempt, error } => {
-            inference::fail(state, job_id, index, attempt, error, now)
+        Command::FailShard { job_id, worker_id, index, attempt, error } => {
+            inference::fail(state, job_id, worker_id, index, attempt, error, now)
         }
         Command::InferenceFinished { job_id, success, reason } => {
             inference::finished(state, job_id, success, reason, now)

@@ -95,6 +95,9 @@ pub struct Shard {
     /// Attempts leased so far, and of those, the ones that failed.
     pub attempts: u32,
     pub failures: u32,
+    /// The worker whose attempt failed last: another member gets the retry when there is one.
+    #[serde(default)]
+    pub last_failed_by: Option<WorkerId>,
 }
 
 /// A leased shard, as the worker gets it.
@@ -149,11 +152,11 @@ impl InferenceJob {
         let mut total = ShardStats { class_counts: vec![0; self.shape.classes as usize], ..Default::default() };
         for shard in &self.shards {
             if let ShardState::Done { stats, .. } = &shard.state {
-                total.rows += stats.rows;
-                total.labelled_rows += stats.labelled_rows;
-                total.correct += stats.correct;
+                total.rows = total.rows.saturating_add(stats.rows);
+                total.labelled_rows = total.labelled_rows.saturating_add(stats.labelled_rows);
+                total.correct = total.correct.saturating_add(stats.correct);
                 for (sum, count) in total.class_counts.iter_mut().zip(&stats.class_counts) {
-                    *sum += count;
+                    *sum = sum.saturating_add(*count);
                 }
             }
         }
@@ -231,6 +234,7 @@ pub fn plan_shards(rows: u64, workers: u32, shard_rows: u64) -> Result<Vec<Shard
             state: ShardState::Pending,
             attempts: 0,
             failures: 0,
+            last_failed_by: None,
         })
         .collect())
 }
@@ -272,6 +276,11 @@ pub(super) fn submit(
         if uri.is_empty() || uri.len() > INFERENCE_URI_LEN_MAX {
             return bad(format!("{field} must be 1 to {INFERENCE_URI_LEN_MAX} bytes"));
         }
+    }
+    let writing =
+        state.inferences.values().find(|j| !j.state.is_terminal() && j.request.output_uri == request.output_uri);
+    if let Some(other) = writing {
+        return bad(format!("{} is writing to {}; choose another output", other.id, request.output_uri));
     }
     let shards = plan_shards(request.rows, request.workers, request.shard_rows).map_err(Rejected::BadInference)?;
     let (artifact_uri, model_spec, shape) = (version.artifact_uri.clone(), version.spec.model.clone(), version.shape);
@@ -350,7 +359,13 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
     // A retried lease (its answer was lost) gets the same shard.
     let held =
         job.shards.iter().position(|s| matches!(s.state, ShardState::Leased { worker, .. } if worker == worker_id));
-    let next = if draining { None } else { job.shards.iter().position(|s| s.state == ShardState::Pending) };
+    // A shard this worker failed last goes to another member when there is one.
+    let others = job.members.len() > 1;
+    let open = |s: &Shard| s.state == ShardState::Pending && !(others && s.last_failed_by == Some(worker_id));
+    let next = if draining { None } else { job.shards.iter().position(open) };
+    if held.is_none() && next.is_none() && !draining && job.shards.iter().any(|s| s.state == ShardState::Pending) {
+        return Ok(Applied::ShardLeased { lease: None, released: false }); // ask again shortly
+    }
     let Some(index) = held.or(next) else {
         job.members.retain(|w| *w != worker_id);
         if let Some(worker) = state.workers.get_mut(&worker_id) {
@@ -402,7 +417,8 @@ pub(super) fn commit(
     if (stats.labelled_rows != 0 && stats.labelled_rows != stats.rows) || stats.correct > stats.labelled_rows {
         return bad(format!("{} correct of {} labelled rows is not possible", stats.correct, stats.labelled_rows));
     }
-    if stats.class_counts.len() != classes || stats.class_counts.iter().sum::<u64>() != stats.rows {
+    let counted = stats.class_counts.iter().try_fold(0u64, |sum, &n| sum.checked_add(n));
+    if stats.class_counts.len() != classes || counted != Some(stats.rows) {
         return bad(format!("class counts must be {classes} numbers that sum to the rows"));
     }
     if object.is_empty() || object.len() > INFERENCE_URI_LEN_MAX {
@@ -416,6 +432,7 @@ pub(super) fn commit(
 pub(super) fn fail(
     state: &mut State,
     job_id: JobId,
+    worker: WorkerId,
     index: u32,
     attempt: u64,
     error: String,
@@ -428,6 +445,7 @@ pub(super) fn fail(
     }
     shard.state = ShardState::Pending;
     shard.failures += 1;
+    shard.last_failed_by = Some(worker);
     let (first, last, failures) = (shard.first_row, shard.first_row + shard.rows, shard.failures);
     let error = super::apply::bounded(error);
     job.push_event(now, "shard_failed", format!("shard {index} (rows {first}..{last}), attempt {attempt}: {error}"));

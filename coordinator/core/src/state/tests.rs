@@ -607,3 +607,67 @@ fn a_shard_failing_too_often_fails_the_job_and_cancel_frees_members() {
     at(&mut state, 9, Command::CancelJob { job_id: job, reason: String::new() }).expect("cancel");
     assert_eq!((state.inferences[&job].state, state.workers[&w1].job), (JobState::Cancelled, None));
 }
+
+#[test]
+fn one_output_per_running_job_retries_go_to_another_member_and_reports_cannot_overflow() {
+    let mut state = State::default();
+    let (job, w1, w2) = inference_job(&mut state, 30, 10);
+    let mut request = state.inferences[&job].request.clone();
+    let second = at(
+        &mut state,
+        7,
+        Command::SubmitInference { request: Box::new(request.clone()), client_request_id: "i2".into() },
+    );
+    assert!(
+        matches!(second, Err(Rejected::BadInference(ref m)) if m.contains("is writing to file:///out")),
+        "{second:?}"
+    );
+    request.output_uri = "file:///elsewhere".into();
+    at(&mut state, 7, Command::SubmitInference { request: Box::new(request), client_request_id: "i3".into() })
+        .expect("another output is fine");
+
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+    let l = lease(&mut state, job, w1).expect("shard 0");
+    let error = "disk full".to_string();
+    at(&mut state, 9, Command::FailShard { job_id: job, worker_id: w1, index: l.index, attempt: l.attempt, error })
+        .expect("fail");
+    assert_ne!(lease(&mut state, job, w1).map(|l| l.index), Some(l.index), "not the shard it just failed");
+    assert_eq!(lease(&mut state, job, w2).map(|l| l.index), Some(l.index), "the other member retries it");
+
+    let overflow = ShardStats { rows: 10, labelled_rows: 0, correct: 0, class_counts: vec![u64::MAX, 11, 0] };
+    let sent = at(
+        &mut state,
+        10,
+        Command::CommitShard {
+            job_id: job,
+            worker_id: w2,
+            index: l.index,
+            attempt: l.attempt + 2,
+            object: "o".into(),
+            stats: overflow,
+        },
+    );
+    assert!(matches!(sent, Err(Rejected::BadShardReport { .. })), "{sent:?}");
+}
+
+#[test]
+fn a_job_being_finalized_cannot_be_cancelled() {
+    let mut state = State::default();
+    let (job, w1, _) = inference_job(&mut state, 10, 10);
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1] }).expect("join");
+    let l = lease(&mut state, job, w1).expect("lease");
+    let commit = Command::CommitShard {
+        job_id: job,
+        worker_id: w1,
+        index: l.index,
+        attempt: l.attempt,
+        object: "o".into(),
+        stats: stats(10, 10),
+    };
+    assert_eq!(at(&mut state, 9, commit), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
+    let cancel = at(&mut state, 10, Command::CancelJob { job_id: job, reason: String::new() });
+    assert!(
+        matches!(cancel, Err(Rejected::BadInference(ref m)) if m.contains("cannot be cancelled now")),
+        "{cancel:?}"
+    );
+}
