@@ -23,11 +23,21 @@ use serde_json::Value;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn json(home: &Path, args: &[&str]) -> Value {
-    let out = run(home, args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    parse(run(home, args), &args.join(" "))
+}
+
+/// The JSON object a successful command printed.
+fn parse(out: std::process::Output, what: &str) -> Value {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).expect("utf-8");
     let start = text.find('{').expect("a JSON object");
     serde_json::from_str(&text[start..]).expect("JSON")
+}
+
+/// A failed command's error output.
+fn refused(out: std::process::Output) -> String {
+    assert!(!out.status.success(), "expected a refusal: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 /// The shipped MNIST 5k rows (label first), as text lines.
@@ -69,6 +79,12 @@ fn train(home: &Path, dir: &Path, train: &Path, heldout: &Path) -> Value {
     assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));
     let job = String::from_utf8_lossy(&followed.stdout).lines().last().expect("job id").trim().to_string();
     json(home, &["status", &job, "-o", "json"])
+}
+
+/// `flotilla infer --model MODEL --input INPUT --output-prefix OUT EXTRA...`.
+fn infer(home: &Path, model: &str, input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (input, out) = (input.to_str().expect("utf-8"), out.to_str().expect("utf-8"));
+    run(home, &[&["infer", "--model", model, "--input", input, "--output-prefix", out], extra].concat())
 }
 
 /// Every output row: row id -> (predicted, the rest of the line), checking each id appears once.
@@ -114,11 +130,7 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
     assert_eq!(model["job_id"], job["id"], "lineage");
 
     let out = dir.path().join("predictions");
-    let out_arg = out.to_str().expect("utf-8");
-    let heldout_arg = heldout.to_str().expect("utf-8");
-    let args =
-        ["infer", "--model", "mnist-mlp@1", "--input", heldout_arg, "--output-prefix", out_arg, "--workers", "2"];
-    let done = json(&home, &[&args[..], &["-o", "json"]].concat());
+    let done = parse(infer(&home, "mnist-mlp@1", &heldout, &out, &["--workers", "2", "-o", "json"]), "infer");
     assert_eq!(done["state"], "Succeeded", "{done}");
     assert_eq!(done["rows_done"], 1000, "{done}");
 
@@ -158,63 +170,21 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
         .collect();
     std::fs::write(&unlabelled, text).expect("unlabelled");
     let out2 = dir.path().join("unlabelled-out");
-    let plain = json(
-        &home,
-        &[
-            "infer",
-            "--model",
-            "mnist-mlp",
-            "--input",
-            unlabelled.to_str().expect("utf-8"),
-            "--output-prefix",
-            out2.to_str().expect("utf-8"),
-            "-o",
-            "json",
-        ],
-    );
+    let plain = parse(infer(&home, "mnist-mlp", &unlabelled, &out2, &["-o", "json"]), "infer unlabelled");
     assert_eq!((plain["state"].as_str(), plain["accuracy"].is_null()), (Some("Succeeded"), true), "{plain}");
     for (row, (predicted, _)) in read_output(&out2) {
         assert_eq!(predicted, rows[&row].0, "row {row}");
     }
 
     // Refused with the reason, before any worker starts.
-    let again = run(&home, &args);
-    assert!(!again.status.success());
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("choose a new folder"),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    let again = refused(infer(&home, "mnist-mlp", &heldout, &out, &[]));
+    assert!(again.contains("choose a new folder"), "{again}");
     let narrow = dir.path().join("narrow.csv");
     std::fs::write(&narrow, "1,2,3\n").expect("narrow");
-    let refused = run(
-        &home,
-        &[
-            "infer",
-            "--model",
-            "mnist-mlp",
-            "--input",
-            narrow.to_str().expect("utf-8"),
-            "--output-prefix",
-            out2.join("x").to_str().expect("utf-8"),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&refused.stderr).to_string();
-    assert!(!refused.status.success());
+    let stderr = refused(infer(&home, "mnist-mlp", &narrow, &out2.join("x"), &[]));
     assert!(stderr.contains("input has 3 columns per row, but mnist-mlp@1 takes 784 features (or 785"), "{stderr}");
-    let unknown = run(
-        &home,
-        &[
-            "infer",
-            "--model",
-            "mnist-mlp@production",
-            "--input",
-            heldout_arg,
-            "--output-prefix",
-            out2.join("y").to_str().expect("utf-8"),
-        ],
-    );
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("has no alias `production`"));
+    let unknown = refused(infer(&home, "mnist-mlp@production", &heldout, &out2.join("y"), &[]));
+    assert!(unknown.contains("has no alias `production`"), "{unknown}");
 
     // A value that is not a number fails its shard on every attempt: the job fails, naming it.
     let bad = dir.path().join("bad.csv");
@@ -222,24 +192,7 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
         std::fs::read_to_string(&heldout).expect("heldout").lines().take(20).map(str::to_string).collect();
     lines[13] = lines[13].replacen(",0,", ",x,", 1);
     std::fs::write(&bad, lines.join("\n") + "\n").expect("bad");
-    let failed = run(
-        &home,
-        &[
-            "infer",
-            "--model",
-            "mnist-mlp",
-            "--input",
-            bad.to_str().expect("utf-8"),
-            "--output-prefix",
-            out2.join("bad").to_str().expect("utf-8"),
-            "--workers",
-            "2",
-            "--shard-rows",
-            "10",
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&failed.stderr).to_string();
-    assert!(!failed.status.success());
+    let stderr = refused(infer(&home, "mnist-mlp", &bad, &out2.join("bad"), &["--workers", "2", "--shard-rows", "10"]));
     assert!(
         stderr.contains("shard 1 (rows 10..20) failed 3 times") && stderr.contains("`x` is not a number"),
         "{stderr}"
@@ -257,25 +210,8 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
     assert_eq!(train(&home, dir.path(), &train_file, &heldout)["state"], "Succeeded");
 
     let out = dir.path().join("predictions");
-    let submitted = run(
-        &home,
-        &[
-            "infer",
-            "--model",
-            "mnist-mlp",
-            "--input",
-            heldout.to_str().expect("utf-8"),
-            "--output-prefix",
-            out.to_str().expect("utf-8"),
-            "--workers",
-            "2",
-            "--shard-rows",
-            "10",
-            "--batch-size",
-            "1",
-            "--detach",
-        ],
-    );
+    let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
+    let submitted = infer(&home, "mnist-mlp", &heldout, &out, &flags);
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
     // Freeze a worker that holds a lease (SIGSTOP: it cannot commit meanwhile), then kill it.

@@ -11,14 +11,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
     let now = envelope.at_unix_ms;
     match envelope.command {
         Command::SubmitJob { spec, client_request_id } => {
-            if client_request_id.is_empty() || client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
-                return Err(Rejected::BadRequestId);
-            }
-            if let Some(&job_id) = state.request_ids.get(&client_request_id) {
+            if let Some(job_id) = admit(state, &client_request_id)? {
                 return Ok(Applied::JobSubmitted { job_id, duplicate: true });
-            }
-            if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
-                return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
             }
             let job_id = JobId(state.next_job_id);
             state.next_job_id += 1;
@@ -401,6 +395,21 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.gang = workers;
     push_event(job, now, "gang", message);
     Ok(Applied::GangAssigned { job_id, generation: job.generation })
+}
+
+/// Checks a submission's request id and the job limit (training and inference jobs alike);
+/// `Some(job)` when the id already created `job` (a retried submission).
+pub(super) fn admit(state: &State, client_request_id: &str) -> Result<Option<JobId>, Rejected> {
+    if client_request_id.is_empty() || client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
+        return Err(Rejected::BadRequestId);
+    }
+    if let Some(&job_id) = state.request_ids.get(client_request_id) {
+        return Ok(Some(job_id));
+    }
+    if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
+        return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
+    }
+    Ok(None)
 }
 
 /// A successful job's model becomes the next version of `output.register_as`.

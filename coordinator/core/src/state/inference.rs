@@ -246,14 +246,8 @@ pub(super) fn submit(
     client_request_id: String,
     now: u64,
 ) -> Result<Applied, Rejected> {
-    if client_request_id.is_empty() || client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
-        return Err(Rejected::BadRequestId);
-    }
-    if let Some(&job_id) = state.request_ids.get(&client_request_id) {
+    if let Some(job_id) = super::apply::admit(state, &client_request_id)? {
         return Ok(Applied::JobSubmitted { job_id, duplicate: true });
-    }
-    if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
-        return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
     }
     let bad = |message: String| Err(Rejected::BadInference(message));
     let reference = format!("{}@{}", request.model, request.version);
