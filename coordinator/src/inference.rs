@@ -62,6 +62,8 @@ pub fn part_name(index: usize) -> String {
 pub struct InputShape {
     pub rows: u64,
     pub columns: usize,
+    /// The file's size in bytes (as stored: compressed for gzip).
+    pub bytes: u64,
 }
 
 /// Counts an input's rows and checks every row has the first row's column count. Reads CSV
@@ -103,7 +105,7 @@ pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
     if rows == 0 {
         return Err(format!("{name}: contains no data rows"));
     }
-    Ok(InputShape { rows, columns })
+    Ok(InputShape { rows, columns, bytes: 0 })
 }
 
 /// Reads the shape of the input at `uri` (blocking).
@@ -122,7 +124,9 @@ pub fn read_input_shape(uri: &str) -> Result<InputShape, String> {
     let name = path.display().to_string();
     // The workers' rule: gzip by its magic bytes or by a `.gz` name.
     let gzip = magic || name.to_ascii_lowercase().ends_with(".gz");
-    if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) }
+    let shape =
+        if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) };
+    shape.map(|s| InputShape { bytes: size, ..s })
 }
 
 /// Checks that the output folder is new or empty (an inference never overwrites results).
@@ -272,7 +276,7 @@ mod tests {
     #[test]
     fn the_input_shape_counts_data_rows_and_checks_columns() {
         let text = "1,2,3\n\n4,5,6\r\n  \n7,8,9";
-        assert_eq!(input_shape("in", text.as_bytes()), Ok(InputShape { rows: 3, columns: 3 }));
+        assert_eq!(input_shape("in", text.as_bytes()), Ok(InputShape { rows: 3, columns: 3, bytes: 0 }));
         let error = input_shape("in", "1,2,3\n4,5\n".as_bytes()).expect_err("ragged");
         assert!(error.contains("line 2 has 2 columns"), "{error}");
         assert!(input_shape("in", "\n\n".as_bytes()).expect_err("empty").contains("no data rows"));
@@ -319,6 +323,7 @@ mod tests {
                 shard_rows: 1,
                 rows: 2,
                 labelled: false,
+                input_bytes: 0,
             },
             artifact_uri: String::new(),
             model_spec: flotilla_core::spec::ModelSpec::Mlp { hidden: vec![] },

@@ -350,6 +350,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
         shard_rows: 0,
         rows: 1000,
         labelled: false,
+        input_bytes: 0,
     };
     step(&mut state, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));

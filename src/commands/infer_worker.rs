@@ -256,6 +256,15 @@ fn loaded(assignment: &InferAssignment) -> anyhow::Result<(Arc<Predictor>, Arc<I
     )
     .with_context(|| format!("loading the model {}", assignment.model_artifact_uri))?;
     let bytes = fetch(&assignment.input_uri).context("fetching the input")?;
+    if assignment.input_bytes != 0 && bytes.len() as u64 != assignment.input_bytes {
+        anyhow::bail!(
+            "{} is {} bytes now, but {} when the job was submitted: the input changed, so its row ids would not \
+             match; submit the job again",
+            assignment.input_uri,
+            bytes.len(),
+            assignment.input_bytes
+        );
+    }
     let input = InputText::index(&assignment.input_uri, &bytes)?;
     let (predictor, input) = (Arc::new(predictor), Arc::new(input));
     if let Ok(mut cache) = LOADED.lock() {

@@ -388,6 +388,7 @@ fn infer_assignment(job: &flotilla_core::state::InferenceJob) -> InferAssignment
         input_uri: job.request.input_uri.clone(),
         output_uri: job.request.output_uri.clone(),
         batch_size: job.request.batch_size,
+        input_bytes: job.request.input_bytes,
     }
 }
 

@@ -146,6 +146,7 @@ impl InferenceService for InferenceApi {
             shard_rows,
             rows: shape.rows,
             labelled,
+            input_bytes: shape.bytes,
         };
         let command = Command::SubmitInference { request: Box::new(request), client_request_id: r.client_request_id };
         match self.node.propose(command).await.map_err(status)? {

@@ -57,6 +57,10 @@ pub struct InferenceRequest {
     pub rows: u64,
     /// Rows carry a leading label (one column more than the model's features).
     pub labelled: bool,
+    /// The input's size in bytes when it was counted: workers refuse an input that changed
+    /// since (row ids would shift). 0: not checked.
+    #[serde(default)]
+    pub input_bytes: u64,
 }
 
 /// What a shard's attempt found.

@@ -475,6 +475,7 @@ fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, Worke
         shard_rows,
         rows,
         labelled: true,
+        input_bytes: 0,
     };
     let submitted =
         at(state, 5, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
