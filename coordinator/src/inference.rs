@@ -235,12 +235,41 @@ fn complete_jobs(state: &State) -> Vec<InferenceJob> {
     state.inferences.values().filter(|j| j.state == JobState::Running && j.is_complete()).cloned().collect()
 }
 
-/// Runs on every node; acts only while this node leads: finalizes complete inference jobs.
+/// Leases to give up now: (job, shard, worker, attempt, why).
+fn expired(state: &State, now_unix_ms: u64) -> Vec<(JobId, u32, flotilla_core::WorkerId, u64, String)> {
+    state
+        .inferences
+        .values()
+        .flat_map(|job| {
+            let timeout = job.lease_timeout_ms();
+            job.expired_leases(now_unix_ms).into_iter().map(move |(index, worker, attempt, age)| {
+                let why = format!(
+                    "{worker} held the lease for {} s without committing (limit {} s); it leaves the job",
+                    age / 1000,
+                    timeout / 1000
+                );
+                (job.id, index, worker, attempt, why)
+            })
+        })
+        .collect()
+}
+
+/// Runs on every node; acts only while this node leads: gives up leases that ran too long
+/// (a worker alive but stuck) and finalizes complete inference jobs.
 pub async fn finalize_loop(mut node: NodeHandle) {
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
         if node.status().leader_id != Some(node.id) {
             continue;
+        }
+        let now = crate::raft::node::now_unix_ms();
+        let Ok(stale) = node.read_local(move |state| expired(state, now)).await else { continue };
+        for (job_id, index, worker_id, attempt, error) in stale {
+            tracing::warn!(job = %job_id, shard = index, "{error}");
+            let command = Command::FailShard { job_id, worker_id, index, attempt, error, release: true };
+            if let Err(e) = node.propose(command).await {
+                tracing::debug!(job = %job_id, error = %e, "lease not given up; next pass retries");
+            }
         }
         let Ok(jobs) = node.read_local(complete_jobs).await else { continue };
         for job in jobs {
@@ -303,6 +332,7 @@ mod tests {
                     object: attempt_object(&out, index, attempt),
                     stats: ShardStats { rows: 1, labelled_rows: 0, correct: 0, class_counts: vec![0, 1] },
                     worker: flotilla_core::WorkerId(1),
+                    lease_ms: 0,
                 },
                 attempts: 1,
                 failures: 0,

@@ -255,7 +255,8 @@ impl InferenceService for InferenceApi {
         let r = request.into_inner();
         let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
         let error: String = r.error.chars().take(ERROR_LEN_MAX).collect();
-        let command = Command::FailShard { job_id, worker_id, index: r.index, attempt: r.attempt, error };
+        let command =
+            Command::FailShard { job_id, worker_id, index: r.index, attempt: r.attempt, error, release: false };
         self.node.propose(command).await.map_err(status)?;
         Ok(Response::new(Ack {}))
     }

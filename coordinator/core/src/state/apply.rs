@@ -183,8 +183,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         Command::CommitShard { job_id, worker_id, index, attempt, object, stats } => {
             inference::commit(state, job_id, worker_id, index, attempt, object, stats, now)
         }
-        Command::FailShard { job_id, worker_id, index, attempt, error } => {
-            inference::fail(state, job_id, worker_id, index, attempt, error, now)
+        Command::FailShard { job_id, worker_id, index, attempt, error, release } => {
+            inference::fail(state, job_id, worker_id, index, attempt, error, release, now)
         }
         Command::InferenceFinished { job_id, success, reason } => {
             inference::finished(state, job_id, success, reason, now)

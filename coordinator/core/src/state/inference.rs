@@ -35,6 +35,12 @@ pub const INFERENCE_WORKERS_MAX: u32 = 1024;
 /// Rows per forward pass at most, and the default.
 pub const INFERENCE_BATCH_MAX: u32 = 65_536;
 pub const INFERENCE_BATCH_DEFAULT: u32 = 256;
+/// A lease is given up (the attempt fails and its worker is released) after this many times
+/// the longest lease-to-commit time seen in the job, and never before the minimum; before any
+/// commit (model loading included), after the first-shard limit.
+pub const LEASE_TIMEOUT_FACTOR: u64 = 10;
+pub const LEASE_TIMEOUT_MIN_MS: u64 = 60_000;
+pub const LEASE_TIMEOUT_FIRST_MS: u64 = 600_000;
 /// Rows in one inference input at most.
 pub const INFERENCE_ROWS_MAX: u64 = 1_000_000_000;
 /// Longest input or output URI, and longest object name, in bytes.
@@ -88,6 +94,10 @@ pub enum ShardState {
         object: String,
         stats: ShardStats,
         worker: WorkerId,
+        /// From lease to commit, when the committing attempt held the lease (0 otherwise):
+        /// what the lease timeout is sized from.
+        #[serde(default)]
+        lease_ms: u64,
     },
 }
 
@@ -193,6 +203,39 @@ impl InferenceJob {
         let end = self.finished_at_unix_ms.unwrap_or(now_unix_ms);
         let seconds = end.saturating_sub(start).max(1) as f64 / 1000.0;
         self.totals().rows as f64 / seconds
+    }
+
+    /// How long a lease may run before it is given up (see [`LEASE_TIMEOUT_FACTOR`]).
+    pub fn lease_timeout_ms(&self) -> u64 {
+        let longest = self
+            .shards
+            .iter()
+            .filter_map(|s| match s.state {
+                ShardState::Done { lease_ms, .. } if lease_ms > 0 => Some(lease_ms),
+                _ => None,
+            })
+            .max();
+        longest.map_or(LEASE_TIMEOUT_FIRST_MS, |ms| ms.saturating_mul(LEASE_TIMEOUT_FACTOR).max(LEASE_TIMEOUT_MIN_MS))
+    }
+
+    /// Leases older than the timeout at `now_unix_ms`: (shard, worker, attempt, age in ms). Their
+    /// workers are alive (a lost worker's leases are returned at once) but not progressing.
+    pub fn expired_leases(&self, now_unix_ms: u64) -> Vec<(u32, WorkerId, u64, u64)> {
+        if self.state != JobState::Running {
+            return Vec::new();
+        }
+        let timeout = self.lease_timeout_ms();
+        self.shards
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| match s.state {
+                ShardState::Leased { worker, attempt, since_unix_ms } => {
+                    let age = now_unix_ms.saturating_sub(since_unix_ms);
+                    (age > timeout).then_some((index as u32, worker, attempt, age))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Members it can still take.
@@ -422,11 +465,17 @@ pub(super) fn commit(
     if object.is_empty() || object.len() > INFERENCE_URI_LEN_MAX {
         return bad(format!("the object name must be 1 to {INFERENCE_URI_LEN_MAX} bytes"));
     }
-    shard.state = ShardState::Done { attempt, object, stats, worker };
+    let lease_ms = match shard.state {
+        ShardState::Leased { attempt: held, since_unix_ms, .. } if held == attempt => now.saturating_sub(since_unix_ms),
+        _ => 0,
+    };
+    shard.state = ShardState::Done { attempt, object, stats, worker, lease_ms };
     job.updated_at_unix_ms = now;
     Ok(Applied::ShardCommitted { job_id, complete: job.is_complete() })
 }
 
+/// `release`: the worker leaves the job too (its lease timed out: it is alive but stuck).
+#[allow(clippy::too_many_arguments)] // one per field of the command
 pub(super) fn fail(
     state: &mut State,
     job_id: JobId,
@@ -434,6 +483,7 @@ pub(super) fn fail(
     index: u32,
     attempt: u64,
     error: String,
+    release: bool,
     now: u64,
 ) -> Result<Applied, Rejected> {
     let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
@@ -447,6 +497,12 @@ pub(super) fn fail(
     let (first, last, failures) = (shard.first_row, shard.first_row + shard.rows, shard.failures);
     let error = super::apply::bounded(error);
     job.push_event(now, "shard_failed", format!("shard {index} (rows {first}..{last}), attempt {attempt}: {error}"));
+    if release {
+        job.members.retain(|w| *w != worker);
+        if let Some(member) = state.workers.get_mut(&worker).filter(|w| w.job == Some(job_id)) {
+            member.job = None;
+        }
+    }
     if failures >= SHARD_FAILURES_MAX {
         let reason =
             format!("shard {index} (rows {first}..{last}) failed {failures} times (the limit); last error: {error}");

@@ -594,8 +594,19 @@ fn a_shard_failing_too_often_fails_the_job_and_cancel_frees_members() {
     for failure in 1..=SHARD_FAILURES_MAX {
         let l = lease(&mut state, job, w1).expect("lease");
         let error = "line 3, column 2: `x` is not a number".to_string();
-        at(&mut state, 9, Command::FailShard { job_id: job, worker_id: w1, index: l.index, attempt: l.attempt, error })
-            .expect("fail");
+        at(
+            &mut state,
+            9,
+            Command::FailShard {
+                job_id: job,
+                worker_id: w1,
+                index: l.index,
+                attempt: l.attempt,
+                error,
+                release: false,
+            },
+        )
+        .expect("fail");
         assert_eq!(state.inferences[&job].state == JobState::Failed, failure == SHARD_FAILURES_MAX);
     }
     assert!(state.inferences[&job].reason.contains("`x` is not a number"), "{}", state.inferences[&job].reason);
@@ -630,8 +641,12 @@ fn one_output_per_running_job_retries_go_to_another_member_and_reports_cannot_ov
     at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
     let l = lease(&mut state, job, w1).expect("shard 0");
     let error = "disk full".to_string();
-    at(&mut state, 9, Command::FailShard { job_id: job, worker_id: w1, index: l.index, attempt: l.attempt, error })
-        .expect("fail");
+    at(
+        &mut state,
+        9,
+        Command::FailShard { job_id: job, worker_id: w1, index: l.index, attempt: l.attempt, error, release: false },
+    )
+    .expect("fail");
     assert_ne!(lease(&mut state, job, w1).map(|l| l.index), Some(l.index), "not the shard it just failed");
     assert_eq!(lease(&mut state, job, w2).map(|l| l.index), Some(l.index), "the other member retries it");
 
@@ -671,4 +686,44 @@ fn a_job_being_finalized_cannot_be_cancelled() {
         matches!(cancel, Err(Rejected::BadInference(ref m)) if m.contains("cannot be cancelled now")),
         "{cancel:?}"
     );
+}
+
+#[test]
+fn a_stuck_lease_times_out_by_the_jobs_own_pace_and_its_worker_leaves() {
+    let mut state = State::default();
+    let (job, w1, w2) = inference_job(&mut state, 30, 10);
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+    let leased_at = 50; // `lease` stamps t = 50
+    let a = lease(&mut state, job, w1).expect("shard 0");
+    let b = lease(&mut state, job, w2).expect("shard 1");
+    let j = &state.inferences[&job];
+    assert_eq!(j.lease_timeout_ms(), LEASE_TIMEOUT_FIRST_MS, "before any commit: the first-shard limit");
+    assert!(j.expired_leases(leased_at + LEASE_TIMEOUT_FIRST_MS).is_empty());
+    // w1 commits after 2 s: the limit becomes max(10 x 2 s, 60 s) = 60 s.
+    let commit = Command::CommitShard {
+        job_id: job,
+        worker_id: w1,
+        index: a.index,
+        attempt: a.attempt,
+        object: "o".into(),
+        stats: stats(10, 10),
+    };
+    apply(&mut state, 60, Envelope::new(leased_at + 2_000, commit)).expect("commit");
+    let j = &state.inferences[&job];
+    assert_eq!(j.lease_timeout_ms(), LEASE_TIMEOUT_MIN_MS);
+    let expired = j.expired_leases(leased_at + LEASE_TIMEOUT_MIN_MS + 1);
+    assert_eq!(expired, vec![(b.index, w2, b.attempt, LEASE_TIMEOUT_MIN_MS + 1)], "w2 is stuck on shard 1");
+    let give_up = Command::FailShard {
+        job_id: job,
+        worker_id: w2,
+        index: b.index,
+        attempt: b.attempt,
+        error: "timed out".into(),
+        release: true,
+    };
+    at(&mut state, 70, give_up).expect("give up");
+    let j = &state.inferences[&job];
+    assert_eq!((j.shards[1].state.clone(), j.members.clone()), (ShardState::Pending, vec![w1]));
+    assert_eq!(state.workers[&w2].job, None, "the stuck worker left the job");
+    assert_eq!(lease(&mut state, job, w1).map(|l| l.index), Some(1), "another member retries it");
 }

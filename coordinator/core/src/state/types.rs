@@ -627,13 +627,15 @@ pub enum Command {
         object: String,
         stats: super::inference::ShardStats,
     },
-    /// A member could not process the shard.
+    /// A member could not process the shard, or (`release`) the leader gave up its lease.
     FailShard {
         job_id: JobId,
         worker_id: WorkerId,
         index: u32,
         attempt: u64,
         error: String,
+        #[serde(default)]
+        release: bool,
     },
     /// The leader finalized the output (or could not).
     InferenceFinished {
