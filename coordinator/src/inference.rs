@@ -369,6 +369,7 @@ mod tests {
             shards: vec![shard(0, 1), shard(1, 2)],
             members: vec![],
             joins: 1,
+            timed_out: vec![],
             next_attempt: 4,
             events: vec![],
         };

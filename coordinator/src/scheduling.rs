@@ -99,8 +99,12 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> =
                     state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
-                let inference: Vec<(JobId, usize)> =
-                    state.inferences.values().map(|j| (j.id, j.wants_workers())).filter(|(_, n)| *n > 0).collect();
+                let inference: Vec<InferenceWants> = state
+                    .inferences
+                    .values()
+                    .filter(|j| j.wants_workers() > 0)
+                    .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
+                    .collect();
                 (pending, free, reasons, growable(state), inference)
             })
             .await
@@ -150,14 +154,30 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
     }
 }
 
+/// An inference job's want of workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceWants {
+    pub job: JobId,
+    pub workers: usize,
+    /// Workers it must not get (their lease timed out on it).
+    pub excluded: Vec<WorkerId>,
+}
+
 /// Gives idle workers to inference jobs, oldest job first, as many as each still wants.
-pub fn inference_joins(wants: &[(JobId, usize)], idle: &[WorkerId]) -> Vec<(JobId, Vec<WorkerId>)> {
-    let mut idle = idle.iter().copied();
+pub fn inference_joins(wants: &[InferenceWants], idle: &[WorkerId]) -> Vec<(JobId, Vec<WorkerId>)> {
+    let mut idle: Vec<WorkerId> = idle.to_vec();
     wants
         .iter()
-        .filter_map(|&(job, want)| {
-            let workers: Vec<WorkerId> = idle.by_ref().take(want).collect();
-            (!workers.is_empty()).then_some((job, workers))
+        .filter_map(|want| {
+            let mut workers = Vec::new();
+            idle.retain(|w| {
+                let take = workers.len() < want.workers && !want.excluded.contains(w);
+                if take {
+                    workers.push(*w);
+                }
+                !take
+            });
+            (!workers.is_empty()).then_some((want.job, workers))
         })
         .collect()
 }
@@ -171,9 +191,17 @@ mod tests {
     #[test]
     fn inference_takes_the_idle_workers_oldest_job_first() {
         let idle = [WorkerId(4), WorkerId(5), WorkerId(6)];
-        let joins = inference_joins(&[(JobId(2), 2), (JobId(3), 5), (JobId(9), 1)], &idle);
+        let want = |job, workers, excluded: &[u64]| InferenceWants {
+            job: JobId(job),
+            workers,
+            excluded: excluded.iter().map(|&w| WorkerId(w)).collect(),
+        };
+        let joins = inference_joins(&[want(2, 2, &[]), want(3, 5, &[]), want(9, 1, &[])], &idle);
         assert_eq!(joins, vec![(JobId(2), vec![WorkerId(4), WorkerId(5)]), (JobId(3), vec![WorkerId(6)])]);
-        assert!(inference_joins(&[(JobId(2), 2)], &[]).is_empty());
+        assert!(inference_joins(&[want(2, 2, &[])], &[]).is_empty());
+        // A worker whose lease timed out on job 2 is never given to it again; job 3 may have it.
+        let joins = inference_joins(&[want(2, 1, &[4]), want(3, 1, &[])], &idle);
+        assert_eq!(joins, vec![(JobId(2), vec![WorkerId(5)]), (JobId(3), vec![WorkerId(4)])]);
     }
 
     #[test]

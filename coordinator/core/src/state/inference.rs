@@ -148,6 +148,9 @@ pub struct InferenceJob {
     /// a worker released and joined again restarts its shard loop.
     #[serde(default)]
     pub joins: u64,
+    /// Workers whose lease timed out (alive but stuck): never joined to this job again.
+    #[serde(default)]
+    pub timed_out: Vec<WorkerId>,
     pub next_attempt: u64,
     pub events: Vec<JobEvent>,
 }
@@ -348,6 +351,7 @@ pub(super) fn submit(
         shards,
         members: Vec::new(),
         joins: 0,
+        timed_out: Vec::new(),
         next_attempt: 1,
         events: Vec::new(),
     };
@@ -370,7 +374,7 @@ pub(super) fn join(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now
     }
     for id in &workers {
         let worker = state.workers.get(id).ok_or(Rejected::WorkerNotFound(*id))?;
-        if worker.lost_at_unix_ms.is_some() || worker.job.is_some() || worker.draining {
+        if worker.lost_at_unix_ms.is_some() || worker.job.is_some() || worker.draining || job.timed_out.contains(id) {
             return Err(Rejected::WorkerUnavailable(*id));
         }
     }
@@ -499,6 +503,9 @@ pub(super) fn fail(
     job.push_event(now, "shard_failed", format!("shard {index} (rows {first}..{last}), attempt {attempt}: {error}"));
     if release {
         job.members.retain(|w| *w != worker);
+        if !job.timed_out.contains(&worker) && job.timed_out.len() < INFERENCE_WORKERS_MAX as usize {
+            job.timed_out.push(worker);
+        }
         if let Some(member) = state.workers.get_mut(&worker).filter(|w| w.job == Some(job_id)) {
             member.job = None;
         }

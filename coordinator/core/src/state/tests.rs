@@ -725,5 +725,7 @@ fn a_stuck_lease_times_out_by_the_jobs_own_pace_and_its_worker_leaves() {
     let j = &state.inferences[&job];
     assert_eq!((j.shards[1].state.clone(), j.members.clone()), (ShardState::Pending, vec![w1]));
     assert_eq!(state.workers[&w2].job, None, "the stuck worker left the job");
+    let again = at(&mut state, 71, Command::JoinInference { job_id: job, workers: vec![w2] });
+    assert_eq!(again, Err(Rejected::WorkerUnavailable(w2)), "and never joins it again");
     assert_eq!(lease(&mut state, job, w1).map(|l| l.index), Some(1), "another member retries it");
 }
