@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Down, run, worker_pid};
+use common::{run, worker_pid};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -114,29 +114,55 @@ fn read_output(out: &Path) -> BTreeMap<u64, (u32, String)> {
     rows
 }
 
+/// A local cluster of 2 workers with `mnist-mlp` version 1 trained on it (one test at a time);
+/// stopped and deleted when dropped, even when an assertion fails.
+struct Trained {
+    home: PathBuf,
+    dir: tempfile::TempDir,
+    heldout: PathBuf,
+    /// The training job's status.
+    job: Value,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Trained {
+    fn new() -> Trained {
+        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join(".flotilla");
+        let up = run(&home, &["up", "--workers", "2"]);
+        let (train_file, heldout) = split(dir.path());
+        let mut trained = Trained { home, dir, heldout, job: Value::Null, _serial: serial };
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        trained.job = train(&trained.home, trained.dir.path(), &train_file, &trained.heldout);
+        assert_eq!(trained.job["state"], "Succeeded", "{}", trained.job);
+        trained
+    }
+}
+
+impl Drop for Trained {
+    fn drop(&mut self) {
+        let _ = run(&self.home, &["down", "--purge"]);
+    }
+}
+
 #[test]
 fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validation_accuracy() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    assert!(run(&home, &["up", "--workers", "2"]).status.success());
-    let (train_file, heldout) = split(dir.path());
-    let job = train(&home, dir.path(), &train_file, &heldout);
-    assert_eq!(job["state"], "Succeeded", "{job}");
+    let trained = Trained::new();
+    let (home, dir, heldout, job) = (&trained.home, &trained.dir, &trained.heldout, &trained.job);
     let val_accuracy = job["metrics"]["val_accuracy"].as_f64().expect("val_accuracy");
-    let model = json(&home, &["models", "show", "mnist-mlp", "-o", "json"]);
+    let model = json(home, &["models", "show", "mnist-mlp", "-o", "json"]);
     assert_eq!((model["features_per_row"].as_u64(), model["classes"].as_u64()), (Some(784), Some(10)), "{model}");
     assert_eq!(model["job_id"], job["id"], "lineage");
 
     let out = dir.path().join("predictions");
-    let done = parse(infer(&home, "mnist-mlp@1", &heldout, &out, &["--workers", "2", "-o", "json"]), "infer");
+    let done = parse(infer(home, "mnist-mlp@1", heldout, &out, &["--workers", "2", "-o", "json"]), "infer");
     assert_eq!(done["state"], "Succeeded", "{done}");
     assert_eq!(done["rows_done"], 1000, "{done}");
 
     let rows = read_output(&out);
     assert_eq!(rows.keys().copied().collect::<Vec<_>>(), (0..1000).collect::<Vec<u64>>(), "every row exactly once");
-    let labels: Vec<u32> = std::fs::read_to_string(&heldout)
+    let labels: Vec<u32> = std::fs::read_to_string(heldout)
         .expect("heldout")
         .lines()
         .map(|l| l.split(',').next().expect("label").parse().expect("label"))
@@ -154,7 +180,7 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
     assert_eq!(counts, 1000);
     assert_eq!(summary["workers_used"].as_array().map(Vec::len), Some(2), "both workers served shards: {summary}");
     assert!(summary["rows_per_s"].as_f64().expect("rate") > 0.0);
-    let shown = json(&home, &["status", done["id"].as_str().expect("id"), "-o", "json"]);
+    let shown = json(home, &["status", done["id"].as_str().expect("id"), "-o", "json"]);
     assert_eq!(
         (shown["kind"].as_str(), shown["shards_done"].clone()),
         (Some("inference"), done["shards_total"].clone())
@@ -162,7 +188,7 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
 
     // The same rows without labels get the same predictions (and no accuracy).
     let unlabelled = dir.path().join("unlabelled.csv");
-    let text: String = std::fs::read_to_string(&heldout)
+    let text: String = std::fs::read_to_string(heldout)
         .expect("heldout")
         .lines()
         .take(100)
@@ -170,29 +196,29 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
         .collect();
     std::fs::write(&unlabelled, text).expect("unlabelled");
     let out2 = dir.path().join("unlabelled-out");
-    let plain = parse(infer(&home, "mnist-mlp", &unlabelled, &out2, &["-o", "json"]), "infer unlabelled");
+    let plain = parse(infer(home, "mnist-mlp", &unlabelled, &out2, &["-o", "json"]), "infer unlabelled");
     assert_eq!((plain["state"].as_str(), plain["accuracy"].is_null()), (Some("Succeeded"), true), "{plain}");
     for (row, (predicted, _)) in read_output(&out2) {
         assert_eq!(predicted, rows[&row].0, "row {row}");
     }
 
     // Refused with the reason, before any worker starts.
-    let again = refused(infer(&home, "mnist-mlp", &heldout, &out, &[]));
+    let again = refused(infer(home, "mnist-mlp", heldout, &out, &[]));
     assert!(again.contains("choose a new folder"), "{again}");
     let narrow = dir.path().join("narrow.csv");
     std::fs::write(&narrow, "1,2,3\n").expect("narrow");
-    let stderr = refused(infer(&home, "mnist-mlp", &narrow, &out2.join("x"), &[]));
+    let stderr = refused(infer(home, "mnist-mlp", &narrow, &out2.join("x"), &[]));
     assert!(stderr.contains("input has 3 columns per row, but mnist-mlp@1 takes 784 features (or 785"), "{stderr}");
-    let unknown = refused(infer(&home, "mnist-mlp@production", &heldout, &out2.join("y"), &[]));
+    let unknown = refused(infer(home, "mnist-mlp@production", heldout, &out2.join("y"), &[]));
     assert!(unknown.contains("has no alias `production`"), "{unknown}");
 
     // A value that is not a number fails its shard on every attempt: the job fails, naming it.
     let bad = dir.path().join("bad.csv");
     let mut lines: Vec<String> =
-        std::fs::read_to_string(&heldout).expect("heldout").lines().take(20).map(str::to_string).collect();
+        std::fs::read_to_string(heldout).expect("heldout").lines().take(20).map(str::to_string).collect();
     lines[13] = lines[13].replacen(",0,", ",x,", 1);
     std::fs::write(&bad, lines.join("\n") + "\n").expect("bad");
-    let stderr = refused(infer(&home, "mnist-mlp", &bad, &out2.join("bad"), &["--workers", "2", "--shard-rows", "10"]));
+    let stderr = refused(infer(home, "mnist-mlp", &bad, &out2.join("bad"), &["--workers", "2", "--shard-rows", "10"]));
     assert!(
         stderr.contains("shard 1 (rows 10..20) failed 3 times") && stderr.contains("`x` is not a number"),
         "{stderr}"
@@ -201,24 +227,19 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
 
 #[test]
 fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let _down = Down(&home);
-    assert!(run(&home, &["up", "--workers", "2"]).status.success());
-    let (train_file, heldout) = split(dir.path());
-    assert_eq!(train(&home, dir.path(), &train_file, &heldout)["state"], "Succeeded");
+    let trained = Trained::new();
+    let (home, dir, heldout) = (&trained.home, &trained.dir, &trained.heldout);
 
     let out = dir.path().join("predictions");
     let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
-    let submitted = infer(&home, "mnist-mlp", &heldout, &out, &flags);
+    let submitted = infer(home, "mnist-mlp", heldout, &out, &flags);
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
     // Freeze a worker that holds a lease (SIGSTOP: it cannot commit meanwhile), then kill it.
     let started = Instant::now();
     let victim = loop {
         assert!(started.elapsed() < Duration::from_secs(60), "never caught a worker holding a shard");
-        let status = json(&home, &["status", &job, "-o", "json"]);
+        let status = json(home, &["status", &job, "-o", "json"]);
         assert_eq!(
             status["state"].as_str().map(|s| s != "Succeeded"),
             Some(true),
@@ -226,9 +247,9 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
         );
         let Some(lease) = status["leases"].as_array().and_then(|l| l.first()).cloned() else { continue };
         let worker = lease["worker"].as_str().expect("worker").to_string();
-        let pid = worker_pid(&home, &worker).to_string();
+        let pid = worker_pid(home, &worker).to_string();
         assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
-        let frozen = json(&home, &["status", &job, "-o", "json"]);
+        let frozen = json(home, &["status", &job, "-o", "json"]);
         if frozen["leases"].as_array().is_some_and(|l| l.iter().any(|l| l["worker"] == worker.as_str())) {
             assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().expect("kill").success());
             break worker;
@@ -236,7 +257,7 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
         assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
     };
     let done = loop {
-        let status = json(&home, &["status", &job, "-o", "json"]);
+        let status = json(home, &["status", &job, "-o", "json"]);
         if status["state"] != "Running" && status["state"] != "Pending" {
             break status;
         }
