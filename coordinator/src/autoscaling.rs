@@ -158,18 +158,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
     }
     // Inference jobs want workers for their pending shards: CPU work, any pool, spot first.
     for job in state.inferences.values().filter(|j| j.wants_workers() > 0) {
-        out.gangs.push(Gang {
-            job: job.id,
-            priority: 0,
-            order: job.submitted_index,
-            workers: job.wants_workers() as u32,
-            gpus_per_worker: 0,
-            instance_types: Vec::new(),
-            spot: true,
-            on_demand_fallback: true,
-            max_price_usd_per_hour: None,
-            budget_left_usd: None,
-        });
+        out.gangs.push(Gang::unconstrained(job.id, job.submitted_index, job.wants_workers() as u32, 0));
     }
     out
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_core::JobId;
-use flotilla_core::state::{Command, InferenceJob, JobState, ShardState, State};
+use flotilla_core::state::{ATTEMPTS_DIR, Command, InferenceJob, JobState, ShardState, State};
 
 use crate::raft::node::NodeHandle;
 
@@ -36,8 +36,7 @@ pub const SHARD_VALUES_MAX: u64 = 256 * 1024 * 1024;
 const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
 /// How often the leader looks for complete jobs.
 const PASS_EVERY: Duration = Duration::from_millis(300);
-/// Name of the folder of uncommitted attempts, and of the summary and marker files.
-pub const ATTEMPTS_DIR: &str = "_attempts";
+/// Names of the summary and marker files.
 pub const SUMMARY_FILE: &str = "_SUMMARY.json";
 pub const SUCCESS_FILE: &str = "_SUCCESS";
 
@@ -45,11 +44,6 @@ pub const SUCCESS_FILE: &str = "_SUCCESS";
 pub fn local_path(uri: &str) -> Option<PathBuf> {
     let path = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
     (path.is_absolute() && !path.components().any(|c| c.as_os_str() == "..")).then_some(path)
-}
-
-/// The object a worker writes for `attempt` of shard `index`.
-pub fn attempt_object(output_uri: &str, index: u32, attempt: u64) -> String {
-    format!("{}/{ATTEMPTS_DIR}/part-{index:05}-a{attempt}.csv", output_uri.trim_end_matches('/'))
 }
 
 /// The promoted name of shard `index`.
@@ -67,8 +61,8 @@ pub struct InputShape {
 }
 
 /// Counts an input's rows and checks every row has the first row's column count. Reads CSV
-/// text (decompressed). A data row is a line that is not all ASCII whitespace: the rule the
-/// workers' readers use, so both count the same rows. `name` is used in errors.
+/// text (decompressed). Data rows are told from blank lines by `flotilla_core::text`, the rule
+/// the workers' readers use, so both number the same rows. `name` is used in errors.
 pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
     let mut reader = BufReader::new(input.take(INPUT_DECOMPRESSED_MAX_BYTES + 1));
     let mut total = 0u64;
@@ -91,7 +85,7 @@ pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
         if line.len() as u64 > LINE_LEN_MAX_BYTES {
             return Err(format!("{name}: line {number} is longer than {LINE_LEN_MAX_BYTES} bytes"));
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if !flotilla_core::text::is_data_line(&line) {
             continue;
         }
         let found = line.iter().filter(|&&b| b == b',').count() + 1;
@@ -117,13 +111,10 @@ pub fn read_input_shape(uri: &str) -> Result<InputShape, String> {
         return Err(format!("input {} is {size} bytes; at most {INPUT_SIZE_MAX_BYTES}", path.display()));
     }
     let mut head = [0u8; 2];
-    let magic = {
-        let mut probe = std::fs::File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
-        probe.read(&mut head).is_ok_and(|n| n == 2 && head == [0x1f, 0x8b])
-    };
+    let read = std::fs::File::open(&path).and_then(|mut probe| probe.read(&mut head));
+    let head = &head[..read.unwrap_or(0)];
     let name = path.display().to_string();
-    // The workers' rule: gzip by its magic bytes or by a `.gz` name.
-    let gzip = magic || name.to_ascii_lowercase().ends_with(".gz");
+    let gzip = flotilla_core::text::is_gzip(&name, head);
     let shape =
         if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) };
     shape.map(|s| InputShape { bytes: size, ..s })
@@ -145,10 +136,8 @@ pub fn check_output(uri: &str) -> Result<PathBuf, String> {
 
 /// The `_SUMMARY.json` of a complete job, as of `now_unix_ms`.
 pub fn summary(job: &InferenceJob, now_unix_ms: u64) -> serde_json::Value {
-    let totals = job.totals();
-    let start = job.started_at_unix_ms.unwrap_or(job.submitted_at_unix_ms);
-    let seconds = now_unix_ms.saturating_sub(start).max(1) as f64 / 1000.0;
-    let accuracy = (totals.labelled_rows > 0).then(|| totals.correct as f64 / totals.labelled_rows as f64);
+    let progress = job.progress(now_unix_ms);
+    let totals = &progress.totals;
     serde_json::json!({
         "job_id": job.id.to_string(),
         "model": job.request.model,
@@ -158,14 +147,14 @@ pub fn summary(job: &InferenceJob, now_unix_ms: u64) -> serde_json::Value {
         "rows": totals.rows,
         "labelled_rows": totals.labelled_rows,
         "correct": totals.correct,
-        "accuracy": accuracy,
+        "accuracy": progress.accuracy,
         "class_counts": totals.class_counts,
         "shards": job.shards.len(),
         "shard_retries": job.retries(),
         "workers_used": job.workers_used().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "parts": (0..job.shards.len()).map(part_name).collect::<Vec<_>>(),
-        "seconds": seconds,
-        "rows_per_s": totals.rows as f64 / seconds,
+        "seconds": progress.elapsed_ms as f64 / 1000.0,
+        "rows_per_s": progress.rows_per_s,
         "workers_max": job.request.workers,
         "batch_size": job.request.batch_size,
     })
@@ -301,6 +290,7 @@ pub async fn finalize_loop(mut node: NodeHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_core::state::attempt_object;
 
     #[test]
     fn the_input_shape_counts_data_rows_and_checks_columns() {

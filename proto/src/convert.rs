@@ -222,17 +222,16 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
 /// An inference job's status, with its throughput as of `now_unix_ms`.
 pub fn inference_to_proto(job: &flotilla_core::state::InferenceJob, now_unix_ms: u64) -> v1::InferenceStatus {
     use flotilla_core::state::ShardState;
-    let totals = job.totals();
-    let start = job.started_at_unix_ms.unwrap_or(now_unix_ms);
+    let progress = job.progress(now_unix_ms);
     v1::InferenceStatus {
         id: job.id.to_string(),
         state: job_state_to_proto(job.state).into(),
         reason: job.reason.clone(),
         shards_total: job.shards.len() as u32,
         shards_done: job.shards_done() as u32,
-        rows_done: totals.rows,
-        rows_per_s: job.rows_per_s(now_unix_ms),
-        accuracy: (totals.labelled_rows > 0).then(|| totals.correct as f64 / totals.labelled_rows as f64),
+        rows_done: progress.totals.rows,
+        rows_per_s: progress.rows_per_s,
+        accuracy: progress.accuracy,
         served_by: 0,
         model: job.request.model.clone(),
         model_version: job.request.version,
@@ -260,8 +259,8 @@ pub fn inference_to_proto(job: &flotilla_core::state::InferenceJob, now_unix_ms:
             .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
             .collect(),
         submitted_at_unix_ms: job.submitted_at_unix_ms,
-        elapsed_ms: job.finished_at_unix_ms.unwrap_or(now_unix_ms).saturating_sub(start),
-        class_counts: totals.class_counts,
+        elapsed_ms: progress.elapsed_ms,
+        class_counts: progress.totals.class_counts,
     }
 }
 

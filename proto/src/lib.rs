@@ -20,6 +20,7 @@ pub use flotilla_core::ids::{IdParseError, JobId, NodeId, WorkerId};
 pub use flotilla_core::rand;
 /// The job-spec types (defined in the pure core), re-exported so workers need only this crate.
 pub use flotilla_core::spec;
+pub use flotilla_core::text;
 
 /// Generated messages and services of package `flotilla.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -20,10 +20,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use flotilla_proto::spec::ModelSpec;
 
 use crate::data::{DataError, csv, store};
-use crate::train::TrainError;
 use crate::train::export::load_safetensors;
 use crate::train::flat::{self, ParamLayout};
 use crate::train::model::Network;
+use crate::train::{TrainError, argmax};
 
 /// Why a shard could not be inferred.
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +83,6 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     exp.iter().map(|&e| (e / sum) as f32).collect()
 }
 
-/// The first index of the highest value (training's validation breaks ties the same way).
-fn argmax(values: &[f32]) -> usize {
-    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
-}
-
 /// An input's text (decompressed) with the byte offset of every data row (blank lines are not
 /// rows): what a worker keeps per job, so a shard parses only its own rows.
 pub struct InputText {
@@ -110,7 +105,7 @@ impl InputText {
         let mut row_starts = Vec::new();
         let mut start = 0;
         for line in text.split_inclusive(|&b| b == b'\n') {
-            if !line.iter().all(u8::is_ascii_whitespace) {
+            if flotilla_proto::text::is_data_line(line) {
                 row_starts.push(start);
             }
             start += line.len();

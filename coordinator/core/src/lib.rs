@@ -15,6 +15,7 @@ pub mod rand;
 pub mod scheduler;
 pub mod spec;
 pub mod state;
+pub mod text;
 
 pub use ids::{IdParseError, JobId, NodeId, WorkerId};
 pub use spec::{JobSpec, SpecError};

@@ -13,7 +13,7 @@ use flotilla_proto::{ApiError, ErrorKind, auth};
 use tonic::{Request, Response, Status};
 
 use super::status;
-use crate::inference::{SHARD_VALUES_MAX, attempt_object, check_output, local_path, read_input_shape};
+use crate::inference::{SHARD_VALUES_MAX, check_output, read_input_shape};
 use crate::raft::node::{NodeHandle, now_unix_ms};
 
 /// Longest model reference and error text accepted.
@@ -75,28 +75,27 @@ impl InferenceService for InferenceApi {
                 "model must be NAME, NAME@VERSION or NAME@ALIAS (1 to {REFERENCE_LEN_MAX} bytes)"
             )));
         }
-        // A retried submission returns the job it created (before the output check, which the
-        // first attempt's output would now fail).
-        let request_id = r.client_request_id.clone();
-        let existing =
-            self.node.read(move |state| state.request_ids.get(&request_id).copied()).await.map_err(status)?;
-        if let Some(job_id) = existing {
-            return Ok(Response::new(SubmitJobResponse {
-                job_id: job_id.to_string(),
-                duplicate: true,
-                served_by: self.node.id,
-            }));
-        }
-        let reference = r.model.clone();
-        let resolved = self
+        // One read: a retried submission returns the job it created (before the output check,
+        // which the first attempt's output would now fail); otherwise the model's shape.
+        let (request_id, reference) = (r.client_request_id.clone(), r.model.clone());
+        let known = self
             .node
-            .read(move |state| {
-                state.resolve_model(&reference).map(|(m, v)| (m.name.clone(), v.version, v.shape.features_per_row))
+            .read(move |state| match state.request_ids.get(&request_id) {
+                Some(&job_id) => Ok(Err(job_id)),
+                None => state
+                    .resolve_model(&reference)
+                    .map(|(m, v)| Ok((m.name.clone(), v.version, v.shape.features_per_row))),
             })
             .await
             .map_err(status)?
             .map_err(|e| status(ApiError::new(ErrorKind::NotFound, e.to_string())))?;
-        let (name, version, features) = resolved;
+        let (name, version, features) = match known {
+            Ok(model) => model,
+            Err(job_id) => {
+                let (job_id, served_by) = (job_id.to_string(), self.node.id);
+                return Ok(Response::new(SubmitJobResponse { job_id, duplicate: true, served_by }));
+            }
+        };
         let (input, output) = (r.input_uri.clone(), r.output_uri.clone());
         let checked = tokio::task::spawn_blocking(move || {
             check_output(&output)?;
@@ -197,41 +196,21 @@ impl InferenceService for InferenceApi {
         let Applied::ShardLeased { lease, released } = applied else {
             return Err(status(ApiError::new(ErrorKind::Internal, format!("lease produced {applied:?}"))));
         };
-        let Some(lease) = lease else { return Ok(Response::new(LeaseShardResponse { shard: None, released })) };
-        let job = self
-            .node
-            .read_local(move |state| state.inferences.get(&job_id).map(|j| (j.request.clone(), j.artifact_uri.clone())))
-            .await
-            .map_err(status)?;
-        let (job, artifact) = job.ok_or_else(|| status(ApiError::new(ErrorKind::NotFound, format!("{job_id}"))))?;
-        let shard = Shard {
+        let shard = lease.map(|lease| Shard {
             job_id: job_id.to_string(),
             index: lease.index,
-            input_uri: job.input_uri,
             first_row: lease.first_row,
             rows: lease.rows,
-            model_artifact_uri: artifact,
-            output_uri: attempt_object(&job.output_uri, lease.index, lease.attempt),
+            output_uri: lease.object,
             attempt: lease.attempt,
-        };
-        Ok(Response::new(LeaseShardResponse { shard: Some(shard), released: false }))
+        });
+        Ok(Response::new(LeaseShardResponse { shard, released }))
     }
 
     async fn commit_shard(&self, request: Request<CommitShardRequest>) -> Result<Response<Ack>, Status> {
         self.authorize_worker(&request)?;
         let r = request.into_inner();
         let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
-        // Only the attempt's own object may be committed: the finalizer renames what is recorded.
-        let output = self
-            .node
-            .read_local(move |state| state.inferences.get(&job_id).map(|j| j.request.output_uri.clone()))
-            .await
-            .map_err(status)?
-            .ok_or_else(|| status(ApiError::new(ErrorKind::NotFound, format!("{job_id} is not an inference job"))))?;
-        let expected = attempt_object(&output, r.index, r.attempt);
-        if r.output_object != expected || local_path(&r.output_object).is_none() {
-            return Err(invalid(format!("output_object must be {expected}, got `{}`", r.output_object)));
-        }
         let stats = ShardStats {
             rows: r.rows,
             labelled_rows: r.labelled_rows,

@@ -50,8 +50,8 @@ fn parse_with(uri: &str, input: impl Read, labelled: bool) -> Result<RawData, Da
         }
         let text = std::str::from_utf8(&line).map_err(|_| field_error(uri, line_number, 1, "is not UTF-8 text"))?;
         let text = text.trim_end_matches(['\n', '\r']);
-        // Blank = all ASCII whitespace: the rule the coordinator counts inference rows by.
-        if text.bytes().all(|b| b.is_ascii_whitespace()) {
+        // The rule the coordinator counts inference rows by.
+        if !flotilla_proto::text::is_data_line(text.as_bytes()) {
             continue;
         }
         if first_line == 0 {

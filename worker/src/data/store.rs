@@ -20,9 +20,6 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::{DECOMPRESSED_SIZE_MAX_BYTES, DataError, FILE_SIZE_MAX_BYTES};
 
-/// The first two bytes of every gzip member (RFC 1952).
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-
 /// Reads the whole object at `uri`. Blocking.
 pub fn fetch(uri: &DataUri) -> Result<Vec<u8>, DataError> {
     let name = uri.to_string();
@@ -73,16 +70,10 @@ fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, DataError> {
     Ok(runtime.block_on(future))
 }
 
-/// Whether `bytes` (named `name`) is gzip: by its magic bytes, or by a `.gz` name (a `.gz` file
-/// without the magic then fails to decode, with a message, rather than parsing as garbage).
-pub fn is_gzip(name: &str, bytes: &[u8]) -> bool {
-    bytes.starts_with(&GZIP_MAGIC) || name.to_ascii_lowercase().ends_with(".gz")
-}
-
 /// A reader over the decompressed contents when `bytes` is gzip, else over `bytes` itself.
 /// Either way reading past [`DECOMPRESSED_SIZE_MAX_BYTES`] fails with `FileTooLarge`.
 pub fn maybe_gunzip<'a>(name: &str, bytes: &'a [u8]) -> Box<dyn Read + 'a> {
-    if is_gzip(name, bytes) {
+    if flotilla_proto::text::is_gzip(name, bytes) {
         Box::new(CappedReader { inner: MultiGzDecoder::new(bytes), left: DECOMPRESSED_SIZE_MAX_BYTES })
     } else {
         Box::new(CappedReader { inner: bytes, left: DECOMPRESSED_SIZE_MAX_BYTES })

@@ -111,6 +111,13 @@ pub struct StepReport {
     pub stop_agreed: bool,
 }
 
+/// The predicted class of a row of logits (or probabilities): the first index of the highest
+/// value. Validation and batch inference both use it, so their accuracies agree on the same rows.
+pub fn argmax(values: &[f32]) -> usize {
+    let first_best = |(bi, bv): (usize, f32), (i, &v): (usize, &f32)| if v > bv { (i, v) } else { (bi, bv) };
+    values.iter().enumerate().fold((0, f32::NEG_INFINITY), first_best).0
+}
+
 /// Quality on a held-out set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metrics {

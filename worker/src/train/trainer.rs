@@ -320,9 +320,8 @@ fn summed_cross_entropy(logits: Tensor<2>, labels: &[u32], device: &Device) -> T
 
 /// Index of the largest value (first on ties) and `ln(sum(exp(row)))`, computed stably in f64.
 fn argmax_and_log_sum_exp(row: &[f32]) -> (usize, f64) {
-    let (best, max) =
-        row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
-    let max = f64::from(max);
+    let best = super::argmax(row);
+    let max = f64::from(row.get(best).copied().unwrap_or(f32::NEG_INFINITY));
     let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     (best, max + sum.ln())
 }

@@ -77,6 +77,25 @@ pub struct Gang {
     pub budget_left_usd: Option<f64>,
 }
 
+impl Gang {
+    /// A gang with no constraints beyond its size: priority 0, any instance type, spot first
+    /// with on-demand fallback, no price cap, no budget.
+    pub fn unconstrained(job: JobId, order: u64, workers: u32, gpus_per_worker: u32) -> Gang {
+        Gang {
+            job,
+            priority: 0,
+            order,
+            workers,
+            gpus_per_worker,
+            instance_types: Vec::new(),
+            spot: true,
+            on_demand_fallback: true,
+            max_price_usd_per_hour: None,
+            budget_left_usd: None,
+        }
+    }
+}
+
 /// An instance the cluster holds (running, or requested and not yet registered).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {

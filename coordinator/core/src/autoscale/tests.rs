@@ -17,18 +17,7 @@ fn quote(t: &str, z: &str, spot: f64, on_demand: f64, rate: f64) -> Quote {
 }
 
 fn gang(job: u64, workers: u32) -> Gang {
-    Gang {
-        job: JobId(job),
-        priority: 0,
-        order: job,
-        workers,
-        gpus_per_worker: 1,
-        instance_types: Vec::new(),
-        spot: true,
-        on_demand_fallback: true,
-        max_price_usd_per_hour: None,
-        budget_left_usd: None,
-    }
+    Gang::unconstrained(JobId(job), job, workers, 1)
 }
 
 fn held(id: &str, p: PoolKey, busy: bool, idle_since: Option<u64>) -> Held {

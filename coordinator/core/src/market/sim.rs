@@ -267,18 +267,7 @@ impl World<'_> {
                 let now_ms = (hour * 3_600_000.0) as u64;
                 let gangs: Vec<Gang> = waiting
                     .iter()
-                    .map(|&j| Gang {
-                        job: JobId(j as u64),
-                        priority: 0,
-                        order: j as u64,
-                        workers: self.jobs[j].spec.workers,
-                        gpus_per_worker: 1,
-                        instance_types: Vec::new(),
-                        spot: true,
-                        on_demand_fallback: true,
-                        max_price_usd_per_hour: None,
-                        budget_left_usd: None,
-                    })
+                    .map(|&j| Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1))
                     .collect();
                 let held: Vec<Held> = self
                     .alive

@@ -114,13 +114,33 @@ pub struct Shard {
     pub last_failed_by: Option<WorkerId>,
 }
 
+/// An inference job's committed work and its pace (see [`InferenceJob::progress`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceProgress {
+    pub totals: ShardStats,
+    pub elapsed_ms: u64,
+    pub rows_per_s: f64,
+    /// Correct / labelled rows, when the input is labelled.
+    pub accuracy: Option<f64>,
+}
+
 /// A leased shard, as the worker gets it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLease {
     pub index: u32,
     pub attempt: u64,
     pub first_row: u64,
     pub rows: u64,
+    /// Where this attempt writes its output (the only object its commit may name).
+    pub object: String,
+}
+
+/// The folder of an output that holds attempts not promoted yet.
+pub const ATTEMPTS_DIR: &str = "_attempts";
+
+/// The object a worker writes for `attempt` of shard `index` of the output at `output_uri`.
+pub fn attempt_object(output_uri: &str, index: u32, attempt: u64) -> String {
+    format!("{}/{ATTEMPTS_DIR}/part-{index:05}-a{attempt}.csv", output_uri.trim_end_matches('/'))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,12 +220,20 @@ impl InferenceJob {
         self.shards.iter().map(|s| u64::from(s.attempts.saturating_sub(1))).sum()
     }
 
-    /// Rows per second from the first lease to the end (or `now`).
-    pub fn rows_per_s(&self, now_unix_ms: u64) -> f64 {
-        let Some(start) = self.started_at_unix_ms else { return 0.0 };
-        let end = self.finished_at_unix_ms.unwrap_or(now_unix_ms);
-        let seconds = end.saturating_sub(start).max(1) as f64 / 1000.0;
-        self.totals().rows as f64 / seconds
+    /// What is done as of `now_unix_ms`: what `status` and `_SUMMARY.json` both report.
+    pub fn progress(&self, now_unix_ms: u64) -> InferenceProgress {
+        let totals = self.totals();
+        // From the first lease to the end (or now); nothing before the first lease.
+        let elapsed_ms = self
+            .started_at_unix_ms
+            .map_or(0, |start| self.finished_at_unix_ms.unwrap_or(now_unix_ms).saturating_sub(start));
+        let rows_per_s = if self.started_at_unix_ms.is_some() {
+            totals.rows as f64 / (elapsed_ms.max(1) as f64 / 1000.0)
+        } else {
+            0.0
+        };
+        let accuracy = (totals.labelled_rows > 0).then(|| totals.correct as f64 / totals.labelled_rows as f64);
+        InferenceProgress { totals, elapsed_ms, rows_per_s, accuracy }
     }
 
     /// How long a lease may run before it is given up (see [`LEASE_TIMEOUT_FACTOR`]).
@@ -429,7 +457,8 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
             attempt
         }
     };
-    let lease = ShardLease { index: index as u32, attempt, first_row: shard.first_row, rows: shard.rows };
+    let object = attempt_object(&job.request.output_uri, index as u32, attempt);
+    let lease = ShardLease { index: index as u32, attempt, first_row: shard.first_row, rows: shard.rows, object };
     job.started_at_unix_ms.get_or_insert(now);
     job.updated_at_unix_ms = now;
     Ok(Applied::ShardLeased { lease: Some(lease), released: false })
@@ -451,6 +480,8 @@ pub(super) fn commit(
         return Err(Rejected::NotRunning { job_id, state: job.state.name() });
     }
     let classes = job.shape.classes as usize;
+    // Only the attempt's own object: the leader renames what is recorded.
+    let expected = attempt_object(&job.request.output_uri, index, attempt);
     let shard = job.shards.get_mut(index as usize).ok_or(Rejected::NoShard { job_id, index })?;
     if let ShardState::Done { attempt: first, .. } = shard.state {
         return Err(Rejected::ShardDone { job_id, index, attempt: first });
@@ -466,8 +497,8 @@ pub(super) fn commit(
     if stats.class_counts.len() != classes || counted != Some(stats.rows) {
         return bad(format!("class counts must be {classes} numbers that sum to the rows"));
     }
-    if object.is_empty() || object.len() > INFERENCE_URI_LEN_MAX {
-        return bad(format!("the object name must be 1 to {INFERENCE_URI_LEN_MAX} bytes"));
+    if object != expected {
+        return bad(format!("the object must be {expected}, got `{object}`"));
     }
     let lease_ms = match shard.state {
         ShardState::Leased { attempt: held, since_unix_ms, .. } if held == attempt => now.saturating_sub(since_unix_ms),

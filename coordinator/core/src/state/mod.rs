@@ -19,9 +19,10 @@ mod types;
 
 pub use apply::apply;
 pub use inference::{
-    INFERENCE_BATCH_DEFAULT, INFERENCE_BATCH_MAX, INFERENCE_SHARDS_MAX, INFERENCE_URI_LEN_MAX, INFERENCE_WORKERS_MAX,
-    InferenceJob, InferenceRequest, LEASE_TIMEOUT_FACTOR, LEASE_TIMEOUT_FIRST_MS, LEASE_TIMEOUT_MIN_MS,
-    SHARD_FAILURES_MAX, Shard, ShardLease, ShardState, ShardStats, plan_shards,
+    ATTEMPTS_DIR, INFERENCE_BATCH_DEFAULT, INFERENCE_BATCH_MAX, INFERENCE_SHARDS_MAX, INFERENCE_URI_LEN_MAX,
+    INFERENCE_WORKERS_MAX, InferenceJob, InferenceProgress, InferenceRequest, LEASE_TIMEOUT_FACTOR,
+    LEASE_TIMEOUT_FIRST_MS, LEASE_TIMEOUT_MIN_MS, SHARD_FAILURES_MAX, Shard, ShardLease, ShardState, ShardStats,
+    attempt_object, plan_shards,
 };
 pub use types::*;
 

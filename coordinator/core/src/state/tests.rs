@@ -523,10 +523,10 @@ fn an_inference_job_leases_commits_and_finishes_exactly_once() {
     at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
     assert_eq!(state.inferences[&job].state, JobState::Running);
     let a = lease(&mut state, job, w1).expect("shard 0");
-    assert_eq!(lease(&mut state, job, w1), Some(a), "a repeated lease gets the same shard");
+    assert_eq!(lease(&mut state, job, w1), Some(a.clone()), "a repeated lease gets the same shard");
     let b = lease(&mut state, job, w2).expect("shard 1");
     assert_eq!((a.index, b.index, b.first_row, b.rows), (0, 1, 100, 100));
-    let commit = |state: &mut State, l: ShardLease, worker_id, correct| {
+    let commit = |state: &mut State, l: &ShardLease, worker_id, correct| {
         at(
             state,
             60,
@@ -535,7 +535,7 @@ fn an_inference_job_leases_commits_and_finishes_exactly_once() {
                 worker_id,
                 index: l.index,
                 attempt: l.attempt,
-                object: format!("file:///out/_attempts/part-{}-a{}.csv", l.index, l.attempt),
+                object: l.object.clone(),
                 stats: stats(l.rows, correct),
             },
         )
@@ -553,8 +553,21 @@ fn an_inference_job_leases_commits_and_finishes_exactly_once() {
         },
     );
     assert!(matches!(wrong, Err(Rejected::BadShardReport { .. })), "{wrong:?}");
-    assert_eq!(commit(&mut state, a, w1, 90), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
-    assert!(matches!(commit(&mut state, a, w1, 90), Err(Rejected::ShardDone { .. })), "the first commit wins");
+    let elsewhere = Command::CommitShard {
+        job_id: job,
+        worker_id: w1,
+        index: 0,
+        attempt: a.attempt,
+        object: "file:///tmp/part-00000.csv".into(),
+        stats: stats(a.rows, 0),
+    };
+    let refused = at(&mut state, 60, elsewhere);
+    assert!(
+        matches!(refused, Err(Rejected::BadShardReport { ref reason, .. }) if reason.contains("_attempts/part-00000-a")),
+        "{refused:?}"
+    );
+    assert_eq!(commit(&mut state, &a, w1, 90), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
+    assert!(matches!(commit(&mut state, &a, w1, 90), Err(Rejected::ShardDone { .. })), "the first commit wins");
     // w2 is lost holding shard 1: it goes back to the queue and w1 takes it.
     at(&mut state, 70, Command::WorkerLost { worker_id: w2, last_step_seen: 0 }).expect("lost");
     let job_state = &state.inferences[&job];
@@ -565,14 +578,14 @@ fn an_inference_job_leases_commits_and_finishes_exactly_once() {
     assert_eq!((c.index, c.attempt > b.attempt), (1, true));
     // The lost worker's late commit of the old attempt still counts (its object is complete);
     // the retry's commit is then refused, so its object is never promoted.
-    assert_eq!(commit(&mut state, b, w2, 80), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
-    assert!(matches!(commit(&mut state, c, w1, 80), Err(Rejected::ShardDone { .. })));
+    assert_eq!(commit(&mut state, &b, w2, 80), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
+    assert!(matches!(commit(&mut state, &c, w1, 80), Err(Rejected::ShardDone { .. })));
     let d = lease(&mut state, job, w1).expect("shard 2");
     assert!(matches!(
         at(&mut state, 80, Command::InferenceFinished { job_id: job, success: true, reason: String::new() }),
         Err(Rejected::BadInference(_))
     ));
-    assert_eq!(commit(&mut state, d, w1, 45), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
+    assert_eq!(commit(&mut state, &d, w1, 45), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
     assert_eq!(lease(&mut state, job, w1), None, "nothing left: released");
     assert_eq!(state.workers[&w1].job, None);
     let totals = state.inferences[&job].totals();
@@ -677,7 +690,7 @@ fn a_job_being_finalized_cannot_be_cancelled() {
         worker_id: w1,
         index: l.index,
         attempt: l.attempt,
-        object: "o".into(),
+        object: l.object.clone(),
         stats: stats(10, 10),
     };
     assert_eq!(at(&mut state, 9, commit), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
@@ -705,7 +718,7 @@ fn a_stuck_lease_times_out_by_the_jobs_own_pace_and_its_worker_leaves() {
         worker_id: w1,
         index: a.index,
         attempt: a.attempt,
-        object: "o".into(),
+        object: a.object.clone(),
         stats: stats(10, 10),
     };
     apply(&mut state, 60, Envelope::new(leased_at + 2_000, commit)).expect("commit");
