@@ -21,6 +21,9 @@ pub struct ClusterFile {
     pub api_token: String,
     pub join_token: String,
     pub peer_token: String,
+    /// The cluster store's URI (`flotilla up --store`); absent: `store/` in the cluster folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     pub coordinators: Vec<CoordinatorEntry>,
 }
 

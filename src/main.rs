@@ -90,6 +90,9 @@ enum Command {
     /// Spot cost simulation for scripts/bench/spot_cost.sh.
     #[command(hide = true)]
     BenchSpotCost(commands::bench_spot::Args),
+    /// Checkpoint write/read throughput to a store for scripts/bench/checkpoint.sh.
+    #[command(hide = true)]
+    BenchCheckpoint(commands::bench_checkpoint::Args),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
         Command::BenchFirstStep(args) => done(commands::bench::first_step(args, coordinator)),
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
+        Command::BenchCheckpoint(args) => done(commands::bench_checkpoint::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
         Command::BenchInfer(args) => done(commands::bench_infer::run(args, coordinator)),

@@ -12,13 +12,15 @@
 //!
 //! Workers never write a `part-*` file: a shard retried after a lost worker leaves at most a
 //! stray attempt under `_attempts/`, which is removed, so readers of `part-*` see every row
-//! exactly once. Promotion is idempotent (a rename that already happened is skipped), so a new
-//! leader redoes an interrupted one. Only `file://` outputs are supported (a folder every
-//! worker and coordinator sees, like the cluster store).
+//! exactly once. Promotion is copy then delete (S3 has no rename) and idempotent (a source
+//! gone with its target present is a finished move), so a new leader redoes an interrupted one.
+//! Inputs and outputs are storage URIs (`file://`, `s3://`): on several machines, `s3://`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use flotilla_store::{Location, StoreError};
+use object_store::{ObjectStoreExt, PutPayload};
 
 use flotilla_core::JobId;
 use flotilla_core::state::{ATTEMPTS_DIR, Command, InferenceJob, JobState, ShardState, State};
@@ -40,10 +42,14 @@ const PASS_EVERY: Duration = Duration::from_millis(300);
 pub const SUMMARY_FILE: &str = "_SUMMARY.json";
 pub const SUCCESS_FILE: &str = "_SUCCESS";
 
-/// The local path of a `file://` URI or an absolute path; `None` for anything else.
-pub fn local_path(uri: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
-    (path.is_absolute() && !path.components().any(|c| c.as_os_str() == "..")).then_some(path)
+/// The canonical form of a storage URI (`file:///abs`, `s3://bucket/prefix`, no trailing
+/// slash), so the attempt objects the state machine names are the ones the finalizer finds.
+pub fn normalized(uri: &str) -> Result<String, String> {
+    let parsed = flotilla_store::parse(uri).map_err(|e| e.to_string())?;
+    if parsed.prefix.as_ref().is_empty() {
+        return Err(format!("`{uri}` names the root of a store; name a folder or object in it"));
+    }
+    Ok(parsed.root.uri_of(&parsed.prefix))
 }
 
 /// The promoted name of shard `index`.
@@ -102,36 +108,43 @@ pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
     Ok(InputShape { rows, columns, bytes: 0 })
 }
 
-/// Reads the shape of the input at `uri` (blocking).
-pub fn read_input_shape(uri: &str) -> Result<InputShape, String> {
-    let path = local_path(uri).ok_or_else(|| format!("input `{uri}` must be a file:// URI or an absolute path"))?;
-    let file = std::fs::File::open(&path).map_err(|e| format!("input {}: {e}", path.display()))?;
-    let size = file.metadata().map_err(|e| format!("input {}: {e}", path.display()))?.len();
-    if size > INPUT_SIZE_MAX_BYTES {
-        return Err(format!("input {} is {size} bytes; at most {INPUT_SIZE_MAX_BYTES}", path.display()));
-    }
-    let mut head = [0u8; 2];
-    let read = std::fs::File::open(&path).and_then(|mut probe| probe.read(&mut head));
-    let head = &head[..read.unwrap_or(0)];
-    let name = path.display().to_string();
-    let gzip = flotilla_core::text::is_gzip(&name, head);
-    let shape =
-        if gzip { input_shape(&name, flate2::read::MultiGzDecoder::new(file)) } else { input_shape(&name, file) };
-    shape.map(|s| InputShape { bytes: size, ..s })
+/// Reads the shape of the input at `uri`, fetching at most [`INPUT_SIZE_MAX_BYTES`].
+pub async fn read_input_shape(uri: &str) -> Result<InputShape, String> {
+    let location = flotilla_store::open(uri).map_err(|e| format!("input: {e}"))?;
+    let bytes = flotilla_store::get_capped(&location, location.prefix(), INPUT_SIZE_MAX_BYTES)
+        .await
+        .map_err(|e| format!("input: {e}"))?;
+    let name = location.uri();
+    tokio::task::spawn_blocking(move || {
+        let gzip = flotilla_core::text::is_gzip(&name, &bytes[..bytes.len().min(2)]);
+        let shape = if gzip {
+            input_shape(&name, flate2::read::MultiGzDecoder::new(bytes.as_ref()))
+        } else {
+            input_shape(&name, bytes.as_ref())
+        };
+        shape.map(|s| InputShape { bytes: bytes.len() as u64, ..s })
+    })
+    .await
+    .map_err(|e| format!("input {uri}: reading it failed: {e}"))?
 }
 
-/// Checks that the output folder is new or empty (an inference never overwrites results).
-pub fn check_output(uri: &str) -> Result<PathBuf, String> {
-    let path = local_path(uri).ok_or_else(|| format!("output `{uri}` must be a file:// URI or an absolute path"))?;
-    match std::fs::read_dir(&path).map(|mut entries| entries.next().is_some()) {
-        Ok(true) => Err(format!(
-            "output {} already holds files; choose a new folder (results are never overwritten)",
-            path.display()
-        )),
-        Ok(_) => Ok(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path),
-        Err(e) => Err(format!("output {}: {e}", path.display())),
+/// Checks that the output folder is new or empty (an inference never overwrites results) and
+/// that this coordinator can write there.
+pub async fn check_output(uri: &str) -> Result<(), String> {
+    use futures_util::TryStreamExt;
+    let location = flotilla_store::open(uri).map_err(|e| format!("output: {e}"))?;
+    let mut listing = location.store().list(Some(location.prefix()));
+    match listing.try_next().await {
+        Ok(Some(_)) => {
+            return Err(format!(
+                "output {} already holds files; choose a new folder (results are never overwritten)",
+                location.uri()
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => return Err(format!("output: {}", StoreError::op(location.uri(), e))),
     }
+    flotilla_store::probe(&location, flotilla_store::Access::Write).await.map_err(|e| format!("output: {e}"))
 }
 
 /// The `_SUMMARY.json` of a complete job, as of `now_unix_ms`.
@@ -171,53 +184,48 @@ pub enum FinalizeError {
 
 /// Promotes every committed attempt of `job` to its `part-*` name, removes stray attempts
 /// (best effort) and writes the summary and `_SUCCESS`. Idempotent, and safe to run twice at
-/// once (a deposed leader that has not noticed yet). Blocking.
-pub fn finalize(job: &InferenceJob, now_unix_ms: u64) -> Result<serde_json::Value, FinalizeError> {
-    let out = local_path(&job.request.output_uri)
-        .ok_or_else(|| FinalizeError::Fatal(format!("output `{}` is not a local folder", job.request.output_uri)))?;
+/// once (a deposed leader that has not noticed yet). `store` lends its connections when the
+/// output is in it.
+pub async fn finalize(
+    store: &Location,
+    job: &InferenceJob,
+    now_unix_ms: u64,
+) -> Result<serde_json::Value, FinalizeError> {
+    let out = store.resolve(&job.request.output_uri).map_err(|e| FinalizeError::Fatal(format!("output: {e}")))?;
+    let attempts = out.key(ATTEMPTS_DIR);
     for (index, shard) in job.shards.iter().enumerate() {
         let ShardState::Done { object, .. } = &shard.state else {
             return Err(FinalizeError::Retry(format!("shard {index} is not committed")));
         };
-        let source = local_path(object).filter(|p| p.parent() == Some(out.join(ATTEMPTS_DIR).as_path()));
+        let source =
+            out.key_in(object).filter(|key| key.filename().is_some_and(|name| *key == attempts.clone().join(name)));
         let source = source.ok_or_else(|| {
             FinalizeError::Fatal(format!("shard {index}: committed object {object} is not an attempt"))
         })?;
-        let target = out.join(part_name(index));
-        match std::fs::rename(&source, &target) {
+        match flotilla_store::promote(&out, &source, &out.key(&part_name(index))).await {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && target.exists() => {} // done before
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(FinalizeError::Fatal(format!(
-                    "shard {index}: the committed output {} is gone",
-                    source.display()
-                )));
+            Err(e) if e.is_not_found() => {
+                return Err(FinalizeError::Fatal(format!("shard {index}: the committed output {object} is gone")));
             }
-            Err(e) => return Err(FinalizeError::Retry(format!("shard {index}: promoting {}: {e}", source.display()))),
+            Err(e) => return Err(FinalizeError::Retry(format!("shard {index}: promoting: {e}"))),
         }
     }
     // Stray attempts (retried shards, a lost worker's late write) are removed; a failure here
     // leaves clutter under `_attempts/`, never a wrong `part-*`.
-    if let Err(e) = std::fs::remove_dir_all(out.join(ATTEMPTS_DIR))
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
+    if let Err(e) = flotilla_store::delete_prefix(&out, &attempts).await {
         tracing::warn!(job = %job.id, error = %e, "stray attempts not removed");
     }
     let summary = summary(job, now_unix_ms);
     let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-    write_atomically(&out.join(SUMMARY_FILE), text.as_bytes()).map_err(FinalizeError::Retry)?;
-    write_atomically(&out.join(SUCCESS_FILE), b"").map_err(FinalizeError::Retry)?;
+    // A put is atomic in both stores (a local one writes a temporary file and renames it).
+    for (name, bytes) in [(SUMMARY_FILE, text.into_bytes()), (SUCCESS_FILE, Vec::new())] {
+        let key = out.key(name);
+        out.store()
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .map_err(|e| FinalizeError::Retry(format!("writing {}: {e}", out.uri_of(&key))))?;
+    }
     Ok(summary)
-}
-
-/// Writes `bytes` to a temporary name unique to this process and call, then renames it.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let temporary = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 fn complete_jobs(state: &State) -> Vec<InferenceJob> {
@@ -245,7 +253,7 @@ fn expired(state: &State, now_unix_ms: u64) -> Vec<(JobId, u32, flotilla_core::W
 
 /// Runs on every node; acts only while this node leads: gives up leases that ran too long
 /// (a worker alive but stuck) and finalizes complete inference jobs.
-pub async fn finalize_loop(mut node: NodeHandle) {
+pub async fn finalize_loop(mut node: NodeHandle, store: Location) {
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
         if node.status().leader_id != Some(node.id) {
@@ -264,9 +272,7 @@ pub async fn finalize_loop(mut node: NodeHandle) {
         for job in jobs {
             let job_id: JobId = job.id;
             let now = crate::raft::node::now_unix_ms();
-            let outcome = tokio::task::spawn_blocking(move || finalize(&job, now))
-                .await
-                .unwrap_or_else(|e| Err(FinalizeError::Retry(format!("the finalizer panicked: {e}"))));
+            let outcome = finalize(&store, &job, now).await;
             let (success, reason) = match outcome {
                 Ok(summary) => {
                     let rows = summary["rows"].as_u64().unwrap_or(0);
@@ -363,6 +369,9 @@ mod tests {
             next_attempt: 4,
             events: vec![],
         };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let store = flotilla_store::open(dir.path().to_str().expect("utf-8")).expect("store");
+        let finalize = |job: &InferenceJob, now: u64| runtime.block_on(finalize(&store, job, now));
         let summary = finalize(&job, 3000).expect("finalize");
         assert_eq!((summary["rows"].as_u64(), summary["rows_per_s"].as_f64()), (Some(2), Some(1.0)));
         let folder = dir.path().join("out");
@@ -374,17 +383,21 @@ mod tests {
     }
 
     #[test]
-    fn only_local_absolute_paths_are_accepted() {
-        assert_eq!(local_path("file:///data/in.csv"), Some(PathBuf::from("/data/in.csv")));
-        assert_eq!(local_path("/data/in.csv"), Some(PathBuf::from("/data/in.csv")));
-        assert_eq!(local_path("s3://bucket/in.csv"), None);
-        assert_eq!(local_path("file:///data/../etc/passwd"), None);
+    fn uris_are_normalized_and_roots_refused() {
+        assert_eq!(normalized("/data/out/").as_deref(), Ok("file:///data/out"));
+        assert_eq!(normalized("file:///data//in.csv").as_deref(), Ok("file:///data/in.csv"));
+        assert_eq!(normalized("s3://bucket/out/").as_deref(), Ok("s3://bucket/out"));
+        assert!(normalized("s3://bucket").expect_err("root").contains("root of a store"));
+        assert!(normalized("file:///data/../etc/passwd").is_err());
+        assert!(normalized("gs://bucket/x").expect_err("scheme").contains("not supported"));
         assert_eq!(attempt_object("file:///o/", 3, 7), "file:///o/_attempts/part-00003-a7.csv");
     }
 
     #[test]
     fn an_output_folder_with_files_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let check_output = |uri: &str| runtime.block_on(check_output(uri));
         assert!(check_output(dir.path().join("new").to_str().expect("utf-8")).is_ok());
         assert!(check_output(dir.path().to_str().expect("utf-8")).is_ok(), "empty");
         std::fs::write(dir.path().join("part-00000.csv"), "x").expect("write");

@@ -1,16 +1,12 @@
-//! Serving job logs from the cluster's object store: segments `jobs/<job>/logs/<seq:08>.log`
-//! written by the job's rank 0, streamed in order; with `follow`, new segments as they appear,
-//! until the job has ended and no segment is left.
+//! Serving job logs from the cluster store: segments `jobs/<job>/logs/<seq:08>.log` written by
+//! the job's rank 0, streamed in order; with `follow`, new segments as they appear, until the
+//! job has ended and no segment is left.
 
-use std::path::Path as FsPath;
 use std::time::Duration;
 
 use flotilla_core::JobId;
 use flotilla_proto::v1::LogLines;
-use flotilla_proto::{ApiError, ErrorKind};
-use object_store::ObjectStoreExt;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path;
+use flotilla_store::Location;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -20,26 +16,32 @@ use crate::raft::node::NodeHandle;
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 /// Segments sent per stream at most (a runaway log cannot keep a stream busy forever).
 const SEGMENTS_MAX: u64 = 1_000_000;
+/// Largest segment read (workers flush at 64 KiB; a bigger object is not one of theirs).
+const SEGMENT_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 pub struct JobLogs {
-    store: LocalFileSystem,
     job: JobId,
-    prefix: Path,
+    /// `<store>/jobs/<job>/logs`.
+    logs: Location,
 }
 
 impl JobLogs {
-    pub fn open(store_dir: &FsPath, job: JobId) -> Result<JobLogs, ApiError> {
-        std::fs::create_dir_all(store_dir)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("store {}: {e}", store_dir.display())))?;
-        let store = LocalFileSystem::new_with_prefix(store_dir)
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("store {}: {e}", store_dir.display())))?;
-        Ok(JobLogs { store, job, prefix: Path::from("jobs").join(job.to_string().as_str()) })
+    pub fn open(store: &Location, job: JobId) -> JobLogs {
+        JobLogs { job, logs: store.join(&format!("jobs/{job}/logs")) }
     }
 
+    /// Segment `seq`, or `None` while it does not exist (or cannot be read yet: the stream
+    /// polls again).
     async fn segment(&self, seq: u64) -> Option<String> {
-        let path = self.prefix.clone().join("logs").join(format!("{seq:08}.log").as_str());
-        let bytes = self.store.get(&path).await.ok()?.bytes().await.ok()?;
-        Some(String::from_utf8_lossy(&bytes).into_owned())
+        let key = self.logs.key(&format!("{seq:08}.log"));
+        match flotilla_store::get_capped(&self.logs, &key, SEGMENT_BYTES_MAX).await {
+            Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => {
+                tracing::debug!(job = %self.job, seq, error = %e, "log segment not readable yet");
+                None
+            }
+        }
     }
 }
 

@@ -13,14 +13,16 @@
 //! were never recorded (a save cut short by a kill, a late save of a superseded generation)
 //! are swept once a newer checkpoint of the job is recorded.
 //!
-//! The store here is the cluster's local folder (`file://`); other schemes are left alone.
+//! The store is the cluster store (`file://` or `s3://`); only folders of a job's checkpoint
+//! area in it are ever deleted.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_core::JobId;
 use flotilla_core::state::{Command, State};
+use flotilla_store::Location;
+use object_store::path::Path;
 
 use crate::raft::node::NodeHandle;
 
@@ -55,25 +57,22 @@ fn plan(state: &State) -> Work {
     work
 }
 
-/// The folder of a `file://` checkpoint URI, if it is one folder of `job_id`'s checkpoint area
-/// (`<store>/jobs/<job>/ckpt/<name>`): nothing else is ever deleted.
-fn local_folder(uri: &str, store_dir: &Path, job_id: JobId) -> Option<PathBuf> {
-    let path = PathBuf::from(uri.strip_prefix("file://")?);
-    let area = store_dir.join("jobs").join(job_id.to_string()).join("ckpt");
-    let name = path.file_name()?.to_str()?;
-    let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    (plain && path.parent() == Some(area.as_path())).then_some(path)
+/// A job's checkpoint area: `<store>/jobs/<job>/ckpt`.
+fn area(store: &Location, job_id: JobId) -> Path {
+    store.key(&format!("jobs/{job_id}/ckpt"))
 }
 
-fn remove_folder(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+/// The key of a checkpoint URI, if it is one folder of `job_id`'s checkpoint area
+/// (`<store>/jobs/<job>/ckpt/<name>`): nothing else is ever deleted.
+fn checkpoint_key(uri: &str, store: &Location, job_id: JobId) -> Option<Path> {
+    let key = store.key_in(uri)?;
+    let name = key.filename()?;
+    let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (plain && key == area(store, job_id).join(name)).then_some(key)
 }
 
 /// Runs on every node; acts only while this node leads.
-pub async fn retention_loop(mut node: NodeHandle, store_dir: PathBuf) {
+pub async fn retention_loop(mut node: NodeHandle, store: Location) {
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -88,11 +87,11 @@ pub async fn retention_loop(mut node: NodeHandle, store_dir: PathBuf) {
         }
         let Ok(work) = node.read_local(plan).await else { continue };
         for (job_id, uri) in work.remove {
-            let Some(folder) = local_folder(&uri, &store_dir, job_id) else {
-                tracing::warn!(%job_id, uri, "not in this cluster's local store; left for its owner");
+            let Some(folder) = checkpoint_key(&uri, &store, job_id) else {
+                tracing::warn!(%job_id, uri, "not in this cluster's store; left for its owner");
                 continue;
             };
-            if let Err(e) = remove_folder(&folder) {
+            if let Err(e) = flotilla_store::delete_prefix(&store, &folder).await {
                 tracing::warn!(%job_id, uri, error = %e, "could not delete a checkpoint; retrying later");
                 continue;
             }
@@ -103,26 +102,26 @@ pub async fn retention_loop(mut node: NodeHandle, store_dir: PathBuf) {
             }
         }
         for (job_id, recorded, newest, ended) in work.jobs {
-            sweep_unrecorded(&store_dir, job_id, &recorded, newest, ended);
+            sweep_unrecorded(&store, job_id, &recorded, newest, ended).await;
         }
     }
 }
 
+/// Folders of one checkpoint area listed per pass at most.
+const SWEEP_FOLDERS_MAX: usize = 10_000;
+
 /// Removes checkpoint folders of `job_id` that no record names and that can no longer be
 /// recorded: older than the newest recorded step (or any, once the job has ended).
-fn sweep_unrecorded(store_dir: &Path, job_id: JobId, recorded: &BTreeSet<String>, newest: u64, ended: bool) {
-    let root = store_dir.join("jobs").join(job_id.to_string()).join("ckpt");
-    let Ok(entries) = std::fs::read_dir(&root) else { return };
-    for entry in entries.flatten().take(10_000) {
-        let path = entry.path();
-        let uri = format!("file://{}", path.display());
+async fn sweep_unrecorded(store: &Location, job_id: JobId, recorded: &BTreeSet<String>, newest: u64, ended: bool) {
+    let Ok(listing) = store.store().list_with_delimiter(Some(&area(store, job_id))).await else { return };
+    for folder in listing.common_prefixes.into_iter().take(SWEEP_FOLDERS_MAX) {
+        let uri = store.uri_of(&folder);
         if recorded.contains(&uri) {
             continue;
         }
-        let name = entry.file_name().to_string_lossy().to_string();
-        let step = name.get(..12).and_then(|digits| digits.parse::<u64>().ok());
+        let step = folder.filename().and_then(|name| name.get(..12)).and_then(|digits| digits.parse::<u64>().ok());
         let stale = step.is_some_and(|s| s < newest || (ended && newest > 0));
-        if stale && remove_folder(&path).is_ok() {
+        if stale && flotilla_store::delete_prefix(store, &folder).await.is_ok_and(|removed| removed > 0) {
             tracing::info!(%job_id, uri, "removed an unrecorded checkpoint");
         }
     }
@@ -134,11 +133,11 @@ mod tests {
 
     #[test]
     fn only_folders_of_the_jobs_checkpoint_area_are_ever_deleted() {
-        let store = Path::new("/data/store");
+        let store = flotilla_store::open("/data/store").expect("store");
         let job = JobId(1);
         assert_eq!(
-            local_folder("file:///data/store/jobs/job-1/ckpt/000000000020-g1", store, job),
-            Some(PathBuf::from("/data/store/jobs/job-1/ckpt/000000000020-g1"))
+            checkpoint_key("file:///data/store/jobs/job-1/ckpt/000000000020-g1", &store, job),
+            Some(Path::from("data/store/jobs/job-1/ckpt/000000000020-g1"))
         );
         for bad in [
             "file:///etc/passwd",
@@ -147,11 +146,17 @@ mod tests {
             "file:///data/store/jobs/job-1/ckpt",
             "file:///data/store/jobs/job-1/ckpt/../../job-2",
             "file:///data/store/jobs/job-1/ckpt/a/b",
-            "s3://bucket/jobs/job-1/ckpt/1",
+            "s3://bucket/data/store/jobs/job-1/ckpt/1",
             "file://relative/path",
         ] {
-            assert_eq!(local_folder(bad, store, job), None, "{bad}");
+            assert_eq!(checkpoint_key(bad, &store, job), None, "{bad}");
         }
+        let s3 = flotilla_store::open("s3://bucket/cluster").expect("s3 store");
+        assert_eq!(
+            checkpoint_key("s3://bucket/cluster/jobs/job-1/ckpt/000000000020-g1", &s3, job),
+            Some(Path::from("cluster/jobs/job-1/ckpt/000000000020-g1"))
+        );
+        assert_eq!(checkpoint_key("s3://other/cluster/jobs/job-1/ckpt/000000000020-g1", &s3, job), None);
     }
 
     #[test]
@@ -160,13 +165,19 @@ mod tests {
         let root = dir.path().join("jobs/job-1/ckpt");
         for name in ["000000000010-g1", "000000000020-g1", "000000000030-g2", "000000000040-g2"] {
             std::fs::create_dir_all(root.join(name)).expect("folder");
+            std::fs::write(root.join(name).join("MANIFEST"), b"{}").expect("manifest");
         }
+        let store = flotilla_store::open(dir.path().to_str().expect("utf-8")).expect("store");
         let uri = |name: &str| format!("file://{}", root.join(name).display());
         let recorded: BTreeSet<String> = [uri("000000000020-g1"), uri("000000000030-g2")].into();
-        sweep_unrecorded(dir.path(), JobId(1), &recorded, 30, false);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(sweep_unrecorded(&store, JobId(1), &recorded, 30, false));
         let mut left: Vec<String> = std::fs::read_dir(&root)
             .expect("read")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .filter_map(|e| {
+                let e = e.expect("entry");
+                e.path().join("MANIFEST").exists().then(|| e.file_name().to_string_lossy().to_string())
+            })
             .collect();
         left.sort();
         // 10: unrecorded and older than the newest: swept. 40: may still be being recorded: kept.

@@ -37,9 +37,10 @@ pub struct CoordinatorConfig {
     pub peer_token: String,
     /// Token workers present to register; `None` refuses every worker.
     pub join_token: Option<String>,
-    /// Absolute local folder of the cluster's object store (job logs; later checkpoints and
-    /// models). Every coordinator of a cluster and every worker must see the same one.
-    pub store_dir: PathBuf,
+    /// The cluster store's URI (`file:///abs/dir` or `s3://bucket/prefix`): checkpoints, job
+    /// logs, model artifacts and inference staging. Every coordinator of a cluster and every
+    /// worker must reach the same one: on several machines, an `s3://` store.
+    pub store_uri: String,
     /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
     pub local_workers: Option<LocalWorkers>,
     /// Buy and release capacity with a provider (EC2, simulated): the autoscaling loop.
@@ -97,6 +98,8 @@ fn replacer(config: &CoordinatorConfig) -> Result<Option<std::sync::Arc<crate::r
 pub enum CoordinatorError {
     #[error("configuration: {0}")]
     Config(String),
+    #[error("cluster store: {0} (set --store to a URI every coordinator and worker can write)")]
+    Store(#[from] flotilla_store::StoreError),
     #[error("data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
@@ -129,12 +132,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     config.validate()?;
+    // The store is checked before anything starts: a missing bucket or credentials is one clear
+    // error now, not a job that fails at its first checkpoint.
+    let store = flotilla_store::open(&config.store_uri)?;
+    flotilla_store::probe(&store, flotilla_store::Access::Write).await?;
+    tracing::info!(store = %store.uri(), "cluster store is writable");
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
-    let store = RaftStore::open(&config.data_dir.join(RAFT_LOG_FILE)).map_err(ReplicaError::from)?;
+    let log = RaftStore::open(&config.data_dir.join(RAFT_LOG_FILE)).map_err(ReplicaError::from)?;
     let voters: Vec<u64> = config.peers.keys().copied().collect();
     let replica_config = ReplicaConfig { id: config.id, voters, snapshot_every_entries: SNAPSHOT_EVERY_ENTRIES };
-    let replica = Replica::open(&replica_config, store)?;
+    let replica = Replica::open(&replica_config, log)?;
     let incarnation = now_unix_ms() ^ (u64::from(std::process::id()) << 40);
     let (handle, task) = node::channel(replica, config.peers.clone(), incarnation);
     let others: BTreeMap<u64, String> =
@@ -148,7 +156,7 @@ pub async fn run(
         node: handle.clone(),
         api_token: config.api_token.clone(),
         progress: progress.clone(),
-        store_dir: config.store_dir.clone(),
+        store: store.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
@@ -156,8 +164,8 @@ pub async fn run(
     let replacer = replacer(&config)?;
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
     tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
-    tokio::spawn(crate::retention::retention_loop(handle.clone(), config.store_dir.clone()));
-    tokio::spawn(crate::inference::finalize_loop(handle.clone()));
+    tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
+    tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));
     if let Some(capacity) = config.capacity.clone() {
         tokio::spawn(crate::autoscaling::autoscale_loop(handle.clone(), capacity.provider, capacity.config));
     }
@@ -167,7 +175,7 @@ pub async fn run(
         join_token: config.join_token.clone(),
         leases,
         progress: progress.clone(),
-        store_dir: config.store_dir.clone(),
+        store: store.clone(),
         replacer,
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
@@ -175,7 +183,7 @@ pub async fn run(
     let registry = RegistryServiceServer::new(crate::api::registry::RegistryApi {
         node: handle.clone(),
         api_token: config.api_token.clone(),
-        store_dir: config.store_dir.clone(),
+        store: store.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);

@@ -58,7 +58,7 @@ async fn start(single: bool) -> Node {
         api_token: TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
-        store_dir: dir.path().join("store"),
+        store_uri: dir.path().join("store").display().to_string(),
         local_workers: None,
         capacity: None,
     };

@@ -38,6 +38,11 @@ pub struct UpArgs {
     /// Seed of those interruptions (the same seed replays the same times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The cluster store (checkpoints, logs, model artifacts): `s3://bucket/prefix` (AWS settings
+    /// from the environment, which the coordinators and workers inherit) or a local folder.
+    /// Default: `store/` in the cluster folder. Fixed when the cluster is first created.
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 /// How long `up` waits for launched workers to register.
@@ -106,7 +111,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr().context("cannot read the bound port")?.port())
 }
 
-fn new_cluster(home: &Path, coordinators: u32) -> anyhow::Result<ClusterFile> {
+fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow::Result<ClusterFile> {
     let mut entries = Vec::new();
     for id in 1..=u64::from(coordinators) {
         entries.push(CoordinatorEntry {
@@ -122,14 +127,18 @@ fn new_cluster(home: &Path, coordinators: u32) -> anyhow::Result<ClusterFile> {
         api_token: random_hex(16)?,
         join_token: random_hex(16)?,
         peer_token: random_hex(16)?,
+        store,
         coordinators: entries,
     })
 }
 
-/// The local cluster's object store: `store/` beside the coordinators' data folders.
-fn store_dir(coordinator_data_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// The cluster store: `--store`, or `store/` beside the coordinators' data folders.
+fn store_uri(cluster: &ClusterFile, coordinator_data_dir: &Path) -> anyhow::Result<String> {
+    if let Some(uri) = &cluster.store {
+        return Ok(uri.clone());
+    }
     let home = coordinator_data_dir.parent().unwrap_or(Path::new("."));
-    std::path::absolute(home.join("store")).context("resolving the store folder")
+    Ok(std::path::absolute(home.join("store")).context("resolving the store folder")?.display().to_string())
 }
 
 fn spawn_coordinator(
@@ -154,8 +163,7 @@ fn spawn_coordinator(
         .args(["--id", &entry.id.to_string(), "--listen", &entry.address, "--peers", &peers.join(",")])
         .arg("--data-dir")
         .arg(&entry.data_dir)
-        .arg("--store-dir")
-        .arg(store_dir(&entry.data_dir)?)
+        .args(["--store", &store_uri(cluster, &entry.data_dir)?])
         .args(["--cluster-id", &cluster.cluster_id])
         .arg("--local-workers-home")
         .arg(std::path::absolute(home).context("resolving the cluster folder")?)
@@ -198,16 +206,34 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
                     existing.coordinators.len()
                 );
             }
+            let requested = args.store.as_deref().map(super::coordinator::store_uri).transpose()?;
+            if requested.is_some() && requested != existing.store {
+                bail!(
+                    "the cluster in {} keeps its data in {}; its jobs' checkpoints are there. Run `flotilla up` \
+                     without --store, or delete the cluster with `flotilla down --purge` first",
+                    home.display(),
+                    existing.store.as_deref().unwrap_or("its local store folder")
+                );
+            }
             existing
         }
-        None => new_cluster(&home, args.coordinators)?,
+        None => {
+            let store = args.store.as_deref().map(super::coordinator::store_uri).transpose()?;
+            new_cluster(&home, args.coordinators, store)?
+        }
     };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // The coordinators check the store too, but a clear error here beats a timeout there.
+    let store = store_uri(&cluster, &cluster.coordinators[0].data_dir)?;
+    runtime.block_on(async {
+        let location = flotilla_store::open(&store)?;
+        flotilla_store::probe(&location, flotilla_store::Access::Write).await
+    })?;
     for i in 0..cluster.coordinators.len() {
         let pid = spawn_coordinator(&cluster, &cluster.coordinators[i], &home, &args)?;
         cluster.coordinators[i].pid = Some(pid);
     }
     cluster.save(&home)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(wait_ready(&cluster))?;
     if args.workers > 0 {
         runtime.block_on(launch_workers(&home, &cluster, &args))?;
@@ -216,6 +242,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         OutputFormat::Json => print_json(&json!({
             "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid})).collect::<Vec<_>>(),
             "address": cluster.addresses(),
+            "store": store,
             "cluster_file": home.join(cluster_file::CLUSTER_FILE),
         })),
         OutputFormat::Text => {
@@ -226,6 +253,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
                 home.display()
             );
             println!("API: {}", cluster.addresses());
+            println!("store: {store}");
         }
     }
     Ok(())

@@ -30,10 +30,13 @@ pub struct Args {
     /// Token workers present to register (without it, no worker is accepted).
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
-    /// The cluster's object store folder (job logs), the same for every coordinator and worker
-    /// (default: <data-dir>/store, fine for a single node).
-    #[arg(long)]
-    pub store_dir: Option<PathBuf>,
+    /// The cluster store: checkpoints, job logs, model artifacts, inference staging. A URI
+    /// every coordinator and worker can write: `s3://bucket/prefix` across machines (settings
+    /// from the standard AWS environment: AWS_REGION, credentials, AWS_ENDPOINT_URL), or a
+    /// local folder (`/abs/dir`, `file:///abs/dir`; default <data-dir>/store, fine on one
+    /// machine). Checked at start-up: a store that cannot be written stops the node with the cause.
+    #[arg(long, env = "FLOTILLA_STORE")]
+    pub store: Option<String>,
     /// Token coordinators present to each other (default: the API token).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
@@ -207,6 +210,15 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
+/// `--store` as given, with a relative local path made absolute (a URI is checked when the
+/// node opens it).
+pub fn store_uri(text: &str) -> anyhow::Result<String> {
+    if text.contains("://") || text.starts_with('/') {
+        return Ok(text.to_string());
+    }
+    Ok(std::path::absolute(text).context("resolving --store")?.display().to_string())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let peers = parse_peers(&args.peers)?;
     let config = CoordinatorConfig {
@@ -217,9 +229,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cluster_id: args.cluster_id,
         peer_token: args.peer_token.unwrap_or_else(|| args.token.clone()),
         join_token: args.join_token,
-        store_dir: match args.store_dir {
-            Some(dir) => std::path::absolute(dir).context("resolving --store-dir")?,
-            None => std::path::absolute(args.data_dir.join("store")).context("resolving the data dir")?,
+        store_uri: match args.store {
+            Some(uri) => store_uri(&uri)?,
+            None => std::path::absolute(args.data_dir.join("store"))
+                .context("resolving the data dir")?
+                .display()
+                .to_string(),
         },
         api_token: args.token,
         local_workers: match args.local_workers_home {

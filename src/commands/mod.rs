@@ -3,6 +3,7 @@
 
 pub mod assignments;
 pub mod bench;
+pub mod bench_checkpoint;
 pub mod bench_collective;
 pub mod bench_infer;
 pub mod bench_scheduler;

@@ -7,7 +7,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::checkpoint::CheckpointError;
-use crate::checkpoint::store::{self, Access};
+use crate::checkpoint::store;
 
 /// Bytes buffered before a flush is forced.
 const BUFFER_BYTES_MAX: usize = 64 * 1024;
@@ -30,8 +30,10 @@ pub fn segment_path(job_prefix: &Path, seq: u64) -> Path {
 impl JobLog {
     /// Opens the log under `job_uri` (file:///.../jobs/<job>), continuing after existing segments.
     pub fn open(job_uri: &str) -> Result<JobLog, CheckpointError> {
-        let (store, prefix) = store::open(job_uri, Access::Write)?;
+        let location = store::open(job_uri)?;
+        let (store, prefix) = (location.store().clone(), location.prefix().clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .map_err(|e| CheckpointError::Invalid(format!("log runtime: {e}")))?;
         let mut next_segment = 0;

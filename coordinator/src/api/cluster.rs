@@ -36,8 +36,8 @@ pub struct ClusterApi {
     pub join_token: Option<String>,
     pub leases: Arc<Leases>,
     pub progress: Arc<crate::progress::Progress>,
-    /// The cluster's object store folder (job prefixes handed to workers live under it).
-    pub store_dir: std::path::PathBuf,
+    /// The cluster store: assignments name its job areas; checkpoint reports must be inside.
+    pub store: flotilla_store::Location,
     /// Replaces workers that get an interruption notice (the local provider; EC2 is the
     /// autoscaler's). `None`: replacements are someone else's business.
     pub replacer: Option<Arc<crate::replace::Replacer>>,
@@ -169,7 +169,7 @@ impl ClusterService for ClusterApi {
         self.authorize_worker(&request)?;
         let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(ASSIGNMENT_BUFFER);
-        let store = format!("file://{}", self.store_dir.display());
+        let store = self.store.uri();
         tokio::spawn(assignment_loop(self.node.clone(), id, store, tx));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
@@ -202,7 +202,7 @@ impl ClusterService for ClusterApi {
             return Err(invalid("checkpoint.manifest_sha256 must be at most 64 characters".into()));
         }
         // Only a folder of this job's checkpoint area: retention deletes what is recorded.
-        let area = format!("file://{}/jobs/{job_id}/ckpt/", self.store_dir.display());
+        let area = format!("{}/jobs/{job_id}/ckpt/", self.store.uri());
         let name = reference.uri.strip_prefix(&area).unwrap_or_default();
         let valid_name = !name.is_empty()
             && name.len() <= 64

@@ -13,7 +13,7 @@ use flotilla_proto::{ApiError, ErrorKind, auth};
 use tonic::{Request, Response, Status};
 
 use super::status;
-use crate::inference::{SHARD_VALUES_MAX, check_output, read_input_shape};
+use crate::inference::{SHARD_VALUES_MAX, check_output, normalized, read_input_shape};
 use crate::raft::node::{NodeHandle, now_unix_ms};
 
 /// Longest model reference and error text accepted.
@@ -37,12 +37,6 @@ where
     T::Err: std::fmt::Display,
 {
     text.parse::<T>().map_err(|e| invalid(format!("{field}: {e}")))
-}
-
-/// `file:///abs` for a `file://` URI or an absolute path.
-fn normalized(uri: &str) -> String {
-    let trimmed = uri.trim_end_matches('/');
-    if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") }
 }
 
 impl InferenceApi {
@@ -96,14 +90,10 @@ impl InferenceService for InferenceApi {
                 return Ok(Response::new(SubmitJobResponse { job_id, duplicate: true, served_by }));
             }
         };
-        let (input, output) = (r.input_uri.clone(), r.output_uri.clone());
-        let checked = tokio::task::spawn_blocking(move || {
-            check_output(&output)?;
-            read_input_shape(&input)
-        })
-        .await
-        .map_err(|e| status(ApiError::new(ErrorKind::Internal, format!("reading the input: {e}"))))?;
-        let shape = checked.map_err(invalid)?;
+        let input_uri = normalized(&r.input_uri).map_err(|e| invalid(format!("input_uri: {e}")))?;
+        let output_uri = normalized(&r.output_uri).map_err(|e| invalid(format!("output_uri: {e}")))?;
+        check_output(&output_uri).await.map_err(invalid)?;
+        let shape = read_input_shape(&input_uri).await.map_err(invalid)?;
         let features = features as usize;
         let labelled = match shape.columns {
             c if c == features => false,
@@ -138,8 +128,8 @@ impl InferenceService for InferenceApi {
         let request = InferenceRequest {
             model: name,
             version,
-            input_uri: normalized(&r.input_uri),
-            output_uri: normalized(&r.output_uri),
+            input_uri,
+            output_uri,
             workers: r.workers,
             batch_size: r.batch_size,
             shard_rows,

@@ -31,8 +31,8 @@ pub struct JobApi {
     pub api_token: String,
     /// Live progress reported to this node while it leads (not replicated).
     pub progress: Arc<Progress>,
-    /// The cluster's object store folder: job logs are under `jobs/<job>/logs/`.
-    pub store_dir: std::path::PathBuf,
+    /// The cluster store: job logs are under `jobs/<job>/logs/`.
+    pub store: flotilla_store::Location,
 }
 
 /// Adds live progress (when this node has it) to a job's replicated status.
@@ -88,6 +88,7 @@ impl JobService for JobApi {
         if let Some(problem) = unresolved.first() {
             return Err(status(invalid(problem.to_string())));
         }
+        check_data_readable(&spec).await?;
         let command = Command::SubmitJob { spec: Box::new(spec), client_request_id: request_id };
         match self.node.propose(command).await.map_err(status)? {
             Applied::JobSubmitted { job_id, duplicate } => {
@@ -182,10 +183,30 @@ impl JobService for JobApi {
         let id = parse_job_id(&request.job_id)?;
         self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let logs = crate::logs::JobLogs::open(&self.store_dir, id).map_err(status)?;
+        let logs = crate::logs::JobLogs::open(&self.store, id);
         tokio::spawn(crate::logs::stream(self.node.clone(), logs, request.from_offset, request.follow, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Checks that the job's `s3://` data exists and can be read with this cluster's credentials,
+/// so a wrong bucket or key is refused at submission, not after capacity is bought. (`file://`
+/// data is read by the workers from their own disks, which the coordinator cannot see.)
+async fn check_data_readable(spec: &flotilla_core::spec::JobSpec) -> Result<(), Status> {
+    use flotilla_core::spec::DataUri;
+    let uris = std::iter::once(&spec.data.train).chain(spec.data.validation.as_ref());
+    for (field, uri) in ["data.train", "data.validation"].into_iter().zip(uris) {
+        if let DataUri::S3 { .. } = uri {
+            let kind = |e: &flotilla_store::StoreError| match e {
+                flotilla_store::StoreError::NotFound { .. } => ErrorKind::NotFound,
+                _ => ErrorKind::FailedPrecondition,
+            };
+            if let Err(e) = flotilla_store::probe_object(&uri.to_string()).await {
+                return Err(status(ApiError::new(kind(&e), format!("{field}: {e}"))));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn watch_loop(

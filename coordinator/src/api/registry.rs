@@ -8,6 +8,7 @@ use flotilla_proto::convert::spec_to_proto;
 use flotilla_proto::v1::registry_service_server::RegistryService;
 use flotilla_proto::v1::*;
 use flotilla_proto::{ApiError, ErrorKind, auth};
+use object_store::ObjectStoreExt;
 use tonic::{Request, Response, Status};
 
 use super::status;
@@ -23,8 +24,8 @@ const LISTED_MAX: usize = 10_000;
 pub struct RegistryApi {
     pub node: NodeHandle,
     pub api_token: String,
-    /// The cluster's store folder: artifacts are served only from inside it.
-    pub store_dir: std::path::PathBuf,
+    /// The cluster store: artifacts are served only from inside it.
+    pub store: flotilla_store::Location,
 }
 
 fn to_proto(model: &Model, v: &CoreVersion) -> ModelVersion {
@@ -124,23 +125,39 @@ impl RegistryService for RegistryApi {
         }
         let reference = reference(&r.reference)?;
         let version = self.node.read(move |state| resolve(state, &reference)).await.map_err(status)?.map_err(status)?;
-        let path = std::path::PathBuf::from(version.artifact_uri.strip_prefix("file://").unwrap_or_default());
-        let inside = path.is_absolute()
-            && path.starts_with(&self.store_dir)
-            && !path.components().any(|c| c.as_os_str() == "..");
-        if !inside {
+        let key = self.store.key_in(&version.artifact_uri).filter(|key| key.prefix_matches(self.store.prefix()));
+        let Some(key) = key else {
             return Err(status(ApiError::new(
                 ErrorKind::FailedPrecondition,
-                format!("artifact {} is not in this cluster's store", version.artifact_uri),
+                format!("artifact {} is not in this cluster's store {}", version.artifact_uri, self.store.uri()),
             )));
-        }
-        let bytes = tokio::fs::read(&path).await.map_err(|e| {
-            status(ApiError::new(ErrorKind::NotFound, format!("artifact {}: {e}", version.artifact_uri)))
+        };
+        let artifact = self.store.store().get(&key).await.map_err(|e| {
+            let error = flotilla_store::StoreError::op(version.artifact_uri.clone(), e);
+            let kind = if error.is_not_found() { ErrorKind::NotFound } else { ErrorKind::Unavailable };
+            status(ApiError::new(kind, format!("artifact: {error}")))
         })?;
+        let uri = version.artifact_uri.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            for chunk in bytes.chunks(CHUNK_BYTES) {
-                if tx.send(Ok(ArtifactChunk { data: chunk.to_vec() })).await.is_err() {
+            use futures_util::StreamExt;
+            let mut parts = artifact.into_stream();
+            while let Some(part) = parts.next().await {
+                let sent = match part {
+                    Ok(bytes) => {
+                        let mut sent = true;
+                        for chunk in bytes.chunks(CHUNK_BYTES) {
+                            sent &= tx.send(Ok(ArtifactChunk { data: chunk.to_vec() })).await.is_ok();
+                        }
+                        sent
+                    }
+                    Err(e) => {
+                        let message = format!("artifact {uri}: {e}");
+                        let _ = tx.send(Err(status(ApiError::new(ErrorKind::Unavailable, message)))).await;
+                        false
+                    }
+                };
+                if !sent {
                     return;
                 }
             }

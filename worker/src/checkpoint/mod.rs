@@ -73,6 +73,8 @@ pub enum CheckpointError {
     Format { prefix: String, found: String },
     #[error("checkpoint store: {0}")]
     Store(#[from] object_store::Error),
+    #[error("checkpoint store: {0}")]
+    Location(flotilla_store::StoreError),
     #[error("checkpoint URI `{uri}`: {reason}")]
     Uri { uri: String, reason: String },
     #[error("invalid checkpoint: {0}")]

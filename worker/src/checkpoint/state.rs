@@ -113,10 +113,7 @@ pub fn step_prefix(root: &Path, step: u64) -> Path {
 /// The blocking front end the synchronous training loop uses: a store opened once, its own
 /// small runtime, and URIs of what it wrote.
 pub struct Checkpointer {
-    store: std::sync::Arc<dyn ObjectStore>,
-    root: Path,
-    /// The URI the store was opened from, without a trailing slash.
-    root_uri: String,
+    location: super::store::Location,
     runtime: tokio::runtime::Runtime,
     /// Appended to each checkpoint's name (`ckpt/<step>-<suffix>`): the cluster passes the
     /// generation, so two generations never write the same prefix.
@@ -131,12 +128,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, CheckpointError> {
 }
 
 impl Checkpointer {
-    /// Opens (creating it if needed) the checkpoint root `uri` (file:///dir or /dir).
+    /// Opens the checkpoint root `uri` (file:///dir, /dir or s3://bucket/prefix).
     pub fn open(uri: &str) -> Result<Checkpointer, CheckpointError> {
-        let (store, root) = super::store::open(uri, super::store::Access::Write)?;
-        let trimmed = uri.trim_end_matches('/');
-        let root_uri = if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") };
-        Ok(Checkpointer { store, root, root_uri, runtime: runtime()?, suffix: None })
+        Ok(Checkpointer { location: super::store::open(uri)?, runtime: runtime()?, suffix: None })
     }
 
     /// Names checkpoints `ckpt/<step>-<suffix>` (letters, digits, `-`; at most 32).
@@ -153,11 +147,11 @@ impl Checkpointer {
     /// Saves `state` as the checkpoint of its step; returns the checkpoint's URI and manifest.
     pub fn save(&self, state: &TrainState, metrics: Option<(f64, f64)>) -> Result<(String, Manifest), CheckpointError> {
         let prefix = match &self.suffix {
-            Some(suffix) => self.root.clone().join("ckpt").join(format!("{:012}-{suffix}", state.step)),
-            None => step_prefix(&self.root, state.step),
+            Some(suffix) => self.location.prefix().clone().join("ckpt").join(format!("{:012}-{suffix}", state.step)),
+            None => step_prefix(self.location.prefix(), state.step),
         };
-        let manifest = self.runtime.block_on(save(self.store.as_ref(), &prefix, state, metrics))?;
-        Ok((format!("{}/{prefix}", self.root_uri), manifest))
+        let manifest = self.runtime.block_on(save(self.location.store().as_ref(), &prefix, state, metrics))?;
+        Ok((self.location.uri_of(&prefix), manifest))
     }
 }
 
@@ -271,18 +265,16 @@ impl Drop for BackgroundCheckpointer {
 /// Writes `bytes` as `<prefix_uri>/<name>` (blocking); returns the object's URI.
 pub fn write_artifact(prefix_uri: &str, name: &str, bytes: Vec<u8>) -> Result<String, CheckpointError> {
     use object_store::{ObjectStoreExt, PutPayload};
-    let (store, prefix) = super::store::open(prefix_uri, super::store::Access::Write)?;
-    let path = prefix.clone().join(name);
-    runtime()?.block_on(store.put(&path, PutPayload::from(bytes)))?;
-    let trimmed = prefix_uri.trim_end_matches('/');
-    let root = if trimmed.starts_with("file://") { trimmed.to_string() } else { format!("file://{trimmed}") };
-    Ok(format!("{root}/{name}"))
+    let location = super::store::open(prefix_uri)?;
+    let path = location.key(name);
+    runtime()?.block_on(location.store().put(&path, PutPayload::from(bytes)))?;
+    Ok(location.uri_of(&path))
 }
 
 /// Reads and verifies the checkpoint at `uri` (blocking): what a resuming rank calls.
 pub fn load_uri(uri: &str) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
-    let (store, prefix) = super::store::open(uri, super::store::Access::Read)?;
-    runtime()?.block_on(load(store.as_ref(), &prefix))
+    let location = super::store::open(uri)?;
+    runtime()?.block_on(load(location.store().as_ref(), location.prefix()))
 }
 
 #[cfg(test)]
@@ -305,9 +297,8 @@ mod tests {
     #[test]
     fn train_states_round_trip_exactly() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, root) =
-            super::super::store::open(dir.path().to_str().expect("utf-8"), super::super::store::Access::Write)
-                .expect("store");
+        let location = super::super::store::open(dir.path().to_str().expect("utf-8")).expect("store");
+        let (store, root) = (location.store().clone(), location.prefix().clone());
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         for optimizer in [
             OptimizerState::Sgd { velocity: vec![0.1, 0.2, 0.3] },

@@ -1,43 +1,21 @@
-//! Object stores from URIs: `file:///abs/dir` or a plain absolute path (local disk); `s3://`
-//! arrives with the S3 configuration (the match below is where it goes).
+//! The checkpoint side of the storage layer: [`flotilla_store`] locations with the checkpoint
+//! error type. `file:///abs/dir`, a plain `/abs/dir` and `s3://bucket/prefix` are accepted; the
+//! settings (credentials, endpoint) come from the standard AWS environment.
 
-use std::sync::Arc;
-
-use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
-use object_store::path::Path;
+pub use flotilla_store::Location;
 
 use super::CheckpointError;
 
-/// Whether [`open`] may create the local folder (writers) or must find it (readers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
+/// The location `uri` names (no I/O: the first request shows a missing bucket or credentials).
+pub fn open(uri: &str) -> Result<Location, CheckpointError> {
+    flotilla_store::open(uri).map_err(CheckpointError::from)
 }
 
-/// A store and the prefix inside it that a URI names.
-pub fn open(uri: &str, access: Access) -> Result<(Arc<dyn ObjectStore>, Path), CheckpointError> {
-    let bad = |reason: &str| CheckpointError::Uri { uri: uri.to_string(), reason: reason.to_string() };
-    let path = if let Some(rest) = uri.strip_prefix("file://") {
-        rest
-    } else if uri.starts_with('/') {
-        uri
-    } else if uri.starts_with("s3://") {
-        return Err(bad("s3:// checkpoints need the S3 store, which this build does not include yet"));
-    } else {
-        return Err(bad("expected file:///absolute/path or /absolute/path"));
-    };
-    if !path.starts_with('/') {
-        return Err(bad("the path must be absolute (file:///...)"));
-    }
-    match access {
-        Access::Write => std::fs::create_dir_all(path).map_err(|e| bad(&format!("cannot create {path}: {e}")))?,
-        Access::Read if !std::path::Path::new(path).is_dir() => {
-            return Err(CheckpointError::Partial { prefix: path.to_string() });
+impl From<flotilla_store::StoreError> for CheckpointError {
+    fn from(error: flotilla_store::StoreError) -> CheckpointError {
+        match error {
+            flotilla_store::StoreError::Uri { uri, reason } => CheckpointError::Uri { uri, reason },
+            other => CheckpointError::Location(other),
         }
-        Access::Read => {}
     }
-    let store = LocalFileSystem::new_with_prefix(path).map_err(CheckpointError::Store)?;
-    Ok((Arc::new(store), Path::default()))
 }

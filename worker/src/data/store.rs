@@ -4,19 +4,16 @@
 //! private blocking runtime, gzip detection and the decompressed-size cap.
 //! Must not touch: parsing (the readers), scaling, splitting.
 //!
-//! `file://` reads through [`LocalFileSystem`]; `s3://` becomes one more arm in [`fetch`] once
-//! the worker is built with object_store's `aws` feature (not enabled yet: it adds the AWS SDK's
-//! TLS stack to every worker build). The compressed object is fetched whole (bounded by
-//! [`FILE_SIZE_MAX_BYTES`]); decompression then streams, so the decompressed text is never held
-//! in memory at once.
+//! `file://` and `s3://` read through [`flotilla_store`] (S3 settings from the standard AWS
+//! environment). The compressed object is fetched whole (bounded by [`FILE_SIZE_MAX_BYTES`]);
+//! decompression then streams, so the decompressed text is never held in memory at once.
 
 use std::io::{self, Read};
 
 use flate2::read::MultiGzDecoder;
 use flotilla_proto::spec::DataUri;
-use object_store::local::LocalFileSystem;
+use flotilla_store::StoreError;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::{DECOMPRESSED_SIZE_MAX_BYTES, DataError, FILE_SIZE_MAX_BYTES};
 
@@ -24,50 +21,40 @@ use super::{DECOMPRESSED_SIZE_MAX_BYTES, DataError, FILE_SIZE_MAX_BYTES};
 pub fn fetch(uri: &DataUri) -> Result<Vec<u8>, DataError> {
     let name = uri.to_string();
     let unsupported = |reason: &str| DataError::Unsupported { uri: name.clone(), reason: reason.to_string() };
-    match uri {
+    let read_error = |e: StoreError| match e {
+        StoreError::TooLarge { size_bytes, size_max_bytes, .. } => DataError::TooLarge {
+            uri: name.clone(),
+            what: "the object size in bytes",
+            value: size_bytes,
+            limit: size_max_bytes,
+        },
+        StoreError::InsideAsyncRuntime => DataError::InsideAsyncRuntime,
+        other => DataError::Read { uri: name.clone(), reason: other.to_string() },
+    };
+    let (location, key) = match uri {
         DataUri::File(path) => {
             // Canonicalised: resolves `..` and symlinks (object_store refuses `..` segments) and
             // turns a missing file into an error that names the path.
             let key = Path::from_filesystem_path(path)
                 .map_err(|e| DataError::Read { uri: name.clone(), reason: e.to_string() })?;
-            block_on(get_capped(&LocalFileSystem::new(), &key, &name))?
+            (flotilla_store::open("/").map_err(read_error)?, key)
         }
-        DataUri::S3 { .. } => Err(unsupported(
-            "s3:// is not built into this worker yet (object_store's `aws` feature is off); copy the \
-             data to the worker and use file://",
-        )),
+        DataUri::S3 { .. } => {
+            let location = flotilla_store::open(&name).map_err(read_error)?;
+            let key = location.prefix().clone();
+            (location, key)
+        }
         DataUri::Relative(_) => {
-            Err(unsupported("is a relative path; resolve it against the spec file first (`flotilla submit` does)"))
+            return Err(unsupported(
+                "is a relative path; resolve it against the spec file first (`flotilla submit` does)",
+            ));
         }
-        DataUri::Synthetic(_) => Err(unsupported("synthetic data is generated, not fetched")),
-    }
-}
-
-async fn get_capped<S: ObjectStore>(store: &S, key: &Path, name: &str) -> Result<Vec<u8>, DataError> {
-    let read_error = |e: object_store::Error| DataError::Read { uri: name.to_string(), reason: e.to_string() };
-    let result = store.get(key).await.map_err(read_error)?;
-    if result.meta.size > FILE_SIZE_MAX_BYTES {
-        return Err(DataError::TooLarge {
-            uri: name.to_string(),
-            what: "the object size in bytes",
-            value: result.meta.size,
-            limit: FILE_SIZE_MAX_BYTES,
-        });
-    }
-    Ok(result.bytes().await.map_err(read_error)?.to_vec())
-}
-
-/// Runs `future` to completion on a private current-thread runtime. Refuses to run inside an
-/// async runtime, where blocking would stall (and tokio would panic).
-fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, DataError> {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(DataError::InsideAsyncRuntime);
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| DataError::Read {
-        uri: "(runtime)".into(),
-        reason: format!("cannot start a tokio runtime: {e}"),
-    })?;
-    Ok(runtime.block_on(future))
+        DataUri::Synthetic(_) => return Err(unsupported("synthetic data is generated, not fetched")),
+    };
+    let bytes = flotilla_store::block_on(flotilla_store::get_capped(&location, &key, FILE_SIZE_MAX_BYTES))
+        .map_err(read_error)?
+        .map_err(read_error)?;
+    Ok(bytes.to_vec())
 }
 
 /// A reader over the decompressed contents when `bytes` is gzip, else over `bytes` itself.

@@ -1,0 +1,132 @@
+//! The S3 store against a real S3 API (moto's server, started by scripts/test.sh, address in
+//! `FLOTILLA_MOTO_ENDPOINT`): round trips, range reads, promotion, and one clear error for each
+//! way a location can be unusable (unknown bucket, missing credentials, unreachable endpoint,
+//! http without AWS_ALLOW_HTTP, wrong scheme). No request leaves the loopback interface: the
+//! instance-metadata endpoint is pointed at a closed local port.
+
+use flotilla_store::{Access, Cause, StoreError, block_on, delete_prefix, get_capped, list, open_with, probe, promote};
+use object_store::{ObjectStoreExt, PutPayload};
+
+fn moto() -> String {
+    std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
+        panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
+    })
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("expected success");
+    listener.local_addr().expect("expected success").port()
+}
+
+fn env(endpoint: &str, credentials: bool) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("AWS_ENDPOINT_URL".to_string(), endpoint.to_string()),
+        ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
+        ("AWS_REGION".to_string(), "us-east-1".to_string()),
+        ("AWS_METADATA_ENDPOINT".to_string(), format!("http://127.0.0.1:{}", closed_port())),
+    ];
+    if credentials {
+        vars.push(("AWS_ACCESS_KEY_ID".to_string(), "testing".to_string()));
+        vars.push(("AWS_SECRET_ACCESS_KEY".to_string(), "testing".to_string()));
+    }
+    vars
+}
+
+/// Creates `bucket` through the plain S3 API (moto does not check signatures).
+fn create_bucket(endpoint: &str, bucket: &str) {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).expect("expected success");
+    write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .expect("expected success");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("expected success");
+    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
+}
+
+fn cause_of(result: Result<(), StoreError>) -> (String, Cause) {
+    match result {
+        Err(e @ StoreError::Unusable { .. }) => {
+            let text = e.to_string();
+            let StoreError::Unusable { cause, .. } = e else { unreachable!() };
+            (text, cause)
+        }
+        other => panic!("expected an unusable location, got {other:?}"),
+    }
+}
+
+#[test]
+fn s3_round_trip_range_list_promote_delete() {
+    let endpoint = moto();
+    create_bucket(&endpoint, "flotilla-store-rt");
+    let location = open_with("s3://flotilla-store-rt/run-1", env(&endpoint, true)).expect("expected success");
+    block_on(async {
+        probe(&location, Access::Write).await.expect("writable bucket");
+        probe(&location, Access::Read).await.expect("readable bucket");
+        let staged = location.key("_staging/part-0");
+        let body: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        location.store().put(&staged, PutPayload::from(body.clone())).await.expect("expected success");
+        let range = location.store().get_range(&staged, 1000..1010).await.expect("expected success");
+        assert_eq!(range.as_ref(), &body[1000..1010]);
+
+        let final_key = location.key("out/part-0");
+        promote(&location, &staged, &final_key).await.expect("expected success");
+        promote(&location, &staged, &final_key).await.expect("a second leader's promote is a no-op");
+        assert_eq!(get_capped(&location, &final_key, 100_000).await.expect("expected success").len(), 100_000);
+        let listed: Vec<String> = list(&location, location.prefix())
+            .await
+            .expect("expected success")
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        assert_eq!(listed, vec!["run-1/out/part-0".to_string()], "staging is empty and the probe object is gone");
+        assert_eq!(delete_prefix(&location, location.prefix()).await.expect("expected success"), 1);
+        assert!(get_capped(&location, &final_key, 10).await.expect_err("expected an error").is_not_found());
+    })
+    .expect("expected success");
+}
+
+#[test]
+fn unknown_bucket_is_named() {
+    let location = open_with("s3://flotilla-no-such-bucket/x", env(&moto(), true)).expect("expected success");
+    let (text, cause) = cause_of(block_on(probe(&location, Access::Write)).expect("expected success"));
+    assert_eq!(cause, Cause::NoBucket, "{text}");
+    assert!(text.starts_with("s3://flotilla-no-such-bucket/x cannot be used: the bucket does not exist"), "{text}");
+}
+
+#[test]
+fn missing_credentials_are_named() {
+    let endpoint = moto();
+    create_bucket(&endpoint, "flotilla-store-nocreds");
+    let location = open_with("s3://flotilla-store-nocreds/x", env(&endpoint, false)).expect("expected success");
+    let (text, cause) = cause_of(block_on(probe(&location, Access::Read)).expect("expected success"));
+    assert!(matches!(cause, Cause::NoCredentials(_)), "{text}");
+    assert!(text.contains("no AWS credentials found: set AWS_ACCESS_KEY_ID"), "{text}");
+}
+
+#[test]
+fn unreachable_endpoint_is_named_in_seconds() {
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let location = open_with("s3://flotilla-store/x", env(&endpoint, true)).expect("expected success");
+    let (text, cause) = cause_of(block_on(probe(&location, Access::Write)).expect("expected success"));
+    assert!(matches!(cause, Cause::Unreachable(_)), "{text}");
+    assert!(text.contains("the endpoint is unreachable (check AWS_ENDPOINT_URL"), "{text}");
+}
+
+#[test]
+fn http_endpoint_without_allow_http_says_how_to_allow_it() {
+    let vars: Vec<_> = env(&moto(), true).into_iter().filter(|(k, _)| k != "AWS_ALLOW_HTTP").collect();
+    let location = open_with("s3://flotilla-store-rt/x", vars).expect("expected success");
+    let err = block_on(probe(&location, Access::Read)).expect("expected success").expect_err("expected an error");
+    assert!(err.to_string().contains("AWS_ALLOW_HTTP"), "{err}");
+}
+
+#[test]
+fn wrong_scheme_is_refused_before_any_request() {
+    let err = open_with("gs://bucket/x", env(&moto(), true)).expect_err("expected an error");
+    assert_eq!(
+        err.to_string(),
+        "storage URI `gs://bucket/x` scheme `gs://` is not supported; use file:///absolute/path or s3://bucket/prefix"
+    );
+}

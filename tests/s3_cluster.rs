@@ -1,0 +1,251 @@
+//! The cluster on S3 end to end (moto's server, started by scripts/test.sh, address in
+//! `FLOTILLA_MOTO_ENDPOINT`): `flotilla up --store s3://...` keeps nothing of a job on local
+//! disk. A job reads its training data from S3, checkpoints to S3, logs to S3 (`flotilla logs`
+//! reads them back), registers its model artifact in S3 (`models download` streams it), and
+//! `flotilla infer` reads an s3:// input and writes an s3:// output with every row once. A bad
+//! store or data URI (wrong scheme, unknown bucket, missing object, missing credentials,
+//! unreachable endpoint) is one clear error at `up` or at submit.
+//!
+//! AWS settings reach the coordinators and workers through the environment `up` passes on.
+//! No request leaves the loopback interface: the instance-metadata fallback for credentials
+//! points at a closed local port.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+
+mod common;
+use common::Down;
+use serde_json::Value;
+
+fn moto() -> String {
+    std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
+        panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
+    })
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// Environment variables set on a command.
+type Env = Vec<(&'static str, String)>;
+
+/// The AWS environment of every process in these tests: `endpoint`, and test credentials
+/// unless `credentials` is false.
+fn aws_env(endpoint: &str, credentials: bool) -> Env {
+    let mut vars = vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ENDPOINT", endpoint.to_string()),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{}", closed_port())),
+    ];
+    if credentials {
+        vars.push(("AWS_ACCESS_KEY_ID", "testing".to_string()));
+        vars.push(("AWS_SECRET_ACCESS_KEY", "testing".to_string()));
+    }
+    vars
+}
+
+fn flotilla(home: &Path, env: &[(&'static str, String)]) -> Command {
+    let mut command = common::command(home);
+    for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "FLOTILLA_STORE"] {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command
+}
+
+fn run(home: &Path, env: &[(&'static str, String)], args: &[&str]) -> Output {
+    flotilla(home, env).args(args).output().expect("the flotilla binary runs")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn refused(out: Output) -> String {
+    assert!(!out.status.success(), "expected a refusal: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn last_json(text: &str) -> Value {
+    let start = text.find(['{', '[']).expect("JSON in the output");
+    serde_json::from_str(&text[start..]).expect("JSON")
+}
+
+/// A runtime for the test's own S3 calls (through the same storage layer as the cluster).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+}
+
+fn env_pairs(env: &[(&'static str, String)]) -> Vec<(String, String)> {
+    env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+fn create_bucket(env: &[(&'static str, String)], bucket: &str) {
+    use std::io::{Read, Write};
+    let endpoint = env.iter().find(|(k, _)| *k == "AWS_ENDPOINT_URL").expect("endpoint").1.clone();
+    let host = endpoint.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&host).expect("moto");
+    write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("reply");
+    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
+}
+
+fn put(env: &[(&'static str, String)], uri: &str, bytes: Vec<u8>) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
+    block_on(location.store().put(location.prefix(), PutPayload::from(bytes))).expect("upload");
+}
+
+fn get(env: &[(&'static str, String)], uri: &str) -> Vec<u8> {
+    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
+    block_on(flotilla_store::get_capped(&location, location.prefix(), 1 << 30)).expect(uri).to_vec()
+}
+
+/// Every object's URI under `uri`.
+fn list(env: &[(&'static str, String)], uri: &str) -> Vec<String> {
+    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
+    let objects = block_on(flotilla_store::list(&location, location.prefix())).expect("list");
+    objects.iter().map(|m| location.uri_of(&m.location)).collect()
+}
+
+fn write_spec(dir: &Path, name: &str, train: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\n\
+             data = {{ train = \"{train}\", format = \"csv\", validation_fraction = 0.2 }}\n\
+             train = {{ epochs = 10, batch_size = 16, learning_rate = 0.003 }}\nworkers = {{ min = 2, max = 2 }}\n\
+             checkpoint = {{ every_steps = 20, keep = 2 }}\noutput = {{ register_as = \"{name}\" }}\n"
+        ),
+    )
+    .expect("spec");
+    path.display().to_string()
+}
+
+#[test]
+fn a_cluster_on_s3_trains_checkpoints_logs_registers_and_infers_with_nothing_on_local_disk() {
+    let env = aws_env(&moto(), true);
+    create_bucket(&env, "flotilla-e2e");
+    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv")).expect("data");
+    put(&env, "s3://flotilla-e2e/data/digits.csv", digits.clone());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let store = "s3://flotilla-e2e/cluster";
+    let up = run(&home, &env, &["up", "--workers", "2", "--store", store, "-o", "json"]);
+    assert_eq!(last_json(&ok(up, "up"))["store"], store);
+
+    let spec = write_spec(dir.path(), "digits-s3", "s3://flotilla-e2e/data/digits.csv");
+    let submitted = ok(run(&home, &env, &["submit", &spec, "--follow"]), "submit");
+    let job_id = submitted.lines().last().expect("job id").trim().to_string();
+    let job = last_json(&ok(run(&home, &env, &["status", &job_id, "-o", "json"]), "status"));
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let accuracy = job["metrics"]["val_accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy >= 0.85, "digits MLP learned from S3 data: {accuracy}");
+
+    // Checkpoints, logs and the model are in the bucket, under the job's area.
+    // Retention (keep = 2) deletes the older checkpoints from S3 within a few passes.
+    let started = std::time::Instant::now();
+    let objects = loop {
+        let objects = list(&env, &format!("{store}/jobs/{job_id}"));
+        let checkpoints: BTreeSet<&str> =
+            objects.iter().filter_map(|o| o.split("/ckpt/").nth(1).and_then(|rest| rest.split('/').next())).collect();
+        if checkpoints.len() <= 2 || started.elapsed() > std::time::Duration::from_secs(30) {
+            assert_eq!(checkpoints.len(), 2, "retention keeps 2 checkpoints in S3: {objects:?}");
+            break objects;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(objects.iter().any(|o| o.contains("/logs/")), "{objects:?}");
+    let logs = ok(run(&home, &env, &["logs", &job_id]), "logs");
+    assert!(logs.lines().count() > 3, "the job's log, read back from S3: {logs}");
+
+    let model = last_json(&ok(run(&home, &env, &["models", "show", "digits-s3", "-o", "json"]), "models show"));
+    let checkpoint = model["source_checkpoint"]["uri"].as_str().expect("checkpoint uri");
+    assert!(checkpoint.starts_with(&format!("{store}/jobs/{job_id}/ckpt/")), "{checkpoint}");
+    let artifact = model["artifact_uri"].as_str().expect("artifact uri");
+    assert!(artifact.starts_with(&format!("{store}/jobs/{job_id}/")), "{artifact}");
+    let file = dir.path().join("digits.safetensors");
+    let download = ["models", "download", "digits-s3", "--format", "safetensors", "-f", file.to_str().expect("utf-8")];
+    ok(run(&home, &env, &download), "download");
+    assert_eq!(std::fs::read(&file).expect("downloaded"), get(&env, artifact), "the artifact, streamed from S3");
+
+    // Inference from s3:// to s3://: every input row exactly once, labels scored.
+    let out = "s3://flotilla-e2e/predictions/run-1";
+    let infer =
+        ["infer", "--model", "digits-s3", "--input", "s3://flotilla-e2e/data/digits.csv", "--output-prefix", out];
+    let done = last_json(&ok(
+        run(&home, &env, &[&infer[..], &["--workers", "2", "--shard-rows", "300", "-o", "json"]].concat()),
+        "infer",
+    ));
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    let written = list(&env, out);
+    assert!(written.iter().any(|o| o.ends_with("/_SUCCESS")) && written.iter().any(|o| o.ends_with("/_SUMMARY.json")));
+    assert!(!written.iter().any(|o| o.contains("/_attempts/")), "attempts promoted and removed: {written:?}");
+    let rows_in = String::from_utf8(digits).expect("utf-8").lines().filter(|l| !l.trim().is_empty()).count();
+    let mut seen = BTreeSet::new();
+    for part in written.iter().filter(|o| o.contains("/part-")) {
+        let text = String::from_utf8(get(&env, part)).expect("utf-8");
+        for line in text.lines().skip(1) {
+            let row: usize = line.split(',').next().expect("row").parse().expect("row id");
+            assert!(seen.insert(row), "row {row} written twice");
+        }
+    }
+    assert_eq!(seen.len(), rows_in, "every row once");
+    assert_eq!(seen.last().copied(), Some(rows_in - 1));
+
+    // Nothing of the job is on the machine's disk: the local store folder was never made.
+    assert!(!home.join("store").exists(), "a local store folder appeared");
+
+    // Bad data URIs are refused at submission, naming the field and the cause.
+    let missing = write_spec(dir.path(), "missing", "s3://flotilla-e2e/data/nope.csv");
+    let error = refused(run(&home, &env, &["submit", &missing]));
+    assert!(error.contains("data.train: s3://flotilla-e2e/data/nope.csv does not exist"), "{error}");
+    let no_bucket = write_spec(dir.path(), "no-bucket", "s3://flotilla-no-such-bucket/digits.csv");
+    let error = refused(run(&home, &env, &["submit", &no_bucket]));
+    assert!(
+        error.contains("data.train: s3://flotilla-no-such-bucket/digits.csv cannot be used: the bucket does not exist"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_store_that_cannot_be_used_stops_up_with_the_cause() {
+    let endpoint = moto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let cases: [(&str, Env, &str); 4] = [
+        ("gs://bucket/x", aws_env(&endpoint, true), "scheme `gs://` is not supported"),
+        ("s3://flotilla-no-such-bucket/x", aws_env(&endpoint, true), "the bucket does not exist"),
+        ("s3://flotilla-e2e/x", aws_env(&endpoint, false), "no AWS credentials found"),
+        (
+            "s3://flotilla-e2e/x",
+            aws_env(&format!("http://127.0.0.1:{}", closed_port()), true),
+            "the endpoint is unreachable",
+        ),
+    ];
+    for (store, env, cause) in cases {
+        let error = refused(run(&home, &env, &["up", "--store", store]));
+        assert!(error.contains(store) && error.contains(cause), "{store}: {error}");
+        assert!(!home.join("cluster.toml").exists(), "{store}: no cluster was started");
+    }
+}
