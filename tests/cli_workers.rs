@@ -1,4 +1,5 @@
-//! Worker agents against a real local cluster: registration with the join token, heartbeats
+//! Worker agents against a real local cluster: registration with the join token and a real
+//! identity (advertised data address, GPUs, instance id; 0.0.0.0 never advertised), heartbeats
 //! keeping the lease, a worker killed with SIGKILL declared Lost after its lease, and a wrong
 //! join token refused.
 
@@ -54,14 +55,36 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
     let mut cleanup = Cleanup { home: &home, workers: Vec::new() };
     let up = run(&home, &["up"]);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    for _ in 0..2 {
-        let child = flotilla(&home).arg("worker").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("worker");
+    // One worker as on a real machine: listening on every interface, advertising one address.
+    let identities: [&[&str]; 2] =
+        [&[], &["--data-addr", "0.0.0.0:0", "--advertise-addr", "127.0.0.1", "--gpus", "2", "--instance-id", "i-0abc"]];
+    for extra in identities {
+        let child = flotilla(&home)
+            .arg("worker")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker");
         cleanup.workers.push(child);
     }
     let state = |w: &serde_json::Value| w["state"].as_str().unwrap_or_default().to_string();
-    wait_for(&home, "two idle workers", Duration::from_secs(20), |l| {
+    let list = wait_for(&home, "two idle workers", Duration::from_secs(20), |l| {
         l.len() == 2 && l.iter().all(|w| state(w) == "Idle")
     });
+    for w in &list {
+        let addr: std::net::SocketAddr = w["data_addr"].as_str().expect("data_addr").parse().expect("an address");
+        assert!(addr.ip().is_loopback() && addr.port() != 0, "a dialable address: {w}");
+        assert_eq!((w["instance_type"].as_str(), w["zone"].as_str()), (Some("local"), Some("local")), "{w}");
+    }
+    let manual = list.iter().find(|w| w["instance_id"] == "i-0abc").expect("the advertised worker");
+    assert_eq!(manual["gpus"], 2, "{manual}");
+
+    // Listening everywhere without an address for peers is refused before registering.
+    let nowhere = flotilla(&home).args(["worker", "--data-addr", "0.0.0.0:0"]).output().expect("worker");
+    assert!(!nowhere.status.success());
+    let error = String::from_utf8_lossy(&nowhere.stderr);
+    assert!(error.contains("listens on every interface") && error.contains("--advertise-addr"), "{error}");
 
     // Heartbeats keep both alive well past one lease (5 s).
     std::thread::sleep(Duration::from_secs(6));

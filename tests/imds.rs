@@ -26,11 +26,29 @@ fn the_endpoint_speaks_imdsv2_and_announces_a_scheduled_interruption() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    let config = ImdsConfig { instance_id: "i-1".into(), action_file: action.clone(), interrupt_after: None };
+    let config = ImdsConfig {
+        instance_id: "i-1".into(),
+        instance_type: "g5.xlarge".into(),
+        zone: "us-east-1b".into(),
+        local_ipv4: "10.213.7.21".into(),
+        action_file: action.clone(),
+        interrupt_after: None,
+    };
     runtime.spawn(serve(listener, config));
 
     let mut client = ImdsClient::new(&format!("http://{address}"));
     assert_eq!(runtime.block_on(client.instance_id()).expect("instance id").as_deref(), Some("i-1"));
+    // The worker's identity, read as on EC2.
+    let identity = runtime.block_on(flotilla_worker::identity::from_metadata(&address)).expect("identity");
+    assert_eq!(
+        identity,
+        flotilla_worker::identity::Metadata {
+            instance_id: Some("i-1".into()),
+            instance_type: Some("g5.xlarge".into()),
+            zone: Some("us-east-1b".into()),
+            local_ipv4: Some("10.213.7.21".parse().expect("ip")),
+        }
+    );
     assert_eq!(runtime.block_on(client.instance_action()).expect("no notice yet"), None);
     std::fs::write(&action, "1795949931013").expect("schedule");
     let notice = runtime.block_on(client.instance_action()).expect("notice").expect("a notice");

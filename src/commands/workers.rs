@@ -21,13 +21,62 @@ pub struct WorkerArgs {
     /// Token the cluster's coordinators accept from workers (default: the local cluster file's).
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
-    /// This machine's instance id (cloud id, or the local provider's); default: local-<pid>.
+    /// This machine's instance id; default: the instance metadata's, else local-<pid>.
     #[arg(long)]
     pub instance_id: Option<String>,
-    /// Address for gradient exchange with the other ranks of a gang (port 0: any free port).
-    /// Must be reachable from the other workers.
+    /// Address the data port (gradient exchange with the other ranks of a gang) listens on;
+    /// port 0: any free port. `0.0.0.0:PORT` listens on every interface and then needs an
+    /// address to advertise (--advertise-addr, or the metadata's local-ipv4).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub data_addr: std::net::SocketAddr,
+    /// The address other workers dial for this one's data port: IP or IP:PORT (default port:
+    /// the bound one). Default: the --data-addr IP when it is a specific one, else the
+    /// instance metadata's local-ipv4. Never 0.0.0.0.
+    #[arg(long, env = "FLOTILLA_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// The instance metadata service (IMDSv2) to read this machine's identity and spot notices
+    /// from: `host:port`, or `ec2` for EC2's own (169.254.169.254; the EC2 user data sets it).
+    /// The local provider sets it for the workers it starts. Without it, the worker reports
+    /// type and zone `local` and watches for SIGTERM only.
+    #[arg(long, env = "FLOTILLA_IMDS_ENDPOINT")]
+    pub imds_endpoint: Option<String>,
+    /// GPUs to report; default: the count `nvidia-smi -L` lists (0 without it).
+    #[arg(long)]
+    pub gpus: Option<u32>,
+}
+
+/// How long the agent waits for the metadata endpoint at start-up.
+const IMDS_IDENTITY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The worker's identity: flags first, then the instance metadata, then local defaults.
+async fn identity(
+    args: &WorkerArgs,
+    imds: Option<&str>,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<flotilla_worker::identity::WorkerIdentity> {
+    use flotilla_worker::identity::{self, Metadata, WorkerIdentity};
+    let metadata = match imds {
+        Some(endpoint) => identity::from_metadata_within(endpoint, IMDS_IDENTITY_DEADLINE)
+            .await
+            .with_context(|| format!("reading this machine's identity from the metadata endpoint {endpoint}"))?,
+        None => Metadata::default(),
+    };
+    let data_addr = identity::advertised_addr(bound, args.advertise_addr.as_deref(), metadata.local_ipv4)?;
+    let gpus = match args.gpus {
+        Some(gpus) => gpus,
+        None => identity::gpu_count().await,
+    };
+    Ok(WorkerIdentity {
+        instance_id: args
+            .instance_id
+            .clone()
+            .or(metadata.instance_id)
+            .unwrap_or_else(|| format!("local-{}", std::process::id())),
+        instance_type: metadata.instance_type.unwrap_or_else(|| "local".into()),
+        zone: metadata.zone.unwrap_or_else(|| "local".into()),
+        gpus,
+        data_addr,
+    })
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,17 +94,23 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
         .context("no coordinator: pass --coordinator host:port or set FLOTILLA_COORDINATOR")?;
     let join_token = args
         .join_token
+        .clone()
         .or_else(|| file.map(|f| f.join_token))
         .context("no join token: pass --join-token or set FLOTILLA_JOIN_TOKEN")?;
     let mut client = ApiClient::new(&addresses, &join_token)?;
-    let instance_id = args.instance_id.unwrap_or_else(|| format!("local-{}", std::process::id()));
-    let listener = std::net::TcpListener::bind(args.data_addr).context("binding the data port")?;
-    let data_addr = listener.local_addr().context("reading the data port")?;
-    let capabilities = agent::local_capabilities(&instance_id, &data_addr.to_string());
+    let listener = std::net::TcpListener::bind(args.data_addr)
+        .with_context(|| format!("binding the data port --data-addr {}", args.data_addr))?;
+    let bound = listener.local_addr().context("reading the data port")?;
+    let imds = args.imds_endpoint.as_deref().filter(|e| !e.is_empty()).map(|e| match e {
+        "ec2" => flotilla_worker::imds::EC2_ENDPOINT.to_string(),
+        other => other.to_string(),
+    });
+    let identity = runtime.block_on(identity(&args, imds.as_deref(), bound))?;
+    tracing::info!(?identity, "this worker");
+    let capabilities = agent::local_capabilities(&identity);
     let (registered_tx, registered_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(AgentShared::default());
     runtime.spawn(super::assignments::follow(client.clone(), registered_rx.clone(), listener, shared.clone()));
-    let imds = std::env::var("FLOTILLA_IMDS_ENDPOINT").ok().filter(|e| !e.is_empty());
     if let Some(endpoint) = imds {
         runtime.spawn(watch_interruptions(endpoint, client.clone(), registered_rx.clone(), shared.clone()));
     }
@@ -140,6 +195,7 @@ fn worker_json(worker: &v1::WorkerInfo) -> Value {
         "zone": caps.zone,
         "cpus": caps.cpus,
         "gpus": caps.gpus,
+        "data_addr": caps.data_addr,
         "hostname": caps.hostname,
         "job_id": worker.job_id,
         "last_heartbeat_unix_ms": worker.last_heartbeat_unix_ms,
@@ -157,17 +213,22 @@ pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) ->
     match output {
         OutputFormat::Json => print_json(&Value::Array(response.workers.iter().map(worker_json).collect())),
         OutputFormat::Text => {
-            println!("{:<10} {:<9} {:<16} {:<10} {:>5} {:>5}", "ID", "STATE", "INSTANCE", "TYPE", "CPUS", "GPUS");
+            println!(
+                "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
+                "ID", "STATE", "INSTANCE", "TYPE", "ZONE", "CPUS", "GPUS"
+            );
             for w in &response.workers {
                 let caps = w.capabilities.clone().unwrap_or_default();
                 println!(
-                    "{:<10} {:<9} {:<16} {:<10} {:>5} {:>5}",
+                    "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
                     w.id,
                     state_name(w),
                     caps.instance_id,
                     caps.instance_type,
+                    caps.zone,
                     caps.cpus,
-                    caps.gpus
+                    caps.gpus,
+                    caps.data_addr
                 );
             }
             println!("({} worker(s), served by coordinator node {})", response.workers.len(), response.served_by);
@@ -198,6 +259,9 @@ pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen).await.context("binding the metadata endpoint")?;
         let config = ImdsConfig {
             instance_id: args.instance_id,
+            instance_type: "local".into(),
+            zone: "local".into(),
+            local_ipv4: "127.0.0.1".into(),
             action_file: args.action_file,
             interrupt_after: args.interrupt_after_ms.map(std::time::Duration::from_millis),
         };

@@ -36,7 +36,7 @@ impl From<ApiError> for AgentError {
 }
 
 /// What this machine offers, as sent at registration.
-pub fn local_capabilities(instance_id: &str, data_addr: &str) -> WorkerCapabilities {
+pub fn local_capabilities(identity: &crate::identity::WorkerIdentity) -> WorkerCapabilities {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -46,13 +46,13 @@ pub fn local_capabilities(instance_id: &str, data_addr: &str) -> WorkerCapabilit
     let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     WorkerCapabilities {
         cpus,
-        gpus: 0,
+        gpus: identity.gpus,
         memory_bytes,
-        instance_id: instance_id.to_string(),
-        instance_type: "local".to_string(),
-        zone: "local".to_string(),
+        instance_id: identity.instance_id.clone(),
+        instance_type: identity.instance_type.clone(),
+        zone: identity.zone.clone(),
         hostname,
-        data_addr: data_addr.to_string(),
+        data_addr: identity.data_addr.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     }
 }

@@ -78,7 +78,8 @@ impl ImdsClient {
         Ok(body.trim().to_string())
     }
 
-    async fn get(&mut self, path: &str) -> Result<Option<String>, ImdsError> {
+    /// `GET path` with a token (fetched once, renewed once on 401); `None` on 404.
+    pub async fn get(&mut self, path: &str) -> Result<Option<String>, ImdsError> {
         for _ in 0..2 {
             let token = self.token().await?;
             let (status, body) = self.request("GET", path, ("X-aws-ec2-metadata-token", &token)).await?;

@@ -64,13 +64,17 @@ pub struct Ec2Config {
     pub user_data: String,
 }
 
-/// The boot script of a worker instance: starts the agent against the cluster.
+/// The boot script of a worker instance: starts the agent against the cluster. The agent reads
+/// its identity from EC2's metadata (instance id, type, zone, GPUs) and advertises the
+/// instance's private address (`local-ipv4`) for its data port; S3 uses the instance role and
+/// the instance's region.
 pub fn worker_user_data(coordinators: &str, join_token: &str) -> String {
     format!(
         "#!/bin/bash\nset -e\nexport FLOTILLA_COORDINATOR='{coordinators}'\nexport FLOTILLA_JOIN_TOKEN='{join_token}'\n\
-         exec flotilla worker --instance-id \"$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' \
-         http://169.254.169.254/latest/api/token | xargs -I{{}} curl -s -H 'X-aws-ec2-metadata-token: {{}}' \
-         http://169.254.169.254/latest/meta-data/instance-id)\" --data-addr 0.0.0.0:7200\n"
+         token=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)\n\
+         export AWS_REGION=\"$(curl -s -H \"X-aws-ec2-metadata-token: $token\" \
+         http://169.254.169.254/latest/meta-data/placement/region)\"\n\
+         exec flotilla worker --imds-endpoint ec2 --data-addr 0.0.0.0:7200\n"
     )
 }
 
@@ -485,5 +489,8 @@ mod tests {
         let script = worker_user_data("10.0.0.1:7100", "tok");
         assert!(script.starts_with("#!/bin/bash"));
         assert!(script.contains("FLOTILLA_COORDINATOR='10.0.0.1:7100'") && script.contains("flotilla worker"));
+        // Identity and the advertised address come from the metadata, never 0.0.0.0.
+        assert!(script.contains("--imds-endpoint ec2 --data-addr 0.0.0.0:7200"), "{script}");
+        assert!(script.contains("export AWS_REGION="), "{script}");
     }
 }

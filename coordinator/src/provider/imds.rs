@@ -4,6 +4,9 @@
 //! ```text
 //!   PUT /latest/api/token                       X-aws-ec2-metadata-token-ttl-seconds: 1..21600
 //!   GET /latest/meta-data/instance-id           X-aws-ec2-metadata-token: <token>
+//!   GET /latest/meta-data/instance-type         `local` (what the worker registers as)
+//!   GET /latest/meta-data/placement/availability-zone   `local`
+//!   GET /latest/meta-data/local-ipv4            the address peers dial (`127.0.0.1` here)
 //!   GET /latest/meta-data/events/recommendations/rebalance   404 (no rebalance simulation yet)
 //!   GET /latest/meta-data/spot/instance-action  404 until an interruption is scheduled, then
 //!                                               {"action":"terminate","time":"<RFC 3339>"}
@@ -35,6 +38,9 @@ pub const NOTICE: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct ImdsConfig {
     pub instance_id: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub local_ipv4: String,
     /// When this file exists, its content (a Unix time in ms) is the scheduled interruption.
     pub action_file: PathBuf,
     /// An interruption drawn in advance (seeded), as an offset from start.
@@ -172,6 +178,9 @@ impl Server {
         }
         match request.path.as_str() {
             "/latest/meta-data/instance-id" => (200, self.config.instance_id.clone()),
+            "/latest/meta-data/instance-type" => (200, self.config.instance_type.clone()),
+            "/latest/meta-data/placement/availability-zone" => (200, self.config.zone.clone()),
+            "/latest/meta-data/local-ipv4" => (200, self.config.local_ipv4.clone()),
             "/latest/meta-data/spot/instance-action" => match self.action_at_unix_ms() {
                 Some(at) => (200, format!("{{\"action\":\"terminate\",\"time\":\"{}\"}}", rfc3339(at))),
                 None => (404, "not found".into()),
