@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by scripts/test.sh and the benchmarks: installs moto (pinned) into ./.venv when
 # missing, starts its server on a free loopback port for the caller's lifetime, and exports
-# FLOTILLA_MOTO_ENDPOINT. moto is the real S3 and EC2 API peer of the tests; nothing leaves
+# FLOTILLA_MOTO_ENDPOINT (and FLOTILLA_MOTO_SERVER, the server's path). moto is the real S3 and EC2 API peer of the tests; nothing leaves
 # the loopback interface.
 #
 #   source scripts/moto.sh      (from the repository root; sets an EXIT trap that stops moto)
@@ -29,3 +29,5 @@ for _ in range(150):
 sys.exit(f"moto did not start on {url}")
 PY
 export FLOTILLA_MOTO_ENDPOINT="http://127.0.0.1:$moto_port"
+# The server itself, for tests that start their own (the multi-host test runs one in a namespace).
+export FLOTILLA_MOTO_SERVER="$PWD/.venv/bin/moto_server"

@@ -26,6 +26,11 @@ pub const CALL_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
 /// One attempt gives up after this long.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// HTTP/2 pings on every connection, idle or not: a coordinator cut off the network (no RST,
+/// no FIN) is noticed within interval + timeout, and open streams (assignments, logs, watches)
+/// end with an error instead of waiting forever; their callers reconnect elsewhere.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 /// Kept short: during an election the next node is usually ready within a few ticks.
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -75,6 +80,9 @@ pub struct ApiClient {
     /// Index of the address to try first (the last one that answered, or the leader).
     preferred: usize,
     pub deadline: Duration,
+    /// One attempt against one coordinator gives up after this long and the next is tried
+    /// (agents keep it short: a heartbeat must reach a live node within its lease).
+    pub attempt_timeout: Duration,
 }
 
 impl ApiClient {
@@ -86,6 +94,7 @@ impl ApiClient {
             auth,
             preferred: 0,
             deadline: CALL_DEADLINE_DEFAULT,
+            attempt_timeout: ATTEMPT_TIMEOUT,
         };
         for address in parse_addresses(addresses)? {
             client.add(address)?;
@@ -101,6 +110,9 @@ impl ApiClient {
             .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, format!("coordinator address `{address}`: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(ATTEMPT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         self.addresses.push(address);
         self.channels.push(endpoint.connect_lazy());
@@ -186,9 +198,16 @@ impl ApiClient {
         let mut last_error;
         loop {
             let index = self.preferred % self.channels.len();
-            match call(self.channels[index].clone(), self.auth.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) => last_error = ApiError::from(status),
+            let attempt = call(self.channels[index].clone(), self.auth.clone());
+            match tokio::time::timeout(self.attempt_timeout, attempt).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => last_error = ApiError::from(status),
+                Err(_) => {
+                    last_error = ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!("{} did not answer within {:?}", self.addresses[index], self.attempt_timeout),
+                    );
+                }
             }
             if !last_error.kind.is_retryable() {
                 return Err(last_error);

@@ -113,7 +113,14 @@ pub async fn follow(
                 continue;
             }
         };
-        while let Ok(Some(message)) = stream.message().await {
+        loop {
+            // A new registration (this worker was declared lost and joined again) watches
+            // under its new id.
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = registered.changed() => break,
+            };
+            let Ok(Some(message)) = message else { break };
             match message.kind {
                 Some(assignment::Kind::Train(train)) => {
                     // A re-opened stream repeats the current assignment: keep training.

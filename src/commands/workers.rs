@@ -249,6 +249,14 @@ pub struct ImdsArgs {
     /// Announce an interruption this long after start (seeded by `up`).
     #[arg(long)]
     pub interrupt_after_ms: Option<u64>,
+    /// What the endpoint says the instance is (`instance-type`, `placement/availability-zone`,
+    /// `local-ipv4`): a multi-host test gives each host its own.
+    #[arg(long, default_value = "local")]
+    pub instance_type: String,
+    #[arg(long, default_value = "local")]
+    pub zone: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub local_ipv4: std::net::IpAddr,
 }
 
 /// `flotilla imds` (hidden): the local provider's per-instance metadata endpoint (IMDSv2).
@@ -259,9 +267,9 @@ pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen).await.context("binding the metadata endpoint")?;
         let config = ImdsConfig {
             instance_id: args.instance_id,
-            instance_type: "local".into(),
-            zone: "local".into(),
-            local_ipv4: "127.0.0.1".into(),
+            instance_type: args.instance_type,
+            zone: args.zone,
+            local_ipv4: args.local_ipv4.to_string(),
             action_file: args.action_file,
             interrupt_after: args.interrupt_after_ms.map(std::time::Duration::from_millis),
         };

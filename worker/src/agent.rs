@@ -15,6 +15,9 @@ use flotilla_proto::{ApiError, ErrorKind};
 /// Heartbeat interval used if the coordinator names none (or an absurd one).
 const HEARTBEAT_FALLBACK: Duration = Duration::from_secs(1);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+/// One registration or heartbeat attempt against one coordinator: short, so that a coordinator
+/// cut off the network costs a fraction of the lease before the next one is tried.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -68,6 +71,7 @@ pub async fn run(
     mut on_registered: impl FnMut(&str),
 ) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
+    client.attempt_timeout = ATTEMPT_TIMEOUT;
     loop {
         let request = RegisterWorkerRequest { capabilities: Some(capabilities.clone()) };
         let registered = tokio::select! {

@@ -69,6 +69,17 @@ impl JobApi {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
     }
+
+    /// Live progress (step, loss, samples/s) is reported to the leader and not replicated, so
+    /// a follower would show a running job at its last checkpoint: it sends the client to the
+    /// leader instead (`NotLeader` with the hint; the clients follow it).
+    fn live_from_leader(&self, jobs: &[v1::JobStatus]) -> Result<(), Status> {
+        let running = jobs.iter().any(|j| j.state == v1::JobState::Running as i32);
+        if running && self.node.status().leader_id != Some(self.node.id) {
+            return Err(status(self.node.not_leader()));
+        }
+        Ok(())
+    }
 }
 
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<JobUpdate, Status>> + Send>>;
@@ -102,6 +113,7 @@ impl JobService for JobApi {
         self.authorize(&request)?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        self.live_from_leader(std::slice::from_ref(&job))?;
         let (job, _) = with_live(job, &self.progress);
         Ok(Response::new(GetJobResponse { job: Some(job), served_by: self.node.id }))
     }
@@ -150,6 +162,7 @@ impl JobService for JobApi {
             })
             .await
             .map_err(status)?;
+        self.live_from_leader(&jobs)?;
         let jobs = jobs.into_iter().map(|j| with_live(j, &self.progress).0).collect();
         Ok(Response::new(ListJobsResponse { jobs, next_page_token: next.unwrap_or_default(), served_by: self.node.id }))
     }
@@ -170,6 +183,7 @@ impl JobService for JobApi {
         self.authorize(&request)?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let first = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        self.live_from_leader(std::slice::from_ref(&first))?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(watch_loop(self.node.clone(), self.progress.clone(), id, first, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
