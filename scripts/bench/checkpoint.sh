@@ -4,11 +4,19 @@
 # store, then one with the S3/local ratios.
 #
 #   scripts/bench/checkpoint.sh [PARAMS] [REPEATS]     (default 2000000 params = 24 MB, 5)
+#
+# FLOTILLA_BENCH_PROFILE=dev uses the debug build that scripts/test.sh leaves (dependencies are
+# optimised there too; checkpoint I/O is system calls and HTTP) instead of a release build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/moto.sh
-cargo build --release --quiet
-flotilla="${CARGO_TARGET_DIR:-target}/release/flotilla"
+if [ "${FLOTILLA_BENCH_PROFILE:-release}" = dev ]; then
+  cargo build --quiet
+  flotilla="${CARGO_TARGET_DIR:-target}/debug/flotilla"
+else
+  cargo build --release --quiet
+  flotilla="${CARGO_TARGET_DIR:-target}/release/flotilla"
+fi
 params="${1:-2000000}" repeats="${2:-5}"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
 export AWS_ENDPOINT_URL="$FLOTILLA_MOTO_ENDPOINT" AWS_ENDPOINT="$FLOTILLA_MOTO_ENDPOINT"
