@@ -210,6 +210,15 @@ fn a_cluster_on_s3_trains_checkpoints_logs_registers_and_infers_with_nothing_on_
         }
     }
     assert_eq!(seen.len(), rows_in, "every row once");
+    // Each worker fetched only its shards' bytes of the input (range GETs), not the whole file.
+    let worker_logs: String = std::fs::read_dir(home.join("logs"))
+        .expect("worker logs")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let ranged = worker_logs.matches("of s3://flotilla-e2e/data/digits.csv (range GET)").count();
+    let shards = done["shards_total"].as_u64().expect("shards") as usize;
+    assert!(shards > 1 && ranged >= shards, "a range GET per shard attempt: {ranged} for {shards} shards");
     assert_eq!(seen.last().copied(), Some(rows_in - 1));
 
     // Nothing of the job is on the machine's disk: the local store folder was never made.

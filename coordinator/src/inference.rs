@@ -108,8 +108,15 @@ pub fn input_shape(name: &str, input: impl Read) -> Result<InputShape, String> {
     Ok(InputShape { rows, columns, bytes: 0 })
 }
 
-/// Reads the shape of the input at `uri`, fetching at most [`INPUT_SIZE_MAX_BYTES`].
-pub async fn read_input_shape(uri: &str) -> Result<InputShape, String> {
+/// An input as the leader read it at submission.
+pub struct Input {
+    pub shape: InputShape,
+    /// The bytes of a plain (not gzip) input: shards can be cut from them by byte offsets.
+    pub plain: Option<bytes::Bytes>,
+}
+
+/// Reads the input at `uri` (at most [`INPUT_SIZE_MAX_BYTES`]) and its shape.
+pub async fn read_input(uri: &str) -> Result<Input, String> {
     let location = flotilla_store::open(uri).map_err(|e| format!("input: {e}"))?;
     let bytes = flotilla_store::get_capped(&location, location.prefix(), INPUT_SIZE_MAX_BYTES)
         .await
@@ -122,10 +129,36 @@ pub async fn read_input_shape(uri: &str) -> Result<InputShape, String> {
         } else {
             input_shape(&name, bytes.as_ref())
         };
-        shape.map(|s| InputShape { bytes: bytes.len() as u64, ..s })
+        let shape = shape.map(|s| InputShape { bytes: bytes.len() as u64, ..s })?;
+        Ok(Input { shape, plain: (!gzip).then_some(bytes) })
     })
     .await
     .map_err(|e| format!("input {uri}: reading it failed: {e}"))?
+}
+
+/// The byte offsets of the data rows numbered `first_rows` (ascending) in `text`, then the
+/// text's size: what a worker needs to fetch only its shard. Rows are numbered by
+/// `flotilla_core::text::is_data_line`, as the workers number them. Empty when a row is missing.
+pub fn shard_byte_offsets(text: &[u8], first_rows: &[u64]) -> Vec<u64> {
+    let mut offsets = Vec::with_capacity(first_rows.len() + 1);
+    let mut wanted = first_rows.iter().copied().peekable();
+    let (mut row, mut start) = (0u64, 0usize);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let Some(&next) = wanted.peek() else { break };
+        if flotilla_core::text::is_data_line(line) {
+            if row == next {
+                offsets.push(start as u64);
+                wanted.next();
+            }
+            row += 1;
+        }
+        start += line.len();
+    }
+    if offsets.len() != first_rows.len() {
+        return Vec::new();
+    }
+    offsets.push(text.len() as u64);
+    offsets
 }
 
 /// Checks that the output folder is new or empty (an inference never overwrites results) and
@@ -350,6 +383,7 @@ mod tests {
                 rows: 2,
                 labelled: false,
                 input_bytes: 0,
+                shard_byte_offsets: Vec::new(),
             },
             artifact_uri: String::new(),
             model_spec: flotilla_core::spec::ModelSpec::Mlp { hidden: vec![] },
@@ -380,6 +414,18 @@ mod tests {
         assert!(finalize(&job, 3000).is_ok(), "a second run (a new leader) finds the work done");
         std::fs::remove_file(folder.join("part-00000.csv")).expect("rm");
         assert!(matches!(finalize(&job, 3000), Err(FinalizeError::Fatal(_))), "a committed output is gone");
+    }
+
+    #[test]
+    fn shard_offsets_cut_the_text_at_data_rows() {
+        let text = b"\n1,2\n\n3,4\n5,6\n  \n7,8";
+        let offsets = shard_byte_offsets(text, &[0, 2]);
+        assert_eq!(offsets, vec![1, 10, text.len() as u64]);
+        let (first, second) = (&text[1..10], &text[10..]);
+        assert_eq!(input_shape("a", first).map(|s| s.rows), Ok(2));
+        assert_eq!(input_shape("b", second).map(|s| s.rows), Ok(2), "{:?}", std::str::from_utf8(second));
+        assert!(shard_byte_offsets(text, &[0, 9]).is_empty(), "a row past the end");
+        assert_eq!(shard_byte_offsets(text, &[]), vec![text.len() as u64]);
     }
 
     #[test]

@@ -351,6 +351,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
         rows: 1000,
         labelled: false,
         input_bytes: 0,
+        shard_byte_offsets: Vec::new(),
     };
     step(&mut state, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));

@@ -35,11 +35,12 @@ use super::assignments::AgentShared;
 /// Pause before asking again after a failed call (the client already retried within its deadline).
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// The model and indexed input of the job this worker last inferred for.
+/// The model of the job this worker last inferred for, and its whole input once a shard
+/// needed it (a job whose shards carry byte ranges never fetches it).
 struct Loaded {
     job_id: String,
     predictor: Arc<Predictor>,
-    input: Arc<InputText>,
+    input: Option<Arc<InputText>>,
 }
 
 static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
@@ -224,9 +225,24 @@ fn shard_loop(
 
 /// One shard: predictions written to the attempt's object (not committed yet).
 fn infer_shard(assignment: &InferAssignment, shard: &Shard) -> anyhow::Result<flotilla_worker::infer::ShardOutput> {
-    let (predictor, text) = loaded(assignment)?;
+    let predictor = predictor(assignment)?;
     let first_row = usize::try_from(shard.first_row).context("first_row")?;
-    let input = text.shard(first_row, usize::try_from(shard.rows).context("rows")?, predictor.features_per_row)?;
+    let rows = usize::try_from(shard.rows).context("rows")?;
+    let input = if shard.byte_end > shard.byte_start {
+        // Only this shard's bytes: a range GET.
+        let bytes = fetch_range(assignment, shard.byte_start..shard.byte_end)?;
+        tracing::info!(
+            shard = shard.index,
+            "fetched bytes {}..{} of {} (range GET)",
+            shard.byte_start,
+            shard.byte_end,
+            assignment.input_uri
+        );
+        let name = format!("{} (bytes {}..{})", assignment.input_uri, shard.byte_start, shard.byte_end);
+        InputText::index(&name, &bytes)?.shard(0, rows, predictor.features_per_row)?
+    } else {
+        whole_input(assignment)?.shard(first_row, rows, predictor.features_per_row)?
+    };
     let output = run_shard(&predictor, &input, first_row, assignment.batch_size.max(1) as usize)?;
     let (prefix, name) = shard.output_uri.rsplit_once('/').context("the shard's output URI has no folder")?;
     write_artifact(prefix, name, output.csv.clone().into_bytes())
@@ -234,12 +250,12 @@ fn infer_shard(assignment: &InferAssignment, shard: &Shard) -> anyhow::Result<fl
     Ok(output)
 }
 
-/// The job's model and input, loaded on first use.
-fn loaded(assignment: &InferAssignment) -> anyhow::Result<(Arc<Predictor>, Arc<InputText>)> {
+/// The job's model, loaded on first use.
+fn predictor(assignment: &InferAssignment) -> anyhow::Result<Arc<Predictor>> {
     if let Ok(cache) = LOADED.lock()
         && let Some(l) = cache.as_ref().filter(|l| l.job_id == assignment.job_id)
     {
-        return Ok((l.predictor.clone(), l.input.clone()));
+        return Ok(l.predictor.clone());
     }
     let model = assignment
         .model
@@ -255,22 +271,55 @@ fn loaded(assignment: &InferAssignment) -> anyhow::Result<(Arc<Predictor>, Arc<I
         &artifact,
     )
     .with_context(|| format!("loading the model {}", assignment.model_artifact_uri))?;
+    let predictor = Arc::new(predictor);
+    if let Ok(mut cache) = LOADED.lock() {
+        *cache = Some(Loaded { job_id: assignment.job_id.clone(), predictor: predictor.clone(), input: None });
+    }
+    Ok(predictor)
+}
+
+/// The job's whole input, fetched and indexed on first use.
+fn whole_input(assignment: &InferAssignment) -> anyhow::Result<Arc<InputText>> {
+    if let Ok(cache) = LOADED.lock()
+        && let Some(input) = cache.as_ref().filter(|l| l.job_id == assignment.job_id).and_then(|l| l.input.clone())
+    {
+        return Ok(input);
+    }
     let bytes = fetch(&assignment.input_uri).context("fetching the input")?;
-    if assignment.input_bytes != 0 && bytes.len() as u64 != assignment.input_bytes {
+    check_unchanged(assignment, bytes.len() as u64)?;
+    let input = Arc::new(InputText::index(&assignment.input_uri, &bytes)?);
+    if let Ok(mut cache) = LOADED.lock()
+        && let Some(loaded) = cache.as_mut().filter(|l| l.job_id == assignment.job_id)
+    {
+        loaded.input = Some(input.clone());
+    }
+    Ok(input)
+}
+
+/// Refuses an input whose size changed since submission (its row ids would not match).
+fn check_unchanged(assignment: &InferAssignment, size_bytes: u64) -> anyhow::Result<()> {
+    if assignment.input_bytes != 0 && size_bytes != assignment.input_bytes {
         anyhow::bail!(
-            "{} is {} bytes now, but {} when the job was submitted: the input changed, so its row ids would not \
-             match; submit the job again",
+            "{} is {size_bytes} bytes now, but {} when the job was submitted: the input changed, so its row ids would \
+             not match; submit the job again",
             assignment.input_uri,
-            bytes.len(),
             assignment.input_bytes
         );
     }
-    let input = InputText::index(&assignment.input_uri, &bytes)?;
-    let (predictor, input) = (Arc::new(predictor), Arc::new(input));
-    if let Ok(mut cache) = LOADED.lock() {
-        *cache = Some(Loaded { job_id: assignment.job_id.clone(), predictor: predictor.clone(), input: input.clone() });
-    }
-    Ok((predictor, input))
+    Ok(())
+}
+
+/// The bytes `range` of the job's input (one HEAD for the size check, one range GET).
+fn fetch_range(assignment: &InferAssignment, range: std::ops::Range<u64>) -> anyhow::Result<bytes::Bytes> {
+    use object_store::ObjectStoreExt;
+    let uri = &assignment.input_uri;
+    let location = flotilla_store::open(uri)?;
+    let fetched = flotilla_store::block_on(async {
+        let meta = location.store().head(location.prefix()).await?;
+        check_unchanged(assignment, meta.size)?;
+        anyhow::Ok(location.store().get_range(location.prefix(), range.clone()).await?)
+    })?;
+    fetched.with_context(|| format!("reading bytes {}..{} of {uri}", range.start, range.end))
 }
 
 fn fetch(uri: &str) -> anyhow::Result<Vec<u8>> {

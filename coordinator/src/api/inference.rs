@@ -3,7 +3,7 @@
 //! is read by the leader at submission, so a wrong column count is refused before any worker
 //! starts.
 
-use flotilla_core::state::{Applied, Command, InferenceRequest, ShardStats};
+use flotilla_core::state::{Applied, Command, InferenceRequest, ShardStats, plan_shards};
 use flotilla_core::{JobId, WorkerId};
 use flotilla_proto::convert::inference_to_proto;
 use flotilla_proto::limits::CLIENT_REQUEST_ID_LEN_MAX;
@@ -13,7 +13,7 @@ use flotilla_proto::{ApiError, ErrorKind, auth};
 use tonic::{Request, Response, Status};
 
 use super::status;
-use crate::inference::{SHARD_VALUES_MAX, check_output, normalized, read_input_shape};
+use crate::inference::{SHARD_VALUES_MAX, check_output, normalized, read_input, shard_byte_offsets};
 use crate::raft::node::{NodeHandle, now_unix_ms};
 
 /// Longest model reference and error text accepted.
@@ -93,7 +93,8 @@ impl InferenceService for InferenceApi {
         let input_uri = normalized(&r.input_uri).map_err(|e| invalid(format!("input_uri: {e}")))?;
         let output_uri = normalized(&r.output_uri).map_err(|e| invalid(format!("output_uri: {e}")))?;
         check_output(&output_uri).await.map_err(invalid)?;
-        let shape = read_input_shape(&input_uri).await.map_err(invalid)?;
+        let input = read_input(&input_uri).await.map_err(invalid)?;
+        let shape = input.shape;
         let features = features as usize;
         let labelled = match shape.columns {
             c if c == features => false,
@@ -110,7 +111,7 @@ impl InferenceService for InferenceApi {
         let rows_cap = (SHARD_VALUES_MAX / shape.columns.max(1) as u64).max(1);
         let shard_rows = match r.shard_rows {
             0 => {
-                let planned = flotilla_core::state::plan_shards(shape.rows, r.workers.max(1), 0)
+                let planned = plan_shards(shape.rows, r.workers.max(1), 0)
                     .ok()
                     .and_then(|s| s.first().map(|s| s.rows))
                     .unwrap_or(0);
@@ -125,6 +126,14 @@ impl InferenceService for InferenceApi {
             }
             n => n,
         };
+        // Each shard's bytes, so workers fetch only theirs (not for gzip: no reading from the middle).
+        let shard_byte_offsets = match (input.plain, plan_shards(shape.rows, r.workers.max(1), shard_rows)) {
+            (Some(text), Ok(shards)) => {
+                let first_rows: Vec<u64> = shards.iter().map(|s| s.first_row).collect();
+                tokio::task::spawn_blocking(move || shard_byte_offsets(&text, &first_rows)).await.unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         let request = InferenceRequest {
             model: name,
             version,
@@ -136,6 +145,7 @@ impl InferenceService for InferenceApi {
             rows: shape.rows,
             labelled,
             input_bytes: shape.bytes,
+            shard_byte_offsets,
         };
         let command = Command::SubmitInference { request: Box::new(request), client_request_id: r.client_request_id };
         match self.node.propose(command).await.map_err(status)? {
@@ -193,6 +203,8 @@ impl InferenceService for InferenceApi {
             rows: lease.rows,
             output_uri: lease.object,
             attempt: lease.attempt,
+            byte_start: lease.bytes.map_or(0, |b| b.0),
+            byte_end: lease.bytes.map_or(0, |b| b.1),
         });
         Ok(Response::new(LeaseShardResponse { shard, released }))
     }

@@ -67,6 +67,11 @@ pub struct InferenceRequest {
     /// since (row ids would shift). 0: not checked.
     #[serde(default)]
     pub input_bytes: u64,
+    /// Byte offsets in the input of each shard's first data row, then the input's size
+    /// (shards + 1 values), so a worker fetches only its shard's bytes (a range GET). Empty:
+    /// workers fetch the whole input (gzip, which cannot be read from the middle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shard_byte_offsets: Vec<u64>,
 }
 
 /// What a shard's attempt found.
@@ -133,6 +138,8 @@ pub struct ShardLease {
     pub rows: u64,
     /// Where this attempt writes its output (the only object its commit may name).
     pub object: String,
+    /// The shard's bytes in the input (`start..end`), when the job has them.
+    pub bytes: Option<(u64, u64)>,
 }
 
 /// The folder of an output that holds attempts not promoted yet.
@@ -317,6 +324,15 @@ pub fn plan_shards(rows: u64, workers: u32, shard_rows: u64) -> Result<Vec<Shard
         .collect())
 }
 
+/// Shard `index`'s bytes from the job's offsets; `None` unless they are well formed (one per
+/// shard plus the end, never decreasing).
+fn shard_bytes(offsets: &[u64], shards: usize, index: usize) -> Option<(u64, u64)> {
+    if offsets.len() != shards + 1 || offsets.windows(2).any(|w| w[0] > w[1]) {
+        return None;
+    }
+    Some((offsets[index], offsets[index + 1]))
+}
+
 pub(super) fn submit(
     state: &mut State,
     index: u64,
@@ -446,6 +462,7 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
         }
         return released;
     };
+    let bytes = shard_bytes(&job.request.shard_byte_offsets, job.shards.len(), index);
     let shard = &mut job.shards[index];
     let attempt = match shard.state {
         ShardState::Leased { attempt, .. } => attempt,
@@ -458,7 +475,8 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
         }
     };
     let object = attempt_object(&job.request.output_uri, index as u32, attempt);
-    let lease = ShardLease { index: index as u32, attempt, first_row: shard.first_row, rows: shard.rows, object };
+    let lease =
+        ShardLease { index: index as u32, attempt, first_row: shard.first_row, rows: shard.rows, object, bytes };
     job.started_at_unix_ms.get_or_insert(now);
     job.updated_at_unix_ms = now;
     Ok(Applied::ShardLeased { lease: Some(lease), released: false })

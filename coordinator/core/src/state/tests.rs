@@ -476,6 +476,7 @@ fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, Worke
         rows,
         labelled: true,
         input_bytes: 0,
+        shard_byte_offsets: Vec::new(),
     };
     let submitted =
         at(state, 5, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
@@ -511,6 +512,23 @@ fn shards_cover_every_row_once_within_the_limits() {
     assert!(plan_shards(0, 1, 0).is_err());
     let refused = plan_shards(1_000_000, 1, 1).expect_err("too many shards");
     assert!(refused.contains("--shard-rows 100"), "{refused}");
+}
+
+#[test]
+fn leases_carry_their_shards_bytes_only_when_the_offsets_are_well_formed() {
+    let mut state = State::default();
+    let (job, w1, w2) = inference_job(&mut state, 250, 100);
+    state.inferences.get_mut(&job).expect("job").request.shard_byte_offsets = vec![0, 900, 1800, 2250];
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+    assert_eq!(lease(&mut state, job, w1).expect("shard 0").bytes, Some((0, 900)));
+    assert_eq!(lease(&mut state, job, w2).expect("shard 1").bytes, Some((900, 1800)));
+    for malformed in [vec![0, 900, 1800], vec![0, 1800, 900, 2250]] {
+        let mut state = State::default();
+        let (job, w1, w2) = inference_job(&mut state, 250, 100);
+        state.inferences.get_mut(&job).expect("job").request.shard_byte_offsets = malformed;
+        at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+        assert_eq!(lease(&mut state, job, w1).expect("shard 0").bytes, None, "the whole input is fetched");
+    }
 }
 
 #[test]
