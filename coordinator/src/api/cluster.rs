@@ -279,6 +279,9 @@ impl ClusterService for ClusterApi {
                             feature_scale: report.feature_scale,
                         },
                     });
+                if let Some(artifact) = &artifact {
+                    artifact.shape.check().map_err(|e| invalid(format!("the model's {e}")))?;
+                }
                 Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics, artifact }
             }
             Ok(GenerationEnd::Checkpointed) => ended(CoreEnd::Checkpointed),

@@ -366,7 +366,8 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::BadGang { .. }
         | Rejected::BadAlias(_)
         | Rejected::BadInference(_)
-        | Rejected::BadShardReport { .. } => ErrorKind::InvalidArgument,
+        | Rejected::BadShardReport { .. }
+        | Rejected::BadReport(_) => ErrorKind::InvalidArgument,
         Rejected::TooManyAliases { .. } => ErrorKind::ResourceExhausted,
         Rejected::Undecodable(_) => ErrorKind::Internal,
     };

@@ -331,6 +331,9 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::ModelChanged { name, version })
         }
         Command::JobFinished { job_id, generation, success, reason, step, metrics, artifact } => {
+            if let Some(artifact) = &artifact {
+                artifact.shape.check().map_err(|e| Rejected::BadReport(format!("the model's {e}")))?;
+            }
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
@@ -476,8 +479,8 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
     charge_generation(job, now, last_step_seen, lost_steps);
     job.state = JobState::Pending;
     job.reason = format!("{lost} was lost; waiting for workers to form a new generation");
-    job.recoveries += 1;
-    job.steps_lost += lost_steps;
+    job.recoveries = job.recoveries.saturating_add(1);
+    job.steps_lost = job.steps_lost.saturating_add(lost_steps);
     job.checkpoint_requested = None;
     job.updated_at_unix_ms = now;
     push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
@@ -551,9 +554,9 @@ fn generation_ended(
         }
         GenerationEnd::Checkpointed => {
             let lost = step.saturating_sub(resume_step(job));
-            job.steps_lost += lost;
+            job.steps_lost = job.steps_lost.saturating_add(lost);
             if requested == Some(StopReason::Preemption) {
-                job.preemptions += 1;
+                job.preemptions = job.preemptions.saturating_add(1);
             }
             let why = requested.map_or("stop", StopReason::name);
             push_event(
@@ -566,8 +569,8 @@ fn generation_ended(
         }
         GenerationEnd::PeerLost { reason } => {
             let lost = step.saturating_sub(resume_step(job));
-            job.steps_lost += lost;
-            job.recoveries += 1;
+            job.steps_lost = job.steps_lost.saturating_add(lost);
+            job.recoveries = job.recoveries.saturating_add(1);
             let message = format!("generation {generation} broke at step {step}; {lost} step(s) lost: {reason}");
             push_event(job, now, "peer_lost", bounded(message));
             job.reason = format!("a worker was lost; resuming from step {}", resume_step(job));
@@ -588,7 +591,7 @@ fn generation_ended(
             if job.step > job.failure_step {
                 job.failures = 0;
             }
-            job.failures += 1;
+            job.failures = job.failures.saturating_add(1);
             job.failure_step = job.step;
             let limit = job.spec.capacity.max_failures;
             push_event(

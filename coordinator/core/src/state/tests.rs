@@ -760,3 +760,47 @@ fn a_stuck_lease_times_out_by_the_jobs_own_pace_and_its_worker_leaves() {
     assert_eq!(again, Err(Rejected::WorkerUnavailable(w2)), "and never joins it again");
     assert_eq!(lease(&mut state, job, w1).map(|l| l.index), Some(1), "another member retries it");
 }
+
+#[test]
+fn hostile_reports_saturate_counters_and_unbounded_shapes_are_refused() {
+    // Two generations that each claim to have reached step u64::MAX: the lost-steps counter
+    // saturates instead of overflowing (a panic in apply on every replica).
+    let mut state = State::default();
+    running_job(&mut state, 10);
+    let lost = || GenerationEnd::PeerLost { reason: "forged".into() };
+    end(&mut state, 1, lost(), u64::MAX).expect("first end");
+    let (w3, w4) = (register(&mut state, 600), register(&mut state, 601));
+    at(&mut state, 602, Command::AssignGang { job_id: JobId(1), workers: vec![w3, w4] }).expect("assign");
+    let generation = state.jobs[&JobId(1)].generation;
+    end(&mut state, generation, lost(), u64::MAX).expect("second end");
+    assert_eq!(state.jobs[&JobId(1)].steps_lost, u64::MAX);
+
+    // A model whose reported shape would make every later summary allocate per class (or
+    // divide by a non-positive scale) is refused before anything is registered.
+    for (features_per_row, classes, feature_scale) in
+        [(4, u32::MAX, 1.0), (4, 1, 1.0), (0, 3, 1.0), (MODEL_FEATURES_MAX + 1, 3, 1.0), (4, 3, f32::NAN), (4, 3, 0.0)]
+    {
+        let mut state = State::default();
+        at(&mut state, 1, Command::SubmitJob { spec: Box::new(spec("m")), client_request_id: "t".into() })
+            .expect("submit");
+        let trainer = register(&mut state, 2);
+        at(&mut state, 3, Command::AssignGang { job_id: JobId(1), workers: vec![trainer] }).expect("assign");
+        let artifact = ModelArtifact {
+            artifact_uri: "file:///s/jobs/job-1/model/model.safetensors".into(),
+            dataset_sha256: String::new(),
+            shape: ModelShape { features_per_row, classes, feature_scale },
+        };
+        let done = Command::JobFinished {
+            job_id: JobId(1),
+            generation: 1,
+            success: true,
+            reason: String::new(),
+            step: 10,
+            metrics: None,
+            artifact: Some(artifact),
+        };
+        let refused = at(&mut state, 4, done);
+        assert!(matches!(refused, Err(Rejected::BadReport(_))), "{features_per_row}x{classes}: {refused:?}");
+        assert!(state.models.is_empty() && state.jobs[&JobId(1)].state == JobState::Running);
+    }
+}

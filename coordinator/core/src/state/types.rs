@@ -337,6 +337,28 @@ pub struct ModelShape {
     pub feature_scale: f32,
 }
 
+/// Classes a registered model may have: the workers' label cap (labels lie in 0..1000).
+/// Summaries allocate one counter per class, so a reported shape is bounded before it is stored.
+pub const MODEL_CLASSES_MAX: u32 = 1_000;
+/// Features per row a registered model may take: the workers' data limit.
+pub const MODEL_FEATURES_MAX: u32 = 100_000;
+
+impl ModelShape {
+    /// Why a reported shape cannot be a model's (the field, the value, the limit).
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=MODEL_FEATURES_MAX).contains(&self.features_per_row) {
+            return Err(format!("features_per_row is {}; 1 to {MODEL_FEATURES_MAX}", self.features_per_row));
+        }
+        if !(2..=MODEL_CLASSES_MAX).contains(&self.classes) {
+            return Err(format!("classes is {}; 2 to {MODEL_CLASSES_MAX}", self.classes));
+        }
+        if !(self.feature_scale.is_finite() && self.feature_scale > 0.0) {
+            return Err(format!("feature_scale is {}; a positive number", self.feature_scale));
+        }
+        Ok(())
+    }
+}
+
 /// What a successful rank 0 exported for the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelArtifact {
@@ -759,4 +781,7 @@ pub enum Rejected {
     ShardDone { job_id: JobId, index: u32, attempt: u64 },
     #[error("shard {index}: {reason}")]
     BadShardReport { index: u32, reason: String },
+    /// A worker's report carries a value outside its bounds.
+    #[error("bad report: {0}")]
+    BadReport(String),
 }
