@@ -369,7 +369,6 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::BadShardReport { .. }
         | Rejected::BadReport(_) => ErrorKind::InvalidArgument,
         Rejected::TooManyAliases { .. } => ErrorKind::ResourceExhausted,
-        Rejected::Undecodable(_) => ErrorKind::Internal,
     };
     ApiError::new(kind, rejected.to_string())
 }

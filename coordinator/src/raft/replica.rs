@@ -82,6 +82,14 @@ pub enum ReplicaError {
     Raft(#[from] raft::Error),
     #[error("state-machine snapshot: {0}")]
     Snapshot(#[from] state::SnapshotError),
+    /// Skipping the entry would let this replica's state diverge from the others', so the
+    /// node stops before applying it (a node of an older version met a newer command: upgrade
+    /// it; on restart it applies the entry from the log).
+    #[error(
+        "committed entry {index} cannot be decoded by this version ({reason}); stopping so that the replicas do not \
+         diverge: run the same flotilla version on every coordinator"
+    )]
+    Undecodable { index: u64, reason: String },
 }
 
 /// Static configuration of one replica.
@@ -238,7 +246,7 @@ impl Replica {
         if let Some(snapshot) = &incoming {
             self.restore(snapshot)?;
         }
-        self.apply_entries(ready.take_committed_entries(), &mut out.committed);
+        self.apply_entries(ready.take_committed_entries(), &mut out.committed)?;
         self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
         out.messages.extend(ready.take_persisted_messages());
         out.reads.extend(ready.take_read_states());
@@ -247,7 +255,7 @@ impl Replica {
             self.node.store().set_commit(commit);
         }
         out.messages.extend(light.take_messages());
-        self.apply_entries(light.take_committed_entries(), &mut out.committed);
+        self.apply_entries(light.take_committed_entries(), &mut out.committed)?;
         self.node.advance_apply_to(self.applied_index);
         self.maybe_snapshot()?;
         Ok(out)
@@ -268,27 +276,26 @@ impl Replica {
         Ok(())
     }
 
-    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<Committed>) {
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Vec<Committed>) -> Result<(), ReplicaError> {
         let me = self.id();
         for entry in entries {
             if entry.index <= self.applied_index {
                 continue;
             }
-            self.applied_index = entry.index;
-            if entry.data.is_empty() {
-                continue; // the empty entry a new leader appends
-            }
-            if entry.get_entry_type() != EntryType::EntryNormal {
-                // Membership is static (from config); no conf changes are proposed.
+            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+                // The empty entry a new leader appends; membership is static (from config), so
+                // no conf changes are proposed.
+                self.applied_index = entry.index;
                 continue;
             }
+            let envelope = Envelope::decode(&entry.data)
+                .map_err(|e| ReplicaError::Undecodable { index: entry.index, reason: e.to_string() })?;
+            self.applied_index = entry.index;
             let proposal = ProposalId::decode(&entry.context).filter(|p| p.node == me);
-            let outcome = match Envelope::decode(&entry.data) {
-                Ok(envelope) => state::apply(&mut self.state, entry.index, envelope),
-                Err(e) => Err(Rejected::Undecodable(e.to_string())),
-            };
+            let outcome = state::apply(&mut self.state, entry.index, envelope);
             out.push(Committed { index: entry.index, term: entry.term, proposal, outcome });
         }
+        Ok(())
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
@@ -373,5 +380,36 @@ impl<T> PendingReads<T> {
 
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_this_version_cannot_decode_stops_the_replica_before_applying_it() {
+        let store = RaftStore::in_memory().expect("store");
+        let config = ReplicaConfig { id: 1, voters: vec![1], snapshot_every_entries: 1000 };
+        let mut replica = Replica::open(&config, store).expect("open");
+        for _ in 0..200 {
+            if replica.is_leader() {
+                break;
+            }
+            replica.tick();
+            while replica.has_ready() {
+                replica.advance().expect("a healthy ready");
+            }
+        }
+        assert!(replica.is_leader(), "a single voter elects itself");
+        let applied = replica.applied_index();
+        replica.node.propose(Vec::new(), b"{\"not\": \"an envelope\"}".to_vec()).expect("propose");
+        let mut stopped = None;
+        while replica.has_ready() && stopped.is_none() {
+            stopped = replica.advance().err();
+        }
+        let error = stopped.expect("the replica stops").to_string();
+        assert!(error.contains(&format!("committed entry {} cannot be decoded", applied + 1)), "{error}");
+        assert_eq!(replica.applied_index(), applied, "the entry was not applied (nor skipped)");
     }
 }

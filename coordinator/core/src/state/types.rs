@@ -749,8 +749,6 @@ pub enum Rejected {
     TooManyWorkers { limit: usize },
     #[error("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes")]
     BadRequestId,
-    #[error("entry could not be decoded: {0}")]
-    Undecodable(String),
     #[error("{job_id} is {state}; only Pending jobs can be assigned")]
     NotPending { job_id: JobId, state: &'static str },
     #[error("{0} is lost or already busy")]
