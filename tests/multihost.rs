@@ -329,7 +329,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
 
     // Three coordinator hosts, the store in S3.
     let store = format!("s3://{BUCKET}/cluster");
-    let (token, join_token, peer_token) = ("api-token-mh", "join-token-mh", "peer-token-mh");
+    let (token, join_token, peer_token) = ("api-token-mh", "join-token-mh", "peer-token-multihost");
     let peers: Vec<String> = COORDINATOR_HOSTS
         .iter()
         .enumerate()

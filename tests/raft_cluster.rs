@@ -15,6 +15,7 @@ use flotilla_proto::convert::spec_to_proto;
 use flotilla_proto::v1::{ListJobsRequest, SubmitJobRequest};
 
 const TOKEN: &str = "cluster-test-token";
+const PEER_TOKEN: &str = "cluster-test-peer-token";
 const NODES: u64 = 3;
 const CLIENTS: usize = 4;
 const SUBMISSIONS_PER_CLIENT: usize = 50;
@@ -54,6 +55,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{id}")))
             .env("FLOTILLA_TOKEN", TOKEN)
+            .env("FLOTILLA_PEER_TOKEN", PEER_TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -210,4 +212,28 @@ async fn leader_killed_mid_load_loses_no_acknowledged_job() {
     let names: BTreeSet<&String> = expected.values().collect();
     assert_eq!(names.len(), CLIENTS * SUBMISSIONS_PER_CLIENT, "every submission exactly once");
     assert!(Path::new(&cluster.dir.path().join(format!("node-{restarted}/raft.redb"))).exists());
+}
+
+#[test]
+fn a_replicated_cluster_requires_its_own_peer_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
+    let start = |peer_token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        command
+            .args(["coordinator", "--id", "1", "--listen", "127.0.0.1:0", "--peers", peers])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("FLOTILLA_TOKEN", TOKEN)
+            .env_remove("FLOTILLA_PEER_TOKEN");
+        if let Some(token) = peer_token {
+            command.env("FLOTILLA_PEER_TOKEN", token);
+        }
+        let out = command.output().expect("coordinator");
+        assert!(!out.status.success(), "a coordinator started with peer token {peer_token:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(start(None).contains("--peer-token (or FLOTILLA_PEER_TOKEN) is required with 3 coordinators"));
+    assert!(start(Some("short")).contains("at least 16 characters"));
+    assert!(start(Some(TOKEN)).contains("must differ from the API token"), "{}", start(Some(TOKEN)));
 }

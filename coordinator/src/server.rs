@@ -22,6 +22,9 @@ use crate::raft::replica::{Replica, ReplicaConfig, ReplicaError, SNAPSHOT_EVERY_
 use crate::raft::storage::RaftStore;
 use crate::raft::transport::PeerTransport;
 
+/// Shortest peer token accepted (16 random hex characters carry 64 bits).
+pub const PEER_TOKEN_LEN_MIN: usize = 16;
+
 /// File name of the durable Raft log inside the data directory.
 pub const RAFT_LOG_FILE: &str = "raft.redb";
 
@@ -115,6 +118,24 @@ impl CoordinatorConfig {
         }
         if !self.peers.contains_key(&self.id) {
             return Err(CoordinatorError::Config(format!("--peers must include this node's id {}", self.id)));
+        }
+        if self.peers.len() > 1 {
+            // The peer token guards the Raft log itself: a forged batch can crash or rewrite
+            // every node, so it is its own secret, never a token that clients or workers hold.
+            if self.peer_token.len() < PEER_TOKEN_LEN_MIN {
+                return Err(CoordinatorError::Config(format!(
+                    "--peer-token (or FLOTILLA_PEER_TOKEN) is required with {} coordinators: a secret of at least \
+                     {PEER_TOKEN_LEN_MIN} characters that only the coordinators hold (e.g. `openssl rand -hex 16`)",
+                    self.peers.len()
+                )));
+            }
+            if self.peer_token == self.api_token || self.join_token.as_deref() == Some(self.peer_token.as_str()) {
+                return Err(CoordinatorError::Config(
+                    "--peer-token must differ from the API token and the join token: whoever holds those must not \
+                     be able to write the Raft log"
+                        .into(),
+                ));
+            }
         }
         if self.peers.len().is_multiple_of(2) {
             tracing::warn!(

@@ -18,7 +18,7 @@ use protobuf::Message as _;
 use tonic::Code;
 
 const TOKEN: &str = "api-token";
-const PEER_TOKEN: &str = "peer-token";
+const PEER_TOKEN: &str = "peer-token-of-the-test";
 
 struct Node {
     address: String,

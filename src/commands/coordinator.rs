@@ -37,7 +37,8 @@ pub struct Args {
     /// machine). Checked at start-up: a store that cannot be written stops the node with the cause.
     #[arg(long, env = "FLOTILLA_STORE")]
     pub store: Option<String>,
-    /// Token coordinators present to each other (default: the API token).
+    /// Token coordinators present to each other: required with 2 or more coordinators, at
+    /// least 16 characters, different from the API and join tokens (`up` generates one).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
     /// Replace interrupted or lost workers that the local provider launched in this cluster
@@ -221,13 +222,20 @@ pub fn store_uri(text: &str) -> anyhow::Result<String> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let peers = parse_peers(&args.peers)?;
+    // A single node has no peers: a random token nobody holds (its Raft service takes no
+    // messages anyway). Several nodes need the operator's (checked when the node starts).
+    let peer_token = match args.peer_token {
+        Some(token) => token,
+        None if peers.len() == 1 => crate::cluster_file::random_hex(16)?,
+        None => String::new(),
+    };
     let config = CoordinatorConfig {
         id: args.id,
         listen: args.listen,
         peers,
         data_dir: args.data_dir.clone(),
         cluster_id: args.cluster_id,
-        peer_token: args.peer_token.unwrap_or_else(|| args.token.clone()),
+        peer_token,
         join_token: args.join_token,
         store_uri: match args.store {
             Some(uri) => store_uri(&uri)?,
