@@ -71,4 +71,25 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert_eq!(all.as_array().map(Vec::len), Some(1), "the job survived down/up: {all}");
     let again = flotilla(&home, &["up", "--coordinators", "3"]);
     assert!(!again.status.success(), "a second `up` on a running cluster is refused");
+
+    // No output and no coordinator log ever shows a token (they are only in cluster.toml, 0600).
+    let cluster: toml::Value =
+        toml::from_str(&std::fs::read_to_string(home.join("cluster.toml")).expect("cluster")).expect("cluster TOML");
+    let tokens: Vec<String> = ["api_token", "join_token", "peer_token"]
+        .iter()
+        .map(|k| cluster[*k].as_str().expect("token").to_string())
+        .collect();
+    let mut shown = String::new();
+    for args in [&["status"][..], &["status", "-o", "json"], &["workers", "-o", "json"], &["up", "--coordinators", "3"]]
+    {
+        let out = flotilla(&home, args);
+        shown.push_str(&String::from_utf8_lossy(&out.stdout));
+        shown.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    for entry in std::fs::read_dir(home.join("logs")).expect("logs").flatten() {
+        shown.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    for token in &tokens {
+        assert!(token.len() >= 16 && !shown.contains(token.as_str()), "a token was shown");
+    }
 }

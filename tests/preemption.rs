@@ -343,7 +343,9 @@ fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
 fn an_elastic_job_continues_on_the_survivor_and_grows_back() {
     let cluster = Local::up(2);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let spec = write_spec(dir, "elastic", 40, 20);
+    // Long enough that the survivor is still training alone when the replacement registers
+    // (it is launched when the lost worker's 5 s lease expires).
+    let spec = write_spec(dir, "elastic", 80, 20);
     let text = std::fs::read_to_string(&spec).expect("spec").replace("min = 2, max = 2", "min = 1, max = 2");
     std::fs::write(&spec, text).expect("spec");
     let job = submit(home, &spec);
