@@ -11,13 +11,12 @@
 //! The tests share the 2 CPUs, so they run one at a time.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run, worker_pid};
+use common::{mnist_rows, run, worker_pid};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -38,14 +37,6 @@ fn parse(out: std::process::Output, what: &str) -> Value {
 fn refused(out: std::process::Output) -> String {
     assert!(!out.status.success(), "expected a refusal: {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-/// The shipped MNIST 5k rows (label first), as text lines.
-fn mnist_rows() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("mnist")).read_to_string(&mut text).expect("gunzip");
-    text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
 
 /// Writes train.csv (4 of every 5 rows) and heldout.csv (every 5th row), returns their paths.

@@ -16,12 +16,15 @@
 //! bridge this test makes; everything is removed on every exit path.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::mnist_rows;
+use common::s3::{get, list, put};
 
 const WORKER_HOSTS: [u8; 3] = [21, 22, 23];
 const COORDINATOR_HOSTS: [u8; 3] = [11, 12, 13];
@@ -196,32 +199,6 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
-}
-
-/// The test's own S3 client (from the root namespace, over the bridge).
-fn location(env: &[(String, String)], uri: &str) -> flotilla_store::Location {
-    flotilla_store::open_with(uri, env.to_vec()).expect("location")
-}
-
-fn put(env: &[(String, String)], uri: &str, bytes: Vec<u8>) {
-    use object_store::{ObjectStoreExt, PutPayload};
-    let location = location(env, uri);
-    block_on(location.store().put(location.prefix(), PutPayload::from(bytes))).expect("upload");
-}
-
-fn get(env: &[(String, String)], uri: &str) -> Vec<u8> {
-    let location = location(env, uri);
-    block_on(flotilla_store::get_capped(&location, location.prefix(), 1 << 30)).expect(uri).to_vec()
-}
-
-fn list(env: &[(String, String)], uri: &str) -> Vec<String> {
-    let location = location(env, uri);
-    let objects = block_on(flotilla_store::list(&location, location.prefix())).expect("list");
-    objects.iter().map(|m| location.uri_of(&m.location)).collect()
-}
-
 fn wait(what: &str, hosts: &Hosts, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -270,14 +247,6 @@ impl Cli {
         let start = text.find(['{', '[']).expect("JSON in the output");
         serde_json::from_str(&text[start..]).expect("JSON")
     }
-}
-
-/// MNIST rows (label first) from the shipped file.
-fn mnist_rows() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("mnist")).read_to_string(&mut text).expect("gunzip");
-    text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
 }
 
 fn can_make_namespaces() -> Result<(), String> {

@@ -85,11 +85,6 @@ fn last_json(text: &str) -> Value {
     serde_json::from_str(&text[start..]).expect("JSON")
 }
 
-/// A runtime for the test's own S3 calls (through the same storage layer as the cluster).
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
-}
-
 fn env_pairs(env: &[(&'static str, String)]) -> Vec<(String, String)> {
     env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
 }
@@ -107,21 +102,15 @@ fn create_bucket(env: &[(&'static str, String)], bucket: &str) {
 }
 
 fn put(env: &[(&'static str, String)], uri: &str, bytes: Vec<u8>) {
-    use object_store::{ObjectStoreExt, PutPayload};
-    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
-    block_on(location.store().put(location.prefix(), PutPayload::from(bytes))).expect("upload");
+    common::s3::put(&env_pairs(env), uri, bytes)
 }
 
 fn get(env: &[(&'static str, String)], uri: &str) -> Vec<u8> {
-    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
-    block_on(flotilla_store::get_capped(&location, location.prefix(), 1 << 30)).expect(uri).to_vec()
+    common::s3::get(&env_pairs(env), uri)
 }
 
-/// Every object's URI under `uri`.
 fn list(env: &[(&'static str, String)], uri: &str) -> Vec<String> {
-    let location = flotilla_store::open_with(uri, env_pairs(env)).expect("location");
-    let objects = block_on(flotilla_store::list(&location, location.prefix())).expect("list");
-    objects.iter().map(|m| location.uri_of(&m.location)).collect()
+    common::s3::list(&env_pairs(env), uri)
 }
 
 fn write_spec(dir: &Path, name: &str, train: &str) -> String {

@@ -49,3 +49,42 @@ pub fn worker_pid(home: &Path, worker: &str) -> u64 {
     .expect("record JSON");
     record["pid"].as_u64().expect("pid")
 }
+
+/// The shipped MNIST 5k rows (label first), as text lines.
+pub fn mnist_rows() -> Vec<String> {
+    use std::io::Read;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).expect("mnist")).read_to_string(&mut text).expect("gunzip");
+    text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+/// The test's own S3 calls, through the same storage layer as the cluster, with the AWS
+/// settings in `env` (name, value pairs).
+pub mod s3 {
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+    }
+
+    fn location(env: &[(String, String)], uri: &str) -> flotilla_store::Location {
+        flotilla_store::open_with(uri, env.to_vec()).expect("location")
+    }
+
+    pub fn put(env: &[(String, String)], uri: &str, bytes: Vec<u8>) {
+        use object_store::{ObjectStoreExt, PutPayload};
+        let location = location(env, uri);
+        block_on(location.store().put(location.prefix(), PutPayload::from(bytes))).expect("upload");
+    }
+
+    pub fn get(env: &[(String, String)], uri: &str) -> Vec<u8> {
+        let location = location(env, uri);
+        block_on(flotilla_store::get_capped(&location, location.prefix(), 1 << 30)).expect(uri).to_vec()
+    }
+
+    /// Every object's URI under `uri`.
+    pub fn list(env: &[(String, String)], uri: &str) -> Vec<String> {
+        let location = location(env, uri);
+        let objects = block_on(flotilla_store::list(&location, location.prefix())).expect("list");
+        objects.iter().map(|m| location.uri_of(&m.location)).collect()
+    }
+}
