@@ -16,6 +16,7 @@ use std::process::{Command, Output};
 
 mod common;
 use common::Down;
+use common::s3::{get, list, put};
 use serde_json::Value;
 
 fn moto() -> String {
@@ -31,7 +32,7 @@ fn closed_port() -> u16 {
 }
 
 /// Environment variables set on a command.
-type Env = Vec<(&'static str, String)>;
+type Env = Vec<(String, String)>;
 
 /// The AWS environment of every process in these tests: `endpoint`, and test credentials
 /// unless `credentials` is false.
@@ -49,19 +50,19 @@ fn aws_env(endpoint: &str, credentials: bool) -> Env {
         vars.push(("AWS_ACCESS_KEY_ID", "testing".to_string()));
         vars.push(("AWS_SECRET_ACCESS_KEY", "testing".to_string()));
     }
-    vars
+    vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-fn flotilla(home: &Path, env: &[(&'static str, String)]) -> Command {
+fn flotilla(home: &Path, env: &[(String, String)]) -> Command {
     let mut command = common::command(home);
     for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "FLOTILLA_STORE"] {
         command.env_remove(name);
     }
-    command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     command
 }
 
-fn run(home: &Path, env: &[(&'static str, String)], args: &[&str]) -> Output {
+fn run(home: &Path, env: &[(String, String)], args: &[&str]) -> Output {
     flotilla(home, env).args(args).output().expect("the flotilla binary runs")
 }
 
@@ -85,13 +86,9 @@ fn last_json(text: &str) -> Value {
     serde_json::from_str(&text[start..]).expect("JSON")
 }
 
-fn env_pairs(env: &[(&'static str, String)]) -> Vec<(String, String)> {
-    env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
-
-fn create_bucket(env: &[(&'static str, String)], bucket: &str) {
+fn create_bucket(env: &[(String, String)], bucket: &str) {
     use std::io::{Read, Write};
-    let endpoint = env.iter().find(|(k, _)| *k == "AWS_ENDPOINT_URL").expect("endpoint").1.clone();
+    let endpoint = env.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").expect("endpoint").1.clone();
     let host = endpoint.trim_start_matches("http://").to_string();
     let mut stream = std::net::TcpStream::connect(&host).expect("moto");
     write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -99,18 +96,6 @@ fn create_bucket(env: &[(&'static str, String)], bucket: &str) {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).expect("reply");
     assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
-}
-
-fn put(env: &[(&'static str, String)], uri: &str, bytes: Vec<u8>) {
-    common::s3::put(&env_pairs(env), uri, bytes)
-}
-
-fn get(env: &[(&'static str, String)], uri: &str) -> Vec<u8> {
-    common::s3::get(&env_pairs(env), uri)
-}
-
-fn list(env: &[(&'static str, String)], uri: &str) -> Vec<String> {
-    common::s3::list(&env_pairs(env), uri)
 }
 
 fn write_spec(dir: &Path, name: &str, train: &str) -> String {

@@ -62,13 +62,20 @@ fn area(store: &Location, job_id: JobId) -> Path {
     store.key(&format!("jobs/{job_id}/ckpt"))
 }
 
+/// Longest checkpoint folder name.
+const CHECKPOINT_NAME_LEN_MAX: usize = 64;
+
 /// The key of a checkpoint URI, if it is one folder of `job_id`'s checkpoint area
-/// (`<store>/jobs/<job>/ckpt/<name>`): nothing else is ever deleted.
-fn checkpoint_key(uri: &str, store: &Location, job_id: JobId) -> Option<Path> {
+/// (`<store>/jobs/<job>/ckpt/<name>`, name of letters, digits, `-` and `_`) written in canonical
+/// form (the sweep compares recorded URIs as text). The one rule for what a worker may record
+/// and what retention may delete: nothing else is ever deleted.
+pub(crate) fn checkpoint_key(uri: &str, store: &Location, job_id: JobId) -> Option<Path> {
     let key = store.key_in(uri)?;
     let name = key.filename()?;
-    let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    (plain && key == area(store, job_id).join(name)).then_some(key)
+    let plain = !name.is_empty()
+        && name.len() <= CHECKPOINT_NAME_LEN_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (plain && key == area(store, job_id).join(name) && store.uri_of(&key) == uri).then_some(key)
 }
 
 /// Runs on every node; acts only while this node leads.
@@ -157,6 +164,9 @@ mod tests {
             Some(Path::from("cluster/jobs/job-1/ckpt/000000000020-g1"))
         );
         assert_eq!(checkpoint_key("s3://other/cluster/jobs/job-1/ckpt/000000000020-g1", &s3, job), None);
+        let long = format!("s3://bucket/cluster/jobs/job-1/ckpt/{}", "a".repeat(65));
+        assert_eq!(checkpoint_key(&long, &s3, job), None, "names are at most 64 characters");
+        assert_eq!(checkpoint_key("s3://bucket/cluster/jobs/job-1/ckpt/1/", &s3, job), None, "canonical only");
     }
 
     #[test]

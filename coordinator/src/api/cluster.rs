@@ -202,12 +202,8 @@ impl ClusterService for ClusterApi {
             return Err(invalid("checkpoint.manifest_sha256 must be at most 64 characters".into()));
         }
         // Only a folder of this job's checkpoint area: retention deletes what is recorded.
-        let area = format!("{}/jobs/{job_id}/ckpt/", self.store.uri());
-        let name = reference.uri.strip_prefix(&area).unwrap_or_default();
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !valid_name {
+        if crate::retention::checkpoint_key(&reference.uri, &self.store, job_id).is_none() {
+            let area = format!("{}/jobs/{job_id}/ckpt/", self.store.uri());
             return Err(invalid(format!("checkpoint.uri must be one folder under {area}, got `{}`", reference.uri)));
         }
         let cursor = reference.cursor.unwrap_or_default();

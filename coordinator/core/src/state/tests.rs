@@ -446,14 +446,16 @@ fn at(state: &mut State, t: u64, command: Command) -> Result<Applied, Rejected> 
 
 /// A registered model `m` version 1 (4 features, 3 classes) and an inference job over `rows`
 /// rows with up to 2 workers; returns the job id and two idle workers.
-fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, WorkerId, WorkerId) {
+/// Trains job-1 (`register_as = "m"`) on one worker and reports it succeeded with a model of
+/// `shape`: what the state machine answers.
+fn train_model(state: &mut State, shape: ModelShape) -> Result<Applied, Rejected> {
     at(state, 1, Command::SubmitJob { spec: Box::new(spec("m")), client_request_id: "train".into() }).expect("submit");
     let trainer = register(state, 2);
     at(state, 3, Command::AssignGang { job_id: JobId(1), workers: vec![trainer] }).expect("assign");
     let artifact = ModelArtifact {
         artifact_uri: "file:///s/jobs/job-1/model/model.safetensors".into(),
         dataset_sha256: String::new(),
-        shape: ModelShape { features_per_row: 4, classes: 3, feature_scale: 1.0 },
+        shape,
     };
     let done = Command::JobFinished {
         job_id: JobId(1),
@@ -464,7 +466,11 @@ fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, Worke
         metrics: None,
         artifact: Some(artifact),
     };
-    at(state, 4, done).expect("finish");
+    at(state, 4, done)
+}
+
+fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, WorkerId, WorkerId) {
+    train_model(state, ModelShape { features_per_row: 4, classes: 3, feature_scale: 1.0 }).expect("finish");
     let request = InferenceRequest {
         model: "m".into(),
         version: 1,
@@ -781,25 +787,7 @@ fn hostile_reports_saturate_counters_and_unbounded_shapes_are_refused() {
         [(4, u32::MAX, 1.0), (4, 1, 1.0), (0, 3, 1.0), (MODEL_FEATURES_MAX + 1, 3, 1.0), (4, 3, f32::NAN), (4, 3, 0.0)]
     {
         let mut state = State::default();
-        at(&mut state, 1, Command::SubmitJob { spec: Box::new(spec("m")), client_request_id: "t".into() })
-            .expect("submit");
-        let trainer = register(&mut state, 2);
-        at(&mut state, 3, Command::AssignGang { job_id: JobId(1), workers: vec![trainer] }).expect("assign");
-        let artifact = ModelArtifact {
-            artifact_uri: "file:///s/jobs/job-1/model/model.safetensors".into(),
-            dataset_sha256: String::new(),
-            shape: ModelShape { features_per_row, classes, feature_scale },
-        };
-        let done = Command::JobFinished {
-            job_id: JobId(1),
-            generation: 1,
-            success: true,
-            reason: String::new(),
-            step: 10,
-            metrics: None,
-            artifact: Some(artifact),
-        };
-        let refused = at(&mut state, 4, done);
+        let refused = train_model(&mut state, ModelShape { features_per_row, classes, feature_scale });
         assert!(matches!(refused, Err(Rejected::BadReport(_))), "{features_per_row}x{classes}: {refused:?}");
         assert!(state.models.is_empty() && state.jobs[&JobId(1)].state == JobState::Running);
     }
