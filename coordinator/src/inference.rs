@@ -366,6 +366,7 @@ mod tests {
                 attempts: 1,
                 failures: 0,
                 last_failed_by: None,
+                holders: Vec::new(),
             }
         };
         // Attempt 3 of shard 1 lost the race: written, never committed.

@@ -22,6 +22,8 @@ const PEER_TOKEN: &str = "peer-token-of-the-test";
 
 struct Node {
     address: String,
+    /// The cluster store's folder.
+    store: String,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -49,6 +51,7 @@ async fn start(single: bool) -> Node {
         peers.insert(2, free_address().to_string());
         peers.insert(3, free_address().to_string());
     }
+    let store = dir.path().join("store").display().to_string();
     let config = CoordinatorConfig {
         id: 1,
         listen,
@@ -58,7 +61,7 @@ async fn start(single: bool) -> Node {
         api_token: TOKEN.into(),
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
-        store_uri: dir.path().join("store").display().to_string(),
+        store_uri: store.clone(),
         local_workers: None,
         capacity: None,
     };
@@ -66,7 +69,7 @@ async fn start(single: bool) -> Node {
     tokio::spawn(server::run(config, async move {
         let _ = stopped.await;
     }));
-    let node = Node { address: listen.to_string(), _dir: dir, stop: Some(stop) };
+    let node = Node { address: listen.to_string(), store, _dir: dir, stop: Some(stop) };
     let mut client = ApiClient::new(&node.address, TOKEN).expect("client");
     client.deadline = Duration::from_secs(10);
     if single {
@@ -248,4 +251,152 @@ async fn watch_streams_changes_until_the_job_ends() {
     assert_eq!(update.job.expect("job").state, flotilla_proto::v1::JobState::Cancelled as i32);
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("end in time");
     assert!(end.expect("clean end").is_none(), "the stream ends with the job");
+}
+
+/// A registered worker (its own client, carrying its credential) and its id.
+async fn register(address: &str, host: &str) -> (ApiClient, String) {
+    use flotilla_proto::v1::{RegisterWorkerRequest, WorkerCapabilities};
+    let mut client = ApiClient::new(address, "join-token").expect("client");
+    let capabilities =
+        WorkerCapabilities { cpus: 1, hostname: host.into(), data_addr: "127.0.0.1:1".into(), ..Default::default() };
+    let request = RegisterWorkerRequest { capabilities: Some(capabilities) };
+    let registered = client
+        .call_cluster(|mut c| {
+            let request = request.clone();
+            async move { c.register_worker(request).await }
+        })
+        .await
+        .expect("register");
+    assert!(registered.credential.starts_with(&format!("{}.", registered.worker_id)), "{}", registered.credential);
+    client.set_worker_credential(&registered.credential).expect("credential");
+    (client, registered.worker_id)
+}
+
+async fn job_state(client: &mut ApiClient, job_id: &str) -> i32 {
+    let job_id = job_id.to_string();
+    let job = client
+        .call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.get_job(GetJobRequest { job_id }).await }
+        })
+        .await
+        .expect("get");
+    job.job.expect("job").state
+}
+
+#[tokio::test]
+async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
+    use flotilla_proto::v1::{
+        CheckpointRef, CheckpointReport, FinishedReport, HeartbeatRequest, JobState, ListWorkersRequest,
+    };
+    let node = start(true).await;
+    let mut user = ApiClient::new(&node.address, TOKEN).expect("client");
+    let (mut a, a_id) = register(&node.address, "a").await;
+    let (mut b, b_id) = register(&node.address, "b").await;
+    let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: "c".into() };
+    let job_id = user
+        .call(|mut c| {
+            let request = request.clone();
+            async move { c.submit_job(request).await }
+        })
+        .await
+        .expect("submit")
+        .job_id;
+    // The scheduler gives the job to one of the two; the other is the outsider.
+    let member = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let workers = user
+                .call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest::default()).await })
+                .await
+                .expect("list");
+            if let Some(w) = workers.workers.iter().find(|w| w.job_id.as_deref() == Some(job_id.as_str())) {
+                return w.id.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the job is placed");
+    let ((insider, insider_id), (outsider, outsider_id)) =
+        if member == a_id { ((&mut a, &a_id), (&mut b, &b_id)) } else { ((&mut b, &b_id), (&mut a, &a_id)) };
+
+    let finished = |worker_id: &str| FinishedReport {
+        worker_id: worker_id.into(),
+        job_id: job_id.clone(),
+        generation: 1,
+        success: true,
+        step: 1,
+        ..Default::default()
+    };
+    let checkpoint = CheckpointReport {
+        worker_id: outsider_id.clone(),
+        job_id: job_id.clone(),
+        generation: 1,
+        checkpoint: Some(CheckpointRef {
+            step: 5,
+            uri: format!("{}/jobs/{job_id}/ckpt/step-5", flotilla_store::open(&node.store).expect("store").uri()),
+            manifest_sha256: "ab".repeat(32),
+            ..Default::default()
+        }),
+    };
+    // The outsider, as itself: refused by the state machine (not a member of the gang).
+    let report = finished(outsider_id);
+    let refused = outsider
+        .call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_finished(report).await }
+        })
+        .await
+        .expect_err("not its gang");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    assert!(refused.message.contains("not a member"), "{refused}");
+    let refused = outsider
+        .call_cluster(|mut c| {
+            let report = checkpoint.clone();
+            async move { c.report_checkpoint(report).await }
+        })
+        .await
+        .expect_err("not its gang");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    // The outsider, claiming to be the member: refused before anything is proposed.
+    let report = finished(insider_id);
+    let refused = outsider
+        .call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_finished(report).await }
+        })
+        .await
+        .expect_err("not its identity");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    assert!(refused.message.contains("cannot act as"), "{refused}");
+    assert_eq!(job_state(&mut user, &job_id).await, JobState::Running as i32, "nothing changed");
+
+    // Only the join token (no credential), or a made-up secret: refused as unauthenticated.
+    let bare = ApiClient::new(&node.address, "join-token").expect("client");
+    let beat = HeartbeatRequest { worker_id: insider_id.clone() };
+    let call = |mut client: ApiClient| {
+        let beat = beat.clone();
+        async move {
+            client
+                .call_cluster(|mut c| {
+                    let beat = beat.clone();
+                    async move { c.heartbeat(beat).await }
+                })
+                .await
+        }
+    };
+    assert_eq!(call(bare.clone()).await.expect_err("no credential").kind, ErrorKind::Unauthenticated);
+    bare.set_worker_credential(&format!("{insider_id}.{}", "00".repeat(32))).expect("credential");
+    assert_eq!(call(bare).await.expect_err("made-up secret").kind, ErrorKind::Unauthenticated);
+
+    // The member itself is heard.
+    let report = finished(insider_id);
+    insider
+        .call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_finished(report).await }
+        })
+        .await
+        .expect("the member reports");
+    assert_eq!(job_state(&mut user, &job_id).await, JobState::Succeeded as i32);
 }

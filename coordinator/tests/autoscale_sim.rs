@@ -321,7 +321,11 @@ fn an_inference_job_buys_workers_for_its_shards() {
         hostname: "h".into(),
         data_addr: "127.0.0.1:1".into(),
     };
-    let Applied::WorkerRegistered { worker_id } = step(&mut state, Command::RegisterWorker { info }) else { panic!() };
+    let Applied::WorkerRegistered { worker_id } =
+        step(&mut state, Command::RegisterWorker { info, credential_sha256: String::new() })
+    else {
+        panic!()
+    };
     let job_id = flotilla_core::JobId(1);
     step(&mut state, Command::AssignGang { job_id, workers: vec![worker_id] });
     let artifact = ModelArtifact {
@@ -337,6 +341,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
         step: 1,
         metrics: None,
         artifact: Some(artifact),
+        reporter: None,
     };
     step(&mut state, finish);
     step(&mut state, Command::WorkerLost { worker_id, last_step_seen: 0 });

@@ -92,7 +92,7 @@ fn print_summary(summary: &Summary) {
     println!(
         "seed {}: {} nodes, snapshot every {}, on disk {}, {} steps, max term {}, index {}, {} requests acked \
          ({} acks, {} duplicates), {} proposals ({} refused), {} crashes ({} before persist), \
-         {} partitions, {} snapshots installed, {} readys, net {:?}",
+         {} partitions, {} snapshots installed, {} readys, hostile input {} applied {} refused, net {:?}",
         summary.seed,
         summary.nodes,
         summary.snapshot_every_entries,
@@ -110,6 +110,8 @@ fn print_summary(summary: &Summary) {
         s.partitions,
         s.snapshots_installed,
         s.readys,
+        s.hostile_applied,
+        s.hostile_refused,
         s.net
     );
 }
@@ -126,6 +128,8 @@ fn add_stats(total: &mut Stats, run: &Stats) {
     total.partitions += run.partitions;
     total.snapshots_installed += run.snapshots_installed;
     total.snapshots_lost += run.snapshots_lost;
+    total.hostile_applied += run.hostile_applied;
+    total.hostile_refused += run.hostile_refused;
     total.net.sent += run.net.sent;
     total.net.dropped += run.net.dropped;
     total.net.duplicated += run.net.duplicated;
@@ -142,6 +146,8 @@ fn assert_coverage(total: &Stats, five_node_runs: u64) {
         ("partitions", total.partitions),
         ("snapshots installed", total.snapshots_installed),
         ("snapshots lost", total.snapshots_lost),
+        ("hostile input applied", total.hostile_applied),
+        ("hostile input refused", total.hostile_refused),
         ("dropped messages", total.net.dropped),
         ("duplicated messages", total.net.duplicated),
         ("five-node runs", five_node_runs),

@@ -2,6 +2,12 @@
 //!
 //! API clients present the cluster's API token, workers its join token, coordinator peers the
 //! peer token. Comparison is constant-time so response timing does not reveal a prefix.
+//!
+//! A registered worker also presents its own credential (`<worker_id>.<secret>`, issued at
+//! registration) in `flotilla-worker-credential`: the join token admits a machine to the
+//! cluster, the credential says which worker it is, so it can report only for its own work.
+
+use std::sync::{Arc, RwLock};
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
@@ -9,7 +15,10 @@ use crate::error::{ApiError, ErrorKind};
 use crate::limits::TOKEN_LEN_MAX;
 
 pub const AUTHORIZATION_KEY: &str = "authorization";
+pub const WORKER_CREDENTIAL_KEY: &str = "flotilla-worker-credential";
 const BEARER_PREFIX: &str = "Bearer ";
+/// Hex characters of a worker credential's secret (32 random bytes).
+pub const WORKER_SECRET_HEX_LEN: usize = 64;
 
 /// The metadata value for `token`. Fails when the token is empty, too long or not printable ASCII.
 pub fn bearer_value(token: &str) -> Result<AsciiMetadataValue, ApiError> {
@@ -46,19 +55,58 @@ pub fn check(metadata: &MetadataMap, expected: &str, what: &str) -> Result<(), A
     }
 }
 
-/// A tonic interceptor that adds `authorization: Bearer <token>` to every call.
+/// The worker credential a registered worker presents: `(worker id, secret)`. `None` when the
+/// call carries none; an error when it is malformed.
+pub fn worker_credential(metadata: &MetadataMap) -> Option<Result<(&str, &str), ApiError>> {
+    let value = metadata.get(WORKER_CREDENTIAL_KEY)?;
+    let parsed = value.to_str().ok().and_then(|v| v.split_once('.')).filter(|(id, secret)| {
+        !id.is_empty() && secret.len() == WORKER_SECRET_HEX_LEN && secret.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    Some(parsed.ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::Unauthenticated,
+            format!("{WORKER_CREDENTIAL_KEY} must be `<worker_id>.<{WORKER_SECRET_HEX_LEN} hex characters>`"),
+        )
+    }))
+}
+
+/// Whether `a` and `b` are equal, in time independent of where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    constant_time_eq(a.as_bytes(), b.as_bytes())
+}
+
+/// A tonic interceptor that adds `authorization: Bearer <token>` to every call, and the worker
+/// credential once one is set. Clones share the credential: a worker that registers again
+/// switches every part of the agent to its new one.
 #[derive(Clone)]
-pub struct BearerAuth(AsciiMetadataValue);
+pub struct BearerAuth {
+    token: AsciiMetadataValue,
+    credential: Arc<RwLock<Option<AsciiMetadataValue>>>,
+}
 
 impl BearerAuth {
     pub fn new(token: &str) -> Result<BearerAuth, ApiError> {
-        bearer_value(token).map(BearerAuth)
+        Ok(BearerAuth { token: bearer_value(token)?, credential: Arc::default() })
+    }
+
+    /// Sends `credential` (from the registration answer) with every later call.
+    pub fn set_worker_credential(&self, credential: &str) -> Result<(), ApiError> {
+        let value = credential.parse().map_err(|_| {
+            ApiError::new(ErrorKind::InvalidArgument, "the worker credential is not valid in gRPC metadata")
+        })?;
+        let mut slot = self.credential.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(value);
+        Ok(())
     }
 }
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert(AUTHORIZATION_KEY, self.0.clone());
+        request.metadata_mut().insert(AUTHORIZATION_KEY, self.token.clone());
+        let credential = self.credential.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(credential) = credential {
+            request.metadata_mut().insert(WORKER_CREDENTIAL_KEY, credential);
+        }
         Ok(request)
     }
 }
@@ -84,6 +132,21 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Unauthenticated);
         assert!(err.message.contains("join token"));
         assert!(check(&metadata, "s3cre", "API token").is_err());
+    }
+
+    #[test]
+    fn worker_credentials_parse_only_in_their_one_form() {
+        let mut metadata = MetadataMap::new();
+        assert!(worker_credential(&metadata).is_none());
+        let secret = "0f".repeat(32);
+        metadata.insert(WORKER_CREDENTIAL_KEY, format!("w-7.{secret}").parse().expect("ascii"));
+        let parsed = worker_credential(&metadata).expect("present").expect("valid");
+        assert_eq!(parsed, ("w-7", secret.as_str()));
+        for bad in ["w-7", "w-7.abc", ".0f", &format!("w-7.{}", "zz".repeat(32))] {
+            metadata.insert(WORKER_CREDENTIAL_KEY, bad.parse().expect("ascii"));
+            let err = worker_credential(&metadata).expect("present").expect_err(bad);
+            assert_eq!(err.kind, ErrorKind::Unauthenticated);
+        }
     }
 
     #[test]

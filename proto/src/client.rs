@@ -119,6 +119,12 @@ impl ApiClient {
         Ok(self.channels.len() - 1)
     }
 
+    /// Sends this worker's credential (from its registration) with every later call, from this
+    /// client and every clone of it.
+    pub fn set_worker_credential(&self, credential: &str) -> Result<(), ApiError> {
+        self.auth.set_worker_credential(credential)
+    }
+
     pub fn addresses(&self) -> &[String] {
         &self.addresses
     }

@@ -442,6 +442,7 @@ fn run_rank(
                 report.samples_per_s
             ));
             let _ = progress.try_send(ProgressReport {
+                worker_id: context.worker_id.clone(),
                 job_id: train.job_id.clone(),
                 generation: train.generation,
                 rank: 0,

@@ -1,6 +1,6 @@
-//! The worker agent's control loop: register with the cluster's join token, then heartbeat on
-//! the lease the coordinator hands out, re-registering if the coordinator declared this worker
-//! lost. Follows the leader through the failover client. Stops cleanly on `shutdown`.
+//! The worker agent's control loop: register with the cluster's join token (the answer carries
+//! this worker's own credential, sent with every later call), then heartbeat on the lease the
+//! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows the leader through the failover client. Stops cleanly on `shutdown`.
 //!
 //! Assignments (training a job's rank), progress reports and preemption notices build on this
 //! loop in the agents issue.
@@ -81,6 +81,9 @@ pub async fn run(
                 async move { c.register_worker(request).await }
             }) => r?,
         };
+        // Every later call (this loop's and every clone's: assignments, reports, shards)
+        // carries this worker's own credential.
+        client.set_worker_credential(&registered.credential).map_err(AgentError::Refused)?;
         on_registered(&registered.worker_id);
         let interval = Duration::from_millis(registered.heartbeat_interval_ms);
         let interval = if interval < HEARTBEAT_MIN { HEARTBEAT_FALLBACK } else { interval };

@@ -17,6 +17,7 @@ use flotilla_proto::{ApiError, ErrorKind, auth};
 use tonic::{Request, Response, Status};
 
 use super::status;
+use super::worker_auth::{self, Presented, acting_as};
 use crate::leases::{HEARTBEAT_INTERVAL, LEASE, Leases};
 use crate::raft::node::NodeHandle;
 
@@ -48,14 +49,9 @@ fn invalid(message: String) -> Status {
 }
 
 impl ClusterApi {
-    fn authorize_worker<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.join_token else {
-            return Err(status(ApiError::new(
-                ErrorKind::PermissionDenied,
-                "this cluster accepts no workers (start its coordinators with --join-token)",
-            )));
-        };
-        auth::check(request.metadata(), token, "join token").map_err(status)
+    /// The worker a call comes from (join token + its own credential).
+    async fn worker<T>(&self, request: &Request<T>) -> Result<WorkerId, Status> {
+        worker_auth::authenticate(&self.node, self.join_token.as_deref(), request).await
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -127,15 +123,17 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        self.authorize_worker(&request)?;
+        worker_auth::check_join_token(request.metadata(), self.join_token.as_deref())?;
         let info = capabilities(request.into_inner().capabilities)?;
-        match self.node.propose(Command::RegisterWorker { info }).await.map_err(status)? {
+        let (secret, credential_sha256) = worker_auth::issue(&worker_auth::random_secret()?);
+        match self.node.propose(Command::RegisterWorker { info, credential_sha256 }).await.map_err(status)? {
             Applied::WorkerRegistered { worker_id } => {
                 self.leases.renew(worker_id, None);
                 Ok(Response::new(RegisterWorkerResponse {
                     worker_id: worker_id.to_string(),
                     lease_ms: LEASE.as_millis() as u64,
                     heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+                    credential: format!("{worker_id}.{secret}"),
                 }))
             }
             other => Err(status(ApiError::new(ErrorKind::Internal, format!("register produced {other:?}")))),
@@ -143,9 +141,19 @@ impl ClusterService for ClusterApi {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        self.authorize_worker(&request)?;
         self.require_leader()?;
-        let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
+        let id = match worker_auth::check(&self.node, self.join_token.as_deref(), &request).await? {
+            Presented::Valid(id) => acting_as(id, "worker_id", &request.get_ref().worker_id)?,
+            // Unknown here (its registration was lost with a leader that never committed it):
+            // it registers again.
+            Presented::Unknown(id) => {
+                acting_as(id, "worker_id", &request.get_ref().worker_id)?;
+                return Ok(Response::new(HeartbeatResponse {
+                    lease_ms: LEASE.as_millis() as u64,
+                    unknown_worker: true,
+                }));
+            }
+        };
         let worker = self
             .node
             .read_local(move |state| {
@@ -166,8 +174,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<WatchAssignmentsRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        self.authorize_worker(&request)?;
-        let id: WorkerId = request.get_ref().worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
+        let id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(ASSIGNMENT_BUFFER);
         let store = self.store.uri();
         tokio::spawn(assignment_loop(self.node.clone(), id, store, tx));
@@ -175,10 +182,15 @@ impl ClusterService for ClusterApi {
     }
 
     async fn report_progress(&self, request: Request<ProgressReport>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
         self.require_leader()?;
+        let id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
+        let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id))).await;
+        if !member.map_err(status)? {
+            let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
+            return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
+        }
         self.progress.record(
             job_id,
             LiveProgress {
@@ -194,7 +206,7 @@ impl ClusterService for ClusterApi {
     }
 
     async fn report_checkpoint(&self, request: Request<CheckpointReport>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
+        let reporter = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
         let reference = report.checkpoint.ok_or_else(|| invalid("checkpoint is required".into()))?;
@@ -217,14 +229,16 @@ impl ClusterService for ClusterApi {
             generation: report.generation,
             deleting: false,
         };
-        self.node.propose(Command::RecordCheckpoint { job_id, checkpoint }).await.map_err(status)?;
+        self.node
+            .propose(Command::RecordCheckpoint { job_id, checkpoint, reporter: Some(reporter) })
+            .await
+            .map_err(status)?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_interruption(&self, request: Request<InterruptionReport>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
+        let worker_id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
-        let worker_id: WorkerId = report.worker_id.parse().map_err(|e| invalid(format!("worker_id: {e}")))?;
         let kind = match InterruptionKind::try_from(report.kind) {
             Ok(InterruptionKind::SpotNotice) => "spot interruption",
             Ok(InterruptionKind::Rebalance) => "rebalance recommendation",
@@ -251,7 +265,7 @@ impl ClusterService for ClusterApi {
     }
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
+        let reporter = Some(acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?);
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
         let metrics = report.metrics.map(|m| FinalMetrics {
@@ -261,7 +275,7 @@ impl ClusterService for ClusterApi {
         });
         let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
         let (generation, step) = (report.generation, report.step);
-        let ended = |end| Command::GenerationEnded { job_id, generation, end, step };
+        let ended = |end| Command::GenerationEnded { job_id, generation, end, step, reporter };
         let command = match GenerationEnd::try_from(report.end) {
             Ok(GenerationEnd::Finished) => {
                 let artifact = (!report.artifact_uri.is_empty()
@@ -278,7 +292,16 @@ impl ClusterService for ClusterApi {
                 if let Some(artifact) = &artifact {
                     artifact.shape.check().map_err(|e| invalid(format!("the model's {e}")))?;
                 }
-                Command::JobFinished { job_id, generation, success: report.success, reason, step, metrics, artifact }
+                Command::JobFinished {
+                    job_id,
+                    generation,
+                    success: report.success,
+                    reason,
+                    step,
+                    metrics,
+                    artifact,
+                    reporter,
+                }
             }
             Ok(GenerationEnd::Checkpointed) => ended(CoreEnd::Checkpointed),
             Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),

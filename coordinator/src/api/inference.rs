@@ -44,12 +44,9 @@ impl InferenceApi {
         auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
     }
 
-    fn authorize_worker<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let token = self
-            .join_token
-            .as_ref()
-            .ok_or_else(|| status(ApiError::new(ErrorKind::PermissionDenied, "this cluster accepts no workers")))?;
-        auth::check(request.metadata(), token, "join token").map_err(status)
+    /// The worker a call comes from (join token + its own credential).
+    async fn worker<T>(&self, request: &Request<T>) -> Result<WorkerId, Status> {
+        super::worker_auth::authenticate(&self.node, self.join_token.as_deref(), request).await
     }
 }
 
@@ -189,9 +186,10 @@ impl InferenceService for InferenceApi {
     }
 
     async fn lease_shard(&self, request: Request<LeaseShardRequest>) -> Result<Response<LeaseShardResponse>, Status> {
-        self.authorize_worker(&request)?;
+        let worker = self.worker(&request).await?;
         let r = request.into_inner();
-        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        let worker_id = super::worker_auth::acting_as(worker, "worker_id", &r.worker_id)?;
+        let job_id: JobId = parse("job_id", &r.job_id)?;
         let applied = self.node.propose(Command::LeaseShard { job_id, worker_id }).await.map_err(status)?;
         let Applied::ShardLeased { lease, released } = applied else {
             return Err(status(ApiError::new(ErrorKind::Internal, format!("lease produced {applied:?}"))));
@@ -210,9 +208,21 @@ impl InferenceService for InferenceApi {
     }
 
     async fn commit_shard(&self, request: Request<CommitShardRequest>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
+        let worker = self.worker(&request).await?;
         let r = request.into_inner();
-        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        let worker_id = super::worker_auth::acting_as(worker, "worker_id", &r.worker_id)?;
+        let job_id: JobId = parse("job_id", &r.job_id)?;
+        // Bounded before they enter the log (apply then checks them against the shard).
+        if r.class_counts.len() > flotilla_core::state::MODEL_CLASSES_MAX as usize {
+            let limit = flotilla_core::state::MODEL_CLASSES_MAX;
+            return Err(invalid(format!("class_counts has {} entries; at most {limit}", r.class_counts.len())));
+        }
+        if r.output_object.len() > 2 * flotilla_core::state::INFERENCE_URI_LEN_MAX {
+            return Err(invalid(format!(
+                "output_object is {} bytes; far longer than any shard object",
+                r.output_object.len()
+            )));
+        }
         let stats = ShardStats {
             rows: r.rows,
             labelled_rows: r.labelled_rows,
@@ -232,9 +242,10 @@ impl InferenceService for InferenceApi {
     }
 
     async fn fail_shard(&self, request: Request<FailShardRequest>) -> Result<Response<Ack>, Status> {
-        self.authorize_worker(&request)?;
+        let worker = self.worker(&request).await?;
         let r = request.into_inner();
-        let (job_id, worker_id): (JobId, WorkerId) = (parse("job_id", &r.job_id)?, parse("worker_id", &r.worker_id)?);
+        let worker_id = super::worker_auth::acting_as(worker, "worker_id", &r.worker_id)?;
+        let job_id: JobId = parse("job_id", &r.job_id)?;
         let error: String = r.error.chars().take(ERROR_LEN_MAX).collect();
         let command =
             Command::FailShard { job_id, worker_id, index: r.index, attempt: r.attempt, error, release: false };

@@ -6,6 +6,7 @@ pub mod inference;
 pub mod jobs;
 pub mod raft_service;
 pub mod registry;
+pub(crate) mod worker_auth;
 
 use flotilla_proto::ApiError;
 use tonic::Status;

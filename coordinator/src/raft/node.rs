@@ -258,6 +258,9 @@ impl NodeTask {
             Ok(()) => {
                 self.proposals.insert(id, reply);
             }
+            Err(ReplicaError::Snapshot(e)) => {
+                let _ = reply.send(Err(ApiError::new(ErrorKind::InvalidArgument, e.to_string())));
+            }
             Err(e) => {
                 let _ = reply.send(Err(ApiError::new(ErrorKind::Unavailable, format!("proposal dropped: {e}; retry"))));
             }
@@ -369,6 +372,7 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::BadShardReport { .. }
         | Rejected::BadReport(_) => ErrorKind::InvalidArgument,
         Rejected::TooManyAliases { .. } => ErrorKind::ResourceExhausted,
+        Rejected::NotAMember { .. } => ErrorKind::PermissionDenied,
     };
     ApiError::new(kind, rejected.to_string())
 }

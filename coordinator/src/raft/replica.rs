@@ -195,7 +195,7 @@ impl Replica {
 
     /// Proposes a command. Only the leader proposes; callers check [`Replica::is_leader`].
     pub fn propose(&mut self, id: ProposalId, envelope: &Envelope) -> Result<(), ReplicaError> {
-        self.node.propose(id.encode(), envelope.encode())?;
+        self.node.propose(id.encode(), envelope.encode()?)?;
         Ok(())
     }
 

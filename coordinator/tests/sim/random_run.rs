@@ -68,6 +68,12 @@ const ACTION_SUBMIT_BELOW: u32 = 86;
 const ACTION_PERCENT: u32 = 100;
 /// Action of a quiet step, by cumulative percentage: ticks, deliveries, the rest handles
 /// Readys.
+/// Half the runs get hostile input: each fault-phase step, with this chance, the leader
+/// proposes a garbage worker report (or a registration or gang that gives reports a target).
+const HOSTILE_ONE_IN: u32 = 2;
+const HOSTILE_PER_MILLE_RANGE: (u32, u32) = (50, 250);
+/// Workers registered at most by hostile input.
+const HOSTILE_WORKERS_MAX: usize = 6;
 const QUIET_TICK_ALL_BELOW: u32 = 40;
 const QUIET_DELIVER_BELOW: u32 = 90;
 
@@ -92,6 +98,8 @@ pub struct Plan {
     pub fault_per_mille: u32,
     /// Nodes down at once at most (a majority down is allowed: safety must still hold).
     pub max_down: u64,
+    /// Chance per fault-phase step of hostile input (0: none).
+    pub hostile_per_mille: u32,
 }
 
 impl Plan {
@@ -115,6 +123,11 @@ impl Plan {
             fault_steps: FAULT_PHASE_STEPS,
             fault_per_mille: rng.random_range(FAULT_PER_MILLE_RANGE.0..=FAULT_PER_MILLE_RANGE.1),
             max_down: rng.random_range(1..nodes),
+            hostile_per_mille: if rng.random_range(0..HOSTILE_ONE_IN) == 0 {
+                rng.random_range(HOSTILE_PER_MILLE_RANGE.0..=HOSTILE_PER_MILLE_RANGE.1)
+            } else {
+                0
+            },
         }
     }
 }
@@ -203,7 +216,59 @@ fn fault_phase_step(sim: &mut Sim, plan: &Plan, schedule: &mut Schedule, clients
     if sim.rng.random_range(0..PER_MILLE) < plan.fault_per_mille {
         inject_fault(sim, plan, schedule);
     }
+    if sim.rng.random_range(0..PER_MILLE) < plan.hostile_per_mille {
+        hostile_input(sim);
+    }
     sim.check();
+}
+
+/// The leader proposes hostile input, as a worker holding a valid credential could cause it:
+/// a garbage report from a random worker (registered or not; `hostile::report`), or a worker
+/// registration or a gang for a pending job, so that reports have real jobs and members to
+/// aim at. Every replica must apply it without a panic and stay identical to the others (the
+/// invariants checked after each step); that a report never changes a job its reporter is not
+/// part of is the state tests' property over the same generator.
+fn hostile_input(sim: &mut Sim) {
+    use flotilla_core::ids::WorkerId;
+    use flotilla_core::state::hostile::{Garbage, report};
+    use flotilla_core::state::{Command, JobState, WorkerInfo};
+    let Some(via) = sim.leaders().choose(&mut sim.rng).copied() else { return };
+    let Some(state) = sim.replica(via).map(|r| r.state().clone()) else { return };
+    let live: Vec<WorkerId> = state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.id).collect();
+    let idle: Vec<WorkerId> =
+        state.workers.values().filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none()).map(|w| w.id).collect();
+    let pending = state.jobs.values().find(|j| j.state == JobState::Pending).map(|j| j.id);
+    let command = match sim.rng.random_range(0..10) {
+        0 | 1 if live.len() < HOSTILE_WORKERS_MAX => Command::RegisterWorker {
+            info: WorkerInfo {
+                cpus: 1,
+                gpus: 0,
+                memory_bytes: 0,
+                instance_id: format!("i-{}", sim.now),
+                instance_type: "sim".into(),
+                zone: "sim".into(),
+                hostname: "sim".into(),
+                data_addr: "127.0.0.1:1".into(),
+            },
+            credential_sha256: "ab".repeat(32),
+        },
+        2 | 3 if pending.is_some() && !idle.is_empty() => {
+            let size = sim.rng.random_range(1..=idle.len().min(2));
+            let workers = idle.choose_multiple(&mut sim.rng, size).copied().collect();
+            Command::AssignGang { job_id: pending.expect("checked"), workers }
+        }
+        _ => {
+            let reporter = live.choose(&mut sim.rng).copied().unwrap_or(WorkerId(999));
+            let garbage = Garbage {
+                kind: sim.rng.random(),
+                job: sim.rng.random_range(0..6),
+                numbers: sim.rng.random(),
+                text: "x".repeat(sim.rng.random_range(0..40)),
+            };
+            report(reporter, &garbage)
+        }
+    };
+    sim.propose_hostile(via, command);
 }
 
 fn client_submits(sim: &mut Sim, clients: &mut Clients) {

@@ -75,6 +75,10 @@ pub struct Stats {
     pub partitions: u64,
     pub snapshots_installed: u64,
     pub snapshots_lost: u64,
+    /// Hostile-input commands (garbage worker reports, and the registrations and gangs that
+    /// give them jobs to aim at) applied with an effect, and refused.
+    pub hostile_applied: u64,
+    pub hostile_refused: u64,
     pub readys: u64,
     pub net: NetStats,
 }
@@ -98,8 +102,9 @@ struct Node {
     /// Bumped on every restart, so proposals of an earlier life never match a waiter.
     incarnation: u64,
     next_sequence: u64,
-    /// Proposals of this incarnation not yet seen committed, with their request ids.
-    pending: BTreeMap<ProposalId, String>,
+    /// Proposals of this incarnation not yet seen committed, with their request ids (`None`:
+    /// hostile input, whose outcome is not a client's acknowledgement).
+    pending: BTreeMap<ProposalId, Option<String>>,
 }
 
 pub struct Sim {
@@ -310,9 +315,17 @@ impl Sim {
         if proposal.incarnation != node.incarnation {
             return; // proposed before a restart: that client was already told nothing
         }
-        let request_id = node.pending.remove(&proposal).unwrap_or_else(|| {
+        let pending = node.pending.remove(&proposal).unwrap_or_else(|| {
             panic!("node {id}: {proposal:?} committed at {} twice or was never proposed", committed.index)
         });
+        let Some(request_id) = pending else {
+            // Applied without a panic: that, and identical replicas, is all hostile input gets.
+            match committed.outcome {
+                Ok(_) => self.stats.hostile_applied += 1,
+                Err(_) => self.stats.hostile_refused += 1,
+            }
+            return;
+        };
         let replica = node.replica.as_ref().expect("a node that applies is live");
         match committed.outcome {
             Ok(Applied::JobSubmitted { job_id, duplicate }) => {
@@ -398,10 +411,22 @@ impl Sim {
         self.settle();
     }
 
+    /// Node `via` proposes hostile input (see `random_run::hostile_input`); `false` when it
+    /// would not take it.
+    pub fn propose_hostile(&mut self, via: u64, command: Command) -> bool {
+        let taken = self.propose_command(via, None, command).is_some();
+        self.settle();
+        taken
+    }
+
     fn propose(&mut self, via: u64, request_id: &str) -> Option<ProposalId> {
-        let at = EPOCH_UNIX_MS + self.now * MS_PER_STEP;
         let command =
             Command::SubmitJob { spec: Box::new(self.spec.clone()), client_request_id: request_id.to_string() };
+        self.propose_command(via, Some(request_id.to_string()), command)
+    }
+
+    fn propose_command(&mut self, via: u64, request_id: Option<String>, command: Command) -> Option<ProposalId> {
+        let at = EPOCH_UNIX_MS + self.now * MS_PER_STEP;
         let envelope = Envelope::new(at, command);
         let node = &mut self.nodes[slot(via)];
         let replica = node.replica.as_mut()?;
@@ -409,7 +434,7 @@ impl Sim {
         node.next_sequence += 1;
         match replica.propose(proposal, &envelope) {
             Ok(()) => {
-                node.pending.insert(proposal, request_id.to_string());
+                node.pending.insert(proposal, request_id);
                 self.stats.proposals += 1;
                 self.after_op(via);
                 Some(proposal)
@@ -418,7 +443,9 @@ impl Sim {
                 self.stats.proposals_refused += 1;
                 None
             }
-            Err(e) => panic!("node {via}: proposing {request_id} failed: {e}"),
+            // What the real leader refuses to log (a value that would not decode).
+            Err(ReplicaError::Snapshot(_)) if request_id.is_none() => None,
+            Err(e) => panic!("node {via}: proposing {request_id:?} failed: {e}"),
         }
     }
 

@@ -34,6 +34,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     steps_lost: 0,
                     events: Vec::new(),
                     gang: Vec::new(),
+                    ended_gang: Vec::new(),
                     world_size: 0,
                     metrics: None,
                     latest_checkpoint: None,
@@ -78,11 +79,15 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.reason = bounded(if reason.is_empty() { "cancelled by user".to_string() } else { reason });
             job.updated_at_unix_ms = now;
             push_event(job, now, "cancelled", job.reason.clone());
-            let gang = std::mem::take(&mut job.gang);
+            let gang = job.end_gang();
             release(state, &gang);
             Ok(Applied::JobCancelled { job_id })
         }
-        Command::RegisterWorker { info } => {
+        Command::RegisterWorker { info, credential_sha256 } => {
+            let hex = credential_sha256.len() == 64 && credential_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !credential_sha256.is_empty() && !hex {
+                return Err(Rejected::BadReport("credential_sha256 must be 64 hex characters".into()));
+            }
             let live = state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).count();
             if live >= WORKERS_MAX {
                 return Err(Rejected::TooManyWorkers { limit: WORKERS_MAX });
@@ -99,6 +104,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     job: None,
                     draining: false,
                     suspect_since_unix_ms: None,
+                    credential_sha256: credential_sha256.to_ascii_lowercase(),
                 },
             );
             Ok(Applied::WorkerRegistered { worker_id })
@@ -151,7 +157,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::CheckpointRequested { job_id })
         }
-        Command::GenerationEnded { job_id, generation, end, step } => {
+        Command::GenerationEnded { job_id, generation, end, step, reporter } => {
+            check_reporter(state, job_id, reporter)?;
             generation_ended(state, job_id, generation, end, step, now)
         }
         Command::CheckpointDeleting { job_id, uri } => {
@@ -276,7 +283,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::InstancesChanged)
         }
-        Command::RecordCheckpoint { job_id, checkpoint } => {
+        Command::RecordCheckpoint { job_id, checkpoint, reporter } => {
+            check_reporter(state, job_id, reporter)?;
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
@@ -330,7 +338,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             model.aliases.insert(alias, version);
             Ok(Applied::ModelChanged { name, version })
         }
-        Command::JobFinished { job_id, generation, success, reason, step, metrics, artifact } => {
+        Command::JobFinished { job_id, generation, success, reason, step, metrics, artifact, reporter } => {
+            check_reporter(state, job_id, reporter)?;
             if let Some(artifact) = &artifact {
                 artifact.shape.check().map_err(|e| Rejected::BadReport(format!("the model's {e}")))?;
             }
@@ -344,11 +353,17 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.checkpoint_requested = None;
             job.reason = bounded(reason);
             job.step = step;
-            job.metrics = metrics;
+            // A non-finite value is no measurement (and JSON, the snapshot format, has none).
+            let finite = |v: Option<f64>| v.filter(|v| v.is_finite());
+            job.metrics = metrics.map(|m| FinalMetrics {
+                val_accuracy: finite(m.val_accuracy),
+                val_loss: finite(m.val_loss),
+                train_loss: finite(m.train_loss),
+            });
             job.updated_at_unix_ms = now;
             let kind = if success { "succeeded" } else { "failed" };
             push_event(job, now, kind, format!("generation {generation} finished at step {step}"));
-            let gang = std::mem::take(&mut job.gang);
+            let gang = job.end_gang();
             release(state, &gang);
             if success && let Some(artifact) = artifact {
                 register_model(state, job_id, artifact, now);
@@ -356,6 +371,14 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::JobFinished { job_id })
         }
     }
+}
+
+/// A report from `reporter` (when a worker made it) must come from a member of the job's
+/// current or just-ended gang.
+fn check_reporter(state: &State, job_id: JobId, reporter: Option<WorkerId>) -> Result<(), Rejected> {
+    let Some(worker) = reporter else { return Ok(()) };
+    let job = state.jobs.get(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.is_member(worker) { Ok(()) } else { Err(Rejected::NotAMember { worker, job_id }) }
 }
 
 fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u64) -> Result<Applied, Rejected> {
@@ -396,6 +419,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     let message = format!("generation {} on {} worker(s)", job.generation, workers.len());
     job.world_size = workers.len() as u32;
     job.gang = workers;
+    job.ended_gang.clear();
     push_event(job, now, "gang", message);
     Ok(Applied::GangAssigned { job_id, generation: job.generation })
 }
@@ -484,7 +508,7 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
     job.checkpoint_requested = None;
     job.updated_at_unix_ms = now;
     push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
-    let gang = std::mem::take(&mut job.gang);
+    let gang = job.end_gang();
     release(state, &gang);
     suspect(state, &gang, now);
 }
@@ -548,7 +572,7 @@ fn generation_ended(
             );
             job.updated_at_unix_ms = now;
             push_event(job, now, "budget", job.reason.clone());
-            let gang = std::mem::take(&mut job.gang);
+            let gang = job.end_gang();
             release(state, &gang);
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
         }
@@ -607,7 +631,7 @@ fn generation_ended(
                     job.failures
                 ));
                 job.updated_at_unix_ms = now;
-                let gang = std::mem::take(&mut job.gang);
+                let gang = job.end_gang();
                 release(state, &gang);
                 return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
             }
@@ -616,7 +640,7 @@ fn generation_ended(
     }
     job.state = JobState::Pending;
     job.updated_at_unix_ms = now;
-    let gang = std::mem::take(&mut job.gang);
+    let gang = job.end_gang();
     release(state, &gang);
     if matches!(end, GenerationEnd::PeerLost { .. }) {
         suspect(state, &gang, now);

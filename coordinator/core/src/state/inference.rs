@@ -117,7 +117,16 @@ pub struct Shard {
     /// The worker whose attempt failed last: another member gets the retry when there is one.
     #[serde(default)]
     pub last_failed_by: Option<WorkerId>,
+    /// The newest attempts and who held them (at most [`SHARD_HOLDERS_KEPT`]): only an
+    /// attempt's holder may commit it, even after its lease was returned (a lost worker's
+    /// complete output still counts).
+    #[serde(default)]
+    pub holders: Vec<(u64, WorkerId)>,
 }
+
+/// Attempts per shard whose holders are remembered; an older attempt's late commit is refused
+/// (its shard was retried since, and the retry's output counts).
+pub const SHARD_HOLDERS_KEPT: usize = 8;
 
 /// An inference job's committed work and its pace (see [`InferenceJob::progress`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -320,6 +329,7 @@ pub fn plan_shards(rows: u64, workers: u32, shard_rows: u64) -> Result<Vec<Shard
             attempts: 0,
             failures: 0,
             last_failed_by: None,
+            holders: Vec::new(),
         })
         .collect())
 }
@@ -471,6 +481,10 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
             job.next_attempt += 1;
             shard.attempts += 1;
             shard.state = ShardState::Leased { worker: worker_id, attempt, since_unix_ms: now };
+            if shard.holders.len() >= SHARD_HOLDERS_KEPT {
+                shard.holders.remove(0);
+            }
+            shard.holders.push((attempt, worker_id));
             attempt
         }
     };
@@ -496,6 +510,12 @@ pub(super) fn commit(
     let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
     if job.state != JobState::Running {
         return Err(Rejected::NotRunning { job_id, state: job.state.name() });
+    }
+    // Only the attempt's holder commits it: another worker could otherwise fill a shard with
+    // made-up output.
+    let holder = job.shards.get(index as usize).is_some_and(|s| s.holders.contains(&(attempt, worker)));
+    if !holder {
+        return Err(Rejected::NotAMember { worker, job_id });
     }
     let classes = job.shape.classes as usize;
     // Only the attempt's own object: the leader renames what is recorded.
@@ -543,6 +563,9 @@ pub(super) fn fail(
     let shard = job.shards.get_mut(index as usize).ok_or(Rejected::NoShard { job_id, index })?;
     if !matches!(shard.state, ShardState::Leased { attempt: a, .. } if a == attempt) {
         return Err(Rejected::BadShardReport { index, reason: format!("attempt {attempt} does not hold the lease") });
+    }
+    if !matches!(shard.state, ShardState::Leased { worker: w, .. } if w == worker) {
+        return Err(Rejected::NotAMember { worker, job_id });
     }
     shard.state = ShardState::Pending;
     shard.failures += 1;

@@ -14,6 +14,7 @@
 //! heartbeats and per-step progress stay in the leader's memory (DESIGN §2).
 
 mod apply;
+pub mod hostile;
 mod inference;
 mod types;
 
@@ -26,5 +27,7 @@ pub use inference::{
 };
 pub use types::*;
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@ fn spec(name: &str) -> JobSpec {
     .expect("valid spec")
 }
 
-fn submit(state: &mut State, index: u64, request: &str) -> Result<Applied, Rejected> {
+pub(super) fn submit(state: &mut State, index: u64, request: &str) -> Result<Applied, Rejected> {
     apply(
         state,
         index,
@@ -60,7 +60,8 @@ fn workers_register_and_are_lost() {
         hostname: "h".into(),
         data_addr: "127.0.0.1:9000".into(),
     };
-    let registered = apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info }));
+    let registered =
+        apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info, credential_sha256: String::new() }));
     assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
     let lost =
         apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0 }));
@@ -84,7 +85,7 @@ fn snapshots_and_envelopes_round_trip_and_refuse_newer_versions() {
     assert!(matches!(State::from_snapshot(&newer.to_snapshot()), Err(SnapshotError::TooNew { .. })));
 
     let envelope = Envelope::new(7, Command::CancelJob { job_id: JobId(3), reason: "r".into() });
-    assert_eq!(Envelope::decode(&envelope.encode()).expect("decodes"), envelope);
+    assert_eq!(Envelope::decode(&envelope.encode().expect("encodes")).expect("decodes"), envelope);
     assert!(Envelope::decode(b"\x00\x01").is_err());
 }
 
@@ -107,7 +108,7 @@ fn the_same_commands_give_the_same_state() {
     assert_eq!(run(), run());
 }
 
-fn register(state: &mut State, index: u64) -> WorkerId {
+pub(super) fn register(state: &mut State, index: u64) -> WorkerId {
     let info = WorkerInfo {
         cpus: 2,
         gpus: 0,
@@ -118,7 +119,8 @@ fn register(state: &mut State, index: u64) -> WorkerId {
         hostname: "h".into(),
         data_addr: "127.0.0.1:1".into(),
     };
-    match apply(state, index, Envelope::new(index, Command::RegisterWorker { info })) {
+    match apply(state, index, Envelope::new(index, Command::RegisterWorker { info, credential_sha256: String::new() }))
+    {
         Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
         other => panic!("register: {other:?}"),
     }
@@ -146,6 +148,7 @@ fn a_gang_runs_finishes_and_frees_its_workers() {
         step: 192,
         metrics: Some(FinalMetrics { val_accuracy: Some(0.92), val_loss: Some(0.3), train_loss: None }),
         artifact: None,
+        reporter: None,
     };
     assert!(matches!(apply(&mut state, 5, Envelope::new(5, finish(7))), Err(Rejected::StaleGeneration { .. })));
     assert_eq!(apply(&mut state, 6, Envelope::new(6, finish(1))), Ok(Applied::JobFinished { job_id: JobId(1) }));
@@ -193,11 +196,17 @@ fn recorded_checkpoints_only_move_forward() {
         generation: 1,
         deleting: false,
     };
-    let recorded =
-        apply(&mut state, 2, Envelope::new(2, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(40) }));
+    let recorded = apply(
+        &mut state,
+        2,
+        Envelope::new(2, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(40), reporter: None }),
+    );
     assert_eq!(recorded, Ok(Applied::CheckpointRecorded { job_id: JobId(1), step: 40 }));
-    let older =
-        apply(&mut state, 3, Envelope::new(3, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(20) }));
+    let older = apply(
+        &mut state,
+        3,
+        Envelope::new(3, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(20), reporter: None }),
+    );
     assert!(older.is_err(), "an older checkpoint never replaces a newer one");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.step, job.latest_checkpoint.as_ref().map(|c| c.step)), (40, Some(40)));
@@ -224,11 +233,19 @@ fn checkpoint(state: &mut State, step: u64, generation: u64) -> Result<Applied, 
         generation,
         deleting: false,
     };
-    apply(state, 10 + step, Envelope::new(10 + step, Command::RecordCheckpoint { job_id: JobId(1), checkpoint }))
+    apply(
+        state,
+        10 + step,
+        Envelope::new(10 + step, Command::RecordCheckpoint { job_id: JobId(1), checkpoint, reporter: None }),
+    )
 }
 
 fn end(state: &mut State, generation: u64, end: GenerationEnd, step: u64) -> Result<Applied, Rejected> {
-    apply(state, 500, Envelope::new(500, Command::GenerationEnded { job_id: JobId(1), generation, end, step }))
+    apply(
+        state,
+        500,
+        Envelope::new(500, Command::GenerationEnded { job_id: JobId(1), generation, end, step, reporter: None }),
+    )
 }
 
 #[test]
@@ -388,6 +405,7 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
                 dataset_sha256: "ab".repeat(32),
                 shape: ModelShape { features_per_row: 4, classes: 3, feature_scale: 255.0 },
             }),
+            reporter: Some(worker),
         };
         apply(state, job * 10 + 3, Envelope::new(job * 100, done)).expect("finish");
     };
@@ -436,16 +454,15 @@ fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_ge
         step: 1,
         metrics: None,
         artifact: None,
+        reporter: None,
     };
     assert!(matches!(apply(&mut state, 21, Envelope::new(21, finish)), Err(Rejected::NotRunning { .. })));
 }
 
-fn at(state: &mut State, t: u64, command: Command) -> Result<Applied, Rejected> {
+pub(super) fn at(state: &mut State, t: u64, command: Command) -> Result<Applied, Rejected> {
     apply(state, t, Envelope::new(t, command))
 }
 
-/// A registered model `m` version 1 (4 features, 3 classes) and an inference job over `rows`
-/// rows with up to 2 workers; returns the job id and two idle workers.
 /// Trains job-1 (`register_as = "m"`) on one worker and reports it succeeded with a model of
 /// `shape`: what the state machine answers.
 fn train_model(state: &mut State, shape: ModelShape) -> Result<Applied, Rejected> {
@@ -465,11 +482,14 @@ fn train_model(state: &mut State, shape: ModelShape) -> Result<Applied, Rejected
         step: 10,
         metrics: None,
         artifact: Some(artifact),
+        reporter: Some(trainer),
     };
     at(state, 4, done)
 }
 
-fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, WorkerId, WorkerId) {
+/// A registered model `m` version 1 (4 features, 3 classes) and an inference job over `rows`
+/// rows with up to 2 workers; returns the job id and two idle workers.
+pub(super) fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, WorkerId, WorkerId) {
     train_model(state, ModelShape { features_per_row: 4, classes: 3, feature_scale: 1.0 }).expect("finish");
     let request = InferenceRequest {
         model: "m".into(),
@@ -490,11 +510,11 @@ fn inference_job(state: &mut State, rows: u64, shard_rows: u64) -> (JobId, Worke
     (job_id, register(state, 6), register(state, 7))
 }
 
-fn stats(rows: u64, correct: u64) -> ShardStats {
+pub(super) fn stats(rows: u64, correct: u64) -> ShardStats {
     ShardStats { rows, labelled_rows: rows, correct, class_counts: vec![rows, 0, 0] }
 }
 
-fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId) -> Option<ShardLease> {
+pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId) -> Option<ShardLease> {
     match at(state, 50, Command::LeaseShard { job_id, worker_id }) {
         Ok(Applied::ShardLeased { lease, .. }) => lease,
         other => panic!("lease: {other:?}"),

@@ -81,6 +81,11 @@ pub struct Job {
     /// The current gang, in rank order (empty unless Running).
     #[serde(default)]
     pub gang: Vec<WorkerId>,
+    /// The gang of the generation that ended last (generation `generation`, when the job is
+    /// not Running): its members' late reports (a checkpoint that finished uploading after a
+    /// peer died) are still theirs to make. Cleared when a new gang forms.
+    #[serde(default)]
+    pub ended_gang: Vec<WorkerId>,
     /// Size of the latest gang (kept after the job ends, for `status`).
     #[serde(default)]
     pub world_size: u32,
@@ -126,6 +131,18 @@ pub struct Job {
 }
 
 impl Job {
+    /// Ends the running generation's membership: the gang is kept as `ended_gang` and returned
+    /// for release.
+    pub fn end_gang(&mut self) -> Vec<WorkerId> {
+        self.ended_gang = std::mem::take(&mut self.gang);
+        self.ended_gang.clone()
+    }
+
+    /// Whether `worker` may report for this job's current (or just ended) generation.
+    pub fn is_member(&self, worker: WorkerId) -> bool {
+        self.gang.contains(&worker) || self.ended_gang.contains(&worker)
+    }
+
     /// What the job has cost until `now_unix_ms`, the running generation included.
     pub fn cost_usd_at(&self, now_unix_ms: u64) -> f64 {
         let running = if self.state == JobState::Running {
@@ -245,6 +262,11 @@ pub struct Worker {
     /// heartbeat at once; a dead worker never does, until its lease expires).
     #[serde(default)]
     pub suspect_since_unix_ms: Option<u64>,
+    /// SHA-256 (lower-case hex) of the credential the leader issued at registration. The
+    /// secret itself is never stored: the worker presents it on every call after registering,
+    /// and any node checks it against this digest. Empty: no credential (cannot report).
+    #[serde(default)]
+    pub credential_sha256: String,
 }
 
 /// The whole replicated state. Serialised as the Raft snapshot.
@@ -470,6 +492,10 @@ pub enum SnapshotError {
     Decode(String),
     #[error("snapshot version {found} is newer than this build understands ({STATE_VERSION}); upgrade this node")]
     TooNew { found: u32 },
+    /// A command holds a value JSON cannot carry (a non-finite number where one is required):
+    /// it would be committed and then fail to decode on every replica.
+    #[error("the command cannot be logged: {0}")]
+    Unrepresentable(String),
 }
 
 impl State {
@@ -503,8 +529,12 @@ impl Envelope {
         Envelope { version: STATE_VERSION, at_unix_ms, command }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("commands hold only JSON-representable values")
+    /// The log entry for this envelope, checked to decode again: an entry no replica can
+    /// decode must never be committed (every replica would stop at it).
+    pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| SnapshotError::Unrepresentable(e.to_string()))?;
+        Envelope::decode(&bytes).map_err(|e| SnapshotError::Unrepresentable(e.to_string()))?;
+        Ok(bytes)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
@@ -529,6 +559,9 @@ pub enum Command {
     },
     RegisterWorker {
         info: WorkerInfo,
+        /// The digest of the credential the leader issued (see [`Worker::credential_sha256`]).
+        #[serde(default)]
+        credential_sha256: String,
     },
     WorkerLost {
         worker_id: WorkerId,
@@ -555,6 +588,10 @@ pub enum Command {
         generation: u64,
         end: GenerationEnd,
         step: u64,
+        /// The authenticated worker that reported it (a member of the gang); `None` when the
+        /// leader itself proposes it.
+        #[serde(default)]
+        reporter: Option<WorkerId>,
     },
     /// Retention: the checkpoint at `uri` will be deleted (first step of the crash-safe
     /// deletion: from now on it is never resumed from).
@@ -576,6 +613,9 @@ pub enum Command {
     RecordCheckpoint {
         job_id: JobId,
         checkpoint: CheckpointRecord,
+        /// The authenticated worker that reported it (a member of the gang).
+        #[serde(default)]
+        reporter: Option<WorkerId>,
     },
     /// The autoscaler decided to buy capacity (recorded before the provider is called).
     RequestInstances {
@@ -618,6 +658,9 @@ pub enum Command {
         metrics: Option<FinalMetrics>,
         #[serde(default)]
         artifact: Option<ModelArtifact>,
+        /// The authenticated worker that reported it (a member of the gang).
+        #[serde(default)]
+        reporter: Option<WorkerId>,
     },
     /// Points `alias` of model `name` at `version`.
     SetModelAlias {
@@ -779,6 +822,9 @@ pub enum Rejected {
     ShardDone { job_id: JobId, index: u32, attempt: u64 },
     #[error("shard {index}: {reason}")]
     BadShardReport { index: u32, reason: String },
+    /// A worker reported for a job (or shard) that is not its own.
+    #[error("{worker} is not a member of {job_id}'s gang; a worker reports only for its own job")]
+    NotAMember { worker: WorkerId, job_id: JobId },
     /// A worker's report carries a value outside its bounds.
     #[error("bad report: {0}")]
     BadReport(String),
