@@ -18,7 +18,13 @@ const CLUSTER_FILE_LEN_MAX: u64 = 64 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
     pub cluster_id: String,
+    /// The admin API token (what the CLI uses by default).
     pub api_token: String,
+    /// Tokens to hand out: the submit role (submit, cancel, read) and read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<String>,
     pub join_token: String,
     pub peer_token: String,
     /// The cluster store's URI (`flotilla up --store`); absent: `store/` in the cluster folder.

@@ -218,14 +218,18 @@ async fn leader_killed_mid_load_loses_no_acknowledged_job() {
 fn a_replicated_cluster_requires_its_own_peer_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let peers = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
-    let start = |peer_token: Option<&str>| {
+    let start_with = |peer_token: Option<&str>, read_token: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla"));
         command
             .args(["coordinator", "--id", "1", "--listen", "127.0.0.1:0", "--peers", peers])
             .arg("--data-dir")
             .arg(dir.path())
             .env("FLOTILLA_TOKEN", TOKEN)
-            .env_remove("FLOTILLA_PEER_TOKEN");
+            .env_remove("FLOTILLA_PEER_TOKEN")
+            .env_remove("FLOTILLA_READ_TOKEN");
+        if let Some(token) = read_token {
+            command.env("FLOTILLA_READ_TOKEN", token);
+        }
         if let Some(token) = peer_token {
             command.env("FLOTILLA_PEER_TOKEN", token);
         }
@@ -233,7 +237,12 @@ fn a_replicated_cluster_requires_its_own_peer_token() {
         assert!(!out.status.success(), "a coordinator started with peer token {peer_token:?}");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
+    let start = |peer_token: Option<&str>| start_with(peer_token, None);
     assert!(start(None).contains("--peer-token (or FLOTILLA_PEER_TOKEN) is required with 3 coordinators"));
     assert!(start(Some("short")).contains("at least 16 characters"));
-    assert!(start(Some(TOKEN)).contains("must differ from the API token"), "{}", start(Some(TOKEN)));
+    let same = start(Some(TOKEN));
+    assert!(same.contains("--token and --peer-token are the same secret"), "{same}");
+    // Every secret is its own: a read-only token that is also the admin token is refused.
+    let same = start_with(Some("a-peer-token-of-the-test"), Some(TOKEN));
+    assert!(same.contains("--token and --read-token are the same secret"), "{same}");
 }

@@ -36,7 +36,11 @@ pub struct CoordinatorConfig {
     pub peers: BTreeMap<u64, String>,
     pub data_dir: PathBuf,
     pub cluster_id: String,
+    /// The admin API token (every API call).
     pub api_token: String,
+    /// Optional API tokens of the submit role (submit and cancel, read) and the read-only one.
+    pub submit_token: Option<String>,
+    pub read_token: Option<String>,
     pub peer_token: String,
     /// Token workers present to register; `None` refuses every worker.
     pub join_token: Option<String>,
@@ -129,12 +133,23 @@ impl CoordinatorConfig {
                     self.peers.len()
                 )));
             }
-            if self.peer_token == self.api_token || self.join_token.as_deref() == Some(self.peer_token.as_str()) {
-                return Err(CoordinatorError::Config(
-                    "--peer-token must differ from the API token and the join token: whoever holds those must not \
-                     be able to write the Raft log"
-                        .into(),
-                ));
+        }
+        // Each secret is its own: whoever holds a read-only token must not be able to submit,
+        // a worker must not be able to use the API, and neither may write the Raft log.
+        let secrets = [
+            ("--token", Some(self.api_token.as_str())),
+            ("--submit-token", self.submit_token.as_deref()),
+            ("--read-token", self.read_token.as_deref()),
+            ("--join-token", self.join_token.as_deref()),
+            ("--peer-token", Some(self.peer_token.as_str()).filter(|t| !t.is_empty())),
+        ];
+        for (i, (a, first)) in secrets.iter().enumerate() {
+            for (b, second) in &secrets[i + 1..] {
+                if first.is_some() && first == second {
+                    return Err(CoordinatorError::Config(format!(
+                        "{a} and {b} are the same secret; each must differ (e.g. `openssl rand -hex 16` for each)"
+                    )));
+                }
             }
         }
         if self.peers.len().is_multiple_of(2) {
@@ -172,10 +187,15 @@ pub async fn run(
         .map_err(CoordinatorError::Config)?;
     let node_task = tokio::spawn(task.run(transport));
 
+    let tokens = flotilla_proto::auth::ApiTokens {
+        admin: config.api_token.clone(),
+        submit: config.submit_token.clone(),
+        read: config.read_token.clone(),
+    };
     let progress = std::sync::Arc::new(crate::progress::Progress::default());
     let jobs = JobServiceServer::new(JobApi {
         node: handle.clone(),
-        api_token: config.api_token.clone(),
+        tokens: tokens.clone(),
         progress: progress.clone(),
         store: store.clone(),
     })
@@ -192,7 +212,7 @@ pub async fn run(
     }
     let cluster = ClusterServiceServer::new(ClusterApi {
         node: handle.clone(),
-        api_token: config.api_token.clone(),
+        tokens: tokens.clone(),
         join_token: config.join_token.clone(),
         leases,
         progress: progress.clone(),
@@ -203,14 +223,14 @@ pub async fn run(
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let registry = RegistryServiceServer::new(crate::api::registry::RegistryApi {
         node: handle.clone(),
-        api_token: config.api_token.clone(),
+        tokens: tokens.clone(),
         store: store.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
     let inference = InferenceServiceServer::new(crate::api::inference::InferenceApi {
         node: handle.clone(),
-        api_token: config.api_token.clone(),
+        tokens: tokens.clone(),
         join_token: config.join_token.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)

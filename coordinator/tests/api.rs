@@ -18,6 +18,8 @@ use protobuf::Message as _;
 use tonic::Code;
 
 const TOKEN: &str = "api-token";
+const SUBMIT_TOKEN: &str = "submit-token";
+const READ_TOKEN: &str = "read-token";
 const PEER_TOKEN: &str = "peer-token-of-the-test";
 
 struct Node {
@@ -59,6 +61,8 @@ async fn start(single: bool) -> Node {
         data_dir: dir.path().to_path_buf(),
         cluster_id: "test".into(),
         api_token: TOKEN.into(),
+        submit_token: Some(SUBMIT_TOKEN.into()),
+        read_token: Some(READ_TOKEN.into()),
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_uri: store.clone(),
@@ -399,4 +403,65 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
         .await
         .expect("the member reports");
     assert_eq!(job_state(&mut user, &job_id).await, JobState::Succeeded as i32);
+}
+
+#[tokio::test]
+async fn a_read_only_token_cannot_submit_or_cancel_and_a_submit_token_cannot_administer() {
+    use flotilla_proto::v1::{CancelJobRequest, SetAliasRequest};
+    let node = start(true).await;
+    let mut admin = ApiClient::new(&node.address, TOKEN).expect("client");
+    let mut submitter = ApiClient::new(&node.address, SUBMIT_TOKEN).expect("client");
+    let mut reader = ApiClient::new(&node.address, READ_TOKEN).expect("client");
+    let submit = |client: &mut ApiClient, id: &str| {
+        let request = SubmitJobRequest { spec: Some(spec_to_proto(&spec())), client_request_id: id.into() };
+        let mut client = client.clone();
+        async move {
+            client
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.submit_job(request).await }
+                })
+                .await
+        }
+    };
+    let cancel = |client: &mut ApiClient, job_id: &str| {
+        let request = CancelJobRequest { job_id: job_id.into(), reason: "test".into() };
+        let mut client = client.clone();
+        async move {
+            client
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.cancel_job(request).await }
+                })
+                .await
+        }
+    };
+    let refused = submit(&mut reader, "r").await.expect_err("read-only");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    assert!(refused.message.contains("read-only token cannot submit a job"), "{refused}");
+    let job = submit(&mut submitter, "s").await.expect("the submit role submits").job_id;
+    let refused = cancel(&mut reader, &job).await.expect_err("read-only");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    // The reader sees the job, still Pending.
+    assert_eq!(job_state(&mut reader, &job).await, flotilla_proto::v1::JobState::Pending as i32);
+    let alias = SetAliasRequest { name: "m".into(), version: 1, alias: "prod".into() };
+    let refused = submitter
+        .call_registry(|mut c| {
+            let alias = alias.clone();
+            async move { c.set_alias(alias).await }
+        })
+        .await
+        .expect_err("not admin");
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
+    // The admin passes the role check (and is told the model does not exist).
+    let missing = admin
+        .call_registry(|mut c| {
+            let alias = alias.clone();
+            async move { c.set_alias(alias).await }
+        })
+        .await
+        .expect_err("no such model");
+    assert_eq!(missing.kind, ErrorKind::NotFound, "{missing}");
+    cancel(&mut submitter, &job).await.expect("the submit role cancels");
+    assert_eq!(job_state(&mut admin, &job).await, flotilla_proto::v1::JobState::Cancelled as i32);
 }

@@ -55,6 +55,71 @@ pub fn check(metadata: &MetadataMap, expected: &str, what: &str) -> Result<(), A
     }
 }
 
+/// What an API token may do. Ordered: each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Look: jobs, logs, workers, instances, models (and their download), inference jobs.
+    Read,
+    /// Also submit and cancel training and inference jobs.
+    Submit,
+    /// Also change the cluster: model aliases (and whatever else administers it).
+    Admin,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read-only",
+            Role::Submit => "submit",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The cluster's API tokens by role: `admin` is the API token (`--token`, FLOTILLA_TOKEN);
+/// the submit and read-only ones are optional. No `Debug`: it holds secrets.
+#[derive(Clone)]
+pub struct ApiTokens {
+    pub admin: String,
+    pub submit: Option<String>,
+    pub read: Option<String>,
+}
+
+impl ApiTokens {
+    /// The role of the token the call presents, if it is at least `needed`; `action` names
+    /// what was refused ("submit a job").
+    pub fn authorize(&self, metadata: &MetadataMap, needed: Role, action: &str) -> Result<Role, ApiError> {
+        let presented =
+            metadata.get(AUTHORIZATION_KEY).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix(BEARER_PREFIX));
+        let Some(presented) = presented else {
+            return Err(ApiError::new(
+                ErrorKind::Unauthenticated,
+                "missing API token: send `authorization: Bearer <token>` (FLOTILLA_TOKEN or .flotilla/cluster.toml)",
+            ));
+        };
+        // Every candidate is compared (constant time each), so timing does not tell which matched.
+        let candidates =
+            [(Role::Admin, Some(&self.admin)), (Role::Submit, self.submit.as_ref()), (Role::Read, self.read.as_ref())];
+        let role = candidates
+            .iter()
+            .filter_map(|(role, token)| token.map(|t| (role, same_secret(t, presented))))
+            .fold(None, |found, (role, matched)| found.or(matched.then_some(*role)));
+        match role {
+            None => Err(ApiError::new(ErrorKind::Unauthenticated, "wrong API token")),
+            Some(role) if role < needed => Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "a {} token cannot {action}: that needs a {} token (the admin token is `api_token` in \
+                     .flotilla/cluster.toml)",
+                    role.name(),
+                    needed.name()
+                ),
+            )),
+            Some(role) => Ok(role),
+        }
+    }
+}
+
 /// The worker credential a registered worker presents: `(worker id, secret)`. `None` when the
 /// call carries none; an error when it is malformed.
 pub fn worker_credential(metadata: &MetadataMap) -> Option<Result<(&str, &str), ApiError>> {
@@ -132,6 +197,39 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Unauthenticated);
         assert!(err.message.contains("join token"));
         assert!(check(&metadata, "s3cre", "API token").is_err());
+    }
+
+    #[test]
+    fn each_role_does_what_it_may_and_no_more() {
+        let tokens = ApiTokens { admin: "adm".into(), submit: Some("sub".into()), read: Some("red".into()) };
+        let with = |token: &str| {
+            let mut metadata = MetadataMap::new();
+            attach(&mut metadata, token).expect("valid token");
+            metadata
+        };
+        assert_eq!(tokens.authorize(&with("adm"), Role::Admin, "x").expect("admin"), Role::Admin);
+        assert_eq!(tokens.authorize(&with("sub"), Role::Submit, "x").expect("submit"), Role::Submit);
+        assert_eq!(tokens.authorize(&with("red"), Role::Read, "x").expect("read"), Role::Read);
+        let refused = tokens.authorize(&with("red"), Role::Submit, "submit a job").expect_err("read-only");
+        assert_eq!(refused.kind, ErrorKind::PermissionDenied);
+        assert!(refused.message.contains("read-only token cannot submit a job"), "{}", refused.message);
+        assert_eq!(
+            tokens.authorize(&with("sub"), Role::Admin, "x").expect_err("submit").kind,
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            tokens.authorize(&with("nope"), Role::Read, "x").expect_err("wrong").kind,
+            ErrorKind::Unauthenticated
+        );
+        assert_eq!(
+            tokens.authorize(&MetadataMap::new(), Role::Read, "x").expect_err("missing").kind,
+            ErrorKind::Unauthenticated
+        );
+        let admin_only = ApiTokens { admin: "adm".into(), submit: None, read: None };
+        assert_eq!(
+            admin_only.authorize(&with("sub"), Role::Read, "x").expect_err("unset").kind,
+            ErrorKind::Unauthenticated
+        );
     }
 
     #[test]

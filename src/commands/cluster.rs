@@ -125,6 +125,8 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow:
     Ok(ClusterFile {
         cluster_id: format!("local-{}", random_hex(4)?),
         api_token: random_hex(16)?,
+        submit_token: Some(random_hex(16)?),
+        read_token: Some(random_hex(16)?),
         join_token: random_hex(16)?,
         peer_token: random_hex(16)?,
         store,
@@ -170,6 +172,8 @@ fn spawn_coordinator(
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
         .env("FLOTILLA_TOKEN", &cluster.api_token)
+        .envs(cluster.submit_token.iter().map(|t| ("FLOTILLA_SUBMIT_TOKEN", t)))
+        .envs(cluster.read_token.iter().map(|t| ("FLOTILLA_READ_TOKEN", t)))
         .env("FLOTILLA_PEER_TOKEN", &cluster.peer_token)
         .env("FLOTILLA_JOIN_TOKEN", &cluster.join_token)
         .stdin(Stdio::null())

@@ -24,9 +24,15 @@ pub struct Args {
     /// Cluster name; nodes refuse peer traffic from another cluster.
     #[arg(long, default_value = "flotilla")]
     pub cluster_id: String,
-    /// Bearer token every API call must carry.
+    /// The admin API token: every API call may carry it.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// A token of the submit role: submit and cancel training and inference jobs, and read.
+    #[arg(long, env = "FLOTILLA_SUBMIT_TOKEN", hide_env_values = true)]
+    pub submit_token: Option<String>,
+    /// A read-only token: jobs, logs, workers, instances, models, inference jobs.
+    #[arg(long, env = "FLOTILLA_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<String>,
     /// Token workers present to register (without it, no worker is accepted).
     #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
@@ -245,6 +251,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .to_string(),
         },
         api_token: args.token,
+        submit_token: args.submit_token,
+        read_token: args.read_token,
         local_workers: match args.local_workers_home {
             Some(home) => Some(server::LocalWorkers {
                 home: std::path::absolute(home).context("resolving --local-workers-home")?,

@@ -32,7 +32,7 @@ const REPORT_TEXT_MAX: usize = 4096;
 
 pub struct ClusterApi {
     pub node: NodeHandle,
-    pub api_token: String,
+    pub tokens: auth::ApiTokens,
     /// `None`: this cluster accepts no workers.
     pub join_token: Option<String>,
     pub leases: Arc<Leases>,
@@ -319,7 +319,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Read, "read instances").map_err(status)?;
         let all = request.get_ref().all;
         let now = crate::raft::node::now_unix_ms();
         let mut answer = self.node.read(move |state| instances_to_proto(state, all, now)).await.map_err(status)?;
@@ -331,7 +331,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Read, "read workers").map_err(status)?;
         let leases = self.leases.clone();
         let workers = self
             .node

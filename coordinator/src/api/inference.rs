@@ -24,7 +24,7 @@ const LISTED_MAX: usize = 1000;
 
 pub struct InferenceApi {
     pub node: NodeHandle,
-    pub api_token: String,
+    pub tokens: auth::ApiTokens,
     pub join_token: Option<String>,
 }
 
@@ -40,8 +40,8 @@ where
 }
 
 impl InferenceApi {
-    fn authorize_user<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
+    fn authorize_user<T>(&self, request: &Request<T>, needed: auth::Role, action: &str) -> Result<(), Status> {
+        self.tokens.authorize(request.metadata(), needed, action).map(|_| ()).map_err(status)
     }
 
     /// The worker a call comes from (join token + its own credential).
@@ -56,7 +56,7 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<SubmitInferenceRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        self.authorize_user(&request)?;
+        self.authorize_user(&request, auth::Role::Submit, "submit an inference job")?;
         let r = request.into_inner();
         if r.client_request_id.is_empty() || r.client_request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
             return Err(invalid(format!("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes")));
@@ -154,7 +154,7 @@ impl InferenceService for InferenceApi {
     }
 
     async fn get_inference(&self, request: Request<GetJobRequest>) -> Result<Response<InferenceStatus>, Status> {
-        self.authorize_user(&request)?;
+        self.authorize_user(&request, auth::Role::Read, "read inference jobs")?;
         let id: JobId = parse("job_id", &request.get_ref().job_id)?;
         let now = now_unix_ms();
         let found = self
@@ -173,7 +173,7 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<ListInferencesRequest>,
     ) -> Result<Response<ListInferencesResponse>, Status> {
-        self.authorize_user(&request)?;
+        self.authorize_user(&request, auth::Role::Read, "read inference jobs")?;
         let now = now_unix_ms();
         let inferences = self
             .node

@@ -28,7 +28,7 @@ const WATCH_POLL: Duration = Duration::from_millis(500);
 
 pub struct JobApi {
     pub node: NodeHandle,
-    pub api_token: String,
+    pub tokens: auth::ApiTokens,
     /// Live progress reported to this node while it leads (not replicated).
     pub progress: Arc<Progress>,
     /// The cluster store: job logs are under `jobs/<job>/logs/`.
@@ -66,8 +66,8 @@ fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
 }
 
 impl JobApi {
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)
+    fn authorize<T>(&self, request: &Request<T>, needed: auth::Role, action: &str) -> Result<(), Status> {
+        self.tokens.authorize(request.metadata(), needed, action).map(|_| ()).map_err(status)
     }
 
     /// Live progress (step, loss, samples/s) is reported to the leader and not replicated, so
@@ -88,7 +88,7 @@ type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLines, Status
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Submit, "submit a job")?;
         let request = request.into_inner();
         let request_id = request.client_request_id;
         if request_id.is_empty() || request_id.len() > CLIENT_REQUEST_ID_LEN_MAX {
@@ -110,7 +110,7 @@ impl JobService for JobApi {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Read, "read jobs")?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
         self.live_from_leader(std::slice::from_ref(&job))?;
@@ -119,7 +119,7 @@ impl JobService for JobApi {
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Read, "read jobs")?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => LIST_JOBS_LIMIT_DEFAULT,
@@ -168,7 +168,7 @@ impl JobService for JobApi {
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Submit, "cancel a job")?;
         let request = request.into_inner();
         let id = parse_job_id(&request.job_id)?;
         let reason: String = request.reason.chars().take(flotilla_core::state::REASON_LEN_MAX).collect();
@@ -180,7 +180,7 @@ impl JobService for JobApi {
     type WatchJobStream = WatchStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<WatchStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Read, "read jobs")?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let first = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
         self.live_from_leader(std::slice::from_ref(&first))?;
@@ -192,7 +192,7 @@ impl JobService for JobApi {
     type GetLogsStream = LogStream;
 
     async fn get_logs(&self, request: Request<GetLogsRequest>) -> Result<Response<LogStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, auth::Role::Read, "read logs")?;
         let request = request.into_inner();
         let id = parse_job_id(&request.job_id)?;
         self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;

@@ -23,7 +23,7 @@ const LISTED_MAX: usize = 10_000;
 
 pub struct RegistryApi {
     pub node: NodeHandle,
-    pub api_token: String,
+    pub tokens: auth::ApiTokens,
     /// The cluster store: artifacts are served only from inside it.
     pub store: flotilla_store::Location,
 }
@@ -73,7 +73,7 @@ fn reference(text: &str) -> Result<String, Status> {
 #[tonic::async_trait]
 impl RegistryService for RegistryApi {
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Read, "read models").map_err(status)?;
         let name = request.into_inner().name;
         let versions = self
             .node
@@ -92,14 +92,14 @@ impl RegistryService for RegistryApi {
     }
 
     async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelVersion>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Read, "read models").map_err(status)?;
         let reference = reference(&request.get_ref().reference)?;
         let version = self.node.read(move |state| resolve(state, &reference)).await.map_err(status)?.map_err(status)?;
         Ok(Response::new(version))
     }
 
     async fn set_alias(&self, request: Request<SetAliasRequest>) -> Result<Response<Ack>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Admin, "set a model alias").map_err(status)?;
         let r = request.into_inner();
         match self.node.propose(Command::SetModelAlias { name: r.name, version: r.version, alias: r.alias }).await {
             Ok(Applied::ModelChanged { .. }) => Ok(Response::new(Ack {})),
@@ -114,7 +114,7 @@ impl RegistryService for RegistryApi {
         &self,
         request: Request<DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
-        auth::check(request.metadata(), &self.api_token, "API token").map_err(status)?;
+        self.tokens.authorize(request.metadata(), auth::Role::Read, "download models").map_err(status)?;
         let r = request.into_inner();
         if ArtifactFormat::try_from(r.format) != Ok(ArtifactFormat::Safetensors) {
             return Err(status(ApiError::new(
