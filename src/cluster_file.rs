@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::tls::ClientTls;
 use serde::{Deserialize, Serialize};
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
@@ -27,6 +29,10 @@ pub struct ClusterFile {
     pub read_token: Option<String>,
     pub join_token: String,
     pub peer_token: String,
+    /// The cluster's TLS folder (`up` creates it: ca.pem, coordinator.pem, worker.pem and their
+    /// keys); absent: a plaintext cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
     /// The cluster store's URI (`flotilla up --store`); absent: `store/` in the cluster folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
@@ -46,6 +52,17 @@ pub struct CoordinatorEntry {
 }
 
 impl ClusterFile {
+    /// What a client of this cluster needs for TLS (the CA; no certificate of its own).
+    pub fn client_tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        let Some(dir) = &self.tls_dir else { return Ok(None) };
+        Ok(Some(ClientTls::load(&dir.join(crate::commands::certs::CA_FILE), None, None)?))
+    }
+
+    /// A client of this cluster with its admin token.
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::with_tls(&self.addresses(), &self.api_token, self.client_tls()?)?)
+    }
+
     pub fn addresses(&self) -> String {
         self.coordinators.iter().map(|c| c.address.as_str()).collect::<Vec<_>>().join(",")
     }
@@ -98,10 +115,17 @@ pub fn home() -> PathBuf {
     std::env::var_os("FLOTILLA_HOME").map_or_else(|| PathBuf::from(".flotilla"), PathBuf::from)
 }
 
-/// Where a client command connects, and with which token.
+/// Where a client command connects, with which token, and the CA it trusts (TLS).
 pub struct Target {
     pub addresses: String,
     pub token: String,
+    pub tls: Option<ClientTls>,
+}
+
+impl Target {
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::with_tls(&self.addresses, &self.token, self.tls.clone())?)
+    }
 }
 
 /// Resolves the cluster to talk to: `--coordinator`, then `FLOTILLA_COORDINATOR`, then the
@@ -121,8 +145,13 @@ pub fn resolve(flag: Option<&str>) -> anyhow::Result<Target> {
                 )
             },
         )?;
+    // TLS: FLOTILLA_TLS_CA names the CA to trust, else the cluster file's TLS folder.
+    let tls = match std::env::var_os("FLOTILLA_TLS_CA").filter(|p| !p.is_empty()) {
+        Some(ca) => Some(ClientTls::load(Path::new(&ca), None, None)?),
+        None => file.as_ref().map(ClusterFile::client_tls).transpose()?.flatten(),
+    };
     let token = env_token
         .or_else(|| file.map(|f| f.api_token))
         .context("no API token: set FLOTILLA_TOKEN (the local cluster's token is in .flotilla/cluster.toml)")?;
-    Ok(Target { addresses, token })
+    Ok(Target { addresses, token, tls })
 }

@@ -67,6 +67,9 @@ enum Command {
     /// One rank of `flotilla train` (started by it).
     #[command(hide = true)]
     TrainRank(commands::train::RankArgs),
+    /// The cluster CA and its certificates, for TLS across machines (`up` makes its own).
+    #[command(subcommand)]
+    Certs(commands::certs::CertsCommand),
     /// Run one coordinator node in the foreground (what `up` starts).
     Coordinator(Box<commands::coordinator::Args>),
     /// Load generator for scripts/bench/coordinator.sh.
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => commands::validate::run(args, cli.output),
         Command::Train(args) => done(commands::train::run(args, cli.output)),
         Command::TrainRank(args) => done(commands::train::run_rank(args, cli.output)),
+        Command::Certs(command) => done(commands::certs::run(command)),
         Command::Coordinator(args) => done(commands::coordinator::run(*args)),
         Command::BenchSubmit(args) => done(commands::bench::run(args, coordinator)),
         Command::BenchFirstStep(args) => done(commands::bench::first_step(args, coordinator)),

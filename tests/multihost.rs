@@ -2,7 +2,9 @@
 //! bridge stand in for machines (3 coordinator hosts, 3 worker hosts, 1 S3 host running moto's
 //! server), each host with its own folders. The cluster store and the training data are in S3;
 //! every worker reads its identity from its own metadata endpoint (IMDSv2, as on EC2) and
-//! advertises its host's address.
+//! advertises its host's address. Every connection is TLS: a cluster CA and certificates made
+//! with `flotilla certs` (one per coordinator naming its address, one for the workers; mutual
+//! TLS for peers and workers, the CLI verifying the CA).
 //!
 //! The run: MNIST (the shipped 5k rows, uploaded to S3) trains on a gang of 2 with 1 spare.
 //! Mid-run every process of one busy worker host is SIGKILLed and, at once, the leader
@@ -306,12 +308,33 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         .collect();
     let addresses: Vec<String> =
         COORDINATOR_HOSTS.iter().map(|host| format!("{}:{API_PORT}", hosts.address(*host))).collect();
+    // TLS everywhere: the cluster CA, a certificate per coordinator naming its address, one for
+    // the workers (`flotilla certs`, as a deployment would make them).
+    let certs = hosts.folder(1, "certs");
+    let certs_dir = certs.display().to_string();
+    let flotilla_certs = |args: &[&str]| {
+        let out = Command::new(&exe).arg("certs").args(args).args(["--dir", &certs_dir]).output().expect("certs");
+        assert!(out.status.success(), "certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    flotilla_certs(&["init"]);
+    flotilla_certs(&["worker"]);
+    let tls = |name: &str| {
+        [("FLOTILLA_TLS_CA", "ca".to_string()), ("FLOTILLA_TLS_CERT", name.to_string())]
+            .into_iter()
+            .map(|(k, file)| (k.to_string(), certs.join(format!("{file}.pem")).display().to_string()))
+            .chain([("FLOTILLA_TLS_KEY".to_string(), certs.join(format!("{name}-key.pem")).display().to_string())])
+            .collect::<Vec<_>>()
+    };
     let mut coordinator_env = env.clone();
     coordinator_env.extend(
         [("FLOTILLA_TOKEN", token), ("FLOTILLA_JOIN_TOKEN", join_token), ("FLOTILLA_PEER_TOKEN", peer_token)]
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     for (i, host) in COORDINATOR_HOSTS.into_iter().enumerate() {
+        let name = format!("coordinator-{}", i + 1);
+        flotilla_certs(&["coordinator", "--name", &name, "--host", &hosts.address(host)]);
+        let mut coordinator_env = coordinator_env.clone();
+        coordinator_env.extend(tls(&name));
         let data_dir = hosts.folder(host, "coordinator").display().to_string();
         let listen = format!("{}:{API_PORT}", hosts.address(host));
         let args = strings(&[
@@ -331,8 +354,10 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         ]);
         hosts.spawn(host, "coordinator", &exe, &args, &coordinator_env);
     }
+    let mut cli_env = env.clone();
+    cli_env.push(("FLOTILLA_TLS_CA".into(), certs.join("ca.pem").display().to_string()));
     let cli =
-        Cli { coordinators: addresses.join(","), token: token.into(), env: env.clone(), home: hosts.folder(1, "cli") };
+        Cli { coordinators: addresses.join(","), token: token.into(), env: cli_env, home: hosts.folder(1, "cli") };
 
     // Three worker hosts, each with its own metadata endpoint saying what it is.
     for host in WORKER_HOSTS {
@@ -356,6 +381,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         let mut worker_env = env.clone();
         worker_env.push(("FLOTILLA_COORDINATOR".into(), addresses.join(",")));
         worker_env.push(("FLOTILLA_JOIN_TOKEN".into(), join_token.into()));
+        worker_env.extend(tls("worker"));
         let worker_args = strings(&[
             "worker",
             "--imds-endpoint",

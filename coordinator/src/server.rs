@@ -27,6 +27,11 @@ pub const PEER_TOKEN_LEN_MIN: usize = 16;
 
 /// File name of the durable Raft log inside the data directory.
 pub const RAFT_LOG_FILE: &str = "raft.redb";
+/// Requests in progress on one connection at most (a client holds a few streams and a few
+/// calls; beyond this one connection cannot take the node's whole capacity).
+const REQUESTS_PER_CONNECTION_MAX: usize = 64;
+/// HTTP/2 streams one connection may open at once.
+const STREAMS_PER_CONNECTION_MAX: u32 = 128;
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -48,6 +53,8 @@ pub struct CoordinatorConfig {
     /// logs, model artifacts and inference staging. Every coordinator of a cluster and every
     /// worker must reach the same one: on several machines, an `s3://` store.
     pub store_uri: String,
+    /// TLS on the API, worker and peer port (`None`: plaintext, tokens in cleartext).
+    pub tls: Option<flotilla_proto::tls::ServerTls>,
     /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
     pub local_workers: Option<LocalWorkers>,
     /// Buy and release capacity with a provider (EC2, simulated): the autoscaling loop.
@@ -183,8 +190,10 @@ pub async fn run(
     let (handle, task) = node::channel(replica, config.peers.clone(), incarnation);
     let others: BTreeMap<u64, String> =
         config.peers.iter().filter(|(id, _)| **id != config.id).map(|(k, v)| (*k, v.clone())).collect();
-    let transport = PeerTransport::start(handle.clone(), config.cluster_id.clone(), &others, &config.peer_token)
-        .map_err(CoordinatorError::Config)?;
+    let peer_tls = config.tls.as_ref().map(flotilla_proto::tls::ServerTls::as_client);
+    let transport =
+        PeerTransport::start(handle.clone(), config.cluster_id.clone(), &others, &config.peer_token, peer_tls.as_ref())
+            .map_err(CoordinatorError::Config)?;
     let node_task = tokio::spawn(task.run(transport));
 
     let tokens = flotilla_proto::auth::ApiTokens {
@@ -214,6 +223,7 @@ pub async fn run(
         node: handle.clone(),
         tokens: tokens.clone(),
         join_token: config.join_token.clone(),
+        tls: config.tls.is_some(),
         leases,
         progress: progress.clone(),
         store: store.clone(),
@@ -232,6 +242,7 @@ pub async fn run(
         node: handle.clone(),
         tokens: tokens.clone(),
         join_token: config.join_token.clone(),
+        tls: config.tls.is_some(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
@@ -240,10 +251,29 @@ pub async fn run(
         cluster_id: config.cluster_id.clone(),
         peer_token: config.peer_token.clone(),
         peers: others.keys().copied().collect::<BTreeSet<u64>>(),
+        tls: config.tls.is_some(),
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     tracing::info!(id = config.id, listen = %config.listen, peers = ?config.peers, "coordinator starting");
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX);
+    match &config.tls {
+        Some(tls) => {
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            flotilla_proto::tls::install_crypto_provider();
+            // Every client is asked for a certificate and none must give one (API clients have
+            // none); the Raft service and the worker calls require theirs.
+            let tls_config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .client_ca_root(Certificate::from_pem(&tls.ca_pem))
+                .client_auth_optional(true);
+            builder =
+                builder.tls_config(tls_config).map_err(|e| CoordinatorError::Config(format!("TLS settings: {e}")))?;
+        }
+        None => tracing::warn!("serving without TLS: tokens travel in cleartext (run on a private network)"),
+    }
+    let server = builder
         .add_service(jobs)
         .add_service(cluster)
         .add_service(registry)

@@ -63,6 +63,7 @@ async fn start(single: bool) -> Node {
         api_token: TOKEN.into(),
         submit_token: Some(SUBMIT_TOKEN.into()),
         read_token: Some(READ_TOKEN.into()),
+        tls: None,
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_uri: store.clone(),

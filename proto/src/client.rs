@@ -75,6 +75,8 @@ pub fn parse_addresses(text: &str) -> Result<Vec<String>, ApiError> {
 #[derive(Clone)]
 pub struct ApiClient {
     addresses: Vec<String>,
+    /// `Some`: every connection is TLS (https), verifying the coordinators against the CA.
+    tls: Option<crate::tls::ClientTls>,
     channels: Vec<Channel>,
     auth: BearerAuth,
     /// Index of the address to try first (the last one that answered, or the leader).
@@ -86,10 +88,17 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// A plaintext client (a cluster without TLS).
     pub fn new(addresses: &str, token: &str) -> Result<ApiClient, ApiError> {
+        ApiClient::with_tls(addresses, token, None)
+    }
+
+    /// A client that speaks TLS when `tls` is given.
+    pub fn with_tls(addresses: &str, token: &str, tls: Option<crate::tls::ClientTls>) -> Result<ApiClient, ApiError> {
         let auth = BearerAuth::new(token)?;
         let mut client = ApiClient {
             addresses: Vec::new(),
+            tls,
             channels: Vec::new(),
             auth,
             preferred: 0,
@@ -106,8 +115,16 @@ impl ApiClient {
         if let Some(i) = self.addresses.iter().position(|a| *a == address) {
             return Ok(i);
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, format!("coordinator address `{address}`: {e}")))?
+        let bad = |e: tonic::transport::Error| {
+            ApiError::new(ErrorKind::InvalidArgument, format!("coordinator address `{address}`: {e}"))
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).map_err(bad)?;
+        if let Some(tls) = &self.tls {
+            let host = address.rsplit_once(':').map_or(address.as_str(), |(host, _)| host);
+            endpoint = endpoint.tls_config(tls.config(host.trim_matches(['[', ']']))).map_err(bad)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(ATTEMPT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

@@ -2,7 +2,7 @@
 //!
 //! Owns the gRPC services (generated from `flotilla/v1/*.proto` by protox + tonic), the
 //! conversions between wire messages and core types ([`convert`]), the one mapping from error
-//! kinds to `tonic::Code` ([`error`]), bearer-token metadata ([`auth`]) and the size limits every
+//! kinds to `tonic::Code` ([`error`]), bearer-token metadata ([`auth`]), TLS settings ([`tls`]) and the size limits every
 //! endpoint enforces ([`limits`]). The ID newtypes are defined in `flotilla-core` (the state
 //! machine keys its maps by them) and re-exported here with their wire form.
 //!
@@ -14,6 +14,7 @@ pub mod client;
 pub mod convert;
 pub mod error;
 pub mod limits;
+pub mod tls;
 
 pub use error::{ApiError, ErrorKind};
 pub use flotilla_core::ids::{IdParseError, JobId, NodeId, WorkerId};

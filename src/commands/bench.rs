@@ -78,7 +78,7 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
             let target = target.clone();
             let run_id = run_id.clone();
             tokio::spawn(async move {
-                let mut client = ApiClient::new(&target.addresses, &target.token)?;
+                let mut client = target.client()?;
                 let mut latencies = Vec::with_capacity(per_client);
                 for i in 0..per_client {
                     let t = Instant::now();
@@ -113,7 +113,7 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
 async fn failover(target: cluster_file::Target, run_id: String) -> anyhow::Result<()> {
     let cluster =
         ClusterFile::load(&cluster_file::home())?.context("--kill-leader needs a local cluster (flotilla up)")?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let mut leader = 0;
     for i in 0..50 {
         leader = submit(&mut client, format!("failover-{run_id}-warm-{i}")).await?.served_by;
@@ -158,7 +158,7 @@ pub fn first_step(args: FirstStepArgs, coordinator: Option<&str>) -> anyhow::Res
     let target = cluster_file::resolve(coordinator)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let _context = runtime.enter();
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let spec = JobSpec::from_toml_str(FIRST_STEP_SPEC).expect("the benchmark's spec is valid");
     let run_id = flotilla_coordinator::raft::node::now_unix_ms();
     for round in 0..args.rounds.max(1) {

@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1;
 use flotilla_worker::data::store;
 use flotilla_worker::infer::{InputText, Predictor, run_shard};
@@ -33,7 +32,7 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
     let version = {
         let _context = runtime.enter();
         let target = cluster_file::resolve(coordinator)?;
-        let mut client = ApiClient::new(&target.addresses, &target.token)?;
+        let mut client = target.client()?;
         let request = v1::GetModelRequest { reference: args.model.clone() };
         runtime.block_on(client.call_registry(|mut c| {
             let request = request.clone();

@@ -4,14 +4,13 @@
 //! `.flotilla/logs/`), writes `.flotilla/cluster.toml`, and returns once the cluster answers.
 //! Running `up` again after `down` restarts the same nodes on the same data, so jobs survive.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_coordinator::provider::local::{LocalProvider, is_running, stop_process};
 use flotilla_coordinator::provider::{CLUSTER_TAG, InstanceState, LaunchSpec, Provider};
-use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{ListJobsRequest, ListWorkersRequest};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -81,7 +80,7 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
         client_token: random_hex(8)?,
     };
     provider.launch(&spec).await?;
-    let mut client = ApiClient::new(&cluster.addresses(), &cluster.api_token).map_err(anyhow::Error::from)?;
+    let mut client = cluster.client()?;
     let started = Instant::now();
     loop {
         let listed = client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }).await?;
@@ -122,7 +121,18 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow:
             pid: None,
         });
     }
+    // TLS on every connection: a CA for this cluster, one certificate for the coordinators
+    // (they all listen on loopback) and one for the workers.
+    let tls_dir = std::path::absolute(home.join("tls")).context("resolving the TLS folder")?;
+    let certs = super::certs::VALID_DAYS_MAX;
+    if !tls_dir.join(super::certs::CA_KEY_FILE).exists() {
+        super::certs::init(&tls_dir, certs)?; // else: the CA of an `up` that did not finish
+    }
+    let loopback = ["127.0.0.1".to_string(), "localhost".to_string()];
+    super::certs::issue(&tls_dir, super::certs::Role::Coordinator, "coordinator", &loopback, certs)?;
+    super::certs::issue(&tls_dir, super::certs::Role::Worker, "worker", &[], certs)?;
     Ok(ClusterFile {
+        tls_dir: Some(tls_dir),
         cluster_id: format!("local-{}", random_hex(4)?),
         api_token: random_hex(16)?,
         submit_token: Some(random_hex(16)?),
@@ -141,6 +151,16 @@ fn store_uri(cluster: &ClusterFile, coordinator_data_dir: &Path) -> anyhow::Resu
     }
     let home = coordinator_data_dir.parent().unwrap_or(Path::new("."));
     Ok(std::path::absolute(home.join("store")).context("resolving the store folder")?.display().to_string())
+}
+
+/// FLOTILLA_TLS_{CA,CERT,KEY} for a process of the cluster presenting certificate `name`.
+pub fn tls_env(cluster: &ClusterFile, name: &str) -> Vec<(&'static str, PathBuf)> {
+    let Some(dir) = &cluster.tls_dir else { return Vec::new() };
+    vec![
+        ("FLOTILLA_TLS_CA", dir.join(super::certs::CA_FILE)),
+        ("FLOTILLA_TLS_CERT", dir.join(format!("{name}.pem"))),
+        ("FLOTILLA_TLS_KEY", dir.join(format!("{name}-key.pem"))),
+    ]
 }
 
 fn spawn_coordinator(
@@ -171,6 +191,7 @@ fn spawn_coordinator(
         .arg(std::path::absolute(home).context("resolving the cluster folder")?)
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
+        .envs(tls_env(cluster, "coordinator"))
         .env("FLOTILLA_TOKEN", &cluster.api_token)
         .envs(cluster.submit_token.iter().map(|t| ("FLOTILLA_SUBMIT_TOKEN", t)))
         .envs(cluster.read_token.iter().map(|t| ("FLOTILLA_READ_TOKEN", t)))
@@ -265,7 +286,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
 
 async fn wait_ready(cluster: &ClusterFile) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut client = ApiClient::new(&cluster.addresses(), &cluster.api_token).map_err(anyhow::Error::from)?;
+    let mut client = cluster.client()?;
     client.deadline = READY_TIMEOUT;
     let ready =
         client.call(|mut c| async move { c.list_jobs(ListJobsRequest { limit: 1, ..Default::default() }).await }).await;

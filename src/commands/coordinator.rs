@@ -43,6 +43,15 @@ pub struct Args {
     /// machine). Checked at start-up: a store that cannot be written stops the node with the cause.
     #[arg(long, env = "FLOTILLA_STORE")]
     pub store: Option<String>,
+    /// TLS: this coordinator's certificate (PEM; `flotilla certs coordinator`), its key, and
+    /// the cluster CA that signed it and every peer's and worker's. All three or none; without
+    /// them the node serves plaintext (tokens in cleartext: a private network only).
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Token coordinators present to each other: required with 2 or more coordinators, at
     /// least 16 characters, different from the API and join tokens (`up` generates one).
     #[arg(long, env = "FLOTILLA_PEER_TOKEN", hide_env_values = true)]
@@ -253,6 +262,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api_token: args.token,
         submit_token: args.submit_token,
         read_token: args.read_token,
+        tls: match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(flotilla_proto::tls::ServerTls::load(cert, key, ca)?),
+            (None, None, None) => None,
+            _ => anyhow::bail!("TLS needs all three of --tls-cert, --tls-key and --tls-ca (or none)"),
+        },
         local_workers: match args.local_workers_home {
             Some(home) => Some(server::LocalWorkers {
                 home: std::path::absolute(home).context("resolving --local-workers-home")?,

@@ -64,7 +64,7 @@ pub fn run(args: InferArgs, coordinator: Option<&str>, output: OutputFormat) -> 
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let request = SubmitInferenceRequest {
         model: args.model.clone(),
         input_uri: absolute_uri(&args.input, true)?,

@@ -31,7 +31,7 @@ pub struct StatusArgs {
 /// A client for the resolved cluster; call inside a tokio runtime context (channels connect lazily).
 fn client(coordinator: Option<&str>) -> anyhow::Result<ApiClient> {
     let target = cluster_file::resolve(coordinator)?;
-    ApiClient::new(&target.addresses, &target.token).map_err(anyhow::Error::from)
+    target.client()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

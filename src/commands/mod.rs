@@ -9,6 +9,7 @@ pub mod bench_infer;
 pub mod bench_scheduler;
 pub mod bench_spot;
 pub mod bench_train;
+pub mod certs;
 pub mod cluster;
 pub mod coordinator;
 pub mod infer;

@@ -4,7 +4,6 @@
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{self, ArtifactFormat};
 use serde_json::{Value, json};
 
@@ -62,7 +61,7 @@ pub fn run(command: ModelsCommand, coordinator: Option<&str>, output: OutputForm
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     match command {
         ModelsCommand::List { name } => {
             let request = v1::ListModelsRequest { name: name.unwrap_or_default() };

@@ -1,11 +1,13 @@
 //! `flotilla worker` (run an agent on this machine) and `flotilla workers` (list them).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_proto::client::ApiClient;
+use flotilla_proto::tls::ClientTls;
 use tokio::sync::watch;
 
 use super::assignments::AgentShared;
@@ -43,6 +45,27 @@ pub struct WorkerArgs {
     /// GPUs to report; default: the count `nvidia-smi -L` lists (0 without it).
     #[arg(long)]
     pub gpus: Option<u32>,
+    /// TLS: the cluster CA, and this worker's certificate and key (`flotilla certs worker`).
+    /// Default: the local cluster file's TLS folder. Without them the worker speaks plaintext.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The worker's TLS settings: the flags, else the local cluster's TLS folder.
+fn worker_tls(args: &WorkerArgs, file: Option<&ClusterFile>) -> anyhow::Result<Option<ClientTls>> {
+    if let Some(ca) = &args.tls_ca {
+        return Ok(Some(ClientTls::load(ca, args.tls_cert.as_deref(), args.tls_key.as_deref())?));
+    }
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        anyhow::bail!("--tls-cert and --tls-key need --tls-ca (the cluster CA) too");
+    }
+    let Some(dir) = file.and_then(|f| f.tls_dir.as_ref()) else { return Ok(None) };
+    let (cert, key) = (dir.join("worker.pem"), dir.join("worker-key.pem"));
+    Ok(Some(ClientTls::load(&dir.join(super::certs::CA_FILE), Some(&cert), Some(&key))?))
 }
 
 /// How long the agent waits for the metadata endpoint at start-up.
@@ -92,12 +115,13 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
         .or_else(|| std::env::var("FLOTILLA_COORDINATOR").ok().filter(|s| !s.is_empty()))
         .or_else(|| file.as_ref().map(ClusterFile::addresses))
         .context("no coordinator: pass --coordinator host:port or set FLOTILLA_COORDINATOR")?;
+    let tls = worker_tls(&args, file.as_ref())?;
     let join_token = args
         .join_token
         .clone()
         .or_else(|| file.map(|f| f.join_token))
         .context("no join token: pass --join-token or set FLOTILLA_JOIN_TOKEN")?;
-    let mut client = ApiClient::new(&addresses, &join_token)?;
+    let mut client = ApiClient::with_tls(&addresses, &join_token, tls)?;
     let listener = std::net::TcpListener::bind(args.data_addr)
         .with_context(|| format!("binding the data port --data-addr {}", args.data_addr))?;
     let bound = listener.local_addr().context("reading the data port")?;
@@ -206,7 +230,7 @@ pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) ->
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let response = runtime
         .block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))
         .map_err(anyhow::Error::from)?;
@@ -343,7 +367,7 @@ pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputForma
     let target = cluster_file::resolve(coordinator)?;
     let home = cluster_file::home();
     let cluster = ClusterFile::load(&home)?.context("preempt works on the local cluster (flotilla up)")?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let listed =
         runtime.block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))?;
     let worker =
@@ -377,7 +401,7 @@ pub fn instances(args: InstancesArgs, coordinator: Option<&str>, output: OutputF
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
-    let mut client = ApiClient::new(&target.addresses, &target.token)?;
+    let mut client = target.client()?;
     let request = v1::ListInstancesRequest { all: args.all };
     let answer = runtime
         .block_on(client.call_cluster(|mut c| async move { c.list_instances(request).await }))

@@ -35,6 +35,8 @@ pub struct ClusterApi {
     pub tokens: auth::ApiTokens,
     /// `None`: this cluster accepts no workers.
     pub join_token: Option<String>,
+    /// The server runs TLS: worker calls need a worker's client certificate.
+    pub tls: bool,
     pub leases: Arc<Leases>,
     pub progress: Arc<crate::progress::Progress>,
     /// The cluster store: assignments name its job areas; checkpoint reports must be inside.
@@ -51,7 +53,7 @@ fn invalid(message: String) -> Status {
 impl ClusterApi {
     /// The worker a call comes from (join token + its own credential).
     async fn worker<T>(&self, request: &Request<T>) -> Result<WorkerId, Status> {
-        worker_auth::authenticate(&self.node, self.join_token.as_deref(), request).await
+        worker_auth::authenticate(&self.node, self.join_token.as_deref(), self.tls, request).await
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -123,6 +125,7 @@ impl ClusterService for ClusterApi {
         &self,
         request: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        worker_auth::check_certificate(&request, self.tls)?;
         worker_auth::check_join_token(request.metadata(), self.join_token.as_deref())?;
         let info = capabilities(request.into_inner().capabilities)?;
         let (secret, credential_sha256) = worker_auth::issue(&worker_auth::random_secret()?);
@@ -142,7 +145,7 @@ impl ClusterService for ClusterApi {
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         self.require_leader()?;
-        let id = match worker_auth::check(&self.node, self.join_token.as_deref(), &request).await? {
+        let id = match worker_auth::check(&self.node, self.join_token.as_deref(), self.tls, &request).await? {
             Presented::Valid(id) => acting_as(id, "worker_id", &request.get_ref().worker_id)?,
             // Unknown here (its registration was lost with a leader that never committed it):
             // it registers again.

@@ -26,6 +26,8 @@ pub struct InferenceApi {
     pub node: NodeHandle,
     pub tokens: auth::ApiTokens,
     pub join_token: Option<String>,
+    /// The server runs TLS: worker calls need a worker's client certificate.
+    pub tls: bool,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
@@ -46,7 +48,7 @@ impl InferenceApi {
 
     /// The worker a call comes from (join token + its own credential).
     async fn worker<T>(&self, request: &Request<T>) -> Result<WorkerId, Status> {
-        super::worker_auth::authenticate(&self.node, self.join_token.as_deref(), request).await
+        super::worker_auth::authenticate(&self.node, self.join_token.as_deref(), self.tls, request).await
     }
 }
 

@@ -21,6 +21,8 @@ pub struct RaftApi {
     pub cluster_id: String,
     pub peer_token: String,
     pub peers: BTreeSet<u64>,
+    /// The server runs TLS: a batch must come with a coordinator's client certificate.
+    pub tls: bool,
 }
 
 fn invalid(message: String) -> Status {
@@ -30,6 +32,9 @@ fn invalid(message: String) -> Status {
 #[tonic::async_trait]
 impl RaftService for RaftApi {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<Ack>, Status> {
+        if self.tls {
+            flotilla_proto::tls::require_role(&request, flotilla_proto::tls::COORDINATOR_NAME).map_err(status)?;
+        }
         auth::check(request.metadata(), &self.peer_token, "peer token").map_err(status)?;
         let batch = request.into_inner();
         if batch.cluster_id != self.cluster_id {

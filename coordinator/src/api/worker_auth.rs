@@ -39,6 +39,14 @@ fn sha256_hex(text: &str) -> String {
     Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// With TLS, a worker call must come with a worker's client certificate (mutual TLS).
+pub(crate) fn check_certificate<T>(request: &Request<T>, tls: bool) -> Result<(), Status> {
+    if !tls {
+        return Ok(());
+    }
+    flotilla_proto::tls::require_role(request, flotilla_proto::tls::WORKER_NAME).map_err(status)
+}
+
 /// The join token: only a cluster that accepts workers answers worker calls.
 pub(crate) fn check_join_token(metadata: &MetadataMap, join_token: Option<&str>) -> Result<(), Status> {
     let Some(token) = join_token else {
@@ -62,8 +70,10 @@ pub(crate) enum Presented {
 pub(crate) async fn check<T>(
     node: &NodeHandle,
     join_token: Option<&str>,
+    tls: bool,
     request: &Request<T>,
 ) -> Result<Presented, Status> {
+    check_certificate(request, tls)?;
     check_join_token(request.metadata(), join_token)?;
     let (id, secret) = auth::worker_credential(request.metadata())
         .ok_or_else(|| {
@@ -91,9 +101,10 @@ pub(crate) async fn check<T>(
 pub(crate) async fn authenticate<T>(
     node: &NodeHandle,
     join_token: Option<&str>,
+    tls: bool,
     request: &Request<T>,
 ) -> Result<WorkerId, Status> {
-    match check(node, join_token, request).await? {
+    match check(node, join_token, tls, request).await? {
         Presented::Valid(id) => Ok(id),
         Presented::Unknown(id) => Err(status(ApiError::new(
             ErrorKind::Unavailable,

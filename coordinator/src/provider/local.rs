@@ -14,6 +14,17 @@ use serde::{Deserialize, Serialize};
 use super::{Instance, InstanceState, LAUNCH_COUNT_MAX, LaunchSpec, Provider, ProviderError};
 use crate::raft::node::now_unix_ms;
 
+/// Environment variables of a coordinator that its local workers must not inherit.
+const COORDINATOR_SECRETS: [&str; 7] = [
+    "FLOTILLA_TOKEN",
+    "FLOTILLA_SUBMIT_TOKEN",
+    "FLOTILLA_READ_TOKEN",
+    "FLOTILLA_PEER_TOKEN",
+    "FLOTILLA_TLS_CERT",
+    "FLOTILLA_TLS_KEY",
+    "FLOTILLA_TLS_CA",
+];
+
 /// How long `terminate` waits after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Instance records read at most.
@@ -148,7 +159,13 @@ impl LocalProvider {
             .open(logs.join(format!("{id}.log")))
             .map_err(|e| failed("opening the worker log", e))?;
         let stderr = log.try_clone().map_err(|e| failed("sharing the worker log", e))?;
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        // A worker holds none of its launcher's secrets (a coordinator's API and peer tokens,
+        // its certificate): what it needs comes in `env` or from the cluster folder.
+        for secret in COORDINATOR_SECRETS {
+            command.env_remove(secret);
+        }
+        let child = command
             .args(["worker", "--instance-id", id])
             .envs(&self.env)
             .env("FLOTILLA_IMDS_ENDPOINT", imds)

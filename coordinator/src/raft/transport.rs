@@ -40,15 +40,20 @@ impl PeerTransport {
         cluster_id: String,
         peers: &BTreeMap<u64, String>,
         peer_token: &str,
+        tls: Option<&flotilla_proto::tls::ClientTls>,
     ) -> Result<PeerTransport, String> {
         let auth = BearerAuth::new(peer_token).map_err(|e| format!("peer token: {e}"))?;
         let mut queues = BTreeMap::new();
         for (&id, addr) in peers {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| format!("peer {id} address `{addr}`: {e}"))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(SEND_TIMEOUT)
-                .tcp_nodelay(true);
+            let bad = |e: tonic::transport::Error| format!("peer {id} address `{addr}`: {e}");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(bad)?;
+            if let Some(tls) = tls {
+                // This coordinator's own certificate is its identity to the peer (mutual TLS).
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
+                endpoint = endpoint.tls_config(tls.config(host)).map_err(bad)?;
+            }
+            let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).timeout(SEND_TIMEOUT).tcp_nodelay(true);
             let client = RaftServiceClient::with_interceptor(endpoint.connect_lazy(), auth.clone())
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
             let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
