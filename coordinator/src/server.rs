@@ -224,6 +224,7 @@ pub async fn run(
         tokens: tokens.clone(),
         join_token: config.join_token.clone(),
         tls: config.tls.is_some(),
+        gang_key: crate::api::cluster::gang_key(&config.peer_token),
         leases,
         progress: progress.clone(),
         store: store.clone(),

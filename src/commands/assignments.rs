@@ -356,6 +356,7 @@ fn run_rank(
         train.rank as usize,
         addresses,
         job_number << 24 | (train.generation & 0xff_ffff),
+        train.gang_secret.clone(),
         COLLECTIVE_TIMEOUT,
     );
     config.refused_grace = REFUSED_GRACE;

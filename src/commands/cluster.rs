@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// Default: `store/` in the cluster folder. Fixed when the cluster is first created.
     #[arg(long)]
     pub store: Option<String>,
+    /// Run the new cluster without TLS (plaintext on loopback; for measuring what TLS costs).
+    /// Default: a cluster CA in `tls/` and TLS on every connection. Fixed at creation.
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 /// How long `up` waits for launched workers to register.
@@ -110,7 +114,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr().context("cannot read the bound port")?.port())
 }
 
-fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow::Result<ClusterFile> {
+fn new_cluster(home: &Path, coordinators: u32, store: Option<String>, tls: bool) -> anyhow::Result<ClusterFile> {
     let mut entries = Vec::new();
     for id in 1..=u64::from(coordinators) {
         entries.push(CoordinatorEntry {
@@ -121,18 +125,8 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow:
             pid: None,
         });
     }
-    // TLS on every connection: a CA for this cluster, one certificate for the coordinators
-    // (they all listen on loopback) and one for the workers.
-    let tls_dir = std::path::absolute(home.join("tls")).context("resolving the TLS folder")?;
-    let certs = super::certs::VALID_DAYS_MAX;
-    if !tls_dir.join(super::certs::CA_KEY_FILE).exists() {
-        super::certs::init(&tls_dir, certs)?; // else: the CA of an `up` that did not finish
-    }
-    let loopback = ["127.0.0.1".to_string(), "localhost".to_string()];
-    super::certs::issue(&tls_dir, super::certs::Role::Coordinator, "coordinator", &loopback, certs)?;
-    super::certs::issue(&tls_dir, super::certs::Role::Worker, "worker", &[], certs)?;
     Ok(ClusterFile {
-        tls_dir: Some(tls_dir),
+        tls_dir: if tls { Some(local_certificates(home)?) } else { None },
         cluster_id: format!("local-{}", random_hex(4)?),
         api_token: random_hex(16)?,
         submit_token: Some(random_hex(16)?),
@@ -142,6 +136,20 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>) -> anyhow:
         store,
         coordinators: entries,
     })
+}
+
+/// TLS on every connection of the local cluster: a CA for it, one certificate for the
+/// coordinators (they all listen on loopback) and one for the workers. Returns the folder.
+fn local_certificates(home: &Path) -> anyhow::Result<PathBuf> {
+    let tls_dir = std::path::absolute(home.join("tls")).context("resolving the TLS folder")?;
+    let days = super::certs::VALID_DAYS_MAX;
+    if !tls_dir.join(super::certs::CA_KEY_FILE).exists() {
+        super::certs::init(&tls_dir, days)?; // else: the CA of an `up` that did not finish
+    }
+    let loopback = ["127.0.0.1".to_string(), "localhost".to_string()];
+    super::certs::issue(&tls_dir, super::certs::Role::Coordinator, "coordinator", &loopback, days)?;
+    super::certs::issue(&tls_dir, super::certs::Role::Worker, "worker", &[], days)?;
+    Ok(tls_dir)
 }
 
 /// The cluster store: `--store`, or `store/` beside the coordinators' data folders.
@@ -244,7 +252,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         }
         None => {
             let store = args.store.as_deref().map(super::coordinator::store_uri).transpose()?;
-            new_cluster(&home, args.coordinators, store)?
+            new_cluster(&home, args.coordinators, store, !args.no_tls)?
         }
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -113,6 +113,12 @@ pub struct CapacityArgs {
     /// EC2: an SSH key pair name for workers.
     #[arg(long)]
     pub ec2_key_name: Option<String>,
+    /// EC2 with TLS: the worker certificate and key (`flotilla certs worker`) the instances'
+    /// boot script installs, with this coordinator's --tls-ca.
+    #[arg(long)]
+    pub ec2_worker_tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub ec2_worker_tls_key: Option<PathBuf>,
 }
 
 /// Instances the autoscaler may hold at most, whatever the flag says.
@@ -123,6 +129,7 @@ fn capacity(
     cluster_id: &str,
     peers: &BTreeMap<u64, String>,
     join_token: Option<&str>,
+    tls: Option<&flotilla_proto::tls::ServerTls>,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Option<server::Capacity>> {
     use flotilla_coordinator::provider::DynProvider;
@@ -142,7 +149,7 @@ fn capacity(
     let provider: std::sync::Arc<dyn DynProvider> = match args.provider {
         ProviderKind::None => return Ok(None),
         ProviderKind::Sim => std::sync::Arc::new(flotilla_coordinator::provider::sim::SimProvider::new(market.clone())),
-        ProviderKind::Ec2 => ec2_provider(args, cluster_id, peers, join_token, runtime)?,
+        ProviderKind::Ec2 => ec2_provider(args, cluster_id, peers, join_token, tls, runtime)?,
     };
     let config = flotilla_coordinator::autoscaling::AutoscaleConfig {
         limits: flotilla_core::autoscale::Limits {
@@ -168,6 +175,7 @@ fn ec2_provider(
     cluster_id: &str,
     peers: &BTreeMap<u64, String>,
     join_token: Option<&str>,
+    tls: Option<&flotilla_proto::tls::ServerTls>,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
     let image_id = args.ec2_image_id.clone().context("--ec2-image-id is required with --provider ec2")?;
@@ -179,13 +187,28 @@ fn ec2_provider(
         subnets.insert(zone.trim().to_string(), subnet.trim().to_string());
     }
     let coordinators: Vec<&str> = peers.values().map(String::as_str).collect();
+    let worker_tls = match (tls, &args.ec2_worker_tls_cert, &args.ec2_worker_tls_key) {
+        (Some(tls), Some(cert), Some(key)) => Some(flotilla_ec2::WorkerTls {
+            ca_pem: tls.ca_pem.clone(),
+            cert_pem: flotilla_proto::tls::read_pem(cert, "--ec2-worker-tls-cert")?,
+            key_pem: flotilla_proto::tls::read_pem(key, "--ec2-worker-tls-key")?,
+        }),
+        (Some(_), _, _) => anyhow::bail!(
+            "this coordinator runs TLS, so the workers it starts need a certificate: --ec2-worker-tls-cert and \
+             --ec2-worker-tls-key (`flotilla certs worker`)"
+        ),
+        (None, None, None) => None,
+        (None, _, _) => {
+            anyhow::bail!("--ec2-worker-tls-cert/--ec2-worker-tls-key need TLS on the coordinator (--tls-*)")
+        }
+    };
     let config = flotilla_ec2::Ec2Config {
         cluster_id: cluster_id.to_string(),
         image_id,
         subnets,
         security_group_ids: args.ec2_security_group.clone(),
         key_name: args.ec2_key_name.clone(),
-        user_data: flotilla_ec2::worker_user_data(&coordinators.join(","), join_token),
+        user_data: flotilla_ec2::worker_user_data(&coordinators.join(","), join_token, worker_tls.as_ref()),
     };
     let provider = runtime.block_on(flotilla_ec2::Ec2Provider::connect(config, flotilla_ec2::Connection::default()))?;
     Ok(std::sync::Arc::new(provider))
@@ -197,6 +220,7 @@ fn ec2_provider(
     _: &str,
     _: &BTreeMap<u64, String>,
     _: Option<&str>,
+    _: Option<&flotilla_proto::tls::ServerTls>,
     _: &tokio::runtime::Runtime,
 ) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
     bail!("this flotilla was built without the EC2 provider; rebuild with `cargo build --release --features ec2`")
@@ -279,7 +303,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let config = CoordinatorConfig {
-        capacity: capacity(&args.capacity, &config.cluster_id, &config.peers, config.join_token.as_deref(), &runtime)?,
+        capacity: capacity(
+            &args.capacity,
+            &config.cluster_id,
+            &config.peers,
+            config.join_token.as_deref(),
+            config.tls.as_ref(),
+            &runtime,
+        )?,
         ..config
     };
     runtime.block_on(async move {

@@ -23,6 +23,9 @@ use serde_json::json;
 use super::spec_file::{self, LoadError};
 use crate::output::OutputFormat;
 
+/// The gang secret of a `flotilla train` run, passed to its rank processes.
+const GANG_SECRET_ENV: &str = "FLOTILLA_GANG_SECRET";
+
 /// Local worker processes at most (each needs a core to be useful).
 const LOCAL_WORKERS_MAX: usize = 64;
 /// Time for the ranks to find each other and for any one collective operation.
@@ -83,9 +86,11 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
     load_spec(&args)?; // fail here, once, rather than in every rank
     let addresses = free_addresses(args.local_workers)?;
     let gang_id = u64::from(std::process::id()) << 20 | u64::from(addresses[0].port());
+    let secret = flotilla_worker::collective::ring::random_secret()?;
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let mut children = Vec::with_capacity(args.local_workers);
     for rank in 0..args.local_workers {
-        children.push(spawn_rank(&args, rank, &addresses, gang_id, output)?);
+        children.push(spawn_rank(&args, rank, &addresses, gang_id, &secret, output)?);
     }
     wait_all(children)
 }
@@ -101,6 +106,7 @@ fn spawn_rank(
     rank: usize,
     addresses: &[SocketAddr],
     gang_id: u64,
+    secret_hex: &str,
     output: OutputFormat,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
@@ -117,6 +123,8 @@ fn spawn_rank(
     if let Some(steps) = args.steps {
         command.args(["--steps", &steps.to_string()]);
     }
+    // The gang secret goes in the environment (not the command line, which `ps` shows).
+    command.env(GANG_SECRET_ENV, secret_hex);
     command.stdin(Stdio::null()).stdout(if rank == 0 { Stdio::inherit() } else { Stdio::null() });
     command.spawn().with_context(|| format!("cannot start rank {rank}"))
 }
@@ -163,7 +171,13 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     }
     let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
-    let config = RingConfig::new(args.rank, args.addresses.clone(), args.gang_id, COLLECTIVE_TIMEOUT);
+    let secret = std::env::var(GANG_SECRET_ENV)
+        .ok()
+        .and_then(|hex| {
+            (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+        })
+        .with_context(|| format!("{GANG_SECRET_ENV} must hold the gang secret in hex (`flotilla train` sets it)"))?;
+    let config = RingConfig::new(args.rank, args.addresses.clone(), args.gang_id, secret, COLLECTIVE_TIMEOUT);
     let mut comm = RingCommunicator::connect(listener, config).context("joining the ring")?;
     let resume = args.job.resume_from.as_deref().map(state::load_uri).transpose()?.map(|(state, _)| state);
     let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;

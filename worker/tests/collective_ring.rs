@@ -146,7 +146,13 @@ fn rendezvous_times_out_when_a_rank_never_comes() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let me = listener.local_addr().expect("addr");
     let absent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let config = flotilla_worker::collective::ring::RingConfig::new(0, vec![me, absent], 1, Duration::from_millis(300));
+    let config = flotilla_worker::collective::ring::RingConfig::new(
+        0,
+        vec![me, absent],
+        1,
+        vec![7; 32],
+        Duration::from_millis(300),
+    );
     let err = RingCommunicator::connect(listener, config).err().expect("no peer, no ring");
     assert!(matches!(err, CollectiveError::Rendezvous(_) | CollectiveError::Timeout { .. }), "{err}");
 }
@@ -156,7 +162,8 @@ fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it()
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let me = listener.local_addr().expect("addr");
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let mut config = flotilla_worker::collective::ring::RingConfig::new(0, vec![me, dead], 1, Duration::from_secs(60));
+    let mut config =
+        flotilla_worker::collective::ring::RingConfig::new(0, vec![me, dead], 1, vec![7; 32], Duration::from_secs(60));
     config.refused_grace = Duration::from_millis(100);
     let started = std::time::Instant::now();
     let err = RingCommunicator::connect(listener.try_clone().expect("clone"), config).err().expect("dead peer");
@@ -169,6 +176,7 @@ fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it()
         0,
         vec![me, live.local_addr().expect("addr")],
         1,
+        vec![7; 32],
         Duration::from_secs(60),
     );
     let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -178,4 +186,28 @@ fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it()
     abort.store(true, std::sync::atomic::Ordering::Relaxed);
     let err = waiting.join().expect("thread").expect("aborted");
     assert!(matches!(err, CollectiveError::Rendezvous(ref m) if m.contains("aborted")), "{err}");
+}
+
+#[test]
+fn a_rank_without_the_gang_secret_cannot_join() {
+    use flotilla_worker::collective::ring::RingConfig;
+    let listeners: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            // Same gang id, world and addresses; rank 1 guessed everything but the secret.
+            let secret = vec![rank as u8; 32];
+            let config = RingConfig::new(rank, addresses.clone(), 42, secret, Duration::from_secs(10));
+            std::thread::spawn(move || RingCommunicator::connect(listener, config).err())
+        })
+        .collect();
+    for rank in ranks {
+        let err = rank.join().expect("thread").expect("no ring without the shared secret");
+        assert!(
+            matches!(err, CollectiveError::Rendezvous(ref m) if m.contains("does not hold this gang's secret")),
+            "{err}"
+        );
+    }
 }

@@ -67,15 +67,37 @@ pub struct Ec2Config {
 /// The boot script of a worker instance: starts the agent against the cluster. The agent reads
 /// its identity from EC2's metadata (instance id, type, zone, GPUs) and advertises the
 /// instance's private address (`local-ipv4`) for its data port; S3 uses the instance role and
-/// the instance's region.
-pub fn worker_user_data(coordinators: &str, join_token: &str) -> String {
-    format!(
-        "#!/bin/bash\nset -e\nexport FLOTILLA_COORDINATOR='{coordinators}'\nexport FLOTILLA_JOIN_TOKEN='{join_token}'\n\
-         token=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)\n\
+/// the instance's region. With `tls`, the script writes the cluster CA and the worker's
+/// certificate and key (0600) to /etc/flotilla/tls and the agent speaks mutual TLS.
+pub fn worker_user_data(coordinators: &str, join_token: &str, tls: Option<&WorkerTls>) -> String {
+    let mut script = format!(
+        "#!/bin/bash\nset -e\nexport FLOTILLA_COORDINATOR='{coordinators}'\nexport FLOTILLA_JOIN_TOKEN='{join_token}'\n"
+    );
+    if let Some(tls) = tls {
+        script.push_str("umask 077\nmkdir -p /etc/flotilla/tls\n");
+        for (file, pem) in [("ca.pem", &tls.ca_pem), ("worker.pem", &tls.cert_pem), ("worker-key.pem", &tls.key_pem)] {
+            script
+                .push_str(&format!("cat > /etc/flotilla/tls/{file} <<'FLOTILLA_PEM'\n{}\nFLOTILLA_PEM\n", pem.trim()));
+        }
+        script.push_str(
+            "export FLOTILLA_TLS_CA=/etc/flotilla/tls/ca.pem FLOTILLA_TLS_CERT=/etc/flotilla/tls/worker.pem \
+             FLOTILLA_TLS_KEY=/etc/flotilla/tls/worker-key.pem\n",
+        );
+    }
+    script.push_str(
+        "token=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)\n\
          export AWS_REGION=\"$(curl -s -H \"X-aws-ec2-metadata-token: $token\" \
          http://169.254.169.254/latest/meta-data/placement/region)\"\n\
-         exec flotilla worker --imds-endpoint ec2 --data-addr 0.0.0.0:7200\n"
-    )
+         exec flotilla worker --imds-endpoint ec2 --data-addr 0.0.0.0:7200\n",
+    );
+    script
+}
+
+/// What a worker instance needs for TLS (PEM text, written by its boot script).
+pub struct WorkerTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 /// Overrides of the standard AWS configuration (tests point these at moto).
@@ -486,11 +508,41 @@ mod tests {
 
     #[test]
     fn user_data_starts_the_agent_with_the_cluster() {
-        let script = worker_user_data("10.0.0.1:7100", "tok");
+        let script = worker_user_data("10.0.0.1:7100", "tok", None);
         assert!(script.starts_with("#!/bin/bash"));
         assert!(script.contains("FLOTILLA_COORDINATOR='10.0.0.1:7100'") && script.contains("flotilla worker"));
         // Identity and the advertised address come from the metadata, never 0.0.0.0.
         assert!(script.contains("--imds-endpoint ec2 --data-addr 0.0.0.0:7200"), "{script}");
         assert!(script.contains("export AWS_REGION="), "{script}");
+        assert!(!script.contains("FLOTILLA_TLS"), "{script}");
+    }
+
+    #[test]
+    fn user_data_with_tls_writes_the_worker_certificate_and_runs_the_script() {
+        let tls = WorkerTls {
+            ca_pem: "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\nW\n-----END CERTIFICATE-----".into(),
+            key_pem: "-----BEGIN PRIVATE KEY-----\nK\n-----END PRIVATE KEY-----\n".into(),
+        };
+        let script = worker_user_data("10.0.0.1:7100", "tok", Some(&tls));
+        assert!(script.contains("FLOTILLA_TLS_KEY=/etc/flotilla/tls/worker-key.pem"), "{script}");
+        // The file-writing part of the script, run by bash into a temporary folder, writes the
+        // three files exactly (the heredocs are quoted: nothing in a PEM is expanded).
+        let dir = std::env::temp_dir().join(format!("flotilla-user-data-{}", std::process::id()));
+        let files_part: String = script
+            .lines()
+            .filter(|l| !l.starts_with("export ") && !l.starts_with("token=") && !l.starts_with("exec "))
+            .filter(|l| !l.starts_with("http") && !l.starts_with("mkdir"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("/etc/flotilla/tls", &dir.display().to_string());
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let status = std::process::Command::new("bash").arg("-c").arg(&files_part).status().expect("bash");
+        assert!(status.success(), "{files_part}");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect(f);
+        assert_eq!(read("ca.pem").trim(), tls.ca_pem.trim());
+        assert_eq!(read("worker.pem").trim(), tls.cert_pem.trim());
+        assert_eq!(read("worker-key.pem").trim(), tls.key_pem.trim());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

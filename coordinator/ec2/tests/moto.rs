@@ -28,7 +28,7 @@ async fn provider(cluster: &str) -> Ec2Provider {
         subnets: BTreeMap::new(),
         security_group_ids: Vec::new(),
         key_name: None,
-        user_data: worker_user_data("10.0.0.1:7100", "join-token"),
+        user_data: worker_user_data("10.0.0.1:7100", "join-token", None),
     };
     let connection = Connection {
         endpoint_url: Some(endpoint()),

@@ -41,6 +41,8 @@ pub struct ClusterApi {
     pub progress: Arc<crate::progress::Progress>,
     /// The cluster store: assignments name its job areas; checkpoint reports must be inside.
     pub store: flotilla_store::Location,
+    /// Derives each gang's secret ([`gang_secret`]); the same on every coordinator.
+    pub gang_key: [u8; 32],
     /// Replaces workers that get an interruption notice (the local provider; EC2 is the
     /// autoscaler's). `None`: replacements are someone else's business.
     pub replacer: Option<Arc<crate::replace::Replacer>>,
@@ -180,7 +182,7 @@ impl ClusterService for ClusterApi {
         let id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(ASSIGNMENT_BUFFER);
         let store = self.store.uri();
-        tokio::spawn(assignment_loop(self.node.clone(), id, store, tx));
+        tokio::spawn(assignment_loop(self.node.clone(), id, store, self.gang_key, tx));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
@@ -417,7 +419,23 @@ fn infer_assignment(job: &flotilla_core::state::InferenceJob) -> InferAssignment
     }
 }
 
-fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
+/// The key gang secrets derive from: from the peer token, which every coordinator of the
+/// cluster holds and nothing else does, so each derives the same secrets.
+pub fn gang_key(peer_token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::new().chain_update(b"flotilla gang key v1\0").chain_update(peer_token.as_bytes()).finalize().into()
+}
+
+/// The secret of `job`'s generation `generation`: what its ranks prove to each other at the
+/// ring rendezvous. A new generation gets a new one.
+pub fn gang_secret(key: &[u8; 32], job: JobId, generation: u64) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{job}/{generation}").as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Desired {
     let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
     if let Some(job) = worker.job.and_then(|j| state.inferences.get(&j)).filter(|j| j.state == JobState::Running) {
         return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
@@ -446,6 +464,7 @@ fn desired(state: &State, id: WorkerId, store: &str) -> Desired {
         nccl_unique_id: Vec::new(),
         resume_from: job.latest_checkpoint.as_ref().map(flotilla_proto::convert::checkpoint_to_proto),
         job_prefix: format!("{store}/jobs/{}", job.id),
+        gang_secret: gang_secret(gang_key, job.id, job.generation),
     };
     Desired::Train {
         job: job.id,
@@ -461,6 +480,7 @@ async fn assignment_loop(
     mut node: NodeHandle,
     id: WorkerId,
     store: String,
+    gang_key: [u8; 32],
     tx: tokio::sync::mpsc::Sender<Result<Assignment, Status>>,
 ) {
     let mut current: Option<(JobId, u64)> = None;
@@ -468,7 +488,7 @@ async fn assignment_loop(
     let mut drain_sent = false;
     loop {
         let store = store.clone();
-        let Ok(want) = node.read_local(move |state| desired(state, id, &store)).await else { return };
+        let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
             (Desired::Train { job, generation, checkpoint_now, .. }, Some(now)) if now == (*job, *generation) => {
@@ -511,5 +531,21 @@ async fn assignment_loop(
             return;
         }
         let _ = tokio::time::timeout(ASSIGNMENT_POLL, node.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_coordinator_derives_the_same_gang_secret_and_each_generation_a_new_one() {
+        let key = gang_key("a-peer-token-of-the-cluster");
+        let secret = gang_secret(&key, JobId(3), 2);
+        assert_eq!(secret.len(), 32);
+        assert_eq!(gang_secret(&gang_key("a-peer-token-of-the-cluster"), JobId(3), 2), secret, "deterministic");
+        assert_ne!(gang_secret(&key, JobId(3), 3), secret, "a new generation, a new secret");
+        assert_ne!(gang_secret(&key, JobId(4), 2), secret);
+        assert_ne!(gang_secret(&gang_key("another-cluster-peer-token"), JobId(3), 2), secret);
     }
 }

@@ -19,6 +19,19 @@
 //! Determinism: chunk c is summed along the ring in one fixed order (starting at rank c) and
 //! then copied, so every rank holds bit-identical results, run after run.
 //!
+//! Rendezvous: only ranks that hold the gang's secret (from the assignment) join. Each link
+//! runs a challenge-response over fresh nonces, in an order that cannot deadlock the ring:
+//!
+//! ```text
+//!   rank r ──▶ r+1: hello (magic, gang id, rank, world) + nonce_c
+//!   r+1 ──▶ r:      nonce_a + HMAC(secret, "accept"  | hello | nonce_c | nonce_a)   (in accept)
+//!   rank r ──▶ r+1: HMAC(secret, "connect" | hello | nonce_c | nonce_a)             (after accept)
+//! ```
+//!
+//! A peer without the secret (a port scan, a stale generation, an attacker who guessed the
+//! gang id) fails the rendezvous and never sees or sends gradients. The data that follows is
+//! plain TCP: keep the data port on a private network.
+//!
 //! Failure: every socket read and write has the operation timeout; a peer that dies resets
 //! its connections (immediate `PeerLost`), one that stalls times out (`Timeout`). Each
 //! operation starts with a header (operation, length) checked against the predecessor's, so
@@ -45,6 +58,11 @@ pub const ELEMENTS_MAX: usize = 1 << 30;
 /// Pause between connection attempts while peers start up.
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
 const HANDSHAKE_MAGIC: u64 = 0x464c_4f54_5249_4e47; // "FLOTRING"
+/// Bytes of a gang secret.
+pub const GANG_SECRET_LEN: usize = 32;
+const HELLO_LEN: usize = 24;
+const NONCE_LEN: usize = 16;
+const MAC_LEN: usize = 32;
 
 const OP_ALL_REDUCE: u32 = 1;
 const OP_BROADCAST: u32 = 2;
@@ -57,6 +75,8 @@ pub struct RingConfig {
     pub addresses: Vec<SocketAddr>,
     /// Identifies this gang generation; connections from another generation are refused.
     pub gang_id: u64,
+    /// The gang's shared secret ([`GANG_SECRET_LEN`] bytes): the rendezvous proves it.
+    pub secret: Vec<u8>,
     pub timeout: Duration,
     /// How long a refused connection to the next rank is retried. Agents bind their data port
     /// for their whole life, so among agents a refusal means the peer process is gone: a short
@@ -68,8 +88,14 @@ pub struct RingConfig {
 
 impl RingConfig {
     /// A config that retries refused connections for the whole timeout and cannot be aborted.
-    pub fn new(rank: usize, addresses: Vec<SocketAddr>, gang_id: u64, timeout: Duration) -> RingConfig {
-        RingConfig { rank, addresses, gang_id, timeout, refused_grace: timeout, abort: None }
+    pub fn new(
+        rank: usize,
+        addresses: Vec<SocketAddr>,
+        gang_id: u64,
+        secret: Vec<u8>,
+        timeout: Duration,
+    ) -> RingConfig {
+        RingConfig { rank, addresses, gang_id, secret, timeout, refused_grace: timeout, abort: None }
     }
 
     fn aborted(&self) -> bool {
@@ -117,6 +143,12 @@ impl RingCommunicator {
                 config.rank
             )));
         }
+        if config.secret.len() != GANG_SECRET_LEN {
+            return Err(CollectiveError::Invalid(format!(
+                "the gang secret is {} bytes; it must be {GANG_SECRET_LEN}",
+                config.secret.len()
+            )));
+        }
         let mut ring = RingCommunicator { rank: config.rank, world, timeout: config.timeout, next: None, prev: None };
         if world == 1 {
             return Ok(ring);
@@ -125,13 +157,35 @@ impl RingCommunicator {
         let next_rank = (config.rank + 1) % world;
         let prev_rank = (config.rank + world - 1) % world;
         let next = connect_next(config.addresses[next_rank], deadline, &config)?;
-        let mut hello = Vec::with_capacity(24);
+        let mut hello = Vec::with_capacity(HELLO_LEN + NONCE_LEN);
         hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
         hello.extend_from_slice(&config.gang_id.to_le_bytes());
         hello.extend_from_slice(&(config.rank as u32).to_le_bytes());
         hello.extend_from_slice(&(world as u32).to_le_bytes());
+        hello.extend_from_slice(&nonce()?);
         (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
-        let prev = accept_prev(&listener, deadline, &config, prev_rank, world)?;
+        let (prev, accepted) = accept_prev(&listener, deadline, &config, prev_rank, world)?;
+        // Our side of the link to next: check its proof, then prove ourselves.
+        let mut answer = [0u8; NONCE_LEN + MAC_LEN];
+        (&next).read_exact(&mut answer).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
+        let (nonce_a, mac_a) = answer.split_at(NONCE_LEN);
+        if !mac_matches(&config.secret, b"accept", &hello, nonce_a, mac_a) {
+            return Err(CollectiveError::Rendezvous(format!(
+                "rank {next_rank} at {} does not hold this gang's secret",
+                config.addresses[next_rank]
+            )));
+        }
+        (&next)
+            .write_all(&mac(&config.secret, b"connect", &hello, nonce_a))
+            .map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
+        // Their side of the link from prev: the proof they owe us.
+        let mut proof = [0u8; MAC_LEN];
+        (&prev).read_exact(&mut proof).map_err(|e| lost("rendezvous", prev_rank, &e, config.timeout))?;
+        if !mac_matches(&config.secret, b"connect", &accepted.hello, &accepted.nonce_a, &proof) {
+            return Err(CollectiveError::Rendezvous(format!(
+                "the connection claiming to be rank {prev_rank} does not hold this gang's secret"
+            )));
+        }
         ring.next = Some(next);
         ring.prev = Some(prev);
         Ok(ring)
@@ -261,7 +315,7 @@ fn accept_prev(
     config: &RingConfig,
     prev_rank: usize,
     world: usize,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<(TcpStream, Accepted), CollectiveError> {
     listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
     loop {
         // A superseded generation must not take (and drop) the next one's connection.
@@ -273,16 +327,24 @@ fn accept_prev(
                 stream.set_nonblocking(false).map_err(|e| CollectiveError::Rendezvous(format!("socket: {e}")))?;
                 tune(&stream, config.timeout)
                     .map_err(|e| CollectiveError::Rendezvous(format!("socket options: {e}")))?;
-                let mut hello = [0u8; 24];
+                let mut hello = [0u8; HELLO_LEN + NONCE_LEN];
                 if (&stream).read_exact(&mut hello).is_err() {
                     continue; // not a ring peer (a port scan, a stale generation that hung up)
                 }
                 let magic = u64::from_le_bytes(hello[..8].try_into().expect("8 bytes"));
                 let gang = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
                 let rank = u32::from_le_bytes(hello[16..20].try_into().expect("4 bytes")) as usize;
-                let their_world = u32::from_le_bytes(hello[20..].try_into().expect("4 bytes")) as usize;
+                let their_world = u32::from_le_bytes(hello[20..24].try_into().expect("4 bytes")) as usize;
                 if magic == HANDSHAKE_MAGIC && gang == config.gang_id && rank == prev_rank && their_world == world {
-                    return Ok(stream);
+                    // Prove the secret; the connector's proof is read once the whole ring has
+                    // got this far (see the module docs).
+                    let nonce_a = nonce()?;
+                    let mut answer = nonce_a.to_vec();
+                    answer.extend_from_slice(&mac(&config.secret, b"accept", &hello, &nonce_a));
+                    if (&stream).write_all(&answer).is_err() {
+                        continue;
+                    }
+                    return Ok((stream, Accepted { hello: hello.to_vec(), nonce_a }));
                 }
                 tracing_free_log(&format!(
                     "ring rank {}: refused a connection from {from} (gang {gang}, rank {rank}, world {their_world})",
@@ -305,6 +367,48 @@ fn accept_prev(
             Err(e) => return Err(CollectiveError::Rendezvous(format!("accept: {e}"))),
         }
     }
+}
+
+/// What the accepting side of a link keeps to check the connector's proof.
+struct Accepted {
+    hello: Vec<u8>,
+    nonce_a: [u8; NONCE_LEN],
+}
+
+/// A fresh gang secret (for gangs formed without a coordinator: `flotilla train`, benchmarks).
+pub fn random_secret() -> Result<Vec<u8>, CollectiveError> {
+    let mut secret = vec![0u8; GANG_SECRET_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .map_err(|e| CollectiveError::Rendezvous(format!("cannot read /dev/urandom for a gang secret: {e}")))?;
+    Ok(secret)
+}
+
+fn nonce() -> Result<[u8; NONCE_LEN], CollectiveError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut nonce))
+        .map_err(|e| CollectiveError::Rendezvous(format!("cannot read /dev/urandom for a nonce: {e}")))?;
+    Ok(nonce)
+}
+
+/// HMAC-SHA256 over the link's transcript, for one side (`role`).
+fn mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    for part in [role, hello, nonce_a] {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn mac_matches(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8], presented: &[u8]) -> bool {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    for part in [role, hello, nonce_a] {
+        mac.update(part);
+    }
+    mac.verify_slice(presented).is_ok() // constant time
 }
 
 /// Stale or foreign connections are worth a line on stderr; the worker has no logger here.
@@ -458,11 +562,12 @@ pub fn loopback_gang(world: usize, timeout: Duration) -> Result<Vec<RingCommunic
         listeners.push(listener);
     }
     let gang_id = u64::from(std::process::id()) << 32 | addresses.first().map_or(0, |a| u64::from(a.port()));
+    let secret = random_secret()?;
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let config = RingConfig::new(rank, addresses.clone(), gang_id, timeout);
+            let config = RingConfig::new(rank, addresses.clone(), gang_id, secret.clone(), timeout);
             std::thread::spawn(move || RingCommunicator::connect(listener, config))
         })
         .collect();
