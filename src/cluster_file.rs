@@ -33,6 +33,10 @@ pub struct ClusterFile {
     /// keys); absent: a plaintext cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// Folders users' `file://` paths may name (the coordinators' `--data-root`s); `up` puts
+    /// the folder it ran in and the cluster's parent folder here, plus its `--data-root`s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_roots: Vec<PathBuf>,
     /// The cluster store's URI (`flotilla up --store`); absent: `store/` in the cluster folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,

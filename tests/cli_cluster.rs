@@ -59,6 +59,28 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("job-42 does not exist"));
 
+    // Training data on a local path must lie inside the coordinators' data roots (the folder
+    // `up` ran in, the cluster's parent folder, `up --data-root`).
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv"),
+        elsewhere.path().join("d.csv"),
+    )
+    .expect("copy");
+    let spec = dir.path().join("elsewhere.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"x\"\nmodel = {{ kind = \"mlp\" }}\ndata = {{ train = \"file://{}/d.csv\" }}\nworkers = {{ min = 1 }}\n",
+            elsewhere.path().display()
+        ),
+    )
+    .expect("spec");
+    let outside = flotilla(&home, &["submit", spec.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&outside.stderr);
+    assert!(!outside.status.success() && stderr.contains("data.train"), "{stderr}");
+    assert!(stderr.contains("outside the coordinators' data roots"), "{stderr}");
+
     let cancelled = ok(flotilla(&home, &["cancel", &job_id, "--reason", "test over"]));
     assert_eq!(cancelled.trim(), "job-1 Cancelled");
     let again = flotilla(&home, &["cancel", &job_id]);

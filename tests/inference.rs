@@ -202,6 +202,25 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
     assert!(stderr.contains("input has 3 columns per row, but mnist-mlp@1 takes 784 features (or 785"), "{stderr}");
     let unknown = refused(infer(home, "mnist-mlp@production", heldout, &out2.join("y"), &[]));
     assert!(unknown.contains("has no alias `production`"), "{unknown}");
+    // Local paths only inside the coordinators' data roots, and only regular files are read:
+    // a file elsewhere, an output elsewhere, a link to the input, a FIFO.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let outside = elsewhere.path().join("in.csv");
+    std::fs::copy(heldout, &outside).expect("copy");
+    let stderr = refused(infer(home, "mnist-mlp", &outside, &out2.join("z"), &[]));
+    assert!(stderr.contains("input_uri") && stderr.contains("outside the coordinators' data roots"), "{stderr}");
+    let stderr = refused(infer(home, "mnist-mlp", heldout, &elsewhere.path().join("out"), &[]));
+    assert!(stderr.contains("output_uri") && stderr.contains("--data-root"), "{stderr}");
+    let link = dir.path().join("link.csv");
+    std::os::unix::fs::symlink(heldout, &link).expect("symlink");
+    // (As a URI: the CLI itself resolves a local path it is given, links included.)
+    let link_uri = PathBuf::from(format!("file://{}", link.display()));
+    let stderr = refused(infer(home, "mnist-mlp", &link_uri, &out2.join("l"), &[]));
+    assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    let fifo = dir.path().join("fifo.csv");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    let stderr = refused(infer(home, "mnist-mlp", &fifo, &out2.join("f"), &[]));
+    assert!(stderr.contains("not a regular file"), "{stderr}");
 
     // A value that is not a number fails its shard on every attempt: the job fails, naming it.
     let bad = dir.path().join("bad.csv");

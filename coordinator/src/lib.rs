@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod autoscaling;
+pub mod confine;
 pub mod inference;
 pub mod leases;
 pub mod logs;

@@ -53,6 +53,9 @@ pub struct CoordinatorConfig {
     /// logs, model artifacts and inference staging. Every coordinator of a cluster and every
     /// worker must reach the same one: on several machines, an `s3://` store.
     pub store_uri: String,
+    /// Folders users' `file://` paths may name (training data, inference input and output);
+    /// none: no local paths from users (see `confine`).
+    pub data_roots: Vec<PathBuf>,
     /// TLS on the API, worker and peer port (`None`: plaintext, tokens in cleartext).
     pub tls: Option<flotilla_proto::tls::ServerTls>,
     /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
@@ -196,6 +199,8 @@ pub async fn run(
             .map_err(CoordinatorError::Config)?;
     let node_task = tokio::spawn(task.run(transport));
 
+    let data_roots =
+        std::sync::Arc::new(crate::confine::canonical_roots(&config.data_roots).map_err(CoordinatorError::Config)?);
     let tokens = flotilla_proto::auth::ApiTokens {
         admin: config.api_token.clone(),
         submit: config.submit_token.clone(),
@@ -207,6 +212,7 @@ pub async fn run(
         tokens: tokens.clone(),
         progress: progress.clone(),
         store: store.clone(),
+        data_roots: data_roots.clone(),
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
@@ -242,6 +248,7 @@ pub async fn run(
     let inference = InferenceServiceServer::new(crate::api::inference::InferenceApi {
         node: handle.clone(),
         tokens: tokens.clone(),
+        data_roots,
         join_token: config.join_token.clone(),
         tls: config.tls.is_some(),
     })

@@ -64,6 +64,7 @@ async fn start(single: bool) -> Node {
         submit_token: Some(SUBMIT_TOKEN.into()),
         read_token: Some(READ_TOKEN.into()),
         tls: None,
+        data_roots: vec![dir.path().to_path_buf()],
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_uri: store.clone(),

@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// Default: `store/` in the cluster folder. Fixed when the cluster is first created.
     #[arg(long)]
     pub store: Option<String>,
+    /// Another folder whose files jobs may name as `file://` data or inference input/output
+    /// (repeatable; the folder `up` runs in and the cluster's parent folder always are).
+    #[arg(long = "data-root")]
+    pub data_roots: Vec<PathBuf>,
     /// Run the new cluster without TLS (plaintext on loopback; for measuring what TLS costs).
     /// Default: a cluster CA in `tls/` and TLS on every connection. Fixed at creation.
     #[arg(long)]
@@ -134,6 +138,7 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>, tls: bool)
         join_token: random_hex(16)?,
         peer_token: random_hex(16)?,
         store,
+        data_roots: Vec::new(),
         coordinators: entries,
     })
 }
@@ -159,6 +164,17 @@ fn store_uri(cluster: &ClusterFile, coordinator_data_dir: &Path) -> anyhow::Resu
     }
     let home = coordinator_data_dir.parent().unwrap_or(Path::new("."));
     Ok(std::path::absolute(home.join("store")).context("resolving the store folder")?.display().to_string())
+}
+
+/// The coordinators' data roots: the folder `up` runs in, the cluster's parent folder, and
+/// the cluster file's (every `up --data-root` so far).
+fn data_roots(cluster: &ClusterFile, home: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let cwd = std::env::current_dir().context("reading the current folder")?;
+    let home = std::path::absolute(home).context("resolving the cluster folder")?;
+    let mut roots = vec![cwd, home.parent().unwrap_or(&home).to_path_buf()];
+    roots.extend(cluster.data_roots.iter().cloned());
+    roots.dedup();
+    Ok(roots)
 }
 
 /// FLOTILLA_TLS_{CA,CERT,KEY} for a process of the cluster presenting certificate `name`.
@@ -200,6 +216,9 @@ fn spawn_coordinator(
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
         .envs(tls_env(cluster, "coordinator"))
+        .args(
+            data_roots(cluster, home)?.iter().flat_map(|root| [std::ffi::OsStr::new("--data-root"), root.as_os_str()]),
+        )
         .env("FLOTILLA_TOKEN", &cluster.api_token)
         .envs(cluster.submit_token.iter().map(|t| ("FLOTILLA_SUBMIT_TOKEN", t)))
         .envs(cluster.read_token.iter().map(|t| ("FLOTILLA_READ_TOKEN", t)))
@@ -262,6 +281,12 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         let location = flotilla_store::open(&store)?;
         flotilla_store::probe(&location, flotilla_store::Access::Write).await
     })?;
+    for root in &args.data_roots {
+        let root = std::path::absolute(root).with_context(|| format!("--data-root {}", root.display()))?;
+        if !cluster.data_roots.contains(&root) {
+            cluster.data_roots.push(root);
+        }
+    }
     for i in 0..cluster.coordinators.len() {
         let pid = spawn_coordinator(&cluster, &cluster.coordinators[i], &home, &args)?;
         cluster.coordinators[i].pid = Some(pid);

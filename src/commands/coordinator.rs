@@ -43,6 +43,10 @@ pub struct Args {
     /// machine). Checked at start-up: a store that cannot be written stops the node with the cause.
     #[arg(long, env = "FLOTILLA_STORE")]
     pub store: Option<String>,
+    /// A folder users' `file://` paths may name (training data, inference input and output),
+    /// repeatable; symlinks are resolved before the check. None: users name only s3:// URIs.
+    #[arg(long = "data-root", env = "FLOTILLA_DATA_ROOTS", value_delimiter = ',')]
+    pub data_roots: Vec<PathBuf>,
     /// TLS: this coordinator's certificate (PEM; `flotilla certs coordinator`), its key, and
     /// the cluster CA that signed it and every peer's and worker's. All three or none; without
     /// them the node serves plaintext (tokens in cleartext: a private network only).
@@ -286,6 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api_token: args.token,
         submit_token: args.submit_token,
         read_token: args.read_token,
+        data_roots: args.data_roots,
         tls: match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(flotilla_proto::tls::ServerTls::load(cert, key, ca)?),
             (None, None, None) => None,

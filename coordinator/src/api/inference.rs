@@ -25,6 +25,8 @@ const LISTED_MAX: usize = 1000;
 pub struct InferenceApi {
     pub node: NodeHandle,
     pub tokens: auth::ApiTokens,
+    /// Where users' `file://` input and output may be (canonical; see `confine`).
+    pub data_roots: std::sync::Arc<Vec<std::path::PathBuf>>,
     pub join_token: Option<String>,
     /// The server runs TLS: worker calls need a worker's client certificate.
     pub tls: bool,
@@ -91,6 +93,10 @@ impl InferenceService for InferenceApi {
         };
         let input_uri = normalized(&r.input_uri).map_err(|e| invalid(format!("input_uri: {e}")))?;
         let output_uri = normalized(&r.output_uri).map_err(|e| invalid(format!("output_uri: {e}")))?;
+        let denied = |e: String| status(ApiError::new(ErrorKind::PermissionDenied, e));
+        crate::confine::check("input_uri", &input_uri, &self.data_roots).map_err(denied)?;
+        crate::confine::check("output_uri", &output_uri, &self.data_roots).map_err(denied)?;
+        crate::confine::check_regular_file("input_uri", &input_uri).map_err(invalid)?;
         check_output(&output_uri).await.map_err(invalid)?;
         let input = read_input(&input_uri).await.map_err(invalid)?;
         let shape = input.shape;

@@ -33,6 +33,8 @@ pub struct JobApi {
     pub progress: Arc<Progress>,
     /// The cluster store: job logs are under `jobs/<job>/logs/`.
     pub store: flotilla_store::Location,
+    /// Where users' `file://` data may be (canonical; see `confine`).
+    pub data_roots: Arc<Vec<std::path::PathBuf>>,
 }
 
 /// Adds live progress (when this node has it) to a job's replicated status.
@@ -99,7 +101,7 @@ impl JobService for JobApi {
         if let Some(problem) = unresolved.first() {
             return Err(status(invalid(problem.to_string())));
         }
-        check_data_readable(&spec).await?;
+        check_data_readable(&spec, &self.data_roots).await?;
         let command = Command::SubmitJob { spec: Box::new(spec), client_request_id: request_id };
         match self.node.propose(command).await.map_err(status)? {
             Applied::JobSubmitted { job_id, duplicate } => {
@@ -206,10 +208,25 @@ impl JobService for JobApi {
 /// Checks that the job's `s3://` data exists and can be read with this cluster's credentials,
 /// so a wrong bucket or key is refused at submission, not after capacity is bought. (`file://`
 /// data is read by the workers from their own disks, which the coordinator cannot see.)
-async fn check_data_readable(spec: &flotilla_core::spec::JobSpec) -> Result<(), Status> {
+async fn check_data_readable(
+    spec: &flotilla_core::spec::JobSpec,
+    data_roots: &[std::path::PathBuf],
+) -> Result<(), Status> {
     use flotilla_core::spec::DataUri;
     let uris = std::iter::once(&spec.data.train).chain(spec.data.validation.as_ref());
     for (field, uri) in ["data.train", "data.validation"].into_iter().zip(uris) {
+        // A local path only inside the data roots (the workers read it from their disks).
+        match uri {
+            DataUri::File(_) => crate::confine::check(field, &uri.to_string(), data_roots)
+                .map_err(|e| status(ApiError::new(ErrorKind::PermissionDenied, e)))?,
+            DataUri::Relative(path) => {
+                return Err(status(ApiError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("{field}: `{path}` is relative; name it from / (the CLI resolves it for you)"),
+                )));
+            }
+            _ => {}
+        }
         if let DataUri::S3 { .. } = uri {
             let kind = |e: &flotilla_store::StoreError| match e {
                 flotilla_store::StoreError::NotFound { .. } => ErrorKind::NotFound,

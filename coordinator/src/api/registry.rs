@@ -132,6 +132,10 @@ impl RegistryService for RegistryApi {
                 format!("artifact {} is not in this cluster's store {}", version.artifact_uri, self.store.uri()),
             )));
         };
+        // A local artifact is read only as the regular file it was written as (a link swapped
+        // into the store would point the download anywhere the coordinator can read).
+        crate::confine::check_regular_file("artifact", &version.artifact_uri)
+            .map_err(|e| status(ApiError::new(ErrorKind::FailedPrecondition, e)))?;
         let artifact = self.store.store().get(&key).await.map_err(|e| {
             let error = flotilla_store::StoreError::op(version.artifact_uri.clone(), e);
             let kind = if error.is_not_found() { ErrorKind::NotFound } else { ErrorKind::Unavailable };

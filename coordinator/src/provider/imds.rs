@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,8 +30,6 @@ const REQUEST_BYTES_MAX: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Token lifetimes accepted, as on EC2.
 const TTL_SECONDS_MAX: u64 = 21_600;
-/// Tokens remembered at most (the oldest are dropped).
-const TOKENS_MAX: usize = 1024;
 /// Notice given before the instance is taken, as on EC2.
 pub const NOTICE: Duration = Duration::from_secs(120);
 
@@ -52,8 +50,9 @@ struct Server {
     started: Instant,
     /// The seeded interruption's action time, fixed at start.
     drawn_action_at_unix_ms: Option<u64>,
-    tokens: Mutex<HashMap<String, Instant>>,
-    next_token: Mutex<u64>,
+    /// Signs tokens: a token is its expiry and an HMAC of it, so the server keeps no table
+    /// that a flood of token requests could fill (and lock the agent out).
+    token_key: [u8; 32],
 }
 
 /// Resolves at the scheduled interruption's action time, after killing the instance's worker
@@ -81,17 +80,31 @@ pub async fn taken_at_action_time(config: &ImdsConfig) {
     }
 }
 
+fn token_mac(key: &[u8; 32], expires: u64) -> String {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(&expires.to_be_bytes());
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A key from the kernel's random source; should it be unreadable, one from the clock and the
+/// pid (the endpoint is local and its tokens only gate this instance's metadata).
+fn random_key() -> [u8; 32] {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).is_err() {
+        use sha2::Digest;
+        let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+        key = sha2::Sha256::digest(seed.as_bytes()).into();
+    }
+    key
+}
+
 /// Serves IMDSv2 on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, config: ImdsConfig) {
     let drawn_action_at_unix_ms =
         config.interrupt_after.map(|after| crate::raft::node::now_unix_ms() + (after + NOTICE).as_millis() as u64);
-    let server = Arc::new(Server {
-        config,
-        drawn_action_at_unix_ms,
-        started: Instant::now(),
-        tokens: Mutex::new(HashMap::new()),
-        next_token: Mutex::new(crate::raft::node::now_unix_ms()),
-    });
+    let server = Arc::new(Server { config, drawn_action_at_unix_ms, started: Instant::now(), token_key: random_key() });
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let server = server.clone();
@@ -189,22 +202,19 @@ impl Server {
         }
     }
 
+    /// `<expiry, ns since start, hex>.<HMAC-SHA256 of it, hex>`.
     fn issue_token(&self, ttl: Duration) -> String {
-        let mut next = self.next_token.lock().expect("token counter lock");
-        *next = next.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let token = format!("{:016x}{:016x}", *next, self.started.elapsed().as_nanos() as u64);
-        let mut tokens = self.tokens.lock().expect("token lock");
-        if tokens.len() >= TOKENS_MAX {
-            tokens.retain(|_, expires| *expires > Instant::now());
-        }
-        if tokens.len() < TOKENS_MAX {
-            tokens.insert(token.clone(), Instant::now() + ttl);
-        }
-        token
+        let expires = (self.started.elapsed() + ttl).as_nanos() as u64;
+        format!("{expires:016x}.{}", token_mac(&self.token_key, expires))
     }
 
     fn token_valid(&self, token: &str) -> bool {
-        self.tokens.lock().expect("token lock").get(token).is_some_and(|expires| *expires > Instant::now())
+        let Some((expires, mac)) = token.split_once('.') else { return false };
+        let Ok(expires) = u64::from_str_radix(expires, 16) else { return false };
+        let expected = token_mac(&self.token_key, expires);
+        let same = expected.len() == mac.len()
+            && expected.bytes().zip(mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        same && u128::from(expires) > self.started.elapsed().as_nanos()
     }
 
     /// When the instance will be taken, if an interruption is scheduled and due to be announced.
@@ -249,5 +259,35 @@ mod tests {
         assert!(parse_request("GET / SPDY/3\r\n\r\n").is_none());
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_948_491_458), "2026-11-29T10:34:51Z");
+    }
+
+    #[test]
+    fn tokens_are_signed_not_stored_so_a_flood_locks_nobody_out() {
+        let server = Server {
+            config: ImdsConfig {
+                instance_id: "i-1".into(),
+                instance_type: "local".into(),
+                zone: "local".into(),
+                local_ipv4: "127.0.0.1".into(),
+                action_file: PathBuf::from("/nonexistent"),
+                interrupt_after: None,
+            },
+            started: Instant::now(),
+            drawn_action_at_unix_ms: None,
+            token_key: random_key(),
+        };
+        let agent = server.issue_token(Duration::from_secs(21_600));
+        for _ in 0..100_000 {
+            server.issue_token(Duration::from_secs(21_600));
+        }
+        assert!(server.token_valid(&agent), "the agent's token survives a flood of requests");
+        let (expiry, mac) = agent.split_once('.').expect("form");
+        let forged_expiry = format!("{:016x}.{mac}", u64::from_str_radix(expiry, 16).expect("hex") + 1);
+        assert!(!server.token_valid(&forged_expiry), "a changed expiry breaks the signature");
+        assert!(!server.token_valid(&format!("{expiry}.{}", "0".repeat(64))));
+        assert!(!server.token_valid("abc") && !server.token_valid(""));
+        let short = server.issue_token(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!server.token_valid(&short), "expired");
     }
 }
