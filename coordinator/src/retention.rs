@@ -15,6 +15,10 @@
 //!
 //! The store is the cluster store (`file://` or `s3://`); only folders of a job's checkpoint
 //! area in it are ever deleted.
+//!
+//! Record retention ([`records_loop`]): finished jobs and inference jobs, and lost workers,
+//! are forgotten (`ForgetFinished`) once they are older than the cluster's `--keep-finished-h`,
+//! so the replicated state and its snapshots stay bounded by what is live.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -131,6 +135,34 @@ async fn sweep_unrecorded(store: &Location, job_id: JobId, recorded: &BTreeSet<S
         if stale && flotilla_store::delete_prefix(store, &folder).await.is_ok_and(|removed| removed > 0) {
             tracing::info!(%job_id, uri, "removed an unrecorded checkpoint");
         }
+    }
+}
+
+/// How often the leader looks for records to forget.
+const RECORDS_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether anything is older than `before_unix_ms` and finished (or lost).
+fn forgettable(state: &State, before_unix_ms: u64) -> bool {
+    let old = |finished: bool, updated: u64| finished && updated < before_unix_ms;
+    state.jobs.values().any(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
+        || state.inferences.values().any(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
+        || state.workers.values().any(|w| w.job.is_none() && w.lost_at_unix_ms.is_some_and(|t| t < before_unix_ms))
+}
+
+/// The leader forgets records older than `keep` (checked every minute and at start).
+pub async fn records_loop(node: NodeHandle, keep: Duration) {
+    loop {
+        if node.status().leader_id == Some(node.id) {
+            let before_unix_ms = crate::raft::node::now_unix_ms().saturating_sub(keep.as_millis() as u64);
+            let due = node.read_local(move |state| forgettable(state, before_unix_ms)).await.unwrap_or(false);
+            if due {
+                match node.propose(Command::ForgetFinished { before_unix_ms }).await {
+                    Ok(outcome) => tracing::info!(?outcome, keep_h = keep.as_secs() / 3600, "forgot old records"),
+                    Err(e) => tracing::debug!(error = %e, "could not forget old records yet"),
+                }
+            }
+        }
+        tokio::time::sleep(RECORDS_PASS_EVERY).await;
     }
 }
 

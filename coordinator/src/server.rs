@@ -53,6 +53,8 @@ pub struct CoordinatorConfig {
     /// logs, model artifacts and inference staging. Every coordinator of a cluster and every
     /// worker must reach the same one: on several machines, an `s3://` store.
     pub store_uri: String,
+    /// Finished jobs and lost workers are forgotten after this long (`ForgetFinished`).
+    pub keep_finished: std::time::Duration,
     /// Folders users' `file://` paths may name (training data, inference input and output);
     /// none: no local paths from users (see `confine`).
     pub data_roots: Vec<PathBuf>,
@@ -221,6 +223,7 @@ pub async fn run(
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
     tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
+    tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));
     if let Some(capacity) = config.capacity.clone() {
         tokio::spawn(crate::autoscaling::autoscale_loop(handle.clone(), capacity.provider, capacity.config));

@@ -65,6 +65,7 @@ async fn start(single: bool) -> Node {
         read_token: Some(READ_TOKEN.into()),
         tls: None,
         data_roots: vec![dir.path().to_path_buf()],
+        keep_finished: Duration::from_secs(7 * 24 * 3600),
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_uri: store.clone(),
@@ -466,4 +467,48 @@ async fn a_read_only_token_cannot_submit_or_cancel_and_a_submit_token_cannot_adm
     assert_eq!(missing.kind, ErrorKind::NotFound, "{missing}");
     cancel(&mut submitter, &job).await.expect("the submit role cancels");
     assert_eq!(job_state(&mut admin, &job).await, flotilla_proto::v1::JobState::Cancelled as i32);
+}
+
+#[tokio::test]
+async fn lists_come_in_pages_that_continue_where_they_ended() {
+    use flotilla_proto::v1::{ListInferencesRequest, ListModelsRequest, ListWorkersRequest};
+    let node = start(true).await;
+    let mut user = ApiClient::new(&node.address, TOKEN).expect("client");
+    let mut ids = Vec::new();
+    for host in ["a", "b", "c"] {
+        ids.push(register(&node.address, host).await.1);
+    }
+    let list = |client: &mut ApiClient, page_token: String| {
+        let mut client = client.clone();
+        async move {
+            let request = ListWorkersRequest { limit: 2, page_token };
+            client
+                .call_cluster(|mut c| {
+                    let request = request.clone();
+                    async move { c.list_workers(request).await }
+                })
+                .await
+        }
+    };
+    let first = list(&mut user, String::new()).await.expect("first page");
+    assert_eq!(first.workers.iter().map(|w| w.id.clone()).collect::<Vec<_>>(), ids[..2]);
+    assert_eq!(first.next_page_token, ids[1]);
+    let second = list(&mut user, first.next_page_token).await.expect("second page");
+    assert_eq!(second.workers.iter().map(|w| w.id.clone()).collect::<Vec<_>>(), ids[2..]);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    let bad = list(&mut user, "garbage".into()).await.expect_err("not a token");
+    assert_eq!(bad.kind, ErrorKind::InvalidArgument, "{bad}");
+    // The other lists take the same fields (empty here).
+    let models = user
+        .call_registry(|mut c| async move { c.list_models(ListModelsRequest { limit: 1, ..Default::default() }).await })
+        .await
+        .expect("models");
+    assert!(models.versions.is_empty() && models.next_page_token.is_empty());
+    let inferences = user
+        .call_inference(|mut c| async move {
+            c.list_inferences(ListInferencesRequest { limit: 1, ..Default::default() }).await
+        })
+        .await
+        .expect("inferences");
+    assert!(inferences.inferences.is_empty() && inferences.next_page_token.is_empty());
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use flotilla_coordinator::provider::local::{LocalProvider, is_running, stop_process};
 use flotilla_coordinator::provider::{CLUSTER_TAG, InstanceState, LaunchSpec, Provider};
-use flotilla_proto::v1::{ListJobsRequest, ListWorkersRequest};
+use flotilla_proto::v1::ListJobsRequest;
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -91,8 +91,8 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
     let mut client = cluster.client()?;
     let started = Instant::now();
     loop {
-        let listed = client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }).await?;
-        let live = listed.workers.iter().filter(|w| w.state == flotilla_proto::v1::WorkerState::Idle as i32).count();
+        let (listed, _) = super::workers::all_workers(&mut client).await?;
+        let live = listed.iter().filter(|w| w.state == flotilla_proto::v1::WorkerState::Idle as i32).count();
         if live >= count as usize {
             return Ok(());
         }

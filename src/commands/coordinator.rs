@@ -43,6 +43,11 @@ pub struct Args {
     /// machine). Checked at start-up: a store that cannot be written stops the node with the cause.
     #[arg(long, env = "FLOTILLA_STORE")]
     pub store: Option<String>,
+    /// Finished jobs and inference jobs, and lost workers, are forgotten after this many hours
+    /// (their objects stay in the store). At the job limit the oldest finished job makes room
+    /// for a new submission whatever its age.
+    #[arg(long, default_value_t = 168)]
+    pub keep_finished_h: u64,
     /// A folder users' `file://` paths may name (training data, inference input and output),
     /// repeatable; symlinks are resolved before the check. None: users name only s3:// URIs.
     #[arg(long = "data-root", env = "FLOTILLA_DATA_ROOTS", value_delimiter = ',')]
@@ -291,6 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         submit_token: args.submit_token,
         read_token: args.read_token,
         data_roots: args.data_roots,
+        keep_finished: std::time::Duration::from_secs(args.keep_finished_h.saturating_mul(3600)),
         tls: match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(flotilla_proto::tls::ServerTls::load(cert, key, ca)?),
             (None, None, None) => None,

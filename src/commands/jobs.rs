@@ -177,10 +177,22 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
                 }
                 OutputFormat::Text => {
                     print_table(&jobs, served_by);
-                    let inferences = runtime.block_on(client.call_inference(|mut c| async move {
-                        c.list_inferences(v1::ListInferencesRequest {}).await
-                    }))?;
-                    super::infer::print_table(&inferences.inferences);
+                    let mut inferences = Vec::new();
+                    let mut page_token = String::new();
+                    loop {
+                        let request =
+                            v1::ListInferencesRequest { page_token: page_token.clone(), ..Default::default() };
+                        let page = runtime.block_on(client.call_inference(|mut c| {
+                            let request = request.clone();
+                            async move { c.list_inferences(request).await }
+                        }))?;
+                        inferences.extend(page.inferences);
+                        if page.next_page_token.is_empty() {
+                            break;
+                        }
+                        page_token = page.next_page_token;
+                    }
+                    super::infer::print_table(&inferences);
                 }
             }
         }

@@ -64,11 +64,23 @@ pub fn run(command: ModelsCommand, coordinator: Option<&str>, output: OutputForm
     let mut client = target.client()?;
     match command {
         ModelsCommand::List { name } => {
-            let request = v1::ListModelsRequest { name: name.unwrap_or_default() };
-            let answer = runtime.block_on(client.call_registry(|mut c| {
-                let request = request.clone();
-                async move { c.list_models(request).await }
-            }))?;
+            let mut answer = v1::ListModelsResponse::default();
+            loop {
+                let request = v1::ListModelsRequest {
+                    name: name.clone().unwrap_or_default(),
+                    page_token: answer.next_page_token.clone(),
+                    ..Default::default()
+                };
+                let page = runtime.block_on(client.call_registry(|mut c| {
+                    let request = request.clone();
+                    async move { c.list_models(request).await }
+                }))?;
+                answer.versions.extend(page.versions);
+                answer.next_page_token = page.next_page_token;
+                if answer.next_page_token.is_empty() {
+                    break;
+                }
+            }
             match output {
                 OutputFormat::Json => print_json(&Value::Array(answer.versions.iter().map(version_json).collect())),
                 OutputFormat::Text => {

@@ -226,22 +226,39 @@ fn worker_json(worker: &v1::WorkerInfo) -> Value {
     })
 }
 
+/// Every registered worker, page by page, and the coordinator that served the last page.
+pub async fn all_workers(client: &mut ApiClient) -> Result<(Vec<v1::WorkerInfo>, u64), flotilla_proto::ApiError> {
+    let (mut workers, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let request = ListWorkersRequest { page_token: page_token.clone(), ..Default::default() };
+        let page = client
+            .call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.list_workers(request).await }
+            })
+            .await?;
+        workers.extend(page.workers);
+        if page.next_page_token.is_empty() {
+            return Ok((workers, page.served_by));
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
     let mut client = target.client()?;
-    let response = runtime
-        .block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))
-        .map_err(anyhow::Error::from)?;
+    let (workers, served_by) = runtime.block_on(all_workers(&mut client)).map_err(anyhow::Error::from)?;
     match output {
-        OutputFormat::Json => print_json(&Value::Array(response.workers.iter().map(worker_json).collect())),
+        OutputFormat::Json => print_json(&Value::Array(workers.iter().map(worker_json).collect())),
         OutputFormat::Text => {
             println!(
                 "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
                 "ID", "STATE", "INSTANCE", "TYPE", "ZONE", "CPUS", "GPUS"
             );
-            for w in &response.workers {
+            for w in &workers {
                 let caps = w.capabilities.clone().unwrap_or_default();
                 println!(
                     "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
@@ -255,7 +272,7 @@ pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) ->
                     caps.data_addr
                 );
             }
-            println!("({} worker(s), served by coordinator node {})", response.workers.len(), response.served_by);
+            println!("({} worker(s), served by coordinator node {served_by})", workers.len());
         }
     }
     Ok(())
@@ -368,10 +385,8 @@ pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputForma
     let home = cluster_file::home();
     let cluster = ClusterFile::load(&home)?.context("preempt works on the local cluster (flotilla up)")?;
     let mut client = target.client()?;
-    let listed =
-        runtime.block_on(client.call_cluster(|mut c| async move { c.list_workers(ListWorkersRequest {}).await }))?;
-    let worker =
-        listed.workers.iter().find(|w| w.id == args.worker).with_context(|| format!("no worker `{}`", args.worker))?;
+    let (listed, _) = runtime.block_on(all_workers(&mut client))?;
+    let worker = listed.iter().find(|w| w.id == args.worker).with_context(|| format!("no worker `{}`", args.worker))?;
     let instance = worker.capabilities.clone().unwrap_or_default().instance_id;
     let provider = super::cluster::local_provider(&home, &cluster)?;
     let at_unix_ms = flotilla_coordinator::raft::node::now_unix_ms()
@@ -402,10 +417,23 @@ pub fn instances(args: InstancesArgs, coordinator: Option<&str>, output: OutputF
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
     let mut client = target.client()?;
-    let request = v1::ListInstancesRequest { all: args.all };
-    let answer = runtime
-        .block_on(client.call_cluster(|mut c| async move { c.list_instances(request).await }))
-        .map_err(anyhow::Error::from)?;
+    let mut answer = v1::ListInstancesResponse::default();
+    let mut page_token = String::new();
+    loop {
+        let request = v1::ListInstancesRequest { all: args.all, page_token: page_token.clone(), ..Default::default() };
+        let page = runtime
+            .block_on(client.call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.list_instances(request).await }
+            }))
+            .map_err(anyhow::Error::from)?;
+        answer.instances.extend(page.instances);
+        (answer.total_cost_usd, answer.served_by) = (page.total_cost_usd, page.served_by);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     match output {
         OutputFormat::Json => print_json(&json!({
             "instances": answer.instances.iter().map(|i| json!({

@@ -325,9 +325,15 @@ impl ClusterService for ClusterApi {
         request: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
         self.tokens.authorize(request.metadata(), auth::Role::Read, "read instances").map_err(status)?;
-        let all = request.get_ref().all;
+        let request = request.into_inner();
+        let (all, limit) = (request.all, super::page_limit(request.limit));
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(instance_page_key(token).ok_or_else(|| super::bad_page_token(token))?),
+        };
         let now = crate::raft::node::now_unix_ms();
-        let mut answer = self.node.read(move |state| instances_to_proto(state, all, now)).await.map_err(status)?;
+        let mut answer =
+            self.node.read(move |state| instances_to_proto(state, all, now, after, limit)).await.map_err(status)?;
         answer.served_by = self.node.id;
         Ok(Response::new(answer))
     }
@@ -338,26 +344,54 @@ impl ClusterService for ClusterApi {
     ) -> Result<Response<ListWorkersResponse>, Status> {
         self.tokens.authorize(request.metadata(), auth::Role::Read, "read workers").map_err(status)?;
         let leases = self.leases.clone();
-        let workers = self
+        let request = request.into_inner();
+        let limit = super::page_limit(request.limit);
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<WorkerId>().map_err(|_| super::bad_page_token(token))?),
+        };
+        let (workers, next) = self
             .node
             .read(move |state| {
-                state.workers.values().map(|w| worker_to_proto(w, leases.last_heartbeat_unix_ms(w.id))).collect()
+                let sorted = state.workers.values().map(|w| (w.id, w));
+                let (page, next) = super::page(sorted, after, limit);
+                let page = page.into_iter().map(|w| worker_to_proto(w, leases.last_heartbeat_unix_ms(w.id))).collect();
+                (page, next)
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(ListWorkersResponse { workers, served_by: self.node.id }))
+        let next_page_token = next.map(|id| id.to_string()).unwrap_or_default();
+        Ok(Response::new(ListWorkersResponse { workers, served_by: self.node.id, next_page_token }))
     }
 }
 
-/// Instances listed at most (newest first).
-const INSTANCES_LISTED_MAX: usize = 1000;
+/// Instances are listed newest first: the page key orders them so.
+type InstanceKey = (std::cmp::Reverse<u64>, std::cmp::Reverse<String>);
 
-fn instances_to_proto(state: &State, all: bool, now_unix_ms: u64) -> ListInstancesResponse {
-    let mut records: Vec<_> = state.instances.values().filter(|i| all || i.terminated_at_unix_ms.is_none()).collect();
-    records.sort_by_key(|i| std::cmp::Reverse((i.launched_at_unix_ms, i.id.clone())));
+/// A page token `<launched_at_unix_ms>:<instance id>` as its key.
+fn instance_page_key(token: &str) -> Option<InstanceKey> {
+    let (launched, id) = token.split_once(':')?;
+    Some((std::cmp::Reverse(launched.parse().ok()?), std::cmp::Reverse(id.to_string())))
+}
+
+fn instances_to_proto(
+    state: &State,
+    all: bool,
+    now_unix_ms: u64,
+    after: Option<InstanceKey>,
+    limit: usize,
+) -> ListInstancesResponse {
+    let mut records: Vec<_> = state
+        .instances
+        .values()
+        .filter(|i| all || i.terminated_at_unix_ms.is_none())
+        .map(|i| ((std::cmp::Reverse(i.launched_at_unix_ms), std::cmp::Reverse(i.id.clone())), i))
+        .collect();
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    let (records, next) = super::page(records.into_iter(), after, limit);
+    let next_page_token = next.map(|(launched, id)| format!("{}:{}", launched.0, id.0)).unwrap_or_default();
     let instances = records
         .into_iter()
-        .take(INSTANCES_LISTED_MAX)
         .map(|i| {
             let worker = state.workers.values().find(|w| w.info.instance_id == i.id && w.lost_at_unix_ms.is_none());
             InstanceInfo {
@@ -376,7 +410,7 @@ fn instances_to_proto(state: &State, all: bool, now_unix_ms: u64) -> ListInstanc
         })
         .collect();
     let total_cost_usd = state.instances.values().map(|i| i.cost_usd(now_unix_ms)).sum();
-    ListInstancesResponse { instances, total_cost_usd, served_by: 0 }
+    ListInstancesResponse { instances, total_cost_usd, served_by: 0, next_page_token }
 }
 
 /// What a worker should be doing, by the replicated state.

@@ -19,8 +19,6 @@ use crate::raft::node::{NodeHandle, now_unix_ms};
 /// Longest model reference and error text accepted.
 const REFERENCE_LEN_MAX: usize = 256;
 const ERROR_LEN_MAX: usize = 4096;
-/// Inference jobs listed at most (newest first).
-const LISTED_MAX: usize = 1000;
 
 pub struct InferenceApi {
     pub node: NodeHandle,
@@ -183,14 +181,22 @@ impl InferenceService for InferenceApi {
     ) -> Result<Response<ListInferencesResponse>, Status> {
         self.authorize_user(&request, auth::Role::Read, "read inference jobs")?;
         let now = now_unix_ms();
-        let inferences = self
+        let request = request.into_inner();
+        let limit = super::page_limit(request.limit);
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<JobId>().map_err(|_| super::bad_page_token(token))?),
+        };
+        let (inferences, next) = self
             .node
             .read(move |state| {
-                state.inferences.values().rev().take(LISTED_MAX).map(|j| inference_to_proto(j, now)).collect()
+                let (page, next) = super::page(state.inferences.iter().map(|(id, j)| (*id, j)), after, limit);
+                (page.into_iter().map(|j| inference_to_proto(j, now)).collect(), next)
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(ListInferencesResponse { inferences, served_by: self.node.id }))
+        let next_page_token = next.map(|id| id.to_string()).unwrap_or_default();
+        Ok(Response::new(ListInferencesResponse { inferences, served_by: self.node.id, next_page_token }))
     }
 
     async fn lease_shard(&self, request: Request<LeaseShardRequest>) -> Result<Response<LeaseShardResponse>, Status> {

@@ -18,9 +18,6 @@ use crate::raft::node::NodeHandle;
 const CHUNK_BYTES: usize = 1 << 20;
 /// Longest model reference accepted.
 const REFERENCE_LEN_MAX: usize = 256;
-/// Versions listed at most.
-const LISTED_MAX: usize = 10_000;
-
 pub struct RegistryApi {
     pub node: NodeHandle,
     pub tokens: auth::ApiTokens,
@@ -74,21 +71,31 @@ fn reference(text: &str) -> Result<String, Status> {
 impl RegistryService for RegistryApi {
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         self.tokens.authorize(request.metadata(), auth::Role::Read, "read models").map_err(status)?;
-        let name = request.into_inner().name;
-        let versions = self
+        let request = request.into_inner();
+        let (name, limit) = (request.name, super::page_limit(request.limit));
+        // `<name>@<version>` of the last version listed.
+        let after = match request.page_token.rsplit_once('@') {
+            None if request.page_token.is_empty() => None,
+            Some((model, version)) if version.parse::<u32>().is_ok() => {
+                Some((model.to_string(), version.parse::<u32>().unwrap_or(0)))
+            }
+            _ => return Err(super::bad_page_token(&request.page_token)),
+        };
+        let (versions, next) = self
             .node
             .read(move |state| {
-                state
+                let sorted = state
                     .models
                     .values()
                     .filter(|m| name.is_empty() || m.name == name)
-                    .flat_map(|m| m.versions.iter().map(move |v| to_proto(m, v)))
-                    .take(LISTED_MAX)
-                    .collect()
+                    .flat_map(|m| m.versions.iter().map(move |v| ((m.name.clone(), v.version), (m, v))));
+                let (page, next) = super::page(sorted, after, limit);
+                (page.into_iter().map(|(m, v)| to_proto(m, v)).collect(), next)
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(ListModelsResponse { versions }))
+        let next_page_token = next.map(|(model, version)| format!("{model}@{version}")).unwrap_or_default();
+        Ok(Response::new(ListModelsResponse { versions, next_page_token }))
     }
 
     async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelVersion>, Status> {

@@ -14,6 +14,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if let Some(job_id) = admit(state, &client_request_id)? {
                 return Ok(Applied::JobSubmitted { job_id, duplicate: true });
             }
+            make_room(state);
             let job_id = JobId(state.next_job_id);
             state.next_job_id += 1;
             state.request_ids.insert(client_request_id.clone(), job_id);
@@ -193,6 +194,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         Command::FailShard { job_id, worker_id, index, attempt, error, release } => {
             inference::fail(state, job_id, worker_id, index, attempt, error, release, now)
         }
+        Command::ForgetFinished { before_unix_ms } => Ok(forget_finished(state, before_unix_ms)),
         Command::InferenceFinished { job_id, success, reason } => {
             inference::finished(state, job_id, success, reason, now)
         }
@@ -433,10 +435,56 @@ pub(super) fn admit(state: &State, client_request_id: &str) -> Result<Option<Job
     if let Some(&job_id) = state.request_ids.get(client_request_id) {
         return Ok(Some(job_id));
     }
-    if state.jobs.len() + state.inferences.len() >= JOBS_MAX {
+    // At the limit the oldest finished record makes room (`make_room`, once the submission is
+    // accepted): only unfinished jobs fill the cluster.
+    if state.jobs.len() + state.inferences.len() >= JOBS_MAX && oldest_finished(state).is_none() {
         return Err(Rejected::TooManyJobs { limit: JOBS_MAX });
     }
     Ok(None)
+}
+
+/// The finished training or inference job updated longest ago.
+fn oldest_finished(state: &State) -> Option<JobId> {
+    let training = state.jobs.values().filter(|j| j.state.is_terminal()).map(|j| (j.updated_at_unix_ms, j.id));
+    let inference = state.inferences.values().filter(|j| j.state.is_terminal()).map(|j| (j.updated_at_unix_ms, j.id));
+    training.chain(inference).min().map(|(_, id)| id)
+}
+
+/// Before an accepted submission is inserted: at the job limit, forget the oldest finished
+/// record ([`admit`] checked there is one).
+pub(super) fn make_room(state: &mut State) {
+    if state.jobs.len() + state.inferences.len() >= JOBS_MAX
+        && let Some(oldest) = oldest_finished(state)
+    {
+        forget_jobs(state, &[oldest]);
+    }
+}
+
+/// Removes these jobs' records and the request ids that created them.
+fn forget_jobs(state: &mut State, ids: &[JobId]) {
+    for id in ids {
+        state.jobs.remove(id);
+        state.inferences.remove(id);
+    }
+    let gone: std::collections::BTreeSet<&JobId> = ids.iter().collect();
+    state.request_ids.retain(|_, job| !gone.contains(job));
+}
+
+/// Record retention (see [`Command::ForgetFinished`]).
+fn forget_finished(state: &mut State, before_unix_ms: u64) -> Applied {
+    let old = |finished: bool, updated: u64| finished && updated < before_unix_ms;
+    let jobs: Vec<JobId> = state
+        .jobs
+        .values()
+        .filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
+        .map(|j| j.id)
+        .chain(state.inferences.values().filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms)).map(|j| j.id))
+        .collect();
+    forget_jobs(state, &jobs);
+    let lapsed = |w: &Worker| w.lost_at_unix_ms.is_some_and(|lost| lost < before_unix_ms) && w.job.is_none();
+    let workers_before = state.workers.len();
+    state.workers.retain(|_, w| !lapsed(w));
+    Applied::Forgotten { jobs: jobs.len(), workers: workers_before - state.workers.len() }
 }
 
 /// A successful job's model becomes the next version of `output.register_as`.

@@ -177,3 +177,35 @@ fn a_command_that_would_not_decode_is_never_logged() {
     let refused = Envelope::new(1, finished).encode().expect_err("NaN is not JSON");
     assert!(matches!(refused, SnapshotError::Unrepresentable(_)), "{refused}");
 }
+
+#[test]
+fn finished_records_are_forgotten_and_the_job_limit_never_locks_submissions_out() {
+    let (mut state, _) = cluster();
+    // job-1 trained the model (Succeeded, updated at t=4); job-3 and job-4 run.
+    let lost = register(&mut state, 30);
+    at(&mut state, 31, Command::WorkerLost { worker_id: lost, last_step_seen: 0 }).expect("lost");
+    let before = at(&mut state, 40, Command::ForgetFinished { before_unix_ms: 35 });
+    assert_eq!(before, Ok(Applied::Forgotten { jobs: 1, workers: 1 }));
+    assert!(!state.jobs.contains_key(&JobId(1)) && state.jobs.contains_key(&JobId(3)), "running jobs stay");
+    assert!(!state.request_ids.values().any(|j| *j == JobId(1)), "its request id is gone too");
+    assert!(!state.workers.contains_key(&lost));
+    assert!(state.models.contains_key("m"), "the model registry keeps its versions");
+    assert_eq!(
+        at(&mut state, 41, Command::ForgetFinished { before_unix_ms: 35 }),
+        Ok(Applied::Forgotten { jobs: 0, workers: 0 })
+    );
+
+    // At the limit: the oldest finished record makes room; with none, the limit refuses.
+    let mut full = State::default();
+    for i in 0..JOBS_MAX as u64 {
+        submit(&mut full, i + 1, &format!("r{i}")).expect("room");
+    }
+    let refused = submit(&mut full, 200_000, "one-more");
+    assert_eq!(refused, Err(Rejected::TooManyJobs { limit: JOBS_MAX }), "every job is unfinished");
+    at(&mut full, 200_001, Command::CancelJob { job_id: JobId(7), reason: String::new() }).expect("cancel");
+    at(&mut full, 200_002, Command::CancelJob { job_id: JobId(5), reason: String::new() }).expect("cancel");
+    let admitted = submit(&mut full, 200_003, "one-more").expect("the oldest finished job made room");
+    assert!(matches!(admitted, Applied::JobSubmitted { duplicate: false, .. }));
+    assert_eq!(full.jobs.len(), JOBS_MAX);
+    assert!(!full.jobs.contains_key(&JobId(7)) && full.jobs.contains_key(&JobId(5)), "job-7 finished first");
+}

@@ -382,6 +382,7 @@ pub(super) fn submit(
     }
     let shards = plan_shards(request.rows, request.workers, request.shard_rows).map_err(Rejected::BadInference)?;
     let (artifact_uri, model_spec, shape) = (version.artifact_uri.clone(), version.spec.model.clone(), version.shape);
+    super::apply::make_room(state);
     let job_id = JobId(state.next_job_id);
     state.next_job_id += 1;
     state.request_ids.insert(client_request_id.clone(), job_id);

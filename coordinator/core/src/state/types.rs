@@ -708,6 +708,12 @@ pub enum Command {
         success: bool,
         reason: String,
     },
+    /// Record retention: forget finished jobs and inference jobs last updated before
+    /// `before_unix_ms` (with their request ids), and workers lost before it. Their objects in
+    /// the store stay (a model version's source checkpoint may be among them).
+    ForgetFinished {
+        before_unix_ms: u64,
+    },
 }
 
 /// The outcome of an applied command.
@@ -740,6 +746,11 @@ pub enum Applied {
     CheckpointRecorded {
         job_id: JobId,
         step: u64,
+    },
+    /// Records forgotten by retention (jobs and inference jobs, workers).
+    Forgotten {
+        jobs: usize,
+        workers: usize,
     },
     /// `job`: the job whose gang must checkpoint now (if the worker was training).
     WorkerInterrupted {
