@@ -18,7 +18,7 @@ use crate::api::jobs::JobApi;
 use crate::api::raft_service::RaftApi;
 use crate::leases::{self, Leases};
 use crate::raft::node::{self, now_unix_ms};
-use crate::raft::replica::{Replica, ReplicaConfig, ReplicaError, SNAPSHOT_EVERY_ENTRIES};
+use crate::raft::replica::{Replica, ReplicaConfig, ReplicaError};
 use crate::raft::storage::RaftStore;
 use crate::raft::transport::PeerTransport;
 
@@ -53,6 +53,8 @@ pub struct CoordinatorConfig {
     /// logs, model artifacts and inference staging. Every coordinator of a cluster and every
     /// worker must reach the same one: on several machines, an `s3://` store.
     pub store_uri: String,
+    /// The state machine is snapshotted (and the log compacted) every this many entries.
+    pub snapshot_every_entries: u64,
     /// Finished jobs and lost workers are forgotten after this long (`ForgetFinished`).
     pub keep_finished: std::time::Duration,
     /// Folders users' `file://` paths may name (training data, inference input and output);
@@ -189,7 +191,8 @@ pub async fn run(
         .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
     let log = RaftStore::open(&config.data_dir.join(RAFT_LOG_FILE)).map_err(ReplicaError::from)?;
     let voters: Vec<u64> = config.peers.keys().copied().collect();
-    let replica_config = ReplicaConfig { id: config.id, voters, snapshot_every_entries: SNAPSHOT_EVERY_ENTRIES };
+    let replica_config =
+        ReplicaConfig { id: config.id, voters, snapshot_every_entries: config.snapshot_every_entries.max(1) };
     let replica = Replica::open(&replica_config, log)?;
     let incarnation = now_unix_ms() ^ (u64::from(std::process::id()) << 40);
     let (handle, task) = node::channel(replica, config.peers.clone(), incarnation);

@@ -66,6 +66,7 @@ async fn start(single: bool) -> Node {
         tls: None,
         data_roots: vec![dir.path().to_path_buf()],
         keep_finished: Duration::from_secs(7 * 24 * 3600),
+        snapshot_every_entries: flotilla_coordinator::raft::replica::SNAPSHOT_EVERY_ENTRIES,
         peer_token: PEER_TOKEN.into(),
         join_token: Some("join-token".into()),
         store_uri: store.clone(),

@@ -48,6 +48,9 @@ pub struct Args {
     /// for a new submission whatever its age.
     #[arg(long, default_value_t = 168)]
     pub keep_finished_h: u64,
+    /// Snapshot the state (and compact the log) every this many entries (tests lower it).
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_EVERY_ENTRIES", default_value_t = flotilla_coordinator::raft::replica::SNAPSHOT_EVERY_ENTRIES, hide = true)]
+    pub snapshot_every_entries: u64,
     /// A folder users' `file://` paths may name (training data, inference input and output),
     /// repeatable; symlinks are resolved before the check. None: users name only s3:// URIs.
     #[arg(long = "data-root", env = "FLOTILLA_DATA_ROOTS", value_delimiter = ',')]
@@ -297,6 +300,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         read_token: args.read_token,
         data_roots: args.data_roots,
         keep_finished: std::time::Duration::from_secs(args.keep_finished_h.saturating_mul(3600)),
+        snapshot_every_entries: args.snapshot_every_entries,
         tls: match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => Some(flotilla_proto::tls::ServerTls::load(cert, key, ca)?),
             (None, None, None) => None,

@@ -3,6 +3,8 @@
 //! One background task per peer drains a bounded queue, encodes messages with raft-rs's own
 //! codec and sends them as one batch. A message that cannot be queued or sent is dropped: Raft
 //! retransmits what matters, and the node is told the peer is unreachable so it backs off.
+//! Snapshot messages go on their own, in chunks (`SendSnapshot`, see [`super::chunks`]): a
+//! state machine larger than one gRPC message still reaches a follower that fell behind.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +26,8 @@ const PEER_QUEUE_MAX: usize = 1024;
 const BATCH_BYTES_MAX: usize = RAFT_MESSAGE_BYTES_MAX / 2;
 /// A send that takes longer counts as a failure.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A snapshot transfer (chunked, possibly gigabytes) that takes longer counts as a failure.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause after a failed send before the next attempt (drops what queued meanwhile beyond it).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -56,8 +60,14 @@ impl PeerTransport {
             let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).timeout(SEND_TIMEOUT).tcp_nodelay(true);
             let client = RaftServiceClient::with_interceptor(endpoint.connect_lazy(), auth.clone())
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+            // Snapshots on their own connection, with a timeout for their size.
+            let snapshots = RaftServiceClient::with_interceptor(
+                endpoint.clone().timeout(SNAPSHOT_TIMEOUT).connect_lazy(),
+                auth.clone(),
+            )
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
             let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), client, rx));
+            tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), client, snapshots, rx));
             queues.insert(id, tx);
         }
         Ok(PeerTransport { queues, node })
@@ -85,11 +95,12 @@ async fn peer_loop(
     node: NodeHandle,
     cluster_id: String,
     mut client: Client,
+    mut snapshot_client: Client,
     mut rx: mpsc::Receiver<Vec<Message>>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut encoded = Vec::new();
-        let mut snapshots = 0;
+        let mut snapshots = Vec::new();
         let mut bytes = encode_into(first, &mut encoded, &mut snapshots);
         while bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
@@ -97,10 +108,18 @@ async fn peer_loop(
                 Err(_) => break,
             }
         }
-        let batch = RaftBatch { cluster_id: cluster_id.clone(), from: node.id, to, messages: encoded };
-        let delivered = client.send(batch).await.is_ok();
-        for _ in 0..snapshots {
-            node.report_snapshot(to, delivered);
+        let mut delivered = true;
+        if !encoded.is_empty() {
+            let batch = RaftBatch { cluster_id: cluster_id.clone(), from: node.id, to, messages: encoded };
+            delivered = client.send(batch).await.is_ok();
+        }
+        for snapshot in snapshots {
+            let sent = send_snapshot(&mut snapshot_client, &cluster_id, node.id, to, snapshot).await;
+            if let Err(e) = &sent {
+                tracing::warn!(peer = to, error = %e, "snapshot transfer failed; raft will send another");
+            }
+            node.report_snapshot(to, sent.is_ok());
+            delivered &= sent.is_ok();
         }
         if !delivered {
             node.report_unreachable(to);
@@ -109,14 +128,34 @@ async fn peer_loop(
     }
 }
 
-/// Encodes `messages` onto `out`; returns the bytes added and counts snapshots in `snapshots`.
-fn encode_into(messages: Vec<Message>, out: &mut Vec<Vec<u8>>, snapshots: &mut usize) -> usize {
+/// Sends one encoded snapshot message to `to` in chunks.
+async fn send_snapshot(
+    client: &mut Client,
+    cluster_id: &str,
+    from: u64,
+    to: u64,
+    encoded: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    use flotilla_proto::v1::SnapshotChunk;
+    let total_bytes = encoded.len() as u64;
+    let chunks: Vec<SnapshotChunk> = super::chunks::chunk(&encoded, super::chunks::SNAPSHOT_CHUNK_BYTES)
+        .into_iter()
+        .map(|data| SnapshotChunk { cluster_id: cluster_id.to_string(), from, to, total_bytes, data: data.to_vec() })
+        .collect();
+    drop(encoded);
+    client.send_snapshot(tokio_stream::iter(chunks)).await.map(|_| ())
+}
+
+/// Encodes `messages`: snapshots onto `snapshots` (sent on their own), the rest onto `out`;
+/// returns the bytes added to `out`.
+fn encode_into(messages: Vec<Message>, out: &mut Vec<Vec<u8>>, snapshots: &mut Vec<Vec<u8>>) -> usize {
     let mut bytes = 0;
     for message in messages {
-        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            *snapshots += 1;
-        }
         let encoded = message.write_to_bytes().expect("encoding a raft message into memory cannot fail");
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            snapshots.push(encoded);
+            continue;
+        }
         bytes += encoded.len();
         out.push(encoded);
     }
