@@ -8,7 +8,8 @@
 #
 # Set-up it does itself: a Python venv in ./.venv with moto (pinned), whose server is the real
 # S3 and EC2 API peer of the storage and provider tests; it runs on a free loopback port during
-# the tests (scripts/moto.sh).
+# the tests (scripts/moto.sh). A second venv, ./.venv-terraform, with python-hcl2 and checkov
+# (pinned) for the offline checks of terraform/ (scripts/terraform_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,5 +40,13 @@ source scripts/moto.sh
 
 step "cargo test"
 cargo test --workspace --locked --features ec2
+
+step "terraform/: parses, checkov clean, IAM exactly the actions the code calls, command lines accepted"
+TF_TOOLS="python-hcl2==8.1.4 checkov==3.3.30"
+if ! .venv-terraform/bin/python -c "import hcl2, checkov" 2>/dev/null; then
+  python3 -m venv .venv-terraform
+  .venv-terraform/bin/pip install --quiet --disable-pip-version-check $TF_TOOLS
+fi
+.venv-terraform/bin/python scripts/terraform_check.py "${CARGO_TARGET_DIR:-target}/debug/flotilla"
 
 step "all checks passed"
