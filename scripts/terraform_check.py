@@ -145,8 +145,8 @@ if binary:
         text = subprocess.run([binary, command, "--help"], capture_output=True, text=True, check=True).stdout
         return set(re.findall(r"(--[a-z0-9-]+)", text))
     # The ExecStart line, plus flags the module splices into it (`--ec2-subnet ZONE=SUBNET`).
-    exec_start = re.search(r"ExecStart=\S+ coordinator (.*)", boot).group(1)
-    exec_start += " " + " ".join(re.findall(r"(--[a-z0-9-]+) ", read("terraform", "coordinators.tf")))
+    exec_line = re.search(r"ExecStart=\S+ coordinator (.*)", boot).group(1)
+    exec_start = exec_line + " " + " ".join(re.findall(r"(--[a-z0-9-]+) ", read("terraform", "coordinators.tf")))
     worker_line = re.search(r"exec flotilla worker (.*)", read("terraform", "templates", "worker.sh.tftpl")).group(1)
     for command, line in [("coordinator", exec_start), ("worker", worker_line)]:
         used = set(re.findall(r"(--[a-z0-9-]+)", line))
@@ -154,6 +154,38 @@ if binary:
         if unknown:
             fail(f"`flotilla {command}` does not accept {sorted(unknown)} (rendered by terraform/templates)")
         print(f"flotilla {command}: the template's {len(used)} flags are all accepted")
+
+    # 6. The rendered coordinator command line passes `flotilla coordinator --check-config`,
+    #    with real certificates made by `flotilla certs` and a shipped price list.
+    import shlex
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = os.path.join(tmp, "tls")
+        for args in (["init"], ["coordinator", "--name", "coordinator", "--host", "10.0.1.10"], ["worker"]):
+            subprocess.run([binary, "certs", *args, "--dir", certs], check=True, capture_output=True)
+        values = {"id": "1", "cluster_id": "check", "region": "us-east-1", "listen": "10.0.1.10:7100",
+                  "peers": "1=10.0.1.10:7100,2=10.0.2.10:7100,3=10.0.3.10:7100", "store_uri": "s3://bucket/cluster",
+                  "worker_ami": "ami-0123", "worker_sg": "sg-0123", "max_instances": "16", "max_usd_per_hour": "20",
+                  "worker_subnets": "--ec2-subnet us-east-1a=subnet-a --ec2-subnet us-east-1b=subnet-b"}
+        line = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], exec_line)
+        line = line.replace("/etc/flotilla/tls/", certs + "/").replace("/var/lib/flotilla", os.path.join(tmp, "data"))
+        line = line.replace("/etc/flotilla/market.csv", sorted(glob.glob(os.path.join(ROOT, "examples", "traces", "*.csv")))[0])
+        env = {"PATH": os.environ.get("PATH", ""), "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_ACCESS_KEY_ID": "check", "AWS_SECRET_ACCESS_KEY": "check"}
+        env.update({f"FLOTILLA_{k}_TOKEN" if k else "FLOTILLA_TOKEN": f"{k or 'api'}-token-of-the-check-0123"
+                    for k in ["", "SUBMIT", "READ", "JOIN", "PEER"]})
+        out = subprocess.run([binary, "coordinator", *shlex.split(line), "--check-config"], capture_output=True,
+                             text=True, env=env)
+        if out.returncode != 0 or "configuration OK" not in out.stdout:
+            fail(f"the rendered coordinator command line fails --check-config: {out.stderr.strip()}\n{line}")
+        else:
+            print("the rendered coordinator command line passes --check-config:", out.stdout.strip())
+        # ... and the check is real: a peer token equal to the API token is refused.
+        env["FLOTILLA_PEER_TOKEN"] = env["FLOTILLA_TOKEN"]
+        out = subprocess.run([binary, "coordinator", *shlex.split(line), "--check-config"], capture_output=True,
+                             text=True, env=env)
+        if out.returncode == 0 or "same secret" not in out.stderr:
+            fail(f"--check-config accepted a peer token equal to the API token: {out.stdout}{out.stderr}")
 else:
     print("no flotilla binary given: command-line flags not checked")
 

@@ -80,6 +80,10 @@ pub struct Args {
     pub local_seed: u64,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
+    /// the EC2 settings) and exit, without starting, binding or contacting anything.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Where the leader buys workers for waiting gangs.
@@ -143,6 +147,7 @@ fn capacity(
     join_token: Option<&str>,
     tls: Option<&flotilla_proto::tls::ServerTls>,
     runtime: &tokio::runtime::Runtime,
+    connect: bool,
 ) -> anyhow::Result<Option<server::Capacity>> {
     use flotilla_coordinator::provider::DynProvider;
     if args.provider == ProviderKind::None {
@@ -161,7 +166,10 @@ fn capacity(
     let provider: std::sync::Arc<dyn DynProvider> = match args.provider {
         ProviderKind::None => return Ok(None),
         ProviderKind::Sim => std::sync::Arc::new(flotilla_coordinator::provider::sim::SimProvider::new(market.clone())),
-        ProviderKind::Ec2 => ec2_provider(args, cluster_id, peers, join_token, tls, runtime)?,
+        ProviderKind::Ec2 => match ec2_provider(args, cluster_id, peers, join_token, tls, runtime, connect)? {
+            Some(provider) => provider,
+            None => return Ok(None), // checked, not connected
+        },
     };
     let config = flotilla_coordinator::autoscaling::AutoscaleConfig {
         limits: flotilla_core::autoscale::Limits {
@@ -189,7 +197,8 @@ fn ec2_provider(
     join_token: Option<&str>,
     tls: Option<&flotilla_proto::tls::ServerTls>,
     runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
+    connect: bool,
+) -> anyhow::Result<Option<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>>> {
     let image_id = args.ec2_image_id.clone().context("--ec2-image-id is required with --provider ec2")?;
     let join_token = join_token.context("--provider ec2 needs a join token for the workers it starts")?;
     let mut subnets = BTreeMap::new();
@@ -222,8 +231,11 @@ fn ec2_provider(
         key_name: args.ec2_key_name.clone(),
         user_data: flotilla_ec2::worker_user_data(&coordinators.join(","), join_token, worker_tls.as_ref()),
     };
+    if !connect {
+        return Ok(None);
+    }
     let provider = runtime.block_on(flotilla_ec2::Ec2Provider::connect(config, flotilla_ec2::Connection::default()))?;
-    Ok(std::sync::Arc::new(provider))
+    Ok(Some(std::sync::Arc::new(provider)))
 }
 
 #[cfg(not(feature = "ec2"))]
@@ -234,7 +246,8 @@ fn ec2_provider(
     _: Option<&str>,
     _: Option<&flotilla_proto::tls::ServerTls>,
     _: &tokio::runtime::Runtime,
-) -> anyhow::Result<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>> {
+    _: bool,
+) -> anyhow::Result<Option<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>>> {
     bail!("this flotilla was built without the EC2 provider; rebuild with `cargo build --release --features ec2`")
 }
 
@@ -260,6 +273,32 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
         bail!("--peers: give 1 to {PEERS_MAX} nodes, e.g. 1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103");
     }
     Ok(peers)
+}
+
+/// `--check-config`: what the node would check at start, short of binding its port and
+/// opening its log and store.
+fn check_config(config: &CoordinatorConfig, capacity: &CapacityArgs) -> anyhow::Result<()> {
+    config.validate()?;
+    flotilla_coordinator::confine::canonical_roots(&config.data_roots).map_err(|e| anyhow::anyhow!(e))?;
+    if !(config.store_uri.starts_with("s3://")
+        || config.store_uri.starts_with("file:///")
+        || config.store_uri.starts_with('/'))
+    {
+        bail!("--store `{}`: an s3://bucket/prefix URI or an absolute local folder", config.store_uri);
+    }
+    if config.api_token.is_empty() {
+        bail!("--token (FLOTILLA_TOKEN) is empty");
+    }
+    println!(
+        "configuration OK: node {} of {} in cluster {}, store {}, TLS {}, provider {:?}",
+        config.id,
+        config.peers.len(),
+        config.cluster_id,
+        config.store_uri,
+        if config.tls.is_some() { "on" } else { "off" },
+        capacity.provider
+    );
+    Ok(())
 }
 
 /// `--store` as given, with a relative local path made absolute (a URI is checked when the
@@ -317,6 +356,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         capacity: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let connect = !args.check_config;
     let config = CoordinatorConfig {
         capacity: capacity(
             &args.capacity,
@@ -325,9 +365,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             config.join_token.as_deref(),
             config.tls.as_ref(),
             &runtime,
+            connect,
         )?,
         ..config
     };
+    if args.check_config {
+        return check_config(&config, &args.capacity);
+    }
     runtime.block_on(async move {
         let shutdown = async {
             super::shutdown_signal().await;
