@@ -50,6 +50,7 @@ resource "aws_instance" "coordinator" {
     region               = var.region
     listen               = "${var.coordinator_private_ips[count.index]}:${var.api_port}"
     peers                = join(",", [for i, ip in var.coordinator_private_ips : "${i + 1}=${ip}:${var.api_port}"])
+    raft_peers           = join(",", [for i, ip in var.coordinator_private_ips : "${i + 1}=${ip}:${var.raft_port}"])
     store_uri            = local.store_uri
     store_bucket         = aws_s3_bucket.store.bucket
     binary_source        = var.binary_source

@@ -1,7 +1,7 @@
-# Security groups. The coordinators serve one gRPC port for the API, the workers and their Raft
-# peers: each service checks its own credentials (API tokens; a worker certificate and the
-# join token; a coordinator certificate and the peer token), so the port is open to the
-# coordinators, the workers and the API CIDRs. The workers' data port is open only among them.
+# Security groups. The coordinators' Raft port (--raft-peers) is open only between
+# coordinators; their API port to the workers and the API CIDRs. The workers' data port is open
+# only among workers. (Each service also checks its own credentials: API tokens; a worker
+# certificate and the join token; a coordinator certificate and the peer token.)
 
 resource "aws_security_group" "coordinator" {
   name_prefix = "flotilla-${var.cluster_id}-coord-"
@@ -15,13 +15,13 @@ resource "aws_security_group" "worker" {
   vpc_id      = var.vpc_id
 }
 
-resource "aws_vpc_security_group_ingress_rule" "coordinator_from_coordinators" {
+resource "aws_vpc_security_group_ingress_rule" "coordinator_raft" {
   security_group_id            = aws_security_group.coordinator.id
-  description                  = "Raft peers (and their API calls)"
+  description                  = "Raft, between coordinators only"
   referenced_security_group_id = aws_security_group.coordinator.id
   ip_protocol                  = "tcp"
-  from_port                    = var.api_port
-  to_port                      = var.api_port
+  from_port                    = var.raft_port
+  to_port                      = var.raft_port
 }
 
 resource "aws_vpc_security_group_ingress_rule" "coordinator_from_workers" {
@@ -67,8 +67,8 @@ resource "aws_vpc_security_group_egress_rule" "coordinator_peers" {
   description                  = "Raft peers"
   referenced_security_group_id = aws_security_group.coordinator.id
   ip_protocol                  = "tcp"
-  from_port                    = var.api_port
-  to_port                      = var.api_port
+  from_port                    = var.raft_port
+  to_port                      = var.raft_port
 }
 
 resource "aws_vpc_security_group_egress_rule" "worker_https" {

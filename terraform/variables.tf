@@ -90,9 +90,15 @@ variable "data_volume_gb" {
 }
 
 variable "api_port" {
-  description = "The coordinators' gRPC port (API, workers and Raft peers share it; each service checks its own credentials)."
+  description = "The coordinators' API port (users and workers)."
   type        = number
   default     = 7100
+}
+
+variable "raft_port" {
+  description = "The coordinators' Raft port (--raft-peers): open only between coordinators."
+  type        = number
+  default     = 7101
 }
 
 variable "data_port" {

@@ -60,6 +60,10 @@ pub struct CoordinatorConfig {
     /// Folders users' `file://` paths may name (training data, inference input and output);
     /// none: no local paths from users (see `confine`).
     pub data_roots: Vec<PathBuf>,
+    /// Every node's Raft address (same ids as `peers`): the Raft service is served only on
+    /// this node's port (at the `listen` address) and peers are reached there, so a firewall can
+    /// keep it between coordinators. `None`: the API port serves Raft too.
+    pub raft_peers: Option<BTreeMap<u64, String>>,
     /// TLS on the API, worker and peer port (`None`: plaintext, tokens in cleartext).
     pub tls: Option<flotilla_proto::tls::ServerTls>,
     /// Replace interrupted or lost workers that the local provider launched (`flotilla up`).
@@ -131,6 +135,7 @@ pub enum CoordinatorError {
 
 impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), CoordinatorError> {
+        raft_port(self)?;
         if self.id == 0 {
             return Err(CoordinatorError::Config("--id must be 1 or more (raft reserves 0)".into()));
         }
@@ -176,6 +181,38 @@ impl CoordinatorConfig {
     }
 }
 
+/// This node's own Raft port, when Raft has addresses of its own.
+fn raft_port(config: &CoordinatorConfig) -> Result<Option<u16>, CoordinatorError> {
+    let Some(raft) = &config.raft_peers else { return Ok(None) };
+    if raft.keys().ne(config.peers.keys()) {
+        return Err(CoordinatorError::Config("--raft-peers must name exactly the nodes of --peers".into()));
+    }
+    let own = raft.get(&config.id).and_then(|addr| addr.rsplit_once(':')).and_then(|(_, port)| port.parse().ok());
+    let port: u16 =
+        own.ok_or_else(|| CoordinatorError::Config(format!("--raft-peers: no HOST:PORT for node {}", config.id)))?;
+    if port == config.listen.port() {
+        return Err(CoordinatorError::Config("--raft-peers: this node's Raft port must differ from --listen's".into()));
+    }
+    Ok(Some(port))
+}
+
+/// A gRPC server with the per-connection limits and, when configured, TLS: every client is
+/// asked for a certificate and none must give one (API clients have none); the Raft service
+/// and the worker calls require theirs.
+fn server_builder(config: &CoordinatorConfig) -> Result<tonic::transport::Server, CoordinatorError> {
+    let builder = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
+        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX);
+    let Some(tls) = &config.tls else { return Ok(builder) };
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    flotilla_proto::tls::install_crypto_provider();
+    let tls_config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        .client_ca_root(Certificate::from_pem(&tls.ca_pem))
+        .client_auth_optional(true);
+    builder.tls_config(tls_config).map_err(|e| CoordinatorError::Config(format!("TLS settings: {e}")))
+}
+
 /// Runs the node until `shutdown` resolves or a fatal error occurs.
 pub async fn run(
     config: CoordinatorConfig,
@@ -199,9 +236,19 @@ pub async fn run(
     let others: BTreeMap<u64, String> =
         config.peers.iter().filter(|(id, _)| **id != config.id).map(|(k, v)| (*k, v.clone())).collect();
     let peer_tls = config.tls.as_ref().map(flotilla_proto::tls::ServerTls::as_client);
-    let transport =
-        PeerTransport::start(handle.clone(), config.cluster_id.clone(), &others, &config.peer_token, peer_tls.as_ref())
-            .map_err(CoordinatorError::Config)?;
+    // With Raft addresses of their own, peers are reached there.
+    let raft_addresses: BTreeMap<u64, String> = match &config.raft_peers {
+        Some(raft) => raft.iter().filter(|(id, _)| **id != config.id).map(|(k, v)| (*k, v.clone())).collect(),
+        None => others.clone(),
+    };
+    let transport = PeerTransport::start(
+        handle.clone(),
+        config.cluster_id.clone(),
+        &raft_addresses,
+        &config.peer_token,
+        peer_tls.as_ref(),
+    )
+    .map_err(CoordinatorError::Config)?;
     let node_task = tokio::spawn(task.run(transport));
 
     let data_roots =
@@ -269,33 +316,39 @@ pub async fn run(
     })
     .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     tracing::info!(id = config.id, listen = %config.listen, peers = ?config.peers, "coordinator starting");
-    let mut builder = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(REQUESTS_PER_CONNECTION_MAX)
-        .max_concurrent_streams(STREAMS_PER_CONNECTION_MAX);
-    match &config.tls {
-        Some(tls) => {
-            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-            flotilla_proto::tls::install_crypto_provider();
-            // Every client is asked for a certificate and none must give one (API clients have
-            // none); the Raft service and the worker calls require theirs.
-            let tls_config = ServerTlsConfig::new()
-                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                .client_ca_root(Certificate::from_pem(&tls.ca_pem))
-                .client_auth_optional(true);
-            builder =
-                builder.tls_config(tls_config).map_err(|e| CoordinatorError::Config(format!("TLS settings: {e}")))?;
-        }
-        None => tracing::warn!("serving without TLS: tokens travel in cleartext (run on a private network)"),
+    if config.tls.is_none() {
+        tracing::warn!("serving without TLS: tokens travel in cleartext (run on a private network)");
     }
-    let server = builder
-        .add_service(jobs)
-        .add_service(cluster)
-        .add_service(registry)
-        .add_service(inference)
-        .add_service(raft)
-        .serve_with_shutdown(config.listen, shutdown);
+    // One shutdown for both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let api =
+        server_builder(&config)?.add_service(jobs).add_service(cluster).add_service(registry).add_service(inference);
+    let (api, peer_server) = match raft_port(&config)? {
+        None => (api.add_service(raft), None),
+        Some(port) => {
+            let addr = SocketAddr::new(config.listen.ip(), port);
+            let served =
+                server_builder(&config)?.add_service(raft).serve_with_shutdown(addr, until_stopped(stopped.clone()));
+            (api, Some((addr, served)))
+        }
+    };
+    let api = api.serve_with_shutdown(config.listen, until_stopped(stopped));
+    let peers = async move {
+        match peer_server {
+            Some((addr, served)) => served.await.map_err(|source| CoordinatorError::Serve { addr, source }),
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        served = server => served.map_err(|source| CoordinatorError::Serve { addr: config.listen, source }),
+        served = api => served.map_err(|source| CoordinatorError::Serve { addr: config.listen, source }),
+        served = peers => served,
         finished = node_task => match finished {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

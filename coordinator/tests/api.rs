@@ -64,6 +64,7 @@ async fn start(single: bool) -> Node {
         submit_token: Some(SUBMIT_TOKEN.into()),
         read_token: Some(READ_TOKEN.into()),
         tls: None,
+        raft_peers: None,
         data_roots: vec![dir.path().to_path_buf()],
         keep_finished: Duration::from_secs(7 * 24 * 3600),
         snapshot_every_entries: flotilla_coordinator::raft::replica::SNAPSHOT_EVERY_ENTRIES,

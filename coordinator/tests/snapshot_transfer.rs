@@ -1,6 +1,7 @@
 //! A coordinator that joins late catches up through a snapshot sent in chunks (`SendSnapshot`):
 //! three real nodes on loopback, the log compacted every 10 entries, the third node started
 //! only after 60 submissions were committed by the other two. It must then serve every job.
+//! Raft runs on ports of its own (`raft_peers`): the API ports do not serve it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,7 +21,13 @@ fn free_address() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
-fn config(id: u64, peers: &BTreeMap<u64, String>, dir: &std::path::Path) -> CoordinatorConfig {
+/// Raft on ports of its own (`raft_peers`), apart from the API ports (`peers`).
+fn config(
+    id: u64,
+    peers: &BTreeMap<u64, String>,
+    raft_peers: &BTreeMap<u64, String>,
+    dir: &std::path::Path,
+) -> CoordinatorConfig {
     CoordinatorConfig {
         id,
         listen: peers[&id].parse().expect("address"),
@@ -34,6 +41,7 @@ fn config(id: u64, peers: &BTreeMap<u64, String>, dir: &std::path::Path) -> Coor
         join_token: None,
         store_uri: dir.join("store").display().to_string(),
         tls: None,
+        raft_peers: Some(raft_peers.clone()),
         data_roots: Vec::new(),
         keep_finished: Duration::from_secs(3600),
         snapshot_every_entries: 10,
@@ -46,10 +54,11 @@ fn config(id: u64, peers: &BTreeMap<u64, String>, dir: &std::path::Path) -> Coor
 async fn a_late_node_catches_up_through_a_chunked_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, free_address().to_string())).collect();
+    let raft_peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, free_address().to_string())).collect();
     let mut stops = Vec::new();
     for id in [1, 2] {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::run(config(id, &peers, dir.path()), async move {
+        tokio::spawn(server::run(config(id, &peers, &raft_peers, dir.path()), async move {
             let _ = stopped.await;
         }));
         stops.push(stop);
@@ -74,7 +83,7 @@ async fn a_late_node_catches_up_through_a_chunked_snapshot() {
 
     // Node 3 starts with an empty log; the leader's log is compacted past its start.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::run(config(3, &peers, dir.path()), async move {
+    tokio::spawn(server::run(config(3, &peers, &raft_peers, dir.path()), async move {
         let _ = stopped.await;
     }));
     stops.push(stop);
@@ -94,5 +103,16 @@ async fn a_late_node_catches_up_through_a_chunked_snapshot() {
         assert!(started.elapsed() < Duration::from_secs(30), "node 3 never caught up: {listed:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The API port does not serve Raft (a firewall keeps the Raft ports between coordinators).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", peers[&1]))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let auth = flotilla_proto::auth::BearerAuth::new("a-peer-token-for-the-test").expect("token");
+    let mut raft = flotilla_proto::v1::raft_service_client::RaftServiceClient::with_interceptor(channel, auth);
+    let batch = flotilla_proto::v1::RaftBatch { cluster_id: "snapshots".into(), from: 2, to: 1, messages: Vec::new() };
+    let refused = raft.send(batch).await.expect_err("not served on the API port");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
     drop(stops);
 }

@@ -51,6 +51,11 @@ pub struct Args {
     /// Snapshot the state (and compact the log) every this many entries (tests lower it).
     #[arg(long, env = "FLOTILLA_SNAPSHOT_EVERY_ENTRIES", default_value_t = flotilla_coordinator::raft::replica::SNAPSHOT_EVERY_ENTRIES, hide = true)]
     pub snapshot_every_entries: u64,
+    /// Every node's Raft address, ID=HOST:PORT,... (the same ids as --peers): this node serves
+    /// the Raft service only on its own port (at the --listen address), so a firewall can keep
+    /// it between coordinators. Default: the API port serves Raft too.
+    #[arg(long, env = "FLOTILLA_RAFT_PEERS")]
+    pub raft_peers: Option<String>,
     /// A folder users' `file://` paths may name (training data, inference input and output),
     /// repeatable; symlinks are resolved before the check. None: users name only s3:// URIs.
     #[arg(long = "data-root", env = "FLOTILLA_DATA_ROOTS", value_delimiter = ',')]
@@ -338,6 +343,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         submit_token: args.submit_token,
         read_token: args.read_token,
         data_roots: args.data_roots,
+        raft_peers: args.raft_peers.as_deref().map(parse_peers).transpose()?,
         keep_finished: std::time::Duration::from_secs(args.keep_finished_h.saturating_mul(3600)),
         snapshot_every_entries: args.snapshot_every_entries,
         tls: match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
