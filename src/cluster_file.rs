@@ -108,10 +108,7 @@ impl ClusterFile {
 
 /// `bytes` random bytes from the kernel, as lower-case hex: tokens, cluster ids, request ids.
 pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).context("cannot read /dev/urandom")?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    flotilla_proto::auth::random_hex(bytes).context("cannot read /dev/urandom")
 }
 
 /// The folder holding the local cluster: `FLOTILLA_HOME`, else `./.flotilla`.

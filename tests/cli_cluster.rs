@@ -2,20 +2,9 @@
 //! cluster in a temporary FLOTILLA_HOME.
 
 use std::path::Path;
-use std::process::Output;
 
 mod common;
-use common::{Down, run as flotilla};
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
+use common::{Down, ok, run as flotilla};
 
 #[test]
 fn up_submit_status_down_and_up_again_keeps_jobs() {

@@ -4,7 +4,6 @@
 //! anything but a coordinator's certificate.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use flotilla_proto::client::ApiClient;
@@ -14,17 +13,7 @@ use flotilla_proto::v1::{ListJobsRequest, RaftBatch, RegisterWorkerRequest, Work
 use flotilla_proto::{ApiError, ErrorKind};
 
 mod common;
-use common::{Down, run as flotilla};
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
+use common::{Down, ok, run as flotilla};
 
 async fn list_jobs(mut client: ApiClient) -> Result<usize, ApiError> {
     client.deadline = Duration::from_secs(2);

@@ -141,20 +141,18 @@ async fn sweep_unrecorded(store: &Location, job_id: JobId, recorded: &BTreeSet<S
 /// How often the leader looks for records to forget.
 const RECORDS_PASS_EVERY: Duration = Duration::from_secs(60);
 
-/// Whether anything is older than `before_unix_ms` and finished (or lost).
-fn forgettable(state: &State, before_unix_ms: u64) -> bool {
-    let old = |finished: bool, updated: u64| finished && updated < before_unix_ms;
-    state.jobs.values().any(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
-        || state.inferences.values().any(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
-        || state.workers.values().any(|w| w.job.is_none() && w.lost_at_unix_ms.is_some_and(|t| t < before_unix_ms))
-}
-
 /// The leader forgets records older than `keep` (checked every minute and at start).
 pub async fn records_loop(node: NodeHandle, keep: Duration) {
     loop {
         if node.status().leader_id == Some(node.id) {
             let before_unix_ms = crate::raft::node::now_unix_ms().saturating_sub(keep.as_millis() as u64);
-            let due = node.read_local(move |state| forgettable(state, before_unix_ms)).await.unwrap_or(false);
+            let due = node
+                .read_local(move |state| {
+                    let (jobs, workers) = state.forgettable(before_unix_ms);
+                    !jobs.is_empty() || !workers.is_empty()
+                })
+                .await
+                .unwrap_or(false);
             if due {
                 match node.propose(Command::ForgetFinished { before_unix_ms }).await {
                     Ok(outcome) => tracing::info!(?outcome, keep_h = keep.as_secs() / 3600, "forgot old records"),

@@ -135,6 +135,20 @@ pub fn worker_credential(metadata: &MetadataMap) -> Option<Result<(&str, &str), 
     }))
 }
 
+/// Fills `buf` from the kernel's random source: the one source of every secret, token, nonce
+/// and request id in Flotilla.
+pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf))
+}
+
+/// `bytes` random bytes as lower-case hex.
+pub fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    random_bytes(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Whether `a` and `b` are equal, in time independent of where they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
     constant_time_eq(a.as_bytes(), b.as_bytes())

@@ -10,13 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/moto.sh
-if [ "${FLOTILLA_BENCH_PROFILE:-release}" = dev ]; then
-  cargo build --quiet
-  flotilla="${CARGO_TARGET_DIR:-target}/debug/flotilla"
-else
-  cargo build --release --quiet
-  flotilla="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh
 params="${1:-2000000}" repeats="${2:-5}"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
 export AWS_ENDPOINT_URL="$FLOTILLA_MOTO_ENDPOINT" AWS_ENDPOINT="$FLOTILLA_MOTO_ENDPOINT"

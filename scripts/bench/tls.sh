@@ -11,13 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ops="${1:-1000}"
-if [ "${FLOTILLA_BENCH_PROFILE:-release}" = dev ]; then
-  cargo build --quiet
-  bin="${CARGO_TARGET_DIR:-target}/debug/flotilla"
-else
-  cargo build --release --quiet
-  bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh
+bin="$flotilla"
 work=$(mktemp -d)
 trap 'for h in "$work"/*/.flotilla; do FLOTILLA_HOME="$h" "$bin" down --purge >/dev/null 2>&1 || true; done; rm -rf "$work"' EXIT
 results="$work/results.jsonl"

@@ -285,12 +285,8 @@ pub fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 fn check_config(config: &CoordinatorConfig, capacity: &CapacityArgs) -> anyhow::Result<()> {
     config.validate()?;
     flotilla_coordinator::confine::canonical_roots(&config.data_roots).map_err(|e| anyhow::anyhow!(e))?;
-    if !(config.store_uri.starts_with("s3://")
-        || config.store_uri.starts_with("file:///")
-        || config.store_uri.starts_with('/'))
-    {
-        bail!("--store `{}`: an s3://bucket/prefix URI or an absolute local folder", config.store_uri);
-    }
+    // The store's own parsing (it opens no connection; the node probes the store at start).
+    flotilla_store::open(&config.store_uri).with_context(|| format!("--store {}", config.store_uri))?;
     if config.api_token.is_empty() {
         bail!("--token (FLOTILLA_TOKEN) is empty");
     }

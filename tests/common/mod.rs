@@ -21,6 +21,17 @@ pub fn run(home: &Path, args: &[&str]) -> Output {
     command(home).args(args).output().expect("the flotilla binary runs")
 }
 
+/// The standard output of a command that must have succeeded (else its output, in the panic).
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
 /// Stops and deletes the cluster even when an assertion fails.
 pub struct Down<'a>(pub &'a Path);
 

@@ -130,7 +130,7 @@ impl ClusterService for ClusterApi {
         worker_auth::check_certificate(&request, self.tls)?;
         worker_auth::check_join_token(request.metadata(), self.join_token.as_deref())?;
         let info = capabilities(request.into_inner().capabilities)?;
-        let (secret, credential_sha256) = worker_auth::issue(&worker_auth::random_secret()?);
+        let (secret, credential_sha256) = worker_auth::issue(worker_auth::random_secret()?);
         match self.node.propose(Command::RegisterWorker { info, credential_sha256 }).await.map_err(status)? {
             Applied::WorkerRegistered { worker_id } => {
                 self.leases.renew(worker_id, None);
@@ -346,10 +346,7 @@ impl ClusterService for ClusterApi {
         let leases = self.leases.clone();
         let request = request.into_inner();
         let limit = super::page_limit(request.limit);
-        let after = match request.page_token.as_str() {
-            "" => None,
-            token => Some(token.parse::<WorkerId>().map_err(|_| super::bad_page_token(token))?),
-        };
+        let after: Option<WorkerId> = super::page_after(&request.page_token)?;
         let (workers, next) = self
             .node
             .read(move |state| {

@@ -183,10 +183,7 @@ impl InferenceService for InferenceApi {
         let now = now_unix_ms();
         let request = request.into_inner();
         let limit = super::page_limit(request.limit);
-        let after = match request.page_token.as_str() {
-            "" => None,
-            token => Some(token.parse::<JobId>().map_err(|_| super::bad_page_token(token))?),
-        };
+        let after: Option<JobId> = super::page_after(&request.page_token)?;
         let (inferences, next) = self
             .node
             .read(move |state| {

@@ -40,6 +40,14 @@ pub(crate) fn page<K: Ord + Clone, T>(
     (items.into_iter().map(|(_, t)| t).collect(), next)
 }
 
+/// The key a page token names (`None`: the first page), for lists keyed by an id.
+pub(crate) fn page_after<K: std::str::FromStr>(token: &str) -> Result<Option<K>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token.parse().map(Some).map_err(|_| bad_page_token(token))
+}
+
 /// A malformed page token.
 pub(crate) fn bad_page_token(token: &str) -> Status {
     status(ApiError::new(

@@ -18,21 +18,17 @@ use tonic::{Request, Status};
 use super::status;
 use crate::raft::node::NodeHandle;
 
-/// A new credential: `(credential to hand out, digest to record)`.
-pub(crate) fn issue(worker_secret: &[u8; 32]) -> (String, String) {
-    let secret: String = worker_secret.iter().map(|b| format!("{b:02x}")).collect();
+/// A new credential for a secret (hex): `(secret, digest to record)`.
+pub(crate) fn issue(secret: String) -> (String, String) {
     let digest = sha256_hex(&secret);
     (secret, digest)
 }
 
-/// 32 bytes from the kernel's random source.
-pub(crate) fn random_secret() -> Result<[u8; 32], Status> {
-    use std::io::Read;
-    let mut secret = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut secret)).map_err(|e| {
+/// A fresh secret: 32 bytes from the kernel's random source, as hex.
+pub(crate) fn random_secret() -> Result<String, Status> {
+    auth::random_hex(32).map_err(|e| {
         status(ApiError::new(ErrorKind::Internal, format!("cannot read /dev/urandom for a worker credential: {e}")))
-    })?;
-    Ok(secret)
+    })
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -132,12 +128,14 @@ mod tests {
 
     #[test]
     fn a_credential_is_checked_by_its_digest_only() {
-        let (secret, digest) = issue(&[7u8; 32]);
-        assert_eq!(secret, "07".repeat(32));
+        let (secret, digest) = issue("07".repeat(32));
         assert_eq!(digest.len(), 64);
         assert_ne!(digest, secret);
         assert_eq!(sha256_hex(&secret), digest);
-        assert_ne!(issue(&[8u8; 32]).1, digest);
+        assert_ne!(issue("08".repeat(32)).1, digest);
+        let fresh = random_secret().expect("random");
+        assert_eq!(fresh.len(), 64);
+        assert_ne!(fresh, random_secret().expect("random"));
     }
 
     #[test]

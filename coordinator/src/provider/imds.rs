@@ -90,9 +90,8 @@ fn token_mac(key: &[u8; 32], expires: u64) -> String {
 /// A key from the kernel's random source; should it be unreadable, one from the clock and the
 /// pid (the endpoint is local and its tokens only gate this instance's metadata).
 fn random_key() -> [u8; 32] {
-    use std::io::Read;
     let mut key = [0u8; 32];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).is_err() {
+    if flotilla_proto::auth::random_bytes(&mut key).is_err() {
         use sha2::Digest;
         let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
         key = sha2::Sha256::digest(seed.as_bytes()).into();
@@ -211,10 +210,8 @@ impl Server {
     fn token_valid(&self, token: &str) -> bool {
         let Some((expires, mac)) = token.split_once('.') else { return false };
         let Ok(expires) = u64::from_str_radix(expires, 16) else { return false };
-        let expected = token_mac(&self.token_key, expires);
-        let same = expected.len() == mac.len()
-            && expected.bytes().zip(mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        same && u128::from(expires) > self.started.elapsed().as_nanos()
+        flotilla_proto::auth::same_secret(&token_mac(&self.token_key, expires), mac)
+            && u128::from(expires) > self.started.elapsed().as_nanos()
     }
 
     /// When the instance will be taken, if an interruption is scheduled and due to be announced.

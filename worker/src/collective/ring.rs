@@ -378,37 +378,36 @@ struct Accepted {
 /// A fresh gang secret (for gangs formed without a coordinator: `flotilla train`, benchmarks).
 pub fn random_secret() -> Result<Vec<u8>, CollectiveError> {
     let mut secret = vec![0u8; GANG_SECRET_LEN];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut secret))
+    flotilla_proto::auth::random_bytes(&mut secret)
         .map_err(|e| CollectiveError::Rendezvous(format!("cannot read /dev/urandom for a gang secret: {e}")))?;
     Ok(secret)
 }
 
 fn nonce() -> Result<[u8; NONCE_LEN], CollectiveError> {
     let mut nonce = [0u8; NONCE_LEN];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut nonce))
+    flotilla_proto::auth::random_bytes(&mut nonce)
         .map_err(|e| CollectiveError::Rendezvous(format!("cannot read /dev/urandom for a nonce: {e}")))?;
     Ok(nonce)
 }
 
-/// HMAC-SHA256 over the link's transcript, for one side (`role`).
-fn mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
+/// HMAC-SHA256 over the link's transcript, for one side (`role`), not yet finalized.
+fn transcript_mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
     for part in [role, hello, nonce_a] {
         mac.update(part);
     }
-    mac.finalize().into_bytes().into()
+    mac
+}
+
+fn mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
+    use hmac::Mac;
+    transcript_mac(secret, role, hello, nonce_a).finalize().into_bytes().into()
 }
 
 fn mac_matches(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8], presented: &[u8]) -> bool {
     use hmac::Mac;
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-    for part in [role, hello, nonce_a] {
-        mac.update(part);
-    }
-    mac.verify_slice(presented).is_ok() // constant time
+    transcript_mac(secret, role, hello, nonce_a).verify_slice(presented).is_ok() // constant time
 }
 
 /// Stale or foreign connections are worth a line on stderr; the worker has no logger here.

@@ -472,19 +472,29 @@ fn forget_jobs(state: &mut State, ids: &[JobId]) {
 
 /// Record retention (see [`Command::ForgetFinished`]).
 fn forget_finished(state: &mut State, before_unix_ms: u64) -> Applied {
-    let old = |finished: bool, updated: u64| finished && updated < before_unix_ms;
-    let jobs: Vec<JobId> = state
-        .jobs
-        .values()
-        .filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms))
-        .map(|j| j.id)
-        .chain(state.inferences.values().filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms)).map(|j| j.id))
-        .collect();
+    let (jobs, workers) = state.forgettable(before_unix_ms);
     forget_jobs(state, &jobs);
-    let lapsed = |w: &Worker| w.lost_at_unix_ms.is_some_and(|lost| lost < before_unix_ms) && w.job.is_none();
-    let workers_before = state.workers.len();
-    state.workers.retain(|_, w| !lapsed(w));
-    Applied::Forgotten { jobs: jobs.len(), workers: workers_before - state.workers.len() }
+    for worker in &workers {
+        state.workers.remove(worker);
+    }
+    Applied::Forgotten { jobs: jobs.len(), workers: workers.len() }
+}
+
+impl State {
+    /// What record retention would forget at `before_unix_ms` (see [`Command::ForgetFinished`]):
+    /// finished jobs and inference jobs last updated before it, and workers lost before it.
+    pub fn forgettable(&self, before_unix_ms: u64) -> (Vec<JobId>, Vec<WorkerId>) {
+        let old = |finished: bool, updated: u64| finished && updated < before_unix_ms;
+        let training = self.jobs.values().filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms)).map(|j| j.id);
+        let inference =
+            self.inferences.values().filter(|j| old(j.state.is_terminal(), j.updated_at_unix_ms)).map(|j| j.id);
+        let workers = self
+            .workers
+            .values()
+            .filter(|w| w.job.is_none() && w.lost_at_unix_ms.is_some_and(|lost| lost < before_unix_ms))
+            .map(|w| w.id);
+        (training.chain(inference).collect(), workers.collect())
+    }
 }
 
 /// A successful job's model becomes the next version of `output.register_as`.

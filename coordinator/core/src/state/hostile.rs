@@ -7,7 +7,7 @@
 //! here, and check the same two things: applying them never panics, and never changes a job
 //! the reporter is not part of ([`is_part_of`]).
 
-use super::inference::{ShardState, ShardStats, attempt_object};
+use super::inference::{ShardStats, attempt_object};
 use super::types::*;
 use crate::ids::{JobId, WorkerId};
 
@@ -125,18 +125,14 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
 }
 
 /// Whether `worker` takes part in `job_id` (training: its current or just-ended gang;
-/// inference: a member, or the holder of one of its shards' attempts): the only jobs its
-/// reports may change.
+/// inference: a member, or the holder of one of its shards' attempts, the current lease's
+/// included): the only jobs its reports may change.
 pub fn is_part_of(state: &State, worker: WorkerId, job_id: JobId) -> bool {
     if let Some(job) = state.jobs.get(&job_id) {
         return job.is_member(worker);
     }
     state.inferences.get(&job_id).is_some_and(|job| {
-        job.members.contains(&worker)
-            || job.shards.iter().any(|s| {
-                s.holders.iter().any(|(_, w)| *w == worker)
-                    || matches!(s.state, ShardState::Leased { worker: w, .. } if w == worker)
-            })
+        job.members.contains(&worker) || job.shards.iter().any(|s| s.holders.iter().any(|(_, w)| *w == worker))
     })
 }
 
