@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run, worker_pid};
+use common::{gang, json, logs, run, status, submit, wait_for, worker_pid};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -50,33 +50,6 @@ fn assert_accurate(done: &Value) {
     assert!(accuracy >= 0.90, "validation accuracy {accuracy}: {done}");
 }
 
-fn json(home: &Path, args: &[&str]) -> Value {
-    let out = run(home, args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    serde_json::from_str(text.lines().last().expect("output")).expect("JSON")
-}
-
-fn status(home: &Path, job: &str) -> Value {
-    json(home, &["status", job, "-o", "json"])
-}
-
-fn wait_for(home: &Path, job: &str, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let s = status(home, job);
-        if done(&s) {
-            return s;
-        }
-        assert!(s["state"] != "Failed" && s["state"] != "Cancelled", "{job} ended while waiting for {what}: {s}");
-        if started.elapsed() >= limit {
-            let workers = String::from_utf8_lossy(&run(home, &["workers"]).stdout).to_string();
-            panic!("{job}: no {what} after {limit:?}: {s}\n{workers}\n{}", logs(home, job));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn mnist() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz")
 }
@@ -95,30 +68,6 @@ fn write_spec(dir: &Path, name: &str, epochs: u32, every_steps: u64) -> PathBuf 
     )
     .expect("spec");
     spec
-}
-
-fn submit(home: &Path, spec: &Path) -> String {
-    let out = run(home, &["submit", spec.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("job id").trim().to_string()
-}
-
-/// The workers of `job`'s current gang, as `flotilla workers` lists them.
-fn gang(home: &Path, job: &str) -> Vec<String> {
-    let workers = json(home, &["workers", "-o", "json"]);
-    let mut ids: Vec<String> = workers
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|w| w["job_id"] == job && w["state"] == "Busy")
-        .map(|w| w["id"].as_str().expect("id").to_string())
-        .collect();
-    ids.sort();
-    ids
-}
-
-fn logs(home: &Path, job: &str) -> String {
-    String::from_utf8_lossy(&run(home, &["logs", job]).stdout).to_string()
 }
 
 /// Numbers that follow `prefix` on each log line that has it.

@@ -5,8 +5,8 @@
 //! name the same fields.
 
 use flotilla_core::spec::{
-    CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, ModelSpec, OptimizerSpec,
-    OutputSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
+    CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, ModelSpec, NoticeSignal,
+    OptimizerSpec, OutputSpec, RunSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
 };
 
 use crate::v1;
@@ -27,12 +27,31 @@ pub fn model_from_proto(model: v1::ModelSpec) -> Option<ModelSpec> {
     })
 }
 
-pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
-    let format = match spec.data.format {
+fn data_to_proto(data: &DataSpec) -> v1::DataSpec {
+    let format = match data.format {
         DataFormat::Csv => v1::DataFormat::Csv,
         DataFormat::Idx => v1::DataFormat::Idx,
         DataFormat::Synthetic => v1::DataFormat::Synthetic,
     };
+    v1::DataSpec {
+        train: data.train.to_string(),
+        validation: data.validation.as_ref().map(ToString::to_string),
+        format: format.into(),
+        validation_fraction: data.validation_fraction,
+    }
+}
+
+fn run_to_proto(run: &RunSpec) -> v1::RunSpec {
+    v1::RunSpec {
+        command: run.command.clone(),
+        workdir: run.workdir.clone().unwrap_or_default(),
+        procs_per_worker: run.procs_per_worker,
+        notice_signal: run.notice_signal.name().to_string(),
+        env: run.env.clone().into_iter().collect(),
+    }
+}
+
+pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
     let length = match spec.train.length {
         TrainLength::Epochs(n) => v1::train_spec::Length::Epochs(n),
         TrainLength::Steps(n) => v1::train_spec::Length::Steps(n),
@@ -44,13 +63,9 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
     v1::JobSpec {
         name: spec.name.clone(),
         priority: spec.priority,
-        model: Some(model_to_proto(&spec.model)),
-        data: Some(v1::DataSpec {
-            train: spec.data.train.to_string(),
-            validation: spec.data.validation.as_ref().map(ToString::to_string),
-            format: format.into(),
-            validation_fraction: spec.data.validation_fraction,
-        }),
+        model: spec.model.as_ref().map(model_to_proto),
+        data: spec.data.as_ref().map(data_to_proto),
+        run: spec.run.as_ref().map(run_to_proto),
         train: Some(v1::TrainSpec {
             length: Some(length),
             batch_size: spec.train.batch_size,
@@ -83,16 +98,42 @@ fn uri(field: &str, text: &str) -> Result<DataUri, SpecError> {
     })
 }
 
-/// A wire spec -> a validated core spec. Errors name the TOML field (`workers.min`).
-pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
-    let model = pb.model.and_then(model_from_proto).ok_or_else(|| missing("model.kind"))?;
-    let data = pb.data.ok_or_else(|| missing("data"))?;
+fn data_from_proto(data: v1::DataSpec) -> Result<DataSpec, SpecError> {
     let format = match v1::DataFormat::try_from(data.format) {
         Ok(v1::DataFormat::Csv) => DataFormat::Csv,
         Ok(v1::DataFormat::Idx) => DataFormat::Idx,
         Ok(v1::DataFormat::Synthetic) => DataFormat::Synthetic,
         Ok(v1::DataFormat::Unspecified) | Err(_) => return Err(missing("data.format")),
     };
+    Ok(DataSpec {
+        train: uri("data.train", &data.train)?,
+        validation: data.validation.as_deref().map(|v| uri("data.validation", v)).transpose()?,
+        format,
+        validation_fraction: data.validation_fraction,
+    })
+}
+
+fn run_from_proto(run: v1::RunSpec) -> Result<RunSpec, SpecError> {
+    let notice_signal = NoticeSignal::from_name(&run.notice_signal).ok_or_else(|| {
+        SpecError::Invalid(vec![FieldError {
+            field: "run.notice_signal".into(),
+            message: format!("`{}` is not allowed; use one of {}", run.notice_signal, NoticeSignal::NAMES.join(", ")),
+        }])
+    })?;
+    Ok(RunSpec {
+        command: run.command,
+        workdir: Some(run.workdir).filter(|w| !w.is_empty()),
+        procs_per_worker: run.procs_per_worker,
+        notice_signal,
+        env: run.env.into_iter().collect(),
+    })
+}
+
+/// A wire spec -> a validated core spec. Errors name the TOML field (`workers.min`).
+pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
+    let model = pb.model.map(|m| model_from_proto(m).ok_or_else(|| missing("model.kind"))).transpose()?;
+    let data = pb.data.map(data_from_proto).transpose()?;
+    let run = pb.run.map(run_from_proto).transpose()?;
     let train = pb.train.ok_or_else(|| missing("train"))?;
     let length = match train.length.ok_or_else(|| missing("train.epochs"))? {
         v1::train_spec::Length::Epochs(n) => TrainLength::Epochs(n),
@@ -110,12 +151,8 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
         name: pb.name,
         priority: pb.priority,
         model,
-        data: DataSpec {
-            train: uri("data.train", &data.train)?,
-            validation: data.validation.as_deref().map(|v| uri("data.validation", v)).transpose()?,
-            format,
-            validation_fraction: data.validation_fraction,
-        },
+        data,
+        run,
         train: TrainSpec {
             length,
             batch_size: train.batch_size,
@@ -294,7 +331,27 @@ mod tests {
 
         let mut pb = spec_to_proto(&spec);
         pb.model = None;
-        assert_eq!(spec_from_proto(pb).expect_err("no model").fields(), ["model.kind"]);
+        assert_eq!(spec_from_proto(pb).expect_err("no model").fields(), ["model"]);
+
+        // A command job crosses the wire intact, and its fields are checked there too.
+        let digest = "0f".repeat(32);
+        let command = JobSpec::from_toml_str(&format!(
+            "name = \"c\"\nworkers = {{ min = 2 }}\n[run]\ncommand = [\"python3\", \"t.py\"]\n\
+             workdir = \"s3://b/w/workdirs/{digest}.tar.gz\"\nenv = {{ A = \"1\" }}\n"
+        ))
+        .expect("valid command job");
+        assert_eq!(spec_from_proto(spec_to_proto(&command)).expect("round trip"), command);
+        let mut pb = spec_to_proto(&command);
+        if let Some(run) = pb.run.as_mut() {
+            run.env.insert("RANK".into(), "7".into());
+            run.notice_signal = "SIGKILL".into();
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("bad signal").fields(), ["run.notice_signal"]);
+        let mut pb = spec_to_proto(&command);
+        if let Some(run) = pb.run.as_mut() {
+            run.env.insert("RANK".into(), "7".into());
+        }
+        assert_eq!(spec_from_proto(pb).expect_err("reserved name").fields(), ["run.env.RANK"]);
 
         let mut pb = spec_to_proto(&spec);
         if let Some(d) = pb.data.as_mut() {

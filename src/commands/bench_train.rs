@@ -65,7 +65,7 @@ impl<C: Communicator> Communicator for Timed<C> {
 fn measure(world: usize, steps: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     const WARMUP: usize = 10;
     let spec = JobSpec::from_toml_str(SPEC).context("benchmark spec")?;
-    let train = Arc::new(data::load_job_data(&spec.data, spec.train.seed)?.train);
+    let train = Arc::new(data::load_job_data(spec.built_in()?.1, spec.train.seed)?.train);
     let gang = loopback_gang(world, Duration::from_secs(60))?;
     let handles: Vec<_> = gang
         .into_iter()

@@ -44,9 +44,15 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
         Err(LoadError::Io(e)) => return Err(e),
         Err(LoadError::Spec(e)) => anyhow::bail!("{}: {e}", args.spec.display()),
     };
+    let mut spec = spec;
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
+    if let Some(run) = spec.run.as_mut()
+        && let Some(folder) = run.workdir.clone().filter(|w| w.starts_with('/'))
+    {
+        run.workdir = Some(runtime.block_on(upload_workdir(&mut client, std::path::Path::new(&folder)))?);
+    }
     let request =
         SubmitJobRequest { spec: Some(spec_to_proto(&spec)), client_request_id: cluster_file::random_hex(16)? };
     let response = runtime
@@ -67,6 +73,41 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
         }
         _ => Ok(()),
     }
+}
+
+/// Workdir upload chunks (well under the API's message limit).
+const WORKDIR_CHUNK_BYTES: usize = 1 << 20;
+
+/// Packs `folder` and stores it in the cluster store through the API (content-addressed: an
+/// unchanged folder is not sent twice); returns the URI for run.workdir.
+async fn upload_workdir(client: &mut ApiClient, folder: &std::path::Path) -> anyhow::Result<String> {
+    let max = flotilla_core::spec::run::WORKDIR_BYTES_MAX;
+    let packed = flotilla_worker::workdir::pack(folder, max)?;
+    let total = packed.archive.len() as u64;
+    let chunks: Vec<v1::WorkdirChunk> = packed
+        .archive
+        .chunks(WORKDIR_CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, data)| v1::WorkdirChunk {
+            sha256: if i == 0 { packed.sha256.clone() } else { String::new() },
+            total_bytes: if i == 0 { total } else { 0 },
+            data: data.to_vec(),
+        })
+        .collect();
+    let uploaded = client
+        .call(|mut c| {
+            let chunks = chunks.clone();
+            async move { c.upload_workdir(tokio_stream::iter(chunks)).await }
+        })
+        .await
+        .with_context(|| format!("uploading run.workdir {}", folder.display()))?;
+    eprintln!(
+        "workdir {} ({total} bytes packed){}: {}",
+        folder.display(),
+        if uploaded.written { "" } else { " already in the cluster store" },
+        uploaded.uri
+    );
+    Ok(uploaded.uri)
 }
 
 /// Streams the job's progress to stderr until it ends; returns its final status.

@@ -1,7 +1,6 @@
 //! One module per subcommand (or group): argument structs + `run` functions. Shared helpers
 //! for reading job specs live in `spec_file`.
 
-pub mod assignments;
 pub mod bench;
 pub mod bench_checkpoint;
 pub mod bench_collective;
@@ -13,7 +12,6 @@ pub mod certs;
 pub mod cluster;
 pub mod coordinator;
 pub mod infer;
-pub mod infer_worker;
 pub mod jobs;
 pub mod models;
 pub mod spec_file;

@@ -51,14 +51,19 @@ fn spec_folder(path: &Path) -> anyhow::Result<PathBuf> {
 /// Local data files named by the spec that do not exist: a spec that points at nothing would
 /// only fail later, on a worker, after capacity was bought.
 fn missing_local_files(spec: &JobSpec) -> Vec<FieldError> {
-    let uris = [("data.train", Some(&spec.data.train)), ("data.validation", spec.data.validation.as_ref())];
-    uris.into_iter()
-        .filter_map(|(field, uri)| match uri? {
+    let workdir = spec.command().and_then(|r| r.workdir.as_deref()).filter(|w| w.starts_with('/'));
+    let missing_workdir = workdir.filter(|w| !Path::new(w).is_dir()).map(|w| FieldError {
+        field: "run.workdir".into(),
+        message: format!("folder {w} does not exist (relative paths are resolved against the spec's folder)"),
+    });
+    missing_workdir
+        .into_iter()
+        .chain(spec.data_uris().into_iter().filter_map(|(field, uri)| match uri {
             DataUri::File(path) if !Path::new(path).is_file() => Some(FieldError {
                 field: field.to_string(),
                 message: format!("file {path} does not exist (relative paths are resolved against the spec's folder)"),
             }),
             _ => None,
-        })
+        }))
         .collect()
 }

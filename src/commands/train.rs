@@ -70,6 +70,14 @@ fn load_spec(args: &Args) -> anyhow::Result<JobSpec> {
         Err(LoadError::Io(e)) => return Err(e),
         Err(LoadError::Spec(e)) => bail!("{}: {e}", args.spec.display()),
     };
+    if spec.command().is_some() {
+        bail!(
+            "{}: `flotilla train` runs the built-in trainer; a command job ([run]) runs on a cluster: \
+             `flotilla up` then `flotilla submit {}`",
+            args.spec.display(),
+            args.spec.display()
+        );
+    }
     if let Some(steps) = args.steps {
         if steps == 0 {
             bail!("--steps must be at least 1");
@@ -169,7 +177,8 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     if args.rank >= world {
         bail!("--rank {} is outside the {world} addresses", args.rank);
     }
-    let splits = data::load_job_data(&spec.data, spec.train.seed).context("loading the training data")?;
+    let (_, data_spec) = spec.built_in()?;
+    let splits = data::load_job_data(data_spec, spec.train.seed).context("loading the training data")?;
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
     let secret = std::env::var(GANG_SECRET_ENV)
         .ok()

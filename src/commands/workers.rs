@@ -10,9 +10,9 @@ use flotilla_proto::client::ApiClient;
 use flotilla_proto::tls::ClientTls;
 use tokio::sync::watch;
 
-use super::assignments::AgentShared;
 use flotilla_proto::v1::{self, ListWorkersRequest};
 use flotilla_worker::agent;
+use flotilla_worker::agent::work::AgentShared;
 use serde_json::{Value, json};
 
 use crate::cluster_file::{self, ClusterFile};
@@ -134,7 +134,12 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     let capabilities = agent::local_capabilities(&identity);
     let (registered_tx, registered_rx) = tokio::sync::watch::channel(None);
     let shared = Arc::new(AgentShared::default());
-    runtime.spawn(super::assignments::follow(client.clone(), registered_rx.clone(), listener, shared.clone()));
+    runtime.spawn(flotilla_worker::agent::work::follow(
+        client.clone(),
+        registered_rx.clone(),
+        listener,
+        shared.clone(),
+    ));
     if let Some(endpoint) = imds {
         runtime.spawn(watch_interruptions(endpoint, client.clone(), registered_rx.clone(), shared.clone()));
     }

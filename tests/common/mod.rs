@@ -5,6 +5,9 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 /// The `flotilla` binary with FLOTILLA_HOME set and every other cluster variable cleared.
 pub fn command(home: &Path) -> Command {
@@ -98,4 +101,56 @@ pub mod s3 {
         let objects = block_on(flotilla_store::list(&location, location.prefix())).expect("list");
         objects.iter().map(|m| location.uri_of(&m.location)).collect()
     }
+}
+
+/// The last line of a command's standard output, as JSON (the command must succeed).
+pub fn json(home: &Path, args: &[&str]) -> Value {
+    let out = run(home, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(text.lines().last().expect("output")).expect("JSON")
+}
+
+pub fn status(home: &Path, job: &str) -> Value {
+    json(home, &["status", job, "-o", "json"])
+}
+
+pub fn wait_for(home: &Path, job: &str, limit: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let s = status(home, job);
+        if done(&s) {
+            return s;
+        }
+        assert!(s["state"] != "Failed" && s["state"] != "Cancelled", "{job} ended while waiting for {what}: {s}");
+        if started.elapsed() >= limit {
+            let workers = String::from_utf8_lossy(&run(home, &["workers"]).stdout).to_string();
+            panic!("{job}: no {what} after {limit:?}: {s}\n{workers}\n{}", logs(home, job));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn submit(home: &Path, spec: &Path) -> String {
+    let out = run(home, &["submit", spec.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("job id").trim().to_string()
+}
+
+/// The workers of `job`'s current gang, as `flotilla workers` lists them.
+pub fn gang(home: &Path, job: &str) -> Vec<String> {
+    let workers = json(home, &["workers", "-o", "json"]);
+    let mut ids: Vec<String> = workers
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["job_id"] == job && w["state"] == "Busy")
+        .map(|w| w["id"].as_str().expect("id").to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+pub fn logs(home: &Path, job: &str) -> String {
+    String::from_utf8_lossy(&run(home, &["logs", job]).stdout).to_string()
 }

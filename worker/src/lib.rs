@@ -17,3 +17,4 @@ pub mod imds;
 pub mod infer;
 pub mod joblog;
 pub mod train;
+pub mod workdir;

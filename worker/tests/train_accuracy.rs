@@ -29,7 +29,8 @@ fn spec(model: &str, data: &str, train: &str) -> JobSpec {
 fn train_and_validate(spec: &JobSpec) -> Metrics {
     println!("seed = {}", spec.train.seed);
     let started = Instant::now();
-    let splits = load_job_data(&spec.data, spec.train.seed).expect("shipped data loads");
+    let splits =
+        load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("shipped data loads");
     let validation = splits.validation.expect("validation_fraction > 0 holds rows out");
     let mut comm = LocalCommunicator;
     let mut trainer = Trainer::new(spec, splits.train, &mut comm, None).expect("trainer builds");
@@ -47,7 +48,7 @@ fn train_and_validate(spec: &JobSpec) -> Metrics {
     let metrics = trainer.evaluate(&validation).expect("validation set fits the model");
     println!(
         "{}: {} steps, first loss {:.3}, last loss {:.3}, val accuracy {:.4}, val loss {:.4}, {:.1} s",
-        spec.model.kind(),
+        spec.built_in().expect("a built-in job").0.kind(),
         total,
         losses[0],
         last.loss,
@@ -117,7 +118,8 @@ fn example_spec(name: &str) -> JobSpec {
 fn train_gang_and_validate(spec: &JobSpec, world: usize) -> Metrics {
     println!("seed = {}", spec.train.seed);
     let started = Instant::now();
-    let splits = load_job_data(&spec.data, spec.train.seed).expect("shipped data loads");
+    let splits =
+        load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("shipped data loads");
     let (train, validation) = (std::sync::Arc::new(splits.train), splits.validation.expect("held out"));
     let gang =
         flotilla_worker::collective::ring::loopback_gang(world, std::time::Duration::from_secs(60)).expect("gang");

@@ -37,7 +37,7 @@ fn digits_spec(model: &str, train: &str, workers: usize) -> JobSpec {
 }
 
 fn train_set(spec: &JobSpec) -> Arc<Dataset> {
-    Arc::new(load_job_data(&spec.data, spec.train.seed).expect("data loads").train)
+    Arc::new(load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("data loads").train)
 }
 
 /// Trains on one rank from `resume` for `steps` steps; returns the final state.

@@ -13,6 +13,7 @@ use flotilla_proto::limits::{CLIENT_REQUEST_ID_LEN_MAX, LIST_JOBS_LIMIT_DEFAULT,
 use flotilla_proto::v1::job_service_server::JobService;
 use flotilla_proto::v1::{self, *};
 use flotilla_proto::{ApiError, ErrorKind, auth};
+use object_store::ObjectStoreExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -87,6 +88,11 @@ impl JobApi {
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<JobUpdate, Status>> + Send>>;
 type LogStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLines, Status>> + Send>>;
 
+/// The key of a packed workdir in the cluster store: `workdirs/<sha256>.tar.gz`.
+fn workdir_key(store: &flotilla_store::Location, sha256: &str) -> object_store::path::Path {
+    store.key(&format!("workdirs/{sha256}.tar.gz"))
+}
+
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
@@ -102,6 +108,7 @@ impl JobService for JobApi {
             return Err(status(invalid(problem.to_string())));
         }
         check_data_readable(&spec, &self.data_roots).await?;
+        check_workdir_stored(&spec, &self.store).await?;
         let command = Command::SubmitJob { spec: Box::new(spec), client_request_id: request_id };
         match self.node.propose(command).await.map_err(status)? {
             Applied::JobSubmitted { job_id, duplicate } => {
@@ -203,6 +210,84 @@ impl JobService for JobApi {
         tokio::spawn(crate::logs::stream(self.node.clone(), logs, request.from_offset, request.follow, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn upload_workdir(
+        &self,
+        request: Request<tonic::Streaming<WorkdirChunk>>,
+    ) -> Result<Response<WorkdirUploaded>, Status> {
+        use sha2::{Digest, Sha256};
+        self.authorize(&request, auth::Role::Submit, "upload a workdir")?;
+        let max = flotilla_core::spec::run::WORKDIR_BYTES_MAX;
+        let too_big = |bytes: u64| {
+            status(invalid(format!(
+                "run.workdir: the packed folder is {bytes} bytes; at most {max} (keep data sets out of the workdir: \
+                 read them from s3:// or the cluster store in your program)"
+            )))
+        };
+        let mut chunks = request.into_inner();
+        let mut claimed: Option<(String, u64)> = None;
+        let mut archive = Vec::new();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = chunks.message().await? {
+            if claimed.is_none() {
+                let digest = chunk.sha256.clone();
+                if flotilla_core::spec::run::workdir_sha256(&format!("{digest}.tar.gz")).is_none() {
+                    return Err(status(invalid("the first chunk must carry the archive's SHA-256 (64 hex digits)")));
+                }
+                if chunk.total_bytes > max {
+                    return Err(too_big(chunk.total_bytes));
+                }
+                // The store may hold it already: content-addressed, nothing more to send.
+                let key = workdir_key(&self.store, &digest);
+                if self.store.store().head(&key).await.is_ok() {
+                    return Ok(Response::new(WorkdirUploaded { uri: self.store.uri_of(&key), written: false }));
+                }
+                claimed = Some((digest, chunk.total_bytes));
+            }
+            if archive.len() as u64 + chunk.data.len() as u64 > max {
+                return Err(too_big(archive.len() as u64 + chunk.data.len() as u64));
+            }
+            hasher.update(&chunk.data);
+            archive.extend_from_slice(&chunk.data);
+        }
+        let Some((digest, total)) = claimed else { return Err(status(invalid("no workdir archive was sent"))) };
+        let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if actual != digest || archive.len() as u64 != total {
+            return Err(status(invalid(format!(
+                "the workdir archive arrived as {} bytes with SHA-256 {actual}; the client announced {total} bytes, {digest}",
+                archive.len()
+            ))));
+        }
+        let key = workdir_key(&self.store, &digest);
+        self.store.store().put(&key, archive.into()).await.map_err(|e| {
+            status(ApiError::new(ErrorKind::Unavailable, format!("writing the workdir to the cluster store: {e}")))
+        })?;
+        tracing::info!(uri = %self.store.uri_of(&key), bytes = total, "workdir stored");
+        Ok(Response::new(WorkdirUploaded { uri: self.store.uri_of(&key), written: true }))
+    }
+}
+
+/// A command job's workdir must be an archive in this cluster's store (where `UploadWorkdir`
+/// put it), so workers can fetch it and nothing else is handed to them as code.
+async fn check_workdir_stored(
+    spec: &flotilla_core::spec::JobSpec,
+    store: &flotilla_store::Location,
+) -> Result<(), Status> {
+    let Some(uri) = spec.command().and_then(|r| r.workdir.as_deref()) else { return Ok(()) };
+    let digest = uri.rsplit_once('/').and_then(|(_, name)| flotilla_core::spec::run::workdir_sha256(name));
+    let stored = digest.filter(|d| store.key_in(uri) == Some(workdir_key(store, d)));
+    let Some(digest) = stored else {
+        return Err(status(invalid(format!(
+            "run.workdir: `{uri}` is not a workdir in this cluster's store; `flotilla submit` uploads the folder"
+        ))));
+    };
+    if store.store().head(&workdir_key(store, digest)).await.is_err() {
+        return Err(status(ApiError::new(
+            ErrorKind::NotFound,
+            format!("run.workdir: `{uri}` is not in the cluster store; submit again with `flotilla submit`"),
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that the job's `s3://` data exists and can be read with this cluster's credentials,
@@ -213,8 +298,7 @@ async fn check_data_readable(
     data_roots: &[std::path::PathBuf],
 ) -> Result<(), Status> {
     use flotilla_core::spec::DataUri;
-    let uris = std::iter::once(&spec.data.train).chain(spec.data.validation.as_ref());
-    for (field, uri) in ["data.train", "data.validation"].into_iter().zip(uris) {
+    for (field, uri) in spec.data_uris() {
         // A local path only inside the data roots (the workers read it from their disks).
         match uri {
             DataUri::File(_) => crate::confine::check(field, &uri.to_string(), data_roots)

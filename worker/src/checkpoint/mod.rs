@@ -13,6 +13,7 @@
 //! loaded. Which checkpoints count for resume is decided elsewhere (the coordinator records
 //! them through Raft); this module only writes and verifies bytes.
 
+pub mod files;
 pub mod state;
 pub mod store;
 

@@ -53,7 +53,8 @@ impl Trainer {
         let data = data.into();
         check_inputs(spec, &data, comm)?;
         let device = training_device(spec.workers.gpus)?;
-        let network = Network::new(&spec.model, data.features_per_row, data.classes, &device)?;
+        let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
+        let network = Network::new(model, data.features_per_row, data.classes, &device)?;
         let layout = ParamLayout::of(&network);
         let train = &spec.train;
         let state = match resume {

@@ -10,6 +10,7 @@
 //! The limits below are the contract; each error names the field, the value and the range.
 
 mod raw;
+pub mod run;
 pub mod uri;
 mod validate;
 
@@ -17,6 +18,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use run::{NoticeSignal, RunSpec};
 pub use uri::{DataUri, SyntheticKind, SyntheticSpec, UriError};
 
 /// Longest spec file accepted, in bytes. A spec is a few hundred bytes; this bounds parsing work
@@ -59,13 +61,23 @@ pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
 pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
 
 /// A validated job spec, with every default filled in.
+///
+/// A job either trains a built-in model (`model` and `data` set, `run` absent) or runs the
+/// user's own program (`run` set, `model` and `data` absent): see [`JobSpec::built_in`] and
+/// [`JobSpec::command`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub name: String,
     /// Higher runs first; FIFO within one priority.
     pub priority: i32,
-    pub model: ModelSpec,
-    pub data: DataSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataSpec>,
+    /// A command job: the user's program instead of the built-in trainer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunSpec>,
+    /// The built-in trainer's settings (defaults only, for a command job).
     pub train: TrainSpec,
     pub workers: WorkersSpec,
     pub capacity: CapacitySpec,
@@ -237,7 +249,25 @@ impl SpecError {
     }
 }
 
+/// The error of asking a job for a built-in model or data it does not have (a command job).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job `{0}` runs a command ([run]); it has no built-in model or data")]
+pub struct NotBuiltIn(pub String);
+
 impl JobSpec {
+    /// The user's program, for a command job.
+    pub fn command(&self) -> Option<&RunSpec> {
+        self.run.as_ref()
+    }
+
+    /// The built-in model and data, or why there are none (a command job).
+    pub fn built_in(&self) -> Result<(&ModelSpec, &DataSpec), NotBuiltIn> {
+        match (&self.run, &self.model, &self.data) {
+            (None, Some(model), Some(data)) => Ok((model, data)),
+            _ => Err(NotBuiltIn(self.name.clone())),
+        }
+    }
+
     /// Parses and validates a TOML spec. Relative data paths stay relative; see
     /// [`JobSpec::resolve_relative_paths`].
     pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
@@ -260,24 +290,47 @@ impl JobSpec {
 
     /// The canonical TOML form: every default written out, fields in a fixed order.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a JobSpec holds only TOML-representable values")
+        if self.run.is_none() {
+            return toml::to_string(self).expect("a JobSpec holds only TOML-representable values");
+        }
+        // A command job has no [train] table (the validator refuses one): leave the defaults out.
+        let mut table = toml::Table::try_from(self).expect("a JobSpec holds only TOML-representable values");
+        table.remove("train");
+        toml::to_string(&table).expect("a table of TOML values")
     }
 
-    /// Makes every relative data path absolute under `base_dir` (the spec file's folder).
+    /// Makes every relative data path (and a command job's workdir) absolute under `base_dir`
+    /// (the spec file's folder).
     pub fn resolve_relative_paths(&mut self, base_dir: &str) {
-        self.data.train = self.data.train.resolve_relative(base_dir);
-        if let Some(validation) = &self.data.validation {
-            self.data.validation = Some(validation.resolve_relative(base_dir));
+        if let Some(workdir) = self.run.as_mut().and_then(|r| r.workdir.as_mut())
+            && !workdir.starts_with('/')
+            && !run::is_packed_workdir(workdir)
+        {
+            let joined = std::path::Path::new(base_dir).join(workdir.as_str());
+            *workdir = joined.to_string_lossy().into_owned();
         }
+        if let Some(data) = &mut self.data {
+            data.train = data.train.resolve_relative(base_dir);
+            if let Some(validation) = &data.validation {
+                data.validation = Some(validation.resolve_relative(base_dir));
+            }
+        }
+    }
+
+    /// The data URIs this job names, with their fields (none for a command job).
+    pub fn data_uris(&self) -> Vec<(&'static str, &DataUri)> {
+        let Some(data) = &self.data else { return Vec::new() };
+        let mut out = vec![("data.train", &data.train)];
+        out.extend(data.validation.as_ref().map(|v| ("data.validation", v)));
+        out
     }
 
     /// Data URIs that are still relative paths (a coordinator refuses such a spec: it cannot
     /// know what they were relative to).
     pub fn unresolved_paths(&self) -> Vec<FieldError> {
         let mut out = Vec::new();
-        let uris = [("data.train", Some(&self.data.train)), ("data.validation", self.data.validation.as_ref())];
-        for (field, uri) in uris {
-            if let Some(uri) = uri.filter(|u| !u.is_resolved()) {
+        for (field, uri) in self.data_uris() {
+            if !uri.is_resolved() {
                 out.push(FieldError {
                     field: field.into(),
                     message: format!(
@@ -286,6 +339,17 @@ impl JobSpec {
                     ),
                 });
             }
+        }
+        if let Some(workdir) = self.run.as_ref().and_then(|r| r.workdir.as_deref())
+            && !run::is_packed_workdir(workdir)
+        {
+            out.push(FieldError {
+                field: "run.workdir".into(),
+                message: format!(
+                    "`{workdir}` is a local folder, which only the CLI can pack; submit with `flotilla submit` \
+                     (it uploads the folder and names the packed archive here)"
+                ),
+            });
         }
         out
     }

@@ -18,6 +18,17 @@ pub(crate) struct RawJobSpec {
     pub capacity: Option<RawCapacity>,
     pub checkpoint: Option<RawCheckpoint>,
     pub output: Option<RawOutput>,
+    pub run: Option<RawRun>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRun {
+    pub command: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub procs_per_worker: Option<i64>,
+    pub notice_signal: Option<String>,
+    pub env: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

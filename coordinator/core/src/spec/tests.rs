@@ -68,8 +68,8 @@ fn invalid_fields(text: &str) -> Vec<String> {
 fn the_design_example_parses_with_its_values() {
     let spec = JobSpec::from_toml_str(FULL).expect("the DESIGN example is valid");
     assert_eq!(spec.name, "mnist-mlp");
-    assert_eq!(spec.model, ModelSpec::Mlp { hidden: vec![256, 128] });
-    assert_eq!(spec.data.format, DataFormat::Csv);
+    assert_eq!(spec.model, Some(ModelSpec::Mlp { hidden: vec![256, 128] }));
+    assert_eq!(spec.built_in().expect("built in").1.format, DataFormat::Csv);
     assert_eq!(spec.train.length, TrainLength::Epochs(3));
     assert_eq!(spec.workers, WorkersSpec { min: 2, max: 2, gpus: 0 });
     assert_eq!(spec.capacity.instance_types, ["g5.xlarge", "g4dn.xlarge"]);
@@ -81,8 +81,8 @@ fn the_design_example_parses_with_its_values() {
 fn defaults_are_filled_in() {
     let spec = JobSpec::from_toml_str(MINIMAL).expect("minimal spec is valid");
     assert_eq!(spec.priority, 0);
-    assert_eq!(spec.model, ModelSpec::Mlp { hidden: vec![256, 128] });
-    assert_eq!(spec.data.validation_fraction, 0.2);
+    assert_eq!(spec.model, Some(ModelSpec::Mlp { hidden: vec![256, 128] }));
+    assert_eq!(spec.built_in().expect("built in").1.validation_fraction, 0.2);
     assert_eq!(spec.train.length, TrainLength::Epochs(1));
     assert_eq!(spec.train.batch_size, 64);
     assert_eq!(spec.train.optimizer, OptimizerSpec::Adam);
@@ -95,7 +95,7 @@ fn defaults_are_filled_in() {
     assert_eq!(sgd.train.optimizer, OptimizerSpec::Sgd { momentum: 0.9 });
     assert_eq!(sgd.train.learning_rate, 0.01);
     let cnn = JobSpec::from_toml_str(&MINIMAL.replace("kind = \"mlp\"", "kind = \"cnn\"")).expect("cnn");
-    assert_eq!(cnn.model, ModelSpec::Cnn { channels: vec![16, 32] });
+    assert_eq!(cnn.model, Some(ModelSpec::Cnn { channels: vec![16, 32] }));
 }
 
 #[test]
@@ -277,9 +277,70 @@ fn relative_paths_are_resolved_and_reported() {
     let mut spec = JobSpec::from_toml_str(MINIMAL).expect("valid");
     assert_eq!(spec.unresolved_paths().len(), 1);
     spec.resolve_relative_paths("/srv/jobs");
-    assert_eq!(spec.data.train.to_string(), "file:///srv/jobs/data/x.csv");
+    assert_eq!(spec.built_in().expect("built in").1.train.to_string(), "file:///srv/jobs/data/x.csv");
     assert!(spec.unresolved_paths().is_empty());
     assert_eq!(spec.clone().validated().expect("still valid"), spec);
+}
+
+const COMMAND: &str = r#"
+name = "ddp"
+workers = { min = 2, gpus = 2 }
+
+[run]
+command = ["python", "train.py", "--lr", "0.1"]
+workdir = "."
+notice_signal = "SIGUSR1"
+env = { OMP_NUM_THREADS = "1" }
+"#;
+
+#[test]
+fn command_jobs_parse_with_defaults_and_round_trip() {
+    let spec = JobSpec::from_toml_str(COMMAND).expect("valid command job");
+    let run = spec.command().expect("a command job");
+    assert_eq!(run.command, ["python", "train.py", "--lr", "0.1"]);
+    assert_eq!(run.procs_per_worker, 2, "one process per GPU by default");
+    assert_eq!(run.notice_signal, NoticeSignal::Usr1);
+    assert_eq!(run.env.get("OMP_NUM_THREADS").map(String::as_str), Some("1"));
+    assert!(spec.built_in().is_err() && spec.model.is_none() && spec.data.is_none());
+    assert!(!spec.to_toml().contains("[train]"), "{}", spec.to_toml());
+    assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical form"), spec);
+    let cpu =
+        JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("valid");
+    assert_eq!(cpu.command().map(|r| (r.procs_per_worker, r.notice_signal)), Some((1, NoticeSignal::Term)));
+    // The local folder must be packed by the CLI before a coordinator accepts it.
+    assert_eq!(spec.unresolved_paths().iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), ["run.workdir"]);
+    let mut packed = spec.clone();
+    let digest = "ab".repeat(32);
+    packed.run.as_mut().expect("run").workdir = Some(format!("s3://bucket/cluster/workdirs/{digest}.tar.gz"));
+    assert!(packed.unresolved_paths().is_empty());
+    assert_eq!(packed.clone().validated().expect("still valid"), packed);
+}
+
+#[test]
+fn bad_command_jobs_name_their_fields() {
+    let run = |extra: &str| format!("name = \"c\"\nworkers = {{ min = 1, gpus = 1 }}\n{extra}\n");
+    let cases = [
+        (run("[run]\nworkdir = \".\""), "run.command"),
+        (run("[run]\ncommand = []"), "run.command"),
+        (run("[run]\ncommand = [\"\"]"), "run.command[0]"),
+        (run("[run]\ncommand = [\"x\"]\nprocs_per_worker = 2"), "run.procs_per_worker"),
+        (run("[run]\ncommand = [\"x\"]\nprocs_per_worker = 0"), "run.procs_per_worker"),
+        (run("[run]\ncommand = [\"x\"]\nnotice_signal = \"SIGKILL\""), "run.notice_signal"),
+        (run("[run]\ncommand = [\"x\"]\nenv = { RANK = \"3\" }"), "run.env.RANK"),
+        (run("[run]\ncommand = [\"x\"]\nenv = { FLOTILLA_JOB_ID = \"3\" }"), "run.env.FLOTILLA_JOB_ID"),
+        (run("[run]\ncommand = [\"x\"]\nenv = { \"1X\" = \"3\" }"), "run.env.1X"),
+        (run("model = { kind = \"mlp\" }\n[run]\ncommand = [\"x\"]"), "model"),
+        (run("data = { train = \"x.csv\" }\n[run]\ncommand = [\"x\"]"), "data"),
+        (run("train = { epochs = 2 }\n[run]\ncommand = [\"x\"]"), "train"),
+    ];
+    for (text, field) in cases {
+        assert_eq!(invalid_fields(&text), [field], "{text}");
+    }
+    // Without [run], [model] stays required, and the message mentions the alternative.
+    match JobSpec::from_toml_str(&run("data = { train = \"x.csv\" }")) {
+        Err(SpecError::Invalid(errors)) => assert!(errors[0].message.contains("[run]"), "{errors:?}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn int_field_case() -> impl Strategy<Value = (&'static str, &'static str, i64, i64)> {

@@ -74,20 +74,38 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
     }
     let name = name.unwrap_or_default();
     let priority = c.int("priority", raw.priority, 0, -PRIORITY_ABS_MAX, PRIORITY_ABS_MAX);
-    let model = model(&mut c, raw.model);
-    let data = data(&mut c, raw.data);
+    let command_job = raw.run.is_some();
+    let (model, data) = if command_job {
+        // The program brings its own model, data and loop: built-in settings would be ignored.
+        for (field, given) in
+            [("model", raw.model.is_some()), ("data", raw.data.is_some()), ("train", raw.train.is_some())]
+        {
+            if given {
+                c.fail(
+                    field,
+                    format!("a command job ([run]) runs your program, which decides its own {field}; remove [{field}]"),
+                );
+            }
+        }
+        (None, None)
+    } else {
+        (model(&mut c, raw.model), data(&mut c, raw.data))
+    };
     let train = train(&mut c, raw.train.unwrap_or_default());
     let workers = workers(&mut c, raw.workers);
+    let run = raw.run.map(|r| run(&mut c, r, workers.map_or(0, |w| w.gpus)));
     let capacity = capacity(&mut c, raw.capacity.unwrap_or_default());
     let checkpoint = checkpoint(&mut c, raw.checkpoint.unwrap_or_default());
     let output = output(&mut c, raw.output.unwrap_or_default(), &name);
 
-    match (c.errors.is_empty(), model, data, workers) {
-        (true, Some(model), Some(data), Some(workers)) => Ok(JobSpec {
+    let complete = run.is_some() || (model.is_some() && data.is_some());
+    match (c.errors.is_empty() && complete, workers) {
+        (true, Some(workers)) => Ok(JobSpec {
             name,
             priority: i32::try_from(priority).expect("priority was range-checked"),
             model,
             data,
+            run,
             train,
             workers,
             capacity,
@@ -99,7 +117,11 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
 }
 
 fn model(c: &mut Checker, raw: Option<RawModel>) -> Option<ModelSpec> {
-    let raw = c.required("model", raw, "add a [model] table with kind = \"mlp\" or \"cnn\"")?;
+    let raw = c.required(
+        "model",
+        raw,
+        "add a [model] table with kind = \"mlp\" or \"cnn\" (or a [run] table to run your own program)",
+    )?;
     let kind = c.required("model.kind", raw.kind, "one of: mlp, cnn")?;
     let layers =
         |c: &mut Checker, field: &str, given: Option<Vec<i64>>, default: &[u32], max_len: usize, max_width: i64| {
@@ -311,4 +333,62 @@ fn output(c: &mut Checker, raw: RawOutput, job_name: &str) -> OutputSpec {
         c.name("output.register_as", &register_as);
     }
     OutputSpec { register_as }
+}
+
+fn run(c: &mut Checker, raw: RawRun, gpus: u32) -> RunSpec {
+    use super::run::*;
+    let given = raw.command.is_some();
+    let command =
+        c.required("run.command", raw.command, "the program and its arguments, e.g. [\"python\", \"train.py\"]");
+    let command = command.unwrap_or_default();
+    if given && (command.is_empty() || command.len() > COMMAND_ARGS_MAX) {
+        c.fail("run.command", format!("has {} entries; allowed: 1 to {COMMAND_ARGS_MAX}", command.len()));
+    }
+    if command.first().is_some_and(|program| program.trim().is_empty()) {
+        c.fail("run.command[0]", "is empty; name the program to run, e.g. \"python\"");
+    }
+    for (i, arg) in command.iter().enumerate() {
+        if arg.len() > RUN_TEXT_LEN_MAX || arg.contains('\0') {
+            c.fail(&format!("run.command[{i}]"), format!("must be at most {RUN_TEXT_LEN_MAX} bytes, without NUL"));
+        }
+    }
+    if let Some(workdir) = &raw.workdir
+        && (workdir.is_empty() || workdir.len() > RUN_TEXT_LEN_MAX || workdir.contains('\0'))
+    {
+        c.fail("run.workdir", format!("must be a folder path of 1 to {RUN_TEXT_LEN_MAX} bytes"));
+    }
+    let default_procs = i64::from(gpus.max(1));
+    let procs = c.int("run.procs_per_worker", raw.procs_per_worker, default_procs, 1, PROCS_PER_WORKER_MAX);
+    if gpus > 0 && procs > i64::from(gpus) {
+        c.fail(
+            "run.procs_per_worker",
+            format!("{procs} is more than workers.gpus = {gpus}; run at most one process per GPU"),
+        );
+    }
+    let notice_signal = match raw.notice_signal.as_deref() {
+        None => NoticeSignal::Term,
+        Some(name) => NoticeSignal::from_name(name).unwrap_or_else(|| {
+            c.fail(
+                "run.notice_signal",
+                format!("`{name}` is not allowed; use one of {}", NoticeSignal::NAMES.join(", ")),
+            );
+            NoticeSignal::Term
+        }),
+    };
+    let env = raw.env.unwrap_or_default();
+    if env.len() > ENV_VARS_MAX {
+        c.fail("run.env", format!("has {} variables; at most {ENV_VARS_MAX}", env.len()));
+    }
+    for (name, value) in &env {
+        let field = format!("run.env.{name}");
+        if !is_env_name(name) {
+            c.fail(&field, format!("`{name}` is not a variable name; use letters, digits and '_' (at most {ENV_NAME_LEN_MAX}), not starting with a digit"));
+        } else if RESERVED_ENV.contains(&name.as_str()) || name.starts_with(RESERVED_ENV_PREFIX) {
+            c.fail(&field, "is set by Flotilla on every process (the torchrun contract); remove it");
+        }
+        if value.len() > RUN_TEXT_LEN_MAX || value.contains('\0') {
+            c.fail(&field, format!("the value must be at most {RUN_TEXT_LEN_MAX} bytes, without NUL"));
+        }
+    }
+    RunSpec { command, workdir: raw.workdir, procs_per_worker: procs as u32, notice_signal, env }
 }

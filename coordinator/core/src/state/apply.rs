@@ -342,10 +342,16 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         }
         Command::JobFinished { job_id, generation, success, reason, step, metrics, artifact, reporter } => {
             check_reporter(state, job_id, reporter)?;
-            if let Some(artifact) = &artifact {
-                artifact.shape.check().map_err(|e| Rejected::BadReport(format!("the model's {e}")))?;
-            }
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            // A built-in model has an input shape (batch inference needs it); a command job's
+            // artifact (its newest checkpoint) has none.
+            if let Some(artifact) = &artifact {
+                if job.spec.command().is_none() {
+                    artifact.shape.check().map_err(|e| Rejected::BadReport(format!("the model's {e}")))?;
+                } else if artifact.shape != ModelShape::default() {
+                    return Err(Rejected::BadReport("a command job's artifact has no input shape".into()));
+                }
+            }
             if job.state.is_terminal() {
                 return Err(Rejected::JobFinished { job_id, state: job.state.name() });
             }

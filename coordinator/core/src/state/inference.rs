@@ -356,6 +356,12 @@ pub(super) fn submit(
     let bad = |message: String| Err(Rejected::BadInference(message));
     let reference = format!("{}@{}", request.model, request.version);
     let (_, version) = state.resolve_model(&reference)?;
+    let Some(model_spec) = version.spec.model.clone() else {
+        return bad(format!(
+            "model {reference} was trained by a command job ([run]); batch inference runs built-in models only \
+             (load its checkpoint in your own program instead)"
+        ));
+    };
     if version.shape.features_per_row == 0 || version.shape.classes < 2 {
         return bad(format!(
             "model {reference} was registered without its input shape (by an older flotilla); train it again"
@@ -381,7 +387,7 @@ pub(super) fn submit(
         return bad(format!("{} is writing to {}; choose another output", other.id, request.output_uri));
     }
     let shards = plan_shards(request.rows, request.workers, request.shard_rows).map_err(Rejected::BadInference)?;
-    let (artifact_uri, model_spec, shape) = (version.artifact_uri.clone(), version.spec.model.clone(), version.shape);
+    let (artifact_uri, shape) = (version.artifact_uri.clone(), version.shape);
     super::apply::make_room(state);
     let job_id = JobId(state.next_job_id);
     state.next_job_id += 1;

@@ -22,15 +22,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::checkpoint::state::write_artifact;
+use crate::data::store;
+use crate::infer::{InputText, Predictor, run_shard};
 use anyhow::Context;
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{CommitShardRequest, FailShardRequest, InferAssignment, LeaseShardRequest, Shard};
 use flotilla_proto::{ErrorKind, spec::DataUri};
-use flotilla_worker::checkpoint::state::write_artifact;
-use flotilla_worker::data::store;
-use flotilla_worker::infer::{InputText, Predictor, run_shard};
 
-use super::assignments::AgentShared;
+use super::work::AgentShared;
 
 /// Pause before asking again after a failed call (the client already retried within its deadline).
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -224,7 +224,7 @@ fn shard_loop(
 }
 
 /// One shard: predictions written to the attempt's object (not committed yet).
-fn infer_shard(assignment: &InferAssignment, shard: &Shard) -> anyhow::Result<flotilla_worker::infer::ShardOutput> {
+fn infer_shard(assignment: &InferAssignment, shard: &Shard) -> anyhow::Result<crate::infer::ShardOutput> {
     let predictor = predictor(assignment)?;
     let first_row = usize::try_from(shard.first_row).context("first_row")?;
     let rows = usize::try_from(shard.rows).context("rows")?;

@@ -2,8 +2,14 @@
 //! this worker's own credential, sent with every later call), then heartbeat on the lease the
 //! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows the leader through the failover client. Stops cleanly on `shutdown`.
 //!
-//! Assignments (training a job's rank), progress reports and preemption notices build on this
-//! loop in the agents issue.
+//! Assignments build on this loop: [`work`] follows this worker's assignment stream and runs
+//! each rank with the job's runner (the built-in trainer or the user's command); [`inference`]
+//! runs batch-inference shards.
+
+mod builtin;
+mod command;
+pub mod inference;
+pub mod work;
 
 use std::future::Future;
 use std::time::Duration;

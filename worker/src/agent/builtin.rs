@@ -1,0 +1,379 @@
+//! The built-in runner: train the job's burn model on this rank, joined to the gang by the TCP
+//! ring, with rank 0 checkpointing in the background.
+//!
+//! ```text
+//!   load data ─▶ ring rendezvous ─▶ resume checkpoint ─▶ step loop ─▶ evaluate + export (rank 0)
+//!   stop vote (rides in the next all-reduce) ─▶ every rank stops after the same step ─▶ rank 0
+//!        saves + records that step ─▶ Checkpointed
+//! ```
+//!
+//! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
+//! `every_steps - lag` steps, where `lag = every_steps / 4` is how many steps a save may take
+//! before the loop waits for it. So the newest *recorded* checkpoint is never more than
+//! `checkpoint.every_steps` steps behind, whichever worker dies when.
+
+use std::net::{SocketAddr, TcpListener};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::Context;
+use flotilla_proto::spec::JobSpec;
+use flotilla_proto::v1::{
+    CheckpointRef, DataCursor, FinishedReport, GenerationEnd, JobMetrics, ProgressReport, TrainAssignment,
+};
+
+use super::work::{COLLECTIVE_TIMEOUT, PROGRESS_EVERY, REFUSED_GRACE, RankContext, RankEnd, broken, record_checkpoint};
+use crate::checkpoint::CheckpointError;
+use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
+use crate::collective::ring::{RingCommunicator, RingConfig};
+use crate::data::{self, Dataset};
+use crate::joblog::JobLog;
+use crate::train::{TrainError, Trainer};
+
+/// Writes a line to the job log (rank 0 only; a log that cannot be written is not fatal).
+struct LogLine(Option<JobLog>);
+
+impl LogLine {
+    fn line(&mut self, text: String) {
+        if let Some(log) = self.0.as_mut()
+            && let Err(e) = log.line(&text).and_then(|()| log.flush())
+        {
+            tracing::warn!(error = %e, "could not write the job log");
+        }
+    }
+}
+
+/// Classifies a training error: a lost peer is not the job's fault; a NaN loss is final.
+fn train_error_end(e: &TrainError) -> GenerationEnd {
+    match e {
+        TrainError::Collective(_) => GenerationEnd::PeerLost,
+        TrainError::NonFiniteLoss { .. } => GenerationEnd::Finished,
+        _ => GenerationEnd::RetryableError,
+    }
+}
+
+/// Trains this rank until the job ends, the gang votes to stop, or it is superseded.
+pub(super) fn run_rank(
+    context: &RankContext,
+    spec: &JobSpec,
+    train: TrainAssignment,
+    listener: &TcpListener,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    runtime: &tokio::runtime::Handle,
+) -> RankEnd {
+    let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
+    let mut peers = train.peers.clone();
+    peers.sort_by_key(|p| p.rank);
+    let addresses: anyhow::Result<Vec<SocketAddr>> = peers
+        .iter()
+        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
+        .collect();
+    let addresses = match addresses {
+        Ok(a) => a,
+        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+    };
+    let (train_set, validation_set) = match job_data(spec) {
+        Ok(sets) => sets,
+        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+    };
+    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
+    let mut config = RingConfig::new(
+        train.rank as usize,
+        addresses,
+        job_number << 24 | (train.generation & 0xff_ffff),
+        train.gang_secret.clone(),
+        COLLECTIVE_TIMEOUT,
+    );
+    config.refused_grace = REFUSED_GRACE;
+    config.abort = Some(context.stop.clone());
+    let rank0 = train.rank == 0;
+    let mut log = LogLine(
+        (rank0 && !train.job_prefix.is_empty())
+            .then(|| JobLog::open(&train.job_prefix))
+            .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok()),
+    );
+    log.line(format!(
+        "generation {}: training on {} worker(s), {} train rows",
+        train.generation, train.world_size, train_set.rows
+    ));
+    let listener = match listener.try_clone() {
+        Ok(l) => l,
+        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+    };
+    let mut comm = match RingCommunicator::connect(listener, config) {
+        Ok(comm) => comm,
+        Err(e) => return broken(GenerationEnd::PeerLost, resume_step, e),
+    };
+    let resume = match &train.resume_from {
+        Some(reference) => match state::load_uri(&reference.uri) {
+            Ok((state, _)) => {
+                log.line(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri));
+                Some(state)
+            }
+            Err(e) if e.is_unusable() => {
+                log.line(format!("checkpoint of step {} is unusable: {e}", reference.step));
+                return RankEnd::Broken {
+                    end: GenerationEnd::CheckpointUnusable,
+                    step: reference.step,
+                    error: e.to_string(),
+                    unusable_step: reference.step,
+                };
+            }
+            Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+        },
+        None => None,
+    };
+    let mut trainer = match Trainer::new(spec, train_set.clone(), &mut comm, resume) {
+        Ok(trainer) => trainer,
+        Err(e) => return broken(train_error_end(&e), resume_step, e),
+    };
+    let mut background = None;
+    if rank0 && !train.job_prefix.is_empty() {
+        let opened =
+            Checkpointer::open(&train.job_prefix).and_then(|c| c.with_suffix(&format!("g{}", train.generation)));
+        match opened {
+            Ok(checkpointer) => {
+                background = Some(BackgroundCheckpointer::start(checkpointer, recorder(context, &train, runtime)))
+            }
+            Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+        }
+    }
+    let every = spec.checkpoint.every_steps.max(1);
+    let lag = every / 4;
+    let cadence = every - lag;
+    let mut saves =
+        SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0, count: 0 };
+    let started = Instant::now();
+    let first_step = trainer.steps_done();
+    let mut last_report: Option<Instant> = None;
+    let mut save_failed: Option<CheckpointError> = None;
+    let outcome = trainer.run(&mut comm, |trainer, report| {
+        if context.stop.load(Ordering::Relaxed) {
+            return ControlFlow::Break(());
+        }
+        if context.stop_voted() {
+            trainer.vote_stop();
+        }
+        if rank0 && last_report.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            last_report = Some(Instant::now());
+            let done = report.step.saturating_sub(first_step).max(1);
+            let left = trainer.total_steps().saturating_sub(report.step);
+            let eta_ms = (started.elapsed().as_millis() as u64 / done).saturating_mul(left);
+            log.line(format!(
+                "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
+                report.step,
+                trainer.total_steps(),
+                report.epoch,
+                report.loss,
+                report.samples_per_s
+            ));
+            let _ = progress.try_send(ProgressReport {
+                worker_id: context.worker_id.clone(),
+                job_id: train.job_id.clone(),
+                generation: train.generation,
+                rank: 0,
+                step: report.step,
+                loss: f64::from(report.loss),
+                samples_per_s: report.samples_per_s,
+                total_steps: trainer.total_steps(),
+                eta_ms,
+                ..Default::default()
+            });
+        }
+        let Some(background) = background.as_mut() else { return ControlFlow::Continue(()) };
+        let boundary = Instant::now();
+        let mut outcomes = Vec::new();
+        outcomes.extend(background.poll());
+        if background.in_flight().is_some_and(|s| report.step >= s + lag) {
+            outcomes.extend(background.finish()); // the save fell `lag` steps behind: wait
+        }
+        if report.stop_agreed {
+            if saves.last_saved != report.step && background.in_flight() != Some(report.step) {
+                outcomes.extend(background.submit(trainer.state(), None));
+            }
+            outcomes.extend(background.finish());
+        } else if report.step - saves.last_snapshot >= cadence && !trainer.is_finished() {
+            saves.last_snapshot = report.step;
+            outcomes.extend(background.submit(trainer.state(), None));
+        }
+        saves.stall_ms += boundary.elapsed().as_secs_f64() * 1e3;
+        for outcome in outcomes {
+            match outcome {
+                Ok(saved) => {
+                    saves.last_saved = saved.step;
+                    saves.count += 1;
+                    log.line(format!(
+                        "checkpoint at step {} ({} bytes in {:.1} ms in the background; stall so far {:.1} ms)",
+                        saved.step,
+                        saved.manifest.total_bytes(),
+                        saved.background_ms,
+                        saves.stall_ms
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, step = report.step, "checkpoint failed; training continues");
+                    if report.stop_agreed {
+                        save_failed = Some(e);
+                    }
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    let last = match outcome {
+        Ok(last) => last,
+        Err(e) => {
+            // A survivor with a save in flight finishes recording it first: it may be the
+            // checkpoint the next generation resumes from.
+            drop(background);
+            return broken(train_error_end(&e), trainer.steps_done(), e);
+        }
+    };
+    if context.stop.load(Ordering::Relaxed) {
+        return RankEnd::Superseded;
+    }
+    if last.is_some_and(|r| r.stop_agreed) && !trainer.is_finished() {
+        if let Some(e) = save_failed {
+            return broken(
+                GenerationEnd::RetryableError,
+                trainer.steps_done(),
+                format!("checkpoint before stopping: {e}"),
+            );
+        }
+        log.line(format!(
+            "stopped at step {} for a checkpoint (generation {})",
+            trainer.steps_done(),
+            train.generation
+        ));
+        return RankEnd::Checkpointed { step: trainer.steps_done(), rank0 };
+    }
+    if !rank0 {
+        return RankEnd::Finished(None);
+    }
+    let metrics = match validation_set.as_deref().map(|v| trainer.evaluate(v)).transpose() {
+        Ok(metrics) => metrics,
+        Err(e) => return broken(GenerationEnd::RetryableError, trainer.steps_done(), e),
+    };
+    if let Some(background) = background.as_mut() {
+        // The final model, recorded before the finish so that it is the job's last checkpoint.
+        let _ = background.finish();
+        if saves.last_saved != trainer.steps_done() {
+            let values = metrics.map(|m| (m.val_accuracy, m.val_loss));
+            let _ = background.submit(trainer.state(), values);
+            if let Some(Err(e)) = background.finish() {
+                tracing::warn!(error = %e, "the final checkpoint was not saved");
+            }
+        }
+    }
+    // The model for the registry: safetensors beside the checkpoints, and the data's fingerprint.
+    let (artifact_uri, dataset_sha256) = if train.job_prefix.is_empty() {
+        (String::new(), String::new())
+    } else {
+        let exported = spec
+            .built_in()
+            .map_err(anyhow::Error::from)
+            .and_then(|(model, _)| Ok(crate::train::export::safetensors(model, trainer.layout(), trainer.params())?))
+            .and_then(|bytes| {
+                Ok(state::write_artifact(&format!("{}/model", train.job_prefix), "model.safetensors", bytes)?)
+            });
+        match exported {
+            Ok(uri) => (uri, crate::train::export::dataset_sha256(&train_set)),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the model could not be exported; it will not be registered");
+                (String::new(), String::new())
+            }
+        }
+    };
+    let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
+    log.line(format!(
+        "finished at step {}: val_accuracy {accuracy}; this generation: {} steps in {:.3} s, {} checkpoint(s), \
+         checkpoint stall {:.1} ms",
+        trainer.steps_done(),
+        trainer.steps_done() - first_step,
+        started.elapsed().as_secs_f64(),
+        saves.count,
+        saves.stall_ms
+    ));
+    RankEnd::Finished(Some(Box::new(FinishedReport {
+        worker_id: context.worker_id.clone(),
+        job_id: train.job_id,
+        generation: train.generation,
+        success: true,
+        error: String::new(),
+        metrics: Some(JobMetrics {
+            val_accuracy: metrics.map(|m| m.val_accuracy),
+            val_loss: metrics.map(|m| m.val_loss),
+            train_loss: last.map(|r| f64::from(r.loss)),
+            samples_per_s: last.map(|r| r.samples_per_s),
+        }),
+        step: trainer.steps_done(),
+        final_checkpoint: None,
+        end: GenerationEnd::Finished.into(),
+        unusable_checkpoint_step: 0,
+        artifact_uri,
+        dataset_sha256,
+        features_per_row: train_set.features_per_row as u32,
+        classes: train_set.classes as u32,
+        feature_scale: train_set.feature_scale,
+    })))
+}
+
+/// A job's data sets: (train, validation).
+type JobData = (Arc<Dataset>, Option<Arc<Dataset>>);
+
+/// The data of the last job this worker trained, kept across its generations: regrouping after
+/// a preemption does not reload and re-parse the data set (a few hundred ms for MNIST 5k).
+static DATA_CACHE: std::sync::Mutex<Option<(String, JobData)>> = std::sync::Mutex::new(None);
+
+fn job_data(spec: &JobSpec) -> anyhow::Result<JobData> {
+    let key = format!("{:?}/{}", spec.data, spec.train.seed);
+    if let Ok(cache) = DATA_CACHE.lock()
+        && let Some((cached, sets)) = cache.as_ref()
+        && *cached == key
+    {
+        return Ok(sets.clone());
+    }
+    let splits = data::load_job_data(spec.built_in()?.1, spec.train.seed).context("loading the training data")?;
+    let sets = (Arc::new(splits.train), splits.validation.map(Arc::new));
+    if let Ok(mut cache) = DATA_CACHE.lock() {
+        *cache = Some((key, sets.clone()));
+    }
+    Ok(sets)
+}
+
+/// Rank 0's bookkeeping of its checkpoints.
+struct SaveTracker {
+    /// Step of the newest snapshot handed to the background writer.
+    last_snapshot: u64,
+    /// Step of the newest checkpoint written and recorded.
+    last_saved: u64,
+    /// Time the step loop spent on checkpoints (snapshot copies and waits), in ms.
+    stall_ms: f64,
+    /// Checkpoints written and recorded.
+    count: u64,
+}
+
+/// The background writer's hook: record the written checkpoint before it counts as saved.
+fn recorder(
+    context: &RankContext,
+    train: &TrainAssignment,
+    runtime: &tokio::runtime::Handle,
+) -> impl FnMut(&Saved) -> Result<(), String> + Send + 'static {
+    let context = context.clone();
+    let (train, runtime) = (train.clone(), runtime.clone());
+    move |saved| {
+        let checkpoint = CheckpointRef {
+            step: saved.step,
+            uri: saved.uri.clone(),
+            size_bytes: saved.manifest.total_bytes(),
+            manifest_sha256: saved.manifest.fingerprint(),
+            cursor: Some(DataCursor {
+                epoch: saved.cursor.epoch as u32,
+                global_sample_offset: saved.cursor.global_sample_offset,
+            }),
+        };
+        record_checkpoint(&context, &train, &runtime, checkpoint)
+    }
+}

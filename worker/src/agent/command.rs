@@ -1,0 +1,762 @@
+//! The command runner: the user's own program (PyTorch DDP, JAX, anything) on this gang member,
+//! under the torchrun environment contract, with Flotilla's checkpoint, notice and resume
+//! guarantees.
+//!
+//! ```text
+//!   ring rendezvous (authenticated) ─▶ node 0 picks MASTER_PORT, broadcast to the gang
+//!   ─▶ fetch + verify + unpack the workdir ─▶ download the resume checkpoint (verified)
+//!   ─▶ start procs_per_worker processes (own process groups, RANK/WORLD_SIZE/... set)
+//!   ─▶ watch: output lines ─▶ job log; JSON lines ─▶ progress; checkpoint markers ─▶ upload
+//!        (node 0) ─▶ record through Raft; notice ─▶ signal ─▶ the program checkpoints and exits
+//!   ─▶ every process exited: Finished | Checkpointed | Broken (exit status, or a lost peer)
+//! ```
+//!
+//! The contract (README "Bring your own training code"):
+//! - RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT as
+//!   torchrun sets them; FLOTILLA_JOB_ID, FLOTILLA_GENERATION; FLOTILLA_CHECKPOINT_DIR (local);
+//!   FLOTILLA_RESUME_FROM (the newest recorded checkpoint, downloaded; unset on a fresh start);
+//!   FLOTILLA_PREEMPT_FILE (holds the unix-seconds deadline once a notice came).
+//! - A checkpoint is `FLOTILLA_CHECKPOINT_DIR/<step>/`, complete once the program prints
+//!   `FLOTILLA_CHECKPOINT <step>` on stdout or writes `<step>/COMPLETE`. Node 0's folder is
+//!   uploaded (in DDP rank 0 writes the checkpoint); a recorded one replaces older local ones.
+//! - A preemption notice sends `run.notice_signal` to every process group; the program saves a
+//!   checkpoint and exits. At the deadline the groups are killed.
+//! - A JSON object line with a numeric `step` (and `loss`, `samples_per_s`, `total_steps`,
+//!   `val_accuracy`, `val_loss`) is progress.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use flotilla_proto::spec::{NoticeSignal, RunSpec};
+use flotilla_proto::v1::{CheckpointRef, FinishedReport, GenerationEnd, JobMetrics, ProgressReport, TrainAssignment};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use super::work::{COLLECTIVE_TIMEOUT, PROGRESS_EVERY, REFUSED_GRACE, RankContext, RankEnd, broken, record_checkpoint};
+use crate::checkpoint::{files, store};
+use crate::collective::Communicator;
+use crate::collective::ring::{RingCommunicator, RingConfig};
+use crate::joblog::{JobLog, LINE_BYTES_MAX};
+
+/// How often the runner looks at its processes, flags and checkpoint folder.
+const POLL: Duration = Duration::from_millis(50);
+/// Time from a notice to the kill of whatever still runs (EC2 gives 120 s; the rest uploads).
+pub const NOTICE_GRACE: Duration = Duration::from_secs(100);
+/// A failed process's siblings get this long after SIGTERM before SIGKILL.
+const SIBLING_GRACE: Duration = Duration::from_secs(5);
+/// Time for a peer's data port to answer when a failure is classified.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Job-log lines are flushed at most this often (each flush is one object).
+const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Last output lines kept per run, quoted when a process fails.
+const TAIL_LINES: usize = 20;
+/// Where runs keep their folders, unless FLOTILLA_WORK_DIR says otherwise.
+const WORK_DIR_ENV: &str = "FLOTILLA_WORK_DIR";
+
+fn signal_of(notice: NoticeSignal) -> Signal {
+    match notice {
+        NoticeSignal::Term => Signal::SIGTERM,
+        NoticeSignal::Int => Signal::SIGINT,
+        NoticeSignal::Usr1 => Signal::SIGUSR1,
+        NoticeSignal::Usr2 => Signal::SIGUSR2,
+        NoticeSignal::Hup => Signal::SIGHUP,
+    }
+}
+
+/// The torchrun contract for one process: pure, so the test of the contract is exact.
+pub fn contract_env(
+    node_rank: u32,
+    nodes: u32,
+    local_rank: u32,
+    procs: u32,
+    master: SocketAddr,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", (node_rank * procs + local_rank).to_string()),
+        ("WORLD_SIZE", (nodes * procs).to_string()),
+        ("LOCAL_RANK", local_rank.to_string()),
+        ("LOCAL_WORLD_SIZE", procs.to_string()),
+        ("NODE_RANK", node_rank.to_string()),
+        ("MASTER_ADDR", master.ip().to_string()),
+        ("MASTER_PORT", master.port().to_string()),
+    ]
+}
+
+/// A line of the program's output that means something to the runner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal0 {
+    /// `FLOTILLA_CHECKPOINT <step>`: `<dir>/<step>/` is complete.
+    Checkpoint(u64),
+    /// A JSON object with a numeric `step`.
+    Metrics(Metrics),
+}
+
+/// Progress as the program reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Metrics {
+    pub step: u64,
+    pub loss: Option<f64>,
+    pub samples_per_s: Option<f64>,
+    pub total_steps: Option<u64>,
+    pub val_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+}
+
+/// Parses one output line (pure).
+pub fn parse_line(line: &str) -> Option<Signal0> {
+    let line = line.trim();
+    if let Some(step) = line.strip_prefix("FLOTILLA_CHECKPOINT ") {
+        return step.trim().parse().ok().map(Signal0::Checkpoint);
+    }
+    if !line.starts_with('{') {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let number = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).filter(|v| v.is_finite());
+    let step = value.get("step")?.as_u64()?;
+    Some(Signal0::Metrics(Metrics {
+        step,
+        loss: number("loss"),
+        samples_per_s: number("samples_per_s"),
+        total_steps: value.get("total_steps").and_then(serde_json::Value::as_u64),
+        val_accuracy: number("val_accuracy").filter(|a| (0.0..=1.0).contains(a)),
+        val_loss: number("val_loss"),
+    }))
+}
+
+/// Output of one process, line by line.
+struct Line {
+    local_rank: u32,
+    text: String,
+}
+
+/// What the uploader thread did with one checkpoint folder.
+struct Uploaded {
+    step: u64,
+    result: Result<String, String>,
+}
+
+/// The folders of one run: `<work>/<job>/g<generation>/{workdir,checkpoints,resume,preempt}`.
+struct RunDirs {
+    workdir: PathBuf,
+    checkpoints: PathBuf,
+    resume: PathBuf,
+    preempt: PathBuf,
+}
+
+impl RunDirs {
+    /// Makes the run's folders, removing older generations' folders of the same job (and
+    /// other jobs' runs: one job runs on a worker at a time).
+    fn create(job_id: &str, generation: u64) -> anyhow::Result<RunDirs> {
+        let base = std::env::var_os(WORK_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("flotilla-work-{}", std::process::id())));
+        if base.exists() {
+            for entry in std::fs::read_dir(&base).with_context(|| format!("reading {}", base.display()))?.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let root = base.join(job_id).join(format!("g{generation}"));
+        let dirs = RunDirs {
+            workdir: root.join("workdir"),
+            checkpoints: root.join("checkpoints"),
+            resume: root.join("resume"),
+            preempt: root.join("preempt"),
+        };
+        for dir in [&dirs.workdir, &dirs.checkpoints] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(dirs)
+    }
+}
+
+/// The running processes of this rank, one process group each.
+struct Procs {
+    children: Vec<(u32, Child)>,
+    /// Exit status per local rank, once exited.
+    exited: Vec<Option<ExitStatus>>,
+}
+
+impl Procs {
+    fn signal_all(&self, signal: Signal) {
+        for (i, (_, child)) in self.children.iter().enumerate() {
+            if self.exited[i].is_none() {
+                // The child leads its own group: the signal reaches what it started too.
+                let _ = killpg(Pid::from_raw(child.id() as i32), signal);
+            }
+        }
+    }
+
+    /// Collects exit statuses; true once every process has exited.
+    fn poll(&mut self) -> bool {
+        for (i, (_, child)) in self.children.iter_mut().enumerate() {
+            if self.exited[i].is_none()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.exited[i] = Some(status);
+            }
+        }
+        self.exited.iter().all(Option::is_some)
+    }
+
+    fn kill_and_reap(&mut self) {
+        self.signal_all(Signal::SIGKILL);
+        for (i, (_, child)) in self.children.iter_mut().enumerate() {
+            if self.exited[i].is_none() {
+                self.exited[i] = child.wait().ok();
+            }
+        }
+    }
+
+    /// The first process that failed: (local rank, status).
+    fn first_failure(&self) -> Option<(u32, ExitStatus)> {
+        self.children
+            .iter()
+            .zip(&self.exited)
+            .find_map(|((rank, _), status)| status.filter(|s| !s.success()).map(|s| (*rank, s)))
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        if self.exited.iter().any(Option::is_none) {
+            self.kill_and_reap();
+        }
+    }
+}
+
+/// The program is killed when the thread that started it ends (the agent died or was killed):
+/// its own process group does not receive the signals aimed at the agent's, and an orphaned
+/// rank must not keep training (or holding its GPU) beside the next generation.
+#[allow(unsafe_code)]
+fn die_with_this_thread(command: &mut Command) {
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
+    // are allowed: prctl(PR_SET_PDEATHSIG) is a single system call, allocating nothing and
+    // taking no lock.
+    unsafe {
+        command.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
+    }
+}
+
+/// Streams one pipe's lines (cut at LINE_BYTES_MAX) into `lines`.
+fn read_lines(pipe: impl Read + Send + 'static, local_rank: u32, lines: mpsc::Sender<Line>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buffer = Vec::new();
+        loop {
+            buffer.clear();
+            match reader.by_ref().take(LINE_BYTES_MAX as u64).read_until(b'\n', &mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buffer).trim_end_matches(['\n', '\r']).to_string();
+                    if lines.send(Line { local_rank, text }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Whether every other gang member's agent still answers on its data port.
+fn peers_alive(train: &TrainAssignment) -> bool {
+    train.peers.iter().filter(|p| p.rank != train.rank).all(|p| {
+        p.data_addr.parse::<SocketAddr>().is_ok_and(|addr| TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok())
+    })
+}
+
+fn unix_now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Joins the gang: the ring rendezvous proves every member holds the gang secret, then node 0's
+/// MASTER_PORT reaches everyone. Returns MASTER_ADDR:MASTER_PORT.
+fn rendezvous(context: &RankContext, train: &TrainAssignment, listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    let mut peers = train.peers.clone();
+    peers.sort_by_key(|p| p.rank);
+    let addresses = peers
+        .iter()
+        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
+        .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
+    let master_ip = addresses.first().context("the assignment names no peers")?.ip();
+    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
+    let mut config = RingConfig::new(
+        train.rank as usize,
+        addresses,
+        job_number << 24 | (train.generation & 0xff_ffff),
+        train.gang_secret.clone(),
+        COLLECTIVE_TIMEOUT,
+    );
+    config.refused_grace = REFUSED_GRACE;
+    config.abort = Some(context.stop.clone());
+    let mut comm = RingCommunicator::connect(listener.try_clone()?, config)?;
+    let mut port = [0f32];
+    if train.rank == 0 {
+        // A free port on the address the gang reaches this worker at (the program binds it).
+        let probe = TcpListener::bind((master_ip, 0)).context("finding a free MASTER_PORT")?;
+        port[0] = f32::from(probe.local_addr()?.port());
+    }
+    comm.broadcast(&mut port, 0)?;
+    Ok(SocketAddr::new(master_ip, port[0] as u16))
+}
+
+/// What the watch loop learnt by the time every process exited.
+#[derive(Default)]
+struct Watched {
+    /// A notice (or the coordinator) made the runner signal the program.
+    signalled: bool,
+    superseded: bool,
+    last_metrics: Option<Metrics>,
+    /// Newest checkpoint recorded through Raft: (step, URI).
+    recorded: Option<(u64, String)>,
+    upload_error: Option<String>,
+    tail: std::collections::VecDeque<String>,
+}
+
+/// Runs the user's program on this rank until it exits, is superseded, or stops for a notice.
+pub(super) fn run_rank(
+    context: &RankContext,
+    train: &TrainAssignment,
+    run: &RunSpec,
+    listener: &TcpListener,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    runtime: &tokio::runtime::Handle,
+) -> RankEnd {
+    let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
+    let node0 = train.rank == 0;
+    let mut log = (node0 && !train.job_prefix.is_empty())
+        .then(|| JobLog::open(&train.job_prefix))
+        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
+    let mut note = |log: &mut Option<JobLog>, text: String| {
+        tracing::info!(job = %train.job_id, "{text}");
+        if let Some(log) = log.as_mut()
+            && let Err(e) = log.line(&text).and_then(|()| log.flush())
+        {
+            tracing::warn!(error = %e, "could not write the job log");
+        }
+    };
+    let master = match rendezvous(context, train, listener) {
+        Ok(master) => master,
+        Err(e) => return broken(GenerationEnd::PeerLost, resume_step, format!("gang rendezvous: {e:#}")),
+    };
+    let dirs = match RunDirs::create(&train.job_id, train.generation) {
+        Ok(dirs) => dirs,
+        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+    };
+    if let Some(uri) = &run.workdir
+        && let Err(e) = crate::workdir::fetch(uri, &dirs.workdir, runtime)
+    {
+        return broken(GenerationEnd::RetryableError, resume_step, e);
+    }
+    if let Some(reference) = &train.resume_from {
+        let downloaded = store::open(&reference.uri).and_then(|location| {
+            runtime.block_on(files::download(location.store().as_ref(), location.prefix(), &dirs.resume))
+        });
+        match downloaded {
+            Ok(_) => {
+                note(&mut log, format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri))
+            }
+            Err(e) if e.is_unusable() => {
+                note(&mut log, format!("checkpoint of step {} is unusable: {e}", reference.step));
+                return RankEnd::Broken {
+                    end: GenerationEnd::CheckpointUnusable,
+                    step: reference.step,
+                    error: e.to_string(),
+                    unusable_step: reference.step,
+                };
+            }
+            Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+        }
+    }
+    note(
+        &mut log,
+        format!(
+            "generation {}: starting {:?} on {} worker(s) x {} process(es), MASTER {master}",
+            train.generation, run.command, train.world_size, run.procs_per_worker
+        ),
+    );
+    let (lines_tx, lines) = mpsc::channel::<Line>();
+    let mut procs = Procs { children: Vec::new(), exited: Vec::new() };
+    for local_rank in 0..run.procs_per_worker {
+        let mut command = Command::new(&run.command[0]);
+        command.args(&run.command[1..]).current_dir(&dirs.workdir);
+        command.env("PYTHONUNBUFFERED", "1").envs(&run.env);
+        command.envs(contract_env(train.rank, train.world_size, local_rank, run.procs_per_worker, master));
+        command.env("FLOTILLA_JOB_ID", &train.job_id).env("FLOTILLA_GENERATION", train.generation.to_string());
+        command.env("FLOTILLA_CHECKPOINT_DIR", &dirs.checkpoints).env("FLOTILLA_PREEMPT_FILE", &dirs.preempt);
+        if train.resume_from.is_some() {
+            command.env("FLOTILLA_RESUME_FROM", &dirs.resume);
+        } else {
+            command.env_remove("FLOTILLA_RESUME_FROM");
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        die_with_this_thread(&mut command);
+        match command.spawn() {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    read_lines(out, local_rank, lines_tx.clone());
+                }
+                if let Some(err) = child.stderr.take() {
+                    read_lines(err, local_rank, lines_tx.clone());
+                }
+                procs.children.push((local_rank, child));
+                procs.exited.push(None);
+            }
+            Err(e) => {
+                return broken(
+                    GenerationEnd::RetryableError,
+                    resume_step,
+                    format!("run.command[0] `{}` cannot be started in the workdir: {e}", run.command[0]),
+                );
+            }
+        }
+    }
+    drop(lines_tx);
+    let watched = watch(context, train, run, &dirs, &mut procs, lines, progress, runtime, &mut log);
+    finish(context, train, &procs, watched, resume_step, &mut log, &mut note)
+}
+
+/// The uploader: node 0's complete checkpoint folders, uploaded and recorded in order.
+fn start_uploader(
+    context: &RankContext,
+    train: &TrainAssignment,
+    dirs: &RunDirs,
+    runtime: &tokio::runtime::Handle,
+) -> (mpsc::Sender<u64>, mpsc::Receiver<Uploaded>, std::thread::JoinHandle<()>) {
+    let (steps_tx, steps) = mpsc::channel::<u64>();
+    let (done_tx, done) = mpsc::channel::<Uploaded>();
+    let (context, train, runtime) = (context.clone(), train.clone(), runtime.clone());
+    let folder = dirs.checkpoints.clone();
+    let thread = std::thread::spawn(move || {
+        for step in steps {
+            let result = upload_one(&context, &train, &folder, step, &runtime);
+            if result.is_ok() {
+                // Recorded: older local folders are no longer needed.
+                for (older, path) in step_folders(&folder) {
+                    if older < step {
+                        let _ = std::fs::remove_dir_all(path);
+                    }
+                }
+            }
+            if done_tx.send(Uploaded { step, result }).is_err() {
+                return;
+            }
+        }
+    });
+    (steps_tx, done, thread)
+}
+
+fn upload_one(
+    context: &RankContext,
+    train: &TrainAssignment,
+    folder: &Path,
+    step: u64,
+    runtime: &tokio::runtime::Handle,
+) -> Result<String, String> {
+    let local = step_folders(folder).into_iter().find(|(s, _)| *s == step).map(|(_, path)| path);
+    let local = local.ok_or_else(|| format!("checkpoint folder {}/{step} does not exist", folder.display()))?;
+    let location = store::open(&train.job_prefix).map_err(|e| e.to_string())?;
+    let prefix = location.prefix().clone().join("ckpt").join(format!("{step:012}-g{}", train.generation));
+    let manifest = runtime
+        .block_on(files::upload(location.store(), &local, &prefix))
+        .map_err(|e| format!("uploading step {step}: {e}"))?;
+    let uri = location.uri_of(&prefix);
+    let checkpoint = CheckpointRef {
+        step,
+        uri: uri.clone(),
+        size_bytes: manifest.total_bytes(),
+        manifest_sha256: manifest.fingerprint(),
+        cursor: None,
+    };
+    record_checkpoint(context, train, runtime, checkpoint).map_err(|e| format!("recording step {step}: {e}"))?;
+    Ok(uri)
+}
+
+/// The step folders under the checkpoint folder (names that are step numbers), by step.
+fn step_folders(folder: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(folder) else { return Vec::new() };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Watches the processes until every one has exited.
+#[allow(clippy::too_many_arguments)]
+fn watch(
+    context: &RankContext,
+    train: &TrainAssignment,
+    run: &RunSpec,
+    dirs: &RunDirs,
+    procs: &mut Procs,
+    lines: mpsc::Receiver<Line>,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    runtime: &tokio::runtime::Handle,
+    log: &mut Option<JobLog>,
+) -> Watched {
+    let node0 = train.rank == 0 && !train.job_prefix.is_empty();
+    let mut watched = Watched::default();
+    let uploader = node0.then(|| start_uploader(context, train, dirs, runtime));
+    let mut queued: BTreeSet<u64> = BTreeSet::new();
+    let mut signalled_at: Option<Instant> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut last_progress: Option<Instant> = None;
+    let mut last_flush = Instant::now();
+    let started = Instant::now();
+    let first_step = train.resume_from.as_ref().map_or(0, |c| c.step);
+    let queue = |step: u64, queued: &mut BTreeSet<u64>| {
+        let newest = queued.last().copied();
+        if let Some((steps, _, _)) = &uploader
+            && newest.is_none_or(|n| step > n)
+            && step_folders(&dirs.checkpoints).iter().any(|(s, _)| *s == step)
+        {
+            queued.insert(step);
+            let _ = steps.send(step);
+        }
+    };
+    loop {
+        if context.stop.load(Ordering::Relaxed) {
+            watched.superseded = true;
+            procs.kill_and_reap();
+            break;
+        }
+        if signalled_at.is_none() && context.stop_voted() {
+            let deadline = unix_now_s() + NOTICE_GRACE.as_secs();
+            let _ = std::fs::write(&dirs.preempt, format!("{deadline}\n"));
+            procs.signal_all(signal_of(run.notice_signal));
+            signalled_at = Some(Instant::now());
+            watched.signalled = true;
+            if let Some(log) = log.as_mut() {
+                let _ =
+                    log.line(&format!("notice: sent {} to the program; deadline {deadline}", run.notice_signal.name()));
+            }
+        }
+        if signalled_at.is_some_and(|t| t.elapsed() >= NOTICE_GRACE) {
+            procs.signal_all(Signal::SIGKILL);
+        }
+        // One process failed: its siblings cannot go on alone (their collectives would hang).
+        if failed_at.is_none() && !watched.signalled && procs.first_failure().is_some() {
+            failed_at = Some(Instant::now());
+            procs.signal_all(Signal::SIGTERM);
+        }
+        if failed_at.is_some_and(|t| t.elapsed() >= SIBLING_GRACE) {
+            procs.signal_all(Signal::SIGKILL);
+        }
+        let all_exited = procs.poll();
+        // Output, metrics and checkpoint markers.
+        let deadline = Instant::now() + POLL;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let text = format!("[rank {}] {}", train.rank * run.procs_per_worker + line.local_rank, line.text);
+            match parse_line(&line.text) {
+                Some(Signal0::Checkpoint(step)) => queue(step, &mut queued),
+                Some(Signal0::Metrics(metrics)) if line.local_rank == 0 => watched.last_metrics = Some(metrics),
+                _ => {}
+            }
+            if watched.tail.len() == TAIL_LINES {
+                watched.tail.pop_front();
+            }
+            watched.tail.push_back(text.clone());
+            match log.as_mut() {
+                Some(log) => {
+                    let _ = log.line(&text);
+                }
+                None => tracing::info!(job = %train.job_id, "{text}"),
+            }
+        }
+        for (step, path) in step_folders(&dirs.checkpoints) {
+            if path.join("COMPLETE").is_file() {
+                queue(step, &mut queued);
+            }
+        }
+        if let Some((_, done, _)) = &uploader {
+            for uploaded in done.try_iter() {
+                note_upload(&mut watched, uploaded, log);
+            }
+        }
+        if let Some(metrics) = watched.last_metrics
+            && node0
+            && last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY)
+        {
+            last_progress = Some(Instant::now());
+            let total = metrics.total_steps.unwrap_or(0);
+            let done = metrics.step.saturating_sub(first_step).max(1);
+            let eta_ms =
+                (started.elapsed().as_millis() as u64 / done).saturating_mul(total.saturating_sub(metrics.step));
+            let _ = progress.try_send(ProgressReport {
+                worker_id: context.worker_id.clone(),
+                job_id: train.job_id.clone(),
+                generation: train.generation,
+                rank: 0,
+                step: metrics.step,
+                loss: metrics.loss.unwrap_or(f64::NAN),
+                samples_per_s: metrics.samples_per_s.unwrap_or(0.0),
+                total_steps: total,
+                eta_ms: if total > 0 { eta_ms } else { 0 },
+                ..Default::default()
+            });
+        }
+        if let Some(log) = log.as_mut()
+            && last_flush.elapsed() >= LOG_FLUSH_EVERY
+        {
+            last_flush = Instant::now();
+            let _ = log.flush();
+        }
+        if all_exited {
+            break;
+        }
+    }
+    // Late output (a marker printed just before exit), then every queued upload.
+    while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+        if let Some(Signal0::Checkpoint(step)) = parse_line(&line.text) {
+            queue(step, &mut queued);
+        }
+        if let Some(log) = log.as_mut() {
+            let _ = log.line(&format!("[rank {}] {}", train.rank * run.procs_per_worker + line.local_rank, line.text));
+        }
+    }
+    if !watched.superseded {
+        for (step, path) in step_folders(&dirs.checkpoints) {
+            if path.join("COMPLETE").is_file() {
+                queue(step, &mut queued);
+            }
+        }
+    }
+    if let Some((steps, done, thread)) = uploader {
+        drop(steps);
+        if !watched.superseded {
+            let _ = thread.join();
+            for uploaded in done.try_iter() {
+                note_upload(&mut watched, uploaded, log);
+            }
+        }
+    }
+    watched
+}
+
+fn note_upload(watched: &mut Watched, uploaded: Uploaded, log: &mut Option<JobLog>) {
+    let text = match uploaded.result {
+        Ok(uri) => {
+            let text = format!("checkpoint of step {} uploaded and recorded: {uri}", uploaded.step);
+            watched.recorded = Some((uploaded.step, uri));
+            watched.upload_error = None;
+            text
+        }
+        Err(e) => {
+            let text = format!("checkpoint of step {} failed: {e}", uploaded.step);
+            watched.upload_error = Some(e);
+            text
+        }
+    };
+    tracing::info!("{text}");
+    if let Some(log) = log.as_mut() {
+        let _ = log.line(&text);
+    }
+}
+
+/// How the generation ended on this rank, from what the watch saw.
+fn finish(
+    context: &RankContext,
+    train: &TrainAssignment,
+    procs: &Procs,
+    watched: Watched,
+    resume_step: u64,
+    log: &mut Option<JobLog>,
+    note: &mut impl FnMut(&mut Option<JobLog>, String),
+) -> RankEnd {
+    let node0 = train.rank == 0;
+    let reached = watched
+        .last_metrics
+        .map(|m| m.step)
+        .into_iter()
+        .chain(watched.recorded.as_ref().map(|(step, _)| *step))
+        .max()
+        .unwrap_or(resume_step)
+        .max(resume_step);
+    if watched.superseded || context.stop.load(Ordering::Relaxed) {
+        return RankEnd::Superseded;
+    }
+    if watched.signalled {
+        if node0 && let Some(e) = watched.upload_error {
+            return broken(GenerationEnd::RetryableError, reached, format!("checkpoint before stopping: {e}"));
+        }
+        note(log, format!("stopped at step {reached} for a checkpoint (generation {})", train.generation));
+        return RankEnd::Checkpointed { step: reached, rank0: node0 };
+    }
+    if let Some((local_rank, status)) = procs.first_failure() {
+        let rank = train.rank * procs.children.len() as u32 + local_rank;
+        let tail: Vec<String> = watched.tail.into_iter().collect();
+        let error = format!("rank {rank} exited with {status}; its last lines:\n{}", tail.join("\n"));
+        note(log, format!("rank {rank} exited with {status}"));
+        // A process that failed because a peer machine went away is not the program's fault.
+        let end = if peers_alive(train) { GenerationEnd::RetryableError } else { GenerationEnd::PeerLost };
+        return broken(end, reached, error);
+    }
+    if !node0 {
+        return RankEnd::Finished(None);
+    }
+    let metrics = watched.last_metrics.unwrap_or_default();
+    note(log, format!("finished at step {reached}: every process exited 0"));
+    RankEnd::Finished(Some(Box::new(FinishedReport {
+        worker_id: context.worker_id.clone(),
+        job_id: train.job_id.clone(),
+        generation: train.generation,
+        success: true,
+        metrics: Some(JobMetrics {
+            val_accuracy: metrics.val_accuracy,
+            val_loss: metrics.val_loss,
+            train_loss: metrics.loss,
+            samples_per_s: metrics.samples_per_s,
+        }),
+        step: reached,
+        end: GenerationEnd::Finished.into(),
+        // The registry records the newest checkpoint as the model's artifact.
+        artifact_uri: watched.recorded.map(|(_, uri)| uri).unwrap_or_default(),
+        ..Default::default()
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_matches_torchrun() {
+        let master: SocketAddr = "10.0.0.5:29500".parse().expect("address");
+        let env = contract_env(2, 3, 1, 4, master);
+        let get = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str());
+        assert_eq!(get("RANK"), Some("9"), "node 2 x 4 procs + local rank 1");
+        assert_eq!(get("WORLD_SIZE"), Some("12"));
+        assert_eq!(get("LOCAL_RANK"), Some("1"));
+        assert_eq!(get("LOCAL_WORLD_SIZE"), Some("4"));
+        assert_eq!(get("NODE_RANK"), Some("2"));
+        assert_eq!(get("MASTER_ADDR"), Some("10.0.0.5"));
+        assert_eq!(get("MASTER_PORT"), Some("29500"));
+    }
+
+    #[test]
+    fn output_lines_are_parsed_strictly() {
+        assert_eq!(parse_line("FLOTILLA_CHECKPOINT 300"), Some(Signal0::Checkpoint(300)));
+        assert_eq!(parse_line("  FLOTILLA_CHECKPOINT  7 \r"), Some(Signal0::Checkpoint(7)));
+        assert_eq!(parse_line("FLOTILLA_CHECKPOINT -1"), None);
+        assert_eq!(parse_line("epoch 3 loss 0.1"), None);
+        assert_eq!(parse_line("{\"loss\": 0.5}"), None, "no step: not progress");
+        let Some(Signal0::Metrics(m)) =
+            parse_line(r#"{"step": 12, "loss": 0.25, "samples_per_s": 800, "total_steps": 100, "val_accuracy": 1.5}"#)
+        else {
+            panic!("a metrics line");
+        };
+        assert_eq!((m.step, m.loss, m.samples_per_s, m.total_steps), (12, Some(0.25), Some(800.0), Some(100)));
+        assert_eq!(m.val_accuracy, None, "an accuracy above 1 is not one");
+    }
+}

@@ -1,0 +1,340 @@
+//! The agent's work: follow this worker's assignment stream and run the assigned rank with the
+//! job's runner: the built-in trainer ([`super::builtin`]) or the user's command
+//! ([`super::command`]). Both end a generation the same way ([`RankEnd`]) and record
+//! checkpoints through the same call ([`record_checkpoint`]).
+//!
+//! ```text
+//!   TrainAssignment ─▶ thread: runner (built-in | command) ─▶ RankEnd ─▶ report (ReportFinished)
+//!   CheckpointNow / notice / SIGTERM ─▶ the runner stops in order after a checkpoint
+//!        (built-in: a vote in the next all-reduce; command: the notice signal to the program)
+//!   StopJob / a newer TrainAssignment ─▶ stop at once (no report)
+//!   Drain ─▶ the process exits once idle (the instance is going away)
+//!   InferAssignment ─▶ lease, predict and commit shards until released ([`super::inference`])
+//! ```
+//!
+//! How a generation ends, and who reports it: rank 0 reports the finish (with metrics) and
+//! orderly stops; every rank reports a broken collective, an unusable checkpoint or an error
+//! (the coordinator takes the first report of a generation and refuses the rest).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_proto::client::ApiClient;
+use flotilla_proto::convert::spec_from_proto;
+use flotilla_proto::v1::{
+    CheckpointRef, CheckpointReport, FinishedReport, GenerationEnd, ProgressReport, TrainAssignment,
+    WatchAssignmentsRequest, assignment,
+};
+use tokio::sync::watch;
+
+/// Time for a gang to form and for any one collective operation.
+pub(super) const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused connection to a peer's data port is retried: agents listen for their
+/// whole life, so a refusal means the peer is gone.
+pub(super) const REFUSED_GRACE: Duration = Duration::from_secs(1);
+/// Pause before re-opening a broken assignment stream.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// Rank 0 reports live progress at most this often.
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Progress reports queued at most; older ones are dropped when the coordinator is slow.
+const PROGRESS_QUEUE_MAX: usize = 4;
+
+/// What the agent's parts share: the interruption flag, whether a training runs, and the
+/// coordinator's order to drain.
+#[derive(Default)]
+pub struct AgentShared {
+    /// Set on a spot notice or SIGTERM, before it is reported: a Drain from the coordinator
+    /// is obeyed only then.
+    pub noticed: AtomicBool,
+    /// Set once the coordinator heard of the interruption (or could not be told): the running
+    /// generation votes to stop at the next step boundary.
+    pub interrupted: AtomicBool,
+    /// Training runs in progress on this worker (a superseded one may still be ending).
+    pub busy: watch::Sender<usize>,
+    /// The coordinator told this worker to drain: no more work will come.
+    pub drained: tokio::sync::Notify,
+    /// Wakes the heartbeat loop (after a broken gang, so the coordinator can regroup at once).
+    pub beat_now: tokio::sync::Notify,
+}
+
+/// A training run in progress on this worker.
+struct Running {
+    job_id: String,
+    generation: u64,
+    /// Stop at once without reporting (superseded); also aborts a rendezvous in progress.
+    stop: Arc<AtomicBool>,
+    /// The coordinator asked for a checkpoint at the next step boundary.
+    checkpoint_now: Arc<AtomicBool>,
+}
+
+/// Follows the assignment stream of whichever worker id `registered` holds, until the process
+/// ends. `listener` is this worker's data port (advertised at registration).
+pub async fn follow(
+    mut client: ApiClient,
+    mut registered: watch::Receiver<Option<String>>,
+    listener: TcpListener,
+    shared: Arc<AgentShared>,
+) {
+    let listener = Arc::new(listener);
+    let mut running: Option<Running> = None;
+    // The inference loop: (worker id, job id, its control).
+    let mut inferring: Option<(String, String, Arc<super::inference::LoopControl>)> = None;
+    loop {
+        let Some(worker_id) = registered.borrow_and_update().clone() else {
+            if registered.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let request = WatchAssignmentsRequest { worker_id: worker_id.clone() };
+        let stream = client
+            .call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.watch_assignments(request).await }
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch assignments; retrying");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+        };
+        loop {
+            // A new registration (this worker was declared lost and joined again) watches
+            // under its new id.
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = registered.changed() => break,
+            };
+            let Ok(Some(message)) = message else { break };
+            match message.kind {
+                Some(assignment::Kind::Train(train)) => {
+                    // A re-opened stream repeats the current assignment: keep training.
+                    if running.as_ref().is_some_and(|r| r.job_id == train.job_id && r.generation == train.generation) {
+                        continue;
+                    }
+                    if let Some(old) = running.take() {
+                        old.stop.store(true, Ordering::Relaxed);
+                    }
+                    let run = Running {
+                        job_id: train.job_id.clone(),
+                        generation: train.generation,
+                        stop: Arc::new(AtomicBool::new(false)),
+                        checkpoint_now: Arc::new(AtomicBool::new(false)),
+                    };
+                    let context = RankContext {
+                        client: client.clone(),
+                        worker_id: worker_id.clone(),
+                        stop: run.stop.clone(),
+                        checkpoint_now: run.checkpoint_now.clone(),
+                        shared: shared.clone(),
+                    };
+                    running = Some(run);
+                    tokio::spawn(train_and_report(context, train, listener.clone()));
+                }
+                Some(assignment::Kind::CheckpointNow(order)) => {
+                    if let Some(run) =
+                        running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
+                    {
+                        run.checkpoint_now.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(assignment::Kind::Stop(stop)) => {
+                    if let Some(run) = running.take_if(|r| r.job_id == stop.job_id && r.generation == stop.generation) {
+                        run.stop.store(true, Ordering::Relaxed);
+                    }
+                    if let Some((_, _, control)) = inferring.take_if(|(_, job, _)| *job == stop.job_id) {
+                        control.stop();
+                    }
+                }
+                Some(assignment::Kind::Infer(infer)) => {
+                    // A re-sent membership (a re-opened stream, or joined again after a
+                    // release) goes to the loop still running for it.
+                    if inferring
+                        .as_ref()
+                        .is_some_and(|(w, job, control)| *w == worker_id && *job == infer.job_id && control.rejoin())
+                    {
+                        continue;
+                    }
+                    let control = super::inference::LoopControl::start();
+                    let run = (worker_id.clone(), infer.job_id.clone(), control.clone());
+                    if let Some((_, _, old)) = inferring.replace(run) {
+                        old.stop();
+                    }
+                    tokio::spawn(super::inference::infer_and_commit(
+                        client.clone(),
+                        worker_id.clone(),
+                        infer,
+                        control,
+                        shared.clone(),
+                    ));
+                }
+                Some(assignment::Kind::Drain(drain)) => {
+                    // Exit only after our own interruption (notice, SIGTERM): a coordinator
+                    // that does not know this worker id (lease expired, lagging node) is
+                    // answered by registering again, in the heartbeat loop.
+                    if shared.noticed.load(Ordering::Relaxed) {
+                        tracing::warn!(reason = %drain.reason, "the coordinator drains this worker");
+                        shared.drained.notify_one();
+                    } else {
+                        tracing::info!(reason = %drain.reason, "drain ignored: this worker was not interrupted");
+                    }
+                }
+                None => {}
+            }
+        }
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
+/// What one training run needs from the agent.
+#[derive(Clone)]
+pub(super) struct RankContext {
+    pub client: ApiClient,
+    pub worker_id: String,
+    /// Superseded: stop at once, report nothing.
+    pub stop: Arc<AtomicBool>,
+    pub checkpoint_now: Arc<AtomicBool>,
+    pub shared: Arc<AgentShared>,
+}
+
+impl RankContext {
+    /// The gang should stop in order after a checkpoint (the coordinator asked, or this worker
+    /// was interrupted).
+    pub fn stop_voted(&self) -> bool {
+        self.checkpoint_now.load(Ordering::Relaxed) || self.shared.interrupted.load(Ordering::Relaxed)
+    }
+}
+
+/// How a rank's run ended.
+pub(super) enum RankEnd {
+    /// Training is done. Rank 0 carries the report (with metrics); other ranks `None`.
+    Finished(Option<Box<FinishedReport>>),
+    /// Stopped in order after `step` (vote); rank 0 saved and recorded that step.
+    Checkpointed { step: u64, rank0: bool },
+    /// Superseded (StopJob, or a newer assignment): report nothing.
+    Superseded,
+    /// Ended abnormally; every rank reports (the coordinator keeps the first).
+    Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64 },
+}
+
+async fn train_and_report(context: RankContext, train: TrainAssignment, listener: Arc<TcpListener>) {
+    let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
+    tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
+    context.shared.busy.send_modify(|runs| *runs += 1);
+    let mut client = context.client.clone();
+    let worker_id = context.worker_id.clone();
+    let shared = context.shared.clone();
+    let stop = context.stop.clone();
+    // A plain thread, not spawn_blocking: the data loader runs its own runtime and refuses to
+    // start inside another one.
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<ProgressReport>(PROGRESS_QUEUE_MAX);
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _ = done.send(run_rank(&context, train, &listener, &progress_tx, &runtime));
+    });
+    let mut reporter = client.clone();
+    tokio::spawn(async move {
+        while let Some(report) = progress_rx.recv().await {
+            let _ = reporter
+                .call_cluster(|mut c| {
+                    let report = report.clone();
+                    async move { c.report_progress(report).await }
+                })
+                .await;
+        }
+    });
+    let end = match outcome.await {
+        Ok(end) => end,
+        Err(_) => {
+            tracing::error!(job = %job_id, "training thread panicked");
+            RankEnd::Broken {
+                end: GenerationEnd::RetryableError,
+                step: 0,
+                error: "the training thread panicked".into(),
+                unusable_step: 0,
+            }
+        }
+    };
+    let base = FinishedReport { worker_id, job_id: job_id.clone(), generation, ..Default::default() };
+    let report = match end {
+        RankEnd::Finished(Some(report)) => Some(*report),
+        RankEnd::Finished(None) | RankEnd::Superseded => None,
+        RankEnd::Checkpointed { step, rank0 } => {
+            rank0.then(|| FinishedReport { end: GenerationEnd::Checkpointed.into(), step, ..base })
+        }
+        RankEnd::Broken { .. } if stop.load(Ordering::Relaxed) => None, // superseded meanwhile
+        RankEnd::Broken { end, step, error, unusable_step } => {
+            tracing::warn!(job = %job_id, generation, rank, error = %error, "generation ended");
+            Some(FinishedReport { end: end.into(), step, error, unusable_checkpoint_step: unusable_step, ..base })
+        }
+    };
+    if let Some(report) = report {
+        let sent = client
+            .call_cluster(|mut c| {
+                let report = report.clone();
+                async move { c.report_finished(report).await }
+            })
+            .await;
+        if let Err(e) = sent {
+            // Refused when another rank's report came first: the normal case for a broken gang.
+            tracing::debug!(job = %job_id, error = %e, "end of generation not recorded");
+        }
+    }
+    // Heartbeat at once: after a broken gang, the coordinator regroups only workers it has heard
+    // from since the break.
+    shared.beat_now.notify_one();
+    shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+}
+
+/// Runs this rank with the job's runner.
+fn run_rank(
+    context: &RankContext,
+    train: TrainAssignment,
+    listener: &TcpListener,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    runtime: &tokio::runtime::Handle,
+) -> RankEnd {
+    let spec = match train.spec.clone().context("the assignment has no spec").and_then(|s| Ok(spec_from_proto(s)?)) {
+        Ok(spec) => spec,
+        Err(e) => return broken(GenerationEnd::RetryableError, 0, e),
+    };
+    match spec.command() {
+        Some(run) => super::command::run_rank(context, &train, run, listener, progress, runtime),
+        None => super::builtin::run_rank(context, &spec, train, listener, progress, runtime),
+    }
+}
+
+pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display) -> RankEnd {
+    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0 }
+}
+
+/// Records a written checkpoint with the coordinator (through Raft), blocking this thread: only
+/// then does it count (a resume reads only recorded checkpoints).
+pub(super) fn record_checkpoint(
+    context: &RankContext,
+    train: &TrainAssignment,
+    runtime: &tokio::runtime::Handle,
+    checkpoint: CheckpointRef,
+) -> Result<(), String> {
+    let report = CheckpointReport {
+        worker_id: context.worker_id.clone(),
+        job_id: train.job_id.clone(),
+        generation: train.generation,
+        checkpoint: Some(checkpoint),
+    };
+    let mut client = context.client.clone();
+    runtime
+        .block_on(client.call_cluster(|mut c| {
+            let report = report.clone();
+            async move { c.report_checkpoint(report).await }
+        }))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
