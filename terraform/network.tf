@@ -15,85 +15,76 @@ resource "aws_security_group" "worker" {
   vpc_id      = var.vpc_id
 }
 
-resource "aws_vpc_security_group_ingress_rule" "coordinator_raft" {
-  security_group_id            = aws_security_group.coordinator.id
-  description                  = "Raft, between coordinators only"
-  referenced_security_group_id = aws_security_group.coordinator.id
+locals {
+  groups = {
+    coordinator = aws_security_group.coordinator.id
+    worker      = aws_security_group.worker.id
+  }
+  # The whole network policy in one table: the group a rule belongs to, its direction, the
+  # other side (one of the groups, or a CIDR) and the TCP port. Nothing else is open.
+  rules = merge(
+    {
+      coordinator_raft_in = {
+        group = "coordinator", ingress = true, peer = "coordinator", cidr = null, port = var.raft_port
+        description = "Raft, between coordinators only"
+      }
+      coordinator_workers_in = {
+        group = "coordinator", ingress = true, peer = "worker", cidr = null, port = var.api_port
+        description = "Worker agents"
+      }
+      worker_data_in = {
+        group = "worker", ingress = true, peer = "worker", cidr = null, port = var.data_port
+        description = "Gradients between the ranks of a gang (ring all-reduce, NCCL)"
+      }
+      # Egress: the coordinators and workers reach each other, S3 and the EC2 API over HTTPS.
+      coordinator_https_out = {
+        group = "coordinator", ingress = false, peer = null, cidr = "0.0.0.0/0", port = 443
+        description = "S3, EC2 and SSM APIs"
+      }
+      coordinator_raft_out = {
+        group = "coordinator", ingress = false, peer = "coordinator", cidr = null, port = var.raft_port
+        description = "Raft peers"
+      }
+      worker_https_out = {
+        group = "worker", ingress = false, peer = null, cidr = "0.0.0.0/0", port = 443
+        description = "S3 (the cluster store)"
+      }
+      worker_coordinators_out = {
+        group = "worker", ingress = false, peer = "coordinator", cidr = null, port = var.api_port
+        description = "The coordinators"
+      }
+      worker_data_out = {
+        group = "worker", ingress = false, peer = "worker", cidr = null, port = var.data_port
+        description = "The other ranks of a gang"
+      }
+    },
+    {
+      for cidr in var.api_allowed_cidrs : "coordinator_api_in_${cidr}" => {
+        group = "coordinator", ingress = true, peer = null, cidr = cidr, port = var.api_port
+        description = "API clients"
+      }
+    },
+  )
+}
+
+resource "aws_vpc_security_group_ingress_rule" "rule" {
+  for_each                     = { for name, rule in local.rules : name => rule if rule.ingress }
+  security_group_id            = local.groups[each.value.group]
+  description                  = each.value.description
+  referenced_security_group_id = each.value.peer == null ? null : local.groups[each.value.peer]
+  cidr_ipv4                    = each.value.cidr
   ip_protocol                  = "tcp"
-  from_port                    = var.raft_port
-  to_port                      = var.raft_port
+  from_port                    = each.value.port
+  to_port                      = each.value.port
 }
 
-resource "aws_vpc_security_group_ingress_rule" "coordinator_from_workers" {
-  security_group_id            = aws_security_group.coordinator.id
-  description                  = "Worker agents"
-  referenced_security_group_id = aws_security_group.worker.id
+resource "aws_vpc_security_group_egress_rule" "rule" {
+  for_each                     = { for name, rule in local.rules : name => rule if !rule.ingress }
+  security_group_id            = local.groups[each.value.group]
+  description                  = each.value.description
+  referenced_security_group_id = each.value.peer == null ? null : local.groups[each.value.peer]
+  cidr_ipv4                    = each.value.cidr
   ip_protocol                  = "tcp"
-  from_port                    = var.api_port
-  to_port                      = var.api_port
-}
-
-resource "aws_vpc_security_group_ingress_rule" "coordinator_api" {
-  for_each          = toset(var.api_allowed_cidrs)
-  security_group_id = aws_security_group.coordinator.id
-  description       = "API clients"
-  cidr_ipv4         = each.value
-  ip_protocol       = "tcp"
-  from_port         = var.api_port
-  to_port           = var.api_port
-}
-
-resource "aws_vpc_security_group_ingress_rule" "worker_data" {
-  security_group_id            = aws_security_group.worker.id
-  description                  = "Gradients between the ranks of a gang (ring all-reduce, NCCL)"
-  referenced_security_group_id = aws_security_group.worker.id
-  ip_protocol                  = "tcp"
-  from_port                    = var.data_port
-  to_port                      = var.data_port
-}
-
-# Egress: the coordinators and workers reach each other, S3 and the EC2 API over HTTPS.
-resource "aws_vpc_security_group_egress_rule" "coordinator_https" {
-  security_group_id = aws_security_group.coordinator.id
-  description       = "S3, EC2 and SSM APIs"
-  cidr_ipv4         = "0.0.0.0/0"
-  ip_protocol       = "tcp"
-  from_port         = 443
-  to_port           = 443
-}
-
-resource "aws_vpc_security_group_egress_rule" "coordinator_peers" {
-  security_group_id            = aws_security_group.coordinator.id
-  description                  = "Raft peers"
-  referenced_security_group_id = aws_security_group.coordinator.id
-  ip_protocol                  = "tcp"
-  from_port                    = var.raft_port
-  to_port                      = var.raft_port
-}
-
-resource "aws_vpc_security_group_egress_rule" "worker_https" {
-  security_group_id = aws_security_group.worker.id
-  description       = "S3 (the cluster store)"
-  cidr_ipv4         = "0.0.0.0/0"
-  ip_protocol       = "tcp"
-  from_port         = 443
-  to_port           = 443
-}
-
-resource "aws_vpc_security_group_egress_rule" "worker_coordinators" {
-  security_group_id            = aws_security_group.worker.id
-  description                  = "The coordinators"
-  referenced_security_group_id = aws_security_group.coordinator.id
-  ip_protocol                  = "tcp"
-  from_port                    = var.api_port
-  to_port                      = var.api_port
-}
-
-resource "aws_vpc_security_group_egress_rule" "worker_data" {
-  security_group_id            = aws_security_group.worker.id
-  description                  = "The other ranks of a gang"
-  referenced_security_group_id = aws_security_group.worker.id
-  ip_protocol                  = "tcp"
-  from_port                    = var.data_port
-  to_port                      = var.data_port
+  from_port                    = each.value.port
+  to_port                      = each.value.port
 }

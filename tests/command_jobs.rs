@@ -10,14 +10,11 @@
 //! - a workdir over the limit is refused at submit with the limit and the biggest files.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 mod common;
-use common::{Down, gang, logs, run, status, submit, wait_for};
+use common::{Local, gang, logs, run, status, submit, wait_for};
 use serde_json::Value;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// A job folder: the workdir (the program and a payload), the spec, and `out/` for what the
 /// program reports.
@@ -84,27 +81,18 @@ impl Job {
     }
 }
 
-fn cluster(workers: u32) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = dir.path().join(".flotilla");
-    let up = run(&home, &["up", "--workers", &workers.to_string()]);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    (dir, home)
-}
-
 #[test]
 fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (_dir, home) = cluster(2);
-    let _down = Down(&home);
+    let cluster = Local::up(2);
+    let home = cluster.home.as_path();
     let job = Job::new(2, 2, "STEPS = \"40\", STEP_S = \"0.1\", CKPT_EVERY = \"5\"", 3);
-    let id = submit(&home, &job.spec());
-    wait_for(&home, &id, Duration::from_secs(120), "step 12", |s| s["step"].as_u64().is_some_and(|s| s >= 12));
-    let members = gang(&home, &id);
+    let id = submit(home, &job.spec());
+    wait_for(home, &id, Duration::from_secs(120), "step 12", |s| s["step"].as_u64().is_some_and(|s| s >= 12));
+    let members = gang(home, &id);
     assert_eq!(members.len(), 2, "{members:?}");
-    let noticed = run(&home, &["preempt", &members[1]]);
+    let noticed = run(home, &["preempt", &members[1]]);
     assert!(noticed.status.success(), "{}", String::from_utf8_lossy(&noticed.stderr));
-    let done = wait_for(&home, &id, Duration::from_secs(180), "success", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &id, Duration::from_secs(180), "success", |s| s["state"] == "Succeeded");
 
     // The contract, exact on all 4 ranks of the first generation.
     let first: Vec<Value> = (0..4).map(|rank| job.env_of(1, rank)).collect();
@@ -144,23 +132,22 @@ fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
     assert_eq!(done["preemptions"], 1, "{done}");
     assert_eq!(done["step"], 40, "{done}");
     assert_eq!(done["metrics"]["val_accuracy"], 0.75, "metric lines feed status: {done}");
-    let log = logs(&home, &id);
+    let log = logs(home, &id);
     assert!(log.contains("[rank 0] FLOTILLA_CHECKPOINT 40"), "{log}");
     assert!(log.contains("uploaded and recorded"), "{log}");
 }
 
 #[test]
 fn a_killed_member_resumes_from_the_recorded_checkpoint() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (_dir, home) = cluster(2);
-    let _down = Down(&home);
+    let cluster = Local::up(2);
+    let home = cluster.home.as_path();
     let job = Job::new(2, 1, "STEPS = \"40\", STEP_S = \"0.1\", CKPT_EVERY = \"5\"", 3);
-    let id = submit(&home, &job.spec());
-    wait_for(&home, &id, Duration::from_secs(120), "step 13", |s| s["step"].as_u64().is_some_and(|s| s >= 13));
-    let members = gang(&home, &id);
-    let killed = run(&home, &["preempt", &members[0], "--hard"]);
+    let id = submit(home, &job.spec());
+    wait_for(home, &id, Duration::from_secs(120), "step 13", |s| s["step"].as_u64().is_some_and(|s| s >= 13));
+    let members = gang(home, &id);
+    let killed = run(home, &["preempt", &members[0], "--hard"]);
     assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
-    let done = wait_for(&home, &id, Duration::from_secs(180), "success", |s| s["state"] == "Succeeded");
+    let done = wait_for(home, &id, Duration::from_secs(180), "success", |s| s["state"] == "Succeeded");
     assert!(done["recoveries"].as_u64().is_some_and(|r| r >= 1), "{done}");
 
     for rank in 0..2 {
@@ -176,20 +163,19 @@ fn a_killed_member_resumes_from_the_recorded_checkpoint() {
     let reached = steps.iter().filter(|(g, _)| *g < second).map(|(_, s)| *s).max().expect("first steps");
     // Resumed right after a recorded checkpoint (every 5 steps), at most one interval back.
     assert_eq!((resumed - 1) % 5, 0, "{steps:?}");
-    assert!(reached + 1 - resumed < 5 + 1, "lost at most one checkpoint interval: {steps:?}");
+    assert!(resumed + 5 > reached, "lost at most one checkpoint interval: {steps:?}");
     assert!(resumed > 1, "a checkpoint had been recorded before the kill: {steps:?}");
 }
 
 #[test]
 fn a_failing_program_feeds_the_failure_policy() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let (_dir, home) = cluster(1);
-    let _down = Down(&home);
+    let cluster = Local::up(1);
+    let home = cluster.home.as_path();
     let job = Job::new(1, 1, "STEPS = \"20\", STEP_S = \"0.05\", FAIL_AT = \"3\"", 2);
-    let id = submit(&home, &job.spec());
+    let id = submit(home, &job.spec());
     let mut last = Value::Null;
     for _ in 0..1200 {
-        last = status(&home, &id);
+        last = status(home, &id);
         if last["state"] == "Failed" || last["state"] == "Succeeded" {
             break;
         }

@@ -10,40 +10,11 @@
 //! The tests of this file share the 2 CPUs, so they run one at a time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{gang, json, logs, run, status, submit, wait_for, worker_pid};
+use common::{Local, gang, json, logs, run, status, submit, wait_for, worker_pid};
 use serde_json::Value;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// A local cluster of `workers` in a temporary FLOTILLA_HOME, one test at a time; stopped and
-/// deleted when dropped, even when an assertion fails.
-struct Local {
-    home: PathBuf,
-    dir: tempfile::TempDir,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
-
-impl Local {
-    fn up(workers: u32) -> Local {
-        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = dir.path().join(".flotilla");
-        let up = run(&home, &["up", "--workers", &workers.to_string()]);
-        let local = Local { home, dir, _serial: serial };
-        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-        local
-    }
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        let _ = run(&self.home, &["down", "--purge"]);
-    }
-}
 
 fn assert_accurate(done: &Value) {
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");

@@ -146,7 +146,17 @@ pub fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
 pub fn random_hex(bytes: usize) -> std::io::Result<String> {
     let mut buf = vec![0u8; bytes];
     random_bytes(&mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&buf))
+}
+
+/// Lower-case hex of `bytes`: the one spelling of digests (SHA-256 of checkpoints, workdirs,
+/// credentials, data sets) and secrets in Flotilla.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 /// Whether `a` and `b` are equal, in time independent of where they differ.

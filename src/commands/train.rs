@@ -95,7 +95,7 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
     let addresses = free_addresses(args.local_workers)?;
     let gang_id = u64::from(std::process::id()) << 20 | u64::from(addresses[0].port());
     let secret = flotilla_worker::collective::ring::random_secret()?;
-    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret = flotilla_proto::auth::hex(&secret);
     let mut children = Vec::with_capacity(args.local_workers);
     for rank in 0..args.local_workers {
         children.push(spawn_rank(&args, rank, &addresses, gang_id, &secret, output)?);

@@ -3,8 +3,9 @@
 
 #![allow(dead_code)] // each test file uses a subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -33,6 +34,35 @@ pub fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// End-to-end tests of one file start their clusters one at a time (they share the CPUs).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A local cluster of `workers` in a temporary FLOTILLA_HOME, one test at a time; stopped and
+/// deleted when dropped, even when an assertion fails.
+pub struct Local {
+    pub home: PathBuf,
+    pub dir: tempfile::TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Local {
+    pub fn up(workers: u32) -> Local {
+        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join(".flotilla");
+        let up = run(&home, &["up", "--workers", &workers.to_string()]);
+        let local = Local { home, dir, _serial: serial };
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        local
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = run(&self.home, &["down", "--purge"]);
+    }
 }
 
 /// Stops and deletes the cluster even when an assertion fails.

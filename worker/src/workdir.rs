@@ -66,7 +66,7 @@ pub fn pack(dir: &Path, max_bytes: u64) -> anyhow::Result<Packed> {
             names.join(", ")
         );
     }
-    let sha256 = Sha256::digest(&archive).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = flotilla_proto::auth::hex(&Sha256::digest(&archive));
     Ok(Packed { archive, sha256 })
 }
 
@@ -97,15 +97,14 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> anyhow::Res
 /// Fetches the packed workdir at `uri`, checks it against the digest in its name and unpacks it
 /// into `into` (entries that would land outside it, links and special files are refused).
 pub fn fetch(uri: &str, into: &Path, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
-    let name = uri.rsplit('/').next().unwrap_or_default();
-    let expected = flotilla_proto::spec::run::workdir_sha256(name)
+    let expected = flotilla_proto::spec::run::packed_workdir_sha256(uri)
         .with_context(|| format!("run.workdir `{uri}` is not a packed workdir (<sha256>.tar.gz)"))?;
     let location = store::open(uri)?;
     let max = flotilla_proto::spec::run::WORKDIR_BYTES_MAX;
     let bytes = runtime
         .block_on(flotilla_store::get_capped(&location, location.prefix(), max))
         .with_context(|| format!("fetching the workdir {uri}"))?;
-    let actual: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let actual = flotilla_proto::auth::hex(&Sha256::digest(&bytes));
     if actual != expected {
         bail!("the workdir {uri} has SHA-256 {actual}, not the {expected} its name promises");
     }

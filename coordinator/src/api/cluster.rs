@@ -294,10 +294,9 @@ impl ClusterService for ClusterApi {
                             feature_scale: report.feature_scale,
                         },
                     });
-                // A command job's artifact (its newest checkpoint) has no input shape: batch
-                // inference refuses such a model by its spec.
-                let shapeless = report.features_per_row == 0 && report.classes == 0;
-                if let Some(artifact) = artifact.as_ref().filter(|_| !shapeless) {
+                // A command job's artifact (its newest checkpoint) has no input shape; whether the
+                // job may report none is the state machine's to decide (it knows the spec).
+                if let Some(artifact) = artifact.as_ref().filter(|a| !a.shape.is_none()) {
                     artifact.shape.check().map_err(|e| invalid(format!("the model's {e}")))?;
                 }
                 Command::JobFinished {

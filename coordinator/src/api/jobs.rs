@@ -231,7 +231,7 @@ impl JobService for JobApi {
         while let Some(chunk) = chunks.message().await? {
             if claimed.is_none() {
                 let digest = chunk.sha256.clone();
-                if flotilla_core::spec::run::workdir_sha256(&format!("{digest}.tar.gz")).is_none() {
+                if !flotilla_core::spec::run::is_workdir_sha256(&digest) {
                     return Err(status(invalid("the first chunk must carry the archive's SHA-256 (64 hex digits)")));
                 }
                 if chunk.total_bytes > max {
@@ -251,7 +251,7 @@ impl JobService for JobApi {
             archive.extend_from_slice(&chunk.data);
         }
         let Some((digest, total)) = claimed else { return Err(status(invalid("no workdir archive was sent"))) };
-        let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let actual = auth::hex(&hasher.finalize());
         if actual != digest || archive.len() as u64 != total {
             return Err(status(invalid(format!(
                 "the workdir archive arrived as {} bytes with SHA-256 {actual}; the client announced {total} bytes, {digest}",
@@ -274,7 +274,7 @@ async fn check_workdir_stored(
     store: &flotilla_store::Location,
 ) -> Result<(), Status> {
     let Some(uri) = spec.command().and_then(|r| r.workdir.as_deref()) else { return Ok(()) };
-    let digest = uri.rsplit_once('/').and_then(|(_, name)| flotilla_core::spec::run::workdir_sha256(name));
+    let digest = flotilla_core::spec::run::packed_workdir_sha256(uri);
     let stored = digest.filter(|d| store.key_in(uri) == Some(workdir_key(store, d)));
     let Some(digest) = stored else {
         return Err(status(invalid(format!(

@@ -32,7 +32,7 @@ pub(crate) fn random_secret() -> Result<String, Status> {
 }
 
 fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    auth::hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// With TLS, a worker call must come with a worker's client certificate (mutual TLS).

@@ -84,7 +84,7 @@ fn token_mac(key: &[u8; 32], expires: u64) -> String {
     use hmac::Mac;
     let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(&expires.to_be_bytes());
-    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    flotilla_proto::auth::hex(&mac.finalize().into_bytes())
 }
 
 /// A key from the kernel's random source; should it be unreadable, one from the clock and the

@@ -12,7 +12,7 @@
 //! before the loop waits for it. So the newest *recorded* checkpoint is never more than
 //! `checkpoint.every_steps` steps behind, whichever worker dies when.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,26 +24,13 @@ use flotilla_proto::v1::{
     CheckpointRef, DataCursor, FinishedReport, GenerationEnd, JobMetrics, ProgressReport, TrainAssignment,
 };
 
-use super::work::{COLLECTIVE_TIMEOUT, PROGRESS_EVERY, REFUSED_GRACE, RankContext, RankEnd, broken, record_checkpoint};
+use super::work::{
+    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
+};
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
-use crate::collective::ring::{RingCommunicator, RingConfig};
 use crate::data::{self, Dataset};
-use crate::joblog::JobLog;
 use crate::train::{TrainError, Trainer};
-
-/// Writes a line to the job log (rank 0 only; a log that cannot be written is not fatal).
-struct LogLine(Option<JobLog>);
-
-impl LogLine {
-    fn line(&mut self, text: String) {
-        if let Some(log) = self.0.as_mut()
-            && let Err(e) = log.line(&text).and_then(|()| log.flush())
-        {
-            tracing::warn!(error = %e, "could not write the job log");
-        }
-    }
-}
 
 /// Classifies a training error: a lost peer is not the job's fault; a NaN loss is final.
 fn train_error_end(e: &TrainError) -> GenerationEnd {
@@ -64,63 +51,27 @@ pub(super) fn run_rank(
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
     let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
-    let mut peers = train.peers.clone();
-    peers.sort_by_key(|p| p.rank);
-    let addresses: anyhow::Result<Vec<SocketAddr>> = peers
-        .iter()
-        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
-        .collect();
-    let addresses = match addresses {
-        Ok(a) => a,
-        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
-    };
     let (train_set, validation_set) = match job_data(spec) {
         Ok(sets) => sets,
         Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
     };
-    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
-    let mut config = RingConfig::new(
-        train.rank as usize,
-        addresses,
-        job_number << 24 | (train.generation & 0xff_ffff),
-        train.gang_secret.clone(),
-        COLLECTIVE_TIMEOUT,
-    );
-    config.refused_grace = REFUSED_GRACE;
-    config.abort = Some(context.stop.clone());
     let rank0 = train.rank == 0;
-    let mut log = LogLine(
-        (rank0 && !train.job_prefix.is_empty())
-            .then(|| JobLog::open(&train.job_prefix))
-            .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok()),
-    );
-    log.line(format!(
+    let mut log = JobNotes::open(&train);
+    log.note(format!(
         "generation {}: training on {} worker(s), {} train rows",
         train.generation, train.world_size, train_set.rows
     ));
-    let listener = match listener.try_clone() {
-        Ok(l) => l,
-        Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
-    };
-    let mut comm = match RingCommunicator::connect(listener, config) {
+    let mut comm = match join_gang(context, &train, listener) {
         Ok(comm) => comm,
-        Err(e) => return broken(GenerationEnd::PeerLost, resume_step, e),
+        Err((end, e)) => return broken(end, resume_step, e),
     };
     let resume = match &train.resume_from {
         Some(reference) => match state::load_uri(&reference.uri) {
             Ok((state, _)) => {
-                log.line(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri));
+                log.note(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri));
                 Some(state)
             }
-            Err(e) if e.is_unusable() => {
-                log.line(format!("checkpoint of step {} is unusable: {e}", reference.step));
-                return RankEnd::Broken {
-                    end: GenerationEnd::CheckpointUnusable,
-                    step: reference.step,
-                    error: e.to_string(),
-                    unusable_step: reference.step,
-                };
-            }
+            Err(e) if e.is_unusable() => return checkpoint_unusable(&mut log, reference.step, e),
             Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
         },
         None => None,
@@ -161,7 +112,7 @@ pub(super) fn run_rank(
             let done = report.step.saturating_sub(first_step).max(1);
             let left = trainer.total_steps().saturating_sub(report.step);
             let eta_ms = (started.elapsed().as_millis() as u64 / done).saturating_mul(left);
-            log.line(format!(
+            log.note(format!(
                 "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
                 report.step,
                 trainer.total_steps(),
@@ -204,7 +155,7 @@ pub(super) fn run_rank(
                 Ok(saved) => {
                     saves.last_saved = saved.step;
                     saves.count += 1;
-                    log.line(format!(
+                    log.note(format!(
                         "checkpoint at step {} ({} bytes in {:.1} ms in the background; stall so far {:.1} ms)",
                         saved.step,
                         saved.manifest.total_bytes(),
@@ -242,7 +193,7 @@ pub(super) fn run_rank(
                 format!("checkpoint before stopping: {e}"),
             );
         }
-        log.line(format!(
+        log.note(format!(
             "stopped at step {} for a checkpoint (generation {})",
             trainer.steps_done(),
             train.generation
@@ -287,7 +238,7 @@ pub(super) fn run_rank(
         }
     };
     let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
-    log.line(format!(
+    log.note(format!(
         "finished at step {}: val_accuracy {accuracy}; this generation: {} steps in {:.3} s, {} checkpoint(s), \
          checkpoint stall {:.1} ms",
         trainer.steps_done(),

@@ -24,7 +24,7 @@
 //! - A JSON object line with a numeric `step` (and `loss`, `samples_per_s`, `total_steps`,
 //!   `val_accuracy`, `val_loss`) is progress.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -40,22 +40,23 @@ use flotilla_proto::v1::{CheckpointRef, FinishedReport, GenerationEnd, JobMetric
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::work::{COLLECTIVE_TIMEOUT, PROGRESS_EVERY, REFUSED_GRACE, RankContext, RankEnd, broken, record_checkpoint};
-use crate::checkpoint::{files, store};
+use super::work::{
+    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
+};
+use crate::checkpoint::{files, state, store};
 use crate::collective::Communicator;
-use crate::collective::ring::{RingCommunicator, RingConfig};
-use crate::joblog::{JobLog, LINE_BYTES_MAX};
+use crate::joblog::LINE_BYTES_MAX;
 
-/// How often the runner looks at its processes, flags and checkpoint folder.
+/// How often the runner looks at its processes, flags and output.
 const POLL: Duration = Duration::from_millis(50);
+/// How often the checkpoint folder is scanned for `COMPLETE` files.
+const SCAN_EVERY: Duration = Duration::from_millis(500);
 /// Time from a notice to the kill of whatever still runs (EC2 gives 120 s; the rest uploads).
 pub const NOTICE_GRACE: Duration = Duration::from_secs(100);
 /// A failed process's siblings get this long after SIGTERM before SIGKILL.
 const SIBLING_GRACE: Duration = Duration::from_secs(5);
 /// Time for a peer's data port to answer when a failure is classified.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Job-log lines are flushed at most this often (each flush is one object).
-const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Last output lines kept per run, quoted when a process fails.
 const TAIL_LINES: usize = 20;
 /// Where runs keep their folders, unless FLOTILLA_WORK_DIR says otherwise.
@@ -92,7 +93,7 @@ pub fn contract_env(
 
 /// A line of the program's output that means something to the runner.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Signal0 {
+pub enum Marker {
     /// `FLOTILLA_CHECKPOINT <step>`: `<dir>/<step>/` is complete.
     Checkpoint(u64),
     /// A JSON object with a numeric `step`.
@@ -111,10 +112,10 @@ pub struct Metrics {
 }
 
 /// Parses one output line (pure).
-pub fn parse_line(line: &str) -> Option<Signal0> {
+pub fn parse_line(line: &str) -> Option<Marker> {
     let line = line.trim();
     if let Some(step) = line.strip_prefix("FLOTILLA_CHECKPOINT ") {
-        return step.trim().parse().ok().map(Signal0::Checkpoint);
+        return step.trim().parse().ok().map(Marker::Checkpoint);
     }
     if !line.starts_with('{') {
         return None;
@@ -122,7 +123,7 @@ pub fn parse_line(line: &str) -> Option<Signal0> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     let number = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).filter(|v| v.is_finite());
     let step = value.get("step")?.as_u64()?;
-    Some(Signal0::Metrics(Metrics {
+    Some(Marker::Metrics(Metrics {
         step,
         loss: number("loss"),
         samples_per_s: number("samples_per_s"),
@@ -178,56 +179,48 @@ impl RunDirs {
     }
 }
 
-/// The running processes of this rank, one process group each.
-struct Procs {
-    children: Vec<(u32, Child)>,
-    /// Exit status per local rank, once exited.
-    exited: Vec<Option<ExitStatus>>,
+/// One process of this rank; it leads its own process group.
+struct Proc {
+    local_rank: u32,
+    child: Child,
+    exited: Option<ExitStatus>,
 }
+
+/// The running processes of this rank.
+struct Procs(Vec<Proc>);
 
 impl Procs {
     fn signal_all(&self, signal: Signal) {
-        for (i, (_, child)) in self.children.iter().enumerate() {
-            if self.exited[i].is_none() {
-                // The child leads its own group: the signal reaches what it started too.
-                let _ = killpg(Pid::from_raw(child.id() as i32), signal);
-            }
+        for proc in self.0.iter().filter(|p| p.exited.is_none()) {
+            // The child leads its own group: the signal reaches what it started too.
+            let _ = killpg(Pid::from_raw(proc.child.id() as i32), signal);
         }
     }
 
     /// Collects exit statuses; true once every process has exited.
     fn poll(&mut self) -> bool {
-        for (i, (_, child)) in self.children.iter_mut().enumerate() {
-            if self.exited[i].is_none()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.exited[i] = Some(status);
-            }
+        for proc in self.0.iter_mut().filter(|p| p.exited.is_none()) {
+            proc.exited = proc.child.try_wait().ok().flatten();
         }
-        self.exited.iter().all(Option::is_some)
+        self.0.iter().all(|p| p.exited.is_some())
     }
 
     fn kill_and_reap(&mut self) {
         self.signal_all(Signal::SIGKILL);
-        for (i, (_, child)) in self.children.iter_mut().enumerate() {
-            if self.exited[i].is_none() {
-                self.exited[i] = child.wait().ok();
-            }
+        for proc in self.0.iter_mut().filter(|p| p.exited.is_none()) {
+            proc.exited = proc.child.wait().ok();
         }
     }
 
     /// The first process that failed: (local rank, status).
     fn first_failure(&self) -> Option<(u32, ExitStatus)> {
-        self.children
-            .iter()
-            .zip(&self.exited)
-            .find_map(|((rank, _), status)| status.filter(|s| !s.success()).map(|s| (*rank, s)))
+        self.0.iter().find_map(|p| p.exited.filter(|s| !s.success()).map(|s| (p.local_rank, s)))
     }
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        if self.exited.iter().any(Option::is_none) {
+        if self.0.iter().any(|p| p.exited.is_none()) {
             self.kill_and_reap();
         }
     }
@@ -277,48 +270,33 @@ fn unix_now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Joins the gang: the ring rendezvous proves every member holds the gang secret, then node 0's
+/// Joins the gang (the ring rendezvous proves every member holds the gang secret), then node 0's
 /// MASTER_PORT reaches everyone. Returns MASTER_ADDR:MASTER_PORT.
-fn rendezvous(context: &RankContext, train: &TrainAssignment, listener: &TcpListener) -> anyhow::Result<SocketAddr> {
-    let mut peers = train.peers.clone();
-    peers.sort_by_key(|p| p.rank);
-    let addresses = peers
+fn rendezvous(
+    context: &RankContext,
+    train: &TrainAssignment,
+    listener: &TcpListener,
+) -> Result<SocketAddr, (GenerationEnd, anyhow::Error)> {
+    let mut comm = join_gang(context, train, listener)?;
+    let master_ip = train
+        .peers
         .iter()
-        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
-        .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
-    let master_ip = addresses.first().context("the assignment names no peers")?.ip();
-    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
-    let mut config = RingConfig::new(
-        train.rank as usize,
-        addresses,
-        job_number << 24 | (train.generation & 0xff_ffff),
-        train.gang_secret.clone(),
-        COLLECTIVE_TIMEOUT,
-    );
-    config.refused_grace = REFUSED_GRACE;
-    config.abort = Some(context.stop.clone());
-    let mut comm = RingCommunicator::connect(listener.try_clone()?, config)?;
+        .find(|p| p.rank == 0)
+        .and_then(|p| p.data_addr.parse::<SocketAddr>().ok())
+        .map(|a| a.ip())
+        .context("the assignment names no rank 0")
+        .map_err(|e| (GenerationEnd::RetryableError, e))?;
     let mut port = [0f32];
     if train.rank == 0 {
         // A free port on the address the gang reaches this worker at (the program binds it).
-        let probe = TcpListener::bind((master_ip, 0)).context("finding a free MASTER_PORT")?;
-        port[0] = f32::from(probe.local_addr()?.port());
+        let probe = TcpListener::bind((master_ip, 0))
+            .and_then(|l| l.local_addr())
+            .context("finding a free MASTER_PORT")
+            .map_err(|e| (GenerationEnd::RetryableError, e))?;
+        port[0] = f32::from(probe.port());
     }
-    comm.broadcast(&mut port, 0)?;
+    comm.broadcast(&mut port, 0).map_err(|e| (GenerationEnd::PeerLost, e.into()))?;
     Ok(SocketAddr::new(master_ip, port[0] as u16))
-}
-
-/// What the watch loop learnt by the time every process exited.
-#[derive(Default)]
-struct Watched {
-    /// A notice (or the coordinator) made the runner signal the program.
-    signalled: bool,
-    superseded: bool,
-    last_metrics: Option<Metrics>,
-    /// Newest checkpoint recorded through Raft: (step, URI).
-    recorded: Option<(u64, String)>,
-    upload_error: Option<String>,
-    tail: std::collections::VecDeque<String>,
 }
 
 /// Runs the user's program on this rank until it exits, is superseded, or stops for a notice.
@@ -331,21 +309,10 @@ pub(super) fn run_rank(
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
     let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
-    let node0 = train.rank == 0;
-    let mut log = (node0 && !train.job_prefix.is_empty())
-        .then(|| JobLog::open(&train.job_prefix))
-        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
-    let mut note = |log: &mut Option<JobLog>, text: String| {
-        tracing::info!(job = %train.job_id, "{text}");
-        if let Some(log) = log.as_mut()
-            && let Err(e) = log.line(&text).and_then(|()| log.flush())
-        {
-            tracing::warn!(error = %e, "could not write the job log");
-        }
-    };
+    let mut notes = JobNotes::open(train);
     let master = match rendezvous(context, train, listener) {
         Ok(master) => master,
-        Err(e) => return broken(GenerationEnd::PeerLost, resume_step, format!("gang rendezvous: {e:#}")),
+        Err((end, e)) => return broken(end, resume_step, format!("gang rendezvous: {e:#}")),
     };
     let dirs = match RunDirs::create(&train.job_id, train.generation) {
         Ok(dirs) => dirs,
@@ -361,30 +328,17 @@ pub(super) fn run_rank(
             runtime.block_on(files::download(location.store().as_ref(), location.prefix(), &dirs.resume))
         });
         match downloaded {
-            Ok(_) => {
-                note(&mut log, format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri))
-            }
-            Err(e) if e.is_unusable() => {
-                note(&mut log, format!("checkpoint of step {} is unusable: {e}", reference.step));
-                return RankEnd::Broken {
-                    end: GenerationEnd::CheckpointUnusable,
-                    step: reference.step,
-                    error: e.to_string(),
-                    unusable_step: reference.step,
-                };
-            }
+            Ok(_) => notes.note(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri)),
+            Err(e) if e.is_unusable() => return checkpoint_unusable(&mut notes, reference.step, e),
             Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
         }
     }
-    note(
-        &mut log,
-        format!(
-            "generation {}: starting {:?} on {} worker(s) x {} process(es), MASTER {master}",
-            train.generation, run.command, train.world_size, run.procs_per_worker
-        ),
-    );
+    notes.note(format!(
+        "generation {}: starting {:?} on {} worker(s) x {} process(es), MASTER {master}",
+        train.generation, run.command, train.world_size, run.procs_per_worker
+    ));
     let (lines_tx, lines) = mpsc::channel::<Line>();
-    let mut procs = Procs { children: Vec::new(), exited: Vec::new() };
+    let mut procs = Procs(Vec::new());
     for local_rank in 0..run.procs_per_worker {
         let mut command = Command::new(&run.command[0]);
         command.args(&run.command[1..]).current_dir(&dirs.workdir);
@@ -407,8 +361,7 @@ pub(super) fn run_rank(
                 if let Some(err) = child.stderr.take() {
                     read_lines(err, local_rank, lines_tx.clone());
                 }
-                procs.children.push((local_rank, child));
-                procs.exited.push(None);
+                procs.0.push(Proc { local_rank, child, exited: None });
             }
             Err(e) => {
                 return broken(
@@ -420,8 +373,26 @@ pub(super) fn run_rank(
         }
     }
     drop(lines_tx);
-    let watched = watch(context, train, run, &dirs, &mut procs, lines, progress, runtime, &mut log);
-    finish(context, train, &procs, watched, resume_step, &mut log, &mut note)
+    let uploader =
+        (train.rank == 0 && !train.job_prefix.is_empty()).then(|| start_uploader(context, train, &dirs, runtime));
+    let mut watch = Watch {
+        context,
+        train,
+        run,
+        dirs: &dirs,
+        notes,
+        uploader,
+        queued: BTreeSet::new(),
+        started: Instant::now(),
+        signalled: false,
+        superseded: false,
+        last_metrics: None,
+        recorded: None,
+        upload_error: None,
+        tail: VecDeque::new(),
+    };
+    watch.until_exit(&mut procs, &lines, progress);
+    watch.finish(&procs, resume_step)
 }
 
 /// The uploader: node 0's complete checkpoint folders, uploaded and recorded in order.
@@ -464,7 +435,7 @@ fn upload_one(
     let local = step_folders(folder).into_iter().find(|(s, _)| *s == step).map(|(_, path)| path);
     let local = local.ok_or_else(|| format!("checkpoint folder {}/{step} does not exist", folder.display()))?;
     let location = store::open(&train.job_prefix).map_err(|e| e.to_string())?;
-    let prefix = location.prefix().clone().join("ckpt").join(format!("{step:012}-g{}", train.generation));
+    let prefix = state::step_prefix(location.prefix(), step, Some(&format!("g{}", train.generation)));
     let manifest = runtime
         .block_on(files::upload(location.store(), &local, &prefix))
         .map_err(|e| format!("uploading step {step}: {e}"))?;
@@ -492,238 +463,238 @@ fn step_folders(folder: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// Watches the processes until every one has exited.
-#[allow(clippy::too_many_arguments)]
-fn watch(
-    context: &RankContext,
-    train: &TrainAssignment,
-    run: &RunSpec,
-    dirs: &RunDirs,
-    procs: &mut Procs,
-    lines: mpsc::Receiver<Line>,
-    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
-    runtime: &tokio::runtime::Handle,
-    log: &mut Option<JobLog>,
-) -> Watched {
-    let node0 = train.rank == 0 && !train.job_prefix.is_empty();
-    let mut watched = Watched::default();
-    let uploader = node0.then(|| start_uploader(context, train, dirs, runtime));
-    let mut queued: BTreeSet<u64> = BTreeSet::new();
-    let mut signalled_at: Option<Instant> = None;
-    let mut failed_at: Option<Instant> = None;
-    let mut last_progress: Option<Instant> = None;
-    let mut last_flush = Instant::now();
-    let started = Instant::now();
-    let first_step = train.resume_from.as_ref().map_or(0, |c| c.step);
-    let queue = |step: u64, queued: &mut BTreeSet<u64>| {
-        let newest = queued.last().copied();
-        if let Some((steps, _, _)) = &uploader
-            && newest.is_none_or(|n| step > n)
-            && step_folders(&dirs.checkpoints).iter().any(|(s, _)| *s == step)
-        {
-            queued.insert(step);
-            let _ = steps.send(step);
-        }
-    };
-    loop {
-        if context.stop.load(Ordering::Relaxed) {
-            watched.superseded = true;
-            procs.kill_and_reap();
-            break;
-        }
-        if signalled_at.is_none() && context.stop_voted() {
-            let deadline = unix_now_s() + NOTICE_GRACE.as_secs();
-            let _ = std::fs::write(&dirs.preempt, format!("{deadline}\n"));
-            procs.signal_all(signal_of(run.notice_signal));
-            signalled_at = Some(Instant::now());
-            watched.signalled = true;
-            if let Some(log) = log.as_mut() {
-                let _ =
-                    log.line(&format!("notice: sent {} to the program; deadline {deadline}", run.notice_signal.name()));
+/// The watch over one run: what the runner has learnt so far.
+struct Watch<'a> {
+    context: &'a RankContext,
+    train: &'a TrainAssignment,
+    run: &'a RunSpec,
+    dirs: &'a RunDirs,
+    notes: JobNotes,
+    /// Node 0's uploader: steps to upload, what became of them, the thread.
+    uploader: Option<(mpsc::Sender<u64>, mpsc::Receiver<Uploaded>, std::thread::JoinHandle<()>)>,
+    /// Steps handed to the uploader (each once, in increasing order).
+    queued: BTreeSet<u64>,
+    started: Instant,
+    /// A notice (or the coordinator) made the runner signal the program.
+    signalled: bool,
+    superseded: bool,
+    last_metrics: Option<Metrics>,
+    /// Newest checkpoint recorded through Raft: (step, URI).
+    recorded: Option<(u64, String)>,
+    upload_error: Option<String>,
+    tail: VecDeque<String>,
+}
+
+impl Watch<'_> {
+    /// Watches the processes until every one has exited (or the run is superseded), then waits
+    /// for the last uploads.
+    fn until_exit(
+        &mut self,
+        procs: &mut Procs,
+        lines: &mpsc::Receiver<Line>,
+        progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    ) {
+        let mut signalled_at: Option<Instant> = None;
+        let mut failed_at: Option<Instant> = None;
+        let mut last_progress: Option<Instant> = None;
+        let mut last_scan = Instant::now();
+        loop {
+            if self.context.stop.load(Ordering::Relaxed) {
+                self.superseded = true;
+                procs.kill_and_reap();
+                break;
+            }
+            if signalled_at.is_none() && self.context.stop_voted() {
+                let deadline = unix_now_s() + NOTICE_GRACE.as_secs();
+                let _ = std::fs::write(&self.dirs.preempt, format!("{deadline}\n"));
+                procs.signal_all(signal_of(self.run.notice_signal));
+                signalled_at = Some(Instant::now());
+                self.signalled = true;
+                self.notes.note(format!(
+                    "notice: sent {} to the program; deadline {deadline}",
+                    self.run.notice_signal.name()
+                ));
+            }
+            if signalled_at.is_some_and(|t| t.elapsed() >= NOTICE_GRACE) {
+                procs.signal_all(Signal::SIGKILL);
+            }
+            // One process failed: its siblings cannot go on alone (their collectives would hang).
+            if failed_at.is_none() && !self.signalled && procs.first_failure().is_some() {
+                failed_at = Some(Instant::now());
+                procs.signal_all(Signal::SIGTERM);
+            }
+            if failed_at.is_some_and(|t| t.elapsed() >= SIBLING_GRACE) {
+                procs.signal_all(Signal::SIGKILL);
+            }
+            let all_exited = procs.poll();
+            let deadline = Instant::now() + POLL;
+            while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                self.on_line(line);
+            }
+            if last_scan.elapsed() >= SCAN_EVERY {
+                last_scan = Instant::now();
+                self.scan_complete();
+            }
+            self.collect_uploads();
+            if let Some(metrics) = self.last_metrics
+                && self.uploader.is_some()
+                && last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY)
+            {
+                last_progress = Some(Instant::now());
+                let _ = progress.try_send(self.progress_report(metrics));
+            }
+            self.notes.flush_if_due();
+            if all_exited {
+                break;
             }
         }
-        if signalled_at.is_some_and(|t| t.elapsed() >= NOTICE_GRACE) {
-            procs.signal_all(Signal::SIGKILL);
+        if self.superseded {
+            return; // the uploader finishes (or fails) on its own; nothing waits for it
         }
-        // One process failed: its siblings cannot go on alone (their collectives would hang).
-        if failed_at.is_none() && !watched.signalled && procs.first_failure().is_some() {
-            failed_at = Some(Instant::now());
-            procs.signal_all(Signal::SIGTERM);
+        // Late output (a marker or the final metrics printed just before exit), then every
+        // queued upload.
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            self.on_line(line);
         }
-        if failed_at.is_some_and(|t| t.elapsed() >= SIBLING_GRACE) {
-            procs.signal_all(Signal::SIGKILL);
-        }
-        let all_exited = procs.poll();
-        // Output, metrics and checkpoint markers.
-        let deadline = Instant::now() + POLL;
-        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            let text = format!("[rank {}] {}", train.rank * run.procs_per_worker + line.local_rank, line.text);
-            match parse_line(&line.text) {
-                Some(Signal0::Checkpoint(step)) => queue(step, &mut queued),
-                Some(Signal0::Metrics(metrics)) if line.local_rank == 0 => watched.last_metrics = Some(metrics),
-                _ => {}
-            }
-            if watched.tail.len() == TAIL_LINES {
-                watched.tail.pop_front();
-            }
-            watched.tail.push_back(text.clone());
-            match log.as_mut() {
-                Some(log) => {
-                    let _ = log.line(&text);
-                }
-                None => tracing::info!(job = %train.job_id, "{text}"),
-            }
-        }
-        for (step, path) in step_folders(&dirs.checkpoints) {
-            if path.join("COMPLETE").is_file() {
-                queue(step, &mut queued);
-            }
-        }
-        if let Some((_, done, _)) = &uploader {
-            for uploaded in done.try_iter() {
-                note_upload(&mut watched, uploaded, log);
-            }
-        }
-        if let Some(metrics) = watched.last_metrics
-            && node0
-            && last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY)
-        {
-            last_progress = Some(Instant::now());
-            let total = metrics.total_steps.unwrap_or(0);
-            let done = metrics.step.saturating_sub(first_step).max(1);
-            let eta_ms =
-                (started.elapsed().as_millis() as u64 / done).saturating_mul(total.saturating_sub(metrics.step));
-            let _ = progress.try_send(ProgressReport {
-                worker_id: context.worker_id.clone(),
-                job_id: train.job_id.clone(),
-                generation: train.generation,
-                rank: 0,
-                step: metrics.step,
-                loss: metrics.loss.unwrap_or(f64::NAN),
-                samples_per_s: metrics.samples_per_s.unwrap_or(0.0),
-                total_steps: total,
-                eta_ms: if total > 0 { eta_ms } else { 0 },
-                ..Default::default()
-            });
-        }
-        if let Some(log) = log.as_mut()
-            && last_flush.elapsed() >= LOG_FLUSH_EVERY
-        {
-            last_flush = Instant::now();
-            let _ = log.flush();
-        }
-        if all_exited {
-            break;
-        }
-    }
-    // Late output (a marker printed just before exit), then every queued upload.
-    while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
-        if let Some(Signal0::Checkpoint(step)) = parse_line(&line.text) {
-            queue(step, &mut queued);
-        }
-        if let Some(log) = log.as_mut() {
-            let _ = log.line(&format!("[rank {}] {}", train.rank * run.procs_per_worker + line.local_rank, line.text));
-        }
-    }
-    if !watched.superseded {
-        for (step, path) in step_folders(&dirs.checkpoints) {
-            if path.join("COMPLETE").is_file() {
-                queue(step, &mut queued);
-            }
-        }
-    }
-    if let Some((steps, done, thread)) = uploader {
-        drop(steps);
-        if !watched.superseded {
+        self.scan_complete();
+        if let Some((steps, done, thread)) = self.uploader.take() {
+            drop(steps);
             let _ = thread.join();
             for uploaded in done.try_iter() {
-                note_upload(&mut watched, uploaded, log);
+                self.on_uploaded(uploaded);
             }
         }
     }
-    watched
-}
 
-fn note_upload(watched: &mut Watched, uploaded: Uploaded, log: &mut Option<JobLog>) {
-    let text = match uploaded.result {
-        Ok(uri) => {
-            let text = format!("checkpoint of step {} uploaded and recorded: {uri}", uploaded.step);
-            watched.recorded = Some((uploaded.step, uri));
-            watched.upload_error = None;
-            text
+    /// One line of a process's output: to the log and the tail; markers and metrics noted.
+    fn on_line(&mut self, line: Line) {
+        let rank = self.train.rank * self.run.procs_per_worker + line.local_rank;
+        match parse_line(&line.text) {
+            Some(Marker::Checkpoint(step)) => self.queue(step),
+            Some(Marker::Metrics(metrics)) if line.local_rank == 0 => self.last_metrics = Some(metrics),
+            _ => {}
         }
-        Err(e) => {
-            let text = format!("checkpoint of step {} failed: {e}", uploaded.step);
-            watched.upload_error = Some(e);
-            text
+        let text = format!("[rank {rank}] {}", line.text);
+        self.notes.output(&text);
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
         }
-    };
-    tracing::info!("{text}");
-    if let Some(log) = log.as_mut() {
-        let _ = log.line(&text);
+        self.tail.push_back(text);
     }
-}
 
-/// How the generation ended on this rank, from what the watch saw.
-fn finish(
-    context: &RankContext,
-    train: &TrainAssignment,
-    procs: &Procs,
-    watched: Watched,
-    resume_step: u64,
-    log: &mut Option<JobLog>,
-    note: &mut impl FnMut(&mut Option<JobLog>, String),
-) -> RankEnd {
-    let node0 = train.rank == 0;
-    let reached = watched
-        .last_metrics
-        .map(|m| m.step)
-        .into_iter()
-        .chain(watched.recorded.as_ref().map(|(step, _)| *step))
-        .max()
-        .unwrap_or(resume_step)
-        .max(resume_step);
-    if watched.superseded || context.stop.load(Ordering::Relaxed) {
-        return RankEnd::Superseded;
-    }
-    if watched.signalled {
-        if node0 && let Some(e) = watched.upload_error {
-            return broken(GenerationEnd::RetryableError, reached, format!("checkpoint before stopping: {e}"));
+    /// Hands `step` to the uploader (node 0), once, if its folder exists and it is newer than
+    /// what was handed over before.
+    fn queue(&mut self, step: u64) {
+        let Some((steps, _, _)) = &self.uploader else { return };
+        if self.queued.last().is_none_or(|newest| step > *newest)
+            && step_folders(&self.dirs.checkpoints).iter().any(|(s, _)| *s == step)
+        {
+            self.queued.insert(step);
+            let _ = steps.send(step);
         }
-        note(log, format!("stopped at step {reached} for a checkpoint (generation {})", train.generation));
-        return RankEnd::Checkpointed { step: reached, rank0: node0 };
     }
-    if let Some((local_rank, status)) = procs.first_failure() {
-        let rank = train.rank * procs.children.len() as u32 + local_rank;
-        let tail: Vec<String> = watched.tail.into_iter().collect();
-        let error = format!("rank {rank} exited with {status}; its last lines:\n{}", tail.join("\n"));
-        note(log, format!("rank {rank} exited with {status}"));
-        // A process that failed because a peer machine went away is not the program's fault.
-        let end = if peers_alive(train) { GenerationEnd::RetryableError } else { GenerationEnd::PeerLost };
-        return broken(end, reached, error);
+
+    /// Queues the step folders that hold a `COMPLETE` file.
+    fn scan_complete(&mut self) {
+        for (step, path) in step_folders(&self.dirs.checkpoints) {
+            if path.join("COMPLETE").is_file() {
+                self.queue(step);
+            }
+        }
     }
-    if !node0 {
-        return RankEnd::Finished(None);
+
+    fn collect_uploads(&mut self) {
+        let done: Vec<Uploaded> =
+            self.uploader.as_ref().map(|(_, done, _)| done.try_iter().collect()).unwrap_or_default();
+        for uploaded in done {
+            self.on_uploaded(uploaded);
+        }
     }
-    let metrics = watched.last_metrics.unwrap_or_default();
-    note(log, format!("finished at step {reached}: every process exited 0"));
-    RankEnd::Finished(Some(Box::new(FinishedReport {
-        worker_id: context.worker_id.clone(),
-        job_id: train.job_id.clone(),
-        generation: train.generation,
-        success: true,
-        metrics: Some(JobMetrics {
-            val_accuracy: metrics.val_accuracy,
-            val_loss: metrics.val_loss,
-            train_loss: metrics.loss,
-            samples_per_s: metrics.samples_per_s,
-        }),
-        step: reached,
-        end: GenerationEnd::Finished.into(),
-        // The registry records the newest checkpoint as the model's artifact.
-        artifact_uri: watched.recorded.map(|(_, uri)| uri).unwrap_or_default(),
-        ..Default::default()
-    })))
+
+    fn on_uploaded(&mut self, uploaded: Uploaded) {
+        match uploaded.result {
+            Ok(uri) => {
+                self.notes.note(format!("checkpoint of step {} uploaded and recorded: {uri}", uploaded.step));
+                self.recorded = Some((uploaded.step, uri));
+                self.upload_error = None;
+            }
+            Err(e) => {
+                self.notes.note(format!("checkpoint of step {} failed: {e}", uploaded.step));
+                self.upload_error = Some(e);
+            }
+        }
+    }
+
+    fn progress_report(&self, metrics: Metrics) -> ProgressReport {
+        let first_step = self.train.resume_from.as_ref().map_or(0, |c| c.step);
+        let total = metrics.total_steps.unwrap_or(0);
+        let done = metrics.step.saturating_sub(first_step).max(1);
+        let eta_ms =
+            (self.started.elapsed().as_millis() as u64 / done).saturating_mul(total.saturating_sub(metrics.step));
+        ProgressReport {
+            worker_id: self.context.worker_id.clone(),
+            job_id: self.train.job_id.clone(),
+            generation: self.train.generation,
+            rank: 0,
+            step: metrics.step,
+            loss: metrics.loss.unwrap_or(f64::NAN),
+            samples_per_s: metrics.samples_per_s.unwrap_or(0.0),
+            total_steps: total,
+            eta_ms: if total > 0 { eta_ms } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    /// How the generation ended on this rank.
+    fn finish(mut self, procs: &Procs, resume_step: u64) -> RankEnd {
+        let node0 = self.train.rank == 0;
+        let reached = [self.last_metrics.map(|m| m.step), self.recorded.as_ref().map(|(step, _)| *step)]
+            .into_iter()
+            .flatten()
+            .fold(resume_step, u64::max);
+        if self.superseded || self.context.stop.load(Ordering::Relaxed) {
+            return RankEnd::Superseded;
+        }
+        if self.signalled {
+            if node0 && let Some(e) = self.upload_error {
+                return broken(GenerationEnd::RetryableError, reached, format!("checkpoint before stopping: {e}"));
+            }
+            self.notes
+                .note(format!("stopped at step {reached} for a checkpoint (generation {})", self.train.generation));
+            return RankEnd::Checkpointed { step: reached, rank0: node0 };
+        }
+        if let Some((local_rank, status)) = procs.first_failure() {
+            let rank = self.train.rank * self.run.procs_per_worker + local_rank;
+            self.notes.note(format!("rank {rank} exited with {status}"));
+            let tail: Vec<String> = self.tail.into_iter().collect();
+            let error = format!("rank {rank} exited with {status}; its last lines:\n{}", tail.join("\n"));
+            // A process that failed because a peer machine went away is not the program's fault.
+            let end = if peers_alive(self.train) { GenerationEnd::RetryableError } else { GenerationEnd::PeerLost };
+            return broken(end, reached, error);
+        }
+        if !node0 {
+            return RankEnd::Finished(None);
+        }
+        let metrics = self.last_metrics.unwrap_or_default();
+        self.notes.note(format!("finished at step {reached}: every process exited 0"));
+        RankEnd::Finished(Some(Box::new(FinishedReport {
+            worker_id: self.context.worker_id.clone(),
+            job_id: self.train.job_id.clone(),
+            generation: self.train.generation,
+            success: true,
+            metrics: Some(JobMetrics {
+                val_accuracy: metrics.val_accuracy,
+                val_loss: metrics.val_loss,
+                train_loss: metrics.loss,
+                samples_per_s: metrics.samples_per_s,
+            }),
+            step: reached,
+            end: GenerationEnd::Finished.into(),
+            // The registry records the newest checkpoint as the model's artifact.
+            artifact_uri: self.recorded.map(|(_, uri)| uri).unwrap_or_default(),
+            ..Default::default()
+        })))
+    }
 }
 
 #[cfg(test)]
@@ -746,12 +717,12 @@ mod tests {
 
     #[test]
     fn output_lines_are_parsed_strictly() {
-        assert_eq!(parse_line("FLOTILLA_CHECKPOINT 300"), Some(Signal0::Checkpoint(300)));
-        assert_eq!(parse_line("  FLOTILLA_CHECKPOINT  7 \r"), Some(Signal0::Checkpoint(7)));
+        assert_eq!(parse_line("FLOTILLA_CHECKPOINT 300"), Some(Marker::Checkpoint(300)));
+        assert_eq!(parse_line("  FLOTILLA_CHECKPOINT  7 \r"), Some(Marker::Checkpoint(7)));
         assert_eq!(parse_line("FLOTILLA_CHECKPOINT -1"), None);
         assert_eq!(parse_line("epoch 3 loss 0.1"), None);
         assert_eq!(parse_line("{\"loss\": 0.5}"), None, "no step: not progress");
-        let Some(Signal0::Metrics(m)) =
+        let Some(Marker::Metrics(m)) =
             parse_line(r#"{"step": 12, "loss": 0.25, "samples_per_s": 800, "total_steps": 100, "val_accuracy": 1.5}"#)
         else {
             panic!("a metrics line");

@@ -16,10 +16,10 @@
 //! orderly stops; every rank reports a broken collective, an unusable checkpoint or an error
 //! (the coordinator takes the first report of a generation and refuses the rest).
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_proto::client::ApiClient;
@@ -30,11 +30,14 @@ use flotilla_proto::v1::{
 };
 use tokio::sync::watch;
 
+use crate::collective::ring::{RingCommunicator, RingConfig};
+use crate::joblog::JobLog;
+
 /// Time for a gang to form and for any one collective operation.
-pub(super) const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused connection to a peer's data port is retried: agents listen for their
 /// whole life, so a refusal means the peer is gone.
-pub(super) const REFUSED_GRACE: Duration = Duration::from_secs(1);
+const REFUSED_GRACE: Duration = Duration::from_secs(1);
 /// Pause before re-opening a broken assignment stream.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// Rank 0 reports live progress at most this often.
@@ -313,6 +316,100 @@ fn run_rank(
 
 pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display) -> RankEnd {
     RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0 }
+}
+
+/// The end of a rank whose resume checkpoint is bad (half-written or corrupt): the coordinator
+/// falls back to an older one.
+pub(super) fn checkpoint_unusable(notes: &mut JobNotes, step: u64, error: impl std::fmt::Display) -> RankEnd {
+    notes.note(format!("checkpoint of step {step} is unusable: {error}"));
+    RankEnd::Broken { end: GenerationEnd::CheckpointUnusable, step, error: error.to_string(), unusable_step: step }
+}
+
+/// Joins this rank's gang on the TCP ring (every link proves the generation's gang secret).
+/// A bad assignment is a retryable error; a gang that does not form means a peer is lost.
+pub(super) fn join_gang(
+    context: &RankContext,
+    train: &TrainAssignment,
+    listener: &TcpListener,
+) -> Result<RingCommunicator, (GenerationEnd, anyhow::Error)> {
+    let retryable = |e: anyhow::Error| (GenerationEnd::RetryableError, e);
+    let mut peers = train.peers.clone();
+    peers.sort_by_key(|p| p.rank);
+    let addresses = peers
+        .iter()
+        .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
+        .collect::<anyhow::Result<Vec<SocketAddr>>>()
+        .map_err(retryable)?;
+    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
+    let mut config = RingConfig::new(
+        train.rank as usize,
+        addresses,
+        job_number << 24 | (train.generation & 0xff_ffff),
+        train.gang_secret.clone(),
+        COLLECTIVE_TIMEOUT,
+    );
+    config.refused_grace = REFUSED_GRACE;
+    config.abort = Some(context.stop.clone());
+    let listener = listener.try_clone().context("sharing the data port").map_err(retryable)?;
+    RingCommunicator::connect(listener, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
+}
+
+/// A rank's notes and its program's output: rank 0 appends them to the job's log in the store
+/// (what `flotilla logs` shows; a log that cannot be written is not fatal), other ranks to the
+/// agent's own log.
+pub(super) struct JobNotes {
+    log: Option<JobLog>,
+    job_id: String,
+    last_flush: Instant,
+}
+
+/// Buffered output is written to the job log at most this often (each flush is one object).
+const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+impl JobNotes {
+    pub fn open(train: &TrainAssignment) -> JobNotes {
+        let log = (train.rank == 0 && !train.job_prefix.is_empty())
+            .then(|| JobLog::open(&train.job_prefix))
+            .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
+        JobNotes { log, job_id: train.job_id.clone(), last_flush: Instant::now() }
+    }
+
+    /// An event of the run, written at once.
+    pub fn note(&mut self, text: String) {
+        self.write(&text);
+        self.flush();
+    }
+
+    /// A line of output, buffered (see [`JobNotes::flush_if_due`]).
+    pub fn output(&mut self, text: &str) {
+        self.write(text);
+    }
+
+    pub fn flush_if_due(&mut self) {
+        if self.last_flush.elapsed() >= LOG_FLUSH_EVERY {
+            self.flush();
+        }
+    }
+
+    fn write(&mut self, text: &str) {
+        match self.log.as_mut() {
+            Some(log) => {
+                if let Err(e) = log.line(text) {
+                    tracing::warn!(error = %e, "could not write the job log");
+                }
+            }
+            None => tracing::info!(job = %self.job_id, "{text}"),
+        }
+    }
+
+    fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        if let Some(log) = self.log.as_mut()
+            && let Err(e) = log.flush()
+        {
+            tracing::warn!(error = %e, "could not write the job log");
+        }
+    }
 }
 
 /// Records a written checkpoint with the coordinator (through Raft), blocking this thread: only

@@ -20,7 +20,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{CheckpointError, MANIFEST, Manifest, PART_BYTES_MAX, PartEntry, hex};
+use flotilla_proto::auth::hex;
+
+use super::{CheckpointError, MANIFEST, Manifest, PART_BYTES_MAX, PartEntry};
 
 /// Format of a command job's checkpoint.
 pub const FILES_FORMAT: &str = "flotilla-files-v1";

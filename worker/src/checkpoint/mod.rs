@@ -20,6 +20,7 @@ pub mod store;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use flotilla_proto::auth::hex;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -92,10 +93,6 @@ impl CheckpointError {
     pub fn is_unusable(&self) -> bool {
         matches!(self, CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn part_path(prefix: &Path, name: &str) -> Path {

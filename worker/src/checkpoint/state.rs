@@ -105,9 +105,14 @@ pub async fn load(store: &dyn ObjectStore, prefix: &Path) -> Result<(TrainState,
 }
 
 /// The prefix of the checkpoint taken after `step` under a job's checkpoint root:
-/// `ckpt/<step, 12 digits>` so that names sort by step.
-pub fn step_prefix(root: &Path, step: u64) -> Path {
-    root.clone().join("ckpt").join(format!("{step:012}"))
+/// `ckpt/<step, 12 digits>[-<suffix>]` so that names sort by step (the cluster's suffix is the
+/// generation, so two generations never write the same prefix).
+pub fn step_prefix(root: &Path, step: u64, suffix: Option<&str>) -> Path {
+    let name = match suffix {
+        Some(suffix) => format!("{step:012}-{suffix}"),
+        None => format!("{step:012}"),
+    };
+    root.clone().join("ckpt").join(name)
 }
 
 /// The blocking front end the synchronous training loop uses: a store opened once, its own
@@ -146,10 +151,7 @@ impl Checkpointer {
 
     /// Saves `state` as the checkpoint of its step; returns the checkpoint's URI and manifest.
     pub fn save(&self, state: &TrainState, metrics: Option<(f64, f64)>) -> Result<(String, Manifest), CheckpointError> {
-        let prefix = match &self.suffix {
-            Some(suffix) => self.location.prefix().clone().join("ckpt").join(format!("{:012}-{suffix}", state.step)),
-            None => step_prefix(self.location.prefix(), state.step),
-        };
+        let prefix = step_prefix(self.location.prefix(), state.step, self.suffix.as_deref());
         let manifest = self.runtime.block_on(save(self.location.store().as_ref(), &prefix, state, metrics))?;
         Ok((self.location.uri_of(&prefix), manifest))
     }
@@ -305,7 +307,7 @@ mod tests {
             OptimizerState::Adam { first_moment: vec![1.0, 2.0, 3.0], second_moment: vec![4.0, 5.0, 6.0], updates: 9 },
         ] {
             let original = state(optimizer);
-            let prefix = step_prefix(&root, original.step);
+            let prefix = step_prefix(&root, original.step, None);
             rt.block_on(save(store.as_ref(), &prefix, &original, Some((0.93, 0.21)))).expect("save");
             let (loaded, meta) = rt.block_on(load(store.as_ref(), &prefix)).expect("load");
             assert_eq!(loaded, original);

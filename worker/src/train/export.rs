@@ -148,7 +148,7 @@ pub fn dataset_sha256(data: &Dataset) -> String {
     for label in &data.labels {
         hash.update(label.to_le_bytes());
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    flotilla_proto::auth::hex(&hash.finalize())
 }
 
 #[cfg(test)]

@@ -85,18 +85,23 @@ pub struct RunSpec {
     pub env: BTreeMap<String, String>,
 }
 
-/// Whether `uri` names a workdir archive packed into a cluster store:
-/// `<store>/workdirs/<64 hex>.tar.gz`.
-pub fn is_packed_workdir(uri: &str) -> bool {
+/// The content digest of a workdir archive packed into a cluster store, from its URI
+/// (`<store>/workdirs/<64 hex>.tar.gz`); `None` for anything else (a local folder).
+pub fn packed_workdir_sha256(uri: &str) -> Option<&str> {
     let scheme = uri.starts_with("s3://") || uri.starts_with("file:///");
-    let name = uri.rsplit_once("/workdirs/").map(|(_, name)| name);
-    scheme && name.and_then(workdir_sha256).is_some()
+    let (_, name) = uri.rsplit_once("/workdirs/")?;
+    let digest = name.strip_suffix(".tar.gz")?;
+    (scheme && is_workdir_sha256(digest)).then_some(digest)
 }
 
-/// The content digest in a packed workdir's file name (`<64 hex>.tar.gz`).
-pub fn workdir_sha256(name: &str) -> Option<&str> {
-    let digest = name.strip_suffix(".tar.gz")?;
-    (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(digest)
+/// Whether `uri` names a workdir archive packed into a cluster store.
+pub fn is_packed_workdir(uri: &str) -> bool {
+    packed_workdir_sha256(uri).is_some()
+}
+
+/// Whether `digest` is a SHA-256 as a packed workdir's name spells it (64 lower-case hex).
+pub fn is_workdir_sha256(digest: &str) -> bool {
+    digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A valid environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.

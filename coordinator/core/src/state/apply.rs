@@ -348,7 +348,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if let Some(artifact) = &artifact {
                 if job.spec.command().is_none() {
                     artifact.shape.check().map_err(|e| Rejected::BadReport(format!("the model's {e}")))?;
-                } else if artifact.shape != ModelShape::default() {
+                } else if !artifact.shape.is_none() {
                     return Err(Rejected::BadReport("a command job's artifact has no input shape".into()));
                 }
             }

@@ -367,6 +367,11 @@ pub const MODEL_FEATURES_MAX: u32 = 100_000;
 
 impl ModelShape {
     /// Why a reported shape cannot be a model's (the field, the value, the limit).
+    /// No shape: what a command job's artifact (its newest checkpoint) reports.
+    pub fn is_none(&self) -> bool {
+        *self == ModelShape::default()
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if !(1..=MODEL_FEATURES_MAX).contains(&self.features_per_row) {
             return Err(format!("features_per_row is {}; 1 to {MODEL_FEATURES_MAX}", self.features_per_row));
