@@ -120,3 +120,47 @@ fn bad_arguments_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("partial"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn sigterm_stops_after_a_checkpoint_and_the_run_resumes_from_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_str().expect("utf-8");
+    let spec = example("digits-mlp.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["train", &spec, "--local-workers", "2", "--steps", "10000000", "--checkpoint-dir", root])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flotilla train starts");
+    // Interrupt once a checkpoint was written: training is under way.
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let started = lines.by_ref().map_while(Result::ok).any(|line| line.starts_with("checkpoint at step"));
+    assert!(started, "no checkpoint line before the end of the output");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = child.wait_with_output().expect("exit");
+    assert!(!out.status.success(), "an interrupted run exits non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stopped_line = rest.iter().find(|l| l.starts_with("stopped at step")).expect("a stop note");
+    let stopped: u64 =
+        stopped_line.split_whitespace().nth(3).and_then(|s| s.parse().ok()).expect("the step it stopped at");
+    let uri = stderr.split("--resume-from ").nth(1).and_then(|s| s.split('`').next()).expect("a resume hint");
+    assert!(uri.ends_with(&format!("ckpt/{stopped:012}")), "{uri} is not the checkpoint of step {stopped}");
+
+    let resumed = ok_json(flotilla(&[
+        "train",
+        &spec,
+        "--local-workers",
+        "2",
+        "--steps",
+        &(stopped + 10).to_string(),
+        "--resume-from",
+        uri,
+        "-o",
+        "json",
+    ]));
+    assert_eq!(resumed["step"].as_u64(), Some(stopped + 10), "{resumed}");
+}

@@ -3,21 +3,25 @@
 //! ring on loopback, no coordinator. Rank 0 prints progress, writes checkpoints, evaluates, and
 //! prints the summary (with `--output json`, a JSON object on the last line of stdout).
 //!
-//! `--checkpoint-dir`, `--steps` and `--resume-from` make stop-and-resume scriptable; this is
-//! also the engine the cluster's worker agents run.
+//! Each rank runs the cluster agent's rank runner (`flotilla_worker::agent::work::run_rank`)
+//! with a standalone host: same background checkpoint cadence, same resume and export, no
+//! coordinator. `--checkpoint-dir`, `--steps` and `--resume-from` make stop-and-resume
+//! scriptable; SIGINT/SIGTERM (Ctrl-C) stop the gang in order after a checkpoint.
 
 use std::net::{SocketAddr, TcpListener};
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_core::spec::{JobSpec, TrainLength};
-use flotilla_worker::checkpoint::state::{self, Checkpointer};
-use flotilla_worker::collective::ring::{RingCommunicator, RingConfig};
-use flotilla_worker::data;
-use flotilla_worker::train::{StepReport, Trainer};
+use flotilla_proto::convert::spec_to_proto;
+use flotilla_proto::v1::{CheckpointRef, FinishedReport, Peer, TrainAssignment};
+use flotilla_worker::agent::work::{self, AgentShared, Host, RankContext, RankEnd, Standalone};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use serde_json::json;
 
 use super::spec_file::{self, LoadError};
@@ -28,10 +32,6 @@ const GANG_SECRET_ENV: &str = "FLOTILLA_GANG_SECRET";
 
 /// Local worker processes at most (each needs a core to be useful).
 const LOCAL_WORKERS_MAX: usize = 64;
-/// Time for the ranks to find each other and for any one collective operation.
-const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Progress lines at most this often.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -100,7 +100,24 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
     for rank in 0..args.local_workers {
         children.push(spawn_rank(&args, rank, &addresses, gang_id, &secret, output)?);
     }
-    wait_all(children)
+    // SIGINT/SIGTERM: every rank is told (a terminal's Ctrl-C reaches them anyway), the gang
+    // stops in order after a checkpoint, and this process waits for all of them.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the signal handler")?;
+    let pids: Vec<Pid> = children.iter().map(|c| Pid::from_raw(c.id() as i32)).collect();
+    let flag = interrupted.clone();
+    runtime.spawn(async move {
+        interrupted_by_signal().await;
+        flag.store(true, Ordering::Relaxed);
+        for pid in pids {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        }
+    });
+    wait_all(children, &interrupted)
 }
 
 fn free_addresses(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
@@ -137,8 +154,9 @@ fn spawn_rank(
     command.spawn().with_context(|| format!("cannot start rank {rank}"))
 }
 
-/// Waits for every rank; when one fails, stops the others and reports the first failure.
-fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
+/// Waits for every rank; when one fails, stops the others and reports the first failure. After
+/// an interrupt every rank is waited for (rank 0 may still be saving the last checkpoint).
+fn wait_all(mut children: Vec<Child>, interrupted: &AtomicBool) -> anyhow::Result<()> {
     let mut failed: Option<String> = None;
     let mut running: Vec<usize> = (0..children.len()).collect();
     while !running.is_empty() {
@@ -155,7 +173,7 @@ fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
                 false
             }
         });
-        if failed.is_some() {
+        if failed.is_some() && !interrupted.load(Ordering::Relaxed) {
             for &rank in &running {
                 let _ = children[rank].kill();
                 let _ = children[rank].wait();
@@ -165,119 +183,168 @@ fn wait_all(mut children: Vec<Child>) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     match failed {
+        Some(_) if interrupted.load(Ordering::Relaxed) => bail!("training interrupted (see above)"),
         Some(reason) => bail!("training failed: {reason} (see its error above)"),
         None => Ok(()),
     }
 }
 
-/// One rank: load data, join the ring, train, checkpoint (rank 0), report (rank 0).
+/// One rank: the agent's rank runner ([`work::run_rank`]) with no coordinator. Rank 0
+/// checkpoints in the background like a cluster's rank 0, prints progress, evaluates, exports
+/// the model (with --checkpoint-dir) and prints the summary. SIGINT/SIGTERM stop the gang in
+/// order after a checkpoint.
 pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     let spec = load_spec(&args.job)?;
     let world = args.addresses.len();
     if args.rank >= world {
         bail!("--rank {} is outside the {world} addresses", args.rank);
     }
-    let (_, data_spec) = spec.built_in()?;
-    let splits = data::load_job_data(data_spec, spec.train.seed).context("loading the training data")?;
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
-    let secret = std::env::var(GANG_SECRET_ENV)
+    let gang_secret = std::env::var(GANG_SECRET_ENV)
         .ok()
         .and_then(|hex| {
             (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
         })
         .with_context(|| format!("{GANG_SECRET_ENV} must hold the gang secret in hex (`flotilla train` sets it)"))?;
-    let config = RingConfig::new(args.rank, args.addresses.clone(), args.gang_id, secret, COLLECTIVE_TIMEOUT);
-    let mut comm = RingCommunicator::connect(listener, config).context("joining the ring")?;
-    let resume = args.job.resume_from.as_deref().map(state::load_uri).transpose()?.map(|(state, _)| state);
-    let mut trainer = Trainer::new(&spec, splits.train, &mut comm, resume)?;
-    let checkpointer = match (&args.job.checkpoint_dir, args.rank) {
-        (Some(uri), 0) => Some(Checkpointer::open(uri)?),
-        _ => None,
+    let peers = args
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(rank, address)| Peer {
+            rank: rank as u32,
+            worker_id: format!("rank-{rank}"),
+            data_addr: address.to_string(),
+        })
+        .collect();
+    let resume_from = args.job.resume_from.clone().map(|uri| CheckpointRef {
+        step: step_of_prefix(&uri).unwrap_or(0),
+        uri,
+        ..Default::default()
+    });
+    let assignment = TrainAssignment {
+        job_id: format!("train-{}", args.gang_id),
+        spec: Some(spec_to_proto(&spec)),
+        generation: 1,
+        rank: args.rank as u32,
+        world_size: world as u32,
+        peers,
+        resume_from,
+        job_prefix: args.job.checkpoint_dir.clone().unwrap_or_default(),
+        gang_secret,
+        ..Default::default()
     };
-    let progress = Progress { rank: args.rank, output, total: trainer.total_steps(), started: Instant::now() };
-    let mut last_print = Instant::now() - PROGRESS_EVERY;
-    let mut last_checkpoint = None;
-    let mut save_error = None;
-    let last = trainer.run(&mut comm, |trainer, report| {
-        if last_print.elapsed() >= PROGRESS_EVERY || trainer.is_finished() {
-            progress.print(report);
-            last_print = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
+    let record = Arc::new(Standalone { newest: Mutex::new(None), notes_to_stdout: output == OutputFormat::Text });
+    let shared = Arc::new(AgentShared::default());
+    let context = RankContext {
+        host: Host::Standalone(record.clone()),
+        stop: Arc::default(),
+        checkpoint_now: Arc::default(),
+        shared: shared.clone(),
+    };
+    runtime.spawn(async move {
+        interrupted_by_signal().await;
+        shared.interrupted.store(true, Ordering::Relaxed);
+    });
+    // Progress reports are for a coordinator; rank 0's notes already print them.
+    let (progress, mut reports) = tokio::sync::mpsc::channel(1);
+    runtime.spawn(async move { while reports.recv().await.is_some() {} });
+    let started = Instant::now();
+    let end = work::run_rank(&context, assignment, &listener, &progress, runtime.handle());
+    let newest = record.newest.lock().ok().and_then(|n| n.clone()).map(|c| c.uri);
+    match end {
+        RankEnd::Finished(None) => Ok(()),
+        RankEnd::Finished(Some(report)) => {
+            summarize(&report, world, newest, started, output);
+            Ok(())
         }
-        if let Some(checkpointer) = &checkpointer
-            && report.step % spec.checkpoint.every_steps == 0
-        {
-            match checkpointer.save(&trainer.state(), None) {
-                Ok((uri, _)) => last_checkpoint = Some(uri),
-                Err(e) => {
-                    save_error = Some(e);
-                    return ControlFlow::Break(());
-                }
+        RankEnd::Checkpointed { step, .. } => match (args.rank, newest) {
+            (0, Some(uri)) => bail!("interrupted: stopped at step {step}; continue with `--resume-from {uri}`"),
+            (0, None) => bail!("interrupted: stopped at step {step}, nothing saved (no --checkpoint-dir)"),
+            _ => Ok(()), // rank 0 says where it stopped
+        },
+        RankEnd::Superseded => bail!("rank {} was stopped", args.rank),
+        RankEnd::Broken { error, .. } => bail!("{error}"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM (never, where the handlers cannot be installed).
+async fn interrupted_by_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
         }
-        ControlFlow::Continue(())
-    })?;
-    if let Some(e) = save_error {
-        return Err(e).context("writing a checkpoint");
+        _ => std::future::pending().await,
     }
-    if args.rank != 0 {
-        return Ok(());
-    }
-    let metrics = splits.validation.as_ref().map(|v| trainer.evaluate(v)).transpose()?;
-    if let Some(checkpointer) = &checkpointer {
-        let values = metrics.map(|m| (m.val_accuracy, m.val_loss));
-        let (uri, _) = checkpointer.save(&trainer.state(), values).context("final checkpoint")?;
-        last_checkpoint = Some(uri);
-    }
+}
+
+/// The step of a checkpoint prefix named `.../ckpt/<step>[-<suffix>]`, for messages.
+fn step_of_prefix(uri: &str) -> Option<u64> {
+    let name = uri.trim_end_matches('/').rsplit('/').next()?;
+    name.split('-').next()?.parse().ok()
+}
+
+/// Rank 0's summary: a text line (and the checkpoint and model), or one JSON object on the last
+/// line of stdout.
+fn summarize(
+    report: &FinishedReport,
+    world: usize,
+    checkpoint: Option<String>,
+    started: Instant,
+    output: OutputFormat,
+) {
+    let metrics = report.metrics.unwrap_or_default();
+    let model = (!report.artifact_uri.is_empty()).then_some(report.artifact_uri.as_str());
     let summary = json!({
-        "step": trainer.steps_done(),
-        "total_steps": trainer.total_steps(),
+        "step": report.step,
+        "total_steps": report.step,
         "world_size": world,
+        "seconds": started.elapsed().as_secs_f64(),
         "metrics": {
-            "val_accuracy": metrics.map(|m| m.val_accuracy),
-            "val_loss": metrics.map(|m| m.val_loss),
-            "train_loss": last.map(|r| r.loss),
-            "samples_per_s": last.map(|r| r.samples_per_s),
+            "val_accuracy": metrics.val_accuracy,
+            "val_loss": metrics.val_loss,
+            "train_loss": metrics.train_loss,
+            "samples_per_s": metrics.samples_per_s,
         },
-        "checkpoint": last_checkpoint,
+        "checkpoint": checkpoint,
+        "model": model,
     });
     match output {
         OutputFormat::Json => println!("{summary}"),
         OutputFormat::Text => {
-            let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
-            let loss = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_loss));
+            let shown = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
             println!(
-                "done: step {} on {world} worker(s), val_accuracy {accuracy}, val_loss {loss}",
-                trainer.steps_done()
+                "done: step {} on {world} worker(s), val_accuracy {}, val_loss {}",
+                report.step,
+                shown(metrics.val_accuracy),
+                shown(metrics.val_loss)
             );
-            if let Some(uri) = summary["checkpoint"].as_str() {
+            if let Some(uri) = &checkpoint {
                 println!("checkpoint: {uri}");
+            }
+            if let Some(uri) = model {
+                println!("model: {uri}");
             }
         }
     }
-    Ok(())
 }
 
-struct Progress {
-    rank: usize,
-    output: OutputFormat,
-    total: u64,
-    started: Instant,
-}
+#[cfg(test)]
+mod tests {
+    use super::step_of_prefix;
 
-impl Progress {
-    fn print(&self, report: &StepReport) {
-        if self.rank != 0 {
-            return;
-        }
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let line = format!(
-            "step {}/{}  epoch {}  loss {:.4}  {:.0} samples/s  {:.1}s",
-            report.step, self.total, report.epoch, report.loss, report.samples_per_s, elapsed
-        );
-        // In JSON mode stdout carries only the summary.
-        match self.output {
-            OutputFormat::Json => eprintln!("{line}"),
-            OutputFormat::Text => println!("{line}"),
-        }
+    #[test]
+    fn checkpoint_prefixes_name_their_step() {
+        assert_eq!(step_of_prefix("/tmp/c/ckpt/000000000100"), Some(100));
+        assert_eq!(step_of_prefix("s3://b/jobs/job-1/ckpt/000000000042-g3/"), Some(42));
+        assert_eq!(step_of_prefix("/tmp/c/ckpt/latest"), None);
     }
 }

@@ -56,7 +56,7 @@ pub(super) fn run_rank(
         Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
     };
     let rank0 = train.rank == 0;
-    let mut log = JobNotes::open(&train);
+    let mut log = JobNotes::open(context, &train);
     log.note(format!(
         "generation {}: training on {} worker(s), {} train rows",
         train.generation, train.world_size, train_set.rows
@@ -82,8 +82,12 @@ pub(super) fn run_rank(
     };
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
-        let opened =
-            Checkpointer::open(&train.job_prefix).and_then(|c| c.with_suffix(&format!("g{}", train.generation)));
+        // A cluster names checkpoints by generation too (two generations may save one step);
+        // a standalone run is one generation: `ckpt/<step>`.
+        let opened = Checkpointer::open(&train.job_prefix).and_then(|c| match context.standalone() {
+            Some(_) => Ok(c),
+            None => c.with_suffix(&format!("g{}", train.generation)),
+        });
         match opened {
             Ok(checkpointer) => {
                 background = Some(BackgroundCheckpointer::start(checkpointer, recorder(context, &train, runtime)))
@@ -121,7 +125,7 @@ pub(super) fn run_rank(
                 report.samples_per_s
             ));
             let _ = progress.try_send(ProgressReport {
-                worker_id: context.worker_id.clone(),
+                worker_id: context.worker_id(),
                 job_id: train.job_id.clone(),
                 generation: train.generation,
                 rank: 0,
@@ -248,7 +252,7 @@ pub(super) fn run_rank(
         saves.stall_ms
     ));
     RankEnd::Finished(Some(Box::new(FinishedReport {
-        worker_id: context.worker_id.clone(),
+        worker_id: context.worker_id(),
         job_id: train.job_id,
         generation: train.generation,
         success: true,

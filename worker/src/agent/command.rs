@@ -309,7 +309,7 @@ pub(super) fn run_rank(
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
     let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
-    let mut notes = JobNotes::open(train);
+    let mut notes = JobNotes::open(context, train);
     let master = match rendezvous(context, train, listener) {
         Ok(master) => master,
         Err((end, e)) => return broken(end, resume_step, format!("gang rendezvous: {e:#}")),
@@ -632,7 +632,7 @@ impl Watch<'_> {
         let eta_ms =
             (self.started.elapsed().as_millis() as u64 / done).saturating_mul(total.saturating_sub(metrics.step));
         ProgressReport {
-            worker_id: self.context.worker_id.clone(),
+            worker_id: self.context.worker_id(),
             job_id: self.train.job_id.clone(),
             generation: self.train.generation,
             rank: 0,
@@ -678,7 +678,7 @@ impl Watch<'_> {
         let metrics = self.last_metrics.unwrap_or_default();
         self.notes.note(format!("finished at step {reached}: every process exited 0"));
         RankEnd::Finished(Some(Box::new(FinishedReport {
-            worker_id: self.context.worker_id.clone(),
+            worker_id: self.context.worker_id(),
             job_id: self.train.job_id.clone(),
             generation: self.train.generation,
             success: true,

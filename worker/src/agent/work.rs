@@ -131,8 +131,7 @@ pub async fn follow(
                         checkpoint_now: Arc::new(AtomicBool::new(false)),
                     };
                     let context = RankContext {
-                        client: client.clone(),
-                        worker_id: worker_id.clone(),
+                        host: Host::Cluster { client: Box::new(client.clone()), worker_id: worker_id.clone() },
                         stop: run.stop.clone(),
                         checkpoint_now: run.checkpoint_now.clone(),
                         shared: shared.clone(),
@@ -195,11 +194,27 @@ pub async fn follow(
     }
 }
 
-/// What one training run needs from the agent.
+/// Whom a rank answers to: the cluster's coordinator (an agent's rank), or nobody (a rank of
+/// `flotilla train`, which keeps its own record).
 #[derive(Clone)]
-pub(super) struct RankContext {
-    pub client: ApiClient,
-    pub worker_id: String,
+pub enum Host {
+    Cluster { client: Box<ApiClient>, worker_id: String },
+    Standalone(Arc<Standalone>),
+}
+
+/// The record of a standalone rank (`flotilla train`): its checkpoints are recorded here, and
+/// rank 0's notes go to the terminal instead of a job log.
+pub struct Standalone {
+    /// The newest checkpoint written.
+    pub newest: std::sync::Mutex<Option<CheckpointRef>>,
+    /// Notes to stdout (`true`) or stderr (`false`, when stdout carries JSON).
+    pub notes_to_stdout: bool,
+}
+
+/// What one training run needs from the agent (or from `flotilla train`).
+#[derive(Clone)]
+pub struct RankContext {
+    pub host: Host,
     /// Superseded: stop at once, report nothing.
     pub stop: Arc<AtomicBool>,
     pub checkpoint_now: Arc<AtomicBool>,
@@ -207,6 +222,22 @@ pub(super) struct RankContext {
 }
 
 impl RankContext {
+    /// The worker id reports carry (empty for a standalone rank).
+    pub fn worker_id(&self) -> String {
+        match &self.host {
+            Host::Cluster { worker_id, .. } => worker_id.clone(),
+            Host::Standalone(_) => String::new(),
+        }
+    }
+
+    /// A standalone rank's record (`None` on a cluster).
+    pub fn standalone(&self) -> Option<&Standalone> {
+        match &self.host {
+            Host::Standalone(record) => Some(record),
+            Host::Cluster { .. } => None,
+        }
+    }
+
     /// The gang should stop in order after a checkpoint (the coordinator asked, or this worker
     /// was interrupted).
     pub fn stop_voted(&self) -> bool {
@@ -215,7 +246,7 @@ impl RankContext {
 }
 
 /// How a rank's run ended.
-pub(super) enum RankEnd {
+pub enum RankEnd {
     /// Training is done. Rank 0 carries the report (with metrics); other ranks `None`.
     Finished(Option<Box<FinishedReport>>),
     /// Stopped in order after `step` (vote); rank 0 saved and recorded that step.
@@ -230,8 +261,8 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
     tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
     context.shared.busy.send_modify(|runs| *runs += 1);
-    let mut client = context.client.clone();
-    let worker_id = context.worker_id.clone();
+    let Host::Cluster { client, worker_id } = context.host.clone() else { return };
+    let mut client = *client;
     let shared = context.shared.clone();
     let stop = context.stop.clone();
     // A plain thread, not spawn_blocking: the data loader runs its own runtime and refuses to
@@ -296,8 +327,9 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
 }
 
-/// Runs this rank with the job's runner.
-fn run_rank(
+/// Runs this rank with the job's runner (blocking: call it on a thread of its own; `runtime`
+/// serves the runner's I/O).
+pub fn run_rank(
     context: &RankContext,
     train: TrainAssignment,
     listener: &TcpListener,
@@ -348,7 +380,8 @@ pub(super) fn join_gang(
         train.gang_secret.clone(),
         COLLECTIVE_TIMEOUT,
     );
-    config.refused_grace = REFUSED_GRACE;
+    // Standalone ranks are processes started together: one may not listen yet.
+    config.refused_grace = if context.standalone().is_some() { COLLECTIVE_TIMEOUT } else { REFUSED_GRACE };
     config.abort = Some(context.stop.clone());
     let listener = listener.try_clone().context("sharing the data port").map_err(retryable)?;
     RingCommunicator::connect(listener, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
@@ -356,22 +389,41 @@ pub(super) fn join_gang(
 
 /// A rank's notes and its program's output: rank 0 appends them to the job's log in the store
 /// (what `flotilla logs` shows; a log that cannot be written is not fatal), other ranks to the
-/// agent's own log.
+/// agent's own log. A standalone rank 0 prints them; other standalone ranks keep quiet.
 pub(super) struct JobNotes {
-    log: Option<JobLog>,
+    sink: NoteSink,
     job_id: String,
     last_flush: Instant,
+}
+
+enum NoteSink {
+    JobLog(JobLog),
+    AgentLog,
+    Stdout,
+    Stderr,
+    Nowhere,
 }
 
 /// Buffered output is written to the job log at most this often (each flush is one object).
 const LOG_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 impl JobNotes {
-    pub fn open(train: &TrainAssignment) -> JobNotes {
-        let log = (train.rank == 0 && !train.job_prefix.is_empty())
-            .then(|| JobLog::open(&train.job_prefix))
-            .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "job log unavailable")).ok());
-        JobNotes { log, job_id: train.job_id.clone(), last_flush: Instant::now() }
+    pub fn open(context: &RankContext, train: &TrainAssignment) -> JobNotes {
+        let rank0 = train.rank == 0;
+        let sink = match context.standalone() {
+            Some(_) if !rank0 => NoteSink::Nowhere,
+            Some(standalone) if standalone.notes_to_stdout => NoteSink::Stdout,
+            Some(_) => NoteSink::Stderr,
+            None if rank0 && !train.job_prefix.is_empty() => match JobLog::open(&train.job_prefix) {
+                Ok(log) => NoteSink::JobLog(log),
+                Err(e) => {
+                    tracing::warn!(error = %e, "job log unavailable");
+                    NoteSink::AgentLog
+                }
+            },
+            None => NoteSink::AgentLog,
+        };
+        JobNotes { sink, job_id: train.job_id.clone(), last_flush: Instant::now() }
     }
 
     /// An event of the run, written at once.
@@ -392,19 +444,22 @@ impl JobNotes {
     }
 
     fn write(&mut self, text: &str) {
-        match self.log.as_mut() {
-            Some(log) => {
+        match &mut self.sink {
+            NoteSink::JobLog(log) => {
                 if let Err(e) = log.line(text) {
                     tracing::warn!(error = %e, "could not write the job log");
                 }
             }
-            None => tracing::info!(job = %self.job_id, "{text}"),
+            NoteSink::AgentLog => tracing::info!(job = %self.job_id, "{text}"),
+            NoteSink::Stdout => println!("{text}"),
+            NoteSink::Stderr => eprintln!("{text}"),
+            NoteSink::Nowhere => {}
         }
     }
 
     fn flush(&mut self) {
         self.last_flush = Instant::now();
-        if let Some(log) = self.log.as_mut()
+        if let NoteSink::JobLog(log) = &mut self.sink
             && let Err(e) = log.flush()
         {
             tracing::warn!(error = %e, "could not write the job log");
@@ -420,13 +475,22 @@ pub(super) fn record_checkpoint(
     runtime: &tokio::runtime::Handle,
     checkpoint: CheckpointRef,
 ) -> Result<(), String> {
+    let Host::Cluster { client, worker_id } = &context.host else {
+        let record = context.standalone().map(|s| &s.newest);
+        if let Some(Ok(mut newest)) = record.map(|r| r.lock())
+            && newest.as_ref().is_none_or(|n| n.step <= checkpoint.step)
+        {
+            *newest = Some(checkpoint);
+        }
+        return Ok(());
+    };
     let report = CheckpointReport {
-        worker_id: context.worker_id.clone(),
+        worker_id: worker_id.clone(),
         job_id: train.job_id.clone(),
         generation: train.generation,
         checkpoint: Some(checkpoint),
     };
-    let mut client = context.client.clone();
+    let mut client = ApiClient::clone(client);
     runtime
         .block_on(client.call_cluster(|mut c| {
             let report = report.clone();
