@@ -90,8 +90,12 @@ fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
     wait_for(home, &id, Duration::from_secs(120), "step 12", |s| s["step"].as_u64().is_some_and(|s| s >= 12));
     let members = gang(home, &id);
     assert_eq!(members.len(), 2, "{members:?}");
-    let noticed = run(home, &["preempt", &members[1]]);
+    // A 60 s notice: every rank's deadline is the instance's end less the upload reserve (20 s),
+    // on the noticed worker (its own metadata) and on the other (through the coordinator).
+    let noticed = run(home, &["preempt", &members[1], "--notice-s", "60", "-o", "json"]);
     assert!(noticed.status.success(), "{}", String::from_utf8_lossy(&noticed.stderr));
+    let noticed: Value = serde_json::from_slice(&noticed.stdout).expect("preempt prints JSON");
+    let taken_at_ms = noticed["taken_at_unix_ms"].as_u64().expect("the time the instance is taken");
     let done = wait_for(home, &id, Duration::from_secs(180), "success", |s| s["state"] == "Succeeded");
 
     // The contract, exact on all 4 ranks of the first generation.
@@ -116,6 +120,11 @@ fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
     let met: Value =
         serde_json::from_str(&std::fs::read_to_string(job.out("rendezvous-g1.json")).expect("met")).expect("JSON");
     assert_eq!(met, serde_json::json!([1, 2, 3]));
+    let expected = ((taken_at_ms - 20_000) / 1000).to_string();
+    for rank in 0..4 {
+        let deadline = std::fs::read_to_string(job.out(&format!("preempt-g1-r{rank}.txt"))).expect("a deadline");
+        assert_eq!(deadline.trim(), expected, "rank {rank}: the deadline comes from the notice's time");
+    }
 
     // The notice: generation 1 checkpointed where it stopped; the last one resumed from it.
     let generations = job.generations();

@@ -244,6 +244,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         host: Host::Standalone(record.clone()),
         stop: Arc::default(),
         checkpoint_now: Arc::default(),
+        deadline_unix_ms: Arc::default(),
         shared: shared.clone(),
     };
     runtime.spawn(async move {

@@ -166,7 +166,7 @@ async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<St
     tokio::select! {
         _ = super::shutdown_signal() => {
             tracing::warn!("SIGTERM: checkpointing the running generation before stopping");
-            interrupt(client, registered, &shared, v1::InterruptionKind::Sigterm).await;
+            interrupt(client, registered, &shared, v1::InterruptionKind::Sigterm, None).await;
         }
         _ = shared.drained.notified() => {}
     }
@@ -184,12 +184,16 @@ async fn interrupt(
     registered: watch::Receiver<Option<String>>,
     shared: &AgentShared,
     kind: v1::InterruptionKind,
+    taken_at_unix_ms: Option<u64>,
 ) {
     if shared.noticed.swap(true, Ordering::Relaxed) {
         return;
     }
+    if let Some(at) = taken_at_unix_ms {
+        shared.taken_at_unix_ms.store(at, Ordering::Relaxed);
+    }
     let worker_id = registered.borrow().clone().unwrap_or_default();
-    let report = v1::InterruptionReport { worker_id, kind: kind.into(), action_at_unix_ms: None };
+    let report = v1::InterruptionReport { worker_id, kind: kind.into(), action_at_unix_ms: taken_at_unix_ms };
     client.deadline = REPORT_DEADLINE;
     let sent = client
         .call_cluster(|mut c| {
@@ -200,7 +204,8 @@ async fn interrupt(
     if let Err(e) = sent {
         tracing::warn!(error = %e, "the coordinator did not hear of the interruption; stopping the gang anyway");
     }
-    shared.interrupted.store(true, Ordering::Relaxed);
+    // Release: the time stored above is seen with the flag.
+    shared.interrupted.store(true, Ordering::Release);
 }
 
 fn state_name(worker: &v1::WorkerInfo) -> &'static str {
@@ -359,7 +364,8 @@ async fn watch_interruptions(
                     "rebalance recommendation"
                 };
                 tracing::warn!(notice = %notice.trim(), "{what} received");
-                interrupt(api, registered, &shared, kind).await;
+                let taken_at = (kind == v1::InterruptionKind::SpotNotice).then(|| notice_time(&notice)).flatten();
+                interrupt(api, registered, &shared, kind, taken_at).await;
                 return;
             }
             Ok(None) => {}
@@ -373,6 +379,13 @@ async fn watch_interruptions(
     }
 }
 
+/// The `time` of a spot notice (`{"action": "terminate", "time": "2026-12-03T22:10:18Z"}`) in
+/// unix ms; `None` when the notice names none we can read (the runner then uses its default).
+fn notice_time(notice: &str) -> Option<u64> {
+    let notice: serde_json::Value = serde_json::from_str(notice).ok()?;
+    flotilla_proto::text::parse_rfc3339_utc(notice["time"].as_str()?)
+}
+
 #[derive(Debug, clap::Args)]
 pub struct PreemptArgs {
     /// The worker to preempt (`worker-3`), as `flotilla workers` lists it.
@@ -380,6 +393,9 @@ pub struct PreemptArgs {
     /// Kill it without notice (a hard loss) instead of giving the 2-minute spot notice.
     #[arg(long)]
     pub hard: bool,
+    /// Seconds from the notice until the instance is taken (EC2 gives 120).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub notice_s: u64,
 }
 
 /// `flotilla preempt WORKER [--hard]`: a spot interruption on a local worker, now.
@@ -394,15 +410,19 @@ pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputForma
     let worker = listed.iter().find(|w| w.id == args.worker).with_context(|| format!("no worker `{}`", args.worker))?;
     let instance = worker.capabilities.clone().unwrap_or_default().instance_id;
     let provider = super::cluster::local_provider(&home, &cluster)?;
-    let at_unix_ms = flotilla_coordinator::raft::node::now_unix_ms()
-        + flotilla_coordinator::provider::imds::NOTICE.as_millis() as u64;
+    let at_unix_ms = flotilla_coordinator::raft::node::now_unix_ms() + args.notice_s * 1000;
     if args.hard {
         provider.kill(&instance)?;
     } else {
         provider.schedule_interruption(&instance, at_unix_ms)?;
     }
     match output {
-        OutputFormat::Json => print_json(&json!({ "worker": args.worker, "instance": instance, "hard": args.hard })),
+        OutputFormat::Json => print_json(&json!({
+            "worker": args.worker,
+            "instance": instance,
+            "hard": args.hard,
+            "taken_at_unix_ms": (!args.hard).then_some(at_unix_ms),
+        })),
         OutputFormat::Text if args.hard => println!("{} ({instance}) killed without notice", args.worker),
         OutputFormat::Text => println!("{} ({instance}) given a spot interruption notice", args.worker),
     }

@@ -100,6 +100,11 @@ while step < steps:
     if stop:
         break
 
+if stop:  # what the agent said the deadline is
+    with open(os.environ["FLOTILLA_PREEMPT_FILE"]) as f:
+        deadline = f.read().strip()
+    with open(os.path.join(out, f"preempt-g{generation}-r{rank}.txt"), "w") as f:
+        f.write(deadline)
 if rank == 0 and saved != step:
     checkpoint(step)
 if rank == 0 and not stop:

@@ -250,8 +250,12 @@ impl ClusterService for ClusterApi {
             Ok(InterruptionKind::Sigterm) => "SIGTERM",
             _ => return Err(invalid(format!("kind {} is not an interruption kind", report.kind))),
         };
-        let applied =
-            self.node.propose(Command::WorkerInterrupted { worker_id, kind: kind.into() }).await.map_err(status)?;
+        let action_at_unix_ms = report.action_at_unix_ms;
+        let applied = self
+            .node
+            .propose(Command::WorkerInterrupted { worker_id, kind: kind.into(), action_at_unix_ms })
+            .await
+            .map_err(status)?;
         tracing::warn!(worker = %worker_id, kind, outcome = ?applied, "interruption notice");
         // A notice means the cloud takes the machine: replace it. SIGTERM is an operator's
         // (or `flotilla down`'s) decision to stop this worker: no replacement.
@@ -427,6 +431,8 @@ enum Desired {
         generation: u64,
         assignment: Box<TrainAssignment>,
         checkpoint_now: bool,
+        /// The earliest time a noticed member's instance is taken (unix ms; 0: none named).
+        deadline_unix_ms: u64,
     },
     /// Run inference shards of `job` (a member of it). `joins` changes whenever workers join
     /// it: the assignment is sent again, and an agent whose loop ended (released) restarts it.
@@ -504,6 +510,12 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         generation: job.generation,
         assignment: Box::new(assignment),
         checkpoint_now: job.checkpoint_requested.is_some(),
+        deadline_unix_ms: job
+            .gang
+            .iter()
+            .filter_map(|w| state.workers.get(w).and_then(|w| w.notice_action_at_unix_ms))
+            .min()
+            .unwrap_or(0),
     }
 }
 
@@ -524,9 +536,15 @@ async fn assignment_loop(
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
-            (Desired::Train { job, generation, checkpoint_now, .. }, Some(now)) if now == (*job, *generation) => {
+            (Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, .. }, Some(now))
+                if now == (*job, *generation) =>
+            {
                 (*checkpoint_now && !std::mem::replace(&mut checkpoint_sent, true)).then(|| {
-                    assignment::Kind::CheckpointNow(CheckpointNow { job_id: job.to_string(), generation: *generation })
+                    assignment::Kind::CheckpointNow(CheckpointNow {
+                        job_id: job.to_string(),
+                        generation: *generation,
+                        deadline_unix_ms: *deadline_unix_ms,
+                    })
                 })
             }
             (Desired::Train { job, generation, assignment, .. }, _) => {

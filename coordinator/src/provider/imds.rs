@@ -137,22 +137,6 @@ pub fn parse_request(head: &str) -> Option<Request> {
     Some(Request { method: method.to_string(), path: path.to_string(), headers })
 }
 
-fn rfc3339(unix_ms: u64) -> String {
-    // Civil-from-days (H. Hinnant), to avoid a date dependency for one format.
-    let secs = unix_ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 impl Server {
     async fn handle(&self, mut stream: TcpStream) -> std::io::Result<()> {
         let mut buffer = Vec::with_capacity(1024);
@@ -194,7 +178,9 @@ impl Server {
             "/latest/meta-data/placement/availability-zone" => (200, self.config.zone.clone()),
             "/latest/meta-data/local-ipv4" => (200, self.config.local_ipv4.clone()),
             "/latest/meta-data/spot/instance-action" => match self.action_at_unix_ms() {
-                Some(at) => (200, format!("{{\"action\":\"terminate\",\"time\":\"{}\"}}", rfc3339(at))),
+                Some(at) => {
+                    (200, format!("{{\"action\":\"terminate\",\"time\":\"{}\"}}", flotilla_core::text::rfc3339_utc(at)))
+                }
                 None => (404, "not found".into()),
             },
             _ => (404, "not found".into()),
@@ -254,8 +240,8 @@ mod tests {
         assert_eq!(request.headers["x-aws-ec2-metadata-token"], "abc");
         assert!(parse_request("garbage").is_none());
         assert!(parse_request("GET / SPDY/3\r\n\r\n").is_none());
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_795_948_491_458), "2026-11-29T10:34:51Z");
+        assert_eq!(flotilla_core::text::rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(flotilla_core::text::rfc3339_utc(1_795_948_491_458), "2026-11-29T10:34:51Z");
     }
 
     #[test]

@@ -51,8 +51,12 @@ use crate::joblog::LINE_BYTES_MAX;
 const POLL: Duration = Duration::from_millis(50);
 /// How often the checkpoint folder is scanned for `COMPLETE` files.
 const SCAN_EVERY: Duration = Duration::from_millis(500);
-/// Time from a notice to the kill of whatever still runs (EC2 gives 120 s; the rest uploads).
+/// Time from a notice that named no time to the kill of whatever still runs.
 pub const NOTICE_GRACE: Duration = Duration::from_secs(100);
+/// Kept between the program's deadline and the instance's end, to upload its last checkpoint.
+pub const UPLOAD_RESERVE: Duration = Duration::from_secs(20);
+/// The program gets at least this long after the signal, however late the notice arrived.
+const NOTICE_GRACE_MIN: Duration = Duration::from_secs(5);
 /// A failed process's siblings get this long after SIGTERM before SIGKILL.
 const SIBLING_GRACE: Duration = Duration::from_secs(5);
 /// Time for a peer's data port to answer when a failure is classified.
@@ -266,8 +270,20 @@ fn peers_alive(train: &TrainAssignment) -> bool {
     })
 }
 
-fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When the program must have exited after a notice at `now_ms` (unix ms): [`UPLOAD_RESERVE`]
+/// before the instance is taken, or [`NOTICE_GRACE`] from now when no time was named; never
+/// less than [`NOTICE_GRACE_MIN`] from now.
+pub fn program_deadline_unix_ms(now_ms: u64, taken_at_ms: Option<u64>) -> u64 {
+    let reserve = UPLOAD_RESERVE.as_millis() as u64;
+    let deadline = match taken_at_ms {
+        Some(at) => at.saturating_sub(reserve),
+        None => now_ms + NOTICE_GRACE.as_millis() as u64,
+    };
+    deadline.max(now_ms + NOTICE_GRACE_MIN.as_millis() as u64)
 }
 
 /// Joins the gang (the ring rendezvous proves every member holds the gang secret), then node 0's
@@ -494,7 +510,7 @@ impl Watch<'_> {
         lines: &mpsc::Receiver<Line>,
         progress: &tokio::sync::mpsc::Sender<ProgressReport>,
     ) {
-        let mut signalled_at: Option<Instant> = None;
+        let mut kill_at: Option<Instant> = None;
         let mut failed_at: Option<Instant> = None;
         let mut last_progress: Option<Instant> = None;
         let mut last_scan = Instant::now();
@@ -504,18 +520,25 @@ impl Watch<'_> {
                 procs.kill_and_reap();
                 break;
             }
-            if signalled_at.is_none() && self.context.stop_voted() {
-                let deadline = unix_now_s() + NOTICE_GRACE.as_secs();
+            if kill_at.is_none() && self.context.stop_voted() {
+                let now_ms = unix_now_ms();
+                let taken_at = self.context.notice_deadline_unix_ms();
+                let deadline_ms = program_deadline_unix_ms(now_ms, taken_at);
+                let deadline = deadline_ms / 1000;
                 let _ = std::fs::write(&self.dirs.preempt, format!("{deadline}\n"));
                 procs.signal_all(signal_of(self.run.notice_signal));
-                signalled_at = Some(Instant::now());
+                kill_at = Some(Instant::now() + Duration::from_millis(deadline_ms - now_ms));
                 self.signalled = true;
+                let taken = taken_at.map_or("no time named".to_string(), |at| {
+                    format!("instance taken at {}", flotilla_proto::text::rfc3339_utc(at))
+                });
                 self.notes.note(format!(
-                    "notice: sent {} to the program; deadline {deadline}",
-                    self.run.notice_signal.name()
+                    "notice ({taken}): sent {} to the program; it must exit by {} (unix {deadline})",
+                    self.run.notice_signal.name(),
+                    flotilla_proto::text::rfc3339_utc(deadline_ms)
                 ));
             }
-            if signalled_at.is_some_and(|t| t.elapsed() >= NOTICE_GRACE) {
+            if kill_at.is_some_and(|t| Instant::now() >= t) {
                 procs.signal_all(Signal::SIGKILL);
             }
             // One process failed: its siblings cannot go on alone (their collectives would hang).
@@ -700,6 +723,16 @@ impl Watch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_program_deadline_leaves_the_upload_reserve_before_the_instance_ends() {
+        let now = 1_000_000;
+        assert_eq!(program_deadline_unix_ms(now, Some(now + 120_000)), now + 100_000, "EC2's two minutes");
+        assert_eq!(program_deadline_unix_ms(now, Some(now + 60_000)), now + 40_000);
+        assert_eq!(program_deadline_unix_ms(now, None), now + 100_000, "no time named");
+        assert_eq!(program_deadline_unix_ms(now, Some(now + 3_000)), now + 5_000, "a late notice still gets 5 s");
+        assert_eq!(program_deadline_unix_ms(now, Some(0)), now + 5_000);
+    }
 
     #[test]
     fn the_contract_matches_torchrun() {

@@ -18,7 +18,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -55,6 +55,8 @@ pub struct AgentShared {
     /// Set once the coordinator heard of the interruption (or could not be told): the running
     /// generation votes to stop at the next step boundary.
     pub interrupted: AtomicBool,
+    /// When this worker's instance is taken (unix ms, 0: unknown), from its own spot notice.
+    pub taken_at_unix_ms: AtomicU64,
     /// Training runs in progress on this worker (a superseded one may still be ending).
     pub busy: watch::Sender<usize>,
     /// The coordinator told this worker to drain: no more work will come.
@@ -71,6 +73,8 @@ struct Running {
     stop: Arc<AtomicBool>,
     /// The coordinator asked for a checkpoint at the next step boundary.
     checkpoint_now: Arc<AtomicBool>,
+    /// ... by this time (unix ms, 0: none named): a noticed member's instance is taken then.
+    deadline_unix_ms: Arc<AtomicU64>,
 }
 
 /// Follows the assignment stream of whichever worker id `registered` holds, until the process
@@ -129,11 +133,13 @@ pub async fn follow(
                         generation: train.generation,
                         stop: Arc::new(AtomicBool::new(false)),
                         checkpoint_now: Arc::new(AtomicBool::new(false)),
+                        deadline_unix_ms: Arc::new(AtomicU64::new(0)),
                     };
                     let context = RankContext {
                         host: Host::Cluster { client: Box::new(client.clone()), worker_id: worker_id.clone() },
                         stop: run.stop.clone(),
                         checkpoint_now: run.checkpoint_now.clone(),
+                        deadline_unix_ms: run.deadline_unix_ms.clone(),
                         shared: shared.clone(),
                     };
                     running = Some(run);
@@ -143,7 +149,8 @@ pub async fn follow(
                     if let Some(run) =
                         running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
                     {
-                        run.checkpoint_now.store(true, Ordering::Relaxed);
+                        run.deadline_unix_ms.store(order.deadline_unix_ms, Ordering::Relaxed);
+                        run.checkpoint_now.store(true, Ordering::Release);
                     }
                 }
                 Some(assignment::Kind::Stop(stop)) => {
@@ -218,6 +225,8 @@ pub struct RankContext {
     /// Superseded: stop at once, report nothing.
     pub stop: Arc<AtomicBool>,
     pub checkpoint_now: Arc<AtomicBool>,
+    /// The gang's deadline from the coordinator's checkpoint order (unix ms, 0: none named).
+    pub deadline_unix_ms: Arc<AtomicU64>,
     pub shared: Arc<AgentShared>,
 }
 
@@ -241,7 +250,16 @@ impl RankContext {
     /// The gang should stop in order after a checkpoint (the coordinator asked, or this worker
     /// was interrupted).
     pub fn stop_voted(&self) -> bool {
-        self.checkpoint_now.load(Ordering::Relaxed) || self.shared.interrupted.load(Ordering::Relaxed)
+        // Acquire: a deadline stored before the flag is seen with it.
+        self.checkpoint_now.load(Ordering::Acquire) || self.shared.interrupted.load(Ordering::Acquire)
+    }
+
+    /// When the gang must be done (unix ms): the earlier of this worker's own notice and the
+    /// coordinator's order; `None` when no notice named a time.
+    pub fn notice_deadline_unix_ms(&self) -> Option<u64> {
+        let own = self.shared.taken_at_unix_ms.load(Ordering::Relaxed);
+        let gang = self.deadline_unix_ms.load(Ordering::Relaxed);
+        [own, gang].into_iter().filter(|&t| t > 0).min()
     }
 }
 

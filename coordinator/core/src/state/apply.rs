@@ -104,6 +104,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     lost_at_unix_ms: None,
                     job: None,
                     draining: false,
+                    notice_action_at_unix_ms: None,
                     suspect_since_unix_ms: None,
                     credential_sha256: credential_sha256.to_ascii_lowercase(),
                 },
@@ -122,12 +123,18 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::WorkerLost { worker_id })
         }
-        Command::WorkerInterrupted { worker_id, kind } => {
+        Command::WorkerInterrupted { worker_id, kind, action_at_unix_ms } => {
             let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
             if worker.lost_at_unix_ms.is_some() {
                 return Err(Rejected::WorkerUnavailable(worker_id));
             }
             worker.draining = true;
+            // The earliest time any notice named (a repeated notice never moves it later).
+            worker.notice_action_at_unix_ms = match (worker.notice_action_at_unix_ms, action_at_unix_ms) {
+                (Some(old), Some(new)) => Some(old.min(new)),
+                (old, new) => old.or(new),
+            };
+            let taken_at = worker.notice_action_at_unix_ms;
             let job_id = worker.job;
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
             let job = match running {
@@ -137,7 +144,13 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                         job.checkpoint_requested = Some(StopReason::Preemption);
                     }
                     job.updated_at_unix_ms = now;
-                    let message = format!("{worker_id} got a {kind} notice; checkpointing at the next step");
+                    let message = match taken_at {
+                        Some(at) => format!(
+                            "{worker_id} got a {kind} notice (instance taken at {}); checkpointing at the next step",
+                            crate::text::rfc3339_utc(at)
+                        ),
+                        None => format!("{worker_id} got a {kind} notice; checkpointing at the next step"),
+                    };
                     push_event(job, now, "preemption_notice", message);
                     Some(job.id)
                 }

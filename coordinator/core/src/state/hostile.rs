@@ -95,7 +95,9 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
             }),
             reporter: Some(reporter),
         },
-        3 => Command::WorkerInterrupted { worker_id: reporter, kind: text },
+        3 => {
+            Command::WorkerInterrupted { worker_id: reporter, kind: text, action_at_unix_ms: (a & 1 == 1).then_some(b) }
+        }
         4 => Command::LeaseShard { job_id, worker_id: reporter },
         5 => {
             let rows = small_or_raw(c);

@@ -252,12 +252,19 @@ fn end(state: &mut State, generation: u64, end: GenerationEnd, step: u64) -> Res
 fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
-    let notice = Command::WorkerInterrupted { worker_id: w2, kind: "spot".into() };
+    let notice =
+        |at: u64| Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(at) };
     assert_eq!(
-        apply(&mut state, 5, Envelope::new(5, notice)),
+        apply(&mut state, 5, Envelope::new(5, notice(120_000))),
         Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)) })
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Preemption));
+    // The notice's time is the gang's deadline; a repeated notice never moves it later.
+    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(120_000));
+    apply(&mut state, 6, Envelope::new(6, notice(180_000))).expect("a repeated notice");
+    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(120_000));
+    let event = state.jobs[&JobId(1)].events.iter().rev().find(|e| e.kind == "preemption_notice").expect("event");
+    assert!(event.message.contains("taken at 1970-01-01T00:02:00Z"), "{}", event.message);
     checkpoint(&mut state, 37, 1).expect("checkpoint");
     assert_eq!(
         end(&mut state, 1, GenerationEnd::Checkpointed, 37),
@@ -437,8 +444,12 @@ fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_ge
     let (_, w2) = running_job(&mut state, 3);
     let request = Command::RequestCheckpoint { job_id: JobId(1), generation: 1, reason: StopReason::Budget };
     apply(&mut state, 5, Envelope::new(5, request)).expect("budget stop");
-    apply(&mut state, 6, Envelope::new(6, Command::WorkerInterrupted { worker_id: w2, kind: "spot".into() }))
-        .expect("notice");
+    apply(
+        &mut state,
+        6,
+        Envelope::new(6, Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: None }),
+    )
+    .expect("notice");
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Budget), "not downgraded");
     let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
     assert_eq!(end(&mut state, 1, lost, 9), Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Failed }));

@@ -257,6 +257,10 @@ pub struct Worker {
     /// generation at a checkpoint and is never given new work.
     #[serde(default)]
     pub draining: bool,
+    /// When the cloud takes its instance, as the notice said (a spot notice's `time`); `None`
+    /// without a notice or when the notice named no time. Its gang's deadline to checkpoint.
+    #[serde(default)]
+    pub notice_action_at_unix_ms: Option<u64>,
     /// When a gang it belonged to broke without notice. It may have died with it: the
     /// scheduler gives it work again only once the leader has heard from it since (survivors
     /// heartbeat at once; a dead worker never does, until its lease expires).
@@ -580,6 +584,9 @@ pub enum Command {
     WorkerInterrupted {
         worker_id: WorkerId,
         kind: String,
+        /// When the instance will be taken, if the notice said.
+        #[serde(default)]
+        action_at_unix_ms: Option<u64>,
     },
     /// The leader asks a running generation to checkpoint and stop (elastic growth).
     RequestCheckpoint {
