@@ -144,6 +144,10 @@ fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
     let log = logs(home, &id);
     assert!(log.contains("[rank 0] FLOTILLA_CHECKPOINT 40"), "{log}");
     assert!(log.contains("uploaded and recorded"), "{log}");
+    // Worker 1's processes (ranks 2 and 3) have a log of their own.
+    let node1 = String::from_utf8_lossy(&run(home, &["logs", &id, "--node", "1"]).stdout).to_string();
+    assert!(node1.contains("[rank 2]") && node1.contains("[rank 3]"), "{node1}");
+    assert!(!node1.contains("[rank 0]"), "node 1's log holds its own ranks only: {node1}");
 }
 
 #[test]

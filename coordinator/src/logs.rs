@@ -1,5 +1,5 @@
 //! Serving job logs from the cluster store: segments `jobs/<job>/logs/<seq:08>.log` written by
-//! the job's rank 0, streamed in order; with `follow`, new segments as they appear, until the
+//! the job's node 0 (`logs/node-<N>/` by node N), streamed in order; with `follow`, new segments as they appear, until the
 //! job has ended and no segment is left.
 
 use std::time::Duration;
@@ -26,8 +26,10 @@ pub struct JobLogs {
 }
 
 impl JobLogs {
-    pub fn open(store: &Location, job: JobId) -> JobLogs {
-        JobLogs { job, logs: store.join(&format!("jobs/{job}/logs")) }
+    /// Node `node`'s log of `job` (0: the job's log, written by worker 0).
+    pub fn open(store: &Location, job: JobId, node: u32) -> JobLogs {
+        let folder = if node == 0 { "logs".to_string() } else { format!("logs/node-{node}") };
+        JobLogs { job, logs: store.join(&format!("jobs/{job}/{folder}")) }
     }
 
     /// Segment `seq`, or `None` while it does not exist (or cannot be read yet: the stream

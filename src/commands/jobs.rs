@@ -351,13 +351,16 @@ pub struct LogsArgs {
     /// Keep printing new lines until the job ends.
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// The gang member (NODE_RANK) whose output to print; 0, worker 0, is the job's log.
+    #[arg(long, default_value_t = 0)]
+    pub node: u32,
 }
 
 pub fn logs(args: LogsArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
-    let request = v1::GetLogsRequest { job_id: args.job, follow: args.follow, from_offset: 0 };
+    let request = v1::GetLogsRequest { job_id: args.job, follow: args.follow, from_offset: 0, node: args.node };
     runtime.block_on(async move {
         let mut stream = client
             .call(|mut c| {

@@ -28,6 +28,7 @@ step_s = float(os.environ.get("STEP_S", "0.1"))
 every = int(os.environ.get("CKPT_EVERY", "5"))
 fail_at = int(os.environ.get("FAIL_AT", "0"))
 
+print(f"rank {rank} of {world} starts (generation {generation})", flush=True)
 seen = {name: os.environ.get(name) for name in CONTRACT}
 seen["cwd_payload"] = open("payload.txt").read().strip() if os.path.exists("payload.txt") else None
 with open(os.path.join(out, f"env-g{generation}-r{rank}.json"), "w") as f:

@@ -1,6 +1,8 @@
-//! A job's log in the object store: rank 0 appends lines, written as numbered segments
-//! (`<job prefix>/logs/<seq:08>.log`, objects are immutable), which `flotilla logs` reads back
-//! in order. One segment per flush keeps a crash from losing more than the unflushed lines.
+//! A job's logs in the object store: each gang member (node) appends lines, written as numbered
+//! segments (`<job prefix>/logs/<seq:08>.log` for node 0, the job's log;
+//! `<job prefix>/logs/node-<N>/<seq:08>.log` for node N; objects are immutable), which
+//! `flotilla logs [--node N]` reads back in order. One segment per flush keeps a crash from
+//! losing more than the unflushed lines.
 
 use bytes::Bytes;
 use object_store::path::Path;
@@ -17,19 +19,30 @@ pub const LINE_BYTES_MAX: usize = 4096;
 pub struct JobLog {
     store: std::sync::Arc<dyn ObjectStore>,
     prefix: Path,
+    node: u32,
     next_segment: u64,
     buffer: String,
     runtime: tokio::runtime::Runtime,
 }
 
-/// The object holding segment `seq` under a job prefix.
-pub fn segment_path(job_prefix: &Path, seq: u64) -> Path {
-    job_prefix.clone().join("logs").join(format!("{seq:08}.log"))
+/// The folder of node `node`'s log, relative to the job prefix.
+pub fn node_logs(node: u32) -> String {
+    if node == 0 { "logs".to_string() } else { format!("logs/node-{node}") }
+}
+
+/// The object holding segment `seq` of node `node`'s log under a job prefix.
+pub fn segment_path(job_prefix: &Path, node: u32, seq: u64) -> Path {
+    let mut path = job_prefix.clone();
+    for part in node_logs(node).split('/') {
+        path = path.join(part);
+    }
+    path.join(format!("{seq:08}.log"))
 }
 
 impl JobLog {
-    /// Opens the log under `job_uri` (file:///.../jobs/<job>), continuing after existing segments.
-    pub fn open(job_uri: &str) -> Result<JobLog, CheckpointError> {
+    /// Opens node `node`'s log under `job_uri` (file:///.../jobs/<job>), continuing after
+    /// existing segments.
+    pub fn open(job_uri: &str, node: u32) -> Result<JobLog, CheckpointError> {
         let location = store::open(job_uri)?;
         let (store, prefix) = (location.store().clone(), location.prefix().clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -37,10 +50,10 @@ impl JobLog {
             .build()
             .map_err(|e| CheckpointError::Invalid(format!("log runtime: {e}")))?;
         let mut next_segment = 0;
-        while runtime.block_on(store.head(&segment_path(&prefix, next_segment))).is_ok() {
+        while runtime.block_on(store.head(&segment_path(&prefix, node, next_segment))).is_ok() {
             next_segment += 1;
         }
-        Ok(JobLog { store, prefix, next_segment, buffer: String::new(), runtime })
+        Ok(JobLog { store, prefix, node, next_segment, buffer: String::new(), runtime })
     }
 
     pub fn line(&mut self, text: &str) -> Result<(), CheckpointError> {
@@ -58,7 +71,7 @@ impl JobLog {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let path = segment_path(&self.prefix, self.next_segment);
+        let path = segment_path(&self.prefix, self.node, self.next_segment);
         let bytes = Bytes::from(std::mem::take(&mut self.buffer));
         self.runtime.block_on(self.store.put(&path, PutPayload::from_bytes(bytes)))?;
         self.next_segment += 1;

@@ -206,7 +206,15 @@ impl JobService for JobApi {
         let id = parse_job_id(&request.job_id)?;
         self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        let logs = crate::logs::JobLogs::open(&self.store, id);
+        let nodes_max = flotilla_core::spec::WORKERS_MAX as u32;
+        if request.node >= nodes_max {
+            return Err(status(invalid(format!(
+                "node {} is not a gang member: a job has at most {nodes_max} workers (nodes 0 to {})",
+                request.node,
+                nodes_max - 1
+            ))));
+        }
+        let logs = crate::logs::JobLogs::open(&self.store, id, request.node);
         tokio::spawn(crate::logs::stream(self.node.clone(), logs, request.from_offset, request.follow, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -405,9 +405,10 @@ pub(super) fn join_gang(
     RingCommunicator::connect(listener, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
 }
 
-/// A rank's notes and its program's output: rank 0 appends them to the job's log in the store
-/// (what `flotilla logs` shows; a log that cannot be written is not fatal), other ranks to the
-/// agent's own log. A standalone rank 0 prints them; other standalone ranks keep quiet.
+/// A rank's notes and its program's output: each gang member appends them to its log in the
+/// store (node 0's is the job's log, what `flotilla logs` shows; `--node N` shows another's; a
+/// log that cannot be written is not fatal, the lines then go to the agent's own log). A
+/// standalone rank 0 prints them; other standalone ranks keep quiet.
 pub(super) struct JobNotes {
     sink: NoteSink,
     job_id: String,
@@ -432,7 +433,7 @@ impl JobNotes {
             Some(_) if !rank0 => NoteSink::Nowhere,
             Some(standalone) if standalone.notes_to_stdout => NoteSink::Stdout,
             Some(_) => NoteSink::Stderr,
-            None if rank0 && !train.job_prefix.is_empty() => match JobLog::open(&train.job_prefix) {
+            None if !train.job_prefix.is_empty() => match JobLog::open(&train.job_prefix, train.rank) {
                 Ok(log) => NoteSink::JobLog(log),
                 Err(e) => {
                     tracing::warn!(error = %e, "job log unavailable");
