@@ -40,9 +40,10 @@ def on_notice(signum, frame):
 
 
 def make_data(n, seed):
-    """Gaussian blobs: CLASSES centres in FEATURES dimensions (the same on every rank)."""
+    """Gaussian blobs around CLASSES fixed centres in FEATURES dimensions; `seed` draws the
+    samples (the same on every rank), so train and validation share the task."""
+    centres = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(0)) * 0.3
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(CLASSES, FEATURES, generator=g) * 3
     labels = torch.randint(0, CLASSES, (n,), generator=g)
     return centres[labels] + torch.randn(n, FEATURES, generator=g), labels
 
