@@ -32,8 +32,11 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked --features ec2 -- -D warnings
 
-step "GPU code compiles (NCCL through cudarc; no GPU needed, it fails cleanly at run time)"
+step "GPU code compiles (burn's CUDA backend, NCCL through cudarc; no GPU needed)"
 cargo clippy -p flotilla-worker --features cuda --all-targets --locked -- -D warnings
+
+step "GPU jobs fail cleanly without a GPU (the cuda build, on this GPU-less machine)"
+cargo test -p flotilla-worker --features cuda --locked gpu
 
 step "moto (S3 and EC2 API peer of the storage and provider tests)"
 source scripts/moto.sh

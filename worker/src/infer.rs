@@ -16,10 +16,11 @@
 
 use std::fmt::Write as _;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::TensorData;
 use flotilla_proto::spec::ModelSpec;
 
 use crate::data::{DataError, csv, store};
+use crate::train::backend::{self, Device, Tensor};
 use crate::train::export::load_safetensors;
 use crate::train::flat::{self, ParamLayout};
 use crate::train::model::Network;
@@ -59,7 +60,7 @@ impl Predictor {
         if !(feature_scale.is_finite() && feature_scale > 0.0) {
             return Err(InferError::Input(format!("the model's feature scale {feature_scale} is not positive")));
         }
-        let device = Device::flex();
+        let device = backend::cpu();
         let network = Network::new(model, features_per_row, classes, &device)?;
         let layout = ParamLayout::of(&network);
         let params = load_safetensors(model, &layout, safetensors)?;
@@ -252,7 +253,7 @@ mod tests {
     /// A 2-feature, 2-class linear model whose class 1 logit is x0 - x1 and class 0 logit 0.
     fn predictor(scale: f32) -> Predictor {
         let spec = ModelSpec::Mlp { hidden: vec![] };
-        let device = Device::flex();
+        let device = backend::cpu();
         let network = Network::new(&spec, 2, 2, &device).expect("network");
         let layout = ParamLayout::of(&network);
         // burn's linear weight [in=2, out=2]: column 1 = (1, -1); bias 0.

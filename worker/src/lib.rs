@@ -12,6 +12,7 @@ pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;
+pub mod gpu;
 pub mod identity;
 pub mod imds;
 pub mod infer;

@@ -9,9 +9,10 @@
 //! which depends only on the architecture: every rank flattens identically.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Gradients, Tensor, TensorData};
+use burn::tensor::TensorData;
 
 use super::TrainError;
+use super::backend::{Dispatch, Gradients, Tensor};
 use crate::data::SplitMix64;
 
 /// Shapes of a module's float parameters in visit order.
@@ -27,14 +28,14 @@ const INIT_STREAM: u64 = 0x696e_6974; // "init"
 
 struct ShapeCollector(Vec<Vec<usize>>);
 
-impl ModuleVisitor for ShapeCollector {
+impl ModuleVisitor<Dispatch> for ShapeCollector {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         self.0.push(param.lazy_shape().to_vec());
     }
 }
 
 impl ParamLayout {
-    pub fn of<M: Module>(module: &M) -> ParamLayout {
+    pub fn of<M: Module<Dispatch>>(module: &M) -> ParamLayout {
         let mut collector = ShapeCollector(Vec::new());
         module.visit(&mut collector);
         let len = collector.0.iter().map(|s| s.iter().product::<usize>()).sum();
@@ -75,7 +76,7 @@ impl ParamLayout {
 
 /// Reads the gradient of every float parameter (zeros where a parameter got none) into one
 /// buffer of `layout.len` values, followed by `extra` trailing zeros for the caller's use.
-pub fn flatten_gradients<M: Module>(
+pub fn flatten_gradients<M: Module<Dispatch>>(
     module: &M,
     grads: &mut Gradients,
     layout: &ParamLayout,
@@ -103,7 +104,7 @@ struct GradientReader<'a> {
     error: Option<TrainError>,
 }
 
-impl ModuleVisitor for GradientReader<'_> {
+impl ModuleVisitor<Dispatch> for GradientReader<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let count = param.lazy_shape().num_elements();
         let Some(grad) = param.val().grad_remove(self.grads) else {
@@ -130,12 +131,12 @@ impl ModuleVisitor for GradientReader<'_> {
 /// The values of a float tensor as `f32`, row-major.
 pub fn tensor_values<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, TrainError> {
     let data = tensor.try_into_data().map_err(|e| TrainError::Backend(format!("reading a tensor: {e:?}")))?;
-    data.convert::<f32>().try_into_vec::<f32>().map_err(|e| TrainError::Backend(format!("tensor values: {e:?}")))
+    data.convert::<f32>().into_vec::<f32>().map_err(|e| TrainError::Backend(format!("tensor values: {e:?}")))
 }
 
 /// Replaces every float parameter of `module` with the matching slice of `values`, keeping each
 /// parameter's id, device and gradient requirement.
-pub fn write_params<M: Module>(module: M, values: &[f32], layout: &ParamLayout) -> M {
+pub fn write_params<M: Module<Dispatch>>(module: M, values: &[f32], layout: &ParamLayout) -> M {
     assert_eq!(values.len(), layout.len, "the trainer sizes every flat buffer from the layout");
     let mut writer = ParamWriter { values, offset: 0 };
     let module = module.map(&mut writer);
@@ -148,7 +149,7 @@ struct ParamWriter<'a> {
     offset: usize,
 }
 
-impl ModuleMapper for ParamWriter<'_> {
+impl ModuleMapper<Dispatch> for ParamWriter<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let shape = param.lazy_shape();
         let count = shape.num_elements();

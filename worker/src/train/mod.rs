@@ -20,6 +20,7 @@
 //! of an epoch, where ranks have fewer (or none). The state that makes a resume bit-identical is
 //! [`TrainState`]: flat parameters, optimizer state, cursor, step — no burn records involved.
 
+pub mod backend;
 pub mod export;
 pub mod flat;
 pub mod model;

@@ -14,10 +14,11 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::backend::Backend;
 use flotilla_proto::spec::ModelSpec;
 
 use super::TrainError;
+use super::backend::{Device, Dispatch, Tensor};
 
 /// The convolution kernel side, the padding that keeps the image size, and the pooling window.
 const CONV_KERNEL: usize = 3;
@@ -25,16 +26,16 @@ const CONV_PADDING: usize = 1;
 const POOL_WINDOW: usize = 2;
 
 #[derive(Module, Debug)]
-pub struct Mlp {
-    hidden: Vec<Linear>,
-    output: Linear,
+pub struct Mlp<B: Backend> {
+    hidden: Vec<Linear<B>>,
+    output: Linear<B>,
 }
 
 #[derive(Module, Debug)]
-pub struct Cnn {
-    blocks: Vec<Conv2d>,
+pub struct Cnn<B: Backend> {
+    blocks: Vec<Conv2d<B>>,
     pool: MaxPool2d,
-    output: Linear,
+    output: Linear<B>,
     /// Side of the square input image, in pixels.
     side: usize,
 }
@@ -42,12 +43,15 @@ pub struct Cnn {
 /// A model of one of the supported kinds. Parameters are visited in declaration order (layer by
 /// layer, weight before bias), which is the order of the flat buffers.
 #[derive(Module, Debug)]
-pub enum Network {
-    Mlp(Mlp),
-    Cnn(Cnn),
+pub enum Net<B: Backend> {
+    Mlp(Mlp<B>),
+    Cnn(Cnn<B>),
 }
 
-fn linear(d_input: usize, d_output: usize, device: &Device) -> Linear {
+/// The network on the trainer's backend.
+pub type Network = Net<Dispatch>;
+
+fn linear(d_input: usize, d_output: usize, device: &Device) -> Linear<Dispatch> {
     LinearConfig::new(d_input, d_output).with_initializer(Initializer::Zeros).init(device)
 }
 

@@ -4,11 +4,12 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::AutodiffModule;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, TensorData};
 use flotilla_proto::spec::{JobSpec, ModelSpec, TrainLength, TrainSpec};
 
+use super::backend::{self, Device, Tensor};
 use super::flat::{self, Fnv64, ParamLayout};
 use super::model::Network;
 use super::optim::{Hyper, OptimizerState};
@@ -24,7 +25,10 @@ pub struct Trainer {
     train_spec: TrainSpec,
     hyper: Hyper,
     data: Arc<Dataset>,
+    /// The device training runs on, recording for autodiff.
     device: Device,
+    /// The same device without autodiff, for evaluation.
+    eval_device: Device,
     /// The burn module; its parameters always equal `params` (written back after every update).
     model: Network,
     layout: ParamLayout,
@@ -52,7 +56,8 @@ impl Trainer {
     ) -> Result<Trainer, TrainError> {
         let data = data.into();
         check_inputs(spec, &data, comm)?;
-        let device = training_device(spec.workers.gpus)?;
+        let eval_device = training_device(spec.workers.gpus)?;
+        let device = backend::autodiff(eval_device.clone());
         let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
         let network = Network::new(model, data.features_per_row, data.classes, &device)?;
         let layout = ParamLayout::of(&network);
@@ -72,6 +77,7 @@ impl Trainer {
             },
             data,
             device,
+            eval_device,
             model,
             layout,
             params: state.params,
@@ -218,7 +224,7 @@ impl Trainer {
             )));
         }
         let model = self.model.valid();
-        let device = self.device.clone().without_autodiff();
+        let device = self.eval_device.clone();
         let (mut correct, mut loss_sum) = (0usize, 0.0f64);
         for start in (0..data.rows).step_by(EVAL_BATCH_ROWS) {
             let end = (start + EVAL_BATCH_ROWS).min(data.rows);
@@ -327,18 +333,21 @@ fn argmax_and_log_sum_exp(row: &[f32]) -> (usize, f64) {
     (best, max + sum.ln())
 }
 
-/// The device a rank trains on. CPU only for now: burn's CUDA backend (`burn/cuda`) is not
-/// enabled, because its build (cubecl-cuda -> cubecl-llvm -> tracel-llvm-bundler) downloads an
-/// LLVM bundle, which a fresh machine or CI cannot. The worker's `cuda` feature covers NCCL
-/// collectives only; a GPU job gets a clear error here instead of a CPU run it did not ask for.
+/// The device a rank trains on: the CPU for `gpus = 0`; otherwise the first GPU, after the probe
+/// ([`crate::gpu::cuda_devices`]) said the driver and enough devices are there. A GPU job on a
+/// machine without them gets a clear error, never a CPU run it did not ask for.
 fn training_device(gpus: u32) -> Result<Device, TrainError> {
     if gpus == 0 {
-        return Ok(Device::flex().autodiff());
+        return Ok(backend::cpu());
     }
-    Err(TrainError::Backend(format!(
-        "workers.gpus = {gpus}, but this worker trains on CPUs only (burn's CUDA backend is not built in); \
-         set workers.gpus = 0"
-    )))
+    let found =
+        crate::gpu::cuda_devices().map_err(|why| TrainError::Backend(format!("workers.gpus = {gpus}: {why}")))?;
+    if found < gpus as usize {
+        return Err(TrainError::Backend(format!(
+            "workers.gpus = {gpus}, but this machine has {found} GPU(s): lower workers.gpus or use a bigger instance"
+        )));
+    }
+    backend::gpu(0).map_err(TrainError::Backend)
 }
 
 /// What the types cannot promise: a usable data set, a batch size, a sane communicator.
