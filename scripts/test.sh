@@ -33,7 +33,7 @@ step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked --features ec2 -- -D warnings
 
 step "GPU code compiles (burn's CUDA backend, NCCL through cudarc; no GPU needed)"
-cargo clippy -p flotilla-worker --features cuda --all-targets --locked -- -D warnings
+cargo clippy --workspace --features cuda --all-targets --locked -- -D warnings
 
 step "GPU jobs fail cleanly without a GPU (the cuda build, on this GPU-less machine)"
 cargo test -p flotilla-worker --features cuda --locked gpu

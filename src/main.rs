@@ -90,6 +90,9 @@ enum Command {
     /// In-process inference baseline for scripts/bench/infer.sh.
     #[command(hide = true)]
     BenchInfer(commands::bench_infer::Args),
+    /// GPU probe, NCCL all-reduce and GPU-vs-CPU step benchmark for scripts/gpu_check.sh.
+    #[command(hide = true)]
+    BenchGpu(commands::bench_gpu::Args),
     /// Spot cost simulation for scripts/bench/spot_cost.sh.
     #[command(hide = true)]
     BenchSpotCost(commands::bench_spot::Args),
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
         Command::BenchInfer(args) => done(commands::bench_infer::run(args, coordinator)),
         Command::BenchSpotCost(args) => done(commands::bench_spot::run(args)),
+        Command::BenchGpu(args) => commands::bench_gpu::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_checkpoint;
 pub mod bench_collective;
+pub mod bench_gpu;
 pub mod bench_infer;
 pub mod bench_scheduler;
 pub mod bench_spot;
