@@ -12,6 +12,9 @@
 #
 #   scripts/gpu_check.sh                       # release build (the figures to quote)
 #   FLOTILLA_PROFILE=dev scripts/gpu_check.sh  # faster build, for checking the script itself
+#   FLOTILLA_BIN=path/flotilla scripts/gpu_check.sh
+#       # a binary built elsewhere with `--features cuda` (a GPU machine without the crates or
+#       # the network to fetch them): no build here. libcuda/libnvrtc/libnccl load at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -21,11 +24,16 @@ log() { printf '==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))" >&2; }
 emit() { echo "$1"; if [[ -n "$out" ]]; then echo "$1" >> "$out/gpu_check.jsonl"; fi; }
 
 profile=${FLOTILLA_PROFILE:-release}
-log "building flotilla with --features cuda ($profile)"
-if [[ "$profile" == release ]]; then
+if [[ -n "${FLOTILLA_BIN:-}" ]]; then
+  bin=$FLOTILLA_BIN
+  [[ -x "$bin" ]] || { log "FAILED: FLOTILLA_BIN=$bin is not an executable"; exit 1; }
+  log "using $bin (no build)"
+elif [[ "$profile" == release ]]; then
+  log "building flotilla with --features cuda (release)"
   cargo build --release --locked --features cuda
   bin="${CARGO_TARGET_DIR:-$root/target}/release/flotilla"
 else
+  log "building flotilla with --features cuda ($profile)"
   cargo build --locked --features cuda
   bin="${CARGO_TARGET_DIR:-$root/target}/debug/flotilla"
 fi
