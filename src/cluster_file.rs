@@ -53,6 +53,9 @@ pub struct CoordinatorEntry {
     /// Set while the process `up` started is meant to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Where the node serves Prometheus metrics (`http://ADDRESS/metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 impl ClusterFile {

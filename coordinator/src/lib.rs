@@ -14,6 +14,7 @@ pub mod confine;
 pub mod inference;
 pub mod leases;
 pub mod logs;
+pub mod metrics;
 pub mod progress;
 pub mod provider;
 pub mod raft;

@@ -70,6 +70,8 @@ pub struct CoordinatorConfig {
     pub local_workers: Option<LocalWorkers>,
     /// Buy and release capacity with a provider (EC2, simulated): the autoscaling loop.
     pub capacity: Option<Capacity>,
+    /// Serve Prometheus metrics (`GET /metrics`) here; `None`: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A provider and the autoscaler's settings.
@@ -268,6 +270,14 @@ pub async fn run(
     })
     .max_decoding_message_size(API_MESSAGE_BYTES_MAX)
     .max_encoding_message_size(API_MESSAGE_BYTES_MAX);
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| CoordinatorError::Config(format!("--metrics-addr {address}: cannot listen: {e}")))?;
+        tracing::info!(address = %address, "metrics at http://{address}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, handle.clone(), progress.clone(), handle.metrics.clone()));
+    }
+    tokio::spawn(crate::metrics::watch_leader(handle.clone(), handle.metrics.clone()));
     let leases = std::sync::Arc::new(Leases::default());
     let replacer = replacer(&config)?;
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));

@@ -73,6 +73,7 @@ async fn start(single: bool) -> Node {
         store_uri: store.clone(),
         local_workers: None,
         capacity: None,
+        metrics_listen: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

@@ -47,6 +47,7 @@ fn config(
         snapshot_every_entries: 10,
         local_workers: None,
         capacity: None,
+        metrics_listen: None,
     }
 }
 

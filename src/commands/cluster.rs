@@ -127,6 +127,7 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>, tls: bool)
             data_dir: home.join(format!("coordinator-{id}")),
             log: home.join("logs").join(format!("coordinator-{id}.log")),
             pid: None,
+            metrics_address: Some(format!("127.0.0.1:{}", free_port()?)),
         });
     }
     Ok(ClusterFile {
@@ -207,6 +208,7 @@ fn spawn_coordinator(
     let child = Command::new(exe)
         .arg("coordinator")
         .args(["--id", &entry.id.to_string(), "--listen", &entry.address, "--peers", &peers.join(",")])
+        .args(entry.metrics_address.iter().flat_map(|address| ["--metrics-addr", address.as_str()]))
         .arg("--data-dir")
         .arg(&entry.data_dir)
         .args(["--store", &store_uri(cluster, &entry.data_dir)?])
@@ -298,7 +300,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     }
     match output {
         OutputFormat::Json => print_json(&json!({
-            "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid})).collect::<Vec<_>>(),
+            "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid, "metrics": c.metrics_address.as_ref().map(|a| format!("http://{a}/metrics"))})).collect::<Vec<_>>(),
             "address": cluster.addresses(),
             "store": store,
             "cluster_file": home.join(cluster_file::CLUSTER_FILE),
@@ -312,6 +314,15 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
             );
             println!("API: {}", cluster.addresses());
             println!("store: {store}");
+            let metrics: Vec<String> = cluster
+                .coordinators
+                .iter()
+                .filter_map(|c| c.metrics_address.as_ref())
+                .map(|a| format!("http://{a}/metrics"))
+                .collect();
+            if !metrics.is_empty() {
+                println!("metrics: {}", metrics.join(" "));
+            }
         }
     }
     Ok(())

@@ -85,6 +85,10 @@ pub struct Args {
     pub local_seed: u64,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    /// Serve Prometheus metrics (`GET /metrics`, OpenMetrics text) on HOST:PORT. Unauthenticated
+    /// and read-only, like any exporter: bind an address only the monitoring system reaches.
+    #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
     /// the EC2 settings) and exit, without starting, binding or contacting anything.
     #[arg(long)]
@@ -356,6 +360,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         },
         capacity: None,
+        metrics_listen: args.metrics_addr,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let connect = !args.check_config;

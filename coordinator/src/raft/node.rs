@@ -70,6 +70,8 @@ pub struct NodeHandle {
     status: watch::Receiver<NodeStatus>,
     /// Node id -> API address, to answer `NotLeader` with a hint.
     addresses: BTreeMap<u64, String>,
+    /// This node's proposal latency and leader changes, for /metrics.
+    pub metrics: std::sync::Arc<crate::metrics::RaftMetrics>,
 }
 
 impl NodeHandle {
@@ -88,8 +90,13 @@ impl NodeHandle {
     /// Proposes `command` through Raft and waits for its outcome.
     pub async fn propose(&self, command: Command) -> Result<Applied, ApiError> {
         let (reply, answer) = oneshot::channel();
+        let started = std::time::Instant::now();
         self.send(Request::Propose { command, reply })?;
-        answer.await.map_err(|_| ApiError::new(ErrorKind::Unavailable, "coordinator stopped before answering"))?
+        self.metrics.proposals_in_flight.inc();
+        let outcome = answer.await;
+        self.metrics.proposals_in_flight.dec();
+        self.metrics.propose_seconds.observe(started.elapsed().as_secs_f64());
+        outcome.map_err(|_| ApiError::new(ErrorKind::Unavailable, "coordinator stopped before answering"))?
     }
 
     /// Runs `f` on a linearizable view of the state (ReadIndex; works on followers too).
@@ -161,7 +168,8 @@ pub fn channel(replica: Replica, addresses: BTreeMap<u64, String>, incarnation: 
         NodeStatus { leader_id: replica.leader_id(), term: replica.term(), applied_index: replica.applied_index() };
     let (status_tx, status_rx) = watch::channel(status);
     let id = replica.id();
-    let handle = NodeHandle { id, requests, status: status_rx, addresses: addresses.clone() };
+    let handle =
+        NodeHandle { id, requests, status: status_rx, addresses: addresses.clone(), metrics: Default::default() };
     let task = NodeTask {
         replica,
         addresses,

@@ -1,0 +1,371 @@
+//! The coordinator's metrics for Prometheus: `GET /metrics` on `--metrics-addr`, in the
+//! OpenMetrics text format (which Prometheus scrapes natively), every family with HELP and TYPE.
+//!
+//! ```text
+//!   scrape ─▶ read_local(state) ─▶ sample (pure: counts and per-job values) ─┐
+//!             leader's live progress (loss, samples/s) ───────────────────────┼─▶ encode ─▶ text
+//!             RaftMetrics (this node's proposals, leader changes) ────────────┘
+//! ```
+//!
+//! State-derived values are read at scrape time (nothing to keep in step); per-job families are
+//! bounded to the [`JOBS_EXPORTED_MAX`] newest jobs, so label cardinality stays bounded. The
+//! endpoint is read-only and unauthenticated, like every Prometheus exporter: bind it to an
+//! address only the monitoring system reaches (`up` binds 127.0.0.1).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use flotilla_core::JobId;
+use flotilla_core::state::{JobState, State};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::progress::Progress;
+use crate::raft::node::NodeHandle;
+
+/// Jobs with per-job series at most (the newest by id).
+pub const JOBS_EXPORTED_MAX: usize = 1000;
+/// A scrape request's head at most; anything longer is refused.
+const REQUEST_BYTES_MAX: usize = 8 * 1024;
+/// Time for a client to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
+
+/// This node's Raft activity, updated as it happens (not replicated: each node reports its own).
+pub struct RaftMetrics {
+    /// Time from a proposal to its applied outcome, as the proposer saw it.
+    pub propose_seconds: Histogram,
+    /// Proposals sent and not answered yet.
+    pub proposals_in_flight: Gauge,
+    /// Times this node saw the leader change (including to "no leader").
+    pub leader_changes: Counter,
+}
+
+impl Default for RaftMetrics {
+    fn default() -> Self {
+        RaftMetrics {
+            // 100 us to ~6.5 s.
+            propose_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            proposals_in_flight: Gauge::default(),
+            leader_changes: Counter::default(),
+        }
+    }
+}
+
+/// One job's values in a scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSample {
+    pub id: JobId,
+    pub name: String,
+    pub state: &'static str,
+    pub step: u64,
+    pub generation: u64,
+    pub world_size: u32,
+    pub preemptions: u32,
+    pub recoveries: u32,
+    pub steps_lost: u64,
+    pub cost_usd: f64,
+    pub checkpoints: usize,
+}
+
+/// What a scrape reads from the replicated state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateSample {
+    pub jobs_by_state: BTreeMap<&'static str, i64>,
+    pub workers_by_state: BTreeMap<&'static str, i64>,
+    /// (market, instance type) -> running instances.
+    pub instances: BTreeMap<(&'static str, String), i64>,
+    pub jobs: Vec<JobSample>,
+}
+
+pub fn job_state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Pending => "pending",
+        JobState::Provisioning => "provisioning",
+        JobState::Running => "running",
+        JobState::Recovering => "recovering",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// The scrape's view of `state` (pure). Every job state and worker state is present, zero or
+/// not, so a series does not vanish when its count drops to zero.
+pub fn sample(state: &State) -> StateSample {
+    let mut out = StateSample::default();
+    for name in ["pending", "provisioning", "running", "recovering", "succeeded", "failed", "cancelled"] {
+        out.jobs_by_state.insert(name, 0);
+    }
+    for name in ["idle", "busy", "draining", "suspect", "lost"] {
+        out.workers_by_state.insert(name, 0);
+    }
+    for job in state.jobs.values() {
+        *out.jobs_by_state.entry(job_state_name(job.state)).or_default() += 1;
+    }
+    for worker in state.workers.values() {
+        let name = if worker.lost_at_unix_ms.is_some() {
+            "lost"
+        } else if worker.draining {
+            "draining"
+        } else if worker.suspect_since_unix_ms.is_some() {
+            "suspect"
+        } else if worker.job.is_some() {
+            "busy"
+        } else {
+            "idle"
+        };
+        *out.workers_by_state.entry(name).or_default() += 1;
+    }
+    for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
+        let market = if instance.spot { "spot" } else { "on_demand" };
+        *out.instances.entry((market, instance.instance_type.clone())).or_default() += 1;
+    }
+    out.jobs = state
+        .jobs
+        .values()
+        .rev()
+        .take(JOBS_EXPORTED_MAX)
+        .map(|job| JobSample {
+            id: job.id,
+            name: job.spec.name.clone(),
+            state: job_state_name(job.state),
+            step: job.step,
+            generation: job.generation,
+            world_size: job.world_size,
+            preemptions: job.preemptions,
+            recoveries: job.recoveries,
+            steps_lost: job.steps_lost,
+            cost_usd: job.cost_usd,
+            checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count(),
+        })
+        .collect();
+    out
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Encodes a scrape: the state sample, the leader's live progress for running jobs, this
+/// node's Raft metrics and status.
+pub fn render(
+    sample: &StateSample,
+    progress: &Progress,
+    raft: &RaftMetrics,
+    status: &crate::raft::node::NodeStatus,
+    node_id: u64,
+) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("flotilla");
+    let family = |registry: &mut Registry, name: &str, help: &str, values: Vec<(Labels, i64)>| {
+        let family = Family::<Labels, Gauge>::default();
+        for (labels, value) in values {
+            family.get_or_create(&labels).set(value);
+        }
+        registry.register(name, help, family);
+    };
+    family(
+        &mut registry,
+        "jobs",
+        "Training jobs by state",
+        sample.jobs_by_state.iter().map(|(s, n)| (labels(&[("state", s)]), *n)).collect(),
+    );
+    family(
+        &mut registry,
+        "workers",
+        "Registered workers by state (idle, busy, draining, suspect, lost)",
+        sample.workers_by_state.iter().map(|(s, n)| (labels(&[("state", s)]), *n)).collect(),
+    );
+    family(
+        &mut registry,
+        "instances",
+        "Running instances the autoscaler bought, by market (spot, on_demand) and instance type",
+        sample
+            .instances
+            .iter()
+            .map(|((market, kind), n)| (labels(&[("market", market), ("instance_type", kind)]), *n))
+            .collect(),
+    );
+    let per_job = |job: &JobSample| labels(&[("job", &job.id.to_string()), ("name", &job.name)]);
+    family(
+        &mut registry,
+        "job_step",
+        "The last step a job completed (recorded at checkpoints and generation ends; live for running jobs)",
+        sample
+            .jobs
+            .iter()
+            .map(|j| {
+                let live = progress.get(j.id, j.generation).map_or(0, |p| p.step);
+                (per_job(j), j.step.max(live) as i64)
+            })
+            .collect(),
+    );
+    family(
+        &mut registry,
+        "job_world_size",
+        "Workers in a job's current gang",
+        sample.jobs.iter().map(|j| (per_job(j), i64::from(j.world_size))).collect(),
+    );
+    family(
+        &mut registry,
+        "job_generation",
+        "A job's generation (a new one after each preemption or loss)",
+        sample.jobs.iter().map(|j| (per_job(j), j.generation as i64)).collect(),
+    );
+    family(
+        &mut registry,
+        "job_checkpoints",
+        "Recorded checkpoints a job keeps",
+        sample.jobs.iter().map(|j| (per_job(j), j.checkpoints as i64)).collect(),
+    );
+    let counters = |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&JobSample) -> f64| {
+        let family = Family::<Labels, FloatCounter>::default();
+        for job in &sample.jobs {
+            family.get_or_create(&per_job(job)).inc_by(value(job));
+        }
+        registry.register(name, help, family);
+    };
+    counters(&mut registry, "job_preemptions", "Generations a job ended in order at a preemption notice", &|j| {
+        f64::from(j.preemptions)
+    });
+    counters(&mut registry, "job_recoveries", "Generations a job lost to a hard loss and recovered from", &|j| {
+        f64::from(j.recoveries)
+    });
+    counters(&mut registry, "job_steps_lost", "Steps a job trained twice because of losses", &|j| j.steps_lost as f64);
+    counters(&mut registry, "job_cost_usd", "What a job's instances have cost it, USD", &|j| j.cost_usd);
+    let live =
+        |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&flotilla_proto::v1::LiveProgress) -> f64| {
+            let family = Family::<Labels, FloatGauge>::default();
+            for job in sample.jobs.iter().filter(|j| j.state == "running") {
+                if let Some(p) = progress.get(job.id, job.generation) {
+                    family.get_or_create(&per_job(job)).set(value(&p));
+                }
+            }
+            registry.register(name, help, family);
+        };
+    live(
+        &mut registry,
+        "job_loss",
+        "Training loss of a running job's last reported step (served by the leader)",
+        &|p| p.loss,
+    );
+    live(
+        &mut registry,
+        "job_samples_per_second",
+        "Training throughput of a running job (served by the leader)",
+        &|p| p.samples_per_s,
+    );
+    let raft_registry = registry.sub_registry_with_prefix("raft");
+    raft_registry.register(
+        "propose_seconds",
+        "Time from a proposal on this node to its applied outcome",
+        raft.propose_seconds.clone(),
+    );
+    raft_registry.register(
+        "proposals_in_flight",
+        "Proposals this node sent and has no answer for yet",
+        raft.proposals_in_flight.clone(),
+    );
+    raft_registry.register("leader_changes", "Leader changes this node saw", raft.leader_changes.clone());
+    let term = Gauge::<i64>::default();
+    term.set(status.term as i64);
+    raft_registry.register("term", "This node's Raft term", term);
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(status.leader_id == Some(node_id)));
+    raft_registry.register("is_leader", "1 when this node is the leader", leader);
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// Counts leader changes as this node sees them, until the node stops.
+pub async fn watch_leader(mut node: NodeHandle, raft: Arc<RaftMetrics>) {
+    let mut leader = node.status().leader_id;
+    while node.changed().await {
+        let now = node.status().leader_id;
+        if now != leader {
+            raft.leader_changes.inc();
+            leader = now;
+        }
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, node: NodeHandle, progress: Arc<Progress>, raft: Arc<RaftMetrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (node, progress, raft) = (node.clone(), progress.clone(), raft.clone());
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &node, &progress, &raft).await {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    node: &NodeHandle,
+    progress: &Progress,
+    raft: &RaftMetrics,
+) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > REQUEST_BYTES_MAX {
+            return respond(&mut stream, 400, "text/plain", "request too large\n").await;
+        }
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk)).await.unwrap_or(Ok(0))?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    if method != "GET" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+    }
+    if path.split('?').next() != Some("/metrics") {
+        return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics\n").await;
+    }
+    let sampled = node.read_local(sample).await;
+    let text = sampled
+        .map_err(|e| e.to_string())
+        .and_then(|s| render(&s, progress, raft, &node.status(), node.id).map_err(|e| e.to_string()));
+    match text {
+        Ok(text) => {
+            respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", &text).await
+        }
+        Err(e) => respond(&mut stream, 503, "text/plain", &format!("state unavailable: {e}\n")).await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,154 @@
+//! The coordinator's /metrics, as Prometheus reads it: a parser of the text exposition checks
+//! every sample belongs to a family with HELP and TYPE, every value is a number, the exposition
+//! ends with `# EOF`; and the values follow a running job (its step grows, the job counts move
+//! from running to succeeded).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Local, status, submit};
+
+/// One sample: family-qualified name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the text exposition strictly enough to catch what Prometheus would refuse.
+fn parse(text: &str) -> Result<Vec<Sample>, String> {
+    let (mut help, mut kind) = (BTreeSet::new(), BTreeMap::new());
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        return Err("the exposition does not end with # EOF".into());
+    }
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap_or_default();
+            help.insert(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let (name, t) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            if !["counter", "gauge", "histogram", "summary", "info", "stateset", "unknown"].contains(&t) {
+                return Err(format!("unknown type in `{line}`"));
+            }
+            kind.insert(name.to_string(), t.to_string());
+            continue;
+        }
+        if line.starts_with('#') {
+            return Err(format!("unexpected comment `{line}`"));
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| format!("no value in `{line}`"))?;
+        let value: f64 = value.parse().map_err(|_| format!("value of `{line}` is not a number"))?;
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').ok_or_else(|| format!("unclosed labels in `{line}`"))?;
+                let mut labels = BTreeMap::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").ok_or_else(|| format!("bad label `{pair}` in `{line}`"))?;
+                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+                (name, labels)
+            }
+            None => (series, BTreeMap::new()),
+        };
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            return Err(format!("bad metric name in `{line}`"));
+        }
+        let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|f| kind.contains_key(*f)))
+            .unwrap_or(name);
+        if !help.contains(family) || !kind.contains_key(family) {
+            return Err(format!("`{name}` has no HELP or TYPE (family `{family}`)"));
+        }
+        samples.push(Sample { name: name.to_string(), labels, value });
+    }
+    Ok(samples)
+}
+
+fn scrape(address: &str) -> Vec<Sample> {
+    let mut stream = TcpStream::connect(address).expect("the metrics port answers");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}
+
+fn value(samples: &[Sample], name: &str, label: (&str, &str)) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get(label.0).map(String::as_str) == Some(label.1))
+        .map(|s| s.value)
+}
+
+#[test]
+fn the_parser_refuses_what_prometheus_would() {
+    assert!(parse("flotilla_x 1\n# EOF").is_err(), "no HELP/TYPE");
+    assert!(parse("# HELP flotilla_x x.\n# TYPE flotilla_x gauge\nflotilla_x one\n# EOF").is_err(), "not a number");
+    assert!(parse("# HELP flotilla_x x.\n# TYPE flotilla_x gauge\nflotilla_x 1").is_err(), "no # EOF");
+    let ok =
+        parse("# HELP flotilla_x x.\n# TYPE flotilla_x counter\nflotilla_x_total{a=\"b\"} 1\n# EOF").expect("valid");
+    assert_eq!(ok[0].labels["a"], "b");
+}
+
+#[test]
+fn metrics_are_well_formed_and_follow_a_running_job() {
+    let cluster = Local::up(2);
+    let home = cluster.home.as_path();
+    let file: toml::Value =
+        toml::from_str(&std::fs::read_to_string(home.join("cluster.toml")).expect("cluster.toml")).expect("toml");
+    let address = file["coordinators"][0]["metrics_address"].as_str().expect("up sets a metrics address").to_string();
+
+    let idle = scrape(&address);
+    assert_eq!(value(&idle, "flotilla_workers", ("state", "idle")), Some(2.0));
+    assert_eq!(value(&idle, "flotilla_jobs", ("state", "running")), Some(0.0));
+    let leader = idle.iter().find(|s| s.name == "flotilla_raft_is_leader").map(|s| s.value);
+    assert_eq!(leader, Some(1.0), "a one-node cluster's node leads");
+
+    let spec = cluster.dir.path().join("long.toml");
+    std::fs::write(
+        &spec,
+        "name = \"metered\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+         data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
+         train = { steps = 4000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n",
+    )
+    .expect("spec");
+    let job = submit(home, &spec);
+    let mut steps = Vec::new();
+    let started = Instant::now();
+    while steps.len() < 2 && started.elapsed() < Duration::from_secs(60) {
+        let samples = scrape(&address);
+        if let Some(step) = value(&samples, "flotilla_job_step", ("job", &job)).filter(|s| *s > 0.0) {
+            assert_eq!(value(&samples, "flotilla_jobs", ("state", "running")), Some(1.0));
+            assert!(value(&samples, "flotilla_job_samples_per_second", ("job", &job)).is_some_and(|v| v > 0.0));
+            if steps.last().is_none_or(|last| step > *last) {
+                steps.push(step);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(steps.len() >= 2, "the job's step grew between scrapes: {steps:?}");
+    let started = Instant::now();
+    while status(home, &job)["state"] != "Succeeded" && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let done = scrape(&address);
+    assert_eq!(value(&done, "flotilla_jobs", ("state", "succeeded")), Some(1.0));
+    assert_eq!(value(&done, "flotilla_jobs", ("state", "running")), Some(0.0));
+    assert_eq!(value(&done, "flotilla_job_step", ("job", &job)), Some(4000.0));
+    let proposals = done.iter().find(|s| s.name == "flotilla_raft_propose_seconds_count").map(|s| s.value);
+    assert!(proposals.is_some_and(|n| n > 0.0), "proposals are timed");
+}
