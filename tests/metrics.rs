@@ -75,16 +75,22 @@ fn parse(text: &str) -> Result<Vec<Sample>, String> {
     Ok(samples)
 }
 
-fn scrape(address: &str) -> Vec<Sample> {
+/// `GET path` with optional extra header lines: (head, body).
+fn get(address: &str, path: &str, headers: &str) -> (String, String) {
     let mut stream = TcpStream::connect(address).expect("the metrics port answers");
     stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("request");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\r\n").expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_string(), body.to_string())
+}
+
+fn scrape(address: &str) -> Vec<Sample> {
+    let (head, body) = get(address, "/metrics", "");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("application/openmetrics-text"), "{head}");
-    parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+    parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"))
 }
 
 fn value(samples: &[Sample], name: &str, label: (&str, &str)) -> Option<f64> {
@@ -123,7 +129,7 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
         &spec,
         "name = \"metered\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
          data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
-         train = { steps = 4000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n",
+         train = { steps = 10000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n",
     )
     .expect("spec");
     let job = submit(home, &spec);
@@ -148,7 +154,27 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let done = scrape(&address);
     assert_eq!(value(&done, "flotilla_jobs", ("state", "succeeded")), Some(1.0));
     assert_eq!(value(&done, "flotilla_jobs", ("state", "running")), Some(0.0));
-    assert_eq!(value(&done, "flotilla_job_step", ("job", &job)), Some(4000.0));
+    assert_eq!(value(&done, "flotilla_job_step", ("job", &job)), Some(10000.0));
     let proposals = done.iter().find(|s| s.name == "flotilla_raft_propose_seconds_count").map(|s| s.value);
     assert!(proposals.is_some_and(|n| n > 0.0), "proposals are timed");
+
+    // The job's metrics history (kept in the store by rank 0, not in the Raft log): a token is
+    // needed; the points follow the training and end with the validation metrics.
+    let path = format!("/api/jobs/{job}/history");
+    let (refused, _) = get(&address, &path, "");
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let (wrong, _) = get(&address, &path, "Authorization: Bearer not-the-token\r\n");
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let token = file["api_token"].as_str().expect("api_token");
+    let (head, body) = get(&address, &path, &format!("Authorization: Bearer {token}\r\n"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let history: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let points = history["points"].as_array().expect("points");
+    let steps: Vec<u64> = points.iter().filter_map(|p| p["step"].as_u64()).collect();
+    assert!(steps.len() >= 3, "a point about every second, and the final one: {body}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "in step order: {steps:?}");
+    assert!(points.iter().filter(|p| p["loss"].is_number()).count() >= 2, "{body}");
+    let last = points.last().expect("a last point");
+    assert_eq!(last["step"], 10000, "{last}");
+    assert!(last["val_accuracy"].as_f64().is_some_and(|a| a > 0.5), "validation metrics at the end: {last}");
 }

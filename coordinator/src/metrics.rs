@@ -301,25 +301,41 @@ pub async fn watch_leader(mut node: NodeHandle, raft: Arc<RaftMetrics>) {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, node: NodeHandle, progress: Arc<Progress>, raft: Arc<RaftMetrics>) {
+/// What the HTTP port serves from.
+pub struct Web {
+    pub node: NodeHandle,
+    pub progress: Arc<Progress>,
+    /// The cluster store (job histories).
+    pub store: flotilla_store::Location,
+    /// `/api/...` needs one of these (any role); `/metrics` is open.
+    pub tokens: flotilla_proto::auth::ApiTokens,
+}
+
+/// Serves `GET /metrics` (open) and `GET /api/jobs/<job>/history?points=N` (a bearer token of
+/// any role) on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, web: Arc<Web>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (node, progress, raft) = (node.clone(), progress.clone(), raft.clone());
+        let web = web.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &node, &progress, &raft).await {
+            if let Err(e) = answer(stream, &web).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    node: &NodeHandle,
-    progress: &Progress,
-    raft: &RaftMetrics,
-) -> std::io::Result<()> {
+/// The bearer token of a request head, if any.
+fn bearer(head: &str) -> Option<&str> {
+    head.lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, value)| value.trim().strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -338,13 +354,35 @@ async fn answer(
     if method != "GET" {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
-    if path.split('?').next() != Some("/metrics") {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    if let Some(job) = route.strip_prefix("/api/jobs/").and_then(|rest| rest.strip_suffix("/history")) {
+        if bearer(&line).and_then(|token| web.tokens.role_of(token)).is_none() {
+            return respond(&mut stream, 401, "text/plain", "send `Authorization: Bearer <API token>`\n").await;
+        }
+        let Ok(job) = job.parse::<JobId>() else {
+            return respond(&mut stream, 404, "text/plain", "no such job id (job-N)\n").await;
+        };
+        let points = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("points="))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(2000);
+        return match crate::history::read(&web.store, job, points).await {
+            Ok(points) => {
+                let body = serde_json::json!({ "job": job.to_string(), "points": points }).to_string();
+                respond(&mut stream, 200, "application/json", &body).await
+            }
+            Err(e) => respond(&mut stream, 503, "text/plain", &format!("{e}\n")).await,
+        };
+    }
+    if route != "/metrics" {
         return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics\n").await;
     }
+    let node = &web.node;
     let sampled = node.read_local(sample).await;
     let text = sampled
         .map_err(|e| e.to_string())
-        .and_then(|s| render(&s, progress, raft, &node.status(), node.id).map_err(|e| e.to_string()));
+        .and_then(|s| render(&s, &web.progress, &node.metrics, &node.status(), node.id).map_err(|e| e.to_string()));
     match text {
         Ok(text) => {
             respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", &text).await
@@ -357,6 +395,7 @@ async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: 
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",

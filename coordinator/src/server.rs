@@ -275,7 +275,13 @@ pub async fn run(
             .await
             .map_err(|e| CoordinatorError::Config(format!("--metrics-addr {address}: cannot listen: {e}")))?;
         tracing::info!(address = %address, "metrics at http://{address}/metrics");
-        tokio::spawn(crate::metrics::serve(listener, handle.clone(), progress.clone(), handle.metrics.clone()));
+        let web = crate::metrics::Web {
+            node: handle.clone(),
+            progress: progress.clone(),
+            store: store.clone(),
+            tokens: tokens.clone(),
+        };
+        tokio::spawn(crate::metrics::serve(listener, std::sync::Arc::new(web)));
     }
     tokio::spawn(crate::metrics::watch_leader(handle.clone(), handle.metrics.clone()));
     let leases = std::sync::Arc::new(Leases::default());

@@ -86,6 +86,17 @@ pub struct ApiTokens {
 }
 
 impl ApiTokens {
+    /// The role `presented` is the token of, if any. Every candidate is compared (constant time
+    /// each), so timing does not tell which matched.
+    pub fn role_of(&self, presented: &str) -> Option<Role> {
+        let candidates =
+            [(Role::Admin, Some(&self.admin)), (Role::Submit, self.submit.as_ref()), (Role::Read, self.read.as_ref())];
+        candidates
+            .iter()
+            .filter_map(|(role, token)| token.map(|t| (role, same_secret(t, presented))))
+            .fold(None, |found, (role, matched)| found.or(matched.then_some(*role)))
+    }
+
     /// The role of the token the call presents, if it is at least `needed`; `action` names
     /// what was refused ("submit a job").
     pub fn authorize(&self, metadata: &MetadataMap, needed: Role, action: &str) -> Result<Role, ApiError> {
@@ -97,14 +108,7 @@ impl ApiTokens {
                 "missing API token: send `authorization: Bearer <token>` (FLOTILLA_TOKEN or .flotilla/cluster.toml)",
             ));
         };
-        // Every candidate is compared (constant time each), so timing does not tell which matched.
-        let candidates =
-            [(Role::Admin, Some(&self.admin)), (Role::Submit, self.submit.as_ref()), (Role::Read, self.read.as_ref())];
-        let role = candidates
-            .iter()
-            .filter_map(|(role, token)| token.map(|t| (role, same_secret(t, presented))))
-            .fold(None, |found, (role, matched)| found.or(matched.then_some(*role)));
-        match role {
+        match self.role_of(presented) {
             None => Err(ApiError::new(ErrorKind::Unauthenticated, "wrong API token")),
             Some(role) if role < needed => Err(ApiError::new(
                 ErrorKind::PermissionDenied,

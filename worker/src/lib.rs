@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod data;
 pub mod gpu;
+pub mod history;
 pub mod identity;
 pub mod imds;
 pub mod infer;

@@ -31,6 +31,7 @@ use flotilla_proto::v1::{
 use tokio::sync::watch;
 
 use crate::collective::ring::{RingCommunicator, RingConfig};
+use crate::history::HistoryWriter;
 use crate::joblog::JobLog;
 
 /// Time for a gang to form and for any one collective operation.
@@ -288,11 +289,16 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     let (done, outcome) = tokio::sync::oneshot::channel();
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<ProgressReport>(PROGRESS_QUEUE_MAX);
     let runtime = tokio::runtime::Handle::current();
+    // Rank 0 keeps the job's metrics history in the store (not in the Raft log).
+    let mut history = (rank == 0 && !train.job_prefix.is_empty())
+        .then(|| HistoryWriter::open(&train.job_prefix, generation))
+        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "no metrics history")).ok());
+    let world = train.world_size;
     std::thread::spawn(move || {
         let _ = done.send(run_rank(&context, train, &listener, &progress_tx, &runtime));
     });
     let mut reporter = client.clone();
-    tokio::spawn(async move {
+    let forwarder = tokio::spawn(async move {
         while let Some(report) = progress_rx.recv().await {
             let _ = reporter
                 .call_cluster(|mut c| {
@@ -300,7 +306,20 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
                     async move { c.report_progress(report).await }
                 })
                 .await;
+            if let Some(history) = history.as_mut() {
+                history
+                    .append(serde_json::json!({
+                        "t": crate::history::unix_now_ms(),
+                        "generation": report.generation,
+                        "world": world,
+                        "step": report.step,
+                        "loss": report.loss,
+                        "samples_per_s": report.samples_per_s,
+                    }))
+                    .await;
+            }
         }
+        history
     });
     let end = match outcome.await {
         Ok(end) => end,
@@ -314,6 +333,25 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
             }
         }
     };
+    // The progress channel closed with the training thread: the history's last points, then the
+    // final validation metrics.
+    if let Ok(Some(mut history)) = forwarder.await {
+        if let RankEnd::Finished(Some(report)) = &end
+            && let Some(metrics) = &report.metrics
+        {
+            history
+                .append(serde_json::json!({
+                    "t": crate::history::unix_now_ms(),
+                    "generation": generation,
+                    "world": world,
+                    "step": report.step,
+                    "val_accuracy": metrics.val_accuracy,
+                    "val_loss": metrics.val_loss,
+                }))
+                .await;
+        }
+        history.flush().await;
+    }
     let base = FinishedReport { worker_id, job_id: job_id.clone(), generation, ..Default::default() };
     let report = match end {
         RankEnd::Finished(Some(report)) => Some(*report),

@@ -1,0 +1,73 @@
+//! Reading a job's metrics history (`<store>/jobs/<job>/history/*.jsonl`, written by its rank 0,
+//! see `flotilla_worker::history`) for the dashboard and `GET /api/jobs/<job>/history`: the
+//! points in time order, thinned to at most the number asked for (every point with validation
+//! metrics kept).
+
+use flotilla_core::JobId;
+use flotilla_store::Location;
+
+/// Segments read at most, and bytes per segment (writers flush at 64 KiB).
+const SEGMENTS_MAX: usize = 20_000;
+const SEGMENT_BYTES_MAX: u64 = 1024 * 1024;
+/// Points returned at most, whatever is asked.
+pub const POINTS_MAX: usize = 10_000;
+
+/// Every point of `job`'s history, oldest first, thinned to `points` (1..=POINTS_MAX).
+pub async fn read(store: &Location, job: JobId, points: usize) -> Result<Vec<serde_json::Value>, String> {
+    let folder = store.join(&format!("jobs/{job}/history"));
+    let mut objects = flotilla_store::list(&folder, folder.prefix())
+        .await
+        .map_err(|e| format!("listing the history of {job}: {e}"))?;
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut all = Vec::new();
+    for object in objects.iter().take(SEGMENTS_MAX) {
+        let bytes = match flotilla_store::get_capped(&folder, &object.location, SEGMENT_BYTES_MAX).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::debug!(error = %e, "a history segment was not readable");
+                continue;
+            }
+        };
+        all.extend(
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|point| point.is_object()),
+        );
+    }
+    Ok(thin(all, points.clamp(1, POINTS_MAX)))
+}
+
+/// At most `limit` points: an even stride over the series, plus every point that carries
+/// validation metrics and the last one (pure).
+pub fn thin(points: Vec<serde_json::Value>, limit: usize) -> Vec<serde_json::Value> {
+    if points.len() <= limit {
+        return points;
+    }
+    let stride = points.len().div_ceil(limit);
+    let last = points.len() - 1;
+    points
+        .into_iter()
+        .enumerate()
+        .filter(|(i, p)| i % stride == 0 || *i == last || p.get("val_accuracy").is_some_and(|v| !v.is_null()))
+        .map(|(_, p)| p)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn thinning_keeps_the_ends_and_the_validation_points() {
+        let mut points: Vec<_> = (0..1000).map(|s| json!({ "step": s })).collect();
+        points[500] = json!({ "step": 500, "val_accuracy": 0.9 });
+        let thinned = super::thin(points, 100);
+        assert!(thinned.len() <= 102, "{}", thinned.len());
+        assert_eq!(thinned.first().and_then(|p| p["step"].as_u64()), Some(0));
+        assert_eq!(thinned.last().and_then(|p| p["step"].as_u64()), Some(999));
+        assert!(thinned.iter().any(|p| p["val_accuracy"] == 0.9));
+        let short: Vec<_> = (0..5).map(|s| json!({ "step": s })).collect();
+        assert_eq!(super::thin(short.clone(), 100), short);
+    }
+}
