@@ -9,7 +9,9 @@
 # Set-up it does itself: a Python venv in ./.venv with moto (pinned), whose server is the real
 # S3 and EC2 API peer of the storage and provider tests; it runs on a free loopback port during
 # the tests (scripts/moto.sh). A second venv, ./.venv-terraform, with python-hcl2 and checkov
-# (pinned) for the offline checks of terraform/ (scripts/terraform_check.py).
+# (pinned) for the offline checks of terraform/ (scripts/terraform_check.py). Debian's chromium
+# (apt-get, when /usr/bin/chromium is missing) for the dashboard's browser test (tests/dashboard.rs;
+# its screenshot is kept in $CARGO_TARGET_DIR/tmp/dashboard/job.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,17 @@ cargo test -p flotilla-worker --features cuda --locked gpu
 
 step "moto (S3 and EC2 API peer of the storage and provider tests)"
 source scripts/moto.sh
+
+step "headless Chromium (the dashboard's browser test)"
+if [ -z "${FLOTILLA_CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  fi
+fi
+"${FLOTILLA_CHROMIUM:-/usr/bin/chromium}" --version
 
 step "cargo test"
 cargo test --workspace --locked --features ec2

@@ -44,6 +44,8 @@ enum Command {
     Cancel(commands::jobs::CancelArgs),
     /// Print a job's log (written by its rank 0); -f follows it until the job ends.
     Logs(commands::jobs::LogsArgs),
+    /// Print the web dashboard's address (with the API token in its fragment).
+    Dashboard(commands::dashboard::Args),
     /// List the workers registered with the cluster.
     Workers(commands::workers::ListArgs),
     /// Instances the autoscaler bought, with their prices and costs (--all: terminated too).
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
         Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
+        Command::Dashboard(args) => done(commands::dashboard::run(args, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Instances(args) => done(commands::workers::instances(args, coordinator, cli.output)),
         Command::Models(command) => done(commands::models::run(command, coordinator, cli.output)),

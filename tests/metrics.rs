@@ -6,11 +6,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Local, status, submit};
+use common::{Local, http_get as get, status, submit};
 
 /// One sample: family-qualified name, labels, value.
 #[derive(Debug)]
@@ -73,17 +71,6 @@ fn parse(text: &str) -> Result<Vec<Sample>, String> {
         samples.push(Sample { name: name.to_string(), labels, value });
     }
     Ok(samples)
-}
-
-/// `GET path` with optional extra header lines: (head, body).
-fn get(address: &str, path: &str, headers: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(address).expect("the metrics port answers");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.to_string(), body.to_string())
 }
 
 fn scrape(address: &str) -> Vec<Sample> {

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod autoscaling;
 pub mod confine;
+pub mod dashboard;
 pub mod history;
 pub mod inference;
 pub mod leases;

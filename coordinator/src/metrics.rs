@@ -101,6 +101,20 @@ pub fn job_state_name(state: JobState) -> &'static str {
     }
 }
 
+pub fn worker_state_name(worker: &flotilla_core::state::Worker) -> &'static str {
+    if worker.lost_at_unix_ms.is_some() {
+        "lost"
+    } else if worker.draining {
+        "draining"
+    } else if worker.suspect_since_unix_ms.is_some() {
+        "suspect"
+    } else if worker.job.is_some() {
+        "busy"
+    } else {
+        "idle"
+    }
+}
+
 /// The scrape's view of `state` (pure). Every job state and worker state is present, zero or
 /// not, so a series does not vanish when its count drops to zero.
 pub fn sample(state: &State) -> StateSample {
@@ -115,18 +129,7 @@ pub fn sample(state: &State) -> StateSample {
         *out.jobs_by_state.entry(job_state_name(job.state)).or_default() += 1;
     }
     for worker in state.workers.values() {
-        let name = if worker.lost_at_unix_ms.is_some() {
-            "lost"
-        } else if worker.draining {
-            "draining"
-        } else if worker.suspect_since_unix_ms.is_some() {
-            "suspect"
-        } else if worker.job.is_some() {
-            "busy"
-        } else {
-            "idle"
-        };
-        *out.workers_by_state.entry(name).or_default() += 1;
+        *out.workers_by_state.entry(worker_state_name(worker)).or_default() += 1;
     }
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         let market = if instance.spot { "spot" } else { "on_demand" };
@@ -311,8 +314,9 @@ pub struct Web {
     pub tokens: flotilla_proto::auth::ApiTokens,
 }
 
-/// Serves `GET /metrics` (open) and `GET /api/jobs/<job>/history?points=N` (a bearer token of
-/// any role) on `listener` until the process ends.
+/// Serves `GET /metrics` (open), the dashboard page at `/` (open: it holds no data) and its JSON
+/// views under `/api/` (a bearer token of any role; see `crate::dashboard`) on `listener` until
+/// the process ends.
 pub async fn serve(listener: TcpListener, web: Arc<Web>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
@@ -355,28 +359,20 @@ async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if let Some(job) = route.strip_prefix("/api/jobs/").and_then(|rest| rest.strip_suffix("/history")) {
+    if route == "/" || route == "/index.html" {
+        return respond_with(&mut stream, 200, "text/html; charset=utf-8", PAGE_HEADERS, crate::dashboard::PAGE).await;
+    }
+    if route == "/favicon.ico" {
+        return respond(&mut stream, 404, "text/plain", "").await;
+    }
+    if let Some(api) = route.strip_prefix("/api/") {
         if bearer(&line).and_then(|token| web.tokens.role_of(token)).is_none() {
             return respond(&mut stream, 401, "text/plain", "send `Authorization: Bearer <API token>`\n").await;
         }
-        let Ok(job) = job.parse::<JobId>() else {
-            return respond(&mut stream, 404, "text/plain", "no such job id (job-N)\n").await;
-        };
-        let points = query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("points="))
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(2000);
-        return match crate::history::read(&web.store, job, points).await {
-            Ok(points) => {
-                let body = serde_json::json!({ "job": job.to_string(), "points": points }).to_string();
-                respond(&mut stream, 200, "application/json", &body).await
-            }
-            Err(e) => respond(&mut stream, 503, "text/plain", &format!("{e}\n")).await,
-        };
+        return answer_api(&mut stream, web, api, query).await;
     }
     if route != "/metrics" {
-        return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics\n").await;
+        return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics, the dashboard at /\n").await;
     }
     let node = &web.node;
     let sampled = node.read_local(sample).await;
@@ -391,7 +387,61 @@ async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
     }
 }
 
+/// The page loads nothing from elsewhere and cannot be framed.
+const PAGE_HEADERS: &str = "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'\r\n\
+     X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n";
+
+/// `/api/<api>` for a caller whose token was checked: the dashboard's JSON views.
+async fn answer_api(stream: &mut TcpStream, web: &Web, api: &str, query: &str) -> std::io::Result<()> {
+    if let Some(job) = api.strip_prefix("jobs/").and_then(|rest| rest.strip_suffix("/history")) {
+        let Ok(job) = job.parse::<JobId>() else {
+            return respond(stream, 404, "text/plain", "no such job id (job-N)\n").await;
+        };
+        let points = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("points="))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(2000);
+        return match crate::history::read(&web.store, job, points).await {
+            Ok(points) => {
+                let body = serde_json::json!({ "job": job.to_string(), "points": points }).to_string();
+                respond(stream, 200, "application/json", &body).await
+            }
+            Err(e) => respond(stream, 503, "text/plain", &format!("{e}\n")).await,
+        };
+    }
+    let progress = web.progress.clone();
+    let now_unix_ms = crate::raft::node::now_unix_ms();
+    let view = match api {
+        "jobs" => web.node.read_local(move |state| Some(crate::dashboard::jobs(state, &progress))).await,
+        "workers" => web.node.read_local(|state| Some(crate::dashboard::workers(state))).await,
+        "instances" => web.node.read_local(move |state| Some(crate::dashboard::instances(state, now_unix_ms))).await,
+        "models" => web.node.read_local(|state| Some(crate::dashboard::models(state))).await,
+        "inferences" => web.node.read_local(|state| Some(crate::dashboard::inferences(state))).await,
+        _ => match api.strip_prefix("jobs/").map(str::parse::<JobId>) {
+            Some(Ok(job)) => web.node.read_local(move |state| crate::dashboard::job(state, &progress, job)).await,
+            _ => return respond(stream, 404, "text/plain", "no such view\n").await,
+        },
+    };
+    match view {
+        Ok(Some(body)) => respond(stream, 200, "application/json", &body.to_string()).await,
+        Ok(None) => respond(stream, 404, "text/plain", "no such job\n").await,
+        Err(e) => respond(stream, 503, "text/plain", &format!("state unavailable: {e}\n")).await,
+    }
+}
+
 async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+    respond_with(stream, status, content_type, "", body).await
+}
+
+async fn respond_with(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    extra_headers: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -401,7 +451,7 @@ async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: 
         _ => "Service Unavailable",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

@@ -322,6 +322,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
                 .collect();
             if !metrics.is_empty() {
                 println!("metrics: {}", metrics.join(" "));
+                println!("dashboard: `flotilla dashboard` prints its address (with the API token)");
             }
         }
     }

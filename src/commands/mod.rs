@@ -12,6 +12,7 @@ pub mod bench_train;
 pub mod certs;
 pub mod cluster;
 pub mod coordinator;
+pub mod dashboard;
 pub mod infer;
 pub mod jobs;
 pub mod models;

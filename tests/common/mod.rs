@@ -184,3 +184,20 @@ pub fn gang(home: &Path, job: &str) -> Vec<String> {
 pub fn logs(home: &Path, job: &str) -> String {
     String::from_utf8_lossy(&run(home, &["logs", job]).stdout).to_string()
 }
+
+/// `GET path` over HTTP/1.1 with optional extra header lines: (head, body).
+pub fn http_get(address: &str, path: &str, headers: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("the metrics port answers");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_string(), body.to_string())
+}
+
+/// The local cluster's file (`cluster.toml`), parsed.
+pub fn cluster_file(home: &Path) -> toml::Value {
+    toml::from_str(&std::fs::read_to_string(home.join("cluster.toml")).expect("cluster.toml")).expect("toml")
+}

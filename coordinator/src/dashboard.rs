@@ -1,0 +1,161 @@
+//! The web dashboard: one page (`dashboard.html`, shipped in the binary: no CDN, works offline)
+//! and the read-only JSON views it fetches from `/api/...` with an API token of any role. The
+//! views are pure functions of the replicated state; curves come from the job's metrics history
+//! (`crate::history`), live values from the leader's progress.
+//!
+//! The token never reaches the server in a URL: `flotilla dashboard` prints
+//! `http://ADDR/#token=...`, the page keeps the fragment in sessionStorage and sends it as
+//! `Authorization: Bearer`.
+
+use flotilla_core::JobId;
+use flotilla_core::state::{ShardState, State};
+use serde_json::{Value, json};
+
+use crate::metrics::job_state_name;
+use crate::progress::Progress;
+
+/// The page, as served at `/`.
+pub const PAGE: &str = include_str!("dashboard.html");
+
+/// Jobs listed at most (the newest).
+const JOBS_LISTED_MAX: usize = 500;
+
+pub fn jobs(state: &State, progress: &Progress) -> Value {
+    let jobs: Vec<Value> = state
+        .jobs
+        .values()
+        .rev()
+        .take(JOBS_LISTED_MAX)
+        .map(|job| {
+            let live = progress.get(job.id, job.generation);
+            json!({
+                "id": job.id.to_string(),
+                "name": job.spec.name,
+                "state": job_state_name(job.state),
+                "step": job.step.max(live.map_or(0, |p| p.step)),
+                "total_steps": live.map(|p| p.total_steps),
+                "loss": live.map(|p| p.loss),
+                "samples_per_s": live.map(|p| p.samples_per_s),
+                "world_size": job.world_size,
+                "generation": job.generation,
+                "preemptions": job.preemptions,
+                "recoveries": job.recoveries,
+                "steps_lost": job.steps_lost,
+                "cost_usd": job.cost_usd,
+                "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy),
+                "submitted_at_unix_ms": job.submitted_at_unix_ms,
+                "reason": job.reason,
+            })
+        })
+        .collect();
+    json!({ "jobs": jobs })
+}
+
+/// One job: its summary, events (preemptions, recoveries, checkpoints, generations) and
+/// checkpoints; `None` when the state does not know it.
+pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
+    let job = state.jobs.get(&id)?;
+    let mut summary = jobs_entry(state, progress, id)?;
+    summary["events"] = json!(job.events);
+    summary["checkpoints"] = json!(
+        job.checkpoints
+            .iter()
+            .filter(|c| !c.deleting)
+            .map(|c| json!({ "step": c.step, "uri": c.uri, "size_bytes": c.size_bytes, "generation": c.generation }))
+            .collect::<Vec<_>>()
+    );
+    summary["gang"] = json!(job.gang.iter().map(ToString::to_string).collect::<Vec<_>>());
+    summary["spec"] = json!(job.spec.to_toml());
+    Some(summary)
+}
+
+fn jobs_entry(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
+    let all = jobs(state, progress);
+    all["jobs"].as_array()?.iter().find(|j| j["id"] == id.to_string()).cloned()
+}
+
+pub fn workers(state: &State) -> Value {
+    let workers: Vec<Value> = state
+        .workers
+        .values()
+        .map(|w| {
+            json!({
+                "id": w.id.to_string(),
+                "state": crate::metrics::worker_state_name(w),
+                "job": w.job.map(|j| j.to_string()),
+                "instance_id": w.info.instance_id,
+                "instance_type": w.info.instance_type,
+                "zone": w.info.zone,
+                "cpus": w.info.cpus,
+                "gpus": w.info.gpus,
+                "data_addr": w.info.data_addr,
+            })
+        })
+        .collect();
+    json!({ "workers": workers })
+}
+
+pub fn instances(state: &State, now_unix_ms: u64) -> Value {
+    let instances: Vec<Value> = state
+        .instances
+        .values()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "instance_type": i.instance_type,
+                "zone": i.zone,
+                "market": if i.spot { "spot" } else { "on_demand" },
+                "usd_per_hour": i.usd_per_hour,
+                "cost_usd": i.cost_usd(now_unix_ms),
+                "running": i.terminated_at_unix_ms.is_none(),
+            })
+        })
+        .collect();
+    json!({ "instances": instances })
+}
+
+pub fn models(state: &State) -> Value {
+    let models: Vec<Value> = state
+        .models
+        .values()
+        .flat_map(|m| {
+            m.versions.iter().map(move |v| {
+                let aliases: Vec<&String> =
+                    m.aliases.iter().filter(|(_, n)| **n == v.version).map(|(a, _)| a).collect();
+                json!({
+                    "name": m.name,
+                    "version": v.version,
+                    "aliases": aliases,
+                    "job": v.job_id.to_string(),
+                    "checkpoint_step": v.checkpoint.as_ref().map(|c| c.step),
+                    "dataset_sha256": v.dataset_sha256,
+                    "val_accuracy": v.metrics.as_ref().and_then(|m| m.val_accuracy),
+                    "preemptions": v.preemptions,
+                    "cost_usd": v.cost_usd,
+                })
+            })
+        })
+        .collect();
+    json!({ "models": models })
+}
+
+pub fn inferences(state: &State) -> Value {
+    let jobs: Vec<Value> = state
+        .inferences
+        .values()
+        .rev()
+        .take(JOBS_LISTED_MAX)
+        .map(|j| {
+            let done = j.shards.iter().filter(|s| matches!(s.state, ShardState::Done { .. })).count();
+            json!({
+                "id": j.id.to_string(),
+                "model": format!("{}:{}", j.request.model, j.request.version),
+                "state": job_state_name(j.state),
+                "shards_done": done,
+                "shards": j.shards.len(),
+                "workers": j.members.len(),
+            })
+        })
+        .collect();
+    json!({ "inferences": jobs })
+}
