@@ -136,6 +136,21 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
         s["preemptions"].as_u64().is_some_and(|n| n >= 1)
     });
 
+    // The next generation's first step ends the recovery, timed by the leader.
+    let started = Instant::now();
+    loop {
+        let (_, metrics) = http_get(&address, "/metrics", "");
+        let count = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("flotilla_recovery_seconds_count "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if count.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no recovery timed after 60 s: {count:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     let profiles = tempfile::tempdir().expect("profiles");
     let job_url = format!("http://{address}/#/job/{job}&token={token}");
     let (dom, stderr) = browse(&profiles.path().join("dom"), &job_url, &["--dump-dom"]);

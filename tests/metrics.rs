@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{Local, http_get as get, status, submit};
+use common::{Local, command, http_get as get, status, submit};
 
 /// One sample: family-qualified name, labels, value.
 #[derive(Debug)]
@@ -142,6 +142,9 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     assert_eq!(value(&done, "flotilla_jobs", ("state", "succeeded")), Some(1.0));
     assert_eq!(value(&done, "flotilla_jobs", ("state", "running")), Some(0.0));
     assert_eq!(value(&done, "flotilla_job_step", ("job", &job)), Some(10000.0));
+    let goodput = value(&done, "flotilla_job_goodput_steps_per_second", ("job", &job));
+    assert!(goodput.is_some_and(|g| g > 0.0), "committed steps per second of the job's life: {goodput:?}");
+    assert_eq!(value(&done, "flotilla_job_cost_per_step_usd", ("job", &job)), Some(0.0), "local workers are free");
     let proposals = done.iter().find(|s| s.name == "flotilla_raft_propose_seconds_count").map(|s| s.value);
     assert!(proposals.is_some_and(|n| n > 0.0), "proposals are timed");
 
@@ -164,4 +167,105 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let last = points.last().expect("a last point");
     assert_eq!(last["step"], 10000, "{last}");
     assert!(last["val_accuracy"].as_f64().is_some_and(|a| a > 0.5), "validation metrics at the end: {last}");
+}
+
+/// Worker processes started by the test (killed when it ends).
+struct Agents(Vec<std::process::Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("address").to_string()
+}
+
+#[test]
+fn agents_serve_their_own_metrics() {
+    let cluster = Local::up(0);
+    let home = cluster.home.as_path();
+    let addresses: Vec<String> = (0..2).map(|_| free_address()).collect();
+    let _agents = Agents(
+        addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| {
+                command(home)
+                    .args(["worker", "--instance-id", &format!("metered-{i}"), "--metrics-addr", address])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("a worker starts")
+            })
+            .collect(),
+    );
+    let started = Instant::now();
+    let scrape_all = || -> Option<Vec<Vec<Sample>>> {
+        addresses
+            .iter()
+            .map(|a| {
+                std::net::TcpStream::connect(a).ok()?;
+                Some(scrape(a))
+            })
+            .collect()
+    };
+    let idle = loop {
+        if let Some(all) = scrape_all() {
+            break all;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the agents' metrics ports did not open");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for samples in &idle {
+        let steps = samples.iter().find(|s| s.name == "flotilla_agent_steps_total").map(|s| s.value);
+        assert_eq!(steps, Some(0.0), "no step before a job");
+    }
+    let registered = Instant::now();
+    while common::json(home, &["workers", "-o", "json"]).as_array().map_or(0, Vec::len) < 2 {
+        assert!(registered.elapsed() < Duration::from_secs(30), "the agents did not register");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let spec = cluster.dir.path().join("agents.toml");
+    std::fs::write(
+        &spec,
+        "name = \"agents\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+         data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
+         train = { steps = 5000000, batch_size = 32 }\ncheckpoint = { every_steps = 200 }\n\
+         workers = { min = 2, max = 2 }\n",
+    )
+    .expect("spec");
+    let job = submit(home, &spec);
+    let started = Instant::now();
+    let total = |all: &[Vec<Sample>], name: &str| -> f64 {
+        all.iter().flat_map(|samples| samples.iter().filter(|s| s.name == name)).map(|s| s.value).sum()
+    };
+    let running = loop {
+        let all = scrape_all().expect("the agents answer");
+        if total(&all, "flotilla_agent_checkpoints_total") >= 2.0 {
+            break all;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "no checkpoint on either agent after 90 s");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for samples in &running {
+        let of = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+        assert!(of("flotilla_agent_steps_total").is_some_and(|n| n > 0.0), "each agent trains");
+        assert_eq!(of("flotilla_agent_generations_total"), Some(1.0));
+        assert_eq!(of("flotilla_agent_running"), Some(1.0));
+    }
+    assert!(total(&running, "flotilla_agent_checkpoint_seconds_count") >= 2.0, "checkpoint durations observed");
+    assert!(total(&running, "flotilla_agent_checkpoint_stall_seconds_count") >= 1.0, "stalls observed");
+    assert!(total(&running, "flotilla_agent_checkpoint_bytes_total") > 0.0);
+    assert!(run_ok(home, &["cancel", &job]));
+}
+
+fn run_ok(home: &std::path::Path, args: &[&str]) -> bool {
+    common::run(home, args).status.success()
 }

@@ -15,17 +15,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use flotilla_core::JobId;
 use flotilla_core::state::{JobState, State};
+use flotilla_proto::http;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::progress::Progress;
@@ -33,10 +32,6 @@ use crate::raft::node::NodeHandle;
 
 /// Jobs with per-job series at most (the newest by id).
 pub const JOBS_EXPORTED_MAX: usize = 1000;
-/// A scrape request's head at most; anything longer is refused.
-const REQUEST_BYTES_MAX: usize = 8 * 1024;
-/// Time for a client to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -77,6 +72,32 @@ pub struct JobSample {
     pub steps_lost: u64,
     pub cost_usd: f64,
     pub checkpoints: usize,
+    /// When its first generation started (its first `gang` event), if it ever ran.
+    pub first_ran_at_unix_ms: Option<u64>,
+    /// When it ended, for a finished job.
+    pub ended_at_unix_ms: Option<u64>,
+}
+
+/// Events that start a recovery: the job lost (or was about to lose) a gang member.
+const LOSS_EVENTS: [&str; 3] = ["preemption_notice", "worker_lost", "peer_lost"];
+
+/// When the loss that the job's current generation recovers from happened: the first
+/// preemption notice or lost worker between the previous generation's start and the current
+/// one's; `None` for a first generation or one that only grew the gang (pure).
+pub fn recovery_started_at(events: &[flotilla_core::state::JobEvent]) -> Option<u64> {
+    let mut gangs = events.iter().enumerate().filter(|(_, e)| e.kind == "gang").map(|(i, _)| i).rev();
+    let current = gangs.next()?;
+    let from = gangs.next().map_or(0, |previous| previous + 1);
+    events[from..current].iter().find(|e| LOSS_EVENTS.contains(&e.kind.as_str())).map(|e| e.at_unix_ms)
+}
+
+/// Committed steps per second since the job first ran, until it ended or `now` (pure): stalls,
+/// recoveries and re-trained steps all lower it.
+pub fn goodput_steps_per_second(job: &JobSample, now_unix_ms: u64) -> Option<f64> {
+    let started = job.first_ran_at_unix_ms?;
+    let until = job.ended_at_unix_ms.unwrap_or(now_unix_ms);
+    let seconds = until.saturating_sub(started) as f64 / 1e3;
+    (seconds > 0.0).then(|| job.step as f64 / seconds)
 }
 
 /// What a scrape reads from the replicated state.
@@ -152,6 +173,8 @@ pub fn sample(state: &State) -> StateSample {
             steps_lost: job.steps_lost,
             cost_usd: job.cost_usd,
             checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count(),
+            first_ran_at_unix_ms: job.events.iter().find(|e| e.kind == "gang").map(|e| e.at_unix_ms),
+            ended_at_unix_ms: job.state.is_terminal().then_some(job.updated_at_unix_ms),
         })
         .collect();
     out
@@ -169,6 +192,7 @@ pub fn render(
     raft: &RaftMetrics,
     status: &crate::raft::node::NodeStatus,
     node_id: u64,
+    now_unix_ms: u64,
 ) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("flotilla");
     let family = |registry: &mut Registry, name: &str, help: &str, values: Vec<(Labels, i64)>| {
@@ -247,6 +271,29 @@ pub fn render(
     });
     counters(&mut registry, "job_steps_lost", "Steps a job trained twice because of losses", &|j| j.steps_lost as f64);
     counters(&mut registry, "job_cost_usd", "What a job's instances have cost it, USD", &|j| j.cost_usd);
+    let gauges = |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&JobSample) -> Option<f64>| {
+        let family = Family::<Labels, FloatGauge>::default();
+        for job in &sample.jobs {
+            if let Some(v) = value(job) {
+                family.get_or_create(&per_job(job)).set(v);
+            }
+        }
+        registry.register(name, help, family);
+    };
+    gauges(&mut registry, "job_cost_per_step_usd", "What a job has cost per committed step so far, USD", &|j| {
+        (j.step > 0).then(|| j.cost_usd / j.step as f64)
+    });
+    gauges(
+        &mut registry,
+        "job_goodput_steps_per_second",
+        "Committed steps per second of the job's life since it first ran (stalls, recoveries and lost steps lower it)",
+        &|j| goodput_steps_per_second(j, now_unix_ms),
+    );
+    registry.register(
+        "recovery_seconds",
+        "Time from a loss (preemption notice or lost worker) to the next generation's first step, seen by the leader",
+        progress.recovery_seconds.clone(),
+    );
     let live =
         |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&flotilla_proto::v1::LiveProgress) -> f64| {
             let family = Family::<Labels, FloatGauge>::default();
@@ -329,44 +376,21 @@ pub async fn serve(listener: TcpListener, web: Arc<Web>) {
     }
 }
 
-/// The bearer token of a request head, if any.
-fn bearer(head: &str) -> Option<&str> {
-    head.lines()
-        .skip(1)
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
-        .and_then(|(_, value)| value.trim().strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
 async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > REQUEST_BYTES_MAX {
-            return respond(&mut stream, 400, "text/plain", "request too large\n").await;
-        }
-        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk)).await.unwrap_or(Ok(0))?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-    if method != "GET" {
+    let Some(request) = http::read_request(&mut stream).await? else { return Ok(()) };
+    if request.method != "GET" {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
+    let path = request.path.as_str();
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     if route == "/" || route == "/index.html" {
-        return respond_with(&mut stream, 200, "text/html; charset=utf-8", PAGE_HEADERS, crate::dashboard::PAGE).await;
+        return http::respond(&mut stream, 200, "text/html; charset=utf-8", PAGE_HEADERS, crate::dashboard::PAGE).await;
     }
     if route == "/favicon.ico" {
         return respond(&mut stream, 404, "text/plain", "").await;
     }
     if let Some(api) = route.strip_prefix("/api/") {
-        if bearer(&line).and_then(|token| web.tokens.role_of(token)).is_none() {
+        if request.bearer().and_then(|token| web.tokens.role_of(token)).is_none() {
             return respond(&mut stream, 401, "text/plain", "send `Authorization: Bearer <API token>`\n").await;
         }
         return answer_api(&mut stream, web, api, query).await;
@@ -376,9 +400,10 @@ async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
     }
     let node = &web.node;
     let sampled = node.read_local(sample).await;
-    let text = sampled
-        .map_err(|e| e.to_string())
-        .and_then(|s| render(&s, &web.progress, &node.metrics, &node.status(), node.id).map_err(|e| e.to_string()));
+    let text = sampled.map_err(|e| e.to_string()).and_then(|s| {
+        render(&s, &web.progress, &node.metrics, &node.status(), node.id, crate::raft::node::now_unix_ms())
+            .map_err(|e| e.to_string())
+    });
     match text {
         Ok(text) => {
             respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", &text).await
@@ -432,29 +457,58 @@ async fn answer_api(stream: &mut TcpStream, web: &Web, api: &str, query: &str) -
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
-    respond_with(stream, status, content_type, "", body).await
+    http::respond(stream, status, content_type, "", body).await
 }
 
-async fn respond_with(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    extra_headers: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+#[cfg(test)]
+mod tests {
+    use flotilla_core::state::JobEvent;
+
+    use super::*;
+
+    fn event(at_unix_ms: u64, kind: &str) -> JobEvent {
+        JobEvent { at_unix_ms, kind: kind.into(), message: String::new() }
+    }
+
+    #[test]
+    fn a_recovery_starts_at_the_first_loss_since_the_previous_generation() {
+        assert_eq!(recovery_started_at(&[]), None);
+        assert_eq!(recovery_started_at(&[event(1, "gang")]), None, "a first generation recovers nothing");
+        let grown = [event(1, "gang"), event(5, "checkpointed"), event(6, "gang")];
+        assert_eq!(recovery_started_at(&grown), None, "growing the gang is no recovery");
+        let preempted = [
+            event(1, "gang"),
+            event(10, "preemption_notice"),
+            event(11, "worker_lost"),
+            event(12, "checkpointed"),
+            event(20, "gang"),
+        ];
+        assert_eq!(recovery_started_at(&preempted), Some(10));
+        let earlier = [event(1, "gang"), event(10, "worker_lost"), event(20, "gang"), event(30, "gang")];
+        assert_eq!(recovery_started_at(&earlier), None, "only losses since the previous generation");
+    }
+
+    #[test]
+    fn goodput_counts_committed_steps_over_the_jobs_life() {
+        let mut job = JobSample {
+            id: JobId(1),
+            name: "j".into(),
+            state: "running",
+            step: 600,
+            generation: 2,
+            world_size: 2,
+            preemptions: 1,
+            recoveries: 0,
+            steps_lost: 0,
+            cost_usd: 3.0,
+            checkpoints: 1,
+            first_ran_at_unix_ms: Some(10_000),
+            ended_at_unix_ms: None,
+        };
+        assert_eq!(goodput_steps_per_second(&job, 70_000), Some(10.0));
+        job.ended_at_unix_ms = Some(40_000);
+        assert_eq!(goodput_steps_per_second(&job, 70_000), Some(20.0), "a finished job's life ends");
+        job.first_ran_at_unix_ms = None;
+        assert_eq!(goodput_steps_per_second(&job, 70_000), None, "never ran");
+    }
 }

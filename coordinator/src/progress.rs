@@ -8,13 +8,22 @@ use std::sync::Mutex;
 
 use flotilla_core::JobId;
 use flotilla_proto::v1::LiveProgress;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 /// Jobs tracked at most (the oldest report is dropped beyond it).
 const JOBS_TRACKED_MAX: usize = 10_000;
 
-#[derive(Default)]
 pub struct Progress {
     jobs: Mutex<HashMap<JobId, LiveProgress>>,
+    /// Loss (notice or lost worker) to the next generation's first reported step, in seconds.
+    pub recovery_seconds: Histogram,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        // 250 ms to ~70 min.
+        Progress { jobs: Mutex::default(), recovery_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 15)) }
+    }
 }
 
 impl Progress {
@@ -22,7 +31,9 @@ impl Progress {
         self.jobs.lock().expect("the progress lock is never held across a panic")
     }
 
-    pub fn record(&self, job: JobId, progress: LiveProgress) {
+    /// Keeps `progress` as the job's latest; true when it is the first report of its generation
+    /// this node has seen.
+    pub fn record(&self, job: JobId, progress: LiveProgress) -> bool {
         let mut jobs = self.jobs();
         if jobs.len() >= JOBS_TRACKED_MAX
             && !jobs.contains_key(&job)
@@ -30,7 +41,8 @@ impl Progress {
         {
             jobs.remove(&oldest);
         }
-        jobs.insert(job, progress);
+        let generation = progress.generation;
+        jobs.insert(job, progress).is_none_or(|previous| previous.generation != generation)
     }
 
     /// The latest report for `job` in `generation`, if any.

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod error;
+pub mod http;
 pub mod limits;
 pub mod tls;
 

@@ -45,6 +45,10 @@ pub struct WorkerArgs {
     /// GPUs to report; default: the count `nvidia-smi -L` lists (0 without it).
     #[arg(long)]
     pub gpus: Option<u32>,
+    /// Serve this agent's Prometheus metrics at http://ADDR/metrics (steps, checkpoint stall and
+    /// duration, notices). Off by default.
+    #[arg(long, env = "FLOTILLA_AGENT_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// TLS: the cluster CA, and this worker's certificate and key (`flotilla certs worker`).
     /// Default: the local cluster file's TLS folder. Without them the worker speaks plaintext.
     #[arg(long, env = "FLOTILLA_TLS_CA")]
@@ -129,6 +133,13 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
         "ec2" => flotilla_worker::imds::EC2_ENDPOINT.to_string(),
         other => other.to_string(),
     });
+    if let Some(address) = args.metrics_addr {
+        let metrics = runtime
+            .block_on(tokio::net::TcpListener::bind(address))
+            .with_context(|| format!("binding the metrics port --metrics-addr {address}"))?;
+        tracing::info!(address = %metrics.local_addr().unwrap_or(address), "agent metrics at /metrics");
+        runtime.spawn(flotilla_worker::metrics::serve(metrics));
+    }
     let identity = runtime.block_on(identity(&args, imds.as_deref(), bound))?;
     tracing::info!(?identity, "this worker");
     let capabilities = agent::local_capabilities(&identity);
@@ -189,6 +200,7 @@ async fn interrupt(
     if shared.noticed.swap(true, Ordering::Relaxed) {
         return;
     }
+    flotilla_worker::metrics::AGENT.notices.inc();
     if let Some(at) = taken_at_unix_ms {
         shared.taken_at_unix_ms.store(at, Ordering::Relaxed);
     }

@@ -18,5 +18,6 @@ pub mod identity;
 pub mod imds;
 pub mod infer;
 pub mod joblog;
+pub mod metrics;
 pub mod train;
 pub mod workdir;

@@ -29,6 +29,8 @@ const ASSIGNMENT_BUFFER: usize = 8;
 const ASSIGNMENT_POLL: Duration = Duration::from_millis(200);
 /// Longest error text a worker may report.
 const REPORT_TEXT_MAX: usize = 4096;
+/// A generation's first progress report within this many steps of its start ends a recovery.
+const RECOVERY_FIRST_STEPS: u64 = 50;
 
 pub struct ClusterApi {
     pub node: NodeHandle,
@@ -191,12 +193,18 @@ impl ClusterService for ClusterApi {
         let id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
-        let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id))).await;
-        if !member.map_err(status)? {
+        let seen = self
+            .node
+            .read_local(move |state| {
+                let job = state.jobs.get(&job_id).filter(|j| j.is_member(id))?;
+                Some((crate::metrics::recovery_started_at(&job.events), job.generation_start_step))
+            })
+            .await;
+        let Some((recovering_since, start_step)) = seen.map_err(status)? else {
             let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
             return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
-        }
-        self.progress.record(
+        };
+        let first = self.progress.record(
             job_id,
             LiveProgress {
                 step: report.step,
@@ -207,6 +215,15 @@ impl ClusterService for ClusterApi {
                 generation: report.generation,
             },
         );
+        // The first step of a generation that follows a loss ends a recovery (rank 0 reports
+        // its first step; a leader elected mid-generation sees a later one and counts nothing).
+        if first
+            && report.step <= start_step + RECOVERY_FIRST_STEPS
+            && let Some(since) = recovering_since
+        {
+            let seconds = crate::raft::node::now_unix_ms().saturating_sub(since) as f64 / 1e3;
+            self.progress.recovery_seconds.observe(seconds);
+        }
         Ok(Response::new(Ack {}))
     }
 

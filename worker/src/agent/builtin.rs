@@ -30,6 +30,7 @@ use super::work::{
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
 use crate::data::{self, Dataset};
+use crate::metrics::AGENT;
 use crate::train::{TrainError, Trainer};
 
 /// Classifies a training error: a lost peer is not the job's fault; a NaN loss is final.
@@ -105,6 +106,7 @@ pub(super) fn run_rank(
     let mut last_report: Option<Instant> = None;
     let mut save_failed: Option<CheckpointError> = None;
     let outcome = trainer.run(&mut comm, |trainer, report| {
+        AGENT.steps.inc();
         if context.stop.load(Ordering::Relaxed) {
             return ControlFlow::Break(());
         }
@@ -124,6 +126,7 @@ pub(super) fn run_rank(
                 report.loss,
                 report.samples_per_s
             ));
+            AGENT.samples_per_second.set(report.samples_per_s);
             let _ = progress.try_send(ProgressReport {
                 worker_id: context.worker_id(),
                 job_id: train.job_id.clone(),
@@ -141,24 +144,35 @@ pub(super) fn run_rank(
         let boundary = Instant::now();
         let mut outcomes = Vec::new();
         outcomes.extend(background.poll());
+        let mut waited = false;
         if background.in_flight().is_some_and(|s| report.step >= s + lag) {
             outcomes.extend(background.finish()); // the save fell `lag` steps behind: wait
+            waited = true;
         }
         if report.stop_agreed {
             if saves.last_saved != report.step && background.in_flight() != Some(report.step) {
                 outcomes.extend(background.submit(trainer.state(), None));
             }
             outcomes.extend(background.finish());
+            waited = true;
         } else if report.step - saves.last_snapshot >= cadence && !trainer.is_finished() {
             saves.last_snapshot = report.step;
             outcomes.extend(background.submit(trainer.state(), None));
+            waited = true;
         }
-        saves.stall_ms += boundary.elapsed().as_secs_f64() * 1e3;
+        let stall = boundary.elapsed().as_secs_f64();
+        saves.stall_ms += stall * 1e3;
+        if waited {
+            AGENT.checkpoint_stall_seconds.observe(stall);
+        }
         for outcome in outcomes {
             match outcome {
                 Ok(saved) => {
                     saves.last_saved = saved.step;
                     saves.count += 1;
+                    AGENT.checkpoints.inc();
+                    AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());
+                    AGENT.checkpoint_seconds.observe(saved.background_ms / 1e3);
                     log.note(format!(
                         "checkpoint at step {} ({} bytes in {:.1} ms in the background; stall so far {:.1} ms)",
                         saved.step,

@@ -424,8 +424,11 @@ fn start_uploader(
     let folder = dirs.checkpoints.clone();
     let thread = std::thread::spawn(move || {
         for step in steps {
+            let started = Instant::now();
             let result = upload_one(&context, &train, &folder, step, &runtime);
             if result.is_ok() {
+                crate::metrics::AGENT.checkpoints.inc();
+                crate::metrics::AGENT.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
                 // Recorded: older local folders are no longer needed.
                 for (older, path) in step_folders(&folder) {
                     if older < step {

@@ -280,6 +280,8 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
     tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
     context.shared.busy.send_modify(|runs| *runs += 1);
+    crate::metrics::AGENT.generations.inc();
+    crate::metrics::AGENT.running.inc();
     let Host::Cluster { client, worker_id } = context.host.clone() else { return };
     let mut client = *client;
     let shared = context.shared.clone();
@@ -381,6 +383,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
     // from since the break.
     shared.beat_now.notify_one();
     shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+    crate::metrics::AGENT.running.dec();
 }
 
 /// Runs this rank with the job's runner (blocking: call it on a thread of its own; `runtime`
