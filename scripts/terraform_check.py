@@ -164,6 +164,7 @@ if binary:
         for args in (["init"], ["coordinator", "--name", "coordinator", "--host", "10.0.1.10"], ["worker"]):
             subprocess.run([binary, "certs", *args, "--dir", certs], check=True, capture_output=True)
         values = {"id": "1", "cluster_id": "check", "region": "us-east-1", "listen": "10.0.1.10:7100",
+                  "metrics_listen": "10.0.1.10:9464",
                   "peers": "1=10.0.1.10:7100,2=10.0.2.10:7100,3=10.0.3.10:7100",
                   "raft_peers": "1=10.0.1.10:7101,2=10.0.2.10:7101,3=10.0.3.10:7101", "store_uri": "s3://bucket/cluster",
                   "worker_ami": "ami-0123", "worker_sg": "sg-0123", "max_instances": "16", "max_usd_per_hour": "20",

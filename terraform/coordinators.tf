@@ -49,6 +49,7 @@ resource "aws_instance" "coordinator" {
     cluster_id           = var.cluster_id
     region               = var.region
     listen               = "${var.coordinator_private_ips[count.index]}:${var.api_port}"
+    metrics_listen       = "${var.coordinator_private_ips[count.index]}:${var.metrics_port}"
     peers                = join(",", [for i, ip in var.coordinator_private_ips : "${i + 1}=${ip}:${var.api_port}"])
     raft_peers           = join(",", [for i, ip in var.coordinator_private_ips : "${i + 1}=${ip}:${var.raft_port}"])
     store_uri            = local.store_uri

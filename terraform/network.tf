@@ -64,6 +64,18 @@ locals {
         description = "API clients"
       }
     },
+    {
+      for cidr in var.metrics_allowed_cidrs : "coordinator_metrics_in_${cidr}" => {
+        group = "coordinator", ingress = true, peer = null, cidr = cidr, port = var.metrics_port
+        description = "Prometheus and the dashboard"
+      }
+    },
+    {
+      for cidr in var.metrics_allowed_cidrs : "worker_metrics_in_${cidr}" => {
+        group = "worker", ingress = true, peer = null, cidr = cidr, port = var.metrics_port
+        description = "Prometheus (agent metrics)"
+      }
+    },
   )
 }
 

@@ -17,3 +17,8 @@ output "cluster_file" {
     store = "${local.store_uri}"
   EOT
 }
+
+output "dashboard" {
+  description = "The dashboard (and Prometheus targets: every coordinator's and worker's metrics_port). Reach it from metrics_allowed_cidrs or through a tunnel."
+  value       = "FLOTILLA_TOKEN=$(aws ssm get-parameter --with-decryption --name /flotilla/${var.cluster_id}/read-token --query Parameter.Value --output text) flotilla dashboard --address ${var.coordinator_private_ips[0]}:${var.metrics_port}"
+}

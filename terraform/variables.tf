@@ -107,6 +107,18 @@ variable "data_port" {
   default     = 7200
 }
 
+variable "metrics_port" {
+  description = "The coordinators' metrics and dashboard port and the workers' metrics port (plain HTTP: /metrics, and the dashboard on coordinators)."
+  type        = number
+  default     = 9464
+}
+
+variable "metrics_allowed_cidrs" {
+  description = "CIDRs allowed to reach metrics_port (Prometheus, a VPN). Empty: reach it through a tunnel. The dashboard sends an API token over it: allow only private networks."
+  type        = list(string)
+  default     = []
+}
+
 variable "tls_ca_pem" {
   description = "The cluster CA certificate (`flotilla certs init`)."
   type        = string

@@ -12,6 +12,7 @@ locals {
     cert_pem      = trimspace(var.worker_tls.cert_pem)
     key_pem       = trimspace(var.worker_tls.key_pem)
     data_port     = var.data_port
+    metrics_port  = var.metrics_port
     binary_source = var.binary_source
     store_bucket  = aws_s3_bucket.store.bucket
   })
