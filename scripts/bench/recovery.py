@@ -7,7 +7,8 @@ replaces lost and interrupted workers), trains MNIST MLP jobs and measures:
 - recovery_sigkill: SIGKILL of a gang member -> the gang's break is recorded (detection),
   -> a new generation runs (regroup), -> its first step beyond the resume point (resume).
 - recovery_notice: `flotilla preempt` (spot notice) -> the generation stops at a checkpoint ->
-  the next generation's first step. Includes the agent's metadata poll (1 s interval).
+  the next generation's first step. Includes the agent's metadata poll (100 ms;
+  FLOTILLA_IMDS_POLL_MS sets it, and each line carries it as `imds_poll_ms`).
 - checkpoint_stall: an uninterrupted job's checkpoint stall per save (ms and % of a step) and
   share of the training time, from rank 0's log.
 - checkpoint_throughput: checkpoint write rate (bytes / background time, which includes the
@@ -97,6 +98,7 @@ def recovery(kind, round_no):
     emit({
         "bench": f"recovery_{kind}",
         "round": round_no,
+        "imds_poll_ms": int(os.environ.get("FLOTILLA_IMDS_POLL_MS", "100")),
         "to_detection_ms": round((t_end - t0) * 1e3, 1),
         "to_new_generation_ms": round((t_regroup - t0) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
@@ -152,9 +154,12 @@ def stall_and_throughput():
 
 
 def main():
-    stall_and_throughput()
+    only_notices = len(sys.argv) > 2 and sys.argv[2] == "notice"
+    if not only_notices:
+        stall_and_throughput()
     for round_no in range(ROUNDS):
-        recovery("sigkill", round_no)
+        if not only_notices:
+            recovery("sigkill", round_no)
         recovery("notice", round_no)
 
 

@@ -346,8 +346,26 @@ pub fn run_imds(args: ImdsArgs) -> anyhow::Result<()> {
     })
 }
 
-/// How often the agent polls the metadata endpoint for a spot notice (EC2 gives 2 minutes).
-const IMDS_POLL: Duration = Duration::from_secs(1);
+/// How often the agent polls the metadata endpoint for a spot notice: EC2 gives 2 minutes, and
+/// every millisecond before the stop is voted is a millisecond of the checkpoint's window (a
+/// local endpoint answers in well under 1 ms, so 100 ms costs nothing).
+const IMDS_POLL: Duration = Duration::from_millis(100);
+/// `FLOTILLA_IMDS_POLL_MS` overrides it within these bounds (for benchmarks: scripts/bench/notice.sh).
+const IMDS_POLL_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=10_000;
+
+/// The poll interval: [`IMDS_POLL`], or `FLOTILLA_IMDS_POLL_MS` when it is a number in range.
+fn imds_poll() -> Duration {
+    match std::env::var("FLOTILLA_IMDS_POLL_MS").ok().map(|v| v.trim().parse::<u64>()) {
+        Some(Ok(ms)) if IMDS_POLL_MS_RANGE.contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            tracing::warn!(
+                "FLOTILLA_IMDS_POLL_MS must be a number of ms in {IMDS_POLL_MS_RANGE:?}; using {IMDS_POLL:?}"
+            );
+            IMDS_POLL
+        }
+        None => IMDS_POLL,
+    }
+}
 
 /// Polls the instance-metadata endpoint; on a spot interruption notice, reports it and stops
 /// the running generation at a checkpoint (the coordinator then drains this worker).
@@ -359,6 +377,7 @@ async fn watch_interruptions(
 ) {
     let mut client = flotilla_worker::imds::ImdsClient::new(&endpoint);
     let mut warned_unreachable = false;
+    let poll = imds_poll();
     loop {
         let polled = match client.instance_action().await {
             Ok(Some(notice)) => Ok(Some((notice, v1::InterruptionKind::SpotNotice))),
@@ -387,7 +406,7 @@ async fn watch_interruptions(
             }
             Err(_) => {}
         }
-        tokio::time::sleep(IMDS_POLL).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
