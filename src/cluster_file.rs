@@ -136,7 +136,6 @@ impl Target {
 /// cluster file; the token from `FLOTILLA_TOKEN`, then the cluster file.
 pub fn resolve(flag: Option<&str>) -> anyhow::Result<Target> {
     let env_addresses = std::env::var("FLOTILLA_COORDINATOR").ok().filter(|s| !s.is_empty());
-    let env_token = std::env::var("FLOTILLA_TOKEN").ok().filter(|s| !s.is_empty());
     let home = home();
     let file = ClusterFile::load(&home)?;
     let addresses =
@@ -154,8 +153,15 @@ pub fn resolve(flag: Option<&str>) -> anyhow::Result<Target> {
         Some(ca) => Some(ClientTls::load(Path::new(&ca), None, None)?),
         None => file.as_ref().map(ClusterFile::client_tls).transpose()?.flatten(),
     };
-    let token = env_token
-        .or_else(|| file.map(|f| f.api_token))
-        .context("no API token: set FLOTILLA_TOKEN (the local cluster's token is in .flotilla/cluster.toml)")?;
+    let token = api_token(file.as_ref())?;
     Ok(Target { addresses, token, tls })
+}
+
+/// The API token a client presents: `FLOTILLA_TOKEN`, then the cluster file's.
+pub fn api_token(file: Option<&ClusterFile>) -> anyhow::Result<String> {
+    std::env::var("FLOTILLA_TOKEN")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| file.map(|f| f.api_token.clone()))
+        .context("no API token: set FLOTILLA_TOKEN (the local cluster's token is in .flotilla/cluster.toml)")
 }

@@ -8,7 +8,7 @@
 //! `Authorization: Bearer`.
 
 use flotilla_core::JobId;
-use flotilla_core::state::{ShardState, State};
+use flotilla_core::state::{Job, ShardState, State};
 use serde_json::{Value, json};
 
 use crate::metrics::job_state_name;
@@ -21,33 +21,7 @@ pub const PAGE: &str = include_str!("dashboard.html");
 const JOBS_LISTED_MAX: usize = 500;
 
 pub fn jobs(state: &State, progress: &Progress) -> Value {
-    let jobs: Vec<Value> = state
-        .jobs
-        .values()
-        .rev()
-        .take(JOBS_LISTED_MAX)
-        .map(|job| {
-            let live = progress.get(job.id, job.generation);
-            json!({
-                "id": job.id.to_string(),
-                "name": job.spec.name,
-                "state": job_state_name(job.state),
-                "step": job.step.max(live.map_or(0, |p| p.step)),
-                "total_steps": live.map(|p| p.total_steps),
-                "loss": live.map(|p| p.loss),
-                "samples_per_s": live.map(|p| p.samples_per_s),
-                "world_size": job.world_size,
-                "generation": job.generation,
-                "preemptions": job.preemptions,
-                "recoveries": job.recoveries,
-                "steps_lost": job.steps_lost,
-                "cost_usd": job.cost_usd,
-                "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy),
-                "submitted_at_unix_ms": job.submitted_at_unix_ms,
-                "reason": job.reason,
-            })
-        })
-        .collect();
+    let jobs: Vec<Value> = state.jobs.values().rev().take(JOBS_LISTED_MAX).map(|job| summary(job, progress)).collect();
     json!({ "jobs": jobs })
 }
 
@@ -55,23 +29,41 @@ pub fn jobs(state: &State, progress: &Progress) -> Value {
 /// checkpoints; `None` when the state does not know it.
 pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
     let job = state.jobs.get(&id)?;
-    let mut summary = jobs_entry(state, progress, id)?;
-    summary["events"] = json!(job.events);
-    summary["checkpoints"] = json!(
+    let mut view = summary(job, progress);
+    view["events"] = json!(job.events);
+    view["checkpoints"] = json!(
         job.checkpoints
             .iter()
             .filter(|c| !c.deleting)
             .map(|c| json!({ "step": c.step, "uri": c.uri, "size_bytes": c.size_bytes, "generation": c.generation }))
             .collect::<Vec<_>>()
     );
-    summary["gang"] = json!(job.gang.iter().map(ToString::to_string).collect::<Vec<_>>());
-    summary["spec"] = json!(job.spec.to_toml());
-    Some(summary)
+    view["gang"] = json!(job.gang.iter().map(ToString::to_string).collect::<Vec<_>>());
+    view["spec"] = json!(job.spec.to_toml());
+    Some(view)
 }
 
-fn jobs_entry(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
-    let all = jobs(state, progress);
-    all["jobs"].as_array()?.iter().find(|j| j["id"] == id.to_string()).cloned()
+/// A job's line in the jobs list (live values from the leader's progress).
+fn summary(job: &Job, progress: &Progress) -> Value {
+    let live = progress.get(job.id, job.generation);
+    json!({
+        "id": job.id.to_string(),
+        "name": job.spec.name,
+        "state": job_state_name(job.state),
+        "step": job.step.max(live.map_or(0, |p| p.step)),
+        "total_steps": live.map(|p| p.total_steps),
+        "loss": live.map(|p| p.loss),
+        "samples_per_s": live.map(|p| p.samples_per_s),
+        "world_size": job.world_size,
+        "generation": job.generation,
+        "preemptions": job.preemptions,
+        "recoveries": job.recoveries,
+        "steps_lost": job.steps_lost,
+        "cost_usd": job.cost_usd,
+        "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy),
+        "submitted_at_unix_ms": job.submitted_at_unix_ms,
+        "reason": job.reason,
+    })
 }
 
 pub fn workers(state: &State) -> Value {

@@ -1,6 +1,6 @@
 //! Serving job logs from the cluster store: segments `jobs/<job>/logs/<seq:08>.log` written by
-//! the job's node 0 (`logs/node-<N>/` by node N), streamed in order; with `follow`, new segments as they appear, until the
-//! job has ended and no segment is left.
+//! the job's node 0 (`logs/node-<N>/` by node N), streamed in order; with `follow`, new segments
+//! as they appear, until the job has ended and no segment is left.
 
 use std::time::Duration;
 

@@ -47,6 +47,28 @@ pub struct RaftMetrics {
     pub leader_changes: Counter,
 }
 
+impl RaftMetrics {
+    /// One proposal in flight until the guard drops (answered, or abandoned by its caller):
+    /// counted in `proposals_in_flight` meanwhile, then timed in `propose_seconds`.
+    pub fn proposal(&self) -> InFlight<'_> {
+        self.proposals_in_flight.inc();
+        InFlight { metrics: self, started: std::time::Instant::now() }
+    }
+}
+
+/// See [`RaftMetrics::proposal`].
+pub struct InFlight<'a> {
+    metrics: &'a RaftMetrics,
+    started: std::time::Instant,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.proposals_in_flight.dec();
+        self.metrics.propose_seconds.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 impl Default for RaftMetrics {
     fn default() -> Self {
         RaftMetrics {

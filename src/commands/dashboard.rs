@@ -35,11 +35,7 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
                 )
             })?,
     };
-    let token = std::env::var("FLOTILLA_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| file.map(|f| f.api_token))
-        .context("no API token: set FLOTILLA_TOKEN (the local cluster's is in .flotilla/cluster.toml)")?;
+    let token = cluster_file::api_token(file.as_ref())?;
     let url = dashboard_url(&address, &token);
     match output {
         OutputFormat::Json => print_json(&json!({ "url": url, "address": address })),

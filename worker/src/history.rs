@@ -3,7 +3,7 @@
 //! metrics, as numbered segments `<job prefix>/history/<generation:08>-<seq:08>.jsonl` (objects
 //! are immutable; names sort by time). The coordinator reads them back for the dashboard.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flotilla_store::Location;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -21,10 +21,6 @@ pub struct HistoryWriter {
     next_segment: u64,
     buffer: String,
     last_flush: Instant,
-}
-
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl HistoryWriter {

@@ -21,3 +21,8 @@ pub mod joblog;
 pub mod metrics;
 pub mod train;
 pub mod workdir;
+
+/// The wall clock in unix ms (0 before 1970): progress points, notice deadlines.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

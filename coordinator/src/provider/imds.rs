@@ -14,20 +14,15 @@
 //!
 //! An interruption is scheduled by writing the action file (`flotilla preempt`), or drawn at
 //! start from a seeded exponential clock (`up --spot-interruptions-per-hour`). Requests without
-//! a valid token get 401, as on EC2. Every request is size-bounded.
+//! a valid token get 401, as on EC2. Every request is size-bounded (`flotilla_proto::http`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use flotilla_proto::http::{self, Request};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Bytes of one request (line + headers) at most.
-const REQUEST_BYTES_MAX: usize = 8 * 1024;
-/// A connection that sends nothing for this long is closed.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Token lifetimes accepted, as on EC2.
 const TTL_SECONDS_MAX: u64 = 21_600;
 /// Notice given before the instance is taken, as on EC2.
@@ -113,48 +108,11 @@ pub async fn serve(listener: TcpListener, config: ImdsConfig) {
     }
 }
 
-/// The parts of a request this endpoint looks at.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    pub path: String,
-    pub headers: HashMap<String, String>,
-}
-
-/// Parses a request head (`METHOD PATH HTTP/1.1` + headers). `None` when malformed.
-pub fn parse_request(head: &str) -> Option<Request> {
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let (method, path, version) = (first.next()?, first.next()?, first.next()?);
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    let mut headers = HashMap::new();
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let (name, value) = line.split_once(':')?;
-        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
-    }
-    Some(Request { method: method.to_string(), path: path.to_string(), headers })
-}
-
 impl Server {
     async fn handle(&self, mut stream: TcpStream) -> std::io::Result<()> {
-        let mut buffer = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-            if buffer.len() > REQUEST_BYTES_MAX {
-                return respond(&mut stream, 400, "request too large").await;
-            }
-            let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk)).await.unwrap_or(Ok(0))?;
-            if n == 0 {
-                return Ok(());
-            }
-            buffer.extend_from_slice(&chunk[..n]);
-        }
-        let head = String::from_utf8_lossy(&buffer);
-        let Some(request) = parse_request(&head) else { return respond(&mut stream, 400, "bad request").await };
+        let Some(request) = http::read_request(&mut stream).await? else { return Ok(()) };
         let (status, body) = self.answer(&request);
-        respond(&mut stream, status, &body).await
+        http::respond(&mut stream, status, "text/plain", "", &body).await
     }
 
     fn answer(&self, request: &Request) -> (u16, String) {
@@ -212,34 +170,12 @@ impl Server {
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        _ => "Method Not Allowed",
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn requests_parse_and_dates_format() {
-        let head = "GET /latest/meta-data/instance-id HTTP/1.1\r\nX-aws-ec2-metadata-token: abc\r\nHost: x\r\n\r\n";
-        let request = parse_request(head).expect("valid");
-        assert_eq!((request.method.as_str(), request.path.as_str()), ("GET", "/latest/meta-data/instance-id"));
-        assert_eq!(request.headers["x-aws-ec2-metadata-token"], "abc");
-        assert!(parse_request("garbage").is_none());
-        assert!(parse_request("GET / SPDY/3\r\n\r\n").is_none());
+    fn notice_dates_format() {
         assert_eq!(flotilla_core::text::rfc3339_utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(flotilla_core::text::rfc3339_utc(1_795_948_491_458), "2026-11-29T10:34:51Z");
     }

@@ -90,13 +90,10 @@ impl NodeHandle {
     /// Proposes `command` through Raft and waits for its outcome.
     pub async fn propose(&self, command: Command) -> Result<Applied, ApiError> {
         let (reply, answer) = oneshot::channel();
-        let started = std::time::Instant::now();
         self.send(Request::Propose { command, reply })?;
-        self.metrics.proposals_in_flight.inc();
-        let outcome = answer.await;
-        self.metrics.proposals_in_flight.dec();
-        self.metrics.propose_seconds.observe(started.elapsed().as_secs_f64());
-        outcome.map_err(|_| ApiError::new(ErrorKind::Unavailable, "coordinator stopped before answering"))?
+        // Timed and counted until answered, or until the caller gives up (the guard's drop).
+        let _in_flight = self.metrics.proposal();
+        answer.await.map_err(|_| ApiError::new(ErrorKind::Unavailable, "coordinator stopped before answering"))?
     }
 
     /// Runs `f` on a linearizable view of the state (ReadIndex; works on followers too).

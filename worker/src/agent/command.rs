@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_proto::spec::{NoticeSignal, RunSpec};
@@ -268,10 +268,6 @@ fn peers_alive(train: &TrainAssignment) -> bool {
     train.peers.iter().filter(|p| p.rank != train.rank).all(|p| {
         p.data_addr.parse::<SocketAddr>().is_ok_and(|addr| TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok())
     })
-}
-
-fn unix_now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// When the program must have exited after a notice at `now_ms` (unix ms): [`UPLOAD_RESERVE`]
@@ -524,7 +520,7 @@ impl Watch<'_> {
                 break;
             }
             if kill_at.is_none() && self.context.stop_voted() {
-                let now_ms = unix_now_ms();
+                let now_ms = crate::unix_now_ms();
                 let taken_at = self.context.notice_deadline_unix_ms();
                 let deadline_ms = program_deadline_unix_ms(now_ms, taken_at);
                 let deadline = deadline_ms / 1000;

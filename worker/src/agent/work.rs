@@ -311,7 +311,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
             if let Some(history) = history.as_mut() {
                 history
                     .append(serde_json::json!({
-                        "t": crate::history::unix_now_ms(),
+                        "t": crate::unix_now_ms(),
                         "generation": report.generation,
                         "world": world,
                         "step": report.step,
@@ -343,7 +343,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
         {
             history
                 .append(serde_json::json!({
-                    "t": crate::history::unix_now_ms(),
+                    "t": crate::unix_now_ms(),
                     "generation": generation,
                     "world": world,
                     "step": report.step,
