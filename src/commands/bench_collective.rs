@@ -29,8 +29,8 @@ pub struct Args {
 fn iterations(bytes: usize) -> usize {
     match bytes {
         0..=1_048_576 => 50,
-        1_048_577..=16_777_216 => 10,
-        _ => 5,
+        1_048_577..=16_777_216 => 20,
+        _ => 9,
     }
 }
 

@@ -12,9 +12,16 @@
 //! chunk r+1. All-gather: in W-1 more steps the full sums travel around the ring and overwrite.
 //! Each rank sends and receives 2(W-1)/W of the buffer: the bandwidth-optimal schedule.
 //!
-//! Pipelining: chunks move in segments. A sender thread writes whatever the receiving thread
-//! hands it while the receiver reads and sums the next segment, so sending, receiving and
-//! summing overlap. The receiver forwards each segment as soon as it is reduced.
+//! Pipelining: chunks move in segments, and one thread per rank keeps both links busy: with
+//! both sockets non-blocking it writes queued segments to the successor while the kernel takes
+//! them, reads from the predecessor what has arrived, and sleeps in `poll` only when neither
+//! can move. A segment is forwarded as soon as it is reduced. One thread, not a sender and a
+//! receiver: on a machine with fewer cores than threads the hand-offs cost more than the work.
+//!
+//! No copies in user space: segments are written straight from the caller's buffer, a received
+//! segment is read into one cache-sized scratch buffer and added into place (reduce-scatter),
+//! or read straight into the buffer (all-gather, broadcast). A segment still queued for the
+//! successor is not read into until it has been written.
 //!
 //! Determinism: chunk c is summed along the ring in one fixed order (starting at rank c) and
 //! then copied, so every rank holds bit-identical results, run after run.
@@ -39,7 +46,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
@@ -47,7 +53,7 @@ use socket2::SockRef;
 use super::{CollectiveError, Communicator};
 
 /// Bytes per pipelined segment: large enough to amortise syscalls, small enough that the
-/// next rank starts forwarding early.
+/// next rank starts forwarding early and a received segment is summed while still in cache.
 const SEGMENT_BYTES: usize = 256 * 1024;
 /// Socket send/receive buffer size requested from the kernel.
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -111,6 +117,8 @@ pub struct RingCommunicator {
     next: Option<TcpStream>,
     /// Connection from rank - 1.
     prev: Option<TcpStream>,
+    /// Where a received segment lands before it is added (reduce-scatter), kept across calls.
+    scratch: Vec<f32>,
 }
 
 fn lost(operation: &'static str, peer: usize, err: &std::io::Error, timeout: Duration) -> CollectiveError {
@@ -149,7 +157,14 @@ impl RingCommunicator {
                 config.secret.len()
             )));
         }
-        let mut ring = RingCommunicator { rank: config.rank, world, timeout: config.timeout, next: None, prev: None };
+        let mut ring = RingCommunicator {
+            rank: config.rank,
+            world,
+            timeout: config.timeout,
+            next: None,
+            prev: None,
+            scratch: Vec::new(),
+        };
         if world == 1 {
             return Ok(ring);
         }
@@ -186,6 +201,10 @@ impl RingCommunicator {
                 "the connection claiming to be rank {prev_rank} does not hold this gang's secret"
             )));
         }
+        // From here on the links are driven by `poll` (see the module docs).
+        for (stream, peer) in [(&next, next_rank), (&prev, prev_rank)] {
+            stream.set_nonblocking(true).map_err(|e| lost("rendezvous", peer, &e, config.timeout))?;
+        }
         ring.next = Some(next);
         ring.prev = Some(prev);
         Ok(ring)
@@ -219,10 +238,10 @@ impl RingCommunicator {
         header[4..12].copy_from_slice(&(len as u64).to_le_bytes());
         header[12..].copy_from_slice(&(root as u32).to_le_bytes());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
-        next.write_all(&header).map_err(|e| lost(operation, next_rank, &e, timeout))?;
+        write_all_polled(next, &header, timeout).map_err(|e| lost(operation, next_rank, &e, timeout))?;
         let mut theirs = [0u8; 16];
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
-        prev.read_exact(&mut theirs).map_err(|e| lost(operation, prev_rank, &e, timeout))?;
+        read_exact_polled(prev, &mut theirs, timeout).map_err(|e| lost(operation, prev_rank, &e, timeout))?;
         if theirs != header {
             return Err(CollectiveError::Invalid(format!(
                 "rank {prev_rank} called a different collective (op/length/root {:?} vs ours {:?})",
@@ -233,39 +252,29 @@ impl RingCommunicator {
         Ok(())
     }
 
-    /// Runs `receive` on this thread while a scoped thread writes every segment it is handed
-    /// (the first ones from `initial`) to the successor.
-    fn pipelined<R>(
+    /// Runs one ring transfer over `buffer` cut into `ranges` (see [`Transfer`]): `first`
+    /// is the chunk queued for the successor before anything is read.
+    fn transfer(
         &mut self,
         operation: &'static str,
-        initial: Vec<Vec<u8>>,
-        receive: impl FnOnce(&mut TcpStream, &Forward) -> Result<R, CollectiveError>,
-    ) -> Result<R, CollectiveError> {
-        let (timeout, next_rank) = (self.timeout, self.next_rank());
+        buffer: &mut [f32],
+        ranges: &[std::ops::Range<usize>],
+        first: Option<usize>,
+        steps: &[Step],
+    ) -> Result<(), CollectiveError> {
+        let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
-        std::thread::scope(|scope| {
-            let (tx, rx) = mpsc::channel::<Vec<u8>>();
-            let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
-            let sender = scope.spawn(move || -> Result<(), CollectiveError> {
-                for segment in rx {
-                    next.write_all(&segment).map_err(|e| lost(operation, next_rank, &e, timeout))?;
-                    let _ = pool_tx.send(segment); // reused by the receiver: no allocation per segment
-                }
-                Ok(())
-            });
-            for segment in initial {
-                tx.send(segment).expect("the sender thread lives until the channel closes");
-            }
-            let forward = Forward { tx, pool: pool_rx };
-            let received = receive(prev, &forward);
-            drop(forward);
-            let sent = sender.join().unwrap_or_else(|_| {
-                Err(CollectiveError::PeerLost { operation, peer: next_rank, reason: "sender thread panicked".into() })
-            });
-            let value = received?;
-            sent?;
-            Ok(value)
+        if self.scratch.len() != SEGMENT_BYTES / 4 {
+            self.scratch = vec![0f32; SEGMENT_BYTES / 4];
+        }
+        let mut transfer = Transfer::new(buffer, &mut self.scratch, ranges, steps);
+        if let Some(chunk) = first {
+            transfer.queue_chunk(chunk);
+        }
+        transfer.run(next, prev, timeout).map_err(|(side, e)| match side {
+            Side::Next => lost(operation, next_rank, &e, timeout),
+            Side::Prev => lost(operation, prev_rank, &e, timeout),
         })
     }
 }
@@ -419,16 +428,8 @@ fn tracing_free_log(message: &str) {
 // targets) buffers are sent and received in place, without conversion.
 const _: () = assert!(cfg!(target_endian = "little"), "the ring's wire format assumes a little-endian host");
 
-fn to_bytes(values: &[f32]) -> Vec<u8> {
-    bytemuck::cast_slice::<f32, u8>(values).to_vec()
-}
-
-fn segments(values: &[f32]) -> Vec<Vec<u8>> {
-    values.chunks(SEGMENT_BYTES / 4).map(to_bytes).collect()
-}
-
 /// How a received segment is merged into the local buffer.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Combine {
     /// Reduce-scatter: add the partial sum.
     Add,
@@ -436,50 +437,249 @@ enum Combine {
     Copy,
 }
 
-/// The receiver's handle on the sender thread: segments to write, and written segments coming
-/// back for reuse (large allocations are mmap'd and page-faulted afresh each time otherwise).
-pub(crate) struct Forward {
-    tx: mpsc::Sender<Vec<u8>>,
-    pool: mpsc::Receiver<Vec<u8>>,
+/// One chunk to read from the predecessor: how to merge it, and whether to pass it on.
+#[derive(Clone, Copy)]
+struct Step {
+    chunk: usize,
+    combine: Combine,
+    forward: bool,
 }
 
-impl Forward {
-    fn send(&self, values: &[f32]) -> Result<(), ()> {
-        let mut segment = self.pool.try_recv().unwrap_or_default();
-        segment.clear();
-        segment.extend_from_slice(bytemuck::cast_slice::<f32, u8>(values));
-        self.tx.send(segment).map_err(|_| ())
+/// Which link an I/O error came from.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Next,
+    Prev,
+}
+
+/// One ring transfer on one rank: segments queued for the successor, and where reading from
+/// the predecessor has got to, over the caller's buffer. [`Transfer::run`] drives it with
+/// non-blocking reads and writes.
+struct Transfer<'a> {
+    buffer: &'a mut [f32],
+    scratch: &'a mut [f32],
+    /// Element range of every segment, chunk by chunk.
+    segments: Vec<std::ops::Range<usize>>,
+    /// First segment of each chunk, plus one past the last.
+    first: Vec<usize>,
+    /// Segments to write to the successor, in order; the front one has `written` bytes out.
+    queue: std::collections::VecDeque<usize>,
+    written: usize,
+    /// Segments in `queue`: not to be read into until written.
+    queued: Vec<bool>,
+    steps: &'a [Step],
+    /// Reading: step, segment within the step's chunk, bytes of it received.
+    step: usize,
+    segment: usize,
+    received: usize,
+}
+
+impl<'a> Transfer<'a> {
+    fn new(
+        buffer: &'a mut [f32],
+        scratch: &'a mut [f32],
+        ranges: &[std::ops::Range<usize>],
+        steps: &'a [Step],
+    ) -> Transfer<'a> {
+        let mut segments = Vec::new();
+        let mut first = Vec::with_capacity(ranges.len() + 1);
+        for range in ranges {
+            first.push(segments.len());
+            let mut at = range.start;
+            while at < range.end {
+                let end = (at + SEGMENT_BYTES / 4).min(range.end);
+                segments.push(at..end);
+                at = end;
+            }
+        }
+        first.push(segments.len());
+        let queued = vec![false; segments.len()];
+        let queue = std::collections::VecDeque::with_capacity(segments.len());
+        Transfer {
+            buffer,
+            scratch,
+            segments,
+            first,
+            queue,
+            written: 0,
+            queued,
+            steps,
+            step: 0,
+            segment: 0,
+            received: 0,
+        }
+    }
+
+    fn queue_segment(&mut self, id: usize) {
+        self.queued[id] = true;
+        self.queue.push_back(id);
+    }
+
+    fn queue_chunk(&mut self, chunk: usize) {
+        for id in self.first[chunk]..self.first[chunk + 1] {
+            self.queue_segment(id);
+        }
+    }
+
+    /// The segment being read, past empty chunks; None when every step is done.
+    fn reading(&mut self) -> Option<usize> {
+        while let Some(step) = self.steps.get(self.step) {
+            let id = self.first[step.chunk] + self.segment;
+            if id < self.first[step.chunk + 1] {
+                return Some(id);
+            }
+            self.step += 1;
+            self.segment = 0;
+        }
+        None
+    }
+
+    /// Writes queued segments until the socket would block. Ok(true) when bytes went out.
+    fn write_some(&mut self, next: &mut TcpStream) -> std::io::Result<bool> {
+        let mut progress = false;
+        while let Some(&id) = self.queue.front() {
+            let bytes = bytemuck::cast_slice::<f32, u8>(&self.buffer[self.segments[id].clone()]);
+            match next.write(&bytes[self.written..]) {
+                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the connection closed")),
+                Ok(n) => {
+                    progress = true;
+                    self.written += n;
+                    if self.written == bytes.len() {
+                        self.queue.pop_front();
+                        self.queued[id] = false;
+                        self.written = 0;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Reads until the socket would block, a segment to forward is complete (so it goes out at
+    /// once) or the next target is still queued. Ok(true) when bytes came in.
+    fn read_some(&mut self, prev: &mut TcpStream) -> std::io::Result<bool> {
+        let mut progress = false;
+        while let Some(id) = self.reading() {
+            if self.queued[id] {
+                break;
+            }
+            let step = self.steps[self.step];
+            let range = self.segments[id].clone();
+            let target = match step.combine {
+                Combine::Copy => bytemuck::cast_slice_mut::<f32, u8>(&mut self.buffer[range.clone()]),
+                Combine::Add => bytemuck::cast_slice_mut::<f32, u8>(&mut self.scratch[..range.len()]),
+            };
+            let length = target.len();
+            match prev.read(&mut target[self.received..]) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection closed"));
+                }
+                Ok(n) => {
+                    progress = true;
+                    self.received += n;
+                    if self.received < length {
+                        continue;
+                    }
+                    if step.combine == Combine::Add {
+                        for (t, v) in self.buffer[range].iter_mut().zip(self.scratch.iter()) {
+                            *t += *v;
+                        }
+                    }
+                    self.received = 0;
+                    self.segment += 1;
+                    if step.forward {
+                        self.queue_segment(id);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Moves bytes both ways until every step is read and every queued segment written,
+    /// waiting in `poll` (at most `timeout` at a time) only when neither link can move.
+    fn run(
+        &mut self,
+        next: &mut TcpStream,
+        prev: &mut TcpStream,
+        timeout: Duration,
+    ) -> Result<(), (Side, std::io::Error)> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let wait = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        loop {
+            let wrote = self.write_some(next).map_err(|e| (Side::Next, e))?;
+            let read = self.read_some(prev).map_err(|e| (Side::Prev, e))?;
+            let target = self.reading();
+            let writing = !self.queue.is_empty();
+            if target.is_none() && !writing {
+                return Ok(());
+            }
+            if wrote || read {
+                continue;
+            }
+            let reading = target.is_some_and(|id| !self.queued[id]);
+            let out = if writing { PollFlags::POLLOUT } else { PollFlags::empty() };
+            let inn = if reading { PollFlags::POLLIN } else { PollFlags::empty() };
+            let mut fds = [PollFd::new(next.as_fd(), out), PollFd::new(prev.as_fd(), inn)];
+            match nix::poll::poll(&mut fds, wait) {
+                Ok(0) => {
+                    let side = if reading { Side::Prev } else { Side::Next };
+                    return Err((side, std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress")));
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err((Side::Prev, std::io::Error::from(e))),
+            }
+        }
     }
 }
 
-/// Reads `target.len()` floats from `prev` segment by segment, merges each into `target`,
-/// then forwards the merged segment when `forward` is set.
-fn receive_chunk(
-    prev: &mut TcpStream,
-    target: &mut [f32],
-    forward: Option<&Forward>,
-    combine: Combine,
-    on_error: &dyn Fn(std::io::Error) -> CollectiveError,
-) -> Result<(), CollectiveError> {
-    let mut scratch = vec![0f32; SEGMENT_BYTES / 4];
-    for part in target.chunks_mut(SEGMENT_BYTES / 4) {
-        match combine {
-            Combine::Copy => prev.read_exact(bytemuck::cast_slice_mut::<f32, u8>(part)).map_err(on_error)?,
-            Combine::Add => {
-                let incoming = &mut scratch[..part.len()];
-                prev.read_exact(bytemuck::cast_slice_mut::<f32, u8>(incoming)).map_err(on_error)?;
-                for (t, v) in part.iter_mut().zip(incoming.iter()) {
-                    *t += *v;
-                }
-            }
-        }
-        if let Some(forward) = forward {
-            forward.send(part).map_err(|()| {
-                on_error(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the sending side stopped"))
-            })?;
+/// `write_all` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
+fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the connection closed")),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, false, timeout)?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// `read_exact` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
+fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buffer.len() {
+        match stream.read(&mut buffer[at..]) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection closed")),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, true, timeout)?,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(stream: &TcpStream, read: bool, timeout: Duration) -> std::io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let events = if read { PollFlags::POLLIN } else { PollFlags::POLLOUT };
+    let mut fds = [PollFd::new(stream.as_fd(), events)];
+    match nix::poll::poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
+        Ok(0) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress")),
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e)),
+    }
 }
 
 impl Communicator for RingCommunicator {
@@ -499,27 +699,23 @@ impl Communicator for RingCommunicator {
             return Err(CollectiveError::Invalid(format!("{} elements; at most {ELEMENTS_MAX}", buffer.len())));
         }
         self.exchange_header(OP_ALL_REDUCE, buffer.len(), 0, "all_reduce")?;
-        let (rank, world, len, timeout, prev_rank) =
-            (self.rank, self.world, buffer.len(), self.timeout, self.prev_rank());
-        let chunk = |c: usize| self.chunk(c, len);
-        let ranges: Vec<_> = (0..world).map(chunk).collect();
-        let initial = segments(&buffer[ranges[rank].clone()]);
-        let on_error = move |e: std::io::Error| lost("all_reduce", prev_rank, &e, timeout);
-        self.pipelined("all_reduce", initial, |prev, tx| {
-            // Reduce-scatter: at step s receive chunk r-s-1, add, forward (the last one is the
-            // first all-gather send).
-            for step in 0..world - 1 {
-                let c = (rank + 2 * world - step - 1) % world;
-                receive_chunk(prev, &mut buffer[ranges[c].clone()], Some(tx), Combine::Add, &on_error)?;
-            }
-            // All-gather: at step t receive the full chunk r-t, keep it, forward all but the last.
-            for step in 0..world - 1 {
-                let c = (rank + world - step) % world;
-                let forward = (step < world - 2).then_some(tx);
-                receive_chunk(prev, &mut buffer[ranges[c].clone()], forward, Combine::Copy, &on_error)?;
-            }
-            Ok(())
-        })
+        let (rank, world, len) = (self.rank, self.world, buffer.len());
+        let ranges: Vec<_> = (0..world).map(|c| self.chunk(c, len)).collect();
+        // Reduce-scatter: our own chunk starts; at step s receive chunk r-s-1, add, forward (the
+        // last one is the first all-gather send). All-gather: at step t receive the full chunk
+        // r-t, keep it, forward all but the last.
+        let reduce = (0..world - 1).map(|s| Step {
+            chunk: (rank + 2 * world - s - 1) % world,
+            combine: Combine::Add,
+            forward: true,
+        });
+        let gather = (0..world - 1).map(|t| Step {
+            chunk: (rank + world - t) % world,
+            combine: Combine::Copy,
+            forward: t < world - 2,
+        });
+        let steps: Vec<Step> = reduce.chain(gather).collect();
+        self.transfer("all_reduce", buffer, &ranges, Some(rank), &steps)
     }
 
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError> {
@@ -530,17 +726,14 @@ impl Communicator for RingCommunicator {
             return Ok(());
         }
         self.exchange_header(OP_BROADCAST, buffer.len(), root, "broadcast")?;
-        let (timeout, prev_rank) = (self.timeout, self.prev_rank());
-        let on_error = move |e: std::io::Error| lost("broadcast", prev_rank, &e, timeout);
         let last = (root + self.world - 1) % self.world;
+        let whole = 0..buffer.len(); // one chunk: the whole buffer
+        let whole = std::slice::from_ref(&whole);
         if self.rank == root {
-            let initial = segments(buffer);
-            return self.pipelined("broadcast", initial, |_, _| Ok(()));
+            return self.transfer("broadcast", buffer, whole, Some(0), &[]);
         }
-        let forward = self.rank != last;
-        self.pipelined("broadcast", Vec::new(), |prev, tx| {
-            receive_chunk(prev, buffer, forward.then_some(tx), Combine::Copy, &on_error)
-        })
+        let receive = [Step { chunk: 0, combine: Combine::Copy, forward: self.rank != last }];
+        self.transfer("broadcast", buffer, whole, None, &receive)
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {
