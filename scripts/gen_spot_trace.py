@@ -1,7 +1,14 @@
 #!/usr/bin/env python3
-"""Generates examples/traces/us-east-1-gpu-72h.csv: a synthetic, seeded spot market of single-GPU
-instance types in three zones over 72 hours (see examples/traces/README.md). Deterministic:
-rerunning it rewrites the same file."""
+"""Generates the synthetic, seeded spot markets in examples/traces/ (see its README.md): single-GPU
+instance types in three zones over 72 hours.
+
+- us-east-1-gpu-72h.csv: the shipped market (one pool's interruption storm and drought, one squeeze).
+- us-east-1-gpu-zonal-72h.csv: a harsher one, all inside the benchmark workload's first ~10 hours:
+  a zone-wide capacity event (every pool of us-east-1b is taken back, one type after another
+  over an hour, and has no spot capacity until hour 6), the two cheapest remaining pools
+  drying up together (hours 6-8), and one pool's spot price above on-demand for 8 hours.
+
+Deterministic: rerunning it rewrites the same files."""
 import random
 
 ON_DEMAND = {"g4dn.xlarge": 0.526, "g6.xlarge": 0.805, "g5.xlarge": 1.006}
@@ -38,4 +45,42 @@ for itype, od in ON_DEMAND.items():
             lines.append(f"{hour},{itype},{zone},{od * level:.4f},{od:.3f},{rate:.3f},{capacity}")
 
 with open("examples/traces/us-east-1-gpu-72h.csv", "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+# The harsher market: same pools and price levels, other draws, correlated events.
+rng = random.Random(20261204)
+lines = [
+    "# Synthetic spot market with correlated events (seeded; scripts/gen_spot_trace.py).",
+    "# Format and scenario: examples/traces/README.md",
+    "hour,instance_type,zone,spot_usd_per_hour,on_demand_usd_per_hour,interruptions_per_hour,spot_capacity",
+]
+# Zone event: us-east-1b loses its spot capacity type by type (hours), back at hour 6.
+ZONE, ZONE_BACK = "us-east-1b", 6
+ZONE_EVENT = {"g4dn.xlarge": 2.0, "g6.xlarge": 2.5, "g5.xlarge": 3.0}
+for itype, od in ON_DEMAND.items():
+    for zone, discount in DISCOUNT[itype].items():
+        level = discount
+        rows = []
+        for hour in range(72):
+            level = min(0.9, max(0.18, level * (1 + rng.uniform(-0.03, 0.03))))
+            rate = BASE_RATE[itype] * rng.uniform(0.5, 1.5)
+            price = od * level
+            capacity = 32
+            # The two cheapest pools outside the zone dry up together for 2 hours.
+            if itype == "g4dn.xlarge" and zone in ("us-east-1a", "us-east-1c") and 6 <= hour < 8:
+                capacity = 0
+            # Spot above on-demand for 8 hours.
+            if (itype, zone) == ("g6.xlarge", "us-east-1c") and 1 <= hour < 9:
+                price = od * 1.15
+            rows.append([float(hour), price, rate, capacity])
+        if zone == ZONE:
+            start = ZONE_EVENT[itype]
+            # The zone's long-run rates look normal: the event is not in any pool's history.
+            rows = [r for r in rows if not (start <= r[0] < ZONE_BACK)]
+            rows.append([start, od * discount, BASE_RATE[itype], 0])  # the next row restores it
+            rows.sort()
+        for hour, price, rate, capacity in rows:
+            lines.append(f"{hour:g},{itype},{zone},{price:.4f},{od:.3f},{rate:.3f},{capacity}")
+
+with open("examples/traces/us-east-1-gpu-zonal-72h.csv", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -7,7 +7,8 @@
 //!          launch again with the same client token (idempotent) -> InstancesLaunched / LaunchFailed
 //!     2. running jobs past capacity.budget_usd -> RequestCheckpoint{Budget}
 //!     3. autoscale::plan(gangs, held instances, market quotes (spot prices refreshed from the
-//!          provider every 5 min where it has them), limits, back-off)
+//!          provider every 5 min where it has them; interruption rates raised by the notices
+//!          this leader has seen in correlated pools, autoscale::risk), limits, back-off)
 //!          Launch    -> RequestInstances (Raft) -> provider.launch(token = request id) -> step 1's outcome
 //!          Terminate -> provider.terminate -> InstancesTerminated
 //!     4. every RECONCILE_EVERY: describe by cluster tag -> terminate orphans (ours, unknown, not
@@ -16,7 +17,7 @@
 //!
 //! Every decision is recorded through Raft *before* it is carried out, and carried out with an
 //! idempotent token, so whatever crashes where, a new leader finishes it and nothing is
-//! launched twice. Back-off and idle timers are the leader's memory (a new leader starts them
+//! launched twice. Back-off, interruption risk and idle timers are the leader's memory (a new leader starts them
 //! afresh: conservative). The pass is generic over [`Control`], so the simulation test drives it
 //! against a plain state machine with injected leader crashes.
 
@@ -25,6 +26,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use flotilla_core::JobId;
+use flotilla_core::autoscale::risk::PoolRisk;
 use flotilla_core::autoscale::{self, Backoff, Decision, Gang, Held, Limits, PoolKey};
 use flotilla_core::market::Trace;
 use flotilla_core::state::{
@@ -75,6 +77,8 @@ pub struct Input {
     pub known: BTreeSet<String>,
     /// Their launch times.
     pub launched_at: BTreeMap<String, u64>,
+    /// Spot instances whose worker got an interruption notice, with their pool.
+    pub interrupted: Vec<(String, PoolKey)>,
 }
 
 /// Reads a pass's input from the state (pure).
@@ -89,6 +93,10 @@ pub fn input(state: &State, now_ms: u64) -> Input {
         out.launched_at.insert(instance.id.clone(), instance.launched_at_unix_ms);
         let worker = live_workers.iter().find(|w| w.info.instance_id == instance.id);
         let busy = worker.is_some_and(|w| w.job.is_some());
+        if instance.spot && worker.is_some_and(|w| w.draining) {
+            let pool = PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() };
+            out.interrupted.push((instance.id.clone(), pool));
+        }
         let registered = worker.is_some();
         let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
         if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue {
@@ -183,6 +191,10 @@ impl Control for crate::raft::node::NodeHandle {
 #[derive(Debug, Default)]
 pub struct Memory {
     pub backoff: Backoff,
+    /// Interruptions this leader has seen, for the correlated risk of every pool.
+    pub risk: PoolRisk,
+    /// Instances whose interruption is already in `risk`.
+    noticed: BTreeSet<String>,
     /// Instance id -> when this leader first saw it idle.
     idle_since: BTreeMap<String, u64>,
     requests_made: u64,
@@ -311,6 +323,14 @@ pub async fn pass<C: Control>(
             q
         })
         .collect();
+    memory.noticed.retain(|id| input.known.contains(id));
+    for (id, pool) in &input.interrupted {
+        if memory.noticed.insert(id.clone()) {
+            memory.risk.observe(pool, now_ms);
+        }
+    }
+    let mut quotes = quotes;
+    memory.risk.adjust(&mut quotes, now_ms);
     let plan = autoscale::plan(now_ms, &input.gangs, &held, &quotes, &config.limits, &memory.backoff);
     for decision in plan.decisions {
         match decision {

@@ -368,3 +368,52 @@ fn an_inference_job_buys_workers_for_its_shards() {
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!((requests[0].count, requests[0].spot, requests[0].job), (2, true, Some(flotilla_core::JobId(2))));
 }
+
+#[test]
+fn a_spot_notice_raises_the_risk_of_its_pool_and_zone_once() {
+    use flotilla_core::autoscale::PoolKey;
+    use flotilla_core::state::{Applied, WorkerInfo};
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let command = Command::SubmitJob { spec: Box::new(job("j", 2, true)), client_request_id: "r".into() };
+    apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let mut memory = Memory::default();
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let instance = control.state.instances.values().find(|i| i.spot).expect("a spot instance was bought").clone();
+    let pool = PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() };
+    // Its worker registers and gets a spot interruption notice.
+    let info = WorkerInfo {
+        cpus: 1,
+        gpus: 1,
+        memory_bytes: 0,
+        instance_id: instance.id.clone(),
+        instance_type: instance.instance_type.clone(),
+        zone: instance.zone.clone(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:1".into(),
+    };
+    let register = Command::RegisterWorker { info, credential_sha256: String::new() };
+    let Ok(Applied::WorkerRegistered { worker_id, .. }) = apply(&mut control.state, 2, Envelope::new(3000, register))
+    else {
+        panic!("the worker registers");
+    };
+    let notice = Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: None };
+    apply(&mut control.state, 3, Envelope::new(3500, notice)).expect("the notice applies");
+    control.index = 3;
+    assert!(memory.risk.is_empty());
+    for now in [4000, 6000] {
+        futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, now)).expect("pass");
+    }
+    assert_eq!(memory.risk.len(), 1, "one notice, seen by two passes, is one event");
+    let same_zone = PoolKey { instance_type: "other".into(), zone: instance.zone.clone() };
+    let elsewhere = PoolKey { instance_type: "other".into(), zone: "elsewhere".into() };
+    let (own, zone, far) = (
+        memory.risk.extra_rate(&pool, 6000),
+        memory.risk.extra_rate(&same_zone, 6000),
+        memory.risk.extra_rate(&elsewhere, 6000),
+    );
+    assert!(own > zone && zone > 0.0 && far == 0.0, "{own} {zone} {far}");
+}

@@ -1,15 +1,41 @@
 #!/usr/bin/env bash
 # Cost and makespan of a fixed training workload (8 data-parallel jobs, 208 instance-hours on
-# on-demand) on the shipped 72-hour spot market trace, under three policies: all on-demand (the
-# baseline), naive single-instance-type spot, and Flotilla's autoscaler. One JSON line per
-# policy and a summary of ratios against on-demand; `spot_cost.sh SEED...` repeats with other
-# interruption draws (default: 1 2 3).
+# on-demand) on every shipped spot market trace (examples/traces/*.csv), under four policies:
+# all on-demand (the baseline), naive single-type spot, naive spot that moves to on-demand to
+# finish within 1.25x on-demand's makespan, and Flotilla's autoscaler (and, to show what its
+# correlated risk is worth, Flotilla with the long-run interruption rates alone). One JSON line per
+# (trace, seed, policy) and a summary per (trace, seed); last, per trace, the medians over the
+# seeds of every summary ratio. `spot_cost.sh SEED...` sets the seeds (default: 1 2 3 4 5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --quiet --bin flotilla
 bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
-for seed in "${@:-1 2 3}"; do
-  for s in $seed; do
-    "$bin" bench-spot-cost --trace examples/traces/us-east-1-gpu-72h.csv --seed "$s"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+seeds=("${@:-1 2 3 4 5}")
+for trace in examples/traces/*.csv; do
+  for seed in ${seeds[*]}; do
+    "$bin" bench-spot-cost --trace "$trace" --seed "$seed" | tee -a "$out"
   done
 done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+by_trace = {}
+for r in rows:
+    if r["bench"] == "spot_cost_summary":
+        by_trace.setdefault(r["trace"], []).append(r)
+for trace, summaries in by_trace.items():
+    keys = [k for k in summaries[0] if k not in ("bench", "trace", "seed")]
+    line = {"bench": "spot_cost_median", "trace": trace, "seeds": len(summaries)}
+    line.update({k: round(statistics.median(s[k] for s in summaries), 3) for k in keys})
+    for policy in ("flotilla", "flotilla_uncorrelated", "naive_spot", "naive_spot_deadline"):
+        runs = [r for r in rows if r["bench"] == "spot_cost" and r["trace"] == trace and r["policy"] == policy]
+        line[f"{policy}_preemptions"] = statistics.median(r["preemptions"] for r in runs)
+        line[f"{policy}_steps_lost"] = statistics.median(r["steps_lost"] for r in runs)
+        line[f"{policy}_cost_vs_on_demand"] = round(statistics.median(
+            r["cost_usd"] / next(o["cost_usd"] for o in rows if o["bench"] == "spot_cost" and o["trace"] == trace
+                                 and o["seed"] == r["seed"] and o["policy"] == "on_demand") for r in runs), 3)
+        line[f"{policy}_makespan_h"] = statistics.median(r["makespan_h"] for r in runs)
+    print(json.dumps(line))
+PY

@@ -13,14 +13,21 @@
 //! - Gangs in priority then FIFO order. A gang's instances share one pool (instance type +
 //!   zone, DESIGN §6): idle instances already in a pool count toward it, the rest is bought
 //!   in the same pool.
-//! - Pool choice: the lowest *risk-adjusted* hourly price among the pools the job allows
-//!   (`capacity.instance_types`, `max_price_usd_per_hour`, enough GPUs). A spot price is
-//!   weighed by its pool's interruption rate times the hours an interruption costs
-//!   ([`Limits::interruption_cost_hours`]: replacement + restart; Flotilla checkpoints at the
-//!   notice, so no work is lost). A small penalty per instance already held in a pool spreads
-//!   gangs over pools (diversification: one pool's reclaim takes fewer gangs down at once).
-//! - Spot first for `capacity.spot` jobs; on-demand only when every allowed spot pool is in
-//!   back-off after capacity errors and `on_demand_fallback` is set (or the job is not spot).
+//! - Pool choice: the lowest *expected* hourly cost of the gang among the pools the job allows
+//!   (`capacity.instance_types`, `max_price_usd_per_hour`, enough GPUs). A spot gang of W
+//!   workers is interrupted when any member is, W x rate times an hour, and each interruption
+//!   stalls all W for [`Limits::interruption_cost_hours`] (replacement + restart; Flotilla
+//!   checkpoints at the notice, so no work is lost): W x price x (1 + W x rate x cost_hours).
+//!   The rate is the pool's long-run rate plus what [`risk::PoolRisk`] has seen lately in the
+//!   pools that fail together with it (same zone, same type). A small penalty per instance
+//!   already held in a pool spreads gangs over pools (one pool's reclaim takes fewer gangs
+//!   down at once).
+//! - Never spot at or above the on-demand price of the same pool (nor above the job's
+//!   `max_price_usd_per_hour`): on-demand is then the better buy.
+//! - Spot for `capacity.spot` jobs; on-demand only with `on_demand_fallback` (or for a job that
+//!   is not spot), and then only when no allowed spot pool is open (back-off after capacity
+//!   errors, or priced at or above on-demand) or its price is below every open spot pool's
+//!   expected cost.
 //! - Hard caps: never more than `max_instances` held, never more than `max_usd_per_hour` for
 //!   the cluster; a job whose budget is spent gets nothing.
 //! - Scale-down: an idle instance that no waiting gang can use is terminated once it has been
@@ -32,6 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::JobId;
 
+pub mod risk;
 #[cfg(test)]
 mod tests;
 
@@ -117,7 +125,7 @@ pub struct Limits {
     pub max_instances: u32,
     pub max_usd_per_hour: f64,
     pub idle_cooldown_ms: u64,
-    /// Hours of instance time one spot interruption costs (replacement and restart).
+    /// Hours one spot interruption stalls each member of the gang (replacement and restart).
     pub interruption_cost_hours: f64,
     /// Price penalty per instance already held in a pool (0.02: 2% per instance).
     pub diversification: f64,
@@ -177,10 +185,12 @@ impl Backoff {
     }
 }
 
-/// Hourly price of a pool for a purchase option, weighed by its interruption risk.
-fn risk_adjusted(quote: &Quote, spot: bool, limits: &Limits) -> f64 {
+/// Expected hourly price per worker of a gang of `workers` in a pool: a spot gang stops when
+/// any member is interrupted, and each stop idles every member for the interruption's cost.
+pub fn risk_adjusted(quote: &Quote, spot: bool, workers: u32, limits: &Limits) -> f64 {
     if spot {
-        quote.spot_usd_per_hour * (1.0 + quote.interruptions_per_hour.max(0.0) * limits.interruption_cost_hours)
+        let gang_rate = f64::from(workers.max(1)) * quote.interruptions_per_hour.max(0.0);
+        quote.spot_usd_per_hour * (1.0 + gang_rate * limits.interruption_cost_hours)
     } else {
         quote.on_demand_usd_per_hour
     }
@@ -198,6 +208,7 @@ fn allowed(gang: &Gang, quote: &Quote, spot: bool) -> bool {
         && p.is_finite()
         && p >= 0.0
         && gang.max_price_usd_per_hour.is_none_or(|cap| p <= cap)
+        && (!spot || p < quote.on_demand_usd_per_hour) // spot at or above on-demand: buy on-demand
 }
 
 /// Decides launches and terminations (see the module docs for the rules).
@@ -241,11 +252,11 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
         }
         // Cheapest way to complete the gang in one pool: idle there + bought there.
         let mut best: Option<(f64, &Quote, bool, u32)> = None;
-        let spot_open =
-            gang.spot && quotes.iter().any(|q| allowed(gang, q, true) && !backoff.is_blocked(&q.pool, true, now_ms));
         for quote in quotes {
             for spot in [true, false] {
-                let permitted = if spot { gang.spot } else { !gang.spot || (gang.on_demand_fallback && !spot_open) };
+                // On-demand for a spot job: when no spot pool is open, or when it is simply the
+                // cheaper buy (spot priced near on-demand, or risky enough to cost more).
+                let permitted = if spot { gang.spot } else { !gang.spot || gang.on_demand_fallback };
                 if !permitted || !allowed(gang, quote, spot) || backoff.is_blocked(&quote.pool, spot, now_ms) {
                     continue;
                 }
@@ -254,7 +265,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
                     .map_or(0, |hs| hs.iter().filter(|h| usable(h, gang) && h.spot == spot).count() as u32);
                 let buy = workers.saturating_sub(idle);
                 let crowd = 1.0 + limits.diversification * f64::from(*in_pool.get(&quote.pool).unwrap_or(&0));
-                let score = risk_adjusted(quote, spot, limits) * crowd * f64::from(buy);
+                let score = risk_adjusted(quote, spot, workers, limits) * crowd * f64::from(buy);
                 let better = best.is_none_or(|(s, q, sp, _)| {
                     score < s || (score == s && (quote.pool.clone(), !spot) < (q.pool.clone(), !sp))
                 });

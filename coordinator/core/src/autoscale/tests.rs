@@ -46,12 +46,55 @@ fn launches(plan: &Plan) -> Vec<(JobId, PoolKey, bool, u32)> {
 #[test]
 fn a_gang_buys_the_cheapest_risk_adjusted_spot_pool_in_one_piece() {
     let quotes = [
-        quote("g5.xlarge", "a", 0.40, 1.0, 2.0), // cheap but reclaimed twice an hour: 0.40 x 1.2 = 0.48
-        quote("g4dn.xlarge", "b", 0.45, 0.9, 0.1), // 0.45 x 1.01 = 0.4545
+        quote("g5.xlarge", "a", 0.40, 1.0, 2.0), // reclaimed twice an hour: 0.40 x (1 + 4 x 2 x 0.1) = 0.72
+        quote("g4dn.xlarge", "b", 0.45, 0.9, 0.1), // 0.45 x (1 + 4 x 0.1 x 0.1) = 0.468
     ];
     let plan = plan(0, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
     assert_eq!(launches(&plan), [(JobId(1), pool("g4dn.xlarge", "b"), true, 4)]);
     assert!(plan.waiting[&JobId(1)].contains("buying 4 spot"), "{:?}", plan.waiting);
+}
+
+#[test]
+fn spot_above_on_demand_is_passed_over_for_on_demand_or_another_pool() {
+    // a's spot is the cheapest spot but above its own on-demand price; b's spot is dearer.
+    let quotes = [quote("g5.xlarge", "a", 0.90, 0.80, 0.0), quote("g4dn.xlarge", "b", 0.95, 1.2, 0.0)];
+    let cheapest = plan(0, &[gang(1, 2)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&cheapest), [(JobId(1), pool("g5.xlarge", "a"), false, 2)], "a's on-demand at 0.80 wins");
+    // With only the overpriced spot pool, a spot job with fallback buys on-demand.
+    let only = [quote("g5.xlarge", "a", 0.90, 0.80, 0.0)];
+    let fallback = plan(0, &[gang(1, 2)], &[], &only, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&fallback), [(JobId(1), pool("g5.xlarge", "a"), false, 2)]);
+    // Without fallback it waits, and says why.
+    let strict = Gang { on_demand_fallback: false, ..gang(1, 2) };
+    let waits = plan(0, &[strict], &[], &only, &Limits::default(), &Backoff::default());
+    assert!(launches(&waits).is_empty());
+    assert!(waits.waiting.contains_key(&JobId(1)), "{:?}", waits.waiting);
+}
+
+#[test]
+fn a_bigger_gang_weighs_interruptions_more() {
+    // One worker: the risky pool's 0.40 x (1 + 1 x 1.0 x 0.1) = 0.44 beats 0.45.
+    // Four workers: 0.40 x (1 + 4 x 1.0 x 0.1) = 0.56 loses to 0.45 x (1 + 4 x 0.01 x 0.1).
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 1.0), quote("g4dn.xlarge", "b", 0.45, 0.9, 0.01)];
+    let one = plan(0, &[gang(1, 1)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&one), [(JobId(1), pool("g5.xlarge", "a"), true, 1)]);
+    let four = plan(0, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&four), [(JobId(1), pool("g4dn.xlarge", "b"), true, 4)]);
+}
+
+#[test]
+fn a_reclaim_in_a_zone_steers_the_next_gang_out_of_that_zone() {
+    use super::risk::PoolRisk;
+    // Zone a is 10% cheaper; after g5.xlarge/a was reclaimed, g4dn.xlarge/a (same zone, never
+    // interrupted itself) carries half its added risk and zone b wins.
+    let mut quotes = vec![quote("g4dn.xlarge", "a", 0.40, 1.0, 0.02), quote("g4dn.xlarge", "b", 0.44, 1.0, 0.02)];
+    let before = plan(0, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&before)[0].1, pool("g4dn.xlarge", "a"));
+    let mut risk = PoolRisk::default();
+    risk.observe(&pool("g5.xlarge", "a"), 1_000);
+    risk.adjust(&mut quotes, 60_000);
+    let after = plan(60_000, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&after)[0].1, pool("g4dn.xlarge", "b"), "{quotes:?}");
 }
 
 #[test]
@@ -198,6 +241,17 @@ proptest! {
         for h in &held {
             let expired = !h.busy && h.idle_since_ms.is_some_and(|s| now.saturating_sub(s) >= limits.idle_cooldown_ms);
             prop_assert_eq!(gone.contains(h.id.as_str()), expired, "{:?}", h);
+        }
+    }
+
+    #[test]
+    fn never_buys_spot_at_or_above_on_demand((gangs, held, quotes, limits, now) in arb_world()) {
+        let plan = plan(now, &gangs, &held, &quotes, &limits, &Backoff::default());
+        for d in &plan.decisions {
+            if let Decision::Launch { pool, spot: true, usd_per_hour, .. } = d {
+                let q = quotes.iter().find(|q| q.pool == *pool).expect("a launch is in a quoted pool");
+                prop_assert!(*usd_per_hour < q.on_demand_usd_per_hour, "spot {} >= on-demand {}", usd_per_hour, q.on_demand_usd_per_hour);
+            }
         }
     }
 

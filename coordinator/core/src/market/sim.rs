@@ -4,10 +4,14 @@
 //! - `naive_spot`: one instance type in one zone (the cheapest spot pool at the start), spot
 //!   only, no fallback; like a framework that restarts from the user's last periodic checkpoint,
 //!   it loses the work since that checkpoint at each interruption.
-//! - `flotilla`: the [`crate::autoscale`] policy (risk-adjusted pool choice over every pool,
-//!   diversification, back-off on capacity errors, on-demand fallback) and Flotilla's notice
-//!   path: a spot interruption is announced, the gang checkpoints at the next step, no work is
-//!   lost; idle instances are reused by the next gang.
+//! - `naive_spot_deadline`: `naive_spot` that moves a waiting job to on-demand (the cheapest
+//!   on-demand pool) once its remaining work would no longer finish by
+//!   [`SimParams::deadline_hours`] on spot: the baseline for cost at equal deadline.
+//! - `flotilla`: the [`crate::autoscale`] policy (expected-cost pool choice over every pool,
+//!   correlated risk from the interruptions it has seen ([`crate::autoscale::risk`]),
+//!   diversification, back-off on capacity errors, never spot above on-demand, on-demand
+//!   fallback) and Flotilla's notice path: a spot interruption is announced, the gang
+//!   checkpoints at the next step, no work is lost; idle instances are reused by the next gang.
 //!
 //! Time a gang spends restarting (replacement provisioning, rendezvous, resume) is paid for and
 //! delays the job in every policy. Cost is billed per minute at the pool's current price.
@@ -15,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use super::{PoolKey, Trace};
+use crate::autoscale::risk::PoolRisk;
 use crate::autoscale::{self, Backoff, Decision, Gang, Held, Limits};
 use crate::ids::JobId;
 use crate::rand::SplitMix64;
@@ -23,18 +28,24 @@ use crate::rand::SplitMix64;
 pub enum Policy {
     OnDemand,
     NaiveSpot,
+    NaiveSpotDeadline,
     Flotilla,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 3] = [Policy::OnDemand, Policy::NaiveSpot, Policy::Flotilla];
+    pub const ALL: [Policy; 4] = [Policy::OnDemand, Policy::NaiveSpot, Policy::NaiveSpotDeadline, Policy::Flotilla];
 
     pub fn name(self) -> &'static str {
         match self {
             Policy::OnDemand => "on_demand",
             Policy::NaiveSpot => "naive_spot",
+            Policy::NaiveSpotDeadline => "naive_spot_deadline",
             Policy::Flotilla => "flotilla",
         }
+    }
+
+    fn naive(self) -> bool {
+        matches!(self, Policy::NaiveSpot | Policy::NaiveSpotDeadline)
     }
 }
 
@@ -58,6 +69,11 @@ pub struct SimParams {
     pub limits: Limits,
     /// The simulation stops here even if jobs remain (they count as unfinished).
     pub horizon_hours: f64,
+    /// When every job should be done (`naive_spot_deadline` moves to on-demand to make it).
+    pub deadline_hours: Option<f64>,
+    /// `flotilla` raises pool risk from the interruptions it sees (off: the long-run rates
+    /// alone, for comparison).
+    pub correlated_risk: bool,
     pub seed: u64,
 }
 
@@ -76,6 +92,8 @@ impl Default for SimParams {
                 ..Limits::default()
             },
             horizon_hours: 500.0,
+            deadline_hours: None,
+            correlated_risk: true,
             seed: 1,
         }
     }
@@ -91,6 +109,8 @@ pub struct Outcome {
     /// Compute paid for work that was lost and redone.
     pub lost_work_usd: f64,
     pub instance_hours: f64,
+    /// Of which on on-demand instances.
+    pub on_demand_hours: f64,
     pub finished_jobs: usize,
 }
 
@@ -119,6 +139,8 @@ struct Job {
     progress_h: f64,
     checkpoint_h: f64,
     phase: Phase,
+    /// Moved to on-demand to meet the deadline (`naive_spot_deadline`).
+    on_demand: bool,
 }
 
 struct World<'a> {
@@ -130,7 +152,12 @@ struct World<'a> {
     next_id: u64,
     out: Outcome,
     backoff: Backoff,
+    risk: PoolRisk,
     rng: SplitMix64,
+}
+
+fn hour_ms(hour: f64) -> u64 {
+    (hour * 3_600_000.0) as u64
 }
 
 impl World<'_> {
@@ -146,6 +173,9 @@ impl World<'_> {
     /// checkpoint is lost unless the policy checkpoints at the notice.
     fn reclaim(&mut self, index: usize, hour: f64) {
         let inst = self.alive.remove(index);
+        if self.policy == Policy::Flotilla && self.params.correlated_risk && inst.spot {
+            self.risk.observe(&inst.pool, hour_ms(hour));
+        }
         let Some(j) = inst.job else { return };
         let phase = self.jobs[j].phase;
         if !matches!(phase, Phase::Running | Phase::Starting { .. }) {
@@ -153,7 +183,7 @@ impl World<'_> {
         }
         self.out.preemptions += 1;
         let lost_h = match (phase, self.policy) {
-            (Phase::Running, Policy::NaiveSpot | Policy::OnDemand) => {
+            (Phase::Running, Policy::NaiveSpot | Policy::NaiveSpotDeadline | Policy::OnDemand) => {
                 self.jobs[j].progress_h - self.jobs[j].checkpoint_h
             }
             _ => 0.0,
@@ -185,6 +215,33 @@ impl World<'_> {
                 job: Some(job),
                 idle_since_h: None,
             });
+        }
+    }
+
+    /// Whether job `j` must move to capacity that stays (on-demand) at `hour` to finish by the
+    /// deadline: its remaining work, one provisioning and one restart, what one more spot
+    /// interruption could lose (a checkpoint interval) and a few minutes no longer fit.
+    fn out_of_slack(&self, j: usize, hour: f64) -> bool {
+        let Some(deadline) = self.params.deadline_hours else { return false };
+        let job = &self.jobs[j];
+        let overhead_h = (self.params.provision_minutes + self.params.restart_minutes) / 60.0;
+        let margin_h = self.params.checkpoint_every_hours + 3.0 * self.params.step_minutes / 60.0;
+        hour + (job.spec.work_hours - job.progress_h) + overhead_h + margin_h >= deadline
+    }
+
+    /// `naive_spot_deadline`: a job out of slack on spot checkpoints, gives its spot instances
+    /// back and waits for on-demand capacity.
+    fn move_late_jobs_to_on_demand(&mut self, hour: f64) {
+        for j in 0..self.jobs.len() {
+            let job = &self.jobs[j];
+            if job.on_demand || matches!(job.phase, Phase::Done { .. }) || !self.out_of_slack(j, hour) {
+                continue;
+            }
+            let job = &mut self.jobs[j];
+            job.on_demand = true;
+            job.checkpoint_h = job.progress_h; // a deliberate stop checkpoints first
+            job.phase = Phase::Waiting;
+            self.alive.retain(|i| !(i.job == Some(j) && i.spot));
         }
     }
 
@@ -228,30 +285,39 @@ impl World<'_> {
     fn buy(&mut self, hour: f64) {
         let waiting: Vec<usize> = (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
         match self.policy {
-            Policy::OnDemand | Policy::NaiveSpot => {
-                let quotes = self.trace.quotes(hour);
-                let spot = self.policy == Policy::NaiveSpot;
-                let pool = if spot {
-                    // One pool, fixed at the start: the cheapest spot price at hour 0.
-                    self.trace
-                        .quotes(0.0)
-                        .into_iter()
-                        .min_by(|a, b| a.spot_usd_per_hour.total_cmp(&b.spot_usd_per_hour))
-                } else {
-                    quotes.into_iter().min_by(|a, b| a.on_demand_usd_per_hour.total_cmp(&b.on_demand_usd_per_hour))
+            Policy::OnDemand | Policy::NaiveSpot | Policy::NaiveSpotDeadline => {
+                // Naive: one spot pool, fixed at the start (the cheapest spot price at hour 0).
+                let spot_pool = self
+                    .trace
+                    .quotes(0.0)
+                    .into_iter()
+                    .min_by(|a, b| a.spot_usd_per_hour.total_cmp(&b.spot_usd_per_hour))
+                    .map(|q| q.pool);
+                let on_demand_pool = self
+                    .trace
+                    .quotes(hour)
+                    .into_iter()
+                    .min_by(|a, b| a.on_demand_usd_per_hour.total_cmp(&b.on_demand_usd_per_hour))
+                    .map(|q| q.pool);
+                let (Some(spot_pool), Some(on_demand_pool)) = (spot_pool, on_demand_pool) else { return };
+                if self.policy == Policy::NaiveSpotDeadline {
+                    self.move_late_jobs_to_on_demand(hour);
                 }
-                .map(|q| q.pool);
-                let Some(pool) = pool else { return };
+                let waiting: Vec<usize> =
+                    (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
                 for j in waiting {
+                    let spot = self.policy.naive() && !self.jobs[j].on_demand;
+                    let pool = if spot { &spot_pool } else { &on_demand_pool };
                     let have = self.alive.iter().filter(|i| i.job == Some(j)).count() as u32;
                     let need = self.jobs[j].spec.workers.saturating_sub(have);
                     let total = self.alive.len() as u32;
                     if need == 0 || total + need > self.params.limits.max_instances {
                         continue;
                     }
-                    if spot && self.spot_room(&pool, hour) < need {
+                    if spot && self.spot_room(pool, hour) < need {
                         continue; // no capacity: try again next minute
                     }
+                    let pool = pool.clone();
                     self.launch(j, &pool, spot, need, hour);
                 }
                 // Nothing left to wait for: give idle capacity back at once.
@@ -288,14 +354,9 @@ impl World<'_> {
                         }
                     })
                     .collect();
-                let plan = autoscale::plan(
-                    now_ms,
-                    &gangs,
-                    &held,
-                    &self.trace.quotes(hour),
-                    &self.params.limits,
-                    &self.backoff,
-                );
+                let mut quotes = self.trace.quotes(hour);
+                self.risk.adjust(&mut quotes, now_ms);
+                let plan = autoscale::plan(now_ms, &gangs, &held, &quotes, &self.params.limits, &self.backoff);
                 for decision in plan.decisions {
                     match decision {
                         Decision::Launch { job, pool, spot, count, .. } => {
@@ -322,7 +383,7 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
         policy,
         jobs: jobs
             .iter()
-            .map(|&spec| Job { spec, progress_h: 0.0, checkpoint_h: 0.0, phase: Phase::Waiting })
+            .map(|&spec| Job { spec, progress_h: 0.0, checkpoint_h: 0.0, phase: Phase::Waiting, on_demand: false })
             .collect(),
         alive: Vec::new(),
         next_id: 0,
@@ -334,9 +395,11 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
             steps_lost: 0,
             lost_work_usd: 0.0,
             instance_hours: 0.0,
+            on_demand_hours: 0.0,
             finished_jobs: 0,
         },
         backoff: Backoff::default(),
+        risk: PoolRisk::default(),
         rng: SplitMix64::new(params.seed),
     };
     let dt = params.step_minutes.max(0.01) / 60.0;
@@ -346,6 +409,9 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
         for i in &world.alive {
             world.out.cost_usd += world.price(&i.pool, i.spot, hour) * dt;
             world.out.instance_hours += dt;
+            if !i.spot {
+                world.out.on_demand_hours += dt;
+            }
         }
         // The market takes instances back: random interruptions, and capacity shrinking below
         // what is held (the newest instances go first).
