@@ -231,8 +231,13 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
     for gang in order {
         let workers = gang.workers.max(1);
         // Already covered by idle instances of one pool (its own reservations first)?
+        // A gang that must not run on spot (`capacity.spot = false`, or out of slack for its
+        // deadline) does not count idle spot instances.
         let usable = |h: &&Held, gang: &Gang| {
-            !used.contains(&h.id) && h.gpus >= gang.gpus_per_worker && h.reserved_for.is_none_or(|j| j == gang.job)
+            !used.contains(&h.id)
+                && h.gpus >= gang.gpus_per_worker
+                && h.reserved_for.is_none_or(|j| j == gang.job)
+                && (gang.spot || !h.spot)
         };
         let best_idle = free
             .iter()

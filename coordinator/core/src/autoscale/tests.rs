@@ -72,6 +72,18 @@ fn spot_above_on_demand_is_passed_over_for_on_demand_or_another_pool() {
 }
 
 #[test]
+fn a_gang_that_must_not_run_on_spot_buys_on_demand_beside_idle_spot_instances() {
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 0.0)];
+    let idle =
+        [held("i-1", pool("g5.xlarge", "a"), false, Some(0)), held("i-2", pool("g5.xlarge", "a"), false, Some(0))];
+    let on_demand = Gang { spot: false, ..gang(1, 2) };
+    let plan = plan(1, &[on_demand], &idle, &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&plan), [(JobId(1), pool("g5.xlarge", "a"), false, 2)]);
+    let spot = plan_for(&[gang(2, 2)], &idle, &quotes);
+    assert!(launches(&spot).is_empty(), "a spot gang takes the idle spot instances");
+}
+
+#[test]
 fn a_bigger_gang_weighs_interruptions_more() {
     // One worker: the risky pool's 0.40 x (1 + 1 x 1.0 x 0.1) = 0.44 beats 0.45.
     // Four workers: 0.40 x (1 + 4 x 1.0 x 0.1) = 0.56 loses to 0.45 x (1 + 4 x 0.01 x 0.1).

@@ -7,7 +7,9 @@
 //! - `naive_spot_deadline`: `naive_spot` that moves a waiting job to on-demand (the cheapest
 //!   on-demand pool) once its remaining work would no longer finish by
 //!   [`SimParams::deadline_hours`] on spot: the baseline for cost at equal deadline.
-//! - `flotilla`: the [`crate::autoscale`] policy (expected-cost pool choice over every pool,
+//! - `flotilla`: with [`SimParams::deadline_hours`], a job moves to on-demand as its slack runs
+//!   out, as in `naive_spot_deadline` ("Can't Be Late", NSDI'24, is the idea); and always
+//!   the [`crate::autoscale`] policy (expected-cost pool choice over every pool,
 //!   correlated risk from the interruptions it has seen ([`crate::autoscale::risk`]),
 //!   diversification, back-off on capacity errors, never spot above on-demand, on-demand
 //!   fallback) and Flotilla's notice path: a spot interruption is announced, the gang
@@ -69,7 +71,8 @@ pub struct SimParams {
     pub limits: Limits,
     /// The simulation stops here even if jobs remain (they count as unfinished).
     pub horizon_hours: f64,
-    /// When every job should be done (`naive_spot_deadline` moves to on-demand to make it).
+    /// When every job should be done (`naive_spot_deadline` and `flotilla` move jobs to
+    /// on-demand to make it).
     pub deadline_hours: Option<f64>,
     /// `flotilla` raises pool risk from the interruptions it sees (off: the long-run rates
     /// alone, for comparison).
@@ -229,8 +232,9 @@ impl World<'_> {
         hour + (job.spec.work_hours - job.progress_h) + overhead_h + margin_h >= deadline
     }
 
-    /// `naive_spot_deadline`: a job out of slack on spot checkpoints, gives its spot instances
-    /// back and waits for on-demand capacity.
+    /// With a deadline (`naive_spot_deadline`, and `flotilla` when one is set): a job out of
+    /// slack on spot checkpoints, leaves its spot instances (given back, or idle for other
+    /// gangs under `flotilla`) and waits for on-demand capacity.
     fn move_late_jobs_to_on_demand(&mut self, hour: f64) {
         for j in 0..self.jobs.len() {
             let job = &self.jobs[j];
@@ -241,7 +245,14 @@ impl World<'_> {
             job.on_demand = true;
             job.checkpoint_h = job.progress_h; // a deliberate stop checkpoints first
             job.phase = Phase::Waiting;
-            self.alive.retain(|i| !(i.job == Some(j) && i.spot));
+            if self.policy == Policy::Flotilla {
+                for i in self.alive.iter_mut().filter(|i| i.job == Some(j) && i.spot) {
+                    i.job = None;
+                    i.idle_since_h = Some(hour);
+                }
+            } else {
+                self.alive.retain(|i| !(i.job == Some(j) && i.spot));
+            }
         }
     }
 
@@ -260,7 +271,9 @@ impl World<'_> {
             let workers = self.jobs[j].spec.workers as usize;
             let mut by_pool: BTreeMap<PoolKey, Vec<usize>> = BTreeMap::new();
             for (index, inst) in self.alive.iter().enumerate() {
-                let usable = inst.ready_at_h <= hour && (inst.job == Some(j) || inst.job.is_none());
+                let usable = inst.ready_at_h <= hour
+                    && (inst.job == Some(j) || inst.job.is_none())
+                    && !(self.jobs[j].on_demand && inst.spot);
                 if usable {
                     by_pool.entry(inst.pool.clone()).or_default().push(index);
                 }
@@ -283,7 +296,6 @@ impl World<'_> {
     }
 
     fn buy(&mut self, hour: f64) {
-        let waiting: Vec<usize> = (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
         match self.policy {
             Policy::OnDemand | Policy::NaiveSpot | Policy::NaiveSpotDeadline => {
                 // Naive: one spot pool, fixed at the start (the cheapest spot price at hour 0).
@@ -330,10 +342,16 @@ impl World<'_> {
                 self.alive.retain(|_| k.next().unwrap_or(true));
             }
             Policy::Flotilla => {
+                self.move_late_jobs_to_on_demand(hour);
+                let waiting: Vec<usize> =
+                    (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
                 let now_ms = (hour * 3_600_000.0) as u64;
                 let gangs: Vec<Gang> = waiting
                     .iter()
-                    .map(|&j| Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1))
+                    .map(|&j| Gang {
+                        spot: !self.jobs[j].on_demand, // out of slack for its deadline: on-demand
+                        ..Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1)
+                    })
                     .collect();
                 let held: Vec<Held> = self
                     .alive

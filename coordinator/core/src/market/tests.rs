@@ -109,3 +109,26 @@ fn the_deadline_baseline_meets_the_deadline_whenever_on_demand_could() {
         }
     }
 }
+
+#[test]
+fn flotilla_meets_a_deadline_whenever_on_demand_alone_could() {
+    let shipped = include_str!("../../../../examples/traces/us-east-1-gpu-72h.csv");
+    for (name, text) in [("small", TRACE), ("shipped", shipped), ("zonal", ZONAL)] {
+        let trace = Trace::parse(text).expect("trace");
+        let jobs = if name == "small" { jobs() } else { workload() };
+        let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
+        for factor in [1.02, 1.05, 1.1, 1.25] {
+            let deadline = on_demand.makespan_h * factor;
+            for seed in 1..=3 {
+                let params = SimParams { deadline_hours: Some(deadline), seed, ..SimParams::default() };
+                let run = simulate(&trace, &jobs, Policy::Flotilla, params);
+                assert_eq!(run.finished_jobs, jobs.len(), "{name} x{factor} seed {seed}: {run:?}");
+                assert!(run.makespan_h <= deadline, "{name} x{factor} seed {seed}: {run:?} past {deadline}");
+                assert_eq!(run.steps_lost, 0, "{name} x{factor} seed {seed}: {run:?}");
+                // A tight deadline costs more, never more than on-demand by much (idle spot
+                // instances left behind are paid until their cooldown).
+                assert!(run.cost_usd <= on_demand.cost_usd * 1.05, "{name} x{factor} seed {seed}: {run:?}");
+            }
+        }
+    }
+}
