@@ -282,17 +282,23 @@ fn a_capacity_error_backs_off_and_falls_back_to_on_demand() {
     assert!(failed <= 4, "back-off, not a tight retry loop: {failed} failed requests");
 }
 
-#[test]
-fn live_spot_prices_from_the_provider_override_the_market_file() {
+/// A healthy leader over a state holding one submitted spot job of 2 workers.
+fn one_spot_job(prices: SpotPrices) -> (Local, Crashing) {
     let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
     let mut state = State::default();
     let command = Command::SubmitJob { spec: Box::new(job("j", 2, true)), client_request_id: "r".into() };
     apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
-    // By the file, g4dn.xlarge/a is cheapest (0.20 x 1.05); the cloud says g5.xlarge/b is at 0.05 now.
+    let control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    (control, Crashing { cloud, fuse, prices })
+}
+
+#[test]
+fn live_spot_prices_from_the_provider_override_the_market_file() {
+    // By the file, g4dn.xlarge/a is cheapest (0.20 x (1 + 2 x 0.5 x 0.1) = 0.22); the cloud
+    // says g5.xlarge/b is at 0.05 now.
     let prices = SpotPrices::from([(("g5.xlarge".to_string(), "b".to_string()), 0.05)]);
-    let provider = Crashing { cloud: cloud.clone(), fuse, prices };
+    let (mut control, provider) = one_spot_job(prices);
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
     let request = control.state.instance_requests.values().next().expect("a request");
@@ -373,13 +379,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
 fn a_spot_notice_raises_the_risk_of_its_pool_and_zone_once() {
     use flotilla_core::autoscale::PoolKey;
     use flotilla_core::state::{Applied, WorkerInfo};
-    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
-    let mut state = State::default();
-    let command = Command::SubmitJob { spec: Box::new(job("j", 2, true)), client_request_id: "r".into() };
-    apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
-    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
-    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let (mut control, provider) = one_spot_job(SpotPrices::new());
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
     let instance = control.state.instances.values().find(|i| i.spot).expect("a spot instance was bought").clone();

@@ -4,7 +4,7 @@
 //! spot and naive spot held to a deadline of 1.25x on-demand's makespan, all from the same run.
 
 use anyhow::Context;
-use flotilla_core::market::{Policy, SimJob, SimParams, Trace, simulate};
+use flotilla_core::market::{Policy, SimParams, Trace, benchmark_workload, simulate};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -15,16 +15,6 @@ pub struct Args {
     /// Seeds the interruptions drawn from the trace's rates.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-}
-
-/// The workload: 8 data-parallel jobs, 208 instance-hours of training on on-demand capacity.
-fn workload() -> Vec<SimJob> {
-    let mut jobs = Vec::new();
-    for _ in 0..4 {
-        jobs.push(SimJob { workers: 4, work_hours: 10.0 });
-        jobs.push(SimJob { workers: 2, work_hours: 6.0 });
-    }
-    jobs
 }
 
 /// Makespan allowed to the deadline baseline, as a multiple of all-on-demand's (issue 24).
@@ -40,7 +30,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let trace = Trace::parse(&text).with_context(|| format!("parsing {}", args.trace.display()))?;
     let name = args.trace.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let params = SimParams { seed: args.seed, ..SimParams::default() };
-    let jobs = workload();
+    let jobs = benchmark_workload();
     let mut outcomes = Vec::new();
     let mut deadline_hours = None;
     // Every policy, then Flotilla without correlated risk (what the risk model is worth).

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use crate::autoscale::{PoolKey, Quote};
 
-pub use sim::{Outcome, Policy, SimJob, SimParams, simulate};
+pub use sim::{Outcome, Policy, SimJob, SimParams, benchmark_workload, simulate};
 
 /// Rows in a trace at most.
 pub const TRACE_ROWS_MAX: usize = 1_000_000;

@@ -58,6 +58,17 @@ pub struct SimJob {
     pub work_hours: f64,
 }
 
+/// The cost benchmark's workload (`scripts/bench/spot_cost.sh`): 8 data-parallel jobs, 4 x 4
+/// workers x 10 h and 4 x 2 workers x 6 h, 208 instance-hours of training on on-demand.
+pub fn benchmark_workload() -> Vec<SimJob> {
+    let mut jobs = Vec::new();
+    for _ in 0..4 {
+        jobs.push(SimJob { workers: 4, work_hours: 10.0 });
+        jobs.push(SimJob { workers: 2, work_hours: 6.0 });
+    }
+    jobs
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SimParams {
     pub step_minutes: f64,

@@ -62,21 +62,12 @@ fn on_demand_is_never_interrupted_and_flotilla_loses_no_work() {
 
 const ZONAL: &str = include_str!("../../../../examples/traces/us-east-1-gpu-zonal-72h.csv");
 
-fn workload() -> Vec<SimJob> {
-    let mut jobs = Vec::new();
-    for _ in 0..4 {
-        jobs.push(SimJob { workers: 4, work_hours: 10.0 });
-        jobs.push(SimJob { workers: 2, work_hours: 6.0 });
-    }
-    jobs
-}
-
 #[test]
 fn on_the_zonal_trace_flotilla_beats_both_naive_baselines_within_the_targets() {
     // A zone-wide capacity event, the two cheapest other pools dry together, one pool's spot
     // above on-demand: issue 24's acceptance on one seed (the bench takes five).
     let trace = Trace::parse(ZONAL).expect("the shipped zonal trace parses");
-    let jobs = workload();
+    let jobs = benchmark_workload();
     let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
     let deadline = on_demand.makespan_h * 1.25;
     let with_deadline = SimParams { deadline_hours: Some(deadline), ..SimParams::default() };
@@ -96,7 +87,7 @@ fn on_the_zonal_trace_flotilla_beats_both_naive_baselines_within_the_targets() {
 fn the_deadline_baseline_meets_the_deadline_whenever_on_demand_could() {
     for (name, text) in [("small", TRACE), ("zonal", ZONAL)] {
         let trace = Trace::parse(text).expect("trace");
-        let jobs = if name == "small" { jobs() } else { workload() };
+        let jobs = if name == "small" { jobs() } else { benchmark_workload() };
         let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
         for factor in [1.1, 1.25, 2.0] {
             let deadline = on_demand.makespan_h * factor;
@@ -115,7 +106,7 @@ fn flotilla_meets_a_deadline_whenever_on_demand_alone_could() {
     let shipped = include_str!("../../../../examples/traces/us-east-1-gpu-72h.csv");
     for (name, text) in [("small", TRACE), ("shipped", shipped), ("zonal", ZONAL)] {
         let trace = Trace::parse(text).expect("trace");
-        let jobs = if name == "small" { jobs() } else { workload() };
+        let jobs = if name == "small" { jobs() } else { benchmark_workload() };
         let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
         for factor in [1.02, 1.05, 1.1, 1.25] {
             let deadline = on_demand.makespan_h * factor;
