@@ -157,9 +157,32 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 on_demand_fallback: job.spec.capacity.on_demand_fallback,
                 max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
                 budget_left_usd: budget_left,
+                pool: None,
             }),
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
                 out.over_budget.push((job.id, job.generation));
+            }
+            // An elastic job below its max grows on spot in its gang's pool when capacity is
+            // there (the scheduler regroups it once the workers register).
+            JobState::Running
+                if job.spec.capacity.spot
+                    && (job.gang.len() as u32) < job.spec.workers.max
+                    && job.checkpoint_requested.is_none() =>
+            {
+                let members: Vec<_> = job.gang.iter().filter_map(|id| state.workers.get(id)).collect();
+                let Some(first) = members.first() else { continue };
+                if members.iter().any(|w| w.draining || w.lost_at_unix_ms.is_some()) {
+                    continue; // a member is leaving: the job regroups anyway
+                }
+                let pool = PoolKey { instance_type: first.info.instance_type.clone(), zone: first.info.zone.clone() };
+                let missing = job.spec.workers.max - job.gang.len() as u32;
+                let gang = Gang::growth(job.id, job.submitted_index, missing, job.spec.workers.gpus, pool);
+                out.gangs.push(Gang {
+                    instance_types: job.spec.capacity.instance_types.clone(),
+                    max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
+                    budget_left_usd: budget_left,
+                    ..gang
+                });
             }
             _ => {}
         }

@@ -282,6 +282,29 @@ fn a_capacity_error_backs_off_and_falls_back_to_on_demand() {
     assert!(failed <= 4, "back-off, not a tight retry loop: {failed} failed requests");
 }
 
+/// Registers a worker on `instance` (Raft index `index`) as its agent would.
+fn register_worker(
+    state: &mut State,
+    index: u64,
+    instance: &flotilla_core::state::InstanceRecord,
+) -> flotilla_core::WorkerId {
+    let info = flotilla_core::state::WorkerInfo {
+        cpus: 1,
+        gpus: 1,
+        memory_bytes: 0,
+        instance_id: instance.id.clone(),
+        instance_type: instance.instance_type.clone(),
+        zone: instance.zone.clone(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:1".into(),
+    };
+    let register = Command::RegisterWorker { info, credential_sha256: String::new() };
+    match apply(state, index, Envelope::new(index * 1000, register)) {
+        Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
+        other => panic!("the worker registers: {other:?}"),
+    }
+}
+
 /// A healthy leader over a state holding one submitted spot job of 2 workers.
 fn one_spot_job(prices: SpotPrices) -> (Local, Crashing) {
     let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
@@ -378,28 +401,13 @@ fn an_inference_job_buys_workers_for_its_shards() {
 #[test]
 fn a_spot_notice_raises_the_risk_of_its_pool_and_zone_once() {
     use flotilla_core::autoscale::PoolKey;
-    use flotilla_core::state::{Applied, WorkerInfo};
     let (mut control, provider) = one_spot_job(SpotPrices::new());
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
     let instance = control.state.instances.values().find(|i| i.spot).expect("a spot instance was bought").clone();
     let pool = PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() };
     // Its worker registers and gets a spot interruption notice.
-    let info = WorkerInfo {
-        cpus: 1,
-        gpus: 1,
-        memory_bytes: 0,
-        instance_id: instance.id.clone(),
-        instance_type: instance.instance_type.clone(),
-        zone: instance.zone.clone(),
-        hostname: "h".into(),
-        data_addr: "127.0.0.1:1".into(),
-    };
-    let register = Command::RegisterWorker { info, credential_sha256: String::new() };
-    let Ok(Applied::WorkerRegistered { worker_id, .. }) = apply(&mut control.state, 2, Envelope::new(3000, register))
-    else {
-        panic!("the worker registers");
-    };
+    let worker_id = register_worker(&mut control.state, 2, &instance);
     let notice = Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: None };
     apply(&mut control.state, 3, Envelope::new(3500, notice)).expect("the notice applies");
     control.index = 3;
@@ -416,4 +424,39 @@ fn a_spot_notice_raises_the_risk_of_its_pool_and_zone_once() {
         memory.risk.extra_rate(&elsewhere, 6000),
     );
     assert!(own > zone && zone > 0.0 && far == 0.0, "{own} {zone} {far}");
+}
+
+#[test]
+fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let spec = JobSpec::from_toml_str(
+        "name = \"e\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+         workers = { min = 1, max = 3, gpus = 1 }\n",
+    )
+    .expect("spec");
+    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
+        .expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let mut memory = Memory::default();
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let first: Vec<_> = control.state.instances.values().cloned().collect();
+    assert_eq!(first.len(), 1, "min = 1 is bought first: {first:?}");
+    let instance = &first[0];
+    // Its worker registers and the job runs on it, a gang of 1.
+    let worker_id = register_worker(&mut control.state, 2, instance);
+    let job_id = *control.state.jobs.keys().next().expect("the job");
+    apply(&mut control.state, 3, Envelope::new(3500, Command::AssignGang { job_id, workers: vec![worker_id] }))
+        .expect("assign");
+    control.index = 3;
+    for now in [4000, 6000] {
+        futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, now)).expect("pass");
+    }
+    let grown: Vec<_> = control.state.instance_requests.values().filter(|r| r.job == Some(job_id)).collect();
+    assert_eq!(grown.len(), 2, "one request for min, one for growth (bought once): {grown:?}");
+    let growth = grown.iter().find(|r| r.count == 2).expect("2 more for max = 3");
+    assert!(growth.spot, "growth is spot only");
+    assert_eq!((&growth.instance_type, &growth.zone), (&instance.instance_type, &instance.zone), "the gang's pool");
 }

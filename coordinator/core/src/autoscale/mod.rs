@@ -22,6 +22,9 @@
 //!   pools that fail together with it (same zone, same type). A small penalty per instance
 //!   already held in a pool spreads gangs over pools (one pool's reclaim takes fewer gangs
 //!   down at once).
+//! - Elastic growth: a running job below `workers.max` comes as a [`Gang::growth`] of the
+//!   missing workers, in its gang's pool, spot only, after every waiting gang; the scheduler
+//!   regroups the job once they register (`scheduler::grow`).
 //! - Never spot at or above the on-demand price of the same pool (nor above the job's
 //!   `max_price_usd_per_hour`): on-demand is then the better buy.
 //! - Spot for `capacity.spot` jobs; on-demand only with `on_demand_fallback` (or for a job that
@@ -83,6 +86,8 @@ pub struct Gang {
     pub max_price_usd_per_hour: Option<f64>,
     /// What is left of the job's budget; `None`: no budget.
     pub budget_left_usd: Option<f64>,
+    /// Only this pool (a running job's growth joins its gang's pool); `None`: any.
+    pub pool: Option<PoolKey>,
 }
 
 impl Gang {
@@ -100,6 +105,18 @@ impl Gang {
             on_demand_fallback: true,
             max_price_usd_per_hour: None,
             budget_left_usd: None,
+            pool: None,
+        }
+    }
+
+    /// Growth for a running elastic job: `workers` more in its gang's pool, spot only and below
+    /// every waiting gang (growth is bought only with capacity nobody waits for).
+    pub fn growth(job: JobId, order: u64, workers: u32, gpus_per_worker: u32, pool: PoolKey) -> Gang {
+        Gang {
+            priority: i32::MIN,
+            on_demand_fallback: false,
+            pool: Some(pool),
+            ..Gang::unconstrained(job, order, workers, gpus_per_worker)
         }
     }
 }
@@ -201,7 +218,8 @@ fn price(quote: &Quote, spot: bool) -> f64 {
 }
 
 fn allowed(gang: &Gang, quote: &Quote, spot: bool) -> bool {
-    let typed = gang.instance_types.is_empty() || gang.instance_types.contains(&quote.pool.instance_type);
+    let typed = (gang.instance_types.is_empty() || gang.instance_types.contains(&quote.pool.instance_type))
+        && gang.pool.as_ref().is_none_or(|p| *p == quote.pool);
     let p = price(quote, spot);
     typed
         && quote.gpus >= gang.gpus_per_worker
@@ -238,6 +256,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
                 && h.gpus >= gang.gpus_per_worker
                 && h.reserved_for.is_none_or(|j| j == gang.job)
                 && (gang.spot || !h.spot)
+                && gang.pool.as_ref().is_none_or(|p| *p == h.pool)
         };
         let best_idle = free
             .iter()

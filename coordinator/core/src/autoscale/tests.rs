@@ -84,6 +84,22 @@ fn a_gang_that_must_not_run_on_spot_buys_on_demand_beside_idle_spot_instances() 
 }
 
 #[test]
+fn growth_buys_spot_in_the_jobs_pool_after_every_waiting_gang() {
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 0.0), quote("g4dn.xlarge", "b", 0.20, 0.5, 0.0)];
+    let grow = Gang::growth(JobId(1), 1, 2, 1, pool("g5.xlarge", "a"));
+    let alone = plan_for(std::slice::from_ref(&grow), &[], &quotes);
+    assert_eq!(launches(&alone), [(JobId(1), pool("g5.xlarge", "a"), true, 2)], "its pool, not the cheaper one");
+    // A waiting gang comes first: with room for 3 instances, growth gets what is left.
+    let limits = Limits { max_instances: 3, ..Limits::default() };
+    let both = plan(1, &[grow.clone(), gang(2, 2)], &[], &quotes, &limits, &Backoff::default());
+    assert_eq!(launches(&both), [(JobId(2), pool("g4dn.xlarge", "b"), true, 2)]);
+    assert!(both.waiting[&JobId(1)].contains("limit"), "{:?}", both.waiting);
+    // Never on-demand for growth: with the pool's spot priced over on-demand, nothing.
+    let dear = [quote("g5.xlarge", "a", 1.10, 1.0, 0.0)];
+    assert!(launches(&plan_for(&[grow], &[], &dear)).is_empty());
+}
+
+#[test]
 fn a_bigger_gang_weighs_interruptions_more() {
     // One worker: the risky pool's 0.40 x (1 + 1 x 1.0 x 0.1) = 0.44 beats 0.45.
     // Four workers: 0.40 x (1 + 4 x 1.0 x 0.1) = 0.56 loses to 0.45 x (1 + 4 x 0.01 x 0.1).
