@@ -15,16 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-if [[ -z "${TORCH_PYTHON:-}" ]]; then
-  if [[ ! -x .venv-torch/bin/python ]]; then
-    echo "==> installing torch into .venv-torch (about 5 GB)"
-    python3 -m venv .venv-torch
-    .venv-torch/bin/pip install --quiet --progress-bar off torch numpy
-  fi
-  TORCH_PYTHON=$root/.venv-torch/bin/python
-fi
+source scripts/bench/torch_python.sh
 bin_dir=$(dirname "$TORCH_PYTHON")
-"$TORCH_PYTHON" -c 'import torch' || { echo "error: $TORCH_PYTHON cannot import torch" >&2; exit 1; }
 
 echo "==> building flotilla"
 cargo build --quiet

@@ -334,7 +334,7 @@ pub async fn pass<C: Control>(
         }
     }
     let hour = now_ms.saturating_sub(config.market_start_unix_ms) as f64 / 3_600_000.0;
-    let quotes: Vec<autoscale::Quote> = config
+    let mut quotes: Vec<autoscale::Quote> = config
         .market
         .quotes(hour)
         .into_iter()
@@ -352,7 +352,6 @@ pub async fn pass<C: Control>(
             memory.risk.observe(pool, now_ms);
         }
     }
-    let mut quotes = quotes;
     memory.risk.adjust(&mut quotes, now_ms);
     let plan = autoscale::plan(now_ms, &input.gangs, &held, &quotes, &config.limits, &memory.backoff);
     for decision in plan.decisions {

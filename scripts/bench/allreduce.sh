@@ -20,15 +20,8 @@ flotilla="${CARGO_TARGET_DIR:-target}/release/flotilla"
 
 python=""
 if [[ -z "${FLOTILLA_BENCH_NO_GLOO:-}" ]]; then
-  python=${TORCH_PYTHON:-}
-  if [[ -z "$python" ]]; then
-    if [[ ! -x .venv-torch/bin/python ]]; then
-      echo "==> installing torch into .venv-torch (about 5 GB)" >&2
-      python3 -m venv .venv-torch
-      .venv-torch/bin/pip install --quiet --progress-bar off torch numpy
-    fi
-    python=.venv-torch/bin/python
-  fi
+  source scripts/bench/torch_python.sh
+  python=$TORCH_PYTHON
 fi
 
 out=$(mktemp)

@@ -117,7 +117,8 @@ pub struct RingCommunicator {
     next: Option<TcpStream>,
     /// Connection from rank - 1.
     prev: Option<TcpStream>,
-    /// Where a received segment lands before it is added (reduce-scatter), kept across calls.
+    /// Where a received segment lands before it is added (reduce-scatter): one segment,
+    /// allocated once the ring is joined (a world of one has none).
     scratch: Vec<f32>,
 }
 
@@ -207,6 +208,7 @@ impl RingCommunicator {
         }
         ring.next = Some(next);
         ring.prev = Some(prev);
+        ring.scratch = vec![0f32; SEGMENT_BYTES / 4];
         Ok(ring)
     }
 
@@ -265,9 +267,6 @@ impl RingCommunicator {
         let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
-        if self.scratch.len() != SEGMENT_BYTES / 4 {
-            self.scratch = vec![0f32; SEGMENT_BYTES / 4];
-        }
         let mut transfer = Transfer::new(buffer, &mut self.scratch, ranges, steps);
         if let Some(chunk) = first {
             transfer.queue_chunk(chunk);

@@ -307,6 +307,10 @@ impl World<'_> {
     }
 
     fn buy(&mut self, hour: f64) {
+        if matches!(self.policy, Policy::NaiveSpotDeadline | Policy::Flotilla) {
+            self.move_late_jobs_to_on_demand(hour);
+        }
+        let waiting: Vec<usize> = (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
         match self.policy {
             Policy::OnDemand | Policy::NaiveSpot | Policy::NaiveSpotDeadline => {
                 // Naive: one spot pool, fixed at the start (the cheapest spot price at hour 0).
@@ -323,11 +327,6 @@ impl World<'_> {
                     .min_by(|a, b| a.on_demand_usd_per_hour.total_cmp(&b.on_demand_usd_per_hour))
                     .map(|q| q.pool);
                 let (Some(spot_pool), Some(on_demand_pool)) = (spot_pool, on_demand_pool) else { return };
-                if self.policy == Policy::NaiveSpotDeadline {
-                    self.move_late_jobs_to_on_demand(hour);
-                }
-                let waiting: Vec<usize> =
-                    (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
                 for j in waiting {
                     let spot = self.policy.naive() && !self.jobs[j].on_demand;
                     let pool = if spot { &spot_pool } else { &on_demand_pool };
@@ -353,10 +352,7 @@ impl World<'_> {
                 self.alive.retain(|_| k.next().unwrap_or(true));
             }
             Policy::Flotilla => {
-                self.move_late_jobs_to_on_demand(hour);
-                let waiting: Vec<usize> =
-                    (0..self.jobs.len()).filter(|&j| self.jobs[j].phase == Phase::Waiting).collect();
-                let now_ms = (hour * 3_600_000.0) as u64;
+                let now_ms = hour_ms(hour);
                 let gangs: Vec<Gang> = waiting
                     .iter()
                     .map(|&j| Gang {
@@ -379,7 +375,7 @@ impl World<'_> {
                             usd_per_hour: self.price(&i.pool, i.spot, hour),
                             busy,
                             reserved_for: if busy { None } else { i.job.map(|j| JobId(j as u64)) },
-                            idle_since_ms: i.idle_since_h.map(|h| (h * 3_600_000.0) as u64),
+                            idle_since_ms: i.idle_since_h.map(hour_ms),
                         }
                     })
                     .collect();
