@@ -13,6 +13,7 @@ use flotilla_core::spec::JobSpec;
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::convert::spec_to_proto;
 use flotilla_proto::v1::{SubmitJobRequest, SubmitJobResponse};
+use prost::Message as _;
 use serde_json::json;
 
 use crate::cluster_file::{self, ClusterFile};
@@ -31,6 +32,13 @@ pub struct Args {
     /// Measure failover instead: kill the leader mid-run and time the next acknowledged write.
     #[arg(long)]
     pub kill_leader: bool,
+    /// The baseline instead: the same load as etcd `Put`s (key = the request id, value = the
+    /// encoded job spec) against this etcd client URL, the leader's (scripts/bench/coordinator.sh).
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// The CA that signed the etcd server's certificate (an https:// `--etcd` URL).
+    #[arg(long)]
+    pub etcd_ca: Option<std::path::PathBuf>,
 }
 
 fn spec() -> JobSpec {
@@ -63,32 +71,53 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
     if args.clients == 0 || args.clients > CLIENTS_MAX || args.ops == 0 || args.ops > OPS_MAX {
         bail!("--clients must be 1 to {CLIENTS_MAX} and --ops 1 to {OPS_MAX}");
     }
-    let target = cluster_file::resolve(coordinator)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let _context = runtime.enter();
     let run_id = format!("{}", flotilla_coordinator::raft::node::now_unix_ms());
-    if args.kill_leader {
-        return runtime.block_on(failover(target, run_id));
-    }
-    let target = Arc::new(target);
-    let started = Instant::now();
     let per_client = args.ops.div_ceil(args.clients);
-    let tasks: Vec<_> = (0..args.clients)
-        .map(|c| {
-            let target = target.clone();
-            let run_id = run_id.clone();
-            tokio::spawn(async move {
-                let mut client = target.client()?;
-                let mut latencies = Vec::with_capacity(per_client);
-                for i in 0..per_client {
-                    let t = Instant::now();
-                    submit(&mut client, format!("bench-{run_id}-{c}-{i}")).await?;
-                    latencies.push(t.elapsed());
-                }
-                anyhow::Ok(latencies)
+    let started = Instant::now();
+    let tasks: Vec<_> = if let Some(url) = &args.etcd {
+        let value = spec_to_proto(&spec()).encode_to_vec();
+        (0..args.clients)
+            .map(|c| {
+                // One connection per client, as each coordinator client below has its own.
+                let channel = etcd::channel(url, args.etcd_ca.as_deref());
+                let (value, run_id) = (value.clone(), run_id.clone());
+                tokio::spawn(async move {
+                    let mut client = tonic::client::Grpc::new(channel?);
+                    let mut latencies = Vec::with_capacity(per_client);
+                    for i in 0..per_client {
+                        let t = Instant::now();
+                        etcd::put(&mut client, format!("bench-{run_id}-{c}-{i}"), value.clone()).await?;
+                        latencies.push(t.elapsed());
+                    }
+                    anyhow::Ok(latencies)
+                })
             })
-        })
-        .collect();
+            .collect()
+    } else {
+        let target = cluster_file::resolve(coordinator)?;
+        if args.kill_leader {
+            return runtime.block_on(failover(target, run_id));
+        }
+        let target = Arc::new(target);
+        (0..args.clients)
+            .map(|c| {
+                let target = target.clone();
+                let run_id = run_id.clone();
+                tokio::spawn(async move {
+                    let mut client = target.client()?;
+                    let mut latencies = Vec::with_capacity(per_client);
+                    for i in 0..per_client {
+                        let t = Instant::now();
+                        submit(&mut client, format!("bench-{run_id}-{c}-{i}")).await?;
+                        latencies.push(t.elapsed());
+                    }
+                    anyhow::Ok(latencies)
+                })
+            })
+            .collect()
+    };
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(runtime.block_on(task).context("client task")??);
@@ -98,7 +127,7 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({
-            "bench": "coordinator_submit",
+            "bench": if args.etcd.is_some() { "etcd_put" } else { "coordinator_submit" },
             "clients": args.clients,
             "ops": latencies.len(),
             "seconds": elapsed.as_secs_f64(),
@@ -108,6 +137,57 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// A minimal etcd v3 client: `KV.Put` only, the messages declared by hand (the fields of
+/// etcd's rpc.proto that a put needs; unknown fields in answers are skipped).
+mod etcd {
+    use std::path::Path;
+
+    use anyhow::Context;
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(int64, tag = "3")]
+        pub revision: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+    }
+
+    /// A lazily connected HTTP/2 channel to `url`, TLS when a CA is given.
+    pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
+        let mut endpoint = Endpoint::from_shared(url.to_string()).with_context(|| format!("etcd URL `{url}`"))?;
+        if let Some(ca) = ca {
+            flotilla_proto::tls::install_crypto_provider();
+            let pem = std::fs::read_to_string(ca).with_context(|| format!("--etcd-ca {}", ca.display()))?;
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            endpoint = endpoint.tls_config(tls).context("etcd TLS")?;
+        }
+        Ok(endpoint.tcp_nodelay(true).connect_lazy())
+    }
+
+    pub async fn put(client: &mut tonic::client::Grpc<Channel>, key: String, value: Vec<u8>) -> anyhow::Result<i64> {
+        client.ready().await.context("etcd is not reachable")?;
+        let request = tonic::Request::new(PutRequest { key: key.into_bytes(), value });
+        let path = PathAndQuery::from_static("/etcdserverpb.KV/Put");
+        let response: tonic::Response<PutResponse> =
+            client.unary(request, path, tonic_prost::ProstCodec::default()).await.context("etcd put")?;
+        Ok(response.into_inner().header.map_or(0, |h| h.revision))
+    }
 }
 
 async fn failover(target: cluster_file::Target, run_id: String) -> anyhow::Result<()> {
