@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use flotilla_core::scheduler::{FreeWorker, PendingJob, RunningJob, grow, schedule};
-use flotilla_core::state::{Command, JobState, State, StopReason};
+use flotilla_core::state::{Command, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason};
 use flotilla_core::{JobId, WorkerId};
 
 use crate::raft::node::NodeHandle;
@@ -97,8 +97,12 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
         let Ok((pending, free, reasons, running, inference)) = node
             .read_local(move |state| {
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
-                let reasons: BTreeMap<JobId, String> =
-                    state.jobs.iter().map(|(id, j)| (*id, j.reason.clone())).collect();
+                let reasons: BTreeMap<JobId, String> = state
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| j.state == JobState::Pending)
+                    .map(|(id, j)| (*id, j.reason.clone()))
+                    .collect();
                 let inference: Vec<InferenceWants> = state
                     .inferences
                     .values()
@@ -132,10 +136,10 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
         let mut taken = Vec::new();
         if !pending.is_empty() {
             let plan = schedule(&pending, &free);
-            for (job_id, reason) in plan.waiting {
-                if reasons.get(&job_id) != Some(&reason) {
-                    let _ = node.propose(Command::SetPendingReason { job_id, reason }).await;
-                }
+            let changed: Vec<(JobId, String)> =
+                plan.waiting.into_iter().filter(|(job_id, reason)| reasons.get(job_id) != Some(reason)).collect();
+            for batch in changed.chunks(PENDING_REASONS_PER_COMMAND_MAX) {
+                let _ = node.propose(Command::SetPendingReasons { reasons: batch.to_vec() }).await;
             }
             for placement in plan.placements {
                 taken.extend(placement.workers.iter().copied());

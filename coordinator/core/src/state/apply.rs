@@ -337,6 +337,22 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.reason = bounded(reason);
             Ok(Applied::ReasonSet { job_id })
         }
+        Command::SetPendingReasons { reasons } => {
+            if reasons.len() > PENDING_REASONS_PER_COMMAND_MAX {
+                return Err(Rejected::BadReport(format!(
+                    "{} pending reasons in one command; at most {PENDING_REASONS_PER_COMMAND_MAX}",
+                    reasons.len()
+                )));
+            }
+            let mut set = 0;
+            for (job_id, reason) in reasons {
+                if let Some(job) = state.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Pending) {
+                    job.reason = bounded(reason);
+                    set += 1;
+                }
+            }
+            Ok(Applied::ReasonsSet { set })
+        }
         Command::SetModelAlias { name, version, alias } => {
             let valid = !alias.is_empty()
                 && alias.len() <= 63

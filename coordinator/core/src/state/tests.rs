@@ -183,6 +183,25 @@ fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
 }
 
 #[test]
+fn one_command_sets_the_reasons_of_a_pass_and_skips_jobs_no_longer_pending() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    submit(&mut state, 2, "b").expect("submit");
+    apply(&mut state, 3, Envelope::new(3, Command::CancelJob { job_id: JobId(2), reason: String::new() }))
+        .expect("cancel");
+    let cancelled_reason = state.jobs[&JobId(2)].reason.clone();
+    let reasons = vec![(JobId(1), "waiting for 2".to_string()), (JobId(2), "stale".into()), (JobId(9), "gone".into())];
+    let applied = apply(&mut state, 4, Envelope::new(4, Command::SetPendingReasons { reasons }));
+    assert_eq!(applied, Ok(Applied::ReasonsSet { set: 1 }));
+    assert_eq!(state.jobs[&JobId(1)].reason, "waiting for 2");
+    assert_eq!(state.jobs[&JobId(2)].reason, cancelled_reason, "a cancelled job keeps its reason");
+    let too_many = vec![(JobId(1), String::new()); PENDING_REASONS_PER_COMMAND_MAX + 1];
+    let refused = apply(&mut state, 5, Envelope::new(5, Command::SetPendingReasons { reasons: too_many }));
+    assert!(matches!(refused, Err(Rejected::BadReport(ref why)) if why.contains("at most 1024")), "{refused:?}");
+    assert_eq!(state.jobs[&JobId(1)].reason, "waiting for 2", "a refused batch changes nothing");
+}
+
+#[test]
 fn recorded_checkpoints_only_move_forward() {
     let mut state = State::default();
     submit(&mut state, 1, "a").expect("submit");

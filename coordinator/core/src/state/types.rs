@@ -18,6 +18,8 @@ pub const WORKERS_MAX: usize = 10_000;
 pub const CLIENT_REQUEST_ID_LEN_MAX: usize = 128;
 /// Longest free-text reason kept on a job, in bytes (longer ones are cut).
 pub const REASON_LEN_MAX: usize = 1024;
+/// Pending reasons in one `SetPendingReasons` at most (the scheduler splits larger passes).
+pub const PENDING_REASONS_PER_COMMAND_MAX: usize = 1024;
 /// Events kept per job; older ones are dropped first.
 pub const JOB_EVENTS_MAX: usize = 64;
 /// Checkpoint records kept per job at most (retention keeps far fewer; this bounds the state
@@ -655,9 +657,15 @@ pub enum Command {
         ids: Vec<String>,
     },
     /// The scheduler's explanation of why a pending job waits (proposed only when it changes).
+    /// Logs written before `SetPendingReasons` still hold it.
     SetPendingReason {
         job_id: JobId,
         reason: String,
+    },
+    /// Every pending reason one scheduler pass changed, in one entry (one raft round and one
+    /// fsync per pass, not per job). Jobs no longer pending are skipped.
+    SetPendingReasons {
+        reasons: Vec<(JobId, String)>,
     },
     /// Rank 0 of generation `generation` reports the end of training; a successful job with
     /// an `artifact` is registered as a new version of `output.register_as`.
@@ -754,6 +762,10 @@ pub enum Applied {
     },
     ReasonSet {
         job_id: JobId,
+    },
+    /// `set` of the batch's jobs were still pending and took their reason.
+    ReasonsSet {
+        set: usize,
     },
     CheckpointRecorded {
         job_id: JobId,
