@@ -211,7 +211,7 @@ async fn leader_killed_mid_load_loses_no_acknowledged_job() {
     assert_eq!(jobs_on(&cluster.addresses[&restarted]).await, expected, "node {restarted} after restart");
     let names: BTreeSet<&String> = expected.values().collect();
     assert_eq!(names.len(), CLIENTS * SUBMISSIONS_PER_CLIENT, "every submission exactly once");
-    assert!(Path::new(&cluster.dir.path().join(format!("node-{restarted}/raft.redb"))).exists());
+    assert!(Path::new(&cluster.dir.path().join(format!("node-{restarted}/raft.wal"))).exists());
 }
 
 #[test]

@@ -25,8 +25,8 @@ use crate::raft::transport::PeerTransport;
 /// Shortest peer token accepted (16 random hex characters carry 64 bits).
 pub const PEER_TOKEN_LEN_MIN: usize = 16;
 
-/// File name of the durable Raft log inside the data directory.
-pub const RAFT_LOG_FILE: &str = "raft.redb";
+/// The Raft log in a coordinator's data folder (see `raft::storage`).
+pub const RAFT_LOG_FILE: &str = "raft.wal";
 /// Requests in progress on one connection at most (a client holds a few streams and a few
 /// calls; beyond this one connection cannot take the node's whole capacity).
 const REQUESTS_PER_CONNECTION_MAX: usize = 64;
@@ -228,7 +228,7 @@ pub async fn run(
     tracing::info!(store = %store.uri(), "cluster store is writable");
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
-    let log = RaftStore::open(&config.data_dir.join(RAFT_LOG_FILE)).map_err(ReplicaError::from)?;
+    let log = RaftStore::open(&config.data_dir).map_err(ReplicaError::from)?;
     let voters: Vec<u64> = config.peers.keys().copied().collect();
     let replica_config =
         ReplicaConfig { id: config.id, voters, snapshot_every_entries: config.snapshot_every_entries.max(1) };

@@ -2,6 +2,7 @@
 //! node and the deterministic simulation) and the async driver (`node`).
 
 pub mod chunks;
+pub mod legacy;
 pub mod node;
 pub mod replica;
 pub mod storage;

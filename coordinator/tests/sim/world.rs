@@ -48,7 +48,7 @@ pub struct Setup {
     /// Chance that the transport tells a sender its message was lost to a partition or to a
     /// down node (a refused connection); random drops are silent.
     pub report_unreachable_per_mille: u32,
-    /// Keep each log in a redb file and reopen it from the file on restart, instead of keeping
+    /// Keep each log in its write-ahead log files and reopen them on restart, instead of keeping
     /// the in-memory store object (slower; also drops the store's in-memory caches on a crash).
     pub file_backed: bool,
 }
@@ -88,7 +88,7 @@ enum Disk {
     /// The in-memory store object: what its transactions committed, plus its in-memory
     /// caches (so a commit index it had not written yet survives the crash).
     Memory(Box<RaftStore>),
-    /// A redb file, reopened from scratch: exactly what was committed to it.
+    /// A log folder, reopened from scratch: exactly what was synced to it.
     File(PathBuf),
 }
 
@@ -157,7 +157,7 @@ impl Sim {
         for &id in &voters {
             let config =
                 ReplicaConfig { id, voters: voters.clone(), snapshot_every_entries: setup.snapshot_every_entries };
-            let file = dir.as_ref().map(|d| d.path().join(format!("node-{id}.redb")));
+            let file = dir.as_ref().map(|d| d.path().join(format!("node-{id}")));
             let store = match &file {
                 Some(path) => RaftStore::open(path).expect("a new log file"),
                 None => RaftStore::in_memory().expect("an in-memory log"),
