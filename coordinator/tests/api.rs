@@ -143,13 +143,21 @@ async fn bad_peer_messages_are_refused_and_the_node_keeps_serving() {
         ("oversized batch", batch(vec![vec![0u8; 65 * 1024 * 1024]]), Code::OutOfRange),
     ];
     for (what, request, code) in cases {
-        let status = peer.send(request).await.expect_err(what);
         let expected =
             if code == Code::OutOfRange { [Code::OutOfRange, Code::ResourceExhausted] } else { [code, code] };
+        // The same checks on the stream the peer transport uses, after a good batch.
+        let on_stream = vec![batch(vec![heartbeat()]), request.clone()];
+        let status = peer.stream(tokio_stream::iter(on_stream)).await.expect_err(what);
+        assert!(expected.contains(&status.code()), "{what} on a stream: {status:?}");
+        let status = peer.send(request).await.expect_err(what);
         assert!(expected.contains(&status.code()), "{what}: {status:?}");
     }
     let mut stranger = raft_client(&node.address, "wrong").await;
     assert_eq!(stranger.send(batch(vec![heartbeat()])).await.expect_err("bad token").code(), Code::Unauthenticated);
+    let refused = stranger.stream(tokio_stream::iter(vec![batch(vec![heartbeat()])])).await;
+    assert_eq!(refused.expect_err("bad token on a stream").code(), Code::Unauthenticated);
+    let batches: Vec<RaftBatch> = (0..3).map(|_| batch(vec![heartbeat(), heartbeat()])).collect();
+    peer.stream(tokio_stream::iter(batches)).await.expect("a stream of valid batches is accepted");
     // A well-formed message is still accepted after all of that.
     peer.send(batch(vec![heartbeat()])).await.expect("valid heartbeat accepted");
 }

@@ -52,13 +52,9 @@ impl RaftApi {
         }
         Ok(())
     }
-}
 
-#[tonic::async_trait]
-impl RaftService for RaftApi {
-    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<Ack>, Status> {
-        self.authenticate(&request)?;
-        let batch = request.into_inner();
+    /// A batch's messages, once it is this cluster's, from a peer, to this node, and decodes.
+    fn check_batch(&self, batch: RaftBatch) -> Result<Vec<Message>, Status> {
         self.check_route(&batch.cluster_id, batch.from, batch.to)?;
         if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
             return Err(invalid(format!(
@@ -75,7 +71,33 @@ impl RaftService for RaftApi {
             }
             messages.push(message);
         }
+        Ok(messages)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftApi {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<Ack>, Status> {
+        self.authenticate(&request)?;
+        let messages = self.check_batch(request.into_inner())?;
         self.node.deliver(messages).map_err(status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn stream(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<Ack>, Status> {
+        self.authenticate(&request)?;
+        let mut batches = request.into_inner();
+        while let Some(batch) = batches.message().await? {
+            let messages = self.check_batch(batch)?;
+            match self.node.deliver(messages) {
+                Ok(()) => {}
+                // A full queue drops this batch, as a failed send would; Raft retransmits.
+                Err(e) if e.kind == ErrorKind::ResourceExhausted => {
+                    tracing::debug!(error = %e, "raft batch dropped: the node's queue is full");
+                }
+                Err(e) => return Err(status(e)),
+            }
+        }
         Ok(Response::new(Ack {}))
     }
 

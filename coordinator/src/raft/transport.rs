@@ -1,8 +1,12 @@
-//! Peer transport: raft messages to other coordinators over gRPC (`RaftService.Send`).
+//! Peer transport: raft messages to other coordinators over gRPC (`RaftService.Stream`).
 //!
 //! One background task per peer drains a bounded queue, encodes messages with raft-rs's own
-//! codec and sends them as one batch. A message that cannot be queued or sent is dropped: Raft
-//! retransmits what matters, and the node is told the peer is unreachable so it backs off.
+//! codec and writes them as one batch onto a long-lived client stream to that peer: no request
+//! per batch and no wait for an answer between batches (the unary `Send` per batch cost a
+//! request/response round and held the next batch back until the answer came). A stream that
+//! fails or stalls is dropped and reopened; a peer of an older version that has no `Stream`
+//! gets unary `Send`s. A message that cannot be queued or sent is dropped: Raft retransmits
+//! what matters, and the node is told the peer is unreachable so it backs off.
 //! Snapshot messages go on their own, in chunks (`SendSnapshot`, see [`super::chunks`]): a
 //! state machine larger than one gRPC message still reaches a follower that fell behind.
 
@@ -31,6 +35,12 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause after a failed send before the next attempt (drops what queued meanwhile beyond it).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Batches handed to an open stream and not yet written to the connection, at most.
+const STREAM_QUEUE_MAX: usize = 64;
+/// HTTP/2 pings on the stream's connection: a peer that stops answering them for
+/// KEEPALIVE_TIMEOUT is taken as gone (the stream ends, the node hears it is unreachable).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct PeerTransport {
     queues: BTreeMap<u64, mpsc::Sender<Vec<Message>>>,
@@ -57,7 +67,19 @@ impl PeerTransport {
                 let host = addr.rsplit_once(':').map_or(addr.as_str(), |(host, _)| host);
                 endpoint = endpoint.tls_config(tls.config(host)).map_err(bad)?;
             }
-            let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).timeout(SEND_TIMEOUT).tcp_nodelay(true);
+            let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true);
+            // The stream lives as long as the connection: no request timeout, keepalive pings.
+            let stream = RaftServiceClient::with_interceptor(
+                endpoint
+                    .clone()
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+                    .connect_lazy(),
+                auth.clone(),
+            )
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+            let endpoint = endpoint.timeout(SEND_TIMEOUT);
             let client = RaftServiceClient::with_interceptor(endpoint.connect_lazy(), auth.clone())
                 .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
             // Snapshots on their own connection, with a timeout for their size.
@@ -67,7 +89,8 @@ impl PeerTransport {
             )
             .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
             let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), client, snapshots, rx));
+            let clients = Clients { stream, unary: client, snapshots };
+            tokio::spawn(peer_loop(id, node.clone(), cluster_id.clone(), clients, rx));
             queues.insert(id, tx);
         }
         Ok(PeerTransport { queues, node })
@@ -90,15 +113,62 @@ impl Outbox for PeerTransport {
 
 type Client = RaftServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerAuth>>;
 
+/// One peer's clients: the stream's connection, unary sends (a peer without `Stream`), and
+/// snapshots (their own connection, with a timeout for their size).
+struct Clients {
+    stream: Client,
+    unary: Client,
+    snapshots: Client,
+}
+
+/// The open stream to a peer: batches go into `batches`; `ended` resolves when the stream does.
+struct OpenStream {
+    batches: mpsc::Sender<RaftBatch>,
+    ended: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>,
+}
+
+impl OpenStream {
+    fn open(client: &Client) -> OpenStream {
+        let (batches, rx) = mpsc::channel(STREAM_QUEUE_MAX);
+        let mut client = client.clone();
+        let ended =
+            Box::pin(async move { client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|_| ()) });
+        OpenStream { batches, ended }
+    }
+}
+
 async fn peer_loop(
     to: u64,
     node: NodeHandle,
     cluster_id: String,
-    mut client: Client,
-    mut snapshot_client: Client,
+    mut clients: Clients,
     mut rx: mpsc::Receiver<Vec<Message>>,
 ) {
-    while let Some(first) = rx.recv().await {
+    // Cleared when the peer answers that it has no `Stream` (an older version): unary sends.
+    let mut streaming = true;
+    let mut open: Option<OpenStream> = None;
+    loop {
+        let first = match open.as_mut() {
+            Some(stream) => tokio::select! {
+                first = rx.recv() => first,
+                ended = &mut stream.ended => {
+                    open = None;
+                    match ended {
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            tracing::info!(peer = to, "the peer has no raft stream (an older version); sending batches one by one");
+                            streaming = false;
+                        }
+                        Err(status) => tracing::debug!(peer = to, error = %status, "raft stream to the peer ended"),
+                        Ok(()) => tracing::debug!(peer = to, "raft stream closed by the peer"),
+                    }
+                    node.report_unreachable(to);
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(first) = first else { return };
         let mut encoded = Vec::new();
         let mut snapshots = Vec::new();
         let mut bytes = encode_into(first, &mut encoded, &mut snapshots);
@@ -111,10 +181,20 @@ async fn peer_loop(
         let mut delivered = true;
         if !encoded.is_empty() {
             let batch = RaftBatch { cluster_id: cluster_id.clone(), from: node.id, to, messages: encoded };
-            delivered = client.send(batch).await.is_ok();
+            if streaming {
+                let stream = open.get_or_insert_with(|| OpenStream::open(&clients.stream));
+                // A stream that cannot take the batch in time is stalled: drop it, reopen later.
+                let queued = tokio::time::timeout(SEND_TIMEOUT, stream.batches.send(batch)).await;
+                if !matches!(queued, Ok(Ok(()))) {
+                    open = None;
+                    delivered = false;
+                }
+            } else {
+                delivered = clients.unary.send(batch).await.is_ok();
+            }
         }
         for snapshot in snapshots {
-            let sent = send_snapshot(&mut snapshot_client, &cluster_id, node.id, to, snapshot).await;
+            let sent = send_snapshot(&mut clients.snapshots, &cluster_id, node.id, to, snapshot).await;
             if let Err(e) = &sent {
                 tracing::warn!(peer = to, error = %e, "snapshot transfer failed; raft will send another");
             }
