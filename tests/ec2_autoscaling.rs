@@ -95,7 +95,8 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
          0,g5.xlarge,us-east-1a,0.40,1.006,0.05,16\n0,g5.xlarge,us-east-1b,0.45,1.006,0.05,16\n",
     )
     .expect("market");
-    let address = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").to_string();
+    let address =
+        format!("127.0.0.1:{}", flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port"));
     let mut coordinator = start(dir.path(), &address, &cluster);
     let spec = dir.path().join("gang.toml");
     std::fs::write(

@@ -182,8 +182,7 @@ impl Drop for Agents {
 }
 
 fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("address").to_string()
+    format!("127.0.0.1:{}", flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port"))
 }
 
 #[test]

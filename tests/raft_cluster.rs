@@ -35,8 +35,8 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let addresses = (1..=NODES)
             .map(|id| {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                (id, listener.local_addr().expect("addr").to_string())
+                let port = flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port");
+                (id, format!("127.0.0.1:{port}"))
             })
             .collect();
         let mut cluster = Cluster { dir, addresses, processes: BTreeMap::new() };

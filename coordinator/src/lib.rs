@@ -1,6 +1,6 @@
 //! flotilla-coordinator: the control plane's I/O shell around `flotilla-core`.
 //!
-//! Will own (DESIGN §2, §6, §8): the raft-rs `RawNode` driver and its redb-backed durable log,
+//! Will own (DESIGN §2, §6, §8): the raft-rs `RawNode` driver and its write-ahead log,
 //! the peer transport, the gRPC services of `flotilla-proto` (jobs, cluster, registry,
 //! inference), the HTTP dashboard and `/metrics`, and the capacity providers (local, ec2, sim).
 //!
@@ -17,6 +17,7 @@ pub mod inference;
 pub mod leases;
 pub mod logs;
 pub mod metrics;
+pub mod ports;
 pub mod progress;
 pub mod provider;
 pub mod raft;

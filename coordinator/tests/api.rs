@@ -39,8 +39,8 @@ impl Drop for Node {
 }
 
 fn free_address() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    listener.local_addr().expect("local addr")
+    let port = flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A node of a 3-node configuration whose other peers (2, 3) never answer; it is a follower,

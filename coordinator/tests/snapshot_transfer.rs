@@ -17,8 +17,8 @@ const TOKEN: &str = "api-token";
 const JOBS: usize = 60;
 
 fn free_address() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    listener.local_addr().expect("local addr")
+    let port = flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// Raft on ports of its own (`raft_peers`), apart from the API ports (`peers`).

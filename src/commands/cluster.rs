@@ -114,8 +114,7 @@ pub struct DownArgs {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr().context("cannot read the bound port")?.port())
+    flotilla_coordinator::ports::free_loopback_port().context("cannot find a free loopback port")
 }
 
 fn new_cluster(home: &Path, coordinators: u32, store: Option<String>, tls: bool) -> anyhow::Result<ClusterFile> {
