@@ -1,6 +1,6 @@
 //! Deterministic simulation of the coordinator's Raft replicas.
 //!
-//! The real [`Replica`] code (raft-rs over the redb log, plus the state machine) runs for 3 or
+//! The real [`Replica`] code (raft-rs over the write-ahead log, plus the state machine) runs for 3 or
 //! 5 nodes in ONE thread over an in-memory network. A fake clock counts steps; each step ticks
 //! one or all nodes, delivers some messages, lets a client submit a job, handles pending
 //! Readys, and sometimes injects a fault. Everything random comes from one `SmallRng` seeded
@@ -393,7 +393,7 @@ fn retried_submission_returns_the_same_job() {
     final_checks(&mut sim);
 }
 
-/// A cluster whose logs are redb files, reopened from the file on restart.
+/// A cluster whose logs are write-ahead log folders, reopened from disk on restart.
 fn on_disk_sim(seed: u64, nodes: u64) -> Sim {
     println!("seed {seed}");
     let setup = Setup { file_backed: true, ..quiet_setup(nodes, SCENARIO_SNAPSHOT_EVERY) };

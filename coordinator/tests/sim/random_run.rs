@@ -28,7 +28,7 @@ const NODES: u64 = 3;
 /// Replicas of one run in `LARGE_CLUSTER_ONE_IN`: two failures, larger quorums.
 const NODES_LARGE: u64 = 5;
 const LARGE_CLUSTER_ONE_IN: u32 = 4;
-/// One seed in this many keeps its logs in redb files (on tmpfs where there is one) that a
+/// One seed in this many keeps its logs in write-ahead log files (on tmpfs where there is one) that a
 /// restart reopens, so a crash loses every in-memory cache of the store; the others keep the
 /// in-memory store object (faster, but its cached commit index survives the crash).
 const ON_DISK_ONE_IN: u32 = 2;
