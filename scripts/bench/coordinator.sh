@@ -94,7 +94,8 @@ for clients in sorted({r["clients"] for r in rows}):
         mine = [r for r in rows if r["bench"] == bench and r["clients"] == clients]
         if mine:
             med[bench] = {k: statistics.median(r[k] for r in mine) for k in ("ops_per_s", "p50_ms", "p99_ms")}
-    line = {"bench": "coordinator_vs_etcd", "clients": clients, "passes": len(rows) // 2 // 2 or 1}
+    passes = sum(1 for r in rows if r["bench"] == "coordinator_submit" and r["clients"] == clients)
+    line = {"bench": "coordinator_vs_etcd", "clients": clients, "passes": passes}
     f = med["coordinator_submit"]
     line.update(flotilla_ops_per_s=round(f["ops_per_s"]), flotilla_p50_ms=round(f["p50_ms"], 3),
                 flotilla_p99_ms=round(f["p99_ms"], 3))
