@@ -4,8 +4,8 @@
 //! with throughput and latency percentiles. With `--kill-leader`, one client keeps submitting
 //! while the leader named in the last acknowledgement is killed with SIGKILL (its pid from
 //! `.flotilla/cluster.toml`); the line then reports the time to the next acknowledged write.
+//! With `--etcd URL`, the same load goes to etcd as `Put`s (the baseline in the same run).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -59,6 +59,22 @@ async fn submit(client: &mut ApiClient, request_id: String) -> anyhow::Result<Su
         .map_err(anyhow::Error::from)
 }
 
+/// One benchmark client: a write is a job submission, or the baseline's etcd `Put` of the same
+/// encoded spec under the request id.
+enum Writer {
+    Flotilla(ApiClient),
+    Etcd { client: tonic::client::Grpc<tonic::transport::Channel>, value: Vec<u8> },
+}
+
+impl Writer {
+    async fn write(&mut self, request_id: String) -> anyhow::Result<()> {
+        match self {
+            Writer::Flotilla(client) => submit(client, request_id).await.map(|_| ()),
+            Writer::Etcd { client, value } => etcd::put(client, request_id, value.clone()).await,
+        }
+    }
+}
+
 fn percentile_ms(sorted: &[Duration], fraction: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -75,49 +91,40 @@ pub fn run(args: Args, coordinator: Option<&str>) -> anyhow::Result<()> {
     let _context = runtime.enter();
     let run_id = format!("{}", flotilla_coordinator::raft::node::now_unix_ms());
     let per_client = args.ops.div_ceil(args.clients);
-    let started = Instant::now();
-    let tasks: Vec<_> = if let Some(url) = &args.etcd {
+    let mut clients = Vec::with_capacity(args.clients);
+    if let Some(url) = &args.etcd {
         let value = spec_to_proto(&spec()).encode_to_vec();
-        (0..args.clients)
-            .map(|c| {
-                // One connection per client, as each coordinator client below has its own.
-                let channel = etcd::channel(url, args.etcd_ca.as_deref());
-                let (value, run_id) = (value.clone(), run_id.clone());
-                tokio::spawn(async move {
-                    let mut client = tonic::client::Grpc::new(channel?);
-                    let mut latencies = Vec::with_capacity(per_client);
-                    for i in 0..per_client {
-                        let t = Instant::now();
-                        etcd::put(&mut client, format!("bench-{run_id}-{c}-{i}"), value.clone()).await?;
-                        latencies.push(t.elapsed());
-                    }
-                    anyhow::Ok(latencies)
-                })
-            })
-            .collect()
+        for _ in 0..args.clients {
+            // One connection per client, as each coordinator client has its own.
+            let channel = etcd::channel(url, args.etcd_ca.as_deref())?;
+            clients.push(Writer::Etcd { client: tonic::client::Grpc::new(channel), value: value.clone() });
+        }
     } else {
         let target = cluster_file::resolve(coordinator)?;
         if args.kill_leader {
             return runtime.block_on(failover(target, run_id));
         }
-        let target = Arc::new(target);
-        (0..args.clients)
-            .map(|c| {
-                let target = target.clone();
-                let run_id = run_id.clone();
-                tokio::spawn(async move {
-                    let mut client = target.client()?;
-                    let mut latencies = Vec::with_capacity(per_client);
-                    for i in 0..per_client {
-                        let t = Instant::now();
-                        submit(&mut client, format!("bench-{run_id}-{c}-{i}")).await?;
-                        latencies.push(t.elapsed());
-                    }
-                    anyhow::Ok(latencies)
-                })
+        for _ in 0..args.clients {
+            clients.push(Writer::Flotilla(target.client()?));
+        }
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut writer)| {
+            let run_id = run_id.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                for i in 0..per_client {
+                    let t = Instant::now();
+                    writer.write(format!("bench-{run_id}-{c}-{i}")).await?;
+                    latencies.push(t.elapsed());
+                }
+                anyhow::Ok(latencies)
             })
-            .collect()
-    };
+        })
+        .collect();
     let mut latencies = Vec::new();
     for task in tasks {
         latencies.extend(runtime.block_on(task).context("client task")??);
@@ -156,17 +163,9 @@ mod etcd {
         pub value: Vec<u8>,
     }
 
+    /// The answer's fields (header, previous value) are not needed: it is decoded as empty.
     #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ResponseHeader {
-        #[prost(int64, tag = "3")]
-        pub revision: i64,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct PutResponse {
-        #[prost(message, optional, tag = "1")]
-        pub header: Option<ResponseHeader>,
-    }
+    pub struct PutResponse {}
 
     /// A lazily connected HTTP/2 channel to `url`, TLS when a CA is given.
     pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
@@ -180,13 +179,13 @@ mod etcd {
         Ok(endpoint.tcp_nodelay(true).connect_lazy())
     }
 
-    pub async fn put(client: &mut tonic::client::Grpc<Channel>, key: String, value: Vec<u8>) -> anyhow::Result<i64> {
+    pub async fn put(client: &mut tonic::client::Grpc<Channel>, key: String, value: Vec<u8>) -> anyhow::Result<()> {
         client.ready().await.context("etcd is not reachable")?;
         let request = tonic::Request::new(PutRequest { key: key.into_bytes(), value });
         let path = PathAndQuery::from_static("/etcdserverpb.KV/Put");
-        let response: tonic::Response<PutResponse> =
+        let _: tonic::Response<PutResponse> =
             client.unary(request, path, tonic_prost::ProstCodec::default()).await.context("etcd put")?;
-        Ok(response.into_inner().header.map_or(0, |h| h.revision))
+        Ok(())
     }
 }
 

@@ -106,6 +106,21 @@ fn push_record(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// The records of a log file that starts afresh: ConfState, HardState, then `entries`.
+fn log_records<'a>(
+    conf_state: &ConfState,
+    hard_state: &HardState,
+    entries: impl IntoIterator<Item = &'a Entry>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    push_record(&mut out, KIND_CONF_STATE, &encode(conf_state));
+    push_record(&mut out, KIND_HARD_STATE, &encode(hard_state));
+    for entry in entries {
+        push_record(&mut out, KIND_ENTRY, &encode(entry));
+    }
+    out
+}
+
 /// Splits `bytes` (after the magic) into records; returns them and the length of the valid
 /// prefix (shorter than `bytes` when the tail is torn).
 fn parse_records(bytes: &[u8]) -> (Vec<(u8, &[u8])>, usize) {
@@ -179,13 +194,7 @@ impl Log {
 
     /// The records that rebuild this log's entries and states (a compacted log file).
     fn records(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        push_record(&mut out, KIND_CONF_STATE, &encode(&self.conf_state));
-        push_record(&mut out, KIND_HARD_STATE, &encode(&self.hard_state));
-        for entry in &self.entries {
-            push_record(&mut out, KIND_ENTRY, &encode(entry));
-        }
-        out
+        log_records(&self.conf_state, &self.hard_state, &self.entries)
     }
 }
 
@@ -296,13 +305,7 @@ impl RaftStore {
                 write_snapshot(dir, &log.snapshot, &log.snapshot_data, false)?;
             }
             let base = log.snapshot.index.to_le_bytes();
-            let records = Log {
-                hard_state: log.hard_state,
-                conf_state: log.conf_state,
-                entries: log.entries.into(),
-                ..Log::default()
-            }
-            .records();
+            let records = log_records(&log.conf_state, &log.hard_state, &log.entries);
             write_file_atomically(dir, WAL_FILE, &[WAL_MAGIC, &base, &records])?;
             let kept = dir.join(format!("{LEGACY_REDB_FILE}.migrated"));
             std::fs::rename(&legacy, &kept).map_err(io(&kept))?;
@@ -485,13 +488,7 @@ impl RaftStore {
         let dropped = (index - log.snapshot.index).min(log.entries.len() as u64) as usize;
         if let Some(wal) = wal.as_mut() {
             write_snapshot(&wal.dir, &snapshot, data, false)?;
-            let mut records = Vec::new();
-            push_record(&mut records, KIND_CONF_STATE, &encode(&log.conf_state));
-            push_record(&mut records, KIND_HARD_STATE, &encode(&hard_state));
-            for entry in log.entries.range(dropped..) {
-                push_record(&mut records, KIND_ENTRY, &encode(entry));
-            }
-            wal.rewrite(index, &records)?;
+            wal.rewrite(index, &log_records(&log.conf_state, &hard_state, log.entries.range(dropped..)))?;
         }
         log.entries.drain(..dropped);
         log.snapshot = snapshot;

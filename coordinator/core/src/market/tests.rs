@@ -83,43 +83,60 @@ fn on_the_zonal_trace_flotilla_beats_both_naive_baselines_within_the_targets() {
     assert_eq!(flotilla.on_demand_hours, 0.0, "spot stays cheaper than on-demand somewhere");
 }
 
-#[test]
-fn the_deadline_baseline_meets_the_deadline_whenever_on_demand_could() {
-    for (name, text) in [("small", TRACE), ("zonal", ZONAL)] {
+/// One run of `policy` per trace, deadline factor (x on-demand's makespan) and seed 1-3.
+struct DeadlineRun {
+    label: String,
+    deadline: f64,
+    on_demand_cost_usd: f64,
+    jobs: usize,
+    run: Outcome,
+}
+
+fn deadline_runs(traces: &[(&str, &str)], factors: &[f64], policy: Policy) -> Vec<DeadlineRun> {
+    let mut runs = Vec::new();
+    for &(name, text) in traces {
         let trace = Trace::parse(text).expect("trace");
         let jobs = if name == "small" { jobs() } else { benchmark_workload() };
         let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
-        for factor in [1.1, 1.25, 2.0] {
+        for &factor in factors {
             let deadline = on_demand.makespan_h * factor;
             for seed in 1..=3 {
                 let params = SimParams { deadline_hours: Some(deadline), seed, ..SimParams::default() };
-                let run = simulate(&trace, &jobs, Policy::NaiveSpotDeadline, params);
-                assert_eq!(run.finished_jobs, jobs.len(), "{name} x{factor} seed {seed}: {run:?}");
-                assert!(run.makespan_h <= deadline, "{name} x{factor} seed {seed}: {run:?} past {deadline}");
+                let run = simulate(&trace, &jobs, policy, params);
+                let label = format!("{name} x{factor} seed {seed}");
+                runs.push(DeadlineRun {
+                    label,
+                    deadline,
+                    on_demand_cost_usd: on_demand.cost_usd,
+                    jobs: jobs.len(),
+                    run,
+                });
             }
         }
+    }
+    runs
+}
+
+#[test]
+fn the_deadline_baseline_meets_the_deadline_whenever_on_demand_could() {
+    for r in deadline_runs(&[("small", TRACE), ("zonal", ZONAL)], &[1.1, 1.25, 2.0], Policy::NaiveSpotDeadline) {
+        let (label, run, deadline) = (&r.label, &r.run, r.deadline);
+        assert_eq!(run.finished_jobs, r.jobs, "{label}: {run:?}");
+        assert!(run.makespan_h <= deadline, "{label}: {run:?} past {deadline}");
     }
 }
 
 #[test]
 fn flotilla_meets_a_deadline_whenever_on_demand_alone_could() {
     let shipped = include_str!("../../../../examples/traces/us-east-1-gpu-72h.csv");
-    for (name, text) in [("small", TRACE), ("shipped", shipped), ("zonal", ZONAL)] {
-        let trace = Trace::parse(text).expect("trace");
-        let jobs = if name == "small" { jobs() } else { benchmark_workload() };
-        let on_demand = simulate(&trace, &jobs, Policy::OnDemand, SimParams::default());
-        for factor in [1.02, 1.05, 1.1, 1.25] {
-            let deadline = on_demand.makespan_h * factor;
-            for seed in 1..=3 {
-                let params = SimParams { deadline_hours: Some(deadline), seed, ..SimParams::default() };
-                let run = simulate(&trace, &jobs, Policy::Flotilla, params);
-                assert_eq!(run.finished_jobs, jobs.len(), "{name} x{factor} seed {seed}: {run:?}");
-                assert!(run.makespan_h <= deadline, "{name} x{factor} seed {seed}: {run:?} past {deadline}");
-                assert_eq!(run.steps_lost, 0, "{name} x{factor} seed {seed}: {run:?}");
-                // A tight deadline costs more, never more than on-demand by much (idle spot
-                // instances left behind are paid until their cooldown).
-                assert!(run.cost_usd <= on_demand.cost_usd * 1.05, "{name} x{factor} seed {seed}: {run:?}");
-            }
-        }
+    let traces = [("small", TRACE), ("shipped", shipped), ("zonal", ZONAL)];
+    for r in deadline_runs(&traces, &[1.02, 1.05, 1.1, 1.25], Policy::Flotilla) {
+        let (label, run, deadline) = (&r.label, &r.run, r.deadline);
+        assert_eq!(run.finished_jobs, r.jobs, "{label}: {run:?}");
+        assert!(run.makespan_h <= deadline, "{label}: {run:?} past {deadline}");
+        assert_eq!(run.steps_lost, 0, "{label}: {run:?}");
+        // A tight deadline costs more, never more than on-demand by much (idle spot
+        // instances left behind are paid until their cooldown).
+        assert!(run.cost_usd <= r.on_demand_cost_usd * 1.05, "{label}: {run:?}");
     }
 }
