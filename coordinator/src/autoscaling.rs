@@ -6,6 +6,8 @@
 //!     1. requests recorded but not settled (a previous leader may have died mid-way):
 //!          launch again with the same client token (idempotent) -> InstancesLaunched / LaunchFailed
 //!     2. running jobs past capacity.budget_usd -> RequestCheckpoint{Budget}
+//!        jobs out of slack for capacity.deadline_h (autoscale::deadline: remaining work at the
+//!          pace rank 0 reports, a restart and a checkpoint interval no longer fit) -> MoveToOnDemand
 //!     3. autoscale::plan(gangs, held instances, market quotes (spot prices refreshed from the
 //!          provider every 5 min where it has them; interruption rates raised by the notices
 //!          this leader has seen in correlated pools, autoscale::risk), limits, back-off)
@@ -26,6 +28,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use flotilla_core::JobId;
+use flotilla_core::autoscale::deadline::{Pace, Slack};
 use flotilla_core::autoscale::risk::PoolRisk;
 use flotilla_core::autoscale::{self, Backoff, Decision, Gang, Held, Limits, PoolKey};
 use flotilla_core::market::Trace;
@@ -79,6 +82,28 @@ pub struct Input {
     pub launched_at: BTreeMap<String, u64>,
     /// Spot instances whose worker got an interruption notice, with their pool.
     pub interrupted: Vec<(String, PoolKey)>,
+    /// Jobs with a deadline that may still run on spot.
+    pub deadlines: Vec<DeadlineJob>,
+}
+
+/// A job with `capacity.deadline_h` not yet moved to on-demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadlineJob {
+    pub job: JobId,
+    pub generation: u64,
+    pub running: bool,
+    pub deadline_unix_ms: u64,
+    /// Where a new generation would resume (its newest checkpoint's step).
+    pub resume_step: u64,
+    pub checkpoint_every_steps: u64,
+}
+
+/// What rank 0 last reported of a running generation (kept in the leader's memory).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Live {
+    pub step: u64,
+    pub total_steps: u64,
+    pub eta_ms: u64,
 }
 
 /// Reads a pass's input from the state (pure).
@@ -145,7 +170,23 @@ pub fn input(state: &State, now_ms: u64) -> Input {
     }
     for job in state.jobs.values() {
         let budget_left = job.spec.capacity.budget_usd.map(|b| b - job.cost_usd_at(now_ms));
+        let active = matches!(job.state, JobState::Pending | JobState::Running);
+        if let Some(hours) = job.spec.capacity.deadline_h
+            && active
+            && !job.needs_on_demand()
+            && job.checkpoint_requested != Some(StopReason::Budget)
+        {
+            out.deadlines.push(DeadlineJob {
+                job: job.id,
+                generation: job.generation,
+                running: job.state == JobState::Running,
+                deadline_unix_ms: job.submitted_at_unix_ms.saturating_add((hours * 3_600_000.0) as u64),
+                resume_step: job.latest_checkpoint.as_ref().map_or(0, |c| c.step),
+                checkpoint_every_steps: job.spec.checkpoint.every_steps,
+            });
+        }
         match job.state {
+            // Out of slack for its deadline, a spot job buys on-demand (whatever its fallback).
             JobState::Pending => out.gangs.push(Gang {
                 job: job.id,
                 priority: job.spec.priority,
@@ -153,8 +194,8 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 workers: job.spec.workers.min,
                 gpus_per_worker: job.spec.workers.gpus,
                 instance_types: job.spec.capacity.instance_types.clone(),
-                spot: job.spec.capacity.spot,
-                on_demand_fallback: job.spec.capacity.on_demand_fallback,
+                spot: !job.needs_on_demand(),
+                on_demand_fallback: job.spec.capacity.on_demand_fallback || job.on_demand_only,
                 max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
                 budget_left_usd: budget_left,
                 pool: None,
@@ -165,7 +206,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             // An elastic job below its max grows on spot in its gang's pool when capacity is
             // there (the scheduler regroups it once the workers register).
             JobState::Running
-                if job.spec.capacity.spot
+                if !job.needs_on_demand()
                     && (job.gang.len() as u32) < job.spec.workers.max
                     && job.checkpoint_requested.is_none() =>
             {
@@ -198,15 +239,30 @@ pub fn input(state: &State, now_ms: u64) -> Input {
 pub trait Control {
     fn input(&mut self, now_ms: u64) -> impl Future<Output = Result<Input, ApiError>> + Send;
     fn propose(&mut self, command: Command) -> impl Future<Output = Result<Applied, ApiError>> + Send;
+    /// Rank 0's latest report for the running `generation` of `job` (live progress is in the
+    /// leader's memory, not replicated).
+    fn live(&self, job: JobId, generation: u64) -> Option<Live>;
 }
 
-impl Control for crate::raft::node::NodeHandle {
+/// The leader's view in production: the replicated state through its node, live progress
+/// from its memory.
+pub struct Leader {
+    pub node: crate::raft::node::NodeHandle,
+    pub progress: std::sync::Arc<crate::progress::Progress>,
+}
+
+impl Control for Leader {
     async fn input(&mut self, now_ms: u64) -> Result<Input, ApiError> {
-        self.read_local(move |state| input(state, now_ms)).await
+        self.node.read_local(move |state| input(state, now_ms)).await
     }
 
     async fn propose(&mut self, command: Command) -> Result<Applied, ApiError> {
-        crate::raft::node::NodeHandle::propose(self, command).await
+        self.node.propose(command).await
+    }
+
+    fn live(&self, job: JobId, generation: u64) -> Option<Live> {
+        let p = self.progress.get(job, generation)?;
+        Some(Live { step: p.step, total_steps: p.total_steps, eta_ms: p.eta_ms })
     }
 }
 
@@ -225,6 +281,8 @@ pub struct Memory {
     /// Live spot prices per (type, zone) from the provider, over the market file's.
     spot_prices: BTreeMap<(String, String), f64>,
     last_prices_ms: u64,
+    /// The latest pace of each job with a deadline (kept while it waits between generations).
+    paces: BTreeMap<JobId, Pace>,
 }
 
 /// What a pass did (for logs and tests).
@@ -234,6 +292,7 @@ pub struct PassReport {
     pub terminated: Vec<String>,
     pub orphans_terminated: Vec<String>,
     pub budget_stops: Vec<JobId>,
+    pub deadline_moves: Vec<JobId>,
 }
 
 fn launch_spec(config: &AutoscaleConfig, request: &InstanceRequest) -> LaunchSpec {
@@ -288,6 +347,51 @@ async fn settle<C: Control>(
     control.propose(command).await.map(|_| ())
 }
 
+/// Moves the jobs out of slack for their deadline to on-demand capacity.
+async fn deadline_moves<C: Control>(
+    control: &mut C,
+    config: &AutoscaleConfig,
+    memory: &mut Memory,
+    jobs: &[DeadlineJob],
+    now_ms: u64,
+    report: &mut PassReport,
+) -> Result<(), ApiError> {
+    memory.paces.retain(|id, _| jobs.iter().any(|d| d.job == *id));
+    for d in jobs {
+        let live = if d.running { control.live(d.job, d.generation) } else { None };
+        if let Some(pace) = live.and_then(|l| Pace::from_report(l.step, l.total_steps, l.eta_ms)) {
+            memory.paces.insert(d.job, pace);
+        }
+        // Without a pace yet (no report since this leader took over), nothing to judge by.
+        let Some(pace) = memory.paces.get(&d.job) else { continue };
+        let step = live.map_or(d.resume_step, |l| l.step);
+        let hours = |ms: u64| ms as f64 / 3_600_000.0;
+        let slack = Slack {
+            now_h: hours(now_ms),
+            deadline_h: hours(d.deadline_unix_ms),
+            remaining_h: pace.remaining_h(step),
+            restart_h: config.limits.interruption_cost_hours,
+            at_risk_h: pace.at_risk_h(d.checkpoint_every_steps),
+        };
+        if !slack.out() {
+            continue;
+        }
+        let reason = format!(
+            "deadline in {:.2} h, {:.2} h of work left ({} steps at {:.2} s/step) with {:.2} h for a restart and {:.2} h at risk",
+            hours(d.deadline_unix_ms.saturating_sub(now_ms)),
+            slack.remaining_h,
+            pace.total_steps.saturating_sub(step),
+            pace.ms_per_step / 1e3,
+            slack.restart_h,
+            slack.at_risk_h,
+        );
+        control.propose(Command::MoveToOnDemand { job_id: d.job, reason }).await?;
+        memory.paces.remove(&d.job);
+        report.deadline_moves.push(d.job);
+    }
+    Ok(())
+}
+
 /// One autoscaling pass at `now_ms` (see the module docs).
 pub async fn pass<C: Control>(
     control: &mut C,
@@ -311,7 +415,12 @@ pub async fn pass<C: Control>(
             .await?;
         report.budget_stops.push(*job_id);
     }
-    let input = if input.outstanding.is_empty() { input } else { control.input(now_ms).await? };
+    deadline_moves(control, config, memory, &input.deadlines, now_ms, &mut report).await?;
+    let input = if input.outstanding.is_empty() && report.deadline_moves.is_empty() {
+        input
+    } else {
+        control.input(now_ms).await?
+    };
     memory.idle_since.retain(|id, _| input.idle.contains(id));
     for id in &input.idle {
         memory.idle_since.entry(id.clone()).or_insert(now_ms);
@@ -426,16 +535,18 @@ pub async fn pass<C: Control>(
 
 /// Runs on every node; acts only while this node leads.
 pub async fn autoscale_loop(
-    mut node: crate::raft::node::NodeHandle,
+    node: crate::raft::node::NodeHandle,
+    progress: std::sync::Arc<crate::progress::Progress>,
     provider: std::sync::Arc<dyn DynProvider>,
     config: AutoscaleConfig,
 ) {
+    let mut leader = Leader { node, progress };
     let mut memory = Memory::default();
     let mut was_leader = false;
     loop {
         tokio::time::sleep(PASS_EVERY).await;
-        let leader = node.status().leader_id == Some(node.id);
-        if !leader {
+        let leading = leader.node.status().leader_id == Some(leader.node.id);
+        if !leading {
             was_leader = false;
             continue;
         }
@@ -444,7 +555,7 @@ pub async fn autoscale_loop(
             was_leader = true;
         }
         let now = crate::raft::node::now_unix_ms();
-        match pass(&mut node, provider.as_ref(), &config, &mut memory, now).await {
+        match pass(&mut leader, provider.as_ref(), &config, &mut memory, now).await {
             Ok(report) if report != PassReport::default() => tracing::info!(?report, "autoscaling"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "autoscaling pass cut short; the next one continues"),

@@ -45,6 +45,7 @@ fn growable(state: &State) -> Vec<RunningJob> {
                 max_workers: j.spec.workers.max,
                 gpus_per_worker: j.spec.workers.gpus,
                 pool: (first.info.instance_type.clone(), first.info.zone.clone()),
+                on_demand_only: j.needs_on_demand(),
             })
         })
         .collect()
@@ -65,6 +66,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             min_workers: j.spec.workers.min,
             max_workers: j.spec.workers.max,
             gpus_per_worker: j.spec.workers.gpus,
+            on_demand_only: j.needs_on_demand(),
         })
         .collect();
     let free = state
@@ -77,6 +79,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             gpus: w.info.gpus,
             instance_type: w.info.instance_type.clone(),
             zone: w.info.zone.clone(),
+            spot: flotilla_core::state::on_spot(state, w.id),
         })
         .collect();
     (pending, free)

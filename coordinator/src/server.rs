@@ -292,7 +292,12 @@ pub async fn run(
     tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));
     if let Some(capacity) = config.capacity.clone() {
-        tokio::spawn(crate::autoscaling::autoscale_loop(handle.clone(), capacity.provider, capacity.config));
+        tokio::spawn(crate::autoscaling::autoscale_loop(
+            handle.clone(),
+            progress.clone(),
+            capacity.provider,
+            capacity.config,
+        ));
     }
     let cluster = ClusterServiceServer::new(ClusterApi {
         node: handle.clone(),

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use flotilla_coordinator::autoscaling::{self, AutoscaleConfig, Control, Input, Memory, REGISTER_TIMEOUT_MS};
+use flotilla_coordinator::autoscaling::{self, AutoscaleConfig, Control, Input, Live, Memory, REGISTER_TIMEOUT_MS};
 use flotilla_coordinator::provider::sim::SimProvider;
 use flotilla_coordinator::provider::{
     BoxFuture, CLUSTER_TAG, DynProvider, Instance, InstanceState, LaunchSpec, Provider, ProviderError, SpotPrices,
@@ -45,6 +45,8 @@ struct Local {
     index: u64,
     now: u64,
     fuse: Fuse,
+    /// Rank 0's live progress per job (the leader's memory in production).
+    live: BTreeMap<flotilla_core::JobId, Live>,
 }
 
 fn crashed() -> ApiError {
@@ -66,6 +68,10 @@ impl Control for Local {
         self.index += 1;
         apply(&mut self.state, self.index, Envelope::new(self.now, command))
             .map_err(|e| ApiError::new(ErrorKind::FailedPrecondition, e.to_string()))
+    }
+
+    fn live(&self, job: flotilla_core::JobId, _generation: u64) -> Option<Live> {
+        self.live.get(&job).copied()
     }
 }
 
@@ -166,7 +172,7 @@ fn run_seed(seed: u64) -> (usize, usize) {
     // Leaders that crash at random points.
     for _term in 0..rng.below(6) + 1 {
         let fuse = Fuse(Arc::new(AtomicI64::new(rng.below(14) as i64)));
-        let mut control = Local { state, index, now, fuse: fuse.clone() };
+        let mut control = Local { state, index, now, fuse: fuse.clone(), live: BTreeMap::new() };
         let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
         let mut memory = Memory::default();
         for _ in 0..3 {
@@ -191,7 +197,7 @@ fn run_seed(seed: u64) -> (usize, usize) {
         .filter(|t| cloud.all().iter().any(|i| i.tags.get("flotilla-launch-token") == Some(*t)))
         .count();
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index, now, fuse: fuse.clone() };
+    let mut control = Local { state, index, now, fuse: fuse.clone(), live: BTreeMap::new() };
     let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     for _ in 0..4 {
@@ -266,7 +272,7 @@ fn a_capacity_error_backs_off_and_falls_back_to_on_demand() {
     let command = Command::SubmitJob { spec: Box::new(job("big", 9, true)), client_request_id: "r".into() };
     apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
     let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     let mut now = 1000;
@@ -312,7 +318,7 @@ fn one_spot_job(prices: SpotPrices) -> (Local, Crashing) {
     let command = Command::SubmitJob { spec: Box::new(job("j", 2, true)), client_request_id: "r".into() };
     apply(&mut state, 1, Envelope::new(0, command)).expect("submit");
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    let control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
     (control, Crashing { cloud, fuse, prices })
 }
 
@@ -389,7 +395,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
     };
     step(&mut state, Command::SubmitInference { request: Box::new(request), client_request_id: "i".into() });
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 100, now: 1000, fuse: fuse.clone() };
+    let mut control = Local { state, index: 100, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
     let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
@@ -438,7 +444,7 @@ fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
     apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
         .expect("submit");
     let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone() };
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
     let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
@@ -459,4 +465,62 @@ fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
     let growth = grown.iter().find(|r| r.count == 2).expect("2 more for max = 3");
     assert!(growth.spot, "growth is spot only");
     assert_eq!((&growth.instance_type, &growth.zone), (&instance.instance_type, &instance.zone), "the gang's pool");
+}
+
+#[test]
+fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand() {
+    use flotilla_core::JobId;
+    use flotilla_core::state::{GenerationEnd, StopReason};
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    // A deadline one hour after submission (at t = 0), checkpoints every 100 steps.
+    let spec = JobSpec::from_toml_str(
+        "name = \"d\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+         workers = { min = 2, max = 2, gpus = 1 }\ncapacity = { deadline_h = 1.0 }\n",
+    )
+    .expect("spec");
+    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
+        .expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let mut memory = Memory::default();
+    let mut pass = |control: &mut Local, now_ms: u64| {
+        control.now = now_ms;
+        futures_block_on(autoscaling::pass(control, &provider, &config(), &mut memory, now_ms)).expect("pass")
+    };
+    pass(&mut control, 2000);
+    let spot: Vec<_> = control.state.instances.values().cloned().collect();
+    assert!(spot.len() == 2 && spot.iter().all(|i| i.spot), "with slack, spot first: {spot:?}");
+    let workers: Vec<_> =
+        spot.iter().enumerate().map(|(i, x)| register_worker(&mut control.state, 2 + i as u64, x)).collect();
+    let job_id = JobId(1);
+    apply(&mut control.state, 4, Envelope::new(4000, Command::AssignGang { job_id, workers })).expect("assign");
+    control.index = 4;
+    // 2 s per step. Remaining work + 0.1 h restart + 103 steps at risk (0.057 h):
+    // at 0.3 h, 900 steps left (0.5 h): 0.96 h < 1 h, slack; at 0.4 h, 850 left: 1.03 h, out.
+    let at = |hours: f64| (hours * 3_600_000.0) as u64;
+    let report = |step: u64| Live { step, total_steps: 1100, eta_ms: (1100 - step) * 2000 };
+    control.live.insert(job_id, report(200));
+    assert!(pass(&mut control, at(0.3)).deadline_moves.is_empty());
+    assert_eq!(control.state.jobs[&job_id].checkpoint_requested, None);
+    control.live.insert(job_id, report(250));
+    assert_eq!(pass(&mut control, at(0.4)).deadline_moves, [job_id]);
+    let job = &control.state.jobs[&job_id];
+    assert!(job.on_demand_only && job.checkpoint_requested == Some(StopReason::Deadline), "{job:?}");
+    let event = job.events.iter().rev().find(|e| e.kind == "deadline").expect("a deadline event");
+    assert!(event.message.contains("850 steps at 2.00 s/step"), "{}", event.message);
+    // The gang checkpoints and stops; the job waits for on-demand capacity only.
+    control.live.clear();
+    let ended =
+        Command::GenerationEnded { job_id, generation: 1, end: GenerationEnd::Checkpointed, step: 260, reporter: None };
+    apply(&mut control.state, 5, Envelope::new(at(0.41), ended)).expect("ended");
+    control.index = 5;
+    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX);
+    let plan = flotilla_core::scheduler::schedule(&pending, &free);
+    assert!(plan.placements.is_empty(), "the idle spot workers are not for it: {plan:?}");
+    assert!(pass(&mut control, at(0.42)).deadline_moves.is_empty(), "moved once");
+    let on_demand: Vec<_> = control.state.instance_requests.values().filter(|r| !r.spot).collect();
+    assert_eq!(on_demand.len(), 1, "{:?}", control.state.instance_requests);
+    assert_eq!((on_demand[0].count, on_demand[0].job), (2, Some(job_id)));
 }

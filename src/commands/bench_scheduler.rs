@@ -28,6 +28,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             min_workers: 1 + (i % 8) as u32,
             max_workers: 1 + (i % 8) as u32 + (i % 2) as u32,
             gpus_per_worker: u32::from(i % 4 == 0),
+            on_demand_only: false,
         })
         .collect();
     let free = (0..workers as u64)
@@ -36,6 +37,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             gpus: (i % 3) as u32,
             instance_type: ["g5.xlarge", "g4dn.xlarge"][(i % 2) as usize].to_string(),
             zone: ["a", "b"][((i / 2) % 2) as usize].to_string(),
+            spot: false,
         })
         .collect();
     (pending, free)

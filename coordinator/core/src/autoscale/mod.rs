@@ -42,6 +42,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ids::JobId;
 
+pub mod deadline;
 pub mod risk;
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use super::{PoolKey, Trace};
+use crate::autoscale::deadline::{MARGIN_STEPS, Slack};
 use crate::autoscale::risk::PoolRisk;
 use crate::autoscale::{self, Backoff, Decision, Gang, Held, Limits};
 use crate::ids::JobId;
@@ -233,14 +234,20 @@ impl World<'_> {
     }
 
     /// Whether job `j` must move to capacity that stays (on-demand) at `hour` to finish by the
-    /// deadline: its remaining work, one provisioning and one restart, what one more spot
-    /// interruption could lose (a checkpoint interval) and a few minutes no longer fit.
+    /// deadline: the coordinator's rule ([`Slack`]) with its remaining work, one provisioning
+    /// and one restart, and what one more spot interruption could lose (a checkpoint interval
+    /// and a few steps).
     fn out_of_slack(&self, j: usize, hour: f64) -> bool {
         let Some(deadline) = self.params.deadline_hours else { return false };
         let job = &self.jobs[j];
-        let overhead_h = (self.params.provision_minutes + self.params.restart_minutes) / 60.0;
-        let margin_h = self.params.checkpoint_every_hours + 3.0 * self.params.step_minutes / 60.0;
-        hour + (job.spec.work_hours - job.progress_h) + overhead_h + margin_h >= deadline
+        Slack {
+            now_h: hour,
+            deadline_h: deadline,
+            remaining_h: job.spec.work_hours - job.progress_h,
+            restart_h: (self.params.provision_minutes + self.params.restart_minutes) / 60.0,
+            at_risk_h: self.params.checkpoint_every_hours + MARGIN_STEPS * self.params.step_minutes / 60.0,
+        }
+        .out()
     }
 
     /// With a deadline (`naive_spot_deadline`, and `flotilla` when one is set): a job out of

@@ -11,6 +11,9 @@
 //! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
 //!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool with
 //!   the most fitting free workers (ties: the pool's name), taking workers in id order.
+//! - On-demand only: a job that must not run on spot (`capacity.spot = false`, or moved to
+//!   on-demand for its deadline) gets only on-demand workers. Other jobs take a pool's spot
+//!   workers first, keeping its on-demand ones for the jobs that need them.
 //! - Backfill: a job that cannot be placed does not hold back smaller jobs behind it. (A
 //!   reservation for blocked large jobs is the autoscaler's business: it buys their capacity.)
 //! - A worker is never placed twice: each placement removes its workers from the free set.
@@ -33,6 +36,8 @@ pub struct PendingJob {
     pub min_workers: u32,
     pub max_workers: u32,
     pub gpus_per_worker: u32,
+    /// Only on-demand workers (`capacity.spot = false`, or out of slack for its deadline).
+    pub on_demand_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,8 @@ pub struct FreeWorker {
     pub gpus: u32,
     pub instance_type: String,
     pub zone: String,
+    /// On a spot instance (may be taken back).
+    pub spot: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,23 +64,48 @@ pub struct Plan {
     pub waiting: BTreeMap<JobId, String>,
 }
 
-/// Free workers of one pool, sorted by (gpus, id) so "how many have >= g GPUs" is a search.
+/// Free workers of one kind in one pool, sorted by (gpus, id) so "how many have >= g GPUs" is
+/// a search.
 #[derive(Debug, Default)]
-struct Pool {
+struct Sorted {
     workers: Vec<(u32, WorkerId)>,
 }
 
-impl Pool {
+impl Sorted {
     fn fitting(&self, gpus: u32) -> usize {
         self.workers.len() - self.workers.partition_point(|(g, _)| *g < gpus)
     }
 
     /// Takes up to `count` fitting workers, the least-equipped first (keeps big GPUs for jobs
-    /// that need them), returned in id order.
-    fn take(&mut self, gpus: u32, count: usize) -> Vec<WorkerId> {
+    /// that need them).
+    fn take(&mut self, gpus: u32, count: usize) -> impl Iterator<Item = WorkerId> + '_ {
         let start = self.workers.partition_point(|(g, _)| *g < gpus);
-        let taken: Vec<(u32, WorkerId)> = self.workers.drain(start..start + count).collect();
-        let mut ids: Vec<WorkerId> = taken.into_iter().map(|(_, id)| id).collect();
+        let end = (start + count).min(self.workers.len());
+        self.workers.drain(start..end).map(|(_, id)| id)
+    }
+}
+
+/// Free workers of one pool: spot and on-demand apart.
+#[derive(Debug, Default)]
+struct Pool {
+    spot: Sorted,
+    on_demand: Sorted,
+}
+
+impl Pool {
+    fn fitting(&self, gpus: u32, on_demand_only: bool) -> usize {
+        let spot = if on_demand_only { 0 } else { self.spot.fitting(gpus) };
+        spot + self.on_demand.fitting(gpus)
+    }
+
+    /// Takes `count` fitting workers (spot first unless `on_demand_only`), in id order.
+    fn take(&mut self, gpus: u32, count: usize, on_demand_only: bool) -> Vec<WorkerId> {
+        let mut ids: Vec<WorkerId> = Vec::with_capacity(count);
+        if !on_demand_only {
+            ids.extend(self.spot.take(gpus, count));
+        }
+        let rest = count - ids.len();
+        ids.extend(self.on_demand.take(gpus, rest));
         ids.sort();
         ids
     }
@@ -82,12 +114,15 @@ impl Pool {
 /// Places `pending` jobs on `free` workers (see the module docs for the rules).
 pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     let mut pools: BTreeMap<(&str, &str), Pool> = BTreeMap::new();
-    for w in free {
-        pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default().workers.push((w.gpus, w.id));
+    let mut seen = std::collections::BTreeSet::new();
+    for w in free.iter().filter(|w| seen.insert(w.id)) {
+        let pool = pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default();
+        let kind = if w.spot { &mut pool.spot } else { &mut pool.on_demand };
+        kind.workers.push((w.gpus, w.id));
     }
     for pool in pools.values_mut() {
-        pool.workers.sort();
-        pool.workers.dedup_by_key(|(_, id)| *id);
+        pool.spot.workers.sort();
+        pool.on_demand.workers.sort();
     }
     let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
     order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
@@ -96,13 +131,14 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
         let min = job.min_workers.max(1) as usize;
         let best = pools
             .iter()
-            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker), *name))
+            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker, job.on_demand_only), *name))
             .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
         match best {
             Some((fitting, name)) if fitting >= min => {
                 let count = fitting.min(job.max_workers.max(job.min_workers) as usize);
                 let pool = pools.get_mut(&name).expect("the pool was just found");
-                plan.placements.push(Placement { job: job.id, workers: pool.take(job.gpus_per_worker, count) });
+                let workers = pool.take(job.gpus_per_worker, count, job.on_demand_only);
+                plan.placements.push(Placement { job: job.id, workers });
             }
             best => {
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
@@ -111,10 +147,11 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
                 } else {
                     String::new()
                 };
+                let kind = if job.on_demand_only { " on-demand" } else { "" };
                 plan.waiting.insert(
                     job.id,
                     format!(
-                        "waiting for {min} free worker(s){gpus} in one pool; the largest such group has {largest} ({pool})"
+                        "waiting for {min} free{kind} worker(s){gpus} in one pool; the largest such group has {largest} ({pool})"
                     ),
                 );
             }
@@ -135,6 +172,8 @@ pub struct RunningJob {
     pub gpus_per_worker: u32,
     /// (instance type, zone) of its gang.
     pub pool: (String, String),
+    /// It grows on on-demand workers only.
+    pub on_demand_only: bool,
 }
 
 /// Elastic growth: which running jobs to regroup at a larger world size, given the workers left
@@ -153,7 +192,7 @@ pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> V
         let fitting: Vec<WorkerId> = free
             .iter()
             .filter(|w| (w.instance_type.as_str(), w.zone.as_str()) == (job.pool.0.as_str(), job.pool.1.as_str()))
-            .filter(|w| w.gpus >= job.gpus_per_worker && !taken.contains(&w.id))
+            .filter(|w| w.gpus >= job.gpus_per_worker && !taken.contains(&w.id) && !(job.on_demand_only && w.spot))
             .map(|w| w.id)
             .take(want)
             .collect();

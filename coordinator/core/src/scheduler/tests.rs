@@ -12,11 +12,49 @@ fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
         min_workers: min,
         max_workers: max,
         gpus_per_worker: gpus,
+        on_demand_only: false,
     }
 }
 
 fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
-    FreeWorker { id: WorkerId(id), gpus, instance_type: pool.to_string(), zone: "z".to_string() }
+    FreeWorker { id: WorkerId(id), gpus, instance_type: pool.to_string(), zone: "z".to_string(), spot: false }
+}
+
+fn spot_worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
+    FreeWorker { spot: true, ..worker(id, gpus, pool) }
+}
+
+#[test]
+fn on_demand_only_jobs_get_on_demand_workers_and_others_take_spot_first() {
+    let free = [spot_worker(1, 0, "a"), spot_worker(2, 0, "a"), worker(3, 0, "a"), worker(4, 0, "b")];
+    let on_demand = PendingJob { on_demand_only: true, ..job(1, 0, 2, 2, 0) };
+    let plan = schedule(std::slice::from_ref(&on_demand), &free);
+    assert!(plan.placements.is_empty(), "pool a has one on-demand worker, b one: {plan:?}");
+    assert!(plan.waiting[&JobId(1)].contains("2 free on-demand worker(s)"), "{:?}", plan.waiting);
+    let one = PendingJob { min_workers: 1, max_workers: 1, ..on_demand };
+    let plan = schedule(&[job(2, 5, 2, 2, 0), one], &free);
+    // The spot-tolerant job (first by priority) takes a's spot workers, leaving its on-demand one.
+    assert_eq!(
+        plan.placements,
+        [
+            Placement { job: JobId(2), workers: vec![WorkerId(1), WorkerId(2)] },
+            Placement { job: JobId(1), workers: vec![WorkerId(3)] },
+        ]
+    );
+    // Growth: an on-demand-only job never grows onto spot workers.
+    let running = RunningJob {
+        id: JobId(1),
+        generation: 1,
+        priority: 0,
+        submitted_index: 1,
+        world: 1,
+        max_workers: 2,
+        gpus_per_worker: 0,
+        pool: ("a".into(), "z".into()),
+        on_demand_only: true,
+    };
+    assert!(grow(std::slice::from_ref(&running), &free[..2], false).is_empty());
+    assert_eq!(grow(&[running], &free[..3], false), [(JobId(1), 1)]);
 }
 
 #[test]
@@ -60,27 +98,28 @@ fn nothing_to_place_on_an_empty_cluster() {
 }
 
 fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
-    let jobs = prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3), 0..30);
-    let workers = prop::collection::vec((0u64..80, 0u32..4, 0usize..3), 0..40);
+    let jobs = prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>()), 0..30);
+    let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..3), 0..40);
     (jobs, workers).prop_map(|(jobs, workers)| {
         let pools = ["a", "b", "c"];
         let jobs = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, (index, priority, min, extra, gpus))| PendingJob {
+            .map(|(i, (index, priority, min, extra, gpus, on_demand_only))| PendingJob {
                 id: JobId(i as u64 + 1),
                 priority,
                 submitted_index: index,
                 min_workers: min,
                 max_workers: min + extra,
                 gpus_per_worker: gpus,
+                on_demand_only,
             })
             .collect();
         // Worker ids are unique in a real cluster.
         let workers = workers
             .into_iter()
             .enumerate()
-            .map(|(i, (_, gpus, pool))| worker(i as u64 + 1, gpus, pools[pool]))
+            .map(|(i, (spot, gpus, pool))| FreeWorker { spot, ..worker(i as u64 + 1, gpus, pools[pool]) })
             .collect();
         (jobs, workers)
     })
@@ -102,6 +141,7 @@ proptest! {
                 prop_assert!(used.insert(*id), "{id} placed twice");
                 let w = workers.iter().find(|w| w.id == *id).expect("placed workers exist");
                 prop_assert!(w.gpus >= job.gpus_per_worker);
+                prop_assert!(!(job.on_demand_only && w.spot), "{job:?} got spot {id}");
                 pools.insert((&w.instance_type, &w.zone));
             }
             prop_assert_eq!(pools.len(), 1, "a gang spans pools");
@@ -116,7 +156,10 @@ proptest! {
                 Some(p) => taken.extend(p.workers.iter().copied()),
                 None => {
                     let mut per_pool: BTreeMap<(&str, &str), BTreeSet<WorkerId>> = BTreeMap::new();
-                    for w in workers.iter().filter(|w| !taken.contains(&w.id) && w.gpus >= job.gpus_per_worker) {
+                    let fits = |w: &&FreeWorker| {
+                        !taken.contains(&w.id) && w.gpus >= job.gpus_per_worker && !(job.on_demand_only && w.spot)
+                    };
+                    for w in workers.iter().filter(fits) {
                         per_pool.entry((&w.instance_type, &w.zone)).or_default().insert(w.id);
                     }
                     let largest = per_pool.values().map(BTreeSet::len).max().unwrap_or(0);
@@ -144,6 +187,7 @@ fn elastic_jobs_grow_only_into_free_workers_of_their_pool_when_nobody_waits() {
         max_workers: max,
         gpus_per_worker: 0,
         pool: (pool.to_string(), "z".to_string()),
+        on_demand_only: false,
     };
     let free = [worker(7, 0, "a")];
     let jobs = [running(1, 2, 2, "a"), running(2, 1, 4, "b"), running(3, 1, 2, "a"), running(4, 1, 2, "a")];

@@ -55,6 +55,8 @@ pub const INSTANCE_TYPES_MAX: usize = 32;
 pub const PRICE_USD_PER_HOUR_MAX: f64 = 1_000.0;
 /// Budget of one job at most, USD.
 pub const BUDGET_USD_MAX: f64 = 10_000_000.0;
+/// A deadline at most this many hours after submission (a year).
+pub const DEADLINE_H_MAX: f64 = 8_760.0;
 pub const MAX_FAILURES_MAX: i64 = 1_000;
 pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
 /// Checkpoints kept at most.
@@ -194,6 +196,11 @@ pub struct CapacitySpec {
     /// The job stops, checkpointed, before it would spend more than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_usd: Option<f64>,
+    /// Hours after submission by which the job should be done. As its slack runs out (remaining
+    /// work at the observed pace, a restart and one checkpoint interval no longer fit) it moves
+    /// from spot to on-demand capacity, checkpointing first; `None`: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_h: Option<f64>,
     /// Failures without progress before the job is marked Failed (preemptions never count).
     pub max_failures: u32,
 }

@@ -77,6 +77,7 @@ pub(crate) struct RawCapacity {
     pub instance_types: Option<Vec<String>>,
     pub max_price_usd_per_hour: Option<f64>,
     pub budget_usd: Option<f64>,
+    pub deadline_h: Option<f64>,
     pub max_failures: Option<i64>,
 }
 

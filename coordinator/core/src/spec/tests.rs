@@ -404,6 +404,24 @@ proptest! {
         }
     }
 
+    /// Deadlines: accepted exactly when finite and in (0, DEADLINE_H_MAX] hours.
+    #[test]
+    fn deadline_field(hours in prop_oneof![any::<f64>(), -2.0f64..2.0, Just(0.0), 8000.0f64..9000.0]) {
+        let text = with(&format!("[capacity]\ndeadline_h = {hours:?}"));
+        let ok = hours.is_finite() && hours > 0.0 && hours <= DEADLINE_H_MAX;
+        match JobSpec::from_toml_str(&text) {
+            Ok(spec) => {
+                prop_assert!(ok, "{hours} accepted");
+                prop_assert_eq!(spec.capacity.deadline_h, Some(hours));
+                prop_assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).map(|s| s.capacity.deadline_h), Ok(Some(hours)));
+            }
+            Err(e) => {
+                prop_assert!(!ok, "{hours} refused: {e}");
+                prop_assert_eq!(e.fields(), vec!["capacity.deadline_h"]);
+            }
+        }
+    }
+
     /// Every valid spec survives its canonical TOML form unchanged.
     #[test]
     fn canonical_form_round_trips(

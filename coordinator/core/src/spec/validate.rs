@@ -315,6 +315,7 @@ fn capacity(c: &mut Checker, raw: RawCapacity) -> CapacitySpec {
             PRICE_USD_PER_HOUR_MAX,
         ),
         budget_usd: positive(c, "capacity.budget_usd", raw.budget_usd, BUDGET_USD_MAX),
+        deadline_h: positive(c, "capacity.deadline_h", raw.deadline_h, DEADLINE_H_MAX),
         max_failures: c.int("capacity.max_failures", raw.max_failures, 3, 0, MAX_FAILURES_MAX) as u32,
     }
 }

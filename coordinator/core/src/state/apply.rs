@@ -49,6 +49,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     generation_started_at_unix_ms: 0,
                     generation_start_step: 0,
                     gang_usd_per_hour: 0.0,
+                    on_demand_only: false,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -170,6 +171,30 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 );
             }
             Ok(Applied::CheckpointRequested { job_id })
+        }
+        Command::MoveToOnDemand { job_id, reason } => {
+            let job = state.jobs.get(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            if !matches!(job.state, JobState::Pending | JobState::Running) {
+                return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+            }
+            let on_spot = job.gang.iter().any(|w| on_spot(state, *w));
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            if job.on_demand_only {
+                return Ok(Applied::MovedToOnDemand { job_id, checkpoint: false });
+            }
+            job.on_demand_only = true;
+            job.updated_at_unix_ms = now;
+            let reason = bounded(reason);
+            // A budget or preemption stop already out ends the generation anyway; it resumes
+            // on on-demand capacity then.
+            let checkpoint = job.state == JobState::Running && on_spot && job.checkpoint_requested.is_none();
+            if checkpoint {
+                job.checkpoint_requested = Some(StopReason::Deadline);
+                push_event(job, now, "deadline", format!("{reason}; checkpointing to move to on-demand capacity"));
+            } else {
+                push_event(job, now, "deadline", format!("{reason}; on-demand capacity only from now on"));
+            }
+            Ok(Applied::MovedToOnDemand { job_id, checkpoint })
         }
         Command::GenerationEnded { job_id, generation, end, step, reporter } => {
             check_reporter(state, job_id, reporter)?;
@@ -576,6 +601,12 @@ fn suspect(state: &mut State, gang: &[WorkerId], now: u64) {
     }
 }
 
+/// Whether `worker` runs on a spot instance (a worker without an instance record, started by
+/// hand or by the local provider, counts as on-demand, as the autoscaler counts it).
+pub fn on_spot(state: &State, worker: WorkerId) -> bool {
+    state.workers.get(&worker).and_then(|w| state.instances.get(&w.info.instance_id)).is_some_and(|i| i.spot)
+}
+
 /// Frees the gang's workers that are still assigned.
 fn release(state: &mut State, gang: &[WorkerId]) {
     for id in gang {
@@ -682,7 +713,8 @@ fn generation_ended(
                 "checkpointed",
                 format!("generation {generation} stopped for {why} at step {step}; {lost} step(s) lost"),
             );
-            job.reason = format!("{why}: waiting for workers to resume from step {}", resume_step(job));
+            let workers = if job.on_demand_only { "on-demand workers" } else { "workers" };
+            job.reason = format!("{why}: waiting for {workers} to resume from step {}", resume_step(job));
         }
         GenerationEnd::PeerLost { reason } => {
             let lost = step.saturating_sub(resume_step(job));

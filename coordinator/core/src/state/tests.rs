@@ -489,6 +489,75 @@ fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_ge
     assert!(matches!(apply(&mut state, 21, Envelope::new(21, finish)), Err(Rejected::NotRunning { .. })));
 }
 
+/// Records `id` as a launched instance (spot or not) of a settled request.
+fn launched(state: &mut State, t: u64, id: &str, spot: bool) {
+    let request_id = format!("req-{id}");
+    let request = Command::RequestInstances {
+        request_id: request_id.clone(),
+        job: None,
+        instance_type: "g5.xlarge".into(),
+        zone: "a".into(),
+        spot,
+        count: 1,
+        usd_per_hour: 0.5,
+    };
+    at(state, t, request).expect("request");
+    let instances = vec![LaunchedInstance { id: id.into(), zone: "a".into(), spot }];
+    at(state, t + 1, Command::InstancesLaunched { request_id, instances }).expect("launched");
+}
+
+#[test]
+fn out_of_slack_a_spot_gang_checkpoints_and_the_job_resumes_on_demand_only() {
+    let mut state = State::default();
+    let (_, w2) = running_job(&mut state, 3);
+    let instance = state.workers[&w2].info.instance_id.clone();
+    launched(&mut state, 5, &instance, true);
+    let moved = |state: &mut State, t| {
+        at(state, t, Command::MoveToOnDemand { job_id: JobId(1), reason: "2.0 h of work left, 2.1 h to go".into() })
+    };
+    assert_eq!(moved(&mut state, 7), Ok(Applied::MovedToOnDemand { job_id: JobId(1), checkpoint: true }));
+    let job = &state.jobs[&JobId(1)];
+    assert!(job.on_demand_only);
+    assert_eq!(job.checkpoint_requested, Some(StopReason::Deadline));
+    assert!(job.events.iter().any(|e| e.kind == "deadline" && e.message.contains("2.0 h of work left")));
+    // Said twice (a new leader): nothing changes, no second stop.
+    assert_eq!(moved(&mut state, 8), Ok(Applied::MovedToOnDemand { job_id: JobId(1), checkpoint: false }));
+    checkpoint(&mut state, 30, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 30),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.preemptions, job.steps_lost, job.failures), (0, 0, 0), "a deliberate move loses nothing");
+    assert!(job.on_demand_only && job.reason.contains("on-demand"), "{}", job.reason);
+}
+
+#[test]
+fn out_of_slack_on_on_demand_workers_or_while_pending_only_marks_the_job() {
+    let mut state = State::default();
+    running_job(&mut state, 3); // workers without instance records count as on-demand
+    assert_eq!(
+        at(&mut state, 5, Command::MoveToOnDemand { job_id: JobId(1), reason: "late".into() }),
+        Ok(Applied::MovedToOnDemand { job_id: JobId(1), checkpoint: false })
+    );
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, None, "already on on-demand: keeps training");
+    submit(&mut state, 6, "pending").expect("submit");
+    assert_eq!(
+        at(&mut state, 7, Command::MoveToOnDemand { job_id: JobId(2), reason: "late".into() }),
+        Ok(Applied::MovedToOnDemand { job_id: JobId(2), checkpoint: false })
+    );
+    assert!(state.jobs[&JobId(2)].on_demand_only);
+    at(&mut state, 8, Command::CancelJob { job_id: JobId(2), reason: "x".into() }).expect("cancel");
+    assert!(matches!(
+        at(&mut state, 9, Command::MoveToOnDemand { job_id: JobId(2), reason: "late".into() }),
+        Err(Rejected::JobFinished { .. })
+    ));
+    assert_eq!(
+        at(&mut state, 10, Command::MoveToOnDemand { job_id: JobId(9), reason: "late".into() }),
+        Err(Rejected::JobNotFound(JobId(9)))
+    );
+}
+
 pub(super) fn at(state: &mut State, t: u64, command: Command) -> Result<Applied, Rejected> {
     apply(state, t, Envelope::new(t, command))
 }

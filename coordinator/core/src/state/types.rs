@@ -130,6 +130,10 @@ pub struct Job {
     /// `step` at the last failure: a later checkpoint past it resets `failures`.
     #[serde(default)]
     pub failure_step: u64,
+    /// Out of slack for `capacity.deadline_h`: from now on the job runs on on-demand capacity
+    /// only (spot workers are neither assigned nor bought for it). Never cleared.
+    #[serde(default)]
+    pub on_demand_only: bool,
 }
 
 impl Job {
@@ -138,6 +142,12 @@ impl Job {
     pub fn end_gang(&mut self) -> Vec<WorkerId> {
         self.ended_gang = std::mem::take(&mut self.gang);
         self.ended_gang.clone()
+    }
+
+    /// Whether the job must run on on-demand workers only: `capacity.spot = false`, or moved
+    /// there for its deadline.
+    pub fn needs_on_demand(&self) -> bool {
+        self.on_demand_only || !self.spec.capacity.spot
     }
 
     /// Whether `worker` may report for this job's current (or just ended) generation.
@@ -179,6 +189,8 @@ pub enum StopReason {
     Grow,
     /// The job reached `capacity.budget_usd`: it stops at a checkpoint and does not resume.
     Budget,
+    /// Out of slack for `capacity.deadline_h` on spot: it resumes on on-demand capacity.
+    Deadline,
 }
 
 impl StopReason {
@@ -187,6 +199,7 @@ impl StopReason {
             StopReason::Preemption => "preemption",
             StopReason::Grow => "grow",
             StopReason::Budget => "budget",
+            StopReason::Deadline => "deadline",
         }
     }
 }
@@ -596,6 +609,13 @@ pub enum Command {
         generation: u64,
         reason: StopReason,
     },
+    /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
+    /// from now on; a generation running on spot workers checkpoints and stops to move.
+    MoveToOnDemand {
+        job_id: JobId,
+        /// Why, for the job's events (the remaining work and the time left).
+        reason: String,
+    },
     /// A generation ended without finishing the job; `step` is the last step it completed.
     GenerationEnded {
         job_id: JobId,
@@ -783,6 +803,11 @@ pub enum Applied {
     },
     CheckpointRequested {
         job_id: JobId,
+    },
+    /// `checkpoint`: its running generation, on spot, was asked to checkpoint and move.
+    MovedToOnDemand {
+        job_id: JobId,
+        checkpoint: bool,
     },
     /// `state`: where the job went (Pending for a new generation, or Failed).
     GenerationEnded {
