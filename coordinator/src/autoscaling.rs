@@ -199,6 +199,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
                 budget_left_usd: budget_left,
                 pool: None,
+                mixed: job.spec.capacity.mixed_types,
             }),
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
                 out.over_budget.push((job.id, job.generation));

@@ -67,6 +67,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             max_workers: j.spec.workers.max,
             gpus_per_worker: j.spec.workers.gpus,
             on_demand_only: j.needs_on_demand(),
+            mixed: j.spec.capacity.mixed_types,
         })
         .collect();
     let free = state

@@ -3,7 +3,8 @@
 # on-demand) on every shipped spot market trace (examples/traces/*.csv), under four policies:
 # all on-demand (the baseline), naive single-type spot, naive spot that moves to on-demand to
 # finish within 1.25x on-demand's makespan, and Flotilla's autoscaler (and, to show what its
-# correlated risk is worth, Flotilla with the long-run interruption rates alone). One JSON line per
+# correlated risk is worth, Flotilla with the long-run interruption rates alone; and Flotilla
+# with mixed-type gangs, capacity.mixed_types, for every job). One JSON line per
 # (trace, seed, policy) and a summary per (trace, seed); last, per trace, the medians over the
 # seeds of every summary ratio. `spot_cost.sh SEED...` sets the seeds (default: 1 2 3 4 5).
 set -euo pipefail
@@ -29,7 +30,7 @@ for trace, summaries in by_trace.items():
     keys = [k for k in summaries[0] if k not in ("bench", "trace", "seed")]
     line = {"bench": "spot_cost_median", "trace": trace, "seeds": len(summaries)}
     line.update({k: round(statistics.median(s[k] for s in summaries), 3) for k in keys})
-    for policy in ("flotilla", "flotilla_uncorrelated", "naive_spot", "naive_spot_deadline"):
+    for policy in ("flotilla", "flotilla_uncorrelated", "flotilla_mixed_types", "naive_spot", "naive_spot_deadline"):
         runs = [r for r in rows if r["bench"] == "spot_cost" and r["trace"] == trace and r["policy"] == policy]
         line[f"{policy}_preemptions"] = statistics.median(r["preemptions"] for r in runs)
         line[f"{policy}_steps_lost"] = statistics.median(r["steps_lost"] for r in runs)

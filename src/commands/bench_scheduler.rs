@@ -29,6 +29,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             max_workers: 1 + (i % 8) as u32 + (i % 2) as u32,
             gpus_per_worker: u32::from(i % 4 == 0),
             on_demand_only: false,
+            mixed: false,
         })
         .collect();
     let free = (0..workers as u64)

@@ -33,15 +33,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let jobs = benchmark_workload();
     let mut outcomes = Vec::new();
     let mut deadline_hours = None;
-    // Every policy, then Flotilla without correlated risk (what the risk model is worth).
-    let runs = Policy::ALL.into_iter().map(|p| (p, true)).chain([(Policy::Flotilla, false)]);
-    for (policy, correlated_risk) in runs {
-        let mut o = simulate(&trace, &jobs, policy, SimParams { deadline_hours, correlated_risk, ..params });
+    // Every policy, then Flotilla without correlated risk (what the risk model is worth) and
+    // with mixed-type gangs (what letting a gang span pools is worth).
+    let runs = Policy::ALL
+        .into_iter()
+        .map(|p| (p, true, false))
+        .chain([(Policy::Flotilla, false, false), (Policy::Flotilla, true, true)]);
+    for (policy, correlated_risk, mixed_types) in runs {
+        let mut o =
+            simulate(&trace, &jobs, policy, SimParams { deadline_hours, correlated_risk, mixed_types, ..params });
         if policy == Policy::OnDemand {
             deadline_hours = Some(o.makespan_h * DEADLINE_VS_ON_DEMAND);
         }
         if !correlated_risk {
             o.policy = "flotilla_uncorrelated";
+        }
+        if mixed_types {
+            o.policy = "flotilla_mixed_types";
         }
         println!(
             "{}",

@@ -12,7 +12,9 @@
 //! Rules
 //! - Gangs in priority then FIFO order. A gang's instances share one pool (instance type +
 //!   zone, DESIGN §6): idle instances already in a pool count toward it, the rest is bought
-//!   in the same pool.
+//!   in the same pool. A mixed gang (`capacity.mixed_types`) also counts the idle instances
+//!   of its zone's other pools (and, when idle instances anywhere complete it, those: the
+//!   scheduler places it the same way), and buys only the rest.
 //! - Pool choice: the lowest *expected* hourly cost of the gang among the pools the job allows
 //!   (`capacity.instance_types`, `max_price_usd_per_hour`, enough GPUs). A spot gang of W
 //!   workers is interrupted when any member is, W x rate times an hour, and each interruption
@@ -89,6 +91,8 @@ pub struct Gang {
     pub budget_left_usd: Option<f64>,
     /// Only this pool (a running job's growth joins its gang's pool); `None`: any.
     pub pool: Option<PoolKey>,
+    /// May span pools (`capacity.mixed_types`): idle instances of other pools count.
+    pub mixed: bool,
 }
 
 impl Gang {
@@ -107,6 +111,7 @@ impl Gang {
             max_price_usd_per_hour: None,
             budget_left_usd: None,
             pool: None,
+            mixed: false,
         }
     }
 
@@ -271,10 +276,47 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             used.extend(taken.into_iter().take(workers as usize).map(|h| h.id.clone()));
             continue;
         }
+        // A mixed gang: idle instances of one zone, else of every zone (as the scheduler).
+        if gang.mixed {
+            let mut per_zone: BTreeMap<&str, Vec<&Held>> = BTreeMap::new();
+            for h in free.values().flatten().copied().filter(|h| usable(h, gang)) {
+                per_zone.entry(h.pool.zone.as_str()).or_default().push(h);
+            }
+            let total: usize = per_zone.values().map(Vec::len).sum();
+            if total >= workers as usize {
+                let zone = per_zone
+                    .iter()
+                    .filter(|(_, hs)| hs.len() >= workers as usize)
+                    .max_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| b.0.cmp(a.0)))
+                    .map(|(zone, _)| *zone);
+                let mut taken: Vec<&Held> = per_zone
+                    .iter()
+                    .filter(|(z, _)| zone.is_none_or(|zone| **z == zone))
+                    .flat_map(|(_, hs)| hs.iter().copied())
+                    .collect();
+                taken.sort_by_key(|h| (h.reserved_for != Some(gang.job), h.id.clone()));
+                used.extend(taken.into_iter().take(workers as usize).map(|h| h.id.clone()));
+                continue;
+            }
+        }
         if gang.budget_left_usd.is_some_and(|left| left <= 0.0) {
             plan.waiting.insert(gang.job, "its budget (capacity.budget_usd) is spent".into());
             continue;
         }
+        // Idle instances that count toward buying in `pool`: its own of the same market, or for
+        // a mixed gang every usable one in its zone.
+        let idle_for = |pool: &PoolKey, spot: bool| -> Vec<&Held> {
+            if gang.mixed {
+                free.iter()
+                    .filter(|(p, _)| p.zone == pool.zone)
+                    .flat_map(|(_, hs)| hs.iter().copied())
+                    .filter(|h| usable(h, gang))
+                    .collect()
+            } else {
+                free.get(pool)
+                    .map_or(Vec::new(), |hs| hs.iter().copied().filter(|h| usable(h, gang) && h.spot == spot).collect())
+            }
+        };
         // Cheapest way to complete the gang in one pool: idle there + bought there.
         let mut best: Option<(f64, &Quote, bool, u32)> = None;
         for quote in quotes {
@@ -285,9 +327,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
                 if !permitted || !allowed(gang, quote, spot) || backoff.is_blocked(&quote.pool, spot, now_ms) {
                     continue;
                 }
-                let idle = free
-                    .get(&quote.pool)
-                    .map_or(0, |hs| hs.iter().filter(|h| usable(h, gang) && h.spot == spot).count() as u32);
+                let idle = idle_for(&quote.pool, spot).len() as u32;
                 let buy = workers.saturating_sub(idle);
                 let crowd = 1.0 + limits.diversification * f64::from(*in_pool.get(&quote.pool).unwrap_or(&0));
                 let score = risk_adjusted(quote, spot, workers, limits) * crowd * f64::from(buy);
@@ -326,11 +366,10 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             );
             continue;
         }
-        if let Some(hs) = free.get(&quote.pool) {
-            let mut taken: Vec<&Held> = hs.iter().copied().filter(|h| usable(h, gang) && h.spot == spot).collect();
-            taken.sort_by_key(|h| h.id.clone());
-            used.extend(taken.into_iter().take((workers - buy) as usize).map(|h| h.id.clone()));
-        }
+        let mut taken = idle_for(&quote.pool, spot);
+        taken.sort_by_key(|h| (h.pool != quote.pool, h.id.clone()));
+        let taken: Vec<String> = taken.into_iter().take((workers - buy) as usize).map(|h| h.id.clone()).collect();
+        used.extend(taken);
         if buy > 0 {
             count += u64::from(buy);
             hourly += usd_per_hour * f64::from(buy);

@@ -55,6 +55,26 @@ fn a_gang_buys_the_cheapest_risk_adjusted_spot_pool_in_one_piece() {
 }
 
 #[test]
+fn a_mixed_gang_counts_idle_instances_of_its_zone_and_buys_only_the_rest() {
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 0.1), quote("g4dn.xlarge", "a", 0.30, 0.9, 0.1)];
+    let idle = |id: &str, t: &str, z: &str| held(id, pool(t, z), false, Some(0));
+    let fleet = [idle("i-1", "g5.xlarge", "a"), idle("i-2", "g6.xlarge", "a"), idle("i-3", "g5.xlarge", "b")];
+    let mixed = Gang { mixed: true, ..gang(1, 3) };
+    let limits = Limits::default();
+    let bought = plan(0, std::slice::from_ref(&mixed), &fleet[..2], &quotes, &limits, &Backoff::default());
+    // Zone a's two idle instances (of two types) count; one more in a's cheapest pool.
+    assert_eq!(launches(&bought), [(JobId(1), pool("g4dn.xlarge", "a"), true, 1)]);
+    // Without mixed_types: one pool, so the gang buys 2 next to the idle g5 in a (its cheapest
+    // way to complete one pool: 0.40 x 2 beats 0.30 x 3).
+    let strict = plan(0, &[gang(1, 3)], &fleet[..2], &quotes, &limits, &Backoff::default());
+    assert_eq!(launches(&strict), [(JobId(1), pool("g5.xlarge", "a"), true, 2)]);
+    // Idle instances anywhere that complete the gang (zone b's one too): nothing bought, and
+    // none terminated however long idle.
+    let covered = plan(1_000_000_000, &[mixed], &fleet, &quotes, &limits, &Backoff::default());
+    assert!(covered.decisions.is_empty(), "{covered:?}");
+}
+
+#[test]
 fn spot_above_on_demand_is_passed_over_for_on_demand_or_another_pool() {
     // a's spot is the cheapest spot but above its own on-demand price; b's spot is dearer.
     let quotes = [quote("g5.xlarge", "a", 0.90, 0.80, 0.0), quote("g4dn.xlarge", "b", 0.95, 1.2, 0.0)];
@@ -217,6 +237,7 @@ fn arb_world() -> impl Strategy<Value = (Vec<Gang>, Vec<Held>, Vec<Quote>, Limit
             .into_iter()
             .enumerate()
             .map(|(i, (w, spot, fallback, budget, prio))| Gang {
+                mixed: i % 2 == 1,
                 spot,
                 on_demand_fallback: fallback,
                 budget_left_usd: budget,

@@ -89,6 +89,9 @@ pub struct SimParams {
     /// `flotilla` raises pool risk from the interruptions it sees (off: the long-run rates
     /// alone, for comparison).
     pub correlated_risk: bool,
+    /// `flotilla`'s gangs may span pools (`capacity.mixed_types`): one pool first, then one
+    /// zone, then any, as the scheduler places them.
+    pub mixed_types: bool,
     pub seed: u64,
 }
 
@@ -109,6 +112,7 @@ impl Default for SimParams {
             horizon_hours: 500.0,
             deadline_hours: None,
             correlated_risk: true,
+            mixed_types: false,
             seed: 1,
         }
     }
@@ -287,23 +291,27 @@ impl World<'_> {
                 continue;
             }
             let workers = self.jobs[j].spec.workers as usize;
-            let mut by_pool: BTreeMap<PoolKey, Vec<usize>> = BTreeMap::new();
-            for (index, inst) in self.alive.iter().enumerate() {
-                let usable = inst.ready_at_h <= hour
-                    && (inst.job == Some(j) || inst.job.is_none())
-                    && !(self.jobs[j].on_demand && inst.spot);
-                if usable {
-                    by_pool.entry(inst.pool.clone()).or_default().push(index);
+            let usable: Vec<usize> = (0..self.alive.len())
+                .filter(|&index| {
+                    let inst = &self.alive[index];
+                    inst.ready_at_h <= hour
+                        && (inst.job == Some(j) || inst.job.is_none())
+                        && !(self.jobs[j].on_demand && inst.spot)
+                })
+                .collect();
+            // One pool; with mixed types, else one zone, else any.
+            let mixed = self.policy == Policy::Flotilla && self.params.mixed_types;
+            let groupings: &[fn(&PoolKey) -> String] =
+                if mixed { &[|p| p.to_string(), |p| p.zone.clone(), |_| String::new()] } else { &[|p| p.to_string()] };
+            let own = |m: &Vec<usize>| m.iter().filter(|&&i| self.alive[i].job == Some(j)).count();
+            let chosen = groupings.iter().find_map(|key| {
+                let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+                for &index in &usable {
+                    groups.entry(key(&self.alive[index].pool)).or_default().push(index);
                 }
-            }
-            let Some(members) = by_pool
-                .values()
-                .filter(|m| m.len() >= workers)
-                .max_by_key(|m| m.iter().filter(|&&i| self.alive[i].job == Some(j)).count())
-            else {
-                continue;
-            };
-            let mut members = members.clone();
+                groups.into_values().filter(|m| m.len() >= workers).max_by_key(own)
+            });
+            let Some(mut members) = chosen else { continue };
             members.sort_by_key(|&i| (self.alive[i].job != Some(j), self.alive[i].id));
             for &i in members.iter().take(workers) {
                 self.alive[i].job = Some(j);
@@ -364,6 +372,7 @@ impl World<'_> {
                     .iter()
                     .map(|&j| Gang {
                         spot: !self.jobs[j].on_demand, // out of slack for its deadline: on-demand
+                        mixed: self.params.mixed_types,
                         ..Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1)
                     })
                     .collect();

@@ -60,6 +60,17 @@ fn on_demand_is_never_interrupted_and_flotilla_loses_no_work() {
     );
 }
 
+#[test]
+fn mixed_type_gangs_finish_the_work_without_loss_and_replay() {
+    let trace = Trace::parse(TRACE).expect("trace");
+    let mixed = SimParams { mixed_types: true, ..SimParams::default() };
+    let a = simulate(&trace, &jobs(), Policy::Flotilla, mixed);
+    assert_eq!(a, simulate(&trace, &jobs(), Policy::Flotilla, mixed), "replayable");
+    assert_eq!((a.finished_jobs, a.steps_lost), (3, 0), "{a:?}");
+    let on_demand = simulate(&trace, &jobs(), Policy::OnDemand, SimParams::default());
+    assert!(a.cost_usd < on_demand.cost_usd, "{a:?} vs {on_demand:?}");
+}
+
 const ZONAL: &str = include_str!("../../../../examples/traces/us-east-1-gpu-zonal-72h.csv");
 
 #[test]

@@ -11,6 +11,10 @@
 //! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
 //!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool with
 //!   the most fitting free workers (ties: the pool's name), taking workers in id order.
+//! - Mixed gangs (`capacity.mixed_types`): when no one pool holds the gang, it may mix
+//!   instance types within the zone with the most fitting workers, and span zones only when no
+//!   zone holds it (idle capacity is paid for either way; a ring across zones is slower and
+//!   pays for cross-zone traffic). The largest pools are taken first (fewest pools per gang).
 //! - On-demand only: a job that must not run on spot (`capacity.spot = false`, or moved to
 //!   on-demand for its deadline) gets only on-demand workers. Other jobs take a pool's spot
 //!   workers first, keeping its on-demand ones for the jobs that need them.
@@ -38,6 +42,8 @@ pub struct PendingJob {
     pub gpus_per_worker: u32,
     /// Only on-demand workers (`capacity.spot = false`, or out of slack for its deadline).
     pub on_demand_only: bool,
+    /// The gang may span pools (`capacity.mixed_types`).
+    pub mixed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +146,16 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
                 let workers = pool.take(job.gpus_per_worker, count, job.on_demand_only);
                 plan.placements.push(Placement { job: job.id, workers });
             }
+            _ if job.mixed => match take_mixed(&mut pools, job, min) {
+                Ok(workers) => plan.placements.push(Placement { job: job.id, workers }),
+                Err(total) => {
+                    let kind = if job.on_demand_only { " on-demand" } else { "" };
+                    plan.waiting.insert(
+                        job.id,
+                        format!("waiting for {min} free{kind} worker(s) of any pool (mixed_types); {total} fit"),
+                    );
+                }
+            },
             best => {
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
                 let gpus = if job.gpus_per_worker > 0 {
@@ -158,6 +174,45 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
         }
     }
     plan
+}
+
+/// A mixed gang (see the module docs): up to `max` workers from the zone with the most fitting
+/// ones when it holds `min`, else from every zone, largest pools first, in id order. `Err`:
+/// how many fit in all, fewer than `min` (nothing is taken).
+fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: usize) -> Result<Vec<WorkerId>, usize> {
+    let (gpus, on_demand_only) = (job.gpus_per_worker, job.on_demand_only);
+    let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
+    for (&(_, zone), pool) in pools.iter() {
+        *per_zone.entry(zone).or_default() += pool.fitting(gpus, on_demand_only);
+    }
+    let total: usize = per_zone.values().sum();
+    if total < min {
+        return Err(total);
+    }
+    let zone = per_zone
+        .iter()
+        .filter(|(_, n)| **n >= min)
+        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(zone, _)| *zone);
+    let mut names: Vec<((&str, &str), usize)> = pools
+        .iter()
+        .filter(|((_, z), _)| zone.is_none_or(|zone| *z == zone))
+        .map(|(name, pool)| (*name, pool.fitting(gpus, on_demand_only)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let want = job.max_workers.max(job.min_workers) as usize;
+    let mut workers = Vec::with_capacity(want);
+    for (name, fitting) in names {
+        let count = fitting.min(want - workers.len());
+        if count == 0 {
+            break;
+        }
+        let pool = pools.get_mut(&name).expect("the pool was just listed");
+        workers.extend(pool.take(gpus, count, on_demand_only));
+    }
+    workers.sort();
+    Ok(workers)
 }
 
 /// A running job that may grow (`world < max`).

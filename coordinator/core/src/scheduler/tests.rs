@@ -13,11 +13,44 @@ fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
         max_workers: max,
         gpus_per_worker: gpus,
         on_demand_only: false,
+        mixed: false,
     }
 }
 
 fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
     FreeWorker { id: WorkerId(id), gpus, instance_type: pool.to_string(), zone: "z".to_string(), spot: false }
+}
+
+fn in_zone(id: u64, pool: &str, zone: &str) -> FreeWorker {
+    FreeWorker { zone: zone.to_string(), ..worker(id, 0, pool) }
+}
+
+#[test]
+fn a_mixed_gang_prefers_one_pool_then_one_zone_then_spans_zones() {
+    let mixed = |min: u32, max: u32| PendingJob { mixed: true, ..job(1, 0, min, max, 0) };
+    let free = [
+        in_zone(1, "g5", "a"),
+        in_zone(2, "g5", "a"),
+        in_zone(3, "g4dn", "a"),
+        in_zone(4, "g5", "b"),
+        in_zone(5, "g5", "b"),
+        in_zone(6, "g6", "b"),
+        in_zone(7, "g6", "b"),
+    ];
+    let ids = |plan: &Plan| plan.placements.iter().map(|p| p.workers.clone()).collect::<Vec<_>>();
+    let w = |ids: &[u64]| ids.iter().map(|i| WorkerId(*i)).collect::<Vec<_>>();
+    // Two fit in one pool: one pool, as without mixed_types.
+    assert_eq!(ids(&schedule(&[mixed(2, 2)], &free)), [w(&[1, 2])]);
+    // Three: zone a holds 3 (g5 x2 + g4dn), zone b 4; the larger zone, its largest pools first.
+    assert_eq!(ids(&schedule(&[mixed(3, 3)], &free)), [w(&[4, 5, 6])]);
+    // Five: no zone holds five; across zones, largest pools first.
+    assert_eq!(ids(&schedule(&[mixed(5, 5)], &free)), [w(&[1, 2, 4, 5, 6])]);
+    // Up to max from what fits; and not more than there is.
+    assert_eq!(ids(&schedule(&[mixed(3, 9)], &free)), [w(&[4, 5, 6, 7])]);
+    let plan = schedule(&[mixed(8, 8)], &free);
+    assert!(plan.waiting[&JobId(1)].contains("7 fit"), "{:?}", plan.waiting);
+    // Without mixed_types the same job waits for one pool.
+    assert!(schedule(&[job(1, 0, 3, 3, 0)], &free).placements.is_empty());
 }
 
 fn spot_worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
@@ -98,14 +131,15 @@ fn nothing_to_place_on_an_empty_cluster() {
 }
 
 fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
-    let jobs = prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>()), 0..30);
+    let jobs =
+        prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>()), 0..30);
     let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..3), 0..40);
     (jobs, workers).prop_map(|(jobs, workers)| {
         let pools = ["a", "b", "c"];
         let jobs = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, (index, priority, min, extra, gpus, on_demand_only))| PendingJob {
+            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed))| PendingJob {
                 id: JobId(i as u64 + 1),
                 priority,
                 submitted_index: index,
@@ -113,6 +147,7 @@ fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
                 max_workers: min + extra,
                 gpus_per_worker: gpus,
                 on_demand_only,
+                mixed,
             })
             .collect();
         // Worker ids are unique in a real cluster.
@@ -144,7 +179,9 @@ proptest! {
                 prop_assert!(!(job.on_demand_only && w.spot), "{job:?} got spot {id}");
                 pools.insert((&w.instance_type, &w.zone));
             }
-            prop_assert_eq!(pools.len(), 1, "a gang spans pools");
+            if !job.mixed {
+                prop_assert_eq!(pools.len(), 1, "a gang spans pools");
+            }
         }
         prop_assert_eq!(plan.placements.len() + plan.waiting.len(), jobs.len());
         // Replaying in the scheduler's order, a waiting job had no pool with `min` fitting free workers.
@@ -164,6 +201,8 @@ proptest! {
                     }
                     let largest = per_pool.values().map(BTreeSet::len).max().unwrap_or(0);
                     prop_assert!(largest < job.min_workers as usize, "{job:?} waits though a pool had {largest}");
+                    let total: usize = per_pool.values().map(BTreeSet::len).sum();
+                    prop_assert!(!job.mixed || total < job.min_workers as usize, "{job:?} waits though {total} fit");
                 }
             }
         }

@@ -201,6 +201,11 @@ pub struct CapacitySpec {
     /// from spot to on-demand capacity, checkpointing first; `None`: no deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_h: Option<f64>,
+    /// A gang may mix instance types (of `instance_types`) within one zone, and span zones
+    /// when one zone cannot hold it, so the job does not wait for one pool to have them all.
+    /// Off: a gang's workers share one pool (the ring runs at its slowest link).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mixed_types: bool,
     /// Failures without progress before the job is marked Failed (preemptions never count).
     pub max_failures: u32,
 }

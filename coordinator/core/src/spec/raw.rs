@@ -78,6 +78,7 @@ pub(crate) struct RawCapacity {
     pub max_price_usd_per_hour: Option<f64>,
     pub budget_usd: Option<f64>,
     pub deadline_h: Option<f64>,
+    pub mixed_types: Option<bool>,
     pub max_failures: Option<i64>,
 }
 

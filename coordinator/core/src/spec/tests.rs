@@ -89,6 +89,11 @@ fn defaults_are_filled_in() {
     assert_eq!(spec.train.learning_rate, 0.001);
     assert_eq!(spec.workers, WorkersSpec { min: 1, max: 1, gpus: 0 });
     assert!(spec.capacity.spot && spec.capacity.on_demand_fallback);
+    assert!(!spec.capacity.mixed_types && spec.capacity.deadline_h.is_none());
+    let mixed = JobSpec::from_toml_str(&with("[capacity]\nmixed_types = true")).expect("mixed");
+    assert!(mixed.capacity.mixed_types);
+    assert_eq!(JobSpec::from_toml_str(&mixed.to_toml()), Ok(mixed));
+    assert_eq!(invalid_fields(&with("[capacity]\nmixed_types = 1")), Vec::<String>::new(), "a type error");
     assert_eq!(spec.capacity.max_failures, 3);
     assert_eq!(spec.output.register_as, "t");
     let sgd = JobSpec::from_toml_str(&with("[train]\noptimizer = \"sgd\"")).expect("sgd");

@@ -316,6 +316,7 @@ fn capacity(c: &mut Checker, raw: RawCapacity) -> CapacitySpec {
         ),
         budget_usd: positive(c, "capacity.budget_usd", raw.budget_usd, BUDGET_USD_MAX),
         deadline_h: positive(c, "capacity.deadline_h", raw.deadline_h, DEADLINE_H_MAX),
+        mixed_types: raw.mixed_types.unwrap_or(false),
         max_failures: c.int("capacity.max_failures", raw.max_failures, 3, 0, MAX_FAILURES_MAX) as u32,
     }
 }
