@@ -102,6 +102,18 @@ fn spot_notices_lose_zero_steps() {
     for (message, step) in checkpointed.iter().zip(&stopped) {
         assert!(message.contains(&format!("at step {step}; 0 step(s) lost")), "{message}");
     }
+    // The two spot notices (2 minutes to spare) were handed over to a free worker: the next
+    // generation formed at once with it in the noticed rank; SIGTERM names no time and took
+    // the checkpoint-and-wait path.
+    let handed: Vec<&str> = events(&done, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
+    assert_eq!(handed.len(), 2, "{done}");
+    for (message, step) in handed.iter().zip(&stopped) {
+        assert!(message.contains(&format!("rank at step {step},")), "{message}");
+    }
+    assert!(
+        checkpointed[0].contains("stopped for handover") && checkpointed[2].contains("stopped for preemption"),
+        "{done}"
+    );
     // The interrupted workers drained and exited; the two that got a spot notice were
     // replaced, the one stopped by SIGTERM was not.
     let workers = json(home, &["workers", "-o", "json"]);

@@ -200,9 +200,30 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 budget_left_usd: budget_left,
                 pool: None,
                 mixed: job.spec.capacity.mixed_types,
+                avoid: None,
             }),
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
                 out.over_budget.push((job.id, job.generation));
+            }
+            // A noticed member's replacement, bought at the notice while the gang trains on.
+            JobState::Running if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) => {
+                let leaving = job.handover.as_ref().and_then(|h| state.workers.get(&h.leaving));
+                out.gangs.push(Gang {
+                    job: job.id,
+                    priority: job.spec.priority,
+                    order: 0,
+                    workers: 1,
+                    gpus_per_worker: job.spec.workers.gpus,
+                    instance_types: job.spec.capacity.instance_types.clone(),
+                    spot: !job.needs_on_demand(),
+                    on_demand_fallback: job.spec.capacity.on_demand_fallback || job.on_demand_only,
+                    max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
+                    budget_left_usd: budget_left,
+                    pool: None,
+                    mixed: false,
+                    avoid: leaving
+                        .map(|w| PoolKey { instance_type: w.info.instance_type.clone(), zone: w.info.zone.clone() }),
+                });
             }
             // An elastic job below its max grows on spot in its gang's pool when capacity is
             // there (the scheduler regroups it once the workers register).

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use flotilla_core::scheduler::{FreeWorker, PendingJob, RunningJob, grow, schedule};
-use flotilla_core::state::{Command, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason};
+use flotilla_core::state::{Command, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason, pick_replacement};
 use flotilla_core::{JobId, WorkerId};
 
 use crate::raft::node::NodeHandle;
@@ -70,10 +70,13 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             mixed: j.spec.capacity.mixed_types,
         })
         .collect();
+    // Workers promised to a handover are not free for anybody else.
+    let promised: std::collections::BTreeSet<WorkerId> =
+        state.jobs.values().filter_map(|j| j.handover.as_ref()?.replacement).collect();
     let free = state
         .workers
         .values()
-        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining)
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .map(|w| FreeWorker {
             id: w.id,
@@ -86,7 +89,33 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
     (pending, free)
 }
 
-pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::leases::Leases>) {
+/// What the leader does for handovers under way (issue 25) at `now_ms`: a job whose noticed
+/// member has no replacement yet gets the free worker that fits ([`pick_replacement`]);
+/// without one by the handover's fallback time, or when no replacement can come
+/// (`replacements_expected` false: no autoscaler, no local replacer), the generation stops at
+/// a checkpoint as after any notice.
+pub fn handover_commands(state: &State, now_ms: u64, replacements_expected: bool) -> Vec<Command> {
+    let mut out = Vec::new();
+    for job in state.jobs.values().filter(|j| j.state == JobState::Running) {
+        let Some(handover) = job.handover.as_ref().filter(|h| h.replacement.is_none()) else { continue };
+        if let Some(replacement) = pick_replacement(state, job.id) {
+            out.push(Command::HandoverTo { job_id: job.id, generation: job.generation, replacement });
+        } else if now_ms >= handover.fallback_at_unix_ms || !replacements_expected {
+            out.push(Command::RequestCheckpoint {
+                job_id: job.id,
+                generation: job.generation,
+                reason: StopReason::Preemption,
+            });
+        }
+    }
+    out
+}
+
+pub async fn schedule_loop(
+    mut node: NodeHandle,
+    leases: std::sync::Arc<crate::leases::Leases>,
+    replacements_expected: bool,
+) {
     let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
     loop {
         tokio::select! {
@@ -98,8 +127,10 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
             continue;
         }
         let heard = leases.clone();
-        let Ok((pending, free, reasons, running, inference)) = node
+        let now_ms = crate::raft::node::now_unix_ms();
+        let Ok((handovers, pending, free, reasons, running, inference)) = node
             .read_local(move |state| {
+                let handovers = handover_commands(state, now_ms, replacements_expected);
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> = state
                     .jobs
@@ -113,12 +144,22 @@ pub async fn schedule_loop(mut node: NodeHandle, leases: std::sync::Arc<crate::l
                     .filter(|j| j.wants_workers() > 0)
                     .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
                     .collect();
-                (pending, free, reasons, growable(state), inference)
+                (handovers, pending, free, reasons, growable(state), inference)
             })
             .await
         else {
             continue;
         };
+        // Handovers first: a running job's replacement before any placement.
+        if !handovers.is_empty() {
+            for command in handovers {
+                match node.propose(command).await {
+                    Ok(applied) => tracing::info!(?applied, "handover"),
+                    Err(e) => tracing::debug!(error = %e, "handover step not recorded; next pass retries"),
+                }
+            }
+            continue; // the free workers changed: read them again
+        }
         // Elastic growth, once a generation has run a while (a regroup costs a checkpoint and
         // a rendezvous; never thrash).
         running_since

@@ -287,7 +287,10 @@ pub async fn run(
     let leases = std::sync::Arc::new(Leases::default());
     let replacer = replacer(&config)?;
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
-    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone()));
+    // Replacements for noticed workers come from the autoscaler or the local provider's
+    // replacer; without either, a handover falls back at once.
+    let replacements_expected = config.capacity.is_some() || replacer.is_some();
+    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), replacements_expected));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
     tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));

@@ -524,3 +524,62 @@ fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand()
     assert_eq!(on_demand.len(), 1, "{:?}", control.state.instance_requests);
     assert_eq!((on_demand[0].count, on_demand[0].job), (2, Some(job_id)));
 }
+
+#[test]
+fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_it() {
+    use flotilla_core::state::StopReason;
+    let (mut control, provider) = one_spot_job(SpotPrices::new());
+    let mut memory = Memory::default();
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| {
+        control.now = now_ms;
+        futures_block_on(autoscaling::pass(control, &provider, &config(), memory, now_ms)).expect("pass")
+    };
+    pass(&mut control, &mut memory, 2000);
+    let gang: Vec<_> = control.state.instances.values().cloned().collect();
+    assert_eq!(gang.len(), 2);
+    let workers: Vec<_> =
+        gang.iter().enumerate().map(|(i, x)| register_worker(&mut control.state, 2 + i as u64, x)).collect();
+    let job_id = flotilla_core::JobId(1);
+    let assign = Command::AssignGang { job_id, workers: workers.clone() };
+    apply(&mut control.state, 4, Envelope::new(4000, assign)).expect("assign");
+    // Rank 1 gets a two-minute spot notice at t = 10 s.
+    let notice =
+        Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+    apply(&mut control.state, 5, Envelope::new(10_000, notice)).expect("notice");
+    control.index = 5;
+    assert_eq!(control.state.jobs[&job_id].checkpoint_requested, None, "the gang trains on");
+    // Leaders come and go: exactly one replacement is bought, outside the noticed pool.
+    pass(&mut control, &mut memory, 11_000);
+    pass(&mut control, &mut memory, 12_000);
+    pass(&mut control, &mut Memory::default(), 13_000);
+    let replacements: Vec<_> =
+        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect();
+    assert_eq!(replacements.len(), 1, "{:?}", control.state.instances);
+    let noticed =
+        &gang.iter().find(|g| g.id == control.state.workers[&workers[1]].info.instance_id).expect("noticed").clone();
+    assert_ne!(
+        (&replacements[0].instance_type, &replacements[0].zone),
+        (&noticed.instance_type, &noticed.zone),
+        "not in the pool being reclaimed"
+    );
+    // Before it registers there is nothing to hand over to; once it does, the leader hands over.
+    assert!(flotilla_coordinator::scheduling::handover_commands(&control.state, 14_000, true).is_empty());
+    let replacement = register_worker(&mut control.state, 6, &replacements[0]);
+    let commands = flotilla_coordinator::scheduling::handover_commands(&control.state, 15_000, true);
+    assert_eq!(commands, [Command::HandoverTo { job_id, generation: 1, replacement }]);
+    for command in commands {
+        apply(&mut control.state, 7, Envelope::new(15_000, command)).expect("hand over");
+    }
+    assert_eq!(control.state.jobs[&job_id].checkpoint_requested, Some(StopReason::Handover));
+    // Without a replacement in time, the fallback is the checkpoint-and-stop path.
+    let mut late = control.state.clone();
+    late.jobs.get_mut(&job_id).expect("job").handover.as_mut().expect("handover").replacement = None;
+    late.jobs.get_mut(&job_id).expect("job").checkpoint_requested = None;
+    late.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_000);
+    assert!(flotilla_coordinator::scheduling::handover_commands(&late, 84_999, true).is_empty());
+    assert_eq!(
+        flotilla_coordinator::scheduling::handover_commands(&late, 85_000, true),
+        [Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }]
+    );
+    assert_eq!(flotilla_coordinator::scheduling::handover_commands(&late, 20_000, false).len(), 1, "none can come");
+}

@@ -189,7 +189,9 @@ async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<St
 }
 
 /// Reports an interruption to the coordinator (so it drains this worker and knows why the
-/// gang stops), then votes the running generation to a stop at the next step boundary.
+/// gang stops), then votes the running generation to a stop at the next step boundary: at
+/// once, or, when the coordinator seeks a replacement while the gang trains on (a notice with
+/// time to spare), at the time it answered unless its order to stop comes first.
 async fn interrupt(
     mut client: ApiClient,
     registered: watch::Receiver<Option<String>>,
@@ -213,8 +215,18 @@ async fn interrupt(
             async move { c.report_interruption(report).await }
         })
         .await;
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "the coordinator did not hear of the interruption; stopping the gang anyway");
+    let train_until_unix_ms = match sent {
+        Ok(answer) => answer.train_until_unix_ms,
+        Err(e) => {
+            tracing::warn!(error = %e, "the coordinator did not hear of the interruption; stopping the gang anyway");
+            0
+        }
+    };
+    let now = flotilla_coordinator::raft::node::now_unix_ms();
+    if train_until_unix_ms > now {
+        let wait = Duration::from_millis(train_until_unix_ms - now);
+        tracing::warn!(?wait, "the coordinator seeks a replacement; training on until it is ready, at most this long");
+        tokio::time::sleep(wait).await;
     }
     // Release: the time stored above is seen with the flag.
     shared.interrupted.store(true, Ordering::Release);

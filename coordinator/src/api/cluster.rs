@@ -258,7 +258,10 @@ impl ClusterService for ClusterApi {
         Ok(Response::new(Ack {}))
     }
 
-    async fn report_interruption(&self, request: Request<InterruptionReport>) -> Result<Response<Ack>, Status> {
+    async fn report_interruption(
+        &self,
+        request: Request<InterruptionReport>,
+    ) -> Result<Response<InterruptionAnswer>, Status> {
         let worker_id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
         let kind = match InterruptionKind::try_from(report.kind) {
@@ -274,6 +277,10 @@ impl ClusterService for ClusterApi {
             .await
             .map_err(status)?;
         tracing::warn!(worker = %worker_id, kind, outcome = ?applied, "interruption notice");
+        let train_until_unix_ms = match applied {
+            flotilla_core::state::Applied::WorkerInterrupted { handover_until: Some(until), .. } => until,
+            _ => 0,
+        };
         // A notice means the cloud takes the machine: replace it. SIGTERM is an operator's
         // (or `flotilla down`'s) decision to stop this worker: no replacement.
         let taken = !matches!(InterruptionKind::try_from(report.kind), Ok(InterruptionKind::Sigterm));
@@ -287,7 +294,7 @@ impl ClusterService for ClusterApi {
                 replacer.replace(worker_id, instance);
             }
         }
-        Ok(Response::new(Ack {}))
+        Ok(Response::new(InterruptionAnswer { train_until_unix_ms }))
     }
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {

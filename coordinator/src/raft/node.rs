@@ -368,7 +368,8 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::NotRunning { .. }
         | Rejected::CheckpointNotDeletable { .. }
         | Rejected::RequestNotOutstanding(_)
-        | Rejected::DuplicateRequest(_) => ErrorKind::FailedPrecondition,
+        | Rejected::DuplicateRequest(_)
+        | Rejected::NoHandover { .. } => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
         Rejected::BadRequestId
         | Rejected::BadGang { .. }

@@ -24,6 +24,10 @@
 //!   pools that fail together with it (same zone, same type). A small penalty per instance
 //!   already held in a pool spreads gangs over pools (one pool's reclaim takes fewer gangs
 //!   down at once).
+//! - Replacement at a notice (issue 25): a running job whose noticed member has no
+//!   replacement yet comes as a gang of one, first within its priority, never bought in the
+//!   noticed pool (it is being reclaimed); an idle instance anywhere covers it (the leader
+//!   hands the rank over as soon as its worker registers).
 //! - Elastic growth: a running job below `workers.max` comes as a [`Gang::growth`] of the
 //!   missing workers, in its gang's pool, spot only, after every waiting gang; the scheduler
 //!   regroups the job once they register (`scheduler::grow`).
@@ -93,6 +97,8 @@ pub struct Gang {
     pub pool: Option<PoolKey>,
     /// May span pools (`capacity.mixed_types`): idle instances of other pools count.
     pub mixed: bool,
+    /// Never buy in this pool (a noticed member's: it is being reclaimed).
+    pub avoid: Option<PoolKey>,
 }
 
 impl Gang {
@@ -112,6 +118,7 @@ impl Gang {
             budget_left_usd: None,
             pool: None,
             mixed: false,
+            avoid: None,
         }
     }
 
@@ -225,7 +232,8 @@ fn price(quote: &Quote, spot: bool) -> f64 {
 
 fn allowed(gang: &Gang, quote: &Quote, spot: bool) -> bool {
     let typed = (gang.instance_types.is_empty() || gang.instance_types.contains(&quote.pool.instance_type))
-        && gang.pool.as_ref().is_none_or(|p| *p == quote.pool);
+        && gang.pool.as_ref().is_none_or(|p| *p == quote.pool)
+        && gang.avoid.as_ref().is_none_or(|p| *p != quote.pool);
     let p = price(quote, spot);
     typed
         && quote.gpus >= gang.gpus_per_worker

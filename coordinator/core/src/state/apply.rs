@@ -50,6 +50,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     generation_start_step: 0,
                     gang_usd_per_hour: 0.0,
                     on_demand_only: false,
+                    handover: None,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -138,29 +139,75 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let taken_at = worker.notice_action_at_unix_ms;
             let job_id = worker.job;
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
-            let job = match running {
-                Some(job) => {
-                    // A budget stop stays a budget stop (the job must not resume).
-                    if job.checkpoint_requested != Some(StopReason::Budget) {
-                        job.checkpoint_requested = Some(StopReason::Preemption);
-                    }
-                    job.updated_at_unix_ms = now;
-                    let message = match taken_at {
-                        Some(at) => format!(
-                            "{worker_id} got a {kind} notice (instance taken at {}); checkpointing at the next step",
-                            crate::text::rfc3339_utc(at)
-                        ),
-                        None => format!("{worker_id} got a {kind} notice; checkpointing at the next step"),
-                    };
-                    push_event(job, now, "preemption_notice", message);
-                    Some(job.id)
-                }
-                None => None,
+            let Some(job) = running else {
+                return Ok(Applied::WorkerInterrupted { worker_id, job: None, handover_until: None });
             };
-            Ok(Applied::WorkerInterrupted { worker_id, job })
+            job.updated_at_unix_ms = now;
+            let taken =
+                taken_at.map_or(String::new(), |at| format!(" (instance taken at {})", crate::text::rfc3339_utc(at)));
+            // Time to spare and nothing else under way: hand over to a replacement while the
+            // gang trains on.
+            let spare = taken_at.filter(|at| *at >= now.saturating_add(HANDOVER_LEAD_MIN_MS));
+            if let Some(at) = spare
+                && job.checkpoint_requested.is_none()
+                && job.handover.is_none()
+            {
+                let fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
+                job.handover = Some(Handover {
+                    leaving: worker_id,
+                    noticed_at_unix_ms: now,
+                    fallback_at_unix_ms,
+                    replacement: None,
+                });
+                let message = format!(
+                    "{worker_id} got a {kind} notice{taken}; training on while a replacement is sought (until {})",
+                    crate::text::rfc3339_utc(fallback_at_unix_ms)
+                );
+                push_event(job, now, "preemption_notice", message);
+                let job_id = job.id;
+                let generation = job.generation;
+                if let Some(replacement) = pick_replacement(state, job_id) {
+                    start_handover(state, job_id, generation, replacement, now)?;
+                }
+                return Ok(Applied::WorkerInterrupted {
+                    worker_id,
+                    job: Some(job_id),
+                    handover_until: Some(fallback_at_unix_ms),
+                });
+            }
+            // A budget stop stays a budget stop (the job must not resume), a handover under way
+            // ends the generation anyway.
+            if job.checkpoint_requested.is_none() {
+                job.checkpoint_requested = Some(StopReason::Preemption);
+            }
+            if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) {
+                job.handover = None;
+            }
+            push_event(
+                job,
+                now,
+                "preemption_notice",
+                format!("{worker_id} got a {kind} notice{taken}; checkpointing at the next step"),
+            );
+            Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until: None })
+        }
+        Command::HandoverTo { job_id, generation, replacement } => {
+            let job = running_generation(state, job_id, generation)?;
+            if job.checkpoint_requested.is_some() || job.handover.as_ref().is_none_or(|h| h.replacement.is_some()) {
+                return Err(Rejected::NoHandover { job_id });
+            }
+            if !replacement_fits(state, job_id, replacement) {
+                return Err(Rejected::WorkerUnavailable(replacement));
+            }
+            start_handover(state, job_id, generation, replacement, now)
         }
         Command::RequestCheckpoint { job_id, generation, reason } => {
             let job = running_generation(state, job_id, generation)?;
+            // The leader's fallback: no replacement came in time; this generation stops as
+            // after any notice.
+            if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) {
+                job.handover = None;
+            }
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
                 push_event(
@@ -601,6 +648,54 @@ fn suspect(state: &mut State, gang: &[WorkerId], now: u64) {
     }
 }
 
+/// Whether `worker` may replace a member of `job_id`'s gang: live, free, not draining nor
+/// suspect, not promised to another handover, with the job's GPUs, on-demand when the job
+/// must be.
+fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
+    let Some(job) = state.jobs.get(&job_id) else { return false };
+    let promised = state.jobs.values().any(|j| j.handover.as_ref().is_some_and(|h| h.replacement == Some(worker)));
+    state.workers.get(&worker).is_some_and(|w| {
+        w.lost_at_unix_ms.is_none()
+            && w.job.is_none()
+            && !w.draining
+            && w.suspect_since_unix_ms.is_none()
+            && w.info.gpus >= job.spec.workers.gpus
+            && !promised
+            && !(job.needs_on_demand() && on_spot(state, worker))
+    })
+}
+
+/// The free worker to replace the noticed member of `job_id`'s handover, if any: one outside
+/// the noticed member's pool first (that pool is being reclaimed), then the lowest id.
+pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
+    let leaving = state.jobs.get(&job_id)?.handover.as_ref()?.leaving;
+    let pool = state.workers.get(&leaving).map(|w| (w.info.instance_type.as_str(), w.info.zone.as_str()));
+    state
+        .workers
+        .values()
+        .filter(|w| replacement_fits(state, job_id, w.id))
+        .min_by_key(|w| (Some((w.info.instance_type.as_str(), w.info.zone.as_str())) == pool, w.id))
+        .map(|w| w.id)
+}
+
+/// Reserves `replacement` for the job's handover and asks the gang to checkpoint.
+fn start_handover(
+    state: &mut State,
+    job_id: JobId,
+    generation: u64,
+    replacement: WorkerId,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    let job = running_generation(state, job_id, generation)?;
+    let Some(handover) = job.handover.as_mut() else { return Err(Rejected::NoHandover { job_id }) };
+    handover.replacement = Some(replacement);
+    let leaving = handover.leaving;
+    job.checkpoint_requested = Some(StopReason::Handover);
+    job.updated_at_unix_ms = now;
+    push_event(job, now, "handover", format!("{replacement} replaces {leaving}; checkpointing at the next step"));
+    Ok(Applied::HandoverStarted { job_id, replacement })
+}
+
 /// Whether `worker` runs on a spot instance (a worker without an instance record, started by
 /// hand or by the local provider, counts as on-demand, as the autoscaler counts it).
 pub fn on_spot(state: &State, worker: WorkerId) -> bool {
@@ -679,6 +774,7 @@ fn generation_ended(
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
     let requested = job.checkpoint_requested.take();
+    let handover = job.handover.take();
     let lost_steps = match &end {
         GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. } => step.saturating_sub(resume_step(job)),
         _ => 0,
@@ -703,7 +799,7 @@ fn generation_ended(
         GenerationEnd::Checkpointed => {
             let lost = step.saturating_sub(resume_step(job));
             job.steps_lost = job.steps_lost.saturating_add(lost);
-            if requested == Some(StopReason::Preemption) {
+            if matches!(requested, Some(StopReason::Preemption | StopReason::Handover)) {
                 job.preemptions = job.preemptions.saturating_add(1);
             }
             let why = requested.map_or("stop", StopReason::name);
@@ -769,6 +865,22 @@ fn generation_ended(
     release(state, &gang);
     if matches!(end, GenerationEnd::PeerLost { .. }) {
         suspect(state, &gang, now);
+    }
+    // A handover: the next generation forms at once, the replacement in the leaving member's
+    // rank. If it cannot (the replacement is gone, another member was noticed meanwhile), the
+    // job waits like after any stop.
+    if let (Some(StopReason::Handover), GenerationEnd::Checkpointed, Some(h)) = (requested, &end, handover)
+        && let Some(replacement) = h.replacement
+    {
+        let workers: Vec<WorkerId> = gang.iter().map(|w| if *w == h.leaving { replacement } else { *w }).collect();
+        if assign_gang(state, job_id, workers, now).is_ok() {
+            let job = state.jobs.get_mut(&job_id).expect("the job was just assigned");
+            let stall_ms = now.saturating_sub(h.noticed_at_unix_ms);
+            let message =
+                format!("{replacement} took {}'s rank at step {step}, {stall_ms} ms after the notice", h.leaving);
+            push_event(job, now, "handover", message);
+            return Ok(Applied::GenerationEnded { job_id, state: JobState::Running });
+        }
     }
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
 }

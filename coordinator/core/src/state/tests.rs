@@ -273,17 +273,18 @@ fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     let (w1, w2) = running_job(&mut state, 3);
     let notice =
         |at: u64| Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(at) };
+    // Less than HANDOVER_LEAD_MIN_MS to spare: no handover, checkpoint now.
     assert_eq!(
-        apply(&mut state, 5, Envelope::new(5, notice(120_000))),
-        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)) })
+        apply(&mut state, 5, Envelope::new(5, notice(30_000))),
+        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: None })
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Preemption));
     // The notice's time is the gang's deadline; a repeated notice never moves it later.
-    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(120_000));
-    apply(&mut state, 6, Envelope::new(6, notice(180_000))).expect("a repeated notice");
-    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(120_000));
+    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(30_000));
+    apply(&mut state, 6, Envelope::new(6, notice(50_000))).expect("a repeated notice");
+    assert_eq!(state.workers[&w2].notice_action_at_unix_ms, Some(30_000));
     let event = state.jobs[&JobId(1)].events.iter().rev().find(|e| e.kind == "preemption_notice").expect("event");
-    assert!(event.message.contains("taken at 1970-01-01T00:02:00Z"), "{}", event.message);
+    assert!(event.message.contains("taken at 1970-01-01T00:00:30Z"), "{}", event.message);
     checkpoint(&mut state, 37, 1).expect("checkpoint");
     assert_eq!(
         end(&mut state, 1, GenerationEnd::Checkpointed, 37),
@@ -301,6 +302,97 @@ fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     };
     assert_eq!(again(&mut state, vec![w2]), Err(Rejected::WorkerUnavailable(w2)));
     assert_eq!(again(&mut state, vec![w1]), Ok(Applied::GangAssigned { job_id: JobId(1), generation: 2 }));
+}
+
+fn spot_notice(worker_id: WorkerId, at: u64) -> Command {
+    Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: Some(at) }
+}
+
+#[test]
+fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundary() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let spare = register(&mut state, 5);
+    // Two minutes' notice at t = 10 s: a handover, the free worker reserved at once.
+    assert_eq!(
+        at(&mut state, 10_000, spot_notice(w2, 130_000)),
+        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: Some(85_000) })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, Some(StopReason::Handover));
+    let handover = job.handover.clone().expect("a handover");
+    assert_eq!((handover.leaving, handover.replacement, handover.fallback_at_unix_ms), (w2, Some(spare), 85_000));
+    assert!(state.workers[&spare].job.is_none(), "reserved by the handover, not assigned yet");
+    checkpoint(&mut state, 30, 1).expect("checkpoint");
+    assert_eq!(
+        at(
+            &mut state,
+            12_000,
+            Command::GenerationEnded {
+                job_id: JobId(1),
+                generation: 1,
+                end: GenerationEnd::Checkpointed,
+                step: 30,
+                reporter: None
+            }
+        ),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.gang.clone()), (2, vec![w1, spare]), "the replacement takes rank 1");
+    assert_eq!((job.preemptions, job.steps_lost, job.recoveries, job.handover.clone()), (1, 0, 0, None));
+    assert_eq!(job.generation_start_step, 30);
+    let event = job.events.iter().rev().find(|e| e.kind == "handover").expect("event");
+    assert!(event.message.contains("2000 ms after the notice"), "{}", event.message);
+    assert!(state.workers[&w2].job.is_none() && state.workers[&w2].draining);
+    assert_eq!(state.workers[&spare].job, Some(JobId(1)));
+}
+
+#[test]
+fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    assert_eq!(
+        at(&mut state, 10_000, spot_notice(w1, 130_000)),
+        Ok(Applied::WorkerInterrupted { worker_id: w1, job: Some(JobId(1)), handover_until: Some(85_000) })
+    );
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, None, "no replacement yet: training on");
+    let handover = |replacement| Command::HandoverTo { job_id: JobId(1), generation: 1, replacement };
+    // A busy or draining worker cannot replace; a new free one can, once.
+    assert_eq!(at(&mut state, 11_000, handover(w2)), Err(Rejected::WorkerUnavailable(w2)));
+    let late = register(&mut state, 20);
+    assert_eq!(
+        at(&mut state, 21_000, handover(late)),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: late })
+    );
+    assert_eq!(at(&mut state, 22_000, handover(late)), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    // The replacement is lost before the stop: the job waits like after any stop.
+    at(&mut state, 23_000, Command::WorkerLost { worker_id: late, last_step_seen: 0 }).expect("lost");
+    let ended = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 0,
+        reporter: None,
+    };
+    assert_eq!(
+        at(&mut state, 24_000, ended),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+
+    // Generation 2, and a notice nobody replaces: the leader's fallback is today's path.
+    let spare = register(&mut state, 30);
+    at(&mut state, 31_000, Command::AssignGang { job_id: JobId(1), workers: vec![w2, spare] }).expect("assign");
+    at(&mut state, 32_000, spot_notice(spare, 200_000)).expect("notice");
+    assert!(state.jobs[&JobId(1)].handover.is_some());
+    let fallback = Command::RequestCheckpoint { job_id: JobId(1), generation: 2, reason: StopReason::Preemption };
+    at(&mut state, 155_000, fallback).expect("fallback");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.checkpoint_requested, job.handover.clone()), (Some(StopReason::Preemption), None));
+    assert_eq!(
+        at(&mut state, 156_000, handover(late)),
+        Err(Rejected::StaleGeneration { job_id: JobId(1), current: 2, reported: 1 })
+    );
 }
 
 #[test]

@@ -25,6 +25,13 @@ pub const JOB_EVENTS_MAX: usize = 64;
 /// Checkpoint records kept per job at most (retention keeps far fewer; this bounds the state
 /// if deletion cannot keep up).
 pub const CHECKPOINTS_RECORDED_MAX: usize = 1024;
+/// A notice that leaves at least this long before the instance is taken starts a handover
+/// (a replacement takes the noticed member's place while the gang trains on) instead of an
+/// immediate checkpoint and stop.
+pub const HANDOVER_LEAD_MIN_MS: u64 = 60_000;
+/// A handover without a replacement falls back to the checkpoint-and-stop path this long
+/// before the instance is taken (time for the checkpoint).
+pub const HANDOVER_FALLBACK_LEAD_MS: u64 = 45_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -134,6 +141,23 @@ pub struct Job {
     /// only (spot workers are neither assigned nor bought for it). Never cleared.
     #[serde(default)]
     pub on_demand_only: bool,
+    /// A member got a notice with time to spare: a replacement is sought while the gang trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// A member leaves at a step boundary and a replacement takes its rank, the gang training on
+/// until then (issue 25). Without a replacement by `fallback_at_unix_ms` the leader falls back
+/// to the checkpoint-and-stop path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The noticed member.
+    pub leaving: WorkerId,
+    pub noticed_at_unix_ms: u64,
+    pub fallback_at_unix_ms: u64,
+    /// The free worker taking its place, reserved from when it was chosen (the scheduler gives
+    /// it to nobody else); the gang checkpoints and the next generation forms with it at once.
+    pub replacement: Option<WorkerId>,
 }
 
 impl Job {
@@ -191,6 +215,8 @@ pub enum StopReason {
     Budget,
     /// Out of slack for `capacity.deadline_h` on spot: it resumes on on-demand capacity.
     Deadline,
+    /// A noticed member's replacement is ready: the next generation forms with it at once.
+    Handover,
 }
 
 impl StopReason {
@@ -200,6 +226,7 @@ impl StopReason {
             StopReason::Grow => "grow",
             StopReason::Budget => "budget",
             StopReason::Deadline => "deadline",
+            StopReason::Handover => "handover",
         }
     }
 }
@@ -609,6 +636,13 @@ pub enum Command {
         generation: u64,
         reason: StopReason,
     },
+    /// The leader found a free worker to replace a noticed member of a running generation
+    /// (the job's `handover`): it is reserved and the gang checkpoints to hand over.
+    HandoverTo {
+        job_id: JobId,
+        generation: u64,
+        replacement: WorkerId,
+    },
     /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
     /// from now on; a generation running on spot workers checkpoints and stops to move.
     MoveToOnDemand {
@@ -796,10 +830,16 @@ pub enum Applied {
         jobs: usize,
         workers: usize,
     },
-    /// `job`: the job whose gang must checkpoint now (if the worker was training).
+    /// `job`: the job whose gang must checkpoint now (if the worker was training);
+    /// `handover_until`: instead, it trains on while a replacement is sought, until then at most.
     WorkerInterrupted {
         worker_id: WorkerId,
         job: Option<JobId>,
+        handover_until: Option<u64>,
+    },
+    HandoverStarted {
+        job_id: JobId,
+        replacement: WorkerId,
     },
     CheckpointRequested {
         job_id: JobId,
@@ -885,6 +925,8 @@ pub enum Rejected {
     /// A worker reported for a job (or shard) that is not its own.
     #[error("{worker} is not a member of {job_id}'s gang; a worker reports only for its own job")]
     NotAMember { worker: WorkerId, job_id: JobId },
+    #[error("{job_id} has no handover waiting for a replacement")]
+    NoHandover { job_id: JobId },
     /// A worker's report carries a value outside its bounds.
     #[error("bad report: {0}")]
     BadReport(String),
