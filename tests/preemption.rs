@@ -60,7 +60,8 @@ fn events<'a>(status: &'a Value, kind: &str) -> Vec<&'a str> {
 fn spot_notices_lose_zero_steps() {
     let cluster = Local::up(3);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let job = submit(home, &write_spec(dir, "notice", 24, 20));
+    let spec = write_spec(dir, "notice", 24, 20);
+    let job = submit(home, &spec);
 
     for generation in 1..=3u64 {
         let running = wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
@@ -114,12 +115,29 @@ fn spot_notices_lose_zero_steps() {
         checkpointed[0].contains("stopped for handover") && checkpointed[2].contains("stopped for preemption"),
         "{done}"
     );
+    // At each handover the state went from worker to worker, not through the store: the
+    // surviving rank kept its own, the replacement received it from the survivor.
+    let node1 = String::from_utf8_lossy(&run(home, &["logs", &job, "--node", "1"]).stdout).to_string();
+    let source = |log: &str, generation: usize| {
+        let line = log.lines().filter(|l| l.contains("resuming from the checkpoint of step ")).nth(generation);
+        match line {
+            Some(l) if l.contains("held in memory since the stop") => "memory",
+            Some(l) if l.contains("over the data port") && l.contains("checksums verified") => "peer",
+            other => panic!("generation {}: {other:?}\n{log}", generation + 2),
+        }
+    };
+    for generation in 0..2 {
+        let mut both = [source(&log, generation), source(&node1, generation)];
+        both.sort();
+        assert_eq!(both, ["memory", "peer"], "generation {}:\n{log}\n{node1}", generation + 2);
+    }
     // The interrupted workers drained and exited; the two that got a spot notice were
     // replaced, the one stopped by SIGTERM was not.
     let workers = json(home, &["workers", "-o", "json"]);
     let count = |state: &str| workers.as_array().map_or(0, |ws| ws.iter().filter(|w| w["state"] == state).count());
     assert_eq!(count("Draining") + count("Lost"), 3, "{workers}");
     assert_eq!(count("Idle"), 2, "3 + 2 replacements - 3 interrupted: {workers}");
+    assert_same_as_uninterrupted(home, &spec, &done, "three notices");
 }
 
 /// A small deterministic generator for kill targets and moments.
@@ -203,9 +221,13 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
     );
     assert_eq!(done["steps_lost"].as_u64(), Some(lost_per_kill.iter().sum()), "{done}");
 
-    // Determinism: the same job trained without interruption (2 ranks, same engine) ends with
-    // bit-identical weights and optimizer state.
-    let reference = dir.join("reference");
+    assert_same_as_uninterrupted(home, &spec, &done, &format!("seed {seed}"));
+}
+
+/// Determinism: the same job trained without interruption (2 ranks, same engine) ends with
+/// bit-identical weights and optimizer state to the interrupted run `done`.
+fn assert_same_as_uninterrupted(home: &Path, spec: &Path, done: &Value, context: &str) {
+    let reference = spec.with_extension("reference");
     let trained = run(
         home,
         &[
@@ -227,7 +249,7 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
     assert_eq!(
         part_hashes(&interrupted),
         part_hashes(&uninterrupted),
-        "seed {seed}: the killed-and-resumed run's final state differs from the uninterrupted run"
+        "{context}: the interrupted and resumed run's final state differs from the uninterrupted run"
     );
 }
 

@@ -18,6 +18,8 @@ pub struct Replacer {
     pub provider: LocalProvider,
     /// Tags of the cluster's instances (and of the replacements).
     pub tags: BTreeMap<String, String>,
+    /// Waited before each launch, as a cloud instance boots (`up --boot-delay-s`).
+    pub boot_delay: std::time::Duration,
     /// One launch at a time: the local provider numbers instances by counting its records.
     pub launching: tokio::sync::Mutex<()>,
 }
@@ -27,6 +29,7 @@ impl Replacer {
     pub fn replace(self: &Arc<Self>, worker: WorkerId, instance_id: String) {
         let this = self.clone();
         tokio::spawn(async move {
+            tokio::time::sleep(this.boot_delay).await;
             let _one_at_a_time = this.launching.lock().await;
             let ours = match this.provider.describe(&this.tags).await {
                 Ok(instances) => instances.iter().any(|i| i.id == instance_id),

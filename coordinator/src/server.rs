@@ -95,6 +95,8 @@ pub struct LocalWorkers {
     /// Random spot interruptions of the replacements (as `up --spot-interruptions-per-hour`).
     pub interruptions_per_hour: f64,
     pub seed: u64,
+    /// How long a replacement takes to start (a cloud instance's boot; 0 locally).
+    pub boot_delay: std::time::Duration,
 }
 
 fn replacer(config: &CoordinatorConfig) -> Result<Option<std::sync::Arc<crate::replace::Replacer>>, CoordinatorError> {
@@ -118,7 +120,12 @@ fn replacer(config: &CoordinatorConfig) -> Result<Option<std::sync::Arc<crate::r
         seed: local.seed,
     };
     let tags = BTreeMap::from([(crate::provider::CLUSTER_TAG.to_string(), config.cluster_id.clone())]);
-    Ok(Some(std::sync::Arc::new(crate::replace::Replacer { provider, tags, launching: Default::default() })))
+    Ok(Some(std::sync::Arc::new(crate::replace::Replacer {
+        provider,
+        tags,
+        boot_delay: local.boot_delay,
+        launching: Default::default(),
+    })))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Seed of those interruptions (the same seed replays the same times).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seconds a replacement worker takes to start after a notice or a loss, as a cloud
+    /// instance boots (EC2: one to three minutes); 0 starts it at once.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub boot_delay_s: u64,
     /// The cluster store (checkpoints, logs, model artifacts): `s3://bucket/prefix` (AWS settings
     /// from the environment, which the coordinators and workers inherit) or a local folder.
     /// Default: `store/` in the cluster folder. Fixed when the cluster is first created.
@@ -216,6 +220,7 @@ fn spawn_coordinator(
         .arg(std::path::absolute(home).context("resolving the cluster folder")?)
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
+        .args(["--local-boot-delay-s", &args.boot_delay_s.to_string()])
         .envs(tls_env(cluster, "coordinator"))
         .args(
             data_roots(cluster, home)?.iter().flat_map(|root| [std::ffi::OsStr::new("--data-root"), root.as_os_str()]),

@@ -83,6 +83,10 @@ pub struct Args {
     /// Seed of those interruptions.
     #[arg(long, default_value_t = 0)]
     pub local_seed: u64,
+    /// Seconds a replacement worker takes to start, as a cloud instance's boot (with
+    /// --local-workers-home; for demos and benchmarks of the notice path).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub local_boot_delay_s: u64,
     #[command(flatten)]
     pub capacity: CapacityArgs,
     /// Serve Prometheus metrics (`GET /metrics`, OpenMetrics text) on HOST:PORT. Unauthenticated
@@ -356,6 +360,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 home: std::path::absolute(home).context("resolving --local-workers-home")?,
                 interruptions_per_hour: args.local_interruptions_per_hour,
                 seed: args.local_seed,
+                boot_delay: std::time::Duration::from_secs(args.local_boot_delay_s),
             }),
             None => None,
         },

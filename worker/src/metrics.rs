@@ -36,6 +36,16 @@ pub struct AgentMetrics {
     pub generations: Counter,
     /// Generations running now (0 or 1).
     pub running: Gauge,
+    /// Resumes from a state this agent still held in memory (nothing read or moved).
+    pub resumes_from_memory: Counter,
+    /// Resumes from a state received from a gang member over the data port.
+    pub resumes_from_peer: Counter,
+    /// Resumes from a checkpoint read from the store.
+    pub resumes_from_storage: Counter,
+    /// Bytes of resume state received from gang members.
+    pub resume_peer_bytes: Counter,
+    /// Bytes of resume state read from the store.
+    pub resume_storage_bytes: Counter,
 }
 
 /// This process's agent metrics.
@@ -51,6 +61,11 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
     notices: Counter::default(),
     generations: Counter::default(),
     running: Gauge::default(),
+    resumes_from_memory: Counter::default(),
+    resumes_from_peer: Counter::default(),
+    resumes_from_storage: Counter::default(),
+    resume_peer_bytes: Counter::default(),
+    resume_storage_bytes: Counter::default(),
 });
 
 /// The exposition of `metrics`.
@@ -81,6 +96,31 @@ pub fn render(metrics: &AgentMetrics) -> Result<String, std::fmt::Error> {
     registry.register("notices", "Spot interruption notices and SIGTERMs received", metrics.notices.clone());
     registry.register("generations", "Generations this agent ran a rank of", metrics.generations.clone());
     registry.register("running", "1 while this agent runs a rank", metrics.running.clone());
+    registry.register(
+        "resumes_from_memory",
+        "Resumes from a state still held in memory since the last planned stop",
+        metrics.resumes_from_memory.clone(),
+    );
+    registry.register(
+        "resumes_from_peer",
+        "Resumes from a state received from a gang member over the data port",
+        metrics.resumes_from_peer.clone(),
+    );
+    registry.register(
+        "resumes_from_storage",
+        "Resumes from a checkpoint read from the store",
+        metrics.resumes_from_storage.clone(),
+    );
+    registry.register(
+        "resume_peer_bytes",
+        "Bytes of resume state received from gang members",
+        metrics.resume_peer_bytes.clone(),
+    );
+    registry.register(
+        "resume_storage_bytes",
+        "Bytes of resume state read from the store",
+        metrics.resume_storage_bytes.clone(),
+    );
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)

@@ -28,6 +28,7 @@ use super::work::{
     JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
+use crate::checkpoint::peer::{self, ShareError, Shared};
 use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
 use crate::data::{self, Dataset};
 use crate::metrics::AGENT;
@@ -67,13 +68,9 @@ pub(super) fn run_rank(
         Err((end, e)) => return broken(end, resume_step, e),
     };
     let resume = match &train.resume_from {
-        Some(reference) => match state::load_uri(&reference.uri) {
-            Ok((state, _)) => {
-                log.note(format!("resuming from the checkpoint of step {} ({})", reference.step, reference.uri));
-                Some(state)
-            }
-            Err(e) if e.is_unusable() => return checkpoint_unusable(&mut log, reference.step, e),
-            Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
+        Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
+            Ok(state) => Some(state),
+            Err(end) => return end,
         },
         None => None,
     };
@@ -216,8 +213,12 @@ pub(super) fn run_rank(
             trainer.steps_done(),
             train.generation
         ));
+        // Kept for the next generation: it resumes from this step, and this rank then gives
+        // the state to new members over the data port instead of each reading the store.
+        peer::HELD.hold(&train.job_id, trainer.state());
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0 };
     }
+    peer::HELD.release();
     if !rank0 {
         return RankEnd::Finished(None);
     }
@@ -287,6 +288,58 @@ pub(super) fn run_rank(
         classes: train_set.classes as u32,
         feature_scale: train_set.feature_scale,
     })))
+}
+
+/// The state of the checkpoint `reference` (every rank of the gang calls this together): held
+/// in memory since the last planned stop, received from a gang member that holds it, or read
+/// from the store (see [`peer`]). The note says which.
+fn resume_state(
+    job_id: &str,
+    reference: &CheckpointRef,
+    comm: &mut dyn crate::collective::Communicator,
+    log: &mut JobNotes,
+) -> Result<crate::train::TrainState, RankEnd> {
+    let started = Instant::now();
+    let mine = peer::HELD.held(job_id, &reference.manifest_sha256);
+    let step = reference.step;
+    match peer::share(comm, mine, &reference.manifest_sha256) {
+        Ok(Shared::Held(state)) => {
+            AGENT.resumes_from_memory.inc();
+            log.note(format!("resuming from the checkpoint of step {step} (held in memory since the stop)"));
+            return Ok(state);
+        }
+        Ok(Shared::FromPeer { state, root, bytes }) => {
+            AGENT.resumes_from_peer.inc();
+            AGENT.resume_peer_bytes.inc_by(bytes);
+            log.note(format!(
+                "resuming from the checkpoint of step {step} (from rank {root} over the data port: {bytes} bytes in \
+                 {:.1} ms, checksums verified)",
+                started.elapsed().as_secs_f64() * 1e3
+            ));
+            return Ok(state);
+        }
+        Ok(Shared::Nobody) => {}
+        Err(ShareError::Collective(e)) => return Err(broken(GenerationEnd::PeerLost, step, e)),
+        Err(ShareError::Refused(e)) => {
+            tracing::warn!(error = %e, "the state from a peer was refused; reading the checkpoint from the store");
+            log.note(format!("the state from a peer was refused ({e}); reading the checkpoint from the store"));
+        }
+    }
+    match state::load_uri(&reference.uri) {
+        Ok((state, _)) => {
+            AGENT.resumes_from_storage.inc();
+            AGENT.resume_storage_bytes.inc_by(reference.size_bytes);
+            log.note(format!(
+                "resuming from the checkpoint of step {step} ({}: {} bytes in {:.1} ms)",
+                reference.uri,
+                reference.size_bytes,
+                started.elapsed().as_secs_f64() * 1e3
+            ));
+            Ok(state)
+        }
+        Err(e) if e.is_unusable() => Err(checkpoint_unusable(log, step, e)),
+        Err(e) => Err(broken(GenerationEnd::RetryableError, step, e)),
+    }
 }
 
 /// A job's data sets: (train, validation).

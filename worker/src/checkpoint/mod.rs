@@ -14,6 +14,7 @@
 //! them through Raft); this module only writes and verifies bytes.
 
 pub mod files;
+pub mod peer;
 pub mod state;
 pub mod store;
 
@@ -60,7 +61,7 @@ impl Manifest {
         hex(&Sha256::digest(self.encode()))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a manifest is plain data")
     }
 }
@@ -99,12 +100,9 @@ fn part_path(prefix: &Path, name: &str) -> Path {
     prefix.clone().join(name)
 }
 
-/// Writes `parts` under `prefix`, then the MANIFEST. Returns the manifest written.
-pub async fn write(
-    store: &dyn ObjectStore,
-    prefix: &Path,
-    parts: &[(&str, Bytes)],
-) -> Result<Manifest, CheckpointError> {
+/// The MANIFEST of `parts` (each part's name, size and SHA-256), checking names and limits:
+/// what [`write`] stores last, and what a peer transfer is checked against.
+pub fn manifest_of(parts: &[(&str, Bytes)]) -> Result<Manifest, CheckpointError> {
     if parts.is_empty() || parts.len() > PARTS_MAX {
         return Err(CheckpointError::Invalid(format!("{} parts; 1 to {PARTS_MAX} allowed", parts.len())));
     }
@@ -120,11 +118,40 @@ pub async fn write(
             size_bytes: bytes.len() as u64,
             sha256: hex(&Sha256::digest(bytes)),
         });
+    }
+    Ok(Manifest { format: FORMAT.to_string(), parts: entries })
+}
+
+/// Writes `parts` under `prefix`, then the MANIFEST. Returns the manifest written.
+pub async fn write(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    parts: &[(&str, Bytes)],
+) -> Result<Manifest, CheckpointError> {
+    let manifest = manifest_of(parts)?;
+    for (name, bytes) in parts {
         store.put(&part_path(prefix, name), PutPayload::from_bytes(bytes.clone())).await?;
     }
-    let manifest = Manifest { format: FORMAT.to_string(), parts: entries };
     store.put(&part_path(prefix, MANIFEST), PutPayload::from(manifest.encode())).await?;
     Ok(manifest)
+}
+
+/// Checks one part's bytes against its manifest entry (size, then SHA-256); `origin` names
+/// where they came from in the error (a prefix, or a peer).
+pub fn check_part(entry: &PartEntry, bytes: &[u8], origin: &str) -> Result<(), CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt { prefix: origin.to_string(), reason };
+    if bytes.len() as u64 != entry.size_bytes {
+        return Err(corrupt(format!(
+            "part `{}` has {} bytes, the manifest says {}",
+            entry.name,
+            bytes.len(),
+            entry.size_bytes
+        )));
+    }
+    if hex(&Sha256::digest(bytes)) != entry.sha256 {
+        return Err(corrupt(format!("part `{}` does not match its checksum", entry.name)));
+    }
+    Ok(())
 }
 
 /// Reads and verifies the checkpoint under `prefix`: every part named by the MANIFEST, with
@@ -144,17 +171,7 @@ pub async fn read(
             }
             Err(e) => return Err(e.into()),
         };
-        if bytes.len() as u64 != entry.size_bytes {
-            return Err(corrupt(format!(
-                "part `{}` has {} bytes, the manifest says {}",
-                entry.name,
-                bytes.len(),
-                entry.size_bytes
-            )));
-        }
-        if hex(&Sha256::digest(&bytes)) != entry.sha256 {
-            return Err(corrupt(format!("part `{}` does not match its checksum", entry.name)));
-        }
+        check_part(entry, &bytes, prefix.as_ref())?;
         parts.insert(entry.name.clone(), bytes);
     }
     Ok((manifest, parts))
@@ -169,13 +186,19 @@ pub async fn read_manifest(store: &dyn ObjectStore, prefix: &Path) -> Result<Man
         }
         Err(e) => return Err(e.into()),
     };
-    let corrupt = |reason: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason };
+    parse_manifest(&bytes, prefix.as_ref())
+}
+
+/// Decodes and checks a MANIFEST's bytes (size, format, part count); `origin` names where
+/// they came from in the error.
+pub fn parse_manifest(bytes: &[u8], origin: &str) -> Result<Manifest, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt { prefix: origin.to_string(), reason };
     if bytes.len() > MANIFEST_BYTES_MAX {
         return Err(corrupt(format!("{MANIFEST} is {} bytes", bytes.len())));
     }
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("{MANIFEST}: {e}")))?;
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("{MANIFEST}: {e}")))?;
     if manifest.format != FORMAT {
-        return Err(CheckpointError::Format { prefix: prefix.to_string(), found: manifest.format });
+        return Err(CheckpointError::Format { prefix: origin.to_string(), found: manifest.format });
     }
     if manifest.parts.is_empty() || manifest.parts.len() > PARTS_MAX {
         return Err(corrupt(format!("{MANIFEST} lists {} parts", manifest.parts.len())));

@@ -5,6 +5,8 @@
 //! and loads without parsing floats. `meta` is JSON with everything else (step, cursor, seed,
 //! layout fingerprint, Adam's update count, validation metrics).
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -34,13 +36,8 @@ pub struct CheckpointMeta {
     pub val_loss: Option<f64>,
 }
 
-/// Writes `state` (and optional validation metrics) as a checkpoint under `prefix`.
-pub async fn save(
-    store: &dyn ObjectStore,
-    prefix: &Path,
-    state: &TrainState,
-    metrics: Option<(f64, f64)>,
-) -> Result<Manifest, CheckpointError> {
+/// `state` (and optional validation metrics) as checkpoint parts: `model`, `optim`, `meta`.
+pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static str, Bytes)> {
     let (optimizer, updates, optim) = match &state.optimizer {
         OptimizerState::Sgd { velocity } => ("sgd", 0, f32_to_bytes(velocity)),
         OptimizerState::Adam { first_moment, second_moment, updates } => {
@@ -63,13 +60,29 @@ pub async fn save(
         val_loss: metrics.map(|m| m.1),
     };
     let meta = Bytes::from(serde_json::to_vec_pretty(&meta).expect("checkpoint metadata is plain data"));
-    write(store, prefix, &[("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)]).await
+    vec![("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)]
+}
+
+/// Writes `state` (and optional validation metrics) as a checkpoint under `prefix`.
+pub async fn save(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    state: &TrainState,
+    metrics: Option<(f64, f64)>,
+) -> Result<Manifest, CheckpointError> {
+    write(store, prefix, &encode(state, metrics)).await
 }
 
 /// Reads and verifies the checkpoint under `prefix` and rebuilds the [`TrainState`].
 pub async fn load(store: &dyn ObjectStore, prefix: &Path) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
     let (_, parts) = read(store, prefix).await?;
-    let invalid = |what: String| CheckpointError::Corrupt { prefix: prefix.to_string(), reason: what };
+    decode(&parts, prefix.as_ref())
+}
+
+/// Rebuilds the [`TrainState`] from verified parts (the inverse of [`encode`]); `origin`
+/// names where they came from in the error.
+pub fn decode(parts: &BTreeMap<String, Bytes>, origin: &str) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
+    let invalid = |what: String| CheckpointError::Corrupt { prefix: origin.to_string(), reason: what };
     let part = |name: &str| parts.get(name).ok_or_else(|| invalid(format!("part `{name}` is not in the manifest")));
     let meta: CheckpointMeta =
         serde_json::from_slice(part("meta")?).map_err(|e| invalid(format!("part `meta`: {e}")))?;

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Handover benchmark (driven by handover.sh): one JSON line per spot notice, then medians.
+
+A local cluster of exactly one gang (2 workers, no spare) whose replacements take BOOT_S to
+start, as cloud instances boot. Each round gives a gang member a spot notice two ways, on the
+same build in the same run:
+
+- checkpoint_and_wait (today's path, the baseline): a 30 s notice, too short for a handover.
+  The gang stops at a checkpoint at once and waits for the replacement to boot.
+- handover (issue 25): a 120 s notice. The gang trains on while the replacement boots, then
+  checkpoints and the next generation forms at once with it.
+
+Measured from outside with the CLI (status polled every 5 ms; rank 0 reports a generation's
+first step at once): trained_on_ms (notice -> the generation stopped), stall_ms (stopped -> the
+next generation's first step past its resume step: time without training), to_first_step_ms
+(notice -> that step), steps_lost; and from each rank's job log, where its resume state came
+from (memory: held since the stop; peer: received over the data port; storage: read from the
+store), with its bytes and milliseconds.
+"""
+import re
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BIN = os.environ["FLOTILLA_BIN"]
+WORK = os.environ["WORK"]
+DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+PATHS = {"checkpoint_and_wait": 30, "handover": 120}
+
+
+def cli(*args):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, check=True).stdout
+
+
+def status(job):
+    return json.loads(cli("status", job, "-o", "json").strip().splitlines()[-1])
+
+
+def wait(job, cond, limit_s=180, poll_s=0.005):
+    started = time.monotonic()
+    while True:
+        s = status(job)
+        if cond(s):
+            return s, time.monotonic()
+        if s["state"] in ("Failed", "Cancelled", "Succeeded") or time.monotonic() - started > limit_s:
+            raise SystemExit(f"{job}: gave up waiting: {json.dumps(s)[:2000]}")
+        time.sleep(poll_s)
+
+
+def workers():
+    return json.loads(cli("workers", "-o", "json").strip().splitlines()[-1])
+
+
+def wait_idle(count, limit_s=120):
+    started = time.monotonic()
+    while sum(1 for w in workers() if w["state"] == "Idle") < count:
+        if time.monotonic() - started > limit_s:
+            raise SystemExit(f"fewer than {count} idle workers after {limit_s} s: {workers()}")
+        time.sleep(0.2)
+
+
+def submit(name):
+    spec = os.path.join(WORK, f"{name}.toml")
+    with open(spec, "w") as f:
+        f.write(
+            f'name = "{name}"\nmodel = {{ kind = "mlp", hidden = [256, 128] }}\n'
+            f'data = {{ train = "{DATA}" }}\ntrain = {{ epochs = 1000, batch_size = 64 }}\n'
+            'workers = { min = 2, max = 2 }\ncheckpoint = { every_steps = 20 }\n'
+        )
+    return cli("submit", spec).strip().splitlines()[-1]
+
+
+def resume_sources(job):
+    """Per rank of the newest generation: (source, bytes, ms) of its resume note."""
+    sources = {}
+    for rank in (0, 1):
+        notes = [l for l in cli("logs", job, "--node", str(rank)).splitlines() if "resuming from the checkpoint" in l]
+        if not notes:
+            continue
+        note = notes[-1]
+        source = "peer" if "over the data port" in note else "memory" if "held in memory" in note else "storage"
+        size = re.search(r"(\d+) bytes", note)
+        ms = re.search(r"in ([0-9.]+) ms", note)
+        sources[f"rank{rank}"] = {
+            "source": source,
+            "bytes": int(size.group(1)) if size and source != "memory" else 0,
+            "ms": float(ms.group(1)) if ms else 0.0,
+        }
+    return sources
+
+
+def one(path, round_no):
+    wait_idle(2)
+    job = submit(f"{path}-{round_no}")
+    running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100)
+    generation = running["generation"]
+    victim = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")[round_no % 2]
+    t0 = time.monotonic()
+    cli("preempt", victim, "--notice-s", str(PATHS[path]))
+    stopped, t_stop = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running")
+    first, t_first = wait(
+        job,
+        lambda s: s["state"] == "Running"
+        and s["generation"] > generation
+        and s["step"] > (s["latest_checkpoint"] or {}).get("step", 0),
+    )
+    time.sleep(0.5)  # the ranks' notes reach the store
+    sources = resume_sources(job)
+    cli("cancel", job)
+    record = {
+        "bench": "notice_path",
+        "path": path,
+        "round": round_no,
+        "notice_s": PATHS[path],
+        "boot_s": int(os.environ["BOOT_S"]),
+        "trained_on_ms": round((t_stop - t0) * 1e3, 1),
+        "stall_ms": round((t_first - t_stop) * 1e3, 1),
+        "to_first_step_ms": round((t_first - t0) * 1e3, 1),
+        "steps_lost": first["steps_lost"],
+        "resume": sources,
+        "handovers": sum(1 for e in first["events"] if e["kind"] == "handover" and "rank at step" in e["message"]),
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def main():
+    records = []
+    for round_no in range(ROUNDS):
+        order = list(PATHS) if round_no % 2 == 0 else list(reversed(PATHS))
+        for path in order:
+            records.append(one(path, round_no))
+    out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"])}
+    for path in PATHS:
+        for key in ("trained_on_ms", "stall_ms", "to_first_step_ms", "steps_lost"):
+            out[f"{path}_{key}"] = statistics.median(r[key] for r in records if r["path"] == path)
+    out["stall_ratio_handover_vs_baseline"] = round(out["handover_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
+    print(json.dumps(out), flush=True)
+
+
+main()

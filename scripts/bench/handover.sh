@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The notice path with a replacement that takes time to boot (issue 25): today's
+# checkpoint-and-wait (a 30 s notice, too short for a handover) against the handover (a 120 s
+# notice: the gang trains on while the replacement boots), alternating on one local cluster of
+# exactly one gang (2 workers, no spare), same release build, same run. One JSON line per
+# notice (notice_path), then medians and the stall ratio (notice_path_summary).
+# `handover.sh [ROUNDS] [BOOT_S]`: rounds per path (default 3), replacement boot time in
+# seconds (default 10; EC2 takes 60-180).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release --quiet
+export FLOTILLA_BIN="${CARGO_TARGET_DIR:-target}/release/flotilla"
+export WORK=$(mktemp -d)
+export FLOTILLA_HOME="$WORK/.flotilla"
+trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+export BOOT_S="${2:-10}"
+"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" >/dev/null
+python3 scripts/bench/handover.py "${1:-3}"
