@@ -136,18 +136,24 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
         s["preemptions"].as_u64().is_some_and(|n| n >= 1)
     });
 
-    // The next generation's first step ends the recovery, timed by the leader.
+    // The local provider's replacement takes the noticed member's rank (a handover: no worker
+    // was free); the next generation's first step ends the handover's stall, timed by the
+    // leader (a recovery, had there been none).
     let started = Instant::now();
     loop {
         let (_, metrics) = http_get(&address, "/metrics", "");
-        let count = metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("flotilla_recovery_seconds_count "))
-            .and_then(|v| v.trim().parse::<f64>().ok());
-        if count.is_some_and(|n| n >= 1.0) {
+        let count = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}_count ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if count("flotilla_handover_stall_seconds") >= 1.0 {
+            assert_eq!(count("flotilla_recovery_seconds"), 0.0, "a handover is no recovery");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no recovery timed after 60 s: {count:?}");
+        assert!(started.elapsed() < Duration::from_secs(60), "no handover stall timed after 60 s");
         std::thread::sleep(Duration::from_millis(300));
     }
 

@@ -103,14 +103,38 @@ pub struct JobSample {
 /// Events that start a recovery: the job lost (or was about to lose) a gang member.
 const LOSS_EVENTS: [&str; 3] = ["preemption_notice", "worker_lost", "peer_lost"];
 
-/// When the loss that the job's current generation recovers from happened: the first
-/// preemption notice or lost worker between the previous generation's start and the current
-/// one's; `None` for a first generation or one that only grew the gang (pure).
-pub fn recovery_started_at(events: &[flotilla_core::state::JobEvent]) -> Option<u64> {
+/// What the first step of a job's current generation ends (pure, from the job's events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumption {
+    /// A recovery: the job lost (or was about to lose) a gang member and stopped; timed from
+    /// the first preemption notice or lost worker since the previous generation's start.
+    Recovery { lost_at_unix_ms: u64 },
+    /// A handover: the gang trained on through the notice until its replacement came, then
+    /// stopped at `stopped_at_unix_ms` (its `checkpointed` event); the time from there to the
+    /// first step is the training stall.
+    Handover { stopped_at_unix_ms: u64 },
+}
+
+/// What the job's current generation resumes from: `None` for a first generation or one that
+/// only grew the gang.
+pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumption> {
     let mut gangs = events.iter().enumerate().filter(|(_, e)| e.kind == "gang").map(|(i, _)| i).rev();
     let current = gangs.next()?;
     let from = gangs.next().map_or(0, |previous| previous + 1);
-    events[from..current].iter().find(|e| LOSS_EVENTS.contains(&e.kind.as_str())).map(|e| e.at_unix_ms)
+    let between = &events[from..current];
+    // The handover event that re-forms the generation comes after the `gang` event of the
+    // same Raft entry.
+    let handed_over = events[current + 1..].iter().take_while(|e| e.kind != "gang").any(is_handover_done);
+    if handed_over && let Some(stop) = between.iter().rev().find(|e| e.kind == "checkpointed") {
+        return Some(Resumption::Handover { stopped_at_unix_ms: stop.at_unix_ms });
+    }
+    let lost = between.iter().find(|e| LOSS_EVENTS.contains(&e.kind.as_str()))?;
+    Some(Resumption::Recovery { lost_at_unix_ms: lost.at_unix_ms })
+}
+
+/// The event that says a replacement took the noticed member's rank.
+fn is_handover_done(event: &flotilla_core::state::JobEvent) -> bool {
+    event.kind == "handover" && event.message.contains("'s rank at step")
 }
 
 /// Committed steps per second since the job first ran, until it ended or `now` (pure): stalls,
@@ -316,6 +340,11 @@ pub fn render(
         "Time from a loss (preemption notice or lost worker) to the next generation's first step, seen by the leader",
         progress.recovery_seconds.clone(),
     );
+    registry.register(
+        "handover_stall_seconds",
+        "Time without training at a handover: from the gang's stop to the next generation's first step, seen by the leader",
+        progress.handover_stall_seconds.clone(),
+    );
     let live =
         |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&flotilla_proto::v1::LiveProgress) -> f64| {
             let family = Family::<Labels, FloatGauge>::default();
@@ -494,10 +523,10 @@ mod tests {
 
     #[test]
     fn a_recovery_starts_at_the_first_loss_since_the_previous_generation() {
-        assert_eq!(recovery_started_at(&[]), None);
-        assert_eq!(recovery_started_at(&[event(1, "gang")]), None, "a first generation recovers nothing");
+        assert_eq!(resumption(&[]), None);
+        assert_eq!(resumption(&[event(1, "gang")]), None, "a first generation recovers nothing");
         let grown = [event(1, "gang"), event(5, "checkpointed"), event(6, "gang")];
-        assert_eq!(recovery_started_at(&grown), None, "growing the gang is no recovery");
+        assert_eq!(resumption(&grown), None, "growing the gang is no recovery");
         let preempted = [
             event(1, "gang"),
             event(10, "preemption_notice"),
@@ -505,9 +534,29 @@ mod tests {
             event(12, "checkpointed"),
             event(20, "gang"),
         ];
-        assert_eq!(recovery_started_at(&preempted), Some(10));
+        assert_eq!(resumption(&preempted), Some(Resumption::Recovery { lost_at_unix_ms: 10 }));
         let earlier = [event(1, "gang"), event(10, "worker_lost"), event(20, "gang"), event(30, "gang")];
-        assert_eq!(recovery_started_at(&earlier), None, "only losses since the previous generation");
+        assert_eq!(resumption(&earlier), None, "only losses since the previous generation");
+    }
+
+    #[test]
+    fn a_handover_is_timed_from_the_stop_not_the_notice() {
+        let mut took = event(61_000, "handover");
+        took.message = "worker-3 took worker-1's rank at step 711, 60000 ms after the notice".into();
+        let mut started = event(50_000, "handover");
+        started.message = "worker-3 replaces worker-1; checkpointing at the next step".into();
+        let handed = [
+            event(1, "gang"),
+            event(1_000, "preemption_notice"),
+            started,
+            event(61_000, "checkpointed"),
+            event(61_000, "gang"),
+            took.clone(),
+        ];
+        assert_eq!(resumption(&handed), Some(Resumption::Handover { stopped_at_unix_ms: 61_000 }));
+        // A handover of an earlier generation does not make the next one a handover.
+        let later = [&handed[..], &[event(70_000, "worker_lost"), event(80_000, "gang")]].concat();
+        assert_eq!(resumption(&later), Some(Resumption::Recovery { lost_at_unix_ms: 70_000 }));
     }
 
     #[test]

@@ -17,12 +17,19 @@ pub struct Progress {
     jobs: Mutex<HashMap<JobId, LiveProgress>>,
     /// Loss (notice or lost worker) to the next generation's first reported step, in seconds.
     pub recovery_seconds: Histogram,
+    /// A handover's stop to the next generation's first reported step, in seconds.
+    pub handover_stall_seconds: Histogram,
 }
 
 impl Default for Progress {
     fn default() -> Self {
-        // 250 ms to ~70 min.
-        Progress { jobs: Mutex::default(), recovery_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 15)) }
+        Progress {
+            jobs: Mutex::default(),
+            // 250 ms to ~70 min.
+            recovery_seconds: Histogram::new(exponential_buckets(0.25, 2.0, 15)),
+            // 10 ms to ~5 min.
+            handover_stall_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use super::status;
 use super::worker_auth::{self, Presented, acting_as};
 use crate::leases::{HEARTBEAT_INTERVAL, LEASE, Leases};
+use crate::metrics::Resumption;
 use crate::raft::node::NodeHandle;
 
 /// Longest text field in a worker's capabilities.
@@ -197,10 +198,10 @@ impl ClusterService for ClusterApi {
             .node
             .read_local(move |state| {
                 let job = state.jobs.get(&job_id).filter(|j| j.is_member(id))?;
-                Some((crate::metrics::recovery_started_at(&job.events), job.generation_start_step))
+                Some((crate::metrics::resumption(&job.events), job.generation_start_step))
             })
             .await;
-        let Some((recovering_since, start_step)) = seen.map_err(status)? else {
+        let Some((resumption, start_step)) = seen.map_err(status)? else {
             let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
             return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
         };
@@ -215,14 +216,21 @@ impl ClusterService for ClusterApi {
                 generation: report.generation,
             },
         );
-        // The first step of a generation that follows a loss ends a recovery (rank 0 reports
-        // its first step; a leader elected mid-generation sees a later one and counts nothing).
+        // The first step of a generation that follows a loss ends a recovery, one that follows
+        // a handover ends its stall (rank 0 reports its first step; a leader elected
+        // mid-generation sees a later one and counts nothing).
         if first
             && report.step <= start_step + RECOVERY_FIRST_STEPS
-            && let Some(since) = recovering_since
+            && let Some(resumption) = resumption
         {
-            let seconds = crate::raft::node::now_unix_ms().saturating_sub(since) as f64 / 1e3;
-            self.progress.recovery_seconds.observe(seconds);
+            let now = crate::raft::node::now_unix_ms();
+            let (histogram, since) = match resumption {
+                Resumption::Recovery { lost_at_unix_ms } => (&self.progress.recovery_seconds, lost_at_unix_ms),
+                Resumption::Handover { stopped_at_unix_ms } => {
+                    (&self.progress.handover_stall_seconds, stopped_at_unix_ms)
+                }
+            };
+            histogram.observe(now.saturating_sub(since) as f64 / 1e3);
         }
         Ok(Response::new(Ack {}))
     }
