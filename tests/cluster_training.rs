@@ -2,7 +2,8 @@
 //! (local provider), `submit` the MNIST example, and the job trains data-parallel on the workers to Succeeded with
 //! validation accuracy >= 90% in `status --output json`, even when the leader coordinator is
 //! killed during training. A job needing more workers than exist waits with a reason and starts
-//! when capacity is added; `cancel` stops a running job and frees its workers.
+//! when capacity is added; `cancel` stops a running job and frees its workers. A leader killed
+//! in the middle of a handover: exactly one replacement still takes the noticed rank.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -217,4 +218,108 @@ fn a_killed_worker_costs_at_most_one_checkpoint_interval() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the new generation did not resume from a checkpoint:\n{logs}"));
     assert!(resumed >= checkpointed, "resumed at {resumed}, an older checkpoint than {checkpointed}");
+}
+
+/// A leader change in the middle of a handover (issue 25): a gang member gets a two-minute
+/// spot notice, and the leader that recorded it is killed while the replacement it asked for
+/// still "boots" (`up --boot-delay-s`), so that launch dies with it. The new leader asks again
+/// for the handover that still waits (the launch's client token makes it one worker, whoever
+/// asks), the replacement takes the noticed rank, and nothing is lost or doubled.
+#[test]
+fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
+    const BOOT_S: u64 = 5;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let cluster = Cluster { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &BOOT_S.to_string()]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = dir.path().join("handover.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"handover\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 1000000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n\
+             checkpoint = {{ every_steps = 2000 }}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    let submitted = run(&home, &["submit", spec.to_str().expect("utf-8"), "-o", "json"]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let first = String::from_utf8_lossy(&submitted.stdout).lines().next().unwrap_or_default().to_string();
+    let submitted: serde_json::Value = serde_json::from_str(&first).expect("submit JSON");
+    let job = submitted["id"].as_str().expect("job id").to_string();
+    let leader = submitted["served_by"].as_u64().expect("the leader served the submission");
+    cluster.wait_state(&job, &["Running"], Duration::from_secs(60));
+    let started = Instant::now();
+    while cluster.status(&job)["step"].as_u64().unwrap_or(0) < 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress: {}", cluster.status(&job));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let workers = json(run(&home, &["workers", "-o", "json"]));
+    let noticed = workers.as_array().and_then(|ws| ws.first()).and_then(|w| w["id"].as_str()).expect("a worker");
+    let noticed = noticed.to_string();
+    let preempted = run(&home, &["preempt", &noticed]);
+    assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    let started = Instant::now();
+    loop {
+        let status = cluster.status(&job);
+        let sought = status["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| {
+                e["kind"] == "preemption_notice"
+                    && e["message"].as_str().is_some_and(|m| m.contains("while a replacement is sought"))
+            })
+        });
+        if sought {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the notice was not recorded as a handover: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = cluster.leader_pid(leader);
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
+    // The killed leader's launch was still waiting out the boot delay: any replacement now
+    // comes from the new leader.
+    assert!(started.elapsed() < Duration::from_secs(BOOT_S - 1), "the kill came too late to test anything");
+
+    let handed = |status: &serde_json::Value| -> Vec<String> {
+        status["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e["kind"] == "handover")
+                    .filter_map(|e| e["message"].as_str())
+                    .filter(|m| m.contains("'s rank at step"))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let started = Instant::now();
+    let after = loop {
+        let status = cluster.status(&job);
+        if !handed(&status).is_empty() && status["state"] == "Running" && status["generation"].as_u64() >= Some(2) {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no handover after the leader change: {status}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // Another launch, had one been made, would register within the boot delay: wait it out.
+    std::thread::sleep(Duration::from_secs(BOOT_S + 3));
+    let workers = json(run(&home, &["workers", "-o", "json"]));
+    assert_eq!(workers.as_array().map_or(0, Vec::len), 3, "2 workers + exactly one replacement: {workers}");
+    let status = cluster.status(&job);
+    let handovers = handed(&status);
+    assert_eq!(handovers.len(), 1, "{status}");
+    assert!(handovers[0].contains(&format!("took {noticed}'s rank")), "{}", handovers[0]);
+    assert_eq!(status["steps_lost"], 0, "{status}");
+    assert_eq!(status["preemptions"], 1, "{status}");
+    assert_eq!(status["recoveries"], 0, "{status}");
+    assert!(status["step"].as_u64() >= after["step"].as_u64(), "{status}");
+    assert_eq!(status["state"], "Running", "{status}");
+    let cancelled = run(&home, &["cancel", &job]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
 }

@@ -82,6 +82,16 @@ fn live_workers(state: &State) -> Vec<WorkerId> {
     state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.id).collect()
 }
 
+/// Noticed workers whose handover still waits for its replacement: (worker, instance).
+fn awaited_replacements(state: &State) -> Vec<(WorkerId, String)> {
+    state
+        .jobs
+        .values()
+        .filter_map(|job| job.handover.as_ref().filter(|h| h.replacement.is_none()))
+        .filter_map(|h| state.workers.get(&h.leaving).map(|w| (h.leaving, w.info.instance_id.clone())))
+        .collect()
+}
+
 /// Runs on every node; acts only while this node leads. A lost worker's job learns how far its
 /// generation got from `progress`; `replacer` launches a new worker for a lost local one.
 pub async fn expire_loop(
@@ -99,8 +109,18 @@ pub async fn expire_loop(
             continue;
         }
         if leases.table().term != status.term {
-            match node.read_local(live_workers).await {
-                Ok(live) => leases.adopt(status.term, live),
+            match node.read_local(|state| (live_workers(state), awaited_replacements(state))).await {
+                Ok((live, awaited)) => {
+                    leases.adopt(status.term, live);
+                    // A replacement the previous leader asked for at a notice may have died with
+                    // it (a launch still waiting out the boot): ask again. The launch's client
+                    // token makes it one worker whoever asks.
+                    if let Some(replacer) = &replacer {
+                        for (worker, instance) in awaited {
+                            replacer.replace(worker, instance);
+                        }
+                    }
+                }
                 Err(_) => continue,
             }
         }
