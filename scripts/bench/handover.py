@@ -78,7 +78,9 @@ def resume_sources(job):
     """Per rank of the newest generation: (source, bytes, ms) of its resume note."""
     sources = {}
     for rank in (0, 1):
-        notes = [l for l in cli("logs", job, "--node", str(rank)).splitlines() if "resuming from the checkpoint" in l]
+        lines = cli("logs", job, "--node", str(rank)).splitlines()
+        notes = [l for l in lines if "resuming from the checkpoint" in l]
+        started = [l for l in lines if " started: first step " in l]
         if not notes:
             continue
         note = notes[-1]
@@ -89,6 +91,13 @@ def resume_sources(job):
             "source": source,
             "bytes": int(size.group(1)) if size and source != "memory" else 0,
             "ms": float(ms.group(1)) if ms else 0.0,
+            # The rank's start-up, from its assignment to its first step, by phase.
+            "startup_ms": {
+                name: float(v)
+                for name, v in re.findall(r"(first step|data|rendezvous|state|model|step) ([0-9.]+) ms", started[-1])
+            }
+            if started
+            else {},
         }
     return sources
 

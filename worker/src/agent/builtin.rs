@@ -53,6 +53,7 @@ pub(super) fn run_rank(
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
     let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
+    let mut startup = Startup::new();
     let (train_set, validation_set) = match job_data(spec) {
         Ok(sets) => sets,
         Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
@@ -63,10 +64,12 @@ pub(super) fn run_rank(
         "generation {}: training on {} worker(s), {} train rows",
         train.generation, train.world_size, train_set.rows
     ));
+    startup.lap("data");
     let mut comm = match join_gang(context, &train, listener) {
         Ok(comm) => comm,
         Err((end, e)) => return broken(end, resume_step, e),
     };
+    startup.lap("rendezvous");
     let resume = match &train.resume_from {
         Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
             Ok(state) => Some(state),
@@ -74,10 +77,12 @@ pub(super) fn run_rank(
         },
         None => None,
     };
+    startup.lap("state");
     let mut trainer = match Trainer::new(spec, train_set.clone(), &mut comm, resume) {
         Ok(trainer) => trainer,
         Err(e) => return broken(train_error_end(&e), resume_step, e),
     };
+    startup.lap("model");
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
         // A cluster names checkpoints by generation too (two generations may save one step);
@@ -104,6 +109,9 @@ pub(super) fn run_rank(
     let mut save_failed: Option<CheckpointError> = None;
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
+        if let Some(breakdown) = startup.first_step() {
+            log.note(format!("generation {} started: {breakdown}", train.generation));
+        }
         if context.stop.load(Ordering::Relaxed) {
             return ControlFlow::Break(());
         }
@@ -363,6 +371,40 @@ fn job_data(spec: &JobSpec) -> anyhow::Result<JobData> {
         *cache = Some((key, sets.clone()));
     }
     Ok(sets)
+}
+
+/// Where a generation's start-up went, from the assignment to its first step: the stall a
+/// regroup costs on this rank, besides the coordinator's part.
+struct Startup {
+    started: Instant,
+    last: Instant,
+    laps: Vec<(&'static str, f64)>,
+    reported: bool,
+}
+
+impl Startup {
+    fn new() -> Startup {
+        let now = Instant::now();
+        Startup { started: now, last: now, laps: Vec::new(), reported: false }
+    }
+
+    /// Ends the phase `name`.
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
+
+    /// At the first step only: `first step in X ms (data a ms, rendezvous b ms, ...)`.
+    fn first_step(&mut self) -> Option<String> {
+        if std::mem::replace(&mut self.reported, true) {
+            return None;
+        }
+        self.lap("step");
+        let total = self.started.elapsed().as_secs_f64() * 1e3;
+        let laps: Vec<String> = self.laps.iter().map(|(name, ms)| format!("{name} {ms:.1} ms")).collect();
+        Some(format!("first step {total:.1} ms after the assignment ({})", laps.join(", ")))
+    }
 }
 
 /// Rank 0's bookkeeping of its checkpoints.
