@@ -185,23 +185,28 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 checkpoint_every_steps: job.spec.checkpoint.every_steps,
             });
         }
+        if !active {
+            continue;
+        }
+        // The job's gang as the autoscaler sees it: `min` workers of its types and market.
+        // Out of slack for its deadline, a spot job buys on-demand (whatever its fallback).
+        let wanted = Gang {
+            job: job.id,
+            priority: job.spec.priority,
+            order: job.submitted_index,
+            workers: job.spec.workers.min,
+            gpus_per_worker: job.spec.workers.gpus,
+            instance_types: job.spec.capacity.instance_types.clone(),
+            spot: !job.needs_on_demand(),
+            on_demand_fallback: job.spec.capacity.on_demand_fallback || job.on_demand_only,
+            max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
+            budget_left_usd: budget_left,
+            pool: None,
+            mixed: job.spec.capacity.mixed_types,
+            avoid: None,
+        };
         match job.state {
-            // Out of slack for its deadline, a spot job buys on-demand (whatever its fallback).
-            JobState::Pending => out.gangs.push(Gang {
-                job: job.id,
-                priority: job.spec.priority,
-                order: job.submitted_index,
-                workers: job.spec.workers.min,
-                gpus_per_worker: job.spec.workers.gpus,
-                instance_types: job.spec.capacity.instance_types.clone(),
-                spot: !job.needs_on_demand(),
-                on_demand_fallback: job.spec.capacity.on_demand_fallback || job.on_demand_only,
-                max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
-                budget_left_usd: budget_left,
-                pool: None,
-                mixed: job.spec.capacity.mixed_types,
-                avoid: None,
-            }),
+            JobState::Pending => out.gangs.push(wanted),
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
                 out.over_budget.push((job.id, job.generation));
             }
@@ -209,20 +214,12 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             JobState::Running if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) => {
                 let leaving = job.handover.as_ref().and_then(|h| state.workers.get(&h.leaving));
                 out.gangs.push(Gang {
-                    job: job.id,
-                    priority: job.spec.priority,
                     order: 0,
                     workers: 1,
-                    gpus_per_worker: job.spec.workers.gpus,
-                    instance_types: job.spec.capacity.instance_types.clone(),
-                    spot: !job.needs_on_demand(),
-                    on_demand_fallback: job.spec.capacity.on_demand_fallback || job.on_demand_only,
-                    max_price_usd_per_hour: job.spec.capacity.max_price_usd_per_hour,
-                    budget_left_usd: budget_left,
-                    pool: None,
                     mixed: false,
                     avoid: leaving
                         .map(|w| PoolKey { instance_type: w.info.instance_type.clone(), zone: w.info.zone.clone() }),
+                    ..wanted
                 });
             }
             // An elastic job below its max grows on spot in its gang's pool when capacity is

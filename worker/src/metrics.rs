@@ -96,31 +96,24 @@ pub fn render(metrics: &AgentMetrics) -> Result<String, std::fmt::Error> {
     registry.register("notices", "Spot interruption notices and SIGTERMs received", metrics.notices.clone());
     registry.register("generations", "Generations this agent ran a rank of", metrics.generations.clone());
     registry.register("running", "1 while this agent runs a rank", metrics.running.clone());
-    registry.register(
-        "resumes_from_memory",
-        "Resumes from a state still held in memory since the last planned stop",
-        metrics.resumes_from_memory.clone(),
-    );
-    registry.register(
-        "resumes_from_peer",
-        "Resumes from a state received from a gang member over the data port",
-        metrics.resumes_from_peer.clone(),
-    );
-    registry.register(
-        "resumes_from_storage",
-        "Resumes from a checkpoint read from the store",
-        metrics.resumes_from_storage.clone(),
-    );
-    registry.register(
-        "resume_peer_bytes",
-        "Bytes of resume state received from gang members",
-        metrics.resume_peer_bytes.clone(),
-    );
-    registry.register(
-        "resume_storage_bytes",
-        "Bytes of resume state read from the store",
-        metrics.resume_storage_bytes.clone(),
-    );
+    let resumes = [
+        (
+            "resumes_from_memory",
+            "Resumes from a state still held in memory since the last planned stop",
+            &metrics.resumes_from_memory,
+        ),
+        (
+            "resumes_from_peer",
+            "Resumes from a state received from a gang member over the data port",
+            &metrics.resumes_from_peer,
+        ),
+        ("resumes_from_storage", "Resumes from a checkpoint read from the store", &metrics.resumes_from_storage),
+        ("resume_peer_bytes", "Bytes of resume state received from gang members", &metrics.resume_peer_bytes),
+        ("resume_storage_bytes", "Bytes of resume state read from the store", &metrics.resume_storage_bytes),
+    ];
+    for (name, help, counter) in resumes {
+        registry.register(name, help, counter.clone());
+    }
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
