@@ -30,6 +30,20 @@ fn repo_data(name: &str) -> DataUri {
 }
 
 #[test]
+fn the_integer_fast_path_reads_exactly_what_the_float_parser_reads() {
+    let bits = |text: &str| csv::parse_f32(text).map(f32::to_bits);
+    let reference = |text: &str| text.parse::<f32>().ok().map(f32::to_bits);
+    let mut texts: Vec<String> = (0..=20_000).map(|n| n.to_string()).collect();
+    texts.extend((0..=9_999_999u32).step_by(7_919).map(|n| n.to_string()));
+    texts.extend(["9999999", "0000000", "0007", "16777217", "99999999", "123456789012"].map(String::from));
+    texts
+        .extend(["", "-0", "-7", "+4", "1.5", "1e3", ".5", "5.", "inf", "NaN", "0x10", "1_000", "٣"].map(String::from));
+    for text in &texts {
+        assert_eq!(bits(text), reference(text), "`{text}`");
+    }
+}
+
+#[test]
 fn csv_parses_labels_features_blank_lines_and_crlf() {
     let raw = parse_text("1, 2,3\r\n\n0,4 ,5\n").expect("valid");
     assert_eq!(raw.labels, vec![1, 0]);
