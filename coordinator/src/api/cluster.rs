@@ -466,6 +466,11 @@ enum Desired {
         /// The earliest time a noticed member's instance is taken (unix ms; 0: none named).
         deadline_unix_ms: u64,
     },
+    /// Reserved as the replacement in `job`'s handover: load its data before the gang stops.
+    Prepare {
+        job: JobId,
+        prepare: Box<PrepareJob>,
+    },
     /// Run inference shards of `job` (a member of it). `joins` changes whenever workers join
     /// it: the assignment is sent again, and an agent whose loop ended (released) restarts it.
     Infer {
@@ -512,7 +517,16 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
     }
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
-        return if worker.draining { Desired::Drain } else { Desired::Idle };
+        if worker.draining {
+            return Desired::Drain;
+        }
+        return match reserved_for(state, id) {
+            Some(job) => Desired::Prepare {
+                job: job.id,
+                prepare: Box::new(PrepareJob { job_id: job.id.to_string(), spec: Some(spec_to_proto(&job.spec)) }),
+            },
+            None => Desired::Idle,
+        };
     };
     let peers: Vec<Peer> = job
         .gang
@@ -551,6 +565,15 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
     }
 }
 
+/// The running job whose handover has reserved `worker` as its replacement, if any.
+fn reserved_for(state: &State, worker: WorkerId) -> Option<&flotilla_core::state::Job> {
+    state
+        .jobs
+        .values()
+        .filter(|job| job.state == JobState::Running)
+        .find(|job| job.handover.as_ref().is_some_and(|h| h.replacement == Some(worker)))
+}
+
 /// Streams a worker's assignments: a `TrainAssignment` when its gang forms, `StopJob` when the
 /// job ends or is cancelled under it, `Drain` when it is no longer a member of the cluster.
 async fn assignment_loop(
@@ -563,6 +586,7 @@ async fn assignment_loop(
     let mut current: Option<(JobId, u64)> = None;
     let mut checkpoint_sent = false;
     let mut drain_sent = false;
+    let mut prepared: Option<JobId> = None;
     loop {
         let store = store.clone();
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
@@ -595,6 +619,9 @@ async fn assignment_loop(
                 Some(assignment::Kind::Drain(Drain { reason: format!("{id} was interrupted; it gets no more work") }))
             }
             (Desired::Drain, _) => None,
+            (Desired::Prepare { job, prepare }, _) => {
+                (prepared.replace(*job) != Some(*job)).then(|| assignment::Kind::Prepare(prepare.as_ref().clone()))
+            }
             (Desired::Idle, Some((job, generation))) => {
                 current = None;
                 Some(assignment::Kind::Stop(StopJob {
@@ -619,7 +646,59 @@ async fn assignment_loop(
 
 #[cfg(test)]
 mod tests {
+    use flotilla_core::state::{Envelope, apply};
+
     use super::*;
+
+    fn register(state: &mut State, index: u64) -> WorkerId {
+        let info = CoreWorkerInfo {
+            cpus: 1,
+            gpus: 0,
+            memory_bytes: 0,
+            instance_id: format!("i-{index}"),
+            instance_type: "local".into(),
+            zone: String::new(),
+            hostname: "h".into(),
+            data_addr: format!("127.0.0.1:{}", 9000 + index),
+        };
+        let register = Command::RegisterWorker { info, credential_sha256: String::new() };
+        match apply(state, index, Envelope::new(index * 1000, register)) {
+            Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
+            other => panic!("the worker registers: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_handover_s_reserved_replacement_is_told_to_prepare_the_job_s_data() {
+        let mut state = State::default();
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"h\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+             workers = { min = 2, max = 2 }\n",
+        )
+        .expect("spec");
+        let submit = Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() };
+        apply(&mut state, 1, Envelope::new(1000, submit)).expect("submit");
+        let workers: Vec<WorkerId> = (2..5).map(|index| register(&mut state, index)).collect();
+        let job_id = JobId(1);
+        let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
+        apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
+        let key = gang_key("token");
+        assert_eq!(desired(&state, workers[2], "file:///s", &key), Desired::Idle, "a free worker idles");
+        // A two-minute notice for rank 1: the free worker is reserved at once, the gang trains on.
+        let notice =
+            Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+        apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
+        let reserved = state.jobs[&job_id].handover.as_ref().and_then(|h| h.replacement);
+        assert_eq!(reserved, Some(workers[2]), "{:?}", state.jobs[&job_id].handover);
+        match desired(&state, workers[2], "file:///s", &key) {
+            Desired::Prepare { job, prepare } => {
+                assert_eq!((job, prepare.job_id.as_str()), (job_id, "job-1"));
+                assert!(prepare.spec.is_some_and(|s| s.name == "h"), "it carries the job's spec");
+            }
+            other => panic!("the replacement prepares: {other:?}"),
+        }
+        assert!(matches!(desired(&state, workers[0], "file:///s", &key), Desired::Train { .. }), "rank 0 trains on");
+    }
 
     #[test]
     fn every_coordinator_derives_the_same_gang_secret_and_each_generation_a_new_one() {

@@ -146,6 +146,12 @@ pub async fn follow(
                     running = Some(run);
                     tokio::spawn(train_and_report(context, train, listener.clone()));
                 }
+                // Reserved as a handover's replacement: warm the data cache in the background
+                // (a plain thread: the loader runs its own runtime).
+                Some(assignment::Kind::Prepare(prepare)) if running.is_none() => {
+                    std::thread::spawn(move || super::builtin::prepare(prepare));
+                }
+                Some(assignment::Kind::Prepare(_)) => {}
                 Some(assignment::Kind::CheckpointNow(order)) => {
                     if let Some(run) =
                         running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
