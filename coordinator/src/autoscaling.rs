@@ -211,8 +211,8 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 out.over_budget.push((job.id, job.generation));
             }
             // A noticed member's replacement, bought at the notice while the gang trains on.
-            JobState::Running if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) => {
-                let leaving = job.handover.as_ref().and_then(|h| state.workers.get(&h.leaving));
+            JobState::Running if job.awaited_handover().is_some() => {
+                let leaving = job.awaited_handover().and_then(|h| state.workers.get(&h.leaving));
                 out.gangs.push(Gang {
                     order: 0,
                     workers: 1,

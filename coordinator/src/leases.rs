@@ -87,7 +87,7 @@ fn awaited_replacements(state: &State) -> Vec<(WorkerId, String)> {
     state
         .jobs
         .values()
-        .filter_map(|job| job.handover.as_ref().filter(|h| h.replacement.is_none()))
+        .filter_map(|job| job.awaited_handover())
         .filter_map(|h| state.workers.get(&h.leaving).map(|w| (h.leaving, w.info.instance_id.clone())))
         .collect()
 }

@@ -72,7 +72,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
         .collect();
     // Workers promised to a handover are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
-        state.jobs.values().filter_map(|j| j.handover.as_ref()?.replacement).collect();
+        state.jobs.values().filter_map(|j| j.reserved_replacement()).collect();
     let free = state
         .workers
         .values()
@@ -97,7 +97,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
 pub fn handover_commands(state: &State, now_ms: u64, replacements_expected: bool) -> Vec<Command> {
     let mut out = Vec::new();
     for job in state.jobs.values().filter(|j| j.state == JobState::Running) {
-        let Some(handover) = job.handover.as_ref().filter(|h| h.replacement.is_none()) else { continue };
+        let Some(handover) = job.awaited_handover() else { continue };
         if let Some(replacement) = pick_replacement(state, job.id) {
             out.push(Command::HandoverTo { job_id: job.id, generation: job.generation, replacement });
         } else if now_ms >= handover.fallback_at_unix_ms || !replacements_expected {

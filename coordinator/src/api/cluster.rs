@@ -520,7 +520,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         if worker.draining {
             return Desired::Drain;
         }
-        return match reserved_for(state, id) {
+        return match flotilla_core::state::reserving_job(state, id) {
             Some(job) => Desired::Prepare {
                 job: job.id,
                 prepare: Box::new(PrepareJob { job_id: job.id.to_string(), spec: Some(spec_to_proto(&job.spec)) }),
@@ -563,15 +563,6 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
             .min()
             .unwrap_or(0),
     }
-}
-
-/// The running job whose handover has reserved `worker` as its replacement, if any.
-fn reserved_for(state: &State, worker: WorkerId) -> Option<&flotilla_core::state::Job> {
-    state
-        .jobs
-        .values()
-        .filter(|job| job.state == JobState::Running)
-        .find(|job| job.handover.as_ref().is_some_and(|h| h.replacement == Some(worker)))
 }
 
 /// Streams a worker's assignments: a `TrainAssignment` when its gang forms, `StopJob` when the
@@ -688,7 +679,7 @@ mod tests {
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
-        let reserved = state.jobs[&job_id].handover.as_ref().and_then(|h| h.replacement);
+        let reserved = state.jobs[&job_id].reserved_replacement();
         assert_eq!(reserved, Some(workers[2]), "{:?}", state.jobs[&job_id].handover);
         match desired(&state, workers[2], "file:///s", &key) {
             Desired::Prepare { job, prepare } => {

@@ -180,9 +180,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(StopReason::Preemption);
             }
-            if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) {
-                job.handover = None;
-            }
+            job.drop_awaited_handover();
             push_event(
                 job,
                 now,
@@ -193,7 +191,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         }
         Command::HandoverTo { job_id, generation, replacement } => {
             let job = running_generation(state, job_id, generation)?;
-            if job.checkpoint_requested.is_some() || job.handover.as_ref().is_none_or(|h| h.replacement.is_some()) {
+            if job.checkpoint_requested.is_some() || job.awaited_handover().is_none() {
                 return Err(Rejected::NoHandover { job_id });
             }
             if !replacement_fits(state, job_id, replacement) {
@@ -205,9 +203,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job = running_generation(state, job_id, generation)?;
             // The leader's fallback: no replacement came in time; this generation stops as
             // after any notice.
-            if job.handover.as_ref().is_some_and(|h| h.replacement.is_none()) {
-                job.handover = None;
-            }
+            job.drop_awaited_handover();
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
                 push_event(
@@ -653,7 +649,7 @@ fn suspect(state: &mut State, gang: &[WorkerId], now: u64) {
 /// must be.
 fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
     let Some(job) = state.jobs.get(&job_id) else { return false };
-    let promised = state.jobs.values().any(|j| j.handover.as_ref().is_some_and(|h| h.replacement == Some(worker)));
+    let promised = reserving_job(state, worker).is_some();
     state.workers.get(&worker).is_some_and(|w| {
         w.lost_at_unix_ms.is_none()
             && w.job.is_none()
@@ -663,6 +659,11 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
             && !promised
             && !(job.needs_on_demand() && on_spot(state, worker))
     })
+}
+
+/// The job whose handover has reserved `worker` as its replacement, if any.
+pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
+    state.jobs.values().find(|j| j.reserved_replacement() == Some(worker))
 }
 
 /// The free worker to replace the noticed member of `job_id`'s handover, if any: one outside
@@ -875,9 +876,11 @@ fn generation_ended(
         let workers: Vec<WorkerId> = gang.iter().map(|w| if *w == h.leaving { replacement } else { *w }).collect();
         if assign_gang(state, job_id, workers, now).is_ok() {
             let job = state.jobs.get_mut(&job_id).expect("the job was just assigned");
-            let stall_ms = now.saturating_sub(h.noticed_at_unix_ms);
-            let message =
-                format!("{replacement} took {}'s rank at step {step}, {stall_ms} ms after the notice", h.leaving);
+            let since_notice_ms = now.saturating_sub(h.noticed_at_unix_ms);
+            let message = format!(
+                "{replacement} took {}'s rank at step {step}, {since_notice_ms} ms after the notice",
+                h.leaving
+            );
             push_event(job, now, "handover", message);
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Running });
         }

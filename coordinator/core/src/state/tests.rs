@@ -349,6 +349,18 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
 }
 
 #[test]
+fn cancelling_a_job_mid_handover_frees_its_reserved_replacement() {
+    let mut state = State::default();
+    let (_, w2) = running_job(&mut state, 3);
+    let spare = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    assert_eq!(reserving_job(&state, spare).map(|j| j.id), Some(JobId(1)), "reserved by the handover");
+    at(&mut state, 11_000, Command::CancelJob { job_id: JobId(1), reason: String::new() }).expect("cancel");
+    assert_eq!(state.jobs[&JobId(1)].handover, None);
+    assert!(reserving_job(&state, spare).is_none(), "free for other jobs again");
+}
+
+#[test]
 fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);

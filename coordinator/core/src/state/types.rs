@@ -164,8 +164,28 @@ impl Job {
     /// Ends the running generation's membership: the gang is kept as `ended_gang` and returned
     /// for release.
     pub fn end_gang(&mut self) -> Vec<WorkerId> {
+        // A handover belongs to its generation: a gang that ends (checkpoint, loss, cancel,
+        // failure) releases the replacement it had reserved.
+        self.handover = None;
         self.ended_gang = std::mem::take(&mut self.gang);
         self.ended_gang.clone()
+    }
+
+    /// The handover under way that still waits for its replacement.
+    pub fn awaited_handover(&self) -> Option<&Handover> {
+        self.handover.as_ref().filter(|h| h.replacement.is_none())
+    }
+
+    /// The worker reserved to replace a noticed member, once one is.
+    pub fn reserved_replacement(&self) -> Option<WorkerId> {
+        self.handover.as_ref()?.replacement
+    }
+
+    /// Drops a handover that found no replacement: the generation stops as after any notice.
+    pub fn drop_awaited_handover(&mut self) {
+        if self.awaited_handover().is_some() {
+            self.handover = None;
+        }
     }
 
     /// Whether the job must run on on-demand workers only: `capacity.spot = false`, or moved
