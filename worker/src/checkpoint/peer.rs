@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use super::state::{decode, encode};
-use super::{CheckpointError, manifest_of, parse_manifest};
+use super::{CheckpointError, Manifest, manifest_of, parse_manifest};
 use crate::collective::{CollectiveError, Communicator, ring};
 use crate::train::TrainState;
 
@@ -62,11 +62,36 @@ impl Holder {
     }
 
     /// The held state of `job_id` if it is the checkpoint whose manifest fingerprint is
-    /// `fingerprint` (an empty fingerprint matches nothing).
-    pub fn held(&self, job_id: &str, fingerprint: &str) -> Option<TrainState> {
-        let held = self.0.lock().ok()?;
-        let (job, state) = held.as_ref()?;
-        (job == job_id && is_checkpoint(state, fingerprint)).then(|| state.clone())
+    /// `fingerprint` (an empty fingerprint matches nothing), with its encoding.
+    pub fn held(&self, job_id: &str, fingerprint: &str) -> Option<Held> {
+        let state = {
+            let held = self.0.lock().ok()?;
+            let (job, state) = held.as_ref()?;
+            (job == job_id).then(|| state.clone())?
+        };
+        Held::encode(state).filter(|held| held.is_checkpoint(fingerprint))
+    }
+}
+
+/// A held state with its checkpoint encoding, computed once: checked against the recorded
+/// fingerprint, then framed for peers without encoding and hashing it again.
+pub struct Held {
+    pub state: TrainState,
+    parts: Vec<(&'static str, Bytes)>,
+    manifest: Manifest,
+}
+
+impl Held {
+    /// None when the state does not fit the checkpoint format's limits.
+    pub fn encode(state: TrainState) -> Option<Held> {
+        let parts = encode(&state, None);
+        let manifest = manifest_of(&parts).ok()?;
+        Some(Held { state, parts, manifest })
+    }
+
+    /// Whether it is the checkpoint whose manifest fingerprint is `fingerprint`.
+    pub fn is_checkpoint(&self, fingerprint: &str) -> bool {
+        !fingerprint.is_empty() && self.manifest.fingerprint() == fingerprint
     }
 }
 
@@ -74,11 +99,6 @@ impl Default for Holder {
     fn default() -> Holder {
         Holder::new()
     }
-}
-
-/// Whether `state` encodes to the checkpoint whose manifest fingerprint is `fingerprint`.
-pub fn is_checkpoint(state: &TrainState, fingerprint: &str) -> bool {
-    !fingerprint.is_empty() && manifest_of(&encode(state, None)).is_ok_and(|m| m.fingerprint() == fingerprint)
 }
 
 /// What [`share`] gave this rank.
@@ -104,7 +124,7 @@ pub enum ShareError {
 
 /// The collective exchange (every rank of the gang calls it, with what it holds of the
 /// checkpoint `fingerprint`): see the module docs.
-pub fn share(comm: &mut dyn Communicator, mine: Option<TrainState>, fingerprint: &str) -> Result<Shared, ShareError> {
+pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str) -> Result<Shared, ShareError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut flags = vec![0.0f32; world];
     if mine.is_some() {
@@ -114,13 +134,13 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<TrainState>, fingerprint:
     let holders: Vec<usize> = (0..world).filter(|&r| flags[r] > 0.5).collect();
     let Some(&root) = holders.first() else { return Ok(Shared::Nobody) };
     if holders.len() == world
-        && let Some(state) = mine
+        && let Some(held) = mine
     {
-        return Ok(Shared::Held(state));
+        return Ok(Shared::Held(held.state));
     }
     // The root frames its state; everyone learns the length, then receives the frame.
     let frame = match (&mine, rank == root) {
-        (Some(state), true) => frame(state).filter(|f| f.len() as u64 <= TRANSFER_BYTES_MAX),
+        (Some(held), true) => frame(held).filter(|f| f.len() as u64 <= TRANSFER_BYTES_MAX),
         _ => None,
     };
     let mut length = [0.0f32; 2];
@@ -133,15 +153,15 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<TrainState>, fingerprint:
     let bytes = u64::from_le_bytes(raw);
     if bytes == 0 || bytes > TRANSFER_BYTES_MAX {
         // The root could not frame it (too large): everyone that lacks it reads the store.
-        return Ok(mine.map_or(Shared::Nobody, Shared::Held));
+        return Ok(mine.map_or(Shared::Nobody, |held| Shared::Held(held.state)));
     }
     let mut buffer = vec![0.0f32; (bytes as usize).div_ceil(4)];
     if let Some(frame) = &frame {
         bytemuck::cast_slice_mut::<f32, u8>(&mut buffer)[..frame.len()].copy_from_slice(frame);
     }
     comm.broadcast(&mut buffer, root)?;
-    if let Some(state) = mine {
-        return Ok(Shared::Held(state));
+    if let Some(held) = mine {
+        return Ok(Shared::Held(held.state));
     }
     let received = &bytemuck::cast_slice::<f32, u8>(&buffer)[..bytes as usize];
     let state = unframe(received, fingerprint, &format!("the state from rank {root}"))?;
@@ -150,14 +170,13 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<TrainState>, fingerprint:
 
 /// `state` as one frame: MANIFEST length (u32, little-endian), MANIFEST, then the parts in
 /// the manifest's order. None when the state does not fit the checkpoint format's limits.
-fn frame(state: &TrainState) -> Option<Vec<u8>> {
-    let parts = encode(state, None);
-    let manifest = manifest_of(&parts).ok()?.encode();
+fn frame(held: &Held) -> Option<Vec<u8>> {
+    let (parts, manifest) = (&held.parts, held.manifest.encode());
     let total = 4 + manifest.len() + parts.iter().map(|(_, b)| b.len()).sum::<usize>();
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&u32::try_from(manifest.len()).ok()?.to_le_bytes());
     out.extend_from_slice(&manifest);
-    for (_, part) in &parts {
+    for (_, part) in parts {
         out.extend_from_slice(part);
     }
     Some(out)
@@ -228,6 +247,14 @@ mod tests {
         manifest_of(&encode(state, None)).expect("fits").fingerprint()
     }
 
+    fn held(state: &TrainState) -> Held {
+        Held::encode(state.clone()).expect("fits")
+    }
+
+    fn is_checkpoint(state: &TrainState, fingerprint: &str) -> bool {
+        held(state).is_checkpoint(fingerprint)
+    }
+
     fn bits(state: &TrainState) -> Vec<u32> {
         state.params.iter().map(|p| p.to_bits()).collect()
     }
@@ -247,6 +274,7 @@ mod tests {
             .zip(held)
             .map(|(mut comm, mine)| {
                 let fingerprint = fingerprint.to_string();
+                let mine = mine.map(|state| Held::encode(state).expect("fits"));
                 std::thread::spawn(move || share(&mut comm, mine, &fingerprint))
             })
             .collect();
@@ -265,7 +293,7 @@ mod tests {
                     assert!([0, 2].contains(&rank), "rank {rank}");
                     assert_eq!(root, 1);
                     assert!(same(&got, &s), "rank {rank} got another state");
-                    assert_eq!(bytes, frame(&s).expect("frame").len() as u64);
+                    assert_eq!(bytes, frame(&held(&s)).expect("frame").len() as u64);
                 }
                 Shared::Nobody => panic!("rank {rank}: a holder existed"),
             }
@@ -303,7 +331,7 @@ mod tests {
     fn damaged_frames_are_refused_with_the_reason() {
         let s = state(12);
         let f = fingerprint(&s);
-        let good = frame(&s).expect("frame");
+        let good = frame(&held(&s)).expect("frame");
         assert!(same(&unframe(&good, &f, "peer").expect("good frame"), &s));
         let mut flipped = good.clone();
         let last = flipped.len() - 10;
@@ -326,7 +354,7 @@ mod tests {
         let s = state(60);
         let f = fingerprint(&s);
         holder.hold("7", s.clone());
-        assert!(holder.held("7", &f).is_some_and(|got| same(&got, &s)));
+        assert!(holder.held("7", &f).is_some_and(|got| same(&got.state, &s)));
         assert!(holder.held("8", &f).is_none(), "another job's state");
         assert!(holder.held("7", &fingerprint(&state(61))).is_none(), "another checkpoint");
         holder.release();
