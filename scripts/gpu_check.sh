@@ -6,7 +6,9 @@
 #   2. NCCL all-reduce over every GPU, 1-256 MiB (JSON: world, bytes, busbw_GBps);
 #   3. burn-cuda MLP and CNN steps vs the CPU in the same run (JSON: samples/s, ratio);
 #   4. end to end: `flotilla train` of examples/mnist-mlp.toml on 1 GPU must reach >= 0.90
-#      validation accuracy.
+#      validation accuracy;
+#   5. the product path: `flotilla up --workers 1` (the agent counts its GPUs), `submit` of the
+#      1-GPU job, `--follow`: it must succeed with >= 0.90 as well.
 # Exits 0 when every check passed, 2 when there is no GPU, 1 on any failure. JSON lines go to
 # stdout and to $OUT/gpu_check.jsonl when OUT is set.
 #
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 started=$(date +%s)
 out=${OUT:-}
+[[ -z "$out" ]] || mkdir -p "$out"
 log() { printf '==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))" >&2; }
 emit() { echo "$1"; if [[ -n "$out" ]]; then echo "$1" >> "$out/gpu_check.jsonl"; fi; }
 
@@ -37,6 +40,31 @@ else
   cargo build --locked --features cuda
   bin="${CARGO_TARGET_DIR:-$root/target}/debug/flotilla"
 fi
+# NCCL and NVRTC (which compiles burn's CUDA kernels) are loaded at run time. They often sit
+# outside the loader's path: in /usr/local/cuda, or in Python wheels (nvidia-nccl-cu13,
+# nvidia-cuda-nvrtc) next to PyTorch. For each one the loader does not know, add the folder
+# that holds it to LD_LIBRARY_PATH (printed, so a user can do the same for their workers).
+add_lib_dirs() {
+  local lib dir dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+  if command -v python3 >/dev/null 2>&1; then
+    while IFS= read -r dir; do dirs+=("$dir"); done < <(python3 -c '
+import glob, os, site
+for s in site.getsitepackages() + [site.getusersitepackages()]:
+    for d in sorted(glob.glob(os.path.join(s, "nvidia", "*", "lib"))):
+        print(d)' 2>/dev/null || true)
+  fi
+  for lib in libnccl.so libnvrtc.so; do
+    if ldconfig -p 2>/dev/null | grep -q "$lib"; then continue; fi
+    for dir in "${dirs[@]}"; do
+      if compgen -G "$dir/$lib*" >/dev/null; then
+        export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        log "$lib from $dir (added to LD_LIBRARY_PATH)"
+        break
+      fi
+    done
+  done
+}
+add_lib_dirs
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || true
 fi
@@ -69,4 +97,24 @@ if ! awk -v a="${accuracy:-0}" 'BEGIN { exit !(a >= 0.90) }'; then
   log "FAILED: val_accuracy ${accuracy:-none} < 0.90"
   exit 1
 fi
-log "all GPU checks passed (val_accuracy $accuracy)"
+
+log "end to end on a cluster: flotilla up --workers 1, submit the 1-GPU job, --follow"
+# The product path: the agent counts its GPUs (nvidia-smi -L) and registers them, the scheduler
+# places a gpus = 1 job on it, the agent trains on CUDA and the job succeeds.
+(
+  cd "$work"
+  trap '"$bin" down --purge >/dev/null 2>&1 || true' EXIT
+  "$bin" up --workers 1 >&2
+  "$bin" workers >&2
+  id=$("$bin" submit mnist-gpu.toml --follow | tee /dev/stderr | tail -1)
+  "$bin" -o json status "$id" > status.json
+)
+job=$(tr -d '\n' < "$work/status.json" 2>/dev/null || true)
+emit "$(printf '{"bench":"gpu_cluster_e2e","job":%s}' "${job:-null}")"
+grep -q '"Succeeded"' <<< "$job" || { log "FAILED: the cluster job did not succeed: ${job:-no job listed}"; exit 1; }
+cluster_accuracy=$(sed -n 's/.*"val_accuracy":\([0-9.eE+-]*\).*/\1/p' <<< "$job")
+if ! awk -v a="${cluster_accuracy:-0}" 'BEGIN { exit !(a >= 0.90) }'; then
+  log "FAILED: the cluster job's val_accuracy ${cluster_accuracy:-none} < 0.90"
+  exit 1
+fi
+log "all GPU checks passed (val_accuracy $accuracy alone, $cluster_accuracy on the cluster)"

@@ -30,6 +30,7 @@ WORK = os.environ["WORK"]
 DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 PATHS = {"checkpoint_and_wait": 30, "handover": 120}
+GPUS = int(os.environ.get("GPUS", "0"))
 
 
 def cli(*args):
@@ -69,7 +70,7 @@ def submit(name):
         f.write(
             f'name = "{name}"\nmodel = {{ kind = "mlp", hidden = [256, 128] }}\n'
             f'data = {{ train = "{DATA}" }}\ntrain = {{ epochs = 1000, batch_size = 64 }}\n'
-            'workers = { min = 2, max = 2 }\ncheckpoint = { every_steps = 20 }\n'
+            f'workers = {{ min = 2, max = 2, gpus = {GPUS} }}\ncheckpoint = {{ every_steps = 20 }}\n'
         )
     return cli("submit", spec).strip().splitlines()[-1]
 
@@ -126,6 +127,7 @@ def one(path, round_no):
         "round": round_no,
         "notice_s": PATHS[path],
         "boot_s": int(os.environ["BOOT_S"]),
+        "gpus": GPUS,
         "trained_on_ms": round((t_stop - t0) * 1e3, 1),
         "stall_ms": round((t_first - t_stop) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
@@ -143,7 +145,7 @@ def main():
         order = list(PATHS) if round_no % 2 == 0 else list(reversed(PATHS))
         for path in order:
             records.append(one(path, round_no))
-    out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"])}
+    out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"]), "gpus": GPUS}
     for path in PATHS:
         for key in ("trained_on_ms", "stall_ms", "to_first_step_ms", "steps_lost"):
             out[f"{path}_{key}"] = statistics.median(r[key] for r in records if r["path"] == path)

@@ -5,11 +5,16 @@
 # exactly one gang (2 workers, no spare), same release build, same run. One JSON line per
 # notice (notice_path), then medians and the stall ratio (notice_path_summary).
 # `handover.sh [ROUNDS] [BOOT_S]`: rounds per path (default 3), replacement boot time in
-# seconds (default 10; EC2 takes 60-180).
+# seconds (default 10; EC2 takes 60-180). FLOTILLA_BIN=path uses a binary built elsewhere (no
+# build); GPUS=1 makes the job ask for a GPU per worker (a `--features cuda` build on a GPU
+# machine; the workers of one machine then share its GPUs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet
-export FLOTILLA_BIN="${CARGO_TARGET_DIR:-target}/release/flotilla"
+if [[ -z "${FLOTILLA_BIN:-}" ]]; then
+  cargo build --release --quiet
+  export FLOTILLA_BIN="${CARGO_TARGET_DIR:-target}/release/flotilla"
+fi
+export GPUS="${GPUS:-0}"
 export WORK=$(mktemp -d)
 export FLOTILLA_HOME="$WORK/.flotilla"
 trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
