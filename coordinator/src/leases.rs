@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use flotilla_core::WorkerId;
 use flotilla_core::state::{Command, State};
+use flotilla_core::{JobId, WorkerId};
 
 use crate::raft::node::{NodeHandle, now_unix_ms};
 
@@ -27,14 +27,19 @@ struct Table {
     term: u64,
     expires: HashMap<WorkerId, Instant>,
     last_heartbeat_unix_ms: HashMap<WorkerId, u64>,
+    /// The job each worker last reported prepared in its heartbeat (a handover's replacement:
+    /// data loaded, GPU kernels compiled). Leader memory only: a new leader hears it again
+    /// within a heartbeat.
+    prepared: HashMap<WorkerId, JobId>,
 }
 
 #[derive(Default)]
 pub struct Leases {
     table: Mutex<Table>,
-    /// Notified when a worker under suspicion (its gang broke) is heard from: the scheduler
-    /// can regroup at once instead of at its next periodic pass.
-    pub suspect_heard: tokio::sync::Notify,
+    /// Notified when a worker under suspicion (its gang broke) is heard from, or a worker
+    /// reports a job newly prepared: the scheduler acts at once (regroups, or hands over)
+    /// instead of at its next periodic pass.
+    pub wake_scheduler: tokio::sync::Notify,
 }
 
 impl Leases {
@@ -43,21 +48,34 @@ impl Leases {
     }
 
     /// Renews `worker`'s lease. `suspect_since`: when its gang broke, if it did; hearing from
-    /// it for the first time since then wakes the scheduler.
-    pub fn renew(&self, worker: WorkerId, suspect_since: Option<u64>) {
+    /// it for the first time since then wakes the scheduler. `prepared`: the job it reports
+    /// prepared, if any; a new one wakes the scheduler too.
+    pub fn renew(&self, worker: WorkerId, suspect_since: Option<u64>, prepared: Option<JobId>) {
         let now = now_unix_ms();
-        let previous = {
+        let (previous, newly_prepared) = {
             let mut table = self.table();
             table.expires.insert(worker, Instant::now() + LEASE);
-            table.last_heartbeat_unix_ms.insert(worker, now).unwrap_or(0)
+            let newly_prepared = match prepared {
+                Some(job) => table.prepared.insert(worker, job) != Some(job),
+                None => {
+                    table.prepared.remove(&worker);
+                    false
+                }
+            };
+            (table.last_heartbeat_unix_ms.insert(worker, now).unwrap_or(0), newly_prepared)
         };
-        if suspect_since.is_some_and(|since| previous < since && now >= since) {
-            self.suspect_heard.notify_one();
+        if newly_prepared || suspect_since.is_some_and(|since| previous < since && now >= since) {
+            self.wake_scheduler.notify_one();
         }
     }
 
     pub fn last_heartbeat_unix_ms(&self, worker: WorkerId) -> u64 {
         self.table().last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0)
+    }
+
+    /// The job `worker` last reported prepared (see [`Leases::renew`]).
+    pub fn prepared_job(&self, worker: WorkerId) -> Option<JobId> {
+        self.table().prepared.get(&worker).copied()
     }
 
     /// Starts every live worker with a full lease, for leadership in `term`.
@@ -152,5 +170,32 @@ pub async fn expire_loop(
                 Err(e) => tracing::debug!(%worker, error = %e, "could not record a lost worker yet"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_newly_prepared_job_wakes_the_scheduler_once_and_is_remembered_until_cleared() {
+        let leases = Leases::default();
+        let (worker, job) = (WorkerId(3), JobId(7));
+        leases.renew(worker, None, None);
+        assert_eq!(leases.prepared_job(worker), None);
+        leases.renew(worker, None, Some(job));
+        assert_eq!(leases.prepared_job(worker), Some(job));
+        // The wake-up was stored (notify_one keeps one permit).
+        tokio::time::timeout(Duration::from_millis(100), leases.wake_scheduler.notified())
+            .await
+            .expect("a new report wakes the scheduler");
+        // The same report again wakes nobody.
+        leases.renew(worker, None, Some(job));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), leases.wake_scheduler.notified()).await.is_err(),
+            "a repeated report is not news"
+        );
+        leases.renew(worker, None, None);
+        assert_eq!(leases.prepared_job(worker), None, "a heartbeat without one clears it");
     }
 }

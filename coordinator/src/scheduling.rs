@@ -89,23 +89,49 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
     (pending, free)
 }
 
-/// What the leader does for handovers under way (issue 25) at `now_ms`: a job whose noticed
-/// member has no replacement yet gets the free worker that fits ([`pick_replacement`]);
-/// without one by the handover's fallback time, or when no replacement can come
-/// (`replacements_expected` false: no autoscaler, no local replacer), the generation stops at
-/// a checkpoint as after any notice.
-pub fn handover_commands(state: &State, now_ms: u64, replacements_expected: bool) -> Vec<Command> {
+/// Longest a handover waits for its reserved replacement to report the job prepared (data
+/// loaded, GPU kernels compiled) before it goes ahead anyway: a replacement that never reports
+/// (stuck, or an older agent) costs the gang nothing but this wait, spent training.
+pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
+
+/// What the leader does for handovers under way (issue 25) at `now_ms`:
+/// - a job whose noticed member has no replacement yet gets the free worker that fits
+///   ([`pick_replacement`]); without one by the handover's fallback time, or when no
+///   replacement can come (`replacements_expected` false: no autoscaler, no local replacer),
+///   the generation stops at a checkpoint as after any notice;
+/// - a reserved replacement that reported the job prepared (`prepared(worker)`, from its
+///   heartbeats) makes the gang hand over ([`Command::HandoverReady`]); so does one that has
+///   not reported by the fallback time or within [`PREPARE_WAIT_MAX_MS`]. One that was lost or
+///   noticed meanwhile ends the handover at a checkpoint (the job then waits for capacity).
+pub fn handover_commands(
+    state: &State,
+    now_ms: u64,
+    replacements_expected: bool,
+    prepared: impl Fn(WorkerId) -> Option<JobId>,
+) -> Vec<Command> {
     let mut out = Vec::new();
-    for job in state.jobs.values().filter(|j| j.state == JobState::Running) {
-        let Some(handover) = job.awaited_handover() else { continue };
-        if let Some(replacement) = pick_replacement(state, job.id) {
-            out.push(Command::HandoverTo { job_id: job.id, generation: job.generation, replacement });
-        } else if now_ms >= handover.fallback_at_unix_ms || !replacements_expected {
-            out.push(Command::RequestCheckpoint {
-                job_id: job.id,
-                generation: job.generation,
-                reason: StopReason::Preemption,
-            });
+    for job in state.jobs.values().filter(|j| j.state == JobState::Running && j.checkpoint_requested.is_none()) {
+        let Some(handover) = job.handover.as_ref() else { continue };
+        let (job_id, generation) = (job.id, job.generation);
+        let fallback = Command::RequestCheckpoint { job_id, generation, reason: StopReason::Preemption };
+        match handover.replacement {
+            None => {
+                if let Some(replacement) = pick_replacement(state, job_id) {
+                    out.push(Command::HandoverTo { job_id, generation, replacement });
+                } else if now_ms >= handover.fallback_at_unix_ms || !replacements_expected {
+                    out.push(fallback);
+                }
+            }
+            Some(replacement) => {
+                let gone = state.workers.get(&replacement).is_none_or(|w| w.lost_at_unix_ms.is_some() || w.draining);
+                let waited_out = now_ms >= handover.fallback_at_unix_ms
+                    || now_ms >= handover.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS);
+                if gone {
+                    out.push(fallback);
+                } else if prepared(replacement) == Some(job_id) || waited_out {
+                    out.push(Command::HandoverReady { job_id, generation });
+                }
+            }
         }
     }
     out
@@ -120,7 +146,7 @@ pub async fn schedule_loop(
     loop {
         tokio::select! {
             _ = tokio::time::timeout(PASS_EVERY, node.changed()) => {}
-            _ = leases.suspect_heard.notified() => {}
+            _ = leases.wake_scheduler.notified() => {}
         }
         tokio::time::sleep(PASS_MIN_GAP).await;
         if node.status().leader_id != Some(node.id) {
@@ -130,7 +156,7 @@ pub async fn schedule_loop(
         let now_ms = crate::raft::node::now_unix_ms();
         let Ok((handovers, pending, free, reasons, running, inference)) = node
             .read_local(move |state| {
-                let handovers = handover_commands(state, now_ms, replacements_expected);
+                let handovers = handover_commands(state, now_ms, replacements_expected, |w| heard.prepared_job(w));
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> = state
                     .jobs

@@ -391,7 +391,7 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
 
     // Only the join token (no credential), or a made-up secret: refused as unauthenticated.
     let bare = ApiClient::new(&node.address, "join-token").expect("client");
-    let beat = HeartbeatRequest { worker_id: insider_id.clone() };
+    let beat = HeartbeatRequest { worker_id: insider_id.clone(), prepared_job_id: String::new() };
     let call = |mut client: ApiClient| {
         let beat = beat.clone();
         async move {

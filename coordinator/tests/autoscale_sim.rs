@@ -562,24 +562,44 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
         (&noticed.instance_type, &noticed.zone),
         "not in the pool being reclaimed"
     );
-    // Before it registers there is nothing to hand over to; once it does, the leader hands over.
-    assert!(flotilla_coordinator::scheduling::handover_commands(&control.state, 14_000, true).is_empty());
+    use flotilla_coordinator::scheduling::{PREPARE_WAIT_MAX_MS, handover_commands};
+    let nothing_prepared = |_| None;
+    // Before it registers there is nothing to hand over to; once it does, it is reserved and
+    // prepares while the gang trains on.
+    assert!(handover_commands(&control.state, 14_000, true, nothing_prepared).is_empty());
     let replacement = register_worker(&mut control.state, 6, &replacements[0]);
-    let commands = flotilla_coordinator::scheduling::handover_commands(&control.state, 15_000, true);
+    let commands = handover_commands(&control.state, 15_000, true, nothing_prepared);
     assert_eq!(commands, [Command::HandoverTo { job_id, generation: 1, replacement }]);
     for command in commands {
-        apply(&mut control.state, 7, Envelope::new(15_000, command)).expect("hand over");
+        apply(&mut control.state, 7, Envelope::new(15_000, command)).expect("reserve");
+    }
+    assert_eq!(control.state.jobs[&job_id].checkpoint_requested, None, "trains on while it prepares");
+    assert!(handover_commands(&control.state, 16_000, true, nothing_prepared).is_empty());
+    // Another job prepared is not this one.
+    assert!(handover_commands(&control.state, 16_000, true, |_| Some(flotilla_core::JobId(9))).is_empty());
+    // It reports the job prepared: the gang hands over.
+    let ready = [Command::HandoverReady { job_id, generation: 1 }];
+    let prepared = |w| (w == replacement).then_some(job_id);
+    assert_eq!(handover_commands(&control.state, 16_000, true, prepared), ready);
+    // One that never reports is waited for PREPARE_WAIT_MAX_MS at most.
+    assert!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS - 1, true, nothing_prepared).is_empty());
+    assert_eq!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS, true, nothing_prepared), ready);
+    // One lost while it prepares ends the handover at a checkpoint.
+    let fallback = [Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
+    let mut lost = control.state.clone();
+    lost.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_500);
+    assert_eq!(handover_commands(&lost, 16_000, true, prepared), fallback);
+    for command in handover_commands(&control.state, 16_000, true, prepared) {
+        apply(&mut control.state, 8, Envelope::new(16_000, command)).expect("hand over");
     }
     assert_eq!(control.state.jobs[&job_id].checkpoint_requested, Some(StopReason::Handover));
+    assert!(handover_commands(&control.state, 17_000, true, prepared).is_empty(), "once");
     // Without a replacement in time, the fallback is the checkpoint-and-stop path.
     let mut late = control.state.clone();
     late.jobs.get_mut(&job_id).expect("job").handover.as_mut().expect("handover").replacement = None;
     late.jobs.get_mut(&job_id).expect("job").checkpoint_requested = None;
     late.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_000);
-    assert!(flotilla_coordinator::scheduling::handover_commands(&late, 84_999, true).is_empty());
-    assert_eq!(
-        flotilla_coordinator::scheduling::handover_commands(&late, 85_000, true),
-        [Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }]
-    );
-    assert_eq!(flotilla_coordinator::scheduling::handover_commands(&late, 20_000, false).len(), 1, "none can come");
+    assert!(handover_commands(&late, 84_999, true, nothing_prepared).is_empty());
+    assert_eq!(handover_commands(&late, 85_000, true, nothing_prepared), fallback);
+    assert_eq!(handover_commands(&late, 20_000, false, nothing_prepared).len(), 1, "none can come");
 }

@@ -156,7 +156,7 @@ pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<
     }
     let stopping = stop_when_told(client.clone(), registered_rx, shared.clone());
     runtime.block_on(async move {
-        agent::run(&mut client, capabilities, stopping, &shared.beat_now, |id| {
+        agent::run(&mut client, capabilities, stopping, &shared, |id| {
             tracing::info!(worker = id, "registered");
             let _ = registered_tx.send(Some(id.to_string()));
         })

@@ -136,7 +136,7 @@ impl ClusterService for ClusterApi {
         let (secret, credential_sha256) = worker_auth::issue(worker_auth::random_secret()?);
         match self.node.propose(Command::RegisterWorker { info, credential_sha256 }).await.map_err(status)? {
             Applied::WorkerRegistered { worker_id } => {
-                self.leases.renew(worker_id, None);
+                self.leases.renew(worker_id, None, None);
                 Ok(Response::new(RegisterWorkerResponse {
                     worker_id: worker_id.to_string(),
                     lease_ms: LEASE.as_millis() as u64,
@@ -170,8 +170,10 @@ impl ClusterService for ClusterApi {
             .await
             .map_err(status)?;
         let live = worker.is_some();
+        // A malformed job id reads as "nothing prepared": the handover then waits it out.
+        let prepared = request.get_ref().prepared_job_id.parse().ok();
         if let Some(suspect_since) = worker {
-            self.leases.renew(id, suspect_since);
+            self.leases.renew(id, suspect_since, prepared);
         }
         Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live }))
     }

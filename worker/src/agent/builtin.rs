@@ -361,24 +361,42 @@ static DATA_CACHE: std::sync::Mutex<Option<(String, JobData)>> = std::sync::Mute
 /// waits for that load instead of starting a second one.
 static DATA_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Loads the data of the job a handover reserved this worker for (its `PrepareJob`), so that
-/// its first generation finds it in the cache. Command jobs have none to load.
-pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob) {
+/// Prepares this worker for the job a handover reserved it for (its `PrepareJob`), so that its
+/// first generation starts at once: loads the data into the cache and, for a GPU job, runs one
+/// throw-away training step on the GPU (burn compiles its CUDA kernels at first use: 2-5 s on
+/// an H200 that the whole gang would otherwise wait for in the first all-reduce). Then it
+/// reports the job prepared (`shared`), also after a failure: the generation reports that one.
+/// Command jobs have nothing to prepare.
+pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::work::AgentShared) {
     let started = Instant::now();
-    let spec = prepare.spec.map(flotilla_proto::convert::spec_from_proto);
-    let Some(Ok(spec)) = spec else { return };
-    if spec.command().is_some() {
-        return;
+    let job = prepare.job_id.clone();
+    if let Some(Ok(spec)) = prepare.spec.map(flotilla_proto::convert::spec_from_proto)
+        && spec.command().is_none()
+    {
+        match job_data(&spec).and_then(|(train, _)| warm_up(&spec, train)) {
+            Ok(()) => tracing::info!(
+                job = %job,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                gpus = spec.workers.gpus,
+                "prepared for the handover"
+            ),
+            Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare for the handover"),
+        }
     }
-    match job_data(&spec) {
-        Ok((train, _)) => tracing::info!(
-            job = %prepare.job_id,
-            rows = train.rows,
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "data prepared for the handover"
-        ),
-        Err(e) => tracing::warn!(job = %prepare.job_id, error = %format!("{e:#}"), "could not prepare the data"),
+    shared.set_prepared(&job);
+    shared.beat_now.notify_one();
+}
+
+/// One training step of a scratch trainer (world 1, fresh weights, the job's batch size) on
+/// the job's GPU, so that the kernels the real steps use are compiled; nothing on CPUs.
+fn warm_up(spec: &JobSpec, train: Arc<Dataset>) -> anyhow::Result<()> {
+    if spec.workers.gpus == 0 {
+        return Ok(());
     }
+    let mut comm = crate::collective::local::LocalCommunicator;
+    let mut trainer = Trainer::new(spec, train, &mut comm, None).context("building the warm-up trainer")?;
+    trainer.step(&mut comm).context("the warm-up step")?;
+    Ok(())
 }
 
 fn cached_data(key: &str) -> Option<JobData> {

@@ -67,15 +67,17 @@ pub fn local_capabilities(identity: &crate::identity::WorkerIdentity) -> WorkerC
 }
 
 /// Registers and heartbeats until `shutdown` resolves. `on_registered` sees each worker id.
-/// `beat_now` sends the next heartbeat at once (after a broken gang, so the coordinator knows
-/// this worker is alive before it regroups).
+/// `shared.beat_now` sends the next heartbeat at once (after a broken gang, so the coordinator
+/// knows this worker is alive before it regroups; after a handover's preparation); every
+/// heartbeat carries `shared`'s prepared job.
 pub async fn run(
     client: &mut ApiClient,
     capabilities: WorkerCapabilities,
     shutdown: impl Future<Output = ()>,
-    beat_now: &tokio::sync::Notify,
+    shared: &work::AgentShared,
     mut on_registered: impl FnMut(&str),
 ) -> Result<(), AgentError> {
+    let beat_now = &shared.beat_now;
     tokio::pin!(shutdown);
     client.attempt_timeout = ATTEMPT_TIMEOUT;
     loop {
@@ -99,7 +101,8 @@ pub async fn run(
                 _ = tokio::time::sleep(interval) => {}
                 _ = beat_now.notified() => {}
             }
-            let request = HeartbeatRequest { worker_id: registered.worker_id.clone() };
+            let request =
+                HeartbeatRequest { worker_id: registered.worker_id.clone(), prepared_job_id: shared.prepared() };
             let answer = client
                 .call_cluster(|mut c| {
                     let request = request.clone();

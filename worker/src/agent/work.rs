@@ -62,8 +62,24 @@ pub struct AgentShared {
     pub busy: watch::Sender<usize>,
     /// The coordinator told this worker to drain: no more work will come.
     pub drained: tokio::sync::Notify,
-    /// Wakes the heartbeat loop (after a broken gang, so the coordinator can regroup at once).
+    /// Wakes the heartbeat loop (after a broken gang, so the coordinator can regroup at once;
+    /// when a handover's preparation is done, so it can hand over at once).
     pub beat_now: tokio::sync::Notify,
+    /// The job this worker has prepared for a handover (`PrepareJob` done), empty when none;
+    /// every heartbeat carries it. Cleared when a new preparation or a generation starts.
+    pub prepared_job: std::sync::Mutex<String>,
+}
+
+impl AgentShared {
+    /// The job reported prepared in the next heartbeats ("" for none).
+    pub fn set_prepared(&self, job_id: &str) {
+        let mut prepared = self.prepared_job.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        job_id.clone_into(&mut prepared);
+    }
+
+    pub fn prepared(&self) -> String {
+        self.prepared_job.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
 }
 
 /// A training run in progress on this worker.
@@ -90,6 +106,8 @@ pub async fn follow(
     let mut running: Option<Running> = None;
     // The inference loop: (worker id, job id, its control).
     let mut inferring: Option<(String, String, Arc<super::inference::LoopControl>)> = None;
+    // The job this worker prepares (or prepared) for a handover since its last generation.
+    let mut preparing: Option<String> = None;
     loop {
         let Some(worker_id) = registered.borrow_and_update().clone() else {
             if registered.changed().await.is_err() {
@@ -129,6 +147,8 @@ pub async fn follow(
                     if let Some(old) = running.take() {
                         old.stop.store(true, Ordering::Relaxed);
                     }
+                    shared.set_prepared("");
+                    preparing = None;
                     let run = Running {
                         job_id: train.job_id.clone(),
                         generation: train.generation,
@@ -146,10 +166,17 @@ pub async fn follow(
                     running = Some(run);
                     tokio::spawn(train_and_report(context, train, listener.clone()));
                 }
-                // Reserved as a handover's replacement: warm the data cache in the background
-                // (a plain thread: the loader runs its own runtime).
-                Some(assignment::Kind::Prepare(prepare)) if running.is_none() => {
-                    std::thread::spawn(move || super::builtin::prepare(prepare));
+                // Reserved as a handover's replacement: load the data and compile the GPU
+                // kernels in the background (a plain thread: the loader runs its own runtime),
+                // then say so in the heartbeats (the leader hands over then). A re-sent
+                // PrepareJob (a re-opened stream) for the same job starts nothing new. The
+                // coordinator reserves only workers it counts free (a run of this agent that
+                // is still ending meanwhile does not matter: loads are single-flight).
+                Some(assignment::Kind::Prepare(prepare)) if preparing.as_deref() != Some(prepare.job_id.as_str()) => {
+                    preparing = Some(prepare.job_id.clone());
+                    shared.set_prepared("");
+                    let shared = shared.clone();
+                    std::thread::spawn(move || super::builtin::prepare(prepare, &shared));
                 }
                 Some(assignment::Kind::Prepare(_)) => {}
                 Some(assignment::Kind::CheckpointNow(order)) => {

@@ -158,6 +158,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     noticed_at_unix_ms: now,
                     fallback_at_unix_ms,
                     replacement: None,
+                    reserved_at_unix_ms: 0,
                 });
                 let message = format!(
                     "{worker_id} got a {kind} notice{taken}; training on while a replacement is sought (until {})",
@@ -167,7 +168,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 let job_id = job.id;
                 let generation = job.generation;
                 if let Some(replacement) = pick_replacement(state, job_id) {
-                    start_handover(state, job_id, generation, replacement, now)?;
+                    reserve_replacement(state, job_id, generation, replacement, now)?;
                 }
                 return Ok(Applied::WorkerInterrupted {
                     worker_id,
@@ -197,7 +198,24 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if !replacement_fits(state, job_id, replacement) {
                 return Err(Rejected::WorkerUnavailable(replacement));
             }
-            start_handover(state, job_id, generation, replacement, now)
+            reserve_replacement(state, job_id, generation, replacement, now)
+        }
+        Command::HandoverReady { job_id, generation } => {
+            let job = running_generation(state, job_id, generation)?;
+            let replacement = job.reserved_replacement();
+            let (Some(replacement), None) = (replacement, job.checkpoint_requested) else {
+                return Err(Rejected::NoHandover { job_id });
+            };
+            let leaving = job.handover.as_ref().map(|h| h.leaving).ok_or(Rejected::NoHandover { job_id })?;
+            job.checkpoint_requested = Some(StopReason::Handover);
+            job.updated_at_unix_ms = now;
+            push_event(
+                job,
+                now,
+                "handover",
+                format!("{replacement} is ready to replace {leaving}; checkpointing at the next step"),
+            );
+            Ok(Applied::HandoverStarted { job_id, replacement })
         }
         Command::RequestCheckpoint { job_id, generation, reason } => {
             let job = running_generation(state, job_id, generation)?;
@@ -679,8 +697,9 @@ pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
         .map(|w| w.id)
 }
 
-/// Reserves `replacement` for the job's handover and asks the gang to checkpoint.
-fn start_handover(
+/// Reserves `replacement` for the job's handover: it prepares while the gang trains on, until
+/// the leader finds it ready ([`Command::HandoverReady`]).
+fn reserve_replacement(
     state: &mut State,
     job_id: JobId,
     generation: u64,
@@ -690,11 +709,11 @@ fn start_handover(
     let job = running_generation(state, job_id, generation)?;
     let Some(handover) = job.handover.as_mut() else { return Err(Rejected::NoHandover { job_id }) };
     handover.replacement = Some(replacement);
+    handover.reserved_at_unix_ms = now;
     let leaving = handover.leaving;
-    job.checkpoint_requested = Some(StopReason::Handover);
     job.updated_at_unix_ms = now;
-    push_event(job, now, "handover", format!("{replacement} replaces {leaving}; checkpointing at the next step"));
-    Ok(Applied::HandoverStarted { job_id, replacement })
+    push_event(job, now, "handover", format!("{replacement} will replace {leaving}; training on while it prepares"));
+    Ok(Applied::ReplacementReserved { job_id, replacement })
 }
 
 /// Whether `worker` runs on a spot instance (a worker without an instance record, started by

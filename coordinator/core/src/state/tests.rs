@@ -319,10 +319,19 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
         Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: Some(85_000) })
     );
     let job = &state.jobs[&JobId(1)];
-    assert_eq!(job.checkpoint_requested, Some(StopReason::Handover));
+    assert_eq!(job.checkpoint_requested, None, "the gang trains on while the replacement prepares");
     let handover = job.handover.clone().expect("a handover");
     assert_eq!((handover.leaving, handover.replacement, handover.fallback_at_unix_ms), (w2, Some(spare), 85_000));
+    assert_eq!(handover.reserved_at_unix_ms, 10_000);
     assert!(state.workers[&spare].job.is_none(), "reserved by the handover, not assigned yet");
+    // Ready (the leader read its report): the gang checkpoints at the next step, once.
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    assert_eq!(
+        at(&mut state, 11_000, ready.clone()),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: spare })
+    );
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Handover));
+    assert_eq!(at(&mut state, 11_001, ready), Err(Rejected::NoHandover { job_id: JobId(1) }));
     checkpoint(&mut state, 30, 1).expect("checkpoint");
     assert_eq!(
         at(
@@ -375,9 +384,11 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
     let late = register(&mut state, 20);
     assert_eq!(
         at(&mut state, 21_000, handover(late)),
-        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: late })
+        Ok(Applied::ReplacementReserved { job_id: JobId(1), replacement: late })
     );
     assert_eq!(at(&mut state, 22_000, handover(late)), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    at(&mut state, 22_500, ready).expect("ready");
     // The replacement is lost before the stop: the job waits like after any stop.
     at(&mut state, 23_000, Command::WorkerLost { worker_id: late, last_step_seen: 0 }).expect("lost");
     let ended = Command::GenerationEnded {

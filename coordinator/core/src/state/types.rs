@@ -156,8 +156,13 @@ pub struct Handover {
     pub noticed_at_unix_ms: u64,
     pub fallback_at_unix_ms: u64,
     /// The free worker taking its place, reserved from when it was chosen (the scheduler gives
-    /// it to nobody else); the gang checkpoints and the next generation forms with it at once.
+    /// it to nobody else). It prepares (loads the job's data, compiles its GPU kernels) while
+    /// the gang trains on; once it is ready ([`Command::HandoverReady`]) the gang checkpoints
+    /// and the next generation forms with it at once.
     pub replacement: Option<WorkerId>,
+    /// When the replacement was reserved (0: none yet).
+    #[serde(default)]
+    pub reserved_at_unix_ms: u64,
 }
 
 impl Job {
@@ -657,11 +662,17 @@ pub enum Command {
         reason: StopReason,
     },
     /// The leader found a free worker to replace a noticed member of a running generation
-    /// (the job's `handover`): it is reserved and the gang checkpoints to hand over.
+    /// (the job's `handover`): it is reserved and prepares while the gang trains on.
     HandoverTo {
         job_id: JobId,
         generation: u64,
         replacement: WorkerId,
+    },
+    /// The reserved replacement is ready (it reported the job prepared, or the leader stopped
+    /// waiting for it): the gang checkpoints at the next step and hands over.
+    HandoverReady {
+        job_id: JobId,
+        generation: u64,
     },
     /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
     /// from now on; a generation running on spot workers checkpoints and stops to move.
@@ -857,6 +868,12 @@ pub enum Applied {
         job: Option<JobId>,
         handover_until: Option<u64>,
     },
+    /// A replacement is reserved for the job's handover; it prepares while the gang trains.
+    ReplacementReserved {
+        job_id: JobId,
+        replacement: WorkerId,
+    },
+    /// The gang checkpoints at the next step and hands over to `replacement`.
     HandoverStarted {
         job_id: JobId,
         replacement: WorkerId,
