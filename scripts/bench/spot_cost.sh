@@ -7,16 +7,24 @@
 # with mixed-type gangs, capacity.mixed_types, for every job). One JSON line per
 # (trace, seed, policy) and a summary per (trace, seed); last, per trace, the medians over the
 # seeds of every summary ratio. `spot_cost.sh SEED...` sets the seeds (default: 1 2 3 4 5).
+# Also Flotilla without handovers (issue 25: every notice checkpoints and waits), for the stall
+# per preemption with and without. PROVISION_MINUTES=N: launch-to-worker time (default 3);
+# FLOTILLA_BIN=path: a binary built elsewhere (no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet --bin flotilla
-bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
+if [[ -n "${FLOTILLA_BIN:-}" ]]; then
+  bin=$FLOTILLA_BIN
+else
+  cargo build --release --quiet --bin flotilla
+  bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
+fi
+provision=${PROVISION_MINUTES:-3}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 seeds=("${@:-1 2 3 4 5}")
 for trace in examples/traces/*.csv; do
   for seed in ${seeds[*]}; do
-    "$bin" bench-spot-cost --trace "$trace" --seed "$seed" | tee -a "$out"
+    "$bin" bench-spot-cost --trace "$trace" --seed "$seed" --provision-minutes "$provision" | tee -a "$out"
   done
 done
 python3 - "$out" <<'PY'

@@ -15,6 +15,10 @@ pub struct Args {
     /// Seeds the interruptions drawn from the trace's rates.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Minutes from a launch to a registered worker (EC2 GPU instances: 1 to 3). A handover
+    /// needs its replacement within the notice (2 minutes) less the 45 s fallback lead.
+    #[arg(long, default_value_t = 3.0)]
+    pub provision_minutes: f64,
 }
 
 /// Makespan allowed to the deadline baseline, as a multiple of all-on-demand's (issue 24).
@@ -29,19 +33,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.trace).with_context(|| format!("reading {}", args.trace.display()))?;
     let trace = Trace::parse(&text).with_context(|| format!("parsing {}", args.trace.display()))?;
     let name = args.trace.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
-    let params = SimParams { seed: args.seed, ..SimParams::default() };
+    anyhow::ensure!(
+        args.provision_minutes.is_finite() && (0.0..=60.0).contains(&args.provision_minutes),
+        "--provision-minutes must be 0 to 60, got {}",
+        args.provision_minutes
+    );
+    let params = SimParams { seed: args.seed, provision_minutes: args.provision_minutes, ..SimParams::default() };
     let jobs = benchmark_workload();
     let mut outcomes = Vec::new();
     let mut deadline_hours = None;
-    // Every policy, then Flotilla without correlated risk (what the risk model is worth) and
-    // with mixed-type gangs (what letting a gang span pools is worth).
-    let runs = Policy::ALL
-        .into_iter()
-        .map(|p| (p, true, false))
-        .chain([(Policy::Flotilla, false, false), (Policy::Flotilla, true, true)]);
-    for (policy, correlated_risk, mixed_types) in runs {
-        let mut o =
-            simulate(&trace, &jobs, policy, SimParams { deadline_hours, correlated_risk, mixed_types, ..params });
+    // Every policy, then Flotilla without correlated risk (what the risk model is worth), with
+    // mixed-type gangs (what letting a gang span pools is worth) and without handovers (every
+    // notice checkpoints and waits for capacity: what the handover is worth).
+    let runs = Policy::ALL.into_iter().map(|p| (p, true, false, true)).chain([
+        (Policy::Flotilla, false, false, true),
+        (Policy::Flotilla, true, true, true),
+        (Policy::Flotilla, true, false, false),
+    ]);
+    for (policy, correlated_risk, mixed_types, handover) in runs {
+        let run = SimParams { deadline_hours, correlated_risk, mixed_types, handover, ..params };
+        let mut o = simulate(&trace, &jobs, policy, run);
         if policy == Policy::OnDemand {
             deadline_hours = Some(o.makespan_h * DEADLINE_VS_ON_DEMAND);
         }
@@ -50,6 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if mixed_types {
             o.policy = "flotilla_mixed_types";
+        }
+        if !handover {
+            o.policy = "flotilla_checkpoint_and_wait";
         }
         println!(
             "{}",
@@ -65,6 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "instance_hours": round(o.instance_hours, 1),
                 "on_demand_hours": round(o.on_demand_hours, 1),
                 "finished_jobs": o.finished_jobs,
+                "provision_minutes": args.provision_minutes,
+                "handovers": o.handovers,
+                "stall_h": round(o.stall_h, 3),
                 "jobs": jobs.len(),
                 "seed": args.seed,
             })
@@ -74,6 +91,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let by = |name: &str| outcomes.iter().find(|o| o.policy == name).context("a policy is missing");
     let (on_demand, naive, deadline, flotilla) =
         (by("on_demand")?, by("naive_spot")?, by("naive_spot_deadline")?, by("flotilla")?);
+    let waiting = by("flotilla_checkpoint_and_wait")?;
+    let per_preemption = |o: &flotilla_core::market::Outcome| o.stall_h * 60.0 / o.preemptions.max(1) as f64;
     println!(
         "{}",
         json!({
@@ -87,6 +106,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "naive_makespan_vs_on_demand": round(naive.makespan_h / on_demand.makespan_h, 3),
             "naive_deadline_cost_vs_on_demand": round(deadline.cost_usd / on_demand.cost_usd, 3),
             "naive_deadline_makespan_vs_on_demand": round(deadline.makespan_h / on_demand.makespan_h, 3),
+            "flotilla_handovers_per_preemption": round(flotilla.handovers as f64 / flotilla.preemptions.max(1) as f64, 3),
+            "flotilla_stall_min_per_preemption": round(per_preemption(flotilla), 3),
+            "checkpoint_and_wait_stall_min_per_preemption": round(per_preemption(waiting), 3),
+            "handover_stall_vs_checkpoint_and_wait": round(per_preemption(flotilla) / per_preemption(waiting).max(1e-9), 3),
             "seed": args.seed,
         })
     );

@@ -12,8 +12,13 @@
 //!   the [`crate::autoscale`] policy (expected-cost pool choice over every pool,
 //!   correlated risk from the interruptions it has seen ([`crate::autoscale::risk`]),
 //!   diversification, back-off on capacity errors, never spot above on-demand, on-demand
-//!   fallback) and Flotilla's notice path: a spot interruption is announced, the gang
-//!   checkpoints at the next step, no work is lost; idle instances are reused by the next gang.
+//!   fallback) and Flotilla's notice path: a spot interruption is announced
+//!   ([`SimParams::notice_minutes`] ahead), and with [`SimParams::handover`] (issue 25) the
+//!   gang trains on while a replacement is found or bought outside the noticed pool; once it is
+//!   ready, before the fallback time, it takes the noticed member's rank at a step boundary
+//!   ([`SimParams::handover_stall_seconds`] without training). Otherwise (handover off, a
+//!   replacement too late, a notice too short) the gang checkpoints at the notice and waits
+//!   for capacity. No work is lost either way; idle instances are reused by the next gang.
 //!
 //! Time a gang spends restarting (replacement provisioning, rendezvous, resume) is paid for and
 //! delays the job in every policy. Cost is billed per minute at the pool's current price.
@@ -26,6 +31,7 @@ use crate::autoscale::risk::PoolRisk;
 use crate::autoscale::{self, Backoff, Decision, Gang, Held, Limits};
 use crate::ids::JobId;
 use crate::rand::SplitMix64;
+use crate::state::{HANDOVER_FALLBACK_LEAD_MS, HANDOVER_LEAD_MIN_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -92,6 +98,14 @@ pub struct SimParams {
     /// `flotilla`'s gangs may span pools (`capacity.mixed_types`): one pool first, then one
     /// zone, then any, as the scheduler places them.
     pub mixed_types: bool,
+    /// How long before a spot instance is taken its notice comes (EC2: 2 minutes).
+    pub notice_minutes: f64,
+    /// `flotilla` hands a noticed member's rank to a replacement while the gang trains on
+    /// (issue 25); off: it checkpoints at every notice and waits for capacity.
+    pub handover: bool,
+    /// Training time one handover costs the gang (one step, the state transfer, start-up;
+    /// scripts/bench/handover.sh measures it: 0.04 s on CPUs, 0.09 s on an H200).
+    pub handover_stall_seconds: f64,
     pub seed: u64,
 }
 
@@ -113,6 +127,9 @@ impl Default for SimParams {
             deadline_hours: None,
             correlated_risk: true,
             mixed_types: false,
+            notice_minutes: 2.0,
+            handover: true,
+            handover_stall_seconds: 1.0,
             seed: 1,
         }
     }
@@ -131,6 +148,11 @@ pub struct Outcome {
     /// Of which on on-demand instances.
     pub on_demand_hours: f64,
     pub finished_jobs: usize,
+    /// Notices handled by a handover (the gang never stopped to wait for capacity).
+    pub handovers: u64,
+    /// Hours without training that preemptions cost the jobs: from the stop to the first step
+    /// on new capacity, summed over jobs (a handover counts its stall).
+    pub stall_h: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +164,17 @@ struct Inst {
     /// Bought for, or assigned to, this job.
     job: Option<usize>,
     idle_since_h: Option<f64>,
+    /// Noticed: the market takes it then; it joins no gang meanwhile.
+    taken_at_h: Option<f64>,
+}
+
+/// A gang member's notice under `flotilla`'s handover: the gang trains on until `replacement`
+/// (an instance id) is ready, or stops at `fallback_at_h`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SimHandover {
+    leaving: u64,
+    fallback_at_h: f64,
+    replacement: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -160,6 +193,9 @@ struct Job {
     phase: Phase,
     /// Moved to on-demand to meet the deadline (`naive_spot_deadline`).
     on_demand: bool,
+    handover: Option<SimHandover>,
+    /// Stopped by a preemption and not training again yet (its wait counts as stall).
+    preempted: bool,
 }
 
 struct World<'a> {
@@ -214,11 +250,95 @@ impl World<'_> {
         self.out.lost_work_usd += lost_h * (self.gang_hourly(j, hour) + self.price(&inst.pool, inst.spot, hour));
         self.jobs[j].progress_h = self.jobs[j].checkpoint_h;
         self.jobs[j].phase = Phase::Waiting;
+        self.jobs[j].preempted = true;
         // The survivors stay: reserved for the job (naive, on-demand) or free for any gang.
         for other in self.alive.iter_mut().filter(|i| i.job == Some(j)) {
             other.idle_since_h = Some(hour);
             if self.policy == Policy::Flotilla {
                 other.job = None;
+            }
+        }
+    }
+
+    /// A spot notice for instance `index`: under `flotilla` with handovers, a running gang's
+    /// member starts a handover (true: the instance stays until `taken_at_h`); otherwise the
+    /// caller takes it at once (the notice path: checkpoint at the notice, or naive loss).
+    fn notice(&mut self, index: usize, hour: f64) -> bool {
+        let notice_ms = self.params.notice_minutes * 60_000.0;
+        if self.policy != Policy::Flotilla || !self.params.handover || notice_ms < HANDOVER_LEAD_MIN_MS as f64 {
+            return false;
+        }
+        let inst = &self.alive[index];
+        let Some(j) = inst.job else { return false };
+        if self.jobs[j].phase != Phase::Running || self.jobs[j].handover.is_some() {
+            return false;
+        }
+        let (id, pool) = (inst.id, inst.pool.clone());
+        if self.params.correlated_risk {
+            self.risk.observe(&pool, hour_ms(hour));
+        }
+        let taken_at_h = hour + self.params.notice_minutes / 60.0;
+        self.alive[index].taken_at_h = Some(taken_at_h);
+        self.jobs[j].handover = Some(SimHandover {
+            leaving: id,
+            fallback_at_h: taken_at_h - HANDOVER_FALLBACK_LEAD_MS as f64 / 3_600_000.0,
+            replacement: None,
+        });
+        self.out.preemptions += 1;
+        true
+    }
+
+    /// Handovers under way: reserve a free ready instance outside the noticed pool (else
+    /// [`World::buy`] buys one); swap a ready replacement in before the fallback time (the
+    /// gang loses [`SimParams::handover_stall_seconds`] of training); at the fallback time
+    /// without one, the notice path (checkpoint, stop, wait; a bought replacement stays the
+    /// job's for its next gang).
+    fn handovers(&mut self, hour: f64) {
+        for j in 0..self.jobs.len() {
+            let Some(mut h) = self.jobs[j].handover else { continue };
+            if self.jobs[j].phase != Phase::Running {
+                self.jobs[j].handover = None; // the gang stopped otherwise (another member lost)
+                continue;
+            }
+            if h.replacement.is_none() {
+                let noticed_pool = self.alive.iter().find(|i| i.id == h.leaving).map(|i| i.pool.clone());
+                let on_demand_only = self.jobs[j].on_demand;
+                h.replacement = self
+                    .alive
+                    .iter()
+                    .filter(|i| {
+                        i.job.is_none() && i.ready_at_h <= hour && i.taken_at_h.is_none() && !(on_demand_only && i.spot)
+                    })
+                    .min_by_key(|i| (Some(&i.pool) == noticed_pool.as_ref(), i.id))
+                    .map(|i| i.id);
+                if let Some(inst) = self.alive.iter_mut().find(|i| Some(i.id) == h.replacement) {
+                    inst.job = Some(j);
+                    inst.idle_since_h = None;
+                }
+            }
+            let ready = self.alive.iter().any(|i| Some(i.id) == h.replacement && i.ready_at_h <= hour);
+            if ready && hour < h.fallback_at_h {
+                if let Some(leaving) = self.alive.iter_mut().find(|i| i.id == h.leaving) {
+                    leaving.job = None; // taken at its time; never in a gang again
+                }
+                let stall_h = self.params.handover_stall_seconds / 3600.0;
+                let job = &mut self.jobs[j];
+                job.progress_h = (job.progress_h - stall_h).max(job.checkpoint_h);
+                job.handover = None;
+                self.out.stall_h += stall_h;
+                self.out.handovers += 1;
+            } else if hour >= h.fallback_at_h {
+                let job = &mut self.jobs[j];
+                job.checkpoint_h = job.progress_h;
+                job.phase = Phase::Waiting;
+                job.preempted = true;
+                job.handover = None;
+                for i in self.alive.iter_mut().filter(|i| i.job == Some(j) && Some(i.id) != h.replacement) {
+                    i.job = None;
+                    i.idle_since_h = Some(hour);
+                }
+            } else {
+                self.jobs[j].handover = Some(h);
             }
         }
     }
@@ -233,6 +353,7 @@ impl World<'_> {
                 ready_at_h: hour + self.params.provision_minutes / 60.0,
                 job: Some(job),
                 idle_since_h: None,
+                taken_at_h: None,
             });
         }
     }
@@ -295,6 +416,7 @@ impl World<'_> {
                 .filter(|&index| {
                     let inst = &self.alive[index];
                     inst.ready_at_h <= hour
+                        && inst.taken_at_h.is_none()
                         && (inst.job == Some(j) || inst.job.is_none())
                         && !(self.jobs[j].on_demand && inst.spot)
                 })
@@ -368,7 +490,7 @@ impl World<'_> {
             }
             Policy::Flotilla => {
                 let now_ms = hour_ms(hour);
-                let gangs: Vec<Gang> = waiting
+                let mut gangs: Vec<Gang> = waiting
                     .iter()
                     .map(|&j| Gang {
                         spot: !self.jobs[j].on_demand, // out of slack for its deadline: on-demand
@@ -376,13 +498,28 @@ impl World<'_> {
                         ..Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1)
                     })
                     .collect();
+                // A handover without a replacement: a gang of one, never in the noticed pool,
+                // first (as the coordinator's autoscaler asks for it).
+                for j in 0..self.jobs.len() {
+                    let Some(h) = self.jobs[j].handover.filter(|h| h.replacement.is_none()) else { continue };
+                    let avoid = self.alive.iter().find(|i| i.id == h.leaving).map(|i| i.pool.clone());
+                    gangs.insert(
+                        0,
+                        Gang {
+                            spot: !self.jobs[j].on_demand,
+                            avoid,
+                            priority: 1,
+                            ..Gang::unconstrained(JobId(j as u64), j as u64, 1, 1)
+                        },
+                    );
+                }
                 let held: Vec<Held> = self
                     .alive
                     .iter()
                     .map(|i| {
-                        let busy = i
-                            .job
-                            .is_some_and(|j| matches!(self.jobs[j].phase, Phase::Running | Phase::Starting { .. }));
+                        let busy = i.taken_at_h.is_some()
+                            || i.job
+                                .is_some_and(|j| matches!(self.jobs[j].phase, Phase::Running | Phase::Starting { .. }));
                         Held {
                             id: i.id.to_string(),
                             pool: i.pool.clone(),
@@ -406,7 +543,11 @@ impl World<'_> {
                                 continue;
                             }
                             self.backoff.succeeded(&pool, spot);
-                            self.launch(job.0 as usize, &pool, spot, count, hour);
+                            let j = job.0 as usize;
+                            self.launch(j, &pool, spot, count, hour);
+                            if let Some(h) = self.jobs[j].handover.as_mut().filter(|h| h.replacement.is_none()) {
+                                h.replacement = Some(self.next_id); // the instance just launched
+                            }
                         }
                         Decision::Terminate { id } => self.alive.retain(|i| i.id.to_string() != id),
                     }
@@ -424,7 +565,15 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
         policy,
         jobs: jobs
             .iter()
-            .map(|&spec| Job { spec, progress_h: 0.0, checkpoint_h: 0.0, phase: Phase::Waiting, on_demand: false })
+            .map(|&spec| Job {
+                spec,
+                progress_h: 0.0,
+                checkpoint_h: 0.0,
+                phase: Phase::Waiting,
+                on_demand: false,
+                handover: None,
+                preempted: false,
+            })
             .collect(),
         alive: Vec::new(),
         next_id: 0,
@@ -438,6 +587,8 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
             instance_hours: 0.0,
             on_demand_hours: 0.0,
             finished_jobs: 0,
+            handovers: 0,
+            stall_h: 0.0,
         },
         backoff: Backoff::default(),
         risk: PoolRisk::default(),
@@ -454,14 +605,24 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
                 world.out.on_demand_hours += dt;
             }
         }
-        // The market takes instances back: random interruptions, and capacity shrinking below
-        // what is held (the newest instances go first).
+        // Handovers first: one whose fallback time came stops its gang before the noticed
+        // instance is taken.
+        world.handovers(hour);
+        // The market takes instances back: noticed ones at their time, random interruptions
+        // (announced: see `notice`), and capacity shrinking below what is held (the newest
+        // instances go first).
         let mut index = 0;
         while index < world.alive.len() {
             let inst = &world.alive[index];
             let rate = world.trace.at(&inst.pool, hour).map_or(0.0, |s| s.interruptions_per_hour);
-            if inst.spot && world.rng.next_f64() < rate * dt {
-                world.reclaim(index, hour);
+            if inst.taken_at_h.is_some_and(|at| at <= hour) {
+                world.reclaim(index, hour); // a noticed instance's time has come
+            } else if inst.spot && inst.taken_at_h.is_none() && world.rng.next_f64() < rate * dt {
+                if world.notice(index, hour) {
+                    index += 1;
+                } else {
+                    world.reclaim(index, hour);
+                }
             } else {
                 index += 1;
             }
@@ -475,14 +636,23 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
                 if held.len() <= capacity {
                     break;
                 }
+                // Taken at once, with no time for a handover: the gang checkpoints at the
+                // notice (modelled as immediate; announcing these too, a zone-wide event made
+                // every handover buy a replacement that the event took next).
                 let newest = *held.iter().max_by_key(|&&i| world.alive[i].id).expect("more held than capacity");
                 world.reclaim(newest, hour);
             }
         }
         // Training.
         for j in 0..world.jobs.len() {
+            if world.jobs[j].preempted && matches!(world.jobs[j].phase, Phase::Waiting | Phase::Starting { .. }) {
+                world.out.stall_h += dt;
+            }
             match world.jobs[j].phase {
-                Phase::Starting { until_h } if hour >= until_h => world.jobs[j].phase = Phase::Running,
+                Phase::Starting { until_h } if hour >= until_h => {
+                    world.jobs[j].phase = Phase::Running;
+                    world.jobs[j].preempted = false;
+                }
                 Phase::Running => {
                     let job = &mut world.jobs[j];
                     job.progress_h += dt;
