@@ -15,7 +15,10 @@ first step at once): trained_on_ms (notice -> the generation stopped), stall_ms 
 next generation's first step past its resume step: time without training), to_first_step_ms
 (notice -> that step), steps_lost; and from each rank's job log, where its resume state came
 from (memory: held since the stop; peer: received over the data port; storage: read from the
-store), with its bytes and milliseconds.
+store), with its bytes and milliseconds. From the inside: leader_stall_ms, the leader's own
+histogram (flotilla_handover_stall_seconds for a handover, flotilla_recovery_seconds, which
+starts at the notice, for the baseline); step_ms, the gang's step time before the notice (from
+rank 0's samples/s); bound_ms = step_ms + the state transfer, issue 25's bound for the stall.
 """
 import re
 import json
@@ -24,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 
 BIN = os.environ["FLOTILLA_BIN"]
 WORK = os.environ["WORK"]
@@ -31,6 +35,27 @@ DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 PATHS = {"checkpoint_and_wait": 30, "handover": 120}
 GPUS = int(os.environ.get("GPUS", "0"))
+METRICS_URL = os.environ.get("METRICS_URL", "")
+GLOBAL_BATCH = 2 * 64
+
+
+def histogram(name):
+    """(sum, count) of the leader's histogram `name`, or None without metrics."""
+    if not METRICS_URL:
+        return None
+    text = urllib.request.urlopen(METRICS_URL, timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"flotilla_{name}_{part} "):
+                values[part] = float(line.split()[-1])
+    return (values.get("sum", 0.0), values.get("count", 0.0))
+
+
+def step_ms(job):
+    """The gang's step time before the notice, from rank 0's last samples/s note."""
+    rates = re.findall(r" ([0-9.]+) samples/s", cli("logs", job, "--node", "0"))
+    return round(GLOBAL_BATCH / float(rates[-1]) * 1e3, 2) if rates else None
 
 
 def cli(*args):
@@ -108,6 +133,9 @@ def one(path, round_no):
     job = submit(f"{path}-{round_no}")
     running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100)
     generation = running["generation"]
+    gang_step_ms = step_ms(job)
+    metric = "handover_stall_seconds" if path == "handover" else "recovery_seconds"
+    before = histogram(metric)
     victim = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")[round_no % 2]
     t0 = time.monotonic()
     cli("preempt", victim, "--notice-s", str(PATHS[path]))
@@ -120,6 +148,11 @@ def one(path, round_no):
     )
     time.sleep(0.5)  # the ranks' notes reach the store
     sources = resume_sources(job)
+    after = histogram(metric)
+    leader_stall_ms = None
+    if before and after and after[1] > before[1]:
+        leader_stall_ms = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 1)
+    transfer_ms = max((r["ms"] for r in sources.values() if r["source"] != "memory"), default=0.0)
     cli("cancel", job)
     record = {
         "bench": "notice_path",
@@ -132,6 +165,9 @@ def one(path, round_no):
         "stall_ms": round((t_first - t_stop) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
         "steps_lost": first["steps_lost"],
+        "leader_stall_ms": leader_stall_ms,
+        "step_ms": gang_step_ms,
+        "bound_ms": round(gang_step_ms + transfer_ms, 1) if gang_step_ms else None,
         "resume": sources,
         "handovers": sum(1 for e in first["events"] if e["kind"] == "handover" and "rank at step" in e["message"]),
     }
@@ -147,8 +183,9 @@ def main():
             records.append(one(path, round_no))
     out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"]), "gpus": GPUS}
     for path in PATHS:
-        for key in ("trained_on_ms", "stall_ms", "to_first_step_ms", "steps_lost"):
-            out[f"{path}_{key}"] = statistics.median(r[key] for r in records if r["path"] == path)
+        for key in ("trained_on_ms", "stall_ms", "to_first_step_ms", "steps_lost", "leader_stall_ms", "bound_ms"):
+            values = [r[key] for r in records if r["path"] == path and r[key] is not None]
+            out[f"{path}_{key}"] = statistics.median(values) if values else None
     out["stall_ratio_handover_vs_baseline"] = round(out["handover_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
     print(json.dumps(out), flush=True)
 

@@ -19,5 +19,7 @@ export WORK=$(mktemp -d)
 export FLOTILLA_HOME="$WORK/.flotilla"
 trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 export BOOT_S="${2:-10}"
-"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" >/dev/null
+"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" > "$WORK/up.txt"
+# The leader's metrics (one coordinator): its stall histograms time each stop from the inside.
+export METRICS_URL=$(sed -n 's/^metrics: \(http[^ ]*\).*/\1/p' "$WORK/up.txt")
 python3 scripts/bench/handover.py "${1:-3}"

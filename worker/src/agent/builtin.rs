@@ -65,6 +65,13 @@ pub(super) fn run_rank(
         train.generation, train.world_size, train_set.rows
     ));
     startup.lap("data");
+    // The model first: it needs neither the gang nor the state, so a rank builds it while
+    // the others are still on their way to the rendezvous.
+    let model = match Trainer::model(spec, &train_set) {
+        Ok(model) => model,
+        Err(e) => return broken(train_error_end(&e), resume_step, e),
+    };
+    startup.lap("model");
     let mut comm = match join_gang(context, &train, listener) {
         Ok(comm) => comm,
         Err((end, e)) => return broken(end, resume_step, e),
@@ -77,12 +84,11 @@ pub(super) fn run_rank(
         },
         None => None,
     };
-    startup.lap("state");
-    let mut trainer = match Trainer::new(spec, train_set.clone(), &mut comm, resume) {
+    let mut trainer = match Trainer::start(model, spec, train_set.clone(), &mut comm, resume) {
         Ok(trainer) => trainer,
         Err(e) => return broken(train_error_end(&e), resume_step, e),
     };
-    startup.lap("model");
+    startup.lap("state");
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
         // A cluster names checkpoints by generation too (two generations may save one step);

@@ -23,7 +23,7 @@
 //! it came.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
@@ -35,9 +35,17 @@ use crate::train::TrainState;
 /// Bytes of one transfer at most (the ring's largest broadcast).
 pub const TRANSFER_BYTES_MAX: u64 = ring::ELEMENTS_MAX as u64 * 4;
 
-/// The state a planned stop left in memory: (job id, state). One at most: an agent runs one
-/// rank at a time.
-pub struct Holder(Mutex<Option<(String, TrainState)>>);
+/// The state a planned stop left in memory, for one job. One at most: an agent runs one rank
+/// at a time. Its checkpoint encoding (the parts, their SHA-256s and the manifest) is computed
+/// on a background thread from the moment it is held, so the next generation's exchange
+/// finds it ready instead of encoding and hashing the whole state on the resume path.
+pub struct Holder(Mutex<Option<HeldEntry>>);
+
+struct HeldEntry {
+    job_id: String,
+    state: TrainState,
+    encoded: Arc<OnceLock<Option<Held>>>,
+}
 
 /// This process's holder.
 pub static HELD: Holder = Holder::new();
@@ -47,10 +55,17 @@ impl Holder {
         Holder(Mutex::new(None))
     }
 
-    /// Keeps `state` (the step a generation of `job_id` stopped at) for the next generation.
+    /// Keeps `state` (the step a generation of `job_id` stopped at) for the next generation,
+    /// and starts encoding it in the background.
     pub fn hold(&self, job_id: &str, state: TrainState) {
+        let encoded = Arc::new(OnceLock::new());
+        let (cell, copy) = (encoded.clone(), state.clone());
+        // Whoever comes first encodes; `held` waits for a background encoding under way.
+        std::thread::spawn(move || {
+            cell.get_or_init(|| Held::encode(copy));
+        });
         if let Ok(mut held) = self.0.lock() {
-            *held = Some((job_id.to_string(), state));
+            *held = Some(HeldEntry { job_id: job_id.to_string(), state, encoded });
         }
     }
 
@@ -64,17 +79,19 @@ impl Holder {
     /// The held state of `job_id` if it is the checkpoint whose manifest fingerprint is
     /// `fingerprint` (an empty fingerprint matches nothing), with its encoding.
     pub fn held(&self, job_id: &str, fingerprint: &str) -> Option<Held> {
-        let state = {
+        let (unencoded, encoded) = {
             let held = self.0.lock().ok()?;
-            let (job, state) = held.as_ref()?;
-            (job == job_id).then(|| state.clone())?
+            let entry = held.as_ref().filter(|e| e.job_id == job_id)?;
+            (entry.encoded.get().is_none().then(|| entry.state.clone()), entry.encoded.clone())
         };
-        Held::encode(state).filter(|held| held.is_checkpoint(fingerprint))
+        let held = encoded.get_or_init(|| unencoded.and_then(Held::encode)).as_ref()?;
+        held.is_checkpoint(fingerprint).then(|| held.clone())
     }
 }
 
 /// A held state with its checkpoint encoding, computed once: checked against the recorded
 /// fingerprint, then framed for peers without encoding and hashing it again.
+#[derive(Clone)]
 pub struct Held {
     pub state: TrainState,
     parts: Vec<(&'static str, Bytes)>,

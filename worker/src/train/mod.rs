@@ -34,7 +34,7 @@ pub use crate::collective::Communicator;
 use crate::data::Cursor;
 pub use crate::data::Dataset;
 pub use optim::OptimizerState;
-pub use trainer::Trainer;
+pub use trainer::{Model, Trainer};
 
 /// Version of the [`TrainState`] layout; bumped when a field's meaning changes.
 pub const TRAIN_STATE_FORMAT_VERSION: u32 = 1;

@@ -55,12 +55,41 @@ impl Trainer {
         resume: Option<TrainState>,
     ) -> Result<Trainer, TrainError> {
         let data = data.into();
-        check_inputs(spec, &data, comm)?;
+        let model = Trainer::model(spec, &data)?;
+        Trainer::start(model, spec, data, comm, resume)
+    }
+
+    /// The part of [`Trainer::new`] that needs neither the gang nor the starting state: the
+    /// device and the burn model. A rank builds it while its gang forms and its state arrives.
+    pub fn model(spec: &JobSpec, data: &Dataset) -> Result<Model, TrainError> {
+        check_data(spec, data)?;
         let eval_device = training_device(spec.workers.gpus)?;
         let device = backend::autodiff(eval_device.clone());
         let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
         let network = Network::new(model, data.features_per_row, data.classes, &device)?;
         let layout = ParamLayout::of(&network);
+        Ok(Model { device, eval_device, network, layout, shape: (data.features_per_row, data.classes) })
+    }
+
+    /// The rest of [`Trainer::new`] on a `model` built by [`Trainer::model`] for the same
+    /// `spec` and `data`.
+    pub fn start(
+        model: Model,
+        spec: &JobSpec,
+        data: impl Into<Arc<Dataset>>,
+        comm: &mut dyn Communicator,
+        resume: Option<TrainState>,
+    ) -> Result<Trainer, TrainError> {
+        let data = data.into();
+        check_data(spec, &data)?;
+        check_communicator(comm)?;
+        let Model { device, eval_device, network, layout, shape } = model;
+        if shape != (data.features_per_row, data.classes) {
+            return Err(TrainError::Shape(format!(
+                "the model was built for {} features and {} classes; {} has {} and {}",
+                shape.0, shape.1, data.source, data.features_per_row, data.classes
+            )));
+        }
         let train = &spec.train;
         let state = match resume {
             Some(state) => check_resume(state, &layout, train, &data)?,
@@ -350,8 +379,19 @@ fn training_device(gpus: u32) -> Result<Device, TrainError> {
     backend::gpu(0).map_err(TrainError::Backend)
 }
 
-/// What the types cannot promise: a usable data set, a batch size, a sane communicator.
-fn check_inputs(spec: &JobSpec, data: &Dataset, comm: &dyn Communicator) -> Result<(), TrainError> {
+/// A trainer's device and burn model before the gang and the state are known
+/// ([`Trainer::model`]).
+pub struct Model {
+    device: Device,
+    eval_device: Device,
+    network: Network,
+    layout: ParamLayout,
+    /// (features per row, classes) of the data it was built for.
+    shape: (usize, usize),
+}
+
+/// What the types cannot promise: a usable data set and a batch size.
+fn check_data(spec: &JobSpec, data: &Dataset) -> Result<(), TrainError> {
     let consistent = data.labels.len() == data.rows
         && data.features.len() == data.rows.saturating_mul(data.features_per_row)
         && data.labels.iter().all(|&l| (l as usize) < data.classes);
@@ -369,6 +409,11 @@ fn check_inputs(spec: &JobSpec, data: &Dataset, comm: &dyn Communicator) -> Resu
     if spec.train.batch_size == 0 {
         return Err(TrainError::Shape("train.batch_size is 0".into()));
     }
+    Ok(())
+}
+
+/// A sane communicator: a rank inside its world.
+fn check_communicator(comm: &dyn Communicator) -> Result<(), TrainError> {
     if comm.world_size() == 0 || comm.rank() >= comm.world_size() {
         return Err(TrainError::Communicator(format!("rank {} of {}", comm.rank(), comm.world_size())));
     }
