@@ -49,10 +49,19 @@ impl JobLog {
             .enable_all()
             .build()
             .map_err(|e| CheckpointError::Invalid(format!("log runtime: {e}")))?;
-        let mut next_segment = 0;
-        while runtime.block_on(store.head(&segment_path(&prefix, node, next_segment))).is_ok() {
-            next_segment += 1;
-        }
+        // One listing, not a HEAD per segment: a long job has hundreds of segments, and this
+        // runs at the start of every generation (on S3, each request costs a round trip).
+        let folder = node_logs(node).split('/').fold(prefix.clone(), |path, part| path.join(part));
+        let existing = match runtime.block_on(store.list_with_delimiter(Some(&folder))) {
+            Ok(listed) => listed.objects,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let next_segment = existing
+            .iter()
+            .filter_map(|o| o.location.filename()?.strip_suffix(".log")?.parse::<u64>().ok())
+            .max()
+            .map_or(0, |last| last + 1);
         Ok(JobLog { store, prefix, node, next_segment, buffer: String::new(), runtime })
     }
 
@@ -82,5 +91,36 @@ impl JobLog {
 impl Drop for JobLog {
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_reopened_log_continues_after_its_segments_and_nodes_keep_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uri = format!("file://{}/jobs/job-1", dir.path().display());
+        for round in 0..3 {
+            let mut log = JobLog::open(&uri, 0).expect("open node 0");
+            log.line(&format!("round {round}")).expect("line");
+            log.flush().expect("flush");
+            let mut other = JobLog::open(&uri, 1).expect("open node 1");
+            other.line("node 1").expect("line");
+        } // dropping flushes node 1
+        let logs = dir.path().join("jobs/job-1/logs");
+        assert_eq!(segments(&logs), ["00000000.log", "00000001.log", "00000002.log", "node-1"]);
+        assert_eq!(segments(&logs.join("node-1")), ["00000000.log", "00000001.log", "00000002.log"]);
+        let first = std::fs::read_to_string(logs.join("00000000.log")).expect("segment 0");
+        assert_eq!(first, "round 0\n", "an earlier segment is never overwritten");
     }
 }
