@@ -90,13 +90,27 @@ trap 'rm -rf "$work"' EXIT
 cp -r examples/data "$work/data"
 sed -e 's/^min = 2$/min = 1/' -e 's/^max = 2$/max = 1\ngpus = 1/' examples/mnist-mlp.toml > "$work/mnist-gpu.toml"
 grep -q '^gpus = 1$' "$work/mnist-gpu.toml" || { log "FAILED: examples/mnist-mlp.toml changed its [workers] lines"; exit 1; }
-summary=$("$bin" train "$work/mnist-gpu.toml" -o json | tail -1)
+# A fresh compiled-kernel cache: this first run compiles burn's CUDA kernels.
+export FLOTILLA_KERNEL_CACHE="$work/kernels"
+summary=$("$bin" train "$work/mnist-gpu.toml" -o json 2> "$work/train-1.log" | tail -1)
+cat "$work/train-1.log" >&2
 emit "$(printf '{"bench":"gpu_train_e2e","summary":%s}' "$summary")"
 accuracy=$(sed -n 's/.*"val_accuracy":\([0-9.eE+-]*\).*/\1/p' <<< "$summary")
 if ! awk -v a="${accuracy:-0}" 'BEGIN { exit !(a >= 0.90) }'; then
   log "FAILED: val_accuracy ${accuracy:-none} < 0.90"
   exit 1
 fi
+
+log "first step of a fresh process: compiled-kernel cache cold, warm, and cold again"
+# The rank's log says when its first step came: "first step X ms after the assignment". A
+# second process with the same cache skips the compilation; a third with an empty one shows
+# what the cache (not the driver's own) saves.
+first_step_ms() { local ms; ms=$(sed -n 's/.*started: first step \([0-9.]*\) ms.*/\1/p' "$1" | head -1); echo "${ms:-null}"; }
+"$bin" train "$work/mnist-gpu.toml" -o json > /dev/null 2> "$work/train-2.log"
+FLOTILLA_KERNEL_CACHE="$work/kernels-empty" "$bin" train "$work/mnist-gpu.toml" -o json > /dev/null 2> "$work/train-3.log"
+emit "$(printf '{"bench":"gpu_first_step","cold_ms":%s,"warm_cache_ms":%s,"cold_again_ms":%s,"cached_files":%s}' \
+  "$(first_step_ms "$work/train-1.log")" "$(first_step_ms "$work/train-2.log")" "$(first_step_ms "$work/train-3.log")" \
+  "$(find "$work/kernels" -type f | wc -l)")"
 
 log "end to end on a cluster: flotilla up --workers 1, submit the 1-GPU job, --follow"
 # The product path: the agent counts its GPUs (nvidia-smi -L) and registers them, the scheduler
