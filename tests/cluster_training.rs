@@ -323,3 +323,89 @@ fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     let cancelled = run(&home, &["cancel", &job]);
     assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
 }
+
+/// The handover's fallback end to end: a notice with time for a handover, but the only
+/// replacement (the local provider's, `up --boot-delay-s`) registers after the fallback time
+/// (45 s before the instance is taken). The gang trains on until then, stops at a checkpoint
+/// as after any notice, and resumes from exactly that step once the replacement is there: no
+/// step lost, no handover recorded.
+#[test]
+fn a_replacement_too_late_for_the_handover_falls_back_to_checkpoint_and_wait() {
+    const NOTICE_S: u64 = 65; // fallback 20 s after the notice
+    const BOOT_S: u64 = 26;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let cluster = Cluster { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--workers", "2", "--boot-delay-s", &BOOT_S.to_string()]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = dir.path().join("fallback.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"fallback\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 1000000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n\
+             checkpoint = {{ every_steps = 100000 }}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    let job = cluster.submit(&spec);
+    cluster.wait_state(&job, &["Running"], Duration::from_secs(60));
+    let workers = json(run(&home, &["workers", "-o", "json"]));
+    let noticed = workers.as_array().and_then(|ws| ws.first()).and_then(|w| w["id"].as_str()).expect("a worker");
+    let preempted = run(&home, &["preempt", noticed, "--notice-s", &NOTICE_S.to_string()]);
+    assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    let noticed_at = Instant::now();
+    let events = |status: &serde_json::Value, kind: &str| -> Vec<String> {
+        status["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e["kind"] == kind)
+                    .filter_map(|e| e["message"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The gang trains on through the notice, then stops at the fallback time.
+    let stopped = loop {
+        let status = cluster.status(&job);
+        if status["generation"].as_u64() >= Some(2) || status["state"] == "Pending" {
+            break status;
+        }
+        assert!(noticed_at.elapsed() < Duration::from_secs(NOTICE_S), "no stop by the fallback time: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stopped_after = noticed_at.elapsed();
+    assert!(
+        events(&stopped, "preemption_notice").iter().any(|m| m.contains("while a replacement is sought")),
+        "a handover was sought first: {stopped}"
+    );
+    assert!(stopped_after >= Duration::from_secs(15), "trained on until the fallback, stopped after {stopped_after:?}");
+    assert!(stopped_after < Duration::from_secs(BOOT_S), "stopped before the replacement came: {stopped_after:?}");
+    // It resumes on the replacement once that registers, from the step it stopped at.
+    let resumed = cluster.wait_state(&job, &["Running"], Duration::from_secs(BOOT_S + 30));
+    assert!(resumed["generation"].as_u64() >= Some(2), "{resumed}");
+    let started = Instant::now();
+    let status = loop {
+        let status = cluster.status(&job);
+        if status["step"].as_u64() > status["latest_checkpoint"]["step"].as_u64() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no step after the resume: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((status["steps_lost"].as_u64(), status["preemptions"].as_u64()), (Some(0), Some(1)), "{status}");
+    assert!(
+        events(&status, "handover").iter().all(|m| !m.contains("'s rank at step")),
+        "no handover took place: {status}"
+    );
+    assert!(
+        events(&status, "checkpointed").iter().any(|m| m.contains("stopped for preemption")),
+        "the notice path's checkpoint: {status}"
+    );
+    let cancelled = run(&home, &["cancel", &job]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+}

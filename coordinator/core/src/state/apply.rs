@@ -793,8 +793,10 @@ fn generation_ended(
     now: u64,
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
-    let requested = job.checkpoint_requested.take();
     let handover = job.handover.take();
+    // A gang that stops on its own during a handover (the noticed member's agent stops at the
+    // fallback time when no order came first) stops for that notice.
+    let requested = job.checkpoint_requested.take().or(handover.as_ref().map(|_| StopReason::Preemption));
     let lost_steps = match &end {
         GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. } => step.saturating_sub(resume_step(job)),
         _ => 0,

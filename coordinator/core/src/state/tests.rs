@@ -419,6 +419,28 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
 }
 
 #[test]
+fn a_gang_that_stops_on_its_own_during_a_handover_stops_for_the_notice() {
+    // The noticed agent stops at the fallback time when the leader's order has not come yet.
+    let mut state = State::default();
+    let (w1, _) = running_job(&mut state, 3);
+    at(&mut state, 10_000, spot_notice(w1, 130_000)).expect("notice");
+    assert!(state.jobs[&JobId(1)].handover.is_some() && state.jobs[&JobId(1)].checkpoint_requested.is_none());
+    checkpoint(&mut state, 40, 1).expect("checkpoint");
+    let ended = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 40,
+        reporter: None,
+    };
+    at(&mut state, 85_000, ended).expect("ended");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.preemptions, job.steps_lost, job.handover.clone()), (JobState::Pending, 1, 0, None));
+    let event = job.events.iter().rev().find(|e| e.kind == "checkpointed").expect("event");
+    assert!(event.message.contains("stopped for preemption"), "{}", event.message);
+}
+
+#[test]
 fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
     let mut state = State::default();
     running_job(&mut state, 3);
