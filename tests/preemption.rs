@@ -115,6 +115,13 @@ fn spot_notices_lose_zero_steps() {
         checkpointed[0].contains("stopped for handover") && checkpointed[2].contains("stopped for preemption"),
         "{done}"
     );
+    // Each stop's time without training is in the job's status: one record per generation
+    // that followed a stop, the handovers' timed from the stop.
+    let resumed = events(&done, "resumed");
+    assert_eq!(resumed.len(), 3, "{done}");
+    assert_eq!(resumed.iter().filter(|m| m.contains("after the stop (handover)")).count(), 2, "{done}");
+    let total = done["stall_ms_total"].as_u64().expect("stall_ms_total");
+    assert!(total > 0 && done["last_stall_ms"].as_u64() <= Some(total), "{done}");
     // At each handover the state went from worker to worker, not through the store: the
     // surviving rank kept its own, the replacement received it from the survivor.
     let node1 = String::from_utf8_lossy(&run(home, &["logs", &job, "--node", "1"]).stdout).to_string();

@@ -257,6 +257,8 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         failures: job.failures,
         checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count() as u32,
         lost_work_usd: job.lost_work_usd,
+        stall_ms_total: job.stall_ms_total,
+        last_stall_ms: job.last_stall_ms,
     }
 }
 

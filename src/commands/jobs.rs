@@ -179,6 +179,9 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
     if let Some(accuracy) = metrics.val_accuracy {
         line += &format!(" val_accuracy {accuracy:.4}");
     }
+    if job.stall_ms_total > 0 {
+        line += &format!(" stalled {} ms (last {} ms)", job.stall_ms_total, job.last_stall_ms);
+    }
     if !job.reason.is_empty() {
         line += &format!(" ({})", job.reason);
     }
@@ -291,6 +294,8 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
         },
         "cost_usd": job.cost_usd,
         "lost_work_usd": job.lost_work_usd,
+        "stall_ms_total": job.stall_ms_total,
+        "last_stall_ms": job.last_stall_ms,
         "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({ "step": c.step, "uri": c.uri })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,

@@ -226,13 +226,22 @@ impl ClusterService for ClusterApi {
             && let Some(resumption) = resumption
         {
             let now = crate::raft::node::now_unix_ms();
-            let (histogram, since) = match resumption {
-                Resumption::Recovery { lost_at_unix_ms } => (&self.progress.recovery_seconds, lost_at_unix_ms),
+            let (histogram, since, handover) = match resumption {
+                Resumption::Recovery { lost_at_unix_ms } => (&self.progress.recovery_seconds, lost_at_unix_ms, false),
                 Resumption::Handover { stopped_at_unix_ms } => {
-                    (&self.progress.handover_stall_seconds, stopped_at_unix_ms)
+                    (&self.progress.handover_stall_seconds, stopped_at_unix_ms, true)
                 }
             };
-            histogram.observe(now.saturating_sub(since) as f64 / 1e3);
+            let stall_ms = now.saturating_sub(since);
+            histogram.observe(stall_ms as f64 / 1e3);
+            // For the job's status and events, through Raft, off this report's path.
+            let resumed = Command::TrainingResumed { job_id, generation: report.generation, stall_ms, handover };
+            let node = self.node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.propose(resumed).await {
+                    tracing::debug!(error = %e, "the stall was not recorded");
+                }
+            });
         }
         Ok(Response::new(Ack {}))
     }

@@ -51,6 +51,9 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     gang_usd_per_hour: 0.0,
                     on_demand_only: false,
                     handover: None,
+                    stall_ms_total: 0,
+                    last_stall_ms: 0,
+                    stall_generation: 0,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -232,6 +235,23 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 );
             }
             Ok(Applied::CheckpointRequested { job_id })
+        }
+        Command::TrainingResumed { job_id, generation, stall_ms, handover } => {
+            let job = running_generation(state, job_id, generation)?;
+            if job.stall_generation == generation {
+                return Ok(Applied::TrainingResumed { job_id, recorded: false });
+            }
+            job.stall_generation = generation;
+            job.last_stall_ms = stall_ms;
+            job.stall_ms_total = job.stall_ms_total.saturating_add(stall_ms);
+            let since = if handover { "the stop (handover)" } else { "the notice or loss" };
+            push_event(
+                job,
+                now,
+                "resumed",
+                format!("generation {generation} trained again {stall_ms} ms after {since}"),
+            );
+            Ok(Applied::TrainingResumed { job_id, recorded: true })
         }
         Command::MoveToOnDemand { job_id, reason } => {
             let job = state.jobs.get(&job_id).ok_or(Rejected::JobNotFound(job_id))?;

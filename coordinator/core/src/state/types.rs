@@ -141,6 +141,16 @@ pub struct Job {
     /// only (spot workers are neither assigned nor bought for it). Never cleared.
     #[serde(default)]
     pub on_demand_only: bool,
+    /// Time without training that stops cost the job, summed (each from the stop, or the
+    /// loss, to the next generation's first step, as the leader saw it), in ms.
+    #[serde(default)]
+    pub stall_ms_total: u64,
+    /// The latest such stall, ms (0: none yet).
+    #[serde(default)]
+    pub last_stall_ms: u64,
+    /// The generation whose stall was recorded last (one record per generation).
+    #[serde(default)]
+    pub stall_generation: u64,
     /// A member got a notice with time to spare: a replacement is sought while the gang trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
@@ -674,6 +684,15 @@ pub enum Command {
         job_id: JobId,
         generation: u64,
     },
+    /// The leader saw the first step of `generation`, which followed a stop: the job went
+    /// `stall_ms` without training (from the stop for a handover, from the notice or loss
+    /// otherwise). Recorded once per generation, for the job's status and events.
+    TrainingResumed {
+        job_id: JobId,
+        generation: u64,
+        stall_ms: u64,
+        handover: bool,
+    },
     /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
     /// from now on; a generation running on spot workers checkpoints and stops to move.
     MoveToOnDemand {
@@ -867,6 +886,11 @@ pub enum Applied {
         worker_id: WorkerId,
         job: Option<JobId>,
         handover_until: Option<u64>,
+    },
+    /// `recorded`: false when the generation's stall was already recorded.
+    TrainingResumed {
+        job_id: JobId,
+        recorded: bool,
     },
     /// A replacement is reserved for the job's handover; it prepares while the gang trains.
     ReplacementReserved {
