@@ -7,7 +7,8 @@
 #   3. burn-cuda MLP and CNN steps vs the CPU in the same run (JSON: samples/s, ratio);
 #   4. end to end: `flotilla train` of examples/mnist-mlp.toml on 1 GPU must reach >= 0.90
 #      validation accuracy;
-#   5. the product path: `flotilla up --workers 1` (the agent counts its GPUs), `submit` of the
+#   5. checkpoints cross devices (GPU -> CPU and CPU -> GPU resumes finish >= 0.90);
+#   6. the product path: `flotilla up --workers 1` (the agent counts its GPUs), `submit` of the
 #      1-GPU job, `--follow`: it must succeed with >= 0.90 as well.
 # Exits 0 when every check passed, 2 when there is no GPU, 1 on any failure. JSON lines go to
 # stdout and to $OUT/gpu_check.jsonl when OUT is set.
@@ -111,6 +112,21 @@ FLOTILLA_KERNEL_CACHE="$work/kernels-empty" "$bin" train "$work/mnist-gpu.toml" 
 emit "$(printf '{"bench":"gpu_first_step","cold_ms":%s,"warm_cache_ms":%s,"cold_again_ms":%s,"cached_files":%s}' \
   "$(first_step_ms "$work/train-1.log")" "$(first_step_ms "$work/train-2.log")" "$(first_step_ms "$work/train-3.log")" \
   "$(find "$work/kernels" -type f | wc -l)")"
+
+log "checkpoints cross devices: 200 steps on the GPU, the rest on the CPU, and the other way round"
+# One checkpoint format for both: a GPU run's checkpoint resumes on a CPU and vice versa, and
+# each finished run must still reach >= 0.90.
+grep -v '^gpus = 1$' "$work/mnist-gpu.toml" > "$work/mnist-cpu.toml"
+cross() { # $1: device of the first 200 steps, $2: of the rest
+  local first=$work/mnist-$1.toml rest=$work/mnist-$2.toml ck=$work/ck-$1-$2 summary accuracy
+  "$bin" train "$first" --steps 200 --checkpoint-dir "$ck" -o json > /dev/null 2>&1 || return 1
+  summary=$("$bin" train "$rest" --resume-from "$ck/ckpt/000000000200" -o json 2> /dev/null | tail -1)
+  emit "$(printf '{"bench":"gpu_cross_device_resume","first":"%s","rest":"%s","summary":%s}' "$1" "$2" "${summary:-null}")"
+  accuracy=$(sed -n 's/.*"val_accuracy":\([0-9.eE+-]*\).*/\1/p' <<< "$summary")
+  awk -v a="${accuracy:-0}" 'BEGIN { exit !(a >= 0.90) }'
+}
+cross gpu cpu || { log "FAILED: a GPU checkpoint did not finish on the CPU"; exit 1; }
+cross cpu gpu || { log "FAILED: a CPU checkpoint did not finish on the GPU"; exit 1; }
 
 log "end to end on a cluster: flotilla up --workers 1, submit the 1-GPU job, --follow"
 # The product path: the agent counts its GPUs (nvidia-smi -L) and registers them, the scheduler
