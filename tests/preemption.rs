@@ -122,6 +122,11 @@ fn spot_notices_lose_zero_steps() {
     assert_eq!(resumed.iter().filter(|m| m.contains("after the stop (handover)")).count(), 2, "{done}");
     let total = done["stall_ms_total"].as_u64().expect("stall_ms_total");
     assert!(total > 0 && done["last_stall_ms"].as_u64() <= Some(total), "{done}");
+    // ... and what each resume moved: the state went peer to peer every time, never through
+    // the store (a survivor held it).
+    assert!(resumed.iter().all(|m| m.contains(" bytes peer to peer, 0 bytes from the store")), "{done}");
+    assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "{done}");
     // At each handover the state went from worker to worker, not through the store: the
     // surviving rank kept its own, the replacement received it from the survivor.
     let node1 = String::from_utf8_lossy(&run(home, &["logs", &job, "--node", "1"]).stdout).to_string();
@@ -227,6 +232,8 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
         "seed {seed}: steps lost per kill {lost_per_kill:?} exceed checkpoint.every_steps = {every_steps}: {done}"
     );
     assert_eq!(done["steps_lost"].as_u64(), Some(lost_per_kill.iter().sum()), "{done}");
+    // A hard loss leaves nobody holding the state: the gang reads it from the store.
+    assert!(done["resume_storage_bytes"].as_u64() > Some(0), "seed {seed}: {done}");
 
     assert_same_as_uninterrupted(home, &spec, &done, &format!("seed {seed}"));
 }

@@ -259,6 +259,8 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         lost_work_usd: job.lost_work_usd,
         stall_ms_total: job.stall_ms_total,
         last_stall_ms: job.last_stall_ms,
+        resume_peer_bytes: job.resume_peer_bytes,
+        resume_storage_bytes: job.resume_storage_bytes,
     }
 }
 

@@ -296,6 +296,8 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
         "lost_work_usd": job.lost_work_usd,
         "stall_ms_total": job.stall_ms_total,
         "last_stall_ms": job.last_stall_ms,
+        "resume_peer_bytes": job.resume_peer_bytes,
+        "resume_storage_bytes": job.resume_storage_bytes,
         "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({ "step": c.step, "uri": c.uri })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,

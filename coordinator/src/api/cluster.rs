@@ -235,7 +235,14 @@ impl ClusterService for ClusterApi {
             let stall_ms = now.saturating_sub(since);
             histogram.observe(stall_ms as f64 / 1e3);
             // For the job's status and events, through Raft, off this report's path.
-            let resumed = Command::TrainingResumed { job_id, generation: report.generation, stall_ms, handover };
+            let resumed = Command::TrainingResumed {
+                job_id,
+                generation: report.generation,
+                stall_ms,
+                handover,
+                peer_bytes: report.resume_peer_bytes,
+                storage_bytes: report.resume_storage_bytes,
+            };
             let node = self.node.clone();
             tokio::spawn(async move {
                 if let Err(e) = node.propose(resumed).await {

@@ -77,9 +77,14 @@ pub(super) fn run_rank(
         Err((end, e)) => return broken(end, resume_step, e),
     };
     startup.lap("rendezvous");
+    // What this start moved across the gang (rank 0 reports it with its progress).
+    let mut moved = ResumeBytes::default();
     let resume = match &train.resume_from {
         Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
-            Ok(state) => Some(state),
+            Ok((state, bytes)) => {
+                moved = bytes;
+                Some(state)
+            }
             Err(end) => return end,
         },
         None => None,
@@ -148,6 +153,8 @@ pub(super) fn run_rank(
                 samples_per_s: report.samples_per_s,
                 total_steps: trainer.total_steps(),
                 eta_ms,
+                resume_peer_bytes: moved.peer,
+                resume_storage_bytes: moved.storage,
                 ..Default::default()
             });
         }
@@ -304,25 +311,36 @@ pub(super) fn run_rank(
     })))
 }
 
+/// Bytes a generation's start moved across its gang: peer to peer, and read from the store.
+#[derive(Debug, Default, Clone, Copy)]
+struct ResumeBytes {
+    peer: u64,
+    storage: u64,
+}
+
 /// The state of the checkpoint `reference` (every rank of the gang calls this together): held
 /// in memory since the last planned stop, received from a gang member that holds it, or read
-/// from the store (see [`peer`]). The note says which.
+/// from the store (see [`peer`]). The note says which. With it, what the gang moved as every
+/// rank can tell: the peer bytes of the exchange, and the store's bytes times the ranks when
+/// nobody held it (a rank that refused a peer's state and read the store counts only itself).
 fn resume_state(
     job_id: &str,
     reference: &CheckpointRef,
     comm: &mut dyn crate::collective::Communicator,
     log: &mut JobNotes,
-) -> Result<crate::train::TrainState, RankEnd> {
+) -> Result<(crate::train::TrainState, ResumeBytes), RankEnd> {
     let started = Instant::now();
     let mine = peer::HELD.held(job_id, &reference.manifest_sha256);
     let step = reference.step;
-    match peer::share(comm, mine, &reference.manifest_sha256) {
-        Ok(Shared::Held(state)) => {
+    let world = comm.world_size() as u64;
+    let mut moved = ResumeBytes::default();
+    match peer::share_counted(comm, mine, &reference.manifest_sha256) {
+        Ok((Shared::Held(state), peer)) => {
             AGENT.resumes_from_memory.inc();
             log.note(format!("resuming from the checkpoint of step {step} (held in memory since the stop)"));
-            return Ok(state);
+            return Ok((state, ResumeBytes { peer, storage: 0 }));
         }
-        Ok(Shared::FromPeer { state, root, bytes }) => {
+        Ok((Shared::FromPeer { state, root, bytes }, peer)) => {
             AGENT.resumes_from_peer.inc();
             AGENT.resume_peer_bytes.inc_by(bytes);
             log.note(format!(
@@ -330,13 +348,14 @@ fn resume_state(
                  {:.1} ms, checksums verified)",
                 started.elapsed().as_secs_f64() * 1e3
             ));
-            return Ok(state);
+            return Ok((state, ResumeBytes { peer, storage: 0 }));
         }
-        Ok(Shared::Nobody) => {}
+        Ok((Shared::Nobody, _)) => moved.storage = reference.size_bytes.saturating_mul(world),
         Err(ShareError::Collective(e)) => return Err(broken(GenerationEnd::PeerLost, step, e)),
         Err(ShareError::Refused(e)) => {
             tracing::warn!(error = %e, "the state from a peer was refused; reading the checkpoint from the store");
             log.note(format!("the state from a peer was refused ({e}); reading the checkpoint from the store"));
+            moved.storage = reference.size_bytes;
         }
     }
     match state::load_uri(&reference.uri) {
@@ -349,7 +368,7 @@ fn resume_state(
                 reference.size_bytes,
                 started.elapsed().as_secs_f64() * 1e3
             ));
-            Ok(state)
+            Ok((state, moved))
         }
         Err(e) if e.is_unusable() => Err(checkpoint_unusable(log, step, e)),
         Err(e) => Err(broken(GenerationEnd::RetryableError, step, e)),

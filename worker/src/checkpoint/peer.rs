@@ -142,6 +142,16 @@ pub enum ShareError {
 /// The collective exchange (every rank of the gang calls it, with what it holds of the
 /// checkpoint `fingerprint`): see the module docs.
 pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str) -> Result<Shared, ShareError> {
+    share_counted(comm, mine, fingerprint).map(|(shared, _)| shared)
+}
+
+/// [`share`], with the bytes the whole gang moved peer to peer (the frame times the ranks
+/// that lacked it), which every rank knows once the exchange is done.
+pub fn share_counted(
+    comm: &mut dyn Communicator,
+    mine: Option<Held>,
+    fingerprint: &str,
+) -> Result<(Shared, u64), ShareError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut flags = vec![0.0f32; world];
     if mine.is_some() {
@@ -149,11 +159,11 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str)
     }
     comm.all_reduce_sum(&mut flags)?;
     let holders: Vec<usize> = (0..world).filter(|&r| flags[r] > 0.5).collect();
-    let Some(&root) = holders.first() else { return Ok(Shared::Nobody) };
+    let Some(&root) = holders.first() else { return Ok((Shared::Nobody, 0)) };
     if holders.len() == world
         && let Some(held) = mine
     {
-        return Ok(Shared::Held(held.state));
+        return Ok((Shared::Held(held.state), 0));
     }
     // The root frames its state; everyone learns the length, then receives the frame.
     let frame = match (&mine, rank == root) {
@@ -170,19 +180,20 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str)
     let bytes = u64::from_le_bytes(raw);
     if bytes == 0 || bytes > TRANSFER_BYTES_MAX {
         // The root could not frame it (too large): everyone that lacks it reads the store.
-        return Ok(mine.map_or(Shared::Nobody, |held| Shared::Held(held.state)));
+        return Ok((mine.map_or(Shared::Nobody, |held| Shared::Held(held.state)), 0));
     }
+    let moved = bytes.saturating_mul((world - holders.len()) as u64);
     let mut buffer = vec![0.0f32; (bytes as usize).div_ceil(4)];
     if let Some(frame) = &frame {
         bytemuck::cast_slice_mut::<f32, u8>(&mut buffer)[..frame.len()].copy_from_slice(frame);
     }
     comm.broadcast(&mut buffer, root)?;
     if let Some(held) = mine {
-        return Ok(Shared::Held(held.state));
+        return Ok((Shared::Held(held.state), moved));
     }
     let received = &bytemuck::cast_slice::<f32, u8>(&buffer)[..bytes as usize];
     let state = unframe(received, fingerprint, &format!("the state from rank {root}"))?;
-    Ok(Shared::FromPeer { state, root, bytes })
+    Ok((Shared::FromPeer { state, root, bytes }, moved))
 }
 
 /// `state` as one frame: MANIFEST length (u32, little-endian), MANIFEST, then the parts in
@@ -285,6 +296,11 @@ mod tests {
 
     /// Runs `share` on a loopback ring of `held.len()` ranks, rank r holding `held[r]`.
     fn exchange(held: Vec<Option<TrainState>>, fingerprint: &str) -> Vec<Result<Shared, ShareError>> {
+        exchange_counted(held, fingerprint).into_iter().map(|r| r.map(|(shared, _)| shared)).collect()
+    }
+
+    /// [`exchange`] with each rank's count of the bytes the gang moved.
+    fn exchange_counted(held: Vec<Option<TrainState>>, fingerprint: &str) -> Vec<Result<(Shared, u64), ShareError>> {
         let gang = ring::loopback_gang(held.len(), Duration::from_secs(10)).expect("ring");
         let threads: Vec<_> = gang
             .into_iter()
@@ -292,7 +308,7 @@ mod tests {
             .map(|(mut comm, mine)| {
                 let fingerprint = fingerprint.to_string();
                 let mine = mine.map(|state| Held::encode(state).expect("fits"));
-                std::thread::spawn(move || share(&mut comm, mine, &fingerprint))
+                std::thread::spawn(move || share_counted(&mut comm, mine, &fingerprint))
             })
             .collect();
         threads.into_iter().map(|t| t.join().expect("rank thread")).collect()
@@ -314,6 +330,19 @@ mod tests {
                 }
                 Shared::Nobody => panic!("rank {rank}: a holder existed"),
             }
+        }
+    }
+
+    #[test]
+    fn every_rank_knows_what_the_gang_moved_peer_to_peer() {
+        let s = state(60);
+        let f = fingerprint(&s);
+        let frame_bytes = frame(&held(&s)).expect("frame").len() as u64;
+        for result in exchange_counted(vec![Some(s.clone()), None, None], &f) {
+            assert_eq!(result.expect("exchange").1, 2 * frame_bytes, "two ranks received the frame");
+        }
+        for result in exchange_counted(vec![Some(s.clone()), Some(s.clone())], &f) {
+            assert_eq!(result.expect("exchange").1, 0, "all held: nothing moved");
         }
     }
 

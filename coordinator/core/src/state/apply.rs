@@ -54,6 +54,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     stall_ms_total: 0,
                     last_stall_ms: 0,
                     stall_generation: 0,
+                    resume_peer_bytes: 0,
+                    resume_storage_bytes: 0,
                 },
             );
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
@@ -236,7 +238,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::CheckpointRequested { job_id })
         }
-        Command::TrainingResumed { job_id, generation, stall_ms, handover } => {
+        Command::TrainingResumed { job_id, generation, stall_ms, handover, peer_bytes, storage_bytes } => {
             let job = running_generation(state, job_id, generation)?;
             if job.stall_generation == generation {
                 return Ok(Applied::TrainingResumed { job_id, recorded: false });
@@ -244,12 +246,17 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.stall_generation = generation;
             job.last_stall_ms = stall_ms;
             job.stall_ms_total = job.stall_ms_total.saturating_add(stall_ms);
+            job.resume_peer_bytes = job.resume_peer_bytes.saturating_add(peer_bytes);
+            job.resume_storage_bytes = job.resume_storage_bytes.saturating_add(storage_bytes);
             let since = if handover { "the stop (handover)" } else { "the notice or loss" };
             push_event(
                 job,
                 now,
                 "resumed",
-                format!("generation {generation} trained again {stall_ms} ms after {since}"),
+                format!(
+                    "generation {generation} trained again {stall_ms} ms after {since}; state moved: {peer_bytes} bytes \
+                     peer to peer, {storage_bytes} bytes from the store"
+                ),
             );
             Ok(Applied::TrainingResumed { job_id, recorded: true })
         }

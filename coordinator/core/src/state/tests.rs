@@ -444,12 +444,20 @@ fn a_gang_that_stops_on_its_own_during_a_handover_stops_for_the_notice() {
 fn a_generation_s_stall_is_recorded_once_with_an_event() {
     let mut state = State::default();
     running_job(&mut state, 3);
-    let resumed = |generation| Command::TrainingResumed { job_id: JobId(1), generation, stall_ms: 42, handover: true };
+    let resumed = |generation| Command::TrainingResumed {
+        job_id: JobId(1),
+        generation,
+        stall_ms: 42,
+        handover: true,
+        peer_bytes: 2_822_494,
+        storage_bytes: 0,
+    };
     assert_eq!(at(&mut state, 1_000, resumed(1)), Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: true }));
     assert_eq!(at(&mut state, 1_001, resumed(1)), Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: false }));
     assert!(matches!(at(&mut state, 1_002, resumed(2)), Err(Rejected::StaleGeneration { .. })));
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.stall_ms_total, job.last_stall_ms), (42, 42), "counted once");
+    assert_eq!((job.resume_peer_bytes, job.resume_storage_bytes), (2_822_494, 0));
     let event = job.events.last().expect("event");
     assert_eq!(event.kind, "resumed");
     assert!(event.message.contains("42 ms after the stop (handover)"), "{}", event.message);

@@ -151,6 +151,11 @@ pub struct Job {
     /// The generation whose stall was recorded last (one record per generation).
     #[serde(default)]
     pub stall_generation: u64,
+    /// What its resumes moved, summed: bytes peer to peer and bytes read from the store.
+    #[serde(default)]
+    pub resume_peer_bytes: u64,
+    #[serde(default)]
+    pub resume_storage_bytes: u64,
     /// A member got a notice with time to spare: a replacement is sought while the gang trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
@@ -692,6 +697,11 @@ pub enum Command {
         generation: u64,
         stall_ms: u64,
         handover: bool,
+        /// Bytes the start moved across the gang, peer to peer and from the store.
+        #[serde(default)]
+        peer_bytes: u64,
+        #[serde(default)]
+        storage_bytes: u64,
     },
     /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
     /// from now on; a generation running on spot workers checkpoints and stops to move.
