@@ -24,12 +24,12 @@ import re
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 
-BIN = os.environ["FLOTILLA_BIN"]
+from cluster_cli import cli, wait, wait_idle, workers
+
 WORK = os.environ["WORK"]
 DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -37,6 +37,8 @@ PATHS = {"checkpoint_and_wait": 30, "handover": 120}
 GPUS = int(os.environ.get("GPUS", "0"))
 METRICS_URL = os.environ.get("METRICS_URL", "")
 GLOBAL_BATCH = 2 * 64
+# How long a wait may take, and that a job that ends (it never should here) ends it.
+UNTIL = {"limit_s": 180, "ended": ("Failed", "Cancelled", "Succeeded")}
 
 
 def histogram(name):
@@ -56,37 +58,6 @@ def step_ms(job):
     """The gang's step time before the notice, from rank 0's last samples/s note."""
     rates = re.findall(r" ([0-9.]+) samples/s", cli("logs", job, "--node", "0"))
     return round(GLOBAL_BATCH / float(rates[-1]) * 1e3, 2) if rates else None
-
-
-def cli(*args):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, check=True).stdout
-
-
-def status(job):
-    return json.loads(cli("status", job, "-o", "json").strip().splitlines()[-1])
-
-
-def wait(job, cond, limit_s=180, poll_s=0.005):
-    started = time.monotonic()
-    while True:
-        s = status(job)
-        if cond(s):
-            return s, time.monotonic()
-        if s["state"] in ("Failed", "Cancelled", "Succeeded") or time.monotonic() - started > limit_s:
-            raise SystemExit(f"{job}: gave up waiting: {json.dumps(s)[:2000]}")
-        time.sleep(poll_s)
-
-
-def workers():
-    return json.loads(cli("workers", "-o", "json").strip().splitlines()[-1])
-
-
-def wait_idle(count, limit_s=120):
-    started = time.monotonic()
-    while sum(1 for w in workers() if w["state"] == "Idle") < count:
-        if time.monotonic() - started > limit_s:
-            raise SystemExit(f"fewer than {count} idle workers after {limit_s} s: {workers()}")
-        time.sleep(0.2)
 
 
 def submit(name):
@@ -129,9 +100,9 @@ def resume_sources(job):
 
 
 def one(path, round_no):
-    wait_idle(2)
+    wait_idle(2, limit_s=120)
     job = submit(f"{path}-{round_no}")
-    running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100)
+    running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100, **UNTIL)
     generation = running["generation"]
     gang_step_ms = step_ms(job)
     metric = "handover_stall_seconds" if path == "handover" else "recovery_seconds"
@@ -139,12 +110,13 @@ def one(path, round_no):
     victim = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")[round_no % 2]
     t0 = time.monotonic()
     cli("preempt", victim, "--notice-s", str(PATHS[path]))
-    stopped, t_stop = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running")
+    stopped, t_stop = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running", **UNTIL)
     first, t_first = wait(
         job,
         lambda s: s["state"] == "Running"
         and s["generation"] > generation
         and s["step"] > (s["latest_checkpoint"] or {}).get("step", 0),
+        **UNTIL,
     )
     time.sleep(0.5)  # the ranks' notes reach the store
     sources = resume_sources(job)

@@ -21,30 +21,11 @@ import subprocess
 import sys
 import time
 
-BIN = os.environ["FLOTILLA_BIN"]
+from cluster_cli import cli, wait, wait_idle, workers
+
 WORK = os.environ["WORK"]
 DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-
-
-def cli(*args):
-    out = subprocess.run([BIN, *args], capture_output=True, text=True, check=True)
-    return out.stdout
-
-
-def status(job):
-    return json.loads(cli("status", job, "-o", "json").strip().splitlines()[-1])
-
-
-def wait(job, cond, limit_s=120, poll_s=0.005):
-    started = time.monotonic()
-    while True:
-        s = status(job)
-        if cond(s):
-            return s, time.monotonic()
-        if s["state"] in ("Failed", "Cancelled") or time.monotonic() - started > limit_s:
-            raise SystemExit(f"{job}: gave up waiting: {json.dumps(s)[:2000]}")
-        time.sleep(poll_s)
 
 
 def submit(name, epochs, every_steps=20):
@@ -59,29 +40,15 @@ def submit(name, epochs, every_steps=20):
 
 
 def gang(job):
-    workers = json.loads(cli("workers", "-o", "json").strip().splitlines()[-1])
-    return sorted(w["id"] for w in workers if w["job_id"] == job and w["state"] == "Busy")
+    return sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")
 
 
 def emit(record):
     print(json.dumps(record), flush=True)
 
 
-def wait_idle_workers(count, limit_s=60):
-    """Each round starts with a spare (the previous round's replacement has joined), so the
-    figures measure recovery, not waiting for capacity."""
-    started = time.monotonic()
-    while True:
-        workers = json.loads(cli("workers", "-o", "json").strip().splitlines()[-1])
-        if sum(1 for w in workers if w["state"] == "Idle") >= count:
-            return
-        if time.monotonic() - started > limit_s:
-            raise SystemExit(f"fewer than {count} idle workers after {limit_s} s: {workers}")
-        time.sleep(0.2)
-
-
 def recovery(kind, round_no):
-    wait_idle_workers(3)
+    wait_idle(3)
     job = submit(f"{kind}-{round_no}", epochs=40)
     running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100)
     generation = running["generation"]

@@ -43,8 +43,22 @@ pub struct Holder(Mutex<Option<HeldEntry>>);
 
 struct HeldEntry {
     job_id: String,
-    state: TrainState,
-    encoded: Arc<OnceLock<Option<Held>>>,
+    cell: Arc<HeldCell>,
+}
+
+/// One held state, kept once: raw until someone encodes it (the background thread, or the
+/// exchange if it comes first), then only inside its encoding.
+struct HeldCell {
+    raw: Mutex<Option<TrainState>>,
+    encoded: OnceLock<Option<Held>>,
+}
+
+impl HeldCell {
+    /// The encoding; computes it from the raw state if nobody has, waits for an encoding
+    /// under way on another thread.
+    fn encoded(&self) -> Option<&Held> {
+        self.encoded.get_or_init(|| self.raw.lock().ok()?.take().and_then(Held::encode)).as_ref()
+    }
 }
 
 /// This process's holder.
@@ -58,14 +72,13 @@ impl Holder {
     /// Keeps `state` (the step a generation of `job_id` stopped at) for the next generation,
     /// and starts encoding it in the background.
     pub fn hold(&self, job_id: &str, state: TrainState) {
-        let encoded = Arc::new(OnceLock::new());
-        let (cell, copy) = (encoded.clone(), state.clone());
-        // Whoever comes first encodes; `held` waits for a background encoding under way.
+        let cell = Arc::new(HeldCell { raw: Mutex::new(Some(state)), encoded: OnceLock::new() });
+        let background = cell.clone();
         std::thread::spawn(move || {
-            cell.get_or_init(|| Held::encode(copy));
+            background.encoded();
         });
         if let Ok(mut held) = self.0.lock() {
-            *held = Some(HeldEntry { job_id: job_id.to_string(), state, encoded });
+            *held = Some(HeldEntry { job_id: job_id.to_string(), cell });
         }
     }
 
@@ -79,13 +92,11 @@ impl Holder {
     /// The held state of `job_id` if it is the checkpoint whose manifest fingerprint is
     /// `fingerprint` (an empty fingerprint matches nothing), with its encoding.
     pub fn held(&self, job_id: &str, fingerprint: &str) -> Option<Held> {
-        let (unencoded, encoded) = {
+        let cell = {
             let held = self.0.lock().ok()?;
-            let entry = held.as_ref().filter(|e| e.job_id == job_id)?;
-            (entry.encoded.get().is_none().then(|| entry.state.clone()), entry.encoded.clone())
+            held.as_ref().filter(|e| e.job_id == job_id)?.cell.clone()
         };
-        let held = encoded.get_or_init(|| unencoded.and_then(Held::encode)).as_ref()?;
-        held.is_checkpoint(fingerprint).then(|| held.clone())
+        cell.encoded().filter(|held| held.is_checkpoint(fingerprint)).cloned()
     }
 }
 
