@@ -14,8 +14,9 @@ Measured from outside with the CLI (status polled every 5 ms; rank 0 reports a g
 first step at once): trained_on_ms (notice -> the generation stopped), stall_ms (stopped -> the
 next generation's first step past its resume step: time without training), to_first_step_ms
 (notice -> that step), steps_lost; and from each rank's job log, where its resume state came
-from (memory: held since the stop; peer: received over the data port; storage: read from the
-store), with its bytes and milliseconds. From the inside: leader_stall_ms, the leader's own
+from (memory: held since the stop; pushed: sent by the leaving member to its replacement while
+the gang regrouped; peer: received over the data port in the generation's exchange; storage:
+read from the store), with its bytes and milliseconds. From the inside: leader_stall_ms, the leader's own
 histogram (flotilla_handover_stall_seconds for a handover, flotilla_recovery_seconds, which
 starts at the notice, for the baseline); step_ms, the gang's step time before the notice (from
 rank 0's samples/s); bound_ms = step_ms + the state transfer, issue 25's bound for the stall.
@@ -81,7 +82,15 @@ def resume_sources(job):
         if not notes:
             continue
         note = notes[-1]
-        source = "peer" if "over the data port" in note else "memory" if "held in memory" in note else "storage"
+        source = (
+            "pushed"
+            if "pushed by the leaving member" in note
+            else "peer"
+            if "over the data port" in note
+            else "memory"
+            if "held in memory" in note
+            else "storage"
+        )
         size = re.search(r"(\d+) bytes", note)
         ms = re.search(r"in ([0-9.]+) ms", note)
         sources[f"rank{rank}"] = {

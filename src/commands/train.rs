@@ -200,6 +200,8 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         bail!("--rank {} is outside the {world} addresses", args.rank);
     }
     let listener = TcpListener::bind(args.addresses[args.rank]).context("binding this rank's ring address")?;
+    let port = flotilla_worker::collective::port::DataPort::start(listener, None)
+        .context("serving this rank's ring address")?;
     let gang_secret = std::env::var(GANG_SECRET_ENV)
         .ok()
         .and_then(|hex| {
@@ -245,6 +247,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         stop: Arc::default(),
         checkpoint_now: Arc::default(),
         deadline_unix_ms: Arc::default(),
+        handover_to: Arc::default(),
         shared: shared.clone(),
     };
     runtime.spawn(async move {
@@ -255,7 +258,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     let (progress, mut reports) = tokio::sync::mpsc::channel(1);
     runtime.spawn(async move { while reports.recv().await.is_some() {} });
     let started = Instant::now();
-    let end = work::run_rank(&context, assignment, &listener, &progress, runtime.handle());
+    let end = work::run_rank(&context, assignment, &port, &progress, runtime.handle());
     let newest = record.newest.lock().ok().and_then(|n| n.clone()).map(|c| c.uri);
     match end {
         RankEnd::Finished(None) => Ok(()),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_core::state::{
-    Applied, CheckpointRecord, Command, FinalMetrics, GenerationEnd as CoreEnd, JobState, State, Worker,
+    Applied, CheckpointRecord, Command, FinalMetrics, GenerationEnd as CoreEnd, JobState, State, StopReason, Worker,
     WorkerInfo as CoreWorkerInfo,
 };
 use flotilla_core::{JobId, WorkerId};
@@ -483,6 +483,9 @@ enum Desired {
         checkpoint_now: bool,
         /// The earliest time a noticed member's instance is taken (unix ms; 0: none named).
         deadline_unix_ms: u64,
+        /// To a handover's leaving member once the gang stops for it: the replacement's data
+        /// port, where it pushes its stop-step state (see [`handover_key`]).
+        handover_to: Option<String>,
     },
     /// Reserved as the replacement in `job`'s handover: load its data before the gang stops.
     Prepare {
@@ -523,9 +526,20 @@ pub fn gang_key(peer_token: &str) -> [u8; 32] {
 /// The secret of `job`'s generation `generation`: what its ranks prove to each other at the
 /// ring rendezvous. A new generation gets a new one.
 pub fn gang_secret(key: &[u8; 32], job: JobId, generation: u64) -> Vec<u8> {
+    derive(key, &format!("{job}/{generation}"))
+}
+
+/// The key of a handover out of `job`'s generation `generation`: the leaving member proves it
+/// when it pushes its stop-step state to the replacement, which proves it back. Only those two
+/// are told it, and it opens nothing else (not the gang's ring).
+pub fn handover_key(key: &[u8; 32], job: JobId, generation: u64) -> Vec<u8> {
+    derive(key, &format!("{job}/{generation}/handover"))
+}
+
+fn derive(key: &[u8; 32], label: &str) -> Vec<u8> {
     use hmac::Mac;
     let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(format!("{job}/{generation}").as_bytes());
+    mac.update(label.as_bytes());
     mac.finalize().into_bytes().to_vec()
 }
 
@@ -541,7 +555,12 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         return match flotilla_core::state::reserving_job(state, id) {
             Some(job) => Desired::Prepare {
                 job: job.id,
-                prepare: Box::new(PrepareJob { job_id: job.id.to_string(), spec: Some(spec_to_proto(&job.spec)) }),
+                prepare: Box::new(PrepareJob {
+                    job_id: job.id.to_string(),
+                    spec: Some(spec_to_proto(&job.spec)),
+                    generation: job.generation,
+                    handover_key: handover_key(gang_key, job.id, job.generation),
+                }),
             },
             None => Desired::Idle,
         };
@@ -569,11 +588,18 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         job_prefix: format!("{store}/jobs/{}", job.id),
         gang_secret: gang_secret(gang_key, job.id, job.generation),
     };
+    let handover_to = job
+        .handover
+        .as_ref()
+        .filter(|h| h.leaving == id && job.checkpoint_requested == Some(StopReason::Handover))
+        .and_then(|h| state.workers.get(&h.replacement?))
+        .map(|replacement| replacement.info.data_addr.clone());
     Desired::Train {
         job: job.id,
         generation: job.generation,
         assignment: Box::new(assignment),
         checkpoint_now: job.checkpoint_requested.is_some(),
+        handover_to,
         deadline_unix_ms: job
             .gang
             .iter()
@@ -601,7 +627,7 @@ async fn assignment_loop(
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
-            (Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, .. }, Some(now))
+            (Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, handover_to, .. }, Some(now))
                 if now == (*job, *generation) =>
             {
                 (*checkpoint_now && !std::mem::replace(&mut checkpoint_sent, true)).then(|| {
@@ -609,6 +635,11 @@ async fn assignment_loop(
                         job_id: job.to_string(),
                         generation: *generation,
                         deadline_unix_ms: *deadline_unix_ms,
+                        handover_key: match handover_to {
+                            Some(_) => handover_key(&gang_key, *job, *generation),
+                            None => Vec::new(),
+                        },
+                        handover_to_addr: handover_to.clone().unwrap_or_default(),
                     })
                 })
             }
@@ -707,6 +738,25 @@ mod tests {
             other => panic!("the replacement prepares: {other:?}"),
         }
         assert!(matches!(desired(&state, workers[0], "file:///s", &key), Desired::Train { .. }), "rank 0 trains on");
+        match desired(&state, workers[2], "file:///s", &key) {
+            Desired::Prepare { prepare, .. } => {
+                assert_eq!(prepare.generation, 1);
+                assert_eq!(prepare.handover_key, handover_key(&key, job_id, 1), "the push's key");
+                assert_ne!(prepare.handover_key, gang_secret(&key, job_id, 1), "not the gang's ring secret");
+            }
+            other => panic!("the replacement prepares: {other:?}"),
+        }
+        let handover_to = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+            Desired::Train { handover_to, .. } => handover_to,
+            other => panic!("{worker} trains: {other:?}"),
+        };
+        assert_eq!(handover_to(&state, workers[1]), None, "not before the replacement is ready");
+        let ready = Command::HandoverReady { job_id, generation: 1 };
+        apply(&mut state, 7, Envelope::new(11_000, ready)).expect("ready");
+        // The leaving member pushes its stop-step state to the replacement's data port; the
+        // survivor does nothing new.
+        assert_eq!(handover_to(&state, workers[1]).as_deref(), Some("127.0.0.1:9004"));
+        assert_eq!(handover_to(&state, workers[0]), None);
     }
 
     #[test]

@@ -12,7 +12,6 @@
 //! before the loop waits for it. So the newest *recorded* checkpoint is never more than
 //! `checkpoint.every_steps` steps behind, whichever worker dies when.
 
-use std::net::TcpListener;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -48,7 +47,7 @@ pub(super) fn run_rank(
     context: &RankContext,
     spec: &JobSpec,
     train: TrainAssignment,
-    listener: &TcpListener,
+    port: &std::sync::Arc<crate::collective::port::DataPort>,
     progress: &tokio::sync::mpsc::Sender<ProgressReport>,
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
@@ -72,7 +71,7 @@ pub(super) fn run_rank(
         Err(e) => return broken(train_error_end(&e), resume_step, e),
     };
     startup.lap("model");
-    let mut comm = match join_gang(context, &train, listener) {
+    let mut comm = match join_gang(context, &train, port) {
         Ok(comm) => comm,
         Err((end, e)) => return broken(end, resume_step, e),
     };
@@ -158,6 +157,18 @@ pub(super) fn run_rank(
                 ..Default::default()
             });
         }
+        if report.stop_agreed && !trainer.is_finished() {
+            if super::work::leaving(context) {
+                // A handover's leaving member pushes the state to its replacement now, while
+                // rank 0 still saves it.
+                super::work::push_if_handed_over(context, &train.job_id, train.generation, trainer.state());
+            } else {
+                // Kept for the next generation (it resumes from this step): this rank then
+                // gives the state to new members over the data port instead of each reading
+                // the store.
+                peer::HELD.hold(&train.job_id, trainer.state());
+            }
+        }
         let Some(background) = background.as_mut() else { return ControlFlow::Continue(()) };
         let boundary = Instant::now();
         let mut outcomes = Vec::new();
@@ -234,9 +245,6 @@ pub(super) fn run_rank(
             trainer.steps_done(),
             train.generation
         ));
-        // Kept for the next generation: it resumes from this step, and this rank then gives
-        // the state to new members over the data port instead of each reading the store.
-        peer::HELD.hold(&train.job_id, trainer.state());
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0 };
     }
     peer::HELD.release();
@@ -330,14 +338,29 @@ fn resume_state(
     log: &mut JobNotes,
 ) -> Result<(crate::train::TrainState, ResumeBytes), RankEnd> {
     let started = Instant::now();
-    let mine = peer::HELD.held(job_id, &reference.manifest_sha256);
+    // A handover's replacement may be receiving it from the leaving member right now.
+    let mine = peer::HELD.held_waiting(job_id, &reference.manifest_sha256);
+    let pushed = mine.as_ref().and_then(|held| held.pushed);
     let step = reference.step;
     let world = comm.world_size() as u64;
     let mut moved = ResumeBytes::default();
     match peer::share_counted(comm, mine, &reference.manifest_sha256) {
         Ok((Shared::Held(state), peer)) => {
-            AGENT.resumes_from_memory.inc();
-            log.note(format!("resuming from the checkpoint of step {step} (held in memory since the stop)"));
+            match pushed {
+                Some(pushed) => {
+                    AGENT.resumes_from_peer.inc();
+                    AGENT.resume_peer_bytes.inc_by(pushed.bytes);
+                    log.note(format!(
+                        "resuming from the checkpoint of step {step} (pushed by the leaving member over the data port \
+                         before the regroup: {} bytes in {:.1} ms; its manifest is the recorded checkpoint's)",
+                        pushed.bytes, pushed.ms
+                    ));
+                }
+                None => {
+                    AGENT.resumes_from_memory.inc();
+                    log.note(format!("resuming from the checkpoint of step {step} (held in memory since the stop)"));
+                }
+            }
             return Ok((state, ResumeBytes { peer, storage: 0 }));
         }
         Ok((Shared::FromPeer { state, root, bytes }, peer)) => {

@@ -287,9 +287,9 @@ pub fn program_deadline_unix_ms(now_ms: u64, taken_at_ms: Option<u64>) -> u64 {
 fn rendezvous(
     context: &RankContext,
     train: &TrainAssignment,
-    listener: &TcpListener,
+    port: &std::sync::Arc<crate::collective::port::DataPort>,
 ) -> Result<SocketAddr, (GenerationEnd, anyhow::Error)> {
-    let mut comm = join_gang(context, train, listener)?;
+    let mut comm = join_gang(context, train, port)?;
     let master_ip = train
         .peers
         .iter()
@@ -316,13 +316,13 @@ pub(super) fn run_rank(
     context: &RankContext,
     train: &TrainAssignment,
     run: &RunSpec,
-    listener: &TcpListener,
+    port: &std::sync::Arc<crate::collective::port::DataPort>,
     progress: &tokio::sync::mpsc::Sender<ProgressReport>,
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
     let resume_step = train.resume_from.as_ref().map_or(0, |c| c.step);
     let mut notes = JobNotes::open(context, train);
-    let master = match rendezvous(context, train, listener) {
+    let master = match rendezvous(context, train, port) {
         Ok(master) => master,
         Err((end, e)) => return broken(end, resume_step, format!("gang rendezvous: {e:#}")),
     };

@@ -17,8 +17,8 @@
 //! (the coordinator takes the first report of a generation and refuses the rest).
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -30,9 +30,12 @@ use flotilla_proto::v1::{
 };
 use tokio::sync::watch;
 
+use crate::checkpoint::push;
+use crate::collective::port::DataPort;
 use crate::collective::ring::{RingCommunicator, RingConfig};
 use crate::history::HistoryWriter;
 use crate::joblog::JobLog;
+use crate::train::TrainState;
 
 /// Time for a gang to form and for any one collective operation.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +46,9 @@ const REFUSED_GRACE: Duration = Duration::from_secs(1);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// Rank 0 reports live progress at most this often.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a noticed member's stopped rank waits for the checkpoint order that names its
+/// replacement (the gang may agree to stop on a peer's order first).
+const PUSH_TARGET_WAIT_MAX: Duration = Duration::from_secs(2);
 /// Progress reports queued at most; older ones are dropped when the coordinator is slow.
 const PROGRESS_QUEUE_MAX: usize = 4;
 
@@ -92,6 +98,8 @@ struct Running {
     checkpoint_now: Arc<AtomicBool>,
     /// ... by this time (unix ms, 0: none named): a noticed member's instance is taken then.
     deadline_unix_ms: Arc<AtomicU64>,
+    /// Where this (leaving) member pushes its stop-step state, once told.
+    handover_to: Arc<Mutex<Option<HandoverTarget>>>,
 }
 
 /// Follows the assignment stream of whichever worker id `registered` holds, until the process
@@ -102,7 +110,14 @@ pub async fn follow(
     listener: TcpListener,
     shared: Arc<AgentShared>,
 ) {
-    let listener = Arc::new(listener);
+    // The data port carries the ring rendezvous and a handover's state push.
+    let port = match DataPort::start(listener, Some(Arc::new(push::serve))) {
+        Ok(port) => port,
+        Err(e) => {
+            tracing::error!(error = %e, "the data port cannot be served; this worker takes no training");
+            return;
+        }
+    };
     let mut running: Option<Running> = None;
     // The inference loop: (worker id, job id, its control).
     let mut inferring: Option<(String, String, Arc<super::inference::LoopControl>)> = None;
@@ -155,16 +170,18 @@ pub async fn follow(
                         stop: Arc::new(AtomicBool::new(false)),
                         checkpoint_now: Arc::new(AtomicBool::new(false)),
                         deadline_unix_ms: Arc::new(AtomicU64::new(0)),
+                        handover_to: Arc::default(),
                     };
                     let context = RankContext {
                         host: Host::Cluster { client: Box::new(client.clone()), worker_id: worker_id.clone() },
                         stop: run.stop.clone(),
                         checkpoint_now: run.checkpoint_now.clone(),
                         deadline_unix_ms: run.deadline_unix_ms.clone(),
+                        handover_to: run.handover_to.clone(),
                         shared: shared.clone(),
                     };
                     running = Some(run);
-                    tokio::spawn(train_and_report(context, train, listener.clone()));
+                    tokio::spawn(train_and_report(context, train, port.clone()));
                 }
                 // Reserved as a handover's replacement: load the data and compile the GPU
                 // kernels in the background (a plain thread: the loader runs its own runtime),
@@ -174,6 +191,12 @@ pub async fn follow(
                 // is still ending meanwhile does not matter: loads are single-flight).
                 Some(assignment::Kind::Prepare(prepare)) if preparing.as_deref() != Some(prepare.job_id.as_str()) => {
                     preparing = Some(prepare.job_id.clone());
+                    // The leaving member pushes its stop-step state here before the regroup.
+                    push::expect(push::Expected {
+                        job_id: prepare.job_id.clone(),
+                        generation: prepare.generation,
+                        key: prepare.handover_key.clone(),
+                    });
                     shared.set_prepared("");
                     let shared = shared.clone();
                     std::thread::spawn(move || super::builtin::prepare(prepare, &shared));
@@ -184,6 +207,11 @@ pub async fn follow(
                         running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
                     {
                         run.deadline_unix_ms.store(order.deadline_unix_ms, Ordering::Relaxed);
+                        if !order.handover_to_addr.is_empty()
+                            && let Ok(mut target) = run.handover_to.lock()
+                        {
+                            *target = Some(HandoverTarget { addr: order.handover_to_addr, key: order.handover_key });
+                        }
                         run.checkpoint_now.store(true, Ordering::Release);
                     }
                 }
@@ -261,7 +289,19 @@ pub struct RankContext {
     pub checkpoint_now: Arc<AtomicBool>,
     /// The gang's deadline from the coordinator's checkpoint order (unix ms, 0: none named).
     pub deadline_unix_ms: Arc<AtomicU64>,
+    /// Set on a handover's leaving member by the checkpoint order: where it pushes the state
+    /// it stops with.
+    pub handover_to: Arc<Mutex<Option<HandoverTarget>>>,
     pub shared: Arc<AgentShared>,
+}
+
+/// A handover's replacement, as its leaving member is told of it.
+#[derive(Debug, Clone)]
+pub struct HandoverTarget {
+    /// Its data port.
+    pub addr: String,
+    /// The handover's key (both prove it).
+    pub key: Vec<u8>,
 }
 
 impl RankContext {
@@ -309,7 +349,7 @@ pub enum RankEnd {
     Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64 },
 }
 
-async fn train_and_report(context: RankContext, train: TrainAssignment, listener: Arc<TcpListener>) {
+async fn train_and_report(context: RankContext, train: TrainAssignment, port: Arc<DataPort>) {
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
     tracing::info!(job = %job_id, generation, rank, world = train.world_size, "training");
     context.shared.busy.send_modify(|runs| *runs += 1);
@@ -330,7 +370,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
         .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "no metrics history")).ok());
     let world = train.world_size;
     std::thread::spawn(move || {
-        let _ = done.send(run_rank(&context, train, &listener, &progress_tx, &runtime));
+        let _ = done.send(run_rank(&context, train, &port, &progress_tx, &runtime));
     });
     let mut reporter = client.clone();
     let forwarder = tokio::spawn(async move {
@@ -424,7 +464,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, listener
 pub fn run_rank(
     context: &RankContext,
     train: TrainAssignment,
-    listener: &TcpListener,
+    port: &Arc<DataPort>,
     progress: &tokio::sync::mpsc::Sender<ProgressReport>,
     runtime: &tokio::runtime::Handle,
 ) -> RankEnd {
@@ -433,8 +473,8 @@ pub fn run_rank(
         Err(e) => return broken(GenerationEnd::RetryableError, 0, e),
     };
     match spec.command() {
-        Some(run) => super::command::run_rank(context, &train, run, listener, progress, runtime),
-        None => super::builtin::run_rank(context, &spec, train, listener, progress, runtime),
+        Some(run) => super::command::run_rank(context, &train, run, port, progress, runtime),
+        None => super::builtin::run_rank(context, &spec, train, port, progress, runtime),
     }
 }
 
@@ -454,7 +494,7 @@ pub(super) fn checkpoint_unusable(notes: &mut JobNotes, step: u64, error: impl s
 pub(super) fn join_gang(
     context: &RankContext,
     train: &TrainAssignment,
-    listener: &TcpListener,
+    port: &Arc<DataPort>,
 ) -> Result<RingCommunicator, (GenerationEnd, anyhow::Error)> {
     let retryable = |e: anyhow::Error| (GenerationEnd::RetryableError, e);
     let mut peers = train.peers.clone();
@@ -475,8 +515,52 @@ pub(super) fn join_gang(
     // Standalone ranks are processes started together: one may not listen yet.
     config.refused_grace = if context.standalone().is_some() { COLLECTIVE_TIMEOUT } else { REFUSED_GRACE };
     config.abort = Some(context.stop.clone());
-    let listener = listener.try_clone().context("sharing the data port").map_err(retryable)?;
-    RingCommunicator::connect(listener, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
+    RingCommunicator::connect_via(port, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
+}
+
+/// Whether this worker leaves its gang at the agreed stop (it was noticed or told to stop by
+/// SIGTERM): it keeps no state for a next generation, and may push it to a replacement.
+pub(super) fn leaving(context: &RankContext) -> bool {
+    context.shared.noticed.load(Ordering::Relaxed)
+}
+
+/// On a leaving member whose rank just stopped with `state`: pushes it to the handover's
+/// replacement while the gang saves, reports and regroups, on a thread of its own (the agent
+/// does not exit before it ends). The gang may agree to stop before this member's own
+/// checkpoint order (which names the replacement) arrives: it is waited for, briefly; a stop
+/// without a handover has none. A failed push costs only itself: the new generation's
+/// exchange moves the state then.
+pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generation: u64, state: TrainState) {
+    let shared = context.shared.clone();
+    shared.busy.send_modify(|runs| *runs += 1);
+    let job_id = job_id.to_string();
+    let handover_to = context.handover_to.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let target = loop {
+            if let Some(target) = handover_to.lock().ok().and_then(|mut t| t.take()) {
+                break Some(target);
+            }
+            if started.elapsed() >= PUSH_TARGET_WAIT_MAX {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let Some(target) = target else {
+            // A plain notice stop (no handover): nobody to push to.
+            shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+            return;
+        };
+        let waited_ms = started.elapsed().as_secs_f64() * 1e3;
+        match push::send(&target.addr, &job_id, generation, &target.key, &state) {
+            Ok(bytes) => tracing::info!(
+                job = %job_id, to = %target.addr, bytes, waited_ms, ms = started.elapsed().as_secs_f64() * 1e3,
+                "pushed the stop-step state to the replacement"
+            ),
+            Err(e) => tracing::warn!(job = %job_id, to = %target.addr, error = %e, "the state push failed"),
+        }
+        shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+    });
 }
 
 /// A rank's notes and its program's output: each gang member appends them to its log in the

@@ -15,6 +15,7 @@
 
 pub mod files;
 pub mod peer;
+pub mod push;
 pub mod state;
 pub mod store;
 

@@ -23,7 +23,8 @@
 //! it came.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -38,8 +39,33 @@ pub const TRANSFER_BYTES_MAX: u64 = ring::ELEMENTS_MAX as u64 * 4;
 /// The state a planned stop left in memory, for one job. One at most: an agent runs one rank
 /// at a time. Its checkpoint encoding (the parts, their SHA-256s and the manifest) is computed
 /// on a background thread from the moment it is held, so the next generation's exchange
-/// finds it ready instead of encoding and hashing the whole state on the resume path.
-pub struct Holder(Mutex<Option<HeldEntry>>);
+/// finds it ready instead of encoding and hashing the whole state on the resume path. A
+/// handover's replacement also holds the state its leaving member pushed to it before the
+/// regroup ([`super::push`]); a rank of that job waits for a push under way.
+pub struct Holder {
+    slots: Mutex<Slots>,
+    /// Signalled when a push under way ends.
+    pushed: Condvar,
+}
+
+struct Slots {
+    entry: Option<HeldEntry>,
+    /// The job a push is expected or being received for.
+    push: Option<AwaitedPush>,
+}
+
+struct AwaitedPush {
+    job_id: String,
+    /// The sender proved the key and the bytes are coming (else only announced).
+    begun: bool,
+}
+
+/// How long a rank waits for a push that is announced (its worker was told it replaces a
+/// leaving member) but has not begun: the leaving member starts it as its rank stops, so it
+/// normally begins before the regroup; a leaving member that died never does.
+pub const ANNOUNCED_PUSH_WAIT_MAX: Duration = Duration::from_millis(500);
+/// How long a rank waits for a push under way before the gang exchanges the state itself.
+pub const PUSH_WAIT_MAX: Duration = Duration::from_secs(10);
 
 struct HeldEntry {
     job_id: String,
@@ -59,6 +85,11 @@ impl HeldCell {
     fn encoded(&self) -> Option<&Held> {
         self.encoded.get_or_init(|| self.raw.lock().ok()?.take().and_then(Held::encode)).as_ref()
     }
+
+    /// A cell for a state that arrives encoded (a push).
+    fn of_encoded(held: Held) -> HeldCell {
+        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)) }
+    }
 }
 
 /// This process's holder.
@@ -66,7 +97,7 @@ pub static HELD: Holder = Holder::new();
 
 impl Holder {
     pub const fn new() -> Holder {
-        Holder(Mutex::new(None))
+        Holder { slots: Mutex::new(Slots { entry: None, push: None }), pushed: Condvar::new() }
     }
 
     /// Keeps `state` (the step a generation of `job_id` stopped at) for the next generation,
@@ -77,26 +108,88 @@ impl Holder {
         std::thread::spawn(move || {
             background.encoded();
         });
-        if let Ok(mut held) = self.0.lock() {
-            *held = Some(HeldEntry { job_id: job_id.to_string(), cell });
+        self.put(job_id, cell);
+    }
+
+    fn put(&self, job_id: &str, cell: Arc<HeldCell>) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.entry = Some(HeldEntry { job_id: job_id.to_string(), cell });
         }
     }
 
     /// Drops what is held (the job finished).
     pub fn release(&self) {
-        if let Ok(mut held) = self.0.lock() {
-            *held = None;
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.entry = None;
         }
+    }
+
+    /// A push of `job_id`'s state will come (this worker replaces a leaving member): the
+    /// job's next rank waits for it a little ([`ANNOUNCED_PUSH_WAIT_MAX`]).
+    pub fn push_announced(&self, job_id: &str) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.push = Some(AwaitedPush { job_id: job_id.to_string(), begun: false });
+        }
+    }
+
+    /// A push of `job_id`'s state has begun arriving: its ranks wait for it (see
+    /// [`Holder::held_waiting`], up to [`PUSH_WAIT_MAX`]) until [`Holder::push_ended`].
+    pub fn push_begun(&self, job_id: &str) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.push = Some(AwaitedPush { job_id: job_id.to_string(), begun: true });
+        }
+        self.pushed.notify_all();
+    }
+
+    /// The push of `job_id` ended: with the state (kept as held), or without (failed).
+    pub fn push_ended(&self, job_id: &str, held: Option<Held>) {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(held) = held {
+                slots.entry =
+                    Some(HeldEntry { job_id: job_id.to_string(), cell: Arc::new(HeldCell::of_encoded(held)) });
+            }
+            if slots.push.as_ref().is_some_and(|p| p.job_id == job_id) {
+                slots.push = None;
+            }
+        }
+        self.pushed.notify_all();
     }
 
     /// The held state of `job_id` if it is the checkpoint whose manifest fingerprint is
     /// `fingerprint` (an empty fingerprint matches nothing), with its encoding.
     pub fn held(&self, job_id: &str, fingerprint: &str) -> Option<Held> {
+        self.encoded(job_id).filter(|held| held.is_checkpoint(fingerprint))
+    }
+
+    /// [`Holder::held`], after waiting for a push of `job_id` that is announced or under way
+    /// (see [`ANNOUNCED_PUSH_WAIT_MAX`], [`PUSH_WAIT_MAX`]). A push that is waited for in
+    /// vain is forgotten: the gang exchanges the state, and later generations do not wait.
+    pub fn held_waiting(&self, job_id: &str, fingerprint: &str) -> Option<Held> {
+        let started = Instant::now();
+        if let Ok(mut slots) = self.slots.lock() {
+            while let Some(push) = slots.push.as_ref().filter(|p| p.job_id == job_id) {
+                let limit = if push.begun { PUSH_WAIT_MAX } else { ANNOUNCED_PUSH_WAIT_MAX };
+                let left = limit.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    slots.push = None;
+                    break;
+                }
+                match self.pushed.wait_timeout(slots, left) {
+                    Ok((next, _)) => slots = next,
+                    Err(_) => return None,
+                }
+            }
+        }
+        self.held(job_id, fingerprint)
+    }
+
+    /// The encoding of whatever state of `job_id` is held (waits for the background encoder).
+    pub fn encoded(&self, job_id: &str) -> Option<Held> {
         let cell = {
-            let held = self.0.lock().ok()?;
-            held.as_ref().filter(|e| e.job_id == job_id)?.cell.clone()
+            let slots = self.slots.lock().ok()?;
+            slots.entry.as_ref().filter(|e| e.job_id == job_id)?.cell.clone()
         };
-        cell.encoded().filter(|held| held.is_checkpoint(fingerprint)).cloned()
+        cell.encoded().cloned()
     }
 }
 
@@ -105,8 +198,19 @@ impl Holder {
 #[derive(Clone)]
 pub struct Held {
     pub state: TrainState,
-    parts: Vec<(&'static str, Bytes)>,
+    /// The parts' bytes, in the manifest's order.
+    parts: Vec<Bytes>,
     manifest: Manifest,
+    /// Set when it was pushed to this worker (a handover's replacement): how it came.
+    pub pushed: Option<Pushed>,
+}
+
+/// How a pushed state arrived.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pushed {
+    pub bytes: u64,
+    /// From the first byte of the push to the state decoded and checked.
+    pub ms: f64,
 }
 
 impl Held {
@@ -114,7 +218,20 @@ impl Held {
     pub fn encode(state: TrainState) -> Option<Held> {
         let parts = encode(&state, None);
         let manifest = manifest_of(&parts).ok()?;
-        Some(Held { state, parts, manifest })
+        Some(Held { state, parts: parts.into_iter().map(|(_, bytes)| bytes).collect(), manifest, pushed: None })
+    }
+
+    /// A state that arrived as checkpoint parts (in the order [`encode`] gives them), with
+    /// the manifest computed here from those bytes. None when they break the format's limits.
+    pub(crate) fn from_parts(state: TrainState, parts: Vec<(String, Bytes)>, pushed: Pushed) -> Option<Held> {
+        let named: Vec<(&str, Bytes)> = parts.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
+        let manifest = manifest_of(&named).ok()?;
+        Some(Held { state, parts: parts.into_iter().map(|(_, bytes)| bytes).collect(), manifest, pushed: Some(pushed) })
+    }
+
+    /// The manifest fingerprint of the checkpoint it is.
+    pub fn fingerprint(&self) -> String {
+        self.manifest.fingerprint()
     }
 
     /// Whether it is the checkpoint whose manifest fingerprint is `fingerprint`.
@@ -164,17 +281,24 @@ pub fn share_counted(
     fingerprint: &str,
 ) -> Result<(Shared, u64), ShareError> {
     let (rank, world) = (comm.rank(), comm.world_size());
-    let mut flags = vec![0.0f32; world];
-    if mine.is_some() {
+    // One all-reduce: who holds it, and the bytes pushed to each rank before the regroup
+    // (three 16-bit pieces per rank, each exact in f32).
+    let mut flags = vec![0.0f32; world * 4];
+    if let Some(held) = &mine {
         flags[rank] = 1.0;
+        let pushed = held.pushed.map_or(0, |p| p.bytes);
+        for piece in 0..3 {
+            flags[world + rank * 3 + piece] = ((pushed >> (16 * piece)) & 0xffff) as f32;
+        }
     }
     comm.all_reduce_sum(&mut flags)?;
+    let pushed: u64 = (0..world * 3).map(|i| (flags[world + i] as u64) << (16 * (i % 3))).sum();
     let holders: Vec<usize> = (0..world).filter(|&r| flags[r] > 0.5).collect();
     let Some(&root) = holders.first() else { return Ok((Shared::Nobody, 0)) };
     if holders.len() == world
         && let Some(held) = mine
     {
-        return Ok((Shared::Held(held.state), 0));
+        return Ok((Shared::Held(held.state), pushed));
     }
     // The root frames its state; everyone learns the length, then receives the frame.
     let frame = match (&mine, rank == root) {
@@ -191,9 +315,9 @@ pub fn share_counted(
     let bytes = u64::from_le_bytes(raw);
     if bytes == 0 || bytes > TRANSFER_BYTES_MAX {
         // The root could not frame it (too large): everyone that lacks it reads the store.
-        return Ok((mine.map_or(Shared::Nobody, |held| Shared::Held(held.state)), 0));
+        return Ok((mine.map_or(Shared::Nobody, |held| Shared::Held(held.state)), pushed));
     }
-    let moved = bytes.saturating_mul((world - holders.len()) as u64);
+    let moved = bytes.saturating_mul((world - holders.len()) as u64).saturating_add(pushed);
     let mut buffer = vec![0.0f32; (bytes as usize).div_ceil(4)];
     if let Some(frame) = &frame {
         bytemuck::cast_slice_mut::<f32, u8>(&mut buffer)[..frame.len()].copy_from_slice(frame);
@@ -211,11 +335,11 @@ pub fn share_counted(
 /// the manifest's order. None when the state does not fit the checkpoint format's limits.
 fn frame(held: &Held) -> Option<Vec<u8>> {
     let (parts, manifest) = (&held.parts, held.manifest.encode());
-    let total = 4 + manifest.len() + parts.iter().map(|(_, b)| b.len()).sum::<usize>();
+    let total = 4 + manifest.len() + parts.iter().map(|b| b.len()).sum::<usize>();
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&u32::try_from(manifest.len()).ok()?.to_le_bytes());
     out.extend_from_slice(&manifest);
-    for (_, part) in parts {
+    for part in parts {
         out.extend_from_slice(part);
     }
     Some(out)
@@ -358,6 +482,35 @@ mod tests {
     }
 
     #[test]
+    fn bytes_pushed_before_the_regroup_count_as_moved_peer_to_peer() {
+        // Rank 1 was a handover's replacement: its state was pushed to it (a 5 GB model's
+        // count, beyond f32's exact integers, to check the pieces), so nothing moves now.
+        let s = state(90);
+        let f = fingerprint(&s);
+        let pushed = 5_000_000_123u64;
+        let gang = ring::loopback_gang(3, Duration::from_secs(10)).expect("ring");
+        let threads: Vec<_> = gang
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut comm)| {
+                let (s, f) = (s.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let mut mine = Held::encode(s).expect("fits");
+                    if rank == 1 {
+                        mine.pushed = Some(Pushed { bytes: pushed, ms: 3.0 });
+                    }
+                    share_counted(&mut comm, Some(mine), &f)
+                })
+            })
+            .collect();
+        for thread in threads {
+            let (shared, moved) = thread.join().expect("rank").expect("exchange");
+            assert!(matches!(shared, Shared::Held(_)));
+            assert_eq!(moved, pushed, "every rank counts the push");
+        }
+    }
+
+    #[test]
     fn all_or_none_holding_moves_nothing() {
         let s = state(40);
         let f = fingerprint(&s);
@@ -403,6 +556,42 @@ mod tests {
             let error = unframe(&bytes, &f, "peer").expect_err(reason).to_string();
             assert!(error.contains(reason), "{error}");
         }
+    }
+
+    #[test]
+    fn a_rank_waits_for_an_announced_push_a_little_and_for_one_under_way_until_it_ends() {
+        let holder = Arc::new(Holder::new());
+        let s = state(70);
+        let f = fingerprint(&s);
+        // Announced, never begun (the leaving member died): a bounded wait, then forgotten.
+        holder.push_announced("5");
+        let started = Instant::now();
+        assert!(holder.held_waiting("5", &f).is_none());
+        let waited = started.elapsed();
+        assert!(waited >= ANNOUNCED_PUSH_WAIT_MAX && waited < PUSH_WAIT_MAX, "{waited:?}");
+        let started = Instant::now();
+        assert!(holder.held_waiting("5", &f).is_none());
+        assert!(started.elapsed() < ANNOUNCED_PUSH_WAIT_MAX, "a forgotten push is not waited for again");
+        // Under way: the rank gets the state as soon as it arrives; another job's rank does not wait.
+        holder.push_announced("5");
+        holder.push_begun("5");
+        let started = Instant::now();
+        assert!(holder.held_waiting("6", &f).is_none());
+        assert!(started.elapsed() < ANNOUNCED_PUSH_WAIT_MAX);
+        let arriving = holder.clone();
+        let pushed = Held::from_parts(
+            s.clone(),
+            encode(&s, None).into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect(),
+            Pushed { bytes: 9, ms: 1.0 },
+        )
+        .expect("fits");
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(ANNOUNCED_PUSH_WAIT_MAX + Duration::from_millis(200));
+            arriving.push_ended("5", Some(pushed));
+        });
+        let got = holder.held_waiting("5", &f).expect("the pushed state, past the announced wait");
+        assert!(same(&got.state, &s) && got.pushed.is_some_and(|p| p.bytes == 9));
+        sender.join().expect("sender");
     }
 
     #[test]

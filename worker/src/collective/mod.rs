@@ -12,6 +12,7 @@
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod port;
 pub mod ring;
 
 use std::time::Duration;

@@ -48,8 +48,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use socket2::SockRef;
 
+use super::port::DataPort;
 use super::{CollectiveError, Communicator};
 
 /// Bytes per pipelined segment: large enough to amortise syscalls, small enough that the
@@ -63,12 +66,12 @@ pub const WORLD_MAX: usize = 1024;
 pub const ELEMENTS_MAX: usize = 1 << 30;
 /// Pause between connection attempts while peers start up.
 const CONNECT_RETRY: Duration = Duration::from_millis(20);
-const HANDSHAKE_MAGIC: u64 = 0x464c_4f54_5249_4e47; // "FLOTRING"
+const HANDSHAKE_MAGIC: u64 = super::port::RING_MAGIC;
 /// Bytes of a gang secret.
 pub const GANG_SECRET_LEN: usize = 32;
 const HELLO_LEN: usize = 24;
-const NONCE_LEN: usize = 16;
-const MAC_LEN: usize = 32;
+pub(crate) const NONCE_LEN: usize = 16;
+pub(crate) const MAC_LEN: usize = 32;
 
 const OP_ALL_REDUCE: u32 = 1;
 const OP_BROADCAST: u32 = 2;
@@ -145,6 +148,17 @@ impl RingCommunicator {
     /// Joins the ring: connects to rank + 1 and accepts rank - 1 on `listener` (which must be
     /// bound to `config.addresses[config.rank]`), within `config.timeout`.
     pub fn connect(listener: TcpListener, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+        listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
+        RingCommunicator::join(&Incoming::Listener(listener), config)
+    }
+
+    /// [`RingCommunicator::connect`] through an agent's [`DataPort`], which also takes other
+    /// protocols on the same port.
+    pub fn connect_via(port: &Arc<DataPort>, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+        RingCommunicator::join(&Incoming::Port(port.clone()), config)
+    }
+
+    fn join(incoming: &Incoming, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
         let world = config.addresses.len();
         if world == 0 || world > WORLD_MAX || config.rank >= world {
             return Err(CollectiveError::Invalid(format!(
@@ -180,7 +194,7 @@ impl RingCommunicator {
         hello.extend_from_slice(&(world as u32).to_le_bytes());
         hello.extend_from_slice(&nonce()?);
         (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
-        let (prev, accepted) = accept_prev(&listener, deadline, &config, prev_rank, world)?;
+        let (prev, accepted) = accept_prev(incoming, deadline, &config, prev_rank, world)?;
         // Our side of the link to next: check its proof, then prove ourselves.
         let mut answer = [0u8; NONCE_LEN + MAC_LEN];
         (&next).read_exact(&mut answer).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
@@ -317,20 +331,49 @@ fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> 
     }
 }
 
+/// Where a rank's incoming ring connections come from.
+enum Incoming {
+    /// A listener of its own (non-blocking).
+    Listener(TcpListener),
+    /// An agent's data port, shared with other protocols.
+    Port(Arc<DataPort>),
+}
+
+impl Incoming {
+    /// The next connection; `WouldBlock` when none came within a short wait.
+    fn accept(&self) -> std::io::Result<(TcpStream, String)> {
+        match self {
+            Incoming::Listener(listener) => {
+                let accepted = listener.accept().map(|(stream, from)| (stream, from.to_string()));
+                if accepted.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                accepted
+            }
+            Incoming::Port(port) => match port.next_ring(Duration::from_millis(20)) {
+                Some(stream) => {
+                    let from = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+                    Ok((stream, from))
+                }
+                None => Err(std::io::ErrorKind::WouldBlock.into()),
+            },
+        }
+    }
+}
+
 fn accept_prev(
-    listener: &TcpListener,
+    incoming: &Incoming,
     deadline: Instant,
     config: &RingConfig,
     prev_rank: usize,
     world: usize,
 ) -> Result<(TcpStream, Accepted), CollectiveError> {
-    listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
     loop {
         // A superseded generation must not take (and drop) the next one's connection.
         if config.aborted() {
             return Err(CollectiveError::Rendezvous("aborted: this generation was superseded".into()));
         }
-        match listener.accept() {
+        match incoming.accept() {
             Ok((stream, from)) => {
                 stream.set_nonblocking(false).map_err(|e| CollectiveError::Rendezvous(format!("socket: {e}")))?;
                 tune(&stream, config.timeout)
@@ -370,7 +413,6 @@ fn accept_prev(
                         timeout: config.timeout,
                     });
                 }
-                std::thread::sleep(Duration::from_millis(2));
             }
             Err(e) => return Err(CollectiveError::Rendezvous(format!("accept: {e}"))),
         }
@@ -391,7 +433,7 @@ pub fn random_secret() -> Result<Vec<u8>, CollectiveError> {
     Ok(secret)
 }
 
-fn nonce() -> Result<[u8; NONCE_LEN], CollectiveError> {
+pub(crate) fn nonce() -> Result<[u8; NONCE_LEN], CollectiveError> {
     let mut nonce = [0u8; NONCE_LEN];
     flotilla_proto::auth::random_bytes(&mut nonce)
         .map_err(|e| CollectiveError::Rendezvous(format!("cannot read /dev/urandom for a nonce: {e}")))?;
@@ -408,12 +450,12 @@ fn transcript_mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> h
     mac
 }
 
-fn mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
+pub(crate) fn mac(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8]) -> [u8; MAC_LEN] {
     use hmac::Mac;
     transcript_mac(secret, role, hello, nonce_a).finalize().into_bytes().into()
 }
 
-fn mac_matches(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8], presented: &[u8]) -> bool {
+pub(crate) fn mac_matches(secret: &[u8], role: &[u8], hello: &[u8], nonce_a: &[u8], presented: &[u8]) -> bool {
     use hmac::Mac;
     transcript_mac(secret, role, hello, nonce_a).verify_slice(presented).is_ok() // constant time
 }
