@@ -100,7 +100,7 @@ def resume_sources(job):
             # The rank's start-up, from its assignment to its first step, by phase.
             "startup_ms": {
                 name: float(v)
-                for name, v in re.findall(r"(first step|data|rendezvous|state|model|step) ([0-9.]+) ms", started[-1])
+                for name, v in re.findall(r"(first step|data|rendezvous|exchange|state|model|step) ([0-9.]+) ms", started[-1])
             }
             if started
             else {},

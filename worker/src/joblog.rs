@@ -3,6 +3,11 @@
 //! `<job prefix>/logs/node-<N>/<seq:08>.log` for node N; objects are immutable), which
 //! `flotilla logs [--node N]` reads back in order. One segment per flush keeps a crash from
 //! losing more than the unflushed lines.
+//!
+//! Writes never block the rank: a flush hands its segment to the log's writer thread, which
+//! finds where the log continues (one listing) and puts the segments in order. On S3 each of
+//! those is a round trip (20-100 ms) that a generation's start-up no longer waits for. Closing
+//! the log (drop) waits for the writer, so a rank's last lines are written before it ends.
 
 use bytes::Bytes;
 use object_store::path::Path;
@@ -13,16 +18,17 @@ use crate::checkpoint::store;
 
 /// Bytes buffered before a flush is forced.
 const BUFFER_BYTES_MAX: usize = 64 * 1024;
+/// Segments waiting for the writer at most; a flush beyond waits (the store is slower than
+/// the lines come).
+const QUEUE_SEGMENTS_MAX: usize = 16;
 /// Length of one line at most (longer lines are cut).
 pub const LINE_BYTES_MAX: usize = 4096;
 
 pub struct JobLog {
-    store: std::sync::Arc<dyn ObjectStore>,
-    prefix: Path,
-    node: u32,
-    next_segment: u64,
     buffer: String,
-    runtime: tokio::runtime::Runtime,
+    /// To the writer thread; None once closed.
+    segments: Option<std::sync::mpsc::SyncSender<Bytes>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The folder of node `node`'s log, relative to the job prefix.
@@ -41,7 +47,7 @@ pub fn segment_path(job_prefix: &Path, node: u32, seq: u64) -> Path {
 
 impl JobLog {
     /// Opens node `node`'s log under `job_uri` (file:///.../jobs/<job>), continuing after
-    /// existing segments.
+    /// existing segments (found by the writer, off the caller's path).
     pub fn open(job_uri: &str, node: u32) -> Result<JobLog, CheckpointError> {
         let location = store::open(job_uri)?;
         let (store, prefix) = (location.store().clone(), location.prefix().clone());
@@ -49,20 +55,12 @@ impl JobLog {
             .enable_all()
             .build()
             .map_err(|e| CheckpointError::Invalid(format!("log runtime: {e}")))?;
-        // One listing, not a HEAD per segment: a long job has hundreds of segments, and this
-        // runs at the start of every generation (on S3, each request costs a round trip).
-        let folder = node_logs(node).split('/').fold(prefix.clone(), |path, part| path.join(part));
-        let existing = match runtime.block_on(store.list_with_delimiter(Some(&folder))) {
-            Ok(listed) => listed.objects,
-            Err(object_store::Error::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
-        let next_segment = existing
-            .iter()
-            .filter_map(|o| o.location.filename()?.strip_suffix(".log")?.parse::<u64>().ok())
-            .max()
-            .map_or(0, |last| last + 1);
-        Ok(JobLog { store, prefix, node, next_segment, buffer: String::new(), runtime })
+        let (segments, queue) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE_SEGMENTS_MAX);
+        let writer = std::thread::Builder::new()
+            .name("job-log".into())
+            .spawn(move || write_segments(store.as_ref(), &prefix, node, &runtime, &queue))
+            .map_err(|e| CheckpointError::Invalid(format!("log writer: {e}")))?;
+        Ok(JobLog { buffer: String::new(), segments: Some(segments), writer: Some(writer) })
     }
 
     pub fn line(&mut self, text: &str) -> Result<(), CheckpointError> {
@@ -75,22 +73,71 @@ impl JobLog {
         if self.buffer.len() >= BUFFER_BYTES_MAX { self.flush() } else { Ok(()) }
     }
 
-    /// Writes buffered lines as the next segment.
+    /// Hands buffered lines to the writer as the next segment.
     pub fn flush(&mut self) -> Result<(), CheckpointError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let path = segment_path(&self.prefix, self.node, self.next_segment);
         let bytes = Bytes::from(std::mem::take(&mut self.buffer));
-        self.runtime.block_on(self.store.put(&path, PutPayload::from_bytes(bytes)))?;
-        self.next_segment += 1;
-        Ok(())
+        match self.segments.as_ref().map(|s| s.send(bytes)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(CheckpointError::Invalid("the job log's writer has stopped".into())),
+        }
     }
 }
 
 impl Drop for JobLog {
     fn drop(&mut self) {
         let _ = self.flush();
+        self.segments = None; // the writer ends once the queue is drained
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread: one listing to find the next segment number (not a HEAD per segment: a
+/// long job has hundreds), then each queued segment put in order. A store that fails is
+/// reported in the agent's log, with the lines it could not take.
+fn write_segments(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    node: u32,
+    runtime: &tokio::runtime::Runtime,
+    queue: &std::sync::mpsc::Receiver<Bytes>,
+) {
+    let folder = node_logs(node).split('/').fold(prefix.clone(), |path, part| path.join(part));
+    let mut next_segment = match runtime.block_on(store.list_with_delimiter(Some(&folder))) {
+        Ok(listed) => Some(
+            listed
+                .objects
+                .iter()
+                .filter_map(|o| o.location.filename()?.strip_suffix(".log")?.parse::<u64>().ok())
+                .max()
+                .map_or(0, |last| last + 1),
+        ),
+        Err(object_store::Error::NotFound { .. }) => Some(0),
+        Err(e) => {
+            tracing::warn!(error = %e, log = %folder, "the job log cannot be listed; its lines go to this agent's log");
+            None
+        }
+    };
+    while let Ok(bytes) = queue.recv() {
+        let written = next_segment.map(|seq| {
+            let path = segment_path(prefix, node, seq);
+            runtime.block_on(store.put(&path, PutPayload::from_bytes(bytes.clone())))
+        });
+        match written {
+            Some(Ok(_)) => next_segment = next_segment.map(|seq| seq + 1),
+            failed => {
+                if let Some(Err(e)) = failed {
+                    tracing::warn!(error = %e, log = %folder, "a job log segment was not written");
+                }
+                for line in String::from_utf8_lossy(&bytes).lines() {
+                    tracing::info!(log = %folder, "{line}");
+                }
+            }
+        }
     }
 }
 

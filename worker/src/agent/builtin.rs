@@ -88,6 +88,7 @@ pub(super) fn run_rank(
         },
         None => None,
     };
+    startup.lap("exchange");
     let mut trainer = match Trainer::start(model, spec, train_set.clone(), &mut comm, resume) {
         Ok(trainer) => trainer,
         Err(e) => return broken(train_error_end(&e), resume_step, e),
