@@ -142,6 +142,15 @@ fn spot_notices_lose_zero_steps() {
             other => panic!("generation {}: {other:?}\n{log}", generation + 2),
         }
     };
+    // Each survivor timed its own gap between optimizer steps across the stop (one per stop).
+    let idle: Vec<f64> = [&log, &node1]
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter_map(|l| l.split("; ").last()?.strip_suffix(" ms without a step since this worker's last one"))
+        .map(|ms| ms.parse().expect("milliseconds"))
+        .collect();
+    assert_eq!(idle.len(), 3, "{log}\n{node1}");
+    assert!(idle.iter().all(|&ms| ms > 0.0), "{idle:?}");
     for generation in 0..2 {
         let mut both = [source(&log, generation), source(&node1, generation)];
         both.sort();

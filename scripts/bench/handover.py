@@ -105,6 +105,11 @@ def resume_sources(job):
             if started
             else {},
         }
+        # A survivor's own clock: from its last step in the old generation to its first in the
+        # new one (the real time without an optimizer step, the checkpoint's save included).
+        idle = re.search(r"; ([0-9.]+) ms without a step since this worker's last one", started[-1]) if started else None
+        if idle:
+            sources[f"rank{rank}"]["idle_ms"] = float(idle.group(1))
     return sources
 
 
@@ -134,6 +139,7 @@ def one(path, round_no):
     if before and after and after[1] > before[1]:
         leader_stall_ms = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 1)
     transfer_ms = max((r["ms"] for r in sources.values() if r["source"] != "memory"), default=0.0)
+    survivor_idle_ms = max((r["idle_ms"] for r in sources.values() if "idle_ms" in r), default=None)
     cli("cancel", job)
     record = {
         "bench": "notice_path",
@@ -147,6 +153,7 @@ def one(path, round_no):
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
         "steps_lost": first["steps_lost"],
         "leader_stall_ms": leader_stall_ms,
+        "survivor_idle_ms": survivor_idle_ms,
         "step_ms": gang_step_ms,
         "bound_ms": round(gang_step_ms + transfer_ms, 1) if gang_step_ms else None,
         "resume": sources,
@@ -164,10 +171,23 @@ def main():
             records.append(one(path, round_no))
     out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"]), "gpus": GPUS}
     for path in PATHS:
-        for key in ("trained_on_ms", "stall_ms", "to_first_step_ms", "steps_lost", "leader_stall_ms", "bound_ms"):
+        for key in (
+            "trained_on_ms",
+            "stall_ms",
+            "to_first_step_ms",
+            "steps_lost",
+            "leader_stall_ms",
+            "survivor_idle_ms",
+            "bound_ms",
+        ):
             values = [r[key] for r in records if r["path"] == path and r[key] is not None]
             out[f"{path}_{key}"] = statistics.median(values) if values else None
     out["stall_ratio_handover_vs_baseline"] = round(out["handover_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
+    if out["handover_leader_stall_ms"] and out["checkpoint_and_wait_leader_stall_ms"]:
+        out["leader_stall_ratio"] = round(out["handover_leader_stall_ms"] / out["checkpoint_and_wait_leader_stall_ms"], 4)
+    # Issue 25's bound, against the survivor's own time without a step.
+    if out["handover_survivor_idle_ms"] and out["handover_bound_ms"]:
+        out["handover_idle_vs_bound"] = round(out["handover_survivor_idle_ms"] / out["handover_bound_ms"], 2)
     print(json.dumps(out), flush=True)
 
 

@@ -80,8 +80,9 @@ pub(super) fn run_rank(
     let mut moved = ResumeBytes::default();
     let resume = match &train.resume_from {
         Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
-            Ok((state, bytes)) => {
+            Ok((state, bytes, stopped_at)) => {
                 moved = bytes;
+                startup.stopped_at = stopped_at;
                 Some(state)
             }
             Err(end) => return end,
@@ -328,20 +329,21 @@ struct ResumeBytes {
 }
 
 /// The state of the checkpoint `reference` (every rank of the gang calls this together): held
-/// in memory since the last planned stop, received from a gang member that holds it, or read
-/// from the store (see [`peer`]). The note says which. With it, what the gang moved as every
-/// rank can tell: the peer bytes of the exchange, and the store's bytes times the ranks when
-/// nobody held it (a rank that refused a peer's state and read the store counts only itself).
+/// in memory since the last planned stop, pushed or received from a gang member that holds it,
+/// or read from the store (see [`peer`]). The note says which. With it, what the gang moved as
+/// every rank can tell: the peer bytes of the exchange, and the store's bytes times the ranks
+/// when nobody held it (a rank that refused a peer's state and read the store counts only
+/// itself); and, when this worker held it since its own rank stopped, when that was.
 fn resume_state(
     job_id: &str,
     reference: &CheckpointRef,
     comm: &mut dyn crate::collective::Communicator,
     log: &mut JobNotes,
-) -> Result<(crate::train::TrainState, ResumeBytes), RankEnd> {
+) -> Result<(crate::train::TrainState, ResumeBytes, Option<Instant>), RankEnd> {
     let started = Instant::now();
     // A handover's replacement may be receiving it from the leaving member right now.
     let mine = peer::HELD.held_waiting(job_id, &reference.manifest_sha256);
-    let pushed = mine.as_ref().and_then(|held| held.pushed);
+    let (pushed, stopped_at) = mine.as_ref().map_or((None, None), |held| (held.pushed, held.stopped_at));
     let step = reference.step;
     let world = comm.world_size() as u64;
     let mut moved = ResumeBytes::default();
@@ -362,7 +364,7 @@ fn resume_state(
                     log.note(format!("resuming from the checkpoint of step {step} (held in memory since the stop)"));
                 }
             }
-            return Ok((state, ResumeBytes { peer, storage: 0 }));
+            return Ok((state, ResumeBytes { peer, storage: 0 }, stopped_at));
         }
         Ok((Shared::FromPeer { state, root, bytes }, peer)) => {
             AGENT.resumes_from_peer.inc();
@@ -372,7 +374,7 @@ fn resume_state(
                  {:.1} ms, checksums verified)",
                 started.elapsed().as_secs_f64() * 1e3
             ));
-            return Ok((state, ResumeBytes { peer, storage: 0 }));
+            return Ok((state, ResumeBytes { peer, storage: 0 }, None));
         }
         Ok((Shared::Nobody, _)) => moved.storage = reference.size_bytes.saturating_mul(world),
         Err(ShareError::Collective(e)) => return Err(broken(GenerationEnd::PeerLost, step, e)),
@@ -392,7 +394,7 @@ fn resume_state(
                 reference.size_bytes,
                 started.elapsed().as_secs_f64() * 1e3
             ));
-            Ok((state, moved))
+            Ok((state, moved, None))
         }
         Err(e) if e.is_unusable() => Err(checkpoint_unusable(log, step, e)),
         Err(e) => Err(broken(GenerationEnd::RetryableError, step, e)),
@@ -477,12 +479,15 @@ struct Startup {
     last: Instant,
     laps: Vec<(&'static str, f64)>,
     reported: bool,
+    /// When this worker's rank of the previous generation stopped (it resumes from the state
+    /// it held): its time without an optimizer step ends at this generation's first step.
+    stopped_at: Option<Instant>,
 }
 
 impl Startup {
     fn new() -> Startup {
         let now = Instant::now();
-        Startup { started: now, last: now, laps: Vec::new(), reported: false }
+        Startup { started: now, last: now, laps: Vec::new(), reported: false, stopped_at: None }
     }
 
     /// Ends the phase `name`.
@@ -500,7 +505,10 @@ impl Startup {
         self.lap("step");
         let total = self.started.elapsed().as_secs_f64() * 1e3;
         let laps: Vec<String> = self.laps.iter().map(|(name, ms)| format!("{name} {ms:.1} ms")).collect();
-        Some(format!("first step {total:.1} ms after the assignment ({})", laps.join(", ")))
+        let idle = self.stopped_at.map_or(String::new(), |at| {
+            format!("; {:.1} ms without a step since this worker's last one", at.elapsed().as_secs_f64() * 1e3)
+        });
+        Some(format!("first step {total:.1} ms after the assignment ({}){idle}", laps.join(", ")))
     }
 }
 

@@ -409,8 +409,11 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
         }
     };
     // The progress channel closed with the training thread: the history's last points, then the
-    // final validation metrics.
-    if let Ok(Some(mut history)) = forwarder.await {
+    // final validation metrics. An orderly stop writes its history after its report: the gang
+    // regroups on the report, and the history's write (on S3 a round trip) need not delay it.
+    let mut history = forwarder.await.ok().flatten();
+    let ordered_stop = matches!(end, RankEnd::Checkpointed { .. });
+    if !ordered_stop && let Some(mut history) = history.take() {
         if let RankEnd::Finished(Some(report)) = &end
             && let Some(metrics) = &report.metrics
         {
@@ -451,6 +454,9 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
             // Refused when another rank's report came first: the normal case for a broken gang.
             tracing::debug!(job = %job_id, error = %e, "end of generation not recorded");
         }
+    }
+    if let Some(mut history) = history {
+        history.flush().await;
     }
     // Heartbeat at once: after a broken gang, the coordinator regroups only workers it has heard
     // from since the break.

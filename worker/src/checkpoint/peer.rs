@@ -77,6 +77,8 @@ struct HeldEntry {
 struct HeldCell {
     raw: Mutex<Option<TrainState>>,
     encoded: OnceLock<Option<Held>>,
+    /// When this worker's rank stopped with it (None: pushed to this worker).
+    stopped_at: Option<Instant>,
 }
 
 impl HeldCell {
@@ -88,7 +90,7 @@ impl HeldCell {
 
     /// A cell for a state that arrives encoded (a push).
     fn of_encoded(held: Held) -> HeldCell {
-        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)) }
+        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at: None }
     }
 }
 
@@ -103,7 +105,11 @@ impl Holder {
     /// Keeps `state` (the step a generation of `job_id` stopped at) for the next generation,
     /// and starts encoding it in the background.
     pub fn hold(&self, job_id: &str, state: TrainState) {
-        let cell = Arc::new(HeldCell { raw: Mutex::new(Some(state)), encoded: OnceLock::new() });
+        let cell = Arc::new(HeldCell {
+            raw: Mutex::new(Some(state)),
+            encoded: OnceLock::new(),
+            stopped_at: Some(Instant::now()),
+        });
         let background = cell.clone();
         std::thread::spawn(move || {
             background.encoded();
@@ -189,7 +195,9 @@ impl Holder {
             let slots = self.slots.lock().ok()?;
             slots.entry.as_ref().filter(|e| e.job_id == job_id)?.cell.clone()
         };
-        cell.encoded().cloned()
+        let mut held = cell.encoded().cloned()?;
+        held.stopped_at = cell.stopped_at;
+        Some(held)
     }
 }
 
@@ -203,6 +211,8 @@ pub struct Held {
     manifest: Manifest,
     /// Set when it was pushed to this worker (a handover's replacement): how it came.
     pub pushed: Option<Pushed>,
+    /// When this worker's own rank stopped with it (its last optimizer step); None when pushed.
+    pub stopped_at: Option<Instant>,
 }
 
 /// How a pushed state arrived.
@@ -218,7 +228,13 @@ impl Held {
     pub fn encode(state: TrainState) -> Option<Held> {
         let parts = encode(&state, None);
         let manifest = manifest_of(&parts).ok()?;
-        Some(Held { state, parts: parts.into_iter().map(|(_, bytes)| bytes).collect(), manifest, pushed: None })
+        Some(Held {
+            state,
+            parts: parts.into_iter().map(|(_, bytes)| bytes).collect(),
+            manifest,
+            pushed: None,
+            stopped_at: None,
+        })
     }
 
     /// A state that arrived as checkpoint parts (in the order [`encode`] gives them), with
@@ -226,7 +242,13 @@ impl Held {
     pub(crate) fn from_parts(state: TrainState, parts: Vec<(String, Bytes)>, pushed: Pushed) -> Option<Held> {
         let named: Vec<(&str, Bytes)> = parts.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
         let manifest = manifest_of(&named).ok()?;
-        Some(Held { state, parts: parts.into_iter().map(|(_, bytes)| bytes).collect(), manifest, pushed: Some(pushed) })
+        Some(Held {
+            state,
+            parts: parts.into_iter().map(|(_, bytes)| bytes).collect(),
+            manifest,
+            pushed: Some(pushed),
+            stopped_at: None,
+        })
     }
 
     /// The manifest fingerprint of the checkpoint it is.
