@@ -402,14 +402,15 @@ fn unframe(bytes: &[u8], fingerprint: &str, origin: &str) -> Result<TrainState, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::data::Cursor;
     use crate::train::OptimizerState;
 
-    fn state(step: u64) -> TrainState {
+    /// A training state of `step` with awkward values (also for the push's tests).
+    pub(crate) fn state(step: u64) -> TrainState {
         let params: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.37).sin()).collect();
         TrainState {
             format_version: crate::train::TRAIN_STATE_FORMAT_VERSION,

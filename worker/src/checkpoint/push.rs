@@ -295,26 +295,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::checkpoint::peer::tests::state;
     use crate::collective::port::DataPort;
-    use crate::data::Cursor;
-    use crate::train::{OptimizerState, TrainState};
-
-    fn state(step: u64) -> TrainState {
-        TrainState {
-            format_version: crate::train::TRAIN_STATE_FORMAT_VERSION,
-            step,
-            cursor: Cursor { epoch: 1, global_sample_offset: 640 },
-            params: (0..3000).map(|i| (i as f32 * 0.11).cos()).collect(),
-            optimizer: OptimizerState::Adam {
-                first_moment: vec![0.5; 3000],
-                second_moment: vec![1e-6; 3000],
-                updates: step,
-            },
-            layout_fingerprint: 0xfeed,
-            seed: 3,
-            train_rows: 1000,
-        }
-    }
+    use crate::train::TrainState;
 
     /// One test: the expectation and the holder are process-wide, like an agent's.
     #[test]
