@@ -128,11 +128,13 @@ def one(path, round_no):
     t0 = time.monotonic()
     cli("preempt", victim, "--notice-s", str(PATHS[path]))
     stopped, t_stop = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running", **UNTIL)
+    # Past the step it stopped at, not past the newest checkpoint: the new generation saves
+    # again 20 steps in, before rank 0's next progress report (1 s), and comparing with that
+    # made this wait up to a second or more too long.
+    stop_step = (stopped["latest_checkpoint"] or {}).get("step", 0)
     first, t_first = wait(
         job,
-        lambda s: s["state"] == "Running"
-        and s["generation"] > generation
-        and s["step"] > (s["latest_checkpoint"] or {}).get("step", 0),
+        lambda s: s["state"] == "Running" and s["generation"] > generation and s["step"] > stop_step,
         **UNTIL,
     )
     time.sleep(0.5)  # the ranks' notes reach the store
