@@ -224,6 +224,7 @@ async fn interrupt(
     };
     let now = flotilla_coordinator::raft::node::now_unix_ms();
     if train_until_unix_ms > now {
+        shared.handover_sought.store(true, Ordering::Release);
         let wait = Duration::from_millis(train_until_unix_ms - now);
         tracing::warn!(?wait, "the coordinator seeks a replacement; training on until it is ready, at most this long");
         tokio::time::sleep(wait).await;

@@ -64,6 +64,9 @@ pub struct AgentShared {
     pub interrupted: AtomicBool,
     /// When this worker's instance is taken (unix ms, 0: unknown), from its own spot notice.
     pub taken_at_unix_ms: AtomicU64,
+    /// The coordinator answered this worker's notice by seeking a replacement (a handover):
+    /// its rank may be told where to push its state when the gang stops.
+    pub handover_sought: AtomicBool,
     /// Training runs in progress on this worker (a superseded one may still be ending).
     pub busy: watch::Sender<usize>,
     /// The coordinator told this worker to drain: no more work will come.
@@ -533,10 +536,13 @@ pub(super) fn leaving(context: &RankContext) -> bool {
 /// On a leaving member whose rank just stopped with `state`: pushes it to the handover's
 /// replacement while the gang saves, reports and regroups, on a thread of its own (the agent
 /// does not exit before it ends). The gang may agree to stop before this member's own
-/// checkpoint order (which names the replacement) arrives: it is waited for, briefly; a stop
-/// without a handover has none. A failed push costs only itself: the new generation's
+/// checkpoint order (which names the replacement) arrives: it is waited for, briefly, when the
+/// coordinator answered the notice by seeking a replacement (else nothing is waited for). A failed push costs only itself: the new generation's
 /// exchange moves the state then.
 pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generation: u64, state: TrainState) {
+    if !context.shared.handover_sought.load(Ordering::Acquire) {
+        return; // a plain notice or SIGTERM stop: no replacement to wait for
+    }
     let shared = context.shared.clone();
     shared.busy.send_modify(|runs| *runs += 1);
     let job_id = job_id.to_string();
