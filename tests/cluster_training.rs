@@ -225,6 +225,24 @@ fn a_killed_worker_costs_at_most_one_checkpoint_interval() {
 /// still "boots" (`up --boot-delay-s`), so that launch dies with it. The new leader asks again
 /// for the handover that still waits (the launch's client token makes it one worker, whoever
 /// asks), the replacement takes the noticed rank, and nothing is lost or doubled.
+/// A spec that trains a small MLP on the digits example until cancelled (two workers,
+/// `every_steps` between checkpoints), for tests that interrupt a running job.
+fn endless_digits_spec(dir: &Path, name: &str, every_steps: u64) -> std::path::PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"{name}\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 1000000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n\
+             checkpoint = {{ every_steps = {every_steps} }}\n",
+            data.display()
+        ),
+    )
+    .expect("spec");
+    spec
+}
+
 #[test]
 fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     const BOOT_S: u64 = 5;
@@ -233,18 +251,7 @@ fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     let cluster = Cluster { home: &home, workers: Vec::new() };
     let up = run(&home, &["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &BOOT_S.to_string()]);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
-    let spec = dir.path().join("handover.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"handover\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
-             train = {{ steps = 1000000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n\
-             checkpoint = {{ every_steps = 2000 }}\n",
-            data.display()
-        ),
-    )
-    .expect("spec");
+    let spec = endless_digits_spec(dir.path(), "handover", 2000);
     let submitted = run(&home, &["submit", spec.to_str().expect("utf-8"), "-o", "json"]);
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let first = String::from_utf8_lossy(&submitted.stdout).lines().next().unwrap_or_default().to_string();
@@ -338,18 +345,7 @@ fn a_replacement_too_late_for_the_handover_falls_back_to_checkpoint_and_wait() {
     let cluster = Cluster { home: &home, workers: Vec::new() };
     let up = run(&home, &["up", "--workers", "2", "--boot-delay-s", &BOOT_S.to_string()]);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
-    let spec = dir.path().join("fallback.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"fallback\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
-             train = {{ steps = 1000000, batch_size = 16 }}\nworkers = {{ min = 2, max = 2 }}\n\
-             checkpoint = {{ every_steps = 100000 }}\n",
-            data.display()
-        ),
-    )
-    .expect("spec");
+    let spec = endless_digits_spec(dir.path(), "fallback", 100000);
     let job = cluster.submit(&spec);
     cluster.wait_state(&job, &["Running"], Duration::from_secs(60));
     let workers = json(run(&home, &["workers", "-o", "json"]));

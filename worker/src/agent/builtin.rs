@@ -347,7 +347,7 @@ fn resume_state(
     let step = reference.step;
     let world = comm.world_size() as u64;
     let mut moved = ResumeBytes::default();
-    match peer::share_counted(comm, mine, &reference.manifest_sha256) {
+    match peer::share(comm, mine, &reference.manifest_sha256) {
         Ok((Shared::Held(state), peer)) => {
             match pushed {
                 Some(pushed) => {

@@ -76,7 +76,7 @@ pub struct AgentShared {
     pub beat_now: tokio::sync::Notify,
     /// The job this worker has prepared for a handover (`PrepareJob` done), empty when none;
     /// every heartbeat carries it. Cleared when a new preparation or a generation starts.
-    pub prepared_job: std::sync::Mutex<String>,
+    pub prepared_job: Mutex<String>,
 }
 
 impl AgentShared {
@@ -537,8 +537,8 @@ pub(super) fn leaving(context: &RankContext) -> bool {
 /// replacement while the gang saves, reports and regroups, on a thread of its own (the agent
 /// does not exit before it ends). The gang may agree to stop before this member's own
 /// checkpoint order (which names the replacement) arrives: it is waited for, briefly, when the
-/// coordinator answered the notice by seeking a replacement (else nothing is waited for). A failed push costs only itself: the new generation's
-/// exchange moves the state then.
+/// coordinator answered the notice by seeking a replacement (else nothing is waited for). A
+/// failed push costs only itself: the new generation's exchange moves the state then.
 pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generation: u64, state: TrainState) {
     if !context.shared.handover_sought.load(Ordering::Acquire) {
         return; // a plain notice or SIGTERM stop: no replacement to wait for
@@ -558,18 +558,16 @@ pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generatio
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        let Some(target) = target else {
-            // A plain notice stop (no handover): nobody to push to.
-            shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
-            return;
-        };
-        let waited_ms = started.elapsed().as_secs_f64() * 1e3;
-        match push::send(&target.addr, &job_id, generation, &target.key, &state) {
-            Ok(bytes) => tracing::info!(
-                job = %job_id, to = %target.addr, bytes, waited_ms, ms = started.elapsed().as_secs_f64() * 1e3,
-                "pushed the stop-step state to the replacement"
-            ),
-            Err(e) => tracing::warn!(job = %job_id, to = %target.addr, error = %e, "the state push failed"),
+        // None: the handover fell back (the gang stopped on the leader's fallback order).
+        if let Some(target) = target {
+            let waited_ms = started.elapsed().as_secs_f64() * 1e3;
+            match push::send(&target.addr, &job_id, generation, &target.key, &state) {
+                Ok(bytes) => tracing::info!(
+                    job = %job_id, to = %target.addr, bytes, waited_ms, ms = started.elapsed().as_secs_f64() * 1e3,
+                    "pushed the stop-step state to the replacement"
+                ),
+                Err(e) => tracing::warn!(job = %job_id, to = %target.addr, error = %e, "the state push failed"),
+            }
         }
         shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
     });

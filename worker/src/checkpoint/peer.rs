@@ -190,7 +190,7 @@ impl Holder {
     }
 
     /// The encoding of whatever state of `job_id` is held (waits for the background encoder).
-    pub fn encoded(&self, job_id: &str) -> Option<Held> {
+    fn encoded(&self, job_id: &str) -> Option<Held> {
         let cell = {
             let slots = self.slots.lock().ok()?;
             slots.entry.as_ref().filter(|e| e.job_id == job_id)?.cell.clone()
@@ -290,18 +290,10 @@ pub enum ShareError {
 }
 
 /// The collective exchange (every rank of the gang calls it, with what it holds of the
-/// checkpoint `fingerprint`): see the module docs.
-pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str) -> Result<Shared, ShareError> {
-    share_counted(comm, mine, fingerprint).map(|(shared, _)| shared)
-}
-
-/// [`share`], with the bytes the whole gang moved peer to peer (the frame times the ranks
-/// that lacked it), which every rank knows once the exchange is done.
-pub fn share_counted(
-    comm: &mut dyn Communicator,
-    mine: Option<Held>,
-    fingerprint: &str,
-) -> Result<(Shared, u64), ShareError> {
+/// checkpoint `fingerprint`; see the module docs), with the bytes the whole gang moved peer to
+/// peer (the frame times the ranks that lacked it, and what was pushed before the regroup),
+/// which every rank knows once the exchange is done.
+pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str) -> Result<(Shared, u64), ShareError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     // One all-reduce: who holds it, and the bytes pushed to each rank before the regroup
     // (three 16-bit pieces per rank, each exact in f32).
@@ -466,7 +458,7 @@ pub(crate) mod tests {
             .map(|(mut comm, mine)| {
                 let fingerprint = fingerprint.to_string();
                 let mine = mine.map(|state| Held::encode(state).expect("fits"));
-                std::thread::spawn(move || share_counted(&mut comm, mine, &fingerprint))
+                std::thread::spawn(move || share(&mut comm, mine, &fingerprint))
             })
             .collect();
         threads.into_iter().map(|t| t.join().expect("rank thread")).collect()
@@ -522,7 +514,7 @@ pub(crate) mod tests {
                     if rank == 1 {
                         mine.pushed = Some(Pushed { bytes: pushed, ms: 3.0 });
                     }
-                    share_counted(&mut comm, Some(mine), &f)
+                    share(&mut comm, Some(mine), &f)
                 })
             })
             .collect();

@@ -152,17 +152,15 @@ pub fn serve(mut stream: TcpStream) {
             return;
         }
     };
-    // From here the job's ranks wait for this push (bounded by WAIT_MAX).
+    // From here the job's ranks wait for this push (bounded by peer::PUSH_WAIT_MAX).
     HELD.push_begun(&job_id);
     let authenticated_ms = started.elapsed().as_secs_f64() * 1e3;
-    let outcome = receive(&mut stream, &from, length);
+    let outcome = receive(&mut stream, &from, length, started);
     let kept = match outcome {
-        Ok((mut held, read_ms)) => {
-            let bytes = held.pushed.map_or(0, |p| p.bytes);
-            let ms = started.elapsed().as_secs_f64() * 1e3;
-            held.pushed = Some(Pushed { bytes, ms });
+        Ok((held, read_ms)) => {
+            let ms = held.pushed.map_or(0.0, |p| p.ms);
             tracing::info!(
-                job = %job_id, from = %from, bytes, ms, authenticated_ms, read_ms,
+                job = %job_id, from = %from, bytes = length, ms, authenticated_ms, read_ms,
                 "the leaving member's state arrived"
             );
             HELD.push_ended(&job_id, Some(held));
@@ -226,18 +224,19 @@ fn proof(stream: &mut TcpStream, hello: &[u8], nonce_a: &[u8], key: &[u8]) -> Re
     Ok(length)
 }
 
-/// The frame, decoded, with its manifest computed; with the milliseconds its bytes took to
-/// arrive.
-fn receive(stream: &mut TcpStream, from: &str, length: u64) -> Result<(Held, f64), String> {
-    let started = Instant::now();
+/// The frame, decoded, with its manifest computed and how it came (`started`: the push's
+/// first byte); with the milliseconds its bytes took to arrive.
+fn receive(stream: &mut TcpStream, from: &str, length: u64, started: Instant) -> Result<(Held, f64), String> {
+    let reading = Instant::now();
     let mut frame = vec![0u8; length as usize];
     stream.read_exact(&mut frame).map_err(|e| format!("state: {e}"))?;
-    let read_ms = started.elapsed().as_secs_f64() * 1e3;
+    let read_ms = reading.elapsed().as_secs_f64() * 1e3;
     let parts = unframe(Bytes::from(frame))?;
     let origin = format!("the state pushed by {from}");
     let map = parts.iter().cloned().collect();
     let state = decode(&map, &origin).map_err(|e| e.to_string())?.0;
-    let held = Held::from_parts(state, parts, Pushed { bytes: length, ms: 0.0 })
+    let pushed = Pushed { bytes: length, ms: started.elapsed().as_secs_f64() * 1e3 };
+    let held = Held::from_parts(state, parts, pushed)
         .ok_or_else(|| "its parts break the checkpoint format's limits".to_string())?;
     Ok((held, read_ms))
 }
