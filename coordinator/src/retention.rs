@@ -20,8 +20,8 @@
 //! are forgotten (`ForgetFinished`) once they are older than the cluster's `--keep-finished-h`,
 //! so the replicated state and its snapshots stay bounded by what is live.
 
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use flotilla_core::JobId;
 use flotilla_core::state::{Command, State};
@@ -42,8 +42,8 @@ struct Work {
     mark: Vec<(JobId, String)>,
     /// (job, uri) marked: remove objects, then drop the record.
     remove: Vec<(JobId, String)>,
-    /// Per job: recorded URIs, the newest recorded step, and whether the job has ended.
-    jobs: Vec<(JobId, BTreeSet<String>, u64, bool)>,
+    /// Per job: the newest recorded step and whether the job has ended.
+    jobs: Vec<(JobId, u64, bool)>,
 }
 
 fn plan(state: &State) -> Work {
@@ -52,13 +52,42 @@ fn plan(state: &State) -> Work {
         let (mark, remove) = job.retention_plan();
         work.mark.extend(mark.into_iter().map(|uri| (job.id, uri)));
         work.remove.extend(remove.into_iter().map(|uri| (job.id, uri)));
-        let recorded = job.checkpoints.iter().map(|c| c.uri.clone()).collect();
         let newest = job.latest_checkpoint.as_ref().map_or(0, |c| c.step);
-        work.jobs.push((job.id, recorded, newest, job.state.is_terminal()));
+        work.jobs.push((job.id, newest, job.state.is_terminal()));
     }
     work.mark.truncate(DELETIONS_PER_PASS_MAX);
     work.remove.truncate(DELETIONS_PER_PASS_MAX);
     work
+}
+
+/// What the job looked like when the sweep last listed its checkpoint area, and when.
+#[derive(Debug, Clone, Copy)]
+struct Swept {
+    newest: u64,
+    ended: bool,
+    at: Instant,
+}
+
+/// The jobs whose checkpoint area is worth listing now, oldest sweep first, at most
+/// [`SWEEPS_PER_PASS_MAX`]. Only a job with a recorded checkpoint can have stale folders (the
+/// sweep removes only folders older than the newest record), so a job is due when its newest
+/// record or its end changed since its last sweep, or after [`RESWEEP_EVERY`] (a superseded
+/// generation's save may land after the sweep that followed the newer record). Listing every
+/// job on every pass cost one store listing per job per pass: on S3 a LIST request each, and
+/// locally most of the leader's CPU under a stream of submissions.
+fn due_sweeps(jobs: &[(JobId, u64, bool)], swept: &HashMap<JobId, Swept>, now: Instant) -> Vec<JobId> {
+    let mut due: Vec<(Option<Instant>, JobId)> = jobs
+        .iter()
+        .filter(|(_, newest, _)| *newest > 0)
+        .filter_map(|&(job_id, newest, ended)| match swept.get(&job_id) {
+            None => Some((None, job_id)),
+            Some(last) if last.newest != newest || last.ended != ended => Some((None, job_id)),
+            Some(last) if now.saturating_duration_since(last.at) >= RESWEEP_EVERY => Some((Some(last.at), job_id)),
+            Some(_) => None,
+        })
+        .collect();
+    due.sort();
+    due.into_iter().take(SWEEPS_PER_PASS_MAX).map(|(_, job_id)| job_id).collect()
 }
 
 /// A job's checkpoint area: `<store>/jobs/<job>/ckpt`.
@@ -84,6 +113,7 @@ pub(crate) fn checkpoint_key(uri: &str, store: &Location, job_id: JobId) -> Opti
 
 /// Runs on every node; acts only while this node leads.
 pub async fn retention_loop(mut node: NodeHandle, store: Location) {
+    let mut swept: HashMap<JobId, Swept> = HashMap::new();
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -112,19 +142,52 @@ pub async fn retention_loop(mut node: NodeHandle, store: Location) {
                 tracing::info!(%job_id, uri, "checkpoint deleted (retention)");
             }
         }
-        for (job_id, recorded, newest, ended) in work.jobs {
-            sweep_unrecorded(&store, job_id, &recorded, newest, ended).await;
+        swept.retain(|job_id, _| work.jobs.iter().any(|(id, _, _)| id == job_id));
+        let due = due_sweeps(&work.jobs, &swept, Instant::now());
+        if due.is_empty() {
+            continue;
+        }
+        let Ok(recorded) = node
+            .read_local(move |state| {
+                due.iter()
+                    .filter_map(|id| state.jobs.get(id))
+                    .map(|job| {
+                        let uris: BTreeSet<String> = job.checkpoints.iter().map(|c| c.uri.clone()).collect();
+                        let newest = job.latest_checkpoint.as_ref().map_or(0, |c| c.step);
+                        (job.id, uris, newest, job.state.is_terminal())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+        else {
+            continue;
+        };
+        for (job_id, uris, newest, ended) in recorded {
+            if sweep_unrecorded(&store, job_id, &uris, newest, ended).await {
+                swept.insert(job_id, Swept { newest, ended, at: Instant::now() });
+            }
         }
     }
 }
 
 /// Folders of one checkpoint area listed per pass at most.
 const SWEEP_FOLDERS_MAX: usize = 10_000;
+/// Checkpoint areas listed per pass at most.
+const SWEEPS_PER_PASS_MAX: usize = 32;
+/// A swept job's area is listed again after this long even if nothing changed (late saves).
+const RESWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// Removes checkpoint folders of `job_id` that no record names and that can no longer be
-/// recorded: older than the newest recorded step (or any, once the job has ended).
-async fn sweep_unrecorded(store: &Location, job_id: JobId, recorded: &BTreeSet<String>, newest: u64, ended: bool) {
-    let Ok(listing) = store.store().list_with_delimiter(Some(&area(store, job_id))).await else { return };
+/// recorded: older than the newest recorded step (or any, once the job has ended). False when
+/// the area could not be listed (the next pass tries again).
+async fn sweep_unrecorded(
+    store: &Location,
+    job_id: JobId,
+    recorded: &BTreeSet<String>,
+    newest: u64,
+    ended: bool,
+) -> bool {
+    let Ok(listing) = store.store().list_with_delimiter(Some(&area(store, job_id))).await else { return false };
     for folder in listing.common_prefixes.into_iter().take(SWEEP_FOLDERS_MAX) {
         let uri = store.uri_of(&folder);
         if recorded.contains(&uri) {
@@ -136,6 +199,7 @@ async fn sweep_unrecorded(store: &Location, job_id: JobId, recorded: &BTreeSet<S
             tracing::info!(%job_id, uri, "removed an unrecorded checkpoint");
         }
     }
+    true
 }
 
 /// How often the leader looks for records to forget.
@@ -200,6 +264,37 @@ mod tests {
     }
 
     #[test]
+    fn only_jobs_whose_records_changed_or_went_unswept_long_are_listed() {
+        let now = Instant::now() + RESWEEP_EVERY * 2;
+        let recent = now - Duration::from_secs(5);
+        let long_ago = now - RESWEEP_EVERY - Duration::from_secs(1);
+        let jobs = [
+            (JobId(1), 0, false),  // nothing recorded: nothing can be stale
+            (JobId(2), 20, false), // never swept
+            (JobId(3), 20, false), // swept at this record, recently
+            (JobId(4), 40, false), // a newer record since its sweep
+            (JobId(5), 20, true),  // ended since its sweep
+            (JobId(6), 20, false), // swept at this record, long ago (late saves)
+            (JobId(7), 0, true),   // ended without a record
+        ];
+        let swept: HashMap<JobId, Swept> = [
+            (JobId(3), Swept { newest: 20, ended: false, at: recent }),
+            (JobId(4), Swept { newest: 20, ended: false, at: recent }),
+            (JobId(5), Swept { newest: 20, ended: false, at: recent }),
+            (JobId(6), Swept { newest: 20, ended: false, at: long_ago }),
+        ]
+        .into();
+        assert_eq!(due_sweeps(&jobs, &swept, now), [JobId(2), JobId(4), JobId(5), JobId(6)]);
+        // Changed jobs come before the periodic re-listing, and a pass lists a bounded number.
+        let many: Vec<(JobId, u64, bool)> = (1..=100).map(|i| (JobId(i), 10, false)).collect();
+        let old: HashMap<JobId, Swept> =
+            (1..=50).map(|i| (JobId(i), Swept { newest: 10, ended: false, at: long_ago })).collect();
+        let due = due_sweeps(&many, &old, now);
+        assert_eq!(due.len(), SWEEPS_PER_PASS_MAX);
+        assert!(due.iter().all(|id| id.0 > 50), "never-swept jobs first: {due:?}");
+    }
+
+    #[test]
     fn the_sweep_removes_only_unrecorded_older_folders() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("jobs/job-1/ckpt");
@@ -211,7 +306,7 @@ mod tests {
         let uri = |name: &str| format!("file://{}", root.join(name).display());
         let recorded: BTreeSet<String> = [uri("000000000020-g1"), uri("000000000030-g2")].into();
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        runtime.block_on(sweep_unrecorded(&store, JobId(1), &recorded, 30, false));
+        assert!(runtime.block_on(sweep_unrecorded(&store, JobId(1), &recorded, 30, false)), "listed");
         let mut left: Vec<String> = std::fs::read_dir(&root)
             .expect("read")
             .filter_map(|e| {
