@@ -98,6 +98,9 @@ fn spot_notices_lose_zero_steps() {
     let resumed = numbers_after(&log, "resuming from the checkpoint of step ");
     assert_eq!(stopped.len(), 3, "{log}");
     assert_eq!(stopped, resumed, "every generation resumes where the previous one stopped:\n{log}");
+    // Each stop regrouped on its checkpoint's announcement, before the write ended.
+    let announced = log.lines().filter(|l| l.contains("its checkpoint is announced and being written")).count();
+    assert_eq!(announced, 3, "{log}");
     let checkpointed = events(&done, "checkpointed");
     assert_eq!(checkpointed.len(), 3, "{done}");
     for (message, step) in checkpointed.iter().zip(&stopped) {

@@ -308,7 +308,10 @@ mod tests {
         let job_id = JobId(1);
         step(&mut state, Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
         let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
-        step(&mut state, Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None });
+        step(
+            &mut state,
+            Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None, announced: None },
+        );
         let broke_at = state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
         // worker-1 heartbeat after the break, worker-2 (dead) did not; worker-3 was not involved.
         let heard = |w: WorkerId| if w == WorkerId(1) { broke_at + 5 } else { broke_at - 500 };

@@ -512,8 +512,14 @@ fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand()
     assert!(event.message.contains("850 steps at 2.00 s/step"), "{}", event.message);
     // The gang checkpoints and stops; the job waits for on-demand capacity only.
     control.live.clear();
-    let ended =
-        Command::GenerationEnded { job_id, generation: 1, end: GenerationEnd::Checkpointed, step: 260, reporter: None };
+    let ended = Command::GenerationEnded {
+        job_id,
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 260,
+        reporter: None,
+        announced: None,
+    };
     apply(&mut control.state, 5, Envelope::new(at(0.41), ended)).expect("ended");
     control.index = 5;
     let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX);

@@ -64,6 +64,36 @@ impl ClusterApi {
     fn require_leader(&self) -> Result<(), Status> {
         if self.node.status().leader_id == Some(self.node.id) { Ok(()) } else { Err(status(self.node.not_leader())) }
     }
+
+    /// A worker's checkpoint reference as the record the state keeps, checked: only a folder of
+    /// this job's checkpoint area (retention deletes what is recorded), a bounded manifest hash.
+    fn checkpoint_record(
+        &self,
+        job_id: JobId,
+        reference: CheckpointRef,
+        generation: u64,
+    ) -> Result<CheckpointRecord, Status> {
+        if reference.manifest_sha256.len() > 64 {
+            return Err(invalid("checkpoint.manifest_sha256 must be at most 64 characters".into()));
+        }
+        if crate::retention::checkpoint_key(&reference.uri, &self.store, job_id).is_none() {
+            let area = format!("{}/jobs/{job_id}/ckpt/", self.store.uri());
+            return Err(invalid(format!("checkpoint.uri must be one folder under {area}, got `{}`", reference.uri)));
+        }
+        let cursor = reference.cursor.unwrap_or_default();
+        Ok(CheckpointRecord {
+            step: reference.step,
+            uri: reference.uri,
+            size_bytes: reference.size_bytes,
+            manifest_sha256: reference.manifest_sha256,
+            epoch: u64::from(cursor.epoch),
+            global_sample_offset: cursor.global_sample_offset,
+            generation,
+            deleting: false,
+            pending: false,
+            writer: None,
+        })
+    }
 }
 
 fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Status> {
@@ -258,25 +288,7 @@ impl ClusterService for ClusterApi {
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
         let reference = report.checkpoint.ok_or_else(|| invalid("checkpoint is required".into()))?;
-        if reference.manifest_sha256.len() > 64 {
-            return Err(invalid("checkpoint.manifest_sha256 must be at most 64 characters".into()));
-        }
-        // Only a folder of this job's checkpoint area: retention deletes what is recorded.
-        if crate::retention::checkpoint_key(&reference.uri, &self.store, job_id).is_none() {
-            let area = format!("{}/jobs/{job_id}/ckpt/", self.store.uri());
-            return Err(invalid(format!("checkpoint.uri must be one folder under {area}, got `{}`", reference.uri)));
-        }
-        let cursor = reference.cursor.unwrap_or_default();
-        let checkpoint = CheckpointRecord {
-            step: reference.step,
-            uri: reference.uri,
-            size_bytes: reference.size_bytes,
-            manifest_sha256: reference.manifest_sha256,
-            epoch: u64::from(cursor.epoch),
-            global_sample_offset: cursor.global_sample_offset,
-            generation: report.generation,
-            deleting: false,
-        };
+        let checkpoint = self.checkpoint_record(job_id, reference, report.generation)?;
         self.node
             .propose(Command::RecordCheckpoint { job_id, checkpoint, reporter: Some(reporter) })
             .await
@@ -334,7 +346,7 @@ impl ClusterService for ClusterApi {
         });
         let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
         let (generation, step) = (report.generation, report.step);
-        let ended = |end| Command::GenerationEnded { job_id, generation, end, step, reporter };
+        let ended = |end| Command::GenerationEnded { job_id, generation, end, step, reporter, announced: None };
         let command = match GenerationEnd::try_from(report.end) {
             Ok(GenerationEnd::Finished) => {
                 let artifact = (!report.artifact_uri.is_empty()
@@ -364,7 +376,14 @@ impl ClusterService for ClusterApi {
                     reporter,
                 }
             }
-            Ok(GenerationEnd::Checkpointed) => ended(CoreEnd::Checkpointed),
+            Ok(GenerationEnd::Checkpointed) => {
+                // Rank 0 may announce the stop step's checkpoint while it still writes it.
+                let announced = match report.final_checkpoint {
+                    Some(reference) => Some(self.checkpoint_record(job_id, reference, generation)?),
+                    None => None,
+                };
+                Command::GenerationEnded { job_id, generation, end: CoreEnd::Checkpointed, step, reporter, announced }
+            }
             Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),
             Ok(GenerationEnd::CheckpointUnusable) => {
                 ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })

@@ -367,6 +367,7 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::StaleGeneration { .. }
         | Rejected::NotRunning { .. }
         | Rejected::CheckpointNotDeletable { .. }
+        | Rejected::CheckpointMismatch { .. }
         | Rejected::RequestNotOutstanding(_)
         | Rejected::DuplicateRequest(_)
         | Rejected::NoHandover { .. } => ErrorKind::FailedPrecondition,

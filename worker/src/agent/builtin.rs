@@ -4,8 +4,17 @@
 //! ```text
 //!   load data ─▶ ring rendezvous ─▶ resume checkpoint ─▶ step loop ─▶ evaluate + export (rank 0)
 //!   stop vote (rides in the next all-reduce) ─▶ every rank stops after the same step ─▶ rank 0
-//!        saves + records that step ─▶ Checkpointed
+//!        encodes that step, announces it (Checkpointed) and writes + records it meanwhile
 //! ```
+//!
+//! In a cluster the stop's checkpoint is announced before it is written: rank 0 hashes the
+//! state (the manifest's fingerprint), starts the write and reports the stop with the
+//! checkpoint's reference at once. The coordinator records it as pending and the gang regroups
+//! on it: every member of the next generation holds that state in memory (survivors keep it; a
+//! handover's replacement has it pushed; new members take it from them), so nobody reads the
+//! store meanwhile. The write ends on a thread of the agent's, which confirms the record; a
+//! write that fails leaves the record pending, and a newer checkpoint replaces it. Standalone
+//! runs save the stop step before they end, as before.
 //!
 //! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
 //! `every_steps - lag` steps, where `lag = every_steps / 4` is how many steps a save may take
@@ -27,8 +36,10 @@ use super::work::{
     JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
+use crate::checkpoint::Manifest;
 use crate::checkpoint::peer::{self, ShareError, Shared};
-use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Saved};
+use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Encoded, Saved};
+use crate::data::Cursor;
 use crate::data::{self, Dataset};
 use crate::metrics::AGENT;
 use crate::train::{TrainError, Trainer};
@@ -119,6 +130,9 @@ pub(super) fn run_rank(
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
     let mut save_failed: Option<CheckpointError> = None;
+    // The stop step's checkpoint, announced to the coordinator while it is written.
+    let mut announced: Option<CheckpointRef> = None;
+    let announces = context.standalone().is_none();
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
@@ -182,9 +196,23 @@ pub(super) fn run_rank(
         }
         if report.stop_agreed {
             if saves.last_saved != report.step && background.in_flight() != Some(report.step) {
-                outcomes.extend(background.submit(trainer.state(), None));
+                if announces {
+                    outcomes.extend(background.finish()); // an earlier save first
+                    match Encoded::of(&trainer.state()) {
+                        Ok(encoded) => {
+                            let uri = background.uri_of_step(encoded.step);
+                            announced = Some(checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest));
+                            outcomes.extend(background.submit_encoded(encoded));
+                        }
+                        Err(e) => outcomes.push(Err(e)),
+                    }
+                } else {
+                    outcomes.extend(background.submit(trainer.state(), None));
+                }
             }
-            outcomes.extend(background.finish());
+            if announced.is_none() {
+                outcomes.extend(background.finish());
+            }
             waited = true;
         } else if report.step - saves.last_snapshot >= cadence && !trainer.is_finished() {
             saves.last_snapshot = report.step;
@@ -243,11 +271,17 @@ pub(super) fn run_rank(
             );
         }
         log.note(format!(
-            "stopped at step {} for a checkpoint (generation {})",
+            "stopped at step {} for a checkpoint (generation {}){}",
             trainer.steps_done(),
-            train.generation
+            train.generation,
+            if announced.is_some() { "; its checkpoint is announced and being written" } else { "" }
         ));
-        return RankEnd::Checkpointed { step: trainer.steps_done(), rank0 };
+        if announced.is_some()
+            && let Some(background) = background.take()
+        {
+            finish_after_stop(context, background, trainer.steps_done());
+        }
+        return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced };
     }
     peer::HELD.release();
     if !rank0 {
@@ -523,6 +557,43 @@ struct SaveTracker {
     count: u64,
 }
 
+/// Ends the stop step's save after the rank has reported the stop (the gang regroups
+/// meanwhile); the agent does not exit before it ends (its busy count).
+fn finish_after_stop(context: &RankContext, mut background: BackgroundCheckpointer, step: u64) {
+    let shared = context.shared.clone();
+    shared.busy.send_modify(|runs| *runs += 1);
+    std::thread::spawn(move || {
+        match background.finish() {
+            Some(Ok(saved)) => {
+                AGENT.checkpoints.inc();
+                AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());
+                AGENT.checkpoint_seconds.observe(saved.background_ms / 1e3);
+                tracing::info!(step, ms = saved.background_ms, uri = saved.uri, "the stop's checkpoint is written");
+            }
+            Some(Err(e)) => tracing::warn!(
+                step,
+                error = %e,
+                "the stop's checkpoint was not written; the gang resumed from the state its members hold, \
+                 and the next checkpoint replaces this one"
+            ),
+            None => {}
+        }
+        drop(background);
+        shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+    });
+}
+
+/// The reference the coordinator records for a checkpoint.
+fn checkpoint_ref(step: u64, cursor: Cursor, uri: String, manifest: &Manifest) -> CheckpointRef {
+    CheckpointRef {
+        step,
+        uri,
+        size_bytes: manifest.total_bytes(),
+        manifest_sha256: manifest.fingerprint(),
+        cursor: Some(DataCursor { epoch: cursor.epoch as u32, global_sample_offset: cursor.global_sample_offset }),
+    }
+}
+
 /// The background writer's hook: record the written checkpoint before it counts as saved.
 fn recorder(
     context: &RankContext,
@@ -532,16 +603,7 @@ fn recorder(
     let context = context.clone();
     let (train, runtime) = (train.clone(), runtime.clone());
     move |saved| {
-        let checkpoint = CheckpointRef {
-            step: saved.step,
-            uri: saved.uri.clone(),
-            size_bytes: saved.manifest.total_bytes(),
-            manifest_sha256: saved.manifest.fingerprint(),
-            cursor: Some(DataCursor {
-                epoch: saved.cursor.epoch as u32,
-                global_sample_offset: saved.cursor.global_sample_offset,
-            }),
-        };
+        let checkpoint = checkpoint_ref(saved.step, saved.cursor, saved.uri.clone(), &saved.manifest);
         record_checkpoint(&context, &train, &runtime, checkpoint)
     }
 }

@@ -683,7 +683,7 @@ impl Watch<'_> {
             }
             self.notes
                 .note(format!("stopped at step {reached} for a checkpoint (generation {})", self.train.generation));
-            return RankEnd::Checkpointed { step: reached, rank0: node0 };
+            return RankEnd::Checkpointed { step: reached, rank0: node0, announced: None };
         }
         if let Some((local_rank, status)) = procs.first_failure() {
             let rank = self.train.rank * self.run.procs_per_worker + local_rank;

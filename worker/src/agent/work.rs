@@ -344,8 +344,9 @@ impl RankContext {
 pub enum RankEnd {
     /// Training is done. Rank 0 carries the report (with metrics); other ranks `None`.
     Finished(Option<Box<FinishedReport>>),
-    /// Stopped in order after `step` (vote); rank 0 saved and recorded that step.
-    Checkpointed { step: u64, rank0: bool },
+    /// Stopped in order after `step` (vote); rank 0 saved and recorded that step, or (in a
+    /// cluster) `announced` it: its write and record end after the report.
+    Checkpointed { step: u64, rank0: bool, announced: Option<flotilla_proto::v1::CheckpointRef> },
     /// Superseded (StopJob, or a newer assignment): report nothing.
     Superseded,
     /// Ended abnormally; every rank reports (the coordinator keeps the first).
@@ -437,9 +438,12 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
     let report = match end {
         RankEnd::Finished(Some(report)) => Some(*report),
         RankEnd::Finished(None) | RankEnd::Superseded => None,
-        RankEnd::Checkpointed { step, rank0 } => {
-            rank0.then(|| FinishedReport { end: GenerationEnd::Checkpointed.into(), step, ..base })
-        }
+        RankEnd::Checkpointed { step, rank0, announced } => rank0.then(|| FinishedReport {
+            end: GenerationEnd::Checkpointed.into(),
+            step,
+            final_checkpoint: announced,
+            ..base
+        }),
         RankEnd::Broken { .. } if stop.load(Ordering::Relaxed) => None, // superseded meanwhile
         RankEnd::Broken { end, step, error, unusable_step } => {
             tracing::warn!(job = %job_id, generation, rank, error = %error, "generation ended");

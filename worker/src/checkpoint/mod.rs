@@ -130,11 +130,23 @@ pub async fn write(
     parts: &[(&str, Bytes)],
 ) -> Result<Manifest, CheckpointError> {
     let manifest = manifest_of(parts)?;
+    write_with(store, prefix, parts, &manifest).await?;
+    Ok(manifest)
+}
+
+/// Writes `parts` under `prefix`, then `manifest` (computed by [`manifest_of`] from these
+/// parts: the caller that already has it does not hash the bytes twice).
+pub async fn write_with(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    parts: &[(&str, Bytes)],
+    manifest: &Manifest,
+) -> Result<(), CheckpointError> {
     for (name, bytes) in parts {
         store.put(&part_path(prefix, name), PutPayload::from_bytes(bytes.clone())).await?;
     }
     store.put(&part_path(prefix, MANIFEST), PutPayload::from(manifest.encode())).await?;
-    Ok(manifest)
+    Ok(())
 }
 
 /// Checks one part's bytes against its manifest entry (size, then SHA-256); `origin` names

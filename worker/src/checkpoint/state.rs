@@ -12,7 +12,7 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckpointError, Manifest, bytes_to_f32, f32_to_bytes, read, write};
+use super::{CheckpointError, Manifest, bytes_to_f32, f32_to_bytes, manifest_of, read, write, write_with};
 use crate::data::Cursor;
 use crate::train::{OptimizerState, TrainState};
 
@@ -61,6 +61,24 @@ pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static 
     };
     let meta = Bytes::from(serde_json::to_vec_pretty(&meta).expect("checkpoint metadata is plain data"));
     vec![("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)]
+}
+
+/// A state encoded as checkpoint parts, with their manifest: what a save writes, computed once
+/// by whoever needs the fingerprint before the write (a stop announces it to the coordinator).
+pub struct Encoded {
+    pub step: u64,
+    pub cursor: Cursor,
+    pub parts: Vec<(&'static str, Bytes)>,
+    pub manifest: Manifest,
+}
+
+impl Encoded {
+    /// `state` encoded (without validation metrics) and hashed.
+    pub fn of(state: &TrainState) -> Result<Encoded, CheckpointError> {
+        let parts = encode(state, None);
+        let manifest = manifest_of(&parts)?;
+        Ok(Encoded { step: state.step, cursor: state.cursor, parts, manifest })
+    }
 }
 
 /// Writes `state` (and optional validation metrics) as a checkpoint under `prefix`.
@@ -168,6 +186,19 @@ impl Checkpointer {
         let manifest = self.runtime.block_on(save(self.location.store().as_ref(), &prefix, state, metrics))?;
         Ok((self.location.uri_of(&prefix), manifest))
     }
+
+    /// Saves an already encoded state as the checkpoint of its step; returns its URI.
+    pub fn save_encoded(&self, encoded: &Encoded) -> Result<String, CheckpointError> {
+        let prefix = step_prefix(self.location.prefix(), encoded.step, self.suffix.as_deref());
+        let store = self.location.store();
+        self.runtime.block_on(write_with(store.as_ref(), &prefix, &encoded.parts, &encoded.manifest))?;
+        Ok(self.location.uri_of(&prefix))
+    }
+
+    /// The URI the checkpoint of `step` is (or will be) saved at.
+    pub fn uri_of_step(&self, step: u64) -> String {
+        self.location.uri_of(&step_prefix(self.location.prefix(), step, self.suffix.as_deref()))
+    }
 }
 
 /// A checkpoint written by [`BackgroundCheckpointer`] and accepted by its `on_saved` hook.
@@ -182,14 +213,20 @@ pub struct Saved {
 }
 
 type SaveResult = Result<Saved, CheckpointError>;
-/// A snapshot to save, with validation (accuracy, loss) when measured.
-type Snapshot = (TrainState, Option<(f64, f64)>);
+/// A snapshot to save: a state with validation (accuracy, loss) when measured, encoded by the
+/// writer thread; or one encoded already.
+enum Snapshot {
+    State(TrainState, Option<(f64, f64)>),
+    Encoded(Encoded),
+}
 
 /// Asynchronous saving: the training loop hands over a snapshot (already copied to host
 /// memory) and continues; one background thread writes it and then calls `on_saved` (the
 /// agent records it with the coordinator there). At most one save is in flight: handing over
 /// another waits for the previous one, so memory stays bounded at one extra copy of the state.
 pub struct BackgroundCheckpointer {
+    /// Names checkpoints like the writer does (a clone of its location and suffix, no runtime).
+    naming: (super::store::Location, Option<String>),
     snapshots: Option<std::sync::mpsc::SyncSender<Snapshot>>,
     results: std::sync::mpsc::Receiver<SaveResult>,
     in_flight: Option<u64>,
@@ -201,13 +238,22 @@ impl BackgroundCheckpointer {
         checkpointer: Checkpointer,
         mut on_saved: impl FnMut(&Saved) -> Result<(), String> + Send + 'static,
     ) -> BackgroundCheckpointer {
+        let naming = (checkpointer.location.clone(), checkpointer.suffix.clone());
         let (snapshots, inbox) = std::sync::mpsc::sync_channel::<Snapshot>(1);
         let (outbox, results) = std::sync::mpsc::sync_channel::<SaveResult>(1);
         let thread = std::thread::spawn(move || {
-            for (state, metrics) in inbox {
+            for snapshot in inbox {
                 let started = std::time::Instant::now();
-                let saved = checkpointer.save(&state, metrics).and_then(|(uri, manifest)| {
-                    let mut saved = Saved { step: state.step, cursor: state.cursor, uri, manifest, background_ms: 0.0 };
+                let written = match snapshot {
+                    Snapshot::State(state, metrics) => checkpointer
+                        .save(&state, metrics)
+                        .map(|(uri, manifest)| (state.step, state.cursor, uri, manifest)),
+                    Snapshot::Encoded(encoded) => checkpointer
+                        .save_encoded(&encoded)
+                        .map(|uri| (encoded.step, encoded.cursor, uri, encoded.manifest)),
+                };
+                let saved = written.and_then(|(step, cursor, uri, manifest)| {
+                    let mut saved = Saved { step, cursor, uri, manifest, background_ms: 0.0 };
                     on_saved(&saved).map_err(CheckpointError::NotRecorded)?;
                     saved.background_ms = started.elapsed().as_secs_f64() * 1e3;
                     Ok(saved)
@@ -217,7 +263,13 @@ impl BackgroundCheckpointer {
                 }
             }
         });
-        BackgroundCheckpointer { snapshots: Some(snapshots), results, in_flight: None, thread: Some(thread) }
+        BackgroundCheckpointer { naming, snapshots: Some(snapshots), results, in_flight: None, thread: Some(thread) }
+    }
+
+    /// The URI the checkpoint of `step` is (or will be) saved at.
+    pub fn uri_of_step(&self, step: u64) -> String {
+        let (location, suffix) = &self.naming;
+        location.uri_of(&step_prefix(location.prefix(), step, suffix.as_deref()))
     }
 
     /// The step of the save in progress, if any.
@@ -228,9 +280,19 @@ impl BackgroundCheckpointer {
     /// Starts saving `state` (with validation accuracy and loss, if measured). If a save is
     /// still in flight, waits for it first and returns its outcome.
     pub fn submit(&mut self, state: TrainState, metrics: Option<(f64, f64)>) -> Option<SaveResult> {
-        let previous = self.finish();
         let step = state.step;
-        let sent = self.snapshots.as_ref().is_some_and(|s| s.send((state, metrics)).is_ok());
+        self.send(step, Snapshot::State(state, metrics))
+    }
+
+    /// Like [`BackgroundCheckpointer::submit`], for a state encoded already.
+    pub fn submit_encoded(&mut self, encoded: Encoded) -> Option<SaveResult> {
+        let step = encoded.step;
+        self.send(step, Snapshot::Encoded(encoded))
+    }
+
+    fn send(&mut self, step: u64, snapshot: Snapshot) -> Option<SaveResult> {
+        let previous = self.finish();
+        let sent = self.snapshots.as_ref().is_some_and(|s| s.send(snapshot).is_ok());
         if sent {
             self.in_flight = Some(step);
             previous

@@ -284,8 +284,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::MovedToOnDemand { job_id, checkpoint })
         }
-        Command::GenerationEnded { job_id, generation, end, step, reporter } => {
+        Command::GenerationEnded { job_id, generation, end, step, reporter, announced } => {
             check_reporter(state, job_id, reporter)?;
+            if let (GenerationEnd::Checkpointed, Some(record)) = (&end, announced) {
+                let job = running_generation(state, job_id, generation)?;
+                announce_checkpoint(job, record, reporter, generation, step, now);
+            }
             generation_ended(state, job_id, generation, end, step, now)
         }
         Command::CheckpointDeleting { job_id, uri } => {
@@ -412,6 +416,28 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::InstancesChanged)
         }
         Command::RecordCheckpoint { job_id, checkpoint, reporter } => {
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            // The writer of an announced checkpoint confirms it, whichever generation runs by
+            // now and whether or not the writer is still a member (a leaving rank 0 writes it too).
+            if let Some(record) =
+                job.checkpoints.iter_mut().find(|c| c.pending && !c.deleting && c.uri == checkpoint.uri)
+            {
+                if let (Some(worker), Some(writer)) = (reporter, record.writer)
+                    && worker != writer
+                {
+                    return Err(Rejected::NotAMember { worker, job_id });
+                }
+                if (record.step, &record.manifest_sha256, record.size_bytes)
+                    != (checkpoint.step, &checkpoint.manifest_sha256, checkpoint.size_bytes)
+                {
+                    return Err(Rejected::CheckpointMismatch { job_id, uri: checkpoint.uri });
+                }
+                record.pending = false;
+                let step = record.step;
+                refresh_latest(job);
+                job.updated_at_unix_ms = now;
+                return Ok(Applied::CheckpointRecorded { job_id, step });
+            }
             check_reporter(state, job_id, reporter)?;
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             if job.state.is_terminal() {
@@ -433,12 +459,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if step > job.failure_step {
                 job.failures = 0; // progress since the last failure
             }
-            if job.checkpoints.len() >= CHECKPOINTS_RECORDED_MAX {
-                // Retention should have removed old ones long ago; never grow without bound.
-                job.checkpoints.remove(0);
-            }
-            job.checkpoints.push(checkpoint);
-            refresh_latest(job);
+            push_checkpoint(job, CheckpointRecord { pending: false, writer: reporter, ..checkpoint });
             job.updated_at_unix_ms = now;
             Ok(Applied::CheckpointRecorded { job_id, step })
         }
@@ -800,6 +821,49 @@ fn charge_generation(job: &mut Job, now: u64, step_reached: u64, lost_steps: u64
         job.lost_work_usd += cost * (lost_steps.min(made) as f64 / made as f64);
     }
     job.gang_usd_per_hour = 0.0;
+}
+
+/// Appends a checkpoint record (bounded): an older announced one still not written is given up
+/// (retention removes whatever of it reached the store), then the newest usable one is resumed
+/// from.
+fn push_checkpoint(job: &mut Job, record: CheckpointRecord) {
+    for older in job.checkpoints.iter_mut().filter(|c| c.pending && c.step < record.step) {
+        older.deleting = true;
+    }
+    if job.checkpoints.len() >= CHECKPOINTS_RECORDED_MAX {
+        // Retention should have removed old ones long ago; never grow without bound.
+        job.checkpoints.remove(0);
+    }
+    job.checkpoints.push(record);
+    refresh_latest(job);
+}
+
+/// Records the checkpoint a generation's orderly stop announced (its writer, the reporter,
+/// still saves it) as pending, so that the next generation resumes from the stop step at once.
+/// An announcement that does not describe this stop (another step or generation, not newer
+/// than the newest record) is ignored: the stop is then recorded like one without it.
+fn announce_checkpoint(
+    job: &mut Job,
+    record: CheckpointRecord,
+    reporter: Option<WorkerId>,
+    generation: u64,
+    step: u64,
+    now: u64,
+) {
+    let fits = record.step == step
+        && record.generation == generation
+        && !record.deleting
+        && step > resume_step(job)
+        && !job.checkpoints.iter().any(|c| c.uri == record.uri);
+    if !fits {
+        return;
+    }
+    job.step = job.step.max(step);
+    if step > job.failure_step {
+        job.failures = 0; // progress since the last failure
+    }
+    push_checkpoint(job, CheckpointRecord { pending: true, writer: reporter, ..record });
+    job.updated_at_unix_ms = now;
 }
 
 /// The step a new generation resumes from.

@@ -58,6 +58,8 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
                 global_sample_offset: e,
                 generation: small_or_raw(b >> 8),
                 deleting: c & 1 == 1,
+                pending: c & 4 == 4,
+                writer: None,
             },
             reporter: Some(reporter),
         },
@@ -72,6 +74,19 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
             },
             step: small_or_raw(d),
             reporter: Some(reporter),
+            // An announced checkpoint (valid in shape or not) now and then.
+            announced: (c & 2 == 2).then(|| CheckpointRecord {
+                step: small_or_raw(d),
+                uri: format!("file:///s/jobs/{job_id}/ckpt/step-{}", e % 64),
+                size_bytes: c,
+                manifest_sha256: garbage.text.chars().take(64).collect(),
+                epoch: 0,
+                global_sample_offset: e,
+                generation: small_or_raw(a),
+                deleting: c & 8 == 8,
+                pending: c & 16 == 16,
+                writer: None,
+            }),
         },
         2 => Command::JobFinished {
             job_id,

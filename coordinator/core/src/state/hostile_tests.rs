@@ -39,6 +39,8 @@ fn checkpoint(job_id: JobId, step: u64) -> CheckpointRecord {
         global_sample_offset: 0,
         generation: 1,
         deleting: false,
+        pending: false,
+        writer: None,
     }
 }
 
@@ -56,6 +58,7 @@ fn a_worker_reports_only_for_its_own_gang() {
             end: GenerationEnd::Checkpointed,
             step: u64::MAX,
             reporter: Some(g3),
+            announced: None,
         },
         Command::JobFinished {
             job_id: a,
@@ -76,7 +79,14 @@ fn a_worker_reports_only_for_its_own_gang() {
     assert_eq!(at(&mut state, 21, own), Ok(Applied::CheckpointRecorded { job_id: a, step: 50 }));
     // A member's late report after its generation ended (a peer died first) is still its own.
     let broken = GenerationEnd::PeerLost { reason: "peer died".into() };
-    let ended = Command::GenerationEnded { job_id: a, generation: 1, end: broken, step: 60, reporter: Some(g1) };
+    let ended = Command::GenerationEnded {
+        job_id: a,
+        generation: 1,
+        end: broken,
+        step: 60,
+        reporter: Some(g1),
+        announced: None,
+    };
     at(&mut state, 22, ended).expect("ended");
     let late = Command::RecordCheckpoint { job_id: a, checkpoint: checkpoint(a, 55), reporter: Some(g1) };
     assert_eq!(at(&mut state, 23, late), Ok(Applied::CheckpointRecorded { job_id: a, step: 55 }));

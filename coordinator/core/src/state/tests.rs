@@ -214,6 +214,8 @@ fn recorded_checkpoints_only_move_forward() {
         global_sample_offset: step * 64,
         generation: 1,
         deleting: false,
+        pending: false,
+        writer: None,
     };
     let recorded = apply(
         &mut state,
@@ -251,6 +253,8 @@ fn checkpoint(state: &mut State, step: u64, generation: u64) -> Result<Applied, 
         global_sample_offset: step * 64,
         generation,
         deleting: false,
+        pending: false,
+        writer: None,
     };
     apply(
         state,
@@ -263,7 +267,10 @@ fn end(state: &mut State, generation: u64, end: GenerationEnd, step: u64) -> Res
     apply(
         state,
         500,
-        Envelope::new(500, Command::GenerationEnded { job_id: JobId(1), generation, end, step, reporter: None }),
+        Envelope::new(
+            500,
+            Command::GenerationEnded { job_id: JobId(1), generation, end, step, reporter: None, announced: None },
+        ),
     )
 }
 
@@ -342,7 +349,8 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
                 generation: 1,
                 end: GenerationEnd::Checkpointed,
                 step: 30,
-                reporter: None
+                reporter: None,
+                announced: None,
             }
         ),
         Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
@@ -397,6 +405,7 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
         end: GenerationEnd::Checkpointed,
         step: 0,
         reporter: None,
+        announced: None,
     };
     assert_eq!(
         at(&mut state, 24_000, ended),
@@ -432,6 +441,7 @@ fn a_gang_that_stops_on_its_own_during_a_handover_stops_for_the_notice() {
         end: GenerationEnd::Checkpointed,
         step: 40,
         reporter: None,
+        announced: None,
     };
     at(&mut state, 85_000, ended).expect("ended");
     let job = &state.jobs[&JobId(1)];
@@ -1070,4 +1080,86 @@ fn hostile_reports_saturate_counters_and_unbounded_shapes_are_refused() {
         assert!(matches!(refused, Err(Rejected::BadReport(_))), "{features_per_row}x{classes}: {refused:?}");
         assert!(state.models.is_empty() && state.jobs[&JobId(1)].state == JobState::Running);
     }
+}
+
+#[test]
+fn a_handover_regroups_on_the_announced_stop_checkpoint_before_its_write_is_confirmed() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    state.jobs.get_mut(&JobId(1)).expect("job").spec.checkpoint.keep = 1;
+    let spare = register(&mut state, 5);
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    let record = |step: u64, generation: u64, sha: &str| CheckpointRecord {
+        step,
+        uri: format!("file:///s/ckpt/{step:012}-g{generation}"),
+        size_bytes: 10,
+        manifest_sha256: sha.into(),
+        epoch: 0,
+        global_sample_offset: step * 64,
+        generation,
+        deleting: false,
+        pending: false,
+        writer: None,
+    };
+    let ended = |generation: u64, step: u64, announced: CheckpointRecord| Command::GenerationEnded {
+        job_id: JobId(1),
+        generation,
+        end: GenerationEnd::Checkpointed,
+        step,
+        reporter: Some(w1),
+        announced: Some(announced),
+    };
+    // Rank 0 (w1) reports the stop at step 30 while it still writes that step's checkpoint.
+    assert_eq!(
+        at(&mut state, 12_000, ended(1, 30, record(30, 1, "f30"))),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.gang.clone(), job.generation_start_step), (2, vec![w1, spare], 30));
+    assert_eq!((job.steps_lost, job.preemptions), (0, 1), "the next generation resumes from the stop step");
+    let latest = job.latest_checkpoint.clone().expect("latest");
+    assert_eq!(
+        (latest.step, latest.pending, latest.writer, latest.manifest_sha256.as_str()),
+        (30, true, Some(w1), "f30")
+    );
+    assert_eq!(job.retention_plan(), (vec![], vec![]), "the written checkpoint of step 20 stays until 30 is written");
+    // Only its writer confirms it, with what it announced; then the older one may go.
+    let confirm = |reporter: WorkerId, sha: &str| Command::RecordCheckpoint {
+        job_id: JobId(1),
+        checkpoint: record(30, 1, sha),
+        reporter: Some(reporter),
+    };
+    assert!(matches!(at(&mut state, 12_100, confirm(spare, "f30")), Err(Rejected::NotAMember { .. })));
+    assert!(matches!(at(&mut state, 12_100, confirm(w1, "other")), Err(Rejected::CheckpointMismatch { .. })));
+    assert!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().is_some_and(|c| c.pending));
+    assert_eq!(
+        at(&mut state, 12_200, confirm(w1, "f30")),
+        Ok(Applied::CheckpointRecorded { job_id: JobId(1), step: 30 }),
+        "confirmed although generation 2 runs by now"
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert!(job.latest_checkpoint.as_ref().is_some_and(|c| c.step == 30 && !c.pending));
+    assert_eq!(job.retention_plan().0, vec![record(20, 1, "").uri], "step 20 is now beyond checkpoint.keep");
+    // An announcement that does not describe the stop is ignored (the stop still counts).
+    assert_eq!(
+        at(&mut state, 13_100, ended(2, 50, record(49, 2, "f49"))),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert_eq!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().map(|c| c.step), Some(30));
+    // An announced checkpoint whose write never lands is given up once a newer one is written.
+    at(&mut state, 14_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, spare] }).expect("assign");
+    assert_eq!(
+        at(&mut state, 15_000, ended(3, 60, record(60, 3, "f60"))),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().is_some_and(|c| c.step == 60 && c.pending));
+    at(&mut state, 16_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, spare] }).expect("assign");
+    checkpoint(&mut state, 80, 4).expect("a newer checkpoint");
+    let job = &state.jobs[&JobId(1)];
+    assert!(job.checkpoints.iter().any(|c| c.step == 60 && c.deleting), "{:?}", job.checkpoints);
+    assert_eq!(job.latest_checkpoint.as_ref().map(|c| c.step), Some(80));
+    let late = Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(60, 3, "f60"), reporter: Some(w1) };
+    assert!(at(&mut state, 16_100, late).is_err(), "a late confirmation of a given-up checkpoint is refused");
 }

@@ -234,7 +234,8 @@ impl Job {
     /// must be removed before their records are dropped.
     pub fn retention_plan(&self) -> (Vec<String>, Vec<String>) {
         let keep = (self.spec.checkpoint.keep as usize).max(1);
-        let usable: Vec<&CheckpointRecord> = self.checkpoints.iter().filter(|c| !c.deleting).collect();
+        // A pending checkpoint is not counted: until it is written, the older ones stay.
+        let usable: Vec<&CheckpointRecord> = self.checkpoints.iter().filter(|c| !c.deleting && !c.pending).collect();
         let excess = usable.len().saturating_sub(keep);
         let newest = self.latest_checkpoint.as_ref().map(|c| c.uri.as_str());
         let mark =
@@ -301,6 +302,16 @@ pub struct CheckpointRecord {
     /// Retention decided to delete it: never resumed from again; its objects are being removed.
     #[serde(default)]
     pub deleting: bool,
+    /// Announced by its generation's orderly stop while its writer still saves it (the gang
+    /// regroups at once: every member of the next generation holds its state in memory): the
+    /// next generation resumes from it, retention keeps the older written ones, and its writer
+    /// confirms it with [`Command::RecordCheckpoint`] once its MANIFEST is in the store. One
+    /// never confirmed is given up once a newer checkpoint is recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+    /// The worker that wrote (or writes) it; `None` when the leader recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<WorkerId>,
 }
 
 /// What a finished job reports about its model.
@@ -720,6 +731,10 @@ pub enum Command {
         /// leader itself proposes it.
         #[serde(default)]
         reporter: Option<WorkerId>,
+        /// With `Checkpointed`: the stop step's checkpoint, announced while its writer (the
+        /// reporter) still saves it; recorded as pending (see [`CheckpointRecord::pending`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        announced: Option<CheckpointRecord>,
     },
     /// Retention: the checkpoint at `uri` will be deleted (first step of the crash-safe
     /// deletion: from now on it is never resumed from).
@@ -983,6 +998,8 @@ pub enum Rejected {
     RequestNotOutstanding(String),
     #[error("instance request `{0}` already exists")]
     DuplicateRequest(String),
+    #[error("{job_id}'s checkpoint at {uri} was announced with another step or manifest; it is not confirmed")]
+    CheckpointMismatch { job_id: JobId, uri: String },
     #[error("{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept)")]
     CheckpointNotDeletable { job_id: JobId, uri: String },
     #[error("inference: {0}")]
