@@ -173,16 +173,31 @@ pub(super) fn run_rank(
                 ..Default::default()
             });
         }
+        // Rank 0 of a cluster announces the stop's checkpoint: it encodes the state once, for
+        // the announcement, the write and (unless it leaves) the state it holds.
+        let announcing = announces
+            && report.stop_agreed
+            && !trainer.is_finished()
+            && background
+                .as_ref()
+                .is_some_and(|b| saves.last_saved != report.step && b.in_flight() != Some(report.step));
+        let mut stop_encoded = None;
         if report.stop_agreed && !trainer.is_finished() {
+            let state = trainer.state();
+            if announcing {
+                stop_encoded = Some(Encoded::of(&state));
+            }
             if super::work::leaving(context) {
                 // A handover's leaving member pushes the state to its replacement now, while
                 // rank 0 still saves it.
-                super::work::push_if_handed_over(context, &train.job_id, train.generation, trainer.state());
+                super::work::push_if_handed_over(context, &train.job_id, train.generation, state);
+            } else if let Some(Ok(encoded)) = &stop_encoded {
+                peer::HELD.hold_encoded(&train.job_id, state, encoded);
             } else {
                 // Kept for the next generation (it resumes from this step): this rank then
                 // gives the state to new members over the data port instead of each reading
                 // the store.
-                peer::HELD.hold(&train.job_id, trainer.state());
+                peer::HELD.hold(&train.job_id, state);
             }
         }
         let Some(background) = background.as_mut() else { return ControlFlow::Continue(()) };
@@ -195,20 +210,18 @@ pub(super) fn run_rank(
             waited = true;
         }
         if report.stop_agreed {
-            if saves.last_saved != report.step && background.in_flight() != Some(report.step) {
-                if announces {
-                    outcomes.extend(background.finish()); // an earlier save first
-                    match Encoded::of(&trainer.state()) {
-                        Ok(encoded) => {
-                            let uri = background.uri_of_step(encoded.step);
-                            announced = Some(checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest));
-                            outcomes.extend(background.submit_encoded(encoded));
-                        }
-                        Err(e) => outcomes.push(Err(e)),
+            if let Some(encoded) = stop_encoded {
+                outcomes.extend(background.finish()); // an earlier save first
+                match encoded {
+                    Ok(encoded) => {
+                        let uri = background.uri_of_step(encoded.step);
+                        announced = Some(checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest));
+                        outcomes.extend(background.submit_encoded(encoded));
                     }
-                } else {
-                    outcomes.extend(background.submit(trainer.state(), None));
+                    Err(e) => outcomes.push(Err(e)),
                 }
+            } else if saves.last_saved != report.step && background.in_flight() != Some(report.step) {
+                outcomes.extend(background.submit(trainer.state(), None));
             }
             if announced.is_none() {
                 outcomes.extend(background.finish());
@@ -276,11 +289,9 @@ pub(super) fn run_rank(
             train.generation,
             if announced.is_some() { "; its checkpoint is announced and being written" } else { "" }
         ));
-        if announced.is_some()
-            && let Some(background) = background.take()
-        {
-            finish_after_stop(context, background, trainer.steps_done());
-        }
+        // The stop's save (when announced) and the job log's last writes end after the report.
+        let background = if announced.is_some() { background.take() } else { None };
+        finish_after_stop(context, background, log, trainer.steps_done());
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced };
     }
     peer::HELD.release();
@@ -557,12 +568,18 @@ struct SaveTracker {
     count: u64,
 }
 
-/// Ends the stop step's save after the rank has reported the stop (the gang regroups
-/// meanwhile); the agent does not exit before it ends (its busy count).
-fn finish_after_stop(context: &RankContext, mut background: BackgroundCheckpointer, step: u64) {
+/// Ends the stop step's announced save, and closes the job log (its queued writes: on S3 a
+/// round trip each), after the rank has reported the stop: the gang regroups meanwhile. The
+/// agent does not exit before they end (its busy count).
+fn finish_after_stop(context: &RankContext, background: Option<BackgroundCheckpointer>, log: JobNotes, step: u64) {
     let shared = context.shared.clone();
     shared.busy.send_modify(|runs| *runs += 1);
     std::thread::spawn(move || {
+        drop(log);
+        let Some(mut background) = background else {
+            shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+            return;
+        };
         match background.finish() {
             Some(Ok(saved)) => {
                 AGENT.checkpoints.inc();

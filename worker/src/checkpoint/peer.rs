@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::state::{decode, encode};
+use super::state::{Encoded, decode, encode};
 use super::{CheckpointError, Manifest, manifest_of, parse_manifest};
 use crate::collective::{CollectiveError, Communicator, ring};
 use crate::train::TrainState;
@@ -115,6 +115,21 @@ impl Holder {
             background.encoded();
         });
         self.put(job_id, cell);
+    }
+
+    /// Like [`Holder::hold`], for a state its caller encoded already (rank 0 at a stop writes
+    /// the same encoding as the checkpoint): it is not encoded a second time.
+    pub fn hold_encoded(&self, job_id: &str, state: TrainState, encoded: &Encoded) {
+        let held = Held {
+            state,
+            parts: encoded.parts.iter().map(|(_, bytes)| bytes.clone()).collect(),
+            manifest: encoded.manifest.clone(),
+            pushed: None,
+            stopped_at: None,
+        };
+        let cell =
+            HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at: Some(Instant::now()) };
+        self.put(job_id, Arc::new(cell));
     }
 
     fn put(&self, job_id: &str, cell: Arc<HeldCell>) {
@@ -620,5 +635,13 @@ pub(crate) mod tests {
         assert!(holder.held("7", &fingerprint(&state(61))).is_none(), "another checkpoint");
         holder.release();
         assert!(holder.held("7", &f).is_none());
+        // Held with the writer's encoding (rank 0 at a stop): the same fingerprint and state,
+        // and the same bytes a peer gets as an encoding made by the holder.
+        let encoded = Encoded::of(&s).expect("fits");
+        assert_eq!(encoded.manifest.fingerprint(), f);
+        holder.hold_encoded("7", s.clone(), &encoded);
+        let got = holder.held("7", &f).expect("held");
+        assert!(same(&got.state, &s) && got.stopped_at.is_some());
+        assert_eq!(got.parts, Held::encode(s).expect("fits").parts);
     }
 }

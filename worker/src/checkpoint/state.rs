@@ -12,7 +12,9 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckpointError, Manifest, bytes_to_f32, f32_to_bytes, manifest_of, read, write, write_with};
+use super::{
+    CheckpointError, Manifest, bytes_to_f32, f32_to_bytes, f32s_to_bytes, manifest_of, read, write, write_with,
+};
 use crate::data::Cursor;
 use crate::train::{OptimizerState, TrainState};
 
@@ -41,10 +43,7 @@ pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static 
     let (optimizer, updates, optim) = match &state.optimizer {
         OptimizerState::Sgd { velocity } => ("sgd", 0, f32_to_bytes(velocity)),
         OptimizerState::Adam { first_moment, second_moment, updates } => {
-            let mut both = Vec::with_capacity(first_moment.len() * 2);
-            both.extend_from_slice(first_moment);
-            both.extend_from_slice(second_moment);
-            ("adam", *updates, f32_to_bytes(&both))
+            ("adam", *updates, f32s_to_bytes(&[first_moment, second_moment]))
         }
     };
     let meta = CheckpointMeta {

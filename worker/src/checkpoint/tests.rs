@@ -77,3 +77,17 @@ fn bad_part_names_and_uris_are_refused() {
         assert!(store::open(uri).is_err(), "{uri}");
     }
 }
+
+#[test]
+fn f32_parts_are_little_endian_bytes_and_decode_from_any_address() {
+    let values = [1.0f32, -0.0, f32::from_bits(0x7fc0_1234), f32::MIN_POSITIVE, -3.0e38, 0.1];
+    let expected: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(f32_to_bytes(&values).as_ref(), expected.as_slice());
+    assert_eq!(f32s_to_bytes(&[&values[..2], &values[2..]]).as_ref(), expected.as_slice(), "runs concatenate");
+    // Bytes at an odd address (inside a larger buffer) decode bit for bit.
+    let mut shifted = vec![0u8];
+    shifted.extend_from_slice(&expected);
+    let back = bytes_to_f32(&shifted[1..], "model").expect("f32");
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&back), bits(&values));
+}
