@@ -7,7 +7,8 @@
 # `handover.sh [ROUNDS] [BOOT_S]`: rounds per path (default 3), replacement boot time in
 # seconds (default 10; EC2 takes 60-180). FLOTILLA_BIN=path uses a binary built elsewhere (no
 # build); GPUS=1 makes the job ask for a GPU per worker (a `--features cuda` build on a GPU
-# machine; the workers of one machine then share its GPUs).
+# machine; the workers of one machine then share its GPUs). STORE=s3 puts the cluster store
+# (checkpoints, job logs) on S3 (moto on loopback, started here) instead of the local disk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -z "${FLOTILLA_BIN:-}" ]]; then
@@ -19,7 +20,18 @@ export WORK=$(mktemp -d)
 export FLOTILLA_HOME="$WORK/.flotilla"
 trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
 export BOOT_S="${2:-10}"
-"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" > "$WORK/up.txt"
+store_args=()
+if [[ "${STORE:-local}" == s3 ]]; then
+  source scripts/moto.sh
+  export AWS_ENDPOINT_URL="$FLOTILLA_MOTO_ENDPOINT" AWS_ENDPOINT="$FLOTILLA_MOTO_ENDPOINT" AWS_ALLOW_HTTP=true \
+    AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
+    AWS_EC2_METADATA_DISABLED=true AWS_METADATA_ENDPOINT="http://127.0.0.1:9"
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1] + "/flotilla-bench", method="PUT"))' \
+    "$FLOTILLA_MOTO_ENDPOINT"
+  store_args=(--store s3://flotilla-bench/handover)
+  trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"; kill "$moto_pid" 2>/dev/null || true' EXIT
+fi
+"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" "${store_args[@]}" > "$WORK/up.txt"
 # The leader's metrics (one coordinator): its stall histograms time each stop from the inside.
 export METRICS_URL=$(sed -n 's/^metrics: \(http[^ ]*\).*/\1/p' "$WORK/up.txt")
 python3 scripts/bench/handover.py "${1:-3}"

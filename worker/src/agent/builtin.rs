@@ -130,12 +130,14 @@ pub(super) fn run_rank(
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
     let mut save_failed: Option<CheckpointError> = None;
-    // The stop step's checkpoint, announced to the coordinator while it is written.
+    // The stop step's checkpoint, announced to the coordinator before it is written.
     let mut announced: Option<CheckpointRef> = None;
+    let mut stop_write: Option<Encoded> = None;
     let announces = context.standalone().is_none();
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
+            context.shared.note_first_step();
             log.note(format!("generation {} started: {breakdown}", train.generation));
         }
         if context.stop.load(Ordering::Relaxed) {
@@ -216,7 +218,7 @@ pub(super) fn run_rank(
                     Ok(encoded) => {
                         let uri = background.uri_of_step(encoded.step);
                         announced = Some(checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest));
-                        outcomes.extend(background.submit_encoded(encoded));
+                        stop_write = Some(encoded);
                     }
                     Err(e) => outcomes.push(Err(e)),
                 }
@@ -289,9 +291,9 @@ pub(super) fn run_rank(
             train.generation,
             if announced.is_some() { "; its checkpoint is announced and being written" } else { "" }
         ));
-        // The stop's save (when announced) and the job log's last writes end after the report.
-        let background = if announced.is_some() { background.take() } else { None };
-        finish_after_stop(context, background, log, trainer.steps_done());
+        // The stop's save (when announced) and the job log's last writes come after the report.
+        let write = background.take().zip(stop_write);
+        finish_after_stop(context, write, log, trainer.steps_done());
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced };
     }
     peer::HELD.release();
@@ -568,18 +570,34 @@ struct SaveTracker {
     count: u64,
 }
 
-/// Ends the stop step's announced save, and closes the job log (its queued writes: on S3 a
-/// round trip each), after the rank has reported the stop: the gang regroups meanwhile. The
-/// agent does not exit before they end (its busy count).
-fn finish_after_stop(context: &RankContext, background: Option<BackgroundCheckpointer>, log: JobNotes, step: u64) {
+/// How long the stop's announced save waits for the regroup's first step on this worker.
+const STOP_WRITE_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes the stop step's announced checkpoint, and closes the job log (its queued writes: on
+/// S3 a round trip each), after the rank has reported the stop. Both wait for this worker's
+/// next generation to take its first step (at most [`STOP_WRITE_DEFER_MAX`]; a leaving member
+/// does not wait): the gang holds the state in memory meanwhile, so the write need not compete
+/// with the regroup for the cores. The agent does not exit before they end (its busy count).
+fn finish_after_stop(
+    context: &RankContext,
+    write: Option<(BackgroundCheckpointer, Encoded)>,
+    log: JobNotes,
+    step: u64,
+) {
     let shared = context.shared.clone();
     shared.busy.send_modify(|runs| *runs += 1);
+    let seen = shared.first_steps();
     std::thread::spawn(move || {
+        if !shared.noticed.load(Ordering::Relaxed) {
+            shared.wait_first_step_after(seen, STOP_WRITE_DEFER_MAX);
+        }
         drop(log);
-        let Some(mut background) = background else {
+        let Some((mut background, encoded)) = write else {
             shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
             return;
         };
+        let earlier = background.submit_encoded(encoded);
+        debug_assert!(earlier.is_none(), "the stop finished any earlier save");
         match background.finish() {
             Some(Ok(saved)) => {
                 AGENT.checkpoints.inc();

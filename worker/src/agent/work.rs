@@ -77,6 +77,10 @@ pub struct AgentShared {
     /// The job this worker has prepared for a handover (`PrepareJob` done), empty when none;
     /// every heartbeat carries it. Cleared when a new preparation or a generation starts.
     pub prepared_job: Mutex<String>,
+    /// First steps this worker's ranks took (one per generation), and its signal: work a stop
+    /// leaves for later (rank 0's save) waits for the regroup's first step.
+    first_steps: Mutex<u64>,
+    first_step_taken: std::sync::Condvar,
 }
 
 impl AgentShared {
@@ -88,6 +92,24 @@ impl AgentShared {
 
     pub fn prepared(&self) -> String {
         self.prepared_job.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// A rank of this worker took its generation's first step.
+    pub fn note_first_step(&self) {
+        *self.first_steps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+        self.first_step_taken.notify_all();
+    }
+
+    /// First steps taken so far (see [`AgentShared::wait_first_step_after`]).
+    pub fn first_steps(&self) -> u64 {
+        *self.first_steps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until a rank of this worker takes a first step beyond the `seen` ones (the next
+    /// generation trains), at most `max`.
+    pub fn wait_first_step_after(&self, seen: u64, max: Duration) {
+        let steps = self.first_steps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = self.first_step_taken.wait_timeout_while(steps, max, |taken| *taken <= seen);
     }
 }
 
@@ -689,4 +711,34 @@ pub(super) fn record_checkpoint(
         }))
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_left_after_a_stop_waits_for_the_next_first_step_or_its_bound() {
+        let shared = Arc::new(AgentShared::default());
+        let seen = shared.first_steps();
+        // Nothing trains again: the wait ends at its bound.
+        let started = Instant::now();
+        shared.wait_first_step_after(seen, Duration::from_millis(50));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // The next generation's first step ends it at once.
+        let stepper = shared.clone();
+        let step = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            stepper.note_first_step();
+        });
+        let started = Instant::now();
+        shared.wait_first_step_after(seen, Duration::from_secs(30));
+        assert!(started.elapsed() < Duration::from_secs(30), "woken by the first step");
+        step.join().expect("stepper");
+        // A first step taken before the wait began counts too.
+        let started = Instant::now();
+        shared.wait_first_step_after(seen, Duration::from_secs(30));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(shared.first_steps(), seen + 1);
+    }
 }
