@@ -101,6 +101,22 @@ fn spot_notices_lose_zero_steps() {
     // Each stop regrouped on its checkpoint's announcement, before the write ended.
     let announced = log.lines().filter(|l| l.contains("its checkpoint is announced and being written")).count();
     assert_eq!(announced, 3, "{log}");
+    // ... and each announced checkpoint was then written and its record confirmed (the agents'
+    // own logs say so once the coordinator accepted the confirmation).
+    let mut agents = String::new();
+    for entry in std::fs::read_dir(home.join("logs")).expect("logs").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("local-") {
+            agents.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    let mut written = numbers_after(
+        &agents.lines().filter(|l| l.contains("the stop's checkpoint is written")).collect::<Vec<_>>().join("\n"),
+        "step=",
+    );
+    written.sort_unstable();
+    let mut expected = stopped.clone();
+    expected.sort_unstable();
+    assert_eq!(written, expected, "every stop's checkpoint written and confirmed:\n{agents}");
     let checkpointed = events(&done, "checkpointed");
     assert_eq!(checkpointed.len(), 3, "{done}");
     for (message, step) in checkpointed.iter().zip(&stopped) {

@@ -216,6 +216,7 @@ pub fn checkpoint_to_proto(c: &flotilla_core::state::CheckpointRecord) -> v1::Ch
         size_bytes: c.size_bytes,
         manifest_sha256: c.manifest_sha256.clone(),
         cursor: Some(v1::DataCursor { epoch: c.epoch as u32, global_sample_offset: c.global_sample_offset }),
+        pending: c.pending,
     }
 }
 

@@ -298,7 +298,10 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
         "last_stall_ms": job.last_stall_ms,
         "resume_peer_bytes": job.resume_peer_bytes,
         "resume_storage_bytes": job.resume_storage_bytes,
-        "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({ "step": c.step, "uri": c.uri })),
+        "latest_checkpoint": job
+            .latest_checkpoint
+            .as_ref()
+            .map(|c| json!({ "step": c.step, "uri": c.uri, "pending": c.pending })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
         "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),

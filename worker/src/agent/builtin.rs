@@ -626,6 +626,7 @@ fn checkpoint_ref(step: u64, cursor: Cursor, uri: String, manifest: &Manifest) -
         size_bytes: manifest.total_bytes(),
         manifest_sha256: manifest.fingerprint(),
         cursor: Some(DataCursor { epoch: cursor.epoch as u32, global_sample_offset: cursor.global_sample_offset }),
+        pending: false,
     }
 }
 

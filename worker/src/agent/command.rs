@@ -461,6 +461,7 @@ fn upload_one(
         size_bytes: manifest.total_bytes(),
         manifest_sha256: manifest.fingerprint(),
         cursor: None,
+        pending: false,
     };
     record_checkpoint(context, train, runtime, checkpoint).map_err(|e| format!("recording step {step}: {e}"))?;
     Ok(uri)
