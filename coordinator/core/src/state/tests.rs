@@ -243,19 +243,24 @@ fn running_job(state: &mut State, max_failures: u32) -> (WorkerId, WorkerId) {
     (w1, w2)
 }
 
-fn checkpoint(state: &mut State, step: u64, generation: u64) -> Result<Applied, Rejected> {
-    let checkpoint = CheckpointRecord {
+/// A written checkpoint of job 1 at `step` by `generation`, whose manifest hashes to `sha`.
+fn checkpoint_record(step: u64, generation: u64, sha: &str) -> CheckpointRecord {
+    CheckpointRecord {
         step,
         uri: format!("file:///s/ckpt/{step:012}-g{generation}"),
         size_bytes: 10,
-        manifest_sha256: "ab".into(),
+        manifest_sha256: sha.into(),
         epoch: 0,
         global_sample_offset: step * 64,
         generation,
         deleting: false,
         pending: false,
         writer: None,
-    };
+    }
+}
+
+fn checkpoint(state: &mut State, step: u64, generation: u64) -> Result<Applied, Rejected> {
+    let checkpoint = checkpoint_record(step, generation, "ab");
     apply(
         state,
         10 + step,
@@ -1091,18 +1096,7 @@ fn a_handover_regroups_on_the_announced_stop_checkpoint_before_its_write_is_conf
     checkpoint(&mut state, 20, 1).expect("checkpoint");
     at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
     at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
-    let record = |step: u64, generation: u64, sha: &str| CheckpointRecord {
-        step,
-        uri: format!("file:///s/ckpt/{step:012}-g{generation}"),
-        size_bytes: 10,
-        manifest_sha256: sha.into(),
-        epoch: 0,
-        global_sample_offset: step * 64,
-        generation,
-        deleting: false,
-        pending: false,
-        writer: None,
-    };
+    let record = checkpoint_record;
     let ended = |generation: u64, step: u64, announced: CheckpointRecord| Command::GenerationEnded {
         job_id: JobId(1),
         generation,
