@@ -4,17 +4,17 @@
 //! ```text
 //!   load data ─▶ ring rendezvous ─▶ resume checkpoint ─▶ step loop ─▶ evaluate + export (rank 0)
 //!   stop vote (rides in the next all-reduce) ─▶ every rank stops after the same step ─▶ rank 0
-//!        encodes that step, announces it (Checkpointed) and writes + records it meanwhile
+//!        encodes that step and announces it (Checkpointed); writes + records it after the regroup
 //! ```
 //!
-//! In a cluster the stop's checkpoint is announced before it is written: rank 0 hashes the
-//! state (the manifest's fingerprint), starts the write and reports the stop with the
-//! checkpoint's reference at once. The coordinator records it as pending and the gang regroups
-//! on it: every member of the next generation holds that state in memory (survivors keep it; a
-//! handover's replacement has it pushed; new members take it from them), so nobody reads the
-//! store meanwhile. The write ends on a thread of the agent's, which confirms the record; a
-//! write that fails leaves the record pending, and a newer checkpoint replaces it. Standalone
-//! runs save the stop step before they end, as before.
+//! In a cluster the stop's checkpoint is announced before it is written: rank 0 encodes and
+//! hashes the state (the manifest's fingerprint) and reports the stop with the checkpoint's
+//! reference at once. The coordinator records it as pending and the gang regroups on it: every
+//! member of the next generation holds that state in memory (survivors keep it; a handover's
+//! replacement has it pushed; new members take it from them), so nobody reads the store
+//! meanwhile. A thread of the agent's writes it once this worker's next generation took its
+//! first step, and confirms the record; a write that fails leaves the record pending, and a
+//! newer checkpoint replaces it. Standalone runs save the stop step before they end, as before.
 //!
 //! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
 //! `every_steps - lag` steps, where `lag = every_steps / 4` is how many steps a save may take
@@ -191,7 +191,7 @@ pub(super) fn run_rank(
             }
             if super::work::leaving(context) {
                 // A handover's leaving member pushes the state to its replacement now, while
-                // rank 0 still saves it.
+                // rank 0 announces it.
                 super::work::push_if_handed_over(context, &train.job_id, train.generation, state);
             } else if let Some(Ok(encoded)) = &stop_encoded {
                 peer::HELD.hold_encoded(&train.job_id, state, encoded);
@@ -291,9 +291,12 @@ pub(super) fn run_rank(
             train.generation,
             if announced.is_some() { "; its checkpoint is announced and being written" } else { "" }
         ));
-        // The stop's save (when announced) and the job log's last writes come after the report.
-        let write = background.take().zip(stop_write);
-        finish_after_stop(context, write, log, trainer.steps_done());
+        // In a cluster the stop's save (when announced) and the job log's last writes come
+        // after the report; a standalone run ends with them.
+        if announces {
+            let write = background.take().zip(stop_write);
+            finish_after_stop(context, write, log, trainer.steps_done());
+        }
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced };
     }
     peer::HELD.release();
