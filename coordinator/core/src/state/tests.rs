@@ -1157,3 +1157,36 @@ fn a_handover_regroups_on_the_announced_stop_checkpoint_before_its_write_is_conf
     let late = Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(60, 3, "f60"), reporter: Some(w1) };
     assert!(at(&mut state, 16_100, late).is_err(), "a late confirmation of a given-up checkpoint is refused");
 }
+
+#[test]
+fn an_announced_checkpoint_missing_from_the_store_falls_back_to_the_newest_written_one() {
+    let mut state = State::default();
+    let (w1, _) = running_job(&mut state, 3);
+    state.jobs.get_mut(&JobId(1)).expect("job").spec.checkpoint.keep = 1;
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    // Generation 1 stops at 30 and announces it; nobody writes it (its writer died).
+    let ended = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 30,
+        reporter: Some(w1),
+        announced: Some(checkpoint_record(30, 1, "f30")),
+    };
+    at(&mut state, 5_000, ended).expect("ended");
+    assert!(state.jobs[&JobId(1)].latest_checkpoint.as_ref().is_some_and(|c| c.step == 30 && c.pending));
+    assert!(state.jobs[&JobId(1)].retention_plan().0.is_empty(), "the written step 20 is kept meanwhile");
+    // The next gang holds nothing in memory and cannot read it from the store.
+    at(&mut state, 6_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1] }).expect("assign");
+    let unusable = GenerationEnd::CheckpointUnusable { step: 30, reason: "no MANIFEST".into() };
+    assert_eq!(
+        end(&mut state, 2, unusable, 30),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.latest_checkpoint.as_ref().map(|c| (c.step, c.pending)), Some((20, false)), "the written one");
+    assert!(job.checkpoints.iter().any(|c| c.step == 30 && c.deleting), "never resumed from again");
+    let late =
+        Command::RecordCheckpoint { job_id: JobId(1), checkpoint: checkpoint_record(30, 1, "f30"), reporter: Some(w1) };
+    assert!(at(&mut state, 7_000, late).is_err(), "nor confirmed later");
+}
