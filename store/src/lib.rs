@@ -121,6 +121,12 @@ impl Location {
     }
 }
 
+/// Checks that `uri` names a store location ([`open`] would accept it) without opening it (an
+/// S3 client's set-up takes milliseconds).
+pub fn check_uri(uri: &str) -> Result<(), StoreError> {
+    parse(uri).map(|_| ())
+}
+
 /// Opens the store `uri` names. No I/O: a bad bucket or missing credentials show at the first
 /// request, which is why services call [`probe`] at start-up and at submit.
 pub fn open(uri: &str) -> Result<Location, StoreError> {

@@ -6,6 +6,11 @@ pub use flotilla_store::Location;
 
 use super::CheckpointError;
 
+/// Checks `uri` as [`open`] would, without opening a store.
+pub fn check_uri(uri: &str) -> Result<(), CheckpointError> {
+    flotilla_store::check_uri(uri).map_err(CheckpointError::from)
+}
+
 /// The location `uri` names (no I/O: the first request shows a missing bucket or credentials).
 pub fn open(uri: &str) -> Result<Location, CheckpointError> {
     flotilla_store::open(uri).map_err(CheckpointError::from)
