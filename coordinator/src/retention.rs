@@ -20,7 +20,7 @@
 //! are forgotten (`ForgetFinished`) once they are older than the cluster's `--keep-finished-h`,
 //! so the replicated state and its snapshots stay bounded by what is live.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use flotilla_core::JobId;
@@ -142,7 +142,8 @@ pub async fn retention_loop(mut node: NodeHandle, store: Location) {
                 tracing::info!(%job_id, uri, "checkpoint deleted (retention)");
             }
         }
-        swept.retain(|job_id, _| work.jobs.iter().any(|(id, _, _)| id == job_id));
+        let present: HashSet<JobId> = work.jobs.iter().map(|(id, _, _)| *id).collect();
+        swept.retain(|job_id, _| present.contains(job_id));
         let due = due_sweeps(&work.jobs, &swept, Instant::now());
         if due.is_empty() {
             continue;

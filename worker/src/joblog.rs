@@ -67,11 +67,7 @@ impl JobLog {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, log = job_uri, "the job log cannot be opened; its lines go to this agent's log");
-                        for bytes in queue {
-                            for line in String::from_utf8_lossy(&bytes).lines() {
-                                tracing::info!(log = job_uri, "{line}");
-                            }
-                        }
+                        queue.iter().for_each(|bytes| to_agent_log(&job_uri, &bytes));
                     }
                 }
             })
@@ -112,6 +108,13 @@ impl Drop for JobLog {
     }
 }
 
+/// A segment the job log could not take, line by line into this agent's own log.
+fn to_agent_log(log: &str, segment: &[u8]) {
+    for line in String::from_utf8_lossy(segment).lines() {
+        tracing::info!(log, "{line}");
+    }
+}
+
 /// The writer thread: one listing to find the next segment number (not a HEAD per segment: a
 /// long job has hundreds), then each queued segment put in order. A store that fails is
 /// reported in the agent's log, with the lines it could not take.
@@ -149,9 +152,7 @@ fn write_segments(
                 if let Some(Err(e)) = failed {
                     tracing::warn!(error = %e, log = %folder, "a job log segment was not written");
                 }
-                for line in String::from_utf8_lossy(&bytes).lines() {
-                    tracing::info!(log = %folder, "{line}");
-                }
+                to_agent_log(folder.as_ref(), &bytes);
             }
         }
     }

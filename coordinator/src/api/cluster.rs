@@ -378,10 +378,8 @@ impl ClusterService for ClusterApi {
             }
             Ok(GenerationEnd::Checkpointed) => {
                 // Rank 0 may announce the stop step's checkpoint while it still writes it.
-                let announced = match report.final_checkpoint {
-                    Some(reference) => Some(self.checkpoint_record(job_id, reference, generation)?),
-                    None => None,
-                };
+                let announced =
+                    report.final_checkpoint.map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
                 Command::GenerationEnded { job_id, generation, end: CoreEnd::Checkpointed, step, reporter, announced }
             }
             Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),

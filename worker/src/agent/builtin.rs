@@ -130,9 +130,9 @@ pub(super) fn run_rank(
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
     let mut save_failed: Option<CheckpointError> = None;
-    // The stop step's checkpoint, announced to the coordinator before it is written.
-    let mut announced: Option<CheckpointRef> = None;
-    let mut stop_write: Option<Encoded> = None;
+    // The stop step's checkpoint, announced to the coordinator before it is written, and
+    // what is to be written.
+    let mut announced: Option<(CheckpointRef, Encoded)> = None;
     let announces = context.standalone().is_none();
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
@@ -191,8 +191,15 @@ pub(super) fn run_rank(
             }
             if super::work::leaving(context) {
                 // A handover's leaving member pushes the state to its replacement now, while
-                // rank 0 announces it.
-                super::work::push_if_handed_over(context, &train.job_id, train.generation, state);
+                // rank 0 announces it (a leaving rank 0 pushes the encoding it announces).
+                let parts: Box<dyn FnOnce() -> _ + Send> = match &stop_encoded {
+                    Some(Ok(encoded)) => {
+                        let parts = encoded.parts.clone();
+                        Box::new(move || parts)
+                    }
+                    _ => Box::new(move || state::encode(&state, None)),
+                };
+                super::work::push_if_handed_over(context, &train.job_id, train.generation, parts);
             } else if let Some(Ok(encoded)) = &stop_encoded {
                 peer::HELD.hold_encoded(&train.job_id, state, encoded);
             } else {
@@ -217,8 +224,8 @@ pub(super) fn run_rank(
                 match encoded {
                     Ok(encoded) => {
                         let uri = background.uri_of_step(encoded.step);
-                        announced = Some(checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest));
-                        stop_write = Some(encoded);
+                        announced =
+                            Some((checkpoint_ref(encoded.step, encoded.cursor, uri, &encoded.manifest), encoded));
                     }
                     Err(e) => outcomes.push(Err(e)),
                 }
@@ -294,10 +301,11 @@ pub(super) fn run_rank(
         // In a cluster the stop's save (when announced) and the job log's last writes come
         // after the report; a standalone run ends with them.
         if announces {
-            let write = background.take().zip(stop_write);
-            finish_after_stop(context, write, log, trainer.steps_done());
+            let (reference, encoded) = announced.unzip();
+            finish_after_stop(context, background.take().zip(encoded), log, trainer.steps_done());
+            return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced: reference };
         }
-        return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced };
+        return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced: None };
     }
     peer::HELD.release();
     if !rank0 {
@@ -595,30 +603,32 @@ fn finish_after_stop(
             shared.wait_first_step_after(seen, STOP_WRITE_DEFER_MAX);
         }
         drop(log);
-        let Some((mut background, encoded)) = write else {
-            shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
-            return;
-        };
-        let earlier = background.submit_encoded(encoded);
-        debug_assert!(earlier.is_none(), "the stop finished any earlier save");
-        match background.finish() {
-            Some(Ok(saved)) => {
-                AGENT.checkpoints.inc();
-                AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());
-                AGENT.checkpoint_seconds.observe(saved.background_ms / 1e3);
-                tracing::info!(step, ms = saved.background_ms, uri = saved.uri, "the stop's checkpoint is written");
-            }
-            Some(Err(e)) => tracing::warn!(
-                step,
-                error = %e,
-                "the stop's checkpoint was not written; the gang resumed from the state its members hold, \
-                 and the next checkpoint replaces this one"
-            ),
-            None => {}
+        if let Some((background, encoded)) = write {
+            write_stop_checkpoint(background, encoded, step);
         }
-        drop(background);
         shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
     });
+}
+
+/// Writes and records the stop's announced checkpoint (which confirms its pending record).
+fn write_stop_checkpoint(mut background: BackgroundCheckpointer, encoded: Encoded, step: u64) {
+    let earlier = background.submit_encoded(encoded);
+    debug_assert!(earlier.is_none(), "the stop finished any earlier save");
+    match background.finish() {
+        Some(Ok(saved)) => {
+            AGENT.checkpoints.inc();
+            AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());
+            AGENT.checkpoint_seconds.observe(saved.background_ms / 1e3);
+            tracing::info!(step, ms = saved.background_ms, uri = saved.uri, "the stop's checkpoint is written");
+        }
+        Some(Err(e)) => tracing::warn!(
+            step,
+            error = %e,
+            "the stop's checkpoint was not written; the gang resumed from the state its members hold, \
+             and the next checkpoint replaces this one"
+        ),
+        None => {}
+    }
 }
 
 /// The reference the coordinator records for a checkpoint.

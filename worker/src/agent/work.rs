@@ -35,7 +35,6 @@ use crate::collective::port::DataPort;
 use crate::collective::ring::{RingCommunicator, RingConfig};
 use crate::history::HistoryWriter;
 use crate::joblog::JobLog;
-use crate::train::TrainState;
 
 /// Time for a gang to form and for any one collective operation.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -559,13 +558,19 @@ pub(super) fn leaving(context: &RankContext) -> bool {
     context.shared.noticed.load(Ordering::Relaxed)
 }
 
-/// On a leaving member whose rank just stopped with `state`: pushes it to the handover's
-/// replacement while the gang saves, reports and regroups, on a thread of its own (the agent
+/// On a leaving member whose rank just stopped: pushes its state, as the checkpoint parts
+/// `parts` makes on the push's thread (or hands over ready), to the handover's replacement
+/// while the gang reports and regroups, on a thread of its own (the agent
 /// does not exit before it ends). The gang may agree to stop before this member's own
 /// checkpoint order (which names the replacement) arrives: it is waited for, briefly, when the
 /// coordinator answered the notice by seeking a replacement (else nothing is waited for). A
 /// failed push costs only itself: the new generation's exchange moves the state then.
-pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generation: u64, state: TrainState) {
+pub(super) fn push_if_handed_over(
+    context: &RankContext,
+    job_id: &str,
+    generation: u64,
+    parts: impl FnOnce() -> Vec<(&'static str, bytes::Bytes)> + Send + 'static,
+) {
     if !context.shared.handover_sought.load(Ordering::Acquire) {
         return; // a plain notice or SIGTERM stop: no replacement to wait for
     }
@@ -587,7 +592,7 @@ pub(super) fn push_if_handed_over(context: &RankContext, job_id: &str, generatio
         // None: the handover fell back (the gang stopped on the leader's fallback order).
         if let Some(target) = target {
             let waited_ms = started.elapsed().as_secs_f64() * 1e3;
-            match push::send(&target.addr, &job_id, generation, &target.key, &state) {
+            match push::send(&target.addr, &job_id, generation, &target.key, &parts()) {
                 Ok(bytes) => tracing::info!(
                     job = %job_id, to = %target.addr, bytes, waited_ms, ms = started.elapsed().as_secs_f64() * 1e3,
                     "pushed the stop-step state to the replacement"

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::state::{Encoded, decode, encode};
+use super::state::{Encoded, decode};
 use super::{CheckpointError, Manifest, manifest_of, parse_manifest};
 use crate::collective::{CollectiveError, Communicator, ring};
 use crate::train::TrainState;
@@ -88,9 +88,9 @@ impl HeldCell {
         self.encoded.get_or_init(|| self.raw.lock().ok()?.take().and_then(Held::encode)).as_ref()
     }
 
-    /// A cell for a state that arrives encoded (a push).
-    fn of_encoded(held: Held) -> HeldCell {
-        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at: None }
+    /// A cell for a state that comes encoded (a push: `stopped_at` None).
+    fn of_encoded(held: Held, stopped_at: Option<Instant>) -> HeldCell {
+        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at }
     }
 }
 
@@ -120,16 +120,8 @@ impl Holder {
     /// Like [`Holder::hold`], for a state its caller encoded already (rank 0 at a stop writes
     /// the same encoding as the checkpoint): it is not encoded a second time.
     pub fn hold_encoded(&self, job_id: &str, state: TrainState, encoded: &Encoded) {
-        let held = Held {
-            state,
-            parts: encoded.parts.iter().map(|(_, bytes)| bytes.clone()).collect(),
-            manifest: encoded.manifest.clone(),
-            pushed: None,
-            stopped_at: None,
-        };
-        let cell =
-            HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at: Some(Instant::now()) };
-        self.put(job_id, Arc::new(cell));
+        let held = Held::of_encoded(state, encoded);
+        self.put(job_id, Arc::new(HeldCell::of_encoded(held, Some(Instant::now()))));
     }
 
     fn put(&self, job_id: &str, cell: Arc<HeldCell>) {
@@ -167,7 +159,7 @@ impl Holder {
         if let Ok(mut slots) = self.slots.lock() {
             if let Some(held) = held {
                 slots.entry =
-                    Some(HeldEntry { job_id: job_id.to_string(), cell: Arc::new(HeldCell::of_encoded(held)) });
+                    Some(HeldEntry { job_id: job_id.to_string(), cell: Arc::new(HeldCell::of_encoded(held, None)) });
             }
             if slots.push.as_ref().is_some_and(|p| p.job_id == job_id) {
                 slots.push = None;
@@ -241,19 +233,23 @@ pub struct Pushed {
 impl Held {
     /// None when the state does not fit the checkpoint format's limits.
     pub fn encode(state: TrainState) -> Option<Held> {
-        let parts = encode(&state, None);
-        let manifest = manifest_of(&parts).ok()?;
-        Some(Held {
-            state,
-            parts: parts.into_iter().map(|(_, bytes)| bytes).collect(),
-            manifest,
-            pushed: None,
-            stopped_at: None,
-        })
+        let encoded = Encoded::of(&state).ok()?;
+        Some(Held::of_encoded(state, &encoded))
     }
 
-    /// A state that arrived as checkpoint parts (in the order [`encode`] gives them), with
-    /// the manifest computed here from those bytes. None when they break the format's limits.
+    /// `state` with its encoding (made by [`Encoded::of`] from this state).
+    pub fn of_encoded(state: TrainState, encoded: &Encoded) -> Held {
+        Held {
+            state,
+            parts: encoded.parts.iter().map(|(_, bytes)| bytes.clone()).collect(),
+            manifest: encoded.manifest.clone(),
+            pushed: None,
+            stopped_at: None,
+        }
+    }
+
+    /// A state that arrived as checkpoint parts (in the order [`super::state::encode`] gives
+    /// them), with the manifest computed here from those bytes. None when they break the format's limits.
     pub(crate) fn from_parts(state: TrainState, parts: Vec<(String, Bytes)>, pushed: Pushed) -> Option<Held> {
         let named: Vec<(&str, Bytes)> = parts.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
         let manifest = manifest_of(&named).ok()?;
@@ -413,6 +409,7 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::checkpoint::state::encode;
     use crate::data::Cursor;
     use crate::train::OptimizerState;
 

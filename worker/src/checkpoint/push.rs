@@ -36,11 +36,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::peer::{self, HELD, Held, Pushed};
-use super::state::{decode, encode};
+use super::state::decode;
 use super::{PART_BYTES_MAX, PARTS_MAX};
 use crate::collective::port::PUSH_MAGIC;
 use crate::collective::ring::{MAC_LEN, NONCE_LEN, mac, mac_matches, nonce};
-use crate::train::TrainState;
 
 /// Bytes of a job id in a push's hello at most.
 pub const JOB_ID_BYTES_MAX: usize = 64;
@@ -88,16 +87,22 @@ fn hello(job_id: &str, generation: u64, nonce_c: &[u8]) -> Vec<u8> {
     hello
 }
 
-/// Pushes `state` (the stop-step state of `job_id`'s generation `generation`) to the
-/// replacement at `addr`, proving `key`. Returns the frame's bytes once the replacement kept it.
-pub fn send(addr: &str, job_id: &str, generation: u64, key: &[u8], state: &TrainState) -> Result<u64, PushError> {
+/// Pushes `parts` (the stop-step state of `job_id`'s generation `generation`, as
+/// [`super::state::encode`] gives them) to the replacement at `addr`, proving `key`. Returns the frame's
+/// bytes once the replacement kept it.
+pub fn send(
+    addr: &str,
+    job_id: &str,
+    generation: u64,
+    key: &[u8],
+    parts: &[(&'static str, Bytes)],
+) -> Result<u64, PushError> {
     let io = |reason: String| PushError::Io { addr: addr.to_string(), reason };
     let refused = |reason: String| PushError::Refused { addr: addr.to_string(), reason };
     if job_id.len() > JOB_ID_BYTES_MAX {
         return Err(refused(format!("job id of {} bytes (at most {JOB_ID_BYTES_MAX})", job_id.len())));
     }
-    let parts = encode(state, None);
-    let heads = frame_heads(&parts);
+    let heads = frame_heads(parts);
     let length =
         heads.iter().map(Vec::len).sum::<usize>() as u64 + parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
     if length > peer::TRANSFER_BYTES_MAX {
@@ -121,7 +126,7 @@ pub fn send(addr: &str, job_id: &str, generation: u64, key: &[u8], state: &Train
     head.extend_from_slice(&length.to_le_bytes());
     stream.write_all(&head).map_err(|e| io(format!("proof: {e}")))?;
     // Each part straight from its encoding, after its head (the first head carries the count).
-    for (head, (_, bytes)) in heads.iter().zip(&parts) {
+    for (head, (_, bytes)) in heads.iter().zip(parts) {
         stream.write_all(head).map_err(|e| io(format!("state: {e}")))?;
         stream.write_all(bytes).map_err(|e| io(format!("state: {e}")))?;
     }
@@ -295,6 +300,7 @@ mod tests {
 
     use super::*;
     use crate::checkpoint::peer::tests::state;
+    use crate::checkpoint::state::encode;
     use crate::collective::port::DataPort;
     use crate::train::TrainState;
 
@@ -306,19 +312,20 @@ mod tests {
         let addr = port.local_addr().to_string();
         let sent = state(40);
         let held = Held::encode(sent.clone()).expect("fits");
+        let parts = encode(&sent, None);
         let fingerprint = held.fingerprint();
         let key = vec![7u8; 32];
         // Not expected yet: dropped before any state moves.
-        let error = send(&addr, "job-9", 3, &key, &sent).expect_err("nobody expects it").to_string();
+        let error = send(&addr, "job-9", 3, &key, &parts).expect_err("nobody expects it").to_string();
         assert!(error.contains("state push to"), "{error}");
         expect(Expected { job_id: "job-9".into(), generation: 3, key: key.clone() });
         // A wrong key, another generation, another job: refused, nothing held.
-        assert!(matches!(send(&addr, "job-9", 3, &[8u8; 32], &sent), Err(PushError::Refused { .. })));
-        assert!(send(&addr, "job-9", 2, &key, &sent).is_err(), "another generation's handover");
-        assert!(send(&addr, "job-8", 3, &key, &sent).is_err(), "another job");
+        assert!(matches!(send(&addr, "job-9", 3, &[8u8; 32], &parts), Err(PushError::Refused { .. })));
+        assert!(send(&addr, "job-9", 2, &key, &parts).is_err(), "another generation's handover");
+        assert!(send(&addr, "job-8", 3, &key, &parts).is_err(), "another job");
         assert!(HELD.held("job-9", &fingerprint).is_none());
         // The expected one: kept, and held as the recorded checkpoint with how it came.
-        let bytes = send(&addr, "job-9", 3, &key, &sent).expect("pushed");
+        let bytes = send(&addr, "job-9", 3, &key, &parts).expect("pushed");
         let got = HELD.held_waiting("job-9", &fingerprint).expect("held after the push");
         assert_eq!(got.pushed.map(|p| p.bytes), Some(bytes));
         let bits = |s: &TrainState| s.params.iter().map(|p| p.to_bits()).collect::<Vec<_>>();

@@ -145,14 +145,30 @@ pub fn step_prefix(root: &Path, step: u64, suffix: Option<&str>) -> Path {
     root.clone().join("ckpt").join(name)
 }
 
-/// The blocking front end the synchronous training loop uses: a store opened once, its own
-/// small runtime, and URIs of what it wrote.
-pub struct Checkpointer {
+/// Where the checkpoint of each step goes: a job's checkpoint root and the names' suffix.
+#[derive(Clone)]
+struct Names {
     location: super::store::Location,
-    runtime: tokio::runtime::Runtime,
     /// Appended to each checkpoint's name (`ckpt/<step>-<suffix>`): the cluster passes the
     /// generation, so two generations never write the same prefix.
     suffix: Option<String>,
+}
+
+impl Names {
+    fn prefix(&self, step: u64) -> Path {
+        step_prefix(self.location.prefix(), step, self.suffix.as_deref())
+    }
+
+    fn uri(&self, step: u64) -> String {
+        self.location.uri_of(&self.prefix(step))
+    }
+}
+
+/// The blocking front end the synchronous training loop uses: a store opened once, its own
+/// small runtime, and URIs of what it wrote.
+pub struct Checkpointer {
+    names: Names,
+    runtime: tokio::runtime::Runtime,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CheckpointError> {
@@ -165,7 +181,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CheckpointError> {
 impl Checkpointer {
     /// Opens the checkpoint root `uri` (file:///dir, /dir or s3://bucket/prefix).
     pub fn open(uri: &str) -> Result<Checkpointer, CheckpointError> {
-        Ok(Checkpointer { location: super::store::open(uri)?, runtime: runtime()?, suffix: None })
+        Ok(Checkpointer { names: Names { location: super::store::open(uri)?, suffix: None }, runtime: runtime()? })
     }
 
     /// Names checkpoints `ckpt/<step>-<suffix>` (letters, digits, `-`; at most 32).
@@ -175,28 +191,22 @@ impl Checkpointer {
         if !valid {
             return Err(CheckpointError::Invalid(format!("checkpoint name suffix `{suffix}`")));
         }
-        self.suffix = Some(suffix.to_string());
+        self.names.suffix = Some(suffix.to_string());
         Ok(self)
     }
 
     /// Saves `state` as the checkpoint of its step; returns the checkpoint's URI and manifest.
     pub fn save(&self, state: &TrainState, metrics: Option<(f64, f64)>) -> Result<(String, Manifest), CheckpointError> {
-        let prefix = step_prefix(self.location.prefix(), state.step, self.suffix.as_deref());
-        let manifest = self.runtime.block_on(save(self.location.store().as_ref(), &prefix, state, metrics))?;
-        Ok((self.location.uri_of(&prefix), manifest))
+        let store = self.names.location.store();
+        let manifest = self.runtime.block_on(save(store.as_ref(), &self.names.prefix(state.step), state, metrics))?;
+        Ok((self.names.uri(state.step), manifest))
     }
 
     /// Saves an already encoded state as the checkpoint of its step; returns its URI.
     pub fn save_encoded(&self, encoded: &Encoded) -> Result<String, CheckpointError> {
-        let prefix = step_prefix(self.location.prefix(), encoded.step, self.suffix.as_deref());
-        let store = self.location.store();
+        let (store, prefix) = (self.names.location.store(), self.names.prefix(encoded.step));
         self.runtime.block_on(write_with(store.as_ref(), &prefix, &encoded.parts, &encoded.manifest))?;
-        Ok(self.location.uri_of(&prefix))
-    }
-
-    /// The URI the checkpoint of `step` is (or will be) saved at.
-    pub fn uri_of_step(&self, step: u64) -> String {
-        self.location.uri_of(&step_prefix(self.location.prefix(), step, self.suffix.as_deref()))
+        Ok(self.names.uri(encoded.step))
     }
 }
 
@@ -224,8 +234,8 @@ enum Snapshot {
 /// agent records it with the coordinator there). At most one save is in flight: handing over
 /// another waits for the previous one, so memory stays bounded at one extra copy of the state.
 pub struct BackgroundCheckpointer {
-    /// Names checkpoints like the writer does (a clone of its location and suffix, no runtime).
-    naming: (super::store::Location, Option<String>),
+    /// The writer's names (its thread owns the writer).
+    names: Names,
     snapshots: Option<std::sync::mpsc::SyncSender<Snapshot>>,
     results: std::sync::mpsc::Receiver<SaveResult>,
     in_flight: Option<u64>,
@@ -237,7 +247,7 @@ impl BackgroundCheckpointer {
         checkpointer: Checkpointer,
         mut on_saved: impl FnMut(&Saved) -> Result<(), String> + Send + 'static,
     ) -> BackgroundCheckpointer {
-        let naming = (checkpointer.location.clone(), checkpointer.suffix.clone());
+        let names = checkpointer.names.clone();
         let (snapshots, inbox) = std::sync::mpsc::sync_channel::<Snapshot>(1);
         let (outbox, results) = std::sync::mpsc::sync_channel::<SaveResult>(1);
         let thread = std::thread::spawn(move || {
@@ -262,13 +272,12 @@ impl BackgroundCheckpointer {
                 }
             }
         });
-        BackgroundCheckpointer { naming, snapshots: Some(snapshots), results, in_flight: None, thread: Some(thread) }
+        BackgroundCheckpointer { names, snapshots: Some(snapshots), results, in_flight: None, thread: Some(thread) }
     }
 
     /// The URI the checkpoint of `step` is (or will be) saved at.
     pub fn uri_of_step(&self, step: u64) -> String {
-        let (location, suffix) = &self.naming;
-        location.uri_of(&step_prefix(location.prefix(), step, suffix.as_deref()))
+        self.names.uri(step)
     }
 
     /// The step of the save in progress, if any.

@@ -455,12 +455,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 });
             }
             let step = checkpoint.step;
-            job.step = job.step.max(step);
-            if step > job.failure_step {
-                job.failures = 0; // progress since the last failure
-            }
-            push_checkpoint(job, CheckpointRecord { pending: false, writer: reporter, ..checkpoint });
-            job.updated_at_unix_ms = now;
+            push_checkpoint(job, CheckpointRecord { pending: false, writer: reporter, ..checkpoint }, now);
             Ok(Applied::CheckpointRecorded { job_id, step })
         }
         Command::SetPendingReason { job_id, reason } => {
@@ -823,10 +818,15 @@ fn charge_generation(job: &mut Job, now: u64, step_reached: u64, lost_steps: u64
     job.gang_usd_per_hour = 0.0;
 }
 
-/// Appends a checkpoint record (bounded): an older announced one still not written is given up
-/// (retention removes whatever of it reached the store), then the newest usable one is resumed
-/// from.
-fn push_checkpoint(job: &mut Job, record: CheckpointRecord) {
+/// Appends a checkpoint record (bounded), which is progress: an older announced one still not
+/// written is given up (retention removes whatever of it reached the store), then the newest
+/// usable one is resumed from.
+fn push_checkpoint(job: &mut Job, record: CheckpointRecord, now: u64) {
+    job.step = job.step.max(record.step);
+    if record.step > job.failure_step {
+        job.failures = 0; // progress since the last failure
+    }
+    job.updated_at_unix_ms = now;
     for older in job.checkpoints.iter_mut().filter(|c| c.pending && c.step < record.step) {
         older.deleting = true;
     }
@@ -858,12 +858,7 @@ fn announce_checkpoint(
     if !fits {
         return;
     }
-    job.step = job.step.max(step);
-    if step > job.failure_step {
-        job.failures = 0; // progress since the last failure
-    }
-    push_checkpoint(job, CheckpointRecord { pending: true, writer: reporter, ..record });
-    job.updated_at_unix_ms = now;
+    push_checkpoint(job, CheckpointRecord { pending: true, writer: reporter, ..record }, now);
 }
 
 /// The step a new generation resumes from.
