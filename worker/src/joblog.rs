@@ -8,10 +8,16 @@
 //! finds where the log continues (one listing) and puts the segments in order. On S3 each of
 //! those is a round trip (20-100 ms) that a generation's start-up no longer waits for. Closing
 //! the log (drop) waits for the writer, so a rank's last lines are written before it ends.
+//!
+//! Two writers of one node's log can overlap: a stopped rank closes its log after the next
+//! generation's rank of the same node opened its own (on this machine or another). Each segment
+//! is therefore put only if its name is free (a conditional put: `If-None-Match: *` on S3, a
+//! link that does not replace on disk); a taken name sends the writer on to the next free one,
+//! so no segment is overwritten and the numbering stays dense for readers.
 
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::store;
@@ -23,6 +29,9 @@ const BUFFER_BYTES_MAX: usize = 64 * 1024;
 const QUEUE_SEGMENTS_MAX: usize = 16;
 /// Length of one line at most (longer lines are cut).
 pub const LINE_BYTES_MAX: usize = 4096;
+/// Taken segment names skipped for one segment at most (another writer of the same node's log
+/// wrote them meanwhile); beyond, its lines go to the agent's log.
+const TAKEN_SEGMENTS_MAX: u64 = 1024;
 
 pub struct JobLog {
     buffer: String,
@@ -142,18 +151,38 @@ fn write_segments(
         }
     };
     while let Ok(bytes) = queue.recv() {
-        let written = next_segment.map(|seq| {
-            let path = segment_path(prefix, node, seq);
-            runtime.block_on(store.put(&path, PutPayload::from_bytes(bytes.clone())))
-        });
+        let written = next_segment.map(|seq| runtime.block_on(put_free_segment(store, prefix, node, seq, &bytes)));
         match written {
-            Some(Ok(_)) => next_segment = next_segment.map(|seq| seq + 1),
+            Some(Ok(seq)) => next_segment = Some(seq + 1),
             failed => {
                 if let Some(Err(e)) = failed {
                     tracing::warn!(error = %e, log = %folder, "a job log segment was not written");
                 }
                 to_agent_log(folder.as_ref(), &bytes);
             }
+        }
+    }
+}
+
+/// Puts `bytes` as the first free segment from `seq` on (never replacing one another writer
+/// put) and returns its number.
+async fn put_free_segment(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    node: u32,
+    seq: u64,
+    bytes: &Bytes,
+) -> Result<u64, object_store::Error> {
+    let create = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+    let mut taken = 0;
+    loop {
+        let candidate = seq + taken;
+        let path = segment_path(prefix, node, candidate);
+        let put = store.put_opts(&path, PutPayload::from_bytes(bytes.clone()), create.clone()).await;
+        match put {
+            Ok(_) => return Ok(candidate),
+            Err(object_store::Error::AlreadyExists { .. }) if taken < TAKEN_SEGMENTS_MAX => taken += 1,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -186,6 +215,21 @@ mod tests {
         assert_eq!(segments(&logs.join("node-1")), ["00000000.log", "00000001.log", "00000002.log"]);
         let first = std::fs::read_to_string(logs.join("00000000.log")).expect("segment 0");
         assert_eq!(first, "round 0\n", "an earlier segment is never overwritten");
+        // Two writers of one node at once (a stopped rank closing its log after the next
+        // generation's rank opened its own): both started from the same listing, neither
+        // segment replaces the other and the numbering stays dense.
+        let mut leaving = JobLog::open(&uri, 1).expect("open node 1");
+        let mut next = JobLog::open(&uri, 1).expect("open node 1 again");
+        next.line("next generation").expect("line");
+        next.flush().expect("flush");
+        drop(next);
+        leaving.line("stopped").expect("line");
+        drop(leaving);
+        let names = segments(&logs.join("node-1"));
+        assert_eq!(names, ["00000000.log", "00000001.log", "00000002.log", "00000003.log", "00000004.log"]);
+        let last_two: Vec<String> =
+            names[3..].iter().map(|n| std::fs::read_to_string(logs.join("node-1").join(n)).expect("segment")).collect();
+        assert!(last_two.contains(&"stopped\n".to_string()) && last_two.contains(&"next generation\n".to_string()));
         // The URI is still checked when the log opens (the store itself opens in the writer).
         assert!(JobLog::open("ftp://host/jobs/job-1", 0).is_err());
     }
