@@ -186,27 +186,31 @@ pub(super) fn run_rank(
         let mut stop_encoded = None;
         if report.stop_agreed && !trainer.is_finished() {
             let state = trainer.state();
-            if announcing {
-                stop_encoded = Some(Encoded::of(&state));
-            }
+            let (step, cursor) = (state.step, state.cursor);
+            let parts = announcing.then(|| state::encode(&state, None));
             if super::work::leaving(context) {
                 // A handover's leaving member pushes the state to its replacement now, while
-                // rank 0 announces it (a leaving rank 0 pushes the encoding it announces).
-                let parts: Box<dyn FnOnce() -> _ + Send> = match &stop_encoded {
-                    Some(Ok(encoded)) => {
-                        let parts = encoded.parts.clone();
+                // rank 0 announces it. A leaving rank 0 pushes the encoding it announces, before
+                // hashing it: the replacement hashes what it receives meanwhile. Others encode
+                // on the push's thread.
+                let push: Box<dyn FnOnce() -> _ + Send> = match &parts {
+                    Some(parts) => {
+                        let parts = parts.clone();
                         Box::new(move || parts)
                     }
-                    _ => Box::new(move || state::encode(&state, None)),
+                    None => Box::new(move || state::encode(&state, None)),
                 };
-                super::work::push_if_handed_over(context, &train.job_id, train.generation, parts);
-            } else if let Some(Ok(encoded)) = &stop_encoded {
-                peer::HELD.hold_encoded(&train.job_id, state, encoded);
+                super::work::push_if_handed_over(context, &train.job_id, train.generation, push);
+                stop_encoded = parts.map(|parts| Encoded::hash(step, cursor, parts));
             } else {
-                // Kept for the next generation (it resumes from this step): this rank then
-                // gives the state to new members over the data port instead of each reading
-                // the store.
-                peer::HELD.hold(&train.job_id, state);
+                stop_encoded = parts.map(|parts| Encoded::hash(step, cursor, parts));
+                match &stop_encoded {
+                    Some(Ok(encoded)) => peer::HELD.hold_encoded(&train.job_id, state, encoded),
+                    // Kept for the next generation (it resumes from this step): this rank then
+                    // gives the state to new members over the data port instead of each
+                    // reading the store.
+                    _ => peer::HELD.hold(&train.job_id, state),
+                }
             }
         }
         let Some(background) = background.as_mut() else { return ControlFlow::Continue(()) };

@@ -104,23 +104,35 @@ fn part_path(prefix: &Path, name: &str) -> Path {
 /// The MANIFEST of `parts` (each part's name, size and SHA-256), checking names and limits:
 /// what [`write`] stores last, and what a peer transfer is checked against.
 pub fn manifest_of(parts: &[(&str, Bytes)]) -> Result<Manifest, CheckpointError> {
-    if parts.is_empty() || parts.len() > PARTS_MAX {
-        return Err(CheckpointError::Invalid(format!("{} parts; 1 to {PARTS_MAX} allowed", parts.len())));
-    }
-    let mut entries = Vec::with_capacity(parts.len());
-    for (name, bytes) in parts {
-        let valid =
-            !name.is_empty() && *name != MANIFEST && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid || bytes.len() as u64 > PART_BYTES_MAX {
-            return Err(CheckpointError::Invalid(format!("part `{name}` ({} bytes)", bytes.len())));
-        }
-        entries.push(PartEntry {
-            name: name.to_string(),
-            size_bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(bytes)),
-        });
-    }
+    check_part_count(parts.len())?;
+    let entries = parts
+        .iter()
+        .map(|(name, bytes)| part_entry(name, bytes.len() as u64, &Sha256::digest(bytes)))
+        .collect::<Result<Vec<_>, _>>()?;
+    manifest_of_entries(entries)
+}
+
+/// The manifest of parts hashed by the caller (a receiver hashes each part as it arrives).
+pub fn manifest_of_entries(entries: Vec<PartEntry>) -> Result<Manifest, CheckpointError> {
+    check_part_count(entries.len())?;
     Ok(Manifest { format: FORMAT.to_string(), parts: entries })
+}
+
+fn check_part_count(count: usize) -> Result<(), CheckpointError> {
+    if count == 0 || count > PARTS_MAX {
+        return Err(CheckpointError::Invalid(format!("{count} parts; 1 to {PARTS_MAX} allowed")));
+    }
+    Ok(())
+}
+
+/// The manifest entry of part `name` of `size` bytes whose SHA-256 is `digest`, checking the
+/// name and the size against the format's limits.
+pub fn part_entry(name: &str, size: u64, digest: &[u8]) -> Result<PartEntry, CheckpointError> {
+    let valid = !name.is_empty() && name != MANIFEST && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid || size > PART_BYTES_MAX {
+        return Err(CheckpointError::Invalid(format!("part `{name}` ({size} bytes)")));
+    }
+    Ok(PartEntry { name: name.to_string(), size_bytes: size, sha256: hex(digest) })
 }
 
 /// Writes `parts` under `prefix`, then the MANIFEST. Returns the manifest written.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::state::{Encoded, decode};
-use super::{CheckpointError, Manifest, manifest_of, parse_manifest};
+use super::{CheckpointError, Manifest, parse_manifest};
 use crate::collective::{CollectiveError, Communicator, ring};
 use crate::train::TrainState;
 
@@ -249,17 +249,20 @@ impl Held {
     }
 
     /// A state that arrived as checkpoint parts (in the order [`super::state::encode`] gives
-    /// them), with the manifest computed here from those bytes. None when they break the format's limits.
-    pub(crate) fn from_parts(state: TrainState, parts: Vec<(String, Bytes)>, pushed: Pushed) -> Option<Held> {
-        let named: Vec<(&str, Bytes)> = parts.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
-        let manifest = manifest_of(&named).ok()?;
-        Some(Held {
+    /// them), with the manifest its receiver computed from those bytes.
+    pub(crate) fn from_parts(
+        state: TrainState,
+        parts: Vec<(String, Bytes)>,
+        manifest: Manifest,
+        pushed: Pushed,
+    ) -> Held {
+        Held {
             state,
             parts: parts.into_iter().map(|(_, bytes)| bytes).collect(),
             manifest,
             pushed: Some(pushed),
             stopped_at: None,
-        })
+        }
     }
 
     /// The manifest fingerprint of the checkpoint it is.
@@ -409,6 +412,7 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::checkpoint::manifest_of;
     use crate::checkpoint::state::encode;
     use crate::data::Cursor;
     use crate::train::OptimizerState;
@@ -606,12 +610,14 @@ pub(crate) mod tests {
         assert!(holder.held_waiting("6", &f).is_none());
         assert!(started.elapsed() < ANNOUNCED_PUSH_WAIT_MAX);
         let arriving = holder.clone();
+        let parts = encode(&s, None);
+        let manifest = manifest_of(&parts).expect("fits");
         let pushed = Held::from_parts(
             s.clone(),
-            encode(&s, None).into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect(),
+            parts.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect(),
+            manifest,
             Pushed { bytes: 9, ms: 1.0 },
-        )
-        .expect("fits");
+        );
         let sender = std::thread::spawn(move || {
             std::thread::sleep(ANNOUNCED_PUSH_WAIT_MAX + Duration::from_millis(200));
             arriving.push_ended("5", Some(pushed));

@@ -12,13 +12,14 @@
 //!     ◀── 1: kept (0: refused)
 //!   frame: part count (u32), then per part: name length (u16) | name | size (u64) | bytes,
 //!          the checkpoint's parts as `state::encode` gives them (no hashes: see below)
-//!   replacement: decodes the state, computes the parts' manifest and holds both for the job;
+//!   replacement: hashes each part as it arrives (chunk by chunk, while the next is on the
+//!   way), decodes the state and holds it with the parts' manifest for the job;
 //!   its rank in generation g+1 counts as a holder only if that manifest's fingerprint is the
 //!   recorded checkpoint's
 //! ```
 //!
-//! The sender hashes nothing: it frames its state as it stops (while rank 0 still saves the
-//! same state) and sends. The receiver's manifest, compared with the fingerprint the
+//! The sender hashes nothing on the push's way: it frames its state as it stops and sends (a
+//! leaving rank 0 hashes the same encoding for its announcement meanwhile). The receiver's manifest, compared with the fingerprint the
 //! coordinator recorded from rank 0's save, checks every byte end to end, which a manifest
 //! from the sender would not add to.
 //!
@@ -34,10 +35,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use super::peer::{self, HELD, Held, Pushed};
 use super::state::decode;
-use super::{PART_BYTES_MAX, PARTS_MAX};
+use super::{PART_BYTES_MAX, PARTS_MAX, PartEntry, manifest_of_entries, part_entry};
 use crate::collective::port::PUSH_MAGIC;
 use crate::collective::ring::{MAC_LEN, NONCE_LEN, mac, mac_matches, nonce};
 
@@ -49,6 +51,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of the hello before the job id: magic, generation, job id length.
 const HEAD_LEN: usize = 8 + 8 + 2;
+/// Bytes of a part read (then hashed) at a time: the hash of one chunk overlaps the arrival of
+/// the next.
+const RECEIVE_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// The handover this worker takes a push for (from its PrepareJob): one at a time.
 #[derive(Clone)]
@@ -230,19 +235,17 @@ fn proof(stream: &mut TcpStream, hello: &[u8], nonce_a: &[u8], key: &[u8]) -> Re
 }
 
 /// The frame, decoded, with its manifest computed and how it came (`started`: the push's
-/// first byte); with the milliseconds its bytes took to arrive.
+/// first byte); with the milliseconds its bytes took to arrive (and be hashed).
 fn receive(stream: &mut TcpStream, from: &str, length: u64, started: Instant) -> Result<(Held, f64), String> {
     let reading = Instant::now();
-    let mut frame = vec![0u8; length as usize];
-    stream.read_exact(&mut frame).map_err(|e| format!("state: {e}"))?;
+    let (parts, entries) = read_frame(stream, length)?;
     let read_ms = reading.elapsed().as_secs_f64() * 1e3;
-    let parts = unframe(Bytes::from(frame))?;
+    let manifest = manifest_of_entries(entries).map_err(|e| e.to_string())?;
     let origin = format!("the state pushed by {from}");
     let map = parts.iter().cloned().collect();
     let state = decode(&map, &origin).map_err(|e| e.to_string())?.0;
     let pushed = Pushed { bytes: length, ms: started.elapsed().as_secs_f64() * 1e3 };
-    let held = Held::from_parts(state, parts, pushed)
-        .ok_or_else(|| "its parts break the checkpoint format's limits".to_string())?;
+    let held = Held::from_parts(state, parts, manifest, pushed);
     Ok((held, read_ms))
 }
 
@@ -264,33 +267,64 @@ fn frame_heads(parts: &[(&str, Bytes)]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The frame's parts, in order (slices of `frame`, not copies), within the format's limits.
-fn unframe(frame: Bytes) -> Result<Vec<(String, Bytes)>, String> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Result<Bytes, String> {
-        let end = at.checked_add(n).filter(|&end| end <= frame.len()).ok_or("the frame is cut short")?;
-        let slice = frame.slice(at..end);
-        at = end;
-        Ok(slice)
-    };
-    let count = u32::from_le_bytes(take(4)?.as_ref().try_into().map_err(|_| "count")?) as usize;
+/// A frame's parts (name, bytes) in order, and their manifest entries.
+type Frame = (Vec<(String, Bytes)>, Vec<PartEntry>);
+
+/// Reads a frame of `length` bytes: its parts in order, each with its manifest entry (hashed
+/// chunk by chunk as it arrives), within the format's limits.
+fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, String> {
+    let mut frame = reader.take(length);
+    let count = u32::from_le_bytes(read_array(&mut frame)?) as usize;
     if count == 0 || count > PARTS_MAX {
         return Err(format!("{count} parts (1 to {PARTS_MAX})"));
     }
     let mut parts = Vec::with_capacity(count);
+    let mut entries = Vec::with_capacity(count);
     for _ in 0..count {
-        let length = u16::from_le_bytes(take(2)?.as_ref().try_into().map_err(|_| "name length")?) as usize;
-        let name = String::from_utf8(take(length)?.to_vec()).map_err(|_| "a part name that is not UTF-8")?;
-        let size = u64::from_le_bytes(take(8)?.as_ref().try_into().map_err(|_| "size")?);
+        let mut name = vec![0u8; u16::from_le_bytes(read_array(&mut frame)?) as usize];
+        frame.read_exact(&mut name).map_err(cut_short)?;
+        let name = String::from_utf8(name).map_err(|_| "a part name that is not UTF-8".to_string())?;
+        let size = u64::from_le_bytes(read_array(&mut frame)?);
         if size > PART_BYTES_MAX {
             return Err(format!("part `{name}` of {size} bytes (at most {PART_BYTES_MAX})"));
         }
-        parts.push((name, take(size as usize)?));
+        if size > frame.limit() {
+            return Err("the frame is cut short".into());
+        }
+        let (body, digest) = read_hashed(&mut frame, size)?;
+        entries.push(part_entry(&name, size, &digest).map_err(|e| e.to_string())?);
+        parts.push((name, Bytes::from(body)));
     }
-    if at != frame.len() {
-        return Err(format!("{} bytes after the last part", frame.len() - at));
+    if frame.limit() != 0 {
+        return Err(format!("{} bytes after the last part", frame.limit()));
     }
-    Ok(parts)
+    Ok((parts, entries))
+}
+
+/// `size` bytes and their SHA-256, hashed a chunk at a time as they arrive.
+fn read_hashed(reader: &mut impl Read, size: u64) -> Result<(Vec<u8>, [u8; 32]), String> {
+    let mut body = Vec::with_capacity(size as usize);
+    let mut hasher = Sha256::new();
+    while (body.len() as u64) < size {
+        let at = body.len();
+        let chunk = (size - at as u64).min(RECEIVE_CHUNK_BYTES);
+        let got = reader.take(chunk).read_to_end(&mut body).map_err(cut_short)?;
+        if got == 0 {
+            return Err("the frame is cut short".into());
+        }
+        hasher.update(&body[at..]);
+    }
+    Ok((body, hasher.finalize().into()))
+}
+
+fn read_array<const N: usize>(reader: &mut impl Read) -> Result<[u8; N], String> {
+    let mut bytes = [0u8; N];
+    reader.read_exact(&mut bytes).map_err(cut_short)?;
+    Ok(bytes)
+}
+
+fn cut_short(e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof { "the frame is cut short".into() } else { format!("state: {e}") }
 }
 
 #[cfg(test)]
@@ -344,19 +378,24 @@ mod tests {
             frame.extend_from_slice(head);
             frame.extend_from_slice(bytes);
         }
-        let good = unframe(Bytes::from(frame.clone())).expect("a good frame");
+        let (good, entries) = read_frame(&mut frame.as_slice(), frame.len() as u64).expect("a good frame");
         assert_eq!(
-            good.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            parts.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            good.iter().map(|(n, b)| (n.as_str(), b.clone())).collect::<Vec<_>>(),
+            parts.iter().map(|(n, b)| (*n, b.clone())).collect::<Vec<_>>()
         );
+        // Hashed chunk by chunk as it arrived: the manifest of the parts, hashed whole.
+        let manifest = manifest_of_entries(entries).expect("entries");
+        assert_eq!(manifest, crate::checkpoint::manifest_of(&parts).expect("manifest"));
         let cases = [
             (frame[..frame.len() - 1].to_vec(), "cut short"),
             ([frame.clone(), vec![0]].concat(), "after the last part"),
             ([&0u32.to_le_bytes()[..], &frame[4..]].concat(), "0 parts"),
             ([&1000u32.to_le_bytes()[..], &frame[4..]].concat(), "1000 parts"),
+            // The first part's name (`model`, after the count and its length) made invalid.
+            ([&frame[..6], b"mod-l", &frame[11..]].concat(), "part `mod-l`"),
         ];
         for (bytes, reason) in cases {
-            let error = unframe(Bytes::from(bytes)).expect_err(reason);
+            let error = read_frame(&mut bytes.as_slice(), bytes.len() as u64).expect_err(reason);
             assert!(error.contains(reason), "{error}");
         }
     }

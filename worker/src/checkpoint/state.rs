@@ -74,9 +74,14 @@ pub struct Encoded {
 impl Encoded {
     /// `state` encoded (without validation metrics) and hashed.
     pub fn of(state: &TrainState) -> Result<Encoded, CheckpointError> {
-        let parts = encode(state, None);
+        Encoded::hash(state.step, state.cursor, encode(state, None))
+    }
+
+    /// The encoding `parts` (of the state at `step`, `cursor`), hashed: for a caller that
+    /// used the parts before they were hashed (a leaving rank 0 starts its push first).
+    pub fn hash(step: u64, cursor: Cursor, parts: Vec<(&'static str, Bytes)>) -> Result<Encoded, CheckpointError> {
         let manifest = manifest_of(&parts)?;
-        Ok(Encoded { step: state.step, cursor: state.cursor, parts, manifest })
+        Ok(Encoded { step, cursor, parts, manifest })
     }
 }
 
