@@ -124,17 +124,12 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     let between = &events[from..current];
     // The handover event that re-forms the generation comes after the `gang` event of the
     // same Raft entry.
-    let handed_over = events[current + 1..].iter().take_while(|e| e.kind != "gang").any(is_handover_done);
+    let handed_over = events[current + 1..].iter().take_while(|e| e.kind != "gang").any(|e| e.is_handed_over());
     if handed_over && let Some(stop) = between.iter().rev().find(|e| e.kind == "checkpointed") {
         return Some(Resumption::Handover { stopped_at_unix_ms: stop.at_unix_ms });
     }
     let lost = between.iter().find(|e| LOSS_EVENTS.contains(&e.kind.as_str()))?;
     Some(Resumption::Recovery { lost_at_unix_ms: lost.at_unix_ms })
-}
-
-/// The event that says a replacement took the noticed member's rank.
-fn is_handover_done(event: &flotilla_core::state::JobEvent) -> bool {
-    event.kind == "handover" && event.message.contains("'s rank at step")
 }
 
 /// Committed steps per second since the job first ran, until it ended or `now` (pure): stalls,
@@ -542,7 +537,13 @@ mod tests {
     #[test]
     fn a_handover_is_timed_from_the_stop_not_the_notice() {
         let mut took = event(61_000, "handover");
-        took.message = "worker-3 took worker-1's rank at step 711, 60000 ms after the notice".into();
+        took.message = flotilla_core::state::JobEvent::handed_over_message(
+            flotilla_core::WorkerId(3),
+            flotilla_core::WorkerId(1),
+            711,
+            60_000,
+        );
+        assert_eq!(took.message, "worker-3 took worker-1's rank at step 711, 60000 ms after the notice");
         let mut started = event(50_000, "handover");
         started.message = "worker-3 replaces worker-1; checkpointing at the next step".into();
         let handed = [

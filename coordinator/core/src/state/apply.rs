@@ -984,10 +984,7 @@ fn generation_ended(
         if assign_gang(state, job_id, workers, now).is_ok() {
             let job = state.jobs.get_mut(&job_id).expect("the job was just assigned");
             let since_notice_ms = now.saturating_sub(h.noticed_at_unix_ms);
-            let message = format!(
-                "{replacement} took {}'s rank at step {step}, {since_notice_ms} ms after the notice",
-                h.leaving
-            );
+            let message = JobEvent::handed_over_message(replacement, h.leaving, step, since_notice_ms);
             push_event(job, now, "handover", message);
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Running });
         }

@@ -69,6 +69,22 @@ pub struct JobEvent {
     pub message: String,
 }
 
+/// The words of a `handover` event that says the replacement took the leaving member's rank
+/// (other `handover` events say it was reserved, prepared, or fell back).
+const HANDED_OVER: &str = "'s rank at step";
+
+impl JobEvent {
+    /// The `handover` event's message for `replacement` taking `leaving`'s rank at `step`.
+    pub fn handed_over_message(replacement: WorkerId, leaving: WorkerId, step: u64, since_notice_ms: u64) -> String {
+        format!("{replacement} took {leaving}{HANDED_OVER} {step}, {since_notice_ms} ms after the notice")
+    }
+
+    /// Whether this is the event that says a replacement took a noticed member's rank.
+    pub fn is_handed_over(&self) -> bool {
+        self.kind == "handover" && self.message.contains(HANDED_OVER)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
