@@ -13,7 +13,9 @@
 //! generation's rank of the same node opened its own (on this machine or another). Each segment
 //! is therefore put only if its name is free (a conditional put: `If-None-Match: *` on S3, a
 //! link that does not replace on disk); a taken name sends the writer on to the next free one,
-//! so no segment is overwritten and the numbering stays dense for readers.
+//! so no segment is overwritten and the numbering stays dense for readers. An S3-compatible
+//! store that refuses conditional puts gets plain ones (the log is kept; overlapping writers
+//! may then replace each other's segment, as before).
 
 use bytes::Bytes;
 use object_store::path::Path;
@@ -150,8 +152,10 @@ fn write_segments(
             None
         }
     };
+    let mut conditional = true;
     while let Ok(bytes) = queue.recv() {
-        let written = next_segment.map(|seq| runtime.block_on(put_free_segment(store, prefix, node, seq, &bytes)));
+        let written = next_segment
+            .map(|seq| runtime.block_on(put_free_segment(store, prefix, node, seq, &bytes, &mut conditional)));
         match written {
             Some(Ok(seq)) => next_segment = Some(seq + 1),
             failed => {
@@ -165,30 +169,50 @@ fn write_segments(
 }
 
 /// Puts `bytes` as the first free segment from `seq` on (never replacing one another writer
-/// put) and returns its number.
+/// put) and returns its number. A store that refuses conditional puts (an S3-compatible one
+/// without `If-None-Match`) gets plain puts from then on (`conditional` false): the behaviour
+/// before, where overlapping writers of one node could replace each other's segment.
 async fn put_free_segment(
     store: &dyn ObjectStore,
     prefix: &Path,
     node: u32,
     seq: u64,
     bytes: &Bytes,
+    conditional: &mut bool,
 ) -> Result<u64, object_store::Error> {
     let create = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
     let mut taken = 0;
     loop {
         let candidate = seq + taken;
         let path = segment_path(prefix, node, candidate);
-        let put = store.put_opts(&path, PutPayload::from_bytes(bytes.clone()), create.clone()).await;
-        match put {
+        let payload = || PutPayload::from_bytes(bytes.clone());
+        if !*conditional {
+            return store.put_opts(&path, payload(), PutOptions::default()).await.map(|_| candidate);
+        }
+        match store.put_opts(&path, payload(), create.clone()).await {
             Ok(_) => return Ok(candidate),
             Err(object_store::Error::AlreadyExists { .. }) if taken < TAKEN_SEGMENTS_MAX => taken += 1,
-            Err(e) => return Err(e),
+            Err(object_store::Error::AlreadyExists { path, source }) => {
+                return Err(object_store::Error::AlreadyExists { path, source });
+            }
+            Err(refused) => {
+                store.put_opts(&path, payload(), PutOptions::default()).await?;
+                tracing::warn!(
+                    error = %refused,
+                    "the store refused a conditional put of a job log segment and took a plain one; \
+                     this log's segments are written without the check from now on"
+                );
+                *conditional = false;
+                return Ok(candidate);
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use object_store::ObjectStoreExt;
+
     use super::*;
 
     fn segments(dir: &std::path::Path) -> Vec<String> {
@@ -232,5 +256,70 @@ mod tests {
         assert!(last_two.contains(&"stopped\n".to_string()) && last_two.contains(&"next generation\n".to_string()));
         // The URI is still checked when the log opens (the store itself opens in the writer).
         assert!(JobLog::open("ftp://host/jobs/job-1", 0).is_err());
+    }
+
+    /// On S3 (moto's server, started by scripts/test.sh): a taken segment name is skipped, and
+    /// a store that refuses conditional puts gets plain ones instead of losing the lines.
+    #[test]
+    fn on_s3_a_taken_segment_is_skipped_and_a_store_without_conditional_puts_still_takes_the_log() {
+        let endpoint = std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
+            panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
+        });
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let env = |conditional: &str| {
+            [
+                ("AWS_ENDPOINT_URL", endpoint.clone()),
+                ("AWS_ALLOW_HTTP", "true".into()),
+                ("AWS_REGION", "us-east-1".into()),
+                ("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{closed}")),
+                ("AWS_ACCESS_KEY_ID", "testing".into()),
+                ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+                ("AWS_CONDITIONAL_PUT", conditional.into()),
+            ]
+            .map(|(name, value)| (name.to_string(), value))
+        };
+        let host = endpoint.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(host).expect("moto");
+        use std::io::{Read, Write};
+        write!(
+            stream,
+            "PUT /flotilla-joblog HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("create bucket");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+        let read = |location: &flotilla_store::Location, seq: u64| {
+            let key = segment_path(location.prefix(), 1, seq);
+            flotilla_store::block_on(async { location.store().get(&key).await?.bytes().await })
+                .expect("runtime")
+                .map(|b: Bytes| String::from_utf8_lossy(&b).into_owned())
+        };
+        let put = |location: &flotilla_store::Location, seq: u64, text: &str, conditional: &mut bool| {
+            let bytes = Bytes::from(text.to_string());
+            flotilla_store::block_on(put_free_segment(
+                location.store().as_ref(),
+                location.prefix(),
+                1,
+                seq,
+                &bytes,
+                conditional,
+            ))
+            .expect("runtime")
+        };
+        let checked = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-1", env("etag")).expect("location");
+        let mut conditional = true;
+        assert_eq!(put(&checked, 0, "first\n", &mut conditional).expect("put"), 0);
+        // A second writer that listed before the first put: moves on to segment 1.
+        assert_eq!(put(&checked, 0, "second\n", &mut conditional).expect("put"), 1);
+        assert!(conditional, "moto's S3 takes conditional puts");
+        assert_eq!(read(&checked, 0).expect("segment 0"), "first\n");
+        assert_eq!(read(&checked, 1).expect("segment 1"), "second\n");
+
+        let plain = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-2", env("disabled")).expect("location");
+        assert_eq!(put(&plain, 0, "kept\n", &mut conditional).expect("a plain put after the refusal"), 0);
+        assert!(!conditional, "the writer puts plainly from then on");
+        assert_eq!(read(&plain, 0).expect("segment 0"), "kept\n");
     }
 }
