@@ -205,6 +205,25 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             mixed: job.spec.capacity.mixed_types,
             avoid: None,
         };
+        // Warm spares (`capacity.spares`): idle workers kept in a running gang's pool, bought
+        // below every waiting gang; idle instances there count toward them, so they are not
+        // given back. A hard loss or a notice then regroups with one at once (the scheduler and
+        // the handover take free workers) instead of waiting for an instance to boot.
+        if job.state == JobState::Running
+            && job.spec.capacity.spares > 0
+            && job.checkpoint_requested.is_none()
+            && !budget_left.is_some_and(|left| left <= 0.0)
+            && let Some(first) = job.gang.first().and_then(|id| state.workers.get(id))
+        {
+            let pool = PoolKey { instance_type: first.info.instance_type.clone(), zone: first.info.zone.clone() };
+            out.gangs.push(Gang {
+                priority: i32::MIN,
+                workers: job.spec.capacity.spares,
+                pool: Some(pool),
+                mixed: false,
+                ..wanted.clone()
+            });
+        }
         match job.state {
             JobState::Pending => out.gangs.push(wanted),
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {

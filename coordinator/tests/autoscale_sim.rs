@@ -468,6 +468,73 @@ fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
 }
 
 #[test]
+fn warm_spares_are_bought_in_the_gangs_pool_kept_while_idle_and_take_a_lost_members_place_at_once() {
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let spec = JobSpec::from_toml_str(
+        "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+         workers = { min = 1, max = 1, gpus = 1 }\ncapacity = { spares = 1 }\n",
+    )
+    .expect("spec");
+    assert_eq!(spec.capacity.spares, 1);
+    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
+        .expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
+    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    let mut memory = Memory::default();
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let first: Vec<_> = control.state.instances.values().cloned().collect();
+    assert_eq!(first.len(), 1, "the gang first, no spare while the job waits: {first:?}");
+    let member = register_worker(&mut control.state, 2, &first[0]);
+    let job_id = *control.state.jobs.keys().next().expect("the job");
+    apply(&mut control.state, 3, Envelope::new(3500, Command::AssignGang { job_id, workers: vec![member] }))
+        .expect("assign");
+    control.index = 3;
+    // Running: one spare is bought, once, in the gang's pool.
+    for now in [4000, 6000] {
+        control.now = now;
+        futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, now)).expect("pass");
+    }
+    let requests: Vec<_> = control.state.instance_requests.values().filter(|r| r.job == Some(job_id)).collect();
+    assert_eq!(requests.len(), 2, "one request for the gang, one for the spare: {requests:?}");
+    let spare = control.state.instances.values().find(|i| i.id != first[0].id).cloned().expect("the spare's instance");
+    assert_eq!((&spare.instance_type, &spare.zone), (&first[0].instance_type, &first[0].zone), "the gang's pool");
+    control.index += 1;
+    let spare_worker = register_worker(&mut control.state, control.index, &spare);
+    // Idle far past the cooldown, the spare is kept (an idle instance nobody waits for goes).
+    let mut now = 6000;
+    for _ in 0..3 {
+        now += REGISTER_TIMEOUT_MS + 60_000;
+        control.now = now;
+        futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, now)).expect("idle pass");
+    }
+    let kept = control.state.instances.get(&spare.id).is_some_and(|i| i.terminated_at_unix_ms.is_none());
+    assert!(kept, "the idle spare is kept: {:?}", control.state.instances.get(&spare.id));
+    assert_eq!(control.state.instance_requests.len(), 2, "nothing more bought");
+    // The member is lost without notice: the job regroups on the spare at once, nothing to buy.
+    control.index += 1;
+    let lost = Command::WorkerLost { worker_id: member, last_step_seen: 0 };
+    apply(&mut control.state, control.index, Envelope::new(now, lost)).expect("lost");
+    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX);
+    let placed = flotilla_core::scheduler::schedule(&pending, &free);
+    assert_eq!(placed.placements.len(), 1, "{placed:?}");
+    assert_eq!((placed.placements[0].job, placed.placements[0].workers.clone()), (job_id, vec![spare_worker]));
+    // With the job over, the spare is given back after the cooldown like any idle instance.
+    control.index += 1;
+    let cancel = Command::CancelJob { job_id, reason: String::new() };
+    apply(&mut control.state, control.index, Envelope::new(now, cancel)).expect("cancel");
+    for _ in 0..3 {
+        now += REGISTER_TIMEOUT_MS + 60_000;
+        control.now = now;
+        futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, now)).expect("idle pass");
+    }
+    let running: Vec<String> =
+        cloud.all().into_iter().filter(|i| i.state == InstanceState::Running).map(|i| i.id).collect();
+    assert!(!running.contains(&spare.id), "the spare went with the job: {running:?}");
+}
+
+#[test]
 fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand() {
     use flotilla_core::JobId;
     use flotilla_core::state::{GenerationEnd, StopReason};

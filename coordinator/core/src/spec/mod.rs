@@ -58,6 +58,8 @@ pub const BUDGET_USD_MAX: f64 = 10_000_000.0;
 /// A deadline at most this many hours after submission (a year).
 pub const DEADLINE_H_MAX: f64 = 8_760.0;
 pub const MAX_FAILURES_MAX: i64 = 1_000;
+/// Warm spares one job may keep at most.
+pub const SPARES_MAX: i64 = 16;
 pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
 /// Checkpoints kept at most.
 pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
@@ -208,6 +210,15 @@ pub struct CapacitySpec {
     pub mixed_types: bool,
     /// Failures without progress before the job is marked Failed (preemptions never count).
     pub max_failures: u32,
+    /// Idle workers the autoscaler keeps in a running job's pool beyond its gang (warm spares):
+    /// a hard loss or a notice regroups at once with one instead of waiting for an instance to
+    /// boot. They cost what they run for; 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spares: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -80,6 +80,7 @@ pub(crate) struct RawCapacity {
     pub deadline_h: Option<f64>,
     pub mixed_types: Option<bool>,
     pub max_failures: Option<i64>,
+    pub spares: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -356,6 +356,7 @@ fn int_field_case() -> impl Strategy<Value = (&'static str, &'static str, i64, i
         Just(("checkpoint", "every_steps", 1, CHECKPOINT_EVERY_STEPS_MAX)),
         Just(("checkpoint", "keep", 1, CHECKPOINT_KEEP_MAX)),
         Just(("capacity", "max_failures", 0, MAX_FAILURES_MAX)),
+        Just(("capacity", "spares", 0, SPARES_MAX)),
     ]
 }
 

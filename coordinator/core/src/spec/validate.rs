@@ -318,6 +318,7 @@ fn capacity(c: &mut Checker, raw: RawCapacity) -> CapacitySpec {
         deadline_h: positive(c, "capacity.deadline_h", raw.deadline_h, DEADLINE_H_MAX),
         mixed_types: raw.mixed_types.unwrap_or(false),
         max_failures: c.int("capacity.max_failures", raw.max_failures, 3, 0, MAX_FAILURES_MAX) as u32,
+        spares: c.int("capacity.spares", raw.spares, 0, 0, SPARES_MAX) as u32,
     }
 }
 
