@@ -212,6 +212,77 @@ fn part_hashes(folder: &Path) -> Vec<(String, String)> {
     parts
 }
 
+/// Warm spares (`capacity.spares`): the free workers prepare the job as its spares (their
+/// agents' logs say so); a notice hands over to one with the state pushed by the leaving member
+/// (a spare accepts that push), and a hard kill regroups at once on the other.
+#[test]
+fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() {
+    let cluster = Local::up(4);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "spare", 40, 20);
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    std::fs::write(&spec, format!("{text}capacity = {{ spares = 1 }}\n")).expect("spec");
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 0
+    });
+    let members = gang(home, &job);
+    assert_eq!(members.len(), 2, "{members:?}");
+    let workers = json(home, &["workers", "-o", "json"]);
+    let spares: Vec<(String, PathBuf)> = workers
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["id"].as_str().is_some_and(|id| !members.iter().any(|m| m == id)))
+        .map(|w| {
+            let instance = w["instance_id"].as_str().expect("instance");
+            (w["id"].as_str().expect("id").to_string(), home.join("logs").join(format!("{instance}.log")))
+        })
+        .collect();
+    assert_eq!(spares.len(), 2, "{workers}");
+    let prepared = |text: &str| {
+        text.lines().any(|l| l.contains("prepared the job") && l.contains("spare=true") && l.contains(&job))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (id, log) in &spares {
+        while !prepared(&std::fs::read_to_string(log).unwrap_or_default()) {
+            assert!(Instant::now() < deadline, "{id} never prepared {job} as a spare: {}", log.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // A two-minute notice: handed over to a spare, which receives the leaving member's state.
+    let noticed = run(home, &["preempt", &members[0], "--notice-s", "120"]);
+    assert!(noticed.status.success(), "{}", String::from_utf8_lossy(&noticed.stderr));
+    wait_for(home, &job, Duration::from_secs(60), "the handover", |s| {
+        s["state"] == "Running" && s["generation"].as_u64().unwrap_or(0) > 1
+    });
+    let second = gang(home, &job);
+    let took: Vec<&String> = second.iter().filter(|w| !members.contains(w)).collect();
+    assert!(took.len() == 1 && spares.iter().any(|(id, _)| id == took[0]), "a spare took the rank: {second:?}");
+    let node_logs =
+        |node: &str| String::from_utf8_lossy(&run(home, &["logs", &job, "--node", node]).stdout).to_string();
+    let pushed = |text: &str| text.lines().any(|l| l.contains("pushed by the leaving member"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pushed(&node_logs("0")) && !pushed(&node_logs("1")) {
+        assert!(Instant::now() < deadline, "the spare got the state by push:\n{}\n{}", node_logs("0"), node_logs("1"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A hard kill of the other original member: the job regroups on the remaining spare.
+    let survivor = members.iter().find(|m| second.contains(m)).expect("a survivor of the handover");
+    let killed = run(home, &["preempt", survivor, "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    wait_for(home, &job, Duration::from_secs(60), "the next generation", |s| {
+        s["state"] == "Running" && s["generation"].as_u64().unwrap_or(0) > 2
+    });
+    let third = gang(home, &job);
+    assert!(
+        third.iter().filter(|w| spares.iter().any(|(id, _)| id == *w)).count() == 2,
+        "both spares in the gang: {third:?}"
+    );
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    assert_accurate(&done);
+}
+
 #[test]
 fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
     let cluster = Local::up(4);

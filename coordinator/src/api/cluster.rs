@@ -569,16 +569,23 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         if worker.draining {
             return Desired::Drain;
         }
-        return match flotilla_core::state::reserving_job(state, id) {
-            Some(job) => Desired::Prepare {
-                job: job.id,
-                prepare: Box::new(PrepareJob {
-                    job_id: job.id.to_string(),
-                    spec: Some(spec_to_proto(&job.spec)),
-                    generation: job.generation,
-                    handover_key: handover_key(gang_key, job.id, job.generation),
-                }),
-            },
+        // A warm spare prepares too; it accepts the push of a handover out of the current
+        // generation (one may reserve it) without waiting for one.
+        let prepare = |job: &flotilla_core::state::Job, spare: bool| Desired::Prepare {
+            job: job.id,
+            prepare: Box::new(PrepareJob {
+                job_id: job.id.to_string(),
+                spec: Some(spec_to_proto(&job.spec)),
+                generation: job.generation,
+                handover_key: handover_key(gang_key, job.id, job.generation),
+                spare,
+            }),
+        };
+        if let Some(job) = flotilla_core::state::reserving_job(state, id) {
+            return prepare(job, false);
+        }
+        return match flotilla_core::state::spare_for(state, id) {
+            Some(job) => prepare(job, true),
             None => Desired::Idle,
         };
     };
@@ -638,7 +645,9 @@ async fn assignment_loop(
     let mut current: Option<(JobId, u64)> = None;
     let mut checkpoint_sent = false;
     let mut drain_sent = false;
-    let mut prepared: Option<JobId> = None;
+    // The PrepareJob sent last: a spare later reserved for its job's handover (or a spare of
+    // the job's next generation) is told again.
+    let mut prepared: Option<PrepareJob> = None;
     loop {
         let store = store.clone();
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
@@ -663,6 +672,7 @@ async fn assignment_loop(
             (Desired::Train { job, generation, assignment, .. }, _) => {
                 current = Some((*job, *generation));
                 checkpoint_sent = false;
+                prepared = None; // free again later, it prepares again
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))
             }
             (Desired::Infer { job, joins, .. }, Some(now)) if now == (*job, *joins) => None,
@@ -676,8 +686,10 @@ async fn assignment_loop(
                 Some(assignment::Kind::Drain(Drain { reason: format!("{id} was interrupted; it gets no more work") }))
             }
             (Desired::Drain, _) => None,
-            (Desired::Prepare { job, prepare }, _) => {
-                (prepared.replace(*job) != Some(*job)).then(|| assignment::Kind::Prepare(prepare.as_ref().clone()))
+            (Desired::Prepare { prepare, .. }, _) => {
+                let sent = Some(prepare.as_ref().clone());
+                (std::mem::replace(&mut prepared, sent.clone()) != sent)
+                    .then(|| assignment::Kind::Prepare(prepare.as_ref().clone()))
             }
             (Desired::Idle, Some((job, generation))) => {
                 current = None;
@@ -726,6 +738,54 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_spare_prepares_its_job_and_accepts_a_handover_push_without_awaiting_one() {
+        let mut state = State::default();
+        let submit = |name: &str, spares: u32| Command::SubmitJob {
+            spec: Box::new(
+                flotilla_core::spec::JobSpec::from_toml_str(&format!(
+                    "name = \"{name}\"\nmodel = {{ kind = \"mlp\" }}\ndata = {{ train = \"synthetic:blobs\" }}\n\
+                     workers = {{ min = 1, max = 1 }}\ncapacity = {{ spares = {spares} }}\n"
+                ))
+                .expect("spec"),
+            ),
+            client_request_id: name.into(),
+        };
+        apply(&mut state, 1, Envelope::new(1000, submit("none", 0))).expect("submit");
+        let workers: Vec<WorkerId> = (2..5).map(|index| register(&mut state, index)).collect();
+        let assign = Command::AssignGang { job_id: JobId(1), workers: vec![workers[0]] };
+        apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
+        let key = gang_key("token");
+        assert_eq!(desired(&state, workers[2], "file:///s", &key), Desired::Idle, "no job keeps spares");
+        apply(&mut state, 6, Envelope::new(6000, submit("spared", 1))).expect("submit");
+        let assign = Command::AssignGang { job_id: JobId(2), workers: vec![workers[1]] };
+        apply(&mut state, 7, Envelope::new(7000, assign)).expect("assign");
+        match desired(&state, workers[2], "file:///s", &key) {
+            Desired::Prepare { job, prepare } => {
+                assert_eq!((job, prepare.job_id.as_str()), (JobId(2), "job-2"));
+                assert!(prepare.spare, "a spare does not wait for a push");
+                assert_eq!(prepare.handover_key, handover_key(&key, JobId(2), 1), "it accepts one");
+            }
+            other => panic!("the free worker prepares as a spare: {other:?}"),
+        }
+        // Another pool is not the gang's: no spare there.
+        let mut elsewhere = state.clone();
+        elsewhere.workers.get_mut(&workers[2]).expect("worker").info.zone = "b".into();
+        assert_eq!(desired(&elsewhere, workers[2], "file:///s", &key), Desired::Idle);
+        // A notice for the member: the spare is reserved as its replacement and now awaits the push.
+        let notice =
+            Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+        apply(&mut state, 8, Envelope::new(10_000, notice)).expect("notice");
+        assert_eq!(state.jobs[&JobId(2)].reserved_replacement(), Some(workers[2]));
+        match desired(&state, workers[2], "file:///s", &key) {
+            Desired::Prepare { prepare, .. } => {
+                assert!(!prepare.spare, "the reserved replacement awaits the push");
+                assert_eq!(prepare.handover_key, handover_key(&key, JobId(2), 1));
+            }
+            other => panic!("the replacement prepares: {other:?}"),
+        }
+    }
+
+    #[test]
     fn a_handover_s_reserved_replacement_is_told_to_prepare_the_job_s_data() {
         let mut state = State::default();
         let spec = flotilla_core::spec::JobSpec::from_toml_str(
@@ -758,6 +818,7 @@ mod tests {
         match desired(&state, workers[2], "file:///s", &key) {
             Desired::Prepare { prepare, .. } => {
                 assert_eq!(prepare.generation, 1);
+                assert!(!prepare.spare, "a handover's replacement awaits the push");
                 assert_eq!(prepare.handover_key, handover_key(&key, job_id, 1), "the push's key");
                 assert_ne!(prepare.handover_key, gang_secret(&key, job_id, 1), "not the gang's ring secret");
             }

@@ -474,9 +474,9 @@ static DATA_CACHE: std::sync::Mutex<Option<(String, JobData)>> = std::sync::Mute
 /// waits for that load instead of starting a second one.
 static DATA_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Prepares this worker for the job a handover reserved it for (its `PrepareJob`), so that its
-/// first generation starts at once: loads the data into the cache and runs one throw-away
-/// training step (on a GPU burn compiles its CUDA kernels at first use: 2-5 s on an H200 that
+/// Prepares this worker for the job a handover reserved it for, or that keeps it as a warm
+/// spare (its `PrepareJob`), so that its first generation starts at once: loads the data into
+/// the cache and runs one throw-away training step (on a GPU burn compiles its CUDA kernels at first use: 2-5 s on an H200 that
 /// the whole gang would otherwise wait for in the first all-reduce; on a CPU the fresh
 /// process's first step took 5-12 ms against 4 ms later, and the gang waits for it). Then it
 /// reports the job prepared (`shared`), also after a failure: the generation reports that one.
@@ -492,9 +492,10 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
                 job = %job,
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 gpus = spec.workers.gpus,
-                "prepared for the handover"
+                spare = prepare.spare,
+                "prepared the job (data loaded, one warm-up step)"
             ),
-            Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare for the handover"),
+            Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare the job"),
         }
     }
     shared.set_prepared(&job);

@@ -145,8 +145,10 @@ pub async fn follow(
     let mut running: Option<Running> = None;
     // The inference loop: (worker id, job id, its control).
     let mut inferring: Option<(String, String, Arc<super::inference::LoopControl>)> = None;
-    // The job this worker prepares (or prepared) for a handover since its last generation.
+    // The job this worker prepares (or prepared) for a handover or as a warm spare since its
+    // last generation, and the handover push it was told to expect.
     let mut preparing: Option<String> = None;
+    let mut expecting: Option<(push::Expected, bool)> = None;
     loop {
         let Some(worker_id) = registered.borrow_and_update().clone() else {
             if registered.changed().await.is_err() {
@@ -213,19 +215,27 @@ pub async fn follow(
                 // PrepareJob (a re-opened stream) for the same job starts nothing new. The
                 // coordinator reserves only workers it counts free (a run of this agent that
                 // is still ending meanwhile does not matter: loads are single-flight).
-                Some(assignment::Kind::Prepare(prepare)) if preparing.as_deref() != Some(prepare.job_id.as_str()) => {
-                    preparing = Some(prepare.job_id.clone());
-                    // The leaving member pushes its stop-step state here before the regroup.
-                    push::expect(push::Expected {
+                Some(assignment::Kind::Prepare(prepare)) => {
+                    // A handover's replacement: the leaving member pushes its stop-step state
+                    // here before the regroup. A warm spare accepts that push (a handover may
+                    // reserve it before its second PrepareJob arrives) but does not wait for it.
+                    let expected = push::Expected {
                         job_id: prepare.job_id.clone(),
                         generation: prepare.generation,
                         key: prepare.handover_key.clone(),
-                    });
-                    shared.set_prepared("");
-                    let shared = shared.clone();
-                    std::thread::spawn(move || super::builtin::prepare(prepare, &shared));
+                    };
+                    let told = (expected.clone(), prepare.spare);
+                    if !expected.key.is_empty() && expecting.as_ref() != Some(&told) {
+                        expecting = Some(told);
+                        if prepare.spare { push::accept(expected) } else { push::expect(expected) }
+                    }
+                    if preparing.as_deref() != Some(prepare.job_id.as_str()) {
+                        preparing = Some(prepare.job_id.clone());
+                        shared.set_prepared("");
+                        let shared = shared.clone();
+                        std::thread::spawn(move || super::builtin::prepare(prepare, &shared));
+                    }
                 }
-                Some(assignment::Kind::Prepare(_)) => {}
                 Some(assignment::Kind::CheckpointNow(order)) => {
                     if let Some(run) =
                         running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)

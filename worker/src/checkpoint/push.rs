@@ -56,7 +56,7 @@ const HEAD_LEN: usize = 8 + 8 + 2;
 const RECEIVE_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// The handover this worker takes a push for (from its PrepareJob): one at a time.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Expected {
     pub job_id: String,
     pub generation: u64,
@@ -69,6 +69,12 @@ static EXPECTED: Mutex<Option<Expected>> = Mutex::new(None);
 /// next rank on this worker waits for it a little.
 pub fn expect(expected: Expected) {
     HELD.push_announced(&expected.job_id);
+    accept(expected);
+}
+
+/// Accepts a push for `expected` from now on, without making the job's next rank wait for one
+/// (a warm spare: a handover may reserve it, or a hard loss may take it without any push).
+pub fn accept(expected: Expected) {
     if let Ok(mut slot) = EXPECTED.lock() {
         *slot = Some(expected);
     }

@@ -727,6 +727,18 @@ pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
     state.jobs.values().find(|j| j.reserved_replacement() == Some(worker))
 }
 
+/// The running job `worker` is a warm spare of (`capacity.spares`), if any: a free worker that
+/// could replace one of its members, in its gang's pool (where the autoscaler keeps spares),
+/// the lowest job id when several fit. It prepares that job (data loaded, a warm-up step).
+pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
+    let w = state.workers.get(&worker)?;
+    state.jobs.values().filter(|j| j.state == JobState::Running && j.spec.capacity.spares > 0).find(|j| {
+        let pool = j.gang.first().and_then(|m| state.workers.get(m));
+        pool.is_some_and(|m| m.info.instance_type == w.info.instance_type && m.info.zone == w.info.zone)
+            && replacement_fits(state, j.id, worker)
+    })
+}
+
 /// The free worker to replace the noticed member of `job_id`'s handover, if any: one outside
 /// the noticed member's pool first (that pool is being reclaimed), then the lowest id.
 pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
