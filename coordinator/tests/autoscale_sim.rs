@@ -311,6 +311,19 @@ fn register_worker(
     }
 }
 
+/// A healthy leader over a state holding one submitted job of `spec` (TOML), its provider and
+/// the simulated cloud behind it.
+fn submitted(spec: &str) -> (Local, Crashing, Arc<SimProvider>) {
+    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
+    let mut state = State::default();
+    let spec = JobSpec::from_toml_str(spec).expect("spec");
+    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
+        .expect("submit");
+    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
+    let control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
+    (control, Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() }, cloud)
+}
+
 /// A healthy leader over a state holding one submitted spot job of 2 workers.
 fn one_spot_job(prices: SpotPrices) -> (Local, Crashing) {
     let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
@@ -434,18 +447,10 @@ fn a_spot_notice_raises_the_risk_of_its_pool_and_zone_once() {
 
 #[test]
 fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
-    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
-    let mut state = State::default();
-    let spec = JobSpec::from_toml_str(
+    let (mut control, provider, _) = submitted(
         "name = \"e\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
          workers = { min = 1, max = 3, gpus = 1 }\n",
-    )
-    .expect("spec");
-    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
-        .expect("submit");
-    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
-    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    );
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
     let first: Vec<_> = control.state.instances.values().cloned().collect();
@@ -469,19 +474,10 @@ fn an_elastic_job_below_its_max_grows_on_spot_in_its_gangs_pool() {
 
 #[test]
 fn warm_spares_are_bought_in_the_gangs_pool_kept_while_idle_and_take_a_lost_members_place_at_once() {
-    let cloud = Arc::new(SimProvider::new(Trace::parse(MARKET).expect("market")));
-    let mut state = State::default();
-    let spec = JobSpec::from_toml_str(
+    let (mut control, provider, cloud) = submitted(
         "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
          workers = { min = 1, max = 1, gpus = 1 }\ncapacity = { spares = 1 }\n",
-    )
-    .expect("spec");
-    assert_eq!(spec.capacity.spares, 1);
-    apply(&mut state, 1, Envelope::new(0, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }))
-        .expect("submit");
-    let fuse = Fuse(Arc::new(AtomicI64::new(i64::MAX)));
-    let mut control = Local { state, index: 1, now: 1000, fuse: fuse.clone(), live: BTreeMap::new() };
-    let provider = Crashing { cloud: cloud.clone(), fuse, prices: SpotPrices::new() };
+    );
     let mut memory = Memory::default();
     futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
     let first: Vec<_> = control.state.instances.values().cloned().collect();
