@@ -49,10 +49,16 @@ pub struct Local {
 
 impl Local {
     pub fn up(workers: u32) -> Local {
+        Local::up_with(workers, &[])
+    }
+
+    /// [`Local::up`] with more arguments for `flotilla up` (e.g. `--boot-delay-s`).
+    pub fn up_with(workers: u32, more: &[&str]) -> Local {
         let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = tempfile::tempdir().expect("tempdir");
         let home = dir.path().join(".flotilla");
-        let up = run(&home, &["up", "--workers", &workers.to_string()]);
+        let workers = workers.to_string();
+        let up = run(&home, &[&["up", "--workers", workers.as_str()], more].concat());
         let local = Local { home, dir, _serial: serial };
         assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
         local
