@@ -18,6 +18,8 @@
 //! [`Location`] with its runtime; a one-shot caller opens a fresh one (opening is cheap, no I/O).
 
 mod error;
+#[doc(hidden)]
+pub mod testing;
 mod uri;
 
 use std::sync::Arc;

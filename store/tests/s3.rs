@@ -4,46 +4,9 @@
 //! http without AWS_ALLOW_HTTP, wrong scheme). No request leaves the loopback interface: the
 //! instance-metadata endpoint is pointed at a closed local port.
 
+use flotilla_store::testing::{closed_port, create_bucket, env, moto};
 use flotilla_store::{Access, Cause, StoreError, block_on, delete_prefix, get_capped, list, open_with, probe, promote};
 use object_store::{ObjectStoreExt, PutPayload};
-
-fn moto() -> String {
-    std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
-        panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
-    })
-}
-
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("expected success");
-    listener.local_addr().expect("expected success").port()
-}
-
-fn env(endpoint: &str, credentials: bool) -> Vec<(String, String)> {
-    let mut vars = vec![
-        ("AWS_ENDPOINT_URL".to_string(), endpoint.to_string()),
-        ("AWS_ALLOW_HTTP".to_string(), "true".to_string()),
-        ("AWS_REGION".to_string(), "us-east-1".to_string()),
-        ("AWS_METADATA_ENDPOINT".to_string(), format!("http://127.0.0.1:{}", closed_port())),
-    ];
-    if credentials {
-        vars.push(("AWS_ACCESS_KEY_ID".to_string(), "testing".to_string()));
-        vars.push(("AWS_SECRET_ACCESS_KEY".to_string(), "testing".to_string()));
-    }
-    vars
-}
-
-/// Creates `bucket` through the plain S3 API (moto does not check signatures).
-fn create_bucket(endpoint: &str, bucket: &str) {
-    use std::io::{Read, Write};
-    let host = endpoint.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(host).expect("expected success");
-    write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .expect("expected success");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("expected success");
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
-}
 
 fn cause_of(result: Result<(), StoreError>) -> (String, Cause) {
     match result {

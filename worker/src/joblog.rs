@@ -192,9 +192,7 @@ async fn put_free_segment(
         match store.put_opts(&path, payload(), create.clone()).await {
             Ok(_) => return Ok(candidate),
             Err(object_store::Error::AlreadyExists { .. }) if taken < TAKEN_SEGMENTS_MAX => taken += 1,
-            Err(object_store::Error::AlreadyExists { path, source }) => {
-                return Err(object_store::Error::AlreadyExists { path, source });
-            }
+            Err(e @ object_store::Error::AlreadyExists { .. }) => return Err(e),
             Err(refused) => {
                 store.put_opts(&path, payload(), PutOptions::default()).await?;
                 tracing::warn!(
@@ -262,33 +260,14 @@ mod tests {
     /// a store that refuses conditional puts gets plain ones instead of losing the lines.
     #[test]
     fn on_s3_a_taken_segment_is_skipped_and_a_store_without_conditional_puts_still_takes_the_log() {
-        let endpoint = std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
-            panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
-        });
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let env = |conditional: &str| {
-            [
-                ("AWS_ENDPOINT_URL", endpoint.clone()),
-                ("AWS_ALLOW_HTTP", "true".into()),
-                ("AWS_REGION", "us-east-1".into()),
-                ("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{closed}")),
-                ("AWS_ACCESS_KEY_ID", "testing".into()),
-                ("AWS_SECRET_ACCESS_KEY", "testing".into()),
-                ("AWS_CONDITIONAL_PUT", conditional.into()),
-            ]
-            .map(|(name, value)| (name.to_string(), value))
+        use flotilla_store::testing::{create_bucket, env, moto};
+        let endpoint = moto();
+        let settings = |conditional: &str| {
+            let mut vars = env(&endpoint, true);
+            vars.push(("AWS_CONDITIONAL_PUT".to_string(), conditional.to_string()));
+            vars
         };
-        let host = endpoint.trim_start_matches("http://");
-        let mut stream = std::net::TcpStream::connect(host).expect("moto");
-        use std::io::{Read, Write};
-        write!(
-            stream,
-            "PUT /flotilla-joblog HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .expect("create bucket");
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).expect("reply");
-        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        create_bucket(&endpoint, "flotilla-joblog");
 
         let read = |location: &flotilla_store::Location, seq: u64| {
             let key = segment_path(location.prefix(), 1, seq);
@@ -308,7 +287,7 @@ mod tests {
             ))
             .expect("runtime")
         };
-        let checked = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-1", env("etag")).expect("location");
+        let checked = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-1", settings("etag")).expect("location");
         let mut conditional = true;
         assert_eq!(put(&checked, 0, "first\n", &mut conditional).expect("put"), 0);
         // A second writer that listed before the first put: moves on to segment 1.
@@ -317,7 +296,8 @@ mod tests {
         assert_eq!(read(&checked, 0).expect("segment 0"), "first\n");
         assert_eq!(read(&checked, 1).expect("segment 1"), "second\n");
 
-        let plain = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-2", env("disabled")).expect("location");
+        let plain =
+            flotilla_store::open_with("s3://flotilla-joblog/jobs/job-2", settings("disabled")).expect("location");
         assert_eq!(put(&plain, 0, "kept\n", &mut conditional).expect("a plain put after the refusal"), 0);
         assert!(!conditional, "the writer puts plainly from then on");
         assert_eq!(read(&plain, 0).expect("segment 0"), "kept\n");

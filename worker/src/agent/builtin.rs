@@ -188,7 +188,7 @@ pub(super) fn run_rank(
             let state = trainer.state();
             let (step, cursor) = (state.step, state.cursor);
             let parts = announcing.then(|| state::encode(&state, None));
-            if super::work::leaving(context) {
+            let kept = if super::work::leaving(context) {
                 // A handover's leaving member pushes the state to its replacement now, while
                 // rank 0 announces it. A leaving rank 0 pushes the encoding it announces, before
                 // hashing it: the replacement hashes what it receives meanwhile. Others encode
@@ -201,14 +201,16 @@ pub(super) fn run_rank(
                     None => Box::new(move || state::encode(&state, None)),
                 };
                 super::work::push_if_handed_over(context, &train.job_id, train.generation, push);
-                stop_encoded = parts.map(|parts| Encoded::hash(step, cursor, parts));
+                None
             } else {
-                stop_encoded = parts.map(|parts| Encoded::hash(step, cursor, parts));
+                Some(state)
+            };
+            stop_encoded = parts.map(|parts| Encoded::hash(step, cursor, parts));
+            // Kept for the next generation (it resumes from this step): this rank then gives the
+            // state to new members over the data port instead of each reading the store.
+            if let Some(state) = kept {
                 match &stop_encoded {
                     Some(Ok(encoded)) => peer::HELD.hold_encoded(&train.job_id, state, encoded),
-                    // Kept for the next generation (it resumes from this step): this rank then
-                    // gives the state to new members over the data port instead of each
-                    // reading the store.
                     _ => peer::HELD.hold(&train.job_id, state),
                 }
             }
@@ -476,8 +478,9 @@ static DATA_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Prepares this worker for the job a handover reserved it for, or that keeps it as a warm
 /// spare (its `PrepareJob`), so that its first generation starts at once: loads the data into
-/// the cache and runs one throw-away training step (on a GPU burn compiles its CUDA kernels at first use: 2-5 s on an H200 that
-/// the whole gang would otherwise wait for in the first all-reduce; on a CPU the fresh
+/// the cache and runs one throw-away training step (on a GPU burn compiles its CUDA kernels at
+/// first use: 2-5 s on an H200 that the whole gang would otherwise wait for in the first
+/// all-reduce; on a CPU the fresh
 /// process's first step took 5-12 ms against 4 ms later, and the gang waits for it). Then it
 /// reports the job prepared (`shared`), also after a failure: the generation reports that one.
 /// Command jobs have nothing to prepare.

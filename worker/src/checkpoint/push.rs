@@ -19,9 +19,10 @@
 //! ```
 //!
 //! The sender hashes nothing on the push's way: it frames its state as it stops and sends (a
-//! leaving rank 0 hashes the same encoding for its announcement meanwhile). The receiver's manifest, compared with the fingerprint the
-//! coordinator recorded from rank 0's save, checks every byte end to end, which a manifest
-//! from the sender would not add to.
+//! leaving rank 0 hashes the same encoding for its announcement meanwhile). The receiver's
+//! manifest, compared with the fingerprint the coordinator recorded from rank 0's
+//! announcement, checks every byte end to end, which a manifest from the sender would not add
+//! to.
 //!
 //! Trust: the key is derived by the coordinator from the gang key for this handover alone
 //! (`job/g/handover`) and told only to the two workers; both prove it before any state moves,
