@@ -3,8 +3,9 @@
 //! - spot notices (`flotilla preempt`) and SIGTERM: every interrupted generation stops at a checkpoint of
 //!   the last step it completed, and the next one resumes exactly there (zero steps lost);
 //! - hard kills (SIGKILL of random gang members at random moments, 5 in one job): the job
-//!   succeeds, each kill costs at most one checkpoint interval, accuracy stays >= 90%, and the
-//!   final weights are bit-identical to an uninterrupted run of the same job;
+//!   succeeds, no kill loses a step (the survivor holds the gang's state and announces it),
+//!   accuracy stays >= 90%, and the final weights are bit-identical to an uninterrupted run of
+//!   the same job;
 //! - a corrupted and a half-written checkpoint are skipped for the one before, with events.
 //!
 //! The tests of this file share the 2 CPUs, so they run one at a time.
@@ -287,7 +288,7 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
 }
 
 #[test]
-fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
+fn five_hard_kills_lose_no_step_and_change_no_bit() {
     let cluster = Local::up(4);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let every_steps = 20;
@@ -333,13 +334,15 @@ fn five_hard_kills_cost_at_most_an_interval_each_and_change_no_bit() {
         }
     }
     assert!(lost_per_kill.len() as u64 >= kills, "seed {seed}: {done}");
+    // A kill during training leaves the survivor with the gang's state of the step it reached
+    // (it announces it); a kill during start-up leaves the state the gang resumed from.
+    assert!(lost_per_kill.iter().all(|&l| l == 0), "seed {seed}: steps lost per kill {lost_per_kill:?}: {done}");
+    assert_eq!(done["steps_lost"], 0, "{done}");
     assert!(
-        lost_per_kill.iter().all(|&l| l <= every_steps),
-        "seed {seed}: steps lost per kill {lost_per_kill:?} exceed checkpoint.every_steps = {every_steps}: {done}"
+        events(&done, "peer_lost").iter().any(|m| m.contains("(the survivors hold its state); 0 step(s) lost")),
+        "seed {seed}: no kill during training: {done}"
     );
-    assert_eq!(done["steps_lost"].as_u64(), Some(lost_per_kill.iter().sum()), "{done}");
-    // A hard loss leaves nobody holding the state: the gang reads it from the store.
-    assert!(done["resume_storage_bytes"].as_u64() > Some(0), "seed {seed}: {done}");
+    assert!(done["resume_peer_bytes"].as_u64() > Some(0), "seed {seed}: {done}");
 
     assert_same_as_uninterrupted(home, &spec, &done, &format!("seed {seed}"));
 }
@@ -375,15 +378,22 @@ fn assert_same_as_uninterrupted(home: &Path, spec: &Path, done: &Value, context:
 
 #[test]
 fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
-    // No spare worker: after the kill the job waits for the replacement (lease expiry + launch),
-    // which leaves time to damage its checkpoints.
+    // No spare worker: after the kills the job waits for the replacements (lease expiry +
+    // launch), which leaves time to damage its checkpoints. Both members are killed, so that
+    // nobody holds the state in memory: the first kill's survivor writes the state it holds
+    // (the newest checkpoint), then it is killed too.
     let cluster = Local::up(2);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let job = submit(home, &write_spec(dir, "corrupt", 24, 20));
     wait_for(home, &job, Duration::from_secs(60), "three checkpoints", |s| s["checkpoints"].as_u64().unwrap_or(0) >= 3);
-    let victim = gang(home, &job).pop().expect("a gang");
+    let mut members = gang(home, &job);
+    let (victim, survivor) = (members.pop().expect("a gang"), members.pop().expect("a gang of 2"));
     assert!(run(home, &["preempt", &victim, "--hard"]).status.success());
-    let pending = wait_for(home, &job, Duration::from_secs(30), "the broken gang", |s| s["state"] == "Pending");
+    wait_for(home, &job, Duration::from_secs(30), "the survivor's checkpoint written", |s| {
+        s["state"] == "Pending" && s["latest_checkpoint"]["pending"] == false
+    });
+    assert!(run(home, &["preempt", &survivor, "--hard"]).status.success());
+    let pending = status(home, &job);
     let newest = PathBuf::from(
         pending["latest_checkpoint"]["uri"].as_str().expect("a checkpoint").trim_start_matches("file://"),
     );

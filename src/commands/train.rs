@@ -273,6 +273,11 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         },
         RankEnd::Superseded => bail!("rank {} was stopped", args.rank),
         RankEnd::Broken { error, .. } => bail!("{error}"),
+        // Only a cluster's survivor announces what it holds; nothing to write here.
+        RankEnd::PeerLost { error, write, .. } => {
+            write(false);
+            bail!("{error}")
+        }
     }
 }
 

@@ -382,7 +382,20 @@ impl ClusterService for ClusterApi {
                     report.final_checkpoint.map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
                 Command::GenerationEnded { job_id, generation, end: CoreEnd::Checkpointed, step, reporter, announced }
             }
-            Ok(GenerationEnd::PeerLost) => ended(CoreEnd::PeerLost { reason }),
+            Ok(GenerationEnd::PeerLost) => {
+                // A survivor may announce its state's checkpoint (it holds the gang's state of
+                // the step it reached) while it still writes it.
+                let announced =
+                    report.final_checkpoint.map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
+                Command::GenerationEnded {
+                    job_id,
+                    generation,
+                    end: CoreEnd::PeerLost { reason },
+                    step,
+                    reporter,
+                    announced,
+                }
+            }
             Ok(GenerationEnd::CheckpointUnusable) => {
                 ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })
             }

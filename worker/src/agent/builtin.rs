@@ -15,6 +15,9 @@
 //! meanwhile. A thread of the agent's writes it once this worker's next generation took its
 //! first step, and confirms the record; a write that fails leaves the record pending, and a
 //! newer checkpoint replaces it. Standalone runs save the stop step before they end, as before.
+//! A gang member lost without notice ends a generation the same way from the survivors' side:
+//! each keeps the state of the last step it completed and announces it with its report of the
+//! break ([`survive_peer_loss`]), so the break loses no step.
 //!
 //! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
 //! `every_steps - lag` steps, where `lag = every_steps / 4` is how many steps a save may take
@@ -33,7 +36,8 @@ use flotilla_proto::v1::{
 };
 
 use super::work::{
-    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
+    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, SurvivorWrite, broken, checkpoint_unusable, join_gang,
+    record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::Manifest;
@@ -108,16 +112,8 @@ pub(super) fn run_rank(
     startup.lap("state");
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
-        // A cluster names checkpoints by generation too (two generations may save one step);
-        // a standalone run is one generation: `ckpt/<step>`.
-        let opened = Checkpointer::open(&train.job_prefix).and_then(|c| match context.standalone() {
-            Some(_) => Ok(c),
-            None => c.with_suffix(&format!("g{}", train.generation)),
-        });
-        match opened {
-            Ok(checkpointer) => {
-                background = Some(BackgroundCheckpointer::start(checkpointer, recorder(context, &train, runtime)))
-            }
+        match open_checkpointer(context, &train, runtime) {
+            Ok(opened) => background = Some(opened),
             Err(e) => return broken(GenerationEnd::RetryableError, resume_step, e),
         }
     }
@@ -283,8 +279,16 @@ pub(super) fn run_rank(
         Err(e) => {
             // A survivor with a save in flight finishes recording it first: it may be the
             // checkpoint the next generation resumes from.
+            if let Some(Ok(saved)) = background.as_mut().and_then(BackgroundCheckpointer::finish) {
+                saves.last_saved = saved.step;
+            }
+            let end = train_error_end(&e);
+            if end == GenerationEnd::PeerLost && announces && !train.job_prefix.is_empty() {
+                let newest = resume_step.max(saves.last_saved);
+                return survive_peer_loss(context, &train, runtime, &trainer, background, newest, log, e);
+            }
             drop(background);
-            return broken(train_error_end(&e), trainer.steps_done(), e);
+            return broken(end, trainer.steps_done(), e);
         }
     };
     if context.stop.load(Ordering::Relaxed) {
@@ -308,7 +312,7 @@ pub(super) fn run_rank(
         // after the report; a standalone run ends with them.
         if announces {
             let (reference, encoded) = announced.unzip();
-            finish_after_stop(context, background.take().zip(encoded), log, trainer.steps_done());
+            finish_after_stop(context, background.take().zip(encoded), Some(log), trainer.steps_done());
             return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced: reference };
         }
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced: None };
@@ -589,6 +593,80 @@ struct SaveTracker {
     count: u64,
 }
 
+/// A gang member was lost after this rank's last step (its all-reduce broke, so that step's
+/// update is whole: the optimizer runs only after the sum arrived). Data parallelism left this
+/// survivor with the gang's whole state, so it keeps it for the next generation instead of the
+/// gang going back to the newest checkpoint: it holds the state in memory and, when it is newer
+/// than `newest` (the step the gang resumed from or last saved), reports the break with the
+/// state's checkpoint announced. Survivors may be one step apart (one finished the step's
+/// all-reduce, another did not); the coordinator keeps the first report, the next generation
+/// resumes from its announcement, and a survivor holding another step receives that state from
+/// a holder in the exchange ([`peer`]). The kept report's rank writes the checkpoint after the
+/// regroup, as after an orderly stop; a survivor whose report was refused writes nothing.
+#[allow(clippy::too_many_arguments)]
+fn survive_peer_loss(
+    context: &RankContext,
+    train: &TrainAssignment,
+    runtime: &tokio::runtime::Handle,
+    trainer: &Trainer,
+    background: Option<BackgroundCheckpointer>,
+    newest: u64,
+    mut log: JobNotes,
+    error: TrainError,
+) -> RankEnd {
+    let state = trainer.state();
+    let (step, cursor) = (state.step, state.cursor);
+    let encoded = match Encoded::of(&state) {
+        Ok(encoded) => encoded,
+        Err(e) => {
+            tracing::warn!(error = %e, step, "the survivor's state could not be encoded; the gang resumes without it");
+            return broken(GenerationEnd::PeerLost, step, error);
+        }
+    };
+    peer::HELD.hold_encoded(&train.job_id, state, &encoded);
+    if step <= newest {
+        log.note(format!("a gang member was lost after step {step}: holding its state (the newest checkpoint)"));
+        return broken(GenerationEnd::PeerLost, step, error);
+    }
+    let background = match background.map_or_else(|| open_checkpointer(context, train, runtime), Ok) {
+        Ok(background) => background,
+        Err(e) => {
+            tracing::warn!(error = %e, step, "no checkpoint writer for the survivor's state");
+            return broken(GenerationEnd::PeerLost, step, error);
+        }
+    };
+    let announced = Box::new(checkpoint_ref(step, cursor, background.uri_of_step(step), &encoded.manifest));
+    log.note(format!(
+        "a gang member was lost after step {step} ({error:#}): holding the state of step {step} for the next \
+         generation and announcing its checkpoint"
+    ));
+    drop(log);
+    let context = context.clone();
+    let write: SurvivorWrite = Box::new(move |kept| {
+        if kept {
+            finish_after_stop(&context, Some((background, encoded)), None, step);
+        } else {
+            // Dropped off the async reporter: the writer's thread is joined.
+            std::thread::spawn(move || drop((background, encoded)));
+        }
+    });
+    RankEnd::PeerLost { step, error: format!("{error:#}"), announced, write }
+}
+
+/// Rank 0's background writer of the job's checkpoints. A cluster names them by generation too
+/// (two generations may save one step); a standalone run is one generation: `ckpt/<step>`.
+fn open_checkpointer(
+    context: &RankContext,
+    train: &TrainAssignment,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BackgroundCheckpointer, CheckpointError> {
+    let opened = Checkpointer::open(&train.job_prefix).and_then(|c| match context.standalone() {
+        Some(_) => Ok(c),
+        None => c.with_suffix(&format!("g{}", train.generation)),
+    })?;
+    Ok(BackgroundCheckpointer::start(opened, recorder(context, train, runtime)))
+}
+
 /// How long the stop's announced save waits for the regroup's first step on this worker.
 const STOP_WRITE_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -600,7 +678,7 @@ const STOP_WRITE_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs
 fn finish_after_stop(
     context: &RankContext,
     write: Option<(BackgroundCheckpointer, Encoded)>,
-    log: JobNotes,
+    log: Option<JobNotes>,
     step: u64,
 ) {
     let shared = context.shared.clone();

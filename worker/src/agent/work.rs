@@ -382,7 +382,16 @@ pub enum RankEnd {
     Superseded,
     /// Ended abnormally; every rank reports (the coordinator keeps the first).
     Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64 },
+    /// A gang member was lost after this rank's `step`, newer than any checkpoint the gang had:
+    /// the rank holds that step's state and reports the break with `announced`, its checkpoint
+    /// (every survivor does; the coordinator keeps the first report). `write` is called with
+    /// whether this report was the one kept: then it writes and records the announced
+    /// checkpoint, as after an orderly stop; else it drops it.
+    PeerLost { step: u64, error: String, announced: Box<flotilla_proto::v1::CheckpointRef>, write: SurvivorWrite },
 }
+
+/// See [`RankEnd::PeerLost`]: returns at once (the write runs on a thread of its own).
+pub type SurvivorWrite = Box<dyn FnOnce(bool) + Send>;
 
 async fn train_and_report(context: RankContext, train: TrainAssignment, port: Arc<DataPort>) {
     let (job_id, generation, rank) = (train.job_id.clone(), train.generation, train.rank);
@@ -466,6 +475,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
         history.flush().await;
     }
     let base = FinishedReport { worker_id, job_id: job_id.clone(), generation, ..Default::default() };
+    let mut survivor_write = None;
     let report = match end {
         RankEnd::Finished(Some(report)) => Some(*report),
         RankEnd::Finished(None) | RankEnd::Superseded => None,
@@ -480,6 +490,21 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
             tracing::warn!(job = %job_id, generation, rank, error = %error, "generation ended");
             Some(FinishedReport { end: end.into(), step, error, unusable_checkpoint_step: unusable_step, ..base })
         }
+        RankEnd::PeerLost { write, .. } if stop.load(Ordering::Relaxed) => {
+            write(false);
+            None
+        }
+        RankEnd::PeerLost { step, error, announced, write } => {
+            tracing::warn!(job = %job_id, generation, rank, step, error = %error, "generation ended; holding its state");
+            survivor_write = Some(write);
+            Some(FinishedReport {
+                end: GenerationEnd::PeerLost.into(),
+                step,
+                error,
+                final_checkpoint: Some(*announced),
+                ..base
+            })
+        }
     };
     if let Some(report) = report {
         let sent = client
@@ -488,9 +513,12 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                 async move { c.report_finished(report).await }
             })
             .await;
-        if let Err(e) = sent {
+        if let Err(e) = &sent {
             // Refused when another rank's report came first: the normal case for a broken gang.
             tracing::debug!(job = %job_id, error = %e, "end of generation not recorded");
+        }
+        if let Some(write) = survivor_write {
+            write(sent.is_ok());
         }
     }
     if let Some(mut history) = history {

@@ -286,7 +286,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         }
         Command::GenerationEnded { job_id, generation, end, step, reporter, announced } => {
             check_reporter(state, job_id, reporter)?;
-            if let (GenerationEnd::Checkpointed, Some(record)) = (&end, announced) {
+            if let (GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. }, Some(record)) = (&end, announced) {
                 let job = running_generation(state, job_id, generation)?;
                 announce_checkpoint(job, record, reporter, generation, step, now);
             }
@@ -852,6 +852,8 @@ fn push_checkpoint(job: &mut Job, record: CheckpointRecord, now: u64) {
 
 /// Records the checkpoint a generation's orderly stop announced (its writer, the reporter,
 /// still saves it) as pending, so that the next generation resumes from the stop step at once.
+/// A broken generation's survivor announces the state it holds the same way (the step it
+/// reached), so that the break loses no step.
 /// An announcement that does not describe this stop (another step or generation, not newer
 /// than the newest record) is ignored: the stop is then recorded like one without it.
 fn announce_checkpoint(
@@ -936,7 +938,13 @@ fn generation_ended(
             let lost = step.saturating_sub(resume_step(job));
             job.steps_lost = job.steps_lost.saturating_add(lost);
             job.recoveries = job.recoveries.saturating_add(1);
-            let message = format!("generation {generation} broke at step {step}; {lost} step(s) lost: {reason}");
+            // A survivor announced the state it holds (see `announce_checkpoint`).
+            let held = job
+                .latest_checkpoint
+                .as_ref()
+                .is_some_and(|c| c.pending && c.step == step && c.generation == generation);
+            let kept = if held { " (the survivors hold its state)" } else { "" };
+            let message = format!("generation {generation} broke at step {step}{kept}; {lost} step(s) lost: {reason}");
             push_event(job, now, "peer_lost", bounded(message));
             job.reason = format!("a worker was lost; resuming from step {}", resume_step(job));
         }

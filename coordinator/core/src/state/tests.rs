@@ -1190,3 +1190,48 @@ fn an_announced_checkpoint_missing_from_the_store_falls_back_to_the_newest_writt
         Command::RecordCheckpoint { job_id: JobId(1), checkpoint: checkpoint_record(30, 1, "f30"), reporter: Some(w1) };
     assert!(at(&mut state, 7_000, late).is_err(), "nor confirmed later");
 }
+
+#[test]
+fn a_survivor_of_a_broken_gang_announces_the_state_it_holds_and_the_break_loses_no_step() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    let broke = |generation: u64, step: u64, reporter: WorkerId, announced: Option<CheckpointRecord>| {
+        Command::GenerationEnded {
+            job_id: JobId(1),
+            generation,
+            end: GenerationEnd::PeerLost { reason: "rank 1 was lost".into() },
+            step,
+            reporter: Some(reporter),
+            announced,
+        }
+    };
+    // w2 died after step 37; w1 reached step 37 and holds that state: it announces it.
+    assert_eq!(
+        at(&mut state, 5_000, broke(1, 37, w1, Some(checkpoint_record(37, 1, "f37")))),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    let latest = job.latest_checkpoint.clone().expect("latest");
+    assert_eq!((latest.step, latest.pending, latest.writer), (37, true, Some(w1)), "resumed from the held state");
+    assert_eq!((job.steps_lost, job.recoveries), (0, 1));
+    let event = job.events.iter().rev().find(|e| e.kind == "peer_lost").expect("event");
+    assert!(event.message.contains("at step 37 (the survivors hold its state); 0 step(s) lost"), "{}", event.message);
+    // The other survivor's report of the same break is refused: only the first one's writer confirms.
+    assert!(at(&mut state, 5_010, broke(1, 36, w2, Some(checkpoint_record(36, 1, "f36")))).is_err());
+    let confirm = |reporter: WorkerId| Command::RecordCheckpoint {
+        job_id: JobId(1),
+        checkpoint: checkpoint_record(37, 1, "f37"),
+        reporter: Some(reporter),
+    };
+    assert!(matches!(at(&mut state, 5_100, confirm(w2)), Err(Rejected::NotAMember { .. })));
+    assert_eq!(at(&mut state, 5_200, confirm(w1)), Ok(Applied::CheckpointRecorded { job_id: JobId(1), step: 37 }));
+    // Without an announcement (a command job, an old agent) the break goes back to the newest checkpoint.
+    at(&mut state, 6_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }).expect("assign");
+    assert_eq!(
+        at(&mut state, 7_000, broke(2, 45, w1, None)),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.latest_checkpoint.as_ref().map(|c| c.step), job.steps_lost), (Some(37), 8));
+}

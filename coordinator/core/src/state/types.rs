@@ -749,6 +749,7 @@ pub enum Command {
         reporter: Option<WorkerId>,
         /// With `Checkpointed`: the stop step's checkpoint, announced while its writer (the
         /// reporter) still saves it; recorded as pending (see [`CheckpointRecord::pending`]).
+        /// With `PeerLost`: the same for the state a survivor holds of the step it reached.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         announced: Option<CheckpointRecord>,
     },
