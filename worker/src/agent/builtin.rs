@@ -434,7 +434,9 @@ fn resume_state(
             }
             return Ok((state, ResumeBytes { peer, storage: 0 }, stopped_at));
         }
-        Ok((Shared::FromPeer { state, root, bytes }, peer)) => {
+        Ok((Shared::FromPeer { state, root, bytes, received }, peer)) => {
+            // Held in turn: the survivor that gave it may die before it writes the checkpoint.
+            let _holding = peer::HELD.hold_received(job_id, received);
             AGENT.resumes_from_peer.inc();
             AGENT.resume_peer_bytes.inc_by(bytes);
             log.note(format!(

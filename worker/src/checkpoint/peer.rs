@@ -79,6 +79,8 @@ struct HeldCell {
     encoded: OnceLock<Option<Held>>,
     /// When this worker's rank stopped with it (None: pushed to this worker).
     stopped_at: Option<Instant>,
+    /// The state's step.
+    step: u64,
 }
 
 impl HeldCell {
@@ -90,7 +92,8 @@ impl HeldCell {
 
     /// A cell for a state that comes encoded (a push: `stopped_at` None).
     fn of_encoded(held: Held, stopped_at: Option<Instant>) -> HeldCell {
-        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at }
+        let step = held.state.step;
+        HeldCell { raw: Mutex::new(None), encoded: OnceLock::from(Some(held)), stopped_at, step }
     }
 }
 
@@ -106,6 +109,7 @@ impl Holder {
     /// and starts encoding it in the background.
     pub fn hold(&self, job_id: &str, state: TrainState) {
         let cell = Arc::new(HeldCell {
+            step: state.step,
             raw: Mutex::new(Some(state)),
             encoded: OnceLock::new(),
             stopped_at: Some(Instant::now()),
@@ -122,6 +126,32 @@ impl Holder {
     pub fn hold_encoded(&self, job_id: &str, state: TrainState, encoded: &Encoded) {
         let held = Held::of_encoded(state, encoded);
         self.put(job_id, Arc::new(HeldCell::of_encoded(held, Some(Instant::now()))));
+    }
+
+    /// Keeps the state this rank received from a peer in the exchange, so that it holds it in
+    /// turn: if the holder that gave it dies before the checkpoint is written (a survivor writes
+    /// it after the regroup), the next generation still finds it in the gang. The caller decoded
+    /// its own copy for training; this one is decoded again on a thread of its own, off the
+    /// start-up's path (its handle, for tests). A newer state of the job held meanwhile is
+    /// never replaced.
+    pub fn hold_received(&'static self, job_id: &str, received: Received) -> std::thread::JoinHandle<()> {
+        let job_id = job_id.to_string();
+        std::thread::spawn(move || {
+            let Received { parts, manifest } = received;
+            let state = match decode(&parts, "the state received from a peer") {
+                Ok((state, _)) => state,
+                Err(e) => return tracing::warn!(error = %e, "the received state is not held"),
+            };
+            let parts = manifest.parts.iter().filter_map(|entry| parts.get(&entry.name).cloned()).collect();
+            let held = Held { state, parts, manifest, pushed: None, stopped_at: None };
+            let cell = Arc::new(HeldCell::of_encoded(held, None));
+            if let Ok(mut slots) = self.slots.lock() {
+                let newer = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step >= cell.step);
+                if !newer {
+                    slots.entry = Some(HeldEntry { job_id, cell });
+                }
+            }
+        })
     }
 
     fn put(&self, job_id: &str, cell: Arc<HeldCell>) {
@@ -287,8 +317,9 @@ impl Default for Holder {
 pub enum Shared {
     /// This rank held the state: nothing moved.
     Held(TrainState),
-    /// Received from rank `root` over the ring: `bytes` moved.
-    FromPeer { state: TrainState, root: usize, bytes: u64 },
+    /// Received from rank `root` over the ring: `bytes` moved. `received` is what arrived, for
+    /// this rank to hold in turn ([`Holder::hold_received`]).
+    FromPeer { state: TrainState, root: usize, bytes: u64, received: Received },
     /// No rank holds it: read the store.
     Nobody,
 }
@@ -355,8 +386,8 @@ pub fn share(comm: &mut dyn Communicator, mine: Option<Held>, fingerprint: &str)
         return Ok((Shared::Held(held.state), moved));
     }
     let received = &bytemuck::cast_slice::<f32, u8>(&buffer)[..bytes as usize];
-    let state = unframe(received, fingerprint, &format!("the state from rank {root}"))?;
-    Ok((Shared::FromPeer { state, root, bytes }, moved))
+    let (state, received) = unframe(received, fingerprint, &format!("the state from rank {root}"))?;
+    Ok((Shared::FromPeer { state, root, bytes, received }, moved))
 }
 
 /// `state` as one frame: MANIFEST length (u32, little-endian), MANIFEST, then the parts in
@@ -375,7 +406,7 @@ fn frame(held: &Held) -> Option<Vec<u8>> {
 
 /// The inverse of [`frame`], accepting only the checkpoint whose fingerprint is `fingerprint`
 /// with every part matching its checksum; `origin` names the sender in errors.
-fn unframe(bytes: &[u8], fingerprint: &str, origin: &str) -> Result<TrainState, CheckpointError> {
+fn unframe(bytes: &[u8], fingerprint: &str, origin: &str) -> Result<(TrainState, Received), CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt { prefix: origin.to_string(), reason };
     let (length, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| corrupt("shorter than its header".into()))?;
     let length = u32::from_le_bytes(*length) as usize;
@@ -404,7 +435,16 @@ fn unframe(bytes: &[u8], fingerprint: &str, origin: &str) -> Result<TrainState, 
     if !rest.is_empty() {
         return Err(corrupt(format!("{} bytes after the last part", rest.len())));
     }
-    Ok(decode(&parts, origin)?.0)
+    let state = decode(&parts, origin)?.0;
+    Ok((state, Received { parts, manifest }))
+}
+
+/// A state's checkpoint encoding as a rank received it from a peer (every part checked against
+/// the manifest, the manifest against the recorded fingerprint).
+#[derive(Debug)]
+pub struct Received {
+    parts: BTreeMap<String, Bytes>,
+    manifest: Manifest,
 }
 
 #[cfg(test)]
@@ -488,7 +528,7 @@ pub(crate) mod tests {
         for (rank, result) in results.into_iter().enumerate() {
             match result.expect("exchange") {
                 Shared::Held(got) => assert!([1, 3].contains(&rank) && same(&got, &s)),
-                Shared::FromPeer { state: got, root, bytes } => {
+                Shared::FromPeer { state: got, root, bytes, .. } => {
                     assert!([0, 2].contains(&rank), "rank {rank}");
                     assert_eq!(root, 1);
                     assert!(same(&got, &s), "rank {rank} got another state");
@@ -497,6 +537,32 @@ pub(crate) mod tests {
                 Shared::Nobody => panic!("rank {rank}: a holder existed"),
             }
         }
+    }
+
+    #[test]
+    fn a_rank_that_received_the_state_holds_it_in_turn_unless_it_holds_a_newer_one() {
+        let s = state(120);
+        let f = fingerprint(&s);
+        let results = exchange(vec![Some(s.clone()), None], &f);
+        let Ok(Shared::FromPeer { state: got, received, .. }) = results.into_iter().nth(1).expect("rank 1") else {
+            panic!("rank 1 received it");
+        };
+        let holder: &'static Holder = Box::leak(Box::new(Holder::new()));
+        holder.hold_received("job-1", received).join().expect("holding thread");
+        let held = holder.held("job-1", &f).expect("the received state is held");
+        assert!(same(&held.state, &got) && same(&held.state, &s));
+        assert_eq!(frame(&held), frame(&self::held(&s)), "held as the same checkpoint encoding");
+        assert!(held.pushed.is_none() && held.stopped_at.is_none());
+        // A newer state of the job (this rank's next generation broke later) is not replaced.
+        let newer = state(130);
+        let received = {
+            let frame = frame(&self::held(&s)).expect("frame");
+            unframe(&frame, &f, "peer").expect("frame").1
+        };
+        holder.hold("job-1", newer.clone());
+        holder.hold_received("job-1", received).join().expect("holding thread");
+        assert!(holder.held("job-1", &f).is_none(), "the older received state replaced the newer one");
+        assert!(holder.held("job-1", &fingerprint(&newer)).is_some_and(|h| same(&h.state, &newer)));
     }
 
     #[test]
@@ -573,7 +639,7 @@ pub(crate) mod tests {
         let s = state(12);
         let f = fingerprint(&s);
         let good = frame(&held(&s)).expect("frame");
-        assert!(same(&unframe(&good, &f, "peer").expect("good frame"), &s));
+        assert!(same(&unframe(&good, &f, "peer").expect("good frame").0, &s));
         let mut flipped = good.clone();
         let last = flipped.len() - 10;
         flipped[last] ^= 1;
