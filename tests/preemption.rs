@@ -322,22 +322,29 @@ fn five_hard_kills_lose_no_step_and_change_no_bit() {
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.90, "seed {seed}: validation accuracy {accuracy}: {done}");
     let mut lost_per_kill = Vec::new();
+    let lost_in = |message: &str| {
+        message
+            .split(" step(s) lost")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no lost steps in `{message}`"))
+    };
     for kind in ["peer_lost", "worker_lost"] {
         for message in events(&done, kind) {
-            let lost = message
-                .split(" step(s) lost")
-                .next()
-                .and_then(|head| head.rsplit(' ').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("no lost steps in `{message}`"));
-            lost_per_kill.push(lost);
+            lost_per_kill.push(lost_in(message));
         }
     }
     assert!(lost_per_kill.len() as u64 >= kills, "seed {seed}: {done}");
     // A kill during training leaves the survivor with the gang's state of the step it reached
     // (it announces it); a kill during start-up leaves the state the gang resumed from.
     assert!(lost_per_kill.iter().all(|&l| l == 0), "seed {seed}: steps lost per kill {lost_per_kill:?}: {done}");
-    assert_eq!(done["steps_lost"], 0, "{done}");
+    // Only a second kill, of the survivor that holds an announced state, before it wrote it
+    // and before a new member received it, sends the gang back to the newest written one (at
+    // most an interval); the event counts those steps.
+    let fallbacks: Vec<u64> = events(&done, "checkpoint_corrupt").into_iter().map(lost_in).collect();
+    assert!(fallbacks.iter().all(|&l| l <= every_steps), "seed {seed}: {fallbacks:?}: {done}");
+    assert_eq!(done["steps_lost"].as_u64(), Some(fallbacks.iter().sum()), "{done}");
     assert!(
         events(&done, "peer_lost").iter().any(|m| m.contains("(the survivors hold its state); 0 step(s) lost")),
         "seed {seed}: no kill during training: {done}"

@@ -953,8 +953,12 @@ fn generation_ended(
                 record.deleting = true; // never resumed from again; retention removes its objects
             }
             refresh_latest(job);
+            // The steps since the fallback are trained again (an announced checkpoint whose
+            // writer died before writing it counted none lost when the gang regrouped on it).
+            let lost = bad.saturating_sub(resume_step(job));
+            job.steps_lost = job.steps_lost.saturating_add(lost);
             let message = format!(
-                "checkpoint of step {bad} is unusable ({reason}); falling back to {}",
+                "checkpoint of step {bad} is unusable ({reason}); falling back to {}; {lost} step(s) lost",
                 job.latest_checkpoint.as_ref().map_or("a fresh start".to_string(), |c| format!("step {}", c.step))
             );
             push_event(job, now, "checkpoint_corrupt", bounded(message));

@@ -1185,6 +1185,9 @@ fn an_announced_checkpoint_missing_from_the_store_falls_back_to_the_newest_writt
     );
     let job = &state.jobs[&JobId(1)];
     assert_eq!(job.latest_checkpoint.as_ref().map(|c| (c.step, c.pending)), Some((20, false)), "the written one");
+    assert_eq!(job.steps_lost, 10, "steps 21-30 are trained again");
+    let event = job.events.iter().rev().find(|e| e.kind == "checkpoint_corrupt").expect("event");
+    assert!(event.message.ends_with("falling back to step 20; 10 step(s) lost"), "{}", event.message);
     assert!(job.checkpoints.iter().any(|c| c.step == 30 && c.deleting), "never resumed from again");
     let late =
         Command::RecordCheckpoint { job_id: JobId(1), checkpoint: checkpoint_record(30, 1, "f30"), reporter: Some(w1) };
