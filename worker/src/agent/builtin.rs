@@ -277,16 +277,18 @@ pub(super) fn run_rank(
     let last = match outcome {
         Ok(last) => last,
         Err(e) => {
-            // A survivor with a save in flight finishes recording it first: it may be the
-            // checkpoint the next generation resumes from.
-            if let Some(Ok(saved)) = background.as_mut().and_then(BackgroundCheckpointer::finish) {
+            let end = train_error_end(&e);
+            if let Some(Ok(saved)) = background.as_mut().and_then(BackgroundCheckpointer::poll) {
                 saves.last_saved = saved.step;
             }
-            let end = train_error_end(&e);
+            // A survivor reports at once, with the newer state it holds; a save in flight (on S3
+            // a large model's takes seconds) ends on its own meanwhile.
             if end == GenerationEnd::PeerLost && announces && !train.job_prefix.is_empty() {
                 let newest = resume_step.max(saves.last_saved);
                 return survive_peer_loss(context, &train, runtime, &trainer, background, newest, log, e);
             }
+            // Otherwise it finishes recording it first: it may be the checkpoint the next
+            // generation resumes from.
             drop(background);
             return broken(end, trainer.steps_done(), e);
         }
@@ -638,6 +640,9 @@ fn survive_peer_loss(
         }
     };
     let announced = Box::new(checkpoint_ref(step, cursor, background.uri_of_step(step), &encoded.manifest));
+    // The save in flight may be of this very step (the break came in the next step's
+    // all-reduce): its record then confirms the announcement, and nothing is written twice.
+    let written_already = background.in_flight() == Some(step);
     log.note(format!(
         "a gang member was lost after step {step} ({error:#}): holding the state of step {step} for the next \
          generation and announcing its checkpoint"
@@ -645,10 +650,11 @@ fn survive_peer_loss(
     drop(log);
     let context = context.clone();
     let write: SurvivorWrite = Box::new(move |kept| {
-        if kept {
+        if kept && !written_already {
             finish_after_stop(&context, Some((background, encoded)), None, step);
         } else {
-            // Dropped off the async reporter: the writer's thread is joined.
+            // Dropped off the async reporter: a save in flight ends and the writer's thread is
+            // joined (an older save's record is refused once the generation ended: no harm).
             std::thread::spawn(move || drop((background, encoded)));
         }
     });
@@ -698,10 +704,12 @@ fn finish_after_stop(
     });
 }
 
-/// Writes and records the stop's announced checkpoint (which confirms its pending record).
+/// Writes and records the stop's announced checkpoint (which confirms its pending record). A
+/// survivor of a broken gang may still have had an older save in flight: it ends first.
 fn write_stop_checkpoint(mut background: BackgroundCheckpointer, encoded: Encoded, step: u64) {
-    let earlier = background.submit_encoded(encoded);
-    debug_assert!(earlier.is_none(), "the stop finished any earlier save");
+    if let Some(Err(e)) = background.submit_encoded(encoded) {
+        tracing::info!(error = %e, "an older checkpoint in flight at the break was not recorded");
+    }
     match background.finish() {
         Some(Ok(saved)) => {
             AGENT.checkpoints.inc();
