@@ -287,6 +287,63 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
     assert_accurate(&done);
 }
 
+/// A job of one worker with a warm spare: rank 0 pushes each checkpoint it records to the
+/// spare, so when the only member is killed (nobody survives to hold the state) the job resumes
+/// on the spare from the newest checkpoint without reading the store. Checkpoints are rare here
+/// (every 1000 steps, ~2 s apart) so that the kill comes after the spare holds the newest one.
+#[test]
+fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_without_the_store() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "120"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let every_steps = 1000;
+    let spec = write_spec(dir, "solo", 30, every_steps);
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("min = 2, max = 2", "min = 1, max = 1");
+    std::fs::write(&spec, format!("{text}capacity = {{ spares = 1 }}\n")).expect("spec");
+    let job = submit(home, &spec);
+    let recorded = wait_for(home, &job, Duration::from_secs(60), "a checkpoint", |s| {
+        s["state"] == "Running" && s["latest_checkpoint"]["step"].as_u64().unwrap_or(0) > 0
+    });
+    let step = recorded["latest_checkpoint"]["step"].as_u64().expect("step");
+    let member = gang(home, &job).pop().expect("a gang of 1");
+    let workers = json(home, &["workers", "-o", "json"]);
+    let instance = |id: &str| {
+        workers.as_array().expect("a list").iter().find(|w| w["id"] == id).expect("the worker")["instance_id"]
+            .as_str()
+            .expect("instance")
+            .to_string()
+    };
+    // The member's agent says when the spare has the checkpoint.
+    let agent_log = home.join("logs").join(format!("{}.log", instance(&member)));
+    let pushed = |text: &str| {
+        text.lines()
+            .any(|l| l.contains("pushed the newest checkpoint to a warm spare") && l.contains(&format!("step={step}")))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pushed(&std::fs::read_to_string(&agent_log).unwrap_or_default()) {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint of step {step} never reached the spare: {}",
+            agent_log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = run(home, &["preempt", &member, "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    assert!(done["generation"].as_u64() >= Some(2) && done["recoveries"].as_u64() >= Some(1), "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "the spare held the checkpoint: {done}");
+    assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
+    let resumed = logs(home, &job);
+    assert!(
+        resumed
+            .lines()
+            .any(|l| l.contains(&format!("resuming from the checkpoint of step {step} (pushed to this warm spare"))),
+        "{resumed}"
+    );
+    assert!(done["steps_lost"].as_u64() <= Some(every_steps), "{done}");
+    assert_accurate(&done);
+}
+
 #[test]
 fn five_hard_kills_lose_no_step_and_change_no_bit() {
     let cluster = Local::up(4);

@@ -516,6 +516,9 @@ enum Desired {
         /// To a handover's leaving member once the gang stops for it: the replacement's data
         /// port, where it pushes its stop-step state (see [`handover_key`]).
         handover_to: Option<String>,
+        /// To rank 0 of a job with warm spares: their data ports, where it pushes each
+        /// checkpoint it records (empty for other ranks and jobs).
+        spares: Vec<String>,
     },
     /// Reserved as the replacement in `job`'s handover: load its data before the gang stops.
     Prepare {
@@ -625,6 +628,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         job_prefix: format!("{store}/jobs/{}", job.id),
         gang_secret: gang_secret(gang_key, job.id, job.generation),
     };
+    let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
     let handover_to = job
         .handover
         .as_ref()
@@ -637,6 +641,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         assignment: Box::new(assignment),
         checkpoint_now: job.checkpoint_requested.is_some(),
         handover_to,
+        spares,
         deadline_unix_ms: job
             .gang
             .iter()
@@ -646,8 +651,22 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
     }
 }
 
+/// The data ports of `job`'s warm spares (the free workers [`flotilla_core::state::spare_for`]
+/// gives it), in worker order, at most [`flotilla_core::spec::SPARES_MAX`].
+fn spare_addrs(state: &State, job: JobId) -> Vec<String> {
+    state
+        .workers
+        .values()
+        .filter(|w| w.job.is_none() && flotilla_core::state::spare_for(state, w.id).is_some_and(|j| j.id == job))
+        .map(|w| w.info.data_addr.clone())
+        .filter(|addr| !addr.is_empty())
+        .take(flotilla_core::spec::SPARES_MAX as usize)
+        .collect()
+}
+
 /// Streams a worker's assignments: a `TrainAssignment` when its gang forms, `StopJob` when the
-/// job ends or is cancelled under it, `Drain` when it is no longer a member of the cluster.
+/// job ends or is cancelled under it, `Drain` when it is no longer a member of the cluster;
+/// `Spares` to rank 0 of a job with warm spares whenever they change.
 async fn assignment_loop(
     mut node: NodeHandle,
     id: WorkerId,
@@ -661,6 +680,8 @@ async fn assignment_loop(
     // The PrepareJob sent last: a spare later reserved for its job's handover (or a spare of
     // the job's next generation) is told again.
     let mut prepared: Option<PrepareJob> = None;
+    // The spares rank 0 of the current generation was told of (none yet: an empty list).
+    let mut spares_sent: Vec<String> = Vec::new();
     loop {
         let store = store.clone();
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
@@ -685,6 +706,7 @@ async fn assignment_loop(
             (Desired::Train { job, generation, assignment, .. }, _) => {
                 current = Some((*job, *generation));
                 checkpoint_sent = false;
+                spares_sent.clear();
                 prepared = None; // free again later, it prepares again
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))
             }
@@ -718,6 +740,21 @@ async fn assignment_loop(
             && tx.send(Ok(Assignment { kind: Some(kind) })).await.is_err()
         {
             return;
+        }
+        if let Desired::Train { job, generation, spares, .. } = &want
+            && current == Some((*job, *generation))
+            && *spares != spares_sent
+        {
+            spares_sent.clone_from(spares);
+            let kind = assignment::Kind::Spares(Spares {
+                job_id: job.to_string(),
+                generation: *generation,
+                data_addrs: spares.clone(),
+                key: handover_key(&gang_key, *job, *generation),
+            });
+            if tx.send(Ok(Assignment { kind: Some(kind) })).await.is_err() {
+                return;
+            }
         }
         if want == Desired::Gone {
             return;
@@ -780,10 +817,18 @@ mod tests {
             }
             other => panic!("the free worker prepares as a spare: {other:?}"),
         }
+        // Its rank 0 is told where to push each checkpoint it records; the job without spares is not.
+        let spares_of = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+            Desired::Train { spares, .. } => spares,
+            other => panic!("{worker} trains: {other:?}"),
+        };
+        assert_eq!(spares_of(&state, workers[1]), vec!["127.0.0.1:9004".to_string()]);
+        assert!(spares_of(&state, workers[0]).is_empty());
         // Another pool is not the gang's: no spare there.
         let mut elsewhere = state.clone();
         elsewhere.workers.get_mut(&workers[2]).expect("worker").info.zone = "b".into();
         assert_eq!(desired(&elsewhere, workers[2], "file:///s", &key), Desired::Idle);
+        assert!(spares_of(&elsewhere, workers[1]).is_empty());
         // A notice for the member: the spare is reserved as its replacement and now awaits the push.
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
@@ -796,6 +841,7 @@ mod tests {
             }
             other => panic!("the replacement prepares: {other:?}"),
         }
+        assert!(spares_of(&state, workers[1]).is_empty(), "reserved, it is no longer a spare");
     }
 
     #[test]

@@ -420,6 +420,15 @@ fn resume_state(
     match peer::share(comm, mine, &reference.manifest_sha256) {
         Ok((Shared::Held(state), peer)) => {
             match pushed {
+                Some(pushed) if pushed.to_spare => {
+                    AGENT.resumes_from_peer.inc();
+                    AGENT.resume_peer_bytes.inc_by(pushed.bytes);
+                    log.note(format!(
+                        "resuming from the checkpoint of step {step} (pushed to this warm spare by rank 0 when it \
+                         recorded it: {} bytes in {:.1} ms; its manifest is the recorded checkpoint's)",
+                        pushed.bytes, pushed.ms
+                    ));
+                }
                 Some(pushed) => {
                     AGENT.resumes_from_peer.inc();
                     AGENT.resume_peer_bytes.inc_by(pushed.bytes);
@@ -749,6 +758,9 @@ fn recorder(
     let (train, runtime) = (train.clone(), runtime.clone());
     move |saved| {
         let checkpoint = checkpoint_ref(saved.step, saved.cursor, saved.uri.clone(), &saved.manifest);
-        record_checkpoint(&context, &train, &runtime, checkpoint)
+        record_checkpoint(&context, &train, &runtime, checkpoint)?;
+        // Recorded: the job's newest checkpoint, for its warm spares to hold.
+        super::work::push_to_spares(&context, &train.job_id, train.generation, saved.step, &saved.parts);
+        Ok(())
     }
 }

@@ -76,6 +76,10 @@ pub struct AgentShared {
     /// The job this worker has prepared for a handover (`PrepareJob` done), empty when none;
     /// every heartbeat carries it. Cleared when a new preparation or a generation starts.
     pub prepared_job: Mutex<String>,
+    /// The warm spares of the job this worker is rank 0 of (the coordinator's `Spares`), and
+    /// whether a push of a checkpoint to them is under way (see [`push_to_spares`]).
+    pub spares: Mutex<Option<flotilla_proto::v1::Spares>>,
+    pushing_to_spares: AtomicBool,
     /// First steps this worker's ranks took (one per generation), and its signal: work a stop
     /// leaves for later (rank 0's save) waits for the regroup's first step.
     first_steps: Mutex<u64>,
@@ -223,6 +227,7 @@ pub async fn follow(
                         job_id: prepare.job_id.clone(),
                         generation: prepare.generation,
                         key: prepare.handover_key.clone(),
+                        spare: prepare.spare,
                     };
                     let told = (expected.clone(), prepare.spare);
                     if !expected.key.is_empty() && expecting.as_ref() != Some(&told) {
@@ -234,6 +239,12 @@ pub async fn follow(
                         shared.set_prepared("");
                         let shared = shared.clone();
                         std::thread::spawn(move || super::builtin::prepare(prepare, &shared));
+                    }
+                }
+                // Rank 0 of a job with warm spares: where to push each checkpoint it records.
+                Some(assignment::Kind::Spares(spares)) => {
+                    if let Ok(mut targets) = shared.spares.lock() {
+                        *targets = Some(spares);
                     }
                 }
                 Some(assignment::Kind::CheckpointNow(order)) => {
@@ -639,6 +650,43 @@ pub(super) fn push_if_handed_over(
             }
         }
         shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
+    });
+}
+
+/// Rank 0 of a job with warm spares pushes each checkpoint it recorded to them (the parts as
+/// written), on a thread of its own, so that each spare holds the job's newest checkpoint: a
+/// loss of the whole gang (a world of 1) then resumes on a spare without reading the store. A
+/// round still under way is not doubled (the next checkpoint is newer anyway); a failed push
+/// costs nothing but that (the spare reads the store if it is needed).
+pub(super) fn push_to_spares(
+    context: &RankContext,
+    job_id: &str,
+    generation: u64,
+    step: u64,
+    parts: &[(&'static str, bytes::Bytes)],
+) {
+    let told = context.shared.spares.lock().ok().and_then(|s| s.clone());
+    let Some(spares) = told.filter(|s| s.job_id == job_id && s.generation == generation && !s.data_addrs.is_empty())
+    else {
+        return;
+    };
+    if context.shared.pushing_to_spares.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let shared = context.shared.clone();
+    let (job_id, parts) = (job_id.to_string(), parts.to_vec());
+    std::thread::spawn(move || {
+        for addr in &spares.data_addrs {
+            let started = Instant::now();
+            match push::send(addr, &job_id, generation, &spares.key, &parts) {
+                Ok(bytes) => tracing::info!(
+                    job = %job_id, to = %addr, step, bytes, ms = started.elapsed().as_secs_f64() * 1e3,
+                    "pushed the newest checkpoint to a warm spare"
+                ),
+                Err(e) => tracing::warn!(job = %job_id, to = %addr, step, error = %e, "a warm spare's push failed"),
+            }
+        }
+        shared.pushing_to_spares.store(false, Ordering::Release);
     });
 }
 

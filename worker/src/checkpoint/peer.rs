@@ -184,12 +184,17 @@ impl Holder {
         self.pushed.notify_all();
     }
 
-    /// The push of `job_id` ended: with the state (kept as held), or without (failed).
+    /// The push of `job_id` ended: with the state (kept as held, unless a newer state of the
+    /// job is held: a spare's older checkpoint push may end after a handover's), or without
+    /// (failed).
     pub fn push_ended(&self, job_id: &str, held: Option<Held>) {
         if let Ok(mut slots) = self.slots.lock() {
             if let Some(held) = held {
-                slots.entry =
-                    Some(HeldEntry { job_id: job_id.to_string(), cell: Arc::new(HeldCell::of_encoded(held, None)) });
+                let cell = Arc::new(HeldCell::of_encoded(held, None));
+                let newer = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step > cell.step);
+                if !newer {
+                    slots.entry = Some(HeldEntry { job_id: job_id.to_string(), cell });
+                }
             }
             if slots.push.as_ref().is_some_and(|p| p.job_id == job_id) {
                 slots.push = None;
@@ -258,6 +263,9 @@ pub struct Pushed {
     pub bytes: u64,
     /// From the first byte of the push to the state decoded and checked.
     pub ms: f64,
+    /// Pushed to this worker as a warm spare (a checkpoint its job's rank 0 recorded), not by a
+    /// handover's leaving member.
+    pub to_spare: bool,
 }
 
 impl Held {
@@ -594,7 +602,7 @@ pub(crate) mod tests {
                 std::thread::spawn(move || {
                     let mut mine = Held::encode(s).expect("fits");
                     if rank == 1 {
-                        mine.pushed = Some(Pushed { bytes: pushed, ms: 3.0 });
+                        mine.pushed = Some(Pushed { bytes: pushed, ms: 3.0, to_spare: false });
                     }
                     share(&mut comm, Some(mine), &f)
                 })
@@ -682,7 +690,7 @@ pub(crate) mod tests {
             s.clone(),
             parts.into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect(),
             manifest,
-            Pushed { bytes: 9, ms: 1.0 },
+            Pushed { bytes: 9, ms: 1.0, to_spare: false },
         );
         let sender = std::thread::spawn(move || {
             std::thread::sleep(ANNOUNCED_PUSH_WAIT_MAX + Duration::from_millis(200));

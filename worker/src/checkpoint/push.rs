@@ -62,6 +62,9 @@ pub struct Expected {
     pub job_id: String,
     pub generation: u64,
     pub key: Vec<u8>,
+    /// A warm spare (its job's rank 0 pushes each checkpoint it records here), not a handover's
+    /// reserved replacement.
+    pub spare: bool,
 }
 
 static EXPECTED: Mutex<Option<Expected>> = Mutex::new(None);
@@ -160,7 +163,7 @@ pub fn serve(mut stream: TcpStream) {
     if stream.set_read_timeout(Some(IO_TIMEOUT)).and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT))).is_err() {
         return;
     }
-    let Some(Accepted { job_id, hello, nonce_a, key }) = handshake(&mut stream, &from) else { return };
+    let Some(Accepted { job_id, hello, nonce_a, key, spare }) = handshake(&mut stream, &from) else { return };
     let length = match proof(&mut stream, &hello, &nonce_a, &key) {
         Ok(length) => length,
         Err(reason) => {
@@ -172,13 +175,13 @@ pub fn serve(mut stream: TcpStream) {
     // From here the job's ranks wait for this push (bounded by peer::PUSH_WAIT_MAX).
     HELD.push_begun(&job_id);
     let authenticated_ms = started.elapsed().as_secs_f64() * 1e3;
-    let outcome = receive(&mut stream, &from, length, started);
+    let outcome = receive(&mut stream, &from, length, started, spare);
     let kept = match outcome {
         Ok((held, read_ms)) => {
             let ms = held.pushed.map_or(0.0, |p| p.ms);
             tracing::info!(
-                job = %job_id, from = %from, bytes = length, ms, authenticated_ms, read_ms,
-                "the leaving member's state arrived"
+                job = %job_id, from = %from, bytes = length, ms, authenticated_ms, read_ms, spare,
+                "a pushed state arrived"
             );
             HELD.push_ended(&job_id, Some(held));
             true
@@ -198,6 +201,7 @@ struct Accepted {
     hello: Vec<u8>,
     nonce_a: [u8; NONCE_LEN],
     key: Vec<u8>,
+    spare: bool,
 }
 
 /// Reads the hello and answers it if it is the expected handover's. None (logged) for
@@ -224,7 +228,7 @@ fn handshake(stream: &mut TcpStream, from: &str) -> Option<Accepted> {
     let mut answer = nonce_a.to_vec();
     answer.extend_from_slice(&mac(&expected.key, b"accept", &hello, &nonce_a));
     stream.write_all(&answer).ok()?;
-    Some(Accepted { job_id, hello, nonce_a, key: expected.key })
+    Some(Accepted { job_id, hello, nonce_a, key: expected.key, spare: expected.spare })
 }
 
 /// The sender's proof of the key, and the frame's length.
@@ -243,7 +247,13 @@ fn proof(stream: &mut TcpStream, hello: &[u8], nonce_a: &[u8], key: &[u8]) -> Re
 
 /// The frame, decoded, with its manifest computed and how it came (`started`: the push's
 /// first byte); with the milliseconds its bytes took to arrive (and be hashed).
-fn receive(stream: &mut TcpStream, from: &str, length: u64, started: Instant) -> Result<(Held, f64), String> {
+fn receive(
+    stream: &mut TcpStream,
+    from: &str,
+    length: u64,
+    started: Instant,
+    to_spare: bool,
+) -> Result<(Held, f64), String> {
     let reading = Instant::now();
     let (parts, entries) = read_frame(stream, length)?;
     let read_ms = reading.elapsed().as_secs_f64() * 1e3;
@@ -251,7 +261,7 @@ fn receive(stream: &mut TcpStream, from: &str, length: u64, started: Instant) ->
     let origin = format!("the state pushed by {from}");
     let map = parts.iter().cloned().collect();
     let state = decode(&map, &origin).map_err(|e| e.to_string())?.0;
-    let pushed = Pushed { bytes: length, ms: started.elapsed().as_secs_f64() * 1e3 };
+    let pushed = Pushed { bytes: length, ms: started.elapsed().as_secs_f64() * 1e3, to_spare };
     let held = Held::from_parts(state, parts, manifest, pushed);
     Ok((held, read_ms))
 }
@@ -359,7 +369,7 @@ mod tests {
         // Not expected yet: dropped before any state moves.
         let error = send(&addr, "job-9", 3, &key, &parts).expect_err("nobody expects it").to_string();
         assert!(error.contains("state push to"), "{error}");
-        expect(Expected { job_id: "job-9".into(), generation: 3, key: key.clone() });
+        expect(Expected { job_id: "job-9".into(), generation: 3, key: key.clone(), spare: false });
         // A wrong key, another generation, another job: refused, nothing held.
         assert!(matches!(send(&addr, "job-9", 3, &[8u8; 32], &parts), Err(PushError::Refused { .. })));
         assert!(send(&addr, "job-9", 2, &key, &parts).is_err(), "another generation's handover");

@@ -224,6 +224,8 @@ pub struct Saved {
     pub manifest: Manifest,
     /// Time to write it and run the hook (the part that overlaps training).
     pub background_ms: f64,
+    /// The parts as written (shared bytes, no copy): rank 0 pushes them to warm spares.
+    pub parts: Vec<(&'static str, Bytes)>,
 }
 
 type SaveResult = Result<Saved, CheckpointError>;
@@ -258,16 +260,14 @@ impl BackgroundCheckpointer {
         let thread = std::thread::spawn(move || {
             for snapshot in inbox {
                 let started = std::time::Instant::now();
-                let written = match snapshot {
-                    Snapshot::State(state, metrics) => checkpointer
-                        .save(&state, metrics)
-                        .map(|(uri, manifest)| (state.step, state.cursor, uri, manifest)),
-                    Snapshot::Encoded(encoded) => checkpointer
-                        .save_encoded(&encoded)
-                        .map(|uri| (encoded.step, encoded.cursor, uri, encoded.manifest)),
+                let encoded = match snapshot {
+                    Snapshot::State(state, metrics) => Encoded::hash(state.step, state.cursor, encode(&state, metrics)),
+                    Snapshot::Encoded(encoded) => Ok(encoded),
                 };
-                let saved = written.and_then(|(step, cursor, uri, manifest)| {
-                    let mut saved = Saved { step, cursor, uri, manifest, background_ms: 0.0 };
+                let written = encoded.and_then(|e| checkpointer.save_encoded(&e).map(|uri| (uri, e)));
+                let saved = written.and_then(|(uri, e)| {
+                    let Encoded { step, cursor, parts, manifest } = e;
+                    let mut saved = Saved { step, cursor, uri, manifest, background_ms: 0.0, parts };
                     on_saved(&saved).map_err(CheckpointError::NotRecorded)?;
                     saved.background_ms = started.elapsed().as_secs_f64() * 1e3;
                     Ok(saved)
