@@ -4,7 +4,8 @@
 //! reads them back), registers its model artifact in S3 (`models download` streams it), and
 //! `flotilla infer` reads an s3:// input and writes an s3:// output with every row once. A bad
 //! store or data URI (wrong scheme, unknown bucket, missing object, missing credentials,
-//! unreachable endpoint) is one clear error at `up` or at submit.
+//! unreachable endpoint) is one clear error at `up` or at submit. A member killed without notice
+//! loses no step: the survivor writes the state it held to S3 after the regroup.
 //!
 //! AWS settings reach the coordinators and workers through the environment `up` passes on.
 //! No request leaves the loopback interface: the instance-metadata fallback for credentials
@@ -115,6 +116,7 @@ fn write_spec(dir: &Path, name: &str, train: &str) -> String {
 
 #[test]
 fn a_cluster_on_s3_trains_checkpoints_logs_registers_and_infers_with_nothing_on_local_disk() {
+    let _serial = common::one_at_a_time();
     let env = aws_env(&moto(), true);
     create_bucket(&env, "flotilla-e2e");
     let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv")).expect("data");
@@ -231,4 +233,74 @@ fn a_store_that_cannot_be_used_stops_up_with_the_cause() {
         assert!(error.contains(store) && error.contains(cause), "{store}: {error}");
         assert!(!home.join("cluster.toml").exists(), "{store}: no cluster was started");
     }
+}
+
+/// A hard loss on S3: the survivor holds the gang's state, announces it, and after the regroup
+/// writes it to the bucket and confirms it; nothing of the resume is read from S3 and no step
+/// is lost. (The writer is a worker process that shares nothing with the others but S3.)
+#[test]
+fn on_s3_a_killed_member_loses_no_step_and_the_survivor_writes_the_state_it_held() {
+    let _serial = common::one_at_a_time();
+    let env = aws_env(&moto(), true);
+    create_bucket(&env, "flotilla-loss");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    let store = "s3://flotilla-loss/cluster";
+    ok(run(&home, &env, &["up", "--workers", "3", "--store", store]), "up");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir.path(), "digits-loss", data.to_str().expect("utf-8"));
+    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "epochs = 60");
+    std::fs::write(&spec, spec_text).expect("spec");
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    let wait = |what: &str, done: &dyn Fn(&Value) -> bool| {
+        let started = std::time::Instant::now();
+        loop {
+            let now = status();
+            if done(&now) {
+                return now;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(120), "waiting for {what}: {now}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait("training past a checkpoint", &|s| s["state"] == "Running" && s["step"].as_u64() > Some(30));
+    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
+        .expect("workers")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["job_id"] == job.as_str())
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(gang.len(), 2, "{gang:?}");
+    ok(run(&home, &env, &["preempt", &gang[1], "--hard"]), "preempt --hard");
+    let broke =
+        wait("the break", &|s| s["events"].as_array().is_some_and(|e| e.iter().any(|e| e["kind"] == "peer_lost")));
+    let event = broke["events"].as_array().expect("events").iter().find(|e| e["kind"] == "peer_lost").expect("event");
+    let message = event["message"].as_str().expect("message");
+    assert!(message.contains("(the survivors hold its state); 0 step(s) lost"), "{message}");
+    let step: u64 = message
+        .split("broke at step ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("step");
+    // The survivor writes the announced checkpoint to S3 after the regroup and confirms it.
+    let confirmed = wait("the survivor's checkpoint written", &|s| {
+        s["latest_checkpoint"]["step"].as_u64() > Some(step)
+            || (s["latest_checkpoint"]["step"] == step && s["latest_checkpoint"]["pending"] == false)
+    });
+    let objects = list(&env, &format!("{store}/jobs/{job}/ckpt"));
+    let written = format!("/ckpt/{step:012}-g1/MANIFEST");
+    assert!(
+        confirmed["latest_checkpoint"]["step"].as_u64() > Some(step) || objects.iter().any(|o| o.ends_with(&written)),
+        "{written} in {objects:?}"
+    );
+    let done = wait("the end", &|s| s["state"] == "Succeeded");
+    assert_eq!(done["steps_lost"], 0, "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "the new member took the state from the survivor: {done}");
+    assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
+    assert!(done["metrics"]["val_accuracy"].as_f64() >= Some(0.85), "{done}");
 }

@@ -39,6 +39,11 @@ pub fn ok(out: Output) -> String {
 /// End-to-end tests of one file start their clusters one at a time (they share the CPUs).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Holds the file's clusters to one at a time (for tests that start theirs without [`Local`]).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A local cluster of `workers` in a temporary FLOTILLA_HOME, one test at a time; stopped and
 /// deleted when dropped, even when an assertion fails.
 pub struct Local {
