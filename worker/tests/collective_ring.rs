@@ -161,6 +161,33 @@ fn a_stalled_peer_fails_the_others_within_the_timeout() {
     drop(stalled);
 }
 
+/// A peer that is gone silently (frozen, cut off) leaves the others waiting for the whole
+/// timeout; a superseded generation's abort flag ends that wait within a poll slice.
+#[test]
+fn an_aborted_rank_stops_waiting_for_a_silent_peer_long_before_the_timeout() {
+    let timeout = Duration::from_secs(30);
+    let mut gang = loopback_gang(2, timeout).expect("gang forms");
+    let silent = gang.pop().expect("rank 1"); // alive, connections open, never calls
+    let mut rank0 = gang.pop().expect("rank 0");
+    let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    rank0.abort_on(abort.clone());
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        abort.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let started = Instant::now();
+    let mut buffer = vec![1.0f32; 1 << 20];
+    let result = rank0.all_reduce_sum(&mut buffer);
+    let waited = started.elapsed();
+    setter.join().expect("setter");
+    assert!(
+        matches!(&result, Err(CollectiveError::PeerLost { reason, .. }) if reason.contains("aborted")),
+        "{result:?}"
+    );
+    assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2), "aborted after {waited:?}");
+    drop(silent);
+}
+
 #[test]
 fn ranks_that_disagree_on_the_length_fail_instead_of_mixing_data() {
     let gang = loopback_gang(2, TIMEOUT).expect("gang forms");

@@ -283,7 +283,9 @@ pub(super) fn run_rank(
             }
             // A survivor reports at once, with the newer state it holds; a save in flight (on S3
             // a large model's takes seconds) ends on its own meanwhile.
-            if end == GenerationEnd::PeerLost && announces && !train.job_prefix.is_empty() {
+            // (Not a superseded rank: its collective was aborted, and a newer generation runs.)
+            let superseded = context.stop.load(Ordering::Relaxed);
+            if end == GenerationEnd::PeerLost && announces && !superseded && !train.job_prefix.is_empty() {
                 let newest = resume_step.max(saves.last_saved);
                 return survive_peer_loss(context, &train, runtime, &trainer, background, newest, log, e);
             }

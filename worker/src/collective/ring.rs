@@ -115,6 +115,10 @@ pub struct RingCommunicator {
     rank: usize,
     world: usize,
     timeout: Duration,
+    /// Set from outside to end a collective that waits (the generation was superseded): it
+    /// fails within [`ABORT_CHECK`] instead of waiting out `timeout` for a peer that is gone
+    /// silently (a frozen or cut-off host), holding the rank's memory meanwhile.
+    abort: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Connection to rank + 1 (None when the world has one rank).
     next: Option<TcpStream>,
     /// Connection from rank - 1.
@@ -175,6 +179,7 @@ impl RingCommunicator {
             rank: config.rank,
             world,
             timeout: config.timeout,
+            abort: config.abort.clone(),
             next: None,
             prev: None,
             scratch: Vec::new(),
@@ -225,6 +230,12 @@ impl RingCommunicator {
         Ok(ring)
     }
 
+    /// Makes later collectives end (fail) once `flag` is set (see [`RingCommunicator`]'s
+    /// `abort`; the agent's ranks get it from [`RingConfig::abort`]).
+    pub fn abort_on(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.abort = Some(flag);
+    }
+
     fn next_rank(&self) -> usize {
         (self.rank + 1) % self.world
     }
@@ -247,16 +258,16 @@ impl RingCommunicator {
         root: usize,
         operation: &'static str,
     ) -> Result<(), CollectiveError> {
-        let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
+        let (timeout, next_rank, prev_rank) = (self.wait(), self.next_rank(), self.prev_rank());
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&op.to_le_bytes());
         header[4..12].copy_from_slice(&(len as u64).to_le_bytes());
         header[12..].copy_from_slice(&(root as u32).to_le_bytes());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
-        write_all_polled(next, &header, timeout).map_err(|e| lost(operation, next_rank, &e, timeout))?;
+        write_all_polled(next, &header, &timeout).map_err(|e| lost(operation, next_rank, &e, timeout.limit))?;
         let mut theirs = [0u8; 16];
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
-        read_exact_polled(prev, &mut theirs, timeout).map_err(|e| lost(operation, prev_rank, &e, timeout))?;
+        read_exact_polled(prev, &mut theirs, &timeout).map_err(|e| lost(operation, prev_rank, &e, timeout.limit))?;
         if theirs != header {
             return Err(CollectiveError::Invalid(format!(
                 "rank {prev_rank} called a different collective (op/length/root {:?} vs ours {:?})",
@@ -277,17 +288,54 @@ impl RingCommunicator {
         first: Option<usize>,
         steps: &[Step],
     ) -> Result<(), CollectiveError> {
-        let (timeout, next_rank, prev_rank) = (self.timeout, self.next_rank(), self.prev_rank());
+        let (wait, next_rank, prev_rank) = (self.wait(), self.next_rank(), self.prev_rank());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
         let mut transfer = Transfer::new(buffer, &mut self.scratch, ranges, steps);
         if let Some(chunk) = first {
             transfer.queue_chunk(chunk);
         }
-        transfer.run(next, prev, timeout).map_err(|(side, e)| match side {
-            Side::Next => lost(operation, next_rank, &e, timeout),
-            Side::Prev => lost(operation, prev_rank, &e, timeout),
+        transfer.run(next, prev, &wait).map_err(|(side, e)| match side {
+            Side::Next => lost(operation, next_rank, &e, wait.limit),
+            Side::Prev => lost(operation, prev_rank, &e, wait.limit),
         })
+    }
+
+    fn wait(&self) -> Wait {
+        Wait { limit: self.timeout, abort: self.abort.clone() }
+    }
+}
+
+/// How often a waiting collective looks at its abort flag.
+const ABORT_CHECK: Duration = Duration::from_millis(50);
+
+/// How long a collective waits for a link without progress, and what ends the wait early.
+struct Wait {
+    limit: Duration,
+    abort: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Wait {
+    /// `poll` on `fds` until one is ready (true), `limit` passes without it (false), or the
+    /// abort flag is set (an error), looking at the flag every [`ABORT_CHECK`].
+    fn poll(&self, fds: &mut [nix::poll::PollFd]) -> std::io::Result<bool> {
+        use nix::poll::PollTimeout;
+        let deadline = Instant::now() + self.limit;
+        loop {
+            if self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) {
+                return Err(std::io::Error::other("aborted: this generation was superseded"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let slice = if self.abort.is_some() { left.min(ABORT_CHECK) } else { left };
+            match nix::poll::poll(fds, PollTimeout::try_from(slice).unwrap_or(PollTimeout::MAX)) {
+                Ok(0) => {}
+                Ok(_) | Err(nix::errno::Errno::EINTR) => return Ok(true),
+                Err(e) => return Err(std::io::Error::from(e)),
+            }
+        }
     }
 }
 
@@ -645,15 +693,9 @@ impl<'a> Transfer<'a> {
 
     /// Moves bytes both ways until every step is read and every queued segment written,
     /// waiting in `poll` (at most `timeout` at a time) only when neither link can move.
-    fn run(
-        &mut self,
-        next: &mut TcpStream,
-        prev: &mut TcpStream,
-        timeout: Duration,
-    ) -> Result<(), (Side, std::io::Error)> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
+    fn run(&mut self, next: &mut TcpStream, prev: &mut TcpStream, wait: &Wait) -> Result<(), (Side, std::io::Error)> {
+        use nix::poll::{PollFd, PollFlags};
         use std::os::fd::AsFd;
-        let wait = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
         loop {
             let wrote = self.write_some(next).map_err(|e| (Side::Next, e))?;
             let read = self.read_some(prev).map_err(|e| (Side::Prev, e))?;
@@ -669,20 +711,18 @@ impl<'a> Transfer<'a> {
             let out = if writing { PollFlags::POLLOUT } else { PollFlags::empty() };
             let inn = if reading { PollFlags::POLLIN } else { PollFlags::empty() };
             let mut fds = [PollFd::new(next.as_fd(), out), PollFd::new(prev.as_fd(), inn)];
-            match nix::poll::poll(&mut fds, wait) {
-                Ok(0) => {
-                    let side = if reading { Side::Prev } else { Side::Next };
-                    return Err((side, std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress")));
-                }
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err((Side::Prev, std::io::Error::from(e))),
+            let side = if reading { Side::Prev } else { Side::Next };
+            match wait.poll(&mut fds) {
+                Ok(true) => {}
+                Ok(false) => return Err((side, std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress"))),
+                Err(e) => return Err((side, e)),
             }
         }
     }
 }
 
 /// `write_all` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
-fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: Duration) -> std::io::Result<()> {
+fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: &Wait) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match stream.write(bytes) {
             Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the connection closed")),
@@ -696,7 +736,7 @@ fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: Duration)
 }
 
 /// `read_exact` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
-fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], timeout: &Wait) -> std::io::Result<()> {
     let mut at = 0;
     while at < buffer.len() {
         match stream.read(&mut buffer[at..]) {
@@ -710,15 +750,14 @@ fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], timeout: Duratio
     Ok(())
 }
 
-fn wait_for(stream: &TcpStream, read: bool, timeout: Duration) -> std::io::Result<()> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout};
+fn wait_for(stream: &TcpStream, read: bool, wait: &Wait) -> std::io::Result<()> {
+    use nix::poll::{PollFd, PollFlags};
     use std::os::fd::AsFd;
     let events = if read { PollFlags::POLLIN } else { PollFlags::POLLOUT };
     let mut fds = [PollFd::new(stream.as_fd(), events)];
-    match nix::poll::poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)) {
-        Ok(0) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress")),
-        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
-        Err(e) => Err(std::io::Error::from(e)),
+    match wait.poll(&mut fds)? {
+        true => Ok(()),
+        false => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no progress")),
     }
 }
 
