@@ -344,6 +344,37 @@ fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_with
     assert_accurate(&done);
 }
 
+/// A member that goes silent (SIGSTOP: its process frozen with its connections open, as a
+/// frozen or cut-off host, so its peers see no reset) is found by its 5 s lease; the survivor is
+/// told to stop waiting for it and reports the state it holds, so the job regroups on the free
+/// worker with no step lost and nothing read from the store.
+#[test]
+fn a_member_gone_silent_is_found_by_its_lease_and_loses_no_step() {
+    let cluster = Local::up_with(3, &["--boot-delay-s", "120"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let job = submit(home, &write_spec(dir, "silent", 100, 200));
+    wait_for(home, &job, Duration::from_secs(60), "training", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 50
+    });
+    let victim = gang(home, &job).pop().expect("a gang");
+    let pid = worker_pid(home, &victim).to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let regrouped = wait_for(home, &job, Duration::from_secs(30), "the regroup", |s| {
+        s["state"] == "Running" && s["generation"].as_u64().unwrap_or(0) >= 2
+    });
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    assert!(events(&regrouped, "member_lost").iter().any(|m| m.contains(&format!("{victim} was lost"))), "{regrouped}");
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    assert!(
+        events(&done, "peer_lost").iter().any(|m| m.contains("(the survivors hold its state); 0 step(s) lost")),
+        "{done}"
+    );
+    assert_eq!(done["steps_lost"], 0, "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "{done}");
+    assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
+    assert_accurate(&done);
+}
+
 #[test]
 fn five_hard_kills_lose_no_step_and_change_no_bit() {
     let cluster = Local::up(4);

@@ -137,6 +137,23 @@ pub fn handover_commands(
     out
 }
 
+/// The leader's fallback for members lost silently ([`flotilla_core::state::Job::member_lost`]):
+/// a generation whose survivors did not report within
+/// [`flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS`] ends ([`Command::GangLost`]).
+pub fn member_lost_commands(state: &State, now_ms: u64) -> Vec<Command> {
+    state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Running)
+        .filter(|j| {
+            j.member_lost.as_ref().is_some_and(|m| {
+                now_ms >= m.at_unix_ms.saturating_add(flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS)
+            })
+        })
+        .map(|j| Command::GangLost { job_id: j.id, generation: j.generation })
+        .collect()
+}
+
 pub async fn schedule_loop(
     mut node: NodeHandle,
     leases: std::sync::Arc<crate::leases::Leases>,
@@ -156,7 +173,8 @@ pub async fn schedule_loop(
         let now_ms = crate::raft::node::now_unix_ms();
         let Ok((handovers, pending, free, reasons, running, inference)) = node
             .read_local(move |state| {
-                let handovers = handover_commands(state, now_ms, replacements_expected, |w| heard.prepared_job(w));
+                let mut handovers = handover_commands(state, now_ms, replacements_expected, |w| heard.prepared_job(w));
+                handovers.extend(member_lost_commands(state, now_ms));
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
                 let reasons: BTreeMap<JobId, String> = state
                     .jobs
@@ -319,5 +337,13 @@ mod tests {
         assert_eq!(pending.len(), 1);
         let ids: Vec<WorkerId> = free.iter().map(|w| w.id).collect();
         assert_eq!(ids, [WorkerId(1), WorkerId(3)]);
+        // A member whose lease expires in the next generation leaves its survivor time to
+        // report; the leader ends the generation itself only after that.
+        step(&mut state, Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(3)] });
+        step(&mut state, Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 9 });
+        let lost_at = state.jobs[&job_id].member_lost.as_ref().expect("a member lost").at_unix_ms;
+        let wait = flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS;
+        assert!(member_lost_commands(&state, lost_at + wait - 1).is_empty());
+        assert_eq!(member_lost_commands(&state, lost_at + wait), vec![Command::GangLost { job_id, generation: 2 }]);
     }
 }

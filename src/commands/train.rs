@@ -245,6 +245,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     let context = RankContext {
         host: Host::Standalone(record.clone()),
         stop: Arc::default(),
+        abort: Arc::default(),
         checkpoint_now: Arc::default(),
         deadline_unix_ms: Arc::default(),
         handover_to: Arc::default(),

@@ -519,6 +519,9 @@ enum Desired {
         /// To rank 0 of a job with warm spares: their data ports, where it pushes each
         /// checkpoint it records (empty for other ranks and jobs).
         spares: Vec<String>,
+        /// A member of the gang went silent: stop waiting for it and report (see
+        /// `CheckpointNow.member_lost`).
+        member_lost: bool,
     },
     /// Reserved as the replacement in `job`'s handover: load its data before the gang stops.
     Prepare {
@@ -642,6 +645,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         checkpoint_now: job.checkpoint_requested.is_some(),
         handover_to,
         spares,
+        member_lost: job.member_lost.is_some(),
         deadline_unix_ms: job
             .gang
             .iter()
@@ -676,6 +680,7 @@ async fn assignment_loop(
 ) {
     let mut current: Option<(JobId, u64)> = None;
     let mut checkpoint_sent = false;
+    let mut member_lost_sent = false;
     let mut drain_sent = false;
     // The PrepareJob sent last: a spare later reserved for its job's handover (or a spare of
     // the job's next generation) is told again.
@@ -687,11 +692,15 @@ async fn assignment_loop(
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
-            (Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, handover_to, .. }, Some(now))
-                if now == (*job, *generation) =>
-            {
-                (*checkpoint_now && !std::mem::replace(&mut checkpoint_sent, true)).then(|| {
+            (
+                Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, handover_to, member_lost, .. },
+                Some(now),
+            ) if now == (*job, *generation) => {
+                let lost = *member_lost && !std::mem::replace(&mut member_lost_sent, true);
+                let order = *checkpoint_now && !std::mem::replace(&mut checkpoint_sent, true);
+                (lost || order).then(|| {
                     assignment::Kind::CheckpointNow(CheckpointNow {
+                        member_lost: *member_lost,
                         job_id: job.to_string(),
                         generation: *generation,
                         deadline_unix_ms: *deadline_unix_ms,
@@ -706,6 +715,7 @@ async fn assignment_loop(
             (Desired::Train { job, generation, assignment, .. }, _) => {
                 current = Some((*job, *generation));
                 checkpoint_sent = false;
+                member_lost_sent = false;
                 spares_sent.clear();
                 prepared = None; // free again later, it prepares again
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))

@@ -122,6 +122,9 @@ struct Running {
     generation: u64,
     /// Stop at once without reporting (superseded); also aborts a rendezvous in progress.
     stop: Arc<AtomicBool>,
+    /// Ends a wait in the ring (rendezvous or collective): set with `stop`, and alone when a
+    /// gang member went silent (the rank then reports the state it holds).
+    abort: Arc<AtomicBool>,
     /// The coordinator asked for a checkpoint at the next step boundary.
     checkpoint_now: Arc<AtomicBool>,
     /// ... by this time (unix ms, 0: none named): a noticed member's instance is taken then.
@@ -191,6 +194,7 @@ pub async fn follow(
                     }
                     if let Some(old) = running.take() {
                         old.stop.store(true, Ordering::Relaxed);
+                        old.abort.store(true, Ordering::Relaxed);
                     }
                     shared.set_prepared("");
                     preparing = None;
@@ -198,6 +202,7 @@ pub async fn follow(
                         job_id: train.job_id.clone(),
                         generation: train.generation,
                         stop: Arc::new(AtomicBool::new(false)),
+                        abort: Arc::new(AtomicBool::new(false)),
                         checkpoint_now: Arc::new(AtomicBool::new(false)),
                         deadline_unix_ms: Arc::new(AtomicU64::new(0)),
                         handover_to: Arc::default(),
@@ -205,6 +210,7 @@ pub async fn follow(
                     let context = RankContext {
                         host: Host::Cluster { client: Box::new(client.clone()), worker_id: worker_id.clone() },
                         stop: run.stop.clone(),
+                        abort: run.abort.clone(),
                         checkpoint_now: run.checkpoint_now.clone(),
                         deadline_unix_ms: run.deadline_unix_ms.clone(),
                         handover_to: run.handover_to.clone(),
@@ -251,6 +257,13 @@ pub async fn follow(
                     if let Some(run) =
                         running.as_ref().filter(|r| r.job_id == order.job_id && r.generation == order.generation)
                     {
+                        if order.member_lost {
+                            // Its peer will never answer: the collective under way gives up
+                            // and the rank reports the state it holds.
+                            tracing::warn!(job = %order.job_id, "a gang member went silent; the rank stops waiting for it");
+                            run.abort.store(true, Ordering::Relaxed);
+                            continue;
+                        }
                         run.deadline_unix_ms.store(order.deadline_unix_ms, Ordering::Relaxed);
                         if !order.handover_to_addr.is_empty()
                             && let Ok(mut target) = run.handover_to.lock()
@@ -263,6 +276,7 @@ pub async fn follow(
                 Some(assignment::Kind::Stop(stop)) => {
                     if let Some(run) = running.take_if(|r| r.job_id == stop.job_id && r.generation == stop.generation) {
                         run.stop.store(true, Ordering::Relaxed);
+                        run.abort.store(true, Ordering::Relaxed);
                     }
                     if let Some((_, _, control)) = inferring.take_if(|(_, job, _)| *job == stop.job_id) {
                         control.stop();
@@ -331,6 +345,8 @@ pub struct RankContext {
     pub host: Host,
     /// Superseded: stop at once, report nothing.
     pub stop: Arc<AtomicBool>,
+    /// Ends the ring's waits (see `Running::abort`).
+    pub abort: Arc<AtomicBool>,
     pub checkpoint_now: Arc<AtomicBool>,
     /// The gang's deadline from the coordinator's checkpoint order (unix ms, 0: none named).
     pub deadline_unix_ms: Arc<AtomicU64>,
@@ -597,7 +613,7 @@ pub(super) fn join_gang(
     );
     // Standalone ranks are processes started together: one may not listen yet.
     config.refused_grace = if context.standalone().is_some() { COLLECTIVE_TIMEOUT } else { REFUSED_GRACE };
-    config.abort = Some(context.stop.clone());
+    config.abort = Some(context.abort.clone());
     RingCommunicator::connect_via(port, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
 }
 

@@ -323,7 +323,9 @@ impl Wait {
         let deadline = Instant::now() + self.limit;
         loop {
             if self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) {
-                return Err(std::io::Error::other("aborted: this generation was superseded"));
+                return Err(std::io::Error::other(
+                    "aborted by the coordinator (the generation was superseded, or a member went silent)",
+                ));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

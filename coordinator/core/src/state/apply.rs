@@ -51,6 +51,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     gang_usd_per_hour: 0.0,
                     on_demand_only: false,
                     handover: None,
+                    member_lost: None,
                     stall_ms_total: 0,
                     last_stall_ms: 0,
                     stall_generation: 0,
@@ -125,10 +126,17 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 Some(job_id) if state.inferences.contains_key(&job_id) => {
                     inference::member_lost(state, job_id, worker_id, now)
                 }
-                Some(job_id) => requeue_after_loss(state, job_id, worker_id, last_step_seen, now),
+                Some(job_id) => lose_member(state, job_id, worker_id, last_step_seen, now),
                 None => {}
             }
             Ok(Applied::WorkerLost { worker_id })
+        }
+        Command::GangLost { job_id, generation } => {
+            let job = running_generation(state, job_id, generation)?;
+            let lost =
+                job.member_lost.clone().ok_or(Rejected::NotRunning { job_id, state: "without a lost member" })?;
+            requeue_after_loss(state, job_id, lost.worker, lost.last_step_seen, now);
+            Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
         }
         Command::WorkerInterrupted { worker_id, kind, action_at_unix_ms } => {
             let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
@@ -786,8 +794,32 @@ fn release(state: &mut State, gang: &[WorkerId]) {
     }
 }
 
-/// A gang member's lease expired while the job ran (nobody reported the break earlier): the
-/// job goes back to Pending, to resume from its newest checkpoint in a new generation.
+/// A gang member's lease expired while the job ran (nobody reported the break earlier: it went
+/// silent, a frozen or cut-off host whose connections never reset). A built-in job with a live
+/// survivor keeps running for [`MEMBER_LOST_REPORT_WAIT_MS`]: the survivors are told to stop
+/// waiting in their collective and report the state they hold, which ends the generation with
+/// no step lost (see `announce_checkpoint`); the leader ends it with [`Command::GangLost`] if
+/// none does. Otherwise (a world of 1, a command job, a second loss) it is requeued at once.
+fn lose_member(state: &mut State, job_id: JobId, lost: WorkerId, last_step_seen: u64, now: u64) {
+    let Some(job) = state.jobs.get(&job_id) else { return };
+    let survivor =
+        job.gang.iter().any(|w| *w != lost && state.workers.get(w).is_some_and(|w| w.lost_at_unix_ms.is_none()));
+    let wait = job.state == JobState::Running && survivor && job.spec.command().is_none() && job.member_lost.is_none();
+    if !wait {
+        return requeue_after_loss(state, job_id, lost, last_step_seen, now);
+    }
+    let job = state.jobs.get_mut(&job_id).expect("the job exists");
+    job.member_lost = Some(MemberLost { worker: lost, at_unix_ms: now, last_step_seen });
+    job.updated_at_unix_ms = now;
+    push_event(
+        job,
+        now,
+        "member_lost",
+        format!("{lost} was lost (its lease expired); the survivors report the state they hold"),
+    );
+}
+
+/// The job goes back to Pending, to resume from its newest checkpoint in a new generation.
 fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_step_seen: u64, now: u64) {
     let Some(job) = state.jobs.get_mut(&job_id) else { return };
     if job.state != JobState::Running {
@@ -800,6 +832,7 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
     job.recoveries = job.recoveries.saturating_add(1);
     job.steps_lost = job.steps_lost.saturating_add(lost_steps);
     job.checkpoint_requested = None;
+    job.member_lost = None;
     job.updated_at_unix_ms = now;
     push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
     let gang = job.end_gang();
@@ -894,6 +927,7 @@ fn generation_ended(
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
     let handover = job.handover.take();
+    job.member_lost = None;
     // A gang that stops on its own during a handover (the noticed member's agent stops at the
     // fallback time when no order came first) stops for that notice.
     let requested = job.checkpoint_requested.take().or(handover.as_ref().map(|_| StopReason::Preemption));

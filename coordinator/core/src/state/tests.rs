@@ -166,8 +166,15 @@ fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
     apply(&mut state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }))
         .expect("assign");
     apply(&mut state, 5, Envelope::new(5, Command::WorkerLost { worker_id: w2, last_step_seen: 0 })).expect("lost");
+    // Its lease expired: the survivor is asked for the state it holds first.
     let job = &state.jobs[&JobId(1)];
-    assert_eq!((job.state, job.recoveries), (JobState::Pending, 1));
+    assert_eq!((job.state, job.member_lost.as_ref().map(|m| m.worker)), (JobState::Running, Some(w2)));
+    // It does not report in time: the leader ends the generation.
+    let stale = Command::GangLost { job_id: JobId(1), generation: 2 };
+    assert!(matches!(apply(&mut state, 6, Envelope::new(6, stale)), Err(Rejected::StaleGeneration { .. })));
+    apply(&mut state, 6, Envelope::new(6, Command::GangLost { job_id: JobId(1), generation: 1 })).expect("gang lost");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.recoveries, job.member_lost.is_none()), (JobState::Pending, 1, true));
     assert!(job.reason.contains("worker-2 was lost"), "{}", job.reason);
     assert_eq!(state.workers[&w1].job, None, "the survivor is freed");
     let busy = apply(&mut state, 6, Envelope::new(6, Command::AssignGang { job_id: JobId(1), workers: vec![w2] }));
@@ -1237,4 +1244,42 @@ fn a_survivor_of_a_broken_gang_announces_the_state_it_holds_and_the_break_loses_
     );
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.latest_checkpoint.as_ref().map(|c| c.step), job.steps_lost), (Some(37), 8));
+}
+
+#[test]
+fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_step_lost() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    checkpoint(&mut state, 20, 1).expect("checkpoint");
+    // w2's lease expires (frozen): the job keeps running while w1 is told to report.
+    at(&mut state, 5_000, Command::WorkerLost { worker_id: w2, last_step_seen: 31 }).expect("lost");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.member_lost, Some(MemberLost { worker: w2, at_unix_ms: 5_000, last_step_seen: 31 }));
+    assert!(job.events.iter().any(|e| e.kind == "member_lost" && e.message.contains("worker-2 was lost")));
+    // w1 stops waiting in its all-reduce and reports the break with the state it holds.
+    let broke = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::PeerLost { reason: "aborted by the coordinator".into() },
+        step: 33,
+        reporter: Some(w1),
+        announced: Some(checkpoint_record(33, 1, "f33")),
+    };
+    assert_eq!(
+        at(&mut state, 5_200, broke),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.steps_lost, job.member_lost.clone()), (0, None));
+    assert_eq!(job.latest_checkpoint.as_ref().map(|c| (c.step, c.pending)), Some((33, true)));
+    // The leader's fallback comes too late: refused.
+    assert!(at(&mut state, 8_000, Command::GangLost { job_id: JobId(1), generation: 1 }).is_err());
+    // A second silent loss while one is reported on: requeued at once (w3 is w1's new peer).
+    let w3 = register(&mut state, 9);
+    at(&mut state, 9_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w3] }).expect("assign");
+    at(&mut state, 9_500, Command::WorkerLost { worker_id: w3, last_step_seen: 40 }).expect("lost");
+    at(&mut state, 9_600, Command::WorkerLost { worker_id: w1, last_step_seen: 40 }).expect("lost");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.steps_lost), (JobState::Pending, 7), "steps 34-40 are trained again");
 }

@@ -32,6 +32,9 @@ pub const HANDOVER_LEAD_MIN_MS: u64 = 60_000;
 /// A handover without a replacement falls back to the checkpoint-and-stop path this long
 /// before the instance is taken (time for the checkpoint).
 pub const HANDOVER_FALLBACK_LEAD_MS: u64 = 45_000;
+/// How long the survivors of a member lost silently (its lease expired) have to report the
+/// state they hold before the leader ends the generation itself ([`Command::GangLost`]).
+pub const MEMBER_LOST_REPORT_WAIT_MS: u64 = 3_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -175,6 +178,19 @@ pub struct Job {
     /// A member got a notice with time to spare: a replacement is sought while the gang trains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
+    /// A member's lease expired while the gang trained (it went silent: its peers saw no
+    /// reset): the survivors are told to stop waiting for it and report the state they hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_lost: Option<MemberLost>,
+}
+
+/// See [`Job::member_lost`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberLost {
+    pub worker: WorkerId,
+    pub at_unix_ms: u64,
+    /// The last step the leader heard of, for `steps_lost` if nobody reports.
+    pub last_step_seen: u64,
 }
 
 /// A member leaves at a step boundary and a replacement takes its rank, the gang training on
@@ -687,6 +703,12 @@ pub enum Command {
         /// for `steps_lost` when nobody else reports how far the generation got.
         #[serde(default)]
         last_step_seen: u64,
+    },
+    /// The survivors of a member lost silently ([`Job::member_lost`]) did not report within
+    /// [`MEMBER_LOST_REPORT_WAIT_MS`]: the generation ends, to resume from the newest checkpoint.
+    GangLost {
+        job_id: JobId,
+        generation: u64,
     },
     /// A worker got an interruption notice (`kind`: spot, rebalance, sigterm): it drains, and
     /// its gang is told to checkpoint at the next step boundary.
