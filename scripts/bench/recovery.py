@@ -6,6 +6,8 @@ replaces lost and interrupted workers), trains MNIST MLP jobs and measures:
 
 - recovery_sigkill: SIGKILL of a gang member -> the gang's break is recorded (detection),
   -> a new generation runs (regroup), -> its first step beyond the resume point (resume).
+- recovery_sigstop: SIGSTOP of a gang member (frozen, sockets open: a silent loss, found by its
+  5 s lease), same timeline (`recovery.py N sigstop` runs only these rounds).
 - recovery_notice: `flotilla preempt` (spot notice) -> the generation stops at a checkpoint ->
   the next generation's first step. Includes the agent's metadata poll (100 ms;
   FLOTILLA_IMDS_POLL_MS sets it, and each line carries it as `imds_poll_ms`).
@@ -17,6 +19,7 @@ replaces lost and interrupted workers), trains MNIST MLP jobs and measures:
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +50,15 @@ def emit(record):
     print(json.dumps(record), flush=True)
 
 
+def freeze(worker):
+    """SIGSTOP of a local worker's agent (its process frozen, its sockets open: a silent loss)."""
+    instance = next(w["instance_id"] for w in workers() if w["id"] == worker)
+    with open(os.path.join(os.environ["FLOTILLA_HOME"], "instances", f"{instance}.json")) as f:
+        pid = json.load(f)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
 def recovery(kind, round_no):
     wait_idle(3)
     job = submit(f"{kind}-{round_no}", epochs=40)
@@ -54,8 +66,14 @@ def recovery(kind, round_no):
     generation = running["generation"]
     victim = gang(job)[round_no % 2]
     t0 = time.monotonic()
-    cli("preempt", victim, *(["--hard"] if kind == "sigkill" else []))
+    frozen = None
+    if kind == "sigstop":
+        frozen = freeze(victim)
+    else:
+        cli("preempt", victim, *(["--hard"] if kind == "sigkill" else []))
     ended, t_end = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running")
+    if frozen is not None:
+        os.kill(frozen, signal.SIGKILL)
     resume_step = (ended["latest_checkpoint"] or {}).get("step", 0)
     regrouped, t_regroup = wait(job, lambda s: s["generation"] > generation and s["state"] == "Running")
     resume_step = (regrouped["latest_checkpoint"] or {}).get("step", resume_step)
@@ -121,6 +139,10 @@ def stall_and_throughput():
 
 
 def main():
+    if len(sys.argv) > 2 and sys.argv[2] == "sigstop":
+        for round_no in range(ROUNDS):
+            recovery("sigstop", round_no)
+        return
     only_notices = len(sys.argv) > 2 and sys.argv[2] == "notice"
     if not only_notices:
         stall_and_throughput()
