@@ -293,6 +293,20 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::MovedToOnDemand { job_id, checkpoint })
         }
         Command::GenerationEnded { job_id, generation, end, step, reporter, announced } => {
+            // A report the log already has, sent again (the reporter's call crossed a leader
+            // change): acknowledged, so that its rank writes the checkpoint it announced.
+            if let (Some(record), Some(job)) = (&announced, state.jobs.get(&job_id))
+                && job.checkpoints.iter().any(|c| {
+                    c.pending
+                        && c.uri == record.uri
+                        && c.generation == generation
+                        && c.manifest_sha256 == record.manifest_sha256
+                        && c.writer.is_some()
+                        && c.writer == reporter
+                })
+            {
+                return Ok(Applied::GenerationEnded { job_id, state: job.state });
+            }
             check_reporter(state, job_id, reporter)?;
             if let (GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. }, Some(record)) = (&end, announced) {
                 let job = running_generation(state, job_id, generation)?;

@@ -1227,8 +1227,17 @@ fn a_survivor_of_a_broken_gang_announces_the_state_it_holds_and_the_break_loses_
     assert_eq!((job.steps_lost, job.recoveries), (0, 1));
     let event = job.events.iter().rev().find(|e| e.kind == "peer_lost").expect("event");
     assert!(event.message.contains("at step 37 (the survivors hold its state); 0 step(s) lost"), "{}", event.message);
+    // The same report again (its call crossed a leader change) is acknowledged, changing nothing,
+    // so that its rank writes what it announced.
+    let before = state.jobs[&JobId(1)].clone();
+    assert_eq!(
+        at(&mut state, 5_005, broke(1, 37, w1, Some(checkpoint_record(37, 1, "f37")))),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert_eq!(state.jobs[&JobId(1)], before);
     // The other survivor's report of the same break is refused: only the first one's writer confirms.
     assert!(at(&mut state, 5_010, broke(1, 36, w2, Some(checkpoint_record(36, 1, "f36")))).is_err());
+    assert!(at(&mut state, 5_010, broke(1, 37, w2, Some(checkpoint_record(37, 1, "f37")))).is_err());
     let confirm = |reporter: WorkerId| Command::RecordCheckpoint {
         job_id: JobId(1),
         checkpoint: checkpoint_record(37, 1, "f37"),
