@@ -100,8 +100,9 @@ pub struct JobSample {
     pub ended_at_unix_ms: Option<u64>,
 }
 
-/// Events that start a recovery: the job lost (or was about to lose) a gang member.
-const LOSS_EVENTS: [&str; 3] = ["preemption_notice", "worker_lost", "peer_lost"];
+/// Events that start a recovery: the job lost (or was about to lose) a gang member. A silent
+/// loss is timed from its lease's expiry (`member_lost`), before the survivors' report.
+const LOSS_EVENTS: [&str; 4] = ["preemption_notice", "worker_lost", "member_lost", "peer_lost"];
 
 /// What the first step of a job's current generation ends (pure, from the job's events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -532,6 +533,8 @@ mod tests {
         assert_eq!(resumption(&preempted), Some(Resumption::Recovery { lost_at_unix_ms: 10 }));
         let earlier = [event(1, "gang"), event(10, "worker_lost"), event(20, "gang"), event(30, "gang")];
         assert_eq!(resumption(&earlier), None, "only losses since the previous generation");
+        let silent = [event(1, "gang"), event(10, "member_lost"), event(14, "peer_lost"), event(20, "gang")];
+        assert_eq!(resumption(&silent), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "from the lease's expiry");
     }
 
     #[test]
