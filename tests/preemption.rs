@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Local, gang, json, logs, run, status, submit, wait_for, worker_pid};
+use common::{Local, agent_log, eventually, gang, json, logs, run, status, submit, wait_for, worker_pid};
 use serde_json::Value;
 
 fn assert_accurate(done: &Value) {
@@ -236,22 +236,20 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
         .as_array()
         .expect("a list")
         .iter()
-        .filter(|w| w["id"].as_str().is_some_and(|id| !members.iter().any(|m| m == id)))
-        .map(|w| {
-            let instance = w["instance_id"].as_str().expect("instance");
-            (w["id"].as_str().expect("id").to_string(), home.join("logs").join(format!("{instance}.log")))
-        })
+        .filter_map(|w| w["id"].as_str().filter(|id| !members.iter().any(|m| m == id)))
+        .map(|id| (id.to_string(), agent_log(home, id)))
         .collect();
     assert_eq!(spares.len(), 2, "{workers}");
     let prepared = |text: &str| {
         text.lines().any(|l| l.contains("prepared the job") && l.contains("spare=true") && l.contains(&job))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
     for (id, log) in &spares {
-        while !prepared(&std::fs::read_to_string(log).unwrap_or_default()) {
-            assert!(Instant::now() < deadline, "{id} never prepared {job} as a spare: {}", log.display());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || prepared(&std::fs::read_to_string(log).unwrap_or_default()),
+            || format!("{id} never prepared {job} as a spare: {}", log.display()),
+        );
     }
     // A two-minute notice: handed over to a spare, which receives the leaving member's state.
     let noticed = run(home, &["preempt", &members[0], "--notice-s", "120"]);
@@ -265,11 +263,12 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
     let node_logs =
         |node: &str| String::from_utf8_lossy(&run(home, &["logs", &job, "--node", node]).stdout).to_string();
     let pushed = |text: &str| text.lines().any(|l| l.contains("pushed by the leaving member"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pushed(&node_logs("0")) && !pushed(&node_logs("1")) {
-        assert!(Instant::now() < deadline, "the spare got the state by push:\n{}\n{}", node_logs("0"), node_logs("1"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || pushed(&node_logs("0")) || pushed(&node_logs("1")),
+        || format!("the spare got the state by push:\n{}\n{}", node_logs("0"), node_logs("1")),
+    );
     // A hard kill of the other original member: the job regroups on the remaining spare.
     let survivor = members.iter().find(|m| second.contains(m)).expect("a survivor of the handover");
     let killed = run(home, &["preempt", survivor, "--hard"]);
@@ -305,28 +304,18 @@ fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_with
     });
     let step = recorded["latest_checkpoint"]["step"].as_u64().expect("step");
     let member = gang(home, &job).pop().expect("a gang of 1");
-    let workers = json(home, &["workers", "-o", "json"]);
-    let instance = |id: &str| {
-        workers.as_array().expect("a list").iter().find(|w| w["id"] == id).expect("the worker")["instance_id"]
-            .as_str()
-            .expect("instance")
-            .to_string()
-    };
     // The member's agent says when the spare has the checkpoint.
-    let agent_log = home.join("logs").join(format!("{}.log", instance(&member)));
+    let agent_log = agent_log(home, &member);
     let pushed = |text: &str| {
         text.lines()
             .any(|l| l.contains("pushed the newest checkpoint to a warm spare") && l.contains(&format!("step={step}")))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pushed(&std::fs::read_to_string(&agent_log).unwrap_or_default()) {
-        assert!(
-            Instant::now() < deadline,
-            "the checkpoint of step {step} never reached the spare: {}",
-            agent_log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || pushed(&std::fs::read_to_string(&agent_log).unwrap_or_default()),
+        || format!("the checkpoint of step {step} never reached the spare: {}", agent_log.display()),
+    );
     let killed = run(home, &["preempt", &member, "--hard"]);
     assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
     let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");

@@ -85,19 +85,39 @@ impl Drop for Down<'_> {
     }
 }
 
-/// The process id of a local worker's agent, from its instance record (`flotilla workers`
-/// names the instance; the local provider records the pid).
-pub fn worker_pid(home: &Path, worker: &str) -> u64 {
+/// The instance a local worker runs on (`flotilla workers` names it).
+pub fn instance_of(home: &Path, worker: &str) -> String {
     let out = run(home, &["workers", "-o", "json"]);
     assert!(out.status.success(), "workers: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let workers: serde_json::Value = serde_json::from_str(text.lines().last().expect("output")).expect("JSON");
-    let instance = workers
+    workers
         .as_array()
         .and_then(|ws| ws.iter().find(|w| w["id"] == worker))
         .and_then(|w| w["instance_id"].as_str())
         .expect("the worker's instance")
-        .to_string();
+        .to_string()
+}
+
+/// A local worker's agent log (the local provider writes it under `logs/`).
+pub fn agent_log(home: &Path, worker: &str) -> PathBuf {
+    home.join("logs").join(format!("{}.log", instance_of(home, worker)))
+}
+
+/// Polls `done` every `every` until it holds; fails after `limit` with `what` (called then,
+/// so it can read the state it names).
+pub fn eventually(limit: Duration, every: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        std::thread::sleep(every);
+    }
+}
+
+/// The process id of a local worker's agent, from its instance record (the local provider
+/// records the pid).
+pub fn worker_pid(home: &Path, worker: &str) -> u64 {
+    let instance = instance_of(home, worker);
     let record: serde_json::Value = serde_json::from_slice(
         &std::fs::read(home.join("instances").join(format!("{instance}.json"))).expect("instance record"),
     )

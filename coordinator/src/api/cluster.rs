@@ -347,6 +347,13 @@ impl ClusterService for ClusterApi {
         let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
         let (generation, step) = (report.generation, report.step);
         let ended = |end| Command::GenerationEnded { job_id, generation, end, step, reporter, announced: None };
+        // Rank 0's orderly stop, or a broken gang's survivor, may announce the checkpoint of the
+        // step it stopped at while it still writes it.
+        let announcing = |end| -> Result<Command, Status> {
+            let announced =
+                report.final_checkpoint.clone().map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
+            Ok(Command::GenerationEnded { job_id, generation, end, step, reporter, announced })
+        };
         let command = match GenerationEnd::try_from(report.end) {
             Ok(GenerationEnd::Finished) => {
                 let artifact = (!report.artifact_uri.is_empty()
@@ -376,26 +383,8 @@ impl ClusterService for ClusterApi {
                     reporter,
                 }
             }
-            Ok(GenerationEnd::Checkpointed) => {
-                // Rank 0 may announce the stop step's checkpoint while it still writes it.
-                let announced =
-                    report.final_checkpoint.map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
-                Command::GenerationEnded { job_id, generation, end: CoreEnd::Checkpointed, step, reporter, announced }
-            }
-            Ok(GenerationEnd::PeerLost) => {
-                // A survivor may announce its state's checkpoint (it holds the gang's state of
-                // the step it reached) while it still writes it.
-                let announced =
-                    report.final_checkpoint.map(|r| self.checkpoint_record(job_id, r, generation)).transpose()?;
-                Command::GenerationEnded {
-                    job_id,
-                    generation,
-                    end: CoreEnd::PeerLost { reason },
-                    step,
-                    reporter,
-                    announced,
-                }
-            }
+            Ok(GenerationEnd::Checkpointed) => announcing(CoreEnd::Checkpointed)?,
+            Ok(GenerationEnd::PeerLost) => announcing(CoreEnd::PeerLost { reason })?,
             Ok(GenerationEnd::CheckpointUnusable) => {
                 ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })
             }

@@ -422,21 +422,17 @@ fn resume_state(
     match peer::share(comm, mine, &reference.manifest_sha256) {
         Ok((Shared::Held(state), peer)) => {
             match pushed {
-                Some(pushed) if pushed.to_spare => {
-                    AGENT.resumes_from_peer.inc();
-                    AGENT.resume_peer_bytes.inc_by(pushed.bytes);
-                    log.note(format!(
-                        "resuming from the checkpoint of step {step} (pushed to this warm spare by rank 0 when it \
-                         recorded it: {} bytes in {:.1} ms; its manifest is the recorded checkpoint's)",
-                        pushed.bytes, pushed.ms
-                    ));
-                }
                 Some(pushed) => {
                     AGENT.resumes_from_peer.inc();
                     AGENT.resume_peer_bytes.inc_by(pushed.bytes);
+                    let how = if pushed.to_spare {
+                        "pushed to this warm spare by rank 0 when it recorded it"
+                    } else {
+                        "pushed by the leaving member over the data port before the regroup"
+                    };
                     log.note(format!(
-                        "resuming from the checkpoint of step {step} (pushed by the leaving member over the data port \
-                         before the regroup: {} bytes in {:.1} ms; its manifest is the recorded checkpoint's)",
+                        "resuming from the checkpoint of step {step} ({how}: {} bytes in {:.1} ms; its manifest is \
+                         the recorded checkpoint's)",
                         pushed.bytes, pushed.ms
                     ));
                 }

@@ -155,7 +155,7 @@ pub async fn follow(
     // The job this worker prepares (or prepared) for a handover or as a warm spare since its
     // last generation, and the handover push it was told to expect.
     let mut preparing: Option<String> = None;
-    let mut expecting: Option<(push::Expected, bool)> = None;
+    let mut expecting: Option<push::Expected> = None;
     loop {
         let Some(worker_id) = registered.borrow_and_update().clone() else {
             if registered.changed().await.is_err() {
@@ -235,10 +235,9 @@ pub async fn follow(
                         key: prepare.handover_key.clone(),
                         spare: prepare.spare,
                     };
-                    let told = (expected.clone(), prepare.spare);
-                    if !expected.key.is_empty() && expecting.as_ref() != Some(&told) {
-                        expecting = Some(told);
-                        if prepare.spare { push::accept(expected) } else { push::expect(expected) }
+                    if !expected.key.is_empty() && expecting.as_ref() != Some(&expected) {
+                        expecting = Some(expected.clone());
+                        if expected.spare { push::accept(expected) } else { push::expect(expected) }
                     }
                     if preparing.as_deref() != Some(prepare.job_id.as_str()) {
                         preparing = Some(prepare.job_id.clone());

@@ -54,6 +54,19 @@ struct Slots {
     push: Option<AwaitedPush>,
 }
 
+impl Slots {
+    /// Holds `cell` for `job_id` unless the job's held state is newer (or, with
+    /// `keep_same_step`, of the same step): a state that arrives late never replaces a newer one.
+    fn offer(&mut self, job_id: &str, cell: HeldCell, keep_same_step: bool) {
+        let newer = self.entry.as_ref().is_some_and(|e| {
+            e.job_id == job_id && (e.cell.step > cell.step || (keep_same_step && e.cell.step == cell.step))
+        });
+        if !newer {
+            self.entry = Some(HeldEntry { job_id: job_id.to_string(), cell: Arc::new(cell) });
+        }
+    }
+}
+
 struct AwaitedPush {
     job_id: String,
     /// The sender proved the key and the bytes are coming (else only announced).
@@ -144,12 +157,8 @@ impl Holder {
             };
             let parts = manifest.parts.iter().filter_map(|entry| parts.get(&entry.name).cloned()).collect();
             let held = Held { state, parts, manifest, pushed: None, stopped_at: None };
-            let cell = Arc::new(HeldCell::of_encoded(held, None));
             if let Ok(mut slots) = self.slots.lock() {
-                let newer = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step >= cell.step);
-                if !newer {
-                    slots.entry = Some(HeldEntry { job_id, cell });
-                }
+                slots.offer(&job_id, HeldCell::of_encoded(held, None), true);
             }
         })
     }
@@ -190,11 +199,7 @@ impl Holder {
     pub fn push_ended(&self, job_id: &str, held: Option<Held>) {
         if let Ok(mut slots) = self.slots.lock() {
             if let Some(held) = held {
-                let cell = Arc::new(HeldCell::of_encoded(held, None));
-                let newer = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step > cell.step);
-                if !newer {
-                    slots.entry = Some(HeldEntry { job_id: job_id.to_string(), cell });
-                }
+                slots.offer(job_id, HeldCell::of_encoded(held, None), false);
             }
             if slots.push.as_ref().is_some_and(|p| p.job_id == job_id) {
                 slots.push = None;

@@ -107,8 +107,13 @@ impl RingConfig {
     }
 
     fn aborted(&self) -> bool {
-        self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+        is_set(self.abort.as_ref())
     }
+}
+
+/// Whether an abort flag is given and set.
+fn is_set(flag: Option<&Arc<std::sync::atomic::AtomicBool>>) -> bool {
+    flag.is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 pub struct RingCommunicator {
@@ -258,16 +263,16 @@ impl RingCommunicator {
         root: usize,
         operation: &'static str,
     ) -> Result<(), CollectiveError> {
-        let (timeout, next_rank, prev_rank) = (self.wait(), self.next_rank(), self.prev_rank());
+        let (wait, next_rank, prev_rank) = (self.wait(), self.next_rank(), self.prev_rank());
         let mut header = [0u8; 16];
         header[..4].copy_from_slice(&op.to_le_bytes());
         header[4..12].copy_from_slice(&(len as u64).to_le_bytes());
         header[12..].copy_from_slice(&(root as u32).to_le_bytes());
         let next = self.next.as_mut().expect("a ring of 2 or more has a successor");
-        write_all_polled(next, &header, &timeout).map_err(|e| lost(operation, next_rank, &e, timeout.limit))?;
+        write_all_polled(next, &header, &wait).map_err(|e| lost(operation, next_rank, &e, wait.limit))?;
         let mut theirs = [0u8; 16];
         let prev = self.prev.as_mut().expect("a ring of 2 or more has a predecessor");
-        read_exact_polled(prev, &mut theirs, &timeout).map_err(|e| lost(operation, prev_rank, &e, timeout.limit))?;
+        read_exact_polled(prev, &mut theirs, &wait).map_err(|e| lost(operation, prev_rank, &e, wait.limit))?;
         if theirs != header {
             return Err(CollectiveError::Invalid(format!(
                 "rank {prev_rank} called a different collective (op/length/root {:?} vs ours {:?})",
@@ -322,7 +327,7 @@ impl Wait {
         use nix::poll::PollTimeout;
         let deadline = Instant::now() + self.limit;
         loop {
-            if self.abort.as_ref().is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed)) {
+            if is_set(self.abort.as_ref()) {
                 return Err(std::io::Error::other(
                     "aborted by the coordinator (the generation was superseded, or a member went silent)",
                 ));
@@ -694,7 +699,7 @@ impl<'a> Transfer<'a> {
     }
 
     /// Moves bytes both ways until every step is read and every queued segment written,
-    /// waiting in `poll` (at most `timeout` at a time) only when neither link can move.
+    /// waiting in `poll` (see [`Wait`]) only when neither link can move.
     fn run(&mut self, next: &mut TcpStream, prev: &mut TcpStream, wait: &Wait) -> Result<(), (Side, std::io::Error)> {
         use nix::poll::{PollFd, PollFlags};
         use std::os::fd::AsFd;
@@ -723,13 +728,13 @@ impl<'a> Transfer<'a> {
     }
 }
 
-/// `write_all` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
-fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: &Wait) -> std::io::Result<()> {
+/// `write_all` on a non-blocking socket, waiting in `poll` (see [`Wait`]).
+fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], wait: &Wait) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match stream.write(bytes) {
             Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the connection closed")),
             Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, false, timeout)?,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, false, wait)?,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -737,14 +742,14 @@ fn write_all_polled(stream: &mut TcpStream, mut bytes: &[u8], timeout: &Wait) ->
     Ok(())
 }
 
-/// `read_exact` on a non-blocking socket, waiting in `poll` (at most `timeout` at a time).
-fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], timeout: &Wait) -> std::io::Result<()> {
+/// `read_exact` on a non-blocking socket, waiting in `poll` (see [`Wait`]).
+fn read_exact_polled(stream: &mut TcpStream, buffer: &mut [u8], wait: &Wait) -> std::io::Result<()> {
     let mut at = 0;
     while at < buffer.len() {
         match stream.read(&mut buffer[at..]) {
             Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the connection closed")),
             Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, true, timeout)?,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_for(stream, true, wait)?,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
