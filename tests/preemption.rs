@@ -185,6 +185,65 @@ fn spot_notices_lose_zero_steps() {
     assert_same_as_uninterrupted(home, &spec, &done, "three notices");
 }
 
+/// A capacity pool reclaimed: every member of the gang gets a two-minute notice within a
+/// second. Each gets a replacement of its own (the local provider launches one per notice,
+/// booting for 4 s while the gang trains on); once both are prepared the gang stops at one
+/// step and the next generation forms at once with each replacement in its noticed member's
+/// rank, the state pushed to each by the member it replaces. No step lost, nothing read from
+/// the store, and the final weights are the uninterrupted run's, bit for bit.
+#[test]
+fn members_noticed_together_hand_over_together_and_change_no_bit() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "4"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "pool", 60, 20);
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    assert_eq!(members.len(), 2, "{members:?}");
+    for member in &members {
+        let preempted = run(home, &["preempt", member]);
+        assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    }
+    let handed = wait_for(home, &job, Duration::from_secs(60), "the handover", |s| {
+        s["generation"].as_u64().unwrap_or(0) >= 2 || s["state"] == "Succeeded"
+    });
+    assert_eq!(handed["generation"], 2, "one regroup for both notices: {handed}");
+    let second = gang(home, &job);
+    assert!(second.iter().all(|w| !members.contains(w)), "{members:?} -> {second:?}");
+    let done = wait_for(home, &job, Duration::from_secs(240), "the end", |s| s["state"] == "Succeeded");
+    let took: Vec<&str> = events(&done, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
+    assert_eq!(took.len(), 2, "{done}");
+    // Each noticed member's rank went to a replacement of its own.
+    let mut takers: Vec<&String> = members
+        .iter()
+        .map(|member| {
+            let replacement =
+                second.iter().find(|r| took.iter().any(|m| m.starts_with(&format!("{r} took {member}'s rank"))));
+            replacement.unwrap_or_else(|| panic!("nobody took {member}'s rank: {done}"))
+        })
+        .collect();
+    takers.dedup();
+    assert_eq!(takers.len(), 2, "{done}");
+    assert_eq!(events(&done, "checkpointed").len(), 1, "{done}");
+    assert!(events(&done, "checkpointed")[0].contains("stopped for handover"), "{done}");
+    assert_eq!((done["steps_lost"].as_u64(), done["recoveries"].as_u64()), (Some(0), Some(0)), "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "{done}");
+    let log = logs(home, &job);
+    let node1 = String::from_utf8_lossy(&run(home, &["logs", &job, "--node", "1"]).stdout).to_string();
+    for text in [&log, &node1] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("resuming from the checkpoint of step")
+                    && l.contains("pushed by the leaving member")),
+            "each replacement got the state pushed:\n{text}"
+        );
+    }
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "two notices at once");
+}
+
 /// A small deterministic generator for kill targets and moments.
 struct SplitMix(u64);
 

@@ -229,12 +229,13 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             JobState::Running if budget_left.is_some_and(|left| left <= 0.0) && job.checkpoint_requested.is_none() => {
                 out.over_budget.push((job.id, job.generation));
             }
-            // A noticed member's replacement, bought at the notice while the gang trains on.
-            JobState::Running if job.awaited_handover().is_some() => {
-                let leaving = job.awaited_handover().and_then(|h| state.workers.get(&h.leaving));
+            // Noticed members' replacements, bought at the notice while the gang trains on
+            // (one per member still without one, outside the first one's pool).
+            JobState::Running if job.awaited_handovers().next().is_some() => {
+                let leaving = job.awaited_handovers().next().and_then(|h| state.workers.get(&h.leaving));
                 out.gangs.push(Gang {
                     order: 0,
-                    workers: 1,
+                    workers: job.awaited_handovers().count() as u32,
                     mixed: false,
                     avoid: leaving
                         .map(|w| PoolKey { instance_type: w.info.instance_type.clone(), zone: w.info.zone.clone() }),

@@ -105,7 +105,7 @@ fn awaited_replacements(state: &State) -> Vec<(WorkerId, String)> {
     state
         .jobs
         .values()
-        .filter_map(|job| job.awaited_handover())
+        .flat_map(|job| job.awaited_handovers())
         .filter_map(|h| state.workers.get(&h.leaving).map(|w| (h.leaving, w.info.instance_id.clone())))
         .collect()
 }

@@ -72,7 +72,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
         .collect();
     // Workers promised to a handover are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
-        state.jobs.values().filter_map(|j| j.reserved_replacement()).collect();
+        state.jobs.values().flat_map(|j| j.reserved_replacements()).collect();
     let free = state
         .workers
         .values()
@@ -95,14 +95,16 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
 pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
 
 /// What the leader does for handovers under way (issue 25) at `now_ms`:
-/// - a job whose noticed member has no replacement yet gets the free worker that fits
-///   ([`pick_replacement`]); without one by the handover's fallback time, or when no
-///   replacement can come (`replacements_expected` false: no autoscaler, no local replacer),
-///   the generation stops at a checkpoint as after any notice;
-/// - a reserved replacement that reported the job prepared (`prepared(worker)`, from its
-///   heartbeats) makes the gang hand over ([`Command::HandoverReady`]); so does one that has
-///   not reported by the fallback time or within [`PREPARE_WAIT_MAX_MS`]. One that was lost or
-///   noticed meanwhile ends the handover at a checkpoint (the job then waits for capacity).
+/// - a job with a noticed member still without a replacement gets the free worker that fits
+///   ([`pick_replacement`], one per pass, in notice order); without one by the earliest
+///   fallback time of its handovers, or when no replacement can come (`replacements_expected`
+///   false: no autoscaler, no local replacer), the generation stops at a checkpoint as after
+///   any notice;
+/// - once every noticed member has a reserved replacement and each reported the job prepared
+///   (`prepared(worker)`, from its heartbeats), the gang hands over to all of them
+///   ([`Command::HandoverReady`]); a replacement that has not reported by the earliest
+///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready. One that was lost or
+///   noticed meanwhile ends the handovers at a checkpoint (the job then waits for capacity).
 pub fn handover_commands(
     state: &State,
     now_ms: u64,
@@ -111,26 +113,26 @@ pub fn handover_commands(
 ) -> Vec<Command> {
     let mut out = Vec::new();
     for job in state.jobs.values().filter(|j| j.state == JobState::Running && j.checkpoint_requested.is_none()) {
-        let Some(handover) = job.handover.as_ref() else { continue };
+        let Some(fallback_at_ms) = job.handovers.iter().map(|h| h.fallback_at_unix_ms).min() else { continue };
         let (job_id, generation) = (job.id, job.generation);
         let fallback = Command::RequestCheckpoint { job_id, generation, reason: StopReason::Preemption };
-        match handover.replacement {
-            None => {
-                if let Some(replacement) = pick_replacement(state, job_id) {
-                    out.push(Command::HandoverTo { job_id, generation, replacement });
-                } else if now_ms >= handover.fallback_at_unix_ms || !replacements_expected {
-                    out.push(fallback);
-                }
+        let gone = |r: WorkerId| state.workers.get(&r).is_none_or(|w| w.lost_at_unix_ms.is_some() || w.draining);
+        if job.reserved_replacements().any(gone) {
+            out.push(fallback);
+        } else if job.awaited_handovers().next().is_some() {
+            if let Some(replacement) = pick_replacement(state, job_id) {
+                out.push(Command::HandoverTo { job_id, generation, replacement });
+            } else if now_ms >= fallback_at_ms || !replacements_expected {
+                out.push(fallback);
             }
-            Some(replacement) => {
-                let gone = state.workers.get(&replacement).is_none_or(|w| w.lost_at_unix_ms.is_some() || w.draining);
-                let waited_out = now_ms >= handover.fallback_at_unix_ms
-                    || now_ms >= handover.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS);
-                if gone {
-                    out.push(fallback);
-                } else if prepared(replacement) == Some(job_id) || waited_out {
-                    out.push(Command::HandoverReady { job_id, generation });
-                }
+        } else {
+            let ready = |h: &flotilla_core::state::Handover| {
+                h.replacement.is_some_and(|r| prepared(r) == Some(job_id))
+                    || now_ms >= fallback_at_ms
+                    || now_ms >= h.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS)
+            };
+            if job.handovers.iter().all(ready) {
+                out.push(Command::HandoverReady { job_id, generation });
             }
         }
     }
@@ -345,5 +347,76 @@ mod tests {
         let wait = flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS;
         assert!(member_lost_commands(&state, lost_at + wait - 1).is_empty());
         assert_eq!(member_lost_commands(&state, lost_at + wait), vec![Command::GangLost { job_id, generation: 2 }]);
+    }
+
+    #[test]
+    fn members_noticed_together_hand_over_once_every_replacement_is_reserved_and_prepared() {
+        use flotilla_core::state::StopReason;
+        let mut state = State::default();
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
+        )
+        .expect("spec");
+        let mut at = 0;
+        let mut step = |state: &mut State, command| {
+            at += 100;
+            apply(state, at, Envelope::new(at, command)).expect("applies")
+        };
+        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
+        let register = |i: u64| {
+            let info = WorkerInfo {
+                cpus: 1,
+                gpus: 0,
+                memory_bytes: 0,
+                instance_id: format!("i-{i}"),
+                instance_type: "local".into(),
+                zone: "local".into(),
+                hostname: "h".into(),
+                data_addr: "127.0.0.1:1".into(),
+            };
+            Command::RegisterWorker { info, credential_sha256: String::new() }
+        };
+        for i in 1..=2 {
+            step(&mut state, register(i));
+        }
+        let (w1, w2) = (WorkerId(1), WorkerId(2));
+        let job_id = JobId(1);
+        step(&mut state, Command::AssignGang { job_id, workers: vec![w1, w2] });
+        let notice =
+            |worker_id| Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
+        step(&mut state, notice(w1));
+        step(&mut state, notice(w2));
+        let fallback_at = state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
+        let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
+        let ready = vec![Command::HandoverReady { job_id, generation: 1 }];
+        let all = |_| Some(job_id);
+        // No free worker: wait (replacements are on their way) until the fallback time.
+        assert!(handover_commands(&state, 1_000, true, all).is_empty());
+        assert_eq!(handover_commands(&state, fallback_at, true, all), fallback);
+        assert_eq!(handover_commands(&state, 1_000, false, all), fallback, "none can come");
+        // One per pass, in notice order.
+        step(&mut state, register(3));
+        step(&mut state, register(4));
+        let (r1, r2) = (WorkerId(3), WorkerId(4));
+        assert_eq!(
+            handover_commands(&state, 1_000, true, all),
+            vec![Command::HandoverTo { job_id, generation: 1, replacement: r1 }]
+        );
+        step(&mut state, Command::HandoverTo { job_id, generation: 1, replacement: r1 });
+        assert!(state.jobs[&job_id].handovers[0].replacement == Some(r1));
+        // w1's replacement is prepared, w2 has none yet: not ready.
+        assert_eq!(
+            handover_commands(&state, 1_000, true, all),
+            vec![Command::HandoverTo { job_id, generation: 1, replacement: r2 }]
+        );
+        step(&mut state, Command::HandoverTo { job_id, generation: 1, replacement: r2 });
+        let only_r1 = |w| (w == r1).then_some(job_id);
+        assert!(handover_commands(&state, 1_000, true, only_r1).is_empty(), "r2 still prepares");
+        assert_eq!(handover_commands(&state, 1_000, true, all), ready);
+        assert_eq!(handover_commands(&state, fallback_at, true, only_r1), ready, "waited out at the fallback");
+        // A replacement lost meanwhile ends the handovers at a checkpoint.
+        let mut lost = state.clone();
+        lost.workers.get_mut(&r2).expect("worker").lost_at_unix_ms = Some(900);
+        assert_eq!(handover_commands(&lost, 1_000, true, all), fallback);
     }
 }

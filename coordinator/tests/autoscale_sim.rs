@@ -665,7 +665,7 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
     assert!(handover_commands(&control.state, 17_000, true, prepared).is_empty(), "once");
     // Without a replacement in time, the fallback is the checkpoint-and-stop path.
     let mut late = control.state.clone();
-    late.jobs.get_mut(&job_id).expect("job").handover.as_mut().expect("handover").replacement = None;
+    late.jobs.get_mut(&job_id).expect("job").handovers[0].replacement = None;
     late.jobs.get_mut(&job_id).expect("job").checkpoint_requested = None;
     late.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_000);
     assert!(handover_commands(&late, 84_999, true, nothing_prepared).is_empty());

@@ -622,9 +622,8 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
     };
     let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
     let handover_to = job
-        .handover
-        .as_ref()
-        .filter(|h| h.leaving == id && job.checkpoint_requested == Some(StopReason::Handover))
+        .handover_of(id)
+        .filter(|_| job.checkpoint_requested == Some(StopReason::Handover))
         .and_then(|h| state.workers.get(&h.replacement?))
         .map(|replacement| replacement.info.data_addr.clone());
     Desired::Train {
@@ -832,7 +831,7 @@ mod tests {
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 8, Envelope::new(10_000, notice)).expect("notice");
-        assert_eq!(state.jobs[&JobId(2)].reserved_replacement(), Some(workers[2]));
+        assert_eq!(state.jobs[&JobId(2)].reserved_replacements().collect::<Vec<_>>(), [workers[2]]);
         match desired(&state, workers[2], "file:///s", &key) {
             Desired::Prepare { prepare, .. } => {
                 assert!(!prepare.spare, "the reserved replacement awaits the push");
@@ -863,8 +862,8 @@ mod tests {
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
-        let reserved = state.jobs[&job_id].reserved_replacement();
-        assert_eq!(reserved, Some(workers[2]), "{:?}", state.jobs[&job_id].handover);
+        let reserved: Vec<_> = state.jobs[&job_id].reserved_replacements().collect();
+        assert_eq!(reserved, [workers[2]], "{:?}", state.jobs[&job_id].handovers);
         match desired(&state, workers[2], "file:///s", &key) {
             Desired::Prepare { job, prepare } => {
                 assert_eq!((job, prepare.job_id.as_str()), (job_id, "job-1"));

@@ -50,7 +50,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     generation_start_step: 0,
                     gang_usd_per_hour: 0.0,
                     on_demand_only: false,
-                    handover: None,
+                    handovers: Vec::new(),
                     member_lost: None,
                     stall_ms_total: 0,
                     last_stall_ms: 0,
@@ -158,15 +158,21 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.updated_at_unix_ms = now;
             let taken =
                 taken_at.map_or(String::new(), |at| format!(" (instance taken at {})", crate::text::rfc3339_utc(at)));
-            // Time to spare and nothing else under way: hand over to a replacement while the
-            // gang trains on.
+            // The same notice reported again (its report was retried across a leader change):
+            // the same answer, nothing changes.
+            if let Some(handover) = job.handover_of(worker_id) {
+                let handover_until = Some(handover.fallback_at_unix_ms);
+                return Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until });
+            }
+            // Time to spare and the gang not stopping yet: hand over to a replacement while the
+            // gang trains on (a member noticed while others' handovers are under way joins
+            // them: the gang hands over to every replacement at one step boundary).
             let spare = taken_at.filter(|at| *at >= now.saturating_add(HANDOVER_LEAD_MIN_MS));
             if let Some(at) = spare
                 && job.checkpoint_requested.is_none()
-                && job.handover.is_none()
             {
                 let fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
-                job.handover = Some(Handover {
+                job.handovers.push(Handover {
                     leaving: worker_id,
                     noticed_at_unix_ms: now,
                     fallback_at_unix_ms,
@@ -180,7 +186,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 push_event(job, now, "preemption_notice", message);
                 let job_id = job.id;
                 let generation = job.generation;
-                if let Some(replacement) = pick_replacement(state, job_id) {
+                while let Some(replacement) = pick_replacement(state, job_id) {
                     reserve_replacement(state, job_id, generation, replacement, now)?;
                 }
                 return Ok(Applied::WorkerInterrupted {
@@ -194,7 +200,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(StopReason::Preemption);
             }
-            job.drop_awaited_handover();
+            job.drop_awaited_handovers();
             push_event(
                 job,
                 now,
@@ -205,7 +211,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         }
         Command::HandoverTo { job_id, generation, replacement } => {
             let job = running_generation(state, job_id, generation)?;
-            if job.checkpoint_requested.is_some() || job.awaited_handover().is_none() {
+            if job.checkpoint_requested.is_some() || job.awaited_handovers().next().is_none() {
                 return Err(Rejected::NoHandover { job_id });
             }
             if !replacement_fits(state, job_id, replacement) {
@@ -214,27 +220,25 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             reserve_replacement(state, job_id, generation, replacement, now)
         }
         Command::HandoverReady { job_id, generation } => {
+            // Every noticed member's replacement is reserved: the gang hands over to all of
+            // them at the next step boundary.
             let job = running_generation(state, job_id, generation)?;
-            let replacement = job.reserved_replacement();
-            let (Some(replacement), None) = (replacement, job.checkpoint_requested) else {
+            let pairs: Option<Vec<(WorkerId, WorkerId)>> =
+                job.handovers.iter().map(|h| h.replacement.map(|r| (r, h.leaving))).collect();
+            let (Some(pairs), None) = (pairs.filter(|p| !p.is_empty()), job.checkpoint_requested) else {
                 return Err(Rejected::NoHandover { job_id });
             };
-            let leaving = job.handover.as_ref().map(|h| h.leaving).ok_or(Rejected::NoHandover { job_id })?;
             job.checkpoint_requested = Some(StopReason::Handover);
             job.updated_at_unix_ms = now;
-            push_event(
-                job,
-                now,
-                "handover",
-                format!("{replacement} is ready to replace {leaving}; checkpointing at the next step"),
-            );
-            Ok(Applied::HandoverStarted { job_id, replacement })
+            let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
+            push_event(job, now, "handover", format!("{}; checkpointing at the next step", who.join(", ")));
+            Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0 })
         }
         Command::RequestCheckpoint { job_id, generation, reason } => {
             let job = running_generation(state, job_id, generation)?;
             // The leader's fallback: no replacement came in time; this generation stops as
             // after any notice.
-            job.drop_awaited_handover();
+            job.drop_awaited_handovers();
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
                 push_event(
@@ -746,7 +750,7 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
 
 /// The job whose handover has reserved `worker` as its replacement, if any.
 pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
-    state.jobs.values().find(|j| j.reserved_replacement() == Some(worker))
+    state.jobs.values().find(|j| j.reserved_replacements().any(|r| r == worker))
 }
 
 /// The running job `worker` is a warm spare of (`capacity.spares`), if any: a free worker that
@@ -761,10 +765,11 @@ pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
     })
 }
 
-/// The free worker to replace the noticed member of `job_id`'s handover, if any: one outside
-/// the noticed member's pool first (that pool is being reclaimed), then the lowest id.
+/// The free worker to replace the first noticed member of `job_id` still without a
+/// replacement, if any: one outside the noticed member's pool first (that pool is being
+/// reclaimed), then the lowest id.
 pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
-    let leaving = state.jobs.get(&job_id)?.handover.as_ref()?.leaving;
+    let leaving = state.jobs.get(&job_id)?.awaited_handovers().next()?.leaving;
     let pool = state.workers.get(&leaving).map(|w| (w.info.instance_type.as_str(), w.info.zone.as_str()));
     state
         .workers
@@ -774,8 +779,9 @@ pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
         .map(|w| w.id)
 }
 
-/// Reserves `replacement` for the job's handover: it prepares while the gang trains on, until
-/// the leader finds it ready ([`Command::HandoverReady`]).
+/// Reserves `replacement` for the job's first handover still without one: it prepares while
+/// the gang trains on, until the leader finds every replacement ready
+/// ([`Command::HandoverReady`]).
 fn reserve_replacement(
     state: &mut State,
     job_id: JobId,
@@ -784,7 +790,9 @@ fn reserve_replacement(
     now: u64,
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
-    let Some(handover) = job.handover.as_mut() else { return Err(Rejected::NoHandover { job_id }) };
+    let Some(handover) = job.handovers.iter_mut().find(|h| h.replacement.is_none()) else {
+        return Err(Rejected::NoHandover { job_id });
+    };
     handover.replacement = Some(replacement);
     handover.reserved_at_unix_ms = now;
     let leaving = handover.leaving;
@@ -940,11 +948,11 @@ fn generation_ended(
     now: u64,
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
-    let handover = job.handover.take();
+    let handovers = std::mem::take(&mut job.handovers);
     job.member_lost = None;
     // A gang that stops on its own during a handover (the noticed member's agent stops at the
     // fallback time when no order came first) stops for that notice.
-    let requested = job.checkpoint_requested.take().or(handover.as_ref().map(|_| StopReason::Preemption));
+    let requested = job.checkpoint_requested.take().or((!handovers.is_empty()).then_some(StopReason::Preemption));
     let lost_steps = match &end {
         GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. } => step.saturating_sub(resume_step(job)),
         _ => 0,
@@ -1046,18 +1054,25 @@ fn generation_ended(
     if matches!(end, GenerationEnd::PeerLost { .. }) {
         suspect(state, &gang, now);
     }
-    // A handover: the next generation forms at once, the replacement in the leaving member's
-    // rank. If it cannot (the replacement is gone, another member was noticed meanwhile), the
-    // job waits like after any stop.
-    if let (Some(StopReason::Handover), GenerationEnd::Checkpointed, Some(h)) = (requested, &end, handover)
-        && let Some(replacement) = h.replacement
+    // A handover: the next generation forms at once, each replacement in its leaving member's
+    // rank. If it cannot (a replacement is gone, another member was noticed meanwhile), the job
+    // waits like after any stop.
+    let replaced: Option<Vec<(&Handover, WorkerId)>> =
+        handovers.iter().map(|h| h.replacement.map(|r| (h, r))).collect();
+    if let (Some(StopReason::Handover), GenerationEnd::Checkpointed, Some(replaced)) = (requested, &end, replaced)
+        && !replaced.is_empty()
     {
-        let workers: Vec<WorkerId> = gang.iter().map(|w| if *w == h.leaving { replacement } else { *w }).collect();
+        let workers: Vec<WorkerId> = gang
+            .iter()
+            .map(|w| replaced.iter().find(|(h, _)| h.leaving == *w).map_or(*w, |(_, replacement)| *replacement))
+            .collect();
         if assign_gang(state, job_id, workers, now).is_ok() {
             let job = state.jobs.get_mut(&job_id).expect("the job was just assigned");
-            let since_notice_ms = now.saturating_sub(h.noticed_at_unix_ms);
-            let message = JobEvent::handed_over_message(replacement, h.leaving, step, since_notice_ms);
-            push_event(job, now, "handover", message);
+            for (h, replacement) in replaced {
+                let since_notice_ms = now.saturating_sub(h.noticed_at_unix_ms);
+                let message = JobEvent::handed_over_message(replacement, h.leaving, step, since_notice_ms);
+                push_event(job, now, "handover", message);
+            }
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Running });
         }
     }

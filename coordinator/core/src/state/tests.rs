@@ -339,7 +339,7 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     );
     let job = &state.jobs[&JobId(1)];
     assert_eq!(job.checkpoint_requested, None, "the gang trains on while the replacement prepares");
-    let handover = job.handover.clone().expect("a handover");
+    let [handover] = job.handovers.clone().try_into().expect("one handover");
     assert_eq!((handover.leaving, handover.replacement, handover.fallback_at_unix_ms), (w2, Some(spare), 85_000));
     assert_eq!(handover.reserved_at_unix_ms, 10_000);
     assert!(state.workers[&spare].job.is_none(), "reserved by the handover, not assigned yet");
@@ -369,12 +369,101 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     );
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.generation, job.gang.clone()), (2, vec![w1, spare]), "the replacement takes rank 1");
-    assert_eq!((job.preemptions, job.steps_lost, job.recoveries, job.handover.clone()), (1, 0, 0, None));
+    assert_eq!((job.preemptions, job.steps_lost, job.recoveries, job.handovers.clone()), (1, 0, 0, vec![]));
     assert_eq!(job.generation_start_step, 30);
     let event = job.events.iter().rev().find(|e| e.kind == "handover").expect("event");
     assert!(event.message.contains("2000 ms after the notice"), "{}", event.message);
     assert!(state.workers[&w2].job.is_none() && state.workers[&w2].draining);
     assert_eq!(state.workers[&spare].job, Some(JobId(1)));
+}
+
+#[test]
+fn members_noticed_together_hand_over_to_their_replacements_at_one_step_boundary() {
+    // A capacity pool is reclaimed: both members get notices seconds apart.
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let first = register(&mut state, 5);
+    let noticed =
+        |worker_id, until| Ok(Applied::WorkerInterrupted { worker_id, job: Some(JobId(1)), handover_until: until });
+    assert_eq!(at(&mut state, 10_000, spot_notice(w1, 130_000)), noticed(w1, Some(85_000)));
+    assert_eq!(at(&mut state, 10_500, spot_notice(w2, 126_000)), noticed(w2, Some(81_000)));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, None, "the gang trains on while replacements are sought");
+    let pairs: Vec<_> = job.handovers.iter().map(|h| (h.leaving, h.replacement)).collect();
+    assert_eq!(pairs, [(w1, Some(first)), (w2, None)], "the free worker went to the first notice");
+    // A notice reported again (retried across a leader change) changes nothing.
+    assert_eq!(at(&mut state, 10_600, spot_notice(w1, 130_000)), noticed(w1, Some(85_000)));
+    assert_eq!(state.jobs[&JobId(1)].handovers.len(), 2);
+    assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, None);
+    // Not ready while one noticed member has no replacement.
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    assert_eq!(at(&mut state, 11_000, ready.clone()), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    let second = register(&mut state, 12);
+    let reserve = Command::HandoverTo { job_id: JobId(1), generation: 1, replacement: second };
+    assert_eq!(
+        at(&mut state, 12_000, reserve.clone()),
+        Ok(Applied::ReplacementReserved { job_id: JobId(1), replacement: second })
+    );
+    assert_eq!(at(&mut state, 12_001, reserve), Err(Rejected::NoHandover { job_id: JobId(1) }), "none left to fill");
+    assert_eq!(at(&mut state, 13_000, ready), Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: first }));
+    let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
+    assert!(event.contains(&format!("{first} is ready to replace {w1}, {second} is ready to replace {w2}")), "{event}");
+    checkpoint(&mut state, 30, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 30),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.gang.clone()), (2, vec![first, second]), "each replacement in its member's rank");
+    assert_eq!((job.steps_lost, job.recoveries, job.handovers.clone()), (0, 0, vec![]));
+    let taken: Vec<_> = job.events.iter().filter(|e| e.is_handed_over()).map(|e| e.message.clone()).collect();
+    assert_eq!(taken.len(), 2, "{taken:?}");
+    assert!(
+        taken[0].starts_with(&format!("{first} took {w1}")) && taken[1].starts_with(&format!("{second} took {w2}"))
+    );
+    for w in [w1, w2] {
+        assert!(state.workers[&w].job.is_none() && state.workers[&w].draining);
+    }
+}
+
+#[test]
+fn a_second_notice_without_a_replacement_in_time_falls_back_and_frees_the_first_one() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let first = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w1, 130_000)).expect("notice");
+    at(&mut state, 10_500, spot_notice(w2, 130_000)).expect("notice");
+    // The leader's fallback: w2's handover found nobody.
+    let fallback = Command::RequestCheckpoint { job_id: JobId(1), generation: 1, reason: StopReason::Preemption };
+    at(&mut state, 85_000, fallback).expect("fallback");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, Some(StopReason::Preemption));
+    let left: Vec<_> = job.handovers.iter().map(|h| (h.leaving, h.replacement)).collect();
+    assert_eq!(left, [(w1, Some(first))], "the reserved one stays until the gang ends");
+    checkpoint(&mut state, 40, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 40),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert!(reserving_job(&state, first).is_none(), "free (and prepared) for the job's next generation");
+    assert_eq!(state.jobs[&JobId(1)].handovers, []);
+}
+
+#[test]
+fn a_job_saved_with_one_handover_loads_with_it() {
+    // Snapshots and logs from before several handovers at once wrote `handover`: one or null.
+    let mut state = State::default();
+    let (w1, _) = running_job(&mut state, 3);
+    at(&mut state, 10_000, spot_notice(w1, 130_000)).expect("notice");
+    let job = state.jobs[&JobId(1)].clone();
+    let mut old = serde_json::to_value(&job).expect("json");
+    let fields = old.as_object_mut().expect("an object");
+    let [one]: [serde_json::Value; 1] =
+        serde_json::from_value(fields.remove("handovers").expect("written")).expect("one handover");
+    fields.insert("handover".into(), one);
+    assert_eq!(serde_json::from_value::<Job>(old.clone()).expect("loads").handovers, job.handovers);
+    old.as_object_mut().expect("an object").insert("handover".into(), serde_json::Value::Null);
+    assert_eq!(serde_json::from_value::<Job>(old).expect("loads").handovers, []);
 }
 
 #[test]
@@ -385,7 +474,7 @@ fn cancelling_a_job_mid_handover_frees_its_reserved_replacement() {
     at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
     assert_eq!(reserving_job(&state, spare).map(|j| j.id), Some(JobId(1)), "reserved by the handover");
     at(&mut state, 11_000, Command::CancelJob { job_id: JobId(1), reason: String::new() }).expect("cancel");
-    assert_eq!(state.jobs[&JobId(1)].handover, None);
+    assert_eq!(state.jobs[&JobId(1)].handovers, []);
     assert!(reserving_job(&state, spare).is_none(), "free for other jobs again");
 }
 
@@ -428,11 +517,11 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
     let spare = register(&mut state, 30);
     at(&mut state, 31_000, Command::AssignGang { job_id: JobId(1), workers: vec![w2, spare] }).expect("assign");
     at(&mut state, 32_000, spot_notice(spare, 200_000)).expect("notice");
-    assert!(state.jobs[&JobId(1)].handover.is_some());
+    assert_eq!(state.jobs[&JobId(1)].handovers.len(), 1);
     let fallback = Command::RequestCheckpoint { job_id: JobId(1), generation: 2, reason: StopReason::Preemption };
     at(&mut state, 155_000, fallback).expect("fallback");
     let job = &state.jobs[&JobId(1)];
-    assert_eq!((job.checkpoint_requested, job.handover.clone()), (Some(StopReason::Preemption), None));
+    assert_eq!((job.checkpoint_requested, job.handovers.clone()), (Some(StopReason::Preemption), vec![]));
     assert_eq!(
         at(&mut state, 156_000, handover(late)),
         Err(Rejected::StaleGeneration { job_id: JobId(1), current: 2, reported: 1 })
@@ -445,7 +534,7 @@ fn a_gang_that_stops_on_its_own_during_a_handover_stops_for_the_notice() {
     let mut state = State::default();
     let (w1, _) = running_job(&mut state, 3);
     at(&mut state, 10_000, spot_notice(w1, 130_000)).expect("notice");
-    assert!(state.jobs[&JobId(1)].handover.is_some() && state.jobs[&JobId(1)].checkpoint_requested.is_none());
+    assert!(!state.jobs[&JobId(1)].handovers.is_empty() && state.jobs[&JobId(1)].checkpoint_requested.is_none());
     checkpoint(&mut state, 40, 1).expect("checkpoint");
     let ended = Command::GenerationEnded {
         job_id: JobId(1),
@@ -457,7 +546,7 @@ fn a_gang_that_stops_on_its_own_during_a_handover_stops_for_the_notice() {
     };
     at(&mut state, 85_000, ended).expect("ended");
     let job = &state.jobs[&JobId(1)];
-    assert_eq!((job.state, job.preemptions, job.steps_lost, job.handover.clone()), (JobState::Pending, 1, 0, None));
+    assert_eq!((job.state, job.preemptions, job.steps_lost, job.handovers.clone()), (JobState::Pending, 1, 0, vec![]));
     let event = job.events.iter().rev().find(|e| e.kind == "checkpointed").expect("event");
     assert!(event.message.contains("stopped for preemption"), "{}", event.message);
 }

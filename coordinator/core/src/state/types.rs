@@ -175,9 +175,12 @@ pub struct Job {
     pub resume_peer_bytes: u64,
     #[serde(default)]
     pub resume_storage_bytes: u64,
-    /// A member got a notice with time to spare: a replacement is sought while the gang trains.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handover: Option<Handover>,
+    /// Members that got a notice with time to spare, in notice order: a replacement is sought
+    /// for each while the gang trains on; once every one is ready the gang hands over to all
+    /// of them at one step boundary. (Logs and snapshots before several handovers at once
+    /// hold one, under `handover`.)
+    #[serde(default, alias = "handover", deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub handovers: Vec<Handover>,
     /// A member's lease expired while the gang trained (it went silent: its peers saw no
     /// reset): the survivors are told to stop waiting for it and report the state they hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,32 +215,56 @@ pub struct Handover {
     pub reserved_at_unix_ms: u64,
 }
 
+/// `null`, one value (what a log or snapshot wrote before there could be several) or a list.
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        Many(Vec<T>),
+        One(T),
+    }
+    Ok(match Option::<OneOrMany<T>>::deserialize(deserializer)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(one)) => vec![one],
+        Some(OneOrMany::Many(many)) => many,
+    })
+}
+
 impl Job {
     /// Ends the running generation's membership: the gang is kept as `ended_gang` and returned
     /// for release.
     pub fn end_gang(&mut self) -> Vec<WorkerId> {
         // A handover belongs to its generation: a gang that ends (checkpoint, loss, cancel,
-        // failure) releases the replacement it had reserved.
-        self.handover = None;
+        // failure) releases the replacements it had reserved.
+        self.handovers.clear();
         self.ended_gang = std::mem::take(&mut self.gang);
         self.ended_gang.clone()
     }
 
-    /// The handover under way that still waits for its replacement.
-    pub fn awaited_handover(&self) -> Option<&Handover> {
-        self.handover.as_ref().filter(|h| h.replacement.is_none())
+    /// Handovers under way that still wait for their replacement, in notice order.
+    pub fn awaited_handovers(&self) -> impl Iterator<Item = &Handover> {
+        self.handovers.iter().filter(|h| h.replacement.is_none())
     }
 
-    /// The worker reserved to replace a noticed member, once one is.
-    pub fn reserved_replacement(&self) -> Option<WorkerId> {
-        self.handover.as_ref()?.replacement
+    /// The workers reserved to replace noticed members.
+    pub fn reserved_replacements(&self) -> impl Iterator<Item = WorkerId> + '_ {
+        self.handovers.iter().filter_map(|h| h.replacement)
     }
 
-    /// Drops a handover that found no replacement: the generation stops as after any notice.
-    pub fn drop_awaited_handover(&mut self) {
-        if self.awaited_handover().is_some() {
-            self.handover = None;
-        }
+    /// The handover of `leaving`, if it is a noticed member.
+    pub fn handover_of(&self, leaving: WorkerId) -> Option<&Handover> {
+        self.handovers.iter().find(|h| h.leaving == leaving)
+    }
+
+    /// Drops the handovers under way as the generation stops as after any notice (one found
+    /// no replacement in time): those without a replacement now; those with one when the gang
+    /// ends (their replacements are free then, and prepared for the job's next generation).
+    pub fn drop_awaited_handovers(&mut self) {
+        self.handovers.retain(|h| h.replacement.is_some());
     }
 
     /// Whether the job must run on on-demand workers only: `capacity.spot = false`, or moved
