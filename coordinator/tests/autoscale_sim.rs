@@ -672,3 +672,44 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
     assert_eq!(handover_commands(&late, 85_000, true, nothing_prepared), fallback);
     assert_eq!(handover_commands(&late, 20_000, false, nothing_prepared).len(), 1, "none can come");
 }
+
+#[test]
+fn members_noticed_together_get_one_replacement_each_bought_once() {
+    let (mut control, provider) = one_spot_job(SpotPrices::new());
+    let mut memory = Memory::default();
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| {
+        control.now = now_ms;
+        futures_block_on(autoscaling::pass(control, &provider, &config(), memory, now_ms)).expect("pass")
+    };
+    pass(&mut control, &mut memory, 2000);
+    let gang: Vec<_> = control.state.instances.values().cloned().collect();
+    let workers: Vec<_> =
+        gang.iter().enumerate().map(|(i, x)| register_worker(&mut control.state, 2 + i as u64, x)).collect();
+    let job_id = flotilla_core::JobId(1);
+    let assign = Command::AssignGang { job_id, workers: workers.clone() };
+    apply(&mut control.state, 4, Envelope::new(4000, assign)).expect("assign");
+    // The pool is reclaimed: both members noticed within a second.
+    for (i, worker_id) in workers.iter().enumerate() {
+        let notice =
+            Command::WorkerInterrupted { worker_id: *worker_id, kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+        apply(&mut control.state, 5 + i as u64, Envelope::new(10_000 + i as u64 * 500, notice)).expect("notice");
+    }
+    control.index = 7;
+    assert_eq!(control.state.jobs[&job_id].handovers.len(), 2, "both handed over, the gang trains on");
+    // Two replacements, bought once whatever the leader changes, outside the noticed pool.
+    pass(&mut control, &mut memory, 11_000);
+    pass(&mut control, &mut Memory::default(), 12_000);
+    let bought = |control: &Local| -> Vec<_> {
+        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect()
+    };
+    let replacements = bought(&control);
+    assert_eq!(replacements.len(), 2, "{:?}", control.state.instances);
+    assert!(replacements.iter().all(|r| (&r.instance_type, &r.zone) != (&gang[0].instance_type, &gang[0].zone)));
+    // One registers and is reserved: the other is still on its way, nothing more is bought.
+    let first = register_worker(&mut control.state, 8, &replacements[0]);
+    let reserve = Command::HandoverTo { job_id, generation: 1, replacement: first };
+    apply(&mut control.state, 9, Envelope::new(13_000, reserve)).expect("reserve");
+    control.index = 9;
+    pass(&mut control, &mut memory, 14_000);
+    assert_eq!(bought(&control).len(), 2, "{:?}", control.state.instances);
+}
