@@ -36,6 +36,9 @@ DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 PATHS = {"checkpoint_and_wait": 30, "handover": 120}
 GPUS = int(os.environ.get("GPUS", "0"))
+# NOTICED=all: every member of the gang gets the notice at once (a capacity pool reclaimed);
+# each needs a replacement of its own. Default: one member per round, alternating.
+NOTICED = os.environ.get("NOTICED", "one")
 METRICS_URL = os.environ.get("METRICS_URL", "")
 GLOBAL_BATCH = 2 * 64
 # How long a wait may take, and that a job that ends (it never should here) ends it.
@@ -124,9 +127,11 @@ def one(path, round_no):
     gang_step_ms = step_ms(job)
     metric = "handover_stall_seconds" if path == "handover" else "recovery_seconds"
     before = histogram(metric)
-    victim = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")[round_no % 2]
+    members = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")
+    victims = members if NOTICED == "all" else [members[round_no % 2]]
     t0 = time.monotonic()
-    cli("preempt", victim, "--notice-s", str(PATHS[path]))
+    for victim in victims:
+        cli("preempt", victim, "--notice-s", str(PATHS[path]))
     stopped, t_stop = wait(job, lambda s: s["generation"] > generation or s["state"] != "Running", **UNTIL)
     # Past the step it stopped at, not past the newest checkpoint: the new generation saves
     # again 20 steps in, before rank 0's next progress report (1 s), and comparing with that
@@ -153,6 +158,7 @@ def one(path, round_no):
         "notice_s": PATHS[path],
         "boot_s": int(os.environ["BOOT_S"]),
         "gpus": GPUS,
+        "noticed": len(victims),
         "trained_on_ms": round((t_stop - t0) * 1e3, 1),
         "stall_ms": round((t_first - t_stop) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
@@ -174,7 +180,13 @@ def main():
         order = list(PATHS) if round_no % 2 == 0 else list(reversed(PATHS))
         for path in order:
             records.append(one(path, round_no))
-    out = {"bench": "notice_path_summary", "rounds": ROUNDS, "boot_s": int(os.environ["BOOT_S"]), "gpus": GPUS}
+    out = {
+        "bench": "notice_path_summary",
+        "rounds": ROUNDS,
+        "boot_s": int(os.environ["BOOT_S"]),
+        "gpus": GPUS,
+        "noticed": NOTICED,
+    }
     for path in PATHS:
         for key in (
             "trained_on_ms",

@@ -9,6 +9,8 @@
 # build); GPUS=1 makes the job ask for a GPU per worker (a `--features cuda` build on a GPU
 # machine; the workers of one machine then share its GPUs). STORE=s3 puts the cluster store
 # (checkpoints, job logs) on S3 (moto on loopback, started here) instead of the local disk.
+# NOTICED=all gives every gang member the notice at once (a capacity pool reclaimed: each needs
+# a replacement of its own); the default notices one member per round.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -z "${FLOTILLA_BIN:-}" ]]; then
