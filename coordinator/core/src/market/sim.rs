@@ -193,7 +193,9 @@ struct Job {
     phase: Phase,
     /// Moved to on-demand to meet the deadline (`naive_spot_deadline`).
     on_demand: bool,
-    handover: Option<SimHandover>,
+    /// Members noticed with time for a handover, in notice order (several when notices come
+    /// together): the gang hands over to all of them at once.
+    handovers: Vec<SimHandover>,
     /// Stopped by a preemption and not training again yet (its wait counts as stall).
     preempted: bool,
 }
@@ -270,7 +272,7 @@ impl World<'_> {
         }
         let inst = &self.alive[index];
         let Some(j) = inst.job else { return false };
-        if self.jobs[j].phase != Phase::Running || self.jobs[j].handover.is_some() {
+        if self.jobs[j].phase != Phase::Running {
             return false;
         }
         let (id, pool) = (inst.id, inst.pool.clone());
@@ -279,7 +281,7 @@ impl World<'_> {
         }
         let taken_at_h = hour + self.params.notice_minutes / 60.0;
         self.alive[index].taken_at_h = Some(taken_at_h);
-        self.jobs[j].handover = Some(SimHandover {
+        self.jobs[j].handovers.push(SimHandover {
             leaving: id,
             fallback_at_h: taken_at_h - HANDOVER_FALLBACK_LEAD_MS as f64 / 3_600_000.0,
             replacement: None,
@@ -288,19 +290,23 @@ impl World<'_> {
         true
     }
 
-    /// Handovers under way: reserve a free ready instance outside the noticed pool (else
-    /// [`World::buy`] buys one); swap a ready replacement in before the fallback time (the
-    /// gang loses [`SimParams::handover_stall_seconds`] of training); at the fallback time
-    /// without one, the notice path (checkpoint, stop, wait; a bought replacement stays the
-    /// job's for its next gang).
+    /// Handovers under way: reserve a free ready instance outside the noticed pool for each
+    /// (else [`World::buy`] buys them); once every replacement is ready, before the earliest
+    /// fallback time, swap them all in at once (the gang loses
+    /// [`SimParams::handover_stall_seconds`] of training); at that fallback time without them,
+    /// the notice path (checkpoint, stop, wait; bought replacements stay the job's for its next
+    /// gang).
     fn handovers(&mut self, hour: f64) {
         for j in 0..self.jobs.len() {
-            let Some(mut h) = self.jobs[j].handover else { continue };
-            if self.jobs[j].phase != Phase::Running {
-                self.jobs[j].handover = None; // the gang stopped otherwise (another member lost)
+            if self.jobs[j].handovers.is_empty() {
                 continue;
             }
-            if h.replacement.is_none() {
+            if self.jobs[j].phase != Phase::Running {
+                self.jobs[j].handovers.clear(); // the gang stopped otherwise (another member lost)
+                continue;
+            }
+            let mut handovers = std::mem::take(&mut self.jobs[j].handovers);
+            for h in handovers.iter_mut().filter(|h| h.replacement.is_none()) {
                 let noticed_pool = self.alive.iter().find(|i| i.id == h.leaving).map(|i| i.pool.clone());
                 let on_demand_only = self.jobs[j].on_demand;
                 h.replacement = self
@@ -316,29 +322,32 @@ impl World<'_> {
                     inst.idle_since_h = None;
                 }
             }
-            let ready = self.alive.iter().any(|i| Some(i.id) == h.replacement && i.ready_at_h <= hour);
-            if ready && hour < h.fallback_at_h {
-                if let Some(leaving) = self.alive.iter_mut().find(|i| i.id == h.leaving) {
-                    leaving.job = None; // taken at its time; never in a gang again
+            let fallback_at_h = handovers.iter().map(|h| h.fallback_at_h).fold(f64::INFINITY, f64::min);
+            let ready =
+                |h: &SimHandover| self.alive.iter().any(|i| Some(i.id) == h.replacement && i.ready_at_h <= hour);
+            if handovers.iter().all(ready) && hour < fallback_at_h {
+                for h in &handovers {
+                    if let Some(leaving) = self.alive.iter_mut().find(|i| i.id == h.leaving) {
+                        leaving.job = None; // taken at its time; never in a gang again
+                    }
                 }
                 let stall_h = self.params.handover_stall_seconds / 3600.0;
                 let job = &mut self.jobs[j];
                 job.progress_h = (job.progress_h - stall_h).max(job.checkpoint_h);
-                job.handover = None;
                 self.out.stall_h += stall_h;
-                self.out.handovers += 1;
-            } else if hour >= h.fallback_at_h {
+                self.out.handovers += handovers.len() as u64;
+            } else if hour >= fallback_at_h {
                 let job = &mut self.jobs[j];
                 job.checkpoint_h = job.progress_h;
                 job.phase = Phase::Waiting;
                 job.preempted = true;
-                job.handover = None;
-                for i in self.alive.iter_mut().filter(|i| i.job == Some(j) && Some(i.id) != h.replacement) {
+                let replacements: Vec<Option<u64>> = handovers.iter().map(|h| h.replacement).collect();
+                for i in self.alive.iter_mut().filter(|i| i.job == Some(j) && !replacements.contains(&Some(i.id))) {
                     i.job = None;
                     i.idle_since_h = Some(hour);
                 }
             } else {
-                self.jobs[j].handover = Some(h);
+                self.jobs[j].handovers = handovers;
             }
         }
     }
@@ -498,18 +507,20 @@ impl World<'_> {
                         ..Gang::unconstrained(JobId(j as u64), j as u64, self.jobs[j].spec.workers, 1)
                     })
                     .collect();
-                // A handover without a replacement: a gang of one, never in the noticed pool,
-                // first (as the coordinator's autoscaler asks for it).
+                // Handovers without a replacement: one gang of as many, never in the first
+                // noticed pool, first (as the coordinator's autoscaler asks for them).
                 for j in 0..self.jobs.len() {
-                    let Some(h) = self.jobs[j].handover.filter(|h| h.replacement.is_none()) else { continue };
-                    let avoid = self.alive.iter().find(|i| i.id == h.leaving).map(|i| i.pool.clone());
+                    let awaited: Vec<SimHandover> =
+                        self.jobs[j].handovers.iter().filter(|h| h.replacement.is_none()).copied().collect();
+                    let Some(first) = awaited.first() else { continue };
+                    let avoid = self.alive.iter().find(|i| i.id == first.leaving).map(|i| i.pool.clone());
                     gangs.insert(
                         0,
                         Gang {
                             spot: !self.jobs[j].on_demand,
                             avoid,
                             priority: 1,
-                            ..Gang::unconstrained(JobId(j as u64), j as u64, 1, 1)
+                            ..Gang::unconstrained(JobId(j as u64), j as u64, awaited.len() as u32, 1)
                         },
                     );
                 }
@@ -545,8 +556,11 @@ impl World<'_> {
                             self.backoff.succeeded(&pool, spot);
                             let j = job.0 as usize;
                             self.launch(j, &pool, spot, count, hour);
-                            if let Some(h) = self.jobs[j].handover.as_mut().filter(|h| h.replacement.is_none()) {
-                                h.replacement = Some(self.next_id); // the instance just launched
+                            // The instances just launched, to the handovers without a replacement.
+                            let launched = self.next_id + 1 - u64::from(count)..=self.next_id;
+                            let awaited = self.jobs[j].handovers.iter_mut().filter(|h| h.replacement.is_none());
+                            for (h, id) in awaited.zip(launched) {
+                                h.replacement = Some(id);
                             }
                         }
                         Decision::Terminate { id } => self.alive.retain(|i| i.id.to_string() != id),
@@ -571,7 +585,7 @@ pub fn simulate(trace: &Trace, jobs: &[SimJob], policy: Policy, params: SimParam
                 checkpoint_h: 0.0,
                 phase: Phase::Waiting,
                 on_demand: false,
-                handover: None,
+                handovers: Vec::new(),
                 preempted: false,
             })
             .collect(),
