@@ -244,6 +244,51 @@ fn members_noticed_together_hand_over_together_and_change_no_bit() {
     assert_same_as_uninterrupted(home, &spec, &done, "two notices at once");
 }
 
+/// A rebalance recommendation (EC2's early warning that an instance is at elevated risk;
+/// nothing is taken, no time is named): the gang trains on while a replacement boots (the local
+/// provider launches one, 3 s), then hands the recommended member's rank over at one step, as
+/// for a notice: no step lost, nothing read from the store, the final weights bit-identical to
+/// an uninterrupted run. Before, a recommendation stopped the gang at once to wait for capacity.
+#[test]
+fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "3"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "rebalance", 60, 20);
+    let job = submit(home, &spec);
+    let running = wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    let advised = run(home, &["preempt", &members[0], "--rebalance"]);
+    assert!(advised.status.success(), "{}", String::from_utf8_lossy(&advised.stderr));
+    let handed = wait_for(home, &job, Duration::from_secs(60), "the handover", |s| {
+        s["generation"].as_u64().unwrap_or(0) >= 2 || s["state"] == "Succeeded"
+    });
+    assert_eq!(handed["generation"], 2, "{handed}");
+    let notices = events(&handed, "preemption_notice");
+    assert!(
+        notices.iter().any(|m| m.contains(&format!("{} got a rebalance recommendation", members[0])) && m.contains("no deadline")),
+        "{handed}"
+    );
+    let second = gang(home, &job);
+    assert!(!second.contains(&members[0]) && second.contains(&members[1]), "{members:?} -> {second:?}");
+    let done = wait_for(home, &job, Duration::from_secs(240), "the end", |s| s["state"] == "Succeeded");
+    let took: Vec<&str> = events(&done, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
+    assert!(took.len() == 1 && took[0].contains(&format!("took {}'s rank", members[0])), "{done}");
+    let checkpointed = events(&done, "checkpointed");
+    assert!(checkpointed.len() == 1 && checkpointed[0].contains("stopped for handover"), "{done}");
+    // The gang trained on while the replacement booted: it stopped well past where it was.
+    let stopped_at = numbers_after(checkpointed[0], "at step ");
+    assert!(stopped_at[0] > running["step"].as_u64().expect("step") + 20, "{done}");
+    assert_eq!((done["steps_lost"].as_u64(), done["recoveries"].as_u64()), (Some(0), Some(0)), "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "{done}");
+    let workers = json(home, &["workers", "-o", "json"]);
+    let recommended = workers.as_array().and_then(|ws| ws.iter().find(|w| w["id"] == members[0].as_str()));
+    assert!(recommended.is_none_or(|w| w["state"] != "Idle" && w["state"] != "Busy"), "drained: {workers}");
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "a rebalance recommendation");
+}
+
 /// A small deterministic generator for kill targets and moments.
 struct SplitMix(u64);
 

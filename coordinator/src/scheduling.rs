@@ -99,7 +99,7 @@ pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
 ///   ([`pick_replacement`], one per pass, in notice order); without one by the earliest
 ///   fallback time of its handovers, or when no replacement can come (`replacements_expected`
 ///   false: no autoscaler, no local replacer), the generation stops at a checkpoint as after
-///   any notice;
+///   any notice (a rebalance recommendation's handover has no fallback time: alone, it waits);
 /// - once every noticed member has a reserved replacement and each reported the job prepared
 ///   (`prepared(worker)`, from its heartbeats), the gang hands over to all of them
 ///   ([`Command::HandoverReady`]); a replacement that has not reported by the earliest
@@ -113,7 +113,14 @@ pub fn handover_commands(
 ) -> Vec<Command> {
     let mut out = Vec::new();
     for job in state.jobs.values().filter(|j| j.state == JobState::Running && j.checkpoint_requested.is_none()) {
-        let Some(fallback_at_ms) = job.handovers.iter().map(|h| h.fallback_at_unix_ms).min() else { continue };
+        if job.handovers.is_empty() {
+            continue;
+        }
+        // Handovers for rebalance recommendations (advisory) have no fallback time: only
+        // notices' do, and with nothing but recommendations the gang never stops to wait.
+        let deadlines = job.handovers.iter().filter(|h| !h.advisory).map(|h| h.fallback_at_unix_ms);
+        let fallback_at_ms = deadlines.min();
+        let past_fallback = fallback_at_ms.is_some_and(|at| now_ms >= at);
         let (job_id, generation) = (job.id, job.generation);
         let fallback = Command::RequestCheckpoint { job_id, generation, reason: StopReason::Preemption };
         let gone = |r: WorkerId| state.workers.get(&r).is_none_or(|w| w.lost_at_unix_ms.is_some() || w.draining);
@@ -122,13 +129,13 @@ pub fn handover_commands(
         } else if job.awaited_handovers().next().is_some() {
             if let Some(replacement) = pick_replacement(state, job_id) {
                 out.push(Command::HandoverTo { job_id, generation, replacement });
-            } else if now_ms >= fallback_at_ms || !replacements_expected {
+            } else if past_fallback || (!replacements_expected && fallback_at_ms.is_some()) {
                 out.push(fallback);
             }
         } else {
             let ready = |h: &flotilla_core::state::Handover| {
                 h.replacement.is_some_and(|r| prepared(r) == Some(job_id))
-                    || now_ms >= fallback_at_ms
+                    || past_fallback
                     || now_ms >= h.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS)
             };
             if job.handovers.iter().all(ready) {
@@ -418,5 +425,51 @@ mod tests {
         let mut lost = state.clone();
         lost.workers.get_mut(&r2).expect("worker").lost_at_unix_ms = Some(900);
         assert_eq!(handover_commands(&lost, 1_000, true, all), fallback);
+    }
+
+    #[test]
+    fn a_rebalance_recommendation_s_handover_never_falls_back_by_itself() {
+        use flotilla_core::state::{REBALANCE_KIND, StopReason};
+        let mut state = State::default();
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
+        )
+        .expect("spec");
+        let mut at = 0;
+        let mut step = |state: &mut State, command| {
+            at += 100;
+            apply(state, at, Envelope::new(at, command)).expect("applies")
+        };
+        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
+        for i in 1..=2 {
+            let info = WorkerInfo {
+                cpus: 1,
+                gpus: 0,
+                memory_bytes: 0,
+                instance_id: format!("i-{i}"),
+                instance_type: "local".into(),
+                zone: "local".into(),
+                hostname: "h".into(),
+                data_addr: "127.0.0.1:1".into(),
+            };
+            step(&mut state, Command::RegisterWorker { info, credential_sha256: String::new() });
+        }
+        let (job_id, w1, w2) = (JobId(1), WorkerId(1), WorkerId(2));
+        step(&mut state, Command::AssignGang { job_id, workers: vec![w1, w2] });
+        step(
+            &mut state,
+            Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None },
+        );
+        let all = |_| Some(job_id);
+        // No replacement yet, however long, even where none can come: the gang trains on.
+        assert!(handover_commands(&state, u64::MAX - 1, true, all).is_empty());
+        assert!(handover_commands(&state, 1_000, false, all).is_empty());
+        // A notice for the other member brings a deadline for the pair.
+        let notice =
+            Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
+        step(&mut state, notice);
+        let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
+        assert!(handover_commands(&state, 154_999, true, all).is_empty());
+        assert_eq!(handover_commands(&state, 155_000, true, all), fallback);
     }
 }

@@ -191,7 +191,9 @@ async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<St
 /// Reports an interruption to the coordinator (so it drains this worker and knows why the
 /// gang stops), then votes the running generation to a stop at the next step boundary: at
 /// once, or, when the coordinator seeks a replacement while the gang trains on (a notice with
-/// time to spare), at the time it answered unless its order to stop comes first.
+/// time to spare), at the time it answered unless its order to stop comes first. A rebalance
+/// recommendation the coordinator answers with a handover without a deadline (`advisory`)
+/// votes nothing: the gang trains on until the coordinator's order.
 async fn interrupt(
     mut client: ApiClient,
     registered: watch::Receiver<Option<String>>,
@@ -199,9 +201,12 @@ async fn interrupt(
     kind: v1::InterruptionKind,
     taken_at_unix_ms: Option<u64>,
 ) {
-    if shared.noticed.swap(true, Ordering::Relaxed) {
+    let once =
+        if kind == v1::InterruptionKind::Rebalance { &shared.rebalance_reported } else { &shared.notice_reported };
+    if once.swap(true, Ordering::Relaxed) {
         return;
     }
+    shared.noticed.store(true, Ordering::Relaxed);
     flotilla_worker::metrics::AGENT.notices.inc();
     if let Some(at) = taken_at_unix_ms {
         shared.taken_at_unix_ms.store(at, Ordering::Relaxed);
@@ -216,6 +221,13 @@ async fn interrupt(
         })
         .await;
     let train_until_unix_ms = match sent {
+        Ok(answer) if answer.advisory => {
+            shared.handover_sought.store(true, Ordering::Release);
+            tracing::warn!(
+                "the coordinator seeks a replacement for this at-risk instance; training on until it is ready"
+            );
+            return;
+        }
         Ok(answer) => answer.train_until_unix_ms,
         Err(e) => {
             tracing::warn!(error = %e, "the coordinator did not hear of the interruption; stopping the gang anyway");
@@ -390,10 +402,12 @@ async fn watch_interruptions(
 ) {
     let mut client = flotilla_worker::imds::ImdsClient::new(&endpoint);
     let mut warned_unreachable = false;
+    let mut rebalanced = false;
     let poll = imds_poll();
     loop {
         let polled = match client.instance_action().await {
             Ok(Some(notice)) => Ok(Some((notice, v1::InterruptionKind::SpotNotice))),
+            Ok(None) if rebalanced => Ok(None),
             Ok(None) => client
                 .rebalance_recommendation()
                 .await
@@ -409,8 +423,14 @@ async fn watch_interruptions(
                 };
                 tracing::warn!(notice = %notice.trim(), "{what} received");
                 let taken_at = (kind == v1::InterruptionKind::SpotNotice).then(|| notice_time(&notice)).flatten();
-                interrupt(api, registered, &shared, kind, taken_at).await;
-                return;
+                if kind == v1::InterruptionKind::Rebalance {
+                    // Only a recommendation: report it, and keep watching for the notice.
+                    interrupt(api.clone(), registered.clone(), &shared, kind, None).await;
+                    rebalanced = true;
+                } else {
+                    interrupt(api, registered, &shared, kind, taken_at).await;
+                    return;
+                }
             }
             Ok(None) => {}
             Err(e) if !warned_unreachable => {
@@ -435,8 +455,13 @@ pub struct PreemptArgs {
     /// The worker to preempt (`worker-3`), as `flotilla workers` lists it.
     pub worker: String,
     /// Kill it without notice (a hard loss) instead of giving the 2-minute spot notice.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rebalance")]
     pub hard: bool,
+    /// Give a rebalance recommendation instead (EC2's early warning: the instance is at
+    /// elevated risk; nothing is taken): its job hands the worker's rank to a replacement
+    /// without a deadline, training on until then.
+    #[arg(long)]
+    pub rebalance: bool,
     /// Seconds from the notice until the instance is taken (EC2 gives 120).
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub notice_s: u64,
@@ -457,17 +482,24 @@ pub fn preempt(args: PreemptArgs, coordinator: Option<&str>, output: OutputForma
     let at_unix_ms = flotilla_coordinator::raft::node::now_unix_ms() + args.notice_s * 1000;
     if args.hard {
         provider.kill(&instance)?;
+    } else if args.rebalance {
+        provider.recommend_rebalance(&instance)?;
     } else {
         provider.schedule_interruption(&instance, at_unix_ms)?;
     }
+    let taken = !args.hard && !args.rebalance;
     match output {
         OutputFormat::Json => print_json(&json!({
             "worker": args.worker,
             "instance": instance,
             "hard": args.hard,
-            "taken_at_unix_ms": (!args.hard).then_some(at_unix_ms),
+            "rebalance": args.rebalance,
+            "taken_at_unix_ms": taken.then_some(at_unix_ms),
         })),
         OutputFormat::Text if args.hard => println!("{} ({instance}) killed without notice", args.worker),
+        OutputFormat::Text if args.rebalance => {
+            println!("{} ({instance}) given a rebalance recommendation", args.worker)
+        }
         OutputFormat::Text => println!("{} ({instance}) given a spot interruption notice", args.worker),
     }
     Ok(())

@@ -304,7 +304,7 @@ impl ClusterService for ClusterApi {
         let report = request.into_inner();
         let kind = match InterruptionKind::try_from(report.kind) {
             Ok(InterruptionKind::SpotNotice) => "spot interruption",
-            Ok(InterruptionKind::Rebalance) => "rebalance recommendation",
+            Ok(InterruptionKind::Rebalance) => flotilla_core::state::REBALANCE_KIND,
             Ok(InterruptionKind::Sigterm) => "SIGTERM",
             _ => return Err(invalid(format!("kind {} is not an interruption kind", report.kind))),
         };
@@ -315,9 +315,11 @@ impl ClusterService for ClusterApi {
             .await
             .map_err(status)?;
         tracing::warn!(worker = %worker_id, kind, outcome = ?applied, "interruption notice");
-        let train_until_unix_ms = match applied {
-            flotilla_core::state::Applied::WorkerInterrupted { handover_until: Some(until), .. } => until,
-            _ => 0,
+        let (train_until_unix_ms, advisory) = match applied {
+            flotilla_core::state::Applied::WorkerInterrupted { handover_until, advisory, .. } => {
+                (handover_until.unwrap_or(0), advisory)
+            }
+            _ => (0, false),
         };
         // A notice means the cloud takes the machine: replace it. SIGTERM is an operator's
         // (or `flotilla down`'s) decision to stop this worker: no replacement.
@@ -332,7 +334,7 @@ impl ClusterService for ClusterApi {
                 replacer.replace(worker_id, instance);
             }
         }
-        Ok(Response::new(InterruptionAnswer { train_until_unix_ms }))
+        Ok(Response::new(InterruptionAnswer { train_until_unix_ms, advisory }))
     }
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {

@@ -7,12 +7,15 @@
 //!   GET /latest/meta-data/instance-type         `local` (what the worker registers as)
 //!   GET /latest/meta-data/placement/availability-zone   `local`
 //!   GET /latest/meta-data/local-ipv4            the address peers dial (`127.0.0.1` here)
-//!   GET /latest/meta-data/events/recommendations/rebalance   404 (no rebalance simulation yet)
+//!   GET /latest/meta-data/events/recommendations/rebalance   404 until a recommendation is
+//!                                               made, then {"noticeTime":"<RFC 3339>"}
 //!   GET /latest/meta-data/spot/instance-action  404 until an interruption is scheduled, then
 //!                                               {"action":"terminate","time":"<RFC 3339>"}
 //! ```
 //!
-//! An interruption is scheduled by writing the action file (`flotilla preempt`), or drawn at
+//! A rebalance recommendation is made by writing the action file's `.rebalance` sibling (a Unix
+//! time in ms: `flotilla preempt --rebalance`). An interruption is scheduled by writing the
+//! action file (`flotilla preempt`), or drawn at
 //! start from a seeded exponential clock (`up --spot-interruptions-per-hour`). Requests without
 //! a valid token get 401, as on EC2. Every request is size-bounded (`flotilla_proto::http`).
 
@@ -48,6 +51,11 @@ struct Server {
     /// Signs tokens: a token is its expiry and an HMAC of it, so the server keeps no table
     /// that a flood of token requests could fill (and lock the agent out).
     token_key: [u8; 32],
+}
+
+/// The file whose content (a Unix time in ms) makes the endpoint recommend a rebalance.
+pub fn rebalance_file(action_file: &std::path::Path) -> PathBuf {
+    action_file.with_extension("rebalance")
 }
 
 /// Resolves at the scheduled interruption's action time, after killing the instance's worker
@@ -135,6 +143,10 @@ impl Server {
             "/latest/meta-data/instance-type" => (200, self.config.instance_type.clone()),
             "/latest/meta-data/placement/availability-zone" => (200, self.config.zone.clone()),
             "/latest/meta-data/local-ipv4" => (200, self.config.local_ipv4.clone()),
+            "/latest/meta-data/events/recommendations/rebalance" => match self.rebalance_at_unix_ms() {
+                Some(at) => (200, format!("{{\"noticeTime\":\"{}\"}}", flotilla_core::text::rfc3339_utc(at))),
+                None => (404, "not found".into()),
+            },
             "/latest/meta-data/spot/instance-action" => match self.action_at_unix_ms() {
                 Some(at) => {
                     (200, format!("{{\"action\":\"terminate\",\"time\":\"{}\"}}", flotilla_core::text::rfc3339_utc(at)))
@@ -156,6 +168,12 @@ impl Server {
         let Ok(expires) = u64::from_str_radix(expires, 16) else { return false };
         flotilla_proto::auth::same_secret(&token_mac(&self.token_key, expires), mac)
             && u128::from(expires) > self.started.elapsed().as_nanos()
+    }
+
+    /// When a rebalance recommendation was made for the instance, if one was.
+    fn rebalance_at_unix_ms(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(rebalance_file(&self.config.action_file)).ok()?;
+        text.trim().parse::<u64>().ok()
     }
 
     /// When the instance will be taken, if an interruption is scheduled and due to be announced.

@@ -297,6 +297,17 @@ impl LocalProvider {
             .map_err(|e| failed("scheduling the interruption", e))
     }
 
+    /// Makes a rebalance recommendation for `id` (EC2's early warning that the instance is at
+    /// elevated risk of interruption): its metadata endpoint announces it from now on.
+    pub fn recommend_rebalance(&self, id: &str) -> Result<(), ProviderError> {
+        if !self.records()?.iter().any(|r| r.instance.id == id) {
+            return Err(ProviderError::Invalid(format!("no local instance `{id}`")));
+        }
+        let now = crate::raft::node::now_unix_ms().to_string();
+        std::fs::write(super::imds::rebalance_file(&self.action_file(id)), now)
+            .map_err(|e| failed("recommending a rebalance", e))
+    }
+
     /// Kills the worker process of `id` without notice (a hard loss).
     pub fn kill(&self, id: &str) -> Result<(), ProviderError> {
         match self.worker_pid(id)? {

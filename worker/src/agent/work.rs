@@ -55,9 +55,15 @@ const PROGRESS_QUEUE_MAX: usize = 4;
 /// coordinator's order to drain.
 #[derive(Default)]
 pub struct AgentShared {
-    /// Set on a spot notice or SIGTERM, before it is reported: a Drain from the coordinator
-    /// is obeyed only then.
+    /// Set on a spot notice, a rebalance recommendation or SIGTERM, before it is reported:
+    /// this worker leaves its gang at the next stop, and a Drain from the coordinator is obeyed
+    /// only then.
     pub noticed: AtomicBool,
+    /// A spot notice or SIGTERM was reported (each is reported once).
+    pub notice_reported: AtomicBool,
+    /// A rebalance recommendation was reported (once; a spot notice that follows is reported
+    /// too).
+    pub rebalance_reported: AtomicBool,
     /// Set once the coordinator heard of the interruption (or could not be told): the running
     /// generation votes to stop at the next step boundary.
     pub interrupted: AtomicBool,

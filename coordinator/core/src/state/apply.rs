@@ -153,47 +153,81 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job_id = worker.job;
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
             let Some(job) = running else {
-                return Ok(Applied::WorkerInterrupted { worker_id, job: None, handover_until: None });
+                return Ok(Applied::WorkerInterrupted { worker_id, job: None, handover_until: None, advisory: false });
             };
             job.updated_at_unix_ms = now;
             let taken =
                 taken_at.map_or(String::new(), |at| format!(" (instance taken at {})", crate::text::rfc3339_utc(at)));
-            // The same notice reported again (its report was retried across a leader change):
-            // the same answer, nothing changes.
-            if let Some(handover) = job.handover_of(worker_id) {
-                let handover_until = Some(handover.fallback_at_unix_ms);
-                return Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until });
-            }
-            // Time to spare and the gang not stopping yet: hand over to a replacement while the
-            // gang trains on (a member noticed while others' handovers are under way joins
-            // them: the gang hands over to every replacement at one step boundary).
+            // A rebalance recommendation names no time: the instance is at risk, not taken.
+            let advisory = kind == REBALANCE_KIND && taken_at.is_none();
             let spare = taken_at.filter(|at| *at >= now.saturating_add(HANDOVER_LEAD_MIN_MS));
-            if let Some(at) = spare
+            if let Some(handover) = job.handovers.iter_mut().find(|h| h.leaving == worker_id) {
+                match (handover.advisory, advisory, spare) {
+                    // The spot notice after a rebalance recommendation: the handover under way
+                    // now has a deadline.
+                    (true, false, Some(at)) => {
+                        handover.advisory = false;
+                        handover.fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
+                        let until = handover.fallback_at_unix_ms;
+                        let message = format!(
+                            "{worker_id} got a {kind} notice{taken}; the handover under way has until {}",
+                            crate::text::rfc3339_utc(until)
+                        );
+                        push_event(job, now, "preemption_notice", message);
+                        let (job, handover_until) = (Some(job.id), Some(until));
+                        return Ok(Applied::WorkerInterrupted { worker_id, job, handover_until, advisory: false });
+                    }
+                    // Too little time left, or SIGTERM: the checkpoint path below.
+                    (true, false, None) => {}
+                    // The same notice reported again (its report was retried across a leader
+                    // change): the same answer, nothing changes.
+                    (advisory, ..) => {
+                        let handover_until = (!advisory).then_some(handover.fallback_at_unix_ms);
+                        return Ok(Applied::WorkerInterrupted {
+                            worker_id,
+                            job: Some(job.id),
+                            handover_until,
+                            advisory,
+                        });
+                    }
+                }
+            }
+            // Time to spare (or a recommendation) and the gang not stopping yet: hand over to a
+            // replacement while the gang trains on (a member noticed while others' handovers
+            // are under way joins them: the gang hands over to every replacement at one step
+            // boundary). A recommendation has no deadline: the gang stops for it only once its
+            // replacement is ready.
+            let deadline = if advisory { Some(u64::MAX) } else { spare.map(|at| at - HANDOVER_FALLBACK_LEAD_MS) };
+            if let Some(fallback_at_unix_ms) = deadline
                 && job.checkpoint_requested.is_none()
             {
-                let fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
                 job.handovers.push(Handover {
                     leaving: worker_id,
                     noticed_at_unix_ms: now,
                     fallback_at_unix_ms,
                     replacement: None,
                     reserved_at_unix_ms: 0,
+                    advisory,
                 });
-                let message = format!(
-                    "{worker_id} got a {kind} notice{taken}; training on while a replacement is sought (until {})",
-                    crate::text::rfc3339_utc(fallback_at_unix_ms)
-                );
+                let message = if advisory {
+                    format!(
+                        "{worker_id} got a {kind}; training on while a replacement is sought (no deadline: the gang \
+                         stops for it once the replacement is ready, or for a spot notice)"
+                    )
+                } else {
+                    format!(
+                        "{worker_id} got a {kind} notice{taken}; training on while a replacement is sought (until {})",
+                        crate::text::rfc3339_utc(fallback_at_unix_ms)
+                    )
+                };
                 push_event(job, now, "preemption_notice", message);
                 let job_id = job.id;
                 let generation = job.generation;
                 while let Some(replacement) = pick_replacement(state, job_id) {
                     reserve_replacement(state, job_id, generation, replacement, now)?;
                 }
-                return Ok(Applied::WorkerInterrupted {
-                    worker_id,
-                    job: Some(job_id),
-                    handover_until: Some(fallback_at_unix_ms),
-                });
+                let handover_until = (!advisory).then_some(fallback_at_unix_ms);
+                return Ok(Applied::WorkerInterrupted { worker_id, job: Some(job_id), handover_until, advisory });
             }
             // A budget stop stays a budget stop (the job must not resume), a handover under way
             // ends the generation anyway.
@@ -207,7 +241,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 "preemption_notice",
                 format!("{worker_id} got a {kind} notice{taken}; checkpointing at the next step"),
             );
-            Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until: None })
+            Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until: None, advisory: false })
         }
         Command::HandoverTo { job_id, generation, replacement } => {
             let job = running_generation(state, job_id, generation)?;

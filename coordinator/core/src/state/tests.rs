@@ -295,7 +295,7 @@ fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     // Less than HANDOVER_LEAD_MIN_MS to spare: no handover, checkpoint now.
     assert_eq!(
         apply(&mut state, 5, Envelope::new(5, notice(30_000))),
-        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: None })
+        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: None, advisory: false })
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Preemption));
     // The notice's time is the gang's deadline; a repeated notice never moves it later.
@@ -335,7 +335,12 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     // Two minutes' notice at t = 10 s: a handover, the free worker reserved at once.
     assert_eq!(
         at(&mut state, 10_000, spot_notice(w2, 130_000)),
-        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: Some(85_000) })
+        Ok(Applied::WorkerInterrupted {
+            worker_id: w2,
+            job: Some(JobId(1)),
+            handover_until: Some(85_000),
+            advisory: false
+        })
     );
     let job = &state.jobs[&JobId(1)];
     assert_eq!(job.checkpoint_requested, None, "the gang trains on while the replacement prepares");
@@ -383,8 +388,9 @@ fn members_noticed_together_hand_over_to_their_replacements_at_one_step_boundary
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
     let first = register(&mut state, 5);
-    let noticed =
-        |worker_id, until| Ok(Applied::WorkerInterrupted { worker_id, job: Some(JobId(1)), handover_until: until });
+    let noticed = |worker_id, until| {
+        Ok(Applied::WorkerInterrupted { worker_id, job: Some(JobId(1)), handover_until: until, advisory: false })
+    };
     assert_eq!(at(&mut state, 10_000, spot_notice(w1, 130_000)), noticed(w1, Some(85_000)));
     assert_eq!(at(&mut state, 10_500, spot_notice(w2, 126_000)), noticed(w2, Some(81_000)));
     let job = &state.jobs[&JobId(1)];
@@ -450,6 +456,64 @@ fn a_second_notice_without_a_replacement_in_time_falls_back_and_frees_the_first_
 }
 
 #[test]
+fn a_rebalance_recommendation_hands_over_without_a_deadline_until_a_notice_gives_it_one() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let rebalance = Command::WorkerInterrupted { worker_id: w2, kind: REBALANCE_KIND.into(), action_at_unix_ms: None };
+    let advised =
+        Ok(Applied::WorkerInterrupted { worker_id: w2, job: Some(JobId(1)), handover_until: None, advisory: true });
+    assert_eq!(at(&mut state, 10_000, rebalance.clone()), advised);
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, None, "the gang trains on: nothing is taken yet");
+    let [handover] = job.handovers.clone().try_into().expect("one handover");
+    assert!(handover.advisory && handover.fallback_at_unix_ms == u64::MAX && handover.replacement.is_none());
+    assert!(job.events.last().expect("event").message.contains("no deadline"), "{:?}", job.events);
+    assert!(state.workers[&w2].draining, "no new work for an instance at risk");
+    assert_eq!(at(&mut state, 10_500, rebalance), advised, "reported again: the same answer");
+    // The spot notice comes: the handover under way gets its deadline.
+    assert_eq!(
+        at(&mut state, 20_000, spot_notice(w2, 140_000)),
+        Ok(Applied::WorkerInterrupted {
+            worker_id: w2,
+            job: Some(JobId(1)),
+            handover_until: Some(95_000),
+            advisory: false
+        })
+    );
+    let job = &state.jobs[&JobId(1)];
+    let [handover] = job.handovers.clone().try_into().expect("still one handover");
+    assert_eq!((handover.advisory, handover.fallback_at_unix_ms, handover.noticed_at_unix_ms), (false, 95_000, 10_000));
+    // A replacement comes and is ready: the gang hands over as after a notice.
+    let spare = register(&mut state, 30);
+    let reserve = Command::HandoverTo { job_id: JobId(1), generation: 1, replacement: spare };
+    at(&mut state, 30_000, reserve).expect("reserve");
+    at(&mut state, 31_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    checkpoint(&mut state, 50, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 50),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    assert_eq!(state.jobs[&JobId(1)].gang, [w1, spare]);
+
+    // On an idle worker a recommendation only drains it.
+    let idle = register(&mut state, 40);
+    let rebalance =
+        Command::WorkerInterrupted { worker_id: idle, kind: REBALANCE_KIND.into(), action_at_unix_ms: None };
+    assert_eq!(
+        at(&mut state, 41_000, rebalance),
+        Ok(Applied::WorkerInterrupted { worker_id: idle, job: None, handover_until: None, advisory: false })
+    );
+    assert!(state.workers[&idle].draining);
+    // SIGTERM after a recommendation stops the gang at once.
+    let rebalance = Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None };
+    at(&mut state, 42_000, rebalance).expect("recommendation");
+    let sigterm = Command::WorkerInterrupted { worker_id: w1, kind: "SIGTERM".into(), action_at_unix_ms: None };
+    at(&mut state, 43_000, sigterm).expect("SIGTERM");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.checkpoint_requested, job.handovers.clone()), (Some(StopReason::Preemption), vec![]));
+}
+
+#[test]
 fn a_job_saved_with_one_handover_loads_with_it() {
     // Snapshots and logs from before several handovers at once wrote `handover`: one or null.
     let mut state = State::default();
@@ -484,7 +548,12 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
     let (w1, w2) = running_job(&mut state, 3);
     assert_eq!(
         at(&mut state, 10_000, spot_notice(w1, 130_000)),
-        Ok(Applied::WorkerInterrupted { worker_id: w1, job: Some(JobId(1)), handover_until: Some(85_000) })
+        Ok(Applied::WorkerInterrupted {
+            worker_id: w1,
+            job: Some(JobId(1)),
+            handover_until: Some(85_000),
+            advisory: false
+        })
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, None, "no replacement yet: training on");
     let handover = |replacement| Command::HandoverTo { job_id: JobId(1), generation: 1, replacement };

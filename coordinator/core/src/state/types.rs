@@ -32,6 +32,10 @@ pub const HANDOVER_LEAD_MIN_MS: u64 = 60_000;
 /// A handover without a replacement falls back to the checkpoint-and-stop path this long
 /// before the instance is taken (time for the checkpoint).
 pub const HANDOVER_FALLBACK_LEAD_MS: u64 = 45_000;
+/// The `kind` of [`Command::WorkerInterrupted`] for EC2's rebalance recommendation (the
+/// instance is at elevated risk of interruption; no time is named): a handover without a
+/// deadline.
+pub const REBALANCE_KIND: &str = "rebalance recommendation";
 /// How long the survivors of a member lost silently (its lease expired) have to report the
 /// state they hold before the leader ends the generation itself ([`Command::GangLost`]).
 pub const MEMBER_LOST_REPORT_WAIT_MS: u64 = 3_000;
@@ -213,6 +217,11 @@ pub struct Handover {
     /// When the replacement was reserved (0: none yet).
     #[serde(default)]
     pub reserved_at_unix_ms: u64,
+    /// Started by a rebalance recommendation (the instance is at risk; no time named): no
+    /// fallback time (`fallback_at_unix_ms` is `u64::MAX`); the gang stops for it only once its
+    /// replacement is ready. A spot notice for the member gives it the notice's deadline.
+    #[serde(default)]
+    pub advisory: bool,
 }
 
 /// `null`, one value (what a log or snapshot wrote before there could be several) or a list.
@@ -976,7 +985,11 @@ pub enum Applied {
     WorkerInterrupted {
         worker_id: WorkerId,
         job: Option<JobId>,
+        /// A handover with a deadline: the member trains on until then at most.
         handover_until: Option<u64>,
+        /// A handover without a deadline (a rebalance recommendation): the member trains on
+        /// until the gang is told to stop.
+        advisory: bool,
     },
     /// `recorded`: false when the generation's stall was already recorded.
     TrainingResumed {
