@@ -890,7 +890,10 @@ fn requeue_after_loss(state: &mut State, job_id: JobId, lost: WorkerId, last_ste
     job.checkpoint_requested = None;
     job.member_lost = None;
     job.updated_at_unix_ms = now;
-    push_event(job, now, "worker_lost", format!("{}; {lost_steps} step(s) lost", job.reason));
+    // Nobody reported the step the gang reached: the leader knows the last progress report (up
+    // to a second old), so the steps since are trained again too and not counted.
+    let counted = format!("at least {lost_steps} step(s) lost (counted to the gang's last progress report)");
+    push_event(job, now, "worker_lost", format!("{}; {counted}", job.reason));
     let gang = job.end_gang();
     release(state, &gang);
     suspect(state, &gang, now);

@@ -1449,4 +1449,11 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
     at(&mut state, 9_600, Command::WorkerLost { worker_id: w1, last_step_seen: 40 }).expect("lost");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, job.steps_lost), (JobState::Pending, 7), "steps 34-40 are trained again");
+    // Counted to the last progress report: a lower bound, and the event says so.
+    let event = job.events.iter().rev().find(|e| e.kind == "worker_lost").expect("event");
+    assert!(
+        event.message.ends_with("at least 7 step(s) lost (counted to the gang's last progress report)"),
+        "{}",
+        event.message
+    );
 }
