@@ -286,9 +286,51 @@ pub fn inference_joins(wants: &[InferenceWants], idle: &[WorkerId]) -> Vec<(JobI
 
 #[cfg(test)]
 mod tests {
-    use flotilla_core::state::{Command, Envelope, GenerationEnd, WorkerInfo, apply};
+    use flotilla_core::state::{Applied, Command, Envelope, GenerationEnd, WorkerInfo, apply};
 
     use super::*;
+
+    /// A test's Raft log: commands applied to `state` 100 ms apart.
+    struct Log {
+        state: State,
+        at_ms: u64,
+    }
+
+    impl Log {
+        /// Job 1 (a gang of 2) submitted, and workers 1..=`workers` registered.
+        fn job_of_two(workers: u64) -> Log {
+            let mut log = Log { state: State::default(), at_ms: 0 };
+            let spec = flotilla_core::spec::JobSpec::from_toml_str(
+                "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
+            )
+            .expect("spec");
+            log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
+            for i in 1..=workers {
+                log.register(i);
+            }
+            log
+        }
+
+        fn step(&mut self, command: Command) -> Applied {
+            self.at_ms += 100;
+            apply(&mut self.state, self.at_ms, Envelope::new(self.at_ms, command)).expect("applies")
+        }
+
+        /// Registers worker `i` (ids are given in registration order).
+        fn register(&mut self, i: u64) {
+            let info = WorkerInfo {
+                cpus: 1,
+                gpus: 0,
+                memory_bytes: 0,
+                instance_id: format!("i-{i}"),
+                instance_type: "local".into(),
+                zone: "local".into(),
+                hostname: "h".into(),
+                data_addr: "127.0.0.1:1".into(),
+            };
+            self.step(Command::RegisterWorker { info, credential_sha256: String::new() });
+        }
+    }
 
     #[test]
     fn inference_takes_the_idle_workers_oldest_job_first() {
@@ -308,121 +350,69 @@ mod tests {
 
     #[test]
     fn members_of_a_broken_gang_wait_to_be_heard_from() {
-        let mut state = State::default();
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
-        )
-        .expect("spec");
-        let mut at = 0;
-        let mut step = |state: &mut State, command| {
-            at += 100;
-            apply(state, at, Envelope::new(at, command)).expect("applies")
-        };
-        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
-        for i in 1..=3 {
-            let info = WorkerInfo {
-                cpus: 1,
-                gpus: 0,
-                memory_bytes: 0,
-                instance_id: format!("i-{i}"),
-                instance_type: "local".into(),
-                zone: "local".into(),
-                hostname: "h".into(),
-                data_addr: "127.0.0.1:1".into(),
-            };
-            step(&mut state, Command::RegisterWorker { info, credential_sha256: String::new() });
-        }
+        let mut log = Log::job_of_two(3);
         let job_id = JobId(1);
-        step(&mut state, Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
         let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
-        step(
-            &mut state,
-            Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None, announced: None },
-        );
-        let broke_at = state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
+        log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None, announced: None });
+        let broke_at = log.state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
         // worker-1 heartbeat after the break, worker-2 (dead) did not; worker-3 was not involved.
         let heard = |w: WorkerId| if w == WorkerId(1) { broke_at + 5 } else { broke_at - 500 };
-        let (pending, free) = scheduler_input(&state, heard);
+        let (pending, free) = scheduler_input(&log.state, heard);
         assert_eq!(pending.len(), 1);
         let ids: Vec<WorkerId> = free.iter().map(|w| w.id).collect();
         assert_eq!(ids, [WorkerId(1), WorkerId(3)]);
         // A member whose lease expires in the next generation leaves its survivor time to
         // report; the leader ends the generation itself only after that.
-        step(&mut state, Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(3)] });
-        step(&mut state, Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 9 });
-        let lost_at = state.jobs[&job_id].member_lost.as_ref().expect("a member lost").at_unix_ms;
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(3)] });
+        log.step(Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 9 });
+        let lost_at = log.state.jobs[&job_id].member_lost.as_ref().expect("a member lost").at_unix_ms;
         let wait = flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS;
-        assert!(member_lost_commands(&state, lost_at + wait - 1).is_empty());
-        assert_eq!(member_lost_commands(&state, lost_at + wait), vec![Command::GangLost { job_id, generation: 2 }]);
+        assert!(member_lost_commands(&log.state, lost_at + wait - 1).is_empty());
+        assert_eq!(member_lost_commands(&log.state, lost_at + wait), vec![Command::GangLost { job_id, generation: 2 }]);
     }
 
     #[test]
     fn members_noticed_together_hand_over_once_every_replacement_is_reserved_and_prepared() {
         use flotilla_core::state::StopReason;
-        let mut state = State::default();
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
-        )
-        .expect("spec");
-        let mut at = 0;
-        let mut step = |state: &mut State, command| {
-            at += 100;
-            apply(state, at, Envelope::new(at, command)).expect("applies")
-        };
-        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
-        let register = |i: u64| {
-            let info = WorkerInfo {
-                cpus: 1,
-                gpus: 0,
-                memory_bytes: 0,
-                instance_id: format!("i-{i}"),
-                instance_type: "local".into(),
-                zone: "local".into(),
-                hostname: "h".into(),
-                data_addr: "127.0.0.1:1".into(),
-            };
-            Command::RegisterWorker { info, credential_sha256: String::new() }
-        };
-        for i in 1..=2 {
-            step(&mut state, register(i));
-        }
+        let mut log = Log::job_of_two(2);
         let (w1, w2) = (WorkerId(1), WorkerId(2));
         let job_id = JobId(1);
-        step(&mut state, Command::AssignGang { job_id, workers: vec![w1, w2] });
+        log.step(Command::AssignGang { job_id, workers: vec![w1, w2] });
         let notice =
             |worker_id| Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
-        step(&mut state, notice(w1));
-        step(&mut state, notice(w2));
-        let fallback_at = state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
+        log.step(notice(w1));
+        log.step(notice(w2));
+        let fallback_at = log.state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
         let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
         let ready = vec![Command::HandoverReady { job_id, generation: 1 }];
         let all = |_| Some(job_id);
         // No free worker: wait (replacements are on their way) until the fallback time.
-        assert!(handover_commands(&state, 1_000, true, all).is_empty());
-        assert_eq!(handover_commands(&state, fallback_at, true, all), fallback);
-        assert_eq!(handover_commands(&state, 1_000, false, all), fallback, "none can come");
+        assert!(handover_commands(&log.state, 1_000, true, all).is_empty());
+        assert_eq!(handover_commands(&log.state, fallback_at, true, all), fallback);
+        assert_eq!(handover_commands(&log.state, 1_000, false, all), fallback, "none can come");
         // One per pass, in notice order.
-        step(&mut state, register(3));
-        step(&mut state, register(4));
+        log.register(3);
+        log.register(4);
         let (r1, r2) = (WorkerId(3), WorkerId(4));
         assert_eq!(
-            handover_commands(&state, 1_000, true, all),
+            handover_commands(&log.state, 1_000, true, all),
             vec![Command::HandoverTo { job_id, generation: 1, replacement: r1 }]
         );
-        step(&mut state, Command::HandoverTo { job_id, generation: 1, replacement: r1 });
-        assert!(state.jobs[&job_id].handovers[0].replacement == Some(r1));
+        log.step(Command::HandoverTo { job_id, generation: 1, replacement: r1 });
+        assert!(log.state.jobs[&job_id].handovers[0].replacement == Some(r1));
         // w1's replacement is prepared, w2 has none yet: not ready.
         assert_eq!(
-            handover_commands(&state, 1_000, true, all),
+            handover_commands(&log.state, 1_000, true, all),
             vec![Command::HandoverTo { job_id, generation: 1, replacement: r2 }]
         );
-        step(&mut state, Command::HandoverTo { job_id, generation: 1, replacement: r2 });
+        log.step(Command::HandoverTo { job_id, generation: 1, replacement: r2 });
         let only_r1 = |w| (w == r1).then_some(job_id);
-        assert!(handover_commands(&state, 1_000, true, only_r1).is_empty(), "r2 still prepares");
-        assert_eq!(handover_commands(&state, 1_000, true, all), ready);
-        assert_eq!(handover_commands(&state, fallback_at, true, only_r1), ready, "waited out at the fallback");
+        assert!(handover_commands(&log.state, 1_000, true, only_r1).is_empty(), "r2 still prepares");
+        assert_eq!(handover_commands(&log.state, 1_000, true, all), ready);
+        assert_eq!(handover_commands(&log.state, fallback_at, true, only_r1), ready, "waited out at the fallback");
         // A replacement lost meanwhile ends the handovers at a checkpoint.
-        let mut lost = state.clone();
+        let mut lost = log.state.clone();
         lost.workers.get_mut(&r2).expect("worker").lost_at_unix_ms = Some(900);
         assert_eq!(handover_commands(&lost, 1_000, true, all), fallback);
     }
@@ -430,46 +420,20 @@ mod tests {
     #[test]
     fn a_rebalance_recommendation_s_handover_never_falls_back_by_itself() {
         use flotilla_core::state::{REBALANCE_KIND, StopReason};
-        let mut state = State::default();
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
-        )
-        .expect("spec");
-        let mut at = 0;
-        let mut step = |state: &mut State, command| {
-            at += 100;
-            apply(state, at, Envelope::new(at, command)).expect("applies")
-        };
-        step(&mut state, Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
-        for i in 1..=2 {
-            let info = WorkerInfo {
-                cpus: 1,
-                gpus: 0,
-                memory_bytes: 0,
-                instance_id: format!("i-{i}"),
-                instance_type: "local".into(),
-                zone: "local".into(),
-                hostname: "h".into(),
-                data_addr: "127.0.0.1:1".into(),
-            };
-            step(&mut state, Command::RegisterWorker { info, credential_sha256: String::new() });
-        }
+        let mut log = Log::job_of_two(2);
         let (job_id, w1, w2) = (JobId(1), WorkerId(1), WorkerId(2));
-        step(&mut state, Command::AssignGang { job_id, workers: vec![w1, w2] });
-        step(
-            &mut state,
-            Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None },
-        );
+        log.step(Command::AssignGang { job_id, workers: vec![w1, w2] });
+        log.step(Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None });
         let all = |_| Some(job_id);
         // No replacement yet, however long, even where none can come: the gang trains on.
-        assert!(handover_commands(&state, u64::MAX - 1, true, all).is_empty());
-        assert!(handover_commands(&state, 1_000, false, all).is_empty());
+        assert!(handover_commands(&log.state, u64::MAX - 1, true, all).is_empty());
+        assert!(handover_commands(&log.state, 1_000, false, all).is_empty());
         // A notice for the other member brings a deadline for the pair.
         let notice =
             Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
-        step(&mut state, notice);
+        log.step(notice);
         let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
-        assert!(handover_commands(&state, 154_999, true, all).is_empty());
-        assert_eq!(handover_commands(&state, 155_000, true, all), fallback);
+        assert!(handover_commands(&log.state, 154_999, true, all).is_empty());
+        assert_eq!(handover_commands(&log.state, 155_000, true, all), fallback);
     }
 }

@@ -594,23 +594,35 @@ fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand()
     assert_eq!((on_demand[0].count, on_demand[0].job), (2, Some(job_id)));
 }
 
-#[test]
-fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_it() {
-    use flotilla_core::state::StopReason;
+/// An autoscaler pass at `now_ms`.
+fn pass_at(control: &mut Local, provider: &Crashing, memory: &mut Memory, now_ms: u64) {
+    control.now = now_ms;
+    futures_block_on(autoscaling::pass(control, provider, &config(), memory, now_ms)).expect("pass");
+}
+
+/// [`one_spot_job`] running: its gang bought (a pass at t = 2 s), registered and assigned
+/// (generation 1). Also the gang's instances and workers, in that order.
+fn one_running_spot_gang(
+    memory: &mut Memory,
+) -> (Local, Crashing, Vec<flotilla_core::state::InstanceRecord>, Vec<flotilla_core::WorkerId>) {
     let (mut control, provider) = one_spot_job(SpotPrices::new());
-    let mut memory = Memory::default();
-    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| {
-        control.now = now_ms;
-        futures_block_on(autoscaling::pass(control, &provider, &config(), memory, now_ms)).expect("pass")
-    };
-    pass(&mut control, &mut memory, 2000);
+    pass_at(&mut control, &provider, memory, 2000);
     let gang: Vec<_> = control.state.instances.values().cloned().collect();
     assert_eq!(gang.len(), 2);
     let workers: Vec<_> =
         gang.iter().enumerate().map(|(i, x)| register_worker(&mut control.state, 2 + i as u64, x)).collect();
-    let job_id = flotilla_core::JobId(1);
-    let assign = Command::AssignGang { job_id, workers: workers.clone() };
+    let assign = Command::AssignGang { job_id: flotilla_core::JobId(1), workers: workers.clone() };
     apply(&mut control.state, 4, Envelope::new(4000, assign)).expect("assign");
+    (control, provider, gang, workers)
+}
+
+#[test]
+fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_it() {
+    use flotilla_core::state::StopReason;
+    let mut memory = Memory::default();
+    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
+    let job_id = flotilla_core::JobId(1);
     // Rank 1 gets a two-minute spot notice at t = 10 s.
     let notice =
         Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
@@ -675,19 +687,10 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
 
 #[test]
 fn members_noticed_together_get_one_replacement_each_bought_once() {
-    let (mut control, provider) = one_spot_job(SpotPrices::new());
     let mut memory = Memory::default();
-    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| {
-        control.now = now_ms;
-        futures_block_on(autoscaling::pass(control, &provider, &config(), memory, now_ms)).expect("pass")
-    };
-    pass(&mut control, &mut memory, 2000);
-    let gang: Vec<_> = control.state.instances.values().cloned().collect();
-    let workers: Vec<_> =
-        gang.iter().enumerate().map(|(i, x)| register_worker(&mut control.state, 2 + i as u64, x)).collect();
+    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
     let job_id = flotilla_core::JobId(1);
-    let assign = Command::AssignGang { job_id, workers: workers.clone() };
-    apply(&mut control.state, 4, Envelope::new(4000, assign)).expect("assign");
     // The pool is reclaimed: both members noticed within a second.
     for (i, worker_id) in workers.iter().enumerate() {
         let notice =
