@@ -57,7 +57,7 @@ enum Command {
     Infer(commands::infer::InferArgs),
     /// Run a worker agent on this machine (registers with the cluster and keeps its lease).
     Worker(commands::workers::WorkerArgs),
-    /// Give a local worker a spot interruption notice now (or kill it without notice: --hard).
+    /// Give a local worker a spot interruption notice now (--hard: kill it without notice; --rebalance: a rebalance recommendation).
     Preempt(commands::workers::PreemptArgs),
     /// A local instance-metadata endpoint (IMDSv2), started by the local provider.
     #[command(hide = true)]

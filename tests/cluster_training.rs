@@ -331,6 +331,50 @@ fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
 }
 
+/// The whole control plane restarted under a running job, as coordinators are upgraded (stop
+/// them all, replace the binary, start them again; see README "Upgrades"): every coordinator
+/// SIGKILLed, down for longer than a worker's lease, then started again by `up`. The gang keeps
+/// its generation: it trains until rank 0 must record its next checkpoint, waits for the
+/// coordinators, and goes on; nobody is lost, no step is trained twice, the job succeeds.
+#[test]
+fn the_whole_control_plane_restarted_under_a_running_job_keeps_its_gang() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let cluster = Cluster { home: &home, workers: Vec::new() };
+    let up = run(&home, &["up", "--coordinators", "3", "--workers", "2"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let spec = endless_digits_spec(dir.path(), "outage", 50);
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("steps = 1000000", "steps = 3000");
+    std::fs::write(&spec, text).expect("spec");
+    let job = cluster.submit(&spec);
+    let started = Instant::now();
+    while cluster.status(&job)["step"].as_u64().unwrap_or(0) < 100 {
+        assert!(started.elapsed() < Duration::from_secs(60), "no progress: {}", cluster.status(&job));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(home.join("cluster.toml")).expect("cluster file");
+    let file: toml::Value = toml::from_str(&text).expect("cluster TOML");
+    let pids: Vec<String> = file["coordinators"]
+        .as_array()
+        .expect("coordinators")
+        .iter()
+        .filter_map(|c| c["pid"].as_integer().map(|p| p.to_string()))
+        .collect();
+    assert_eq!(pids.len(), 3, "{text}");
+    let killed = Command::new("kill").arg("-KILL").args(&pids).status().expect("kill");
+    assert!(killed.success());
+    std::thread::sleep(Duration::from_secs(7)); // longer than a worker's 5 s lease
+    let again = run(&home, &["up", "--coordinators", "3"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let done = cluster.wait_state(&job, &["Succeeded", "Failed"], Duration::from_secs(180));
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    assert_eq!(done["generation"], 1, "the gang was kept: {done}");
+    assert_eq!((done["recoveries"].as_u64(), done["steps_lost"].as_u64()), (Some(0), Some(0)), "{done}");
+    let kinds: Vec<&str> =
+        done["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(!kinds.iter().any(|k| k.contains("lost")), "{done}");
+}
+
 /// The handover's fallback end to end: a notice with time for a handover, but the only
 /// replacement (the local provider's, `up --boot-delay-s`) registers after the fallback time
 /// (45 s before the instance is taken). The gang trains on until then, stops at a checkpoint
