@@ -261,6 +261,14 @@ fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
     let members = gang(home, &job);
     let advised = run(home, &["preempt", &members[0], "--rebalance"]);
     assert!(advised.status.success(), "{}", String::from_utf8_lossy(&advised.stderr));
+    // While the replacement boots, status shows the handover under way, without a deadline.
+    let sought = wait_for(home, &job, Duration::from_secs(20), "the handover under way", |s| {
+        s["handovers"].as_array().is_some_and(|h| !h.is_empty()) || s["generation"].as_u64() > Some(1)
+    });
+    assert_eq!(sought["handovers"][0]["leaving"], members[0].as_str(), "{sought}");
+    assert!(sought["handovers"][0]["until_unix_ms"].is_null(), "{sought}");
+    let text = String::from_utf8_lossy(&run(home, &["status", &job]).stdout).to_string();
+    assert!(text.contains(&format!("handing over: {} -> ", members[0])) && text.contains("(no deadline)"), "{text}");
     let handed = wait_for(home, &job, Duration::from_secs(60), "the handover", |s| {
         s["generation"].as_u64().unwrap_or(0) >= 2 || s["state"] == "Succeeded"
     });
@@ -272,6 +280,7 @@ fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
     );
     let second = gang(home, &job);
     assert!(!second.contains(&members[0]) && second.contains(&members[1]), "{members:?} -> {second:?}");
+    assert_eq!(handed["handovers"], serde_json::json!([]), "{handed}");
     let done = wait_for(home, &job, Duration::from_secs(240), "the end", |s| s["state"] == "Succeeded");
     let took: Vec<&str> = events(&done, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
     assert!(took.len() == 1 && took[0].contains(&format!("took {}'s rank", members[0])), "{done}");

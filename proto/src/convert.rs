@@ -264,6 +264,15 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         last_stall_ms: job.last_stall_ms,
         resume_peer_bytes: job.resume_peer_bytes,
         resume_storage_bytes: job.resume_storage_bytes,
+        handovers: job
+            .handovers
+            .iter()
+            .map(|h| v1::HandoverStatus {
+                leaving: h.leaving.to_string(),
+                replacement: h.replacement.map_or_else(String::new, |r| r.to_string()),
+                until_unix_ms: if h.advisory { 0 } else { h.fallback_at_unix_ms },
+            })
+            .collect(),
     }
 }
 

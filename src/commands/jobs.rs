@@ -182,10 +182,24 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
     if job.stall_ms_total > 0 {
         line += &format!(" stalled {} ms (last {} ms)", job.stall_ms_total, job.last_stall_ms);
     }
+    if !job.handovers.is_empty() {
+        let each: Vec<String> = job.handovers.iter().map(handover_text).collect();
+        line += &format!(" handing over: {}", each.join(", "));
+    }
     if !job.reason.is_empty() {
         line += &format!(" ({})", job.reason);
     }
     line
+}
+
+/// `worker-2 -> worker-4 (until 12:03:15Z)`, `worker-1 -> ? (no deadline)`.
+fn handover_text(h: &v1::HandoverStatus) -> String {
+    let replacement = if h.replacement.is_empty() { "?" } else { h.replacement.as_str() };
+    let until = match h.until_unix_ms {
+        0 => "no deadline".to_string(),
+        at => format!("until {}", flotilla_core::text::rfc3339_utc(at)),
+    };
+    format!("{} -> {replacement} ({until})", h.leaving)
 }
 
 pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
@@ -305,6 +319,11 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
         "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),
+        "handovers": job.handovers.iter().map(|h| json!({
+            "leaving": h.leaving,
+            "replacement": (!h.replacement.is_empty()).then_some(&h.replacement),
+            "until_unix_ms": (h.until_unix_ms > 0).then_some(h.until_unix_ms),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -313,6 +332,12 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
     for job in jobs {
         let steps =
             if job.total_steps > 0 { format!("{}/{}", job.step, job.total_steps) } else { job.step.to_string() };
+        let handovers: Vec<String> = job.handovers.iter().map(handover_text).collect();
+        let reason = match (handovers.is_empty(), job.reason.is_empty()) {
+            (true, _) => job.reason.clone(),
+            (false, true) => format!("handing over: {}", handovers.join(", ")),
+            (false, false) => format!("handing over: {}; {}", handovers.join(", "), job.reason),
+        };
         println!(
             "{:<10} {:<24} {:<12} {:>12} {:>6}  {}",
             job.id,
@@ -320,7 +345,7 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
             state_name(job),
             steps,
             job.world_size,
-            job.reason
+            reason
         );
     }
     println!("({} job(s), served by coordinator node {served_by})", jobs.len());
