@@ -87,6 +87,16 @@ fn snapshots_and_envelopes_round_trip_and_refuse_newer_versions() {
     let envelope = Envelope::new(7, Command::CancelJob { job_id: JobId(3), reason: "r".into() });
     assert_eq!(Envelope::decode(&envelope.encode().expect("encodes")).expect("decodes"), envelope);
     assert!(Envelope::decode(b"\x00\x01").is_err());
+    // Older versions' entries and snapshots still apply; newer ones are refused.
+    let older = Envelope { version: 1, ..envelope.clone() };
+    assert_eq!(Envelope::decode(&serde_json::to_vec(&older).expect("json")).expect("decodes"), older);
+    let newer = Envelope { version: STATE_VERSION + 1, ..envelope };
+    let refused = Envelope::decode(&serde_json::to_vec(&newer).expect("json"));
+    assert!(matches!(refused, Err(SnapshotError::TooNew { .. })), "{refused:?}");
+    let mut older = state.clone();
+    older.version = 1;
+    let loaded = State::from_snapshot(&older.to_snapshot()).expect("decodes");
+    assert_eq!(loaded, state, "loaded as this build's state (its next snapshot has this version)");
 }
 
 #[test]

@@ -7,8 +7,13 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{JobId, WorkerId};
 use crate::spec::JobSpec;
 
-/// Version of commands, envelopes and snapshots written by this build.
-pub const STATE_VERSION: u32 = 1;
+/// Version of commands, envelopes and snapshots written by this build. A node refuses an
+/// envelope or a snapshot of a newer version (it stops before applying it, see the replica),
+/// so bump it whenever a command is new or applies differently: then a node of an older
+/// version that meets the newer log stops instead of diverging from the others.
+/// 2: several handovers at once, rebalance recommendations' handovers (`WorkerInterrupted`
+/// applies differently), `GangLost`, `Job::handovers`.
+pub const STATE_VERSION: u32 = 2;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -677,10 +682,12 @@ impl State {
         if bytes.is_empty() {
             return Ok(State::default());
         }
-        let state: State = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        let mut state: State = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
         if state.version > STATE_VERSION {
             return Err(SnapshotError::TooNew { found: state.version });
         }
+        // This build's state from now on: its next snapshot says so (an older node refuses it).
+        state.version = STATE_VERSION;
         Ok(state)
     }
 }
