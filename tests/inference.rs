@@ -240,9 +240,14 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
     let trained = Trained::new();
     let (home, dir, heldout) = (&trained.home, &trained.dir, &trained.heldout);
 
+    // The held-out rows 8 times over (8000 rows, seconds of work): the held-out split alone
+    // (1000 rows) was sometimes done before a status poll caught a worker holding a shard.
+    const COPIES: usize = 8;
+    let input = dir.path().join("heldout-x8.csv");
+    std::fs::write(&input, std::fs::read_to_string(heldout).expect("heldout").repeat(COPIES)).expect("input");
     let out = dir.path().join("predictions");
     let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
-    let submitted = infer(home, "mnist-mlp", heldout, &out, &flags);
+    let submitted = infer(home, "mnist-mlp", &input, &out, &flags);
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
     // Freeze a worker that holds a lease (SIGSTOP: it cannot commit meanwhile), then kill it.
@@ -285,5 +290,6 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
     assert!(lost.iter().any(|m| m.contains(&victim) && m.contains("returned to the queue")), "{done}");
     assert!(done["shard_retries"].as_u64().unwrap_or(0) >= 1, "{done}");
     let rows = read_output(&out);
-    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), (0..1000).collect::<Vec<u64>>(), "every row exactly once");
+    let expected: Vec<u64> = (0..1000 * COPIES as u64).collect();
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");
 }
