@@ -246,12 +246,12 @@ fn members_noticed_together_hand_over_together_and_change_no_bit() {
 
 /// A rebalance recommendation (EC2's early warning that an instance is at elevated risk;
 /// nothing is taken, no time is named): the gang trains on while a replacement boots (the local
-/// provider launches one, 3 s), then hands the recommended member's rank over at one step, as
+/// provider launches one, 5 s), then hands the recommended member's rank over at one step, as
 /// for a notice: no step lost, nothing read from the store, the final weights bit-identical to
 /// an uninterrupted run. Before, a recommendation stopped the gang at once to wait for capacity.
 #[test]
 fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
-    let cluster = Local::up_with(2, &["--boot-delay-s", "3"]);
+    let cluster = Local::up_with(2, &["--boot-delay-s", "5"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "rebalance", 60, 20);
     let job = submit(home, &spec);
