@@ -47,7 +47,7 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
             .map(|h| json!({
                 "leaving": h.leaving.to_string(),
                 "replacement": h.replacement.map(|r| r.to_string()),
-                "until_unix_ms": (!h.advisory).then_some(h.fallback_at_unix_ms),
+                "until_unix_ms": h.deadline_unix_ms(),
             }))
             .collect::<Vec<_>>()
     );
@@ -166,47 +166,20 @@ pub fn inferences(state: &State) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use flotilla_core::state::{Command, Envelope, REBALANCE_KIND, WorkerInfo, apply};
+    use flotilla_core::state::{Command, REBALANCE_KIND};
     use flotilla_core::{JobId, WorkerId};
 
     use super::*;
+    use crate::testing::Log;
 
     #[test]
     fn a_job_s_view_shows_its_handovers_under_way() {
-        let mut state = State::default();
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
-        )
-        .expect("spec");
-        let mut commands = vec![Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() }];
-        for i in 1..=2 {
-            let info = WorkerInfo {
-                cpus: 1,
-                gpus: 0,
-                memory_bytes: 0,
-                instance_id: format!("i-{i}"),
-                instance_type: "local".into(),
-                zone: "local".into(),
-                hostname: "h".into(),
-                data_addr: "127.0.0.1:1".into(),
-            };
-            commands.push(Command::RegisterWorker { info, credential_sha256: String::new() });
-        }
+        let mut log = Log::job_of_two(2);
         let (w1, w2) = (WorkerId(1), WorkerId(2));
-        commands.push(Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] });
-        commands.push(Command::WorkerInterrupted {
-            worker_id: w1,
-            kind: REBALANCE_KIND.into(),
-            action_at_unix_ms: None,
-        });
-        let notice =
-            Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
-        commands.push(notice);
-        for (i, command) in commands.into_iter().enumerate() {
-            let at = 100 * (i as u64 + 1);
-            apply(&mut state, at, Envelope::new(at, command)).expect("applies");
-        }
-        let view = job(&state, &Progress::default(), JobId(1)).expect("the job");
+        log.step(Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] });
+        log.step(Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None });
+        log.step(Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(200_000) });
+        let view = job(&log.state, &Progress::default(), JobId(1)).expect("the job");
         assert_eq!(
             view["handovers"],
             json!([

@@ -25,3 +25,5 @@ pub mod replace;
 pub mod retention;
 pub mod scheduling;
 pub mod server;
+#[cfg(test)]
+mod testing;

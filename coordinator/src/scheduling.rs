@@ -118,8 +118,7 @@ pub fn handover_commands(
         }
         // Handovers for rebalance recommendations (advisory) have no fallback time: only
         // notices' do, and with nothing but recommendations the gang never stops to wait.
-        let deadlines = job.handovers.iter().filter(|h| !h.advisory).map(|h| h.fallback_at_unix_ms);
-        let fallback_at_ms = deadlines.min();
+        let fallback_at_ms = job.handovers.iter().filter_map(flotilla_core::state::Handover::deadline_unix_ms).min();
         let past_fallback = fallback_at_ms.is_some_and(|at| now_ms >= at);
         let (job_id, generation) = (job.id, job.generation);
         let fallback = Command::RequestCheckpoint { job_id, generation, reason: StopReason::Preemption };
@@ -286,51 +285,10 @@ pub fn inference_joins(wants: &[InferenceWants], idle: &[WorkerId]) -> Vec<(JobI
 
 #[cfg(test)]
 mod tests {
-    use flotilla_core::state::{Applied, Command, Envelope, GenerationEnd, WorkerInfo, apply};
+    use flotilla_core::state::{Command, GenerationEnd};
 
     use super::*;
-
-    /// A test's Raft log: commands applied to `state` 100 ms apart.
-    struct Log {
-        state: State,
-        at_ms: u64,
-    }
-
-    impl Log {
-        /// Job 1 (a gang of 2) submitted, and workers 1..=`workers` registered.
-        fn job_of_two(workers: u64) -> Log {
-            let mut log = Log { state: State::default(), at_ms: 0 };
-            let spec = flotilla_core::spec::JobSpec::from_toml_str(
-                "name = \"j\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n",
-            )
-            .expect("spec");
-            log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() });
-            for i in 1..=workers {
-                log.register(i);
-            }
-            log
-        }
-
-        fn step(&mut self, command: Command) -> Applied {
-            self.at_ms += 100;
-            apply(&mut self.state, self.at_ms, Envelope::new(self.at_ms, command)).expect("applies")
-        }
-
-        /// Registers worker `i` (ids are given in registration order).
-        fn register(&mut self, i: u64) {
-            let info = WorkerInfo {
-                cpus: 1,
-                gpus: 0,
-                memory_bytes: 0,
-                instance_id: format!("i-{i}"),
-                instance_type: "local".into(),
-                zone: "local".into(),
-                hostname: "h".into(),
-                data_addr: "127.0.0.1:1".into(),
-            };
-            self.step(Command::RegisterWorker { info, credential_sha256: String::new() });
-        }
-    }
+    use crate::testing::Log;
 
     #[test]
     fn inference_takes_the_idle_workers_oldest_job_first() {

@@ -270,7 +270,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
             .map(|h| v1::HandoverStatus {
                 leaving: h.leaving.to_string(),
                 replacement: h.replacement.map_or_else(String::new, |r| r.to_string()),
-                until_unix_ms: if h.advisory { 0 } else { h.fallback_at_unix_ms },
+                until_unix_ms: h.deadline_unix_ms().unwrap_or(0),
             })
             .collect(),
     }

@@ -770,16 +770,7 @@ mod tests {
     use super::*;
 
     fn register(state: &mut State, index: u64) -> WorkerId {
-        let info = CoreWorkerInfo {
-            cpus: 1,
-            gpus: 0,
-            memory_bytes: 0,
-            instance_id: format!("i-{index}"),
-            instance_type: "local".into(),
-            zone: String::new(),
-            hostname: "h".into(),
-            data_addr: format!("127.0.0.1:{}", 9000 + index),
-        };
+        let info = crate::testing::worker_info(index);
         let register = Command::RegisterWorker { info, credential_sha256: String::new() };
         match apply(state, index, Envelope::new(index * 1000, register)) {
             Ok(Applied::WorkerRegistered { worker_id }) => worker_id,

@@ -152,9 +152,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let taken_at = worker.notice_action_at_unix_ms;
             let job_id = worker.job;
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
-            let Some(job) = running else {
-                return Ok(Applied::WorkerInterrupted { worker_id, job: None, handover_until: None, advisory: false });
-            };
+            let Some(job) = running else { return Ok(interrupted(worker_id, None, None)) };
             job.updated_at_unix_ms = now;
             let taken =
                 taken_at.map_or(String::new(), |at| format!(" (instance taken at {})", crate::text::rfc3339_utc(at)));
@@ -168,28 +166,19 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     (true, false, Some(at)) => {
                         handover.advisory = false;
                         handover.fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
-                        let until = handover.fallback_at_unix_ms;
+                        let answer = interrupted(worker_id, Some(job.id), Some(handover));
                         let message = format!(
                             "{worker_id} got a {kind} notice{taken}; the handover under way has until {}",
-                            crate::text::rfc3339_utc(until)
+                            crate::text::rfc3339_utc(handover.fallback_at_unix_ms)
                         );
                         push_event(job, now, "preemption_notice", message);
-                        let (job, handover_until) = (Some(job.id), Some(until));
-                        return Ok(Applied::WorkerInterrupted { worker_id, job, handover_until, advisory: false });
+                        return Ok(answer);
                     }
                     // Too little time left, or SIGTERM: the checkpoint path below.
                     (true, false, None) => {}
                     // The same notice reported again (its report was retried across a leader
                     // change): the same answer, nothing changes.
-                    (advisory, ..) => {
-                        let handover_until = (!advisory).then_some(handover.fallback_at_unix_ms);
-                        return Ok(Applied::WorkerInterrupted {
-                            worker_id,
-                            job: Some(job.id),
-                            handover_until,
-                            advisory,
-                        });
-                    }
+                    _ => return Ok(interrupted(worker_id, Some(job.id), Some(handover))),
                 }
             }
             // Time to spare (or a recommendation) and the gang not stopping yet: hand over to a
@@ -201,14 +190,16 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if let Some(fallback_at_unix_ms) = deadline
                 && job.checkpoint_requested.is_none()
             {
-                job.handovers.push(Handover {
+                let handover = Handover {
                     leaving: worker_id,
                     noticed_at_unix_ms: now,
                     fallback_at_unix_ms,
                     replacement: None,
                     reserved_at_unix_ms: 0,
                     advisory,
-                });
+                };
+                let answer = interrupted(worker_id, Some(job.id), Some(&handover));
+                job.handovers.push(handover);
                 let message = if advisory {
                     format!(
                         "{worker_id} got a {kind}; training on while a replacement is sought (no deadline: the gang \
@@ -226,8 +217,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 while let Some(replacement) = pick_replacement(state, job_id) {
                     reserve_replacement(state, job_id, generation, replacement, now)?;
                 }
-                let handover_until = (!advisory).then_some(fallback_at_unix_ms);
-                return Ok(Applied::WorkerInterrupted { worker_id, job: Some(job_id), handover_until, advisory });
+                return Ok(answer);
             }
             // A budget stop stays a budget stop (the job must not resume), a handover under way
             // ends the generation anyway.
@@ -241,7 +231,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 "preemption_notice",
                 format!("{worker_id} got a {kind} notice{taken}; checkpointing at the next step"),
             );
-            Ok(Applied::WorkerInterrupted { worker_id, job: Some(job.id), handover_until: None, advisory: false })
+            Ok(interrupted(worker_id, Some(job.id), None))
         }
         Command::HandoverTo { job_id, generation, replacement } => {
             let job = running_generation(state, job_id, generation)?;
@@ -839,6 +829,17 @@ fn reserve_replacement(
 /// hand or by the local provider, counts as on-demand, as the autoscaler counts it).
 pub fn on_spot(state: &State, worker: WorkerId) -> bool {
     state.workers.get(&worker).and_then(|w| state.instances.get(&w.info.instance_id)).is_some_and(|i| i.spot)
+}
+
+/// The answer to a worker's interruption: the handover under way for it, if any, says until
+/// when it trains on (no deadline: a rebalance recommendation's).
+fn interrupted(worker_id: WorkerId, job: Option<JobId>, handover: Option<&Handover>) -> Applied {
+    Applied::WorkerInterrupted {
+        worker_id,
+        job,
+        handover_until: handover.and_then(Handover::deadline_unix_ms),
+        advisory: handover.is_some_and(|h| h.advisory),
+    }
 }
 
 /// Frees the gang's workers that are still assigned.

@@ -248,6 +248,14 @@ where
     })
 }
 
+impl Handover {
+    /// When the gang falls back to checkpoint-and-wait without the replacement ready; `None`
+    /// for a rebalance recommendation's handover, which has no deadline.
+    pub fn deadline_unix_ms(&self) -> Option<u64> {
+        (!self.advisory).then_some(self.fallback_at_unix_ms)
+    }
+}
+
 impl Job {
     /// Ends the running generation's membership: the gang is kept as `ended_gang` and returned
     /// for release.
