@@ -39,6 +39,12 @@ GPUS = int(os.environ.get("GPUS", "0"))
 # NOTICED=all: every member of the gang gets the notice at once (a capacity pool reclaimed);
 # each needs a replacement of its own. Default: one member per round, alternating.
 NOTICED = os.environ.get("NOTICED", "one")
+# MODEL=cnn trains the small CNN of examples/mnist-cnn.toml (longer steps, fewer parameters)
+# instead of the MLP 784-256-128-10: the stall's fixed part against a realistic step time.
+MODELS = {"mlp": '{ kind = "mlp", hidden = [256, 128] }', "cnn": '{ kind = "cnn", channels = [16, 32] }'}
+MODEL = os.environ.get("MODEL", "mlp")
+if MODEL not in MODELS:
+    sys.exit(f"MODEL={MODEL!r}: use one of {', '.join(MODELS)}")
 METRICS_URL = os.environ.get("METRICS_URL", "")
 GLOBAL_BATCH = 2 * 64
 # How long a wait may take, and that a job that ends (it never should here) ends it.
@@ -71,7 +77,7 @@ def submit(name):
     spec = os.path.join(WORK, f"{name}.toml")
     with open(spec, "w") as f:
         f.write(
-            f'name = "{name}"\nmodel = {{ kind = "mlp", hidden = [256, 128] }}\n'
+            f'name = "{name}"\nmodel = {MODELS[MODEL]}\n'
             f'data = {{ train = "{DATA}" }}\ntrain = {{ epochs = 1000, batch_size = 64 }}\n'
             f'workers = {{ min = 2, max = 2, gpus = {GPUS} }}\ncheckpoint = {{ every_steps = 20 }}\n'
         )
@@ -159,6 +165,7 @@ def one(path, round_no):
         "boot_s": int(os.environ["BOOT_S"]),
         "gpus": GPUS,
         "noticed": len(victims),
+        "model": MODEL,
         "trained_on_ms": round((t_stop - t0) * 1e3, 1),
         "stall_ms": round((t_first - t_stop) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),
@@ -186,6 +193,7 @@ def main():
         "boot_s": int(os.environ["BOOT_S"]),
         "gpus": GPUS,
         "noticed": NOTICED,
+        "model": MODEL,
     }
     for path in PATHS:
         for key in (
