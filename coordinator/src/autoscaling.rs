@@ -110,25 +110,35 @@ pub struct Live {
 pub fn input(state: &State, now_ms: u64) -> Input {
     let mut out = Input::default();
     let live_workers: Vec<_> = state.workers.values().filter(|w| w.lost_at_unix_ms.is_none()).collect();
+    let live_by_instance: BTreeMap<&str, &flotilla_core::state::Worker> =
+        live_workers.iter().map(|w| (w.info.instance_id.as_str(), *w)).collect();
+    let lost_instances: BTreeSet<&str> =
+        state.workers.values().filter(|w| w.lost_at_unix_ms.is_some()).map(|w| w.info.instance_id.as_str()).collect();
     for request in state.instance_requests.values().filter(|r| r.state == RequestState::Requested) {
         out.outstanding.push(request.clone());
     }
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         out.known.insert(instance.id.clone());
         out.launched_at.insert(instance.id.clone(), instance.launched_at_unix_ms);
-        let worker = live_workers.iter().find(|w| w.info.instance_id == instance.id);
+        let worker = live_by_instance.get(instance.id.as_str());
         let busy = worker.is_some_and(|w| w.job.is_some());
         if instance.spot && worker.is_some_and(|w| w.draining) {
             let pool = PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() };
             out.interrupted.push((instance.id.clone(), pool));
         }
         let registered = worker.is_some();
+        // Its worker registered and was lost: not an instance still booting (nothing will
+        // register on it), and no capacity; given back after the idle cooldown.
+        let lost = !registered && lost_instances.contains(instance.id.as_str());
         let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
-        if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue {
+        if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue || lost {
             out.idle.insert(instance.id.clone());
         }
-        let reserved_for =
-            if registered { None } else { state.instance_requests.get(&instance.request_id).and_then(|r| r.job) };
+        let reserved_for = if registered || lost {
+            None
+        } else {
+            state.instance_requests.get(&instance.request_id).and_then(|r| r.job)
+        };
         out.held.push(Held {
             id: instance.id.clone(),
             pool: PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() },
@@ -138,6 +148,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             busy: busy || worker.is_some_and(|w| w.draining),
             reserved_for,
             idle_since_ms: None,
+            lost,
         });
     }
     // Requested instances not launched yet hold their place (so nothing is bought twice).
@@ -152,6 +163,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 busy: false,
                 reserved_for: request.job,
                 idle_since_ms: None,
+                lost: false,
             });
         }
     }
@@ -166,6 +178,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             busy: worker.job.is_some() || worker.draining,
             reserved_for: None,
             idle_since_ms: None,
+            lost: false,
         });
     }
     for job in state.jobs.values() {

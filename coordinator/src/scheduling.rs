@@ -103,8 +103,10 @@ pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
 /// - once every noticed member has a reserved replacement and each reported the job prepared
 ///   (`prepared(worker)`, from its heartbeats), the gang hands over to all of them
 ///   ([`Command::HandoverReady`]); a replacement that has not reported by the earliest
-///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready. One that was lost or
-///   noticed meanwhile ends the handovers at a checkpoint (the job then waits for capacity).
+///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready. (One lost or noticed
+///   while it prepares is given up by the state machine, and another sought; one still
+///   reserved though gone, in a state an older build wrote, ends the handovers at a
+///   checkpoint.)
 pub fn handover_commands(
     state: &State,
     now_ms: u64,

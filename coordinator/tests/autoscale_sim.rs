@@ -665,7 +665,8 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
     // One that never reports is waited for PREPARE_WAIT_MAX_MS at most.
     assert!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS - 1, true, nothing_prepared).is_empty());
     assert_eq!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS, true, nothing_prepared), ready);
-    // One lost while it prepares ends the handover at a checkpoint.
+    // A replacement still reserved though lost (a state an older build wrote; this one gives
+    // it up, see the next test) ends the handover at a checkpoint.
     let fallback = [Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
     let mut lost = control.state.clone();
     lost.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_500);
@@ -683,6 +684,59 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
     assert!(handover_commands(&late, 84_999, true, nothing_prepared).is_empty());
     assert_eq!(handover_commands(&late, 85_000, true, nothing_prepared), fallback);
     assert_eq!(handover_commands(&late, 20_000, false, nothing_prepared).len(), 1, "none can come");
+}
+
+#[test]
+fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on() {
+    let mut memory = Memory::default();
+    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
+    let job_id = flotilla_core::JobId(1);
+    let notice =
+        Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+    apply(&mut control.state, 5, Envelope::new(10_000, notice)).expect("notice");
+    control.index = 5;
+    pass(&mut control, &mut memory, 11_000);
+    let bought = |control: &Local| -> Vec<_> {
+        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect()
+    };
+    let [first] = bought(&control).try_into().expect("one replacement bought");
+    let replacement = register_worker(&mut control.state, 6, &first);
+    let reserve = Command::HandoverTo { job_id, generation: 1, replacement };
+    apply(&mut control.state, 7, Envelope::new(15_000, reserve)).expect("reserve");
+    // It dies while it prepares (its lease expired): given up, the gang trains on, and the
+    // autoscaler buys one more, once, whatever the leader changes.
+    let lost = Command::WorkerLost { worker_id: replacement, last_step_seen: 0 };
+    apply(&mut control.state, 8, Envelope::new(20_000, lost)).expect("lost");
+    control.index = 8;
+    let job = &control.state.jobs[&job_id];
+    assert_eq!((job.checkpoint_requested, job.handovers[0].replacement), (None, None), "training on, seeking another");
+    pass(&mut control, &mut memory, 21_000);
+    pass(&mut control, &mut Memory::default(), 22_000);
+    pass(&mut control, &mut memory, 23_000);
+    let now_bought = bought(&control);
+    assert_eq!(now_bought.len(), 2, "one more: {:?}", control.state.instances);
+    let second = now_bought.into_iter().find(|i| i.id != first.id).expect("the second");
+    use flotilla_coordinator::scheduling::handover_commands;
+    let again = register_worker(&mut control.state, 9, &second);
+    let commands = handover_commands(&control.state, 30_000, true, |_| None);
+    assert_eq!(commands, [Command::HandoverTo { job_id, generation: 1, replacement: again }]);
+    for command in commands {
+        apply(&mut control.state, 10, Envelope::new(30_000, command)).expect("reserve again");
+    }
+    let prepared = |w| (w == again).then_some(job_id);
+    assert_eq!(
+        handover_commands(&control.state, 31_000, true, prepared),
+        [Command::HandoverReady { job_id, generation: 1 }]
+    );
+    // The lost worker's instance is given back after the idle cooldown (60 s here, from the
+    // first pass that saw it lost, at 21 s), not kept as capacity.
+    control.index = 10;
+    pass(&mut control, &mut memory, 80_999);
+    assert!(control.state.instances[&first.id].terminated_at_unix_ms.is_none());
+    pass(&mut control, &mut memory, 81_000);
+    assert!(control.state.instances[&first.id].terminated_at_unix_ms.is_some(), "{:?}", control.state.instances);
+    assert!(control.state.instances[&second.id].terminated_at_unix_ms.is_none(), "the one preparing stays");
 }
 
 #[test]

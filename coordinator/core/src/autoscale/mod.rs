@@ -148,6 +148,9 @@ pub struct Held {
     pub reserved_for: Option<JobId>,
     /// Since when it has had nothing to do (`None` while busy or still starting).
     pub idle_since_ms: Option<u64>,
+    /// Its worker registered and was lost since (its lease expired: the agent died or the host
+    /// is cut off): no capacity for any gang, given back like an idle instance.
+    pub lost: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -250,7 +253,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
     order.sort_by_key(|g| (std::cmp::Reverse(g.priority), g.order, g.job));
     // Idle capacity not yet promised in this pass, by pool.
     let mut free: BTreeMap<PoolKey, Vec<&Held>> = BTreeMap::new();
-    for h in held.iter().filter(|h| !h.busy) {
+    for h in held.iter().filter(|h| !h.busy && !h.lost) {
         free.entry(h.pool.clone()).or_default().push(h);
     }
     let mut count = held.len() as u64;

@@ -30,6 +30,7 @@ fn held(id: &str, p: PoolKey, busy: bool, idle_since: Option<u64>) -> Held {
         busy,
         reserved_for: None,
         idle_since_ms: idle_since,
+        lost: false,
     }
 }
 

@@ -127,7 +127,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     inference::member_lost(state, job_id, worker_id, now)
                 }
                 Some(job_id) => lose_member(state, job_id, worker_id, last_step_seen, now),
-                None => {}
+                None => give_up_replacement(state, worker_id, "was lost", now),
             }
             Ok(Applied::WorkerLost { worker_id })
         }
@@ -151,6 +151,9 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             };
             let taken_at = worker.notice_action_at_unix_ms;
             let job_id = worker.job;
+            if job_id.is_none() {
+                give_up_replacement(state, worker_id, &format!("got a {kind} notice"), now);
+            }
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
             let Some(job) = running else { return Ok(interrupted(worker_id, None, None)) };
             job.updated_at_unix_ms = now;
@@ -823,6 +826,35 @@ fn reserve_replacement(
     job.updated_at_unix_ms = now;
     push_event(job, now, "handover", format!("{replacement} will replace {leaving}; training on while it prepares"));
     Ok(Applied::ReplacementReserved { job_id, replacement })
+}
+
+/// A reserved replacement that can no longer take the place (lost, or noticed itself while it
+/// prepared) is given up while its gang still trains: the handover waits for another, a free
+/// worker at once if one fits, else one the autoscaler or the local provider brings, until the
+/// handover's own fallback time. (Once the gang stops for the handover, a replacement gone
+/// leaves the job to wait as after any stop; see `generation_ended`.)
+fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64) {
+    let Some(job) = state.jobs.values_mut().find(|j| j.reserved_replacements().any(|r| r == worker)) else { return };
+    if job.state != JobState::Running || job.checkpoint_requested.is_some() {
+        return;
+    }
+    let Some(handover) = job.handovers.iter_mut().find(|h| h.replacement == Some(worker)) else { return };
+    handover.replacement = None;
+    handover.reserved_at_unix_ms = 0;
+    let leaving = handover.leaving;
+    job.updated_at_unix_ms = now;
+    push_event(
+        job,
+        now,
+        "handover",
+        format!("{worker}, reserved to replace {leaving}, {why}; seeking another replacement"),
+    );
+    let (job_id, generation) = (job.id, job.generation);
+    while let Some(replacement) = pick_replacement(state, job_id) {
+        if reserve_replacement(state, job_id, generation, replacement, now).is_err() {
+            break;
+        }
+    }
 }
 
 /// Whether `worker` runs on a spot instance (a worker without an instance record, started by

@@ -141,12 +141,13 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
     }
 }
 
-/// Whether `worker` takes part in `job_id` (training: its current or just-ended gang;
-/// inference: a member, or the holder of one of its shards' attempts, the current lease's
-/// included): the only jobs its reports may change.
+/// Whether `worker` takes part in `job_id` (training: its current or just-ended gang, or a
+/// handover's reserved replacement, which its own notice or loss gives up; inference: a
+/// member, or the holder of one of its shards' attempts, the current lease's included): the
+/// only jobs its reports may change.
 pub fn is_part_of(state: &State, worker: WorkerId, job_id: JobId) -> bool {
     if let Some(job) = state.jobs.get(&job_id) {
-        return job.is_member(worker);
+        return job.is_member(worker) || job.reserved_replacements().any(|r| r == worker);
     }
     state.inferences.get(&job_id).is_some_and(|job| {
         job.members.contains(&worker) || job.shards.iter().any(|s| s.holders.iter().any(|(_, w)| *w == worker))

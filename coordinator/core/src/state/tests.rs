@@ -466,6 +466,49 @@ fn a_second_notice_without_a_replacement_in_time_falls_back_and_frees_the_first_
 }
 
 #[test]
+fn a_replacement_lost_or_noticed_while_it_prepares_is_given_up_for_another() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let first = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    let pair = |state: &State| {
+        let job = &state.jobs[&JobId(1)];
+        (job.checkpoint_requested, job.handovers.iter().map(|h| (h.leaving, h.replacement)).collect::<Vec<_>>())
+    };
+    assert_eq!(pair(&state), (None, vec![(w2, Some(first))]));
+    // The replacement dies while it prepares: the gang trains on and the handover seeks another
+    // (before, it fell back to checkpoint-and-wait at once).
+    at(&mut state, 20_000, Command::WorkerLost { worker_id: first, last_step_seen: 0 }).expect("lost");
+    assert_eq!(pair(&state), (None, vec![(w2, None)]));
+    let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
+    assert!(event.contains(&format!("{first}, reserved to replace {w2}, was lost; seeking another")), "{event}");
+    let (second, third) = (register(&mut state, 21), register(&mut state, 22));
+    let reserve = Command::HandoverTo { job_id: JobId(1), generation: 1, replacement: second };
+    at(&mut state, 30_000, reserve).expect("reserve");
+    assert_eq!(pair(&state), (None, vec![(w2, Some(second))]));
+    // The next one gets a notice of its own: given up too, and the free worker reserved at once.
+    assert_eq!(
+        at(&mut state, 40_000, spot_notice(second, 160_000)),
+        Ok(Applied::WorkerInterrupted { worker_id: second, job: None, handover_until: None, advisory: false })
+    );
+    assert_eq!(pair(&state), (None, vec![(w2, Some(third))]));
+    assert_eq!(state.jobs[&JobId(1)].handovers[0].reserved_at_unix_ms, 40_000);
+    assert_eq!(state.jobs[&JobId(1)].handovers[0].fallback_at_unix_ms, 85_000, "the member's deadline stands");
+    assert!(reserving_job(&state, second).is_none() && state.workers[&second].draining);
+    // The handover goes ahead with the third, rank kept, nothing lost.
+    at(&mut state, 41_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    checkpoint(&mut state, 30, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 30),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.gang.clone(), job.steps_lost, job.recoveries), (2, vec![w1, third], 0, 0));
+    // Once the gang stops for the handover, a replacement lost is not given up (the job waits
+    // as after any stop, see a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop).
+}
+
+#[test]
 fn a_rebalance_recommendation_hands_over_without_a_deadline_until_a_notice_gives_it_one() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);

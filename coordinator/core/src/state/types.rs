@@ -13,7 +13,9 @@ use crate::spec::JobSpec;
 /// version that meets the newer log stops instead of diverging from the others.
 /// 2: several handovers at once, rebalance recommendations' handovers (`WorkerInterrupted`
 /// applies differently), `GangLost`, `Job::handovers`.
-pub const STATE_VERSION: u32 = 2;
+/// 3: a reserved replacement lost or noticed while its gang trains is given up and another
+/// sought (`WorkerLost` and `WorkerInterrupted` of a free worker apply differently).
+pub const STATE_VERSION: u32 = 3;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
