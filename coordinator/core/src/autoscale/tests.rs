@@ -158,6 +158,18 @@ fn idle_instances_count_and_the_rest_is_bought_in_their_pool() {
     assert!(covered.decisions.is_empty(), "two idle instances cover a gang of two: {covered:?}");
 }
 
+#[test]
+fn an_instance_whose_worker_was_lost_is_no_capacity_and_goes_after_the_cooldown() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0)];
+    let dead = Held { lost: true, ..held("i-1", pool("g5.xlarge", "a"), false, Some(0)) };
+    // Counted as idle capacity, it would cover the gang and nothing would be bought.
+    let plan1 = plan(1, &[gang(1, 1)], std::slice::from_ref(&dead), &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&plan1), [(JobId(1), pool("g5.xlarge", "a"), true, 1)]);
+    let cooldown = Limits::default().idle_cooldown_ms;
+    let later = plan(cooldown, &[], std::slice::from_ref(&dead), &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(later.decisions, [Decision::Terminate { id: "i-1".into() }]);
+}
+
 fn plan_for(gangs: &[Gang], held: &[Held], quotes: &[Quote]) -> Plan {
     plan(1, gangs, held, quotes, &Limits::default(), &Backoff::default())
 }
