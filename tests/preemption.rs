@@ -298,6 +298,71 @@ fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
     assert_same_as_uninterrupted(home, &spec, &done, "a rebalance recommendation");
 }
 
+/// A replacement that dies while it prepares (killed without notice, found by its lease) is
+/// given up, not the handover: the gang trains on, the local provider launches another, and the
+/// rank goes to that one at a step boundary. The job's data set is large (2 M synthetic rows)
+/// so that a replacement's preparation (loading it) lasts long enough to kill it meanwhile.
+#[test]
+fn a_replacement_lost_while_it_prepares_is_replaced_and_the_handover_goes_on() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "3"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = dir.join("lost-replacement.toml");
+    std::fs::write(
+        &spec,
+        "name = \"lost-replacement\"\nmodel = { kind = \"mlp\", hidden = [32] }\n\
+         data = { train = \"synthetic:blobs?samples=2000000&features=16&classes=4&noise=1&seed=3\", validation_fraction = 0.01 }\n\
+         train = { steps = 1000000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n\
+         checkpoint = { every_steps = 50, keep = 2 }\n",
+    )
+    .expect("spec");
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(120), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    let noticed = run(home, &["preempt", &members[0], "--notice-s", "120"]);
+    assert!(noticed.status.success(), "{}", String::from_utf8_lossy(&noticed.stderr));
+    // The local provider's replacement boots (3 s), registers and is reserved; it loads the
+    // data set meanwhile: kill it then.
+    let reserved = wait_for(home, &job, Duration::from_secs(60), "a replacement reserved", |s| {
+        s["handovers"][0]["replacement"].is_string() || s["generation"].as_u64() > Some(1)
+    });
+    let first = reserved["handovers"][0]["replacement"].as_str().expect("reserved before the handover").to_string();
+    let killed = run(home, &["preempt", &first, "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    let given_up = wait_for(home, &job, Duration::from_secs(60), "the replacement given up", |s| {
+        events(s, "handover").iter().any(|m| m.contains("was lost; seeking another"))
+            || s["generation"].as_u64() > Some(1)
+    });
+    assert_eq!(given_up["generation"], 1, "the handover waited for the killed one instead: {given_up}");
+    assert!(events(&given_up, "checkpoint_requested").is_empty(), "no fallback: {given_up}");
+    // Another boots and takes the rank: one stop, for the handover.
+    let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {
+        s["generation"].as_u64().unwrap_or(0) >= 2 || s["state"] != "Running"
+    });
+    assert_eq!((handed["state"].as_str(), handed["generation"].as_u64()), (Some("Running"), Some(2)), "{handed}");
+    let second = gang(home, &job);
+    assert!(second.contains(&members[1]) && !second.contains(&members[0]) && !second.contains(&first), "{second:?}");
+    let took: Vec<&str> = events(&handed, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
+    assert!(took.len() == 1 && took[0].contains(&format!("took {}'s rank", members[0])), "{handed}");
+    assert!(!took[0].contains(&format!("{first} took")), "{handed}");
+    let checkpointed = events(&handed, "checkpointed");
+    assert!(checkpointed.len() == 1 && checkpointed[0].contains("stopped for handover"), "{handed}");
+    assert_eq!((handed["steps_lost"].as_u64(), handed["recoveries"].as_u64()), (Some(0), Some(0)), "{handed}");
+    let trained = wait_for(home, &job, Duration::from_secs(60), "training in generation 2", |s| {
+        s["step"].as_u64() > handed["step"].as_u64().map(|s| s + 20) || s["state"] != "Running"
+    });
+    assert_eq!(trained["resume_storage_bytes"], 0, "{trained}");
+    // The premise: a preparation lasts long enough for the kill above to land in it.
+    let replacement = second.iter().find(|w| **w != members[1]).expect("the second replacement");
+    let log = std::fs::read_to_string(agent_log(home, replacement)).expect("its agent log");
+    let prepared_ms = log.lines().find(|l| l.contains("prepared the job")).and_then(|l| {
+        l.split(" ms=").nth(1)?.split(|c: char| !c.is_ascii_digit() && c != '.').next()?.parse::<f64>().ok()
+    });
+    assert!(prepared_ms.is_some_and(|ms| ms >= 500.0), "preparation {prepared_ms:?} ms: make the data set larger");
+    assert!(run(home, &["cancel", &job]).status.success());
+}
+
 /// A small deterministic generator for kill targets and moments.
 struct SplitMix(u64);
 
