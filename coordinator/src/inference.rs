@@ -38,6 +38,9 @@ pub const SHARD_VALUES_MAX: u64 = 256 * 1024 * 1024;
 const LINE_LEN_MAX_BYTES: u64 = 1024 * 1024;
 /// How often the leader looks for complete jobs.
 const PASS_EVERY: Duration = Duration::from_millis(300);
+/// ... and at the earliest this long after a change wakes it (without it, every committed
+/// write woke a read of the state on the Raft loop's thread).
+const PASS_MIN_GAP: Duration = Duration::from_millis(50);
 /// Names of the summary and marker files.
 pub const SUMMARY_FILE: &str = "_SUMMARY.json";
 pub const SUCCESS_FILE: &str = "_SUCCESS";
@@ -289,6 +292,7 @@ fn expired(state: &State, now_unix_ms: u64) -> Vec<(JobId, u32, flotilla_core::W
 pub async fn finalize_loop(mut node: NodeHandle, store: Location) {
     loop {
         let _ = tokio::time::timeout(PASS_EVERY, node.changed()).await;
+        tokio::time::sleep(PASS_MIN_GAP).await;
         if node.status().leader_id != Some(node.id) {
             continue;
         }

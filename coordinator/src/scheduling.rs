@@ -23,6 +23,16 @@ const PASS_EVERY: Duration = Duration::from_millis(300);
 /// ... and at the earliest this long after it, when the state changes (a submission, a worker
 /// freed): fast reaction without a pass per committed write under load.
 const PASS_MIN_GAP: Duration = Duration::from_millis(20);
+/// ... or this many times the last pass's own work (reading the state, planning), whichever
+/// is longer: a big queue (thousands of pending jobs) keeps the scheduler under ~5% of a core
+/// and of the Raft loop, whose thread runs the read (issue 19: the p99 of clients' writes).
+const PASS_GAP_PER_WORK: u32 = 20;
+
+/// Pending jobs' reasons (what `flotilla status` shows while a job waits) are recorded at most
+/// this often: they are informational, and recording them at every pass put a Raft entry (an
+/// fsync on every node) beside the clients' writes 50 times a second under load (issue 19: the
+/// coordinator's p99 at 1 client was 1.6x etcd's). Placements are not delayed.
+const REASONS_EVERY: Duration = Duration::from_secs(1);
 
 /// An elastic generation runs at least this long before it is regrown.
 const GROW_AFTER: Duration = Duration::from_secs(3);
@@ -170,35 +180,43 @@ pub async fn schedule_loop(
     replacements_expected: bool,
 ) {
     let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
+    let mut reasons_at: Option<Instant> = None;
+    let mut gap = PASS_MIN_GAP;
     loop {
         tokio::select! {
             _ = tokio::time::timeout(PASS_EVERY, node.changed()) => {}
             _ = leases.wake_scheduler.notified() => {}
         }
-        tokio::time::sleep(PASS_MIN_GAP).await;
+        tokio::time::sleep(gap).await;
         if node.status().leader_id != Some(node.id) {
             continue;
         }
         let heard = leases.clone();
         let now_ms = crate::raft::node::now_unix_ms();
-        let Ok((handovers, pending, free, reasons, running, inference)) = node
+        let reasons_due = reasons_at.is_none_or(|at| at.elapsed() >= REASONS_EVERY);
+        let Ok((handovers, pending, free, reasons, running, inference, mut work)) = node
             .read_local(move |state| {
+                let reading = Instant::now();
                 let mut handovers = handover_commands(state, now_ms, replacements_expected, |w| heard.prepared_job(w));
                 handovers.extend(member_lost_commands(state, now_ms));
                 let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
-                let reasons: BTreeMap<JobId, String> = state
-                    .jobs
-                    .iter()
-                    .filter(|(_, j)| j.state == JobState::Pending)
-                    .map(|(id, j)| (*id, j.reason.clone()))
-                    .collect();
+                let reasons: BTreeMap<JobId, String> = if reasons_due {
+                    state
+                        .jobs
+                        .iter()
+                        .filter(|(_, j)| j.state == JobState::Pending)
+                        .map(|(id, j)| (*id, j.reason.clone()))
+                        .collect()
+                } else {
+                    BTreeMap::new()
+                };
                 let inference: Vec<InferenceWants> = state
                     .inferences
                     .values()
                     .filter(|j| j.wants_workers() > 0)
                     .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
                     .collect();
-                (handovers, pending, free, reasons, growable(state), inference)
+                (handovers, pending, free, reasons, growable(state), inference, reading.elapsed())
             })
             .await
         else {
@@ -234,11 +252,16 @@ pub async fn schedule_loop(
         }
         let mut taken = Vec::new();
         if !pending.is_empty() {
+            let planning = Instant::now();
             let plan = schedule(&pending, &free);
-            let changed: Vec<(JobId, String)> =
-                plan.waiting.into_iter().filter(|(job_id, reason)| reasons.get(job_id) != Some(reason)).collect();
-            for batch in changed.chunks(PENDING_REASONS_PER_COMMAND_MAX) {
-                let _ = node.propose(Command::SetPendingReasons { reasons: batch.to_vec() }).await;
+            work += planning.elapsed();
+            if reasons_due {
+                reasons_at = Some(Instant::now());
+                let changed: Vec<(JobId, String)> =
+                    plan.waiting.into_iter().filter(|(job_id, reason)| reasons.get(job_id) != Some(reason)).collect();
+                for batch in changed.chunks(PENDING_REASONS_PER_COMMAND_MAX) {
+                    let _ = node.propose(Command::SetPendingReasons { reasons: batch.to_vec() }).await;
+                }
             }
             for placement in plan.placements {
                 taken.extend(placement.workers.iter().copied());
@@ -248,6 +271,7 @@ pub async fn schedule_loop(
                 }
             }
         }
+        gap = work.saturating_mul(PASS_GAP_PER_WORK).clamp(PASS_MIN_GAP, PASS_EVERY);
         let left: Vec<WorkerId> = free.iter().map(|w| w.id).filter(|w| !taken.contains(w)).collect();
         for (job_id, workers) in inference_joins(&inference, &left) {
             if let Err(e) = node.propose(Command::JoinInference { job_id, workers }).await {

@@ -13,14 +13,20 @@
 #
 #   scripts/bench/coordinator.sh [OPS] [PASSES]        (defaults 2000, 3)
 #
+# FLOTILLA_BIN=path runs a binary built elsewhere (no build).
+#
 # etcd comes from Debian's etcd-server package (`apt-get install etcd-server etcd-client`, 3.4);
 # without it the etcd lines are skipped with a note. One JSON line per case on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ops="${1:-2000}"
 passes="${2:-3}"
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
+if [[ -n "${FLOTILLA_BIN:-}" ]]; then
+  bin=$FLOTILLA_BIN # a binary built elsewhere (an A/B against an older build)
+else
+  cargo build --release --quiet
+  bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
+fi
 work=$(mktemp -d)
 export FLOTILLA_HOME="$work/.flotilla"
 etcd_pids=()
