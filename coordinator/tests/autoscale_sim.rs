@@ -616,25 +616,37 @@ fn one_running_spot_gang(
     (control, provider, gang, workers)
 }
 
-#[test]
-fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_it() {
-    use flotilla_core::state::StopReason;
-    let mut memory = Memory::default();
-    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
-    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
-    let job_id = flotilla_core::JobId(1);
-    // Rank 1 gets a two-minute spot notice at t = 10 s.
+/// [`one_running_spot_gang`] whose rank 1 got a two-minute spot notice at t = 10 s.
+fn rank1_noticed(
+    memory: &mut Memory,
+) -> (Local, Crashing, Vec<flotilla_core::state::InstanceRecord>, Vec<flotilla_core::WorkerId>) {
+    let (mut control, provider, gang, workers) = one_running_spot_gang(memory);
     let notice =
         Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
     apply(&mut control.state, 5, Envelope::new(10_000, notice)).expect("notice");
     control.index = 5;
+    (control, provider, gang, workers)
+}
+
+/// The instances bought besides the gang's.
+fn bought(control: &Local, gang: &[flotilla_core::state::InstanceRecord]) -> Vec<flotilla_core::state::InstanceRecord> {
+    control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect()
+}
+
+#[test]
+fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_it() {
+    use flotilla_core::state::StopReason;
+    let mut memory = Memory::default();
+    // Rank 1 gets a two-minute spot notice at t = 10 s.
+    let (mut control, provider, gang, workers) = rank1_noticed(&mut memory);
+    let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
+    let job_id = flotilla_core::JobId(1);
     assert_eq!(control.state.jobs[&job_id].checkpoint_requested, None, "the gang trains on");
     // Leaders come and go: exactly one replacement is bought, outside the noticed pool.
     pass(&mut control, &mut memory, 11_000);
     pass(&mut control, &mut memory, 12_000);
     pass(&mut control, &mut Memory::default(), 13_000);
-    let replacements: Vec<_> =
-        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect();
+    let replacements = bought(&control, &gang);
     assert_eq!(replacements.len(), 1, "{:?}", control.state.instances);
     let noticed =
         &gang.iter().find(|g| g.id == control.state.workers[&workers[1]].info.instance_id).expect("noticed").clone();
@@ -689,18 +701,11 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
 #[test]
 fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on() {
     let mut memory = Memory::default();
-    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
+    let (mut control, provider, gang, _) = rank1_noticed(&mut memory);
     let pass = |control: &mut Local, memory: &mut Memory, now_ms: u64| pass_at(control, &provider, memory, now_ms);
     let job_id = flotilla_core::JobId(1);
-    let notice =
-        Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
-    apply(&mut control.state, 5, Envelope::new(10_000, notice)).expect("notice");
-    control.index = 5;
     pass(&mut control, &mut memory, 11_000);
-    let bought = |control: &Local| -> Vec<_> {
-        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect()
-    };
-    let [first] = bought(&control).try_into().expect("one replacement bought");
+    let [first] = bought(&control, &gang).try_into().expect("one replacement bought");
     let replacement = register_worker(&mut control.state, 6, &first);
     let reserve = Command::HandoverTo { job_id, generation: 1, replacement };
     apply(&mut control.state, 7, Envelope::new(15_000, reserve)).expect("reserve");
@@ -714,7 +719,7 @@ fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on
     pass(&mut control, &mut memory, 21_000);
     pass(&mut control, &mut Memory::default(), 22_000);
     pass(&mut control, &mut memory, 23_000);
-    let now_bought = bought(&control);
+    let now_bought = bought(&control, &gang);
     assert_eq!(now_bought.len(), 2, "one more: {:?}", control.state.instances);
     let second = now_bought.into_iter().find(|i| i.id != first.id).expect("the second");
     use flotilla_coordinator::scheduling::handover_commands;
@@ -756,10 +761,7 @@ fn members_noticed_together_get_one_replacement_each_bought_once() {
     // Two replacements, bought once whatever the leader changes, outside the noticed pool.
     pass(&mut control, &mut memory, 11_000);
     pass(&mut control, &mut Memory::default(), 12_000);
-    let bought = |control: &Local| -> Vec<_> {
-        control.state.instances.values().filter(|i| !gang.iter().any(|g| g.id == i.id)).cloned().collect()
-    };
-    let replacements = bought(&control);
+    let replacements = bought(&control, &gang);
     assert_eq!(replacements.len(), 2, "{:?}", control.state.instances);
     assert!(replacements.iter().all(|r| (&r.instance_type, &r.zone) != (&gang[0].instance_type, &gang[0].zone)));
     // One registers and is reserved: the other is still on its way, nothing more is bought.
@@ -768,5 +770,5 @@ fn members_noticed_together_get_one_replacement_each_bought_once() {
     apply(&mut control.state, 9, Envelope::new(13_000, reserve)).expect("reserve");
     control.index = 9;
     pass(&mut control, &mut memory, 14_000);
-    assert_eq!(bought(&control).len(), 2, "{:?}", control.state.instances);
+    assert_eq!(bought(&control, &gang).len(), 2, "{:?}", control.state.instances);
 }
