@@ -65,7 +65,12 @@ fn growable(state: &State) -> Vec<RunningJob> {
 /// each worker's last heartbeat (in memory, not replicated). A worker whose gang broke is
 /// left out until heard from since the break: it may be dead with a lease not yet expired.
 pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Vec<PendingJob>, Vec<FreeWorker>) {
-    let pending = state
+    (pending_jobs(state), free_workers(state, heard_at))
+}
+
+/// The jobs waiting for a gang.
+fn pending_jobs(state: &State) -> Vec<PendingJob> {
+    state
         .jobs
         .values()
         .filter(|j| j.state == JobState::Pending)
@@ -79,11 +84,15 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             on_demand_only: j.needs_on_demand(),
             mixed: j.spec.capacity.mixed_types,
         })
-        .collect();
+        .collect()
+}
+
+/// The workers free for a gang (see [`scheduler_input`]).
+fn free_workers(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> Vec<FreeWorker> {
     // Workers promised to a handover are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
         state.jobs.values().flat_map(|j| j.reserved_replacements()).collect();
-    let free = state
+    state
         .workers
         .values()
         .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
@@ -95,8 +104,7 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
             zone: w.info.zone.clone(),
             spot: flotilla_core::state::on_spot(state, w.id),
         })
-        .collect();
-    (pending, free)
+        .collect()
 }
 
 /// Longest a handover waits for its reserved replacement to report the job prepared (data
@@ -199,7 +207,11 @@ pub async fn schedule_loop(
                 let reading = Instant::now();
                 let mut handovers = handover_commands(state, now_ms, replacements_expected, |w| heard.prepared_job(w));
                 handovers.extend(member_lost_commands(state, now_ms));
-                let (pending, free) = scheduler_input(state, |w| heard.last_heartbeat_unix_ms(w));
+                let free = free_workers(state, |w| heard.last_heartbeat_unix_ms(w));
+                // Without a free worker nothing can be placed, grown or joined: the queue is
+                // read only when its reasons are due (thousands of pending jobs made every
+                // pass O(jobs) on the Raft thread under a stream of submissions).
+                let pending = if free.is_empty() && !reasons_due { Vec::new() } else { pending_jobs(state) };
                 let reasons: BTreeMap<JobId, String> = if reasons_due {
                     state
                         .jobs
