@@ -182,14 +182,20 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
     if job.stall_ms_total > 0 {
         line += &format!(" stalled {} ms (last {} ms)", job.stall_ms_total, job.last_stall_ms);
     }
-    if !job.handovers.is_empty() {
-        let each: Vec<String> = job.handovers.iter().map(handover_text).collect();
-        line += &format!(" handing over: {}", each.join(", "));
+    if let Some(handing_over) = handing_over(job) {
+        line += &format!(" {handing_over}");
     }
     if !job.reason.is_empty() {
         line += &format!(" ({})", job.reason);
     }
     line
+}
+
+/// `handing over: worker-2 -> worker-4 (until ...), worker-1 -> ? (no deadline)` while
+/// handovers are under way.
+fn handing_over(job: &v1::JobStatus) -> Option<String> {
+    let each: Vec<String> = job.handovers.iter().map(handover_text).collect();
+    (!each.is_empty()).then(|| format!("handing over: {}", each.join(", ")))
 }
 
 /// `worker-2 -> worker-4 (until 12:03:15Z)`, `worker-1 -> ? (no deadline)`.
@@ -332,11 +338,10 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
     for job in jobs {
         let steps =
             if job.total_steps > 0 { format!("{}/{}", job.step, job.total_steps) } else { job.step.to_string() };
-        let handovers: Vec<String> = job.handovers.iter().map(handover_text).collect();
-        let reason = match (handovers.is_empty(), job.reason.is_empty()) {
-            (true, _) => job.reason.clone(),
-            (false, true) => format!("handing over: {}", handovers.join(", ")),
-            (false, false) => format!("handing over: {}; {}", handovers.join(", "), job.reason),
+        let reason = match handing_over(job) {
+            Some(handing_over) if job.reason.is_empty() => handing_over,
+            Some(handing_over) => format!("{handing_over}; {}", job.reason),
+            None => job.reason.clone(),
         };
         println!(
             "{:<10} {:<24} {:<12} {:>12} {:>6}  {}",

@@ -834,8 +834,9 @@ fn reserve_replacement(
 /// handover's own fallback time. (Once the gang stops for the handover, a replacement gone
 /// leaves the job to wait as after any stop; see `generation_ended`.)
 fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64) {
-    let Some(job) = state.jobs.values_mut().find(|j| j.reserved_replacements().any(|r| r == worker)) else { return };
-    if job.state != JobState::Running || job.checkpoint_requested.is_some() {
+    let Some(job_id) = reserving_job(state, worker).map(|j| j.id) else { return };
+    let Some(job) = state.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Running) else { return };
+    if job.checkpoint_requested.is_some() {
         return;
     }
     let Some(handover) = job.handovers.iter_mut().find(|h| h.replacement == Some(worker)) else { return };
@@ -849,7 +850,7 @@ fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64)
         "handover",
         format!("{worker}, reserved to replace {leaving}, {why}; seeking another replacement"),
     );
-    let (job_id, generation) = (job.id, job.generation);
+    let generation = job.generation;
     while let Some(replacement) = pick_replacement(state, job_id) {
         if reserve_replacement(state, job_id, generation, replacement, now).is_err() {
             break;
