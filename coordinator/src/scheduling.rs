@@ -43,7 +43,7 @@ const GROW_AFTER: Duration = Duration::from_secs(3);
 /// silently, the elastic growth and the workers promised to handovers all come from them
 /// (each of the four used to scan every job held, on the Raft thread, every pass).
 fn running_jobs(state: &State) -> Vec<&Job> {
-    state.jobs.values().filter(|j| j.state == JobState::Running).collect()
+    state.running_jobs().collect()
 }
 
 /// Of `running`, the elastic jobs below their `max`, not already asked to checkpoint.

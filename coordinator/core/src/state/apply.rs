@@ -640,7 +640,9 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.gang = workers;
     job.ended_gang.clear();
     push_event(job, now, "gang", message);
-    Ok(Applied::GangAssigned { job_id, generation: job.generation })
+    let generation = job.generation;
+    state.running.started(job_id, &state.jobs);
+    Ok(Applied::GangAssigned { job_id, generation })
 }
 
 /// Checks a submission's request id and the job limit (training and inference jobs alike);
@@ -785,7 +787,7 @@ pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
 /// the lowest job id when several fit. It prepares that job (data loaded, a warm-up step).
 pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
     let w = state.workers.get(&worker)?;
-    state.jobs.values().filter(|j| j.state == JobState::Running && j.spec.capacity.spares > 0).find(|j| {
+    state.running_jobs().filter(|j| j.spec.capacity.spares > 0).find(|j| {
         let pool = j.gang.first().and_then(|m| state.workers.get(m));
         pool.is_some_and(|m| m.info.instance_type == w.info.instance_type && m.info.zone == w.info.zone)
             && replacement_fits(state, j.id, worker)

@@ -168,6 +168,35 @@ fn a_gang_runs_finishes_and_frees_its_workers() {
     assert!(state.workers.values().all(|w| w.job.is_none()), "workers are free again");
 }
 
+/// The running index names exactly the running jobs to its readers, through starts, ends,
+/// cancellations and a snapshot's restore, while most jobs held wait in the queue.
+#[test]
+fn the_running_jobs_are_read_from_the_index_through_starts_ends_and_restores() {
+    let mut state = State::default();
+    for i in 1..=50 {
+        submit(&mut state, i, &format!("r{i}")).expect("submit");
+    }
+    let workers: Vec<WorkerId> = (0..4).map(|i| register(&mut state, 100 + i)).collect();
+    let running = |state: &State| state.running_jobs().map(|j| j.id.0).collect::<Vec<_>>();
+    assert!(running(&state).is_empty());
+    let assign = |state: &mut State, job: u64, workers: Vec<WorkerId>| {
+        apply(state, 200 + job, Envelope::new(200 + job, Command::AssignGang { job_id: JobId(job), workers }))
+            .expect("assign")
+    };
+    assign(&mut state, 7, vec![workers[0]]);
+    assign(&mut state, 3, vec![workers[1], workers[2]]);
+    assert_eq!(running(&state), [3, 7]);
+    let cancel = Command::CancelJob { job_id: JobId(7), reason: String::new() };
+    apply(&mut state, 300, Envelope::new(300, cancel)).expect("cancel");
+    assert_eq!(running(&state), [3], "a cancelled job is no longer read as running");
+    assign(&mut state, 40, vec![workers[0]]);
+    assert_eq!(running(&state), [3, 40]);
+    assert_eq!(state.running.0.len(), 2, "a start prunes the jobs that stopped");
+    let restored = State::from_snapshot(&state.to_snapshot()).expect("restore");
+    assert_eq!(running(&restored), [3, 40], "a restored state rebuilds its index");
+    assert_eq!(restored, state);
+}
+
 #[test]
 fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
     let mut state = State::default();

@@ -473,6 +473,37 @@ pub struct State {
     /// Batch-inference jobs (ids share the jobs' counter and request ids).
     #[serde(default)]
     pub inferences: BTreeMap<JobId, super::inference::InferenceJob>,
+    /// The jobs that may be running (see [`RunningIndex`]); not replicated, rebuilt on restore.
+    #[serde(skip)]
+    pub running: RunningIndex,
+}
+
+/// An index of the running jobs, so that the leader's periodic passes (scheduler, the workers'
+/// heartbeats) read them without scanning every job held: with thousands of jobs queued, each
+/// scan held the Raft thread for a millisecond or more, 20+ times a second. A superset: a job
+/// enters when it starts running ([`RunningIndex::started`], pruned of the jobs no longer running
+/// then), so it may still name jobs that have stopped since; [`State::running_jobs`] filters
+/// them. Derived data: not part of the state's value (always equal), not serialised.
+#[derive(Debug, Clone, Default)]
+pub struct RunningIndex(pub(crate) std::collections::BTreeSet<JobId>);
+
+impl PartialEq for RunningIndex {
+    fn eq(&self, _other: &RunningIndex) -> bool {
+        true
+    }
+}
+
+impl RunningIndex {
+    /// `job` started running; the jobs of `jobs` that no longer run leave the index.
+    pub(crate) fn started(&mut self, job: JobId, jobs: &BTreeMap<JobId, Job>) {
+        self.0.retain(|id| jobs.get(id).is_some_and(|j| j.state == JobState::Running));
+        self.0.insert(job);
+    }
+
+    /// The index of `jobs` as they are (a restored snapshot).
+    fn of(jobs: &BTreeMap<JobId, Job>) -> RunningIndex {
+        RunningIndex(jobs.values().filter(|j| j.state == JobState::Running).map(|j| j.id).collect())
+    }
 }
 
 impl Default for State {
@@ -488,7 +519,20 @@ impl Default for State {
             instances: BTreeMap::new(),
             models: BTreeMap::new(),
             inferences: BTreeMap::new(),
+            running: RunningIndex::default(),
         }
+    }
+}
+
+impl State {
+    /// The running training jobs, by id, without scanning every job held (see [`RunningIndex`]).
+    pub fn running_jobs(&self) -> impl Iterator<Item = &Job> {
+        debug_assert_eq!(
+            self.running.0.iter().filter(|id| self.jobs.get(id).is_some_and(|j| j.state == JobState::Running)).count(),
+            self.jobs.values().filter(|j| j.state == JobState::Running).count(),
+            "every running job is in the running index"
+        );
+        self.running.0.iter().filter_map(|id| self.jobs.get(id)).filter(|j| j.state == JobState::Running)
     }
 }
 
@@ -698,6 +742,7 @@ impl State {
         }
         // This build's state from now on: its next snapshot says so (an older node refuses it).
         state.version = STATE_VERSION;
+        state.running = RunningIndex::of(&state.jobs);
         Ok(state)
     }
 }
