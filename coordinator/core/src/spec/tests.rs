@@ -452,3 +452,141 @@ proptest! {
         prop_assert_eq!(spec, again);
     }
 }
+
+/// A spec as the API may deliver it: any field values, valid or not (within `i64` for the
+/// unsigned ones; beyond it see the test below), a built-in job or a command job.
+fn any_api_spec() -> impl Strategy<Value = JobSpec> {
+    let small_u32 = prop_oneof![0u32..5, Just(u32::MAX), 0u32..70_000];
+    let float = prop_oneof![any::<f64>(), 0.0f64..2.0, Just(f64::NAN), Just(f64::INFINITY), Just(-1.0)];
+    let name = prop_oneof![Just("ok".to_string()), Just(String::new()), Just("Bad Name".to_string()), "[a-z]{1,70}"];
+    let uri = prop_oneof![
+        Just("synthetic:blobs".to_string()),
+        Just("s3://bucket/train.csv".to_string()),
+        Just("file:///data/mnist.csv".to_string()),
+        Just("synthetic:blobs?classes=3".to_string()),
+    ];
+    let model = prop_oneof![
+        prop::collection::vec(small_u32.clone(), 0..20).prop_map(|hidden| Some(ModelSpec::Mlp { hidden })),
+        prop::collection::vec(small_u32.clone(), 0..6).prop_map(|channels| Some(ModelSpec::Cnn { channels })),
+        Just(None),
+    ];
+    let run = prop_oneof![
+        Just(None),
+        (
+            prop::collection::vec("[a-z]{0,8}", 0..3),
+            prop::option::of(Just("/work".to_string())),
+            small_u32.clone(),
+            prop::collection::btree_map(
+                prop_oneof![Just("A".to_string()), Just("FLOTILLA_X".to_string()), Just("1a".to_string())],
+                "[a-z]{0,4}",
+                0..3
+            ),
+        )
+            .prop_map(|(command, workdir, procs, env)| {
+                Some(RunSpec { command, workdir, procs_per_worker: procs, notice_signal: NoticeSignal::Usr1, env })
+            }),
+    ];
+    let data = (uri.clone(), prop::option::of(uri), float.clone()).prop_map(|(train, validation, fraction)| {
+        let parse = |u: String| u.parse::<DataUri>().expect("listed URIs parse");
+        Some(DataSpec {
+            train: parse(train),
+            validation: validation.map(parse),
+            format: DataFormat::Csv,
+            validation_fraction: fraction,
+        })
+    });
+    let train = (
+        prop_oneof![
+            small_u32.clone().prop_map(TrainLength::Epochs),
+            (0u64..2_000_000_000).prop_map(TrainLength::Steps)
+        ],
+        small_u32.clone(),
+        prop_oneof![float.clone().prop_map(|momentum| OptimizerSpec::Sgd { momentum }), Just(OptimizerSpec::Adam)],
+        float.clone(),
+        float.clone(),
+        0u64..=i64::MAX as u64,
+    )
+        .prop_map(|(length, batch_size, optimizer, learning_rate, weight_decay, seed)| TrainSpec {
+            length,
+            batch_size,
+            optimizer,
+            learning_rate,
+            weight_decay,
+            seed,
+        });
+    let capacity = (
+        any::<bool>(),
+        prop::collection::vec(prop_oneof![Just("g5.xlarge".to_string()), Just("Bad Type".to_string())], 0..3),
+        prop::option::of(float.clone()),
+        prop::option::of(float.clone()),
+        prop::option::of(float),
+        small_u32.clone(),
+        small_u32.clone(),
+    )
+        .prop_map(|(flag, instance_types, price, budget, deadline, max_failures, spares)| CapacitySpec {
+            spot: flag,
+            on_demand_fallback: !flag,
+            instance_types,
+            max_price_usd_per_hour: price,
+            budget_usd: budget,
+            deadline_h: deadline,
+            mixed_types: flag,
+            max_failures,
+            spares,
+        });
+    let rest = (any::<i32>(), (small_u32.clone(), small_u32.clone(), small_u32.clone()), 0u64..20_000_000, small_u32);
+    (name.clone(), model, data, run, train, capacity, rest, name).prop_map(
+        |(name, model, data, run, train, capacity, (priority, (min, max, gpus), every_steps, keep), register_as)| {
+            JobSpec {
+                name,
+                priority,
+                model,
+                data,
+                run,
+                train,
+                workers: WorkersSpec { min, max, gpus },
+                capacity,
+                checkpoint: CheckpointSpec { every_steps, keep },
+                output: OutputSpec { register_as },
+            }
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// A spec from the API is checked without TOML (`validated`): it reaches the same verdict,
+    /// value or errors, as the canonical TOML read back through the file's path.
+    #[test]
+    fn the_api_s_check_agrees_with_the_file_s(spec in any_api_spec()) {
+        let direct = spec.clone().validated();
+        let through_toml = JobSpec::from_toml_str(&spec.to_toml());
+        prop_assert_eq!(direct, through_toml);
+    }
+}
+
+/// The API's `uint64` fields beyond `i64`: a clear error naming each field (the TOML round
+/// trip this check replaced panicked on them: TOML integers are `i64`).
+#[test]
+fn unsigned_values_beyond_i64_are_refused_by_field() {
+    let mut spec = JobSpec::from_toml_str(MINIMAL).expect("valid");
+    spec.train.seed = u64::MAX;
+    spec.train.length = TrainLength::Steps(u64::MAX);
+    spec.checkpoint.every_steps = 1 << 63;
+    let err = spec.validated().expect_err("out of range");
+    assert_eq!(err.fields(), ["train.steps", "train.seed", "checkpoint.every_steps"]);
+    assert!(err.to_string().contains("18446744073709551615 is out of range"), "{err}");
+}
+
+/// The size limit of a spec file holds for a spec from the API too.
+#[test]
+fn an_api_spec_with_too_much_text_is_refused() {
+    let mut spec =
+        JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"python\"]\n").expect("valid");
+    let run = spec.run.as_mut().expect("a command job");
+    run.command = vec!["x".repeat(1000); 70];
+    let err = spec.validated().expect_err("too large");
+    assert_eq!(err.fields(), ["(spec)"]);
+    assert!(err.to_string().contains("at most 65536"), "{err}");
+}
