@@ -764,9 +764,15 @@ impl Envelope {
     /// The log entry for this envelope, checked to decode again: an entry no replica can
     /// decode must never be committed (every replica would stop at it).
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        Ok(self.encode_checked()?.0)
+    }
+
+    /// [`Envelope::encode`], with the envelope its bytes decode to: what every replica applies
+    /// (the proposer can apply it without decoding the entry again).
+    pub fn encode_checked(&self) -> Result<(Vec<u8>, Envelope), SnapshotError> {
         let bytes = serde_json::to_vec(self).map_err(|e| SnapshotError::Unrepresentable(e.to_string()))?;
-        Envelope::decode(&bytes).map_err(|e| SnapshotError::Unrepresentable(e.to_string()))?;
-        Ok(bytes)
+        let decoded = Envelope::decode(&bytes).map_err(|e| SnapshotError::Unrepresentable(e.to_string()))?;
+        Ok((bytes, decoded))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, SnapshotError> {
