@@ -778,8 +778,13 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
 }
 
 /// The job whose handover has reserved `worker` as its replacement, if any.
+/// Only a running job has handovers (a gang that ends drops them), so the running index is
+/// read, not every job held: free workers' heartbeats ask this.
 pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
-    state.jobs.values().find(|j| j.reserved_replacements().any(|r| r == worker))
+    let reserving = |j: &&Job| j.reserved_replacements().any(|r| r == worker);
+    let found = state.running_jobs().find(reserving);
+    debug_assert_eq!(found.map(|j| j.id), state.jobs.values().find(reserving).map(|j| j.id));
+    found
 }
 
 /// The running job `worker` is a warm spare of (`capacity.spares`), if any: a free worker that
