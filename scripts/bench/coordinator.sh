@@ -9,7 +9,9 @@
 # a job submission (spec ~100 bytes, deduplicated by request id); an etcd write is a Put of the
 # same encoded spec under the request id. Passes alternate Flotilla and etcd; the summary lines
 # compare medians. Then the leader failover time (SIGKILL of the leader -> next acknowledged
-# write, Flotilla only), and the machine's limit: fdatasync of a 4 KiB overwrite.
+# write, Flotilla only), and the machine's limit: fdatasync of a 4 KiB overwrite. Each case
+# also gives the CPU its three servers spent per write (`server_cpu_us_per_op`, from /proc),
+# and the summary its ratio to etcd's (`cpu_per_op_vs_etcd`).
 #
 #   scripts/bench/coordinator.sh [OPS] [PASSES]        (defaults 2000, 3)
 #
@@ -81,13 +83,32 @@ fi
 etcd_args=(--etcd "$etcd_leader" --etcd-ca "$tls/ca.pem")
 
 out="$work/lines.jsonl"
+# CPU the three servers spent (user + system, clock ticks), read from /proc: per write it is a
+# steadier figure than writes/s on a machine whose speed drifts (both clusters share the cores
+# with the client, so only the servers are counted).
+flotilla_pids=$(pgrep -f -- "--data-dir $FLOTILLA_HOME/coordinator-" | tr '\n' ' ')
+ticks() { for pid in "$@"; do cat "/proc/$pid/stat" 2>/dev/null; done | awk '{ s += $14 + $15 } END { print s + 0 }'; }
+hz=$(getconf CLK_TCK)
+# Runs bench-submit with the given arguments against the servers PIDS...; adds their CPU per
+# write to its JSON line.
+measured() {
+  local pids=$1 clients=$2; shift 2
+  local before after
+  before=$(ticks $pids)
+  "$bin" bench-submit "$@" --clients "$clients" --ops "$ops" > "$work/line.json"
+  after=$(ticks $pids)
+  python3 -c 'import json, sys
+line = json.load(open(sys.argv[1]))
+line["server_cpu_us_per_op"] = round((int(sys.argv[2]) - int(sys.argv[3])) * 1e6 / int(sys.argv[4]) / line["ops"], 1)
+print(json.dumps(line))' "$work/line.json" "$after" "$before" "$hz"
+}
 "$bin" bench-submit --clients 1 --ops "$((ops / 4))" >/dev/null   # warm-up
 [[ -z "$etcd_leader" ]] || "$bin" bench-submit "${etcd_args[@]}" --clients 1 --ops "$((ops / 4))" >/dev/null
 for pass in $(seq "$passes"); do
   for clients in 1 16; do
-    "$bin" bench-submit --clients "$clients" --ops "$ops" | sed "s/^{/{\"pass\":$pass,/" | tee -a "$out"
+    measured "$flotilla_pids" "$clients" | sed "s/^{/{\"pass\":$pass,/" | tee -a "$out"
     if [[ -n "$etcd_leader" ]]; then
-      "$bin" bench-submit "${etcd_args[@]}" --clients "$clients" --ops "$ops" | sed "s/^{/{\"pass\":$pass,/" | tee -a "$out"
+      measured "${etcd_pids[*]}" "$clients" "${etcd_args[@]}" | sed "s/^{/{\"pass\":$pass,/" | tee -a "$out"
     fi
   done
 done
@@ -99,18 +120,21 @@ for clients in sorted({r["clients"] for r in rows}):
     for bench in ("coordinator_submit", "etcd_put"):
         mine = [r for r in rows if r["bench"] == bench and r["clients"] == clients]
         if mine:
-            med[bench] = {k: statistics.median(r[k] for r in mine) for k in ("ops_per_s", "p50_ms", "p99_ms")}
+            med[bench] = {k: statistics.median(r[k] for r in mine)
+                          for k in ("ops_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_op")}
     passes = sum(1 for r in rows if r["bench"] == "coordinator_submit" and r["clients"] == clients)
     line = {"bench": "coordinator_vs_etcd", "clients": clients, "passes": passes}
     f = med["coordinator_submit"]
     line.update(flotilla_ops_per_s=round(f["ops_per_s"]), flotilla_p50_ms=round(f["p50_ms"], 3),
-                flotilla_p99_ms=round(f["p99_ms"], 3))
+                flotilla_p99_ms=round(f["p99_ms"], 3), flotilla_cpu_us_per_op=round(f["server_cpu_us_per_op"], 1))
     if "etcd_put" in med:
         e = med["etcd_put"]
         line.update(etcd_ops_per_s=round(e["ops_per_s"]), etcd_p50_ms=round(e["p50_ms"], 3),
                     etcd_p99_ms=round(e["p99_ms"], 3),
                     ops_per_s_vs_etcd=round(f["ops_per_s"] / e["ops_per_s"], 2),
-                    p99_vs_etcd=round(f["p99_ms"] / e["p99_ms"], 2))
+                    p99_vs_etcd=round(f["p99_ms"] / e["p99_ms"], 2),
+                    etcd_cpu_us_per_op=round(e["server_cpu_us_per_op"], 1),
+                    cpu_per_op_vs_etcd=round(f["server_cpu_us_per_op"] / e["server_cpu_us_per_op"], 2))
     print(json.dumps(line))
 PY
 
