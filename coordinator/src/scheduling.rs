@@ -39,9 +39,9 @@ const REASONS_EVERY: Duration = Duration::from_secs(1);
 /// An elastic generation runs at least this long before it is regrown.
 const GROW_AFTER: Duration = Duration::from_secs(3);
 
-/// The running jobs, read once per scheduler pass: the handovers under way, the members lost
-/// silently, the elastic growth and the workers promised to handovers all come from them
-/// (each of the four used to scan every job held, on the Raft thread, every pass).
+/// The running jobs (from the state's index), listed once per scheduler pass: the handovers
+/// under way, the members lost silently, the elastic growth and the workers promised to
+/// handovers all come from them.
 fn running_jobs(state: &State) -> Vec<&Job> {
     state.running_jobs().collect()
 }
@@ -76,23 +76,27 @@ pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Ve
     (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at))
 }
 
-/// The jobs waiting for a gang.
+/// The jobs waiting for a gang (a scan of every job held).
+fn waiting_jobs(state: &State) -> impl Iterator<Item = &Job> {
+    state.jobs.values().filter(|j| j.state == JobState::Pending)
+}
+
+/// The jobs waiting for a gang, as the planner takes them.
 fn pending_jobs(state: &State) -> Vec<PendingJob> {
-    state
-        .jobs
-        .values()
-        .filter(|j| j.state == JobState::Pending)
-        .map(|j| PendingJob {
-            id: j.id,
-            priority: j.spec.priority,
-            submitted_index: j.submitted_index,
-            min_workers: j.spec.workers.min,
-            max_workers: j.spec.workers.max,
-            gpus_per_worker: j.spec.workers.gpus,
-            on_demand_only: j.needs_on_demand(),
-            mixed: j.spec.capacity.mixed_types,
-        })
-        .collect()
+    waiting_jobs(state).map(pending_job).collect()
+}
+
+fn pending_job(j: &Job) -> PendingJob {
+    PendingJob {
+        id: j.id,
+        priority: j.spec.priority,
+        submitted_index: j.submitted_index,
+        min_workers: j.spec.workers.min,
+        max_workers: j.spec.workers.max,
+        gpus_per_worker: j.spec.workers.gpus,
+        on_demand_only: j.needs_on_demand(),
+        mixed: j.spec.capacity.mixed_types,
+    }
 }
 
 /// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs.
@@ -234,17 +238,14 @@ pub async fn schedule_loop(
                 let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
-                // pass O(jobs) on the Raft thread under a stream of submissions).
-                let pending = if free.is_empty() && !reasons_due { Vec::new() } else { pending_jobs(state) };
-                let reasons: BTreeMap<JobId, String> = if reasons_due {
-                    state
-                        .jobs
-                        .iter()
-                        .filter(|(_, j)| j.state == JobState::Pending)
-                        .map(|(id, j)| (*id, j.reason.clone()))
-                        .collect()
+                // pass O(jobs) on the Raft thread under a stream of submissions), and then
+                // once for both.
+                let (pending, reasons): (Vec<PendingJob>, BTreeMap<JobId, String>) = if reasons_due {
+                    waiting_jobs(state).map(|j| (pending_job(j), (j.id, j.reason.clone()))).unzip()
+                } else if free.is_empty() {
+                    (Vec::new(), BTreeMap::new())
                 } else {
-                    BTreeMap::new()
+                    (pending_jobs(state), BTreeMap::new())
                 };
                 let inference: Vec<InferenceWants> = state
                     .inferences

@@ -263,6 +263,14 @@ fn list(errors: &[FieldError]) -> String {
 }
 
 impl SpecError {
+    /// A spec over [`SPEC_LEN_MAX_BYTES`]: `field` says which text, `size` how large it is.
+    fn too_large(field: &str, size: String) -> SpecError {
+        SpecError::Invalid(vec![FieldError {
+            field: field.into(),
+            message: format!("{size}; a spec may have at most {SPEC_LEN_MAX_BYTES}"),
+        }])
+    }
+
     /// The fields this error is about (empty for syntax errors).
     pub fn fields(&self) -> Vec<&str> {
         match self {
@@ -295,10 +303,7 @@ impl JobSpec {
     /// [`JobSpec::resolve_relative_paths`].
     pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
         if text.len() > SPEC_LEN_MAX_BYTES {
-            return Err(SpecError::Invalid(vec![FieldError {
-                field: "(file)".into(),
-                message: format!("is {} bytes; a spec may have at most {SPEC_LEN_MAX_BYTES}", text.len()),
-            }]));
+            return Err(SpecError::too_large("(file)", format!("is {} bytes", text.len())));
         }
         let raw: raw::RawJobSpec = toml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
         validate::validate(raw)
@@ -312,10 +317,7 @@ impl JobSpec {
         let raw = raw::RawJobSpec::of(&self)?;
         let bytes = raw.text_bytes();
         if bytes > SPEC_LEN_MAX_BYTES {
-            return Err(SpecError::Invalid(vec![FieldError {
-                field: "(spec)".into(),
-                message: format!("holds {bytes} bytes of text; a spec may have at most {SPEC_LEN_MAX_BYTES}"),
-            }]));
+            return Err(SpecError::too_large("(spec)", format!("holds {bytes} bytes of text")));
         }
         validate::validate(raw)
     }

@@ -842,7 +842,7 @@ fn reserve_replacement(
 /// leaves the job to wait as after any stop; see `generation_ended`.)
 fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64) {
     let Some(job_id) = reserving_job(state, worker).map(|j| j.id) else { return };
-    let Some(job) = state.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Running) else { return };
+    let Some(job) = state.jobs.get_mut(&job_id) else { return }; // running: reserving_job reads those
     if job.checkpoint_requested.is_some() {
         return;
     }
