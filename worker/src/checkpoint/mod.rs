@@ -14,6 +14,7 @@
 //! them through Raft); this module only writes and verifies bytes.
 
 pub mod files;
+pub mod live;
 pub mod peer;
 pub mod push;
 pub mod state;

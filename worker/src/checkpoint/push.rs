@@ -267,7 +267,7 @@ fn receive(
 }
 
 /// Each part's head in the frame (the first also carries the part count).
-fn frame_heads(parts: &[(&str, Bytes)]) -> Vec<Vec<u8>> {
+pub(super) fn frame_heads(parts: &[(&str, Bytes)]) -> Vec<Vec<u8>> {
     parts
         .iter()
         .enumerate()
@@ -289,7 +289,7 @@ type Frame = (Vec<(String, Bytes)>, Vec<PartEntry>);
 
 /// Reads a frame of `length` bytes: its parts in order, each with its manifest entry (hashed
 /// chunk by chunk as it arrives), within the format's limits.
-fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, String> {
+pub(super) fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, String> {
     let mut frame = reader.take(length);
     let count = u32::from_le_bytes(read_array(&mut frame)?) as usize;
     if count == 0 || count > PARTS_MAX {

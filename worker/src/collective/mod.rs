@@ -50,4 +50,18 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// For the vote on taking a member into the running gang in place of one that leaves
+    /// ([`crate::train::Handover`]): the rank of each joining member's proven link to this rank
+    /// (one entry per link). Backends that cannot take a member in hold none, so no swap is
+    /// ever agreed on them.
+    fn joining_links(&mut self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// The gang agreed to replace `rank`'s member after the collective that carried the vote:
+    /// from the next collective on, this rank's links to `rank` are the joining member's.
+    fn admit(&mut self, rank: usize) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Invalid(format!(
+            "this backend cannot take a member into a running gang (rank {rank} was to be replaced)"
+        )))
+    }
 }

@@ -4,6 +4,9 @@
 //! ```text
 //!   accept ──▶ peek the first 8 bytes (a thread per connection, at most CLASSIFY_MAX at once)
 //!                "FLOTRING" ──▶ the ring queue: the running rank's rendezvous takes it
+//!                "FLOTJOIN" ──▶ the join queue: a member joining the running ring in place
+//!                               of one that leaves (collective::ring's join); the running
+//!                               rank takes it at a step boundary
 //!                "FLOTPUSH" ──▶ the push handler: a handover's leaving member pushes the
 //!                               stop-step state to its replacement (checkpoint::push)
 //!                anything else, silence, EOF ──▶ dropped
@@ -21,12 +24,16 @@ use std::time::{Duration, Instant};
 
 /// The first 8 bytes of a ring rendezvous ("FLOTRING", little-endian).
 pub const RING_MAGIC: u64 = 0x464c_4f54_5249_4e47;
+/// The first 8 bytes of a link from a member joining a running ring ("FLOTJOIN", little-endian).
+pub const JOIN_MAGIC: u64 = 0x464c_4f54_4a4f_494e;
 /// The first 8 bytes of a state push ("FLOTPUSH", little-endian).
 pub const PUSH_MAGIC: u64 = 0x464c_4f54_5055_5348;
 /// Connections being classified at once at most; more are dropped (a port scan, a flood).
 const CLASSIFY_MAX: usize = 64;
 /// Ring connections waiting for a rendezvous at most.
 const RING_QUEUE_MAX: usize = 64;
+/// Joining members' links waiting for the running rank at most (a joiner opens two).
+const JOIN_QUEUE_MAX: usize = 8;
 /// How long a new connection may take to send its magic.
 const MAGIC_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -35,6 +42,7 @@ pub type PushHandler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 
 pub struct DataPort {
     ring: Mutex<Receiver<TcpStream>>,
+    join: Mutex<Receiver<TcpStream>>,
     addr: SocketAddr,
 }
 
@@ -45,6 +53,8 @@ impl DataPort {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(false)?;
         let (ring_tx, ring_rx) = sync_channel(RING_QUEUE_MAX);
+        let (join_tx, join_rx) = sync_channel(JOIN_QUEUE_MAX);
+        let queues = Queues { ring: ring_tx, join: join_tx };
         let classifying = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new().name("data-port".into()).spawn(move || {
             for stream in listener.incoming() {
@@ -53,9 +63,9 @@ impl DataPort {
                     classifying.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
-                let (ring_tx, push, classifying) = (ring_tx.clone(), push.clone(), classifying.clone());
+                let (queues, push, classifying) = (queues.clone(), push.clone(), classifying.clone());
                 let spawned = std::thread::Builder::new().name("data-port-conn".into()).spawn(move || {
-                    route(stream, &ring_tx, push.as_ref());
+                    route(stream, &queues, push.as_ref());
                     classifying.fetch_sub(1, Ordering::AcqRel);
                 });
                 if spawned.is_err() {
@@ -63,7 +73,7 @@ impl DataPort {
                 }
             }
         })?;
-        Ok(Arc::new(DataPort { ring: Mutex::new(ring_rx), addr }))
+        Ok(Arc::new(DataPort { ring: Mutex::new(ring_rx), join: Mutex::new(join_rx), addr }))
     }
 
     /// The address the port is bound to.
@@ -76,15 +86,29 @@ impl DataPort {
         let ring = self.ring.lock().ok()?;
         ring.recv_timeout(wait).ok()
     }
+
+    /// The next joining member's link that has already arrived, without waiting.
+    pub fn next_join(&self) -> Option<TcpStream> {
+        self.join.lock().ok()?.try_recv().ok()
+    }
 }
 
-fn route(stream: TcpStream, ring: &SyncSender<TcpStream>, push: Option<&PushHandler>) {
+/// Where classified connections wait for their taker.
+#[derive(Clone)]
+struct Queues {
+    ring: SyncSender<TcpStream>,
+    join: SyncSender<TcpStream>,
+}
+
+fn route(stream: TcpStream, queues: &Queues, push: Option<&PushHandler>) {
+    let queue = |queue: &SyncSender<TcpStream>, name: &str, stream| match queue.try_send(stream) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => tracing::warn!("the {name} queue is full; a connection was dropped"),
+        Err(TrySendError::Disconnected(_)) => {}
+    };
     match peek_magic(&stream) {
-        Some(RING_MAGIC) => match ring.try_send(stream) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => tracing::warn!("the ring queue is full; a connection was dropped"),
-            Err(TrySendError::Disconnected(_)) => {}
-        },
+        Some(RING_MAGIC) => queue(&queues.ring, "ring", stream),
+        Some(JOIN_MAGIC) => queue(&queues.join, "join", stream),
         Some(PUSH_MAGIC) => match push {
             Some(push) => push(stream),
             None => tracing::debug!("a state push arrived where none is taken; dropped"),
@@ -132,6 +156,8 @@ mod tests {
         push.write_all(&[PUSH_MAGIC.to_le_bytes().as_slice(), b"push"].concat()).expect("write");
         let mut ring = TcpStream::connect(addr).expect("connect");
         ring.write_all(&[RING_MAGIC.to_le_bytes().as_slice(), b"ring"].concat()).expect("write");
+        let mut join = TcpStream::connect(addr).expect("connect");
+        join.write_all(&[JOIN_MAGIC.to_le_bytes().as_slice(), b"join"].concat()).expect("write");
         let got = pushed.recv_timeout(Duration::from_secs(5)).expect("the push handler ran");
         assert_eq!(got, [PUSH_MAGIC.to_le_bytes().as_slice(), b"push"].concat(), "read from its first byte");
         let mut taken = port.next_ring(Duration::from_secs(5)).expect("the ring connection is queued");
@@ -139,5 +165,18 @@ mod tests {
         taken.read_exact(&mut hello).expect("the ring's hello");
         assert_eq!(&hello[8..], b"ring");
         assert!(port.next_ring(Duration::from_millis(200)).is_none(), "only one ring connection came");
+        // A joiner's link waits in a queue of its own: the rendezvous never takes it.
+        let mut queued = None;
+        for _ in 0..500 {
+            queued = port.next_join();
+            if queued.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut taken = queued.expect("the joiner's link is queued");
+        taken.read_exact(&mut hello).expect("the joiner's hello");
+        assert_eq!(&hello[8..], b"join");
+        assert!(port.next_join().is_none(), "only one joiner's link came");
     }
 }

@@ -36,7 +36,9 @@
 //! ```
 //!
 //! A peer without the secret (a port scan, a stale generation, an attacker who guessed the
-//! gang id) fails the rendezvous and never sees or sends gradients. The data that follows is
+//! gang id) fails the rendezvous and never sees or sends gradients. A member may also join the
+//! running ring in place of one that leaves, proving the same secret, without a rendezvous of
+//! the whole gang (`join`, the live handover's links). The data that follows is
 //! plain TCP: keep the data port on a private network.
 //!
 //! Failure: every socket read and write has the operation timeout; a peer that dies resets
@@ -53,6 +55,8 @@ use socket2::SockRef;
 
 use super::port::DataPort;
 use super::{CollectiveError, Communicator};
+
+mod join;
 
 /// Bytes per pipelined segment: large enough to amortise syscalls, small enough that the
 /// next rank starts forwarding early and a received segment is summed while still in cache.
@@ -131,6 +135,14 @@ pub struct RingCommunicator {
     /// Where a received segment lands before it is added (reduce-scatter): one segment,
     /// allocated once the ring is joined (a world of one has none).
     scratch: Vec<f32>,
+    /// Where links from a member joining the running ring arrive (the rendezvous' listener or
+    /// data port, kept); None on a member that joined a running ring itself without one.
+    incoming: Option<Incoming>,
+    /// The gang's identity and secret, which a joining member proves like a rendezvous peer.
+    gang_id: u64,
+    secret: Vec<u8>,
+    /// Proven links from a joining member, not yet in use (see [`join`]).
+    joining: Vec<join::JoinLink>,
 }
 
 fn lost(operation: &'static str, peer: usize, err: &std::io::Error, timeout: Duration) -> CollectiveError {
@@ -157,16 +169,17 @@ impl RingCommunicator {
     /// bound to `config.addresses[config.rank]`), within `config.timeout`.
     pub fn connect(listener: TcpListener, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
         listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
-        RingCommunicator::join(&Incoming::Listener(listener), config)
+        RingCommunicator::join(Incoming::Listener(listener), config)
     }
 
     /// [`RingCommunicator::connect`] through an agent's [`DataPort`], which also takes other
     /// protocols on the same port.
     pub fn connect_via(port: &Arc<DataPort>, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
-        RingCommunicator::join(&Incoming::Port(port.clone()), config)
+        RingCommunicator::join(Incoming::Port(port.clone()), config)
     }
 
-    fn join(incoming: &Incoming, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+    /// A ring of `config`'s shape with no links yet, after checking the config.
+    fn unlinked(config: &RingConfig, incoming: Option<Incoming>) -> Result<RingCommunicator, CollectiveError> {
         let world = config.addresses.len();
         if world == 0 || world > WORLD_MAX || config.rank >= world {
             return Err(CollectiveError::Invalid(format!(
@@ -180,7 +193,7 @@ impl RingCommunicator {
                 config.secret.len()
             )));
         }
-        let mut ring = RingCommunicator {
+        Ok(RingCommunicator {
             rank: config.rank,
             world,
             timeout: config.timeout,
@@ -188,22 +201,27 @@ impl RingCommunicator {
             next: None,
             prev: None,
             scratch: Vec::new(),
-        };
+            incoming,
+            gang_id: config.gang_id,
+            secret: config.secret.clone(),
+            joining: Vec::new(),
+        })
+    }
+
+    fn join(incoming: Incoming, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+        let mut ring = RingCommunicator::unlinked(&config, None)?;
+        let world = ring.world;
         if world == 1 {
+            ring.incoming = Some(incoming);
             return Ok(ring);
         }
         let deadline = Instant::now() + config.timeout;
         let next_rank = (config.rank + 1) % world;
         let prev_rank = (config.rank + world - 1) % world;
-        let next = connect_next(config.addresses[next_rank], deadline, &config)?;
-        let mut hello = Vec::with_capacity(HELLO_LEN + NONCE_LEN);
-        hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
-        hello.extend_from_slice(&config.gang_id.to_le_bytes());
-        hello.extend_from_slice(&(config.rank as u32).to_le_bytes());
-        hello.extend_from_slice(&(world as u32).to_le_bytes());
-        hello.extend_from_slice(&nonce()?);
+        let next = connect_to(config.addresses[next_rank], next_rank, deadline, &config)?;
+        let hello = hello(HANDSHAKE_MAGIC, config.gang_id, config.rank, world as u32)?;
         (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
-        let (prev, accepted) = accept_prev(incoming, deadline, &config, prev_rank, world)?;
+        let (prev, accepted) = accept_prev(&incoming, deadline, &config, prev_rank, world)?;
         // Our side of the link to next: check its proof, then prove ourselves.
         let mut answer = [0u8; NONCE_LEN + MAC_LEN];
         (&next).read_exact(&mut answer).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
@@ -232,6 +250,7 @@ impl RingCommunicator {
         ring.next = Some(next);
         ring.prev = Some(prev);
         ring.scratch = vec![0f32; SEGMENT_BYTES / 4];
+        ring.incoming = Some(incoming);
         Ok(ring)
     }
 
@@ -353,7 +372,25 @@ fn decode_header(h: &[u8; 16]) -> (u32, u64, u32) {
     (op, len, root)
 }
 
-fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> Result<TcpStream, CollectiveError> {
+/// A ring hello: `magic`, gang id, the sender's rank and `world` (see the module docs), and a
+/// fresh nonce.
+fn hello(magic: u64, gang_id: u64, rank: usize, world: u32) -> Result<Vec<u8>, CollectiveError> {
+    let mut hello = Vec::with_capacity(HELLO_LEN + NONCE_LEN);
+    hello.extend_from_slice(&magic.to_le_bytes());
+    hello.extend_from_slice(&gang_id.to_le_bytes());
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&world.to_le_bytes());
+    hello.extend_from_slice(&nonce()?);
+    Ok(hello)
+}
+
+/// Connects to rank `peer` at `address`, retrying while it starts up (see [`RingConfig`]).
+fn connect_to(
+    address: SocketAddr,
+    peer: usize,
+    deadline: Instant,
+    config: &RingConfig,
+) -> Result<TcpStream, CollectiveError> {
     let started = Instant::now();
     loop {
         if config.aborted() {
@@ -371,7 +408,7 @@ fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> 
             {
                 return Err(CollectiveError::PeerLost {
                     operation: "rendezvous",
-                    peer: (config.rank + 1) % config.addresses.len(),
+                    peer,
                     reason: format!("{address} refuses connections for {:?}: {e}", config.refused_grace),
                 });
             }
@@ -379,7 +416,7 @@ fn connect_next(address: SocketAddr, deadline: Instant, config: &RingConfig) -> 
                 std::thread::sleep(CONNECT_RETRY);
             }
             Err(e) => {
-                return Err(CollectiveError::Rendezvous(format!("cannot connect to the next rank at {address}: {e}")));
+                return Err(CollectiveError::Rendezvous(format!("cannot connect to rank {peer} at {address}: {e}")));
             }
         }
     }
@@ -411,6 +448,15 @@ impl Incoming {
                 }
                 None => Err(std::io::ErrorKind::WouldBlock.into()),
             },
+        }
+    }
+
+    /// A joining member's link that has already arrived, without waiting (None when none
+    /// has). A listener of its own only ever gets joiners once the rendezvous is over.
+    fn try_accept_join(&self) -> Option<TcpStream> {
+        match self {
+            Incoming::Listener(listener) => listener.accept().ok().map(|(stream, _)| stream),
+            Incoming::Port(port) => port.next_join(),
         }
     }
 }
@@ -826,11 +872,38 @@ impl Communicator for RingCommunicator {
         let mut token = [0.0f32];
         self.all_reduce_sum(&mut token)
     }
+
+    fn joining_links(&mut self) -> Vec<usize> {
+        self.take_join_links();
+        self.joining.iter().map(|link| link.rank).collect()
+    }
+
+    fn admit(&mut self, rank: usize) -> Result<(), CollectiveError> {
+        self.admit_joiner(rank)
+    }
 }
 
 /// Forms a ring of `world` ranks on loopback inside this process (tests and benchmarks): binds
 /// one listener per rank, then connects them all from separate threads.
 pub fn loopback_gang(world: usize, timeout: Duration) -> Result<Vec<RingCommunicator>, CollectiveError> {
+    let (listeners, configs) = loopback_configs(world, timeout)?;
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .zip(configs)
+        .map(|(listener, config)| std::thread::spawn(move || RingCommunicator::connect(listener, config)))
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Rendezvous("a rank's thread panicked".into()))))
+        .collect()
+}
+
+/// The listeners and configs of a loopback gang of `world` ranks (one gang id and secret),
+/// for [`RingCommunicator::connect`]; a member joining it later uses a copy of its rank's config.
+pub fn loopback_configs(
+    world: usize,
+    timeout: Duration,
+) -> Result<(Vec<TcpListener>, Vec<RingConfig>), CollectiveError> {
     let mut listeners = Vec::with_capacity(world);
     let mut addresses = Vec::with_capacity(world);
     for _ in 0..world {
@@ -841,16 +914,7 @@ pub fn loopback_gang(world: usize, timeout: Duration) -> Result<Vec<RingCommunic
     }
     let gang_id = u64::from(std::process::id()) << 32 | addresses.first().map_or(0, |a| u64::from(a.port()));
     let secret = random_secret()?;
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let config = RingConfig::new(rank, addresses.clone(), gang_id, secret.clone(), timeout);
-            std::thread::spawn(move || RingCommunicator::connect(listener, config))
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Rendezvous("a rank's thread panicked".into()))))
-        .collect()
+    let configs =
+        (0..world).map(|rank| RingConfig::new(rank, addresses.clone(), gang_id, secret.clone(), timeout)).collect();
+    Ok((listeners, configs))
 }

@@ -110,6 +110,34 @@ pub struct StepReport {
     pub samples_per_s: f64,
     /// Some rank voted to stop after this step ([`Trainer::vote_stop`]); all ranks see it.
     pub stop_agreed: bool,
+    /// The gang replaced this rank's member after this step (a live handover, see
+    /// [`Handover`]): from the next step on, the joining member holds the rank; all ranks see it.
+    pub replaced: Option<usize>,
+}
+
+/// The leaving side of a live handover: a member about to go (a spot notice) hands its rank to
+/// a joining member without the gang stopping.
+///
+/// ```text
+///   leaving rank: state of step s ──▶ joiner; then every step's update (the summed, scaled
+///                 gradient the optimizer applies) ──▶ joiner, which replays it (Trainer::replay)
+///   joiner:       dials the leaving rank's neighbours (RingCommunicator::join_running)
+///   every step's all-reduce carries the votes: the leaving rank counts once its joiner caught
+///   up; its neighbours count the joiner's proven links. When both hold, every rank sees the
+///   same step T: the leaving rank forwards T's update marked last and leaves; the neighbours
+///   switch their links to the joiner; the joiner applies T and steps T+1 with the gang
+/// ```
+///
+/// The survivors never stop: the swap costs them one step's wait for the joiner's first
+/// step, and the result is bit-identical to a run without the handover (the joiner applies
+/// the very updates the gang applied).
+pub trait Handover: Send {
+    /// Whether the joining member holds the state and has applied every forwarded update but
+    /// at most the newest one (it then catches up within the swap's step).
+    fn caught_up(&self) -> bool;
+    /// Forwards the update of `step`; `last` marks the step after which the joiner takes this
+    /// rank's place. Must not block the step loop (an error gives the handover up).
+    fn forward(&mut self, step: u64, gradient: Vec<f32>, last: bool) -> Result<(), String>;
 }
 
 /// The predicted class of a row of logits (or probabilities): the first index of the highest

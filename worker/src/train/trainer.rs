@@ -13,7 +13,7 @@ use super::backend::{self, Device, Tensor};
 use super::flat::{self, Fnv64, ParamLayout};
 use super::model::Network;
 use super::optim::{Hyper, OptimizerState};
-use super::{Communicator, Dataset, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
+use super::{Communicator, Dataset, Handover, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
 use crate::data::{Cursor, epoch_order, order::ORDER_ROWS_MAX};
 
 /// Rows evaluated per forward pass: bounds activation memory (a 512 x 32 x 28 x 28 CNN map is
@@ -42,6 +42,11 @@ pub struct Trainer {
     order: (u64, Arc<Vec<u32>>),
     /// This rank asks the gang to stop after the next step (see [`Trainer::vote_stop`]).
     stop_vote: bool,
+    /// A live handover of this rank under way (see [`Handover`]).
+    handover: Option<Box<dyn Handover>>,
+    /// `params` changed without being written into `model` ([`Trainer::replay`]): written
+    /// before the next forward pass.
+    model_stale: bool,
 }
 
 impl Trainer {
@@ -80,9 +85,39 @@ impl Trainer {
         comm: &mut dyn Communicator,
         resume: Option<TrainState>,
     ) -> Result<Trainer, TrainError> {
-        let data = data.into();
-        check_data(spec, &data)?;
         check_communicator(comm)?;
+        let trainer = Trainer::assemble(model, spec, data.into(), resume, comm.rank(), comm.world_size())?;
+        trainer.agree_with_peers(comm)?;
+        Ok(trainer)
+    }
+
+    /// A trainer that takes the place of `rank` in a running gang of `world_size`, from the
+    /// `state` its leaving member sent (a live handover's joining member, see [`Handover`]):
+    /// [`Trainer::start`] without the start-up agreement, since the gang is mid-training. It
+    /// catches up with [`Trainer::replay`], then steps with the gang.
+    pub fn joining(
+        model: Model,
+        spec: &JobSpec,
+        data: impl Into<Arc<Dataset>>,
+        state: TrainState,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Trainer, TrainError> {
+        if rank >= world_size {
+            return Err(TrainError::Communicator(format!("rank {rank} in a world of {world_size}")));
+        }
+        Trainer::assemble(model, spec, data.into(), Some(state), rank, world_size)
+    }
+
+    fn assemble(
+        model: Model,
+        spec: &JobSpec,
+        data: Arc<Dataset>,
+        resume: Option<TrainState>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Trainer, TrainError> {
+        check_data(spec, &data)?;
         let Model { device, eval_device, network, layout, shape } = model;
         if shape != (data.features_per_row, data.classes) {
             return Err(TrainError::Shape(format!(
@@ -97,7 +132,7 @@ impl Trainer {
         };
         let model = flat::write_params(network, &state.params, &layout);
         let order = (state.cursor.epoch, Arc::new(epoch_order(train.seed, state.cursor.epoch, data.rows)));
-        let trainer = Trainer {
+        Ok(Trainer {
             train_spec: train.clone(),
             hyper: Hyper {
                 optimizer: train.optimizer,
@@ -113,13 +148,13 @@ impl Trainer {
             optimizer: state.optimizer,
             cursor: state.cursor,
             step: state.step,
-            rank: comm.rank(),
-            world_size: comm.world_size(),
+            rank,
+            world_size,
             order,
             stop_vote: false,
-        };
-        trainer.agree_with_peers(comm)?;
-        Ok(trainer)
+            handover: None,
+            model_stale: false,
+        })
     }
 
     /// Every rank contributes a checksum of its starting state (parameters, optimizer state,
@@ -175,6 +210,7 @@ impl Trainer {
             )));
         }
         let started = Instant::now();
+        self.write_model();
         let rows = self.data.rows as u64;
         let plan = self.cursor.plan(rows, u64::from(self.train_spec.batch_size), self.rank, self.world_size);
         if self.order.0 != plan.epoch {
@@ -186,10 +222,13 @@ impl Trainer {
         } else {
             self.local_gradient_sum(local_rows)?
         };
-        // The stop vote rides in the gradient all-reduce: no extra round trip, and every rank
-        // sees the same sum, so all ranks stop after the same step.
+        // The stop and handover votes ride in the gradient all-reduce: no extra round trip, and
+        // every rank sees the same sums, so all ranks act after the same step.
         buffer.push(if std::mem::take(&mut self.stop_vote) { 1.0 } else { 0.0 });
+        let leaving = self.handover.as_ref().is_some_and(|h| h.caught_up());
+        SwapVotes::mine(leaving, self.rank, &comm.joining_links()).push_to(&mut buffer);
         comm.all_reduce_sum(&mut buffer)?;
+        let swap = SwapVotes::pop_from(&mut buffer);
         let stop_agreed = buffer.pop().expect("the buffer ends with the stop votes") > 0.0;
         let global_samples = plan.global_samples();
         let loss_sum = buffer.pop().expect("the buffer ends with the loss sum");
@@ -203,6 +242,20 @@ impl Trainer {
         self.model = flat::write_params(self.model.clone(), &self.params, &self.layout);
         self.cursor = self.cursor.advanced(&plan, rows);
         self.step += 1;
+        // A stop or the end of training cancels a swap agreed in the same step: the gang then
+        // ends together, and the joiner's handover fails over to the stop's path.
+        let replaced = swap.agreed(self.world_size).filter(|_| !stop_agreed && !self.is_finished());
+        if let Some(handover) = self.handover.as_mut()
+            && let Err(e) = handover.forward(self.step, buffer, replaced == Some(self.rank))
+        {
+            tracing::warn!(error = %e, step = self.step, "the live handover was given up");
+            self.handover = None;
+        }
+        if let Some(rank) = replaced
+            && rank != self.rank
+        {
+            comm.admit(rank)?;
+        }
         let seconds = started.elapsed().as_secs_f64();
         Ok(StepReport {
             step: self.step,
@@ -211,7 +264,53 @@ impl Trainer {
             samples: global_samples,
             samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
             stop_agreed,
+            replaced,
         })
+    }
+
+    /// Applies the update of `step` that the gang's all-reduce gave (`gradient`: summed and
+    /// scaled, as [`Handover::forward`] passes it) without computing anything: how a live
+    /// handover's joining member catches up. The result is bit-identical to the step on the
+    /// ranks that ran it (the same optimizer on the same numbers).
+    pub fn replay(&mut self, step: u64, gradient: &[f32]) -> Result<(), TrainError> {
+        if step != self.step + 1 {
+            return Err(TrainError::Resume(format!(
+                "the update of step {step} came after step {}; updates must come in order",
+                self.step
+            )));
+        }
+        if gradient.len() != self.layout.len {
+            return Err(TrainError::Shape(format!(
+                "the update of step {step} has {} values; the model has {} parameters",
+                gradient.len(),
+                self.layout.len
+            )));
+        }
+        let rows = self.data.rows as u64;
+        let plan = self.cursor.plan(rows, u64::from(self.train_spec.batch_size), self.rank, self.world_size);
+        self.optimizer.step(&self.hyper, &mut self.params, gradient);
+        self.cursor = self.cursor.advanced(&plan, rows);
+        self.step = step;
+        self.model_stale = true;
+        Ok(())
+    }
+
+    /// Starts a live handover of this rank (see [`Handover`]): from the next step on, every
+    /// update goes to `handover`, and the rank votes to leave once its joiner caught up.
+    pub fn hand_over(&mut self, handover: Box<dyn Handover>) {
+        self.handover = Some(handover);
+    }
+
+    /// Whether a live handover of this rank is under way.
+    pub fn is_handing_over(&self) -> bool {
+        self.handover.is_some()
+    }
+
+    /// Writes replayed parameters into the burn module.
+    fn write_model(&mut self) {
+        if std::mem::take(&mut self.model_stale) {
+            self.model = flat::write_params(self.model.clone(), &self.params, &self.layout);
+        }
     }
 
     /// Asks the gang to stop: the next step carries this rank's vote, and every rank's report
@@ -252,7 +351,10 @@ impl Trainer {
                 self.data.classes
             )));
         }
-        let model = self.model.valid();
+        let model = match self.model_stale {
+            true => flat::write_params(self.model.clone(), &self.params, &self.layout).valid(),
+            false => self.model.valid(),
+        };
         let device = self.eval_device.clone();
         let (mut correct, mut loss_sum) = (0usize, 0.0f64);
         for start in (0..data.rows).step_by(EVAL_BATCH_ROWS) {
@@ -283,7 +385,7 @@ impl Trainer {
         while !self.is_finished() {
             let report = self.step(comm)?;
             last = Some(report);
-            if on_step(self, &report).is_break() || report.stop_agreed {
+            if on_step(self, &report).is_break() || report.stop_agreed || report.replaced == Some(self.rank) {
                 break;
             }
         }
@@ -344,6 +446,70 @@ impl Trainer {
 
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
+    }
+}
+
+/// A live handover's votes in one step's all-reduce, after the stop votes (see [`Handover`]).
+/// Links vote their joiner's `rank + 1` and its square, so that links of several joiners
+/// never add up to one joiner's pair: two links whose values sum to `2(r+1)` and whose squares
+/// sum to `2(r+1)^2` are both of rank r. Ranks (at most `WORLD_MAX`) and their squares are
+/// integers exact in f32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SwapVotes {
+    /// Members leaving whose joiner caught up.
+    leaving: f32,
+    /// The sum of their `rank + 1`.
+    leaving_ranks: f32,
+    /// Joiners' proven links ([`Communicator::joining_links`]).
+    links: f32,
+    /// The sum of `rank + 1` over the links.
+    link_ranks: f32,
+    /// The sum of `(rank + 1)^2` over the links.
+    link_squares: f32,
+}
+
+/// The links a joiner holds once it is ready: to its successor and from its predecessor (both
+/// on one rank in a world of two; a world of one has none).
+fn joiner_links(world: usize) -> f32 {
+    if world == 1 { 0.0 } else { 2.0 }
+}
+
+impl SwapVotes {
+    fn mine(leaving: bool, rank: usize, links: &[usize]) -> SwapVotes {
+        let (leaving, leaving_ranks) = if leaving { (1.0, (rank + 1) as f32) } else { (0.0, 0.0) };
+        let value = |rank: usize| (rank + 1) as f32;
+        SwapVotes {
+            leaving,
+            leaving_ranks,
+            links: links.len() as f32,
+            link_ranks: links.iter().map(|&r| value(r)).sum(),
+            link_squares: links.iter().map(|&r| value(r) * value(r)).sum(),
+        }
+    }
+
+    fn push_to(self, buffer: &mut Vec<f32>) {
+        buffer.extend([self.leaving, self.leaving_ranks, self.links, self.link_ranks, self.link_squares]);
+    }
+
+    fn pop_from(buffer: &mut Vec<f32>) -> SwapVotes {
+        let mut pop = || buffer.pop().expect("the buffer ends with the handover votes");
+        let link_squares = pop();
+        let link_ranks = pop();
+        let links = pop();
+        let leaving_ranks = pop();
+        SwapVotes { leaving: pop(), leaving_ranks, links, link_ranks, link_squares }
+    }
+
+    /// The rank the gang replaces after this step, once summed: exactly one member leaves, and
+    /// its joiner's links to both of its neighbours are proven.
+    fn agreed(self, world: usize) -> Option<usize> {
+        if self.leaving != 1.0 || self.leaving_ranks < 1.0 || self.leaving_ranks > world as f32 {
+            return None;
+        }
+        let (needed, value) = (joiner_links(world), self.leaving_ranks);
+        let whole =
+            self.links == needed && self.link_ranks == needed * value && self.link_squares == needed * value * value;
+        whole.then_some(value as usize - 1)
     }
 }
 
@@ -488,5 +654,56 @@ fn model_kind(model: &Network) -> &'static str {
     match model {
         Network::Mlp(_) => ModelSpec::KINDS[0],
         Network::Cnn(_) => ModelSpec::KINDS[1],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SwapVotes;
+
+    /// The gang's sums after one all-reduce of every rank's votes.
+    fn summed(votes: &[SwapVotes]) -> SwapVotes {
+        let mut buffer = vec![0.0; 5];
+        for vote in votes {
+            let mut mine = Vec::new();
+            vote.push_to(&mut mine);
+            buffer.iter_mut().zip(mine).for_each(|(sum, v)| *sum += v);
+        }
+        SwapVotes::pop_from(&mut buffer)
+    }
+
+    #[test]
+    fn a_swap_is_agreed_only_when_one_member_leaves_and_its_joiner_holds_both_links() {
+        let vote = SwapVotes::mine;
+        // World 3, rank 1 leaves: rank 0 holds the joiner's link as its successor, rank 2 as
+        // its predecessor.
+        let ready = [vote(false, 0, &[1]), vote(true, 1, &[]), vote(false, 2, &[1])];
+        assert_eq!(summed(&ready).agreed(3), Some(1));
+        // One link still missing; the joiner not caught up; two members leaving at once.
+        let one_link = [vote(false, 0, &[1]), vote(true, 1, &[]), vote(false, 2, &[])];
+        assert_eq!(summed(&one_link).agreed(3), None);
+        let behind = [vote(false, 0, &[1]), vote(false, 1, &[]), vote(false, 2, &[1])];
+        assert_eq!(summed(&behind).agreed(3), None);
+        let two = [vote(true, 0, &[1]), vote(true, 1, &[]), vote(false, 2, &[1])];
+        assert_eq!(summed(&two).agreed(3), None);
+        // Links of other joiners never add up to the leaving rank's pair: ranks 0 and 2 sum to
+        // 2 x rank 1 (values 1 + 3 = 2 x 2), but their squares do not (1 + 9 != 2 x 4).
+        let others = [vote(false, 0, &[]), vote(true, 1, &[0, 2]), vote(false, 2, &[])];
+        assert_eq!(summed(&others).agreed(3), None);
+        // World 2: the one survivor holds both links; rank 0 leaving.
+        let pair = [vote(true, 0, &[]), vote(false, 1, &[0, 0])];
+        assert_eq!(summed(&pair).agreed(2), Some(0));
+        // World 1: no links; the leaver alone decides.
+        assert_eq!(summed(&[vote(true, 0, &[])]).agreed(1), Some(0));
+        assert_eq!(summed(&[vote(false, 0, &[])]).agreed(1), None);
+    }
+
+    #[test]
+    fn votes_travel_behind_the_gradient_and_come_back_in_order() {
+        let mut buffer = vec![0.5, 7.0];
+        let votes = SwapVotes::mine(true, 4, &[3, 5]);
+        votes.push_to(&mut buffer);
+        assert_eq!(SwapVotes::pop_from(&mut buffer), votes);
+        assert_eq!(buffer, vec![0.5, 7.0]);
     }
 }

@@ -1,0 +1,321 @@
+//! A live handover's transfer (see [`crate::train::Handover`]): the leaving member sends its
+//! state once, then every step's update, to the joining member, which replays them while the
+//! gang trains on and says how far it got.
+//!
+//! ```text
+//!   leaving member ──▶ hello: "FLOTLIVE" | gang id (u64) | rank (u32) | nonce_c
+//!                  ◀── nonce_a | HMAC(key, "accept" | hello | nonce_a)
+//!                  ──▶ HMAC(key, "live" | hello | nonce_a) | frame length (u64) | state frame
+//!                      (a state push's frame: the parts of `state::encode`, hashed on arrival)
+//!                  ──▶ update: step (u64) | last (u8) | values (u32) | values as f32 LE
+//!                  ◀── applied: step (u64), once for the state and once per update
+//! ```
+//!
+//! The leaving member's step loop only queues each update ([`Source`] writes on a thread of its
+//! own, at most [`QUEUED_UPDATES_MAX`] behind); a joiner that falls further behind, or a
+//! transfer that fails, gives the handover up, and the gang goes on as if it had never begun.
+//! The updates travel as plain TCP, like the ring's gradients; the state frame is hashed part
+//! by part on arrival, like a push's. Only a holder of the handover's key sends or takes one.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use super::push::{frame_heads, read_frame};
+use super::state::{decode, encode};
+use crate::collective::ring::{ELEMENTS_MAX, MAC_LEN, NONCE_LEN, mac, mac_matches, nonce};
+use crate::train::{Handover, TrainError, TrainState, Trainer};
+
+/// The first 8 bytes of a live handover's transfer ("FLOTLIVE", little-endian).
+pub const LIVE_MAGIC: u64 = 0x464c_4f54_4c49_5645;
+/// Updates queued for the joiner at most: a joiner further behind gives the handover up (the
+/// gang must not wait for it, and each queued update holds a gradient's memory).
+pub const QUEUED_UPDATES_MAX: usize = 8;
+/// Time for any one read or write of the transfer.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of a hello: magic, gang id, rank, nonce.
+const HELLO_LEN: usize = 8 + 8 + 4 + NONCE_LEN;
+/// Bytes of an update's head: step, last, values.
+const UPDATE_HEAD_LEN: usize = 8 + 1 + 4;
+/// `applied` before the joiner holds the state.
+const NOTHING_APPLIED: u64 = u64::MAX;
+
+/// Why a live handover's transfer failed: it ends the handover, never the gang's training.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("live handover: {0}")]
+    Io(String),
+    #[error("live handover refused: {0}")]
+    Refused(String),
+    /// The joiner could not apply what it received.
+    #[error("live handover: {0}")]
+    Train(#[from] TrainError),
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> LiveError + '_ {
+    move |e| LiveError::Io(format!("{what}: {e}"))
+}
+
+fn hello(gang_id: u64, rank: usize, nonce_c: &[u8]) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(HELLO_LEN);
+    hello.extend_from_slice(&LIVE_MAGIC.to_le_bytes());
+    hello.extend_from_slice(&gang_id.to_le_bytes());
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(nonce_c);
+    hello
+}
+
+fn tune(stream: &TcpStream) -> Result<(), LiveError> {
+    stream.set_nodelay(true).map_err(io("socket"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io("socket"))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io("socket"))
+}
+
+/// One step's update, queued for the joiner.
+struct Update {
+    step: u64,
+    gradient: Vec<f32>,
+    last: bool,
+}
+
+/// The leaving member's side: the [`Handover`] its trainer forwards updates to.
+pub struct Source {
+    updates: SyncSender<Update>,
+    /// Newest step the joiner applied ([`NOTHING_APPLIED`] before it holds the state).
+    applied: Arc<AtomicU64>,
+    /// Newest step forwarded (the state's step before the first update).
+    forwarded: u64,
+    /// The transfer ended early (the link broke, the joiner refused).
+    failed: Arc<AtomicBool>,
+}
+
+impl Source {
+    /// Starts the transfer to the joiner at the other end of `stream` (connected to its data
+    /// port), for rank `rank` of gang `gang_id`, proving `key`: `state` first (encoded on the
+    /// transfer's thread, off the step loop), then every update forwarded.
+    pub fn start(stream: TcpStream, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
+        let (updates, queued) = sync_channel(QUEUED_UPDATES_MAX);
+        let applied = Arc::new(AtomicU64::new(NOTHING_APPLIED));
+        let failed = Arc::new(AtomicBool::new(false));
+        let forwarded = state.step;
+        let (applied_by_joiner, failed_transfer) = (applied.clone(), failed.clone());
+        let spawned = std::thread::Builder::new().name("live-handover".into()).spawn(move || {
+            if let Err(e) = send(stream, &key, gang_id, rank, &state, &queued, &applied_by_joiner) {
+                tracing::warn!(error = %e, "the live handover's transfer ended early");
+                failed_transfer.store(true, Ordering::Release);
+            }
+        });
+        if spawned.is_err() {
+            failed.store(true, Ordering::Release);
+        }
+        Source { updates, applied, forwarded, failed }
+    }
+
+    /// Newest step the joiner applied, if it holds the state yet.
+    pub fn applied(&self) -> Option<u64> {
+        Some(self.applied.load(Ordering::Acquire)).filter(|&s| s != NOTHING_APPLIED)
+    }
+}
+
+impl Handover for Source {
+    fn caught_up(&self) -> bool {
+        !self.failed.load(Ordering::Acquire) && self.applied().is_some_and(|applied| applied + 1 >= self.forwarded)
+    }
+
+    fn forward(&mut self, step: u64, gradient: Vec<f32>, last: bool) -> Result<(), String> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err("the transfer to the joining member failed".into());
+        }
+        match self.updates.try_send(Update { step, gradient, last }) {
+            Ok(()) => {
+                self.forwarded = step;
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => {
+                Err(format!("the joining member fell {QUEUED_UPDATES_MAX} updates behind the gang"))
+            }
+            Err(TrySendError::Disconnected(_)) => Err("the transfer to the joining member ended".into()),
+        }
+    }
+}
+
+/// The transfer's thread: handshake, state, then the updates until the last (or the trainer
+/// drops the source); the joiner's acknowledgements are read on a thread of their own.
+fn send(
+    mut stream: TcpStream,
+    key: &[u8],
+    gang_id: u64,
+    rank: usize,
+    state: &TrainState,
+    queued: &Receiver<Update>,
+    applied: &Arc<AtomicU64>,
+) -> Result<(), LiveError> {
+    tune(&stream)?;
+    let hello = hello(gang_id, rank, &nonce().map_err(|e| LiveError::Io(e.to_string()))?);
+    stream.write_all(&hello).map_err(io("hello"))?;
+    let mut answer = [0u8; NONCE_LEN + MAC_LEN];
+    stream.read_exact(&mut answer).map_err(io("the joiner's answer"))?;
+    let (nonce_a, mac_a) = answer.split_at(NONCE_LEN);
+    if !mac_matches(key, b"accept", &hello, nonce_a, mac_a) {
+        return Err(LiveError::Refused("the joining member does not hold the handover's key".into()));
+    }
+    let parts = encode(state, None);
+    let heads = frame_heads(&parts);
+    let length =
+        heads.iter().map(Vec::len).sum::<usize>() as u64 + parts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+    let mut head = mac(key, b"live", &hello, nonce_a).to_vec();
+    head.extend_from_slice(&length.to_le_bytes());
+    stream.write_all(&head).map_err(io("proof"))?;
+    for (head, (_, bytes)) in heads.iter().zip(&parts) {
+        stream.write_all(head).map_err(io("state"))?;
+        stream.write_all(bytes).map_err(io("state"))?;
+    }
+    drop(parts);
+    let mut acks = stream.try_clone().map_err(io("socket"))?;
+    let applied = applied.clone();
+    std::thread::Builder::new()
+        .name("live-handover-acks".into())
+        .spawn(move || {
+            let mut step = [0u8; 8];
+            while acks.read_exact(&mut step).is_ok() {
+                applied.store(u64::from_le_bytes(step), Ordering::Release);
+            }
+        })
+        .map_err(io("thread"))?;
+    for update in queued {
+        let mut head = [0u8; UPDATE_HEAD_LEN];
+        head[..8].copy_from_slice(&update.step.to_le_bytes());
+        head[8] = u8::from(update.last);
+        head[9..].copy_from_slice(&(update.gradient.len() as u32).to_le_bytes());
+        stream.write_all(&head).map_err(io("update"))?;
+        stream.write_all(bytemuck::cast_slice::<f32, u8>(&update.gradient)).map_err(io("update"))?;
+        if update.last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The joining member's side of the transfer.
+pub struct Sink {
+    stream: TcpStream,
+    /// Values in an update: the model's parameter count.
+    values: usize,
+    /// Bytes received so far.
+    bytes: u64,
+}
+
+/// One update as received.
+pub struct Received {
+    pub step: u64,
+    pub gradient: Vec<f32>,
+    pub last: bool,
+}
+
+impl Sink {
+    /// Takes a live handover's transfer from the leaving member at the other end of `stream`:
+    /// its hello must be for rank `rank` of gang `gang_id`, and it must prove `key`. Returns the
+    /// state it sent (every part hashed and decoded), after acknowledging it.
+    pub fn accept(stream: TcpStream, key: &[u8], gang_id: u64, rank: usize) -> Result<(Sink, TrainState), LiveError> {
+        let mut stream = stream;
+        tune(&stream)?;
+        let mut hello = [0u8; HELLO_LEN];
+        stream.read_exact(&mut hello).map_err(io("hello"))?;
+        let magic = u64::from_le_bytes(hello[..8].try_into().expect("8 bytes"));
+        let gang = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
+        let their_rank = u32::from_le_bytes(hello[16..20].try_into().expect("4 bytes")) as usize;
+        if magic != LIVE_MAGIC || gang != gang_id || their_rank != rank {
+            return Err(LiveError::Refused(format!(
+                "a transfer for rank {their_rank} of gang {gang}; this member joins as rank {rank} of gang {gang_id}"
+            )));
+        }
+        let nonce_a = nonce().map_err(|e| LiveError::Io(e.to_string()))?;
+        let mut answer = nonce_a.to_vec();
+        answer.extend_from_slice(&mac(key, b"accept", &hello, &nonce_a));
+        stream.write_all(&answer).map_err(io("answer"))?;
+        let mut head = [0u8; MAC_LEN + 8];
+        stream.read_exact(&mut head).map_err(io("proof"))?;
+        if !mac_matches(key, b"live", &hello, &nonce_a, &head[..MAC_LEN]) {
+            return Err(LiveError::Refused("the leaving member does not hold the handover's key".into()));
+        }
+        let length = u64::from_le_bytes(head[MAC_LEN..].try_into().expect("8 bytes"));
+        if length == 0 || length > super::peer::TRANSFER_BYTES_MAX {
+            return Err(LiveError::Refused(format!(
+                "a state of {length} bytes (1 to {})",
+                super::peer::TRANSFER_BYTES_MAX
+            )));
+        }
+        let (parts, _) = read_frame(&mut stream, length).map_err(LiveError::Io)?;
+        let origin =
+            format!("the state of a live handover from {}", stream.peer_addr().map_or("?".into(), |a| a.to_string()));
+        let state = decode(&parts.into_iter().collect(), &origin).map_err(|e| LiveError::Refused(e.to_string()))?.0;
+        let mut sink = Sink { stream, values: state.params.len(), bytes: length };
+        sink.applied(state.step)?;
+        Ok((sink, state))
+    }
+
+    /// The next update, within the limits: as many values as the model has parameters.
+    pub fn receive(&mut self) -> Result<Received, LiveError> {
+        let mut head = [0u8; UPDATE_HEAD_LEN];
+        self.stream.read_exact(&mut head).map_err(io("update"))?;
+        let step = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let last = head[8] != 0;
+        let values = u32::from_le_bytes(head[9..].try_into().expect("4 bytes")) as usize;
+        if values != self.values || values > ELEMENTS_MAX {
+            return Err(LiveError::Refused(format!(
+                "an update of {values} values for a model of {} parameters",
+                self.values
+            )));
+        }
+        let mut gradient = vec![0f32; values];
+        self.stream.read_exact(bytemuck::cast_slice_mut::<f32, u8>(&mut gradient)).map_err(io("update"))?;
+        self.bytes += (UPDATE_HEAD_LEN + values * 4) as u64;
+        Ok(Received { step, gradient, last })
+    }
+
+    /// Tells the leaving member that this member applied the update of `step`.
+    pub fn applied(&mut self, step: u64) -> Result<(), LiveError> {
+        self.stream.write_all(&step.to_le_bytes()).map_err(io("acknowledgement"))
+    }
+
+    /// Bytes received so far (state and updates).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// What a joiner's catch-up did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CaughtUp {
+    /// The step after which the joiner takes its rank (the last update's).
+    pub step: u64,
+    /// Updates replayed.
+    pub updates: u64,
+    /// Bytes received (state and updates).
+    pub bytes: u64,
+    /// Time spent replaying (the rest was waiting for the gang's steps).
+    pub replay_ms: f64,
+}
+
+/// Replays every update the leaving member sends on `trainer` (built from the sink's state),
+/// acknowledging each, until the last: the trainer then holds the gang's state after the
+/// swap's step, ready for the next.
+pub fn catch_up(sink: &mut Sink, trainer: &mut Trainer) -> Result<CaughtUp, LiveError> {
+    let mut caught = CaughtUp { step: trainer.steps_done(), updates: 0, bytes: 0, replay_ms: 0.0 };
+    loop {
+        let update = sink.receive()?;
+        let replaying = Instant::now();
+        trainer.replay(update.step, &update.gradient)?;
+        caught.replay_ms += replaying.elapsed().as_secs_f64() * 1e3;
+        caught.updates += 1;
+        caught.step = update.step;
+        if update.last {
+            caught.bytes = sink.bytes();
+            return Ok(caught);
+        }
+        sink.applied(update.step)?;
+    }
+}

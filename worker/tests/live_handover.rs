@@ -1,0 +1,221 @@
+//! A live handover (`flotilla_worker::train::Handover`): a member hands its rank to a joining
+//! member while the rest of the gang trains on, and the result is bit-identical to a run
+//! without it. Every rank runs in its own thread over the real TCP ring on loopback; the
+//! leaving member's transfer runs over a real TCP connection to the joiner.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::spec::JobSpec;
+use flotilla_worker::checkpoint::live::{CaughtUp, LiveError, Sink, Source, catch_up};
+use flotilla_worker::collective::port::DataPort;
+use flotilla_worker::collective::ring::{RingCommunicator, loopback_configs, loopback_gang};
+use flotilla_worker::data::{Dataset, load_job_data};
+use flotilla_worker::train::{TrainState, Trainer};
+
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+const KEY: [u8; 32] = [9; 32];
+
+fn digits_spec(model: &str, train: &str) -> JobSpec {
+    let text = format!(
+        "name = \"test\"\n[model]\n{model}\n[data]\ntrain = \"{}/../examples/data/digits.csv\"\n\
+         validation_fraction = 0.2\n[train]\n{train}\n[workers]\nmin = 1\nmax = 3\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    JobSpec::from_toml_str(&text).expect("test spec is valid")
+}
+
+fn mlp_adam() -> JobSpec {
+    digits_spec(
+        "kind = \"mlp\"\nhidden = [32]",
+        "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 5",
+    )
+}
+
+fn train_set(spec: &JobSpec) -> Arc<Dataset> {
+    Arc::new(load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("data loads").train)
+}
+
+fn bits(state: &TrainState) -> Vec<u32> {
+    state.params.iter().map(|v| v.to_bits()).collect()
+}
+
+/// `world` ranks train `steps` steps without any handover: every rank's final state.
+fn uninterrupted(spec: &JobSpec, data: &Arc<Dataset>, world: usize, steps: u64) -> Vec<TrainState> {
+    let gang = loopback_gang(world, COLLECTIVE_TIMEOUT).expect("loopback gang forms");
+    let ranks: Vec<_> = gang
+        .into_iter()
+        .map(|mut comm| {
+            let (spec, data) = (spec.clone(), data.clone());
+            std::thread::spawn(move || {
+                let mut trainer = Trainer::new(&spec, data, &mut comm, None).expect("trainer builds");
+                for _ in 0..steps {
+                    trainer.step(&mut comm).expect("step");
+                }
+                trainer.state()
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|r| r.join().expect("rank thread")).collect()
+}
+
+/// What one rank of the gang ended with.
+struct RankOutcome {
+    state: TrainState,
+    /// The step after which this rank's member was replaced (the leaving member only).
+    replaced_after: Option<u64>,
+    /// Whether its handover was still under way at the end.
+    handing_over: bool,
+}
+
+/// Where the gang's ranks take links: a listener of their own, or an agent's data port (shared
+/// with the next generation's rendezvous and state pushes).
+#[derive(Clone, Copy, PartialEq)]
+enum Ports {
+    Listeners,
+    DataPorts,
+}
+
+/// How the joining member behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Joiner {
+    /// Takes the state, catches up, joins the ring and trains to the end.
+    Joins,
+    /// Takes the state, then goes away (a joiner that dies before the swap).
+    DiesAfterTheState,
+}
+
+/// A run with a live handover: `world` ranks train `steps` steps; after `start_at` steps rank
+/// `leaving` hands over to a joiner.
+#[derive(Clone, Copy)]
+struct Case {
+    world: usize,
+    leaving: usize,
+    start_at: u64,
+    steps: u64,
+    joiner: Joiner,
+    ports: Ports,
+}
+
+/// Runs `case`, the joiner a thread with its own TCP endpoint. Returns every rank's outcome
+/// and the joiner's (its state and catch-up), when it joined.
+fn train_with_live_handover(
+    spec: &JobSpec,
+    data: &Arc<Dataset>,
+    case: Case,
+) -> (Vec<RankOutcome>, Option<(TrainState, CaughtUp)>) {
+    let Case { world, leaving, start_at, steps, joiner, ports } = case;
+    let (listeners, configs) = loopback_configs(world, COLLECTIVE_TIMEOUT).expect("loopback configs");
+    let gang_id = configs[0].gang_id;
+    let joiner_config = configs[leaving].clone();
+    // The joiner's data port stands in as a listener of its own.
+    let joiner_port = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let joiner_addr = joiner_port.local_addr().expect("addr");
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .zip(configs)
+        .enumerate()
+        .map(|(rank, (listener, config))| {
+            let (spec, data) = (spec.clone(), data.clone());
+            std::thread::spawn(move || {
+                let mut comm = match ports {
+                    Ports::Listeners => RingCommunicator::connect(listener, config).expect("ring"),
+                    Ports::DataPorts => {
+                        let port = DataPort::start(listener, None).expect("data port");
+                        RingCommunicator::connect_via(&port, config).expect("ring")
+                    }
+                };
+                let mut trainer = Trainer::new(&spec, data, &mut comm, None).expect("trainer builds");
+                let mut replaced_after = None;
+                while trainer.steps_done() < steps {
+                    if rank == leaving && trainer.steps_done() == start_at {
+                        let stream = TcpStream::connect(joiner_addr).expect("the joiner listens");
+                        let source = Source::start(stream, KEY.to_vec(), gang_id, rank, trainer.state());
+                        trainer.hand_over(Box::new(source));
+                    }
+                    let report = trainer.step(&mut comm).expect("step");
+                    if report.replaced == Some(rank) {
+                        replaced_after = Some(report.step);
+                        break;
+                    }
+                }
+                RankOutcome { state: trainer.state(), replaced_after, handing_over: trainer.is_handing_over() }
+            })
+        })
+        .collect();
+    let (spec, data) = (spec.clone(), data.clone());
+    let joining = std::thread::spawn(move || -> Result<Option<(TrainState, CaughtUp)>, LiveError> {
+        let (stream, _) = joiner_port.accept().expect("the leaving member connects");
+        let (mut sink, state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
+        if joiner == Joiner::DiesAfterTheState {
+            return Ok(None);
+        }
+        let model = Trainer::model(&spec, &data)?;
+        let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
+        // The links to the neighbours form while the updates are replayed.
+        let dialing = std::thread::spawn(move || RingCommunicator::join_running(joiner_config, None));
+        let caught = catch_up(&mut sink, &mut trainer)?;
+        let mut comm = dialing.join().expect("dialing thread").expect("the neighbours take the links");
+        while trainer.steps_done() < steps {
+            trainer.step(&mut comm)?;
+        }
+        Ok(Some((trainer.state(), caught)))
+    });
+    let outcomes = ranks.into_iter().map(|r| r.join().expect("rank thread")).collect();
+    (outcomes, joining.join().expect("joiner thread").expect("the joiner ran"))
+}
+
+fn assert_handover_changes_no_bit(world: usize, leaving: usize, ports: Ports) {
+    let spec = mlp_adam();
+    let data = train_set(&spec);
+    let (start_at, steps) = (6, 40);
+    let reference = uninterrupted(&spec, &data, world, steps);
+    let case = Case { world, leaving, start_at, steps, joiner: Joiner::Joins, ports };
+    let (ranks, joined) = train_with_live_handover(&spec, &data, case);
+    let (joiner, caught) = joined.expect("the joiner joined");
+    let swap = ranks[leaving].replaced_after.expect("the leaving member was replaced");
+    assert!(start_at < swap && swap < steps, "swapped after step {swap}");
+    assert_eq!(caught.step, swap, "the joiner took over after the step the gang agreed on");
+    assert_eq!(caught.updates, swap - start_at, "every update from the state's step on was replayed");
+    assert_eq!(ranks[leaving].state.step, swap, "the leaving member stepped no further");
+    for (rank, outcome) in ranks.iter().enumerate().filter(|(rank, _)| *rank != leaving) {
+        assert_eq!(outcome.replaced_after, None);
+        assert_eq!(outcome.state.step, steps, "rank {rank} trained on to the end");
+        assert_eq!(bits(&outcome.state), bits(&reference[rank]), "rank {rank}'s weights are bit-identical");
+        assert_eq!(outcome.state.optimizer, reference[rank].optimizer);
+    }
+    assert_eq!(joiner.step, steps);
+    assert_eq!(joiner.cursor, reference[leaving].cursor);
+    assert_eq!(bits(&joiner), bits(&reference[leaving]), "the joiner's weights are bit-identical");
+    assert_eq!(joiner.optimizer, reference[leaving].optimizer, "and so is its optimizer state");
+}
+
+#[test]
+fn a_member_handed_over_live_in_a_gang_of_three_changes_no_bit() {
+    // The agent's way: every rank takes the joiner's links on its data port.
+    assert_handover_changes_no_bit(3, 1, Ports::DataPorts);
+}
+
+#[test]
+fn rank_zero_handed_over_live_in_a_gang_of_two_changes_no_bit() {
+    // Both of the joiner's links go to the one survivor; rank 0's predecessor wraps around.
+    assert_handover_changes_no_bit(2, 0, Ports::Listeners);
+}
+
+#[test]
+fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
+    let spec = mlp_adam();
+    let data = train_set(&spec);
+    let (world, leaving, steps) = (3, 2, 30);
+    let reference = uninterrupted(&spec, &data, world, steps);
+    let case = Case { world, leaving, start_at: 4, steps, joiner: Joiner::DiesAfterTheState, ports: Ports::Listeners };
+    let (ranks, joined) = train_with_live_handover(&spec, &data, case);
+    assert!(joined.is_none());
+    assert!(!ranks[leaving].handing_over, "the leaving member gave the handover up");
+    for (rank, outcome) in ranks.iter().enumerate() {
+        assert_eq!(outcome.replaced_after, None, "nobody was replaced");
+        assert_eq!(outcome.state.step, steps);
+        assert_eq!(bits(&outcome.state), bits(&reference[rank]), "rank {rank}'s weights are bit-identical");
+    }
+}
