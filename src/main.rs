@@ -86,6 +86,9 @@ enum Command {
     /// Training throughput benchmark for scripts/bench/train.sh.
     #[command(hide = true)]
     BenchTrain(commands::bench_train::Args),
+    /// Live handover benchmark (the survivors' stall at the swap) for scripts/bench/live_handover.sh.
+    #[command(hide = true)]
+    BenchLiveHandover(commands::bench_live_handover::Args),
     /// Gang-scheduler placement benchmark for scripts/bench/scheduler.sh.
     #[command(hide = true)]
     BenchScheduler(commands::bench_scheduler::Args),
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::BenchAllreduce(args) => done(commands::bench_collective::run(args)),
         Command::BenchCheckpoint(args) => done(commands::bench_checkpoint::run(args)),
         Command::BenchTrain(args) => done(commands::bench_train::run(args)),
+        Command::BenchLiveHandover(args) => done(commands::bench_live_handover::run(args)),
         Command::BenchScheduler(args) => done(commands::bench_scheduler::run(args)),
         Command::BenchInfer(args) => done(commands::bench_infer::run(args, coordinator)),
         Command::BenchSpotCost(args) => done(commands::bench_spot::run(args)),

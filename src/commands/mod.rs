@@ -6,6 +6,7 @@ pub mod bench_checkpoint;
 pub mod bench_collective;
 pub mod bench_gpu;
 pub mod bench_infer;
+pub mod bench_live_handover;
 pub mod bench_scheduler;
 pub mod bench_spot;
 pub mod bench_train;

@@ -206,6 +206,8 @@ pub struct Sink {
     values: usize,
     /// Bytes received so far.
     bytes: u64,
+    /// Time the state took from its first byte to decoded.
+    state_ms: f64,
 }
 
 /// One update as received.
@@ -248,11 +250,13 @@ impl Sink {
                 super::peer::TRANSFER_BYTES_MAX
             )));
         }
+        let reading = Instant::now();
         let (parts, _) = read_frame(&mut stream, length).map_err(LiveError::Io)?;
         let origin =
             format!("the state of a live handover from {}", stream.peer_addr().map_or("?".into(), |a| a.to_string()));
         let state = decode(&parts.into_iter().collect(), &origin).map_err(|e| LiveError::Refused(e.to_string()))?.0;
-        let mut sink = Sink { stream, values: state.params.len(), bytes: length };
+        let state_ms = reading.elapsed().as_secs_f64() * 1e3;
+        let mut sink = Sink { stream, values: state.params.len(), bytes: length, state_ms };
         sink.applied(state.step)?;
         Ok((sink, state))
     }
@@ -298,13 +302,16 @@ pub struct CaughtUp {
     pub bytes: u64,
     /// Time spent replaying (the rest was waiting for the gang's steps).
     pub replay_ms: f64,
+    /// Time the state took from its first byte to decoded (hashed on the way).
+    pub state_ms: f64,
 }
 
 /// Replays every update the leaving member sends on `trainer` (built from the sink's state),
 /// acknowledging each, until the last: the trainer then holds the gang's state after the
 /// swap's step, ready for the next.
 pub fn catch_up(sink: &mut Sink, trainer: &mut Trainer) -> Result<CaughtUp, LiveError> {
-    let mut caught = CaughtUp { step: trainer.steps_done(), updates: 0, bytes: 0, replay_ms: 0.0 };
+    let mut caught =
+        CaughtUp { step: trainer.steps_done(), updates: 0, bytes: 0, replay_ms: 0.0, state_ms: sink.state_ms };
     loop {
         let update = sink.receive()?;
         let replaying = Instant::now();
