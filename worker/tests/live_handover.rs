@@ -109,9 +109,14 @@ fn train_with_live_handover(
     let (listeners, configs) = loopback_configs(world, COLLECTIVE_TIMEOUT).expect("loopback configs");
     let gang_id = configs[0].gang_id;
     let joiner_config = configs[leaving].clone();
-    // The joiner's data port stands in as a listener of its own.
-    let joiner_port = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let joiner_addr = joiner_port.local_addr().expect("addr");
+    // The joiner's endpoint: an agent's data port (the transfer is routed by its magic), or a
+    // listener of its own.
+    let joiner_listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let joiner_addr = joiner_listener.local_addr().expect("addr");
+    let joiner_port = match ports {
+        Ports::Listeners => None,
+        Ports::DataPorts => Some(DataPort::start(joiner_listener.try_clone().expect("listener"), None).expect("port")),
+    };
     let ranks: Vec<_> = listeners
         .into_iter()
         .zip(configs)
@@ -146,7 +151,10 @@ fn train_with_live_handover(
         .collect();
     let (spec, data) = (spec.clone(), data.clone());
     let joining = std::thread::spawn(move || -> Result<Option<(TrainState, CaughtUp)>, LiveError> {
-        let (stream, _) = joiner_port.accept().expect("the leaving member connects");
+        let stream = match &joiner_port {
+            Some(port) => port.next_live(COLLECTIVE_TIMEOUT).expect("the leaving member's transfer arrives"),
+            None => joiner_listener.accept().expect("the leaving member connects").0,
+        };
         let (mut sink, state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
         if joiner == Joiner::DiesAfterTheState {
             return Ok(None);
@@ -154,7 +162,8 @@ fn train_with_live_handover(
         let model = Trainer::model(&spec, &data)?;
         let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
         // The links to the neighbours form while the updates are replayed.
-        let dialing = std::thread::spawn(move || RingCommunicator::join_running(joiner_config, None));
+        let incoming = joiner_port.clone();
+        let dialing = std::thread::spawn(move || RingCommunicator::join_running(joiner_config, incoming));
         let caught = catch_up(&mut sink, &mut trainer)?;
         let mut comm = dialing.join().expect("dialing thread").expect("the neighbours take the links");
         while trainer.steps_done() < steps {

@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 
 use super::push::{frame_heads, read_frame};
 use super::state::{decode, encode};
+use crate::collective::port::LIVE_MAGIC;
 use crate::collective::ring::{ELEMENTS_MAX, MAC_LEN, NONCE_LEN, mac, mac_matches, nonce};
 use crate::train::{Handover, TrainError, TrainState, Trainer};
 
-/// The first 8 bytes of a live handover's transfer ("FLOTLIVE", little-endian).
-pub const LIVE_MAGIC: u64 = 0x464c_4f54_4c49_5645;
 /// Updates queued for the joiner at most: a joiner further behind gives the handover up (the
 /// gang must not wait for it, and each queued update holds a gradient's memory).
 pub const QUEUED_UPDATES_MAX: usize = 8;
@@ -94,8 +93,9 @@ pub struct Source {
 
 impl Source {
     /// Starts the transfer to the joiner at the other end of `stream` (connected to its data
-    /// port), for rank `rank` of gang `gang_id`, proving `key`: `state` first (encoded on the
-    /// transfer's thread, off the step loop), then every update forwarded.
+    /// port, which routes it by the hello's magic to `DataPort::next_live`), for rank `rank` of
+    /// gang `gang_id`, proving `key`: `state` first (encoded on the transfer's thread, off the
+    /// step loop), then every update forwarded.
     pub fn start(stream: TcpStream, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
         let (updates, queued) = sync_channel(QUEUED_UPDATES_MAX);
         let applied = Arc::new(AtomicU64::new(NOTHING_APPLIED));

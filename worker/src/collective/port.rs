@@ -7,6 +7,9 @@
 //!                "FLOTJOIN" ──▶ the join queue: a member joining the running ring in place
 //!                               of one that leaves (collective::ring's join); the running
 //!                               rank takes it at a step boundary
+//!                "FLOTLIVE" ──▶ the live queue: a live handover's leaving member sends its
+//!                               state and updates to this worker, the joining member
+//!                               (checkpoint::live)
 //!                "FLOTPUSH" ──▶ the push handler: a handover's leaving member pushes the
 //!                               stop-step state to its replacement (checkpoint::push)
 //!                anything else, silence, EOF ──▶ dropped
@@ -26,6 +29,8 @@ use std::time::{Duration, Instant};
 pub const RING_MAGIC: u64 = 0x464c_4f54_5249_4e47;
 /// The first 8 bytes of a link from a member joining a running ring ("FLOTJOIN", little-endian).
 pub const JOIN_MAGIC: u64 = 0x464c_4f54_4a4f_494e;
+/// The first 8 bytes of a live handover's transfer ("FLOTLIVE", little-endian).
+pub const LIVE_MAGIC: u64 = 0x464c_4f54_4c49_5645;
 /// The first 8 bytes of a state push ("FLOTPUSH", little-endian).
 pub const PUSH_MAGIC: u64 = 0x464c_4f54_5055_5348;
 /// Connections being classified at once at most; more are dropped (a port scan, a flood).
@@ -34,6 +39,8 @@ const CLASSIFY_MAX: usize = 64;
 const RING_QUEUE_MAX: usize = 64;
 /// Joining members' links waiting for the running rank at most (a joiner opens two).
 const JOIN_QUEUE_MAX: usize = 8;
+/// Live handover transfers waiting for the joining member at most.
+const LIVE_QUEUE_MAX: usize = 4;
 /// How long a new connection may take to send its magic.
 const MAGIC_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -43,6 +50,7 @@ pub type PushHandler = Arc<dyn Fn(TcpStream) + Send + Sync>;
 pub struct DataPort {
     ring: Mutex<Receiver<TcpStream>>,
     join: Mutex<Receiver<TcpStream>>,
+    live: Mutex<Receiver<TcpStream>>,
     addr: SocketAddr,
 }
 
@@ -54,7 +62,8 @@ impl DataPort {
         listener.set_nonblocking(false)?;
         let (ring_tx, ring_rx) = sync_channel(RING_QUEUE_MAX);
         let (join_tx, join_rx) = sync_channel(JOIN_QUEUE_MAX);
-        let queues = Queues { ring: ring_tx, join: join_tx };
+        let (live_tx, live_rx) = sync_channel(LIVE_QUEUE_MAX);
+        let queues = Queues { ring: ring_tx, join: join_tx, live: live_tx };
         let classifying = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new().name("data-port".into()).spawn(move || {
             for stream in listener.incoming() {
@@ -73,7 +82,7 @@ impl DataPort {
                 }
             }
         })?;
-        Ok(Arc::new(DataPort { ring: Mutex::new(ring_rx), join: Mutex::new(join_rx), addr }))
+        Ok(Arc::new(DataPort { ring: Mutex::new(ring_rx), join: Mutex::new(join_rx), live: Mutex::new(live_rx), addr }))
     }
 
     /// The address the port is bound to.
@@ -91,6 +100,11 @@ impl DataPort {
     pub fn next_join(&self) -> Option<TcpStream> {
         self.join.lock().ok()?.try_recv().ok()
     }
+
+    /// The next live handover's transfer to this worker, waiting at most `wait`.
+    pub fn next_live(&self, wait: Duration) -> Option<TcpStream> {
+        self.live.lock().ok()?.recv_timeout(wait).ok()
+    }
 }
 
 /// Where classified connections wait for their taker.
@@ -98,6 +112,7 @@ impl DataPort {
 struct Queues {
     ring: SyncSender<TcpStream>,
     join: SyncSender<TcpStream>,
+    live: SyncSender<TcpStream>,
 }
 
 fn route(stream: TcpStream, queues: &Queues, push: Option<&PushHandler>) {
@@ -109,6 +124,7 @@ fn route(stream: TcpStream, queues: &Queues, push: Option<&PushHandler>) {
     match peek_magic(&stream) {
         Some(RING_MAGIC) => queue(&queues.ring, "ring", stream),
         Some(JOIN_MAGIC) => queue(&queues.join, "join", stream),
+        Some(LIVE_MAGIC) => queue(&queues.live, "live handover", stream),
         Some(PUSH_MAGIC) => match push {
             Some(push) => push(stream),
             None => tracing::debug!("a state push arrived where none is taken; dropped"),
@@ -158,6 +174,8 @@ mod tests {
         ring.write_all(&[RING_MAGIC.to_le_bytes().as_slice(), b"ring"].concat()).expect("write");
         let mut join = TcpStream::connect(addr).expect("connect");
         join.write_all(&[JOIN_MAGIC.to_le_bytes().as_slice(), b"join"].concat()).expect("write");
+        let mut live = TcpStream::connect(addr).expect("connect");
+        live.write_all(&[LIVE_MAGIC.to_le_bytes().as_slice(), b"live"].concat()).expect("write");
         let got = pushed.recv_timeout(Duration::from_secs(5)).expect("the push handler ran");
         assert_eq!(got, [PUSH_MAGIC.to_le_bytes().as_slice(), b"push"].concat(), "read from its first byte");
         let mut taken = port.next_ring(Duration::from_secs(5)).expect("the ring connection is queued");
@@ -178,5 +196,8 @@ mod tests {
         taken.read_exact(&mut hello).expect("the joiner's hello");
         assert_eq!(&hello[8..], b"join");
         assert!(port.next_join().is_none(), "only one joiner's link came");
+        let mut taken = port.next_live(Duration::from_secs(5)).expect("the live transfer is queued");
+        taken.read_exact(&mut hello).expect("the transfer's hello");
+        assert_eq!(&hello[8..], b"live");
     }
 }
