@@ -141,7 +141,9 @@ pub struct RingCommunicator {
     /// The gang's identity and secret, which a joining member proves like a rendezvous peer.
     gang_id: u64,
     secret: Vec<u8>,
-    /// Proven links from a joining member, not yet in use (see [`join`]).
+    /// Joining members' links in their handshake, and proven ones not yet in use (see
+    /// [`join`]).
+    handshaking: Vec<join::Handshake>,
     joining: Vec<join::JoinLink>,
 }
 
@@ -169,13 +171,13 @@ impl RingCommunicator {
     /// bound to `config.addresses[config.rank]`), within `config.timeout`.
     pub fn connect(listener: TcpListener, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
         listener.set_nonblocking(true).map_err(|e| CollectiveError::Rendezvous(format!("listener: {e}")))?;
-        RingCommunicator::join(Incoming::Listener(listener), config)
+        RingCommunicator::rendezvous(Incoming::Listener(listener), config)
     }
 
     /// [`RingCommunicator::connect`] through an agent's [`DataPort`], which also takes other
     /// protocols on the same port.
     pub fn connect_via(port: &Arc<DataPort>, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
-        RingCommunicator::join(Incoming::Port(port.clone()), config)
+        RingCommunicator::rendezvous(Incoming::Port(port.clone()), config)
     }
 
     /// A ring of `config`'s shape with no links yet, after checking the config.
@@ -204,11 +206,12 @@ impl RingCommunicator {
             incoming,
             gang_id: config.gang_id,
             secret: config.secret.clone(),
+            handshaking: Vec::new(),
             joining: Vec::new(),
         })
     }
 
-    fn join(incoming: Incoming, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
+    fn rendezvous(incoming: Incoming, config: RingConfig) -> Result<RingCommunicator, CollectiveError> {
         let mut ring = RingCommunicator::unlinked(&config, None)?;
         let world = ring.world;
         if world == 1 {
