@@ -213,6 +213,12 @@ fn rank_zero_handed_over_live_in_a_gang_of_two_changes_no_bit() {
 }
 
 #[test]
+fn a_lone_member_hands_over_live_and_its_joiner_trains_on() {
+    // A world of one has no links: the member alone agrees, once its joiner caught up.
+    assert_handover_changes_no_bit(1, 0, Ports::DataPorts);
+}
+
+#[test]
 fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
     let spec = mlp_adam();
     let data = train_set(&spec);
