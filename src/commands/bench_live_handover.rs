@@ -21,13 +21,6 @@ use flotilla_worker::data;
 use flotilla_worker::train::Trainer;
 use serde_json::json;
 
-const SPEC: &str = r#"
-name = "bench-live-handover"
-model = { kind = "mlp", hidden = [512, 512] }
-data = { train = "synthetic:blobs?samples=20000&features=784&classes=10&seed=1", validation_fraction = 0.0 }
-train = { steps = 1000000, batch_size = 64, optimizer = "adam" }
-workers = { min = 1, max = 4 }
-"#;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const KEY: [u8; 32] = [3; 32];
 
@@ -58,7 +51,7 @@ struct Round {
 }
 
 fn round(args: &Args) -> anyhow::Result<Round> {
-    let spec = JobSpec::from_toml_str(SPEC).context("benchmark spec")?;
+    let spec = JobSpec::from_toml_str(super::bench_train::SPEC).context("benchmark spec")?;
     let train = Arc::new(data::load_job_data(spec.built_in()?.1, spec.train.seed)?.train);
     let (world, leaving, steps, start_at) = (args.world, args.world - 1, args.steps, args.start_at);
     let (listeners, configs) = loopback_configs(world, TIMEOUT)?;

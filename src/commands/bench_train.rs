@@ -17,7 +17,8 @@ use flotilla_worker::data;
 use flotilla_worker::train::Trainer;
 use serde_json::json;
 
-const SPEC: &str = r#"
+/// The benchmark's job (bench-live-handover trains it too).
+pub(crate) const SPEC: &str = r#"
 name = "bench-train"
 model = { kind = "mlp", hidden = [512, 512] }
 data = { train = "synthetic:blobs?samples=20000&features=784&classes=10&seed=1", validation_fraction = 0.0 }

@@ -16,6 +16,8 @@ use flotilla_worker::train::{TrainState, Trainer};
 
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEY: [u8; 32] = [9; 32];
+/// A gang's step time while its joiner catches up, at least.
+const PACE: Duration = Duration::from_millis(5);
 
 fn digits_spec(model: &str, train: &str) -> JobSpec {
     let text = format!(
@@ -132,7 +134,7 @@ fn train_with_live_handover(
                     }
                 };
                 let mut trainer = Trainer::new(&spec, data, &mut comm, None).expect("trainer builds");
-                let mut replaced_after = None;
+                let (mut replaced_after, mut swapped) = (None, false);
                 while trainer.steps_done() < steps {
                     if rank == leaving && trainer.steps_done() == start_at {
                         let stream = TcpStream::connect(joiner_addr).expect("the joiner listens");
@@ -143,6 +145,12 @@ fn train_with_live_handover(
                     if report.replaced == Some(rank) {
                         replaced_after = Some(report.step);
                         break;
+                    }
+                    // The joiner gets its time, however loaded the machine: until the gang sees
+                    // a swap, its steps are paced (the results do not depend on timing).
+                    swapped |= report.replaced.is_some();
+                    if trainer.steps_done() >= start_at && !swapped {
+                        std::thread::sleep(PACE);
                     }
                 }
                 RankOutcome { state: trainer.state(), replaced_after, handing_over: trainer.is_handing_over() }

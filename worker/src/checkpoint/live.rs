@@ -103,10 +103,13 @@ impl Source {
         let forwarded = state.step;
         let (applied_by_joiner, failed_transfer) = (applied.clone(), failed.clone());
         let spawned = std::thread::Builder::new().name("live-handover".into()).spawn(move || {
-            if let Err(e) = send(stream, &key, gang_id, rank, &state, &queued, &applied_by_joiner) {
+            if let Err(e) = send(&stream, &key, gang_id, rank, &state, &queued, &applied_by_joiner) {
                 tracing::warn!(error = %e, "the live handover's transfer ended early");
                 failed_transfer.store(true, Ordering::Release);
             }
+            // Closed for both sides (the acknowledgements' reader holds a handle too): a joiner
+            // whose handover ended without its last update hears so at once.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         });
         if spawned.is_err() {
             failed.store(true, Ordering::Release);
@@ -145,7 +148,7 @@ impl Handover for Source {
 /// The transfer's thread: handshake, state, then the updates until the last (or the trainer
 /// drops the source); the joiner's acknowledgements are read on a thread of their own.
 fn send(
-    mut stream: TcpStream,
+    stream: &TcpStream,
     key: &[u8],
     gang_id: u64,
     rank: usize,
@@ -153,7 +156,8 @@ fn send(
     queued: &Receiver<Update>,
     applied: &Arc<AtomicU64>,
 ) -> Result<(), LiveError> {
-    tune(&stream)?;
+    tune(stream)?;
+    let mut stream = stream;
     let hello = hello(gang_id, rank, &nonce().map_err(|e| LiveError::Io(e.to_string()))?);
     stream.write_all(&hello).map_err(io("hello"))?;
     let mut answer = [0u8; NONCE_LEN + MAC_LEN];

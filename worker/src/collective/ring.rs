@@ -226,18 +226,7 @@ impl RingCommunicator {
         (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
         let (prev, accepted) = accept_prev(&incoming, deadline, &config, prev_rank, world)?;
         // Our side of the link to next: check its proof, then prove ourselves.
-        let mut answer = [0u8; NONCE_LEN + MAC_LEN];
-        (&next).read_exact(&mut answer).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
-        let (nonce_a, mac_a) = answer.split_at(NONCE_LEN);
-        if !mac_matches(&config.secret, b"accept", &hello, nonce_a, mac_a) {
-            return Err(CollectiveError::Rendezvous(format!(
-                "rank {next_rank} at {} does not hold this gang's secret",
-                config.addresses[next_rank]
-            )));
-        }
-        (&next)
-            .write_all(&mac(&config.secret, b"connect", &hello, nonce_a))
-            .map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
+        check_and_prove(&next, &config, next_rank, &hello, "rendezvous")?;
         // Their side of the link from prev: the proof they owe us.
         let mut proof = [0u8; MAC_LEN];
         (&prev).read_exact(&mut proof).map_err(|e| lost("rendezvous", prev_rank, &e, config.timeout))?;
@@ -385,6 +374,29 @@ fn hello(magic: u64, gang_id: u64, rank: usize, world: u32) -> Result<Vec<u8>, C
     hello.extend_from_slice(&world.to_le_bytes());
     hello.extend_from_slice(&nonce()?);
     Ok(hello)
+}
+
+/// The dialing side's half of a link's challenge-response, after its `hello`: reads the
+/// peer's answer, checks that the peer holds the gang's secret, and proves it holds it too.
+fn check_and_prove(
+    stream: &TcpStream,
+    config: &RingConfig,
+    peer: usize,
+    hello: &[u8],
+    operation: &'static str,
+) -> Result<(), CollectiveError> {
+    let mut answer = [0u8; NONCE_LEN + MAC_LEN];
+    (&*stream).read_exact(&mut answer).map_err(|e| lost(operation, peer, &e, config.timeout))?;
+    let (nonce_a, mac_a) = answer.split_at(NONCE_LEN);
+    if !mac_matches(&config.secret, b"accept", hello, nonce_a, mac_a) {
+        return Err(CollectiveError::Rendezvous(format!(
+            "rank {peer} at {} does not hold this gang's secret",
+            config.addresses[peer]
+        )));
+    }
+    (&*stream)
+        .write_all(&mac(&config.secret, b"connect", hello, nonce_a))
+        .map_err(|e| lost(operation, peer, &e, config.timeout))
 }
 
 /// Connects to rank `peer` at `address`, retrying while it starts up (see [`RingConfig`]).

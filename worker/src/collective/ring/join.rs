@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     CollectiveError, DataPort, HELLO_LEN, Incoming, MAC_LEN, NONCE_LEN, RingCommunicator, RingConfig, SEGMENT_BYTES,
-    connect_to, hello, lost, mac, mac_matches, nonce, tracing_free_log, tune,
+    check_and_prove, connect_to, hello, lost, mac, mac_matches, nonce, tracing_free_log, tune,
 };
 use crate::collective::port::JOIN_MAGIC;
 
@@ -230,18 +230,7 @@ fn dial(config: &RingConfig, peer: usize, predecessor: bool, deadline: Instant) 
     let world = config.addresses.len() as u32 | if predecessor { DIALS_ITS_PREDECESSOR } else { 0 };
     let hello = hello(JOIN_MAGIC, config.gang_id, config.rank, world)?;
     (&stream).write_all(&hello).map_err(|e| lost("join", peer, &e, config.timeout))?;
-    let mut answer = [0u8; NONCE_LEN + MAC_LEN];
-    (&stream).read_exact(&mut answer).map_err(|e| lost("join", peer, &e, config.timeout))?;
-    let (nonce_a, mac_a) = answer.split_at(NONCE_LEN);
-    if !mac_matches(&config.secret, b"accept", &hello, nonce_a, mac_a) {
-        return Err(CollectiveError::Rendezvous(format!(
-            "rank {peer} at {} does not hold this gang's secret",
-            config.addresses[peer]
-        )));
-    }
-    (&stream)
-        .write_all(&mac(&config.secret, b"connect", &hello, nonce_a))
-        .map_err(|e| lost("join", peer, &e, config.timeout))?;
+    check_and_prove(&stream, config, peer, &hello, "join")?;
     Ok(stream)
 }
 
