@@ -84,6 +84,9 @@ enum Ports {
 enum Joiner {
     /// Takes the state, catches up, joins the ring and trains to the end.
     Joins,
+    /// Takes a state damaged on its way (a bit of one weight): its replay of the first
+    /// update differs from the leaving member's, so it refuses to go on.
+    TakesADamagedState,
     /// Takes the state, then goes away (a joiner that dies before the swap).
     DiesAfterTheState,
 }
@@ -163,9 +166,19 @@ fn train_with_live_handover(
             Some(port) => port.next_live(COLLECTIVE_TIMEOUT).expect("the leaving member's transfer arrives"),
             None => joiner_listener.accept().expect("the leaving member connects").0,
         };
-        let (mut sink, state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
-        if joiner == Joiner::DiesAfterTheState {
-            return Ok(None);
+        let (mut sink, mut state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
+        match joiner {
+            Joiner::Joins => {}
+            Joiner::DiesAfterTheState => return Ok(None),
+            Joiner::TakesADamagedState => {
+                // The top mantissa bit: a change no update's rounding can absorb.
+                state.params[0] = f32::from_bits(state.params[0].to_bits() ^ (1 << 22));
+                let model = Trainer::model(&spec, &data)?;
+                let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
+                let refused = catch_up(&mut sink, &mut trainer).expect_err("the replay differs").to_string();
+                assert!(refused.contains("differs from the leaving member's"), "{refused}");
+                return Ok(None);
+            }
         }
         let model = Trainer::model(&spec, &data)?;
         let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
@@ -226,13 +239,12 @@ fn a_lone_member_hands_over_live_and_its_joiner_trains_on() {
     assert_handover_changes_no_bit(1, 0, Ports::DataPorts);
 }
 
-#[test]
-fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
+fn assert_failed_joiner_leaves_the_gang_as_before(joiner: Joiner) {
     let spec = mlp_adam();
     let data = train_set(&spec);
     let (world, leaving, steps) = (3, 2, 30);
     let reference = uninterrupted(&spec, &data, world, steps);
-    let case = Case { world, leaving, start_at: 4, steps, joiner: Joiner::DiesAfterTheState, ports: Ports::Listeners };
+    let case = Case { world, leaving, start_at: 4, steps, joiner, ports: Ports::Listeners };
     let (ranks, joined) = train_with_live_handover(&spec, &data, case);
     assert!(joined.is_none());
     assert!(!ranks[leaving].handing_over, "the leaving member gave the handover up");
@@ -241,4 +253,14 @@ fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
         assert_eq!(outcome.state.step, steps);
         assert_eq!(bits(&outcome.state), bits(&reference[rank]), "rank {rank}'s weights are bit-identical");
     }
+}
+
+#[test]
+fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
+    assert_failed_joiner_leaves_the_gang_as_before(Joiner::DiesAfterTheState);
+}
+
+#[test]
+fn a_joiner_whose_replay_differs_refuses_to_join_and_the_gang_trains_on() {
+    assert_failed_joiner_leaves_the_gang_as_before(Joiner::TakesADamagedState);
 }

@@ -246,7 +246,7 @@ impl Trainer {
         // ends together, and the joiner's handover fails over to the stop's path.
         let replaced = swap.agreed(self.world_size).filter(|_| !stop_agreed && !self.is_finished());
         if let Some(handover) = self.handover.as_mut()
-            && let Err(e) = handover.forward(self.step, buffer, replaced == Some(self.rank))
+            && let Err(e) = handover.forward(self.step, buffer, &self.params, replaced == Some(self.rank))
         {
             tracing::warn!(error = %e, step = self.step, "the live handover was given up");
             self.handover = None;
