@@ -132,13 +132,22 @@ impl Source {
         let forwarded = state.step;
         let (applied_by_joiner, failed_transfer) = (applied.clone(), failed.clone());
         let spawned = std::thread::Builder::new().name("live-handover".into()).spawn(move || {
-            if let Err(e) = send(&stream, &key, gang_id, rank, &state, &queued, &applied_by_joiner) {
-                tracing::warn!(error = %e, "the live handover's transfer ended early");
-                failed_transfer.store(true, Ordering::Release);
+            // The joiner hears the end at once either way (the acknowledgements' reader holds a
+            // handle too, so dropping this one would not close the connection). After the last
+            // update, or once the trainer dropped the source: a graceful end (FIN), and the
+            // reader drains the acknowledgements until the joiner closes, so the socket never
+            // closes with unread bytes (which would reset it, and could take the last update
+            // with it before the joiner read it). After a failure: closed both ways.
+            match send(&stream, &key, gang_id, rank, &state, &queued, &applied_by_joiner) {
+                Ok(()) => {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the live handover's transfer ended early");
+                    failed_transfer.store(true, Ordering::Release);
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
             }
-            // Closed for both sides (the acknowledgements' reader holds a handle too): a joiner
-            // whose handover ended without its last update hears so at once.
-            let _ = stream.shutdown(std::net::Shutdown::Both);
         });
         if spawned.is_err() {
             failed.store(true, Ordering::Release);
