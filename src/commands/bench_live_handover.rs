@@ -9,7 +9,7 @@
 //! optimizer step around the swap, its ratio to the median and to #25's bound (one step plus
 //! the state's transfer, as the stop-and-push handover moves it), and the transfer's figures.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,9 +71,8 @@ fn round(args: &Args) -> anyhow::Result<Round> {
                 let mut ends = Vec::new();
                 while trainer.steps_done() < steps {
                     if rank == leaving && trainer.steps_done() == start_at {
-                        let stream = TcpStream::connect(joiner_addr)?;
-                        trainer.hand_over(Box::new(Source::start(
-                            stream,
+                        trainer.hand_over(Box::new(Source::connect(
+                            joiner_addr,
                             KEY.to_vec(),
                             gang_id,
                             rank,

@@ -3,7 +3,7 @@
 //! without it. Every rank runs in its own thread over the real TCP ring on loopback; the
 //! leaving member's transfer runs over a real TCP connection to the joiner.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +87,8 @@ enum Joiner {
     /// Takes a state damaged on its way (a bit of one weight): its replay of the first
     /// update differs from the leaving member's, so it refuses to go on.
     TakesADamagedState,
+    /// Cannot be reached at all (its port is closed): the transfer fails to connect.
+    Unreachable,
     /// Takes the state, then goes away (a joiner that dies before the swap).
     DiesAfterTheState,
 }
@@ -117,7 +119,11 @@ fn train_with_live_handover(
     // The joiner's endpoint: an agent's data port (the transfer is routed by its magic), or a
     // listener of its own.
     let joiner_listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let joiner_addr = joiner_listener.local_addr().expect("addr");
+    let joiner_addr = match joiner {
+        // "Unreachable" is 127.0.0.1 on a closed port.
+        Joiner::Unreachable => TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr"),
+        _ => joiner_listener.local_addr().expect("addr"),
+    };
     let joiner_port = match ports {
         Ports::Listeners => None,
         Ports::DataPorts => Some(DataPort::start(joiner_listener.try_clone().expect("listener"), None).expect("port")),
@@ -140,8 +146,7 @@ fn train_with_live_handover(
                 let (mut replaced_after, mut swapped) = (None, false);
                 while trainer.steps_done() < steps {
                     if rank == leaving && trainer.steps_done() == start_at {
-                        let stream = TcpStream::connect(joiner_addr).expect("the joiner listens");
-                        let source = Source::start(stream, KEY.to_vec(), gang_id, rank, trainer.state());
+                        let source = Source::connect(joiner_addr, KEY.to_vec(), gang_id, rank, trainer.state());
                         trainer.hand_over(Box::new(source));
                     }
                     let report = trainer.step(&mut comm).expect("step");
@@ -162,6 +167,9 @@ fn train_with_live_handover(
         .collect();
     let (spec, data) = (spec.clone(), data.clone());
     let joining = std::thread::spawn(move || -> Result<Option<(TrainState, CaughtUp)>, LiveError> {
+        if joiner == Joiner::Unreachable {
+            return Ok(None);
+        }
         let stream = match &joiner_port {
             Some(port) => port.next_live(COLLECTIVE_TIMEOUT).expect("the leaving member's transfer arrives"),
             None => joiner_listener.accept().expect("the leaving member connects").0,
@@ -169,6 +177,7 @@ fn train_with_live_handover(
         let (mut sink, mut state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
         match joiner {
             Joiner::Joins => {}
+            Joiner::Unreachable => unreachable!("returned above"),
             Joiner::DiesAfterTheState => return Ok(None),
             Joiner::TakesADamagedState => {
                 // The top mantissa bit: a change no update's rounding can absorb.
@@ -258,6 +267,11 @@ fn assert_failed_joiner_leaves_the_gang_as_before(joiner: Joiner) {
 #[test]
 fn a_joiner_that_dies_before_the_swap_leaves_the_gang_training_as_before() {
     assert_failed_joiner_leaves_the_gang_as_before(Joiner::DiesAfterTheState);
+}
+
+#[test]
+fn a_joiner_that_cannot_be_reached_costs_the_gang_nothing() {
+    assert_failed_joiner_leaves_the_gang_as_before(Joiner::Unreachable);
 }
 
 #[test]

@@ -25,7 +25,7 @@
 //! by part on arrival, like a push's. Only a holder of the handover's key sends or takes one.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -42,6 +42,8 @@ use crate::train::{Handover, TrainError, TrainState, Trainer};
 pub const QUEUED_UPDATES_MAX: usize = 8;
 /// Time for any one read or write of the transfer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for the connection to the joiner.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes of a hello: magic, gang id, rank, nonce.
 const HELLO_LEN: usize = 8 + 8 + 4 + NONCE_LEN;
 /// Bytes of an update's head: step, last, values, checksum.
@@ -121,17 +123,39 @@ pub struct Source {
 }
 
 impl Source {
-    /// Starts the transfer to the joiner at the other end of `stream` (connected to its data
-    /// port, which routes it by the hello's magic to `DataPort::next_live`), for rank `rank` of
-    /// gang `gang_id`, proving `key`: `state` first (encoded on the transfer's thread, off the
-    /// step loop), then every update forwarded.
+    /// Starts the transfer to the joiner whose data port is `addr` (it routes the connection
+    /// by the hello's magic to `DataPort::next_live`), for rank `rank` of gang `gang_id`,
+    /// proving `key`: `state` first, then every update forwarded. Everything that can wait
+    /// (the connection, the handshake, the state's encoding) happens on the transfer's thread:
+    /// the step loop that calls this only copies the state. A joiner that cannot be reached
+    /// fails the transfer (the handover is given up at the next forward).
+    pub fn connect(addr: SocketAddr, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
+        Source::spawn(Endpoint::Addr(addr), key, gang_id, rank, state)
+    }
+
+    /// [`Source::connect`] over a connection already made to the joiner.
     pub fn start(stream: TcpStream, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
+        Source::spawn(Endpoint::Connected(stream), key, gang_id, rank, state)
+    }
+
+    fn spawn(endpoint: Endpoint, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
         let (updates, queued) = sync_channel(QUEUED_UPDATES_MAX);
         let applied = Arc::new(AtomicU64::new(NOTHING_APPLIED));
         let failed = Arc::new(AtomicBool::new(false));
         let forwarded = state.step;
         let (applied_by_joiner, failed_transfer) = (applied.clone(), failed.clone());
         let spawned = std::thread::Builder::new().name("live-handover".into()).spawn(move || {
+            let stream = match endpoint {
+                Endpoint::Connected(stream) => stream,
+                Endpoint::Addr(addr) => match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "the live handover's joiner cannot be reached");
+                        failed_transfer.store(true, Ordering::Release);
+                        return;
+                    }
+                },
+            };
             // The joiner hears the end at once either way (the acknowledgements' reader holds a
             // handle too, so dropping this one would not close the connection). After the last
             // update, or once the trainer dropped the source: a graceful end (FIN), and the
@@ -183,6 +207,12 @@ impl Handover for Source {
             Err(TrySendError::Disconnected(_)) => Err("the transfer to the joining member ended".into()),
         }
     }
+}
+
+/// Where the transfer goes.
+enum Endpoint {
+    Addr(SocketAddr),
+    Connected(TcpStream),
 }
 
 /// The transfer's thread: handshake, state, then the updates until the last (or the trainer
