@@ -44,8 +44,8 @@ pub struct Trainer {
     stop_vote: bool,
     /// A live handover of this rank under way (see [`Handover`]).
     handover: Option<Box<dyn Handover>>,
-    /// `params` changed without being written into `model` ([`Trainer::replay`]): written
-    /// before the next forward pass.
+    /// `params` changed without being written into `model` (a step's or a replayed update):
+    /// written before the next forward pass.
     model_stale: bool,
 }
 
@@ -239,7 +239,9 @@ impl Trainer {
         let scale = 1.0 / global_samples as f32;
         buffer.iter_mut().for_each(|g| *g *= scale);
         self.optimizer.step(&self.hyper, &mut self.params, &buffer);
-        self.model = flat::write_params(self.model.clone(), &self.params, &self.layout);
+        // Written into the module at the next step's start: a live handover's update goes out
+        // first, and a leaving rank's last step does not write at all.
+        self.model_stale = true;
         self.cursor = self.cursor.advanced(&plan, rows);
         self.step += 1;
         // A stop or the end of training cancels a swap agreed in the same step: the gang then
