@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_core::spec::JobSpec;
-use flotilla_worker::checkpoint::live::{CaughtUp, Sink, Source, catch_up};
+use flotilla_worker::checkpoint::live::{CaughtUp, Joined, Source, join};
 use flotilla_worker::collective::ring::{RingCommunicator, loopback_configs};
 use flotilla_worker::data;
 use flotilla_worker::train::Trainer;
@@ -46,7 +46,8 @@ struct Round {
     ends: Vec<Vec<Instant>>,
     swap: u64,
     caught: CaughtUp,
-    /// Time from the joiner's last update to the end of its first step with the gang.
+    /// Time from the joiner holding the gang's state (caught up, links made) to the end of its
+    /// first step with the gang.
     joiner_first_step_ms: f64,
 }
 
@@ -91,13 +92,8 @@ fn round(args: &Args) -> anyhow::Result<Round> {
         .collect();
     let joining = std::thread::spawn(move || -> anyhow::Result<(CaughtUp, f64)> {
         let (stream, _) = joiner_port.accept()?;
-        let (mut sink, state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
-        let model = Trainer::model(&spec, &train)?;
-        let mut trainer = Trainer::joining(model, &spec, train, state, leaving, world)?;
-        let dialing = std::thread::spawn(move || RingCommunicator::join_running(joiner_config, None));
-        let caught = catch_up(&mut sink, &mut trainer)?;
+        let Joined { mut trainer, mut comm, caught } = join(stream, &KEY, &spec, train, joiner_config, None)?;
         let caught_at = Instant::now();
-        let mut comm = dialing.join().map_err(|_| anyhow::anyhow!("the dialing thread panicked"))??;
         trainer.step(&mut comm)?;
         let first_step_ms = caught_at.elapsed().as_secs_f64() * 1e3;
         while trainer.steps_done() < steps {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::spec::JobSpec;
-use flotilla_worker::checkpoint::live::{CaughtUp, LiveError, Sink, Source, catch_up};
+use flotilla_worker::checkpoint::live::{CaughtUp, Joined, LiveError, Sink, Source, catch_up, join};
 use flotilla_worker::collective::port::DataPort;
 use flotilla_worker::collective::ring::{RingCommunicator, loopback_configs, loopback_gang};
 use flotilla_worker::data::{Dataset, load_job_data};
@@ -174,32 +174,31 @@ fn train_with_live_handover(
             Some(port) => port.next_live(COLLECTIVE_TIMEOUT).expect("the leaving member's transfer arrives"),
             None => joiner_listener.accept().expect("the leaving member connects").0,
         };
-        let (mut sink, mut state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
         match joiner {
-            Joiner::Joins => {}
+            Joiner::Joins => {
+                let config = joiner_config;
+                let Joined { mut trainer, mut comm, caught } = join(stream, &KEY, &spec, data, config, joiner_port)?;
+                while trainer.steps_done() < steps {
+                    trainer.step(&mut comm)?;
+                }
+                Ok(Some((trainer.state(), caught)))
+            }
             Joiner::Unreachable => unreachable!("returned above"),
-            Joiner::DiesAfterTheState => return Ok(None),
+            Joiner::DiesAfterTheState => {
+                Sink::accept(stream, &KEY, gang_id, leaving)?;
+                Ok(None)
+            }
             Joiner::TakesADamagedState => {
+                let (mut sink, mut state) = Sink::accept(stream, &KEY, gang_id, leaving)?;
                 // The top mantissa bit: a change no update's rounding can absorb.
                 state.params[0] = f32::from_bits(state.params[0].to_bits() ^ (1 << 22));
                 let model = Trainer::model(&spec, &data)?;
                 let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
                 let refused = catch_up(&mut sink, &mut trainer).expect_err("the replay differs").to_string();
                 assert!(refused.contains("differs from the leaving member's"), "{refused}");
-                return Ok(None);
+                Ok(None)
             }
         }
-        let model = Trainer::model(&spec, &data)?;
-        let mut trainer = Trainer::joining(model, &spec, data, state, leaving, world)?;
-        // The links to the neighbours form while the updates are replayed.
-        let incoming = joiner_port.clone();
-        let dialing = std::thread::spawn(move || RingCommunicator::join_running(joiner_config, incoming));
-        let caught = catch_up(&mut sink, &mut trainer)?;
-        let mut comm = dialing.join().expect("dialing thread").expect("the neighbours take the links");
-        while trainer.steps_done() < steps {
-            trainer.step(&mut comm)?;
-        }
-        Ok(Some((trainer.state(), caught)))
     });
     let outcomes = ranks.into_iter().map(|r| r.join().expect("rank thread")).collect();
     (outcomes, joining.join().expect("joiner thread").expect("the joiner ran"))

@@ -6,17 +6,19 @@
 //!   leaving member ──▶ hello: "FLOTLIVE" | gang id (u64) | rank (u32) | nonce_c
 //!                  ◀── nonce_a | HMAC(key, "accept" | hello | nonce_a)
 //!                  ──▶ HMAC(key, "live" | hello | nonce_a) | frame length (u64) | state frame
-//!                      (a state push's frame: the parts of `state::encode`, hashed on arrival)
-//!                  ──▶ update: step (u64) | last (u8) | values (u32) | checksum (u64)
-//!                      | values as f32 LE
+//!                      (a state push's frame: the parts of `state::encode`)
+//!                  ──▶ update: step (u64) | flags (u8: 1 last, 2 checksum) | values (u32)
+//!                      | checksum (u64) | values as f32 LE
 //!                  ◀── applied: step (u64), once for the state and once per update
 //! ```
 //!
-//! The first update carries a checksum of the leaving member's parameters after it
-//! ([`params_checksum`]; 0 on the others): the joiner compares its own after replaying it and
-//! refuses to go on if they differ, so a state or replay that went wrong ends the handover
-//! (the gang trains on as before) instead of joining the gang. Once, long before the swap: off
-//! its critical path.
+//! The first update carries the leaving member's [`Trainer::replay_checksum`] after it
+//! (parameters, cursor, step): the joiner compares its own after replaying it and refuses to
+//! go on if they differ, so a state or replay that went wrong ends the handover (the gang
+//! trains on as before) instead of joining the gang. That one comparison checks the state and
+//! the replay end to end (the state frame's parts are not hashed, unlike a push's, whose hashes
+//! are compared with a recorded checkpoint); it happens once, long before the swap, off its
+//! critical path.
 //!
 //! The leaving member's step loop only queues each update ([`Source`] writes on a thread of its
 //! own, at most [`QUEUED_UPDATES_MAX`] behind); a joiner that falls further behind, or a
@@ -31,11 +33,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-use super::push::{frame_heads, read_frame};
+use super::push::{frame_heads, read_parts};
 use super::state::{decode, encode};
-use crate::collective::port::LIVE_MAGIC;
-use crate::collective::ring::{ELEMENTS_MAX, MAC_LEN, NONCE_LEN, mac, mac_matches, nonce};
+use crate::collective::CollectiveError;
+use crate::collective::port::{DataPort, LIVE_MAGIC};
+use crate::collective::ring::{
+    ELEMENTS_MAX, MAC_LEN, NONCE_LEN, RingCommunicator, RingConfig, mac, mac_matches, nonce,
+};
+use crate::data::Dataset;
 use crate::train::{Handover, TrainError, TrainState, Trainer};
+use flotilla_proto::spec::JobSpec;
 
 /// Updates queued for the joiner at most: a joiner further behind gives the handover up (the
 /// gang must not wait for it, and each queued update holds a gradient's memory).
@@ -46,8 +53,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes of a hello: magic, gang id, rank, nonce.
 const HELLO_LEN: usize = 8 + 8 + 4 + NONCE_LEN;
-/// Bytes of an update's head: step, last, values, checksum.
+/// Bytes of an update's head: step, flags, values, checksum.
 const UPDATE_HEAD_LEN: usize = 8 + 1 + 4 + 8;
+/// An update's flags: the swap follows it; it carries a checksum.
+const LAST: u8 = 1;
+const CHECKSUM: u8 = 2;
 /// `applied` before the joiner holds the state.
 const NOTHING_APPLIED: u64 = u64::MAX;
 
@@ -61,6 +71,9 @@ pub enum LiveError {
     /// The joiner could not apply what it received.
     #[error("live handover: {0}")]
     Train(#[from] TrainError),
+    /// The joiner's links to the gang could not be made.
+    #[error("live handover: {0}")]
+    Collective(#[from] CollectiveError),
 }
 
 fn io(what: &str) -> impl Fn(std::io::Error) -> LiveError + '_ {
@@ -87,26 +100,8 @@ struct Update {
     step: u64,
     gradient: Vec<f32>,
     last: bool,
-    /// [`params_checksum`] after it (the first update only), else 0.
-    checksum: u64,
-}
-
-/// A checksum of parameters (their bits, in order), for the joiner to compare its replayed
-/// state with the leaving member's: 4 independent multiply-xor lanes, about 0.1 ms per MB.
-pub fn params_checksum(params: &[f32]) -> u64 {
-    const PRIME: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut lanes = [1u64, 2, 3, 4];
-    let mut words = params.chunks_exact(4);
-    for chunk in &mut words {
-        for (lane, value) in lanes.iter_mut().zip(chunk) {
-            *lane = (*lane ^ u64::from(value.to_bits())).wrapping_mul(PRIME);
-        }
-    }
-    for (lane, value) in lanes.iter_mut().zip(words.remainder()) {
-        *lane = (*lane ^ u64::from(value.to_bits())).wrapping_mul(PRIME);
-    }
-    let length = (params.len() as u64).wrapping_mul(PRIME);
-    lanes.iter().fold(length, |hash, lane| (hash ^ lane).wrapping_mul(PRIME).rotate_left(29)).max(1)
+    /// [`Trainer::replay_checksum`] after it (the first update only).
+    checksum: Option<u64>,
 }
 
 /// The leaving member's side: the [`Handover`] its trainer forwards updates to.
@@ -116,8 +111,6 @@ pub struct Source {
     applied: Arc<AtomicU64>,
     /// Newest step forwarded (the state's step before the first update).
     forwarded: u64,
-    /// The first update (with the parameters' checksum) is queued.
-    checked: bool,
     /// The transfer ended early (the link broke, the joiner refused).
     failed: Arc<AtomicBool>,
 }
@@ -130,31 +123,19 @@ impl Source {
     /// the step loop that calls this only copies the state. A joiner that cannot be reached
     /// fails the transfer (the handover is given up at the next forward).
     pub fn connect(addr: SocketAddr, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
-        Source::spawn(Endpoint::Addr(addr), key, gang_id, rank, state)
-    }
-
-    /// [`Source::connect`] over a connection already made to the joiner.
-    pub fn start(stream: TcpStream, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
-        Source::spawn(Endpoint::Connected(stream), key, gang_id, rank, state)
-    }
-
-    fn spawn(endpoint: Endpoint, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
         let (updates, queued) = sync_channel(QUEUED_UPDATES_MAX);
         let applied = Arc::new(AtomicU64::new(NOTHING_APPLIED));
         let failed = Arc::new(AtomicBool::new(false));
         let forwarded = state.step;
         let (applied_by_joiner, failed_transfer) = (applied.clone(), failed.clone());
         let spawned = std::thread::Builder::new().name("live-handover".into()).spawn(move || {
-            let stream = match endpoint {
-                Endpoint::Connected(stream) => stream,
-                Endpoint::Addr(addr) => match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::warn!(%addr, error = %e, "the live handover's joiner cannot be reached");
-                        failed_transfer.store(true, Ordering::Release);
-                        return;
-                    }
-                },
+            let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "the live handover's joiner cannot be reached");
+                    failed_transfer.store(true, Ordering::Release);
+                    return;
+                }
             };
             // The joiner hears the end at once either way (the acknowledgements' reader holds a
             // handle too, so dropping this one would not close the connection). After the last
@@ -176,11 +157,11 @@ impl Source {
         if spawned.is_err() {
             failed.store(true, Ordering::Release);
         }
-        Source { updates, applied, forwarded, checked: false, failed }
+        Source { updates, applied, forwarded, failed }
     }
 
     /// Newest step the joiner applied, if it holds the state yet.
-    pub fn applied(&self) -> Option<u64> {
+    fn applied(&self) -> Option<u64> {
         Some(self.applied.load(Ordering::Acquire)).filter(|&s| s != NOTHING_APPLIED)
     }
 }
@@ -190,15 +171,13 @@ impl Handover for Source {
         !self.failed.load(Ordering::Acquire) && self.applied().is_some_and(|applied| applied + 1 >= self.forwarded)
     }
 
-    fn forward(&mut self, step: u64, gradient: Vec<f32>, params: &[f32], last: bool) -> Result<(), String> {
+    fn forward(&mut self, step: u64, gradient: Vec<f32>, checksum: Option<u64>, last: bool) -> Result<(), String> {
         if self.failed.load(Ordering::Acquire) {
             return Err("the transfer to the joining member failed".into());
         }
-        let checksum = if self.checked { 0 } else { params_checksum(params) };
         match self.updates.try_send(Update { step, gradient, last, checksum }) {
             Ok(()) => {
                 self.forwarded = step;
-                self.checked = true;
                 Ok(())
             }
             Err(TrySendError::Full(_)) => {
@@ -207,12 +186,6 @@ impl Handover for Source {
             Err(TrySendError::Disconnected(_)) => Err("the transfer to the joining member ended".into()),
         }
     }
-}
-
-/// Where the transfer goes.
-enum Endpoint {
-    Addr(SocketAddr),
-    Connected(TcpStream),
 }
 
 /// The transfer's thread: handshake, state, then the updates until the last (or the trainer
@@ -262,9 +235,9 @@ fn send(
     for update in queued {
         let mut head = [0u8; UPDATE_HEAD_LEN];
         head[..8].copy_from_slice(&update.step.to_le_bytes());
-        head[8] = u8::from(update.last);
+        head[8] = if update.last { LAST } else { 0 } | if update.checksum.is_some() { CHECKSUM } else { 0 };
         head[9..13].copy_from_slice(&(update.gradient.len() as u32).to_le_bytes());
-        head[13..].copy_from_slice(&update.checksum.to_le_bytes());
+        head[13..].copy_from_slice(&update.checksum.unwrap_or(0).to_le_bytes());
         stream.write_all(&head).map_err(io("update"))?;
         stream.write_all(bytemuck::cast_slice::<f32, u8>(&update.gradient)).map_err(io("update"))?;
         if update.last {
@@ -290,16 +263,20 @@ pub struct Received {
     pub step: u64,
     pub gradient: Vec<f32>,
     pub last: bool,
-    /// The leaving member's [`params_checksum`] after this update (the first one only).
+    /// The leaving member's [`Trainer::replay_checksum`] after this update (the first one only).
     pub checksum: Option<u64>,
 }
 
 impl Sink {
     /// Takes a live handover's transfer from the leaving member at the other end of `stream`:
     /// its hello must be for rank `rank` of gang `gang_id`, and it must prove `key`. Returns the
-    /// state it sent (every part hashed and decoded), after acknowledging it.
-    pub fn accept(stream: TcpStream, key: &[u8], gang_id: u64, rank: usize) -> Result<(Sink, TrainState), LiveError> {
-        let mut stream = stream;
+    /// state it sent, decoded, after acknowledging it.
+    pub fn accept(
+        mut stream: TcpStream,
+        key: &[u8],
+        gang_id: u64,
+        rank: usize,
+    ) -> Result<(Sink, TrainState), LiveError> {
         tune(&stream)?;
         let mut hello = [0u8; HELLO_LEN];
         stream.read_exact(&mut hello).map_err(io("hello"))?;
@@ -328,7 +305,7 @@ impl Sink {
             )));
         }
         let reading = Instant::now();
-        let (parts, _) = read_frame(&mut stream, length).map_err(LiveError::Io)?;
+        let parts = read_parts(&mut stream, length).map_err(LiveError::Io)?;
         let origin =
             format!("the state of a live handover from {}", stream.peer_addr().map_or("?".into(), |a| a.to_string()));
         let state = decode(&parts.into_iter().collect(), &origin).map_err(|e| LiveError::Refused(e.to_string()))?.0;
@@ -343,9 +320,9 @@ impl Sink {
         let mut head = [0u8; UPDATE_HEAD_LEN];
         self.stream.read_exact(&mut head).map_err(io("update"))?;
         let step = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-        let last = head[8] != 0;
+        let (last, checked) = (head[8] & LAST != 0, head[8] & CHECKSUM != 0);
         let values = u32::from_le_bytes(head[9..13].try_into().expect("4 bytes")) as usize;
-        let checksum = Some(u64::from_le_bytes(head[13..].try_into().expect("8 bytes"))).filter(|&c| c != 0);
+        let checksum = checked.then(|| u64::from_le_bytes(head[13..].try_into().expect("8 bytes")));
         if values != self.values || values > ELEMENTS_MAX {
             return Err(LiveError::Refused(format!(
                 "an update of {values} values for a model of {} parameters",
@@ -380,7 +357,7 @@ pub struct CaughtUp {
     pub bytes: u64,
     /// Time spent replaying (the rest was waiting for the gang's steps).
     pub replay_ms: f64,
-    /// Time the state took from its first byte to decoded (hashed on the way).
+    /// Time the state took from its first byte to decoded.
     pub state_ms: f64,
 }
 
@@ -395,7 +372,7 @@ pub fn catch_up(sink: &mut Sink, trainer: &mut Trainer) -> Result<CaughtUp, Live
         let replaying = Instant::now();
         trainer.replay(update.step, &update.gradient)?;
         if let Some(expected) = update.checksum
-            && params_checksum(trainer.params()) != expected
+            && trainer.replay_checksum() != expected
         {
             return Err(LiveError::Refused(format!(
                 "the replayed state differs from the leaving member's after step {}; not joining",
@@ -413,26 +390,36 @@ pub fn catch_up(sink: &mut Sink, trainer: &mut Trainer) -> Result<CaughtUp, Live
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::params_checksum;
+/// A joining member, ready for the step after the swap: its trainer holds the gang's state,
+/// its ring the links in the leaving member's place.
+pub struct Joined {
+    pub trainer: Trainer,
+    pub comm: RingCommunicator,
+    pub caught: CaughtUp,
+}
 
-    #[test]
-    fn the_params_checksum_sees_one_flipped_bit_in_any_lane_and_the_length() {
-        let params: Vec<f32> = (0..1001).map(|i| i as f32 * 0.37 - 50.0).collect();
-        let base = params_checksum(&params);
-        assert_eq!(base, params_checksum(&params.clone()), "deterministic");
-        for at in [0, 1, 2, 3, 500, 999, 1000] {
-            for bit in [0, 17, 31] {
-                let mut changed = params.clone();
-                changed[at] = f32::from_bits(changed[at].to_bits() ^ (1 << bit));
-                assert_ne!(params_checksum(&changed), base, "bit {bit} of value {at}");
-            }
-        }
-        assert_ne!(params_checksum(&params[..1000]), base, "one value fewer");
-        let mut swapped = params.clone();
-        swapped.swap(4, 8); // the same lane, another order
-        assert_ne!(params_checksum(&swapped), base, "order counts");
-        assert_ne!(params_checksum(&[]), 0, "0 means no checksum on the wire");
-    }
+/// The joining side of a live handover as one call: takes the transfer on `stream` (proving
+/// `key`, for `config`'s rank and gang), builds the trainer for `spec` and `data` from the
+/// state, and catches up while dialing the leaving member's neighbours (`config` is the
+/// leaving member's ring config; `incoming` is where this member takes a later joiner's links).
+pub fn join(
+    stream: TcpStream,
+    key: &[u8],
+    spec: &JobSpec,
+    data: Arc<Dataset>,
+    config: RingConfig,
+    incoming: Option<Arc<DataPort>>,
+) -> Result<Joined, LiveError> {
+    let (rank, world) = (config.rank, config.addresses.len());
+    let (mut sink, state) = Sink::accept(stream, key, config.gang_id, rank)?;
+    let model = Trainer::model(spec, &data)?;
+    let mut trainer = Trainer::joining(model, spec, data, state, rank, world)?;
+    // The links to the neighbours form while the updates are replayed.
+    let dialing = std::thread::Builder::new()
+        .name("live-handover-join".into())
+        .spawn(move || RingCommunicator::join_running(config, incoming))
+        .map_err(io("thread"))?;
+    let caught = catch_up(&mut sink, &mut trainer)?;
+    let comm = dialing.join().map_err(|_| LiveError::Io("the thread dialing the gang panicked".into()))??;
+    Ok(Joined { trainer, comm, caught })
 }

@@ -289,7 +289,17 @@ type Frame = (Vec<(String, Bytes)>, Vec<PartEntry>);
 
 /// Reads a frame of `length` bytes: its parts in order, each with its manifest entry (hashed
 /// chunk by chunk as it arrives), within the format's limits.
-pub(super) fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, String> {
+fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, String> {
+    read_frame_hashing(reader, length, true)
+}
+
+/// [`read_frame`]'s parts without their hashes (a transfer that checks its state otherwise).
+pub(super) fn read_parts(reader: &mut impl Read, length: u64) -> Result<Vec<(String, Bytes)>, String> {
+    Ok(read_frame_hashing(reader, length, false)?.0)
+}
+
+/// [`read_frame`], the entries only when `hashing` (else none).
+fn read_frame_hashing(reader: &mut impl Read, length: u64, hashing: bool) -> Result<Frame, String> {
     let mut frame = reader.take(length);
     let count = u32::from_le_bytes(read_array(&mut frame)?) as usize;
     if count == 0 || count > PARTS_MAX {
@@ -308,9 +318,15 @@ pub(super) fn read_frame(reader: &mut impl Read, length: u64) -> Result<Frame, S
         if size > frame.limit() {
             return Err("the frame is cut short".into());
         }
-        let (body, digest) = read_hashed(&mut frame, size)?;
-        entries.push(part_entry(&name, size, &digest).map_err(|e| e.to_string())?);
-        parts.push((name, Bytes::from(body)));
+        if hashing {
+            let (body, digest) = read_hashed(&mut frame, size)?;
+            entries.push(part_entry(&name, size, &digest).map_err(|e| e.to_string())?);
+            parts.push((name, Bytes::from(body)));
+        } else {
+            let mut body = vec![0u8; size as usize];
+            frame.read_exact(&mut body).map_err(cut_short)?;
+            parts.push((name, Bytes::from(body)));
+        }
     }
     if frame.limit() != 0 {
         return Err(format!("{} bytes after the last part", frame.limit()));

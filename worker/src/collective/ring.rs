@@ -219,8 +219,7 @@ impl RingCommunicator {
             return Ok(ring);
         }
         let deadline = Instant::now() + config.timeout;
-        let next_rank = (config.rank + 1) % world;
-        let prev_rank = (config.rank + world - 1) % world;
+        let (next_rank, prev_rank) = (ring.next_rank(), ring.prev_rank());
         let next = connect_to(config.addresses[next_rank], next_rank, deadline, &config)?;
         let hello = hello(HANDSHAKE_MAGIC, config.gang_id, config.rank, world as u32)?;
         (&next).write_all(&hello).map_err(|e| lost("rendezvous", next_rank, &e, config.timeout))?;
@@ -235,15 +234,21 @@ impl RingCommunicator {
                 "the connection claiming to be rank {prev_rank} does not hold this gang's secret"
             )));
         }
-        // From here on the links are driven by `poll` (see the module docs).
-        for (stream, peer) in [(&next, next_rank), (&prev, prev_rank)] {
-            stream.set_nonblocking(true).map_err(|e| lost("rendezvous", peer, &e, config.timeout))?;
-        }
-        ring.next = Some(next);
-        ring.prev = Some(prev);
-        ring.scratch = vec![0f32; SEGMENT_BYTES / 4];
+        ring.attach(next, prev, "rendezvous")?;
         ring.incoming = Some(incoming);
         Ok(ring)
+    }
+
+    /// Takes `next` and `prev` as the ring's proven links; from here on they are driven by
+    /// `poll` (see the module docs).
+    fn attach(&mut self, next: TcpStream, prev: TcpStream, operation: &'static str) -> Result<(), CollectiveError> {
+        for (stream, peer) in [(&next, self.next_rank()), (&prev, self.prev_rank())] {
+            stream.set_nonblocking(true).map_err(|e| lost(operation, peer, &e, self.timeout))?;
+        }
+        self.next = Some(next);
+        self.prev = Some(prev);
+        self.scratch = vec![0f32; SEGMENT_BYTES / 4];
+        Ok(())
     }
 
     /// Makes later collectives end (fail) once `flag` is set (see [`RingCommunicator`]'s

@@ -135,10 +135,11 @@ pub trait Handover: Send {
     /// Whether the joining member holds the state and has applied every forwarded update but
     /// at most the newest one (it then catches up within the swap's step).
     fn caught_up(&self) -> bool;
-    /// Forwards the update of `step`, with the parameters it gave (for a check of the joiner's
-    /// replay); `last` marks the step after which the joiner takes this rank's place. Must not
-    /// block the step loop (an error gives the handover up).
-    fn forward(&mut self, step: u64, gradient: Vec<f32>, params: &[f32], last: bool) -> Result<(), String>;
+    /// Forwards the update of `step`; the first one carries [`Trainer::replay_checksum`] after
+    /// it, for the joiner to check its replay against; `last` marks the step after which the
+    /// joiner takes this rank's place. Must not block the step loop (an error gives the
+    /// handover up).
+    fn forward(&mut self, step: u64, gradient: Vec<f32>, checksum: Option<u64>, last: bool) -> Result<(), String>;
 }
 
 /// The predicted class of a row of logits (or probabilities): the first index of the highest

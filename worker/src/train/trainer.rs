@@ -14,6 +14,7 @@ use super::flat::{self, Fnv64, ParamLayout};
 use super::model::Network;
 use super::optim::{Hyper, OptimizerState};
 use super::{Communicator, Dataset, Handover, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
+use crate::data::order::StepPlan;
 use crate::data::{Cursor, epoch_order, order::ORDER_ROWS_MAX};
 
 /// Rows evaluated per forward pass: bounds activation memory (a 512 x 32 x 28 x 28 CNN map is
@@ -42,8 +43,10 @@ pub struct Trainer {
     order: (u64, Arc<Vec<u32>>),
     /// This rank asks the gang to stop after the next step (see [`Trainer::vote_stop`]).
     stop_vote: bool,
-    /// A live handover of this rank under way (see [`Handover`]).
+    /// A live handover of this rank under way (see [`Handover`]), and whether its first update
+    /// (the one that carries [`Trainer::replay_checksum`]) went out.
     handover: Option<Box<dyn Handover>>,
+    handover_checked: bool,
     /// `params` changed without being written into `model` (a step's or a replayed update):
     /// written before the next forward pass.
     model_stale: bool,
@@ -153,6 +156,7 @@ impl Trainer {
             order,
             stop_vote: false,
             handover: None,
+            handover_checked: false,
             model_stale: false,
         })
     }
@@ -211,8 +215,7 @@ impl Trainer {
         }
         let started = Instant::now();
         self.write_model();
-        let rows = self.data.rows as u64;
-        let plan = self.cursor.plan(rows, u64::from(self.train_spec.batch_size), self.rank, self.world_size);
+        let plan = self.next_plan();
         if self.order.0 != plan.epoch {
             self.order = (plan.epoch, Arc::new(epoch_order(self.train_spec.seed, plan.epoch, self.data.rows)));
         }
@@ -238,20 +241,18 @@ impl Trainer {
         }
         let scale = 1.0 / global_samples as f32;
         buffer.iter_mut().for_each(|g| *g *= scale);
-        self.optimizer.step(&self.hyper, &mut self.params, &buffer);
-        // Written into the module at the next step's start: a live handover's update goes out
-        // first, and a leaving rank's last step does not write at all.
-        self.model_stale = true;
-        self.cursor = self.cursor.advanced(&plan, rows);
-        self.step += 1;
+        self.apply_update(&plan, &buffer);
         // A stop or the end of training cancels a swap agreed in the same step: the gang then
         // ends together, and the joiner's handover fails over to the stop's path.
         let replaced = swap.agreed(self.world_size).filter(|_| !stop_agreed && !self.is_finished());
-        if let Some(handover) = self.handover.as_mut()
-            && let Err(e) = handover.forward(self.step, buffer, &self.params, replaced == Some(self.rank))
-        {
-            tracing::warn!(error = %e, step = self.step, "the live handover was given up");
-            self.handover = None;
+        if self.handover.is_some() {
+            let checksum = (!std::mem::replace(&mut self.handover_checked, true)).then(|| self.replay_checksum());
+            let last = replaced == Some(self.rank);
+            let forwarded = self.handover.as_mut().map(|h| h.forward(self.step, buffer, checksum, last));
+            if let Some(Err(e)) = forwarded {
+                tracing::warn!(error = %e, step = self.step, "the live handover was given up");
+                self.handover = None;
+            }
         }
         if let Some(rank) = replaced
             && rank != self.rank
@@ -288,19 +289,44 @@ impl Trainer {
                 self.layout.len
             )));
         }
-        let rows = self.data.rows as u64;
-        let plan = self.cursor.plan(rows, u64::from(self.train_spec.batch_size), self.rank, self.world_size);
-        self.optimizer.step(&self.hyper, &mut self.params, gradient);
-        self.cursor = self.cursor.advanced(&plan, rows);
-        self.step = step;
-        self.model_stale = true;
+        let plan = self.next_plan();
+        self.apply_update(&plan, gradient);
         Ok(())
+    }
+
+    /// This rank's plan for the next step.
+    fn next_plan(&self) -> StepPlan {
+        self.cursor.plan(self.data.rows as u64, u64::from(self.train_spec.batch_size), self.rank, self.world_size)
+    }
+
+    /// The update of the step `plan` describes, from the gang's summed, scaled gradient: one
+    /// function for a step and its replay, so a joiner's replay is the step's update.
+    /// The parameters reach the burn module at the next step's start ([`Trainer::write_model`]):
+    /// a live handover's update goes out first, and a leaving rank's last step skips the write.
+    fn apply_update(&mut self, plan: &StepPlan, gradient: &[f32]) {
+        self.optimizer.step(&self.hyper, &mut self.params, gradient);
+        self.model_stale = true;
+        self.cursor = self.cursor.advanced(plan, self.data.rows as u64);
+        self.step += 1;
+    }
+
+    /// A checksum of what a step's update changes: the parameters' bits (Adam's moments enter
+    /// them from the first update on), the cursor and the step count. A live handover's joiner
+    /// compares its own after replaying the first update with the leaving rank's.
+    pub fn replay_checksum(&self) -> u64 {
+        let mut hash = Fnv64::new();
+        hash.write_f32s(&self.params);
+        for value in [self.cursor.epoch, self.cursor.global_sample_offset, self.step] {
+            hash.write(&value.to_le_bytes());
+        }
+        hash.finish()
     }
 
     /// Starts a live handover of this rank (see [`Handover`]): from the next step on, every
     /// update goes to `handover`, and the rank votes to leave once its joiner caught up.
     pub fn hand_over(&mut self, handover: Box<dyn Handover>) {
         self.handover = Some(handover);
+        self.handover_checked = false;
     }
 
     /// Whether a live handover of this rank is under way.
@@ -308,7 +334,7 @@ impl Trainer {
         self.handover.is_some()
     }
 
-    /// Writes replayed parameters into the burn module.
+    /// Writes the parameters into the burn module if an update changed them since.
     fn write_model(&mut self) {
         if std::mem::take(&mut self.model_stale) {
             self.model = flat::write_params(self.model.clone(), &self.params, &self.layout);

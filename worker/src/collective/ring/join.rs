@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    CollectiveError, DataPort, HELLO_LEN, Incoming, MAC_LEN, NONCE_LEN, RingCommunicator, RingConfig, SEGMENT_BYTES,
-    check_and_prove, connect_to, hello, lost, mac, mac_matches, nonce, tracing_free_log, tune,
+    CollectiveError, DataPort, HELLO_LEN, Incoming, MAC_LEN, NONCE_LEN, RingCommunicator, RingConfig, check_and_prove,
+    connect_to, hello, lost, mac, mac_matches, nonce, tracing_free_log, tune,
 };
 use crate::collective::port::JOIN_MAGIC;
 
@@ -102,12 +102,7 @@ impl RingCommunicator {
         let deadline = Instant::now() + config.timeout;
         let next = dial(&config, ring.next_rank(), false, deadline)?;
         let prev = dial(&config, ring.prev_rank(), true, deadline)?;
-        for (stream, peer) in [(&next, ring.next_rank()), (&prev, ring.prev_rank())] {
-            stream.set_nonblocking(true).map_err(|e| lost("join", peer, &e, config.timeout))?;
-        }
-        ring.next = Some(next);
-        ring.prev = Some(prev);
-        ring.scratch = vec![0f32; SEGMENT_BYTES / 4];
+        ring.attach(next, prev, "join")?;
         Ok(ring)
     }
 
