@@ -185,6 +185,65 @@ fn spot_notices_lose_zero_steps() {
     assert_same_as_uninterrupted(home, &spec, &done, "three notices");
 }
 
+/// Live handovers (`up --live-handover`, issue 25): each member of the gang gets a two-minute
+/// notice in turn. Its replacement boots (2 s), takes the noticed member's state and every
+/// step's update over the data port while the gang trains on, dials its neighbours, and the
+/// gang swaps it in at a step boundary it agrees on: one generation throughout, no stop, no
+/// step lost, and the final weights are the uninterrupted run's, bit for bit. Both ranks are
+/// handed over (rank 0 writes the checkpoints and reports progress: its replacement takes
+/// that on).
+#[test]
+fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "2", "--live-handover"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "live", 40, 20);
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    assert_eq!(members.len(), 2, "{members:?}");
+    let swaps = |s: &Value| events(s, "handover").iter().filter(|m| m.contains("without a stop")).count();
+    for (handed, member) in members.iter().enumerate() {
+        let preempted = run(home, &["preempt", member]);
+        assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+        let swapped = wait_for(home, &job, Duration::from_secs(90), "the live swap", |s| {
+            swaps(s) > handed || s["state"] != "Running" || s["generation"] != 1
+        });
+        assert_eq!(
+            (swapped["state"].as_str(), swapped["generation"].as_u64()),
+            (Some("Running"), Some(1)),
+            "{swapped}"
+        );
+    }
+    let done = wait_for(home, &job, Duration::from_secs(300), "the end", |s| s["state"] == "Succeeded");
+    let took: Vec<&str> = events(&done, "handover").into_iter().filter(|m| m.contains("without a stop")).collect();
+    assert_eq!(took.len(), 2, "{done}");
+    for member in &members {
+        assert!(took.iter().any(|m| m.contains(&format!("took {member}'s rank at step"))), "{member}: {done}");
+    }
+    let last = gang(home, &job);
+    assert!(last.is_empty() || last.iter().all(|w| !members.contains(w)), "{members:?} -> {last:?}");
+    assert_eq!(done["generation"], 1, "no regroup: {done}");
+    assert!(events(&done, "checkpointed").is_empty(), "no stop: {done}");
+    assert_eq!(
+        (done["preemptions"].as_u64(), done["steps_lost"].as_u64(), done["recoveries"].as_u64()),
+        (Some(2), Some(0), Some(0)),
+        "{done}"
+    );
+    // The replacements say how they joined (rank 0's in the job log, the other's on node 1).
+    let log = logs(home, &job);
+    let node1 = String::from_utf8_lossy(&run(home, &["logs", &job, "--node", "1"]).stdout).to_string();
+    let joined = [&log, &node1]
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|l| l.contains("took rank") && l.contains("live after step"))
+        .count();
+    assert_eq!(joined, 2, "{log}\n{node1}");
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "two live handovers");
+}
+
 /// A capacity pool reclaimed: every member of the gang gets a two-minute notice within a
 /// second. Each gets a replacement of its own (the local provider launches one per notice,
 /// booting for 4 s while the gang trains on); once both are prepared the gang stops at one

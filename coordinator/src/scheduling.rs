@@ -123,6 +123,20 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
 /// loaded, GPU kernels compiled) before it goes ahead anyway: a replacement that never reports
 /// (stuck, or an older agent) costs the gang nothing but this wait, spent training.
 pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
+/// Longest a live handover may take from its start to the swap (the replacement takes the
+/// state, catches up and dials the gang) before the leader falls back to the stop-and-regroup
+/// handover with the same replacement: a joiner stuck or too slow to keep up costs the gang
+/// nothing but this wait, spent training.
+pub const LIVE_SWAP_WAIT_MAX_MS: u64 = 30_000;
+
+/// How the leader runs handovers: whether a lone built-in member's handover goes live (the
+/// gang never stops; `flotilla coordinator --live-handover`), and whether replacements can
+/// come at all (an autoscaler or the local replacer).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandoverPolicy {
+    pub replacements_expected: bool,
+    pub live: bool,
+}
 
 /// What the leader does for handovers under way (issue 25) at `now_ms`:
 /// - a job with a noticed member still without a replacement gets the free worker that fits
@@ -133,17 +147,20 @@ pub const PREPARE_WAIT_MAX_MS: u64 = 30_000;
 /// - once every noticed member has a reserved replacement and each reported the job prepared
 ///   (`prepared(worker)`, from its heartbeats), the gang hands over to all of them
 ///   ([`Command::HandoverReady`]); a replacement that has not reported by the earliest
-///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready. (One lost or noticed
+///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready; with `policy.live`, a lone
+///   built-in member's handover goes live (the gang trains on until the swap), falling back
+///   to the stop at the fallback time, after [`LIVE_SWAP_WAIT_MAX_MS`], or when another member
+///   is noticed meanwhile. (One lost or noticed
 ///   while it prepares is given up by the state machine, and another sought; one still
 ///   reserved though gone, in a state an older build wrote, ends the handovers at a
 ///   checkpoint.)
 pub fn handover_commands(
     state: &State,
     now_ms: u64,
-    replacements_expected: bool,
+    policy: HandoverPolicy,
     prepared: impl Fn(WorkerId) -> Option<JobId>,
 ) -> Vec<Command> {
-    handovers_among(state, &running_jobs(state), now_ms, replacements_expected, prepared)
+    handovers_among(state, &running_jobs(state), now_ms, policy, prepared)
 }
 
 /// [`handover_commands`] for the running jobs `running` of `state`.
@@ -151,7 +168,7 @@ fn handovers_among(
     state: &State,
     running: &[&Job],
     now_ms: u64,
-    replacements_expected: bool,
+    policy: HandoverPolicy,
     prepared: impl Fn(WorkerId) -> Option<JobId>,
 ) -> Vec<Command> {
     let mut out = Vec::new();
@@ -171,8 +188,13 @@ fn handovers_among(
         } else if job.awaited_handovers().next().is_some() {
             if let Some(replacement) = pick_replacement(state, job_id) {
                 out.push(Command::HandoverTo { job_id, generation, replacement });
-            } else if past_fallback || (!replacements_expected && fallback_at_ms.is_some()) {
+            } else if past_fallback || (!policy.replacements_expected && fallback_at_ms.is_some()) {
                 out.push(fallback);
+            }
+        } else if let Some(live) = job.handovers.iter().find(|h| h.live_since_unix_ms > 0) {
+            let overdue = now_ms >= live.live_since_unix_ms.saturating_add(LIVE_SWAP_WAIT_MAX_MS);
+            if past_fallback || overdue || job.handovers.len() > 1 {
+                out.push(Command::HandoverReady { job_id, generation, live: false });
             }
         } else {
             let ready = |h: &flotilla_core::state::Handover| {
@@ -181,7 +203,8 @@ fn handovers_among(
                     || now_ms >= h.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS)
             };
             if job.handovers.iter().all(ready) {
-                out.push(Command::HandoverReady { job_id, generation });
+                let live = policy.live && job.handovers.len() == 1 && job.spec.command().is_none() && !past_fallback;
+                out.push(Command::HandoverReady { job_id, generation, live });
             }
         }
     }
@@ -211,7 +234,7 @@ fn members_lost_among(running: &[&Job], now_ms: u64) -> Vec<Command> {
 pub async fn schedule_loop(
     mut node: NodeHandle,
     leases: std::sync::Arc<crate::leases::Leases>,
-    replacements_expected: bool,
+    policy: HandoverPolicy,
 ) {
     let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
     let mut reasons_at: Option<Instant> = None;
@@ -233,7 +256,7 @@ pub async fn schedule_loop(
                 let reading = Instant::now();
                 let running = running_jobs(state);
                 let prepared = |w| heard.prepared_job(w);
-                let mut handovers = handovers_among(state, &running, now_ms, replacements_expected, prepared);
+                let mut handovers = handovers_among(state, &running, now_ms, policy, prepared);
                 handovers.extend(members_lost_among(&running, now_ms));
                 let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
@@ -353,6 +376,9 @@ mod tests {
     use super::*;
     use crate::testing::Log;
 
+    /// Replacements can come; handovers stop the gang.
+    const EXPECTED: HandoverPolicy = HandoverPolicy { replacements_expected: true, live: false };
+
     #[test]
     fn inference_takes_the_idle_workers_oldest_job_first() {
         let idle = [WorkerId(4), WorkerId(5), WorkerId(6)];
@@ -406,37 +432,72 @@ mod tests {
         log.step(notice(w2));
         let fallback_at = log.state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
         let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
-        let ready = vec![Command::HandoverReady { job_id, generation: 1 }];
+        let ready = vec![Command::HandoverReady { job_id, generation: 1, live: false }];
         let all = |_| Some(job_id);
         // No free worker: wait (replacements are on their way) until the fallback time.
-        assert!(handover_commands(&log.state, 1_000, true, all).is_empty());
-        assert_eq!(handover_commands(&log.state, fallback_at, true, all), fallback);
-        assert_eq!(handover_commands(&log.state, 1_000, false, all), fallback, "none can come");
+        assert!(handover_commands(&log.state, 1_000, EXPECTED, all).is_empty());
+        assert_eq!(handover_commands(&log.state, fallback_at, EXPECTED, all), fallback);
+        assert_eq!(handover_commands(&log.state, 1_000, HandoverPolicy::default(), all), fallback, "none can come");
         // One per pass, in notice order.
         log.register(3);
         log.register(4);
         let (r1, r2) = (WorkerId(3), WorkerId(4));
         assert_eq!(
-            handover_commands(&log.state, 1_000, true, all),
+            handover_commands(&log.state, 1_000, EXPECTED, all),
             vec![Command::HandoverTo { job_id, generation: 1, replacement: r1 }]
         );
         log.step(Command::HandoverTo { job_id, generation: 1, replacement: r1 });
         assert!(log.state.jobs[&job_id].handovers[0].replacement == Some(r1));
         // w1's replacement is prepared, w2 has none yet: not ready.
         assert_eq!(
-            handover_commands(&log.state, 1_000, true, all),
+            handover_commands(&log.state, 1_000, EXPECTED, all),
             vec![Command::HandoverTo { job_id, generation: 1, replacement: r2 }]
         );
         log.step(Command::HandoverTo { job_id, generation: 1, replacement: r2 });
         let only_r1 = |w| (w == r1).then_some(job_id);
-        assert!(handover_commands(&log.state, 1_000, true, only_r1).is_empty(), "r2 still prepares");
-        assert_eq!(handover_commands(&log.state, 1_000, true, all), ready);
-        assert_eq!(handover_commands(&log.state, fallback_at, true, only_r1), ready, "waited out at the fallback");
+        assert!(handover_commands(&log.state, 1_000, EXPECTED, only_r1).is_empty(), "r2 still prepares");
+        assert_eq!(handover_commands(&log.state, 1_000, EXPECTED, all), ready);
+        assert_eq!(handover_commands(&log.state, fallback_at, EXPECTED, only_r1), ready, "waited out at the fallback");
         // A replacement still reserved though lost (a state an older build wrote: this one
         // gives it up, see the state machine's tests) ends the handovers at a checkpoint.
         let mut lost = log.state.clone();
         lost.workers.get_mut(&r2).expect("worker").lost_at_unix_ms = Some(900);
-        assert_eq!(handover_commands(&lost, 1_000, true, all), fallback);
+        assert_eq!(handover_commands(&lost, 1_000, EXPECTED, all), fallback);
+    }
+
+    #[test]
+    fn a_lone_member_hands_over_live_when_enabled_and_falls_back_to_the_stop_when_overdue() {
+        let mut log = Log::job_of_two(3);
+        let (job_id, w1, w2, r) = (JobId(1), WorkerId(1), WorkerId(2), WorkerId(3));
+        log.step(Command::AssignGang { job_id, workers: vec![w1, w2] });
+        let notice =
+            |worker_id| Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
+        log.step(notice(w2));
+        assert_eq!(log.state.jobs[&job_id].handovers[0].replacement, Some(r), "reserved at the notice");
+        let all = |_| Some(job_id);
+        let live = HandoverPolicy { live: true, ..EXPECTED };
+        let (stop, go_live) = (
+            Command::HandoverReady { job_id, generation: 1, live: false },
+            Command::HandoverReady { job_id, generation: 1, live: true },
+        );
+        assert_eq!(handover_commands(&log.state, 1_000, EXPECTED, all), vec![stop.clone()], "live is opt-in");
+        assert_eq!(handover_commands(&log.state, 1_000, live, all), vec![go_live.clone()]);
+        log.step(go_live);
+        let since = log.state.jobs[&job_id].handovers[0].live_since_unix_ms;
+        // Under way: nothing to do until the swap, unless it is overdue or the fallback time came.
+        assert!(handover_commands(&log.state, since + 1_000, live, all).is_empty(), "waits for the swap");
+        let overdue = since + LIVE_SWAP_WAIT_MAX_MS;
+        assert_eq!(handover_commands(&log.state, overdue, live, all), vec![stop.clone()]);
+        let fallback_at = log.state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
+        assert_eq!(handover_commands(&log.state, fallback_at, live, all), vec![stop.clone()]);
+        // Another member noticed meanwhile: both hand over at one stop, once it has a replacement.
+        let mut both = Log { state: log.state.clone(), at_ms: 10_000 };
+        both.step(notice(w1));
+        both.register(4);
+        let reserve = Command::HandoverTo { job_id, generation: 1, replacement: WorkerId(4) };
+        assert_eq!(handover_commands(&both.state, since + 1_000, live, all), vec![reserve.clone()]);
+        both.step(reserve);
+        assert_eq!(handover_commands(&both.state, since + 1_000, live, all), [stop]);
     }
 
     #[test]
@@ -448,14 +509,14 @@ mod tests {
         log.step(Command::WorkerInterrupted { worker_id: w1, kind: REBALANCE_KIND.into(), action_at_unix_ms: None });
         let all = |_| Some(job_id);
         // No replacement yet, however long, even where none can come: the gang trains on.
-        assert!(handover_commands(&log.state, u64::MAX - 1, true, all).is_empty());
-        assert!(handover_commands(&log.state, 1_000, false, all).is_empty());
+        assert!(handover_commands(&log.state, u64::MAX - 1, EXPECTED, all).is_empty());
+        assert!(handover_commands(&log.state, 1_000, HandoverPolicy::default(), all).is_empty());
         // A notice for the other member brings a deadline for the pair.
         let notice =
             Command::WorkerInterrupted { worker_id: w2, kind: "spot".into(), action_at_unix_ms: Some(200_000) };
         log.step(notice);
         let fallback = vec![Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
-        assert!(handover_commands(&log.state, 154_999, true, all).is_empty());
-        assert_eq!(handover_commands(&log.state, 155_000, true, all), fallback);
+        assert!(handover_commands(&log.state, 154_999, EXPECTED, all).is_empty());
+        assert_eq!(handover_commands(&log.state, 155_000, EXPECTED, all), fallback);
     }
 }

@@ -72,6 +72,10 @@ pub struct CoordinatorConfig {
     pub capacity: Option<Capacity>,
     /// Serve Prometheus metrics (`GET /metrics`) here; `None`: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Hand a lone noticed member of a built-in job over live: its replacement takes the state
+    /// and every step's update while the gang trains on, and takes the rank without a stop
+    /// (falls back to the stop-and-regroup handover; see `scheduling::HandoverPolicy`).
+    pub live_handover: bool,
 }
 
 /// A provider and the autoscaler's settings.
@@ -296,8 +300,11 @@ pub async fn run(
     tokio::spawn(leases::expire_loop(handle.clone(), leases.clone(), progress.clone(), replacer.clone()));
     // Replacements for noticed workers come from the autoscaler or the local provider's
     // replacer; without either, a handover falls back at once.
-    let replacements_expected = config.capacity.is_some() || replacer.is_some();
-    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), replacements_expected));
+    let policy = crate::scheduling::HandoverPolicy {
+        replacements_expected: config.capacity.is_some() || replacer.is_some(),
+        live: config.live_handover,
+    };
+    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), policy));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
     tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));

@@ -20,7 +20,7 @@ pub fn worker_info(index: u64) -> WorkerInfo {
 /// A test's Raft log: commands applied to `state` 100 ms apart.
 pub struct Log {
     pub state: State,
-    at_ms: u64,
+    pub at_ms: u64,
 }
 
 impl Log {

@@ -74,6 +74,7 @@ async fn start(single: bool) -> Node {
         local_workers: None,
         capacity: None,
         metrics_listen: None,
+        live_handover: false,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

@@ -655,47 +655,48 @@ fn a_notice_with_time_to_spare_buys_one_replacement_elsewhere_and_hands_over_to_
         (&noticed.instance_type, &noticed.zone),
         "not in the pool being reclaimed"
     );
-    use flotilla_coordinator::scheduling::{PREPARE_WAIT_MAX_MS, handover_commands};
+    use flotilla_coordinator::scheduling::{HandoverPolicy, PREPARE_WAIT_MAX_MS, handover_commands};
+    const EXPECTED: HandoverPolicy = HandoverPolicy { replacements_expected: true, live: false };
     let nothing_prepared = |_| None;
     // Before it registers there is nothing to hand over to; once it does, it is reserved and
     // prepares while the gang trains on.
-    assert!(handover_commands(&control.state, 14_000, true, nothing_prepared).is_empty());
+    assert!(handover_commands(&control.state, 14_000, EXPECTED, nothing_prepared).is_empty());
     let replacement = register_worker(&mut control.state, 6, &replacements[0]);
-    let commands = handover_commands(&control.state, 15_000, true, nothing_prepared);
+    let commands = handover_commands(&control.state, 15_000, EXPECTED, nothing_prepared);
     assert_eq!(commands, [Command::HandoverTo { job_id, generation: 1, replacement }]);
     for command in commands {
         apply(&mut control.state, 7, Envelope::new(15_000, command)).expect("reserve");
     }
     assert_eq!(control.state.jobs[&job_id].checkpoint_requested, None, "trains on while it prepares");
-    assert!(handover_commands(&control.state, 16_000, true, nothing_prepared).is_empty());
+    assert!(handover_commands(&control.state, 16_000, EXPECTED, nothing_prepared).is_empty());
     // Another job prepared is not this one.
-    assert!(handover_commands(&control.state, 16_000, true, |_| Some(flotilla_core::JobId(9))).is_empty());
+    assert!(handover_commands(&control.state, 16_000, EXPECTED, |_| Some(flotilla_core::JobId(9))).is_empty());
     // It reports the job prepared: the gang hands over.
-    let ready = [Command::HandoverReady { job_id, generation: 1 }];
+    let ready = [Command::HandoverReady { job_id, generation: 1, live: false }];
     let prepared = |w| (w == replacement).then_some(job_id);
-    assert_eq!(handover_commands(&control.state, 16_000, true, prepared), ready);
+    assert_eq!(handover_commands(&control.state, 16_000, EXPECTED, prepared), ready);
     // One that never reports is waited for PREPARE_WAIT_MAX_MS at most.
-    assert!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS - 1, true, nothing_prepared).is_empty());
-    assert_eq!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS, true, nothing_prepared), ready);
+    assert!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS - 1, EXPECTED, nothing_prepared).is_empty());
+    assert_eq!(handover_commands(&control.state, 15_000 + PREPARE_WAIT_MAX_MS, EXPECTED, nothing_prepared), ready);
     // A replacement still reserved though lost (a state an older build wrote; this one gives
     // it up, see the next test) ends the handover at a checkpoint.
     let fallback = [Command::RequestCheckpoint { job_id, generation: 1, reason: StopReason::Preemption }];
     let mut lost = control.state.clone();
     lost.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_500);
-    assert_eq!(handover_commands(&lost, 16_000, true, prepared), fallback);
-    for command in handover_commands(&control.state, 16_000, true, prepared) {
+    assert_eq!(handover_commands(&lost, 16_000, EXPECTED, prepared), fallback);
+    for command in handover_commands(&control.state, 16_000, EXPECTED, prepared) {
         apply(&mut control.state, 8, Envelope::new(16_000, command)).expect("hand over");
     }
     assert_eq!(control.state.jobs[&job_id].checkpoint_requested, Some(StopReason::Handover));
-    assert!(handover_commands(&control.state, 17_000, true, prepared).is_empty(), "once");
+    assert!(handover_commands(&control.state, 17_000, EXPECTED, prepared).is_empty(), "once");
     // Without a replacement in time, the fallback is the checkpoint-and-stop path.
     let mut late = control.state.clone();
     late.jobs.get_mut(&job_id).expect("job").handovers[0].replacement = None;
     late.jobs.get_mut(&job_id).expect("job").checkpoint_requested = None;
     late.workers.get_mut(&replacement).expect("worker").lost_at_unix_ms = Some(15_000);
-    assert!(handover_commands(&late, 84_999, true, nothing_prepared).is_empty());
-    assert_eq!(handover_commands(&late, 85_000, true, nothing_prepared), fallback);
-    assert_eq!(handover_commands(&late, 20_000, false, nothing_prepared).len(), 1, "none can come");
+    assert!(handover_commands(&late, 84_999, EXPECTED, nothing_prepared).is_empty());
+    assert_eq!(handover_commands(&late, 85_000, EXPECTED, nothing_prepared), fallback);
+    assert_eq!(handover_commands(&late, 20_000, HandoverPolicy::default(), nothing_prepared).len(), 1, "none can come");
 }
 
 #[test]
@@ -722,17 +723,18 @@ fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on
     let now_bought = bought(&control, &gang);
     assert_eq!(now_bought.len(), 2, "one more: {:?}", control.state.instances);
     let second = now_bought.into_iter().find(|i| i.id != first.id).expect("the second");
-    use flotilla_coordinator::scheduling::handover_commands;
+    use flotilla_coordinator::scheduling::{HandoverPolicy, handover_commands};
+    const EXPECTED: HandoverPolicy = HandoverPolicy { replacements_expected: true, live: false };
     let again = register_worker(&mut control.state, 9, &second);
-    let commands = handover_commands(&control.state, 30_000, true, |_| None);
+    let commands = handover_commands(&control.state, 30_000, EXPECTED, |_| None);
     assert_eq!(commands, [Command::HandoverTo { job_id, generation: 1, replacement: again }]);
     for command in commands {
         apply(&mut control.state, 10, Envelope::new(30_000, command)).expect("reserve again");
     }
     let prepared = |w| (w == again).then_some(job_id);
     assert_eq!(
-        handover_commands(&control.state, 31_000, true, prepared),
-        [Command::HandoverReady { job_id, generation: 1 }]
+        handover_commands(&control.state, 31_000, EXPECTED, prepared),
+        [Command::HandoverReady { job_id, generation: 1, live: false }]
     );
     // The lost worker's instance is given back after the idle cooldown (60 s here, from the
     // first pass that saw it lost, at 21 s), not kept as capacity.

@@ -48,6 +48,7 @@ fn config(
         local_workers: None,
         capacity: None,
         metrics_listen: None,
+        live_handover: false,
     }
 }
 

@@ -54,6 +54,10 @@ pub struct UpArgs {
     /// Default: a cluster CA in `tls/` and TLS on every connection. Fixed at creation.
     #[arg(long)]
     pub no_tls: bool,
+    /// Hand noticed members of built-in jobs over live: the gang trains on while the
+    /// replacement catches up, and swaps it in without a stop (see `coordinator --live-handover`).
+    #[arg(long)]
+    pub live_handover: bool,
 }
 
 /// How long `up` waits for launched workers to register.
@@ -221,6 +225,7 @@ fn spawn_coordinator(
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
         .args(["--local-boot-delay-s", &args.boot_delay_s.to_string()])
+        .args(args.live_handover.then_some("--live-handover"))
         .envs(tls_env(cluster, "coordinator"))
         .args(
             data_roots(cluster, home)?.iter().flat_map(|root| [std::ffi::OsStr::new("--data-root"), root.as_os_str()]),

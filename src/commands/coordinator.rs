@@ -93,6 +93,12 @@ pub struct Args {
     /// and read-only, like any exporter: bind an address only the monitoring system reaches.
     #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Hand a noticed member of a built-in job over live (issue 25): its replacement takes the
+    /// state and every step's update from it while the gang trains on, and takes its rank
+    /// without a stop; falls back to the checkpoint-and-regroup handover if the swap does not
+    /// happen in time. Every worker must run this version (the gang's votes change).
+    #[arg(long, env = "FLOTILLA_LIVE_HANDOVER")]
+    pub live_handover: bool,
     /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
     /// the EC2 settings) and exit, without starting, binding or contacting anything.
     #[arg(long)]
@@ -366,6 +372,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         capacity: None,
         metrics_listen: args.metrics_addr,
+        live_handover: args.live_handover,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let connect = !args.check_config;

@@ -249,6 +249,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         checkpoint_now: Arc::default(),
         deadline_unix_ms: Arc::default(),
         handover_to: Arc::default(),
+        live_to: Arc::default(),
         shared: shared.clone(),
     };
     runtime.spawn(async move {
@@ -273,6 +274,8 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
             _ => Ok(()), // rank 0 says where it stopped
         },
         RankEnd::Superseded => bail!("rank {} was stopped", args.rank),
+        // A standalone rank is never told to hand over live.
+        RankEnd::HandedOver { step } => bail!("rank {} was handed over after step {step}", args.rank),
         RankEnd::Broken { error, .. } => bail!("{error}"),
         // Only a cluster's survivor announces what it holds; nothing to write here.
         RankEnd::PeerLost { error, write, .. } => {

@@ -226,6 +226,18 @@ impl ClusterService for ClusterApi {
         let id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
         let report = request.into_inner();
         let job_id: JobId = report.job_id.parse().map_err(|e| invalid(format!("job_id: {e}")))?;
+        if report.joined_after_step > 0 {
+            // A live handover's replacement took its rank: the state machine checks it is the
+            // job's live replacement (or already swapped in, for a retried report).
+            let swapped = Command::HandoverSwapped {
+                job_id,
+                generation: report.generation,
+                replacement: id,
+                step: report.joined_after_step,
+            };
+            self.node.propose(swapped).await.map_err(status)?;
+            return Ok(Response::new(Ack {}));
+        }
         let seen = self
             .node
             .read_local(move |state| {
@@ -507,6 +519,9 @@ enum Desired {
         /// To a handover's leaving member once the gang stops for it: the replacement's data
         /// port, where it pushes its stop-step state (see [`handover_key`]).
         handover_to: Option<String>,
+        /// To a live handover's leaving member: the replacement's data port, where it streams
+        /// its state and every step's update while the gang trains on.
+        live_to: Option<String>,
         /// To rank 0 of a job with warm spares: their data ports, where it pushes each
         /// checkpoint it records (empty for other ranks and jobs).
         spares: Vec<String>,
@@ -592,6 +607,28 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
             }),
         };
         if let Some(job) = flotilla_core::state::reserving_job(state, id) {
+            // A live handover's replacement takes the leaving member's own assignment and joins
+            // the running gang in its place (no new generation).
+            let live = job.handovers.iter().find(|h| h.replacement == Some(id) && h.live_since_unix_ms > 0);
+            if let Some(rank) = live
+                .filter(|_| job.checkpoint_requested.is_none())
+                .and_then(|h| job.gang.iter().position(|w| *w == h.leaving))
+            {
+                let mut assignment = train_assignment(state, job, rank, store, gang_key);
+                assignment.joins_live = true;
+                assignment.handover_key = handover_key(gang_key, job.id, job.generation);
+                return Desired::Train {
+                    job: job.id,
+                    generation: job.generation,
+                    assignment: Box::new(assignment),
+                    checkpoint_now: false,
+                    deadline_unix_ms: 0,
+                    handover_to: None,
+                    live_to: None,
+                    spares: Vec::new(),
+                    member_lost: false,
+                };
+            }
             return prepare(job, false);
         }
         return match flotilla_core::state::spare_for(state, id) {
@@ -599,6 +636,46 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
             None => Desired::Idle,
         };
     };
+    let rank = job.gang.iter().position(|w| *w == id).unwrap_or(0);
+    let assignment = train_assignment(state, job, rank, store, gang_key);
+    let rank = rank as u32;
+    let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
+    let handover_to = job
+        .handover_of(id)
+        .filter(|_| job.checkpoint_requested == Some(StopReason::Handover))
+        .and_then(|h| state.workers.get(&h.replacement?))
+        .map(|replacement| replacement.info.data_addr.clone());
+    let live_to = job
+        .handover_of(id)
+        .filter(|h| h.live_since_unix_ms > 0 && job.checkpoint_requested.is_none())
+        .and_then(|h| state.workers.get(&h.replacement?))
+        .map(|replacement| replacement.info.data_addr.clone());
+    Desired::Train {
+        job: job.id,
+        generation: job.generation,
+        assignment: Box::new(assignment),
+        checkpoint_now: job.checkpoint_requested.is_some(),
+        handover_to,
+        live_to,
+        spares,
+        member_lost: job.member_lost.is_some(),
+        deadline_unix_ms: job
+            .gang
+            .iter()
+            .filter_map(|w| state.workers.get(w).and_then(|w| w.notice_action_at_unix_ms))
+            .min()
+            .unwrap_or(0),
+    }
+}
+
+/// The assignment of rank `rank` of `job`'s running generation.
+fn train_assignment(
+    state: &State,
+    job: &flotilla_core::state::Job,
+    rank: usize,
+    store: &str,
+    gang_key: &[u8; 32],
+) -> TrainAssignment {
     let peers: Vec<Peer> = job
         .gang
         .iter()
@@ -609,39 +686,19 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
             data_addr: state.workers.get(w).map(|w| w.info.data_addr.clone()).unwrap_or_default(),
         })
         .collect();
-    let rank = job.gang.iter().position(|w| *w == id).unwrap_or(0) as u32;
-    let assignment = TrainAssignment {
+    TrainAssignment {
         job_id: job.id.to_string(),
         spec: Some(spec_to_proto(&job.spec)),
         generation: job.generation,
-        rank,
+        rank: rank as u32,
         world_size: job.gang.len() as u32,
         peers,
         nccl_unique_id: Vec::new(),
         resume_from: job.latest_checkpoint.as_ref().map(flotilla_proto::convert::checkpoint_to_proto),
         job_prefix: format!("{store}/jobs/{}", job.id),
         gang_secret: gang_secret(gang_key, job.id, job.generation),
-    };
-    let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
-    let handover_to = job
-        .handover_of(id)
-        .filter(|_| job.checkpoint_requested == Some(StopReason::Handover))
-        .and_then(|h| state.workers.get(&h.replacement?))
-        .map(|replacement| replacement.info.data_addr.clone());
-    Desired::Train {
-        job: job.id,
-        generation: job.generation,
-        assignment: Box::new(assignment),
-        checkpoint_now: job.checkpoint_requested.is_some(),
-        handover_to,
-        spares,
-        member_lost: job.member_lost.is_some(),
-        deadline_unix_ms: job
-            .gang
-            .iter()
-            .filter_map(|w| state.workers.get(w).and_then(|w| w.notice_action_at_unix_ms))
-            .min()
-            .unwrap_or(0),
+        joins_live: false,
+        handover_key: Vec::new(),
     }
 }
 
@@ -671,6 +728,8 @@ async fn assignment_loop(
     let mut current: Option<(JobId, u64)> = None;
     let mut checkpoint_sent = false;
     let mut member_lost_sent = false;
+    // The replacement a live handover's order named last (a new one is told again).
+    let mut live_sent: Option<String> = None;
     let mut drain_sent = false;
     // The PrepareJob sent last: a spare later reserved for its job's handover (or a spare of
     // the job's next generation) is told again.
@@ -682,6 +741,20 @@ async fn assignment_loop(
         let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
+            (Desired::Train { job, generation, deadline_unix_ms, live_to: Some(addr), .. }, Some(now))
+                if now == (*job, *generation) && live_sent.as_ref() != Some(addr) =>
+            {
+                live_sent = Some(addr.clone());
+                Some(assignment::Kind::CheckpointNow(CheckpointNow {
+                    job_id: job.to_string(),
+                    generation: *generation,
+                    deadline_unix_ms: *deadline_unix_ms,
+                    handover_to_addr: addr.clone(),
+                    handover_key: handover_key(&gang_key, *job, *generation),
+                    member_lost: false,
+                    live: true,
+                }))
+            }
             (
                 Desired::Train { job, generation, checkpoint_now, deadline_unix_ms, handover_to, member_lost, .. },
                 Some(now),
@@ -699,6 +772,7 @@ async fn assignment_loop(
                             None => Vec::new(),
                         },
                         handover_to_addr: handover_to.clone().unwrap_or_default(),
+                        live: false,
                     })
                 })
             }
@@ -706,6 +780,7 @@ async fn assignment_loop(
                 current = Some((*job, *generation));
                 checkpoint_sent = false;
                 member_lost_sent = false;
+                live_sent = None;
                 spares_sent.clear();
                 prepared = None; // free again later, it prepares again
                 Some(assignment::Kind::Train(assignment.as_ref().clone()))
@@ -879,12 +954,56 @@ mod tests {
             other => panic!("{worker} trains: {other:?}"),
         };
         assert_eq!(handover_to(&state, workers[1]), None, "not before the replacement is ready");
-        let ready = Command::HandoverReady { job_id, generation: 1 };
+        let ready = Command::HandoverReady { job_id, generation: 1, live: false };
         apply(&mut state, 7, Envelope::new(11_000, ready)).expect("ready");
         // The leaving member pushes its stop-step state to the replacement's data port; the
         // survivor does nothing new.
         assert_eq!(handover_to(&state, workers[1]).as_deref(), Some("127.0.0.1:9004"));
         assert_eq!(handover_to(&state, workers[0]), None);
+    }
+
+    #[test]
+    fn a_live_handover_s_replacement_gets_the_leaving_member_s_assignment_and_the_leaver_its_target() {
+        let mut state = State::default();
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"h\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+             workers = { min = 2, max = 2 }\n",
+        )
+        .expect("spec");
+        let submit = Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() };
+        apply(&mut state, 1, Envelope::new(1000, submit)).expect("submit");
+        let workers: Vec<WorkerId> = (2..5).map(|index| register(&mut state, index)).collect();
+        let job_id = JobId(1);
+        let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
+        apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
+        let notice =
+            Command::WorkerInterrupted { worker_id: workers[0], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+        apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
+        let key = gang_key("token");
+        let train = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+            Desired::Train { assignment, live_to, checkpoint_now, .. } => (*assignment, live_to, checkpoint_now),
+            other => panic!("{worker} trains: {other:?}"),
+        };
+        let ready = Command::HandoverReady { job_id, generation: 1, live: true };
+        apply(&mut state, 7, Envelope::new(11_000, ready)).expect("ready");
+        // The replacement gets rank 0's own assignment (same generation, peers and secret),
+        // marked to join live, with the handover's key; rank 0 is told where to stream.
+        let (leaver, leaver_to, stop) = train(&state, workers[0]);
+        let (joiner, joiner_to, joiner_stop) = train(&state, workers[2]);
+        assert_eq!((leaver_to.as_deref(), stop), (Some("127.0.0.1:9004"), false), "no stop");
+        assert_eq!((joiner_to, joiner_stop), (None, false));
+        assert!(joiner.joins_live && !leaver.joins_live);
+        assert_eq!(joiner.handover_key, handover_key(&key, job_id, 1));
+        let same = |a: &TrainAssignment| (a.rank, a.generation, a.peers.clone(), a.gang_secret.clone());
+        assert_eq!(same(&joiner), same(&leaver));
+        assert_eq!(train(&state, workers[1]).1, None, "the survivor does nothing new");
+        // After the swap the replacement is rank 0 (its assignment unchanged: not sent again)
+        // and the leaving member is drained.
+        let swapped = Command::HandoverSwapped { job_id, generation: 1, replacement: workers[2], step: 9 };
+        apply(&mut state, 8, Envelope::new(12_000, swapped)).expect("swapped");
+        let (after, after_to, _) = train(&state, workers[2]);
+        assert_eq!((after.rank, after.generation, after_to), (0, 1, None));
+        assert_eq!(desired(&state, workers[0], "file:///s", &key), Desired::Drain);
     }
 
     #[test]

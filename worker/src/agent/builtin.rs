@@ -36,11 +36,12 @@ use flotilla_proto::v1::{
 };
 
 use super::work::{
-    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, SurvivorWrite, broken, checkpoint_unusable, join_gang,
-    record_checkpoint,
+    HandoverTarget, JobNotes, PROGRESS_EVERY, RankContext, RankEnd, SurvivorWrite, broken, checkpoint_unusable,
+    join_gang, record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::Manifest;
+use crate::checkpoint::live;
 use crate::checkpoint::peer::{self, ShareError, Shared};
 use crate::checkpoint::state::{self, BackgroundCheckpointer, Checkpointer, Encoded, Saved};
 use crate::data::Cursor;
@@ -79,37 +80,60 @@ pub(super) fn run_rank(
         train.generation, train.world_size, train_set.rows
     ));
     startup.lap("data");
-    // The model first: it needs neither the gang nor the state, so a rank builds it while
-    // the others are still on their way to the rendezvous.
-    let model = match Trainer::model(spec, &train_set) {
-        Ok(model) => model,
-        Err(e) => return broken(train_error_end(&e), resume_step, e),
-    };
-    startup.lap("model");
-    let mut comm = match join_gang(context, &train, port) {
-        Ok(comm) => comm,
-        Err((end, e)) => return broken(end, resume_step, e),
-    };
-    startup.lap("rendezvous");
     // What this start moved across the gang (rank 0 reports it with its progress).
     let mut moved = ResumeBytes::default();
-    let resume = match &train.resume_from {
-        Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
-            Ok((state, bytes, stopped_at)) => {
-                moved = bytes;
-                startup.stopped_at = stopped_at;
-                Some(state)
-            }
+    let (mut comm, mut trainer) = if train.joins_live {
+        // A live handover's replacement: it takes the leaving member's rank in the running
+        // generation, without a rendezvous and without a resume.
+        let joined = match join_live(context, spec, &train, train_set.clone(), port, &mut log) {
+            Ok(joined) => joined,
             Err(end) => return end,
-        },
-        None => None,
+        };
+        moved.peer = joined.caught.bytes;
+        startup.lap("live handover");
+        let swapped = ProgressReport {
+            worker_id: context.worker_id(),
+            job_id: train.job_id.clone(),
+            generation: train.generation,
+            rank: train.rank,
+            step: joined.caught.step,
+            joined_after_step: joined.caught.step,
+            ..Default::default()
+        };
+        let _ = progress.blocking_send(swapped);
+        (joined.comm, joined.trainer)
+    } else {
+        // The model first: it needs neither the gang nor the state, so a rank builds it while
+        // the others are still on their way to the rendezvous.
+        let model = match Trainer::model(spec, &train_set) {
+            Ok(model) => model,
+            Err(e) => return broken(train_error_end(&e), resume_step, e),
+        };
+        startup.lap("model");
+        let mut comm = match join_gang(context, &train, port) {
+            Ok(comm) => comm,
+            Err((end, e)) => return broken(end, resume_step, e),
+        };
+        startup.lap("rendezvous");
+        let resume = match &train.resume_from {
+            Some(reference) => match resume_state(&train.job_id, reference, &mut comm, &mut log) {
+                Ok((state, bytes, stopped_at)) => {
+                    moved = bytes;
+                    startup.stopped_at = stopped_at;
+                    Some(state)
+                }
+                Err(end) => return end,
+            },
+            None => None,
+        };
+        startup.lap("exchange");
+        let trainer = match Trainer::start(model, spec, train_set.clone(), &mut comm, resume) {
+            Ok(trainer) => trainer,
+            Err(e) => return broken(train_error_end(&e), resume_step, e),
+        };
+        startup.lap("state");
+        (comm, trainer)
     };
-    startup.lap("exchange");
-    let mut trainer = match Trainer::start(model, spec, train_set.clone(), &mut comm, resume) {
-        Ok(trainer) => trainer,
-        Err(e) => return broken(train_error_end(&e), resume_step, e),
-    };
-    startup.lap("state");
     let mut background = None;
     if rank0 && !train.job_prefix.is_empty() {
         match open_checkpointer(context, &train, runtime) {
@@ -141,6 +165,10 @@ pub(super) fn run_rank(
         }
         if context.stop_voted() {
             trainer.vote_stop();
+        } else if !trainer.is_handing_over()
+            && let Some(target) = context.live_to.lock().ok().and_then(|mut t| t.take())
+        {
+            start_live_handover(trainer, &train, target, &mut log);
         }
         if rank0 && last_report.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
             last_report = Some(Instant::now());
@@ -298,6 +326,16 @@ pub(super) fn run_rank(
     if context.stop.load(Ordering::Relaxed) {
         return RankEnd::Superseded;
     }
+    if let Some(step) = last.filter(|r| r.replaced == Some(train.rank as usize)).map(|r| r.step) {
+        // A save in flight ends first (dropping the checkpointer waits for it).
+        drop(background);
+        log.note(format!(
+            "handed rank {} over live after step {step}: the replacement holds the state and trains on; this \
+             worker leaves the gang",
+            train.rank
+        ));
+        return RankEnd::HandedOver { step };
+    }
     if last.is_some_and(|r| r.stop_agreed) && !trainer.is_finished() {
         if let Some(e) = save_failed {
             return broken(
@@ -391,6 +429,74 @@ pub(super) fn run_rank(
         classes: train_set.classes as u32,
         feature_scale: train_set.feature_scale,
     })))
+}
+
+/// Longest a live handover's replacement waits for the leaving member's transfer to arrive
+/// (the leaving member is told to start it once the replacement's assignment is out).
+const LIVE_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The joining side of a live handover: waits for the leaving member's transfer on the data
+/// port, then [`live::join`]s the running gang in its rank. A handover that does not happen
+/// (nothing came, the transfer failed or was refused, superseded meanwhile) ends the rank
+/// quietly: the gang trains on without this worker and the coordinator falls back.
+fn join_live(
+    context: &RankContext,
+    spec: &JobSpec,
+    train: &TrainAssignment,
+    data: Arc<Dataset>,
+    port: &Arc<crate::collective::port::DataPort>,
+    log: &mut JobNotes,
+) -> Result<live::Joined, RankEnd> {
+    let config = super::work::ring_config(context, train)
+        .map_err(|e| broken(GenerationEnd::RetryableError, 0, format!("live handover: {e:#}")))?;
+    let waiting = Instant::now();
+    let stream = loop {
+        if context.stop.load(Ordering::Relaxed) {
+            return Err(RankEnd::Superseded);
+        }
+        if let Some(stream) = port.next_live(std::time::Duration::from_millis(200)) {
+            break stream;
+        }
+        if waiting.elapsed() >= LIVE_CONNECT_WAIT {
+            tracing::warn!(job = %train.job_id, "no live handover arrived; the gang trains on without this worker");
+            return Err(RankEnd::HandedOver { step: 0 });
+        }
+    };
+    match live::join(stream, &train.handover_key, spec, data, config, Some(port.clone())) {
+        Ok(joined) => {
+            let caught = joined.caught;
+            log.note(format!(
+                "took rank {} of generation {} live after step {}: the state and {} update(s) ({} bytes) from the \
+                 leaving member, replayed in {:.1} ms while the gang trained on; no stop",
+                train.rank, train.generation, caught.step, caught.updates, caught.bytes, caught.replay_ms
+            ));
+            Ok(joined)
+        }
+        Err(e) => {
+            tracing::warn!(job = %train.job_id, error = %e, "the live handover failed; the gang trains on without this worker");
+            Err(RankEnd::HandedOver { step: 0 })
+        }
+    }
+}
+
+/// The leaving side of a live handover: from the next step on, the trainer streams its state
+/// and every update to the replacement at `target` (connecting on the transfer's thread), and
+/// the gang swaps it in once it caught up.
+fn start_live_handover(trainer: &mut Trainer, train: &TrainAssignment, target: HandoverTarget, log: &mut JobNotes) {
+    match target.addr.parse() {
+        Ok(addr) => {
+            let gang_id = super::work::gang_id(train);
+            let source = live::Source::connect(addr, target.key, gang_id, train.rank as usize, trainer.state());
+            trainer.hand_over(Box::new(source));
+            log.note(format!(
+                "handing rank {} over live to {} from step {} on; training on",
+                train.rank,
+                target.addr,
+                trainer.steps_done()
+            ));
+        }
+        Err(e) => tracing::warn!(addr = %target.addr, error = %e, "the live handover's address is not valid"),
+    }
 }
 
 /// Bytes a generation's start moved across its gang: peer to peer, and read from the store.

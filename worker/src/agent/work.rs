@@ -137,6 +137,8 @@ struct Running {
     deadline_unix_ms: Arc<AtomicU64>,
     /// Where this (leaving) member pushes its stop-step state, once told.
     handover_to: Arc<Mutex<Option<HandoverTarget>>>,
+    /// Where this (leaving) member streams its state for a live handover, once told.
+    live_to: Arc<Mutex<Option<HandoverTarget>>>,
 }
 
 /// Follows the assignment stream of whichever worker id `registered` holds, until the process
@@ -212,6 +214,7 @@ pub async fn follow(
                         checkpoint_now: Arc::new(AtomicBool::new(false)),
                         deadline_unix_ms: Arc::new(AtomicU64::new(0)),
                         handover_to: Arc::default(),
+                        live_to: Arc::default(),
                     };
                     let context = RankContext {
                         host: Host::Cluster { client: Box::new(client.clone()), worker_id: worker_id.clone() },
@@ -220,6 +223,7 @@ pub async fn follow(
                         checkpoint_now: run.checkpoint_now.clone(),
                         deadline_unix_ms: run.deadline_unix_ms.clone(),
                         handover_to: run.handover_to.clone(),
+                        live_to: run.live_to.clone(),
                         shared: shared.clone(),
                     };
                     running = Some(run);
@@ -270,6 +274,15 @@ pub async fn follow(
                             continue;
                         }
                         run.deadline_unix_ms.store(order.deadline_unix_ms, Ordering::Relaxed);
+                        if order.live {
+                            // Not a stop: the rank starts streaming to the replacement at its
+                            // next step boundary and trains on.
+                            if let Ok(mut target) = run.live_to.lock() {
+                                *target =
+                                    Some(HandoverTarget { addr: order.handover_to_addr, key: order.handover_key });
+                            }
+                            continue;
+                        }
                         if !order.handover_to_addr.is_empty()
                             && let Ok(mut target) = run.handover_to.lock()
                         {
@@ -358,6 +371,9 @@ pub struct RankContext {
     /// Set on a handover's leaving member by the checkpoint order: where it pushes the state
     /// it stops with.
     pub handover_to: Arc<Mutex<Option<HandoverTarget>>>,
+    /// Set on a live handover's leaving member by its order: where it streams its state and
+    /// updates while training on (taken by the rank when it starts the handover).
+    pub live_to: Arc<Mutex<Option<HandoverTarget>>>,
     pub shared: Arc<AgentShared>,
 }
 
@@ -412,6 +428,10 @@ pub enum RankEnd {
     Checkpointed { step: u64, rank0: bool, announced: Option<flotilla_proto::v1::CheckpointRef> },
     /// Superseded (StopJob, or a newer assignment): report nothing.
     Superseded,
+    /// A live handover: this rank's replacement took it after `step` (it reports the swap);
+    /// or, on the joining side, the handover did not happen (the gang trains on without it).
+    /// Report nothing.
+    HandedOver { step: u64 },
     /// Ended abnormally; every rank reports (the coordinator keeps the first).
     Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64 },
     /// A gang member was lost after this rank's `step`, newer than any checkpoint the gang had:
@@ -510,7 +530,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
     let mut survivor_write = None;
     let report = match end {
         RankEnd::Finished(Some(report)) => Some(*report),
-        RankEnd::Finished(None) | RankEnd::Superseded => None,
+        RankEnd::Finished(None) | RankEnd::Superseded | RankEnd::HandedOver { .. } => None,
         RankEnd::Checkpointed { step, rank0, announced } => rank0.then(|| FinishedReport {
             end: GenerationEnd::Checkpointed.into(),
             step,
@@ -600,26 +620,31 @@ pub(super) fn join_gang(
     train: &TrainAssignment,
     port: &Arc<DataPort>,
 ) -> Result<RingCommunicator, (GenerationEnd, anyhow::Error)> {
-    let retryable = |e: anyhow::Error| (GenerationEnd::RetryableError, e);
+    let config = ring_config(context, train).map_err(|e| (GenerationEnd::RetryableError, e))?;
+    RingCommunicator::connect_via(port, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
+}
+
+/// The id of a generation's ring (its hellos carry it): the job's number and the generation.
+pub(super) fn gang_id(train: &TrainAssignment) -> u64 {
+    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
+    job_number << 24 | (train.generation & 0xff_ffff)
+}
+
+/// The ring configuration of this rank of `train`'s gang (a live handover's joiner uses its
+/// leaving member's, whose assignment it got).
+pub(super) fn ring_config(context: &RankContext, train: &TrainAssignment) -> anyhow::Result<RingConfig> {
     let mut peers = train.peers.clone();
     peers.sort_by_key(|p| p.rank);
     let addresses = peers
         .iter()
         .map(|p| p.data_addr.parse().with_context(|| format!("peer {} data address `{}`", p.worker_id, p.data_addr)))
-        .collect::<anyhow::Result<Vec<SocketAddr>>>()
-        .map_err(retryable)?;
-    let job_number = train.job_id.parse::<flotilla_proto::JobId>().map_or(0, |j| j.0);
-    let mut config = RingConfig::new(
-        train.rank as usize,
-        addresses,
-        job_number << 24 | (train.generation & 0xff_ffff),
-        train.gang_secret.clone(),
-        COLLECTIVE_TIMEOUT,
-    );
+        .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
+    let mut config =
+        RingConfig::new(train.rank as usize, addresses, gang_id(train), train.gang_secret.clone(), COLLECTIVE_TIMEOUT);
     // Standalone ranks are processes started together: one may not listen yet.
     config.refused_grace = if context.standalone().is_some() { COLLECTIVE_TIMEOUT } else { REFUSED_GRACE };
     config.abort = Some(context.abort.clone());
-    RingCommunicator::connect_via(port, config).map_err(|e| (GenerationEnd::PeerLost, e.into()))
+    Ok(config)
 }
 
 /// Whether this worker leaves its gang at the agreed stop (it was noticed or told to stop by

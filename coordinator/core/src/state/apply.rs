@@ -200,6 +200,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     replacement: None,
                     reserved_at_unix_ms: 0,
                     advisory,
+                    live_since_unix_ms: 0,
                 };
                 let answer = interrupted(worker_id, Some(job.id), Some(&handover));
                 job.handovers.push(handover);
@@ -246,20 +247,66 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             reserve_replacement(state, job_id, generation, replacement, now)
         }
-        Command::HandoverReady { job_id, generation } => {
+        Command::HandoverReady { job_id, generation, live } => {
             // Every noticed member's replacement is reserved: the gang hands over to all of
-            // them at the next step boundary.
+            // them at the next step boundary (or, live, to the one replacement without a stop).
             let job = running_generation(state, job_id, generation)?;
             let pairs: Option<Vec<(WorkerId, WorkerId)>> =
                 job.handovers.iter().map(|h| h.replacement.map(|r| (r, h.leaving))).collect();
             let (Some(pairs), None) = (pairs.filter(|p| !p.is_empty()), job.checkpoint_requested) else {
                 return Err(Rejected::NoHandover { job_id });
             };
-            job.checkpoint_requested = Some(StopReason::Handover);
+            let live_under_way = job.handovers.iter().any(|h| h.live_since_unix_ms > 0);
+            if live && (live_under_way || pairs.len() != 1 || job.spec.command().is_some()) {
+                // Repeated (a retried proposal), or not one built-in member's handover.
+                return Err(Rejected::NoHandover { job_id });
+            }
             job.updated_at_unix_ms = now;
             let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
-            push_event(job, now, "handover", format!("{}; checkpointing at the next step", who.join(", ")));
-            Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0 })
+            if live {
+                job.handovers[0].live_since_unix_ms = now;
+                let message = format!("{}; handing over live while the gang trains on", who.join(", "));
+                push_event(job, now, "handover", message);
+            } else {
+                let fallback = if live_under_way { " (the live handover did not finish in time)" } else { "" };
+                job.handovers.iter_mut().for_each(|h| h.live_since_unix_ms = 0);
+                job.checkpoint_requested = Some(StopReason::Handover);
+                push_event(
+                    job,
+                    now,
+                    "handover",
+                    format!("{}; checkpointing at the next step{fallback}", who.join(", ")),
+                );
+            }
+            Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0, live })
+        }
+        Command::HandoverSwapped { job_id, generation, replacement, step } => {
+            let job = running_generation(state, job_id, generation)?;
+            let Some(index) =
+                job.handovers.iter().position(|h| h.replacement == Some(replacement) && h.live_since_unix_ms > 0)
+            else {
+                // A report retried after its entry was applied (a leader change meanwhile).
+                if job.gang.contains(&replacement) {
+                    return Ok(Applied::HandoverSwapped { job_id, leaving: None });
+                }
+                return Err(Rejected::NoHandover { job_id });
+            };
+            let Some(rank) = job.gang.iter().position(|w| *w == job.handovers[index].leaving) else {
+                return Err(Rejected::NoHandover { job_id });
+            };
+            let handover = job.handovers.remove(index);
+            job.gang[rank] = replacement;
+            job.step = job.step.max(step);
+            job.preemptions = job.preemptions.saturating_add(1);
+            job.updated_at_unix_ms = now;
+            let since_notice_ms = now.saturating_sub(handover.noticed_at_unix_ms);
+            let message = JobEvent::handed_over_message(replacement, handover.leaving, step, since_notice_ms);
+            push_event(job, now, "handover", format!("{message}; live, without a stop: 0 step(s) lost"));
+            release(state, &[handover.leaving]);
+            if let Some(worker) = state.workers.get_mut(&replacement) {
+                worker.job = Some(job_id);
+            }
+            Ok(Applied::HandoverSwapped { job_id, leaving: Some(handover.leaving) })
         }
         Command::RequestCheckpoint { job_id, generation, reason } => {
             let job = running_generation(state, job_id, generation)?;
@@ -849,6 +896,7 @@ fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64)
     let Some(handover) = job.handovers.iter_mut().find(|h| h.replacement == Some(worker)) else { return };
     handover.replacement = None;
     handover.reserved_at_unix_ms = 0;
+    handover.live_since_unix_ms = 0;
     let leaving = handover.leaving;
     job.updated_at_unix_ms = now;
     push_event(

@@ -388,10 +388,10 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     assert_eq!(handover.reserved_at_unix_ms, 10_000);
     assert!(state.workers[&spare].job.is_none(), "reserved by the handover, not assigned yet");
     // Ready (the leader read its report): the gang checkpoints at the next step, once.
-    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
     assert_eq!(
         at(&mut state, 11_000, ready.clone()),
-        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: spare })
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: spare, live: false })
     );
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Handover));
     assert_eq!(at(&mut state, 11_001, ready), Err(Rejected::NoHandover { job_id: JobId(1) }));
@@ -422,6 +422,86 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
 }
 
 #[test]
+fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_stop() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let spare = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    let live = Command::HandoverReady { job_id: JobId(1), generation: 1, live: true };
+    assert_eq!(
+        at(&mut state, 11_000, live.clone()),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: spare, live: true })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, None, "a live handover does not stop the gang");
+    assert_eq!(job.handovers[0].live_since_unix_ms, 11_000);
+    assert_eq!(at(&mut state, 11_001, live), Err(Rejected::NoHandover { job_id: JobId(1) }), "once");
+    // The replacement reports the swap: same generation, its rank, the leaver released.
+    let swapped = Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: spare, step: 42 };
+    assert_eq!(
+        at(&mut state, 12_000, swapped.clone()),
+        Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: Some(w2) })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.gang.clone(), job.handovers.clone()), (1, vec![w1, spare], vec![]));
+    assert_eq!((job.preemptions, job.steps_lost, job.recoveries, job.state), (1, 0, 0, JobState::Running));
+    let event = job.events.last().expect("event");
+    assert!(event.is_handed_over() && event.message.contains("without a stop"), "{}", event.message);
+    assert_eq!((state.workers[&spare].job, state.workers[&w2].job), (Some(JobId(1)), None));
+    assert!(state.workers[&w2].draining);
+    // A retried report after a leader change: accepted, nothing changes.
+    assert_eq!(at(&mut state, 12_500, swapped), Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: None }));
+    assert_eq!(state.jobs[&JobId(1)].gang, vec![w1, spare]);
+    // Nobody else can claim a swap.
+    let stranger = Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: w2, step: 43 };
+    assert_eq!(at(&mut state, 12_600, stranger), Err(Rejected::NoHandover { job_id: JobId(1) }));
+
+    // The next notice's live handover does not finish in time: the leader falls back to the
+    // stop-and-regroup handover with the same replacement.
+    let other = register(&mut state, 7);
+    at(&mut state, 20_000, spot_notice(w1, 140_000)).expect("notice");
+    at(&mut state, 21_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: true }).expect("live");
+    let swap_after_fallback =
+        Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: other, step: 50 };
+    let stop = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
+    assert_eq!(
+        at(&mut state, 50_000, stop),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: other, live: false })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.checkpoint_requested, job.handovers[0].live_since_unix_ms), (Some(StopReason::Handover), 0));
+    assert!(job.events.last().expect("event").message.contains("did not finish in time"));
+    assert_eq!(at(&mut state, 50_001, swap_after_fallback), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    checkpoint(&mut state, 60, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 60),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    assert_eq!(state.jobs[&JobId(1)].gang, vec![other, spare]);
+}
+
+#[test]
+fn only_one_built_in_member_hands_over_live_and_a_lost_joiner_is_replaced() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let (a, b) = (register(&mut state, 5), register(&mut state, 6));
+    at(&mut state, 10_000, spot_notice(w1, 130_000)).expect("notice");
+    at(&mut state, 10_100, spot_notice(w2, 130_000)).expect("notice");
+    let live = Command::HandoverReady { job_id: JobId(1), generation: 1, live: true };
+    assert_eq!(at(&mut state, 11_000, live), Err(Rejected::NoHandover { job_id: JobId(1) }), "two at once stop");
+    assert_eq!(state.jobs[&JobId(1)].handovers.iter().map(|h| h.replacement).collect::<Vec<_>>(), [Some(a), Some(b)]);
+    // One handover: live; its joiner lost while catching up is given up and another sought.
+    let mut state = State::default();
+    let (_, w2) = running_job(&mut state, 3);
+    let joiner = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: true }).expect("live");
+    at(&mut state, 12_000, Command::WorkerLost { worker_id: joiner, last_step_seen: 0 }).expect("lost");
+    let handover = &state.jobs[&JobId(1)].handovers[0];
+    assert_eq!((handover.replacement, handover.live_since_unix_ms), (None, 0));
+}
+
+#[test]
 fn members_noticed_together_hand_over_to_their_replacements_at_one_step_boundary() {
     // A capacity pool is reclaimed: both members get notices seconds apart.
     let mut state = State::default();
@@ -441,7 +521,7 @@ fn members_noticed_together_hand_over_to_their_replacements_at_one_step_boundary
     assert_eq!(state.jobs[&JobId(1)].handovers.len(), 2);
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, None);
     // Not ready while one noticed member has no replacement.
-    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
     assert_eq!(at(&mut state, 11_000, ready.clone()), Err(Rejected::NoHandover { job_id: JobId(1) }));
     let second = register(&mut state, 12);
     let reserve = Command::HandoverTo { job_id: JobId(1), generation: 1, replacement: second };
@@ -450,7 +530,10 @@ fn members_noticed_together_hand_over_to_their_replacements_at_one_step_boundary
         Ok(Applied::ReplacementReserved { job_id: JobId(1), replacement: second })
     );
     assert_eq!(at(&mut state, 12_001, reserve), Err(Rejected::NoHandover { job_id: JobId(1) }), "none left to fill");
-    assert_eq!(at(&mut state, 13_000, ready), Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: first }));
+    assert_eq!(
+        at(&mut state, 13_000, ready),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: first, live: false })
+    );
     let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
     assert!(event.contains(&format!("{first} is ready to replace {w1}, {second} is ready to replace {w2}")), "{event}");
     checkpoint(&mut state, 30, 1).expect("checkpoint");
@@ -525,7 +608,7 @@ fn a_replacement_lost_or_noticed_while_it_prepares_is_given_up_for_another() {
     assert_eq!(state.jobs[&JobId(1)].handovers[0].fallback_at_unix_ms, 85_000, "the member's deadline stands");
     assert!(reserving_job(&state, second).is_none() && state.workers[&second].draining);
     // The handover goes ahead with the third, rank kept, nothing lost.
-    at(&mut state, 41_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    at(&mut state, 41_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: false }).expect("ready");
     checkpoint(&mut state, 30, 1).expect("checkpoint");
     assert_eq!(
         end(&mut state, 1, GenerationEnd::Checkpointed, 30),
@@ -569,7 +652,7 @@ fn a_rebalance_recommendation_hands_over_without_a_deadline_until_a_notice_gives
     let spare = register(&mut state, 30);
     let reserve = Command::HandoverTo { job_id: JobId(1), generation: 1, replacement: spare };
     at(&mut state, 30_000, reserve).expect("reserve");
-    at(&mut state, 31_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    at(&mut state, 31_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: false }).expect("ready");
     checkpoint(&mut state, 50, 1).expect("checkpoint");
     assert_eq!(
         end(&mut state, 1, GenerationEnd::Checkpointed, 50),
@@ -647,7 +730,7 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
         Ok(Applied::ReplacementReserved { job_id: JobId(1), replacement: late })
     );
     assert_eq!(at(&mut state, 22_000, handover(late)), Err(Rejected::NoHandover { job_id: JobId(1) }));
-    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1 };
+    let ready = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
     at(&mut state, 22_500, ready).expect("ready");
     // The replacement is lost before the stop: the job waits like after any stop.
     at(&mut state, 23_000, Command::WorkerLost { worker_id: late, last_step_seen: 0 }).expect("lost");
@@ -1342,7 +1425,7 @@ fn a_handover_regroups_on_the_announced_stop_checkpoint_before_its_write_is_conf
     let spare = register(&mut state, 5);
     checkpoint(&mut state, 20, 1).expect("checkpoint");
     at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
-    at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1 }).expect("ready");
+    at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: false }).expect("ready");
     let record = checkpoint_record;
     let ended = |generation: u64, step: u64, announced: CheckpointRecord| Command::GenerationEnded {
         job_id: JobId(1),

@@ -15,7 +15,8 @@ use crate::spec::JobSpec;
 /// applies differently), `GangLost`, `Job::handovers`.
 /// 3: a reserved replacement lost or noticed while its gang trains is given up and another
 /// sought (`WorkerLost` and `WorkerInterrupted` of a free worker apply differently).
-pub const STATE_VERSION: u32 = 3;
+/// 4: live handovers (`HandoverReady::live`, `HandoverSwapped`, `Handover::live_since_unix_ms`).
+pub const STATE_VERSION: u32 = 4;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -229,6 +230,15 @@ pub struct Handover {
     /// replacement is ready. A spot notice for the member gives it the notice's deadline.
     #[serde(default)]
     pub advisory: bool,
+    /// A live handover under way since then (0: none): the gang does not stop; the leaving
+    /// member streams its state and every step's update to the replacement, which catches up
+    /// and takes the rank at a step boundary the gang agrees on ([`Command::HandoverSwapped`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub live_since_unix_ms: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// `null`, one value (what a log or snapshot wrote before there could be several) or a list.
@@ -837,10 +847,24 @@ pub enum Command {
         replacement: WorkerId,
     },
     /// The reserved replacement is ready (it reported the job prepared, or the leader stopped
-    /// waiting for it): the gang checkpoints at the next step and hands over.
+    /// waiting for it): the gang checkpoints at the next step and hands over. `live` (the
+    /// leader's choice: one handover of a built-in job, live handovers on): instead, the gang
+    /// trains on while the leaving member streams its state to the replacement, which takes
+    /// the rank without a stop ([`Command::HandoverSwapped`]). A live handover under way that
+    /// gets `live = false` falls back to the stop.
     HandoverReady {
         job_id: JobId,
         generation: u64,
+        #[serde(default)]
+        live: bool,
+    },
+    /// A live handover's replacement took the leaving member's rank after `step`: the gang
+    /// swapped the member at that step boundary without stopping (same generation).
+    HandoverSwapped {
+        job_id: JobId,
+        generation: u64,
+        replacement: WorkerId,
+        step: u64,
     },
     /// The leader saw the first step of `generation`, which followed a stop: the job went
     /// `stall_ms` without training (from the stop for a handover, from the notice or loss
@@ -1069,10 +1093,18 @@ pub enum Applied {
         job_id: JobId,
         replacement: WorkerId,
     },
-    /// The gang checkpoints at the next step and hands over to `replacement`.
+    /// The gang checkpoints at the next step and hands over to `replacement` (or, `live`,
+    /// streams the leaving member's state to it while training on).
     HandoverStarted {
         job_id: JobId,
         replacement: WorkerId,
+        live: bool,
+    },
+    /// `leaving` left the gang and `replacement` holds its rank (`None`: the swap was
+    /// recorded already, a retried report).
+    HandoverSwapped {
+        job_id: JobId,
+        leaving: Option<WorkerId>,
     },
     CheckpointRequested {
         job_id: JobId,
