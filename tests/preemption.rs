@@ -196,7 +196,7 @@ fn spot_notices_lose_zero_steps() {
 fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
     let cluster = Local::up_with(2, &["--boot-delay-s", "2", "--live-handover"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let spec = write_spec(dir, "live", 40, 20);
+    let spec = write_spec(dir, "live", 150, 20);
     let job = submit(home, &spec);
     wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
         s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
@@ -240,6 +240,10 @@ fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
         .filter(|l| l.contains("took rank") && l.contains("live after step"))
         .count();
     assert_eq!(joined, 2, "{log}\n{node1}");
+    // ... and each swap's survivor timed it on its own clock (issue 25's stall measure).
+    let timed =
+        [&log, &node1].into_iter().flat_map(|l| l.lines()).filter(|l| l.contains("was swapped live after step"));
+    assert_eq!(timed.count(), 2, "{log}\n{node1}");
     assert_accurate(&done);
     assert_same_as_uninterrupted(home, &spec, &done, "two live handovers");
 }

@@ -20,6 +20,14 @@ read from the store), with its bytes and milliseconds. From the inside: leader_s
 histogram (flotilla_handover_stall_seconds for a handover, flotilla_recovery_seconds, which
 starts at the notice, for the baseline); step_ms, the gang's step time before the notice (from
 rank 0's samples/s); bound_ms = step_ms + the state transfer, issue 25's bound for the stall.
+
+LIVE=1 (the cluster runs with `up --live-handover`): the 120 s path is live_handover instead.
+The gang never stops: the replacement takes the noticed member's state and updates while the
+gang trains and is swapped in at a step boundary, in the same generation. Its figures come
+from the ranks' own clocks: stall_ms is the surviving rank's longest time without a step over
+the 16 steps around the swap (4 after it), step_ms the median step of that window, bound_ms
+step_ms + the state's transfer as the replacement timed it; trained_on_ms is notice -> the
+swap recorded.
 """
 import re
 import json
@@ -34,7 +42,8 @@ from cluster_cli import cli, wait, wait_idle, workers
 WORK = os.environ["WORK"]
 DATA = os.path.abspath("examples/data/mnist_5k.csv.gz")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-PATHS = {"checkpoint_and_wait": 30, "handover": 120}
+LIVE = os.environ.get("LIVE", "0") == "1"
+PATHS = {"checkpoint_and_wait": 30, "live_handover" if LIVE else "handover": 120}
 GPUS = int(os.environ.get("GPUS", "0"))
 # NOTICED=all: every member of the gang gets the notice at once (a capacity pool reclaimed);
 # each needs a replacement of its own. Default: one member per round, alternating.
@@ -125,7 +134,69 @@ def resume_sources(job):
     return sources
 
 
+def live_notes(job, swaps_before, limit_s=15):
+    """The survivor's note on the newest live swap and the replacement's on its transfer, from
+    the ranks' job logs (polled until both reached the store)."""
+    started = time.monotonic()
+    while True:
+        text = cli("logs", job, "--node", "0") + cli("logs", job, "--node", "1")
+        clock = re.findall(r"was swapped live after step \d+: longest time without a step over the last \d+ steps "
+                           r"([0-9.]+) ms \(median step ([0-9.]+) ms\)", text)
+        took = re.findall(r"live after step \d+: the state and (\d+) update\(s\) \((\d+) bytes\) from the leaving "
+                          r"member \(the state in ([0-9.]+) ms\)", text)
+        if len(clock) > swaps_before and len(took) > swaps_before:
+            return clock[-1], took[-1]
+        if time.monotonic() - started > limit_s:
+            raise SystemExit(f"{job}: no note of the live swap after {limit_s} s:\n{text[-3000:]}")
+        time.sleep(0.2)
+
+
+def one_live(path, round_no):
+    """A notice handed over live: no stop, no new generation; figures from the ranks' clocks."""
+    wait_idle(2, limit_s=120)
+    job = submit(f"{path}-{round_no}")
+    running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100, **UNTIL)
+    generation = running["generation"]
+    members = sorted(w["id"] for w in workers() if w["job_id"] == job and w["state"] == "Busy")
+    victim = members[round_no % 2]
+    live = lambda s: [e for e in s["events"] if e["kind"] == "handover" and "without a stop" in e["message"]]
+    t0 = time.monotonic()
+    cli("preempt", victim, "--notice-s", str(PATHS[path]))
+    swapped, t_swap = wait(job, lambda s: live(s) or s["generation"] > generation or s["state"] != "Running", **UNTIL)
+    if not live(swapped):
+        raise SystemExit(f"{job}: the live handover fell back: {json.dumps(swapped)[:2000]}")
+    (longest_ms, median_ms), (updates, moved, state_ms) = live_notes(job, 0)
+    final = status(job)
+    cli("cancel", job)
+    record = {
+        "bench": "notice_path",
+        "path": path,
+        "round": round_no,
+        "notice_s": PATHS[path],
+        "boot_s": int(os.environ["BOOT_S"]),
+        "gpus": GPUS,
+        "noticed": 1,
+        "model": MODEL,
+        "trained_on_ms": round((t_swap - t0) * 1e3, 1),
+        "stall_ms": float(longest_ms),
+        "to_first_step_ms": None,
+        "steps_lost": final["steps_lost"],
+        "leader_stall_ms": None,
+        "survivor_idle_ms": float(longest_ms),
+        "step_ms": float(median_ms),
+        "bound_ms": round(float(median_ms) + float(state_ms), 1),
+        "generation_after": final["generation"],
+        "generation_before": generation,
+        "live": {"updates": int(updates), "bytes": int(moved), "state_ms": float(state_ms)},
+        "handovers": len(live(final)),
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
 def one(path, round_no):
+    if path == "live_handover":
+        return one_live(path, round_no)
     wait_idle(2, limit_s=120)
     job = submit(f"{path}-{round_no}")
     running, _ = wait(job, lambda s: s["state"] == "Running" and s["step"] > 100, **UNTIL)
@@ -207,12 +278,13 @@ def main():
         ):
             values = [r[key] for r in records if r["path"] == path and r[key] is not None]
             out[f"{path}_{key}"] = statistics.median(values) if values else None
-    out["stall_ratio_handover_vs_baseline"] = round(out["handover_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
-    if out["handover_leader_stall_ms"] and out["checkpoint_and_wait_leader_stall_ms"]:
-        out["leader_stall_ratio"] = round(out["handover_leader_stall_ms"] / out["checkpoint_and_wait_leader_stall_ms"], 4)
+    fast = "live_handover" if LIVE else "handover"
+    out[f"stall_ratio_{fast}_vs_baseline"] = round(out[f"{fast}_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
+    if out[f"{fast}_leader_stall_ms"] and out["checkpoint_and_wait_leader_stall_ms"]:
+        out["leader_stall_ratio"] = round(out[f"{fast}_leader_stall_ms"] / out["checkpoint_and_wait_leader_stall_ms"], 4)
     # Issue 25's bound, against the survivor's own time without a step.
-    if out["handover_survivor_idle_ms"] and out["handover_bound_ms"]:
-        out["handover_idle_vs_bound"] = round(out["handover_survivor_idle_ms"] / out["handover_bound_ms"], 2)
+    if out[f"{fast}_survivor_idle_ms"] and out[f"{fast}_bound_ms"]:
+        out[f"{fast}_idle_vs_bound"] = round(out[f"{fast}_survivor_idle_ms"] / out[f"{fast}_bound_ms"], 2)
     print(json.dumps(out), flush=True)
 
 

@@ -10,7 +10,8 @@
 # machine; the workers of one machine then share its GPUs). STORE=s3 puts the cluster store
 # (checkpoints, job logs) on S3 (moto on loopback, started here) instead of the local disk.
 # NOTICED=all gives every gang member the notice at once (a capacity pool reclaimed: each needs
-# a replacement of its own); the default notices one member per round.
+# a replacement of its own); the default notices one member per round. LIVE=1 runs the cluster
+# with `up --live-handover`: the 120 s path is then the live handover (no stop; see handover.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -z "${FLOTILLA_BIN:-}" ]]; then
@@ -33,7 +34,11 @@ if [[ "${STORE:-local}" == s3 ]]; then
   store_args=(--store s3://flotilla-bench/handover)
   trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"; kill "$moto_pid" 2>/dev/null || true' EXIT
 fi
-"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" "${store_args[@]}" > "$WORK/up.txt"
+live_args=()
+if [[ "${LIVE:-0}" == 1 ]]; then
+  live_args=(--live-handover)
+fi
+"$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" "${store_args[@]}" "${live_args[@]}" > "$WORK/up.txt"
 # The leader's metrics (one coordinator): its stall histograms time each stop from the inside.
 export METRICS_URL=$(sed -n 's/^metrics: \(http[^ ]*\).*/\1/p' "$WORK/up.txt")
 python3 scripts/bench/handover.py "${1:-3}"

@@ -154,11 +154,15 @@ pub(super) fn run_rank(
     // what is to be written.
     let mut announced: Option<(CheckpointRef, Encoded)> = None;
     let announces = context.standalone().is_none();
+    let mut around_swaps = SwapClock::default();
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
             context.shared.note_first_step();
             log.note(format!("generation {} started: {breakdown}", train.generation));
+        }
+        if let Some(note) = around_swaps.step(report, train.rank as usize) {
+            log.note(note);
         }
         if context.stop.load(Ordering::Relaxed) {
             return ControlFlow::Break(());
@@ -467,8 +471,14 @@ fn join_live(
             let caught = joined.caught;
             log.note(format!(
                 "took rank {} of generation {} live after step {}: the state and {} update(s) ({} bytes) from the \
-                 leaving member, replayed in {:.1} ms while the gang trained on; no stop",
-                train.rank, train.generation, caught.step, caught.updates, caught.bytes, caught.replay_ms
+                 leaving member (the state in {:.1} ms), replayed in {:.1} ms while the gang trained on; no stop",
+                train.rank,
+                train.generation,
+                caught.step,
+                caught.updates,
+                caught.bytes,
+                caught.state_ms,
+                caught.replay_ms
             ));
             Ok(joined)
         }
@@ -496,6 +506,47 @@ fn start_live_handover(trainer: &mut Trainer, train: &TrainAssignment, target: H
             ));
         }
         Err(e) => tracing::warn!(addr = %target.addr, error = %e, "the live handover's address is not valid"),
+    }
+}
+
+/// Steps whose ends a rank keeps, to time a live swap: the window before and after it.
+const SWAP_WINDOW_STEPS: usize = 16;
+/// Steps after a live swap the rank waits before it says what the swap cost it.
+const SWAP_STEPS_AFTER: u64 = 4;
+
+/// A surviving rank's clock around live swaps: the ends of its last [`SWAP_WINDOW_STEPS`]
+/// steps; [`SWAP_STEPS_AFTER`] steps after another rank was swapped, the longest time without
+/// a step in that window against the window's median step (the stall the swap cost it,
+/// issue 25's measure).
+#[derive(Default)]
+struct SwapClock {
+    ends: std::collections::VecDeque<Instant>,
+    /// The swap being timed: its step and the rank swapped.
+    swapped: Option<(u64, usize)>,
+}
+
+impl SwapClock {
+    /// Records the end of `report`'s step on rank `rank`; returns the note on the swap once due.
+    fn step(&mut self, report: &crate::train::StepReport, rank: usize) -> Option<String> {
+        if self.ends.len() == SWAP_WINDOW_STEPS {
+            self.ends.pop_front();
+        }
+        self.ends.push_back(Instant::now());
+        if let Some(swapped) = report.replaced.filter(|r| *r != rank) {
+            self.swapped = Some((report.step, swapped));
+        }
+        let (at, swapped) = self.swapped.filter(|(at, _)| report.step >= at + SWAP_STEPS_AFTER)?;
+        self.swapped = None;
+        let mut gaps: Vec<f64> =
+            self.ends.iter().zip(self.ends.iter().skip(1)).map(|(a, b)| (*b - *a).as_secs_f64() * 1e3).collect();
+        let longest = gaps.iter().copied().fold(0.0, f64::max);
+        gaps.sort_by(f64::total_cmp);
+        let median = gaps.get(gaps.len() / 2).copied().unwrap_or(0.0);
+        Some(format!(
+            "rank {swapped} was swapped live after step {at}: longest time without a step over the last {} steps \
+             {longest:.1} ms (median step {median:.1} ms)",
+            gaps.len()
+        ))
     }
 }
 
