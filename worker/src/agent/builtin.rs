@@ -161,7 +161,7 @@ pub(super) fn run_rank(
             context.shared.note_first_step();
             log.note(format!("generation {} started: {breakdown}", train.generation));
         }
-        if let Some(note) = around_swaps.step(report, train.rank as usize) {
+        if let Some(note) = around_swaps.step(report, train.rank as usize, Instant::now()) {
             log.note(note);
         }
         if context.stop.load(Ordering::Relaxed) {
@@ -509,15 +509,16 @@ fn start_live_handover(trainer: &mut Trainer, train: &TrainAssignment, target: H
     }
 }
 
-/// Steps whose ends a rank keeps, to time a live swap: the window before and after it.
+/// Steps in the window a rank times a live swap over (and in the control window before it).
 const SWAP_WINDOW_STEPS: usize = 16;
 /// Steps after a live swap the rank waits before it says what the swap cost it.
 const SWAP_STEPS_AFTER: u64 = 4;
 
-/// A surviving rank's clock around live swaps: the ends of its last [`SWAP_WINDOW_STEPS`]
-/// steps; [`SWAP_STEPS_AFTER`] steps after another rank was swapped, the longest time without
-/// a step in that window against the window's median step (the stall the swap cost it,
-/// issue 25's measure).
+/// A surviving rank's clock around live swaps: the ends of its last steps. [`SWAP_STEPS_AFTER`]
+/// steps after another rank was swapped, the longest time without a step over the last
+/// [`SWAP_WINDOW_STEPS`] steps (the stall the swap cost it, issue 25's measure) against their
+/// median step, the swap's own step, and the longest time without a step over the
+/// [`SWAP_WINDOW_STEPS`] steps before them (a control: what the machine's noise alone gives).
 #[derive(Default)]
 struct SwapClock {
     ends: std::collections::VecDeque<Instant>,
@@ -526,26 +527,36 @@ struct SwapClock {
 }
 
 impl SwapClock {
-    /// Records the end of `report`'s step on rank `rank`; returns the note on the swap once due.
-    fn step(&mut self, report: &crate::train::StepReport, rank: usize) -> Option<String> {
-        if self.ends.len() == SWAP_WINDOW_STEPS {
+    /// Records the end of `report`'s step (at `now`) on rank `rank`; returns the note on a
+    /// swap once due.
+    fn step(&mut self, report: &crate::train::StepReport, rank: usize, now: Instant) -> Option<String> {
+        if self.ends.len() > 2 * SWAP_WINDOW_STEPS {
             self.ends.pop_front();
         }
-        self.ends.push_back(Instant::now());
+        self.ends.push_back(now);
         if let Some(swapped) = report.replaced.filter(|r| *r != rank) {
             self.swapped = Some((report.step, swapped));
         }
         let (at, swapped) = self.swapped.filter(|(at, _)| report.step >= at + SWAP_STEPS_AFTER)?;
         self.swapped = None;
-        let mut gaps: Vec<f64> =
+        let gaps: Vec<f64> =
             self.ends.iter().zip(self.ends.iter().skip(1)).map(|(a, b)| (*b - *a).as_secs_f64() * 1e3).collect();
-        let longest = gaps.iter().copied().fold(0.0, f64::max);
-        gaps.sort_by(f64::total_cmp);
-        let median = gaps.get(gaps.len() / 2).copied().unwrap_or(0.0);
+        let (control, window) = gaps.split_at(gaps.len().saturating_sub(SWAP_WINDOW_STEPS));
+        let longest = |gaps: &[f64]| gaps.iter().copied().fold(0.0, f64::max);
+        // The first step with the new member (the one after the swap's step).
+        let first_after = window.len().checked_sub(SWAP_STEPS_AFTER as usize).and_then(|i| window.get(i)).copied();
+        let mut sorted = window.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
         Some(format!(
             "rank {swapped} was swapped live after step {at}: longest time without a step over the last {} steps \
-             {longest:.1} ms (median step {median:.1} ms)",
-            gaps.len()
+             {:.1} ms (median step {median:.1} ms; the first step with the new member {:.1} ms; over the {} steps \
+             before them {:.1} ms)",
+            window.len(),
+            longest(window),
+            first_after.unwrap_or(0.0),
+            control.len(),
+            longest(control)
         ))
     }
 }
@@ -917,5 +928,43 @@ fn recorder(
         // Recorded: the job's newest checkpoint, for its warm spares to hold.
         super::work::push_to_spares(&context, &train.job_id, train.generation, saved.step, &saved.parts);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::SwapClock;
+    use crate::train::StepReport;
+
+    fn report(step: u64, replaced: Option<usize>) -> StepReport {
+        StepReport { step, epoch: 0, loss: 1.0, samples: 64, samples_per_s: 0.0, stop_agreed: false, replaced }
+    }
+
+    #[test]
+    fn a_survivor_times_a_live_swap_against_its_median_step_and_a_control_window() {
+        let mut clock = SwapClock::default();
+        let mut now = Instant::now();
+        let mut notes = Vec::new();
+        for step in 1..=40u64 {
+            // Steps of 5 ms; a 20 ms one long before the swap, 12 ms for the first step after it.
+            now += Duration::from_millis(match step {
+                10 => 20,
+                31 => 12,
+                _ => 5,
+            });
+            let replaced = (step == 30).then_some(1);
+            notes.extend(clock.step(&report(step, replaced), 0, now));
+        }
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(
+            notes[0],
+            "rank 1 was swapped live after step 30: longest time without a step over the last 16 steps 12.0 ms \
+             (median step 5.0 ms; the first step with the new member 12.0 ms; over the 16 steps before them 20.0 ms)"
+        );
+        // The swapped rank itself times nothing (it left).
+        let mut leaver = SwapClock::default();
+        assert!((1..=40).filter_map(|s| leaver.step(&report(s, (s == 30).then_some(0)), 0, now)).next().is_none());
     }
 }

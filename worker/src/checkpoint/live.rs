@@ -419,6 +419,8 @@ pub fn join(
         .name("live-handover-join".into())
         .spawn(move || RingCommunicator::join_running(config, incoming))
         .map_err(io("thread"))?;
+    // Its first step with the gang must not be this process's first pass.
+    trainer.warm_up()?;
     let caught = catch_up(&mut sink, &mut trainer)?;
     let comm = dialing.join().map_err(|_| LiveError::Io("the thread dialing the gang panicked".into()))??;
     Ok(Joined { trainer, comm, caught })

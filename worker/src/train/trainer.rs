@@ -349,6 +349,19 @@ impl Trainer {
     }
 
     /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
+    /// Runs one step's forward and backward pass on this rank's share of a batch and throws
+    /// the result away (nothing changes): a live handover's joining member does it while it
+    /// catches up, so that its first step with the gang is not its process's first pass (the
+    /// backend's allocations and caches warmed up off the gang's critical path).
+    pub fn warm_up(&mut self) -> Result<(), TrainError> {
+        self.write_model();
+        let rows = (self.train_spec.batch_size as usize).min(self.data.rows) as u32;
+        if rows > 0 {
+            self.local_gradient_sum(&(0..rows).collect::<Vec<u32>>())?;
+        }
+        Ok(())
+    }
+
     fn local_gradient_sum(&self, rows: &[u32]) -> Result<Vec<f32>, TrainError> {
         let (features, labels) = self.data.gather(rows.iter().copied());
         let logits = self.model.forward(self.input(features, rows.len()));
