@@ -245,11 +245,27 @@ fn endless_digits_spec(dir: &Path, name: &str, every_steps: u64) -> std::path::P
 
 #[test]
 fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
+    leader_killed_mid_handover(false);
+}
+
+/// The same with live handovers (issue 25): the new leader starts the live handover, the
+/// replacement is swapped in without a stop, in the same generation, exactly once.
+#[test]
+fn a_leader_killed_mid_live_handover_still_swaps_in_exactly_one_replacement() {
+    leader_killed_mid_handover(true);
+}
+
+fn leader_killed_mid_handover(live: bool) {
     const BOOT_S: u64 = 5;
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
     let cluster = Cluster { home: &home, workers: Vec::new() };
-    let up = run(&home, &["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &BOOT_S.to_string()]);
+    let boot = BOOT_S.to_string();
+    let mut up_args = vec!["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &boot];
+    if live {
+        up_args.push("--live-handover");
+    }
+    let up = run(&home, &up_args);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     let spec = endless_digits_spec(dir.path(), "handover", 2000);
     let submitted = run(&home, &["submit", spec.to_str().expect("utf-8"), "-o", "json"]);
@@ -308,7 +324,9 @@ fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     let started = Instant::now();
     let after = loop {
         let status = cluster.status(&job);
-        if !handed(&status).is_empty() && status["state"] == "Running" && status["generation"].as_u64() >= Some(2) {
+        // A live handover keeps the generation; the stop-and-regroup one starts the next.
+        let regrouped = status["generation"].as_u64() >= Some(2);
+        if !handed(&status).is_empty() && status["state"] == "Running" && regrouped != live {
             break status;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "no handover after the leader change: {status}");
@@ -322,6 +340,10 @@ fn a_leader_killed_mid_handover_still_hands_over_to_exactly_one_replacement() {
     let handovers = handed(&status);
     assert_eq!(handovers.len(), 1, "{status}");
     assert!(handovers[0].contains(&format!("took {noticed}'s rank")), "{}", handovers[0]);
+    assert_eq!(handovers[0].contains("without a stop"), live, "{}", handovers[0]);
+    if live {
+        assert_eq!(status["generation"], 1, "no regroup: {status}");
+    }
     assert_eq!(status["steps_lost"], 0, "{status}");
     assert_eq!(status["preemptions"], 1, "{status}");
     assert_eq!(status["recoveries"], 0, "{status}");
