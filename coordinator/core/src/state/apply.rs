@@ -282,9 +282,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         }
         Command::HandoverSwapped { job_id, generation, replacement, step } => {
             let job = running_generation(state, job_id, generation)?;
-            let Some(index) =
-                job.handovers.iter().position(|h| h.replacement == Some(replacement) && h.live_since_unix_ms > 0)
-            else {
+            // Only a live handover's replacement reports a swap (nobody else gets an assignment
+            // that joins live). Its report is taken even when the leader fell back to a stop
+            // meanwhile (a swap that took long): the gang did swap, and it stops with the
+            // replacement in the rank, which then holds the state and is placed again with it.
+            let Some(index) = job.handovers.iter().position(|h| h.replacement == Some(replacement)) else {
                 // A report retried after its entry was applied (a leader change meanwhile).
                 if job.gang.contains(&replacement) {
                     return Ok(Applied::HandoverSwapped { job_id, leaving: None });
@@ -295,6 +297,20 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 return Err(Rejected::NoHandover { job_id });
             };
             let handover = job.handovers.remove(index);
+            // The gang's price changes with the member from now on: the time so far at the old
+            // price (the running generation's cost is `gang_usd_per_hour` times its age).
+            let price = |w: &WorkerId| {
+                state
+                    .workers
+                    .get(w)
+                    .and_then(|w| state.instances.get(&w.info.instance_id))
+                    .map_or(0.0, |i| i.usd_per_hour)
+            };
+            let (old_usd_per_hour, new_usd_per_hour) = (price(&handover.leaving), price(&replacement));
+            let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+            let age_ms = now.saturating_sub(job.generation_started_at_unix_ms) as f64;
+            job.cost_usd += (old_usd_per_hour - new_usd_per_hour) * age_ms / 3_600_000.0;
+            job.gang_usd_per_hour += new_usd_per_hour - old_usd_per_hour;
             job.gang[rank] = replacement;
             job.step = job.step.max(step);
             job.preemptions = job.preemptions.saturating_add(1);

@@ -436,6 +436,9 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     assert_eq!(job.checkpoint_requested, None, "a live handover does not stop the gang");
     assert_eq!(job.handovers[0].live_since_unix_ms, 11_000);
     assert_eq!(at(&mut state, 11_001, live), Err(Rejected::NoHandover { job_id: JobId(1) }), "once");
+    // The replacement costs 0.5 USD/h (the gang's members, without instance records, nothing).
+    let instance = state.workers[&spare].info.instance_id.clone();
+    launched(&mut state, 11_500, &instance, false);
     // The replacement reports the swap: same generation, its rank, the leaver released.
     let swapped = Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: spare, step: 42 };
     assert_eq!(
@@ -449,6 +452,9 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     assert!(event.is_handed_over() && event.message.contains("without a stop"), "{}", event.message);
     assert_eq!((state.workers[&spare].job, state.workers[&w2].job), (Some(JobId(1)), None));
     assert!(state.workers[&w2].draining);
+    // From the swap on the gang costs the replacement's price; nothing before it.
+    let cost = state.jobs[&JobId(1)].cost_usd_at(12_000 + 3_600_000);
+    assert!((cost - 0.5).abs() < 1e-9, "{cost}");
     // A retried report after a leader change: accepted, nothing changes.
     assert_eq!(at(&mut state, 12_500, swapped), Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: None }));
     assert_eq!(state.jobs[&JobId(1)].gang, vec![w1, spare]);
@@ -471,7 +477,20 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.checkpoint_requested, job.handovers[0].live_since_unix_ms), (Some(StopReason::Handover), 0));
     assert!(job.events.last().expect("event").message.contains("did not finish in time"));
-    assert_eq!(at(&mut state, 50_001, swap_after_fallback), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    // Its swap had happened after all, reported late: taken (the gang did swap), and the stop
+    // ends the generation with the replacement in the rank; the job is placed again.
+    let mut late = state.clone();
+    assert_eq!(
+        at(&mut late, 50_001, swap_after_fallback),
+        Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: Some(w1) })
+    );
+    assert_eq!(late.jobs[&JobId(1)].gang, vec![other, spare]);
+    assert_eq!(
+        end(&mut late, 1, GenerationEnd::Checkpointed, 60),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert_eq!((late.workers[&other].job, late.workers[&spare].job), (None, None), "free to be placed again");
+    // Without that report, the stop regroups with the replacement in the noticed rank.
     checkpoint(&mut state, 60, 1).expect("checkpoint");
     assert_eq!(
         end(&mut state, 1, GenerationEnd::Checkpointed, 60),
