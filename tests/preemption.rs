@@ -226,6 +226,11 @@ fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
     assert!(last.is_empty() || last.iter().all(|w| !members.contains(w)), "{members:?} -> {last:?}");
     assert_eq!(done["generation"], 1, "no regroup: {done}");
     assert!(events(&done, "checkpointed").is_empty(), "no stop: {done}");
+    // Each swap's stall, timed by a survivor, is in the status, and the transfer's bytes.
+    let timed = events(&done, "resumed").into_iter().filter(|m| m.contains("the live swap after step")).count();
+    assert_eq!(timed, 2, "{done}");
+    assert!(done["stall_ms_total"].as_u64() > Some(0) && done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
+    assert_eq!(done["resume_storage_bytes"], 0, "{done}");
     assert_eq!(
         (done["preemptions"].as_u64(), done["steps_lost"].as_u64(), done["recoveries"].as_u64()),
         (Some(2), Some(0), Some(0)),

@@ -234,8 +234,30 @@ impl ClusterService for ClusterApi {
                 generation: report.generation,
                 replacement: id,
                 step: report.joined_after_step,
+                peer_bytes: report.resume_peer_bytes,
             };
             self.node.propose(swapped).await.map_err(status)?;
+            return Ok(Response::new(Ack {}));
+        }
+        if report.live_swap_step > 0 {
+            // A survivor timed a live swap: the job's status records it once (the first
+            // survivor's report), and the leader's stall histogram counts it then.
+            let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id)));
+            if !member.await.map_err(status)? {
+                let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
+                return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
+            }
+            let stall_ms = report.live_swap_stall_ms.max(0.0);
+            let timed = Command::LiveSwapTimed {
+                job_id,
+                generation: report.generation,
+                step: report.live_swap_step,
+                stall_ms: stall_ms.round() as u64,
+            };
+            let applied = self.node.propose(timed).await.map_err(status)?;
+            if matches!(applied, flotilla_core::state::Applied::TrainingResumed { recorded: true, .. }) {
+                self.progress.handover_stall_seconds.observe(stall_ms / 1e3);
+            }
             return Ok(Response::new(Ack {}));
         }
         let seen = self
@@ -999,7 +1021,8 @@ mod tests {
         assert_eq!(train(&state, workers[1]).1, None, "the survivor does nothing new");
         // After the swap the replacement is rank 0 (its assignment unchanged: not sent again)
         // and the leaving member is drained.
-        let swapped = Command::HandoverSwapped { job_id, generation: 1, replacement: workers[2], step: 9 };
+        let swapped =
+            Command::HandoverSwapped { job_id, generation: 1, replacement: workers[2], step: 9, peer_bytes: 0 };
         apply(&mut state, 8, Envelope::new(12_000, swapped)).expect("swapped");
         let (after, after_to, _) = train(&state, workers[2]);
         assert_eq!((after.rank, after.generation, after_to), (0, 1, None));

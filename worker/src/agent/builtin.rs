@@ -98,6 +98,7 @@ pub(super) fn run_rank(
             rank: train.rank,
             step: joined.caught.step,
             joined_after_step: joined.caught.step,
+            resume_peer_bytes: joined.caught.bytes,
             ..Default::default()
         };
         let _ = progress.blocking_send(swapped);
@@ -161,8 +162,19 @@ pub(super) fn run_rank(
             context.shared.note_first_step();
             log.note(format!("generation {} started: {breakdown}", train.generation));
         }
-        if let Some(note) = around_swaps.step(report, train.rank as usize, Instant::now()) {
-            log.note(note);
+        if let Some(timed) = around_swaps.step(report, train.rank as usize, Instant::now()) {
+            // Every survivor reports it; the coordinator records the first.
+            let _ = progress.try_send(ProgressReport {
+                worker_id: context.worker_id(),
+                job_id: train.job_id.clone(),
+                generation: train.generation,
+                rank: train.rank,
+                step: report.step,
+                live_swap_step: timed.step,
+                live_swap_stall_ms: timed.longest_ms,
+                ..Default::default()
+            });
+            log.note(timed.note);
         }
         if context.stop.load(Ordering::Relaxed) {
             return ControlFlow::Break(());
@@ -527,9 +539,9 @@ struct SwapClock {
 }
 
 impl SwapClock {
-    /// Records the end of `report`'s step (at `now`) on rank `rank`; returns the note on a
+    /// Records the end of `report`'s step (at `now`) on rank `rank`; returns what it timed of a
     /// swap once due.
-    fn step(&mut self, report: &crate::train::StepReport, rank: usize, now: Instant) -> Option<String> {
+    fn step(&mut self, report: &crate::train::StepReport, rank: usize, now: Instant) -> Option<SwapTimed> {
         if self.ends.len() > 2 * SWAP_WINDOW_STEPS {
             self.ends.pop_front();
         }
@@ -548,7 +560,7 @@ impl SwapClock {
         let mut sorted = window.to_vec();
         sorted.sort_by(f64::total_cmp);
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-        Some(format!(
+        let note = format!(
             "rank {swapped} was swapped live after step {at}: longest time without a step over the last {} steps \
              {:.1} ms (median step {median:.1} ms; the first step with the new member {:.1} ms; over the {} steps \
              before them {:.1} ms)",
@@ -557,8 +569,19 @@ impl SwapClock {
             first_after.unwrap_or(0.0),
             control.len(),
             longest(control)
-        ))
+        );
+        Some(SwapTimed { step: at, longest_ms: longest(window), note })
     }
+}
+
+/// A live swap as a surviving rank timed it (see [`SwapClock`]).
+struct SwapTimed {
+    /// The swap's step.
+    step: u64,
+    /// The longest time without a step around it (the swap's stall).
+    longest_ms: f64,
+    /// The note for the job log.
+    note: String,
 }
 
 /// Bytes a generation's start moved across its gang: peer to peer, and read from the store.
@@ -955,11 +978,13 @@ mod tests {
                 _ => 5,
             });
             let replaced = (step == 30).then_some(1);
-            notes.extend(clock.step(&report(step, replaced), 0, now));
+            notes.extend(clock.step(&report(step, replaced), 0, now).map(|t| (t.step, t.longest_ms, t.note)));
         }
         assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].0, 30);
+        assert!((notes[0].1 - 12.0).abs() < 1e-6, "{}", notes[0].1);
         assert_eq!(
-            notes[0],
+            notes[0].2,
             "rank 1 was swapped live after step 30: longest time without a step over the last 16 steps 12.0 ms \
              (median step 5.0 ms; the first step with the new member 12.0 ms; over the 16 steps before them 20.0 ms)"
         );

@@ -52,6 +52,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     on_demand_only: false,
                     handovers: Vec::new(),
                     member_lost: None,
+                    live_swap_timed_step: 0,
                     stall_ms_total: 0,
                     last_stall_ms: 0,
                     stall_generation: 0,
@@ -280,7 +281,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0, live })
         }
-        Command::HandoverSwapped { job_id, generation, replacement, step } => {
+        Command::HandoverSwapped { job_id, generation, replacement, step, peer_bytes } => {
             let job = running_generation(state, job_id, generation)?;
             // Only a live handover's replacement reports a swap (nobody else gets an assignment
             // that joins live). Its report is taken even when the leader fell back to a stop
@@ -313,6 +314,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.gang_usd_per_hour += new_usd_per_hour - old_usd_per_hour;
             job.gang[rank] = replacement;
             job.step = job.step.max(step);
+            job.resume_peer_bytes = job.resume_peer_bytes.saturating_add(peer_bytes);
             job.preemptions = job.preemptions.saturating_add(1);
             job.updated_at_unix_ms = now;
             let since_notice_ms = now.saturating_sub(handover.noticed_at_unix_ms);
@@ -323,6 +325,21 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 worker.job = Some(job_id);
             }
             Ok(Applied::HandoverSwapped { job_id, leaving: Some(handover.leaving) })
+        }
+        Command::LiveSwapTimed { job_id, generation, step, stall_ms } => {
+            let job = running_generation(state, job_id, generation)?;
+            if job.live_swap_timed_step >= step {
+                return Ok(Applied::TrainingResumed { job_id, recorded: false });
+            }
+            job.live_swap_timed_step = step;
+            job.last_stall_ms = stall_ms;
+            job.stall_ms_total = job.stall_ms_total.saturating_add(stall_ms);
+            let message = format!(
+                "the live swap after step {step} cost {stall_ms} ms without a step (a surviving rank's longest gap \
+                 around it); no stop"
+            );
+            push_event(job, now, "resumed", message);
+            Ok(Applied::TrainingResumed { job_id, recorded: true })
         }
         Command::RequestCheckpoint { job_id, generation, reason } => {
             let job = running_generation(state, job_id, generation)?;

@@ -440,7 +440,8 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     let instance = state.workers[&spare].info.instance_id.clone();
     launched(&mut state, 11_500, &instance, false);
     // The replacement reports the swap: same generation, its rank, the leaver released.
-    let swapped = Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: spare, step: 42 };
+    let swapped =
+        Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: spare, step: 42, peer_bytes: 1000 };
     assert_eq!(
         at(&mut state, 12_000, swapped.clone()),
         Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: Some(w2) })
@@ -452,6 +453,17 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     assert!(event.is_handed_over() && event.message.contains("without a stop"), "{}", event.message);
     assert_eq!((state.workers[&spare].job, state.workers[&w2].job), (Some(JobId(1)), None));
     assert!(state.workers[&w2].draining);
+    assert_eq!(state.jobs[&JobId(1)].resume_peer_bytes, 1000, "the transfer, peer to peer");
+    // A survivor's clock: the swap's stall, counted once whichever survivor reports first.
+    let timed = Command::LiveSwapTimed { job_id: JobId(1), generation: 1, step: 42, stall_ms: 9 };
+    assert_eq!(
+        at(&mut state, 12_100, timed.clone()),
+        Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: true })
+    );
+    assert_eq!(at(&mut state, 12_101, timed), Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: false }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.last_stall_ms, job.stall_ms_total), (9, 9));
+    assert!(job.events.last().is_some_and(|e| e.kind == "resumed" && e.message.contains("no stop")));
     // From the swap on the gang costs the replacement's price; nothing before it.
     let cost = state.jobs[&JobId(1)].cost_usd_at(12_000 + 3_600_000);
     assert!((cost - 0.5).abs() < 1e-9, "{cost}");
@@ -459,7 +471,8 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     assert_eq!(at(&mut state, 12_500, swapped), Ok(Applied::HandoverSwapped { job_id: JobId(1), leaving: None }));
     assert_eq!(state.jobs[&JobId(1)].gang, vec![w1, spare]);
     // Nobody else can claim a swap.
-    let stranger = Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: w2, step: 43 };
+    let stranger =
+        Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: w2, step: 43, peer_bytes: 0 };
     assert_eq!(at(&mut state, 12_600, stranger), Err(Rejected::NoHandover { job_id: JobId(1) }));
 
     // The next notice's live handover does not finish in time: the leader falls back to the
@@ -468,7 +481,7 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
     at(&mut state, 20_000, spot_notice(w1, 140_000)).expect("notice");
     at(&mut state, 21_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: true }).expect("live");
     let swap_after_fallback =
-        Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: other, step: 50 };
+        Command::HandoverSwapped { job_id: JobId(1), generation: 1, replacement: other, step: 50, peer_bytes: 0 };
     let stop = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
     assert_eq!(
         at(&mut state, 50_000, stop),

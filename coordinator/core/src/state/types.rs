@@ -15,7 +15,8 @@ use crate::spec::JobSpec;
 /// applies differently), `GangLost`, `Job::handovers`.
 /// 3: a reserved replacement lost or noticed while its gang trains is given up and another
 /// sought (`WorkerLost` and `WorkerInterrupted` of a free worker apply differently).
-/// 4: live handovers (`HandoverReady::live`, `HandoverSwapped`, `Handover::live_since_unix_ms`).
+/// 4: live handovers (`HandoverReady::live`, `HandoverSwapped`, `LiveSwapTimed`,
+/// `Handover::live_since_unix_ms`, `Job::live_swap_timed_step`).
 pub const STATE_VERSION: u32 = 4;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
@@ -197,6 +198,10 @@ pub struct Job {
     /// reset): the survivors are told to stop waiting for it and report the state they hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_lost: Option<MemberLost>,
+    /// The step of the newest live swap whose stall a surviving rank reported (its time
+    /// without a step around the swap is counted once, whichever survivor reports first).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub live_swap_timed_step: u64,
 }
 
 /// See [`Job::member_lost`].
@@ -865,6 +870,17 @@ pub enum Command {
         generation: u64,
         replacement: WorkerId,
         step: u64,
+        /// Bytes the transfer moved peer to peer (the state and the updates replayed).
+        #[serde(default)]
+        peer_bytes: u64,
+    },
+    /// A surviving rank timed the live swap after `step` on its own clock: its longest time
+    /// without an optimizer step around it (the swap's stall, recorded once per swap).
+    LiveSwapTimed {
+        job_id: JobId,
+        generation: u64,
+        step: u64,
+        stall_ms: u64,
     },
     /// The leader saw the first step of `generation`, which followed a stop: the job went
     /// `stall_ms` without training (from the stop for a handover, from the notice or loss
