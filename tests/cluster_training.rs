@@ -261,10 +261,9 @@ fn leader_killed_mid_handover(live: bool) {
     let home = dir.path().join(".flotilla");
     let cluster = Cluster { home: &home, workers: Vec::new() };
     let boot = BOOT_S.to_string();
-    let mut up_args = vec!["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &boot];
-    if live {
-        up_args.push("--live-handover");
-    }
+    let live_handover = if live { "true" } else { "false" };
+    let up_args =
+        ["up", "--coordinators", "3", "--workers", "2", "--boot-delay-s", &boot, "--live-handover", live_handover];
     let up = run(&home, &up_args);
     assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
     let spec = endless_digits_spec(dir.path(), "handover", 2000);

@@ -34,9 +34,9 @@ if [[ "${STORE:-local}" == s3 ]]; then
   store_args=(--store s3://flotilla-bench/handover)
   trap '"$FLOTILLA_BIN" down --purge >/dev/null 2>&1 || true; rm -rf "$WORK"; kill "$moto_pid" 2>/dev/null || true' EXIT
 fi
-live_args=()
+live_args=(--live-handover false)
 if [[ "${LIVE:-0}" == 1 ]]; then
-  live_args=(--live-handover)
+  live_args=(--live-handover true)
 fi
 "$FLOTILLA_BIN" up --workers 2 --boot-delay-s "$BOOT_S" "${store_args[@]}" "${live_args[@]}" > "$WORK/up.txt"
 # The leader's metrics (one coordinator): its stall histograms time each stop from the inside.

@@ -55,8 +55,10 @@ pub struct UpArgs {
     #[arg(long)]
     pub no_tls: bool,
     /// Hand noticed members of built-in jobs over live: the gang trains on while the
-    /// replacement catches up, and swaps it in without a stop (see `coordinator --live-handover`).
-    #[arg(long)]
+    /// replacement catches up, and swaps it in without a stop (see `coordinator
+    /// --live-handover`; off by default for now: every handover stops the gang and regroups).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
 }
 
@@ -225,7 +227,7 @@ fn spawn_coordinator(
         .args(["--local-interruptions-per-hour", &args.spot_interruptions_per_hour.to_string()])
         .args(["--local-seed", &args.seed.to_string()])
         .args(["--local-boot-delay-s", &args.boot_delay_s.to_string()])
-        .args(args.live_handover.then_some("--live-handover"))
+        .args(["--live-handover", if args.live_handover { "true" } else { "false" }])
         .envs(tls_env(cluster, "coordinator"))
         .args(
             data_roots(cluster, home)?.iter().flat_map(|root| [std::ffi::OsStr::new("--data-root"), root.as_os_str()]),

@@ -96,8 +96,9 @@ pub struct Args {
     /// Hand a noticed member of a built-in job over live (issue 25): its replacement takes the
     /// state and every step's update from it while the gang trains on, and takes its rank
     /// without a stop; falls back to the checkpoint-and-regroup handover if the swap does not
-    /// happen in time. Every worker must run this version (the gang's votes change).
-    #[arg(long, env = "FLOTILLA_LIVE_HANDOVER")]
+    /// happen in time. Off by default for now: every handover stops the gang and regroups.
+    #[arg(long, env = "FLOTILLA_LIVE_HANDOVER", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
     /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
     /// the EC2 settings) and exit, without starting, binding or contacting anything.

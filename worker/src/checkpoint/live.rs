@@ -21,7 +21,7 @@
 //! critical path.
 //!
 //! The leaving member's step loop only queues each update ([`Source`] writes on a thread of its
-//! own, at most [`QUEUED_UPDATES_MAX`] behind); a joiner that falls further behind, or a
+//! own, at most [`queue_capacity`] updates behind); a joiner that falls further behind, or a
 //! transfer that fails, gives the handover up, and the gang goes on as if it had never begun.
 //! The updates travel as plain TCP, like the ring's gradients; the state frame is hashed part
 //! by part on arrival, like a push's. Only a holder of the handover's key sends or takes one.
@@ -44,9 +44,23 @@ use crate::data::Dataset;
 use crate::train::{Handover, TrainError, TrainState, Trainer};
 use flotilla_proto::spec::JobSpec;
 
-/// Updates queued for the joiner at most: a joiner further behind gives the handover up (the
-/// gang must not wait for it, and each queued update holds a gradient's memory).
-pub const QUEUED_UPDATES_MAX: usize = 8;
+/// Updates that may always wait for the joiner, however large: a joiner further behind than
+/// [`queue_capacity`] gives the handover up (the gang must not wait for it, and each queued
+/// update holds a gradient's memory).
+pub const QUEUED_UPDATES_MIN: usize = 8;
+/// Bytes of updates queued for the joiner at most (the leaving member holds them): a small
+/// model's updates are many and cheap, and its steps fast, so the joiner may fall that many
+/// steps behind while it builds its trainer (sub-millisecond steps fill 8 in no time).
+pub const QUEUED_UPDATE_BYTES_MAX: usize = 64 << 20;
+/// Updates queued at most, however small.
+pub const QUEUED_UPDATES_MAX: usize = 4096;
+
+/// How many updates of `values` parameters may wait for the joiner: as many as fit in
+/// [`QUEUED_UPDATE_BYTES_MAX`], between [`QUEUED_UPDATES_MIN`] and [`QUEUED_UPDATES_MAX`].
+pub fn queue_capacity(values: usize) -> usize {
+    (QUEUED_UPDATE_BYTES_MAX / (values * 4).max(1)).clamp(QUEUED_UPDATES_MIN, QUEUED_UPDATES_MAX)
+}
+
 /// Time for any one read or write of the transfer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for the connection to the joiner.
@@ -113,6 +127,8 @@ pub struct Source {
     forwarded: u64,
     /// The transfer ended early (the link broke, the joiner refused).
     failed: Arc<AtomicBool>,
+    /// Updates that may wait for the joiner ([`queue_capacity`]).
+    capacity: usize,
 }
 
 impl Source {
@@ -123,7 +139,8 @@ impl Source {
     /// the step loop that calls this only copies the state. A joiner that cannot be reached
     /// fails the transfer (the handover is given up at the next forward).
     pub fn connect(addr: SocketAddr, key: Vec<u8>, gang_id: u64, rank: usize, state: TrainState) -> Source {
-        let (updates, queued) = sync_channel(QUEUED_UPDATES_MAX);
+        let capacity = queue_capacity(state.params.len());
+        let (updates, queued) = sync_channel(capacity);
         let applied = Arc::new(AtomicU64::new(NOTHING_APPLIED));
         let failed = Arc::new(AtomicBool::new(false));
         let forwarded = state.step;
@@ -157,7 +174,7 @@ impl Source {
         if spawned.is_err() {
             failed.store(true, Ordering::Release);
         }
-        Source { updates, applied, forwarded, failed }
+        Source { updates, applied, forwarded, failed, capacity }
     }
 
     /// Newest step the joiner applied, if it holds the state yet.
@@ -181,7 +198,7 @@ impl Handover for Source {
                 Ok(())
             }
             Err(TrySendError::Full(_)) => {
-                Err(format!("the joining member fell {QUEUED_UPDATES_MAX} updates behind the gang"))
+                Err(format!("the joining member fell {} updates behind the gang", self.capacity))
             }
             Err(TrySendError::Disconnected(_)) => Err("the transfer to the joining member ended".into()),
         }
@@ -424,4 +441,17 @@ pub fn join(
     let caught = catch_up(&mut sink, &mut trainer)?;
     let comm = dialing.join().map_err(|_| LiveError::Io("the thread dialing the gang panicked".into()))??;
     Ok(Joined { trainer, comm, caught })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_joiner_may_fall_behind_by_a_byte_budget_of_updates_within_bounds() {
+        assert_eq!(queue_capacity(700), QUEUED_UPDATES_MAX, "a tiny model: many cheap updates");
+        assert_eq!(queue_capacity(235_146), 71, "the MNIST MLP: 0.9 MB an update, 64 MiB in all");
+        assert_eq!(queue_capacity(100_000_000), QUEUED_UPDATES_MIN, "a large model: never fewer than 8");
+        assert_eq!(queue_capacity(0), QUEUED_UPDATES_MAX);
+    }
 }
