@@ -56,8 +56,8 @@ pub struct UpArgs {
     pub no_tls: bool,
     /// Hand noticed members of built-in jobs over live: the gang trains on while the
     /// replacement catches up, and swaps it in without a stop (see `coordinator
-    /// --live-handover`; off by default for now: every handover stops the gang and regroups).
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
+    /// --live-handover`); `false`: every handover stops the gang and regroups.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
 }

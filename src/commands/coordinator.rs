@@ -93,11 +93,11 @@ pub struct Args {
     /// and read-only, like any exporter: bind an address only the monitoring system reaches.
     #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Hand a noticed member of a built-in job over live (issue 25): its replacement takes the
-    /// state and every step's update from it while the gang trains on, and takes its rank
+    /// Hand a lone noticed member of a built-in job over live (issue 25): its replacement takes
+    /// the state and every step's update from it while the gang trains on, and takes its rank
     /// without a stop; falls back to the checkpoint-and-regroup handover if the swap does not
-    /// happen in time. Off by default for now: every handover stops the gang and regroups.
-    #[arg(long, env = "FLOTILLA_LIVE_HANDOVER", default_value_t = false, num_args = 0..=1,
+    /// happen in time. `false`: every handover stops the gang and regroups.
+    #[arg(long, env = "FLOTILLA_LIVE_HANDOVER", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
     /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
