@@ -6,8 +6,11 @@
 //! with `flotilla certs` (one per coordinator naming its address, one for the workers; mutual
 //! TLS for peers and workers, the CLI verifying the CA).
 //!
-//! The run: MNIST (the shipped 5k rows, uploaded to S3) trains on a gang of 2 with 1 spare.
-//! Mid-run every process of one busy worker host is SIGKILLed and, at once, the leader
+//! The run: MNIST (the shipped 5k rows, uploaded to S3) trains on a gang of 2 with 2 spares.
+//! A busy worker host gets a spot notice from its metadata endpoint: a spare host takes its
+//! rank live (issue 25: the state and every step's update cross hosts from the noticed member
+//! while the gang trains on; no stop, generation 1, no step lost). Later every process of one
+//! busy worker host is SIGKILLed and, at once, the leader
 //! coordinator's host is cut off (link down). The job resumes from its S3 checkpoint on the
 //! spare under the new leader and reaches at least 90% validation accuracy; the model lands in
 //! the registry with its artifact in S3; `flotilla infer` reads an s3:// input and writes an
@@ -28,7 +31,7 @@ mod common;
 use common::mnist_rows;
 use common::s3::{get, list, put};
 
-const WORKER_HOSTS: [u8; 3] = [21, 22, 23];
+const WORKER_HOSTS: [u8; 4] = [21, 22, 23, 24];
 const COORDINATOR_HOSTS: [u8; 3] = [11, 12, 13];
 const S3_HOST: u8 = 2;
 const S3_PORT: u16 = 9000;
@@ -392,10 +395,10 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         hosts.spawn(host, "worker", &exe, &worker_args, &worker_env);
     }
     let mut workers = Value::Null;
-    wait("three idle workers", &hosts, || {
+    wait("four idle workers", &hosts, || {
         let out = cli.run(&["workers", "-o", "json"]);
         workers = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        workers.as_array().is_some_and(|ws| ws.len() == 3 && ws.iter().all(|w| w["state"] == "Idle"))
+        workers.as_array().is_some_and(|ws| ws.len() == 4 && ws.iter().all(|w| w["state"] == "Idle"))
     });
     // Real identities: type and zone from each host's metadata, the host's own address.
     for host in WORKER_HOSTS {
@@ -409,7 +412,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         assert_eq!(w["gpus"], 0, "{w}");
     }
 
-    // The job: MNIST from S3, a gang of 2 (the third worker is the spare).
+    // The job: MNIST from S3, a gang of 2 (the other two workers are spares).
     let spec = hosts.folder(1, "cli").join("mnist.toml");
     std::fs::write(
         &spec,
@@ -432,10 +435,45 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
     let step = |job: &Value| job["step"].as_u64().unwrap_or(0);
     // 0 until rank 0 reports: then no fraction is reached.
     let total = |job: &Value| job["total_steps"].as_u64().filter(|t| *t > 0).unwrap_or(u64::MAX);
+    let busy_host = |cli: &Cli| -> Option<u8> {
+        let out = cli.run(&["workers", "-o", "json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        list.as_array().and_then(|ws| {
+            ws.iter().find(|w| w["state"] == "Busy" && w["job_id"] == job_id.as_str()).and_then(|w| {
+                let addr = w["data_addr"].as_str()?;
+                addr.split(':').next()?.rsplit('.').next()?.parse::<u8>().ok()
+            })
+        })
+    };
+    // A spot notice for a busy worker host (its metadata endpoint says the instance is taken in
+    // two minutes): a spare host takes its rank live, across hosts, without a stop.
+    let (mut job, mut noticed) = (Value::Null, None);
+    wait("a busy worker past 5% of the steps", &hosts, || {
+        job = status(&cli);
+        noticed = busy_host(&cli);
+        job["state"] == "Running" && noticed.is_some() && step(&job).saturating_mul(20) >= total(&job)
+    });
+    let noticed = noticed.expect("a busy worker");
+    let taken_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() + 120_000;
+    std::fs::write(hosts.folder(noticed, "imds").join("action"), taken_at.to_string()).expect("the notice");
+    let live = |job: &Value| {
+        job["events"].as_array().is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| e["kind"] == "handover" && e["message"].as_str().is_some_and(|m| m.contains("without a stop")))
+        })
+    };
+    wait("the live handover across hosts", &hosts, || {
+        job = status(&cli);
+        live(&job) || job["generation"].as_u64() > Some(1) || job["state"] != "Running"
+    });
+    assert!(live(&job) && job["generation"] == 1 && job["steps_lost"] == 0, "swapped live: {job}{}", hosts.logs());
+    eprintln!("live handover across hosts: {}", job["events"]);
     // Mid-run, a busy worker host is lost whole (SIGKILL of all its processes) and, at once, the
     // leader coordinator's host is cut off the network (link down): the job recovers while the
     // other two coordinators elect a new leader.
-    let (mut job, mut victim, mut polls) = (Value::Null, None, 0u32);
+    let (mut victim, mut polls) = (None, 0u32);
     wait("a busy worker past 20% of the steps", &hosts, || {
         job = status(&cli);
         polls += 1;
@@ -446,14 +484,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
             !["Succeeded", "Failed", "Cancelled"].contains(&job["state"].as_str().unwrap_or("")),
             "the job ended before the losses: {job}"
         );
-        let out = cli.run(&["workers", "-o", "json"]);
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        victim = list.as_array().and_then(|ws| {
-            ws.iter().find(|w| w["state"] == "Busy" && w["job_id"] == job_id.as_str()).and_then(|w| {
-                let addr = w["data_addr"].as_str()?;
-                addr.split(':').next()?.rsplit('.').next()?.parse::<u8>().ok()
-            })
-        });
+        victim = busy_host(&cli).filter(|host| *host != noticed);
         job["state"] == "Running" && victim.is_some() && step(&job).saturating_mul(5) >= total(&job)
     });
     eprintln!("before the losses: {job}");
