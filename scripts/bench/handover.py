@@ -136,6 +136,20 @@ def resume_sources(job):
     return sources
 
 
+def record_head(path, round_no, noticed):
+    """What every notice_path record starts with: the path, the round and the setting."""
+    return {
+        "bench": "notice_path",
+        "path": path,
+        "round": round_no,
+        "notice_s": PATHS[path],
+        "boot_s": int(os.environ["BOOT_S"]),
+        "gpus": GPUS,
+        "noticed": noticed,
+        "model": MODEL,
+    }
+
+
 def live_notes(job, swaps_before, limit_s=15):
     """The survivor's note on the newest live swap and the replacement's on its transfer, from
     the ranks' job logs (polled until both reached the store)."""
@@ -172,14 +186,7 @@ def one_live(path, round_no):
     final = status(job)
     cli("cancel", job)
     record = {
-        "bench": "notice_path",
-        "path": path,
-        "round": round_no,
-        "notice_s": PATHS[path],
-        "boot_s": int(os.environ["BOOT_S"]),
-        "gpus": GPUS,
-        "noticed": 1,
-        "model": MODEL,
+        **record_head(path, round_no, 1),
         "trained_on_ms": round((t_swap - t0) * 1e3, 1),
         "stall_ms": float(longest_ms),
         "to_first_step_ms": None,
@@ -240,14 +247,7 @@ def one(path, round_no):
     survivor_idle_ms = max((r["idle_ms"] for r in sources.values() if "idle_ms" in r), default=None)
     cli("cancel", job)
     record = {
-        "bench": "notice_path",
-        "path": path,
-        "round": round_no,
-        "notice_s": PATHS[path],
-        "boot_s": int(os.environ["BOOT_S"]),
-        "gpus": GPUS,
-        "noticed": len(victims),
-        "model": MODEL,
+        **record_head(path, round_no, len(victims)),
         "trained_on_ms": round((t_stop - t0) * 1e3, 1),
         "stall_ms": round((t_first - t_stop) * 1e3, 1),
         "to_first_step_ms": round((t_first - t0) * 1e3, 1),

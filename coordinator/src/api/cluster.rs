@@ -932,8 +932,8 @@ mod tests {
         assert!(spares_of(&state, workers[1]).is_empty(), "reserved, it is no longer a spare");
     }
 
-    #[test]
-    fn a_handover_s_reserved_replacement_is_told_to_prepare_the_job_s_data() {
+    /// Job 1 (a gang of 2) running on the first two of three registered workers.
+    fn gang_of_two_and_a_free_worker() -> (State, Vec<WorkerId>, JobId) {
         let mut state = State::default();
         let spec = flotilla_core::spec::JobSpec::from_toml_str(
             "name = \"h\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
@@ -946,6 +946,12 @@ mod tests {
         let job_id = JobId(1);
         let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
         apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
+        (state, workers, job_id)
+    }
+
+    #[test]
+    fn a_handover_s_reserved_replacement_is_told_to_prepare_the_job_s_data() {
+        let (mut state, workers, job_id) = gang_of_two_and_a_free_worker();
         let key = gang_key("token");
         assert_eq!(desired(&state, workers[2], "file:///s", &key), Desired::Idle, "a free worker idles");
         // A two-minute notice for rank 1: the free worker is reserved at once, the gang trains on.
@@ -986,18 +992,7 @@ mod tests {
 
     #[test]
     fn a_live_handover_s_replacement_gets_the_leaving_member_s_assignment_and_the_leaver_its_target() {
-        let mut state = State::default();
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"h\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
-             workers = { min = 2, max = 2 }\n",
-        )
-        .expect("spec");
-        let submit = Command::SubmitJob { spec: Box::new(spec), client_request_id: "r".into() };
-        apply(&mut state, 1, Envelope::new(1000, submit)).expect("submit");
-        let workers: Vec<WorkerId> = (2..5).map(|index| register(&mut state, index)).collect();
-        let job_id = JobId(1);
-        let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
-        apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
+        let (mut state, workers, job_id) = gang_of_two_and_a_free_worker();
         let notice =
             Command::WorkerInterrupted { worker_id: workers[0], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
