@@ -191,7 +191,7 @@ fn handovers_among(
             } else if past_fallback || (!policy.replacements_expected && fallback_at_ms.is_some()) {
                 out.push(fallback);
             }
-        } else if let Some(live) = job.handovers.iter().find(|h| h.live_since_unix_ms > 0) {
+        } else if let Some(live) = job.live_handover() {
             let overdue = now_ms >= live.live_since_unix_ms.saturating_add(LIVE_SWAP_WAIT_MAX_MS);
             if past_fallback || overdue || job.handovers.len() > 1 {
                 out.push(Command::HandoverReady { job_id, generation, live: false });
@@ -203,7 +203,7 @@ fn handovers_among(
                     || now_ms >= h.reserved_at_unix_ms.saturating_add(PREPARE_WAIT_MAX_MS)
             };
             if job.handovers.iter().all(ready) {
-                let live = policy.live && job.handovers.len() == 1 && job.spec.command().is_none() && !past_fallback;
+                let live = policy.live && job.may_hand_over_live() && !past_fallback;
                 out.push(Command::HandoverReady { job_id, generation, live });
             }
         }
@@ -491,7 +491,7 @@ mod tests {
         let fallback_at = log.state.jobs[&job_id].handovers[0].fallback_at_unix_ms;
         assert_eq!(handover_commands(&log.state, fallback_at, live, all), vec![stop.clone()]);
         // Another member noticed meanwhile: both hand over at one stop, once it has a replacement.
-        let mut both = Log { state: log.state.clone(), at_ms: 10_000 };
+        let mut both = log.clone();
         both.step(notice(w1));
         both.register(4);
         let reserve = Command::HandoverTo { job_id, generation: 1, replacement: WorkerId(4) };

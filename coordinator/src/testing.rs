@@ -18,9 +18,10 @@ pub fn worker_info(index: u64) -> WorkerInfo {
 }
 
 /// A test's Raft log: commands applied to `state` 100 ms apart.
+#[derive(Clone)]
 pub struct Log {
     pub state: State,
-    pub at_ms: u64,
+    at_ms: u64,
 }
 
 impl Log {

@@ -631,7 +631,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
         if let Some(job) = flotilla_core::state::reserving_job(state, id) {
             // A live handover's replacement takes the leaving member's own assignment and joins
             // the running gang in its place (no new generation).
-            let live = job.handovers.iter().find(|h| h.replacement == Some(id) && h.live_since_unix_ms > 0);
+            let live = job.live_handover().filter(|h| h.replacement == Some(id));
             if let Some(rank) = live
                 .filter(|_| job.checkpoint_requested.is_none())
                 .and_then(|h| job.gang.iter().position(|w| *w == h.leaving))
@@ -662,16 +662,17 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Des
     let assignment = train_assignment(state, job, rank, store, gang_key);
     let rank = rank as u32;
     let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
-    let handover_to = job
-        .handover_of(id)
-        .filter(|_| job.checkpoint_requested == Some(StopReason::Handover))
-        .and_then(|h| state.workers.get(&h.replacement?))
-        .map(|replacement| replacement.info.data_addr.clone());
-    let live_to = job
-        .handover_of(id)
-        .filter(|h| h.live_since_unix_ms > 0 && job.checkpoint_requested.is_none())
-        .and_then(|h| state.workers.get(&h.replacement?))
-        .map(|replacement| replacement.info.data_addr.clone());
+    // A handover's leaving member learns its replacement's data port once the gang stops for
+    // it (it pushes its stop-step state there) or, live, at once (it streams while training).
+    let handover = job.handover_of(id);
+    let replacement_addr =
+        handover.and_then(|h| state.workers.get(&h.replacement?)).map(|replacement| replacement.info.data_addr.clone());
+    let live = handover.is_some_and(|h| h.is_live());
+    let (handover_to, live_to) = match job.checkpoint_requested {
+        Some(StopReason::Handover) => (replacement_addr, None),
+        None if live => (None, replacement_addr),
+        _ => (None, None),
+    };
     Desired::Train {
         job: job.id,
         generation: job.generation,

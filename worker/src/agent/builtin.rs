@@ -92,14 +92,9 @@ pub(super) fn run_rank(
         moved.peer = joined.caught.bytes;
         startup.lap("live handover");
         let swapped = ProgressReport {
-            worker_id: context.worker_id(),
-            job_id: train.job_id.clone(),
-            generation: train.generation,
-            rank: train.rank,
-            step: joined.caught.step,
             joined_after_step: joined.caught.step,
             resume_peer_bytes: joined.caught.bytes,
-            ..Default::default()
+            ..progress_report(context, &train, joined.caught.step)
         };
         let _ = progress.blocking_send(swapped);
         (joined.comm, joined.trainer)
@@ -165,14 +160,9 @@ pub(super) fn run_rank(
         if let Some(timed) = around_swaps.step(report, train.rank as usize, Instant::now()) {
             // Every survivor reports it; the coordinator records the first.
             let _ = progress.try_send(ProgressReport {
-                worker_id: context.worker_id(),
-                job_id: train.job_id.clone(),
-                generation: train.generation,
-                rank: train.rank,
-                step: report.step,
                 live_swap_step: timed.step,
                 live_swap_stall_ms: timed.longest_ms,
-                ..Default::default()
+                ..progress_report(context, &train, report.step)
             });
             log.note(timed.note);
         }
@@ -201,18 +191,13 @@ pub(super) fn run_rank(
             ));
             AGENT.samples_per_second.set(report.samples_per_s);
             let _ = progress.try_send(ProgressReport {
-                worker_id: context.worker_id(),
-                job_id: train.job_id.clone(),
-                generation: train.generation,
-                rank: 0,
-                step: report.step,
                 loss: f64::from(report.loss),
                 samples_per_s: report.samples_per_s,
                 total_steps: trainer.total_steps(),
                 eta_ms,
                 resume_peer_bytes: moved.peer,
                 resume_storage_bytes: moved.storage,
-                ..Default::default()
+                ..progress_report(context, &train, report.step)
             });
         }
         // Rank 0 of a cluster announces the stop's checkpoint: it encodes the state once, for
@@ -445,6 +430,18 @@ pub(super) fn run_rank(
         classes: train_set.classes as u32,
         feature_scale: train_set.feature_scale,
     })))
+}
+
+/// A report of this rank's progress at `step`: what every report carries.
+fn progress_report(context: &RankContext, train: &TrainAssignment, step: u64) -> ProgressReport {
+    ProgressReport {
+        worker_id: context.worker_id(),
+        job_id: train.job_id.clone(),
+        generation: train.generation,
+        rank: train.rank,
+        step,
+        ..Default::default()
+    }
 }
 
 /// Longest a live handover's replacement waits for the leaving member's transfer to arrive
@@ -684,7 +681,7 @@ static DATA_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Prepares this worker for the job a handover reserved it for, or that keeps it as a warm
 /// spare (its `PrepareJob`), so that its first generation starts at once: loads the data into
-/// the cache and runs one throw-away training step (on a GPU burn compiles its CUDA kernels at
+/// the cache and runs one throw-away forward and backward pass ([`warm_up`]: on a GPU burn compiles its CUDA kernels at
 /// first use: 2-5 s on an H200 that the whole gang would otherwise wait for in the first
 /// all-reduce; on a CPU the fresh
 /// process's first step took 5-12 ms against 4 ms later, and the gang waits for it). Then it
@@ -702,7 +699,7 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 gpus = spec.workers.gpus,
                 spare = prepare.spare,
-                "prepared the job (data loaded, one warm-up step)"
+                "prepared the job (data loaded, one warm-up pass)"
             ),
             Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare the job"),
         }
@@ -711,13 +708,13 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
     shared.beat_now.notify_one();
 }
 
-/// One training step of a scratch trainer (world 1, fresh weights, the job's batch size) on
+/// [`Trainer::warm_up`] of a scratch trainer (world 1, fresh weights, the job's batch size) on
 /// the job's device, so that the kernels the real steps use are compiled (GPU) and the
 /// process's allocations and caches are warm (CPU).
 fn warm_up(spec: &JobSpec, train: Arc<Dataset>) -> anyhow::Result<()> {
     let mut comm = crate::collective::local::LocalCommunicator;
     let mut trainer = Trainer::new(spec, train, &mut comm, None).context("building the warm-up trainer")?;
-    trainer.step(&mut comm).context("the warm-up step")?;
+    trainer.warm_up().context("the warm-up pass")?;
     Ok(())
 }
 

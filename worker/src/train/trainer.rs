@@ -349,10 +349,11 @@ impl Trainer {
     }
 
     /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
-    /// Runs one step's forward and backward pass on this rank's share of a batch and throws
-    /// the result away (nothing changes): a live handover's joining member does it while it
-    /// catches up, so that its first step with the gang is not its process's first pass (the
-    /// backend's allocations and caches warmed up off the gang's critical path).
+    /// Runs one step's forward and backward pass on a batch of this rank's size and throws the
+    /// result away (nothing changes): the kernels and allocations a step uses are made off the
+    /// gang's critical path. A prepared replacement runs it on a scratch trainer (GPU kernels
+    /// compiled before the gang waits for them), a live handover's joining member on its own
+    /// while it catches up (its first step with the gang is not its model's first pass).
     pub fn warm_up(&mut self) -> Result<(), TrainError> {
         self.write_model();
         let rows = (self.train_spec.batch_size as usize).min(self.data.rows) as u32;

@@ -257,8 +257,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let (Some(pairs), None) = (pairs.filter(|p| !p.is_empty()), job.checkpoint_requested) else {
                 return Err(Rejected::NoHandover { job_id });
             };
-            let live_under_way = job.handovers.iter().any(|h| h.live_since_unix_ms > 0);
-            if live && (live_under_way || pairs.len() != 1 || job.spec.command().is_some()) {
+            let live_under_way = job.live_handover().is_some();
+            if live && (live_under_way || !job.may_hand_over_live()) {
                 // Repeated (a retried proposal), or not one built-in member's handover.
                 return Err(Rejected::NoHandover { job_id });
             }
@@ -300,14 +300,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let handover = job.handovers.remove(index);
             // The gang's price changes with the member from now on: the time so far at the old
             // price (the running generation's cost is `gang_usd_per_hour` times its age).
-            let price = |w: &WorkerId| {
-                state
-                    .workers
-                    .get(w)
-                    .and_then(|w| state.instances.get(&w.info.instance_id))
-                    .map_or(0.0, |i| i.usd_per_hour)
-            };
-            let (old_usd_per_hour, new_usd_per_hour) = (price(&handover.leaving), price(&replacement));
+            let (old_usd_per_hour, new_usd_per_hour) =
+                (usd_per_hour(state, handover.leaving), usd_per_hour(state, replacement));
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             let age_ms = now.saturating_sub(job.generation_started_at_unix_ms) as f64;
             job.cost_usd += (old_usd_per_hour - new_usd_per_hour) * age_ms / 3_600_000.0;
@@ -700,12 +694,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
             worker.job = Some(job_id);
         }
     }
-    let gang_usd_per_hour: f64 = workers
-        .iter()
-        .filter_map(|w| state.workers.get(w))
-        .filter_map(|w| state.instances.get(&w.info.instance_id))
-        .map(|i| i.usd_per_hour)
-        .sum();
+    let gang_usd_per_hour: f64 = workers.iter().map(|w| usd_per_hour(state, *w)).sum();
     let job = state.jobs.get_mut(&job_id).expect("the job was just found");
     job.generation_started_at_unix_ms = now;
     job.generation_start_step = resume_step(job);
@@ -944,6 +933,12 @@ fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64)
             break;
         }
     }
+}
+
+/// What `worker`'s instance costs an hour (0 for a worker without an instance record, started
+/// by hand or by the local provider).
+fn usd_per_hour(state: &State, worker: WorkerId) -> f64 {
+    state.workers.get(&worker).and_then(|w| state.instances.get(&w.info.instance_id)).map_or(0.0, |i| i.usd_per_hour)
 }
 
 /// Whether `worker` runs on a spot instance (a worker without an instance record, started by

@@ -271,6 +271,11 @@ impl Handover {
     pub fn deadline_unix_ms(&self) -> Option<u64> {
         (!self.advisory).then_some(self.fallback_at_unix_ms)
     }
+
+    /// Whether it is a live handover under way (see [`Handover::live_since_unix_ms`]).
+    pub fn is_live(&self) -> bool {
+        self.live_since_unix_ms > 0
+    }
 }
 
 impl Job {
@@ -297,6 +302,17 @@ impl Job {
     /// The handover of `leaving`, if it is a noticed member.
     pub fn handover_of(&self, leaving: WorkerId) -> Option<&Handover> {
         self.handovers.iter().find(|h| h.leaving == leaving)
+    }
+
+    /// The live handover under way, if any.
+    pub fn live_handover(&self) -> Option<&Handover> {
+        self.handovers.iter().find(|h| h.is_live())
+    }
+
+    /// Whether the handovers under way may go live: exactly one, of a built-in job (a command
+    /// job's program restarts from a checkpoint; several noticed members swap at one stop).
+    pub fn may_hand_over_live(&self) -> bool {
+        self.handovers.len() == 1 && self.spec.command().is_none()
     }
 
     /// Drops the handovers under way as the generation stops as after any notice (one found
