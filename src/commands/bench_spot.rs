@@ -19,6 +19,13 @@ pub struct Args {
     /// needs its replacement within the notice (2 minutes) less the 45 s fallback lead.
     #[arg(long, default_value_t = 3.0)]
     pub provision_minutes: f64,
+    /// The training state (parameters and optimizer moments) a replacement takes from the
+    /// leaving member at a handover, in GiB: with the peer bandwidth, the handover's stall.
+    #[arg(long, default_value_t = 1.0)]
+    pub state_gib: f64,
+    /// The bandwidth between two members, in Gbit/s.
+    #[arg(long, default_value_t = 10.0)]
+    pub peer_gbit_per_s: f64,
 }
 
 /// Makespan allowed to the deadline baseline, as a multiple of all-on-demand's (issue 24).
@@ -38,7 +45,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--provision-minutes must be 0 to 60, got {}",
         args.provision_minutes
     );
-    let params = SimParams { seed: args.seed, provision_minutes: args.provision_minutes, ..SimParams::default() };
+    anyhow::ensure!(
+        args.state_gib.is_finite() && (0.0..=10_000.0).contains(&args.state_gib),
+        "--state-gib must be 0 to 10000, got {}",
+        args.state_gib
+    );
+    anyhow::ensure!(
+        args.peer_gbit_per_s.is_finite() && (0.01..=10_000.0).contains(&args.peer_gbit_per_s),
+        "--peer-gbit-per-s must be 0.01 to 10000, got {}",
+        args.peer_gbit_per_s
+    );
+    let params = SimParams {
+        seed: args.seed,
+        provision_minutes: args.provision_minutes,
+        state_gib: args.state_gib,
+        peer_gbit_per_s: args.peer_gbit_per_s,
+        ..SimParams::default()
+    };
     let jobs = benchmark_workload();
     let mut outcomes = Vec::new();
     let mut deadline_hours = None;
@@ -82,6 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "provision_minutes": args.provision_minutes,
                 "handovers": o.handovers,
                 "stall_h": round(o.stall_h, 3),
+                "handover_stall_h": round(o.handover_stall_h, 4),
                 "jobs": jobs.len(),
                 "seed": args.seed,
             })
@@ -110,6 +134,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "flotilla_stall_min_per_preemption": round(per_preemption(flotilla), 3),
             "checkpoint_and_wait_stall_min_per_preemption": round(per_preemption(waiting), 3),
             "handover_stall_vs_checkpoint_and_wait": round(per_preemption(flotilla) / per_preemption(waiting).max(1e-9), 3),
+            // Issue 25: each handover's stall against its bound (one step + the state's transfer).
+            "handover_stall_s_per_handover": round(flotilla.handover_stall_h * 3600.0 / flotilla.handovers.max(1) as f64, 3),
+            "handover_stall_bound_s": round(params.handover_stall_seconds(), 3),
+            "state_gib": args.state_gib,
+            "peer_gbit_per_s": args.peer_gbit_per_s,
             "seed": args.seed,
         })
     );

@@ -171,6 +171,13 @@ fn handovers_keep_gangs_training_through_notices_when_a_replacement_is_ready_in_
         // Each handover costs its stall; each notice without one, a restart.
         let per_preemption = |o: &Outcome| o.stall_h / o.preemptions as f64;
         assert!(per_preemption(&a) < per_preemption(&b), "{label}: {a:?} vs {b:?}");
+        // Issue 25's bound: a handover costs at most one step and the state's transfer.
+        let bound_h = with.handover_stall_seconds() / 3600.0;
+        assert!(
+            a.handover_stall_h > 0.0 && a.handover_stall_h <= a.handovers as f64 * bound_h + 1e-12,
+            "{label}: {a:?}"
+        );
+        assert_eq!(b.handover_stall_h, 0.0, "{label}: {b:?}");
     }
     // With quick boots most notices are handed over (not: a notice while the gang starts, a
     // second one while a handover is under way, capacity taken without a notice), and the
@@ -179,4 +186,24 @@ fn handovers_keep_gangs_training_through_notices_when_a_replacement_is_ready_in_
     let b = simulate(&trace, &jobs(), Policy::Flotilla, quick_waiting);
     assert!(a.handovers * 2 >= a.preemptions, "{a:?}");
     assert!(a.stall_h < b.stall_h / 2.0, "{a:?} vs {b:?}");
+}
+
+#[test]
+fn a_handover_stalls_one_step_and_the_state_transfer() {
+    let params = SimParams::default();
+    // 1 s steps; 1 GiB over 10 Gbit/s is 0.859 s.
+    assert!((params.handover_stall_seconds() - 1.859).abs() < 1e-3, "{}", params.handover_stall_seconds());
+    let fast = SimParams { steps_per_hour: 7200.0, state_gib: 0.5, peer_gbit_per_s: 25.0, ..params };
+    assert!((fast.handover_stall_seconds() - (0.5 + 0.5 * 8.0 * 1.073_741_824 / 25.0)).abs() < 1e-9);
+    // A bigger state costs more simulated stall, over the same market.
+    let trace = Trace::parse(TRACE).expect("trace");
+    let quick = SimParams { provision_minutes: 0.5, ..params };
+    let heavy = SimParams { state_gib: 40.0, ..quick };
+    let (a, b) =
+        (simulate(&trace, &jobs(), Policy::Flotilla, quick), simulate(&trace, &jobs(), Policy::Flotilla, heavy));
+    let per_handover = |o: &Outcome| o.handover_stall_h * 3600.0 / o.handovers as f64;
+    assert!(a.handovers > 0 && b.handovers > 0, "{a:?} {b:?}");
+    assert!(per_handover(&a) <= quick.handover_stall_seconds() + 1e-9, "{a:?}");
+    assert!(per_handover(&b) <= heavy.handover_stall_seconds() + 1e-9, "{b:?}");
+    assert!(per_handover(&b) > per_handover(&a) * 10.0, "{a:?} {b:?}");
 }
