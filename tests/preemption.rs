@@ -254,6 +254,135 @@ fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
     assert_same_as_uninterrupted(home, &spec, &done, "two live handovers");
 }
 
+/// A TCP relay in front of a worker's data port, standing in for the network between two
+/// hosts: it cuts the first `cut_first` connections (the dialer's connection ends at once, as
+/// across a link that drops) and relays the rest both ways.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    relayed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn relay(to: std::net::SocketAddr, cut_first: usize) -> Relay {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (cut, relayed) = (std::sync::Arc::default(), std::sync::Arc::default());
+    let (cuts, relays): (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) = (std::sync::Arc::clone(&cut), std::sync::Arc::clone(&relayed));
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            if cuts.load(SeqCst) < cut_first {
+                cuts.fetch_add(1, SeqCst);
+                drop(inbound);
+                continue;
+            }
+            let Ok(outbound) = std::net::TcpStream::connect(to) else { continue };
+            relays.fetch_add(1, SeqCst);
+            for (from, into) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                let (mut from, mut into) = (from.try_clone().expect("clone"), into.try_clone().expect("clone"));
+                let _ = (from.set_nodelay(true), into.set_nodelay(true));
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    Relay { addr, cut, relayed }
+}
+
+/// Kills a worker started by hand when the test ends, however it ends.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A live handover whose transfer cannot reach the replacement (the first connection to its
+/// data port is cut): the leaving member gives it up and says why, and the gang falls back to
+/// the stop at once, not after the leader's 30 s wait for the swap; the stop hands the rank to
+/// the same replacement (reached this time). No step lost, final weights bit-identical.
+#[test]
+fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let cluster = Local::up_with(2, &["--boot-delay-s", "30"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "cut", 150, 20);
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    // A free worker whose data port is reached through the relay (peers dial the advertised
+    // address): it is the one the leader picks for the notice below.
+    let data = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let relay = relay(data, 1);
+    let (data_addr, advertised) = (data.to_string(), relay.addr.to_string());
+    let spawned = common::command(home)
+        .args(["worker", "--data-addr", &data_addr, "--advertise-addr", &advertised])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("worker");
+    let _worker = Started(spawned);
+    let mut spare = None;
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let workers = json(home, &["workers", "-o", "json"]);
+            spare = workers.as_array().and_then(|ws| {
+                ws.iter().find(|w| w["data_addr"] == advertised.as_str() && w["state"] == "Idle")?["id"]
+                    .as_str()
+                    .map(str::to_string)
+            });
+            spare.is_some()
+        },
+        || "the worker behind the relay did not register".to_string(),
+    );
+    let spare = spare.expect("registered");
+    let preempted = run(home, &["preempt", &members[1]]);
+    assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {
+        s["generation"].as_u64().unwrap_or(0) >= 2 || s["state"] != "Running"
+    });
+    assert_eq!((handed["state"].as_str(), handed["generation"].as_u64()), (Some("Running"), Some(2)), "{handed}");
+    let at = |needle: &str| {
+        handed["events"].as_array().and_then(|events| {
+            events.iter().find(|e| e["message"].as_str().is_some_and(|m| m.contains(needle)))?["at_unix_ms"].as_u64()
+        })
+    };
+    let live_at = at("handing over live").expect("the handover went live first");
+    let failed = format!("(the live handover failed, {} said: the leaving member's transfer", members[1]);
+    let fell_back_at = at(&failed).unwrap_or_else(|| panic!("the leaving member said it failed: {handed}"));
+    eprintln!("fell back to the stop {} ms after the handover went live", fell_back_at - live_at);
+    assert!(fell_back_at - live_at < 5_000, "fell back {} ms after going live: {handed}", fell_back_at - live_at);
+    assert!(events(&handed, "handover").iter().all(|m| !m.contains("did not finish in time")), "{handed}");
+    // The stop handed the rank to the same replacement, reached this time.
+    assert_eq!(gang(home, &job), vec![members[0].clone(), spare.clone()]);
+    let took: Vec<&str> = events(&handed, "handover").into_iter().filter(|m| m.contains("rank at step")).collect();
+    assert!(took.len() == 1 && took[0].contains(&format!("{spare} took {}'s rank", members[1])), "{handed}");
+    assert!(events(&handed, "checkpointed").iter().any(|m| m.contains("stopped for handover")), "{handed}");
+    let done = wait_for(home, &job, Duration::from_secs(300), "the end", |s| s["state"] == "Succeeded");
+    assert_eq!(
+        (done["preemptions"].as_u64(), done["steps_lost"].as_u64(), done["recoveries"].as_u64()),
+        (Some(1), Some(0), Some(0)),
+        "{done}"
+    );
+    // The premise: the live transfer was the connection cut; the stop's push and the new
+    // generation's ring went through.
+    assert_eq!(relay.cut.load(SeqCst), 1);
+    assert!(relay.relayed.load(SeqCst) >= 2, "{} relayed", relay.relayed.load(SeqCst));
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "a live handover fallen back to the stop");
+}
+
 /// A capacity pool reclaimed: every member of the gang gets a two-minute notice within a
 /// second. Each gets a replacement of its own (the local provider launches one per notice,
 /// booting for 4 s while the gang trains on); once both are prepared the gang stops at one

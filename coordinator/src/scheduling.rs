@@ -150,7 +150,8 @@ pub struct HandoverPolicy {
 ///   fallback time or within [`PREPARE_WAIT_MAX_MS`] counts as ready; with `policy.live`, a lone
 ///   built-in member's handover goes live (the gang trains on until the swap), falling back
 ///   to the stop at the fallback time, after [`LIVE_SWAP_WAIT_MAX_MS`], or when another member
-///   is noticed meanwhile. (One lost or noticed
+///   is noticed meanwhile (or at once when a side says it failed, `Command::LiveHandoverFailed`,
+///   proposed by the API). (One lost or noticed
 ///   while it prepares is given up by the state machine, and another sought; one still
 ///   reserved though gone, in a state an older build wrote, ends the handovers at a
 ///   checkpoint.)

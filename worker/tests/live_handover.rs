@@ -69,6 +69,8 @@ struct RankOutcome {
     replaced_after: Option<u64>,
     /// Whether its handover was still under way at the end.
     handing_over: bool,
+    /// Why its handover was given up (what its agent tells the coordinator).
+    failure: Option<String>,
 }
 
 /// Where the gang's ranks take links: a listener of their own, or an agent's data port (shared
@@ -161,7 +163,8 @@ fn train_with_live_handover(
                         std::thread::sleep(PACE);
                     }
                 }
-                RankOutcome { state: trainer.state(), replaced_after, handing_over: trainer.is_handing_over() }
+                let failure = trainer.take_handover_failure();
+                RankOutcome { state: trainer.state(), replaced_after, handing_over: trainer.is_handing_over(), failure }
             })
         })
         .collect();
@@ -217,6 +220,7 @@ fn assert_handover_changes_no_bit(world: usize, leaving: usize, ports: Ports) {
     assert_eq!(caught.step, swap, "the joiner took over after the step the gang agreed on");
     assert_eq!(caught.updates, swap - start_at, "every update from the state's step on was replayed");
     assert_eq!(ranks[leaving].state.step, swap, "the leaving member stepped no further");
+    assert!(ranks.iter().all(|r| r.failure.is_none()), "nothing failed");
     for (rank, outcome) in ranks.iter().enumerate().filter(|(rank, _)| *rank != leaving) {
         assert_eq!(outcome.replaced_after, None);
         assert_eq!(outcome.state.step, steps, "rank {rank} trained on to the end");
@@ -256,6 +260,8 @@ fn assert_failed_joiner_leaves_the_gang_as_before(joiner: Joiner) {
     let (ranks, joined) = train_with_live_handover(&spec, &data, case);
     assert!(joined.is_none());
     assert!(!ranks[leaving].handing_over, "the leaving member gave the handover up");
+    let failure = ranks[leaving].failure.as_deref().expect("and says why, once");
+    assert!(failure.contains("joining member"), "{failure}");
     for (rank, outcome) in ranks.iter().enumerate() {
         assert_eq!(outcome.replaced_after, None, "nobody was replaced");
         assert_eq!(outcome.state.step, steps);

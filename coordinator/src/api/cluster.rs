@@ -239,6 +239,18 @@ impl ClusterService for ClusterApi {
             self.node.propose(swapped).await.map_err(status)?;
             return Ok(Response::new(Ack {}));
         }
+        if !report.live_handover_failed.is_empty() {
+            // One side of a live handover says it failed: the state machine checks it is one
+            // (the leaving member or the replacement) and falls back to the stop at once.
+            let failed = Command::LiveHandoverFailed {
+                job_id,
+                generation: report.generation,
+                by: id,
+                reason: report.live_handover_failed,
+            };
+            self.node.propose(failed).await.map_err(status)?;
+            return Ok(Response::new(Ack {}));
+        }
         if report.live_swap_step > 0 {
             // A survivor timed a live swap: the job's status records it once (the first
             // survivor's report), and the leader's stall histogram counts it then.
@@ -1015,6 +1027,21 @@ mod tests {
         let same = |a: &TrainAssignment| (a.rank, a.generation, a.peers.clone(), a.gang_secret.clone());
         assert_eq!(same(&joiner), same(&leaver));
         assert_eq!(train(&state, workers[1]).1, None, "the survivor does nothing new");
+        // Had the leaving member said the live handover failed: it stops at the next step and
+        // pushes the state to the same replacement, which no longer joins live.
+        let mut failed = state.clone();
+        let said = Command::LiveHandoverFailed { job_id, generation: 1, by: workers[0], reason: "behind".into() };
+        apply(&mut failed, 8, Envelope::new(11_500, said)).expect("failed");
+        match desired(&failed, workers[0], "file:///s", &key) {
+            Desired::Train { live_to, checkpoint_now, handover_to, .. } => {
+                assert_eq!((live_to, checkpoint_now, handover_to.as_deref()), (None, true, Some("127.0.0.1:9004")));
+            }
+            other => panic!("the leaver trains to the stop: {other:?}"),
+        }
+        assert!(
+            matches!(desired(&failed, workers[2], "file:///s", &key), Desired::Prepare { .. }),
+            "the replacement awaits the push"
+        );
         // After the swap the replacement is rank 0 (its assignment unchanged: not sent again)
         // and the leaving member is drained.
         let swapped =

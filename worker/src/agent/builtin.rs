@@ -85,7 +85,7 @@ pub(super) fn run_rank(
     let (mut comm, mut trainer) = if train.joins_live {
         // A live handover's replacement: it takes the leaving member's rank in the running
         // generation, without a rendezvous and without a resume.
-        let joined = match join_live(context, spec, &train, train_set.clone(), port, &mut log) {
+        let joined = match join_live(context, spec, &train, train_set.clone(), port, progress, &mut log) {
             Ok(joined) => joined,
             Err(end) => return end,
         };
@@ -175,6 +175,14 @@ pub(super) fn run_rank(
             && let Some(target) = context.live_to.lock().ok().and_then(|mut t| t.take())
         {
             start_live_handover(trainer, &train, target, &mut log);
+        }
+        if let Some(reason) = trainer.take_handover_failure() {
+            // The coordinator falls back to the stop at once instead of waiting for a swap.
+            log.note(format!("the live handover of rank {} failed: {reason}; falling back to the stop", train.rank));
+            let _ = progress.try_send(ProgressReport {
+                live_handover_failed: format!("the leaving member's transfer: {reason}"),
+                ..progress_report(context, &train, report.step)
+            });
         }
         if rank0 && last_report.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
             last_report = Some(Instant::now());
@@ -451,15 +459,23 @@ const LIVE_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30
 /// The joining side of a live handover: waits for the leaving member's transfer on the data
 /// port, then [`live::join`]s the running gang in its rank. A handover that does not happen
 /// (nothing came, the transfer failed or was refused, superseded meanwhile) ends the rank
-/// quietly: the gang trains on without this worker and the coordinator falls back.
+/// quietly: the gang trains on without this worker, and the coordinator, told why (unless
+/// superseded), falls back to the stop at once.
 fn join_live(
     context: &RankContext,
     spec: &JobSpec,
     train: &TrainAssignment,
     data: Arc<Dataset>,
     port: &Arc<crate::collective::port::DataPort>,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
     log: &mut JobNotes,
 ) -> Result<live::Joined, RankEnd> {
+    let failed = |reason: String| {
+        tracing::warn!(job = %train.job_id, %reason, "the live handover failed; the gang trains on without this worker");
+        let _ = progress
+            .blocking_send(ProgressReport { live_handover_failed: reason, ..progress_report(context, train, 0) });
+        Err(RankEnd::HandedOver { step: 0 })
+    };
     let config = super::work::ring_config(context, train)
         .map_err(|e| broken(GenerationEnd::RetryableError, 0, format!("live handover: {e:#}")))?;
     let waiting = Instant::now();
@@ -471,8 +487,7 @@ fn join_live(
             break stream;
         }
         if waiting.elapsed() >= LIVE_CONNECT_WAIT {
-            tracing::warn!(job = %train.job_id, "no live handover arrived; the gang trains on without this worker");
-            return Err(RankEnd::HandedOver { step: 0 });
+            return failed(format!("no transfer reached the replacement within {} s", LIVE_CONNECT_WAIT.as_secs()));
         }
     };
     match live::join(stream, &train.handover_key, spec, data, config, Some(port.clone())) {
@@ -491,10 +506,7 @@ fn join_live(
             ));
             Ok(joined)
         }
-        Err(e) => {
-            tracing::warn!(job = %train.job_id, error = %e, "the live handover failed; the gang trains on without this worker");
-            Err(RankEnd::HandedOver { step: 0 })
-        }
+        Err(e) => failed(format!("the replacement's join: {e}")),
     }
 }
 

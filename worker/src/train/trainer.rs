@@ -47,6 +47,8 @@ pub struct Trainer {
     /// (the one that carries [`Trainer::replay_checksum`]) went out.
     handover: Option<Box<dyn Handover>>,
     handover_checked: bool,
+    /// Why the last live handover was given up, until taken ([`Trainer::take_handover_failure`]).
+    handover_failure: Option<String>,
     /// `params` changed without being written into `model` (a step's or a replayed update):
     /// written before the next forward pass.
     model_stale: bool,
@@ -157,6 +159,7 @@ impl Trainer {
             stop_vote: false,
             handover: None,
             handover_checked: false,
+            handover_failure: None,
             model_stale: false,
         })
     }
@@ -252,6 +255,7 @@ impl Trainer {
             if let Some(Err(e)) = forwarded {
                 tracing::warn!(error = %e, step = self.step, "the live handover was given up");
                 self.handover = None;
+                self.handover_failure = Some(e.to_string());
             }
         }
         if let Some(rank) = replaced
@@ -327,6 +331,12 @@ impl Trainer {
     pub fn hand_over(&mut self, handover: Box<dyn Handover>) {
         self.handover = Some(handover);
         self.handover_checked = false;
+    }
+
+    /// Why the live handover of this rank was given up (a failed transfer, a joiner too far
+    /// behind), once: the rank trains on, and its agent tells the coordinator.
+    pub fn take_handover_failure(&mut self) -> Option<String> {
+        self.handover_failure.take()
     }
 
     /// Whether a live handover of this rank is under way.

@@ -262,24 +262,31 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 // Repeated (a retried proposal), or not one built-in member's handover.
                 return Err(Rejected::NoHandover { job_id });
             }
-            job.updated_at_unix_ms = now;
-            let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
             if live {
+                job.updated_at_unix_ms = now;
                 job.handovers[0].live_since_unix_ms = now;
+                let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
                 let message = format!("{}; handing over live while the gang trains on", who.join(", "));
                 push_event(job, now, "handover", message);
-            } else {
-                let fallback = if live_under_way { " (the live handover did not finish in time)" } else { "" };
-                job.handovers.iter_mut().for_each(|h| h.live_since_unix_ms = 0);
-                job.checkpoint_requested = Some(StopReason::Handover);
-                push_event(
-                    job,
-                    now,
-                    "handover",
-                    format!("{}; checkpointing at the next step{fallback}", who.join(", ")),
-                );
+                return Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0, live });
             }
-            Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0, live })
+            let why =
+                if live_under_way { " (the live handover did not finish in time)".to_string() } else { String::new() };
+            Ok(hand_over_at_a_stop(job, &pairs, now, &why))
+        }
+        Command::LiveHandoverFailed { job_id, generation, by, reason } => {
+            let job = running_generation(state, job_id, generation)?;
+            let Some(live) = job.live_handover().filter(|_| job.checkpoint_requested.is_none()) else {
+                // Swapped, or fallen back already (the other side said it too, or the leader).
+                return Err(Rejected::NoHandover { job_id });
+            };
+            if by != live.leaving && live.replacement != Some(by) {
+                return Err(Rejected::NotAMember { worker: by, job_id });
+            }
+            let pairs: Vec<(WorkerId, WorkerId)> =
+                job.handovers.iter().filter_map(|h| h.replacement.map(|r| (r, h.leaving))).collect();
+            let why = format!(" (the live handover failed, {by} said: {})", bounded_to(reason, LIVE_FAILURE_LEN_MAX));
+            Ok(hand_over_at_a_stop(job, &pairs, now, &why))
         }
         Command::HandoverSwapped { job_id, generation, replacement, step, peer_bytes } => {
             let job = running_generation(state, job_id, generation)?;
@@ -1233,9 +1240,29 @@ fn generation_ended(
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
 }
 
-pub(super) fn bounded(mut text: String) -> String {
-    if text.len() > REASON_LEN_MAX {
-        let mut cut = REASON_LEN_MAX;
+/// Longest reason for a live handover's failure kept in the job's events, in bytes.
+const LIVE_FAILURE_LEN_MAX: usize = 256;
+
+/// The gang checkpoints at the next step and hands its ranks over to the reserved
+/// replacements `pairs` (replacement, leaving) at the stop; `why` (may be empty) says why a
+/// live handover fell back to it.
+fn hand_over_at_a_stop(job: &mut Job, pairs: &[(WorkerId, WorkerId)], now: u64, why: &str) -> Applied {
+    job.updated_at_unix_ms = now;
+    job.handovers.iter_mut().for_each(|h| h.live_since_unix_ms = 0);
+    job.checkpoint_requested = Some(StopReason::Handover);
+    let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
+    push_event(job, now, "handover", format!("{}; checkpointing at the next step{why}", who.join(", ")));
+    Applied::HandoverStarted { job_id: job.id, replacement: pairs[0].0, live: false }
+}
+
+pub(super) fn bounded(text: String) -> String {
+    bounded_to(text, REASON_LEN_MAX)
+}
+
+/// `text` cut to at most `max_bytes` (at a character boundary).
+fn bounded_to(mut text: String, max_bytes: usize) -> String {
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }

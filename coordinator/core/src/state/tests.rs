@@ -513,6 +513,51 @@ fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_
 }
 
 #[test]
+fn a_live_handover_said_to_have_failed_falls_back_to_the_stop_at_once() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let joiner = register(&mut state, 5);
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    let failed = |by: WorkerId| Command::LiveHandoverFailed {
+        job_id: JobId(1),
+        generation: 1,
+        by,
+        reason: format!("the joining member fell 12 updates behind the gang{}", "!".repeat(1000)),
+    };
+    // Nothing live yet: nothing to fail.
+    assert_eq!(at(&mut state, 10_500, failed(w2)), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: true }).expect("live");
+    // Only the handover's two sides may say so.
+    assert_eq!(at(&mut state, 11_500, failed(w1)), Err(Rejected::NotAMember { worker: w1, job_id: JobId(1) }));
+    let mut from_joiner = state.clone();
+    assert_eq!(
+        at(&mut from_joiner, 12_000, failed(joiner)),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: joiner, live: false })
+    );
+    // The leaving member says it: the gang stops at the next step, long before the leader's wait
+    // for the swap ends, and hands the rank over to the same replacement at the stop.
+    assert_eq!(
+        at(&mut state, 12_000, failed(w2)),
+        Ok(Applied::HandoverStarted { job_id: JobId(1), replacement: joiner, live: false })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.checkpoint_requested, job.handovers[0].live_since_unix_ms), (Some(StopReason::Handover), 0));
+    assert_eq!(job.handovers[0].replacement, Some(joiner));
+    let event = &job.events.last().expect("event").message;
+    assert!(event.contains(&format!("the live handover failed, {w2} said: the joining member fell 12")), "{event}");
+    assert!(event.len() < 512, "the reason is cut: {event}");
+    // Said again (the other side): already fallen back.
+    assert_eq!(at(&mut state, 12_100, failed(joiner)), Err(Rejected::NoHandover { job_id: JobId(1) }));
+    checkpoint(&mut state, 60, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 60),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Running })
+    );
+    assert_eq!((state.jobs[&JobId(1)].generation, state.jobs[&JobId(1)].gang.clone()), (2, vec![w1, joiner]));
+    assert_eq!(state.jobs[&JobId(1)].steps_lost, 0);
+}
+
+#[test]
 fn only_one_built_in_member_hands_over_live_and_a_lost_joiner_is_replaced() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);

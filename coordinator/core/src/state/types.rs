@@ -17,7 +17,8 @@ use crate::spec::JobSpec;
 /// sought (`WorkerLost` and `WorkerInterrupted` of a free worker apply differently).
 /// 4: live handovers (`HandoverReady::live`, `HandoverSwapped`, `LiveSwapTimed`,
 /// `Handover::live_since_unix_ms`, `Job::live_swap_timed_step`).
-pub const STATE_VERSION: u32 = 4;
+/// 5: a live handover's failure said by its members (`LiveHandoverFailed`).
+pub const STATE_VERSION: u32 = 5;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -889,6 +890,17 @@ pub enum Command {
         /// Bytes the transfer moved peer to peer (the state and the updates replayed).
         #[serde(default)]
         peer_bytes: u64,
+    },
+    /// A live handover under way failed, said by its leaving member or its replacement (`by`):
+    /// the transfer could not reach the replacement or was refused, or the replacement fell
+    /// behind the gang. The gang falls back to the stop at once, with the same replacement (as
+    /// [`Command::HandoverReady`] with `live = false`, instead of when the leader stops
+    /// waiting for the swap); `reason` goes to the job's events.
+    LiveHandoverFailed {
+        job_id: JobId,
+        generation: u64,
+        by: WorkerId,
+        reason: String,
     },
     /// A surviving rank timed the live swap after `step` on its own clock: its longest time
     /// without an optimizer step around it (the swap's stall, recorded once per swap).
