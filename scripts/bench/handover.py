@@ -179,7 +179,10 @@ def one_live(path, round_no):
     live = lambda s: [e for e in s["events"] if e["kind"] == "handover" and "without a stop" in e["message"]]
     t0 = time.monotonic()
     cli("preempt", victim, "--notice-s", str(PATHS[path]))
-    swapped, t_swap = wait(job, lambda s: live(s) or s["generation"] > generation or s["state"] != "Running", **UNTIL)
+    # The swap is timed on the ranks' clocks, not by this poll: poll slowly meanwhile (every
+    # poll is a CLI process on the cluster's cores; trained_on_ms is +-0.5 s here).
+    swap_wait = {**UNTIL, "poll_s": 0.5}
+    swapped, t_swap = wait(job, lambda s: live(s) or s["generation"] > generation or s["state"] != "Running", **swap_wait)
     if not live(swapped):
         raise SystemExit(f"{job}: the live handover fell back: {json.dumps(swapped)[:2000]}")
     (longest_ms, median_ms, swap_step_ms, control_ms), (updates, moved, state_ms) = live_notes(job, 0)
