@@ -304,25 +304,13 @@ impl Drop for Started {
     }
 }
 
-/// A live handover whose transfer cannot reach the replacement (the first connection to its
-/// data port is cut): the leaving member gives it up and says why, and the gang falls back to
-/// the stop at once, not after the leader's 30 s wait for the swap; the stop hands the rank to
-/// the same replacement (reached this time). No step lost, final weights bit-identical.
-#[test]
-fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_once() {
-    use std::sync::atomic::Ordering::SeqCst;
-    let cluster = Local::up_with(2, &["--boot-delay-s", "30"]);
-    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let spec = write_spec(dir, "cut", 150, 20);
-    let job = submit(home, &spec);
-    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
-    // A free worker whose data port is reached through the relay (peers dial the advertised
-    // address): it is the one the leader picks for the notice below.
+/// A free worker started by hand whose data port is reached through a [`relay`] that cuts its
+/// first `cut_first` connections (peers dial the advertised address): with no other free
+/// worker, the one the leader picks at the next notice. Returns the relay, its id and its
+/// process (killed when dropped).
+fn worker_behind_a_relay(home: &Path, cut_first: usize) -> (Relay, String, Started) {
     let data = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
-    let relay = relay(data, 1);
+    let relay = relay(data, cut_first);
     let (data_addr, advertised) = (data.to_string(), relay.addr.to_string());
     let spawned = common::command(home)
         .args(["worker", "--data-addr", &data_addr, "--advertise-addr", &advertised])
@@ -330,7 +318,7 @@ fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_o
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("worker");
-    let _worker = Started(spawned);
+    let started = Started(spawned);
     let mut spare = None;
     eventually(
         Duration::from_secs(30),
@@ -346,7 +334,76 @@ fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_o
         },
         || "the worker behind the relay did not register".to_string(),
     );
-    let spare = spare.expect("registered");
+    (relay, spare.expect("registered"), started)
+}
+
+/// A replacement that nobody can reach (every connection to its data port is cut, as by a
+/// firewall that blocks it): its live handover fails, the stop's new generation breaks at the
+/// rendezvous naming it, and it is held out of placement, so the job waits for other capacity
+/// (the local provider's replacement, booting 5 s) instead of re-forming on it again and again;
+/// no step lost, final weights bit-identical.
+#[test]
+fn a_replacement_nobody_can_reach_is_held_out_and_the_job_resumes_on_other_capacity() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let cluster = Local::up_with(2, &["--boot-delay-s", "5"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "unreachable", 150, 20);
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    let (relay, unreachable, _worker) = worker_behind_a_relay(home, usize::MAX);
+    let preempted = run(home, &["preempt", &members[1]]);
+    assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    let held = wait_for(home, &job, Duration::from_secs(60), "the replacement held out", |s| {
+        !events(s, "unreachable").is_empty() || s["state"] == "Succeeded"
+    });
+    let named = events(&held, "unreachable");
+    assert!(
+        named.len() == 1 && named[0].contains(&format!("{unreachable}'s peers could not reach its data port")),
+        "{held}"
+    );
+    let resumed = wait_for(home, &job, Duration::from_secs(90), "training on other capacity", |s| {
+        s["state"] == "Succeeded" || (s["state"] == "Running" && s["generation"].as_u64() > held["generation"].as_u64())
+    });
+    assert_eq!(resumed["state"], "Running", "{resumed}");
+    let gang_now = gang(home, &job);
+    assert!(gang_now.len() == 2 && !gang_now.contains(&unreachable), "{gang_now:?}");
+    let at = |s: &Value| s["events"].as_array().and_then(|e| e.last()?["at_unix_ms"].as_u64()).unwrap_or(0);
+    eprintln!(
+        "held out {unreachable}; generation {} formed {} ms later",
+        resumed["generation"],
+        at(&resumed) - at(&held)
+    );
+    let done = wait_for(home, &job, Duration::from_secs(300), "the end", |s| s["state"] == "Succeeded");
+    // One generation broke on it at the rendezvous; the job did not re-form on it again.
+    let broke = events(&done, "peer_lost");
+    assert_eq!(broke.len(), 1, "{done}");
+    assert!(broke[0].contains("during rendezvous"), "{done}");
+    assert!(done["generation"].as_u64() <= Some(3), "{done}");
+    assert_eq!((done["steps_lost"].as_u64(), done["preemptions"].as_u64()), (Some(0), Some(1)), "{done}");
+    assert!(relay.cut.load(SeqCst) >= 2 && relay.relayed.load(SeqCst) == 0, "every connection to it was cut");
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "a replacement nobody could reach");
+}
+
+/// A live handover whose transfer cannot reach the replacement (the first connection to its
+/// data port is cut): the leaving member gives it up and says why, and the gang falls back to
+/// the stop at once, not after the leader's 30 s wait for the swap; the stop hands the rank to
+/// the same replacement (reached this time). No step lost, final weights bit-identical.
+#[test]
+fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let cluster = Local::up_with(2, &["--boot-delay-s", "30"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "cut", 150, 20);
+    let job = submit(home, &spec);
+    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    let (relay, spare, _worker) = worker_behind_a_relay(home, 1);
     let preempted = run(home, &["preempt", &members[1]]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
     let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {

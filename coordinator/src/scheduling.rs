@@ -71,9 +71,14 @@ fn growable(state: &State, running: &[&Job]) -> Vec<RunningJob> {
 
 /// The scheduler's input, read from the replicated state; `heard_at` is the leader's clock at
 /// each worker's last heartbeat (in memory, not replicated). A worker whose gang broke is
-/// left out until heard from since the break: it may be dead with a lease not yet expired.
-pub fn scheduler_input(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> (Vec<PendingJob>, Vec<FreeWorker>) {
-    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at))
+/// left out until heard from since the break: it may be dead with a lease not yet expired;
+/// one its peers could not reach, until its hold ends (`now_ms`: the leader's clock).
+pub fn scheduler_input(
+    state: &State,
+    heard_at: impl Fn(WorkerId) -> u64,
+    now_ms: u64,
+) -> (Vec<PendingJob>, Vec<FreeWorker>) {
+    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms))
 }
 
 /// The jobs waiting for a gang (a scan of every job held).
@@ -100,7 +105,7 @@ fn pending_job(j: &Job) -> PendingJob {
 }
 
 /// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs.
-fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> u64) -> Vec<FreeWorker> {
+fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> u64, now_ms: u64) -> Vec<FreeWorker> {
     // Workers promised to a handover (only a running job has one) are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
         running.iter().flat_map(|j| j.reserved_replacements()).collect();
@@ -109,6 +114,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
         .values()
         .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
+        .filter(|w| w.unreachable_until_unix_ms <= now_ms)
         .map(|w| FreeWorker {
             id: w.id,
             gpus: w.info.gpus,
@@ -187,7 +193,7 @@ fn handovers_among(
         if job.reserved_replacements().any(gone) {
             out.push(fallback);
         } else if job.awaited_handovers().next().is_some() {
-            if let Some(replacement) = pick_replacement(state, job_id) {
+            if let Some(replacement) = pick_replacement(state, job_id, now_ms) {
                 out.push(Command::HandoverTo { job_id, generation, replacement });
             } else if past_fallback || (!policy.replacements_expected && fallback_at_ms.is_some()) {
                 out.push(fallback);
@@ -259,7 +265,7 @@ pub async fn schedule_loop(
                 let prepared = |w| heard.prepared_job(w);
                 let mut handovers = handovers_among(state, &running, now_ms, policy, prepared);
                 handovers.extend(members_lost_among(&running, now_ms));
-                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w));
+                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms);
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
                 // pass O(jobs) on the Raft thread under a stream of submissions), and then
@@ -401,15 +407,21 @@ mod tests {
         let mut log = Log::job_of_two(3);
         let job_id = JobId(1);
         log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
-        let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+        let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
         log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None, announced: None });
         let broke_at = log.state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
         // worker-1 heartbeat after the break, worker-2 (dead) did not; worker-3 was not involved.
         let heard = |w: WorkerId| if w == WorkerId(1) { broke_at + 5 } else { broke_at - 500 };
-        let (pending, free) = scheduler_input(&log.state, heard);
+        let (pending, free) = scheduler_input(&log.state, heard, broke_at);
         assert_eq!(pending.len(), 1);
         let ids: Vec<WorkerId> = free.iter().map(|w| w.id).collect();
         assert_eq!(ids, [WorkerId(1), WorkerId(3)]);
+        // One its peers could not reach is left out until its hold ends, heard from or not.
+        let mut held = log.state.clone();
+        held.workers.get_mut(&WorkerId(3)).expect("worker-3").unreachable_until_unix_ms = broke_at + 60_000;
+        let free_at = |now| scheduler_input(&held, |_| u64::MAX, now).1.iter().map(|w| w.id).collect::<Vec<_>>();
+        assert_eq!(free_at(broke_at + 59_999), [WorkerId(1), WorkerId(2)]);
+        assert_eq!(free_at(broke_at + 60_000), [WorkerId(1), WorkerId(2), WorkerId(3)]);
         // A member whose lease expires in the next generation leaves its survivor time to
         // report; the leader ends the generation itself only after that.
         log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(3)] });

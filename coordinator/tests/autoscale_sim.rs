@@ -512,7 +512,7 @@ fn warm_spares_are_bought_in_the_gangs_pool_kept_while_idle_and_take_a_lost_memb
     control.index += 1;
     let lost = Command::WorkerLost { worker_id: member, last_step_seen: 0 };
     apply(&mut control.state, control.index, Envelope::new(now, lost)).expect("lost");
-    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX);
+    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX, 0);
     let placed = flotilla_core::scheduler::schedule(&pending, &free);
     assert_eq!(placed.placements.len(), 1, "{placed:?}");
     assert_eq!((placed.placements[0].job, placed.placements[0].workers.clone()), (job_id, vec![spare_worker]));
@@ -585,7 +585,7 @@ fn a_spot_job_out_of_slack_for_its_deadline_checkpoints_and_moves_to_on_demand()
     };
     apply(&mut control.state, 5, Envelope::new(at(0.41), ended)).expect("ended");
     control.index = 5;
-    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX);
+    let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX, 0);
     let plan = flotilla_core::scheduler::schedule(&pending, &free);
     assert!(plan.placements.is_empty(), "the idle spot workers are not for it: {plan:?}");
     assert!(pass(&mut control, at(0.42)).deadline_moves.is_empty(), "moved once");

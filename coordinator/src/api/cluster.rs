@@ -432,7 +432,9 @@ impl ClusterService for ClusterApi {
                 }
             }
             Ok(GenerationEnd::Checkpointed) => announcing(CoreEnd::Checkpointed)?,
-            Ok(GenerationEnd::PeerLost) => announcing(CoreEnd::PeerLost { reason })?,
+            Ok(GenerationEnd::PeerLost) => {
+                announcing(CoreEnd::PeerLost { reason, unreachable_rank: report.unreachable_rank })?
+            }
             Ok(GenerationEnd::CheckpointUnusable) => {
                 ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })
             }

@@ -37,7 +37,7 @@ use flotilla_proto::v1::{
 
 use super::work::{
     HandoverTarget, JobNotes, PROGRESS_EVERY, RankContext, RankEnd, SurvivorWrite, broken, checkpoint_unusable,
-    join_gang, record_checkpoint,
+    gang_not_formed, join_gang, record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::Manifest;
@@ -108,7 +108,7 @@ pub(super) fn run_rank(
         startup.lap("model");
         let mut comm = match join_gang(context, &train, port) {
             Ok(comm) => comm,
-            Err((end, e)) => return broken(end, resume_step, e),
+            Err((end, e)) => return gang_not_formed(end, resume_step, e),
         };
         startup.lap("rendezvous");
         let resume = match &train.resume_from {
@@ -437,6 +437,7 @@ pub(super) fn run_rank(
         features_per_row: train_set.features_per_row as u32,
         classes: train_set.classes as u32,
         feature_scale: train_set.feature_scale,
+        unreachable_rank: None,
     })))
 }
 

@@ -41,7 +41,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::work::{
-    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, join_gang, record_checkpoint,
+    JobNotes, PROGRESS_EVERY, RankContext, RankEnd, broken, checkpoint_unusable, gang_not_formed, join_gang,
+    record_checkpoint,
 };
 use crate::checkpoint::{files, state, store};
 use crate::collective::Communicator;
@@ -324,7 +325,7 @@ pub(super) fn run_rank(
     let mut notes = JobNotes::open(context, train);
     let master = match rendezvous(context, train, port) {
         Ok(master) => master,
-        Err((end, e)) => return broken(end, resume_step, format!("gang rendezvous: {e:#}")),
+        Err((end, e)) => return gang_not_formed(end, resume_step, e.context("gang rendezvous")),
     };
     let dirs = match RunDirs::create(&train.job_id, train.generation) {
         Ok(dirs) => dirs,

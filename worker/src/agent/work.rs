@@ -433,7 +433,8 @@ pub enum RankEnd {
     /// Report nothing.
     HandedOver { step: u64 },
     /// Ended abnormally; every rank reports (the coordinator keeps the first).
-    Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64 },
+    /// `unreachable_rank`: the peer this rank could not reach while the gang formed.
+    Broken { end: GenerationEnd, step: u64, error: String, unusable_step: u64, unreachable_rank: Option<u32> },
     /// A gang member was lost after this rank's `step`, newer than any checkpoint the gang had:
     /// the rank holds that step's state and reports the break with `announced`, its checkpoint
     /// (every survivor does; the coordinator keeps the first report). `write` is called with
@@ -501,6 +502,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                 step: 0,
                 error: "the training thread panicked".into(),
                 unusable_step: 0,
+                unreachable_rank: None,
             }
         }
     };
@@ -538,9 +540,16 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
             ..base
         }),
         RankEnd::Broken { .. } if stop.load(Ordering::Relaxed) => None, // superseded meanwhile
-        RankEnd::Broken { end, step, error, unusable_step } => {
+        RankEnd::Broken { end, step, error, unusable_step, unreachable_rank } => {
             tracing::warn!(job = %job_id, generation, rank, error = %error, "generation ended");
-            Some(FinishedReport { end: end.into(), step, error, unusable_checkpoint_step: unusable_step, ..base })
+            Some(FinishedReport {
+                end: end.into(),
+                step,
+                error,
+                unusable_checkpoint_step: unusable_step,
+                unreachable_rank,
+                ..base
+            })
         }
         RankEnd::PeerLost { write, .. } if stop.load(Ordering::Relaxed) => {
             write(false);
@@ -603,14 +612,34 @@ pub fn run_rank(
 }
 
 pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display) -> RankEnd {
-    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0 }
+    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0, unreachable_rank: None }
+}
+
+/// The end of a rank whose gang did not form ([`join_gang`]'s error): with the peer it could
+/// not reach, when the collective named one, so the coordinator holds that member out.
+pub(super) fn gang_not_formed(end: GenerationEnd, step: u64, error: anyhow::Error) -> RankEnd {
+    use crate::collective::CollectiveError;
+    let unreachable_rank = error.chain().find_map(|e| match e.downcast_ref::<CollectiveError>() {
+        Some(CollectiveError::PeerLost { peer, .. } | CollectiveError::Timeout { peer, .. }) => {
+            u32::try_from(*peer).ok()
+        }
+        _ => None,
+    });
+    let unreachable_rank = unreachable_rank.filter(|_| end == GenerationEnd::PeerLost);
+    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0, unreachable_rank }
 }
 
 /// The end of a rank whose resume checkpoint is bad (half-written or corrupt): the coordinator
 /// falls back to an older one.
 pub(super) fn checkpoint_unusable(notes: &mut JobNotes, step: u64, error: impl std::fmt::Display) -> RankEnd {
     notes.note(format!("checkpoint of step {step} is unusable: {error}"));
-    RankEnd::Broken { end: GenerationEnd::CheckpointUnusable, step, error: error.to_string(), unusable_step: step }
+    RankEnd::Broken {
+        end: GenerationEnd::CheckpointUnusable,
+        step,
+        error: error.to_string(),
+        unusable_step: step,
+        unreachable_rank: None,
+    }
 }
 
 /// Joins this rank's gang on the TCP ring (every link proves the generation's gang secret).
@@ -853,6 +882,28 @@ pub(super) fn record_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gang_that_did_not_form_names_the_peer_it_could_not_reach() {
+        use crate::collective::CollectiveError;
+        let named = |end: GenerationEnd, error: CollectiveError| match gang_not_formed(
+            end,
+            0,
+            anyhow::Error::from(error).context("gang rendezvous"),
+        ) {
+            RankEnd::Broken { unreachable_rank, error, .. } => {
+                assert!(error.starts_with("gang rendezvous: "), "{error}");
+                unreachable_rank
+            }
+            _ => panic!("a broken end"),
+        };
+        let lost = |peer| CollectiveError::PeerLost { operation: "rendezvous", peer, reason: "reset".into() };
+        assert_eq!(named(GenerationEnd::PeerLost, lost(1)), Some(1));
+        let silent = CollectiveError::Timeout { operation: "rendezvous", peer: 2, timeout: Duration::from_secs(1) };
+        assert_eq!(named(GenerationEnd::PeerLost, silent), Some(2));
+        assert_eq!(named(GenerationEnd::PeerLost, CollectiveError::Rendezvous("worlds differ".into())), None);
+        assert_eq!(named(GenerationEnd::RetryableError, lost(1)), None, "only a lost peer is named");
+    }
 
     #[test]
     fn work_left_after_a_stop_waits_for_the_next_first_step_or_its_bound() {

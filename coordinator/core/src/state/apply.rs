@@ -115,6 +115,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     draining: false,
                     notice_action_at_unix_ms: None,
                     suspect_since_unix_ms: None,
+                    unreachable_until_unix_ms: 0,
                     credential_sha256: credential_sha256.to_ascii_lowercase(),
                 },
             );
@@ -219,7 +220,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 push_event(job, now, "preemption_notice", message);
                 let job_id = job.id;
                 let generation = job.generation;
-                while let Some(replacement) = pick_replacement(state, job_id) {
+                while let Some(replacement) = pick_replacement(state, job_id, now) {
                     reserve_replacement(state, job_id, generation, replacement, now)?;
                 }
                 return Ok(answer);
@@ -243,7 +244,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.checkpoint_requested.is_some() || job.awaited_handovers().next().is_none() {
                 return Err(Rejected::NoHandover { job_id });
             }
-            if !replacement_fits(state, job_id, replacement) {
+            if !replacement_fits(state, job_id, replacement) || held_unreachable(state, replacement, now) {
                 return Err(Rejected::WorkerUnavailable(replacement));
             }
             reserve_replacement(state, job_id, generation, replacement, now)
@@ -420,11 +421,16 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 return Ok(Applied::GenerationEnded { job_id, state: job.state });
             }
             check_reporter(state, job_id, reporter)?;
+            let unreachable = unreachable_member(state, job_id, generation, &end, reporter);
             if let (GenerationEnd::Checkpointed | GenerationEnd::PeerLost { .. }, Some(record)) = (&end, announced) {
                 let job = running_generation(state, job_id, generation)?;
                 announce_checkpoint(job, record, reporter, generation, step, now);
             }
-            generation_ended(state, job_id, generation, end, step, now)
+            let applied = generation_ended(state, job_id, generation, end, step, now)?;
+            if let Some(worker) = unreachable {
+                hold_unreachable(state, job_id, worker, now);
+            }
+            Ok(applied)
         }
         Command::CheckpointDeleting { job_id, uri } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
@@ -836,6 +842,41 @@ fn suspect(state: &mut State, gang: &[WorkerId], now: u64) {
     }
 }
 
+/// The member of `job_id`'s running `generation` that a report of its end names as not
+/// reachable at the rendezvous (`GenerationEnd::PeerLost::unreachable_rank`), unless it is the
+/// reporter itself.
+fn unreachable_member(
+    state: &State,
+    job_id: JobId,
+    generation: u64,
+    end: &GenerationEnd,
+    reporter: Option<WorkerId>,
+) -> Option<WorkerId> {
+    let GenerationEnd::PeerLost { unreachable_rank: Some(rank), .. } = end else { return None };
+    let job = state.jobs.get(&job_id).filter(|j| j.state == JobState::Running && j.generation == generation)?;
+    job.gang.get(*rank as usize).copied().filter(|w| Some(*w) != reporter)
+}
+
+/// `worker`'s peers could not reach it when `job_id`'s gang formed: it is not placed nor
+/// reserved for [`UNREACHABLE_HOLD_MS`] (a gang with it would break at once again).
+fn hold_unreachable(state: &mut State, job_id: JobId, worker: WorkerId, now: u64) {
+    if let Some(w) = state.workers.get_mut(&worker) {
+        w.unreachable_until_unix_ms = now.saturating_add(UNREACHABLE_HOLD_MS);
+    }
+    if let Some(job) = state.jobs.get_mut(&job_id) {
+        let message = format!(
+            "{worker}'s peers could not reach its data port when the gang formed; not placed for {} s",
+            UNREACHABLE_HOLD_MS / 1000
+        );
+        push_event(job, now, "unreachable", message);
+    }
+}
+
+/// Whether `worker` is held out of placement at `now` ([`hold_unreachable`]).
+pub fn held_unreachable(state: &State, worker: WorkerId, now: u64) -> bool {
+    state.workers.get(&worker).is_some_and(|w| w.unreachable_until_unix_ms > now)
+}
+
 /// Whether `worker` may replace a member of `job_id`'s gang: live, free, not draining nor
 /// suspect, not promised to another handover, with the job's GPUs, on-demand when the job
 /// must be.
@@ -877,14 +918,14 @@ pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
 
 /// The free worker to replace the first noticed member of `job_id` still without a
 /// replacement, if any: one outside the noticed member's pool first (that pool is being
-/// reclaimed), then the lowest id.
-pub fn pick_replacement(state: &State, job_id: JobId) -> Option<WorkerId> {
+/// reclaimed), then the lowest id; none held unreachable at `now`.
+pub fn pick_replacement(state: &State, job_id: JobId, now: u64) -> Option<WorkerId> {
     let leaving = state.jobs.get(&job_id)?.awaited_handovers().next()?.leaving;
     let pool = state.workers.get(&leaving).map(|w| (w.info.instance_type.as_str(), w.info.zone.as_str()));
     state
         .workers
         .values()
-        .filter(|w| replacement_fits(state, job_id, w.id))
+        .filter(|w| replacement_fits(state, job_id, w.id) && !held_unreachable(state, w.id, now))
         .min_by_key(|w| (Some((w.info.instance_type.as_str(), w.info.zone.as_str())) == pool, w.id))
         .map(|w| w.id)
 }
@@ -935,7 +976,7 @@ fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64)
         format!("{worker}, reserved to replace {leaving}, {why}; seeking another replacement"),
     );
     let generation = job.generation;
-    while let Some(replacement) = pick_replacement(state, job_id) {
+    while let Some(replacement) = pick_replacement(state, job_id, now) {
         if reserve_replacement(state, job_id, generation, replacement, now).is_err() {
             break;
         }
@@ -1151,7 +1192,7 @@ fn generation_ended(
             let workers = if job.on_demand_only { "on-demand workers" } else { "workers" };
             job.reason = format!("{why}: waiting for {workers} to resume from step {}", resume_step(job));
         }
-        GenerationEnd::PeerLost { reason } => {
+        GenerationEnd::PeerLost { reason, .. } => {
             let lost = step.saturating_sub(resume_step(job));
             job.steps_lost = job.steps_lost.saturating_add(lost);
             job.recoveries = job.recoveries.saturating_add(1);

@@ -68,7 +68,7 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
             generation: small_or_raw(a),
             end: match b % 4 {
                 0 => GenerationEnd::Checkpointed,
-                1 => GenerationEnd::PeerLost { reason },
+                1 => GenerationEnd::PeerLost { reason, unreachable_rank: (e & 8 == 8).then_some((e >> 4) as u32 % 8) },
                 2 => GenerationEnd::CheckpointUnusable { step: small_or_raw(c), reason },
                 _ => GenerationEnd::Error { reason },
             },

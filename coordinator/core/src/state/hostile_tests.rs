@@ -78,7 +78,7 @@ fn a_worker_reports_only_for_its_own_gang() {
     let own = Command::RecordCheckpoint { job_id: a, checkpoint: checkpoint(a, 50), reporter: Some(g1) };
     assert_eq!(at(&mut state, 21, own), Ok(Applied::CheckpointRecorded { job_id: a, step: 50 }));
     // A member's late report after its generation ended (a peer died first) is still its own.
-    let broken = GenerationEnd::PeerLost { reason: "peer died".into() };
+    let broken = GenerationEnd::PeerLost { reason: "peer died".into(), unreachable_rank: None };
     let ended = Command::GenerationEnded {
         job_id: a,
         generation: 1,

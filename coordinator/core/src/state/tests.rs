@@ -558,6 +558,39 @@ fn a_live_handover_said_to_have_failed_falls_back_to_the_stop_at_once() {
 }
 
 #[test]
+fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let broke = |rank: Option<u32>, reporter: WorkerId, generation: u64| Command::GenerationEnded {
+        job_id: JobId(1),
+        generation,
+        end: GenerationEnd::PeerLost { reason: "rank 1 was lost during rendezvous".into(), unreachable_rank: rank },
+        step: 0,
+        reporter: Some(reporter),
+        announced: None,
+    };
+    // A stale report (another generation) holds nobody.
+    assert!(at(&mut state, 9_000, broke(Some(1), w1, 7)).is_err());
+    assert_eq!(state.workers[&w2].unreachable_until_unix_ms, 0);
+    // Rank 0 could not reach rank 1 while the gang formed: rank 1's member is held for 60 s.
+    assert_eq!(
+        at(&mut state, 10_000, broke(Some(1), w1, 1)),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    assert_eq!(state.workers[&w2].unreachable_until_unix_ms, 10_000 + UNREACHABLE_HOLD_MS);
+    assert_eq!(state.workers[&w1].unreachable_until_unix_ms, 0, "not the reporter");
+    let event = state.jobs[&JobId(1)].events.last().expect("event");
+    assert_eq!(event.kind, "unreachable");
+    assert!(event.message.contains(&format!("{w2}'s peers could not reach its data port")), "{}", event.message);
+    assert!(held_unreachable(&state, w2, 69_999) && !held_unreachable(&state, w2, 70_000));
+    // A member naming itself holds nobody.
+    let mut state = State::default();
+    let (w1, _) = running_job(&mut state, 3);
+    at(&mut state, 10_000, broke(Some(0), w1, 1)).expect("ended");
+    assert_eq!(state.workers[&w1].unreachable_until_unix_ms, 0);
+}
+
+#[test]
 fn only_one_built_in_member_hands_over_live_and_a_lost_joiner_is_replaced() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
@@ -890,7 +923,7 @@ fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
     let mut state = State::default();
     running_job(&mut state, 3);
     checkpoint(&mut state, 20, 1).expect("checkpoint");
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
     assert!(matches!(end(&mut state, 2, lost.clone(), 27), Err(Rejected::StaleGeneration { .. })));
     end(&mut state, 1, lost.clone(), 27).expect("end");
     let job = &state.jobs[&JobId(1)];
@@ -1052,7 +1085,7 @@ fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_ge
     )
     .expect("notice");
     assert_eq!(state.jobs[&JobId(1)].checkpoint_requested, Some(StopReason::Budget), "not downgraded");
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into() };
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
     assert_eq!(end(&mut state, 1, lost, 9), Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Failed }));
     assert!(state.jobs[&JobId(1)].reason.contains("budget spent"), "{}", state.jobs[&JobId(1)].reason);
 
@@ -1474,7 +1507,7 @@ fn hostile_reports_saturate_counters_and_unbounded_shapes_are_refused() {
     // saturates instead of overflowing (a panic in apply on every replica).
     let mut state = State::default();
     running_job(&mut state, 10);
-    let lost = || GenerationEnd::PeerLost { reason: "forged".into() };
+    let lost = || GenerationEnd::PeerLost { reason: "forged".into(), unreachable_rank: None };
     end(&mut state, 1, lost(), u64::MAX).expect("first end");
     let (w3, w4) = (register(&mut state, 600), register(&mut state, 601));
     at(&mut state, 602, Command::AssignGang { job_id: JobId(1), workers: vec![w3, w4] }).expect("assign");
@@ -1610,7 +1643,7 @@ fn a_survivor_of_a_broken_gang_announces_the_state_it_holds_and_the_break_loses_
         Command::GenerationEnded {
             job_id: JobId(1),
             generation,
-            end: GenerationEnd::PeerLost { reason: "rank 1 was lost".into() },
+            end: GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None },
             step,
             reporter: Some(reporter),
             announced,
@@ -1670,7 +1703,7 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
     let broke = Command::GenerationEnded {
         job_id: JobId(1),
         generation: 1,
-        end: GenerationEnd::PeerLost { reason: "aborted by the coordinator".into() },
+        end: GenerationEnd::PeerLost { reason: "aborted by the coordinator".into(), unreachable_rank: None },
         step: 33,
         reporter: Some(w1),
         announced: Some(checkpoint_record(33, 1, "f33")),

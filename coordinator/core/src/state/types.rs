@@ -17,7 +17,9 @@ use crate::spec::JobSpec;
 /// sought (`WorkerLost` and `WorkerInterrupted` of a free worker apply differently).
 /// 4: live handovers (`HandoverReady::live`, `HandoverSwapped`, `LiveSwapTimed`,
 /// `Handover::live_since_unix_ms`, `Job::live_swap_timed_step`).
-/// 5: a live handover's failure said by its members (`LiveHandoverFailed`).
+/// 5: a live handover's failure said by its members (`LiveHandoverFailed`); a member its peers
+/// could not reach at the rendezvous held out of placement (`GenerationEnd::PeerLost::
+/// unreachable_rank`, `Worker::unreachable_until_unix_ms`).
 pub const STATE_VERSION: u32 = 5;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
@@ -26,6 +28,9 @@ pub const JOBS_MAX: usize = 100_000;
 pub const WORKERS_MAX: usize = 10_000;
 /// Longest client request id, in bytes.
 pub const CLIENT_REQUEST_ID_LEN_MAX: usize = 128;
+/// How long a member its peers could not reach at a rendezvous is held out of placement (its
+/// data port may be firewalled, or its host cut off: a new gang with it would break at once).
+pub const UNREACHABLE_HOLD_MS: u64 = 60_000;
 /// Longest free-text reason kept on a job, in bytes (longer ones are cut).
 pub const REASON_LEN_MAX: usize = 1024;
 /// Pending reasons in one `SetPendingReasons` at most (the scheduler splits larger passes).
@@ -394,7 +399,14 @@ pub enum GenerationEnd {
     /// Stopped in order at a checkpoint of the step reported (after `checkpoint_requested`).
     Checkpointed,
     /// A collective failed: a peer died or stalled. Not the job's fault; never a failure.
-    PeerLost { reason: String },
+    /// `unreachable_rank`: the rank the reporter could not reach while the gang formed (its
+    /// data port refused or dropped the connection, or did not answer): that member is held
+    /// out of placement for [`UNREACHABLE_HOLD_MS`], so the job does not re-form on it at once.
+    PeerLost {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unreachable_rank: Option<u32>,
+    },
     /// The checkpoint the generation was told to resume from is unreadable (corrupt or
     /// half-written): it is dropped and the next generation resumes from the one before.
     CheckpointUnusable { step: u64, reason: String },
@@ -474,6 +486,10 @@ pub struct Worker {
     /// heartbeat at once; a dead worker never does, until its lease expires).
     #[serde(default)]
     pub suspect_since_unix_ms: Option<u64>,
+    /// Until when it is not placed in a gang nor reserved as a replacement: its peers could
+    /// not reach it at a rendezvous (0: never). See [`GenerationEnd::PeerLost`].
+    #[serde(default)]
+    pub unreachable_until_unix_ms: u64,
     /// SHA-256 (lower-case hex) of the credential the leader issued at registration. The
     /// secret itself is never stored: the worker presents it on every call after registering,
     /// and any node checks it against this digest. Empty: no credential (cannot report).
