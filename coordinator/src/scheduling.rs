@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_core::scheduler::{FreeWorker, PendingJob, RunningJob, grow, schedule};
 use flotilla_core::state::{
-    Command, Job, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason, pick_replacement,
+    Command, Job, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason, WORKERS_HEARD_PER_COMMAND_MAX,
+    pick_replacement,
 };
 use flotilla_core::{JobId, WorkerId};
 
@@ -79,6 +80,18 @@ pub fn scheduler_input(
     now_ms: u64,
 ) -> (Vec<PendingJob>, Vec<FreeWorker>) {
     (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms))
+}
+
+/// Suspect workers (their gang broke) the leader heard from since, with the suspicion's time:
+/// alive, so no longer suspect ([`Command::WorkersHeard`]); at most one command's worth.
+fn suspects_heard(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> Vec<(WorkerId, u64)> {
+    state
+        .workers
+        .values()
+        .filter(|w| w.lost_at_unix_ms.is_none())
+        .filter_map(|w| w.suspect_since_unix_ms.filter(|since| heard_at(w.id) >= *since).map(|since| (w.id, since)))
+        .take(WORKERS_HEARD_PER_COMMAND_MAX)
+        .collect()
 }
 
 /// The jobs waiting for a gang (a scan of every job held).
@@ -258,7 +271,7 @@ pub async fn schedule_loop(
         let heard = leases.clone();
         let now_ms = crate::raft::node::now_unix_ms();
         let reasons_due = reasons_at.is_none_or(|at| at.elapsed() >= REASONS_EVERY);
-        let Ok((handovers, pending, free, reasons, running, inference, mut work)) = node
+        let Ok((heard_from, handovers, pending, free, reasons, running, inference, mut work)) = node
             .read_local(move |state| {
                 let reading = Instant::now();
                 let running = running_jobs(state);
@@ -266,6 +279,7 @@ pub async fn schedule_loop(
                 let mut handovers = handovers_among(state, &running, now_ms, policy, prepared);
                 handovers.extend(members_lost_among(&running, now_ms));
                 let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms);
+                let heard_from = suspects_heard(state, |w| heard.last_heartbeat_unix_ms(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
                 // pass O(jobs) on the Raft thread under a stream of submissions), and then
@@ -283,12 +297,16 @@ pub async fn schedule_loop(
                     .filter(|j| j.wants_workers() > 0)
                     .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
                     .collect();
-                (handovers, pending, free, reasons, growable(state, &running), inference, reading.elapsed())
+                (heard_from, handovers, pending, free, reasons, growable(state, &running), inference, reading.elapsed())
             })
             .await
         else {
             continue;
         };
+        // Suspect workers heard from are alive: clear them (they may replace or spare again).
+        if !heard_from.is_empty() {
+            let _ = node.propose(Command::WorkersHeard { workers: heard_from }).await;
+        }
         // Handovers first: a running job's replacement before any placement.
         if !handovers.is_empty() {
             for command in handovers {
@@ -378,7 +396,7 @@ pub fn inference_joins(wants: &[InferenceWants], idle: &[WorkerId]) -> Vec<(JobI
 
 #[cfg(test)]
 mod tests {
-    use flotilla_core::state::{Command, GenerationEnd};
+    use flotilla_core::state::{Command, Envelope, GenerationEnd};
 
     use super::*;
     use crate::testing::Log;
@@ -416,6 +434,18 @@ mod tests {
         assert_eq!(pending.len(), 1);
         let ids: Vec<WorkerId> = free.iter().map(|w| w.id).collect();
         assert_eq!(ids, [WorkerId(1), WorkerId(3)]);
+        // The one heard from is cleared (it may replace a noticed member again), not the other.
+        let heard_from = suspects_heard(&log.state, heard);
+        assert_eq!(heard_from, [(WorkerId(1), broke_at)]);
+        let mut cleared = log.state.clone();
+        let applied = flotilla_core::state::apply(
+            &mut cleared,
+            99,
+            Envelope::new(broke_at + 10, Command::WorkersHeard { workers: heard_from }),
+        );
+        assert_eq!(applied, Ok(flotilla_core::state::Applied::WorkersHeard { cleared: 1 }));
+        assert_eq!(cleared.workers[&WorkerId(1)].suspect_since_unix_ms, None);
+        assert_eq!(cleared.workers[&WorkerId(2)].suspect_since_unix_ms, Some(broke_at));
         // One its peers could not reach is left out until its hold ends, heard from or not.
         let mut held = log.state.clone();
         held.workers.get_mut(&WorkerId(3)).expect("worker-3").unreachable_until_unix_ms = broke_at + 60_000;

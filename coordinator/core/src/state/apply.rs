@@ -606,6 +606,24 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.reason = bounded(reason);
             Ok(Applied::ReasonSet { job_id })
         }
+        Command::WorkersHeard { workers } => {
+            if workers.len() > WORKERS_HEARD_PER_COMMAND_MAX {
+                return Err(Rejected::BadReport(format!(
+                    "{} workers heard in one command; at most {WORKERS_HEARD_PER_COMMAND_MAX}",
+                    workers.len()
+                )));
+            }
+            let mut cleared = 0;
+            for (worker_id, since) in workers {
+                if let Some(worker) =
+                    state.workers.get_mut(&worker_id).filter(|w| w.suspect_since_unix_ms == Some(since))
+                {
+                    worker.suspect_since_unix_ms = None;
+                    cleared += 1;
+                }
+            }
+            Ok(Applied::WorkersHeard { cleared })
+        }
         Command::SetPendingReasons { reasons } => {
             if reasons.len() > PENDING_REASONS_PER_COMMAND_MAX {
                 return Err(Rejected::BadReport(format!(

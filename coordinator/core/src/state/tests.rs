@@ -591,6 +591,32 @@ fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() 
 }
 
 #[test]
+fn a_survivor_of_a_broken_gang_replaces_a_noticed_member_once_heard_from() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    end(&mut state, 1, GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None }, 0)
+        .expect("broke");
+    let since = state.workers[&w1].suspect_since_unix_ms.expect("suspect");
+    // Another job runs on two other workers; one of them gets a notice.
+    at(&mut state, 600, Command::SubmitJob { spec: Box::new(spec("k")), client_request_id: "k".into() })
+        .expect("submit");
+    let (a, b) = (register(&mut state, 7), register(&mut state, 8));
+    at(&mut state, 700, Command::AssignGang { job_id: JobId(2), workers: vec![a, b] }).expect("assign");
+    at(&mut state, 800, spot_notice(b, 130_000)).expect("notice");
+    assert_eq!(state.jobs[&JobId(2)].handovers[0].replacement, None, "a suspect survivor may be dead");
+    // The leader heard from w1 since (w2, dead, never): w1 is picked at once.
+    let heard = Command::WorkersHeard { workers: vec![(w1, since), (w2, since - 1)] };
+    assert_eq!(at(&mut state, 900, heard), Ok(Applied::WorkersHeard { cleared: 1 }));
+    assert_eq!(
+        (state.workers[&w1].suspect_since_unix_ms, state.workers[&w2].suspect_since_unix_ms),
+        (None, Some(since))
+    );
+    assert_eq!(pick_replacement(&state, JobId(2), 900), Some(w1));
+    let too_many = Command::WorkersHeard { workers: vec![(w2, since); WORKERS_HEARD_PER_COMMAND_MAX + 1] };
+    assert!(matches!(at(&mut state, 901, too_many), Err(Rejected::BadReport(_))));
+}
+
+#[test]
 fn only_one_built_in_member_hands_over_live_and_a_lost_joiner_is_replaced() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);

@@ -19,7 +19,8 @@ use crate::spec::JobSpec;
 /// `Handover::live_since_unix_ms`, `Job::live_swap_timed_step`).
 /// 5: a live handover's failure said by its members (`LiveHandoverFailed`); a member its peers
 /// could not reach at the rendezvous held out of placement (`GenerationEnd::PeerLost::
-/// unreachable_rank`, `Worker::unreachable_until_unix_ms`).
+/// unreachable_rank`, `Worker::unreachable_until_unix_ms`); suspect workers cleared once heard
+/// from (`WorkersHeard`).
 pub const STATE_VERSION: u32 = 5;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
@@ -35,6 +36,8 @@ pub const UNREACHABLE_HOLD_MS: u64 = 60_000;
 pub const REASON_LEN_MAX: usize = 1024;
 /// Pending reasons in one `SetPendingReasons` at most (the scheduler splits larger passes).
 pub const PENDING_REASONS_PER_COMMAND_MAX: usize = 1024;
+/// Workers in one `WorkersHeard` at most (the leader splits larger passes).
+pub const WORKERS_HEARD_PER_COMMAND_MAX: usize = 1024;
 /// Events kept per job; older ones are dropped first.
 pub const JOB_EVENTS_MAX: usize = 64;
 /// Checkpoint records kept per job at most (retention keeps far fewer; this bounds the state
@@ -1018,6 +1021,12 @@ pub enum Command {
         job_id: JobId,
         reason: String,
     },
+    /// The leader heard from these suspect workers (id, the `suspect_since_unix_ms` it saw)
+    /// after their gang broke: they are alive, and no longer suspect (so they may replace a
+    /// noticed member or be a warm spare again). A worker suspected again since is left so.
+    WorkersHeard {
+        workers: Vec<(WorkerId, u64)>,
+    },
     /// Every pending reason one scheduler pass changed, in one entry (one raft round and one
     /// fsync per pass, not per job). Jobs no longer pending are skipped.
     SetPendingReasons {
@@ -1122,6 +1131,10 @@ pub enum Applied {
     /// `set` of the batch's jobs were still pending and took their reason.
     ReasonsSet {
         set: usize,
+    },
+    /// `cleared` of the workers heard from were no longer suspect.
+    WorkersHeard {
+        cleared: usize,
     },
     CheckpointRecorded {
         job_id: JobId,
