@@ -364,6 +364,9 @@ fn a_replacement_nobody_can_reach_is_held_out_and_the_job_resumes_on_other_capac
         named.len() == 1 && named[0].contains(&format!("{unreachable}'s peers could not reach its data port")),
         "{held}"
     );
+    let workers = json(home, &["workers", "-o", "json"]);
+    let shown = workers.as_array().and_then(|ws| ws.iter().find(|w| w["id"] == unreachable.as_str()).cloned());
+    assert_eq!(shown.as_ref().map(|w| w["state"].clone()), Some(Value::from("Unreachable")), "{workers}");
     let resumed = wait_for(home, &job, Duration::from_secs(90), "training on other capacity", |s| {
         s["state"] == "Succeeded" || (s["state"] == "Running" && s["generation"].as_u64() > held["generation"].as_u64())
     });

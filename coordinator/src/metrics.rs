@@ -169,6 +169,8 @@ pub fn worker_state_name(worker: &flotilla_core::state::Worker) -> &'static str 
         "lost"
     } else if worker.draining {
         "draining"
+    } else if worker.job.is_none() && worker.unreachable_until_unix_ms > crate::raft::node::now_unix_ms() {
+        "unreachable"
     } else if worker.suspect_since_unix_ms.is_some() {
         "suspect"
     } else if worker.job.is_some() {
@@ -185,7 +187,7 @@ pub fn sample(state: &State) -> StateSample {
     for name in ["pending", "provisioning", "running", "recovering", "succeeded", "failed", "cancelled"] {
         out.jobs_by_state.insert(name, 0);
     }
-    for name in ["idle", "busy", "draining", "suspect", "lost"] {
+    for name in ["idle", "busy", "draining", "suspect", "unreachable", "lost"] {
         out.workers_by_state.insert(name, 0);
     }
     for job in state.jobs.values() {

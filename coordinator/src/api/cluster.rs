@@ -124,12 +124,14 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
     })
 }
 
-fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64) -> WorkerInfo {
+fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
     let suspect = worker.suspect_since_unix_ms.is_some_and(|since| last_heartbeat_unix_ms < since);
+    let unreachable = worker.unreachable_until_unix_ms > now_ms;
     let state = match (worker.lost_at_unix_ms, worker.draining, worker.job) {
         (Some(_), _, _) => WorkerState::Lost,
         (None, true, _) => WorkerState::Draining,
         (None, false, Some(_)) => WorkerState::Busy,
+        (None, false, None) if unreachable => WorkerState::Unreachable,
         (None, false, None) if suspect => WorkerState::Suspect,
         (None, false, None) => WorkerState::Idle,
     };
@@ -477,7 +479,9 @@ impl ClusterService for ClusterApi {
             .read(move |state| {
                 let sorted = state.workers.values().map(|w| (w.id, w));
                 let (page, next) = super::page(sorted, after, limit);
-                let page = page.into_iter().map(|w| worker_to_proto(w, leases.last_heartbeat_unix_ms(w.id))).collect();
+                let now_ms = crate::raft::node::now_unix_ms();
+                let page =
+                    page.into_iter().map(|w| worker_to_proto(w, leases.last_heartbeat_unix_ms(w.id), now_ms)).collect();
                 (page, next)
             })
             .await
