@@ -129,7 +129,9 @@ pub fn input(state: &State, now_ms: u64) -> Input {
         let registered = worker.is_some();
         // Its worker registered and was lost: not an instance still booting (nothing will
         // register on it), and no capacity; given back after the idle cooldown.
-        let lost = !registered && lost_instances.contains(instance.id.as_str());
+        // Or its peers cannot reach it (held out): no capacity either while the hold lasts.
+        let unreachable = worker.is_some_and(|w| !busy && w.unreachable_until_unix_ms > now_ms);
+        let lost = (!registered && lost_instances.contains(instance.id.as_str())) || unreachable;
         let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
         if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue || lost {
             out.idle.insert(instance.id.clone());
@@ -178,7 +180,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             busy: worker.job.is_some() || worker.draining,
             reserved_for: None,
             idle_since_ms: None,
-            lost: false,
+            lost: worker.job.is_none() && worker.unreachable_until_unix_ms > now_ms,
         });
     }
     for job in state.jobs.values() {

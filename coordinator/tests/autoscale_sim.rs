@@ -747,6 +747,28 @@ fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on
 }
 
 #[test]
+fn a_worker_its_peers_cannot_reach_is_no_capacity_and_one_more_is_bought() {
+    use flotilla_core::state::GenerationEnd;
+    let mut memory = Memory::default();
+    let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);
+    // The gang breaks at the rendezvous: rank 0 could not reach rank 1's data port.
+    let broke = Command::GenerationEnded {
+        job_id: flotilla_core::JobId(1),
+        generation: 1,
+        end: GenerationEnd::PeerLost { reason: "rank 1 was lost during rendezvous".into(), unreachable_rank: Some(1) },
+        step: 0,
+        reporter: Some(workers[0]),
+        announced: None,
+    };
+    apply(&mut control.state, 5, Envelope::new(20_000, broke)).expect("broke");
+    control.index = 5;
+    assert!(control.state.workers[&workers[1]].unreachable_until_unix_ms > 21_000);
+    // The job waits for 2: rank 0's worker is capacity, rank 1's is not while held: one is bought.
+    pass_at(&mut control, &provider, &mut memory, 21_000);
+    assert_eq!(bought(&control, &gang).len(), 1, "{:?}", control.state.instances);
+}
+
+#[test]
 fn members_noticed_together_get_one_replacement_each_bought_once() {
     let mut memory = Memory::default();
     let (mut control, provider, gang, workers) = one_running_spot_gang(&mut memory);

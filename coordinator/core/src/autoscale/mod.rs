@@ -149,7 +149,8 @@ pub struct Held {
     /// Since when it has had nothing to do (`None` while busy or still starting).
     pub idle_since_ms: Option<u64>,
     /// Its worker registered and was lost since (its lease expired: the agent died or the host
-    /// is cut off): no capacity for any gang, given back like an idle instance.
+    /// is cut off), or is held out as unreachable by its peers: no capacity for any gang, given
+    /// back like an idle instance.
     pub lost: bool,
 }
 
