@@ -248,7 +248,7 @@ impl ClusterService for ClusterApi {
                 job_id,
                 generation: report.generation,
                 by: id,
-                reason: report.live_handover_failed,
+                reason: report.live_handover_failed.chars().take(REPORT_TEXT_MAX).collect(),
             };
             self.node.propose(failed).await.map_err(status)?;
             return Ok(Response::new(Ack {}));

@@ -607,12 +607,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::ReasonSet { job_id })
         }
         Command::WorkersHeard { workers } => {
-            if workers.len() > WORKERS_HEARD_PER_COMMAND_MAX {
-                return Err(Rejected::BadReport(format!(
-                    "{} workers heard in one command; at most {WORKERS_HEARD_PER_COMMAND_MAX}",
-                    workers.len()
-                )));
-            }
+            at_most(workers.len(), WORKERS_HEARD_PER_COMMAND_MAX, "workers heard")?;
             let mut cleared = 0;
             for (worker_id, since) in workers {
                 if let Some(worker) =
@@ -625,12 +620,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(Applied::WorkersHeard { cleared })
         }
         Command::SetPendingReasons { reasons } => {
-            if reasons.len() > PENDING_REASONS_PER_COMMAND_MAX {
-                return Err(Rejected::BadReport(format!(
-                    "{} pending reasons in one command; at most {PENDING_REASONS_PER_COMMAND_MAX}",
-                    reasons.len()
-                )));
-            }
+            at_most(reasons.len(), PENDING_REASONS_PER_COMMAND_MAX, "pending reasons")?;
             let mut set = 0;
             for (job_id, reason) in reasons {
                 if let Some(job) = state.jobs.get_mut(&job_id).filter(|j| j.state == JobState::Pending) {
@@ -1297,6 +1287,14 @@ fn generation_ended(
         }
     }
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
+}
+
+/// A batch command's `len` entries, refused beyond `max` (the leader splits larger batches).
+fn at_most(len: usize, max: usize, what: &str) -> Result<(), Rejected> {
+    if len > max {
+        return Err(Rejected::BadReport(format!("{len} {what} in one command; at most {max}")));
+    }
+    Ok(())
 }
 
 /// Longest reason for a live handover's failure kept in the job's events, in bytes.
