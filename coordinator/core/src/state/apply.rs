@@ -116,6 +116,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     notice_action_at_unix_ms: None,
                     suspect_since_unix_ms: None,
                     unreachable_until_unix_ms: 0,
+                    unreachable_holds: 0,
                     credential_sha256: credential_sha256.to_ascii_lowercase(),
                 },
             );
@@ -866,15 +867,21 @@ fn unreachable_member(
 }
 
 /// `worker`'s peers could not reach it when `job_id`'s gang formed: it is not placed nor
-/// reserved for [`UNREACHABLE_HOLD_MS`] (a gang with it would break at once again).
+/// reserved for [`unreachable_hold_ms`] (a gang with it would break at once again): 60 s, and
+/// twice as long for each hold in a row (a firewalled worker is tried ever more rarely).
 fn hold_unreachable(state: &mut State, job_id: JobId, worker: WorkerId, now: u64) {
-    if let Some(w) = state.workers.get_mut(&worker) {
-        w.unreachable_until_unix_ms = now.saturating_add(UNREACHABLE_HOLD_MS);
-    }
+    let Some(w) = state.workers.get_mut(&worker) else { return };
+    let in_a_row =
+        w.unreachable_until_unix_ms > 0 && now < w.unreachable_until_unix_ms.saturating_add(UNREACHABLE_STREAK_GAP_MS);
+    w.unreachable_holds = if in_a_row { w.unreachable_holds.saturating_add(1) } else { 1 };
+    let hold_ms = unreachable_hold_ms(w.unreachable_holds);
+    w.unreachable_until_unix_ms = now.saturating_add(hold_ms);
+    let holds = w.unreachable_holds;
     if let Some(job) = state.jobs.get_mut(&job_id) {
+        let again = if holds > 1 { format!(" ({holds} times in a row)") } else { String::new() };
         let message = format!(
-            "{worker}'s peers could not reach its data port when the gang formed; not placed for {} s",
-            UNREACHABLE_HOLD_MS / 1000
+            "{worker}'s peers could not reach its data port when the gang formed{again}; not placed for {} s",
+            hold_ms / 1000
         );
         push_event(job, now, "unreachable", message);
     }

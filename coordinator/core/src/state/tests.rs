@@ -583,6 +583,19 @@ fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() 
     assert_eq!(event.kind, "unreachable");
     assert!(event.message.contains(&format!("{w2}'s peers could not reach its data port")), "{}", event.message);
     assert!(held_unreachable(&state, w2, 69_999) && !held_unreachable(&state, w2, 70_000));
+    // Placed again and unreachable again soon after: twice as long; much later: 60 s again.
+    let mut again = state.clone();
+    at(&mut again, 71_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }).expect("assign");
+    at(&mut again, 72_000, broke(Some(1), w1, 2)).expect("broke again");
+    assert_eq!(again.workers[&w2].unreachable_until_unix_ms, 72_000 + 2 * UNREACHABLE_HOLD_MS);
+    assert!(again.jobs[&JobId(1)].events.last().is_some_and(|e| e.message.contains("(2 times in a row)")));
+    let later = 70_000 + UNREACHABLE_STREAK_GAP_MS;
+    at(&mut state, later, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }).expect("assign");
+    at(&mut state, later + 1, broke(Some(1), w1, 2)).expect("broke much later");
+    assert_eq!(state.workers[&w2].unreachable_until_unix_ms, later + 1 + UNREACHABLE_HOLD_MS);
+    let holds: Vec<u64> = (1..=8).map(unreachable_hold_ms).collect();
+    assert_eq!(holds, [60_000, 120_000, 240_000, 480_000, 960_000, 1_920_000, 1_920_000, 1_920_000]);
+    assert_eq!(unreachable_hold_ms(u32::MAX), UNREACHABLE_HOLD_MAX_MS);
     // A member naming itself holds nobody.
     let mut state = State::default();
     let (w1, _) = running_job(&mut state, 3);

@@ -29,9 +29,19 @@ pub const JOBS_MAX: usize = 100_000;
 pub const WORKERS_MAX: usize = 10_000;
 /// Longest client request id, in bytes.
 pub const CLIENT_REQUEST_ID_LEN_MAX: usize = 128;
-/// How long a member its peers could not reach at a rendezvous is held out of placement (its
-/// data port may be firewalled, or its host cut off: a new gang with it would break at once).
+/// How long a member its peers could not reach at a rendezvous is held out of placement the
+/// first time (its data port may be firewalled, or its host cut off: a new gang with it would
+/// break at once). Each hold that follows the previous one's end within
+/// [`UNREACHABLE_STREAK_GAP_MS`] doubles, up to [`UNREACHABLE_HOLD_MAX_MS`].
 pub const UNREACHABLE_HOLD_MS: u64 = 60_000;
+pub const UNREACHABLE_HOLD_MAX_MS: u64 = 32 * 60_000;
+/// A hold later than this after the previous one ended starts again at [`UNREACHABLE_HOLD_MS`].
+pub const UNREACHABLE_STREAK_GAP_MS: u64 = 10 * 60_000;
+
+/// How long the `holds`-th hold in a row lasts (1: [`UNREACHABLE_HOLD_MS`], doubling, capped).
+pub fn unreachable_hold_ms(holds: u32) -> u64 {
+    UNREACHABLE_HOLD_MS.saturating_mul(1 << holds.saturating_sub(1).min(16)).min(UNREACHABLE_HOLD_MAX_MS)
+}
 /// Longest free-text reason kept on a job, in bytes (longer ones are cut).
 pub const REASON_LEN_MAX: usize = 1024;
 /// Pending reasons in one `SetPendingReasons` at most (the scheduler splits larger passes).
@@ -493,6 +503,10 @@ pub struct Worker {
     /// not reach it at a rendezvous (0: never). See [`GenerationEnd::PeerLost`].
     #[serde(default)]
     pub unreachable_until_unix_ms: u64,
+    /// Holds in a row (each within [`UNREACHABLE_STREAK_GAP_MS`] of the previous one's end):
+    /// the next one lasts [`unreachable_hold_ms`] of it.
+    #[serde(default)]
+    pub unreachable_holds: u32,
     /// SHA-256 (lower-case hex) of the credential the leader issued at registration. The
     /// secret itself is never stored: the worker presents it on every call after registering,
     /// and any node checks it against this digest. Empty: no credential (cannot report).
