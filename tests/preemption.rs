@@ -42,6 +42,17 @@ fn write_spec(dir: &Path, name: &str, epochs: u32, every_steps: u64) -> PathBuf 
     spec
 }
 
+/// Submits `spec` and waits (60 s at most) until its gang trained past step 20; returns the
+/// job, its status then and its gang in rank order.
+fn running_gang(home: &Path, spec: &Path) -> (String, Value, Vec<String>) {
+    let job = submit(home, spec);
+    let running = wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
+        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
+    });
+    let members = gang(home, &job);
+    (job, running, members)
+}
+
 /// Numbers that follow `prefix` on each log line that has it.
 fn numbers_after(logs: &str, prefix: &str) -> Vec<u64> {
     logs.lines()
@@ -198,11 +209,7 @@ fn live_handovers_swap_members_without_a_stop_and_change_no_bit() {
     let cluster = Local::up_with(2, &["--boot-delay-s", "2"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "live", 150, 20);
-    let job = submit(home, &spec);
-    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
+    let (job, _, members) = running_gang(home, &spec);
     assert_eq!(members.len(), 2, "{members:?}");
     let swaps = |s: &Value| events(s, "handover").iter().filter(|m| m.contains("without a stop")).count();
     for (handed, member) in members.iter().enumerate() {
@@ -348,11 +355,7 @@ fn a_replacement_nobody_can_reach_is_held_out_and_the_job_resumes_on_other_capac
     let cluster = Local::up_with(2, &["--boot-delay-s", "5"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "unreachable", 150, 20);
-    let job = submit(home, &spec);
-    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
+    let (job, _, members) = running_gang(home, &spec);
     let (relay, unreachable, _worker) = worker_behind_a_relay(home, usize::MAX);
     let preempted = run(home, &["preempt", &members[1]]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
@@ -401,11 +404,7 @@ fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_o
     let cluster = Local::up_with(2, &["--boot-delay-s", "30"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "cut", 150, 20);
-    let job = submit(home, &spec);
-    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
+    let (job, _, members) = running_gang(home, &spec);
     let (relay, spare, _worker) = worker_behind_a_relay(home, 1);
     let preempted = run(home, &["preempt", &members[1]]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
@@ -454,11 +453,7 @@ fn members_noticed_together_hand_over_together_and_change_no_bit() {
     let cluster = Local::up_with(2, &["--boot-delay-s", "4"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "pool", 60, 20);
-    let job = submit(home, &spec);
-    wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
+    let (job, _, members) = running_gang(home, &spec);
     assert_eq!(members.len(), 2, "{members:?}");
     for member in &members {
         let preempted = run(home, &["preempt", member]);
@@ -513,11 +508,7 @@ fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
     let cluster = Local::up_with(2, &["--boot-delay-s", "5"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "rebalance", 60, 20);
-    let job = submit(home, &spec);
-    let running = wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
-        s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 20
-    });
-    let members = gang(home, &job);
+    let (job, running, members) = running_gang(home, &spec);
     let advised = run(home, &["preempt", &members[0], "--rebalance"]);
     assert!(advised.status.success(), "{}", String::from_utf8_lossy(&advised.stderr));
     // While the replacement boots, status shows the handover under way, without a deadline.
