@@ -707,7 +707,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     }
     for id in &workers {
         let free = state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
-        if !free {
+        if !free || held_unreachable(state, *id, now) {
             return Err(Rejected::WorkerUnavailable(*id));
         }
     }

@@ -583,6 +583,9 @@ fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() 
     assert_eq!(event.kind, "unreachable");
     assert!(event.message.contains(&format!("{w2}'s peers could not reach its data port")), "{}", event.message);
     assert!(held_unreachable(&state, w2, 69_999) && !held_unreachable(&state, w2, 70_000));
+    // Whoever proposes it, a gang with it is refused while the hold lasts.
+    let regroup = Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] };
+    assert_eq!(at(&mut state.clone(), 69_999, regroup), Err(Rejected::WorkerUnavailable(w2)));
     // Placed again and unreachable again soon after: twice as long; much later: 60 s again.
     let mut again = state.clone();
     at(&mut again, 71_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }).expect("assign");
