@@ -130,7 +130,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
         // Its worker registered and was lost: not an instance still booting (nothing will
         // register on it), and no capacity; given back after the idle cooldown.
         // Or its peers cannot reach it (held out): no capacity either while the hold lasts.
-        let unreachable = worker.is_some_and(|w| !busy && w.unreachable_until_unix_ms > now_ms);
+        let unreachable = worker.is_some_and(|w| !busy && w.held_unreachable(now_ms));
         let lost = (!registered && lost_instances.contains(instance.id.as_str())) || unreachable;
         let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
         if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue || lost {
@@ -180,7 +180,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             busy: worker.job.is_some() || worker.draining,
             reserved_for: None,
             idle_since_ms: None,
-            lost: worker.job.is_none() && worker.unreachable_until_unix_ms > now_ms,
+            lost: worker.job.is_none() && worker.held_unreachable(now_ms),
         });
     }
     for job in state.jobs.values() {

@@ -78,14 +78,14 @@ fn summary(job: &Job, progress: &Progress) -> Value {
     })
 }
 
-pub fn workers(state: &State) -> Value {
+pub fn workers(state: &State, now_ms: u64) -> Value {
     let workers: Vec<Value> = state
         .workers
         .values()
         .map(|w| {
             json!({
                 "id": w.id.to_string(),
-                "state": crate::metrics::worker_state_name(w),
+                "state": crate::metrics::worker_state_name(w, now_ms),
                 "job": w.job.map(|j| j.to_string()),
                 "instance_id": w.info.instance_id,
                 "instance_type": w.info.instance_type,

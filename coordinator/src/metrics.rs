@@ -164,12 +164,12 @@ pub fn job_state_name(state: JobState) -> &'static str {
     }
 }
 
-pub fn worker_state_name(worker: &flotilla_core::state::Worker) -> &'static str {
+pub fn worker_state_name(worker: &flotilla_core::state::Worker, now_ms: u64) -> &'static str {
     if worker.lost_at_unix_ms.is_some() {
         "lost"
     } else if worker.draining {
         "draining"
-    } else if worker.job.is_none() && worker.unreachable_until_unix_ms > crate::raft::node::now_unix_ms() {
+    } else if worker.job.is_none() && worker.held_unreachable(now_ms) {
         "unreachable"
     } else if worker.suspect_since_unix_ms.is_some() {
         "suspect"
@@ -180,9 +180,9 @@ pub fn worker_state_name(worker: &flotilla_core::state::Worker) -> &'static str 
     }
 }
 
-/// The scrape's view of `state` (pure). Every job state and worker state is present, zero or
-/// not, so a series does not vanish when its count drops to zero.
-pub fn sample(state: &State) -> StateSample {
+/// The scrape's view of `state` at `now_ms` (pure). Every job state and worker state is
+/// present, zero or not, so a series does not vanish when its count drops to zero.
+pub fn sample(state: &State, now_ms: u64) -> StateSample {
     let mut out = StateSample::default();
     for name in ["pending", "provisioning", "running", "recovering", "succeeded", "failed", "cancelled"] {
         out.jobs_by_state.insert(name, 0);
@@ -194,7 +194,7 @@ pub fn sample(state: &State) -> StateSample {
         *out.jobs_by_state.entry(job_state_name(job.state)).or_default() += 1;
     }
     for worker in state.workers.values() {
-        *out.workers_by_state.entry(worker_state_name(worker)).or_default() += 1;
+        *out.workers_by_state.entry(worker_state_name(worker, now_ms)).or_default() += 1;
     }
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         let market = if instance.spot { "spot" } else { "on_demand" };
@@ -448,7 +448,8 @@ async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
         return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics, the dashboard at /\n").await;
     }
     let node = &web.node;
-    let sampled = node.read_local(sample).await;
+    let now_ms = crate::raft::node::now_unix_ms();
+    let sampled = node.read_local(move |state| sample(state, now_ms)).await;
     let text = sampled.map_err(|e| e.to_string()).and_then(|s| {
         render(&s, &web.progress, &node.metrics, &node.status(), node.id, crate::raft::node::now_unix_ms())
             .map_err(|e| e.to_string())
@@ -489,7 +490,10 @@ async fn answer_api(stream: &mut TcpStream, web: &Web, api: &str, query: &str) -
     let now_unix_ms = crate::raft::node::now_unix_ms();
     let view = match api {
         "jobs" => web.node.read_local(move |state| Some(crate::dashboard::jobs(state, &progress))).await,
-        "workers" => web.node.read_local(|state| Some(crate::dashboard::workers(state))).await,
+        "workers" => {
+            let now_ms = crate::raft::node::now_unix_ms();
+            web.node.read_local(move |state| Some(crate::dashboard::workers(state, now_ms))).await
+        }
         "instances" => web.node.read_local(move |state| Some(crate::dashboard::instances(state, now_unix_ms))).await,
         "models" => web.node.read_local(|state| Some(crate::dashboard::models(state))).await,
         "inferences" => web.node.read_local(|state| Some(crate::dashboard::inferences(state))).await,

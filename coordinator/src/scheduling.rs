@@ -127,7 +127,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
         .values()
         .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
-        .filter(|w| w.unreachable_until_unix_ms <= now_ms)
+        .filter(|w| !w.held_unreachable(now_ms))
         .map(|w| FreeWorker {
             id: w.id,
             gpus: w.info.gpus,

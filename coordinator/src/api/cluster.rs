@@ -126,7 +126,7 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
 
 fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
     let suspect = worker.suspect_since_unix_ms.is_some_and(|since| last_heartbeat_unix_ms < since);
-    let unreachable = worker.unreachable_until_unix_ms > now_ms;
+    let unreachable = worker.held_unreachable(now_ms);
     let state = match (worker.lost_at_unix_ms, worker.draining, worker.job) {
         (Some(_), _, _) => WorkerState::Lost,
         (None, true, _) => WorkerState::Draining,

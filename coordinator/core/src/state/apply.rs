@@ -245,7 +245,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if job.checkpoint_requested.is_some() || job.awaited_handovers().next().is_none() {
                 return Err(Rejected::NoHandover { job_id });
             }
-            if !replacement_fits(state, job_id, replacement) || held_unreachable(state, replacement, now) {
+            if !free_to_replace(state, job_id, replacement, now) {
                 return Err(Rejected::WorkerUnavailable(replacement));
             }
             reserve_replacement(state, job_id, generation, replacement, now)
@@ -889,7 +889,13 @@ fn hold_unreachable(state: &mut State, job_id: JobId, worker: WorkerId, now: u64
 
 /// Whether `worker` is held out of placement at `now` ([`hold_unreachable`]).
 pub fn held_unreachable(state: &State, worker: WorkerId, now: u64) -> bool {
-    state.workers.get(&worker).is_some_and(|w| w.unreachable_until_unix_ms > now)
+    state.workers.get(&worker).is_some_and(|w| w.held_unreachable(now))
+}
+
+/// Whether `worker` may be reserved to replace a member of `job_id`'s gang at `now`: it fits
+/// ([`replacement_fits`]) and is not held out as unreachable.
+fn free_to_replace(state: &State, job_id: JobId, worker: WorkerId, now: u64) -> bool {
+    replacement_fits(state, job_id, worker) && !held_unreachable(state, worker, now)
 }
 
 /// Whether `worker` may replace a member of `job_id`'s gang: live, free, not draining nor
@@ -940,7 +946,7 @@ pub fn pick_replacement(state: &State, job_id: JobId, now: u64) -> Option<Worker
     state
         .workers
         .values()
-        .filter(|w| replacement_fits(state, job_id, w.id) && !held_unreachable(state, w.id, now))
+        .filter(|w| free_to_replace(state, job_id, w.id, now))
         .min_by_key(|w| (Some((w.info.instance_type.as_str(), w.info.zone.as_str())) == pool, w.id))
         .map(|w| w.id)
 }

@@ -476,6 +476,14 @@ pub struct WorkerInfo {
     pub data_addr: String,
 }
 
+impl Worker {
+    /// Whether it is held out of placement at `now_ms`: its peers could not reach it at a
+    /// rendezvous (see [`GenerationEnd::PeerLost`]).
+    pub fn held_unreachable(&self, now_ms: u64) -> bool {
+        self.unreachable_until_unix_ms > now_ms
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Worker {
     pub id: WorkerId,
