@@ -259,7 +259,8 @@ mod tests {
         ] {
             assert_eq!(checkpoint_key(bad, &store, job), None, "{bad}");
         }
-        let s3 = flotilla_store::open("s3://bucket/cluster").expect("s3 store");
+        let keys = [("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")].map(|(n, v)| (n.into(), v.into()));
+        let s3 = flotilla_store::open_with("s3://bucket/cluster", keys).expect("s3 store");
         assert_eq!(
             checkpoint_key("s3://bucket/cluster/jobs/job-1/ckpt/000000000020-g1", &s3, job),
             Some(Path::from("cluster/jobs/job-1/ckpt/000000000020-g1"))

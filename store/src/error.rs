@@ -6,7 +6,7 @@
 pub enum Cause {
     /// The bucket does not exist (or is in another account).
     NoBucket,
-    /// No credentials were found in the environment, profile or instance role.
+    /// No credentials were found in the environment, a profile or the instance role.
     NoCredentials(String),
     /// Credentials were found and refused (wrong key, no permission).
     Refused(String),
@@ -25,8 +25,8 @@ impl std::fmt::Display for Cause {
             Cause::NoBucket => write!(f, "the bucket does not exist; create it or fix the bucket name"),
             Cause::NoCredentials(detail) => write!(
                 f,
-                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run with an \
-                 instance role ({detail})"
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use a profile \
+                 (AWS_PROFILE), or run on EC2 with an instance role ({detail})"
             ),
             Cause::Refused(detail) => write!(f, "the credentials were refused: {detail}"),
             Cause::Unreachable(detail) => {

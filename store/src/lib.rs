@@ -10,13 +10,15 @@
 //! ```text
 //!   file:///abs/dir   or /abs/dir   -> LocalFileSystem rooted at "/", writes fsync'd
 //!   s3://bucket/prefix              -> AmazonS3 from the standard AWS environment:
-//!                                      AWS_REGION, the credentials chain (env, profile, IMDS role),
-//!                                      AWS_ENDPOINT_URL (moto, MinIO), AWS_ALLOW_HTTP
+//!                                      AWS_REGION, the credentials ([`credentials`]: env, profile,
+//!                                      the instance role where allowed), AWS_ENDPOINT_URL (moto,
+//!                                      MinIO), AWS_ALLOW_HTTP
 //! ```
 //!
 //! Connections belong to the tokio runtime that made them: a long-lived holder keeps one
 //! [`Location`] with its runtime; a one-shot caller opens a fresh one (opening is cheap, no I/O).
 
+pub mod credentials;
 mod error;
 #[doc(hidden)]
 pub mod testing;
@@ -135,31 +137,48 @@ pub fn open(uri: &str) -> Result<Location, StoreError> {
     open_with(uri, std::env::vars())
 }
 
-/// [`open`] with the AWS settings taken from `env` (name, value pairs; names other than `AWS_*`
-/// are ignored) instead of the process environment: for tests and for callers that forward
-/// settings.
+/// [`open`] with the AWS settings taken from `env` (name, value pairs; only `AWS_*`,
+/// `FLOTILLA_INSTANCE_ROLE` and `HOME` are read) instead of the process environment: for tests
+/// and for callers that forward settings. An S3 URI with no credentials to use
+/// ([`credentials::choose`]) fails here, before any request.
 pub fn open_with(uri: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Location, StoreError> {
     let parsed = parse(uri)?;
     let store: Arc<dyn ObjectStore> = match &parsed.root {
         Root::File => Arc::new(LocalFileSystem::new().with_fsync(true)),
-        Root::S3 { bucket } => Arc::new(
-            s3_builder(bucket, env)
-                .build()
-                .map_err(|e| StoreError::Unusable { uri: uri.to_string(), cause: Cause::Config(e.to_string()) })?,
-        ),
+        Root::S3 { bucket } => {
+            let vars = env.into_iter().filter(|(name, _)| credentials::relevant(name)).collect();
+            let unusable = |cause| StoreError::Unusable { uri: uri.to_string(), cause };
+            let source = credentials::from_env(&vars).map_err(|why| unusable(Cause::NoCredentials(why)))?;
+            Arc::new(s3_builder(bucket, &vars, source).build().map_err(|e| unusable(Cause::Config(e.to_string())))?)
+        }
     };
     Ok(Location { store, root: parsed.root, prefix: parsed.prefix })
 }
 
-/// The S3 client: everything from the standard AWS environment, plus our timeouts and retries.
-fn s3_builder(bucket: &str, env: impl IntoIterator<Item = (String, String)>) -> AmazonS3Builder {
+/// The S3 client: everything from the standard AWS environment `vars`, the credentials of
+/// `source`, plus our timeouts and retries.
+fn s3_builder(
+    bucket: &str,
+    vars: &std::collections::BTreeMap<String, String>,
+    source: credentials::Source,
+) -> AmazonS3Builder {
     // As `AmazonS3Builder::from_env`, from the given variables.
     let mut builder = AmazonS3Builder::new();
-    for (name, value) in env {
+    for (name, value) in vars {
         if name.starts_with("AWS_")
             && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
         {
             builder = builder.with_config(key, value);
+        }
+    }
+    if let credentials::Source::Profile { key_id, secret, token, region, .. } = source {
+        builder = builder.with_access_key_id(key_id).with_secret_access_key(secret);
+        if let Some(token) = token {
+            builder = builder.with_token(token);
+        }
+        let region_set = ["AWS_REGION", "AWS_DEFAULT_REGION"].iter().any(|name| vars.contains_key(*name));
+        if let Some(region) = region.filter(|_| !region_set) {
+            builder = builder.with_region(region);
         }
     }
     // Not `with_client_options`: it would replace what the environment set (AWS_ALLOW_HTTP).

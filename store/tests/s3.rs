@@ -93,3 +93,100 @@ fn wrong_scheme_is_refused_before_any_request() {
         "storage URI `gs://bucket/x` scheme `gs://` is not supported; use file:///absolute/path or s3://bucket/prefix"
     );
 }
+
+/// The AWS settings of `env` without keys or a metadata endpoint, plus `extra`.
+fn keyless(endpoint: &str, extra: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut vars: Vec<_> = env(endpoint, false).into_iter().filter(|(k, _)| k != "AWS_METADATA_ENDPOINT").collect();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    vars
+}
+
+#[test]
+fn no_credentials_anywhere_fail_at_open_without_a_request() {
+    // An endpoint nothing listens on: a request would fail differently (unreachable).
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let error = open_with("s3://flotilla-store/x", keyless(&endpoint, &[("FLOTILLA_INSTANCE_ROLE", "0".into())]))
+        .expect_err("no credentials");
+    let text = error.to_string();
+    assert!(matches!(error, StoreError::Unusable { cause: Cause::NoCredentials(_), .. }), "{text}");
+    assert!(text.starts_with("s3://flotilla-store/x cannot be used: no AWS credentials found"), "{text}");
+    assert!(text.contains("FLOTILLA_INSTANCE_ROLE=1"), "{text}");
+}
+
+#[test]
+fn a_profile_in_the_shared_credentials_file_is_used() {
+    let endpoint = moto();
+    create_bucket(&endpoint, "flotilla-store-profile");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("credentials");
+    std::fs::write(
+        &file,
+        "[other]\naws_access_key_id = no\n[ci]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .expect("write");
+    let vars = keyless(
+        &endpoint,
+        &[
+            ("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string()),
+            ("AWS_PROFILE", "ci".into()),
+            ("FLOTILLA_INSTANCE_ROLE", "0".into()),
+        ],
+    );
+    let location = open_with("s3://flotilla-store-profile/x", vars).expect("the profile's keys");
+    block_on(probe(&location, Access::Write)).expect("no runtime").expect("writable with the profile's keys");
+}
+
+/// A minimal IMDSv2 endpoint with an instance role: a token for a PUT, then the role's name
+/// and its credentials for that token. Counts the credential documents it served.
+fn instance_role_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim().to_string());
+            }
+            let request = head.first().cloned().unwrap_or_default();
+            let token_ok = head.iter().any(|h| h.eq_ignore_ascii_case("x-aws-ec2-metadata-token: t0ken"));
+            let mut words = request.split(' ');
+            let (status, body) = match (words.next(), words.next()) {
+                (Some("PUT"), Some("/latest/api/token")) => ("200 OK", "t0ken".to_string()),
+                (Some("GET"), _) if !token_ok => ("401 Unauthorized", String::new()),
+                (Some("GET"), Some("/latest/meta-data/iam/security-credentials/")) => ("200 OK", "worker".into()),
+                (Some("GET"), Some("/latest/meta-data/iam/security-credentials/worker")) => {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let document = r#"{"Code":"Success","AccessKeyId":"testing","SecretAccessKey":"testing","Token":"session","Expiration":"2099-01-01T00:00:00Z"}"#;
+                    ("200 OK", document.to_string())
+                }
+                _ => ("404 Not Found", String::new()),
+            };
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (address, served)
+}
+
+#[test]
+fn the_instance_role_comes_from_the_metadata_endpoint_when_allowed() {
+    let endpoint = moto();
+    create_bucket(&endpoint, "flotilla-store-role");
+    let (metadata, served) = instance_role_endpoint();
+    let vars = keyless(&endpoint, &[("FLOTILLA_INSTANCE_ROLE", "1".into()), ("AWS_METADATA_ENDPOINT", metadata)]);
+    let location = open_with("s3://flotilla-store-role/x", vars).expect("the instance role");
+    block_on(probe(&location, Access::Write)).expect("no runtime").expect("writable with the role's credentials");
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the role's credentials were fetched");
+}

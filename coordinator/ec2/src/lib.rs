@@ -66,8 +66,8 @@ pub struct Ec2Config {
 
 /// The boot script of a worker instance: starts the agent against the cluster. The agent reads
 /// its identity from EC2's metadata (instance id, type, zone, GPUs) and advertises the
-/// instance's private address (`local-ipv4`) for its data port; S3 uses the instance role and
-/// the instance's region. With `tls`, the script writes the cluster CA and the worker's
+/// instance's private address (`local-ipv4`) for its data port; S3 uses the instance role
+/// (`FLOTILLA_INSTANCE_ROLE=1`) and the instance's region. With `tls`, the script writes the cluster CA and the worker's
 /// certificate and key (0600) to /etc/flotilla/tls and the agent speaks mutual TLS.
 pub fn worker_user_data(coordinators: &str, join_token: &str, tls: Option<&WorkerTls>) -> String {
     let mut script = format!(
@@ -88,6 +88,7 @@ pub fn worker_user_data(coordinators: &str, join_token: &str, tls: Option<&Worke
         "token=$(curl -s -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)\n\
          export AWS_REGION=\"$(curl -s -H \"X-aws-ec2-metadata-token: $token\" \
          http://169.254.169.254/latest/meta-data/placement/region)\"\n\
+         export FLOTILLA_INSTANCE_ROLE=1\n\
          exec flotilla worker --imds-endpoint ec2 --data-addr 0.0.0.0:7200\n",
     );
     script
@@ -514,6 +515,8 @@ mod tests {
         // Identity and the advertised address come from the metadata, never 0.0.0.0.
         assert!(script.contains("--imds-endpoint ec2 --data-addr 0.0.0.0:7200"), "{script}");
         assert!(script.contains("export AWS_REGION="), "{script}");
+        // S3 takes the instance role's credentials (flotilla_store::credentials).
+        assert!(script.contains("export FLOTILLA_INSTANCE_ROLE=1\n"), "{script}");
         assert!(!script.contains("FLOTILLA_TLS"), "{script}");
     }
 
