@@ -22,11 +22,12 @@ pub struct InferArgs {
     #[arg(long)]
     pub model: String,
     /// A CSV file (gzip or not): one row per line with the model's features, optionally
-    /// preceded by the label (then the summary reports accuracy). A path or file:// URI.
+    /// preceded by the label (then the summary reports accuracy). A path, or a file:// or
+    /// s3:// URI (read by the coordinator).
     #[arg(long)]
     pub input: String,
-    /// A new (or empty) folder for part-*.csv, _SUMMARY.json and _SUCCESS. A path or file://
-    /// URI. (`--output` is every command's output format, text or json.)
+    /// A new (or empty) folder for part-*.csv, _SUMMARY.json and _SUCCESS. A path, or a
+    /// file:// or s3:// URI. (`--output` is every command's output format, text or json.)
     #[arg(long = "output-prefix", value_name = "URI")]
     pub destination: String,
     /// Workers used at most.
