@@ -78,10 +78,9 @@ pub fn choose(
     let named = vars.get("AWS_PROFILE").map(|p| p.trim()).filter(|p| !p.is_empty());
     let profile = named.unwrap_or("default");
     let files = files();
-    let keys = |text: &str, section: &dyn Fn(&str) -> bool| ini_section(text, section);
-    let in_credentials = files.credentials.as_ref().and_then(|(_, text)| keys(text, &|s| s == profile));
+    let in_credentials = files.credentials.as_ref().and_then(|(_, text)| ini_section(text, &|s| s == profile));
     let config_section = |s: &str| s == profile || s == format!("profile {profile}");
-    let in_config = files.config.as_ref().and_then(|(_, text)| keys(text, &config_section));
+    let in_config = files.config.as_ref().and_then(|(_, text)| ini_section(text, &config_section));
     let value = |name: &str| {
         [&in_credentials, &in_config]
             .into_iter()

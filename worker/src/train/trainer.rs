@@ -358,7 +358,6 @@ impl Trainer {
         self.stop_vote = true;
     }
 
-    /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
     /// Runs one step's forward and backward pass on a batch of this rank's size and throws the
     /// result away (nothing changes): the kernels and allocations a step uses are made off the
     /// gang's critical path. A prepared replacement runs it on a scratch trainer (GPU kernels
@@ -373,6 +372,7 @@ impl Trainer {
         Ok(())
     }
 
+    /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
     fn local_gradient_sum(&self, rows: &[u32]) -> Result<Vec<f32>, TrainError> {
         let (features, labels) = self.data.gather(rows.iter().copied());
         let logits = self.model.forward(self.input(features, rows.len()));

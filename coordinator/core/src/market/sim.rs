@@ -141,8 +141,8 @@ impl Default for SimParams {
 
 impl SimParams {
     /// Training time one handover costs the gang: one step and the state's transfer (issue
-    /// 25's bound; the live swap measured 1.11x of it on a 2-core machine, within that
-    /// machine's noise: `scripts/bench/handover.sh`, `LIVE=1`).
+    /// 25's bound; what the live swap measures against it: `LIVE=1 scripts/bench/handover.sh`
+    /// and scripts/bench/README.md).
     pub fn handover_stall_seconds(&self) -> f64 {
         let step_seconds = 3600.0 / self.steps_per_hour.max(1e-9);
         let transfer_seconds = self.state_gib * 8.0 * 1.073_741_824 / self.peer_gbit_per_s.max(1e-9);

@@ -254,11 +254,10 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             // Every noticed member's replacement is reserved: the gang hands over to all of
             // them at the next step boundary (or, live, to the one replacement without a stop).
             let job = running_generation(state, job_id, generation)?;
-            let pairs: Option<Vec<(WorkerId, WorkerId)>> =
-                job.handovers.iter().map(|h| h.replacement.map(|r| (r, h.leaving))).collect();
-            let (Some(pairs), None) = (pairs.filter(|p| !p.is_empty()), job.checkpoint_requested) else {
+            let all_reserved = !job.handovers.is_empty() && job.awaited_handovers().next().is_none();
+            if !all_reserved || job.checkpoint_requested.is_some() {
                 return Err(Rejected::NoHandover { job_id });
-            };
+            }
             let live_under_way = job.live_handover().is_some();
             if live && (live_under_way || !job.may_hand_over_live()) {
                 // Repeated (a retried proposal), or not one built-in member's handover.
@@ -267,14 +266,14 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if live {
                 job.updated_at_unix_ms = now;
                 job.handovers[0].live_since_unix_ms = now;
-                let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
-                let message = format!("{}; handing over live while the gang trains on", who.join(", "));
+                let message = format!("{}; handing over live while the gang trains on", ready_to_replace(job));
                 push_event(job, now, "handover", message);
-                return Ok(Applied::HandoverStarted { job_id, replacement: pairs[0].0, live });
+                let replacement = job.handovers[0].replacement.ok_or(Rejected::NoHandover { job_id })?;
+                return Ok(Applied::HandoverStarted { job_id, replacement, live });
             }
             let why =
                 if live_under_way { " (the live handover did not finish in time)".to_string() } else { String::new() };
-            Ok(hand_over_at_a_stop(job, &pairs, now, &why))
+            hand_over_at_a_stop(job, now, &why)
         }
         Command::LiveHandoverFailed { job_id, generation, by, reason } => {
             let job = running_generation(state, job_id, generation)?;
@@ -285,10 +284,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if by != live.leaving && live.replacement != Some(by) {
                 return Err(Rejected::NotAMember { worker: by, job_id });
             }
-            let pairs: Vec<(WorkerId, WorkerId)> =
-                job.handovers.iter().filter_map(|h| h.replacement.map(|r| (r, h.leaving))).collect();
             let why = format!(" (the live handover failed, {by} said: {})", bounded_to(reason, LIVE_FAILURE_LEN_MAX));
-            Ok(hand_over_at_a_stop(job, &pairs, now, &why))
+            hand_over_at_a_stop(job, now, &why)
         }
         Command::HandoverSwapped { job_id, generation, replacement, step, peer_bytes } => {
             let job = running_generation(state, job_id, generation)?;
@@ -1313,16 +1310,28 @@ fn at_most(len: usize, max: usize, what: &str) -> Result<(), Rejected> {
 /// Longest reason for a live handover's failure kept in the job's events, in bytes.
 const LIVE_FAILURE_LEN_MAX: usize = 256;
 
-/// The gang checkpoints at the next step and hands its ranks over to the reserved
-/// replacements `pairs` (replacement, leaving) at the stop; `why` (may be empty) says why a
-/// live handover fell back to it.
-fn hand_over_at_a_stop(job: &mut Job, pairs: &[(WorkerId, WorkerId)], now: u64, why: &str) -> Applied {
+/// The gang checkpoints at the next step and hands its ranks over to their reserved
+/// replacements at the stop; `why` (may be empty) says why a live handover fell back to it.
+fn hand_over_at_a_stop(job: &mut Job, now: u64, why: &str) -> Result<Applied, Rejected> {
+    let Some(replacement) = job.reserved_replacements().next() else {
+        return Err(Rejected::NoHandover { job_id: job.id });
+    };
     job.updated_at_unix_ms = now;
     job.handovers.iter_mut().for_each(|h| h.live_since_unix_ms = 0);
     job.checkpoint_requested = Some(StopReason::Handover);
-    let who: Vec<String> = pairs.iter().map(|(r, l)| format!("{r} is ready to replace {l}")).collect();
-    push_event(job, now, "handover", format!("{}; checkpointing at the next step{why}", who.join(", ")));
-    Applied::HandoverStarted { job_id: job.id, replacement: pairs[0].0, live: false }
+    let message = format!("{}; checkpointing at the next step{why}", ready_to_replace(job));
+    push_event(job, now, "handover", message);
+    Ok(Applied::HandoverStarted { job_id: job.id, replacement, live: false })
+}
+
+/// "worker-5 is ready to replace worker-2, ...": the job's handovers with a reserved replacement.
+fn ready_to_replace(job: &Job) -> String {
+    let who: Vec<String> = job
+        .handovers
+        .iter()
+        .filter_map(|h| h.replacement.map(|r| format!("{r} is ready to replace {}", h.leaving)))
+        .collect();
+    who.join(", ")
 }
 
 pub(super) fn bounded(text: String) -> String {
