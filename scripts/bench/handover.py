@@ -26,7 +26,8 @@ The gang never stops: the replacement takes the noticed member's state and updat
 gang trains and is swapped in at a step boundary, in the same generation. Its figures come
 from the ranks' own clocks: stall_ms is the surviving rank's longest time without a step over
 the 16 steps around the swap (4 after it; live.first_step_with_new_member_ms is the swap's own
-step; live.control_longest_gap_ms the same measure over the 16 steps before, the noise alone),
+step, live.longest_gap_before_swap_ms and _after_swap_ms the rest of the window on either side
+of it; live.control_longest_gap_ms the same measure over the 16 steps before, the noise alone),
 step_ms the median step of that window, bound_ms
 step_ms + the state's transfer as the replacement timed it; trained_on_ms is notice -> the
 swap recorded.
@@ -157,8 +158,9 @@ def live_notes(job, swaps_before, limit_s=15):
     while True:
         text = cli("logs", job, "--node", "0") + cli("logs", job, "--node", "1")
         clock = re.findall(r"was swapped live after step \d+: longest time without a step over the last \d+ steps "
-                           r"([0-9.]+) ms \(median step ([0-9.]+) ms; the first step with the new member ([0-9.]+) ms; over the "
-                           r"\d+ steps before them ([0-9.]+) ms\)", text)
+                           r"([0-9.]+) ms \(median step ([0-9.]+) ms; the first step with the new member ([0-9.]+) ms; "
+                           r"the longest of the \d+ steps before it ([0-9.]+) ms, of the \d+ after it ([0-9.]+) ms; "
+                           r"over the \d+ steps before them ([0-9.]+) ms\)", text)
         took = re.findall(r"live after step \d+: the state and (\d+) update\(s\) \((\d+) bytes\) from the leaving "
                           r"member \(the state in ([0-9.]+) ms\)", text)
         if len(clock) > swaps_before and len(took) > swaps_before:
@@ -185,7 +187,7 @@ def one_live(path, round_no):
     swapped, t_swap = wait(job, lambda s: live(s) or s["generation"] > generation or s["state"] != "Running", **swap_wait)
     if not live(swapped):
         raise SystemExit(f"{job}: the live handover fell back: {json.dumps(swapped)[:2000]}")
-    (longest_ms, median_ms, swap_step_ms, control_ms), (updates, moved, state_ms) = live_notes(job, 0)
+    (longest_ms, median_ms, swap_step_ms, before_ms, after_ms, control_ms), (updates, moved, state_ms) = live_notes(job, 0)
     final = status(job)
     cli("cancel", job)
     record = {
@@ -205,6 +207,10 @@ def one_live(path, round_no):
             "bytes": int(moved),
             "state_ms": float(state_ms),
             "first_step_with_new_member_ms": float(swap_step_ms),
+            # The window without the swap's own step: the steps while the replacement caught
+            # up (its warm-up and replay share this machine's cores with the gang), and after.
+            "longest_gap_before_swap_ms": float(before_ms),
+            "longest_gap_after_swap_ms": float(after_ms),
             # The same longest-gap measure over the 16 steps before the window (no swap in
             # them): the machine's noise alone.
             "control_longest_gap_ms": float(control_ms),
@@ -294,13 +300,22 @@ def main():
             out[f"{path}_{key}"] = statistics.median(values) if values else None
     if LIVE:
         live = [r["live"] for r in records if r["path"] == "live_handover"]
-        for key in ("first_step_with_new_member_ms", "control_longest_gap_ms", "state_ms"):
+        keys = ("first_step_with_new_member_ms", "longest_gap_before_swap_ms", "longest_gap_after_swap_ms",
+                "control_longest_gap_ms", "state_ms")
+        for key in keys:
             out[f"live_handover_{key}"] = statistics.median(l[key] for l in live) if live else None
         # The same measure without a swap, against the bound: the noise alone, for comparison.
         if out["live_handover_control_longest_gap_ms"] and out["live_handover_bound_ms"]:
             out["live_handover_control_vs_bound"] = round(
                 out["live_handover_control_longest_gap_ms"] / out["live_handover_bound_ms"], 2
             )
+        # The swap's own step against its round's bound: the time without an optimizer step the
+        # swap itself cost (the survivor's last step with the old member -> its first with the new).
+        ratios = [r["live"]["first_step_with_new_member_ms"] / r["bound_ms"] for r in records
+                  if r["path"] == "live_handover" and r["bound_ms"]]
+        if ratios:
+            out["live_handover_swap_step_vs_bound"] = round(statistics.median(ratios), 2)
+            out["live_handover_swap_step_rounds_within_bound"] = f"{sum(1 for x in ratios if x <= 1.0)} of {len(ratios)}"
     fast = "live_handover" if LIVE else "handover"
     out[f"stall_ratio_{fast}_vs_baseline"] = round(out[f"{fast}_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
     if out[f"{fast}_leader_stall_ms"] and out["checkpoint_and_wait_leader_stall_ms"]:

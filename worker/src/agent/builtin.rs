@@ -565,18 +565,25 @@ impl SwapClock {
             self.ends.iter().zip(self.ends.iter().skip(1)).map(|(a, b)| (*b - *a).as_secs_f64() * 1e3).collect();
         let (control, window) = gaps.split_at(gaps.len().saturating_sub(SWAP_WINDOW_STEPS));
         let longest = |gaps: &[f64]| gaps.iter().copied().fold(0.0, f64::max);
-        // The first step with the new member (the one after the swap's step).
-        let first_after = window.len().checked_sub(SWAP_STEPS_AFTER as usize).and_then(|i| window.get(i)).copied();
+        // The window in three: the steps while the replacement caught up (the old member still
+        // in the gang), the first step with the new member (the swap's own), and the rest.
+        let (before, from_swap) = window.split_at(window.len().saturating_sub(SWAP_STEPS_AFTER as usize));
+        let first_after = from_swap.first().copied().unwrap_or(0.0);
+        let after = from_swap.get(1..).unwrap_or_default();
         let mut sorted = window.to_vec();
         sorted.sort_by(f64::total_cmp);
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
         let note = format!(
             "rank {swapped} was swapped live after step {at}: longest time without a step over the last {} steps \
-             {:.1} ms (median step {median:.1} ms; the first step with the new member {:.1} ms; over the {} steps \
-             before them {:.1} ms)",
+             {:.1} ms (median step {median:.1} ms; the first step with the new member {first_after:.1} ms; the \
+             longest of the {} steps before it {:.1} ms, of the {} after it {:.1} ms; over the {} steps before them \
+             {:.1} ms)",
             window.len(),
             longest(window),
-            first_after.unwrap_or(0.0),
+            before.len(),
+            longest(before),
+            after.len(),
+            longest(after),
             control.len(),
             longest(control)
         );
@@ -981,10 +988,13 @@ mod tests {
         let mut now = Instant::now();
         let mut notes = Vec::new();
         for step in 1..=40u64 {
-            // Steps of 5 ms; a 20 ms one long before the swap, 12 ms for the first step after it.
+            // Steps of 5 ms; a 20 ms one long before the swap, 9 ms while the replacement catches
+            // up, 12 ms for the first step after it, 7 ms after that.
             now += Duration::from_millis(match step {
                 10 => 20,
+                25 => 9,
                 31 => 12,
+                33 => 7,
                 _ => 5,
             });
             let replaced = (step == 30).then_some(1);
@@ -996,7 +1006,8 @@ mod tests {
         assert_eq!(
             notes[0].2,
             "rank 1 was swapped live after step 30: longest time without a step over the last 16 steps 12.0 ms \
-             (median step 5.0 ms; the first step with the new member 12.0 ms; over the 16 steps before them 20.0 ms)"
+             (median step 5.0 ms; the first step with the new member 12.0 ms; the longest of the 12 steps before it \
+             9.0 ms, of the 3 after it 7.0 ms; over the 16 steps before them 20.0 ms)"
         );
         // The swapped rank itself times nothing (it left).
         let mut leaver = SwapClock::default();
