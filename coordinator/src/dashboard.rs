@@ -85,7 +85,7 @@ pub fn workers(state: &State, now_ms: u64) -> Value {
         .map(|w| {
             json!({
                 "id": w.id.to_string(),
-                "state": crate::metrics::worker_state_name(w, now_ms),
+                "state": w.condition(now_ms).name(),
                 "job": w.job.map(|j| j.to_string()),
                 "instance_id": w.info.instance_id,
                 "instance_type": w.info.instance_type,

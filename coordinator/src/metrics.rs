@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use flotilla_core::JobId;
-use flotilla_core::state::{JobState, State};
+use flotilla_core::state::{JobState, State, WorkerCondition};
 use flotilla_proto::http;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -164,22 +164,6 @@ pub fn job_state_name(state: JobState) -> &'static str {
     }
 }
 
-pub fn worker_state_name(worker: &flotilla_core::state::Worker, now_ms: u64) -> &'static str {
-    if worker.lost_at_unix_ms.is_some() {
-        "lost"
-    } else if worker.draining {
-        "draining"
-    } else if worker.job.is_none() && worker.held_unreachable(now_ms) {
-        "unreachable"
-    } else if worker.suspect_since_unix_ms.is_some() {
-        "suspect"
-    } else if worker.job.is_some() {
-        "busy"
-    } else {
-        "idle"
-    }
-}
-
 /// The scrape's view of `state` at `now_ms` (pure). Every job state and worker state is
 /// present, zero or not, so a series does not vanish when its count drops to zero.
 pub fn sample(state: &State, now_ms: u64) -> StateSample {
@@ -187,14 +171,14 @@ pub fn sample(state: &State, now_ms: u64) -> StateSample {
     for name in ["pending", "provisioning", "running", "recovering", "succeeded", "failed", "cancelled"] {
         out.jobs_by_state.insert(name, 0);
     }
-    for name in ["idle", "busy", "draining", "suspect", "unreachable", "lost"] {
-        out.workers_by_state.insert(name, 0);
+    for condition in WorkerCondition::ALL {
+        out.workers_by_state.insert(condition.name(), 0);
     }
     for job in state.jobs.values() {
         *out.jobs_by_state.entry(job_state_name(job.state)).or_default() += 1;
     }
     for worker in state.workers.values() {
-        *out.workers_by_state.entry(worker_state_name(worker, now_ms)).or_default() += 1;
+        *out.workers_by_state.entry(worker.condition(now_ms).name()).or_default() += 1;
     }
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         let market = if instance.spot { "spot" } else { "on_demand" };

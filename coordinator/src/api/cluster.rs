@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use flotilla_core::state::{
     Applied, CheckpointRecord, Command, FinalMetrics, GenerationEnd as CoreEnd, JobState, State, StopReason, Worker,
-    WorkerInfo as CoreWorkerInfo,
+    WorkerCondition, WorkerInfo as CoreWorkerInfo,
 };
 use flotilla_core::{JobId, WorkerId};
 use flotilla_proto::convert::spec_to_proto;
@@ -125,15 +125,13 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
 }
 
 fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
-    let suspect = worker.suspect_since_unix_ms.is_some_and(|since| last_heartbeat_unix_ms < since);
-    let unreachable = worker.held_unreachable(now_ms);
-    let state = match (worker.lost_at_unix_ms, worker.draining, worker.job) {
-        (Some(_), _, _) => WorkerState::Lost,
-        (None, true, _) => WorkerState::Draining,
-        (None, false, Some(_)) => WorkerState::Busy,
-        (None, false, None) if unreachable => WorkerState::Unreachable,
-        (None, false, None) if suspect => WorkerState::Suspect,
-        (None, false, None) => WorkerState::Idle,
+    let state = match worker.condition(now_ms) {
+        WorkerCondition::Idle => WorkerState::Idle,
+        WorkerCondition::Busy => WorkerState::Busy,
+        WorkerCondition::Draining => WorkerState::Draining,
+        WorkerCondition::Suspect => WorkerState::Suspect,
+        WorkerCondition::Unreachable => WorkerState::Unreachable,
+        WorkerCondition::Lost => WorkerState::Lost,
     };
     let info = &worker.info;
     WorkerInfo {

@@ -73,6 +73,43 @@ fn workers_register_and_are_lost() {
 }
 
 #[test]
+fn a_worker_has_one_condition_whichever_fields_are_set() {
+    let mut state = State::default();
+    let info = WorkerInfo {
+        cpus: 2,
+        gpus: 0,
+        memory_bytes: 1 << 30,
+        instance_id: "local-1".into(),
+        instance_type: "local".into(),
+        zone: "local".into(),
+        hostname: "h".into(),
+        data_addr: "127.0.0.1:9000".into(),
+    };
+    apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info, credential_sha256: String::new() }))
+        .expect("registered");
+    let mut worker = state.workers[&WorkerId(1)].clone();
+    let now = 50_000;
+    assert_eq!(worker.condition(now), WorkerCondition::Idle);
+    worker.job = Some(JobId(1));
+    assert_eq!(worker.condition(now), WorkerCondition::Busy);
+    // A suspect reads as one, busy or not, until the leader records that it heard from it.
+    worker.suspect_since_unix_ms = Some(40_000);
+    assert_eq!(worker.condition(now), WorkerCondition::Suspect);
+    worker.job = None;
+    assert_eq!(worker.condition(now), WorkerCondition::Suspect);
+    // Held out as unreachable only while the hold lasts, and only when free.
+    worker.unreachable_until_unix_ms = now + 1;
+    assert_eq!(worker.condition(now), WorkerCondition::Unreachable);
+    assert_eq!(worker.condition(now + 1), WorkerCondition::Suspect);
+    worker.draining = true;
+    assert_eq!(worker.condition(now), WorkerCondition::Draining);
+    worker.lost_at_unix_ms = Some(now);
+    assert_eq!(worker.condition(now), WorkerCondition::Lost);
+    let names: Vec<&str> = WorkerCondition::ALL.iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["idle", "busy", "draining", "suspect", "unreachable", "lost"]);
+}
+
+#[test]
 fn snapshots_and_envelopes_round_trip_and_refuse_newer_versions() {
     let mut state = State::default();
     submit(&mut state, 1, "a").expect("submit");

@@ -482,6 +482,62 @@ impl Worker {
     pub fn held_unreachable(&self, now_ms: u64) -> bool {
         self.unreachable_until_unix_ms > now_ms
     }
+
+    /// What it is doing at `now_ms`, from the replicated state alone: the one rule behind the
+    /// API's worker list, the dashboard and the metrics (a worker reads the same on every node
+    /// and in every view). A suspect stays one until the leader records that it heard from it
+    /// ([`Command::WorkersHeard`], within a scheduler pass).
+    pub fn condition(&self, now_ms: u64) -> WorkerCondition {
+        if self.lost_at_unix_ms.is_some() {
+            WorkerCondition::Lost
+        } else if self.draining {
+            WorkerCondition::Draining
+        } else if self.job.is_none() && self.held_unreachable(now_ms) {
+            WorkerCondition::Unreachable
+        } else if self.suspect_since_unix_ms.is_some() {
+            WorkerCondition::Suspect
+        } else if self.job.is_some() {
+            WorkerCondition::Busy
+        } else {
+            WorkerCondition::Idle
+        }
+    }
+}
+
+/// What a worker is doing ([`Worker::condition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCondition {
+    Idle,
+    Busy,
+    Draining,
+    /// Its gang broke without notice and the leader has not heard from it since.
+    Suspect,
+    /// Held out of placement: its peers could not reach it.
+    Unreachable,
+    Lost,
+}
+
+impl WorkerCondition {
+    pub const ALL: [WorkerCondition; 6] = [
+        WorkerCondition::Idle,
+        WorkerCondition::Busy,
+        WorkerCondition::Draining,
+        WorkerCondition::Suspect,
+        WorkerCondition::Unreachable,
+        WorkerCondition::Lost,
+    ];
+
+    /// The lower-case name the metrics and the dashboard use.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerCondition::Idle => "idle",
+            WorkerCondition::Busy => "busy",
+            WorkerCondition::Draining => "draining",
+            WorkerCondition::Suspect => "suspect",
+            WorkerCondition::Unreachable => "unreachable",
+            WorkerCondition::Lost => "lost",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
