@@ -25,10 +25,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures).
+    /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures). On
+    /// an existing cluster, `up` starts the ones that are not running (a crashed or killed
+    /// node rejoins with its data) and leaves the others as they are.
     #[arg(long, default_value_t = 1)]
     pub coordinators: u32,
-    /// Worker agents to launch on this machine (through the local provider).
+    /// Worker agents to have running on this machine (through the local provider): `up`
+    /// launches the missing ones, also on a cluster that is up.
     #[arg(long, default_value_t = 0)]
     pub workers: u32,
     /// Random spot interruptions for demos and tests: mean notices per worker-hour.
@@ -83,11 +86,18 @@ fn cluster_tags(cluster: &ClusterFile) -> BTreeMap<String, String> {
     BTreeMap::from([(CLUSTER_TAG.to_string(), cluster.cluster_id.clone())])
 }
 
-async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> anyhow::Result<()> {
-    let count = args.workers;
+/// Launches the workers missing to have `args.workers` running on this machine; returns how
+/// many it launched once each has registered (idle or already given work: a queued job takes
+/// a new worker at once).
+async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> anyhow::Result<u32> {
     let mut provider = local_provider(home, cluster)?;
     provider.interruptions_per_hour = args.spot_interruptions_per_hour;
     provider.seed = args.seed;
+    let running = running_workers(&provider, cluster).await?;
+    let count = args.workers.saturating_sub(running.len() as u32);
+    if count == 0 {
+        return Ok(0);
+    }
     let spec = LaunchSpec {
         instance_type: "local".into(),
         zone: None,
@@ -97,23 +107,42 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
         tags: cluster_tags(cluster),
         client_token: random_hex(8)?,
     };
-    provider.launch(&spec).await?;
+    let launched: Vec<String> = provider.launch(&spec).await?.into_iter().map(|i| i.id).collect();
     let mut client = cluster.client()?;
     let started = Instant::now();
     loop {
         let (listed, _) = super::workers::all_workers(&mut client).await?;
-        let live = listed.iter().filter(|w| w.state == flotilla_proto::v1::WorkerState::Idle as i32).count();
-        if live >= count as usize {
-            return Ok(());
+        let registered = launched
+            .iter()
+            .filter(|id| {
+                listed.iter().any(|w| {
+                    w.state != flotilla_proto::v1::WorkerState::Lost as i32
+                        && w.capabilities.as_ref().is_some_and(|c| &c.instance_id == *id)
+                })
+            })
+            .count();
+        if registered == launched.len() {
+            return Ok(count);
         }
         if started.elapsed() > WORKERS_READY_TIMEOUT {
             bail!(
-                "only {live} of {count} workers registered within {WORKERS_READY_TIMEOUT:?}; see {}",
+                "only {registered} of {count} workers registered within {WORKERS_READY_TIMEOUT:?}; see {}",
                 home.join("logs").display()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The cluster's worker instances running on this machine.
+async fn running_workers(provider: &LocalProvider, cluster: &ClusterFile) -> anyhow::Result<Vec<String>> {
+    Ok(provider
+        .describe(&cluster_tags(cluster))
+        .await?
+        .into_iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .map(|i| i.id)
+        .collect())
 }
 
 #[derive(Debug, clap::Args)]
@@ -259,9 +288,6 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     let home = cluster_file::home();
     let mut cluster = match ClusterFile::load(&home)? {
         Some(existing) => {
-            if existing.coordinators.iter().any(|c| c.pid.is_some_and(is_running)) {
-                bail!("a cluster is already running from {} (stop it with `flotilla down`)", home.display());
-            }
             if existing.coordinators.len() != args.coordinators as usize {
                 bail!(
                     "the cluster in {} has {} coordinators; run `flotilla up --coordinators {}` or delete it with \
@@ -288,6 +314,22 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         }
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // A cluster partly up (a coordinator crashed or was killed, workers missing) gets what is
+    // missing; one wholly up is left alone.
+    let stopped: Vec<usize> =
+        (0..cluster.coordinators.len()).filter(|&i| !cluster.coordinators[i].pid.is_some_and(is_running)).collect();
+    if stopped.is_empty() {
+        let running = runtime.block_on(running_workers(&local_provider(&home, &cluster)?, &cluster))?;
+        if running.len() >= args.workers as usize {
+            bail!(
+                "a cluster is already running from {} ({} coordinator(s), {} worker(s) on this machine; stop it \
+                 with `flotilla down`, or ask for more workers with `up --workers N`)",
+                home.display(),
+                cluster.coordinators.len(),
+                running.len()
+            );
+        }
+    }
     // The coordinators check the store too, but a clear error here beats a timeout there.
     let store = store_uri(&cluster, &cluster.coordinators[0].data_dir)?;
     runtime.block_on(async {
@@ -300,21 +342,27 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
             cluster.data_roots.push(root);
         }
     }
-    for i in 0..cluster.coordinators.len() {
+    for &i in &stopped {
         let pid = spawn_coordinator(&cluster, &cluster.coordinators[i], &home, &args)?;
         cluster.coordinators[i].pid = Some(pid);
     }
     cluster.save(&home)?;
     runtime.block_on(wait_ready(&cluster))?;
-    if args.workers > 0 {
-        runtime.block_on(launch_workers(&home, &cluster, &args))?;
-    }
+    let launched = runtime.block_on(launch_workers(&home, &cluster, &args))?;
+    // Restarted while the others ran: said, by id.
+    let restarted: Vec<u64> = if stopped.len() < cluster.coordinators.len() {
+        stopped.iter().map(|&i| cluster.coordinators[i].id).collect()
+    } else {
+        Vec::new()
+    };
     match output {
         OutputFormat::Json => print_json(&json!({
             "coordinators": cluster.coordinators.iter().map(|c| json!({"id": c.id, "address": c.address, "pid": c.pid, "metrics": c.metrics_address.as_ref().map(|a| format!("http://{a}/metrics"))})).collect::<Vec<_>>(),
             "address": cluster.addresses(),
             "store": store,
             "cluster_file": home.join(cluster_file::CLUSTER_FILE),
+            "restarted_coordinators": restarted,
+            "workers_launched": launched,
         })),
         OutputFormat::Text => {
             println!(
@@ -323,6 +371,13 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
                 args.workers,
                 home.display()
             );
+            if !restarted.is_empty() {
+                let ids: Vec<String> = restarted.iter().map(u64::to_string).collect();
+                println!(
+                    "restarted coordinator(s) {} (the others were running); launched {launched} worker(s)",
+                    ids.join(", ")
+                );
+            }
             println!("API: {}", cluster.addresses());
             println!("store: {store}");
             let metrics: Vec<String> = cluster
