@@ -47,10 +47,9 @@ fn cancel_moves_unfinished_jobs_only() {
     assert_eq!(cancel(&mut state, 7), Err(Rejected::JobNotFound(JobId(7))));
 }
 
-#[test]
-fn workers_register_and_are_lost() {
-    let mut state = State::default();
-    let info = WorkerInfo {
+/// A local worker's registration details.
+fn local_worker_info() -> WorkerInfo {
+    WorkerInfo {
         cpus: 2,
         gpus: 0,
         memory_bytes: 1 << 30,
@@ -59,7 +58,13 @@ fn workers_register_and_are_lost() {
         zone: "local".into(),
         hostname: "h".into(),
         data_addr: "127.0.0.1:9000".into(),
-    };
+    }
+}
+
+#[test]
+fn workers_register_and_are_lost() {
+    let mut state = State::default();
+    let info = local_worker_info();
     let registered =
         apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info, credential_sha256: String::new() }));
     assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
@@ -75,16 +80,7 @@ fn workers_register_and_are_lost() {
 #[test]
 fn a_worker_has_one_condition_whichever_fields_are_set() {
     let mut state = State::default();
-    let info = WorkerInfo {
-        cpus: 2,
-        gpus: 0,
-        memory_bytes: 1 << 30,
-        instance_id: "local-1".into(),
-        instance_type: "local".into(),
-        zone: "local".into(),
-        hostname: "h".into(),
-        data_addr: "127.0.0.1:9000".into(),
-    };
+    let info = local_worker_info();
     apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info, credential_sha256: String::new() }))
         .expect("registered");
     let mut worker = state.workers[&WorkerId(1)].clone();
