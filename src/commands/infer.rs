@@ -34,12 +34,12 @@ pub struct InferArgs {
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
     /// Rows per forward pass (default 256).
-    #[arg(long, default_value_t = 0)]
-    pub batch_size: u32,
+    #[arg(long)]
+    pub batch_size: Option<u32>,
     /// Rows per shard, the unit of work a worker leases (default: about 4 shards per worker,
     /// at most 50,000 rows each).
-    #[arg(long, default_value_t = 0)]
-    pub shard_rows: u64,
+    #[arg(long)]
+    pub shard_rows: Option<u64>,
     /// Print the job id and return without following it.
     #[arg(long)]
     pub detach: bool,
@@ -71,9 +71,9 @@ pub fn run(args: InferArgs, coordinator: Option<&str>, output: OutputFormat) -> 
         input_uri: absolute_uri(&args.input, true)?,
         output_uri: absolute_uri(&args.destination, false)?,
         workers: args.workers,
-        batch_size: args.batch_size,
+        batch_size: args.batch_size.unwrap_or(0), // 0: the coordinator's default
         client_request_id: cluster_file::random_hex(16)?,
-        shard_rows: args.shard_rows,
+        shard_rows: args.shard_rows.unwrap_or(0),
     };
     let submitted = runtime.block_on(client.call_inference(|mut c| {
         let request = request.clone();

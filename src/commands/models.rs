@@ -13,18 +13,29 @@ use crate::output::{OutputFormat, print_json};
 #[derive(Debug, clap::Subcommand)]
 pub enum ModelsCommand {
     /// Every version of every model (or of NAME), with its lineage.
-    List { name: Option<String> },
+    List {
+        /// Only this model's versions.
+        name: Option<String>,
+    },
     /// One version: NAME (the newest), NAME@VERSION or NAME@ALIAS.
-    Show { reference: String },
-    /// Points ALIAS (e.g. production, staging) of NAME at VERSION.
+    Show {
+        /// NAME, NAME@VERSION or NAME@ALIAS.
+        reference: String,
+    },
+    /// Points ALIAS (e.g. production, staging) of NAME at VERSION: `models alias mnist-mlp 3
+    /// production`; NAME@production then names version 3 (in `show`, `download`, `infer`).
     Alias {
+        /// The model's name (`register_as` in the job spec).
         name: String,
+        /// The version the alias points at (a number, as `models list` shows it).
         #[arg(value_name = "VERSION")]
         number: u32,
+        /// The alias to set (or move, if it points elsewhere).
         alias: String,
     },
     /// Writes a version's weights to a file.
     Download {
+        /// NAME (the newest), NAME@VERSION or NAME@ALIAS.
         reference: String,
         /// Artifact format: safetensors (PyTorch names and layouts).
         #[arg(long, default_value = "safetensors")]
