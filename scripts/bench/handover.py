@@ -160,7 +160,7 @@ def live_notes(job, swaps_before, limit_s=15):
         clock = re.findall(r"was swapped live after step \d+: longest time without a step over the last \d+ steps "
                            r"([0-9.]+) ms \(median step ([0-9.]+) ms; the first step with the new member ([0-9.]+) ms; "
                            r"the longest of the \d+ steps before it ([0-9.]+) ms, of the \d+ after it ([0-9.]+) ms; "
-                           r"over the \d+ steps before them ([0-9.]+) ms\)", text)
+                           r"over the \d+ steps before them ([0-9.]+) ms, median ([0-9.]+) ms\)", text)
         took = re.findall(r"live after step \d+: the state and (\d+) update\(s\) \((\d+) bytes\) from the leaving "
                           r"member \(the state in ([0-9.]+) ms\)", text)
         if len(clock) > swaps_before and len(took) > swaps_before:
@@ -187,7 +187,8 @@ def one_live(path, round_no):
     swapped, t_swap = wait(job, lambda s: live(s) or s["generation"] > generation or s["state"] != "Running", **swap_wait)
     if not live(swapped):
         raise SystemExit(f"{job}: the live handover fell back: {json.dumps(swapped)[:2000]}")
-    (longest_ms, median_ms, swap_step_ms, before_ms, after_ms, control_ms), (updates, moved, state_ms) = live_notes(job, 0)
+    (longest_ms, median_ms, swap_step_ms, before_ms, after_ms, control_ms, steady_ms), (updates, moved, state_ms) = (
+        live_notes(job, 0))
     final = status(job)
     cli("cancel", job)
     record = {
@@ -214,6 +215,9 @@ def one_live(path, round_no):
             # The same longest-gap measure over the 16 steps before the window (no swap in
             # them): the machine's noise alone.
             "control_longest_gap_ms": float(control_ms),
+            # The control's median step: the steady step before the handover began (the
+            # window's median includes steps the replacement's start-up slowed on shared cores).
+            "steady_step_ms": float(steady_ms),
         },
         "handovers": len(live(final)),
     }
@@ -301,7 +305,7 @@ def main():
     if LIVE:
         live = [r["live"] for r in records if r["path"] == "live_handover"]
         keys = ("first_step_with_new_member_ms", "longest_gap_before_swap_ms", "longest_gap_after_swap_ms",
-                "control_longest_gap_ms", "state_ms")
+                "control_longest_gap_ms", "steady_step_ms", "state_ms")
         for key in keys:
             out[f"live_handover_{key}"] = statistics.median(l[key] for l in live) if live else None
         # The same measure without a swap, against the bound: the noise alone, for comparison.
@@ -313,6 +317,11 @@ def main():
         # swap itself cost (the survivor's last step with the old member -> its first with the new).
         ratios = [r["live"]["first_step_with_new_member_ms"] / r["bound_ms"] for r in records
                   if r["path"] == "live_handover" and r["bound_ms"]]
+        steady = [r["live"]["first_step_with_new_member_ms"] / (r["live"]["steady_step_ms"] + r["live"]["state_ms"])
+                  for r in records if r["path"] == "live_handover" and r["live"]["steady_step_ms"]]
+        if steady:
+            # The same against the steady step + the transfer (a tighter bound than the window's).
+            out["live_handover_swap_step_vs_steady_bound"] = round(statistics.median(steady), 2)
         if ratios:
             out["live_handover_swap_step_vs_bound"] = round(statistics.median(ratios), 2)
             out["live_handover_swap_step_rounds_within_bound"] = f"{sum(1 for x in ratios if x <= 1.0)} of {len(ratios)}"

@@ -570,22 +570,28 @@ impl SwapClock {
         let (before, from_swap) = window.split_at(window.len().saturating_sub(SWAP_STEPS_AFTER as usize));
         let first_after = from_swap.first().copied().unwrap_or(0.0);
         let after = from_swap.get(1..).unwrap_or_default();
-        let mut sorted = window.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        let median = |gaps: &[f64]| {
+            let mut sorted = gaps.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+        };
+        // The control's median is the steady step: the window's own median includes the steps
+        // the replacement's start-up slowed where it shares the gang's cores.
         let note = format!(
             "rank {swapped} was swapped live after step {at}: longest time without a step over the last {} steps \
-             {:.1} ms (median step {median:.1} ms; the first step with the new member {first_after:.1} ms; the \
-             longest of the {} steps before it {:.1} ms, of the {} after it {:.1} ms; over the {} steps before them \
-             {:.1} ms)",
+             {:.1} ms (median step {:.1} ms; the first step with the new member {first_after:.1} ms; the longest of \
+             the {} steps before it {:.1} ms, of the {} after it {:.1} ms; over the {} steps before them {:.1} ms, \
+             median {:.1} ms)",
             window.len(),
             longest(window),
+            median(window),
             before.len(),
             longest(before),
             after.len(),
             longest(after),
             control.len(),
-            longest(control)
+            longest(control),
+            median(control)
         );
         Some(SwapTimed { step: at, longest_ms: longest(window), note })
     }
@@ -1007,7 +1013,7 @@ mod tests {
             notes[0].2,
             "rank 1 was swapped live after step 30: longest time without a step over the last 16 steps 12.0 ms \
              (median step 5.0 ms; the first step with the new member 12.0 ms; the longest of the 12 steps before it \
-             9.0 ms, of the 3 after it 7.0 ms; over the 16 steps before them 20.0 ms)"
+             9.0 ms, of the 3 after it 7.0 ms; over the 16 steps before them 20.0 ms, median 5.0 ms)"
         );
         // The swapped rank itself times nothing (it left).
         let mut leaver = SwapClock::default();
