@@ -2,9 +2,10 @@
 //! cluster in a temporary FLOTILLA_HOME.
 
 use std::path::Path;
+use std::time::Duration;
 
 mod common;
-use common::{Down, ok, run as flotilla};
+use common::{Down, coordinator_pids, eventually, ok, run as flotilla};
 
 #[test]
 fn up_submit_status_down_and_up_again_keeps_jobs() {
@@ -85,30 +86,16 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
 
     // A coordinator that died (here: SIGKILL) is started again by `up`, with its data; the
     // others keep running.
-    let pids = |home: &Path| -> Vec<u64> {
-        let text = std::fs::read_to_string(home.join("cluster.toml")).expect("cluster file");
-        let cluster: toml::Value = toml::from_str(&text).expect("cluster TOML");
-        cluster["coordinators"]
-            .as_array()
-            .expect("coordinators")
-            .iter()
-            .map(|c| c["pid"].as_integer().expect("pid") as u64)
-            .collect()
-    };
-    let before = pids(&home);
+    let before = coordinator_pids(&home);
     let killed = std::process::Command::new("kill").args(["-9", &before[1].to_string()]).status().expect("kill");
     assert!(killed.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Path::new(&format!("/proc/{}/stat", before[1])).exists()
-        && !std::fs::read_to_string(format!("/proc/{}/stat", before[1])).unwrap_or_default().contains(") Z ")
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // Gone as `up` judges it (a zombie or a vanished pid).
+    let gone = || !flotilla_coordinator::provider::local::is_running(before[1] as u32);
+    eventually(Duration::from_secs(10), Duration::from_millis(20), gone, || format!("pid {} still runs", before[1]));
     let restarted = ok(flotilla(&home, &["up", "--coordinators", "3", "-o", "json"]));
     let restarted: serde_json::Value = serde_json::from_str(&restarted).expect("up prints JSON");
     assert_eq!(restarted["restarted_coordinators"], serde_json::json!([2]), "{restarted}");
-    let after = pids(&home);
+    let after = coordinator_pids(&home);
     assert!(after[0] == before[0] && after[2] == before[2] && after[1] != before[1], "{before:?} -> {after:?}");
     let all = ok(flotilla(&home, &["status", "--output", "json"]));
     assert!(all.contains("job-1"), "{all}");

@@ -373,15 +373,8 @@ fn the_whole_control_plane_restarted_under_a_running_job_keeps_its_gang() {
         assert!(started.elapsed() < Duration::from_secs(60), "no progress: {}", cluster.status(&job));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let text = std::fs::read_to_string(home.join("cluster.toml")).expect("cluster file");
-    let file: toml::Value = toml::from_str(&text).expect("cluster TOML");
-    let pids: Vec<String> = file["coordinators"]
-        .as_array()
-        .expect("coordinators")
-        .iter()
-        .filter_map(|c| c["pid"].as_integer().map(|p| p.to_string()))
-        .collect();
-    assert_eq!(pids.len(), 3, "{text}");
+    let pids: Vec<String> = common::coordinator_pids(&home).iter().map(u64::to_string).collect();
+    assert_eq!(pids.len(), 3, "{pids:?}");
     let killed = Command::new("kill").arg("-KILL").args(&pids).status().expect("kill");
     assert!(killed.success());
     std::thread::sleep(Duration::from_secs(7)); // longer than a worker's 5 s lease

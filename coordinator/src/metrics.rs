@@ -432,11 +432,11 @@ async fn answer(mut stream: TcpStream, web: &Web) -> std::io::Result<()> {
         return respond(&mut stream, 404, "text/plain", "the metrics are at /metrics, the dashboard at /\n").await;
     }
     let node = &web.node;
+    // One clock reading per scrape: the sample and the rendering see the same moment.
     let now_ms = crate::raft::node::now_unix_ms();
     let sampled = node.read_local(move |state| sample(state, now_ms)).await;
     let text = sampled.map_err(|e| e.to_string()).and_then(|s| {
-        render(&s, &web.progress, &node.metrics, &node.status(), node.id, crate::raft::node::now_unix_ms())
-            .map_err(|e| e.to_string())
+        render(&s, &web.progress, &node.metrics, &node.status(), node.id, now_ms).map_err(|e| e.to_string())
     });
     match text {
         Ok(text) => {
@@ -474,10 +474,7 @@ async fn answer_api(stream: &mut TcpStream, web: &Web, api: &str, query: &str) -
     let now_unix_ms = crate::raft::node::now_unix_ms();
     let view = match api {
         "jobs" => web.node.read_local(move |state| Some(crate::dashboard::jobs(state, &progress))).await,
-        "workers" => {
-            let now_ms = crate::raft::node::now_unix_ms();
-            web.node.read_local(move |state| Some(crate::dashboard::workers(state, now_ms))).await
-        }
+        "workers" => web.node.read_local(move |state| Some(crate::dashboard::workers(state, now_unix_ms))).await,
         "instances" => web.node.read_local(move |state| Some(crate::dashboard::instances(state, now_unix_ms))).await,
         "models" => web.node.read_local(|state| Some(crate::dashboard::models(state))).await,
         "inferences" => web.node.read_local(|state| Some(crate::dashboard::inferences(state))).await,

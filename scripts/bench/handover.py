@@ -191,6 +191,9 @@ def one_live(path, round_no):
         live_notes(job, 0))
     final = status(job)
     cli("cancel", job)
+    bound_ms = round(float(median_ms) + float(state_ms), 1)
+    # The steady step (the control window's median) + the transfer: tighter than the window's.
+    steady_bound_ms = float(steady_ms) + float(state_ms)
     record = {
         **record_head(path, round_no, 1),
         "trained_on_ms": round((t_swap - t0) * 1e3, 1),
@@ -200,7 +203,7 @@ def one_live(path, round_no):
         "leader_stall_ms": None,
         "survivor_idle_ms": float(longest_ms),
         "step_ms": float(median_ms),
-        "bound_ms": round(float(median_ms) + float(state_ms), 1),
+        "bound_ms": bound_ms,
         "generation_after": final["generation"],
         "generation_before": generation,
         "live": {
@@ -218,6 +221,11 @@ def one_live(path, round_no):
             # The control's median step: the steady step before the handover began (the
             # window's median includes steps the replacement's start-up slowed on shared cores).
             "steady_step_ms": float(steady_ms),
+            # The swap's own step (the time without an optimizer step the swap itself cost:
+            # the survivor's last step with the old member -> its first with the new) against
+            # each bound.
+            "swap_step_vs_bound": round(float(swap_step_ms) / bound_ms, 3) if bound_ms else None,
+            "swap_step_vs_steady_bound": round(float(swap_step_ms) / steady_bound_ms, 3) if steady_bound_ms else None,
         },
         "handovers": len(live(final)),
     }
@@ -313,18 +321,11 @@ def main():
             out["live_handover_control_vs_bound"] = round(
                 out["live_handover_control_longest_gap_ms"] / out["live_handover_bound_ms"], 2
             )
-        # The swap's own step against its round's bound: the time without an optimizer step the
-        # swap itself cost (the survivor's last step with the old member -> its first with the new).
-        ratios = [r["live"]["first_step_with_new_member_ms"] / r["bound_ms"] for r in records
-                  if r["path"] == "live_handover" and r["bound_ms"]]
-        steady = [r["live"]["first_step_with_new_member_ms"] / (r["live"]["steady_step_ms"] + r["live"]["state_ms"])
-                  for r in records if r["path"] == "live_handover" and r["live"]["steady_step_ms"]]
-        if steady:
-            # The same against the steady step + the transfer (a tighter bound than the window's).
-            out["live_handover_swap_step_vs_steady_bound"] = round(statistics.median(steady), 2)
-        if ratios:
-            out["live_handover_swap_step_vs_bound"] = round(statistics.median(ratios), 2)
-            out["live_handover_swap_step_rounds_within_bound"] = f"{sum(1 for x in ratios if x <= 1.0)} of {len(ratios)}"
+        for key in ("swap_step_vs_bound", "swap_step_vs_steady_bound"):
+            ratios = [l[key] for l in live if l[key] is not None]
+            if ratios:
+                out[f"live_handover_{key}"] = round(statistics.median(ratios), 2)
+                out[f"live_handover_{key}_rounds_within"] = f"{sum(1 for x in ratios if x <= 1.0)} of {len(ratios)}"
     fast = "live_handover" if LIVE else "handover"
     out[f"stall_ratio_{fast}_vs_baseline"] = round(out[f"{fast}_stall_ms"] / out["checkpoint_and_wait_stall_ms"], 4)
     if out[f"{fast}_leader_stall_ms"] and out["checkpoint_and_wait_leader_stall_ms"]:

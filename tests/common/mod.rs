@@ -125,6 +125,15 @@ pub fn worker_pid(home: &Path, worker: &str) -> u64 {
     record["pid"].as_u64().expect("pid")
 }
 
+/// The process ids of the local cluster's coordinators, in node order, from `cluster.toml`
+/// (`up` records them).
+pub fn coordinator_pids(home: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(home.join("cluster.toml")).expect("cluster file");
+    let file: toml::Value = toml::from_str(&text).expect("cluster TOML");
+    let coordinators = file["coordinators"].as_array().expect("coordinators");
+    coordinators.iter().filter_map(|c| c["pid"].as_integer()).map(|p| p as u64).collect()
+}
+
 /// The shipped MNIST 5k rows (label first), as text lines.
 pub fn mnist_rows() -> Vec<String> {
     use std::io::Read;
