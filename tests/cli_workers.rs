@@ -1,7 +1,8 @@
 //! Worker agents against a real local cluster: registration with the join token and a real
 //! identity (advertised data address, GPUs, instance id; 0.0.0.0 never advertised), heartbeats
-//! keeping the lease, a worker killed with SIGKILL declared Lost after its lease, and a wrong
-//! join token refused.
+//! keeping the lease, a worker killed with SIGKILL declared Lost after its lease, one stopped
+//! with SIGTERM reading Left (it said so; its lease never declares it lost), and a wrong join
+//! token refused.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -90,6 +91,7 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
     std::thread::sleep(Duration::from_secs(6));
     assert!(workers(&home).iter().all(|w| state(w) == "Idle"), "a heartbeating worker was declared lost");
 
+    let killed_id = list.iter().find(|w| w["instance_id"] != "i-0abc").expect("the other one")["id"].clone();
     let mut killed = cleanup.workers.remove(0);
     killed.kill().expect("SIGKILL");
     killed.wait().expect("reap");
@@ -97,6 +99,31 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
         l.iter().filter(|w| state(w) == "Lost").count() == 1
     });
     assert_eq!(list.iter().filter(|w| state(w) == "Idle").count(), 1, "{list:?}");
+
+    // Stopped in order (SIGTERM: an operator, `down`, a machine shutting down), the other one
+    // says it leaves: Left at once, not Lost when its lease would have run out.
+    let mut stopped = cleanup.workers.remove(0);
+    let term = Command::new("kill").args(["-TERM", &stopped.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    assert!(stopped.wait().expect("reap").success(), "the agent exits cleanly on SIGTERM");
+    let left = list.iter().find(|w| state(w) == "Idle").expect("the live one")["id"].clone();
+    let list = workers(&home);
+    assert!(list.iter().any(|w| w["id"] == left && state(w) == "Left"), "left before it exited: {list:?}");
+    std::thread::sleep(Duration::from_secs(6));
+    let list = workers(&home);
+    assert!(list.iter().any(|w| w["id"] == left && state(w) == "Left"), "{list:?}");
+    let log = std::fs::read_dir(home.join("logs"))
+        .expect("logs")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    let left = left.as_str().expect("id");
+    assert!(log.contains("worker left") && log.contains("lease expired"), "{log}");
+    let expired: Vec<&str> = log.lines().filter(|l| l.contains("lease expired")).collect();
+    let names = |l: &str, id: &str| l.split(|c: char| !c.is_ascii_alphanumeric() && c != '-').any(|word| word == id);
+    assert!(expired.iter().any(|l| names(l, killed_id.as_str().expect("id"))), "{expired:?}");
+    assert!(!expired.iter().any(|l| names(l, left)), "{left} was declared lost: {expired:?}");
 
     let refused = flotilla(&home).args(["worker", "--join-token", "wrong"]).output().expect("worker");
     assert!(!refused.status.success());

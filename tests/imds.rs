@@ -109,7 +109,7 @@ fn preempt_gives_a_notice_or_kills_and_random_interruptions_arrive() {
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         let workers = list.as_array().cloned().unwrap_or_default();
         let gone =
-            |id: &str| workers.iter().any(|w| w["id"] == id && (w["state"] == "Draining" || w["state"] == "Lost"));
+            |id: &str| workers.iter().any(|w| w["id"] == id && (w["state"] == "Draining" || w["state"] == "Left"));
         let replacement =
             workers.iter().find(|w| w["state"] == "Idle" && w["id"] != "worker-1" && w["id"] != "worker-2");
         if gone("worker-1")

@@ -91,7 +91,7 @@ impl Leases {
         self.table().expires.iter().filter(|(_, at)| **at <= now).map(|(id, _)| *id).collect()
     }
 
-    fn forget(&self, worker: WorkerId) {
+    pub(crate) fn forget(&self, worker: WorkerId) {
         self.table().expires.remove(&worker);
     }
 }
@@ -146,19 +146,23 @@ pub async fn expire_loop(
             let progress = progress.clone();
             let Ok(seen) = node
                 .read_local(move |state| {
-                    let w = state.workers.get(&worker);
+                    // Gone already (it left, or a previous pass recorded it): nothing to declare.
+                    let w = state.workers.get(&worker).filter(|w| w.lost_at_unix_ms.is_none())?;
                     let step = w
-                        .and_then(|w| w.job)
+                        .job
                         .and_then(|j| state.jobs.get(&j).and_then(|job| progress.get(j, job.generation)))
                         .map_or(0, |p| p.step);
                     // A draining worker was replaced at its notice, or stopped on purpose.
-                    (step, w.filter(|w| !w.draining).map(|w| w.info.instance_id.clone()))
+                    Some((step, (!w.draining).then(|| w.info.instance_id.clone())))
                 })
                 .await
             else {
                 continue;
             };
-            let (last_step_seen, instance) = seen;
+            let Some((last_step_seen, instance)) = seen else {
+                leases.forget(worker);
+                continue;
+            };
             match node.propose(Command::WorkerLost { worker_id: worker, last_step_seen }).await {
                 Ok(_) => {
                     tracing::warn!(%worker, "worker lease expired; marked lost");

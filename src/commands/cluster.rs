@@ -116,7 +116,8 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
             .iter()
             .filter(|id| {
                 listed.iter().any(|w| {
-                    w.state != flotilla_proto::v1::WorkerState::Lost as i32
+                    let gone = [flotilla_proto::v1::WorkerState::Lost, flotilla_proto::v1::WorkerState::Left];
+                    !gone.iter().any(|g| w.state == *g as i32)
                         && w.capabilities.as_ref().is_some_and(|c| &c.instance_id == *id)
                 })
             })

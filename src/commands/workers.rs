@@ -251,6 +251,7 @@ fn state_name(worker: &v1::WorkerInfo) -> &'static str {
         Ok(v1::WorkerState::Busy) => "Busy",
         Ok(v1::WorkerState::Draining) => "Draining",
         Ok(v1::WorkerState::Lost) => "Lost",
+        Ok(v1::WorkerState::Left) => "Left",
         Ok(v1::WorkerState::Suspect) => "Suspect",
         Ok(v1::WorkerState::Unreachable) => "Unreachable",
         _ => "Unknown",

@@ -132,6 +132,7 @@ fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) ->
         WorkerCondition::Suspect => WorkerState::Suspect,
         WorkerCondition::Unreachable => WorkerState::Unreachable,
         WorkerCondition::Lost => WorkerState::Lost,
+        WorkerCondition::Left => WorkerState::Left,
     };
     let info = &worker.info;
     WorkerInfo {
@@ -381,6 +382,15 @@ impl ClusterService for ClusterApi {
             }
         }
         Ok(Response::new(InterruptionAnswer { train_until_unix_ms, advisory }))
+    }
+
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
+        let worker_id = acting_as(self.worker(&request).await?, "worker_id", &request.get_ref().worker_id)?;
+        self.node.propose(Command::WorkerLeft { worker_id }).await.map_err(status)?;
+        // Its lease ends with it: the leader would otherwise declare it lost when it runs out.
+        self.leases.forget(worker_id);
+        tracing::info!(worker = %worker_id, "worker left");
+        Ok(Response::new(Ack {}))
     }
 
     async fn report_finished(&self, request: Request<FinishedReport>) -> Result<Response<Ack>, Status> {

@@ -364,6 +364,7 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         Rejected::JobFinished { .. }
         | Rejected::NotPending { .. }
         | Rejected::WorkerUnavailable(_)
+        | Rejected::StillAssigned { .. }
         | Rejected::StaleGeneration { .. }
         | Rejected::NotRunning { .. }
         | Rejected::CheckpointNotDeletable { .. }

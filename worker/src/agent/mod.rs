@@ -1,6 +1,7 @@
 //! The worker agent's control loop: register with the cluster's join token (the answer carries
 //! this worker's own credential, sent with every later call), then heartbeat on the lease the
-//! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows the leader through the failover client. Stops cleanly on `shutdown`.
+//! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows the leader through the failover client. Stops cleanly on `shutdown`,
+//! saying it leaves ([`leave`]) so that the cluster records it as gone in order, not lost.
 //!
 //! Assignments build on this loop: [`work`] follows this worker's assignment stream and runs
 //! each rank with the job's runner (the built-in trainer or the user's command); [`inference`]
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use flotilla_proto::client::ApiClient;
-use flotilla_proto::v1::{HeartbeatRequest, RegisterWorkerRequest, WorkerCapabilities};
+use flotilla_proto::v1::{HeartbeatRequest, LeaveRequest, RegisterWorkerRequest, WorkerCapabilities};
 use flotilla_proto::{ApiError, ErrorKind};
 
 /// Heartbeat interval used if the coordinator names none (or an absurd one).
@@ -24,6 +25,11 @@ const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 /// One registration or heartbeat attempt against one coordinator: short, so that a coordinator
 /// cut off the network costs a fraction of the lease before the next one is tried.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a stopping agent tries to say it leaves: the coordinator refuses while it still
+/// counts the worker in a job, which the gang's report (or a live swap's) ends within moments;
+/// under the lease (5 s), after which the worker is declared lost anyway.
+const LEAVE_DEADLINE: Duration = Duration::from_secs(4);
+const LEAVE_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -97,7 +103,10 @@ pub async fn run(
         let interval = if interval < HEARTBEAT_MIN { HEARTBEAT_FALLBACK } else { interval };
         loop {
             tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    leave(client, &registered.worker_id).await;
+                    return Ok(());
+                }
                 _ = tokio::time::sleep(interval) => {}
                 _ = beat_now.notified() => {}
             }
@@ -116,6 +125,38 @@ pub async fn run(
                     refused @ AgentError::Refused(_) => return Err(refused),
                     AgentError::Api(e) => eprintln!("heartbeat failed, retrying: {e}"),
                 },
+            }
+        }
+    }
+}
+
+/// Tells the cluster this worker is gone (its work done, handed over or drained), so that it
+/// reads as Left rather than Lost when its lease runs out. Retried while the coordinator still
+/// counts it in a job, up to [`LEAVE_DEADLINE`]; a worker that cannot say so is declared lost
+/// by its lease, as before.
+async fn leave(client: &mut ApiClient, worker_id: &str) {
+    let started = std::time::Instant::now();
+    let request = LeaveRequest { worker_id: worker_id.to_string() };
+    client.deadline = LEAVE_DEADLINE;
+    loop {
+        let answer = client
+            .call_cluster(|mut c| {
+                let request = request.clone();
+                async move { c.leave(request).await }
+            })
+            .await;
+        match answer {
+            Ok(_) => {
+                tracing::info!(worker = worker_id, "left the cluster");
+                return;
+            }
+            Err(e) if e.kind == ErrorKind::FailedPrecondition && started.elapsed() + LEAVE_RETRY < LEAVE_DEADLINE => {
+                tracing::debug!(error = %e, "not free to leave yet");
+                tokio::time::sleep(LEAVE_RETRY).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not tell the coordinator this worker leaves; its lease runs out instead");
+                return;
             }
         }
     }

@@ -111,6 +111,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     info,
                     registered_at_unix_ms: now,
                     lost_at_unix_ms: None,
+                    left: false,
                     job: None,
                     draining: false,
                     notice_action_at_unix_ms: None,
@@ -133,6 +134,20 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 None => give_up_replacement(state, worker_id, "was lost", now),
             }
             Ok(Applied::WorkerLost { worker_id })
+        }
+        Command::WorkerLeft { worker_id } => {
+            let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
+            // Declared lost first (its lease expired while it finished): it stays so.
+            if worker.lost_at_unix_ms.is_some() {
+                return Ok(Applied::WorkerLeft { worker_id });
+            }
+            if let Some(job_id) = worker.job {
+                return Err(Rejected::StillAssigned { worker: worker_id, job_id });
+            }
+            worker.lost_at_unix_ms = Some(now);
+            worker.left = true;
+            give_up_replacement(state, worker_id, "left", now);
+            Ok(Applied::WorkerLeft { worker_id })
         }
         Command::GangLost { job_id, generation } => {
             let job = running_generation(state, job_id, generation)?;

@@ -101,8 +101,10 @@ fn a_worker_has_one_condition_whichever_fields_are_set() {
     assert_eq!(worker.condition(now), WorkerCondition::Draining);
     worker.lost_at_unix_ms = Some(now);
     assert_eq!(worker.condition(now), WorkerCondition::Lost);
+    worker.left = true;
+    assert_eq!(worker.condition(now), WorkerCondition::Left);
     let names: Vec<&str> = WorkerCondition::ALL.iter().map(|c| c.name()).collect();
-    assert_eq!(names, ["idle", "busy", "draining", "suspect", "unreachable", "lost"]);
+    assert_eq!(names, ["idle", "busy", "draining", "suspect", "unreachable", "lost", "left"]);
 }
 
 #[test]
@@ -803,6 +805,50 @@ fn a_replacement_lost_or_noticed_while_it_prepares_is_given_up_for_another() {
     assert_eq!((job.generation, job.gang.clone(), job.steps_lost, job.recoveries), (2, vec![w1, third], 0, 0));
     // Once the gang stops for the handover, a replacement lost is not given up (the job waits
     // as after any stop, see a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop).
+}
+
+#[test]
+fn a_worker_leaves_once_it_holds_no_job_and_a_reserved_replacement_that_leaves_is_replaced() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let left = |state: &State, w: WorkerId| {
+        let worker = &state.workers[&w];
+        (worker.condition(u64::MAX), worker.lost_at_unix_ms)
+    };
+    // A member still holds its job: refused, nothing changes (it leaves once the job frees it,
+    // or its lease runs out).
+    assert_eq!(
+        at(&mut state, 5_000, Command::WorkerLeft { worker_id: w2 }),
+        Err(Rejected::StillAssigned { worker: w2, job_id: JobId(1) })
+    );
+    assert_eq!(left(&state, w2), (WorkerCondition::Busy, None));
+    // A replacement reserved at a notice leaves while it prepares: the handover seeks another.
+    let (first, second) = (register(&mut state, 5), register(&mut state, 6));
+    at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
+    let replacement = |state: &State| state.jobs[&JobId(1)].handovers[0].replacement;
+    let reserved = replacement(&state).expect("reserved at once");
+    let other = if reserved == first { second } else { first };
+    assert_eq!(
+        at(&mut state, 11_000, Command::WorkerLeft { worker_id: reserved }),
+        Ok(Applied::WorkerLeft { worker_id: reserved })
+    );
+    assert_eq!(left(&state, reserved), (WorkerCondition::Left, Some(11_000)));
+    assert_eq!(replacement(&state), Some(other), "the other free worker reserved instead");
+    let events: Vec<&str> = state.jobs[&JobId(1)].events.iter().map(|e| e.message.as_str()).collect();
+    let said = format!("{reserved}, reserved to replace {w2}, left; seeking another");
+    assert!(events.iter().any(|e| e.contains(&said)), "{events:?}");
+    // A leave repeated (an agent's retry), or after its lease expired, changes nothing.
+    at(&mut state, 12_000, Command::WorkerLeft { worker_id: reserved }).expect("again");
+    assert_eq!(left(&state, reserved), (WorkerCondition::Left, Some(11_000)));
+    at(&mut state, 13_000, Command::WorkerLost { worker_id: reserved, last_step_seen: 0 }).expect("lease");
+    assert_eq!(left(&state, reserved), (WorkerCondition::Left, Some(11_000)));
+    at(&mut state, 14_000, Command::WorkerLost { worker_id: w1, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 15_000, Command::WorkerLeft { worker_id: w1 }).expect("already gone");
+    assert_eq!(left(&state, w1), (WorkerCondition::Lost, Some(14_000)), "lost first: stays lost");
+    assert_eq!(
+        at(&mut state, 16_000, Command::WorkerLeft { worker_id: WorkerId(99) }),
+        Err(Rejected::WorkerNotFound(WorkerId(99)))
+    );
 }
 
 #[test]

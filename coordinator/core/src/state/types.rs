@@ -489,7 +489,7 @@ impl Worker {
     /// ([`Command::WorkersHeard`], within a scheduler pass).
     pub fn condition(&self, now_ms: u64) -> WorkerCondition {
         if self.lost_at_unix_ms.is_some() {
-            WorkerCondition::Lost
+            if self.left { WorkerCondition::Left } else { WorkerCondition::Lost }
         } else if self.draining {
             WorkerCondition::Draining
         } else if self.job.is_none() && self.held_unreachable(now_ms) {
@@ -514,17 +514,21 @@ pub enum WorkerCondition {
     Suspect,
     /// Held out of placement: its peers could not reach it.
     Unreachable,
+    /// Its lease expired: it fell silent (killed, crashed, cut off).
     Lost,
+    /// Its agent said it was leaving, with no work held: gone in order.
+    Left,
 }
 
 impl WorkerCondition {
-    pub const ALL: [WorkerCondition; 6] = [
+    pub const ALL: [WorkerCondition; 7] = [
         WorkerCondition::Idle,
         WorkerCondition::Busy,
         WorkerCondition::Draining,
         WorkerCondition::Suspect,
         WorkerCondition::Unreachable,
         WorkerCondition::Lost,
+        WorkerCondition::Left,
     ];
 
     /// The lower-case name the metrics and the dashboard use.
@@ -536,6 +540,7 @@ impl WorkerCondition {
             WorkerCondition::Suspect => "suspect",
             WorkerCondition::Unreachable => "unreachable",
             WorkerCondition::Lost => "lost",
+            WorkerCondition::Left => "left",
         }
     }
 }
@@ -545,8 +550,14 @@ pub struct Worker {
     pub id: WorkerId,
     pub info: WorkerInfo,
     pub registered_at_unix_ms: u64,
-    /// Set when the leader declared the worker's lease expired.
+    /// Set when the worker was gone: the leader declared its lease expired, or it left in
+    /// order ([`Worker::left`]). Never given work again (a worker that comes back registers
+    /// anew, with a new id).
     pub lost_at_unix_ms: Option<u64>,
+    /// It said it was leaving ([`Command::WorkerLeft`]: its agent stopped after its work was
+    /// done or handed over) rather than falling silent; `lost_at_unix_ms` says when.
+    #[serde(default)]
+    pub left: bool,
     /// The job this worker is assigned to, if any.
     #[serde(default)]
     pub job: Option<JobId>,
@@ -937,6 +948,12 @@ pub enum Command {
         #[serde(default)]
         last_step_seen: u64,
     },
+    /// The worker's agent is stopping, its work done or handed over: it is gone from now on,
+    /// without waiting for its lease to expire. Refused while it still holds a job (it then
+    /// leaves once the job releases it, or its lease expires as for any silent worker).
+    WorkerLeft {
+        worker_id: WorkerId,
+    },
     /// The survivors of a member lost silently ([`Job::member_lost`]) did not report within
     /// [`MEMBER_LOST_REPORT_WAIT_MS`]: the generation ends, to resume from the newest checkpoint.
     GangLost {
@@ -1196,6 +1213,9 @@ pub enum Applied {
     WorkerLost {
         worker_id: WorkerId,
     },
+    WorkerLeft {
+        worker_id: WorkerId,
+    },
     GangAssigned {
         job_id: JobId,
         generation: u64,
@@ -1312,6 +1332,8 @@ pub enum Rejected {
     NotPending { job_id: JobId, state: &'static str },
     #[error("{0} is lost or already busy")]
     WorkerUnavailable(WorkerId),
+    #[error("{worker} still holds {job_id}; it leaves once the job releases it")]
+    StillAssigned { worker: WorkerId, job_id: JobId },
     #[error("{job_id} is in generation {current}, the report is for {reported}")]
     StaleGeneration { job_id: JobId, current: u64, reported: u64 },
     #[error("a gang needs 1 to {limit} distinct workers")]
