@@ -85,6 +85,20 @@ fn a_trained_job_becomes_a_version_with_lineage_aliases_and_a_pytorch_loadable_a
     assert_eq!(shown["version"], 1);
     assert_eq!(shown["aliases"], serde_json::json!(["production"]));
 
+    // The same version for a reader.
+    let text = run(&home, &["models", "show", "digits@production"]);
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let accuracy = format!("{:.4}", v["metrics"]["val_accuracy"].as_f64().expect("accuracy"));
+    assert!(text.starts_with("digits version 1 (production)\n"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("val_accuracy") && l.ends_with(&accuracy)), "{text}");
+    assert!(text.contains(&format!("trained from          step {} at ", job["step"])), "{text}");
+    assert!(
+        text.contains(&format!("dataset sha256        {fingerprint}")) && text.contains("  hidden = [32]"),
+        "{text}"
+    );
+    assert!(!text.starts_with('{'), "not JSON: {text}");
+
     let file = dir.path().join("digits.safetensors");
     let downloaded = run(
         &home,

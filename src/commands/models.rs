@@ -68,6 +68,51 @@ fn version_json(v: &v1::ModelVersion) -> Value {
     })
 }
 
+/// `models show` for a reader: the version, its metrics and lineage, then its job's spec.
+fn version_text(v: &v1::ModelVersion) -> String {
+    let metrics = v.metrics.unwrap_or_default();
+    let number = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+    let aliases = if v.aliases.is_empty() { String::new() } else { format!(" ({})", v.aliases.join(", ")) };
+    let checkpoint = v.source_checkpoint.as_ref().map_or("-".to_string(), |c| format!("step {} at {}", c.step, c.uri));
+    let spec = v.spec.clone().and_then(|s| flotilla_proto::convert::spec_from_proto(s).ok()).map(|s| s.to_toml());
+    let mut text = format!(
+        "{name} version {version}{aliases}\n\
+         job                   {job}\n\
+         val_accuracy          {accuracy}\n\
+         val_loss              {val_loss}\n\
+         train_loss            {train_loss}\n\
+         input                 {features} features (scaled by {scale}), {classes} classes\n\
+         trained from          {checkpoint}\n\
+         dataset sha256        {dataset}\n\
+         preemptions survived  {preemptions}\n\
+         cost                  ${cost:.2}\n\
+         created               {created}\n\
+         artifact              {artifact}\n",
+        name = v.name,
+        version = v.version,
+        job = v.job_id,
+        accuracy = number(metrics.val_accuracy),
+        val_loss = number(metrics.val_loss),
+        train_loss = number(metrics.train_loss),
+        features = v.features_per_row,
+        scale = v.feature_scale,
+        classes = v.classes,
+        dataset = if v.dataset_sha256.is_empty() { "-" } else { &v.dataset_sha256 },
+        preemptions = v.preemptions_survived,
+        cost = v.cost_usd,
+        created = flotilla_core::text::rfc3339_utc(v.created_at_unix_ms),
+        artifact = v.artifact_uri,
+    );
+    if let Some(spec) = spec {
+        text.push_str("spec:\n");
+        for line in spec.lines() {
+            let indent = if line.is_empty() { "" } else { "  " };
+            text.push_str(&format!("{indent}{line}\n"));
+        }
+    }
+    text
+}
+
 pub fn run(command: ModelsCommand, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
@@ -122,10 +167,9 @@ pub fn run(command: ModelsCommand, coordinator: Option<&str>, output: OutputForm
                 let request = request.clone();
                 async move { c.get_model(request).await }
             }))?;
-            let shown = version_json(&v);
             match output {
-                OutputFormat::Json => print_json(&shown),
-                OutputFormat::Text => println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default()),
+                OutputFormat::Json => print_json(&version_json(&v)),
+                OutputFormat::Text => print!("{}", version_text(&v)),
             }
         }
         ModelsCommand::Alias { name, number: version, alias } => {
