@@ -47,7 +47,9 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
 
     let missing = flotilla(&home, &["status", "job-42"]);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("job-42 does not exist"));
+    let error = String::from_utf8_lossy(&missing.stderr);
+    assert!(error.contains("job-42 does not exist: no training or inference job has this id"), "{error}");
+    assert_eq!(error.matches("job-42").count(), 1, "said once: {error}");
 
     // Training data on a local path must lie inside the coordinators' data roots (the folder
     // `up` ran in, the cluster's parent folder, `up --data-root`).

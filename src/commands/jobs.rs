@@ -222,8 +222,17 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             let response = match response {
                 // Not a training job: it may be an inference job (they share the id space).
                 Err(e) if e.kind == flotilla_proto::ErrorKind::NotFound => {
-                    return super::infer::status(&mut client, &runtime, &job, output)
-                        .map_err(|inference| anyhow::anyhow!("{e} ({inference:#})"));
+                    return super::infer::status(&mut client, &runtime, &job, output).map_err(|inference| {
+                        let not_found = |e: &anyhow::Error| {
+                            e.downcast_ref::<flotilla_proto::ApiError>()
+                                .is_some_and(|e| e.kind == flotilla_proto::ErrorKind::NotFound)
+                        };
+                        if not_found(&inference) {
+                            anyhow::anyhow!("{job} does not exist: no training or inference job has this id (`flotilla status` lists them)")
+                        } else {
+                            anyhow::anyhow!("{e} ({inference:#})")
+                        }
+                    });
                 }
                 other => other.map_err(anyhow::Error::from)?,
             };
