@@ -71,7 +71,12 @@ fn version_json(v: &v1::ModelVersion) -> Value {
 /// `models show` for a reader: the version, its metrics and lineage, then its job's spec.
 fn version_text(v: &v1::ModelVersion) -> String {
     let metrics = v.metrics.unwrap_or_default();
-    let number = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+    // Four decimals, or four significant digits for a loss near zero (not "0.0000").
+    let number = |x: Option<f64>| match x {
+        None => "-".to_string(),
+        Some(x) if x != 0.0 && x.abs() < 1e-3 => format!("{x:.3e}"),
+        Some(x) => format!("{x:.4}"),
+    };
     let aliases = if v.aliases.is_empty() { String::new() } else { format!(" ({})", v.aliases.join(", ")) };
     let checkpoint = v.source_checkpoint.as_ref().map_or("-".to_string(), |c| format!("step {} at {}", c.step, c.uri));
     let spec = v.spec.clone().and_then(|s| flotilla_proto::convert::spec_from_proto(s).ok()).map(|s| s.to_toml());
