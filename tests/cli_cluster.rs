@@ -110,8 +110,12 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
         .map(|k| cluster[*k].as_str().expect("token").to_string())
         .collect();
     let mut shown = String::new();
-    for args in [&["status"][..], &["status", "-o", "json"], &["workers", "-o", "json"], &["up", "--coordinators", "3"]]
-    {
+    for args in [
+        &["status"][..],
+        &["status", "-o", "json"],
+        &["workers", "--all", "-o", "json"],
+        &["up", "--coordinators", "3"],
+    ] {
         let out = flotilla(&home, args);
         shown.push_str(&String::from_utf8_lossy(&out.stdout));
         shown.push_str(&String::from_utf8_lossy(&out.stderr));

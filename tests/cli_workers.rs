@@ -27,7 +27,7 @@ impl Drop for Cleanup<'_> {
 }
 
 fn workers(home: &Path) -> Vec<serde_json::Value> {
-    let out = run(home, &["workers", "-o", "json"]);
+    let out = run(home, &["workers", "--all", "-o", "json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON").as_array().cloned().unwrap_or_default()
 }
@@ -112,18 +112,25 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
     std::thread::sleep(Duration::from_secs(6));
     let list = workers(&home);
     assert!(list.iter().any(|w| w["id"] == left && state(w) == "Left"), "{list:?}");
+    // Without --all the list is the live fleet (none left here); the gone are counted.
+    let live = run(&home, &["workers", "-o", "json"]);
+    assert_eq!(String::from_utf8_lossy(&live.stdout).trim(), "[]");
+    let table = String::from_utf8_lossy(&run(&home, &["workers"]).stdout).to_string();
+    assert!(table.contains("(0 worker(s); 2 gone (lost or left) not shown: --all lists them"), "{table}");
+    let table = String::from_utf8_lossy(&run(&home, &["workers", "--all"]).stdout).to_string();
+    let id = left.as_str().expect("id");
+    assert!(table.lines().any(|l| l.starts_with(id) && l.contains(" Left ")), "{table}");
     let log = std::fs::read_dir(home.join("logs"))
         .expect("logs")
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect::<String>();
-    let left = left.as_str().expect("id");
     assert!(log.contains("worker left") && log.contains("lease expired"), "{log}");
     let expired: Vec<&str> = log.lines().filter(|l| l.contains("lease expired")).collect();
     let names = |l: &str, id: &str| l.split(|c: char| !c.is_ascii_alphanumeric() && c != '-').any(|word| word == id);
     assert!(expired.iter().any(|l| names(l, killed_id.as_str().expect("id"))), "{expired:?}");
-    assert!(!expired.iter().any(|l| names(l, left)), "{left} was declared lost: {expired:?}");
+    assert!(!expired.iter().any(|l| names(l, id)), "{id} was declared lost: {expired:?}");
 
     let refused = flotilla(&home).args(["worker", "--join-token", "wrong"]).output().expect("worker");
     assert!(!refused.status.success());

@@ -159,7 +159,7 @@ fn a_job_too_big_waits_with_a_reason_then_starts_and_cancel_frees_workers() {
     assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
     let started = Instant::now();
     loop {
-        let workers = json(run(&home, &["workers", "-o", "json"]));
+        let workers = json(run(&home, &["workers", "--all", "-o", "json"]));
         let idle = workers
             .as_array()
             .map_or(0, |ws| ws.iter().filter(|w| w["state"] == "Idle" && w["job_id"].is_null()).count());
@@ -280,7 +280,7 @@ fn leader_killed_mid_handover(live: bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let workers = json(run(&home, &["workers", "-o", "json"]));
+    let workers = json(run(&home, &["workers", "--all", "-o", "json"]));
     let noticed = workers.as_array().and_then(|ws| ws.first()).and_then(|w| w["id"].as_str()).expect("a worker");
     let noticed = noticed.to_string();
     let preempted = run(&home, &["preempt", &noticed]);
@@ -333,7 +333,7 @@ fn leader_killed_mid_handover(live: bool) {
     };
     // Another launch, had one been made, would register within the boot delay: wait it out.
     std::thread::sleep(Duration::from_secs(BOOT_S + 3));
-    let workers = json(run(&home, &["workers", "-o", "json"]));
+    let workers = json(run(&home, &["workers", "--all", "-o", "json"]));
     assert_eq!(workers.as_array().map_or(0, Vec::len), 3, "2 workers + exactly one replacement: {workers}");
     let status = cluster.status(&job);
     let handovers = handed(&status);
@@ -406,7 +406,7 @@ fn a_replacement_too_late_for_the_handover_falls_back_to_checkpoint_and_wait() {
     let spec = endless_digits_spec(dir.path(), "fallback", 100000);
     let job = cluster.submit(&spec);
     cluster.wait_state(&job, &["Running"], Duration::from_secs(60));
-    let workers = json(run(&home, &["workers", "-o", "json"]));
+    let workers = json(run(&home, &["workers", "--all", "-o", "json"]));
     let noticed = workers.as_array().and_then(|ws| ws.first()).and_then(|w| w["id"].as_str()).expect("a worker");
     let preempted = run(&home, &["preempt", noticed, "--notice-s", &NOTICE_S.to_string()]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));

@@ -80,7 +80,7 @@ fn wait_for_log(home: &Path, instance: &str, needle: &str, limit: Duration) {
 fn wait_lost(home: &Path, id: &str) {
     let started = Instant::now();
     loop {
-        let out = flotilla(home, &["workers", "-o", "json"]);
+        let out = flotilla(home, &["workers", "--all", "-o", "json"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         if list.as_array().is_some_and(|l| l.iter().any(|w| w["id"] == id && w["state"] == "Lost")) {
             return;
@@ -105,7 +105,7 @@ fn preempt_gives_a_notice_or_kills_and_random_interruptions_arrive() {
     // own seeded notices in turn). A hard kill of a live one is detected by its lease.
     let started = Instant::now();
     loop {
-        let out = flotilla(&home, &["workers", "-o", "json"]);
+        let out = flotilla(&home, &["workers", "--all", "-o", "json"]);
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
         let workers = list.as_array().cloned().unwrap_or_default();
         let gone =

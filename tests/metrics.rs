@@ -226,7 +226,7 @@ fn agents_serve_their_own_metrics() {
         assert_eq!(steps, Some(0.0), "no step before a job");
     }
     let registered = Instant::now();
-    while common::json(home, &["workers", "-o", "json"]).as_array().map_or(0, Vec::len) < 2 {
+    while common::json(home, &["workers", "--all", "-o", "json"]).as_array().map_or(0, Vec::len) < 2 {
         assert!(registered.elapsed() < Duration::from_secs(30), "the agents did not register");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -396,7 +396,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
     }
     let mut workers = Value::Null;
     wait("four idle workers", &hosts, || {
-        let out = cli.run(&["workers", "-o", "json"]);
+        let out = cli.run(&["workers", "--all", "-o", "json"]);
         workers = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         workers.as_array().is_some_and(|ws| ws.len() == 4 && ws.iter().all(|w| w["state"] == "Idle"))
     });
@@ -436,7 +436,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
     // 0 until rank 0 reports: then no fraction is reached.
     let total = |job: &Value| job["total_steps"].as_u64().filter(|t| *t > 0).unwrap_or(u64::MAX);
     let busy_host = |cli: &Cli| -> Option<u8> {
-        let out = cli.run(&["workers", "-o", "json"]);
+        let out = cli.run(&["workers", "--all", "-o", "json"]);
         let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         list.as_array().and_then(|ws| {
             ws.iter().find(|w| w["state"] == "Busy" && w["job_id"] == job_id.as_str()).and_then(|w| {
@@ -505,7 +505,7 @@ fn a_job_survives_a_lost_worker_host_and_a_cut_off_coordinator_with_only_s3_shar
         let job = status(&cli);
         polls += 1;
         if polls.is_multiple_of(25) {
-            let workers = String::from_utf8_lossy(&cli.run(&["workers", "-o", "json"]).stdout).to_string();
+            let workers = String::from_utf8_lossy(&cli.run(&["workers", "--all", "-o", "json"]).stdout).to_string();
             eprintln!("waiting for the end: {job}\nworkers: {workers}");
         }
         ["Succeeded", "Failed", "Cancelled"].contains(&job["state"].as_str().unwrap_or(""))

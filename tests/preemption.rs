@@ -190,7 +190,7 @@ fn spot_notices_lose_zero_steps() {
     }
     // The interrupted workers drained and exited, each saying so (Left, none Lost); the two that
     // got a spot notice were replaced, the one stopped by SIGTERM was not.
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     let count = |state: &str| workers.as_array().map_or(0, |ws| ws.iter().filter(|w| w["state"] == state).count());
     assert_eq!((count("Draining") + count("Left"), count("Lost")), (3, 0), "{workers}");
     assert_eq!(count("Idle"), 2, "3 + 2 replacements - 3 interrupted: {workers}");
@@ -331,7 +331,7 @@ fn worker_behind_a_relay(home: &Path, cut_first: usize) -> (Relay, String, Start
         Duration::from_secs(30),
         Duration::from_millis(200),
         || {
-            let workers = json(home, &["workers", "-o", "json"]);
+            let workers = json(home, &["workers", "--all", "-o", "json"]);
             spare = workers.as_array().and_then(|ws| {
                 ws.iter().find(|w| w["data_addr"] == advertised.as_str() && w["state"] == "Idle")?["id"]
                     .as_str()
@@ -367,7 +367,7 @@ fn a_replacement_nobody_can_reach_is_held_out_and_the_job_resumes_on_other_capac
         named.len() == 1 && named[0].contains(&format!("{unreachable}'s peers could not reach its data port")),
         "{held}"
     );
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     let shown = workers.as_array().and_then(|ws| ws.iter().find(|w| w["id"] == unreachable.as_str()).cloned());
     assert_eq!(shown.as_ref().map(|w| w["state"].clone()), Some(Value::from("Unreachable")), "{workers}");
     let resumed = wait_for(home, &job, Duration::from_secs(90), "training on other capacity", |s| {
@@ -541,7 +541,7 @@ fn a_rebalance_recommendation_hands_the_rank_over_without_stopping_the_gang() {
     assert!(swapped_at[0] > running["step"].as_u64().expect("step") + 20, "{done}");
     assert_eq!((done["steps_lost"].as_u64(), done["recoveries"].as_u64()), (Some(0), Some(0)), "{done}");
     assert_eq!(done["resume_storage_bytes"], 0, "{done}");
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     let recommended = workers.as_array().and_then(|ws| ws.iter().find(|w| w["id"] == members[0].as_str()));
     assert!(recommended.is_none_or(|w| w["state"] != "Idle" && w["state"] != "Busy"), "drained: {workers}");
     assert_accurate(&done);
@@ -659,7 +659,7 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
     });
     let members = gang(home, &job);
     assert_eq!(members.len(), 2, "{members:?}");
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     let spares: Vec<(String, PathBuf)> = workers
         .as_array()
         .expect("a list")
@@ -1012,7 +1012,7 @@ fn failures_stop_a_job_with_the_reason_and_release_its_workers() {
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("capacity.max_failures = 2") && reason.contains("broken.csv.gz"), "{failed}");
     assert_eq!(failed["failures"], 2, "{failed}");
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     assert!(workers.as_array().is_some_and(|ws| ws.iter().all(|w| w["job_id"].is_null())), "released: {workers}");
 }
 

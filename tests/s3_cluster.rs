@@ -266,14 +266,15 @@ fn on_s3_a_killed_member_loses_no_step_and_the_survivor_writes_the_state_it_held
         }
     };
     wait("training past a checkpoint", &|s| s["state"] == "Running" && s["step"].as_u64() > Some(30));
-    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
-        .expect("workers")
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|w| w["job_id"] == job.as_str())
-        .filter_map(|w| w["id"].as_str().map(str::to_string))
-        .collect();
+    let gang: Vec<String> =
+        serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "--all", "-o", "json"]), "workers"))
+            .expect("workers")
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|w| w["job_id"] == job.as_str())
+            .filter_map(|w| w["id"].as_str().map(str::to_string))
+            .collect();
     assert_eq!(gang.len(), 2, "{gang:?}");
     ok(run(&home, &env, &["preempt", &gang[1], "--hard"]), "preempt --hard");
     let broke =

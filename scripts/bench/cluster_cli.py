@@ -21,7 +21,7 @@ def status(job):
 
 
 def workers():
-    return last_json(cli("workers", "-o", "json"))
+    return last_json(cli("workers", "--all", "-o", "json"))
 
 
 def wait(job, cond, limit_s=120, poll_s=0.005, ended=("Failed", "Cancelled")):

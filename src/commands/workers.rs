@@ -107,7 +107,17 @@ async fn identity(
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ListArgs {}
+pub struct ListArgs {
+    /// Also the workers that are gone (Lost: fell silent; Left: stopped in order), which the
+    /// cluster keeps until its --keep-finished-h; without it they are only counted.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Gone for good: its lease expired, or it left.
+fn gone(worker: &v1::WorkerInfo) -> bool {
+    matches!(v1::WorkerState::try_from(worker.state), Ok(v1::WorkerState::Lost | v1::WorkerState::Left))
+}
 
 pub fn run_agent(args: WorkerArgs, coordinator: Option<&str>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -294,25 +304,32 @@ pub async fn all_workers(client: &mut ApiClient) -> Result<(Vec<v1::WorkerInfo>,
     }
 }
 
-pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+pub fn list(args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let _context = runtime.enter();
     let target = cluster_file::resolve(coordinator)?;
     let mut client = target.client()?;
-    let (workers, served_by) = runtime.block_on(all_workers(&mut client)).map_err(anyhow::Error::from)?;
+    let (mut workers, served_by) = runtime.block_on(all_workers(&mut client)).map_err(anyhow::Error::from)?;
+    let listed = workers.len();
+    if !args.all {
+        workers.retain(|w| !gone(w));
+    }
+    let hidden = listed - workers.len();
     match output {
         OutputFormat::Json => print_json(&Value::Array(workers.iter().map(worker_json).collect())),
         OutputFormat::Text => {
             println!(
-                "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
-                "ID", "STATE", "INSTANCE", "TYPE", "ZONE", "CPUS", "GPUS"
+                "{:<10} {:<11} {:<10} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
+                "ID", "STATE", "JOB", "INSTANCE", "TYPE", "ZONE", "CPUS", "GPUS"
             );
             for w in &workers {
                 let caps = w.capabilities.clone().unwrap_or_default();
+                let job = w.job_id.as_deref().unwrap_or("-");
                 println!(
-                    "{:<10} {:<9} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
+                    "{:<10} {:<11} {:<10} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
                     w.id,
                     state_name(w),
+                    job,
                     caps.instance_id,
                     caps.instance_type,
                     caps.zone,
@@ -321,7 +338,11 @@ pub fn list(_args: ListArgs, coordinator: Option<&str>, output: OutputFormat) ->
                     caps.data_addr
                 );
             }
-            println!("({} worker(s), served by coordinator node {served_by})", workers.len());
+            let hidden = match hidden {
+                0 => String::new(),
+                n => format!("; {n} gone (lost or left) not shown: --all lists them"),
+            };
+            println!("({} worker(s){hidden}, served by coordinator node {served_by})", workers.len());
         }
     }
     Ok(())

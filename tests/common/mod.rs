@@ -87,7 +87,7 @@ impl Drop for Down<'_> {
 
 /// The instance a local worker runs on (`flotilla workers` names it).
 pub fn instance_of(home: &Path, worker: &str) -> String {
-    let out = run(home, &["workers", "-o", "json"]);
+    let out = run(home, &["workers", "--all", "-o", "json"]);
     assert!(out.status.success(), "workers: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let workers: serde_json::Value = serde_json::from_str(text.lines().last().expect("output")).expect("JSON");
@@ -194,7 +194,7 @@ pub fn wait_for(home: &Path, job: &str, limit: Duration, what: &str, done: impl 
         }
         assert!(s["state"] != "Failed" && s["state"] != "Cancelled", "{job} ended while waiting for {what}: {s}");
         if started.elapsed() >= limit {
-            let workers = String::from_utf8_lossy(&run(home, &["workers"]).stdout).to_string();
+            let workers = String::from_utf8_lossy(&run(home, &["workers", "--all"]).stdout).to_string();
             panic!("{job}: no {what} after {limit:?}: {s}\n{workers}\n{}", logs(home, job));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -209,7 +209,7 @@ pub fn submit(home: &Path, spec: &Path) -> String {
 
 /// The workers of `job`'s current gang, as `flotilla workers` lists them.
 pub fn gang(home: &Path, job: &str) -> Vec<String> {
-    let workers = json(home, &["workers", "-o", "json"]);
+    let workers = json(home, &["workers", "--all", "-o", "json"]);
     let mut ids: Vec<String> = workers
         .as_array()
         .expect("a list")
