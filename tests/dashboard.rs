@@ -168,11 +168,24 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
     assert!(dom.contains("data-errors=\"0\""), "no page error:\n{dom}");
     assert_eq!(console_lines(&stderr), Vec::<&str>::new(), "no console message");
 
-    // The other views render with the cluster's data, also without a console message.
+    // The other views render with the cluster's data, also without a console message. The
+    // noticed member left once it handed over: listed apart from the live fleet.
+    common::eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let workers = common::json(home, &["workers", "--all", "-o", "json"]);
+            workers.as_array().is_some_and(|ws| ws.iter().any(|w| w["id"] == member.as_str() && w["state"] == "Left"))
+        },
+        || format!("{member} never read Left"),
+    );
     let (workers, stderr) =
         browse(&profiles.path().join("workers"), &format!("http://{address}/#/workers&token={token}"), &["--dump-dom"]);
     assert!(workers.contains("data-view=\"workers\" data-ready=\"1\""), "{workers}");
     assert!(workers.contains(&format!("href=\"#/job/{job}\"")), "a worker busy with {job}: {workers}");
+    let (live, gone) = workers.split_once("<details class=\"gone\">").expect("a gone section");
+    assert!(gone.contains("1 gone (lost or left)") && gone.contains(&format!("<td>{member}</td>")), "{gone}");
+    assert!(gone.contains("class=\"state left\"") && !live.contains(&format!("<td>{member}</td>")), "{workers}");
     assert_eq!(console_lines(&stderr), Vec::<&str>::new(), "no console message");
 
     // Without the token the page says how to get one, and shows no data.
