@@ -46,7 +46,7 @@ enum Command {
     Logs(commands::jobs::LogsArgs),
     /// Print the web dashboard's address (with the API token in its fragment).
     Dashboard(commands::dashboard::Args),
-    /// List the workers registered with the cluster.
+    /// The live workers, with their state and job (--all: the lost and left too).
     Workers(commands::workers::ListArgs),
     /// Instances the autoscaler bought, with their prices and costs (--all: terminated too).
     Instances(commands::workers::InstancesArgs),
