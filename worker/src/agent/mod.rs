@@ -1,7 +1,8 @@
 //! The worker agent's control loop: register with the cluster's join token (the answer carries
 //! this worker's own credential, sent with every later call), then heartbeat on the lease the
-//! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows the leader through the failover client. Stops cleanly on `shutdown`,
-//! saying it leaves ([`leave`]) so that the cluster records it as gone in order, not lost.
+//! coordinator hands out, re-registering if the coordinator declared this worker lost. Follows
+//! the leader through the failover client. Stops cleanly on `shutdown`, saying it leaves
+//! ([`leave`]) so that the cluster records it as gone in order, not lost.
 //!
 //! Assignments build on this loop: [`work`] follows this worker's assignment stream and runs
 //! each rank with the job's runner (the built-in trainer or the user's command); [`inference`]
@@ -130,8 +131,8 @@ pub async fn run(
     }
 }
 
-/// Tells the cluster this worker is gone (its work done, handed over or drained), so that it
-/// reads as Left rather than Lost when its lease runs out. Retried while the coordinator still
+/// Tells the cluster this worker is gone (its work done, handed over or drained): it reads as
+/// Left at once, instead of Lost once its lease runs out. Retried while the coordinator still
 /// counts it in a job, up to [`LEAVE_DEADLINE`]; a worker that cannot say so is declared lost
 /// by its lease, as before.
 async fn leave(client: &mut ApiClient, worker_id: &str) {
