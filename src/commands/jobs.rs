@@ -239,7 +239,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             let job = response.job.context("the coordinator answered without a job")?;
             match output {
                 OutputFormat::Json => print_json(&status_json(&job, response.served_by)),
-                OutputFormat::Text => print_table(&[job], response.served_by),
+                OutputFormat::Text => print!("{}", job_text(&job, response.served_by)),
             }
         }
         None => {
@@ -342,6 +342,97 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
     })
 }
 
+/// Bytes for a reader: `0 B`, `512 B`, `2.8 MB`, `1.2 GB` (decimal units).
+fn bytes_text(bytes: u64) -> String {
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
+        _ => format!("{:.1} GB", bytes as f64 / 1e9),
+    }
+}
+
+/// Events shown by `status JOB` (the newest; `-o json` has all the coordinator keeps).
+const EVENTS_SHOWN: usize = 20;
+
+/// `flotilla status JOB` for a reader: where the job is, what preemptions cost it, its newest
+/// checkpoint, then its latest events.
+fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
+    let metrics = job.metrics.unwrap_or_default();
+    let mut lines = vec![format!("{} {}: {}", job.id, job.name, state_name(job))];
+    let mut line = |label: &str, value: String| lines.push(format!("  {label:<12} {value}"));
+    let percent = (job.total_steps > 0).then(|| format!(" ({:.0}%)", job.step as f64 * 100.0 / job.total_steps as f64));
+    let total = if job.total_steps > 0 { format!("/{}", job.total_steps) } else { String::new() };
+    line(
+        "step",
+        format!(
+            "{}{total}{}, generation {}, world {}",
+            job.step,
+            percent.unwrap_or_default(),
+            job.generation,
+            job.world_size
+        ),
+    );
+    let reason = match handing_over(job) {
+        Some(handing_over) if job.reason.is_empty() => handing_over,
+        Some(handing_over) => format!("{handing_over}; {}", job.reason),
+        None => job.reason.clone(),
+    };
+    if !reason.is_empty() {
+        line("reason", reason);
+    }
+    let mut training = Vec::new();
+    if let Some(loss) = metrics.train_loss {
+        training.push(format!("loss {loss:.4}"));
+    }
+    if let Some(rate) = metrics.samples_per_s.filter(|r| *r > 0.0) {
+        training.push(format!("{rate:.0} samples/s"));
+    }
+    if let Some(accuracy) = metrics.val_accuracy {
+        training.push(format!("validation accuracy {accuracy:.4}"));
+    }
+    if let Some(loss) = metrics.val_loss {
+        training.push(format!("validation loss {loss:.4}"));
+    }
+    if !training.is_empty() {
+        line("metrics", training.join(", "));
+    }
+    line(
+        "interrupted",
+        format!(
+            "{} preemption(s), {} recovery(ies), {} failure(s), {} step(s) lost; {} ms without a step in all (last {} ms)",
+            job.preemptions, job.recoveries, job.failures, job.steps_lost, job.stall_ms_total, job.last_stall_ms
+        ),
+    );
+    if job.resume_peer_bytes > 0 || job.resume_storage_bytes > 0 {
+        line(
+            "resumed from",
+            format!(
+                "{} peer to peer, {} from the store",
+                bytes_text(job.resume_peer_bytes),
+                bytes_text(job.resume_storage_bytes)
+            ),
+        );
+    }
+    let newest = job.latest_checkpoint.as_ref().map_or(String::new(), |c| {
+        format!("; newest at step {}: {}{}", c.step, c.uri, if c.pending { " (being written)" } else { "" })
+    });
+    line("checkpoints", format!("{}{newest}", job.checkpoints));
+    line("cost", format!("${:.2} (work lost to interruptions ${:.2})", job.cost_usd, job.lost_work_usd));
+    line("submitted", flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms));
+    let skipped = job.events.len().saturating_sub(EVENTS_SHOWN);
+    if skipped > 0 {
+        line("events", format!("{skipped} earlier not shown (-o json lists them)"));
+    }
+    for event in &job.events[skipped..] {
+        let at = flotilla_core::text::rfc3339_utc(event.at_unix_ms);
+        let time = at.split('T').nth(1).unwrap_or(&at).to_string();
+        line("event", format!("{time} {}: {}", event.kind, event.message));
+    }
+    lines.push(format!("(served by coordinator node {served_by})"));
+    lines.join("\n") + "\n"
+}
+
 fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
     println!("{:<10} {:<24} {:<12} {:>12} {:>6}  REASON", "ID", "NAME", "STATE", "STEP", "WORLD");
     for job in jobs {
@@ -427,4 +518,64 @@ pub fn logs(args: LogsArgs, coordinator: Option<&str>, output: OutputFormat) -> 
         }
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_job_reads_as_a_block_with_its_handover_checkpoint_and_newest_events() {
+        let events = (0..25u64)
+            .map(|i| v1::JobEvent {
+                at_unix_ms: 1_796_493_600_000 + i * 1000,
+                kind: "gang".into(),
+                message: format!("e{i}"),
+            })
+            .collect();
+        let job = v1::JobStatus {
+            id: "job-3".into(),
+            name: "mnist-mlp".into(),
+            state: v1::JobState::Running.into(),
+            step: 3200,
+            total_steps: 12800,
+            world_size: 2,
+            generation: 2,
+            preemptions: 1,
+            recoveries: 1,
+            stall_ms_total: 1952,
+            last_stall_ms: 1952,
+            resume_storage_bytes: 5_643_990,
+            checkpoints: 7,
+            metrics: Some(v1::JobMetrics { train_loss: Some(0.25), samples_per_s: Some(5230.4), ..Default::default() }),
+            latest_checkpoint: Some(v1::CheckpointRef {
+                step: 3150,
+                uri: "file:///s/ckpt/3150".into(),
+                pending: true,
+                ..Default::default()
+            }),
+            handovers: vec![v1::HandoverStatus {
+                leaving: "worker-1".into(),
+                replacement: String::new(),
+                until_unix_ms: 0,
+            }],
+            events,
+            ..Default::default()
+        };
+        let text = job_text(&job, 1);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "job-3 mnist-mlp: Running");
+        assert_eq!(lines[1], "  step         3200/12800 (25%), generation 2, world 2");
+        assert_eq!(lines[2], "  reason       handing over: worker-1 -> ? (no deadline)");
+        assert_eq!(lines[3], "  metrics      loss 0.2500, 5230 samples/s");
+        assert!(lines[4].ends_with("1 preemption(s), 1 recovery(ies), 0 failure(s), 0 step(s) lost; 1952 ms without a step in all (last 1952 ms)"));
+        assert_eq!(lines[5], "  resumed from 0 B peer to peer, 5.6 MB from the store");
+        assert_eq!(lines[6], "  checkpoints  7; newest at step 3150: file:///s/ckpt/3150 (being written)");
+        assert!(text.contains("  events       5 earlier not shown (-o json lists them)\n"), "{text}");
+        assert!(
+            !text.contains(": e4\n") && text.contains("  event        ") && text.contains("Z gang: e5\n"),
+            "{text}"
+        );
+        assert_eq!(*lines.last().expect("lines"), "(served by coordinator node 1)");
+    }
 }

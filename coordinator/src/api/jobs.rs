@@ -42,7 +42,8 @@ pub struct JobApi {
 fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Option<LiveProgress>) {
     let live = job.id.parse::<JobId>().ok().and_then(|id| progress.get(id, job.generation));
     if let Some(p) = live.filter(|_| job.state == v1::JobState::Running as i32) {
-        job.step = p.step;
+        // Rank 0 reports every second; a checkpoint recorded since may be newer.
+        job.step = job.step.max(p.step);
         job.total_steps = p.total_steps;
         let metrics = job.metrics.get_or_insert_with(Default::default);
         metrics.train_loss = Some(p.loss);
