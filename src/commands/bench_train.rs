@@ -26,6 +26,15 @@ train = { steps = 1000000, batch_size = 64, optimizer = "adam" }
 workers = { min = 1, max = 4 }
 "#;
 
+/// The CNN of examples/mnist-cnn.toml on the same synthetic data (28x28 inputs).
+const CNN_SPEC: &str = r#"
+name = "bench-train-cnn"
+model = { kind = "cnn", channels = [16, 32] }
+data = { train = "synthetic:blobs?samples=20000&features=784&classes=10&seed=1", validation_fraction = 0.0 }
+train = { steps = 1000000, batch_size = 64, optimizer = "adam" }
+workers = { min = 1, max = 4 }
+"#;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Steps timed per world size (after 10 warm-up steps).
@@ -33,6 +42,14 @@ pub struct Args {
     pub steps: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub worlds: Vec<usize>,
+    /// Instead: this process's first training step after this many warm-up passes of a
+    /// prepared worker (world 1), against the `--steps` after it. One measurement per process
+    /// (a process warms once): `scripts/bench/warm_up.sh` runs each in a fresh one.
+    #[arg(long)]
+    pub first_step_after: Option<usize>,
+    /// The model for --first-step-after: mlp (784-512-512-10) or cnn (channels 16, 32).
+    #[arg(long, default_value = "mlp")]
+    pub model: String,
 }
 
 /// Adds up the time spent in all-reduce.
@@ -102,7 +119,46 @@ fn median(mut values: Vec<Duration>) -> Duration {
     values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
+/// A fresh process's first step after `passes` warm-up passes (the prepared worker's own
+/// [`flotilla_worker::agent::warm_up`]), then `steps` more: one JSON line.
+fn first_step(model: &str, passes: usize, steps: usize) -> anyhow::Result<()> {
+    let text = match model {
+        "mlp" => SPEC,
+        "cnn" => CNN_SPEC,
+        other => anyhow::bail!("--model {other}: mlp or cnn"),
+    };
+    let spec = JobSpec::from_toml_str(text).context("benchmark spec")?;
+    let train = Arc::new(data::load_job_data(spec.built_in()?.1, spec.train.seed)?.train);
+    flotilla_worker::agent::warm_up(&spec, train.clone(), passes)?;
+    let mut comm = flotilla_worker::collective::local::LocalCommunicator;
+    let mut trainer = Trainer::new(&spec, train, &mut comm, None)?;
+    let mut times = Vec::with_capacity(steps + 1);
+    for _ in 0..=steps {
+        let started = Instant::now();
+        trainer.step(&mut comm)?;
+        times.push(started.elapsed());
+    }
+    let first = times.remove(0);
+    let steady = median(times);
+    println!(
+        "{}",
+        json!({
+            "bench": "first_step_after_warm_up",
+            "model": model,
+            "passes": passes,
+            "product_passes": flotilla_worker::agent::WARM_UP_PASSES,
+            "first_step_ms": first.as_secs_f64() * 1000.0,
+            "steady_step_ms": steady.as_secs_f64() * 1000.0,
+            "first_vs_steady": first.as_secs_f64() / steady.as_secs_f64().max(1e-9),
+        })
+    );
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(passes) = args.first_step_after {
+        return first_step(&args.model, passes, args.steps);
+    }
     for &world in &args.worlds {
         let (steps, comm) = measure(world, args.steps)?;
         let total: Duration = steps.iter().sum();

@@ -707,25 +707,25 @@ static DATA_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Prepares this worker for the job a handover reserved it for, or that keeps it as a warm
 /// spare (its `PrepareJob`), so that its first generation starts at once: loads the data into
-/// the cache and runs one throw-away forward and backward pass ([`warm_up`]: on a GPU burn compiles its CUDA kernels at
-/// first use: 2-5 s on an H200 that the whole gang would otherwise wait for in the first
-/// all-reduce; on a CPU the fresh
-/// process's first step took 5-12 ms against 4 ms later, and the gang waits for it). Then it
-/// reports the job prepared (`shared`), also after a failure: the generation reports that one.
-/// Command jobs have nothing to prepare.
+/// the cache and runs [`WARM_UP_PASSES`] throw-away forward and backward passes ([`warm_up`]:
+/// on a GPU burn compiles its CUDA kernels at first use: 2-5 s on an H200 that the whole gang
+/// would otherwise wait for in the first all-reduce; on a CPU the fresh process's first step
+/// took 5-12 ms against 4 ms later, and the gang waits for it). Then it reports the job
+/// prepared (`shared`), also after a failure: the generation reports that one. Command jobs
+/// have nothing to prepare.
 pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::work::AgentShared) {
     let started = Instant::now();
     let job = prepare.job_id.clone();
     if let Some(Ok(spec)) = prepare.spec.map(flotilla_proto::convert::spec_from_proto)
         && spec.command().is_none()
     {
-        match job_data(&spec).and_then(|(train, _)| warm_up(&spec, train)) {
+        match job_data(&spec).and_then(|(train, _)| warm_up(&spec, train, WARM_UP_PASSES)) {
             Ok(()) => tracing::info!(
                 job = %job,
                 ms = started.elapsed().as_secs_f64() * 1e3,
                 gpus = spec.workers.gpus,
                 spare = prepare.spare,
-                "prepared the job (data loaded, one warm-up pass)"
+                "prepared the job (data loaded, warm-up pass run)"
             ),
             Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare the job"),
         }
@@ -734,13 +734,23 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
     shared.beat_now.notify_one();
 }
 
-/// [`Trainer::warm_up`] of a scratch trainer (world 1, fresh weights, the job's batch size) on
-/// the job's device, so that the kernels the real steps use are compiled (GPU) and the
-/// process's allocations and caches are warm (CPU).
-fn warm_up(spec: &JobSpec, train: Arc<Dataset>) -> anyhow::Result<()> {
+/// Warm-up passes a prepared worker runs. `scripts/bench/warm_up.sh` (2-core development
+/// machine, 5 rounds): without one a fresh process's first step took 1.28x (CNN) and 1.89x
+/// (MLP) its steady step, after one 1.13x and 1.68x; more scratch passes changed little (two:
+/// 1.19x and 1.62x): what is left belongs to the new trainer, not to the process. A live
+/// handover's joiner also runs a pass on its real trainer ([`crate::checkpoint::live::join`]).
+pub const WARM_UP_PASSES: usize = 1;
+
+/// `passes` of [`Trainer::warm_up`] on a scratch trainer (world 1, fresh weights, the job's
+/// batch size) on the job's device, so that the kernels the real steps use are compiled (GPU)
+/// and the process's allocations and caches are warm (CPU). A prepared worker runs
+/// [`WARM_UP_PASSES`]; `scripts/bench/warm_up.sh` measures others.
+pub fn warm_up(spec: &JobSpec, train: Arc<Dataset>, passes: usize) -> anyhow::Result<()> {
     let mut comm = crate::collective::local::LocalCommunicator;
     let mut trainer = Trainer::new(spec, train, &mut comm, None).context("building the warm-up trainer")?;
-    trainer.warm_up().context("the warm-up pass")?;
+    for _ in 0..passes {
+        trainer.warm_up().context("a warm-up pass")?;
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! runs batch-inference shards.
 
 mod builtin;
+pub use builtin::{WARM_UP_PASSES, warm_up};
 mod command;
 pub mod inference;
 pub mod work;
