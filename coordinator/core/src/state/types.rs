@@ -21,7 +21,8 @@ use crate::spec::JobSpec;
 /// could not reach at the rendezvous held out of placement (`GenerationEnd::PeerLost::
 /// unreachable_rank`, `Worker::unreachable_until_unix_ms`); suspect workers cleared once heard
 /// from (`WorkersHeard`).
-pub const STATE_VERSION: u32 = 5;
+/// 6: a worker leaves in order (`WorkerLeft`, `Worker::left`, `Rejected::StillAssigned`).
+pub const STATE_VERSION: u32 = 6;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
