@@ -50,6 +50,10 @@ pub struct Args {
     /// The model for --first-step-after: mlp (784-512-512-10) or cnn (channels 16, 32).
     #[arg(long, default_value = "mlp")]
     pub model: String,
+    /// With --first-step-after: warm-up passes on the timed trainer itself too (as a live
+    /// handover's joiner runs one), after the scratch ones.
+    #[arg(long, default_value_t = 0)]
+    pub own_passes: usize,
 }
 
 /// Adds up the time spent in all-reduce.
@@ -121,7 +125,7 @@ fn median(mut values: Vec<Duration>) -> Duration {
 
 /// A fresh process's first step after `passes` warm-up passes (the prepared worker's own
 /// [`flotilla_worker::agent::warm_up`]), then `steps` more: one JSON line.
-fn first_step(model: &str, passes: usize, steps: usize) -> anyhow::Result<()> {
+fn first_step(model: &str, passes: usize, own_passes: usize, steps: usize) -> anyhow::Result<()> {
     let text = match model {
         "mlp" => SPEC,
         "cnn" => CNN_SPEC,
@@ -132,6 +136,9 @@ fn first_step(model: &str, passes: usize, steps: usize) -> anyhow::Result<()> {
     flotilla_worker::agent::warm_up(&spec, train.clone(), passes)?;
     let mut comm = flotilla_worker::collective::local::LocalCommunicator;
     let mut trainer = Trainer::new(&spec, train, &mut comm, None)?;
+    for _ in 0..own_passes {
+        trainer.warm_up()?;
+    }
     let mut times = Vec::with_capacity(steps + 1);
     for _ in 0..=steps {
         let started = Instant::now();
@@ -146,6 +153,7 @@ fn first_step(model: &str, passes: usize, steps: usize) -> anyhow::Result<()> {
             "bench": "first_step_after_warm_up",
             "model": model,
             "passes": passes,
+            "own_passes": own_passes,
             "product_passes": flotilla_worker::agent::WARM_UP_PASSES,
             "first_step_ms": first.as_secs_f64() * 1000.0,
             "steady_step_ms": steady.as_secs_f64() * 1000.0,
@@ -157,7 +165,7 @@ fn first_step(model: &str, passes: usize, steps: usize) -> anyhow::Result<()> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(passes) = args.first_step_after {
-        return first_step(&args.model, passes, args.steps);
+        return first_step(&args.model, passes, args.own_passes, args.steps);
     }
     for &world in &args.worlds {
         let (steps, comm) = measure(world, args.steps)?;

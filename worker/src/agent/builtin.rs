@@ -736,9 +736,9 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
 
 /// Warm-up passes a prepared worker runs. `scripts/bench/warm_up.sh` (2-core development
 /// machine, 5 rounds): without one a fresh process's first step took 1.28x (CNN) and 1.89x
-/// (MLP) its steady step, after one 1.13x and 1.68x; more scratch passes changed little (two:
-/// 1.19x and 1.62x): what is left belongs to the new trainer, not to the process. A live
-/// handover's joiner also runs a pass on its real trainer ([`crate::checkpoint::live::join`]).
+/// (MLP) its steady step, after one 1.13x and 1.68x; more passes did not help consistently
+/// (see the bench's README). A live handover's joiner also runs a pass on its real trainer
+/// ([`crate::checkpoint::live::join`]).
 pub const WARM_UP_PASSES: usize = 1;
 
 /// `passes` of [`Trainer::warm_up`] on a scratch trainer (world 1, fresh weights, the job's
