@@ -77,6 +77,7 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
         let addr: std::net::SocketAddr = w["data_addr"].as_str().expect("data_addr").parse().expect("an address");
         assert!(addr.ip().is_loopback() && addr.port() != 0, "a dialable address: {w}");
         assert_eq!((w["instance_type"].as_str(), w["zone"].as_str()), (Some("local"), Some("local")), "{w}");
+        assert!(w["gone_at_unix_ms"].is_null() && w["registered_at_unix_ms"].as_u64() > Some(0), "{w}");
     }
     let manual = list.iter().find(|w| w["instance_id"] == "i-0abc").expect("the advertised worker");
     assert_eq!(manual["gpus"], 2, "{manual}");
@@ -109,6 +110,11 @@ fn workers_register_keep_their_lease_and_are_lost_when_killed() {
     let left = list.iter().find(|w| state(w) == "Idle").expect("the live one")["id"].clone();
     let list = workers(&home);
     assert!(list.iter().any(|w| w["id"] == left && state(w) == "Left"), "left before it exited: {list:?}");
+    // When: after it registered, and the live have no such time.
+    for w in &list {
+        let (registered, gone) = (w["registered_at_unix_ms"].as_u64().unwrap_or(0), w["gone_at_unix_ms"].as_u64());
+        assert!(registered > 0 && gone.is_some_and(|g| g >= registered), "both are gone: {w}");
+    }
     std::thread::sleep(Duration::from_secs(6));
     let list = workers(&home);
     assert!(list.iter().any(|w| w["id"] == left && state(w) == "Left"), "{list:?}");

@@ -93,6 +93,8 @@ pub fn workers(state: &State, now_ms: u64) -> Value {
                 "cpus": w.info.cpus,
                 "gpus": w.info.gpus,
                 "data_addr": w.info.data_addr,
+                "registered_at_unix_ms": w.registered_at_unix_ms,
+                "gone_at_unix_ms": w.lost_at_unix_ms,
             })
         })
         .collect();

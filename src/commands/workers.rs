@@ -282,6 +282,8 @@ fn worker_json(worker: &v1::WorkerInfo) -> Value {
         "hostname": caps.hostname,
         "job_id": worker.job_id,
         "last_heartbeat_unix_ms": worker.last_heartbeat_unix_ms,
+        "registered_at_unix_ms": worker.registered_at_unix_ms,
+        "gone_at_unix_ms": worker.gone_at_unix_ms,
     })
 }
 

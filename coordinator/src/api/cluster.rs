@@ -152,6 +152,8 @@ fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) ->
         job_id: worker.job.map(|j| j.to_string()),
         rank: None,
         last_heartbeat_unix_ms,
+        registered_at_unix_ms: worker.registered_at_unix_ms,
+        gone_at_unix_ms: worker.lost_at_unix_ms,
     }
 }
 
