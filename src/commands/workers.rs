@@ -186,7 +186,7 @@ const REPORT_DEADLINE: Duration = Duration::from_secs(5);
 async fn stop_when_told(client: ApiClient, registered: watch::Receiver<Option<String>>, shared: Arc<AgentShared>) {
     tokio::select! {
         _ = super::shutdown_signal() => {
-            tracing::warn!("SIGTERM: checkpointing the running generation before stopping");
+            tracing::warn!("SIGTERM: stopping once the running work is checkpointed (training) or released (inference shards)");
             interrupt(client, registered, &shared, v1::InterruptionKind::Sigterm, None).await;
         }
         _ = shared.drained.notified() => {}
