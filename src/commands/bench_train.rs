@@ -26,14 +26,10 @@ train = { steps = 1000000, batch_size = 64, optimizer = "adam" }
 workers = { min = 1, max = 4 }
 "#;
 
-/// The CNN of examples/mnist-cnn.toml on the same synthetic data (28x28 inputs).
-const CNN_SPEC: &str = r#"
-name = "bench-train-cnn"
-model = { kind = "cnn", channels = [16, 32] }
-data = { train = "synthetic:blobs?samples=20000&features=784&classes=10&seed=1", validation_fraction = 0.0 }
-train = { steps = 1000000, batch_size = 64, optimizer = "adam" }
-workers = { min = 1, max = 4 }
-"#;
+/// The model line of [`SPEC`], and the CNN of examples/mnist-cnn.toml that `--model cnn`
+/// puts in its place (the same synthetic data, read as 28x28 images).
+const MLP_MODEL: &str = r#"model = { kind = "mlp", hidden = [512, 512] }"#;
+const CNN_MODEL: &str = r#"model = { kind = "cnn", channels = [16, 32] }"#;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -127,11 +123,13 @@ fn median(mut values: Vec<Duration>) -> Duration {
 /// [`flotilla_worker::agent::warm_up`]), then `steps` more: one JSON line.
 fn first_step(model: &str, passes: usize, own_passes: usize, steps: usize) -> anyhow::Result<()> {
     let text = match model {
-        "mlp" => SPEC,
-        "cnn" => CNN_SPEC,
+        "mlp" => SPEC.to_string(),
+        "cnn" => SPEC.replace(MLP_MODEL, CNN_MODEL),
         other => anyhow::bail!("--model {other}: mlp or cnn"),
     };
-    let spec = JobSpec::from_toml_str(text).context("benchmark spec")?;
+    let spec = JobSpec::from_toml_str(&text).context("benchmark spec")?;
+    let kind = spec.model.as_ref().map(|m| m.kind());
+    anyhow::ensure!(kind == Some(model), "the benchmark spec's model line changed; update MLP_MODEL");
     let train = Arc::new(data::load_job_data(spec.built_in()?.1, spec.train.seed)?.train);
     flotilla_worker::agent::warm_up(&spec, train.clone(), passes)?;
     let mut comm = flotilla_worker::collective::local::LocalCommunicator;
