@@ -115,11 +115,9 @@ async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> an
         let registered = launched
             .iter()
             .filter(|id| {
-                listed.iter().any(|w| {
-                    let gone = [flotilla_proto::v1::WorkerState::Lost, flotilla_proto::v1::WorkerState::Left];
-                    !gone.iter().any(|g| w.state == *g as i32)
-                        && w.capabilities.as_ref().is_some_and(|c| &c.instance_id == *id)
-                })
+                listed
+                    .iter()
+                    .any(|w| !super::workers::gone(w) && w.capabilities.as_ref().is_some_and(|c| &c.instance_id == *id))
             })
             .count();
         if registered == launched.len() {

@@ -193,6 +193,15 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
 
 /// `handing over: worker-2 -> worker-4 (until ...), worker-1 -> ? (no deadline)` while
 /// handovers are under way.
+/// The job's reason, after the handovers under way (both views show it).
+fn reason_text(job: &v1::JobStatus) -> String {
+    match handing_over(job) {
+        Some(handing_over) if job.reason.is_empty() => handing_over,
+        Some(handing_over) => format!("{handing_over}; {}", job.reason),
+        None => job.reason.clone(),
+    }
+}
+
 fn handing_over(job: &v1::JobStatus) -> Option<String> {
     let each: Vec<String> = job.handovers.iter().map(handover_text).collect();
     (!each.is_empty()).then(|| format!("handing over: {}", each.join(", ")))
@@ -361,23 +370,12 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     let metrics = job.metrics.unwrap_or_default();
     let mut lines = vec![format!("{} {}: {}", job.id, job.name, state_name(job))];
     let mut line = |label: &str, value: String| lines.push(format!("  {label:<12} {value}"));
-    let percent = (job.total_steps > 0).then(|| format!(" ({:.0}%)", job.step as f64 * 100.0 / job.total_steps as f64));
-    let total = if job.total_steps > 0 { format!("/{}", job.total_steps) } else { String::new() };
-    line(
-        "step",
-        format!(
-            "{}{total}{}, generation {}, world {}",
-            job.step,
-            percent.unwrap_or_default(),
-            job.generation,
-            job.world_size
-        ),
-    );
-    let reason = match handing_over(job) {
-        Some(handing_over) if job.reason.is_empty() => handing_over,
-        Some(handing_over) => format!("{handing_over}; {}", job.reason),
-        None => job.reason.clone(),
+    let of_total = match job.total_steps {
+        0 => String::new(),
+        total => format!("/{total} ({:.0}%)", job.step as f64 * 100.0 / total as f64),
     };
+    line("step", format!("{}{of_total}, generation {}, world {}", job.step, job.generation, job.world_size));
+    let reason = reason_text(job);
     if !reason.is_empty() {
         line("reason", reason);
     }
@@ -438,11 +436,7 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
     for job in jobs {
         let steps =
             if job.total_steps > 0 { format!("{}/{}", job.step, job.total_steps) } else { job.step.to_string() };
-        let reason = match handing_over(job) {
-            Some(handing_over) if job.reason.is_empty() => handing_over,
-            Some(handing_over) => format!("{handing_over}; {}", job.reason),
-            None => job.reason.clone(),
-        };
+        let reason = reason_text(job);
         println!(
             "{:<10} {:<24} {:<12} {:>12} {:>6}  {}",
             job.id,

@@ -115,7 +115,7 @@ pub struct ListArgs {
 }
 
 /// Gone for good: its lease expired, or it left.
-fn gone(worker: &v1::WorkerInfo) -> bool {
+pub(crate) fn gone(worker: &v1::WorkerInfo) -> bool {
     matches!(v1::WorkerState::try_from(worker.state), Ok(v1::WorkerState::Lost | v1::WorkerState::Left))
 }
 
