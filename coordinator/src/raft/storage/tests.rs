@@ -11,6 +11,11 @@ fn bounds(store: &RaftStore) -> (u64, u64) {
     (store.first_index().expect("first"), store.last_index().expect("last"))
 }
 
+/// Where the log's records end in its file (the rest of the file is the preallocated zeros).
+fn records_end(store: &RaftStore) -> u64 {
+    store.wal().as_ref().expect("a log on disk").len
+}
+
 fn snapshot_at(index: u64, term: u64, data: &[u8]) -> Snapshot {
     let mut snapshot = Snapshot::default();
     snapshot.mut_metadata().index = index;
@@ -99,17 +104,18 @@ fn an_incoming_snapshot_replaces_the_log() {
 fn a_torn_record_at_the_end_is_cut_off_and_the_log_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hs = HardState { term: 1, vote: 1, commit: 1, ..Default::default() };
-    {
+    let good_len = {
         let store = RaftStore::open(dir.path()).expect("open");
         store.persist(None, &[entry(1, 1), entry(2, 1)], Some(&hs)).expect("persist");
-    }
+        records_end(&store)
+    };
     let path = dir.path().join(WAL_FILE);
-    let good_len = std::fs::metadata(&path).expect("stat").len();
-    // A crash in the middle of the next append: a header and part of its body.
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), PREALLOCATE_BYTES, "zeros after the records");
+    // A crash in the middle of the next append: a header and part of its body, over the zeros.
     let mut torn = Vec::new();
     push_record(&mut torn, KIND_ENTRY, &encode(&entry(3, 1)));
     torn.truncate(torn.len() - 3);
-    let file = OpenOptions::new().append(true).open(&path).expect("open for append");
+    let file = OpenOptions::new().write(true).open(&path).expect("open for writing");
     file.write_all_at(&torn, good_len).expect("write the torn tail");
     drop(file);
     let store = RaftStore::open(dir.path()).expect("reopen over a torn tail");
@@ -129,14 +135,13 @@ fn a_commit_appends_only_its_own_records() {
     store.bootstrap(&[1]).expect("bootstrap");
     store.persist(None, &[entry(1, 1), entry(2, 1)], None).expect("persist");
     store.compact_to_snapshot(2, &vec![7u8; 4 << 20]).expect("compact");
-    let path = dir.path().join(WAL_FILE);
-    let before = std::fs::metadata(&path).expect("stat").len();
+    let before = records_end(&store);
     let commits = 50u64;
     for i in 3..3 + commits {
         let hs = HardState { term: 1, vote: 1, commit: i - 1, ..Default::default() };
         store.persist(None, &[entry(i, 1)], Some(&hs)).expect("persist");
     }
-    let per_commit = (std::fs::metadata(&path).expect("stat").len() - before) / commits;
+    let per_commit = (records_end(&store) - before) / commits;
     assert!(per_commit < 64, "each one-entry commit wrote {per_commit} bytes to the log");
     assert_eq!(store.snapshot_with_data().expect("snapshot").get_data().len(), 4 << 20);
 }
@@ -232,4 +237,45 @@ fn the_redb_log_of_earlier_versions_is_converted_once() {
         assert!(!dir.path().join(LEGACY_REDB_FILE).exists());
         assert!(dir.path().join(format!("{LEGACY_REDB_FILE}.migrated")).exists(), "the old log is kept");
     }
+}
+
+#[test]
+fn the_preallocated_zeros_end_the_log_and_appends_fill_them_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(WAL_FILE);
+    let hs = HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
+    // Entries of ~200 KiB: the sixth append passes the first megabyte.
+    let big = |index: u64| Entry { index, term: 1, data: vec![index as u8; 200 << 10].into(), ..Default::default() };
+    {
+        let store = RaftStore::open(dir.path()).expect("open");
+        store.persist(None, &[big(1)], Some(&hs)).expect("persist");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), PREALLOCATE_BYTES);
+        for i in 2..=6 {
+            store.persist(None, &[big(i)], None).expect("persist");
+        }
+        assert!(records_end(&store) > PREALLOCATE_BYTES, "the records passed the first megabyte");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 * PREALLOCATE_BYTES, "grown by one more");
+    }
+    // Reopened: the zeros are the end of the log, kept as they are (not a torn tail).
+    let end = {
+        let store = RaftStore::open(dir.path()).expect("reopen");
+        assert_eq!(bounds(&store), (1, 6));
+        assert_eq!(store.entries(6, 7, None, GetEntriesContext::empty(false)).expect("read")[0], big(6));
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 2 * PREALLOCATE_BYTES, "the zeros are kept");
+        store.persist(None, &[entry(7, 1)], None).expect("append into the zeros");
+        records_end(&store)
+    };
+    // A stray byte beyond the zeros (a torn append whose later sector reached the disk first)
+    // is not part of the log: cut off with the zeros before it, and the log goes on.
+    let file = OpenOptions::new().write(true).open(&path).expect("open for writing");
+    file.write_all_at(&[0xAB], end + 4096).expect("a stray byte");
+    drop(file);
+    let store = RaftStore::open(dir.path()).expect("reopen over the stray byte");
+    assert_eq!(bounds(&store), (1, 7));
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), end, "cut at the records' end");
+    store.persist(None, &[entry(8, 1)], None).expect("append after the cut");
+    drop(store);
+    let store = RaftStore::open(dir.path()).expect("reopen");
+    assert_eq!(bounds(&store), (1, 8));
+    assert_eq!(store.initial_state().expect("state").hard_state, hs);
 }
