@@ -147,9 +147,10 @@ impl Replica {
             // A leader tells the followers a new commit index with its next append or
             // heartbeat (at most HEARTBEAT_TICKS later), not in an append of its own: at one
             // client that halved the messages per write (leader: 2 in and 2 out instead of 4
-            // and 4) and cut the servers' CPU per write by 0.84x. Nothing waits on a
-            // follower's apply: worker calls go to the leader, and a follower's linearizable
-            // read learns the commit index from the heartbeats of its read-index round.
+            // and 4) and took the servers' CPU per write to 0.84x. A follower's own view
+            // (watch streams, metrics) may lag by up to a heartbeat (100 ms) after the last
+            // write; worker calls go to the leader, and a follower's linearizable read learns
+            // the commit index from the heartbeats of its read-index round.
             skip_bcast_commit: true,
             ..Config::default()
         };
