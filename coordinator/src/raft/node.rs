@@ -19,7 +19,7 @@ use flotilla_proto::{ApiError, ErrorKind};
 use raft::eraftpb::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::replica::{Output, PendingReads, ProposalId, Replica, ReplicaError, group_by_destination};
+use super::replica::{Committed, Early, Output, PendingReads, ProposalId, Replica, ReplicaError, group_by_destination};
 
 /// Interval between Raft ticks. With ELECTION_TICKS = 10 a leader is replaced 0.5 to 1 s after
 /// it stops sending heartbeats.
@@ -219,7 +219,11 @@ impl NodeTask {
                 }
             }
             while self.replica.has_ready() {
-                let output = self.replica.advance_sending(&mut |messages| send_grouped(&mut outbox, messages))?;
+                let proposals = &mut self.proposals;
+                let output = self.replica.advance_sending(&mut |early| match early {
+                    Early::Messages(messages) => send_grouped(&mut outbox, messages),
+                    Early::Committed(committed) => answer(proposals, committed),
+                })?;
                 self.dispatch(output, &mut outbox);
             }
             self.after_round();
@@ -293,10 +297,7 @@ impl NodeTask {
 
     fn dispatch(&mut self, output: Output, outbox: &mut impl Outbox) {
         send_grouped(outbox, output.messages);
-        for committed in output.committed {
-            let Some(reply) = committed.proposal.and_then(|id| self.proposals.remove(&id)) else { continue };
-            let _ = reply.send(committed.outcome.map_err(rejected_to_api));
-        }
+        answer(&mut self.proposals, output.committed);
         for read_state in output.reads {
             let Ok(bytes) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else { continue };
             for read in self.read_waiters.remove(&u64::from_le_bytes(bytes)).unwrap_or_default() {
@@ -346,6 +347,14 @@ impl NodeTask {
 
     fn not_leader(&self) -> ApiError {
         ApiError::not_leader(self.replica.leader_id().and_then(|id| self.addresses.get(&id).cloned()))
+    }
+}
+
+/// Answers the proposers of `committed` entries that this node is waiting on.
+fn answer(proposals: &mut HashMap<ProposalId, oneshot::Sender<Result<Applied, ApiError>>>, committed: Vec<Committed>) {
+    for committed in committed {
+        let Some(reply) = committed.proposal.and_then(|id| proposals.remove(&id)) else { continue };
+        let _ = reply.send(committed.outcome.map_err(rejected_to_api));
     }
 }
 

@@ -7,6 +7,9 @@
 //! Ready handling follows raft-rs's order: send messages; apply an incoming snapshot; apply
 //! committed entries; persist snapshot + entries + HardState in one transaction (one fsync);
 //! send persisted messages; advance; then the LightReady's commit index, messages and entries.
+//! A follower applies the Ready's committed entries after persisting and sending its answers
+//! instead (nobody waits for its apply; the leader waits for its answer), and a leader hands
+//! their outcomes out before persisting (see [`Replica::advance_sending`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -67,6 +70,15 @@ pub struct Committed {
     /// Set when this replica proposed the entry (in this incarnation).
     pub proposal: Option<ProposalId>,
     pub outcome: Result<Applied, Rejected>,
+}
+
+/// What [`Replica::advance_sending`] hands out before the Ready is handled completely.
+#[derive(Debug)]
+pub enum Early {
+    /// Messages that may go out now.
+    Messages(Vec<Message>),
+    /// Committed entries, applied: their proposers may be answered now.
+    Committed(Vec<Committed>),
 }
 
 /// What one call to [`Replica::advance`] produced.
@@ -255,33 +267,55 @@ impl Replica {
     /// Handles one Ready completely (see the module docs for the order); every message is
     /// returned in [`Output::messages`].
     pub fn advance(&mut self) -> Result<Output, ReplicaError> {
-        let mut early = Vec::new();
-        let mut out = self.advance_sending(&mut |messages| early.extend(messages))?;
-        early.append(&mut out.messages);
-        out.messages = early;
+        let (mut messages, mut committed) = (Vec::new(), Vec::new());
+        let mut out = self.advance_sending(&mut |early| match early {
+            Early::Messages(m) => messages.extend(m),
+            Early::Committed(c) => committed.extend(c),
+        })?;
+        messages.append(&mut out.messages);
+        committed.append(&mut out.committed);
+        (out.messages, out.committed) = (messages, committed);
         Ok(out)
     }
 
-    /// Like [`Replica::advance`], but hands the messages raft-rs allows to go out before
-    /// persisting (a leader's appends) to `send_now` first, so the followers' fsyncs overlap
-    /// the leader's own.
-    pub fn advance_sending(&mut self, send_now: &mut dyn FnMut(Vec<Message>)) -> Result<Output, ReplicaError> {
+    /// Like [`Replica::advance`], but hands out first what need not wait for the rest of the
+    /// Ready: the messages raft-rs allows out before persisting (a leader's appends, so the
+    /// followers' fsyncs overlap the leader's own); on a leader, the committed entries' outcomes
+    /// before its fsync (they are on a quorum already; the fsync is for the new entries); on a
+    /// follower, the persisted messages (its answers to the leader) before it applies what was
+    /// committed, which nobody waits for.
+    pub fn advance_sending(&mut self, early: &mut dyn FnMut(Early)) -> Result<Output, ReplicaError> {
         let mut out = Output::default();
         if !self.node.has_ready() {
             return Ok(out);
         }
         let mut ready = self.node.ready();
-        let early = ready.take_messages();
-        if !early.is_empty() {
-            send_now(early);
+        let messages = ready.take_messages();
+        if !messages.is_empty() {
+            early(Early::Messages(messages));
         }
         let incoming = if ready.snapshot().get_metadata().index > 0 { Some(ready.snapshot().clone()) } else { None };
         if let Some(snapshot) = &incoming {
             self.restore(snapshot)?;
         }
-        self.apply_entries(ready.take_committed_entries(), &mut out.committed)?;
-        self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
-        out.messages.extend(ready.take_persisted_messages());
+        let committed = ready.take_committed_entries();
+        let leader = self.is_leader();
+        if leader {
+            let mut applied = Vec::new();
+            self.apply_entries(committed, &mut applied)?;
+            if !applied.is_empty() {
+                early(Early::Committed(applied));
+            }
+            self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
+            out.messages.extend(ready.take_persisted_messages());
+        } else {
+            self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
+            let persisted = ready.take_persisted_messages();
+            if !persisted.is_empty() {
+                early(Early::Messages(persisted));
+            }
+            self.apply_entries(committed, &mut out.committed)?;
+        }
         out.reads.extend(ready.take_read_states());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
