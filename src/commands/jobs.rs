@@ -191,8 +191,6 @@ fn progress_line(job: &v1::JobStatus, live: Option<&v1::LiveProgress>) -> String
     line
 }
 
-/// `handing over: worker-2 -> worker-4 (until ...), worker-1 -> ? (no deadline)` while
-/// handovers are under way.
 /// The job's reason, after the handovers under way (both views show it).
 fn reason_text(job: &v1::JobStatus) -> String {
     match handing_over(job) {
@@ -202,6 +200,8 @@ fn reason_text(job: &v1::JobStatus) -> String {
     }
 }
 
+/// `handing over: worker-2 -> worker-4 (until ...), worker-1 -> ? (no deadline)` while
+/// handovers are under way.
 fn handing_over(job: &v1::JobStatus) -> Option<String> {
     let each: Vec<String> = job.handovers.iter().map(handover_text).collect();
     (!each.is_empty()).then(|| format!("handing over: {}", each.join(", ")))

@@ -281,9 +281,9 @@ impl Replica {
     /// Like [`Replica::advance`], but hands out first what need not wait for the rest of the
     /// Ready: the messages raft-rs allows out before persisting (a leader's appends, so the
     /// followers' fsyncs overlap the leader's own); on a leader, the committed entries' outcomes
-    /// before its fsync (they are on a quorum already; the fsync is for the new entries); on a
-    /// follower, the persisted messages (its answers to the leader) before it applies what was
-    /// committed, which nobody waits for.
+    /// before its fsync (they are on a quorum already; the fsync is for the new entries); then
+    /// the persisted messages (a follower's answers to the leader) before a follower applies
+    /// what was committed, which nobody waits for.
     pub fn advance_sending(&mut self, early: &mut dyn FnMut(Early)) -> Result<Output, ReplicaError> {
         let mut out = Output::default();
         if !self.node.has_ready() {
@@ -298,24 +298,21 @@ impl Replica {
         if let Some(snapshot) = &incoming {
             self.restore(snapshot)?;
         }
-        let committed = ready.take_committed_entries();
-        let leader = self.is_leader();
-        if leader {
+        let mut committed = ready.take_committed_entries();
+        if self.is_leader() {
             let mut applied = Vec::new();
-            self.apply_entries(committed, &mut applied)?;
+            self.apply_entries(std::mem::take(&mut committed), &mut applied)?;
             if !applied.is_empty() {
                 early(Early::Committed(applied));
             }
-            self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
-            out.messages.extend(ready.take_persisted_messages());
-        } else {
-            self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
-            let persisted = ready.take_persisted_messages();
-            if !persisted.is_empty() {
-                early(Early::Messages(persisted));
-            }
-            self.apply_entries(committed, &mut out.committed)?;
         }
+        self.node.store().persist(incoming.as_ref(), ready.entries(), ready.hs())?;
+        let persisted = ready.take_persisted_messages();
+        if !persisted.is_empty() {
+            early(Early::Messages(persisted));
+        }
+        // A follower's (a leader's are applied above).
+        self.apply_entries(committed, &mut out.committed)?;
         out.reads.extend(ready.take_read_states());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {

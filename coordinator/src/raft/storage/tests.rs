@@ -16,6 +16,22 @@ fn records_end(store: &RaftStore) -> u64 {
     store.wal().as_ref().expect("a log on disk").len
 }
 
+/// Writes `bytes` into the log file at `at`, as a crash mid-append can leave them.
+fn damage(path: &Path, at: u64, bytes: &[u8]) {
+    let file = OpenOptions::new().write(true).open(path).expect("open for writing");
+    file.write_all_at(bytes, at).expect("write into the log");
+}
+
+/// After a reopen that cut a torn tail: entry `next` appends, and it and `hs` survive the next
+/// reopen, which finds entries 1..=next.
+fn goes_on_after_the_cut(dir: &Path, store: RaftStore, next: u64, hs: &HardState) {
+    store.persist(None, &[entry(next, 1)], None).expect("append after the cut");
+    drop(store);
+    let store = RaftStore::open(dir).expect("reopen");
+    assert_eq!(bounds(&store), (1, next));
+    assert_eq!(&store.initial_state().expect("state").hard_state, hs);
+}
+
 fn snapshot_at(index: u64, term: u64, data: &[u8]) -> Snapshot {
     let mut snapshot = Snapshot::default();
     snapshot.mut_metadata().index = index;
@@ -115,17 +131,11 @@ fn a_torn_record_at_the_end_is_cut_off_and_the_log_goes_on() {
     let mut torn = Vec::new();
     push_record(&mut torn, KIND_ENTRY, &encode(&entry(3, 1)));
     torn.truncate(torn.len() - 3);
-    let file = OpenOptions::new().write(true).open(&path).expect("open for writing");
-    file.write_all_at(&torn, good_len).expect("write the torn tail");
-    drop(file);
+    damage(&path, good_len, &torn);
     let store = RaftStore::open(dir.path()).expect("reopen over a torn tail");
     assert_eq!(bounds(&store), (1, 2), "the torn entry is not in the log");
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), good_len, "the torn bytes are cut off");
-    store.persist(None, &[entry(3, 1)], None).expect("append after the cut");
-    drop(store);
-    let store = RaftStore::open(dir.path()).expect("reopen");
-    assert_eq!(bounds(&store), (1, 3));
-    assert_eq!(store.initial_state().expect("state").hard_state, hs);
+    goes_on_after_the_cut(dir.path(), store, 3, &hs);
 }
 
 #[test]
@@ -267,15 +277,9 @@ fn the_preallocated_zeros_end_the_log_and_appends_fill_them_in_place() {
     };
     // A stray byte beyond the zeros (a torn append whose later sector reached the disk first)
     // is not part of the log: cut off with the zeros before it, and the log goes on.
-    let file = OpenOptions::new().write(true).open(&path).expect("open for writing");
-    file.write_all_at(&[0xAB], end + 4096).expect("a stray byte");
-    drop(file);
+    damage(&path, end + 4096, &[0xAB]);
     let store = RaftStore::open(dir.path()).expect("reopen over the stray byte");
     assert_eq!(bounds(&store), (1, 7));
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), end, "cut at the records' end");
-    store.persist(None, &[entry(8, 1)], None).expect("append after the cut");
-    drop(store);
-    let store = RaftStore::open(dir.path()).expect("reopen");
-    assert_eq!(bounds(&store), (1, 8));
-    assert_eq!(store.initial_state().expect("state").hard_state, hs);
+    goes_on_after_the_cut(dir.path(), store, 8, &hs);
 }
