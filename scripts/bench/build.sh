@@ -1,7 +1,10 @@
-# Sourced by the benchmarks (from the repository root): builds flotilla and sets $flotilla to
-# the binary. A release build, or with FLOTILLA_BENCH_PROFILE=dev the debug build that
+# Sourced by the benchmarks (from the repository root): sets $flotilla to the binary to measure.
+# FLOTILLA_BIN=path: a binary built elsewhere (an A/B against an older build; no build here).
+# Otherwise a release build, or with FLOTILLA_BENCH_PROFILE=dev the debug build that
 # scripts/test.sh leaves (dependencies are optimised there too).
-if [ "${FLOTILLA_BENCH_PROFILE:-release}" = dev ]; then
+if [ -n "${FLOTILLA_BIN:-}" ]; then
+  flotilla=$FLOTILLA_BIN
+elif [ "${FLOTILLA_BENCH_PROFILE:-release}" = dev ]; then
   cargo build --quiet
   flotilla="${CARGO_TARGET_DIR:-target}/debug/flotilla"
 else

@@ -14,12 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs="${1:-30}"
-if [[ -n "${FLOTILLA_BIN:-}" ]]; then
-  bin=$FLOTILLA_BIN
-else
-  source scripts/bench/build.sh
-  bin="$flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+bin="$flotilla"
 work=$(mktemp -d)
 export FLOTILLA_HOME="$work/.flotilla"
 trap '"$bin" down --purge >/dev/null 2>&1 || true; rm -rf "$work"' EXIT

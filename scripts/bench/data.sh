@@ -15,12 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs="${1:-9}"
-if [[ -n "${FLOTILLA_BIN:-}" ]]; then
-  bin=$FLOTILLA_BIN
-else
-  source scripts/bench/build.sh
-  bin="$flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+bin="$flotilla"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp examples/mnist-mlp.toml "$work/csv.toml"
