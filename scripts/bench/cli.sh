@@ -21,7 +21,7 @@ export FLOTILLA_HOME="$work/.flotilla"
 trap '"$bin" down --purge >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 "$bin" up --workers 1 >/dev/null
 python3 - "$runs" "$bin" "${FLOTILLA_BASE_BIN:-}" <<'PY'
-import json, os, resource, statistics, subprocess, sys, time
+import json, math, resource, statistics, subprocess, sys, time
 
 runs, builds = int(sys.argv[1]), {"this": sys.argv[2]}
 if sys.argv[3]:
@@ -51,7 +51,7 @@ for (name, command), values in samples.items():
     walls = sorted(w for w, _ in values)
     summary[(name, command)] = {
         "p50_ms": statistics.median(walls),
-        "p90_ms": walls[int(len(walls) * 0.9) - 1],
+        "p90_ms": walls[math.ceil(len(walls) * 0.9) - 1],
         "cpu_ms": statistics.mean(c for _, c in values),
     }
 for (name, command), s in summary.items():
