@@ -23,12 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ops="${1:-2000}"
 passes="${2:-3}"
-if [[ -n "${FLOTILLA_BIN:-}" ]]; then
-  bin=$FLOTILLA_BIN # a binary built elsewhere (an A/B against an older build)
-else
-  cargo build --release --quiet
-  bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+bin="$flotilla"
 work=$(mktemp -d)
 export FLOTILLA_HOME="$work/.flotilla"
 etcd_pids=()

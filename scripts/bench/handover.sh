@@ -14,10 +14,8 @@
 # with `up --live-handover`: the 120 s path is then the live handover (no stop; see handover.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [[ -z "${FLOTILLA_BIN:-}" ]]; then
-  cargo build --release --quiet
-  export FLOTILLA_BIN="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+export FLOTILLA_BIN="$flotilla"
 export GPUS="${GPUS:-0}"
 export WORK=$(mktemp -d)
 export FLOTILLA_HOME="$WORK/.flotilla"

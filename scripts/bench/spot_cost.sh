@@ -12,12 +12,8 @@
 # FLOTILLA_BIN=path: a binary built elsewhere (no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [[ -n "${FLOTILLA_BIN:-}" ]]; then
-  bin=$FLOTILLA_BIN
-else
-  cargo build --release --quiet --bin flotilla
-  bin="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+bin="$flotilla"
 provision=${PROVISION_MINUTES:-3}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

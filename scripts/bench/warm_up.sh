@@ -11,10 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 model=${2:-cnn}
-if [[ -z "${FLOTILLA_BIN:-}" ]]; then
-  cargo build --release --quiet
-  FLOTILLA_BIN="${CARGO_TARGET_DIR:-target}/release/flotilla"
-fi
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
+FLOTILLA_BIN="$flotilla"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 for _ in $(seq "$rounds"); do

@@ -121,9 +121,8 @@ fn parse_line(
 
 /// The comma-separated fields of `text`. Split on the byte: `str::split(',')` searches for each
 /// comma and then compares the match (a `memchr` and a `memcmp` call per field), which with the
-/// Unicode-aware trim took most of a wide row's parse time. MNIST 5k's whole load (fetch,
-/// gunzip, parse, split), release, the 2-core development machine, 6 runs each alternating:
-/// median 93 ms before, 70 ms with this and [`parse_field`] (0.75x).
+/// Unicode-aware trim took most of a wide row's parse time. MNIST 5k's whole load with this and
+/// [`parse_field`]: 0.68x (`scripts/bench/data.sh`, figures in its README).
 fn fields(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
