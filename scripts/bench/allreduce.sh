@@ -10,13 +10,13 @@
 #
 #   scripts/bench/allreduce.sh [MAX_MIB] [PASSES]      (defaults 256, 3)
 #   TORCH_PYTHON=/path/to/python: a Python with torch; otherwise ./.venv-torch is made on first
-#   use (pip install torch, about 5 GB); FLOTILLA_BENCH_NO_GLOO=1 measures the ring alone.
+#   use (pip install torch, about 5 GB); FLOTILLA_BENCH_NO_GLOO=1 measures the ring alone;
+#   FLOTILLA_BIN=path measures a binary built elsewhere (no build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 max_mib=${1:-256}
 passes=${2:-3}
-cargo build --release --quiet
-flotilla="${CARGO_TARGET_DIR:-target}/release/flotilla"
+source scripts/bench/build.sh # FLOTILLA_BIN or a release build
 
 python=""
 if [[ -z "${FLOTILLA_BENCH_NO_GLOO:-}" ]]; then
