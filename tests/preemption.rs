@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Local, agent_log, eventually, gang, json, logs, run, status, submit, wait_for, worker_pid};
+use common::{
+    Local, agent_log, coordinator_pids, eventually, gang, json, logs, run, status, submit, wait_for, worker_pid,
+};
 use serde_json::Value;
 
 fn assert_accurate(done: &Value) {
@@ -859,6 +861,114 @@ fn five_hard_kills_lose_no_step_and_change_no_bit() {
     assert!(done["resume_peer_bytes"].as_u64() > Some(0), "seed {seed}: {done}");
 
     assert_same_as_uninterrupted(home, &spec, &done, &format!("seed {seed}"));
+}
+
+/// A storm of everything at once: on 3 coordinators and 3 workers (replacements boot in 2 s),
+/// after a live swap and a hard kill in the same generation, a seeded mix of two-minute notices (live handovers), hard kills of gang members and SIGKILLs
+/// of the leader coordinator (restarted by `up` a moment later), each fired a random moment
+/// after the one before without waiting for it to settle. The job succeeds with no step lost
+/// (but for the fallback rule of the hard-kill test above), ends bit-identical to an
+/// uninterrupted run, and every recovery is timed from where training stopped, never from a
+/// notice the gang trained on through (seen in such a storm: a kill after a live swap was timed
+/// from the swapped member's notice, 15.9 s instead of ~1 s).
+#[test]
+fn a_storm_of_notices_kills_and_leader_kills_loses_no_step_and_changes_no_bit() {
+    let up = ["--coordinators", "3", "--boot-delay-s", "2"];
+    let cluster = Local::up_with(3, &up);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let every_steps = 50;
+    let spec = write_spec(dir, "storm", 400, every_steps);
+    // A job no cluster of 3 can place: its submission names the leader (a write's `served_by`).
+    let probe = dir.join("probe.toml");
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    std::fs::write(&probe, text.replace("min = 2, max = 2", "min = 64, max = 64").replace("\"storm\"", "\"probe\""))
+        .expect("probe spec");
+    let seed = std::env::var("FLOTILLA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261206);
+    let mut rng = SplitMix(seed);
+    let (job, _, members) = running_gang(home, &spec);
+    // The opening that found the mistimed recovery: a live swap, then a hard kill of a member
+    // in the same generation.
+    let preempted = run(home, &["preempt", &members[0]]);
+    assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
+    let swapped = wait_for(home, &job, Duration::from_secs(90), "the live swap", |s| {
+        events(s, "handover").iter().any(|m| m.contains("without a stop")) || s["generation"] != 1
+    });
+    assert_eq!(swapped["generation"], 1, "{swapped}");
+    let killed = run(home, &["preempt", &members[1], "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    let mut fired = vec![format!("notice of {} (swapped live), then a kill of {}", members[0], members[1])];
+    for _ in 0..8 {
+        let now = wait_for(home, &job, Duration::from_secs(120), "the job running again", |s| {
+            matches!(s["state"].as_str(), Some("Running" | "Succeeded" | "Failed" | "Cancelled"))
+        });
+        if now["state"] != "Running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(rng.next() % 1500));
+        let members = gang(home, &job);
+        match rng.next() % 3 {
+            choice @ (0 | 1) if !members.is_empty() => {
+                let victim = &members[(rng.next() % members.len() as u64) as usize];
+                let args: &[&str] = if choice == 0 { &["preempt", victim] } else { &["preempt", victim, "--hard"] };
+                let out = run(home, args);
+                fired.push(format!("{args:?} at step {}: {}", now["step"], out.status));
+            }
+            _ => {
+                let out = run(home, &["submit", probe.to_str().expect("utf-8"), "-o", "json"]);
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string();
+                let submitted: Value = serde_json::from_str(&first).expect("submit JSON");
+                let leader = submitted["served_by"].as_u64().expect("served_by");
+                let _ = run(home, &["cancel", submitted["id"].as_str().expect("id")]);
+                let pid = coordinator_pids(home)[leader as usize - 1];
+                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                std::thread::sleep(Duration::from_millis(1000 + rng.next() % 2000));
+                let restarted = run(home, &[&["up", "--workers", "3"], &up[..]].concat());
+                assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
+                fired.push(format!("leader {leader} killed at step {} and restarted", now["step"]));
+            }
+        }
+    }
+    let context = format!("seed {seed}, events {fired:#?}");
+    assert!(fired.len() >= 7, "the job ended before the storm did: {context}");
+    let done = wait_for(home, &job, Duration::from_secs(600), "the end", |s| s["state"] == "Succeeded");
+    assert_accurate(&done);
+    let lost_in = |message: &str| {
+        let head = message.split(" step(s) lost").next().unwrap_or_default();
+        head.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(u64::MAX)
+    };
+    let fallbacks: Vec<u64> = events(&done, "checkpoint_corrupt").into_iter().map(lost_in).collect();
+    assert!(fallbacks.iter().all(|&l| l <= every_steps), "{context}: {fallbacks:?}: {done}");
+    assert_eq!(done["steps_lost"].as_u64(), Some(fallbacks.iter().sum()), "{context}: {done}");
+
+    // Recoveries: `trained again N ms after the notice or loss`, recorded at T, was timed from
+    // the newest loss-like event at or before T - N (T follows the first step's report by a few
+    // ms). That must not be a notice the gang trained on through (it began a handover, live or
+    // not): training stopped later, for a loss or the leader's fallback.
+    let all = done["events"].as_array().expect("events");
+    let at = |e: &Value| e["at_unix_ms"].as_u64().expect("at_unix_ms");
+    let message = |e: &Value| e["message"].as_str().unwrap_or_default().to_string();
+    let loss_like = ["preemption_notice", "worker_lost", "member_lost", "peer_lost", "checkpoint_requested"];
+    for resumed in all.iter().filter(|e| e["kind"] == "resumed" && message(e).contains("after the notice or loss")) {
+        let stall_ms: u64 = message(resumed)
+            .split(" trained again ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .expect("the stall");
+        let from = at(resumed).saturating_sub(stall_ms);
+        let origin = all
+            .iter()
+            .filter(|e| loss_like.iter().any(|kind| e["kind"] == *kind) && at(e) <= from)
+            .max_by_key(|e| at(e))
+            .unwrap_or_else(|| panic!("{context}: no loss before {}: {done}", message(resumed)));
+        assert!(
+            origin["kind"] != "preemption_notice" || message(origin).ends_with("checkpointing at the next step"),
+            "{context}: {} was timed from a notice the gang trained on through: {}: {done}",
+            message(resumed),
+            message(origin)
+        );
+    }
+    assert_same_as_uninterrupted(home, &spec, &done, &context);
 }
 
 /// Determinism: the same job trained without interruption (2 ranks, same engine) ends with

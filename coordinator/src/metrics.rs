@@ -100,15 +100,13 @@ pub struct JobSample {
     pub ended_at_unix_ms: Option<u64>,
 }
 
-/// Events that start a recovery: the job lost (or was about to lose) a gang member. A silent
-/// loss is timed from its lease's expiry (`member_lost`), before the survivors' report.
-const LOSS_EVENTS: [&str; 4] = ["preemption_notice", "worker_lost", "member_lost", "peer_lost"];
-
 /// What the first step of a job's current generation ends (pure, from the job's events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resumption {
     /// A recovery: the job lost (or was about to lose) a gang member and stopped; timed from
-    /// the first preemption notice or lost worker since the previous generation's start.
+    /// the first event since the previous generation's start that stopped training for it
+    /// ([`flotilla_core::state::JobEvent::stops_for_a_loss`]), not from a notice the gang
+    /// trained on through.
     Recovery { lost_at_unix_ms: u64 },
     /// A handover: the gang trained on through the notice until its replacement came, then
     /// stopped at `stopped_at_unix_ms` (its `checkpointed` event); the time from there to the
@@ -129,7 +127,16 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     if handed_over && let Some(stop) = between.iter().rev().find(|e| e.kind == "checkpointed") {
         return Some(Resumption::Handover { stopped_at_unix_ms: stop.at_unix_ms });
     }
-    let lost = between.iter().find(|e| LOSS_EVENTS.contains(&e.kind.as_str()))?;
+    // From the first event that stopped training for a loss (a silent member from its lease's
+    // expiry, before the survivors' report). A notice that began a handover did not stop it:
+    // the gang trained on, and a later loss or the leader's fallback stopped it. Only when
+    // nothing recorded the stop (the noticed agent stopped on its own at the deadline) does
+    // such a notice start the recovery, unless its member was swapped out live.
+    let swapped: Vec<&str> = between.iter().filter_map(|e| e.live_swap_leaving()).collect();
+    let lost = between
+        .iter()
+        .find(|e| e.stops_for_a_loss())
+        .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped.contains(&worker))))?;
     Some(Resumption::Recovery { lost_at_unix_ms: lost.at_unix_ms })
 }
 
@@ -319,7 +326,7 @@ pub fn render(
     );
     registry.register(
         "recovery_seconds",
-        "Time from a loss (preemption notice or lost worker) to the next generation's first step, seen by the leader",
+        "Time from a loss (a lost member, a notice the gang stopped for at once, or the fallback when no replacement came) to the next generation's first step, seen by the leader",
         progress.recovery_seconds.clone(),
     );
     registry.register(
@@ -504,6 +511,32 @@ mod tests {
         JobEvent { at_unix_ms, kind: kind.into(), message: String::new() }
     }
 
+    /// A notice as the state machine words it: one the gang stops for at once, or one that
+    /// begins a handover while the gang trains on.
+    fn notice(at_unix_ms: u64, worker: &str, stops: bool) -> JobEvent {
+        let then = if stops {
+            format!("; {}", flotilla_core::state::CHECKPOINTING)
+        } else {
+            "; training on while a replacement is sought (until ...)".into()
+        };
+        JobEvent {
+            at_unix_ms,
+            kind: "preemption_notice".into(),
+            message: format!("{worker} got a spot interruption notice (instance taken at ...){then}"),
+        }
+    }
+
+    /// The event of a live swap: `replacement` took `leaving`'s rank without a stop.
+    fn swapped(at_unix_ms: u64, replacement: u64, leaving: u64) -> JobEvent {
+        let took = JobEvent::handed_over_message(
+            flotilla_core::WorkerId(replacement),
+            flotilla_core::WorkerId(leaving),
+            500,
+            at_unix_ms,
+        );
+        JobEvent { at_unix_ms, kind: "handover".into(), message: format!("{took}{}", flotilla_core::state::LIVE_SWAP) }
+    }
+
     #[test]
     fn a_recovery_starts_at_the_first_loss_since_the_previous_generation() {
         assert_eq!(resumption(&[]), None);
@@ -512,7 +545,7 @@ mod tests {
         assert_eq!(resumption(&grown), None, "growing the gang is no recovery");
         let preempted = [
             event(1, "gang"),
-            event(10, "preemption_notice"),
+            notice(10, "worker-1", true),
             event(11, "worker_lost"),
             event(12, "checkpointed"),
             event(20, "gang"),
@@ -548,6 +581,55 @@ mod tests {
         // A handover of an earlier generation does not make the next one a handover.
         let later = [&handed[..], &[event(70_000, "worker_lost"), event(80_000, "gang")]].concat();
         assert_eq!(resumption(&later), Some(Resumption::Recovery { lost_at_unix_ms: 70_000 }));
+    }
+
+    /// A notice that began a handover did not stop training: a later loss, or the leader's
+    /// fallback request, starts the recovery; the notice only when nothing recorded the stop,
+    /// and never when its member was swapped out live.
+    #[test]
+    fn a_recovery_starts_where_training_stopped_not_at_a_notice_the_gang_trained_through() {
+        assert_eq!(swapped(2_000, 3, 2).live_swap_leaving(), Some("worker-2"));
+        assert_eq!(notice(1_000, "worker-2", false).noticed_worker(), Some("worker-2"));
+        assert!(notice(1_000, "worker-2", true).stops_for_a_loss());
+        assert!(!notice(1_000, "worker-2", false).stops_for_a_loss());
+        // Swapped out live, then a member killed in the same generation: from the kill.
+        let events =
+            [event(1, "gang"), notice(1_000, "worker-2", false), swapped(2_000, 3, 2), event(15_000, "peer_lost")];
+        let regrouped = [&events[..], &[event(15_100, "gang")]].concat();
+        assert_eq!(resumption(&regrouped), Some(Resumption::Recovery { lost_at_unix_ms: 15_000 }));
+        // Noticed, and a member killed before the replacement came (the swap comes later, in
+        // the next generation): from the kill, not the notice the gang trained through.
+        let events = [event(1, "gang"), notice(1_000, "worker-2", false), event(9_000, "worker_lost")];
+        let regrouped = [&events[..], &[event(9_100, "gang"), swapped(12_000, 3, 2)]].concat();
+        assert_eq!(resumption(&regrouped), Some(Resumption::Recovery { lost_at_unix_ms: 9_000 }));
+        // No replacement in time: from the leader's fallback request.
+        let mut fallback = event(75_000, "checkpoint_requested");
+        fallback.message = format!("preemption: {}", flotilla_core::state::CHECKPOINTING);
+        assert!(fallback.stops_for_a_loss());
+        let mut grow = event(75_000, "checkpoint_requested");
+        grow.message = format!("grow: {}", flotilla_core::state::CHECKPOINTING);
+        assert!(!grow.stops_for_a_loss(), "growing stops for no loss");
+        let events = [
+            event(1, "gang"),
+            notice(1_000, "worker-2", false),
+            fallback,
+            event(75_040, "checkpointed"),
+            event(80_000, "gang"),
+        ];
+        assert_eq!(resumption(&events), Some(Resumption::Recovery { lost_at_unix_ms: 75_000 }));
+        // Nothing recorded the stop (the noticed agent stopped on its own): from the notice.
+        let events =
+            [event(1, "gang"), notice(1_000, "worker-2", false), event(76_000, "checkpointed"), event(80_000, "gang")];
+        assert_eq!(resumption(&events), Some(Resumption::Recovery { lost_at_unix_ms: 1_000 }));
+        // ... but not from one whose member was swapped out live.
+        let events = [
+            event(1, "gang"),
+            notice(1_000, "worker-2", false),
+            swapped(2_000, 3, 2),
+            event(5_000, "checkpointed"),
+            event(6_000, "gang"),
+        ];
+        assert_eq!(resumption(&events), None, "nothing was lost");
     }
 
     #[test]

@@ -251,7 +251,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 job,
                 now,
                 "preemption_notice",
-                format!("{worker_id} got a {kind} notice{taken}; checkpointing at the next step"),
+                format!("{worker_id} got a {kind} notice{taken}; {CHECKPOINTING}"),
             );
             Ok(interrupted(worker_id, Some(job.id), None))
         }
@@ -334,7 +334,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.updated_at_unix_ms = now;
             let since_notice_ms = now.saturating_sub(handover.noticed_at_unix_ms);
             let message = JobEvent::handed_over_message(replacement, handover.leaving, step, since_notice_ms);
-            push_event(job, now, "handover", format!("{message}; live, without a stop: 0 step(s) lost"));
+            push_event(job, now, "handover", format!("{message}{LIVE_SWAP}"));
             release(state, &[handover.leaving]);
             if let Some(worker) = state.workers.get_mut(&replacement) {
                 worker.job = Some(job_id);
@@ -363,12 +363,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.drop_awaited_handovers();
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
-                push_event(
-                    job,
-                    now,
-                    "checkpoint_requested",
-                    format!("{}: checkpointing at the next step", reason.name()),
-                );
+                push_event(job, now, "checkpoint_requested", format!("{}: {CHECKPOINTING}", reason.name()));
             }
             Ok(Applied::CheckpointRequested { job_id })
         }

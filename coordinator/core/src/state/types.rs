@@ -108,6 +108,13 @@ pub struct JobEvent {
 /// The words of a `handover` event that says the replacement took the leaving member's rank
 /// (other `handover` events say it was reserved, prepared, or fell back).
 const HANDED_OVER: &str = "'s rank at step";
+/// What a live swap's `handover` event adds to [`JobEvent::handed_over_message`].
+pub const LIVE_SWAP: &str = "; live, without a stop: 0 step(s) lost";
+/// What follows the worker at the start of every `preemption_notice` event.
+const NOTICED: &str = " got a ";
+/// How an event that stops the gang at its next step ends: a notice with no time for a
+/// handover, or the leader's request (`checkpoint_requested`, `<reason>: ` first).
+pub const CHECKPOINTING: &str = "checkpointing at the next step";
 
 impl JobEvent {
     /// The `handover` event's message for `replacement` taking `leaving`'s rank at `step`.
@@ -118,6 +125,39 @@ impl JobEvent {
     /// Whether this is the event that says a replacement took a noticed member's rank.
     pub fn is_handed_over(&self) -> bool {
         self.kind == "handover" && self.message.contains(HANDED_OVER)
+    }
+
+    /// The leaving member (as the message names it) when this event says its replacement took
+    /// its rank live, without a stop: its notice is then settled within the generation.
+    pub fn live_swap_leaving(&self) -> Option<&str> {
+        if !self.is_handed_over() || !self.message.ends_with(LIVE_SWAP) {
+            return None;
+        }
+        self.message.split_once(" took ")?.1.split_once(HANDED_OVER).map(|(leaving, _)| leaving)
+    }
+
+    /// Whether this event stopped training, or asked it to stop at the next step, for a member
+    /// lost or about to be: a lost member, a notice the gang stops for at once, or the leader's
+    /// fallback for a handover whose replacement did not come in time. A notice that began a
+    /// handover (the gang trains on meanwhile) is not one.
+    pub fn stops_for_a_loss(&self) -> bool {
+        match self.kind.as_str() {
+            "worker_lost" | "member_lost" | "peer_lost" => true,
+            "preemption_notice" => self.message.ends_with(CHECKPOINTING),
+            "checkpoint_requested" => self
+                .message
+                .strip_prefix(StopReason::Preemption.name())
+                .is_some_and(|rest| rest.strip_prefix(": ") == Some(CHECKPOINTING)),
+            _ => false,
+        }
+    }
+
+    /// The noticed worker (as the message names it) of a `preemption_notice` event.
+    pub fn noticed_worker(&self) -> Option<&str> {
+        if self.kind != "preemption_notice" {
+            return None;
+        }
+        self.message.split_once(NOTICED).map(|(worker, _)| worker)
     }
 }
 
