@@ -6,7 +6,10 @@
 //!   succeeds, no kill loses a step (the survivor holds the gang's state and announces it),
 //!   accuracy stays >= 90%, and the final weights are bit-identical to an uninterrupted run of
 //!   the same job;
-//! - a corrupted and a half-written checkpoint are skipped for the one before, with events.
+//! - a corrupted and a half-written checkpoint are skipped for the one before, with events;
+//! - a storm (live notices, hard kills and leader kills on 3 coordinators, seeded, fired without
+//!   waiting for each other): no step lost, bit-identical, every recovery timed from where
+//!   training stopped.
 //!
 //! The tests of this file share the 2 CPUs, so they run one at a time.
 
