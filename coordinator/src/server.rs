@@ -32,6 +32,13 @@ pub const RAFT_LOG_FILE: &str = "raft.wal";
 const REQUESTS_PER_CONNECTION_MAX: usize = 64;
 /// HTTP/2 streams one connection may open at once.
 const STREAMS_PER_CONNECTION_MAX: u32 = 128;
+/// After the shutdown signal (SIGTERM, Ctrl-C), calls in flight get this long to finish; then
+/// the node stops with whatever is still open. Long-lived streams (the peers' Raft streams,
+/// workers' assignment streams, `logs -f`) never finish on their own, and waiting for them
+/// left a coordinator deaf to SIGTERM (systemd's stop and `flotilla down` ended in SIGKILL).
+/// Nothing is lost by stopping: every entry is durable before it is acknowledged, and clients
+/// retry on another node (submissions by request id).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -366,6 +373,14 @@ pub async fn run(
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
+    let grace_over = {
+        let stopped = stopped.clone();
+        async move {
+            until_stopped(stopped).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "stopping: the streams still open are cut");
+        }
+    };
     let api =
         server_builder(&config)?.add_service(jobs).add_service(cluster).add_service(registry).add_service(inference);
     let (api, peer_server) = match raft_port(&config)? {
@@ -392,5 +407,6 @@ pub async fn run(
             Ok(Err(e)) => Err(e.into()),
             Err(join) => Err(CoordinatorError::Config(format!("node task failed: {join}"))),
         },
+        () = grace_over => Ok(()),
     }
 }

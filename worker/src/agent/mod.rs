@@ -114,12 +114,18 @@ pub async fn run(
             }
             let request =
                 HeartbeatRequest { worker_id: registered.worker_id.clone(), prepared_job_id: shared.prepared() };
-            let answer = client
-                .call_cluster(|mut c| {
+            // A heartbeat to a coordinator that is gone retries for its whole deadline (30 s):
+            // a shutdown meanwhile is not kept waiting for it.
+            let answer = tokio::select! {
+                _ = &mut shutdown => {
+                    leave(client, &registered.worker_id).await;
+                    return Ok(());
+                }
+                answer = client.call_cluster(|mut c| {
                     let request = request.clone();
                     async move { c.heartbeat(request).await }
-                })
-                .await;
+                }) => answer,
+            };
             match answer {
                 Ok(beat) if beat.unknown_worker => break, // declared lost: register again
                 Ok(_) => {}
