@@ -140,18 +140,15 @@ fn sigterm_stops_a_coordinator_with_open_streams_and_a_worker_whose_cluster_is_g
     let _down = Down(&home);
     ok(flotilla(&home, &["up", "--coordinators", "3", "--workers", "1"]));
     let registered = || {
-        let out = flotilla(&home, &["workers", "-o", "json"]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let workers: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("[]")).unwrap_or_default();
+        let workers = common::json(&home, &["workers", "-o", "json"]);
         workers.as_array().and_then(|ws| ws.first()).and_then(|w| w["id"].as_str()).map(str::to_string)
     };
     eventually(Duration::from_secs(20), Duration::from_millis(100), || registered().is_some(), || "no worker".into());
     let worker = common::worker_pid(&home, &registered().expect("a worker")) as u32;
     let coordinators = coordinator_pids(&home);
-    let running = |pid: u32| flotilla_coordinator::provider::local::is_running(pid);
+    use flotilla_coordinator::provider::local::{is_running as running, signal};
 
-    let term = |pid: u32| std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
-    assert!(term(coordinators[0] as u32).success());
+    signal(coordinators[0] as u32, "TERM").expect("SIGTERM");
     eventually(
         Duration::from_secs(10),
         Duration::from_millis(50),
@@ -166,12 +163,11 @@ fn sigterm_stops_a_coordinator_with_open_streams_and_a_worker_whose_cluster_is_g
     ok(flotilla(&home, &["status"]));
 
     for pid in &coordinators[1..] {
-        let killed = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
-        assert!(killed.success());
+        signal(*pid as u32, "KILL").expect("SIGKILL");
     }
     // A heartbeat to the vanished cluster is under way by now (they go every second).
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(term(worker).success());
+    signal(worker, "TERM").expect("SIGTERM");
     eventually(
         Duration::from_secs(20),
         Duration::from_millis(100),

@@ -834,29 +834,16 @@ fn five_hard_kills_lose_no_step_and_change_no_bit() {
     let accuracy = done["metrics"]["val_accuracy"].as_f64().expect("accuracy");
     assert!(accuracy >= 0.90, "seed {seed}: validation accuracy {accuracy}: {done}");
     let mut lost_per_kill = Vec::new();
-    let lost_in = |message: &str| {
-        message
-            .split(" step(s) lost")
-            .next()
-            .and_then(|head| head.rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no lost steps in `{message}`"))
-    };
     for kind in ["peer_lost", "worker_lost"] {
         for message in events(&done, kind) {
-            lost_per_kill.push(lost_in(message));
+            lost_per_kill.push(steps_lost_in(message));
         }
     }
     assert!(lost_per_kill.len() as u64 >= kills, "seed {seed}: {done}");
     // A kill during training leaves the survivor with the gang's state of the step it reached
     // (it announces it); a kill during start-up leaves the state the gang resumed from.
     assert!(lost_per_kill.iter().all(|&l| l == 0), "seed {seed}: steps lost per kill {lost_per_kill:?}: {done}");
-    // Only a second kill, of the survivor that holds an announced state, before it wrote it
-    // and before a new member received it, sends the gang back to the newest written one (at
-    // most an interval); the event counts those steps.
-    let fallbacks: Vec<u64> = events(&done, "checkpoint_corrupt").into_iter().map(lost_in).collect();
-    assert!(fallbacks.iter().all(|&l| l <= every_steps), "seed {seed}: {fallbacks:?}: {done}");
-    assert_eq!(done["steps_lost"].as_u64(), Some(fallbacks.iter().sum()), "{done}");
+    assert_only_fallbacks_lost_steps(&done, every_steps, &format!("seed {seed}"));
     assert!(
         events(&done, "peer_lost").iter().any(|m| m.contains("(the survivors hold its state); 0 step(s) lost")),
         "seed {seed}: no kill during training: {done}"
@@ -924,7 +911,7 @@ fn a_storm_of_notices_kills_and_leader_kills_loses_no_step_and_changes_no_bit() 
                 let leader = submitted["served_by"].as_u64().expect("served_by");
                 let _ = run(home, &["cancel", submitted["id"].as_str().expect("id")]);
                 let pid = coordinator_pids(home)[leader as usize - 1];
-                let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                let _ = flotilla_coordinator::provider::local::signal(pid as u32, "KILL");
                 std::thread::sleep(Duration::from_millis(1000 + rng.next() % 2000));
                 let restarted = run(home, &[&["up", "--workers", "3"], &up[..]].concat());
                 assert!(restarted.status.success(), "{}", String::from_utf8_lossy(&restarted.stderr));
@@ -936,13 +923,7 @@ fn a_storm_of_notices_kills_and_leader_kills_loses_no_step_and_changes_no_bit() 
     assert!(fired.len() >= 7, "the job ended before the storm did: {context}");
     let done = wait_for(home, &job, Duration::from_secs(600), "the end", |s| s["state"] == "Succeeded");
     assert_accurate(&done);
-    let lost_in = |message: &str| {
-        let head = message.split(" step(s) lost").next().unwrap_or_default();
-        head.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(u64::MAX)
-    };
-    let fallbacks: Vec<u64> = events(&done, "checkpoint_corrupt").into_iter().map(lost_in).collect();
-    assert!(fallbacks.iter().all(|&l| l <= every_steps), "{context}: {fallbacks:?}: {done}");
-    assert_eq!(done["steps_lost"].as_u64(), Some(fallbacks.iter().sum()), "{context}: {done}");
+    assert_only_fallbacks_lost_steps(&done, every_steps, &context);
 
     // Recoveries: `trained again N ms after the notice or loss`, recorded at T, was timed from
     // the newest loss-like event at or before T - N (T follows the first step's report by a few
@@ -972,6 +953,26 @@ fn a_storm_of_notices_kills_and_leader_kills_loses_no_step_and_changes_no_bit() 
         );
     }
     assert_same_as_uninterrupted(home, &spec, &done, &context);
+}
+
+/// The steps an event says were lost (`... N step(s) lost ...`).
+fn steps_lost_in(message: &str) -> u64 {
+    message
+        .split(" step(s) lost")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no lost steps in `{message}`"))
+}
+
+/// Only a second kill, of the survivor that holds an announced state, before it wrote it and
+/// before a new member received it, sends the gang back to the newest written checkpoint (at
+/// most `every_steps`); its `checkpoint_corrupt` event counts those steps, and they are all the
+/// job lost.
+fn assert_only_fallbacks_lost_steps(done: &Value, every_steps: u64, context: &str) {
+    let fallbacks: Vec<u64> = events(done, "checkpoint_corrupt").into_iter().map(steps_lost_in).collect();
+    assert!(fallbacks.iter().all(|&l| l <= every_steps), "{context}: {fallbacks:?}: {done}");
+    assert_eq!(done["steps_lost"].as_u64(), Some(fallbacks.iter().sum()), "{context}: {done}");
 }
 
 /// Determinism: the same job trained without interruption (2 ranks, same engine) ends with

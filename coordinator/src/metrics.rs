@@ -132,11 +132,11 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     // the gang trained on, and a later loss or the leader's fallback stopped it. Only when
     // nothing recorded the stop (the noticed agent stopped on its own at the deadline) does
     // such a notice start the recovery, unless its member was swapped out live.
-    let swapped: Vec<&str> = between.iter().filter_map(|e| e.live_swap_leaving()).collect();
+    let swapped_out = |worker: &str| between.iter().any(|e| e.live_swap_leaving() == Some(worker));
     let lost = between
         .iter()
         .find(|e| e.stops_for_a_loss())
-        .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped.contains(&worker))))?;
+        .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped_out(worker))))?;
     Some(Resumption::Recovery { lost_at_unix_ms: lost.at_unix_ms })
 }
 
@@ -604,10 +604,10 @@ mod tests {
         assert_eq!(resumption(&regrouped), Some(Resumption::Recovery { lost_at_unix_ms: 9_000 }));
         // No replacement in time: from the leader's fallback request.
         let mut fallback = event(75_000, "checkpoint_requested");
-        fallback.message = format!("preemption: {}", flotilla_core::state::CHECKPOINTING);
+        fallback.message = JobEvent::checkpoint_requested_message(flotilla_core::state::StopReason::Preemption);
         assert!(fallback.stops_for_a_loss());
         let mut grow = event(75_000, "checkpoint_requested");
-        grow.message = format!("grow: {}", flotilla_core::state::CHECKPOINTING);
+        grow.message = JobEvent::checkpoint_requested_message(flotilla_core::state::StopReason::Grow);
         assert!(!grow.stops_for_a_loss(), "growing stops for no loss");
         let events = [
             event(1, "gang"),

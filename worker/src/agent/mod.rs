@@ -104,27 +104,29 @@ pub async fn run(
         let interval = Duration::from_millis(registered.heartbeat_interval_ms);
         let interval = if interval < HEARTBEAT_MIN { HEARTBEAT_FALLBACK } else { interval };
         loop {
-            tokio::select! {
-                _ = &mut shutdown => {
-                    leave(client, &registered.worker_id).await;
-                    return Ok(());
+            // The wait and the heartbeat both race the shutdown: a heartbeat to a coordinator
+            // that is gone retries for its whole deadline (30 s), and a shutdown is not kept
+            // waiting for it.
+            let beat = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = beat_now.notified() => {}
                 }
-                _ = tokio::time::sleep(interval) => {}
-                _ = beat_now.notified() => {}
-            }
-            let request =
-                HeartbeatRequest { worker_id: registered.worker_id.clone(), prepared_job_id: shared.prepared() };
-            // A heartbeat to a coordinator that is gone retries for its whole deadline (30 s):
-            // a shutdown meanwhile is not kept waiting for it.
+                let request =
+                    HeartbeatRequest { worker_id: registered.worker_id.clone(), prepared_job_id: shared.prepared() };
+                client
+                    .call_cluster(|mut c| {
+                        let request = request.clone();
+                        async move { c.heartbeat(request).await }
+                    })
+                    .await
+            };
             let answer = tokio::select! {
                 _ = &mut shutdown => {
                     leave(client, &registered.worker_id).await;
                     return Ok(());
                 }
-                answer = client.call_cluster(|mut c| {
-                    let request = request.clone();
-                    async move { c.heartbeat(request).await }
-                }) => answer,
+                answer = beat => answer,
             };
             match answer {
                 Ok(beat) if beat.unknown_worker => break, // declared lost: register again

@@ -363,7 +363,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.drop_awaited_handovers();
             if job.checkpoint_requested.is_none() {
                 job.checkpoint_requested = Some(reason);
-                push_event(job, now, "checkpoint_requested", format!("{}: {CHECKPOINTING}", reason.name()));
+                push_event(job, now, "checkpoint_requested", JobEvent::checkpoint_requested_message(reason));
             }
             Ok(Applied::CheckpointRequested { job_id })
         }

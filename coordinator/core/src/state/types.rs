@@ -122,6 +122,11 @@ impl JobEvent {
         format!("{replacement} took {leaving}{HANDED_OVER} {step}, {since_notice_ms} ms after the notice")
     }
 
+    /// The `checkpoint_requested` event's message for a stop the leader asks for `reason`.
+    pub fn checkpoint_requested_message(reason: StopReason) -> String {
+        format!("{}: {CHECKPOINTING}", reason.name())
+    }
+
     /// Whether this is the event that says a replacement took a noticed member's rank.
     pub fn is_handed_over(&self) -> bool {
         self.kind == "handover" && self.message.contains(HANDED_OVER)
@@ -144,10 +149,7 @@ impl JobEvent {
         match self.kind.as_str() {
             "worker_lost" | "member_lost" | "peer_lost" => true,
             "preemption_notice" => self.message.ends_with(CHECKPOINTING),
-            "checkpoint_requested" => self
-                .message
-                .strip_prefix(StopReason::Preemption.name())
-                .is_some_and(|rest| rest.strip_prefix(": ") == Some(CHECKPOINTING)),
+            "checkpoint_requested" => self.message == Self::checkpoint_requested_message(StopReason::Preemption),
             _ => false,
         }
     }
