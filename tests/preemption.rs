@@ -6,6 +6,8 @@
 //!   succeeds, no kill loses a step (the survivor holds the gang's state and announces it),
 //!   accuracy stays >= 90%, and the final weights are bit-identical to an uninterrupted run of
 //!   the same job;
+//! - a broken gang regroups on its survivor before idle workers with lower ids, taking the
+//!   state from it (never reading the announced checkpoint before it is written);
 //! - a corrupted and a half-written checkpoint are skipped for the one before, with events;
 //! - a storm (live notices, hard kills and leader kills on 3 coordinators, seeded, fired without
 //!   waiting for each other): no step lost, bit-identical, every recovery timed from where
@@ -797,6 +799,64 @@ fn a_member_gone_silent_is_found_by_its_lease_and_loses_no_step() {
     assert_eq!(done["resume_storage_bytes"], 0, "{done}");
     assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
     assert_accurate(&done);
+}
+
+/// A gang that breaks regroups on its survivor even when idle workers with lower ids are free:
+/// the survivor holds the state it announced (and, having reported the break, is not suspect),
+/// so the new gang takes it peer to peer. Before, the scheduler took the lowest ids, the new
+/// gang read the announced checkpoint from the store before its writer (the survivor, left
+/// out) had written it, found it partial and fell back to an older one (289 steps lost).
+#[test]
+fn a_broken_gang_regroups_on_its_survivor_before_idle_workers_with_lower_ids() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "120"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    // Another job takes workers 1 and 2; two more workers come for this one; the other ends.
+    let (other, _, _) = running_gang(home, &write_spec(dir, "other", 400, 500));
+    let up = run(home, &["up", "--workers", "4"]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let (job, _, members) = running_gang(home, &write_spec(dir, "regroup", 400, 500));
+    assert!(run(home, &["cancel", &other]).status.success());
+    let idle = || {
+        let workers = json(home, &["workers", "-o", "json"]);
+        let idle: Vec<String> = workers
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|w| w["state"] == "Idle")
+            .map(|w| w["id"].as_str().expect("id").to_string())
+            .collect();
+        idle
+    };
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || idle().len() == 2,
+        || format!("the other job's workers never became idle: {:?}", idle()),
+    );
+    let free = idle();
+    assert!(free.iter().all(|w| !members.contains(w)), "free {free:?}, gang {members:?}");
+    let (survivor, victim) = (&members[0], &members[1]);
+    let generation = status(home, &job)["generation"].as_u64().expect("generation");
+    let killed = run(home, &["preempt", victim, "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    // Running again, with what its resume moved recorded.
+    let regrouped = wait_for(home, &job, Duration::from_secs(60), "the regroup", |s| {
+        let now = s["generation"].as_u64().unwrap_or(0);
+        s["state"] == "Running"
+            && now > generation
+            && events(s, "resumed").iter().any(|m| m.contains(&format!("generation {now} trained again")))
+    });
+    let new_gang = gang(home, &job);
+    assert!(new_gang.contains(survivor), "the survivor {survivor} was left out of {new_gang:?} (idle: {free:?})");
+    assert!(events(&regrouped, "checkpoint_corrupt").is_empty(), "{regrouped}");
+    assert!(
+        events(&regrouped, "peer_lost").iter().any(|m| m.contains("(the survivors hold its state); 0 step(s) lost")),
+        "{regrouped}"
+    );
+    assert_eq!(regrouped["steps_lost"], 0, "{regrouped}");
+    assert_eq!(regrouped["resume_storage_bytes"], 0, "{regrouped}");
+    assert!(regrouped["resume_peer_bytes"].as_u64() > Some(0), "{regrouped}");
+    assert!(run(home, &["cancel", &job]).status.success());
 }
 
 #[test]

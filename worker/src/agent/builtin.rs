@@ -27,7 +27,7 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_proto::spec::JobSpec;
@@ -677,12 +677,20 @@ fn resume_state(
             moved.storage = reference.size_bytes;
         }
     }
-    match state::load_uri(&reference.uri) {
-        Ok((state, _)) => {
+    // Announced by the gang that ended and not yet written: its writer (a member of that gang
+    // that is not in this one) still saves it; wait for it rather than find it partial.
+    let wait = if reference.pending { state::pending_write_wait(reference.size_bytes) } else { Duration::ZERO };
+    match state::load_uri_when_written(&reference.uri, wait) {
+        Ok((state, _, waited)) => {
             AGENT.resumes_from_storage.inc();
             AGENT.resume_storage_bytes.inc_by(reference.size_bytes);
+            let waited = if waited.is_zero() {
+                String::new()
+            } else {
+                format!(", after {:.0} ms waiting for its writer to finish it", waited.as_secs_f64() * 1e3)
+            };
             log.note(format!(
-                "resuming from the checkpoint of step {step} ({}: {} bytes in {:.1} ms)",
+                "resuming from the checkpoint of step {step} ({}: {} bytes in {:.1} ms{waited})",
                 reference.uri,
                 reference.size_bytes,
                 started.elapsed().as_secs_f64() * 1e3

@@ -6,6 +6,7 @@
 //! layout fingerprint, Adam's update count, validation metrics).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::ObjectStore;
@@ -367,6 +368,47 @@ pub fn load_uri(uri: &str) -> Result<(TrainState, CheckpointMeta), CheckpointErr
     runtime()?.block_on(load(location.store().as_ref(), location.prefix()))
 }
 
+/// How often a rank looks for the MANIFEST of an announced checkpoint it waits for.
+const WRITTEN_POLL: Duration = Duration::from_millis(200);
+/// The rate below which a writer is assumed stuck (bytes per second, per the checkpoint's
+/// size): a 5.6 MB state waits at most 10.1 s, a 10 GB one 210 s.
+const WRITE_RATE_FLOOR_BYTES_PER_S: u64 = 50_000_000;
+/// What a wait for an announced checkpoint's write starts from, whatever its size: the writer
+/// defers its save up to a second for its own next step, and a store's first request takes a
+/// connection.
+const WRITE_WAIT_BASE: Duration = Duration::from_secs(10);
+/// The longest such wait.
+const WRITE_WAIT_MAX: Duration = Duration::from_secs(300);
+
+/// How long a rank waits for an announced checkpoint of `size_bytes` to be written when it must
+/// read it from the store (no gang member holds it): its writer, a member of the gang that
+/// ended, still saves it. Past this the writer counts as gone and the checkpoint as partial.
+pub fn pending_write_wait(size_bytes: u64) -> Duration {
+    let writing = Duration::from_secs(size_bytes / WRITE_RATE_FLOOR_BYTES_PER_S);
+    (WRITE_WAIT_BASE + writing).min(WRITE_WAIT_MAX)
+}
+
+/// [`load_uri`], waiting up to `wait_max` while the checkpoint has no MANIFEST yet (an
+/// announced checkpoint whose writer is still saving it; `Duration::ZERO`: no wait). Also
+/// returns how long it waited.
+pub fn load_uri_when_written(
+    uri: &str,
+    wait_max: Duration,
+) -> Result<(TrainState, CheckpointMeta, Duration), CheckpointError> {
+    let location = super::store::open(uri)?;
+    let runtime = runtime()?;
+    let started = Instant::now();
+    loop {
+        match runtime.block_on(load(location.store().as_ref(), location.prefix())) {
+            Err(CheckpointError::Partial { .. }) if started.elapsed() + WRITTEN_POLL <= wait_max => {
+                std::thread::sleep(WRITTEN_POLL);
+            }
+            Ok((state, meta)) => return Ok((state, meta, started.elapsed())),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +444,37 @@ mod tests {
             assert_eq!(meta.val_accuracy, Some(0.93));
         }
         assert!(dir.path().join("ckpt/000000000042/MANIFEST").exists());
+    }
+
+    #[test]
+    fn a_rank_waits_for_an_announced_checkpoint_to_be_written_then_loads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let location = super::super::store::open(dir.path().to_str().expect("utf-8")).expect("store");
+        let (store, root) = (location.store().clone(), location.prefix().clone());
+        let original = state(OptimizerState::Sgd { velocity: vec![0.1, 0.2, 0.3] });
+        let prefix = step_prefix(&root, original.step, None);
+        let uri = location.uri_of(&prefix);
+        // Not written yet: without a wait it is partial; with a short one, still partial.
+        assert!(matches!(load_uri_when_written(&uri, Duration::ZERO), Err(CheckpointError::Partial { .. })));
+        assert!(matches!(
+            load_uri_when_written(&uri, Duration::from_millis(450)),
+            Err(CheckpointError::Partial { .. })
+        ));
+        // Its writer saves it while the rank waits: the rank loads it, bit for bit.
+        let written = original.clone();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            rt.block_on(save(store.as_ref(), &prefix, &written, None)).expect("save");
+        });
+        let (loaded, _, waited) = load_uri_when_written(&uri, Duration::from_secs(30)).expect("written meanwhile");
+        writer.join().expect("writer");
+        assert_eq!(loaded, original);
+        assert!(waited >= Duration::from_millis(400), "it waited for the write: {waited:?}");
+        // The wait grows with the size, within its bounds.
+        assert_eq!(pending_write_wait(5_643_988), Duration::from_secs(10));
+        assert_eq!(pending_write_wait(10_000_000_000), Duration::from_secs(210));
+        assert_eq!(pending_write_wait(u64::MAX), WRITE_WAIT_MAX);
     }
 
     #[test]

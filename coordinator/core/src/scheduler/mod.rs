@@ -9,8 +9,16 @@
 //! - Gang: a job is placed only when at least `min` fitting workers are free together, and
 //!   gets at most `max` of them. A worker fits when it has at least the job's GPUs per worker.
 //! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
-//!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool with
-//!   the most fitting free workers (ties: the pool's name), taking workers in id order.
+//!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool
+//!   that gives it the most workers up to its `max`; among pools that give as many, the one
+//!   holding most of its previous gang, then the one with the most fitting free workers (ties:
+//!   the pool's name). In the pool it takes its previous gang's members first, then workers in
+//!   id order.
+//! - Holders first: a job regrouping after a stop or a loss takes the free members of the gang
+//!   that ended ([`PendingJob::holders`]) before any other worker: they hold the state it
+//!   resumes from in memory (and its data loaded), so the new gang takes it from them over the
+//!   data port instead of reading the store, where an announced checkpoint may not even be
+//!   written yet.
 //! - Mixed gangs (`capacity.mixed_types`): when no one pool holds the gang, it may mix
 //!   instance types within the zone with the most fitting workers, and span zones only when no
 //!   zone holds it (idle capacity is paid for either way; a ring across zones is slower and
@@ -44,6 +52,9 @@ pub struct PendingJob {
     pub on_demand_only: bool,
     /// The gang may span pools (`capacity.mixed_types`).
     pub mixed: bool,
+    /// The members of its gang that ended last (empty for a job that never ran): taken first
+    /// when free (see the module docs).
+    pub holders: Vec<WorkerId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +100,24 @@ impl Sorted {
         let end = (start + count).min(self.workers.len());
         self.workers.drain(start..end).map(|(_, id)| id)
     }
+
+    /// How many of `holders` fit here.
+    fn holding(&self, gpus: u32, holders: &[WorkerId]) -> usize {
+        self.workers.iter().filter(|(g, id)| *g >= gpus && holders.contains(id)).count()
+    }
+
+    /// Takes up to `count` of the fitting workers among `holders`, in id order.
+    fn take_holders(&mut self, gpus: u32, count: usize, holders: &[WorkerId]) -> Vec<WorkerId> {
+        let mut taken = Vec::new();
+        self.workers.retain(|(g, id)| {
+            let take = taken.len() < count && *g >= gpus && holders.contains(id);
+            if take {
+                taken.push(*id);
+            }
+            !take
+        });
+        taken
+    }
 }
 
 /// Free workers of one pool: spot and on-demand apart.
@@ -104,11 +133,28 @@ impl Pool {
         spot + self.on_demand.fitting(gpus)
     }
 
-    /// Takes `count` fitting workers (spot first unless `on_demand_only`), in id order.
-    fn take(&mut self, gpus: u32, count: usize, on_demand_only: bool) -> Vec<WorkerId> {
+    /// How many of `holders` fit here.
+    fn holding(&self, gpus: u32, on_demand_only: bool, holders: &[WorkerId]) -> usize {
+        if holders.is_empty() {
+            return 0; // a job that never ran (most of a long queue): no scan
+        }
+        let spot = if on_demand_only { 0 } else { self.spot.holding(gpus, holders) };
+        spot + self.on_demand.holding(gpus, holders)
+    }
+
+    /// Takes `count` fitting workers, in id order: the fitting `holders` first, then spot
+    /// workers first unless `on_demand_only`.
+    fn take(&mut self, gpus: u32, count: usize, on_demand_only: bool, holders: &[WorkerId]) -> Vec<WorkerId> {
         let mut ids: Vec<WorkerId> = Vec::with_capacity(count);
+        if !holders.is_empty() {
+            if !on_demand_only {
+                ids.extend(self.spot.take_holders(gpus, count, holders));
+            }
+            let rest = count - ids.len();
+            ids.extend(self.on_demand.take_holders(gpus, rest, holders));
+        }
         if !on_demand_only {
-            ids.extend(self.spot.take(gpus, count));
+            ids.extend(self.spot.take(gpus, count - ids.len()));
         }
         let rest = count - ids.len();
         ids.extend(self.on_demand.take(gpus, rest));
@@ -135,15 +181,21 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     let mut plan = Plan::default();
     for job in order {
         let min = job.min_workers.max(1) as usize;
+        let want = job.max_workers.max(job.min_workers) as usize;
+        let (gpus, on_demand_only, holders) = (job.gpus_per_worker, job.on_demand_only, job.holders.as_slice());
         let best = pools
             .iter()
-            .map(|(name, pool)| (pool.fitting(job.gpus_per_worker, job.on_demand_only), *name))
-            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+            .map(|(name, pool)| {
+                let fitting = pool.fitting(gpus, on_demand_only);
+                ((fitting.min(want), pool.holding(gpus, on_demand_only, holders), fitting), *name)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)))
+            .map(|((_, _, fitting), name)| (fitting, name));
         match best {
             Some((fitting, name)) if fitting >= min => {
-                let count = fitting.min(job.max_workers.max(job.min_workers) as usize);
+                let count = fitting.min(want);
                 let pool = pools.get_mut(&name).expect("the pool was just found");
-                let workers = pool.take(job.gpus_per_worker, count, job.on_demand_only);
+                let workers = pool.take(gpus, count, on_demand_only, holders);
                 plan.placements.push(Placement { job: job.id, workers });
             }
             _ if job.mixed => match take_mixed(&mut pools, job, min) {
@@ -209,7 +261,7 @@ fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: u
             break;
         }
         let pool = pools.get_mut(&name).expect("the pool was just listed");
-        workers.extend(pool.take(gpus, count, on_demand_only));
+        workers.extend(pool.take(gpus, count, on_demand_only, &job.holders));
     }
     workers.sort();
     Ok(workers)

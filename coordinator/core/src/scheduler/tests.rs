@@ -14,6 +14,7 @@ fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
         gpus_per_worker: gpus,
         on_demand_only: false,
         mixed: false,
+        holders: Vec::new(),
     }
 }
 
@@ -51,6 +52,39 @@ fn a_mixed_gang_prefers_one_pool_then_one_zone_then_spans_zones() {
     assert!(plan.waiting[&JobId(1)].contains("7 fit"), "{:?}", plan.waiting);
     // Without mixed_types the same job waits for one pool.
     assert!(schedule(&[job(1, 0, 3, 3, 0)], &free).placements.is_empty());
+}
+
+#[test]
+fn a_regroup_takes_its_previous_members_first_and_stays_in_their_pool() {
+    let w = |ids: &[u64]| ids.iter().map(|i| WorkerId(*i)).collect::<Vec<_>>();
+    let regroup = |min: u32, max: u32, holders: &[u64]| PendingJob { holders: w(holders), ..job(1, 0, min, max, 0) };
+    // A survivor (worker 5) of a gang of 5 and 6 (6 is gone) and idle workers with lower ids:
+    // the survivor first, then the lowest id (was: workers 1 and 2, and the state from the store).
+    let free = [worker(1, 0, "a"), worker(2, 0, "a"), worker(3, 0, "a"), worker(5, 0, "a")];
+    let plan = schedule(&[regroup(2, 2, &[5, 6])], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[1, 5]) }]);
+    // Every survivor, up to max.
+    let plan = schedule(&[regroup(2, 2, &[3, 5])], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[3, 5]) }]);
+    // A holder that does not fit (too few GPUs) is not taken.
+    let gpu_job = PendingJob { holders: w(&[5]), ..job(1, 0, 1, 1, 1) };
+    let plan = schedule(&[gpu_job], &[worker(4, 1, "a"), worker(5, 0, "a")]);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[4]) }]);
+    // Pools: the holders' pool when it gives as many workers as the largest; not when it gives
+    // fewer (a larger world comes first).
+    let free = [worker(1, 0, "a"), worker(2, 0, "a"), worker(3, 0, "a"), worker(7, 0, "b"), worker(8, 0, "b")];
+    assert_eq!(schedule(&[regroup(2, 2, &[7])], &free).placements[0].workers, w(&[7, 8]));
+    assert_eq!(schedule(&[regroup(2, 2, &[])], &free).placements[0].workers, w(&[1, 2]));
+    assert_eq!(schedule(&[regroup(2, 3, &[7])], &free).placements[0].workers, w(&[1, 2, 3]));
+    // An on-demand-only job never takes a spot holder.
+    let free = [worker(1, 0, "a"), spot_worker(5, 0, "a")];
+    let on_demand = PendingJob { on_demand_only: true, ..regroup(1, 1, &[5]) };
+    assert_eq!(schedule(&[on_demand], &free).placements[0].workers, w(&[1]));
+    // A mixed gang takes the holders first in each pool it uses (here 4, not 3, of g4dn).
+    let mixed = PendingJob { mixed: true, ..regroup(4, 4, &[4]) };
+    let free = [in_zone(1, "g5", "a"), in_zone(2, "g5", "a"), in_zone(9, "g5", "a")];
+    let free = [&free[..], &[in_zone(3, "g4dn", "a"), in_zone(4, "g4dn", "a")]].concat();
+    assert_eq!(schedule(&[mixed], &free).placements[0].workers, w(&[1, 2, 4, 9]));
 }
 
 fn spot_worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
@@ -131,15 +165,18 @@ fn nothing_to_place_on_an_empty_cluster() {
 }
 
 fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
-    let jobs =
-        prop::collection::vec((0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>()), 0..30);
+    let holders = prop::collection::vec(1u64..41, 0..3);
+    let jobs = prop::collection::vec(
+        (0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>(), holders),
+        0..30,
+    );
     let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..3), 0..40);
     (jobs, workers).prop_map(|(jobs, workers)| {
         let pools = ["a", "b", "c"];
         let jobs = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed))| PendingJob {
+            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed, holders))| PendingJob {
                 id: JobId(i as u64 + 1),
                 priority,
                 submitted_index: index,
@@ -148,6 +185,7 @@ fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
                 gpus_per_worker: gpus,
                 on_demand_only,
                 mixed,
+                holders: holders.into_iter().map(WorkerId).collect(),
             })
             .collect();
         // Worker ids are unique in a real cluster.

@@ -435,6 +435,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 announce_checkpoint(job, record, reporter, generation, step, now);
             }
             let applied = generation_ended(state, job_id, generation, end, step, now)?;
+            // The reporter of a break is alive (it just called): not suspect, so that the
+            // regroup can take it at once with the state it holds (see the scheduler's holders).
+            if let Some(worker) = reporter.and_then(|r| state.workers.get_mut(&r)) {
+                worker.suspect_since_unix_ms = None;
+            }
             if let Some(worker) = unreachable {
                 hold_unreachable(state, job_id, worker, now);
             }

@@ -1054,6 +1054,25 @@ fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
 }
 
 #[test]
+fn the_survivor_that_reports_a_break_is_not_suspect_and_the_others_are() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+    let report = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: lost,
+        step: 27,
+        reporter: Some(w1),
+        announced: None,
+    };
+    at(&mut state, 600, report).expect("end");
+    assert_eq!(state.jobs[&JobId(1)].ended_gang, [w1, w2], "the regroup's holders");
+    assert_eq!(state.workers[&w1].suspect_since_unix_ms, None, "it just called: alive");
+    assert_eq!(state.workers[&w2].suspect_since_unix_ms, Some(600), "it may have died with the gang");
+}
+
+#[test]
 fn an_unusable_checkpoint_falls_back_to_the_previous_one_with_an_event() {
     let mut state = State::default();
     running_job(&mut state, 3);
