@@ -987,10 +987,11 @@ fn a_storm_of_notices_kills_and_leader_kills_loses_no_step_and_changes_no_bit() 
 
     // Recoveries: `trained again N ms after the notice or loss`, recorded at T, was timed from
     // the newest loss-like event at or before T - N (T follows the first step's report by a few
-    // ms). That must not be a notice the gang trained on through (it began a handover, live or
-    // not): training stopped later, for a loss or the leader's fallback.
+    // ms; a loss found by a lease counts from its `since_unix_ms`, the last heartbeat). That
+    // must not be a notice the gang trained on through (it began a handover, live or not):
+    // training stopped later, for a loss or the leader's fallback.
     let all = done["events"].as_array().expect("events");
-    let at = |e: &Value| e["at_unix_ms"].as_u64().expect("at_unix_ms");
+    let at = |e: &Value| e["since_unix_ms"].as_u64().unwrap_or_else(|| e["at_unix_ms"].as_u64().expect("at_unix_ms"));
     let message = |e: &Value| e["message"].as_str().unwrap_or_default().to_string();
     let loss_like = ["preemption_notice", "worker_lost", "member_lost", "peer_lost", "checkpoint_requested"];
     for resumed in all.iter().filter(|e| e["kind"] == "resumed" && message(e).contains("after the notice or loss")) {

@@ -25,6 +25,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 struct Table {
     /// The term in which this node built the table as leader; 0 when it is not the leader.
     term: u64,
+    /// When it did (its clock): heartbeats recorded before are from an earlier leadership.
+    led_since_unix_ms: u64,
     expires: HashMap<WorkerId, Instant>,
     last_heartbeat_unix_ms: HashMap<WorkerId, u64>,
     /// The job each worker last reported prepared in its heartbeat (a handover's replacement:
@@ -78,11 +80,17 @@ impl Leases {
         self.table().prepared.get(&worker).copied()
     }
 
+    /// When this node's current leadership began (see [`Leases::adopt`]).
+    fn led_since_unix_ms(&self) -> u64 {
+        self.table().led_since_unix_ms
+    }
+
     /// Starts every live worker with a full lease, for leadership in `term`.
     fn adopt(&self, term: u64, live: Vec<WorkerId>) {
         let mut table = self.table();
         let deadline = Instant::now() + LEASE;
         table.term = term;
+        table.led_since_unix_ms = now_unix_ms();
         table.expires = live.into_iter().map(|id| (id, deadline)).collect();
     }
 
@@ -163,7 +171,10 @@ pub async fn expire_loop(
                 leases.forget(worker);
                 continue;
             };
-            match node.propose(Command::WorkerLost { worker_id: worker, last_step_seen }).await {
+            // When this leader last heard from it (0: never in this leadership, or before it).
+            let heard = leases.last_heartbeat_unix_ms(worker);
+            let last_heard_unix_ms = if heard >= leases.led_since_unix_ms() { heard } else { 0 };
+            match node.propose(Command::WorkerLost { worker_id: worker, last_step_seen, last_heard_unix_ms }).await {
                 Ok(_) => {
                     tracing::warn!(%worker, "worker lease expired; marked lost");
                     leases.forget(worker);

@@ -137,7 +137,7 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
         .iter()
         .find(|e| e.stops_for_a_loss())
         .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped_out(worker))))?;
-    Some(Resumption::Recovery { lost_at_unix_ms: lost.at_unix_ms })
+    Some(Resumption::Recovery { lost_at_unix_ms: lost.since_unix_ms.unwrap_or(lost.at_unix_ms) })
 }
 
 /// Committed steps per second since the job first ran, until it ended or `now` (pure): stalls,
@@ -508,7 +508,7 @@ mod tests {
     use super::*;
 
     fn event(at_unix_ms: u64, kind: &str) -> JobEvent {
-        JobEvent { at_unix_ms, kind: kind.into(), message: String::new() }
+        JobEvent { at_unix_ms, kind: kind.into(), message: String::new(), since_unix_ms: None }
     }
 
     /// A notice as the state machine words it: one the gang stops for at once, or one that
@@ -523,6 +523,7 @@ mod tests {
             at_unix_ms,
             kind: "preemption_notice".into(),
             message: format!("{worker} got a spot interruption notice (instance taken at ...){then}"),
+            since_unix_ms: None,
         }
     }
 
@@ -534,7 +535,12 @@ mod tests {
             500,
             at_unix_ms,
         );
-        JobEvent { at_unix_ms, kind: "handover".into(), message: format!("{took}{}", flotilla_core::state::LIVE_SWAP) }
+        JobEvent {
+            at_unix_ms,
+            kind: "handover".into(),
+            message: format!("{took}{}", flotilla_core::state::LIVE_SWAP),
+            since_unix_ms: None,
+        }
     }
 
     #[test]
@@ -555,6 +561,11 @@ mod tests {
         assert_eq!(resumption(&earlier), None, "only losses since the previous generation");
         let silent = [event(1, "gang"), event(10, "member_lost"), event(14, "peer_lost"), event(20, "gang")];
         assert_eq!(resumption(&silent), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "from the lease's expiry");
+        // When the leader knew when it last heard from the lost member: from there (the loss
+        // stopped the gang then; its lease expired 5 s later).
+        let heard = JobEvent { since_unix_ms: Some(5), ..event(10, "member_lost") };
+        let silent = [event(1, "gang"), heard, event(14, "peer_lost"), event(20, "gang")];
+        assert_eq!(resumption(&silent), Some(Resumption::Recovery { lost_at_unix_ms: 5 }), "from the last heartbeat");
     }
 
     #[test]

@@ -456,7 +456,7 @@ mod tests {
         // A member whose lease expires in the next generation leaves its survivor time to
         // report; the leader ends the generation itself only after that.
         log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(3)] });
-        log.step(Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 9 });
+        log.step(Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 9, last_heard_unix_ms: 0 });
         let lost_at = log.state.jobs[&job_id].member_lost.as_ref().expect("a member lost").at_unix_ms;
         let wait = flotilla_core::state::MEMBER_LOST_REPORT_WAIT_MS;
         assert!(member_lost_commands(&log.state, lost_at + wait - 1).is_empty());

@@ -392,7 +392,7 @@ fn an_inference_job_buys_workers_for_its_shards() {
         reporter: None,
     };
     step(&mut state, finish);
-    step(&mut state, Command::WorkerLost { worker_id, last_step_seen: 0 });
+    step(&mut state, Command::WorkerLost { worker_id, last_step_seen: 0, last_heard_unix_ms: 0 });
     let request = InferenceRequest {
         model: "m".into(),
         version: 1,
@@ -510,7 +510,7 @@ fn warm_spares_are_bought_in_the_gangs_pool_kept_while_idle_and_take_a_lost_memb
     assert_eq!(control.state.instance_requests.len(), 2, "nothing more bought");
     // The member is lost without notice: the job regroups on the spare at once, nothing to buy.
     control.index += 1;
-    let lost = Command::WorkerLost { worker_id: member, last_step_seen: 0 };
+    let lost = Command::WorkerLost { worker_id: member, last_step_seen: 0, last_heard_unix_ms: 0 };
     apply(&mut control.state, control.index, Envelope::new(now, lost)).expect("lost");
     let (pending, free) = flotilla_coordinator::scheduling::scheduler_input(&control.state, |_| u64::MAX, 0);
     let placed = flotilla_core::scheduler::schedule(&pending, &free);
@@ -712,7 +712,7 @@ fn a_replacement_lost_while_it_prepares_is_bought_again_and_the_handover_goes_on
     apply(&mut control.state, 7, Envelope::new(15_000, reserve)).expect("reserve");
     // It dies while it prepares (its lease expired): given up, the gang trains on, and the
     // autoscaler buys one more, once, whatever the leader changes.
-    let lost = Command::WorkerLost { worker_id: replacement, last_step_seen: 0 };
+    let lost = Command::WorkerLost { worker_id: replacement, last_step_seen: 0, last_heard_unix_ms: 0 };
     apply(&mut control.state, 8, Envelope::new(20_000, lost)).expect("lost");
     control.index = 8;
     let job = &control.state.jobs[&job_id];

@@ -210,6 +210,16 @@ pub fn job_state_to_proto(state: flotilla_core::state::JobState) -> v1::JobState
     }
 }
 
+/// A job's event as the wire names it.
+fn event_to_proto(e: &flotilla_core::state::JobEvent) -> v1::JobEvent {
+    v1::JobEvent {
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        since_unix_ms: e.since_unix_ms,
+    }
+}
+
 /// A recorded checkpoint as the wire names it (status, assignments' resume point, registry).
 pub fn checkpoint_to_proto(c: &flotilla_core::state::CheckpointRecord) -> v1::CheckpointRef {
     v1::CheckpointRef {
@@ -251,11 +261,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, now_unix_ms: u64) -> v1::Jo
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         updated_at_unix_ms: job.updated_at_unix_ms,
         latest_checkpoint: job.latest_checkpoint.as_ref().map(checkpoint_to_proto),
-        events: job
-            .events
-            .iter()
-            .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
-            .collect(),
+        events: job.events.iter().map(event_to_proto).collect(),
         preemptions: job.preemptions,
         failures: job.failures,
         checkpoints: job.checkpoints.iter().filter(|c| !c.deleting).count() as u32,
@@ -310,11 +316,7 @@ pub fn inference_to_proto(job: &flotilla_core::state::InferenceJob, now_unix_ms:
             })
             .collect(),
         retries: job.retries(),
-        events: job
-            .events
-            .iter()
-            .map(|e| v1::JobEvent { at_unix_ms: e.at_unix_ms, kind: e.kind.clone(), message: e.message.clone() })
-            .collect(),
+        events: job.events.iter().map(event_to_proto).collect(),
         submitted_at_unix_ms: job.submitted_at_unix_ms,
         elapsed_ms: progress.elapsed_ms,
         class_counts: progress.totals.class_counts,

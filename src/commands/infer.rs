@@ -153,7 +153,7 @@ pub fn inference_json(job: &v1::InferenceStatus) -> Value {
         "leases": job.leases.iter().map(|l| json!({"shard": l.index, "worker": l.worker_id, "attempt": l.attempt})).collect::<Vec<_>>(),
         "class_counts": job.class_counts,
         "served_by": job.served_by,
-        "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),
+        "events": job.events.iter().map(super::jobs::event_json).collect::<Vec<_>>(),
     })
 }
 

@@ -307,6 +307,15 @@ fn state_name(job: &v1::JobStatus) -> &'static str {
     v1::JobState::try_from(job.state).map_or("Unknown", job_state_name)
 }
 
+/// A job's event in JSON output (`since_unix_ms` only where it is known, see the proto).
+pub fn event_json(e: &v1::JobEvent) -> Value {
+    let mut event = json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message});
+    if let Some(since) = e.since_unix_ms {
+        event["since_unix_ms"] = json!(since);
+    }
+    event
+}
+
 /// The `status --output json` object (DESIGN §8 names these keys; scripts rely on them).
 pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
     let metrics = job.metrics.unwrap_or_default();
@@ -342,7 +351,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
             .map(|c| json!({ "step": c.step, "uri": c.uri, "pending": c.pending })),
         "served_by": served_by,
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
-        "events": job.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "kind": e.kind, "message": e.message})).collect::<Vec<_>>(),
+        "events": job.events.iter().map(event_json).collect::<Vec<_>>(),
         "handovers": job.handovers.iter().map(|h| json!({
             "leaving": h.leaving,
             "replacement": (!h.replacement.is_empty()).then_some(&h.replacement),
@@ -525,6 +534,7 @@ mod tests {
                 at_unix_ms: 1_796_493_600_000 + i * 1000,
                 kind: "gang".into(),
                 message: format!("e{i}"),
+                since_unix_ms: None,
             })
             .collect();
         let job = v1::JobStatus {

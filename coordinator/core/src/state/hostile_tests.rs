@@ -193,7 +193,8 @@ fn finished_records_are_forgotten_and_the_job_limit_never_locks_submissions_out(
     let (mut state, _) = cluster();
     // job-1 trained the model (Succeeded, updated at t=4); job-3 and job-4 run.
     let lost = register(&mut state, 30);
-    at(&mut state, 31, Command::WorkerLost { worker_id: lost, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 31, Command::WorkerLost { worker_id: lost, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lost");
     let before = at(&mut state, 40, Command::ForgetFinished { before_unix_ms: 35 });
     assert_eq!(before, Ok(Applied::Forgotten { jobs: 1, workers: 1 }));
     assert!(!state.jobs.contains_key(&JobId(1)) && state.jobs.contains_key(&JobId(3)), "running jobs stay");

@@ -296,7 +296,7 @@ impl InferenceJob {
         if self.events.len() >= JOB_EVENTS_MAX {
             self.events.remove(0);
         }
-        self.events.push(JobEvent { at_unix_ms, kind: kind.to_string(), message });
+        self.events.push(JobEvent { at_unix_ms, kind: kind.to_string(), message, since_unix_ms: None });
     }
 }
 

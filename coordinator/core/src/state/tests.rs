@@ -68,12 +68,18 @@ fn workers_register_and_are_lost() {
     let registered =
         apply(&mut state, 1, Envelope::new(10, Command::RegisterWorker { info, credential_sha256: String::new() }));
     assert_eq!(registered, Ok(Applied::WorkerRegistered { worker_id: WorkerId(1) }));
-    let lost =
-        apply(&mut state, 2, Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0 }));
+    let lost = apply(
+        &mut state,
+        2,
+        Envelope::new(20, Command::WorkerLost { worker_id: WorkerId(1), last_step_seen: 0, last_heard_unix_ms: 0 }),
+    );
     assert_eq!(lost, Ok(Applied::WorkerLost { worker_id: WorkerId(1) }));
     assert_eq!(state.workers[&WorkerId(1)].lost_at_unix_ms, Some(20));
-    let unknown =
-        apply(&mut state, 3, Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9), last_step_seen: 0 }));
+    let unknown = apply(
+        &mut state,
+        3,
+        Envelope::new(30, Command::WorkerLost { worker_id: WorkerId(9), last_step_seen: 0, last_heard_unix_ms: 0 }),
+    );
     assert_eq!(unknown, Err(Rejected::WorkerNotFound(WorkerId(9))));
 }
 
@@ -239,10 +245,15 @@ fn losing_a_gang_member_requeues_the_job_and_cancel_frees_workers() {
     let (w1, w2) = (register(&mut state, 2), register(&mut state, 3));
     apply(&mut state, 4, Envelope::new(4, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }))
         .expect("assign");
-    apply(&mut state, 5, Envelope::new(5, Command::WorkerLost { worker_id: w2, last_step_seen: 0 })).expect("lost");
-    // Its lease expired: the survivor is asked for the state it holds first.
+    // Its lease expired 5 s after the leader last heard from it: the survivor is asked for the
+    // state it holds first, and the event says when the member fell silent.
+    let lost = Command::WorkerLost { worker_id: w2, last_step_seen: 0, last_heard_unix_ms: 1 };
+    apply(&mut state, 5, Envelope::new(5_001, lost)).expect("lost");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, job.member_lost.as_ref().map(|m| m.worker)), (JobState::Running, Some(w2)));
+    let event = job.events.last().expect("event");
+    assert_eq!((event.kind.as_str(), event.at_unix_ms, event.since_unix_ms), ("member_lost", 5_001, Some(1)));
+    assert!(event.message.contains("(its lease expired; last heard 5000 ms before)"), "{}", event.message);
     // It does not report in time: the leader ends the generation.
     let stale = Command::GangLost { job_id: JobId(1), generation: 2 };
     assert!(matches!(apply(&mut state, 6, Envelope::new(6, stale)), Err(Rejected::StaleGeneration { .. })));
@@ -683,7 +694,8 @@ fn only_one_built_in_member_hands_over_live_and_a_lost_joiner_is_replaced() {
     let joiner = register(&mut state, 5);
     at(&mut state, 10_000, spot_notice(w2, 130_000)).expect("notice");
     at(&mut state, 11_000, Command::HandoverReady { job_id: JobId(1), generation: 1, live: true }).expect("live");
-    at(&mut state, 12_000, Command::WorkerLost { worker_id: joiner, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 12_000, Command::WorkerLost { worker_id: joiner, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lost");
     let handover = &state.jobs[&JobId(1)].handovers[0];
     assert_eq!((handover.replacement, handover.live_since_unix_ms), (None, 0));
 }
@@ -777,7 +789,8 @@ fn a_replacement_lost_or_noticed_while_it_prepares_is_given_up_for_another() {
     assert_eq!(pair(&state), (None, vec![(w2, Some(first))]));
     // The replacement dies while it prepares: the gang trains on and the handover seeks another
     // (before, it fell back to checkpoint-and-wait at once).
-    at(&mut state, 20_000, Command::WorkerLost { worker_id: first, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 20_000, Command::WorkerLost { worker_id: first, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lost");
     assert_eq!(pair(&state), (None, vec![(w2, None)]));
     let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
     assert!(event.contains(&format!("{first}, reserved to replace {w2}, was lost; seeking another")), "{event}");
@@ -840,9 +853,11 @@ fn a_worker_leaves_once_it_holds_no_job_and_a_reserved_replacement_that_leaves_i
     // A leave repeated (an agent's retry), or after its lease expired, changes nothing.
     at(&mut state, 12_000, Command::WorkerLeft { worker_id: reserved }).expect("again");
     assert_eq!(left(&state, reserved), (WorkerCondition::Left, Some(11_000)));
-    at(&mut state, 13_000, Command::WorkerLost { worker_id: reserved, last_step_seen: 0 }).expect("lease");
+    at(&mut state, 13_000, Command::WorkerLost { worker_id: reserved, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lease");
     assert_eq!(left(&state, reserved), (WorkerCondition::Left, Some(11_000)));
-    at(&mut state, 14_000, Command::WorkerLost { worker_id: w1, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 14_000, Command::WorkerLost { worker_id: w1, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lost");
     at(&mut state, 15_000, Command::WorkerLeft { worker_id: w1 }).expect("already gone");
     assert_eq!(left(&state, w1), (WorkerCondition::Lost, Some(14_000)), "lost first: stays lost");
     assert_eq!(
@@ -964,7 +979,8 @@ fn a_handover_waits_for_a_replacement_and_falls_back_to_checkpoint_and_stop() {
     let ready = Command::HandoverReady { job_id: JobId(1), generation: 1, live: false };
     at(&mut state, 22_500, ready).expect("ready");
     // The replacement is lost before the stop: the job waits like after any stop.
-    at(&mut state, 23_000, Command::WorkerLost { worker_id: late, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 23_000, Command::WorkerLost { worker_id: late, last_step_seen: 0, last_heard_unix_ms: 0 })
+        .expect("lost");
     let ended = Command::GenerationEnded {
         job_id: JobId(1),
         generation: 1,
@@ -1467,7 +1483,7 @@ fn an_inference_job_leases_commits_and_finishes_exactly_once() {
     assert_eq!(commit(&mut state, &a, w1, 90), Ok(Applied::ShardCommitted { job_id: job, complete: false }));
     assert!(matches!(commit(&mut state, &a, w1, 90), Err(Rejected::ShardDone { .. })), "the first commit wins");
     // w2 is lost holding shard 1: it goes back to the queue and w1 takes it.
-    at(&mut state, 70, Command::WorkerLost { worker_id: w2, last_step_seen: 0 }).expect("lost");
+    at(&mut state, 70, Command::WorkerLost { worker_id: w2, last_step_seen: 0, last_heard_unix_ms: 0 }).expect("lost");
     let job_state = &state.inferences[&job];
     assert_eq!(job_state.shards[1].state, ShardState::Pending);
     assert_eq!(job_state.members, vec![w1]);
@@ -1834,7 +1850,8 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
     let (w1, w2) = running_job(&mut state, 3);
     checkpoint(&mut state, 20, 1).expect("checkpoint");
     // w2's lease expires (frozen): the job keeps running while w1 is told to report.
-    at(&mut state, 5_000, Command::WorkerLost { worker_id: w2, last_step_seen: 31 }).expect("lost");
+    at(&mut state, 5_000, Command::WorkerLost { worker_id: w2, last_step_seen: 31, last_heard_unix_ms: 0 })
+        .expect("lost");
     let job = &state.jobs[&JobId(1)];
     assert_eq!(job.state, JobState::Running);
     assert_eq!(job.member_lost, Some(MemberLost { worker: w2, at_unix_ms: 5_000, last_step_seen: 31 }));
@@ -1860,8 +1877,10 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
     // A second silent loss while one is reported on: requeued at once (w3 is w1's new peer).
     let w3 = register(&mut state, 9);
     at(&mut state, 9_000, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w3] }).expect("assign");
-    at(&mut state, 9_500, Command::WorkerLost { worker_id: w3, last_step_seen: 40 }).expect("lost");
-    at(&mut state, 9_600, Command::WorkerLost { worker_id: w1, last_step_seen: 40 }).expect("lost");
+    at(&mut state, 9_500, Command::WorkerLost { worker_id: w3, last_step_seen: 40, last_heard_unix_ms: 0 })
+        .expect("lost");
+    at(&mut state, 9_600, Command::WorkerLost { worker_id: w1, last_step_seen: 40, last_heard_unix_ms: 0 })
+        .expect("lost");
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, job.steps_lost), (JobState::Pending, 7), "steps 34-40 are trained again");
     // Counted to the last progress report: a lower bound, and the event says so.

@@ -103,6 +103,11 @@ pub struct JobEvent {
     pub at_unix_ms: u64,
     pub kind: String,
     pub message: String,
+    /// When what the event records began, where that is known to be earlier than the record:
+    /// a member lost silently is recorded at its lease's expiry, but stopped the gang after it
+    /// was last heard from (up to a lease, 5 s, before). A recovery is timed from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
 }
 
 /// The words of a `handover` event that says the replacement took the leaving member's rank
@@ -990,6 +995,10 @@ pub enum Command {
         /// for `steps_lost` when nobody else reports how far the generation got.
         #[serde(default)]
         last_step_seen: u64,
+        /// When the leader last heard from it (its clock; 0: not in this leadership), which is
+        /// when its gang's recovery starts (see [`JobEvent::since_unix_ms`]).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        last_heard_unix_ms: u64,
     },
     /// The worker's agent is stopping, its work done or handed over: it is gone from now on,
     /// without waiting for its lease to expire. Refused while it still holds a job (it then
