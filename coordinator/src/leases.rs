@@ -25,10 +25,11 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 struct Table {
     /// The term in which this node built the table as leader; 0 when it is not the leader.
     term: u64,
-    /// When it did (its clock): heartbeats recorded before are from an earlier leadership.
-    led_since_unix_ms: u64,
     expires: HashMap<WorkerId, Instant>,
     last_heartbeat_unix_ms: HashMap<WorkerId, u64>,
+    /// The term in which this node (leading then) took each worker's last heartbeat: one from
+    /// an earlier leadership of this node says nothing of when the worker last spoke.
+    heard_in_term: HashMap<WorkerId, u64>,
     /// The job each worker last reported prepared in its heartbeat (a handover's replacement:
     /// data loaded, GPU kernels compiled). Leader memory only: a new leader hears it again
     /// within a heartbeat.
@@ -49,14 +50,15 @@ impl Leases {
         self.table.lock().expect("the lease lock is never held across a panic")
     }
 
-    /// Renews `worker`'s lease. `suspect_since`: when its gang broke, if it did; hearing from
+    /// Renews `worker`'s lease, heard by this node as leader in `term`. `suspect_since`: when its gang broke, if it did; hearing from
     /// it for the first time since then wakes the scheduler. `prepared`: the job it reports
     /// prepared, if any; a new one wakes the scheduler too.
-    pub fn renew(&self, worker: WorkerId, suspect_since: Option<u64>, prepared: Option<JobId>) {
+    pub fn renew(&self, worker: WorkerId, term: u64, suspect_since: Option<u64>, prepared: Option<JobId>) {
         let now = now_unix_ms();
         let (previous, newly_prepared) = {
             let mut table = self.table();
             table.expires.insert(worker, Instant::now() + LEASE);
+            table.heard_in_term.insert(worker, term);
             let newly_prepared = match prepared {
                 Some(job) => table.prepared.insert(worker, job) != Some(job),
                 None => {
@@ -80,9 +82,13 @@ impl Leases {
         self.table().prepared.get(&worker).copied()
     }
 
-    /// When this node's current leadership began (see [`Leases::adopt`]).
-    fn led_since_unix_ms(&self) -> u64 {
-        self.table().led_since_unix_ms
+    /// When this node last heard from `worker` while leading in `term` (0: not in that term).
+    fn last_heard_in_term(&self, worker: WorkerId, term: u64) -> u64 {
+        let table = self.table();
+        match table.heard_in_term.get(&worker) {
+            Some(heard) if *heard == term => table.last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0),
+            _ => 0,
+        }
     }
 
     /// Starts every live worker with a full lease, for leadership in `term`.
@@ -90,7 +96,6 @@ impl Leases {
         let mut table = self.table();
         let deadline = Instant::now() + LEASE;
         table.term = term;
-        table.led_since_unix_ms = now_unix_ms();
         table.expires = live.into_iter().map(|id| (id, deadline)).collect();
     }
 
@@ -171,9 +176,9 @@ pub async fn expire_loop(
                 leases.forget(worker);
                 continue;
             };
-            // When this leader last heard from it (0: never in this leadership, or before it).
-            let heard = leases.last_heartbeat_unix_ms(worker);
-            let last_heard_unix_ms = if heard >= leases.led_since_unix_ms() { heard } else { 0 };
+            // When this leader last heard from it (0: not in this leadership). Heartbeats may
+            // arrive before this loop adopts the term, so they carry the term, not the time.
+            let last_heard_unix_ms = leases.last_heard_in_term(worker, status.term);
             match node.propose(Command::WorkerLost { worker_id: worker, last_step_seen, last_heard_unix_ms }).await {
                 Ok(_) => {
                     tracing::warn!(%worker, "worker lease expired; marked lost");
@@ -196,21 +201,40 @@ mod tests {
     async fn a_newly_prepared_job_wakes_the_scheduler_once_and_is_remembered_until_cleared() {
         let leases = Leases::default();
         let (worker, job) = (WorkerId(3), JobId(7));
-        leases.renew(worker, None, None);
+        leases.renew(worker, 1, None, None);
         assert_eq!(leases.prepared_job(worker), None);
-        leases.renew(worker, None, Some(job));
+        leases.renew(worker, 1, None, Some(job));
         assert_eq!(leases.prepared_job(worker), Some(job));
         // The wake-up was stored (notify_one keeps one permit).
         tokio::time::timeout(Duration::from_millis(100), leases.wake_scheduler.notified())
             .await
             .expect("a new report wakes the scheduler");
         // The same report again wakes nobody.
-        leases.renew(worker, None, Some(job));
+        leases.renew(worker, 1, None, Some(job));
         assert!(
             tokio::time::timeout(Duration::from_millis(50), leases.wake_scheduler.notified()).await.is_err(),
             "a repeated report is not news"
         );
-        leases.renew(worker, None, None);
+        leases.renew(worker, 1, None, None);
         assert_eq!(leases.prepared_job(worker), None, "a heartbeat without one clears it");
+    }
+
+    #[test]
+    fn a_silence_is_known_only_from_heartbeats_taken_in_the_current_term() {
+        let leases = Leases::default();
+        let (worker, other) = (WorkerId(3), WorkerId(4));
+        // Heard before the expiry loop adopted term 2 (registration, first heartbeats): counts.
+        leases.renew(worker, 2, None, None);
+        let heard = leases.last_heartbeat_unix_ms(worker);
+        assert!(heard > 0);
+        leases.adopt(2, vec![worker, other]);
+        assert_eq!(leases.last_heard_in_term(worker, 2), heard);
+        assert_eq!(leases.last_heard_in_term(other, 2), 0, "never heard: unknown");
+        // This node leads again in term 5: what it heard in term 2 is stale (another leader
+        // may have heard from the worker since).
+        leases.adopt(5, vec![worker, other]);
+        assert_eq!(leases.last_heard_in_term(worker, 5), 0);
+        leases.renew(worker, 5, None, None);
+        assert!(leases.last_heard_in_term(worker, 5) >= heard);
     }
 }

@@ -169,7 +169,7 @@ impl ClusterService for ClusterApi {
         let (secret, credential_sha256) = worker_auth::issue(worker_auth::random_secret()?);
         match self.node.propose(Command::RegisterWorker { info, credential_sha256 }).await.map_err(status)? {
             Applied::WorkerRegistered { worker_id } => {
-                self.leases.renew(worker_id, None, None);
+                self.leases.renew(worker_id, self.node.status().term, None, None);
                 Ok(Response::new(RegisterWorkerResponse {
                     worker_id: worker_id.to_string(),
                     lease_ms: LEASE.as_millis() as u64,
@@ -206,7 +206,7 @@ impl ClusterService for ClusterApi {
         // A malformed job id reads as "nothing prepared": the handover then waits it out.
         let prepared = request.get_ref().prepared_job_id.parse().ok();
         if let Some(suspect_since) = worker {
-            self.leases.renew(id, suspect_since, prepared);
+            self.leases.renew(id, self.node.status().term, suspect_since, prepared);
         }
         Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live }))
     }
@@ -745,11 +745,24 @@ fn train_assignment(
         world_size: job.gang.len() as u32,
         peers,
         nccl_unique_id: Vec::new(),
-        resume_from: job.latest_checkpoint.as_ref().map(flotilla_proto::convert::checkpoint_to_proto),
+        resume_from: job.latest_checkpoint.as_ref().map(|c| resume_point(state, c)),
         job_prefix: format!("{store}/jobs/{}", job.id),
         gang_secret: gang_secret(gang_key, job.id, job.generation),
         joins_live: false,
         handover_key: Vec::new(),
+    }
+}
+
+/// Where a generation resumes: the job's newest checkpoint. One announced and not yet written
+/// is waited for in the store (its writer still saves it) only while its writer lives: a writer
+/// lost before it confirmed the write may never finish it, so the ranks read it once and, when
+/// they find it partial, fall back at once to the newest written one (before, they waited out
+/// the write's allowance first: 10 s for a few MB).
+fn resume_point(state: &State, c: &flotilla_core::state::CheckpointRecord) -> flotilla_proto::v1::CheckpointRef {
+    let writer_lives = c.writer.and_then(|w| state.workers.get(&w)).is_some_and(|w| w.lost_at_unix_ms.is_none());
+    flotilla_proto::v1::CheckpointRef {
+        pending: c.pending && writer_lives,
+        ..flotilla_proto::convert::checkpoint_to_proto(c)
     }
 }
 
@@ -976,6 +989,61 @@ mod tests {
         let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
         apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
         (state, workers, job_id)
+    }
+
+    #[test]
+    fn an_announced_checkpoint_is_awaited_only_while_its_writer_lives() {
+        let (mut state, workers, job_id) = gang_of_two_and_a_free_worker();
+        // Rank 1 is lost; rank 0 reports the break and announces the state it holds, which it
+        // still writes to the store.
+        let announced = flotilla_core::state::CheckpointRecord {
+            step: 33,
+            uri: "file:///s/jobs/job-1/ckpt/000000000033-g1".into(),
+            size_bytes: 10,
+            manifest_sha256: "f33".into(),
+            epoch: 0,
+            global_sample_offset: 33 * 64,
+            generation: 1,
+            deleting: false,
+            pending: false,
+            writer: None,
+        };
+        let broke = Command::GenerationEnded {
+            job_id,
+            generation: 1,
+            end: flotilla_core::state::GenerationEnd::PeerLost { reason: "closed".into(), unreachable_rank: None },
+            step: 33,
+            reporter: Some(workers[0]),
+            announced: Some(announced),
+        };
+        apply(&mut state, 6, Envelope::new(6000, broke)).expect("broke");
+        let key = gang_key("token");
+        let resume = |state: &State, gang: Vec<WorkerId>, index: u64| {
+            let mut state = state.clone();
+            let assign = Command::AssignGang { job_id, workers: gang.clone() };
+            apply(&mut state, index, Envelope::new(index * 1000, assign)).expect("assign");
+            match desired(&state, gang[0], "file:///s", &key) {
+                Desired::Train { assignment, .. } => assignment.resume_from.expect("a resume point"),
+                other => panic!("{} trains: {other:?}", gang[0]),
+            }
+        };
+        // Its writer lives: the new gang's ranks wait for the write if they need the store copy.
+        let point = resume(&state, vec![workers[2], workers[0]], 7);
+        assert_eq!((point.step, point.pending), (33, true));
+        // Its writer is lost before it confirmed the write: read it once, no wait.
+        apply(
+            &mut state,
+            8,
+            Envelope::new(
+                8000,
+                Command::WorkerLost { worker_id: workers[0], last_step_seen: 33, last_heard_unix_ms: 0 },
+            ),
+        )
+        .expect("lost");
+        let replacement = register(&mut state, 9);
+        let point = resume(&state, vec![workers[2], replacement], 10);
+        assert_eq!((point.step, point.pending), (33, false));
+        assert!(state.jobs[&job_id].latest_checkpoint.as_ref().is_some_and(|c| c.pending), "the record stays pending");
     }
 
     #[test]
