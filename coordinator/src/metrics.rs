@@ -104,7 +104,8 @@ pub struct JobSample {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resumption {
     /// A recovery: the job lost (or was about to lose) a gang member and stopped; timed from
-    /// the first event since the previous generation's start that stopped training for it
+    /// the first event since the previous generation's start (of one that trained: see
+    /// [`resumption`]) that stopped training for it
     /// ([`flotilla_core::state::JobEvent::stops_for_a_loss`]), not from a notice the gang
     /// trained on through.
     Recovery { lost_at_unix_ms: u64 },
@@ -119,7 +120,18 @@ pub enum Resumption {
 pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumption> {
     let mut gangs = events.iter().enumerate().filter(|(_, e)| e.kind == "gang").map(|(i, _)| i).rev();
     let current = gangs.next()?;
-    let from = gangs.next().map_or(0, |previous| previous + 1);
+    // Since the previous generation that trained: one whose ranks found its resume point
+    // unusable (`checkpoint_corrupt`) ended at its start, so the loss that stopped training
+    // came before it (both members of a gang killed before the survivor wrote the state it
+    // held: the next gang finds that checkpoint partial and the one after resumes).
+    let (mut from, mut end) = (0, current);
+    for previous in gangs {
+        if !events[previous + 1..end].iter().any(|e| e.kind == "checkpoint_corrupt") {
+            from = previous + 1;
+            break;
+        }
+        end = previous;
+    }
     let between = &events[from..current];
     // The handover event that re-forms the generation comes after the `gang` event of the
     // same Raft entry.
@@ -566,6 +578,18 @@ mod tests {
         let heard = JobEvent { since_unix_ms: Some(5), ..event(10, "member_lost") };
         let silent = [event(1, "gang"), heard, event(14, "peer_lost"), event(20, "gang")];
         assert_eq!(resumption(&silent), Some(Resumption::Recovery { lost_at_unix_ms: 5 }), "from the last heartbeat");
+        // Generation 2 never trained (its resume point was partial): generation 3's recovery
+        // starts at the loss that stopped generation 1.
+        let untrained = [
+            event(1, "gang"),
+            event(10, "peer_lost"),
+            event(20, "gang"),
+            event(30, "checkpoint_corrupt"),
+            event(31, "gang"),
+        ];
+        assert_eq!(resumption(&untrained), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "across it");
+        let corrupt_first = [event(1, "gang"), event(2, "checkpoint_corrupt"), event(3, "gang")];
+        assert_eq!(resumption(&corrupt_first), None, "no loss before it");
     }
 
     #[test]
