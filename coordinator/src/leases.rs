@@ -50,9 +50,10 @@ impl Leases {
         self.table.lock().expect("the lease lock is never held across a panic")
     }
 
-    /// Renews `worker`'s lease, heard by this node as leader in `term`. `suspect_since`: when its gang broke, if it did; hearing from
-    /// it for the first time since then wakes the scheduler. `prepared`: the job it reports
-    /// prepared, if any; a new one wakes the scheduler too.
+    /// Renews `worker`'s lease, heard by this node as leader in `term`. `suspect_since`: when
+    /// its gang broke, if it did; hearing from it for the first time since then wakes the
+    /// scheduler. `prepared`: the job it reports prepared, if any; a new one wakes the
+    /// scheduler too.
     pub fn renew(&self, worker: WorkerId, term: u64, suspect_since: Option<u64>, prepared: Option<JobId>) {
         let now = now_unix_ms();
         let (previous, newly_prepared) = {
