@@ -364,8 +364,7 @@ pub fn write_artifact(prefix_uri: &str, name: &str, bytes: Vec<u8>) -> Result<St
 
 /// Reads and verifies the checkpoint at `uri` (blocking): what a resuming rank calls.
 pub fn load_uri(uri: &str) -> Result<(TrainState, CheckpointMeta), CheckpointError> {
-    let location = super::store::open(uri)?;
-    runtime()?.block_on(load(location.store().as_ref(), location.prefix()))
+    load_uri_when_written(uri, Duration::ZERO).map(|(state, meta, _)| (state, meta))
 }
 
 /// How often a rank looks for the MANIFEST of an announced checkpoint it waits for.

@@ -126,12 +126,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
         Command::WorkerLost { worker_id, last_step_seen, last_heard_unix_ms } => {
             let worker = state.workers.get_mut(&worker_id).ok_or(Rejected::WorkerNotFound(worker_id))?;
             worker.lost_at_unix_ms.get_or_insert(now);
-            let silent = Silence::since(last_heard_unix_ms, now);
+            let silent_since = silent_since(last_heard_unix_ms, now);
             match worker.job.take() {
                 Some(job_id) if state.inferences.contains_key(&job_id) => {
                     inference::member_lost(state, job_id, worker_id, now)
                 }
-                Some(job_id) => lose_member(state, job_id, worker_id, last_step_seen, silent, now),
+                Some(job_id) => lose_member(state, job_id, worker_id, last_step_seen, silent_since, now),
                 None => give_up_replacement(state, worker_id, "was lost", now),
             }
             Ok(Applied::WorkerLost { worker_id })
@@ -154,8 +154,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job = running_generation(state, job_id, generation)?;
             let lost =
                 job.member_lost.clone().ok_or(Rejected::NotRunning { job_id, state: "without a lost member" })?;
-            // Timed from the `member_lost` event before it (see `Silence`).
-            requeue_after_loss(state, job_id, lost.worker, lost.last_step_seen, Silence::default(), now);
+            // Timed from the `member_lost` event before it (see `silent_since`).
+            requeue_after_loss(state, job_id, lost.worker, lost.last_step_seen, None, now);
             Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
         }
         Command::WorkerInterrupted { worker_id, kind, action_at_unix_ms } => {
@@ -1056,43 +1056,38 @@ fn release(state: &mut State, gang: &[WorkerId]) {
 /// waiting in their collective and report the state they hold, which ends the generation with
 /// no step lost (see `announce_checkpoint`); the leader ends it with [`Command::GangLost`] if
 /// none does. Otherwise (a world of 1, a command job, a second loss) it is requeued at once.
-fn lose_member(state: &mut State, job_id: JobId, lost: WorkerId, last_step_seen: u64, silent: Silence, now: u64) {
+fn lose_member(
+    state: &mut State,
+    job_id: JobId,
+    lost: WorkerId,
+    last_step_seen: u64,
+    silent_since: Option<u64>,
+    now: u64,
+) {
     let Some(job) = state.jobs.get(&job_id) else { return };
     let survivor =
         job.gang.iter().any(|w| *w != lost && state.workers.get(w).is_some_and(|w| w.lost_at_unix_ms.is_none()));
     let wait = job.state == JobState::Running && survivor && job.spec.command().is_none() && job.member_lost.is_none();
     if !wait {
-        return requeue_after_loss(state, job_id, lost, last_step_seen, silent, now);
+        return requeue_after_loss(state, job_id, lost, last_step_seen, silent_since, now);
     }
     let job = state.jobs.get_mut(&job_id).expect("the job exists");
     job.member_lost = Some(MemberLost { worker: lost, at_unix_ms: now, last_step_seen });
     job.updated_at_unix_ms = now;
-    let message =
-        format!("{lost} was lost (its lease expired{}); the survivors report the state they hold", silent.words());
-    push_event_since(job, now, silent.since_unix_ms, "member_lost", message);
+    let heard = silence_words(silent_since, now);
+    let message = format!("{lost} was lost (its lease expired{heard}); the survivors report the state they hold");
+    push_event_since(job, now, silent_since, "member_lost", message);
 }
 
-/// How long a worker declared lost by its lease had been silent: the leader's record of when
-/// it last heard from it, if that is in this leadership and before the declaration.
-#[derive(Debug, Clone, Copy, Default)]
-struct Silence {
-    since_unix_ms: Option<u64>,
-    ms: u64,
+/// Since when a worker declared lost by its lease had been silent: the leader's record of when
+/// it last heard from it in this leadership (0: unknown), if that is before the declaration.
+fn silent_since(last_heard_unix_ms: u64, now: u64) -> Option<u64> {
+    Some(last_heard_unix_ms).filter(|heard| *heard != 0 && *heard <= now)
 }
 
-impl Silence {
-    fn since(last_heard_unix_ms: u64, now: u64) -> Silence {
-        match last_heard_unix_ms {
-            0 => Silence::default(),
-            heard if heard <= now => Silence { since_unix_ms: Some(heard), ms: now - heard },
-            _ => Silence::default(),
-        }
-    }
-
-    /// `; last heard N ms before`, or nothing when unknown.
-    fn words(&self) -> String {
-        self.since_unix_ms.map(|_| format!("; last heard {} ms before", self.ms)).unwrap_or_default()
-    }
+/// `; last heard N ms before`, or nothing when unknown.
+fn silence_words(silent_since: Option<u64>, now: u64) -> String {
+    silent_since.map(|heard| format!("; last heard {} ms before", now - heard)).unwrap_or_default()
 }
 
 /// The job goes back to Pending, to resume from its newest checkpoint in a new generation.
@@ -1101,7 +1096,7 @@ fn requeue_after_loss(
     job_id: JobId,
     lost: WorkerId,
     last_step_seen: u64,
-    silent: Silence,
+    silent_since: Option<u64>,
     now: u64,
 ) {
     let Some(job) = state.jobs.get_mut(&job_id) else { return };
@@ -1120,8 +1115,8 @@ fn requeue_after_loss(
     // Nobody reported the step the gang reached: the leader knows the last progress report (up
     // to a second old), so the steps since are trained again too and not counted.
     let counted = format!("at least {lost_steps} step(s) lost (counted to the gang's last progress report)");
-    let message = format!("{}{}; {counted}", job.reason, silent.words());
-    push_event_since(job, now, silent.since_unix_ms, "worker_lost", message);
+    let message = format!("{}{}; {counted}", job.reason, silence_words(silent_since, now));
+    push_event_since(job, now, silent_since, "worker_lost", message);
     let gang = job.end_gang();
     release(state, &gang);
     suspect(state, &gang, now);
