@@ -116,9 +116,21 @@ fn bad_arguments_are_clear_errors() {
     let spec = example("digits-mlp.toml");
     let out = flotilla(&["train", &spec, "--local-workers", "0"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--local-workers must be 1 to"));
+    // A missing checkpoint is named as missing (it used to read as a partial one).
     let out = flotilla(&["train", &spec, "--resume-from", "/nonexistent/ckpt/1"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("partial"), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--resume-from /nonexistent/ckpt/1: no checkpoint there"), "{stderr}");
+
+    // A checkpoint folder that cannot be written (under a file) is refused before any rank
+    // trains, by name; it used to train to the end, warn at every checkpoint and exit 0.
+    let file = tempfile::NamedTempFile::new().expect("a file");
+    let under_a_file = file.path().join("ckpt");
+    let out = flotilla(&["train", &spec, "--checkpoint-dir", under_a_file.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--checkpoint-dir") && stderr.contains("cannot be written there"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("generation 1"), "refused before training");
 }
 
 #[test]

@@ -92,6 +92,12 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
         bail!("--local-workers must be 1 to {LOCAL_WORKERS_MAX}, got {}", args.local_workers);
     }
     load_spec(&args)?; // fail here, once, rather than in every rank
+    if let Some(dir) = &args.checkpoint_dir {
+        check_writable(dir)?;
+    }
+    if let Some(uri) = &args.resume_from {
+        check_exists(uri)?;
+    }
     let addresses = free_addresses(args.local_workers)?;
     let gang_id = u64::from(std::process::id()) << 20 | u64::from(addresses[0].port());
     let secret = flotilla_worker::collective::ring::random_secret()?;
@@ -118,6 +124,34 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
         }
     });
     wait_all(children, &interrupted)
+}
+
+/// Checks that `--checkpoint-dir` takes writes (a probe object, deleted again) before any rank
+/// starts: a folder that cannot be written is one clear error now, not a run whose every
+/// checkpoint and model fail in warnings.
+fn check_writable(dir: &str) -> anyhow::Result<()> {
+    let cannot = || format!("--checkpoint-dir {dir}: checkpoints and the model cannot be written there");
+    let location = flotilla_store::open(dir).with_context(cannot)?;
+    flotilla_store::block_on(flotilla_store::probe(&location, flotilla_store::Access::Write))
+        .and_then(|probed| probed)
+        .with_context(cannot)
+}
+
+/// Checks that `--resume-from` names something (a typo'd or missing folder is "no checkpoint
+/// there", not a partial checkpoint); whether it is whole is the rank's load to say.
+fn check_exists(uri: &str) -> anyhow::Result<()> {
+    let location = flotilla_store::open(uri).with_context(|| format!("--resume-from {uri}"))?;
+    let found = flotilla_store::block_on(flotilla_store::list(&location, location.prefix()))
+        .and_then(|listed| listed)
+        .with_context(|| format!("--resume-from {uri}"))?;
+    if found.is_empty() {
+        bail!(
+            "--resume-from {uri}: no checkpoint there (nothing at {}); give a checkpoint folder as a run with \
+             --checkpoint-dir prints it, <dir>/ckpt/<step>",
+            location.uri()
+        );
+    }
+    Ok(())
 }
 
 fn free_addresses(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
@@ -261,14 +295,19 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
     runtime.spawn(async move { while reports.recv().await.is_some() {} });
     let started = Instant::now();
     let end = work::run_rank(&context, assignment, &port, &progress, runtime.handle());
-    let newest = record.newest.lock().ok().and_then(|n| n.clone()).map(|c| c.uri);
+    let newest = record.newest.lock().ok().and_then(|n| n.clone());
     match end {
         RankEnd::Finished(None) => Ok(()),
         RankEnd::Finished(Some(report)) => {
-            summarize(&report, world, newest, started, output);
-            Ok(())
+            // Only a checkpoint of the final step is the run's checkpoint.
+            let last = newest.filter(|c| c.step == report.step).map(|c| c.uri);
+            summarize(&report, world, last.clone(), started, output);
+            match &args.job.checkpoint_dir {
+                Some(dir) => unwritten(report.step, dir, last.is_some(), !report.artifact_uri.is_empty()),
+                None => Ok(()),
+            }
         }
-        RankEnd::Checkpointed { step, .. } => match (args.rank, newest) {
+        RankEnd::Checkpointed { step, .. } => match (args.rank, newest.map(|c| c.uri)) {
             (0, Some(uri)) => bail!("interrupted: stopped at step {step}; continue with `--resume-from {uri}`"),
             (0, None) => bail!("interrupted: stopped at step {step}, nothing saved (no --checkpoint-dir)"),
             _ => Ok(()), // rank 0 says where it stopped
@@ -283,6 +322,21 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
             bail!("{error}")
         }
     }
+}
+
+/// The error of a run with `--checkpoint-dir dir` that finished at `step` without writing its
+/// final checkpoint or its model there (the disk filled, the folder went away): the training is
+/// done, but what the user asked to keep is not, so the run fails (pure).
+fn unwritten(step: u64, dir: &str, checkpoint: bool, model: bool) -> anyhow::Result<()> {
+    let missing = match (checkpoint, model) {
+        (true, true) => return Ok(()),
+        (false, true) => "the final checkpoint",
+        (true, false) => "the model",
+        (false, false) => "the final checkpoint and the model",
+    };
+    bail!(
+        "training finished at step {step}, but {missing} could not be written to --checkpoint-dir {dir} (the warnings above say why)"
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM (never, where the handlers cannot be installed).
@@ -352,12 +406,22 @@ fn summarize(
 
 #[cfg(test)]
 mod tests {
-    use super::step_of_prefix;
+    use super::{step_of_prefix, unwritten};
 
     #[test]
     fn checkpoint_prefixes_name_their_step() {
         assert_eq!(step_of_prefix("/tmp/c/ckpt/000000000100"), Some(100));
         assert_eq!(step_of_prefix("s3://b/jobs/job-1/ckpt/000000000042-g3/"), Some(42));
         assert_eq!(step_of_prefix("/tmp/c/ckpt/latest"), None);
+    }
+
+    #[test]
+    fn a_run_fails_when_its_final_checkpoint_or_model_was_not_written() {
+        assert!(unwritten(90, "/c", true, true).is_ok());
+        let error = |checkpoint, model| unwritten(90, "/c", checkpoint, model).expect_err("fails").to_string();
+        assert!(error(false, true).contains("but the final checkpoint could not be written to --checkpoint-dir /c"));
+        assert!(error(true, false).contains("but the model could not"));
+        assert!(error(false, false).contains("the final checkpoint and the model"));
+        assert!(error(false, false).starts_with("training finished at step 90"));
     }
 }
