@@ -145,7 +145,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", flotilla_core::text::error_chain(err.chain()));
             ExitCode::FAILURE
         }
     }

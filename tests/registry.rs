@@ -138,4 +138,27 @@ fn a_trained_job_becomes_a_version_with_lineage_aliases_and_a_pytorch_loadable_a
     assert!(String::from_utf8_lossy(&bad_alias.stderr).contains("alias `Not Valid`"));
     let no_version = run(&home, &["models", "show", "digits@9"]);
     assert!(String::from_utf8_lossy(&no_version.stderr).contains("has no version 9"));
+
+    // A model that cannot be written to the store (a file where its folder goes): the job still
+    // succeeds (its training is done, its checkpoints hold the weights), is not registered, and
+    // its events say why, each cause once (it used to say nothing outside the worker's log).
+    std::fs::create_dir_all(home.join("store/jobs/job-2")).expect("job folder");
+    std::fs::write(home.join("store/jobs/job-2/model"), b"in the way").expect("a file in the way");
+    let followed = run(&home, &["submit", spec.to_str().expect("utf-8"), "--follow"]);
+    let job_id = String::from_utf8_lossy(&followed.stdout).lines().last().expect("job id").trim().to_string();
+    assert_eq!(job_id, "job-2");
+    let job = json(&home, &["status", &job_id, "-o", "json"]);
+    assert_eq!(job["state"], "Succeeded", "{job}");
+    let said: Vec<&str> = job["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "registry")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert_eq!(said.len(), 1, "{job}");
+    assert!(said[0].starts_with("model `digits` not registered: the model could not be exported: "), "{}", said[0]);
+    assert_eq!(said[0].matches("Not a directory").count(), 1, "each cause once: {}", said[0]);
+    let listed = json(&home, &["models", "list", "-o", "json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "still one version: {listed}");
 }

@@ -239,7 +239,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
                         if not_found(&inference) {
                             anyhow::anyhow!("{job} does not exist: no training or inference job has this id (`flotilla status` lists them)")
                         } else {
-                            anyhow::anyhow!("{e} ({inference:#})")
+                            anyhow::anyhow!("{e} ({})", flotilla_core::text::error_chain(inference.chain()))
                         }
                     });
                 }

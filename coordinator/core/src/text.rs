@@ -32,6 +32,54 @@ mod tests {
         assert!(is_data_line(b"1,2\r\n"));
         assert!(is_data_line("\u{a0}".as_bytes()), "a non-ASCII space is data (and fails to parse)");
     }
+
+    /// An error that prints its cause in its own text too, as object_store's do.
+    #[derive(Debug)]
+    struct Says(String, Option<Box<Says>>);
+    impl std::fmt::Display for Says {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Says {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|s| s as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = Says("Not a directory (os error 20)".into(), None);
+        let local = Says(format!("Unable to open file /s/m: {io}"), Some(Box::new(io)));
+        let generic = Says(format!("Generic LocalFileSystem error: {local}"), Some(Box::new(local)));
+        let outer = Says("exporting the model".into(), Some(Box::new(generic)));
+        let chain = std::iter::successors(Some(&outer as &(dyn std::error::Error + 'static)), |e| e.source());
+        assert_eq!(
+            error_chain(chain),
+            "exporting the model: Generic LocalFileSystem error: Unable to open file /s/m: Not a directory (os error 20)"
+        );
+        let plain = Says("a".into(), Some(Box::new(Says("b".into(), None))));
+        let chain = std::iter::successors(Some(&plain as &(dyn std::error::Error + 'static)), |e| e.source());
+        assert_eq!(error_chain(chain), "a: b", "causes not in the text are kept");
+    }
+}
+
+/// An error and its causes as one line, `error: cause: cause`, each said once. Many errors
+/// already print their cause in their own text (object_store's do, and every `{source}` in a
+/// message), so the plain chain (anyhow's `{:#}`) said one disk error up to four times; a cause
+/// whose text the line already holds is left out.
+pub fn error_chain<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut line = String::new();
+    for cause in chain {
+        let cause = cause.to_string();
+        if line.is_empty() {
+            line = cause;
+        } else if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 /// `unix_ms` as RFC 3339 UTC to the second (`2026-12-03T22:10:18Z`), the form EC2's instance

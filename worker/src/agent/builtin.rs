@@ -37,7 +37,7 @@ use flotilla_proto::v1::{
 
 use super::work::{
     HandoverTarget, JobNotes, PROGRESS_EVERY, RankContext, RankEnd, SurvivorWrite, broken, checkpoint_unusable,
-    gang_not_formed, join_gang, record_checkpoint,
+    error_text, gang_not_formed, join_gang, record_checkpoint,
 };
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::Manifest;
@@ -388,6 +388,9 @@ pub(super) fn run_rank(
         }
     }
     // The model for the registry: safetensors beside the checkpoints, and the data's fingerprint.
+    // Why there is no model (the job finishes anyway: its training is done, and its newest
+    // checkpoint holds the weights); the coordinator tells it in the job's events.
+    let mut unexported = String::new();
     let (artifact_uri, dataset_sha256) = if train.job_prefix.is_empty() {
         (String::new(), String::new())
     } else {
@@ -401,7 +404,8 @@ pub(super) fn run_rank(
         match exported {
             Ok(uri) => (uri, crate::train::export::dataset_sha256(&train_set)),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "the model could not be exported; it will not be registered");
+                tracing::warn!(error = %error_text(&e), "the model could not be exported; it will not be registered");
+                unexported = format!("the model could not be exported: {}", error_text(&e));
                 (String::new(), String::new())
             }
         }
@@ -421,7 +425,7 @@ pub(super) fn run_rank(
         job_id: train.job_id,
         generation: train.generation,
         success: true,
-        error: String::new(),
+        error: unexported,
         metrics: Some(JobMetrics {
             val_accuracy: metrics.map(|m| m.val_accuracy),
             val_loss: metrics.map(|m| m.val_loss),
@@ -478,7 +482,7 @@ fn join_live(
         Err(RankEnd::HandedOver { step: 0 })
     };
     let config = super::work::ring_config(context, train)
-        .map_err(|e| broken(GenerationEnd::RetryableError, 0, format!("live handover: {e:#}")))?;
+        .map_err(|e| broken(GenerationEnd::RetryableError, 0, format!("live handover: {}", error_text(&e))))?;
     let waiting = Instant::now();
     let stream = loop {
         if context.stop.load(Ordering::Relaxed) {
@@ -735,7 +739,7 @@ pub(super) fn prepare(prepare: flotilla_proto::v1::PrepareJob, shared: &super::w
                 spare = prepare.spare,
                 "prepared the job (data loaded, warm-up pass run)"
             ),
-            Err(e) => tracing::warn!(job = %job, error = %format!("{e:#}"), "could not prepare the job"),
+            Err(e) => tracing::warn!(job = %job, error = %error_text(&e), "could not prepare the job"),
         }
     }
     shared.set_prepared(&job);
@@ -883,8 +887,9 @@ fn survive_peer_loss(
     // all-reduce): its record then confirms the announcement, and nothing is written twice.
     let written_already = background.in_flight() == Some(step);
     log.note(format!(
-        "a gang member was lost after step {step} ({error:#}): holding the state of step {step} for the next \
-         generation and announcing its checkpoint"
+        "a gang member was lost after step {step} ({}): holding the state of step {step} for the next generation \
+         and announcing its checkpoint",
+        error_text(&error)
     ));
     drop(log);
     let context = context.clone();
@@ -897,7 +902,7 @@ fn survive_peer_loss(
             std::thread::spawn(move || drop((background, encoded)));
         }
     });
-    RankEnd::PeerLost { step, error: format!("{error:#}"), announced, write }
+    RankEnd::PeerLost { step, error: error_text(&error), announced, write }
 }
 
 /// Rank 0's background writer of the job's checkpoints. A cluster names them by generation too

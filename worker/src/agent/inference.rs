@@ -203,7 +203,7 @@ fn shard_loop(
                     }
                 }
             }
-            Err(e) => Some(format!("{e:#}")),
+            Err(e) => Some(super::work::error_text(&e)),
         };
         if let Some(error) = failed {
             tracing::warn!(shard = shard.index, error = %error, "shard failed");

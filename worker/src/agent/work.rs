@@ -611,8 +611,17 @@ pub fn run_rank(
     }
 }
 
-pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display) -> RankEnd {
-    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0, unreachable_rank: None }
+pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display + 'static) -> RankEnd {
+    RankEnd::Broken { end, step, error: error_text(&error), unusable_step: 0, unreachable_rank: None }
+}
+
+/// `error`'s text with its causes, each said once ([`flotilla_core::text::error_chain`]): the
+/// reasons a job's status shows are read by people.
+pub(crate) fn error_text(error: &(impl std::fmt::Display + 'static)) -> String {
+    match (error as &dyn std::any::Any).downcast_ref::<anyhow::Error>() {
+        Some(error) => flotilla_core::text::error_chain(error.chain()),
+        None => format!("{error:#}"),
+    }
 }
 
 /// The end of a rank whose gang did not form ([`join_gang`]'s error): with the peer it could
@@ -626,7 +635,7 @@ pub(super) fn gang_not_formed(end: GenerationEnd, step: u64, error: anyhow::Erro
         _ => None,
     });
     let unreachable_rank = unreachable_rank.filter(|_| end == GenerationEnd::PeerLost);
-    RankEnd::Broken { end, step, error: format!("{error:#}"), unusable_step: 0, unreachable_rank }
+    RankEnd::Broken { end, step, error: error_text(&error), unusable_step: 0, unreachable_rank }
 }
 
 /// The end of a rank whose resume checkpoint is bad (half-written or corrupt): the coordinator

@@ -692,6 +692,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.updated_at_unix_ms = now;
             let kind = if success { "succeeded" } else { "failed" };
             push_event(job, now, kind, format!("generation {generation} finished at step {step}"));
+            if success && artifact.is_none() && !job.spec.output.register_as.is_empty() {
+                // Said where the user looks (the job's events), not only in a worker's log.
+                let why = if job.reason.is_empty() { "the job reported no model" } else { job.reason.as_str() };
+                let message = format!("model `{}` not registered: {why}", job.spec.output.register_as);
+                push_event(job, now, "registry", message);
+            }
             let gang = job.end_gang();
             release(state, &gang);
             if success && let Some(artifact) = artifact {

@@ -1229,6 +1229,37 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
 }
 
 #[test]
+fn a_success_without_a_model_says_why_it_was_not_registered() {
+    let mut state = State::default();
+    for (job, reason) in [(1, "the model could not be exported: disk full"), (2, "")] {
+        let submit = Command::SubmitJob { spec: Box::new(spec("j")), client_request_id: format!("r{job}") };
+        apply(&mut state, job * 10, Envelope::new(job * 10, submit)).expect("submit");
+        let worker = register(&mut state, job * 10 + 1);
+        let assign = Command::AssignGang { job_id: JobId(job), workers: vec![worker] };
+        apply(&mut state, job * 10 + 2, Envelope::new(job * 10 + 2, assign)).expect("assign");
+        let done = Command::JobFinished {
+            job_id: JobId(job),
+            generation: 1,
+            success: true,
+            reason: reason.into(),
+            step: 100,
+            metrics: None,
+            artifact: None,
+            reporter: Some(worker),
+        };
+        apply(&mut state, job * 10 + 3, Envelope::new(job * 10 + 3, done)).expect("finish");
+    }
+    let registry = |job| {
+        let events = &state.jobs[&JobId(job)].events;
+        events.iter().filter(|e| e.kind == "registry").map(|e| e.message.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(registry(1), ["model `j` not registered: the model could not be exported: disk full"]);
+    assert_eq!(registry(2), ["model `j` not registered: the job reported no model"]);
+    assert_eq!(state.jobs[&JobId(1)].state, JobState::Succeeded, "the training itself is done");
+    assert!(state.models.is_empty());
+}
+
+#[test]
 fn a_budget_stop_survives_notices_and_broken_gangs_and_finish_needs_a_running_generation() {
     let mut state = State::default();
     let (_, w2) = running_job(&mut state, 3);
