@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub const CLUSTER_FILE: &str = "cluster.toml";
 /// Largest cluster file accepted, in bytes.
 const CLUSTER_FILE_LEN_MAX: u64 = 64 * 1024;
+/// How long a client waits for a coordinator of a local cluster whose processes are not
+/// running to accept a connection before it says the cluster is down.
+const SERVING_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +44,10 @@ pub struct ClusterFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
     pub coordinators: Vec<CoordinatorEntry>,
+    /// The worker agents `up --workers` last asked for on this machine (what a later `up`
+    /// without --workers brings back); absent in files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +75,18 @@ impl ClusterFile {
     /// A client of this cluster with its admin token.
     pub fn client(&self) -> anyhow::Result<ApiClient> {
         Ok(ApiClient::with_tls(&self.addresses(), &self.api_token, self.client_tls()?)?)
+    }
+
+    /// Whether any of its coordinators may be serving: its process (started by `up`) runs on
+    /// this machine, or something accepts connections at its address within
+    /// [`SERVING_PROBE_TIMEOUT`] (a node started by hand).
+    pub fn may_be_serving(&self) -> bool {
+        self.coordinators.iter().any(|c| {
+            c.pid.is_some_and(flotilla_coordinator::provider::local::is_running)
+                || c.address.parse::<std::net::SocketAddr>().map_or(true, |address| {
+                    std::net::TcpStream::connect_timeout(&address, SERVING_PROBE_TIMEOUT).is_ok()
+                })
+        })
     }
 
     pub fn addresses(&self) -> String {
@@ -138,6 +157,17 @@ pub fn resolve(flag: Option<&str>) -> anyhow::Result<Target> {
     let env_addresses = std::env::var("FLOTILLA_COORDINATOR").ok().filter(|s| !s.is_empty());
     let home = home();
     let file = ClusterFile::load(&home)?;
+    let from_file = flag.is_none() && env_addresses.is_none();
+    if let Some(file) = file.as_ref().filter(|f| from_file && !f.may_be_serving()) {
+        // Said at once: a client would otherwise retry the dead addresses for 30 s (its budget
+        // for riding out a leader change) and end with a bare "tcp connect error".
+        bail!(
+            "the local cluster in {} is not running (`flotilla down` stopped it, or its coordinators exited: their \
+             logs are {}): `flotilla up` starts it again, with its jobs and data",
+            home.display(),
+            file.coordinators.iter().map(|c| c.log.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
     let addresses =
         flag.map(str::to_string).or(env_addresses).or_else(|| file.as_ref().map(ClusterFile::addresses)).with_context(
             || {

@@ -106,8 +106,48 @@ enum Command {
     BenchCheckpoint(commands::bench_checkpoint::Args),
 }
 
+impl Command {
+    /// A command that prints for a person or a script and ends: piped into `head`, it should
+    /// end quietly when the reader goes away. Not the long-running roles (coordinator, worker
+    /// agent, metadata endpoint) nor `train`, whose ranks share its output: they write to
+    /// sockets and pipes where a reader gone is an error they handle.
+    fn prints_and_ends(&self) -> bool {
+        matches!(
+            self,
+            Command::Up(_)
+                | Command::Down(_)
+                | Command::Submit(_)
+                | Command::Status(_)
+                | Command::Cancel(_)
+                | Command::Logs(_)
+                | Command::Dashboard(_)
+                | Command::Workers(_)
+                | Command::Instances(_)
+                | Command::Models(_)
+                | Command::Infer(_)
+                | Command::Preempt(_)
+                | Command::Validate(_)
+                | Command::Certs(_)
+        )
+    }
+}
+
+/// Restores the default action of SIGPIPE, ending the process without a word when its output's
+/// reader has gone (as `ls | head` does), instead of panicking in `println!` with a backtrace:
+/// Rust ignores SIGPIPE by default.
+#[allow(unsafe_code)]
+fn end_quietly_when_the_reader_goes() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called first in `main`, before any other thread exists, and SIG_DFL installs no
+    // handler code at all.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.prints_and_ends() {
+        end_quietly_when_the_reader_goes();
+    }
     init_logging();
     let coordinator = cli.coordinator.as_deref();
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);

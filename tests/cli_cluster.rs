@@ -12,7 +12,7 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
-    let up = ok(flotilla(&home, &["up", "--coordinators", "3", "--output", "json"]));
+    let up = ok(flotilla(&home, &["up", "--coordinators", "3", "--workers", "1", "--output", "json"]));
     let up: serde_json::Value = serde_json::from_str(&up).expect("up prints JSON");
     assert_eq!(up["coordinators"].as_array().map(Vec::len), Some(3));
     assert!(home.join("cluster.toml").exists());
@@ -79,10 +79,25 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already Cancelled"), "cancelling twice is refused");
 
     ok(flotilla(&home, &["down"]));
-    ok(flotilla(&home, &["up", "--coordinators", "3"]));
+    // A client of a cluster that is down says so at once (it used to retry the dead addresses
+    // for 30 s and end with "tcp connect error").
+    let started = std::time::Instant::now();
+    let down = flotilla(&home, &["status"]);
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        !down.status.success() && stderr.contains("is not running") && stderr.contains("`flotilla up`"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "said at once, not after the client's retries");
+    // A plain `up` brings the same cluster back: its 3 coordinators and the worker it had.
+    ok(flotilla(&home, &["up"]));
     let all = ok(flotilla(&home, &["status", "--output", "json"]));
     let all: serde_json::Value = serde_json::from_str(&all).expect("status prints an array");
     assert_eq!(all.as_array().map(Vec::len), Some(1), "the job survived down/up: {all}");
+    let workers = ok(flotilla(&home, &["workers", "--output", "json"]));
+    let workers: serde_json::Value = serde_json::from_str(&workers).expect("workers prints an array");
+    let live = workers.as_array().expect("array").iter().filter(|w| w["gone_at_unix_ms"].is_null()).count();
+    assert_eq!(live, 1, "the worker came back: {workers}");
     let again = flotilla(&home, &["up", "--coordinators", "3"]);
     assert!(!again.status.success(), "a second `up` on a running cluster is refused");
 

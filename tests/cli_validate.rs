@@ -96,3 +96,22 @@ fn unknown_fields_are_refused_with_their_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("epoch") && stderr.contains("line 6"), "{stderr}");
 }
+
+/// Piped into a reader that goes away (`flotilla validate ... | head -1`), the CLI ends quietly
+/// as other Unix tools do; it used to panic in `println!` with a backtrace.
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let spec = examples().join("mnist-mlp.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["validate", spec.to_str().expect("utf-8"), "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the flotilla binary runs");
+    drop(child.stdout.take()); // the reader is gone before the first write
+    let out = child.wait_with_output().expect("it ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE, like `ls | head`: {:?} {stderr}", out.status);
+}

@@ -25,15 +25,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures). On
-    /// an existing cluster, `up` starts the ones that are not running (a crashed or killed
-    /// node rejoins with its data) and leaves the others as they are.
-    #[arg(long, default_value_t = 1)]
-    pub coordinators: u32,
+    /// Coordinator nodes to start: 1 (no fault tolerance) or 3/5 (tolerate 1/2 failures); default
+    /// 1, or the existing cluster's count. On an existing cluster, `up` starts the ones that are
+    /// not running (a crashed or killed node rejoins with its data) and leaves the others as
+    /// they are.
+    #[arg(long)]
+    pub coordinators: Option<u32>,
     /// Worker agents to have running on this machine (through the local provider): `up`
-    /// launches the missing ones, also on a cluster that is up.
-    #[arg(long, default_value_t = 0)]
-    pub workers: u32,
+    /// launches the missing ones, also on a cluster that is up. Default: as many as the last
+    /// `up --workers` of this cluster asked for (so `down` then `up` brings them back), 0 for a
+    /// new cluster.
+    #[arg(long)]
+    pub workers: Option<u32>,
     /// Random spot interruptions for demos and tests: mean notices per worker-hour.
     #[arg(long, default_value_t = 0.0)]
     pub spot_interruptions_per_hour: f64,
@@ -86,15 +89,15 @@ fn cluster_tags(cluster: &ClusterFile) -> BTreeMap<String, String> {
     BTreeMap::from([(CLUSTER_TAG.to_string(), cluster.cluster_id.clone())])
 }
 
-/// Launches the workers missing to have `args.workers` running on this machine; returns how
+/// Launches the workers missing to have `workers` running on this machine; returns how
 /// many it launched once each has registered (idle or already given work: a queued job takes
 /// a new worker at once).
-async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs) -> anyhow::Result<u32> {
+async fn launch_workers(home: &Path, cluster: &ClusterFile, args: &UpArgs, workers: u32) -> anyhow::Result<u32> {
     let mut provider = local_provider(home, cluster)?;
     provider.interruptions_per_hour = args.spot_interruptions_per_hour;
     provider.seed = args.seed;
     let running = running_workers(&provider, cluster).await?;
-    let count = args.workers.saturating_sub(running.len() as u32);
+    let count = workers.saturating_sub(running.len() as u32);
     if count == 0 {
         return Ok(0);
     }
@@ -178,6 +181,7 @@ fn new_cluster(home: &Path, coordinators: u32, store: Option<String>, tls: bool)
         store,
         data_roots: Vec::new(),
         coordinators: entries,
+        workers: None,
     })
 }
 
@@ -278,16 +282,15 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     if !(0.0..=3600.0).contains(&args.spot_interruptions_per_hour) {
         bail!("--spot-interruptions-per-hour must be 0 to 3600, got {}", args.spot_interruptions_per_hour);
     }
-    if args.coordinators == 0 || args.coordinators > LOCAL_COORDINATORS_MAX {
-        bail!(
-            "--coordinators must be 1 to {LOCAL_COORDINATORS_MAX} (3 or 5 tolerate failures), got {}",
-            args.coordinators
-        );
-    }
     let home = cluster_file::home();
-    let mut cluster = match ClusterFile::load(&home)? {
+    let existing = ClusterFile::load(&home)?;
+    let coordinators = args.coordinators.or(existing.as_ref().map(|c| c.coordinators.len() as u32)).unwrap_or(1);
+    if coordinators == 0 || coordinators > LOCAL_COORDINATORS_MAX {
+        bail!("--coordinators must be 1 to {LOCAL_COORDINATORS_MAX} (3 or 5 tolerate failures), got {coordinators}");
+    }
+    let mut cluster = match existing {
         Some(existing) => {
-            if existing.coordinators.len() != args.coordinators as usize {
+            if existing.coordinators.len() != coordinators as usize {
                 bail!(
                     "the cluster in {} has {} coordinators; run `flotilla up --coordinators {}` or delete it with \
                      `flotilla down --purge`",
@@ -309,9 +312,12 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         }
         None => {
             let store = args.store.as_deref().map(super::coordinator::store_uri).transpose()?;
-            new_cluster(&home, args.coordinators, store, !args.no_tls)?
+            new_cluster(&home, coordinators, store, !args.no_tls)?
         }
     };
+    // What the user asked for last (`down` then `up` brings the same workers back).
+    let workers = args.workers.or(cluster.workers).unwrap_or(0);
+    cluster.workers = Some(workers);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     // A cluster partly up (a coordinator crashed or was killed, workers missing) gets what is
     // missing; one wholly up is left alone.
@@ -319,7 +325,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
         (0..cluster.coordinators.len()).filter(|&i| !cluster.coordinators[i].pid.is_some_and(is_running)).collect();
     if stopped.is_empty() {
         let running = runtime.block_on(running_workers(&local_provider(&home, &cluster)?, &cluster))?;
-        if running.len() >= args.workers as usize {
+        if running.len() >= workers as usize {
             bail!(
                 "a cluster is already running from {} ({} coordinator(s), {} worker(s) on this machine; stop it \
                  with `flotilla down`, or ask for more workers with `up --workers N`)",
@@ -347,7 +353,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
     }
     cluster.save(&home)?;
     runtime.block_on(wait_ready(&cluster))?;
-    let launched = runtime.block_on(launch_workers(&home, &cluster, &args))?;
+    let launched = runtime.block_on(launch_workers(&home, &cluster, &args, workers))?;
     // Restarted while the others ran: said, by id.
     let restarted: Vec<u64> = if stopped.len() < cluster.coordinators.len() {
         stopped.iter().map(|&i| cluster.coordinators[i].id).collect()
@@ -367,7 +373,7 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
             println!(
                 "cluster up: {} coordinator(s), {} worker(s), data in {}",
                 cluster.coordinators.len(),
-                args.workers,
+                workers,
                 home.display()
             );
             if !restarted.is_empty() {
