@@ -184,7 +184,9 @@ fn a_killed_member_resumes_from_the_recorded_checkpoint() {
 fn a_failing_program_feeds_the_failure_policy() {
     let cluster = Local::up(1);
     let home = cluster.home.as_path();
-    let job = Job::new(1, 1, "STEPS = \"20\", STEP_S = \"0.05\", FAIL_AT = \"3\"", 2);
+    // 25 progress lines before each failure (no checkpoint: every try starts at 0): the last 20
+    // lines are more than a reason holds.
+    let job = Job::new(1, 1, "STEPS = \"40\", STEP_S = \"0.02\", FAIL_AT = \"25\", CKPT_EVERY = \"100\"", 2);
     let id = submit(home, &job.spec());
     let mut last = Value::Null;
     for _ in 0..1200 {
@@ -197,6 +199,9 @@ fn a_failing_program_feeds_the_failure_policy() {
     assert_eq!(last["state"], "Failed", "{last}");
     let reason = last["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("exit status: 3"), "the exit status is the reason: {last}");
+    // Cut to fit in the middle: the program's last words stay (only its first were kept).
+    assert!(reason.len() <= 1024 && reason.contains(" … "), "{reason}");
+    assert!(reason.contains("simulated failure"), "the last lines before the exit are kept: {reason}");
     assert!(job.generations().len() >= 2, "the first failure was retried (max_failures = 2)");
 }
 

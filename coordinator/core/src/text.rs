@@ -48,6 +48,21 @@ mod tests {
     }
 
     #[test]
+    fn a_clipped_text_keeps_its_start_and_its_end() {
+        assert_eq!(clip_middle("short".into(), 5), "short");
+        let text = format!("rank 0 exited with status 3; its last lines:\n{}\nValueError: bad", "x".repeat(500));
+        let clipped = clip_middle(text.clone(), 120);
+        assert!(clipped.len() <= 120, "{}", clipped.len());
+        assert!(clipped.starts_with("rank 0 exited") && clipped.ends_with("\nValueError: bad"), "{clipped}");
+        assert!(clipped.contains(" … "));
+        // Character boundaries on both sides, however the cut falls.
+        for max in 0..40 {
+            let clipped = clip_middle("ééééééééééééééééééééééé".into(), max);
+            assert!(clipped.len() <= max, "{max}: {clipped}");
+        }
+    }
+
+    #[test]
     fn an_error_chain_says_each_cause_once() {
         let io = Says("Not a directory (os error 20)".into(), None);
         let local = Says(format!("Unable to open file /s/m: {io}"), Some(Box::new(io)));
@@ -80,6 +95,32 @@ pub fn error_chain<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Erro
         }
     }
     line
+}
+
+/// `text` cut to at most `max_bytes` (at character boundaries) by leaving out its middle, marked
+/// ` … `: a third of the room for its start, the rest for its end. A failure's start says what
+/// failed and its end why (a traceback's last line, the output just before an exit), so a limit
+/// loses neither; keeping only the start had cut every failing program's last lines off.
+pub fn clip_middle(text: String, max_bytes: usize) -> String {
+    const MARK: &str = " … ";
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let floor = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    };
+    let Some(room) = max_bytes.checked_sub(MARK.len()).filter(|room| *room > 0) else {
+        return text[..floor(max_bytes)].to_string();
+    };
+    let head = floor(room / 3);
+    let mut tail = text.len() - (room - head);
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}{MARK}{}", &text[..head], &text[tail..])
 }
 
 /// `unix_ms` as RFC 3339 UTC to the second (`2026-12-03T22:10:18Z`), the form EC2's instance

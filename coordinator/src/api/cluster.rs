@@ -28,7 +28,7 @@ const CAPABILITY_TEXT_MAX: usize = 256;
 const ASSIGNMENT_BUFFER: usize = 8;
 /// A stream re-reads the state at least this often even without a change notification.
 const ASSIGNMENT_POLL: Duration = Duration::from_millis(200);
-/// Longest error text a worker may report.
+/// Bytes of a worker's error text kept (its start and its end: `clip_middle`).
 const REPORT_TEXT_MAX: usize = 4096;
 /// A generation's first progress report within this many steps of its start ends a recovery.
 const RECOVERY_FIRST_STEPS: u64 = 50;
@@ -249,7 +249,7 @@ impl ClusterService for ClusterApi {
                 job_id,
                 generation: report.generation,
                 by: id,
-                reason: report.live_handover_failed.chars().take(REPORT_TEXT_MAX).collect(),
+                reason: flotilla_core::text::clip_middle(report.live_handover_failed.clone(), REPORT_TEXT_MAX),
             };
             self.node.propose(failed).await.map_err(status)?;
             return Ok(Response::new(Ack {}));
@@ -404,7 +404,7 @@ impl ClusterService for ClusterApi {
             val_loss: m.val_loss,
             train_loss: m.train_loss,
         });
-        let reason: String = report.error.chars().take(REPORT_TEXT_MAX).collect();
+        let reason = flotilla_core::text::clip_middle(report.error.clone(), REPORT_TEXT_MAX);
         let (generation, step) = (report.generation, report.step);
         let ended = |end| Command::GenerationEnded { job_id, generation, end, step, reporter, announced: None };
         // Rank 0's orderly stop, or a broken gang's survivor, may announce the checkpoint of the

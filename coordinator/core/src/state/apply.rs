@@ -1384,16 +1384,10 @@ pub(super) fn bounded(text: String) -> String {
     bounded_to(text, REASON_LEN_MAX)
 }
 
-/// `text` cut to at most `max_bytes` (at a character boundary).
-fn bounded_to(mut text: String, max_bytes: usize) -> String {
-    if text.len() > max_bytes {
-        let mut cut = max_bytes;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
+/// `text` cut to at most `max_bytes`, its start and its end kept
+/// ([`crate::text::clip_middle`]).
+fn bounded_to(text: String, max_bytes: usize) -> String {
+    crate::text::clip_middle(text, max_bytes)
 }
 
 fn push_event(job: &mut Job, at_unix_ms: u64, kind: &str, message: String) {
