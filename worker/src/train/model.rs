@@ -15,7 +15,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
-use flotilla_proto::spec::ModelSpec;
+use flotilla_proto::spec::{MODEL_PARAMETERS_MAX, ModelSpec};
 
 use super::TrainError;
 use super::backend::{Device, Dispatch, Tensor};
@@ -55,12 +55,56 @@ fn linear(d_input: usize, d_output: usize, device: &Device) -> Linear<Dispatch> 
     LinearConfig::new(d_input, d_output).with_initializer(Initializer::Zeros).init(device)
 }
 
+/// The parameters of `spec`'s network for `features` inputs and `classes` outputs: what
+/// [`Network::new`] allocates, counted before it does (pure; saturating, for any input).
+pub fn parameters(spec: &ModelSpec, features: usize, classes: usize) -> u64 {
+    let (features, classes) = (features as u64, classes as u64);
+    let dense = |inputs: u64, outputs: u64| inputs.saturating_mul(outputs).saturating_add(outputs);
+    match spec {
+        ModelSpec::Mlp { hidden } => {
+            let widths: Vec<u64> = std::iter::once(features)
+                .chain(hidden.iter().map(|&units| u64::from(units)))
+                .chain([classes])
+                .collect();
+            widths.windows(2).map(|pair| dense(pair[0], pair[1])).fold(0, u64::saturating_add)
+        }
+        ModelSpec::Cnn { channels } => {
+            let (mut inputs, mut side, mut total) = (1u64, features.isqrt(), 0u64);
+            let window = (CONV_KERNEL * CONV_KERNEL) as u64;
+            for &outputs in channels {
+                let outputs = u64::from(outputs);
+                side /= POOL_WINDOW as u64;
+                total = total.saturating_add(dense(inputs.saturating_mul(window), outputs));
+                inputs = outputs;
+            }
+            total.saturating_add(dense(inputs.saturating_mul(side * side), classes))
+        }
+    }
+}
+
+/// `values` f32 values in GiB.
+fn gib(values: u64) -> f64 {
+    values as f64 * 4.0 / f64::from(1u32 << 30)
+}
+
 impl Network {
     /// Builds the network for `features` inputs and `classes` outputs on `device`.
     pub fn new(spec: &ModelSpec, features: usize, classes: usize, device: &Device) -> Result<Network, TrainError> {
         if features == 0 || classes < 2 {
             return Err(TrainError::Shape(format!(
                 "the data has {features} features and {classes} classes; a classifier needs at least 1 and 2"
+            )));
+        }
+        let count = parameters(spec, features, classes);
+        if count > MODEL_PARAMETERS_MAX {
+            let (field, kind) = match spec {
+                ModelSpec::Mlp { .. } => ("model.hidden", "narrower or fewer layers"),
+                ModelSpec::Cnn { .. } => ("model.channels", "fewer channels, or smaller images"),
+            };
+            return Err(TrainError::Shape(format!(
+                "{field}: with this data's {features} features and {classes} classes the model has {count} \
+                 parameters ({:.1} GiB of weights); at most {MODEL_PARAMETERS_MAX}: use {kind}",
+                gib(count)
             )));
         }
         match spec {
@@ -122,5 +166,38 @@ impl Network {
                 cnn.output.forward(maps.flatten(1, 3))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::backend;
+    use crate::train::flat::ParamLayout;
+
+    #[test]
+    fn the_parameter_count_is_what_the_network_allocates() {
+        let device = backend::cpu();
+        for (spec, features, classes) in [
+            (ModelSpec::Mlp { hidden: vec![] }, 2, 2),
+            (ModelSpec::Mlp { hidden: vec![16, 8] }, 64, 10),
+            (ModelSpec::Cnn { channels: vec![4, 8] }, 64, 10),
+            (ModelSpec::Cnn { channels: vec![3] }, 81, 3),
+        ] {
+            let network = Network::new(&spec, features, classes, &device).expect("network");
+            assert_eq!(parameters(&spec, features, classes), ParamLayout::of(&network).len as u64, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn a_model_over_the_parameter_limit_is_refused_before_it_is_allocated() {
+        // 784 x 65536 + 2 x 65536^2 + ... = 8.6 G parameters (34 GiB): this aborted in an
+        // allocation; now a clear error, at once.
+        let spec = ModelSpec::Mlp { hidden: vec![65_536, 65_536, 65_536] };
+        let error = Network::new(&spec, 784, 10, &backend::cpu()).expect_err("refused").to_string();
+        assert!(error.contains("model.hidden") && error.contains("8642166794 parameters"), "{error}");
+        assert!(error.contains("(32.2 GiB of weights); at most 1073741824"), "{error}");
+        let spec = ModelSpec::Mlp { hidden: vec![u32::MAX; 16] };
+        assert!(parameters(&spec, usize::MAX, usize::MAX) == u64::MAX, "saturates");
     }
 }

@@ -76,6 +76,10 @@ impl Trainer {
         let eval_device = training_device(spec.workers.gpus)?;
         let device = backend::autodiff(eval_device.clone());
         let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
+        if spec.workers.gpus == 0 {
+            let parameters = super::model::parameters(model, data.features_per_row, data.classes);
+            fits_in_memory(parameters, mem_available_bytes()).map_err(TrainError::Shape)?;
+        }
         let network = Network::new(model, data.features_per_row, data.classes, &device)?;
         let layout = ParamLayout::of(&network);
         Ok(Model { device, eval_device, network, layout, shape: (data.features_per_row, data.classes) })
@@ -609,6 +613,46 @@ pub struct Model {
 }
 
 /// What the types cannot promise: a usable data set and a batch size.
+/// Bytes a parameter takes in training at the least: its value and its gradient (Adam adds two
+/// moments, the all-reduce a flat copy).
+const TRAINING_BYTES_PER_PARAMETER_MIN: u64 = 8;
+
+/// Whether a model of `parameters` can train in `available` bytes of memory (pure; `None`:
+/// unknown, assumed to fit). Only what surely cannot fit is refused: it would abort in an
+/// allocation (SIGABRT, no message) rather than fail with a reason.
+fn fits_in_memory(parameters: u64, available: Option<u64>) -> Result<(), String> {
+    let needed = parameters.saturating_mul(TRAINING_BYTES_PER_PARAMETER_MIN);
+    match available {
+        Some(available) if needed > available => Err(format!(
+            "training this model's {parameters} parameters needs at least {:.1} GiB (each value and its \
+             gradient), and this machine has {:.1} GiB available: use a smaller model (model.hidden or \
+             model.channels) or workers with more memory",
+            needed as f64 / f64::from(1u32 << 30),
+            available as f64 / f64::from(1u32 << 30)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The memory this process may still take, if known: the machine's (`MemAvailable` of
+/// /proc/meminfo), or less where its cgroup (a container) is limited below it (v2's
+/// `memory.max` less `memory.current`).
+fn mem_available_bytes() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|info| {
+        let line = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+        let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    });
+    let number = |path: &str| read(path).and_then(|text| text.trim().parse::<u64>().ok());
+    let cgroup = number("/sys/fs/cgroup/memory.max")
+        .map(|max| max.saturating_sub(number("/sys/fs/cgroup/memory.current").unwrap_or(0)));
+    match (machine, cgroup) {
+        (Some(machine), Some(cgroup)) => Some(machine.min(cgroup)),
+        (machine, cgroup) => machine.or(cgroup),
+    }
+}
+
 fn check_data(spec: &JobSpec, data: &Dataset) -> Result<(), TrainError> {
     let consistent = data.labels.len() == data.rows
         && data.features.len() == data.rows.saturating_mul(data.features_per_row)
@@ -748,6 +792,16 @@ mod tests {
         // World 1: no links; the leaver alone decides.
         assert_eq!(summed(&[vote(true, 0, &[])]).agreed(1), Some(0));
         assert_eq!(summed(&[vote(false, 0, &[])]).agreed(1), None);
+    }
+
+    #[test]
+    fn only_a_model_that_surely_cannot_fit_in_memory_is_refused() {
+        use super::{fits_in_memory, mem_available_bytes};
+        assert!(fits_in_memory(1 << 20, Some(8 << 20)).is_ok(), "8 bytes a parameter fit exactly");
+        let error = fits_in_memory(1 << 30, Some(4 << 30)).expect_err("8 GiB in 4");
+        assert!(error.contains("needs at least 8.0 GiB") && error.contains("has 4.0 GiB available"), "{error}");
+        assert!(fits_in_memory(u64::MAX, None).is_ok(), "unknown memory is assumed to fit");
+        assert!(mem_available_bytes().is_some_and(|bytes| bytes > 0), "read on Linux");
     }
 
     #[test]

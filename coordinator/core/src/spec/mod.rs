@@ -37,6 +37,10 @@ pub const MLP_WIDTH_MAX: i64 = 65_536;
 pub const CNN_BLOCKS_MAX: usize = 4;
 /// Channels in one convolution block at most.
 pub const CNN_CHANNELS_MAX: i64 = 1024;
+/// Parameters of a built-in model at most: 2^30, 4 GiB of f32 weights (training holds at least
+/// four times that: the weights, their gradients and Adam's two moments). The layers' limits
+/// alone allowed 8.6 G (`hidden = [65536, 65536, 65536]`), which aborted in an allocation.
+pub const MODEL_PARAMETERS_MAX: u64 = 1 << 30;
 /// Largest validation fraction: at least 10% of the data must remain for training.
 pub const VALIDATION_FRACTION_MAX: f64 = 0.9;
 pub const EPOCHS_MAX: i64 = 100_000;

@@ -590,3 +590,17 @@ fn an_api_spec_with_too_much_text_is_refused() {
     assert_eq!(err.fields(), ["(spec)"]);
     assert!(err.to_string().contains("at most 65536"), "{err}");
 }
+
+#[test]
+fn a_model_too_big_between_its_hidden_layers_is_refused_by_the_spec_alone() {
+    let spec = |hidden: &str| {
+        MINIMAL.replace("model = { kind = \"mlp\" }", &format!("model = {{ kind = \"mlp\", hidden = {hidden} }}"))
+    };
+    // Each layer is within its limit, but 2 x 65536^2 = 8.6 G weights lie between them.
+    assert_eq!(invalid_fields(&spec("[65536, 65536, 65536]")), ["model.hidden"]);
+    let error = JobSpec::from_toml_str(&spec("[65536, 65536, 65536]")).expect_err("refused").to_string();
+    assert!(error.contains("8589934592 weights between its hidden layers alone"), "{error}");
+    assert!(error.contains("at most 1073741824 parameters"), "{error}");
+    // 65536 x 16384 = 2^30 exactly is still allowed (the data's layers are the worker's to count).
+    assert!(JobSpec::from_toml_str(&spec("[65536, 16384]")).is_ok());
+}

@@ -145,6 +145,18 @@ fn model(c: &mut Checker, raw: Option<RawModel>) -> Option<ModelSpec> {
                 c.fail("model.channels", "applies only to kind = \"cnn\"; use model.hidden for an mlp");
             }
             let hidden = layers(c, "model.hidden", raw.hidden, &[256, 128], MLP_LAYERS_MAX, MLP_WIDTH_MAX);
+            // What the spec alone decides (the input and output layers depend on the data; the
+            // worker checks the whole count once it has loaded it).
+            let between: u64 = hidden.windows(2).map(|w| u64::from(w[0]) * u64::from(w[1])).sum();
+            if between > MODEL_PARAMETERS_MAX {
+                c.fail(
+                    "model.hidden",
+                    format!(
+                        "has {between} weights between its hidden layers alone; a model has at most \
+                         {MODEL_PARAMETERS_MAX} parameters (4 GiB of weights): use narrower or fewer layers"
+                    ),
+                );
+            }
             Some(ModelSpec::Mlp { hidden })
         }
         "cnn" => {
