@@ -169,7 +169,20 @@ impl From<Status> for ApiError {
             code => ErrorKind::from_code(code),
         });
         let leader_hint = metadata.get(LEADER_HINT_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
-        ApiError { kind, message: status.message().to_string(), leader_hint }
+        let mut message = status.message().to_string();
+        // The transport's own statuses say only "tcp connect error" or the like; why (refused,
+        // no route, a certificate refused) is in their causes.
+        if named.is_none()
+            && let Some(source) = std::error::Error::source(&status)
+        {
+            let chain = std::iter::successors(Some(source), |e| e.source());
+            let cause = flotilla_core::text::error_chain(chain);
+            if !cause.is_empty() && !message.contains(&cause) {
+                message =
+                    if message.is_empty() || cause.contains(&message) { cause } else { format!("{message}: {cause}") };
+            }
+        }
+        ApiError { kind, message, leader_hint }
     }
 }
 
@@ -188,6 +201,34 @@ impl From<IdParseError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transport error that keeps its cause apart, as hyper's do.
+    #[derive(Debug)]
+    struct Connect(std::io::Error);
+    impl std::fmt::Display for Connect {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp connect error")
+        }
+    }
+    impl std::error::Error for Connect {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_transport_status_says_its_cause() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let error = ApiError::from(Status::from_error(Box::new(Connect(refused))));
+        assert_eq!(error.kind, ErrorKind::Unavailable, "another node may serve it");
+        assert_eq!(
+            error.message, "tcp connect error: Connection refused (os error 111)",
+            "it said only its first words"
+        );
+        // A coordinator's own answer is left as it was said.
+        let answered = ApiError::from(Status::from(ApiError::new(ErrorKind::NotFound, "job-9 does not exist")));
+        assert_eq!(answered.message, "job-9 does not exist");
+    }
 
     #[test]
     fn every_kind_survives_the_wire() {
