@@ -73,6 +73,29 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert!(!outside.status.success() && stderr.contains("data.train"), "{stderr}");
     assert!(stderr.contains("outside the coordinators' data roots"), "{stderr}");
 
+    // Ctrl-C while `submit --follow` follows a job stops the following, not the job, and says so.
+    let follower = common::command(&home)
+        .args(["submit", example.to_str().expect("utf-8"), "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("submit --follow");
+    let two_jobs = || {
+        let all = ok(flotilla(&home, &["status", "--output", "json"]));
+        serde_json::from_str::<serde_json::Value>(&all).is_ok_and(|a| a.as_array().is_some_and(|a| a.len() == 2))
+    };
+    eventually(Duration::from_secs(20), Duration::from_millis(50), two_jobs, || "the second job submitted".into());
+    std::thread::sleep(Duration::from_millis(500)); // following by now
+    let pid = follower.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
+    let followed = follower.wait_with_output().expect("it ends");
+    let stderr = String::from_utf8_lossy(&followed.stderr);
+    assert!(!followed.status.success() && stderr.contains("stopped following; job-2 keeps running"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&followed.stdout).lines().last(), Some("job-2"), "the id on the last line");
+    let second = ok(flotilla(&home, &["status", "job-2", "--output", "json"]));
+    assert!(second.contains("\"Pending\""), "still queued, not cancelled: {second}");
+    ok(flotilla(&home, &["cancel", "job-2"]));
+
     let cancelled = ok(flotilla(&home, &["cancel", &job_id, "--reason", "test over"]));
     assert_eq!(cancelled.trim(), "job-1 Cancelled");
     let again = flotilla(&home, &["cancel", &job_id]);
@@ -93,7 +116,7 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     ok(flotilla(&home, &["up"]));
     let all = ok(flotilla(&home, &["status", "--output", "json"]));
     let all: serde_json::Value = serde_json::from_str(&all).expect("status prints an array");
-    assert_eq!(all.as_array().map(Vec::len), Some(1), "the job survived down/up: {all}");
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "the jobs survived down/up: {all}");
     let workers = ok(flotilla(&home, &["workers", "--output", "json"]));
     let workers: serde_json::Value = serde_json::from_str(&workers).expect("workers prints an array");
     let live = workers.as_array().expect("array").iter().filter(|w| w["gone_at_unix_ms"].is_null()).count();

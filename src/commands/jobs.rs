@@ -64,8 +64,28 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
     if output == OutputFormat::Json {
         print_json(&json!({ "id": response.job_id, "duplicate": response.duplicate, "served_by": response.served_by }));
     }
-    let final_state = if args.follow { Some(runtime.block_on(follow(&mut client, &response.job_id))?) } else { None };
+    // Ctrl-C while following stops the following, not the job: said, so that nobody takes it
+    // for a cancel.
+    let followed = args.follow.then(|| {
+        runtime.block_on(async {
+            tokio::select! {
+                job = follow(&mut client, &response.job_id) => Some(job),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        })
+    });
     // The contract (DESIGN §8): the job id alone on the last line of stdout.
+    let final_state = match followed {
+        Some(Some(job)) => Some(job?),
+        Some(None) => {
+            println!("{}", response.job_id);
+            let id = &response.job_id;
+            anyhow::bail!(
+                "stopped following; {id} keeps running (`flotilla status {id}` shows it, `flotilla cancel {id}` stops it)"
+            )
+        }
+        None => None,
+    };
     println!("{}", response.job_id);
     match final_state {
         Some(job) if job.state != v1::JobState::Succeeded as i32 => {
