@@ -612,7 +612,6 @@ pub struct Model {
     shape: (usize, usize),
 }
 
-/// What the types cannot promise: a usable data set and a batch size.
 /// Bytes a parameter takes in training at the least: its value and its gradient (Adam adds two
 /// moments, the all-reduce a flat copy).
 const TRAINING_BYTES_PER_PARAMETER_MIN: u64 = 8;
@@ -653,6 +652,7 @@ fn mem_available_bytes() -> Option<u64> {
     }
 }
 
+/// What the types cannot promise: a usable data set and a batch size.
 fn check_data(spec: &JobSpec, data: &Dataset) -> Result<(), TrainError> {
     let consistent = data.labels.len() == data.rows
         && data.features.len() == data.rows.saturating_mul(data.features_per_row)
