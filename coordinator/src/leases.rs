@@ -26,14 +26,19 @@ struct Table {
     /// The term in which this node built the table as leader; 0 when it is not the leader.
     term: u64,
     expires: HashMap<WorkerId, Instant>,
-    last_heartbeat_unix_ms: HashMap<WorkerId, u64>,
-    /// The term in which this node (leading then) took each worker's last heartbeat: one from
-    /// an earlier leadership of this node says nothing of when the worker last spoke.
-    heard_in_term: HashMap<WorkerId, u64>,
+    /// Each worker's last heartbeat: when (this node's clock) and in which term of this node's
+    /// leadership (one from an earlier leadership says nothing of when the worker last spoke).
+    heard: HashMap<WorkerId, Heard>,
     /// The job each worker last reported prepared in its heartbeat (a handover's replacement:
     /// data loaded, GPU kernels compiled). Leader memory only: a new leader hears it again
     /// within a heartbeat.
     prepared: HashMap<WorkerId, JobId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    unix_ms: u64,
+    term: u64,
 }
 
 #[derive(Default)]
@@ -59,7 +64,6 @@ impl Leases {
         let (previous, newly_prepared) = {
             let mut table = self.table();
             table.expires.insert(worker, Instant::now() + LEASE);
-            table.heard_in_term.insert(worker, term);
             let newly_prepared = match prepared {
                 Some(job) => table.prepared.insert(worker, job) != Some(job),
                 None => {
@@ -67,7 +71,8 @@ impl Leases {
                     false
                 }
             };
-            (table.last_heartbeat_unix_ms.insert(worker, now).unwrap_or(0), newly_prepared)
+            let previous = table.heard.insert(worker, Heard { unix_ms: now, term }).map_or(0, |h| h.unix_ms);
+            (previous, newly_prepared)
         };
         if newly_prepared || suspect_since.is_some_and(|since| previous < since && now >= since) {
             self.wake_scheduler.notify_one();
@@ -75,7 +80,7 @@ impl Leases {
     }
 
     pub fn last_heartbeat_unix_ms(&self, worker: WorkerId) -> u64 {
-        self.table().last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0)
+        self.table().heard.get(&worker).map_or(0, |h| h.unix_ms)
     }
 
     /// The job `worker` last reported prepared (see [`Leases::renew`]).
@@ -85,11 +90,7 @@ impl Leases {
 
     /// When this node last heard from `worker` while leading in `term` (0: not in that term).
     fn last_heard_in_term(&self, worker: WorkerId, term: u64) -> u64 {
-        let table = self.table();
-        match table.heard_in_term.get(&worker) {
-            Some(heard) if *heard == term => table.last_heartbeat_unix_ms.get(&worker).copied().unwrap_or(0),
-            _ => 0,
-        }
+        self.table().heard.get(&worker).filter(|h| h.term == term).map_or(0, |h| h.unix_ms)
     }
 
     /// Starts every live worker with a full lease, for leadership in `term`.

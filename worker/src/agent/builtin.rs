@@ -404,8 +404,9 @@ pub(super) fn run_rank(
         match exported {
             Ok(uri) => (uri, crate::train::export::dataset_sha256(&train_set)),
             Err(e) => {
-                tracing::warn!(error = %error_text(&e), "the model could not be exported; it will not be registered");
-                unexported = format!("the model could not be exported: {}", error_text(&e));
+                let why = error_text(&e);
+                tracing::warn!(error = %why, "the model could not be exported; it will not be registered");
+                unexported = format!("the model could not be exported: {why}");
                 (String::new(), String::new())
             }
         }
