@@ -140,6 +140,24 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     let all = ok(flotilla(&home, &["status", "--output", "json"]));
     assert!(all.contains("job-1"), "{all}");
 
+    // A path relative to the spec may climb out of its folder (`../d.csv`): the CLI resolves
+    // the `..` by name, since coordinators refuse a path holding one (it was refused).
+    std::fs::create_dir(dir.path().join("jobs")).expect("jobs/");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv"), dir.path().join("d.csv"))
+        .expect("copy");
+    let spec = dir.path().join("jobs/up.toml");
+    std::fs::write(
+        &spec,
+        "name = \"up\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"../d.csv\" }\nworkers = { min = 9 }\n",
+    )
+    .expect("spec");
+    let normalised = ok(flotilla(&home, &["validate", spec.to_str().expect("utf-8")]));
+    let data = dir.path().canonicalize().expect("canonical").join("d.csv");
+    assert!(normalised.contains(&format!("train = \"file://{}\"", data.display())), "{normalised}");
+    let submitted = ok(flotilla(&home, &["submit", spec.to_str().expect("utf-8")]));
+    assert_eq!(submitted.lines().last().map(str::trim), Some("job-3"), "{submitted}");
+    ok(flotilla(&home, &["cancel", "job-3"]));
+
     // No output and no coordinator log ever shows a token (they are only in cluster.toml, 0600).
     let cluster: toml::Value =
         toml::from_str(&std::fs::read_to_string(home.join("cluster.toml")).expect("cluster")).expect("cluster TOML");

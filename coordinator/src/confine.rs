@@ -36,7 +36,7 @@ pub fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 /// `path` with symlinks resolved as far as it exists (the rest appended as named).
 fn resolved(path: &Path) -> Result<PathBuf, String> {
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!("{} contains `..`", path.display()));
+        return Err(format!("{} contains `..`; name the path without it", path.display()));
     }
     let mut existing = path;
     let mut rest = Vec::new();

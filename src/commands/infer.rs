@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use flotilla_core::spec::uri::join_lexically;
 use flotilla_proto::client::ApiClient;
 use flotilla_proto::convert::job_state_name;
 use flotilla_proto::v1::{self, GetJobRequest, SubmitInferenceRequest};
@@ -54,8 +55,10 @@ fn absolute_uri(text: &str, must_exist: bool) -> anyhow::Result<String> {
     let absolute: PathBuf = if must_exist {
         std::fs::canonicalize(path).with_context(|| format!("--input {text}"))?
     } else {
+        // Resolved by name (`out/../preds` is `preds`): the coordinators refuse a path with `..`.
         let base = std::env::current_dir().context("the current directory")?;
-        base.join(path)
+        let base = base.to_str().context("the current directory is not valid UTF-8")?;
+        PathBuf::from(if text.starts_with('/') { join_lexically("/", text) } else { join_lexically(base, text) })
     };
     Ok(format!("file://{}", absolute.display()))
 }

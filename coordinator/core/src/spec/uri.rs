@@ -53,14 +53,12 @@ impl DataUri {
     }
 
     /// Turns a relative path into an absolute `file://` URI under `base_dir` (an absolute path,
-    /// normally the folder of the spec file). Other URIs are returned unchanged.
+    /// normally the folder of the spec file), with `.` and `..` resolved by name
+    /// ([`join_lexically`]): `../data/x.csv` next to `/srv/jobs/a.toml` is
+    /// `file:///srv/data/x.csv`. Other URIs are returned unchanged.
     pub fn resolve_relative(&self, base_dir: &str) -> DataUri {
         match self {
-            DataUri::Relative(rel) => {
-                let rel = rel.strip_prefix("./").unwrap_or(rel);
-                let base = base_dir.trim_end_matches('/');
-                DataUri::File(format!("{base}/{rel}"))
-            }
+            DataUri::Relative(rel) => DataUri::File(join_lexically(base_dir, rel)),
             other => other.clone(),
         }
     }
@@ -68,6 +66,24 @@ impl DataUri {
     pub fn is_resolved(&self) -> bool {
         !matches!(self, DataUri::Relative(_))
     }
+}
+
+/// `rel` joined to the absolute path `base`, with `.` and empty segments dropped and each `..`
+/// taking away the segment before it (never above `/`), as a shell's `cd` does: the coordinators
+/// refuse a path that still holds `..` (they confine local paths to their data roots), so the
+/// CLI sends the resolved form. Pure string work; symlinks are resolved where the path is used.
+pub fn join_lexically(base: &str, rel: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in base.split('/').chain(rel.split('/')) {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            name => segments.push(name),
+        }
+    }
+    format!("/{}", segments.join("/"))
 }
 
 impl fmt::Display for DataUri {
@@ -310,5 +326,18 @@ mod tests {
         assert_eq!(uri.resolve_relative("/home/u/examples/").to_string(), "file:///home/u/examples/data/x.csv");
         let s3: DataUri = "s3://bkt/x.csv".parse().expect("s3");
         assert_eq!(s3.resolve_relative("/base"), s3);
+        // `..` and `.` are resolved by name, never above the root (coordinators refuse `..`).
+        let up: DataUri = "../data/./x.csv".parse().expect("relative");
+        assert_eq!(up.resolve_relative("/srv/jobs").to_string(), "file:///srv/data/x.csv");
+        let cases = [
+            ("/srv/jobs", "a//b/../c", "/srv/jobs/a/c"),
+            ("/srv", "../../../x", "/x"),
+            ("/", "x", "/x"),
+            ("/srv/jobs/", ".", "/srv/jobs"),
+            ("/srv/jobs", "..x/y..", "/srv/jobs/..x/y.."),
+        ];
+        for (base, rel, joined) in cases {
+            assert_eq!(join_lexically(base, rel), joined, "{base} + {rel}");
+        }
     }
 }
