@@ -115,18 +115,22 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
 
     // Wait until rank 0 has written enough history for a curve.
     let bearer = format!("Authorization: Bearer {token}\r\n");
-    let started = Instant::now();
-    loop {
+    let history_steps = || {
         let (head, body) = http_get(&address, &format!("/api/jobs/{job}/history"), &bearer);
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         let history: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        let points = history["points"].as_array().map_or(0, |p| p.iter().filter(|p| p["loss"].is_number()).count());
-        if points >= CURVE_POINTS_MIN {
-            break;
+        let points = history["points"].as_array().cloned().unwrap_or_default();
+        points.iter().filter(|p| p["loss"].is_number()).filter_map(|p| p["step"].as_u64()).collect::<Vec<u64>>()
+    };
+    let started = Instant::now();
+    let before = loop {
+        let steps = history_steps();
+        if steps.len() >= CURVE_POINTS_MIN {
+            break steps;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "only {points} history points after 90 s");
+        assert!(started.elapsed() < Duration::from_secs(90), "only {} history points after 90 s", steps.len());
         std::thread::sleep(Duration::from_millis(500));
-    }
+    };
 
     // A spot notice for a gang member: the job records it and goes on.
     let member = gang(home, &job).into_iter().next().expect("a gang member");
@@ -156,6 +160,22 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
         assert!(started.elapsed() < Duration::from_secs(60), "no handover stall timed after 60 s");
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // The history goes on in order after the handover and keeps every earlier point: when the
+    // noticed member was rank 0, its replacement writes the rest of the generation's history
+    // (it used to overwrite the first segments, and the curve doubled back).
+    let swapped_at = status(home, &job)["step"].as_u64().expect("step");
+    let started = Instant::now();
+    let after = loop {
+        let steps = history_steps();
+        if steps.last().is_some_and(|&last| last > swapped_at) {
+            break steps;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no history past step {swapped_at}: {steps:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(after.is_sorted(), "history points in step order: {after:?}");
+    assert!(before.iter().all(|step| after.contains(step)), "points lost: {before:?} -> {after:?}");
 
     let profiles = tempfile::tempdir().expect("profiles");
     let job_url = format!("http://{address}/#/job/{job}&token={token}");

@@ -1,7 +1,8 @@
 //! Reading a job's metrics history (`<store>/jobs/<job>/history/*.jsonl`, written by its rank 0,
 //! see `flotilla_worker::history`) for the dashboard and `GET /api/jobs/<job>/history`: the
-//! points in time order, thinned to at most the number asked for (every point with validation
-//! metrics kept).
+//! points in training order (generation, then step: a live handover changes the writer, not the
+//! generation), thinned to at most the number asked for (every point with validation metrics
+//! kept).
 
 use flotilla_core::JobId;
 use flotilla_store::Location;
@@ -35,7 +36,18 @@ pub async fn read(store: &Location, job: JobId, points: usize) -> Result<Vec<ser
                 .filter(|point| point.is_object()),
         );
     }
+    in_training_order(&mut all);
     Ok(thin(all, points.clamp(1, POINTS_MAX)))
+}
+
+/// Sorts points by generation, then step, keeping the read order among equals (a step's
+/// validation point after its progress point). Pure.
+pub fn in_training_order(points: &mut [serde_json::Value]) {
+    let key = |p: &serde_json::Value| {
+        let field = |name: &str| p.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        (field("generation"), field("step"))
+    };
+    points.sort_by_key(key);
 }
 
 /// At most `limit` points: an even stride over the series, plus every point that carries
@@ -69,5 +81,22 @@ mod tests {
         assert!(thinned.iter().any(|p| p["val_accuracy"] == 0.9));
         let short: Vec<_> = (0..5).map(|s| json!({ "step": s })).collect();
         assert_eq!(super::thin(short.clone(), 100), short);
+    }
+
+    #[test]
+    fn points_come_in_training_order() {
+        // Segments of a second writer of generation 1 (after a live handover) read first.
+        let mut points = vec![
+            json!({ "generation": 1, "step": 30 }),
+            json!({ "generation": 2, "step": 5 }),
+            json!({ "generation": 1, "step": 10 }),
+            json!({ "generation": 1, "step": 30, "val_accuracy": 0.9 }),
+            json!({ "generation": 1, "step": 20 }),
+        ];
+        super::in_training_order(&mut points);
+        let order: Vec<_> = points.iter().map(|p| (p["generation"].as_u64(), p["step"].as_u64())).collect();
+        let expected = [(1, 10), (1, 20), (1, 30), (1, 30), (2, 5)].map(|(g, s)| (Some(g), Some(s)));
+        assert_eq!(order, expected);
+        assert!(points[3]["val_accuracy"].is_number(), "a step's validation point stays after its progress point");
     }
 }

@@ -463,7 +463,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
     let runtime = tokio::runtime::Handle::current();
     // Rank 0 keeps the job's metrics history in the store (not in the Raft log).
     let mut history = (rank == 0 && !train.job_prefix.is_empty())
-        .then(|| HistoryWriter::open(&train.job_prefix, generation))
+        .then(|| HistoryWriter::open(&train.job_prefix, generation, &worker_id.to_string()))
         .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "no metrics history")).ok());
     let world = train.world_size;
     std::thread::spawn(move || {
