@@ -8,6 +8,9 @@
 //!     2. running jobs past capacity.budget_usd -> RequestCheckpoint{Budget}
 //!        jobs out of slack for capacity.deadline_h (autoscale::deadline: remaining work at the
 //!          pace rank 0 reports, a restart and a checkpoint interval no longer fit) -> MoveToOnDemand
+//!        instances with no registered worker REGISTER_TIMEOUT after launch (no-shows: a broken
+//!          image or boot script) -> provider.terminate -> InstancesNoShow (an event on the job
+//!          they were bought for); their pool backs off as after a capacity error
 //!     3. autoscale::plan(gangs, held instances, market quotes (spot prices refreshed from the
 //!          provider every 5 min where it has them; interruption rates raised by the notices
 //!          this leader has seen in correlated pools, autoscale::risk), limits, back-off)
@@ -84,6 +87,10 @@ pub struct Input {
     pub interrupted: Vec<(String, PoolKey)>,
     /// Jobs with a deadline that may still run on spot.
     pub deadlines: Vec<DeadlineJob>,
+    /// Instances whose worker has not registered [`REGISTER_TIMEOUT_MS`] after their launch
+    /// (a broken image or boot script, or no route to the coordinators), with their pool and
+    /// market: no capacity for any gang; the pass terminates them and backs their pool off.
+    pub no_shows: Vec<(String, PoolKey, bool)>,
 }
 
 /// A job with `capacity.deadline_h` not yet moved to on-demand.
@@ -131,8 +138,15 @@ pub fn input(state: &State, now_ms: u64) -> Input {
         // register on it), and no capacity; given back after the idle cooldown.
         // Or its peers cannot reach it (held out): no capacity either while the hold lasts.
         let unreachable = worker.is_some_and(|w| !busy && w.held_unreachable(now_ms));
-        let lost = (!registered && lost_instances.contains(instance.id.as_str())) || unreachable;
         let overdue = !registered && now_ms.saturating_sub(instance.launched_at_unix_ms) >= REGISTER_TIMEOUT_MS;
+        let lost = (!registered && lost_instances.contains(instance.id.as_str())) || unreachable;
+        if overdue && !lost {
+            let pool = PoolKey { instance_type: instance.instance_type.clone(), zone: instance.zone.clone() };
+            out.no_shows.push((instance.id.clone(), pool, instance.spot));
+        }
+        // A no-show is no capacity either: it used to count as idle capacity for the gang it
+        // was bought for, which then waited for it forever while it was paid for.
+        let lost = lost || overdue;
         if (registered && !busy && !worker.is_some_and(|w| w.draining)) || overdue || lost {
             out.idle.insert(instance.id.clone());
         }
@@ -347,6 +361,8 @@ pub struct PassReport {
     pub orphans_terminated: Vec<String>,
     pub budget_stops: Vec<JobId>,
     pub deadline_moves: Vec<JobId>,
+    /// Instances terminated because no worker registered from them in time.
+    pub no_shows: Vec<String>,
 }
 
 fn launch_spec(config: &AutoscaleConfig, request: &InstanceRequest) -> LaunchSpec {
@@ -475,6 +491,26 @@ pub async fn pass<C: Control>(
     } else {
         control.input(now_ms).await?
     };
+    // No-shows go at once (their pool backs off as after a capacity error, as Kubernetes'
+    // cluster-autoscaler does with nodes that never become ready): they are paid for and
+    // serve nobody.
+    for (id, pool, spot) in &input.no_shows {
+        if let Err(e) = provider.terminate_dyn(std::slice::from_ref(id)).await {
+            tracing::warn!(instance = id, error = %e, "could not terminate an instance whose worker never registered; retrying later");
+            continue;
+        }
+        control.propose(Command::InstancesNoShow { ids: vec![id.clone()] }).await?;
+        memory.backoff.failed(pool, *spot, now_ms);
+        tracing::warn!(
+            instance = id,
+            pool = %pool,
+            "no worker registered from this instance {} min after its launch: terminated, its pool backs off; \
+             check that the image starts `flotilla worker` at boot and reaches the coordinators",
+            REGISTER_TIMEOUT_MS / 60_000
+        );
+        report.no_shows.push(id.clone());
+    }
+    let input = if report.no_shows.is_empty() { input } else { control.input(now_ms).await? };
     memory.idle_since.retain(|id, _| input.idle.contains(id));
     for id in &input.idle {
         memory.idle_since.entry(id.clone()).or_insert(now_ms);

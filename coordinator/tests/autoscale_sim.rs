@@ -796,3 +796,64 @@ fn members_noticed_together_get_one_replacement_each_bought_once() {
     pass(&mut control, &mut memory, 14_000);
     assert_eq!(bought(&control, &gang).len(), 2, "{:?}", control.state.instances);
 }
+
+/// An instance whose worker never registers (a broken image or boot script, no route to the
+/// coordinators) is terminated once overdue, its pool backs off, the job's events say why, and
+/// the gang is bought again elsewhere. It used to count as the gang's idle capacity: the job
+/// waited forever while the instance was paid for.
+#[test]
+fn an_instance_whose_worker_never_registers_is_terminated_and_its_pool_backs_off() {
+    let (mut control, provider, cloud) = submitted(
+        "name = \"n\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+         workers = { min = 2, gpus = 1 }\n",
+    );
+    let mut memory = Memory::default();
+    let pass_at = |control: &mut Local, memory: &mut Memory, now: u64| {
+        control.now = now;
+        futures_block_on(autoscaling::pass(control, &provider, &config(), memory, now)).expect("pass")
+    };
+    let mut now = 2000;
+    pass_at(&mut control, &mut memory, now);
+    let first: Vec<_> = control.state.instances.values().cloned().collect();
+    assert_eq!(first.len(), 2, "the gang is bought: {first:?}");
+    let pool = (first[0].instance_type.clone(), first[0].zone.clone());
+    // Still booting a minute before the timeout: nothing terminated, nothing bought twice.
+    now += REGISTER_TIMEOUT_MS - 60_000;
+    let report = pass_at(&mut control, &mut memory, now);
+    assert!(report.no_shows.is_empty() && report.launched.is_empty(), "{report:?}");
+    // Overdue: both go, the job says so once per instance, and the gang is bought again
+    // outside the pool that backs off.
+    now += 60_000;
+    let report = pass_at(&mut control, &mut memory, now);
+    let mut ids: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
+    ids.sort();
+    let mut no_shows = report.no_shows.clone();
+    no_shows.sort();
+    assert_eq!(no_shows, ids, "{report:?}");
+    for id in &ids {
+        let gone = cloud.all().into_iter().any(|i| i.id == *id && i.state == InstanceState::Terminated);
+        assert!(gone, "{id} terminated in the cloud");
+        assert!(control.state.instances[id].terminated_at_unix_ms.is_some(), "{id} recorded as terminated");
+    }
+    let events = |control: &Local| -> Vec<String> {
+        let job = control.state.jobs.values().next().expect("the job");
+        job.events.iter().filter(|e| e.kind == "capacity").map(|e| e.message.clone()).collect()
+    };
+    let said = events(&control);
+    assert_eq!(said.len(), 2, "{said:?}");
+    for (message, id) in said.iter().zip(&ids) {
+        assert!(message.contains(id.as_str()) && message.contains("registered no worker in 10 min"), "{message}");
+        assert!(message.contains("`flotilla worker`"), "{message}");
+    }
+    assert_eq!(report.launched.len(), 2, "bought again: {report:?}");
+    for id in &report.launched {
+        let again = &control.state.instances[id];
+        assert!(
+            !(again.spot && (again.instance_type.clone(), again.zone.clone()) == pool),
+            "not in the pool that backs off: {again:?}"
+        );
+    }
+    // Said once: later passes add nothing for the instances already gone.
+    pass_at(&mut control, &mut memory, now + 2000);
+    assert_eq!(events(&control).len(), 2);
+}

@@ -570,6 +570,20 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::InstancesChanged)
         }
+        Command::InstancesNoShow { ids } => {
+            for id in ids {
+                let Some(instance) = state.instances.get_mut(&id).filter(|i| i.terminated_at_unix_ms.is_none()) else {
+                    continue; // already gone: said once
+                };
+                instance.terminated_at_unix_ms = Some(now);
+                let instance = instance.clone();
+                let job = state.instance_requests.get(&instance.request_id).and_then(|r| r.job);
+                if let Some(job) = job.and_then(|id| state.jobs.get_mut(&id)).filter(|j| !j.state.is_terminal()) {
+                    push_event(job, now, "capacity", no_show_message(&instance, now));
+                }
+            }
+            Ok(Applied::InstancesChanged)
+        }
         Command::RecordCheckpoint { job_id, checkpoint, reporter } => {
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             // The writer of an announced checkpoint confirms it, whichever generation runs by
@@ -1388,6 +1402,20 @@ pub(super) fn bounded(text: String) -> String {
 /// ([`crate::text::clip_middle`]).
 fn bounded_to(text: String, max_bytes: usize) -> String {
     crate::text::clip_middle(text, max_bytes)
+}
+
+/// What a job's events say of an instance bought for it that never registered a worker.
+fn no_show_message(instance: &InstanceRecord, now: u64) -> String {
+    let minutes = now.saturating_sub(instance.launched_at_unix_ms) / 60_000;
+    format!(
+        "instance {} ({} {} in {}) registered no worker in {minutes} min since its launch: terminated, and its pool \
+         backs off. Check that the image starts `flotilla worker` at boot (the instance's console output or \
+         cloud-init log), and that it reaches the coordinators with the cluster's join token",
+        instance.id,
+        instance.instance_type,
+        if instance.spot { "spot" } else { "on-demand" },
+        instance.zone,
+    )
 }
 
 fn push_event(job: &mut Job, at_unix_ms: u64, kind: &str, message: String) {

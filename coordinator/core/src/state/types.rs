@@ -1162,6 +1162,12 @@ pub enum Command {
     InstancesTerminated {
         ids: Vec<String>,
     },
+    /// The autoscaler terminated these instances because no worker registered from them in
+    /// time (a broken image or boot script, or no route to the coordinators): as
+    /// `InstancesTerminated`, plus an event on the job each was bought for.
+    InstancesNoShow {
+        ids: Vec<String>,
+    },
     /// The scheduler's explanation of why a pending job waits (proposed only when it changes).
     /// Logs written before `SetPendingReasons` still hold it.
     SetPendingReason {
