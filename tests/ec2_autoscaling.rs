@@ -148,6 +148,20 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
         .collect();
     ids.sort();
     assert_eq!(ids, fleet, "{listed}");
+    // While the job waits, `status` says what the autoscaler does for it, not only that no
+    // worker is free (its word used to be computed and dropped).
+    wait_until("the autoscaler's word in the job's reason", Duration::from_secs(15), || {
+        let out = common::command(&home)
+            .args(["--coordinator", &address, "status", "job-1", "-o", "json"])
+            .env("FLOTILLA_TOKEN", TOKEN)
+            .output()
+            .expect("status");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status["reason"].as_str().is_some_and(|r| {
+            r.contains("waiting for 3 free worker(s)")
+                && r.contains("; autoscaler: 3 instance(s) bought for it are starting")
+        })
+    });
 
     // Kill the coordinator; meanwhile an instance with the cluster's tag appears that no
     // recorded request launched (as if a leader died between launching and recording).

@@ -334,9 +334,16 @@ impl Control for Leader {
     }
 }
 
+/// What the autoscaler says of each gang it buys for or cannot buy for (shared with the
+/// scheduling loop, which adds it to the job's pending reason): the leader's memory, replaced
+/// at every pass, empty on a node that does not lead.
+pub type CapacityNotes = std::sync::Arc<std::sync::Mutex<BTreeMap<JobId, String>>>;
+
 /// The leader's memory between passes.
 #[derive(Debug, Default)]
 pub struct Memory {
+    /// The last pass's word on each waiting gang: buying, starting, or why it cannot buy.
+    pub notes: BTreeMap<JobId, String>,
     pub backoff: Backoff,
     /// Interruptions this leader has seen, for the correlated risk of every pool.
     pub risk: PoolRisk,
@@ -415,6 +422,23 @@ async fn settle<C: Control>(
         }
     };
     control.propose(command).await.map(|_| ())
+}
+
+/// The word on each gang (pure): the plan's reason where it bought or could not buy, else how
+/// many instances bought for the job are still starting.
+fn notes(held: &[Held], mut waiting: BTreeMap<JobId, String>) -> BTreeMap<JobId, String> {
+    let mut starting: BTreeMap<JobId, usize> = BTreeMap::new();
+    for h in held.iter().filter(|h| !h.busy && !h.lost && h.idle_since_ms.is_none()) {
+        if let Some(job) = h.reserved_for {
+            *starting.entry(job).or_default() += 1;
+        }
+    }
+    for (job, n) in starting {
+        waiting.entry(job).or_insert_with(|| {
+            format!("{n} instance(s) bought for it are starting (their workers register as they boot)")
+        });
+    }
+    waiting
 }
 
 /// Moves the jobs out of slack for their deadline to on-demand capacity.
@@ -553,6 +577,7 @@ pub async fn pass<C: Control>(
     }
     memory.risk.adjust(&mut quotes, now_ms);
     let plan = autoscale::plan(now_ms, &input.gangs, &held, &quotes, &config.limits, &memory.backoff);
+    memory.notes = notes(&held, plan.waiting.clone());
     for decision in plan.decisions {
         match decision {
             Decision::Launch { job, pool, spot, count, usd_per_hour } => {
@@ -629,7 +654,13 @@ pub async fn autoscale_loop(
     progress: std::sync::Arc<crate::progress::Progress>,
     provider: std::sync::Arc<dyn DynProvider>,
     config: AutoscaleConfig,
+    notes: CapacityNotes,
 ) {
+    let share = |memory: &Memory| {
+        if let Ok(mut shared) = notes.lock() {
+            shared.clone_from(&memory.notes);
+        }
+    };
     let mut leader = Leader { node, progress };
     let mut memory = Memory::default();
     let mut was_leader = false;
@@ -638,6 +669,7 @@ pub async fn autoscale_loop(
         let leading = leader.node.status().leader_id == Some(leader.node.id);
         if !leading {
             was_leader = false;
+            share(&Memory::default());
             continue;
         }
         if !was_leader {
@@ -650,5 +682,6 @@ pub async fn autoscale_loop(
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "autoscaling pass cut short; the next one continues"),
         }
+        share(&memory);
     }
 }

@@ -256,6 +256,7 @@ pub async fn schedule_loop(
     mut node: NodeHandle,
     leases: std::sync::Arc<crate::leases::Leases>,
     policy: HandoverPolicy,
+    capacity_notes: crate::autoscaling::CapacityNotes,
 ) {
     let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
     let mut reasons_at: Option<Instant> = None;
@@ -343,8 +344,11 @@ pub async fn schedule_loop(
             work += planning.elapsed();
             if reasons_due {
                 reasons_at = Some(Instant::now());
-                let changed: Vec<(JobId, String)> =
-                    plan.waiting.into_iter().filter(|(job_id, reason)| reasons.get(job_id) != Some(reason)).collect();
+                let notes = capacity_notes.lock().map(|n| n.clone()).unwrap_or_default();
+                let changed: Vec<(JobId, String)> = with_capacity_notes(plan.waiting, &notes)
+                    .into_iter()
+                    .filter(|(job_id, reason)| reasons.get(job_id) != Some(reason))
+                    .collect();
                 for batch in changed.chunks(PENDING_REASONS_PER_COMMAND_MAX) {
                     let _ = node.propose(Command::SetPendingReasons { reasons: batch.to_vec() }).await;
                 }
@@ -365,6 +369,22 @@ pub async fn schedule_loop(
             }
         }
     }
+}
+
+/// The scheduler's reasons for waiting jobs with the autoscaler's word on each appended
+/// (what it buys, or why it cannot): "waiting for 2 free worker(s) ...; autoscaler: buying 2
+/// spot instance(s) in g5.xlarge/us-east-1a at 0.400 $/h". Pure.
+pub fn with_capacity_notes(
+    waiting: BTreeMap<JobId, String>,
+    notes: &BTreeMap<JobId, String>,
+) -> BTreeMap<JobId, String> {
+    waiting
+        .into_iter()
+        .map(|(job, reason)| match notes.get(&job) {
+            Some(note) => (job, format!("{reason}; autoscaler: {note}")),
+            None => (job, reason),
+        })
+        .collect()
 }
 
 /// An inference job's want of workers.
@@ -404,6 +424,16 @@ mod tests {
 
     /// Replacements can come; handovers stop the gang.
     const EXPECTED: HandoverPolicy = HandoverPolicy { replacements_expected: true, live: false };
+
+    #[test]
+    fn the_autoscalers_word_is_appended_to_a_waiting_jobs_reason() {
+        let waiting = BTreeMap::from([(JobId(1), "waiting for 2 free worker(s)".to_string()), (JobId(2), "w".into())]);
+        let notes = BTreeMap::from([(JobId(1), "buying 2 spot instance(s)".to_string()), (JobId(7), "x".into())]);
+        let reasons = with_capacity_notes(waiting, &notes);
+        assert_eq!(reasons[&JobId(1)], "waiting for 2 free worker(s); autoscaler: buying 2 spot instance(s)");
+        assert_eq!(reasons[&JobId(2)], "w", "no word, no change");
+        assert_eq!(reasons.len(), 2, "a note for a job that does not wait adds nothing");
+    }
 
     #[test]
     fn inference_takes_the_idle_workers_oldest_job_first() {

@@ -311,7 +311,8 @@ pub async fn run(
         replacements_expected: config.capacity.is_some() || replacer.is_some(),
         live: config.live_handover,
     };
-    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), policy));
+    let capacity_notes = crate::autoscaling::CapacityNotes::default();
+    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), policy, capacity_notes.clone()));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
     tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));
@@ -321,6 +322,7 @@ pub async fn run(
             progress.clone(),
             capacity.provider,
             capacity.config,
+            capacity_notes,
         ));
     }
     let cluster = ClusterServiceServer::new(ClusterApi {

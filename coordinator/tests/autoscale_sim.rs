@@ -816,6 +816,15 @@ fn an_instance_whose_worker_never_registers_is_terminated_and_its_pool_backs_off
     pass_at(&mut control, &mut memory, now);
     let first: Vec<_> = control.state.instances.values().cloned().collect();
     assert_eq!(first.len(), 2, "the gang is bought: {first:?}");
+    // What it says of the job (the scheduler appends it to the pending reason).
+    let job_id = *control.state.jobs.keys().next().expect("the job");
+    let note = memory.notes.get(&job_id).cloned().unwrap_or_default();
+    assert!(note.starts_with("buying 2 spot instance(s) in "), "{note}");
+    pass_at(&mut control, &mut memory, now + 2000);
+    assert_eq!(
+        memory.notes.get(&job_id).map(String::as_str),
+        Some("2 instance(s) bought for it are starting (their workers register as they boot)")
+    );
     let pool = (first[0].instance_type.clone(), first[0].zone.clone());
     // Still booting a minute before the timeout: nothing terminated, nothing bought twice.
     now += REGISTER_TIMEOUT_MS - 60_000;

@@ -364,7 +364,10 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
         if count + u64::from(buy) > u64::from(limits.max_instances) {
             plan.waiting.insert(
                 gang.job,
-                format!("{buy} more instance(s) would pass the cluster's limit of {}", limits.max_instances),
+                format!(
+                    "{buy} more instance(s) would pass the cluster's limit of {} (coordinator --max-instances)",
+                    limits.max_instances
+                ),
             );
             continue;
         }
@@ -372,7 +375,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             plan.waiting.insert(
                 gang.job,
                 format!(
-                    "{buy} x {usd_per_hour:.3} $/h would pass the cluster's budget of {:.2} $/h",
+                    "{buy} x {usd_per_hour:.3} $/h would pass the cluster's budget of {:.2} $/h (coordinator --max-usd-per-hour)",
                     limits.max_usd_per_hour
                 ),
             );
