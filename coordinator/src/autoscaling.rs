@@ -42,6 +42,10 @@ use flotilla_proto::ApiError;
 
 use crate::provider::{DynProvider, Instance, LaunchSpec, ProviderError};
 
+/// A failed launch's text in a job's reason, at most (the provider's message, clipped in the
+/// middle).
+const FAILURE_TEXT_MAX: usize = 400;
+
 /// How often the leader runs a pass.
 pub const PASS_EVERY: Duration = Duration::from_secs(2);
 /// How often the cloud's view is compared with the state (orphans, instances taken back).
@@ -344,6 +348,9 @@ pub type CapacityNotes = std::sync::Arc<std::sync::Mutex<BTreeMap<JobId, String>
 pub struct Memory {
     /// The last pass's word on each waiting gang: buying, starting, or why it cannot buy.
     pub notes: BTreeMap<JobId, String>,
+    /// The last failed launch for each job since its last successful one (what the provider
+    /// said: a dry spot pool, a quota, an image that does not exist, missing permissions).
+    failures: BTreeMap<JobId, String>,
     pub backoff: Backoff,
     /// Interruptions this leader has seen, for the correlated risk of every pool.
     pub risk: PoolRisk,
@@ -399,7 +406,20 @@ async fn settle<C: Control>(
     report: &mut PassReport,
 ) -> Result<(), ApiError> {
     let pool = PoolKey { instance_type: request.instance_type.clone(), zone: request.zone.clone() };
-    let command = match provider.launch_dyn(&launch_spec(config, request)).await {
+    let launched = provider.launch_dyn(&launch_spec(config, request)).await;
+    if let Some(job) = request.job {
+        match &launched {
+            Ok(_) => {
+                memory.failures.remove(&job);
+            }
+            Err(e) => {
+                let market = if request.spot { "spot" } else { "on-demand" };
+                let failure = format!("{} {market} in {pool}: {e}", request.count);
+                memory.failures.insert(job, flotilla_core::text::clip_middle(failure, FAILURE_TEXT_MAX));
+            }
+        }
+    }
+    let command = match launched {
         Ok(instances) => {
             memory.backoff.succeeded(&pool, request.spot);
             report.launched.extend(instances.iter().map(|i| i.id.clone()));
@@ -425,8 +445,12 @@ async fn settle<C: Control>(
 }
 
 /// The word on each gang (pure): the plan's reason where it bought or could not buy, else how
-/// many instances bought for the job are still starting.
-fn notes(held: &[Held], mut waiting: BTreeMap<JobId, String>) -> BTreeMap<JobId, String> {
+/// many instances bought for the job are still starting; then the job's last failed launch.
+fn notes(
+    held: &[Held],
+    mut waiting: BTreeMap<JobId, String>,
+    failures: &BTreeMap<JobId, String>,
+) -> BTreeMap<JobId, String> {
     let mut starting: BTreeMap<JobId, usize> = BTreeMap::new();
     for h in held.iter().filter(|h| !h.busy && !h.lost && h.idle_since_ms.is_none()) {
         if let Some(job) = h.reserved_for {
@@ -437,6 +461,11 @@ fn notes(held: &[Held], mut waiting: BTreeMap<JobId, String>) -> BTreeMap<JobId,
         waiting.entry(job).or_insert_with(|| {
             format!("{n} instance(s) bought for it are starting (their workers register as they boot)")
         });
+    }
+    for (job, failure) in failures {
+        let said = waiting.entry(*job).or_default();
+        let joint = if said.is_empty() { "" } else { "; " };
+        *said = format!("{said}{joint}the last launch failed: {failure}");
     }
     waiting
 }
@@ -577,7 +606,7 @@ pub async fn pass<C: Control>(
     }
     memory.risk.adjust(&mut quotes, now_ms);
     let plan = autoscale::plan(now_ms, &input.gangs, &held, &quotes, &config.limits, &memory.backoff);
-    memory.notes = notes(&held, plan.waiting.clone());
+    let waiting = plan.waiting.clone();
     for decision in plan.decisions {
         match decision {
             Decision::Launch { job, pool, spot, count, usd_per_hour } => {
@@ -619,6 +648,9 @@ pub async fn pass<C: Control>(
             Decision::Terminate { .. } => {} // a worker without an instance record: not ours to stop
         }
     }
+    // The word on each gang, with what this pass's launches met.
+    memory.failures.retain(|job, _| input.gangs.iter().any(|g| g.job == *job));
+    memory.notes = notes(&held, waiting, &memory.failures);
     if now_ms.saturating_sub(memory.last_reconcile_ms) >= RECONCILE_EVERY_MS || memory.last_reconcile_ms == 0 {
         memory.last_reconcile_ms = now_ms.max(1);
         let input = control.input(now_ms).await?;

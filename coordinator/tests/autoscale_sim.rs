@@ -866,3 +866,28 @@ fn an_instance_whose_worker_never_registers_is_terminated_and_its_pool_backs_off
     pass_at(&mut control, &mut memory, now + 2000);
     assert_eq!(events(&control).len(), 2);
 }
+
+/// A failed launch is part of the job's reason (what the provider said) until a launch for it
+/// succeeds: it used to be recorded only on the instance request, which no command shows.
+#[test]
+fn a_failed_launch_is_in_the_jobs_reason_until_one_succeeds() {
+    // 4 workers of g5.xlarge: pool a (cheapest) has spot capacity for 3 only.
+    let (mut control, provider, _cloud) = submitted(
+        "name = \"f\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+         workers = { min = 4, gpus = 1 }\ncapacity = { instance_types = [\"g5.xlarge\"] }\n",
+    );
+    let job_id = *control.state.jobs.keys().next().expect("the job");
+    let mut memory = Memory::default();
+    control.now = 2000;
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 2000)).expect("pass");
+    let note = memory.notes.get(&job_id).cloned().unwrap_or_default();
+    assert!(
+        note.contains("; the last launch failed: 4 spot in g5.xlarge/a: no capacity: "),
+        "the provider's answer in the job's word: {note}"
+    );
+    // The pool backs off; the next pass buys in b and the failure is no longer said.
+    control.now = 4000;
+    futures_block_on(autoscaling::pass(&mut control, &provider, &config(), &mut memory, 4000)).expect("pass");
+    let note = memory.notes.get(&job_id).cloned().unwrap_or_default();
+    assert!(note.starts_with("buying 4 spot instance(s) in g5.xlarge/b") && !note.contains("failed"), "{note}");
+}

@@ -352,10 +352,18 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             }
         }
         let Some((_, quote, spot, buy)) = best else {
-            let why = if gang.spot && !gang.on_demand_fallback && quotes.iter().any(|q| allowed(gang, q, true)) {
-                "every allowed spot pool is backing off after capacity errors (no on-demand fallback)"
-            } else {
+            let permitted_anywhere = quotes.iter().any(|q| {
+                [true, false].into_iter().any(|spot| {
+                    let permitted = if spot { gang.spot } else { !gang.spot || gang.on_demand_fallback };
+                    permitted && allowed(gang, q, spot)
+                })
+            });
+            let why = if !permitted_anywhere {
                 "no allowed pool fits (instance_types, GPUs, max_price_usd_per_hour)"
+            } else if gang.spot && !gang.on_demand_fallback {
+                "every allowed spot pool is backing off after failed launches (no on-demand fallback)"
+            } else {
+                "every allowed pool is backing off after failed launches"
             };
             plan.waiting.insert(gang.job, why.into());
             continue;

@@ -76,6 +76,27 @@ fn a_mixed_gang_counts_idle_instances_of_its_zone_and_buys_only_the_rest() {
 }
 
 #[test]
+fn a_gang_that_cannot_buy_says_whether_no_pool_fits_or_every_pool_backs_off() {
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 0.0)];
+    let why = |gang: Gang, backoff: &Backoff| {
+        let plan = plan(0, &[gang], &[], &quotes, &Limits::default(), backoff);
+        assert!(launches(&plan).is_empty());
+        plan.waiting[&JobId(1)].clone()
+    };
+    let mut both = Backoff::default();
+    both.failed(&pool("g5.xlarge", "a"), true, 0);
+    both.failed(&pool("g5.xlarge", "a"), false, 0);
+    // Spot and on-demand both failed (a zone without a subnet, say): not "no pool fits".
+    assert_eq!(why(gang(1, 2), &both), "every allowed pool is backing off after failed launches");
+    let mut spot = Backoff::default();
+    spot.failed(&pool("g5.xlarge", "a"), true, 0);
+    let strict = Gang { on_demand_fallback: false, ..gang(1, 2) };
+    assert!(why(strict, &spot).starts_with("every allowed spot pool is backing off"));
+    let typed = Gang { instance_types: vec!["p4d.24xlarge".into()], ..gang(1, 2) };
+    assert!(why(typed, &Backoff::default()).starts_with("no allowed pool fits"));
+}
+
+#[test]
 fn spot_above_on_demand_is_passed_over_for_on_demand_or_another_pool() {
     // a's spot is the cheapest spot but above its own on-demand price; b's spot is dearer.
     let quotes = [quote("g5.xlarge", "a", 0.90, 0.80, 0.0), quote("g4dn.xlarge", "b", 0.95, 1.2, 0.0)];
