@@ -175,8 +175,32 @@ fn capacity(
     }
     let market_path = args.market.as_ref().context("--market is required with --provider (prices per pool)")?;
     let text = std::fs::read_to_string(market_path).with_context(|| format!("reading {}", market_path.display()))?;
-    let market =
+    let mut market =
         flotilla_core::market::Trace::parse(&text).with_context(|| format!("--market {}", market_path.display()))?;
+    // With subnets named per zone, a zone without one can take no instance: its pools are left
+    // out (Terraform names the coordinators' zones; a price list may cover more).
+    let subnet_zones: Vec<&str> =
+        args.ec2_subnet.iter().filter_map(|pair| pair.split_once('=')).map(|(zone, _)| zone.trim()).collect();
+    if args.provider == ProviderKind::Ec2 && !subnet_zones.is_empty() {
+        let dropped = market.retain_zones(|zone| subnet_zones.contains(&zone));
+        if market.pools().next().is_none() {
+            bail!(
+                "--market prices no zone that an --ec2-subnet names ({}): every launch would fail; name a subnet in \
+                 a zone the market prices",
+                subnet_zones.join(", ")
+            );
+        }
+        if !dropped.is_empty() {
+            let warning = format!(
+                "--market prices zone(s) {} that no --ec2-subnet names: their pools are left out",
+                dropped.join(", ")
+            );
+            tracing::warn!("{warning}");
+            if !connect {
+                println!("warning: {warning}"); // --check-config
+            }
+        }
+    }
     if args.max_instances == 0 || args.max_instances > MAX_INSTANCES_LIMIT {
         bail!("--max-instances must be 1 to {MAX_INSTANCES_LIMIT}, got {}", args.max_instances);
     }

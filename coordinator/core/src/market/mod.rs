@@ -119,6 +119,15 @@ impl Trace {
         self.pools.keys()
     }
 
+    /// Leaves out the pools of the zones `keep` refuses (a zone the provider cannot launch
+    /// in); returns those zones, sorted, once each.
+    pub fn retain_zones(&mut self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let dropped: std::collections::BTreeSet<String> =
+            self.pools.keys().filter(|p| !keep(&p.zone)).map(|p| p.zone.clone()).collect();
+        self.pools.retain(|p, _| !dropped.contains(&p.zone));
+        dropped.into_iter().collect()
+    }
+
     /// The state of `pool` at `hour` (the last row at or before it).
     pub fn at(&self, pool: &PoolKey, hour: f64) -> Option<&PoolState> {
         let rows = self.pools.get(pool)?;

@@ -18,6 +18,16 @@ fn jobs() -> Vec<SimJob> {
 }
 
 #[test]
+fn pools_of_zones_the_provider_cannot_launch_in_are_left_out() {
+    let mut trace = Trace::parse(TRACE).expect("trace");
+    assert_eq!(trace.retain_zones(|zone| zone == "b"), ["a"]);
+    let left: Vec<&PoolKey> = trace.pools().collect();
+    assert_eq!(left, [&PoolKey { instance_type: "g4dn.xlarge".into(), zone: "b".into() }]);
+    assert_eq!(trace.quotes(6.0).len(), 1);
+    assert!(trace.retain_zones(|_| true).is_empty());
+}
+
+#[test]
 fn traces_parse_with_step_functions_and_refuse_bad_rows() {
     let trace = Trace::parse(TRACE).expect("trace");
     let pool = PoolKey { instance_type: "g5.xlarge".into(), zone: "a".into() };
