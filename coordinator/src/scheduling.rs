@@ -114,6 +114,7 @@ fn pending_job(j: &Job) -> PendingJob {
         gpus_per_worker: j.spec.workers.gpus,
         on_demand_only: j.needs_on_demand(),
         mixed: j.spec.capacity.mixed_types,
+        instance_types: j.spec.capacity.instance_types.clone(),
         holders: j.ended_gang.clone(),
     }
 }

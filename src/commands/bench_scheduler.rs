@@ -30,6 +30,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             gpus_per_worker: u32::from(i % 4 == 0),
             on_demand_only: false,
             mixed: false,
+            instance_types: Vec::new(),
             holders: Vec::new(),
         })
         .collect();

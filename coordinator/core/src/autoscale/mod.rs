@@ -272,6 +272,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
         let usable = |h: &&Held, gang: &Gang| {
             !used.contains(&h.id)
                 && h.gpus >= gang.gpus_per_worker
+                && crate::spec::instance_type_allowed(&gang.instance_types, &h.pool.instance_type)
                 && h.reserved_for.is_none_or(|j| j == gang.job)
                 && (gang.spot || !h.spot)
                 && gang.pool.as_ref().is_none_or(|p| *p == h.pool)

@@ -180,6 +180,15 @@ fn idle_instances_count_and_the_rest_is_bought_in_their_pool() {
 }
 
 #[test]
+fn idle_instances_of_a_type_the_gang_does_not_allow_do_not_cover_it() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0), quote("p4d.24xlarge", "a", 9.0, 32.0, 0.0)];
+    let idle = [held("i-1", pool("g5.xlarge", "a"), false, Some(0))];
+    let typed = Gang { instance_types: vec!["p4d.24xlarge".into()], ..gang(1, 1) };
+    let plan = plan(1, &[typed], &idle, &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&plan), [(JobId(1), pool("p4d.24xlarge", "a"), true, 1)]);
+}
+
+#[test]
 fn an_instance_whose_worker_was_lost_is_no_capacity_and_goes_after_the_cooldown() {
     let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0)];
     let dead = Held { lost: true, ..held("i-1", pool("g5.xlarge", "a"), false, Some(0)) };

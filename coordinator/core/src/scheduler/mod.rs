@@ -7,7 +7,9 @@
 //! Rules
 //! - Order: higher `priority` first, then FIFO (`submitted_index`, the job's Raft log index).
 //! - Gang: a job is placed only when at least `min` fitting workers are free together, and
-//!   gets at most `max` of them. A worker fits when it has at least the job's GPUs per worker.
+//!   gets at most `max` of them. A worker fits when it has at least the job's GPUs per worker
+//!   and is of one of its `capacity.instance_types` (any, when the list is empty; a worker of
+//!   type `local`, which knows none, fits every list: [`crate::spec::instance_type_allowed`]).
 //! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
 //!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool
 //!   that gives it the most workers up to its `max`; among pools that give as many, the one
@@ -52,6 +54,8 @@ pub struct PendingJob {
     pub on_demand_only: bool,
     /// The gang may span pools (`capacity.mixed_types`).
     pub mixed: bool,
+    /// Instance types it may run on (`capacity.instance_types`); empty: any.
+    pub instance_types: Vec<String>,
     /// The members of its gang that ended last (empty for a job that never ran): taken first
     /// when free (see the module docs).
     pub holders: Vec<WorkerId>,
@@ -183,8 +187,10 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
         let min = job.min_workers.max(1) as usize;
         let want = job.max_workers.max(job.min_workers) as usize;
         let (gpus, on_demand_only, holders) = (job.gpus_per_worker, job.on_demand_only, job.holders.as_slice());
+        let typed = |name: &(&str, &str)| crate::spec::instance_type_allowed(&job.instance_types, name.0);
         let best = pools
             .iter()
+            .filter(|(name, _)| typed(name))
             .map(|(name, pool)| {
                 let fitting = pool.fitting(gpus, on_demand_only);
                 ((fitting.min(want), pool.holding(gpus, on_demand_only, holders), fitting), *name)
@@ -210,11 +216,14 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
             },
             best => {
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
-                let gpus = if job.gpus_per_worker > 0 {
+                let mut gpus = if job.gpus_per_worker > 0 {
                     format!(" with >= {} GPU(s)", job.gpus_per_worker)
                 } else {
                     String::new()
                 };
+                if !job.instance_types.is_empty() {
+                    gpus.push_str(&format!(" of type {}", job.instance_types.join("/")));
+                }
                 let kind = if job.on_demand_only { " on-demand" } else { "" };
                 plan.waiting.insert(
                     job.id,
@@ -233,9 +242,10 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
 /// how many fit in all, fewer than `min` (nothing is taken).
 fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: usize) -> Result<Vec<WorkerId>, usize> {
     let (gpus, on_demand_only) = (job.gpus_per_worker, job.on_demand_only);
+    let typed = |name: &(&str, &str)| crate::spec::instance_type_allowed(&job.instance_types, name.0);
     let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
-    for (&(_, zone), pool) in pools.iter() {
-        *per_zone.entry(zone).or_default() += pool.fitting(gpus, on_demand_only);
+    for (name, pool) in pools.iter().filter(|(name, _)| typed(name)) {
+        *per_zone.entry(name.1).or_default() += pool.fitting(gpus, on_demand_only);
     }
     let total: usize = per_zone.values().sum();
     if total < min {
@@ -248,7 +258,7 @@ fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: u
         .map(|(zone, _)| *zone);
     let mut names: Vec<((&str, &str), usize)> = pools
         .iter()
-        .filter(|((_, z), _)| zone.is_none_or(|zone| *z == zone))
+        .filter(|(name, _)| typed(name) && zone.is_none_or(|zone| name.1 == zone))
         .map(|(name, pool)| (*name, pool.fitting(gpus, on_demand_only)))
         .filter(|(_, n)| *n > 0)
         .collect();

@@ -14,6 +14,7 @@ fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
         gpus_per_worker: gpus,
         on_demand_only: false,
         mixed: false,
+        instance_types: Vec::new(),
         holders: Vec::new(),
     }
 }
@@ -158,6 +159,25 @@ fn gpu_jobs_get_gpu_workers_from_one_pool() {
 }
 
 #[test]
+fn a_job_runs_only_on_the_instance_types_it_allows_or_on_local_workers() {
+    let typed = PendingJob { instance_types: vec!["p4d.24xlarge".into()], ..job(1, 0, 2, 2, 1) };
+    // Idle T4s bought for another job: not for a job that asked for A100s.
+    let t4s = [worker(1, 1, "g4dn.xlarge"), worker(2, 1, "g4dn.xlarge")];
+    let plan = schedule(std::slice::from_ref(&typed), &t4s);
+    assert!(plan.placements.is_empty(), "{plan:?}");
+    assert!(plan.waiting[&JobId(1)].contains("of type p4d.24xlarge"), "{:?}", plan.waiting);
+    let a100s = [worker(3, 1, "p4d.24xlarge"), worker(4, 1, "p4d.24xlarge")];
+    let plan = schedule(std::slice::from_ref(&typed), &[t4s.as_slice(), a100s.as_slice()].concat());
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: vec![WorkerId(3), WorkerId(4)] }]);
+    // Workers that know no type (a local cluster) take a spec written for the cloud.
+    let local = [worker(5, 1, "local"), worker(6, 1, "local")];
+    assert_eq!(schedule(std::slice::from_ref(&typed), &local).placements.len(), 1);
+    // A mixed gang also keeps to its types.
+    let mixed = PendingJob { mixed: true, ..typed };
+    assert!(schedule(&[mixed], &[worker(1, 1, "g4dn.xlarge"), worker(3, 1, "p4d.24xlarge")]).placements.is_empty());
+}
+
+#[test]
 fn nothing_to_place_on_an_empty_cluster() {
     let plan = schedule(&[job(1, 0, 1, 1, 0)], &[]);
     assert!(plan.waiting[&JobId(1)].contains("has 0 (none)"));
@@ -166,17 +186,18 @@ fn nothing_to_place_on_an_empty_cluster() {
 
 fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
     let holders = prop::collection::vec(1u64..41, 0..3);
+    let types = prop::sample::subsequence(vec!["a", "b", "c", "local"], 0..=2);
     let jobs = prop::collection::vec(
-        (0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>(), holders),
+        (0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>(), holders, types),
         0..30,
     );
-    let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..3), 0..40);
+    let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..4), 0..40);
     (jobs, workers).prop_map(|(jobs, workers)| {
-        let pools = ["a", "b", "c"];
+        let pools = ["a", "b", "c", "local"];
         let jobs = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed, holders))| PendingJob {
+            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed, holders, types))| PendingJob {
                 id: JobId(i as u64 + 1),
                 priority,
                 submitted_index: index,
@@ -185,6 +206,7 @@ fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
                 gpus_per_worker: gpus,
                 on_demand_only,
                 mixed,
+                instance_types: types.into_iter().map(str::to_string).collect(),
                 holders: holders.into_iter().map(WorkerId).collect(),
             })
             .collect();
@@ -215,6 +237,7 @@ proptest! {
                 let w = workers.iter().find(|w| w.id == *id).expect("placed workers exist");
                 prop_assert!(w.gpus >= job.gpus_per_worker);
                 prop_assert!(!(job.on_demand_only && w.spot), "{job:?} got spot {id}");
+                prop_assert!(crate::spec::instance_type_allowed(&job.instance_types, &w.instance_type), "{job:?} got {w:?}");
                 pools.insert((&w.instance_type, &w.zone));
             }
             if !job.mixed {
@@ -232,7 +255,10 @@ proptest! {
                 None => {
                     let mut per_pool: BTreeMap<(&str, &str), BTreeSet<WorkerId>> = BTreeMap::new();
                     let fits = |w: &&FreeWorker| {
-                        !taken.contains(&w.id) && w.gpus >= job.gpus_per_worker && !(job.on_demand_only && w.spot)
+                        !taken.contains(&w.id)
+                            && w.gpus >= job.gpus_per_worker
+                            && !(job.on_demand_only && w.spot)
+                            && crate::spec::instance_type_allowed(&job.instance_types, &w.instance_type)
                     };
                     for w in workers.iter().filter(fits) {
                         per_pool.entry((&w.instance_type, &w.zone)).or_default().insert(w.id);

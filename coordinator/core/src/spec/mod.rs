@@ -195,7 +195,7 @@ pub struct CapacitySpec {
     pub spot: bool,
     /// When spot capacity is refused, buy on-demand instead of waiting.
     pub on_demand_fallback: bool,
-    /// Allowed instance types; empty means the provider's defaults.
+    /// Allowed instance types, to buy and to run on ([`instance_type_allowed`]); empty: any.
     pub instance_types: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_price_usd_per_hour: Option<f64>,
@@ -219,6 +219,19 @@ pub struct CapacitySpec {
     /// boot. They cost what they run for; 0: none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub spares: u32,
+}
+
+/// The instance type a worker reports when it knows none: the local provider's workers, and a
+/// worker started without an instance metadata endpoint.
+pub const LOCAL_INSTANCE_TYPE: &str = "local";
+
+/// Whether a worker of `instance_type` may run a job that allows `allowed`
+/// (`capacity.instance_types`): any type when the list is empty, and a worker that knows no type
+/// ([`LOCAL_INSTANCE_TYPE`]) whatever the list says, so a spec written for the cloud also runs
+/// on a local cluster. The scheduler, the autoscaler's idle capacity and a handover's
+/// replacement all judge by it.
+pub fn instance_type_allowed(allowed: &[String], instance_type: &str) -> bool {
+    allowed.is_empty() || instance_type == LOCAL_INSTANCE_TYPE || allowed.iter().any(|t| t == instance_type)
 }
 
 fn is_zero(n: &u32) -> bool {

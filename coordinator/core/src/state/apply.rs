@@ -933,8 +933,8 @@ fn free_to_replace(state: &State, job_id: JobId, worker: WorkerId, now: u64) -> 
 }
 
 /// Whether `worker` may replace a member of `job_id`'s gang: live, free, not draining nor
-/// suspect, not promised to another handover, with the job's GPUs, on-demand when the job
-/// must be.
+/// suspect, not promised to another handover, with the job's GPUs, of a type it allows,
+/// on-demand when the job must be.
 fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
     let Some(job) = state.jobs.get(&job_id) else { return false };
     let promised = reserving_job(state, worker).is_some();
@@ -944,6 +944,7 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
             && !w.draining
             && w.suspect_since_unix_ms.is_none()
             && w.info.gpus >= job.spec.workers.gpus
+            && crate::spec::instance_type_allowed(&job.spec.capacity.instance_types, &w.info.instance_type)
             && !promised
             && !(job.needs_on_demand() && on_spot(state, worker))
     })

@@ -653,6 +653,40 @@ fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() 
 }
 
 #[test]
+fn a_noticed_members_replacement_is_of_a_type_the_job_allows() {
+    let mut state = State::default();
+    let typed = JobSpec::from_toml_str(
+        "name = \"t\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 2 }\n\
+         capacity = { instance_types = [\"p4d.24xlarge\"] }\n",
+    )
+    .expect("spec");
+    at(&mut state, 1, Command::SubmitJob { spec: Box::new(typed), client_request_id: "t".into() }).expect("submit");
+    let typed_worker = |state: &mut State, index: u64, instance_type: &str| {
+        let info = WorkerInfo {
+            cpus: 2,
+            gpus: 0,
+            memory_bytes: 0,
+            instance_id: format!("i-{index}"),
+            instance_type: instance_type.into(),
+            zone: "z".into(),
+            hostname: "h".into(),
+            data_addr: "127.0.0.1:1".into(),
+        };
+        match at(state, index, Command::RegisterWorker { info, credential_sha256: String::new() }) {
+            Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
+            other => panic!("register: {other:?}"),
+        }
+    };
+    let (a, b) = (typed_worker(&mut state, 2, "p4d.24xlarge"), typed_worker(&mut state, 3, "p4d.24xlarge"));
+    at(&mut state, 4, Command::AssignGang { job_id: JobId(1), workers: vec![a, b] }).expect("assign");
+    let other = typed_worker(&mut state, 5, "g4dn.xlarge");
+    at(&mut state, 6, spot_notice(b, 130_000)).expect("notice");
+    assert_eq!(pick_replacement(&state, JobId(1), 7), None, "{other} is of a type the job does not allow");
+    let fitting = typed_worker(&mut state, 8, "p4d.24xlarge");
+    assert_eq!(pick_replacement(&state, JobId(1), 9), Some(fitting));
+}
+
+#[test]
 fn a_survivor_of_a_broken_gang_replaces_a_noticed_member_once_heard_from() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
