@@ -216,19 +216,19 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
             },
             best => {
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
-                let mut gpus = if job.gpus_per_worker > 0 {
+                let mut fitting = if job.gpus_per_worker > 0 {
                     format!(" with >= {} GPU(s)", job.gpus_per_worker)
                 } else {
                     String::new()
                 };
                 if !job.instance_types.is_empty() {
-                    gpus.push_str(&format!(" of type {}", job.instance_types.join("/")));
+                    fitting.push_str(&format!(" of type {}", job.instance_types.join("/")));
                 }
                 let kind = if job.on_demand_only { " on-demand" } else { "" };
                 plan.waiting.insert(
                     job.id,
                     format!(
-                        "waiting for {min} free{kind} worker(s){gpus} in one pool; the largest such group has {largest} ({pool})"
+                        "waiting for {min} free{kind} worker(s){fitting} in one pool; the largest such group has {largest} ({pool})"
                     ),
                 );
             }
