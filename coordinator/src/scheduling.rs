@@ -65,6 +65,7 @@ fn growable(state: &State, running: &[&Job]) -> Vec<RunningJob> {
                 gpus_per_worker: j.spec.workers.gpus,
                 pool: (first.info.instance_type.clone(), first.info.zone.clone()),
                 on_demand_only: j.needs_on_demand(),
+                max_usd_per_hour: j.spec.capacity.max_price_usd_per_hour,
             })
         })
         .collect()
@@ -115,6 +116,7 @@ fn pending_job(j: &Job) -> PendingJob {
         on_demand_only: j.needs_on_demand(),
         mixed: j.spec.capacity.mixed_types,
         instance_types: j.spec.capacity.instance_types.clone(),
+        max_usd_per_hour: j.spec.capacity.max_price_usd_per_hour,
         holders: j.ended_gang.clone(),
     }
 }
@@ -136,6 +138,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
             instance_type: w.info.instance_type.clone(),
             zone: w.info.zone.clone(),
             spot: flotilla_core::state::on_spot(state, w.id),
+            usd_per_hour: flotilla_core::state::usd_per_hour(state, w.id),
         })
         .collect()
 }

@@ -31,6 +31,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             on_demand_only: false,
             mixed: false,
             instance_types: Vec::new(),
+            max_usd_per_hour: None,
             holders: Vec::new(),
         })
         .collect();
@@ -41,6 +42,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             instance_type: ["g5.xlarge", "g4dn.xlarge"][(i % 2) as usize].to_string(),
             zone: ["a", "b"][((i / 2) % 2) as usize].to_string(),
             spot: false,
+            usd_per_hour: 0.0,
         })
         .collect();
     (pending, free)

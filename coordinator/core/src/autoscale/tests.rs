@@ -189,6 +189,15 @@ fn idle_instances_of_a_type_the_gang_does_not_allow_do_not_cover_it() {
 }
 
 #[test]
+fn idle_instances_above_the_gangs_price_cap_do_not_cover_it() {
+    let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0)];
+    let dear = Held { usd_per_hour: 32.0, ..held("i-1", pool("g5.xlarge", "a"), false, Some(0)) };
+    let capped = Gang { max_price_usd_per_hour: Some(1.5), ..gang(1, 1) };
+    let plan = plan(1, &[capped], &[dear], &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(launches(&plan), [(JobId(1), pool("g5.xlarge", "a"), true, 1)]);
+}
+
+#[test]
 fn an_instance_whose_worker_was_lost_is_no_capacity_and_goes_after_the_cooldown() {
     let quotes = [quote("g5.xlarge", "a", 0.5, 1.0, 0.0)];
     let dead = Held { lost: true, ..held("i-1", pool("g5.xlarge", "a"), false, Some(0)) };

@@ -9,7 +9,9 @@
 //! - Gang: a job is placed only when at least `min` fitting workers are free together, and
 //!   gets at most `max` of them. A worker fits when it has at least the job's GPUs per worker
 //!   and is of one of its `capacity.instance_types` (any, when the list is empty; a worker of
-//!   type `local`, which knows none, fits every list: [`crate::spec::instance_type_allowed`]).
+//!   type `local`, which knows none, fits every list: [`crate::spec::instance_type_allowed`]),
+//!   on an instance whose price is within its `capacity.max_price_usd_per_hour` (the job pays
+//!   what its workers' instances cost).
 //! - Pools: a gang's workers share one pool (instance type + zone), since synchronous
 //!   all-reduce runs at the speed of the slowest link (DESIGN §6). The job goes to the pool
 //!   that gives it the most workers up to its `max`; among pools that give as many, the one
@@ -41,7 +43,7 @@ use crate::ids::{JobId, WorkerId};
 /// Jobs considered in one scheduling pass at most (the rest wait for the next pass).
 pub const PENDING_JOBS_MAX: usize = 100_000;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PendingJob {
     pub id: JobId,
     pub priority: i32,
@@ -56,12 +58,14 @@ pub struct PendingJob {
     pub mixed: bool,
     /// Instance types it may run on (`capacity.instance_types`); empty: any.
     pub instance_types: Vec<String>,
+    /// The most a worker's instance may cost an hour (`capacity.max_price_usd_per_hour`).
+    pub max_usd_per_hour: Option<f64>,
     /// The members of its gang that ended last (empty for a job that never ran): taken first
     /// when free (see the module docs).
     pub holders: Vec<WorkerId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FreeWorker {
     pub id: WorkerId,
     pub gpus: u32,
@@ -69,6 +73,8 @@ pub struct FreeWorker {
     pub zone: String,
     /// On a spot instance (may be taken back).
     pub spot: bool,
+    /// What its instance costs an hour (its price at launch; 0 for a worker without one).
+    pub usd_per_hour: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,36 +91,76 @@ pub struct Plan {
     pub waiting: BTreeMap<JobId, String>,
 }
 
-/// Free workers of one kind in one pool, sorted by (gpus, id) so "how many have >= g GPUs" is
-/// a search.
+/// What a worker must offer a job: its GPUs per worker, on-demand when it must not run on
+/// spot, an hourly price within its `capacity.max_price_usd_per_hour`.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    gpus: u32,
+    on_demand_only: bool,
+    max_usd_per_hour: Option<f64>,
+}
+
+impl Need {
+    fn of(job: &PendingJob) -> Need {
+        Need { gpus: job.gpus_per_worker, on_demand_only: job.on_demand_only, max_usd_per_hour: job.max_usd_per_hour }
+    }
+
+    fn priced(&self, usd_per_hour: f64) -> bool {
+        self.max_usd_per_hour.is_none_or(|cap| usd_per_hour <= cap)
+    }
+}
+
+/// Free workers of one kind in one pool, (gpus, id, USD per hour) sorted by (gpus, id) so "how
+/// many have >= g GPUs" is a search (a scan only for a job with a price cap).
 #[derive(Debug, Default)]
 struct Sorted {
-    workers: Vec<(u32, WorkerId)>,
+    workers: Vec<(u32, WorkerId, f64)>,
 }
 
 impl Sorted {
-    fn fitting(&self, gpus: u32) -> usize {
-        self.workers.len() - self.workers.partition_point(|(g, _)| *g < gpus)
+    fn start(&self, need: &Need) -> usize {
+        self.workers.partition_point(|(g, _, _)| *g < need.gpus)
+    }
+
+    fn fitting(&self, need: &Need) -> usize {
+        let start = self.start(need);
+        match need.max_usd_per_hour {
+            None => self.workers.len() - start,
+            Some(_) => self.workers[start..].iter().filter(|(_, _, usd)| need.priced(*usd)).count(),
+        }
     }
 
     /// Takes up to `count` fitting workers, the least-equipped first (keeps big GPUs for jobs
     /// that need them).
-    fn take(&mut self, gpus: u32, count: usize) -> impl Iterator<Item = WorkerId> + '_ {
-        let start = self.workers.partition_point(|(g, _)| *g < gpus);
-        let end = (start + count).min(self.workers.len());
-        self.workers.drain(start..end).map(|(_, id)| id)
+    fn take(&mut self, need: &Need, count: usize) -> Vec<WorkerId> {
+        let start = self.start(need);
+        if need.max_usd_per_hour.is_none() {
+            let end = (start + count).min(self.workers.len());
+            return self.workers.drain(start..end).map(|(_, id, _)| id).collect();
+        }
+        let mut taken = Vec::with_capacity(count);
+        let mut index = 0;
+        self.workers.retain(|(_, id, usd)| {
+            let take = index >= start && taken.len() < count && need.priced(*usd);
+            index += 1;
+            if take {
+                taken.push(*id);
+            }
+            !take
+        });
+        taken
     }
 
     /// How many of `holders` fit here.
-    fn holding(&self, gpus: u32, holders: &[WorkerId]) -> usize {
-        self.workers.iter().filter(|(g, id)| *g >= gpus && holders.contains(id)).count()
+    fn holding(&self, need: &Need, holders: &[WorkerId]) -> usize {
+        self.workers.iter().filter(|(g, id, usd)| *g >= need.gpus && need.priced(*usd) && holders.contains(id)).count()
     }
 
     /// Takes up to `count` of the fitting workers among `holders`, in id order.
-    fn take_holders(&mut self, gpus: u32, count: usize, holders: &[WorkerId]) -> Vec<WorkerId> {
+    fn take_holders(&mut self, need: &Need, count: usize, holders: &[WorkerId]) -> Vec<WorkerId> {
         let mut taken = Vec::new();
-        self.workers.retain(|(g, id)| {
-            let take = taken.len() < count && *g >= gpus && holders.contains(id);
+        self.workers.retain(|(g, id, usd)| {
+            let take = taken.len() < count && *g >= need.gpus && need.priced(*usd) && holders.contains(id);
             if take {
                 taken.push(*id);
             }
@@ -132,36 +178,37 @@ struct Pool {
 }
 
 impl Pool {
-    fn fitting(&self, gpus: u32, on_demand_only: bool) -> usize {
-        let spot = if on_demand_only { 0 } else { self.spot.fitting(gpus) };
-        spot + self.on_demand.fitting(gpus)
+    fn fitting(&self, need: &Need) -> usize {
+        let spot = if need.on_demand_only { 0 } else { self.spot.fitting(need) };
+        spot + self.on_demand.fitting(need)
     }
 
     /// How many of `holders` fit here.
-    fn holding(&self, gpus: u32, on_demand_only: bool, holders: &[WorkerId]) -> usize {
+    fn holding(&self, need: &Need, holders: &[WorkerId]) -> usize {
         if holders.is_empty() {
             return 0; // a job that never ran (most of a long queue): no scan
         }
-        let spot = if on_demand_only { 0 } else { self.spot.holding(gpus, holders) };
-        spot + self.on_demand.holding(gpus, holders)
+        let spot = if need.on_demand_only { 0 } else { self.spot.holding(need, holders) };
+        spot + self.on_demand.holding(need, holders)
     }
 
     /// Takes `count` fitting workers, in id order: the fitting `holders` first, then spot
-    /// workers first unless `on_demand_only`.
-    fn take(&mut self, gpus: u32, count: usize, on_demand_only: bool, holders: &[WorkerId]) -> Vec<WorkerId> {
+    /// workers first unless the job is on-demand only.
+    fn take(&mut self, need: &Need, count: usize, holders: &[WorkerId]) -> Vec<WorkerId> {
         let mut ids: Vec<WorkerId> = Vec::with_capacity(count);
         if !holders.is_empty() {
-            if !on_demand_only {
-                ids.extend(self.spot.take_holders(gpus, count, holders));
+            if !need.on_demand_only {
+                ids.extend(self.spot.take_holders(need, count, holders));
             }
             let rest = count - ids.len();
-            ids.extend(self.on_demand.take_holders(gpus, rest, holders));
+            ids.extend(self.on_demand.take_holders(need, rest, holders));
         }
-        if !on_demand_only {
-            ids.extend(self.spot.take(gpus, count - ids.len()));
+        if !need.on_demand_only {
+            let rest = count - ids.len();
+            ids.extend(self.spot.take(need, rest));
         }
         let rest = count - ids.len();
-        ids.extend(self.on_demand.take(gpus, rest));
+        ids.extend(self.on_demand.take(need, rest));
         ids.sort();
         ids
     }
@@ -174,11 +221,11 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     for w in free.iter().filter(|w| seen.insert(w.id)) {
         let pool = pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default();
         let kind = if w.spot { &mut pool.spot } else { &mut pool.on_demand };
-        kind.workers.push((w.gpus, w.id));
+        kind.workers.push((w.gpus, w.id, w.usd_per_hour));
     }
     for pool in pools.values_mut() {
-        pool.spot.workers.sort();
-        pool.on_demand.workers.sort();
+        pool.spot.workers.sort_by_key(|(g, id, _)| (*g, *id));
+        pool.on_demand.workers.sort_by_key(|(g, id, _)| (*g, *id));
     }
     let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
     order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
@@ -186,14 +233,14 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     for job in order {
         let min = job.min_workers.max(1) as usize;
         let want = job.max_workers.max(job.min_workers) as usize;
-        let (gpus, on_demand_only, holders) = (job.gpus_per_worker, job.on_demand_only, job.holders.as_slice());
+        let (need, holders) = (Need::of(job), job.holders.as_slice());
         let typed = |name: &(&str, &str)| crate::spec::instance_type_allowed(&job.instance_types, name.0);
         let best = pools
             .iter()
             .filter(|(name, _)| typed(name))
             .map(|(name, pool)| {
-                let fitting = pool.fitting(gpus, on_demand_only);
-                ((fitting.min(want), pool.holding(gpus, on_demand_only, holders), fitting), *name)
+                let fitting = pool.fitting(&need);
+                ((fitting.min(want), pool.holding(&need, holders), fitting), *name)
             })
             .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)))
             .map(|((_, _, fitting), name)| (fitting, name));
@@ -201,7 +248,7 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
             Some((fitting, name)) if fitting >= min => {
                 let count = fitting.min(want);
                 let pool = pools.get_mut(&name).expect("the pool was just found");
-                let workers = pool.take(gpus, count, on_demand_only, holders);
+                let workers = pool.take(&need, count, holders);
                 plan.placements.push(Placement { job: job.id, workers });
             }
             _ if job.mixed => match take_mixed(&mut pools, job, min) {
@@ -224,6 +271,9 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
                 if !job.instance_types.is_empty() {
                     fitting.push_str(&format!(" of type {}", job.instance_types.join("/")));
                 }
+                if let Some(cap) = job.max_usd_per_hour {
+                    fitting.push_str(&format!(" at most {cap} $/h"));
+                }
                 let kind = if job.on_demand_only { " on-demand" } else { "" };
                 plan.waiting.insert(
                     job.id,
@@ -241,11 +291,11 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
 /// ones when it holds `min`, else from every zone, largest pools first, in id order. `Err`:
 /// how many fit in all, fewer than `min` (nothing is taken).
 fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: usize) -> Result<Vec<WorkerId>, usize> {
-    let (gpus, on_demand_only) = (job.gpus_per_worker, job.on_demand_only);
+    let need = Need::of(job);
     let typed = |name: &(&str, &str)| crate::spec::instance_type_allowed(&job.instance_types, name.0);
     let mut per_zone: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, pool) in pools.iter().filter(|(name, _)| typed(name)) {
-        *per_zone.entry(name.1).or_default() += pool.fitting(gpus, on_demand_only);
+        *per_zone.entry(name.1).or_default() += pool.fitting(&need);
     }
     let total: usize = per_zone.values().sum();
     if total < min {
@@ -259,7 +309,7 @@ fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: u
     let mut names: Vec<((&str, &str), usize)> = pools
         .iter()
         .filter(|(name, _)| typed(name) && zone.is_none_or(|zone| name.1 == zone))
-        .map(|(name, pool)| (*name, pool.fitting(gpus, on_demand_only)))
+        .map(|(name, pool)| (*name, pool.fitting(&need)))
         .filter(|(_, n)| *n > 0)
         .collect();
     names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -271,14 +321,14 @@ fn take_mixed(pools: &mut BTreeMap<(&str, &str), Pool>, job: &PendingJob, min: u
             break;
         }
         let pool = pools.get_mut(&name).expect("the pool was just listed");
-        workers.extend(pool.take(gpus, count, on_demand_only, &job.holders));
+        workers.extend(pool.take(&need, count, &job.holders));
     }
     workers.sort();
     Ok(workers)
 }
 
 /// A running job that may grow (`world < max`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunningJob {
     pub id: JobId,
     pub generation: u64,
@@ -291,6 +341,8 @@ pub struct RunningJob {
     pub pool: (String, String),
     /// It grows on on-demand workers only.
     pub on_demand_only: bool,
+    /// The most a worker's instance may cost an hour (`capacity.max_price_usd_per_hour`).
+    pub max_usd_per_hour: Option<f64>,
 }
 
 /// Elastic growth: which running jobs to regroup at a larger world size, given the workers left
@@ -310,6 +362,7 @@ pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> V
             .iter()
             .filter(|w| (w.instance_type.as_str(), w.zone.as_str()) == (job.pool.0.as_str(), job.pool.1.as_str()))
             .filter(|w| w.gpus >= job.gpus_per_worker && !taken.contains(&w.id) && !(job.on_demand_only && w.spot))
+            .filter(|w| job.max_usd_per_hour.is_none_or(|cap| w.usd_per_hour <= cap))
             .map(|w| w.id)
             .take(want)
             .collect();

@@ -15,12 +15,20 @@ fn job(id: u64, priority: i32, min: u32, max: u32, gpus: u32) -> PendingJob {
         on_demand_only: false,
         mixed: false,
         instance_types: Vec::new(),
+        max_usd_per_hour: None,
         holders: Vec::new(),
     }
 }
 
 fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
-    FreeWorker { id: WorkerId(id), gpus, instance_type: pool.to_string(), zone: "z".to_string(), spot: false }
+    FreeWorker {
+        id: WorkerId(id),
+        gpus,
+        instance_type: pool.to_string(),
+        zone: "z".to_string(),
+        spot: false,
+        usd_per_hour: 0.0,
+    }
 }
 
 fn in_zone(id: u64, pool: &str, zone: &str) -> FreeWorker {
@@ -120,6 +128,7 @@ fn on_demand_only_jobs_get_on_demand_workers_and_others_take_spot_first() {
         gpus_per_worker: 0,
         pool: ("a".into(), "z".into()),
         on_demand_only: true,
+        max_usd_per_hour: None,
     };
     assert!(grow(std::slice::from_ref(&running), &free[..2], false).is_empty());
     assert_eq!(grow(&[running], &free[..3], false), [(JobId(1), 1)]);
@@ -178,6 +187,37 @@ fn a_job_runs_only_on_the_instance_types_it_allows_or_on_local_workers() {
 }
 
 #[test]
+fn a_job_runs_only_on_instances_within_its_price_cap() {
+    let capped = PendingJob { max_usd_per_hour: Some(1.5), ..job(1, 0, 2, 2, 0) };
+    // Idle on-demand instances at 32 $/h, bought for another job: not for a job capped at 1.5.
+    let dear = [
+        FreeWorker { usd_per_hour: 32.0, ..worker(1, 0, "p") },
+        FreeWorker { usd_per_hour: 32.0, ..worker(2, 0, "p") },
+    ];
+    let plan = schedule(std::slice::from_ref(&capped), &dear);
+    assert!(plan.placements.is_empty() && plan.waiting[&JobId(1)].contains("at most 1.5 $/h"), "{plan:?}");
+    let cheap =
+        [FreeWorker { usd_per_hour: 0.4, ..worker(3, 0, "p") }, FreeWorker { usd_per_hour: 1.5, ..worker(4, 0, "p") }];
+    let plan = schedule(std::slice::from_ref(&capped), &[dear.as_slice(), cheap.as_slice()].concat());
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: vec![WorkerId(3), WorkerId(4)] }]);
+    // Growth keeps to the cap too.
+    let running = RunningJob {
+        id: JobId(1),
+        generation: 1,
+        priority: 0,
+        submitted_index: 1,
+        world: 1,
+        max_workers: 2,
+        gpus_per_worker: 0,
+        pool: ("p".into(), "z".into()),
+        on_demand_only: false,
+        max_usd_per_hour: Some(1.5),
+    };
+    assert!(grow(std::slice::from_ref(&running), &dear, false).is_empty());
+    assert_eq!(grow(&[running], &cheap, false), [(JobId(1), 1)]);
+}
+
+#[test]
 fn nothing_to_place_on_an_empty_cluster() {
     let plan = schedule(&[job(1, 0, 1, 1, 0)], &[]);
     assert!(plan.waiting[&JobId(1)].contains("has 0 (none)"));
@@ -187,17 +227,18 @@ fn nothing_to_place_on_an_empty_cluster() {
 fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
     let holders = prop::collection::vec(1u64..41, 0..3);
     let types = prop::sample::subsequence(vec!["a", "b", "c", "local"], 0..=2);
+    let caps = prop::option::of(0u32..4);
     let jobs = prop::collection::vec(
-        (0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>(), holders, types),
+        (0u64..50, -2i32..3, 1u32..5, 0u32..4, 0u32..3, any::<bool>(), any::<bool>(), holders, types, caps),
         0..30,
     );
-    let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..4), 0..40);
+    let workers = prop::collection::vec((any::<bool>(), 0u32..4, 0usize..4, 0u32..4), 0..40);
     (jobs, workers).prop_map(|(jobs, workers)| {
         let pools = ["a", "b", "c", "local"];
         let jobs = jobs
             .into_iter()
             .enumerate()
-            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed, holders, types))| PendingJob {
+            .map(|(i, (index, priority, min, extra, gpus, on_demand_only, mixed, holders, types, cap))| PendingJob {
                 id: JobId(i as u64 + 1),
                 priority,
                 submitted_index: index,
@@ -207,6 +248,7 @@ fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
                 on_demand_only,
                 mixed,
                 instance_types: types.into_iter().map(str::to_string).collect(),
+                max_usd_per_hour: cap.map(f64::from),
                 holders: holders.into_iter().map(WorkerId).collect(),
             })
             .collect();
@@ -214,7 +256,11 @@ fn arb_state() -> impl Strategy<Value = (Vec<PendingJob>, Vec<FreeWorker>)> {
         let workers = workers
             .into_iter()
             .enumerate()
-            .map(|(i, (spot, gpus, pool))| FreeWorker { spot, ..worker(i as u64 + 1, gpus, pools[pool]) })
+            .map(|(i, (spot, gpus, pool, usd))| FreeWorker {
+                spot,
+                usd_per_hour: f64::from(usd),
+                ..worker(i as u64 + 1, gpus, pools[pool])
+            })
             .collect();
         (jobs, workers)
     })
@@ -238,6 +284,7 @@ proptest! {
                 prop_assert!(w.gpus >= job.gpus_per_worker);
                 prop_assert!(!(job.on_demand_only && w.spot), "{job:?} got spot {id}");
                 prop_assert!(crate::spec::instance_type_allowed(&job.instance_types, &w.instance_type), "{job:?} got {w:?}");
+                prop_assert!(job.max_usd_per_hour.is_none_or(|cap| w.usd_per_hour <= cap), "{job:?} got {w:?}");
                 pools.insert((&w.instance_type, &w.zone));
             }
             if !job.mixed {
@@ -259,6 +306,7 @@ proptest! {
                             && w.gpus >= job.gpus_per_worker
                             && !(job.on_demand_only && w.spot)
                             && crate::spec::instance_type_allowed(&job.instance_types, &w.instance_type)
+                            && job.max_usd_per_hour.is_none_or(|cap| w.usd_per_hour <= cap)
                     };
                     for w in workers.iter().filter(fits) {
                         per_pool.entry((&w.instance_type, &w.zone)).or_default().insert(w.id);
@@ -290,6 +338,7 @@ fn elastic_jobs_grow_only_into_free_workers_of_their_pool_when_nobody_waits() {
         max_workers: max,
         gpus_per_worker: 0,
         pool: (pool.to_string(), "z".to_string()),
+        max_usd_per_hour: None,
         on_demand_only: false,
     };
     let free = [worker(7, 0, "a")];

@@ -933,8 +933,8 @@ fn free_to_replace(state: &State, job_id: JobId, worker: WorkerId, now: u64) -> 
 }
 
 /// Whether `worker` may replace a member of `job_id`'s gang: live, free, not draining nor
-/// suspect, not promised to another handover, with the job's GPUs, of a type it allows,
-/// on-demand when the job must be.
+/// suspect, not promised to another handover, with the job's GPUs, of a type it allows, within
+/// its price cap, on-demand when the job must be.
 fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
     let Some(job) = state.jobs.get(&job_id) else { return false };
     let promised = reserving_job(state, worker).is_some();
@@ -945,6 +945,7 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
             && w.suspect_since_unix_ms.is_none()
             && w.info.gpus >= job.spec.workers.gpus
             && crate::spec::instance_type_allowed(&job.spec.capacity.instance_types, &w.info.instance_type)
+            && job.spec.capacity.max_price_usd_per_hour.is_none_or(|cap| usd_per_hour(state, worker) <= cap)
             && !promised
             && !(job.needs_on_demand() && on_spot(state, worker))
     })
@@ -1041,7 +1042,7 @@ fn give_up_replacement(state: &mut State, worker: WorkerId, why: &str, now: u64)
 
 /// What `worker`'s instance costs an hour (0 for a worker without an instance record, started
 /// by hand or by the local provider).
-fn usd_per_hour(state: &State, worker: WorkerId) -> f64 {
+pub fn usd_per_hour(state: &State, worker: WorkerId) -> f64 {
     state.workers.get(&worker).and_then(|w| state.instances.get(&w.info.instance_id)).map_or(0.0, |i| i.usd_per_hour)
 }
 
