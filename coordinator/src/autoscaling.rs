@@ -688,9 +688,9 @@ pub async fn autoscale_loop(
     config: AutoscaleConfig,
     notes: CapacityNotes,
 ) {
-    let share = |memory: &Memory| {
+    let share = |words: &BTreeMap<JobId, String>| {
         if let Ok(mut shared) = notes.lock() {
-            shared.clone_from(&memory.notes);
+            shared.clone_from(words);
         }
     };
     let mut leader = Leader { node, progress };
@@ -701,7 +701,7 @@ pub async fn autoscale_loop(
         let leading = leader.node.status().leader_id == Some(leader.node.id);
         if !leading {
             was_leader = false;
-            share(&Memory::default());
+            share(&BTreeMap::new());
             continue;
         }
         if !was_leader {
@@ -714,6 +714,6 @@ pub async fn autoscale_loop(
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "autoscaling pass cut short; the next one continues"),
         }
-        share(&memory);
+        share(&memory.notes);
     }
 }

@@ -179,10 +179,10 @@ fn capacity(
         flotilla_core::market::Trace::parse(&text).with_context(|| format!("--market {}", market_path.display()))?;
     // With subnets named per zone, a zone without one can take no instance: its pools are left
     // out (Terraform names the coordinators' zones; a price list may cover more).
-    let subnet_zones: Vec<&str> =
-        args.ec2_subnet.iter().filter_map(|pair| pair.split_once('=')).map(|(zone, _)| zone.trim()).collect();
-    if args.provider == ProviderKind::Ec2 && !subnet_zones.is_empty() {
-        let dropped = market.retain_zones(|zone| subnet_zones.contains(&zone));
+    let subnets = if args.provider == ProviderKind::Ec2 { ec2_subnets(&args.ec2_subnet)? } else { BTreeMap::new() };
+    if !subnets.is_empty() {
+        let subnet_zones: Vec<&str> = subnets.keys().map(String::as_str).collect();
+        let dropped = market.retain_zones(|zone| subnets.contains_key(zone));
         if market.pools().next().is_none() {
             bail!(
                 "--market prices no zone that an --ec2-subnet names ({}): every launch would fail; name a subnet in \
@@ -245,12 +245,7 @@ fn ec2_provider(
 ) -> anyhow::Result<Option<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>>> {
     let image_id = args.ec2_image_id.clone().context("--ec2-image-id is required with --provider ec2")?;
     let join_token = join_token.context("--provider ec2 needs a join token for the workers it starts")?;
-    let mut subnets = BTreeMap::new();
-    for pair in &args.ec2_subnet {
-        let (zone, subnet) =
-            pair.split_once('=').with_context(|| format!("--ec2-subnet `{pair}` is not ZONE=SUBNET"))?;
-        subnets.insert(zone.trim().to_string(), subnet.trim().to_string());
-    }
+    let subnets = ec2_subnets(&args.ec2_subnet)?;
     let coordinators: Vec<&str> = peers.values().map(String::as_str).collect();
     let worker_tls = match (tls, &args.ec2_worker_tls_cert, &args.ec2_worker_tls_key) {
         (Some(tls), Some(cert), Some(key)) => Some(flotilla_ec2::WorkerTls {
@@ -280,6 +275,18 @@ fn ec2_provider(
     }
     let provider = runtime.block_on(flotilla_ec2::Ec2Provider::connect(config, flotilla_ec2::Connection::default()))?;
     Ok(Some(std::sync::Arc::new(provider)))
+}
+
+/// `--ec2-subnet ZONE=SUBNET` flags as zone -> subnet.
+fn ec2_subnets(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let (zone, subnet) =
+                pair.split_once('=').with_context(|| format!("--ec2-subnet `{pair}` is not ZONE=SUBNET"))?;
+            Ok((zone.trim().to_string(), subnet.trim().to_string()))
+        })
+        .collect()
 }
 
 #[cfg(not(feature = "ec2"))]

@@ -74,19 +74,16 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
             }
         })
     });
+    let interrupted = matches!(followed, Some(None));
+    let final_state = followed.flatten().transpose()?;
     // The contract (DESIGN §8): the job id alone on the last line of stdout.
-    let final_state = match followed {
-        Some(Some(job)) => Some(job?),
-        Some(None) => {
-            println!("{}", response.job_id);
-            let id = &response.job_id;
-            anyhow::bail!(
-                "stopped following; {id} keeps running (`flotilla status {id}` shows it, `flotilla cancel {id}` stops it)"
-            )
-        }
-        None => None,
-    };
     println!("{}", response.job_id);
+    if interrupted {
+        let id = &response.job_id;
+        anyhow::bail!(
+            "stopped following; {id} keeps running (`flotilla status {id}` shows it, `flotilla cancel {id}` stops it)"
+        )
+    }
     match final_state {
         Some(job) if job.state != v1::JobState::Succeeded as i32 => {
             anyhow::bail!("{} ended {}: {}", job.id, state_name(&job), job.reason)

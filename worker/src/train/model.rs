@@ -82,9 +82,9 @@ pub fn parameters(spec: &ModelSpec, features: usize, classes: usize) -> u64 {
     }
 }
 
-/// `values` f32 values in GiB.
-fn gib(values: u64) -> f64 {
-    values as f64 * 4.0 / f64::from(1u32 << 30)
+/// `bytes` in GiB (for messages).
+pub(crate) fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
 }
 
 impl Network {
@@ -104,7 +104,7 @@ impl Network {
             return Err(TrainError::Shape(format!(
                 "{field}: with this data's {features} features and {classes} classes the model has {count} \
                  parameters ({:.1} GiB of weights); at most {MODEL_PARAMETERS_MAX}: use {kind}",
-                gib(count)
+                gib(count.saturating_mul(std::mem::size_of::<f32>() as u64))
             )));
         }
         match spec {

@@ -626,8 +626,8 @@ fn fits_in_memory(parameters: u64, available: Option<u64>) -> Result<(), String>
             "training this model's {parameters} parameters needs at least {:.1} GiB (each value and its \
              gradient), and this machine has {:.1} GiB available: use a smaller model (model.hidden or \
              model.channels) or workers with more memory",
-            needed as f64 / f64::from(1u32 << 30),
-            available as f64 / f64::from(1u32 << 30)
+            super::model::gib(needed),
+            super::model::gib(available)
         )),
         _ => Ok(()),
     }

@@ -272,8 +272,12 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
         let usable = |h: &&Held, gang: &Gang| {
             !used.contains(&h.id)
                 && h.gpus >= gang.gpus_per_worker
-                && crate::spec::instance_type_allowed(&gang.instance_types, &h.pool.instance_type)
-                && gang.max_price_usd_per_hour.is_none_or(|cap| h.usd_per_hour <= cap)
+                && crate::spec::instance_allowed(
+                    &gang.instance_types,
+                    gang.max_price_usd_per_hour,
+                    &h.pool.instance_type,
+                    h.usd_per_hour,
+                )
                 && h.reserved_for.is_none_or(|j| j == gang.job)
                 && (gang.spot || !h.spot)
                 && gang.pool.as_ref().is_none_or(|p| *p == h.pool)

@@ -31,6 +31,23 @@ fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
     }
 }
 
+/// A running job of generation 1 at `world` workers of `max`, in `pool` (zone "z"), that may
+/// grow: spot allowed, no GPUs, no price cap.
+fn growing(id: u64, world: u32, max: u32, pool: &str) -> RunningJob {
+    RunningJob {
+        id: JobId(id),
+        generation: 1,
+        priority: 0,
+        submitted_index: id,
+        world,
+        max_workers: max,
+        gpus_per_worker: 0,
+        pool: (pool.to_string(), "z".to_string()),
+        on_demand_only: false,
+        max_usd_per_hour: None,
+    }
+}
+
 fn in_zone(id: u64, pool: &str, zone: &str) -> FreeWorker {
     FreeWorker { zone: zone.to_string(), ..worker(id, 0, pool) }
 }
@@ -118,18 +135,7 @@ fn on_demand_only_jobs_get_on_demand_workers_and_others_take_spot_first() {
         ]
     );
     // Growth: an on-demand-only job never grows onto spot workers.
-    let running = RunningJob {
-        id: JobId(1),
-        generation: 1,
-        priority: 0,
-        submitted_index: 1,
-        world: 1,
-        max_workers: 2,
-        gpus_per_worker: 0,
-        pool: ("a".into(), "z".into()),
-        on_demand_only: true,
-        max_usd_per_hour: None,
-    };
+    let running = RunningJob { on_demand_only: true, ..growing(1, 1, 2, "a") };
     assert!(grow(std::slice::from_ref(&running), &free[..2], false).is_empty());
     assert_eq!(grow(&[running], &free[..3], false), [(JobId(1), 1)]);
 }
@@ -201,18 +207,7 @@ fn a_job_runs_only_on_instances_within_its_price_cap() {
     let plan = schedule(std::slice::from_ref(&capped), &[dear.as_slice(), cheap.as_slice()].concat());
     assert_eq!(plan.placements, [Placement { job: JobId(1), workers: vec![WorkerId(3), WorkerId(4)] }]);
     // Growth keeps to the cap too.
-    let running = RunningJob {
-        id: JobId(1),
-        generation: 1,
-        priority: 0,
-        submitted_index: 1,
-        world: 1,
-        max_workers: 2,
-        gpus_per_worker: 0,
-        pool: ("p".into(), "z".into()),
-        on_demand_only: false,
-        max_usd_per_hour: Some(1.5),
-    };
+    let running = RunningJob { max_usd_per_hour: Some(1.5), ..growing(1, 1, 2, "p") };
     assert!(grow(std::slice::from_ref(&running), &dear, false).is_empty());
     assert_eq!(grow(&[running], &cheap, false), [(JobId(1), 1)]);
 }
@@ -329,18 +324,7 @@ proptest! {
 
 #[test]
 fn elastic_jobs_grow_only_into_free_workers_of_their_pool_when_nobody_waits() {
-    let running = |id: u64, world, max, pool: &str| RunningJob {
-        id: JobId(id),
-        generation: 3,
-        priority: 0,
-        submitted_index: id,
-        world,
-        max_workers: max,
-        gpus_per_worker: 0,
-        pool: (pool.to_string(), "z".to_string()),
-        max_usd_per_hour: None,
-        on_demand_only: false,
-    };
+    let running = |id: u64, world, max, pool: &str| RunningJob { generation: 3, ..growing(id, world, max, pool) };
     let free = [worker(7, 0, "a")];
     let jobs = [running(1, 2, 2, "a"), running(2, 1, 4, "b"), running(3, 1, 2, "a"), running(4, 1, 2, "a")];
     assert_eq!(grow(&jobs, &free, false), [(JobId(3), 3)], "full, wrong pool, and the one free worker promised once");

@@ -228,10 +228,23 @@ pub const LOCAL_INSTANCE_TYPE: &str = "local";
 /// Whether a worker of `instance_type` may run a job that allows `allowed`
 /// (`capacity.instance_types`): any type when the list is empty, and a worker that knows no type
 /// ([`LOCAL_INSTANCE_TYPE`]) whatever the list says, so a spec written for the cloud also runs
-/// on a local cluster. The scheduler, the autoscaler's idle capacity and a handover's
-/// replacement all judge by it.
+/// on a local cluster.
 pub fn instance_type_allowed(allowed: &[String], instance_type: &str) -> bool {
     allowed.is_empty() || instance_type == LOCAL_INSTANCE_TYPE || allowed.iter().any(|t| t == instance_type)
+}
+
+/// Whether a worker on an instance of `instance_type` that costs `usd_per_hour` (0: no instance
+/// record) may run a job that allows `instance_types` at most `max_usd_per_hour` each
+/// (`capacity.instance_types`, `capacity.max_price_usd_per_hour`): the job pays what its
+/// workers' instances cost. The autoscaler's idle capacity and a handover's replacement judge by
+/// it; the scheduler applies the same two tests apart (types per pool, the price per worker).
+pub fn instance_allowed(
+    instance_types: &[String],
+    max_usd_per_hour: Option<f64>,
+    instance_type: &str,
+    usd_per_hour: f64,
+) -> bool {
+    instance_type_allowed(instance_types, instance_type) && max_usd_per_hour.is_none_or(|cap| usd_per_hour <= cap)
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -301,7 +301,10 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if by != live.leaving && live.replacement != Some(by) {
                 return Err(Rejected::NotAMember { worker: by, job_id });
             }
-            let why = format!(" (the live handover failed, {by} said: {})", bounded_to(reason, LIVE_FAILURE_LEN_MAX));
+            let why = format!(
+                " (the live handover failed, {by} said: {})",
+                crate::text::clip_middle(reason, LIVE_FAILURE_LEN_MAX)
+            );
             hand_over_at_a_stop(job, now, &why)
         }
         Command::HandoverSwapped { job_id, generation, replacement, step, peer_bytes } => {
@@ -944,8 +947,12 @@ fn replacement_fits(state: &State, job_id: JobId, worker: WorkerId) -> bool {
             && !w.draining
             && w.suspect_since_unix_ms.is_none()
             && w.info.gpus >= job.spec.workers.gpus
-            && crate::spec::instance_type_allowed(&job.spec.capacity.instance_types, &w.info.instance_type)
-            && job.spec.capacity.max_price_usd_per_hour.is_none_or(|cap| usd_per_hour(state, worker) <= cap)
+            && crate::spec::instance_allowed(
+                &job.spec.capacity.instance_types,
+                job.spec.capacity.max_price_usd_per_hour,
+                &w.info.instance_type,
+                usd_per_hour(state, worker),
+            )
             && !promised
             && !(job.needs_on_demand() && on_spot(state, worker))
     })
@@ -1396,14 +1403,9 @@ fn ready_to_replace(job: &Job) -> String {
     who.join(", ")
 }
 
+/// `text` cut to a reason's limit, its start and its end kept ([`crate::text::clip_middle`]).
 pub(super) fn bounded(text: String) -> String {
-    bounded_to(text, REASON_LEN_MAX)
-}
-
-/// `text` cut to at most `max_bytes`, its start and its end kept
-/// ([`crate::text::clip_middle`]).
-fn bounded_to(text: String, max_bytes: usize) -> String {
-    crate::text::clip_middle(text, max_bytes)
+    crate::text::clip_middle(text, REASON_LEN_MAX)
 }
 
 /// What a job's events say of an instance bought for it that never registered a worker.
