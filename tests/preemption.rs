@@ -11,7 +11,9 @@
 //! - a corrupted and a half-written checkpoint are skipped for the one before, with events;
 //! - a storm (live notices, hard kills and leader kills on 3 coordinators, seeded, fired without
 //!   waiting for each other): no step lost, bit-identical, every recovery timed from where
-//!   training stopped.
+//!   training stopped;
+//! - a job of higher priority stops a lower one holding the workers it needs; the lower one
+//!   resumes where it stopped, bit-identical (and with `--priority-preemption false`, it waits).
 //!
 //! The tests of this file share the 2 CPUs, so they run one at a time.
 
@@ -1143,6 +1145,52 @@ fn an_elastic_job_continues_on_the_survivor_and_grows_back() {
     assert_eq!(done["preemptions"], 0, "growing is not a preemption: {done}");
     assert!(done["steps_lost"].as_u64().unwrap_or(u64::MAX) <= 20, "{done}");
     assert_accurate(&done);
+}
+
+/// [`write_spec`] with a `priority`.
+fn write_spec_with_priority(dir: &Path, name: &str, epochs: u32, priority: i32) -> PathBuf {
+    let spec = write_spec(dir, name, epochs, 20);
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    std::fs::write(&spec, format!("priority = {priority}\n{text}")).expect("spec");
+    spec
+}
+
+#[test]
+fn a_higher_priority_job_stops_a_lower_one_which_resumes_where_it_stopped_and_changes_no_bit() {
+    let cluster = Local::up(2);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let low_spec = write_spec_with_priority(dir, "low", 30, -1);
+    let (low, _, _) = running_gang(home, &low_spec);
+    // Both workers are busy: the urgent job stops the low one, runs, and gives them back.
+    let high = submit(home, &write_spec_with_priority(dir, "high", 1, 5));
+    let high_done = wait_for(home, &high, Duration::from_secs(120), "the urgent job", |s| s["state"] == "Succeeded");
+    assert_eq!(high_done["generation"], 1, "it ran once, on the low job's workers: {high_done}");
+    let done = wait_for(home, &low, Duration::from_secs(180), "the low job", |s| s["state"] == "Succeeded");
+    let why = events(&done, "priority");
+    assert!(why.len() == 1 && why[0].starts_with(&format!("{high} (priority 5) waits for workers")), "{done}");
+    let stops = events(&done, "checkpointed");
+    assert!(stops.iter().any(|m| m.contains("stopped for priority") && m.ends_with("; 0 step(s) lost")), "{done}");
+    assert_eq!((done["steps_lost"].as_u64(), done["preemptions"].as_u64()), (Some(0), Some(0)), "{done}");
+    assert!(done["generation"].as_u64().unwrap_or(0) >= 2, "{done}");
+    assert_same_as_uninterrupted(home, &low_spec, &done, "stopped for a higher priority");
+    assert_accurate(&done);
+}
+
+#[test]
+fn without_priority_preemption_a_higher_priority_job_waits_for_the_workers() {
+    let cluster = Local::up_with(2, &["--priority-preemption", "false"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let (low, _, _) = running_gang(home, &write_spec_with_priority(dir, "low", 200, -1));
+    let high = submit(home, &write_spec_with_priority(dir, "high", 1, 5));
+    let waiting = wait_for(home, &high, Duration::from_secs(30), "a waiting reason", |s| {
+        s["state"] == "Pending" && s["reason"].as_str().is_some_and(|r| r.contains("waiting for 2 free worker(s)"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let low_status = status(home, &low);
+    assert_eq!(low_status["generation"], 1, "{low_status}");
+    assert!(events(&low_status, "priority").is_empty(), "{low_status}");
+    assert!(!waiting["reason"].as_str().unwrap_or_default().contains("stopping"), "{waiting}");
+    assert_eq!(status(home, &high)["state"], "Pending");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use flotilla_core::scheduler::{FreeWorker, PendingJob, RunningJob, grow, schedule};
+use flotilla_core::scheduler::{FreeWorker, PendingJob, Preemptible, RunningJob, grow, schedule_preempting};
 use flotilla_core::state::{
     Command, Job, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason, WORKERS_HEARD_PER_COMMAND_MAX,
     pick_replacement,
@@ -121,6 +121,40 @@ fn pending_job(j: &Job) -> PendingJob {
     }
 }
 
+/// Of `running`, the jobs a waiting job of higher priority may stop, with their members that
+/// would come free (not those leaving: lost, or noticed and draining).
+fn preemptible(state: &State, running: &[&Job]) -> Vec<Preemptible> {
+    running
+        .iter()
+        .map(|j| Preemptible {
+            id: j.id,
+            generation: j.generation,
+            priority: j.spec.priority,
+            submitted_index: j.submitted_index,
+            stopping: j.checkpoint_requested.is_some(),
+            members: j
+                .gang
+                .iter()
+                .filter_map(|id| state.workers.get(id))
+                .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
+                .map(|w| as_free(state, w))
+                .collect(),
+        })
+        .collect()
+}
+
+/// A worker as the scheduler sees it.
+fn as_free(state: &State, w: &flotilla_core::state::Worker) -> FreeWorker {
+    FreeWorker {
+        id: w.id,
+        gpus: w.info.gpus,
+        instance_type: w.info.instance_type.clone(),
+        zone: w.info.zone.clone(),
+        spot: flotilla_core::state::on_spot(state, w.id),
+        usd_per_hour: flotilla_core::state::usd_per_hour(state, w.id),
+    }
+}
+
 /// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs.
 fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> u64, now_ms: u64) -> Vec<FreeWorker> {
     // Workers promised to a handover (only a running job has one) are not free for anybody else.
@@ -132,14 +166,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
         .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .filter(|w| !w.held_unreachable(now_ms))
-        .map(|w| FreeWorker {
-            id: w.id,
-            gpus: w.info.gpus,
-            instance_type: w.info.instance_type.clone(),
-            zone: w.info.zone.clone(),
-            spot: flotilla_core::state::on_spot(state, w.id),
-            usd_per_hour: flotilla_core::state::usd_per_hour(state, w.id),
-        })
+        .map(|w| as_free(state, w))
         .collect()
 }
 
@@ -260,6 +287,7 @@ pub async fn schedule_loop(
     mut node: NodeHandle,
     leases: std::sync::Arc<crate::leases::Leases>,
     policy: HandoverPolicy,
+    priority_preemption: bool,
     capacity_notes: crate::autoscaling::CapacityNotes,
 ) {
     let mut running_since: HashMap<JobId, (u64, Instant)> = HashMap::new();
@@ -277,7 +305,7 @@ pub async fn schedule_loop(
         let heard = leases.clone();
         let now_ms = crate::raft::node::now_unix_ms();
         let reasons_due = reasons_at.is_none_or(|at| at.elapsed() >= REASONS_EVERY);
-        let Ok((heard_from, handovers, pending, free, reasons, running, inference, mut work)) = node
+        let Ok((heard_from, handovers, pending, free, reasons, running, victims, inference, mut work)) = node
             .read_local(move |state| {
                 let reading = Instant::now();
                 let running = running_jobs(state);
@@ -303,7 +331,11 @@ pub async fn schedule_loop(
                     .filter(|j| j.wants_workers() > 0)
                     .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
                     .collect();
-                (heard_from, handovers, pending, free, reasons, growable(state, &running), inference, reading.elapsed())
+                // Jobs to stop for a waiting job of higher priority: only read with a queue.
+                let victims =
+                    if priority_preemption && !pending.is_empty() { preemptible(state, &running) } else { Vec::new() };
+                let growable = growable(state, &running);
+                (heard_from, handovers, pending, free, reasons, growable, victims, inference, reading.elapsed())
             })
             .await
         else {
@@ -344,8 +376,19 @@ pub async fn schedule_loop(
         let mut taken = Vec::new();
         if !pending.is_empty() {
             let planning = Instant::now();
-            let plan = schedule(&pending, &free);
+            let plan = schedule_preempting(&pending, &free, &victims);
             work += planning.elapsed();
+            for p in &plan.preemptions {
+                let command =
+                    Command::PreemptForPriority { job_id: p.victim, generation: p.generation, for_job: p.for_job };
+                match node.propose(command).await {
+                    Ok(_) => tracing::info!(job = %p.victim, for_job = %p.for_job, priorities = ?p.priorities,
+                        "stopping a job of lower priority for a waiting one"),
+                    Err(e) => {
+                        tracing::debug!(job = %p.victim, error = %e, "preemption not recorded; next pass retries")
+                    }
+                }
+            }
             if reasons_due {
                 reasons_at = Some(Instant::now());
                 let notes = capacity_notes.lock().map(|n| n.clone()).unwrap_or_default();
@@ -437,6 +480,24 @@ mod tests {
         assert_eq!(reasons[&JobId(1)], "waiting for 2 free worker(s); autoscaler: buying 2 spot instance(s)");
         assert_eq!(reasons[&JobId(2)], "w", "no word, no change");
         assert_eq!(reasons.len(), 2, "a note for a job that does not wait adds nothing");
+    }
+
+    #[test]
+    fn a_running_job_offers_for_preemption_only_the_members_that_come_free() {
+        let mut log = Log::job_of_two(3);
+        let job_id = JobId(1);
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        let running = |log: &Log| preemptible(&log.state, &running_jobs(&log.state));
+        let members = |p: &Preemptible| p.members.iter().map(|w| w.id).collect::<Vec<_>>();
+        let offered = running(&log);
+        assert_eq!(offered.len(), 1);
+        assert_eq!((offered[0].id, offered[0].generation, offered[0].stopping), (job_id, 1, false));
+        assert_eq!(members(&offered[0]), [WorkerId(1), WorkerId(2)]);
+        // A noticed member leaves the cluster: its worker never comes free; the job stops.
+        log.step(Command::WorkerInterrupted { worker_id: WorkerId(2), kind: "spot".into(), action_at_unix_ms: None });
+        let offered = running(&log);
+        assert_eq!(members(&offered[0]), [WorkerId(1)]);
+        assert!(offered[0].stopping, "a notice without time to spare stops the gang: {offered:?}");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct CoordinatorConfig {
     /// and every step's update while the gang trains on, and takes the rank without a stop
     /// (falls back to the stop-and-regroup handover; see `scheduling::HandoverPolicy`).
     pub live_handover: bool,
+    /// A waiting job stops running jobs of lower priority that hold the workers it needs
+    /// (`flotilla_core::scheduler::schedule_preempting`); `false`: priority orders the queue.
+    pub priority_preemption: bool,
 }
 
 /// A provider and the autoscaler's settings.
@@ -312,7 +315,13 @@ pub async fn run(
         live: config.live_handover,
     };
     let capacity_notes = crate::autoscaling::CapacityNotes::default();
-    tokio::spawn(crate::scheduling::schedule_loop(handle.clone(), leases.clone(), policy, capacity_notes.clone()));
+    tokio::spawn(crate::scheduling::schedule_loop(
+        handle.clone(),
+        leases.clone(),
+        policy,
+        config.priority_preemption,
+        capacity_notes.clone(),
+    ));
     tokio::spawn(crate::retention::retention_loop(handle.clone(), store.clone()));
     tokio::spawn(crate::retention::records_loop(handle.clone(), config.keep_finished));
     tokio::spawn(crate::inference::finalize_loop(handle.clone(), store.clone()));

@@ -75,6 +75,7 @@ async fn start(single: bool) -> Node {
         capacity: None,
         metrics_listen: None,
         live_handover: false,
+        priority_preemption: true,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(server::run(config, async move {

@@ -49,6 +49,7 @@ fn config(
         capacity: None,
         metrics_listen: None,
         live_handover: false,
+        priority_preemption: true,
     }
 }
 

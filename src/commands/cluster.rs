@@ -66,6 +66,12 @@ pub struct UpArgs {
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
+    /// Let a waiting job stop running jobs of lower `priority` that hold the workers it needs
+    /// (they checkpoint and resume later; see `coordinator --priority-preemption`); `false`:
+    /// priority orders the queue only
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub priority_preemption: bool,
 }
 
 /// How long `up` waits for launched workers to register.
@@ -260,6 +266,7 @@ fn spawn_coordinator(
         .args(["--local-seed", &args.seed.to_string()])
         .args(["--local-boot-delay-s", &args.boot_delay_s.to_string()])
         .args(["--live-handover", if args.live_handover { "true" } else { "false" }])
+        .args(["--priority-preemption", if args.priority_preemption { "true" } else { "false" }])
         .envs(tls_env(cluster, "coordinator"))
         .args(
             data_roots(cluster, home)?.iter().flat_map(|root| [std::ffi::OsStr::new("--data-root"), root.as_os_str()]),

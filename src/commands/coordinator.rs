@@ -100,6 +100,12 @@ pub struct Args {
     #[arg(long, env = "FLOTILLA_LIVE_HANDOVER", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub live_handover: bool,
+    /// Let a waiting job stop running jobs of strictly lower `priority` whose workers, with
+    /// the free ones, make its gang: they checkpoint at the next step and wait, as after a
+    /// spot notice, so nothing is lost. `false`: priority only orders the queue.
+    #[arg(long, env = "FLOTILLA_PRIORITY_PREEMPTION", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub priority_preemption: bool,
     /// Check the configuration (flags, tokens, TLS files, data roots, store URI, the market and
     /// the EC2 settings) and exit, without starting, binding or contacting anything.
     #[arg(long)]
@@ -405,6 +411,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         capacity: None,
         metrics_listen: args.metrics_addr,
         live_handover: args.live_handover,
+        priority_preemption: args.priority_preemption,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let connect = !args.check_config;

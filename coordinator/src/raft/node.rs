@@ -380,7 +380,8 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::CheckpointMismatch { .. }
         | Rejected::RequestNotOutstanding(_)
         | Rejected::DuplicateRequest(_)
-        | Rejected::NoHandover { .. } => ErrorKind::FailedPrecondition,
+        | Rejected::NoHandover { .. }
+        | Rejected::PriorityNotLower { .. } => ErrorKind::FailedPrecondition,
         Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
         Rejected::BadRequestId
         | Rejected::BadGang { .. }

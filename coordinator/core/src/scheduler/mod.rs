@@ -32,6 +32,15 @@
 //!   workers first, keeping its on-demand ones for the jobs that need them.
 //! - Backfill: a job that cannot be placed does not hold back smaller jobs behind it. (A
 //!   reservation for blocked large jobs is the autoscaler's business: it buys their capacity.)
+//! - Priority preemption ([`schedule_preempting`]): a job that cannot be placed stops running
+//!   jobs of strictly lower priority whose workers, with the free ones, make its gang (they
+//!   checkpoint and wait as after any stop, so nothing is lost). As Kubernetes' scheduler
+//!   picks victims: the lowest priorities first (the newest submission first among equals),
+//!   then those not needed are spared, the highest priority first; among pools, the one whose
+//!   highest stopped priority is lowest, then with the fewest stops. The free workers it counted
+//!   are held for it (lower jobs do not backfill them) and the stopped jobs' workers are not
+//!   counted twice; a job already stopping (for any reason) is counted without a new order.
+//!   At most [`PREEMPTION_TRIES_PER_PASS`] waiting jobs look for stops in one pass.
 //! - A worker is never placed twice: each placement removes its workers from the free set.
 //! - Elastic growth ([`grow`]): when no job waits, a running job below `max` whose pool has
 //!   free fitting workers is asked to checkpoint and regroup larger.
@@ -42,6 +51,10 @@ use crate::ids::{JobId, WorkerId};
 
 /// Jobs considered in one scheduling pass at most (the rest wait for the next pass).
 pub const PENDING_JOBS_MAX: usize = 100_000;
+/// Unplaced jobs that may look for jobs of lower priority to stop in one pass, the highest
+/// priority first (the rest wait for a later pass): a long queue of high-priority jobs keeps
+/// the pass cheap.
+pub const PREEMPTION_TRIES_PER_PASS: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingJob {
@@ -89,6 +102,33 @@ pub struct Plan {
     pub placements: Vec<Placement>,
     /// Why each unplaced job waits.
     pub waiting: BTreeMap<JobId, String>,
+    /// Running jobs to stop at a checkpoint for a higher-priority waiting job.
+    pub preemptions: Vec<Preemption>,
+}
+
+/// A running job a waiting job of higher priority may stop (see [`schedule_preempting`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preemptible {
+    pub id: JobId,
+    pub generation: u64,
+    pub priority: i32,
+    pub submitted_index: u64,
+    /// Already asked to checkpoint and stop (for any reason): its workers come free without
+    /// another order.
+    pub stopping: bool,
+    /// Its gang's workers that come free when it stops (not those leaving the cluster), as
+    /// they will be then.
+    pub members: Vec<FreeWorker>,
+}
+
+/// Stop `victim`'s `generation` at a checkpoint so `for_job` can have its workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preemption {
+    pub victim: JobId,
+    pub generation: u64,
+    pub for_job: JobId,
+    /// `for_job`'s priority and the victim's, for the victim's events.
+    pub priorities: (i32, i32),
 }
 
 /// What a worker must offer a job: its GPUs per worker, on-demand when it must not run on
@@ -107,6 +147,11 @@ impl Need {
 
     fn priced(&self, usd_per_hour: f64) -> bool {
         self.max_usd_per_hour.is_none_or(|cap| usd_per_hour <= cap)
+    }
+
+    /// Whether `worker` would fit the job once free (its type is checked apart, per pool).
+    fn fits(&self, worker: &FreeWorker) -> bool {
+        worker.gpus >= self.gpus && !(self.on_demand_only && worker.spot) && self.priced(worker.usd_per_hour)
     }
 }
 
@@ -216,6 +261,12 @@ impl Pool {
 
 /// Places `pending` jobs on `free` workers (see the module docs for the rules).
 pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
+    schedule_preempting(pending, free, &[])
+}
+
+/// [`schedule`], and for a job that cannot be placed, the `running` jobs of lower priority to
+/// stop so it can be (see the module docs, priority preemption).
+pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running: &[Preemptible]) -> Plan {
     let mut pools: BTreeMap<(&str, &str), Pool> = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
     for w in free.iter().filter(|w| seen.insert(w.id)) {
@@ -230,6 +281,12 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
     let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
     order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));
     let mut plan = Plan::default();
+    // Running jobs by the order they are stopped in: those already stopping (no new stop),
+    // then the lowest priority, then the newest submission. Each is counted for one job.
+    let mut victims: Vec<&Preemptible> = running.iter().filter(|r| !r.members.is_empty()).collect();
+    victims.sort_by_key(|r| (!r.stopping, r.priority, std::cmp::Reverse(r.submitted_index), std::cmp::Reverse(r.id)));
+    let mut claimed = std::collections::BTreeSet::new();
+    let mut tries = 0;
     for job in order {
         let min = job.min_workers.max(1) as usize;
         let want = job.max_workers.max(job.min_workers) as usize;
@@ -254,14 +311,16 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
             _ if job.mixed => match take_mixed(&mut pools, job, min) {
                 Ok(workers) => plan.placements.push(Placement { job: job.id, workers }),
                 Err(total) => {
+                    let stops = preempt_for(job, min, &mut pools, &victims, &mut claimed, &mut tries);
                     let kind = if job.on_demand_only { " on-demand" } else { "" };
-                    plan.waiting.insert(
-                        job.id,
-                        format!("waiting for {min} free{kind} worker(s) of any pool (mixed_types); {total} fit"),
-                    );
+                    let reason =
+                        format!("waiting for {min} free{kind} worker(s) of any pool (mixed_types); {total} fit");
+                    plan.waiting.insert(job.id, with_stops(reason, &stops));
+                    plan.preemptions.extend(orders(job, &stops));
                 }
             },
             best => {
+                let stops = preempt_for(job, min, &mut pools, &victims, &mut claimed, &mut tries);
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
                 let mut fitting = if job.gpus_per_worker > 0 {
                     format!(" with >= {} GPU(s)", job.gpus_per_worker)
@@ -275,16 +334,145 @@ pub fn schedule(pending: &[PendingJob], free: &[FreeWorker]) -> Plan {
                     fitting.push_str(&format!(" at most {cap} $/h"));
                 }
                 let kind = if job.on_demand_only { " on-demand" } else { "" };
-                plan.waiting.insert(
-                    job.id,
-                    format!(
-                        "waiting for {min} free{kind} worker(s){fitting} in one pool; the largest such group has {largest} ({pool})"
-                    ),
+                let reason = format!(
+                    "waiting for {min} free{kind} worker(s){fitting} in one pool; the largest such group has {largest} ({pool})"
                 );
+                plan.waiting.insert(job.id, with_stops(reason, &stops));
+                plan.preemptions.extend(orders(job, &stops));
             }
         }
     }
     plan
+}
+
+/// The running jobs `job` stops (or waits for, those already stopping) to make its gang of
+/// `min` with the free workers in `pools`, none when that cannot make it. The free workers it
+/// counted are taken out of `pools` (held for it this pass) and the jobs added to `claimed`.
+fn preempt_for<'a>(
+    job: &PendingJob,
+    min: usize,
+    pools: &mut BTreeMap<(&str, &str), Pool>,
+    victims: &[&'a Preemptible],
+    claimed: &mut std::collections::BTreeSet<JobId>,
+    tries: &mut usize,
+) -> Vec<&'a Preemptible> {
+    let need = Need::of(job);
+    if *tries >= PREEMPTION_TRIES_PER_PASS {
+        return Vec::new();
+    }
+    let candidates: Vec<&Preemptible> =
+        victims.iter().copied().filter(|v| v.priority < job.priority && !claimed.contains(&v.id)).collect();
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    *tries += 1;
+    let typed = |instance_type: &str| crate::spec::instance_type_allowed(&job.instance_types, instance_type);
+    // The groups a gang may form in: each allowed pool, or (mixed_types) all of them.
+    let mut groups: std::collections::BTreeSet<(&str, &str)> =
+        pools.keys().copied().filter(|(t, _)| typed(t)).collect();
+    for v in &candidates {
+        groups.extend(
+            v.members.iter().filter(|w| typed(&w.instance_type)).map(|w| (w.instance_type.as_str(), w.zone.as_str())),
+        );
+    }
+    let in_group = |group: &(&str, &str), w: &FreeWorker| {
+        typed(&w.instance_type) && (job.mixed || (w.instance_type.as_str(), w.zone.as_str()) == *group)
+    };
+    let mut best: Option<Stops> = None;
+    for group in &groups {
+        let free = if job.mixed {
+            pools.iter().filter(|(name, _)| typed(name.0)).map(|(_, pool)| pool.fitting(&need)).sum()
+        } else {
+            pools.get(group).map_or(0, |pool| pool.fitting(&need))
+        };
+        let adding: Vec<(&Preemptible, usize)> = candidates
+            .iter()
+            .map(|v| (*v, v.members.iter().filter(|w| in_group(group, w) && need.fits(w)).count()))
+            .filter(|(_, adds)| *adds > 0)
+            .collect();
+        if let Some(jobs) = pick_stops(&adding, free, min) {
+            let stops = Stops { group: *group, jobs };
+            if best.as_ref().is_none_or(|b| stops.score() < b.score()) {
+                best = Some(stops);
+            }
+        }
+        if job.mixed {
+            break; // one group: every allowed pool
+        }
+    }
+    let Some(Stops { group, jobs: stops }) = best else {
+        return Vec::new();
+    };
+    // Hold the free workers counted for this job: a lower job placed on them would be the
+    // next one stopped.
+    for (name, pool) in pools.iter_mut() {
+        if typed(name.0) && (job.mixed || *name == group) {
+            let fitting = pool.fitting(&need);
+            pool.take(&need, fitting, &[]);
+        }
+    }
+    claimed.extend(stops.iter().map(|v| v.id));
+    stops
+}
+
+/// The jobs to stop in one group of pools (one pool, or every allowed pool for a mixed gang).
+struct Stops<'p, 'a> {
+    group: (&'p str, &'p str),
+    jobs: Vec<&'a Preemptible>,
+}
+
+impl Stops<'_, '_> {
+    /// The highest priority stopped anew, then how many are: the lower, the better.
+    fn score(&self) -> (i32, usize) {
+        let new = || self.jobs.iter().filter(|v| !v.stopping);
+        (new().map(|v| v.priority).max().unwrap_or(i32::MIN), new().count())
+    }
+}
+
+/// Of `adding` (jobs in the order they are stopped in, each with the fitting workers its stop
+/// frees), the ones that make `min` with `free` workers: taken in order until they do, then
+/// those not needed spared, the last taken (the highest priority) first; a job already
+/// stopping is never spared (it frees its workers anyway). `None`: all of them do not make it.
+fn pick_stops<'a>(adding: &[(&'a Preemptible, usize)], free: usize, min: usize) -> Option<Vec<&'a Preemptible>> {
+    let mut count = free;
+    let mut taken: Vec<(&Preemptible, usize)> = Vec::new();
+    for (v, adds) in adding {
+        if count >= min {
+            break;
+        }
+        count += adds;
+        taken.push((*v, *adds));
+    }
+    if count < min {
+        return None;
+    }
+    for i in (0..taken.len()).rev() {
+        let (v, adds) = taken[i];
+        if !v.stopping && count - adds >= min {
+            count -= adds;
+            taken.remove(i);
+        }
+    }
+    Some(taken.into_iter().map(|(v, _)| v).collect())
+}
+
+/// The orders to stop the jobs among `stops` not already stopping, for `job`.
+fn orders<'a>(job: &'a PendingJob, stops: &'a [&Preemptible]) -> impl Iterator<Item = Preemption> + 'a {
+    stops.iter().filter(|v| !v.stopping).map(|v| Preemption {
+        victim: v.id,
+        generation: v.generation,
+        for_job: job.id,
+        priorities: (job.priority, v.priority),
+    })
+}
+
+/// A waiting reason with the jobs stopped for it named.
+fn with_stops(reason: String, stops: &[&Preemptible]) -> String {
+    if stops.is_empty() {
+        return reason;
+    }
+    let names: Vec<String> = stops.iter().map(|v| format!("{} (priority {})", v.id, v.priority)).collect();
+    format!("{reason}; stopping {} at a checkpoint for it (lower priority)", names.join(", "))
 }
 
 /// A mixed gang (see the module docs): up to `max` workers from the zone with the most fitting

@@ -320,6 +320,57 @@ proptest! {
     fn deterministic((jobs, workers) in arb_state()) {
         prop_assert_eq!(schedule(&jobs, &workers), schedule(&jobs, &workers));
     }
+
+    /// Over random clusters with some workers busy in running jobs: placements use free
+    /// workers only, once; each order stops a job of lower priority than the unplaced job it
+    /// is for, one not stopping already, once; and every stop is needed: without the last one
+    /// chosen for a job, its gang would not form.
+    #[test]
+    fn preemptions_stop_only_lower_priorities_once_for_unplaced_jobs(
+        (jobs, workers) in arb_state(),
+        running in prop::collection::vec((-3i32..3, any::<bool>(), 0usize..4), 0..6),
+    ) {
+        // Workers go round-robin to the running jobs; a job-less rest stays free.
+        let mut running: Vec<Preemptible> = running
+            .into_iter()
+            .enumerate()
+            .map(|(i, (priority, stopping, _))| Preemptible {
+                id: JobId(100 + i as u64),
+                generation: 1,
+                priority,
+                submitted_index: 100 + i as u64,
+                stopping,
+                members: Vec::new(),
+            })
+            .collect();
+        let mut free = Vec::new();
+        for (i, w) in workers.iter().enumerate() {
+            match running.len() {
+                0 => free.push(w.clone()),
+                n if i % (n + 1) == n => free.push(w.clone()),
+                n => running[i % (n + 1)].members.push(w.clone()),
+            }
+        }
+        let plan = schedule_preempting(&jobs, &free, &running);
+        let mut used = BTreeSet::new();
+        for placement in &plan.placements {
+            for id in &placement.workers {
+                prop_assert!(used.insert(*id), "{id} placed twice");
+                prop_assert!(free.iter().any(|w| w.id == *id), "{id} is busy");
+            }
+        }
+        let mut victims = BTreeSet::new();
+        for order in &plan.preemptions {
+            let job = jobs.iter().find(|j| j.id == order.for_job).expect("for a pending job");
+            let victim = running.iter().find(|r| r.id == order.victim).expect("a running job");
+            prop_assert!(victim.priority < job.priority, "{order:?}");
+            prop_assert!(!victim.stopping, "{order:?}");
+            prop_assert!(victims.insert(victim.id), "{order:?} twice");
+            prop_assert!(plan.placements.iter().all(|p| p.job != job.id), "{order:?} for a placed job");
+            prop_assert_eq!(order.priorities, (job.priority, victim.priority));
+        }
+        prop_assert_eq!(&plan, &schedule_preempting(&jobs, &free, &running));
+    }
 }
 
 #[test]
@@ -330,4 +381,123 @@ fn elastic_jobs_grow_only_into_free_workers_of_their_pool_when_nobody_waits() {
     assert_eq!(grow(&jobs, &free, false), [(JobId(3), 3)], "full, wrong pool, and the one free worker promised once");
     assert!(grow(&jobs, &free, true).is_empty(), "waiting jobs come first");
     assert!(grow(&jobs, &[], false).is_empty());
+}
+
+/// A running job of generation 1 in pool `pool` (zone "z") on workers `ids` (no GPUs).
+fn victim(id: u64, priority: i32, pool: &str, ids: &[u64]) -> Preemptible {
+    Preemptible {
+        id: JobId(id),
+        generation: 1,
+        priority,
+        submitted_index: id,
+        stopping: false,
+        members: ids.iter().map(|w| worker(*w, 0, pool)).collect(),
+    }
+}
+
+fn stopped(plan: &Plan) -> Vec<(u64, u64)> {
+    plan.preemptions.iter().map(|p| (p.victim.0, p.for_job.0)).collect()
+}
+
+#[test]
+fn a_waiting_job_stops_only_jobs_of_lower_priority_and_the_fewest_of_them() {
+    let high = job(9, 10, 2, 2, 0);
+    // One free worker in pool a; job 1 (priority 0) holds two in a, jobs 2 and 3 (priority -5,
+    // -1) one each in a, job 4 (priority 10, as high as the waiter) two in a.
+    let free = [worker(1, 0, "a")];
+    let running =
+        [victim(1, 0, "a", &[2, 3]), victim(2, -5, "a", &[4]), victim(3, -1, "a", &[5]), victim(4, 10, "a", &[6, 7])];
+    let plan = schedule_preempting(std::slice::from_ref(&high), &free, &running);
+    assert!(plan.placements.is_empty());
+    // One stop does: the lowest priority that makes the gang with the free worker.
+    assert_eq!(stopped(&plan), [(2, 9)]);
+    assert_eq!(plan.preemptions[0].priorities, (10, -5));
+    assert!(plan.waiting[&JobId(9)].contains("stopping job-2 (priority -5) at a checkpoint"), "{:?}", plan.waiting);
+    // Three workers needed: job 2 alone is not enough; the lowest priorities go first (jobs 2
+    // and 3, not job 1's two at priority 0); never job 4 (not lower).
+    let plan = schedule_preempting(&[job(9, 10, 3, 3, 0)], &free, &running);
+    assert_eq!(stopped(&plan), [(2, 9), (3, 9)]);
+    // A stop made unneeded by a later one is spared: with no free worker, job 2's one worker
+    // and then job 1's two make three, but job 1's alone make the gang of two.
+    let plan = schedule_preempting(&[job(9, 10, 2, 2, 0)], &[], &[running[0].clone(), running[1].clone()]);
+    assert_eq!(stopped(&plan), [(1, 9)]);
+    // Five: 1 free + jobs 2, 3 and 1 (three stops); seven would need job 4: nothing is stopped.
+    let plan = schedule_preempting(&[job(9, 10, 5, 5, 0)], &free, &running);
+    assert_eq!(stopped(&plan), [(2, 9), (3, 9), (1, 9)]);
+    let plan = schedule_preempting(&[job(9, 10, 6, 6, 0)], &free, &running);
+    assert!(plan.preemptions.is_empty(), "{plan:?}");
+    assert!(!plan.waiting[&JobId(9)].contains("stopping"), "{:?}", plan.waiting);
+    // Equal priorities never stop each other.
+    assert!(schedule_preempting(&[job(9, 0, 3, 3, 0)], &free, &running[..1]).preemptions.is_empty());
+    // A job that fits on free workers stops nobody.
+    let plan = schedule_preempting(&[job(9, 10, 1, 1, 0)], &free, &running);
+    assert_eq!((plan.placements.len(), plan.preemptions.len()), (1, 0));
+}
+
+#[test]
+fn only_workers_that_fit_the_waiting_job_count_and_in_one_pool_unless_mixed() {
+    let free = [worker(1, 0, "a")];
+    // Two one-worker jobs in pools a and b: one pool cannot make two.
+    let running = [victim(1, 0, "a", &[2]), victim(2, 0, "b", &[3])];
+    assert!(schedule_preempting(&[job(9, 5, 3, 3, 0)], &free, &running).preemptions.is_empty());
+    assert_eq!(stopped(&schedule_preempting(&[job(9, 5, 2, 2, 0)], &free, &running)), [(1, 9)]);
+    // A mixed gang counts every allowed pool.
+    let mixed = PendingJob { mixed: true, ..job(9, 5, 3, 3, 0) };
+    let mut plan = schedule_preempting(std::slice::from_ref(&mixed), &free, &running);
+    plan.preemptions.sort_by_key(|p| p.victim);
+    assert_eq!(stopped(&plan), [(1, 9), (2, 9)]);
+    // ... but not a type it may not run on.
+    let typed = PendingJob { instance_types: vec!["a".to_string()], ..mixed };
+    assert!(schedule_preempting(&[typed], &free, &running).preemptions.is_empty());
+    // GPUs, on-demand and price as for placement.
+    let gpus = job(9, 5, 2, 2, 1);
+    let with_gpus =
+        |gpus: u32| Preemptible { members: vec![FreeWorker { gpus, ..worker(2, 0, "a") }], ..victim(1, 0, "a", &[]) };
+    let free_gpu = [worker(1, 1, "a")];
+    assert!(schedule_preempting(std::slice::from_ref(&gpus), &free_gpu, &[with_gpus(0)]).preemptions.is_empty());
+    assert_eq!(stopped(&schedule_preempting(&[gpus], &free_gpu, &[with_gpus(1)])), [(1, 9)]);
+    let on_demand = PendingJob { on_demand_only: true, ..job(9, 5, 2, 2, 0) };
+    let spot = Preemptible { members: vec![FreeWorker { spot: true, ..worker(2, 0, "a") }], ..victim(1, 0, "a", &[]) };
+    assert!(schedule_preempting(&[on_demand], &free, &[spot]).preemptions.is_empty());
+    let capped = PendingJob { max_usd_per_hour: Some(1.0), ..job(9, 5, 2, 2, 0) };
+    let dear =
+        Preemptible { members: vec![FreeWorker { usd_per_hour: 3.0, ..worker(2, 0, "a") }], ..victim(1, 0, "a", &[]) };
+    assert!(schedule_preempting(&[capped], &free, &[dear]).preemptions.is_empty());
+}
+
+#[test]
+fn a_job_already_stopping_is_waited_for_and_the_free_workers_are_held_for_the_waiting_job() {
+    let free = [worker(1, 0, "a")];
+    let stopping = Preemptible { stopping: true, ..victim(1, 0, "a", &[2]) };
+    let low = job(5, -3, 1, 1, 0);
+    let plan = schedule_preempting(&[job(9, 5, 2, 2, 0), low.clone()], &free, std::slice::from_ref(&stopping));
+    // No new order (it stops anyway), and the free worker is not given to the lower job.
+    assert!(plan.preemptions.is_empty(), "{plan:?}");
+    assert!(plan.placements.is_empty(), "the held worker went to {:?}", plan.placements);
+    assert!(plan.waiting[&JobId(9)].contains("stopping job-1 (priority 0)"), "{:?}", plan.waiting);
+    // Without a stop in sight, the lower job backfills as before.
+    let plan = schedule_preempting(&[job(9, 5, 3, 3, 0), low], &free, &[stopping]);
+    assert_eq!(plan.placements, [Placement { job: JobId(5), workers: vec![WorkerId(1)] }]);
+}
+
+#[test]
+fn only_so_many_waiting_jobs_look_for_jobs_to_stop_in_one_pass() {
+    let count = PREEMPTION_TRIES_PER_PASS as u64 + 3;
+    let running: Vec<Preemptible> = (0..count).map(|i| victim(100 + i, 0, "a", &[i + 1])).collect();
+    // Waiting jobs of priority 5 each need one worker, but none is free, and more of them
+    // than the limit: the first ones (by submission) stop one job each, the rest wait.
+    let waiting: Vec<PendingJob> = (1..=count).map(|i| job(i, 5, 1, 1, 0)).collect();
+    let plan = schedule_preempting(&waiting, &[], &running);
+    assert_eq!(plan.preemptions.len(), PREEMPTION_TRIES_PER_PASS);
+    let for_jobs: Vec<u64> = plan.preemptions.iter().map(|p| p.for_job.0).collect();
+    assert_eq!(for_jobs, (1..=PREEMPTION_TRIES_PER_PASS as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn two_waiting_jobs_do_not_count_the_same_stopped_job() {
+    let running = [victim(1, 0, "a", &[1, 2]), victim(2, 0, "a", &[3, 4])];
+    let plan = schedule_preempting(&[job(8, 5, 2, 2, 0), job(9, 4, 2, 2, 0), job(10, 3, 2, 2, 0)], &[], &running);
+    // The newest submission goes first among equal priorities; the third waiter finds nobody.
+    assert_eq!(stopped(&plan), [(2, 8), (1, 9)]);
+    assert!(!plan.waiting[&JobId(10)].contains("stopping"), "{:?}", plan.waiting);
 }

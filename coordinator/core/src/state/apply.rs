@@ -372,6 +372,28 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::CheckpointRequested { job_id })
         }
+        Command::PreemptForPriority { job_id, generation, for_job } => {
+            let waiting = state.jobs.get(&for_job).ok_or(Rejected::JobNotFound(for_job))?;
+            if waiting.state != JobState::Pending {
+                return Err(Rejected::NotPending { job_id: for_job, state: waiting.state.name() });
+            }
+            let for_priority = waiting.spec.priority;
+            let job = running_generation(state, job_id, generation)?;
+            let priority = job.spec.priority;
+            if priority >= for_priority {
+                return Err(Rejected::PriorityNotLower { job_id, priority, for_job, for_priority });
+            }
+            job.drop_awaited_handovers();
+            if job.checkpoint_requested.is_none() {
+                job.checkpoint_requested = Some(StopReason::Priority);
+                let message = format!(
+                    "{for_job} (priority {for_priority}) waits for workers this job (priority {priority}) holds: \
+                     {CHECKPOINTING}, to resume when workers are free"
+                );
+                push_event(job, now, "priority", message);
+            }
+            Ok(Applied::CheckpointRequested { job_id })
+        }
         Command::TrainingResumed { job_id, generation, stall_ms, handover, peer_bytes, storage_bytes } => {
             let job = running_generation(state, job_id, generation)?;
             if job.stall_generation == generation {

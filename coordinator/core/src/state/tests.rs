@@ -408,6 +408,55 @@ fn a_notice_orders_a_checkpoint_and_the_generation_ends_without_loss() {
     assert_eq!(again(&mut state, vec![w1]), Ok(Applied::GangAssigned { job_id: JobId(1), generation: 2 }));
 }
 
+#[test]
+fn a_job_stopped_for_a_higher_priority_checkpoints_and_waits_with_its_workers_free() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let mut submit_with = |index: u64, priority: i32| {
+        let mut job_spec = spec("other");
+        job_spec.priority = priority;
+        let submit = Command::SubmitJob { spec: Box::new(job_spec), client_request_id: format!("r{index}") };
+        apply(&mut state, index, Envelope::new(index, submit)).expect("submit");
+    };
+    submit_with(5, 0); // job 2: as high as job 1
+    submit_with(6, 7); // job 3: higher
+    let preempt = |state: &mut State, for_job: u64, generation: u64| {
+        let command = Command::PreemptForPriority { job_id: JobId(1), generation, for_job: JobId(for_job) };
+        apply(state, 7, Envelope::new(7, command))
+    };
+    let not_lower = Rejected::PriorityNotLower { job_id: JobId(1), priority: 0, for_job: JobId(2), for_priority: 0 };
+    assert_eq!(preempt(&mut state, 2, 1), Err(not_lower));
+    assert!(matches!(preempt(&mut state, 3, 2), Err(Rejected::StaleGeneration { .. })));
+    assert!(matches!(preempt(&mut state, 9, 1), Err(Rejected::JobNotFound(_))));
+    assert_eq!(preempt(&mut state, 3, 1), Ok(Applied::CheckpointRequested { job_id: JobId(1) }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!(job.checkpoint_requested, Some(StopReason::Priority));
+    let event = job.events.last().expect("an event");
+    assert_eq!(event.kind, "priority");
+    assert!(event.message.starts_with("job-3 (priority 7) waits for workers this job (priority 0) holds"), "{event:?}");
+    assert!(!event.stops_for_a_loss(), "not a loss: no recovery is timed for it");
+    // A second order (another pass) changes nothing.
+    assert_eq!(preempt(&mut state, 3, 1), Ok(Applied::CheckpointRequested { job_id: JobId(1) }));
+    assert_eq!(state.jobs[&JobId(1)].events.iter().filter(|e| e.kind == "priority").count(), 1);
+    checkpoint(&mut state, 37, 1).expect("checkpoint");
+    assert_eq!(
+        end(&mut state, 1, GenerationEnd::Checkpointed, 37),
+        Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending })
+    );
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.preemptions, job.steps_lost, job.failures, job.recoveries), (0, 0, 0, 0), "not a spot preemption");
+    assert_eq!(job.reason, "priority: waiting for workers to resume from step 37");
+    for w in [w1, w2] {
+        let worker = &state.workers[&w];
+        assert!(worker.job.is_none() && !worker.draining && worker.suspect_since_unix_ms.is_none(), "{worker:?}");
+    }
+    // Once the waiting job runs, it is no longer stopped for.
+    apply(&mut state, 8, Envelope::new(8, Command::AssignGang { job_id: JobId(3), workers: vec![w1, w2] }))
+        .expect("assign");
+    let not_pending = Rejected::NotPending { job_id: JobId(3), state: "Running" };
+    assert_eq!(preempt(&mut state, 3, 1), Err(not_pending));
+}
+
 fn spot_notice(worker_id: WorkerId, at: u64) -> Command {
     Command::WorkerInterrupted { worker_id, kind: "spot".into(), action_at_unix_ms: Some(at) }
 }

@@ -22,7 +22,8 @@ use crate::spec::JobSpec;
 /// unreachable_rank`, `Worker::unreachable_until_unix_ms`); suspect workers cleared once heard
 /// from (`WorkersHeard`).
 /// 6: a worker leaves in order (`WorkerLeft`, `Worker::left`, `Rejected::StillAssigned`).
-pub const STATE_VERSION: u32 = 6;
+/// 7: priority preemption (`PreemptForPriority`, `StopReason::Priority`).
+pub const STATE_VERSION: u32 = 7;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -437,6 +438,8 @@ pub enum StopReason {
     Budget,
     /// Out of slack for `capacity.deadline_h` on spot: it resumes on on-demand capacity.
     Deadline,
+    /// A waiting job of higher priority needs its workers: it resumes when workers are free.
+    Priority,
     /// A noticed member's replacement is ready: the next generation forms with it at once.
     Handover,
 }
@@ -449,6 +452,7 @@ impl StopReason {
             StopReason::Budget => "budget",
             StopReason::Deadline => "deadline",
             StopReason::Handover => "handover",
+            StopReason::Priority => "priority",
         }
     }
 }
@@ -1090,6 +1094,14 @@ pub enum Command {
         #[serde(default)]
         storage_bytes: u64,
     },
+    /// The leader's scheduler found that `for_job`, waiting, can have its gang only if running
+    /// jobs of lower priority stop: this one checkpoints at the next step and waits, as after
+    /// any stop (see `flotilla_core::scheduler::schedule_preempting`).
+    PreemptForPriority {
+        job_id: JobId,
+        generation: u64,
+        for_job: JobId,
+    },
     /// The leader found the job out of slack for its deadline: it runs on on-demand capacity
     /// from now on; a generation running on spot workers checkpoints and stops to move.
     MoveToOnDemand {
@@ -1428,4 +1440,6 @@ pub enum Rejected {
     /// A worker's report carries a value outside its bounds.
     #[error("bad report: {0}")]
     BadReport(String),
+    #[error("{job_id} (priority {priority}) may not be stopped for {for_job} (priority {for_priority}): not lower")]
+    PriorityNotLower { job_id: JobId, priority: i32, for_job: JobId, for_priority: i32 },
 }
