@@ -1172,6 +1172,7 @@ fn a_higher_priority_job_stops_a_lower_one_which_resumes_where_it_stopped_and_ch
     assert!(stops.iter().any(|m| m.contains("stopped for priority") && m.ends_with("; 0 step(s) lost")), "{done}");
     assert_eq!((done["steps_lost"].as_u64(), done["preemptions"].as_u64()), (Some(0), Some(0)), "{done}");
     assert!(done["generation"].as_u64().unwrap_or(0) >= 2, "{done}");
+    assert_eq!((done["priority"].as_i64(), high_done["priority"].as_i64()), (Some(-1), Some(5)));
     assert_same_as_uninterrupted(home, &low_spec, &done, "stopped for a higher priority");
     assert_accurate(&done);
 }

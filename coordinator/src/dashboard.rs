@@ -61,6 +61,7 @@ fn summary(job: &Job, progress: &Progress) -> Value {
     json!({
         "id": job.id.to_string(),
         "name": job.spec.name,
+        "priority": job.spec.priority,
         "state": job_state_name(job.state),
         "step": job.step.max(live.map_or(0, |p| p.step)),
         "total_steps": live.map(|p| p.total_steps),

@@ -339,6 +339,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
     json!({
         "id": job.id,
         "name": job.name,
+        "priority": job.spec.as_ref().map_or(0, |s| s.priority),
         "state": state_name(job),
         "reason": job.reason,
         "step": job.step,
@@ -443,7 +444,8 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     });
     line("checkpoints", format!("{}{newest}", job.checkpoints));
     line("cost", format!("${:.2} (work lost to interruptions ${:.2})", job.cost_usd, job.lost_work_usd));
-    line("submitted", flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms));
+    let priority = job.spec.as_ref().map_or(0, |s| s.priority);
+    line("submitted", format!("{}, priority {priority}", flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms)));
     let skipped = job.events.len().saturating_sub(EVENTS_SHOWN);
     if skipped > 0 {
         line("events", format!("{skipped} earlier not shown (-o json lists them)"));
