@@ -115,3 +115,12 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE, like `ls | head`: {:?} {stderr}", out.status);
 }
+
+#[test]
+fn submit_refuses_a_priority_out_of_range_before_contacting_anybody() {
+    let spec = examples().join("mnist-mlp.toml");
+    let out = flotilla(&["submit", spec.to_str().expect("utf-8"), "--priority", "-1001"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--priority") && stderr.contains("-1000..=1000"), "{stderr}");
+}

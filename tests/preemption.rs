@@ -1161,8 +1161,12 @@ fn a_higher_priority_job_stops_a_lower_one_which_resumes_where_it_stopped_and_ch
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let low_spec = write_spec_with_priority(dir, "low", 30, -1);
     let (low, _, _) = running_gang(home, &low_spec);
-    // Both workers are busy: the urgent job stops the low one, runs, and gives them back.
-    let high = submit(home, &write_spec_with_priority(dir, "high", 1, 5));
+    // Both workers are busy: the urgent job stops the low one, runs, and gives them back. Its
+    // priority comes from the command line (the spec says 0).
+    let high_spec = write_spec_with_priority(dir, "high", 1, 0);
+    let submitted = run(home, &["submit", high_spec.to_str().expect("utf-8"), "--priority", "5"]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let high = String::from_utf8_lossy(&submitted.stdout).lines().last().expect("job id").trim().to_string();
     let high_done = wait_for(home, &high, Duration::from_secs(120), "the urgent job", |s| s["state"] == "Succeeded");
     assert_eq!(high_done["generation"], 1, "it ran once, on the low job's workers: {high_done}");
     let done = wait_for(home, &low, Duration::from_secs(180), "the low job", |s| s["state"] == "Succeeded");

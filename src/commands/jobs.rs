@@ -20,6 +20,11 @@ pub struct SubmitArgs {
     /// succeeds).
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// The job's priority instead of the spec's `priority` (-1000..=1000, higher first): a
+    /// waiting job stops running jobs of lower priority that hold the workers it needs.
+    #[arg(long, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-flotilla_core::spec::PRIORITY_ABS_MAX..=flotilla_core::spec::PRIORITY_ABS_MAX))]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,6 +50,9 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
         Err(LoadError::Spec(e)) => anyhow::bail!("{}: {e}", args.spec.display()),
     };
     let mut spec = spec;
+    if let Some(priority) = args.priority {
+        spec.priority = priority;
+    }
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;

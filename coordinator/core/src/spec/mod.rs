@@ -76,7 +76,8 @@ pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub name: String,
-    /// Higher runs first; FIFO within one priority.
+    /// Higher runs first; FIFO within one priority. A waiting job may stop running jobs of
+    /// lower priority (`flotilla_core::scheduler::schedule_preempting`).
     pub priority: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSpec>,
