@@ -323,8 +323,8 @@ proptest! {
 
     /// Over random clusters with some workers busy in running jobs: placements use free
     /// workers only, once; each order stops a job of lower priority than the unplaced job it
-    /// is for, one not stopping already, once; and every stop is needed: without the last one
-    /// chosen for a job, its gang would not form.
+    /// is for, one not stopping already, once; and never in vain: the free workers and the
+    /// stopped jobs' members that fit the waiting job are at least its gang.
     #[test]
     fn preemptions_stop_only_lower_priorities_once_for_unplaced_jobs(
         (jobs, workers) in arb_state(),
@@ -368,6 +368,18 @@ proptest! {
             prop_assert!(victims.insert(victim.id), "{order:?} twice");
             prop_assert!(plan.placements.iter().all(|p| p.job != job.id), "{order:?} for a placed job");
             prop_assert_eq!(order.priorities, (job.priority, victim.priority));
+        }
+        for job in jobs.iter().filter(|j| plan.preemptions.iter().any(|p| p.for_job == j.id)) {
+            let fits = |w: &&FreeWorker| {
+                w.gpus >= job.gpus_per_worker
+                    && !(job.on_demand_only && w.spot)
+                    && crate::spec::instance_type_allowed(&job.instance_types, &w.instance_type)
+                    && job.max_usd_per_hour.is_none_or(|cap| w.usd_per_hour <= cap)
+            };
+            let stopped = running.iter().filter(|r| r.stopping || plan.preemptions.iter().any(|p| p.victim == r.id && p.for_job == job.id));
+            let mut supply: Vec<&FreeWorker> = free.iter().filter(fits).collect();
+            supply.extend(stopped.flat_map(|r| r.members.iter()).filter(fits));
+            prop_assert!(supply.len() >= job.min_workers as usize, "{job:?} stopped jobs in vain: {plan:?}");
         }
         prop_assert_eq!(&plan, &schedule_preempting(&jobs, &free, &running));
     }
