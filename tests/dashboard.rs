@@ -106,7 +106,7 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
     let spec = cluster.dir.path().join("watched.toml");
     std::fs::write(
         &spec,
-        "name = \"watched\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+        "name = \"watched\"\npriority = 7\nmodel = { kind = \"mlp\", hidden = [64] }\n\
          data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
          train = { steps = 5000000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n",
     )
@@ -185,6 +185,7 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
     assert!(points >= CURVE_POINTS_MIN, "the loss curve has {points} points:\n{dom}");
     assert!(dom.contains("class=\"marker preemption\""), "a preemption marker on the curve:\n{dom}");
     assert!(dom.contains("preemption_notice"), "the notice in the events table");
+    assert!(dom.contains("<span>Priority</span><b>7</b>"), "the job's priority:\n{dom}");
     assert!(dom.contains("data-errors=\"0\""), "no page error:\n{dom}");
     assert_eq!(console_lines(&stderr), Vec::<&str>::new(), "no console message");
 
@@ -206,6 +207,14 @@ fn the_job_page_shows_the_curve_and_the_preemption_in_chromium() {
     let (live, gone) = workers.split_once("<details class=\"gone\">").expect("a gone section");
     assert!(gone.contains("1 gone (lost or left)") && gone.contains(&format!("<td>{member}</td>")), "{gone}");
     assert!(gone.contains("class=\"state left\"") && !live.contains(&format!("<td>{member}</td>")), "{workers}");
+    assert_eq!(console_lines(&stderr), Vec::<&str>::new(), "no console message");
+
+    // The jobs list: the job, named, with its priority.
+    let (jobs, stderr) =
+        browse(&profiles.path().join("jobs"), &format!("http://{address}/#/jobs&token={token}"), &["--dump-dom"]);
+    assert!(jobs.contains("data-view=\"jobs\" data-ready=\"1\""), "{jobs}");
+    let row = format!("<td><a href=\"#/job/{job}\">{job}</a></td><td>watched</td><td class=\"num\">7</td>");
+    assert!(jobs.contains(&row), "{row} in {jobs}");
     assert_eq!(console_lines(&stderr), Vec::<&str>::new(), "no console message");
 
     // Without the token the page says how to get one, and shows no data.
