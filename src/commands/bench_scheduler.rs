@@ -1,11 +1,13 @@
 //! `flotilla bench-scheduler` (hidden): placement time of the gang scheduler for
 //! `scripts/bench/scheduler.sh`, with a naive scheduler (scan every free worker for every job)
-//! timed on the same input in the same run as the baseline.
+//! timed on the same input in the same run as the baseline; and the pass with priority
+//! preemption (half the workers busy in running gangs of lower and higher priorities), against
+//! the plain pass on the same input.
 
 use std::time::{Duration, Instant};
 
 use flotilla_core::ids::{JobId, WorkerId};
-use flotilla_core::scheduler::{FreeWorker, PendingJob, schedule};
+use flotilla_core::scheduler::{FreeWorker, PendingJob, Preemptible, schedule, schedule_preempting};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -46,6 +48,25 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
         })
         .collect();
     (pending, free)
+}
+
+/// `free` split: the first half stays free, the second half runs in gangs of 4 of priorities
+/// -1, 0 and 1 (the pending jobs have 0 to 2: most of them may stop some).
+fn half_busy(free: &[FreeWorker]) -> (Vec<FreeWorker>, Vec<Preemptible>) {
+    let (idle, busy) = free.split_at(free.len() / 2);
+    let running = busy
+        .chunks(4)
+        .enumerate()
+        .map(|(i, members)| Preemptible {
+            id: JobId(1_000_000 + i as u64),
+            generation: 1,
+            priority: (i % 3) as i32 - 1,
+            submitted_index: 1_000_000 + i as u64,
+            stopping: false,
+            members: members.to_vec(),
+        })
+        .collect();
+    (idle.to_vec(), running)
 }
 
 /// The baseline: per job, scan all free workers of each pool.
@@ -94,6 +115,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         base.push(started.elapsed());
     }
     let (ours, base) = (median(ours), median(base));
+    let (idle, running) = half_busy(&free);
+    let (mut plain, mut preempting) = (Vec::new(), Vec::new());
+    let mut stops = 0;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let _ = schedule(&pending, &idle);
+        plain.push(started.elapsed());
+        let started = Instant::now();
+        stops = schedule_preempting(&pending, &idle, &running).preemptions.len();
+        preempting.push(started.elapsed());
+    }
+    let (plain, preempting) = (median(plain), median(preempting));
     println!(
         "{}",
         json!({
@@ -104,6 +137,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "median_ms": ours,
             "naive_median_ms": base,
             "speedup_vs_naive": base / ours,
+            "half_busy_running_jobs": running.len(),
+            "half_busy_plain_median_ms": plain,
+            "half_busy_preempting_median_ms": preempting,
+            "half_busy_preemptions": stops,
+            "preempting_vs_plain": preempting / plain,
         })
     );
     Ok(())
