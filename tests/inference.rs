@@ -6,7 +6,9 @@
 //!   scaling, same arg-max); unlabelled rows get the same predictions; bad inputs and an
 //!   existing output folder are refused with the reason;
 //! - a worker SIGKILLed while it holds a shard: the shard goes back to the queue and the job
-//!   still writes every row exactly once.
+//!   still writes every row exactly once;
+//! - a training gang submitted while inference holds every worker gets them at their next shard
+//!   boundary; the inference finishes after it, every row exactly once.
 //!
 //! The tests share the 2 CPUs, so they run one at a time.
 
@@ -289,6 +291,66 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
         .collect();
     assert!(lost.iter().any(|m| m.contains(&victim) && m.contains("returned to the queue")), "{done}");
     assert!(done["shard_retries"].as_u64().unwrap_or(0) >= 1, "{done}");
+    let rows = read_output(&out);
+    let expected: Vec<u64> = (0..1000 * COPIES as u64).collect();
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");
+}
+
+#[test]
+fn inference_gives_its_workers_to_a_training_gang_between_shards_and_finishes_after_it() {
+    let trained = Trained::new();
+    let (home, dir, heldout) = (&trained.home, &trained.dir, &trained.heldout);
+    // 20,000 rows in shards of 10 on both workers: tens of seconds of work.
+    const COPIES: usize = 20;
+    let input = dir.path().join("heldout-x20.csv");
+    std::fs::write(&input, std::fs::read_to_string(heldout).expect("heldout").repeat(COPIES)).expect("input");
+    let out = dir.path().join("predictions");
+    let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
+    let submitted = infer(home, "mnist-mlp", &input, &out, &flags);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let inference = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let started = Instant::now();
+    while json(home, &["status", &inference, "-o", "json"])["leases"].as_array().is_none_or(Vec::is_empty) {
+        assert!(started.elapsed() < Duration::from_secs(60), "no shard was leased");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A training gang of 2 needs both workers: it gets them at their next shard boundary.
+    let spec = dir.path().join("gang.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"gang\"\nmodel = {{ kind = \"mlp\", hidden = [32] }}\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 30, batch_size = 32 }}\nworkers = {{ min = 2, max = 2 }}\n",
+            heldout.display()
+        ),
+    )
+    .expect("spec");
+    let submitted = run(home, &["submit", spec.to_str().expect("utf-8")]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let gang = String::from_utf8_lossy(&submitted.stdout).lines().last().expect("job id").trim().to_string();
+    let running = loop {
+        let status = json(home, &["status", &gang, "-o", "json"]);
+        if status["state"] == "Running" || status["state"] == "Succeeded" {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the gang never started: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let meanwhile = json(home, &["status", &inference, "-o", "json"]);
+    assert_eq!(meanwhile["state"], "Running", "the gang waited for the inference to end: {running} {meanwhile}");
+    let yielded = meanwhile["events"].as_array().expect("events").iter().any(|e| e["kind"] == "yield");
+    assert!(yielded, "{meanwhile}");
+    // Both finish; the inference wrote every row exactly once.
+    let done = loop {
+        let status = json(home, &["status", &inference, "-o", "json"]);
+        if status["state"] != "Running" && status["state"] != "Pending" {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "inference did not finish: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    assert_eq!(json(home, &["status", &gang, "-o", "json"])["state"], "Succeeded");
     let rows = read_output(&out);
     let expected: Vec<u64> = (0..1000 * COPIES as u64).collect();
     assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");

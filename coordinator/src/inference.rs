@@ -405,6 +405,7 @@ mod tests {
             members: vec![],
             joins: 1,
             timed_out: vec![],
+            yielding: vec![],
             next_attempt: 4,
             events: vec![],
         };

@@ -3,7 +3,9 @@
 //!
 //! Inference jobs are served after training: they take the idle workers left once every
 //! placeable gang is placed (`JoinInference`), one shard at a time, and give each back when no
-//! shard is left for it, so they backfill and never hold a gang's workers for long.
+//! shard is left for it, or after its shard when a waiting gang needs it (`YieldInference`,
+//! planned with the priority preemption: inference ranks below every training job), so they
+//! backfill and hold a gang's workers for one shard at most.
 //!
 //! Runs on every node and acts only while this node leads. Placements go through Raft, so a
 //! new leader sees exactly which workers are taken; a proposal that loses a race (a worker
@@ -139,6 +141,33 @@ fn preemptible(state: &State, running: &[&Job]) -> Vec<Preemptible> {
                 .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
                 .map(|w| as_free(state, w))
                 .collect(),
+            inference: false,
+        })
+        .collect()
+}
+
+/// The running inference jobs, which give their workers back to any waiting training gang
+/// that needs them (priority `i32::MIN`): a job whose every member already yields is counted
+/// without a new order.
+fn yielding_inference(state: &State) -> Vec<Preemptible> {
+    state
+        .inferences
+        .values()
+        .filter(|j| j.state == JobState::Running && !j.members.is_empty())
+        .map(|j| Preemptible {
+            id: j.id,
+            generation: 0,
+            priority: i32::MIN,
+            submitted_index: j.submitted_index,
+            stopping: j.members.iter().all(|w| j.yielding.contains(w)),
+            members: j
+                .members
+                .iter()
+                .filter_map(|id| state.workers.get(id))
+                .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
+                .map(|w| as_free(state, w))
+                .collect(),
+            inference: true,
         })
         .collect()
 }
@@ -331,9 +360,15 @@ pub async fn schedule_loop(
                     .filter(|j| j.wants_workers() > 0)
                     .map(|j| InferenceWants { job: j.id, workers: j.wants_workers(), excluded: j.timed_out.clone() })
                     .collect();
-                // Jobs to stop for a waiting job of higher priority: only read with a queue.
-                let victims =
-                    if priority_preemption && !pending.is_empty() { preemptible(state, &running) } else { Vec::new() };
+                // Jobs to stop for a waiting job of higher priority, and inference jobs to give
+                // their workers back to a waiting gang: only read with a queue.
+                let mut victims = Vec::new();
+                if !pending.is_empty() {
+                    victims = yielding_inference(state);
+                    if priority_preemption {
+                        victims.extend(preemptible(state, &running));
+                    }
+                }
                 let growable = growable(state, &running);
                 (heard_from, handovers, pending, free, reasons, growable, victims, inference, reading.elapsed())
             })
@@ -374,16 +409,22 @@ pub async fn schedule_loop(
             }
         }
         let mut taken = Vec::new();
+        // Free workers held for a waiting gang that stops others: not joined to inference.
+        let mut held = Vec::new();
         if !pending.is_empty() {
             let planning = Instant::now();
             let plan = schedule_preempting(&pending, &free, &victims);
             work += planning.elapsed();
+            held = plan.held.clone();
             for p in &plan.preemptions {
-                let command =
-                    Command::PreemptForPriority { job_id: p.victim, generation: p.generation, for_job: p.for_job };
+                let command = if p.inference {
+                    Command::YieldInference { job_id: p.victim }
+                } else {
+                    Command::PreemptForPriority { job_id: p.victim, generation: p.generation, for_job: p.for_job }
+                };
                 match node.propose(command).await {
                     Ok(_) => tracing::info!(job = %p.victim, for_job = %p.for_job, priorities = ?p.priorities,
-                        "stopping a job of lower priority for a waiting one"),
+                        inference = p.inference, "a waiting gang takes the workers of a job it outranks"),
                     Err(e) => {
                         tracing::debug!(job = %p.victim, error = %e, "preemption not recorded; next pass retries")
                     }
@@ -409,7 +450,8 @@ pub async fn schedule_loop(
             }
         }
         gap = work.saturating_mul(PASS_GAP_PER_WORK).clamp(PASS_MIN_GAP, PASS_EVERY);
-        let left: Vec<WorkerId> = free.iter().map(|w| w.id).filter(|w| !taken.contains(w)).collect();
+        let left: Vec<WorkerId> =
+            free.iter().map(|w| w.id).filter(|w| !taken.contains(w) && !held.contains(w)).collect();
         for (job_id, workers) in inference_joins(&inference, &left) {
             if let Err(e) = node.propose(Command::JoinInference { job_id, workers }).await {
                 tracing::debug!(job = %job_id, error = %e, "inference workers not recorded; next pass retries");

@@ -64,6 +64,7 @@ fn half_busy(free: &[FreeWorker]) -> (Vec<FreeWorker>, Vec<Preemptible>) {
             submitted_index: 1_000_000 + i as u64,
             stopping: false,
             members: members.to_vec(),
+            inference: false,
         })
         .collect();
     (idle.to_vec(), running)

@@ -40,7 +40,9 @@
 //!   highest stopped priority is lowest, then with the fewest stops. The free workers it counted
 //!   are held for it (lower jobs do not backfill them) and the stopped jobs' workers are not
 //!   counted twice; a job already stopping (for any reason) is counted without a new order.
-//!   At most [`PREEMPTION_TRIES_PER_PASS`] waiting jobs look for stops in one pass.
+//!   At most [`PREEMPTION_TRIES_PER_PASS`] waiting jobs look for stops in one pass. Inference
+//!   jobs come last of all (priority `i32::MIN`, so first to go): their workers go back to idle
+//!   after their shard, with nothing to checkpoint.
 //! - A worker is never placed twice: each placement removes its workers from the free set.
 //! - Elastic growth ([`grow`]): when no job waits, a running job below `max` whose pool has
 //!   free fitting workers is asked to checkpoint and regroup larger.
@@ -102,8 +104,12 @@ pub struct Plan {
     pub placements: Vec<Placement>,
     /// Why each unplaced job waits.
     pub waiting: BTreeMap<JobId, String>,
-    /// Running jobs to stop at a checkpoint for a higher-priority waiting job.
+    /// Running jobs to stop at a checkpoint for a higher-priority waiting job (and inference
+    /// jobs to give their workers back).
     pub preemptions: Vec<Preemption>,
+    /// Free workers held for waiting jobs that stop others: nobody else gets them this pass
+    /// (inference jobs included).
+    pub held: Vec<WorkerId>,
 }
 
 /// A running job a waiting job of higher priority may stop (see [`schedule_preempting`]).
@@ -119,6 +125,9 @@ pub struct Preemptible {
     /// Its gang's workers that come free when it stops (not those leaving the cluster), as
     /// they will be then.
     pub members: Vec<FreeWorker>,
+    /// An inference job: it gives its workers back between shards (nothing to checkpoint) and
+    /// yields to any training job (its `priority` is `i32::MIN`).
+    pub inference: bool,
 }
 
 /// Stop `victim`'s `generation` at a checkpoint so `for_job` can have its workers.
@@ -129,6 +138,8 @@ pub struct Preemption {
     pub for_job: JobId,
     /// `for_job`'s priority and the victim's, for the victim's events.
     pub priorities: (i32, i32),
+    /// The victim is an inference job: its workers go back to idle after their shard.
+    pub inference: bool,
 }
 
 /// What a worker must offer a job: its GPUs per worker, on-demand when it must not run on
@@ -285,8 +296,7 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
     // then the lowest priority, then the newest submission. Each is counted for one job.
     let mut victims: Vec<&Preemptible> = running.iter().filter(|r| !r.members.is_empty()).collect();
     victims.sort_by_key(|r| (!r.stopping, r.priority, std::cmp::Reverse(r.submitted_index), std::cmp::Reverse(r.id)));
-    let mut claimed = std::collections::BTreeSet::new();
-    let mut tries = 0;
+    let mut claims = Claims::default();
     for job in order {
         let min = job.min_workers.max(1) as usize;
         let want = job.max_workers.max(job.min_workers) as usize;
@@ -311,7 +321,7 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
             _ if job.mixed => match take_mixed(&mut pools, job, min) {
                 Ok(workers) => plan.placements.push(Placement { job: job.id, workers }),
                 Err(total) => {
-                    let stops = preempt_for(job, min, &mut pools, &victims, &mut claimed, &mut tries);
+                    let stops = preempt_for(job, min, &mut pools, &victims, &mut claims);
                     let kind = if job.on_demand_only { " on-demand" } else { "" };
                     let reason =
                         format!("waiting for {min} free{kind} worker(s) of any pool (mixed_types); {total} fit");
@@ -320,7 +330,7 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
                 }
             },
             best => {
-                let stops = preempt_for(job, min, &mut pools, &victims, &mut claimed, &mut tries);
+                let stops = preempt_for(job, min, &mut pools, &victims, &mut claims);
                 let (largest, pool) = best.map_or((0, String::from("none")), |(n, (t, z))| (n, format!("{t}/{z}")));
                 let mut fitting = if job.gpus_per_worker > 0 {
                     format!(" with >= {} GPU(s)", job.gpus_per_worker)
@@ -342,30 +352,41 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
             }
         }
     }
+    plan.held = claims.held;
     plan
+}
+
+/// What the waiting jobs of one pass took for themselves by stopping others.
+#[derive(Debug, Default)]
+struct Claims {
+    /// Running jobs counted for a waiting job (each for one at most).
+    jobs: std::collections::BTreeSet<JobId>,
+    /// Waiting jobs that looked for jobs to stop (at most [`PREEMPTION_TRIES_PER_PASS`]).
+    tries: usize,
+    /// Free workers held for them.
+    held: Vec<WorkerId>,
 }
 
 /// The running jobs `job` stops (or waits for, those already stopping) to make its gang of
 /// `min` with the free workers in `pools`, none when that cannot make it. The free workers it
-/// counted are taken out of `pools` (held for it this pass) and the jobs added to `claimed`.
+/// counted are taken out of `pools` (held for it this pass) and, with the jobs, added to `claims`.
 fn preempt_for<'a>(
     job: &PendingJob,
     min: usize,
     pools: &mut BTreeMap<(&str, &str), Pool>,
     victims: &[&'a Preemptible],
-    claimed: &mut std::collections::BTreeSet<JobId>,
-    tries: &mut usize,
+    claims: &mut Claims,
 ) -> Vec<&'a Preemptible> {
     let need = Need::of(job);
-    if *tries >= PREEMPTION_TRIES_PER_PASS {
+    if claims.tries >= PREEMPTION_TRIES_PER_PASS {
         return Vec::new();
     }
     let candidates: Vec<&Preemptible> =
-        victims.iter().copied().filter(|v| v.priority < job.priority && !claimed.contains(&v.id)).collect();
+        victims.iter().copied().filter(|v| v.priority < job.priority && !claims.jobs.contains(&v.id)).collect();
     if candidates.is_empty() {
         return Vec::new();
     }
-    *tries += 1;
+    claims.tries += 1;
     let typed = |instance_type: &str| crate::spec::instance_type_allowed(&job.instance_types, instance_type);
     // The groups a gang may form in: each allowed pool, or (mixed_types) all of them.
     let mut groups: std::collections::BTreeSet<(&str, &str)> =
@@ -408,10 +429,10 @@ fn preempt_for<'a>(
     for (name, pool) in pools.iter_mut() {
         if typed(name.0) && (job.mixed || *name == group) {
             let fitting = pool.fitting(&need);
-            pool.take(&need, fitting, &[]);
+            claims.held.extend(pool.take(&need, fitting, &[]));
         }
     }
-    claimed.extend(stops.iter().map(|v| v.id));
+    claims.jobs.extend(stops.iter().map(|v| v.id));
     stops
 }
 
@@ -463,6 +484,7 @@ fn orders<'a>(job: &'a PendingJob, stops: &'a [&Preemptible]) -> impl Iterator<I
         generation: v.generation,
         for_job: job.id,
         priorities: (job.priority, v.priority),
+        inference: v.inference,
     })
 }
 
@@ -471,8 +493,18 @@ fn with_stops(reason: String, stops: &[&Preemptible]) -> String {
     if stops.is_empty() {
         return reason;
     }
-    let names: Vec<String> = stops.iter().map(|v| format!("{} (priority {})", v.id, v.priority)).collect();
-    format!("{reason}; stopping {} at a checkpoint for it (lower priority)", names.join(", "))
+    let name = |v: &&&Preemptible| format!("{} (priority {})", v.id, v.priority);
+    let (inference, training): (Vec<&&Preemptible>, Vec<&&Preemptible>) = stops.iter().partition(|v| v.inference);
+    let mut parts = Vec::new();
+    if !inference.is_empty() {
+        let ids: Vec<String> = inference.iter().map(|v| v.id.to_string()).collect();
+        parts.push(format!("inference {} gives its workers back after their shard", ids.join(", ")));
+    }
+    if !training.is_empty() {
+        let names: Vec<String> = training.iter().map(name).collect();
+        parts.push(format!("stopping {} at a checkpoint for it (lower priority)", names.join(", ")));
+    }
+    format!("{reason}; {}", parts.join("; "))
 }
 
 /// A mixed gang (see the module docs): up to `max` workers from the zone with the most fitting

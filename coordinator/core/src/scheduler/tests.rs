@@ -341,6 +341,7 @@ proptest! {
                 submitted_index: 100 + i as u64,
                 stopping,
                 members: Vec::new(),
+                inference: false,
             })
             .collect();
         let mut free = Vec::new();
@@ -404,6 +405,7 @@ fn victim(id: u64, priority: i32, pool: &str, ids: &[u64]) -> Preemptible {
         submitted_index: id,
         stopping: false,
         members: ids.iter().map(|w| worker(*w, 0, pool)).collect(),
+        inference: false,
     }
 }
 
@@ -512,4 +514,26 @@ fn two_waiting_jobs_do_not_count_the_same_stopped_job() {
     // The newest submission goes first among equal priorities; the third waiter finds nobody.
     assert_eq!(stopped(&plan), [(2, 8), (1, 9)]);
     assert!(!plan.waiting[&JobId(10)].contains("stopping"), "{:?}", plan.waiting);
+}
+
+#[test]
+fn inference_gives_its_workers_back_before_any_training_job_stops_and_the_held_workers_are_named() {
+    let inference = Preemptible { priority: i32::MIN, inference: true, ..victim(7, 0, "a", &[2, 3]) };
+    let running = [victim(1, -5, "a", &[4, 5]), inference];
+    let free = [worker(1, 0, "a")];
+    // A job of the lowest training priority still outranks inference.
+    let plan = schedule_preempting(&[job(9, -1000, 3, 3, 0)], &free, &running);
+    assert_eq!(stopped(&plan), [(7, 9)]);
+    assert!(plan.preemptions[0].inference);
+    assert_eq!(plan.held, [WorkerId(1)], "the free worker waits for the gang");
+    let reason = &plan.waiting[&JobId(9)];
+    assert!(reason.ends_with("; inference job-7 gives its workers back after their shard"), "{reason}");
+    // Five need both: the inference job, then the training job.
+    let plan = schedule_preempting(&[job(9, 0, 5, 5, 0)], &free, &running);
+    assert_eq!(stopped(&plan), [(7, 9), (1, 9)]);
+    let reason = &plan.waiting[&JobId(9)];
+    assert!(
+        reason.ends_with("; inference job-7 gives its workers back after their shard; stopping job-1 (priority -5) at a checkpoint for it (lower priority)"),
+        "{reason}"
+    );
 }

@@ -497,6 +497,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             inference::submit(state, index, *request, client_request_id, now)
         }
         Command::JoinInference { job_id, workers } => inference::join(state, job_id, workers, now),
+        Command::YieldInference { job_id } => inference::yield_workers(state, job_id, now),
         Command::LeaseShard { job_id, worker_id } => inference::lease(state, job_id, worker_id, now),
         Command::CommitShard { job_id, worker_id, index, attempt, object, stats } => {
             inference::commit(state, job_id, worker_id, index, attempt, object, stats, now)

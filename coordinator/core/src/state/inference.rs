@@ -187,6 +187,10 @@ pub struct InferenceJob {
     /// Workers whose lease timed out (alive but stuck): never joined to this job again.
     #[serde(default)]
     pub timed_out: Vec<WorkerId>,
+    /// Members asked to go back to idle at their next lease ([`Command::YieldInference`]: a
+    /// training gang waits for them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub yielding: Vec<WorkerId>,
     pub next_attempt: u64,
     pub events: Vec<JobEvent>,
 }
@@ -413,6 +417,7 @@ pub(super) fn submit(
         members: Vec::new(),
         joins: 0,
         timed_out: Vec::new(),
+        yielding: Vec::new(),
         next_attempt: 1,
         events: Vec::new(),
     };
@@ -446,10 +451,35 @@ pub(super) fn join(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now
     }
     let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
     job.members.extend(&workers);
+    job.yielding.retain(|w| !workers.contains(w));
     job.joins += 1;
     job.state = JobState::Running;
     job.reason.clear();
     job.updated_at_unix_ms = now;
+    Ok(Applied::InferenceChanged { job_id })
+}
+
+/// Workers a `yield` event names at most.
+const YIELD_NAMES_SHOWN: usize = 8;
+
+/// [`Command::YieldInference`]: every member not yet yielding goes back to idle at its next
+/// lease. A job that is not running (or has no member left to yield) changes nothing.
+pub(super) fn yield_workers(state: &mut State, job_id: JobId, now: u64) -> Result<Applied, Rejected> {
+    let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    if job.state.is_terminal() {
+        return Err(Rejected::JobFinished { job_id, state: job.state.name() });
+    }
+    let new: Vec<WorkerId> = job.members.iter().copied().filter(|w| !job.yielding.contains(w)).collect();
+    if !new.is_empty() {
+        let mut names: Vec<String> = new.iter().take(YIELD_NAMES_SHOWN).map(ToString::to_string).collect();
+        if new.len() > YIELD_NAMES_SHOWN {
+            names.push(format!("{} more", new.len() - YIELD_NAMES_SHOWN));
+        }
+        let message = format!("{} go back to idle after their shard: a training gang waits for them", names.join(", "));
+        job.push_event(now, "yield", message);
+        job.yielding.extend(new);
+        job.updated_at_unix_ms = now;
+    }
     Ok(Applied::InferenceChanged { job_id })
 }
 
@@ -468,12 +498,14 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
     // A shard this worker failed last goes to another member when there is one.
     let others = job.members.len() > 1;
     let open = |s: &Shard| s.state == ShardState::Pending && !(others && s.last_failed_by == Some(worker_id));
-    let next = if draining { None } else { job.shards.iter().position(open) };
-    if held.is_none() && next.is_none() && !draining && job.shards.iter().any(|s| s.state == ShardState::Pending) {
+    let yielding = draining || job.yielding.contains(&worker_id);
+    let next = if yielding { None } else { job.shards.iter().position(open) };
+    if held.is_none() && next.is_none() && !yielding && job.shards.iter().any(|s| s.state == ShardState::Pending) {
         return Ok(Applied::ShardLeased { lease: None, released: false }); // ask again shortly
     }
     let Some(index) = held.or(next) else {
         job.members.retain(|w| *w != worker_id);
+        job.yielding.retain(|w| *w != worker_id);
         if let Some(worker) = state.workers.get_mut(&worker_id) {
             worker.job = None;
         }

@@ -1542,6 +1542,49 @@ fn leases_carry_their_shards_bytes_only_when_the_offsets_are_well_formed() {
 }
 
 #[test]
+fn an_inference_job_yields_its_workers_after_their_shard_and_takes_them_back_later() {
+    let mut state = State::default();
+    let (job, w1, w2) = inference_job(&mut state, 400, 100);
+    at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1, w2] }).expect("join");
+    let a = lease(&mut state, job, w1).expect("shard 0");
+    assert_eq!(
+        at(&mut state, 9, Command::YieldInference { job_id: job }),
+        Ok(Applied::InferenceChanged { job_id: job })
+    );
+    let event = state.inferences[&job].events.last().expect("an event").clone();
+    assert_eq!(event.kind, "yield");
+    assert!(event.message.starts_with(&format!("{w1}, {w2} go back to idle after their shard")), "{event:?}");
+    // w1 holds shard 0: a repeated lease still gets it, and its commit counts.
+    assert_eq!(lease(&mut state, job, w1), Some(a.clone()));
+    let commit = Command::CommitShard {
+        job_id: job,
+        worker_id: w1,
+        index: a.index,
+        attempt: a.attempt,
+        object: a.object.clone(),
+        stats: stats(100, 90),
+    };
+    at(&mut state, 10, commit).expect("the shard held is committed");
+    // At their next lease both go back to idle, though shards are left.
+    for w in [w1, w2] {
+        assert_eq!(
+            at(&mut state, 11, Command::LeaseShard { job_id: job, worker_id: w }),
+            Ok(Applied::ShardLeased { lease: None, released: true })
+        );
+        assert_eq!(state.workers[&w].job, None);
+    }
+    let inference = &state.inferences[&job];
+    assert!(inference.members.is_empty() && inference.yielding.is_empty(), "{inference:?}");
+    assert_eq!((inference.state, inference.wants_workers()), (JobState::Running, 2));
+    // A second order with nobody to yield adds no event; joined again, they lease as before.
+    let events = inference.events.len();
+    at(&mut state, 12, Command::YieldInference { job_id: job }).expect("no-op");
+    assert_eq!(state.inferences[&job].events.len(), events);
+    at(&mut state, 13, Command::JoinInference { job_id: job, workers: vec![w2] }).expect("join again");
+    assert_eq!(lease(&mut state, job, w2).map(|l| l.index), Some(1));
+}
+
+#[test]
 fn an_inference_job_leases_commits_and_finishes_exactly_once() {
     let mut state = State::default();
     let (job, w1, w2) = inference_job(&mut state, 250, 100);

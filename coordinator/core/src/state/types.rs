@@ -22,7 +22,8 @@ use crate::spec::JobSpec;
 /// unreachable_rank`, `Worker::unreachable_until_unix_ms`); suspect workers cleared once heard
 /// from (`WorkersHeard`).
 /// 6: a worker leaves in order (`WorkerLeft`, `Worker::left`, `Rejected::StillAssigned`).
-/// 7: priority preemption (`PreemptForPriority`, `StopReason::Priority`).
+/// 7: priority preemption (`PreemptForPriority`, `StopReason::Priority`); inference yields its
+/// workers to a waiting gang at shard boundaries (`YieldInference`, `InferenceJob::yielding`).
 pub const STATE_VERSION: u32 = 7;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
@@ -1227,6 +1228,12 @@ pub enum Command {
     JoinInference {
         job_id: JobId,
         workers: Vec<WorkerId>,
+    },
+    /// A training gang waits for this inference job's workers: each member goes back to idle
+    /// when it next asks for a shard (the shard it holds is finished and committed first, so
+    /// nothing is lost); idle workers left once the gang is placed join it again.
+    YieldInference {
+        job_id: JobId,
     },
     /// A member asks for the next shard.
     LeaseShard {
