@@ -124,7 +124,7 @@ fn pending_job(j: &Job) -> PendingJob {
 }
 
 /// Of `running`, the jobs a waiting job of higher priority may stop, with their members that
-/// would come free (not those leaving: lost, or noticed and draining).
+/// would come free.
 fn preemptible(state: &State, running: &[&Job]) -> Vec<Preemptible> {
     running
         .iter()
@@ -134,13 +134,7 @@ fn preemptible(state: &State, running: &[&Job]) -> Vec<Preemptible> {
             priority: j.spec.priority,
             submitted_index: j.submitted_index,
             stopping: j.checkpoint_requested.is_some(),
-            members: j
-                .gang
-                .iter()
-                .filter_map(|id| state.workers.get(id))
-                .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
-                .map(|w| as_free(state, w))
-                .collect(),
+            members: coming_free(state, &j.gang),
             inference: false,
         })
         .collect()
@@ -160,15 +154,20 @@ fn yielding_inference(state: &State) -> Vec<Preemptible> {
             priority: i32::MIN,
             submitted_index: j.submitted_index,
             stopping: j.members.iter().all(|w| j.yielding.contains(w)),
-            members: j
-                .members
-                .iter()
-                .filter_map(|id| state.workers.get(id))
-                .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
-                .map(|w| as_free(state, w))
-                .collect(),
+            members: coming_free(state, &j.members),
             inference: true,
         })
+        .collect()
+}
+
+/// Of `workers` (a job's), those that come free when it stops: not those leaving the cluster
+/// (lost, or noticed and draining).
+fn coming_free(state: &State, workers: &[WorkerId]) -> Vec<FreeWorker> {
+    workers
+        .iter()
+        .filter_map(|id| state.workers.get(id))
+        .filter(|w| w.lost_at_unix_ms.is_none() && !w.draining)
+        .map(|w| as_free(state, w))
         .collect()
 }
 
