@@ -123,11 +123,13 @@ fn pending_job(j: &Job) -> PendingJob {
     }
 }
 
-/// Of `running`, the jobs a waiting job of higher priority may stop, with their members that
-/// would come free.
-fn preemptible(state: &State, running: &[&Job]) -> Vec<Preemptible> {
+/// Of `running`, the jobs of priority below `highest_waiting` (the highest a waiting job has),
+/// which a waiting job may stop, with their members that would come free. None when every job
+/// keeps one priority (the common case): no worker is read.
+fn preemptible(state: &State, running: &[&Job], highest_waiting: i32) -> Vec<Preemptible> {
     running
         .iter()
+        .filter(|j| j.spec.priority < highest_waiting)
         .map(|j| Preemptible {
             id: j.id,
             generation: j.generation,
@@ -364,8 +366,9 @@ pub async fn schedule_loop(
                 let mut victims = Vec::new();
                 if !pending.is_empty() {
                     victims = yielding_inference(state);
-                    if priority_preemption {
-                        victims.extend(preemptible(state, &running));
+                    let highest = pending.iter().map(|p| p.priority).max();
+                    if let Some(highest) = highest.filter(|_| priority_preemption) {
+                        victims.extend(preemptible(state, &running, highest));
                     }
                 }
                 let growable = growable(state, &running);
@@ -412,9 +415,9 @@ pub async fn schedule_loop(
         let mut held = Vec::new();
         if !pending.is_empty() {
             let planning = Instant::now();
-            let plan = schedule_preempting(&pending, &free, &victims);
+            let mut plan = schedule_preempting(&pending, &free, &victims);
             work += planning.elapsed();
-            held = plan.held.clone();
+            held = std::mem::take(&mut plan.held);
             for p in &plan.preemptions {
                 let command = if p.inference {
                     Command::YieldInference { job_id: p.victim }
@@ -528,7 +531,7 @@ mod tests {
         let mut log = Log::job_of_two(3);
         let job_id = JobId(1);
         log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
-        let running = |log: &Log| preemptible(&log.state, &running_jobs(&log.state));
+        let running = |log: &Log| preemptible(&log.state, &running_jobs(&log.state), 1);
         let members = |p: &Preemptible| p.members.iter().map(|w| w.id).collect::<Vec<_>>();
         let offered = running(&log);
         assert_eq!(offered.len(), 1);
@@ -539,6 +542,8 @@ mod tests {
         let offered = running(&log);
         assert_eq!(members(&offered[0]), [WorkerId(1)]);
         assert!(offered[0].stopping, "a notice without time to spare stops the gang: {offered:?}");
+        // Only jobs below the highest waiting priority are read.
+        assert!(preemptible(&log.state, &running_jobs(&log.state), 0).is_empty());
     }
 
     #[test]

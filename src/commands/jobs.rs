@@ -341,13 +341,18 @@ pub fn event_json(e: &v1::JobEvent) -> Value {
     event
 }
 
+/// The job's priority (its spec's; 0, the default, when the answer carries no spec).
+fn priority(job: &v1::JobStatus) -> i32 {
+    job.spec.as_ref().map_or(0, |s| s.priority)
+}
+
 /// The `status --output json` object (DESIGN §8 names these keys; scripts rely on them).
 pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
     let metrics = job.metrics.unwrap_or_default();
     json!({
         "id": job.id,
         "name": job.name,
-        "priority": job.spec.as_ref().map_or(0, |s| s.priority),
+        "priority": priority(job),
         "state": state_name(job),
         "reason": job.reason,
         "step": job.step,
@@ -452,8 +457,8 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     });
     line("checkpoints", format!("{}{newest}", job.checkpoints));
     line("cost", format!("${:.2} (work lost to interruptions ${:.2})", job.cost_usd, job.lost_work_usd));
-    let priority = job.spec.as_ref().map_or(0, |s| s.priority);
-    line("submitted", format!("{}, priority {priority}", flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms)));
+    let submitted = flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms);
+    line("submitted", format!("{submitted}, priority {}", priority(job)));
     let skipped = job.events.len().saturating_sub(EVENTS_SHOWN);
     if skipped > 0 {
         line("events", format!("{skipped} earlier not shown (-o json lists them)"));

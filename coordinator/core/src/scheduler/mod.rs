@@ -160,7 +160,7 @@ impl Need {
         self.max_usd_per_hour.is_none_or(|cap| usd_per_hour <= cap)
     }
 
-    /// Whether `worker` would fit the job once free (its type is checked apart, per pool).
+    /// Whether `worker` fits the job (its type is checked apart, per pool).
     fn fits(&self, worker: &FreeWorker) -> bool {
         worker.gpus >= self.gpus && !(self.on_demand_only && worker.spot) && self.priced(worker.usd_per_hour)
     }
@@ -493,7 +493,6 @@ fn with_stops(reason: String, stops: &[&Preemptible]) -> String {
     if stops.is_empty() {
         return reason;
     }
-    let name = |v: &&&Preemptible| format!("{} (priority {})", v.id, v.priority);
     let (inference, training): (Vec<&&Preemptible>, Vec<&&Preemptible>) = stops.iter().partition(|v| v.inference);
     let mut parts = Vec::new();
     if !inference.is_empty() {
@@ -501,7 +500,7 @@ fn with_stops(reason: String, stops: &[&Preemptible]) -> String {
         parts.push(format!("inference {} gives its workers back after their shard", ids.join(", ")));
     }
     if !training.is_empty() {
-        let names: Vec<String> = training.iter().map(name).collect();
+        let names: Vec<String> = training.iter().map(|v| format!("{} (priority {})", v.id, v.priority)).collect();
         parts.push(format!("stopping {} at a checkpoint for it (lower priority)", names.join(", ")));
     }
     format!("{reason}; {}", parts.join("; "))
@@ -578,11 +577,15 @@ pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> V
     let mut out = Vec::new();
     for job in order {
         let want = (job.max_workers - job.world) as usize;
+        let need = Need {
+            gpus: job.gpus_per_worker,
+            on_demand_only: job.on_demand_only,
+            max_usd_per_hour: job.max_usd_per_hour,
+        };
         let fitting: Vec<WorkerId> = free
             .iter()
             .filter(|w| (w.instance_type.as_str(), w.zone.as_str()) == (job.pool.0.as_str(), job.pool.1.as_str()))
-            .filter(|w| w.gpus >= job.gpus_per_worker && !taken.contains(&w.id) && !(job.on_demand_only && w.spot))
-            .filter(|w| job.max_usd_per_hour.is_none_or(|cap| w.usd_per_hour <= cap))
+            .filter(|w| need.fits(w) && !taken.contains(&w.id))
             .map(|w| w.id)
             .take(want)
             .collect();

@@ -365,11 +365,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job = running_generation(state, job_id, generation)?;
             // The leader's fallback: no replacement came in time; this generation stops as
             // after any notice.
-            job.drop_awaited_handovers();
-            if job.checkpoint_requested.is_none() {
-                job.checkpoint_requested = Some(reason);
-                push_event(job, now, "checkpoint_requested", JobEvent::checkpoint_requested_message(reason));
-            }
+            let message = JobEvent::checkpoint_requested_message(reason);
+            ask_to_stop(job, now, reason, "checkpoint_requested", message);
             Ok(Applied::CheckpointRequested { job_id })
         }
         Command::PreemptForPriority { job_id, generation, for_job } => {
@@ -383,15 +380,11 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if priority >= for_priority {
                 return Err(Rejected::PriorityNotLower { job_id, priority, for_job, for_priority });
             }
-            job.drop_awaited_handovers();
-            if job.checkpoint_requested.is_none() {
-                job.checkpoint_requested = Some(StopReason::Priority);
-                let message = format!(
-                    "{for_job} (priority {for_priority}) waits for workers this job (priority {priority}) holds: \
-                     {CHECKPOINTING}, to resume when workers are free"
-                );
-                push_event(job, now, "priority", message);
-            }
+            let message = format!(
+                "{for_job} (priority {for_priority}) waits for workers this job (priority {priority}) holds: \
+                 {CHECKPOINTING}, to resume when workers are free"
+            );
+            ask_to_stop(job, now, StopReason::Priority, "priority", message);
             Ok(Applied::CheckpointRequested { job_id })
         }
         Command::TrainingResumed { job_id, generation, stall_ms, handover, peer_bytes, storage_bytes } => {
@@ -1172,6 +1165,18 @@ fn requeue_after_loss(
     let gang = job.end_gang();
     release(state, &gang);
     suspect(state, &gang, now);
+}
+
+/// The leader asks a running generation to checkpoint at the next step and stop, for
+/// `reason`: the handovers still waiting for a replacement are dropped (the gang stops anyway),
+/// and the first such request is kept, with its event (`kind`, `message`); a later one for
+/// another reason changes nothing.
+fn ask_to_stop(job: &mut Job, now: u64, reason: StopReason, kind: &str, message: String) {
+    job.drop_awaited_handovers();
+    if job.checkpoint_requested.is_none() {
+        job.checkpoint_requested = Some(reason);
+        push_event(job, now, kind, message);
+    }
 }
 
 fn running_generation(state: &mut State, job_id: JobId, generation: u64) -> Result<&mut Job, Rejected> {

@@ -188,7 +188,7 @@ pub struct InferenceJob {
     #[serde(default)]
     pub timed_out: Vec<WorkerId>,
     /// Members asked to go back to idle at their next lease ([`Command::YieldInference`]: a
-    /// training gang waits for them).
+    /// training gang waits for them); always members ([`InferenceJob::remove_member`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub yielding: Vec<WorkerId>,
     pub next_attempt: u64,
@@ -294,6 +294,13 @@ impl InferenceJob {
         let open = self.shards.iter().filter(|s| s.state == ShardState::Pending).count();
         let room = (self.request.workers as usize).saturating_sub(self.members.len());
         if self.state.is_terminal() { 0 } else { open.min(room) }
+    }
+
+    /// `worker` is no member any more (released, timed out or lost): nor is it yielding, so
+    /// `yielding` only ever names members.
+    fn remove_member(&mut self, worker: WorkerId) {
+        self.members.retain(|w| *w != worker);
+        self.yielding.retain(|w| *w != worker);
     }
 
     fn push_event(&mut self, at_unix_ms: u64, kind: &str, message: String) {
@@ -451,7 +458,6 @@ pub(super) fn join(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now
     }
     let job = state.inferences.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
     job.members.extend(&workers);
-    job.yielding.retain(|w| !workers.contains(w));
     job.joins += 1;
     job.state = JobState::Running;
     job.reason.clear();
@@ -504,8 +510,7 @@ pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId, now: 
         return Ok(Applied::ShardLeased { lease: None, released: false }); // ask again shortly
     }
     let Some(index) = held.or(next) else {
-        job.members.retain(|w| *w != worker_id);
-        job.yielding.retain(|w| *w != worker_id);
+        job.remove_member(worker_id);
         if let Some(worker) = state.workers.get_mut(&worker_id) {
             worker.job = None;
         }
@@ -613,7 +618,7 @@ pub(super) fn fail(
     let error = super::apply::bounded(error);
     job.push_event(now, "shard_failed", format!("shard {index} (rows {first}..{last}), attempt {attempt}: {error}"));
     if release {
-        job.members.retain(|w| *w != worker);
+        job.remove_member(worker);
         if !job.timed_out.contains(&worker) && job.timed_out.len() < INFERENCE_WORKERS_MAX as usize {
             job.timed_out.push(worker);
         }
@@ -664,6 +669,7 @@ pub(super) fn end(state: &mut State, job_id: JobId, to: JobState, reason: String
         }
     }
     let members = std::mem::take(&mut job.members);
+    job.yielding.clear();
     for id in members {
         if let Some(worker) = state.workers.get_mut(&id).filter(|w| w.job == Some(job_id)) {
             worker.job = None;
@@ -674,7 +680,7 @@ pub(super) fn end(state: &mut State, job_id: JobId, to: JobState, reason: String
 /// A member was lost: the shards it held go back to the queue.
 pub(super) fn member_lost(state: &mut State, job_id: JobId, lost: WorkerId, now: u64) {
     let Some(job) = state.inferences.get_mut(&job_id) else { return };
-    job.members.retain(|w| *w != lost);
+    job.remove_member(lost);
     let mut returned = Vec::new();
     for (index, shard) in job.shards.iter_mut().enumerate() {
         if matches!(shard.state, ShardState::Leased { worker, .. } if worker == lost) {

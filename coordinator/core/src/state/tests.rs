@@ -1498,6 +1498,18 @@ pub(super) fn stats(rows: u64, correct: u64) -> ShardStats {
     ShardStats { rows, labelled_rows: rows, correct, class_counts: vec![rows, 0, 0] }
 }
 
+/// `worker_id`'s commit of the shard it was leased, with `stats`.
+fn commit_shard(job_id: JobId, worker_id: WorkerId, lease: &ShardLease, stats: ShardStats) -> Command {
+    Command::CommitShard {
+        job_id,
+        worker_id,
+        index: lease.index,
+        attempt: lease.attempt,
+        object: lease.object.clone(),
+        stats,
+    }
+}
+
 pub(super) fn lease(state: &mut State, job_id: JobId, worker_id: WorkerId) -> Option<ShardLease> {
     match at(state, 50, Command::LeaseShard { job_id, worker_id }) {
         Ok(Applied::ShardLeased { lease, .. }) => lease,
@@ -1556,32 +1568,24 @@ fn an_inference_job_yields_its_workers_after_their_shard_and_takes_them_back_lat
     assert!(event.message.starts_with(&format!("{w1}, {w2} go back to idle after their shard")), "{event:?}");
     // w1 holds shard 0: a repeated lease still gets it, and its commit counts.
     assert_eq!(lease(&mut state, job, w1), Some(a.clone()));
-    let commit = Command::CommitShard {
-        job_id: job,
-        worker_id: w1,
-        index: a.index,
-        attempt: a.attempt,
-        object: a.object.clone(),
-        stats: stats(100, 90),
-    };
-    at(&mut state, 10, commit).expect("the shard held is committed");
-    // At their next lease both go back to idle, though shards are left.
-    for w in [w1, w2] {
-        assert_eq!(
-            at(&mut state, 11, Command::LeaseShard { job_id: job, worker_id: w }),
-            Ok(Applied::ShardLeased { lease: None, released: true })
-        );
-        assert_eq!(state.workers[&w].job, None);
-    }
+    at(&mut state, 10, commit_shard(job, w1, &a, stats(100, 90))).expect("the shard held is committed");
+    // At its next lease w1 goes back to idle, though shards are left; w2 is lost meanwhile.
+    assert_eq!(
+        at(&mut state, 11, Command::LeaseShard { job_id: job, worker_id: w1 }),
+        Ok(Applied::ShardLeased { lease: None, released: true })
+    );
+    assert_eq!(state.workers[&w1].job, None);
+    let lost = Command::WorkerLost { worker_id: w2, last_step_seen: 0, last_heard_unix_ms: 0 };
+    at(&mut state, 12, lost).expect("lost");
     let inference = &state.inferences[&job];
     assert!(inference.members.is_empty() && inference.yielding.is_empty(), "{inference:?}");
     assert_eq!((inference.state, inference.wants_workers()), (JobState::Running, 2));
-    // A second order with nobody to yield adds no event; joined again, they lease as before.
+    // A second order with nobody to yield adds no event; joined again, a worker leases as before.
     let events = inference.events.len();
-    at(&mut state, 12, Command::YieldInference { job_id: job }).expect("no-op");
+    at(&mut state, 13, Command::YieldInference { job_id: job }).expect("no-op");
     assert_eq!(state.inferences[&job].events.len(), events);
-    at(&mut state, 13, Command::JoinInference { job_id: job, workers: vec![w2] }).expect("join again");
-    assert_eq!(lease(&mut state, job, w2).map(|l| l.index), Some(1));
+    at(&mut state, 14, Command::JoinInference { job_id: job, workers: vec![w1] }).expect("join again");
+    assert_eq!(lease(&mut state, job, w1).map(|l| l.index), Some(1));
 }
 
 #[test]
@@ -1756,15 +1760,10 @@ fn a_job_being_finalized_cannot_be_cancelled() {
     let (job, w1, _) = inference_job(&mut state, 10, 10);
     at(&mut state, 8, Command::JoinInference { job_id: job, workers: vec![w1] }).expect("join");
     let l = lease(&mut state, job, w1).expect("lease");
-    let commit = Command::CommitShard {
-        job_id: job,
-        worker_id: w1,
-        index: l.index,
-        attempt: l.attempt,
-        object: l.object.clone(),
-        stats: stats(10, 10),
-    };
-    assert_eq!(at(&mut state, 9, commit), Ok(Applied::ShardCommitted { job_id: job, complete: true }));
+    assert_eq!(
+        at(&mut state, 9, commit_shard(job, w1, &l, stats(10, 10))),
+        Ok(Applied::ShardCommitted { job_id: job, complete: true })
+    );
     let cancel = at(&mut state, 10, Command::CancelJob { job_id: job, reason: String::new() });
     assert!(
         matches!(cancel, Err(Rejected::BadInference(ref m)) if m.contains("cannot be cancelled now")),
@@ -1784,14 +1783,7 @@ fn a_stuck_lease_times_out_by_the_jobs_own_pace_and_its_worker_leaves() {
     assert_eq!(j.lease_timeout_ms(), LEASE_TIMEOUT_FIRST_MS, "before any commit: the first-shard limit");
     assert!(j.expired_leases(leased_at + LEASE_TIMEOUT_FIRST_MS).is_empty());
     // w1 commits after 2 s: the limit becomes max(10 x 2 s, 60 s) = 60 s.
-    let commit = Command::CommitShard {
-        job_id: job,
-        worker_id: w1,
-        index: a.index,
-        attempt: a.attempt,
-        object: a.object.clone(),
-        stats: stats(10, 10),
-    };
+    let commit = commit_shard(job, w1, &a, stats(10, 10));
     apply(&mut state, 60, Envelope::new(leased_at + 2_000, commit)).expect("commit");
     let j = &state.inferences[&job];
     assert_eq!(j.lease_timeout_ms(), LEASE_TIMEOUT_MIN_MS);
