@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{mnist_rows, run, worker_pid};
+use common::{mnist_rows, run, submit, wait_for, worker_pid};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -78,6 +78,30 @@ fn train(home: &Path, dir: &Path, train: &Path, heldout: &Path) -> Value {
 fn infer(home: &Path, model: &str, input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let (input, out) = (input.to_str().expect("utf-8"), out.to_str().expect("utf-8"));
     run(home, &[&["infer", "--model", model, "--input", input, "--output-prefix", out], extra].concat())
+}
+
+/// Starts (detached) inference over the held-out rows `copies` times over, in shards of 10 rows
+/// on both workers (seconds of work); returns the job and its output folder.
+fn long_inference(home: &Path, dir: &Path, heldout: &Path, copies: usize) -> (String, PathBuf) {
+    let input = dir.join(format!("heldout-x{copies}.csv"));
+    std::fs::write(&input, std::fs::read_to_string(heldout).expect("heldout").repeat(copies)).expect("input");
+    let out = dir.join("predictions");
+    let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
+    let submitted = infer(home, "mnist-mlp", &input, &out, &flags);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    (String::from_utf8_lossy(&submitted.stdout).trim().to_string(), out)
+}
+
+/// Waits (`limit` at most) until inference `job` ends; returns its status then.
+fn ended(home: &Path, job: &str, limit: Duration) -> Value {
+    wait_for(home, job, limit, "the inference to end", |s| s["state"] != "Running" && s["state"] != "Pending")
+}
+
+/// Every row of `copies` times the held-out split, exactly once, in `out`.
+fn assert_every_row_once(out: &Path, copies: usize) {
+    let rows = read_output(out);
+    let expected: Vec<u64> = (0..1000 * copies as u64).collect();
+    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");
 }
 
 /// Every output row: row id -> (predicted, the rest of the line), checking each id appears once.
@@ -245,13 +269,7 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
     // The held-out rows 8 times over (8000 rows, seconds of work): the held-out split alone
     // (1000 rows) was sometimes done before a status poll caught a worker holding a shard.
     const COPIES: usize = 8;
-    let input = dir.path().join("heldout-x8.csv");
-    std::fs::write(&input, std::fs::read_to_string(heldout).expect("heldout").repeat(COPIES)).expect("input");
-    let out = dir.path().join("predictions");
-    let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
-    let submitted = infer(home, "mnist-mlp", &input, &out, &flags);
-    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
-    let job = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let (job, out) = long_inference(home, dir.path(), heldout, COPIES);
     // Freeze a worker that holds a lease (SIGSTOP: it cannot commit meanwhile), then kill it.
     let started = Instant::now();
     let victim = loop {
@@ -273,14 +291,7 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
         }
         assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
     };
-    let done = loop {
-        let status = json(home, &["status", &job, "-o", "json"]);
-        if status["state"] != "Running" && status["state"] != "Pending" {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "inference did not finish: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let done = ended(home, &job, Duration::from_secs(120));
     assert_eq!(done["state"], "Succeeded", "{done}");
     let lost: Vec<&str> = done["events"]
         .as_array()
@@ -291,9 +302,7 @@ fn a_worker_killed_while_holding_a_shard_loses_no_row_and_duplicates_none() {
         .collect();
     assert!(lost.iter().any(|m| m.contains(&victim) && m.contains("returned to the queue")), "{done}");
     assert!(done["shard_retries"].as_u64().unwrap_or(0) >= 1, "{done}");
-    let rows = read_output(&out);
-    let expected: Vec<u64> = (0..1000 * COPIES as u64).collect();
-    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");
+    assert_every_row_once(&out, COPIES);
 }
 
 #[test]
@@ -302,13 +311,7 @@ fn inference_gives_its_workers_to_a_training_gang_between_shards_and_finishes_af
     let (home, dir, heldout) = (&trained.home, &trained.dir, &trained.heldout);
     // 20,000 rows in shards of 10 on both workers: tens of seconds of work.
     const COPIES: usize = 20;
-    let input = dir.path().join("heldout-x20.csv");
-    std::fs::write(&input, std::fs::read_to_string(heldout).expect("heldout").repeat(COPIES)).expect("input");
-    let out = dir.path().join("predictions");
-    let flags = ["--workers", "2", "--shard-rows", "10", "--batch-size", "1", "--detach"];
-    let submitted = infer(home, "mnist-mlp", &input, &out, &flags);
-    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
-    let inference = String::from_utf8_lossy(&submitted.stdout).trim().to_string();
+    let (inference, out) = long_inference(home, dir.path(), heldout, COPIES);
     let started = Instant::now();
     while json(home, &["status", &inference, "-o", "json"])["leases"].as_array().is_none_or(Vec::is_empty) {
         assert!(started.elapsed() < Duration::from_secs(60), "no shard was leased");
@@ -325,33 +328,17 @@ fn inference_gives_its_workers_to_a_training_gang_between_shards_and_finishes_af
         ),
     )
     .expect("spec");
-    let submitted = run(home, &["submit", spec.to_str().expect("utf-8")]);
-    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
-    let gang = String::from_utf8_lossy(&submitted.stdout).lines().last().expect("job id").trim().to_string();
-    let running = loop {
-        let status = json(home, &["status", &gang, "-o", "json"]);
-        if status["state"] == "Running" || status["state"] == "Succeeded" {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(90), "the gang never started: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let gang = submit(home, &spec);
+    let running = wait_for(home, &gang, Duration::from_secs(90), "the gang to start", |s| {
+        s["state"] == "Running" || s["state"] == "Succeeded"
+    });
     let meanwhile = json(home, &["status", &inference, "-o", "json"]);
     assert_eq!(meanwhile["state"], "Running", "the gang waited for the inference to end: {running} {meanwhile}");
     let yielded = meanwhile["events"].as_array().expect("events").iter().any(|e| e["kind"] == "yield");
     assert!(yielded, "{meanwhile}");
     // Both finish; the inference wrote every row exactly once.
-    let done = loop {
-        let status = json(home, &["status", &inference, "-o", "json"]);
-        if status["state"] != "Running" && status["state"] != "Pending" {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(240), "inference did not finish: {status}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let done = ended(home, &inference, Duration::from_secs(240));
     assert_eq!(done["state"], "Succeeded", "{done}");
     assert_eq!(json(home, &["status", &gang, "-o", "json"])["state"], "Succeeded");
-    let rows = read_output(&out);
-    let expected: Vec<u64> = (0..1000 * COPIES as u64).collect();
-    assert_eq!(rows.keys().copied().collect::<Vec<_>>(), expected, "every row exactly once");
+    assert_every_row_once(&out, COPIES);
 }
