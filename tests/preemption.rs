@@ -322,8 +322,10 @@ impl Drop for Started {
 
 /// A free worker started by hand whose data port is reached through a [`relay`] that cuts its
 /// first `cut_first` connections (peers dial the advertised address): with no other free
-/// worker, the one the leader picks at the next notice. Returns the relay, its id and its
-/// process (killed when dropped).
+/// worker, the one the leader picks at the next notice. Started before the job is submitted
+/// (its id is the highest, so the gang takes the cluster's workers), so that the notice comes
+/// right after the gang trains: started after, its registration under a loaded CI ran out the
+/// job before the notice. Returns the relay, its id and its process (killed when dropped).
 fn worker_behind_a_relay(home: &Path, cut_first: usize) -> (Relay, String, Started) {
     let data = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let relay = relay(data, cut_first);
@@ -364,8 +366,9 @@ fn a_replacement_nobody_can_reach_is_held_out_and_the_job_resumes_on_other_capac
     let cluster = Local::up_with(2, &["--boot-delay-s", "5"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "unreachable", 150, 20);
-    let (job, _, members) = running_gang(home, &spec);
     let (relay, unreachable, _worker) = worker_behind_a_relay(home, usize::MAX);
+    let (job, _, members) = running_gang(home, &spec);
+    assert!(!members.contains(&unreachable), "the gang took the lower ids: {members:?}");
     let preempted = run(home, &["preempt", &members[1]]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
     let held = wait_for(home, &job, Duration::from_secs(60), "the replacement held out", |s| {
@@ -413,8 +416,9 @@ fn a_live_handover_that_cannot_reach_its_replacement_falls_back_to_the_stop_at_o
     let cluster = Local::up_with(2, &["--boot-delay-s", "30"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "cut", 150, 20);
-    let (job, _, members) = running_gang(home, &spec);
     let (relay, spare, _worker) = worker_behind_a_relay(home, 1);
+    let (job, _, members) = running_gang(home, &spec);
+    assert!(!members.contains(&spare), "the gang took the lower ids: {members:?}");
     let preempted = run(home, &["preempt", &members[1]]);
     assert!(preempted.status.success(), "{}", String::from_utf8_lossy(&preempted.stderr));
     let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {
