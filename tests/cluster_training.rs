@@ -426,7 +426,7 @@ fn a_replacement_too_late_for_the_handover_falls_back_to_checkpoint_and_wait() {
     // The gang trains on through the notice, then stops at the fallback time.
     let stopped = loop {
         let status = cluster.status(&job);
-        if status["generation"].as_u64() >= Some(2) || status["state"] == "Pending" {
+        if status["generation"].as_u64() >= Some(2) || status["state"] == "Recovering" {
             break status;
         }
         assert!(noticed_at.elapsed() < Duration::from_secs(NOTICE_S), "no stop by the fallback time: {status}");

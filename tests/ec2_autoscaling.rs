@@ -149,7 +149,7 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
     ids.sort();
     assert_eq!(ids, fleet, "{listed}");
     // While the job waits, `status` says what the autoscaler does for it, not only that no
-    // worker is free (its word used to be computed and dropped).
+    // worker is free (its word used to be computed and dropped), and shows it Provisioning.
     wait_until("the autoscaler's word in the job's reason", Duration::from_secs(15), || {
         let out = common::command(&home)
             .args(["--coordinator", &address, "status", "job-1", "-o", "json"])
@@ -157,10 +157,11 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
             .output()
             .expect("status");
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        status["reason"].as_str().is_some_and(|r| {
-            r.contains("waiting for 3 free worker(s)")
-                && r.contains("; autoscaler: 3 instance(s) bought for it are starting")
-        })
+        status["state"] == "Provisioning"
+            && status["reason"].as_str().is_some_and(|r| {
+                r.contains("waiting for 3 free worker(s)")
+                    && r.contains("; autoscaler: 3 instance(s) bought for it are starting")
+            })
     });
 
     // Kill the coordinator; meanwhile an instance with the cluster's tag appears that no

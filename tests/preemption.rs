@@ -1085,7 +1085,7 @@ fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
     let (victim, survivor) = (members.pop().expect("a gang"), members.pop().expect("a gang of 2"));
     assert!(run(home, &["preempt", &victim, "--hard"]).status.success());
     wait_for(home, &job, Duration::from_secs(30), "the survivor's checkpoint written", |s| {
-        s["state"] == "Pending" && s["latest_checkpoint"]["pending"] == false
+        s["state"] == "Recovering" && s["latest_checkpoint"]["pending"] == false
     });
     assert!(run(home, &["preempt", &survivor, "--hard"]).status.success());
     let pending = status(home, &job);

@@ -193,8 +193,10 @@ pub fn sample(state: &State, now_ms: u64) -> StateSample {
     for condition in WorkerCondition::ALL {
         out.workers_by_state.insert(condition.name(), 0);
     }
+    let provisioning = state.provisioning_jobs();
+    let shown = |job: &flotilla_core::state::Job| job_state_name(job.shown_state(provisioning.contains(&job.id)));
     for job in state.jobs.values() {
-        *out.jobs_by_state.entry(job_state_name(job.state)).or_default() += 1;
+        *out.jobs_by_state.entry(shown(job)).or_default() += 1;
     }
     for worker in state.workers.values() {
         *out.workers_by_state.entry(worker.condition(now_ms).name()).or_default() += 1;
@@ -211,7 +213,7 @@ pub fn sample(state: &State, now_ms: u64) -> StateSample {
         .map(|job| JobSample {
             id: job.id,
             name: job.spec.name.clone(),
-            state: job_state_name(job.state),
+            state: shown(job),
             step: job.step,
             generation: job.generation,
             world_size: job.world_size,
@@ -553,6 +555,34 @@ mod tests {
             message: format!("{took}{}", flotilla_core::state::LIVE_SWAP),
             since_unix_ms: None,
         }
+    }
+
+    /// The gauge counts jobs by the state users see: a job that trained and waits to resume
+    /// is `recovering` (the state machine keeps it Pending), one bought for is `provisioning`.
+    #[test]
+    fn jobs_are_counted_by_the_state_users_see() {
+        use flotilla_core::state::Command;
+        use flotilla_core::{JobId, WorkerId};
+        let mut log = crate::testing::Log::job_of_two(2);
+        let count = |log: &crate::testing::Log, name: &str| sample(&log.state, 0).jobs_by_state[name];
+        assert_eq!(count(&log, "pending"), 1);
+        log.step(Command::RequestInstances {
+            request_id: "req-1".into(),
+            job: Some(JobId(1)),
+            instance_type: "g5.xlarge".into(),
+            zone: "a".into(),
+            spot: true,
+            count: 1,
+            usd_per_hour: 0.5,
+        });
+        assert_eq!((count(&log, "pending"), count(&log, "provisioning")), (0, 1));
+        let job_id = JobId(1);
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        assert_eq!((count(&log, "provisioning"), count(&log, "running")), (0, 1));
+        log.step(Command::WorkerLost { worker_id: WorkerId(2), last_step_seen: 0, last_heard_unix_ms: 0 });
+        log.step(Command::GangLost { job_id, generation: 1 });
+        assert_eq!((count(&log, "running"), count(&log, "recovering"), count(&log, "pending")), (0, 1, 0));
+        assert_eq!(sample(&log.state, 0).jobs[0].state, "recovering");
     }
 
     #[test]

@@ -65,7 +65,12 @@ fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
     state
         .jobs
         .get(&id)
-        .map(|job| job_to_proto(job, crate::raft::node::now_unix_ms()))
+        .map(|job| {
+            // Instances are read only for a job that waits to start.
+            let waits_to_start = job.state == JobState::Pending && job.generation == 0;
+            let provisioning = waits_to_start && state.provisioning_jobs().contains(&id);
+            job_to_proto(job, provisioning, crate::raft::node::now_unix_ms())
+        })
         .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))
 }
 
@@ -152,15 +157,16 @@ impl JobService for JobApi {
             .node
             .read(move |state| {
                 let start = after.map_or(JobId(0), |id| JobId(id.0 + 1));
-                let wanted = |job: &flotilla_core::state::Job| {
-                    states.is_empty() || states.contains(&flotilla_proto::convert::job_state_to_proto(job.state))
+                let provisioning = state.provisioning_jobs();
+                let shown = |job: &flotilla_core::state::Job| {
+                    flotilla_proto::convert::job_state_to_proto(job.shown_state(provisioning.contains(&job.id)))
                 };
                 let mut page: Vec<v1::JobStatus> = state
                     .jobs
                     .range(start..)
-                    .filter(|(_, job)| wanted(job))
+                    .filter(|(_, job)| states.is_empty() || states.contains(&shown(job)))
                     .take(limit + 1)
-                    .map(|(_, job)| job_to_proto(job, crate::raft::node::now_unix_ms()))
+                    .map(|(_, job)| job_to_proto(job, provisioning.contains(&job.id), crate::raft::node::now_unix_ms()))
                     .collect();
                 let next = if page.len() > limit {
                     page.truncate(limit);

@@ -293,6 +293,58 @@ fn one_command_sets_the_reasons_of_a_pass_and_skips_jobs_no_longer_pending() {
     assert_eq!(state.jobs[&JobId(1)].reason, "waiting for 2", "a refused batch changes nothing");
 }
 
+/// Users see a waiting job as `Pending` until instances are on their way for it
+/// (`Provisioning`: a request out, then instances booting), `Pending` again once their workers
+/// have registered (or the launch failed), and `Recovering` once it has trained and waits to
+/// resume; the scheduler sees `Pending` throughout.
+#[test]
+fn a_waiting_job_is_shown_pending_provisioning_or_recovering() {
+    let mut state = State::default();
+    submit(&mut state, 1, "a").expect("submit");
+    let job = JobId(1);
+    let shown = |state: &State| state.jobs[&job].shown_state(state.provisioning_jobs().contains(&job));
+    assert_eq!(shown(&state), JobState::Pending);
+    let request = |request_id: &str, for_job: Option<JobId>| Command::RequestInstances {
+        request_id: request_id.into(),
+        job: for_job,
+        instance_type: "g5.xlarge".into(),
+        zone: "a".into(),
+        spot: true,
+        count: 2,
+        usd_per_hour: 0.5,
+    };
+    // Capacity bought for no job in particular says nothing of this one.
+    at(&mut state, 2, request("req-0", None)).expect("request");
+    assert_eq!(shown(&state), JobState::Pending);
+    at(&mut state, 3, request("req-1", Some(job))).expect("request");
+    assert_eq!(shown(&state), JobState::Provisioning, "a request is out for it");
+    let instances = ["i-5", "i-6"].map(|id| LaunchedInstance { id: id.into(), zone: "a".into(), spot: true }).to_vec();
+    at(&mut state, 4, Command::InstancesLaunched { request_id: "req-1".into(), instances }).expect("launched");
+    assert_eq!(shown(&state), JobState::Provisioning, "its instances boot");
+    let w1 = register(&mut state, 5);
+    assert_eq!(shown(&state), JobState::Provisioning, "one instance still boots");
+    let w2 = register(&mut state, 6);
+    assert_eq!(shown(&state), JobState::Pending, "every worker bought for it registered");
+    // A request that fails leaves nothing on its way.
+    at(&mut state, 7, request("req-2", Some(job))).expect("request");
+    assert_eq!(shown(&state), JobState::Provisioning);
+    let failed = Command::LaunchFailed { request_id: "req-2".into(), reason: "no capacity".into(), capacity: true };
+    at(&mut state, 8, failed).expect("failed");
+    assert_eq!(shown(&state), JobState::Pending);
+    at(&mut state, 9, Command::AssignGang { job_id: job, workers: vec![w1, w2] }).expect("assign");
+    assert_eq!(shown(&state), JobState::Running);
+    // It trained; a member is lost: it waits to resume, as Pending for the scheduler.
+    at(&mut state, 10, Command::WorkerLost { worker_id: w2, last_step_seen: 0, last_heard_unix_ms: 0 }).expect("lost");
+    at(&mut state, 11, Command::GangLost { job_id: job, generation: 1 }).expect("gang lost");
+    assert_eq!(state.jobs[&job].state, JobState::Pending);
+    assert_eq!(shown(&state), JobState::Recovering);
+    // Capacity bought for it meanwhile does not hide that it is recovering.
+    at(&mut state, 12, request("req-3", Some(job))).expect("request");
+    assert_eq!(shown(&state), JobState::Recovering);
+    at(&mut state, 13, Command::CancelJob { job_id: job, reason: String::new() }).expect("cancel");
+    assert_eq!(shown(&state), JobState::Cancelled);
+}
+
 #[test]
 fn recorded_checkpoints_only_move_forward() {
     let mut state = State::default();

@@ -402,6 +402,20 @@ impl Job {
         self.gang.contains(&worker) || self.ended_gang.contains(&worker)
     }
 
+    /// The state users see (`status`, the API and its filter, the dashboard, metrics). The
+    /// state machine and the scheduler keep every job that waits for a gang `Pending`; users
+    /// are told more: `Recovering` once it has trained (it resumes from its newest checkpoint,
+    /// after a spot notice, a lost member, a failure, a resize or a priority stop: its reason
+    /// says which), else `Provisioning` while instances bought for it are launched or boot
+    /// (`provisioning`: [`State::provisioning_jobs`] holds it).
+    pub fn shown_state(&self, provisioning: bool) -> JobState {
+        match self.state {
+            JobState::Pending if self.generation > 0 => JobState::Recovering,
+            JobState::Pending if provisioning => JobState::Provisioning,
+            state => state,
+        }
+    }
+
     /// What the job has cost until `now_unix_ms`, the running generation included.
     pub fn cost_usd_at(&self, now_unix_ms: u64) -> f64 {
         let running = if self.state == JobState::Running {
@@ -718,6 +732,22 @@ impl Default for State {
 }
 
 impl State {
+    /// The jobs instances are on their way for (shown `Provisioning` while they wait:
+    /// [`Job::shown_state`]): a launch request recorded for the job and not answered yet, or
+    /// an instance launched for it, not terminated, on which no worker has registered. (An
+    /// instance that never registers is terminated by the autoscaler as a no-show.)
+    pub fn provisioning_jobs(&self) -> std::collections::BTreeSet<JobId> {
+        let registered: std::collections::BTreeSet<&str> =
+            self.workers.values().map(|w| w.info.instance_id.as_str()).collect();
+        let requested = self.instance_requests.values().filter(|r| r.state == RequestState::Requested);
+        let booting = self
+            .instances
+            .values()
+            .filter(|i| i.terminated_at_unix_ms.is_none() && !registered.contains(i.id.as_str()))
+            .filter_map(|i| self.instance_requests.get(&i.request_id));
+        requested.chain(booting).filter_map(|r| r.job).collect()
+    }
+
     /// The running training jobs, by id, without scanning every job held (see [`RunningIndex`]).
     pub fn running_jobs(&self) -> impl Iterator<Item = &Job> {
         debug_assert_eq!(
