@@ -45,6 +45,21 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert_eq!(status["name"], "mnist-mlp");
     assert!(status["metrics"].get("val_accuracy").is_some());
 
+    // `status --state` lists the jobs in those states only; a state that does not exist is
+    // refused with the ones that do.
+    let listed = |states: &[&str]| -> Vec<String> {
+        let filter: Vec<&str> = states.iter().flat_map(|s| ["--state", *s]).collect();
+        let out = ok(flotilla(&home, &[&["status", "-o", "json"][..], &filter].concat()));
+        let jobs: serde_json::Value = serde_json::from_str(&out).expect("status prints a JSON array");
+        jobs.as_array().expect("array").iter().filter_map(|j| j["id"].as_str().map(str::to_string)).collect()
+    };
+    assert_eq!(listed(&["pending"]), ["job-1"]);
+    assert_eq!(listed(&["running", "pending"]), ["job-1"]);
+    assert!(listed(&["running", "recovering"]).is_empty());
+    let unknown = flotilla(&home, &["status", "--state", "paused"]);
+    let error = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success() && error.contains("possible values: pending, provisioning"), "{error}");
+
     let missing = flotilla(&home, &["status", "job-42"]);
     assert!(!missing.status.success());
     let error = String::from_utf8_lossy(&missing.stderr);

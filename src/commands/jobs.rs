@@ -31,6 +31,36 @@ pub struct SubmitArgs {
 pub struct StatusArgs {
     /// A job id (`job-7` or `7`); without it, every job.
     pub job: Option<String>,
+    /// Only jobs in this state (repeatable: `--state recovering --state running`); inference
+    /// jobs too, in the table.
+    #[arg(long = "state", value_enum, conflicts_with = "job")]
+    pub states: Vec<StateArg>,
+}
+
+/// A job state as `status --state` takes it (README: the states table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateArg {
+    Pending,
+    Provisioning,
+    Running,
+    Recovering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StateArg {
+    fn proto(self) -> v1::JobState {
+        match self {
+            StateArg::Pending => v1::JobState::Pending,
+            StateArg::Provisioning => v1::JobState::Provisioning,
+            StateArg::Running => v1::JobState::Running,
+            StateArg::Recovering => v1::JobState::Recovering,
+            StateArg::Succeeded => v1::JobState::Succeeded,
+            StateArg::Failed => v1::JobState::Failed,
+            StateArg::Cancelled => v1::JobState::Cancelled,
+        }
+    }
 }
 
 /// A client for the resolved cluster; call inside a tokio runtime context (channels connect lazily).
@@ -277,7 +307,8 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             }
         }
         None => {
-            let (jobs, served_by) = runtime.block_on(list_all(&mut client))?;
+            let states: Vec<i32> = args.states.iter().map(|s| s.proto() as i32).collect();
+            let (jobs, served_by) = runtime.block_on(list_all(&mut client, &states))?;
             match output {
                 OutputFormat::Json => {
                     print_json(&Value::Array(jobs.iter().map(|j| status_json(j, served_by)).collect()))
@@ -293,7 +324,9 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
                             let request = request.clone();
                             async move { c.list_inferences(request).await }
                         }))?;
-                        inferences.extend(page.inferences);
+                        inferences.extend(
+                            page.inferences.into_iter().filter(|i| states.is_empty() || states.contains(&i.state)),
+                        );
                         if page.next_page_token.is_empty() {
                             break;
                         }
@@ -307,12 +340,12 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
     Ok(())
 }
 
-/// Pages through every job (the server caps each page).
-async fn list_all(client: &mut ApiClient) -> anyhow::Result<(Vec<v1::JobStatus>, u64)> {
+/// Pages through every job in `states` (all: empty; the server caps each page).
+async fn list_all(client: &mut ApiClient, states: &[i32]) -> anyhow::Result<(Vec<v1::JobStatus>, u64)> {
     let mut jobs = Vec::new();
     let mut page_token = String::new();
     loop {
-        let request = ListJobsRequest { page_token: page_token.clone(), ..Default::default() };
+        let request = ListJobsRequest { page_token: page_token.clone(), states: states.to_vec(), ..Default::default() };
         let page = client
             .call(|mut c| {
                 let request = request.clone();
