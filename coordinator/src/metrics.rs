@@ -123,16 +123,26 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     // Since the previous generation that trained: one whose ranks found its resume point
     // unusable (`checkpoint_corrupt`) ended at its start, so the loss that stopped training
     // came before it (both members of a gang killed before the survivor wrote the state it
-    // held: the next gang finds that checkpoint partial and the one after resumes).
+    // held: the next gang finds that checkpoint partial and the one after resumes); so did one
+    // that broke before its first step (a member its peers could not reach at the rendezvous).
+    let untrained = |e: &flotilla_core::state::JobEvent| e.kind == "checkpoint_corrupt" || e.ended_untrained();
     let (mut from, mut end) = (0, current);
     for previous in gangs {
-        if !events[previous + 1..end].iter().any(|e| e.kind == "checkpoint_corrupt") {
+        if !events[previous + 1..end].iter().any(untrained) {
             from = previous + 1;
             break;
         }
         end = previous;
     }
     let between = &events[from..current];
+    // Across a generation that never trained, training stopped at the first stop or loss
+    // before it: a handover's stop whose new gang then broke at the rendezvous counts from
+    // the stop (the stall went on through the failed generation).
+    if end < current
+        && let Some(stop) = events[from..end].iter().find(|e| e.kind == "checkpointed" || e.stops_for_a_loss())
+    {
+        return Some(Resumption::Recovery { lost_at_unix_ms: stop.since_unix_ms.unwrap_or(stop.at_unix_ms) });
+    }
     // The handover event that re-forms the generation comes after the `gang` event of the
     // same Raft entry.
     let handed_over = events[current + 1..].iter().take_while(|e| e.kind != "gang").any(|e| e.is_handed_over());
@@ -620,6 +630,38 @@ mod tests {
         assert_eq!(resumption(&untrained), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "across it");
         let corrupt_first = [event(1, "gang"), event(2, "checkpoint_corrupt"), event(3, "gang")];
         assert_eq!(resumption(&corrupt_first), None, "no loss before it");
+    }
+
+    /// A generation that broke before its first step (a member its peers could not reach at
+    /// the rendezvous) did not end the stall: the next one's is timed from the stop or loss
+    /// before it, a handover's stop included (its new gang never trained).
+    #[test]
+    fn a_generation_that_never_trained_is_timed_through() {
+        let untrained = |at_unix_ms: u64, generation: u64| JobEvent {
+            message: JobEvent::peer_lost_message(generation, 68, true, "", 0, "rank 1 was lost during rendezvous"),
+            ..event(at_unix_ms, "peer_lost")
+        };
+        let lost = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), untrained(19, 2), event(30, "gang")];
+        assert_eq!(resumption(&lost), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "from the first loss");
+        let mut took = event(20, "handover");
+        took.message = JobEvent::handed_over_message(flotilla_core::WorkerId(3), flotilla_core::WorkerId(2), 68, 10);
+        let handed = [
+            event(1, "gang"),
+            notice(5, "worker-2", false),
+            event(15, "checkpointed"),
+            event(20, "gang"),
+            took,
+            untrained(21, 2),
+            event(40, "gang"),
+        ];
+        assert_eq!(resumption(&handed), Some(Resumption::Recovery { lost_at_unix_ms: 15 }), "from the stop");
+        // A break after training starts the stall itself, as before.
+        let trained = JobEvent {
+            message: JobEvent::peer_lost_message(2, 90, false, "", 0, "rank 1 was lost during all_reduce"),
+            ..event(25, "peer_lost")
+        };
+        let later = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), trained, event(30, "gang")];
+        assert_eq!(resumption(&later), Some(Resumption::Recovery { lost_at_unix_ms: 25 }));
     }
 
     #[test]

@@ -1317,7 +1317,8 @@ fn generation_ended(
                 .as_ref()
                 .is_some_and(|c| c.pending && c.step == step && c.generation == generation);
             let kept = if held { " (the survivors hold its state)" } else { "" };
-            let message = format!("generation {generation} broke at step {step}{kept}; {lost} step(s) lost: {reason}");
+            let never_trained = step == job.generation_start_step;
+            let message = JobEvent::peer_lost_message(generation, step, never_trained, kept, lost, reason);
             push_event(job, now, "peer_lost", bounded(message));
             job.reason = format!("a worker was lost; resuming from step {}", resume_step(job));
         }

@@ -753,6 +753,33 @@ fn a_member_its_peers_cannot_reach_at_the_rendezvous_is_held_out_of_placement() 
     assert_eq!(state.workers[&w1].unreachable_until_unix_ms, 0);
 }
 
+/// A generation that breaks before training a step says so (training stopped before it
+/// formed; the metrics time the stall from that stop); one that trained does not.
+#[test]
+fn a_generation_that_breaks_before_its_first_step_says_so() {
+    let mut state = State::default();
+    let (w1, _) = running_job(&mut state, 3);
+    let broke = |step| Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::PeerLost { reason: "rank 1 was lost during rendezvous".into(), unreachable_rank: None },
+        step,
+        reporter: Some(w1),
+        announced: None,
+    };
+    let mut trained = state.clone();
+    at(&mut trained, 10_000, broke(40)).expect("broke");
+    at(&mut state, 10_000, broke(0)).expect("broke");
+    let peer_lost = |state: &State| {
+        state.jobs[&JobId(1)].events.iter().find(|e| e.kind == "peer_lost").cloned().expect("a peer_lost event")
+    };
+    let after_training = peer_lost(&trained);
+    assert!(!after_training.ended_untrained(), "{}", after_training.message);
+    let untrained = peer_lost(&state);
+    assert!(untrained.ended_untrained(), "{}", untrained.message);
+    assert!(untrained.message.starts_with("generation 1 broke at step 0 before training a step; 0 step(s) lost"));
+}
+
 #[test]
 fn a_noticed_members_replacement_is_of_a_type_the_job_allows() {
     let mut state = State::default();

@@ -122,6 +122,9 @@ const NOTICED: &str = " got a ";
 /// How an event that stops the gang at its next step ends: a notice with no time for a
 /// handover, or the leader's request (`checkpoint_requested`, `<reason>: ` first).
 pub const CHECKPOINTING: &str = "checkpointing at the next step";
+/// What a `peer_lost` event says of a generation that broke before training a step (a member
+/// its peers could not reach at the rendezvous): the stall that stopped the one before goes on.
+const NEVER_TRAINED: &str = " before training a step";
 
 impl JobEvent {
     /// The `handover` event's message for `replacement` taking `leaving`'s rank at `step`.
@@ -159,6 +162,26 @@ impl JobEvent {
             "checkpoint_requested" => self.message == Self::checkpoint_requested_message(StopReason::Preemption),
             _ => false,
         }
+    }
+
+    /// The `peer_lost` message of `generation`, broken at `step` (`never_trained`: its first
+    /// step, the one it resumed from), with `kept` and `lost` words and the survivors' reason.
+    pub fn peer_lost_message(
+        generation: u64,
+        step: u64,
+        never_trained: bool,
+        kept: &str,
+        lost: u64,
+        reason: &str,
+    ) -> String {
+        let before = if never_trained { NEVER_TRAINED } else { "" };
+        format!("generation {generation} broke at step {step}{before}{kept}; {lost} step(s) lost: {reason}")
+    }
+
+    /// Whether this event ended a generation that never trained a step (see
+    /// [`JobEvent::peer_lost_message`]): training had stopped before it formed.
+    pub fn ended_untrained(&self) -> bool {
+        self.kind == "peer_lost" && self.message.contains(NEVER_TRAINED)
     }
 
     /// The noticed worker (as the message names it) of a `preemption_notice` event.
