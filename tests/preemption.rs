@@ -1167,10 +1167,17 @@ fn a_higher_priority_job_stops_a_lower_one_which_resumes_where_it_stopped_and_ch
     let (low, _, _) = running_gang(home, &low_spec);
     // Both workers are busy: the urgent job stops the low one, runs, and gives them back. Its
     // priority comes from the command line (the spec says 0).
-    let high_spec = write_spec_with_priority(dir, "high", 1, 0);
+    let high_spec = write_spec_with_priority(dir, "high", 15, 0);
     let submitted = run(home, &["submit", high_spec.to_str().expect("utf-8"), "--priority", "5"]);
     assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
     let high = String::from_utf8_lossy(&submitted.stdout).lines().last().expect("job id").trim().to_string();
+    // While the urgent job runs, the low one reads Recovering and says what it made way for.
+    let made_way = format!("made way for {high} (priority 5), which runs; waiting for 2 free worker(s)");
+    let waiting = wait_for(home, &low, Duration::from_secs(60), "the low job's reason", |s| {
+        s["reason"].as_str().is_some_and(|r| r.starts_with(&made_way)) || s["generation"].as_u64() > Some(1)
+    });
+    assert!(waiting["reason"].as_str().is_some_and(|r| r.starts_with(&made_way)), "{waiting}");
+    assert_eq!(waiting["state"], "Recovering", "{waiting}");
     let high_done = wait_for(home, &high, Duration::from_secs(120), "the urgent job", |s| s["state"] == "Succeeded");
     assert_eq!(high_done["generation"], 1, "it ran once, on the low job's workers: {high_done}");
     let done = wait_for(home, &low, Duration::from_secs(180), "the low job", |s| s["state"] == "Succeeded");

@@ -335,7 +335,7 @@ pub async fn schedule_loop(
         let heard = leases.clone();
         let now_ms = crate::raft::node::now_unix_ms();
         let reasons_due = reasons_at.is_none_or(|at| at.elapsed() >= REASONS_EVERY);
-        let Ok((heard_from, handovers, pending, free, reasons, running, victims, inference, mut work)) = node
+        let Ok((heard_from, handovers, pending, free, words, running, victims, inference, mut work)) = node
             .read_local(move |state| {
                 let reading = Instant::now();
                 let running = running_jobs(state);
@@ -355,6 +355,7 @@ pub async fn schedule_loop(
                 } else {
                     (pending_jobs(state), BTreeMap::new())
                 };
+                let made_way = if reasons_due { made_way(state) } else { BTreeMap::new() };
                 let inference: Vec<InferenceWants> = state
                     .inferences
                     .values()
@@ -372,12 +373,14 @@ pub async fn schedule_loop(
                     }
                 }
                 let growable = growable(state, &running);
-                (heard_from, handovers, pending, free, reasons, growable, victims, inference, reading.elapsed())
+                let words = Words { reasons, made_way };
+                (heard_from, handovers, pending, free, words, growable, victims, inference, reading.elapsed())
             })
             .await
         else {
             continue;
         };
+        let Words { reasons, made_way } = words;
         // Suspect workers heard from are alive: clear them (they may replace or spare again).
         if !heard_from.is_empty() {
             let _ = node.propose(Command::WorkersHeard { workers: heard_from }).await;
@@ -435,7 +438,7 @@ pub async fn schedule_loop(
             if reasons_due {
                 reasons_at = Some(Instant::now());
                 let notes = capacity_notes.lock().map(|n| n.clone()).unwrap_or_default();
-                let changed: Vec<(JobId, String)> = with_capacity_notes(plan.waiting, &notes)
+                let changed: Vec<(JobId, String)> = with_words(plan.waiting, &made_way, &notes)
                     .into_iter()
                     .filter(|(job_id, reason)| reasons.get(job_id) != Some(reason))
                     .collect();
@@ -462,18 +465,44 @@ pub async fn schedule_loop(
     }
 }
 
-/// The scheduler's reasons for waiting jobs with the autoscaler's word on each appended
-/// (what it buys, or why it cannot): "waiting for 2 free worker(s) ...; autoscaler: buying 2
-/// spot instance(s) in g5.xlarge/us-east-1a at 0.400 $/h". Pure.
-pub fn with_capacity_notes(
+/// The waiting jobs' words besides the scheduler's: what each stopped for a higher priority
+/// made way for, and what the autoscaler says of it (what it buys, or why it cannot).
+struct Words {
+    /// The reasons as recorded (only what changed is proposed).
+    reasons: BTreeMap<JobId, String>,
+    /// "made way for job-4 (priority 5), which runs" ([`made_way`]).
+    made_way: BTreeMap<JobId, String>,
+}
+
+/// "made way for job-4 (priority 5), which runs", for each job stopped for a higher priority
+/// whose generation has not re-formed, while the job it stopped for runs (a scan of the
+/// waiting jobs; only the events of those that ran are read).
+fn made_way(state: &State) -> BTreeMap<JobId, String> {
+    waiting_jobs(state)
+        .filter(|j| j.generation > 0)
+        .filter_map(|j| {
+            let for_job = j.stopped_for()?;
+            let other = state.jobs.get(&for_job).filter(|o| o.state == JobState::Running)?;
+            Some((j.id, format!("made way for {for_job} (priority {}), which runs", other.spec.priority)))
+        })
+        .collect()
+}
+
+/// The scheduler's reasons for waiting jobs with what each made way for before them and the
+/// autoscaler's word on each after them: "made way for job-4 (priority 5), which runs; waiting
+/// for 2 free worker(s) ...; autoscaler: buying 2 spot instance(s) in g5.xlarge/us-east-1a at
+/// 0.400 $/h". Pure.
+pub fn with_words(
     waiting: BTreeMap<JobId, String>,
+    made_way: &BTreeMap<JobId, String>,
     notes: &BTreeMap<JobId, String>,
 ) -> BTreeMap<JobId, String> {
     waiting
         .into_iter()
-        .map(|(job, reason)| match notes.get(&job) {
-            Some(note) => (job, format!("{reason}; autoscaler: {note}")),
-            None => (job, reason),
+        .map(|(job, reason)| {
+            let before = made_way.get(&job).map_or(String::new(), |words| format!("{words}; "));
+            let after = notes.get(&job).map_or(String::new(), |note| format!("; autoscaler: {note}"));
+            (job, format!("{before}{reason}{after}"))
         })
         .collect()
 }
@@ -516,11 +545,50 @@ mod tests {
     /// Replacements can come; handovers stop the gang.
     const EXPECTED: HandoverPolicy = HandoverPolicy { replacements_expected: true, live: false };
 
+    /// A job stopped for a higher priority says so in its reason while the job it made way
+    /// for runs (the scheduler's own reason alone read as if nothing held its workers).
+    #[test]
+    fn a_job_stopped_for_a_higher_priority_says_what_it_made_way_for_while_that_runs() {
+        let mut log = Log::job_of_two(4);
+        let (low, high) = (JobId(1), JobId(2));
+        log.step(Command::AssignGang { job_id: low, workers: vec![WorkerId(1), WorkerId(2)] });
+        let urgent = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"u\"\npriority = 5\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+             workers = { min = 2 }\n",
+        )
+        .expect("spec");
+        log.step(Command::SubmitJob { spec: Box::new(urgent), client_request_id: "u".into() });
+        log.step(Command::PreemptForPriority { job_id: low, generation: 1, for_job: high });
+        assert!(made_way(&log.state).is_empty(), "it still runs");
+        let end = GenerationEnd::Checkpointed;
+        log.step(Command::GenerationEnded {
+            job_id: low,
+            generation: 1,
+            end,
+            step: 0,
+            reporter: None,
+            announced: None,
+        });
+        assert!(made_way(&log.state).is_empty(), "the job it stopped for does not run yet");
+        log.step(Command::AssignGang { job_id: high, workers: vec![WorkerId(1), WorkerId(2)] });
+        let words = made_way(&log.state);
+        assert_eq!(words.get(&low).map(String::as_str), Some("made way for job-2 (priority 5), which runs"));
+        let waiting = BTreeMap::from([(low, "waiting for 2 free worker(s)".to_string())]);
+        let notes = BTreeMap::from([(low, "buying 2 spot instance(s)".to_string())]);
+        assert_eq!(
+            with_words(waiting, &words, &notes)[&low],
+            "made way for job-2 (priority 5), which runs; waiting for 2 free worker(s); autoscaler: buying 2 spot instance(s)"
+        );
+        // Resumed: nothing more to say.
+        log.step(Command::AssignGang { job_id: low, workers: vec![WorkerId(3), WorkerId(4)] });
+        assert!(made_way(&log.state).is_empty());
+    }
+
     #[test]
     fn the_autoscalers_word_is_appended_to_a_waiting_jobs_reason() {
         let waiting = BTreeMap::from([(JobId(1), "waiting for 2 free worker(s)".to_string()), (JobId(2), "w".into())]);
         let notes = BTreeMap::from([(JobId(1), "buying 2 spot instance(s)".to_string()), (JobId(7), "x".into())]);
-        let reasons = with_capacity_notes(waiting, &notes);
+        let reasons = with_words(waiting, &BTreeMap::new(), &notes);
         assert_eq!(reasons[&JobId(1)], "waiting for 2 free worker(s); autoscaler: buying 2 spot instance(s)");
         assert_eq!(reasons[&JobId(2)], "w", "no word, no change");
         assert_eq!(reasons.len(), 2, "a note for a job that does not wait adds nothing");

@@ -380,10 +380,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if priority >= for_priority {
                 return Err(Rejected::PriorityNotLower { job_id, priority, for_job, for_priority });
             }
-            let message = format!(
-                "{for_job} (priority {for_priority}) waits for workers this job (priority {priority}) holds: \
-                 {CHECKPOINTING}, to resume when workers are free"
-            );
+            let message = JobEvent::priority_stop_message(for_job, for_priority, priority);
             ask_to_stop(job, now, StopReason::Priority, "priority", message);
             Ok(Applied::CheckpointRequested { job_id })
         }

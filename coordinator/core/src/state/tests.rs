@@ -498,6 +498,7 @@ fn a_job_stopped_for_a_higher_priority_checkpoints_and_waits_with_its_workers_fr
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.preemptions, job.steps_lost, job.failures, job.recoveries), (0, 0, 0, 0), "not a spot preemption");
     assert_eq!(job.reason, "priority: waiting for workers to resume from step 37");
+    assert_eq!(job.stopped_for(), Some(JobId(3)));
     for w in [w1, w2] {
         let worker = &state.workers[&w];
         assert!(worker.job.is_none() && !worker.draining && worker.suspect_since_unix_ms.is_none(), "{worker:?}");
@@ -507,6 +508,12 @@ fn a_job_stopped_for_a_higher_priority_checkpoints_and_waits_with_its_workers_fr
         .expect("assign");
     let not_pending = Rejected::NotPending { job_id: JobId(3), state: "Running" };
     assert_eq!(preempt(&mut state, 3, 1), Err(not_pending));
+    assert_eq!(state.jobs[&JobId(1)].stopped_for(), Some(JobId(3)), "it still waits for job 3's workers");
+    // Resumed: it no longer waits for anything.
+    let w3 = register(&mut state, 9);
+    apply(&mut state, 10, Envelope::new(10, Command::AssignGang { job_id: JobId(1), workers: vec![w3] }))
+        .expect("assign");
+    assert_eq!(state.jobs[&JobId(1)].stopped_for(), None);
 }
 
 fn spot_notice(worker_id: WorkerId, at: u64) -> Command {

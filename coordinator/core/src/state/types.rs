@@ -184,6 +184,23 @@ impl JobEvent {
         self.kind == "peer_lost" && self.message.contains(NEVER_TRAINED)
     }
 
+    /// The `priority` event's message: the job stops for `for_job` (see
+    /// [`JobEvent::made_way_for`]).
+    pub fn priority_stop_message(for_job: JobId, for_priority: i32, priority: i32) -> String {
+        format!(
+            "{for_job} (priority {for_priority}) waits for workers this job (priority {priority}) holds: \
+             {CHECKPOINTING}, to resume when workers are free"
+        )
+    }
+
+    /// The job a `priority` event says this one stopped for.
+    pub fn made_way_for(&self) -> Option<JobId> {
+        if self.kind != "priority" {
+            return None;
+        }
+        self.message.split_once(" (priority ")?.0.parse().ok()
+    }
+
     /// The noticed worker (as the message names it) of a `preemption_notice` event.
     pub fn noticed_worker(&self) -> Option<&str> {
         if self.kind != "preemption_notice" {
@@ -437,6 +454,15 @@ impl Job {
             JobState::Pending if provisioning => JobState::Provisioning,
             state => state,
         }
+    }
+
+    /// The job this one stopped for, when a priority stop ended its last generation (it waits
+    /// to resume since): the `priority` event since its last gang formed.
+    pub fn stopped_for(&self) -> Option<JobId> {
+        if self.state != JobState::Pending {
+            return None;
+        }
+        self.events.iter().rev().take_while(|e| e.kind != "gang").find_map(JobEvent::made_way_for)
     }
 
     /// What the job has cost until `now_unix_ms`, the running generation included.
