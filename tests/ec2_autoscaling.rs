@@ -196,3 +196,45 @@ fn the_leader_buys_a_spot_fleet_and_a_restart_adopts_it_without_duplicates() {
     assert!(log.contains("autoscaling"), "{log}");
     runtime.block_on(ec2.terminate(&fleet)).expect("clean up");
 }
+
+/// Without --ec2-subnet, the market's zones are checked at start against the zones where the
+/// region's default VPC has a subnet: a market that prices none of them is refused (every
+/// launch would fail), and a market that prices some has the others left out, with a warning
+/// (they used to be tried, fail and back off, one launch at a time).
+#[test]
+fn market_zones_without_a_default_subnet_are_left_out_or_refused() {
+    let header =
+        "hour,instance_type,zone,spot_usd_per_hour,on_demand_usd_per_hour,interruptions_per_hour,spot_capacity\n";
+    let coordinator_in = |zones: &[&str]| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rows: String = zones.iter().map(|z| format!("0,g5.xlarge,{z},0.40,1.006,0.05,16\n")).collect();
+        std::fs::write(dir.path().join("market.csv"), format!("{header}{rows}")).expect("market");
+        let address =
+            format!("127.0.0.1:{}", flotilla_coordinator::ports::free_loopback_port().expect("a free loopback port"));
+        let child = start(dir.path(), &address, &format!("ec2z-{}", std::process::id()));
+        (dir, child)
+    };
+    let log = |dir: &tempfile::TempDir| std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+
+    let (dir, mut refused) = coordinator_in(&["us-east-1z"]);
+    let mut exited = None;
+    wait_until("the refusal", Duration::from_secs(30), || {
+        exited = refused.try_wait().expect("wait");
+        exited.is_some()
+    });
+    assert!(!exited.expect("exited").success(), "{}", log(&dir));
+    let said = log(&dir);
+    assert!(
+        said.contains("--market prices no zone where the region's default VPC has a subnet (us-east-1a")
+            && said.contains("every launch would fail; name subnets with --ec2-subnet ZONE=SUBNET"),
+        "{said}"
+    );
+
+    let (dir, mut running) = coordinator_in(&["us-east-1a", "us-east-1z"]);
+    wait_until("the warning", Duration::from_secs(30), || {
+        log(&dir).contains("--market prices zone(s) us-east-1z where the region's default VPC has no subnet")
+    });
+    assert!(running.try_wait().expect("wait").is_none(), "it runs on: {}", log(&dir));
+    running.kill().expect("kill");
+    running.wait().expect("wait");
+}

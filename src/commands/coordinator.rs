@@ -187,25 +187,8 @@ fn capacity(
     // out (Terraform names the coordinators' zones; a price list may cover more).
     let subnets = if args.provider == ProviderKind::Ec2 { ec2_subnets(&args.ec2_subnet)? } else { BTreeMap::new() };
     if !subnets.is_empty() {
-        let subnet_zones: Vec<&str> = subnets.keys().map(String::as_str).collect();
-        let dropped = market.retain_zones(|zone| subnets.contains_key(zone));
-        if market.pools().next().is_none() {
-            bail!(
-                "--market prices no zone that an --ec2-subnet names ({}): every launch would fail; name a subnet in \
-                 a zone the market prices",
-                subnet_zones.join(", ")
-            );
-        }
-        if !dropped.is_empty() {
-            let warning = format!(
-                "--market prices zone(s) {} that no --ec2-subnet names: their pools are left out",
-                dropped.join(", ")
-            );
-            tracing::warn!("{warning}");
-            if !connect {
-                println!("warning: {warning}"); // --check-config
-            }
-        }
+        let zones: Vec<String> = subnets.keys().cloned().collect();
+        keep_launchable_zones(&mut market, &zones, &NAMED_SUBNETS, !connect)?;
     }
     if args.max_instances == 0 || args.max_instances > MAX_INSTANCES_LIMIT {
         bail!("--max-instances must be 1 to {MAX_INSTANCES_LIMIT}, got {}", args.max_instances);
@@ -217,7 +200,12 @@ fn capacity(
         ProviderKind::None => return Ok(None),
         ProviderKind::Sim => std::sync::Arc::new(flotilla_coordinator::provider::sim::SimProvider::new(market.clone())),
         ProviderKind::Ec2 => match ec2_provider(args, cluster_id, peers, join_token, tls, runtime, connect)? {
-            Some(provider) => provider,
+            Some((provider, default_zones)) => {
+                if let Some(zones) = default_zones {
+                    keep_launchable_zones(&mut market, &zones, &DEFAULT_SUBNETS, false)?;
+                }
+                provider
+            }
             None => return Ok(None), // checked, not connected
         },
     };
@@ -239,6 +227,57 @@ fn capacity(
     Ok(Some(server::Capacity { provider, config }))
 }
 
+/// How the zones instances can launch in are known, for [`keep_launchable_zones`]'s words.
+struct ZonesKnown {
+    /// "that an --ec2-subnet names": the zones the market prices none of.
+    none: &'static str,
+    /// "that no --ec2-subnet names": the zones left out.
+    left_out: &'static str,
+    /// What to do when none is left.
+    fix: &'static str,
+}
+
+const NAMED_SUBNETS: ZonesKnown = ZonesKnown {
+    none: "that an --ec2-subnet names",
+    left_out: "that no --ec2-subnet names",
+    fix: "name a subnet in a zone the market prices",
+};
+
+const DEFAULT_SUBNETS: ZonesKnown = ZonesKnown {
+    none: "where the region's default VPC has a subnet",
+    left_out: "where the region's default VPC has no subnet",
+    fix: "name subnets with --ec2-subnet ZONE=SUBNET",
+};
+
+/// Leaves out the market's pools in zones no instance can launch in (`zones`: the ones it
+/// can), with a warning naming them (also printed by --check-config: `print`); a market left
+/// with no pool is refused, since every launch would fail.
+fn keep_launchable_zones(
+    market: &mut flotilla_core::market::Trace,
+    zones: &[String],
+    known: &ZonesKnown,
+    print: bool,
+) -> anyhow::Result<()> {
+    let dropped = market.retain_zones(|zone| zones.iter().any(|z| z == zone));
+    if market.pools().next().is_none() {
+        bail!("--market prices no zone {} ({}): every launch would fail; {}", known.none, zones.join(", "), known.fix);
+    }
+    if !dropped.is_empty() {
+        let warning =
+            format!("--market prices zone(s) {} {}: their pools are left out", dropped.join(", "), known.left_out);
+        tracing::warn!("{warning}");
+        if print {
+            println!("warning: {warning}");
+        }
+    }
+    Ok(())
+}
+
+/// The EC2 provider, and the zones its default subnets are in when no --ec2-subnet names any
+/// (`None`: named, or the default VPC could not be read: then a launch in a zone without a
+/// subnet fails with the reason, and its pool backs off).
+type Ec2Capacity = (std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>, Option<Vec<String>>);
+
 #[cfg(feature = "ec2")]
 fn ec2_provider(
     args: &CapacityArgs,
@@ -248,7 +287,7 @@ fn ec2_provider(
     tls: Option<&flotilla_proto::tls::ServerTls>,
     runtime: &tokio::runtime::Runtime,
     connect: bool,
-) -> anyhow::Result<Option<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>>> {
+) -> anyhow::Result<Option<Ec2Capacity>> {
     let image_id = args.ec2_image_id.clone().context("--ec2-image-id is required with --provider ec2")?;
     let join_token = join_token.context("--provider ec2 needs a join token for the workers it starts")?;
     let subnets = ec2_subnets(&args.ec2_subnet)?;
@@ -279,8 +318,20 @@ fn ec2_provider(
     if !connect {
         return Ok(None);
     }
+    let named = !config.subnets.is_empty();
     let provider = runtime.block_on(flotilla_ec2::Ec2Provider::connect(config, flotilla_ec2::Connection::default()))?;
-    Ok(Some(std::sync::Arc::new(provider)))
+    let default_zones = if named {
+        None
+    } else {
+        match runtime.block_on(provider.subnet_zones()) {
+            Ok(zones) => Some(zones),
+            Err(e) => {
+                tracing::warn!(error = %e, "the default VPC's subnets could not be read: the market's zones are not checked");
+                None
+            }
+        }
+    };
+    Ok(Some((std::sync::Arc::new(provider), default_zones)))
 }
 
 /// `--ec2-subnet ZONE=SUBNET` flags as zone -> subnet.
@@ -304,7 +355,7 @@ fn ec2_provider(
     _: Option<&flotilla_proto::tls::ServerTls>,
     _: &tokio::runtime::Runtime,
     _: bool,
-) -> anyhow::Result<Option<std::sync::Arc<dyn flotilla_coordinator::provider::DynProvider>>> {
+) -> anyhow::Result<Option<Ec2Capacity>> {
     bail!("this flotilla was built without the EC2 provider; rebuild with `cargo build --release --features ec2`")
 }
 

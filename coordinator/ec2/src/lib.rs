@@ -224,6 +224,12 @@ impl Ec2Provider {
             .cloned()
     }
 
+    /// The zones instances can launch in: those of the configured subnets, or those where the
+    /// region's default VPC has a default subnet (asked once, then kept).
+    pub async fn subnet_zones(&self) -> Result<Vec<String>, ProviderError> {
+        Ok(self.subnets().await?.into_keys().collect())
+    }
+
     /// Zone -> subnet: the configured ones, or the default VPC's.
     async fn subnets(&self) -> Result<BTreeMap<String, String>, ProviderError> {
         self.subnets
