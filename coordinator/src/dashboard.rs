@@ -8,7 +8,7 @@
 //! `Authorization: Bearer`.
 
 use flotilla_core::JobId;
-use flotilla_core::state::{Job, ShardState, State};
+use flotilla_core::state::{Job, JobState, ShardState, State};
 use serde_json::{Value, json};
 
 use crate::metrics::job_state_name;
@@ -21,14 +21,9 @@ pub const PAGE: &str = include_str!("dashboard.html");
 const JOBS_LISTED_MAX: usize = 500;
 
 pub fn jobs(state: &State, progress: &Progress) -> Value {
-    let provisioning = state.provisioning_jobs();
-    let jobs: Vec<Value> = state
-        .jobs
-        .values()
-        .rev()
-        .take(JOBS_LISTED_MAX)
-        .map(|job| summary(job, provisioning.contains(&job.id), progress))
-        .collect();
+    let shown = state.shown_states();
+    let jobs: Vec<Value> =
+        state.jobs.values().rev().take(JOBS_LISTED_MAX).map(|job| summary(job, shown.of(job), progress)).collect();
     json!({ "jobs": jobs })
 }
 
@@ -36,7 +31,7 @@ pub fn jobs(state: &State, progress: &Progress) -> Value {
 /// checkpoints; `None` when the state does not know it.
 pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
     let job = state.jobs.get(&id)?;
-    let mut view = summary(job, state.provisioning_jobs().contains(&id), progress);
+    let mut view = summary(job, state.shown_state(job), progress);
     view["events"] = json!(job.events);
     view["checkpoints"] = json!(
         job.checkpoints
@@ -62,15 +57,15 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
     Some(view)
 }
 
-/// A job's line in the jobs list (live values from the leader's progress); `provisioning`:
-/// instances are on their way for it ([`State::provisioning_jobs`]).
-fn summary(job: &Job, provisioning: bool, progress: &Progress) -> Value {
+/// A job's line in the jobs list (live values from the leader's progress); `shown`: its state
+/// as users see it ([`State::shown_state`]).
+fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
     let live = progress.get(job.id, job.generation);
     json!({
         "id": job.id.to_string(),
         "name": job.spec.name,
         "priority": job.spec.priority,
-        "state": job_state_name(job.shown_state(provisioning)),
+        "state": job_state_name(shown),
         "step": job.step.max(live.map_or(0, |p| p.step)),
         "total_steps": live.map(|p| p.total_steps),
         "loss": live.map(|p| p.loss),

@@ -203,8 +203,8 @@ pub fn sample(state: &State, now_ms: u64) -> StateSample {
     for condition in WorkerCondition::ALL {
         out.workers_by_state.insert(condition.name(), 0);
     }
-    let provisioning = state.provisioning_jobs();
-    let shown = |job: &flotilla_core::state::Job| job_state_name(job.shown_state(provisioning.contains(&job.id)));
+    let states = state.shown_states();
+    let shown = |job: &flotilla_core::state::Job| job_state_name(states.of(job));
     for job in state.jobs.values() {
         *out.jobs_by_state.entry(shown(job)).or_default() += 1;
     }

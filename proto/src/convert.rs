@@ -232,10 +232,14 @@ pub fn checkpoint_to_proto(c: &flotilla_core::state::CheckpointRecord) -> v1::Ch
     }
 }
 
-/// A replicated job -> what `status` shows, with its cost up to `now_unix_ms`; `provisioning`:
-/// instances are on their way for it ([`flotilla_core::state::State::provisioning_jobs`]).
-/// Live progress (not replicated) is added by the caller where it has it.
-pub fn job_to_proto(job: &flotilla_core::state::Job, provisioning: bool, now_unix_ms: u64) -> v1::JobStatus {
+/// A replicated job -> what `status` shows, with its cost up to `now_unix_ms`; `shown`: its
+/// state as users see it ([`flotilla_core::state::State::shown_state`]). Live progress (not
+/// replicated) is added by the caller where it has it.
+pub fn job_to_proto(
+    job: &flotilla_core::state::Job,
+    shown: flotilla_core::state::JobState,
+    now_unix_ms: u64,
+) -> v1::JobStatus {
     let total_steps = match job.spec.train.length {
         TrainLength::Steps(n) => n,
         TrainLength::Epochs(_) => 0, // known once the worker has read the data set
@@ -243,7 +247,7 @@ pub fn job_to_proto(job: &flotilla_core::state::Job, provisioning: bool, now_uni
     v1::JobStatus {
         id: job.id.to_string(),
         name: job.spec.name.clone(),
-        state: job_state_to_proto(job.shown_state(provisioning)).into(),
+        state: job_state_to_proto(shown).into(),
         reason: job.reason.clone(),
         step: job.step,
         total_steps,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flotilla_core::JobId;
 use flotilla_core::state::{Applied, Command, JobState, State};
-use flotilla_proto::convert::{job_to_proto, spec_from_proto};
+use flotilla_proto::convert::{job_state_to_proto, job_to_proto, spec_from_proto};
 use flotilla_proto::limits::{CLIENT_REQUEST_ID_LEN_MAX, LIST_JOBS_LIMIT_DEFAULT, LIST_JOBS_LIMIT_MAX};
 use flotilla_proto::v1::job_service_server::JobService;
 use flotilla_proto::v1::{self, *};
@@ -65,12 +65,7 @@ fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
     state
         .jobs
         .get(&id)
-        .map(|job| {
-            // Instances are read only for a job that waits to start.
-            let waits_to_start = job.state == JobState::Pending && job.generation == 0;
-            let provisioning = waits_to_start && state.provisioning_jobs().contains(&id);
-            job_to_proto(job, provisioning, crate::raft::node::now_unix_ms())
-        })
+        .map(|job| job_to_proto(job, state.shown_state(job), crate::raft::node::now_unix_ms()))
         .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))
 }
 
@@ -157,16 +152,16 @@ impl JobService for JobApi {
             .node
             .read(move |state| {
                 let start = after.map_or(JobId(0), |id| JobId(id.0 + 1));
-                let provisioning = state.provisioning_jobs();
-                let shown = |job: &flotilla_core::state::Job| {
-                    flotilla_proto::convert::job_state_to_proto(job.shown_state(provisioning.contains(&job.id)))
-                };
+                let shown = state.shown_states();
+                let now = crate::raft::node::now_unix_ms();
+                let wanted = |s: JobState| states.is_empty() || states.contains(&job_state_to_proto(s));
                 let mut page: Vec<v1::JobStatus> = state
                     .jobs
                     .range(start..)
-                    .filter(|(_, job)| states.is_empty() || states.contains(&shown(job)))
+                    .map(|(_, job)| (job, shown.of(job)))
+                    .filter(|(_, s)| wanted(*s))
                     .take(limit + 1)
-                    .map(|(_, job)| job_to_proto(job, provisioning.contains(&job.id), crate::raft::node::now_unix_ms()))
+                    .map(|(job, s)| job_to_proto(job, s, now))
                     .collect();
                 let next = if page.len() > limit {
                     page.truncate(limit);

@@ -302,7 +302,11 @@ fn a_waiting_job_is_shown_pending_provisioning_or_recovering() {
     let mut state = State::default();
     submit(&mut state, 1, "a").expect("submit");
     let job = JobId(1);
-    let shown = |state: &State| state.jobs[&job].shown_state(state.provisioning_jobs().contains(&job));
+    let shown = |state: &State| {
+        let one = state.shown_state(&state.jobs[&job]);
+        assert_eq!(one, state.shown_states().of(&state.jobs[&job]), "read alone or with others");
+        one
+    };
     assert_eq!(shown(&state), JobState::Pending);
     let request = |request_id: &str, for_job: Option<JobId>| Command::RequestInstances {
         request_id: request_id.into(),

@@ -447,8 +447,8 @@ impl Job {
     /// are told more: `Recovering` once it has trained (it resumes from its newest checkpoint,
     /// after a spot notice, a lost member, a failure, a resize or a priority stop: its reason
     /// says which), else `Provisioning` while instances bought for it are launched or boot
-    /// (`provisioning`: [`State::provisioning_jobs`] holds it).
-    pub fn shown_state(&self, provisioning: bool) -> JobState {
+    /// (`provisioning`; callers go through [`State::shown_state`] or [`ShownStates`]).
+    fn shown_state(&self, provisioning: bool) -> JobState {
         match self.state {
             JobState::Pending if self.generation > 0 => JobState::Recovering,
             JobState::Pending if provisioning => JobState::Provisioning,
@@ -780,12 +780,36 @@ impl Default for State {
     }
 }
 
+/// The states users see of jobs read together ([`State::shown_states`]).
+pub struct ShownStates {
+    provisioning: std::collections::BTreeSet<JobId>,
+}
+
+impl ShownStates {
+    /// `job`'s state as users see it ([`Job::shown_state`]).
+    pub fn of(&self, job: &Job) -> JobState {
+        job.shown_state(self.provisioning.contains(&job.id))
+    }
+}
+
 impl State {
+    /// The state users see of one job ([`Job::shown_state`]); the instances are read only
+    /// for a job that waits to start.
+    pub fn shown_state(&self, job: &Job) -> JobState {
+        let waits_to_start = job.state == JobState::Pending && job.generation == 0;
+        job.shown_state(waits_to_start && self.provisioning_jobs().contains(&job.id))
+    }
+
+    /// The states users see of many jobs, with the instances read once ([`ShownStates::of`]).
+    pub fn shown_states(&self) -> ShownStates {
+        ShownStates { provisioning: self.provisioning_jobs() }
+    }
+
     /// The jobs instances are on their way for (shown `Provisioning` while they wait:
     /// [`Job::shown_state`]): a launch request recorded for the job and not answered yet, or
     /// an instance launched for it, not terminated, on which no worker has registered. (An
     /// instance that never registers is terminated by the autoscaler as a no-show.)
-    pub fn provisioning_jobs(&self) -> std::collections::BTreeSet<JobId> {
+    fn provisioning_jobs(&self) -> std::collections::BTreeSet<JobId> {
         let registered: std::collections::BTreeSet<&str> =
             self.workers.values().map(|w| w.info.instance_id.as_str()).collect();
         let requested = self.instance_requests.values().filter(|r| r.state == RequestState::Requested);
