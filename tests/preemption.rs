@@ -82,7 +82,9 @@ fn spot_notices_lose_zero_steps() {
     // The stop-and-regroup handover (a live one is the default; see the live tests below).
     let cluster = Local::up_with(3, &["--live-handover", "false"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let spec = write_spec(dir, "notice", 24, 20);
+    // Long enough (1,920 steps) for three notices on a loaded machine: with 768 steps the job
+    // once ran out in 4 s before the test saw its first generation train (CI, 2026-12-06).
+    let spec = write_spec(dir, "notice", 60, 20);
     let job = submit(home, &spec);
 
     for generation in 1..=3u64 {
