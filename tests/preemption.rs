@@ -1081,7 +1081,9 @@ fn corrupt_and_half_written_checkpoints_are_skipped_with_events() {
     // (the newest checkpoint), then it is killed too.
     let cluster = Local::up(2);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
-    let job = submit(home, &write_spec(dir, "corrupt", 24, 20));
+    // 1,920 steps: the kill comes after three checkpoints, long before the end even when the
+    // test reads the job's status late (as spot_notices_lose_zero_steps once did with 768).
+    let job = submit(home, &write_spec(dir, "corrupt", 60, 20));
     wait_for(home, &job, Duration::from_secs(60), "three checkpoints", |s| s["checkpoints"].as_u64().unwrap_or(0) >= 3);
     let mut members = gang(home, &job);
     let (victim, survivor) = (members.pop().expect("a gang"), members.pop().expect("a gang of 2"));
