@@ -103,13 +103,16 @@ fn unknown_fields_are_refused_with_their_line() {
 fn a_reader_that_goes_away_ends_the_output_quietly() {
     use std::os::unix::process::ExitStatusExt;
     let spec = examples().join("mnist-mlp.toml");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    // The reader is gone before the child starts, so its first write finds no reader (closing
+    // it after the spawn raced the child's write into the pipe's buffer: once it won, exit 0).
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
         .args(["validate", spec.to_str().expect("utf-8"), "-o", "json"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the flotilla binary runs");
-    drop(child.stdout.take()); // the reader is gone before the first write
     let out = child.wait_with_output().expect("it ends");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
