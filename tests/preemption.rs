@@ -12,6 +12,8 @@
 //! - a storm (live notices, hard kills and leader kills on 3 coordinators, seeded, fired without
 //!   waiting for each other): no step lost, bit-identical, every recovery timed from where
 //!   training stopped;
+//! - a survivor noticed while its job waits rejoins the next gang and hands over from there,
+//!   so the state never goes through the store;
 //! - a job of higher priority stops a lower one holding the workers it needs; the lower one
 //!   resumes where it stopped, bit-identical (and with `--priority-preemption false`, it waits).
 //!
@@ -864,6 +866,52 @@ fn a_broken_gang_regroups_on_its_survivor_before_idle_workers_with_lower_ids() {
     assert!(new_gang.contains(survivor), "the survivor {survivor} was left out of {new_gang:?} (idle: {free:?})");
     assert!(events(&regrouped, "checkpoint_corrupt").is_empty(), "{regrouped}");
     assert_resumed_from_survivors(&regrouped);
+    assert!(run(home, &["cancel", &job]).status.success());
+}
+
+/// A survivor noticed while its job waits for capacity (its gang broke) holds the job's state
+/// in memory: the next gang takes it with the first worker that boots, the state goes from it
+/// to the newcomer over the data port, and it hands over to its own replacement from there.
+/// Before, it drained at the notice and the next gang read the state from the store.
+#[test]
+fn a_survivor_noticed_while_its_job_waits_rejoins_and_hands_over_without_the_store() {
+    let cluster = Local::up_with(2, &["--boot-delay-s", "10"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    // Far longer than the test (it is cancelled): two boots and a handover on a loaded machine.
+    let (job, _, members) = running_gang(home, &write_spec(dir, "rejoin", 1000, 200));
+    let (survivor, victim) = (&members[0], &members[1]);
+    let killed = run(home, &["preempt", victim, "--hard"]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    // Its replacement boots for 10 s: the notice lands while the job waits.
+    wait_for(home, &job, Duration::from_secs(8), "the break", |s| s["state"] == "Recovering");
+    let noticed = run(home, &["preempt", survivor]);
+    assert!(noticed.status.success(), "{}", String::from_utf8_lossy(&noticed.stderr));
+    let held = wait_for(home, &job, Duration::from_secs(5), "the notice", |s| {
+        events(s, "preemption_notice").iter().any(|m| m.contains(&format!("{survivor} got a")))
+    });
+    assert_eq!(held["state"], "Recovering", "the notice came while the job waited: {held}");
+    assert!(
+        events(&held, "preemption_notice").iter().any(|m| m.contains("while the job waits")),
+        "the survivor is held for the next gang: {held}"
+    );
+    // The next gang takes it, then its replacement takes its rank.
+    let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {
+        events(s, "handover").iter().any(|m| m.contains(&format!("took {survivor}'s rank")))
+    });
+    assert!(
+        events(&handed, "preemption_notice")
+            .iter()
+            .any(|m| m.contains(&format!("{survivor} rejoins with the state it holds"))),
+        "{handed}"
+    );
+    assert!(
+        events(&handed, "resumed").iter().any(|m| m.contains("peer to peer, 0 bytes from the store")),
+        "the new gang took the state from the noticed survivor: {handed}"
+    );
+    assert_eq!(handed["steps_lost"], 0, "{handed}");
+    assert_eq!(handed["resume_storage_bytes"], 0, "{handed}");
+    assert!(handed["resume_peer_bytes"].as_u64() > Some(0), "{handed}");
+    assert!(!gang(home, &job).contains(survivor), "it left the gang");
     assert!(run(home, &["cancel", &job]).status.success());
 }
 

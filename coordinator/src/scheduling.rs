@@ -82,7 +82,7 @@ pub fn scheduler_input(
     heard_at: impl Fn(WorkerId) -> u64,
     now_ms: u64,
 ) -> (Vec<PendingJob>, Vec<FreeWorker>) {
-    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms))
+    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms, true))
 }
 
 /// Suspect workers (their gang broke) the leader heard from since, with the suspicion's time:
@@ -182,21 +182,35 @@ fn as_free(state: &State, w: &flotilla_core::state::Worker) -> FreeWorker {
         zone: w.info.zone.clone(),
         spot: flotilla_core::state::on_spot(state, w.id),
         usd_per_hour: flotilla_core::state::usd_per_hour(state, w.id),
+        only_for: None,
     }
 }
 
-/// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs.
-fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> u64, now_ms: u64) -> Vec<FreeWorker> {
+/// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs. With
+/// `rejoin`, also the noticed holders of waiting jobs' state that may rejoin their job's next
+/// gang ([`flotilla_core::state::Worker::may_rejoin`]), each free for that job alone: the
+/// leader leaves them out when no replacement can come (no autoscaler, no local replacer),
+/// since the handover they start with would stop the new gang at once.
+fn free_workers(
+    state: &State,
+    running: &[&Job],
+    heard_at: impl Fn(WorkerId) -> u64,
+    now_ms: u64,
+    rejoin: bool,
+) -> Vec<FreeWorker> {
     // Workers promised to a handover (only a running job has one) are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
         running.iter().flat_map(|j| j.reserved_replacements()).collect();
+    let rejoins =
+        |w: &flotilla_core::state::Worker| rejoin && w.holding_for.is_some_and(|job| w.may_rejoin(job, now_ms));
     state
         .workers
         .values()
-        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining && !promised.contains(&w.id))
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && (!w.draining || rejoins(w)))
+        .filter(|w| !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .filter(|w| !w.held_unreachable(now_ms))
-        .map(|w| as_free(state, w))
+        .map(|w| FreeWorker { only_for: w.holding_for.filter(|_| w.draining), ..as_free(state, w) })
         .collect()
 }
 
@@ -342,7 +356,8 @@ pub async fn schedule_loop(
                 let prepared = |w| heard.prepared_job(w);
                 let mut handovers = handovers_among(state, &running, now_ms, policy, prepared);
                 handovers.extend(members_lost_among(&running, now_ms));
-                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms);
+                let rejoin = policy.replacements_expected;
+                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms, rejoin);
                 let heard_from = suspects_heard(state, |w| heard.last_heartbeat_unix_ms(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
@@ -455,8 +470,12 @@ pub async fn schedule_loop(
             }
         }
         gap = work.saturating_mul(PASS_GAP_PER_WORK).clamp(PASS_MIN_GAP, PASS_EVERY);
-        let left: Vec<WorkerId> =
-            free.iter().map(|w| w.id).filter(|w| !taken.contains(w) && !held.contains(w)).collect();
+        let left: Vec<WorkerId> = free
+            .iter()
+            .filter(|w| w.only_for.is_none())
+            .map(|w| w.id)
+            .filter(|w| !taken.contains(w) && !held.contains(w))
+            .collect();
         for (job_id, workers) in inference_joins(&inference, &left) {
             if let Err(e) = node.propose(Command::JoinInference { job_id, workers }).await {
                 tracing::debug!(job = %job_id, error = %e, "inference workers not recorded; next pass retries");

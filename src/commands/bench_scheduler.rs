@@ -45,6 +45,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             zone: ["a", "b"][((i / 2) % 2) as usize].to_string(),
             spot: false,
             usd_per_hour: 0.0,
+            only_for: None,
         })
         .collect();
     (pending, free)

@@ -635,14 +635,22 @@ fn derive(key: &[u8; 32], label: &str) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32]) -> Desired {
+/// What worker `id` should be doing at `now_ms` (the leader's clock: a noticed holder of a
+/// waiting job's state idles while it may rejoin the job's next gang, then drains).
+fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32], now_ms: u64) -> Desired {
     let Some(worker) = state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()) else { return Desired::Gone };
     if let Some(job) = worker.job.and_then(|j| state.inferences.get(&j)).filter(|j| j.state == JobState::Running) {
         return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
     }
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
-        if worker.draining {
+        let rejoins = worker.holding_for.is_some_and(|job| {
+            state.jobs.get(&job).is_some_and(|j| j.state == JobState::Pending) && worker.may_rejoin(job, now_ms)
+        });
+        if worker.draining && !rejoins {
             return Desired::Drain;
+        }
+        if rejoins {
+            return Desired::Idle; // keeps the state it holds for the job's next gang
         }
         // A warm spare prepares too; it accepts the push of a handover out of the current
         // generation (one may reserve it) without waiting for one.
@@ -750,6 +758,14 @@ fn train_assignment(
         gang_secret: gang_secret(gang_key, job.id, job.generation),
         joins_live: false,
         handover_key: Vec::new(),
+        // A member that rejoined though noticed trains on while its replacement is sought
+        // (told any noticed member; one noticed while it trains already runs its generation).
+        train_until_unix_ms: job
+            .gang
+            .get(rank)
+            .and_then(|w| job.handover_of(*w))
+            .and_then(|h| h.deadline_unix_ms())
+            .unwrap_or(0),
     }
 }
 
@@ -802,7 +818,10 @@ async fn assignment_loop(
     let mut spares_sent: Vec<String> = Vec::new();
     loop {
         let store = store.clone();
-        let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key)).await else { return };
+        let now_ms = crate::raft::node::now_unix_ms();
+        let Ok(want) = node.read_local(move |state| desired(state, id, &store, &gang_key, now_ms)).await else {
+            return;
+        };
         let message = match (&want, current) {
             (Desired::Gone, _) => Some(assignment::Kind::Drain(Drain { reason: format!("{id} is not a live member") })),
             (Desired::Train { job, generation, deadline_unix_ms, live_to: Some(addr), .. }, Some(now))
@@ -935,11 +954,11 @@ mod tests {
         let assign = Command::AssignGang { job_id: JobId(1), workers: vec![workers[0]] };
         apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
         let key = gang_key("token");
-        assert_eq!(desired(&state, workers[2], "file:///s", &key), Desired::Idle, "no job keeps spares");
+        assert_eq!(desired(&state, workers[2], "file:///s", &key, 0), Desired::Idle, "no job keeps spares");
         apply(&mut state, 6, Envelope::new(6000, submit("spared", 1))).expect("submit");
         let assign = Command::AssignGang { job_id: JobId(2), workers: vec![workers[1]] };
         apply(&mut state, 7, Envelope::new(7000, assign)).expect("assign");
-        match desired(&state, workers[2], "file:///s", &key) {
+        match desired(&state, workers[2], "file:///s", &key, 0) {
             Desired::Prepare { job, prepare } => {
                 assert_eq!((job, prepare.job_id.as_str()), (JobId(2), "job-2"));
                 assert!(prepare.spare, "a spare does not wait for a push");
@@ -948,7 +967,7 @@ mod tests {
             other => panic!("the free worker prepares as a spare: {other:?}"),
         }
         // Its rank 0 is told where to push each checkpoint it records; the job without spares is not.
-        let spares_of = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+        let spares_of = |state: &State, worker| match desired(state, worker, "file:///s", &key, 0) {
             Desired::Train { spares, .. } => spares,
             other => panic!("{worker} trains: {other:?}"),
         };
@@ -957,14 +976,14 @@ mod tests {
         // Another pool is not the gang's: no spare there.
         let mut elsewhere = state.clone();
         elsewhere.workers.get_mut(&workers[2]).expect("worker").info.zone = "b".into();
-        assert_eq!(desired(&elsewhere, workers[2], "file:///s", &key), Desired::Idle);
+        assert_eq!(desired(&elsewhere, workers[2], "file:///s", &key, 0), Desired::Idle);
         assert!(spares_of(&elsewhere, workers[1]).is_empty());
         // A notice for the member: the spare is reserved as its replacement and now awaits the push.
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 8, Envelope::new(10_000, notice)).expect("notice");
         assert_eq!(state.jobs[&JobId(2)].reserved_replacements().collect::<Vec<_>>(), [workers[2]]);
-        match desired(&state, workers[2], "file:///s", &key) {
+        match desired(&state, workers[2], "file:///s", &key, 0) {
             Desired::Prepare { prepare, .. } => {
                 assert!(!prepare.spare, "the reserved replacement awaits the push");
                 assert_eq!(prepare.handover_key, handover_key(&key, JobId(2), 1));
@@ -989,6 +1008,45 @@ mod tests {
         let assign = Command::AssignGang { job_id, workers: workers[..2].to_vec() };
         apply(&mut state, 5, Envelope::new(5000, assign)).expect("assign");
         (state, workers, job_id)
+    }
+
+    /// A survivor noticed while its job waits idles (keeping the state it holds) while the job's
+    /// next gang may take it, then drains; taken, it is told to train on until its handover's
+    /// fallback time.
+    #[test]
+    fn a_noticed_holder_idles_while_it_may_rejoin_and_trains_on_once_it_does() {
+        let (mut state, workers, job_id) = gang_of_two_and_a_free_worker();
+        let lost =
+            flotilla_core::state::GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+        let report = Command::GenerationEnded {
+            job_id,
+            generation: 1,
+            end: lost,
+            step: 33,
+            reporter: Some(workers[0]),
+            announced: None,
+        };
+        apply(&mut state, 6, Envelope::new(6000, report)).expect("break");
+        let lost = Command::WorkerLost { worker_id: workers[1], last_step_seen: 33, last_heard_unix_ms: 5500 };
+        apply(&mut state, 7, Envelope::new(6100, lost)).expect("lost");
+        let notice =
+            Command::WorkerInterrupted { worker_id: workers[0], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+        apply(&mut state, 8, Envelope::new(7000, notice)).expect("notice");
+        let key = gang_key("token");
+        assert_eq!(desired(&state, workers[0], "file:///s", &key, 7000), Desired::Idle, "it may rejoin");
+        assert_eq!(desired(&state, workers[0], "file:///s", &key, 70_001), Desired::Drain, "too late for a handover");
+        let assign = Command::AssignGang { job_id, workers: vec![workers[0], workers[2]] };
+        apply(&mut state, 9, Envelope::new(8000, assign)).expect("the next gang takes it");
+        match desired(&state, workers[0], "file:///s", &key, 8000) {
+            Desired::Train { assignment, checkpoint_now, .. } => {
+                assert_eq!((assignment.generation, assignment.train_until_unix_ms, checkpoint_now), (2, 85_000, false));
+            }
+            other => panic!("it trains on: {other:?}"),
+        }
+        match desired(&state, workers[2], "file:///s", &key, 8000) {
+            Desired::Train { assignment, .. } => assert_eq!(assignment.train_until_unix_ms, 0, "not noticed"),
+            other => panic!("the newcomer trains: {other:?}"),
+        }
     }
 
     #[test]
@@ -1022,7 +1080,7 @@ mod tests {
             let mut state = state.clone();
             let assign = Command::AssignGang { job_id, workers: gang.clone() };
             apply(&mut state, index, Envelope::new(index * 1000, assign)).expect("assign");
-            match desired(&state, gang[0], "file:///s", &key) {
+            match desired(&state, gang[0], "file:///s", &key, 0) {
                 Desired::Train { assignment, .. } => assignment.resume_from.expect("a resume point"),
                 other => panic!("{} trains: {other:?}", gang[0]),
             }
@@ -1050,22 +1108,22 @@ mod tests {
     fn a_handover_s_reserved_replacement_is_told_to_prepare_the_job_s_data() {
         let (mut state, workers, job_id) = gang_of_two_and_a_free_worker();
         let key = gang_key("token");
-        assert_eq!(desired(&state, workers[2], "file:///s", &key), Desired::Idle, "a free worker idles");
+        assert_eq!(desired(&state, workers[2], "file:///s", &key, 0), Desired::Idle, "a free worker idles");
         // A two-minute notice for rank 1: the free worker is reserved at once, the gang trains on.
         let notice =
             Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
         let reserved: Vec<_> = state.jobs[&job_id].reserved_replacements().collect();
         assert_eq!(reserved, [workers[2]], "{:?}", state.jobs[&job_id].handovers);
-        match desired(&state, workers[2], "file:///s", &key) {
+        match desired(&state, workers[2], "file:///s", &key, 0) {
             Desired::Prepare { job, prepare } => {
                 assert_eq!((job, prepare.job_id.as_str()), (job_id, "job-1"));
                 assert!(prepare.spec.is_some_and(|s| s.name == "h"), "it carries the job's spec");
             }
             other => panic!("the replacement prepares: {other:?}"),
         }
-        assert!(matches!(desired(&state, workers[0], "file:///s", &key), Desired::Train { .. }), "rank 0 trains on");
-        match desired(&state, workers[2], "file:///s", &key) {
+        assert!(matches!(desired(&state, workers[0], "file:///s", &key, 0), Desired::Train { .. }), "rank 0 trains on");
+        match desired(&state, workers[2], "file:///s", &key, 0) {
             Desired::Prepare { prepare, .. } => {
                 assert_eq!(prepare.generation, 1);
                 assert!(!prepare.spare, "a handover's replacement awaits the push");
@@ -1074,7 +1132,7 @@ mod tests {
             }
             other => panic!("the replacement prepares: {other:?}"),
         }
-        let handover_to = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+        let handover_to = |state: &State, worker| match desired(state, worker, "file:///s", &key, 0) {
             Desired::Train { handover_to, .. } => handover_to,
             other => panic!("{worker} trains: {other:?}"),
         };
@@ -1094,7 +1152,7 @@ mod tests {
             Command::WorkerInterrupted { worker_id: workers[0], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
         apply(&mut state, 6, Envelope::new(10_000, notice)).expect("notice");
         let key = gang_key("token");
-        let train = |state: &State, worker| match desired(state, worker, "file:///s", &key) {
+        let train = |state: &State, worker| match desired(state, worker, "file:///s", &key, 0) {
             Desired::Train { assignment, live_to, checkpoint_now, .. } => (*assignment, live_to, checkpoint_now),
             other => panic!("{worker} trains: {other:?}"),
         };
@@ -1116,14 +1174,14 @@ mod tests {
         let mut failed = state.clone();
         let said = Command::LiveHandoverFailed { job_id, generation: 1, by: workers[0], reason: "behind".into() };
         apply(&mut failed, 8, Envelope::new(11_500, said)).expect("failed");
-        match desired(&failed, workers[0], "file:///s", &key) {
+        match desired(&failed, workers[0], "file:///s", &key, 0) {
             Desired::Train { live_to, checkpoint_now, handover_to, .. } => {
                 assert_eq!((live_to, checkpoint_now, handover_to.as_deref()), (None, true, Some("127.0.0.1:9004")));
             }
             other => panic!("the leaver trains to the stop: {other:?}"),
         }
         assert!(
-            matches!(desired(&failed, workers[2], "file:///s", &key), Desired::Prepare { .. }),
+            matches!(desired(&failed, workers[2], "file:///s", &key, 0), Desired::Prepare { .. }),
             "the replacement awaits the push"
         );
         // After the swap the replacement is rank 0 (its assignment unchanged: not sent again)
@@ -1133,7 +1191,7 @@ mod tests {
         apply(&mut state, 8, Envelope::new(12_000, swapped)).expect("swapped");
         let (after, after_to, _) = train(&state, workers[2]);
         assert_eq!((after.rank, after.generation, after_to), (0, 1, None));
-        assert_eq!(desired(&state, workers[0], "file:///s", &key), Desired::Drain);
+        assert_eq!(desired(&state, workers[0], "file:///s", &key, 0), Desired::Drain);
     }
 
     #[test]

@@ -206,6 +206,7 @@ pub async fn follow(
                     }
                     shared.set_prepared("");
                     preparing = None;
+                    train_on_until(&shared, train.train_until_unix_ms);
                     let run = Running {
                         job_id: train.job_id.clone(),
                         generation: train.generation,
@@ -338,6 +339,31 @@ pub async fn follow(
         }
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
+}
+
+/// A noticed worker that rejoins its job's gang with the state it holds (noticed while the job
+/// waited; the coordinator seeks its replacement): its generation trains on rather than
+/// stopping for the notice at the first step boundary, until `until_unix_ms`, when it votes the
+/// stop itself unless the coordinator ordered a handover or a stop before (as after a notice
+/// answered with a handover while training, see the notice's report). 0, or a worker not
+/// noticed: nothing changes.
+fn train_on_until(shared: &Arc<AgentShared>, until_unix_ms: u64) {
+    let now = crate::unix_now_ms();
+    if until_unix_ms <= now || !shared.noticed.load(Ordering::Relaxed) {
+        return;
+    }
+    shared.handover_sought.store(true, Ordering::Release);
+    shared.interrupted.store(false, Ordering::Release);
+    let wait = Duration::from_millis(until_unix_ms - now);
+    tracing::warn!(
+        ?wait,
+        "rejoining the gang with the state this noticed worker holds; training on while the coordinator seeks a replacement, at most this long"
+    );
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        shared.interrupted.store(true, Ordering::Release);
+    });
 }
 
 /// Whom a rank answers to: the cluster's coordinator (an agent's rank), or nobody (a rank of

@@ -22,7 +22,9 @@
 //!   that ended ([`PendingJob::holders`]) before any other worker: they hold the state it
 //!   resumes from in memory (and its data loaded), so the new gang takes it from them over the
 //!   data port instead of reading the store, where an announced checkpoint may not even be
-//!   written yet.
+//!   written yet. A member of that gang noticed while the job waited (so draining) is free for
+//!   this job alone, while its notice leaves time for a handover ([`FreeWorker::only_for`]):
+//!   the new gang takes the state from it and it hands over to a replacement from there.
 //! - Mixed gangs (`capacity.mixed_types`): when no one pool holds the gang, it may mix
 //!   instance types within the zone with the most fitting workers, and span zones only when no
 //!   zone holds it (idle capacity is paid for either way; a ring across zones is slower and
@@ -90,6 +92,9 @@ pub struct FreeWorker {
     pub spot: bool,
     /// What its instance costs an hour (its price at launch; 0 for a worker without one).
     pub usd_per_hour: f64,
+    /// Free for this job alone: a noticed holder of its state that may rejoin its next gang
+    /// (`Worker::may_rejoin`); no other job, growth or inference takes it.
+    pub only_for: Option<JobId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +151,8 @@ pub struct Preemption {
 /// spot, an hourly price within its `capacity.max_price_usd_per_hour`.
 #[derive(Debug, Clone, Copy)]
 struct Need {
+    /// The job placed: the only one that may take workers free for it alone.
+    job: JobId,
     gpus: u32,
     on_demand_only: bool,
     max_usd_per_hour: Option<f64>,
@@ -153,7 +160,12 @@ struct Need {
 
 impl Need {
     fn of(job: &PendingJob) -> Need {
-        Need { gpus: job.gpus_per_worker, on_demand_only: job.on_demand_only, max_usd_per_hour: job.max_usd_per_hour }
+        Need {
+            job: job.id,
+            gpus: job.gpus_per_worker,
+            on_demand_only: job.on_demand_only,
+            max_usd_per_hour: job.max_usd_per_hour,
+        }
     }
 
     fn priced(&self, usd_per_hour: f64) -> bool {
@@ -226,35 +238,45 @@ impl Sorted {
     }
 }
 
-/// Free workers of one pool: spot and on-demand apart.
+/// Free workers of one pool: spot and on-demand apart, and those free for one job alone.
 #[derive(Debug, Default)]
 struct Pool {
     spot: Sorted,
     on_demand: Sorted,
+    /// Noticed holders, each free for its own job only ([`FreeWorker::only_for`]): a few at
+    /// most (members of waiting jobs' last gangs noticed since), so scanned.
+    rejoining: Vec<FreeWorker>,
 }
 
 impl Pool {
-    fn fitting(&self, need: &Need) -> usize {
-        let spot = if need.on_demand_only { 0 } else { self.spot.fitting(need) };
-        spot + self.on_demand.fitting(need)
+    /// Of the workers free for one job alone, those free for `need`'s and fitting it.
+    fn rejoining_for<'a>(&'a self, need: &'a Need) -> impl Iterator<Item = &'a FreeWorker> + 'a {
+        self.rejoining.iter().filter(move |w| w.only_for == Some(need.job) && need.fits(w))
     }
 
-    /// How many of `holders` fit here.
+    fn fitting(&self, need: &Need) -> usize {
+        let spot = if need.on_demand_only { 0 } else { self.spot.fitting(need) };
+        spot + self.on_demand.fitting(need) + self.rejoining_for(need).count()
+    }
+
+    /// How many of `holders` fit here (those free for the job alone are holders).
     fn holding(&self, need: &Need, holders: &[WorkerId]) -> usize {
         if holders.is_empty() {
             return 0; // a job that never ran (most of a long queue): no scan
         }
         let spot = if need.on_demand_only { 0 } else { self.spot.holding(need, holders) };
-        spot + self.on_demand.holding(need, holders)
+        spot + self.on_demand.holding(need, holders) + self.rejoining_for(need).count()
     }
 
-    /// Takes `count` fitting workers, in id order: the fitting `holders` first, then spot
-    /// workers first unless the job is on-demand only.
+    /// Takes `count` fitting workers, in id order: those free for the job alone and the
+    /// fitting `holders` first, then spot workers first unless the job is on-demand only.
     fn take(&mut self, need: &Need, count: usize, holders: &[WorkerId]) -> Vec<WorkerId> {
-        let mut ids: Vec<WorkerId> = Vec::with_capacity(count);
+        let mut ids: Vec<WorkerId> = self.rejoining_for(need).map(|w| w.id).take(count).collect();
+        self.rejoining.retain(|w| !ids.contains(&w.id));
         if !holders.is_empty() {
             if !need.on_demand_only {
-                ids.extend(self.spot.take_holders(need, count, holders));
+                let rest = count - ids.len();
+                ids.extend(self.spot.take_holders(need, rest, holders));
             }
             let rest = count - ids.len();
             ids.extend(self.on_demand.take_holders(need, rest, holders));
@@ -282,6 +304,10 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
     let mut seen = std::collections::BTreeSet::new();
     for w in free.iter().filter(|w| seen.insert(w.id)) {
         let pool = pools.entry((w.instance_type.as_str(), w.zone.as_str())).or_default();
+        if w.only_for.is_some() {
+            pool.rejoining.push(w.clone());
+            continue;
+        }
         let kind = if w.spot { &mut pool.spot } else { &mut pool.on_demand };
         kind.workers.push((w.gpus, w.id, w.usd_per_hour));
     }
@@ -578,6 +604,7 @@ pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> V
     for job in order {
         let want = (job.max_workers - job.world) as usize;
         let need = Need {
+            job: job.id,
             gpus: job.gpus_per_worker,
             on_demand_only: job.on_demand_only,
             max_usd_per_hour: job.max_usd_per_hour,
@@ -585,7 +612,7 @@ pub fn grow(running: &[RunningJob], free: &[FreeWorker], any_waiting: bool) -> V
         let fitting: Vec<WorkerId> = free
             .iter()
             .filter(|w| (w.instance_type.as_str(), w.zone.as_str()) == (job.pool.0.as_str(), job.pool.1.as_str()))
-            .filter(|w| need.fits(w) && !taken.contains(&w.id))
+            .filter(|w| w.only_for.is_none() && need.fits(w) && !taken.contains(&w.id))
             .map(|w| w.id)
             .take(want)
             .collect();

@@ -28,6 +28,7 @@ fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
         zone: "z".to_string(),
         spot: false,
         usd_per_hour: 0.0,
+        only_for: None,
     }
 }
 
@@ -78,6 +79,31 @@ fn a_mixed_gang_prefers_one_pool_then_one_zone_then_spans_zones() {
     assert!(plan.waiting[&JobId(1)].contains("7 fit"), "{:?}", plan.waiting);
     // Without mixed_types the same job waits for one pool.
     assert!(schedule(&[job(1, 0, 3, 3, 0)], &free).placements.is_empty());
+}
+
+/// A noticed holder of a waiting job's state (free for that job alone) goes to that job first,
+/// and to nobody else: not to a job ahead of it in the queue, not to growth.
+#[test]
+fn a_worker_free_for_one_job_alone_goes_to_that_job_first_and_to_no_other() {
+    let w = |ids: &[u64]| ids.iter().map(|i| WorkerId(*i)).collect::<Vec<_>>();
+    let noticed = FreeWorker { spot: true, only_for: Some(JobId(2)), ..worker(5, 0, "a") };
+    let free = [worker(1, 0, "a"), worker(2, 0, "a"), noticed.clone()];
+    let regroup = PendingJob { holders: w(&[5, 6]), ..job(2, 0, 2, 2, 0) };
+    // Job 1 (higher priority) takes two of the others; job 2 the noticed one and none left.
+    let urgent = job(1, 5, 2, 2, 0);
+    let plan = schedule(&[urgent, regroup.clone()], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[1, 2]) }], "{:?}", plan.waiting);
+    assert!(plan.waiting.contains_key(&JobId(2)));
+    // Alone it counts toward job 2's gang, first.
+    let plan = schedule(std::slice::from_ref(&regroup), &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(2), workers: w(&[1, 5]) }]);
+    // Not for a job that needs more than it and the other free one: job 1 waits.
+    let plan = schedule(&[job(1, 5, 3, 3, 0)], &free);
+    assert!(plan.placements.is_empty() && plan.waiting[&JobId(1)].contains("has 2"), "{:?}", plan.waiting);
+    // Nor on-demand only (it is on spot), nor growth.
+    let on_demand = PendingJob { on_demand_only: true, ..job(2, 0, 1, 1, 0) };
+    assert_eq!(schedule(&[on_demand], &free).placements[0].workers, w(&[1]));
+    assert!(grow(&[growing(3, 1, 2, "a")], &[noticed], false).is_empty());
 }
 
 #[test]

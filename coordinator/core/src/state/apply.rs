@@ -115,6 +115,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     job: None,
                     draining: false,
                     notice_action_at_unix_ms: None,
+                    holding_for: None,
                     suspect_since_unix_ms: None,
                     unreachable_until_unix_ms: 0,
                     unreachable_holds: 0,
@@ -163,7 +164,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if worker.lost_at_unix_ms.is_some() {
                 return Err(Rejected::WorkerUnavailable(worker_id));
             }
-            worker.draining = true;
+            let noticed_before = std::mem::replace(&mut worker.draining, true);
             // The earliest time any notice named (a repeated notice never moves it later).
             worker.notice_action_at_unix_ms = match (worker.notice_action_at_unix_ms, action_at_unix_ms) {
                 (Some(old), Some(new)) => Some(old.min(new)),
@@ -173,6 +174,9 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             let job_id = worker.job;
             if job_id.is_none() {
                 give_up_replacement(state, worker_id, &format!("got a {kind} notice"), now);
+                if !noticed_before {
+                    hold_for_waiting_job(state, worker_id, &kind, now);
+                }
             }
             let running = job_id.and_then(|id| state.jobs.get_mut(&id)).filter(|j| j.state == JobState::Running);
             let Some(job) = running else { return Ok(interrupted(worker_id, None, None)) };
@@ -755,15 +759,29 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     if job.state != JobState::Pending {
         return Err(Rejected::NotPending { job_id, state: job.state.name() });
     }
+    // Free workers, and members of the job's last gang noticed since that hold its state and
+    // have time for a handover: those rejoin and hand over from the new gang (see below).
+    let mut rejoining = Vec::new();
     for id in &workers {
-        let free = state.workers.get(id).is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
-        if !free || held_unreachable(state, *id, now) {
+        let worker = state.workers.get(id);
+        let free = worker.is_some_and(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && !w.draining);
+        let rejoins = worker.is_some_and(|w| w.may_rejoin(job_id, now));
+        if !(free || rejoins) || held_unreachable(state, *id, now) {
             return Err(Rejected::WorkerUnavailable(*id));
+        }
+        if let Some(at) = worker.filter(|_| rejoins).and_then(|w| w.notice_action_at_unix_ms) {
+            rejoining.push((*id, at));
         }
     }
     for id in &workers {
         if let Some(worker) = state.workers.get_mut(id) {
             worker.job = Some(job_id);
+        }
+    }
+    // The last gang's noticed holders left out stay draining (they are drained now).
+    for id in &job.ended_gang.clone() {
+        if let Some(worker) = state.workers.get_mut(id).filter(|w| w.holding_for == Some(job_id)) {
+            worker.holding_for = None;
         }
     }
     let gang_usd_per_hour: f64 = workers.iter().map(|w| usd_per_hour(state, *w)).sum();
@@ -782,7 +800,31 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.ended_gang.clear();
     push_event(job, now, "gang", message);
     let generation = job.generation;
+    for (leaving, at) in rejoining {
+        // As a notice with time to spare in a running gang: a replacement is sought while the
+        // gang trains on (until the fallback time, when it stops at a checkpoint).
+        let fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
+        job.handovers.push(Handover {
+            leaving,
+            noticed_at_unix_ms: now,
+            fallback_at_unix_ms,
+            replacement: None,
+            reserved_at_unix_ms: 0,
+            advisory: false,
+            live_since_unix_ms: 0,
+        });
+        let message = format!(
+            "{leaving} rejoins with the state it holds though noticed (instance taken at {}); training on while a \
+             replacement is sought (until {})",
+            crate::text::rfc3339_utc(at),
+            crate::text::rfc3339_utc(fallback_at_unix_ms)
+        );
+        push_event(job, now, "preemption_notice", message);
+    }
     state.running.started(job_id, &state.jobs);
+    while let Some(replacement) = pick_replacement(state, job_id, now) {
+        reserve_replacement(state, job_id, generation, replacement, now)?;
+    }
     Ok(Applied::GangAssigned { job_id, generation })
 }
 
@@ -1027,6 +1069,30 @@ fn reserve_replacement(
     job.updated_at_unix_ms = now;
     push_event(job, now, "handover", format!("{replacement} will replace {leaving}; training on while it prepares"));
     Ok(Applied::ReplacementReserved { job_id, replacement })
+}
+
+/// A free worker noticed (not before) while a waiting job's last gang had it: it holds that
+/// gang's state in memory, so when its notice leaves time for a handover the job's next gang may
+/// take it ([`Worker::may_rejoin`]) and it hands over from there, its state reaching the new
+/// members over the data port instead of through the store.
+fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now: u64) {
+    let waiting = state.jobs.values().find(|j| j.state == JobState::Pending && j.ended_gang.contains(&worker_id));
+    let Some(job_id) = waiting.map(|j| j.id) else { return };
+    let Some(worker) = state.workers.get_mut(&worker_id) else { return };
+    worker.holding_for = Some(job_id);
+    if !worker.may_rejoin(job_id, now) {
+        worker.holding_for = None;
+        return; // too little time left for a handover (or no time named): it leaves
+    }
+    let taken = worker.notice_action_at_unix_ms.map(crate::text::rfc3339_utc).unwrap_or_default();
+    if let Some(job) = state.jobs.get_mut(&job_id) {
+        job.updated_at_unix_ms = now;
+        let message = format!(
+            "{worker_id} got a {kind} notice while the job waits (instance taken at {taken}); it holds the job's \
+             state, so the next gang may take it and it hands over to a replacement from there"
+        );
+        push_event(job, now, "preemption_notice", message);
+    }
 }
 
 /// A reserved replacement that can no longer take the place (lost, or noticed itself while it

@@ -579,6 +579,70 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     assert_eq!(state.workers[&spare].job, Some(JobId(1)));
 }
 
+/// A survivor noticed while its job waits (the state of the gang that ended is in its memory)
+/// may rejoin the job's next gang, alone among the draining workers and while its notice leaves
+/// time for a handover, which the new gang starts with: its replacement is sought at once.
+#[test]
+fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_from_there() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+    let report = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: lost,
+        step: 27,
+        reporter: Some(w1),
+        announced: None,
+    };
+    at(&mut state, 1_000, report).expect("end");
+    at(&mut state, 1_100, Command::WorkerLost { worker_id: w2, last_step_seen: 27, last_heard_unix_ms: 900 })
+        .expect("lost");
+    // Noticed at 2 s, its instance taken at 122 s: it holds the job's state and may rejoin.
+    assert_eq!(
+        at(&mut state, 2_000, spot_notice(w1, 122_000)),
+        Ok(Applied::WorkerInterrupted { worker_id: w1, job: None, handover_until: None, advisory: false })
+    );
+    assert_eq!(state.workers[&w1].holding_for, Some(JobId(1)));
+    assert!(state.workers[&w1].may_rejoin(JobId(1), 62_000) && !state.workers[&w1].may_rejoin(JobId(1), 62_001));
+    assert!(!state.workers[&w1].may_rejoin(JobId(2), 2_000), "for its own job alone");
+    let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
+    assert!(event.contains("while the job waits") && event.contains("next gang may take it"), "{event}");
+    let (w3, w4) = (register(&mut state, 3_000), register(&mut state, 3_001));
+    // Too late for a handover: refused (the leader no longer offers it; it drains).
+    let assign = Command::AssignGang { job_id: JobId(1), workers: vec![w1, w3] };
+    assert_eq!(at(&mut state.clone(), 62_001, assign.clone()), Err(Rejected::WorkerUnavailable(w1)));
+    // In time: the gang forms with it, and it hands over to the free worker, reserved at once.
+    assert_eq!(at(&mut state, 5_000, assign), Ok(Applied::GangAssigned { job_id: JobId(1), generation: 2 }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, job.gang.clone(), job.checkpoint_requested), (JobState::Running, vec![w1, w3], None));
+    let [handover] = job.handovers.clone().try_into().expect("one handover");
+    assert_eq!(
+        (handover.leaving, handover.replacement, handover.fallback_at_unix_ms, handover.reserved_at_unix_ms),
+        (w1, Some(w4), 122_000 - HANDOVER_FALLBACK_LEAD_MS, 5_000)
+    );
+    assert!(job.events.iter().any(|e| e.message.contains(&format!("{w1} rejoins with the state it holds"))));
+    assert_eq!((state.workers[&w1].holding_for, state.workers[&w1].draining), (None, true));
+    // A member noticed while its gang trained is not held for the next one, whatever a later
+    // notice says: it left the gang at the stop and kept no state.
+    let mut other = State::default();
+    let (v1, _) = running_job(&mut other, 3);
+    let sigterm = Command::WorkerInterrupted { worker_id: v1, kind: "SIGTERM".into(), action_at_unix_ms: None };
+    at(&mut other, 1_000, sigterm).expect("notice");
+    let stopped = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 30,
+        reporter: None,
+        announced: None,
+    };
+    at(&mut other, 1_200, stopped).expect("stopped");
+    assert_eq!(other.jobs[&JobId(1)].state, JobState::Pending);
+    at(&mut other, 1_500, spot_notice(v1, 200_000)).expect("a spot notice after");
+    assert_eq!(other.workers[&v1].holding_for, None);
+}
+
 #[test]
 fn a_live_handover_swaps_the_member_in_the_same_generation_or_falls_back_to_the_stop() {
     let mut state = State::default();

@@ -24,7 +24,10 @@ use crate::spec::JobSpec;
 /// 6: a worker leaves in order (`WorkerLeft`, `Worker::left`, `Rejected::StillAssigned`).
 /// 7: priority preemption (`PreemptForPriority`, `StopReason::Priority`); inference yields its
 /// workers to a waiting gang at shard boundaries (`YieldInference`, `InferenceJob::yielding`).
-pub const STATE_VERSION: u32 = 7;
+/// 8: a member of a waiting job's last gang noticed while it waits may rejoin its next gang
+/// and hand over from there (`Worker::holding_for`; `WorkerInterrupted` of a free worker and
+/// `AssignGang` apply differently).
+pub const STATE_VERSION: u32 = 8;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -329,6 +332,8 @@ pub struct MemberLost {
 pub struct Handover {
     /// The noticed member.
     pub leaving: WorkerId,
+    /// When the notice came; for a member that rejoined its job's gang though noticed
+    /// ([`Worker::may_rejoin`]), when the gang took it (the handover starts then).
     pub noticed_at_unix_ms: u64,
     pub fallback_at_unix_ms: u64,
     /// The free worker taking its place, reserved from when it was chosen (the scheduler gives
@@ -593,6 +598,17 @@ pub struct WorkerInfo {
 }
 
 impl Worker {
+    /// Whether `job`'s next gang may take it at `now_ms` though it is draining: it holds the
+    /// state of the job's last gang ([`Worker::holding_for`]) and its notice leaves time for a
+    /// handover ([`HANDOVER_LEAD_MIN_MS`]), which the gang starts with.
+    pub fn may_rejoin(&self, job: JobId, now_ms: u64) -> bool {
+        self.lost_at_unix_ms.is_none()
+            && self.job.is_none()
+            && self.draining
+            && self.holding_for == Some(job)
+            && self.notice_action_at_unix_ms.is_some_and(|at| at >= now_ms.saturating_add(HANDOVER_LEAD_MIN_MS))
+    }
+
     /// Whether it is held out of placement at `now_ms`: its peers could not reach it at a
     /// rendezvous (see [`GenerationEnd::PeerLost`]).
     pub fn held_unreachable(&self, now_ms: u64) -> bool {
@@ -685,6 +701,12 @@ pub struct Worker {
     /// without a notice or when the notice named no time. Its gang's deadline to checkpoint.
     #[serde(default)]
     pub notice_action_at_unix_ms: Option<u64>,
+    /// Noticed while free, as a member of this waiting job's last gang: it holds that gang's
+    /// state in memory (it was not leaving when the gang ended), so the job's next gang may
+    /// take it and it hands over to a replacement from there ([`Worker::may_rejoin`]), rather
+    /// than the next gang reading the state from the store.
+    #[serde(default)]
+    pub holding_for: Option<JobId>,
     /// When a gang it belonged to broke without notice. It may have died with it: the
     /// scheduler gives it work again only once the leader has heard from it since (survivors
     /// heartbeat at once; a dead worker never does, until its lease expires).
