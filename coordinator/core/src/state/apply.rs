@@ -1074,9 +1074,14 @@ fn reserve_replacement(
 /// A free worker noticed (not before) while a waiting job's last gang had it: it holds that
 /// gang's state in memory, so when its notice leaves time for a handover the job's next gang may
 /// take it ([`Worker::may_rejoin`]) and it hands over from there, its state reaching the new
-/// members over the data port instead of through the store.
+/// members over the data port instead of through the store. Not for a command job: its state
+/// lives in its program, which restarts from the store at every new gang (a rejoin would only
+/// add a restart).
 fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now: u64) {
-    let waiting = state.jobs.values().find(|j| j.state == JobState::Pending && j.ended_gang.contains(&worker_id));
+    let waiting = state
+        .jobs
+        .values()
+        .find(|j| j.state == JobState::Pending && j.spec.command().is_none() && j.ended_gang.contains(&worker_id));
     let Some(job_id) = waiting.map(|j| j.id) else { return };
     let Some(worker) = state.workers.get_mut(&worker_id) else { return };
     worker.holding_for = Some(job_id);

@@ -641,6 +641,24 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert_eq!(other.jobs[&JobId(1)].state, JobState::Pending);
     at(&mut other, 1_500, spot_notice(v1, 200_000)).expect("a spot notice after");
     assert_eq!(other.workers[&v1].holding_for, None);
+    // Nor a member of a command job's gang: its state is in its program, which restarts anyway.
+    let mut command = State::default();
+    let (c1, c2) = running_job(&mut command, 3);
+    command.jobs.get_mut(&JobId(1)).expect("job").spec =
+        JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("spec");
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+    let report = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: lost,
+        step: 27,
+        reporter: Some(c1),
+        announced: None,
+    };
+    at(&mut command, 1_000, report).expect("end");
+    assert_eq!(command.jobs[&JobId(1)].ended_gang, [c1, c2]);
+    at(&mut command, 2_000, spot_notice(c1, 122_000)).expect("notice");
+    assert_eq!(command.workers[&c1].holding_for, None);
 }
 
 #[test]
