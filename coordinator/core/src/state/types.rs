@@ -694,7 +694,8 @@ pub struct Worker {
     #[serde(default)]
     pub job: Option<JobId>,
     /// It received an interruption notice (spot, rebalance, SIGTERM): it finishes its current
-    /// generation at a checkpoint and is never given new work.
+    /// generation at a checkpoint and is never given new work (but its own job's next gang, when
+    /// it holds that job's state: [`Worker::may_rejoin`]).
     #[serde(default)]
     pub draining: bool,
     /// When the cloud takes its instance, as the notice said (a spot notice's `time`); `None`
