@@ -116,6 +116,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     draining: false,
                     notice_action_at_unix_ms: None,
                     holding_for: None,
+                    noticed_at_unix_ms: None,
                     suspect_since_unix_ms: None,
                     unreachable_until_unix_ms: 0,
                     unreachable_holds: 0,
@@ -165,6 +166,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 return Err(Rejected::WorkerUnavailable(worker_id));
             }
             let noticed_before = std::mem::replace(&mut worker.draining, true);
+            worker.noticed_at_unix_ms.get_or_insert(now);
             // The earliest time any notice named (a repeated notice never moves it later).
             worker.notice_action_at_unix_ms = match (worker.notice_action_at_unix_ms, action_at_unix_ms) {
                 (Some(old), Some(new)) => Some(old.min(new)),
@@ -769,8 +771,10 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
         if !(free || rejoins) || held_unreachable(state, *id, now) {
             return Err(Rejected::WorkerUnavailable(*id));
         }
-        if let Some(at) = worker.filter(|_| rejoins).and_then(|w| w.notice_action_at_unix_ms) {
-            rejoining.push((*id, at));
+        if let Some(w) = worker.filter(|_| rejoins)
+            && let Some(at) = w.notice_action_at_unix_ms
+        {
+            rejoining.push((*id, at, w.noticed_at_unix_ms.unwrap_or(now)));
         }
     }
     for id in &workers {
@@ -800,13 +804,13 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
     job.ended_gang.clear();
     push_event(job, now, "gang", message);
     let generation = job.generation;
-    for (leaving, at) in rejoining {
+    for (leaving, at, noticed_at_unix_ms) in rejoining {
         // As a notice with time to spare in a running gang: a replacement is sought while the
         // gang trains on (until the fallback time, when it stops at a checkpoint).
         let fallback_at_unix_ms = at - HANDOVER_FALLBACK_LEAD_MS;
         job.handovers.push(Handover {
             leaving,
-            noticed_at_unix_ms: now,
+            noticed_at_unix_ms,
             fallback_at_unix_ms,
             replacement: None,
             reserved_at_unix_ms: 0,

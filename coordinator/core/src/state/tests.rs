@@ -579,6 +579,20 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     assert_eq!(state.workers[&spare].job, Some(JobId(1)));
 }
 
+/// Job 1's generation 1 broke at step 27 (rank 1 lost), as its survivor `reporter` says at `t`.
+fn break_reported(state: &mut State, t: u64, reporter: WorkerId) {
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+    let report = Command::GenerationEnded {
+        job_id: JobId(1),
+        generation: 1,
+        end: lost,
+        step: 27,
+        reporter: Some(reporter),
+        announced: None,
+    };
+    at(state, t, report).expect("the break");
+}
+
 /// A survivor noticed while its job waits (the state of the gang that ended is in its memory)
 /// may rejoin the job's next gang, alone among the draining workers and while its notice leaves
 /// time for a handover, which the new gang starts with: its replacement is sought at once.
@@ -586,16 +600,7 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
 fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_from_there() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-    let report = Command::GenerationEnded {
-        job_id: JobId(1),
-        generation: 1,
-        end: lost,
-        step: 27,
-        reporter: Some(w1),
-        announced: None,
-    };
-    at(&mut state, 1_000, report).expect("end");
+    break_reported(&mut state, 1_000, w1);
     at(&mut state, 1_100, Command::WorkerLost { worker_id: w2, last_step_seen: 27, last_heard_unix_ms: 900 })
         .expect("lost");
     // Noticed at 2 s, its instance taken at 122 s: it holds the job's state and may rejoin.
@@ -622,6 +627,7 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
         (w1, Some(w4), 122_000 - HANDOVER_FALLBACK_LEAD_MS, 5_000)
     );
     assert!(job.events.iter().any(|e| e.message.contains(&format!("{w1} rejoins with the state it holds"))));
+    assert_eq!(handover.noticed_at_unix_ms, 2_000, "timed from the notice, not from the rejoin");
     assert_eq!((state.workers[&w1].holding_for, state.workers[&w1].draining), (None, true));
     // A member noticed while its gang trained is not held for the next one, whatever a later
     // notice says: it left the gang at the stop and kept no state.
@@ -646,16 +652,7 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     let (c1, c2) = running_job(&mut command, 3);
     command.jobs.get_mut(&JobId(1)).expect("job").spec =
         JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("spec");
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-    let report = Command::GenerationEnded {
-        job_id: JobId(1),
-        generation: 1,
-        end: lost,
-        step: 27,
-        reporter: Some(c1),
-        announced: None,
-    };
-    at(&mut command, 1_000, report).expect("end");
+    break_reported(&mut command, 1_000, c1);
     assert_eq!(command.jobs[&JobId(1)].ended_gang, [c1, c2]);
     at(&mut command, 2_000, spot_notice(c1, 122_000)).expect("notice");
     assert_eq!(command.workers[&c1].holding_for, None);
@@ -1328,16 +1325,7 @@ fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
 fn the_survivor_that_reports_a_break_is_not_suspect_and_the_others_are() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-    let report = Command::GenerationEnded {
-        job_id: JobId(1),
-        generation: 1,
-        end: lost,
-        step: 27,
-        reporter: Some(w1),
-        announced: None,
-    };
-    at(&mut state, 600, report).expect("end");
+    break_reported(&mut state, 600, w1);
     assert_eq!(state.jobs[&JobId(1)].ended_gang, [w1, w2], "the regroup's holders");
     assert_eq!(state.workers[&w1].suspect_since_unix_ms, None, "it just called: alive");
     assert_eq!(state.workers[&w2].suspect_since_unix_ms, Some(600), "it may have died with the gang");

@@ -332,8 +332,8 @@ pub struct MemberLost {
 pub struct Handover {
     /// The noticed member.
     pub leaving: WorkerId,
-    /// When the notice came; for a member that rejoined its job's gang though noticed
-    /// ([`Worker::may_rejoin`]), when the gang took it (the handover starts then).
+    /// When the notice came (for a member that rejoined its job's gang though noticed,
+    /// [`Worker::may_rejoin`], the notice it got while the job waited).
     pub noticed_at_unix_ms: u64,
     pub fallback_at_unix_ms: u64,
     /// The free worker taking its place, reserved from when it was chosen (the scheduler gives
@@ -708,6 +708,10 @@ pub struct Worker {
     /// than the next gang reading the state from the store.
     #[serde(default)]
     pub holding_for: Option<JobId>,
+    /// When its first interruption notice came (`None`: none came): a handover it starts when
+    /// it rejoins its job's gang is timed from it.
+    #[serde(default)]
+    pub noticed_at_unix_ms: Option<u64>,
     /// When a gang it belonged to broke without notice. It may have died with it: the
     /// scheduler gives it work again only once the leader has heard from it since (survivors
     /// heartbeat at once; a dead worker never does, until its lease expires).
