@@ -894,6 +894,10 @@ fn a_survivor_noticed_while_its_job_waits_rejoins_and_hands_over_without_the_sto
         events(&held, "preemption_notice").iter().any(|m| m.contains("while the job waits")),
         "the survivor is held for the next gang: {held}"
     );
+    let workers = json(home, &["workers", "-o", "json"]);
+    let listed = workers.as_array().expect("a list").iter().find(|w| w["id"] == survivor.as_str()).cloned();
+    let listed = listed.expect("the survivor is listed");
+    assert_eq!((listed["state"].as_str(), listed["holds_state_of"].as_str()), (Some("Draining"), Some(job.as_str())));
     // The next gang takes it, then its replacement takes its rank.
     let handed = wait_for(home, &job, Duration::from_secs(90), "the handover", |s| {
         events(s, "handover").iter().any(|m| m.contains(&format!("took {survivor}'s rank")))

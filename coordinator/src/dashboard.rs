@@ -91,6 +91,7 @@ pub fn workers(state: &State, now_ms: u64) -> Value {
                 "id": w.id.to_string(),
                 "state": w.condition(now_ms).name(),
                 "job": w.job.map(|j| j.to_string()),
+                "holds_state_of": state.rejoins(w, now_ms).map(|j| j.to_string()),
                 "instance_id": w.info.instance_id,
                 "instance_type": w.info.instance_type,
                 "zone": w.info.zone,

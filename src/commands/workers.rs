@@ -284,6 +284,7 @@ fn worker_json(worker: &v1::WorkerInfo) -> Value {
         "last_heartbeat_unix_ms": worker.last_heartbeat_unix_ms,
         "registered_at_unix_ms": worker.registered_at_unix_ms,
         "gone_at_unix_ms": worker.gone_at_unix_ms,
+        "holds_state_of": worker.holds_state_of,
     })
 }
 
@@ -326,7 +327,12 @@ pub fn list(args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> 
             );
             for w in &workers {
                 let caps = w.capabilities.clone().unwrap_or_default();
-                let job = w.job_id.as_deref().unwrap_or("-");
+                // A noticed worker that holds a waiting job's state: the job, in parentheses.
+                let job = match (&w.job_id, &w.holds_state_of) {
+                    (Some(job), _) => job.clone(),
+                    (None, Some(held)) => format!("({held})"),
+                    (None, None) => "-".to_string(),
+                };
                 println!(
                     "{:<10} {:<11} {:<10} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
                     w.id,

@@ -124,7 +124,7 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
     })
 }
 
-fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
+fn worker_to_proto(replicated: &State, worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
     let state = match worker.condition(now_ms) {
         WorkerCondition::Idle => WorkerState::Idle,
         WorkerCondition::Busy => WorkerState::Busy,
@@ -154,6 +154,7 @@ fn worker_to_proto(worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) ->
         last_heartbeat_unix_ms,
         registered_at_unix_ms: worker.registered_at_unix_ms,
         gone_at_unix_ms: worker.lost_at_unix_ms,
+        holds_state_of: replicated.rejoins(worker, now_ms).map(|j| j.to_string()),
     }
 }
 
@@ -490,8 +491,9 @@ impl ClusterService for ClusterApi {
                 let sorted = state.workers.values().map(|w| (w.id, w));
                 let (page, next) = super::page(sorted, after, limit);
                 let now_ms = crate::raft::node::now_unix_ms();
-                let page =
-                    page.into_iter().map(|w| worker_to_proto(w, leases.last_heartbeat_unix_ms(w.id), now_ms)).collect();
+                let heard = |w: &Worker| leases.last_heartbeat_unix_ms(w.id);
+                let page: Vec<WorkerInfo> =
+                    page.into_iter().map(|w| worker_to_proto(state, w, heard(w), now_ms)).collect();
                 (page, next)
             })
             .await
@@ -643,9 +645,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32], now_ms
         return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
     }
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
-        let rejoins = worker.holding_for.is_some_and(|job| {
-            state.jobs.get(&job).is_some_and(|j| j.state == JobState::Pending) && worker.may_rejoin(job, now_ms)
-        });
+        let rejoins = state.rejoins(worker, now_ms).is_some();
         if worker.draining && !rejoins {
             return Desired::Drain;
         }

@@ -611,6 +611,10 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert_eq!(state.workers[&w1].holding_for, Some(JobId(1)));
     assert!(state.workers[&w1].may_rejoin(JobId(1), 62_000) && !state.workers[&w1].may_rejoin(JobId(1), 62_001));
     assert!(!state.workers[&w1].may_rejoin(JobId(2), 2_000), "for its own job alone");
+    assert_eq!(
+        (state.rejoins(&state.workers[&w1], 2_000), state.rejoins(&state.workers[&w1], 62_001)),
+        (Some(JobId(1)), None)
+    );
     let event = state.jobs[&JobId(1)].events.last().expect("event").message.clone();
     assert!(event.contains("while the job waits") && event.contains("next gang may take it"), "{event}");
     let (w3, w4) = (register(&mut state, 3_000), register(&mut state, 3_001));
@@ -629,6 +633,7 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert!(job.events.iter().any(|e| e.message.contains(&format!("{w1} rejoins with the state it holds"))));
     assert_eq!(handover.noticed_at_unix_ms, 2_000, "timed from the notice, not from the rejoin");
     assert_eq!((state.workers[&w1].holding_for, state.workers[&w1].draining), (None, true));
+    assert_eq!(state.rejoins(&state.workers[&w1], 5_000), None, "it rejoined");
     // A member noticed while its gang trained is not held for the next one, whatever a later
     // notice says: it left the gang at the stop and kept no state.
     let mut other = State::default();

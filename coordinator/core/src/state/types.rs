@@ -820,6 +820,15 @@ impl ShownStates {
 }
 
 impl State {
+    /// The waiting job whose next gang may take `worker` at `now_ms` though it is draining
+    /// ([`Worker::may_rejoin`]): it idles for it meanwhile instead of being drained, and
+    /// `flotilla workers` names the job.
+    pub fn rejoins(&self, worker: &Worker, now_ms: u64) -> Option<JobId> {
+        worker.holding_for.filter(|job| {
+            self.jobs.get(job).is_some_and(|j| j.state == JobState::Pending) && worker.may_rejoin(*job, now_ms)
+        })
+    }
+
     /// The state users see of one job ([`Job::shown_state`]); the instances are read only
     /// for a job that waits to start.
     pub fn shown_state(&self, job: &Job) -> JobState {
