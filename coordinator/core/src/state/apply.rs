@@ -826,8 +826,11 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
         push_event(job, now, "preemption_notice", message);
     }
     state.running.started(job_id, &state.jobs);
+    // Never an error past this point (the gang is assigned): a reservation refused ends the loop.
     while let Some(replacement) = pick_replacement(state, job_id, now) {
-        reserve_replacement(state, job_id, generation, replacement, now)?;
+        if reserve_replacement(state, job_id, generation, replacement, now).is_err() {
+            break;
+        }
     }
     Ok(Applied::GangAssigned { job_id, generation })
 }
@@ -1080,12 +1083,14 @@ fn reserve_replacement(
 /// take it ([`Worker::may_rejoin`]) and it hands over from there, its state reaching the new
 /// members over the data port instead of through the store. Not for a command job: its state
 /// lives in its program, which restarts from the store at every new gang (a rejoin would only
-/// add a restart).
+/// add a restart). Of several waiting jobs whose last gang had it, the one whose gang it was in
+/// last (that gang started last): it holds that one's state.
 fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now: u64) {
     let waiting = state
         .jobs
         .values()
-        .find(|j| j.state == JobState::Pending && j.spec.command().is_none() && j.ended_gang.contains(&worker_id));
+        .filter(|j| j.state == JobState::Pending && j.spec.command().is_none() && j.ended_gang.contains(&worker_id))
+        .max_by_key(|j| j.generation_started_at_unix_ms);
     let Some(job_id) = waiting.map(|j| j.id) else { return };
     let Some(worker) = state.workers.get_mut(&worker_id) else { return };
     worker.holding_for = Some(job_id);

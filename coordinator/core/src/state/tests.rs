@@ -634,6 +634,27 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert_eq!(handover.noticed_at_unix_ms, 2_000, "timed from the notice, not from the rejoin");
     assert_eq!((state.workers[&w1].holding_for, state.workers[&w1].draining), (None, true));
     assert_eq!(state.rejoins(&state.workers[&w1], 5_000), None, "it rejoined");
+    // A worker in the last gangs of two waiting jobs holds the state of the one it was in last.
+    let mut two = State::default();
+    let (u1, _) = running_job(&mut two, 3);
+    break_reported(&mut two, 1_000, u1);
+    at(&mut two, 1_100, Command::SubmitJob { spec: Box::new(spec("second")), client_request_id: "s".into() })
+        .expect("submit");
+    let u3 = register(&mut two, 1_200);
+    at(&mut two, 1_300, Command::AssignGang { job_id: JobId(2), workers: vec![u1, u3] }).expect("assign");
+    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+    let report = Command::GenerationEnded {
+        job_id: JobId(2),
+        generation: 1,
+        end: lost,
+        step: 5,
+        reporter: Some(u1),
+        announced: None,
+    };
+    at(&mut two, 1_400, report).expect("the second job's break");
+    assert!(two.jobs.values().all(|j| j.state == JobState::Pending && j.ended_gang.contains(&u1)));
+    at(&mut two, 1_500, spot_notice(u1, 122_000)).expect("notice");
+    assert_eq!(two.workers[&u1].holding_for, Some(JobId(2)));
     // A member noticed while its gang trained is not held for the next one, whatever a later
     // notice says: it left the gang at the stop and kept no state.
     let mut other = State::default();
