@@ -82,7 +82,7 @@ pub fn scheduler_input(
     heard_at: impl Fn(WorkerId) -> u64,
     now_ms: u64,
 ) -> (Vec<PendingJob>, Vec<FreeWorker>) {
-    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms, true))
+    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms))
 }
 
 /// Suspect workers (their gang broke) the leader heard from since, with the suspicion's time:
@@ -186,31 +186,27 @@ fn as_free(state: &State, w: &flotilla_core::state::Worker) -> FreeWorker {
     }
 }
 
-/// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs. With
-/// `rejoin`, also the noticed holders of waiting jobs' state that may rejoin their job's next
-/// gang ([`flotilla_core::state::Worker::may_rejoin`]), each free for that job alone: the
-/// leader leaves them out when no replacement can come (no autoscaler, no local replacer),
-/// since the handover they start with would stop the new gang at once.
-fn free_workers(
-    state: &State,
-    running: &[&Job],
-    heard_at: impl Fn(WorkerId) -> u64,
-    now_ms: u64,
-    rejoin: bool,
-) -> Vec<FreeWorker> {
+/// The workers free for a gang (see [`scheduler_input`]); `running`: the running jobs. Also
+/// the noticed holders of waiting jobs' state that may rejoin their job's next gang
+/// ([`State::rejoins`]), each free for that job alone. (Where no replacement can come, no
+/// autoscaler, no local replacer and no free worker, the handover such a gang starts with
+/// stops it at its first step: the state has then reached the other members' memory.)
+fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> u64, now_ms: u64) -> Vec<FreeWorker> {
     // Workers promised to a handover (only a running job has one) are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
         running.iter().flat_map(|j| j.reserved_replacements()).collect();
-    let rejoins =
-        |w: &flotilla_core::state::Worker| rejoin && w.holding_for.is_some_and(|job| w.may_rejoin(job, now_ms));
     state
         .workers
         .values()
-        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none() && (!w.draining || rejoins(w)))
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none())
         .filter(|w| !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .filter(|w| !w.held_unreachable(now_ms))
-        .map(|w| FreeWorker { only_for: w.holding_for.filter(|_| w.draining), ..as_free(state, w) })
+        .filter_map(|w| match (w.draining, state.rejoins(w, now_ms)) {
+            (false, _) => Some(as_free(state, w)),
+            (true, Some(job)) => Some(FreeWorker { only_for: Some(job), ..as_free(state, w) }),
+            (true, None) => None,
+        })
         .collect()
 }
 
@@ -356,8 +352,7 @@ pub async fn schedule_loop(
                 let prepared = |w| heard.prepared_job(w);
                 let mut handovers = handovers_among(state, &running, now_ms, policy, prepared);
                 handovers.extend(members_lost_among(&running, now_ms));
-                let rejoin = policy.replacements_expected;
-                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms, rejoin);
+                let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms);
                 let heard_from = suspects_heard(state, |w| heard.last_heartbeat_unix_ms(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
@@ -647,6 +642,33 @@ mod tests {
         // A worker whose lease timed out on job 2 is never given to it again; job 3 may have it.
         let joins = inference_joins(&[want(2, 1, &[4]), want(3, 1, &[])], &idle);
         assert_eq!(joins, vec![(JobId(2), vec![WorkerId(5)]), (JobId(3), vec![WorkerId(4)])]);
+    }
+
+    /// A survivor noticed while its job waits is free for that job alone while its notice leaves
+    /// time for a handover, then not at all.
+    #[test]
+    fn a_noticed_survivor_is_free_for_its_own_job_alone_while_it_may_rejoin() {
+        let mut log = Log::job_of_two(3);
+        let job_id = JobId(1);
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
+        let reporter = Some(WorkerId(1));
+        log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter, announced: None });
+        log.step(Command::WorkerLost { worker_id: WorkerId(2), last_step_seen: 5, last_heard_unix_ms: 0 });
+        let taken_at = 200_000;
+        let notice = Command::WorkerInterrupted {
+            worker_id: WorkerId(1),
+            kind: "spot".into(),
+            action_at_unix_ms: Some(taken_at),
+        };
+        log.step(notice);
+        let free_at = |now| {
+            let (_, free) = scheduler_input(&log.state, |_| u64::MAX, now);
+            free.iter().map(|w| (w.id, w.only_for)).collect::<Vec<_>>()
+        };
+        let limit = taken_at - flotilla_core::state::HANDOVER_LEAD_MIN_MS;
+        assert_eq!(free_at(limit), [(WorkerId(1), Some(job_id)), (WorkerId(3), None)]);
+        assert_eq!(free_at(limit + 1), [(WorkerId(3), None)], "too late for a handover: it drains");
     }
 
     #[test]
