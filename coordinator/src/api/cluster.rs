@@ -645,12 +645,9 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32], now_ms
         return Desired::Infer { job: job.id, joins: job.joins, assignment: Box::new(infer_assignment(job)) };
     }
     let Some(job) = worker.job.and_then(|j| state.jobs.get(&j)).filter(|j| j.state == JobState::Running) else {
-        let rejoins = state.rejoins(worker, now_ms).is_some();
-        if worker.draining && !rejoins {
-            return Desired::Drain;
-        }
-        if rejoins {
-            return Desired::Idle; // keeps the state it holds for the job's next gang
+        if worker.draining {
+            // A noticed holder of a waiting job's state keeps it for the job's next gang.
+            return if state.rejoins(worker, now_ms).is_some() { Desired::Idle } else { Desired::Drain };
         }
         // A warm spare prepares too; it accepts the push of a handover out of the current
         // generation (one may reserve it) without waiting for one.
