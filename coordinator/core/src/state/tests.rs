@@ -579,11 +579,11 @@ fn a_notice_with_time_to_spare_hands_the_rank_to_a_free_worker_at_a_step_boundar
     assert_eq!(state.workers[&spare].job, Some(JobId(1)));
 }
 
-/// Job 1's generation 1 broke at step 27 (rank 1 lost), as its survivor `reporter` says at `t`.
-fn break_reported(state: &mut State, t: u64, reporter: WorkerId) {
+/// `job_id`'s generation 1 broke at step 27 (rank 1 lost), as its survivor `reporter` says at `t`.
+fn break_reported(state: &mut State, t: u64, job_id: JobId, reporter: WorkerId) {
     let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
     let report = Command::GenerationEnded {
-        job_id: JobId(1),
+        job_id,
         generation: 1,
         end: lost,
         step: 27,
@@ -600,7 +600,7 @@ fn break_reported(state: &mut State, t: u64, reporter: WorkerId) {
 fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_from_there() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
-    break_reported(&mut state, 1_000, w1);
+    break_reported(&mut state, 1_000, JobId(1), w1);
     at(&mut state, 1_100, Command::WorkerLost { worker_id: w2, last_step_seen: 27, last_heard_unix_ms: 900 })
         .expect("lost");
     // Noticed at 2 s, its instance taken at 122 s: it holds the job's state and may rejoin.
@@ -637,21 +637,12 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     // A worker in the last gangs of two waiting jobs holds the state of the one it was in last.
     let mut two = State::default();
     let (u1, _) = running_job(&mut two, 3);
-    break_reported(&mut two, 1_000, u1);
+    break_reported(&mut two, 1_000, JobId(1), u1);
     at(&mut two, 1_100, Command::SubmitJob { spec: Box::new(spec("second")), client_request_id: "s".into() })
         .expect("submit");
     let u3 = register(&mut two, 1_200);
     at(&mut two, 1_300, Command::AssignGang { job_id: JobId(2), workers: vec![u1, u3] }).expect("assign");
-    let lost = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-    let report = Command::GenerationEnded {
-        job_id: JobId(2),
-        generation: 1,
-        end: lost,
-        step: 5,
-        reporter: Some(u1),
-        announced: None,
-    };
-    at(&mut two, 1_400, report).expect("the second job's break");
+    break_reported(&mut two, 1_400, JobId(2), u1);
     assert!(two.jobs.values().all(|j| j.state == JobState::Pending && j.ended_gang.contains(&u1)));
     at(&mut two, 1_500, spot_notice(u1, 122_000)).expect("notice");
     assert_eq!(two.workers[&u1].holding_for, Some(JobId(2)));
@@ -678,7 +669,7 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     let (c1, c2) = running_job(&mut command, 3);
     command.jobs.get_mut(&JobId(1)).expect("job").spec =
         JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("spec");
-    break_reported(&mut command, 1_000, c1);
+    break_reported(&mut command, 1_000, JobId(1), c1);
     assert_eq!(command.jobs[&JobId(1)].ended_gang, [c1, c2]);
     at(&mut command, 2_000, spot_notice(c1, 122_000)).expect("notice");
     assert_eq!(command.workers[&c1].holding_for, None);
@@ -1351,7 +1342,7 @@ fn a_broken_gang_counts_lost_steps_and_waits_for_fresh_heartbeats() {
 fn the_survivor_that_reports_a_break_is_not_suspect_and_the_others_are() {
     let mut state = State::default();
     let (w1, w2) = running_job(&mut state, 3);
-    break_reported(&mut state, 600, w1);
+    break_reported(&mut state, 600, JobId(1), w1);
     assert_eq!(state.jobs[&JobId(1)].ended_gang, [w1, w2], "the regroup's holders");
     assert_eq!(state.workers[&w1].suspect_since_unix_ms, None, "it just called: alive");
     assert_eq!(state.workers[&w2].suspect_since_unix_ms, Some(600), "it may have died with the gang");
