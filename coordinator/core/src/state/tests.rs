@@ -651,16 +651,8 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     let mut other = State::default();
     let (v1, _) = running_job(&mut other, 3);
     let sigterm = Command::WorkerInterrupted { worker_id: v1, kind: "SIGTERM".into(), action_at_unix_ms: None };
-    at(&mut other, 1_000, sigterm).expect("notice");
-    let stopped = Command::GenerationEnded {
-        job_id: JobId(1),
-        generation: 1,
-        end: GenerationEnd::Checkpointed,
-        step: 30,
-        reporter: None,
-        announced: None,
-    };
-    at(&mut other, 1_200, stopped).expect("stopped");
+    at(&mut other, 400, sigterm).expect("notice");
+    end(&mut other, 1, GenerationEnd::Checkpointed, 30).expect("stopped");
     assert_eq!(other.jobs[&JobId(1)].state, JobState::Pending);
     at(&mut other, 1_500, spot_notice(v1, 200_000)).expect("a spot notice after");
     assert_eq!(other.workers[&v1].holding_for, None);
