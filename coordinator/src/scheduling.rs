@@ -644,16 +644,21 @@ mod tests {
         assert_eq!(joins, vec![(JobId(2), vec![WorkerId(5)]), (JobId(3), vec![WorkerId(4)])]);
     }
 
-    /// A survivor noticed while its job waits is free for that job alone while its notice leaves
-    /// time for a handover, then not at all.
-    #[test]
-    fn a_noticed_survivor_is_free_for_its_own_job_alone_while_it_may_rejoin() {
+    /// Job 1's gang (workers 1 and 2 of 3) broke at step 5 (rank 1 lost), as `reporter` said.
+    fn broken_gang_of_two(reporter: Option<WorkerId>) -> (Log, JobId) {
         let mut log = Log::job_of_two(3);
         let job_id = JobId(1);
         log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
         let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-        let reporter = Some(WorkerId(1));
         log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter, announced: None });
+        (log, job_id)
+    }
+
+    /// A survivor noticed while its job waits is free for that job alone while its notice leaves
+    /// time for a handover, then not at all.
+    #[test]
+    fn a_noticed_survivor_is_free_for_its_own_job_alone_while_it_may_rejoin() {
+        let (mut log, job_id) = broken_gang_of_two(Some(WorkerId(1)));
         log.step(Command::WorkerLost { worker_id: WorkerId(2), last_step_seen: 5, last_heard_unix_ms: 0 });
         let taken_at = 200_000;
         let notice = Command::WorkerInterrupted {
@@ -673,11 +678,7 @@ mod tests {
 
     #[test]
     fn members_of_a_broken_gang_wait_to_be_heard_from() {
-        let mut log = Log::job_of_two(3);
-        let job_id = JobId(1);
-        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
-        let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
-        log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter: None, announced: None });
+        let (mut log, job_id) = broken_gang_of_two(None);
         let broke_at = log.state.workers[&WorkerId(1)].suspect_since_unix_ms.expect("suspect");
         // worker-1 heartbeat after the break, worker-2 (dead) did not; worker-3 was not involved.
         let heard = |w: WorkerId| if w == WorkerId(1) { broke_at + 5 } else { broke_at - 500 };

@@ -173,6 +173,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 (old, new) => old.or(new),
             };
             let taken_at = worker.notice_action_at_unix_ms;
+            let spare = worker.taken_after_handover_lead(now);
             let job_id = worker.job;
             if job_id.is_none() {
                 give_up_replacement(state, worker_id, &format!("got a {kind} notice"), now);
@@ -187,7 +188,6 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 taken_at.map_or(String::new(), |at| format!(" (instance taken at {})", crate::text::rfc3339_utc(at)));
             // A rebalance recommendation names no time: the instance is at risk, not taken.
             let advisory = kind == REBALANCE_KIND && taken_at.is_none();
-            let spare = taken_at.filter(|at| *at >= now.saturating_add(HANDOVER_LEAD_MIN_MS));
             if let Some(handover) = job.handovers.iter_mut().find(|h| h.leaving == worker_id) {
                 match (handover.advisory, advisory, spare) {
                     // The spot notice after a rebalance recommendation: the handover under way
@@ -772,7 +772,7 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
             return Err(Rejected::WorkerUnavailable(*id));
         }
         if let Some(w) = worker.filter(|_| rejoins)
-            && let Some(at) = w.notice_action_at_unix_ms
+            && let Some(at) = w.taken_after_handover_lead(now)
         {
             rejoining.push((*id, at, w.noticed_at_unix_ms.unwrap_or(now)));
         }
@@ -1093,12 +1093,10 @@ fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now:
         .max_by_key(|j| j.generation_started_at_unix_ms);
     let Some(job_id) = waiting.map(|j| j.id) else { return };
     let Some(worker) = state.workers.get_mut(&worker_id) else { return };
+    // Too little time left for a handover (or no time named): it leaves.
+    let Some(taken_at) = worker.taken_after_handover_lead(now) else { return };
     worker.holding_for = Some(job_id);
-    if !worker.may_rejoin(job_id, now) {
-        worker.holding_for = None;
-        return; // too little time left for a handover (or no time named): it leaves
-    }
-    let taken = worker.notice_action_at_unix_ms.map(crate::text::rfc3339_utc).unwrap_or_default();
+    let taken = crate::text::rfc3339_utc(taken_at);
     if let Some(job) = state.jobs.get_mut(&job_id) {
         job.updated_at_unix_ms = now;
         let message = format!(

@@ -606,7 +606,13 @@ impl Worker {
             && self.job.is_none()
             && self.draining
             && self.holding_for == Some(job)
-            && self.notice_action_at_unix_ms.is_some_and(|at| at >= now_ms.saturating_add(HANDOVER_LEAD_MIN_MS))
+            && self.taken_after_handover_lead(now_ms).is_some()
+    }
+
+    /// When its instance is taken, if its notice named a time that leaves a handover
+    /// [`HANDOVER_LEAD_MIN_MS`] from `now_ms` (else a checkpoint and stop is all there is time for).
+    pub fn taken_after_handover_lead(&self, now_ms: u64) -> Option<u64> {
+        self.notice_action_at_unix_ms.filter(|at| *at >= now_ms.saturating_add(HANDOVER_LEAD_MIN_MS))
     }
 
     /// Whether it is held out of placement at `now_ms`: its peers could not reach it at a
