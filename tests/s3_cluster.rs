@@ -18,18 +18,13 @@ use std::process::{Command, Output};
 mod common;
 use common::Down;
 use common::s3::{get, list, put};
+use flotilla_store::testing::closed_port;
 use serde_json::Value;
 
 fn moto() -> String {
     std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
         panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
     })
-}
-
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
 }
 
 /// Environment variables set on a command.

@@ -9,10 +9,19 @@ pub fn moto() -> String {
     })
 }
 
-/// A loopback port nothing listens on.
+/// A loopback port nothing listens on, for as long as the process runs: a socket is bound to it
+/// and never listens (a connection is refused at once), and it stays bound, so no other bind
+/// in the process (a test's own listener on port 0, run in parallel) can take the port. A port
+/// merely released after binding could be handed to such a listener, which then answered
+/// where a test expected nothing (seen: a test's instance-metadata endpoint served credentials
+/// to another test whose metadata endpoint had to be closed).
 pub fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("its address").port()
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind a loopback port");
+    let port = socket.local_addr().expect("its address").port();
+    // Held until the process exits: the port stays taken and closed.
+    std::mem::forget(socket);
+    port
 }
 
 /// The AWS settings of an S3 client on `endpoint` (for [`crate::open_with`]), with test

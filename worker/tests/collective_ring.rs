@@ -202,7 +202,7 @@ fn ranks_that_disagree_on_the_length_fail_instead_of_mixing_data() {
 fn rendezvous_times_out_when_a_rank_never_comes() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let me = listener.local_addr().expect("addr");
-    let absent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let absent = std::net::SocketAddr::from(([127, 0, 0, 1], flotilla_store::testing::closed_port()));
     let config = flotilla_worker::collective::ring::RingConfig::new(
         0,
         vec![me, absent],
@@ -218,7 +218,7 @@ fn rendezvous_times_out_when_a_rank_never_comes() {
 fn a_dead_peer_fails_the_rendezvous_after_the_refusal_grace_and_abort_stops_it() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let me = listener.local_addr().expect("addr");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], flotilla_store::testing::closed_port()));
     let mut config =
         flotilla_worker::collective::ring::RingConfig::new(0, vec![me, dead], 1, vec![7; 32], Duration::from_secs(60));
     config.refused_grace = Duration::from_millis(100);

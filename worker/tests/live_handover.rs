@@ -3,7 +3,7 @@
 //! without it. Every rank runs in its own thread over the real TCP ring on loopback; the
 //! leaving member's transfer runs over a real TCP connection to the joiner.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +123,7 @@ fn train_with_live_handover(
     let joiner_listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let joiner_addr = match joiner {
         // "Unreachable" is 127.0.0.1 on a closed port.
-        Joiner::Unreachable => TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr"),
+        Joiner::Unreachable => SocketAddr::from(([127, 0, 0, 1], flotilla_store::testing::closed_port())),
         _ => joiner_listener.local_addr().expect("addr"),
     };
     let joiner_port = match ports {
