@@ -1202,6 +1202,8 @@ fn an_elastic_job_continues_on_the_survivor_and_grows_back() {
         events(&done, "gang").iter().filter_map(|m| m.split(" on ").nth(1)?.split(' ').next()?.parse().ok()).collect();
     assert!(worlds.windows(3).any(|w| w == [2, 1, 2]), "world sizes {worlds:?}: {done}");
     assert!(events(&done, "checkpointed").iter().any(|m| m.contains("for grow")), "{done}");
+    // The grown generation's restart is recorded with what it moved.
+    assert!(events(&done, "resumed").iter().any(|m| m.contains(" ms after the stop (grow); state moved: ")), "{done}");
     assert_eq!(done["preemptions"], 0, "growing is not a preemption: {done}");
     assert!(done["steps_lost"].as_u64().unwrap_or(u64::MAX) <= 20, "{done}");
     assert_accurate(&done);
@@ -1244,6 +1246,13 @@ fn a_higher_priority_job_stops_a_lower_one_which_resumes_where_it_stopped_and_ch
     assert_eq!((done["steps_lost"].as_u64(), done["preemptions"].as_u64()), (Some(0), Some(0)), "{done}");
     assert!(done["generation"].as_u64().unwrap_or(0) >= 2, "{done}");
     assert_eq!((done["priority"].as_i64(), high_done["priority"].as_i64()), (Some(-1), Some(5)));
+    // Its restart is recorded with the state it moved (the workers held the urgent job's), and
+    // the wait is no interruption.
+    let resumed = events(&done, "resumed");
+    assert!(resumed.iter().any(|m| m.contains(" ms after the stop (priority); state moved: ")), "{done}");
+    let moved = done["resume_peer_bytes"].as_u64().unwrap_or(0) + done["resume_storage_bytes"].as_u64().unwrap_or(0);
+    assert!(moved > 0, "{done}");
+    assert_eq!(done["stall_ms_total"], 0, "{done}");
     assert_same_as_uninterrupted(home, &low_spec, &done, "stopped for a higher priority");
     assert_accurate(&done);
 }

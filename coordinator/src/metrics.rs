@@ -113,10 +113,13 @@ pub enum Resumption {
     /// stopped at `stopped_at_unix_ms` (its `checkpointed` event); the time from there to the
     /// first step is the training stall.
     Handover { stopped_at_unix_ms: u64 },
+    /// A restart after a planned stop (to grow, for a job of higher priority, for a deadline:
+    /// [`flotilla_core::state::JobEvent::planned_stop`]) at `stopped_at_unix_ms`: no
+    /// interruption, so it feeds neither histogram; the job's events record what it moved.
+    Restart { stopped_at_unix_ms: u64, reason: flotilla_core::state::StopReason },
 }
 
-/// What the job's current generation resumes from: `None` for a first generation or one that
-/// only grew the gang.
+/// What the job's current generation resumes from: `None` for a first generation.
 pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumption> {
     let mut gangs = events.iter().enumerate().filter(|(_, e)| e.kind == "gang").map(|(i, _)| i).rev();
     let current = gangs.next()?;
@@ -158,8 +161,13 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     let lost = between
         .iter()
         .find(|e| e.stops_for_a_loss())
-        .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped_out(worker))))?;
-    Some(Resumption::Recovery { lost_at_unix_ms: lost.since_unix_ms.unwrap_or(lost.at_unix_ms) })
+        .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped_out(worker))));
+    if let Some(lost) = lost {
+        return Some(Resumption::Recovery { lost_at_unix_ms: lost.since_unix_ms.unwrap_or(lost.at_unix_ms) });
+    }
+    let stop = between.iter().rev().find(|e| e.kind == "checkpointed")?;
+    let reason = stop.planned_stop()?;
+    Some(Resumption::Restart { stopped_at_unix_ms: stop.at_unix_ms, reason })
 }
 
 /// Committed steps per second since the job first ran, until it ended or `now` (pure): stalls,
@@ -600,7 +608,7 @@ mod tests {
         assert_eq!(resumption(&[]), None);
         assert_eq!(resumption(&[event(1, "gang")]), None, "a first generation recovers nothing");
         let grown = [event(1, "gang"), event(5, "checkpointed"), event(6, "gang")];
-        assert_eq!(resumption(&grown), None, "growing the gang is no recovery");
+        assert_eq!(resumption(&grown), None, "a stop nothing asked for is no recovery");
         let preempted = [
             event(1, "gang"),
             notice(10, "worker-1", true),
@@ -662,6 +670,29 @@ mod tests {
         };
         let later = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), trained, event(30, "gang")];
         assert_eq!(resumption(&later), Some(Resumption::Recovery { lost_at_unix_ms: 25 }));
+    }
+
+    /// A generation after a stop to grow, for a job of higher priority or for a deadline is a
+    /// restart from that stop; one after a loss during such a stop is still a recovery.
+    #[test]
+    fn a_planned_stop_is_a_restart_from_the_stop() {
+        use flotilla_core::state::StopReason;
+        let stopped = |at_unix_ms: u64, why: &str| JobEvent {
+            message: JobEvent::checkpointed_message(1, why, 90, 0),
+            ..event(at_unix_ms, "checkpointed")
+        };
+        for reason in [StopReason::Grow, StopReason::Priority, StopReason::Deadline] {
+            let events = [event(1, "gang"), stopped(5, reason.name()), event(9, "gang")];
+            assert_eq!(resumption(&events), Some(Resumption::Restart { stopped_at_unix_ms: 5, reason }), "{reason:?}");
+        }
+        for why in ["budget", "stop"] {
+            let events = [event(1, "gang"), stopped(5, why), event(9, "gang")];
+            assert_eq!(resumption(&events), None, "{why}");
+        }
+        let lost = [event(1, "gang"), stopped(5, "grow"), event(7, "worker_lost"), event(9, "gang")];
+        assert_eq!(resumption(&lost), Some(Resumption::Recovery { lost_at_unix_ms: 7 }), "a loss comes first");
+        let earlier = [event(1, "gang"), stopped(5, "grow"), event(9, "gang"), event(20, "gang")];
+        assert_eq!(resumption(&earlier), None, "only the stop before the current generation");
     }
 
     #[test]

@@ -306,20 +306,26 @@ impl ClusterService for ClusterApi {
             && let Some(resumption) = resumption
         {
             let now = crate::raft::node::now_unix_ms();
-            let (histogram, since, handover) = match resumption {
-                Resumption::Recovery { lost_at_unix_ms } => (&self.progress.recovery_seconds, lost_at_unix_ms, false),
-                Resumption::Handover { stopped_at_unix_ms } => {
-                    (&self.progress.handover_stall_seconds, stopped_at_unix_ms, true)
+            let (histogram, since, handover, stopped_for) = match resumption {
+                Resumption::Recovery { lost_at_unix_ms } => {
+                    (Some(&self.progress.recovery_seconds), lost_at_unix_ms, false, None)
                 }
+                Resumption::Handover { stopped_at_unix_ms } => {
+                    (Some(&self.progress.handover_stall_seconds), stopped_at_unix_ms, true, None)
+                }
+                Resumption::Restart { stopped_at_unix_ms, reason } => (None, stopped_at_unix_ms, false, Some(reason)),
             };
             let stall_ms = now.saturating_sub(since);
-            histogram.observe(stall_ms as f64 / 1e3);
+            if let Some(histogram) = histogram {
+                histogram.observe(stall_ms as f64 / 1e3);
+            }
             // For the job's status and events, through Raft, off this report's path.
             let resumed = Command::TrainingResumed {
                 job_id,
                 generation: report.generation,
                 stall_ms,
                 handover,
+                stopped_for,
                 peer_bytes: report.resume_peer_bytes,
                 storage_bytes: report.resume_storage_bytes,
             };

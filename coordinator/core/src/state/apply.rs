@@ -390,17 +390,23 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             ask_to_stop(job, now, StopReason::Priority, "priority", message);
             Ok(Applied::CheckpointRequested { job_id })
         }
-        Command::TrainingResumed { job_id, generation, stall_ms, handover, peer_bytes, storage_bytes } => {
+        Command::TrainingResumed { job_id, generation, stall_ms, handover, stopped_for, peer_bytes, storage_bytes } => {
             let job = running_generation(state, job_id, generation)?;
             if job.stall_generation == generation {
                 return Ok(Applied::TrainingResumed { job_id, recorded: false });
             }
             job.stall_generation = generation;
-            job.last_stall_ms = stall_ms;
-            job.stall_ms_total = job.stall_ms_total.saturating_add(stall_ms);
+            // A planned stop's time without a step (a regroup, or a wait for workers) is no
+            // interruption: the job's stall figures count those alone.
+            if stopped_for.is_none() {
+                job.last_stall_ms = stall_ms;
+                job.stall_ms_total = job.stall_ms_total.saturating_add(stall_ms);
+            }
             job.resume_peer_bytes = job.resume_peer_bytes.saturating_add(peer_bytes);
             job.resume_storage_bytes = job.resume_storage_bytes.saturating_add(storage_bytes);
-            let since = if handover { "the stop (handover)" } else { "the notice or loss" };
+            let planned = stopped_for.map(|reason| format!("the stop ({})", reason.name()));
+            let since =
+                planned.as_deref().unwrap_or(if handover { "the stop (handover)" } else { "the notice or loss" });
             push_event(
                 job,
                 now,
@@ -1373,12 +1379,7 @@ fn generation_ended(
                 job.preemptions = job.preemptions.saturating_add(1);
             }
             let why = requested.map_or("stop", StopReason::name);
-            push_event(
-                job,
-                now,
-                "checkpointed",
-                format!("generation {generation} stopped for {why} at step {step}; {lost} step(s) lost"),
-            );
+            push_event(job, now, "checkpointed", JobEvent::checkpointed_message(generation, why, step, lost));
             let workers = if job.on_demand_only { "on-demand workers" } else { "workers" };
             job.reason = format!("{why}: waiting for {workers} to resume from step {}", resume_step(job));
         }

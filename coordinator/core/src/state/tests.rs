@@ -1302,6 +1302,7 @@ fn a_generation_s_stall_is_recorded_once_with_an_event() {
         generation,
         stall_ms: 42,
         handover: true,
+        stopped_for: None,
         peer_bytes: 2_822_494,
         storage_bytes: 0,
     };
@@ -1314,6 +1315,36 @@ fn a_generation_s_stall_is_recorded_once_with_an_event() {
     let event = job.events.last().expect("event");
     assert_eq!(event.kind, "resumed");
     assert!(event.message.contains("42 ms after the stop (handover)"), "{}", event.message);
+}
+
+/// A generation after a planned stop (here, to grow) records what its start moved and when it
+/// trained again, but its time without a step is a regroup, not an interruption.
+#[test]
+fn a_restart_after_a_planned_stop_records_its_bytes_but_no_stall() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    let resumed = Command::TrainingResumed {
+        job_id: JobId(1),
+        generation: 1,
+        stall_ms: 850,
+        handover: false,
+        stopped_for: Some(StopReason::Grow),
+        peer_bytes: 0,
+        storage_bytes: 5_643_990,
+    };
+    assert_eq!(at(&mut state, 1_000, resumed), Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: true }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.stall_ms_total, job.last_stall_ms), (0, 0), "no interruption");
+    assert_eq!((job.resume_peer_bytes, job.resume_storage_bytes), (0, 5_643_990));
+    let event = job.events.last().expect("event");
+    assert_eq!(
+        (event.kind.as_str(), event.message.as_str()),
+        (
+            "resumed",
+            "generation 1 trained again 850 ms after the stop (grow); state moved: 0 bytes peer to peer, 5643990 \
+             bytes from the store"
+        )
+    );
 }
 
 #[test]

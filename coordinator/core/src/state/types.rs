@@ -125,6 +125,8 @@ const NOTICED: &str = " got a ";
 /// How an event that stops the gang at its next step ends: a notice with no time for a
 /// handover, or the leader's request (`checkpoint_requested`, `<reason>: ` first).
 pub const CHECKPOINTING: &str = "checkpointing at the next step";
+/// What a `checkpointed` event says between the generation and the stop's reason.
+const STOPPED_FOR: &str = " stopped for ";
 /// What a `peer_lost` event says of a generation that broke before training a step (a member
 /// its peers could not reach at the rendezvous): the stall that stopped the one before goes on.
 const NEVER_TRAINED: &str = " before training a step";
@@ -133,6 +135,26 @@ impl JobEvent {
     /// The `handover` event's message for `replacement` taking `leaving`'s rank at `step`.
     pub fn handed_over_message(replacement: WorkerId, leaving: WorkerId, step: u64, since_notice_ms: u64) -> String {
         format!("{replacement} took {leaving}{HANDED_OVER} {step}, {since_notice_ms} ms after the notice")
+    }
+
+    /// The `checkpointed` event's message: `generation` stopped at `step` for `why` (a
+    /// [`StopReason::name`], or `stop` for one nothing asked for), `lost` steps after the
+    /// point the next generation resumes from.
+    pub fn checkpointed_message(generation: u64, why: &str, step: u64, lost: u64) -> String {
+        format!("generation {generation}{STOPPED_FOR}{why} at step {step}; {lost} step(s) lost")
+    }
+
+    /// The reason of a `checkpointed` event when it names a stop the job resumes from without
+    /// having lost anyone: to grow, for a job of higher priority, or to move to on-demand
+    /// capacity for a deadline. Preemption and handover stops are timed as recoveries and
+    /// handovers; a budget stop never resumes.
+    pub fn planned_stop(&self) -> Option<StopReason> {
+        if self.kind != "checkpointed" {
+            return None;
+        }
+        let (_, rest) = self.message.split_once(STOPPED_FOR)?;
+        let (why, _) = rest.split_once(" at step ")?;
+        [StopReason::Grow, StopReason::Priority, StopReason::Deadline].into_iter().find(|r| r.name() == why)
     }
 
     /// The `checkpoint_requested` event's message for a stop the leader asks for `reason`.
@@ -1234,6 +1256,11 @@ pub enum Command {
         generation: u64,
         stall_ms: u64,
         handover: bool,
+        /// Set when the generation followed a planned stop (grow, priority, deadline; see
+        /// [`JobEvent::planned_stop`]): its time without a step is a regroup or a wait, not an
+        /// interruption, so only the event and the bytes are recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stopped_for: Option<StopReason>,
         /// Bytes the start moved across the gang, peer to peer and from the store.
         #[serde(default)]
         peer_bytes: u64,
