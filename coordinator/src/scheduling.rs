@@ -104,10 +104,16 @@ fn waiting_jobs(state: &State) -> impl Iterator<Item = &Job> {
 
 /// The jobs waiting for a gang, as the planner takes them.
 fn pending_jobs(state: &State) -> Vec<PendingJob> {
-    waiting_jobs(state).map(pending_job).collect()
+    waiting_jobs(state).map(|j| pending_job(state, j)).collect()
 }
 
-fn pending_job(j: &Job) -> PendingJob {
+/// A waiting job as the planner takes it; its holders are the members of its last gang that
+/// may still hold the state it ended with ([`flotilla_core::state::Worker::may_hold_state_of`]:
+/// none that a built-in gang of another job took since). A command job's state lives in its
+/// program, restarted from the store: its last gang is only a preference.
+fn pending_job(state: &State, j: &Job) -> PendingJob {
+    let builtin = j.spec.command().is_none();
+    let holds = |w: &WorkerId| !builtin || state.workers.get(w).is_some_and(|w| w.may_hold_state_of(j.id));
     PendingJob {
         id: j.id,
         priority: j.spec.priority,
@@ -119,7 +125,7 @@ fn pending_job(j: &Job) -> PendingJob {
         mixed: j.spec.capacity.mixed_types,
         instance_types: j.spec.capacity.instance_types.clone(),
         max_usd_per_hour: j.spec.capacity.max_price_usd_per_hour,
-        holders: j.ended_gang.clone(),
+        holders: j.ended_gang.iter().copied().filter(holds).collect(),
     }
 }
 
@@ -359,7 +365,7 @@ pub async fn schedule_loop(
                 // pass O(jobs) on the Raft thread under a stream of submissions), and then
                 // once for both.
                 let (pending, reasons): (Vec<PendingJob>, BTreeMap<JobId, String>) = if reasons_due {
-                    waiting_jobs(state).map(|j| (pending_job(j), (j.id, j.reason.clone()))).unzip()
+                    waiting_jobs(state).map(|j| (pending_job(state, j), (j.id, j.reason.clone()))).unzip()
                 } else if free.is_empty() {
                     (Vec::new(), BTreeMap::new())
                 } else {
@@ -652,6 +658,36 @@ mod tests {
         let end = GenerationEnd::PeerLost { reason: "rank 1 was lost".into(), unreachable_rank: None };
         log.step(Command::GenerationEnded { job_id, generation: 1, end, step: 5, reporter, announced: None });
         (log, job_id)
+    }
+
+    /// A waiting job's holders are the members of its last gang that may still hold the state
+    /// it ended with: not one another built-in job's gang took since (its agent then holds that
+    /// job's state, or none).
+    #[test]
+    fn a_member_another_job_trained_since_is_no_holder() {
+        let (mut log, job_id) = broken_gang_of_two(Some(WorkerId(1)));
+        let holders = |log: &Log| {
+            let (pending, _) = scheduler_input(&log.state, |_| u64::MAX, 0);
+            pending.into_iter().find(|j| j.id == job_id).map(|j| j.holders)
+        };
+        assert_eq!(holders(&log), Some(vec![WorkerId(1), WorkerId(2)]));
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"k\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\nworkers = { min = 1 }\n",
+        )
+        .expect("spec");
+        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "k".into() });
+        let other = JobId(2);
+        log.step(Command::AssignGang { job_id: other, workers: vec![WorkerId(1)] });
+        let end = GenerationEnd::Checkpointed;
+        log.step(Command::GenerationEnded {
+            job_id: other,
+            generation: 1,
+            end,
+            step: 3,
+            reporter: None,
+            announced: None,
+        });
+        assert_eq!(holders(&log), Some(vec![WorkerId(2)]), "worker-1 holds job-2's state now");
     }
 
     /// A survivor noticed while its job waits is free for that job alone while its notice leaves

@@ -116,6 +116,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     draining: false,
                     notice_action_at_unix_ms: None,
                     holding_for: None,
+                    last_trained: None,
                     noticed_at_unix_ms: None,
                     suspect_since_unix_ms: None,
                     unreachable_until_unix_ms: 0,
@@ -349,6 +350,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             release(state, &[handover.leaving]);
             if let Some(worker) = state.workers.get_mut(&replacement) {
                 worker.job = Some(job_id);
+                worker.last_trained = Some(job_id);
             }
             Ok(Applied::HandoverSwapped { job_id, leaving: Some(handover.leaving) })
         }
@@ -783,9 +785,13 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
             rejoining.push((*id, at, w.noticed_at_unix_ms.unwrap_or(now)));
         }
     }
+    let builtin = job.spec.command().is_none();
     for id in &workers {
         if let Some(worker) = state.workers.get_mut(id) {
             worker.job = Some(job_id);
+            if builtin {
+                worker.last_trained = Some(job_id);
+            }
         }
     }
     // The last gang's noticed holders left out stay draining (they are drained now).
@@ -1090,12 +1096,15 @@ fn reserve_replacement(
 /// members over the data port instead of through the store. Not for a command job: its state
 /// lives in its program, which restarts from the store at every new gang (a rejoin would only
 /// add a restart). Of several waiting jobs whose last gang had it, the one whose gang it was in
-/// last (that gang started last): it holds that one's state.
+/// last (that gang started last): it holds that one's state; none when a built-in gang of
+/// another job took it since ([`Worker::may_hold_state_of`]: it holds that one's, or nothing).
 fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now: u64) {
+    let Some(held) = state.workers.get(&worker_id) else { return };
     let waiting = state
         .jobs
         .values()
         .filter(|j| j.state == JobState::Pending && j.spec.command().is_none() && j.ended_gang.contains(&worker_id))
+        .filter(|j| held.may_hold_state_of(j.id))
         .max_by_key(|j| j.generation_started_at_unix_ms);
     let Some(job_id) = waiting.map(|j| j.id) else { return };
     let Some(worker) = state.workers.get_mut(&worker_id) else { return };

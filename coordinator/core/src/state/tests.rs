@@ -646,6 +646,38 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert!(two.jobs.values().all(|j| j.state == JobState::Pending && j.ended_gang.contains(&u1)));
     at(&mut two, 1_500, spot_notice(u1, 122_000)).expect("notice");
     assert_eq!(two.workers[&u1].holding_for, Some(JobId(2)));
+    // One a built-in gang of another job took since holds that job's state, or none once that
+    // job finished: it is not held for the first.
+    let mut since = State::default();
+    let (x1, _) = running_job(&mut since, 3);
+    break_reported(&mut since, 1_000, JobId(1), x1);
+    at(&mut since, 1_100, Command::SubmitJob { spec: Box::new(spec("second")), client_request_id: "s".into() })
+        .expect("submit");
+    let x3 = register(&mut since, 1_200);
+    at(&mut since, 1_300, Command::AssignGang { job_id: JobId(2), workers: vec![x1, x3] }).expect("assign");
+    assert_eq!(since.workers[&x1].last_trained, Some(JobId(2)));
+    let finished = Command::JobFinished {
+        job_id: JobId(2),
+        generation: 1,
+        success: true,
+        reason: String::new(),
+        step: 10,
+        metrics: None,
+        artifact: None,
+        reporter: None,
+    };
+    at(&mut since, 1_400, finished).expect("finished");
+    assert!(since.jobs[&JobId(1)].state == JobState::Pending && since.jobs[&JobId(1)].ended_gang.contains(&x1));
+    assert!(!since.workers[&x1].may_hold_state_of(JobId(1)) && since.workers[&x1].may_hold_state_of(JobId(2)));
+    at(&mut since, 1_500, spot_notice(x1, 122_000)).expect("notice");
+    assert_eq!(since.workers[&x1].holding_for, None);
+    // A command job's gang leaves the agent's held state as it was.
+    let command_spec =
+        JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("spec");
+    at(&mut since, 1_600, Command::SubmitJob { spec: Box::new(command_spec), client_request_id: "c".into() })
+        .expect("submit");
+    at(&mut since, 1_700, Command::AssignGang { job_id: JobId(3), workers: vec![x3] }).expect("assign");
+    assert_eq!(since.workers[&x3].last_trained, Some(JobId(2)));
     // A member noticed while its gang trained is not held for the next one, whatever a later
     // notice says: it left the gang at the stop and kept no state.
     let mut other = State::default();

@@ -631,6 +631,12 @@ impl Worker {
             && self.taken_after_handover_lead(now_ms).is_some()
     }
 
+    /// Whether it may hold the state `job`'s last gang ended with, of which it was a member:
+    /// no built-in gang of another job took it since ([`Worker::last_trained`]).
+    pub fn may_hold_state_of(&self, job: JobId) -> bool {
+        self.last_trained.is_none_or(|last| last == job)
+    }
+
     /// When its instance is taken, if its notice named a time that leaves a handover
     /// [`HANDOVER_LEAD_MIN_MS`] from `now_ms` (else a checkpoint and stop is all there is time for).
     pub fn taken_after_handover_lead(&self, now_ms: u64) -> Option<u64> {
@@ -736,6 +742,13 @@ pub struct Worker {
     /// than the next gang reading the state from the store.
     #[serde(default)]
     pub holding_for: Option<JobId>,
+    /// The built-in job whose gang it joined last (by an AssignGang or a live swap): its agent
+    /// keeps one job's state in memory, so a state it holds is that job's (a gang that ends
+    /// leaves its state with its members, a finished job none; a command job's gang or an
+    /// inference shard leaves what was there). `None`: no built-in gang yet (or none recorded
+    /// before this field came): the job's last gang is then taken at its word.
+    #[serde(default)]
+    pub last_trained: Option<JobId>,
     /// When its first interruption notice came (`None`: none came): a handover it starts when
     /// it rejoins its job's gang is timed from it.
     #[serde(default)]
