@@ -109,7 +109,7 @@ fn pending_jobs(state: &State) -> Vec<PendingJob> {
 
 /// A waiting job as the planner takes it; its holders are the members of its last gang that
 /// may still hold the state it ended with ([`flotilla_core::state::Worker::may_hold_state_of`]:
-/// none that a built-in gang of another job took since). A command job's state lives in its
+/// none that holds another job's since, or nothing). A command job's state lives in its
 /// program, restarted from the store: its last gang is only a preference.
 fn pending_job(state: &State, j: &Job) -> PendingJob {
     let builtin = j.spec.command().is_none();
@@ -661,10 +661,10 @@ mod tests {
     }
 
     /// A waiting job's holders are the members of its last gang that may still hold the state
-    /// it ended with: not one another built-in job's gang took since (its agent then holds that
-    /// job's state, or none).
+    /// it ended with: not one another built-in job's gang stopped on since (its agent then holds
+    /// that job's state).
     #[test]
-    fn a_member_another_job_trained_since_is_no_holder() {
+    fn a_member_another_job_stopped_on_since_is_no_holder() {
         let (mut log, job_id) = broken_gang_of_two(Some(WorkerId(1)));
         let holders = |log: &Log| {
             let (pending, _) = scheduler_input(&log.state, |_| u64::MAX, 0);

@@ -368,7 +368,7 @@ pub(super) fn run_rank(
         }
         return RankEnd::Checkpointed { step: trainer.steps_done(), rank0, announced: None };
     }
-    peer::HELD.release();
+    peer::HELD.release(&train.job_id);
     if !rank0 {
         return RankEnd::Finished(None);
     }

@@ -169,9 +169,13 @@ impl Holder {
         }
     }
 
-    /// Drops what is held (the job finished).
-    pub fn release(&self) {
-        if let Ok(mut slots) = self.slots.lock() {
+    /// Drops the state of `job_id`, which finished, if that is what is held. Another job's
+    /// state stays: a job stopped for this one (a higher priority's, or one that took free
+    /// workers) resumes from it when its next gang holds it, rather than from the store.
+    pub fn release(&self, job_id: &str) {
+        if let Ok(mut slots) = self.slots.lock()
+            && slots.entry.as_ref().is_some_and(|e| e.job_id == job_id)
+        {
             slots.entry = None;
         }
     }
@@ -715,7 +719,10 @@ pub(crate) mod tests {
         assert!(holder.held("7", &f).is_some_and(|got| same(&got.state, &s)));
         assert!(holder.held("8", &f).is_none(), "another job's state");
         assert!(holder.held("7", &fingerprint(&state(61))).is_none(), "another checkpoint");
-        holder.release();
+        // Another job's end leaves it; its own drops it.
+        holder.release("8");
+        assert!(holder.held("7", &f).is_some());
+        holder.release("7");
         assert!(holder.held("7", &f).is_none());
         // Held with the writer's encoding (rank 0 at a stop): the same fingerprint and state,
         // and the same bytes a peer gets as an encoding made by the holder.

@@ -400,7 +400,7 @@ mod tests {
         assert_eq!(got.state.optimizer, held.state.optimizer);
         assert_eq!(got.state.cursor, held.state.cursor);
         assert!(HELD.held("job-9", &Held::encode(state(41)).expect("fits").fingerprint()).is_none());
-        HELD.release();
+        HELD.release("job-9");
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     draining: false,
                     notice_action_at_unix_ms: None,
                     holding_for: None,
-                    last_trained: None,
+                    held_state: HeldState::Nothing,
                     noticed_at_unix_ms: None,
                     suspect_since_unix_ms: None,
                     unreachable_until_unix_ms: 0,
@@ -350,7 +350,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             release(state, &[handover.leaving]);
             if let Some(worker) = state.workers.get_mut(&replacement) {
                 worker.job = Some(job_id);
-                worker.last_trained = Some(job_id);
+                // It holds the state pushed to it.
+                worker.held_state = HeldState::Job(job_id);
             }
             Ok(Applied::HandoverSwapped { job_id, leaving: Some(handover.leaving) })
         }
@@ -744,6 +745,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             let gang = job.end_gang();
             release(state, &gang);
+            // Its agents drop this job's state (another job's, held through it, stays).
+            set_held_state(state, &gang, |held| held == HeldState::Job(job_id), HeldState::Nothing);
             if success && let Some(artifact) = artifact {
                 register_model(state, job_id, artifact, now);
             }
@@ -785,12 +788,14 @@ fn assign_gang(state: &mut State, job_id: JobId, workers: Vec<WorkerId>, now: u6
             rejoining.push((*id, at, w.noticed_at_unix_ms.unwrap_or(now)));
         }
     }
-    let builtin = job.spec.command().is_none();
+    // A built-in job that resumes may leave its state with its members (one received from a
+    // peer is kept); a fresh start leaves what they hold.
+    let resumes = job.spec.command().is_none() && job.latest_checkpoint.is_some();
     for id in &workers {
         if let Some(worker) = state.workers.get_mut(id) {
             worker.job = Some(job_id);
-            if builtin {
-                worker.last_trained = Some(job_id);
+            if resumes {
+                worker.held_state = HeldState::Job(job_id);
             }
         }
     }
@@ -1177,6 +1182,15 @@ fn interrupted(worker_id: WorkerId, job: Option<JobId>, handover: Option<&Handov
 }
 
 /// Frees the gang's workers that are still assigned.
+/// Sets [`Worker::held_state`] of those of `gang` whose held state passes `which`.
+fn set_held_state(state: &mut State, gang: &[WorkerId], which: impl Fn(HeldState) -> bool, to: HeldState) {
+    for id in gang {
+        if let Some(worker) = state.workers.get_mut(id).filter(|w| which(w.held_state)) {
+            worker.held_state = to;
+        }
+    }
+}
+
 fn release(state: &mut State, gang: &[WorkerId]) {
     for id in gang {
         if let Some(worker) = state.workers.get_mut(id) {
@@ -1452,8 +1466,13 @@ fn generation_ended(
     }
     job.state = JobState::Pending;
     job.updated_at_unix_ms = now;
+    let builtin = job.spec.command().is_none();
     let gang = job.end_gang();
     release(state, &gang);
+    if builtin {
+        // Each rank keeps the state it stopped with (a survivor of a break, the one it holds).
+        set_held_state(state, &gang, |_| true, HeldState::Job(job_id));
+    }
     if matches!(end, GenerationEnd::PeerLost { .. }) {
         suspect(state, &gang, now);
     }

@@ -646,16 +646,21 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
     assert!(two.jobs.values().all(|j| j.state == JobState::Pending && j.ended_gang.contains(&u1)));
     at(&mut two, 1_500, spot_notice(u1, 122_000)).expect("notice");
     assert_eq!(two.workers[&u1].holding_for, Some(JobId(2)));
-    // One a built-in gang of another job took since holds that job's state, or none once that
-    // job finished: it is not held for the first.
+    // Another job that starts fresh on it and finishes leaves it the first job's state (its
+    // agent drops only the finished job's); a command job's gang leaves it too.
     let mut since = State::default();
     let (x1, _) = running_job(&mut since, 3);
     break_reported(&mut since, 1_000, JobId(1), x1);
+    assert_eq!(since.workers[&x1].held_state, HeldState::Job(JobId(1)));
     at(&mut since, 1_100, Command::SubmitJob { spec: Box::new(spec("second")), client_request_id: "s".into() })
         .expect("submit");
     let x3 = register(&mut since, 1_200);
     at(&mut since, 1_300, Command::AssignGang { job_id: JobId(2), workers: vec![x1, x3] }).expect("assign");
-    assert_eq!(since.workers[&x1].last_trained, Some(JobId(2)));
+    assert_eq!(
+        (since.workers[&x1].held_state, since.workers[&x3].held_state),
+        (HeldState::Job(JobId(1)), HeldState::Nothing)
+    );
+    let mut stopped = since.clone();
     let finished = Command::JobFinished {
         job_id: JobId(2),
         generation: 1,
@@ -666,18 +671,51 @@ fn a_holder_noticed_while_its_job_waits_rejoins_the_next_gang_and_hands_over_fro
         artifact: None,
         reporter: None,
     };
-    at(&mut since, 1_400, finished).expect("finished");
-    assert!(since.jobs[&JobId(1)].state == JobState::Pending && since.jobs[&JobId(1)].ended_gang.contains(&x1));
-    assert!(!since.workers[&x1].may_hold_state_of(JobId(1)) && since.workers[&x1].may_hold_state_of(JobId(2)));
-    at(&mut since, 1_500, spot_notice(x1, 122_000)).expect("notice");
-    assert_eq!(since.workers[&x1].holding_for, None);
-    // A command job's gang leaves the agent's held state as it was.
+    at(&mut since, 1_400, finished.clone()).expect("finished");
+    assert_eq!(since.workers[&x1].held_state, HeldState::Job(JobId(1)));
     let command_spec =
         JobSpec::from_toml_str("name = \"c\"\nworkers = { min = 1 }\n[run]\ncommand = [\"true\"]\n").expect("spec");
-    at(&mut since, 1_600, Command::SubmitJob { spec: Box::new(command_spec), client_request_id: "c".into() })
+    at(&mut since, 1_410, Command::SubmitJob { spec: Box::new(command_spec), client_request_id: "c".into() })
         .expect("submit");
-    at(&mut since, 1_700, Command::AssignGang { job_id: JobId(3), workers: vec![x3] }).expect("assign");
-    assert_eq!(since.workers[&x3].last_trained, Some(JobId(2)));
+    at(&mut since, 1_420, Command::AssignGang { job_id: JobId(3), workers: vec![x1] }).expect("assign");
+    let stop = |job_id| Command::GenerationEnded {
+        job_id,
+        generation: 1,
+        end: GenerationEnd::Checkpointed,
+        step: 10,
+        reporter: None,
+        announced: None,
+    };
+    at(&mut since, 1_430, stop(JobId(3))).expect("stopped");
+    assert_eq!(since.workers[&x1].held_state, HeldState::Job(JobId(1)), "a command job's gang leaves it");
+    at(&mut since, 1_500, spot_notice(x1, 122_000)).expect("notice");
+    assert_eq!(since.workers[&x1].holding_for, Some(JobId(1)));
+    // One the other job stopped on holds that job's state: not held for the first, even once
+    // that job is gone.
+    at(&mut stopped, 1_400, stop(JobId(2))).expect("stopped");
+    assert_eq!(stopped.workers[&x1].held_state, HeldState::Job(JobId(2)));
+    at(&mut stopped, 1_450, Command::CancelJob { job_id: JobId(2), reason: String::new() }).expect("cancel");
+    assert!(!stopped.workers[&x1].may_hold_state_of(JobId(1)));
+    at(&mut stopped, 1_500, spot_notice(x1, 122_000)).expect("notice");
+    assert_eq!(stopped.workers[&x1].holding_for, None);
+    // A job that resumes from a checkpoint leaves its state with its members; its end, nothing.
+    let resumed = stopped.jobs.get_mut(&JobId(1)).expect("job 1");
+    resumed.latest_checkpoint = Some(checkpoint_record(27, 1, "ab"));
+    let x4 = register(&mut stopped, 1_600);
+    at(&mut stopped, 1_700, Command::AssignGang { job_id: JobId(1), workers: vec![x3, x4] }).expect("assign");
+    assert_eq!(stopped.workers[&x4].held_state, HeldState::Job(JobId(1)));
+    let finished = Command::JobFinished {
+        job_id: JobId(1),
+        generation: 2,
+        success: true,
+        reason: String::new(),
+        step: 30,
+        metrics: None,
+        artifact: None,
+        reporter: None,
+    };
+    at(&mut stopped, 1_800, finished).expect("finished");
+    assert_eq!(stopped.workers[&x4].held_state, HeldState::Nothing);
     // A member noticed while its gang trained is not held for the next one, whatever a later
     // notice says: it left the gang at the stop and kept no state.
     let mut other = State::default();

@@ -631,10 +631,14 @@ impl Worker {
             && self.taken_after_handover_lead(now_ms).is_some()
     }
 
-    /// Whether it may hold the state `job`'s last gang ended with, of which it was a member:
-    /// no built-in gang of another job took it since ([`Worker::last_trained`]).
+    /// Whether it may hold the state `job`'s last gang ended with, of which it was a member
+    /// ([`Worker::held_state`]).
     pub fn may_hold_state_of(&self, job: JobId) -> bool {
-        self.last_trained.is_none_or(|last| last == job)
+        match self.held_state {
+            HeldState::Unknown => true,
+            HeldState::Nothing => false,
+            HeldState::Job(held) => held == job,
+        }
     }
 
     /// When its instance is taken, if its notice named a time that leaves a handover
@@ -742,13 +746,9 @@ pub struct Worker {
     /// than the next gang reading the state from the store.
     #[serde(default)]
     pub holding_for: Option<JobId>,
-    /// The built-in job whose gang it joined last (by an AssignGang or a live swap): its agent
-    /// keeps one job's state in memory, so a state it holds is that job's (a gang that ends
-    /// leaves its state with its members, a finished job none; a command job's gang or an
-    /// inference shard leaves what was there). `None`: no built-in gang yet (or none recorded
-    /// before this field came): the job's last gang is then taken at its word.
+    /// The built-in job whose state its agent may hold in memory ([`HeldState`]).
     #[serde(default)]
-    pub last_trained: Option<JobId>,
+    pub held_state: HeldState,
     /// When its first interruption notice came (`None`: none came): a handover it starts when
     /// it rejoins its job's gang is timed from it.
     #[serde(default)]
@@ -771,6 +771,26 @@ pub struct Worker {
     /// and any node checks it against this digest. Empty: no credential (cannot report).
     #[serde(default)]
     pub credential_sha256: String,
+}
+
+/// What a worker's agent holds in memory of a built-in job's state, as far as the log can tell.
+/// An agent keeps one: the state its rank stopped with at a gang's end (a stop or a break), or
+/// one it received from a peer when a gang resumed; it drops it when that job finishes, and
+/// keeps it through a gang of another job that starts fresh and finishes (a job stopped for a
+/// higher priority's then resumes from its workers, not from the store). A command job's gang
+/// or an inference shard leaves it. A warm spare's background push is not in the log: the
+/// scheduler's preference may miss it, the gang's exchange finds who holds what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum HeldState {
+    /// Not recorded (a worker in a snapshot from before STATE_VERSION 8): a job's last gang is
+    /// taken at its word.
+    #[default]
+    Unknown,
+    /// Nothing: it never was in a built-in gang that ended, or that job finished.
+    Nothing,
+    /// This job's (or nothing): a gang of it ended on the worker, or resumed on it from a
+    /// checkpoint, and the job has not finished since.
+    Job(JobId),
 }
 
 /// The whole replicated state. Serialised as the Raft snapshot.
