@@ -580,15 +580,7 @@ mod tests {
         log.step(Command::SubmitJob { spec: Box::new(urgent), client_request_id: "u".into() });
         log.step(Command::PreemptForPriority { job_id: low, generation: 1, for_job: high });
         assert!(made_way(&log.state).is_empty(), "it still runs");
-        let end = GenerationEnd::Checkpointed;
-        log.step(Command::GenerationEnded {
-            job_id: low,
-            generation: 1,
-            end,
-            step: 0,
-            reporter: None,
-            announced: None,
-        });
+        log.step(stopped(low, 0));
         assert!(made_way(&log.state).is_empty(), "the job it stopped for does not run yet");
         log.step(Command::AssignGang { job_id: high, workers: vec![WorkerId(1), WorkerId(2)] });
         let words = made_way(&log.state);
@@ -650,6 +642,12 @@ mod tests {
         assert_eq!(joins, vec![(JobId(2), vec![WorkerId(5)]), (JobId(3), vec![WorkerId(4)])]);
     }
 
+    /// `job_id`'s first generation stopped at a checkpoint at `step`.
+    fn stopped(job_id: JobId, step: u64) -> Command {
+        let end = GenerationEnd::Checkpointed;
+        Command::GenerationEnded { job_id, generation: 1, end, step, reporter: None, announced: None }
+    }
+
     /// Job 1's gang (workers 1 and 2 of 3) broke at step 5 (rank 1 lost), as `reporter` said.
     fn broken_gang_of_two(reporter: Option<WorkerId>) -> (Log, JobId) {
         let mut log = Log::job_of_two(3);
@@ -678,15 +676,7 @@ mod tests {
         log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "k".into() });
         let other = JobId(2);
         log.step(Command::AssignGang { job_id: other, workers: vec![WorkerId(1)] });
-        let end = GenerationEnd::Checkpointed;
-        log.step(Command::GenerationEnded {
-            job_id: other,
-            generation: 1,
-            end,
-            step: 3,
-            reporter: None,
-            announced: None,
-        });
+        log.step(stopped(other, 3));
         assert_eq!(holders(&log), Some(vec![WorkerId(2)]), "worker-1 holds job-2's state now");
     }
 
