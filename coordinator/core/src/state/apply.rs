@@ -1101,8 +1101,8 @@ fn reserve_replacement(
 /// members over the data port instead of through the store. Not for a command job: its state
 /// lives in its program, which restarts from the store at every new gang (a rejoin would only
 /// add a restart). Of several waiting jobs whose last gang had it, the one whose gang it was in
-/// last (that gang started last): it holds that one's state; none when a built-in gang of
-/// another job took it since ([`Worker::may_hold_state_of`]: it holds that one's, or nothing).
+/// last (that gang started last): it holds that one's state; none when it holds another job's
+/// state since, or nothing ([`Worker::may_hold_state_of`]).
 fn hold_for_waiting_job(state: &mut State, worker_id: WorkerId, kind: &str, now: u64) {
     let Some(held) = state.workers.get(&worker_id) else { return };
     let waiting = state
@@ -1181,7 +1181,6 @@ fn interrupted(worker_id: WorkerId, job: Option<JobId>, handover: Option<&Handov
     }
 }
 
-/// Frees the gang's workers that are still assigned.
 /// Sets [`Worker::held_state`] of those of `gang` whose held state passes `which`.
 fn set_held_state(state: &mut State, gang: &[WorkerId], which: impl Fn(HeldState) -> bool, to: HeldState) {
     for id in gang {
@@ -1191,6 +1190,7 @@ fn set_held_state(state: &mut State, gang: &[WorkerId], which: impl Fn(HeldState
     }
 }
 
+/// Frees the gang's workers that are still assigned.
 fn release(state: &mut State, gang: &[WorkerId]) {
     for id in gang {
         if let Some(worker) = state.workers.get_mut(id) {
@@ -1391,8 +1391,13 @@ fn generation_ended(
             );
             job.updated_at_unix_ms = now;
             push_event(job, now, "budget", job.reason.clone());
+            let builtin = job.spec.command().is_none();
             let gang = job.end_gang();
             release(state, &gang);
+            if builtin {
+                // Its ranks stopped at a checkpoint and keep that state.
+                set_held_state(state, &gang, |_| true, HeldState::Job(job_id));
+            }
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
         }
         GenerationEnd::Checkpointed => {
