@@ -208,10 +208,10 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
         .filter(|w| !promised.contains(&w.id))
         .filter(|w| w.suspect_since_unix_ms.is_none_or(|since| heard_at(w.id) >= since))
         .filter(|w| !w.held_unreachable(now_ms))
-        .filter_map(|w| match (w.draining, state.rejoins(w, now_ms)) {
-            (false, _) => Some(as_free(state, w)),
-            (true, Some(job)) => Some(FreeWorker { only_for: Some(job), ..as_free(state, w) }),
-            (true, None) => None,
+        .filter_map(|w| {
+            // A draining worker is free only for the job whose next gang it may rejoin.
+            let only_for = if w.draining { Some(state.rejoins(w, now_ms)?) } else { None };
+            Some(FreeWorker { only_for, ..as_free(state, w) })
         })
         .collect()
 }

@@ -407,9 +407,10 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             job.resume_peer_bytes = job.resume_peer_bytes.saturating_add(peer_bytes);
             job.resume_storage_bytes = job.resume_storage_bytes.saturating_add(storage_bytes);
-            let planned = stopped_for.map(|reason| format!("the stop ({})", reason.name()));
-            let since =
-                planned.as_deref().unwrap_or(if handover { "the stop (handover)" } else { "the notice or loss" });
+            let since = match stopped_for.or(handover.then_some(StopReason::Handover)) {
+                Some(reason) => format!("the stop ({})", reason.name()),
+                None => "the notice or loss".to_string(),
+            };
             push_event(
                 job,
                 now,
@@ -1190,6 +1191,15 @@ fn set_held_state(state: &mut State, gang: &[WorkerId], which: impl Fn(HeldState
     }
 }
 
+/// The ranks of `job_id`'s gang that just ended keep the state they stopped with (at a stop,
+/// the one they stopped at; at a break, the one a survivor holds): a built-in job's alone, a
+/// command job's lives in its program.
+fn ranks_keep_state(state: &mut State, job_id: JobId, gang: &[WorkerId]) {
+    if state.jobs.get(&job_id).is_some_and(|j| j.spec.command().is_none()) {
+        set_held_state(state, gang, |_| true, HeldState::Job(job_id));
+    }
+}
+
 /// Frees the gang's workers that are still assigned.
 fn release(state: &mut State, gang: &[WorkerId]) {
     for id in gang {
@@ -1391,13 +1401,9 @@ fn generation_ended(
             );
             job.updated_at_unix_ms = now;
             push_event(job, now, "budget", job.reason.clone());
-            let builtin = job.spec.command().is_none();
             let gang = job.end_gang();
             release(state, &gang);
-            if builtin {
-                // Its ranks stopped at a checkpoint and keep that state.
-                set_held_state(state, &gang, |_| true, HeldState::Job(job_id));
-            }
+            ranks_keep_state(state, job_id, &gang);
             return Ok(Applied::GenerationEnded { job_id, state: JobState::Failed });
         }
         GenerationEnd::Checkpointed => {
@@ -1471,13 +1477,9 @@ fn generation_ended(
     }
     job.state = JobState::Pending;
     job.updated_at_unix_ms = now;
-    let builtin = job.spec.command().is_none();
     let gang = job.end_gang();
     release(state, &gang);
-    if builtin {
-        // Each rank keeps the state it stopped with (a survivor of a break, the one it holds).
-        set_held_state(state, &gang, |_| true, HeldState::Job(job_id));
-    }
+    ranks_keep_state(state, job_id, &gang);
     if matches!(end, GenerationEnd::PeerLost { .. }) {
         suspect(state, &gang, now);
     }
