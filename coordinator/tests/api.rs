@@ -393,7 +393,7 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
 
     // Only the join token (no credential), or a made-up secret: refused as unauthenticated.
     let bare = ApiClient::new(&node.address, "join-token").expect("client");
-    let beat = HeartbeatRequest { worker_id: insider_id.clone(), prepared_job_id: String::new() };
+    let beat = HeartbeatRequest { worker_id: insider_id.clone(), ..Default::default() };
     let call = |mut client: ApiClient| {
         let beat = beat.clone();
         async move {
@@ -409,6 +409,23 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
     bare.set_worker_credential(&format!("{insider_id}.{}", "00".repeat(32))).expect("credential");
     assert_eq!(call(bare).await.expect_err("made-up secret").kind, ErrorKind::Unauthenticated);
 
+    // A worker that holds the job's state in memory keeps it while the job runs...
+    let held = HeartbeatRequest { worker_id: outsider_id.clone(), held_job_id: job_id.clone(), ..Default::default() };
+    let beat_held = |client: &mut ApiClient| {
+        let held = held.clone();
+        let mut client = client.clone();
+        async move {
+            client
+                .call_cluster(|mut c| {
+                    let held = held.clone();
+                    async move { c.heartbeat(held).await }
+                })
+                .await
+                .expect("heartbeat")
+        }
+    };
+    assert!(!beat_held(outsider).await.held_job_ended, "the job runs: its state may be wanted");
+
     // The member itself is heard.
     let report = finished(insider_id);
     insider
@@ -419,6 +436,8 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
         .await
         .expect("the member reports");
     assert_eq!(job_state(&mut user, &job_id).await, JobState::Succeeded as i32);
+    // ... and is told to drop it once the job has ended.
+    assert!(beat_held(outsider).await.held_job_ended, "the job succeeded: no gang takes its state");
 }
 
 #[tokio::test]

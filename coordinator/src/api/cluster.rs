@@ -193,13 +193,17 @@ impl ClusterService for ClusterApi {
                 return Ok(Response::new(HeartbeatResponse {
                     lease_ms: LEASE.as_millis() as u64,
                     unknown_worker: true,
+                    held_job_ended: false,
                 }));
             }
         };
-        let worker = self
+        let held = request.get_ref().held_job_id.clone();
+        let (worker, held_job_ended) = self
             .node
             .read_local(move |state| {
-                state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.suspect_since_unix_ms)
+                let worker =
+                    state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.suspect_since_unix_ms);
+                (worker, held_job_ended(state, &held))
             })
             .await
             .map_err(status)?;
@@ -209,7 +213,11 @@ impl ClusterService for ClusterApi {
         if let Some(suspect_since) = worker {
             self.leases.renew(id, self.node.status().term, suspect_since, prepared);
         }
-        Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live }))
+        Ok(Response::new(HeartbeatResponse {
+            lease_ms: LEASE.as_millis() as u64,
+            unknown_worker: !live,
+            held_job_ended,
+        }))
     }
 
     type WatchAssignmentsStream = tokio_stream::wrappers::ReceiverStream<Result<Assignment, Status>>;
@@ -555,6 +563,17 @@ fn instances_to_proto(
         .collect();
     let total_cost_usd = state.instances.values().map(|i| i.cost_usd(now_unix_ms)).sum();
     ListInstancesResponse { instances, total_cost_usd, served_by: 0, next_page_token }
+}
+
+/// Whether the training job `held` (an agent's [`HeartbeatRequest::held_job_id`]) has ended or
+/// is no longer recorded (retention forgets only finished jobs): then no gang will take the state
+/// the agent holds of it, and the agent drops it. An agent keeps a stopped job's state through
+/// other work and idleness until then (the job's own finishing gang drops it at once; a worker
+/// outside that gang, or one of a cancelled job, learns it here). An empty or malformed id names
+/// nothing held.
+fn held_job_ended(state: &State, held: &str) -> bool {
+    let Ok(job) = held.parse::<JobId>() else { return false };
+    state.jobs.get(&job).is_none_or(|job| job.state.is_terminal())
 }
 
 /// What a worker should be doing, by the replicated state.
@@ -937,6 +956,29 @@ mod tests {
             Ok(Applied::WorkerRegistered { worker_id }) => worker_id,
             other => panic!("the worker registers: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_held_state_is_dropped_once_its_job_has_ended_or_is_forgotten() {
+        let mut state = State::default();
+        let spec = "name = \"held\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+                    workers = { min = 1, max = 1 }\n";
+        let submit = Command::SubmitJob {
+            spec: Box::new(flotilla_core::spec::JobSpec::from_toml_str(spec).expect("spec")),
+            client_request_id: "held".into(),
+        };
+        apply(&mut state, 1, Envelope::new(1000, submit)).expect("submit");
+        let worker = register(&mut state, 2);
+        assert!(!held_job_ended(&state, "job-1"), "a queued job may take its state back");
+        let assign = Command::AssignGang { job_id: JobId(1), workers: vec![worker] };
+        apply(&mut state, 3, Envelope::new(3000, assign)).expect("assign");
+        assert!(!held_job_ended(&state, "job-1"), "a running job may stop and regroup");
+        assert!(!held_job_ended(&state, ""), "nothing held");
+        assert!(!held_job_ended(&state, "not a job"), "a malformed id names nothing");
+        assert!(held_job_ended(&state, "job-9"), "a job the cluster does not record (forgotten)");
+        let cancel = Command::CancelJob { job_id: JobId(1), reason: String::new() };
+        apply(&mut state, 4, Envelope::new(4000, cancel)).expect("cancel");
+        assert!(held_job_ended(&state, "job-1"), "cancelled: no gang will take it");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use flotilla_proto::client::ApiClient;
 use flotilla_proto::v1::{HeartbeatRequest, LeaveRequest, RegisterWorkerRequest, WorkerCapabilities};
 use flotilla_proto::{ApiError, ErrorKind};
 
+use crate::checkpoint::peer::HELD;
+
 /// Heartbeat interval used if the coordinator names none (or an absurd one).
 const HEARTBEAT_FALLBACK: Duration = Duration::from_secs(1);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
@@ -112,14 +114,18 @@ pub async fn run(
                     _ = tokio::time::sleep(interval) => {}
                     _ = beat_now.notified() => {}
                 }
-                let request =
-                    HeartbeatRequest { worker_id: registered.worker_id.clone(), prepared_job_id: shared.prepared() };
-                client
+                let request = HeartbeatRequest {
+                    worker_id: registered.worker_id.clone(),
+                    prepared_job_id: shared.prepared(),
+                    held_job_id: HELD.held_job().unwrap_or_default(),
+                };
+                let answer = client
                     .call_cluster(|mut c| {
                         let request = request.clone();
                         async move { c.heartbeat(request).await }
                     })
-                    .await
+                    .await;
+                (request.held_job_id, answer)
             };
             let answer = tokio::select! {
                 _ = &mut shutdown => {
@@ -128,9 +134,16 @@ pub async fn run(
                 }
                 answer = beat => answer,
             };
+            let (held, answer) = answer;
             match answer {
                 Ok(beat) if beat.unknown_worker => break, // declared lost: register again
-                Ok(_) => {}
+                Ok(beat) => {
+                    if beat.held_job_ended && !held.is_empty() {
+                        // Only if it still holds that job's state (release checks).
+                        HELD.release(&held);
+                        tracing::info!(job = %held, "dropped the job's state held in memory: the job has ended");
+                    }
+                }
                 Err(e) => match AgentError::from(e) {
                     refused @ AgentError::Refused(_) => return Err(refused),
                     AgentError::Api(e) => eprintln!("heartbeat failed, retrying: {e}"),

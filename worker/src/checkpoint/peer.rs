@@ -180,6 +180,12 @@ impl Holder {
         }
     }
 
+    /// The job whose state is held (one at most), if any: the agent's heartbeat names it, and
+    /// drops it with [`Holder::release`] once the cluster answers that the job has ended.
+    pub fn held_job(&self) -> Option<String> {
+        self.slots.lock().ok()?.entry.as_ref().map(|e| e.job_id.clone())
+    }
+
     /// A push of `job_id`'s state will come (this worker replaces a leaving member): the
     /// job's next rank waits for it a little ([`ANNOUNCED_PUSH_WAIT_MAX`]).
     pub fn push_announced(&self, job_id: &str) {
@@ -715,7 +721,9 @@ pub(crate) mod tests {
         let holder = Holder::new();
         let s = state(60);
         let f = fingerprint(&s);
+        assert_eq!(holder.held_job(), None);
         holder.hold("7", s.clone());
+        assert_eq!(holder.held_job().as_deref(), Some("7"), "what the heartbeat names");
         assert!(holder.held("7", &f).is_some_and(|got| same(&got.state, &s)));
         assert!(holder.held("8", &f).is_none(), "another job's state");
         assert!(holder.held("7", &fingerprint(&state(61))).is_none(), "another checkpoint");
@@ -724,6 +732,7 @@ pub(crate) mod tests {
         assert!(holder.held("7", &f).is_some());
         holder.release("7");
         assert!(holder.held("7", &f).is_none());
+        assert_eq!(holder.held_job(), None);
         // Held with the writer's encoding (rank 0 at a stop): the same fingerprint and state,
         // and the same bytes a peer gets as an encoding made by the holder.
         let encoded = Encoded::of(&s).expect("fits");
