@@ -812,9 +812,19 @@ fn a_member_gone_silent_is_found_by_its_lease_and_loses_no_step() {
     });
     let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
     assert!(events(&regrouped, "member_lost").iter().any(|m| m.contains(&format!("{victim} was lost"))), "{regrouped}");
+    let members = gang(home, &job);
     let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
     assert_resumed_from_survivors(&done);
     assert_accurate(&done);
+    // Each member held the state the new generation started from (the survivor its own, the
+    // newcomer the copy it received) and dropped it once a newer checkpoint was written.
+    for member in &members {
+        let log = std::fs::read_to_string(agent_log(home, member)).expect("its agent log");
+        assert!(
+            log.lines().any(|l| l.contains("dropped the state held in memory") && l.contains(&format!("job={job} "))),
+            "{member} kept the state it resumed from:\n{log}"
+        );
+    }
 }
 
 /// A gang that breaks regroups on its survivor even when idle workers with lower ids are free:

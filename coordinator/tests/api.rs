@@ -410,7 +410,12 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
     assert_eq!(call(bare).await.expect_err("made-up secret").kind, ErrorKind::Unauthenticated);
 
     // A worker that holds the job's state in memory keeps it while the job runs...
-    let held = HeartbeatRequest { worker_id: outsider_id.clone(), held_job_id: job_id.clone(), ..Default::default() };
+    let held = HeartbeatRequest {
+        worker_id: outsider_id.clone(),
+        held_job_id: job_id.clone(),
+        held_step: Some(5),
+        ..Default::default()
+    };
     let beat_held = |client: &mut ApiClient| {
         let held = held.clone();
         let mut client = client.clone();
@@ -424,7 +429,7 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
                 .expect("heartbeat")
         }
     };
-    assert!(!beat_held(outsider).await.held_job_ended, "the job runs: its state may be wanted");
+    assert!(!beat_held(outsider).await.drop_held, "the job runs: its state may be wanted");
 
     // The member itself is heard.
     let report = finished(insider_id);
@@ -437,7 +442,7 @@ async fn a_worker_credential_acts_only_for_its_own_worker_and_gang() {
         .expect("the member reports");
     assert_eq!(job_state(&mut user, &job_id).await, JobState::Succeeded as i32);
     // ... and is told to drop it once the job has ended.
-    assert!(beat_held(outsider).await.held_job_ended, "the job succeeded: no gang takes its state");
+    assert!(beat_held(outsider).await.drop_held, "the job succeeded: no gang takes its state");
 }
 
 #[tokio::test]

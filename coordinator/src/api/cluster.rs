@@ -193,17 +193,17 @@ impl ClusterService for ClusterApi {
                 return Ok(Response::new(HeartbeatResponse {
                     lease_ms: LEASE.as_millis() as u64,
                     unknown_worker: true,
-                    held_job_ended: false,
+                    drop_held: false,
                 }));
             }
         };
-        let held = request.get_ref().held_job_id.clone();
-        let (worker, held_job_ended) = self
+        let (held, held_step) = (request.get_ref().held_job_id.clone(), request.get_ref().held_step);
+        let (worker, drop_held) = self
             .node
             .read_local(move |state| {
                 let worker =
                     state.workers.get(&id).filter(|w| w.lost_at_unix_ms.is_none()).map(|w| w.suspect_since_unix_ms);
-                (worker, held_job_ended(state, &held))
+                (worker, held_state_obsolete(state, &held, held_step))
             })
             .await
             .map_err(status)?;
@@ -213,11 +213,7 @@ impl ClusterService for ClusterApi {
         if let Some(suspect_since) = worker {
             self.leases.renew(id, self.node.status().term, suspect_since, prepared);
         }
-        Ok(Response::new(HeartbeatResponse {
-            lease_ms: LEASE.as_millis() as u64,
-            unknown_worker: !live,
-            held_job_ended,
-        }))
+        Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live, drop_held }))
     }
 
     type WatchAssignmentsStream = tokio_stream::wrappers::ReceiverStream<Result<Assignment, Status>>;
@@ -565,15 +561,20 @@ fn instances_to_proto(
     ListInstancesResponse { instances, total_cost_usd, served_by: 0, next_page_token }
 }
 
-/// Whether the training job `held` (an agent's [`HeartbeatRequest::held_job_id`]) has ended or
-/// is no longer recorded (retention forgets only finished jobs): then no gang will take the state
-/// the agent holds of it, and the agent drops it. An agent keeps a stopped job's state through
-/// other work and idleness until then (the job's own finishing gang drops it at once; a worker
-/// outside that gang, or one of a cancelled job, learns it here). An empty or malformed id names
-/// nothing held.
-fn held_job_ended(state: &State, held: &str) -> bool {
+/// Whether the state an agent holds in memory of the training job `held` (its
+/// [`HeartbeatRequest::held_job_id`], at step `held_step`) can no longer be taken by a gang: the
+/// job has ended or is no longer recorded (retention forgets only finished jobs), or it recorded
+/// a written checkpoint newer than that step (its next generation resumes from that one or a
+/// later one, whose fingerprint the held state cannot match). Then the agent drops it. An agent
+/// keeps a state through other work and idleness until then: the job's own finishing gang drops
+/// it at once; a worker outside that gang, one of a cancelled job, or a member whose gang has
+/// trained past the state it started from learns it here. An empty or malformed id names nothing
+/// held.
+fn held_state_obsolete(state: &State, held: &str, held_step: Option<u64>) -> bool {
     let Ok(job) = held.parse::<JobId>() else { return false };
-    state.jobs.get(&job).is_none_or(|job| job.state.is_terminal())
+    let Some(job) = state.jobs.get(&job).filter(|job| !job.state.is_terminal()) else { return true };
+    held_step
+        .is_some_and(|held| job.latest_checkpoint.iter().chain(&job.checkpoints).any(|c| !c.pending && c.step > held))
 }
 
 /// What a worker should be doing, by the replicated state.
@@ -959,7 +960,7 @@ mod tests {
     }
 
     #[test]
-    fn a_held_state_is_dropped_once_its_job_has_ended_or_is_forgotten() {
+    fn a_held_state_is_dropped_once_no_gang_can_take_it() {
         let mut state = State::default();
         let spec = "name = \"held\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
                     workers = { min = 1, max = 1 }\n";
@@ -969,16 +970,40 @@ mod tests {
         };
         apply(&mut state, 1, Envelope::new(1000, submit)).expect("submit");
         let worker = register(&mut state, 2);
-        assert!(!held_job_ended(&state, "job-1"), "a queued job may take its state back");
+        let obsolete = |state: &State, held: &str, step| held_state_obsolete(state, held, step);
+        assert!(!obsolete(&state, "job-1", Some(40)), "a queued job may take its state back");
         let assign = Command::AssignGang { job_id: JobId(1), workers: vec![worker] };
         apply(&mut state, 3, Envelope::new(3000, assign)).expect("assign");
-        assert!(!held_job_ended(&state, "job-1"), "a running job may stop and regroup");
-        assert!(!held_job_ended(&state, ""), "nothing held");
-        assert!(!held_job_ended(&state, "not a job"), "a malformed id names nothing");
-        assert!(held_job_ended(&state, "job-9"), "a job the cluster does not record (forgotten)");
+        assert!(!obsolete(&state, "job-1", Some(40)), "a running job may stop and regroup");
+        assert!(!obsolete(&state, "", None), "nothing held");
+        assert!(!obsolete(&state, "not a job", Some(1)), "a malformed id names nothing");
+        assert!(obsolete(&state, "job-9", None), "a job the cluster does not record (forgotten)");
+        // Checkpoints: the state of the step a next generation resumes from, or of a later step
+        // (a survivor's after a break), is kept; an older one is dropped once a newer checkpoint
+        // is written, not while it is only announced.
+        let checkpoint = |step, pending| CheckpointRecord {
+            step,
+            uri: format!("file:///s/jobs/job-1/ckpt/{step}"),
+            size_bytes: 1,
+            manifest_sha256: "ab".repeat(32),
+            epoch: 0,
+            global_sample_offset: 0,
+            generation: 1,
+            deleting: false,
+            pending,
+            writer: None,
+        };
+        state.jobs.get_mut(&JobId(1)).expect("job").latest_checkpoint = Some(checkpoint(40, true));
+        assert!(!obsolete(&state, "job-1", Some(20)), "the newer one is still written");
+        state.jobs.get_mut(&JobId(1)).expect("job").latest_checkpoint = Some(checkpoint(40, false));
+        assert!(obsolete(&state, "job-1", Some(20)), "trained past it");
+        assert!(!obsolete(&state, "job-1", Some(40)), "the resume point");
+        assert!(!obsolete(&state, "job-1", Some(45)), "newer than the checkpoint");
+        assert!(!obsolete(&state, "job-1", None), "no step named (an older agent): the job's end decides");
         let cancel = Command::CancelJob { job_id: JobId(1), reason: String::new() };
         apply(&mut state, 4, Envelope::new(4000, cancel)).expect("cancel");
-        assert!(held_job_ended(&state, "job-1"), "cancelled: no gang will take it");
+        assert!(obsolete(&state, "job-1", Some(40)), "cancelled: no gang will take it");
+        assert!(obsolete(&state, "job-1", None));
     }
 
     #[test]

@@ -114,10 +114,12 @@ pub async fn run(
                     _ = tokio::time::sleep(interval) => {}
                     _ = beat_now.notified() => {}
                 }
+                let held = HELD.held_job();
                 let request = HeartbeatRequest {
                     worker_id: registered.worker_id.clone(),
                     prepared_job_id: shared.prepared(),
-                    held_job_id: HELD.held_job().unwrap_or_default(),
+                    held_job_id: held.as_ref().map(|(job, _)| job.clone()).unwrap_or_default(),
+                    held_step: held.as_ref().map(|(_, step)| *step),
                 };
                 let answer = client
                     .call_cluster(|mut c| {
@@ -125,7 +127,7 @@ pub async fn run(
                         async move { c.heartbeat(request).await }
                     })
                     .await;
-                (request.held_job_id, answer)
+                (held, answer)
             };
             let answer = tokio::select! {
                 _ = &mut shutdown => {
@@ -138,10 +140,15 @@ pub async fn run(
             match answer {
                 Ok(beat) if beat.unknown_worker => break, // declared lost: register again
                 Ok(beat) => {
-                    if beat.held_job_ended && !held.is_empty() {
-                        // Only if it still holds that job's state (release checks).
-                        HELD.release(&held);
-                        tracing::info!(job = %held, "dropped the job's state held in memory: the job has ended");
+                    if beat.drop_held
+                        && let Some((job, step)) = held
+                        && HELD.drop_obsolete(&job, step)
+                    {
+                        tracing::info!(
+                            job = %job,
+                            step,
+                            "dropped the state held in memory: the job has ended or recorded a newer checkpoint"
+                        );
                     }
                 }
                 Err(e) => match AgentError::from(e) {

@@ -180,10 +180,22 @@ impl Holder {
         }
     }
 
-    /// The job whose state is held (one at most), if any: the agent's heartbeat names it, and
-    /// drops it with [`Holder::release`] once the cluster answers that the job has ended.
-    pub fn held_job(&self) -> Option<String> {
-        self.slots.lock().ok()?.entry.as_ref().map(|e| e.job_id.clone())
+    /// The job whose state is held (one at most) and that state's step, if any: the agent's
+    /// heartbeat names them, and drops the state with [`Holder::drop_obsolete`] once the cluster
+    /// answers that no gang can take it.
+    pub fn held_job(&self) -> Option<(String, u64)> {
+        self.slots.lock().ok()?.entry.as_ref().map(|e| (e.job_id.clone(), e.cell.step))
+    }
+
+    /// Drops the held state if it is still `job_id`'s of step `step` (what the heartbeat named:
+    /// a newer state held meanwhile stays). Returns whether it did.
+    pub fn drop_obsolete(&self, job_id: &str, step: u64) -> bool {
+        let Ok(mut slots) = self.slots.lock() else { return false };
+        let named = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step == step);
+        if named {
+            slots.entry = None;
+        }
+        named
     }
 
     /// A push of `job_id`'s state will come (this worker replaces a leaving member): the
@@ -723,7 +735,10 @@ pub(crate) mod tests {
         let f = fingerprint(&s);
         assert_eq!(holder.held_job(), None);
         holder.hold("7", s.clone());
-        assert_eq!(holder.held_job().as_deref(), Some("7"), "what the heartbeat names");
+        assert_eq!(holder.held_job(), Some(("7".to_string(), 60)), "what the heartbeat names");
+        // The heartbeat's answer drops only the state it named.
+        assert!(!holder.drop_obsolete("7", 59) && !holder.drop_obsolete("8", 60));
+        assert!(holder.held("7", &f).is_some());
         assert!(holder.held("7", &f).is_some_and(|got| same(&got.state, &s)));
         assert!(holder.held("8", &f).is_none(), "another job's state");
         assert!(holder.held("7", &fingerprint(&state(61))).is_none(), "another checkpoint");
@@ -732,6 +747,9 @@ pub(crate) mod tests {
         assert!(holder.held("7", &f).is_some());
         holder.release("7");
         assert!(holder.held("7", &f).is_none());
+        assert_eq!(holder.held_job(), None);
+        holder.hold("7", s.clone());
+        assert!(holder.drop_obsolete("7", 60));
         assert_eq!(holder.held_job(), None);
         // Held with the writer's encoding (rank 0 at a stop): the same fingerprint and state,
         // and the same bytes a peer gets as an encoding made by the holder.
