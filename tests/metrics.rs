@@ -262,7 +262,38 @@ fn agents_serve_their_own_metrics() {
     assert!(total(&running, "flotilla_agent_checkpoint_seconds_count") >= 2.0, "checkpoint durations observed");
     assert!(total(&running, "flotilla_agent_checkpoint_stall_seconds_count") >= 1.0, "stalls observed");
     assert!(total(&running, "flotilla_agent_checkpoint_bytes_total") > 0.0);
+    for samples in &running {
+        let held = samples.iter().find(|s| s.name == "flotilla_agent_held_state_bytes").map(|s| s.value);
+        assert_eq!(held, Some(0.0), "nothing held while the first generation trains");
+    }
+
+    // A job of higher priority stops it: each rank keeps the stop step's state in memory for
+    // the job's next gang, through the urgent job...
+    let urgent = cluster.dir.path().join("urgent.toml");
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("\"agents\"", "\"urgent\"");
+    std::fs::write(&urgent, format!("priority = 5\n{text}")).expect("spec");
+    let urgent = submit(home, &urgent);
+    let held_by_each = |want: &dyn Fn(f64) -> bool| {
+        scrape_all().is_some_and(|all| {
+            all.iter()
+                .all(|samples| samples.iter().any(|s| s.name == "flotilla_agent_held_state_bytes" && want(s.value)))
+        })
+    };
+    common::eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || held_by_each(&|bytes| bytes > 0.0),
+        || format!("the stopped job's state is not held by both agents: {}", common::json(home, &["status", &job])),
+    );
+    // ... until it is cancelled: the next heartbeat learns no gang will take it.
     assert!(run_ok(home, &["cancel", &job]));
+    common::eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || held_by_each(&|bytes| bytes == 0.0),
+        || "the cancelled job's state is still held".to_string(),
+    );
+    assert!(run_ok(home, &["cancel", &urgent]));
 }
 
 fn run_ok(home: &std::path::Path, args: &[&str]) -> bool {

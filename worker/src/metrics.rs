@@ -1,6 +1,7 @@
 //! The agent's own metrics for Prometheus: `GET /metrics` on `flotilla worker --metrics-addr`,
 //! in the OpenMetrics text format. Process-wide counters updated where the work happens (the
-//! step loop, the checkpoint writers, the notice watcher); no state is sampled.
+//! step loop, the checkpoint writers, the notice watcher); only the held state's size is
+//! sampled (at each heartbeat).
 //!
 //! Checkpoint *stall* is what the step loop waited for (snapshot copies, a save fallen behind,
 //! the final save at a stop); checkpoint *duration* is the background write and upload, which
@@ -46,6 +47,9 @@ pub struct AgentMetrics {
     pub resume_peer_bytes: Counter,
     /// Bytes of resume state read from the store.
     pub resume_storage_bytes: Counter,
+    /// Bytes of a job's state held in memory for its next gang (its checkpoint encoding; 0:
+    /// none), sampled at each heartbeat.
+    pub held_state_bytes: Gauge,
 }
 
 /// This process's agent metrics.
@@ -66,6 +70,7 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
     resumes_from_storage: Counter::default(),
     resume_peer_bytes: Counter::default(),
     resume_storage_bytes: Counter::default(),
+    held_state_bytes: Gauge::default(),
 });
 
 /// The exposition of `metrics`.
@@ -114,6 +119,11 @@ pub fn render(metrics: &AgentMetrics) -> Result<String, std::fmt::Error> {
     for (name, help, counter) in resumes {
         registry.register(name, help, counter.clone());
     }
+    registry.register(
+        "held_state_bytes",
+        "Bytes of a job's state held in memory for its next gang (checkpoint encoding), sampled at each heartbeat",
+        metrics.held_state_bytes.clone(),
+    );
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)

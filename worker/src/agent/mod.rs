@@ -115,6 +115,7 @@ pub async fn run(
                     _ = beat_now.notified() => {}
                 }
                 let held = HELD.held_job();
+                crate::metrics::AGENT.held_state_bytes.set(HELD.held_bytes().try_into().unwrap_or(i64::MAX));
                 let request = HeartbeatRequest {
                     worker_id: registered.worker_id.clone(),
                     prepared_job_id: shared.prepared(),

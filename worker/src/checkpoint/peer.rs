@@ -187,6 +187,15 @@ impl Holder {
         self.slots.lock().ok()?.entry.as_ref().map(|e| (e.job_id.clone(), e.cell.step))
     }
 
+    /// Bytes of the held state's checkpoint encoding (what a peer would be sent; the decoded
+    /// state beside it takes about as much again): 0 when nothing is held or it is still being
+    /// encoded. Never waits for the encoder.
+    pub fn held_bytes(&self) -> u64 {
+        let Ok(slots) = self.slots.lock() else { return 0 };
+        let encoded = slots.entry.as_ref().and_then(|e| e.cell.encoded.get().cloned().flatten());
+        encoded.map_or(0, |held| held.parts.iter().map(|p| p.len() as u64).sum())
+    }
+
     /// Drops the held state if it is still `job_id`'s of step `step` (what the heartbeat named:
     /// a newer state held meanwhile stays). Returns whether it did.
     pub fn drop_obsolete(&self, job_id: &str, step: u64) -> bool {
@@ -736,6 +745,12 @@ pub(crate) mod tests {
         assert_eq!(holder.held_job(), None);
         holder.hold("7", s.clone());
         assert_eq!(holder.held_job(), Some(("7".to_string(), 60)), "what the heartbeat names");
+        let encoded_bytes: u64 = Encoded::of(&s).expect("fits").parts.iter().map(|(_, p)| p.len() as u64).sum();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while holder.held_bytes() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1)); // the background encoder
+        }
+        assert_eq!(holder.held_bytes(), encoded_bytes);
         // The heartbeat's answer drops only the state it named.
         assert!(!holder.drop_obsolete("7", 59) && !holder.drop_obsolete("8", 60));
         assert!(holder.held("7", &f).is_some());
@@ -750,7 +765,7 @@ pub(crate) mod tests {
         assert_eq!(holder.held_job(), None);
         holder.hold("7", s.clone());
         assert!(holder.drop_obsolete("7", 60));
-        assert_eq!(holder.held_job(), None);
+        assert_eq!((holder.held_job(), holder.held_bytes()), (None, 0));
         // Held with the writer's encoding (rank 0 at a stop): the same fingerprint and state,
         // and the same bytes a peer gets as an encoding made by the holder.
         let encoded = Encoded::of(&s).expect("fits");
