@@ -994,7 +994,7 @@ mod tests {
             writer: None,
         };
         state.jobs.get_mut(&JobId(1)).expect("job").latest_checkpoint = Some(checkpoint(40, true));
-        assert!(!obsolete(&state, "job-1", Some(20)), "the newer one is still written");
+        assert!(!obsolete(&state, "job-1", Some(20)), "the newer one is still being written");
         state.jobs.get_mut(&JobId(1)).expect("job").latest_checkpoint = Some(checkpoint(40, false));
         assert!(obsolete(&state, "job-1", Some(20)), "trained past it");
         assert!(!obsolete(&state, "job-1", Some(40)), "the resume point");

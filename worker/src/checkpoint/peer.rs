@@ -192,7 +192,7 @@ impl Holder {
     /// encoded. Never waits for the encoder.
     pub fn held_bytes(&self) -> u64 {
         let Ok(slots) = self.slots.lock() else { return 0 };
-        let encoded = slots.entry.as_ref().and_then(|e| e.cell.encoded.get().cloned().flatten());
+        let encoded = slots.entry.as_ref().and_then(|e| e.cell.encoded.get()?.as_ref());
         encoded.map_or(0, |held| held.parts.iter().map(|p| p.len() as u64).sum())
     }
 
