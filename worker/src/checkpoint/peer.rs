@@ -173,11 +173,17 @@ impl Holder {
     /// state stays: a job stopped for this one (a higher priority's, or one that took free
     /// workers) resumes from it when its next gang holds it, rather than from the store.
     pub fn release(&self, job_id: &str) {
-        if let Ok(mut slots) = self.slots.lock()
-            && slots.entry.as_ref().is_some_and(|e| e.job_id == job_id)
-        {
+        self.drop_if(|e| e.job_id == job_id);
+    }
+
+    /// Drops the held state if `matches` it; returns whether it did.
+    fn drop_if(&self, matches: impl Fn(&HeldEntry) -> bool) -> bool {
+        let Ok(mut slots) = self.slots.lock() else { return false };
+        let dropped = slots.entry.as_ref().is_some_and(matches);
+        if dropped {
             slots.entry = None;
         }
+        dropped
     }
 
     /// The job whose state is held (one at most) and that state's step, if any: the agent's
@@ -199,12 +205,7 @@ impl Holder {
     /// Drops the held state if it is still `job_id`'s of step `step` (what the heartbeat named:
     /// a newer state held meanwhile stays). Returns whether it did.
     pub fn drop_obsolete(&self, job_id: &str, step: u64) -> bool {
-        let Ok(mut slots) = self.slots.lock() else { return false };
-        let named = slots.entry.as_ref().is_some_and(|e| e.job_id == job_id && e.cell.step == step);
-        if named {
-            slots.entry = None;
-        }
-        named
+        self.drop_if(|e| e.job_id == job_id && e.cell.step == step)
     }
 
     /// A push of `job_id`'s state will come (this worker replaces a leaving member): the
