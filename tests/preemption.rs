@@ -669,7 +669,7 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let spec = write_spec(dir, "spare", 40, 20);
     let text = std::fs::read_to_string(&spec).expect("spec");
-    std::fs::write(&spec, format!("{text}capacity = {{ spares = 1 }}\n")).expect("spec");
+    std::fs::write(&spec, format!("{text}capacity = {{ spares = 2 }}\n")).expect("spec");
     let job = submit(home, &spec);
     wait_for(home, &job, Duration::from_secs(60), "progress", |s| {
         s["state"] == "Running" && s["step"].as_u64().unwrap_or(0) > 0
@@ -685,6 +685,10 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
         .map(|id| (id.to_string(), agent_log(home, id)))
         .collect();
     assert_eq!(spares.len(), 2, "{workers}");
+    for (id, _) in &spares {
+        let listed = workers.as_array().and_then(|ws| ws.iter().find(|w| w["id"] == id.as_str())).expect("listed");
+        assert_eq!(listed["spare_of"].as_str(), Some(job.as_str()), "{listed}");
+    }
     let prepared = |text: &str| {
         text.lines().any(|l| l.contains("prepared the job") && l.contains("spare=true") && l.contains(&job))
     };
@@ -735,9 +739,10 @@ fn warm_spares_prepare_the_job_then_take_a_noticed_and_a_killed_members_place() 
 /// spare, so when the only member is killed (nobody survives to hold the state) the job resumes
 /// on the spare from the newest checkpoint without reading the store. Checkpoints are rare here
 /// (every 1000 steps, ~2 s apart) so that the kill comes after the spare holds the newest one.
+/// Of the two free workers, one is the spare (`spares = 1`): only it is pushed to.
 #[test]
 fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_without_the_store() {
-    let cluster = Local::up_with(2, &["--boot-delay-s", "120"]);
+    let cluster = Local::up_with(3, &["--boot-delay-s", "120"]);
     let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
     let every_steps = 1000;
     let spec = write_spec(dir, "solo", 30, every_steps);
@@ -761,6 +766,18 @@ fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_with
         || pushed(&std::fs::read_to_string(&agent_log).unwrap_or_default()),
         || format!("the checkpoint of step {step} never reached the spare: {}", agent_log.display()),
     );
+    // One of the two free workers is the spare, and every push went to it alone (so the job
+    // resumes below from a pushed checkpoint on that one).
+    let workers = json(home, &["workers", "-o", "json"]);
+    let listed = workers.as_array().expect("a list");
+    let spares: Vec<&Value> = listed.iter().filter(|w| w["spare_of"].as_str() == Some(job.as_str())).collect();
+    let free = listed.iter().filter(|w| w["job_id"].is_null()).count();
+    assert!(spares.len() == 1 && free == 2, "{workers}");
+    let spare_addr = format!("to={}", spares[0]["data_addr"].as_str().expect("data_addr"));
+    let pushes = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    let pushes: Vec<&str> =
+        pushes.lines().filter(|l| l.contains("pushed the newest checkpoint to a warm spare")).collect();
+    assert!(pushes.iter().all(|l| l.contains(&format!("{spare_addr} "))), "pushed to {spare_addr} only: {pushes:?}");
     let killed = run(home, &["preempt", &member, "--hard"]);
     assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
     let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");

@@ -83,6 +83,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
 }
 
 pub fn workers(state: &State, now_ms: u64) -> Value {
+    let spares: std::collections::BTreeMap<_, _> = flotilla_core::state::warm_spares(state, None).into_iter().collect();
     let workers: Vec<Value> = state
         .workers
         .values()
@@ -92,6 +93,7 @@ pub fn workers(state: &State, now_ms: u64) -> Value {
                 "state": w.condition(now_ms).name(),
                 "job": w.job.map(|j| j.to_string()),
                 "holds_state_of": state.rejoins(w, now_ms).map(|j| j.to_string()),
+                "spare_of": spares.get(&w.id).map(|j| j.to_string()),
                 "instance_id": w.info.instance_id,
                 "instance_type": w.info.instance_type,
                 "zone": w.info.zone,

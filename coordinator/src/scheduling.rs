@@ -189,6 +189,7 @@ fn as_free(state: &State, w: &flotilla_core::state::Worker) -> FreeWorker {
         spot: flotilla_core::state::on_spot(state, w.id),
         usd_per_hour: flotilla_core::state::usd_per_hour(state, w.id),
         only_for: None,
+        spare: false,
     }
 }
 
@@ -201,6 +202,8 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
     // Workers promised to a handover (only a running job has one) are not free for anybody else.
     let promised: std::collections::BTreeSet<WorkerId> =
         running.iter().flat_map(|j| j.reserved_replacements()).collect();
+    let spares: std::collections::BTreeSet<WorkerId> =
+        flotilla_core::state::warm_spares(state, None).into_iter().map(|(w, _)| w).collect();
     state
         .workers
         .values()
@@ -211,7 +214,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
         .filter_map(|w| {
             // A draining worker is free only for the job whose next gang it may rejoin.
             let only_for = if w.draining { Some(state.rejoins(w, now_ms)?) } else { None };
-            Some(FreeWorker { only_for, ..as_free(state, w) })
+            Some(FreeWorker { only_for, spare: spares.contains(&w.id), ..as_free(state, w) })
         })
         .collect()
 }

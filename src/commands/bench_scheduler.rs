@@ -46,6 +46,7 @@ fn workload(jobs: usize, workers: usize) -> (Vec<PendingJob>, Vec<FreeWorker>) {
             spot: false,
             usd_per_hour: 0.0,
             only_for: None,
+            spare: false,
         })
         .collect();
     (pending, free)

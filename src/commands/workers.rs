@@ -285,6 +285,7 @@ fn worker_json(worker: &v1::WorkerInfo) -> Value {
         "registered_at_unix_ms": worker.registered_at_unix_ms,
         "gone_at_unix_ms": worker.gone_at_unix_ms,
         "holds_state_of": worker.holds_state_of,
+        "spare_of": worker.spare_of,
     })
 }
 
@@ -322,19 +323,21 @@ pub fn list(args: ListArgs, coordinator: Option<&str>, output: OutputFormat) -> 
         OutputFormat::Json => print_json(&Value::Array(workers.iter().map(worker_json).collect())),
         OutputFormat::Text => {
             println!(
-                "{:<10} {:<11} {:<10} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
+                "{:<10} {:<11} {:<12} {:<20} {:<12} {:<12} {:>4} {:>4}  DATA ADDRESS",
                 "ID", "STATE", "JOB", "INSTANCE", "TYPE", "ZONE", "CPUS", "GPUS"
             );
             for w in &workers {
                 let caps = w.capabilities.clone().unwrap_or_default();
-                // A noticed worker that holds a waiting job's state: the job, in parentheses.
-                let job = match (&w.job_id, &w.holds_state_of) {
-                    (Some(job), _) => job.clone(),
-                    (None, Some(held)) => format!("({held})"),
-                    (None, None) => "-".to_string(),
+                // A noticed worker that holds a waiting job's state: the job, in parentheses; a
+                // warm spare: `spare:` and its job.
+                let job = match (&w.job_id, &w.holds_state_of, &w.spare_of) {
+                    (Some(job), _, _) => job.clone(),
+                    (None, Some(held), _) => format!("({held})"),
+                    (None, None, Some(spare_of)) => format!("spare:{spare_of}"),
+                    (None, None, None) => "-".to_string(),
                 };
                 println!(
-                    "{:<10} {:<11} {:<10} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
+                    "{:<10} {:<11} {:<12} {:<20} {:<12} {:<12} {:>4} {:>4}  {}",
                     w.id,
                     state_name(w),
                     job,

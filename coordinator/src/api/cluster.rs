@@ -124,7 +124,13 @@ fn capabilities(caps: Option<WorkerCapabilities>) -> Result<CoreWorkerInfo, Stat
     })
 }
 
-fn worker_to_proto(replicated: &State, worker: &Worker, last_heartbeat_unix_ms: u64, now_ms: u64) -> WorkerInfo {
+fn worker_to_proto(
+    replicated: &State,
+    worker: &Worker,
+    spare_of: Option<JobId>,
+    last_heartbeat_unix_ms: u64,
+    now_ms: u64,
+) -> WorkerInfo {
     let state = match worker.condition(now_ms) {
         WorkerCondition::Idle => WorkerState::Idle,
         WorkerCondition::Busy => WorkerState::Busy,
@@ -155,6 +161,7 @@ fn worker_to_proto(replicated: &State, worker: &Worker, last_heartbeat_unix_ms: 
         registered_at_unix_ms: worker.registered_at_unix_ms,
         gone_at_unix_ms: worker.lost_at_unix_ms,
         holds_state_of: replicated.rejoins(worker, now_ms).map(|j| j.to_string()),
+        spare_of: spare_of.map(|j| j.to_string()),
     }
 }
 
@@ -502,8 +509,15 @@ impl ClusterService for ClusterApi {
                 let (page, next) = super::page(sorted, after, limit);
                 let now_ms = crate::raft::node::now_unix_ms();
                 let heard = |w: &Worker| leases.last_heartbeat_unix_ms(w.id);
+                let last = page.last().map(|w| w.id);
+                let spares: std::collections::BTreeMap<WorkerId, JobId> = last
+                    .map(|last| flotilla_core::state::warm_spares(state, Some(last)))
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let spare_of = |w: &Worker| spares.get(&w.id).copied();
                 let page: Vec<WorkerInfo> =
-                    page.into_iter().map(|w| worker_to_proto(state, w, heard(w), now_ms)).collect();
+                    page.into_iter().map(|w| worker_to_proto(state, w, spare_of(w), heard(w), now_ms)).collect();
                 (page, next)
             })
             .await
@@ -805,16 +819,15 @@ fn resume_point(state: &State, c: &flotilla_core::state::CheckpointRecord) -> fl
     }
 }
 
-/// The data ports of `job`'s warm spares (the free workers [`flotilla_core::state::spare_for`]
-/// gives it), in worker order, at most [`flotilla_core::spec::SPARES_MAX`].
+/// The data ports of `job`'s warm spares ([`flotilla_core::state::warm_spares`]: at most its
+/// `capacity.spares`), in worker order.
 fn spare_addrs(state: &State, job: JobId) -> Vec<String> {
-    state
-        .workers
-        .values()
-        .filter(|w| w.job.is_none() && flotilla_core::state::spare_for(state, w.id).is_some_and(|j| j.id == job))
+    flotilla_core::state::warm_spares(state, None)
+        .into_iter()
+        .filter(|(_, of)| *of == job)
+        .filter_map(|(w, _)| state.workers.get(&w))
         .map(|w| w.info.data_addr.clone())
         .filter(|addr| !addr.is_empty())
-        .take(flotilla_core::spec::SPARES_MAX as usize)
         .collect()
 }
 

@@ -17,7 +17,7 @@
 //!   that gives it the most workers up to its `max`; among pools that give as many, the one
 //!   holding most of its previous gang, then the one with the most fitting free workers (ties:
 //!   the pool's name). In the pool it takes its previous gang's members first, then workers in
-//!   id order.
+//!   id order, running jobs' warm spares last ([`FreeWorker::spare`]).
 //! - Holders first: a job regrouping after a stop or a loss takes the free members of the gang
 //!   that ended ([`PendingJob::holders`]) before any other worker: they hold the state it
 //!   resumes from in memory (and its data loaded), so the new gang takes it from them over the
@@ -95,6 +95,9 @@ pub struct FreeWorker {
     /// Free for this job alone: a noticed holder of its state that may rejoin its next gang
     /// (`Worker::may_rejoin`); no other job, growth or inference takes it.
     pub only_for: Option<JobId>,
+    /// A running job's warm spare (`capacity.spares`: prepared, holding its newest checkpoint):
+    /// a pool's other fitting workers are taken first, so that it stays that job's spare.
+    pub spare: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,9 +314,11 @@ pub fn schedule_preempting(pending: &[PendingJob], free: &[FreeWorker], running:
         let kind = if w.spot { &mut pool.spot } else { &mut pool.on_demand };
         kind.workers.push((w.gpus, w.id, w.usd_per_hour));
     }
+    // Fewest GPUs first (the best fit), other jobs' warm spares last, then id order.
+    let spares: std::collections::BTreeSet<WorkerId> = free.iter().filter(|w| w.spare).map(|w| w.id).collect();
     for pool in pools.values_mut() {
-        pool.spot.workers.sort_by_key(|(g, id, _)| (*g, *id));
-        pool.on_demand.workers.sort_by_key(|(g, id, _)| (*g, *id));
+        pool.spot.workers.sort_by_key(|(g, id, _)| (*g, spares.contains(id), *id));
+        pool.on_demand.workers.sort_by_key(|(g, id, _)| (*g, spares.contains(id), *id));
     }
     let mut order: Vec<&PendingJob> = pending.iter().take(PENDING_JOBS_MAX).collect();
     order.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.submitted_index, j.id));

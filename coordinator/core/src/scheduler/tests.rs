@@ -29,6 +29,7 @@ fn worker(id: u64, gpus: u32, pool: &str) -> FreeWorker {
         spot: false,
         usd_per_hour: 0.0,
         only_for: None,
+        spare: false,
     }
 }
 
@@ -79,6 +80,23 @@ fn a_mixed_gang_prefers_one_pool_then_one_zone_then_spans_zones() {
     assert!(plan.waiting[&JobId(1)].contains("7 fit"), "{:?}", plan.waiting);
     // Without mixed_types the same job waits for one pool.
     assert!(schedule(&[job(1, 0, 3, 3, 0)], &free).placements.is_empty());
+}
+
+/// A running job's warm spare is taken after the pool's other fitting workers (so it stays that
+/// job's spare), and still taken when the gang needs it.
+#[test]
+fn other_jobs_warm_spares_are_taken_last() {
+    let w = |ids: &[u64]| ids.iter().map(|i| WorkerId(*i)).collect::<Vec<_>>();
+    let spare = FreeWorker { spare: true, ..worker(1, 0, "a") };
+    let free = [spare.clone(), worker(2, 0, "a"), worker(3, 0, "a")];
+    let plan = schedule(&[job(1, 0, 1, 1, 0)], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[2]) }]);
+    let plan = schedule(&[job(1, 0, 2, 3, 0)], &free);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[1, 2, 3]) }], "needed: taken");
+    // The best fit (fewest GPUs) still comes first: a spare without GPUs before a GPU worker.
+    let gpu = worker(4, 1, "a");
+    let plan = schedule(&[job(1, 0, 1, 1, 0)], &[spare, gpu]);
+    assert_eq!(plan.placements, [Placement { job: JobId(1), workers: w(&[1]) }]);
 }
 
 /// A noticed holder of a waiting job's state (free for that job alone) goes to that job first,

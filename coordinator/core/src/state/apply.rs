@@ -1048,29 +1048,63 @@ pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
     found
 }
 
-/// The running job `worker` is a warm spare of (`capacity.spares`), if any: a free worker that
-/// could replace one of its members, in its gang's pool (where the autoscaler keeps spares),
-/// the lowest job id when several fit. It prepares that job (data loaded, a warm-up step).
+/// The running job `worker` is a warm spare of (`capacity.spares`), if any ([`warm_spares`]).
+/// It prepares that job (data loaded, a warm-up step) and rank 0 pushes it every checkpoint.
 pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
-    let w = state.workers.get(&worker)?;
-    state.running_jobs().filter(|j| j.spec.capacity.spares > 0).find(|j| {
-        let pool = j.gang.first().and_then(|m| state.workers.get(m));
-        pool.is_some_and(|m| m.info.instance_type == w.info.instance_type && m.info.zone == w.info.zone)
-            && replacement_fits(state, j.id, worker)
-    })
+    let (last, job) = warm_spares(state, Some(worker)).pop()?;
+    (last == worker).then(|| state.jobs.get(&job)).flatten()
+}
+
+/// The warm spares (`capacity.spares`), each with its job, in worker order, up to `until`
+/// (`None`: all of them). Free workers are taken in id order, each by the lowest job id that
+/// it could replace a member of (in the job's gang pool, where the autoscaler keeps spares)
+/// and that has fewer than its `capacity.spares` so far; a free worker beyond every job's
+/// count is nobody's spare (it idles: no data loaded for it, no checkpoint pushed to it).
+/// The scan ends once every job has its spares: its cost is the free workers up to there.
+pub fn warm_spares(state: &State, until: Option<WorkerId>) -> Vec<(WorkerId, JobId)> {
+    fn pool_of(w: &crate::state::Worker) -> (&str, &str) {
+        (w.info.instance_type.as_str(), w.info.zone.as_str())
+    }
+    let mut wanting: Vec<(JobId, (&str, &str), u32)> = state
+        .running_jobs()
+        .filter(|j| j.spec.capacity.spares > 0)
+        .filter_map(|j| Some((j.id, pool_of(state.workers.get(j.gang.first()?)?), j.spec.capacity.spares)))
+        .collect();
+    let mut spares = Vec::new();
+    let candidates = state.workers.values().filter(|w| w.job.is_none() && w.lost_at_unix_ms.is_none());
+    for w in candidates.take_while(|w| until.is_none_or(|last| w.id <= last)) {
+        if wanting.is_empty() {
+            break;
+        }
+        let taken =
+            wanting.iter().position(|(job, pool, _)| *pool == pool_of(w) && replacement_fits(state, *job, w.id));
+        if let Some(index) = taken {
+            let (job, _, left) = &mut wanting[index];
+            spares.push((w.id, *job));
+            *left -= 1;
+            if *left == 0 {
+                wanting.remove(index);
+            }
+        }
+    }
+    spares
 }
 
 /// The free worker to replace the first noticed member of `job_id` still without a
 /// replacement, if any: one outside the noticed member's pool first (that pool is being
-/// reclaimed), then the lowest id; none held unreachable at `now`.
+/// reclaimed), then the job's own warm spare (prepared), then any but another job's spare,
+/// then the lowest id; none held unreachable at `now`.
 pub fn pick_replacement(state: &State, job_id: JobId, now: u64) -> Option<WorkerId> {
     let leaving = state.jobs.get(&job_id)?.awaited_handovers().next()?.leaving;
     let pool = state.workers.get(&leaving).map(|w| (w.info.instance_type.as_str(), w.info.zone.as_str()));
+    let spares: std::collections::BTreeMap<WorkerId, JobId> = warm_spares(state, None).into_iter().collect();
+    // 0: this job's spare, 1: nobody's, 2: another job's.
+    let whose = |w: WorkerId| spares.get(&w).map_or(1, |of| if *of == job_id { 0 } else { 2 });
     state
         .workers
         .values()
         .filter(|w| free_to_replace(state, job_id, w.id, now))
-        .min_by_key(|w| (Some((w.info.instance_type.as_str(), w.info.zone.as_str())) == pool, w.id))
+        .min_by_key(|w| (Some((w.info.instance_type.as_str(), w.info.zone.as_str())) == pool, whose(w.id), w.id))
         .map(|w| w.id)
 }
 

@@ -18,7 +18,9 @@ pub mod hostile;
 mod inference;
 mod types;
 
-pub use apply::{apply, held_unreachable, on_spot, pick_replacement, reserving_job, spare_for, usd_per_hour};
+pub use apply::{
+    apply, held_unreachable, on_spot, pick_replacement, reserving_job, spare_for, usd_per_hour, warm_spares,
+};
 pub use inference::{
     ATTEMPTS_DIR, INFERENCE_BATCH_DEFAULT, INFERENCE_BATCH_MAX, INFERENCE_SHARDS_MAX, INFERENCE_URI_LEN_MAX,
     INFERENCE_WORKERS_MAX, InferenceJob, InferenceProgress, InferenceRequest, LEASE_TIMEOUT_FACTOR,

@@ -209,6 +209,63 @@ fn a_gang_runs_finishes_and_frees_its_workers() {
     assert!(state.workers.values().all(|w| w.job.is_none()), "workers are free again");
 }
 
+/// Warm spares: free workers in id order go to the running jobs with `capacity.spares` in their
+/// gang's pool, the lowest job id first, each up to its count; the rest are nobody's spare (so
+/// rank 0 pushes each checkpoint to `spares` workers, not to every free worker in the pool).
+#[test]
+fn each_job_gets_at_most_its_spares_of_the_free_workers_in_its_pool() {
+    let mut state = State::default();
+    let spared = |name: &str, spares: u32| Command::SubmitJob {
+        spec: Box::new(
+            JobSpec::from_toml_str(&format!(
+                "name = \"{name}\"\nmodel = {{ kind = \"mlp\" }}\ndata = {{ train = \"synthetic:blobs\" }}\n\
+                 workers = {{ min = 1, max = 1 }}\ncapacity = {{ spares = {spares} }}\n"
+            ))
+            .expect("spec"),
+        ),
+        client_request_id: name.into(),
+    };
+    for (index, (name, spares)) in [("a", 1), ("b", 2), ("c", 0)].into_iter().enumerate() {
+        apply(&mut state, index as u64 + 1, Envelope::new(1, spared(name, spares))).expect("submit");
+    }
+    let workers: Vec<WorkerId> = (10..18).map(|index| register(&mut state, index)).collect();
+    // Another pool's free worker, lowest id of the free ones: not in any gang's pool.
+    state.workers.get_mut(&workers[3]).expect("worker").info.zone = "elsewhere".into();
+    for (job, member) in [(1, workers[0]), (2, workers[1]), (3, workers[2])] {
+        let assign = Command::AssignGang { job_id: JobId(job), workers: vec![member] };
+        apply(&mut state, 20 + job, Envelope::new(20, assign)).expect("assign");
+    }
+    let free = &workers[4..];
+    let expected = vec![(free[0], JobId(1)), (free[1], JobId(2)), (free[2], JobId(2))];
+    assert_eq!(warm_spares(&state, None), expected);
+    assert_eq!(warm_spares(&state, Some(free[1])), expected[..2]);
+    assert_eq!(spare_for(&state, free[0]).map(|j| j.id), Some(JobId(1)));
+    assert_eq!(spare_for(&state, free[2]).map(|j| j.id), Some(JobId(2)));
+    assert!(spare_for(&state, free[3]).is_none(), "beyond every job's spares: nobody's");
+    assert!(spare_for(&state, workers[3]).is_none(), "not in a gang's pool");
+    assert!(spare_for(&state, workers[0]).is_none(), "a member is no spare");
+    // A notice for job 2's member: its own spare replaces it, not job 1's (a lower id).
+    let mut noticed = state.clone();
+    noticed.workers.get_mut(&workers[3]).expect("worker").lost_at_unix_ms = Some(1);
+    let notice =
+        Command::WorkerInterrupted { worker_id: workers[1], kind: "spot".into(), action_at_unix_ms: Some(130_000) };
+    apply(&mut noticed, 25, Envelope::new(10_000, notice)).expect("notice");
+    assert_eq!(noticed.jobs[&JobId(2)].reserved_replacements().collect::<Vec<_>>(), [free[1]]);
+    // Job 1 ends: its spare goes to job 2 (lowest id first), which then has its two.
+    let finish = Command::JobFinished {
+        job_id: JobId(1),
+        generation: 1,
+        success: false,
+        reason: "x".into(),
+        step: 0,
+        metrics: None,
+        artifact: None,
+        reporter: None,
+    };
+    apply(&mut state, 30, Envelope::new(30, finish)).expect("finish");
+    assert_eq!(warm_spares(&state, None), vec![(workers[0], JobId(2)), (free[0], JobId(2))]);
+}
+
 /// The running index names exactly the running jobs to its readers, through starts, ends,
 /// cancellations and a snapshot's restore, while most jobs held wait in the queue.
 #[test]
