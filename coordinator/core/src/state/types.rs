@@ -27,7 +27,11 @@ use crate::spec::JobSpec;
 /// 8: a member of a waiting job's last gang noticed while it waits may rejoin its next gang
 /// and hand over from there (`Worker::holding_for`; `WorkerInterrupted` of a free worker and
 /// `AssignGang` apply differently).
-pub const STATE_VERSION: u32 = 8;
+/// 9: a job's warm spares are at most its `capacity.spares` of the free workers in its pool
+/// (`warm_spares`), and a noticed member's replacement is its job's own spare before other free
+/// workers and other jobs' spares last (`pick_replacement`: `WorkerInterrupted` and the
+/// commands that seek replacements apply differently).
+pub const STATE_VERSION: u32 = 9;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
