@@ -795,6 +795,64 @@ fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_with
     assert_accurate(&done);
 }
 
+/// A warm spare stays its job's spare once it holds the job's pushed checkpoints: a worker freed
+/// later with a lower id (another job cancelled) does not take its place, so the state pushed
+/// so far is not thrown away and the next push goes to the same worker.
+#[test]
+fn a_spare_holding_its_jobs_state_stays_the_spare_when_a_lower_worker_comes_free() {
+    let cluster = Local::up_with(3, &["--boot-delay-s", "120"]);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let one = |name: &str, spares: u32| {
+        let spec = write_spec(dir, name, 300, 20);
+        let text = std::fs::read_to_string(&spec).expect("spec").replace("min = 2, max = 2", "min = 1, max = 1");
+        std::fs::write(&spec, format!("{text}capacity = {{ spares = {spares} }}\n")).expect("spec");
+        spec
+    };
+    // The other job takes the lowest worker id; the spared job the next, its spare the last.
+    let other = submit(home, &one("other", 0));
+    wait_for(home, &other, Duration::from_secs(60), "running", |s| s["state"] == "Running");
+    let job = submit(home, &one("spared", 1));
+    wait_for(home, &job, Duration::from_secs(60), "a checkpoint", |s| {
+        s["state"] == "Running" && s["latest_checkpoint"]["step"].as_u64().unwrap_or(0) > 0
+    });
+    let workers = json(home, &["workers", "-o", "json"]);
+    let listed = workers.as_array().expect("a list");
+    let spare = listed.iter().find(|w| w["spare_of"].as_str() == Some(job.as_str())).expect("a spare");
+    let spare_id = spare["id"].as_str().expect("id").to_string();
+    let other_member = gang(home, &other).pop().expect("a member");
+    assert!(other_member < spare_id, "{workers}");
+    // Its hold is recorded by the leader (from the spare's heartbeat) ...
+    let coordinator_log = home.join("logs").join("coordinator-1.log");
+    eventually(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            std::fs::read_to_string(&coordinator_log).unwrap_or_default().lines().any(|l| {
+                l.contains("warm spares hold their job's state: recorded") && l.contains(&format!("{spare_id}:{job}"))
+            })
+        },
+        || format!("{spare_id}'s hold never recorded: {}", coordinator_log.display()),
+    );
+    // ... so the worker freed below it does not displace it.
+    let cancelled = run(home, &["cancel", &other]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    wait_for(home, &other, Duration::from_secs(30), "cancelled", |s| s["state"] == "Cancelled");
+    for _ in 0..10 {
+        let workers = json(home, &["workers", "-o", "json"]);
+        let spares: Vec<&str> = workers
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|w| w["spare_of"].as_str() == Some(job.as_str()))
+            .filter_map(|w| w["id"].as_str())
+            .collect();
+        assert_eq!(spares, [spare_id.as_str()], "{workers}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cancelled = run(home, &["cancel", &job]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+}
+
 /// A member that goes silent (SIGSTOP: its process frozen with its connections open, as a
 /// frozen or cut-off host, so its peers see no reset) is found by its 5 s lease; the survivor is
 /// told to stop waiting for it and reports the state it holds, so the job regroups on the free

@@ -83,7 +83,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
 }
 
 pub fn workers(state: &State, now_ms: u64) -> Value {
-    let spares: std::collections::BTreeMap<_, _> = flotilla_core::state::warm_spares(state, None).into_iter().collect();
+    let spares: std::collections::BTreeMap<_, _> = flotilla_core::state::warm_spares(state).into_iter().collect();
     let workers: Vec<Value> = state
         .workers
         .values()

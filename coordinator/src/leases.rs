@@ -33,6 +33,10 @@ struct Table {
     /// data loaded, GPU kernels compiled). Leader memory only: a new leader hears it again
     /// within a heartbeat.
     prepared: HashMap<WorkerId, JobId>,
+    /// The job whose state each worker last said it holds in memory, when the leader did not
+    /// answer that it may drop it (leader memory only, like `prepared`): a free one holding a
+    /// running job's state is recorded as that job's spare ([`crate::scheduling`]).
+    held: HashMap<WorkerId, JobId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +85,21 @@ impl Leases {
 
     pub fn last_heartbeat_unix_ms(&self, worker: WorkerId) -> u64 {
         self.table().heard.get(&worker).map_or(0, |h| h.unix_ms)
+    }
+
+    /// Records the job whose state `worker`'s last heartbeat said it holds, if any, and that
+    /// may still be wanted.
+    pub fn heard_holding(&self, worker: WorkerId, job: Option<JobId>) {
+        let mut table = self.table();
+        match job {
+            Some(job) => table.held.insert(worker, job),
+            None => table.held.remove(&worker),
+        };
+    }
+
+    /// The job whose state `worker` last said it holds (see [`Leases::heard_holding`]).
+    pub fn held_job(&self, worker: WorkerId) -> Option<JobId> {
+        self.table().held.get(&worker).copied()
     }
 
     /// The job `worker` last reported prepared (see [`Leases::renew`]).

@@ -11,13 +11,13 @@
 //! new leader sees exactly which workers are taken; a proposal that loses a race (a worker
 //! was lost meanwhile) is rejected by the state machine and retried on the next pass.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use flotilla_core::scheduler::{FreeWorker, PendingJob, Preemptible, RunningJob, grow, schedule_preempting};
 use flotilla_core::state::{
-    Command, Job, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason, WORKERS_HEARD_PER_COMMAND_MAX,
-    pick_replacement,
+    Command, HeldState, Job, JobState, PENDING_REASONS_PER_COMMAND_MAX, State, StopReason,
+    WORKERS_HEARD_PER_COMMAND_MAX, pick_replacement,
 };
 use flotilla_core::{JobId, WorkerId};
 
@@ -97,6 +97,26 @@ fn suspects_heard(state: &State, heard_at: impl Fn(WorkerId) -> u64) -> Vec<(Wor
         .collect()
 }
 
+/// Free workers whose heartbeat says they hold a running job's state (`held`: pushed to them as
+/// its warm spares) where the log does not say so yet ([`Command::SparesHolding`]); at most one
+/// command's worth. Nothing is read without a running job that keeps spares.
+fn spares_holding(state: &State, running: &[&Job], held: impl Fn(WorkerId) -> Option<JobId>) -> Vec<(WorkerId, JobId)> {
+    let spared: BTreeSet<JobId> =
+        running.iter().filter(|j| j.spec.capacity.spares > 0 && j.spec.command().is_none()).map(|j| j.id).collect();
+    if spared.is_empty() {
+        return Vec::new();
+    }
+    state
+        .workers
+        .values()
+        .filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none())
+        .filter_map(|w| {
+            held(w.id).filter(|job| spared.contains(job) && w.held_state != HeldState::Job(*job)).map(|job| (w.id, job))
+        })
+        .take(WORKERS_HEARD_PER_COMMAND_MAX)
+        .collect()
+}
+
 /// The jobs waiting for a gang (a scan of every job held).
 fn waiting_jobs(state: &State) -> impl Iterator<Item = &Job> {
     state.jobs.values().filter(|j| j.state == JobState::Pending)
@@ -104,16 +124,36 @@ fn waiting_jobs(state: &State) -> impl Iterator<Item = &Job> {
 
 /// The jobs waiting for a gang, as the planner takes them.
 fn pending_jobs(state: &State) -> Vec<PendingJob> {
-    waiting_jobs(state).map(|j| pending_job(state, j)).collect()
+    let spares = spare_holders(state);
+    waiting_jobs(state).map(|j| pending_job(state, j, &spares)).collect()
+}
+
+/// Free workers outside a job's last gang recorded holding its state (its warm spares while it
+/// ran, [`Command::SparesHolding`]), by job: one scan of the workers for every waiting job.
+fn spare_holders(state: &State) -> BTreeMap<JobId, Vec<WorkerId>> {
+    let mut holders: BTreeMap<JobId, Vec<WorkerId>> = BTreeMap::new();
+    for w in state.workers.values().filter(|w| w.lost_at_unix_ms.is_none() && w.job.is_none()) {
+        if let HeldState::Job(job) = w.held_state {
+            holders.entry(job).or_default().push(w.id);
+        }
+    }
+    holders
 }
 
 /// A waiting job as the planner takes it; its holders are the members of its last gang that
 /// may still hold the state it ended with ([`flotilla_core::state::Worker::may_hold_state_of`]:
-/// none that holds another job's since, or nothing). A command job's state lives in its
-/// program, restarted from the store: its last gang is only a preference.
-fn pending_job(state: &State, j: &Job) -> PendingJob {
+/// none that holds another job's since, or nothing), then its spares that hold its pushed
+/// checkpoints (`spares`: [`spare_holders`]). A command job's state lives in its program,
+/// restarted from the store: its last gang is only a preference.
+fn pending_job(state: &State, j: &Job, spares: &BTreeMap<JobId, Vec<WorkerId>>) -> PendingJob {
     let builtin = j.spec.command().is_none();
     let holds = |w: &WorkerId| !builtin || state.workers.get(w).is_some_and(|w| w.may_hold_state_of(j.id));
+    let mut holders: Vec<WorkerId> = j.ended_gang.iter().copied().filter(holds).collect();
+    for spare in spares.get(&j.id).into_iter().flatten() {
+        if builtin && !holders.contains(spare) {
+            holders.push(*spare);
+        }
+    }
     PendingJob {
         id: j.id,
         priority: j.spec.priority,
@@ -125,7 +165,7 @@ fn pending_job(state: &State, j: &Job) -> PendingJob {
         mixed: j.spec.capacity.mixed_types,
         instance_types: j.spec.capacity.instance_types.clone(),
         max_usd_per_hour: j.spec.capacity.max_price_usd_per_hour,
-        holders: j.ended_gang.iter().copied().filter(holds).collect(),
+        holders,
     }
 }
 
@@ -203,7 +243,7 @@ fn free_workers(state: &State, running: &[&Job], heard_at: impl Fn(WorkerId) -> 
     let promised: std::collections::BTreeSet<WorkerId> =
         running.iter().flat_map(|j| j.reserved_replacements()).collect();
     let spares: std::collections::BTreeSet<WorkerId> =
-        flotilla_core::state::warm_spares(state, None).into_iter().map(|(w, _)| w).collect();
+        flotilla_core::state::warm_spares(state).into_iter().map(|(w, _)| w).collect();
     state
         .workers
         .values()
@@ -354,7 +394,7 @@ pub async fn schedule_loop(
         let heard = leases.clone();
         let now_ms = crate::raft::node::now_unix_ms();
         let reasons_due = reasons_at.is_none_or(|at| at.elapsed() >= REASONS_EVERY);
-        let Ok((heard_from, handovers, pending, free, words, running, victims, inference, mut work)) = node
+        let Ok((heard_from, holding, handovers, pending, free, words, running, victims, inference, mut work)) = node
             .read_local(move |state| {
                 let reading = Instant::now();
                 let running = running_jobs(state);
@@ -363,12 +403,14 @@ pub async fn schedule_loop(
                 handovers.extend(members_lost_among(&running, now_ms));
                 let free = free_workers(state, &running, |w| heard.last_heartbeat_unix_ms(w), now_ms);
                 let heard_from = suspects_heard(state, |w| heard.last_heartbeat_unix_ms(w));
+                let holding = spares_holding(state, &running, |w| heard.held_job(w));
                 // Without a free worker nothing can be placed, grown or joined: the queue is
                 // read only when its reasons are due (thousands of pending jobs made every
                 // pass O(jobs) on the Raft thread under a stream of submissions), and then
                 // once for both.
                 let (pending, reasons): (Vec<PendingJob>, BTreeMap<JobId, String>) = if reasons_due {
-                    waiting_jobs(state).map(|j| (pending_job(state, j), (j.id, j.reason.clone()))).unzip()
+                    let spares = spare_holders(state);
+                    waiting_jobs(state).map(|j| (pending_job(state, j, &spares), (j.id, j.reason.clone()))).unzip()
                 } else if free.is_empty() {
                     (Vec::new(), BTreeMap::new())
                 } else {
@@ -393,7 +435,7 @@ pub async fn schedule_loop(
                 }
                 let growable = growable(state, &running);
                 let words = Words { reasons, made_way };
-                (heard_from, handovers, pending, free, words, growable, victims, inference, reading.elapsed())
+                (heard_from, holding, handovers, pending, free, words, growable, victims, inference, reading.elapsed())
             })
             .await
         else {
@@ -403,6 +445,14 @@ pub async fn schedule_loop(
         // Suspect workers heard from are alive: clear them (they may replace or spare again).
         if !heard_from.is_empty() {
             let _ = node.propose(Command::WorkersHeard { workers: heard_from }).await;
+        }
+        // Spares that hold their job's pushed state: recorded, so that they stay its spares.
+        if !holding.is_empty() {
+            let named: Vec<String> = holding.iter().map(|(w, j)| format!("{w}:{j}")).collect();
+            match node.propose(Command::SparesHolding { workers: holding }).await {
+                Ok(_) => tracing::info!(spares = %named.join(","), "warm spares hold their job's state: recorded"),
+                Err(e) => tracing::debug!(error = %e, "spares holding not recorded; next pass retries"),
+            }
         }
         // Handovers first: a running job's replacement before any placement.
         if !handovers.is_empty() {
@@ -681,6 +731,48 @@ mod tests {
         log.step(Command::AssignGang { job_id: other, workers: vec![WorkerId(1)] });
         log.step(stopped(other, 3));
         assert_eq!(holders(&log), Some(vec![WorkerId(2)]), "worker-1 holds job-2's state now");
+    }
+
+    /// A free worker whose heartbeat says it holds a running job's pushed state (its warm spare)
+    /// is recorded once; the job's spares then stay where the state is, and when the job waits
+    /// again its next gang takes that worker before the others.
+    #[test]
+    fn a_spare_heard_holding_its_jobs_state_is_recorded_and_taken_first() {
+        let mut log = Log::job_of_two(0);
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+             workers = { min = 1, max = 1 }\ncapacity = { spares = 1 }\n",
+        )
+        .expect("spec");
+        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "s".into() });
+        for index in 1..=4 {
+            log.register(index);
+        }
+        let spared = JobId(2);
+        log.step(Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1), WorkerId(2)] });
+        log.step(Command::AssignGang { job_id: spared, workers: vec![WorkerId(3)] });
+        let holding = |log: &Log, held: &dyn Fn(WorkerId) -> Option<JobId>| {
+            spares_holding(&log.state, &running_jobs(&log.state), held)
+        };
+        // worker-4 is the spare and says it holds job-2's state; job-1 keeps no spares.
+        assert_eq!(holding(&log, &|w| (w == WorkerId(4)).then_some(spared)), [(WorkerId(4), spared)]);
+        assert!(holding(&log, &|_| Some(JobId(1))).is_empty(), "job-1 keeps no spares");
+        assert!(holding(&log, &|_| None).is_empty());
+        log.step(Command::SparesHolding { workers: vec![(WorkerId(4), spared)] });
+        assert!(holding(&log, &|w| (w == WorkerId(4)).then_some(spared)).is_empty(), "recorded once");
+        // Job 1 ends: worker-1 and worker-2 are free with lower ids, but worker-4 stays the spare.
+        log.step(Command::CancelJob { job_id: JobId(1), reason: String::new() });
+        assert_eq!(flotilla_core::state::warm_spares(&log.state), [(WorkerId(4), spared)]);
+        // Job 2's member is lost: its next gang takes the spare that holds its state.
+        log.step(Command::WorkerLost { worker_id: WorkerId(3), last_step_seen: 5, last_heard_unix_ms: 0 });
+        let (pending, free) = scheduler_input(&log.state, |_| u64::MAX, 0);
+        let waiting = pending.iter().find(|j| j.id == spared).expect("job-2 waits");
+        assert_eq!(waiting.holders, [WorkerId(4)]);
+        let plan = schedule_preempting(&pending, &free, &[]);
+        assert_eq!(
+            plan.placements.iter().map(|p| (p.job, p.workers.clone())).collect::<Vec<_>>(),
+            [(spared, vec![WorkerId(4)])]
+        );
     }
 
     /// A survivor noticed while its job waits is free for that job alone while its notice leaves

@@ -219,6 +219,8 @@ impl ClusterService for ClusterApi {
         let prepared = request.get_ref().prepared_job_id.parse().ok();
         if let Some(suspect_since) = worker {
             self.leases.renew(id, self.node.status().term, suspect_since, prepared);
+            let holding = request.get_ref().held_job_id.parse().ok().filter(|_| !drop_held);
+            self.leases.heard_holding(id, holding);
         }
         Ok(Response::new(HeartbeatResponse { lease_ms: LEASE.as_millis() as u64, unknown_worker: !live, drop_held }))
     }
@@ -509,12 +511,8 @@ impl ClusterService for ClusterApi {
                 let (page, next) = super::page(sorted, after, limit);
                 let now_ms = crate::raft::node::now_unix_ms();
                 let heard = |w: &Worker| leases.last_heartbeat_unix_ms(w.id);
-                let last = page.last().map(|w| w.id);
-                let spares: std::collections::BTreeMap<WorkerId, JobId> = last
-                    .map(|last| flotilla_core::state::warm_spares(state, Some(last)))
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let spares: std::collections::BTreeMap<WorkerId, JobId> =
+                    flotilla_core::state::warm_spares(state).into_iter().collect();
                 let spare_of = |w: &Worker| spares.get(&w.id).copied();
                 let page: Vec<WorkerInfo> =
                     page.into_iter().map(|w| worker_to_proto(state, w, spare_of(w), heard(w), now_ms)).collect();
@@ -822,7 +820,7 @@ fn resume_point(state: &State, c: &flotilla_core::state::CheckpointRecord) -> fl
 /// The data ports of `job`'s warm spares ([`flotilla_core::state::warm_spares`]: at most its
 /// `capacity.spares`), in worker order.
 fn spare_addrs(state: &State, job: JobId) -> Vec<String> {
-    flotilla_core::state::warm_spares(state, None)
+    flotilla_core::state::warm_spares(state)
         .into_iter()
         .filter(|(_, of)| *of == job)
         .filter_map(|(w, _)| state.workers.get(&w))

@@ -680,6 +680,25 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             Ok(Applied::WorkersHeard { cleared })
         }
+        Command::SparesHolding { workers } => {
+            at_most(workers.len(), WORKERS_HEARD_PER_COMMAND_MAX, "spares holding")?;
+            let mut set = 0;
+            for (worker_id, job_id) in workers {
+                let spared = state.jobs.get(&job_id).is_some_and(|j| {
+                    j.state == JobState::Running && j.spec.capacity.spares > 0 && j.spec.command().is_none()
+                });
+                if let Some(worker) = state
+                    .workers
+                    .get_mut(&worker_id)
+                    .filter(|w| spared && w.job.is_none() && w.lost_at_unix_ms.is_none())
+                    .filter(|w| w.held_state != HeldState::Job(job_id))
+                {
+                    worker.held_state = HeldState::Job(job_id);
+                    set += 1;
+                }
+            }
+            Ok(Applied::SparesHolding { set })
+        }
         Command::SetPendingReasons { reasons } => {
             at_most(reasons.len(), PENDING_REASONS_PER_COMMAND_MAX, "pending reasons")?;
             let mut set = 0;
@@ -1051,17 +1070,18 @@ pub fn reserving_job(state: &State, worker: WorkerId) -> Option<&Job> {
 /// The running job `worker` is a warm spare of (`capacity.spares`), if any ([`warm_spares`]).
 /// It prepares that job (data loaded, a warm-up step) and rank 0 pushes it every checkpoint.
 pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
-    let (last, job) = warm_spares(state, Some(worker)).pop()?;
-    (last == worker).then(|| state.jobs.get(&job)).flatten()
+    let (_, job) = warm_spares(state).into_iter().find(|(w, _)| *w == worker)?;
+    state.jobs.get(&job)
 }
 
-/// The warm spares (`capacity.spares`), each with its job, in worker order, up to `until`
-/// (`None`: all of them). Free workers are taken in id order, each by the lowest job id that
-/// it could replace a member of (in the job's gang pool, where the autoscaler keeps spares)
-/// and that has fewer than its `capacity.spares` so far; a free worker beyond every job's
-/// count is nobody's spare (it idles: no data loaded for it, no checkpoint pushed to it).
-/// The scan ends once every job has its spares: its cost is the free workers up to there.
-pub fn warm_spares(state: &State, until: Option<WorkerId>) -> Vec<(WorkerId, JobId)> {
+/// The warm spares (`capacity.spares`), each with its job, in worker order. A job's spares are
+/// free workers that could replace one of its members, in its gang's pool (where the
+/// autoscaler keeps them), at most its `capacity.spares`: first those recorded holding its
+/// state (its spares already, [`Command::SparesHolding`]: a spare stays one while it is free),
+/// then the others in id order, each to the lowest job id that still wants one. A free worker
+/// beyond every job's count is nobody's spare: it idles (no data loaded for a job, no
+/// checkpoint pushed to it). The scan ends once every job has its spares.
+pub fn warm_spares(state: &State) -> Vec<(WorkerId, JobId)> {
     fn pool_of(w: &crate::state::Worker) -> (&str, &str) {
         (w.info.instance_type.as_str(), w.info.zone.as_str())
     }
@@ -1070,23 +1090,35 @@ pub fn warm_spares(state: &State, until: Option<WorkerId>) -> Vec<(WorkerId, Job
         .filter(|j| j.spec.capacity.spares > 0)
         .filter_map(|j| Some((j.id, pool_of(state.workers.get(j.gang.first()?)?), j.spec.capacity.spares)))
         .collect();
-    let mut spares = Vec::new();
-    let candidates = state.workers.values().filter(|w| w.job.is_none() && w.lost_at_unix_ms.is_none());
-    for w in candidates.take_while(|w| until.is_none_or(|last| w.id <= last)) {
-        if wanting.is_empty() {
-            break;
-        }
-        let taken =
-            wanting.iter().position(|(job, pool, _)| *pool == pool_of(w) && replacement_fits(state, *job, w.id));
-        if let Some(index) = taken {
-            let (job, _, left) = &mut wanting[index];
-            spares.push((w.id, *job));
-            *left -= 1;
-            if *left == 0 {
-                wanting.remove(index);
+    let mut spares: Vec<(WorkerId, JobId)> = Vec::new();
+    let free = || state.workers.values().filter(|w| w.job.is_none() && w.lost_at_unix_ms.is_none());
+    // Holders of a wanting job's state first (to that job alone), then the others.
+    for holders_only in [true, false] {
+        for w in free() {
+            if wanting.is_empty() {
+                break;
+            }
+            let held = match w.held_state {
+                HeldState::Job(job) => Some(job),
+                HeldState::Nothing | HeldState::Unknown => None,
+            };
+            if !holders_only && spares.iter().any(|(taken, _)| *taken == w.id) {
+                continue;
+            }
+            let fits = |job: JobId, pool: (&str, &str)| pool == pool_of(w) && replacement_fits(state, job, w.id);
+            let taken =
+                wanting.iter().position(|(job, pool, _)| (!holders_only || held == Some(*job)) && fits(*job, *pool));
+            if let Some(index) = taken {
+                let (job, _, left) = &mut wanting[index];
+                spares.push((w.id, *job));
+                *left -= 1;
+                if *left == 0 {
+                    wanting.remove(index);
+                }
             }
         }
     }
+    spares.sort();
     spares
 }
 
@@ -1097,7 +1129,7 @@ pub fn warm_spares(state: &State, until: Option<WorkerId>) -> Vec<(WorkerId, Job
 pub fn pick_replacement(state: &State, job_id: JobId, now: u64) -> Option<WorkerId> {
     let leaving = state.jobs.get(&job_id)?.awaited_handovers().next()?.leaving;
     let pool = state.workers.get(&leaving).map(|w| (w.info.instance_type.as_str(), w.info.zone.as_str()));
-    let spares: std::collections::BTreeMap<WorkerId, JobId> = warm_spares(state, None).into_iter().collect();
+    let spares: std::collections::BTreeMap<WorkerId, JobId> = warm_spares(state).into_iter().collect();
     // 0: this job's spare, 1: nobody's, 2: another job's.
     let whose = |w: WorkerId| spares.get(&w).map_or(1, |of| if *of == job_id { 0 } else { 2 });
     state

@@ -237,8 +237,7 @@ fn each_job_gets_at_most_its_spares_of_the_free_workers_in_its_pool() {
     }
     let free = &workers[4..];
     let expected = vec![(free[0], JobId(1)), (free[1], JobId(2)), (free[2], JobId(2))];
-    assert_eq!(warm_spares(&state, None), expected);
-    assert_eq!(warm_spares(&state, Some(free[1])), expected[..2]);
+    assert_eq!(warm_spares(&state), expected);
     assert_eq!(spare_for(&state, free[0]).map(|j| j.id), Some(JobId(1)));
     assert_eq!(spare_for(&state, free[2]).map(|j| j.id), Some(JobId(2)));
     assert!(spare_for(&state, free[3]).is_none(), "beyond every job's spares: nobody's");
@@ -262,8 +261,20 @@ fn each_job_gets_at_most_its_spares_of_the_free_workers_in_its_pool() {
         artifact: None,
         reporter: None,
     };
+    let mut unrecorded = state.clone();
+    apply(&mut unrecorded, 30, Envelope::new(30, finish.clone())).expect("finish");
+    assert_eq!(warm_spares(&unrecorded), vec![(workers[0], JobId(2)), (free[0], JobId(2))]);
+    // Once job 2's spares said they hold its state, they stay its spares: a worker freed with a
+    // lower id does not displace them. A busy worker, or a job without spares, is skipped.
+    let holding = Command::SparesHolding {
+        workers: vec![(free[1], JobId(2)), (free[2], JobId(2)), (workers[0], JobId(2)), (free[3], JobId(3))],
+    };
+    assert_eq!(apply(&mut state, 29, Envelope::new(29, holding)), Ok(Applied::SparesHolding { set: 2 }));
+    assert_eq!(state.workers[&free[1]].held_state, HeldState::Job(JobId(2)));
     apply(&mut state, 30, Envelope::new(30, finish)).expect("finish");
-    assert_eq!(warm_spares(&state, None), vec![(workers[0], JobId(2)), (free[0], JobId(2))]);
+    assert_eq!(warm_spares(&state), vec![(free[1], JobId(2)), (free[2], JobId(2))]);
+    let too_many = Command::SparesHolding { workers: vec![(free[1], JobId(2)); WORKERS_HEARD_PER_COMMAND_MAX + 1] };
+    assert!(apply(&mut state, 31, Envelope::new(31, too_many)).is_err());
 }
 
 /// The running index names exactly the running jobs to its readers, through starts, ends,

@@ -30,7 +30,8 @@ use crate::spec::JobSpec;
 /// 9: a job's warm spares are at most its `capacity.spares` of the free workers in its pool
 /// (`warm_spares`), and a noticed member's replacement is its job's own spare before other free
 /// workers and other jobs' spares last (`pick_replacement`: `WorkerInterrupted` and the
-/// commands that seek replacements apply differently).
+/// commands that seek replacements apply differently); spares heard holding their job's state
+/// are recorded (`SparesHolding`) and stay its spares.
 pub const STATE_VERSION: u32 = 9;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
@@ -782,8 +783,10 @@ pub struct Worker {
 /// one it received from a peer when a gang resumed; it drops it when that job finishes, and
 /// keeps it through a gang of another job that starts fresh and finishes (a job stopped for a
 /// higher priority's then resumes from its workers, not from the store). A command job's gang
-/// or an inference shard leaves it. A warm spare's background push is not in the log: the
-/// scheduler's preference may miss it, the gang's exchange finds who holds what.
+/// or an inference shard leaves it. A warm spare holding its job's pushed checkpoints is
+/// recorded once its heartbeat says so ([`Command::SparesHolding`]). A drop is not recorded
+/// (a spare that held a state no gang can take any more): the scheduler's preference may then
+/// be wrong, and the gang's exchange finds who holds what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum HeldState {
     /// Not recorded (a worker in a snapshot from before STATE_VERSION 8): a job's last gang is
@@ -793,7 +796,8 @@ pub enum HeldState {
     /// Nothing: it never was in a built-in gang that ended, or that job finished.
     Nothing,
     /// This job's (or nothing): a gang of it ended on the worker, or resumed on it from a
-    /// checkpoint, and the job has not finished since.
+    /// checkpoint, or it holds the job's checkpoints as a warm spare, and the job has not
+    /// finished since.
     Job(JobId),
 }
 
@@ -1402,6 +1406,13 @@ pub enum Command {
     WorkersHeard {
         workers: Vec<(WorkerId, u64)>,
     },
+    /// Free workers that said in their heartbeat they hold this running job's state, pushed to
+    /// them as its warm spares (at most [`WORKERS_HEARD_PER_COMMAND_MAX`]): their
+    /// [`Worker::held_state`] becomes that job, so they stay its spares ([`crate::state::warm_spares`])
+    /// and its next gang takes them first. A worker busy since, or a job not running, is skipped.
+    SparesHolding {
+        workers: Vec<(WorkerId, JobId)>,
+    },
     /// Every pending reason one scheduler pass changed, in one entry (one raft round and one
     /// fsync per pass, not per job). Jobs no longer pending are skipped.
     SetPendingReasons {
@@ -1519,6 +1530,10 @@ pub enum Applied {
     /// `cleared` of the workers heard from were no longer suspect.
     WorkersHeard {
         cleared: usize,
+    },
+    /// `set` of the workers named now hold their job's state, as far as the log tells.
+    SparesHolding {
+        set: usize,
     },
     CheckpointRecorded {
         job_id: JobId,
