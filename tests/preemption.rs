@@ -774,6 +774,10 @@ fn a_warm_spare_holds_the_newest_checkpoint_so_a_lost_single_member_resumes_with
     let free = listed.iter().filter(|w| w["job_id"].is_null()).count();
     assert!(spares.len() == 1 && free == 2, "{workers}");
     let spare_addr = format!("to={}", spares[0]["data_addr"].as_str().expect("data_addr"));
+    // The job's status names it too.
+    let status = json(home, &["status", &job, "-o", "json"]);
+    let named: Vec<&str> = status["spares"].as_array().expect("spares").iter().filter_map(Value::as_str).collect();
+    assert_eq!(named, [spares[0]["id"].as_str().expect("id")], "{status}");
     let pushes = std::fs::read_to_string(&agent_log).unwrap_or_default();
     let pushes: Vec<&str> =
         pushes.lines().filter(|l| l.contains("pushed the newest checkpoint to a warm spare")).collect();

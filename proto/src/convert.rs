@@ -284,6 +284,7 @@ pub fn job_to_proto(
                 until_unix_ms: h.deadline_unix_ms().unwrap_or(0),
             })
             .collect(),
+        spares: Vec::new(), // the state's (`flotilla_core::state::warm_spares`): the caller's
     }
 }
 

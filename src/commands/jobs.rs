@@ -421,6 +421,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
             "replacement": (!h.replacement.is_empty()).then_some(&h.replacement),
             "until_unix_ms": (h.until_unix_ms > 0).then_some(h.until_unix_ms),
         })).collect::<Vec<_>>(),
+        "spares": job.spares,
     })
 }
 
@@ -489,6 +490,14 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
         format!("; newest at step {}: {}{}", c.step, c.uri, if c.pending { " (being written)" } else { "" })
     });
     line("checkpoints", format!("{}{newest}", job.checkpoints));
+    let wanted = job.spec.as_ref().and_then(|s| s.capacity.as_ref()).map_or(0, |c| c.spares);
+    if wanted > 0 && job.state == v1::JobState::Running as i32 {
+        let which = match job.spares.as_slice() {
+            [] => " (none free in the gang's pool yet)".to_string(),
+            spares => format!(": {}", spares.join(", ")),
+        };
+        line("spares", format!("{} of {wanted}{which}", job.spares.len()));
+    }
     line("cost", format!("${:.2} (work lost to interruptions ${:.2})", job.cost_usd, job.lost_work_usd));
     let submitted = flotilla_core::text::rfc3339_utc(job.submitted_at_unix_ms);
     line("submitted", format!("{submitted}, priority {}", priority(job)));
@@ -629,6 +638,11 @@ mod tests {
                 until_unix_ms: 0,
             }],
             events,
+            spec: Some(v1::JobSpec {
+                capacity: Some(v1::CapacitySpec { spares: 2, ..Default::default() }),
+                ..Default::default()
+            }),
+            spares: vec!["worker-4".into()],
             ..Default::default()
         };
         let text = job_text(&job, 1);
@@ -640,6 +654,7 @@ mod tests {
         assert!(lines[4].ends_with("1 preemption(s), 1 recovery(ies), 0 failure(s), 0 step(s) lost; 1952 ms without a step in all (last 1952 ms)"));
         assert_eq!(lines[5], "  resumed from 0 B peer to peer, 5.6 MB from the store");
         assert_eq!(lines[6], "  checkpoints  7; newest at step 3150: file:///s/ckpt/3150 (being written)");
+        assert_eq!(lines[7], "  spares       1 of 2: worker-4");
         assert!(text.contains("  events       5 earlier not shown (-o json lists them)\n"), "{text}");
         assert!(
             !text.contains(": e4\n") && text.contains("  event        ") && text.contains("Z gang: e5\n"),

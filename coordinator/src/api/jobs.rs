@@ -62,11 +62,24 @@ fn parse_job_id(text: &str) -> Result<JobId, Status> {
 }
 
 fn find_job(state: &State, id: JobId) -> Result<v1::JobStatus, ApiError> {
-    state
-        .jobs
-        .get(&id)
-        .map(|job| job_to_proto(job, state.shown_state(job), crate::raft::node::now_unix_ms()))
-        .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))
+    let job = state.jobs.get(&id).ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("{id} does not exist")))?;
+    let mut status = job_to_proto(job, state.shown_state(job), crate::raft::node::now_unix_ms());
+    with_spares(state, std::slice::from_mut(&mut status));
+    Ok(status)
+}
+
+/// Fills each running job's warm spares ([`flotilla_core::state::warm_spares`], one pass for
+/// all of `jobs`); nothing is read unless a running job keeps spares.
+fn with_spares(state: &State, jobs: &mut [v1::JobStatus]) {
+    let keeps = |j: &v1::JobStatus| j.spec.as_ref().is_some_and(|s| s.capacity.as_ref().is_some_and(|c| c.spares > 0));
+    if !jobs.iter().any(|j| keeps(j) && j.state == v1::JobState::Running as i32) {
+        return;
+    }
+    let spares = flotilla_core::state::warm_spares(state);
+    for job in jobs.iter_mut() {
+        let id = job.id.clone();
+        job.spares = spares.iter().filter(|(_, of)| of.to_string() == id).map(|(w, _)| w.to_string()).collect();
+    }
 }
 
 impl JobApi {
@@ -163,6 +176,7 @@ impl JobService for JobApi {
                     .take(limit + 1)
                     .map(|(job, s)| job_to_proto(job, s, now))
                     .collect();
+                with_spares(state, &mut page);
                 let next = if page.len() > limit {
                     page.truncate(limit);
                     page.last().map(|j| j.id.clone())
