@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
-use flotilla_core::JobId;
 use flotilla_core::autoscale::deadline::{Pace, Slack};
 use flotilla_core::autoscale::risk::PoolRisk;
 use flotilla_core::autoscale::{self, Backoff, Decision, Gang, Held, Limits, PoolKey};
@@ -38,6 +37,7 @@ use flotilla_core::market::Trace;
 use flotilla_core::state::{
     Applied, Command, InstanceRequest, JobState, LaunchedInstance, RequestState, State, StopReason,
 };
+use flotilla_core::{JobId, WorkerId};
 use flotilla_proto::ApiError;
 
 use crate::provider::{DynProvider, Instance, LaunchSpec, ProviderError};
@@ -128,6 +128,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
     for request in state.instance_requests.values().filter(|r| r.state == RequestState::Requested) {
         out.outstanding.push(request.clone());
     }
+    let spares: BTreeMap<WorkerId, JobId> = flotilla_core::state::warm_spares(state).into_iter().collect();
     for instance in state.instances.values().filter(|i| i.terminated_at_unix_ms.is_none()) {
         out.known.insert(instance.id.clone());
         out.launched_at.insert(instance.id.clone(), instance.launched_at_unix_ms);
@@ -169,6 +170,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             reserved_for,
             idle_since_ms: None,
             lost,
+            spare_of: worker.and_then(|w| spares.get(&w.id).copied()),
         });
     }
     // Requested instances not launched yet hold their place (so nothing is bought twice).
@@ -184,6 +186,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
                 reserved_for: request.job,
                 idle_since_ms: None,
                 lost: false,
+                spare_of: None,
             });
         }
     }
@@ -199,6 +202,7 @@ pub fn input(state: &State, now_ms: u64) -> Input {
             reserved_for: None,
             idle_since_ms: None,
             lost: worker.job.is_none() && worker.held_unreachable(now_ms),
+            spare_of: spares.get(&worker.id).copied(),
         });
     }
     for job in state.jobs.values() {

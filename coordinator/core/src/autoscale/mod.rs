@@ -152,6 +152,22 @@ pub struct Held {
     /// is cut off), or is held out as unreachable by its peers: no capacity for any gang, given
     /// back like an idle instance.
     pub lost: bool,
+    /// Its idle worker is this running job's warm spare (`crate::state::warm_spares`): that
+    /// job's spares keep it first, other gangs count it last (the scheduler takes it last).
+    pub spare_of: Option<JobId>,
+}
+
+impl Held {
+    /// The order in which `job`'s gang counts idle instances: those bought for it, then its
+    /// own spares, then nobody's, then other jobs' spares; then by id.
+    fn order_for(&self, job: JobId) -> (bool, u8, String) {
+        let spare = match self.spare_of {
+            Some(of) if of == job => 0,
+            None => 1,
+            Some(_) => 2,
+        };
+        (self.reserved_for != Some(job), spare, self.id.clone())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -290,7 +306,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             && *n >= workers
         {
             let mut taken: Vec<&Held> = free[pool].iter().copied().filter(|h| usable(h, gang)).collect();
-            taken.sort_by_key(|h| (h.reserved_for != Some(gang.job), h.id.clone()));
+            taken.sort_by_key(|h| h.order_for(gang.job));
             used.extend(taken.into_iter().take(workers as usize).map(|h| h.id.clone()));
             continue;
         }
@@ -312,7 +328,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
                     .filter(|(z, _)| zone.is_none_or(|zone| **z == zone))
                     .flat_map(|(_, hs)| hs.iter().copied())
                     .collect();
-                taken.sort_by_key(|h| (h.reserved_for != Some(gang.job), h.id.clone()));
+                taken.sort_by_key(|h| h.order_for(gang.job));
                 used.extend(taken.into_iter().take(workers as usize).map(|h| h.id.clone()));
                 continue;
             }
@@ -396,7 +412,7 @@ pub fn plan(now_ms: u64, gangs: &[Gang], held: &[Held], quotes: &[Quote], limits
             continue;
         }
         let mut taken = idle_for(&quote.pool, spot);
-        taken.sort_by_key(|h| (h.pool != quote.pool, h.id.clone()));
+        taken.sort_by_key(|h| (h.pool != quote.pool, h.order_for(gang.job)));
         let taken: Vec<String> = taken.into_iter().take((workers - buy) as usize).map(|h| h.id.clone()).collect();
         used.extend(taken);
         if buy > 0 {

@@ -31,6 +31,7 @@ fn held(id: &str, p: PoolKey, busy: bool, idle_since: Option<u64>) -> Held {
         reserved_for: None,
         idle_since_ms: idle_since,
         lost: false,
+        spare_of: None,
     }
 }
 
@@ -53,6 +54,21 @@ fn a_gang_buys_the_cheapest_risk_adjusted_spot_pool_in_one_piece() {
     let plan = plan(0, &[gang(1, 4)], &[], &quotes, &Limits::default(), &Backoff::default());
     assert_eq!(launches(&plan), [(JobId(1), pool("g4dn.xlarge", "b"), true, 4)]);
     assert!(plan.waiting[&JobId(1)].contains("buying 4 spot"), "{:?}", plan.waiting);
+}
+
+/// A job's warm spares are kept for it past the idle cooldown, and an idle instance that is
+/// nobody's spare is the one given back (not the spare, which holds the job's state).
+#[test]
+fn the_spare_kept_is_the_one_that_is_the_jobs_spare() {
+    let quotes = [quote("g5.xlarge", "a", 0.40, 1.0, 0.1)];
+    let p = pool("g5.xlarge", "a");
+    let idle =
+        |id: &str, spare_of: Option<u64>| Held { spare_of: spare_of.map(JobId), ..held(id, p.clone(), false, Some(0)) };
+    let spares = Gang { pool: Some(p.clone()), priority: i32::MIN, ..gang(2, 1) };
+    let cooldown = Limits::default().idle_cooldown_ms;
+    let fleet = [idle("i-1", None), idle("i-2", Some(2))];
+    let kept = plan(cooldown, std::slice::from_ref(&spares), &fleet, &quotes, &Limits::default(), &Backoff::default());
+    assert_eq!(kept.decisions, [Decision::Terminate { id: "i-1".into() }]);
 }
 
 #[test]

@@ -559,6 +559,7 @@ impl World<'_> {
                             reserved_for: if busy { None } else { i.job.map(|j| JobId(j as u64)) },
                             idle_since_ms: i.idle_since_h.map(hour_ms),
                             lost: false,
+                            spare_of: None,
                         }
                     })
                     .collect();

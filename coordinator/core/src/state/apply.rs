@@ -1090,6 +1090,9 @@ pub fn warm_spares(state: &State) -> Vec<(WorkerId, JobId)> {
         .filter(|j| j.spec.capacity.spares > 0)
         .filter_map(|j| Some((j.id, pool_of(state.workers.get(j.gang.first()?)?), j.spec.capacity.spares)))
         .collect();
+    if wanting.is_empty() {
+        return Vec::new(); // the common case: no running job keeps spares, no worker is read
+    }
     let mut spares: Vec<(WorkerId, JobId)> = Vec::new();
     let free = || state.workers.values().filter(|w| w.job.is_none() && w.lost_at_unix_ms.is_none());
     // Holders of a wanting job's state first (to that job alone), then the others.
