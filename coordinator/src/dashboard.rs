@@ -41,6 +41,10 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
             .collect::<Vec<_>>()
     );
     view["gang"] = json!(job.gang.iter().map(ToString::to_string).collect::<Vec<_>>());
+    // Its warm spares now (`capacity.spares`; none unless it runs and keeps some).
+    let spares = if job.spec.capacity.spares > 0 { flotilla_core::state::warm_spares(state) } else { Vec::new() };
+    view["spares"] = json!(spares.iter().filter(|(_, of)| *of == id).map(|(w, _)| w.to_string()).collect::<Vec<_>>());
+    view["spares_wanted"] = json!(job.spec.capacity.spares);
     // Handovers under way: who leaves, who replaces it (none yet: null), until when (a
     // rebalance recommendation's: null, no deadline).
     view["handovers"] = json!(
@@ -196,5 +200,28 @@ mod tests {
                 { "leaving": "worker-2", "replacement": null, "until_unix_ms": 155_000 },
             ])
         );
+        assert_eq!((&view["spares"], &view["spares_wanted"]), (&json!([]), &json!(0)));
+    }
+
+    /// A running job's view and the workers' name its warm spares.
+    #[test]
+    fn a_job_s_view_and_the_workers_name_its_warm_spares() {
+        let mut log = Log::job_of_two(0);
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
+             workers = { min = 1, max = 1 }\ncapacity = { spares = 2 }\n",
+        )
+        .expect("spec");
+        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "s".into() });
+        for index in 1..=2 {
+            log.register(index);
+        }
+        log.step(Command::AssignGang { job_id: JobId(2), workers: vec![WorkerId(1)] });
+        let view = job(&log.state, &Progress::default(), JobId(2)).expect("the job");
+        assert_eq!((&view["spares"], &view["spares_wanted"]), (&json!(["worker-2"]), &json!(2)));
+        let listed = workers(&log.state, 0);
+        let spare_of: Vec<&Value> =
+            listed["workers"].as_array().expect("workers").iter().map(|w| &w["spare_of"]).collect();
+        assert_eq!(spare_of, [&json!(null), &json!("job-2")]);
     }
 }
