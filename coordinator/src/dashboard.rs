@@ -206,16 +206,7 @@ mod tests {
     /// A running job's view and the workers' name its warm spares.
     #[test]
     fn a_job_s_view_and_the_workers_name_its_warm_spares() {
-        let mut log = Log::job_of_two(0);
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
-             workers = { min = 1, max = 1 }\ncapacity = { spares = 2 }\n",
-        )
-        .expect("spec");
-        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "s".into() });
-        for index in 1..=2 {
-            log.register(index);
-        }
+        let mut log = Log::job_of_two_and_a_spared_job(2, 2);
         log.step(Command::AssignGang { job_id: JobId(2), workers: vec![WorkerId(1)] });
         let view = job(&log.state, &Progress::default(), JobId(2)).expect("the job");
         assert_eq!((&view["spares"], &view["spares_wanted"]), (&json!(["worker-2"]), &json!(2)));

@@ -738,16 +738,7 @@ mod tests {
     /// again its next gang takes that worker before the others.
     #[test]
     fn a_spare_heard_holding_its_jobs_state_is_recorded_and_taken_first() {
-        let mut log = Log::job_of_two(0);
-        let spec = flotilla_core::spec::JobSpec::from_toml_str(
-            "name = \"s\"\nmodel = { kind = \"mlp\" }\ndata = { train = \"synthetic:blobs\" }\n\
-             workers = { min = 1, max = 1 }\ncapacity = { spares = 1 }\n",
-        )
-        .expect("spec");
-        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "s".into() });
-        for index in 1..=4 {
-            log.register(index);
-        }
+        let mut log = Log::job_of_two_and_a_spared_job(1, 4);
         let spared = JobId(2);
         log.step(Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1), WorkerId(2)] });
         log.step(Command::AssignGang { job_id: spared, workers: vec![WorkerId(3)] });

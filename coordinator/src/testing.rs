@@ -44,6 +44,22 @@ impl Log {
         apply(&mut self.state, self.at_ms, Envelope::new(self.at_ms, command)).expect("applies")
     }
 
+    /// Job 1 (a gang of 2, as [`Log::job_of_two`]), then job 2 (a gang of 1 keeping `spares`
+    /// warm spares) submitted, and workers 1..=`workers` registered.
+    pub fn job_of_two_and_a_spared_job(spares: u32, workers: u64) -> Log {
+        let mut log = Log::job_of_two(0);
+        let spec = flotilla_core::spec::JobSpec::from_toml_str(&format!(
+            "name = \"s\"\nmodel = {{ kind = \"mlp\" }}\ndata = {{ train = \"synthetic:blobs\" }}\n\
+             workers = {{ min = 1, max = 1 }}\ncapacity = {{ spares = {spares} }}\n"
+        ))
+        .expect("spec");
+        log.step(Command::SubmitJob { spec: Box::new(spec), client_request_id: "s".into() });
+        for i in 1..=workers {
+            log.register(i);
+        }
+        log
+    }
+
     /// Registers worker `index` (ids are given in registration order).
     pub fn register(&mut self, index: u64) {
         self.step(Command::RegisterWorker { info: worker_info(index), credential_sha256: String::new() });
