@@ -42,8 +42,8 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
     );
     view["gang"] = json!(job.gang.iter().map(ToString::to_string).collect::<Vec<_>>());
     // Its warm spares now (`capacity.spares`; none unless it runs and keeps some).
-    let spares = if job.spec.capacity.spares > 0 { flotilla_core::state::warm_spares(state) } else { Vec::new() };
-    view["spares"] = json!(spares.iter().filter(|(_, of)| *of == id).map(|(w, _)| w.to_string()).collect::<Vec<_>>());
+    let spares = flotilla_core::state::spares_of(state, id);
+    view["spares"] = json!(spares.iter().map(ToString::to_string).collect::<Vec<_>>());
     view["spares_wanted"] = json!(job.spec.capacity.spares);
     // Handovers under way: who leaves, who replaces it (none yet: null), until when (a
     // rebalance recommendation's: null, no deadline).

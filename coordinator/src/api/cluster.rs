@@ -732,7 +732,7 @@ fn desired(state: &State, id: WorkerId, store: &str, gang_key: &[u8; 32], now_ms
     let rank = job.gang.iter().position(|w| *w == id).unwrap_or(0);
     let assignment = train_assignment(state, job, rank, store, gang_key);
     let rank = rank as u32;
-    let spares = if rank == 0 && job.spec.capacity.spares > 0 { spare_addrs(state, job.id) } else { Vec::new() };
+    let spares = if rank == 0 { spare_addrs(state, job.id) } else { Vec::new() };
     // A handover's leaving member learns its replacement's data port once the gang stops for
     // it (it pushes its stop-step state there) or, live, at once (it streams while training).
     let handover = job.handover_of(id);
@@ -817,13 +817,12 @@ fn resume_point(state: &State, c: &flotilla_core::state::CheckpointRecord) -> fl
     }
 }
 
-/// The data ports of `job`'s warm spares ([`flotilla_core::state::warm_spares`]: at most its
+/// The data ports of `job`'s warm spares ([`flotilla_core::state::spares_of`]: at most its
 /// `capacity.spares`), in worker order.
 fn spare_addrs(state: &State, job: JobId) -> Vec<String> {
-    flotilla_core::state::warm_spares(state)
+    flotilla_core::state::spares_of(state, job)
         .into_iter()
-        .filter(|(_, of)| *of == job)
-        .filter_map(|(w, _)| state.workers.get(&w))
+        .filter_map(|w| state.workers.get(&w))
         .map(|w| w.info.data_addr.clone())
         .filter(|addr| !addr.is_empty())
         .collect()

@@ -75,10 +75,12 @@ fn with_spares(state: &State, jobs: &mut [v1::JobStatus]) {
     if !jobs.iter().any(|j| keeps(j) && j.state == v1::JobState::Running as i32) {
         return;
     }
-    let spares = flotilla_core::state::warm_spares(state);
+    let mut by_job: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for (worker, job) in flotilla_core::state::warm_spares(state) {
+        by_job.entry(job.to_string()).or_default().push(worker.to_string());
+    }
     for job in jobs.iter_mut() {
-        let id = job.id.clone();
-        job.spares = spares.iter().filter(|(_, of)| of.to_string() == id).map(|(w, _)| w.to_string()).collect();
+        job.spares = by_job.remove(&job.id).unwrap_or_default();
     }
 }
 

@@ -1074,6 +1074,16 @@ pub fn spare_for(state: &State, worker: WorkerId) -> Option<&Job> {
     state.jobs.get(&job)
 }
 
+/// `job`'s warm spares ([`warm_spares`]), in worker order; none (and nothing read) unless it
+/// runs and keeps some.
+pub fn spares_of(state: &State, job: JobId) -> Vec<WorkerId> {
+    let keeps = state.jobs.get(&job).is_some_and(|j| j.state == JobState::Running && j.spec.capacity.spares > 0);
+    if !keeps {
+        return Vec::new();
+    }
+    warm_spares(state).into_iter().filter(|(_, of)| *of == job).map(|(w, _)| w).collect()
+}
+
 /// The warm spares (`capacity.spares`), each with its job, in worker order. A job's spares are
 /// free workers that could replace one of its members, in its gang's pool (where the
 /// autoscaler keeps them), at most its `capacity.spares`: first those recorded holding its

@@ -19,7 +19,7 @@ mod inference;
 mod types;
 
 pub use apply::{
-    apply, held_unreachable, on_spot, pick_replacement, reserving_job, spare_for, usd_per_hour, warm_spares,
+    apply, held_unreachable, on_spot, pick_replacement, reserving_job, spare_for, spares_of, usd_per_hour, warm_spares,
 };
 pub use inference::{
     ATTEMPTS_DIR, INFERENCE_BATCH_DEFAULT, INFERENCE_BATCH_MAX, INFERENCE_SHARDS_MAX, INFERENCE_URI_LEN_MAX,

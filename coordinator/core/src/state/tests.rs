@@ -238,6 +238,7 @@ fn each_job_gets_at_most_its_spares_of_the_free_workers_in_its_pool() {
     let free = &workers[4..];
     let expected = vec![(free[0], JobId(1)), (free[1], JobId(2)), (free[2], JobId(2))];
     assert_eq!(warm_spares(&state), expected);
+    assert_eq!((spares_of(&state, JobId(2)), spares_of(&state, JobId(3))), (vec![free[1], free[2]], vec![]));
     assert_eq!(spare_for(&state, free[0]).map(|j| j.id), Some(JobId(1)));
     assert_eq!(spare_for(&state, free[2]).map(|j| j.id), Some(JobId(2)));
     assert!(spare_for(&state, free[3]).is_none(), "beyond every job's spares: nobody's");
