@@ -5,7 +5,9 @@
 //! `flotilla infer` reads an s3:// input and writes an s3:// output with every row once. A bad
 //! store or data URI (wrong scheme, unknown bucket, missing object, missing credentials,
 //! unreachable endpoint) is one clear error at `up` or at submit. A member killed without notice
-//! loses no step: the survivor writes the state it held to S3 after the regroup.
+//! loses no step: the survivor writes the state it held to S3 after the regroup. A store that
+//! stops answering (moto's server stopped for longer than a collective waits) neither stalls
+//! training nor breaks the gang.
 //!
 //! AWS settings reach the coordinators and workers through the environment `up` passes on.
 //! No request leaves the loopback interface: the instance-metadata fallback for credentials
@@ -299,4 +301,104 @@ fn on_s3_a_killed_member_loses_no_step_and_the_survivor_writes_the_state_it_held
     assert_eq!(done["resume_storage_bytes"], 0, "the new member took the state from the survivor: {done}");
     assert!(done["resume_peer_bytes"].as_u64() > Some(0), "{done}");
     assert!(done["metrics"]["val_accuracy"].as_f64() >= Some(0.85), "{done}");
+}
+
+/// A moto server of this test's own (it is stopped and resumed, as an S3 outage), killed on drop.
+struct OwnMoto(std::process::Child);
+
+impl OwnMoto {
+    fn start() -> (OwnMoto, String) {
+        let server = std::env::var("FLOTILLA_MOTO_SERVER").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| {
+            panic!("this test needs moto's server: run scripts/test.sh (it sets FLOTILLA_MOTO_SERVER)")
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("address").port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let endpoint = format!("127.0.0.1:{port}");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(&endpoint).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "moto did not listen on {endpoint}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (OwnMoto(child), format!("http://{endpoint}"))
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").args([signal, &self.0.id().to_string()]).status().expect("kill runs");
+        assert!(sent.success(), "kill {signal}");
+    }
+}
+
+impl Drop for OwnMoto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stalled_store_neither_stalls_training_nor_breaks_the_gang() {
+    let _serial = common::one_at_a_time();
+    let (moto, endpoint) = OwnMoto::start();
+    let env = aws_env(&endpoint, true);
+    create_bucket(&env, "flotilla-stall");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-stall/cluster"]), "up");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir.path(), "digits-stall", data.to_str().expect("utf-8"));
+    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
+    std::fs::write(&spec, spec_text).expect("spec");
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    let started = std::time::Instant::now();
+    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // S3 stops answering for longer than a collective may wait (30 s): requests hang, as in an
+    // outage. Before, rank 0 waited for its save, the other rank's all-reduce timed out and
+    // the gang broke; and the progress reports waited for the metrics history's writes.
+    moto.signal("-STOP");
+    let stalled_at = std::time::Instant::now();
+    let mut steps = Vec::new();
+    while stalled_at.elapsed() < std::time::Duration::from_secs(42) {
+        let now = status();
+        steps.push((stalled_at.elapsed().as_secs_f64(), now["step"].as_u64().unwrap_or(0)));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    let during = status();
+    moto.signal("-CONT");
+    let step_at = |after_s: f64| steps.iter().find(|(t, _)| *t >= after_s).map_or(0, |(_, step)| *step);
+    let (first, last) = (steps[0].1, steps.last().expect("steps").1);
+    assert!(
+        last > step_at(20.0) + 100,
+        "training goes on past the first save's wait (at most 15 s) while the store is out: {steps:?}"
+    );
+    assert!(last > first, "{steps:?}");
+    let events = during["events"].as_array().expect("events").clone();
+    assert!(!events.iter().any(|e| e["kind"] == "peer_lost"), "the gang did not break: {events:?}");
+    assert_eq!((during["generation"].as_u64(), during["state"].as_str()), (Some(1), Some("Running")), "{during}");
+
+    // The store answers again: checkpoints are recorded again, and the log tells the story.
+    let stalled_step = during["latest_checkpoint"]["step"].as_u64().expect("a checkpoint");
+    let resumed = std::time::Instant::now();
+    let logs = loop {
+        let logs = ok(run(&home, &env, &["logs", &job]), "logs");
+        let newer = status()["latest_checkpoint"]["step"].as_u64() > Some(last);
+        if newer && logs.contains("the store takes checkpoints again") {
+            break logs;
+        }
+        assert!(resumed.elapsed() < std::time::Duration::from_secs(120), "checkpoints again: {logs}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(stalled_step < first + 40, "no checkpoint was recorded during the stall: {stalled_step}, {first}");
+    assert!(logs.contains("the store is slow: the checkpoint of step "), "{logs}");
+    ok(run(&home, &env, &["cancel", &job]), "cancel");
 }

@@ -6,8 +6,11 @@
 //!
 //! Writes never block the rank: a flush hands its segment to the log's writer thread, which
 //! finds where the log continues (one listing) and puts the segments in order. On S3 each of
-//! those is a round trip (20-100 ms) that a generation's start-up no longer waits for. Closing
-//! the log (drop) waits for the writer, so a rank's last lines are written before it ends.
+//! those is a round trip (20-100 ms) that a generation's start-up no longer waits for. While
+//! the store does not take segments (an outage), the lines wait in the rank's buffer, up to
+//! [`PENDING_BYTES_MAX`]; past it they go to the agent's own log, and the job log says how many
+//! did once it takes segments again. Closing the log (drop) waits for the writer, so a rank's
+//! last lines are written before it ends.
 //!
 //! Two writers of one node's log can overlap: a stopped rank closes its log after the next
 //! generation's rank of the same node opened its own (on this machine or another). Each segment
@@ -26,9 +29,12 @@ use crate::checkpoint::store;
 
 /// Bytes buffered before a flush is forced.
 const BUFFER_BYTES_MAX: usize = 64 * 1024;
-/// Segments waiting for the writer at most; a flush beyond waits (the store is slower than
-/// the lines come).
+/// Segments waiting for the writer at most; a flush beyond keeps its lines in the buffer (the
+/// store is slower than the lines come).
 const QUEUE_SEGMENTS_MAX: usize = 16;
+/// Bytes kept in the buffer while the writer's queue is full; beyond, they go to the agent's
+/// own log (a stalled store must neither stall the training loop nor grow its memory).
+const PENDING_BYTES_MAX: usize = 1024 * 1024;
 /// Length of one line at most (longer lines are cut).
 pub const LINE_BYTES_MAX: usize = 4096;
 /// Taken segment names skipped for one segment at most (another writer of the same node's log
@@ -37,6 +43,10 @@ const TAKEN_SEGMENTS_MAX: u64 = 1024;
 
 pub struct JobLog {
     buffer: String,
+    /// The log's URI, for the lines that go to the agent's log instead.
+    job_uri: String,
+    /// Lines sent to the agent's log since the job log last took a segment.
+    diverted_lines: u64,
     /// To the writer thread; None once closed.
     segments: Option<std::sync::mpsc::SyncSender<Bytes>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -64,6 +74,7 @@ impl JobLog {
     pub fn open(job_uri: &str, node: u32) -> Result<JobLog, CheckpointError> {
         store::check_uri(job_uri)?;
         let job_uri = job_uri.to_string();
+        let name = job_uri.clone();
         let (segments, queue) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE_SEGMENTS_MAX);
         let writer = std::thread::Builder::new()
             .name("job-log".into())
@@ -83,7 +94,13 @@ impl JobLog {
                 }
             })
             .map_err(|e| CheckpointError::Invalid(format!("log writer: {e}")))?;
-        Ok(JobLog { buffer: String::new(), segments: Some(segments), writer: Some(writer) })
+        Ok(JobLog {
+            buffer: String::new(),
+            job_uri: name,
+            diverted_lines: 0,
+            segments: Some(segments),
+            writer: Some(writer),
+        })
     }
 
     pub fn line(&mut self, text: &str) -> Result<(), CheckpointError> {
@@ -96,27 +113,70 @@ impl JobLog {
         if self.buffer.len() >= BUFFER_BYTES_MAX { self.flush() } else { Ok(()) }
     }
 
-    /// Hands buffered lines to the writer as the next segment.
+    /// Hands buffered lines to the writer as the next segment, without waiting: while its
+    /// queue is full they stay buffered (see [`PENDING_BYTES_MAX`]).
     pub fn flush(&mut self) -> Result<(), CheckpointError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let bytes = Bytes::from(std::mem::take(&mut self.buffer));
-        match self.segments.as_ref().map(|s| s.send(bytes)) {
-            Some(Ok(())) => Ok(()),
+        if self.diverted_lines > 0 {
+            if self.hand(diverted_note(self.diverted_lines))?.is_some() {
+                self.keep_buffered();
+                return Ok(());
+            }
+            self.diverted_lines = 0;
+        }
+        let segment = Bytes::from(std::mem::take(&mut self.buffer));
+        if let Some(segment) = self.hand(segment)? {
+            self.buffer = String::from_utf8(Vec::from(segment)).unwrap_or_default();
+            self.keep_buffered();
+        }
+        Ok(())
+    }
+
+    /// Gives `segment` to the writer if its queue has room; else gives it back.
+    fn hand(&self, segment: Bytes) -> Result<Option<Bytes>, CheckpointError> {
+        use std::sync::mpsc::TrySendError;
+        match self.segments.as_ref().map(|s| s.try_send(segment)) {
+            Some(Ok(())) => Ok(None),
+            Some(Err(TrySendError::Full(segment))) => Ok(Some(segment)),
             _ => Err(CheckpointError::Invalid("the job log's writer has stopped".into())),
+        }
+    }
+
+    /// The buffer stays for the next flush, or goes to the agent's log once it is too big.
+    fn keep_buffered(&mut self) {
+        if self.buffer.len() >= PENDING_BYTES_MAX {
+            self.diverted_lines += self.buffer.lines().count() as u64;
+            to_agent_log(&self.job_uri, self.buffer.as_bytes());
+            self.buffer.clear();
         }
     }
 }
 
 impl Drop for JobLog {
     fn drop(&mut self) {
-        let _ = self.flush();
+        // The last lines wait for the writer's queue.
+        if let Some(segments) = self.segments.as_ref() {
+            if self.diverted_lines > 0 {
+                let _ = segments.send(diverted_note(self.diverted_lines));
+            }
+            if !self.buffer.is_empty() {
+                let _ = segments.send(Bytes::from(std::mem::take(&mut self.buffer)));
+            }
+        }
         self.segments = None; // the writer ends once the queue is drained
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
     }
+}
+
+/// The line that stands for `lines` lines sent to the agent's log instead (see [`PENDING_BYTES_MAX`]).
+fn diverted_note(lines: u64) -> Bytes {
+    Bytes::from(format!(
+        "[flotilla: {lines} line(s) of this log are in the agent's log instead: the store did not take them in time]\n"
+    ))
 }
 
 /// A segment the job log could not take, line by line into this agent's own log.
@@ -219,6 +279,54 @@ mod tests {
             .unwrap_or_default();
         names.sort();
         names
+    }
+
+    #[test]
+    fn a_stalled_writer_never_blocks_a_flush_and_the_log_says_what_went_elsewhere() {
+        // The writer thread of a store that takes nothing (an S3 outage): its queue, never read.
+        let (segments, queue) = std::sync::mpsc::sync_channel::<Bytes>(QUEUE_SEGMENTS_MAX);
+        let mut log = JobLog {
+            buffer: String::new(),
+            job_uri: "s3://bucket/jobs/job-1".into(),
+            diverted_lines: 0,
+            segments: Some(segments),
+            writer: None,
+        };
+        let line = "x".repeat(1000);
+        let (done, finished) = std::sync::mpsc::channel();
+        let writing = std::thread::spawn(move || {
+            // 4 MiB of lines, a flush after each: the queue fills after 16 segments.
+            for _ in 0..4096 {
+                log.line(&line).expect("line");
+                log.flush().expect("flush");
+            }
+            let _ = done.send(());
+            log
+        });
+        finished.recv_timeout(std::time::Duration::from_secs(20)).expect("flushes return while the writer is stalled");
+        let mut log = writing.join().expect("writer");
+        assert!(log.buffer.len() < PENDING_BYTES_MAX, "the buffer is bounded: {} bytes", log.buffer.len());
+        let queued: Vec<Bytes> = queue.try_iter().collect();
+        assert_eq!(queued.len(), QUEUE_SEGMENTS_MAX);
+        let diverted = log.diverted_lines;
+        let kept = log.buffer.lines().count() as u64;
+        assert!(diverted >= 2048, "{diverted} lines went to the agent's log");
+        assert_eq!(QUEUE_SEGMENTS_MAX as u64 + diverted + kept, 4096, "every line is somewhere");
+        // The store takes segments again: the next one says how many lines went elsewhere.
+        log.line("after").expect("line");
+        log.flush().expect("flush");
+        let text = |segment: Bytes| String::from_utf8(segment.to_vec()).expect("utf-8");
+        let note = text(queue.try_recv().expect("the note"));
+        assert_eq!(
+            note,
+            format!(
+                "[flotilla: {diverted} line(s) of this log are in the agent's log instead: the store did not take them \
+                 in time]\n"
+            )
+        );
+        let lines = text(queue.try_recv().expect("the lines kept"));
+        assert_eq!(lines.lines().count() as u64, kept + 1);
+        assert!(lines.ends_with("after\n") && log.diverted_lines == 0);
     }
 
     #[test]

@@ -375,6 +375,7 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::WorkerUnavailable(_)
         | Rejected::StillAssigned { .. }
         | Rejected::StaleGeneration { .. }
+        | Rejected::NotNewer { .. }
         | Rejected::NotRunning { .. }
         | Rejected::CheckpointNotDeletable { .. }
         | Rejected::CheckpointMismatch { .. }

@@ -22,7 +22,10 @@
 //! Rank 0 checkpoints in the background ([`BackgroundCheckpointer`]): a snapshot every
 //! `every_steps - lag` steps, where `lag = every_steps / 4` is how many steps a save may take
 //! before the loop waits for it. So the newest *recorded* checkpoint is never more than
-//! `checkpoint.every_steps` steps behind, whichever worker dies when.
+//! `checkpoint.every_steps` steps behind, whichever worker dies when, as long as the store
+//! takes a save within [`SAVE_WAIT_MAX`] of that wait: past it (a store outage) training goes
+//! on and the next snapshot waits for the save, rather than the other ranks' all-reduce
+//! timing out and breaking the gang.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -140,8 +143,13 @@ pub(super) fn run_rank(
     let every = spec.checkpoint.every_steps.max(1);
     let lag = every / 4;
     let cadence = every - lag;
-    let mut saves =
-        SaveTracker { last_snapshot: trainer.steps_done(), last_saved: trainer.steps_done(), stall_ms: 0.0, count: 0 };
+    let mut saves = SaveTracker {
+        last_snapshot: trainer.steps_done(),
+        last_saved: trainer.steps_done(),
+        stall_ms: 0.0,
+        count: 0,
+        slow: None,
+    };
     let started = Instant::now();
     let first_step = trainer.steps_done();
     let mut last_report: Option<Instant> = None;
@@ -252,9 +260,34 @@ pub(super) fn run_rank(
         let boundary = Instant::now();
         let mut outcomes = Vec::new();
         outcomes.extend(background.poll());
+        // Slow until a save succeeds: a failed one is retried by the next snapshot, unwaited.
+        if let (Some(since), Some(Ok(saved))) = (saves.slow, outcomes.last()) {
+            saves.slow = None;
+            log.note(format!(
+                "the store takes checkpoints again: the one of step {} was recorded {:.1} s after training stopped \
+                 waiting for the store",
+                saved.step,
+                since.elapsed().as_secs_f64()
+            ));
+        }
         let mut waited = false;
-        if background.in_flight().is_some_and(|s| report.step >= s + lag) {
-            outcomes.extend(background.finish()); // the save fell `lag` steps behind: wait
+        if saves.slow.is_none() && background.in_flight().is_some_and(|s| report.step >= s + lag) {
+            // The save fell `lag` steps behind: wait, but not so long that the other ranks'
+            // next all-reduce gives up on this one (a slow store must not break the gang).
+            match background.finish_within(SAVE_WAIT_MAX) {
+                Some(outcome) => outcomes.push(outcome),
+                None => {
+                    let step = background.in_flight().unwrap_or(saves.last_snapshot);
+                    saves.slow = Some(Instant::now());
+                    tracing::warn!(job = %train.job_id, step, "the store is slow; training goes on without waiting for it");
+                    log.note(format!(
+                        "the store is slow: the checkpoint of step {step} is not written after {} s; training goes \
+                         on without waiting for saves until one is recorded, one snapshot in flight at a time (until \
+                         then a loss of the whole gang costs more than checkpoint.every_steps = {every} steps)",
+                        SAVE_WAIT_MAX.as_secs()
+                    ));
+                }
+            }
             waited = true;
         }
         if report.stop_agreed {
@@ -275,7 +308,10 @@ pub(super) fn run_rank(
                 outcomes.extend(background.finish());
             }
             waited = true;
-        } else if report.step - saves.last_snapshot >= cadence && !trainer.is_finished() {
+        } else if report.step - saves.last_snapshot >= cadence
+            && !trainer.is_finished()
+            && background.in_flight().is_none()
+        {
             saves.last_snapshot = report.step;
             outcomes.extend(background.submit(trainer.state(), None));
             waited = true;
@@ -303,6 +339,7 @@ pub(super) fn run_rank(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, step = report.step, "checkpoint failed; training continues");
+                    log.note(format!("a checkpoint failed; training continues: {e}"));
                     if report.stop_agreed {
                         save_failed = Some(e);
                     }
@@ -839,7 +876,16 @@ struct SaveTracker {
     stall_ms: f64,
     /// Checkpoints written and recorded.
     count: u64,
+    /// Since a save outlasted [`SAVE_WAIT_MAX`], until a save succeeds: the loop does not wait
+    /// for saves, and takes no snapshot while one is in flight.
+    slow: Option<Instant>,
 }
+
+/// The longest the step loop waits for a save that fell `lag` steps behind: half the ring's
+/// collective timeout, since the other ranks wait for this one in their next all-reduce
+/// meanwhile. A store slower than that (an S3 outage) no longer stalls training until the
+/// gang breaks; the checkpoints are then further apart for as long as it lasts.
+const SAVE_WAIT_MAX: Duration = Duration::from_secs(super::work::COLLECTIVE_TIMEOUT.as_secs() / 2);
 
 /// A gang member was lost after this rank's last step (its all-reduce broke, so that step's
 /// update is whole: the optimizer runs only after the sum arrived). Data parallelism left this

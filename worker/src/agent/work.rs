@@ -37,7 +37,7 @@ use crate::history::HistoryWriter;
 use crate::joblog::JobLog;
 
 /// Time for a gang to form and for any one collective operation.
-const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a refused connection to a peer's data port is retried: agents listen for their
 /// whole life, so a refusal means the peer is gone.
 const REFUSED_GRACE: Duration = Duration::from_secs(1);
@@ -50,6 +50,9 @@ pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const PUSH_TARGET_WAIT_MAX: Duration = Duration::from_secs(2);
 /// Progress reports queued at most; older ones are dropped when the coordinator is slow.
 const PROGRESS_QUEUE_MAX: usize = 4;
+/// Metrics history points (one a second) waiting for a slow store at most; later ones are
+/// dropped (the history is best effort; the progress reports are not held up).
+const HISTORY_QUEUE_MAX: usize = 600;
 
 /// What the agent's parts share: the interruption flag, whether a training runs, and the
 /// coordinator's order to drain.
@@ -469,6 +472,14 @@ pub enum RankEnd {
     PeerLost { step: u64, error: String, announced: Box<flotilla_proto::v1::CheckpointRef>, write: SurvivorWrite },
 }
 
+/// Writes rank 0's progress points into the job's metrics history until the sender closes.
+async fn keep_history(mut writer: HistoryWriter, mut points: tokio::sync::mpsc::Receiver<serde_json::Value>) {
+    while let Some(point) = points.recv().await {
+        writer.append(point).await;
+    }
+    writer.flush().await;
+}
+
 /// See [`RankEnd::PeerLost`]: returns at once (the write runs on a thread of its own).
 pub type SurvivorWrite = Box<dyn FnOnce(bool) + Send>;
 
@@ -487,16 +498,24 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
     let (done, outcome) = tokio::sync::oneshot::channel();
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<ProgressReport>(PROGRESS_QUEUE_MAX);
     let runtime = tokio::runtime::Handle::current();
-    // Rank 0 keeps the job's metrics history in the store (not in the Raft log).
-    let mut history = (rank == 0 && !train.job_prefix.is_empty())
+    // Rank 0 keeps the job's metrics history in the store (not in the Raft log), written by a
+    // task of its own: a slow store must not hold up the progress reports.
+    let (history, history_task) = (rank == 0 && !train.job_prefix.is_empty())
         .then(|| HistoryWriter::open(&train.job_prefix, generation, &worker_id.to_string()))
-        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "no metrics history")).ok());
+        .and_then(|opened| opened.map_err(|e| tracing::warn!(error = %e, "no metrics history")).ok())
+        .map(|writer| {
+            let (points, queue) = tokio::sync::mpsc::channel(HISTORY_QUEUE_MAX);
+            (Some(points), Some(tokio::spawn(keep_history(writer, queue))))
+        })
+        .unwrap_or_default();
     let world = train.world_size;
     std::thread::spawn(move || {
         let _ = done.send(run_rank(&context, train, &port, &progress_tx, &runtime));
     });
     let mut reporter = client.clone();
+    let points = history.clone();
     let forwarder = tokio::spawn(async move {
+        let mut dropped = 0u64;
         while let Some(report) = progress_rx.recv().await {
             let _ = reporter
                 .call_cluster(|mut c| {
@@ -504,20 +523,21 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                     async move { c.report_progress(report).await }
                 })
                 .await;
-            if let Some(history) = history.as_mut() {
-                history
-                    .append(serde_json::json!({
-                        "t": crate::unix_now_ms(),
-                        "generation": report.generation,
-                        "world": world,
-                        "step": report.step,
-                        "loss": report.loss,
-                        "samples_per_s": report.samples_per_s,
-                    }))
-                    .await;
+            let point = serde_json::json!({
+                "t": crate::unix_now_ms(),
+                "generation": report.generation,
+                "world": world,
+                "step": report.step,
+                "loss": report.loss,
+                "samples_per_s": report.samples_per_s,
+            });
+            if points.as_ref().is_some_and(|p| p.try_send(point).is_err()) {
+                dropped += 1;
             }
         }
-        history
+        if dropped > 0 {
+            tracing::warn!(dropped, "metrics history points dropped: the store did not take them in time");
+        }
     });
     let end = match outcome.await {
         Ok(end) => end,
@@ -533,26 +553,30 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
         }
     };
     // The progress channel closed with the training thread: the history's last points, then the
-    // final validation metrics. An orderly stop writes its history after its report: the gang
-    // regroups on the report, and the history's write (on S3 a round trip) need not delay it.
-    let mut history = forwarder.await.ok().flatten();
-    let ordered_stop = matches!(end, RankEnd::Checkpointed { .. });
-    if !ordered_stop && let Some(mut history) = history.take() {
-        if let RankEnd::Finished(Some(report)) = &end
-            && let Some(metrics) = &report.metrics
-        {
-            history
-                .append(serde_json::json!({
-                    "t": crate::unix_now_ms(),
-                    "generation": generation,
-                    "world": world,
-                    "step": report.step,
-                    "val_accuracy": metrics.val_accuracy,
-                    "val_loss": metrics.val_loss,
-                }))
-                .await;
-        }
-        history.flush().await;
+    // final validation metrics. Only a finished job's history is complete before its report; any
+    // other end writes it after the report: the gang regroups on the report, and the history's
+    // write (on S3 a round trip, or a stall while the store is out) need not delay it.
+    let _ = forwarder.await;
+    if let (Some(points), RankEnd::Finished(Some(report))) = (&history, &end)
+        && let Some(metrics) = &report.metrics
+    {
+        let _ = points
+            .send(serde_json::json!({
+                "t": crate::unix_now_ms(),
+                "generation": generation,
+                "world": world,
+                "step": report.step,
+                "val_accuracy": metrics.val_accuracy,
+                "val_loss": metrics.val_loss,
+            }))
+            .await;
+    }
+    drop(history);
+    let mut history_task = history_task;
+    if matches!(end, RankEnd::Finished(_))
+        && let Some(task) = history_task.take()
+    {
+        let _ = task.await;
     }
     let base = FinishedReport { worker_id, job_id: job_id.clone(), generation, ..Default::default() };
     let mut survivor_write = None;
@@ -608,8 +632,8 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
             write(sent.is_ok());
         }
     }
-    if let Some(mut history) = history {
-        history.flush().await;
+    if let Some(task) = history_task {
+        let _ = task.await;
     }
     // Heartbeat at once: after a broken gang, the coordinator regroups only workers it has heard
     // from since the break.

@@ -331,6 +331,21 @@ impl BackgroundCheckpointer {
         }
     }
 
+    /// Waits up to `wait` for the save in flight; its outcome, or None when none is in flight
+    /// or it is still being written (then it stays in flight).
+    pub fn finish_within(&mut self, wait: Duration) -> Option<SaveResult> {
+        self.in_flight?;
+        let result = match self.results.recv_timeout(wait) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(CheckpointError::Invalid("the checkpoint writer thread stopped".into()))
+            }
+        };
+        self.in_flight = None;
+        Some(result)
+    }
+
     /// Waits for the save in flight, if any, and returns its outcome.
     pub fn finish(&mut self) -> Option<SaveResult> {
         self.in_flight?;

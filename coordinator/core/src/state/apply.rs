@@ -646,14 +646,15 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             }
             // A superseded generation's late save is dropped (the new one resumed from an older
             // checkpoint and will write its own), and the checkpoint step never decreases.
-            if checkpoint.generation < job.generation
-                || job.latest_checkpoint.as_ref().is_some_and(|c| c.step >= checkpoint.step)
-            {
+            if checkpoint.generation < job.generation {
                 return Err(Rejected::StaleGeneration {
                     job_id,
                     current: job.generation,
                     reported: checkpoint.generation,
                 });
+            }
+            if let Some(latest) = job.latest_checkpoint.as_ref().filter(|c| c.step >= checkpoint.step) {
+                return Err(Rejected::NotNewer { job_id, step: checkpoint.step, latest: latest.step });
             }
             let step = checkpoint.step;
             push_checkpoint(job, CheckpointRecord { pending: false, writer: reporter, ..checkpoint }, now);

@@ -445,7 +445,11 @@ fn recorded_checkpoints_only_move_forward() {
         3,
         Envelope::new(3, Command::RecordCheckpoint { job_id: JobId(1), checkpoint: record(20), reporter: None }),
     );
-    assert!(older.is_err(), "an older checkpoint never replaces a newer one");
+    assert_eq!(
+        older.map_err(|e| e.to_string()),
+        Err("job-1 has a recorded checkpoint of step 40 already; this one is of step 20, not newer".into()),
+        "an older checkpoint never replaces a newer one, and the refusal says why"
+    );
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.step, job.latest_checkpoint.as_ref().map(|c| c.step)), (40, Some(40)));
 }

@@ -1637,6 +1637,10 @@ pub enum Rejected {
     StillAssigned { worker: WorkerId, job_id: JobId },
     #[error("{job_id} is in generation {current}, the report is for {reported}")]
     StaleGeneration { job_id: JobId, current: u64, reported: u64 },
+    /// A checkpoint no newer than the job's newest recorded one (a stop's announced checkpoint
+    /// of the same step, written by another path, was recorded first).
+    #[error("{job_id} has a recorded checkpoint of step {latest} already; this one is of step {step}, not newer")]
+    NotNewer { job_id: JobId, step: u64, latest: u64 },
     #[error("a gang needs 1 to {limit} distinct workers")]
     BadGang { limit: usize },
     #[error("{job_id} is {state}; only a Running generation can end or be asked to checkpoint")]
