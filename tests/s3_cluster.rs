@@ -7,7 +7,8 @@
 //! unreachable endpoint) is one clear error at `up` or at submit. A member killed without notice
 //! loses no step: the survivor writes the state it held to S3 after the regroup. A store that
 //! stops answering (moto's server stopped for longer than a collective waits) neither stalls
-//! training nor breaks the gang.
+//! training nor breaks the gang, and a coordinator restarted during such an outage serves its
+//! state.
 //!
 //! AWS settings reach the coordinators and workers through the environment `up` passes on.
 //! No request leaves the loopback interface: the instance-metadata fallback for credentials
@@ -401,4 +402,45 @@ fn a_stalled_store_neither_stalls_training_nor_breaks_the_gang() {
     assert!(stalled_step < first + 40, "no checkpoint was recorded during the stall: {stalled_step}, {first}");
     assert!(logs.contains("the store is slow: the checkpoint of step "), "{logs}");
     ok(run(&home, &env, &["cancel", &job]), "cancel");
+}
+
+#[test]
+fn a_coordinator_restarted_while_the_store_is_out_serves_its_state() {
+    let _serial = common::one_at_a_time();
+    let (moto, endpoint) = OwnMoto::start();
+    let env = aws_env(&endpoint, true);
+    create_bucket(&env, "flotilla-restart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--store", "s3://flotilla-restart/cluster"]), "up");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir.path(), "waits", data.to_str().expect("utf-8"));
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+
+    // The coordinator dies while the store does not answer; `up` brings it back from its Raft
+    // log. Before, `up` refused (the store's check), and so did the coordinator itself.
+    moto.signal("-STOP");
+    for pid in common::coordinator_pids(&home) {
+        let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill runs");
+        assert!(killed.success());
+    }
+    let restarted = run(&home, &env, &["up"]);
+    let stderr = String::from_utf8_lossy(&restarted.stderr).to_string();
+    ok(restarted, "up again");
+    assert!(stderr.contains("restarting the coordinators anyway (they hold their Raft state)"), "{stderr}");
+    let log = home.join("logs/coordinator-1.log");
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("the cluster store cannot be used now; this node started anyway") {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the coordinator's own check: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Its own check failed, and it serves on: the job submitted before is there.
+    let status = last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    assert_eq!(status["state"], "Pending", "{status}");
+    moto.signal("-CONT");
 }

@@ -243,10 +243,26 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     config.validate()?;
     // The store is checked before anything starts: a missing bucket or credentials is one clear
-    // error now, not a job that fails at its first checkpoint.
+    // error now, not a job that fails at its first checkpoint. A restart (the node holds Raft
+    // state) does not wait for it: the log needs no store, and the cluster may need this node
+    // for its quorum while the store is out (checkpoints, logs and models wait for it).
     let store = flotilla_store::open(&config.store_uri)?;
-    flotilla_store::probe(&store, flotilla_store::Access::Write).await?;
-    tracing::info!(store = %store.uri(), "cluster store is writable");
+    if RaftStore::exists(&config.data_dir) {
+        let store = store.clone();
+        tokio::spawn(async move {
+            match flotilla_store::probe(&store, flotilla_store::Access::Write).await {
+                Ok(()) => tracing::info!(store = %store.uri(), "cluster store is writable"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the cluster store cannot be used now; this node started anyway (it holds Raft state, which needs \
+                     no store); checkpoints, job logs and models wait for the store"
+                ),
+            }
+        });
+    } else {
+        flotilla_store::probe(&store, flotilla_store::Access::Write).await?;
+        tracing::info!(store = %store.uri(), "cluster store is writable");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| CoordinatorError::DataDir { path: config.data_dir.display().to_string(), source })?;
     let log = RaftStore::open(&config.data_dir).map_err(ReplicaError::from)?;

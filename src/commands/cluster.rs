@@ -342,12 +342,24 @@ pub fn up(args: UpArgs, output: OutputFormat) -> anyhow::Result<()> {
             );
         }
     }
-    // The coordinators check the store too, but a clear error here beats a timeout there.
+    // The coordinators check the store too, but a clear error here beats a timeout there. Only
+    // a restart of nodes that hold Raft state starts whatever the store says (as they do): the
+    // log needs no store, and a store outage must not keep the cluster down.
     let store = store_uri(&cluster, &cluster.coordinators[0].data_dir)?;
-    runtime.block_on(async {
+    let restart = stopped
+        .iter()
+        .all(|&i| flotilla_coordinator::raft::storage::RaftStore::exists(&cluster.coordinators[i].data_dir));
+    let probed = runtime.block_on(async {
         let location = flotilla_store::open(&store)?;
         flotilla_store::probe(&location, flotilla_store::Access::Write).await
-    })?;
+    });
+    match probed {
+        Err(e) if restart => eprintln!(
+            "warning: {e}; restarting the coordinators anyway (they hold their Raft state); checkpoints, job logs \
+             and models wait for the store"
+        ),
+        probed => probed?,
+    }
     for root in &args.data_roots {
         let root = std::path::absolute(root).with_context(|| format!("--data-root {}", root.display()))?;
         if !cluster.data_roots.contains(&root) {

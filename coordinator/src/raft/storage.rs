@@ -325,6 +325,11 @@ pub struct RaftStore {
 impl RaftStore {
     /// Opens (or creates) the log in the folder `dir`, converting an earlier version's
     /// `raft.redb` there first.
+    /// Whether `dir` holds a node's Raft log already (this start is a restart).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(WAL_FILE).exists() || dir.join(LEGACY_REDB_FILE).exists()
+    }
+
     pub fn open(dir: &Path) -> Result<RaftStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let wal_path = dir.join(WAL_FILE);
