@@ -444,3 +444,79 @@ fn a_coordinator_restarted_while_the_store_is_out_serves_its_state() {
     assert_eq!(status["state"], "Pending", "{status}");
     moto.signal("-CONT");
 }
+
+/// The first RFC 3339 timestamp of a line containing `needle` in the agents' logs.
+fn first_agent_line_at(home: &Path, needle: &str) -> Option<String> {
+    std::fs::read_dir(home.join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("local-"))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            text.lines().find(|l| l.contains(needle)).and_then(|l| l.split_whitespace().next()).map(str::to_string)
+        })
+        .min()
+}
+
+#[test]
+fn a_short_notice_while_the_store_is_out_regroups_without_waiting_for_the_stuck_save() {
+    let _serial = common::one_at_a_time();
+    let (moto, endpoint) = OwnMoto::start();
+    let env = aws_env(&endpoint, true);
+    create_bucket(&env, "flotilla-notice");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--workers", "3", "--store", "s3://flotilla-notice/cluster"]), "up");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir.path(), "digits-notice", data.to_str().expect("utf-8"));
+    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
+    std::fs::write(&spec, spec_text).expect("spec");
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    let started = std::time::Instant::now();
+    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let gang: Vec<String> =
+        serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "--all", "-o", "json"]), "workers"))
+            .expect("workers")
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|w| w["job_id"] == job.as_str())
+            .filter_map(|w| w["id"].as_str().map(str::to_string))
+            .collect();
+    assert_eq!(gang.len(), 2, "{gang:?}");
+
+    // The store stops answering; once rank 0 gave up waiting for its save (15 s), a member gets
+    // a notice too short for a live handover: the gang checkpoints and stops, and the next
+    // generation takes the free worker. Before, rank 0 waited for the stuck save (until the S3
+    // client gave up, 30 s) before it announced the stop's checkpoint and reported.
+    moto.signal("-STOP");
+    let stalled_at = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    ok(run(&home, &env, &["preempt", &gang[1], "--notice-s", "30"]), "preempt");
+    let mut regrouped = None;
+    while stalled_at.elapsed() < std::time::Duration::from_secs(42) {
+        let now = status();
+        if now["generation"].as_u64() >= Some(2) && now["state"] == "Running" {
+            regrouped.get_or_insert(now);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    moto.signal("-CONT");
+    let regrouped = regrouped.expect("the next generation ran while the store was out");
+    assert_eq!(regrouped["steps_lost"], 0, "{regrouped}");
+    let next = first_agent_line_at(&home, "generation=2").expect("generation 2 in an agent's log");
+    // Before, the stuck save's failure (the S3 client gives up after 30 s) came first: rank 0
+    // logged it from the step loop, then reported the stop. Now the stop's writer thread meets it
+    // later, after the job log's own stuck writes.
+    let stuck = first_agent_line_at(&home, "Error performing PUT");
+    assert!(
+        stuck.as_ref().is_none_or(|stuck| &next < stuck),
+        "generation 2 started ({next}) before the stuck save failed ({stuck:?})"
+    );
+    ok(run(&home, &env, &["cancel", &job]), "cancel");
+}

@@ -292,7 +292,11 @@ pub(super) fn run_rank(
         }
         if report.stop_agreed {
             if let Some(encoded) = stop_encoded {
-                outcomes.extend(background.finish()); // an earlier save first
+                // An earlier save first, unless the store is out: then the stop is reported at
+                // once (the gang holds the state) and the stop's writer writes it after that one.
+                if saves.slow.is_none() {
+                    outcomes.extend(background.finish());
+                }
                 match encoded {
                     Ok(encoded) => {
                         let uri = background.uri_of_step(encoded.step);
