@@ -304,6 +304,23 @@ fn on_s3_a_killed_member_loses_no_step_and_the_survivor_writes_the_state_it_held
     assert!(done["metrics"]["val_accuracy"].as_f64() >= Some(0.85), "{done}");
 }
 
+/// Submits a digits job that trains on for hours and returns its id once it recorded a
+/// checkpoint past step 40 (the tests that stop the store cancel it).
+fn submit_until_checkpointed(dir: &Path, home: &Path, env: &[(String, String)], name: &str) -> String {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir, name, data.to_str().expect("utf-8"));
+    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
+    std::fs::write(&spec, spec_text).expect("spec");
+    let job = ok(run(home, env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(home, env, &["status", &job, "-o", "json"]), "status"));
+    let started = std::time::Instant::now();
+    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    job
+}
+
 /// A moto server of this test's own (it is stopped and resumed, as an S3 outage), killed on drop.
 struct OwnMoto(std::process::Child);
 
@@ -351,17 +368,8 @@ fn a_stalled_store_neither_stalls_training_nor_breaks_the_gang() {
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
     ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-stall/cluster"]), "up");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
-    let spec = write_spec(dir.path(), "digits-stall", data.to_str().expect("utf-8"));
-    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
-    std::fs::write(&spec, spec_text).expect("spec");
-    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-stall");
     let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
-    let started = std::time::Instant::now();
-    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 
     // S3 stops answering for longer than a collective may wait (30 s): requests hang, as in an
     // outage. Before, rank 0 waited for its save, the other rank's all-reduce timed out and
@@ -468,17 +476,8 @@ fn a_short_notice_while_the_store_is_out_regroups_without_waiting_for_the_stuck_
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
     ok(run(&home, &env, &["up", "--workers", "3", "--store", "s3://flotilla-notice/cluster"]), "up");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
-    let spec = write_spec(dir.path(), "digits-notice", data.to_str().expect("utf-8"));
-    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
-    std::fs::write(&spec, spec_text).expect("spec");
-    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-notice");
     let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
-    let started = std::time::Instant::now();
-    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     let gang: Vec<String> =
         serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "--all", "-o", "json"]), "workers"))
             .expect("workers")
