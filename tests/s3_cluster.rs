@@ -7,8 +7,8 @@
 //! unreachable endpoint) is one clear error at `up` or at submit. A member killed without notice
 //! loses no step: the survivor writes the state it held to S3 after the regroup. A store that
 //! stops answering (moto's server stopped for longer than a collective waits) neither stalls
-//! training nor breaks the gang, and a coordinator restarted during such an outage serves its
-//! state.
+//! training nor breaks the gang, a coordinator restarted during such an outage serves its
+//! state, and a job that must restart during one waits for the store without failing.
 //!
 //! AWS settings reach the coordinators and workers through the environment `up` passes on.
 //! No request leaves the loopback interface: the instance-metadata fallback for credentials
@@ -517,5 +517,81 @@ fn a_short_notice_while_the_store_is_out_regroups_without_waiting_for_the_stuck_
         stuck.as_ref().is_none_or(|stuck| &next < stuck),
         "generation 2 started ({next}) before the stuck save failed ({stuck:?})"
     );
+    ok(run(&home, &env, &["cancel", &job]), "cancel");
+}
+
+/// A start that finds the store out is waited out, never counted as a failure. The cluster
+/// reaches moto through a relay the test takes down (connections cut and refused, as in an
+/// outage, while moto keeps its objects). With `max_failures = 1`, one counted failure would
+/// fail the job: before, the new member's read of the training data from S3 ended its
+/// generation `RetryableError` and the job Failed at the first try.
+#[test]
+fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answers() {
+    let _serial = common::one_at_a_time();
+    let moto = moto();
+    let relay = flotilla_store::testing::Relay::start(&moto);
+    let env = aws_env(&relay.endpoint(), true);
+    create_bucket(&env, "flotilla-outage");
+    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv")).expect("data");
+    put(&env, "s3://flotilla-outage/data/digits.csv", digits);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--workers", "3", "--store", "s3://flotilla-outage/cluster"]), "up");
+    let spec = write_spec(dir.path(), "digits-outage", "s3://flotilla-outage/data/digits.csv");
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
+    std::fs::write(&spec, format!("{text}capacity = {{ max_failures = 1 }}\n")).expect("spec");
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    let wait = |what: &str, done: &dyn Fn(&Value) -> bool| {
+        let started = std::time::Instant::now();
+        loop {
+            let now = status();
+            if done(&now) {
+                return now;
+            }
+            assert!(now["state"] != "Failed", "the job failed while waiting for {what}: {now}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(120), "waiting for {what}: {now}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let said = |s: &Value, kind: &str| s["events"].as_array().is_some_and(|e| e.iter().any(|e| e["kind"] == kind));
+    wait("a checkpoint", &|s| s["latest_checkpoint"]["step"].as_u64() >= Some(40));
+    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
+        .expect("workers")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["job_id"] == job.as_str())
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(gang.len(), 2, "{gang:?}");
+
+    // The store goes out and a member dies: the next generation needs the free worker, which
+    // must read the training data from S3, and cannot.
+    relay.down();
+    ok(run(&home, &env, &["preempt", &gang[1], "--hard"]), "preempt --hard");
+    let tried = |n: u32| {
+        move |s: &Value| {
+            s["events"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e["kind"] == "store_unavailable"
+                        && e["message"].as_str().is_some_and(|m| m.contains(&format!("(try {n}, ")))
+                })
+            })
+        }
+    };
+    let waiting = wait("a second start during the outage", &tried(2));
+    assert_eq!((waiting["state"].as_str(), waiting["failures"].as_u64()), (Some("Recovering"), Some(0)), "{waiting}");
+    assert!(waiting["reason"].as_str().is_some_and(|r| r.starts_with("waiting for the store: out for ")), "{waiting}");
+    assert!(!said(&waiting, "failure"), "not counted: {waiting}");
+    let stopped_at = waiting["step"].as_u64().expect("step");
+
+    // The store answers again: the job resumes on its own and trains on.
+    relay.up();
+    let resumed = wait("training after the outage", &|s| {
+        s["state"] == "Running" && s["latest_checkpoint"]["step"].as_u64() > Some(stopped_at + 40)
+    });
+    assert!(!said(&resumed, "failure") && resumed["failures"] == 0, "{resumed}");
     ok(run(&home, &env, &["cancel", &job]), "cancel");
 }

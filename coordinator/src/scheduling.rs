@@ -82,7 +82,7 @@ pub fn scheduler_input(
     heard_at: impl Fn(WorkerId) -> u64,
     now_ms: u64,
 ) -> (Vec<PendingJob>, Vec<FreeWorker>) {
-    (pending_jobs(state), free_workers(state, &running_jobs(state), heard_at, now_ms))
+    (pending_jobs(state, now_ms), free_workers(state, &running_jobs(state), heard_at, now_ms))
 }
 
 /// Suspect workers (their gang broke) the leader heard from since, with the suspicion's time:
@@ -122,10 +122,16 @@ fn waiting_jobs(state: &State) -> impl Iterator<Item = &Job> {
     state.jobs.values().filter(|j| j.state == JobState::Pending)
 }
 
+/// The waiting jobs a gang may be placed for at `now_ms`: not those that wait out their
+/// store's outage ([`Job::waits_for_store`]; their reason says so, and the scheduler keeps it).
+fn placeable_jobs(state: &State, now_ms: u64) -> impl Iterator<Item = &Job> {
+    waiting_jobs(state).filter(move |j| !j.waits_for_store(now_ms))
+}
+
 /// The jobs waiting for a gang, as the planner takes them.
-fn pending_jobs(state: &State) -> Vec<PendingJob> {
+fn pending_jobs(state: &State, now_ms: u64) -> Vec<PendingJob> {
     let spares = spare_holders(state);
-    waiting_jobs(state).map(|j| pending_job(state, j, &spares)).collect()
+    placeable_jobs(state, now_ms).map(|j| pending_job(state, j, &spares)).collect()
 }
 
 /// Free workers outside a job's last gang recorded holding its state (its warm spares while it
@@ -410,11 +416,13 @@ pub async fn schedule_loop(
                 // once for both.
                 let (pending, reasons): (Vec<PendingJob>, BTreeMap<JobId, String>) = if reasons_due {
                     let spares = spare_holders(state);
-                    waiting_jobs(state).map(|j| (pending_job(state, j, &spares), (j.id, j.reason.clone()))).unzip()
+                    placeable_jobs(state, now_ms)
+                        .map(|j| (pending_job(state, j, &spares), (j.id, j.reason.clone())))
+                        .unzip()
                 } else if free.is_empty() {
                     (Vec::new(), BTreeMap::new())
                 } else {
-                    (pending_jobs(state), BTreeMap::new())
+                    (pending_jobs(state, now_ms), BTreeMap::new())
                 };
                 let made_way = if reasons_due { made_way(state) } else { BTreeMap::new() };
                 let inference: Vec<InferenceWants> = state
@@ -647,6 +655,29 @@ mod tests {
         // Resumed: nothing more to say.
         log.step(Command::AssignGang { job_id: low, workers: vec![WorkerId(3), WorkerId(4)] });
         assert!(made_way(&log.state).is_empty());
+    }
+
+    /// A job that waits out its store's outage is not placed until its wait ends, and the
+    /// scheduler does not overwrite its reason meanwhile.
+    #[test]
+    fn a_job_waiting_for_its_store_is_placed_only_when_its_wait_ends() {
+        let mut log = Log::job_of_two(2);
+        let job_id = JobId(1);
+        log.step(Command::AssignGang { job_id, workers: vec![WorkerId(1), WorkerId(2)] });
+        let out = GenerationEnd::StoreUnavailable { reason: "the endpoint is unreachable".into() };
+        log.step(Command::GenerationEnded {
+            job_id,
+            generation: 1,
+            end: out,
+            step: 0,
+            reporter: None,
+            announced: None,
+        });
+        let until = log.state.jobs[&job_id].store_wait.as_ref().expect("waits").until_unix_ms;
+        let placeable = |now| scheduler_input(&log.state, |_| u64::MAX, now).0.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!(placeable(until - 1), [], "waits for the store");
+        assert_eq!(placeable(until), [job_id], "its wait ended");
+        assert_eq!(placeable_jobs(&log.state, until - 1).count(), 0, "its reason is not the scheduler's to say");
     }
 
     #[test]

@@ -40,6 +40,18 @@ impl std::fmt::Display for Cause {
 }
 
 impl Cause {
+    /// Whether this may pass by itself: the endpoint did not answer (refused or dropped
+    /// connections, timeouts) or answered with a server error or throttling after the client's
+    /// retries. Trying again later may work, and nothing the user must fix is known. A missing
+    /// bucket, refused credentials or a bad setting are not outages: waiting does not fix them.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Cause::Unreachable(_) => true,
+            Cause::Other(text) => server_side(text),
+            _ => false,
+        }
+    }
+
     /// The cause behind `error`, read from its whole source chain (S3 error codes arrive as text).
     pub fn classify(error: &object_store::Error) -> Cause {
         let text = error.to_string();
@@ -117,4 +129,27 @@ impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }
+
+    /// The store did not answer, or failed on its side ([`Cause::is_outage`]): a later try may
+    /// work. What a caller waits out instead of counting it against the job.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            StoreError::Unusable { cause, .. } => cause.is_outage(),
+            StoreError::Op { source, .. } => is_outage(source),
+            _ => false,
+        }
+    }
+}
+
+/// [`Cause::is_outage`] of an object_store error (a missing object is not an outage).
+pub fn is_outage(error: &object_store::Error) -> bool {
+    !matches!(error, object_store::Error::NotFound { .. }) && Cause::classify(error).is_outage()
+}
+
+/// A server error or throttling, as object_store words it after its retries ("Server returned
+/// non-2xx status code: 503 Service Unavailable", or the S3 error code in the body).
+fn server_side(text: &str) -> bool {
+    const SIGNS: [&str; 6] =
+        ["status code: 5", "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl"];
+    SIGNS.iter().any(|sign| text.contains(sign))
 }

@@ -35,7 +35,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 
-pub use error::{Cause, StoreError};
+pub use error::{Cause, StoreError, is_outage};
 pub use uri::{Root, StoreUri, parse};
 
 /// How long one S3 connection attempt may take: an unreachable endpoint fails in seconds.

@@ -52,3 +52,70 @@ pub fn create_bucket(endpoint: &str, bucket: &str) {
     stream.read_to_string(&mut reply).expect("the reply");
     assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
 }
+
+/// A TCP relay to a server (moto) that a test takes down and brings back: an S3 outage as a
+/// client sees one (new connections are closed at once, open ones are cut), while the server
+/// behind it keeps its objects. Its threads live as long as the test process.
+pub struct Relay {
+    address: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    /// Relays a loopback port to `target` (`http://host:port` or `host:port`), up.
+    pub fn start(target: &str) -> Relay {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let address = listener.local_addr().expect("the relay's address");
+        let relay = Relay { address, up: Default::default(), open: Default::default() };
+        relay.up.store(true, Ordering::SeqCst);
+        let (up, open) = (relay.up.clone(), relay.open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up.load(Ordering::SeqCst) {
+                    drop(client); // down: closed at once
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+                let (Ok(client_copy), Ok(server_copy)) = (client.try_clone(), server.try_clone()) else { continue };
+                if let Ok(mut open) = open.lock() {
+                    open.extend([client.try_clone(), server.try_clone()].into_iter().flatten());
+                }
+                pump(client, server_copy);
+                pump(server, client_copy);
+            }
+        });
+        relay
+    }
+
+    /// Where clients connect: `http://127.0.0.1:port`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// An outage: every open connection is cut and new ones are closed at once.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut open) = self.open.lock() {
+            for stream in open.drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// The outage ends: connections are relayed again.
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either side closes.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}

@@ -4,7 +4,7 @@
 //! http without AWS_ALLOW_HTTP, wrong scheme). No request leaves the loopback interface: the
 //! instance-metadata endpoint is pointed at a closed local port.
 
-use flotilla_store::testing::{closed_port, create_bucket, env, moto};
+use flotilla_store::testing::{Relay, closed_port, create_bucket, env, moto};
 use flotilla_store::{Access, Cause, StoreError, block_on, delete_prefix, get_capped, list, open_with, probe, promote};
 use object_store::{ObjectStoreExt, PutPayload};
 
@@ -189,4 +189,70 @@ fn the_instance_role_comes_from_the_metadata_endpoint_when_allowed() {
     let location = open_with("s3://flotilla-store-role/x", vars).expect("the instance role");
     block_on(probe(&location, Access::Write)).expect("no runtime").expect("writable with the role's credentials");
     assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the role's credentials were fetched");
+}
+
+/// An S3 endpoint that answers every request with `status` and an S3 error `code` (a store
+/// failing on its side), after reading the request's head.
+fn failing_endpoint(status: &'static str, code: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let body = format!("<Error><Code>{code}</Code><Message>try again</Message></Error>");
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    address
+}
+
+#[test]
+fn an_outage_is_told_apart_from_what_waiting_does_not_fix() {
+    let endpoint = moto();
+    create_bucket(&endpoint, "flotilla-store-outage");
+    let relay = Relay::start(&endpoint);
+    let location = open_with("s3://flotilla-store-outage/x", env(&relay.endpoint(), true)).expect("opens");
+    let key = location.key("part-0");
+    let get = |location: &flotilla_store::Location| block_on(get_capped(location, &key, 100)).expect("no runtime");
+    block_on(location.store().put(&key, PutPayload::from_static(b"kept"))).expect("no runtime").expect("put");
+
+    // Connections closed by the store's side: an outage, and the object is there once it ends.
+    relay.down();
+    let error = get(&location).expect_err("the store is down");
+    assert!(error.is_outage(), "{error}");
+    relay.up();
+    assert_eq!(get(&location).expect("the outage ended").as_ref(), b"kept");
+
+    // Server errors and throttling after the client's retries: outages.
+    for (status, code) in [("503 Service Unavailable", "SlowDown"), ("500 Internal Server Error", "InternalError")] {
+        let failing =
+            open_with("s3://flotilla-store-outage/x", env(&failing_endpoint(status, code), true)).expect("opens");
+        let error = get(&failing).expect_err("the store fails");
+        assert!(error.is_outage(), "{status}: {error}");
+    }
+    // An endpoint nothing listens on cannot be told from a store that is down: an outage too.
+    let closed = open_with("s3://flotilla-store-outage/x", env(&format!("http://127.0.0.1:{}", closed_port()), true));
+    let error = get(&closed.expect("opens")).expect_err("nothing listens");
+    assert!(error.is_outage(), "{error}");
+
+    // What waiting does not fix: a missing object, a missing bucket, refused credentials.
+    let missing = block_on(get_capped(&location, &location.key("no-such-part"), 100)).expect("no runtime");
+    assert!(!missing.expect_err("missing").is_outage());
+    let no_bucket = open_with("s3://flotilla-no-such-bucket/x", env(&endpoint, true)).expect("opens");
+    let error = get(&no_bucket).expect_err("no bucket");
+    assert!(!error.is_outage(), "{error}");
+    let forbidden =
+        open_with("s3://flotilla-store-outage/x", env(&failing_endpoint("403 Forbidden", "AccessDenied"), true));
+    let error = get(&forbidden.expect("opens")).expect_err("refused");
+    assert!(!error.is_outage(), "{error}");
 }

@@ -471,6 +471,7 @@ impl ClusterService for ClusterApi {
                 ended(CoreEnd::CheckpointUnusable { step: report.unusable_checkpoint_step, reason })
             }
             Ok(GenerationEnd::RetryableError) => ended(CoreEnd::Error { reason }),
+            Ok(GenerationEnd::StoreUnavailable) => ended(CoreEnd::StoreUnavailable { reason }),
             Err(_) => return Err(invalid(format!("end {} is not a generation end", report.end))),
         };
         self.node.propose(command).await.map_err(status)?;

@@ -661,8 +661,34 @@ pub fn run_rank(
     }
 }
 
+/// A rank that ended with `error`. A retryable error that is the store being out (a data,
+/// checkpoint or workdir read that got no answer) ends `StoreUnavailable`: the job waits for
+/// the store instead of counting a failure.
 pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Display + 'static) -> RankEnd {
+    let end = if end == GenerationEnd::RetryableError && store_outage(&error) {
+        GenerationEnd::StoreUnavailable
+    } else {
+        end
+    };
     RankEnd::Broken { end, step, error: error_text(&error), unusable_step: 0, unreachable_rank: None }
+}
+
+/// Whether `error`, or a cause in its chain, is the store being out ([`flotilla_store::
+/// StoreError::is_outage`] and the data and checkpoint errors that carry it).
+fn store_outage(error: &(dyn std::any::Any + 'static)) -> bool {
+    fn cause(e: &(dyn std::error::Error + 'static)) -> bool {
+        e.downcast_ref::<crate::checkpoint::CheckpointError>().is_some_and(|e| e.is_outage())
+            || e.downcast_ref::<crate::data::DataError>().is_some_and(|e| e.is_outage())
+            || e.downcast_ref::<flotilla_store::StoreError>().is_some_and(|e| e.is_outage())
+            || e.downcast_ref::<object_store::Error>().is_some_and(flotilla_store::is_outage)
+    }
+    if let Some(e) = error.downcast_ref::<anyhow::Error>() {
+        return e.chain().any(cause);
+    }
+    error.downcast_ref::<crate::checkpoint::CheckpointError>().is_some_and(|e| cause(e))
+        || error.downcast_ref::<crate::data::DataError>().is_some_and(|e| cause(e))
+        || error.downcast_ref::<flotilla_store::StoreError>().is_some_and(|e| cause(e))
+        || error.downcast_ref::<object_store::Error>().is_some_and(|e| cause(e))
 }
 
 /// `error`'s text with its causes, each said once ([`flotilla_core::text::error_chain`]): the
@@ -962,6 +988,37 @@ mod tests {
         assert_eq!(named(GenerationEnd::PeerLost, silent), Some(2));
         assert_eq!(named(GenerationEnd::PeerLost, CollectiveError::Rendezvous("worlds differ".into())), None);
         assert_eq!(named(GenerationEnd::RetryableError, lost(1)), None, "only a lost peer is named");
+    }
+
+    /// A retryable end whose cause is the store being out (as the data and checkpoint readers
+    /// word it) is reported `StoreUnavailable`, however deep in the chain; anything else keeps
+    /// its end. (The store's own tests classify real outages; tests/s3_cluster.rs runs one.)
+    #[test]
+    fn a_rank_that_found_the_store_out_says_so_and_nothing_else_does() {
+        use crate::checkpoint::CheckpointError;
+        use crate::data::DataError;
+        use flotilla_store::{Cause, StoreError};
+        let end = |rank: RankEnd| match rank {
+            RankEnd::Broken { end, .. } => end,
+            _ => panic!("a broken end"),
+        };
+        let unreachable = || StoreError::Unusable {
+            uri: "s3://b/x".into(),
+            cause: Cause::Unreachable("error sending request".into()),
+        };
+        let data_out = DataError::Unavailable { uri: "s3://b/x".into(), reason: unreachable().to_string() };
+        let data_bad = DataError::Read { uri: "s3://b/x".into(), reason: "no such key".into() };
+        let (retry, out) = (GenerationEnd::RetryableError, GenerationEnd::StoreUnavailable);
+        let loading = |e: DataError| anyhow::Error::from(e).context("loading the training data");
+        assert_eq!(end(broken(retry, 0, loading(data_out))), out, "the data");
+        assert_eq!(end(broken(retry, 7, CheckpointError::Location(unreachable()))), out, "a checkpoint");
+        let workdir = anyhow::Error::from(unreachable()).context("fetching the workdir");
+        assert_eq!(end(broken(retry, 0, workdir)), out, "a command job's workdir");
+        assert_eq!(end(broken(retry, 0, loading(data_bad))), retry, "a read that waiting does not fix");
+        let missing = CheckpointError::Location(StoreError::NotFound { uri: "s3://b/x".into() });
+        assert_eq!(end(broken(retry, 0, missing)), retry, "a missing checkpoint");
+        let lost = GenerationEnd::PeerLost;
+        assert_eq!(end(broken(lost, 0, CheckpointError::Location(unreachable()))), lost, "other ends are kept");
     }
 
     #[test]

@@ -96,6 +96,16 @@ impl CheckpointError {
     pub fn is_unusable(&self) -> bool {
         matches!(self, CheckpointError::Partial { .. } | CheckpointError::Corrupt { .. })
     }
+
+    /// The store did not answer or failed on its side: the checkpoint may be fine, and a later
+    /// try may read it ([`flotilla_store::StoreError::is_outage`]).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            CheckpointError::Store(e) => flotilla_store::is_outage(e),
+            CheckpointError::Location(e) => e.is_outage(),
+            _ => false,
+        }
+    }
 }
 
 fn part_path(prefix: &Path, name: &str) -> Path {

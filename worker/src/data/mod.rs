@@ -66,6 +66,10 @@ pub struct Dataset {
 pub enum DataError {
     #[error("{uri}: cannot read: {reason}")]
     Read { uri: String, reason: String },
+    /// The store did not answer or failed on its side ([`flotilla_store::StoreError::is_outage`]):
+    /// a later try may read it.
+    #[error("{uri}: cannot read now (the store is out; a later try may work): {reason}")]
+    Unavailable { uri: String, reason: String },
     #[error("{uri}: {what} is {value}; at most {limit} is supported")]
     TooLarge { uri: String, what: &'static str, value: u64, limit: u64 },
     #[error("{uri}: line {line}, column {column}: {reason}")]
@@ -84,6 +88,13 @@ pub enum DataError {
     Mismatch { uri: String, reason: String },
     #[error("data loading blocks; it was called from inside an async runtime (use spawn_blocking or a plain thread)")]
     InsideAsyncRuntime,
+}
+
+impl DataError {
+    /// The store was out: waiting, not the job, is the fix.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, DataError::Unavailable { .. })
+    }
 }
 
 impl Dataset {

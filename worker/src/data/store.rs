@@ -29,6 +29,7 @@ pub fn fetch(uri: &DataUri) -> Result<Vec<u8>, DataError> {
             limit: size_max_bytes,
         },
         StoreError::InsideAsyncRuntime => DataError::InsideAsyncRuntime,
+        outage if outage.is_outage() => DataError::Unavailable { uri: name.clone(), reason: outage.to_string() },
         other => DataError::Read { uri: name.clone(), reason: other.to_string() },
     };
     let (location, key) = match uri {

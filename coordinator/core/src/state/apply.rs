@@ -53,6 +53,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     handovers: Vec::new(),
                     member_lost: None,
                     live_swap_timed_step: 0,
+                    store_wait: None,
                     stall_ms_total: 0,
                     last_stall_ms: 0,
                     stall_generation: 0,
@@ -467,7 +468,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 let job = running_generation(state, job_id, generation)?;
                 announce_checkpoint(job, record, reporter, generation, step, now);
             }
-            let applied = generation_ended(state, job_id, generation, end, step, now)?;
+            let applied = generation_ended(state, job_id, generation, end, step, reporter, now)?;
             // The reporter of a break is alive (it just called): not suspect, so that the
             // regroup can take it at once with the state it holds (see the scheduler's holders).
             if let Some(worker) = reporter.and_then(|r| state.workers.get_mut(&r)) {
@@ -1456,6 +1457,7 @@ fn generation_ended(
     generation: u64,
     end: GenerationEnd,
     step: u64,
+    reporter: Option<WorkerId>,
     now: u64,
 ) -> Result<Applied, Rejected> {
     let job = running_generation(state, job_id, generation)?;
@@ -1554,6 +1556,7 @@ fn generation_ended(
             }
             job.reason = bounded(format!("retrying after a failure: {reason}"));
         }
+        GenerationEnd::StoreUnavailable { reason } => wait_for_store(job, generation, reporter, reason, now),
     }
     job.state = JobState::Pending;
     job.updated_at_unix_ms = now;
@@ -1586,6 +1589,39 @@ fn generation_ended(
         }
     }
     Ok(Applied::GenerationEnded { job_id, state: JobState::Pending })
+}
+
+/// A generation could not go on because the store was out: the job waits ([`store_wait_ms`],
+/// doubling with each try in a row without progress) and is tried again, for as long as the
+/// outage lasts; `capacity.max_failures` is not touched. One event says it, updated in place
+/// with each try (with the gang events between tries), so that a long outage does not push
+/// the job's history out of its events.
+fn wait_for_store(job: &mut Job, generation: u64, reporter: Option<WorkerId>, reason: &str, now: u64) {
+    let wait = match job.store_wait.take() {
+        Some(wait) if job.step <= wait.step => StoreWait { tries: wait.tries.saturating_add(1), ..wait },
+        _ => StoreWait { since_unix_ms: now, tries: 1, step: job.step, until_unix_ms: 0 },
+    };
+    let wait_ms = store_wait_ms(wait.tries);
+    let out_s = now.saturating_sub(wait.since_unix_ms) / 1000;
+    let who = reporter.map_or(String::new(), |w| format!(" ({w})"));
+    let message = format!(
+        "generation {generation} could not go on{who}: the store is out (try {}, {out_s} s since the first); \
+         trying again in {} s, not counted toward capacity.max_failures: {reason}",
+        wait.tries,
+        wait_ms / 1000
+    );
+    if let Some(last) = job.events.iter().rposition(|e| e.kind == "store_unavailable")
+        && job.events[last + 1..].iter().all(|e| e.kind == "gang")
+    {
+        job.events.truncate(last);
+    }
+    push_event(job, now, "store_unavailable", bounded(message));
+    job.reason = bounded(format!(
+        "waiting for the store: out for {out_s} s ({} tries); next try in {} s; last: {reason}",
+        wait.tries,
+        wait_ms / 1000
+    ));
+    job.store_wait = Some(StoreWait { until_unix_ms: now.saturating_add(wait_ms), ..wait });
 }
 
 /// A batch command's `len` entries, refused beyond `max` (the leader splits larger batches).

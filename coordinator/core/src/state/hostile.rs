@@ -66,10 +66,11 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
         1 => Command::GenerationEnded {
             job_id,
             generation: small_or_raw(a),
-            end: match b % 4 {
+            end: match b % 5 {
                 0 => GenerationEnd::Checkpointed,
                 1 => GenerationEnd::PeerLost { reason, unreachable_rank: (e & 8 == 8).then_some((e >> 4) as u32 % 8) },
                 2 => GenerationEnd::CheckpointUnusable { step: small_or_raw(c), reason },
+                3 => GenerationEnd::StoreUnavailable { reason },
                 _ => GenerationEnd::Error { reason },
             },
             step: small_or_raw(d),

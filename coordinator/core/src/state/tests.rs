@@ -1561,6 +1561,66 @@ fn failures_without_progress_fail_the_job_and_progress_resets_the_count() {
     assert!(state.workers.values().all(|w| w.job.is_none()), "capacity released");
 }
 
+/// A start that finds the store out is waited out, never counted: with `max_failures = 1` one
+/// failure fails the job, but any number of store outages in a row do not. The wait doubles
+/// with each try (capped), one event says it however long the outage lasts, and progress
+/// starts a new count.
+#[test]
+fn a_store_outage_is_waited_out_with_a_backoff_and_never_fails_the_job() {
+    let mut state = State::default();
+    running_job(&mut state, 1);
+    let out = || GenerationEnd::StoreUnavailable { reason: "s3://b/data.csv: the endpoint is unreachable".into() };
+    let end_at = |state: &mut State, at: u64, generation: u64, end: GenerationEnd, step: u64| {
+        let command = Command::GenerationEnded {
+            job_id: JobId(1),
+            generation,
+            end,
+            step,
+            reporter: Some(WorkerId(2)),
+            announced: None,
+        };
+        apply(state, at, Envelope::new(at, command))
+    };
+    let reassign = |state: &mut State, at: u64| {
+        let command = Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1), WorkerId(2)] };
+        apply(state, at, Envelope::new(at, command)).expect("assign");
+    };
+    let mut at = 1_000;
+    for generation in 1..=12u64 {
+        let ended = end_at(&mut state, at, generation, out(), 0);
+        assert_eq!(ended, Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Pending }));
+        let job = &state.jobs[&JobId(1)];
+        let wait = job.store_wait.clone().expect("waiting for the store");
+        let wait_ms = (10_000u64 << (generation - 1)).min(300_000);
+        assert_eq!((wait.tries, wait.since_unix_ms, wait.until_unix_ms), (generation as u32, 1_000, at + wait_ms));
+        assert!(job.waits_for_store(at + wait_ms - 1) && !job.waits_for_store(at + wait_ms));
+        assert_eq!(job.failures, 0, "not counted toward capacity.max_failures");
+        assert!(job.reason.starts_with("waiting for the store: out for "), "{}", job.reason);
+        let said: Vec<&JobEvent> = job.events.iter().filter(|e| e.kind == "store_unavailable").collect();
+        assert_eq!(said.len(), 1, "one event, updated: {:?}", job.events);
+        assert!(
+            said[0].message.contains(&format!("(worker-2): the store is out (try {generation}, ")),
+            "{}",
+            said[0].message
+        );
+        assert_eq!(job.events.last().map(|e| e.kind.as_str()), Some("store_unavailable"), "the gangs between tries go");
+        at += wait_ms;
+        reassign(&mut state, at);
+        at += 2_000;
+    }
+    assert!(state.workers.values().all(|w| w.job.is_some()), "still placed after 12 tries");
+    // The store answers again: progress, then a later outage counts from one.
+    checkpoint(&mut state, 20, 13).expect("progress");
+    end_at(&mut state, at, 13, out(), 20).expect("a later outage");
+    let job = &state.jobs[&JobId(1)];
+    let wait = job.store_wait.clone().expect("waiting");
+    assert_eq!((wait.tries, wait.since_unix_ms, wait.until_unix_ms), (1, at, at + 10_000));
+    // A failure that is not the store's still counts (and here fails the job at once).
+    reassign(&mut state, at + 10_000);
+    let failed = end_at(&mut state, at + 11_000, 14, GenerationEnd::Error { reason: "bad column".into() }, 20);
+    assert_eq!(failed, Ok(Applied::GenerationEnded { job_id: JobId(1), state: JobState::Failed }));
+}
+
 #[test]
 fn retention_deletes_in_two_steps_and_never_the_newest_checkpoint() {
     let mut state = State::default();

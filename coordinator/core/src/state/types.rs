@@ -32,7 +32,10 @@ use crate::spec::JobSpec;
 /// workers and other jobs' spares last (`pick_replacement`: `WorkerInterrupted` and the
 /// commands that seek replacements apply differently); spares heard holding their job's state
 /// are recorded (`SparesHolding`) and stay its spares.
-pub const STATE_VERSION: u32 = 9;
+/// 10: a generation that could not start because the store was out ends
+/// `GenerationEnd::StoreUnavailable`, which is not a failure: the job waits for the store
+/// (`Job::store_wait`) and is not placed before its backoff ends.
+pub const STATE_VERSION: u32 = 10;
 /// Jobs kept in the state at most (active and finished). A submission beyond it is refused
 /// until finished jobs are garbage-collected; this bounds snapshot size (~2 KB a job).
 pub const JOBS_MAX: usize = 100_000;
@@ -52,6 +55,16 @@ pub const UNREACHABLE_STREAK_GAP_MS: u64 = 10 * 60_000;
 /// How long the `holds`-th hold in a row lasts (1: [`UNREACHABLE_HOLD_MS`], doubling, capped).
 pub fn unreachable_hold_ms(holds: u32) -> u64 {
     UNREACHABLE_HOLD_MS.saturating_mul(1 << holds.saturating_sub(1).min(16)).min(UNREACHABLE_HOLD_MAX_MS)
+}
+/// How long a job waits after the first generation in a row that could not start because the
+/// store was out ([`GenerationEnd::StoreUnavailable`]); each one after doubles it, up to
+/// [`STORE_WAIT_MAX_MS`]. A job waits for its store for as long as the store is out.
+pub const STORE_WAIT_FIRST_MS: u64 = 10_000;
+pub const STORE_WAIT_MAX_MS: u64 = 5 * 60_000;
+
+/// How long a job waits after its `tries`-th start in a row that found the store out.
+pub fn store_wait_ms(tries: u32) -> u64 {
+    STORE_WAIT_FIRST_MS.saturating_mul(1 << tries.saturating_sub(1).min(16)).min(STORE_WAIT_MAX_MS)
 }
 /// Longest free-text reason kept on a job, in bytes (longer ones are cut).
 pub const REASON_LEN_MAX: usize = 1024;
@@ -341,6 +354,23 @@ pub struct Job {
     /// without a step around the swap is counted once, whichever survivor reports first).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub live_swap_timed_step: u64,
+    /// Generations that could not start because the store was out, in a row without progress,
+    /// and when the next may be placed. Not a failure: the job waits for its store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_wait: Option<StoreWait>,
+}
+
+/// See [`Job::store_wait`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreWait {
+    /// When the first of these ends was recorded.
+    pub since_unix_ms: u64,
+    /// Starts that found the store out since then.
+    pub tries: u32,
+    /// The job's step at the first: progress past it starts a new count.
+    pub step: u64,
+    /// No gang is placed for the job before this ([`store_wait_ms`] after the latest try).
+    pub until_unix_ms: u64,
 }
 
 /// See [`Job::member_lost`].
@@ -420,6 +450,11 @@ impl Handover {
 }
 
 impl Job {
+    /// Whether the job waits out its store's outage at `now_ms` (no gang is placed for it).
+    pub fn waits_for_store(&self, now_ms: u64) -> bool {
+        self.store_wait.as_ref().is_some_and(|w| now_ms < w.until_unix_ms)
+    }
+
     /// Ends the running generation's membership: the gang is kept as `ended_gang` and returned
     /// for release.
     pub fn end_gang(&mut self) -> Vec<WorkerId> {
@@ -574,6 +609,10 @@ pub enum GenerationEnd {
     /// The training failed in a way a new generation may not repeat (counts toward
     /// `capacity.max_failures`).
     Error { reason: String },
+    /// The generation could not go on because the store (its data, checkpoint or workdir) did
+    /// not answer or failed on its side. Not the job's fault and not counted: the job waits
+    /// ([`Job::store_wait`]) and tries again.
+    StoreUnavailable { reason: String },
 }
 
 /// A completed checkpoint (its MANIFEST was written) as the coordinator records it.
