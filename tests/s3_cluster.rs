@@ -593,5 +593,7 @@ fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answ
         s["state"] == "Running" && s["latest_checkpoint"]["step"].as_u64() > Some(stopped_at + 40)
     });
     assert!(!said(&resumed, "failure") && resumed["failures"] == 0, "{resumed}");
+    // The stall is timed from the loss, through the tries that found the store out.
+    assert!(resumed["last_stall_ms"].as_u64() >= Some(10_000), "{resumed}");
     ok(run(&home, &env, &["cancel", &job]), "cancel");
 }

@@ -670,6 +670,13 @@ mod tests {
         };
         let later = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), trained, event(30, "gang")];
         assert_eq!(resumption(&later), Some(Resumption::Recovery { lost_at_unix_ms: 25 }));
+        // Starts that found the store out (one event for all the tries) are timed through too.
+        let store_out = JobEvent {
+            message: JobEvent::store_unavailable_message(3, 68, true, " (worker-3)", (4, 70, 80), "unreachable"),
+            ..event(90, "store_unavailable")
+        };
+        let waited = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), store_out, event(170, "gang")];
+        assert_eq!(resumption(&waited), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "from the loss");
     }
 
     /// A generation after a stop to grow, for a job of higher priority or for a deadline is a

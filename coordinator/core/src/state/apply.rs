@@ -1556,7 +1556,10 @@ fn generation_ended(
             }
             job.reason = bounded(format!("retrying after a failure: {reason}"));
         }
-        GenerationEnd::StoreUnavailable { reason } => wait_for_store(job, generation, reporter, reason, now),
+        GenerationEnd::StoreUnavailable { reason } => {
+            let never_trained = step == job.generation_start_step;
+            wait_for_store(job, (generation, step, never_trained), reporter, reason, now);
+        }
     }
     job.state = JobState::Pending;
     job.updated_at_unix_ms = now;
@@ -1594,9 +1597,11 @@ fn generation_ended(
 /// A generation could not go on because the store was out: the job waits ([`store_wait_ms`],
 /// doubling with each try in a row without progress) and is tried again, for as long as the
 /// outage lasts; `capacity.max_failures` is not touched. One event says it, updated in place
-/// with each try (with the gang events between tries), so that a long outage does not push
-/// the job's history out of its events.
-fn wait_for_store(job: &mut Job, generation: u64, reporter: Option<WorkerId>, reason: &str, now: u64) {
+/// with each try that never trained (with the gang events between tries), so that a long
+/// outage does not push the job's history out of its events.
+/// `ended`: the generation, the step it stopped at, and whether it never trained.
+fn wait_for_store(job: &mut Job, ended: (u64, u64, bool), reporter: Option<WorkerId>, reason: &str, now: u64) {
+    let (generation, step, never_trained) = ended;
     let wait = match job.store_wait.take() {
         Some(wait) if job.step <= wait.step => StoreWait { tries: wait.tries.saturating_add(1), ..wait },
         _ => StoreWait { since_unix_ms: now, tries: 1, step: job.step, until_unix_ms: 0 },
@@ -1604,13 +1609,13 @@ fn wait_for_store(job: &mut Job, generation: u64, reporter: Option<WorkerId>, re
     let wait_ms = store_wait_ms(wait.tries);
     let out_s = now.saturating_sub(wait.since_unix_ms) / 1000;
     let who = reporter.map_or(String::new(), |w| format!(" ({w})"));
-    let message = format!(
-        "generation {generation} could not go on{who}: the store is out (try {}, {out_s} s since the first); \
-         trying again in {} s, not counted toward capacity.max_failures: {reason}",
-        wait.tries,
-        wait_ms / 1000
-    );
+    let tries = (wait.tries, out_s, wait_ms / 1000);
+    let message = JobEvent::store_unavailable_message(generation, step, never_trained, &who, tries, reason);
+    // Only tries that never trained are folded (the metrics time a stall through them: see
+    // `JobEvent::ended_untrained`).
     if let Some(last) = job.events.iter().rposition(|e| e.kind == "store_unavailable")
+        && never_trained
+        && job.events[last].ended_untrained()
         && job.events[last + 1..].iter().all(|e| e.kind == "gang")
     {
         job.events.truncate(last);

@@ -221,10 +221,29 @@ impl JobEvent {
         format!("generation {generation} broke at step {step}{before}{kept}; {lost} step(s) lost: {reason}")
     }
 
+    /// The `store_unavailable` message of `generation`, stopped at `step` (`never_trained`: its
+    /// first step) because the store was out (`who`: the reporter's words): its `tries`-th in a
+    /// row, `out_s` after the first, the next in `wait_s`, with the rank's reason.
+    pub fn store_unavailable_message(
+        generation: u64,
+        step: u64,
+        never_trained: bool,
+        who: &str,
+        (tries, out_s, wait_s): (u32, u64, u64),
+        reason: &str,
+    ) -> String {
+        let before = if never_trained { NEVER_TRAINED } else { "" };
+        format!(
+            "generation {generation} stopped at step {step}{before}{who}: the store is out (try {tries}, {out_s} s \
+             since the first); trying again in {wait_s} s, not counted toward capacity.max_failures: {reason}"
+        )
+    }
+
     /// Whether this event ended a generation that never trained a step (see
-    /// [`JobEvent::peer_lost_message`]): training had stopped before it formed.
+    /// [`JobEvent::peer_lost_message`], [`JobEvent::store_unavailable_message`]): training had
+    /// stopped before it formed.
     pub fn ended_untrained(&self) -> bool {
-        self.kind == "peer_lost" && self.message.contains(NEVER_TRAINED)
+        matches!(self.kind.as_str(), "peer_lost" | "store_unavailable") && self.message.contains(NEVER_TRAINED)
     }
 
     /// The `priority` event's message: the job stops for `for_job` (see
