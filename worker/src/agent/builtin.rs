@@ -991,10 +991,12 @@ fn finish_after_stop(
         if !shared.noticed.load(Ordering::Relaxed) {
             shared.wait_first_step_after(seen, STOP_WRITE_DEFER_MAX);
         }
-        drop(log);
+        // The checkpoint before the log: while the store is out, closing the log waits for its
+        // queued segments, and the announced checkpoint is what a whole-gang loss resumes from.
         if let Some((background, encoded)) = write {
             write_stop_checkpoint(background, encoded, step);
         }
+        drop(log);
         shared.busy.send_modify(|runs| *runs = runs.saturating_sub(1));
     });
 }

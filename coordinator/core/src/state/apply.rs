@@ -1599,6 +1599,7 @@ fn generation_ended(
 /// outage lasts; `capacity.max_failures` is not touched. One event says it, updated in place
 /// with each try that never trained (with the gang events between tries), so that a long
 /// outage does not push the job's history out of its events.
+///
 /// `ended`: the generation, the step it stopped at, and whether it never trained.
 fn wait_for_store(job: &mut Job, ended: (u64, u64, bool), reporter: Option<WorkerId>, reason: &str, now: u64) {
     let (generation, step, never_trained) = ended;
