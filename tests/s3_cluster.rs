@@ -8,7 +8,8 @@
 //! loses no step: the survivor writes the state it held to S3 after the regroup. A store that
 //! stops answering (moto's server stopped for longer than a collective waits) neither stalls
 //! training nor breaks the gang, a coordinator restarted during such an outage serves its
-//! state, and a job that must restart during one waits for the store without failing.
+//! state, a job that must restart during one waits for the store without failing, and training
+//! that ends during one writes its final checkpoint and model once the store answers.
 //!
 //! AWS settings reach the coordinators and workers through the environment `up` passes on.
 //! No request leaves the loopback interface: the instance-metadata fallback for credentials
@@ -596,4 +597,60 @@ fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answ
     // The stall is timed from the loss, through the tries that found the store out.
     assert!(resumed["last_stall_ms"].as_u64() >= Some(10_000), "{resumed}");
     ok(run(&home, &env, &["cancel", &job]), "cancel");
+}
+
+/// Training that ends while the store is out keeps its end: rank 0 holds the final checkpoint
+/// and the model until the store answers again, then writes them, and the model is registered
+/// from the final step. Before, the job ended Succeeded at once, without a model ("the model
+/// could not be exported: ... unreachable") and without its final checkpoint: the steps since
+/// the newest checkpoint were nowhere.
+#[test]
+fn training_that_ends_while_the_store_is_out_writes_its_model_once_the_store_answers() {
+    let _serial = common::one_at_a_time();
+    let relay = flotilla_store::testing::Relay::start(&moto());
+    let env = aws_env(&relay.endpoint(), true);
+    create_bucket(&env, "flotilla-finish");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-finish/cluster"]), "up");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
+    let spec = write_spec(dir.path(), "digits-finish", data.to_str().expect("utf-8"));
+    let text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 4000");
+    std::fs::write(&spec, text).expect("spec");
+    let job = ok(run(&home, &env, &["submit", &spec]), "submit").lines().last().expect("job id").trim().to_string();
+    let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
+    let started = std::time::Instant::now();
+    while status()["latest_checkpoint"]["step"].as_u64() < Some(40) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no checkpoint yet: {}", status());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // The store goes out before the last step; training goes on and ends, and rank 0 waits.
+    relay.down();
+    let waiting = "the store is out: the final checkpoint waits to be written";
+    let started = std::time::Instant::now();
+    while first_agent_line_at(&home, waiting).is_none() {
+        let now = status();
+        assert!(now["state"] == "Running", "the job ended while the store was out: {now}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no wait for the store: {now}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(status()["state"], "Running", "still waiting for the store");
+
+    relay.up();
+    let started = std::time::Instant::now();
+    let done = loop {
+        let now = status();
+        if now["state"] != "Running" {
+            break now;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "the end after the outage: {now}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    assert_eq!(done["latest_checkpoint"]["step"], 4000, "the final checkpoint was written: {done}");
+    let model = last_json(&ok(run(&home, &env, &["models", "show", "digits-finish", "-o", "json"]), "models show"));
+    assert_eq!(model["source_checkpoint"]["step"], 4000, "registered from the final step: {model}");
 }

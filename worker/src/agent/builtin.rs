@@ -149,6 +149,7 @@ pub(super) fn run_rank(
         stall_ms: 0.0,
         count: 0,
         slow: None,
+        failures: 0,
     };
     let started = Instant::now();
     let first_step = trainer.steps_done();
@@ -265,9 +266,10 @@ pub(super) fn run_rank(
             saves.slow = None;
             log.note(format!(
                 "the store takes checkpoints again: the one of step {} was recorded {:.1} s after training stopped \
-                 waiting for the store",
+                 waiting for the store ({} failed meanwhile)",
                 saved.step,
-                since.elapsed().as_secs_f64()
+                since.elapsed().as_secs_f64(),
+                std::mem::take(&mut saves.failures)
             ));
         }
         let mut waited = false;
@@ -342,8 +344,18 @@ pub(super) fn run_rank(
                     ));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, step = report.step, "checkpoint failed; training continues");
-                    log.note(format!("a checkpoint failed; training continues: {e}"));
+                    // A failing store is no more waited for than a slow one: until a save is
+                    // recorded, the next snapshot retries it unwaited (waiting out each failure's
+                    // retries at every checkpoint slowed a digits job about 30-fold). Said once.
+                    saves.failures += 1;
+                    if saves.slow.is_none() {
+                        saves.slow = Some(Instant::now());
+                        tracing::warn!(error = %e, step = report.step, "checkpoint failed; training continues");
+                        log.note(format!(
+                            "a checkpoint failed; training continues without waiting for saves until one is recorded: \
+                             {e}"
+                        ));
+                    }
                     if report.stop_agreed {
                         save_failed = Some(e);
                     }
@@ -422,8 +434,14 @@ pub(super) fn run_rank(
         let _ = background.finish();
         if saves.last_saved != trainer.steps_done() {
             let values = metrics.map(|m| (m.val_accuracy, m.val_loss));
-            let _ = background.submit(trainer.state(), values);
-            if let Some(Err(e)) = background.finish() {
+            let saved = through_outage(context, &mut log, "the final checkpoint", || {
+                let _ = background.submit(trainer.state(), values);
+                match background.finish() {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = saved {
                 tracing::warn!(error = %e, "the final checkpoint was not saved");
             }
         }
@@ -440,7 +458,9 @@ pub(super) fn run_rank(
             .map_err(anyhow::Error::from)
             .and_then(|(model, _)| Ok(crate::train::export::safetensors(model, trainer.layout(), trainer.params())?))
             .and_then(|bytes| {
-                Ok(state::write_artifact(&format!("{}/model", train.job_prefix), "model.safetensors", bytes)?)
+                let prefix = format!("{}/model", train.job_prefix);
+                let write = || state::write_artifact(&prefix, "model.safetensors", bytes.clone());
+                Ok(through_outage(context, &mut log, "the model", write)?)
             });
         match exported {
             Ok(uri) => (uri, crate::train::export::dataset_sha256(&train_set)),
@@ -880,9 +900,11 @@ struct SaveTracker {
     stall_ms: f64,
     /// Checkpoints written and recorded.
     count: u64,
-    /// Since a save outlasted [`SAVE_WAIT_MAX`], until a save succeeds: the loop does not wait
-    /// for saves, and takes no snapshot while one is in flight.
+    /// Since a save outlasted [`SAVE_WAIT_MAX`] or failed, until a save succeeds: the loop does
+    /// not wait for saves, and takes no snapshot while one is in flight.
     slow: Option<Instant>,
+    /// Saves failed since the last one recorded.
+    failures: u64,
 }
 
 /// The longest the step loop waits for a save that fell `lag` steps behind: half the ring's
@@ -968,6 +990,44 @@ fn open_checkpointer(
         None => c.with_suffix(&format!("g{}", train.generation)),
     })?;
     Ok(BackgroundCheckpointer::start(opened, recorder(context, train, runtime)))
+}
+
+/// How long rank 0 keeps trying to write the final checkpoint and the model while the store is
+/// out: until they are written, the steps since the newest checkpoint and the model for the
+/// registry exist only in its memory.
+const FINAL_WRITE_WAIT_MAX: Duration = Duration::from_secs(600);
+/// The first pause between such tries; each one after doubles, up to [`FINAL_WRITE_PAUSE_MAX`].
+const FINAL_WRITE_PAUSE: Duration = Duration::from_secs(2);
+const FINAL_WRITE_PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// Runs `write` until it succeeds, fails for a reason other than the store being out, the rank
+/// is stopped (a cancel), or [`FINAL_WRITE_WAIT_MAX`] would pass; the job log says each wait.
+fn through_outage<T, E: std::fmt::Display + 'static>(
+    context: &RankContext,
+    log: &mut JobNotes,
+    what: &str,
+    mut write: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let mut pause = FINAL_WRITE_PAUSE;
+    loop {
+        let error = match write() {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
+        let stopped = context.stop.load(Ordering::Relaxed);
+        if !super::work::store_outage(&error) || stopped || started.elapsed() + pause > FINAL_WRITE_WAIT_MAX {
+            return Err(error);
+        }
+        let why = error_text(&error);
+        log.note(format!("the store is out: {what} waits to be written ({why}); trying again in {pause:?}"));
+        tracing::warn!(error = %why, "the store is out: {what} waits to be written");
+        let until = Instant::now() + pause;
+        while Instant::now() < until && !context.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200)); // a cancel ends the wait at once
+        }
+        pause = (pause * 2).min(FINAL_WRITE_PAUSE_MAX);
+    }
 }
 
 /// How long the stop's announced save waits for the regroup's first step on this worker.

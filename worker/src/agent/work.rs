@@ -675,7 +675,7 @@ pub(super) fn broken(end: GenerationEnd, step: u64, error: impl std::fmt::Displa
 
 /// Whether `error`, or a cause in its chain, is the store being out ([`flotilla_store::
 /// StoreError::is_outage`] and the data and checkpoint errors that carry it).
-fn store_outage(error: &(dyn std::any::Any + 'static)) -> bool {
+pub(super) fn store_outage(error: &(dyn std::any::Any + 'static)) -> bool {
     fn cause(e: &(dyn std::error::Error + 'static)) -> bool {
         e.downcast_ref::<crate::checkpoint::CheckpointError>().is_some_and(|e| e.is_outage())
             || e.downcast_ref::<crate::data::DataError>().is_some_and(|e| e.is_outage())
