@@ -454,6 +454,19 @@ fn a_coordinator_restarted_while_the_store_is_out_serves_its_state() {
     moto.signal("-CONT");
 }
 
+/// The lines containing `needle` in the agents' logs.
+fn agent_lines(home: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_dir(home.join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("local-"))
+        .flat_map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            text.lines().filter(|l| l.contains(needle)).map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The first RFC 3339 timestamp of a line containing `needle` in the agents' logs.
 fn first_agent_line_at(home: &Path, needle: &str) -> Option<String> {
     std::fs::read_dir(home.join("logs"))
@@ -653,4 +666,56 @@ fn training_that_ends_while_the_store_is_out_writes_its_model_once_the_store_ans
     assert_eq!(done["latest_checkpoint"]["step"], 4000, "the final checkpoint was written: {done}");
     let model = last_json(&ok(run(&home, &env, &["models", "show", "digits-finish", "-o", "json"]), "models show"));
     assert_eq!(model["source_checkpoint"]["step"], 4000, "registered from the final step: {model}");
+}
+
+/// A notice's stop while the store is out: the gang stops with the stop's checkpoint announced
+/// and held in memory; its writer tries again until the store answers, and then writes it.
+/// Before, its one try failed and it was never written (the job relied on the members' memory
+/// until a newer checkpoint).
+#[test]
+fn a_stop_during_an_outage_writes_its_checkpoint_once_the_store_answers() {
+    let _serial = common::one_at_a_time();
+    let relay = flotilla_store::testing::Relay::start(&moto());
+    let env = aws_env(&relay.endpoint(), true);
+    create_bucket(&env, "flotilla-stop-out");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join(".flotilla");
+    let _down = Down(&home);
+    ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-stop-out/cluster"]), "up");
+    let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-stop-out");
+    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
+        .expect("workers")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["job_id"] == job.as_str())
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(gang.len(), 2, "{gang:?}");
+
+    relay.down();
+    ok(run(&home, &env, &["preempt", &gang[1], "--notice-s", "30"]), "preempt");
+    let waiting = "the store is out: the stop's checkpoint waits to be written";
+    let started = std::time::Instant::now();
+    while first_agent_line_at(&home, waiting).is_none() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no wait for the store");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(first_agent_line_at(&home, "the stop's checkpoint was not written").is_none(), "it waits");
+    relay.up();
+    // Once the store answers, the writer's next try gets through: the checkpoint is written, or
+    // (when the next generation, resumed from the members' memory, recorded a newer one first)
+    // refused as stale. Either way not for the outage.
+    let started = std::time::Instant::now();
+    let ended = loop {
+        let written = first_agent_line_at(&home, "the stop's checkpoint is written");
+        let refused = agent_lines(&home, "the stop's checkpoint was not written");
+        if written.is_some() || !refused.is_empty() {
+            break refused;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(90), "the stop's checkpoint after the outage");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(ended.iter().all(|l| l.contains("not recorded") && !l.contains("error sending request")), "{ended:?}");
+    ok(run(&home, &env, &["cancel", &job]), "cancel");
 }

@@ -55,16 +55,18 @@ pub fn create_bucket(endpoint: &str, bucket: &str) {
 
 /// A TCP relay to a server (moto) that a test takes down and brings back: an S3 outage as a
 /// client sees one (new connections are closed at once, open ones are cut), while the server
-/// behind it keeps its objects. Its threads live as long as the test process.
+/// behind it keeps its objects. Its accepting thread lives as long as the test process; each
+/// connection's two threads and sockets, as long as the connection.
 pub struct Relay {
     address: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Weak<std::net::TcpStream>>>>,
 }
 
 impl Relay {
     /// Relays a loopback port to `target` (`http://host:port` or `host:port`), up.
     pub fn start(target: &str) -> Relay {
+        use std::sync::Arc;
         use std::sync::atomic::Ordering;
         let target = target.trim_start_matches("http://").to_string();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
@@ -79,12 +81,13 @@ impl Relay {
                     continue;
                 }
                 let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
-                let (Ok(client_copy), Ok(server_copy)) = (client.try_clone(), server.try_clone()) else { continue };
+                let (client, server) = (Arc::new(client), Arc::new(server));
                 if let Ok(mut open) = open.lock() {
-                    open.extend([client.try_clone(), server.try_clone()].into_iter().flatten());
+                    open.retain(|stream| stream.strong_count() > 0);
+                    open.extend([Arc::downgrade(&client), Arc::downgrade(&server)]);
                 }
-                pump(client, server_copy);
-                pump(server, client_copy);
+                pump(client.clone(), server.clone());
+                pump(server, client);
             }
         });
         relay
@@ -99,7 +102,7 @@ impl Relay {
     pub fn down(&self) {
         self.up.store(false, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut open) = self.open.lock() {
-            for stream in open.drain(..) {
+            for stream in open.drain(..).filter_map(|s| s.upgrade()) {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
         }
@@ -111,10 +114,11 @@ impl Relay {
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until either side closes.
-fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+/// Copies `from` to `to` on a thread of its own until either side closes; the sockets close
+/// when both of a connection's threads end.
+fn pump(from: std::sync::Arc<std::net::TcpStream>, to: std::sync::Arc<std::net::TcpStream>) {
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        let _ = std::io::copy(&mut from.as_ref(), &mut to.as_ref());
         let _ = to.shutdown(std::net::Shutdown::Both);
         let _ = from.shutdown(std::net::Shutdown::Both);
     });

@@ -253,6 +253,8 @@ async fn put_free_segment(
             Ok(_) => return Ok(candidate),
             Err(object_store::Error::AlreadyExists { .. }) if taken < TAKEN_SEGMENTS_MAX => taken += 1,
             Err(e @ object_store::Error::AlreadyExists { .. }) => return Err(e),
+            // An outage says nothing of conditional puts: this segment fails, the mode stays.
+            Err(e) if flotilla_store::is_outage(&e) => return Err(e),
             Err(refused) => {
                 store.put_opts(&path, payload(), PutOptions::default()).await?;
                 tracing::warn!(
@@ -364,6 +366,42 @@ mod tests {
         assert!(JobLog::open("ftp://host/jobs/job-1", 0).is_err());
     }
 
+    /// An S3 endpoint that answers a conditional put (`If-None-Match`) with 503 SlowDown and
+    /// takes any other request.
+    fn flapping_endpoint() -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = format!("http://{}", listener.local_addr().expect("address"));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let (mut conditional, mut length) = (false, 0usize);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    let lower = line.to_ascii_lowercase();
+                    conditional |= lower.starts_with("if-none-match");
+                    if let Some(n) = lower.strip_prefix("content-length:") {
+                        length = n.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let _ = reader.read_exact(&mut vec![0; length]);
+                let body = "<Error><Code>SlowDown</Code></Error>";
+                let mut stream = stream;
+                let _ = if conditional {
+                    write!(
+                        stream,
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    write!(stream, "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                };
+            }
+        });
+        address
+    }
+
     /// On S3 (moto's server, started by scripts/test.sh): a taken segment name is skipped, and
     /// a store that refuses conditional puts gets plain ones instead of losing the lines.
     #[test]
@@ -403,6 +441,15 @@ mod tests {
         assert!(conditional, "moto's S3 takes conditional puts");
         assert_eq!(read(&checked, 0).expect("segment 0"), "first\n");
         assert_eq!(read(&checked, 1).expect("segment 1"), "second\n");
+
+        // A store that fails the conditional put on its side (503 after the client's retries)
+        // and then takes a plain one: the segment fails and conditional puts stay on. Before,
+        // the plain put landed and turned the check off for good.
+        let mut flapping = env(&flapping_endpoint(), true);
+        flapping.push(("AWS_CONDITIONAL_PUT".to_string(), "etag".to_string()));
+        let out = flotilla_store::open_with("s3://flotilla-joblog/jobs/job-3", flapping).expect("location");
+        assert!(put(&out, 0, "lost\n", &mut conditional).is_err(), "the store is out");
+        assert!(conditional, "an outage does not turn conditional puts off");
 
         let plain =
             flotilla_store::open_with("s3://flotilla-joblog/jobs/job-2", settings("disabled")).expect("location");

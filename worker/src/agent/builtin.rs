@@ -1062,12 +1062,27 @@ fn finish_after_stop(
 }
 
 /// Writes and records the stop's announced checkpoint (which confirms its pending record). A
-/// survivor of a broken gang may still have had an older save in flight: it ends first.
+/// survivor of a broken gang may still have had an older save in flight: it ends first. While
+/// the store is out it is tried again as the final checkpoint is ([`FINAL_WRITE_WAIT_MAX`]):
+/// until it is written, the state exists only in the gang's memory.
 fn write_stop_checkpoint(mut background: BackgroundCheckpointer, encoded: Encoded, step: u64) {
-    if let Some(Err(e)) = background.submit_encoded(encoded) {
+    if let Some(Err(e)) = background.submit_encoded(encoded.clone()) {
         tracing::info!(error = %e, "an older checkpoint in flight at the break was not recorded");
     }
-    match background.finish() {
+    let started = Instant::now();
+    let mut pause = FINAL_WRITE_PAUSE;
+    let mut outcome = background.finish();
+    while let Some(Err(e)) = &outcome
+        && e.is_outage()
+        && started.elapsed() + pause <= FINAL_WRITE_WAIT_MAX
+    {
+        tracing::warn!(step, error = %e, "the store is out: the stop's checkpoint waits to be written");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(FINAL_WRITE_PAUSE_MAX);
+        let _ = background.submit_encoded(encoded.clone());
+        outcome = background.finish();
+    }
+    match outcome {
         Some(Ok(saved)) => {
             AGENT.checkpoints.inc();
             AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());

@@ -65,6 +65,8 @@ pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static 
 
 /// A state encoded as checkpoint parts, with their manifest: what a save writes, computed once
 /// by whoever needs the fingerprint before the write (a stop announces it to the coordinator).
+/// Cloning shares the parts' bytes.
+#[derive(Clone)]
 pub struct Encoded {
     pub step: u64,
     pub cursor: Cursor,
