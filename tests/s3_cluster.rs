@@ -22,14 +22,8 @@ use std::process::{Command, Output};
 mod common;
 use common::Down;
 use common::s3::{get, list, put};
-use flotilla_store::testing::closed_port;
+use flotilla_store::testing::{closed_port, moto};
 use serde_json::Value;
-
-fn moto() -> String {
-    std::env::var("FLOTILLA_MOTO_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| {
-        panic!("this test needs moto: run scripts/test.sh, or start `moto_server` and set FLOTILLA_MOTO_ENDPOINT")
-    })
-}
 
 /// Environment variables set on a command.
 type Env = Vec<(String, String)>;
@@ -86,16 +80,22 @@ fn last_json(text: &str) -> Value {
     serde_json::from_str(&text[start..]).expect("JSON")
 }
 
+/// Creates `bucket` on the store `env` points at.
 fn create_bucket(env: &[(String, String)], bucket: &str) {
-    use std::io::{Read, Write};
-    let endpoint = env.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").expect("endpoint").1.clone();
-    let host = endpoint.trim_start_matches("http://").to_string();
-    let mut stream = std::net::TcpStream::connect(&host).expect("moto");
-    write!(stream, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("reply");
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket {bucket}: {reply}");
+    let endpoint = env.iter().find(|(k, _)| k == "AWS_ENDPOINT_URL").expect("endpoint");
+    flotilla_store::testing::create_bucket(&endpoint.1, bucket);
+}
+
+/// The ids of the workers `flotilla workers` lists on `job`.
+fn gang_of(home: &Path, env: &[(String, String)], job: &str) -> Vec<String> {
+    serde_json::from_str::<Value>(&ok(run(home, env, &["workers", "-o", "json"]), "workers"))
+        .expect("workers")
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|w| w["job_id"] == job)
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn write_spec(dir: &Path, name: &str, train: &str) -> String {
@@ -265,15 +265,7 @@ fn on_s3_a_killed_member_loses_no_step_and_the_survivor_writes_the_state_it_held
         }
     };
     wait("training past a checkpoint", &|s| s["state"] == "Running" && s["step"].as_u64() > Some(30));
-    let gang: Vec<String> =
-        serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "--all", "-o", "json"]), "workers"))
-            .expect("workers")
-            .as_array()
-            .expect("a list")
-            .iter()
-            .filter(|w| w["job_id"] == job.as_str())
-            .filter_map(|w| w["id"].as_str().map(str::to_string))
-            .collect();
+    let gang = gang_of(&home, &env, &job);
     assert_eq!(gang.len(), 2, "{gang:?}");
     ok(run(&home, &env, &["preempt", &gang[1], "--hard"]), "preempt --hard");
     let broke =
@@ -492,15 +484,7 @@ fn a_short_notice_while_the_store_is_out_regroups_without_waiting_for_the_stuck_
     ok(run(&home, &env, &["up", "--workers", "3", "--store", "s3://flotilla-notice/cluster"]), "up");
     let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-notice");
     let status = || last_json(&ok(run(&home, &env, &["status", &job, "-o", "json"]), "status"));
-    let gang: Vec<String> =
-        serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "--all", "-o", "json"]), "workers"))
-            .expect("workers")
-            .as_array()
-            .expect("a list")
-            .iter()
-            .filter(|w| w["job_id"] == job.as_str())
-            .filter_map(|w| w["id"].as_str().map(str::to_string))
-            .collect();
+    let gang = gang_of(&home, &env, &job);
     assert_eq!(gang.len(), 2, "{gang:?}");
 
     // The store stops answering; once rank 0 gave up waiting for its save (15 s), a member gets
@@ -571,14 +555,7 @@ fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answ
     };
     let said = |s: &Value, kind: &str| s["events"].as_array().is_some_and(|e| e.iter().any(|e| e["kind"] == kind));
     wait("a checkpoint", &|s| s["latest_checkpoint"]["step"].as_u64() >= Some(40));
-    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
-        .expect("workers")
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|w| w["job_id"] == job.as_str())
-        .filter_map(|w| w["id"].as_str().map(str::to_string))
-        .collect();
+    let gang = gang_of(&home, &env, &job);
     assert_eq!(gang.len(), 2, "{gang:?}");
 
     // The store goes out and a member dies: the next generation needs the free worker, which
@@ -683,14 +660,7 @@ fn a_stop_during_an_outage_writes_its_checkpoint_once_the_store_answers() {
     let _down = Down(&home);
     ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-stop-out/cluster"]), "up");
     let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-stop-out");
-    let gang: Vec<String> = serde_json::from_str::<Value>(&ok(run(&home, &env, &["workers", "-o", "json"]), "workers"))
-        .expect("workers")
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|w| w["job_id"] == job.as_str())
-        .filter_map(|w| w["id"].as_str().map(str::to_string))
-        .collect();
+    let gang = gang_of(&home, &env, &job);
     assert_eq!(gang.len(), 2, "{gang:?}");
 
     relay.down();

@@ -134,6 +134,13 @@ fn pending_jobs(state: &State, now_ms: u64) -> Vec<PendingJob> {
     placeable_jobs(state, now_ms).map(|j| pending_job(state, j, &spares)).collect()
 }
 
+/// [`pending_jobs`] with the reasons they hold, which the pass may rewrite (those of jobs left
+/// out, such as one waiting for its store, stay as they are).
+fn pending_jobs_with_reasons(state: &State, now_ms: u64) -> (Vec<PendingJob>, BTreeMap<JobId, String>) {
+    let spares = spare_holders(state);
+    placeable_jobs(state, now_ms).map(|j| (pending_job(state, j, &spares), (j.id, j.reason.clone()))).unzip()
+}
+
 /// Free workers outside a job's last gang recorded holding its state (its warm spares while it
 /// ran, [`Command::SparesHolding`]), by job: one scan of the workers for every waiting job.
 fn spare_holders(state: &State) -> BTreeMap<JobId, Vec<WorkerId>> {
@@ -414,11 +421,8 @@ pub async fn schedule_loop(
                 // read only when its reasons are due (thousands of pending jobs made every
                 // pass O(jobs) on the Raft thread under a stream of submissions), and then
                 // once for both.
-                let (pending, reasons): (Vec<PendingJob>, BTreeMap<JobId, String>) = if reasons_due {
-                    let spares = spare_holders(state);
-                    placeable_jobs(state, now_ms)
-                        .map(|j| (pending_job(state, j, &spares), (j.id, j.reason.clone())))
-                        .unzip()
+                let (pending, reasons) = if reasons_due {
+                    pending_jobs_with_reasons(state, now_ms)
                 } else if free.is_empty() {
                     (Vec::new(), BTreeMap::new())
                 } else {
@@ -677,7 +681,9 @@ mod tests {
         let placeable = |now| scheduler_input(&log.state, |_| u64::MAX, now).0.iter().map(|p| p.id).collect::<Vec<_>>();
         assert_eq!(placeable(until - 1), [], "waits for the store");
         assert_eq!(placeable(until), [job_id], "its wait ended");
-        assert_eq!(placeable_jobs(&log.state, until - 1).count(), 0, "its reason is not the scheduler's to say");
+        let (_, reasons) = pending_jobs_with_reasons(&log.state, until - 1);
+        assert!(!reasons.contains_key(&job_id), "its reason is not the scheduler's to rewrite: {reasons:?}");
+        assert!(pending_jobs_with_reasons(&log.state, until).1.contains_key(&job_id), "its wait ended");
     }
 
     #[test]

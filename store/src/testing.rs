@@ -71,8 +71,7 @@ impl Relay {
         let target = target.trim_start_matches("http://").to_string();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let address = listener.local_addr().expect("the relay's address");
-        let relay = Relay { address, up: Default::default(), open: Default::default() };
-        relay.up.store(true, Ordering::SeqCst);
+        let relay = Relay { address, up: Arc::new(true.into()), open: Default::default() };
         let (up, open) = (relay.up.clone(), relay.open.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -122,4 +121,86 @@ fn pump(from: std::sync::Arc<std::net::TcpStream>, to: std::sync::Arc<std::net::
         let _ = to.shutdown(std::net::Shutdown::Both);
         let _ = from.shutdown(std::net::Shutdown::Both);
     });
+}
+
+/// The head of a request as [`http_endpoint`] hands it to its answer.
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Header lines as `(name, value)`: names lower-cased, values trimmed.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The first header named `name` (lower case), if any.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What [`http_endpoint`] answers: a status (`"503 Service Unavailable"`), extra header lines
+/// (`"ETag: \"e\""`) and a body.
+pub struct Reply {
+    pub status: &'static str,
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn new(status: &'static str, body: impl Into<String>) -> Reply {
+        Reply { status, headers: Vec::new(), body: body.into() }
+    }
+
+    /// An S3 error document with `code` (`SlowDown`, `InternalError`).
+    pub fn s3_error(status: &'static str, code: &str) -> Reply {
+        Reply::new(status, format!("<Error><Code>{code}</Code><Message>try again</Message></Error>"))
+    }
+
+    pub fn header(mut self, line: impl Into<String>) -> Reply {
+        self.headers.push(line.into());
+        self
+    }
+}
+
+/// A loopback HTTP/1.1 server that answers each request with `answer(request)` and closes the
+/// connection (the request's body is read and dropped): a store or metadata endpoint that fails
+/// as a test needs. Returns `http://127.0.0.1:port`; its thread lives as long as the process.
+pub fn http_endpoint(answer: impl Fn(&Request) -> Reply + Send + 'static) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let Ok(read_half) = stream.try_clone() else { continue };
+            let mut reader = BufReader::new(read_half);
+            let mut first = String::new();
+            if reader.read_line(&mut first).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut words = first.split_whitespace();
+            let (method, path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                if let Some((name, value)) = line.split_once(':') {
+                    headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+                }
+                line.clear();
+            }
+            let request = Request { method, path, headers };
+            let length = request.header("content-length").and_then(|n| n.parse().ok()).unwrap_or(0usize);
+            let _ = reader.read_exact(&mut vec![0; length.min(64 << 20)]);
+            let reply = answer(&request);
+            let extra: String = reply.headers.iter().map(|h| format!("{h}\r\n")).collect();
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{}",
+                reply.status,
+                reply.body.len(),
+                reply.body
+            );
+        }
+    });
+    address
 }

@@ -4,7 +4,7 @@
 //! http without AWS_ALLOW_HTTP, wrong scheme). No request leaves the loopback interface: the
 //! instance-metadata endpoint is pointed at a closed local port.
 
-use flotilla_store::testing::{Relay, closed_port, create_bucket, env, moto};
+use flotilla_store::testing::{Relay, Reply, closed_port, create_bucket, env, http_endpoint, moto};
 use flotilla_store::{Access, Cause, StoreError, block_on, delete_prefix, get_capped, list, open_with, probe, promote};
 use object_store::{ObjectStoreExt, PutPayload};
 
@@ -139,42 +139,20 @@ fn a_profile_in_the_shared_credentials_file_is_used() {
 /// A minimal IMDSv2 endpoint with an instance role: a token for a PUT, then the role's name
 /// and its credentials for that token. Counts the credential documents it served.
 fn instance_role_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = format!("http://{}", listener.local_addr().expect("address"));
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = served.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut head = Vec::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                head.push(line.trim().to_string());
+    let address = http_endpoint(move |request| {
+        let token_ok = request.header("x-aws-ec2-metadata-token") == Some("t0ken");
+        match (request.method.as_str(), request.path.as_str()) {
+            ("PUT", "/latest/api/token") => Reply::new("200 OK", "t0ken"),
+            ("GET", _) if !token_ok => Reply::new("401 Unauthorized", ""),
+            ("GET", "/latest/meta-data/iam/security-credentials/") => Reply::new("200 OK", "worker"),
+            ("GET", "/latest/meta-data/iam/security-credentials/worker") => {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let document = r#"{"Code":"Success","AccessKeyId":"testing","SecretAccessKey":"testing","Token":"session","Expiration":"2099-01-01T00:00:00Z"}"#;
+                Reply::new("200 OK", document)
             }
-            let request = head.first().cloned().unwrap_or_default();
-            let token_ok = head.iter().any(|h| h.eq_ignore_ascii_case("x-aws-ec2-metadata-token: t0ken"));
-            let mut words = request.split(' ');
-            let (status, body) = match (words.next(), words.next()) {
-                (Some("PUT"), Some("/latest/api/token")) => ("200 OK", "t0ken".to_string()),
-                (Some("GET"), _) if !token_ok => ("401 Unauthorized", String::new()),
-                (Some("GET"), Some("/latest/meta-data/iam/security-credentials/")) => ("200 OK", "worker".into()),
-                (Some("GET"), Some("/latest/meta-data/iam/security-credentials/worker")) => {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let document = r#"{"Code":"Success","AccessKeyId":"testing","SecretAccessKey":"testing","Token":"session","Expiration":"2099-01-01T00:00:00Z"}"#;
-                    ("200 OK", document.to_string())
-                }
-                _ => ("404 Not Found", String::new()),
-            };
-            let mut stream = stream;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            _ => Reply::new("404 Not Found", ""),
         }
     });
     (address, served)
@@ -194,26 +172,7 @@ fn the_instance_role_comes_from_the_metadata_endpoint_when_allowed() {
 /// An S3 endpoint that answers every request with `status` and an S3 error `code` (a store
 /// failing on its side), after reading the request's head.
 fn failing_endpoint(status: &'static str, code: &'static str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = format!("http://{}", listener.local_addr().expect("address"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                line.clear();
-            }
-            let body = format!("<Error><Code>{code}</Code><Message>try again</Message></Error>");
-            let mut stream = stream;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    address
+    http_endpoint(move |_| Reply::s3_error(status, code))
 }
 
 #[test]

@@ -369,37 +369,11 @@ mod tests {
     /// An S3 endpoint that answers a conditional put (`If-None-Match`) with 503 SlowDown and
     /// takes any other request.
     fn flapping_endpoint() -> String {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = format!("http://{}", listener.local_addr().expect("address"));
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let (mut conditional, mut length) = (false, 0usize);
-                let mut line = String::new();
-                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                    let lower = line.to_ascii_lowercase();
-                    conditional |= lower.starts_with("if-none-match");
-                    if let Some(n) = lower.strip_prefix("content-length:") {
-                        length = n.trim().parse().unwrap_or(0);
-                    }
-                    line.clear();
-                }
-                let _ = reader.read_exact(&mut vec![0; length]);
-                let body = "<Error><Code>SlowDown</Code></Error>";
-                let mut stream = stream;
-                let _ = if conditional {
-                    write!(
-                        stream,
-                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    write!(stream, "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                };
-            }
-        });
-        address
+        use flotilla_store::testing::{Reply, http_endpoint};
+        http_endpoint(|request| match request.header("if-none-match") {
+            Some(_) => Reply::s3_error("503 Service Unavailable", "SlowDown"),
+            None => Reply::new("200 OK", "").header("ETag: \"e\""),
+        })
     }
 
     /// On S3 (moto's server, started by scripts/test.sh): a taken segment name is skipped, and

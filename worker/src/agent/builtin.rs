@@ -29,7 +29,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -1006,8 +1006,24 @@ fn through_outage<T, E: std::fmt::Display + 'static>(
     context: &RankContext,
     log: &mut JobNotes,
     what: &str,
+    write: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let waiting = |why: &str, pause: Duration| {
+        log.note(format!("the store is out: {what} waits to be written ({why}); trying again in {pause:?}"));
+        tracing::warn!(error = %why, "the store is out: {what} waits to be written");
+    };
+    retry_while_store_out(Some(&context.stop), waiting, write)
+}
+
+/// Runs `write` until it succeeds, fails for a reason other than the store being out, `stop` is
+/// set, or [`FINAL_WRITE_WAIT_MAX`] would pass. Pauses [`FINAL_WRITE_PAUSE`] doubling to
+/// [`FINAL_WRITE_PAUSE_MAX`] between tries; `waiting` hears each pause with the error's text.
+fn retry_while_store_out<T, E: std::fmt::Display + 'static>(
+    stop: Option<&AtomicBool>,
+    mut waiting: impl FnMut(&str, Duration),
     mut write: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
+    let stopped = || stop.is_some_and(|stop| stop.load(Ordering::Relaxed));
     let started = Instant::now();
     let mut pause = FINAL_WRITE_PAUSE;
     loop {
@@ -1015,15 +1031,12 @@ fn through_outage<T, E: std::fmt::Display + 'static>(
             Ok(done) => return Ok(done),
             Err(e) => e,
         };
-        let stopped = context.stop.load(Ordering::Relaxed);
-        if !super::work::store_outage(&error) || stopped || started.elapsed() + pause > FINAL_WRITE_WAIT_MAX {
+        if !super::work::store_outage(&error) || stopped() || started.elapsed() + pause > FINAL_WRITE_WAIT_MAX {
             return Err(error);
         }
-        let why = error_text(&error);
-        log.note(format!("the store is out: {what} waits to be written ({why}); trying again in {pause:?}"));
-        tracing::warn!(error = %why, "the store is out: {what} waits to be written");
+        waiting(&error_text(&error), pause);
         let until = Instant::now() + pause;
-        while Instant::now() < until && !context.stop.load(Ordering::Relaxed) {
+        while Instant::now() < until && !stopped() {
             std::thread::sleep(Duration::from_millis(200)); // a cancel ends the wait at once
         }
         pause = (pause * 2).min(FINAL_WRITE_PAUSE_MAX);
@@ -1069,33 +1082,32 @@ fn write_stop_checkpoint(mut background: BackgroundCheckpointer, encoded: Encode
     if let Some(Err(e)) = background.submit_encoded(encoded.clone()) {
         tracing::info!(error = %e, "an older checkpoint in flight at the break was not recorded");
     }
-    let started = Instant::now();
-    let mut pause = FINAL_WRITE_PAUSE;
-    let mut outcome = background.finish();
-    while let Some(Err(e)) = &outcome
-        && e.is_outage()
-        && started.elapsed() + pause <= FINAL_WRITE_WAIT_MAX
-    {
-        tracing::warn!(step, error = %e, "the store is out: the stop's checkpoint waits to be written");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(FINAL_WRITE_PAUSE_MAX);
-        let _ = background.submit_encoded(encoded.clone());
-        outcome = background.finish();
-    }
+    // Not cancelled by the rank's stop flag: the next generation's assignment sets it, and this
+    // checkpoint is written for the gang that goes on.
+    let waiting = |why: &str, pause: Duration| {
+        tracing::warn!(step, error = %why, "the store is out: the stop's checkpoint waits to be written; trying again in {pause:?}");
+    };
+    let mut first = true;
+    let outcome = retry_while_store_out(None, waiting, || {
+        if !std::mem::take(&mut first) {
+            let _ = background.submit_encoded(encoded.clone());
+        }
+        background.finish().transpose()
+    });
     match outcome {
-        Some(Ok(saved)) => {
+        Ok(Some(saved)) => {
             AGENT.checkpoints.inc();
             AGENT.checkpoint_bytes.inc_by(saved.manifest.total_bytes());
             AGENT.checkpoint_seconds.observe(saved.background_ms / 1e3);
             tracing::info!(step, ms = saved.background_ms, uri = saved.uri, "the stop's checkpoint is written");
         }
-        Some(Err(e)) => tracing::warn!(
+        Err(e) => tracing::warn!(
             step,
             error = %e,
             "the stop's checkpoint was not written; the gang resumed from the state its members hold, \
              and the next checkpoint replaces this one"
         ),
-        None => {}
+        Ok(None) => {}
     }
 }
 
