@@ -111,6 +111,24 @@ fn the_mnist_example_learns_on_two_workers() {
     assert!(summary["checkpoint"].is_null(), "no checkpoint without --checkpoint-dir");
 }
 
+/// `--set` reaches every rank: they stop at the overridden length, with the overridden model.
+#[test]
+fn set_overrides_reach_every_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_str().expect("utf-8");
+    let spec = example("digits-mlp.toml");
+    let (small, default) = (dir.path().join("small"), dir.path().join("default"));
+    let mut sizes = Vec::new();
+    for (at, hidden) in [(&small, "model.hidden=[8]"), (&default, "train.seed=42")] {
+        let at = at.to_str().expect("utf-8");
+        let args = ["train", &spec, "--local-workers", "2", "--checkpoint-dir", at, "-o", "json"];
+        let summary = ok_json(flotilla(&[&args[..], &["--set", "train.steps=40", "--set", hidden]].concat()));
+        assert_eq!((summary["step"].as_u64(), summary["world_size"].as_u64()), (Some(40), Some(2)), "{summary}");
+        sizes.push(std::fs::metadata(Path::new(at).join("ckpt/000000000040/model")).expect("final weights").len());
+    }
+    assert!(sizes[0] * 4 < sizes[1], "hidden = [8] holds fewer weights: {sizes:?} under {root}");
+}
+
 #[test]
 fn bad_arguments_are_clear_errors() {
     let spec = example("digits-mlp.toml");

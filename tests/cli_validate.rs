@@ -127,3 +127,46 @@ fn submit_refuses_a_priority_out_of_range_before_contacting_anybody() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--priority") && stderr.contains("-1000..=1000"), "{stderr}");
 }
+
+/// `--set FIELD=VALUE` replaces a field of the file: typed values, plain text, a relative path
+/// taken from the current folder; a bad one is refused with its field and the flag, before
+/// anybody is contacted.
+#[test]
+fn set_replaces_fields_and_a_bad_one_is_refused_by_name() {
+    let spec = examples().join("mnist-mlp.toml");
+    let spec = spec.to_str().expect("utf-8");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("mine.csv"), "label,x\n1,0.5\n").expect("a data file");
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .current_dir(dir.path())
+        .args(["validate", spec, "-o", "json", "--set", "train.learning_rate=0.01", "--set", "name=lr-0.01"])
+        .args(["--set", "model.hidden=[64]", "--set", "data.train=mine.csv", "--set", "train.steps=30"])
+        .output()
+        .expect("the flotilla binary runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let spec_json = &json["spec"];
+    assert_eq!(spec_json["train"]["learning_rate"], 0.01);
+    assert_eq!(spec_json["train"]["steps"], 30, "{spec_json}");
+    assert!(spec_json["train"].get("epochs").is_none(), "steps replace the file's epochs: {spec_json}");
+    assert_eq!(spec_json["name"], "lr-0.01");
+    assert_eq!(spec_json["model"]["hidden"], serde_json::json!([64]));
+    let data = dir.path().canonicalize().expect("the folder").join("mine.csv");
+    assert_eq!(spec_json["data"]["train"], format!("file://{}", data.display()), "{spec_json}");
+    assert_eq!(spec_json["workers"]["min"], 2, "the file's other fields are kept");
+
+    for (given, says) in [
+        ("train.learning_rat=0.1", "train.learning_rat: --set train.learning_rat=0.1: unknown field"),
+        ("train.learning_rate=20", "train.learning_rate"),
+        ("data.train=nowhere.csv", "does not exist"),
+    ] {
+        let out = flotilla(&["validate", spec, "--set", given]);
+        assert!(!out.status.success(), "{given}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{given}: {stderr}");
+    }
+    let out = flotilla(&["submit", spec, "--set", "train.learning_rate"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--set") && stderr.contains("is not FIELD=VALUE"), "{stderr}");
+}

@@ -25,6 +25,10 @@ pub struct SubmitArgs {
     #[arg(long, allow_hyphen_values = true,
           value_parser = clap::value_parser!(i32).range(-flotilla_core::spec::PRIORITY_ABS_MAX..=flotilla_core::spec::PRIORITY_ABS_MAX))]
     pub priority: Option<i32>,
+    /// Replace a field of the file: `--set train.learning_rate=0.01` (repeatable; a relative
+    /// path is relative to the current folder; README: Job specs).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub overrides: Vec<flotilla_core::spec::Override>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,7 +78,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
-    let spec = match spec_file::load(&args.spec) {
+    let spec = match spec_file::load(&args.spec, &args.overrides) {
         Ok(spec) => spec,
         Err(LoadError::Io(e)) => return Err(e),
         Err(LoadError::Spec(e)) => anyhow::bail!("{}: {e}", args.spec.display()),

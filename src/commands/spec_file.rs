@@ -1,10 +1,11 @@
-//! Reading a job-spec file from disk: size-bounded read, parse, resolve relative data paths
-//! against the file's folder, and check that local data files exist.
+//! Reading a job-spec file from disk: size-bounded read, parse with the command line's
+//! `--set FIELD=VALUE` overrides, resolve relative data paths (the file's against its folder, an
+//! override's against the current one), and check that local data files exist.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use flotilla_core::spec::{DataUri, FieldError, JobSpec, SPEC_LEN_MAX_BYTES, SpecError};
+use flotilla_core::spec::{DataUri, FieldError, JobSpec, Override, SPEC_LEN_MAX_BYTES, SpecError};
 
 /// Why a spec file could not be loaded.
 #[derive(Debug)]
@@ -15,10 +16,13 @@ pub enum LoadError {
     Spec(SpecError),
 }
 
-/// Reads, validates and resolves the spec at `path`.
-pub fn load(path: &Path) -> Result<JobSpec, LoadError> {
+/// Reads the spec at `path`, applies `overrides` (`--set`), validates and resolves it.
+pub fn load(path: &Path, overrides: &[Override]) -> Result<JobSpec, LoadError> {
     let text = read_bounded(path).map_err(LoadError::Io)?;
-    let mut spec = JobSpec::from_toml_str(&text).map_err(LoadError::Spec)?;
+    let here = std::env::current_dir().context("cannot read the current folder").map_err(LoadError::Io)?;
+    let here = here.to_str().ok_or_else(|| LoadError::Io(anyhow::anyhow!("the current folder is not valid UTF-8")))?;
+    let overrides: Vec<Override> = overrides.iter().map(|o| o.resolve_relative(here)).collect();
+    let mut spec = JobSpec::from_toml_str_with(&text, &overrides).map_err(LoadError::Spec)?;
     let folder = spec_folder(path).map_err(LoadError::Io)?;
     let folder = folder
         .to_str()
@@ -61,7 +65,10 @@ fn missing_local_files(spec: &JobSpec) -> Vec<FieldError> {
         .chain(spec.data_uris().into_iter().filter_map(|(field, uri)| match uri {
             DataUri::File(path) if !Path::new(path).is_file() => Some(FieldError {
                 field: field.to_string(),
-                message: format!("file {path} does not exist (relative paths are resolved against the spec's folder)"),
+                message: format!(
+                    "file {path} does not exist (relative paths are resolved against the spec's folder, \
+                     or the current one for --set)"
+                ),
             }),
             _ => None,
         }))

@@ -49,6 +49,10 @@ pub struct Args {
     /// Resume from a checkpoint prefix (e.g. <dir>/ckpt/000000000100).
     #[arg(long)]
     pub resume_from: Option<String>,
+    /// Replace a field of the file: `--set train.learning_rate=0.01` (repeatable; a relative
+    /// path is relative to the current folder; README: Job specs).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub overrides: Vec<flotilla_core::spec::Override>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,7 +69,7 @@ pub struct RankArgs {
 }
 
 fn load_spec(args: &Args) -> anyhow::Result<JobSpec> {
-    let mut spec = match spec_file::load(&args.spec) {
+    let mut spec = match spec_file::load(&args.spec, &args.overrides) {
         Ok(spec) => spec,
         Err(LoadError::Io(e)) => return Err(e),
         Err(LoadError::Spec(e)) => bail!("{}: {e}", args.spec.display()),
@@ -181,6 +185,9 @@ fn spawn_rank(
     }
     if let Some(steps) = args.steps {
         command.args(["--steps", &steps.to_string()]);
+    }
+    for given in &args.overrides {
+        command.args(["--set", &given.to_string()]);
     }
     // The gang secret goes in the environment (not the command line, which `ps` shows).
     command.env(GANG_SECRET_ENV, secret_hex);

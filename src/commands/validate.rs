@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use flotilla_core::spec::SpecError;
+use flotilla_core::spec::{Override, SpecError};
 use serde_json::json;
 
 use super::spec_file::{self, LoadError};
@@ -15,10 +15,13 @@ use crate::output::{OutputFormat, print_json};
 pub struct Args {
     /// Path to the job spec (TOML). Relative data paths are resolved against its folder.
     pub spec: PathBuf,
+    /// Replace a field of the file: `--set train.learning_rate=0.01` (repeatable; README: Job specs).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub overrides: Vec<Override>,
 }
 
 pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    match spec_file::load(&args.spec) {
+    match spec_file::load(&args.spec, &args.overrides) {
         Ok(spec) => {
             match output {
                 OutputFormat::Text => print!("{}", spec.to_toml()),

@@ -9,6 +9,7 @@
 //! or [`JobSpec::validated`], and its canonical TOML (`to_toml`) parses back to the same value.
 //! The limits below are the contract; each error names the field, the value and the range.
 
+pub mod overrides;
 mod raw;
 pub mod run;
 pub mod uri;
@@ -18,6 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use overrides::Override;
 pub use run::{NoticeSignal, RunSpec};
 pub use uri::{DataUri, SyntheticKind, SyntheticSpec, UriError};
 
@@ -338,6 +340,18 @@ impl JobSpec {
         }
         let raw: raw::RawJobSpec = toml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
         validate::validate(raw)
+    }
+
+    /// [`JobSpec::from_toml_str`] with `overrides` (`--set FIELD=VALUE`) applied to the file's
+    /// fields before it is validated ([`overrides`]).
+    pub fn from_toml_str_with(text: &str, overrides: &[Override]) -> Result<JobSpec, SpecError> {
+        if overrides.is_empty() {
+            return Self::from_toml_str(text);
+        }
+        if text.len() > SPEC_LEN_MAX_BYTES {
+            return Err(SpecError::too_large("(file)", format!("is {} bytes", text.len())));
+        }
+        validate::validate(overrides::apply_all(text, overrides)?)
     }
 
     /// Re-checks a spec that arrived from elsewhere (the API, a snapshot) with the same

@@ -604,3 +604,101 @@ fn a_model_too_big_between_its_hidden_layers_is_refused_by_the_spec_alone() {
     // 65536 x 16384 = 2^30 exactly is still allowed (the data's layers are the worker's to count).
     assert!(JobSpec::from_toml_str(&spec("[65536, 16384]")).is_ok());
 }
+
+fn set(given: &[&str]) -> Vec<Override> {
+    given.iter().map(|o| o.parse().unwrap_or_else(|e| panic!("{o}: {e}"))).collect()
+}
+
+#[test]
+fn overrides_replace_fields_with_typed_values_and_plain_text() {
+    let spec = JobSpec::from_toml_str_with(
+        FULL,
+        &set(&[
+            "train.learning_rate=0.01",
+            "model.hidden=[512, 64, 32]",
+            "name=lr-0.01",
+            "capacity.spot=false",
+            "capacity.instance_types=[\"p3.2xlarge\"]",
+            "data.train=s3://bucket/mnist.csv",
+            "output.register_as = \"true\"",
+            "train.steps=40",
+        ]),
+    )
+    .expect("valid with the overrides");
+    assert_eq!(spec.train.learning_rate, 0.01);
+    assert_eq!(spec.model, Some(ModelSpec::Mlp { hidden: vec![512, 64, 32] }));
+    assert_eq!(spec.name, "lr-0.01");
+    assert!(!spec.capacity.spot && spec.capacity.instance_types == ["p3.2xlarge"]);
+    assert_eq!(
+        spec.built_in().expect("built in").1.train,
+        DataUri::S3 { bucket: "bucket".into(), key: "mnist.csv".into() }
+    );
+    assert_eq!(spec.output.register_as, "true", "a quoted value stays text");
+    assert_eq!(spec.train.length, TrainLength::Steps(40), "steps replace the file's epochs");
+    assert_eq!(spec.train.batch_size, 64, "the rest of the table is kept");
+    let epochs = JobSpec::from_toml_str_with(&with("[train]\nsteps = 5"), &set(&["train.epochs=2"])).expect("valid");
+    assert_eq!(epochs.train.length, TrainLength::Epochs(2));
+    // A table value replaces the whole table; a field absent from the file is added.
+    let workers =
+        JobSpec::from_toml_str_with(FULL, &set(&["workers={ min = 4 }", "train.weight_decay=0.01"])).expect("valid");
+    assert_eq!(workers.workers, WorkersSpec { min: 4, max: 4, gpus: 0 });
+    assert_eq!(workers.train.weight_decay, 0.01);
+    // Without overrides the file is read as it is.
+    assert_eq!(JobSpec::from_toml_str_with(FULL, &[]), JobSpec::from_toml_str(FULL));
+    // A file that lacks a required field is completed by one.
+    let unnamed = MINIMAL.replace("name = \"t\"", "");
+    assert_eq!(invalid_fields(&unnamed), ["name"]);
+    assert_eq!(JobSpec::from_toml_str_with(&unnamed, &set(&["name=sweep-3"])).expect("named").name, "sweep-3");
+}
+
+#[test]
+fn a_bad_override_names_its_field_and_the_flag() {
+    let error = |given: &[&str]| JobSpec::from_toml_str_with(FULL, &set(given)).expect_err("refused").to_string();
+    let unknown = error(&["train.learning_rat=0.1"]);
+    assert!(
+        unknown.contains("train.learning_rat: --set train.learning_rat=0.1: unknown field `learning_rat`"),
+        "{unknown}"
+    );
+    let typed = error(&["train.batch_size=big"]);
+    assert!(typed.contains("train.batch_size: --set train.batch_size=big") && typed.contains("string"), "{typed}");
+    let through = error(&["name.first=x"]);
+    assert!(through.contains("`name` is a string, not a table"), "{through}");
+    // Ranges are the validator's, named by field; every problem at once.
+    let fields = |given: &[&str]| JobSpec::from_toml_str_with(FULL, &set(given)).expect_err("refused");
+    let both = fields(&["train.learning_rate=20", "workers.min=9"]);
+    assert_eq!(both.fields(), ["train.learning_rate", "workers.min"], "{both}");
+    let two_unknown = fields(&["train.x=1", "model.y=2"]);
+    assert_eq!(two_unknown.fields(), ["train.x", "model.y"], "{two_unknown}");
+    // The file's own mistakes keep their line.
+    let file = JobSpec::from_toml_str_with(&format!("{FULL}\nextra = 1\n"), &set(&["name=x"])).expect_err("refused");
+    assert!(matches!(&file, SpecError::Syntax(m) if m.contains("extra") && m.contains("line")), "{file}");
+    // Malformed flags are refused when parsed (clap shows the message with the flag).
+    for (given, says) in [
+        ("train.learning_rate", "is not FIELD=VALUE"),
+        ("=1", "is not a field"),
+        ("train..seed=1", "is not a field"),
+        ("train.le arning=1", "is not a field"),
+        ("a.b.c.d.e=1", "at most 4 names"),
+    ] {
+        let refused = given.parse::<Override>().expect_err(given);
+        assert!(refused.contains(says), "{given}: {refused}");
+    }
+    let many: Vec<Override> =
+        (0..=overrides::OVERRIDES_MAX).map(|i| format!("train.seed={i}").parse().expect("ok")).collect();
+    assert_eq!(JobSpec::from_toml_str_with(FULL, &many).expect_err("too many").fields(), ["--set"]);
+}
+
+#[test]
+fn a_relative_path_given_by_override_is_relative_to_the_given_folder() {
+    let resolved =
+        |given: &str| given.parse::<Override>().expect("parses").resolve_relative("/home/me/work").to_string();
+    assert_eq!(resolved("data.train=data/x.csv"), "data.train=/home/me/work/data/x.csv");
+    assert_eq!(resolved("data.validation=../v.csv"), "data.validation=/home/me/v.csv");
+    assert_eq!(resolved("run.workdir=."), "run.workdir=/home/me/work");
+    for kept in ["data.train=s3://b/x.csv", "data.train=/abs/x.csv", "data.train=synthetic:blobs", "name=data/x"] {
+        assert_eq!(resolved(kept), kept.replace(' ', ""));
+    }
+    let spec =
+        JobSpec::from_toml_str_with(MINIMAL, &[resolved("data.train=x.csv").parse().expect("parses")]).expect("valid");
+    assert_eq!(spec.built_in().expect("built in").1.train, DataUri::File("/home/me/work/x.csv".into()));
+}
