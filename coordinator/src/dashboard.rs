@@ -65,6 +65,13 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
 /// as users see it ([`State::shown_state`]).
 fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
     let live = progress.get(job.id, job.generation);
+    let mut reason = job.reason.clone();
+    if shown == JobState::Running && live.is_none() {
+        let now = crate::raft::node::now_unix_ms();
+        let formed = Some(job.generation_started_at_unix_ms).filter(|at| *at > 0);
+        let starting = crate::progress::starting(job.generation, job.spec.run.is_some(), formed, now);
+        reason = if reason.is_empty() { starting } else { format!("{starting}; {reason}") };
+    }
     json!({
         "id": job.id.to_string(),
         "name": job.spec.name,
@@ -82,7 +89,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
         "cost_usd": job.cost_usd,
         "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy),
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
-        "reason": job.reason,
+        "reason": reason,
     })
 }
 

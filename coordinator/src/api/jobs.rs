@@ -38,10 +38,16 @@ pub struct JobApi {
     pub data_roots: Arc<Vec<std::path::PathBuf>>,
 }
 
-/// Adds live progress (when this node has it) to a job's replicated status.
+/// Adds live progress (when this node has it) to a job's replicated status; a running job
+/// without any yet says it is starting ([`crate::progress::starting`]).
 fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Option<LiveProgress>) {
     let live = job.id.parse::<JobId>().ok().and_then(|id| progress.get(id, job.generation));
-    if let Some(p) = live.filter(|_| job.state == v1::JobState::Running as i32) {
+    let running = job.state == v1::JobState::Running as i32;
+    if running && live.is_none() {
+        let starting = starting(&job, crate::raft::node::now_unix_ms());
+        job.reason = if job.reason.is_empty() { starting } else { format!("{starting}; {}", job.reason) };
+    }
+    if let Some(p) = live.filter(|_| running) {
         // Rank 0 reports every second; a checkpoint recorded since may be newer.
         job.step = job.step.max(p.step);
         job.total_steps = p.total_steps;
@@ -51,6 +57,13 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
         return (job, Some(p));
     }
     (job, None)
+}
+
+/// [`crate::progress::starting`] for a job's status: the time runs from its latest `gang` event.
+fn starting(job: &v1::JobStatus, now_unix_ms: u64) -> String {
+    let command = job.spec.as_ref().is_some_and(|s| s.run.is_some());
+    let formed = job.events.iter().rev().find(|e| e.kind == "gang").map(|e| e.at_unix_ms);
+    crate::progress::starting(job.generation, command, formed, now_unix_ms)
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -384,5 +397,55 @@ async fn watch_loop(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(generation: u64, formed_at_unix_ms: u64) -> v1::JobStatus {
+        v1::JobStatus {
+            id: "job-1".into(),
+            state: v1::JobState::Running as i32,
+            generation,
+            events: vec![
+                v1::JobEvent { at_unix_ms: 1_000, kind: "gang".into(), ..Default::default() },
+                v1::JobEvent { at_unix_ms: formed_at_unix_ms, kind: "gang".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        }
+    }
+
+    /// A running generation says it is starting until rank 0 reports a step of it, with the
+    /// time since its gang formed; then the live step replaces the word.
+    #[test]
+    fn a_running_job_says_it_is_starting_until_its_generation_reports_a_step() {
+        let progress = Progress::default();
+        let now = crate::raft::node::now_unix_ms();
+        let (job, live) = with_live(running(2, now - 35_000), &progress);
+        assert!(live.is_none());
+        assert_eq!(job.reason, "starting generation 2: no step reported yet, 35 s after its gang formed");
+        // A step of the previous generation is not one of this generation's.
+        let step = |generation| LiveProgress { step: 7, generation, ..Default::default() };
+        progress.record(JobId(1), step(1));
+        assert!(with_live(running(2, now), &progress).0.reason.starts_with("starting generation 2"));
+        progress.record(JobId(1), step(2));
+        let (job, live) = with_live(running(2, now - 35_000), &progress);
+        assert_eq!((job.reason.as_str(), job.step, live.map(|p| p.step)), ("", 7, Some(7)));
+        // A command job is told how its program reports steps; a reason it had is kept.
+        let mut command = running(1, now);
+        command.spec = Some(v1::JobSpec { run: Some(Default::default()), ..Default::default() });
+        command.reason = "the store takes checkpoints slowly".into();
+        let said = with_live(command, &Progress::default()).0.reason;
+        assert!(
+            said.starts_with("generation 1 runs its command; no step reported yet (a JSON line with `step`"),
+            "{said}"
+        );
+        assert!(said.ends_with("0 s after its gang formed; the store takes checkpoints slowly"), "{said}");
+        // Jobs not running say nothing of it.
+        let mut pending = running(2, now);
+        pending.state = v1::JobState::Pending as i32;
+        assert_eq!(with_live(pending, &progress).0.reason, "");
     }
 }
