@@ -171,7 +171,15 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert!(normalised.contains(&format!("train = \"file://{}\"", data.display())), "{normalised}");
     let submitted = ok(flotilla(&home, &["submit", spec.to_str().expect("utf-8")]));
     assert_eq!(submitted.lines().last().map(str::trim), Some("job-3"), "{submitted}");
-    ok(flotilla(&home, &["cancel", "job-3"]));
+    // Several at once: each is tried, those that cannot be are named, the exit status says so.
+    let both = flotilla(&home, &["cancel", "job-3", "job-1", "-o", "json"]);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(!both.status.success() && stderr.contains("job-1: ") && stderr.contains("already Cancelled"), "{stderr}");
+    assert!(stderr.contains("1 of 2 job(s) not cancelled: job-1"), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_slice(&both.stdout).expect("a JSON array");
+    assert_eq!((shown[0]["id"].as_str(), shown[0]["state"].as_str()), (Some("job-3"), Some("Cancelled")), "{shown}");
+    assert_eq!(shown[1]["id"], "job-1", "{shown}");
+    assert!(shown[1]["error"].as_str().is_some_and(|e| e.contains("already Cancelled")), "{shown}");
 
     // No output and no coordinator log ever shows a token (they are only in cluster.toml, 0600).
     let cluster: toml::Value =

@@ -539,28 +539,55 @@ fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
 
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
-    /// The job to cancel (`job-7` or `7`).
-    pub job: String,
+    /// The jobs to cancel (`job-7` or `7`; several: each is cancelled, those that cannot be are
+    /// named, and the exit status is 1 if any could not).
+    #[arg(required = true, num_args = 1..=CANCEL_JOBS_MAX)]
+    pub jobs: Vec<String>,
     /// Why; shown in `status`.
     #[arg(long, default_value = "")]
     pub reason: String,
 }
 
+/// Jobs one `flotilla cancel` takes at most.
+const CANCEL_JOBS_MAX: usize = 1000;
+
+/// Cancels each job in turn. One job prints its status (`-o json`: its object); several print
+/// one line each (`-o json`: an array, with `{"id", "error"}` for a job not cancelled).
 pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
-    let request = v1::CancelJobRequest { job_id: args.job, reason: args.reason };
-    let response = runtime
-        .block_on(client.call(|mut c| {
-            let request = request.clone();
-            async move { c.cancel_job(request).await }
-        }))
-        .map_err(anyhow::Error::from)?;
-    let job = response.job.context("the coordinator answered without a job")?;
-    match output {
-        OutputFormat::Json => print_json(&status_json(&job, 0)),
-        OutputFormat::Text => println!("{} {}", job.id, state_name(&job)),
+    let (mut shown, mut refused) = (Vec::new(), Vec::new());
+    for id in &args.jobs {
+        let request = v1::CancelJobRequest { job_id: id.clone(), reason: args.reason.clone() };
+        let answer = runtime
+            .block_on(client.call(|mut c| {
+                let request = request.clone();
+                async move { c.cancel_job(request).await }
+            }))
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.job.context("the coordinator answered without a job"));
+        match answer {
+            Ok(job) if output == OutputFormat::Json => shown.push(status_json(&job, 0)),
+            Ok(job) => println!("{} {}", job.id, state_name(&job)),
+            Err(e) if args.jobs.len() == 1 => return Err(e),
+            Err(e) => {
+                let why = flotilla_core::text::error_chain(e.chain());
+                if output == OutputFormat::Json {
+                    shown.push(json!({ "id": id, "error": why }));
+                }
+                eprintln!("error: {id}: {why}");
+                refused.push(id.as_str());
+            }
+        }
+    }
+    match (output, shown.len()) {
+        (OutputFormat::Json, 1) if args.jobs.len() == 1 => print_json(&shown[0]),
+        (OutputFormat::Json, _) => print_json(&Value::Array(shown)),
+        (OutputFormat::Text, _) => {}
+    }
+    if !refused.is_empty() {
+        anyhow::bail!("{} of {} job(s) not cancelled: {}", refused.len(), args.jobs.len(), refused.join(", "));
     }
     Ok(())
 }
