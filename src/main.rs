@@ -40,7 +40,7 @@ enum Command {
     Submit(commands::jobs::SubmitArgs),
     /// Show one job, or every job.
     Status(commands::jobs::StatusArgs),
-    /// Cancel a job that has not finished.
+    /// Cancel jobs that have not finished.
     Cancel(commands::jobs::CancelArgs),
     /// Print a job's log (written by its rank 0); -f follows it until the job ends.
     Logs(commands::jobs::LogsArgs),
@@ -197,4 +197,112 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,flotilla=info,flotilla_coordinator=info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words of one shell command line as `sh` splits them (quotes and backslashes), up to
+    /// a comment or an operator (`|`, `&`, `&&`, `;`, `>`) that ends the command.
+    fn shell_words(line: &str) -> Vec<String> {
+        let (mut words, mut word, mut quote, mut started) = (Vec::new(), String::new(), None, false);
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some('"'), '\\') => word.extend(chars.next()),
+                (Some(_), c) => word.push(c),
+                (None, '\'' | '"') => (quote, started) = (Some(c), true),
+                (None, '\\') => (word.extend(chars.next()), started = true).1,
+                (None, '#' | '|' | '&' | ';' | '>') if !started => break,
+                (None, c) if c.is_whitespace() => {
+                    if started {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    started = false;
+                }
+                (None, c) => (word.push(c), started = true).1,
+            }
+        }
+        if started {
+            words.push(word);
+        }
+        words
+    }
+
+    /// Every `flotilla ...` command in the docs' code blocks (`$ ` prompts and `\` continuations
+    /// included), with its file and line.
+    fn documented_commands(file: &str, text: &str) -> Vec<(String, Vec<String>)> {
+        let (mut found, mut in_code, mut pending): (Vec<_>, bool, Option<(usize, String)>) = (Vec::new(), false, None);
+        for (number, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if !in_code {
+                continue;
+            }
+            let line = line.trim();
+            let (at, command) = match pending.take() {
+                Some((at, before)) => (at, format!("{before} {line}")),
+                None => {
+                    let line = line.strip_prefix("$ ").unwrap_or(line);
+                    if !line.starts_with("flotilla ") {
+                        continue;
+                    }
+                    (number + 1, line.to_string())
+                }
+            };
+            match command.strip_suffix('\\') {
+                Some(continued) => pending = Some((at, continued.to_string())),
+                None => found.push((format!("{file}:{at}"), shell_words(&command))),
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn shell_words_split_as_sh_does() {
+        assert_eq!(shell_words("flotilla a 'b c' \"d\\\"e\" f\\ g # h"), ["flotilla", "a", "b c", "d\"e", "f g"]);
+        assert_eq!(shell_words("flotilla status -o json | jq ."), ["flotilla", "status", "-o", "json"]);
+        assert_eq!(shell_words("flotilla worker &"), ["flotilla", "worker"]);
+        assert_eq!(shell_words("flotilla x --set 'a=[1,2]' a#b"), ["flotilla", "x", "--set", "a=[1,2]", "a#b"]);
+    }
+
+    /// Every command the README and the Terraform guide show parses with this binary's command
+    /// line: a renamed or removed flag fails here, not in a user's shell.
+    #[test]
+    fn every_documented_command_parses() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut commands = Vec::new();
+        for file in ["README.md", "terraform/README.md", "scripts/bench/README.md"] {
+            let text = std::fs::read_to_string(format!("{root}/{file}")).expect("the doc exists");
+            commands.extend(documented_commands(file, &text));
+        }
+        assert!(commands.len() >= 45, "the docs show the CLI: {} commands found", commands.len());
+        // A flag the environment may give (`FLOTILLA_TOKEN`): the docs say so beside the command.
+        let cli = <Cli as clap::CommandFactory>::command();
+        let from_env: Vec<String> = cli
+            .get_subcommands()
+            .flat_map(|c| c.get_arguments())
+            .filter(|a| a.get_env().is_some())
+            .filter_map(|a| a.get_long().map(|long| format!("--{long}")))
+            .collect();
+        let missing_from_env = |e: &clap::Error| {
+            let missing = e.get(clap::error::ContextKind::InvalidArg);
+            matches!(missing, Some(clap::error::ContextValue::Strings(args))
+                if args.iter().all(|a| from_env.iter().any(|f| a.split(' ').next() == Some(f.as_str()))))
+        };
+        let refused: Vec<String> = commands
+            .iter()
+            .filter_map(|(at, words)| match Cli::try_parse_from(words) {
+                Ok(_) => None,
+                Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => None,
+                Err(e) if e.kind() == clap::error::ErrorKind::MissingRequiredArgument && missing_from_env(&e) => None,
+                Err(e) => Some(format!("{at}: {}\n{}", words.join(" "), e.render())),
+            })
+            .collect();
+        assert!(refused.is_empty(), "documented commands the CLI refuses:\n{}", refused.join("\n"));
+    }
 }
