@@ -98,6 +98,10 @@ fn mnist_trains_on_the_cluster_through_a_leader_failure() {
     let first = String::from_utf8_lossy(&submitted.stdout).lines().next().unwrap_or_default().to_string();
     let leader =
         serde_json::from_str::<serde_json::Value>(&first).expect("submit JSON")["served_by"].as_u64().expect("leader");
+    let second = serde_json::from_str::<serde_json::Value>(&first).expect("submit JSON")["id"]
+        .as_str()
+        .expect("its id")
+        .to_string();
     let pid = cluster.leader_pid(leader);
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill").success());
 
@@ -113,6 +117,13 @@ fn mnist_trains_on_the_cluster_through_a_leader_failure() {
     assert!(logs.status.success(), "{}", String::from_utf8_lossy(&logs.stderr));
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("training on 2 worker(s)") && logs.contains("finished at step"), "{logs}");
+
+    // `status JOB --follow` follows a job submitted earlier (queued behind the first) to its
+    // end, then shows it.
+    let followed = run(&home, &["status", &second, "--follow", "-o", "json"]);
+    assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));
+    assert!(String::from_utf8_lossy(&followed.stderr).contains(&format!("{second} Succeeded")));
+    assert_eq!(json(followed)["state"], "Succeeded");
 
     // `submit --follow` shows progress and returns when the job ends, the id on stdout's last line.
     let followed = run(&home, &["submit", example.to_str().expect("utf-8"), "--follow"]);
@@ -170,6 +181,10 @@ fn a_job_too_big_waits_with_a_reason_then_starts_and_cancel_frees_workers() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(cluster.status(&job)["state"], "Cancelled");
+    // Following a job that did not succeed ends with exit status 1 and its end.
+    let followed = run(&home, &["status", &job, "-f"]);
+    let stderr = String::from_utf8_lossy(&followed.stderr);
+    assert!(!followed.status.success() && stderr.contains(&format!("{job} ended Cancelled")), "{stderr}");
 }
 
 #[test]

@@ -39,6 +39,10 @@ pub struct StatusArgs {
     /// jobs too, in the table.
     #[arg(long = "state", value_enum, conflicts_with = "job")]
     pub states: Vec<StateArg>,
+    /// Follow the job until it ends (a live progress line on stderr, as `submit --follow`),
+    /// then show it; exit status 1 unless it succeeds.
+    #[arg(long, short = 'f', requires = "job")]
+    pub follow: bool,
 }
 
 /// A job state as `status --state` takes it (README: the states table).
@@ -106,31 +110,41 @@ pub fn submit(args: SubmitArgs, coordinator: Option<&str>, output: OutputFormat)
     if output == OutputFormat::Json {
         print_json(&json!({ "id": response.job_id, "duplicate": response.duplicate, "served_by": response.served_by }));
     }
-    // Ctrl-C while following stops the following, not the job: said, so that nobody takes it
-    // for a cancel.
-    let followed = args.follow.then(|| {
-        runtime.block_on(async {
-            tokio::select! {
-                job = follow(&mut client, &response.job_id) => Some(job),
-                _ = tokio::signal::ctrl_c() => None,
-            }
-        })
-    });
-    let interrupted = matches!(followed, Some(None));
-    let final_state = followed.flatten().transpose()?;
+    let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &response.job_id));
     // The contract (DESIGN §8): the job id alone on the last line of stdout.
     println!("{}", response.job_id);
-    if interrupted {
-        let id = &response.job_id;
-        anyhow::bail!(
-            "stopped following; {id} keeps running (`flotilla status {id}` shows it, `flotilla cancel {id}` stops it)"
-        )
+    match followed {
+        Some(followed) => succeeded(&followed?, &response.job_id),
+        None => Ok(()),
     }
-    match final_state {
-        Some(job) if job.state != v1::JobState::Succeeded as i32 => {
-            anyhow::bail!("{} ended {}: {}", job.id, state_name(&job), job.reason)
+}
+
+/// [`follow`] until the job ends (`Some`, its final status) or Ctrl-C stops the following
+/// (`None`): the job goes on.
+fn follow_until_ctrl_c(
+    runtime: &tokio::runtime::Runtime,
+    client: &mut ApiClient,
+    job_id: &str,
+) -> anyhow::Result<Option<v1::JobStatus>> {
+    runtime.block_on(async {
+        tokio::select! {
+            job = follow(client, job_id) => job.map(Some),
+            _ = tokio::signal::ctrl_c() => Ok(None),
         }
-        _ => Ok(()),
+    })
+}
+
+/// The end of a followed job as an exit status: success only for a job that succeeded; Ctrl-C
+/// (`None`) stops the following, not the job, and says so, so that nobody takes it for a cancel.
+fn succeeded(followed: &Option<v1::JobStatus>, id: &str) -> anyhow::Result<()> {
+    match followed {
+        None => anyhow::bail!(
+            "stopped following; {id} keeps running (`flotilla status {id}` shows it, `flotilla cancel {id}` stops it)"
+        ),
+        Some(job) if job.state != v1::JobState::Succeeded as i32 => {
+            anyhow::bail!("{} ended {}: {}", job.id, state_name(job), job.reason)
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -282,6 +296,10 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
     let mut client = client(coordinator)?;
     match args.job {
         Some(job) => {
+            let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job)).transpose()?;
+            if let Some(None) = followed {
+                return succeeded(&None, &job);
+            }
             let request = GetJobRequest { job_id: job.clone() };
             let response = runtime.block_on(client.call(|mut c| {
                 let request = request.clone();
@@ -308,6 +326,10 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             match output {
                 OutputFormat::Json => print_json(&status_json(&job, response.served_by)),
                 OutputFormat::Text => print!("{}", job_text(&job, response.served_by)),
+            }
+            if followed.is_some() {
+                let id = job.id.clone();
+                return succeeded(&Some(job), &id);
             }
         }
         None => {

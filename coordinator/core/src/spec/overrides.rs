@@ -7,8 +7,8 @@
 //!
 //! `FIELD` is a dotted path of the spec's tables (`train.learning_rate`, `run.env.SEED`);
 //! `VALUE` is read as a TOML value (`0.01`, `true`, `[512, 256]`, `"text"`, `{ min = 4, max = 4 }`),
-//! and as plain text where it is not one (`lr-0.01`, `s3://bucket/data.csv`, `g5.xlarge`): quote
-//! text that reads as another type (`--set 'name="true"'`). A value replaces the field, a table
+//! and as plain text where it is not one (`lr-0.01`, `s3://bucket/data.csv`, `g5.xlarge`) or where
+//! the field takes text (`name=2024`, `run.env.SEED=3`). A value replaces the field, a table
 //! value the whole table, and `train.steps` replaces the file's `train.epochs` (and back). Each
 //! override is checked on its own first, so an unknown field or a value of the wrong type names
 //! the `--set` that carries it; the file's own mistakes keep their line numbers, and the result
@@ -67,6 +67,21 @@ impl Override {
         }
         let joined = join_lexically(base_dir, text);
         Override { path: self.path.clone(), value: toml::Value::String(joined.clone()), text: joined }
+    }
+
+    /// This override as its field takes it: checked alone as a spec's fields (a wrong field or
+    /// type is its own error), and a value read as another type is taken as its text where the
+    /// field wants text (`name=2024`, `run.env.SEED=3`, `output.register_as=true`).
+    fn fitted(&self) -> Result<Override, FieldError> {
+        let error = match self.check() {
+            Ok(()) => return Ok(self.clone()),
+            Err(error) => error,
+        };
+        let as_text = Override { value: toml::Value::String(self.text.clone()), ..self.clone() };
+        match self.value {
+            toml::Value::String(_) => Err(error),
+            _ => as_text.check().map(|()| as_text).map_err(|_| error),
+        }
     }
 
     /// This override alone as a spec's fields: a wrong field or type is its own error.
@@ -159,8 +174,12 @@ pub(super) fn apply_all(text: &str, overrides: &[Override]) -> Result<RawJobSpec
     // The file as written first: its syntax errors and unknown fields with their lines.
     toml::from_str::<RawJobSpec>(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
     let mut table: toml::Table = toml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
-    let errors: Vec<FieldError> =
-        overrides.iter().filter_map(|o| o.apply(&mut table).and_then(|()| o.check()).err()).collect();
+    // A field the file holds as a value cannot be a table: said first (before the type error
+    // the override alone would give).
+    let errors: Vec<FieldError> = overrides
+        .iter()
+        .filter_map(|o| o.apply(&mut table.clone()).and_then(|()| o.fitted()).and_then(|o| o.apply(&mut table)).err())
+        .collect();
     if !errors.is_empty() {
         return Err(SpecError::Invalid(errors));
     }

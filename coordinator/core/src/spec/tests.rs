@@ -634,6 +634,13 @@ fn overrides_replace_fields_with_typed_values_and_plain_text() {
         DataUri::S3 { bucket: "bucket".into(), key: "mnist.csv".into() }
     );
     assert_eq!(spec.output.register_as, "true", "a quoted value stays text");
+    // A value read as another type is text where the field takes text.
+    let typed = JobSpec::from_toml_str_with(FULL, &set(&["name=2024", "output.register_as=true"])).expect("valid");
+    assert_eq!((typed.name.as_str(), typed.output.register_as.as_str()), ("2024", "true"));
+    let command = JobSpec::from_toml_str_with(COMMAND, &set(&["run.env.SEED=3", "run.procs_per_worker=1"]))
+        .expect("a command job with its overrides");
+    let run = command.command().expect("a command job");
+    assert_eq!((run.env.get("SEED").map(String::as_str), run.procs_per_worker), (Some("3"), 1));
     assert_eq!(spec.train.length, TrainLength::Steps(40), "steps replace the file's epochs");
     assert_eq!(spec.train.batch_size, 64, "the rest of the table is kept");
     let epochs = JobSpec::from_toml_str_with(&with("[train]\nsteps = 5"), &set(&["train.epochs=2"])).expect("valid");
