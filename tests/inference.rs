@@ -202,6 +202,11 @@ fn inference_over_the_held_out_split_writes_every_row_once_and_matches_validatio
         (shown["kind"].as_str(), shown["shards_done"].clone()),
         (Some("inference"), done["shards_total"].clone())
     );
+    // `--follow` follows training jobs; an inference job is shown as without it, and said.
+    let followed = run(home, &["status", done["id"].as_str().expect("id"), "--follow", "-o", "json"]);
+    let said = String::from_utf8_lossy(&followed.stderr).to_string();
+    assert_eq!(parse(followed, "status --follow")["kind"], "inference");
+    assert!(said.contains("no training job has this id to follow"), "{said}");
 
     // The same rows without labels get the same predictions (and no accuracy).
     let unlabelled = dir.path().join("unlabelled.csv");

@@ -134,6 +134,11 @@ fn follow_until_ctrl_c(
     })
 }
 
+/// Whether `error` is the API's `NotFound`.
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<flotilla_proto::ApiError>().is_some_and(|e| e.kind == flotilla_proto::ErrorKind::NotFound)
+}
+
 /// The end of a followed job as an exit status: success only for a job that succeeded; Ctrl-C
 /// (`None`) stops the following, not the job, and says so, so that nobody takes it for a cancel.
 fn succeeded(followed: &Option<v1::JobStatus>, id: &str) -> anyhow::Result<()> {
@@ -296,7 +301,14 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
     let mut client = client(coordinator)?;
     match args.job {
         Some(job) => {
-            let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job)).transpose()?;
+            // An inference job (same id space) is not followed: it is shown, as without --follow.
+            let followed = match args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job)).transpose() {
+                Err(e) if is_not_found(&e) => {
+                    eprintln!("{job}: no training job has this id to follow");
+                    None
+                }
+                other => other?,
+            };
             if let Some(None) = followed {
                 return succeeded(&None, &job);
             }
@@ -309,11 +321,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
                 // Not a training job: it may be an inference job (they share the id space).
                 Err(e) if e.kind == flotilla_proto::ErrorKind::NotFound => {
                     return super::infer::status(&mut client, &runtime, &job, output).map_err(|inference| {
-                        let not_found = |e: &anyhow::Error| {
-                            e.downcast_ref::<flotilla_proto::ApiError>()
-                                .is_some_and(|e| e.kind == flotilla_proto::ErrorKind::NotFound)
-                        };
-                        if not_found(&inference) {
+                        if is_not_found(&inference) {
                             anyhow::anyhow!("{job} does not exist: no training or inference job has this id (`flotilla status` lists them)")
                         } else {
                             anyhow::anyhow!("{e} ({})", flotilla_core::text::error_chain(inference.chain()))
