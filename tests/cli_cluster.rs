@@ -180,6 +180,17 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert_eq!((shown[0]["id"].as_str(), shown[0]["state"].as_str()), (Some("job-3"), Some("Cancelled")), "{shown}");
     assert_eq!(shown[1]["id"], "job-1", "{shown}");
     assert!(shown[1]["error"].as_str().is_some_and(|e| e.contains("already Cancelled")), "{shown}");
+    // `status --name` lists the jobs whose name matches a glob.
+    let named = |pattern: &str| -> Vec<String> {
+        let out = ok(flotilla(&home, &["status", "--name", pattern, "-o", "json"]));
+        let jobs: serde_json::Value = serde_json::from_str(&out).expect("a JSON array");
+        jobs.as_array().expect("array").iter().filter_map(|j| j["id"].as_str().map(str::to_string)).collect()
+    };
+    assert_eq!(named("u?"), ["job-3"]);
+    assert_eq!(named("mnist-*"), ["job-1", "job-2"]);
+    assert!(named("nothing*").is_empty());
+    let table = ok(flotilla(&home, &["status", "--name", "u*"]));
+    assert!(table.contains("job-3") && !table.contains("job-1"), "{table}");
 
     // No output and no coordinator log ever shows a token (they are only in cluster.toml, 0600).
     let cluster: toml::Value =

@@ -39,6 +39,10 @@ pub struct StatusArgs {
     /// jobs too, in the table.
     #[arg(long = "state", value_enum, conflicts_with = "job")]
     pub states: Vec<StateArg>,
+    /// Only training jobs whose name matches this pattern (`*`: any characters, `?`: one;
+    /// `--name 'mnist-lr-*'` lists a sweep's jobs); the table then leaves inference jobs out.
+    #[arg(long, conflicts_with = "job")]
+    pub name: Option<String>,
     /// Follow the job until it ends (a live progress line on stderr, as `submit --follow`),
     /// then show it; exit status 1 unless it succeeds.
     #[arg(long, short = 'f', requires = "job")]
@@ -342,11 +346,15 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
         }
         None => {
             let states: Vec<i32> = args.states.iter().map(|s| s.proto() as i32).collect();
-            let (jobs, served_by) = runtime.block_on(list_all(&mut client, &states))?;
+            let (mut jobs, served_by) = runtime.block_on(list_all(&mut client, &states))?;
+            if let Some(pattern) = &args.name {
+                jobs.retain(|j| name_matches(pattern, &j.name));
+            }
             match output {
                 OutputFormat::Json => {
                     print_json(&Value::Array(jobs.iter().map(|j| status_json(j, served_by)).collect()))
                 }
+                OutputFormat::Text if args.name.is_some() => print_table(&jobs, served_by),
                 OutputFormat::Text => {
                     print_table(&jobs, served_by);
                     let mut inferences = Vec::new();
@@ -372,6 +380,28 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
         }
     }
     Ok(())
+}
+
+/// Whether `name` matches `pattern`, whose `*` stands for any characters and `?` for one
+/// (a shell's glob, without brackets).
+fn name_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // The classic two-pointer match: on a mismatch, the last `*` takes one more character.
+    let (mut p, mut n, mut star): (usize, usize, Option<(usize, usize)>) = (0, 0, None);
+    while n < name.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == name[n] => (p, n) = (p + 1, n + 1),
+            _ => match star {
+                Some((at, taken)) => (p, n, star) = (at + 1, taken + 1, Some((at, taken + 1))),
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
 }
 
 /// Pages through every job in `states` (all: empty; the server caps each page).
@@ -661,6 +691,26 @@ pub fn logs(args: LogsArgs, coordinator: Option<&str>, output: OutputFormat) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_match_a_glob() {
+        for (pattern, name) in [
+            ("mnist-lr-*", "mnist-lr-0.001"),
+            ("*", ""),
+            ("*lr*", "mnist-lr-3"),
+            ("m?ist", "mnist"),
+            ("a*b*c", "axxbyyc"),
+            ("a*bc", "abcbc"),
+            ("exact", "exact"),
+        ] {
+            assert!(name_matches(pattern, name), "{pattern} matches {name}");
+        }
+        for (pattern, name) in
+            [("mnist-lr-*", "mnist-mlp"), ("m?ist", "mnst"), ("a*b", "abc"), ("exact", "exact2"), ("?", "")]
+        {
+            assert!(!name_matches(pattern, name), "{pattern} does not match {name}");
+        }
+    }
 
     #[test]
     fn one_job_reads_as_a_block_with_its_handover_checkpoint_and_newest_events() {
