@@ -174,7 +174,8 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     // Several at once: each is tried, those that cannot be are named, the exit status says so.
     let both = flotilla(&home, &["cancel", "job-3", "job-1", "-o", "json"]);
     let stderr = String::from_utf8_lossy(&both.stderr);
-    assert!(!both.status.success() && stderr.contains("job-1: ") && stderr.contains("already Cancelled"), "{stderr}");
+    assert!(!both.status.success() && stderr.contains("error: job-1 is already Cancelled"), "{stderr}");
+    assert_eq!(stderr.matches("job-1").count(), 2, "named once per line: {stderr}");
     assert!(stderr.contains("1 of 2 job(s) not cancelled: job-1"), "{stderr}");
     let shown: serde_json::Value = serde_json::from_slice(&both.stdout).expect("a JSON array");
     assert_eq!((shown[0]["id"].as_str(), shown[0]["state"].as_str()), (Some("job-3"), Some("Cancelled")), "{shown}");

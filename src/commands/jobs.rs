@@ -636,7 +636,11 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
                 if output == OutputFormat::Json {
                     shown.push(json!({ "id": id, "error": why }));
                 }
-                eprintln!("error: {id}: {why}");
+                // Named once: the coordinator's refusals name the job already.
+                match why.contains(id.as_str()) {
+                    true => eprintln!("error: {why}"),
+                    false => eprintln!("error: {id}: {why}"),
+                }
                 refused.push(id.as_str());
             }
         }
