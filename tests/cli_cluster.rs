@@ -18,7 +18,9 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert!(home.join("cluster.toml").exists());
 
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mnist-mlp.toml");
-    let submitted = ok(flotilla(&home, &["submit", example.to_str().expect("utf-8")]));
+    // `--set` changes a field of the file for this job: its status shows the spec it runs.
+    let submitted =
+        ok(flotilla(&home, &["submit", example.to_str().expect("utf-8"), "--set", "train.learning_rate=0.003"]));
     let job_id = submitted.lines().last().expect("the job id is on the last line").trim().to_string();
     assert_eq!(job_id, "job-1");
 
@@ -43,6 +45,8 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     }
     assert_eq!(status["state"], "Pending");
     assert_eq!(status["name"], "mnist-mlp");
+    assert_eq!(status["spec"]["train"]["learning_rate"], 0.003, "{status}");
+    assert_eq!(status["spec"]["model"]["hidden"], serde_json::json!([256, 128]), "the file's fields: {status}");
     assert!(status["metrics"].get("val_accuracy").is_some());
 
     // `status --state` lists the jobs in those states only; a state that does not exist is

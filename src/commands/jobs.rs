@@ -486,6 +486,8 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
             "until_unix_ms": (h.until_unix_ms > 0).then_some(h.until_unix_ms),
         })).collect::<Vec<_>>(),
         "spares": job.spares,
+        // The spec it runs, as `validate -o json` shows one (`--set` overrides included).
+        "spec": job.spec.clone().and_then(|s| flotilla_proto::convert::spec_from_proto(s).ok()),
     })
 }
 
