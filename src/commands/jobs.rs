@@ -491,6 +491,43 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
     })
 }
 
+/// Characters of a command job's command line `status` shows at most.
+const COMMAND_SHOWN_MAX: usize = 120;
+
+/// What a job trains, on one line (the fields a sweep varies): `mlp [256, 128] on DATA; adam lr
+/// 0.003, batch 64 per worker, 6 epochs, seed 42`, or a command job's command line.
+fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
+    use flotilla_core::spec::{ModelSpec, OptimizerSpec, TrainLength};
+    let (model, data) = match spec.built_in() {
+        Ok(built_in) => built_in,
+        Err(_) => {
+            let command = spec.command().map(|r| r.command.join(" ")).unwrap_or_default();
+            return match command.char_indices().nth(COMMAND_SHOWN_MAX) {
+                Some((cut, _)) => format!("runs {} …", &command[..cut]),
+                None => format!("runs {command}"),
+            };
+        }
+    };
+    let model = match model {
+        ModelSpec::Mlp { hidden } => format!("mlp {hidden:?}"),
+        ModelSpec::Cnn { channels } => format!("cnn {channels:?}"),
+    };
+    let train = &spec.train;
+    let optimizer = match train.optimizer {
+        OptimizerSpec::Adam => "adam".to_string(),
+        OptimizerSpec::Sgd { momentum } => format!("sgd (momentum {momentum})"),
+    };
+    let length = match train.length {
+        TrainLength::Epochs(n) => format!("{n} epoch(s)"),
+        TrainLength::Steps(n) => format!("{n} step(s)"),
+    };
+    let decay = if train.weight_decay > 0.0 { format!(", weight decay {}", train.weight_decay) } else { String::new() };
+    format!(
+        "{model} on {}; {optimizer} lr {}{decay}, batch {} per worker, {length}, seed {}",
+        data.train, train.learning_rate, train.batch_size, train.seed
+    )
+}
+
 /// Bytes for a reader: `0 B`, `512 B`, `2.8 MB`, `1.2 GB` (decimal units).
 fn bytes_text(bytes: u64) -> String {
     match bytes {
@@ -518,6 +555,9 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     let reason = reason_text(job);
     if !reason.is_empty() {
         line("reason", reason);
+    }
+    if let Some(spec) = job.spec.clone().and_then(|s| flotilla_proto::convert::spec_from_proto(s).ok()) {
+        line("spec", spec_text(&spec));
     }
     let mut training = Vec::new();
     if let Some(loss) = metrics.train_loss {
@@ -697,6 +737,28 @@ pub fn logs(args: LogsArgs, coordinator: Option<&str>, output: OutputFormat) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jobs_spec_reads_as_one_line() {
+        let built_in = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"x\"\nmodel = { kind = \"cnn\" }\ndata = { train = \"s3://bkt/d.csv\" }\nworkers = { min = 2 }\n\
+             [train]\nsteps = 500\noptimizer = \"sgd\"\nlearning_rate = 0.05\nweight_decay = 0.0001\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            spec_text(&built_in),
+            "cnn [16, 32] on s3://bkt/d.csv; sgd (momentum 0.9) lr 0.05, weight decay 0.0001, batch 64 per worker, \
+             500 step(s), seed 42"
+        );
+        let long = "a".repeat(200);
+        let command = flotilla_core::spec::JobSpec::from_toml_str(&format!(
+            "name = \"c\"\nworkers = {{ min = 1 }}\n[run]\ncommand = [\"python\", \"{long}\"]\n"
+        ))
+        .expect("valid");
+        let shown = spec_text(&command);
+        assert!(shown.starts_with("runs python aaa") && shown.ends_with(" …"), "{shown}");
+        assert_eq!(shown.chars().count(), "runs ".len() + COMMAND_SHOWN_MAX + " …".chars().count());
+    }
 
     #[test]
     fn names_match_a_glob() {
