@@ -86,6 +86,17 @@ fn create_bucket(env: &[(String, String)], bucket: &str) {
     flotilla_store::testing::create_bucket(&endpoint.1, bucket);
 }
 
+/// A local cluster of `workers` whose store, `s3://{bucket}/cluster`, is reached through a relay
+/// the test takes down and brings back: the relay and the AWS settings of the cluster's
+/// processes. The caller holds `home`'s `Down` guard, made before.
+fn up_behind_relay(home: &Path, bucket: &str, workers: &str) -> (flotilla_store::testing::Relay, Env) {
+    let relay = flotilla_store::testing::Relay::start(&moto());
+    let env = aws_env(&relay.endpoint(), true);
+    create_bucket(&env, bucket);
+    ok(run(home, &env, &["up", "--workers", workers, "--store", &format!("s3://{bucket}/cluster")]), "up");
+    (relay, env)
+}
+
 /// The ids of the workers `flotilla workers` lists on `job`.
 fn gang_of(home: &Path, env: &[(String, String)], job: &str) -> Vec<String> {
     serde_json::from_str::<Value>(&ok(run(home, env, &["workers", "-o", "json"]), "workers"))
@@ -526,16 +537,12 @@ fn a_short_notice_while_the_store_is_out_regroups_without_waiting_for_the_stuck_
 #[test]
 fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answers() {
     let _serial = common::one_at_a_time();
-    let moto = moto();
-    let relay = flotilla_store::testing::Relay::start(&moto);
-    let env = aws_env(&relay.endpoint(), true);
-    create_bucket(&env, "flotilla-outage");
-    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv")).expect("data");
-    put(&env, "s3://flotilla-outage/data/digits.csv", digits);
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
-    ok(run(&home, &env, &["up", "--workers", "3", "--store", "s3://flotilla-outage/cluster"]), "up");
+    let (relay, env) = up_behind_relay(&home, "flotilla-outage", "3");
+    let digits = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv")).expect("data");
+    put(&env, "s3://flotilla-outage/data/digits.csv", digits);
     let spec = write_spec(dir.path(), "digits-outage", "s3://flotilla-outage/data/digits.csv");
     let text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 10000000");
     std::fs::write(&spec, format!("{text}capacity = {{ max_failures = 1 }}\n")).expect("spec");
@@ -597,13 +604,10 @@ fn a_job_waits_out_a_store_outage_at_its_restart_and_resumes_when_the_store_answ
 #[test]
 fn training_that_ends_while_the_store_is_out_writes_its_model_once_the_store_answers() {
     let _serial = common::one_at_a_time();
-    let relay = flotilla_store::testing::Relay::start(&moto());
-    let env = aws_env(&relay.endpoint(), true);
-    create_bucket(&env, "flotilla-finish");
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
-    ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-finish/cluster"]), "up");
+    let (relay, env) = up_behind_relay(&home, "flotilla-finish", "2");
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv");
     let spec = write_spec(dir.path(), "digits-finish", data.to_str().expect("utf-8"));
     let text = std::fs::read_to_string(&spec).expect("spec").replace("epochs = 10", "steps = 4000");
@@ -652,13 +656,10 @@ fn training_that_ends_while_the_store_is_out_writes_its_model_once_the_store_ans
 #[test]
 fn a_stop_during_an_outage_writes_its_checkpoint_once_the_store_answers() {
     let _serial = common::one_at_a_time();
-    let relay = flotilla_store::testing::Relay::start(&moto());
-    let env = aws_env(&relay.endpoint(), true);
-    create_bucket(&env, "flotilla-stop-out");
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join(".flotilla");
     let _down = Down(&home);
-    ok(run(&home, &env, &["up", "--workers", "2", "--store", "s3://flotilla-stop-out/cluster"]), "up");
+    let (relay, env) = up_behind_relay(&home, "flotilla-stop-out", "2");
     let job = submit_until_checkpointed(dir.path(), &home, &env, "digits-stop-out");
     let gang = gang_of(&home, &env, &job);
     assert_eq!(gang.len(), 2, "{gang:?}");

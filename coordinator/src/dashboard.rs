@@ -69,8 +69,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
     if shown == JobState::Running && live.is_none() {
         let now = crate::raft::node::now_unix_ms();
         let formed = Some(job.generation_started_at_unix_ms).filter(|at| *at > 0);
-        let starting = crate::progress::starting(job.generation, job.spec.run.is_some(), formed, now);
-        reason = if reason.is_empty() { starting } else { format!("{starting}; {reason}") };
+        reason = crate::progress::starting(&reason, job.generation, job.spec.run.is_some(), formed, now);
     }
     json!({
         "id": job.id.to_string(),

@@ -10,20 +10,30 @@ use flotilla_core::JobId;
 use flotilla_proto::v1::LiveProgress;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-/// What a running generation that has reported no step to this node is doing, for its reason:
-/// its ranks form the ring and load the data and the state (a read the store does not answer
-/// shows here as a growing time), or this node was elected since rank 0's last report (it
-/// reports every second). A command job's program need not report steps: it is said how to.
-/// `formed_at_unix_ms`: when its gang formed, if known.
-pub fn starting(generation: u64, command: bool, formed_at_unix_ms: Option<u64>, now_unix_ms: u64) -> String {
+/// The reason of a running generation that has reported no step to this node: what it is doing
+/// before `reason` (its own, if any). Its ranks form the ring and load the data and the state
+/// (a read the store does not answer shows here as a growing time), or this node was elected
+/// since rank 0's last report (it reports every second). A command job's program need not
+/// report steps: it is said how to. `formed_at_unix_ms`: when its gang formed, if known.
+pub fn starting(
+    reason: &str,
+    generation: u64,
+    command: bool,
+    formed_at_unix_ms: Option<u64>,
+    now_unix_ms: u64,
+) -> String {
     let what = if command {
         format!("generation {generation} runs its command; no step reported yet (a JSON line with `step` reports one)")
     } else {
         format!("starting generation {generation}: no step reported yet")
     };
-    match formed_at_unix_ms {
-        Some(at) => format!("{what}, {} s after its gang formed", now_unix_ms.saturating_sub(at) / 1000),
-        None => what,
+    let when = match formed_at_unix_ms {
+        Some(at) => format!(", {} s after its gang formed", now_unix_ms.saturating_sub(at) / 1000),
+        None => String::new(),
+    };
+    match reason {
+        "" => format!("{what}{when}"),
+        reason => format!("{what}{when}; {reason}"),
     }
 }
 

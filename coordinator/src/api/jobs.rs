@@ -44,8 +44,7 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
     let live = job.id.parse::<JobId>().ok().and_then(|id| progress.get(id, job.generation));
     let running = job.state == v1::JobState::Running as i32;
     if running && live.is_none() {
-        let starting = starting(&job, crate::raft::node::now_unix_ms());
-        job.reason = if job.reason.is_empty() { starting } else { format!("{starting}; {}", job.reason) };
+        job.reason = starting(&job, crate::raft::node::now_unix_ms());
     }
     if let Some(p) = live.filter(|_| running) {
         // Rank 0 reports every second; a checkpoint recorded since may be newer.
@@ -59,11 +58,12 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
     (job, None)
 }
 
-/// [`crate::progress::starting`] for a job's status: the time runs from its latest `gang` event.
+/// [`crate::progress::starting`] for a job's status (its reason after the word): the time runs
+/// from its latest `gang` event.
 fn starting(job: &v1::JobStatus, now_unix_ms: u64) -> String {
     let command = job.spec.as_ref().is_some_and(|s| s.run.is_some());
     let formed = job.events.iter().rev().find(|e| e.kind == "gang").map(|e| e.at_unix_ms);
-    crate::progress::starting(job.generation, command, formed, now_unix_ms)
+    crate::progress::starting(&job.reason, job.generation, command, formed, now_unix_ms)
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
