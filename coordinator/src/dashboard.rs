@@ -65,8 +65,11 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
 /// as users see it ([`State::shown_state`]).
 fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
     let live = progress.get(job.id, job.generation);
+    let (reported, total_steps) = (live.is_some(), live.map(|p| p.total_steps));
+    // A report older than the checkpoint recorded since shows none of its step's values.
+    let live = live.filter(|p| p.step >= job.step);
     let mut reason = job.reason.clone();
-    if shown == JobState::Running && live.is_none() {
+    if shown == JobState::Running && !reported {
         let now = crate::raft::node::now_unix_ms();
         let formed = Some(job.generation_started_at_unix_ms).filter(|at| *at > 0);
         reason = crate::progress::starting(&reason, job.generation, job.spec.run.is_some(), formed, now);
@@ -77,7 +80,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
         "priority": job.spec.priority,
         "state": job_state_name(shown),
         "step": job.step.max(live.map_or(0, |p| p.step)),
-        "total_steps": live.map(|p| p.total_steps),
+        "total_steps": total_steps,
         "loss": live.map(|p| p.loss),
         "samples_per_s": live.map(|p| p.samples_per_s),
         "world_size": job.world_size,
@@ -207,6 +210,26 @@ mod tests {
             ])
         );
         assert_eq!((&view["spares"], &view["spares_wanted"]), (&json!([]), &json!(0)));
+    }
+
+    /// A live report older than the checkpoint recorded since lends the line none of its
+    /// values but its total: the step is the checkpoint's, with no loss or rate beside it.
+    #[test]
+    fn a_report_older_than_the_recorded_step_shows_none_of_its_values() {
+        let mut log = Log::job_of_two(2);
+        log.step(Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1), WorkerId(2)] });
+        let generation = log.state.jobs[&JobId(1)].generation;
+        let progress = Progress::default();
+        let report =
+            flotilla_proto::v1::LiveProgress { step: 1, total_steps: 9, loss: 2.3, generation, ..Default::default() };
+        progress.record(JobId(1), report);
+        let line = |state: &State| summary(&state.jobs[&JobId(1)], JobState::Running, &progress);
+        let fresh = line(&log.state);
+        assert_eq!((&fresh["step"], &fresh["loss"], &fresh["total_steps"]), (&json!(1), &json!(2.3), &json!(9)));
+        log.state.jobs.get_mut(&JobId(1)).expect("the job").step = 9;
+        let stale = line(&log.state);
+        assert_eq!((&stale["step"], &stale["loss"], &stale["total_steps"]), (&json!(9), &json!(null), &json!(9)));
+        assert_eq!(stale["reason"], json!(""), "a generation that reported a step is not starting");
     }
 
     /// A running job's view and the workers' name its warm spares.

@@ -47,9 +47,13 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
         job.reason = starting(&job, crate::raft::node::now_unix_ms());
     }
     if let Some(p) = live.filter(|_| running) {
-        // Rank 0 reports every second; a checkpoint recorded since may be newer.
-        job.step = job.step.max(p.step);
         job.total_steps = p.total_steps;
+        if p.step < job.step {
+            // Rank 0 reports every second and a checkpoint was recorded since: the report's
+            // loss, rate and ETA are of an older step, so the line keeps the checkpoint's.
+            return (job, None);
+        }
+        job.step = p.step;
         let metrics = job.metrics.get_or_insert_with(Default::default);
         metrics.train_loss = Some(p.loss);
         metrics.samples_per_s = Some(p.samples_per_s);
@@ -433,6 +437,16 @@ mod tests {
         progress.record(JobId(1), step(2));
         let (job, live) = with_live(running(2, now - 35_000), &progress);
         assert_eq!((job.reason.as_str(), job.step, live.map(|p| p.step)), ("", 7, Some(7)));
+        // A checkpoint recorded after the last report: the step is the checkpoint's, and no
+        // field of the older report (loss, rate, ETA) is shown beside it; its total is.
+        let mut checkpointed = running(2, now);
+        checkpointed.step = 9;
+        checkpointed.metrics = Some(v1::JobMetrics { train_loss: Some(0.25), ..Default::default() });
+        progress.record(JobId(1), LiveProgress { loss: 2.3, total_steps: 9, eta_ms: 3_000, ..step(2) });
+        let (job, live) = with_live(checkpointed, &progress);
+        let metrics = job.metrics.unwrap_or_default();
+        assert_eq!((job.step, job.total_steps, live), (9, 9, None));
+        assert_eq!((metrics.train_loss, metrics.samples_per_s), (Some(0.25), None));
         // A command job is told how its program reports steps; a reason it had is kept.
         let mut command = running(1, now);
         command.spec = Some(v1::JobSpec { run: Some(Default::default()), ..Default::default() });
