@@ -285,6 +285,7 @@ pub fn job_to_proto(
             })
             .collect(),
         spares: Vec::new(), // the state's (`flotilla_core::state::warm_spares`): the caller's
+        generation_started_at_unix_ms: job.generation_started_at_unix_ms,
     }
 }
 

@@ -63,10 +63,10 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
 }
 
 /// [`crate::progress::starting`] for a job's status (its reason after the word): the time runs
-/// from its latest `gang` event.
+/// from when its generation formed its gang.
 fn starting(job: &v1::JobStatus, now_unix_ms: u64) -> String {
     let command = job.spec.as_ref().is_some_and(|s| s.run.is_some());
-    let formed = job.events.iter().rev().find(|e| e.kind == "gang").map(|e| e.at_unix_ms);
+    let formed = Some(job.generation_started_at_unix_ms).filter(|at| *at > 0);
     crate::progress::starting(&job.reason, job.generation, command, formed, now_unix_ms)
 }
 
@@ -413,12 +413,22 @@ mod tests {
             id: "job-1".into(),
             state: v1::JobState::Running as i32,
             generation,
-            events: vec![
-                v1::JobEvent { at_unix_ms: 1_000, kind: "gang".into(), ..Default::default() },
-                v1::JobEvent { at_unix_ms: formed_at_unix_ms, kind: "gang".into(), ..Default::default() },
-            ],
+            generation_started_at_unix_ms: formed_at_unix_ms,
             ..Default::default()
         }
+    }
+
+    /// The status carries when the generation formed its gang (the starting word's time), the
+    /// moment the state recorded.
+    #[test]
+    fn a_job_s_status_says_when_its_generation_formed() {
+        let mut log = crate::testing::Log::job_of_two(2);
+        let workers = vec![flotilla_core::WorkerId(1), flotilla_core::WorkerId(2)];
+        log.step(Command::AssignGang { job_id: JobId(1), workers });
+        let formed = log.state.jobs[&JobId(1)].generation_started_at_unix_ms;
+        let job = find_job(&log.state, JobId(1)).expect("the job");
+        assert!(formed > 0);
+        assert_eq!((job.generation, job.generation_started_at_unix_ms), (1, formed));
     }
 
     /// A running generation says it is starting until rank 0 reports a step of it, with the
