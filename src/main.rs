@@ -42,6 +42,8 @@ enum Command {
     Status(commands::jobs::StatusArgs),
     /// Cancel jobs that have not finished.
     Cancel(commands::jobs::CancelArgs),
+    /// Resume a Failed or Cancelled job from its newest checkpoint (--set raises its budget, lengthens it ...).
+    Resume(commands::jobs::ResumeArgs),
     /// Print a job's log (written by its rank 0); -f follows it until the job ends.
     Logs(commands::jobs::LogsArgs),
     /// Print the web dashboard's address (with the API token in its fragment).
@@ -119,6 +121,7 @@ impl Command {
                 | Command::Submit(_)
                 | Command::Status(_)
                 | Command::Cancel(_)
+                | Command::Resume(_)
                 | Command::Logs(_)
                 | Command::Dashboard(_)
                 | Command::Workers(_)
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => done(commands::jobs::submit(args, coordinator, cli.output)),
         Command::Status(args) => done(commands::jobs::status(args, coordinator, cli.output)),
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
+        Command::Resume(args) => done(commands::jobs::resume(args, coordinator, cli.output)),
         Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
         Command::Dashboard(args) => done(commands::dashboard::run(args, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),

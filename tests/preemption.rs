@@ -1062,6 +1062,49 @@ fn five_hard_kills_lose_no_step_and_change_no_bit() {
     assert_same_as_uninterrupted(home, &spec, &done, &format!("seed {seed}"));
 }
 
+/// `flotilla resume`: a cancelled job (submitted with `--set train.epochs=1000`, so that it
+/// runs until cancelled) resumes from its newest checkpoint with the file's length
+/// (`--set train.epochs=10`) and ends bit-identical to the file's job trained without a stop; a
+/// resume that would change what the job trains is refused, naming the field, and changes
+/// nothing; a job that succeeded is not resumed.
+#[test]
+fn a_cancelled_job_resumes_from_its_newest_checkpoint_and_changes_no_bit() {
+    let cluster = Local::up(2);
+    let (dir, home) = (cluster.dir.path(), cluster.home.as_path());
+    let spec = write_spec(dir, "resumed", 10, 20);
+    let submitted = run(home, &["submit", spec.to_str().expect("utf-8"), "--set", "train.epochs=1000"]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let job = String::from_utf8_lossy(&submitted.stdout).lines().last().expect("job id").trim().to_string();
+    wait_for(home, &job, Duration::from_secs(60), "a checkpoint", |s| {
+        s["latest_checkpoint"]["step"].as_u64().unwrap_or(0) >= 20
+    });
+    let cancelled = run(home, &["cancel", &job]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+
+    let refused = run(home, &["resume", &job, "--set", "model.hidden=[64]", "--set", "train.epochs=10"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains(&format!("{job} cannot resume: model may not change")),
+        "{stderr}"
+    );
+    let stopped = status(home, &job);
+    assert_eq!(stopped["state"], "Cancelled", "a refused resume changes nothing: {stopped}");
+    let checkpointed = stopped["latest_checkpoint"]["step"].as_u64().expect("a checkpoint");
+    assert!(checkpointed < 310, "cancelled after the file's 10 epochs (310 steps): {stopped}");
+
+    let resumed = json(home, &["resume", &job, "--set", "train.epochs=10", "-o", "json"]);
+    assert_eq!(resumed["from_step"].as_u64(), Some(checkpointed), "{resumed}");
+    let done = wait_for(home, &job, Duration::from_secs(180), "the end", |s| s["state"] == "Succeeded");
+    assert_eq!(numbers_after(&logs(home, &job), "resuming from the checkpoint of step "), [checkpointed]);
+    assert!(events(&done, "resumed_by_user").iter().any(|m| m.contains(&format!("resumed from step {checkpointed}"))));
+    assert_accurate(&done);
+    assert_same_as_uninterrupted(home, &spec, &done, "cancelled and resumed");
+
+    let again = run(home, &["resume", &job]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && stderr.contains("a new job trains further"), "{stderr}");
+}
+
 /// A storm of everything at once: on 3 coordinators and 3 workers (replacements boot in 2 s),
 /// after a live swap and a hard kill in the same generation, a seeded mix of two-minute notices (live handovers), hard kills of gang members and SIGKILLs
 /// of the leader coordinator (restarted by `up` a moment later), each fired a random moment

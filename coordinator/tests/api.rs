@@ -484,6 +484,26 @@ async fn a_read_only_token_cannot_submit_or_cancel_and_a_submit_token_cannot_adm
     assert_eq!(refused.kind, ErrorKind::PermissionDenied, "{refused}");
     // The reader sees the job, still Pending.
     assert_eq!(job_state(&mut reader, &job).await, flotilla_proto::v1::JobState::Pending as i32);
+    // Resuming takes the submit role too: the reader is refused, the submitter resumes the
+    // job it cancelled (from the start: it recorded no checkpoint).
+    let resume = |client: &mut ApiClient, job_id: &str| {
+        let request = flotilla_proto::v1::ResumeJobRequest { job_id: job_id.into(), spec: None };
+        let mut client = client.clone();
+        async move {
+            client
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.resume_job(request).await }
+                })
+                .await
+        }
+    };
+    cancel(&mut submitter, &job).await.expect("the submit role cancels");
+    let refused = resume(&mut reader, &job).await.expect_err("read-only");
+    assert!(refused.message.contains("read-only token cannot resume a job"), "{refused}");
+    let resumed = resume(&mut submitter, &job).await.expect("the submit role resumes");
+    let state = resumed.job.map(|j| j.state);
+    assert_eq!((resumed.from_step, state), (0, Some(flotilla_proto::v1::JobState::Pending as i32)));
     let alias = SetAliasRequest { name: "m".into(), version: 1, alias: "prod".into() };
     let refused = submitter
         .call_registry(|mut c| {

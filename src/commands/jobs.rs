@@ -699,6 +699,79 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// The Failed or Cancelled job to resume from its newest checkpoint (`job-7` or `7`).
+    pub job: String,
+    /// Change a field of its spec for the rest of the run: `--set capacity.budget_usd=20`,
+    /// `--set train.steps=5000` (repeatable; priority, train.epochs or train.steps, workers,
+    /// capacity, checkpoint and output may change, not what the job trains).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub overrides: Vec<flotilla_core::spec::Override>,
+    /// Follow the job until it ends, as `submit --follow` (exit status 1 unless it succeeds).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// `flotilla resume`: a Failed or Cancelled job waits for workers again and resumes from its
+/// newest checkpoint; `--set` applies to the spec it ran with (read from the coordinator).
+pub fn resume(args: ResumeArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let mut client = client(coordinator)?;
+    let id = args.job.as_str();
+    let spec = match args.overrides.is_empty() {
+        true => None,
+        false => {
+            let request = GetJobRequest { job_id: id.to_string() };
+            let job = runtime
+                .block_on(client.call(|mut c| {
+                    let request = request.clone();
+                    async move { c.get_job(request).await }
+                }))
+                .map_err(anyhow::Error::from)?
+                .job
+                .context("the coordinator answered without a job")?;
+            let ran = job.spec.context("the coordinator answered without the job's spec")?;
+            let ran = flotilla_proto::convert::spec_from_proto(ran).with_context(|| format!("{id}'s spec"))?;
+            let changed = flotilla_core::spec::JobSpec::from_toml_str_with(&ran.to_toml(), &args.overrides)
+                .map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+            Some(spec_to_proto(&changed))
+        }
+    };
+    let request = v1::ResumeJobRequest { job_id: id.to_string(), spec };
+    let response = runtime
+        .block_on(client.call(|mut c| {
+            let request = request.clone();
+            async move { c.resume_job(request).await }
+        }))
+        .map_err(anyhow::Error::from)?;
+    let job = response.job.context("the coordinator answered without a job")?;
+    match output {
+        OutputFormat::Json => {
+            let mut shown = status_json(&job, 0);
+            shown["from_step"] = json!(response.from_step);
+            print_json(&shown);
+        }
+        OutputFormat::Text => {
+            let from = match response.from_step {
+                0 => "the start (no checkpoint was recorded)".to_string(),
+                step => format!("step {step}"),
+            };
+            eprintln!("{} {}: resumes from {from}", job.id, state_name(&job));
+        }
+    }
+    let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job.id));
+    if output == OutputFormat::Text {
+        // As `submit`: the job id alone on the last line of stdout.
+        println!("{}", job.id);
+    }
+    match followed {
+        Some(followed) => succeeded(&followed?, &job.id),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, clap::Args)]
 pub struct LogsArgs {
     /// The job whose log to print.
     pub job: String,

@@ -221,6 +221,20 @@ impl JobService for JobApi {
         Ok(Response::new(CancelJobResponse { job: Some(job) }))
     }
 
+    async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<ResumeJobResponse>, Status> {
+        self.authorize(&request, auth::Role::Submit, "resume a job")?;
+        let request = request.into_inner();
+        let id = parse_job_id(&request.job_id)?;
+        let spec = request.spec.map(spec_from_proto).transpose().map_err(status)?.map(Box::new);
+        let applied = self.node.propose(Command::ResumeJob { job_id: id, spec }).await.map_err(status)?;
+        let from_step = match applied {
+            Applied::JobResumed { from_step, .. } => from_step,
+            _ => 0,
+        };
+        let job = self.node.read(move |state| find_job(state, id)).await.map_err(status)?.map_err(status)?;
+        Ok(Response::new(ResumeJobResponse { job: Some(job), from_step }))
+    }
+
     type WatchJobStream = WatchStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<WatchStream>, Status> {

@@ -371,6 +371,8 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         }
         Rejected::ShardDone { .. } => ErrorKind::AlreadyExists,
         Rejected::JobFinished { .. }
+        | Rejected::NotResumable { .. }
+        | Rejected::BadResume { .. }
         | Rejected::NotPending { .. }
         | Rejected::WorkerUnavailable(_)
         | Rejected::StillAssigned { .. }

@@ -70,6 +70,10 @@ pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
 /// Checkpoints kept at most.
 pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
 
+/// The fields `flotilla resume` may change ([`JobSpec::unresumable_changes`]): how long to
+/// train, and the job's place, capacity, checkpoints and output; not what it trains.
+pub const RESUMABLE_FIELDS: &str = "priority, train.epochs or train.steps, workers, capacity, checkpoint and output";
+
 /// A validated job spec, with every default filled in.
 ///
 /// A job either trains a built-in model (`model` and `data` set, `run` absent) or runs the
@@ -365,6 +369,27 @@ impl JobSpec {
             return Err(SpecError::too_large("(spec)", format!("holds {bytes} bytes of text")));
         }
         validate::validate(raw)
+    }
+
+    /// What a resumed job's `new` spec changes of this one that a resume cannot change: the
+    /// fields that make what its checkpoint holds (name, model, data, program, and how it
+    /// trains, but for its length). Empty when `new` changes only [`RESUMABLE_FIELDS`].
+    pub fn unresumable_changes(&self, new: &JobSpec) -> Vec<&'static str> {
+        // Every field named: one added to the spec must be sorted into one list or the other.
+        let JobSpec { name, priority: _, model, data, run, train, workers: _, capacity: _, checkpoint: _, output: _ } =
+            new;
+        let same_training = TrainSpec { length: self.train.length, ..train.clone() } == self.train;
+        [
+            (*name == self.name, "name"),
+            (*model == self.model, "model"),
+            (*data == self.data, "data"),
+            (*run == self.run, "run"),
+            (same_training, "train (but for train.epochs or train.steps)"),
+        ]
+        .into_iter()
+        .filter(|(same, _)| !same)
+        .map(|(_, field)| field)
+        .collect()
     }
 
     /// The canonical TOML form: every default written out, fields in a fixed order.

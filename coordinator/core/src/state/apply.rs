@@ -94,6 +94,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             release(state, &gang);
             Ok(Applied::JobCancelled { job_id })
         }
+        Command::ResumeJob { job_id, spec } => resume_job(state, job_id, spec.map(|s| *s), now),
         Command::RegisterWorker { info, credential_sha256 } => {
             let hex = credential_sha256.len() == 64 && credential_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !credential_sha256.is_empty() && !hex {
@@ -1628,6 +1629,72 @@ fn wait_for_store(job: &mut Job, ended: (u64, u64, bool), reporter: Option<Worke
         wait_ms / 1000
     ));
     job.store_wait = Some(StoreWait { until_unix_ms: now.saturating_add(wait_ms), ..wait });
+}
+
+/// [`Command::ResumeJob`]: a Failed or Cancelled training job waits for workers again, its
+/// next generation resuming from its newest checkpoint (every recorded one is kept after the
+/// job ends: retention keeps the newest), with its failures counted from 0.
+fn resume_job(
+    state: &mut State,
+    job_id: JobId,
+    spec: Option<crate::spec::JobSpec>,
+    now: u64,
+) -> Result<Applied, Rejected> {
+    if let Some(job) = state.inferences.get(&job_id) {
+        let hint = ": an inference job is submitted again (`flotilla infer`), its committed shards kept";
+        return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint });
+    }
+    let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    match job.state {
+        JobState::Failed | JobState::Cancelled => {}
+        JobState::Succeeded => {
+            let hint = ": its model is registered; a new job trains further (`flotilla submit`)";
+            return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint });
+        }
+        _ => return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint: "" }),
+    }
+    let from_step = resume_step(job);
+    let spec = spec.unwrap_or_else(|| job.spec.clone());
+    let bad = |reason: String| Rejected::BadResume { job_id, reason };
+    let changed = job.spec.unresumable_changes(&spec);
+    if !changed.is_empty() {
+        return Err(bad(format!(
+            "{} may not change (its checkpoint holds what they made); a resume may change {}",
+            changed.join(", "),
+            crate::spec::RESUMABLE_FIELDS
+        )));
+    }
+    if let crate::spec::TrainLength::Steps(steps) = spec.train.length
+        && spec.run.is_none()
+        && steps <= from_step
+    {
+        return Err(bad(format!(
+            "train.steps = {steps} is not past step {from_step}, where it resumes; raise train.steps \
+             (--set train.steps=N)"
+        )));
+    }
+    if let Some(budget) = spec.capacity.budget_usd
+        && job.cost_usd >= budget
+    {
+        return Err(bad(format!(
+            "capacity.budget_usd = {budget:.2} is spent ({:.2} USD charged); raise it \
+             (--set capacity.budget_usd=N)",
+            job.cost_usd
+        )));
+    }
+    let was = format!("{} ({})", job.state.name(), job.reason);
+    job.spec = spec;
+    job.state = JobState::Pending;
+    job.failures = 0;
+    job.failure_step = job.step;
+    job.checkpoint_requested = None;
+    job.member_lost = None;
+    job.store_wait = None;
+    job.updated_at_unix_ms = now;
+    let from = if from_step > 0 { format!("step {from_step}") } else { "the start".to_string() };
+    job.reason = format!("resumed: waiting for workers to resume from {from}");
+    push_event(job, now, "resumed_by_user", bounded(format!("resumed from {from}; it was {was}")));
+    Ok(Applied::JobResumed { job_id, from_step })
 }
 
 /// A batch command's `len` entries, refused beyond `max` (the leader splits larger batches).

@@ -2443,3 +2443,75 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
         event.message
     );
 }
+
+/// A Cancelled or Failed job resumes from its newest checkpoint, its failures counted from 0,
+/// with a spec that changes only what a resume may (its length, budget, workers ...); a job
+/// that is not Failed or Cancelled, or a change of what it trains, is refused and named.
+#[test]
+fn a_cancelled_or_failed_job_resumes_from_its_newest_checkpoint() {
+    let mut state = State::default();
+    running_job(&mut state, 1);
+    checkpoint(&mut state, 40, 1).expect("checkpoint");
+    let resume = |state: &mut State, spec: Option<JobSpec>| {
+        apply(state, 600, Envelope::new(600, Command::ResumeJob { job_id: JobId(1), spec: spec.map(Box::new) }))
+    };
+    let refused = resume(&mut state, None).expect_err("a running job does not resume");
+    assert_eq!(refused.to_string(), "job-1 is Running; only a Failed or Cancelled job can be resumed");
+    apply(&mut state, 50, Envelope::new(50, Command::CancelJob { job_id: JobId(1), reason: String::new() }))
+        .expect("cancel");
+
+    // What it trains may not change; its length must go past the checkpoint; a spent budget
+    // must be raised.
+    let mut other = state.jobs[&JobId(1)].spec.clone();
+    other.model = Some(crate::spec::ModelSpec::Mlp { hidden: vec![8] });
+    other.train.learning_rate = 0.5;
+    let refused = resume(&mut state, Some(other)).expect_err("another model");
+    assert!(
+        refused.to_string().starts_with(
+            "job-1 cannot resume: model, train (but for train.epochs or train.steps) may not change (its checkpoint"
+        ),
+        "{refused}"
+    );
+    let mut shorter = state.jobs[&JobId(1)].spec.clone();
+    shorter.train.length = crate::spec::TrainLength::Steps(40);
+    let refused = resume(&mut state, Some(shorter)).expect_err("no step left");
+    assert!(
+        refused.to_string().ends_with("step 40, where it resumes; raise train.steps (--set train.steps=N)"),
+        "{refused}"
+    );
+    state.jobs.get_mut(&JobId(1)).expect("the job").cost_usd = 5.0;
+    let mut spent = state.jobs[&JobId(1)].spec.clone();
+    spent.capacity.budget_usd = Some(5.0);
+    let refused = resume(&mut state, Some(spent.clone())).expect_err("budget spent");
+    assert!(
+        refused.to_string().ends_with("= 5.00 is spent (5.00 USD charged); raise it (--set capacity.budget_usd=N)")
+    );
+    assert_eq!(state.jobs[&JobId(1)].state, JobState::Cancelled, "a refused resume changes nothing");
+
+    // A longer run with a raised budget and another gang size resumes from step 40.
+    spent.capacity.budget_usd = Some(8.0);
+    spent.train.length = crate::spec::TrainLength::Steps(500);
+    spent.workers.min = 1;
+    spent.workers.max = 1;
+    assert_eq!(resume(&mut state, Some(spent.clone())), Ok(Applied::JobResumed { job_id: JobId(1), from_step: 40 }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.state, state.shown_state(job)), (JobState::Pending, JobState::Recovering));
+    assert_eq!((&job.spec, job.reason.as_str()), (&spent, "resumed: waiting for workers to resume from step 40"));
+    let said = &job.events.last().expect("an event").message;
+    assert_eq!(said, "resumed from step 40; it was Cancelled (cancelled by user)");
+    let refused = resume(&mut state, None).expect_err("a waiting job does not resume");
+    assert_eq!(refused.to_string(), "job-1 is Pending; only a Failed or Cancelled job can be resumed");
+
+    // The next gang starts from the checkpoint; a failure then counts from 0 again.
+    let free = register(&mut state, 601);
+    apply(&mut state, 602, Envelope::new(602, Command::AssignGang { job_id: JobId(1), workers: vec![free] }))
+        .expect("assign");
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.generation, job.generation_start_step, job.failures), (2, 40, 0));
+
+    // A job that succeeded is told how to train further.
+    submit(&mut state, 700, "done").expect("submit");
+    state.jobs.get_mut(&JobId(2)).expect("the job").state = JobState::Succeeded;
+    let done = apply(&mut state, 701, Envelope::new(701, Command::ResumeJob { job_id: JobId(2), spec: None }));
+    assert!(done.expect_err("succeeded").to_string().ends_with("a new job trains further (`flotilla submit`)"));
+}

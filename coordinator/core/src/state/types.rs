@@ -1254,6 +1254,14 @@ pub enum Command {
         job_id: JobId,
         reason: String,
     },
+    /// A Failed or Cancelled training job waits for workers again, to resume from its newest
+    /// checkpoint (from the start without one), with `spec` instead of its own where given (it
+    /// may change only [`crate::spec::RESUMABLE_FIELDS`]); its failures count from 0 again.
+    ResumeJob {
+        job_id: JobId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spec: Option<Box<JobSpec>>,
+    },
     RegisterWorker {
         info: WorkerInfo,
         /// The digest of the credential the leader issued (see [`Worker::credential_sha256`]).
@@ -1562,6 +1570,11 @@ pub enum Applied {
     JobCancelled {
         job_id: JobId,
     },
+    /// The job waits for workers again; its next generation starts at `from_step`.
+    JobResumed {
+        job_id: JobId,
+        from_step: u64,
+    },
     WorkerRegistered {
         worker_id: WorkerId,
     },
@@ -1681,6 +1694,11 @@ pub enum Rejected {
     WorkerNotFound(WorkerId),
     #[error("{job_id} is already {state}; only unfinished jobs can be cancelled")]
     JobFinished { job_id: JobId, state: &'static str },
+    #[error("{job_id} is {state}; only a Failed or Cancelled job can be resumed{hint}")]
+    NotResumable { job_id: JobId, state: &'static str, hint: &'static str },
+    /// A resume's spec changes what it may not, or cannot run as it stands (budget, length).
+    #[error("{job_id} cannot resume: {reason}")]
+    BadResume { job_id: JobId, reason: String },
     #[error("the cluster holds {limit} jobs, its limit; delete finished jobs first")]
     TooManyJobs { limit: usize },
     #[error("the cluster has {limit} workers registered, its limit")]
