@@ -596,6 +596,9 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
         format!("; newest at step {}: {}{}", c.step, c.uri, if c.pending { " (being written)" } else { "" })
     });
     line("checkpoints", format!("{}{newest}", job.checkpoints));
+    if let Some(resume) = resume_hint(job) {
+        line("resume", resume);
+    }
     let wanted = job.spec.as_ref().and_then(|s| s.capacity.as_ref()).map_or(0, |c| c.spares);
     if wanted > 0 && job.state == v1::JobState::Running as i32 {
         let which = match job.spares.as_slice() {
@@ -618,6 +621,21 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     }
     lines.push(format!("(served by coordinator node {served_by})"));
     lines.join("\n") + "\n"
+}
+
+/// How a Failed or Cancelled job goes on (`flotilla resume`), with the override a spent
+/// budget needs; `None` for any other job.
+fn resume_hint(job: &v1::JobStatus) -> Option<String> {
+    let ended = [v1::JobState::Failed, v1::JobState::Cancelled].map(|s| s as i32);
+    if !ended.contains(&job.state) {
+        return None;
+    }
+    let budget = if job.reason.starts_with("budget spent") { " --set capacity.budget_usd=N" } else { "" };
+    let from = match job.latest_checkpoint.as_ref().filter(|c| c.step > 0) {
+        Some(c) => format!("goes on from its checkpoint of step {}", c.step),
+        None => "starts it again (no checkpoint was recorded)".to_string(),
+    };
+    Some(format!("`flotilla resume {}{budget}` {from}", job.id))
 }
 
 fn print_table(jobs: &[v1::JobStatus], served_by: u64) {
@@ -913,5 +931,30 @@ mod tests {
             "{text}"
         );
         assert_eq!(*lines.last().expect("lines"), "(served by coordinator node 1)");
+        assert!(!text.contains("  resume "), "a running job is not resumed: {text}");
+    }
+
+    /// A Failed or Cancelled job's text says how it goes on; a spent budget, with the raise.
+    #[test]
+    fn an_ended_job_says_how_to_resume_it() {
+        let checkpoint = Some(v1::CheckpointRef { step: 1200, ..Default::default() });
+        let mut job = v1::JobStatus {
+            id: "job-2".into(),
+            state: v1::JobState::Failed as i32,
+            reason: "budget spent: 5.01 USD of capacity.budget_usd = 5.00; stopped at the checkpoint of step 1200"
+                .into(),
+            latest_checkpoint: checkpoint,
+            ..Default::default()
+        };
+        let said = "`flotilla resume job-2 --set capacity.budget_usd=N` goes on from its checkpoint of step 1200";
+        assert_eq!(resume_hint(&job).as_deref(), Some(said));
+        assert!(job_text(&job, 1).contains(&format!("  resume       {said}\n")));
+        job.state = v1::JobState::Cancelled as i32;
+        job.reason = "cancelled by user".into();
+        job.latest_checkpoint = None;
+        let said = "`flotilla resume job-2` starts it again (no checkpoint was recorded)";
+        assert_eq!(resume_hint(&job).as_deref(), Some(said));
+        job.state = v1::JobState::Succeeded as i32;
+        assert_eq!(resume_hint(&job), None);
     }
 }
