@@ -385,7 +385,9 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
         | Rejected::DuplicateRequest(_)
         | Rejected::NoHandover { .. }
         | Rejected::PriorityNotLower { .. } => ErrorKind::FailedPrecondition,
-        Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } => ErrorKind::ResourceExhausted,
+        Rejected::TooManyJobs { .. } | Rejected::TooManyWorkers { .. } | Rejected::TooManyInstanceRequests { .. } => {
+            ErrorKind::ResourceExhausted
+        }
         Rejected::BadRequestId
         | Rejected::BadGang { .. }
         | Rejected::BadAlias(_)

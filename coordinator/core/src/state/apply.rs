@@ -535,7 +535,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     Some(oldest) => {
                         state.instance_requests.remove(&oldest);
                     }
-                    None => return Err(Rejected::TooManyJobs { limit: INSTANCE_REQUESTS_MAX }),
+                    None => return Err(Rejected::TooManyInstanceRequests { limit: INSTANCE_REQUESTS_MAX }),
                 }
             }
             let request = InstanceRequest {
@@ -1641,7 +1641,7 @@ fn resume_job(
     now: u64,
 ) -> Result<Applied, Rejected> {
     if let Some(job) = state.inferences.get(&job_id) {
-        let hint = ": an inference job is submitted again (`flotilla infer`), its committed shards kept";
+        let hint = ": an inference job is not resumed (`flotilla infer` runs it again)";
         return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint });
     }
     let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;

@@ -220,3 +220,29 @@ fn finished_records_are_forgotten_and_the_job_limit_never_locks_submissions_out(
     assert_eq!(full.jobs.len(), JOBS_MAX);
     assert!(!full.jobs.contains_key(&JobId(7)) && full.jobs.contains_key(&JobId(5)), "job-7 finished first");
 }
+
+/// Outstanding instance requests are bounded: at the limit a settled one makes room, and with
+/// none settled the next is refused with the limit's own words (not the job limit's).
+#[test]
+fn outstanding_instance_requests_are_bounded_with_their_own_refusal() {
+    let mut state = State::default();
+    let request = |i: usize| Command::RequestInstances {
+        request_id: format!("req-{i}"),
+        job: None,
+        instance_type: "g5.xlarge".into(),
+        zone: "a".into(),
+        spot: true,
+        count: 1,
+        usd_per_hour: 0.5,
+    };
+    for i in 0..INSTANCE_REQUESTS_MAX {
+        at(&mut state, i as u64 + 1, request(i)).expect("room");
+    }
+    let refused = at(&mut state, 20_000, request(INSTANCE_REQUESTS_MAX)).expect_err("full");
+    assert_eq!(refused, Rejected::TooManyInstanceRequests { limit: INSTANCE_REQUESTS_MAX });
+    assert!(refused.to_string().starts_with("10000 instance requests are outstanding"), "{refused}");
+    let settled = Command::InstancesLaunched { request_id: "req-3".into(), instances: Vec::new() };
+    at(&mut state, 20_001, settled).expect("settled");
+    at(&mut state, 20_002, request(INSTANCE_REQUESTS_MAX)).expect("the settled request made room");
+    assert!(!state.instance_requests.contains_key("req-3"));
+}

@@ -1699,8 +1699,13 @@ pub enum Rejected {
     /// A resume's spec changes what it may not, or cannot run as it stands (budget, length).
     #[error("{job_id} cannot resume: {reason}")]
     BadResume { job_id: JobId, reason: String },
-    #[error("the cluster holds {limit} jobs, its limit; delete finished jobs first")]
+    #[error(
+        "the cluster holds {limit} unfinished jobs, its limit (finished ones make room by themselves); cancel \
+         some or wait for them to finish"
+    )]
     TooManyJobs { limit: usize },
+    #[error("{limit} instance requests are outstanding, the limit; another is made once one is settled")]
+    TooManyInstanceRequests { limit: usize },
     #[error("the cluster has {limit} workers registered, its limit")]
     TooManyWorkers { limit: usize },
     #[error("client_request_id must be 1 to {CLIENT_REQUEST_ID_LEN_MAX} bytes")]
