@@ -149,6 +149,15 @@ fn bad_arguments_are_clear_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--checkpoint-dir") && stderr.contains("cannot be written there"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("generation 1"), "refused before training");
+
+    // Weights from a registry need a cluster: said, not ignored.
+    let out = flotilla(&["train", &spec, "--set", "train.init_from=digits-mlp@2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("train.init_from = digits-mlp@2 names a model of a cluster's registry"),
+        "{stderr}"
+    );
 }
 
 #[test]

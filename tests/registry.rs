@@ -161,4 +161,51 @@ fn a_trained_job_becomes_a_version_with_lineage_aliases_and_a_pytorch_loadable_a
     assert_eq!(said[0].matches("Not a directory").count(), 1, "each cause once: {}", said[0]);
     let listed = json(&home, &["models", "list", "-o", "json"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "still one version: {listed}");
+
+    // Fine-tuning: a job that starts from a registered version's weights (`train.init_from`)
+    // starts where that version ended: after one step at a negligible learning rate it is as
+    // accurate as the version (the seeded weights are near chance after one step).
+    let spec_path = spec.to_str().expect("utf-8");
+    let tuned = run(
+        &home,
+        &[
+            "submit",
+            spec_path,
+            "--set",
+            "train.init_from=digits@production",
+            "--set",
+            "train.steps=1",
+            "--set",
+            "train.learning_rate=0.000001",
+            "--set",
+            "output.register_as=digits-tuned",
+            "--follow",
+        ],
+    );
+    assert!(tuned.status.success(), "{}", String::from_utf8_lossy(&tuned.stderr));
+    let job_id = String::from_utf8_lossy(&tuned.stdout).lines().last().expect("job id").trim().to_string();
+    let job = json(&home, &["status", &job_id, "-o", "json"]);
+    let base = v["metrics"]["val_accuracy"].as_f64().expect("base accuracy");
+    let accuracy = job["metrics"]["val_accuracy"].as_f64().expect("tuned accuracy");
+    assert!(base >= 0.8 && accuracy >= base - 0.02, "base {base}, started from it {accuracy}: {job}");
+    let artifact = json(&home, &["models", "show", "digits@1", "-o", "json"]);
+    let init = format!(
+        "starts from the weights of model digits version 1 ({})",
+        artifact["artifact_uri"].as_str().expect("uri")
+    );
+    assert!(job["events"].as_array().expect("events").iter().any(|e| e["message"] == init.as_str()), "{job}");
+    let logs = String::from_utf8_lossy(&run(&home, &["logs", &job_id]).stdout).to_string();
+    assert!(logs.contains("starting from the weights of "), "{logs}");
+    // What cannot be started from is refused at submission, naming the field.
+    for (set, said) in [
+        (&["--set", "train.init_from=digits@9"][..], "train.init_from = digits@9: model `digits` has no version 9"),
+        (
+            &["--set", "train.init_from=digits", "--set", "model.hidden=[16]"][..],
+            "its weights fit only the same architecture",
+        ),
+    ] {
+        let refused = run(&home, &[&["submit", spec_path][..], set].concat());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(said), "{set:?}: {stderr}");
+    }
 }

@@ -73,6 +73,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             learning_rate: spec.train.learning_rate,
             weight_decay: spec.train.weight_decay,
             seed: spec.train.seed,
+            init_from: spec.train.init_from.clone(),
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -163,6 +164,7 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             learning_rate: train.learning_rate,
             weight_decay: train.weight_decay,
             seed: train.seed,
+            init_from: train.init_from,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {

@@ -522,8 +522,9 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
         TrainLength::Steps(n) => format!("{n} step(s)"),
     };
     let decay = if train.weight_decay > 0.0 { format!(", weight decay {}", train.weight_decay) } else { String::new() };
+    let init = train.init_from.as_ref().map_or(String::new(), |r| format!(", from the weights of {r}"));
     format!(
-        "{model} on {}; {optimizer} lr {}{decay}, batch {} per worker, {length}, seed {}",
+        "{model} on {}; {optimizer} lr {}{decay}, batch {} per worker, {length}, seed {}{init}",
         data.train, train.learning_rate, train.batch_size, train.seed
     )
 }

@@ -82,6 +82,14 @@ fn load_spec(args: &Args) -> anyhow::Result<JobSpec> {
             args.spec.display()
         );
     }
+    if let Some(reference) = &spec.train.init_from {
+        bail!(
+            "{}: train.init_from = {reference} names a model of a cluster's registry, which `flotilla train` has \
+             not: submit the job to the cluster that registered it (`flotilla submit {}`)",
+            args.spec.display(),
+            args.spec.display()
+        );
+    }
     if let Some(steps) = args.steps {
         if steps == 0 {
             bail!("--steps must be at least 1");

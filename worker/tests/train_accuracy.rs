@@ -162,3 +162,49 @@ fn example_digits_mlp_reaches_95_percent() {
     let metrics = train_gang_and_validate(&spec, 1);
     assert!(metrics.val_accuracy >= 0.95, "{metrics:?}");
 }
+
+/// `train.init_from`: a fresh trainer built from another run's exported weights (the registry's
+/// safetensors) starts where that run ended: before any step it evaluates exactly as the run
+/// did, while the seeded weights are near chance; weights of another architecture are refused
+/// with the tensor that does not fit.
+#[test]
+fn a_trainer_started_from_exported_weights_evaluates_as_the_run_that_exported_them() {
+    use flotilla_worker::train::export::safetensors;
+    let base = spec(
+        "kind = \"mlp\"\nhidden = [64]",
+        "digits.csv",
+        "epochs = 10\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 42",
+    );
+    let splits = load_job_data(base.built_in().expect("built in").1, base.train.seed).expect("shipped data loads");
+    let validation = splits.validation.expect("held-out rows");
+    let mut comm = LocalCommunicator;
+    let mut trained = Trainer::new(&base, splits.train.clone(), &mut comm, None).expect("trainer builds");
+    trained.run(&mut comm, |_, _| ControlFlow::Continue(())).expect("training runs");
+    let exported = trained.evaluate(&validation).expect("evaluates");
+    let model = base.built_in().expect("built in").0;
+    let weights = safetensors(model, trained.layout(), trained.params()).expect("exports");
+
+    // Another job (another seed, SGD) of the same architecture, started from those weights.
+    let mut tuned = base.clone();
+    tuned.train.seed = 7;
+    tuned.train.optimizer = flotilla_proto::spec::OptimizerSpec::Sgd { momentum: 0.9 };
+    let built = Trainer::model(&tuned, &splits.train).expect("model");
+    let state = built.initial_state(&tuned, &splits.train, &weights).expect("the weights fit");
+    assert_eq!((state.step, state.params.as_slice()), (0, trained.params()));
+    let started = Trainer::start(built, &tuned, splits.train.clone(), &mut comm, Some(state)).expect("starts");
+    let seeded = Trainer::new(&tuned, splits.train.clone(), &mut comm, None).expect("seeded");
+    let (from_weights, from_seed) =
+        (started.evaluate(&validation).expect("a"), seeded.evaluate(&validation).expect("b"));
+    println!("exported {exported:?}, started from them {from_weights:?}, seeded {from_seed:?}");
+    assert_eq!(from_weights.val_accuracy, exported.val_accuracy);
+    assert_eq!(from_weights.val_loss, exported.val_loss);
+    assert!(exported.val_accuracy >= 0.9 && from_seed.val_accuracy < 0.5, "{exported:?} {from_seed:?}");
+
+    let mut other = tuned.clone();
+    other.model = Some(flotilla_proto::spec::ModelSpec::Mlp { hidden: vec![32] });
+    let refused = Trainer::model(&other, &splits.train)
+        .expect("model")
+        .initial_state(&other, &splits.train, &weights)
+        .expect_err("another architecture");
+    assert!(refused.to_string().contains("has shape [64, 64]; this model needs [32, 64]"), "{refused}");
+}

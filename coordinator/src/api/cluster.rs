@@ -790,6 +790,7 @@ fn train_assignment(
         peers,
         nccl_unique_id: Vec::new(),
         resume_from: job.latest_checkpoint.as_ref().map(|c| resume_point(state, c)),
+        init_uri: job.init_artifact_uri.clone().unwrap_or_default(),
         job_prefix: format!("{store}/jobs/{}", job.id),
         gang_secret: gang_secret(gang_key, job.id, job.generation),
         joins_live: false,

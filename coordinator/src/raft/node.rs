@@ -389,6 +389,7 @@ fn rejected_to_api(rejected: Rejected) -> ApiError {
             ErrorKind::ResourceExhausted
         }
         Rejected::BadRequestId
+        | Rejected::BadInit { .. }
         | Rejected::BadGang { .. }
         | Rejected::BadAlias(_)
         | Rejected::BadInference(_)

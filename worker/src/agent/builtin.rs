@@ -123,6 +123,14 @@ pub(super) fn run_rank(
                 }
                 Err(end) => return end,
             },
+            None if !train.init_uri.is_empty() => match initial_weights(&train.init_uri, spec, &model, &train_set) {
+                Ok((state, bytes)) => {
+                    moved.storage = bytes;
+                    log.note(format!("starting from the weights of {} ({bytes} bytes)", train.init_uri));
+                    Some(state)
+                }
+                Err(end) => return end,
+            },
             None => None,
         };
         startup.lap("exchange");
@@ -766,6 +774,28 @@ fn resume_state(
         Err(e) if e.is_unusable() => Err(checkpoint_unusable(log, step, e)),
         Err(e) => Err(broken(GenerationEnd::RetryableError, step, e)),
     }
+}
+
+/// The starting state of a fresh generation from the registered weights at `uri`
+/// (`train.init_from`, resolved by the coordinator), and the bytes read. Weights that do not fit
+/// this job's model end the job (another try would read the same file); a store that does not
+/// answer is waited out as for the data.
+fn initial_weights(
+    uri: &str,
+    spec: &JobSpec,
+    model: &crate::train::Model,
+    data: &Dataset,
+) -> Result<(crate::train::TrainState, u64), RankEnd> {
+    let parsed: flotilla_proto::spec::DataUri = match uri.parse() {
+        Ok(parsed) => parsed,
+        Err(e) => return Err(broken(GenerationEnd::Finished, 0, format!("train.init_from: {uri}: {}", e.0))),
+    };
+    let bytes = data::store::fetch(&parsed).map_err(|e| broken(GenerationEnd::RetryableError, 0, e))?;
+    let state = model.initial_state(spec, data, &bytes).map_err(|e| {
+        let why = format!("train.init_from: the registered weights do not fit this job's model and data: {e}");
+        broken(GenerationEnd::Finished, 0, why)
+    })?;
+    Ok((state, bytes.len() as u64))
 }
 
 /// A job's data sets: (train, validation).

@@ -612,6 +612,18 @@ pub struct Model {
     shape: (usize, usize),
 }
 
+impl Model {
+    /// The state a fresh run starts from with `safetensors`' weights (`train.init_from`: a
+    /// registered model's export) instead of the seeded ones: step 0, a fresh optimizer, the
+    /// first epoch's order. The file must hold this model's tensors, names and shapes (the same
+    /// architecture for data of the same features and classes).
+    pub fn initial_state(&self, spec: &JobSpec, data: &Dataset, safetensors: &[u8]) -> Result<TrainState, TrainError> {
+        let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
+        let params = super::export::load_safetensors(model, &self.layout, safetensors)?;
+        Ok(TrainState { params, ..fresh_state(&self.layout, &spec.train, data) })
+    }
+}
+
 /// Bytes a parameter takes in training at the least: its value and its gradient (Adam adds two
 /// moments, the all-reduce a flat copy).
 const TRAINING_BYTES_PER_PARAMETER_MIN: u64 = 8;

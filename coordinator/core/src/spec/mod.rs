@@ -185,6 +185,12 @@ pub struct TrainSpec {
     pub weight_decay: f64,
     /// Seeds weight initialisation and the data order (a pure function of seed and epoch).
     pub seed: u64,
+    /// Start from a registered model's weights instead of the seeded ones (`NAME`, its newest
+    /// version, `NAME@VERSION` or `NAME@ALIAS`; the same architecture): fine-tuning. The
+    /// coordinator resolves it when the job is submitted; a resume starts from the job's own
+    /// checkpoint instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,6 +59,7 @@ pub(crate) struct RawTrain {
     pub momentum: Option<f64>,
     pub weight_decay: Option<f64>,
     pub seed: Option<i64>,
+    pub init_from: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +154,7 @@ impl RawJobSpec {
             momentum,
             weight_decay: Some(t.weight_decay),
             seed: Some(int("train.seed", t.seed, i64::MAX)),
+            init_from: t.init_from.clone(),
         });
         let w = spec.workers;
         let c = &spec.capacity;
@@ -206,6 +208,7 @@ impl RawJobSpec {
         let data = self.data.as_ref().map_or(0, |d| opt(&d.train) + opt(&d.validation));
         let capacity = self.capacity.as_ref().map_or(0, |c| list(&c.instance_types));
         let output = self.output.as_ref().map_or(0, |o| opt(&o.register_as));
-        opt(&self.name) + run + data + capacity + output
+        let init = self.train.as_ref().map_or(0, |t| opt(&t.init_from));
+        opt(&self.name) + run + data + capacity + output + init
     }
 }

@@ -145,6 +145,9 @@ fn every_rejected_case_names_its_field() {
         ("workers.max too big", MINIMAL.replace("min = 1", "min = 1, max = 5000"), &["workers.max"]),
         ("gpus negative", MINIMAL.replace("min = 1", "min = 1, gpus = -1"), &["workers.gpus"]),
         ("priority out of range", with("priority = 5000"), &["priority"]),
+        ("init_from bad name", with("[train]\ninit_from = \"my model\""), &["train.init_from"]),
+        ("init_from bad selector", with("[train]\ninit_from = \"base@Prod!\""), &["train.init_from"]),
+        ("init_from empty selector", with("[train]\ninit_from = \"base@\""), &["train.init_from"]),
         ("hidden empty", MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", hidden = [] }"), &["model.hidden"]),
         (
             "hidden zero width",
@@ -229,6 +232,19 @@ fn every_rejected_case_names_its_field() {
         let message = JobSpec::from_toml_str(text).expect_err(what).to_string();
         assert!(message.contains(expected[0]), "{what}: message does not name the field: {message}");
     }
+}
+
+/// `train.init_from` takes a registered model as `NAME`, `NAME@VERSION` or `NAME@ALIAS`, and
+/// survives the canonical TOML.
+#[test]
+fn init_from_names_a_registered_model() {
+    for reference in ["base", "base@3", "base@prod", "mnist-mlp.v2@canary_1"] {
+        let spec = JobSpec::from_toml_str(&with(&format!("[train]\ninit_from = \"{reference}\""))).expect(reference);
+        assert_eq!(spec.train.init_from.as_deref(), Some(reference));
+        assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
+    }
+    let message = JobSpec::from_toml_str(&with("[train]\ninit_from = \"base@Prod\"")).expect_err("alias").to_string();
+    assert!(message.contains("`Prod` after '@' is neither a version nor an alias"), "{message}");
 }
 
 #[test]
@@ -495,25 +511,22 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
             validation_fraction: fraction,
         })
     });
-    let train = (
-        prop_oneof![
-            small_u32.clone().prop_map(TrainLength::Epochs),
-            (0u64..2_000_000_000).prop_map(TrainLength::Steps)
-        ],
-        small_u32.clone(),
-        prop_oneof![float.clone().prop_map(|momentum| OptimizerSpec::Sgd { momentum }), Just(OptimizerSpec::Adam)],
-        float.clone(),
-        float.clone(),
-        0u64..=i64::MAX as u64,
-    )
-        .prop_map(|(length, batch_size, optimizer, learning_rate, weight_decay, seed)| TrainSpec {
-            length,
-            batch_size,
-            optimizer,
-            learning_rate,
-            weight_decay,
-            seed,
-        });
+    let train =
+        (
+            prop_oneof![
+                small_u32.clone().prop_map(TrainLength::Epochs),
+                (0u64..2_000_000_000).prop_map(TrainLength::Steps)
+            ],
+            small_u32.clone(),
+            prop_oneof![float.clone().prop_map(|momentum| OptimizerSpec::Sgd { momentum }), Just(OptimizerSpec::Adam)],
+            float.clone(),
+            float.clone(),
+            0u64..=i64::MAX as u64,
+            prop::option::of(prop_oneof![Just("base@2".to_string()), Just("base@Bad Alias".to_string())]),
+        )
+            .prop_map(|(length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from)| {
+                TrainSpec { length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from }
+            });
     let capacity = (
         any::<bool>(),
         prop::collection::vec(prop_oneof![Just("g5.xlarge".to_string()), Just("Bad Type".to_string())], 0..3),

@@ -271,6 +271,27 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
         learning_rate: c.float("train.learning_rate", raw.learning_rate, lr_default, (0.0, LEARNING_RATE_MAX), false),
         weight_decay: c.float("train.weight_decay", raw.weight_decay, 0.0, (0.0, 0.999), true),
         seed: c.int("train.seed", raw.seed, 42, 0, i64::MAX) as u64,
+        init_from: raw.init_from.inspect(|reference| model_reference(c, "train.init_from", reference)),
+    }
+}
+
+/// A registered model's reference: `NAME`, `NAME@VERSION` or `NAME@ALIAS` (an alias's rules:
+/// 1 to 63 of a-z, 0-9, `-`, `_`).
+fn model_reference(c: &mut Checker, field: &str, reference: &str) {
+    let (name, selector) = reference.split_once('@').map_or((reference, None), |(n, s)| (n, Some(s)));
+    c.name(field, name);
+    let selector_ok = |s: &str| {
+        (1..=63).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    if let Some(selector) = selector.filter(|s| !selector_ok(s)) {
+        c.fail(
+            field,
+            format!(
+                "`{selector}` after '@' is neither a version nor an alias; write NAME, NAME@VERSION or NAME@ALIAS \
+                 (e.g. mnist-mlp@3)"
+            ),
+        );
     }
 }
 

@@ -14,6 +14,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             if let Some(job_id) = admit(state, &client_request_id)? {
                 return Ok(Applied::JobSubmitted { job_id, duplicate: true });
             }
+            let init = initial_weights(state, &spec)?;
             make_room(state);
             let job_id = JobId(state.next_job_id);
             state.next_job_id += 1;
@@ -59,8 +60,12 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                     stall_generation: 0,
                     resume_peer_bytes: 0,
                     resume_storage_bytes: 0,
+                    init_artifact_uri: init.as_ref().map(|(uri, _)| uri.clone()),
                 },
             );
+            if let (Some((_, message)), Some(job)) = (init, state.jobs.get_mut(&job_id)) {
+                push_event(job, now, "init", message);
+            }
             Ok(Applied::JobSubmitted { job_id, duplicate: false })
         }
         Command::CancelJob { job_id, reason } if state.inferences.contains_key(&job_id) => {
@@ -1629,6 +1634,35 @@ fn wait_for_store(job: &mut Job, ended: (u64, u64, bool), reporter: Option<Worke
         wait_ms / 1000
     ));
     job.store_wait = Some(StoreWait { until_unix_ms: now.saturating_add(wait_ms), ..wait });
+}
+
+/// The registered weights a submitted job starts from (`train.init_from`), resolved now: (their
+/// URI, the event that names the version). Refused when the reference names no version, or one
+/// without exported weights or of another architecture.
+fn initial_weights(state: &State, spec: &crate::spec::JobSpec) -> Result<Option<(String, String)>, Rejected> {
+    let Some(reference) = spec.train.init_from.as_deref().filter(|_| spec.run.is_none()) else {
+        return Ok(None);
+    };
+    let bad = |reason: String| Rejected::BadInit { reference: reference.to_string(), reason };
+    let (model, version) = state.resolve_model(reference).map_err(|e| bad(e.to_string()))?;
+    let named = format!("model {} version {}", model.name, version.version);
+    if version.artifact_uri.is_empty() || version.shape.is_none() {
+        return Err(bad(format!("{named} has no exported weights (a command job's model); start from a built-in one")));
+    }
+    if version.spec.model != spec.model {
+        let architecture = |m: &Option<crate::spec::ModelSpec>| match m {
+            Some(crate::spec::ModelSpec::Mlp { hidden }) => format!("an mlp with hidden = {hidden:?}"),
+            Some(crate::spec::ModelSpec::Cnn { channels }) => format!("a cnn with channels = {channels:?}"),
+            None => "no built-in model".to_string(),
+        };
+        return Err(bad(format!(
+            "{named} is {}; this job's model is {}: its weights fit only the same architecture",
+            architecture(&version.spec.model),
+            architecture(&spec.model)
+        )));
+    }
+    let message = format!("starts from the weights of {named} ({})", version.artifact_uri);
+    Ok(Some((version.artifact_uri.clone(), message)))
 }
 
 /// [`Command::ResumeJob`]: a Failed or Cancelled training job waits for workers again, its

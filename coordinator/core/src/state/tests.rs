@@ -1712,6 +1712,46 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
         Err(ModelRefError::NoAlias { name: "j".into(), alias: "canary".into(), known: "production".into() })
     );
     assert!(matches!(state.resolve_model("nope"), Err(ModelRefError::NoModel(_))));
+
+    // A job submitted with `train.init_from` is pinned to the version its reference names now
+    // (moving the alias later changes nothing) and says so in an event.
+    let submit_from = |state: &mut State, index: u64, reference: &str, hidden: Option<Vec<u32>>| {
+        let mut job_spec = spec("tuned");
+        job_spec.train.init_from = Some(reference.to_string());
+        if let Some(hidden) = hidden {
+            job_spec.model = Some(crate::spec::ModelSpec::Mlp { hidden });
+        }
+        let submit = Command::SubmitJob { spec: Box::new(job_spec), client_request_id: format!("init-{index}") };
+        apply(state, index, Envelope::new(index, submit))
+    };
+    let Ok(Applied::JobSubmitted { job_id, .. }) = submit_from(&mut state, 200, "j@production", None) else {
+        panic!("submitted from j@production")
+    };
+    alias(&mut state, 2, "production").expect("the alias moves");
+    let job = &state.jobs[&job_id];
+    assert_eq!(job.init_artifact_uri.as_deref(), Some("file:///s/jobs/job-1/model/model.safetensors"));
+    let said = &job.events.last().expect("an event").message;
+    assert_eq!(said, "starts from the weights of model j version 1 (file:///s/jobs/job-1/model/model.safetensors)");
+    // Refused, naming the field, and admitting nothing: no such model or version, or another
+    // architecture.
+    let jobs = state.jobs.len();
+    let refused = |state: &mut State, index, reference, hidden| {
+        submit_from(state, index, reference, hidden).expect_err("refused").to_string()
+    };
+    assert_eq!(
+        refused(&mut state, 201, "nope", None),
+        "train.init_from = nope: no model named `nope` (see `flotilla models list`)"
+    );
+    assert_eq!(
+        refused(&mut state, 202, "j@9", None),
+        "train.init_from = j@9: model `j` has no version 9 (it has 1 to 2)"
+    );
+    assert_eq!(
+        refused(&mut state, 203, "j", Some(vec![8])),
+        "train.init_from = j: model j version 2 is an mlp with hidden = [256, 128]; this job's model is an mlp with \
+         hidden = [8]: its weights fit only the same architecture"
+    );
+    assert_eq!(state.jobs.len(), jobs, "no refused submission was admitted");
 }
 
 #[test]

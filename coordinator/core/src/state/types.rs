@@ -377,6 +377,10 @@ pub struct Job {
     /// and when the next may be placed. Not a failure: the job waits for its store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_wait: Option<StoreWait>,
+    /// The registered weights a fresh start loads (`train.init_from`, resolved when the job was
+    /// submitted, so that an alias moved later changes nothing): the model's safetensors URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_artifact_uri: Option<String>,
 }
 
 /// See [`Job::store_wait`].
@@ -1699,6 +1703,9 @@ pub enum Rejected {
     /// A resume's spec changes what it may not, or cannot run as it stands (budget, length).
     #[error("{job_id} cannot resume: {reason}")]
     BadResume { job_id: JobId, reason: String },
+    /// `train.init_from` names weights a job cannot start from.
+    #[error("train.init_from = {reference}: {reason}")]
+    BadInit { reference: String, reason: String },
     #[error(
         "the cluster holds {limit} unfinished jobs, its limit (finished ones make room by themselves); cancel \
          some or wait for them to finish"
