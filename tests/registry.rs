@@ -196,6 +196,13 @@ fn a_trained_job_becomes_a_version_with_lineage_aliases_and_a_pytorch_loadable_a
     assert!(job["events"].as_array().expect("events").iter().any(|e| e["message"] == init.as_str()), "{job}");
     let logs = String::from_utf8_lossy(&run(&home, &["logs", &job_id]).stdout).to_string();
     assert!(logs.contains("starting from the weights of "), "{logs}");
+    // Weights that do not fit the data (784 features, not 64) end the job at once, saying so.
+    let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/mnist_5k.csv.gz");
+    let other_data = format!("data.train={}", mnist.display());
+    let unfit = run(&home, &["submit", spec_path, "--set", "train.init_from=digits", "--set", &other_data, "--follow"]);
+    let stderr = String::from_utf8_lossy(&unfit.stderr);
+    let said = "ended Failed: train.init_from: the registered weights do not fit this job: model and data do not fit";
+    assert!(!unfit.status.success() && stderr.contains(said), "{stderr}");
     // What cannot be started from is refused at submission, naming the field.
     for (set, said) in [
         (&["--set", "train.init_from=digits@9"][..], "train.init_from = digits@9: model `digits` has no version 9"),

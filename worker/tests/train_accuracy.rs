@@ -206,5 +206,7 @@ fn a_trainer_started_from_exported_weights_evaluates_as_the_run_that_exported_th
         .expect("model")
         .initial_state(&other, &splits.train, &weights)
         .expect_err("another architecture");
-    assert!(refused.to_string().contains("has shape [64, 64]; this model needs [32, 64]"), "{refused}");
+    let said =
+        "model and data do not fit: model file: tensor `hidden.0.weight` has shape [64, 64]; this model needs [32, 64]";
+    assert_eq!(refused.to_string(), said);
 }

@@ -792,7 +792,7 @@ fn initial_weights(
     };
     let bytes = data::store::fetch(&parsed).map_err(|e| broken(GenerationEnd::RetryableError, 0, e))?;
     let state = model.initial_state(spec, data, &bytes).map_err(|e| {
-        let why = format!("train.init_from: the registered weights do not fit this job's model and data: {e}");
+        let why = format!("train.init_from: the registered weights do not fit this job: {e}");
         broken(GenerationEnd::Finished, 0, why)
     })?;
     Ok((state, bytes.len() as u64))

@@ -619,7 +619,11 @@ impl Model {
     /// architecture for data of the same features and classes).
     pub fn initial_state(&self, spec: &JobSpec, data: &Dataset, safetensors: &[u8]) -> Result<TrainState, TrainError> {
         let (model, _) = spec.built_in().map_err(|e| TrainError::Shape(e.to_string()))?;
-        let params = super::export::load_safetensors(model, &self.layout, safetensors)?;
+        // Said as what it is (weights that do not fit), not as a checkpoint that cannot resume.
+        let params = super::export::load_safetensors(model, &self.layout, safetensors).map_err(|e| match e {
+            TrainError::Resume(why) => TrainError::Shape(why),
+            other => other,
+        })?;
         Ok(TrainState { params, ..fresh_state(&self.layout, &spec.train, data) })
     }
 }
