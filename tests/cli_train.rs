@@ -111,6 +111,33 @@ fn the_mnist_example_learns_on_two_workers() {
     assert!(summary["checkpoint"].is_null(), "no checkpoint without --checkpoint-dir");
 }
 
+/// `--init-from`: a run started from another run's exported model (as `models download` writes
+/// it) starts where that run ended: one step at a negligible learning rate keeps its accuracy,
+/// on two ranks; a missing file is refused before any rank starts.
+#[test]
+fn a_run_from_an_exported_model_starts_where_that_run_ended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base");
+    let spec = example("digits-mlp.toml");
+    let args = ["train", &spec, "--local-workers", "2", "-o", "json"];
+    let trained = ok_json(flotilla(&[&args[..], &["--checkpoint-dir", base.to_str().expect("utf-8")]].concat()));
+    let model = trained["model"].as_str().expect("the exported model").trim_start_matches("file://").to_string();
+    let tuned = ok_json(flotilla(
+        &[&args[..], &["--init-from", &model, "--steps", "1", "--set", "train.learning_rate=0.000001"]].concat(),
+    ));
+    let accuracy = |summary: &serde_json::Value| summary["metrics"]["val_accuracy"].as_f64().expect("accuracy");
+    assert!(accuracy(&trained) >= 0.9, "{trained}");
+    assert!(accuracy(&tuned) >= accuracy(&trained) - 0.02, "{tuned} vs {trained}");
+    let seeded = ok_json(flotilla(&[&args[..], &["--steps", "1"]].concat()));
+    assert!(accuracy(&seeded) < 0.5, "one step from the seeded weights: {seeded}");
+    let missing = flotilla(&[&args[..], &["--init-from", "/nonexistent/model.safetensors"]].concat());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("--init-from /nonexistent/model.safetensors: no file"),
+        "{stderr}"
+    );
+}
+
 /// `--set` reaches every rank: they stop at the overridden length, with the overridden model.
 #[test]
 fn set_overrides_reach_every_rank() {

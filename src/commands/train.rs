@@ -49,6 +49,12 @@ pub struct Args {
     /// Resume from a checkpoint prefix (e.g. <dir>/ckpt/000000000100).
     #[arg(long)]
     pub resume_from: Option<String>,
+    /// Start from a model's weights instead of the seeded ones (fine-tuning): a safetensors
+    /// file as `--checkpoint-dir` exports it or `flotilla models download` writes it (a path,
+    /// file:// or s3://); the same architecture. A cluster job names a registered model in
+    /// `train.init_from` instead.
+    #[arg(long, conflicts_with = "resume_from")]
+    pub init_from: Option<String>,
     /// Replace a field of the file: `--set train.learning_rate=0.01` (repeatable; a relative
     /// path is relative to the current folder; README: Job specs).
     #[arg(long = "set", value_name = "FIELD=VALUE")]
@@ -68,6 +74,16 @@ pub struct RankArgs {
     pub gang_id: u64,
 }
 
+/// `--init-from` as a URI: `file://`, `s3://` as given; a path made absolute (the ranks share
+/// this process's folder, but the URI is read by the store layer).
+fn init_uri(given: &str) -> anyhow::Result<String> {
+    if given.contains("://") {
+        return Ok(given.to_string());
+    }
+    let path = std::path::absolute(given).with_context(|| format!("--init-from {given}"))?;
+    Ok(format!("file://{}", path.display()))
+}
+
 fn load_spec(args: &Args) -> anyhow::Result<JobSpec> {
     let mut spec = match spec_file::load(&args.spec, &args.overrides) {
         Ok(spec) => spec,
@@ -85,7 +101,8 @@ fn load_spec(args: &Args) -> anyhow::Result<JobSpec> {
     if let Some(reference) = &spec.train.init_from {
         bail!(
             "{}: train.init_from = {reference} names a model of a cluster's registry, which `flotilla train` has \
-             not: submit the job to the cluster that registered it (`flotilla submit {}`)",
+             not: submit the job to the cluster that registered it (`flotilla submit {}`), or download it \
+             (`flotilla models download {reference} -f model.safetensors`) and pass --init-from model.safetensors",
             args.spec.display(),
             args.spec.display()
         );
@@ -109,6 +126,12 @@ pub fn run(args: Args, output: OutputFormat) -> anyhow::Result<()> {
     }
     if let Some(uri) = &args.resume_from {
         check_exists(uri)?;
+    }
+    if let Some(given) = &args.init_from {
+        let uri = init_uri(given)?;
+        if let Some(path) = uri.strip_prefix("file://").filter(|p| !std::path::Path::new(p).is_file()) {
+            bail!("--init-from {given}: no file at {path} (a model.safetensors, as `flotilla models download` writes)");
+        }
     }
     let addresses = free_addresses(args.local_workers)?;
     let gang_id = u64::from(std::process::id()) << 20 | u64::from(addresses[0].port());
@@ -186,7 +209,12 @@ fn spawn_rank(
     command.args(["--output", if output == OutputFormat::Json { "json" } else { "text" }, "train-rank"]);
     command.arg(&args.spec).args(["--local-workers", &args.local_workers.to_string()]);
     command.args(["--rank", &rank.to_string(), "--addresses", &list.join(","), "--gang-id", &gang_id.to_string()]);
-    for (flag, value) in [("--checkpoint-dir", &args.checkpoint_dir), ("--resume-from", &args.resume_from)] {
+    let flags = [
+        ("--checkpoint-dir", &args.checkpoint_dir),
+        ("--resume-from", &args.resume_from),
+        ("--init-from", &args.init_from),
+    ];
+    for (flag, value) in flags {
         if let Some(value) = value {
             command.args([flag, value]);
         }
@@ -280,6 +308,7 @@ pub fn run_rank(args: RankArgs, output: OutputFormat) -> anyhow::Result<()> {
         world_size: world as u32,
         peers,
         resume_from,
+        init_uri: args.job.init_from.as_deref().map(init_uri).transpose()?.unwrap_or_default(),
         job_prefix: args.job.checkpoint_dir.clone().unwrap_or_default(),
         gang_secret,
         ..Default::default()
