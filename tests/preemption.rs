@@ -1066,7 +1066,9 @@ fn five_hard_kills_lose_no_step_and_change_no_bit() {
 /// runs until cancelled) resumes from its newest checkpoint with the file's length
 /// (`--set train.epochs=10`) and ends bit-identical to the file's job trained without a stop; a
 /// resume that would change what the job trains is refused, naming the field, and changes
-/// nothing; a job that succeeded is not resumed.
+/// nothing. Once it succeeded, a resume with more epochs trains it further from its final
+/// checkpoint, bit-identical to a job trained that long at once, and registers a second version
+/// with its own file.
 #[test]
 fn a_cancelled_job_resumes_from_its_newest_checkpoint_and_changes_no_bit() {
     let cluster = Local::up(2);
@@ -1102,7 +1104,23 @@ fn a_cancelled_job_resumes_from_its_newest_checkpoint_and_changes_no_bit() {
 
     let again = run(home, &["resume", &job]);
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(!again.status.success() && stderr.contains("a new job trains further"), "{stderr}");
+    assert!(!again.status.success() && stderr.contains("it trained its whole length"), "{stderr}");
+    let further = json(home, &["resume", &job, "--set", "train.epochs=12", "-o", "json"]);
+    let final_step = done["step"].as_u64().expect("step");
+    assert_eq!(further["from_step"].as_u64(), Some(final_step), "{further}");
+    let longer = wait_for(home, &job, Duration::from_secs(180), "the longer end", |s| {
+        s["state"] == "Succeeded" && s["step"].as_u64() > Some(final_step)
+    });
+    assert_same_as_uninterrupted(home, &write_spec(dir, "resumed12", 12, 20), &longer, "trained further");
+    let versions = json(home, &["models", "list", "-o", "json"]);
+    let files: Vec<&str> = versions
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter(|v| v["name"] == "resumed")
+        .filter_map(|v| v["artifact_uri"].as_str())
+        .collect();
+    assert!(files.len() == 2 && files[0] != files[1], "a file per version: {versions}");
 }
 
 /// A storm of everything at once: on 3 coordinators and 3 workers (replacements boot in 2 s),

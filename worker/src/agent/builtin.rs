@@ -466,7 +466,12 @@ pub(super) fn run_rank(
             .map_err(anyhow::Error::from)
             .and_then(|(model, _)| Ok(crate::train::export::safetensors(model, trainer.layout(), trainer.params())?))
             .and_then(|bytes| {
-                let prefix = format!("{}/model", train.job_prefix);
+                // A cluster's job may be trained further after it succeeded (`flotilla resume`
+                // with a longer length): each registration keeps its own file, named by its step.
+                let prefix = match context.standalone() {
+                    Some(_) => format!("{}/model", train.job_prefix),
+                    None => format!("{}/model/{:012}", train.job_prefix, trainer.steps_done()),
+                };
                 let write = || state::write_artifact(&prefix, "model.safetensors", bytes.clone());
                 Ok(through_outage(context, &mut log, "the model", write)?)
             });

@@ -1675,17 +1675,36 @@ fn resume_job(
     now: u64,
 ) -> Result<Applied, Rejected> {
     if let Some(job) = state.inferences.get(&job_id) {
-        let hint = ": an inference job is not resumed (`flotilla infer` runs it again)";
-        return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint });
+        let why = "an inference job is not resumed (`flotilla infer` runs it again)";
+        return Err(Rejected::NotResumable { job_id, state: job.state.name(), why });
     }
     let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
+    let not = |why| Rejected::NotResumable { job_id, state: job.state.name(), why };
     match job.state {
         JobState::Failed | JobState::Cancelled => {}
-        JobState::Succeeded => {
-            let hint = ": its model is registered; a new job trains further (`flotilla submit`)";
-            return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint });
+        // Trained further: a longer length of the same kind (a job's length in epochs is not
+        // known here in steps).
+        JobState::Succeeded if job.spec.run.is_some() => {
+            return Err(not(
+                "a command job that succeeded is not resumed (its program sets its length): submit it again",
+            ));
         }
-        _ => return Err(Rejected::NotResumable { job_id, state: job.state.name(), hint: "" }),
+        JobState::Succeeded => {
+            use crate::spec::TrainLength::{Epochs, Steps};
+            let longer = match (job.spec.train.length, spec.as_ref().map(|s| s.train.length)) {
+                (Epochs(before), Some(Epochs(after))) => after > before,
+                (Steps(_), Some(Steps(after))) => after > job.step,
+                _ => false,
+            };
+            if !longer {
+                return Err(not(
+                    "it trained its whole length: a resume with a longer one trains it further from its final \
+                     checkpoint (--set train.epochs=N with more epochs, or train.steps=N past its final step, as it \
+                     was given) and registers its model as a new version",
+                ));
+            }
+        }
+        _ => return Err(not("only a Failed, Cancelled or Succeeded job can be resumed")),
     }
     let from_step = resume_step(job);
     let spec = spec.unwrap_or_else(|| job.spec.clone());
@@ -1716,7 +1735,13 @@ fn resume_job(
             job.cost_usd
         )));
     }
-    let was = format!("{} ({})", job.state.name(), job.reason);
+    let was = match job.reason.as_str() {
+        "" => job.state.name().to_string(),
+        reason => format!("{} ({reason})", job.state.name()),
+    };
+    if job.state == JobState::Succeeded {
+        job.metrics = None; // its end's, registered with its model; the next end reports its own
+    }
     job.spec = spec;
     job.state = JobState::Pending;
     job.failures = 0;

@@ -2486,9 +2486,10 @@ fn a_member_lost_silently_ends_its_generation_at_the_survivors_report_with_no_st
 
 /// A Cancelled or Failed job resumes from its newest checkpoint, its failures counted from 0,
 /// with a spec that changes only what a resume may (its length, budget, workers ...); a job
-/// that is not Failed or Cancelled, or a change of what it trains, is refused and named.
+/// still waiting or running, or a change of what it trains, is refused and named; a job that
+/// succeeded trains further only with a longer length.
 #[test]
-fn a_cancelled_or_failed_job_resumes_from_its_newest_checkpoint() {
+fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_further() {
     let mut state = State::default();
     running_job(&mut state, 1);
     checkpoint(&mut state, 40, 1).expect("checkpoint");
@@ -2496,7 +2497,7 @@ fn a_cancelled_or_failed_job_resumes_from_its_newest_checkpoint() {
         apply(state, 600, Envelope::new(600, Command::ResumeJob { job_id: JobId(1), spec: spec.map(Box::new) }))
     };
     let refused = resume(&mut state, None).expect_err("a running job does not resume");
-    assert_eq!(refused.to_string(), "job-1 is Running; only a Failed or Cancelled job can be resumed");
+    assert_eq!(refused.to_string(), "job-1 is Running; only a Failed, Cancelled or Succeeded job can be resumed");
     apply(&mut state, 50, Envelope::new(50, Command::CancelJob { job_id: JobId(1), reason: String::new() }))
         .expect("cancel");
 
@@ -2540,7 +2541,7 @@ fn a_cancelled_or_failed_job_resumes_from_its_newest_checkpoint() {
     let said = &job.events.last().expect("an event").message;
     assert_eq!(said, "resumed from step 40; it was Cancelled (cancelled by user)");
     let refused = resume(&mut state, None).expect_err("a waiting job does not resume");
-    assert_eq!(refused.to_string(), "job-1 is Pending; only a Failed or Cancelled job can be resumed");
+    assert_eq!(refused.to_string(), "job-1 is Pending; only a Failed, Cancelled or Succeeded job can be resumed");
 
     // The next gang starts from the checkpoint; a failure then counts from 0 again.
     let free = register(&mut state, 601);
@@ -2549,9 +2550,40 @@ fn a_cancelled_or_failed_job_resumes_from_its_newest_checkpoint() {
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.generation, job.generation_start_step, job.failures), (2, 40, 0));
 
-    // A job that succeeded is told how to train further.
+    // A job that succeeded trains further only with a longer length of the same kind; its final
+    // metrics go (the next end reports its own).
     submit(&mut state, 700, "done").expect("submit");
-    state.jobs.get_mut(&JobId(2)).expect("the job").state = JobState::Succeeded;
-    let done = apply(&mut state, 701, Envelope::new(701, Command::ResumeJob { job_id: JobId(2), spec: None }));
-    assert!(done.expect_err("succeeded").to_string().ends_with("a new job trains further (`flotilla submit`)"));
+    let done = state.jobs.get_mut(&JobId(2)).expect("the job");
+    let metrics = FinalMetrics { val_accuracy: Some(0.9), val_loss: None, train_loss: None };
+    (done.state, done.step, done.metrics) = (JobState::Succeeded, 31, Some(metrics));
+    done.reason.clear();
+    let epochs = |n| {
+        let mut spec = state.jobs[&JobId(2)].spec.clone();
+        spec.train.length = crate::spec::TrainLength::Epochs(n);
+        spec
+    };
+    let (same, longer) = (epochs(1), epochs(3));
+    let resume_done = |state: &mut State, spec: Option<JobSpec>| {
+        apply(state, 701, Envelope::new(701, Command::ResumeJob { job_id: JobId(2), spec: spec.map(Box::new) }))
+    };
+    for spec in [
+        None,
+        Some(same),
+        Some(JobSpec {
+            train: crate::spec::TrainSpec { length: crate::spec::TrainLength::Steps(500), ..longer.train.clone() },
+            ..longer.clone()
+        }),
+    ] {
+        let refused = resume_done(&mut state, spec).expect_err("not longer, or another kind");
+        assert!(
+            refused.to_string().starts_with("job-2 is Succeeded; it trained its whole length: a resume with a longer")
+        );
+    }
+    assert_eq!(resume_done(&mut state, Some(longer)), Ok(Applied::JobResumed { job_id: JobId(2), from_step: 0 }));
+    let job = &state.jobs[&JobId(2)];
+    assert_eq!(
+        (job.state, job.metrics, job.spec.train.length),
+        (JobState::Pending, None, crate::spec::TrainLength::Epochs(3))
+    );
+    assert_eq!(job.events.last().expect("an event").message, "resumed from the start; it was Succeeded");
 }

@@ -1698,8 +1698,8 @@ pub enum Rejected {
     WorkerNotFound(WorkerId),
     #[error("{job_id} is already {state}; only unfinished jobs can be cancelled")]
     JobFinished { job_id: JobId, state: &'static str },
-    #[error("{job_id} is {state}; only a Failed or Cancelled job can be resumed{hint}")]
-    NotResumable { job_id: JobId, state: &'static str, hint: &'static str },
+    #[error("{job_id} is {state}; {why}")]
+    NotResumable { job_id: JobId, state: &'static str, why: &'static str },
     /// A resume's spec changes what it may not, or cannot run as it stands (budget, length).
     #[error("{job_id} cannot resume: {reason}")]
     BadResume { job_id: JobId, reason: String },
