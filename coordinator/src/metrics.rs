@@ -117,6 +117,10 @@ pub enum Resumption {
     /// [`flotilla_core::state::JobEvent::planned_stop`]) at `stopped_at_unix_ms`: no
     /// interruption, so it feeds neither histogram; the job's events record what it moved.
     Restart { stopped_at_unix_ms: u64, reason: flotilla_core::state::StopReason },
+    /// A restart after a generation that trained stopped because the store was out, at
+    /// `stopped_at_unix_ms` ([`flotilla_core::state::JobEvent::stopped_by_outage`]): the time
+    /// to the first step is a stall, but no loss (it feeds neither histogram).
+    Outage { stopped_at_unix_ms: u64 },
 }
 
 /// What the job's current generation resumes from: `None` for a first generation.
@@ -142,8 +146,12 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
     // before it: a handover's stop whose new gang then broke at the rendezvous counts from
     // the stop (the stall went on through the failed generation).
     if end < current
-        && let Some(stop) = events[from..end].iter().find(|e| e.kind == "checkpointed" || e.stops_for_a_loss())
+        && let Some(stop) =
+            events[from..end].iter().find(|e| e.kind == "checkpointed" || e.stops_for_a_loss() || e.stopped_by_outage())
     {
+        if stop.stopped_by_outage() {
+            return Some(Resumption::Outage { stopped_at_unix_ms: stop.at_unix_ms });
+        }
         return Some(Resumption::Recovery { lost_at_unix_ms: stop.since_unix_ms.unwrap_or(stop.at_unix_ms) });
     }
     // The handover event that re-forms the generation comes after the `gang` event of the
@@ -164,6 +172,9 @@ pub fn resumption(events: &[flotilla_core::state::JobEvent]) -> Option<Resumptio
         .or_else(|| between.iter().find(|e| e.noticed_worker().is_some_and(|worker| !swapped_out(worker))));
     if let Some(lost) = lost {
         return Some(Resumption::Recovery { lost_at_unix_ms: lost.since_unix_ms.unwrap_or(lost.at_unix_ms) });
+    }
+    if let Some(out) = between.iter().find(|e| e.stopped_by_outage()) {
+        return Some(Resumption::Outage { stopped_at_unix_ms: out.at_unix_ms });
     }
     let stop = between.iter().rev().find(|e| e.kind == "checkpointed")?;
     let reason = stop.planned_stop()?;
@@ -675,8 +686,19 @@ mod tests {
             message: JobEvent::store_unavailable_message(3, 68, true, " (worker-3)", (4, 70, 80), "unreachable"),
             ..event(90, "store_unavailable")
         };
-        let waited = [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), store_out, event(170, "gang")];
+        let waited =
+            [event(1, "gang"), event(10, "peer_lost"), event(18, "gang"), store_out.clone(), event(170, "gang")];
         assert_eq!(resumption(&waited), Some(Resumption::Recovery { lost_at_unix_ms: 10 }), "from the loss");
+        // A generation that trained and then stopped for the store: the stall runs from that
+        // stop, through the tries that found the store still out.
+        let stopped_out = JobEvent {
+            message: JobEvent::store_unavailable_message(1, 90, false, " (worker-1)", (1, 0, 1), "unreachable"),
+            ..event(50, "store_unavailable")
+        };
+        let out = [event(1, "gang"), stopped_out.clone(), event(60, "gang")];
+        assert_eq!(resumption(&out), Some(Resumption::Outage { stopped_at_unix_ms: 50 }));
+        let retried = [event(1, "gang"), stopped_out, event(60, "gang"), store_out, event(170, "gang")];
+        assert_eq!(resumption(&retried), Some(Resumption::Outage { stopped_at_unix_ms: 50 }), "through the tries");
     }
 
     /// A generation after a stop to grow, for a job of higher priority or for a deadline is a

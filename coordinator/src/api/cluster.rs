@@ -327,6 +327,7 @@ impl ClusterService for ClusterApi {
                     (Some(&self.progress.handover_stall_seconds), stopped_at_unix_ms, true, None)
                 }
                 Resumption::Restart { stopped_at_unix_ms, reason } => (None, stopped_at_unix_ms, false, Some(reason)),
+                Resumption::Outage { stopped_at_unix_ms } => (None, stopped_at_unix_ms, false, None),
             };
             let stall_ms = now.saturating_sub(since);
             if let Some(histogram) = histogram {
@@ -339,6 +340,7 @@ impl ClusterService for ClusterApi {
                 stall_ms,
                 handover,
                 stopped_for,
+                outage: matches!(resumption, Resumption::Outage { .. }),
                 peer_bytes: report.resume_peer_bytes,
                 storage_bytes: report.resume_storage_bytes,
             };

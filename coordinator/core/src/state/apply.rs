@@ -400,7 +400,16 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             ask_to_stop(job, now, StopReason::Priority, "priority", message);
             Ok(Applied::CheckpointRequested { job_id })
         }
-        Command::TrainingResumed { job_id, generation, stall_ms, handover, stopped_for, peer_bytes, storage_bytes } => {
+        Command::TrainingResumed {
+            job_id,
+            generation,
+            stall_ms,
+            handover,
+            stopped_for,
+            outage,
+            peer_bytes,
+            storage_bytes,
+        } => {
             let job = running_generation(state, job_id, generation)?;
             if job.stall_generation == generation {
                 return Ok(Applied::TrainingResumed { job_id, recorded: false });
@@ -416,6 +425,7 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             job.resume_storage_bytes = job.resume_storage_bytes.saturating_add(storage_bytes);
             let since = match stopped_for.or(handover.then_some(StopReason::Handover)) {
                 Some(reason) => format!("the stop ({})", reason.name()),
+                None if outage => "the stop for the store outage".to_string(),
                 None => "the notice or loss".to_string(),
             };
             push_event(

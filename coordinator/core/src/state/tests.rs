@@ -1446,6 +1446,7 @@ fn a_generation_s_stall_is_recorded_once_with_an_event() {
         stall_ms: 42,
         handover: true,
         stopped_for: None,
+        outage: false,
         peer_bytes: 2_822_494,
         storage_bytes: 0,
     };
@@ -1460,6 +1461,29 @@ fn a_generation_s_stall_is_recorded_once_with_an_event() {
     assert!(event.message.contains("42 ms after the stop (handover)"), "{}", event.message);
 }
 
+/// A generation after one that stopped for a store outage counts its time without a step as a
+/// stall, and its event says from what.
+#[test]
+fn a_restart_after_a_store_outage_is_a_stall_from_that_stop() {
+    let mut state = State::default();
+    running_job(&mut state, 3);
+    let resumed = Command::TrainingResumed {
+        job_id: JobId(1),
+        generation: 1,
+        stall_ms: 12_400,
+        handover: false,
+        stopped_for: None,
+        outage: true,
+        peer_bytes: 0,
+        storage_bytes: 5_643_990,
+    };
+    assert_eq!(at(&mut state, 1_000, resumed), Ok(Applied::TrainingResumed { job_id: JobId(1), recorded: true }));
+    let job = &state.jobs[&JobId(1)];
+    assert_eq!((job.stall_ms_total, job.last_stall_ms), (12_400, 12_400));
+    let said = &job.events.last().expect("event").message;
+    assert!(said.starts_with("generation 1 trained again 12400 ms after the stop for the store outage;"), "{said}");
+}
+
 /// A generation after a planned stop (here, to grow) records what its start moved and when it
 /// trained again, but its time without a step is a regroup, not an interruption.
 #[test]
@@ -1472,6 +1496,7 @@ fn a_restart_after_a_planned_stop_records_its_bytes_but_no_stall() {
         stall_ms: 850,
         handover: false,
         stopped_for: Some(StopReason::Grow),
+        outage: false,
         peer_bytes: 0,
         storage_bytes: 5_643_990,
     };

@@ -239,6 +239,12 @@ impl JobEvent {
         )
     }
 
+    /// Whether this event stopped a generation that had trained because the store was out: an
+    /// interruption (no loss) that the next generation's first step ends.
+    pub fn stopped_by_outage(&self) -> bool {
+        self.kind == "store_unavailable" && !self.message.contains(NEVER_TRAINED)
+    }
+
     /// Whether this event ended a generation that never trained a step (see
     /// [`JobEvent::peer_lost_message`], [`JobEvent::store_unavailable_message`]): training had
     /// stopped before it formed.
@@ -1372,6 +1378,10 @@ pub enum Command {
         /// interruption, so only the event and the bytes are recorded.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stopped_for: Option<StopReason>,
+        /// The generation before stopped because the store was out (after training): the
+        /// stall runs from that stop (see [`JobEvent::stopped_by_outage`]).
+        #[serde(default)]
+        outage: bool,
         /// Bytes the start moved across the gang, peer to peer and from the store.
         #[serde(default)]
         peer_bytes: u64,
