@@ -185,6 +185,21 @@ fn up_submit_status_down_and_up_again_keeps_jobs() {
     assert_eq!((shown[0]["id"].as_str(), shown[0]["state"].as_str()), (Some("job-3"), Some("Cancelled")), "{shown}");
     assert_eq!(shown[1]["id"], "job-1", "{shown}");
     assert!(shown[1]["error"].as_str().is_some_and(|e| e.contains("already Cancelled")), "{shown}");
+    // `resume` takes several too, each with the same `--set` (read back from the coordinator).
+    let both = flotilla(&home, &["resume", "job-3", "job-9", "--set", "priority=5", "-o", "json"]);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(!both.status.success() && stderr.contains("1 of 2 job(s) not resumed: job-9"), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_slice(&both.stdout).expect("a JSON array");
+    assert_eq!((shown[0]["id"].as_str(), shown[0]["from_step"].as_u64()), (Some("job-3"), Some(0)), "{shown}");
+    assert!(shown[1]["error"].as_str().is_some_and(|e| e.contains("job-9 does not exist")), "{shown}");
+    let resumed = ok(flotilla(&home, &["status", "job-3", "-o", "json"]));
+    let resumed: serde_json::Value = serde_json::from_str(&resumed).expect("one JSON object");
+    assert_eq!(
+        (resumed["state"].as_str(), resumed["spec"]["priority"].as_i64()),
+        (Some("Pending"), Some(5)),
+        "{resumed}"
+    );
+    ok(flotilla(&home, &["cancel", "job-3"]));
     // `status --name` lists the jobs whose name matches a glob.
     let named = |pattern: &str| -> Vec<String> {
         let out = ok(flotilla(&home, &["status", "--name", pattern, "-o", "json"]));

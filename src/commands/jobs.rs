@@ -719,14 +719,18 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
 
 #[derive(Debug, clap::Args)]
 pub struct ResumeArgs {
-    /// The Failed or Cancelled job to resume from its newest checkpoint (`job-7` or `7`).
-    pub job: String,
+    /// The jobs to resume from their newest checkpoint (`job-7` or `7`; several: each is
+    /// resumed with the same `--set`, those that cannot be are named, and the exit status is 1
+    /// if any could not).
+    #[arg(required = true, num_args = 1..=CANCEL_JOBS_MAX)]
+    pub jobs: Vec<String>,
     /// Change a field of its spec for the rest of the run: `--set capacity.budget_usd=20`,
     /// `--set train.steps=5000` (repeatable; priority, train.epochs or train.steps, workers,
     /// capacity, checkpoint and output may change, not what the job trains).
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     pub overrides: Vec<flotilla_core::spec::Override>,
-    /// Follow the job until it ends, as `submit --follow` (exit status 1 unless it succeeds).
+    /// Follow the job until it ends, as `submit --follow` (exit status 1 unless it succeeds);
+    /// one job only.
     #[arg(long, short = 'f')]
     pub follow: bool,
 }
@@ -734,11 +738,83 @@ pub struct ResumeArgs {
 /// `flotilla resume`: a Failed or Cancelled job waits for workers again and resumes from its
 /// newest checkpoint; `--set` applies to the spec it ran with (read from the coordinator).
 pub fn resume(args: ResumeArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
+    if args.follow && args.jobs.len() > 1 {
+        anyhow::bail!(
+            "--follow follows one job; {} were named (`flotilla status JOB --follow` follows each)",
+            args.jobs.len()
+        );
+    }
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
-    let id = args.job.as_str();
-    let spec = match args.overrides.is_empty() {
+    if let [id] = args.jobs.as_slice() {
+        let (job, from_step) = resume_one(&runtime, &mut client, id, &args.overrides)?;
+        match output {
+            OutputFormat::Json => print_json(&resumed_json(&job, from_step)),
+            OutputFormat::Text => eprintln!("{}", resumed_text(&job, from_step)),
+        }
+        let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job.id));
+        if output == OutputFormat::Text {
+            // As `submit`: the job id alone on the last line of stdout.
+            println!("{}", job.id);
+        }
+        return match followed {
+            Some(followed) => succeeded(&followed?, &job.id),
+            None => Ok(()),
+        };
+    }
+    let (mut shown, mut refused) = (Vec::new(), Vec::new());
+    for id in &args.jobs {
+        match resume_one(&runtime, &mut client, id, &args.overrides) {
+            Ok((job, from_step)) if output == OutputFormat::Json => shown.push(resumed_json(&job, from_step)),
+            Ok((job, from_step)) => println!("{}", resumed_text(&job, from_step)),
+            Err(e) => {
+                let why = flotilla_core::text::error_chain(e.chain());
+                if output == OutputFormat::Json {
+                    shown.push(json!({ "id": id, "error": why }));
+                }
+                match why.contains(id.as_str()) {
+                    true => eprintln!("error: {why}"),
+                    false => eprintln!("error: {id}: {why}"),
+                }
+                refused.push(id.as_str());
+            }
+        }
+    }
+    if output == OutputFormat::Json {
+        print_json(&Value::Array(shown));
+    }
+    if !refused.is_empty() {
+        anyhow::bail!("{} of {} job(s) not resumed: {}", refused.len(), args.jobs.len(), refused.join(", "));
+    }
+    Ok(())
+}
+
+/// `job-2 Recovering: resumes from step 1200`.
+fn resumed_text(job: &v1::JobStatus, from_step: u64) -> String {
+    let from = match from_step {
+        0 => "the start (no checkpoint was recorded)".to_string(),
+        step => format!("step {step}"),
+    };
+    format!("{} {}: resumes from {from}", job.id, state_name(job))
+}
+
+/// The job's status with `from_step`, as `resume -o json` prints it.
+fn resumed_json(job: &v1::JobStatus, from_step: u64) -> Value {
+    let mut shown = status_json(job, 0);
+    shown["from_step"] = json!(from_step);
+    shown
+}
+
+/// Resumes `id` with `overrides` applied to the spec it ran with (read from the coordinator):
+/// its status after the resume and the step it resumes from.
+fn resume_one(
+    runtime: &tokio::runtime::Runtime,
+    client: &mut ApiClient,
+    id: &str,
+    overrides: &[flotilla_core::spec::Override],
+) -> anyhow::Result<(v1::JobStatus, u64)> {
+    let spec = match overrides.is_empty() {
         true => None,
         false => {
             let request = GetJobRequest { job_id: id.to_string() };
@@ -752,7 +828,7 @@ pub fn resume(args: ResumeArgs, coordinator: Option<&str>, output: OutputFormat)
                 .context("the coordinator answered without a job")?;
             let ran = job.spec.context("the coordinator answered without the job's spec")?;
             let ran = flotilla_proto::convert::spec_from_proto(ran).with_context(|| format!("{id}'s spec"))?;
-            let changed = flotilla_core::spec::JobSpec::from_toml_str_with(&ran.to_toml(), &args.overrides)
+            let changed = flotilla_core::spec::JobSpec::from_toml_str_with(&ran.to_toml(), overrides)
                 .map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
             Some(spec_to_proto(&changed))
         }
@@ -765,29 +841,7 @@ pub fn resume(args: ResumeArgs, coordinator: Option<&str>, output: OutputFormat)
         }))
         .map_err(anyhow::Error::from)?;
     let job = response.job.context("the coordinator answered without a job")?;
-    match output {
-        OutputFormat::Json => {
-            let mut shown = status_json(&job, 0);
-            shown["from_step"] = json!(response.from_step);
-            print_json(&shown);
-        }
-        OutputFormat::Text => {
-            let from = match response.from_step {
-                0 => "the start (no checkpoint was recorded)".to_string(),
-                step => format!("step {step}"),
-            };
-            eprintln!("{} {}: resumes from {from}", job.id, state_name(&job));
-        }
-    }
-    let followed = args.follow.then(|| follow_until_ctrl_c(&runtime, &mut client, &job.id));
-    if output == OutputFormat::Text {
-        // As `submit`: the job id alone on the last line of stdout.
-        println!("{}", job.id);
-    }
-    match followed {
-        Some(followed) => succeeded(&followed?, &job.id),
-        None => Ok(()),
-    }
+    Ok((job, response.from_step))
 }
 
 #[derive(Debug, clap::Args)]
