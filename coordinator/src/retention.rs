@@ -54,9 +54,10 @@ struct Work {
 
 fn plan(state: &State) -> Work {
     let mut work = Work::default();
+    let mut marks = state.retention_marks();
     for job in state.jobs.values() {
-        let (mark, remove) = job.retention_plan();
-        work.mark.extend(mark.into_iter().map(|uri| (job.id, uri)));
+        let (_, remove) = job.retention_plan();
+        work.mark.extend(marks.remove(&job.id).unwrap_or_default().into_iter().map(|uri| (job.id, uri)));
         work.remove.extend(remove.into_iter().map(|uri| (job.id, uri)));
         let newest = job.latest_checkpoint.as_ref().map_or(0, |c| c.step);
         work.jobs.push((job.id, newest, job.state.is_terminal()));

@@ -496,11 +496,13 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             Ok(applied)
         }
         Command::CheckpointDeleting { job_id, uri } => {
+            let registered = state.registered_checkpoints().contains(&(job_id, uri.as_str()));
             let job = state.jobs.get_mut(&job_id).ok_or(Rejected::JobNotFound(job_id))?;
             let newest = job.latest_checkpoint.as_ref().map(|c| c.uri.clone());
             match job.checkpoints.iter_mut().find(|c| c.uri == uri) {
-                // The newest usable checkpoint is never deleted by retention.
-                Some(record) if Some(&uri) != newest.as_ref() => record.deleting = true,
+                // The newest usable checkpoint, and a registered version's source, are never
+                // deleted by retention.
+                Some(record) if Some(&uri) != newest.as_ref() && !registered => record.deleting = true,
                 _ => return Err(Rejected::CheckpointNotDeletable { job_id, uri }),
             }
             refresh_latest(job);

@@ -1685,6 +1685,45 @@ fn the_retention_plan_keeps_the_newest_k() {
     assert_eq!(state.jobs[&JobId(1)].retention_plan(), (vec![uri(20)], vec![uri(10)]));
 }
 
+/// A registered version's source checkpoint stays when the job, trained further, records newer
+/// ones beyond `checkpoint.keep`: retention neither plans nor applies its deletion.
+#[test]
+fn a_registered_versions_source_checkpoint_outlives_checkpoint_keep() {
+    let mut state = State::default();
+    let (w1, w2) = running_job(&mut state, 3);
+    state.jobs.get_mut(&JobId(1)).expect("job").spec.checkpoint.keep = 2;
+    checkpoint(&mut state, 10, 1).expect("checkpoint");
+    let done = Command::JobFinished {
+        job_id: JobId(1),
+        generation: 1,
+        success: true,
+        reason: String::new(),
+        step: 10,
+        metrics: None,
+        artifact: Some(ModelArtifact {
+            artifact_uri: "file:///s/jobs/job-1/model/000000000010/model.safetensors".into(),
+            dataset_sha256: "ab".repeat(32),
+            shape: ModelShape { features_per_row: 4, classes: 3, feature_scale: 1.0 },
+        }),
+        reporter: Some(w1),
+    };
+    at(&mut state, 100, done).expect("finished and registered");
+    let mut longer = state.jobs[&JobId(1)].spec.clone();
+    longer.train.length = crate::spec::TrainLength::Epochs(5);
+    at(&mut state, 101, Command::ResumeJob { job_id: JobId(1), spec: Some(Box::new(longer)) }).expect("resumed");
+    at(&mut state, 102, Command::AssignGang { job_id: JobId(1), workers: vec![w1, w2] }).expect("assign");
+    for step in [20, 30, 40] {
+        checkpoint(&mut state, step, 2).expect("checkpoint");
+    }
+    let uri = |step: u64, generation: u64| format!("file:///s/ckpt/{step:012}-g{generation}");
+    assert_eq!(state.jobs[&JobId(1)].retention_plan().0, [uri(10, 1), uri(20, 2)], "beyond keep = 2");
+    let marks = state.retention_marks();
+    assert_eq!(marks.get(&JobId(1)).map(Vec::as_slice), Some(&[uri(20, 2)][..]), "version 1's source stays");
+    let deleting = |uri| Command::CheckpointDeleting { job_id: JobId(1), uri };
+    assert!(matches!(at(&mut state, 103, deleting(uri(10, 1))), Err(Rejected::CheckpointNotDeletable { .. })));
+    at(&mut state, 104, deleting(uri(20, 2))).expect("an unregistered one goes");
+}
+
 #[test]
 fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
     let mut state = State::default();

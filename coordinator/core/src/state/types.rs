@@ -1100,6 +1100,30 @@ pub enum ModelRefError {
 }
 
 impl State {
+    /// The checkpoints registered model versions name as their source (lineage: `models show`
+    /// prints it): retention keeps them, also once a job trained further has newer ones.
+    pub fn registered_checkpoints(&self) -> std::collections::HashSet<(JobId, &str)> {
+        let versions = self.models.values().flat_map(|m| &m.versions);
+        versions.filter_map(|v| v.checkpoint.as_ref().map(|c| (v.job_id, c.uri.as_str()))).collect()
+    }
+
+    /// Per job, the checkpoints retention marks for deletion now ([`Job::retention_plan`]), but
+    /// for those a registered model version names as its source: they stay beyond
+    /// `checkpoint.keep` (a job trained further after it succeeded has newer ones).
+    pub fn retention_marks(&self) -> std::collections::HashMap<JobId, Vec<String>> {
+        let registered = self.registered_checkpoints();
+        let mut marks = std::collections::HashMap::new();
+        for job in self.jobs.values() {
+            let (mark, _) = job.retention_plan();
+            let mark: Vec<String> =
+                mark.into_iter().filter(|uri| !registered.contains(&(job.id, uri.as_str()))).collect();
+            if !mark.is_empty() {
+                marks.insert(job.id, mark);
+            }
+        }
+        marks
+    }
+
     /// Resolves `NAME` (its newest version), `NAME@VERSION` or `NAME@ALIAS`.
     pub fn resolve_model(&self, reference: &str) -> Result<(&Model, &ModelVersion), ModelRefError> {
         let (name, selector) = match reference.split_once('@') {
@@ -1755,7 +1779,10 @@ pub enum Rejected {
     DuplicateRequest(String),
     #[error("{job_id}'s checkpoint at {uri} was announced with another step or manifest; it is not confirmed")]
     CheckpointMismatch { job_id: JobId, uri: String },
-    #[error("{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept)")]
+    #[error(
+        "{job_id} has no checkpoint at {uri} that retention may delete (the newest usable one is kept, and those a \
+         registered model version names)"
+    )]
     CheckpointNotDeletable { job_id: JobId, uri: String },
     #[error("inference: {0}")]
     BadInference(String),
