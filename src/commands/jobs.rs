@@ -678,26 +678,56 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
     let runtime = runtime()?;
     let _context = runtime.enter();
     let mut client = client(coordinator)?;
-    let (mut shown, mut refused) = (Vec::new(), Vec::new());
-    for id in &args.jobs {
-        let request = v1::CancelJobRequest { job_id: id.clone(), reason: args.reason.clone() };
-        let answer = runtime
+    let mut cancel_one = |id: &str| {
+        let request = v1::CancelJobRequest { job_id: id.to_string(), reason: args.reason.clone() };
+        runtime
             .block_on(client.call(|mut c| {
                 let request = request.clone();
                 async move { c.cancel_job(request).await }
             }))
             .map_err(anyhow::Error::from)
-            .and_then(|r| r.job.context("the coordinator answered without a job"));
-        match answer {
-            Ok(job) if output == OutputFormat::Json => shown.push(status_json(&job, 0)),
-            Ok(job) => println!("{} {}", job.id, state_name(&job)),
-            Err(e) if args.jobs.len() == 1 => return Err(e),
+            .and_then(|r| r.job.context("the coordinator answered without a job"))
+    };
+    if let [id] = args.jobs.as_slice() {
+        let job = cancel_one(id)?;
+        match output {
+            OutputFormat::Json => print_json(&status_json(&job, 0)),
+            OutputFormat::Text => println!("{} {}", job.id, state_name(&job)),
+        }
+        return Ok(());
+    }
+    each_job(
+        &args.jobs,
+        output,
+        "cancelled",
+        cancel_one,
+        |job| status_json(job, 0),
+        |job| format!("{} {}", job.id, state_name(job)),
+    )
+}
+
+/// Tries `one` on each of several jobs in turn: a success is printed (`-o json`: an array of
+/// `json_of`, else a `text_of` line each); a refusal is named once on stderr (the
+/// coordinator's refusals name the job already) and, in JSON, as `{"id", "error"}`; any
+/// refusal ends with exit status 1 and the jobs not `done` (`cancel` and `resume` of several).
+fn each_job<T>(
+    ids: &[String],
+    output: OutputFormat,
+    done: &str,
+    mut one: impl FnMut(&str) -> anyhow::Result<T>,
+    json_of: impl Fn(&T) -> Value,
+    text_of: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    let (mut shown, mut refused) = (Vec::new(), Vec::new());
+    for id in ids {
+        match one(id) {
+            Ok(answer) if output == OutputFormat::Json => shown.push(json_of(&answer)),
+            Ok(answer) => println!("{}", text_of(&answer)),
             Err(e) => {
                 let why = flotilla_core::text::error_chain(e.chain());
                 if output == OutputFormat::Json {
                     shown.push(json!({ "id": id, "error": why }));
                 }
-                // Named once: the coordinator's refusals name the job already.
                 match why.contains(id.as_str()) {
                     true => eprintln!("error: {why}"),
                     false => eprintln!("error: {id}: {why}"),
@@ -706,13 +736,11 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
             }
         }
     }
-    match (output, shown.len()) {
-        (OutputFormat::Json, 1) if args.jobs.len() == 1 => print_json(&shown[0]),
-        (OutputFormat::Json, _) => print_json(&Value::Array(shown)),
-        (OutputFormat::Text, _) => {}
+    if output == OutputFormat::Json {
+        print_json(&Value::Array(shown));
     }
     if !refused.is_empty() {
-        anyhow::bail!("{} of {} job(s) not cancelled: {}", refused.len(), args.jobs.len(), refused.join(", "));
+        anyhow::bail!("{} of {} job(s) not {done}: {}", refused.len(), ids.len(), refused.join(", "));
     }
     Ok(())
 }
@@ -763,31 +791,15 @@ pub fn resume(args: ResumeArgs, coordinator: Option<&str>, output: OutputFormat)
             None => Ok(()),
         };
     }
-    let (mut shown, mut refused) = (Vec::new(), Vec::new());
-    for id in &args.jobs {
-        match resume_one(&runtime, &mut client, id, &args.overrides) {
-            Ok((job, from_step)) if output == OutputFormat::Json => shown.push(resumed_json(&job, from_step)),
-            Ok((job, from_step)) => println!("{}", resumed_text(&job, from_step)),
-            Err(e) => {
-                let why = flotilla_core::text::error_chain(e.chain());
-                if output == OutputFormat::Json {
-                    shown.push(json!({ "id": id, "error": why }));
-                }
-                match why.contains(id.as_str()) {
-                    true => eprintln!("error: {why}"),
-                    false => eprintln!("error: {id}: {why}"),
-                }
-                refused.push(id.as_str());
-            }
-        }
-    }
-    if output == OutputFormat::Json {
-        print_json(&Value::Array(shown));
-    }
-    if !refused.is_empty() {
-        anyhow::bail!("{} of {} job(s) not resumed: {}", refused.len(), args.jobs.len(), refused.join(", "));
-    }
-    Ok(())
+    let resume = |id: &str| resume_one(&runtime, &mut client, id, &args.overrides);
+    each_job(
+        &args.jobs,
+        output,
+        "resumed",
+        resume,
+        |(job, from)| resumed_json(job, *from),
+        |(job, from)| resumed_text(job, *from),
+    )
 }
 
 /// `job-2 Recovering: resumes from step 1200`.
