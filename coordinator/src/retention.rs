@@ -54,11 +54,11 @@ struct Work {
 
 fn plan(state: &State) -> Work {
     let mut work = Work::default();
-    let mut marks = state.retention_marks();
+    for (job_id, mark, remove) in state.retention_plans() {
+        work.mark.extend(mark.into_iter().map(|uri| (job_id, uri)));
+        work.remove.extend(remove.into_iter().map(|uri| (job_id, uri)));
+    }
     for job in state.jobs.values() {
-        let (_, remove) = job.retention_plan();
-        work.mark.extend(marks.remove(&job.id).unwrap_or_default().into_iter().map(|uri| (job.id, uri)));
-        work.remove.extend(remove.into_iter().map(|uri| (job.id, uri)));
         let newest = job.latest_checkpoint.as_ref().map_or(0, |c| c.step);
         work.jobs.push((job.id, newest, job.state.is_terminal()));
     }

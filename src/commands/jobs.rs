@@ -494,10 +494,10 @@ pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
 /// Characters of a command job's command line `status` shows at most.
 const COMMAND_SHOWN_MAX: usize = 120;
 
-/// What a job trains, on one line (the fields a sweep varies): `mlp [256, 128] on DATA; adam lr
+/// What a job trains, on one line (the fields a sweep varies): `mlp hidden = [256, 128] on DATA; adam lr
 /// 0.003, batch 64 per worker, 6 epochs, seed 42`, or a command job's command line.
 fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
-    use flotilla_core::spec::{ModelSpec, OptimizerSpec, TrainLength};
+    use flotilla_core::spec::{OptimizerSpec, TrainLength};
     let (model, data) = match spec.built_in() {
         Ok(built_in) => built_in,
         Err(_) => {
@@ -507,10 +507,6 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
                 None => format!("runs {command}"),
             };
         }
-    };
-    let model = match model {
-        ModelSpec::Mlp { hidden } => format!("mlp {hidden:?}"),
-        ModelSpec::Cnn { channels } => format!("cnn {channels:?}"),
     };
     let train = &spec.train;
     let optimizer = match train.optimizer {
@@ -631,7 +627,10 @@ fn resume_hint(job: &v1::JobStatus) -> Option<String> {
     if !ended.contains(&job.state) {
         return None;
     }
-    let budget = if job.reason.starts_with("budget spent") { " --set capacity.budget_usd=N" } else { "" };
+    // The same test the coordinator's resume refuses by: the charge has reached the budget.
+    let budget_usd = job.spec.as_ref().and_then(|s| s.capacity.as_ref()).and_then(|c| c.budget_usd);
+    let spent = budget_usd.is_some_and(|budget| job.cost_usd >= budget);
+    let budget = if spent { " --set capacity.budget_usd=N" } else { "" };
     let from = match job.latest_checkpoint.as_ref().filter(|c| c.step > 0) {
         Some(c) => format!("goes on from its checkpoint of step {}", c.step),
         None => "starts it again (no checkpoint was recorded)".to_string(),
@@ -905,7 +904,7 @@ mod tests {
         .expect("valid");
         assert_eq!(
             spec_text(&built_in),
-            "cnn [16, 32] on s3://bkt/d.csv; sgd (momentum 0.9) lr 0.05, weight decay 0.0001, batch 64 per worker, \
+            "cnn channels = [16, 32] on s3://bkt/d.csv; sgd (momentum 0.9) lr 0.05, weight decay 0.0001, batch 64 per worker, \
              500 step(s), seed 42"
         );
         let long = "a".repeat(200);
@@ -1011,6 +1010,11 @@ mod tests {
             reason: "budget spent: 5.01 USD of capacity.budget_usd = 5.00; stopped at the checkpoint of step 1200"
                 .into(),
             latest_checkpoint: checkpoint,
+            cost_usd: 5.01,
+            spec: Some(v1::JobSpec {
+                capacity: Some(v1::CapacitySpec { budget_usd: Some(5.0), ..Default::default() }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let said = "`flotilla resume job-2 --set capacity.budget_usd=N` goes on from its checkpoint of step 1200";
@@ -1018,6 +1022,7 @@ mod tests {
         assert!(job_text(&job, 1).contains(&format!("  resume       {said}\n")));
         job.state = v1::JobState::Cancelled as i32;
         job.reason = "cancelled by user".into();
+        job.cost_usd = 4.2;
         job.latest_checkpoint = None;
         let said = "`flotilla resume job-2` starts it again (no checkpoint was recorded)";
         assert_eq!(resume_hint(&job).as_deref(), Some(said));

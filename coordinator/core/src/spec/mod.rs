@@ -122,6 +122,17 @@ impl ModelSpec {
     }
 }
 
+/// One line in the spec's own words, the way refusals and `flotilla list` name an architecture:
+/// `mlp hidden = [256, 128]`, `cnn channels = [16, 32]`.
+impl std::fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSpec::Mlp { hidden } => write!(f, "mlp hidden = {hidden:?}"),
+            ModelSpec::Cnn { channels } => write!(f, "cnn channels = {channels:?}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {

@@ -1662,10 +1662,8 @@ fn initial_weights(state: &State, spec: &crate::spec::JobSpec) -> Result<Option<
         return Err(bad(format!("{named} has no exported weights (a command job's model); start from a built-in one")));
     }
     if version.spec.model != spec.model {
-        let architecture = |m: &Option<crate::spec::ModelSpec>| match m {
-            Some(crate::spec::ModelSpec::Mlp { hidden }) => format!("an mlp with hidden = {hidden:?}"),
-            Some(crate::spec::ModelSpec::Cnn { channels }) => format!("a cnn with channels = {channels:?}"),
-            None => "no built-in model".to_string(),
+        let architecture = |m: &Option<crate::spec::ModelSpec>| {
+            m.as_ref().map_or_else(|| "no built-in model".to_string(), |m| format!("`{m}`"))
         };
         return Err(bad(format!(
             "{named} is {}; this job's model is {}: its weights fit only the same architecture",

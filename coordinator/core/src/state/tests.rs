@@ -1717,8 +1717,8 @@ fn a_registered_versions_source_checkpoint_outlives_checkpoint_keep() {
     }
     let uri = |step: u64, generation: u64| format!("file:///s/ckpt/{step:012}-g{generation}");
     assert_eq!(state.jobs[&JobId(1)].retention_plan().0, [uri(10, 1), uri(20, 2)], "beyond keep = 2");
-    let marks = state.retention_marks();
-    assert_eq!(marks.get(&JobId(1)).map(Vec::as_slice), Some(&[uri(20, 2)][..]), "version 1's source stays");
+    let plans = state.retention_plans();
+    assert_eq!(plans, [(JobId(1), vec![uri(20, 2)], vec![])], "version 1's source stays");
     let deleting = |uri| Command::CheckpointDeleting { job_id: JobId(1), uri };
     assert!(matches!(at(&mut state, 103, deleting(uri(10, 1))), Err(Rejected::CheckpointNotDeletable { .. })));
     at(&mut state, 104, deleting(uri(20, 2))).expect("an unregistered one goes");
@@ -1812,8 +1812,8 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
     );
     assert_eq!(
         refused(&mut state, 203, "j", Some(vec![8])),
-        "train.init_from = j: model j version 2 is an mlp with hidden = [256, 128]; this job's model is an mlp with \
-         hidden = [8]: its weights fit only the same architecture"
+        "train.init_from = j: model j version 2 is `mlp hidden = [256, 128]`; this job's model is `mlp hidden = [8]`: \
+         its weights fit only the same architecture"
     );
     assert_eq!(state.jobs.len(), jobs, "no refused submission was admitted");
 }

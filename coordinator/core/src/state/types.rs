@@ -1107,21 +1107,22 @@ impl State {
         versions.filter_map(|v| v.checkpoint.as_ref().map(|c| (v.job_id, c.uri.as_str()))).collect()
     }
 
-    /// Per job, the checkpoints retention marks for deletion now ([`Job::retention_plan`]), but
-    /// for those a registered model version names as its source: they stay beyond
-    /// `checkpoint.keep` (a job trained further after it succeeded has newer ones).
-    pub fn retention_marks(&self) -> std::collections::HashMap<JobId, Vec<String>> {
+    /// Per job, retention's work now ([`Job::retention_plan`]): the checkpoints to mark for
+    /// deletion, but for those a registered model version names as its source (they stay beyond
+    /// `checkpoint.keep`: a job trained further after it succeeded has newer ones), and the
+    /// marked ones whose objects go. Jobs with neither are left out.
+    pub fn retention_plans(&self) -> Vec<(JobId, Vec<String>, Vec<String>)> {
         let registered = self.registered_checkpoints();
-        let mut marks = std::collections::HashMap::new();
+        let mut plans = Vec::new();
         for job in self.jobs.values() {
-            let (mark, _) = job.retention_plan();
+            let (mark, remove) = job.retention_plan();
             let mark: Vec<String> =
                 mark.into_iter().filter(|uri| !registered.contains(&(job.id, uri.as_str()))).collect();
-            if !mark.is_empty() {
-                marks.insert(job.id, mark);
+            if !mark.is_empty() || !remove.is_empty() {
+                plans.push((job.id, mark, remove));
             }
         }
-        marks
+        plans
     }
 
     /// Resolves `NAME` (its newest version), `NAME@VERSION` or `NAME@ALIAS`.
