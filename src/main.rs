@@ -46,6 +46,8 @@ enum Command {
     Resume(commands::jobs::ResumeArgs),
     /// Print a job's log (written by its rank 0); -f follows it until the job ends.
     Logs(commands::jobs::LogsArgs),
+    /// A job's metrics history: its loss curve by step, and the final validation metrics.
+    History(commands::history::Args),
     /// Print the web dashboard's address (with the API token in its fragment).
     Dashboard(commands::dashboard::Args),
     /// The live workers, with their state and job (--all: the lost and left too).
@@ -123,6 +125,7 @@ impl Command {
                 | Command::Cancel(_)
                 | Command::Resume(_)
                 | Command::Logs(_)
+                | Command::History(_)
                 | Command::Dashboard(_)
                 | Command::Workers(_)
                 | Command::Instances(_)
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => done(commands::jobs::cancel(args, coordinator, cli.output)),
         Command::Resume(args) => done(commands::jobs::resume(args, coordinator, cli.output)),
         Command::Logs(args) => done(commands::jobs::logs(args, coordinator, cli.output)),
+        Command::History(args) => done(commands::history::run(args, coordinator, cli.output)),
         Command::Dashboard(args) => done(commands::dashboard::run(args, cli.output)),
         Command::Workers(args) => done(commands::workers::list(args, coordinator, cli.output)),
         Command::Instances(args) => done(commands::workers::instances(args, coordinator, cli.output)),

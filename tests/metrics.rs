@@ -167,6 +167,23 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let last = points.last().expect("a last point");
     assert_eq!(last["step"], 10000, "{last}");
     assert!(last["val_accuracy"].as_f64().is_some_and(|a| a > 0.5), "validation metrics at the end: {last}");
+
+    // `flotilla history` reads the same curve through the job API: thinned to what it asks for
+    // (plus the validation point), the final metrics last, the loss lower than at the start.
+    let cli = common::ok(common::run(home, &["history", &job, "--points", "4", "-o", "json"]));
+    let cli: serde_json::Value = serde_json::from_str(&cli).expect("history prints one JSON object");
+    let thinned = cli["points"].as_array().expect("points");
+    assert!(thinned.len() <= 5 && thinned.len() <= points.len(), "{cli}");
+    assert_eq!(thinned.last(), points.last(), "the same final point: {cli}");
+    let losses: Vec<f64> = thinned.iter().filter_map(|p| p["loss"].as_f64()).collect();
+    assert!(losses.len() >= 2 && losses[losses.len() - 1] < losses[0], "the curve falls: {losses:?}");
+    let table = common::ok(common::run(home, &["history", &job, "--points", "10000"]));
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].trim_start().starts_with("STEP") && rows.len() == points.len() + 2, "{table}");
+    assert!(rows[rows.len() - 2].trim_start().starts_with("10000 "), "{table}");
+    let missing = common::run(home, &["history", "job-99"]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("job-99 does not exist"), "{stderr}");
 }
 
 /// Worker processes started by the test (killed when it ends).

@@ -12,6 +12,8 @@ const SEGMENTS_MAX: usize = 20_000;
 const SEGMENT_BYTES_MAX: u64 = 1024 * 1024;
 /// Points returned at most, whatever is asked.
 pub const POINTS_MAX: usize = 10_000;
+/// Points returned when the caller names no number.
+pub const POINTS_DEFAULT: usize = 2000;
 
 /// Every point of `job`'s history, oldest first, thinned to `points` (1..=POINTS_MAX).
 pub async fn read(store: &Location, job: JobId, points: usize) -> Result<Vec<serde_json::Value>, String> {
@@ -66,9 +68,36 @@ pub fn thin(points: Vec<serde_json::Value>, limit: usize) -> Vec<serde_json::Val
         .collect()
 }
 
+/// A point as `JobService.GetHistory` answers it (pure): the fields a writer left out, or wrote
+/// as something other than a number (`null` for a loss that was not finite), stay unset.
+pub fn to_proto(point: &serde_json::Value) -> flotilla_proto::v1::HistoryPoint {
+    let whole = |name: &str| point.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let number = |name: &str| point.get(name).and_then(serde_json::Value::as_f64);
+    flotilla_proto::v1::HistoryPoint {
+        t_unix_ms: whole("t"),
+        generation: whole("generation"),
+        world: u32::try_from(whole("world")).unwrap_or(u32::MAX),
+        step: whole("step"),
+        loss: number("loss"),
+        samples_per_s: number("samples_per_s"),
+        val_accuracy: number("val_accuracy"),
+        val_loss: number("val_loss"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn points_read_as_the_api_answers_them() {
+        let progress = json!({ "t": 17, "generation": 2, "world": 4, "step": 30, "loss": 0.5, "samples_per_s": 800.0 });
+        let point = super::to_proto(&progress);
+        assert_eq!((point.t_unix_ms, point.generation, point.world, point.step), (17, 2, 4, 30));
+        assert_eq!((point.loss, point.samples_per_s, point.val_accuracy), (Some(0.5), Some(800.0), None));
+        let odd = super::to_proto(&json!({ "step": "thirty", "loss": null, "val_accuracy": 0.9, "world": -1 }));
+        assert_eq!((odd.step, odd.loss, odd.val_accuracy, odd.world), (0, None, Some(0.9), 0));
+    }
 
     #[test]
     fn thinning_keeps_the_ends_and_the_validation_points() {

@@ -511,7 +511,7 @@ async fn answer_api(stream: &mut TcpStream, web: &Web, api: &str, query: &str) -
             .split('&')
             .find_map(|pair| pair.strip_prefix("points="))
             .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(2000);
+            .unwrap_or(crate::history::POINTS_DEFAULT);
         return match crate::history::read(&web.store, job, points).await {
             Ok(points) => {
                 let body = serde_json::json!({ "job": job.to_string(), "points": points }).to_string();

@@ -336,7 +336,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             };
             let job = response.job.context("the coordinator answered without a job")?;
             match output {
-                OutputFormat::Json => print_json(&status_json(&job, response.served_by)),
+                OutputFormat::Json => print_json(&status_json(&job, Some(response.served_by))),
                 OutputFormat::Text => print!("{}", job_text(&job, response.served_by)),
             }
             if followed.is_some() {
@@ -352,7 +352,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             }
             match output {
                 OutputFormat::Json => {
-                    print_json(&Value::Array(jobs.iter().map(|j| status_json(j, served_by)).collect()))
+                    print_json(&Value::Array(jobs.iter().map(|j| status_json(j, Some(served_by))).collect()))
                 }
                 OutputFormat::Text if args.name.is_some() => print_table(&jobs, served_by),
                 OutputFormat::Text => {
@@ -444,7 +444,9 @@ fn priority(job: &v1::JobStatus) -> i32 {
 }
 
 /// The `status --output json` object (DESIGN §8 names these keys; scripts rely on them).
-pub fn status_json(job: &v1::JobStatus, served_by: u64) -> Value {
+/// `served_by` is the node that answered a read; `null` after a write (`cancel`, `resume`),
+/// whose answer does not name its node.
+pub fn status_json(job: &v1::JobStatus, served_by: Option<u64>) -> Value {
     let metrics = job.metrics.unwrap_or_default();
     json!({
         "id": job.id,
@@ -690,7 +692,7 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
     if let [id] = args.jobs.as_slice() {
         let job = cancel_one(id)?;
         match output {
-            OutputFormat::Json => print_json(&status_json(&job, 0)),
+            OutputFormat::Json => print_json(&status_json(&job, None)),
             OutputFormat::Text => println!("{} {}", job.id, state_name(&job)),
         }
         return Ok(());
@@ -700,7 +702,7 @@ pub fn cancel(args: CancelArgs, coordinator: Option<&str>, output: OutputFormat)
         output,
         "cancelled",
         cancel_one,
-        |job| status_json(job, 0),
+        |job| status_json(job, None),
         |job| format!("{} {}", job.id, state_name(job)),
     )
 }
@@ -812,7 +814,7 @@ fn resumed_text(job: &v1::JobStatus, from_step: u64) -> String {
 
 /// The job's status with `from_step`, as `resume -o json` prints it.
 fn resumed_json(job: &v1::JobStatus, from_step: u64) -> Value {
-    let mut shown = status_json(job, 0);
+    let mut shown = status_json(job, None);
     shown["from_step"] = json!(from_step);
     shown
 }

@@ -14,6 +14,7 @@ pub mod certs;
 pub mod cluster;
 pub mod coordinator;
 pub mod dashboard;
+pub mod history;
 pub mod infer;
 pub mod jobs;
 pub mod models;

@@ -1,6 +1,7 @@
-//! `JobService`: submit, get, list, cancel and watch jobs. Writes go through Raft on the
-//! leader (followers answer `NotLeader` with the leader's address); reads are linearizable
-//! (ReadIndex) and served by any node, which reports itself in `served_by`.
+//! `JobService`: submit, get, list, cancel, resume and watch jobs; read their logs and metrics
+//! history. Writes go through Raft on the leader (followers answer `NotLeader` with the
+//! leader's address); reads are linearizable (ReadIndex) and served by any node, which reports
+//! itself in `served_by`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -266,6 +267,28 @@ impl JobService for JobApi {
         let logs = crate::logs::JobLogs::open(&self.store, id, request.node);
         tokio::spawn(crate::logs::stream(self.node.clone(), logs, request.from_offset, request.follow, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_history(&self, request: Request<GetHistoryRequest>) -> Result<Response<GetHistoryResponse>, Status> {
+        self.authorize(&request, auth::Role::Read, "read jobs")?;
+        let request = request.into_inner();
+        let id = parse_job_id(&request.job_id)?;
+        let known = self.node.read(move |state| state.jobs.contains_key(&id)).await.map_err(status)?;
+        if !known {
+            return Err(status(ApiError::new(
+                ErrorKind::NotFound,
+                format!("{id} does not exist (no training job has this id)"),
+            )));
+        }
+        let points = match request.points {
+            0 => crate::history::POINTS_DEFAULT,
+            n => n as usize,
+        };
+        let points = crate::history::read(&self.store, id, points)
+            .await
+            .map_err(|e| status(ApiError::new(ErrorKind::Unavailable, e)))?;
+        let points = points.iter().map(crate::history::to_proto).collect();
+        Ok(Response::new(GetHistoryResponse { points, served_by: self.node.id }))
     }
 
     async fn upload_workdir(
