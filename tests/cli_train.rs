@@ -57,7 +57,9 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(first["step"], 60);
     let resume_from = first["checkpoint"].as_str().expect("a checkpoint URI").to_string();
     assert!(resume_from.ends_with("ckpt/000000000060"), "{resume_from}");
-    let resumed = ok_json(flotilla(&[
+    // The second half also evaluates the validation set every 20 steps while it trains: that
+    // reads the weights and changes nothing.
+    let resumed = flotilla(&[
         "train",
         &spec,
         "--local-workers",
@@ -68,10 +70,17 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
         &resume_from,
         "--checkpoint-dir",
         split,
+        "--set",
+        "train.validate_every_steps=20",
         "-o",
         "json",
-    ]));
+    ]);
+    let notes = String::from_utf8_lossy(&resumed.stderr).to_string();
+    let resumed = ok_json(resumed);
     assert_eq!(resumed["step"], 120);
+    let validated: Vec<&str> = notes.lines().filter(|l| l.contains("validation at step")).collect();
+    assert_eq!(validated.len(), 2, "steps 80 and 100 (60 resumed from, 120 is the final one): {notes}");
+    assert!(validated[0].contains("validation at step 80: val_accuracy 0."), "{notes}");
 
     let weights = |root: &str| std::fs::read(Path::new(root).join("ckpt/000000000120/model")).expect("final weights");
     let optimizer =

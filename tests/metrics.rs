@@ -116,7 +116,7 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
         &spec,
         "name = \"metered\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
          data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
-         train = { steps = 10000, batch_size = 32 }\nworkers = { min = 2, max = 2 }\n",
+         train = { steps = 10000, batch_size = 32, validate_every_steps = 2000 }\nworkers = { min = 2, max = 2 }\n",
     )
     .expect("spec");
     let job = submit(home, &spec);
@@ -167,13 +167,22 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let last = points.last().expect("a last point");
     assert_eq!(last["step"], 10000, "{last}");
     assert!(last["val_accuracy"].as_f64().is_some_and(|a| a > 0.5), "validation metrics at the end: {last}");
+    // While it trained, rank 0 evaluated every 2000 steps: the newest evaluation of each
+    // progress report is a point at its own step.
+    let validated: Vec<u64> = points
+        .iter()
+        .filter(|p| p["val_accuracy"].is_number() && p["step"] != 10000)
+        .filter_map(|p| p["step"].as_u64())
+        .collect();
+    assert!(!validated.is_empty() && validated.iter().all(|s| s % 2000 == 0), "{validated:?}: {body}");
 
     // `flotilla history` reads the same curve through the job API: thinned to what it asks for
     // (plus the validation point), the final metrics last, the loss lower than at the start.
     let cli = common::ok(common::run(home, &["history", &job, "--points", "4", "-o", "json"]));
     let cli: serde_json::Value = serde_json::from_str(&cli).expect("history prints one JSON object");
     let thinned = cli["points"].as_array().expect("points");
-    assert!(thinned.len() <= 5 && thinned.len() <= points.len(), "{cli}");
+    // (Each validation point is kept: the stride's 4, the last, and at most 4 of them.)
+    assert!(thinned.len() <= 9 && thinned.len() <= points.len(), "{cli}");
     assert_eq!(thinned.last(), points.last(), "the same final point: {cli}");
     let losses: Vec<f64> = thinned.iter().filter_map(|p| p["loss"].as_f64()).collect();
     assert!(losses.len() >= 2 && losses[losses.len() - 1] < losses[0], "the curve falls: {losses:?}");

@@ -65,9 +65,10 @@ impl Progress {
         self.jobs.lock().expect("the progress lock is never held across a panic")
     }
 
-    /// Keeps `progress` as the job's latest; true when it is the first report of its generation
-    /// this node has seen.
-    pub fn record(&self, job: JobId, progress: LiveProgress) -> bool {
+    /// Keeps `progress` as the job's latest, with the newest validation metrics of an earlier
+    /// report when it has none; true when it is the first report of its generation this node
+    /// has seen.
+    pub fn record(&self, job: JobId, mut progress: LiveProgress) -> bool {
         let mut jobs = self.jobs();
         if jobs.len() >= JOBS_TRACKED_MAX
             && !jobs.contains_key(&job)
@@ -76,6 +77,12 @@ impl Progress {
             jobs.remove(&oldest);
         }
         let generation = progress.generation;
+        if progress.val_accuracy.is_none()
+            && let Some(previous) = jobs.get(&job).filter(|p| p.val_accuracy.is_some() && p.val_step <= progress.step)
+        {
+            (progress.val_accuracy, progress.val_loss, progress.val_step) =
+                (previous.val_accuracy, previous.val_loss, previous.val_step);
+        }
         jobs.insert(job, progress).is_none_or(|previous| previous.generation != generation)
     }
 

@@ -74,6 +74,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             weight_decay: spec.train.weight_decay,
             seed: spec.train.seed,
             init_from: spec.train.init_from.clone(),
+            validate_every_steps: spec.train.validate_every_steps,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -165,6 +166,7 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             weight_decay: train.weight_decay,
             seed: train.seed,
             init_from: train.init_from,
+            validate_every_steps: train.validate_every_steps,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {

@@ -309,6 +309,9 @@ impl ClusterService for ClusterApi {
                 eta_ms: report.eta_ms,
                 total_steps: report.total_steps,
                 generation: report.generation,
+                val_accuracy: report.val_accuracy,
+                val_loss: report.val_loss,
+                val_step: report.val_step,
             },
         );
         // The first step of a generation that follows a loss ends a recovery, one that follows

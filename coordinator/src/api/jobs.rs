@@ -58,6 +58,10 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
         let metrics = job.metrics.get_or_insert_with(Default::default);
         metrics.train_loss = Some(p.loss);
         metrics.samples_per_s = Some(p.samples_per_s);
+        // The newest evaluation while it trains (train.validate_every_steps).
+        if p.val_accuracy.is_some() {
+            (metrics.val_accuracy, metrics.val_loss) = (p.val_accuracy, p.val_loss);
+        }
         return (job, Some(p));
     }
     (job, None)
@@ -508,5 +512,33 @@ mod tests {
         let mut pending = running(2, now);
         pending.state = v1::JobState::Pending as i32;
         assert_eq!(with_live(pending, &progress).0.reason, "");
+    }
+
+    /// A validation rank 0 reported while the job trains stays in its status through the
+    /// progress reports without one that follow, until a newer one.
+    #[test]
+    fn a_running_job_shows_its_newest_validation() {
+        let progress = Progress::default();
+        let now = crate::raft::node::now_unix_ms();
+        let report = |step, val_accuracy: Option<f64>| LiveProgress {
+            step,
+            generation: 2,
+            val_accuracy,
+            val_loss: val_accuracy.map(|a| 1.0 - a),
+            val_step: if val_accuracy.is_some() { step } else { 0 },
+            ..Default::default()
+        };
+        let shown = |progress: &Progress| {
+            let metrics = with_live(running(2, now), progress).0.metrics.unwrap_or_default();
+            (metrics.val_accuracy, metrics.val_loss)
+        };
+        progress.record(JobId(1), report(5, None));
+        assert_eq!(shown(&progress), (None, None), "none yet");
+        progress.record(JobId(1), report(10, Some(0.75)));
+        progress.record(JobId(1), report(12, None));
+        assert_eq!(shown(&progress), (Some(0.75), Some(0.25)), "kept past a report without one");
+        assert_eq!(progress.get(JobId(1), 2).map(|p| (p.step, p.val_step)), Some((12, 10)));
+        progress.record(JobId(1), report(20, Some(0.875)));
+        assert_eq!(shown(&progress), (Some(0.875), Some(0.125)), "the newer one");
     }
 }

@@ -168,6 +168,10 @@ pub(super) fn run_rank(
     let mut announced: Option<(CheckpointRef, Encoded)> = None;
     let announces = context.standalone().is_none();
     let mut around_swaps = SwapClock::default();
+    // Validation while it trains (train.validate_every_steps): rank 0's newest evaluation, sent
+    // with its next progress report (about one a second; every one is in the job log).
+    let validate_every = spec.train.validate_every_steps;
+    let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
@@ -201,8 +205,32 @@ pub(super) fn run_rank(
                 ..progress_report(context, &train, report.step)
             });
         }
+        if rank0
+            && validate_every > 0
+            && report.step.is_multiple_of(validate_every)
+            && !report.stop_agreed
+            && !trainer.is_finished()
+            && let Some(validation) = validation_set.as_deref()
+        {
+            // The other ranks wait for it at the next all-reduce; it reads the weights only.
+            let evaluating = Instant::now();
+            match trainer.evaluate(validation) {
+                Ok(metrics) => {
+                    log.note(format!(
+                        "validation at step {}: val_accuracy {:.4} val_loss {:.4} ({:.0} ms)",
+                        report.step,
+                        metrics.val_accuracy,
+                        metrics.val_loss,
+                        evaluating.elapsed().as_secs_f64() * 1e3
+                    ));
+                    validated = Some((report.step, metrics));
+                }
+                Err(e) => log.note(format!("validation at step {} failed: {e}", report.step)),
+            }
+        }
         if rank0 && last_report.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
             last_report = Some(Instant::now());
+            let validation = validated.take();
             let done = report.step.saturating_sub(first_step).max(1);
             let left = trainer.total_steps().saturating_sub(report.step);
             let eta_ms = (started.elapsed().as_millis() as u64 / done).saturating_mul(left);
@@ -222,6 +250,9 @@ pub(super) fn run_rank(
                 eta_ms,
                 resume_peer_bytes: moved.peer,
                 resume_storage_bytes: moved.storage,
+                val_accuracy: validation.map(|(_, m)| m.val_accuracy),
+                val_loss: validation.map(|(_, m)| m.val_loss),
+                val_step: validation.map_or(0, |(step, _)| step),
                 ..progress_report(context, &train, report.step)
             });
         }

@@ -523,16 +523,30 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                     async move { c.report_progress(report).await }
                 })
                 .await;
+            let t = crate::unix_now_ms();
             let point = serde_json::json!({
-                "t": crate::unix_now_ms(),
+                "t": t,
                 "generation": report.generation,
                 "world": world,
                 "step": report.step,
                 "loss": report.loss,
                 "samples_per_s": report.samples_per_s,
             });
-            if points.as_ref().is_some_and(|p| p.try_send(point).is_err()) {
-                dropped += 1;
+            // A validation while it trains is a point of its own, at the step it was taken.
+            let validation = report.val_accuracy.map(|accuracy| {
+                serde_json::json!({
+                    "t": t,
+                    "generation": report.generation,
+                    "world": world,
+                    "step": report.val_step,
+                    "val_accuracy": accuracy,
+                    "val_loss": report.val_loss,
+                })
+            });
+            for point in std::iter::once(point).chain(validation) {
+                if points.as_ref().is_some_and(|p| p.try_send(point).is_err()) {
+                    dropped += 1;
+                }
             }
         }
         if dropped > 0 {

@@ -67,12 +67,15 @@ pub const MAX_FAILURES_MAX: i64 = 1_000;
 /// Warm spares one job may keep at most.
 pub const SPARES_MAX: i64 = 16;
 pub const CHECKPOINT_EVERY_STEPS_MAX: i64 = 10_000_000;
+/// `train.validate_every_steps` at most (as a checkpoint's cadence).
+pub const VALIDATE_EVERY_STEPS_MAX: i64 = CHECKPOINT_EVERY_STEPS_MAX;
 /// Checkpoints kept at most.
 pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
 
 /// The fields `flotilla resume` may change ([`JobSpec::unresumable_changes`]): how long to
 /// train, and the job's place, capacity, checkpoints and output; not what it trains.
-pub const RESUMABLE_FIELDS: &str = "priority, train.epochs or train.steps, workers, capacity, checkpoint and output";
+pub const RESUMABLE_FIELDS: &str =
+    "priority, train.epochs or train.steps, train.validate_every_steps, workers, capacity, checkpoint and output";
 
 /// A validated job spec, with every default filled in.
 ///
@@ -202,6 +205,15 @@ pub struct TrainSpec {
     /// checkpoint instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// Rank 0 evaluates the validation set every this many steps while the job trains (its
+    /// metrics go to the job's history, status and log); 0: only when it finishes. Evaluation
+    /// reads the weights and changes nothing, so the trained weights are the same either way.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub validate_every_steps: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,13 +407,17 @@ impl JobSpec {
         // Every field named: one added to the spec must be sorted into one list or the other.
         let JobSpec { name, priority: _, model, data, run, train, workers: _, capacity: _, checkpoint: _, output: _ } =
             new;
-        let same_training = TrainSpec { length: self.train.length, ..train.clone() } == self.train;
+        let same_training = TrainSpec {
+            length: self.train.length,
+            validate_every_steps: self.train.validate_every_steps,
+            ..train.clone()
+        } == self.train;
         [
             (*name == self.name, "name"),
             (*model == self.model, "model"),
             (*data == self.data, "data"),
             (*run == self.run, "run"),
-            (same_training, "train (but for train.epochs or train.steps)"),
+            (same_training, "train (but for train.epochs or train.steps, and train.validate_every_steps)"),
         ]
         .into_iter()
         .filter(|(same, _)| !same)

@@ -60,6 +60,7 @@ pub(crate) struct RawTrain {
     pub weight_decay: Option<f64>,
     pub seed: Option<i64>,
     pub init_from: Option<String>,
+    pub validate_every_steps: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +156,8 @@ impl RawJobSpec {
             weight_decay: Some(t.weight_decay),
             seed: Some(int("train.seed", t.seed, i64::MAX)),
             init_from: t.init_from.clone(),
+            validate_every_steps: (t.validate_every_steps > 0)
+                .then(|| int("train.validate_every_steps", t.validate_every_steps, super::VALIDATE_EVERY_STEPS_MAX)),
         });
         let w = spec.workers;
         let c = &spec.capacity;

@@ -148,6 +148,13 @@ fn every_rejected_case_names_its_field() {
         ("init_from bad name", with("[train]\ninit_from = \"my model\""), &["train.init_from"]),
         ("init_from bad selector", with("[train]\ninit_from = \"base@Prod!\""), &["train.init_from"]),
         ("init_from empty selector", with("[train]\ninit_from = \"base@\""), &["train.init_from"]),
+        (
+            "validate_every_steps without a validation set",
+            with("[train]\nvalidate_every_steps = 50")
+                .replace("train = \"data/x.csv\" }", "train = \"data/x.csv\", validation_fraction = 0.0 }"),
+            &["train.validate_every_steps"],
+        ),
+        ("validate_every_steps negative", with("[train]\nvalidate_every_steps = -1"), &["train.validate_every_steps"]),
         ("hidden empty", MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", hidden = [] }"), &["model.hidden"]),
         (
             "hidden zero width",
@@ -511,22 +518,33 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
             validation_fraction: fraction,
         })
     });
-    let train =
-        (
-            prop_oneof![
-                small_u32.clone().prop_map(TrainLength::Epochs),
-                (0u64..2_000_000_000).prop_map(TrainLength::Steps)
-            ],
-            small_u32.clone(),
-            prop_oneof![float.clone().prop_map(|momentum| OptimizerSpec::Sgd { momentum }), Just(OptimizerSpec::Adam)],
-            float.clone(),
-            float.clone(),
-            0u64..=i64::MAX as u64,
-            prop::option::of(prop_oneof![Just("base@2".to_string()), Just("base@Bad Alias".to_string())]),
-        )
-            .prop_map(|(length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from)| {
-                TrainSpec { length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from }
-            });
+    let train = (
+        prop_oneof![
+            small_u32.clone().prop_map(TrainLength::Epochs),
+            (0u64..2_000_000_000).prop_map(TrainLength::Steps)
+        ],
+        small_u32.clone(),
+        prop_oneof![float.clone().prop_map(|momentum| OptimizerSpec::Sgd { momentum }), Just(OptimizerSpec::Adam)],
+        float.clone(),
+        float.clone(),
+        0u64..=i64::MAX as u64,
+        prop::option::of(prop_oneof![Just("base@2".to_string()), Just("base@Bad Alias".to_string())]),
+        prop_oneof![Just(0u64), 1u64..20_000_000],
+    )
+        .prop_map(
+            |(length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from, validate_every_steps)| {
+                TrainSpec {
+                    length,
+                    batch_size,
+                    optimizer,
+                    learning_rate,
+                    weight_decay,
+                    seed,
+                    init_from,
+                    validate_every_steps,
+                }
+            },
+        );
     let capacity = (
         any::<bool>(),
         prop::collection::vec(prop_oneof![Just("g5.xlarge".to_string()), Just("Bad Type".to_string())], 0..3),

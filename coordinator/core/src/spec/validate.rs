@@ -92,6 +92,14 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         (model(&mut c, raw.model), data(&mut c, raw.data))
     };
     let train = train(&mut c, raw.train.unwrap_or_default());
+    if train.validate_every_steps > 0
+        && data.as_ref().is_some_and(|d| d.validation.is_none() && d.validation_fraction == 0.0)
+    {
+        c.fail(
+            "train.validate_every_steps",
+            "needs a validation set: set data.validation (a file) or data.validation_fraction (e.g. 0.1)",
+        );
+    }
     let workers = workers(&mut c, raw.workers);
     let run = raw.run.map(|r| run(&mut c, r, workers.map_or(0, |w| w.gpus)));
     let capacity = capacity(&mut c, raw.capacity.unwrap_or_default());
@@ -272,6 +280,13 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
         weight_decay: c.float("train.weight_decay", raw.weight_decay, 0.0, (0.0, 0.999), true),
         seed: c.int("train.seed", raw.seed, 42, 0, i64::MAX) as u64,
         init_from: raw.init_from.inspect(|reference| model_reference(c, "train.init_from", reference)),
+        validate_every_steps: c.int(
+            "train.validate_every_steps",
+            raw.validate_every_steps,
+            0,
+            0,
+            VALIDATE_EVERY_STEPS_MAX,
+        ) as u64,
     }
 }
 

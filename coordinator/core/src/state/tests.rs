@@ -2573,7 +2573,8 @@ fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_fu
     let refused = resume(&mut state, Some(other)).expect_err("another model");
     assert!(
         refused.to_string().starts_with(
-            "job-1 cannot resume: model, train (but for train.epochs or train.steps) may not change (its checkpoint"
+            "job-1 cannot resume: model, train (but for train.epochs or train.steps, and train.validate_every_steps) \
+             may not change (its checkpoint"
         ),
         "{refused}"
     );
@@ -2598,6 +2599,7 @@ fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_fu
     spent.train.length = crate::spec::TrainLength::Steps(500);
     spent.workers.min = 1;
     spent.workers.max = 1;
+    spent.train.validate_every_steps = 100; // evaluating reads the weights only
     assert_eq!(resume(&mut state, Some(spent.clone())), Ok(Applied::JobResumed { job_id: JobId(1), from_step: 40 }));
     let job = &state.jobs[&JobId(1)];
     assert_eq!((job.state, state.shown_state(job)), (JobState::Pending, JobState::Recovering));
