@@ -141,6 +141,22 @@ fn the_contract_holds_and_a_notice_resumes_at_the_next_step() {
     assert_eq!(done["preemptions"], 1, "{done}");
     assert_eq!(done["step"], 40, "{done}");
     assert_eq!(done["metrics"]["val_accuracy"], 0.75, "metric lines feed status: {done}");
+    // Its validations while it trained (every 10 steps: accuracy step / 100) are points of the
+    // job's metrics history at their steps.
+    let history = run(home, &["history", &id, "--points", "10000", "-o", "json"]);
+    let history: Value = serde_json::from_slice(&history.stdout).expect("history prints JSON");
+    let validated: Vec<(u64, f64)> = history["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter(|p| p["step"].as_u64().is_some_and(|s| s < 40))
+        .filter_map(|p| Some((p["step"].as_u64()?, p["val_accuracy"].as_f64()?)))
+        .collect();
+    assert!(!validated.is_empty(), "{history}");
+    assert!(validated.iter().all(|(step, accuracy)| step % 10 == 0 && *accuracy == *step as f64 / 100.0), "{history}");
+    // A progress report after a validation line (which has no loss) keeps the loss before it.
+    let progress = history["points"].as_array().expect("points").iter().filter(|p| p["val_accuracy"].is_null());
+    assert!(progress.clone().count() >= 3 && progress.clone().all(|p| p["loss"].is_number()), "{history}");
     let log = logs(home, &id);
     assert!(log.contains("[rank 0] FLOTILLA_CHECKPOINT 40"), "{log}");
     assert!(log.contains("uploaded and recorded"), "{log}");

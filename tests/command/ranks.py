@@ -95,6 +95,8 @@ while step < steps:
         if fail_at and step == fail_at:
             print("simulated failure", file=sys.stderr, flush=True)
             sys.exit(3)
+        if step % 10 == 0 and step < steps:  # a validation while it trains
+            print(json.dumps({"step": step, "val_accuracy": step / 100.0, "val_loss": 1.0 - step / 100.0}), flush=True)
         if step % every == 0:
             checkpoint(step)
             saved = step

@@ -116,6 +116,20 @@ pub struct Metrics {
     pub val_loss: Option<f64>,
 }
 
+impl Metrics {
+    /// This line's progress after `earlier`'s: a value it leaves out (a validation line without
+    /// the loss) keeps the one an earlier line gave (pure).
+    pub fn after(self, earlier: Option<Metrics>) -> Metrics {
+        let earlier = earlier.unwrap_or_default();
+        Metrics {
+            loss: self.loss.or(earlier.loss),
+            samples_per_s: self.samples_per_s.or(earlier.samples_per_s),
+            total_steps: self.total_steps.or(earlier.total_steps),
+            ..self
+        }
+    }
+}
+
 /// Parses one output line (pure).
 pub fn parse_line(line: &str) -> Option<Marker> {
     let line = line.trim();
@@ -400,6 +414,8 @@ pub(super) fn run_rank(
         signalled: false,
         superseded: false,
         last_metrics: None,
+        validation: None,
+        validation_sent: false,
         recorded: None,
         upload_error: None,
         tail: VecDeque::new(),
@@ -496,6 +512,10 @@ struct Watch<'a> {
     signalled: bool,
     superseded: bool,
     last_metrics: Option<Metrics>,
+    /// The program's newest validation (a metrics line of rank 0 with `val_accuracy`): its step,
+    /// accuracy and loss; and whether a progress report carried it yet.
+    validation: Option<(u64, f64, Option<f64>)>,
+    validation_sent: bool,
     /// Newest checkpoint recorded through Raft: (step, URI).
     recorded: Option<(u64, String)>,
     upload_error: Option<String>,
@@ -595,7 +615,13 @@ impl Watch<'_> {
         let rank = self.train.rank * self.run.procs_per_worker + line.local_rank;
         match parse_line(&line.text) {
             Some(Marker::Checkpoint(step)) => self.queue(step),
-            Some(Marker::Metrics(metrics)) if line.local_rank == 0 => self.last_metrics = Some(metrics),
+            Some(Marker::Metrics(metrics)) if line.local_rank == 0 => {
+                if let Some(accuracy) = metrics.val_accuracy {
+                    self.validation = Some((metrics.step, accuracy, metrics.val_loss));
+                    self.validation_sent = false;
+                }
+                self.last_metrics = Some(metrics.after(self.last_metrics));
+            }
             _ => {}
         }
         let text = format!("[rank {rank}] {}", line.text);
@@ -649,7 +675,11 @@ impl Watch<'_> {
         }
     }
 
-    fn progress_report(&self, metrics: Metrics) -> ProgressReport {
+    /// A progress report of `metrics`, with the program's newest validation if no report
+    /// carried it yet (status, `--follow` and the metrics history show it).
+    fn progress_report(&mut self, metrics: Metrics) -> ProgressReport {
+        let validation = self.validation.filter(|_| !self.validation_sent);
+        self.validation_sent = true;
         let first_step = self.train.resume_from.as_ref().map_or(0, |c| c.step);
         let total = metrics.total_steps.unwrap_or(0);
         let done = metrics.step.saturating_sub(first_step).max(1);
@@ -665,6 +695,9 @@ impl Watch<'_> {
             samples_per_s: metrics.samples_per_s.unwrap_or(0.0),
             total_steps: total,
             eta_ms: if total > 0 { eta_ms } else { 0 },
+            val_accuracy: validation.map(|(_, accuracy, _)| accuracy),
+            val_loss: validation.and_then(|(_, _, loss)| loss),
+            val_step: validation.map_or(0, |(step, _, _)| step),
             ..Default::default()
         }
     }
@@ -706,9 +739,10 @@ impl Watch<'_> {
             job_id: self.train.job_id.clone(),
             generation: self.train.generation,
             success: true,
+            // The newest validation it printed, also when a line without one followed.
             metrics: Some(JobMetrics {
-                val_accuracy: metrics.val_accuracy,
-                val_loss: metrics.val_loss,
+                val_accuracy: self.validation.map(|(_, accuracy, _)| accuracy),
+                val_loss: self.validation.and_then(|(_, _, loss)| loss),
                 train_loss: metrics.loss,
                 samples_per_s: metrics.samples_per_s,
             }),
@@ -747,6 +781,25 @@ mod tests {
         assert_eq!(get("NODE_RANK"), Some("2"));
         assert_eq!(get("MASTER_ADDR"), Some("10.0.0.5"));
         assert_eq!(get("MASTER_PORT"), Some("29500"));
+    }
+
+    /// A validation line without the loss keeps the loss, rate and length an earlier line gave;
+    /// a value a line has replaces the earlier one.
+    #[test]
+    fn a_line_without_a_value_keeps_the_earlier_one() {
+        let progress = |line: &str| match parse_line(line) {
+            Some(Marker::Metrics(metrics)) => metrics,
+            other => panic!("{line}: {other:?}"),
+        };
+        let trained = progress(r#"{"step": 10, "loss": 0.5, "samples_per_s": 800, "total_steps": 40}"#).after(None);
+        let validated = progress(r#"{"step": 10, "val_accuracy": 0.9, "val_loss": 0.3}"#).after(Some(trained));
+        assert_eq!((validated.step, validated.loss, validated.samples_per_s), (10, Some(0.5), Some(800.0)));
+        assert_eq!(
+            (validated.total_steps, validated.val_accuracy, validated.val_loss),
+            (Some(40), Some(0.9), Some(0.3))
+        );
+        let next = progress(r#"{"step": 11, "loss": 0.25}"#).after(Some(validated));
+        assert_eq!((next.step, next.loss, next.samples_per_s, next.val_accuracy), (11, Some(0.25), Some(800.0), None));
     }
 
     #[test]
