@@ -264,6 +264,7 @@ pub fn job_to_proto(
             val_loss: m.val_loss,
             train_loss: m.train_loss,
             samples_per_s: None,
+            val_step: 0,
         })),
         cost_usd: job.cost_usd_at(now_unix_ms),
         spec: Some(spec_to_proto(&job.spec)),

@@ -468,6 +468,7 @@ pub fn status_json(job: &v1::JobStatus, served_by: Option<u64>) -> Value {
             "val_loss": metrics.val_loss,
             "train_loss": metrics.train_loss,
             "samples_per_s": metrics.samples_per_s,
+            "val_step": metrics.val_step,
         },
         "cost_usd": job.cost_usd,
         "lost_work_usd": job.lost_work_usd,
@@ -570,6 +571,10 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
     }
     if let Some(loss) = metrics.val_loss {
         training.push(format!("validation loss {loss:.4}"));
+    }
+    if metrics.val_step > 0 && metrics.val_accuracy.is_some() {
+        // While it trains: the newest validation's step.
+        training.push(format!("validated at step {}", metrics.val_step));
     }
     if !training.is_empty() {
         line("metrics", training.join(", "));
@@ -963,7 +968,13 @@ mod tests {
             last_stall_ms: 1952,
             resume_storage_bytes: 5_643_990,
             checkpoints: 7,
-            metrics: Some(v1::JobMetrics { train_loss: Some(0.25), samples_per_s: Some(5230.4), ..Default::default() }),
+            metrics: Some(v1::JobMetrics {
+                train_loss: Some(0.25),
+                samples_per_s: Some(5230.4),
+                val_accuracy: Some(0.9125),
+                val_step: 3000,
+                ..Default::default()
+            }),
             latest_checkpoint: Some(v1::CheckpointRef {
                 step: 3150,
                 uri: "file:///s/ckpt/3150".into(),
@@ -988,7 +999,10 @@ mod tests {
         assert_eq!(lines[0], "job-3 mnist-mlp: Running");
         assert_eq!(lines[1], "  step         3200/12800 (25%), generation 2, world 2");
         assert_eq!(lines[2], "  reason       handing over: worker-1 -> ? (no deadline)");
-        assert_eq!(lines[3], "  metrics      loss 0.2500, 5230 samples/s");
+        assert_eq!(
+            lines[3],
+            "  metrics      loss 0.2500, 5230 samples/s, validation accuracy 0.9125, validated at step 3000"
+        );
         assert!(lines[4].ends_with("1 preemption(s), 1 recovery(ies), 0 failure(s), 0 step(s) lost; 1952 ms without a step in all (last 1952 ms)"));
         assert_eq!(lines[5], "  resumed from 0 B peer to peer, 5.6 MB from the store");
         assert_eq!(lines[6], "  checkpoints  7; newest at step 3150: file:///s/ckpt/3150 (being written)");

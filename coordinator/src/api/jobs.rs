@@ -49,6 +49,11 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
     }
     if let Some(p) = live.filter(|_| running) {
         job.total_steps = p.total_steps;
+        // The newest evaluation while it trains (train.validate_every_steps), at its own step.
+        if p.val_accuracy.is_some() {
+            let metrics = job.metrics.get_or_insert_with(Default::default);
+            (metrics.val_accuracy, metrics.val_loss, metrics.val_step) = (p.val_accuracy, p.val_loss, p.val_step);
+        }
         if p.step < job.step {
             // Rank 0 reports every second and a checkpoint was recorded since: the report's
             // loss, rate and ETA are of an older step, so the line keeps the checkpoint's.
@@ -58,10 +63,6 @@ fn with_live(mut job: v1::JobStatus, progress: &Progress) -> (v1::JobStatus, Opt
         let metrics = job.metrics.get_or_insert_with(Default::default);
         metrics.train_loss = Some(p.loss);
         metrics.samples_per_s = Some(p.samples_per_s);
-        // The newest evaluation while it trains (train.validate_every_steps).
-        if p.val_accuracy.is_some() {
-            (metrics.val_accuracy, metrics.val_loss) = (p.val_accuracy, p.val_loss);
-        }
         return (job, Some(p));
     }
     (job, None)
@@ -532,12 +533,19 @@ mod tests {
             let metrics = with_live(running(2, now), progress).0.metrics.unwrap_or_default();
             (metrics.val_accuracy, metrics.val_loss)
         };
+        let step_shown = |progress: &Progress, job_step: u64| {
+            let mut job = running(2, now);
+            job.step = job_step;
+            with_live(job, progress).0.metrics.unwrap_or_default().val_step
+        };
         progress.record(JobId(1), report(5, None));
         assert_eq!(shown(&progress), (None, None), "none yet");
         progress.record(JobId(1), report(10, Some(0.75)));
         progress.record(JobId(1), report(12, None));
         assert_eq!(shown(&progress), (Some(0.75), Some(0.25)), "kept past a report without one");
         assert_eq!(progress.get(JobId(1), 2).map(|p| (p.step, p.val_step)), Some((12, 10)));
+        assert_eq!(step_shown(&progress, 0), 10, "its step");
+        assert_eq!(step_shown(&progress, 15), 10, "also beside a checkpoint newer than the report");
         progress.record(JobId(1), report(20, Some(0.875)));
         assert_eq!(shown(&progress), (Some(0.875), Some(0.125)), "the newer one");
     }

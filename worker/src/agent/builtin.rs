@@ -537,6 +537,7 @@ pub(super) fn run_rank(
             val_loss: metrics.map(|m| m.val_loss),
             train_loss: last.map(|r| f64::from(r.loss)),
             samples_per_s: last.map(|r| r.samples_per_s),
+            val_step: 0,
         }),
         step: trainer.steps_done(),
         final_checkpoint: None,

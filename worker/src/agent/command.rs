@@ -745,6 +745,7 @@ impl Watch<'_> {
                 val_loss: self.validation.and_then(|(_, _, loss)| loss),
                 train_loss: metrics.loss,
                 samples_per_s: metrics.samples_per_s,
+                val_step: 0,
             }),
             step: reached,
             end: GenerationEnd::Finished.into(),
