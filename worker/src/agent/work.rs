@@ -523,27 +523,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                     async move { c.report_progress(report).await }
                 })
                 .await;
-            let t = crate::unix_now_ms();
-            let point = serde_json::json!({
-                "t": t,
-                "generation": report.generation,
-                "world": world,
-                "step": report.step,
-                "loss": report.loss,
-                "samples_per_s": report.samples_per_s,
-            });
-            // A validation while it trains is a point of its own, at the step it was taken.
-            let validation = report.val_accuracy.map(|accuracy| {
-                serde_json::json!({
-                    "t": t,
-                    "generation": report.generation,
-                    "world": world,
-                    "step": report.val_step,
-                    "val_accuracy": accuracy,
-                    "val_loss": report.val_loss,
-                })
-            });
-            for point in std::iter::once(point).chain(validation) {
+            for point in history_points(&report, world, crate::unix_now_ms()) {
                 if points.as_ref().is_some_and(|p| p.try_send(point).is_err()) {
                     dropped += 1;
                 }
@@ -978,9 +958,71 @@ pub(super) fn record_checkpoint(
         .map_err(|e| e.to_string())
 }
 
+/// The metrics history's points of one progress report (pure): its progress, and a validation
+/// taken while it trains as a point of its own at its step. A report of a live handover (a
+/// swap timed, a replacement joined, a failure) carries no progress: no point.
+fn history_points(report: &ProgressReport, world: u32, t_unix_ms: u64) -> Vec<serde_json::Value> {
+    if report.live_swap_step > 0 || report.joined_after_step > 0 || !report.live_handover_failed.is_empty() {
+        return Vec::new();
+    }
+    let mut points = vec![serde_json::json!({
+        "t": t_unix_ms,
+        "generation": report.generation,
+        "world": world,
+        "step": report.step,
+        "loss": report.loss,
+        "samples_per_s": report.samples_per_s,
+    })];
+    if let Some(accuracy) = report.val_accuracy {
+        points.push(serde_json::json!({
+            "t": t_unix_ms,
+            "generation": report.generation,
+            "world": world,
+            "step": report.val_step,
+            "val_accuracy": accuracy,
+            "val_loss": report.val_loss,
+        }));
+    }
+    points
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A progress report is a point; its validation another, at its own step; a live
+    /// handover's reports (no loss, no rate) are none.
+    #[test]
+    fn progress_reports_become_history_points() {
+        let progress =
+            ProgressReport { generation: 2, step: 130, loss: 0.5, samples_per_s: 900.0, ..Default::default() };
+        let points = history_points(&progress, 4, 17);
+        assert_eq!(
+            points,
+            [
+                serde_json::json!({ "t": 17, "generation": 2, "world": 4, "step": 130, "loss": 0.5, "samples_per_s": 900.0 })
+            ]
+        );
+        let validated = ProgressReport { val_accuracy: Some(0.9), val_loss: Some(0.25), val_step: 120, ..progress };
+        let points = history_points(&validated, 4, 17);
+        assert_eq!(points.len(), 2);
+        assert_eq!(
+            points[1],
+            serde_json::json!({ "t": 17, "generation": 2, "world": 4, "step": 120, "val_accuracy": 0.9, "val_loss": 0.25 })
+        );
+        let swap = ProgressReport {
+            generation: 2,
+            step: 115,
+            live_swap_step: 115,
+            live_swap_stall_ms: 59.0,
+            ..Default::default()
+        };
+        let joined = ProgressReport { generation: 2, step: 115, joined_after_step: 115, ..Default::default() };
+        let failed = ProgressReport { live_handover_failed: "refused".into(), ..Default::default() };
+        for special in [swap, joined, failed] {
+            assert!(history_points(&special, 4, 17).is_empty(), "{special:?}");
+        }
+    }
 
     #[test]
     fn a_gang_that_did_not_form_names_the_peer_it_could_not_reach() {
