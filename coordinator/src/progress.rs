@@ -86,6 +86,15 @@ impl Progress {
         jobs.insert(job, progress).is_none_or(|previous| previous.generation != generation)
     }
 
+    /// A validation reported on its own (`ProgressReport.validation_only`): the job's latest
+    /// report of `generation` takes it, unless it holds a newer one. Nothing without a report.
+    pub fn validated(&self, job: JobId, generation: u64, val_accuracy: f64, val_loss: Option<f64>, val_step: u64) {
+        let mut jobs = self.jobs();
+        if let Some(latest) = jobs.get_mut(&job).filter(|p| p.generation == generation && p.val_step <= val_step) {
+            (latest.val_accuracy, latest.val_loss, latest.val_step) = (Some(val_accuracy), val_loss, val_step);
+        }
+    }
+
     /// The latest report for `job` in `generation`, if any.
     pub fn get(&self, job: JobId, generation: u64) -> Option<LiveProgress> {
         self.jobs().get(&job).filter(|p| p.generation == generation).copied()

@@ -289,6 +289,17 @@ impl ClusterService for ClusterApi {
             }
             return Ok(Response::new(Ack {}));
         }
+        if report.validation_only {
+            let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id)));
+            if !member.await.map_err(status)? {
+                let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
+                return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
+            }
+            if let Some(accuracy) = report.val_accuracy {
+                self.progress.validated(job_id, report.generation, accuracy, report.val_loss, report.val_step);
+            }
+            return Ok(Response::new(Ack {}));
+        }
         let seen = self
             .node
             .read_local(move |state| {

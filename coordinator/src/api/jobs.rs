@@ -548,5 +548,12 @@ mod tests {
         assert_eq!(step_shown(&progress, 15), 10, "also beside a checkpoint newer than the report");
         progress.record(JobId(1), report(20, Some(0.875)));
         assert_eq!(shown(&progress), (Some(0.875), Some(0.125)), "the newer one");
+        // One reported on its own (validation_only) goes to the latest report of its
+        // generation; an older one or another generation's does not.
+        progress.validated(JobId(1), 2, 0.9, Some(0.1), 30);
+        progress.validated(JobId(1), 2, 0.5, Some(0.5), 25);
+        progress.validated(JobId(1), 1, 0.5, Some(0.5), 40);
+        assert_eq!(shown(&progress), (Some(0.9), Some(0.1)));
+        assert_eq!(progress.get(JobId(1), 2).map(|p| (p.step, p.val_step)), Some((20, 30)), "its step stays");
     }
 }

@@ -168,10 +168,12 @@ pub(super) fn run_rank(
     let mut announced: Option<(CheckpointRef, Encoded)> = None;
     let announces = context.standalone().is_none();
     let mut around_swaps = SwapClock::default();
-    // Validation while it trains (train.validate_every_steps): rank 0's newest evaluation, sent
-    // with its next progress report (about one a second; every one is in the job log).
+    // Validation while it trains (train.validate_every_steps): rank 0 reports each evaluation
+    // at once on its own, at most one per VALIDATION_REPORTS_GAP; one taken sooner waits for
+    // the next progress report, or the end of the generation (every one is in the job log).
     let validate_every = spec.train.validate_every_steps;
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
+    let mut last_validation_report: Option<Instant> = None;
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
@@ -224,6 +226,10 @@ pub(super) fn run_rank(
                         evaluating.elapsed().as_secs_f64() * 1e3
                     ));
                     validated = Some((report.step, metrics));
+                    if last_validation_report.is_none_or(|t| t.elapsed() >= VALIDATION_REPORTS_GAP) {
+                        last_validation_report = Some(Instant::now());
+                        report_validation(context, &train, progress, validated.take());
+                    }
                 }
                 Err(e) => log.note(format!("validation at step {} failed: {e}", report.step)),
             }
@@ -403,6 +409,7 @@ pub(super) fn run_rank(
         }
         ControlFlow::Continue(())
     });
+    report_validation(context, &train, progress, validated.take());
     let last = match outcome {
         Ok(last) => last,
         Err(e) => {
@@ -550,6 +557,27 @@ pub(super) fn run_rank(
         feature_scale: train_set.feature_scale,
         unreachable_rank: None,
     })))
+}
+
+/// Reports taken only for a validation at most one per this (beyond the progress reports).
+const VALIDATION_REPORTS_GAP: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Reports rank 0's evaluation at its step on its own (`validation_only`), if there is one.
+fn report_validation(
+    context: &RankContext,
+    train: &TrainAssignment,
+    progress: &tokio::sync::mpsc::Sender<ProgressReport>,
+    validated: Option<(u64, crate::train::Metrics)>,
+) {
+    if let Some((step, metrics)) = validated {
+        let _ = progress.try_send(ProgressReport {
+            val_accuracy: Some(metrics.val_accuracy),
+            val_loss: Some(metrics.val_loss),
+            val_step: step,
+            validation_only: true,
+            ..progress_report(context, train, step)
+        });
+    }
 }
 
 /// A report of this rank's progress at `step`: what every report carries.

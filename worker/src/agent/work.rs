@@ -965,14 +965,17 @@ fn history_points(report: &ProgressReport, world: u32, t_unix_ms: u64) -> Vec<se
     if report.live_swap_step > 0 || report.joined_after_step > 0 || !report.live_handover_failed.is_empty() {
         return Vec::new();
     }
-    let mut points = vec![serde_json::json!({
-        "t": t_unix_ms,
-        "generation": report.generation,
-        "world": world,
-        "step": report.step,
-        "loss": report.loss,
-        "samples_per_s": report.samples_per_s,
-    })];
+    let mut points = Vec::new();
+    if !report.validation_only {
+        points.push(serde_json::json!({
+            "t": t_unix_ms,
+            "generation": report.generation,
+            "world": world,
+            "step": report.step,
+            "loss": report.loss,
+            "samples_per_s": report.samples_per_s,
+        }));
+    }
     if let Some(accuracy) = report.val_accuracy {
         points.push(serde_json::json!({
             "t": t_unix_ms,
@@ -1006,10 +1009,10 @@ mod tests {
         let validated = ProgressReport { val_accuracy: Some(0.9), val_loss: Some(0.25), val_step: 120, ..progress };
         let points = history_points(&validated, 4, 17);
         assert_eq!(points.len(), 2);
-        assert_eq!(
-            points[1],
-            serde_json::json!({ "t": 17, "generation": 2, "world": 4, "step": 120, "val_accuracy": 0.9, "val_loss": 0.25 })
-        );
+        let validation = serde_json::json!({ "t": 17, "generation": 2, "world": 4, "step": 120, "val_accuracy": 0.9, "val_loss": 0.25 });
+        assert_eq!(points[1], validation);
+        let alone = ProgressReport { validation_only: true, loss: 0.0, samples_per_s: 0.0, ..validated };
+        assert_eq!(history_points(&alone, 4, 17), [validation], "no progress point beside it");
         let swap = ProgressReport {
             generation: 2,
             step: 115,
