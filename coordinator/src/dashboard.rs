@@ -66,6 +66,8 @@ pub fn job(state: &State, progress: &Progress, id: JobId) -> Option<Value> {
 fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
     let live = progress.get(job.id, job.generation);
     let (reported, total_steps) = (live.is_some(), live.map(|p| p.total_steps));
+    // A validation while it trains has its own step: shown beside a newer checkpoint too.
+    let validated = live.and_then(|p| p.val_accuracy);
     // A report older than the checkpoint recorded since shows none of its step's values.
     let live = live.filter(|p| p.step >= job.step);
     let mut reason = job.reason.clone();
@@ -89,7 +91,7 @@ fn summary(job: &Job, shown: JobState, progress: &Progress) -> Value {
         "recoveries": job.recoveries,
         "steps_lost": job.steps_lost,
         "cost_usd": job.cost_usd,
-        "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy),
+        "val_accuracy": job.metrics.as_ref().and_then(|m| m.val_accuracy).or(validated),
         "submitted_at_unix_ms": job.submitted_at_unix_ms,
         "reason": reason,
     })
@@ -220,8 +222,15 @@ mod tests {
         log.step(Command::AssignGang { job_id: JobId(1), workers: vec![WorkerId(1), WorkerId(2)] });
         let generation = log.state.jobs[&JobId(1)].generation;
         let progress = Progress::default();
-        let report =
-            flotilla_proto::v1::LiveProgress { step: 1, total_steps: 9, loss: 2.3, generation, ..Default::default() };
+        let report = flotilla_proto::v1::LiveProgress {
+            step: 1,
+            total_steps: 9,
+            loss: 2.3,
+            generation,
+            val_accuracy: Some(0.5),
+            val_step: 1,
+            ..Default::default()
+        };
         progress.record(JobId(1), report);
         let line = |state: &State| summary(&state.jobs[&JobId(1)], JobState::Running, &progress);
         let fresh = line(&log.state);
@@ -230,6 +239,7 @@ mod tests {
         let stale = line(&log.state);
         assert_eq!((&stale["step"], &stale["loss"], &stale["total_steps"]), (&json!(9), &json!(null), &json!(9)));
         assert_eq!(stale["reason"], json!(""), "a generation that reported a step is not starting");
+        assert_eq!((&fresh["val_accuracy"], &stale["val_accuracy"]), (&json!(0.5), &json!(0.5)), "at its own step");
     }
 
     /// A running job's view and the workers' name its warm spares.
