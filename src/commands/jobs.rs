@@ -299,6 +299,19 @@ fn handover_text(h: &v1::HandoverStatus) -> String {
     format!("{} -> {replacement} ({until})", h.leaving)
 }
 
+/// `JobService.GetJob` for `id`.
+fn get_job(
+    runtime: &tokio::runtime::Runtime,
+    client: &mut ApiClient,
+    id: &str,
+) -> Result<v1::GetJobResponse, flotilla_proto::ApiError> {
+    let request = GetJobRequest { job_id: id.to_string() };
+    runtime.block_on(client.call(|mut c| {
+        let request = request.clone();
+        async move { c.get_job(request).await }
+    }))
+}
+
 pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let _context = runtime.enter();
@@ -316,12 +329,7 @@ pub fn status(args: StatusArgs, coordinator: Option<&str>, output: OutputFormat)
             if let Some(None) = followed {
                 return succeeded(&None, &job);
             }
-            let request = GetJobRequest { job_id: job.clone() };
-            let response = runtime.block_on(client.call(|mut c| {
-                let request = request.clone();
-                async move { c.get_job(request).await }
-            }));
-            let response = match response {
+            let response = match get_job(&runtime, &mut client, &job) {
                 // Not a training job: it may be an inference job (they share the id space).
                 Err(e) if e.kind == flotilla_proto::ErrorKind::NotFound => {
                     return super::infer::status(&mut client, &runtime, &job, output).map_err(|inference| {
@@ -835,15 +843,7 @@ fn resume_one(
     let spec = match overrides.is_empty() {
         true => None,
         false => {
-            let request = GetJobRequest { job_id: id.to_string() };
-            let job = runtime
-                .block_on(client.call(|mut c| {
-                    let request = request.clone();
-                    async move { c.get_job(request).await }
-                }))
-                .map_err(anyhow::Error::from)?
-                .job
-                .context("the coordinator answered without a job")?;
+            let job = get_job(runtime, client, id)?.job.context("the coordinator answered without a job")?;
             let ran = job.spec.context("the coordinator answered without the job's spec")?;
             let ran = flotilla_proto::convert::spec_from_proto(ran).with_context(|| format!("{id}'s spec"))?;
             let changed = flotilla_core::spec::JobSpec::from_toml_str_with(&ran.to_toml(), overrides)
