@@ -90,6 +90,91 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(uninterrupted["metrics"]["val_accuracy"], resumed["metrics"]["val_accuracy"]);
 }
 
+/// `train.stop_at_val_accuracy`: the ranks finish at the first validation that reaches it,
+/// before the spec's length, and that step's state is final: bit-identical to a run told to
+/// stop at that step.
+#[test]
+fn a_validation_target_finishes_the_run_at_the_step_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (early, fixed) = (dir.path().join("early"), dir.path().join("fixed"));
+    let (early, fixed) = (early.to_str().expect("utf-8"), fixed.to_str().expect("utf-8"));
+    let spec = example("digits-mlp.toml"); // 20 epochs: 900 steps on 2 workers
+    let targeted = flotilla(&[
+        "train",
+        &spec,
+        "--local-workers",
+        "2",
+        "--checkpoint-dir",
+        early,
+        "--set",
+        "train.validate_every_steps=20",
+        "--set",
+        "train.stop_at_val_accuracy=0.93",
+        "-o",
+        "json",
+    ]);
+    let notes = String::from_utf8_lossy(&targeted.stderr).to_string();
+    let summary = ok_json(targeted);
+    let reached = notes.lines().find(|l| l.contains("reached train.stop_at_val_accuracy = 0.93")).expect("said");
+    let step: u64 = reached
+        .split("validation at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{reached}"));
+    assert!(step.is_multiple_of(20) && step < 900, "{notes}");
+    assert_eq!((summary["step"].as_u64(), summary["total_steps"].as_u64()), (Some(step), Some(step)), "{summary}");
+    assert!(summary["metrics"]["val_accuracy"].as_f64().is_some_and(|a| a >= 0.93), "{summary}");
+    let below: Vec<&str> =
+        notes.lines().filter(|l| l.starts_with("validation at step") && !l.contains("reached")).collect();
+    assert_eq!(below.len() as u64, step / 20, "every validation before was below the target: {notes}");
+
+    let stopped = ok_json(flotilla(&[
+        "train",
+        &spec,
+        "--local-workers",
+        "2",
+        "--checkpoint-dir",
+        fixed,
+        "--steps",
+        &step.to_string(),
+        "-o",
+        "json",
+    ]));
+    assert_eq!(stopped["metrics"]["val_accuracy"], summary["metrics"]["val_accuracy"]);
+    let part = |root: &str, name: &str| {
+        std::fs::read(Path::new(root).join(format!("ckpt/{step:012}/{name}"))).expect("the final checkpoint")
+    };
+    assert!(part(early, "model") == part(fixed, "model"), "the final weights are the validated step's");
+    assert!(part(early, "optim") == part(fixed, "optim"), "no update after it");
+
+    // A run that stopped exactly there (a stop at a validation step is not judged) and resumes
+    // with the target judges that step first, and finishes at once: no step taken.
+    let checkpoint = stopped["checkpoint"].as_str().expect("the final checkpoint").to_string();
+    let resumed = flotilla(&[
+        "train",
+        &spec,
+        "--local-workers",
+        "2",
+        "--resume-from",
+        &checkpoint,
+        "--set",
+        "train.validate_every_steps=20",
+        "--set",
+        "train.stop_at_val_accuracy=0.93",
+        "-o",
+        "json",
+    ]);
+    let notes = String::from_utf8_lossy(&resumed.stderr).to_string();
+    let resumed = ok_json(resumed);
+    assert_eq!(resumed["step"].as_u64(), Some(step), "{resumed}");
+    assert_eq!(resumed["metrics"]["val_accuracy"], summary["metrics"]["val_accuracy"]);
+    assert!(
+        notes.contains(&format!("the validation of step {step}, where this generation resumes, reached")),
+        "{notes}"
+    );
+}
+
 #[test]
 fn a_corrupted_checkpoint_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");

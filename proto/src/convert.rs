@@ -75,6 +75,8 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             seed: spec.train.seed,
             init_from: spec.train.init_from.clone(),
             validate_every_steps: spec.train.validate_every_steps,
+            stop_at_val_accuracy: spec.train.stop_at_val_accuracy,
+            stop_at_val_loss: spec.train.stop_at_val_loss,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -167,6 +169,8 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             seed: train.seed,
             init_from: train.init_from,
             validate_every_steps: train.validate_every_steps,
+            stop_at_val_accuracy: train.stop_at_val_accuracy,
+            stop_at_val_loss: train.stop_at_val_loss,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {

@@ -174,6 +174,29 @@ pub(super) fn run_rank(
     let validate_every = spec.train.validate_every_steps;
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let mut last_validation_report: Option<Instant> = None;
+    let targeted = spec.train.stop_at_val_accuracy.is_some() || spec.train.stop_at_val_loss.is_some();
+    if rank0
+        && targeted
+        && first_step > 0
+        && first_step.is_multiple_of(validate_every.max(1))
+        && !trainer.is_finished()
+        && let Some(validation) = validation_set.as_deref()
+    {
+        // A generation that resumes at a validation step its predecessor did not judge (it
+        // stopped there) judges it first: the job finishes where an uninterrupted run would.
+        match trainer.evaluate(validation) {
+            Ok(metrics) => {
+                if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
+                    log.note(format!(
+                        "the validation of step {first_step}, where this generation resumes, reached {target}: the \
+                         job finishes here"
+                    ));
+                    trainer.vote_finish();
+                }
+            }
+            Err(e) => log.note(format!("validation at step {first_step} failed: {e}")),
+        }
+    }
     let outcome = trainer.run(&mut comm, |trainer, report| {
         AGENT.steps.inc();
         if let Some(breakdown) = startup.first_step() {
@@ -225,8 +248,18 @@ pub(super) fn run_rank(
                         metrics.val_loss,
                         evaluating.elapsed().as_secs_f64() * 1e3
                     ));
-                    validated = Some((report.step, metrics));
-                    if last_validation_report.is_none_or(|t| t.elapsed() >= VALIDATION_REPORTS_GAP) {
+                    if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
+                        // Every rank ends at this step: the next one applies no update. The
+                        // final validation (of these weights) is the one reported for it; an
+                        // earlier one not reported yet goes now.
+                        log.note(format!("validation at step {} reached {target}: the job finishes here", report.step));
+                        trainer.vote_finish();
+                        report_validation(context, &train, progress, validated.take());
+                    } else {
+                        validated = Some((report.step, metrics));
+                    }
+                    if validated.is_some()
+                        && last_validation_report.is_none_or(|t| t.elapsed() >= VALIDATION_REPORTS_GAP) {
                         last_validation_report = Some(Instant::now());
                         report_validation(context, &train, progress, validated.take());
                     }

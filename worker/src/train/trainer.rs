@@ -43,6 +43,10 @@ pub struct Trainer {
     order: (u64, Arc<Vec<u32>>),
     /// This rank asks the gang to stop after the next step (see [`Trainer::vote_stop`]).
     stop_vote: bool,
+    /// This rank asks the gang to finish now, before its length ([`Trainer::vote_finish`]).
+    finish_vote: bool,
+    /// The gang agreed to finish early: this state is final ([`Trainer::is_finished`]).
+    finished_early: bool,
     /// A live handover of this rank under way (see [`Handover`]), and whether its first update
     /// (the one that carries [`Trainer::replay_checksum`]) went out.
     handover: Option<Box<dyn Handover>>,
@@ -161,6 +165,8 @@ impl Trainer {
             world_size,
             order,
             stop_vote: false,
+            finish_vote: false,
+            finished_early: false,
             handover: None,
             handover_checked: false,
             handover_failure: None,
@@ -235,16 +241,33 @@ impl Trainer {
         // The stop and handover votes ride in the gradient all-reduce: no extra round trip, and
         // every rank sees the same sums, so all ranks act after the same step.
         buffer.push(if std::mem::take(&mut self.stop_vote) { 1.0 } else { 0.0 });
+        buffer.push(if std::mem::take(&mut self.finish_vote) { 1.0 } else { 0.0 });
         let leaving = self.handover.as_ref().is_some_and(|h| h.caught_up());
         SwapVotes::mine(leaving, self.rank, &comm.joining_links()).push_to(&mut buffer);
         comm.all_reduce_sum(&mut buffer)?;
         let swap = SwapVotes::pop_from(&mut buffer);
+        let finish_agreed = buffer.pop().expect("the buffer ends with the finish votes") > 0.0;
         let stop_agreed = buffer.pop().expect("the buffer ends with the stop votes") > 0.0;
         let global_samples = plan.global_samples();
         let loss_sum = buffer.pop().expect("the buffer ends with the loss sum");
         let loss = loss_sum / global_samples as f32;
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss });
+        }
+        if finish_agreed {
+            // The job is done at the step the vote judged: this step's update is not applied
+            // (nor forwarded to a joiner), so the final state is the one that was validated.
+            self.finished_early = true;
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(StepReport {
+                step: self.step,
+                epoch: plan.epoch,
+                loss,
+                samples: global_samples,
+                samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
+                stop_agreed,
+                replaced: None,
+            });
         }
         let scale = 1.0 / global_samples as f32;
         buffer.iter_mut().for_each(|g| *g *= scale);
@@ -362,6 +385,13 @@ impl Trainer {
         self.stop_vote = true;
     }
 
+    /// Asks the gang to finish now, before its length (rank 0's validation reached the job's
+    /// target): the next step carries the vote, and on every rank that step applies no update
+    /// and ends training, so the final state is this one, on all ranks.
+    pub fn vote_finish(&mut self) {
+        self.finish_vote = true;
+    }
+
     /// Runs one step's forward and backward pass on a batch of this rank's size and throws the
     /// result away (nothing changes): the kernels and allocations a step uses are made off the
     /// gang's critical path. A prepared replacement runs it on a scratch trainer (GPU kernels
@@ -441,6 +471,9 @@ impl Trainer {
         while !self.is_finished() {
             let report = self.step(comm)?;
             last = Some(report);
+            if self.finished_early {
+                break; // that step changed nothing: no step to report
+            }
             if on_step(self, &report).is_break() || report.stop_agreed || report.replaced == Some(self.rank) {
                 break;
             }
@@ -464,6 +497,9 @@ impl Trainer {
 
     /// Whether the spec's epochs (or steps) are done.
     pub fn is_finished(&self) -> bool {
+        if self.finished_early {
+            return true;
+        }
         match self.train_spec.length {
             TrainLength::Epochs(epochs) => self.cursor.epoch >= u64::from(epochs),
             TrainLength::Steps(steps) => self.step >= steps,
@@ -473,6 +509,9 @@ impl Trainer {
     /// The step count at which training ends: `train.steps`, or for `train.epochs` the steps done
     /// plus those left at the current world size (an elastic resize changes it).
     pub fn total_steps(&self) -> u64 {
+        if self.finished_early {
+            return self.step;
+        }
         match self.train_spec.length {
             TrainLength::Steps(steps) => steps,
             TrainLength::Epochs(epochs) if self.cursor.epoch >= u64::from(epochs) => self.step,

@@ -74,8 +74,10 @@ pub const CHECKPOINT_KEEP_MAX: i64 = 1_000;
 
 /// The fields `flotilla resume` may change ([`JobSpec::unresumable_changes`]): how long to
 /// train, and the job's place, capacity, checkpoints and output; not what it trains.
-pub const RESUMABLE_FIELDS: &str =
-    "priority, train.epochs or train.steps, train.validate_every_steps, workers, capacity, checkpoint and output";
+pub const RESUMABLE_FIELDS: &str = "priority, train.epochs or train.steps, train.validate_every_steps, \
+     train.stop_at_val_accuracy and stop_at_val_loss, workers, capacity, checkpoint and output";
+/// `train.stop_at_val_loss` at most.
+pub const STOP_AT_VAL_LOSS_MAX: f64 = 1e6;
 
 /// A validated job spec, with every default filled in.
 ///
@@ -210,6 +212,26 @@ pub struct TrainSpec {
     /// reads the weights and changes nothing, so the trained weights are the same either way.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub validate_every_steps: u64,
+    /// The job finishes as soon as a validation while it trains reaches this accuracy (or
+    /// [`TrainSpec::stop_at_val_loss`]), before its length: at the step validated, whose
+    /// weights are the model. Needs `validate_every_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_at_val_accuracy: Option<f64>,
+    /// As `stop_at_val_accuracy`, for a validation loss at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_at_val_loss: Option<f64>,
+}
+
+impl TrainSpec {
+    /// The target a validation reached (`train.stop_at_val_accuracy` or `stop_at_val_loss`),
+    /// named with the value, or `None` (pure).
+    pub fn target_reached(&self, val_accuracy: f64, val_loss: f64) -> Option<String> {
+        if let Some(target) = self.stop_at_val_accuracy.filter(|t| val_accuracy >= *t) {
+            return Some(format!("train.stop_at_val_accuracy = {target} (val_accuracy {val_accuracy:.4})"));
+        }
+        let target = self.stop_at_val_loss.filter(|t| val_loss <= *t)?;
+        Some(format!("train.stop_at_val_loss = {target} (val_loss {val_loss:.4})"))
+    }
 }
 
 fn is_zero_u64(n: &u64) -> bool {
@@ -410,6 +432,8 @@ impl JobSpec {
         let same_training = TrainSpec {
             length: self.train.length,
             validate_every_steps: self.train.validate_every_steps,
+            stop_at_val_accuracy: self.train.stop_at_val_accuracy,
+            stop_at_val_loss: self.train.stop_at_val_loss,
             ..train.clone()
         } == self.train;
         [
@@ -417,7 +441,7 @@ impl JobSpec {
             (*model == self.model, "model"),
             (*data == self.data, "data"),
             (*run == self.run, "run"),
-            (same_training, "train (but for train.epochs or train.steps, and train.validate_every_steps)"),
+            (same_training, "train (but for its length, validation and targets)"),
         ]
         .into_iter()
         .filter(|(same, _)| !same)

@@ -61,6 +61,8 @@ pub(crate) struct RawTrain {
     pub seed: Option<i64>,
     pub init_from: Option<String>,
     pub validate_every_steps: Option<i64>,
+    pub stop_at_val_accuracy: Option<f64>,
+    pub stop_at_val_loss: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +160,8 @@ impl RawJobSpec {
             init_from: t.init_from.clone(),
             validate_every_steps: (t.validate_every_steps > 0)
                 .then(|| int("train.validate_every_steps", t.validate_every_steps, super::VALIDATE_EVERY_STEPS_MAX)),
+            stop_at_val_accuracy: t.stop_at_val_accuracy,
+            stop_at_val_loss: t.stop_at_val_loss,
         });
         let w = spec.workers;
         let c = &spec.capacity;

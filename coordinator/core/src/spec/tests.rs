@@ -155,6 +155,18 @@ fn every_rejected_case_names_its_field() {
             &["train.validate_every_steps"],
         ),
         ("validate_every_steps negative", with("[train]\nvalidate_every_steps = -1"), &["train.validate_every_steps"]),
+        ("a target without validation", with("[train]\nstop_at_val_accuracy = 0.9"), &["train.stop_at_val_accuracy"]),
+        ("a loss target without validation", with("[train]\nstop_at_val_loss = 0.2"), &["train.stop_at_val_loss"]),
+        (
+            "an accuracy target above 1",
+            with("[train]\nvalidate_every_steps = 10\nstop_at_val_accuracy = 1.5"),
+            &["train.stop_at_val_accuracy"],
+        ),
+        (
+            "a loss target of 0",
+            with("[train]\nvalidate_every_steps = 10\nstop_at_val_loss = 0.0"),
+            &["train.stop_at_val_loss"],
+        ),
         ("hidden empty", MINIMAL.replace("{ kind = \"mlp\" }", "{ kind = \"mlp\", hidden = [] }"), &["model.hidden"]),
         (
             "hidden zero width",
@@ -239,6 +251,28 @@ fn every_rejected_case_names_its_field() {
         let message = JobSpec::from_toml_str(text).expect_err(what).to_string();
         assert!(message.contains(expected[0]), "{what}: message does not name the field: {message}");
     }
+}
+
+/// A validation reaches a target when its accuracy is at least `stop_at_val_accuracy` or its
+/// loss at most `stop_at_val_loss`, named with the value.
+#[test]
+fn validation_targets_are_reached_at_or_beyond_them() {
+    let spec =
+        JobSpec::from_toml_str(&with("[train]\nvalidate_every_steps = 10\nstop_at_val_accuracy = 0.9")).expect("valid");
+    assert_eq!(
+        spec.train.target_reached(0.9, 1.0).as_deref(),
+        Some("train.stop_at_val_accuracy = 0.9 (val_accuracy 0.9000)")
+    );
+    assert_eq!(spec.train.target_reached(0.8999, 0.0), None, "no loss target");
+    let spec =
+        JobSpec::from_toml_str(&with("[train]\nvalidate_every_steps = 10\nstop_at_val_loss = 0.25")).expect("valid");
+    assert_eq!(
+        spec.train.target_reached(0.1, 0.25).as_deref(),
+        Some("train.stop_at_val_loss = 0.25 (val_loss 0.2500)")
+    );
+    assert_eq!(spec.train.target_reached(1.0, 0.26), None, "no accuracy target");
+    assert_eq!(JobSpec::from_toml_str(MINIMAL).expect("valid").train.target_reached(1.0, 0.0), None);
+    assert!(spec.to_toml().contains("stop_at_val_loss = 0.25"), "{}", spec.to_toml());
 }
 
 /// `train.init_from` takes a registered model as `NAME`, `NAME@VERSION` or `NAME@ALIAS`, and
@@ -530,9 +564,22 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
         0u64..=i64::MAX as u64,
         prop::option::of(prop_oneof![Just("base@2".to_string()), Just("base@Bad Alias".to_string())]),
         prop_oneof![Just(0u64), 1u64..20_000_000],
+        prop::option::of(float.clone()),
+        prop::option::of(float.clone()),
     )
         .prop_map(
-            |(length, batch_size, optimizer, learning_rate, weight_decay, seed, init_from, validate_every_steps)| {
+            |(
+                length,
+                batch_size,
+                optimizer,
+                learning_rate,
+                weight_decay,
+                seed,
+                init_from,
+                validate_every_steps,
+                stop_at_val_accuracy,
+                stop_at_val_loss,
+            )| {
                 TrainSpec {
                     length,
                     batch_size,
@@ -542,6 +589,8 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                     seed,
                     init_from,
                     validate_every_steps,
+                    stop_at_val_accuracy,
+                    stop_at_val_loss,
                 }
             },
         );

@@ -92,6 +92,14 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         (model(&mut c, raw.model), data(&mut c, raw.data))
     };
     let train = train(&mut c, raw.train.unwrap_or_default());
+    for (field, set) in [
+        ("train.stop_at_val_accuracy", train.stop_at_val_accuracy.is_some()),
+        ("train.stop_at_val_loss", train.stop_at_val_loss.is_some()),
+    ] {
+        if set && train.validate_every_steps == 0 {
+            c.fail(field, "needs train.validate_every_steps: how often rank 0 evaluates the validation set");
+        }
+    }
     if train.validate_every_steps > 0
         && data.as_ref().is_some_and(|d| d.validation.is_none() && d.validation_fraction == 0.0)
     {
@@ -287,6 +295,12 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
             0,
             VALIDATE_EVERY_STEPS_MAX,
         ) as u64,
+        stop_at_val_accuracy: raw
+            .stop_at_val_accuracy
+            .map(|v| c.float("train.stop_at_val_accuracy", Some(v), v, (0.0, 1.0), false)),
+        stop_at_val_loss: raw
+            .stop_at_val_loss
+            .map(|v| c.float("train.stop_at_val_loss", Some(v), v, (0.0, STOP_AT_VAL_LOSS_MAX), false)),
     }
 }
 

@@ -2573,8 +2573,8 @@ fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_fu
     let refused = resume(&mut state, Some(other)).expect_err("another model");
     assert!(
         refused.to_string().starts_with(
-            "job-1 cannot resume: model, train (but for train.epochs or train.steps, and train.validate_every_steps) \
-             may not change (its checkpoint"
+            "job-1 cannot resume: model, train (but for its length, validation and targets) may not change (its \
+             checkpoint"
         ),
         "{refused}"
     );
