@@ -254,20 +254,17 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss });
         }
+        let epoch = plan.epoch;
+        let report = |step: u64, replaced: Option<usize>| {
+            let seconds = started.elapsed().as_secs_f64();
+            let samples_per_s = if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 };
+            StepReport { step, epoch, loss, samples: global_samples, samples_per_s, stop_agreed, replaced }
+        };
         if finish_agreed {
             // The job is done at the step the vote judged: this step's update is not applied
             // (nor forwarded to a joiner), so the final state is the one that was validated.
             self.finished_early = true;
-            let seconds = started.elapsed().as_secs_f64();
-            return Ok(StepReport {
-                step: self.step,
-                epoch: plan.epoch,
-                loss,
-                samples: global_samples,
-                samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
-                stop_agreed,
-                replaced: None,
-            });
+            return Ok(report(self.step, None));
         }
         let scale = 1.0 / global_samples as f32;
         buffer.iter_mut().for_each(|g| *g *= scale);
@@ -290,16 +287,7 @@ impl Trainer {
         {
             comm.admit(rank)?;
         }
-        let seconds = started.elapsed().as_secs_f64();
-        Ok(StepReport {
-            step: self.step,
-            epoch: plan.epoch,
-            loss,
-            samples: global_samples,
-            samples_per_s: if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 },
-            stop_agreed,
-            replaced,
-        })
+        Ok(report(self.step, replaced))
     }
 
     /// Applies the update of `step` that the gang's all-reduce gave (`gradient`: summed and
