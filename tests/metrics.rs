@@ -197,6 +197,30 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let missing = common::run(home, &["history", "job-99"]);
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success() && stderr.contains("job-99 does not exist"), "{stderr}");
+
+    // A job with a validation target finishes at the first validation that reaches it, and
+    // says so in its reason.
+    let targeted = cluster.dir.path().join("targeted.toml");
+    std::fs::write(
+        &targeted,
+        "name = \"targeted\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+         data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
+         train = { steps = 10000, batch_size = 32, validate_every_steps = 100, stop_at_val_accuracy = 0.5 }\n\
+         workers = { min = 2, max = 2 }\n",
+    )
+    .expect("spec");
+    let early = submit(home, &targeted);
+    let started = Instant::now();
+    while status(home, &early)["state"] != "Succeeded" && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let done = status(home, &early);
+    let step = done["step"].as_u64().expect("step");
+    assert!(done["state"] == "Succeeded" && step < 10000 && step.is_multiple_of(100), "{done}");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    let said = format!("finished at step {step}: its validation reached train.stop_at_val_accuracy = 0.5");
+    assert!(reason.starts_with(&said), "{done}");
+    assert!(done["metrics"]["val_accuracy"].as_f64().is_some_and(|a| a >= 0.5), "{done}");
 }
 
 /// Worker processes started by the test (killed when it ends).

@@ -175,6 +175,8 @@ pub(super) fn run_rank(
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let mut last_validation_report: Option<Instant> = None;
     let targeted = spec.train.stop_at_val_accuracy.is_some() || spec.train.stop_at_val_loss.is_some();
+    // The target a validation reached (the job's reason once it finished there).
+    let mut reached: Option<String> = None;
     if rank0
         && targeted
         && first_step > 0
@@ -192,6 +194,7 @@ pub(super) fn run_rank(
                          job finishes here"
                     ));
                     trainer.vote_finish();
+                    reached = Some(format!("finished at step {first_step}: its validation reached {target}"));
                 }
             }
             Err(e) => log.note(format!("validation at step {first_step} failed: {e}")),
@@ -254,6 +257,7 @@ pub(super) fn run_rank(
                         // earlier one not reported yet goes now.
                         log.note(format!("validation at step {} reached {target}: the job finishes here", report.step));
                         trainer.vote_finish();
+                        reached = Some(format!("finished at step {}: its validation reached {target}", report.step));
                         report_validation(context, &train, progress, validated.take());
                     } else {
                         validated = Some((report.step, metrics));
@@ -571,7 +575,12 @@ pub(super) fn run_rank(
         job_id: train.job_id,
         generation: train.generation,
         success: true,
-        error: unexported,
+        // A success's reason: where it finished before its length, and a model not exported.
+        error: [reached.filter(|_| trainer.finished_early()).unwrap_or_default(), unexported]
+            .into_iter()
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
         metrics: Some(JobMetrics {
             val_accuracy: metrics.map(|m| m.val_accuracy),
             val_loss: metrics.map(|m| m.val_loss),

@@ -380,6 +380,11 @@ impl Trainer {
         self.finish_vote = true;
     }
 
+    /// The gang agreed to finish before the job's length ([`Trainer::vote_finish`]).
+    pub fn finished_early(&self) -> bool {
+        self.finished_early
+    }
+
     /// Runs one step's forward and backward pass on a batch of this rank's size and throws the
     /// result away (nothing changes): the kernels and allocations a step uses are made off the
     /// gang's critical path. A prepared replacement runs it on a scratch trainer (GPU kernels
