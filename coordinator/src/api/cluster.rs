@@ -65,6 +65,16 @@ impl ClusterApi {
         if self.node.status().leader_id == Some(self.node.id) { Ok(()) } else { Err(status(self.node.not_leader())) }
     }
 
+    /// Refuses a report about `job_id` from `worker` unless it is a member of the job's gang.
+    async fn require_member(&self, job_id: JobId, worker: WorkerId) -> Result<(), Status> {
+        let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(worker)));
+        if member.await.map_err(status)? {
+            return Ok(());
+        }
+        let refused = flotilla_core::state::Rejected::NotAMember { worker, job_id };
+        Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())))
+    }
+
     /// A worker's checkpoint reference as the record the state keeps, checked: only a folder of
     /// this job's checkpoint area (retention deletes what is recorded), a bounded manifest hash.
     fn checkpoint_record(
@@ -271,11 +281,7 @@ impl ClusterService for ClusterApi {
         if report.live_swap_step > 0 {
             // A survivor timed a live swap: the job's status records it once (the first
             // survivor's report), and the leader's stall histogram counts it then.
-            let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id)));
-            if !member.await.map_err(status)? {
-                let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
-                return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
-            }
+            self.require_member(job_id, id).await?;
             let stall_ms = report.live_swap_stall_ms.max(0.0);
             let timed = Command::LiveSwapTimed {
                 job_id,
@@ -290,11 +296,7 @@ impl ClusterService for ClusterApi {
             return Ok(Response::new(Ack {}));
         }
         if report.validation_only {
-            let member = self.node.read_local(move |state| state.jobs.get(&job_id).is_some_and(|j| j.is_member(id)));
-            if !member.await.map_err(status)? {
-                let refused = flotilla_core::state::Rejected::NotAMember { worker: id, job_id };
-                return Err(status(ApiError::new(ErrorKind::PermissionDenied, refused.to_string())));
-            }
+            self.require_member(job_id, id).await?;
             if let Some(accuracy) = report.val_accuracy {
                 self.progress.validated(job_id, report.generation, accuracy, report.val_loss, report.val_step);
             }

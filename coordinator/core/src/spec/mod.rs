@@ -210,7 +210,7 @@ pub struct TrainSpec {
     /// Rank 0 evaluates the validation set every this many steps while the job trains (its
     /// metrics go to the job's history, status and log); 0: only when it finishes. Evaluation
     /// reads the weights and changes nothing, so the trained weights are the same either way.
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub validate_every_steps: u64,
     /// The job finishes as soon as a validation while it trains reaches this accuracy (or
     /// [`TrainSpec::stop_at_val_loss`]), before its length: at the step validated, whose
@@ -232,10 +232,6 @@ impl TrainSpec {
         let target = self.stop_at_val_loss.filter(|t| val_loss <= *t)?;
         Some(format!("train.stop_at_val_loss = {target} (val_loss {val_loss:.4})"))
     }
-}
-
-fn is_zero_u64(n: &u64) -> bool {
-    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,8 +301,8 @@ pub fn instance_allowed(
     instance_type_allowed(instance_types, instance_type) && max_usd_per_hour.is_none_or(|cap| usd_per_hour <= cap)
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
