@@ -116,7 +116,8 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
         &spec,
         "name = \"metered\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
          data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
-         train = { steps = 10000, batch_size = 32, validate_every_steps = 2000 }\nworkers = { min = 2, max = 2 }\n",
+         train = { steps = 10000, batch_size = 32, validate_every_steps = 2000, lr_schedule = \"cosine\", \
+         warmup_steps = 100 }\nworkers = { min = 2, max = 2 }\n",
     )
     .expect("spec");
     let job = submit(home, &spec);
@@ -188,6 +189,20 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let all = common::ok(common::run(home, &["history", &job, "--points", "10000", "-o", "json"]));
     let all: serde_json::Value = serde_json::from_str(&all).expect("history prints one JSON object");
     assert_eq!(all["points"].as_array(), Some(points), "unthinned, the points the HTTP API serves");
+    // Each progress point has its step's learning rate: the cosine schedule's, from 0.001 down.
+    let rates: Vec<(u64, f64)> = points
+        .iter()
+        .filter(|p| p["loss"].is_number())
+        .filter_map(|p| Some((p["step"].as_u64()?, p["learning_rate"].as_f64()?)))
+        .collect();
+    let progress_points = points.iter().filter(|p| p["loss"].is_number()).count();
+    assert_eq!(rates.len(), progress_points, "every progress point has a rate: {body}");
+    let decaying: Vec<f64> = rates.iter().filter(|(step, _)| *step > 100).map(|(_, rate)| *rate).collect();
+    assert!(
+        decaying.windows(2).all(|w| w[1] <= w[0]) && rates.iter().all(|(_, r)| *r > 0.0 && *r <= 0.001),
+        "{rates:?}"
+    );
+    assert!(rates.iter().any(|(step, rate)| *step > 6000 && *rate < 0.0005), "it decays over the job: {rates:?}");
     let losses: Vec<f64> = points.iter().filter_map(|p| p["loss"].as_f64()).collect();
     assert!(losses.len() >= 2 && losses[losses.len() - 1] < losses[0], "the curve falls: {losses:?}");
     let table = common::ok(common::run(home, &["history", &job, "--points", "10000"]));

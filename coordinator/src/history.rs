@@ -82,6 +82,7 @@ pub fn to_proto(point: &serde_json::Value) -> flotilla_proto::v1::HistoryPoint {
         samples_per_s: number("samples_per_s"),
         val_accuracy: number("val_accuracy"),
         val_loss: number("val_loss"),
+        learning_rate: number("learning_rate"),
     }
 }
 
@@ -91,8 +92,10 @@ mod tests {
 
     #[test]
     fn points_read_as_the_api_answers_them() {
-        let progress = json!({ "t": 17, "generation": 2, "world": 4, "step": 30, "loss": 0.5, "samples_per_s": 800.0 });
+        let progress = json!({ "t": 17, "generation": 2, "world": 4, "step": 30, "loss": 0.5, "samples_per_s": 800.0,
+            "learning_rate": 0.002 });
         let point = super::to_proto(&progress);
+        assert_eq!(point.learning_rate, Some(0.002));
         assert_eq!((point.t_unix_ms, point.generation, point.world, point.step), (17, 2, 4, 30));
         assert_eq!((point.loss, point.samples_per_s, point.val_accuracy), (Some(0.5), Some(800.0), None));
         let odd = super::to_proto(&json!({ "step": "thirty", "loss": null, "val_accuracy": 0.9, "world": -1 }));

@@ -5,8 +5,8 @@
 //! name the same fields.
 
 use flotilla_core::spec::{
-    CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, ModelSpec, NoticeSignal,
-    OptimizerSpec, OutputSpec, RunSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
+    CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, LrSchedule, ModelSpec,
+    NoticeSignal, OptimizerSpec, OutputSpec, RunSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
 };
 
 use crate::v1;
@@ -77,6 +77,10 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             validate_every_steps: spec.train.validate_every_steps,
             stop_at_val_accuracy: spec.train.stop_at_val_accuracy,
             stop_at_val_loss: spec.train.stop_at_val_loss,
+            lr_schedule: spec.train.lr_schedule.name().to_string(),
+            warmup_steps: spec.train.warmup_steps,
+            min_learning_rate: spec.train.min_learning_rate,
+            clip_grad_norm: spec.train.clip_grad_norm,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -150,6 +154,15 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
         v1::train_spec::Optimizer::Sgd(s) => OptimizerSpec::Sgd { momentum: s.momentum },
         v1::train_spec::Optimizer::Adam(_) => OptimizerSpec::Adam,
     };
+    let lr_schedule = match train.lr_schedule.as_str() {
+        "" => LrSchedule::Constant,
+        name => LrSchedule::from_name(name).ok_or_else(|| {
+            SpecError::Invalid(vec![FieldError {
+                field: "train.lr_schedule".into(),
+                message: format!("`{name}` is not a known schedule; allowed: {}", LrSchedule::NAMES.join(", ")),
+            }])
+        })?,
+    };
     let workers = pb.workers.ok_or_else(|| missing("workers"))?;
     let capacity = pb.capacity.ok_or_else(|| missing("capacity"))?;
     let checkpoint = pb.checkpoint.ok_or_else(|| missing("checkpoint"))?;
@@ -171,6 +184,10 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             validate_every_steps: train.validate_every_steps,
             stop_at_val_accuracy: train.stop_at_val_accuracy,
             stop_at_val_loss: train.stop_at_val_loss,
+            lr_schedule,
+            warmup_steps: train.warmup_steps,
+            min_learning_rate: train.min_learning_rate,
+            clip_grad_norm: train.clip_grad_norm,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {

@@ -48,14 +48,15 @@ fn job_name(given: &str) -> String {
     if given.bytes().all(|b| b.is_ascii_digit()) { format!("job-{given}") } else { given.to_string() }
 }
 
-/// `{"job", "points": [{t, generation, world, step, loss, samples_per_s, val_accuracy,
-/// val_loss}], "served_by"}`: the shape of `GET /api/jobs/<job>/history`, a value the point
+/// `{"job", "points": [{t, generation, world, step, loss, learning_rate, samples_per_s,
+/// val_accuracy, val_loss}], "served_by"}`: the shape of `GET /api/jobs/<job>/history`, a value the point
 /// does not have left out.
 fn history_json(job: &str, response: &v1::GetHistoryResponse) -> Value {
     let point = |p: &v1::HistoryPoint| {
         let mut shown = json!({ "t": p.t_unix_ms, "generation": p.generation, "world": p.world, "step": p.step });
         let optional = [
             ("loss", p.loss),
+            ("learning_rate", p.learning_rate),
             ("samples_per_s", p.samples_per_s),
             ("val_accuracy", p.val_accuracy),
             ("val_loss", p.val_loss),
@@ -79,18 +80,20 @@ fn history_text(job: &str, response: &v1::GetHistoryResponse) -> String {
         );
     };
     let number = |value: Option<f64>, decimals: usize| value.map_or("-".to_string(), |v| format!("{v:.decimals$}"));
+    let rate = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.3e}"));
     let mut text = format!(
-        "{:>10} {:>4} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}\n",
-        "STEP", "GEN", "WORLD", "LOSS", "SAMPLES/S", "VAL_ACC", "VAL_LOSS", "TIME_S"
+        "{:>10} {:>4} {:>5} {:>10} {:>9} {:>10} {:>8} {:>9} {:>9}\n",
+        "STEP", "GEN", "WORLD", "LOSS", "LR", "SAMPLES/S", "VAL_ACC", "VAL_LOSS", "TIME_S"
     );
     for p in &response.points {
         let elapsed_s = p.t_unix_ms.saturating_sub(first.t_unix_ms) as f64 / 1e3;
         text.push_str(&format!(
-            "{:>10} {:>4} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9.1}\n",
+            "{:>10} {:>4} {:>5} {:>10} {:>9} {:>10} {:>8} {:>9} {:>9.1}\n",
             p.step,
             p.generation,
             p.world,
             number(p.loss, 4),
+            rate(p.learning_rate),
             number(p.samples_per_s, 0),
             number(p.val_accuracy, 4),
             number(p.val_loss, 4),
@@ -111,22 +114,24 @@ mod tests {
 
     #[test]
     fn a_curve_reads_as_a_table_and_as_json() {
-        let response = v1::GetHistoryResponse {
-            points: vec![point(1_000, 57, Some(0.41), None), point(3_500, 120, None, Some(0.9188))],
-            served_by: 2,
-        };
+        let scheduled = v1::HistoryPoint { learning_rate: Some(0.00081), ..point(1_000, 57, Some(0.41), None) };
+        let response =
+            v1::GetHistoryResponse { points: vec![scheduled, point(3_500, 120, None, Some(0.9188))], served_by: 2 };
         let text = history_text("job-1", &response);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].trim_start().starts_with("STEP") && lines[0].ends_with("TIME_S"), "{text}");
         let first: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(first, ["57", "1", "2", "0.4100", "-", "-", "-", "0.0"]);
+        assert_eq!(first, ["57", "1", "2", "0.4100", "8.100e-4", "-", "-", "-", "0.0"]);
         let last: Vec<&str> = lines[2].split_whitespace().collect();
-        assert_eq!(last, ["120", "1", "2", "-", "-", "0.9188", "-", "2.5"]);
+        assert_eq!(last, ["120", "1", "2", "-", "-", "-", "0.9188", "-", "2.5"]);
         assert_eq!(lines[3], "(2 point(s) of job-1, served by coordinator node 2)");
 
         let shown = history_json("job-1", &response);
-        assert_eq!(shown["points"][0], json!({ "t": 1000, "generation": 1, "world": 2, "step": 57, "loss": 0.41 }));
+        assert_eq!(
+            shown["points"][0],
+            json!({ "t": 1000, "generation": 1, "world": 2, "step": 57, "loss": 0.41, "learning_rate": 0.00081 })
+        );
         assert_eq!(shown["points"][1]["val_accuracy"], 0.9188);
         assert!(shown["points"][1].get("loss").is_none(), "{shown}");
         assert_eq!((shown["job"].as_str(), shown["served_by"].as_u64()), (Some("job-1"), Some(2)));

@@ -530,8 +530,19 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
     };
     let decay = if train.weight_decay > 0.0 { format!(", weight decay {}", train.weight_decay) } else { String::new() };
     let init = train.init_from.as_ref().map_or(String::new(), |r| format!(", from the weights of {r}"));
+    let warmup = match train.warmup_steps {
+        0 => String::new(),
+        steps => format!("{steps} warm-up step(s)"),
+    };
+    let schedule = match (train.decays_over_length(), warmup.is_empty()) {
+        (false, true) => String::new(),
+        (false, false) => format!(" after {warmup}"),
+        (true, true) => format!(" ({} to {})", train.lr_schedule.name(), train.min_learning_rate),
+        (true, false) => format!(" ({} to {} after {warmup})", train.lr_schedule.name(), train.min_learning_rate),
+    };
+    let clip = train.clip_grad_norm.map_or(String::new(), |norm| format!(", gradient norm clipped to {norm}"));
     format!(
-        "{model} on {}; {optimizer} lr {}{decay}, batch {} per worker, {length}, seed {}{init}",
+        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}, seed {}{init}",
         data.train, train.learning_rate, train.batch_size, train.seed
     )
 }
@@ -913,6 +924,17 @@ mod tests {
             spec_text(&built_in),
             "cnn channels = [16, 32] on s3://bkt/d.csv; sgd (momentum 0.9) lr 0.05, weight decay 0.0001, batch 64 per worker, \
              500 step(s), seed 42"
+        );
+        let scheduled = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"x\"\nmodel = { kind = \"mlp\", hidden = [8] }\ndata = { train = \"s3://bkt/d.csv\" }\n\
+             workers = { min = 1 }\n[train]\nsteps = 500\nlr_schedule = \"cosine\"\nwarmup_steps = 50\n\
+             min_learning_rate = 0.00001\nclip_grad_norm = 1.0\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            spec_text(&scheduled),
+            "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001 (cosine to 0.00001 after 50 warm-up step(s)), gradient \
+             norm clipped to 1, batch 64 per worker, 500 step(s), seed 42"
         );
         let long = "a".repeat(200);
         let command = flotilla_core::spec::JobSpec::from_toml_str(&format!(

@@ -124,11 +124,60 @@ fn resume_cnn_sgd_momentum_is_bit_identical() {
     assert_resume_is_bit_identical(&spec, 12);
 }
 
+/// A learning rate that warms up and decays over the run (here over epochs: the steps left are
+/// re-counted from the cursor) and a clipped gradient resume bit for bit, as a constant rate
+/// does; and they change the run (the same spec without them ends elsewhere).
+#[test]
+fn resume_with_a_schedule_and_clipping_is_bit_identical() {
+    let train = "epochs = 2\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 11";
+    let scheduled = digits_spec(
+        "kind = \"mlp\"\nhidden = [32]",
+        &format!(
+            "{train}\nlr_schedule = \"cosine\"\nwarmup_steps = 10\nmin_learning_rate = 0.0001\nclip_grad_norm = 0.5"
+        ),
+        1,
+    );
+    assert_resume_is_bit_identical(&scheduled, 30);
+    let plain = digits_spec("kind = \"mlp\"\nhidden = [32]", train, 1);
+    let data = train_set(&plain);
+    let (a, b) = (train_alone(&plain, &data, None, 30), train_alone(&scheduled, &data, None, 30));
+    assert!(max_abs_diff(&a.params, &b.params) > 1e-3, "the schedule and the clipping change the weights");
+}
+
+/// Each update applies the schedule's rate for its step, and a gradient longer than
+/// `clip_grad_norm` moves plain SGD by exactly `rate x clip_grad_norm`.
+#[test]
+fn each_update_has_the_scheduled_rate_and_the_clipped_length() {
+    let spec = digits_spec(
+        "kind = \"mlp\"\nhidden = [16]",
+        "steps = 20\nbatch_size = 32\noptimizer = \"sgd\"\nmomentum = 0.0\nlearning_rate = 0.1\nseed = 3\n\
+         lr_schedule = \"linear\"\nwarmup_steps = 4\nclip_grad_norm = 0.01",
+        1,
+    );
+    let data = train_set(&spec);
+    let mut comm = LocalCommunicator;
+    let mut trainer = Trainer::new(&spec, data, &mut comm, None).expect("trainer builds");
+    for update in 1..=20u64 {
+        let before = trainer.params().to_vec();
+        let report = trainer.step(&mut comm).expect("step");
+        let rate = spec.train.learning_rate_at(update, 20);
+        assert_eq!(report.learning_rate, rate as f32, "step {update}");
+        let moved: f64 = before.iter().zip(trainer.params()).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+        let expected = rate * 0.01;
+        assert!((moved - expected).abs() < expected * 1e-2, "step {update}: moved {moved:e}, expected {expected:e}");
+    }
+    assert!(trainer.is_finished());
+}
+
 #[test]
 fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
-    for optimizer in
-        ["optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05", "optimizer = \"adam\"\nlearning_rate = 0.01"]
-    {
+    for optimizer in [
+        "optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05",
+        "optimizer = \"adam\"\nlearning_rate = 0.01",
+        // Clipping uses the all-reduced gradient's norm: the same on every rank and as one rank's.
+        "optimizer = \"sgd\"\nmomentum = 0.9\nlearning_rate = 0.05\nlr_schedule = \"cosine\"\nwarmup_steps = 5\n\
+         clip_grad_norm = 0.5",
+    ] {
         let one = digits_spec(
             "kind = \"mlp\"\nhidden = [32]",
             &format!("steps = 50\nbatch_size = 32\n{optimizer}\nseed = 9"),

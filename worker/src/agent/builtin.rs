@@ -278,17 +278,19 @@ pub(super) fn run_rank(
             let left = trainer.total_steps().saturating_sub(report.step);
             let eta_ms = (started.elapsed().as_millis() as u64 / done).saturating_mul(left);
             log.note(format!(
-                "step {}/{} epoch {} loss {:.4} {:.0} samples/s",
+                "step {}/{} epoch {} loss {:.4} lr {:.3e} {:.0} samples/s",
                 report.step,
                 trainer.total_steps(),
                 report.epoch,
                 report.loss,
+                report.learning_rate,
                 report.samples_per_s
             ));
             AGENT.samples_per_second.set(report.samples_per_s);
             let _ = progress.try_send(ProgressReport {
                 loss: f64::from(report.loss),
                 samples_per_s: report.samples_per_s,
+                learning_rate: f64::from(report.learning_rate),
                 total_steps: trainer.total_steps(),
                 eta_ms,
                 resume_peer_bytes: moved.peer,
@@ -1285,7 +1287,16 @@ mod tests {
     use crate::train::StepReport;
 
     fn report(step: u64, replaced: Option<usize>) -> StepReport {
-        StepReport { step, epoch: 0, loss: 1.0, samples: 64, samples_per_s: 0.0, stop_agreed: false, replaced }
+        StepReport {
+            step,
+            epoch: 0,
+            loss: 1.0,
+            samples: 64,
+            samples_per_s: 0.0,
+            learning_rate: 0.001,
+            stop_agreed: false,
+            replaced,
+        }
     }
 
     #[test]

@@ -967,14 +967,18 @@ fn history_points(report: &ProgressReport, world: u32, t_unix_ms: u64) -> Vec<se
     }
     let mut points = Vec::new();
     if !report.validation_only {
-        points.push(serde_json::json!({
+        let mut point = serde_json::json!({
             "t": t_unix_ms,
             "generation": report.generation,
             "world": world,
             "step": report.step,
             "loss": report.loss,
             "samples_per_s": report.samples_per_s,
-        }));
+        });
+        if report.learning_rate > 0.0 {
+            point["learning_rate"] = serde_json::json!(report.learning_rate);
+        }
+        points.push(point);
     }
     if let Some(accuracy) = report.val_accuracy {
         points.push(serde_json::json!({
@@ -1006,6 +1010,8 @@ mod tests {
                 serde_json::json!({ "t": 17, "generation": 2, "world": 4, "step": 130, "loss": 0.5, "samples_per_s": 900.0 })
             ]
         );
+        let scheduled = ProgressReport { learning_rate: 0.001, ..progress.clone() };
+        assert_eq!(history_points(&scheduled, 4, 17)[0]["learning_rate"], 0.001, "a built-in job's rate");
         let validated = ProgressReport { val_accuracy: Some(0.9), val_loss: Some(0.25), val_step: 120, ..progress };
         let points = history_points(&validated, 4, 17);
         assert_eq!(points.len(), 2);

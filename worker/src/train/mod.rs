@@ -108,6 +108,9 @@ pub struct StepReport {
     pub samples: u64,
     /// Global samples per second of this step, on this rank's clock.
     pub samples_per_s: f64,
+    /// The learning rate this step's update applied (`train.lr_schedule`); 0 for a finish
+    /// step, which applies none.
+    pub learning_rate: f32,
     /// Some rank voted to stop after this step ([`Trainer::vote_stop`]); all ranks see it.
     pub stop_agreed: bool,
     /// The gang replaced this rank's member after this step (a live handover, see

@@ -26,12 +26,27 @@ pub enum OptimizerState {
     Adam { first_moment: Vec<f32>, second_moment: Vec<f32>, updates: u64 },
 }
 
-/// The hyper-parameters of one job, from its `[train]` section.
+/// The hyper-parameters of one update, from the job's `[train]` section.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hyper {
     pub optimizer: OptimizerSpec,
+    /// This update's rate (`train.lr_schedule` makes it change from step to step).
     pub learning_rate: f32,
     pub weight_decay: f32,
+    /// Multiplies the gradient before anything else (`train.clip_grad_norm`'s clipping); 1 is
+    /// exact (`g x 1 = g`), so an unclipped step is bit-identical to one without the factor.
+    pub gradient_scale: f32,
+}
+
+/// The factor that scales a gradient of L2 norm `norm` down to `max_norm` (1 when it is not
+/// longer), as PyTorch's `clip_grad_norm_`: `max_norm / (norm + 1e-6)`, at most 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
+    ((max_norm / (norm + 1e-6)).min(1.0)) as f32
+}
+
+/// The L2 norm of `values`, summed in f64 in order (the same bits on every rank).
+pub fn l2_norm(values: &[f32]) -> f64 {
+    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
 }
 
 impl OptimizerState {
@@ -59,12 +74,12 @@ impl OptimizerState {
     /// Applies one update to `params` with the averaged gradient `gradient` (same length).
     pub fn step(&mut self, hyper: &Hyper, params: &mut [f32], gradient: &[f32]) {
         assert_eq!(params.len(), gradient.len(), "the trainer sizes both from the layout");
-        let (lr, decay) = (hyper.learning_rate, hyper.weight_decay);
+        let (lr, decay, scale) = (hyper.learning_rate, hyper.weight_decay, hyper.gradient_scale);
         match (self, hyper.optimizer) {
             (OptimizerState::Sgd { velocity }, OptimizerSpec::Sgd { momentum }) => {
                 let momentum = momentum as f32;
                 for ((p, &g), v) in params.iter_mut().zip(gradient).zip(velocity.iter_mut()) {
-                    let g = g + decay * *p;
+                    let g = g * scale + decay * *p;
                     *v = momentum * *v + g;
                     *p -= lr * *v;
                 }
@@ -79,7 +94,7 @@ impl OptimizerState {
                 let sqrt_correction2 = correction2.sqrt() as f32;
                 let moments = first_moment.iter_mut().zip(second_moment.iter_mut());
                 for ((p, &g), (m, v)) in params.iter_mut().zip(gradient).zip(moments) {
-                    let g = g + decay * *p;
+                    let g = g * scale + decay * *p;
                     *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
                     *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
                     *p -= step_size * *m / (v.sqrt() / sqrt_correction2 + ADAM_EPSILON);
@@ -95,7 +110,22 @@ mod tests {
     use super::*;
 
     fn hyper(optimizer: OptimizerSpec, learning_rate: f32, weight_decay: f32) -> Hyper {
-        Hyper { optimizer, learning_rate, weight_decay }
+        Hyper { optimizer, learning_rate, weight_decay, gradient_scale: 1.0 }
+    }
+
+    #[test]
+    fn clipping_scales_a_long_gradient_to_the_limit_and_leaves_a_short_one() {
+        let gradient = [3.0f32, 4.0];
+        assert_eq!(l2_norm(&gradient), 5.0);
+        let factor = clip_factor(l2_norm(&gradient), 1.0);
+        assert!((factor - 0.2).abs() < 1e-6, "{factor}");
+        assert_eq!(clip_factor(l2_norm(&gradient), 10.0), 1.0, "shorter than the limit: unchanged");
+        // The factor applies before weight decay: SGD without momentum moves by lr x g x factor.
+        let h = Hyper { gradient_scale: factor, ..hyper(OptimizerSpec::Sgd { momentum: 0.0 }, 1.0, 0.0) };
+        let mut state = OptimizerState::new(h.optimizer, 2);
+        let mut p = [0.0f32, 0.0];
+        state.step(&h, &mut p, &gradient);
+        assert!((l2_norm(&p) - 1.0).abs() < 1e-5, "the update has the clipped length: {p:?}");
     }
 
     #[test]

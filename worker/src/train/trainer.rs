@@ -12,7 +12,7 @@ use flotilla_proto::spec::{JobSpec, ModelSpec, TrainLength, TrainSpec};
 use super::backend::{self, Device, Tensor};
 use super::flat::{self, Fnv64, ParamLayout};
 use super::model::Network;
-use super::optim::{Hyper, OptimizerState};
+use super::optim::{self, Hyper, OptimizerState};
 use super::{Communicator, Dataset, Handover, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
 use crate::data::order::StepPlan;
 use crate::data::{Cursor, epoch_order, order::ORDER_ROWS_MAX};
@@ -151,6 +151,7 @@ impl Trainer {
                 optimizer: train.optimizer,
                 learning_rate: train.learning_rate as f32,
                 weight_decay: train.weight_decay as f32,
+                gradient_scale: 1.0,
             },
             data,
             device,
@@ -255,20 +256,29 @@ impl Trainer {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss });
         }
         let epoch = plan.epoch;
-        let report = |step: u64, replaced: Option<usize>| {
+        let report = |step: u64, learning_rate: f32, replaced: Option<usize>| {
             let seconds = started.elapsed().as_secs_f64();
             let samples_per_s = if seconds > 0.0 { global_samples as f64 / seconds } else { 0.0 };
-            StepReport { step, epoch, loss, samples: global_samples, samples_per_s, stop_agreed, replaced }
+            StepReport {
+                step,
+                epoch,
+                loss,
+                samples: global_samples,
+                samples_per_s,
+                learning_rate,
+                stop_agreed,
+                replaced,
+            }
         };
         if finish_agreed {
             // The job is done at the step the vote judged: this step's update is not applied
             // (nor forwarded to a joiner), so the final state is the one that was validated.
             self.finished_early = true;
-            return Ok(report(self.step, None));
+            return Ok(report(self.step, 0.0, None));
         }
         let scale = 1.0 / global_samples as f32;
         buffer.iter_mut().for_each(|g| *g *= scale);
-        self.apply_update(&plan, &buffer);
+        let learning_rate = self.apply_update(&plan, &buffer);
         // A stop or the end of training cancels a swap agreed in the same step: the gang then
         // ends together, and the joiner's handover fails over to the stop's path.
         let replaced = swap.agreed(self.world_size).filter(|_| !stop_agreed && !self.is_finished());
@@ -287,7 +297,7 @@ impl Trainer {
         {
             comm.admit(rank)?;
         }
-        Ok(report(self.step, replaced))
+        Ok(report(self.step, learning_rate, replaced))
     }
 
     /// Applies the update of `step` that the gang's all-reduce gave (`gradient`: summed and
@@ -322,11 +332,30 @@ impl Trainer {
     /// function for a step and its replay, so a joiner's replay is the step's update.
     /// The parameters reach the burn module at the next step's start ([`Trainer::write_model`]):
     /// a live handover's update goes out first, and a leaving rank's last step skips the write.
-    fn apply_update(&mut self, plan: &StepPlan, gradient: &[f32]) {
-        self.optimizer.step(&self.hyper, &mut self.params, gradient);
+    /// Returns the learning rate it applied.
+    fn apply_update(&mut self, plan: &StepPlan, gradient: &[f32]) -> f32 {
+        let hyper = self.update_hyper(gradient);
+        self.optimizer.step(&hyper, &mut self.params, gradient);
         self.model_stale = true;
         self.cursor = self.cursor.advanced(plan, self.data.rows as u64);
         self.step += 1;
+        hyper.learning_rate
+    }
+
+    /// The hyper-parameters of the next update: the schedule's rate for it
+    /// ([`TrainSpec::learning_rate_at`] over [`Trainer::total_steps`]) and the clipping factor
+    /// of `gradient` (`train.clip_grad_norm`). Pure in the state and the gradient, so every rank
+    /// and a joiner's replay use the same.
+    fn update_hyper(&self, gradient: &[f32]) -> Hyper {
+        let learning_rate = self.learning_rate();
+        let gradient_scale =
+            self.train_spec.clip_grad_norm.map_or(1.0, |max| optim::clip_factor(optim::l2_norm(gradient), max));
+        Hyper { learning_rate, gradient_scale, ..self.hyper }
+    }
+
+    /// The learning rate of the next update (`train.lr_schedule`, `warmup_steps`).
+    pub fn learning_rate(&self) -> f32 {
+        self.train_spec.learning_rate_at(self.step + 1, self.total_steps()) as f32
     }
 
     /// A checksum of what a step's update changes: the parameters' bits (Adam's moments enter

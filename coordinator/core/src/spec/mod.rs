@@ -78,6 +78,8 @@ pub const RESUMABLE_FIELDS: &str = "priority, train.epochs or train.steps, train
      train.stop_at_val_accuracy and stop_at_val_loss, workers, capacity, checkpoint and output";
 /// `train.stop_at_val_loss` at most.
 pub const STOP_AT_VAL_LOSS_MAX: f64 = 1e6;
+/// `train.clip_grad_norm` at most.
+pub const CLIP_GRAD_NORM_MAX: f64 = 1e6;
 
 /// A validated job spec, with every default filled in.
 ///
@@ -220,6 +222,49 @@ pub struct TrainSpec {
     /// As `stop_at_val_accuracy`, for a validation loss at most this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_at_val_loss: Option<f64>,
+    /// How the learning rate changes over the job's steps after the warm-up
+    /// ([`TrainSpec::learning_rate_at`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lr_schedule: LrSchedule,
+    /// The learning rate rises linearly from `learning_rate / warmup_steps` to `learning_rate`
+    /// over the first this many steps; 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_steps: u64,
+    /// Where a `linear` or `cosine` schedule ends (it starts at `learning_rate`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_learning_rate: f64,
+    /// Each step's averaged gradient is scaled down to this L2 norm (over all parameters) when
+    /// it is longer, as PyTorch's `clip_grad_norm_`: every rank clips the same all-reduced
+    /// gradient, so the ranks stay identical.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+}
+
+/// The learning rate's course after the warm-up (`train.lr_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `learning_rate` throughout.
+    #[default]
+    Constant,
+    /// From `learning_rate` down to `min_learning_rate` in a straight line over the job's steps.
+    Linear,
+    /// From `learning_rate` down to `min_learning_rate` along half a cosine (SGDR without
+    /// restarts, as PyTorch's `CosineAnnealingLR` over the whole run).
+    Cosine,
+}
+
+impl LrSchedule {
+    pub const NAMES: [&'static str; 3] = ["constant", "linear", "cosine"];
+    const ALL: [LrSchedule; 3] = [LrSchedule::Constant, LrSchedule::Linear, LrSchedule::Cosine];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[Self::ALL.iter().position(|s| *s == self).expect("every schedule is listed")]
+    }
+
+    pub fn from_name(name: &str) -> Option<LrSchedule> {
+        Self::NAMES.iter().position(|n| *n == name).map(|i| Self::ALL[i])
+    }
 }
 
 impl TrainSpec {
@@ -231,6 +276,35 @@ impl TrainSpec {
         }
         let target = self.stop_at_val_loss.filter(|t| val_loss <= *t)?;
         Some(format!("train.stop_at_val_loss = {target} (val_loss {val_loss:.4})"))
+    }
+
+    /// The learning rate of the `update`-th optimizer step (from 1) of a job of `total_steps`
+    /// (pure): `learning_rate x update / warmup_steps` during the warm-up, then the schedule
+    /// from `learning_rate` towards `min_learning_rate` over the steps after it. The last
+    /// update's rate is still above `min_learning_rate` (no step is wasted at the floor). A
+    /// constant schedule without warm-up is `learning_rate` exactly.
+    ///
+    /// `total_steps` is the trainer's: `train.steps`, or for epochs the steps done plus those
+    /// left at the gang's size, so an elastic resize re-plans the rest of the curve.
+    pub fn learning_rate_at(&self, update: u64, total_steps: u64) -> f64 {
+        let (peak, warmup) = (self.learning_rate, self.warmup_steps);
+        if update <= warmup {
+            return peak * update as f64 / warmup as f64;
+        }
+        let decay_steps = total_steps.saturating_sub(warmup).max(1);
+        let progress = ((update - warmup - 1) as f64 / decay_steps as f64).min(1.0);
+        let floor = self.min_learning_rate;
+        match self.lr_schedule {
+            LrSchedule::Constant => peak,
+            LrSchedule::Linear => floor + (peak - floor) * (1.0 - progress),
+            LrSchedule::Cosine => floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+
+    /// Whether the learning rate depends on the job's length (a decaying schedule): then a
+    /// resume may not change the length.
+    pub fn decays_over_length(&self) -> bool {
+        self.lr_schedule != LrSchedule::Constant
     }
 }
 

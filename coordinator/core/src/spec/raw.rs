@@ -63,6 +63,10 @@ pub(crate) struct RawTrain {
     pub validate_every_steps: Option<i64>,
     pub stop_at_val_accuracy: Option<f64>,
     pub stop_at_val_loss: Option<f64>,
+    pub lr_schedule: Option<String>,
+    pub warmup_steps: Option<i64>,
+    pub min_learning_rate: Option<f64>,
+    pub clip_grad_norm: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +166,10 @@ impl RawJobSpec {
                 .then(|| int("train.validate_every_steps", t.validate_every_steps, super::VALIDATE_EVERY_STEPS_MAX)),
             stop_at_val_accuracy: t.stop_at_val_accuracy,
             stop_at_val_loss: t.stop_at_val_loss,
+            lr_schedule: (t.lr_schedule != super::LrSchedule::Constant).then(|| t.lr_schedule.name().to_string()),
+            warmup_steps: (t.warmup_steps > 0).then(|| int("train.warmup_steps", t.warmup_steps, super::STEPS_MAX)),
+            min_learning_rate: (t.min_learning_rate != 0.0).then_some(t.min_learning_rate),
+            clip_grad_norm: t.clip_grad_norm,
         });
         let w = spec.workers;
         let c = &spec.capacity;

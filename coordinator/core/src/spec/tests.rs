@@ -155,6 +155,17 @@ fn every_rejected_case_names_its_field() {
             &["train.validate_every_steps"],
         ),
         ("validate_every_steps negative", with("[train]\nvalidate_every_steps = -1"), &["train.validate_every_steps"]),
+        ("an unknown schedule", with("[train]\nlr_schedule = \"step\""), &["train.lr_schedule"]),
+        ("a negative warm-up", with("[train]\nwarmup_steps = -1"), &["train.warmup_steps"]),
+        ("a warm-up as long as the job", with("[train]\nsteps = 100\nwarmup_steps = 100"), &["train.warmup_steps"]),
+        (
+            "a floor above the learning rate",
+            with("[train]\nlr_schedule = \"cosine\"\nlearning_rate = 0.01\nmin_learning_rate = 0.02"),
+            &["train.min_learning_rate"],
+        ),
+        ("a floor without a decay", with("[train]\nmin_learning_rate = 0.0001"), &["train.min_learning_rate"]),
+        ("a clip of 0", with("[train]\nclip_grad_norm = 0.0"), &["train.clip_grad_norm"]),
+        ("a clip of nan", with("[train]\nclip_grad_norm = nan"), &["train.clip_grad_norm"]),
         ("a target without validation", with("[train]\nstop_at_val_accuracy = 0.9"), &["train.stop_at_val_accuracy"]),
         ("a loss target without validation", with("[train]\nstop_at_val_loss = 0.2"), &["train.stop_at_val_loss"]),
         (
@@ -273,6 +284,42 @@ fn validation_targets_are_reached_at_or_beyond_them() {
     assert_eq!(spec.train.target_reached(1.0, 0.26), None, "no accuracy target");
     assert_eq!(JobSpec::from_toml_str(MINIMAL).expect("valid").train.target_reached(1.0, 0.0), None);
     assert!(spec.to_toml().contains("stop_at_val_loss = 0.25"), "{}", spec.to_toml());
+}
+
+/// The warm-up rises linearly to the learning rate; linear and cosine then decay towards the
+/// floor without reaching it; constant without warm-up is the learning rate exactly.
+#[test]
+fn learning_rate_schedules_warm_up_then_decay_towards_the_floor() {
+    let spec =
+        |lines: &str| JobSpec::from_toml_str(&with(&format!("[train]\nsteps = 110\n{lines}"))).expect("valid").train;
+    let constant = spec("learning_rate = 0.1");
+    assert!((1..=110).all(|t| constant.learning_rate_at(t, 110) == 0.1), "exactly the rate");
+    let warm = spec("learning_rate = 0.1\nwarmup_steps = 10");
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert!(close(warm.learning_rate_at(1, 110), 0.01) && close(warm.learning_rate_at(5, 110), 0.05));
+    assert_eq!(warm.learning_rate_at(10, 110), 0.1, "the warm-up's last step has the full rate");
+    assert_eq!(warm.learning_rate_at(11, 110), 0.1, "constant after it");
+    let cosine = spec("learning_rate = 0.1\nwarmup_steps = 10\nlr_schedule = \"cosine\"\nmin_learning_rate = 0.001");
+    assert_eq!(cosine.learning_rate_at(10, 110), 0.1);
+    assert_eq!(cosine.learning_rate_at(11, 110), 0.1, "the decay starts from the rate");
+    assert!(close(cosine.learning_rate_at(61, 110), 0.001 + 0.099 * 0.5), "halfway: the midpoint");
+    let last = cosine.learning_rate_at(110, 110);
+    assert!(last > 0.001 && last < 0.0011, "the last step is just above the floor: {last}");
+    let rates: Vec<f64> = (11..=110).map(|t| cosine.learning_rate_at(t, 110)).collect();
+    assert!(rates.windows(2).all(|w| w[1] < w[0]), "decreasing");
+    let linear = spec("learning_rate = 0.1\nlr_schedule = \"linear\"");
+    assert!(close(linear.learning_rate_at(1, 110), 0.1));
+    assert!(close(linear.learning_rate_at(56, 110), 0.05), "{}", linear.learning_rate_at(56, 110));
+    assert!(close(linear.learning_rate_at(110, 110), 0.1 / 110.0), "one step's worth above 0");
+    assert!(close(linear.learning_rate_at(500, 110), 0.0), "past the end: the floor, never below");
+    assert!(linear.decays_over_length() && !warm.decays_over_length());
+    let text = cosine.clone();
+    let again =
+        JobSpec::from_toml_str(&JobSpec { train: text, ..JobSpec::from_toml_str(MINIMAL).expect("valid") }.to_toml())
+            .expect("the canonical form is valid")
+            .train;
+    assert_eq!(again, cosine, "the canonical TOML keeps the schedule");
+    assert_eq!(LrSchedule::from_name("cosine"), Some(LrSchedule::Cosine));
 }
 
 /// `train.init_from` takes a registered model as `NAME`, `NAME@VERSION` or `NAME@ALIAS`, and
@@ -566,9 +613,16 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
         prop_oneof![Just(0u64), 1u64..20_000_000],
         prop::option::of(float.clone()),
         prop::option::of(float.clone()),
-    )
-        .prop_map(
-            |(
+    );
+    let schedule = (
+        prop_oneof![Just(LrSchedule::Constant), Just(LrSchedule::Linear), Just(LrSchedule::Cosine)],
+        prop_oneof![Just(0u64), 1u64..3_000_000_000],
+        float.clone(),
+        prop::option::of(float.clone()),
+    );
+    let train = (train, schedule).prop_map(
+        |(
+            (
                 length,
                 batch_size,
                 optimizer,
@@ -579,21 +633,27 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 validate_every_steps,
                 stop_at_val_accuracy,
                 stop_at_val_loss,
-            )| {
-                TrainSpec {
-                    length,
-                    batch_size,
-                    optimizer,
-                    learning_rate,
-                    weight_decay,
-                    seed,
-                    init_from,
-                    validate_every_steps,
-                    stop_at_val_accuracy,
-                    stop_at_val_loss,
-                }
-            },
-        );
+            ),
+            (lr_schedule, warmup_steps, min_learning_rate, clip_grad_norm),
+        )| {
+            TrainSpec {
+                length,
+                batch_size,
+                optimizer,
+                learning_rate,
+                weight_decay,
+                seed,
+                init_from,
+                validate_every_steps,
+                stop_at_val_accuracy,
+                stop_at_val_loss,
+                lr_schedule,
+                warmup_steps,
+                min_learning_rate,
+                clip_grad_norm,
+            }
+        },
+    );
     let capacity = (
         any::<bool>(),
         prop::collection::vec(prop_oneof![Just("g5.xlarge".to_string()), Just("Bad Type".to_string())], 0..3),

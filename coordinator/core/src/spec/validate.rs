@@ -92,6 +92,23 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         (model(&mut c, raw.model), data(&mut c, raw.data))
     };
     let train = train(&mut c, raw.train.unwrap_or_default());
+    if train.min_learning_rate > train.learning_rate {
+        c.fail(
+            "train.min_learning_rate",
+            format!("is above train.learning_rate ({}): the schedule decays to it from there", train.learning_rate),
+        );
+    }
+    if train.min_learning_rate > 0.0 && !train.decays_over_length() {
+        c.fail("train.min_learning_rate", "applies only to lr_schedule = \"linear\" or \"cosine\"");
+    }
+    if let TrainLength::Steps(steps) = train.length
+        && train.warmup_steps >= steps
+    {
+        c.fail(
+            "train.warmup_steps",
+            format!("must be less than train.steps ({steps}): the warm-up would take the whole job"),
+        );
+    }
     for (field, set) in [
         ("train.stop_at_val_accuracy", train.stop_at_val_accuracy.is_some()),
         ("train.stop_at_val_loss", train.stop_at_val_loss.is_some()),
@@ -301,6 +318,26 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
         stop_at_val_loss: raw
             .stop_at_val_loss
             .map(|v| c.float("train.stop_at_val_loss", Some(v), v, (0.0, STOP_AT_VAL_LOSS_MAX), false)),
+        lr_schedule: match raw.lr_schedule.as_deref().map(|name| (name, LrSchedule::from_name(name))) {
+            None => LrSchedule::Constant,
+            Some((_, Some(schedule))) => schedule,
+            Some((other, None)) => {
+                let allowed = LrSchedule::NAMES.join(", ");
+                c.fail("train.lr_schedule", format!("`{other}` is not a known schedule; allowed: {allowed}"));
+                LrSchedule::Constant
+            }
+        },
+        warmup_steps: c.int("train.warmup_steps", raw.warmup_steps, 0, 0, STEPS_MAX) as u64,
+        min_learning_rate: c.float(
+            "train.min_learning_rate",
+            raw.min_learning_rate,
+            0.0,
+            (0.0, LEARNING_RATE_MAX),
+            true,
+        ),
+        clip_grad_norm: raw
+            .clip_grad_norm
+            .map(|v| c.float("train.clip_grad_norm", Some(v), v, (0.0, CLIP_GRAD_NORM_MAX), false)),
     }
 }
 

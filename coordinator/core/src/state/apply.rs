@@ -1727,6 +1727,14 @@ fn resume_job(
             crate::spec::RESUMABLE_FIELDS
         )));
     }
+    if spec.train.length != job.spec.train.length && spec.train.decays_over_length() {
+        return Err(bad(format!(
+            "train.lr_schedule = \"{}\" decays over the job's length: a new length would change the learning \
+             rate of the steps it trained; resume it with its length, or fine-tune its registered model \
+             (train.init_from) in a new job",
+            spec.train.lr_schedule.name()
+        )));
+    }
     if let crate::spec::TrainLength::Steps(steps) = spec.train.length
         && spec.run.is_none()
         && steps <= from_step

@@ -2653,3 +2653,29 @@ fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_fu
     );
     assert_eq!(job.events.last().expect("an event").message, "resumed from the start; it was Succeeded");
 }
+
+/// A job whose learning rate decays over its length (`train.lr_schedule`) resumes only with
+/// that length: another would change the rate of the steps it trained.
+#[test]
+fn a_decaying_schedule_keeps_its_length_on_a_resume() {
+    let mut state = State::default();
+    running_job(&mut state, 1);
+    checkpoint(&mut state, 40, 1).expect("checkpoint");
+    apply(&mut state, 50, Envelope::new(50, Command::CancelJob { job_id: JobId(1), reason: String::new() }))
+        .expect("cancel");
+    state.jobs.get_mut(&JobId(1)).expect("the job").spec.train.lr_schedule = crate::spec::LrSchedule::Cosine;
+    let resume = |state: &mut State, spec: Option<JobSpec>| {
+        apply(state, 600, Envelope::new(600, Command::ResumeJob { job_id: JobId(1), spec: spec.map(Box::new) }))
+    };
+    let mut longer = state.jobs[&JobId(1)].spec.clone();
+    longer.train.length = crate::spec::TrainLength::Steps(5_000);
+    let refused = resume(&mut state, Some(longer)).expect_err("another length");
+    assert!(
+        refused.to_string().starts_with(
+            "job-1 cannot resume: train.lr_schedule = \"cosine\" decays over the job's length: a new length would"
+        ),
+        "{refused}"
+    );
+    assert_eq!(state.jobs[&JobId(1)].state, JobState::Cancelled, "a refused resume changes nothing");
+    assert_eq!(resume(&mut state, None), Ok(Applied::JobResumed { job_id: JobId(1), from_step: 40 }));
+}
