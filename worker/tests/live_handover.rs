@@ -28,10 +28,13 @@ fn digits_spec(model: &str, train: &str) -> JobSpec {
     JobSpec::from_toml_str(&text).expect("test spec is valid")
 }
 
+/// Adam with a warm-up, a cosine decay over the epochs and clipping: a joiner's replayed
+/// updates must use the same rate and clipping factor as the gang's steps.
 fn mlp_adam() -> JobSpec {
     digits_spec(
         "kind = \"mlp\"\nhidden = [32]",
-        "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 5",
+        "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 5\n\
+         lr_schedule = \"cosine\"\nwarmup_steps = 8\nclip_grad_norm = 1.0",
     )
 }
 
