@@ -93,6 +93,31 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
 /// `train.stop_at_val_accuracy`: the ranks finish at the first validation that reaches it,
 /// before the spec's length, and that step's state is final: bit-identical to a run told to
 /// stop at that step.
+/// `train.patience`: on 2 workers the run ends at the validation that made `patience` in a row
+/// without a better one, says so, and keeps the count in its final checkpoint.
+#[test]
+fn patience_finishes_a_run_that_stopped_improving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_str().expect("utf-8");
+    let spec = example("digits-mlp.toml"); // 20 epochs: 900 steps on 2 workers
+    let args = ["--set", "train.validate_every_steps=20", "--set", "train.patience=3"];
+    let patient = flotilla(
+        &[&["train", &spec, "--local-workers", "2", "--checkpoint-dir", root], &args[..], &["-o", "json"]].concat(),
+    );
+    let notes = String::from_utf8_lossy(&patient.stderr).to_string();
+    let summary = ok_json(patient);
+    let step = summary["step"].as_u64().expect("the final step");
+    assert!(step.is_multiple_of(20) && step < 900, "it finished early, at a validation step: {summary}");
+    let said = format!("finished at step {step}: 3 validations in a row brought no better val_loss than");
+    assert!(notes.contains(&said), "{notes}");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(root).join(format!("ckpt/{step:012}/meta"))).expect("the final checkpoint"),
+    )
+    .expect("JSON");
+    assert_eq!(meta["patience"]["since_best"], 3, "{meta}");
+    assert_eq!(meta["patience"]["best_step"].as_u64(), Some(step - 60), "{meta}");
+}
+
 #[test]
 fn a_validation_target_finishes_the_run_at_the_step_validated() {
     let dir = tempfile::tempdir().expect("tempdir");

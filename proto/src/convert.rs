@@ -6,7 +6,7 @@
 
 use flotilla_core::spec::{
     CapacitySpec, CheckpointSpec, DataFormat, DataSpec, DataUri, FieldError, JobSpec, LrSchedule, ModelSpec,
-    NoticeSignal, OptimizerSpec, OutputSpec, RunSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
+    NoticeSignal, OptimizerSpec, OutputSpec, PatienceMetric, RunSpec, SpecError, TrainLength, TrainSpec, WorkersSpec,
 };
 
 use crate::v1;
@@ -81,6 +81,9 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             warmup_steps: spec.train.warmup_steps,
             min_learning_rate: spec.train.min_learning_rate,
             clip_grad_norm: spec.train.clip_grad_norm,
+            patience: spec.train.patience,
+            patience_metric: spec.train.patience_metric.name().to_string(),
+            patience_min_delta: spec.train.patience_min_delta,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -140,6 +143,25 @@ fn run_from_proto(run: v1::RunSpec) -> Result<RunSpec, SpecError> {
     })
 }
 
+/// A named choice of the spec from the wire: `name` as `from_name` reads it, empty for its
+/// default; another is refused naming `field` and the `allowed` names.
+fn choice<T: Default>(
+    field: &str,
+    name: &str,
+    from_name: fn(&str) -> Option<T>,
+    allowed: &[&str],
+) -> Result<T, SpecError> {
+    if name.is_empty() {
+        return Ok(T::default());
+    }
+    from_name(name).ok_or_else(|| {
+        SpecError::Invalid(vec![FieldError {
+            field: field.into(),
+            message: format!("`{name}` is not allowed; use one of {}", allowed.join(", ")),
+        }])
+    })
+}
+
 /// A wire spec -> a validated core spec. Errors name the TOML field (`workers.min`).
 pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
     let model = pb.model.map(|m| model_from_proto(m).ok_or_else(|| missing("model.kind"))).transpose()?;
@@ -154,15 +176,9 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
         v1::train_spec::Optimizer::Sgd(s) => OptimizerSpec::Sgd { momentum: s.momentum },
         v1::train_spec::Optimizer::Adam(_) => OptimizerSpec::Adam,
     };
-    let lr_schedule = match train.lr_schedule.as_str() {
-        "" => LrSchedule::Constant,
-        name => LrSchedule::from_name(name).ok_or_else(|| {
-            SpecError::Invalid(vec![FieldError {
-                field: "train.lr_schedule".into(),
-                message: format!("`{name}` is not a known schedule; allowed: {}", LrSchedule::NAMES.join(", ")),
-            }])
-        })?,
-    };
+    let lr_schedule = choice("train.lr_schedule", &train.lr_schedule, LrSchedule::from_name, &LrSchedule::NAMES)?;
+    let patience_metric =
+        choice("train.patience_metric", &train.patience_metric, PatienceMetric::from_name, &PatienceMetric::NAMES)?;
     let workers = pb.workers.ok_or_else(|| missing("workers"))?;
     let capacity = pb.capacity.ok_or_else(|| missing("capacity"))?;
     let checkpoint = pb.checkpoint.ok_or_else(|| missing("checkpoint"))?;
@@ -188,6 +204,9 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             warmup_steps: train.warmup_steps,
             min_learning_rate: train.min_learning_rate,
             clip_grad_norm: train.clip_grad_norm,
+            patience: train.patience,
+            patience_metric,
+            patience_min_delta: train.patience_min_delta,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {
@@ -419,5 +438,21 @@ mod tests {
             t.batch_size = 0;
         }
         assert_eq!(spec_from_proto(pb).expect_err("batch 0").fields(), ["train.batch_size"]);
+
+        // Named choices: an empty one is the default, an unknown one is refused by name.
+        let mut pb = spec_to_proto(&spec);
+        if let Some(t) = pb.train.as_mut() {
+            (t.lr_schedule, t.patience_metric) = (String::new(), String::new());
+        }
+        assert_eq!(spec_from_proto(pb).expect("defaults"), spec);
+        let refused = |edit: fn(&mut v1::TrainSpec)| {
+            let mut pb = spec_to_proto(&spec);
+            if let Some(t) = pb.train.as_mut() {
+                edit(t);
+            }
+            spec_from_proto(pb).expect_err("unknown").fields().iter().map(|f| f.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(refused(|t| t.lr_schedule = "step".into()), ["train.lr_schedule"]);
+        assert_eq!(refused(|t| t.patience_metric = "accuracy".into()), ["train.patience_metric"]);
     }
 }

@@ -541,8 +541,12 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
         (true, false) => format!(" ({} to {} after {warmup})", train.lr_schedule.name(), train.min_learning_rate),
     };
     let clip = train.clip_grad_norm.map_or(String::new(), |norm| format!(", gradient norm clipped to {norm}"));
+    let patience = match train.patience {
+        0 => String::new(),
+        n => format!(", patience {n} validation(s) of {}", train.patience_metric.name()),
+    };
     format!(
-        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}, seed {}{init}",
+        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}{patience}, seed {}{init}",
         data.train, train.learning_rate, train.batch_size, train.seed
     )
 }
@@ -928,13 +932,13 @@ mod tests {
         let scheduled = flotilla_core::spec::JobSpec::from_toml_str(
             "name = \"x\"\nmodel = { kind = \"mlp\", hidden = [8] }\ndata = { train = \"s3://bkt/d.csv\" }\n\
              workers = { min = 1 }\n[train]\nsteps = 500\nlr_schedule = \"cosine\"\nwarmup_steps = 50\n\
-             min_learning_rate = 0.00001\nclip_grad_norm = 1.0\n",
+             min_learning_rate = 0.00001\nclip_grad_norm = 1.0\nvalidate_every_steps = 50\npatience = 4\n",
         )
         .expect("valid");
         assert_eq!(
             spec_text(&scheduled),
             "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001 (cosine to 0.00001 after 50 warm-up step(s)), gradient \
-             norm clipped to 1, batch 64 per worker, 500 step(s), seed 42"
+             norm clipped to 1, batch 64 per worker, 500 step(s), patience 4 validation(s) of val_loss, seed 42"
         );
         let long = "a".repeat(200);
         let command = flotilla_core::spec::JobSpec::from_toml_str(&format!(

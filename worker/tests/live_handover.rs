@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use flotilla_proto::spec::JobSpec;
 use flotilla_worker::checkpoint::live::{CaughtUp, Joined, LiveError, Sink, Source, catch_up, join};
+use flotilla_worker::collective::Communicator;
 use flotilla_worker::collective::port::DataPort;
 use flotilla_worker::collective::ring::{RingCommunicator, loopback_configs, loopback_gang};
 use flotilla_worker::data::{Dataset, load_job_data};
@@ -28,14 +29,23 @@ fn digits_spec(model: &str, train: &str) -> JobSpec {
     JobSpec::from_toml_str(&text).expect("test spec is valid")
 }
 
-/// Adam with a warm-up, a cosine decay over the epochs and clipping: a joiner's replayed
-/// updates must use the same rate and clipping factor as the gang's steps.
+/// Adam with a warm-up, a cosine decay over the epochs, clipping and patience: a joiner's
+/// replayed updates must use the same rate and clipping factor as the gang's steps, and count
+/// the same validations ([`count_on_rank_zero`]).
 fn mlp_adam() -> JobSpec {
     digits_spec(
         "kind = \"mlp\"\nhidden = [32]",
         "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 5\n\
-         lr_schedule = \"cosine\"\nwarmup_steps = 8\nclip_grad_norm = 1.0",
+         lr_schedule = \"cosine\"\nwarmup_steps = 8\nclip_grad_norm = 1.0\nvalidate_every_steps = 1\npatience = 1000",
     )
+}
+
+/// What rank 0's agent does after a validation: counts it for `train.patience` (here a value
+/// that improves and worsens by turns, without evaluating).
+fn count_on_rank_zero(trainer: &mut Trainer, rank: usize) {
+    if rank == 0 {
+        trainer.count_validation(0.5, (trainer.steps_done() % 7) as f64 * 0.1);
+    }
 }
 
 fn train_set(spec: &JobSpec) -> Arc<Dataset> {
@@ -55,8 +65,10 @@ fn uninterrupted(spec: &JobSpec, data: &Arc<Dataset>, world: usize, steps: u64) 
             let (spec, data) = (spec.clone(), data.clone());
             std::thread::spawn(move || {
                 let mut trainer = Trainer::new(&spec, data, &mut comm, None).expect("trainer builds");
+                let rank = comm.rank();
                 for _ in 0..steps {
                     trainer.step(&mut comm).expect("step");
+                    count_on_rank_zero(&mut trainer, rank);
                 }
                 trainer.state()
             })
@@ -159,6 +171,7 @@ fn train_with_live_handover(
                         replaced_after = Some(report.step);
                         break;
                     }
+                    count_on_rank_zero(&mut trainer, rank);
                     // The joiner gets its time, however loaded the machine: until the gang sees
                     // a swap, its steps are paced (the results do not depend on timing).
                     swapped |= report.replaced.is_some();
@@ -184,8 +197,12 @@ fn train_with_live_handover(
             Joiner::Joins => {
                 let config = joiner_config;
                 let Joined { mut trainer, mut comm, caught } = join(stream, &KEY, &spec, data, config, joiner_port)?;
+                // As the agent's new rank 0: first the validation of the step it joined after
+                // (the leaving rank 0 took it, and never ran the step that would count it).
+                count_on_rank_zero(&mut trainer, leaving);
                 while trainer.steps_done() < steps {
                     trainer.step(&mut comm)?;
+                    count_on_rank_zero(&mut trainer, leaving);
                 }
                 Ok(Some((trainer.state(), caught)))
             }
@@ -234,6 +251,8 @@ fn assert_handover_changes_no_bit(world: usize, leaving: usize, ports: Ports) {
     assert_eq!(joiner.cursor, reference[leaving].cursor);
     assert_eq!(bits(&joiner), bits(&reference[leaving]), "the joiner's weights are bit-identical");
     assert_eq!(joiner.optimizer, reference[leaving].optimizer, "and so is its optimizer state");
+    assert_eq!(joiner.patience, reference[leaving].patience, "and its patience count");
+    assert!(joiner.patience.counted_step > swap, "validations were counted after the swap: {:?}", joiner.patience);
 }
 
 #[test]

@@ -314,3 +314,72 @@ fn a_gpu_job_on_a_machine_without_one_is_refused_with_the_fix() {
     assert!(matches!(err, TrainError::Backend(_)) && text.contains("workers.gpus = 1"), "{text}");
     assert!(text.contains("workers.gpus = 0") || text.contains("--features cuda"), "names a fix: {text}");
 }
+
+/// Trains on one rank as the agent's rank 0 does with `train.patience`: validates every
+/// `every` steps (and first the step it resumes at, whose validation its predecessor did not
+/// count) and counts each, until the trainer finishes or `steps` steps are done.
+fn train_validating(
+    spec: &JobSpec,
+    data: &Arc<Dataset>,
+    validation: &Dataset,
+    resume: Option<TrainState>,
+    steps: u64,
+) -> Trainer {
+    let every = spec.train.validate_every_steps;
+    let mut comm = LocalCommunicator;
+    let mut trainer = Trainer::new(spec, data.clone(), &mut comm, resume).expect("trainer builds");
+    let start = trainer.steps_done();
+    let count = |trainer: &mut Trainer| {
+        if trainer.steps_done() > 0 && trainer.steps_done().is_multiple_of(every) {
+            let metrics = trainer.evaluate(validation).expect("validation");
+            trainer.count_validation(metrics.val_accuracy, metrics.val_loss);
+        }
+    };
+    count(&mut trainer);
+    while !trainer.is_finished() && trainer.steps_done() < start + steps {
+        trainer.step(&mut comm).expect("step");
+        if !trainer.is_finished() {
+            count(&mut trainer);
+        }
+    }
+    trainer
+}
+
+/// `train.patience`: the run ends at the validation that made `patience` in a row without a
+/// better one, applying no update there; a run resumed from any step before (at a validation
+/// step or between two) ends at the same step with the same bits and the same count.
+#[test]
+fn patience_ends_the_run_at_the_same_step_however_it_was_resumed() {
+    let spec = digits_spec(
+        "kind = \"mlp\"\nhidden = [32]",
+        "steps = 2000\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 11\n\
+         validate_every_steps = 10\npatience = 3\npatience_metric = \"val_accuracy\"\npatience_min_delta = 0.002",
+        1,
+    );
+    let splits = load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("data loads");
+    let (data, validation) = (Arc::new(splits.train), splits.validation.expect("a validation split"));
+    let whole = train_validating(&spec, &data, &validation, None, u64::MAX);
+    let finish = whole.steps_done();
+    let count = whole.out_of_patience().expect("it ran out of patience");
+    println!("patience: finished at step {finish} of 2000, {count:?}");
+    assert!(finish < 2000 && finish.is_multiple_of(10), "at a validation step before its length: {finish}");
+    assert!(whole.finished_early() && whole.is_finished());
+    assert_eq!((count.since_best, count.counted_step), (3, finish));
+    assert_eq!(count.best_step + 30, finish, "three validations after the best");
+    let end = whole.state();
+    assert_eq!(end.step, finish, "the finishing step applied no update");
+    for stop in [finish - 30, finish - 25, finish - 10] {
+        let first = train_validating(&spec, &data, &validation, None, stop);
+        assert!(!first.is_finished(), "still running at {stop}");
+        let json = serde_json::to_string(&first.state()).expect("state serialises");
+        let resumed =
+            train_validating(&spec, &data, &validation, Some(serde_json::from_str(&json).expect("json")), 500);
+        assert_eq!(resumed.steps_done(), finish, "resumed at {stop}");
+        assert_eq!(resumed.out_of_patience(), Some(count));
+        assert_eq!(bits(&resumed.state().params), bits(&end.params), "resumed at {stop}: the same weights");
+    }
+    // A job resumed at the step it finished (trained further) does not count that validation
+    // twice: it trains on until the next one.
+    let again = train_validating(&spec, &data, &validation, Some(end), 5);
+    assert_eq!((again.steps_done(), again.is_finished()), (finish + 5, false));
+}

@@ -174,7 +174,9 @@ pub(super) fn run_rank(
     let validate_every = spec.train.validate_every_steps;
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let mut last_validation_report: Option<Instant> = None;
-    let targeted = spec.train.stop_at_val_accuracy.is_some() || spec.train.stop_at_val_loss.is_some();
+    // A validation may end the job: a target, or patience.
+    let targeted =
+        spec.train.stop_at_val_accuracy.is_some() || spec.train.stop_at_val_loss.is_some() || spec.train.patience > 0;
     // The target a validation reached (the job's reason once it finished there).
     let mut reached: Option<String> = None;
     if rank0
@@ -188,6 +190,7 @@ pub(super) fn run_rank(
         // stopped there) judges it first: the job finishes where an uninterrupted run would.
         match trainer.evaluate(validation) {
             Ok(metrics) => {
+                trainer.count_validation(metrics.val_accuracy, metrics.val_loss);
                 if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
                     log.note(format!(
                         "the validation of step {first_step}, where this generation resumes, reached {target}: the \
@@ -251,6 +254,7 @@ pub(super) fn run_rank(
                         metrics.val_loss,
                         evaluating.elapsed().as_secs_f64() * 1e3
                     ));
+                    trainer.count_validation(metrics.val_accuracy, metrics.val_loss);
                     if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
                         // Every rank ends at this step: the next one applies no update. The
                         // final validation (of these weights) is the one reported for it; an
@@ -562,6 +566,21 @@ pub(super) fn run_rank(
             }
         }
     };
+    if let Some(count) = trainer.out_of_patience() {
+        let train = &spec.train;
+        let reason = format!(
+            "finished at step {}: {} validations in a row brought no better {} than {:.4} (step {}; train.patience = \
+             {})",
+            trainer.steps_done(),
+            count.since_best,
+            train.patience_metric.name(),
+            count.best.unwrap_or(f32::NAN),
+            count.best_step,
+            train.patience
+        );
+        log.note(reason.clone());
+        reached = reached.or(Some(reason));
+    }
     let accuracy = metrics.map_or("n/a".to_string(), |m| format!("{:.4}", m.val_accuracy));
     log.note(format!(
         "finished at step {}: val_accuracy {accuracy}; this generation: {} steps in {:.3} s, {} checkpoint(s), \

@@ -327,12 +327,14 @@ impl Sink {
             format!("the state of a live handover from {}", stream.peer_addr().map_or("?".into(), |a| a.to_string()));
         let state = decode(&parts.into_iter().collect(), &origin).map_err(|e| LiveError::Refused(e.to_string()))?.0;
         let state_ms = reading.elapsed().as_secs_f64() * 1e3;
-        let mut sink = Sink { stream, values: state.params.len(), bytes: length, state_ms };
+        let values = state.params.len() + crate::train::UPDATE_EXTRAS;
+        let mut sink = Sink { stream, values, bytes: length, state_ms };
         sink.applied(state.step)?;
         Ok((sink, state))
     }
 
-    /// The next update, within the limits: as many values as the model has parameters.
+    /// The next update, within the limits: as many values as the model has parameters, and
+    /// [`crate::train::UPDATE_EXTRAS`] behind them.
     pub fn receive(&mut self) -> Result<Received, LiveError> {
         let mut head = [0u8; UPDATE_HEAD_LEN];
         self.stream.read_exact(&mut head).map_err(io("update"))?;

@@ -519,6 +519,7 @@ pub(crate) mod tests {
             layout_fingerprint: 0xbeef,
             seed: 7,
             train_rows: 4000,
+            patience: Default::default(),
         }
     }
 

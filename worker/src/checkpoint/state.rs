@@ -17,7 +17,7 @@ use super::{
     CheckpointError, Manifest, bytes_to_f32, f32_to_bytes, f32s_to_bytes, manifest_of, read, write, write_with,
 };
 use crate::data::Cursor;
-use crate::train::{OptimizerState, TrainState};
+use crate::train::{OptimizerState, PatienceCount, TrainState};
 
 /// Metadata stored beside the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +37,9 @@ pub struct CheckpointMeta {
     pub val_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// `train.patience`'s count (absent when it has counted nothing).
+    #[serde(default, skip_serializing_if = "PatienceCount::is_zero")]
+    pub patience: PatienceCount,
 }
 
 /// `state` (and optional validation metrics) as checkpoint parts: `model`, `optim`, `meta`.
@@ -58,6 +61,7 @@ pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static 
         optimizer_updates: updates,
         val_accuracy: metrics.map(|m| m.0),
         val_loss: metrics.map(|m| m.1),
+        patience: state.patience,
     };
     let meta = Bytes::from(serde_json::to_vec_pretty(&meta).expect("checkpoint metadata is plain data"));
     vec![("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)]
@@ -138,6 +142,7 @@ pub fn decode(parts: &BTreeMap<String, Bytes>, origin: &str) -> Result<(TrainSta
         layout_fingerprint: meta.layout_fingerprint,
         seed: meta.seed,
         train_rows: meta.train_rows,
+        patience: meta.patience,
     };
     Ok((state, meta))
 }
@@ -439,6 +444,7 @@ mod tests {
             layout_fingerprint: 0xfeed,
             seed: 7,
             train_rows: 4000,
+            patience: PatienceCount { best: Some(0.25), best_step: 40, since_best: 2, counted_step: 42 },
         }
     }
 

@@ -27,6 +27,7 @@ pub mod model;
 pub mod optim;
 mod trainer;
 
+use flotilla_proto::spec::PatienceMetric;
 use serde::{Deserialize, Serialize};
 
 use crate::collective::CollectiveError;
@@ -93,7 +94,43 @@ pub struct TrainState {
     /// of both, so a resume with other values would not continue the same order).
     pub seed: u64,
     pub train_rows: u64,
+    /// `train.patience`'s count, the same on every rank (absent in states from before it).
+    #[serde(default)]
+    pub patience: PatienceCount,
 }
+
+/// `train.patience`'s count (early stopping), the same on every rank: the best value of the
+/// watched metric so far, the step it was validated at, and the validations since then that
+/// brought no better one. Part of the training state, so a checkpoint, a peer's state and a
+/// live handover carry it and a preempted job counts on where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct PatienceCount {
+    pub best: Option<f32>,
+    pub best_step: u64,
+    pub since_best: u32,
+    /// The step of the newest validation counted (a resumed job does not count it twice).
+    pub counted_step: u64,
+}
+
+impl PatienceCount {
+    /// Counts the validation of the state after `step` whose watched metric is `value` (pure):
+    /// a better one (by more than `min_delta`) becomes the best, any other adds one.
+    pub fn count(&mut self, step: u64, value: f32, metric: PatienceMetric, min_delta: f32) {
+        match self.best {
+            Some(best) if !metric.improves(value, best, min_delta) => self.since_best += 1,
+            _ => (self.best, self.best_step, self.since_best) = (Some(value), step, 0),
+        }
+        self.counted_step = step;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == PatienceCount::default()
+    }
+}
+
+/// Values an update carries behind its gradient, to a live handover's joiner: whether the step
+/// counted a validation for `train.patience`, and its value.
+pub const UPDATE_EXTRAS: usize = 2;
 
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -160,4 +197,26 @@ pub struct Metrics {
     /// Mean cross-entropy.
     pub val_loss: f64,
     pub rows: usize,
+}
+
+#[cfg(test)]
+mod patience_tests {
+    use super::*;
+
+    #[test]
+    fn patience_counts_validations_since_the_best() {
+        let mut count = PatienceCount::default();
+        count.count(10, 0.5, PatienceMetric::ValLoss, 0.0);
+        assert_eq!(count, PatienceCount { best: Some(0.5), best_step: 10, since_best: 0, counted_step: 10 });
+        count.count(20, 0.5, PatienceMetric::ValLoss, 0.0);
+        count.count(30, 0.49, PatienceMetric::ValLoss, 0.05);
+        let expected = PatienceCount { best: Some(0.5), best_step: 10, since_best: 2, counted_step: 30 };
+        assert_eq!(count, expected, "equal, or not by the margin");
+        count.count(40, 0.4, PatienceMetric::ValLoss, 0.05);
+        assert_eq!(count, PatienceCount { best: Some(0.4), best_step: 40, since_best: 0, counted_step: 40 });
+        let mut accuracy = PatienceCount::default();
+        accuracy.count(5, 0.8, PatienceMetric::ValAccuracy, 0.0);
+        accuracy.count(10, 0.7, PatienceMetric::ValAccuracy, 0.0);
+        assert_eq!((accuracy.best, accuracy.since_best), (Some(0.8), 1), "higher is better");
+    }
 }

@@ -13,7 +13,10 @@ use super::backend::{self, Device, Tensor};
 use super::flat::{self, Fnv64, ParamLayout};
 use super::model::Network;
 use super::optim::{self, Hyper, OptimizerState};
-use super::{Communicator, Dataset, Handover, Metrics, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError, TrainState};
+use super::{
+    Communicator, Dataset, Handover, Metrics, PatienceCount, StepReport, TRAIN_STATE_FORMAT_VERSION, TrainError,
+    TrainState, UPDATE_EXTRAS,
+};
 use crate::data::order::StepPlan;
 use crate::data::{Cursor, epoch_order, order::ORDER_ROWS_MAX};
 
@@ -47,6 +50,11 @@ pub struct Trainer {
     finish_vote: bool,
     /// The gang agreed to finish early: this state is final ([`Trainer::is_finished`]).
     finished_early: bool,
+    /// `train.patience`'s count, and whether the gang finished because it ran out.
+    patience: PatienceCount,
+    out_of_patience: bool,
+    /// Rank 0's validation of this state, to count in the next step ([`Trainer::count_validation`]).
+    validation_to_count: Option<f32>,
     /// A live handover of this rank under way (see [`Handover`]), and whether its first update
     /// (the one that carries [`Trainer::replay_checksum`]) went out.
     handover: Option<Box<dyn Handover>>,
@@ -168,6 +176,9 @@ impl Trainer {
             stop_vote: false,
             finish_vote: false,
             finished_early: false,
+            patience: state.patience,
+            out_of_patience: false,
+            validation_to_count: None,
             handover: None,
             handover_checked: false,
             handover_failure: None,
@@ -209,6 +220,11 @@ impl Trainer {
         for value in [self.cursor.epoch, self.cursor.global_sample_offset, self.step] {
             hash.write(&value.to_le_bytes());
         }
+        let patience = &self.patience;
+        let best = patience.best.map_or(u64::MAX, |b| u64::from(b.to_bits()));
+        for value in [best, patience.best_step, u64::from(patience.since_best), patience.counted_step] {
+            hash.write(&value.to_le_bytes());
+        }
         for value in [self.data.rows, self.data.features_per_row, self.data.classes] {
             hash.write(&(value as u64).to_le_bytes());
         }
@@ -243,10 +259,15 @@ impl Trainer {
         // every rank sees the same sums, so all ranks act after the same step.
         buffer.push(if std::mem::take(&mut self.stop_vote) { 1.0 } else { 0.0 });
         buffer.push(if std::mem::take(&mut self.finish_vote) { 1.0 } else { 0.0 });
+        // Rank 0's validation for train.patience: every rank counts it alike.
+        let counted = self.validation_to_count.take();
+        buffer.extend([if counted.is_some() { 1.0 } else { 0.0 }, counted.unwrap_or(0.0)]);
         let leaving = self.handover.as_ref().is_some_and(|h| h.caught_up());
         SwapVotes::mine(leaving, self.rank, &comm.joining_links()).push_to(&mut buffer);
         comm.all_reduce_sum(&mut buffer)?;
         let swap = SwapVotes::pop_from(&mut buffer);
+        let validation = buffer.split_off(buffer.len() - UPDATE_EXTRAS);
+        let out_of_patience = self.count_validation_from(&validation);
         let finish_agreed = buffer.pop().expect("the buffer ends with the finish votes") > 0.0;
         let stop_agreed = buffer.pop().expect("the buffer ends with the stop votes") > 0.0;
         let global_samples = plan.global_samples();
@@ -270,10 +291,11 @@ impl Trainer {
                 replaced,
             }
         };
-        if finish_agreed {
+        if finish_agreed || out_of_patience {
             // The job is done at the step the vote judged: this step's update is not applied
             // (nor forwarded to a joiner), so the final state is the one that was validated.
             self.finished_early = true;
+            self.out_of_patience = out_of_patience;
             return Ok(report(self.step, 0.0, None));
         }
         let scale = 1.0 / global_samples as f32;
@@ -285,6 +307,7 @@ impl Trainer {
         if self.handover.is_some() {
             let checksum = (!std::mem::replace(&mut self.handover_checked, true)).then(|| self.replay_checksum());
             let last = replaced == Some(self.rank);
+            buffer.extend(validation); // the joiner counts it as this rank did
             let forwarded = self.handover.as_mut().map(|h| h.forward(self.step, buffer, checksum, last));
             if let Some(Err(e)) = forwarded {
                 tracing::warn!(error = %e, step = self.step, "the live handover was given up");
@@ -304,20 +327,23 @@ impl Trainer {
     /// scaled, as [`Handover::forward`] passes it) without computing anything: how a live
     /// handover's joining member catches up. The result is bit-identical to the step on the
     /// ranks that ran it (the same optimizer on the same numbers).
-    pub fn replay(&mut self, step: u64, gradient: &[f32]) -> Result<(), TrainError> {
+    pub fn replay(&mut self, step: u64, update: &[f32]) -> Result<(), TrainError> {
         if step != self.step + 1 {
             return Err(TrainError::Resume(format!(
                 "the update of step {step} came after step {}; updates must come in order",
                 self.step
             )));
         }
-        if gradient.len() != self.layout.len {
+        if update.len() != self.layout.len + UPDATE_EXTRAS {
             return Err(TrainError::Shape(format!(
-                "the update of step {step} has {} values; the model has {} parameters",
-                gradient.len(),
+                "the update of step {step} has {} values; the model has {} parameters (and {UPDATE_EXTRAS} more \
+                 follow them)",
+                update.len(),
                 self.layout.len
             )));
         }
+        let (gradient, validation) = update.split_at(self.layout.len);
+        self.count_validation_from(validation); // a step that ran out of patience is not forwarded
         let plan = self.next_plan();
         self.apply_update(&plan, gradient);
         Ok(())
@@ -412,6 +438,36 @@ impl Trainer {
     /// The gang agreed to finish before the job's length ([`Trainer::vote_finish`]).
     pub fn finished_early(&self) -> bool {
         self.finished_early
+    }
+
+    /// Counts rank 0's validation of this state for `train.patience` (nothing without it): the
+    /// next step carries its value to every rank, which count it alike; if the job then ran
+    /// out of patience, that step applies no update and ends training on every rank, as
+    /// [`Trainer::vote_finish`] does.
+    /// A state that counted this step's validation already (a job resumed at the step it ran
+    /// out of patience) does not count it again.
+    pub fn count_validation(&mut self, val_accuracy: f64, val_loss: f64) {
+        let counted = self.patience.best.is_some() && self.patience.counted_step == self.step;
+        if self.train_spec.patience > 0 && !counted {
+            self.validation_to_count = Some(self.train_spec.patience_metric.of(val_accuracy, val_loss) as f32);
+        }
+    }
+
+    /// Counts a step's `[counted, value]` (what [`Trainer::count_validation`] sent); whether the
+    /// job ran out of patience with it.
+    fn count_validation_from(&mut self, validation: &[f32]) -> bool {
+        let &[counted, value] = validation else { return false };
+        if counted <= 0.0 || self.train_spec.patience == 0 {
+            return false;
+        }
+        let train = &self.train_spec;
+        self.patience.count(self.step, value, train.patience_metric, train.patience_min_delta as f32);
+        self.patience.since_best >= train.patience
+    }
+
+    /// The count, once the gang finished because it ran out of patience.
+    pub fn out_of_patience(&self) -> Option<PatienceCount> {
+        self.out_of_patience.then_some(self.patience)
     }
 
     /// Runs one step's forward and backward pass on a batch of this rank's size and throws the
@@ -514,6 +570,7 @@ impl Trainer {
             layout_fingerprint: self.layout.fingerprint(),
             seed: self.train_spec.seed,
             train_rows: self.data.rows as u64,
+            patience: self.patience,
         }
     }
 
@@ -769,6 +826,7 @@ fn fresh_state(layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> Train
         layout_fingerprint: layout.fingerprint(),
         seed: train.seed,
         train_rows: data.rows as u64,
+        patience: PatienceCount::default(),
     }
 }
 

@@ -80,6 +80,8 @@ pub const RESUMABLE_FIELDS: &str = "priority, train.epochs or train.steps, train
 pub const STOP_AT_VAL_LOSS_MAX: f64 = 1e6;
 /// `train.clip_grad_norm` at most.
 pub const CLIP_GRAD_NORM_MAX: f64 = 1e6;
+/// `train.patience` at most (validations).
+pub const PATIENCE_MAX: i64 = 10_000;
 
 /// A validated job spec, with every default filled in.
 ///
@@ -238,6 +240,56 @@ pub struct TrainSpec {
     /// gradient, so the ranks stay identical.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// The job finishes once this many validations in a row (`validate_every_steps`) bring no
+    /// better `patience_metric` than the best so far (by more than `patience_min_delta`): early
+    /// stopping. 0: off. The count lives in the training state (every rank's, checkpointed), so
+    /// a preempted job counts on where it stopped.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patience: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patience_metric: PatienceMetric,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub patience_min_delta: f64,
+}
+
+/// What `train.patience` watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatienceMetric {
+    /// Lower is better.
+    #[default]
+    ValLoss,
+    /// Higher is better.
+    ValAccuracy,
+}
+
+impl PatienceMetric {
+    pub const NAMES: [&'static str; 2] = ["val_loss", "val_accuracy"];
+    const ALL: [PatienceMetric; 2] = [PatienceMetric::ValLoss, PatienceMetric::ValAccuracy];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[Self::ALL.iter().position(|m| *m == self).expect("every metric is listed")]
+    }
+
+    pub fn from_name(name: &str) -> Option<PatienceMetric> {
+        Self::NAMES.iter().position(|n| *n == name).map(|i| Self::ALL[i])
+    }
+
+    /// This metric of a validation.
+    pub fn of(self, val_accuracy: f64, val_loss: f64) -> f64 {
+        match self {
+            PatienceMetric::ValLoss => val_loss,
+            PatienceMetric::ValAccuracy => val_accuracy,
+        }
+    }
+
+    /// Whether `value` is better than `best` by more than `min_delta` (pure).
+    pub fn improves(self, value: f32, best: f32, min_delta: f32) -> bool {
+        match self {
+            PatienceMetric::ValLoss => value < best - min_delta,
+            PatienceMetric::ValAccuracy => value > best + min_delta,
+        }
+    }
 }
 
 /// The learning rate's course after the warm-up (`train.lr_schedule`).

@@ -67,6 +67,9 @@ pub(crate) struct RawTrain {
     pub warmup_steps: Option<i64>,
     pub min_learning_rate: Option<f64>,
     pub clip_grad_norm: Option<f64>,
+    pub patience: Option<i64>,
+    pub patience_metric: Option<String>,
+    pub patience_min_delta: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +173,10 @@ impl RawJobSpec {
             warmup_steps: (t.warmup_steps > 0).then(|| int("train.warmup_steps", t.warmup_steps, super::STEPS_MAX)),
             min_learning_rate: (t.min_learning_rate != 0.0).then_some(t.min_learning_rate),
             clip_grad_norm: t.clip_grad_norm,
+            patience: (t.patience > 0).then_some(i64::from(t.patience)),
+            patience_metric: (t.patience_metric != super::PatienceMetric::ValLoss)
+                .then(|| t.patience_metric.name().to_string()),
+            patience_min_delta: (t.patience_min_delta != 0.0).then_some(t.patience_min_delta),
         });
         let w = spec.workers;
         let c = &spec.capacity;

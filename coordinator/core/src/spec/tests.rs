@@ -164,6 +164,14 @@ fn every_rejected_case_names_its_field() {
             &["train.min_learning_rate"],
         ),
         ("a floor without a decay", with("[train]\nmin_learning_rate = 0.0001"), &["train.min_learning_rate"]),
+        ("patience without validation", with("[train]\npatience = 3"), &["train.patience"]),
+        (
+            "an unknown patience metric",
+            with("[train]\nvalidate_every_steps = 10\npatience = 3\npatience_metric = \"accuracy\""),
+            &["train.patience_metric"],
+        ),
+        ("a min delta without patience", with("[train]\npatience_min_delta = 0.01"), &["train.patience_min_delta"]),
+        ("patience too long", with("[train]\nvalidate_every_steps = 10\npatience = 10001"), &["train.patience"]),
         ("a clip of 0", with("[train]\nclip_grad_norm = 0.0"), &["train.clip_grad_norm"]),
         ("a clip of nan", with("[train]\nclip_grad_norm = nan"), &["train.clip_grad_norm"]),
         ("a target without validation", with("[train]\nstop_at_val_accuracy = 0.9"), &["train.stop_at_val_accuracy"]),
@@ -320,6 +328,21 @@ fn learning_rate_schedules_warm_up_then_decay_towards_the_floor() {
             .train;
     assert_eq!(again, cosine, "the canonical TOML keeps the schedule");
     assert_eq!(LrSchedule::from_name("cosine"), Some(LrSchedule::Cosine));
+}
+
+/// Patience watches val_loss (lower is better) or val_accuracy (higher), beyond a margin.
+#[test]
+fn patience_counts_an_improvement_beyond_its_margin() {
+    let spec = JobSpec::from_toml_str(&with(
+        "[train]\nvalidate_every_steps = 10\npatience = 3\npatience_metric = \"val_accuracy\"\npatience_min_delta = 0.01",
+    ))
+    .expect("valid");
+    let metric = spec.train.patience_metric;
+    assert_eq!((spec.train.patience, metric.of(0.9, 0.3)), (3, 0.9));
+    assert!(metric.improves(0.92, 0.9, 0.01) && !metric.improves(0.905, 0.9, 0.01));
+    assert!(PatienceMetric::ValLoss.improves(0.2, 0.3, 0.0) && !PatienceMetric::ValLoss.improves(0.3, 0.3, 0.0));
+    assert!(spec.to_toml().contains("patience_metric = \"val_accuracy\""), "{}", spec.to_toml());
+    assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
 }
 
 /// `train.init_from` takes a registered model as `NAME`, `NAME@VERSION` or `NAME@ALIAS`, and
@@ -619,6 +642,9 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
         prop_oneof![Just(0u64), 1u64..3_000_000_000],
         float.clone(),
         prop::option::of(float.clone()),
+        prop_oneof![Just(0u32), 1u32..20_000],
+        prop_oneof![Just(PatienceMetric::ValLoss), Just(PatienceMetric::ValAccuracy)],
+        float.clone(),
     );
     let train = (train, schedule).prop_map(
         |(
@@ -634,7 +660,15 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 stop_at_val_accuracy,
                 stop_at_val_loss,
             ),
-            (lr_schedule, warmup_steps, min_learning_rate, clip_grad_norm),
+            (
+                lr_schedule,
+                warmup_steps,
+                min_learning_rate,
+                clip_grad_norm,
+                patience,
+                patience_metric,
+                patience_min_delta,
+            ),
         )| {
             TrainSpec {
                 length,
@@ -651,6 +685,9 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 warmup_steps,
                 min_learning_rate,
                 clip_grad_norm,
+                patience,
+                patience_metric,
+                patience_min_delta,
             }
         },
     );

@@ -92,6 +92,10 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         (model(&mut c, raw.model), data(&mut c, raw.data))
     };
     let train = train(&mut c, raw.train.unwrap_or_default());
+    if train.patience == 0 && (train.patience_min_delta > 0.0 || train.patience_metric != PatienceMetric::ValLoss) {
+        let field = if train.patience_min_delta > 0.0 { "train.patience_min_delta" } else { "train.patience_metric" };
+        c.fail(field, "applies only with train.patience (how many validations without a better one end the job)");
+    }
     if train.min_learning_rate > train.learning_rate {
         c.fail(
             "train.min_learning_rate",
@@ -112,6 +116,7 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
     for (field, set) in [
         ("train.stop_at_val_accuracy", train.stop_at_val_accuracy.is_some()),
         ("train.stop_at_val_loss", train.stop_at_val_loss.is_some()),
+        ("train.patience", train.patience > 0),
     ] {
         if set && train.validate_every_steps == 0 {
             c.fail(field, "needs train.validate_every_steps: how often rank 0 evaluates the validation set");
@@ -338,6 +343,23 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
         clip_grad_norm: raw
             .clip_grad_norm
             .map(|v| c.float("train.clip_grad_norm", Some(v), v, (0.0, CLIP_GRAD_NORM_MAX), false)),
+        patience: c.int("train.patience", raw.patience, 0, 0, PATIENCE_MAX) as u32,
+        patience_metric: match raw.patience_metric.as_deref().map(|name| (name, PatienceMetric::from_name(name))) {
+            None => PatienceMetric::ValLoss,
+            Some((_, Some(metric))) => metric,
+            Some((other, None)) => {
+                let allowed = PatienceMetric::NAMES.join(", ");
+                c.fail("train.patience_metric", format!("`{other}` is not a validation metric; allowed: {allowed}"));
+                PatienceMetric::ValLoss
+            }
+        },
+        patience_min_delta: c.float(
+            "train.patience_min_delta",
+            raw.patience_min_delta,
+            0.0,
+            (0.0, STOP_AT_VAL_LOSS_MAX),
+            true,
+        ),
     }
 }
 
