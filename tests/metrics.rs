@@ -235,6 +235,11 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     let reason = done["reason"].as_str().unwrap_or_default();
     let said = format!("finished at step {step}: its validation reached train.stop_at_val_accuracy = 0.5");
     assert!(reason.starts_with(&said), "{done}");
+    let event = done["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "succeeded"))
+        .unwrap_or_else(|| panic!("{done}"));
+    assert!(event["message"].as_str().is_some_and(|m| m.starts_with(&format!("generation 1 {said}"))), "{event}");
     assert!(done["metrics"]["val_accuracy"].as_f64().is_some_and(|a| a >= 0.5), "{done}");
 }
 

@@ -187,19 +187,18 @@ pub(super) fn run_rank(
         && let Some(validation) = validation_set.as_deref()
     {
         // A generation that resumes at a validation step its predecessor did not judge (it
-        // stopped there) judges it first: the job finishes where an uninterrupted run would.
-        match trainer.evaluate(validation) {
-            Ok(metrics) => {
-                trainer.count_validation(metrics.val_accuracy, metrics.val_loss);
-                if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
-                    log.note(format!(
-                        "the validation of step {first_step}, where this generation resumes, reached {target}: the \
-                         job finishes here"
-                    ));
-                    trainer.vote_finish();
-                    reached = Some(format!("finished at step {first_step}: its validation reached {target}"));
-                }
+        // stopped there), or a live handover's joiner that takes rank 0 after one (the leaving
+        // rank 0 judged it, but never ran the step that would count it), judges it first: the
+        // job finishes where an uninterrupted run would.
+        match trainer.validate(validation) {
+            Ok((_, Some(target))) => {
+                log.note(format!(
+                    "the validation of step {first_step}, where this generation resumes, reached {target}: the \
+                     job finishes here"
+                ));
+                reached = Some(format!("finished at step {first_step}: its validation reached {target}"));
             }
+            Ok((_, None)) => {}
             Err(e) => log.note(format!("validation at step {first_step} failed: {e}")),
         }
     }
@@ -245,8 +244,8 @@ pub(super) fn run_rank(
         {
             // The other ranks wait for it at the next all-reduce; it reads the weights only.
             let evaluating = Instant::now();
-            match trainer.evaluate(validation) {
-                Ok(metrics) => {
+            match trainer.validate(validation) {
+                Ok((metrics, target)) => {
                     log.note(format!(
                         "validation at step {}: val_accuracy {:.4} val_loss {:.4} ({:.0} ms)",
                         report.step,
@@ -254,13 +253,11 @@ pub(super) fn run_rank(
                         metrics.val_loss,
                         evaluating.elapsed().as_secs_f64() * 1e3
                     ));
-                    trainer.count_validation(metrics.val_accuracy, metrics.val_loss);
-                    if let Some(target) = spec.train.target_reached(metrics.val_accuracy, metrics.val_loss) {
+                    if let Some(target) = target {
                         // Every rank ends at this step: the next one applies no update. The
                         // final validation (of these weights) is the one reported for it; an
                         // earlier one not reported yet goes now.
                         log.note(format!("validation at step {} reached {target}: the job finishes here", report.step));
-                        trainer.vote_finish();
                         reached = Some(format!("finished at step {}: its validation reached {target}", report.step));
                         report_validation(context, &train, progress, validated.take());
                     } else {
@@ -452,7 +449,10 @@ pub(super) fn run_rank(
         }
         ControlFlow::Continue(())
     });
-    report_validation(context, &train, progress, validated.take());
+    // A gang that finished early at the step validated last (patience) reports that validation
+    // as its final metrics: not twice.
+    let pending = validated.take().filter(|(step, _)| !(trainer.finished_early() && *step == trainer.steps_done()));
+    report_validation(context, &train, progress, pending);
     let last = match outcome {
         Ok(last) => last,
         Err(e) => {

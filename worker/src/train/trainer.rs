@@ -440,6 +440,20 @@ impl Trainer {
         self.finished_early
     }
 
+    /// Rank 0's validation while the job trains: evaluates this state on `data`, counts it for
+    /// `train.patience` ([`Trainer::count_validation`]) and, when it reaches a target
+    /// (`train.stop_at_val_accuracy` or `stop_at_val_loss`), asks the gang to finish here
+    /// ([`Trainer::vote_finish`]) and returns the target, named with the value.
+    pub fn validate(&mut self, data: &Dataset) -> Result<(Metrics, Option<String>), TrainError> {
+        let metrics = self.evaluate(data)?;
+        self.count_validation(metrics.val_accuracy, metrics.val_loss);
+        let target = self.train_spec.target_reached(metrics.val_accuracy, metrics.val_loss);
+        if target.is_some() {
+            self.vote_finish();
+        }
+        Ok((metrics, target))
+    }
+
     /// Counts rank 0's validation of this state for `train.patience` (nothing without it): the
     /// next step carries its value to every rank, which count it alike; if the job then ran
     /// out of patience, that step applies no update and ends training on every rank, as

@@ -776,7 +776,14 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
             });
             job.updated_at_unix_ms = now;
             let kind = if success { "succeeded" } else { "failed" };
-            push_event(job, now, kind, format!("generation {generation} finished at step {step}"));
+            // A success before its length says why (its reason: "finished at step S: its
+            // validation reached ..."); any other end, where.
+            let said = if success && job.reason.starts_with("finished at step ") {
+                format!("generation {generation} {}", job.reason)
+            } else {
+                format!("generation {generation} finished at step {step}")
+            };
+            push_event(job, now, kind, said);
             if success && artifact.is_none() && !job.spec.output.register_as.is_empty() {
                 // Said where the user looks (the job's events), not only in a worker's log.
                 let why = if job.reason.is_empty() { "the job reported no model" } else { job.reason.as_str() };
@@ -1699,6 +1706,12 @@ fn resume_job(
                 "a command job that succeeded is not resumed (its program sets its length): submit it again",
             ));
         }
+        JobState::Succeeded if job.spec.train.decays_over_length() => {
+            return Err(not(
+                "its learning rate decayed over its length (train.lr_schedule), so it does not train further: \
+                 fine-tune its registered model in a new job (train.init_from)",
+            ));
+        }
         JobState::Succeeded => {
             use crate::spec::TrainLength::{Epochs, Steps};
             let longer = match (job.spec.train.length, spec.as_ref().map(|s| s.train.length)) {
@@ -1730,8 +1743,8 @@ fn resume_job(
     if spec.train.length != job.spec.train.length && spec.train.decays_over_length() {
         return Err(bad(format!(
             "train.lr_schedule = \"{}\" decays over the job's length: a new length would change the learning \
-             rate of the steps it trained; resume it with its length, or fine-tune its registered model \
-             (train.init_from) in a new job",
+             rate of the steps it trained, so a resume keeps it; to train it further, fine-tune its registered \
+             model in a new job (train.init_from)",
             spec.train.lr_schedule.name()
         )));
     }

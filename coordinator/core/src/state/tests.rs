@@ -2678,4 +2678,13 @@ fn a_decaying_schedule_keeps_its_length_on_a_resume() {
     );
     assert_eq!(state.jobs[&JobId(1)].state, JobState::Cancelled, "a refused resume changes nothing");
     assert_eq!(resume(&mut state, None), Ok(Applied::JobResumed { job_id: JobId(1), from_step: 40 }));
+    // Once it succeeded, it does not train further: its rate reached the end of its course.
+    state.jobs.get_mut(&JobId(1)).expect("the job").state = JobState::Succeeded;
+    let mut longer = state.jobs[&JobId(1)].spec.clone();
+    longer.train.length = crate::spec::TrainLength::Steps(5_000);
+    let refused = resume(&mut state, Some(longer)).expect_err("a finished cosine job");
+    assert!(
+        refused.to_string().ends_with("fine-tune its registered model in a new job (train.init_from)"),
+        "{refused}"
+    );
 }
