@@ -42,6 +42,22 @@ impl Checker {
         }
     }
 
+    /// One of a field's named choices (`from_name` reads `allowed`), or `default` when absent.
+    fn choice<T>(
+        &mut self,
+        field: &str,
+        value: Option<&str>,
+        default: T,
+        from_name: fn(&str) -> Option<T>,
+        allowed: &[&str],
+    ) -> T {
+        let Some(name) = value else { return default };
+        from_name(name).unwrap_or_else(|| {
+            self.fail(field, format!("`{name}` is not allowed; use one of {}", allowed.join(", ")));
+            default
+        })
+    }
+
     fn required<T>(&mut self, field: &str, value: Option<T>, hint: &str) -> Option<T> {
         if value.is_none() {
             self.fail(field, format!("is required; {hint}"));
@@ -323,15 +339,13 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
         stop_at_val_loss: raw
             .stop_at_val_loss
             .map(|v| c.float("train.stop_at_val_loss", Some(v), v, (0.0, STOP_AT_VAL_LOSS_MAX), false)),
-        lr_schedule: match raw.lr_schedule.as_deref().map(|name| (name, LrSchedule::from_name(name))) {
-            None => LrSchedule::Constant,
-            Some((_, Some(schedule))) => schedule,
-            Some((other, None)) => {
-                let allowed = LrSchedule::NAMES.join(", ");
-                c.fail("train.lr_schedule", format!("`{other}` is not a known schedule; allowed: {allowed}"));
-                LrSchedule::Constant
-            }
-        },
+        lr_schedule: c.choice(
+            "train.lr_schedule",
+            raw.lr_schedule.as_deref(),
+            LrSchedule::Constant,
+            LrSchedule::from_name,
+            &LrSchedule::NAMES,
+        ),
         warmup_steps: c.int("train.warmup_steps", raw.warmup_steps, 0, 0, STEPS_MAX) as u64,
         min_learning_rate: c.float(
             "train.min_learning_rate",
@@ -344,15 +358,13 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
             .clip_grad_norm
             .map(|v| c.float("train.clip_grad_norm", Some(v), v, (0.0, CLIP_GRAD_NORM_MAX), false)),
         patience: c.int("train.patience", raw.patience, 0, 0, PATIENCE_MAX) as u32,
-        patience_metric: match raw.patience_metric.as_deref().map(|name| (name, PatienceMetric::from_name(name))) {
-            None => PatienceMetric::ValLoss,
-            Some((_, Some(metric))) => metric,
-            Some((other, None)) => {
-                let allowed = PatienceMetric::NAMES.join(", ");
-                c.fail("train.patience_metric", format!("`{other}` is not a validation metric; allowed: {allowed}"));
-                PatienceMetric::ValLoss
-            }
-        },
+        patience_metric: c.choice(
+            "train.patience_metric",
+            raw.patience_metric.as_deref(),
+            PatienceMetric::ValLoss,
+            PatienceMetric::from_name,
+            &PatienceMetric::NAMES,
+        ),
         patience_min_delta: c.float(
             "train.patience_min_delta",
             raw.patience_min_delta,
@@ -489,16 +501,13 @@ fn run(c: &mut Checker, raw: RawRun, gpus: u32) -> RunSpec {
             format!("{procs} is more than workers.gpus = {gpus}; run at most one process per GPU"),
         );
     }
-    let notice_signal = match raw.notice_signal.as_deref() {
-        None => NoticeSignal::Term,
-        Some(name) => NoticeSignal::from_name(name).unwrap_or_else(|| {
-            c.fail(
-                "run.notice_signal",
-                format!("`{name}` is not allowed; use one of {}", NoticeSignal::NAMES.join(", ")),
-            );
-            NoticeSignal::Term
-        }),
-    };
+    let notice_signal = c.choice(
+        "run.notice_signal",
+        raw.notice_signal.as_deref(),
+        NoticeSignal::Term,
+        NoticeSignal::from_name,
+        &NoticeSignal::NAMES,
+    );
     let env = raw.env.unwrap_or_default();
     if env.len() > ENV_VARS_MAX {
         c.fail("run.env", format!("has {} variables; at most {ENV_VARS_MAX}", env.len()));
