@@ -27,7 +27,6 @@ pub const EVAL_BATCH_ROWS: usize = 512;
 /// One rank's training: model, flat parameters, optimizer state and cursor.
 pub struct Trainer {
     train_spec: TrainSpec,
-    hyper: Hyper,
     data: Arc<Dataset>,
     /// The device training runs on, recording for autodiff.
     device: Device,
@@ -155,12 +154,6 @@ impl Trainer {
         let order = (state.cursor.epoch, Arc::new(epoch_order(train.seed, state.cursor.epoch, data.rows)));
         Ok(Trainer {
             train_spec: train.clone(),
-            hyper: Hyper {
-                optimizer: train.optimizer,
-                learning_rate: train.learning_rate as f32,
-                weight_decay: train.weight_decay as f32,
-                gradient_scale: 1.0,
-            },
             data,
             device,
             eval_device,
@@ -373,15 +366,13 @@ impl Trainer {
     /// of `gradient` (`train.clip_grad_norm`). Pure in the state and the gradient, so every rank
     /// and a joiner's replay use the same.
     fn update_hyper(&self, gradient: &[f32]) -> Hyper {
-        let learning_rate = self.learning_rate();
-        let gradient_scale =
-            self.train_spec.clip_grad_norm.map_or(1.0, |max| optim::clip_factor(optim::l2_norm(gradient), max));
-        Hyper { learning_rate, gradient_scale, ..self.hyper }
-    }
-
-    /// The learning rate of the next update (`train.lr_schedule`, `warmup_steps`).
-    pub fn learning_rate(&self) -> f32 {
-        self.train_spec.learning_rate_at(self.step + 1, self.total_steps()) as f32
+        let train = &self.train_spec;
+        Hyper {
+            optimizer: train.optimizer,
+            learning_rate: train.learning_rate_at(self.step + 1, self.total_steps()) as f32,
+            weight_decay: train.weight_decay as f32,
+            gradient_scale: train.clip_grad_norm.map_or(1.0, |max| optim::clip_factor(optim::l2_norm(gradient), max)),
+        }
     }
 
     /// A checksum of what a step's update changes: the parameters' bits (Adam's moments enter
