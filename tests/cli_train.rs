@@ -94,20 +94,31 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
 /// before the spec's length, and that step's state is final: bit-identical to a run told to
 /// stop at that step.
 /// `train.patience`: on 2 workers the run ends at the validation that made `patience` in a row
-/// without a better one, says so, and keeps the count in its final checkpoint.
+/// without a better one, says so, and keeps the count in its final checkpoint. With
+/// `train.keep_best` its model is the best validated state: the final checkpoint's `best` part
+/// holds the weights of the checkpoint at that step, and the metrics are that validation's.
 #[test]
 fn patience_finishes_a_run_that_stopped_improving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_str().expect("utf-8");
-    let spec = example("digits-mlp.toml"); // 20 epochs: 900 steps on 2 workers
-    let args = ["--set", "train.validate_every_steps=20", "--set", "train.patience=3"];
+    let spec = example("digits-mlp.toml"); // 20 epochs: 460 steps on 2 workers
+    let args = [
+        "--set",
+        "train.validate_every_steps=20",
+        "--set",
+        "train.patience=3",
+        "--set",
+        "train.keep_best=true",
+        "--set",
+        "checkpoint.every_steps=20",
+    ];
     let patient = flotilla(
         &[&["train", &spec, "--local-workers", "2", "--checkpoint-dir", root], &args[..], &["-o", "json"]].concat(),
     );
     let notes = String::from_utf8_lossy(&patient.stderr).to_string();
     let summary = ok_json(patient);
     let step = summary["step"].as_u64().expect("the final step");
-    assert!(step.is_multiple_of(20) && step < 900, "it finished early, at a validation step: {summary}");
+    assert!(step.is_multiple_of(20) && step < 460, "it finished early, at a validation step: {summary}");
     let said = format!("finished at step {step}: 3 validations in a row brought no better val_loss than");
     assert!(notes.contains(&said), "{notes}");
     let meta: serde_json::Value = serde_json::from_slice(
@@ -116,6 +127,17 @@ fn patience_finishes_a_run_that_stopped_improving() {
     .expect("JSON");
     assert_eq!(meta["patience"]["since_best"], 3, "{meta}");
     assert_eq!(meta["patience"]["best_step"].as_u64(), Some(step - 60), "{meta}");
+
+    let best = step - 60;
+    let part = |ckpt: u64, name: &str| std::fs::read(Path::new(root).join(format!("ckpt/{ckpt:012}/{name}")));
+    let kept = part(step, "best").expect("the final checkpoint has the best state");
+    assert!(kept == part(best, "model").expect("the checkpoint of the best step"), "the weights of step {best}");
+    assert!(kept != part(step, "model").expect("the final weights"), "not the last weights");
+    assert_eq!(summary["model_step"].as_u64(), Some(best), "{summary}");
+    assert!(notes.contains(&format!("the model is the best validated state, step {best} (val_loss ")), "{notes}");
+    let accuracy = summary["metrics"]["val_accuracy"].as_f64().expect("the model's accuracy");
+    let validated = format!("validation at step {best}: val_accuracy {accuracy:.4} ");
+    assert!(notes.contains(&validated), "the metrics are the best validation's ({validated}): {notes}");
 }
 
 #[test]
@@ -123,7 +145,7 @@ fn a_validation_target_finishes_the_run_at_the_step_validated() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (early, fixed) = (dir.path().join("early"), dir.path().join("fixed"));
     let (early, fixed) = (early.to_str().expect("utf-8"), fixed.to_str().expect("utf-8"));
-    let spec = example("digits-mlp.toml"); // 20 epochs: 900 steps on 2 workers
+    let spec = example("digits-mlp.toml"); // 20 epochs: 460 steps on 2 workers
     let targeted = flotilla(&[
         "train",
         &spec,
@@ -147,7 +169,7 @@ fn a_validation_target_finishes_the_run_at_the_step_validated() {
         .and_then(|rest| rest.split(' ').next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{reached}"));
-    assert!(step.is_multiple_of(20) && step < 900, "{notes}");
+    assert!(step.is_multiple_of(20) && step < 460, "{notes}");
     assert_eq!((summary["step"].as_u64(), summary["total_steps"].as_u64()), (Some(step), Some(step)), "{summary}");
     assert!(summary["metrics"]["val_accuracy"].as_f64().is_some_and(|a| a >= 0.93), "{summary}");
     let below: Vec<&str> =

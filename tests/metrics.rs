@@ -241,6 +241,45 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
         .unwrap_or_else(|| panic!("{done}"));
     assert!(event["message"].as_str().is_some_and(|m| m.starts_with(&format!("generation 1 {said}"))), "{event}");
     assert!(done["metrics"]["val_accuracy"].as_f64().is_some_and(|a| a >= 0.5), "{done}");
+
+    // With train.keep_best the model is the best validated state: the job's metrics, its
+    // registered version and its history name that step; the history also has the last state's.
+    let kept = cluster.dir.path().join("kept.toml");
+    std::fs::write(
+        &kept,
+        "name = \"kept\"\nmodel = { kind = \"mlp\", hidden = [64] }\n\
+         data = { train = \"synthetic:blobs?samples=4000&features=32&classes=4&seed=3\", validation_fraction = 0.1 }\n\
+         train = { steps = 10000, batch_size = 32, validate_every_steps = 50, patience = 2, patience_min_delta = 0.05, \
+         keep_best = true }\nworkers = { min = 2, max = 2 }\noutput = { register_as = \"kept\" }\n",
+    )
+    .expect("spec");
+    let kept = submit(home, &kept);
+    let started = Instant::now();
+    while status(home, &kept)["state"] != "Succeeded" && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let done = status(home, &kept);
+    let step = done["step"].as_u64().expect("step");
+    let best = done["metrics"]["val_step"].as_u64().expect("the model's step");
+    assert!(done["state"] == "Succeeded" && best + 100 == step, "two validations after the best: {done}");
+    let said = format!("the model is the best validated state, step {best} (val_loss ");
+    assert!(done["reason"].as_str().is_some_and(|r| r.contains(&said)), "{done}");
+    let registered = done["events"].as_array().and_then(|e| e.iter().find(|e| e["kind"] == "registered"));
+    let message = format!("model kept version 1 (its best validated state, step {best}, not its last)");
+    assert!(registered.is_some_and(|e| e["message"] == message.as_str()), "{done}");
+    let model = common::ok(common::run(home, &["models", "show", "kept", "-o", "json"]));
+    let model: serde_json::Value = serde_json::from_str(&model).expect("models show prints JSON");
+    assert_eq!(model["metrics"]["val_step"], best, "{model}");
+    assert_eq!(model["metrics"]["val_loss"], done["metrics"]["val_loss"], "{model}");
+    let all = common::ok(common::run(home, &["history", &kept, "--points", "10000", "-o", "json"]));
+    let all: serde_json::Value = serde_json::from_str(&all).expect("history prints one JSON object");
+    let validation_at = |at: u64| {
+        let points = all["points"].as_array().expect("points");
+        points.iter().rev().find(|p| p["step"] == at && p["val_loss"].is_number()).map(|p| p["val_loss"].clone())
+    };
+    assert_eq!(validation_at(best), Some(done["metrics"]["val_loss"].clone()), "the model's validation: {all}");
+    let last = validation_at(step).unwrap_or_else(|| panic!("the last state's validation: {all}"));
+    assert_ne!(last, done["metrics"]["val_loss"], "{all}");
 }
 
 /// Worker processes started by the test (killed when it ends).

@@ -84,6 +84,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             patience: spec.train.patience,
             patience_metric: spec.train.patience_metric.name().to_string(),
             patience_min_delta: spec.train.patience_min_delta,
+            keep_best: spec.train.keep_best,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -207,6 +208,7 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
             patience: train.patience,
             patience_metric,
             patience_min_delta: train.patience_min_delta,
+            keep_best: train.keep_best,
         },
         workers: WorkersSpec { min: workers.min, max: workers.max, gpus: workers.gpus },
         capacity: CapacitySpec {
@@ -304,7 +306,7 @@ pub fn job_to_proto(
             val_loss: m.val_loss,
             train_loss: m.train_loss,
             samples_per_s: None,
-            val_step: 0,
+            val_step: m.val_step,
         })),
         cost_usd: job.cost_usd_at(now_unix_ms),
         spec: Some(spec_to_proto(&job.spec)),

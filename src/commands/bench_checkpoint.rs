@@ -54,6 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: 1,
         train_rows: 1,
         patience: Default::default(),
+        best_params: Vec::new(),
     };
     let (mut writes, mut reads, mut bytes, mut uris) = (Vec::new(), Vec::new(), 0u64, Vec::new());
     for repeat in 0..args.repeats {

@@ -545,8 +545,14 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
         0 => String::new(),
         n => format!(", patience {n} validation(s) of {}", train.patience_metric.name()),
     };
+    let keep = match (train.keep_best, train.patience) {
+        (false, _) => String::new(),
+        (true, 0) => format!(", keeps the best validated state by {}", train.patience_metric.name()),
+        (true, _) => ", keeps the best validated state".to_string(),
+    };
     format!(
-        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}{patience}, seed {}{init}",
+        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}{patience}{keep}, seed \
+         {}{init}",
         data.train, train.learning_rate, train.batch_size, train.seed
     )
 }
@@ -596,8 +602,12 @@ fn job_text(job: &v1::JobStatus, served_by: u64) -> String {
         training.push(format!("validation loss {loss:.4}"));
     }
     if metrics.val_step > 0 && metrics.val_accuracy.is_some() {
-        // While it trains: the newest validation's step.
-        training.push(format!("validated at step {}", metrics.val_step));
+        // While it trains: the newest validation's step; once it succeeded, that of the state
+        // kept as its model (train.keep_best), when not its last.
+        training.push(match job.state == v1::JobState::Succeeded as i32 {
+            true => format!("of its model: the best validated state, step {}", metrics.val_step),
+            false => format!("validated at step {}", metrics.val_step),
+        });
     }
     if !training.is_empty() {
         line("metrics", training.join(", "));
@@ -940,6 +950,17 @@ mod tests {
             "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001 (cosine to 0.00001 after 50 warm-up step(s)), gradient \
              norm clipped to 1, batch 64 per worker, 500 step(s), patience 4 validation(s) of val_loss, seed 42"
         );
+        let kept = flotilla_core::spec::JobSpec::from_toml_str(
+            "name = \"x\"\nmodel = { kind = \"mlp\", hidden = [8] }\ndata = { train = \"s3://bkt/d.csv\" }\n\
+             workers = { min = 1 }\n[train]\nsteps = 500\nvalidate_every_steps = 50\nkeep_best = true\n\
+             patience_metric = \"val_accuracy\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            spec_text(&kept),
+            "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001, batch 64 per worker, 500 step(s), keeps the best \
+             validated state by val_accuracy, seed 42"
+        );
         let long = "a".repeat(200);
         let command = flotilla_core::spec::JobSpec::from_toml_str(&format!(
             "name = \"c\"\nworkers = {{ min = 1 }}\n[run]\ncommand = [\"python\", \"{long}\"]\n"
@@ -1033,6 +1054,15 @@ mod tests {
         assert_eq!(lines[5], "  resumed from 0 B peer to peer, 5.6 MB from the store");
         assert_eq!(lines[6], "  checkpoints  7; newest at step 3150: file:///s/ckpt/3150 (being written)");
         assert_eq!(lines[7], "  spares       1 of 2: worker-4");
+        // A succeeded job whose model is an earlier validated state (train.keep_best) names it.
+        let kept = v1::JobStatus {
+            state: v1::JobState::Succeeded.into(),
+            step: 240,
+            metrics: Some(v1::JobMetrics { val_accuracy: Some(0.95), val_step: 180, ..Default::default() }),
+            ..Default::default()
+        };
+        let said = "  metrics      validation accuracy 0.9500, of its model: the best validated state, step 180\n";
+        assert!(job_text(&kept, 1).contains(said), "{}", job_text(&kept, 1));
         assert!(text.contains("  events       5 earlier not shown (-o json lists them)\n"), "{text}");
         assert!(
             !text.contains(": e4\n") && text.contains("  event        ") && text.contains("Z gang: e5\n"),

@@ -56,7 +56,12 @@ fn version_json(v: &v1::ModelVersion) -> Value {
         "job_id": v.job_id,
         "source_checkpoint": v.source_checkpoint.as_ref().map(|c| json!({"step": c.step, "uri": c.uri})),
         "dataset_sha256": v.dataset_sha256,
-        "metrics": {"val_accuracy": metrics.val_accuracy, "val_loss": metrics.val_loss, "train_loss": metrics.train_loss},
+        "metrics": {
+            "val_accuracy": metrics.val_accuracy,
+            "val_loss": metrics.val_loss,
+            "train_loss": metrics.train_loss,
+            "val_step": metrics.val_step,
+        },
         "preemptions_survived": v.preemptions_survived,
         "cost_usd": v.cost_usd,
         "artifact_uri": v.artifact_uri,
@@ -78,7 +83,11 @@ fn version_text(v: &v1::ModelVersion) -> String {
         Some(x) => format!("{x:.4}"),
     };
     let aliases = if v.aliases.is_empty() { String::new() } else { format!(" ({})", v.aliases.join(", ")) };
-    let checkpoint = v.source_checkpoint.as_ref().map_or("-".to_string(), |c| format!("step {} at {}", c.step, c.uri));
+    let mut checkpoint =
+        v.source_checkpoint.as_ref().map_or("-".to_string(), |c| format!("step {} at {}", c.step, c.uri));
+    if metrics.val_step > 0 {
+        checkpoint.push_str(&format!("; the model is its best validated state, step {}", metrics.val_step));
+    }
     let spec = v.spec.clone().and_then(|s| flotilla_proto::convert::spec_from_proto(s).ok()).map(|s| s.to_toml());
     let mut text = format!(
         "{name} version {version}{aliases}\n\

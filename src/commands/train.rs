@@ -425,6 +425,8 @@ fn summarize(
             "train_loss": metrics.train_loss,
             "samples_per_s": metrics.samples_per_s,
         },
+        // The step of the state that is the model when not the last (train.keep_best).
+        "model_step": if metrics.val_step > 0 { metrics.val_step } else { report.step },
         "checkpoint": checkpoint,
         "model": model,
     });
@@ -442,7 +444,10 @@ fn summarize(
                 println!("checkpoint: {uri}");
             }
             if let Some(uri) = model {
-                println!("model: {uri}");
+                match metrics.val_step {
+                    0 => println!("model: {uri}"),
+                    step => println!("model: {uri} (the best validated state, step {step})"),
+                }
             }
         }
     }

@@ -29,24 +29,32 @@ fn digits_spec(model: &str, train: &str) -> JobSpec {
     JobSpec::from_toml_str(&text).expect("test spec is valid")
 }
 
-/// Adam with a warm-up, a cosine decay over the epochs, clipping and patience: a joiner's
-/// replayed updates must use the same rate and clipping factor as the gang's steps, and count
-/// the same validations ([`count_on_rank_zero`]).
+/// Adam with a warm-up, a cosine decay over the epochs, clipping, patience and the best state
+/// kept: a joiner's replayed updates must use the same rate and clipping factor as the gang's
+/// steps, and count the same validations ([`count_on_rank_zero`]), keeping the same best state.
 fn mlp_adam() -> JobSpec {
     digits_spec(
         "kind = \"mlp\"\nhidden = [32]",
         "epochs = 20\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nweight_decay = 0.0001\nseed = 5\n\
-         lr_schedule = \"cosine\"\nwarmup_steps = 8\nclip_grad_norm = 1.0\nvalidate_every_steps = 1\npatience = 1000",
+         lr_schedule = \"cosine\"\nwarmup_steps = 8\nclip_grad_norm = 1.0\nvalidate_every_steps = 1\npatience = 1000\n\
+         keep_best = true",
     )
 }
 
 /// What rank 0's agent does after a validation: counts it for `train.patience` (here a value
-/// that improves and worsens by turns, without evaluating).
+/// without evaluating: better at every step to [`BEST_STEP`], worse and better by turns after,
+/// never as good): the handovers start before it, so a joiner takes an older best in the state
+/// and replays the update that counts this one.
 fn count_on_rank_zero(trainer: &mut Trainer, rank: usize) {
     if rank == 0 {
-        trainer.count_validation(0.5, (trainer.steps_done() % 7) as f64 * 0.1);
+        let step = trainer.steps_done();
+        let val_loss = if step <= BEST_STEP { 1.0 / (step + 1) as f64 } else { 1.0 + (step % 3) as f64 * 0.1 };
+        trainer.count_validation(0.5, val_loss);
     }
 }
+
+/// The step of the best validation ([`count_on_rank_zero`]).
+const BEST_STEP: u64 = 7;
 
 fn train_set(spec: &JobSpec) -> Arc<Dataset> {
     Arc::new(load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("data loads").train)
@@ -253,6 +261,10 @@ fn assert_handover_changes_no_bit(world: usize, leaving: usize, ports: Ports) {
     assert_eq!(joiner.optimizer, reference[leaving].optimizer, "and so is its optimizer state");
     assert_eq!(joiner.patience, reference[leaving].patience, "and its patience count");
     assert!(joiner.patience.counted_step > swap, "validations were counted after the swap: {:?}", joiner.patience);
+    let best = |state: &TrainState| state.best_params.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    assert!(!joiner.best_params.is_empty() && best(&joiner) == best(&reference[leaving]), "and its best state");
+    assert_eq!(joiner.patience.best_step, BEST_STEP, "{:?}", joiner.patience);
+    println!("handover from step {start_at}, swapped after step {swap}");
 }
 
 #[test]

@@ -383,3 +383,47 @@ fn patience_ends_the_run_at_the_same_step_however_it_was_resumed() {
     let again = train_validating(&spec, &data, &validation, Some(end), 5);
     assert_eq!((again.steps_done(), again.is_finished()), (finish + 5, false));
 }
+
+/// `train.keep_best`: every rank keeps the parameters of the best validated state, bit for bit
+/// those of a run stopped at that step; a run resumed before or at the best, or after it, keeps
+/// the same ones; keeping them changes nothing about the training; and the final state is the
+/// model instead only when its own validation (not counted yet) is better.
+#[test]
+fn keep_best_holds_the_best_validated_state_however_it_was_resumed() {
+    let train = "steps = 2000\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 11\n\
+                 validate_every_steps = 10\npatience = 3\npatience_metric = \"val_accuracy\"\npatience_min_delta = 0.002";
+    let plain = digits_spec("kind = \"mlp\"\nhidden = [32]", train, 1);
+    let spec = digits_spec("kind = \"mlp\"\nhidden = [32]", &format!("{train}\nkeep_best = true"), 1);
+    let splits = load_job_data(spec.built_in().expect("a built-in job").1, spec.train.seed).expect("data loads");
+    let (data, validation) = (Arc::new(splits.train), splits.validation.expect("a validation split"));
+    let whole = train_validating(&spec, &data, &validation, None, u64::MAX);
+    let count = whole.out_of_patience().expect("it ran out of patience");
+    let (best_step, best) = whole.kept_best(None).expect("the best is an earlier state than the last");
+    assert_eq!(best_step, count.best_step);
+    let at_best = train_validating(&spec, &data, &validation, None, best_step);
+    assert!(bits(best) == bits(&at_best.state().params), "the parameters of step {best_step}");
+    let evaluated = whole.evaluate_params(best, &validation).expect("evaluates");
+    assert_eq!(evaluated, at_best.evaluate(&validation).expect("evaluates"));
+    assert_eq!(evaluated.val_accuracy as f32, count.best.expect("a best"), "the count's best is that state's");
+    // The last state was validated and counted: the count judged it, whatever is said now.
+    let perfect = flotilla_worker::train::Metrics { val_accuracy: 1.0, val_loss: 0.0, rows: validation.rows };
+    assert_eq!(whole.kept_best(Some(&perfect)).map(|(step, _)| step), Some(best_step));
+    let without = train_validating(&plain, &data, &validation, None, u64::MAX);
+    assert!(without.kept_best(None).is_none(), "nothing kept without train.keep_best");
+    assert!(bits(&without.state().params) == bits(&whole.state().params), "the training is the same");
+    assert!(without.state().best_params.is_empty());
+    for stop in [best_step - 5, best_step, whole.steps_done() - 10] {
+        let first = train_validating(&spec, &data, &validation, None, stop);
+        let json = serde_json::to_string(&first.state()).expect("state serialises");
+        let state = serde_json::from_str(&json).expect("json");
+        let resumed = train_validating(&spec, &data, &validation, Some(state), 5000);
+        let kept = resumed.kept_best(None).map(|(step, params)| (step, bits(params) == bits(best)));
+        assert_eq!(kept, Some((best_step, true)), "resumed at {stop}: the same step and bits");
+    }
+    // Between two validations the final state was not counted: it is the model when its own
+    // validation is better than the best one, and not otherwise.
+    let between = train_validating(&spec, &data, &validation, None, best_step + 15);
+    let worst = flotilla_worker::train::Metrics { val_accuracy: 0.0, val_loss: 9.0, rows: validation.rows };
+    assert!(between.kept_best(Some(&perfect)).is_none(), "a better last state is the model");
+    assert_eq!(between.kept_best(Some(&worst)).map(|(step, _)| step), Some(best_step));
+}

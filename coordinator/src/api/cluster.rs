@@ -441,6 +441,7 @@ impl ClusterService for ClusterApi {
             val_accuracy: m.val_accuracy,
             val_loss: m.val_loss,
             train_loss: m.train_loss,
+            val_step: m.val_step,
         });
         let reason = flotilla_core::text::clip_middle(report.error.clone(), REPORT_TEXT_MAX);
         let (generation, step) = (report.generation, report.step);

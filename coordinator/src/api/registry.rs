@@ -39,7 +39,7 @@ fn to_proto(model: &Model, v: &CoreVersion) -> ModelVersion {
             val_loss: m.val_loss,
             train_loss: m.train_loss,
             samples_per_s: None,
-            val_step: 0,
+            val_step: m.val_step,
         }),
         preemptions_survived: v.preemptions,
         cost_usd: v.cost_usd,

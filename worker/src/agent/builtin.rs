@@ -452,6 +452,7 @@ pub(super) fn run_rank(
     // A gang that finished early at the step validated last (patience) reports that validation
     // as its final metrics: not twice.
     let pending = validated.take().filter(|(step, _)| !(trainer.finished_early() && *step == trainer.steps_done()));
+    let last_validated = pending.is_some_and(|(step, _)| step == trainer.steps_done());
     report_validation(context, &train, progress, pending);
     let last = match outcome {
         Ok(last) => last,
@@ -535,6 +536,35 @@ pub(super) fn run_rank(
             }
         }
     }
+    // train.keep_best: the model is the best validated state (every rank holds its parameters),
+    // unless this final one validated better; its metrics are the model's.
+    let final_metrics = metrics;
+    let (model_params, model_step, metrics) = match trainer.kept_best(metrics.as_ref()).zip(validation_set.as_deref()) {
+        Some(((step, params), validation)) => match trainer.evaluate_params(params, validation) {
+            Ok(best) => (params, step, Some(best)),
+            Err(e) => return broken(GenerationEnd::RetryableError, trainer.steps_done(), e),
+        },
+        None => (trainer.params(), 0, metrics),
+    };
+    let kept = (model_step > 0).then(|| {
+        let metric = spec.train.patience_metric;
+        let value = |m: Option<crate::train::Metrics>| m.map_or(f64::NAN, |m| metric.of(m.val_accuracy, m.val_loss));
+        format!(
+            "the model is the best validated state, step {model_step} ({} {:.4}), not the last, step {} ({:.4}; \
+             train.keep_best)",
+            metric.name(),
+            value(metrics),
+            trainer.steps_done(),
+            value(final_metrics)
+        )
+    });
+    if let Some(kept) = &kept {
+        log.note(kept.clone());
+        // The report's metrics are the model's: the last state's validation is a point of its own.
+        if !last_validated {
+            report_validation(context, &train, progress, final_metrics.map(|m| (trainer.steps_done(), m)));
+        }
+    }
     // The model for the registry: safetensors beside the checkpoints, and the data's fingerprint.
     // Why there is no model (the job finishes anyway: its training is done, and its newest
     // checkpoint holds the weights); the coordinator tells it in the job's events.
@@ -545,7 +575,7 @@ pub(super) fn run_rank(
         let exported = spec
             .built_in()
             .map_err(anyhow::Error::from)
-            .and_then(|(model, _)| Ok(crate::train::export::safetensors(model, trainer.layout(), trainer.params())?))
+            .and_then(|(model, _)| Ok(crate::train::export::safetensors(model, trainer.layout(), model_params)?))
             .and_then(|bytes| {
                 // A cluster's job may be trained further after it succeeded (`flotilla resume`
                 // with a longer length): each registration keeps its own file, named by its step.
@@ -596,8 +626,9 @@ pub(super) fn run_rank(
         job_id: train.job_id,
         generation: train.generation,
         success: true,
-        // A success's reason: where it finished before its length, and a model not exported.
-        error: [reached.filter(|_| trainer.finished_early()).unwrap_or_default(), unexported]
+        // A success's reason: where it finished before its length, the state kept as its model
+        // (train.keep_best), and a model not exported.
+        error: [reached.filter(|_| trainer.finished_early()).unwrap_or_default(), kept.unwrap_or_default(), unexported]
             .into_iter()
             .filter(|part| !part.is_empty())
             .collect::<Vec<_>>()
@@ -607,7 +638,7 @@ pub(super) fn run_rank(
             val_loss: metrics.map(|m| m.val_loss),
             train_loss: last.map(|r| f64::from(r.loss)),
             samples_per_s: last.map(|r| r.samples_per_s),
-            val_step: 0,
+            val_step: model_step,
         }),
         step: trainer.steps_done(),
         final_checkpoint: None,

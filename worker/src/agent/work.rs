@@ -547,7 +547,8 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
         }
     };
     // The progress channel closed with the training thread: the history's last points, then the
-    // final validation metrics. Only a finished job's history is complete before its report; any
+    // final validation metrics (at the step of the state that is the model: with
+    // `train.keep_best`, maybe an earlier one than the last). Only a finished job's history is complete before its report; any
     // other end writes it after the report: the gang regroups on the report, and the history's
     // write (on S3 a round trip, or a stall while the store is out) need not delay it.
     let _ = forwarder.await;
@@ -559,7 +560,7 @@ async fn train_and_report(context: RankContext, train: TrainAssignment, port: Ar
                 "t": crate::unix_now_ms(),
                 "generation": generation,
                 "world": world,
-                "step": report.step,
+                "step": if metrics.val_step > 0 { metrics.val_step } else { report.step },
                 "val_accuracy": metrics.val_accuracy,
                 "val_loss": metrics.val_loss,
             }))

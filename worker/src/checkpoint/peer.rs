@@ -520,6 +520,8 @@ pub(crate) mod tests {
             seed: 7,
             train_rows: 4000,
             patience: Default::default(),
+            // `train.keep_best`'s part travels too.
+            best_params: vec![0.5; 5002],
         }
     }
 

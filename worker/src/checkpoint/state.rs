@@ -3,7 +3,8 @@
 //! `model` holds the flat parameters and `optim` the optimizer's vectors (SGD: velocity; Adam:
 //! first moments then second moments), both as little-endian f32, so a checkpoint is compact
 //! and loads without parsing floats. `meta` is JSON with everything else (step, cursor, seed,
-//! layout fingerprint, Adam's update count, validation metrics).
+//! layout fingerprint, Adam's update count, validation metrics). With `train.keep_best`, `best`
+//! holds the parameters of the best validated state (f32 like `model`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -64,7 +65,11 @@ pub fn encode(state: &TrainState, metrics: Option<(f64, f64)>) -> Vec<(&'static 
         patience: state.patience,
     };
     let meta = Bytes::from(serde_json::to_vec_pretty(&meta).expect("checkpoint metadata is plain data"));
-    vec![("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)]
+    let mut parts = vec![("model", f32_to_bytes(&state.params)), ("optim", optim), ("meta", meta)];
+    if !state.best_params.is_empty() {
+        parts.push(("best", f32_to_bytes(&state.best_params)));
+    }
+    parts
 }
 
 /// A state encoded as checkpoint parts, with their manifest: what a save writes, computed once
@@ -133,6 +138,17 @@ pub fn decode(parts: &BTreeMap<String, Bytes>, origin: &str) -> Result<(TrainSta
             )));
         }
     };
+    let best_params = match parts.get("best") {
+        Some(bytes) => bytes_to_f32(bytes, "best")?,
+        None => Vec::new(),
+    };
+    if !best_params.is_empty() && best_params.len() != params.len() {
+        return Err(invalid(format!(
+            "part `best` holds {} values; part `model` holds {}",
+            best_params.len(),
+            params.len()
+        )));
+    }
     let state = TrainState {
         format_version: meta.format_version,
         step: meta.step,
@@ -143,6 +159,7 @@ pub fn decode(parts: &BTreeMap<String, Bytes>, origin: &str) -> Result<(TrainSta
         seed: meta.seed,
         train_rows: meta.train_rows,
         patience: meta.patience,
+        best_params,
     };
     Ok((state, meta))
 }
@@ -445,6 +462,7 @@ mod tests {
             seed: 7,
             train_rows: 4000,
             patience: PatienceCount { best: Some(0.25), best_step: 40, since_best: 2, counted_step: 42 },
+            best_params: vec![0.75, -1.0, 2.5],
         }
     }
 
@@ -466,6 +484,23 @@ mod tests {
             assert_eq!(meta.val_accuracy, Some(0.93));
         }
         assert!(dir.path().join("ckpt/000000000042/MANIFEST").exists());
+    }
+
+    /// `train.keep_best`'s part is optional (a state without it has none) and must fit the model.
+    #[test]
+    fn the_best_part_is_optional_and_must_fit_the_model() {
+        let with_best = state(OptimizerState::Sgd { velocity: vec![0.1, 0.2, 0.3] });
+        let parts = |state: &TrainState| -> BTreeMap<String, Bytes> {
+            encode(state, None).into_iter().map(|(name, bytes)| (name.to_string(), bytes)).collect()
+        };
+        let without = TrainState { best_params: Vec::new(), ..with_best.clone() };
+        assert!(!parts(&without).contains_key("best"));
+        assert_eq!(decode(&parts(&without), "here").expect("decodes").0, without);
+        assert_eq!(decode(&parts(&with_best), "here").expect("decodes").0.best_params, [0.75, -1.0, 2.5]);
+        let mut short = parts(&with_best);
+        short.insert("best".into(), f32_to_bytes(&[1.0, 2.0]));
+        let error = decode(&short, "here").expect_err("two values for three parameters").to_string();
+        assert!(error.contains("part `best` holds 2 values; part `model` holds 3"), "{error}");
     }
 
     #[test]

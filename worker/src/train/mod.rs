@@ -97,6 +97,10 @@ pub struct TrainState {
     /// `train.patience`'s count, the same on every rank (absent in states from before it).
     #[serde(default)]
     pub patience: PatienceCount,
+    /// With `train.keep_best`: the parameters of the best validated state (`patience`'s
+    /// `best_step`), the same on every rank; empty without, or before a validation counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub best_params: Vec<f32>,
 }
 
 /// `train.patience`'s count (early stopping), the same on every rank: the best value of the

@@ -52,6 +52,8 @@ pub struct Trainer {
     /// `train.patience`'s count, and whether the gang finished because it ran out.
     patience: PatienceCount,
     out_of_patience: bool,
+    /// With `train.keep_best`: the parameters of `patience.best_step`'s state.
+    best_params: Vec<f32>,
     /// Rank 0's validation of this state, to count in the next step ([`Trainer::count_validation`]).
     validation_to_count: Option<f32>,
     /// A live handover of this rank under way (see [`Handover`]), and whether its first update
@@ -171,6 +173,8 @@ impl Trainer {
             finished_early: false,
             patience: state.patience,
             out_of_patience: false,
+            // Kept only while the spec asks (a job resumed without it drops them).
+            best_params: if train.keep_best { state.best_params } else { Vec::new() },
             validation_to_count: None,
             handover: None,
             handover_checked: false,
@@ -218,6 +222,7 @@ impl Trainer {
         for value in [best, patience.best_step, u64::from(patience.since_best), patience.counted_step] {
             hash.write(&value.to_le_bytes());
         }
+        hash.write_f32s(&self.best_params);
         for value in [self.data.rows, self.data.features_per_row, self.data.classes] {
             hash.write(&(value as u64).to_le_bytes());
         }
@@ -453,21 +458,51 @@ impl Trainer {
     /// out of patience) does not count it again.
     pub fn count_validation(&mut self, val_accuracy: f64, val_loss: f64) {
         let counted = self.patience.best.is_some() && self.patience.counted_step == self.step;
-        if self.train_spec.patience > 0 && !counted {
+        if self.counts_validations() && !counted {
             self.validation_to_count = Some(self.train_spec.patience_metric.of(val_accuracy, val_loss) as f32);
         }
     }
 
     /// Counts a step's `[counted, value]` (what [`Trainer::count_validation`] sent); whether the
     /// job ran out of patience with it.
+    /// A new best is this state (its update is not applied yet): with `train.keep_best` every
+    /// rank copies its parameters.
     fn count_validation_from(&mut self, validation: &[f32]) -> bool {
         let &[counted, value] = validation else { return false };
-        if counted <= 0.0 || self.train_spec.patience == 0 {
+        if counted <= 0.0 || !self.counts_validations() {
             return false;
         }
         let train = &self.train_spec;
         self.patience.count(self.step, value, train.patience_metric, train.patience_min_delta as f32);
-        self.patience.since_best >= train.patience
+        if train.keep_best && self.patience.since_best == 0 {
+            self.best_params.clone_from(&self.params);
+        }
+        train.patience > 0 && self.patience.since_best >= train.patience
+    }
+
+    /// Whether rank 0's validations are counted: `train.patience` or `train.keep_best` watch them.
+    fn counts_validations(&self) -> bool {
+        self.train_spec.patience > 0 || self.train_spec.keep_best
+    }
+
+    /// The job's model with `train.keep_best`: the best validated state's step and parameters,
+    /// when that is not this state, and this state, whose validation is `final_metrics`, is not
+    /// better (beyond `patience_min_delta`; a state counted at this step was judged already).
+    /// `None`: this state is the model.
+    pub fn kept_best(&self, final_metrics: Option<&Metrics>) -> Option<(u64, &[f32])> {
+        let (train, count) = (&self.train_spec, &self.patience);
+        let best = count.best.filter(|_| train.keep_best && !self.best_params.is_empty())?;
+        if count.best_step == self.step {
+            return None;
+        }
+        let value = final_metrics.map(|m| train.patience_metric.of(m.val_accuracy, m.val_loss) as f32);
+        let judged = count.counted_step == self.step;
+        if let Some(value) = value.filter(|_| !judged)
+            && train.patience_metric.improves(value, best, train.patience_min_delta as f32)
+        {
+            return None;
+        }
+        Some((count.best_step, &self.best_params))
     }
 
     /// The count, once the gang finished because it ran out of patience.
@@ -508,6 +543,22 @@ impl Trainer {
     /// Accuracy and mean loss of the current weights on `data` (a validation set of the same
     /// shape). Local to this rank: no collective.
     pub fn evaluate(&self, data: &Dataset) -> Result<Metrics, TrainError> {
+        self.evaluate_with(None, data)
+    }
+
+    /// Accuracy and mean loss of `params` (this model's, e.g. [`Trainer::kept_best`]'s) on `data`.
+    pub fn evaluate_params(&self, params: &[f32], data: &Dataset) -> Result<Metrics, TrainError> {
+        if params.len() != self.layout.len {
+            return Err(TrainError::Shape(format!(
+                "{} values to evaluate; the model has {} parameters",
+                params.len(),
+                self.layout.len
+            )));
+        }
+        self.evaluate_with(Some(params), data)
+    }
+
+    fn evaluate_with(&self, params: Option<&[f32]>, data: &Dataset) -> Result<Metrics, TrainError> {
         if data.features_per_row != self.data.features_per_row
             || data.labels.iter().any(|&l| l as usize >= self.data.classes)
         {
@@ -520,9 +571,9 @@ impl Trainer {
                 self.data.classes
             )));
         }
-        let model = match self.model_stale {
-            true => flat::write_params(self.model.clone(), &self.params, &self.layout).valid(),
-            false => self.model.valid(),
+        let model = match params.or(self.model_stale.then_some(self.params.as_slice())) {
+            Some(params) => flat::write_params(self.model.clone(), params, &self.layout).valid(),
+            None => self.model.valid(),
         };
         let device = self.eval_device.clone();
         let (mut correct, mut loss_sum) = (0usize, 0.0f64);
@@ -576,6 +627,7 @@ impl Trainer {
             seed: self.train_spec.seed,
             train_rows: self.data.rows as u64,
             patience: self.patience,
+            best_params: self.best_params.clone(),
         }
     }
 
@@ -832,6 +884,7 @@ fn fresh_state(layout: &ParamLayout, train: &TrainSpec, data: &Dataset) -> Train
         seed: train.seed,
         train_rows: data.rows as u64,
         patience: PatienceCount::default(),
+        best_params: Vec::new(),
     }
 }
 
@@ -851,6 +904,12 @@ fn check_resume(
         ))
     } else if !state.optimizer.matches(train.optimizer, layout.len) {
         Some("its optimizer state is not for train.optimizer of this spec".to_string())
+    } else if !state.best_params.is_empty() && state.best_params.len() != layout.len {
+        Some(format!(
+            "its best validated state has {} parameters; the model has {}",
+            state.best_params.len(),
+            layout.len
+        ))
     } else if state.seed != train.seed || state.train_rows != data.rows as u64 {
         Some(format!(
             "it was trained with seed {} on {} rows; this job has seed {} and {} rows, so the sample order differs",

@@ -250,9 +250,14 @@ pub struct TrainSpec {
     pub patience_metric: PatienceMetric,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub patience_min_delta: f64,
+    /// The job's model (exported, registered, its final metrics) is its best validated state by
+    /// `patience_metric` (beyond `patience_min_delta`), not its last: every rank keeps the
+    /// parameters of the best validation in its training state (a checkpoint's `best` part).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub keep_best: bool,
 }
 
-/// What `train.patience` watches.
+/// What `train.patience` and `train.keep_best` watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PatienceMetric {

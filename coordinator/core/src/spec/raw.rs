@@ -70,6 +70,7 @@ pub(crate) struct RawTrain {
     pub patience: Option<i64>,
     pub patience_metric: Option<String>,
     pub patience_min_delta: Option<f64>,
+    pub keep_best: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +178,7 @@ impl RawJobSpec {
             patience_metric: (t.patience_metric != super::PatienceMetric::ValLoss)
                 .then(|| t.patience_metric.name().to_string()),
             patience_min_delta: (t.patience_min_delta != 0.0).then_some(t.patience_min_delta),
+            keep_best: t.keep_best.then_some(true),
         });
         let w = spec.workers;
         let c = &spec.capacity;

@@ -172,6 +172,7 @@ fn every_rejected_case_names_its_field() {
         ),
         ("a min delta without patience", with("[train]\npatience_min_delta = 0.01"), &["train.patience_min_delta"]),
         ("patience too long", with("[train]\nvalidate_every_steps = 10\npatience = 10001"), &["train.patience"]),
+        ("keep_best without validation", with("[train]\nkeep_best = true"), &["train.keep_best"]),
         ("a clip of 0", with("[train]\nclip_grad_norm = 0.0"), &["train.clip_grad_norm"]),
         ("a clip of nan", with("[train]\nclip_grad_norm = nan"), &["train.clip_grad_norm"]),
         ("a target without validation", with("[train]\nstop_at_val_accuracy = 0.9"), &["train.stop_at_val_accuracy"]),
@@ -342,6 +343,20 @@ fn patience_counts_an_improvement_beyond_its_margin() {
     assert!(metric.improves(0.92, 0.9, 0.01) && !metric.improves(0.905, 0.9, 0.01));
     assert!(PatienceMetric::ValLoss.improves(0.2, 0.3, 0.0) && !PatienceMetric::ValLoss.improves(0.3, 0.3, 0.0));
     assert!(spec.to_toml().contains("patience_metric = \"val_accuracy\""), "{}", spec.to_toml());
+    assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
+}
+
+/// `train.keep_best` watches `patience_metric` with or without patience, and survives the
+/// canonical TOML.
+#[test]
+fn keep_best_watches_the_patience_metric_without_patience() {
+    let spec = JobSpec::from_toml_str(&with(
+        "[train]\nvalidate_every_steps = 10\nkeep_best = true\npatience_metric = \"val_accuracy\"",
+    ))
+    .expect("valid");
+    assert!(spec.train.keep_best && spec.train.patience == 0);
+    assert_eq!(spec.train.patience_metric, PatienceMetric::ValAccuracy);
+    assert!(spec.to_toml().contains("keep_best = true"), "{}", spec.to_toml());
     assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
 }
 
@@ -645,6 +660,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
         prop_oneof![Just(0u32), 1u32..20_000],
         prop_oneof![Just(PatienceMetric::ValLoss), Just(PatienceMetric::ValAccuracy)],
         float.clone(),
+        any::<bool>(),
     );
     let train = (train, schedule).prop_map(
         |(
@@ -668,6 +684,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 patience,
                 patience_metric,
                 patience_min_delta,
+                keep_best,
             ),
         )| {
             TrainSpec {
@@ -688,6 +705,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 patience,
                 patience_metric,
                 patience_min_delta,
+                keep_best,
             }
         },
     );

@@ -108,9 +108,14 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         (model(&mut c, raw.model), data(&mut c, raw.data))
     };
     let train = train(&mut c, raw.train.unwrap_or_default());
-    if train.patience == 0 && (train.patience_min_delta > 0.0 || train.patience_metric != PatienceMetric::ValLoss) {
+    let watched = train.patience > 0 || train.keep_best;
+    if !watched && (train.patience_min_delta > 0.0 || train.patience_metric != PatienceMetric::ValLoss) {
         let field = if train.patience_min_delta > 0.0 { "train.patience_min_delta" } else { "train.patience_metric" };
-        c.fail(field, "applies only with train.patience (how many validations without a better one end the job)");
+        c.fail(
+            field,
+            "applies only with train.patience (how many validations without a better one end the job) or \
+             train.keep_best (the best validated state is the job's model)",
+        );
     }
     if train.min_learning_rate > train.learning_rate {
         c.fail(
@@ -133,6 +138,7 @@ pub(super) fn validate(raw: RawJobSpec) -> Result<JobSpec, SpecError> {
         ("train.stop_at_val_accuracy", train.stop_at_val_accuracy.is_some()),
         ("train.stop_at_val_loss", train.stop_at_val_loss.is_some()),
         ("train.patience", train.patience > 0),
+        ("train.keep_best", train.keep_best),
     ] {
         if set && train.validate_every_steps == 0 {
             c.fail(field, "needs train.validate_every_steps: how often rank 0 evaluates the validation set");
@@ -372,6 +378,7 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
             (0.0, STOP_AT_VAL_LOSS_MAX),
             true,
         ),
+        keep_best: raw.keep_best.unwrap_or(false),
     }
 }
 

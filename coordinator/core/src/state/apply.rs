@@ -773,6 +773,8 @@ pub fn apply(state: &mut State, index: u64, envelope: Envelope) -> Result<Applie
                 val_accuracy: finite(m.val_accuracy),
                 val_loss: finite(m.val_loss),
                 train_loss: finite(m.train_loss),
+                // Only an earlier state than the final one is named.
+                val_step: if m.val_step < step { m.val_step } else { 0 },
             });
             job.updated_at_unix_ms = now;
             let kind = if success { "succeeded" } else { "failed" };
@@ -1002,7 +1004,11 @@ fn register_model(state: &mut State, job_id: JobId, artifact: ModelArtifact, now
         created_at_unix_ms: now,
         shape: artifact.shape,
     });
-    push_event(job, now, "registered", format!("model {name} version {version}"));
+    let state_of = match job.metrics.map_or(0, |m| m.val_step) {
+        0 => String::new(),
+        step => format!(" (its best validated state, step {step}, not its last)"),
+    };
+    push_event(job, now, "registered", format!("model {name} version {version}{state_of}"));
 }
 
 /// Members of a gang that broke without notice: any of them may be dead.

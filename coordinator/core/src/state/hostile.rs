@@ -99,6 +99,7 @@ pub fn report(reporter: WorkerId, garbage: &Garbage) -> Command {
                 val_accuracy: Some(float(d)),
                 val_loss: Some(float(e)),
                 train_loss: None,
+                val_step: e % 64,
             }),
             artifact: (b & 2 == 2).then(|| ModelArtifact {
                 artifact_uri: text,

@@ -197,7 +197,7 @@ fn a_gang_runs_finishes_and_frees_its_workers() {
         success: true,
         reason: String::new(),
         step: 192,
-        metrics: Some(FinalMetrics { val_accuracy: Some(0.92), val_loss: Some(0.3), train_loss: None }),
+        metrics: Some(FinalMetrics { val_accuracy: Some(0.92), val_loss: Some(0.3), train_loss: None, val_step: 0 }),
         artifact: None,
         reporter: None,
     };
@@ -1746,7 +1746,13 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
             success: true,
             reason: String::new(),
             step: 100,
-            metrics: Some(FinalMetrics { val_accuracy: Some(0.9), val_loss: None, train_loss: None }),
+            // train.keep_best: job 2's model is its state of step 80; job 1's names its last.
+            metrics: Some(FinalMetrics {
+                val_accuracy: Some(0.9),
+                val_loss: None,
+                train_loss: None,
+                val_step: if job == 2 { 80 } else { 100 },
+            }),
             artifact: Some(ModelArtifact {
                 artifact_uri: format!("file:///s/jobs/job-{job}/model/model.safetensors"),
                 dataset_sha256: "ab".repeat(32),
@@ -1762,6 +1768,12 @@ fn successful_jobs_register_versions_with_lineage_and_aliases_resolve() {
     assert_eq!((model.versions.len(), latest.version, latest.job_id), (2, 2, JobId(2)));
     assert_eq!(latest.metrics.and_then(|m| m.val_accuracy), Some(0.9));
     assert_eq!(latest.spec.name, "j");
+    assert_eq!(latest.metrics.map(|m| m.val_step), Some(80), "its model is the state of step 80");
+    assert_eq!(model.versions[0].metrics.map(|m| m.val_step), Some(0), "the last state is not named");
+    let registered =
+        |job| state.jobs[&JobId(job)].events.iter().find(|e| e.kind == "registered").map(|e| e.message.clone());
+    assert_eq!(registered(2).as_deref(), Some("model j version 2 (its best validated state, step 80, not its last)"));
+    assert_eq!(registered(1).as_deref(), Some("model j version 1"));
     let alias = |state: &mut State, version, alias: &str| {
         apply(state, 99, Envelope::new(99, Command::SetModelAlias { name: "j".into(), version, alias: alias.into() }))
     };
@@ -2620,7 +2632,7 @@ fn a_stopped_job_resumes_from_its_newest_checkpoint_and_a_finished_one_trains_fu
     // metrics go (the next end reports its own).
     submit(&mut state, 700, "done").expect("submit");
     let done = state.jobs.get_mut(&JobId(2)).expect("the job");
-    let metrics = FinalMetrics { val_accuracy: Some(0.9), val_loss: None, train_loss: None };
+    let metrics = FinalMetrics { val_accuracy: Some(0.9), val_loss: None, train_loss: None, val_step: 0 };
     (done.state, done.step, done.metrics) = (JobState::Succeeded, 31, Some(metrics));
     done.reason.clear();
     let epochs = |n| {

@@ -677,6 +677,10 @@ pub struct FinalMetrics {
     pub val_accuracy: Option<f64>,
     pub val_loss: Option<f64>,
     pub train_loss: Option<f64>,
+    /// The step of the validated state that is the job's model and these metrics', when it is
+    /// not the final one (`train.keep_best`); 0: the final state.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub val_step: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
