@@ -90,6 +90,50 @@ fn stop_and_resume_ends_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(uninterrupted["metrics"]["val_accuracy"], resumed["metrics"]["val_accuracy"]);
 }
 
+/// `train.keep_best` across a stop: the resumed half judges the validation of the step it
+/// resumes at (its predecessor finished there without counting it), so its count, its best
+/// state and its model equal the uninterrupted run's. (A margin no later validation can beat
+/// keeps step 20 the best and makes every validation count: one skipped would show.)
+#[test]
+fn keep_best_counts_the_same_validations_across_a_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (full, split) = (dir.path().join("full"), dir.path().join("split"));
+    let (full, split) = (full.to_str().expect("utf-8"), split.to_str().expect("utf-8"));
+    let spec = example("digits-mlp.toml");
+    let kept = [
+        "--set",
+        "train.validate_every_steps=20",
+        "--set",
+        "train.keep_best=true",
+        "--set",
+        "train.patience_metric=val_accuracy",
+        "--set",
+        "train.patience_min_delta=0.5",
+        "-o",
+        "json",
+    ];
+    let run = |root: &str, steps: &str, resume: &[&str]| {
+        let head = ["train", &spec, "--local-workers", "2", "--steps", steps, "--checkpoint-dir", root];
+        ok_json(flotilla(&[&head[..], resume, &kept[..]].concat()))
+    };
+    let uninterrupted = run(full, "120", &[]);
+    let first = run(split, "60", &[]);
+    let from = first["checkpoint"].as_str().expect("a checkpoint URI").to_string();
+    let resumed = run(split, "120", &["--resume-from", &from]);
+    let read = |root: &str, name: &str| std::fs::read(Path::new(root).join(format!("ckpt/000000000120/{name}")));
+    let meta = |root: &str| -> serde_json::Value {
+        serde_json::from_slice(&read(root, "meta").expect("the final meta")).expect("JSON")
+    };
+    let count = &meta(full)["patience"];
+    assert_eq!((count["best_step"].as_u64(), count["since_best"].as_u64()), (Some(20), Some(4)), "{count}");
+    assert_eq!(&meta(split)["patience"], count, "the same validations counted");
+    assert!(read(full, "best").expect("a best part") == read(split, "best").expect("a best part"));
+    assert_eq!((uninterrupted["model_step"].as_u64(), resumed["model_step"].as_u64()), (Some(20), Some(20)));
+    for metric in ["val_accuracy", "val_loss"] {
+        assert_eq!(uninterrupted["metrics"][metric], resumed["metrics"][metric], "the model's {metric}");
+    }
+}
+
 /// `train.stop_at_val_accuracy`: the ranks finish at the first validation that reaches it,
 /// before the spec's length, and that step's state is final: bit-identical to a run told to
 /// stop at that step.

@@ -85,6 +85,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> v1::JobSpec {
             patience_metric: spec.train.patience_metric.name().to_string(),
             patience_min_delta: spec.train.patience_min_delta,
             keep_best: spec.train.keep_best,
+            accumulate_batches: spec.train.accumulate_batches,
         }),
         workers: Some(v1::WorkersSpec { min: spec.workers.min, max: spec.workers.max, gpus: spec.workers.gpus }),
         capacity: Some(v1::CapacitySpec {
@@ -193,6 +194,7 @@ pub fn spec_from_proto(pb: v1::JobSpec) -> Result<JobSpec, SpecError> {
         train: TrainSpec {
             length,
             batch_size: train.batch_size,
+            accumulate_batches: train.accumulate_batches.max(1), // 0: a client from before it
             optimizer,
             learning_rate: train.learning_rate,
             weight_decay: train.weight_decay,

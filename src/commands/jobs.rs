@@ -550,10 +550,13 @@ fn spec_text(spec: &flotilla_core::spec::JobSpec) -> String {
         (true, 0) => format!(", keeps the best validated state by {}", train.patience_metric.name()),
         (true, _) => ", keeps the best validated state".to_string(),
     };
+    let batch = match train.accumulate_batches {
+        0 | 1 => format!("batch {} per worker", train.batch_size),
+        n => format!("batch {} x {n} accumulated per worker", train.batch_size),
+    };
     format!(
-        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, batch {} per worker, {length}{patience}{keep}, seed \
-         {}{init}",
-        data.train, train.learning_rate, train.batch_size, train.seed
+        "{model} on {}; {optimizer} lr {}{schedule}{decay}{clip}, {batch}, {length}{patience}{keep}, seed {}{init}",
+        data.train, train.learning_rate, train.seed
     )
 }
 
@@ -953,13 +956,13 @@ mod tests {
         let kept = flotilla_core::spec::JobSpec::from_toml_str(
             "name = \"x\"\nmodel = { kind = \"mlp\", hidden = [8] }\ndata = { train = \"s3://bkt/d.csv\" }\n\
              workers = { min = 1 }\n[train]\nsteps = 500\nvalidate_every_steps = 50\nkeep_best = true\n\
-             patience_metric = \"val_accuracy\"\n",
+             patience_metric = \"val_accuracy\"\naccumulate_batches = 4\n",
         )
         .expect("valid");
         assert_eq!(
             spec_text(&kept),
-            "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001, batch 64 per worker, 500 step(s), keeps the best \
-             validated state by val_accuracy, seed 42"
+            "mlp hidden = [8] on s3://bkt/d.csv; adam lr 0.001, batch 64 x 4 accumulated per worker, 500 step(s), \
+             keeps the best validated state by val_accuracy, seed 42"
         );
         let long = "a".repeat(200);
         let command = flotilla_core::spec::JobSpec::from_toml_str(&format!(

@@ -199,6 +199,32 @@ fn two_workers_with_batch_b_equal_one_worker_with_batch_2b() {
     }
 }
 
+/// `train.accumulate_batches = 4` with batch B is batch 4 x B in one pass, within float rounding
+/// (the passes' sums are added in another order), on one rank and on two (2 x 4 x B16 = 1 x
+/// B128), through the epoch's short last step; the samples consumed are the same.
+#[test]
+fn accumulated_batches_equal_one_larger_batch() {
+    let train = |batch: &str| format!("steps = 40\n{batch}\noptimizer = \"adam\"\nlearning_rate = 0.01\nseed = 4");
+    let mlp = "kind = \"mlp\"\nhidden = [32]";
+    let large = digits_spec(mlp, &train("batch_size = 128"), 1);
+    let accumulated = digits_spec(mlp, &train("batch_size = 32\naccumulate_batches = 4"), 1);
+    let data = train_set(&large);
+    let single = train_alone(&large, &data, None, 40);
+    let summed = train_alone(&accumulated, &data, None, 40);
+    assert_eq!(summed.cursor, single.cursor, "the same samples");
+    assert!(summed.cursor.epoch >= 3, "through short last steps: {:?}", summed.cursor);
+    let diff = max_abs_diff(&summed.params, &single.params);
+    println!("max |w(B32 x 4 accumulated) - w(B128)| after 40 steps = {diff:e}");
+    assert!(diff < DATA_PARALLEL_TOLERANCE, "max abs diff {diff:e}");
+    let two = digits_spec(mlp, &train("batch_size = 16\naccumulate_batches = 4"), 2);
+    let ranks = train_gang(&two, &data, 2, None, 40);
+    assert!(bits(&ranks[0].params) == bits(&ranks[1].params), "ranks hold bit-identical weights");
+    assert_eq!(ranks[0].cursor, single.cursor, "the same samples");
+    let diff = max_abs_diff(&ranks[0].params, &single.params);
+    println!("max |w(2 x B16 x 4 accumulated) - w(1 x B128)| after 40 steps = {diff:e}");
+    assert!(diff < DATA_PARALLEL_TOLERANCE, "max abs diff {diff:e}");
+}
+
 #[test]
 fn three_workers_match_one_through_a_short_last_step_where_a_rank_gets_nothing() {
     // 100 rows, global batch 48: steps of 48, 48 and 4 rows; on the third, ranks 1 and 2 are idle.

@@ -174,13 +174,16 @@ pub(super) fn run_rank(
     let validate_every = spec.train.validate_every_steps;
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let mut last_validation_report: Option<Instant> = None;
-    // A validation may end the job: a target, or patience.
-    let targeted =
-        spec.train.stop_at_val_accuracy.is_some() || spec.train.stop_at_val_loss.is_some() || spec.train.patience > 0;
+    // A validation may end the job (a target, or patience) or be its model (keep_best).
+    let train_spec = &spec.train;
+    let judged = train_spec.stop_at_val_accuracy.is_some()
+        || train_spec.stop_at_val_loss.is_some()
+        || train_spec.patience > 0
+        || train_spec.keep_best;
     // The target a validation reached (the job's reason once it finished there).
     let mut reached: Option<String> = None;
     if rank0
-        && targeted
+        && judged
         && first_step > 0
         && first_step.is_multiple_of(validate_every.max(1))
         && !trainer.is_finished()
@@ -196,7 +199,7 @@ pub(super) fn run_rank(
                     "the validation of step {first_step}, where this generation resumes, reached {target}: the \
                      job finishes here"
                 ));
-                reached = Some(format!("finished at step {first_step}: its validation reached {target}"));
+                reached = Some(finished_at_target(first_step, &target));
             }
             Ok((_, None)) => {}
             Err(e) => log.note(format!("validation at step {first_step} failed: {e}")),
@@ -258,7 +261,7 @@ pub(super) fn run_rank(
                         // final validation (of these weights) is the one reported for it; an
                         // earlier one not reported yet goes now.
                         log.note(format!("validation at step {} reached {target}: the job finishes here", report.step));
-                        reached = Some(format!("finished at step {}: its validation reached {target}", report.step));
+                        reached = Some(finished_at_target(report.step, &target));
                         report_validation(context, &train, progress, validated.take());
                     } else {
                         validated = Some((report.step, metrics));
@@ -651,6 +654,11 @@ pub(super) fn run_rank(
         feature_scale: train_set.feature_scale,
         unreachable_rank: None,
     })))
+}
+
+/// A job's reason once it finished at the validation of `step`, which reached `target`.
+fn finished_at_target(step: u64, target: &str) -> String {
+    format!("finished at step {step}: its validation reached {target}")
 }
 
 /// Reports taken only for a validation at most one per this (beyond the progress reports).

@@ -9,6 +9,7 @@
 //!
 //! ```text
 //!   cursor ─plan─▶ my rows of the epoch order ─▶ forward + cross-entropy (summed) ─▶ backward
+//!     (per `batch_size` rows: `accumulate_batches` passes, their sums added)
 //!     ─▶ gradients flattened in module order + [loss sum] ─▶ all_reduce_sum
 //!     ─▶ divide by the step's global sample count (= mean over the global batch)
 //!     ─▶ optimizer step on the flat parameters (ours: SGD+momentum / Adam) ─▶ written back

@@ -349,7 +349,7 @@ impl Trainer {
 
     /// This rank's plan for the next step.
     fn next_plan(&self) -> StepPlan {
-        self.cursor.plan(self.data.rows as u64, u64::from(self.train_spec.batch_size), self.rank, self.world_size)
+        self.cursor.plan(self.data.rows as u64, self.train_spec.samples_per_worker_step(), self.rank, self.world_size)
     }
 
     /// The update of the step `plan` describes, from the gang's summed, scaled gradient: one
@@ -524,8 +524,22 @@ impl Trainer {
         Ok(())
     }
 
-    /// Gradient of the *summed* cross-entropy over `rows`, flattened, with the loss sum appended.
+    /// The gradient summed over `rows` (their summed loss in the last slot): a forward and
+    /// backward pass per `batch_size` of them (`train.accumulate_batches`: a step's rows take
+    /// the memory of one batch), the passes' sums added.
     fn local_gradient_sum(&self, rows: &[u32]) -> Result<Vec<f32>, TrainError> {
+        let mut batches = rows.chunks(self.train_spec.batch_size.max(1) as usize);
+        let Some(first) = batches.next() else { return Ok(vec![0.0; self.layout.len + 1]) };
+        let mut sum = self.batch_gradient_sum(first)?;
+        for batch in batches {
+            let more = self.batch_gradient_sum(batch)?;
+            sum.iter_mut().zip(&more).for_each(|(total, value)| *total += value);
+        }
+        Ok(sum)
+    }
+
+    /// One forward and backward pass: the gradient summed over `rows`, their loss sum last.
+    fn batch_gradient_sum(&self, rows: &[u32]) -> Result<Vec<f32>, TrainError> {
         let (features, labels) = self.data.gather(rows.iter().copied());
         let logits = self.model.forward(self.input(features, rows.len()));
         let loss_sum = summed_cross_entropy(logits, &labels, &self.device);
@@ -653,7 +667,7 @@ impl Trainer {
             TrainLength::Epochs(epochs) if self.cursor.epoch >= u64::from(epochs) => self.step,
             TrainLength::Epochs(epochs) => {
                 let rows = self.data.rows as u64;
-                let global_batch = u64::from(self.train_spec.batch_size) * self.world_size as u64;
+                let global_batch = self.train_spec.samples_per_worker_step() * self.world_size as u64;
                 let full_epochs_left = u64::from(epochs) - self.cursor.epoch - 1;
                 self.step
                     + self.cursor.steps_left_in_epoch(rows, global_batch)

@@ -82,6 +82,8 @@ pub const STOP_AT_VAL_LOSS_MAX: f64 = 1e6;
 pub const CLIP_GRAD_NORM_MAX: f64 = 1e6;
 /// `train.patience` at most (validations).
 pub const PATIENCE_MAX: i64 = 10_000;
+/// `train.accumulate_batches` at most.
+pub const ACCUMULATE_BATCHES_MAX: i64 = 1024;
 
 /// A validated job spec, with every default filled in.
 ///
@@ -197,8 +199,14 @@ pub enum OptimizerSpec {
 pub struct TrainSpec {
     #[serde(flatten)]
     pub length: TrainLength,
-    /// Samples per worker per step; the global batch is `batch_size x world size`.
+    /// Samples per worker per forward and backward pass; a step takes `accumulate_batches` of
+    /// them per worker: the global batch is `batch_size x accumulate_batches x world size`.
     pub batch_size: u32,
+    /// Gradient accumulation: each step's gradient is summed over this many batches of
+    /// `batch_size` per worker before the one all-reduce and optimizer update (the memory of
+    /// one batch, the arithmetic of their sum); 1: none.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub accumulate_batches: u32,
     #[serde(flatten)]
     pub optimizer: OptimizerSpec,
     pub learning_rate: f64,
@@ -325,6 +333,11 @@ impl LrSchedule {
 }
 
 impl TrainSpec {
+    /// Samples per worker per step: `batch_size` times `accumulate_batches`.
+    pub fn samples_per_worker_step(&self) -> u64 {
+        u64::from(self.batch_size) * u64::from(self.accumulate_batches.max(1))
+    }
+
     /// The target a validation reached (`train.stop_at_val_accuracy` or `stop_at_val_loss`),
     /// named with the value, or `None` (pure).
     pub fn target_reached(&self, val_accuracy: f64, val_loss: f64) -> Option<String> {
@@ -434,6 +447,14 @@ pub fn instance_allowed(
 
 fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
     *n == T::default()
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -173,6 +173,8 @@ fn every_rejected_case_names_its_field() {
         ("a min delta without patience", with("[train]\npatience_min_delta = 0.01"), &["train.patience_min_delta"]),
         ("patience too long", with("[train]\nvalidate_every_steps = 10\npatience = 10001"), &["train.patience"]),
         ("keep_best without validation", with("[train]\nkeep_best = true"), &["train.keep_best"]),
+        ("no batches accumulated", with("[train]\naccumulate_batches = 0"), &["train.accumulate_batches"]),
+        ("too many batches accumulated", with("[train]\naccumulate_batches = 1025"), &["train.accumulate_batches"]),
         ("a clip of 0", with("[train]\nclip_grad_norm = 0.0"), &["train.clip_grad_norm"]),
         ("a clip of nan", with("[train]\nclip_grad_norm = nan"), &["train.clip_grad_norm"]),
         ("a target without validation", with("[train]\nstop_at_val_accuracy = 0.9"), &["train.stop_at_val_accuracy"]),
@@ -344,6 +346,19 @@ fn patience_counts_an_improvement_beyond_its_margin() {
     assert!(PatienceMetric::ValLoss.improves(0.2, 0.3, 0.0) && !PatienceMetric::ValLoss.improves(0.3, 0.3, 0.0));
     assert!(spec.to_toml().contains("patience_metric = \"val_accuracy\""), "{}", spec.to_toml());
     assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
+}
+
+/// `train.accumulate_batches` multiplies the samples of a worker's step, and survives the
+/// canonical TOML (1, none, is left out of it).
+#[test]
+fn accumulated_batches_make_a_step_larger() {
+    let spec = JobSpec::from_toml_str(&with("[train]\nbatch_size = 32\naccumulate_batches = 4")).expect("valid");
+    assert_eq!((spec.train.accumulate_batches, spec.train.samples_per_worker_step()), (4, 128));
+    assert!(spec.to_toml().contains("accumulate_batches = 4"), "{}", spec.to_toml());
+    assert_eq!(JobSpec::from_toml_str(&spec.to_toml()).expect("canonical"), spec);
+    let plain = JobSpec::from_toml_str(&with("[train]\nbatch_size = 32")).expect("valid");
+    assert_eq!((plain.train.accumulate_batches, plain.train.samples_per_worker_step()), (1, 32));
+    assert!(!plain.to_toml().contains("accumulate_batches"), "{}", plain.to_toml());
 }
 
 /// `train.keep_best` watches `patience_metric` with or without patience, and survives the
@@ -651,6 +666,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
         prop_oneof![Just(0u64), 1u64..20_000_000],
         prop::option::of(float.clone()),
         prop::option::of(float.clone()),
+        prop_oneof![Just(1u32), 0u32..2000],
     );
     let schedule = (
         prop_oneof![Just(LrSchedule::Constant), Just(LrSchedule::Linear), Just(LrSchedule::Cosine)],
@@ -675,6 +691,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
                 validate_every_steps,
                 stop_at_val_accuracy,
                 stop_at_val_loss,
+                accumulate_batches,
             ),
             (
                 lr_schedule,
@@ -690,6 +707,7 @@ fn any_api_spec() -> impl Strategy<Value = JobSpec> {
             TrainSpec {
                 length,
                 batch_size,
+                accumulate_batches,
                 optimizer,
                 learning_rate,
                 weight_decay,

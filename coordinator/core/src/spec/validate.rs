@@ -327,6 +327,8 @@ fn train(c: &mut Checker, raw: RawTrain) -> TrainSpec {
     TrainSpec {
         length,
         batch_size,
+        accumulate_batches: c.int("train.accumulate_batches", raw.accumulate_batches, 1, 1, ACCUMULATE_BATCHES_MAX)
+            as u32,
         optimizer,
         learning_rate: c.float("train.learning_rate", raw.learning_rate, lr_default, (0.0, LEARNING_RATE_MAX), false),
         weight_decay: c.float("train.weight_decay", raw.weight_decay, 0.0, (0.0, 0.999), true),
