@@ -225,11 +225,7 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     )
     .expect("spec");
     let early = submit(home, &targeted);
-    let started = Instant::now();
-    while status(home, &early)["state"] != "Succeeded" && started.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let done = status(home, &early);
+    let done = common::wait_for(home, &early, Duration::from_secs(120), "success", |s| s["state"] == "Succeeded");
     let step = done["step"].as_u64().expect("step");
     assert!(done["state"] == "Succeeded" && step < 10000 && step.is_multiple_of(100), "{done}");
     let reason = done["reason"].as_str().unwrap_or_default();
@@ -254,11 +250,7 @@ fn metrics_are_well_formed_and_follow_a_running_job() {
     )
     .expect("spec");
     let kept = submit(home, &kept);
-    let started = Instant::now();
-    while status(home, &kept)["state"] != "Succeeded" && started.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let done = status(home, &kept);
+    let done = common::wait_for(home, &kept, Duration::from_secs(120), "success", |s| s["state"] == "Succeeded");
     let step = done["step"].as_u64().expect("step");
     let best = done["metrics"]["val_step"].as_u64().expect("the model's step");
     assert!(done["state"] == "Succeeded" && best + 100 == step, "two validations after the best: {done}");

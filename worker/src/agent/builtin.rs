@@ -174,16 +174,10 @@ pub(super) fn run_rank(
     let validate_every = spec.train.validate_every_steps;
     let mut validated: Option<(u64, crate::train::Metrics)> = None;
     let mut last_validation_report: Option<Instant> = None;
-    // A validation may end the job (a target, or patience) or be its model (keep_best).
-    let train_spec = &spec.train;
-    let judged = train_spec.stop_at_val_accuracy.is_some()
-        || train_spec.stop_at_val_loss.is_some()
-        || train_spec.patience > 0
-        || train_spec.keep_best;
     // The target a validation reached (the job's reason once it finished there).
     let mut reached: Option<String> = None;
     if rank0
-        && judged
+        && spec.train.judges_validations()
         && first_step > 0
         && first_step.is_multiple_of(validate_every.max(1))
         && !trainer.is_finished()

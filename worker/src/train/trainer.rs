@@ -458,7 +458,7 @@ impl Trainer {
     /// out of patience) does not count it again.
     pub fn count_validation(&mut self, val_accuracy: f64, val_loss: f64) {
         let counted = self.patience.best.is_some() && self.patience.counted_step == self.step;
-        if self.counts_validations() && !counted {
+        if self.train_spec.counts_validations() && !counted {
             self.validation_to_count = Some(self.train_spec.patience_metric.of(val_accuracy, val_loss) as f32);
         }
     }
@@ -469,7 +469,7 @@ impl Trainer {
     /// rank copies its parameters.
     fn count_validation_from(&mut self, validation: &[f32]) -> bool {
         let &[counted, value] = validation else { return false };
-        if counted <= 0.0 || !self.counts_validations() {
+        if counted <= 0.0 || !self.train_spec.counts_validations() {
             return false;
         }
         let train = &self.train_spec;
@@ -478,11 +478,6 @@ impl Trainer {
             self.best_params.clone_from(&self.params);
         }
         train.patience > 0 && self.patience.since_best >= train.patience
-    }
-
-    /// Whether rank 0's validations are counted: `train.patience` or `train.keep_best` watch them.
-    fn counts_validations(&self) -> bool {
-        self.train_spec.patience > 0 || self.train_spec.keep_best
     }
 
     /// The job's model with `train.keep_best`: the best validated state's step and parameters,

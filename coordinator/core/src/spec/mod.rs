@@ -333,6 +333,18 @@ impl LrSchedule {
 }
 
 impl TrainSpec {
+    /// Whether the gang counts rank 0's validations (the count is training state):
+    /// `train.patience` or `train.keep_best` watch them.
+    pub fn counts_validations(&self) -> bool {
+        self.patience > 0 || self.keep_best
+    }
+
+    /// Whether a validation may end the job (a target, or patience) or be its model
+    /// (`keep_best`): then a resumed generation judges the one of the step it resumes at.
+    pub fn judges_validations(&self) -> bool {
+        self.stop_at_val_accuracy.is_some() || self.stop_at_val_loss.is_some() || self.counts_validations()
+    }
+
     /// Samples per worker per step: `batch_size` times `accumulate_batches`.
     pub fn samples_per_worker_step(&self) -> u64 {
         u64::from(self.batch_size) * u64::from(self.accumulate_batches.max(1))
